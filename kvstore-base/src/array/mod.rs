@@ -1,0 +1,504 @@
+//! [`NDArray`]: the values a store keeps, receives and hands out.
+
+mod context;
+mod host;
+
+pub use context::{Context, StorageType};
+use host::{gather_rows, scatter_rows, with_host};
+pub use host::{HostArray, HostElement};
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::{DType, Element, Error, Result};
+
+/// An n-dimensional array: element type, shape, context and storage, on top of `ndarray`.
+///
+/// Dense arrays hold every element; row-sparse arrays hold only some rows of their first
+/// axis, with the ids of those rows (MXNet's `RowSparseNDArray`), which is how embedding
+/// gradients travel.
+///
+/// `Clone` is a deep copy: a store that keeps a clone never sees later writes to the caller's
+/// array.
+///
+/// ```
+/// use kvstore_base::{DType, NDArray};
+///
+/// let a = NDArray::from_vec(&[2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap();
+/// assert_eq!(a.shape(), &[2, 2]);
+/// assert_eq!(a.dtype(), DType::F32);
+///
+/// let mut b = NDArray::zeros(&[2, 2], DType::F64);
+/// b.assign(&a).unwrap(); // `b[:] = a`, casting to float64
+/// assert_eq!(b.to_vec::<f64>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct NDArray {
+    context: Context,
+    data: Data,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Data {
+    Dense(HostArray),
+    RowSparse(RowSparse),
+}
+
+/// The parts of a row-sparse array: its full shape, the sorted ids of the stored rows, and
+/// the stored rows (shape `[ids.len(), shape[1], ...]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowSparse {
+    shape: Vec<usize>,
+    indices: Vec<i64>,
+    rows: HostArray,
+}
+
+impl RowSparse {
+    /// The full (dense) shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Ids of the stored rows, strictly increasing.
+    pub fn indices(&self) -> &[i64] {
+        &self.indices
+    }
+
+    /// The stored rows, one per id.
+    pub fn rows(&self) -> &HostArray {
+        &self.rows
+    }
+}
+
+impl NDArray {
+    /// A dense array of `shape` filled with `value` (cast to `dtype`).
+    pub fn full(shape: &[usize], value: f64, dtype: DType) -> NDArray {
+        NDArray::from_host(HostArray::full(shape, value, dtype))
+    }
+
+    /// A dense array of zeros.
+    pub fn zeros(shape: &[usize], dtype: DType) -> NDArray {
+        NDArray::full(shape, 0.0, dtype)
+    }
+
+    /// A dense array of ones.
+    pub fn ones(shape: &[usize], dtype: DType) -> NDArray {
+        NDArray::full(shape, 1.0, dtype)
+    }
+
+    /// A dense array of zeros in `context`.
+    ///
+    /// # Errors
+    /// [`Error::Device`] for a GPU context when no device backend provides GPU memory.
+    pub fn zeros_in(shape: &[usize], dtype: DType, context: Context) -> Result<NDArray> {
+        NDArray::zeros(shape, dtype).to_context(context)
+    }
+
+    /// A 0-dimensional array holding `value`.
+    pub fn scalar<T: Element>(value: T) -> NDArray {
+        NDArray::from_host(T::wrap(ArrayD::from_elem(IxDyn(&[]), value)))
+    }
+
+    /// A dense array of `shape` holding `data` in row-major order.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `data.len()` is not the product of `shape`.
+    pub fn from_vec<T: Element>(shape: &[usize], data: Vec<T>) -> Result<NDArray> {
+        let len = data.len();
+        let array = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{len} elements cannot fill shape {shape:?} ({} elements)",
+                shape.iter().product::<usize>()
+            ))
+        })?;
+        Ok(NDArray::from_host(T::wrap(array)))
+    }
+
+    /// Wraps a typed host array.
+    pub fn from_host(host: HostArray) -> NDArray {
+        NDArray {
+            context: Context::Cpu,
+            data: Data::Dense(host),
+        }
+    }
+
+    /// A row-sparse array of `shape` whose rows `indices` hold `rows`; every other row is zero.
+    ///
+    /// `rows` must be dense with shape `[indices.len(), shape[1], ...]`. Ids must be strictly
+    /// increasing and inside `0..shape[0]`.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let rows = NDArray::ones(&[2, 3], DType::F32);
+    /// let a = NDArray::row_sparse(&[4, 3], vec![0, 2], &rows).unwrap();
+    /// assert_eq!(a.to_dense().to_vec::<f32>().unwrap()[6..9], [1.0, 1.0, 1.0]);
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a 0-d shape, unsorted, duplicate or out-of-range ids, or
+    /// a sparse `rows`; [`Error::ShapeMismatch`] when `rows` has the wrong shape.
+    pub fn row_sparse(shape: &[usize], indices: Vec<i64>, rows: &NDArray) -> Result<NDArray> {
+        if shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a row-sparse array needs at least one dimension".into(),
+            ));
+        }
+        let Data::Dense(host) = &rows.data else {
+            return Err(Error::InvalidArgument(
+                "the rows of a row-sparse array must be dense".into(),
+            ));
+        };
+        let mut expected = shape.to_vec();
+        expected[0] = indices.len();
+        if host.shape() != expected.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: "the rows of a row-sparse array".into(),
+                expected,
+                found: host.shape().to_vec(),
+            });
+        }
+        for (i, &id) in indices.iter().enumerate() {
+            if id < 0 || id as u64 >= shape[0] as u64 {
+                return Err(Error::InvalidArgument(format!(
+                    "row id {id} is outside 0..{} of shape {shape:?}",
+                    shape[0]
+                )));
+            }
+            if i > 0 && indices[i - 1] >= id {
+                return Err(Error::InvalidArgument(format!(
+                    "row ids must be strictly increasing, got {} then {id}",
+                    indices[i - 1]
+                )));
+            }
+        }
+        Ok(NDArray {
+            context: Context::Cpu,
+            data: Data::RowSparse(RowSparse {
+                shape: shape.to_vec(),
+                indices,
+                rows: host.clone(),
+            }),
+        })
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match &self.data {
+            Data::Dense(h) => h.dtype(),
+            Data::RowSparse(r) => r.rows.dtype(),
+        }
+    }
+
+    /// The shape (the full, dense shape for row-sparse arrays).
+    pub fn shape(&self) -> &[usize] {
+        match &self.data {
+            Data::Dense(h) => h.shape(),
+            Data::RowSparse(r) => &r.shape,
+        }
+    }
+
+    /// Number of dimensions.
+    pub fn ndim(&self) -> usize {
+        self.shape().len()
+    }
+
+    /// Number of elements of the full shape.
+    pub fn size(&self) -> usize {
+        self.shape().iter().product()
+    }
+
+    /// Where the array lives.
+    pub fn context(&self) -> Context {
+        self.context
+    }
+
+    /// Dense or row-sparse.
+    pub fn storage_type(&self) -> StorageType {
+        match &self.data {
+            Data::Dense(_) => StorageType::Dense,
+            Data::RowSparse(_) => StorageType::RowSparse,
+        }
+    }
+
+    /// The host array of a dense array, `None` for a row-sparse one.
+    pub fn dense(&self) -> Option<&HostArray> {
+        match &self.data {
+            Data::Dense(h) => Some(h),
+            Data::RowSparse(_) => None,
+        }
+    }
+
+    /// The host array of a dense array, mutably.
+    pub fn dense_mut(&mut self) -> Option<&mut HostArray> {
+        match &mut self.data {
+            Data::Dense(h) => Some(h),
+            Data::RowSparse(_) => None,
+        }
+    }
+
+    /// The parts of a row-sparse array, `None` for a dense one.
+    pub fn as_row_sparse(&self) -> Option<&RowSparse> {
+        match &self.data {
+            Data::RowSparse(r) => Some(r),
+            Data::Dense(_) => None,
+        }
+    }
+
+    /// A typed view of a dense array; `None` for another dtype or a row-sparse array.
+    pub fn view<T: Element>(&self) -> Option<ndarray::ArrayViewD<'_, T>> {
+        self.dense().and_then(T::host).map(|a| a.view())
+    }
+
+    /// A typed mutable view of a dense array; `None` for another dtype or a row-sparse array.
+    pub fn view_mut<T: Element>(&mut self) -> Option<ndarray::ArrayViewMutD<'_, T>> {
+        self.dense_mut().and_then(T::host_mut).map(|a| a.view_mut())
+    }
+
+    /// The elements of a dense, standard-layout array as a slice.
+    pub fn as_slice<T: Element>(&self) -> Option<&[T]> {
+        self.dense().and_then(T::host).and_then(|a| a.as_slice())
+    }
+
+    /// The elements of a dense, standard-layout array as a mutable slice.
+    pub fn as_slice_mut<T: Element>(&mut self) -> Option<&mut [T]> {
+        self.dense_mut()
+            .and_then(T::host_mut)
+            .and_then(|a| a.as_slice_mut())
+    }
+
+    /// Every element in row-major order (row-sparse arrays are densified).
+    ///
+    /// # Errors
+    /// [`Error::DTypeMismatch`] when `T` is not the array's element type.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let dense = self.to_dense();
+        match dense.dense().and_then(T::host) {
+            Some(a) => Ok(a.iter().copied().collect()),
+            None => Err(Error::DTypeMismatch {
+                what: "the requested element type".into(),
+                expected: self.dtype(),
+                found: T::DTYPE,
+            }),
+        }
+    }
+
+    /// Every element converted to `f64`, in row-major order.
+    pub fn to_f64_vec(&self) -> Vec<f64> {
+        let dense = self.to_dense();
+        let host = dense.dense().expect("to_dense returns a dense array");
+        with_host!(host, a => a.iter().map(|x| x.to_f64()).collect())
+    }
+
+    /// A dense copy (a plain clone for a dense array).
+    pub fn to_dense(&self) -> NDArray {
+        match &self.data {
+            Data::Dense(_) => self.clone(),
+            Data::RowSparse(r) => {
+                let mut host = HostArray::full(&r.shape, 0.0, r.rows.dtype());
+                scatter_rows(&mut host, &r.indices, &r.rows, false);
+                NDArray {
+                    context: self.context,
+                    data: Data::Dense(host),
+                }
+            }
+        }
+    }
+
+    /// A row-sparse copy holding the rows that have a non-zero element (MXNet's
+    /// `cast_storage` to `row_sparse`); a plain clone for a row-sparse array.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a 0-dimensional array.
+    pub fn to_row_sparse(&self) -> Result<NDArray> {
+        let host = match &self.data {
+            Data::RowSparse(_) => return Ok(self.clone()),
+            Data::Dense(h) => h,
+        };
+        if host.shape().is_empty() {
+            return Err(Error::InvalidArgument(
+                "a 0-dimensional array cannot be row-sparse".into(),
+            ));
+        }
+        let ids: Vec<usize> = (0..host.shape()[0])
+            .filter(|&row| !host.row_is_zero(row))
+            .collect();
+        let rows = gather_rows(host, &ids);
+        NDArray::row_sparse(
+            host.shape(),
+            ids.iter().map(|&i| i as i64).collect(),
+            &NDArray::from_host(rows),
+        )
+    }
+
+    /// A copy with elements converted to `dtype` (MXNet's `astype`).
+    pub fn astype(&self, dtype: DType) -> NDArray {
+        let data = match &self.data {
+            Data::Dense(h) => Data::Dense(h.cast(dtype)),
+            Data::RowSparse(r) => Data::RowSparse(RowSparse {
+                shape: r.shape.clone(),
+                indices: r.indices.clone(),
+                rows: r.rows.cast(dtype),
+            }),
+        };
+        NDArray {
+            context: self.context,
+            data,
+        }
+    }
+
+    /// A copy in `context` (MXNet's `as_in_context`).
+    ///
+    /// # Errors
+    /// [`Error::Device`] for a GPU context when no device backend provides GPU memory.
+    pub fn to_context(&self, context: Context) -> Result<NDArray> {
+        match context {
+            Context::Cpu => Ok(self.clone()),
+            Context::Gpu(id) => Err(Error::Device(format!(
+                "cannot place an array on gpu({id}): no device backend provides GPU memory in this build"
+            ))),
+        }
+    }
+
+    /// `self[:] = src`: copies `src` into this array, keeping this array's dtype (values are
+    /// cast, as MXNet's `copyto` does) and storage type (a dense source written into a
+    /// row-sparse array keeps its non-zero rows).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the shapes differ; nothing is written then.
+    pub fn assign(&mut self, src: &NDArray) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::ShapeMismatch {
+                what: "the source array".into(),
+                expected: self.shape().to_vec(),
+                found: src.shape().to_vec(),
+            });
+        }
+        match &mut self.data {
+            Data::Dense(dst) => match &src.data {
+                Data::Dense(s) => dst.assign_cast(s),
+                Data::RowSparse(_) => dst.assign_cast(src.to_dense().dense().expect("dense")),
+            },
+            Data::RowSparse(dst) => {
+                let sparse = src.to_row_sparse()?;
+                let Data::RowSparse(r) = sparse.data else {
+                    unreachable!("to_row_sparse returns a row-sparse array")
+                };
+                dst.indices = r.indices;
+                dst.rows = r.rows.cast(dst.rows.dtype());
+            }
+        }
+        Ok(())
+    }
+
+    /// `self += other`, element-wise with MXNet's arithmetic for the dtype (floats in their
+    /// own precision, half types rounded through `f32`, integers wrapping).
+    ///
+    /// Row-sparse plus row-sparse stays row-sparse (the union of the rows); any other mix
+    /// leaves `self` dense.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] or [`Error::DTypeMismatch`]; nothing is written then.
+    pub fn add_assign(&mut self, other: &NDArray) -> Result<()> {
+        if self.shape() != other.shape() {
+            return Err(Error::ShapeMismatch {
+                what: "the added array".into(),
+                expected: self.shape().to_vec(),
+                found: other.shape().to_vec(),
+            });
+        }
+        if self.dtype() != other.dtype() {
+            return Err(Error::DTypeMismatch {
+                what: "the added array".into(),
+                expected: self.dtype(),
+                found: other.dtype(),
+            });
+        }
+        let both_sparse = matches!(
+            (&self.data, &other.data),
+            (Data::RowSparse(_), Data::RowSparse(_))
+        );
+        if let Data::RowSparse(_) = self.data {
+            *self = self.to_dense();
+        }
+        let dst = self.dense_mut().expect("densified above");
+        match &other.data {
+            Data::Dense(src) => dst.add_same(src),
+            Data::RowSparse(r) => scatter_rows(dst, &r.indices, &r.rows, true),
+        }
+        if both_sparse {
+            *self = self.to_row_sparse()?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Element, D: ndarray::Dimension> From<ndarray::Array<T, D>> for NDArray {
+    fn from(array: ndarray::Array<T, D>) -> NDArray {
+        NDArray::from_host(T::wrap(array.into_dyn()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    #[test]
+    fn assign_casts_and_checks_shape() {
+        let src = NDArray::from_vec(&[3], vec![1.5f64, -2.0, 3.25]).unwrap();
+        let mut dst = NDArray::zeros(&[3], DType::F16);
+        dst.assign(&src).unwrap();
+        assert_eq!(dst.to_vec::<f16>().unwrap()[0], f16::from_f32(1.5));
+        let mut wrong = NDArray::zeros(&[2], DType::F32);
+        let err = wrong.assign(&src).unwrap_err().to_string();
+        assert!(err.contains("[2]") && err.contains("[3]"), "{err}");
+        assert_eq!(wrong, NDArray::zeros(&[2], DType::F32));
+    }
+
+    #[test]
+    fn add_assign_rejects_mismatches_without_writing() {
+        let mut a = NDArray::ones(&[2, 2], DType::F32);
+        let b = NDArray::ones(&[2, 2], DType::F64);
+        assert!(matches!(a.add_assign(&b), Err(Error::DTypeMismatch { .. })));
+        assert_eq!(a, NDArray::ones(&[2, 2], DType::F32));
+    }
+
+    #[test]
+    fn row_sparse_round_trips_and_sums() {
+        let rows = NDArray::from_vec(&[2, 2], vec![1i32, 2, 3, 4]).unwrap();
+        let a = NDArray::row_sparse(&[4, 2], vec![1, 3], &rows).unwrap();
+        assert_eq!(
+            a.to_dense().to_vec::<i32>().unwrap(),
+            vec![0, 0, 1, 2, 0, 0, 3, 4]
+        );
+        assert_eq!(a.to_dense().to_row_sparse().unwrap(), a);
+
+        let rows_b = NDArray::from_vec(&[1, 2], vec![10i32, 10]).unwrap();
+        let b = NDArray::row_sparse(&[4, 2], vec![0], &rows_b).unwrap();
+        let mut sum = a.clone();
+        sum.add_assign(&b).unwrap();
+        assert_eq!(sum.as_row_sparse().unwrap().indices(), &[0, 1, 3]);
+        assert_eq!(sum.to_vec::<i32>().unwrap(), vec![10, 10, 1, 2, 0, 0, 3, 4]);
+    }
+
+    #[test]
+    fn row_sparse_validates_ids() {
+        let rows = NDArray::ones(&[2, 2], DType::F32);
+        assert!(NDArray::row_sparse(&[4, 2], vec![2, 1], &rows).is_err());
+        assert!(NDArray::row_sparse(&[4, 2], vec![1, 1], &rows).is_err());
+        assert!(NDArray::row_sparse(&[4, 2], vec![1, 4], &rows).is_err());
+        assert!(NDArray::row_sparse(&[4, 3], vec![0, 1], &rows).is_err());
+    }
+
+    #[test]
+    fn gpu_context_is_an_error_without_a_device_backend() {
+        let err = NDArray::zeros_in(&[2], DType::F32, Context::Gpu(0)).unwrap_err();
+        assert!(matches!(err, Error::Device(_)));
+    }
+
+    #[test]
+    fn to_vec_with_the_wrong_type_is_an_error() {
+        let a = NDArray::ones(&[2], DType::F32);
+        assert!(a.to_vec::<f64>().is_err());
+        assert_eq!(a.to_f64_vec(), vec![1.0, 1.0]);
+    }
+}

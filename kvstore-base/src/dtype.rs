@@ -1,0 +1,234 @@
+//! Element types of [`NDArray`](crate::NDArray) values.
+
+use std::fmt;
+use std::str::FromStr;
+
+use half::{bf16, f16};
+
+use crate::{Error, HostElement};
+
+/// The element type of an array, with MXNet's spelling (`float32`, `float16`, ...).
+///
+/// ```
+/// use kvstore_base::DType;
+/// assert_eq!("float16".parse::<DType>().unwrap(), DType::F16);
+/// assert_eq!(DType::BF16.size_of(), 2);
+/// assert_eq!(DType::I64.to_string(), "int64");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum DType {
+    /// 32-bit IEEE float (`float32`).
+    F32,
+    /// 64-bit IEEE float (`float64`).
+    F64,
+    /// 16-bit IEEE half (`float16`).
+    F16,
+    /// 16-bit brain float (`bfloat16`).
+    BF16,
+    /// 32-bit signed integer (`int32`).
+    I32,
+    /// 64-bit signed integer (`int64`).
+    I64,
+    /// 8-bit unsigned integer (`uint8`).
+    U8,
+}
+
+impl DType {
+    /// Every supported element type.
+    pub const ALL: [DType; 7] = [
+        DType::F32,
+        DType::F64,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::I64,
+        DType::U8,
+    ];
+
+    /// Bytes per element.
+    pub const fn size_of(self) -> usize {
+        match self {
+            DType::F64 | DType::I64 => 8,
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::U8 => 1,
+        }
+    }
+
+    /// MXNet's name for the type (`float32`, `bfloat16`, `uint8`, ...).
+    pub const fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F64 => "float64",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            DType::I32 => "int32",
+            DType::I64 => "int64",
+            DType::U8 => "uint8",
+        }
+    }
+
+    /// Whether the type is a floating-point type.
+    pub const fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+
+    /// Parses MXNet's spelling, or the short Rust-style one (`f32`, `bf16`, `u8`).
+    fn from_str(s: &str) -> Result<Self, Error> {
+        let lower = s.to_ascii_lowercase();
+        let dtype = match lower.as_str() {
+            "float32" | "f32" => DType::F32,
+            "float64" | "f64" => DType::F64,
+            "float16" | "f16" => DType::F16,
+            "bfloat16" | "bf16" => DType::BF16,
+            "int32" | "i32" => DType::I32,
+            "int64" | "i64" => DType::I64,
+            "uint8" | "u8" => DType::U8,
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "unknown dtype {s:?}; expected one of float32, float64, float16, bfloat16, int32, int64, uint8"
+                )))
+            }
+        };
+        Ok(dtype)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for f64 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for i32 {}
+    impl Sealed for i64 {}
+    impl Sealed for u8 {}
+}
+
+/// A Rust type that can be the element of an [`NDArray`](crate::NDArray).
+///
+/// Implemented for `f32`, `f64`, [`half::f16`], [`half::bf16`], `i32`, `i64` and `u8`; sealed.
+/// Arithmetic follows MXNet: floats add in their own precision (half types round through
+/// `f32`, as mshadow does), integers wrap on overflow.
+pub trait Element:
+    sealed::Sealed + HostElement + Copy + Send + Sync + PartialEq + fmt::Debug + Default + 'static
+{
+    /// The runtime tag of this type.
+    const DTYPE: DType;
+    /// The additive identity.
+    const ZERO: Self;
+    /// Adds two elements the way MXNet does for this type.
+    fn add(self, other: Self) -> Self;
+    /// Converts to `f64` (exact for every type but `i64` beyond 2^53).
+    fn to_f64(self) -> f64;
+    /// Converts from `f64` with MXNet's cast semantics (round to nearest for floats,
+    /// truncation toward zero with saturation for integers).
+    fn from_f64(value: f64) -> Self;
+}
+
+macro_rules! float_element {
+    ($t:ty, $dtype:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            const ZERO: Self = 0.0;
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                self + other
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+        }
+    };
+}
+float_element!(f32, DType::F32);
+float_element!(f64, DType::F64);
+
+macro_rules! half_element {
+    ($t:ty, $dtype:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            const ZERO: Self = <$t>::ZERO;
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                <$t>::from_f32(self.to_f32() + other.to_f32())
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                <$t>::to_f64(self)
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                <$t>::from_f64(value)
+            }
+        }
+    };
+}
+half_element!(f16, DType::F16);
+half_element!(bf16, DType::BF16);
+
+macro_rules! int_element {
+    ($t:ty, $dtype:expr) => {
+        impl Element for $t {
+            const DTYPE: DType = $dtype;
+            const ZERO: Self = 0;
+            #[inline(always)]
+            fn add(self, other: Self) -> Self {
+                self.wrapping_add(other)
+            }
+            #[inline(always)]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline(always)]
+            fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+        }
+    };
+}
+int_element!(i32, DType::I32);
+int_element!(i64, DType::I64);
+int_element!(u8, DType::U8);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for dtype in DType::ALL {
+            assert_eq!(dtype.name().parse::<DType>().unwrap(), dtype);
+        }
+        assert!("float8".parse::<DType>().is_err());
+    }
+
+    #[test]
+    fn integer_addition_wraps_like_mxnet() {
+        assert_eq!(Element::add(250u8, 10u8), 4);
+        assert_eq!(Element::add(i32::MAX, 1), i32::MIN);
+    }
+
+    #[test]
+    fn half_addition_rounds_through_f32() {
+        let a = f16::from_f32(1.0);
+        let b = f16::from_f32(0.0004);
+        assert_eq!(Element::add(a, b), f16::from_f32(1.0004));
+    }
+}

@@ -1,0 +1,174 @@
+//! Bad input: every case is an error that names the key and the shapes, and nothing is written.
+
+use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts, KeyedValues, NDArray};
+
+use super::util::{expect_all, expect_error, filled, store};
+use super::{Check, CheckResult, StoreFactory};
+
+pub(super) const CHECKS: &[Check] = &[
+    Check {
+        name: "errors_mixed_key_types_in_one_call",
+        requires: &[],
+        run: mixed_key_types_in_one_call,
+    },
+    Check {
+        name: "errors_empty_key_list",
+        requires: &[],
+        run: empty_key_list,
+    },
+    Check {
+        name: "errors_wrong_number_of_outs",
+        requires: &[],
+        run: wrong_number_of_outs,
+    },
+    Check {
+        name: "errors_value_shape_mismatch_names_key_and_shapes",
+        requires: &[],
+        run: value_shape_mismatch,
+    },
+    Check {
+        name: "errors_value_dtype_mismatch_names_key_and_dtypes",
+        requires: &[],
+        run: value_dtype_mismatch,
+    },
+    Check {
+        name: "errors_out_shape_mismatch_writes_no_out",
+        requires: &[],
+        run: out_shape_mismatch_writes_no_out,
+    },
+    Check {
+        name: "errors_out_key_without_value",
+        requires: &[],
+        run: out_key_without_value,
+    },
+];
+
+fn mixed_key_types_in_one_call(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let a = filled(&[2], 1.0);
+    let keys = vec![Key::from(1), Key::from("w")];
+    let values = [a.clone(), a.clone()];
+    let mut outs = [
+        NDArray::zeros(&[2], DType::F32),
+        NDArray::zeros(&[2], DType::F32),
+    ];
+    expect_error(
+        kv.pushpull(keys.clone(), &values, &mut outs),
+        "pushpull with keys [1, \"w\"]",
+        |e| matches!(e, Error::MixedKeyTypes { .. }),
+        &["inconsistent types of keys", "1", "\"w\""],
+    )?;
+    expect_error(
+        kv.broadcast(keys, &values, &mut outs),
+        "broadcast with keys [1, \"w\"]",
+        |e| matches!(e, Error::MixedKeyTypes { .. }),
+        &["inconsistent types of keys"],
+    )?;
+    expect_all(&outs[0], 0.0, "out 0")
+}
+
+fn empty_key_list(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let no_keys: Vec<i32> = Vec::new();
+    let no_values: Vec<NDArray> = Vec::new();
+    let mut no_outs: Vec<NDArray> = Vec::new();
+    expect_error(
+        kv.pushpull(no_keys.clone(), &no_values, &mut no_outs),
+        "pushpull with no keys",
+        |e| matches!(e, Error::EmptyKeys { .. }),
+        &["pushpull", "empty"],
+    )?;
+    expect_error(
+        kv.broadcast(no_keys, &no_values, &mut no_outs),
+        "broadcast with no keys",
+        |e| matches!(e, Error::EmptyKeys { .. }),
+        &["broadcast", "empty"],
+    )
+}
+
+fn wrong_number_of_outs(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let values = [filled(&[2], 1.0), filled(&[2], 2.0), filled(&[2], 3.0)];
+    let mut outs = [
+        NDArray::zeros(&[2], DType::F32),
+        NDArray::zeros(&[2], DType::F32),
+    ];
+    expect_error(
+        kv.pushpull(&[1, 2, 3], &values, &mut outs),
+        "three keys with two outs",
+        |e| {
+            matches!(
+                e,
+                Error::CountMismatch {
+                    expected: 3,
+                    found: 2,
+                    ..
+                }
+            )
+        },
+        &["3", "2"],
+    )?;
+    expect_all(&outs[0], 0.0, "out 0")?;
+    expect_all(&outs[1], 0.0, "out 1")
+}
+
+fn value_shape_mismatch(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let values = [filled(&[2, 3], 1.0), filled(&[3, 2], 1.0)];
+    let mut out = NDArray::zeros(&[2, 3], DType::F32);
+    expect_error(
+        kv.pushpull(42, &values, &mut out),
+        "values of shapes (2, 3) and (3, 2) for one key",
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        &["42", "[2, 3]", "[3, 2]", kv.type_name()],
+    )?;
+    expect_all(&out, 0.0, "the out")
+}
+
+fn value_dtype_mismatch(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let values = [
+        NDArray::ones(&[2], DType::F32),
+        NDArray::ones(&[2], DType::F16),
+    ];
+    let mut out = NDArray::zeros(&[2], DType::F32);
+    expect_error(
+        kv.pushpull("bias", &values, &mut out),
+        "float32 and float16 values for one key",
+        |e| matches!(e, Error::DTypeMismatch { .. }),
+        &["\"bias\"", "float32", "float16"],
+    )?;
+    expect_all(&out, 0.0, "the out")
+}
+
+fn out_shape_mismatch_writes_no_out(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let values = [filled(&[2], 1.0), filled(&[3], 2.0)];
+    let mut outs = [
+        NDArray::zeros(&[2], DType::F32),
+        NDArray::zeros(&[4], DType::F32),
+    ];
+    expect_error(
+        kv.pushpull(&[5, 6], &values, &mut outs),
+        "a (4,) out for a (3,) value",
+        |e| matches!(e, Error::ShapeMismatch { .. }),
+        &["6", "[3]", "[4]"],
+    )?;
+    expect_all(&outs[0], 0.0, "the out of key 5, which had no error")?;
+    expect_all(&outs[1], 0.0, "the mismatched out")
+}
+
+fn out_key_without_value(factory: &StoreFactory) -> CheckResult {
+    let kv: Box<dyn KVStoreBase> = store(factory)?;
+    let value = filled(&[2], 1.0);
+    let values = KeyedValues::new("pushpull", vec![Key::from(1)], vec![&value])?;
+    let mut out = NDArray::zeros(&[2], DType::F32);
+    let mut outs = KeyedOuts::new("pushpull", vec![Key::from(2)], vec![&mut out])?;
+    expect_error(
+        kv.pushpull_batch(&values, &mut outs, 0),
+        "an out for key 2 with a value only for key 1",
+        |e| matches!(e, Error::InvalidArgument(_)),
+        &["2"],
+    )?;
+    expect_all(&out, 0.0, "the out")
+}

@@ -1,0 +1,56 @@
+//! # kvstore: parameter synchronisation for data-parallel training
+//!
+//! MXNet's KVStore in Rust. Workers push gradients, the store sums them across devices and
+//! machines (and may run the optimizer), workers pull the result. This facade re-exports the
+//! contract ([`kvstore_base`]) and links the backends chosen by Cargo features, so that
+//! [`create`] finds them by name:
+//!
+//! | feature  | crate            | stores                                         | state        |
+//! |----------|------------------|------------------------------------------------|--------------|
+//! | `test`   | `kvstore-test`   | `teststore` (MXNet's `TestStore`)              | available    |
+//! | `local`  | `kvstore-local`  | `local`                                        | not built yet |
+//! | `device` | `kvstore-device` | `device`, `nccl`                               | not built yet |
+//! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | not built yet |
+//! | `byteps` | `kvstore-byteps` | `byteps`                                       | not built yet |
+//!
+//! Defaults: `local` and `test`.
+//!
+//! ```
+//! use kvstore::prelude::*;
+//!
+//! let kv = create("teststore")?;
+//! let grads = [NDArray::ones(&[2, 3], DType::F32), NDArray::ones(&[2, 3], DType::F32)];
+//! let mut summed = NDArray::zeros(&[2, 3], DType::F32);
+//! kv.pushpull(3, &grads, &mut summed)?;
+//! assert_eq!(summed.to_vec::<f32>()?, vec![2.0; 6]);
+//! # Ok::<(), kvstore::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+pub use kvstore_base::*;
+
+// Naming each enabled backend crate links it, and linking it is what registers its stores.
+#[cfg(feature = "byteps")]
+use kvstore_byteps as _;
+#[cfg(feature = "device")]
+use kvstore_device as _;
+#[cfg(feature = "dist")]
+use kvstore_dist as _;
+#[cfg(feature = "local")]
+use kvstore_local as _;
+#[cfg(feature = "test")]
+use kvstore_test as _;
+
+/// The backends this build links, by Cargo feature name.
+pub const LINKED_BACKENDS: &[&str] = &[
+    #[cfg(feature = "local")]
+    "local",
+    #[cfg(feature = "device")]
+    "device",
+    #[cfg(feature = "dist")]
+    "dist",
+    #[cfg(feature = "byteps")]
+    "byteps",
+    #[cfg(feature = "test")]
+    "test",
+];
