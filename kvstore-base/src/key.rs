@@ -131,12 +131,6 @@ impl<K: Into<Key> + Clone, const N: usize> From<&[K; N]> for Keys {
     }
 }
 
-impl<K: Into<Key>, const N: usize> From<[K; N]> for Keys {
-    fn from(ks: [K; N]) -> Keys {
-        Keys::Many(ks.into_iter().map(Into::into).collect())
-    }
-}
-
 impl<K: Into<Key>> From<Vec<K>> for Keys {
     fn from(ks: Vec<K>) -> Keys {
         Keys::Many(ks.into_iter().map(Into::into).collect())

@@ -19,7 +19,7 @@
 //!
 //! and one line in `tests/conformance.rs`:
 //!
-//! ```ignore
+//! ```no_run
 //! kvstore_test::conformance_tests!(|| kvstore_base::create("mystore"));
 //! ```
 #![deny(missing_docs)]

@@ -54,3 +54,8 @@ pub const LINKED_BACKENDS: &[&str] = &[
     #[cfg(feature = "test")]
     "test",
 ];
+
+/// The README's Rust examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

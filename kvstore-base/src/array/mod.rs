@@ -329,6 +329,59 @@ impl NDArray {
         )
     }
 
+    /// The rows `ids` of this array as a row-sparse array of the same shape (MXNet's
+    /// `sparse_retain`): exactly those rows are stored, zeros where this array has none.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let table = NDArray::from_vec(&[3, 2], vec![1.0f32, 1.0, 2.0, 2.0, 3.0, 3.0]).unwrap();
+    /// let picked = table.retain_rows(&[0, 2]).unwrap();
+    /// assert_eq!(picked.as_row_sparse().unwrap().indices(), &[0, 2]);
+    /// assert_eq!(picked.to_vec::<f32>().unwrap(), vec![1.0, 1.0, 0.0, 0.0, 3.0, 3.0]);
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a 0-d array or ids that are not strictly increasing
+    /// inside `0..shape[0]`.
+    pub fn retain_rows(&self, ids: &[i64]) -> Result<NDArray> {
+        let shape = self.shape().to_vec();
+        if shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "rows cannot be selected from a 0-dimensional array".into(),
+            ));
+        }
+        let mut row_shape = shape.clone();
+        row_shape[0] = ids.len();
+        let mut rows = HostArray::full(&row_shape, 0.0, self.dtype());
+        // Validate before touching any row: row_sparse() checks order and range again below.
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&id| id < 0 || id as u64 >= shape[0] as u64)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "row id {bad} is outside 0..{} of shape {shape:?}",
+                shape[0]
+            )));
+        }
+        match &self.data {
+            Data::Dense(host) => {
+                let picked: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
+                rows = gather_rows(host, &picked);
+            }
+            Data::RowSparse(r) => {
+                let (mut to, mut from) = (Vec::new(), Vec::new());
+                for (j, id) in ids.iter().enumerate() {
+                    if let Ok(p) = r.indices.binary_search(id) {
+                        to.push(j as i64);
+                        from.push(p);
+                    }
+                }
+                scatter_rows(&mut rows, &to, &gather_rows(&r.rows, &from), false);
+            }
+        }
+        NDArray::row_sparse(&shape, ids.to_vec(), &NDArray::from_host(rows))
+    }
+
     /// A copy with elements converted to `dtype` (MXNet's `astype`).
     pub fn astype(&self, dtype: DType) -> NDArray {
         let data = match &self.data {

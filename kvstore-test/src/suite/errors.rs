@@ -2,7 +2,7 @@
 
 use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts, KeyedValues, NDArray};
 
-use super::util::{expect_all, expect_error, filled, store};
+use super::util::{declare, expect_all, expect_error, filled, store};
 use super::{Check, CheckResult, StoreFactory};
 
 pub(super) const CHECKS: &[Check] = &[
@@ -114,6 +114,7 @@ fn wrong_number_of_outs(factory: &StoreFactory) -> CheckResult {
 
 fn value_shape_mismatch(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 42, &[2, 3], DType::F32)?;
     let values = [filled(&[2, 3], 1.0), filled(&[3, 2], 1.0)];
     let mut out = NDArray::zeros(&[2, 3], DType::F32);
     expect_error(
@@ -127,6 +128,7 @@ fn value_shape_mismatch(factory: &StoreFactory) -> CheckResult {
 
 fn value_dtype_mismatch(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, "bias", &[2], DType::F32)?;
     let values = [
         NDArray::ones(&[2], DType::F32),
         NDArray::ones(&[2], DType::F16),
@@ -143,6 +145,8 @@ fn value_dtype_mismatch(factory: &StoreFactory) -> CheckResult {
 
 fn out_shape_mismatch_writes_no_out(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 5, &[2], DType::F32)?;
+    declare(&*kv, 6, &[3], DType::F32)?;
     let values = [filled(&[2], 1.0), filled(&[3], 2.0)];
     let mut outs = [
         NDArray::zeros(&[2], DType::F32),

@@ -6,6 +6,7 @@
 //! the reason) those a store cannot run; [`run_conformance`] runs them as a test binary.
 
 mod broadcast;
+mod differential;
 mod errors;
 mod identity;
 mod keyvalue;
@@ -77,13 +78,30 @@ pub const CHECKS: &[&[Check]] = &[
     pushpull::CHECKS,
     errors::CHECKS,
     keyvalue::CHECKS,
+    differential::CHECKS,
 ];
 
 /// The checks as trials named `<label>::<check>`: a check needing a capability the store
-/// lacks, or every check when the factory cannot build a store (no GPU, no server), is marked
-/// ignored with the reason as its kind.
+/// lacks, or every check when the store cannot exist on this machine (a [`Error::Device`]
+/// from the factory: no GPU, no driver), is marked ignored with the reason as its kind. Any
+/// other factory error (an unknown store name: the crate was not linked) fails every check.
 pub fn trials(label: &str, factory: Arc<StoreFactory>) -> Vec<Trial> {
     let probe = factory();
+    if let Err(e) = &probe {
+        if !matches!(e, Error::Device(_)) {
+            let message = format!("the store factory failed: {e}");
+            return CHECKS
+                .iter()
+                .flat_map(|group| group.iter())
+                .map(|check| {
+                    let message = message.clone();
+                    Trial::test(format!("{label}::{}", check.name), move || {
+                        Err(message.into())
+                    })
+                })
+                .collect();
+        }
+    }
     CHECKS
         .iter()
         .flat_map(|group| group.iter())
@@ -131,6 +149,22 @@ pub(crate) mod util {
 
     pub fn store(factory: &StoreFactory) -> Result<Box<dyn kvstore_base::KVStoreBase>, Failure> {
         factory().map_err(|e| Failure(format!("the factory failed: {e}")))
+    }
+
+    /// For stores that keep values (which, as MXNet's, refuse to push to a key never
+    /// initialised), initialises `key` with zeros of `shape` and `dtype`; other stores need
+    /// nothing.
+    pub fn declare(
+        kv: &dyn kvstore_base::KVStoreBase,
+        key: impl Into<kvstore_base::Key>,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<(), Failure> {
+        use kvstore_base::KVStoreExt;
+        if kv.is_capable(kvstore_base::Capability::InitPushPull) {
+            kv.init(key.into(), &NDArray::zeros(shape, dtype))?;
+        }
+        Ok(())
     }
 
     pub fn f32s(shape: &[usize], data: &[f32]) -> NDArray {

@@ -7,7 +7,7 @@
 use half::{bf16, f16};
 use kvstore_base::{DType, Element, KVStoreExt, NDArray};
 
-use super::util::{expect_all, f32s, filled, store};
+use super::util::{declare, expect_all, f32s, filled, store};
 use super::{ensure, Check, CheckResult, Failure, StoreFactory};
 
 pub(super) const CHECKS: &[Check] = &[
@@ -60,6 +60,7 @@ pub(super) const CHECKS: &[Check] = &[
 
 fn sums_device_values_into_every_out(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 3, &[2, 3], DType::F32)?;
     let values: Vec<NDArray> = (1..=4).map(|i| filled(&[2, 3], i as f64)).collect();
     let mut outs = vec![NDArray::zeros(&[2, 3], DType::F32); 3];
     kv.pushpull(3, &values, &mut outs)?;
@@ -71,6 +72,7 @@ fn sums_device_values_into_every_out(factory: &StoreFactory) -> CheckResult {
 
 fn in_place_writes_the_sum_into_every_value(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 7, &[3], DType::F32)?;
     let mut values = vec![
         f32s(&[3], &[1.0, 2.0, 3.0]),
         f32s(&[3], &[10.0, 20.0, 30.0]),
@@ -88,6 +90,7 @@ fn in_place_writes_the_sum_into_every_value(factory: &StoreFactory) -> CheckResu
 
 fn single_value_reaches_the_out(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 9, &[2, 2], DType::F32)?;
     let value = f32s(&[2, 2], &[1.5, -2.5, 3.5, 0.0]);
     let mut out = NDArray::zeros(&[2, 2], DType::F32);
     kv.pushpull(9, &value, &mut out)?;
@@ -97,6 +100,8 @@ fn single_value_reaches_the_out(factory: &StoreFactory) -> CheckResult {
 
 fn key_list_with_per_device_lists(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 1, &[2], DType::F32)?;
+    declare(&*kv, 2, &[3], DType::F32)?;
     let values = vec![vec![filled(&[2], 1.0); 2], vec![filled(&[3], 3.0); 3]];
     let mut outs = vec![
         vec![NDArray::zeros(&[2], DType::F32); 2],
@@ -113,6 +118,9 @@ fn key_list_with_per_device_lists(factory: &StoreFactory) -> CheckResult {
 
 fn str_keys(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    for key in ["weight", "bias", "权重"] {
+        declare(&*kv, key, &[4], DType::F32)?;
+    }
     let values = [filled(&[4], 1.0), filled(&[4], 5.0)];
     let mut outs = [
         NDArray::zeros(&[4], DType::F32),
@@ -133,6 +141,7 @@ fn str_keys(factory: &StoreFactory) -> CheckResult {
 fn sum_of<T: Element>(factory: &StoreFactory, a: &[T], b: &[T], expected: &[T]) -> CheckResult {
     let kv = store(factory)?;
     let shape = [a.len()];
+    declare(&*kv, 1, &shape, T::DTYPE)?;
     let values = [
         NDArray::from_vec(&shape, a.to_vec())?,
         NDArray::from_vec(&shape, b.to_vec())?,
@@ -184,6 +193,7 @@ fn sums_every_dtype_exactly(factory: &StoreFactory) -> CheckResult {
 fn handles_any_shape(factory: &StoreFactory) -> CheckResult {
     for shape in [&[][..], &[1], &[7], &[2, 3, 4], &[1, 2, 1, 3], &[3, 0]] {
         let kv = store(factory)?;
+        declare(&*kv, 4, shape, DType::F32)?;
         let values = [filled(shape, 2.0), filled(shape, 3.0)];
         let mut out = NDArray::zeros(shape, DType::F32);
         kv.pushpull(4, &values, &mut out)?;
@@ -199,6 +209,7 @@ fn handles_any_shape(factory: &StoreFactory) -> CheckResult {
 
 fn leaves_its_inputs_untouched(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 11, &[2], DType::F32)?;
     let values = [f32s(&[2], &[1.0, 2.0]), f32s(&[2], &[3.0, 4.0])];
     let before = values.clone();
     let mut out = NDArray::zeros(&[2], DType::F32);
@@ -209,6 +220,7 @@ fn leaves_its_inputs_untouched(factory: &StoreFactory) -> CheckResult {
 
 fn counts_a_repeated_array_each_time(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
+    declare(&*kv, 12, &[2], DType::F32)?;
     let x = f32s(&[2], &[1.0, 3.0]);
     let mut out = NDArray::zeros(&[2], DType::F32);
     kv.pushpull(12, [&x, &x], &mut out)?;

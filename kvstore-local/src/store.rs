@@ -1,0 +1,594 @@
+//! [`LocalStore`]: MXNet's `KVStoreLocal` with `CommCPU`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use kvstore_base::{
+    Capability, CreateRequest, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
+    OptimizerSpec, Result, StorageType, Updater,
+};
+
+use crate::reduce::{copy_into, sum_into, ReduceConfig};
+
+/// The name the store is registered under.
+pub const NAME: &str = "local";
+
+/// MXNet's other spellings of the local store, registered as aliases.
+pub const ALIASES: &[&str] = &["local_update_cpu", "local_allreduce_cpu"];
+
+/// The embedded store: values live in this process, per-device values are summed on the CPU.
+///
+/// # Behavior
+/// - `init` copies each value into the store (later writes to the caller's array do not reach
+///   it); a key is initialised once, a second `init` (or `broadcast`) of it is an error.
+/// - `push` sums the values of each key (one per device) with MXNet's arithmetic and order.
+///   With an optimizer or updater, the sum is applied to the stored value; without one the
+///   stored value *becomes* the sum (MXNet's semantics: pushes do not accumulate).
+/// - `pull` copies the stored value into every output (cast to the output's dtype);
+///   row-sparse outputs are skipped unless `ignore_sparse` is false, as in MXNet.
+/// - `pushpull` is push then pull, `broadcast` is init then pull; `row_sparse_pull` returns
+///   exactly the requested rows (unsorted and repeated ids allowed) of a row-sparse value.
+/// - Keys of one call are processed in ascending key order; the first call fixes whether the
+///   store takes int or str keys.
+/// - Every call checks all of its input (keys, counts, shapes, dtypes) before changing
+///   anything: an error leaves the store and every output as they were. An error returned by
+///   an updater stops the call at that key and is returned (keys before it keep their update).
+/// - `rank` 0, one worker, `barrier` and `send_command_to_servers` do nothing,
+///   `set_gradient_compression` is unsupported (as MXNet's local store).
+///
+/// An updater runs while the store is locked: it must not call the store.
+///
+/// ```
+/// use kvstore_base::{DType, KVStoreExt, NDArray};
+/// use kvstore_local::LocalStore;
+///
+/// let kv = LocalStore::new();
+/// kv.init(3, &NDArray::zeros(&[2], DType::F32))?;
+/// kv.push(3, &[NDArray::ones(&[2], DType::F32), NDArray::ones(&[2], DType::F32)])?;
+/// let mut out = NDArray::zeros(&[2], DType::F32);
+/// kv.pull(3, &mut out)?;
+/// assert_eq!(out.to_vec::<f32>()?, vec![2.0, 2.0]);
+/// # Ok::<(), kvstore_base::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct LocalStore {
+    name: String,
+    config: ReduceConfig,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<Key, Entry>,
+    key_kind: Option<Key>,
+    updater: Option<UpdaterSlot>,
+    sparse_warned: HashSet<Key>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("keys", &self.entries.len())
+            .field("updater", &self.updater.as_ref().map(UpdaterSlot::describe))
+            .finish()
+    }
+}
+
+struct Entry {
+    value: NDArray,
+    /// Where pushed values are summed before an updater sees them; allocated at the first push.
+    merge: Option<NDArray>,
+}
+
+enum UpdaterSlot {
+    Custom(Updater),
+    Optimizer(Box<PendingOptimizer>),
+}
+
+/// Placeholder until the optimizer crate lands.
+struct PendingOptimizer;
+impl PendingOptimizer {
+    fn update(&mut self, _: &Key, _: &NDArray, _: &mut NDArray) -> Result<()> {
+        Err(Error::InvalidArgument(
+            "optimizers are not available yet".into(),
+        ))
+    }
+    fn save_states(&self, _: bool) -> Result<Vec<u8>> {
+        Err(Error::InvalidArgument(
+            "optimizers are not available yet".into(),
+        ))
+    }
+    fn load_states(&mut self, _: &[u8]) -> Result<()> {
+        Err(Error::InvalidArgument(
+            "optimizers are not available yet".into(),
+        ))
+    }
+}
+
+impl UpdaterSlot {
+    fn describe(&self) -> &'static str {
+        match self {
+            UpdaterSlot::Custom(_) => "custom",
+            UpdaterSlot::Optimizer(_) => "optimizer",
+        }
+    }
+
+    fn apply(&mut self, key: &Key, merged: &NDArray, stored: &mut NDArray) -> Result<()> {
+        match self {
+            UpdaterSlot::Custom(f) => f(key, merged, stored),
+            UpdaterSlot::Optimizer(u) => u.update(key, merged, stored),
+        }
+    }
+}
+
+impl Default for LocalStore {
+    fn default() -> Self {
+        LocalStore::new()
+    }
+}
+
+impl LocalStore {
+    /// A store named `local`, configured from MXNet's environment variables.
+    pub fn new() -> Self {
+        LocalStore::with_config(NAME, ReduceConfig::from_env())
+    }
+
+    /// A store reporting `name` as its type, with explicit reduction settings.
+    pub fn with_config(name: &str, config: ReduceConfig) -> Self {
+        LocalStore {
+            name: name.to_string(),
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The registry's factory: the requested name (an alias included) becomes the type name;
+    /// options `reduction_nthreads` and `bigarray_bound` override the environment.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an option that is not a positive integer.
+    pub fn from_request(request: &CreateRequest) -> Result<Box<dyn KVStoreBase>> {
+        let mut config = ReduceConfig::from_env();
+        for (option, slot) in [
+            ("reduction_nthreads", &mut config.threads),
+            ("bigarray_bound", &mut config.bigarray_bound),
+        ] {
+            if let Some(text) = request.options.get(option) {
+                *slot = text
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|&n: &usize| n > 0)
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "option {option} must be a positive integer, got {text:?}"
+                        ))
+                    })?;
+            }
+        }
+        Ok(Box::new(LocalStore::with_config(&request.name, config)))
+    }
+
+    /// The reduction settings.
+    pub fn config(&self) -> ReduceConfig {
+        self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
+        let key = key.clone();
+        move |e| e.at_key(&self.name, operation, key)
+    }
+}
+
+/// The groups of a batch in ascending key order: (key, positions).
+fn sorted_groups(keys: &[Key]) -> Vec<(Key, Vec<usize>)> {
+    let mut map: HashMap<&Key, Vec<usize>> = HashMap::with_capacity(keys.len());
+    for (i, k) in keys.iter().enumerate() {
+        map.entry(k).or_default().push(i);
+    }
+    let mut groups: Vec<(Key, Vec<usize>)> = map.into_iter().map(|(k, v)| (k.clone(), v)).collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    groups
+}
+
+fn shape_error(what: String, expected: &NDArray, found: &NDArray) -> Error {
+    Error::ShapeMismatch {
+        what,
+        expected: expected.shape().to_vec(),
+        found: found.shape().to_vec(),
+    }
+}
+
+/// Checks that `value` can be pushed onto `stored`: same shape and dtype.
+fn check_pushable(stored: &NDArray, value: &NDArray, i: usize) -> Result<()> {
+    if value.shape() != stored.shape() {
+        return Err(shape_error(format!("pushed value {i}"), stored, value));
+    }
+    if value.dtype() != stored.dtype() {
+        return Err(Error::DTypeMismatch {
+            what: format!("pushed value {i}"),
+            expected: stored.dtype(),
+            found: value.dtype(),
+        });
+    }
+    Ok(())
+}
+
+impl State {
+    fn check_kind(&self, operation: &'static str, key: &Key) -> Result<()> {
+        match &self.key_kind {
+            Some(first) if !first.same_kind(key) => Err(Error::MixedKeyTypes {
+                operation,
+                first: first.clone(),
+                other: key.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn entry(&self, store: &LocalStore, operation: &'static str, key: &Key) -> Result<&Entry> {
+        self.check_kind(operation, key)?;
+        self.entries
+            .get(key)
+            .ok_or_else(|| store.at(operation, key)(Error::KeyNotInitialized))
+    }
+}
+
+impl LocalStore {
+    /// Validates an init: one value per key, keys new to the store.
+    fn check_init(
+        &self,
+        state: &State,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+    ) -> Result<()> {
+        let mut seen = HashSet::with_capacity(values.len());
+        for key in values.keys() {
+            state.check_kind(operation, key)?;
+            if !seen.insert(key) || state.entries.contains_key(key) {
+                return Err(self.at(operation, key)(Error::DuplicateInit));
+            }
+        }
+        Ok(())
+    }
+
+    fn do_init(&self, state: &mut State, values: &KeyedValues<'_>) {
+        for (key, value) in values.iter() {
+            if state.key_kind.is_none() {
+                state.key_kind = Some(key.clone());
+            }
+            state.entries.insert(
+                key.clone(),
+                Entry {
+                    value: value.clone(),
+                    merge: None,
+                },
+            );
+        }
+    }
+
+    /// Validates a push against the stored values; returns the key groups in order.
+    fn check_push(
+        &self,
+        state: &State,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+    ) -> Result<Vec<(Key, Vec<usize>)>> {
+        let groups = sorted_groups(values.keys());
+        for (key, positions) in &groups {
+            let entry = state.entry(self, operation, key)?;
+            for (i, &p) in positions.iter().enumerate() {
+                check_pushable(&entry.value, values.values()[p], i)
+                    .map_err(self.at(operation, key))?;
+            }
+        }
+        Ok(groups)
+    }
+
+    fn do_push(
+        &self,
+        state: &mut State,
+        values: &KeyedValues<'_>,
+        groups: &[(Key, Vec<usize>)],
+    ) -> Result<()> {
+        let State {
+            entries, updater, ..
+        } = state;
+        for (key, positions) in groups {
+            let entry = entries.get_mut(key).expect("checked by check_push");
+            let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
+            let all_dense = arrays
+                .iter()
+                .all(|a| a.storage_type() == StorageType::Dense)
+                && entry.value.storage_type() == StorageType::Dense;
+            match updater {
+                None if all_dense => sum_into(&mut entry.value, &arrays, &self.config),
+                None => entry.value = sparse_sum(&arrays)?,
+                Some(updater) => {
+                    let merged = if all_dense {
+                        let merge = entry.merge.get_or_insert_with(|| entry.value.clone());
+                        sum_into(merge, &arrays, &self.config);
+                        &*merge
+                    } else {
+                        entry.merge = Some(sparse_sum(&arrays)?);
+                        entry.merge.as_ref().expect("just set")
+                    };
+                    updater
+                        .apply(key, merged, &mut entry.value)
+                        .map_err(self.at("push", key))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Validates a pull: keys initialised, outputs of the stored shape.
+    fn check_pull(
+        &self,
+        state: &State,
+        operation: &'static str,
+        outs: &KeyedOuts<'_>,
+    ) -> Result<()> {
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let entry = state.entry(self, operation, key)?;
+            if out.shape() != entry.value.shape() {
+                return Err(self.at(operation, key)(shape_error(
+                    format!("output {i}"),
+                    &entry.value,
+                    out,
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn do_pull(
+        &self,
+        state: &mut State,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let keys = outs.keys().to_vec();
+        for (key, out) in keys.iter().zip(outs.outs_mut()) {
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                if state.sparse_warned.insert(key.clone()) {
+                    log::info!("Warning: non-default weights detected during kvstore pull. This call has been ignored. Please make sure to use kv.row_sparse_pull() or module.prepare() with row_ids.");
+                }
+                continue;
+            }
+            let entry = state.entries.get(key).expect("checked by check_pull");
+            copy_into(out, &entry.value, &self.config).map_err(self.at("pull", key))?;
+        }
+        Ok(())
+    }
+}
+
+/// The sum of arrays of which some are row-sparse: row-sparse when all are.
+fn sparse_sum(arrays: &[&NDArray]) -> Result<NDArray> {
+    let mut sum = arrays[0].clone();
+    for a in &arrays[1..] {
+        sum.add_assign(a)?;
+    }
+    Ok(sum)
+}
+
+/// Unique, sorted row ids from a dense array of any dtype (MXNet casts them to int64).
+fn unique_row_ids(ids: &NDArray, rows: usize) -> Result<Vec<i64>> {
+    if ids.storage_type() != StorageType::Dense {
+        return Err(Error::InvalidArgument(
+            "row ids must be a dense array".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.size());
+    for v in ids.to_f64_vec() {
+        if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
+            return Err(Error::InvalidArgument(format!(
+                "row id {v} is not an integer in 0..{rows}"
+            )));
+        }
+        out.push(v as i64);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+impl KVStoreBase for LocalStore {
+    fn type_name(&self) -> &str {
+        &self.name
+    }
+
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn num_workers(&self) -> usize {
+        1
+    }
+
+    fn is_capable(&self, capability: Capability) -> bool {
+        matches!(
+            capability,
+            Capability::Optimizer
+                | Capability::InitPushPull
+                | Capability::Updater
+                | Capability::RowSparse
+                | Capability::OptimizerStates
+        )
+    }
+
+    fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        let mut state = self.lock();
+        self.check_init(&state, "init", values)?;
+        self.do_init(&mut state, values);
+        Ok(())
+    }
+
+    fn push_batch(&self, values: &KeyedValues<'_>, _priority: i32) -> Result<()> {
+        let mut state = self.lock();
+        let groups = self.check_push(&state, "push", values)?;
+        self.do_push(&mut state, values, &groups)
+    }
+
+    fn pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        _priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let mut state = self.lock();
+        self.check_pull(&state, "pull", outs)?;
+        self.do_pull(&mut state, outs, ignore_sparse)
+    }
+
+    fn pushpull_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        _priority: i32,
+    ) -> Result<()> {
+        outs.check_against("pushpull", values)?;
+        let mut state = self.lock();
+        let groups = self.check_push(&state, "pushpull", values)?;
+        self.check_pull(&state, "pushpull", outs)?;
+        self.do_push(&mut state, values, &groups)?;
+        self.do_pull(&mut state, outs, true)
+    }
+
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, _priority: i32) -> Result<()> {
+        let mut state = self.lock();
+        let inputs = KeyedValues::new(
+            "pushpull",
+            values.keys().to_vec(),
+            values.outs().iter().map(|v| &**v).collect(),
+        )?;
+        let groups = self.check_push(&state, "pushpull", &inputs)?;
+        self.do_push(&mut state, &inputs, &groups)?;
+        drop(inputs);
+        self.do_pull(&mut state, values, true)
+    }
+
+    fn broadcast_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        _priority: i32,
+    ) -> Result<()> {
+        outs.check_against("broadcast", values)?;
+        let mut state = self.lock();
+        self.check_init(&state, "broadcast", values)?;
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let (_, value) = values
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("checked against values");
+            if out.shape() != value.shape() {
+                return Err(self.at("broadcast", key)(shape_error(
+                    format!("output {i}"),
+                    value,
+                    out,
+                )));
+            }
+        }
+        self.do_init(&mut state, values);
+        self.do_pull(&mut state, outs, true)
+    }
+
+    fn row_sparse_pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        _priority: i32,
+    ) -> Result<()> {
+        if row_ids.len() != outs.len() {
+            return Err(Error::CountMismatch {
+                operation: "row_sparse_pull",
+                what: "row-id arrays, one per output".into(),
+                expected: outs.len(),
+                found: row_ids.len(),
+            });
+        }
+        let state = self.lock();
+        let mut results = Vec::with_capacity(outs.len());
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let at = self.at("row_sparse_pull", key);
+            let entry = state.entry(self, "row_sparse_pull", key)?;
+            let stored = &entry.value;
+            let result = (|| {
+                if stored.storage_type() != StorageType::RowSparse {
+                    return Err(Error::InvalidArgument(
+                        "row_sparse_pull needs a row-sparse stored value; this key is dense (use pull)".into(),
+                    ));
+                }
+                if out.storage_type() != StorageType::RowSparse {
+                    return Err(Error::InvalidArgument(format!(
+                        "output {i} must be row-sparse for row_sparse_pull"
+                    )));
+                }
+                if out.shape() != stored.shape() {
+                    return Err(shape_error(format!("output {i}"), stored, out));
+                }
+                let ids = unique_row_ids(row_ids[i], stored.shape()[0])?;
+                Ok(stored.retain_rows(&ids)?.astype(out.dtype()))
+            })()
+            .map_err(at)?;
+            results.push(result);
+        }
+        for (out, result) in outs.outs_mut().iter_mut().zip(results) {
+            **out = result;
+        }
+        Ok(())
+    }
+
+    fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
+        let _ = optimizer;
+        self.lock().updater = Some(UpdaterSlot::Optimizer(Box::new(PendingOptimizer)));
+        Err(self.unsupported("set_optimizer"))
+    }
+
+    fn set_updater(&self, updater: Updater) -> Result<()> {
+        self.lock().updater = Some(UpdaterSlot::Custom(updater));
+        Ok(())
+    }
+
+    fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
+        let bytes = match &self.lock().updater {
+            Some(UpdaterSlot::Optimizer(u)) => u.save_states(dump_optimizer)?,
+            _ => return Err(no_optimizer(&self.name, "save_optimizer_states")),
+        };
+        std::fs::write(path, bytes).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn load_optimizer_states(&self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        match &mut self.lock().updater {
+            Some(UpdaterSlot::Optimizer(u)) => u.load_states(&bytes),
+            _ => Err(no_optimizer(&self.name, "load_optimizer_states")),
+        }
+    }
+
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn send_command_to_servers(&self, _head: i32, _body: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn no_optimizer(store: &str, operation: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "{store}: {operation} needs an optimizer installed with set_optimizer (a custom updater has no states to save)"
+    ))
+}

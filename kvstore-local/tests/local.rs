@@ -1,0 +1,409 @@
+//! The `local` store against MXNet's documented behaviour (the worked examples and the
+//! experiment log of MXNet 1.9.1's local store), and the places where it deliberately differs.
+
+use std::sync::{Arc, Mutex};
+
+use kvstore_base::{
+    create, create_default, Capability, DType, Error, KVStoreBase, KVStoreExt, Key, NDArray,
+};
+use kvstore_local::{reduce::ReduceConfig, LocalStore};
+
+fn full(shape: &[usize], v: f64) -> NDArray {
+    NDArray::full(shape, v, DType::F32)
+}
+
+fn values(a: &NDArray) -> Vec<f32> {
+    a.to_vec::<f32>().unwrap()
+}
+
+fn kv() -> Box<dyn KVStoreBase> {
+    create("local").unwrap()
+}
+
+#[test]
+fn registered_as_local_with_mxnet_aliases_and_as_the_default() {
+    assert_eq!(create_default().unwrap().type_name(), "local");
+    assert_eq!(create("LOCAL").unwrap().type_name(), "local");
+    assert_eq!(
+        create("local_allreduce_cpu").unwrap().type_name(),
+        "local_allreduce_cpu"
+    );
+    assert_eq!(
+        create("Local_Update_CPU").unwrap().type_name(),
+        "local_update_cpu"
+    );
+    let kv = kv();
+    assert_eq!((kv.rank(), kv.num_workers()), (0, 1));
+    assert!(kv.is_capable_by_name("optimizer").unwrap());
+    assert!(!kv.is_capable(Capability::GradientCompression));
+    kv.barrier().unwrap();
+}
+
+#[test]
+fn push_sums_devices_and_replaces_without_updater() {
+    let kv = kv();
+    kv.init(3, &full(&[2, 3], 0.0)).unwrap();
+    kv.push(3, &vec![full(&[2, 3], 1.0); 3]).unwrap();
+    let mut a = full(&[2, 3], 0.0);
+    kv.pull(3, &mut a).unwrap();
+    assert_eq!(values(&a), vec![3.0; 6]);
+
+    // Without an updater each push replaces the stored value.
+    kv.push(3, &full(&[2, 3], 2.0)).unwrap();
+    kv.push(3, &full(&[2, 3], 3.0)).unwrap();
+    kv.pull(3, &mut a).unwrap();
+    assert_eq!(values(&a), vec![3.0; 6]);
+}
+
+#[test]
+fn key_lists_with_per_device_lists() {
+    let kv = kv();
+    kv.init(&[1, 2], &[full(&[2], 0.0), full(&[2], 0.0)])
+        .unwrap();
+    kv.push(
+        &[1, 2],
+        &vec![vec![full(&[2], 1.0); 2], vec![full(&[2], 3.0); 3]],
+    )
+    .unwrap();
+    let mut outs = vec![vec![full(&[2], 0.0); 2], vec![full(&[2], 0.0); 3]];
+    kv.pull(&[1, 2], &mut outs).unwrap();
+    assert!(outs[0].iter().all(|o| values(o) == vec![2.0, 2.0]));
+    assert!(outs[1].iter().all(|o| values(o) == vec![9.0, 9.0]));
+
+    // Pulling one key twice fills both outputs.
+    let mut twice = vec![full(&[2], 0.0), full(&[2], 0.0)];
+    kv.pull(&[1, 1], &mut twice).unwrap();
+    assert!(twice.iter().all(|o| values(o) == vec![2.0, 2.0]));
+}
+
+#[test]
+fn pushpull_into_outs_and_in_place() {
+    let kv = kv();
+    kv.init(3, &full(&[2], 0.0)).unwrap();
+    let vals = [full(&[2], 1.0), full(&[2], 2.0), full(&[2], 3.0)];
+    let mut o = full(&[2], 0.0);
+    kv.pushpull(3, &vals, &mut o).unwrap();
+    assert_eq!(values(&o), vec![6.0, 6.0]);
+    let mut in_place = vals.to_vec();
+    kv.pushpull_in_place(3, &mut in_place).unwrap();
+    assert!(in_place.iter().all(|v| values(v) == vec![6.0, 6.0]));
+}
+
+#[test]
+fn updater_runs_once_per_key_in_ascending_order_with_the_sum() {
+    let kv = kv();
+    kv.init(&[1, 2], &[full(&[1], 0.0), full(&[1], 0.0)])
+        .unwrap();
+    let calls: Arc<Mutex<Vec<(Key, f32)>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    kv.set_updater_fn(move |key, grad, stored| {
+        seen.lock()
+            .unwrap()
+            .push((key.clone(), grad.to_vec::<f32>()?[0]));
+        stored.add_assign(grad)
+    })
+    .unwrap();
+    kv.push(
+        &[2, 1, 1],
+        &[full(&[1], 3.0), full(&[1], 1.0), full(&[1], 10.0)],
+    )
+    .unwrap();
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![(Key::from(1), 11.0), (Key::from(2), 3.0)]
+    );
+    // With an updater, pushes accumulate through it.
+    kv.push(1, &full(&[1], 1.0)).unwrap();
+    let mut out = full(&[1], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![12.0]);
+}
+
+#[test]
+fn an_updater_error_is_returned_and_the_value_is_unchanged() {
+    let kv = kv();
+    kv.init("w", &full(&[2], 1.0)).unwrap();
+    kv.set_updater_fn(|_, _, _| Err(Error::InvalidArgument("diverged".into())))
+        .unwrap();
+    let err = kv.push("w", &full(&[2], 5.0)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "local: push of key \"w\": invalid argument: diverged"
+    );
+    let mut out = full(&[2], 0.0);
+    kv.pull("w", &mut out).unwrap();
+    assert_eq!(values(&out), vec![1.0, 1.0]);
+}
+
+#[test]
+fn the_store_never_aliases_the_callers_arrays() {
+    let kv = kv();
+    let mut g = full(&[2], 1.0);
+    kv.init(1, &g).unwrap();
+    g = full(&[2], 9.0);
+    kv.push(1, &g).unwrap();
+    let pushed = g.clone();
+    g = full(&[2], 5.0); // MXNet 1.9.1's local store would now return 5
+    let mut out = full(&[2], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![9.0, 9.0]);
+    assert_eq!(values(&pushed), vec![9.0, 9.0]);
+    assert_eq!(values(&g), vec![5.0, 5.0]);
+}
+
+#[test]
+fn key_errors_name_the_key() {
+    let kv = kv();
+    let mut out = full(&[2], 0.0);
+    let err = kv.pull(3, &mut out).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "local: pull of key 3: key has not been initialised (call init first)"
+    );
+    assert!(matches!(
+        kv.push(3, &full(&[2], 1.0)).unwrap_err().root(),
+        Error::KeyNotInitialized
+    ));
+    assert!(matches!(
+        kv.pushpull(3, &full(&[2], 1.0), &mut out)
+            .unwrap_err()
+            .root(),
+        Error::KeyNotInitialized
+    ));
+
+    kv.init(3, &full(&[2, 3], 1.0)).unwrap();
+    let err = kv.init(3, &full(&[2, 3], 1.0)).unwrap_err();
+    assert!(matches!(err.root(), Error::DuplicateInit), "{err}");
+    let err = kv
+        .broadcast(3, &full(&[2, 3], 1.0), &mut full(&[2, 3], 0.0))
+        .unwrap_err();
+    assert!(matches!(err.root(), Error::DuplicateInit), "{err}");
+    let err = kv
+        .init(&[4, 4], &[full(&[1], 1.0), full(&[1], 1.0)])
+        .unwrap_err();
+    assert!(matches!(err.root(), Error::DuplicateInit), "{err}");
+    let err = kv
+        .broadcast(5, &[full(&[1], 1.0), full(&[1], 2.0)], &mut full(&[1], 0.0))
+        .unwrap_err();
+    assert!(matches!(err.root(), Error::DuplicateInit), "{err}");
+
+    let mut wrong = full(&[3, 2], 0.0);
+    let err = kv.pull(3, &mut wrong).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "local: pull of key 3: shape mismatch: output 0 has shape [3, 2] but [2, 3] was expected"
+    );
+    let err = kv.push(3, &full(&[4, 4], 1.0)).unwrap_err();
+    assert!(
+        err.to_string().contains("[4, 4]") && err.to_string().contains("[2, 3]"),
+        "{err}"
+    );
+    let err = kv.push(3, &NDArray::ones(&[2, 3], DType::F16)).unwrap_err();
+    assert!(matches!(err.root(), Error::DTypeMismatch { .. }), "{err}");
+}
+
+#[test]
+fn a_rejected_call_changes_nothing() {
+    let kv = kv();
+    kv.init(&[1, 2], &[full(&[2], 1.0), full(&[3], 1.0)])
+        .unwrap();
+    // Key 2's out is wrong: the push of key 1 must not happen either.
+    let mut outs = [full(&[2], 0.0), full(&[4], 0.0)];
+    assert!(kv
+        .pushpull(&[1, 2], &[full(&[2], 7.0), full(&[3], 7.0)], &mut outs)
+        .is_err());
+    assert_eq!(values(&outs[0]), vec![0.0, 0.0]);
+    let mut out = full(&[2], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![1.0, 1.0]);
+    // A failed broadcast leaves the key uninitialised.
+    assert!(kv
+        .broadcast(9, &full(&[2], 1.0), &mut full(&[5], 0.0))
+        .is_err());
+    kv.init(9, &full(&[2], 2.0)).unwrap();
+}
+
+#[test]
+fn int_and_str_keys_do_not_mix_across_calls() {
+    let kv = kv();
+    kv.init("a", &full(&[1], 1.0)).unwrap();
+    let err = kv.init(3, &full(&[1], 1.0)).unwrap_err();
+    assert!(matches!(err, Error::MixedKeyTypes { .. }), "{err:?}");
+    let mut out = full(&[1], 0.0);
+    assert!(matches!(
+        kv.pull(3, &mut out),
+        Err(Error::MixedKeyTypes { .. })
+    ));
+    kv.pull("a", &mut out).unwrap();
+}
+
+#[test]
+fn pull_casts_into_the_output_dtype() {
+    let kv = kv();
+    kv.init(1, &NDArray::from_vec(&[2], vec![0.5f32, 1.5]).unwrap())
+        .unwrap();
+    let mut half = NDArray::zeros(&[2], DType::F16);
+    kv.pull(1, &mut half).unwrap();
+    assert_eq!(half.dtype(), DType::F16);
+    assert_eq!(half.to_f64_vec(), vec![0.5, 1.5]);
+}
+
+fn table() -> NDArray {
+    let rows = NDArray::from_vec(&[2, 2], vec![1.0f32, 1.0, 3.0, 3.0]).unwrap();
+    NDArray::row_sparse(&[4, 2], vec![1, 3], &rows).unwrap()
+}
+
+#[test]
+fn row_sparse_pull_returns_the_unique_sorted_rows() {
+    let kv = kv();
+    kv.init("e", &table()).unwrap();
+    let empty = NDArray::row_sparse(&[4, 2], vec![], &NDArray::zeros(&[0, 2], DType::F32)).unwrap();
+    let mut outs = vec![empty.clone(), empty.clone()];
+    let ids = NDArray::from_vec(&[3], vec![3i64, 0, 3]).unwrap();
+    kv.row_sparse_pull("e", &mut outs, &ids).unwrap();
+    for out in &outs {
+        assert_eq!(out.as_row_sparse().unwrap().indices(), &[0, 3]);
+        assert_eq!(values(out), vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 3.0]);
+    }
+    // Float row ids are accepted, as MXNet casts them.
+    let mut out = empty.clone();
+    kv.row_sparse_pull(
+        "e",
+        &mut out,
+        &NDArray::from_vec(&[1], vec![1.0f32]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(out.as_row_sparse().unwrap().indices(), &[1]);
+
+    let err = kv
+        .row_sparse_pull("e", &mut full(&[4, 2], 0.0), &ids)
+        .unwrap_err();
+    assert!(err.to_string().contains("must be row-sparse"), "{err}");
+    let bad = NDArray::from_vec(&[1], vec![4i64]).unwrap();
+    assert!(kv.row_sparse_pull("e", &mut out, &bad).is_err());
+    assert_eq!(
+        out.as_row_sparse().unwrap().indices(),
+        &[1],
+        "a failed pull wrote"
+    );
+
+    // A dense pull of a row-sparse value gives the full value; a sparse out is skipped.
+    let mut dense = full(&[4, 2], 9.0);
+    kv.pull("e", &mut dense).unwrap();
+    assert_eq!(values(&dense), vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 3.0, 3.0]);
+    let mut skipped = empty.clone();
+    kv.pull("e", &mut skipped).unwrap();
+    assert_eq!(skipped, empty);
+}
+
+#[test]
+fn row_sparse_pushes_sum_rows() {
+    let kv = kv();
+    kv.init("e", &table()).unwrap();
+    let rows = NDArray::from_vec(&[1, 2], vec![5.0f32, 5.0]).unwrap();
+    let g0 = NDArray::row_sparse(&[4, 2], vec![0], &rows).unwrap();
+    let g1 = NDArray::row_sparse(&[4, 2], vec![0], &rows).unwrap();
+    kv.push("e", &[g0, g1]).unwrap();
+    let mut dense = full(&[4, 2], 0.0);
+    kv.pull("e", &mut dense).unwrap();
+    assert_eq!(
+        values(&dense),
+        vec![10.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    );
+}
+
+#[test]
+fn gradient_compression_is_refused_and_states_need_an_optimizer() {
+    let kv = kv();
+    let params = [("type".to_string(), "2bit".to_string())]
+        .into_iter()
+        .collect();
+    let err = kv.set_gradient_compression(&params).unwrap_err();
+    assert!(matches!(
+        err,
+        Error::Unsupported {
+            operation: "set_gradient_compression",
+            ..
+        }
+    ));
+    let path = std::env::temp_dir().join(format!("local-states-{}", std::process::id()));
+    assert!(kv.save_optimizer_states(&path, false).is_err());
+    assert!(!path.exists());
+}
+
+#[test]
+fn big_arrays_reduce_in_parallel_to_the_same_bits() {
+    let n = 300_000;
+    let data: Vec<Vec<f32>> = (0..7)
+        .map(|k| {
+            (0..n)
+                .map(|i| ((i * 31 + k * 17) % 1000) as f32 * 0.001 + k as f32 * 1e4)
+                .collect()
+        })
+        .collect();
+    let arrays: Vec<NDArray> = data
+        .iter()
+        .map(|d| NDArray::from_vec(&[n], d.clone()).unwrap())
+        .collect();
+    let mut results = Vec::new();
+    for config in [
+        ReduceConfig {
+            threads: 1,
+            bigarray_bound: usize::MAX,
+        },
+        ReduceConfig {
+            threads: 4,
+            bigarray_bound: 1000,
+        },
+    ] {
+        let kv = LocalStore::with_config("local", config);
+        kv.init(0, &NDArray::zeros(&[n], DType::F32)).unwrap();
+        let mut out = NDArray::zeros(&[n], DType::F32);
+        kv.pushpull(0, &arrays, &mut out).unwrap();
+        results.push(out);
+    }
+    assert_eq!(results[0], results[1]);
+}
+
+#[test]
+fn options_configure_the_reduction() {
+    let request = kvstore_base::CreateRequest {
+        name: "local".into(),
+        options: [("reduction_nthreads".to_string(), "0".to_string())]
+            .into_iter()
+            .collect(),
+    };
+    assert!(LocalStore::from_request(&request).is_err());
+    let err = kvstore_base::create_with(
+        "local",
+        [("bigarray_bound".to_string(), "ten".to_string())]
+            .into_iter()
+            .collect(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bigarray_bound"), "{err}");
+}
+
+#[test]
+fn threads_share_one_store() {
+    let kv: Arc<dyn KVStoreBase> = Arc::from(kv());
+    let keys: Vec<i32> = (0..8).collect();
+    kv.init(&keys, &vec![full(&[64], 0.0); 8]).unwrap();
+    std::thread::scope(|s| {
+        for k in 0..8 {
+            let kv = Arc::clone(&kv);
+            s.spawn(move || {
+                for round in 0..50 {
+                    let mut out = full(&[64], 0.0);
+                    kv.pushpull(
+                        k,
+                        &[full(&[64], round as f64), full(&[64], k as f64)],
+                        &mut out,
+                    )
+                    .unwrap();
+                    assert_eq!(values(&out)[0], (round + k) as f32);
+                }
+            });
+        }
+    });
+}
