@@ -150,6 +150,13 @@ impl<'a> KeyedOuts<'a> {
         self.keys.is_empty()
     }
 
+    /// The pairs in call order, with the outputs writable.
+    pub fn iter_mut(
+        &mut self,
+    ) -> std::iter::Zip<std::slice::Iter<'_, Key>, std::slice::IterMut<'_, &'a mut NDArray>> {
+        self.keys.iter().zip(self.outs.iter_mut())
+    }
+
     /// The distinct keys, in order of first appearance, with the positions of their outputs.
     pub fn groups(&self) -> Vec<KeyGroup> {
         group(&self.keys)

@@ -39,7 +39,7 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in a stable order.
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: &'static [Capability] = &[
         Capability::Optimizer,
         Capability::InitPushPull,
         Capability::Updater,
@@ -63,6 +63,15 @@ impl Capability {
     }
 }
 
+/// The capability names, comma-separated (for messages).
+pub(crate) fn known_capabilities() -> String {
+    Capability::ALL
+        .iter()
+        .map(|c| c.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl fmt::Display for Capability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -75,7 +84,8 @@ impl FromStr for Capability {
     fn from_str(s: &str) -> Result<Self, Error> {
         let lower = s.to_lowercase();
         Capability::ALL
-            .into_iter()
+            .iter()
+            .copied()
             .find(|c| c.name() == lower)
             .ok_or_else(|| Error::UnknownCapability(s.to_string()))
     }

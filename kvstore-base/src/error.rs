@@ -45,7 +45,10 @@ pub enum Error {
     },
 
     /// A capability string that is not one of [`Capability::ALL`](crate::Capability::ALL).
-    #[error("unknown capability {0:?}; known capabilities: optimizer, init_push_pull, updater, gradient_compression, row_sparse, optimizer_states, distributed")]
+    #[error(
+        "unknown capability {0:?}; known capabilities: {known}",
+        known = crate::capability::known_capabilities()
+    )]
     UnknownCapability(String),
 
     /// Int and str keys in one call (or, for stores that fix the key type, across calls).

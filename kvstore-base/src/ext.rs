@@ -287,6 +287,25 @@ pub trait KVStoreExt: KVStoreBase {
         )
     }
 
+    /// `pull` with MXNet's `ignore_sparse` flag: with `false`, row-sparse outputs receive the
+    /// full value instead of being skipped.
+    ///
+    /// # Errors
+    /// As [`KVStoreBase::pull_batch`], plus malformed argument lists.
+    fn pull_with_options<'a>(
+        &self,
+        keys: impl Into<Keys>,
+        outs: impl Into<Outs<'a>>,
+        priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        self.pull_batch(
+            &mut self::outs("pull", keys.into(), outs.into())?,
+            priority,
+            ignore_sparse,
+        )
+    }
+
     /// Pushes `values` and pulls the result into `outs` (MXNet's `kv.pushpull(key, value, out)`).
     ///
     /// # Errors

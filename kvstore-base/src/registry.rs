@@ -275,7 +275,8 @@ fn probe(
     };
     let store = factory(&request).map_err(|e| e.to_string())?;
     Ok(Capability::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|&c| store.is_capable(c))
         .collect())
 }
@@ -315,6 +316,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
 ///
 /// - `register!(MyKVStore)`: the name is the type name lower-cased (`mykvstore`), as MXNet's
 ///   `KVStoreBase.register` decorator does; the type must implement `Default`, which builds it.
+///   `register!(MyKVStore, capabilities = [...])` declares its capabilities, so listing them
+///   does not build a store.
 /// - `register!("name", factory)`: an explicit name and a [`StoreFactory`], optionally followed
 ///   by `aliases = ["other_name", ...]` and `capabilities = [Capability::Optimizer, ...]`
 ///   (without them, capabilities are found by building a store).
@@ -362,7 +365,7 @@ macro_rules! register {
             }
         }
     };
-    ($($ty:ident)::+) => {
+    ($($ty:ident)::+ $(, capabilities = [$($cap:expr),* $(,)?])? $(,)?) => {
         $crate::__private::inventory::submit! {
             $crate::Registration {
                 name: ::core::stringify!($($ty)::+),
@@ -372,7 +375,7 @@ macro_rules! register {
                         <$($ty)::+ as ::core::default::Default>::default(),
                     ) as ::std::boxed::Box<dyn $crate::KVStoreBase>)
                 },
-                capabilities: ::core::option::Option::None,
+                capabilities: $crate::register!(@caps $([$($cap),*])?),
                 origin: ::core::module_path!(),
             }
         }

@@ -47,6 +47,39 @@ impl KVStoreBase for CaseStore {
 
 register!(CaseStore);
 
+/// A store registered by type with declared capabilities: listing them builds nothing.
+#[derive(Debug)]
+struct DeclaredStore;
+
+impl Default for DeclaredStore {
+    fn default() -> Self {
+        panic!("registered() must not build a store whose capabilities are declared")
+    }
+}
+
+impl KVStoreBase for DeclaredStore {
+    fn type_name(&self) -> &str {
+        "declaredstore"
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn num_workers(&self) -> usize {
+        1
+    }
+    fn is_capable(&self, _: Capability) -> bool {
+        false
+    }
+    fn broadcast_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
+        Ok(())
+    }
+    fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
+        Ok(())
+    }
+}
+
+register!(DeclaredStore, capabilities = [Capability::Distributed]);
+
 fn named(request: &CreateRequest) -> Result<Box<dyn KVStoreBase>> {
     Ok(Box::new(CaseStore {
         name: request.name.clone(),
@@ -104,6 +137,15 @@ fn register_explicit_name_with_aliases_and_declared_capabilities() {
         vec![Capability::Optimizer, Capability::InitPushPull]
     );
     assert!(info.origin.starts_with("registry"), "{}", info.origin);
+}
+
+#[test]
+fn register_type_with_declared_capabilities_does_not_build_a_store() {
+    let info = registered()
+        .into_iter()
+        .find(|i| i.name == "declaredstore")
+        .unwrap();
+    assert_eq!(info.capabilities.unwrap(), vec![Capability::Distributed]);
 }
 
 #[test]

@@ -83,27 +83,7 @@ struct Entry {
 
 enum UpdaterSlot {
     Custom(Updater),
-    Optimizer(Box<PendingOptimizer>),
-}
-
-/// Placeholder until the optimizer crate lands.
-struct PendingOptimizer;
-impl PendingOptimizer {
-    fn update(&mut self, _: &Key, _: &NDArray, _: &mut NDArray) -> Result<()> {
-        Err(Error::InvalidArgument(
-            "optimizers are not available yet".into(),
-        ))
-    }
-    fn save_states(&self, _: bool) -> Result<Vec<u8>> {
-        Err(Error::InvalidArgument(
-            "optimizers are not available yet".into(),
-        ))
-    }
-    fn load_states(&mut self, _: &[u8]) -> Result<()> {
-        Err(Error::InvalidArgument(
-            "optimizers are not available yet".into(),
-        ))
-    }
+    Optimizer(Box<kvstore_optimizer::Updater>),
 }
 
 impl UpdaterSlot {
@@ -546,9 +526,9 @@ impl KVStoreBase for LocalStore {
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
-        let _ = optimizer;
-        self.lock().updater = Some(UpdaterSlot::Optimizer(Box::new(PendingOptimizer)));
-        Err(self.unsupported("set_optimizer"))
+        let updater = kvstore_optimizer::Updater::from_spec(optimizer)?;
+        self.lock().updater = Some(UpdaterSlot::Optimizer(Box::new(updater)));
+        Ok(())
     }
 
     fn set_updater(&self, updater: Updater) -> Result<()> {

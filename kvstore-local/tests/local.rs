@@ -407,3 +407,76 @@ fn threads_share_one_store() {
         }
     });
 }
+
+#[test]
+fn set_optimizer_applies_the_optimizer_to_the_summed_gradient() {
+    use kvstore_base::OptimizerSpec;
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9)
+        .with("wd", 0.01)
+        .with("rescale_grad", 0.5);
+    let kv = kv();
+    let w0 = NDArray::from_vec(&[4], vec![1.0f32, -2.0, 0.5, 3.0]).unwrap();
+    kv.init(&["w"], &[w0.clone()]).unwrap();
+    kv.set_optimizer(&spec).unwrap();
+
+    let mut direct = kvstore_optimizer::Updater::from_spec(&spec).unwrap();
+    let mut expected = w0;
+    for step in 0..5 {
+        let grads: Vec<NDArray> = (0..3)
+            .map(|d| NDArray::from_vec(&[4], vec![(step + d) as f32 * 0.25; 4]).unwrap())
+            .collect();
+        kv.push("w", &grads).unwrap();
+        let mut sum = grads[0].clone();
+        for g in &grads[1..] {
+            sum.add_assign(g).unwrap();
+        }
+        direct.update(&Key::from("w"), &sum, &mut expected).unwrap();
+    }
+    let mut out = full(&[4], 0.0);
+    kv.pull("w", &mut out).unwrap();
+    assert_eq!(out, expected);
+
+    // A second set_optimizer starts from fresh optimizer state, as MXNet's does.
+    kv.set_optimizer(&OptimizerSpec::new("test")).unwrap();
+    kv.push("w", &full(&[4], 1.0)).unwrap();
+    let mut after = full(&[4], 0.0);
+    kv.pull("w", &mut after).unwrap();
+    let moved: Vec<f32> = values(&after)
+        .iter()
+        .zip(values(&out))
+        .map(|(a, b)| a - b)
+        .collect();
+    assert_eq!(moved, vec![1.0; 4]);
+}
+
+#[test]
+fn optimizer_states_files_are_checked() {
+    use kvstore_base::OptimizerSpec;
+    let kv = kv();
+    kv.init(1, &full(&[2], 1.0)).unwrap();
+    kv.set_optimizer(&OptimizerSpec::new("adam")).unwrap();
+    kv.push(1, &full(&[2], 1.0)).unwrap();
+    let dir = std::env::temp_dir().join(format!("local-states-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("states");
+    kv.save_optimizer_states(&path, false).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+
+    // Truncated and corrupted copies are refused with an error, never a panic.
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(kv.load_optimizer_states(&path).is_err());
+    let mut flipped = bytes.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0xff;
+    std::fs::write(&path, &flipped).unwrap();
+    assert!(kv.load_optimizer_states(&path).is_err());
+    std::fs::write(&path, &bytes).unwrap();
+    kv.load_optimizer_states(&path).unwrap();
+
+    let missing = dir.join("missing");
+    let err = kv.load_optimizer_states(&missing).unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,9 +17,12 @@
 //! harness = false
 //! ```
 //!
-//! and one line in `tests/conformance.rs`:
+//! and, in `tests/conformance.rs`, the crate linked (its registration is what `create` finds)
+//! and one line:
 //!
 //! ```no_run
+//! # use kvstore_test as my_store;
+//! use my_store as _;
 //! kvstore_test::conformance_tests!(|| kvstore_base::create("mystore"));
 //! ```
 #![deny(missing_docs)]

@@ -60,7 +60,7 @@ fn type_name_is_lower_case(factory: &StoreFactory) -> CheckResult {
 
 fn capability_strings_parse_case_insensitively(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
-    for cap in Capability::ALL {
+    for &cap in Capability::ALL {
         let upper = cap.name().to_uppercase();
         ensure!(
             kv.is_capable_by_name(&upper)? == kv.is_capable(cap),

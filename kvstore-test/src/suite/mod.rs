@@ -10,6 +10,7 @@ mod differential;
 mod errors;
 mod identity;
 mod keyvalue;
+mod optimizer;
 mod pushpull;
 
 use std::fmt;
@@ -78,6 +79,7 @@ pub const CHECKS: &[&[Check]] = &[
     pushpull::CHECKS,
     errors::CHECKS,
     keyvalue::CHECKS,
+    optimizer::CHECKS,
     differential::CHECKS,
 ];
 

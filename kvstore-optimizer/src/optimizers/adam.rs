@@ -1,0 +1,78 @@
+//! `adam`: Adam (MXNet 1.9.1's `adam_update`).
+//!
+//! `lr_t = lr·sqrt(1 − beta2^t)/(1 − beta1^t)` for update `t` of the key;
+//! `g' = clip(rescale_grad·g + wd·w)` (clipping after weight decay, as 1.x does);
+//! `m = beta1·m + (1 − beta1)·g'`, `v = beta2·v + (1 − beta2)·g'²`,
+//! `w = w − lr_t·m/(sqrt(v) + epsilon)`.
+
+use kvstore_base::{Key, OptimizerSpec, Result};
+
+use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
+use crate::base::{Base, LrDefault};
+use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::real::Real;
+
+#[derive(Debug)]
+struct Adam {
+    base: Base,
+    beta1: f64,
+    beta2: f64,
+    epsilon: f64,
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    let (mut p, base) = begin(spec, LrDefault::Explicit(0.001), WEIGHT_OR_GAMMA)?;
+    let beta1 = p.f64_or("beta1", 0.9)?;
+    let beta2 = p.f64_or("beta2", 0.999)?;
+    let epsilon = p.f64_or("epsilon", 1e-8)?;
+    end(p, &["beta1", "beta2", "epsilon"])?;
+    Ok(Box::new(Adam {
+        base,
+        beta1,
+        beta2,
+        epsilon,
+    }))
+}
+
+register!(ADAM, "adam", "Adam", build);
+
+impl Adam {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+        let t = self.base.bump(key) as f64;
+        let lr = self.base.lr_for(key);
+        let wd = R::param(self.base.wd_for(key));
+        let lr_t = lr * (1.0 - self.beta2.powf(t)).sqrt() / (1.0 - self.beta1.powf(t));
+        let lr = R::param(lr_t);
+        let rescale = R::param(self.base.rescale_grad);
+        let clip = self.base.kernel_clip().map(R::param);
+        let (b1, b2, eps) = (
+            R::param(self.beta1),
+            R::param(self.beta2),
+            R::param(self.epsilon),
+        );
+        let one = R::of(1.0);
+        let (m, rest) = b.state.split_at_mut(1);
+        let (m, v) = (&mut m[0], &mut rest[0]);
+        for i in 0..b.weight.len() {
+            let w = b.weight[i];
+            let mut g = b.grad[i] * rescale + w * wd;
+            if let Some(c) = clip {
+                g = g.clip(c);
+            }
+            m[i] = b1 * m[i] + (one - b1) * g;
+            v[i] = b2 * v[i] + (one - b2) * g * g;
+            b.weight[i] = w - lr * m[i] / (v[i].sqrt() + eps);
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Adam {
+    common!("adam");
+    fn state_len(&self) -> usize {
+        2
+    }
+    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+        dispatch!(self.kernel(key, slices))
+    }
+}

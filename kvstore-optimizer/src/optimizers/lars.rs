@@ -1,0 +1,133 @@
+//! `lars`: LARS (layer-wise adaptive rate scaling), MXNet 1.9.1's aggregated path.
+//!
+//! The key's rate is scaled by `eta·‖w‖/(rescale_grad·‖g‖ + wd·‖w‖ + eps)` when both norms are
+//! positive and the key's name (from `param_idx2name`, else the key) does not end in `gamma`,
+//! `beta` or `bias`; the update is then SGD's (`mom = μ·mom − lr·wd·w − lr·clip(rescale_grad·g)`,
+//! `w += mom`). With `momentum_correction`, `μ` is scaled by the ratio of the current to the
+//! previous global learning rate. Only names ending in `_weight` keep weight decay when
+//! `param_idx2name` is given.
+
+use std::collections::BTreeMap;
+
+use kvstore_base::{Key, OptimizerSpec, ParamValue, Result};
+
+use super::sgd::sgd_element;
+use super::{begin, common, end, register};
+use crate::base::{Base, LrDefault};
+use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::params::Params;
+use crate::real::{sum_sq_f32, Real};
+
+#[derive(Debug)]
+struct Lars {
+    base: Base,
+    momentum: f64,
+    eta: f64,
+    eps: f64,
+    momentum_correction: bool,
+    last_lr: Option<f64>,
+    cur_lr: Option<f64>,
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    let (mut p, base) = begin(spec, LrDefault::PassThrough, &["_weight"])?;
+    let momentum = p.f64_or("momentum", 0.0)?;
+    let eta = p.f64_or("eta", 0.001)?;
+    let eps = p.f64_or("eps", 0.0)?;
+    let momentum_correction = p.bool_or("momentum_correction", true)?;
+    end(p, &["momentum", "eta", "eps", "momentum_correction"])?;
+    Ok(Box::new(Lars {
+        base,
+        momentum,
+        eta,
+        eps,
+        momentum_correction,
+        last_lr: None,
+        cur_lr: None,
+    }))
+}
+
+register!(
+    LARS,
+    "lars",
+    "LARS (layer-wise adaptive rate scaling)",
+    build
+);
+
+impl Lars {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+        self.base.bump(key);
+        // LARS._get_lrs: remember the previous global rate for momentum correction.
+        if let Some(cur) = self.cur_lr {
+            self.last_lr = Some(cur);
+        }
+        let global = self.base.global_lr();
+        if self.cur_lr.is_none() {
+            self.last_lr = Some(global);
+        }
+        self.cur_lr = Some(global);
+        let lr = self.base.scale_lr(key, global);
+        let wd = self.base.wd_for(key);
+        let name = self.base.name_of(key);
+        let skip = name.ends_with("gamma") || name.ends_with("beta") || name.ends_with("bias");
+        let lr = if skip {
+            lr as f32
+        } else {
+            let w_norm = sum_sq_f32(b.weight).sqrt();
+            let g_sq = sum_sq_f32(b.grad);
+            if w_norm > 0.0 && g_sq > 0.0 {
+                let rescale = self.base.rescale_grad as f32;
+                (lr as f32) * (self.eta as f32) * w_norm
+                    / (g_sq.sqrt() * rescale + (wd as f32) * w_norm + self.eps as f32)
+            } else {
+                lr as f32
+            }
+        };
+        let lr = R::of(f64::from(lr));
+        let wd = R::param(wd);
+        let rescale = R::param(self.base.rescale_grad);
+        let clip = self.base.kernel_clip().map(R::param);
+        let has_mom = self.momentum > 0.0 && !b.state.is_empty();
+        let momentum = match (has_mom, self.last_lr, self.cur_lr) {
+            (false, ..) => R::zero(),
+            (true, Some(last), Some(cur)) if self.momentum_correction && last != 0.0 => {
+                R::param(self.momentum * (cur / last))
+            }
+            (true, ..) => R::param(self.momentum),
+        };
+        for i in 0..b.weight.len() {
+            let mom = if has_mom { b.state[0][i] } else { R::zero() };
+            let (w, mom) =
+                sgd_element(b.weight[i], b.grad[i], mom, momentum, lr, wd, rescale, clip);
+            b.weight[i] = w;
+            if has_mom {
+                b.state[0][i] = mom;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Lars {
+    common!("lars");
+    fn state_len(&self) -> usize {
+        usize::from(self.momentum != 0.0)
+    }
+    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+        dispatch!(self.kernel(key, slices))
+    }
+    fn runtime_extra(&self, out: &mut BTreeMap<String, ParamValue>) {
+        if let Some(v) = self.last_lr {
+            out.insert("lars_last_lr".into(), ParamValue::Float(v));
+        }
+        if let Some(v) = self.cur_lr {
+            out.insert("lars_cur_lr".into(), ParamValue::Float(v));
+        }
+    }
+    fn restore_extra(&mut self, saved: &BTreeMap<String, ParamValue>) -> Result<()> {
+        let mut p = Params::new("saved lars state", saved);
+        self.last_lr = p.opt_f64("lars_last_lr")?;
+        self.cur_lr = p.opt_f64("lars_cur_lr")?;
+        Ok(())
+    }
+}

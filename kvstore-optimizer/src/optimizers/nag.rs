@@ -1,0 +1,78 @@
+//! `nag`: Nesterov accelerated gradient.
+//!
+//! With momentum, MXNet's `nag_mom_update` (run in place, so the momentum's weight-decay term
+//! reads the already-updated weight): `g' = clip(rescale_grad·g) + wd·w`, `mom = momentum·mom`,
+//! `w' = w − mom + (momentum + 1)·(mom − lr·g')`, then `mom = mom − lr·(clip(rescale_grad·g) + wd·w')`.
+//! Without momentum, `sgd_update`: `w = (1 − lr·wd)·w − lr·clip(rescale_grad·g)`.
+
+use kvstore_base::{Key, OptimizerSpec, Result};
+
+use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
+use crate::base::{Base, LrDefault};
+use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::real::Real;
+
+#[derive(Debug)]
+struct Nag {
+    base: Base,
+    momentum: f64,
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    let (mut p, base) = begin(spec, LrDefault::PassThrough, WEIGHT_OR_GAMMA)?;
+    let momentum = p.f64_or("momentum", 0.0)?;
+    end(p, &["momentum"])?;
+    Ok(Box::new(Nag { base, momentum }))
+}
+
+register!(NAG, "nag", "Nesterov accelerated gradient", build);
+
+/// MXNet's non-aggregated `sgd_update` kernel for one element.
+#[inline]
+pub(crate) fn plain_sgd<R: Real>(w: R, g: R, lr: R, wd: R, rescale: R, clip: Option<R>) -> R {
+    let one = R::of(1.0);
+    match clip {
+        Some(c) => (one - lr * wd) * w - lr * (rescale * g).clip(c),
+        None => (one - lr * wd) * w - (lr * rescale) * g,
+    }
+}
+
+impl Nag {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+        self.base.bump(key);
+        let lr = R::param(self.base.lr_for(key));
+        let wd = R::param(self.base.wd_for(key));
+        let rescale = R::param(self.base.rescale_grad);
+        let clip = self.base.kernel_clip().map(R::param);
+        if self.momentum > 0.0 && !b.state.is_empty() {
+            let mu = R::param(self.momentum);
+            let mu1 = mu + R::of(1.0);
+            for i in 0..b.weight.len() {
+                let g = match clip {
+                    Some(c) => (rescale * b.grad[i]).clip(c),
+                    None => rescale * b.grad[i],
+                };
+                let w = b.weight[i];
+                let mom = mu * b.state[0][i];
+                let w_new = w - mom + mu1 * (mom - lr * (g + wd * w));
+                b.weight[i] = w_new;
+                b.state[0][i] = mom - lr * (g + wd * w_new);
+            }
+        } else {
+            for i in 0..b.weight.len() {
+                b.weight[i] = plain_sgd(b.weight[i], b.grad[i], lr, wd, rescale, clip);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Nag {
+    common!("nag");
+    fn state_len(&self) -> usize {
+        usize::from(self.momentum != 0.0)
+    }
+    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+        dispatch!(self.kernel(key, slices))
+    }
+}

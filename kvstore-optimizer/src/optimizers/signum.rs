@@ -1,0 +1,73 @@
+//! `signum`: SignSGD / Signum (MXNet's `signsgd_update` / `signum_update`).
+//!
+//! With momentum: `mom = momentum·mom − (1 − momentum)·(wd·w + clip(rescale_grad·g))`,
+//! `w = (1 − lr·wd_lh)·w + lr·sign(mom)`. Without: `w = (1 − lr·wd)·w − lr·sign(clip(rescale_grad·g))`.
+
+use kvstore_base::{Key, OptimizerSpec, Result};
+
+use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
+use crate::base::{Base, LrDefault};
+use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::real::Real;
+
+#[derive(Debug)]
+struct Signum {
+    base: Base,
+    momentum: f64,
+    wd_lh: f64,
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    let (mut p, base) = begin(spec, LrDefault::Explicit(0.01), WEIGHT_OR_GAMMA)?;
+    let momentum = p.f64_or("momentum", 0.9)?;
+    let wd_lh = p.f64_or("wd_lh", 0.0)?;
+    end(p, &["momentum", "wd_lh"])?;
+    Ok(Box::new(Signum {
+        base,
+        momentum,
+        wd_lh,
+    }))
+}
+
+register!(SIGNUM, "signum", "SignSGD / Signum", build);
+
+impl Signum {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+        self.base.bump(key);
+        let lr = R::param(self.base.lr_for(key));
+        let wd = R::param(self.base.wd_for(key));
+        let rescale = R::param(self.base.rescale_grad);
+        let clip = self.base.kernel_clip().map(R::param);
+        let wd_lh = R::param(self.wd_lh);
+        let one = R::of(1.0);
+        let grad = |g: R| match clip {
+            Some(c) => (rescale * g).clip(c),
+            None => rescale * g,
+        };
+        if self.momentum > 0.0 && !b.state.is_empty() {
+            let mu = R::param(self.momentum);
+            for i in 0..b.weight.len() {
+                let w = b.weight[i];
+                let mom = mu * b.state[0][i] - (one - mu) * wd * w - (one - mu) * grad(b.grad[i]);
+                b.state[0][i] = mom;
+                b.weight[i] = (one - lr * wd_lh) * w + lr * mom.sign();
+            }
+        } else {
+            for i in 0..b.weight.len() {
+                let w = b.weight[i];
+                b.weight[i] = (one - lr * wd) * w - lr * grad(b.grad[i]).sign();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Signum {
+    common!("signum");
+    fn state_len(&self) -> usize {
+        usize::from(self.momentum != 0.0)
+    }
+    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+        dispatch!(self.kernel(key, slices))
+    }
+}

@@ -1,0 +1,145 @@
+//! Golden vectors: every optimizer against MXNet 1.9.1's own `Updater` (see
+//! `tests/golden/generate.py`, which wrote `tests/golden/optimizers.json`).
+//!
+//! Tolerance, per dtype, on every element after every step:
+//! - `float64`: relative 1e-12 (absolute 1e-14 near zero). Kernels get their
+//!   hyper-parameters through `f32` exactly as MXNet's `float` operator parameters do and
+//!   evaluate the same expressions in the same order, so results agree to the last bit or
+//!   nearly. LARS and LAMB: relative 1e-6, because MXNet reduces the norms of `float64`
+//!   arrays partly in `float32` (observed worst: 2.2e-7).
+//! - `float32`: 4 ulp of the expected value, or 1e-7 absolute near zero: MXNet's build may
+//!   contract `a*b + c` into fused multiply-adds and sums norms in another order (observed
+//!   worst: 4 ulp for RMSProp, 1 ulp for LAMB; FTRL's near-zero weights differ by < 1e-7).
+//! - `float16`: 2 ulp (or 1e-4 absolute near zero). Without `multi_precision` MXNet's `half_t`
+//!   arithmetic rounds each operation, as ours does, but evaluates some mixed `float`/`half_t`
+//!   sub-expressions in `float`; with `multi_precision` only the final cast rounds (observed
+//!   worst: 1 ulp).
+//!
+//! A case MXNet itself rejects (its AdaGrad, AdaDelta, RMSProp and FTRL keep `float32` state
+//! and fail on other weight dtypes) is checked to succeed here instead, with finite results.
+
+use std::collections::BTreeMap;
+
+use half::f16;
+use kvstore_base::{DType, Key, NDArray, OptimizerSpec, ParamValue};
+use kvstore_optimizer::Updater;
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct File {
+    mxnet_version: String,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    optimizer: String,
+    params: BTreeMap<String, ParamValue>,
+    dtype: String,
+    shape: Vec<usize>,
+    weight: Vec<f64>,
+    grads: Vec<Vec<f64>>,
+    steps: Option<Vec<Vec<f64>>>,
+    mxnet_error: Option<String>,
+}
+
+fn array(shape: &[usize], data: &[f64], dtype: DType) -> NDArray {
+    NDArray::from_vec(shape, data.to_vec())
+        .unwrap()
+        .astype(dtype)
+}
+
+/// Distance in units of the last place of `expected`, in `dtype`.
+fn ulps(got: f64, expected: f64, dtype: DType) -> f64 {
+    let ulp = match dtype {
+        DType::F16 => {
+            let e = f16::from_f64(expected);
+            let next = f16::from_bits(e.to_bits() + 1);
+            (next.to_f64() - e.to_f64()).abs()
+        }
+        _ => {
+            let e = expected as f32;
+            let next = f32::from_bits(e.abs().to_bits() + 1);
+            (f64::from(next) - f64::from(e.abs())).abs()
+        }
+    };
+    (got - expected).abs() / ulp
+}
+
+fn within(got: f64, expected: f64, dtype: DType, f64_rtol: f64) -> bool {
+    let diff = (got - expected).abs();
+    match dtype {
+        DType::F64 => diff <= 1e-14 || diff <= f64_rtol * expected.abs(),
+        DType::F32 => diff <= 1e-7 || ulps(got, expected, dtype) <= 4.0,
+        _ => diff <= 1e-4 || ulps(got, expected, dtype) <= 2.0,
+    }
+}
+
+#[test]
+fn optimizers_match_mxnet_1_9_1() {
+    let text = include_str!("golden/optimizers.json");
+    let file: File = serde_json::from_str(text).unwrap();
+    assert_eq!(file.mxnet_version, "1.9.1");
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    let mut worst: BTreeMap<String, f64> = BTreeMap::new();
+    for case in &file.cases {
+        let dtype: DType = case.dtype.parse().unwrap();
+        let spec = OptimizerSpec {
+            name: case.optimizer.clone(),
+            params: case.params.clone(),
+        };
+        let label = format!("{} {} {:?}", case.optimizer, case.dtype, case.params);
+        let mut up = Updater::from_spec(&spec).unwrap_or_else(|e| panic!("{label}: {e}"));
+        // LARS and LAMB take norms; MXNet reduces float64 arrays with float32 parts.
+        let f64_rtol = if matches!(case.optimizer.as_str(), "lars" | "lamb") {
+            1e-6
+        } else {
+            1e-12
+        };
+        let mut w = array(&case.shape, &case.weight, dtype);
+        let key = Key::from(0);
+        for (step, g) in case.grads.iter().enumerate() {
+            let g = array(&case.shape, g, dtype);
+            up.update(&key, &g, &mut w)
+                .unwrap_or_else(|e| panic!("{label}: {e}"));
+            let got = w.to_f64_vec();
+            match &case.steps {
+                Some(steps) => {
+                    for (i, (&x, &e)) in got.iter().zip(&steps[step]).enumerate() {
+                        checked += 1;
+                        let u = if dtype == DType::F64 {
+                            (x - e).abs() / e.abs().max(1e-300)
+                        } else {
+                            ulps(x, e, dtype)
+                        };
+                        let entry = worst
+                            .entry(format!("{} {}", case.optimizer, case.dtype))
+                            .or_insert(0.0);
+                        *entry = entry.max(if (x - e).abs() < 1e-14 { 0.0 } else { u });
+                        if !within(x, e, dtype, f64_rtol) {
+                            failures.push(format!(
+                                "{label}: step {} element {i}: got {x}, MXNet {e}",
+                                step + 1
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    assert!(case.mxnet_error.is_some(), "{label}: no steps and no error");
+                    assert!(got.iter().all(|x| x.is_finite()), "{label}: {got:?}");
+                }
+            }
+        }
+    }
+    for (k, v) in &worst {
+        eprintln!("worst {k}: {v:.3e}");
+    }
+    assert!(checked > 4000, "only {checked} values checked");
+    assert!(
+        failures.is_empty(),
+        "{} mismatches, first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
+}

@@ -1,0 +1,188 @@
+"""Generates optimizers.json: weights after each step of MXNet 1.9.1's own Updater.
+
+Run with MXNet 1.9.1 installed (pip install mxnet==1.9.1 numpy==1.23.5):
+
+    python3 generate.py      # writes optimizers.json next to this script
+
+Each case runs mx.optimizer.get_updater(mx.optimizer.create(name, **params)) for STEPS
+updates of one key on a (3, 4) weight, with inputs from numpy.random.RandomState(seed).
+Gradients are handed over as fresh copies (AdaDelta rescales its gradient in place).
+
+MXNet 1.9.1 has no `adamw` optimizer class; the `adamw` cases drive the 1.9.1 operator
+mx.nd.contrib.adamw_update (mp_adamw_update with multi_precision) with eta = the learning
+rate and lr = the bias correction sqrt(1 - beta2^t) / (1 - beta1^t), as kvstore-optimizer's
+adamw does.
+
+Inputs and outputs are stored as float64 lists of the exact values in each dtype. A case
+MXNet itself rejects (e.g. a dtype an operator does not support) is stored with
+"mxnet_error" instead of "steps".
+"""
+import json
+import math
+import os
+
+import numpy as np
+import mxnet as mx
+
+STEPS = 5
+SHAPE = (3, 4)
+DTYPES = ["float32", "float64", "float16"]
+
+SCHED = {"type": "factor", "step": 2, "factor": 0.5, "base_lr": 0.2}
+WARM = {"type": "poly", "max_update": 8, "pwr": 2, "base_lr": 0.1, "final_lr": 0.01,
+        "warmup_steps": 2, "warmup_begin_lr": 0.02, "warmup_mode": "linear"}
+COS = {"type": "cosine", "max_update": 4, "base_lr": 0.05, "final_lr": 0.001}
+MULTI = {"type": "multifactor", "step": [1, 3], "factor": 0.3, "base_lr": 0.1,
+         "warmup_steps": 1, "warmup_begin_lr": 0.05, "warmup_mode": "constant"}
+
+# (optimizer, params, dtypes)
+CASES = [
+    ("sgd", {"learning_rate": 0.1}, DTYPES),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, DTYPES),
+    ("sgd", {"learning_rate": 0.05, "momentum": 0.8, "rescale_grad": 0.5, "clip_gradient": 0.3}, DTYPES),
+    ("sgd", {"momentum": 0.9, "lr_scheduler": SCHED}, DTYPES),
+    ("sgd", {"learning_rate": 0.1, "lr_mult": {"0": 2.5}, "wd": 0.1, "wd_mult": {"0": 0.5}}, DTYPES),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "param_idx2name": {"0": "fc_bias"}, "wd": 0.5,
+             "lr_mult": {"fc_bias": 0.5}}, ["float32"]),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "multi_precision": True}, ["float16"]),
+    ("sgd", {"learning_rate": 0.1, "lr_scheduler": WARM}, ["float32"]),
+    ("sgd", {"lr_scheduler": COS}, ["float32"]),
+    ("sgd", {"lr_scheduler": MULTI, "begin_num_update": 1}, ["float32"]),
+    ("test", {"rescale_grad": 0.5}, DTYPES),
+    ("nag", {"learning_rate": 0.1}, DTYPES),
+    ("nag", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, DTYPES),
+    ("nag", {"learning_rate": 0.1, "momentum": 0.9, "clip_gradient": 0.2, "rescale_grad": 2.0}, DTYPES),
+    ("nag", {"learning_rate": 0.1, "momentum": 0.9, "multi_precision": True}, ["float16"]),
+    ("adam", {}, DTYPES),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0}, DTYPES),
+    ("adam", {"learning_rate": 0.01, "lr_scheduler": SCHED}, ["float32"]),
+    ("adam", {"learning_rate": 0.01, "multi_precision": True}, ["float16"]),
+    ("adamw", {"learning_rate": 0.01, "wd": 0.1}, DTYPES),
+    ("adamw", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0}, DTYPES),
+    ("adamw", {"learning_rate": 0.01, "wd": 0.1, "multi_precision": True}, ["float16"]),
+    ("adagrad", {"learning_rate": 0.1}, DTYPES),
+    ("adagrad", {"learning_rate": 0.1, "wd": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0}, DTYPES),
+    ("adagrad", {"learning_rate": 0.1, "multi_precision": True}, ["float16"]),
+    ("adadelta", {}, DTYPES),
+    ("adadelta", {"rho": 0.8, "wd": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0}, DTYPES),
+    ("rmsprop", {"learning_rate": 0.01}, DTYPES),
+    ("rmsprop", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.5, "clip_weights": 0.4}, DTYPES),
+    ("rmsprop", {"learning_rate": 0.01, "centered": True}, DTYPES),
+    ("rmsprop", {"learning_rate": 0.01, "centered": True, "gamma2": 0.8, "wd": 0.1, "rescale_grad": 2.0}, DTYPES),
+    ("rmsprop", {"learning_rate": 0.01, "centered": True, "multi_precision": True}, ["float16"]),
+    ("signum", {}, DTYPES),
+    ("signum", {"learning_rate": 0.05, "momentum": 0.0, "wd": 0.1}, DTYPES),
+    ("signum", {"learning_rate": 0.05, "wd": 0.1, "wd_lh": 0.01, "clip_gradient": 0.3}, DTYPES),
+    ("ftrl", {}, DTYPES),
+    ("ftrl", {"learning_rate": 0.5, "lamda1": 0.001, "beta": 0.5, "wd": 0.1, "clip_gradient": 0.5}, DTYPES),
+    ("lamb", {"learning_rate": 0.01}, DTYPES),
+    ("lamb", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.5, "lower_bound": 2.0, "upper_bound": 3.0}, DTYPES),
+    ("lamb", {"learning_rate": 0.01, "bias_correction": False, "multi_precision": True}, ["float16"]),
+    ("lars", {"learning_rate": 0.1, "eta": 0.5}, DTYPES),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5, "lr_scheduler": SCHED}, DTYPES),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "eta": 0.5, "param_idx2name": {"0": "bn_gamma"}}, ["float32"]),
+]
+
+
+def make_scheduler(spec):
+    spec = dict(spec)
+    kind = spec.pop("type")
+    cls = {"factor": mx.lr_scheduler.FactorScheduler,
+           "multifactor": mx.lr_scheduler.MultiFactorScheduler,
+           "poly": mx.lr_scheduler.PolyScheduler,
+           "cosine": mx.lr_scheduler.CosineScheduler}[kind]
+    return cls(**spec)
+
+
+def to_mx_params(params):
+    out = {}
+    for k, v in params.items():
+        if k == "lr_scheduler":
+            out[k] = make_scheduler(v)
+        elif k in ("lr_mult", "wd_mult"):
+            continue
+        elif k == "param_idx2name":
+            out[k] = {int(i): n for i, n in v.items()}
+        else:
+            out[k] = v
+    return out
+
+
+def mults(params, name):
+    return {(int(k) if k.isdigit() else k): v for k, v in params.get(name, {}).items()}
+
+
+def run_updater(name, params, w0, grads, dtype):
+    opt = mx.optimizer.create(name, **to_mx_params(params))
+    opt.set_lr_mult(mults(params, "lr_mult"))
+    opt.set_wd_mult(mults(params, "wd_mult"))
+    updater = mx.optimizer.get_updater(opt)
+    w = mx.nd.array(w0, dtype=dtype)
+    out = []
+    for g in grads:
+        updater(0, mx.nd.array(g, dtype=dtype), w)
+        out.append(w.asnumpy().astype(np.float64).ravel().tolist())
+    return out
+
+
+def run_adamw(params, w0, grads, dtype):
+    lr = params.get("learning_rate", 0.001)
+    wd = params.get("wd", 0.0)
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    mp = params.get("multi_precision", False) and dtype == "float16"
+    kwargs = {"beta1": b1, "beta2": b2, "epsilon": eps, "wd": wd}
+    if params.get("clip_gradient"):
+        kwargs["clip_gradient"] = params["clip_gradient"]
+    w = mx.nd.array(w0, dtype=dtype)
+    sdtype = "float32" if mp else dtype
+    mean = mx.nd.zeros(SHAPE, dtype=sdtype)
+    var = mx.nd.zeros(SHAPE, dtype=sdtype)
+    w32 = w.astype("float32")
+    rescale = mx.nd.array([params.get("rescale_grad", 1.0)], dtype="float32")
+    out = []
+    for t, g in enumerate(grads, start=1):
+        corr = math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        grad = mx.nd.array(g, dtype=dtype)
+        if mp:
+            mx.nd.contrib.mp_adamw_update(w, grad, mean, var, w32, rescale, out=w,
+                                          lr=corr, eta=lr, **kwargs)
+        else:
+            mx.nd.contrib.adamw_update(w, grad, mean, var, rescale, out=w,
+                                       lr=corr, eta=lr, **kwargs)
+        out.append(w.asnumpy().astype(np.float64).ravel().tolist())
+    return out
+
+
+def main():
+    cases = []
+    for i, (name, params, dtypes) in enumerate(CASES):
+        for dtype in dtypes:
+            rs = np.random.RandomState(1000 + i)
+            w0 = rs.uniform(-1.0, 1.0, SHAPE).astype(dtype)
+            grads = [rs.normal(0.0, 0.5, SHAPE).astype(dtype) for _ in range(STEPS)]
+            case = {
+                "optimizer": name,
+                "params": params,
+                "dtype": dtype,
+                "shape": list(SHAPE),
+                "weight": w0.astype(np.float64).ravel().tolist(),
+                "grads": [g.astype(np.float64).ravel().tolist() for g in grads],
+            }
+            try:
+                if name == "adamw":
+                    case["steps"] = run_adamw(params, w0, grads, dtype)
+                else:
+                    case["steps"] = run_updater(name, params, w0, grads, dtype)
+            except Exception as e:  # pylint: disable=broad-except
+                lines = [l.strip() for l in str(e).splitlines() if "Check failed" in l]
+                case["mxnet_error"] = (lines or [type(e).__name__])[0][:200]
+            cases.append(case)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "optimizers.json")
+    with open(path, "w") as f:
+        json.dump({"mxnet_version": mx.__version__, "cases": cases}, f, indent=None,
+                  separators=(",", ":"), allow_nan=False)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

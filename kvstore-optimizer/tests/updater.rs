@@ -1,0 +1,320 @@
+//! The updater's contract: errors, state persistence, schedules and dtypes.
+
+use std::collections::BTreeMap;
+
+use kvstore_base::{DType, Error, Key, NDArray, OptimizerSpec, ParamValue};
+use kvstore_optimizer::{create, optimizer_names, Updater};
+
+fn f32s(v: &[f32]) -> NDArray {
+    NDArray::from_vec(&[v.len()], v.to_vec()).unwrap()
+}
+
+fn factor(step: i64, factor: f64, base_lr: f64) -> ParamValue {
+    let mut m = BTreeMap::new();
+    m.insert("type".to_string(), ParamValue::from("factor"));
+    m.insert("step".to_string(), ParamValue::Int(step));
+    m.insert("factor".to_string(), ParamValue::Float(factor));
+    m.insert("base_lr".to_string(), ParamValue::Float(base_lr));
+    ParamValue::Map(m)
+}
+
+#[test]
+fn names_are_registered() {
+    let names = optimizer_names();
+    for n in [
+        "sgd", "nag", "adam", "adamw", "adagrad", "adadelta", "rmsprop", "signum", "ftrl", "lamb",
+        "lars", "test",
+    ] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+        create(&OptimizerSpec::new(n)).unwrap();
+    }
+}
+
+#[test]
+fn unknown_optimizer_lists_the_known_ones() {
+    let err = Updater::from_spec(&OptimizerSpec::new("adamax2")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{msg}");
+    assert!(
+        msg.contains("\"adamax2\"") && msg.contains("sgd") && msg.contains("lamb"),
+        "{msg}"
+    );
+    // Names are case-insensitive.
+    let spec = OptimizerSpec {
+        name: "SGD".into(),
+        params: BTreeMap::new(),
+    };
+    assert_eq!(create(&spec).unwrap().name(), "sgd");
+}
+
+#[test]
+fn bad_hyper_parameters_are_named() {
+    let e = create(&OptimizerSpec::new("sgd").with("momentun", 0.9))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"momentun\"") && e.contains("momentum"), "{e}");
+    let e = create(&OptimizerSpec::new("adam").with("beta1", "high"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("\"beta1\"") && e.contains("number"), "{e}");
+    let e = create(&OptimizerSpec::new("sgd").with("multi_precision", 1i64))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("\"multi_precision\"") && e.contains("bool"),
+        "{e}"
+    );
+    let e = create(&OptimizerSpec::new("sgd").with("lr_scheduler", factor(0, 0.5, 1.0)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lr_scheduler") && e.contains("\"step\""), "{e}");
+    let e = create(&OptimizerSpec::new("sgd").with("param_idx2name", 3i64))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("param_idx2name") && e.contains("dict"), "{e}");
+}
+
+#[test]
+fn factor_scheduler_example_from_mxnet() {
+    let spec = OptimizerSpec::new("sgd").with("lr_scheduler", factor(2, 0.5, 1.0));
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let mut w = f32s(&[0.0]);
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        up.update(&Key::from(0), &f32s(&[1.0]), &mut w).unwrap();
+        seen.push(w.to_vec::<f32>().unwrap()[0]);
+    }
+    assert_eq!(seen, vec![-1.0, -2.0, -2.5, -3.0, -3.25, -3.5]);
+    assert_eq!(up.optimizer().base().num_update(), 6);
+}
+
+#[test]
+fn test_optimizer_adds_rescaled_gradient() {
+    let mut up = Updater::from_spec(&OptimizerSpec::new("test").with("rescale_grad", 0.5)).unwrap();
+    let mut w = f32s(&[1.0, 2.0]);
+    up.update(&Key::from("w"), &f32s(&[2.0, 4.0]), &mut w)
+        .unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
+    assert_eq!(up.state_arrays(&Key::from("w")).unwrap()[0], w);
+}
+
+#[test]
+fn lr_mult_applies_by_key_and_by_name() {
+    let mut mults = BTreeMap::new();
+    mults.insert("3".to_string(), ParamValue::Float(2.0));
+    mults.insert("b_weight".to_string(), ParamValue::Float(3.0));
+    let mut names = BTreeMap::new();
+    names.insert("4".to_string(), ParamValue::from("b_weight"));
+    names.insert("5".to_string(), ParamValue::from("b_bias"));
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 1.0)
+        .with("wd", 0.5)
+        .with("lr_mult", ParamValue::Map(mults))
+        .with("param_idx2name", ParamValue::Map(names));
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let g = f32s(&[1.0]);
+    let mut w = f32s(&[0.0]);
+    up.update(&Key::from(3), &g, &mut w).unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![-2.0]);
+    let mut w = f32s(&[0.0]);
+    up.update(&Key::from(4), &g, &mut w).unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![-3.0]);
+    // A bias gets no weight decay once names are known: w = 1 − lr·g.
+    let mut w = f32s(&[1.0]);
+    up.update(&Key::from(5), &g, &mut w).unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![0.0]);
+    // Key 6 has no name, so it keeps wd: w = 1 − 0.5·1 − 1.
+    let mut w = f32s(&[1.0]);
+    up.update(&Key::from(6), &g, &mut w).unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![-0.5]);
+}
+
+#[test]
+fn shape_and_dtype_mismatches_name_the_key_and_leave_the_weight() {
+    let mut up = Updater::from_spec(&OptimizerSpec::new("adam")).unwrap();
+    let mut w = NDArray::ones(&[2, 3], DType::F32);
+    let err = up
+        .update(
+            &Key::from("emb"),
+            &NDArray::ones(&[3, 2], DType::F32),
+            &mut w,
+        )
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"emb\"") && msg.contains("[2, 3]") && msg.contains("[3, 2]"),
+        "{msg}"
+    );
+    assert!(matches!(err.root(), Error::ShapeMismatch { .. }));
+    assert_eq!(w, NDArray::ones(&[2, 3], DType::F32));
+    assert!(up.state_arrays(&Key::from("emb")).is_none());
+
+    let err = up
+        .update(&Key::from(1), &NDArray::ones(&[2, 3], DType::F64), &mut w)
+        .unwrap_err();
+    assert!(matches!(err.root(), Error::DTypeMismatch { .. }), "{err}");
+    assert_eq!(err.key(), Some(&Key::from(1)));
+
+    let mut ints = NDArray::ones(&[2], DType::I32);
+    let err = up
+        .update(&Key::from(2), &NDArray::ones(&[2], DType::I32), &mut ints)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("int32"), "{err}");
+    assert_eq!(ints, NDArray::ones(&[2], DType::I32));
+}
+
+fn run(up: &mut Updater, steps: std::ops::Range<usize>, w: &mut NDArray) {
+    for s in steps {
+        let g: Vec<f32> = (0..6)
+            .map(|i| ((s * 7 + i * 3) % 5) as f32 * 0.3 - 0.6)
+            .collect();
+        let g = NDArray::from_vec(&[2, 3], g).unwrap().astype(w.dtype());
+        up.update(&Key::from("w"), &g, w).unwrap();
+    }
+}
+
+#[test]
+fn save_and_load_resume_exactly() {
+    let specs = [
+        OptimizerSpec::new("adam")
+            .with("learning_rate", 0.1)
+            .with("lr_scheduler", factor(2, 0.5, 0.1)),
+        OptimizerSpec::new("sgd")
+            .with("momentum", 0.9)
+            .with("multi_precision", true),
+        OptimizerSpec::new("lars")
+            .with("momentum", 0.9)
+            .with("lr_scheduler", factor(1, 0.9, 0.1)),
+        OptimizerSpec::new("rmsprop").with("centered", true),
+    ];
+    for spec in specs {
+        for dtype in [DType::F32, DType::F16] {
+            // Adam's and RMSProp's epsilon (1e-8) is 0 in float16: use f32 master weights.
+            let spec = match (dtype, spec.name.as_str()) {
+                (DType::F16, "adam" | "rmsprop") => spec.clone().with("multi_precision", true),
+                _ => spec.clone(),
+            };
+            let w0 = NDArray::from_vec(&[2, 3], vec![0.5f32, -0.25, 1.0, 0.0, 2.0, -1.5])
+                .unwrap()
+                .astype(dtype);
+            let mut straight = Updater::from_spec(&spec).unwrap();
+            let mut w_straight = w0.clone();
+            run(&mut straight, 0..5, &mut w_straight);
+
+            let mut first = Updater::from_spec(&spec).unwrap();
+            let mut w = w0.clone();
+            run(&mut first, 0..2, &mut w);
+            let bytes = first.save_states(true).unwrap();
+            let mut resumed = Updater::from_spec(&OptimizerSpec::new("test")).unwrap();
+            resumed.load_states(&bytes).unwrap();
+            assert_eq!(resumed.optimizer().name(), spec.name);
+            run(&mut resumed, 2..5, &mut w);
+            assert!(w.to_f64_vec().iter().all(|x| x.is_finite()));
+            assert_eq!(w, w_straight, "{} {dtype}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn states_without_the_optimizer_keep_the_current_one() {
+    let spec = OptimizerSpec::new("sgd").with("momentum", 0.9);
+    let mut a = Updater::from_spec(&spec).unwrap();
+    let mut w = NDArray::ones(&[2, 3], DType::F64);
+    run(&mut a, 0..2, &mut w);
+    let bytes = a.save_states(false).unwrap();
+    let mut b = Updater::from_spec(&spec).unwrap();
+    b.load_states(&bytes).unwrap();
+    assert_eq!(
+        b.state_arrays(&Key::from("w")),
+        a.state_arrays(&Key::from("w"))
+    );
+    let mut wa = w.clone();
+    run(&mut a, 2..4, &mut wa);
+    run(&mut b, 2..4, &mut w);
+    assert_eq!(w, wa);
+    // A state that does not fit the optimizer is reported at the next update.
+    let mut adam = Updater::from_spec(&OptimizerSpec::new("adam")).unwrap();
+    adam.load_states(&bytes).unwrap();
+    let err = adam
+        .update(&Key::from("w"), &NDArray::ones(&[2, 3], DType::F64), &mut w)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("\"w\"") && err.contains("arrays"), "{err}");
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_files_are_errors() {
+    let mut up = Updater::from_spec(&OptimizerSpec::new("adam")).unwrap();
+    let mut w = NDArray::ones(&[2, 3], DType::F32);
+    run(&mut up, 0..1, &mut w);
+    let good = up.save_states(true).unwrap();
+    let before = up.save_states(true).unwrap();
+
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    let e = up.load_states(&flipped).unwrap_err().to_string();
+    assert!(e.contains("checksum"), "{e}");
+
+    for cut in [0, 5, 12, 20, good.len() / 2, good.len() - 1] {
+        let e = up.load_states(&good[..cut]).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "cut {cut}: {e}");
+    }
+
+    let e = up
+        .load_states(b"\x80\x04\x95pickle")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("magic") && e.contains("pickle"), "{e}");
+
+    let mut future = good.clone();
+    future[8] = 9;
+    let e = up.load_states(&future).unwrap_err().to_string();
+    assert!(e.contains("version 9"), "{e}");
+
+    // Every failed load left the updater as it was.
+    assert_eq!(up.save_states(true).unwrap(), before);
+    up.load_states(&good).unwrap();
+}
+
+#[test]
+fn half_precision_weights() {
+    for dtype in [DType::F16, DType::BF16] {
+        // Without multi_precision the state is 16-bit; with it, an f32 master copy is kept.
+        let mut plain =
+            Updater::from_spec(&OptimizerSpec::new("sgd").with("momentum", 0.9)).unwrap();
+        let mut w = NDArray::ones(&[4], dtype);
+        plain
+            .update(&Key::from(0), &NDArray::ones(&[4], dtype), &mut w)
+            .unwrap();
+        assert_eq!(w.dtype(), dtype);
+        assert_eq!(plain.state_arrays(&Key::from(0)).unwrap()[0].dtype(), dtype);
+        assert!(plain.master_weight(&Key::from(0)).is_none());
+
+        let spec = OptimizerSpec::new("sgd")
+            .with("learning_rate", 1e-4)
+            .with("multi_precision", true);
+        let mut mp = Updater::from_spec(&spec).unwrap();
+        let mut w = NDArray::ones(&[4], dtype);
+        for _ in 0..3 {
+            mp.update(&Key::from(0), &NDArray::ones(&[4], dtype), &mut w)
+                .unwrap();
+        }
+        let master = mp.master_weight(&Key::from(0)).unwrap();
+        assert_eq!(master.dtype(), DType::F32);
+        // 1 − 3e-4 is kept exactly in f32, while each 16-bit step alone would round away.
+        assert!((master.to_f64_vec()[0] - (1.0 - 3e-4)).abs() < 1e-6);
+        assert_eq!(w, master.astype(dtype));
+    }
+}
+
+#[test]
+fn updater_serves_as_a_store_updater() {
+    let mut f = Updater::from_spec(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+        .unwrap()
+        .into_store_updater();
+    let mut w = f32s(&[1.0]);
+    f(&Key::from(1), &f32s(&[1.0]), &mut w).unwrap();
+    assert_eq!(w.to_vec::<f32>().unwrap(), vec![0.5]);
+}

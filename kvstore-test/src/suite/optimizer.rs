@@ -1,0 +1,133 @@
+//! Optimizers run by the store ([`Capability::Optimizer`]) and their saved states
+//! ([`Capability::OptimizerStates`]).
+
+use kvstore_base::{Capability, DType, Error, KVStoreExt, NDArray, OptimizerSpec};
+
+use super::util::{expect_all, expect_error, filled, store};
+use super::{ensure, Check, CheckResult, Failure, StoreFactory};
+
+pub(super) const CHECKS: &[Check] = &[
+    Check {
+        name: "optimizer_test_adds_the_rescaled_sum_of_the_push",
+        requires: &[Capability::Optimizer, Capability::InitPushPull],
+        run: test_optimizer_adds_the_rescaled_sum,
+    },
+    Check {
+        name: "optimizer_sgd_defaults_to_learning_rate_0_01",
+        requires: &[Capability::Optimizer, Capability::InitPushPull],
+        run: sgd_defaults_to_learning_rate_0_01,
+    },
+    Check {
+        name: "optimizer_unknown_name_is_an_error",
+        requires: &[Capability::Optimizer],
+        run: unknown_optimizer_is_an_error,
+    },
+    Check {
+        name: "optimizer_states_round_trip_through_a_file",
+        requires: &[
+            Capability::Optimizer,
+            Capability::OptimizerStates,
+            Capability::InitPushPull,
+        ],
+        run: states_round_trip_through_a_file,
+    },
+];
+
+fn test_optimizer_adds_the_rescaled_sum(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    kv.init(3, &filled(&[2, 2], 1.0))?;
+    kv.set_optimizer(&OptimizerSpec::new("test").with("rescale_grad", 0.5))?;
+    kv.push(3, &[filled(&[2, 2], 2.0), filled(&[2, 2], 4.0)])?;
+    kv.push(3, &filled(&[2, 2], 2.0))?;
+    let mut out = NDArray::zeros(&[2, 2], DType::F32);
+    kv.pull(3, &mut out)?;
+    // 1 + 0.5 * (2 + 4) + 0.5 * 2
+    expect_all(&out, 5.0, "after two pushes through the test optimizer")
+}
+
+fn sgd_defaults_to_learning_rate_0_01(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    kv.init("w", &NDArray::zeros(&[3], DType::F32))?;
+    kv.set_optimizer(&OptimizerSpec::new("sgd"))?;
+    kv.push("w", &NDArray::ones(&[3], DType::F32))?;
+    let mut out = NDArray::zeros(&[3], DType::F32);
+    kv.pull("w", &mut out)?;
+    expect_all(
+        &out,
+        -0.01f32 as f64,
+        "weight 0 after one sgd step on gradient 1",
+    )
+}
+
+fn unknown_optimizer_is_an_error(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    expect_error(
+        kv.set_optimizer(&OptimizerSpec::new("no_such_optimizer")),
+        "set_optimizer(\"no_such_optimizer\")",
+        |e| matches!(e, Error::InvalidArgument(_)),
+        &["no_such_optimizer", "sgd"],
+    )
+}
+
+fn run_steps(
+    kv: &dyn kvstore_base::KVStoreBase,
+    steps: std::ops::Range<i32>,
+) -> Result<NDArray, Failure> {
+    for step in steps {
+        kv.push(1, &filled(&[4], 0.25 * step as f64 + 1.0))?;
+    }
+    let mut out = NDArray::zeros(&[4], DType::F32);
+    kv.pull(1, &mut out)?;
+    Ok(out)
+}
+
+fn states_round_trip_through_a_file(factory: &StoreFactory) -> CheckResult {
+    let adam = OptimizerSpec::new("adam")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.01);
+    let path = std::env::temp_dir().join(format!(
+        "kvstore-conformance-states-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+
+    // An uninterrupted run of 4 steps.
+    let straight = store(factory)?;
+    straight.init(1, &filled(&[4], 1.0))?;
+    straight.set_optimizer(&adam)?;
+    let expected = run_steps(&*straight, 0..4)?;
+
+    // 2 steps, save, then a fresh store loads the states and runs the last 2.
+    let first = store(factory)?;
+    first.init(1, &filled(&[4], 1.0))?;
+    first.set_optimizer(&adam)?;
+    let halfway = run_steps(&*first, 0..2)?;
+    first.save_optimizer_states(&path, true)?;
+
+    let second = store(factory)?;
+    second.init(1, &halfway)?;
+    second.set_optimizer(&adam)?;
+    let loaded = second.load_optimizer_states(&path);
+    let resumed = loaded
+        .map_err(Failure::from)
+        .and_then(|()| run_steps(&*second, 2..4));
+    let _ = std::fs::remove_file(&path);
+    let resumed = resumed?;
+    ensure!(
+        resumed == expected,
+        "resumed from saved states: {:?}, uninterrupted: {:?}",
+        resumed.to_f64_vec(),
+        expected.to_f64_vec()
+    );
+
+    // A file that is not a state file is an error that changes nothing.
+    std::fs::write(&path, b"certainly not optimizer states").map_err(|e| Failure(e.to_string()))?;
+    let garbage = second.load_optimizer_states(&path);
+    let _ = std::fs::remove_file(&path);
+    ensure!(garbage.is_err(), "loading a garbage file succeeded");
+    ensure!(
+        run_steps(&*second, 4..4)? == resumed,
+        "a failed load changed the value"
+    );
+    Ok(())
+}
