@@ -418,7 +418,7 @@ fn set_optimizer_applies_the_optimizer_to_the_summed_gradient() {
         .with("rescale_grad", 0.5);
     let kv = kv();
     let w0 = NDArray::from_vec(&[4], vec![1.0f32, -2.0, 0.5, 3.0]).unwrap();
-    kv.init(&["w"], &[w0.clone()]).unwrap();
+    kv.init("w", &w0).unwrap();
     kv.set_optimizer(&spec).unwrap();
 
     let mut direct = kvstore_optimizer::Updater::from_spec(&spec).unwrap();
