@@ -126,9 +126,9 @@ fn main() -> Result<()> {
         for start in (0..SAMPLES).step_by(BATCH) {
             let mut grads: Vec<Vec<NDArray>> =
                 vec![Vec::with_capacity(DEVICES), Vec::with_capacity(DEVICES)];
-            for d in 0..DEVICES {
-                let w = params[0][d].to_vec::<f32>()?;
-                let b = params[1][d].to_vec::<f32>()?[0];
+            for (d, (w, b)) in params[0].iter().zip(&params[1]).enumerate() {
+                let w = w.to_vec::<f32>()?;
+                let b = b.to_vec::<f32>()?[0];
                 let lo = start + d * shard;
                 let (gw, gb) = gradients(&data, lo..lo + shard, &w, b)?;
                 grads[0].push(gw);
