@@ -8,7 +8,7 @@ use crate::{DType, Element};
 /// A dense CPU array of one of the supported element types.
 ///
 /// This is what a [`NDArray`](crate::NDArray) holds on the CPU. Backends match on it to run
-/// type-specialised kernels; [`Element::host`] and [`Element::host_mut`] give typed access.
+/// type-specialised kernels; [`HostElement::host`] and [`HostElement::host_mut`] give typed access.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HostArray {
     /// `float32` elements.
