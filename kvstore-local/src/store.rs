@@ -176,29 +176,6 @@ fn sorted_groups(keys: &[Key]) -> Vec<(Key, Vec<usize>)> {
     groups
 }
 
-fn shape_error(what: String, expected: &NDArray, found: &NDArray) -> Error {
-    Error::ShapeMismatch {
-        what,
-        expected: expected.shape().to_vec(),
-        found: found.shape().to_vec(),
-    }
-}
-
-/// Checks that `value` can be pushed onto `stored`: same shape and dtype.
-fn check_pushable(stored: &NDArray, value: &NDArray, i: usize) -> Result<()> {
-    if value.shape() != stored.shape() {
-        return Err(shape_error(format!("pushed value {i}"), stored, value));
-    }
-    if value.dtype() != stored.dtype() {
-        return Err(Error::DTypeMismatch {
-            what: format!("pushed value {i}"),
-            expected: stored.dtype(),
-            found: value.dtype(),
-        });
-    }
-    Ok(())
-}
-
 impl State {
     fn check_kind(&self, operation: &'static str, key: &Key) -> Result<()> {
         match &self.key_kind {
@@ -263,7 +240,9 @@ impl LocalStore {
         for (key, positions) in &groups {
             let entry = state.entry(self, operation, key)?;
             for (i, &p) in positions.iter().enumerate() {
-                check_pushable(&entry.value, values.values()[p], i)
+                entry
+                    .value
+                    .check_like(values.values()[p], &format!("pushed value {i}"))
                     .map_err(self.at(operation, key))?;
             }
         }
@@ -316,13 +295,10 @@ impl LocalStore {
     ) -> Result<()> {
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let entry = state.entry(self, operation, key)?;
-            if out.shape() != entry.value.shape() {
-                return Err(self.at(operation, key)(shape_error(
-                    format!("output {i}"),
-                    &entry.value,
-                    out,
-                )));
-            }
+            entry
+                .value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(self.at(operation, key))?;
         }
         Ok(())
     }
@@ -467,13 +443,9 @@ impl KVStoreBase for LocalStore {
                 .iter()
                 .find(|(k, _)| *k == key)
                 .expect("checked against values");
-            if out.shape() != value.shape() {
-                return Err(self.at("broadcast", key)(shape_error(
-                    format!("output {i}"),
-                    value,
-                    out,
-                )));
-            }
+            value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(self.at("broadcast", key))?;
         }
         self.do_init(&mut state, values);
         self.do_pull(&mut state, outs, true)
@@ -510,9 +482,7 @@ impl KVStoreBase for LocalStore {
                         "output {i} must be row-sparse for row_sparse_pull"
                     )));
                 }
-                if out.shape() != stored.shape() {
-                    return Err(shape_error(format!("output {i}"), stored, out));
-                }
+                stored.check_shape_of(out, &format!("output {i}"))?;
                 let ids = unique_row_ids(row_ids[i], stored.shape()[0])?;
                 Ok(stored.retain_rows(&ids)?.astype(out.dtype()))
             })()

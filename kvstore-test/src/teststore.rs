@@ -43,30 +43,13 @@ impl TestStore {
         let first = values[0];
         let mut sum = NDArray::zeros(first.shape(), first.dtype());
         for (i, value) in values.iter().enumerate() {
-            check_like(first, value, &format!("value {i} of the key"))
+            first
+                .check_like(value, &format!("value {i} of the key"))
                 .and_then(|()| sum.add_assign(value))
                 .map_err(|e| e.at_key(NAME, "pushpull", key.clone()))?;
         }
         Ok(sum)
     }
-}
-
-fn check_like(expected: &NDArray, found: &NDArray, what: &str) -> Result<()> {
-    if expected.shape() != found.shape() {
-        return Err(Error::ShapeMismatch {
-            what: what.to_string(),
-            expected: expected.shape().to_vec(),
-            found: found.shape().to_vec(),
-        });
-    }
-    if expected.dtype() != found.dtype() {
-        return Err(Error::DTypeMismatch {
-            what: what.to_string(),
-            expected: expected.dtype(),
-            found: found.dtype(),
-        });
-    }
-    Ok(())
 }
 
 /// Writes `results[key]` into every output, after checking every output's shape, so that a

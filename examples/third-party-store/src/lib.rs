@@ -75,25 +75,6 @@ impl MyKVStore {
     }
 }
 
-/// Checks that `found` has the shape and dtype of `expected`.
-fn check_like(expected: &NDArray, found: &NDArray, what: &str) -> Result<()> {
-    if expected.shape() != found.shape() {
-        return Err(Error::ShapeMismatch {
-            what: what.to_string(),
-            expected: expected.shape().to_vec(),
-            found: found.shape().to_vec(),
-        });
-    }
-    if expected.dtype() != found.dtype() {
-        return Err(Error::DTypeMismatch {
-            what: what.to_string(),
-            expected: expected.dtype(),
-            found: found.dtype(),
-        });
-    }
-    Ok(())
-}
-
 /// Validates a push and returns the new value of each pushed key: the sum of its values, left
 /// to right in their dtype. Nothing is written.
 fn sums(
@@ -111,11 +92,14 @@ fn sums(
         let mut sum = NDArray::zeros(first.shape(), first.dtype());
         for (i, &position) in group.positions.iter().enumerate() {
             let value = values.values()[position];
-            check_like(first, value, &format!("value {i} of the key"))
+            first
+                .check_like(value, &format!("value {i} of the key"))
                 .and_then(|()| sum.add_assign(value))
                 .map_err(at)?;
         }
-        check_like(stored, &sum, "the pushed value (against the stored value)").map_err(at)?;
+        stored
+            .check_like(&sum, "the pushed value (against the stored value)")
+            .map_err(at)?;
         sums.push((group.key, sum));
     }
     Ok(sums)

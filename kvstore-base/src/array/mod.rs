@@ -288,6 +288,44 @@ impl NDArray {
         with_host!(host, a => a.iter().map(|x| x.to_f64()).collect())
     }
 
+    /// Checks that `other` has this array's shape; `what` names `other` in the error.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] with both shapes.
+    pub fn check_shape_of(&self, other: &NDArray, what: &str) -> Result<()> {
+        if self.shape() == other.shape() {
+            return Ok(());
+        }
+        Err(Error::ShapeMismatch {
+            what: what.to_string(),
+            expected: self.shape().to_vec(),
+            found: other.shape().to_vec(),
+        })
+    }
+
+    /// Checks that `other` has this array's shape and dtype; `what` names `other` in the error.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let stored = NDArray::zeros(&[2, 3], DType::F32);
+    /// let err = stored.check_like(&NDArray::zeros(&[3, 2], DType::F32), "pushed value 0").unwrap_err();
+    /// assert_eq!(err.to_string(), "shape mismatch: pushed value 0 has shape [3, 2] but [2, 3] was expected");
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] or [`Error::DTypeMismatch`].
+    pub fn check_like(&self, other: &NDArray, what: &str) -> Result<()> {
+        self.check_shape_of(other, what)?;
+        if self.dtype() != other.dtype() {
+            return Err(Error::DTypeMismatch {
+                what: what.to_string(),
+                expected: self.dtype(),
+                found: other.dtype(),
+            });
+        }
+        Ok(())
+    }
+
     /// A dense copy (a plain clone for a dense array).
     pub fn to_dense(&self) -> NDArray {
         match &self.data {
