@@ -25,7 +25,9 @@ mod common;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use common::{available_threads, median, time, Floor, PushPull, SgdMomentum, SmallKeys, MIB};
+use common::{
+    available_threads, median, time, time_interleaved, Floor, PushPull, SgdMomentum, SmallKeys, MIB,
+};
 use kvstore_local::LocalStore;
 
 struct Options {
@@ -89,43 +91,58 @@ fn main() {
     }
     let config = LocalStore::new().config();
     let mut rows = Vec::new();
-    let mut measure = |name: &'static str, bytes: usize, step: &mut dyn FnMut()| {
-        let times = time(warmup, reps, step);
+    let report = |name: &'static str, bytes: usize, times: &[Duration]| {
         say!(
             "  {name:<22} median {:>10.6} s  (min {:.6}, max {:.6})",
-            secs(median(&times)),
+            secs(median(times)),
             secs(times[0]),
             secs(times[times.len() - 1])
         );
-        rows.push(Row {
+        Row {
             name,
-            median: Ok(secs(median(&times))),
+            median: Ok(secs(median(times))),
             bytes,
-        });
+        }
     };
+    let measure = |step: &mut dyn FnMut()| time(warmup, reps, step);
     say!(
         "local store: reduction threads {}, big-array bound {} elements; {warmup} warm-up runs, {reps} timed",
         config.threads, config.bigarray_bound
     );
 
     let mut w = PushPull::new(8, 16 * MIB);
-    measure("push_pull_8x16MiB", w.step_bytes(), &mut || w.step());
+    rows.push(report(
+        "push_pull_8x16MiB",
+        w.step_bytes(),
+        &measure(&mut || w.step()),
+    ));
     w.verify().expect("push_pull_8x16MiB result");
-    measure("reduce_only_8x16MiB", w.push_bytes(), &mut || w.push());
     drop(w);
 
     let mut w = PushPull::new(2, 64 * MIB);
-    measure("push_pull_2x64MiB", w.step_bytes(), &mut || w.step());
+    rows.push(report(
+        "push_pull_2x64MiB",
+        w.step_bytes(),
+        &measure(&mut || w.step()),
+    ));
     w.verify().expect("push_pull_2x64MiB result");
     drop(w);
 
     let mut w = SmallKeys::new(1000, 256);
-    measure("small_keys_1000x256", w.step_bytes(), &mut || w.step());
+    rows.push(report(
+        "small_keys_1000x256",
+        w.step_bytes(),
+        &measure(&mut || w.step()),
+    ));
     w.verify().expect("small_keys_1000x256 result");
     drop(w);
 
     match SgdMomentum::new(16 * MIB) {
-        Ok(mut w) => measure("sgd_momentum_16MiB", w.step_bytes(), &mut || w.step()),
+        Ok(mut w) => rows.push(report(
+            "sgd_momentum_16MiB",
+            w.step_bytes(),
+            &measure(&mut || w.step()),
+        )),
         Err(e) => {
             let why = format!("set_optimizer failed: {e}");
             say!("  sgd_momentum_16MiB     skipped: {why}");
@@ -137,16 +154,28 @@ fn main() {
         }
     }
 
-    // The calibration: the best bandwidth over one thread and every available thread.
+    // The reduction alone (the push of push_pull_8x16MiB) and the calibration, interleaved run
+    // by run so that both see the same state of the machine; the calibration on one thread and
+    // on every available thread, the faster giving the floor.
+    let w = PushPull::new(8, 16 * MIB);
     let mut floor_threads = vec![1, available_threads()];
     floor_threads.dedup();
+    let mut floors: Vec<Floor> = floor_threads
+        .iter()
+        .map(|&threads| Floor::new(64 * MIB, threads))
+        .collect();
+    let floor_bytes = (floors[0].add_bytes(), floors[0].copy_bytes());
+    let times = time_interleaved(warmup, reps, 1 + 2 * floors.len(), |k| match k {
+        0 => w.push(),
+        k if k % 2 == 1 => floors[k / 2].add(),
+        k => floors[k / 2 - 1].copy(),
+    });
+    rows.push(report("reduce_only_8x16MiB", w.push_bytes(), &times[0]));
+    drop((w, floors));
     let mut best: Option<(usize, f64, f64)> = None; // (threads, add seconds, copy seconds)
-    let mut floor_bytes = (0, 0);
-    for &threads in &floor_threads {
-        let mut f = Floor::new(64 * MIB, threads);
-        floor_bytes = (f.add_bytes(), f.copy_bytes());
-        let add = secs(median(&time(warmup, reps, || f.add())));
-        let copy = secs(median(&time(warmup, reps, || f.copy())));
+    for (i, &threads) in floor_threads.iter().enumerate() {
+        let add = secs(median(&times[1 + 2 * i]));
+        let copy = secs(median(&times[2 + 2 * i]));
         say!(
             "  memory floor, {threads} thread(s): add {add:.6} s = {:.2} GB/s, copy {copy:.6} s = {:.2} GB/s",
             floor_bytes.0 as f64 / add / 1e9,

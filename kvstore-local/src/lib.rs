@@ -27,6 +27,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod gate;
 pub mod reduce;
 mod store;
 

@@ -9,6 +9,7 @@ use kvstore_base::{
     OptimizerSpec, Result, StorageType, Updater,
 };
 
+use crate::gate::{GatePass, PriorityGate};
 use crate::reduce::{copy_into, sum_into, ReduceConfig};
 
 /// The name the store is registered under.
@@ -29,8 +30,10 @@ pub const ALIASES: &[&str] = &["local_update_cpu", "local_allreduce_cpu"];
 ///   row-sparse outputs are skipped unless `ignore_sparse` is false, as in MXNet.
 /// - `pushpull` is push then pull, `broadcast` is init then pull; `row_sparse_pull` returns
 ///   exactly the requested rows (unsorted and repeated ids allowed) of a row-sparse value.
-/// - Keys of one call are processed in ascending key order; the first call fixes whether the
-///   store takes int or str keys.
+/// - Keys of one call are processed together, in ascending key order; concurrent calls enter
+///   the store one at a time, the waiting call with the highest `priority` first (MXNet's
+///   engine runs queued operations by priority). The first init fixes whether the store takes
+///   int or str keys.
 /// - Every call checks all of its input (keys, counts, shapes, dtypes) before changing
 ///   anything: an error leaves the store and every output as they were. An error returned by
 ///   an updater stops the call at that key and is returned (keys before it keep their update).
@@ -55,6 +58,7 @@ pub const ALIASES: &[&str] = &["local_update_cpu", "local_allreduce_cpu"];
 pub struct LocalStore {
     name: String,
     config: ReduceConfig,
+    gate: PriorityGate,
     state: Mutex<State>,
 }
 
@@ -119,6 +123,7 @@ impl LocalStore {
         LocalStore {
             name: name.to_string(),
             config,
+            gate: PriorityGate::default(),
             state: Mutex::new(State::default()),
         }
     }
@@ -155,8 +160,11 @@ impl LocalStore {
         self.config
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Enters the store: callers queue at the gate by priority, then take the state.
+    fn enter(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
+        let pass = self.gate.enter(priority);
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        (pass, state)
     }
 
     fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
@@ -379,14 +387,14 @@ impl KVStoreBase for LocalStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        let mut state = self.lock();
+        let (_pass, mut state) = self.enter(0);
         self.check_init(&state, "init", values)?;
         self.do_init(&mut state, values);
         Ok(())
     }
 
-    fn push_batch(&self, values: &KeyedValues<'_>, _priority: i32) -> Result<()> {
-        let mut state = self.lock();
+    fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        let (_pass, mut state) = self.enter(priority);
         let groups = self.check_push(&state, "push", values)?;
         self.do_push(&mut state, values, &groups)
     }
@@ -394,10 +402,10 @@ impl KVStoreBase for LocalStore {
     fn pull_batch(
         &self,
         outs: &mut KeyedOuts<'_>,
-        _priority: i32,
+        priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        let mut state = self.lock();
+        let (_pass, mut state) = self.enter(priority);
         self.check_pull(&state, "pull", outs)?;
         self.do_pull(&mut state, outs, ignore_sparse)
     }
@@ -406,18 +414,18 @@ impl KVStoreBase for LocalStore {
         &self,
         values: &KeyedValues<'_>,
         outs: &mut KeyedOuts<'_>,
-        _priority: i32,
+        priority: i32,
     ) -> Result<()> {
         outs.check_against("pushpull", values)?;
-        let mut state = self.lock();
+        let (_pass, mut state) = self.enter(priority);
         let groups = self.check_push(&state, "pushpull", values)?;
         self.check_pull(&state, "pushpull", outs)?;
         self.do_push(&mut state, values, &groups)?;
         self.do_pull(&mut state, outs, true)
     }
 
-    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, _priority: i32) -> Result<()> {
-        let mut state = self.lock();
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        let (_pass, mut state) = self.enter(priority);
         let inputs = KeyedValues::new(
             "pushpull",
             values.keys().to_vec(),
@@ -433,10 +441,10 @@ impl KVStoreBase for LocalStore {
         &self,
         values: &KeyedValues<'_>,
         outs: &mut KeyedOuts<'_>,
-        _priority: i32,
+        priority: i32,
     ) -> Result<()> {
         outs.check_against("broadcast", values)?;
-        let mut state = self.lock();
+        let (_pass, mut state) = self.enter(priority);
         self.check_init(&state, "broadcast", values)?;
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let (_, value) = values
@@ -455,7 +463,7 @@ impl KVStoreBase for LocalStore {
         &self,
         outs: &mut KeyedOuts<'_>,
         row_ids: &[&NDArray],
-        _priority: i32,
+        priority: i32,
     ) -> Result<()> {
         if row_ids.len() != outs.len() {
             return Err(Error::CountMismatch {
@@ -465,7 +473,7 @@ impl KVStoreBase for LocalStore {
                 found: row_ids.len(),
             });
         }
-        let state = self.lock();
+        let (_pass, state) = self.enter(priority);
         let mut results = Vec::with_capacity(outs.len());
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let at = self.at("row_sparse_pull", key);
@@ -497,17 +505,20 @@ impl KVStoreBase for LocalStore {
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         let updater = kvstore_optimizer::Updater::from_spec(optimizer)?;
-        self.lock().updater = Some(UpdaterSlot::Optimizer(Box::new(updater)));
+        let (_pass, mut state) = self.enter(0);
+        state.updater = Some(UpdaterSlot::Optimizer(Box::new(updater)));
         Ok(())
     }
 
     fn set_updater(&self, updater: Updater) -> Result<()> {
-        self.lock().updater = Some(UpdaterSlot::Custom(updater));
+        let (_pass, mut state) = self.enter(0);
+        state.updater = Some(UpdaterSlot::Custom(updater));
         Ok(())
     }
 
     fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
-        let bytes = match &self.lock().updater {
+        let (_pass, state) = self.enter(0);
+        let bytes = match &state.updater {
             Some(UpdaterSlot::Optimizer(u)) => u.save_states(dump_optimizer)?,
             _ => return Err(no_optimizer(&self.name, "save_optimizer_states")),
         };
@@ -522,7 +533,8 @@ impl KVStoreBase for LocalStore {
             path: path.to_path_buf(),
             source,
         })?;
-        match &mut self.lock().updater {
+        let (_pass, mut state) = self.enter(0);
+        match &mut state.updater {
             Some(UpdaterSlot::Optimizer(u)) => u.load_states(&bytes),
             _ => Err(no_optimizer(&self.name, "load_optimizer_states")),
         }

@@ -272,6 +272,31 @@ pub fn time(warmup: usize, reps: usize, mut step: impl FnMut()) -> Vec<Duration>
     times
 }
 
+/// Runs `step(0)`, ..., `step(steps - 1)` in turn, `warmup` rounds untimed then `reps` rounds
+/// timed, so that every step sees the same state of the machine; returns the sorted timings
+/// of each step.
+pub fn time_interleaved(
+    warmup: usize,
+    reps: usize,
+    steps: usize,
+    mut step: impl FnMut(usize),
+) -> Vec<Vec<Duration>> {
+    let mut times = vec![Vec::with_capacity(reps); steps];
+    for round in 0..warmup + reps.max(1) {
+        for (k, t) in times.iter_mut().enumerate() {
+            let start = Instant::now();
+            step(k);
+            if round >= warmup {
+                t.push(start.elapsed());
+            }
+        }
+    }
+    for t in &mut times {
+        t.sort();
+    }
+    times
+}
+
 /// The median of sorted timings.
 pub fn median(sorted: &[Duration]) -> Duration {
     let n = sorted.len();
