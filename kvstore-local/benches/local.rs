@@ -12,8 +12,8 @@
 //! - `push_pull_2x64MiB`: one key, 2 values of 64 MiB, pulled into 2 outputs;
 //! - `small_keys_1000x256`: 1000 int keys of 256 `f32` each, one list push and one list pull;
 //! - `sgd_momentum_16MiB`: SGD with momentum installed with `set_optimizer`, one 16 MiB
-//!   gradient pushed and the weight pulled (skipped, with a message, while `set_optimizer`
-//!   fails);
+//!   gradient pushed and the weight pulled (skipped with a message when `set_optimizer`
+//!   returns an error);
 //! - `memory_floor`: `c = a + b` and `c.copy_from_slice(a)` over 64 MiB slices, on one thread
 //!   and on every available thread.
 //!

@@ -14,6 +14,10 @@ Options:
                       environment wins over this default, never over an explicit --threads.
     --reps N          timed repetitions per workload (default 15); medians are reported
     --warmup N        untimed runs first (default 3)
+    --rounds K        alternate the two stores K times (ours, MXNet, ours, MXNet, ...) and
+                      report the median over the rounds of each round's median (default 1);
+                      on a shared or noisy machine this pairs both sides with the same
+                      conditions
     --rust-json PATH  read the Rust figures from PATH (the output of
                       `cargo run --release -p kvstore-local --example workloads -- --json`)
                       instead of running that command
@@ -29,7 +33,8 @@ step so that MXNet's asynchronous engine has finished the work that was timed):
                          one 16 MiB gradient pushed, the weight pulled
     reduce_only_8x16MiB  the push of push_pull_8x16MiB alone (for reference)
 
-The Rust side runs first (its process has exited before MXNet is imported), then MXNet.
+In every round the Rust side runs first (its process has exited before MXNet runs), then
+MXNet.
 The table gives the median seconds of each and the ratio MXNet / ours (above 1: ours is
 faster), with the targets for the comparison, followed by the memory-bandwidth floor measured
 by the Rust program and the reduction's time as a multiple of it.
@@ -37,6 +42,7 @@ by the Rust program and the reduction's time as a multiple of it.
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import statistics
@@ -65,6 +71,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--rust-json", default=None)
     p.add_argument("--json-out", default=None)
     return p.parse_args()
@@ -192,20 +199,40 @@ def mxnet_figures(args):
     return figures
 
 
+def combine(figures):
+    """The median over rounds of every measured (float) figure (None when a round has none)."""
+    out = dict(figures[0])
+    for name, value in figures[0].items():
+        values = [f.get(name) for f in figures]
+        if isinstance(value, float):
+            out[name] = None if None in values else statistics.median(values)
+    return out
+
+
 def fmt(seconds):
     return "skipped" if seconds is None else f"{seconds:.6f}"
 
 
 def main():
     args = parse_args()
+    if importlib.util.find_spec("mxnet") is None:
+        sys.exit(f"compare_mxnet: {sys.executable} cannot import mxnet; run this script with the "
+                 "Python of a virtual environment holding mxnet==1.9.1 (see the usage above)")
     env = configure_threads(args.threads)
     print("environment:", " ".join(f"{k}={v}" for k, v in env.items()), file=sys.stderr)
 
-    ours = rust_figures(args)
-    theirs = mxnet_figures(args)
+    rounds = []
+    for r in range(max(args.rounds, 1)):
+        if args.rounds > 1:
+            print(f"round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        rounds.append((rust_figures(args), mxnet_figures(args)))
+        gc.collect()
+    ours = combine([o for o, _ in rounds])
+    theirs = combine([t for _, t in rounds])
 
     print(f"MXNet {theirs['mxnet_version']} local store vs kvstore-local "
-          f"({args.reps} timed runs, medians; {' '.join(f'{k}={v}' for k, v in env.items())})")
+          f"(medians of {args.reps} timed runs, {len(rounds)} round(s); "
+          f"{' '.join(f'{k}={v}' for k, v in env.items())})")
     print(f"{'workload':<22} {'MXNet (s)':>11} {'ours (s)':>11} {'MXNet/ours':>11} {'target':>8}")
     rows = {}
     for name, target in WORKLOADS:
@@ -227,8 +254,8 @@ def main():
 
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"environment": env, "mxnet": theirs, "ours": ours, "rows": rows}, f,
-                      indent=2)
+            json.dump({"environment": env, "mxnet": theirs, "ours": ours, "rows": rows,
+                       "rounds": [{"ours": o, "mxnet": t} for o, t in rounds]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -68,12 +68,22 @@ fn split(len: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
-/// `dst = srcs[0] + srcs[1] + ...` for slices of one length, serially.
-fn sum_serial<T: Element>(dst: &mut [T], srcs: &[&[T]]) {
+/// `dst = srcs[0] + srcs[1] + ...` for slices of one length, serially. With `stream`, each
+/// block is summed in a small buffer and written to `dst` with cache-bypassing stores.
+fn sum_serial<T: Element>(dst: &mut [T], srcs: &[&[T]], stream: bool) {
     let (first, rest) = srcs.split_first().expect("at least one source");
+    let mut scratch = if stream {
+        vec![T::ZERO; BLOCK.min(dst.len())]
+    } else {
+        Vec::new()
+    };
     for lo in (0..dst.len()).step_by(BLOCK) {
         let hi = (lo + BLOCK).min(dst.len());
-        let d = &mut dst[lo..hi];
+        let d = if stream {
+            &mut scratch[..hi - lo]
+        } else {
+            &mut dst[lo..hi]
+        };
         d.copy_from_slice(&first[lo..hi]);
         for group in rest.chunks(4) {
             match group {
@@ -84,6 +94,12 @@ fn sum_serial<T: Element>(dst: &mut [T], srcs: &[&[T]]) {
                 _ => unreachable!("chunks(4) yields 1 to 4 sources"),
             }
         }
+        if stream {
+            stream::copy(&mut dst[lo..hi], &scratch[..hi - lo]);
+        }
+    }
+    if stream {
+        stream::fence();
     }
 }
 
@@ -115,18 +131,26 @@ fn add4<T: Element>(d: &mut [T], a: &[T], b: &[T], c: &[T], e: &[T]) {
     }
 }
 
-/// `dst = srcs[0] + srcs[1] + ...`, split across threads for big arrays.
+/// `dst = srcs[0] + srcs[1] + ...`, split across threads for big arrays. Big arrays are
+/// written with cache-bypassing stores when `stream_big` is set (for results that are not read
+/// again at once: a stored value, not a merge buffer handed to an updater).
 ///
 /// # Panics
 /// If `srcs` is empty or a source's length differs from `dst`'s (callers validate first).
-pub fn sum_slices<T: Element>(dst: &mut [T], srcs: &[&[T]], config: &ReduceConfig) {
+pub fn sum_slices<T: Element>(
+    dst: &mut [T],
+    srcs: &[&[T]],
+    config: &ReduceConfig,
+    stream_big: bool,
+) {
     assert!(
         srcs.iter().all(|s| s.len() == dst.len()),
         "validated by the caller"
     );
+    let stream = stream_big && dst.len() >= config.bigarray_bound;
     let threads = config.threads_for(dst.len());
     if threads == 1 {
-        return sum_serial(dst, srcs);
+        return sum_serial(dst, srcs, stream);
     }
     let ranges = split(dst.len(), threads);
     std::thread::scope(|scope| {
@@ -135,32 +159,61 @@ pub fn sum_slices<T: Element>(dst: &mut [T], srcs: &[&[T]], config: &ReduceConfi
             let (chunk, tail) = rest.split_at_mut(range.len());
             rest = tail;
             let parts: Vec<&[T]> = srcs.iter().map(|s| &s[range.clone()]).collect();
-            scope.spawn(move || sum_serial(chunk, &parts));
+            scope.spawn(move || sum_serial(chunk, &parts, stream));
         }
     });
 }
 
-/// `dst = src`, split across threads for big arrays.
-pub fn copy_slices<T: Element>(dst: &mut [T], src: &[T], config: &ReduceConfig) {
-    let threads = config.threads_for(dst.len());
+/// Copies `src` into every slice of `dsts`, split across threads for big arrays: each block of
+/// `src` is read once and written to every destination, with cache-bypassing stores for big
+/// arrays (a pull's outputs are not read back by the store).
+pub fn broadcast_slices<T: Element>(dsts: Vec<&mut [T]>, src: &[T], config: &ReduceConfig) {
+    assert!(
+        dsts.iter().all(|d| d.len() == src.len()),
+        "validated by the caller"
+    );
+    let stream = src.len() >= config.bigarray_bound;
+    let threads = config.threads_for(src.len());
     if threads == 1 {
-        return dst.copy_from_slice(src);
+        return broadcast_serial(dsts, src, stream);
     }
+    let mut rests = dsts;
     std::thread::scope(|scope| {
-        let mut rest = dst;
         for range in split(src.len(), threads) {
-            let (chunk, tail) = rest.split_at_mut(range.len());
-            rest = tail;
+            let parts: Vec<&mut [T]> = rests
+                .iter_mut()
+                .map(|rest| {
+                    let (head, tail) = std::mem::take(rest).split_at_mut(range.len());
+                    *rest = tail;
+                    head
+                })
+                .collect();
             let part = &src[range];
-            scope.spawn(move || chunk.copy_from_slice(part));
+            scope.spawn(move || broadcast_serial(parts, part, stream));
         }
     });
+}
+
+fn broadcast_serial<T: Element>(mut dsts: Vec<&mut [T]>, src: &[T], stream: bool) {
+    if !stream {
+        for d in dsts {
+            d.copy_from_slice(src);
+        }
+        return;
+    }
+    for lo in (0..src.len()).step_by(BLOCK) {
+        let hi = (lo + BLOCK).min(src.len());
+        for d in dsts.iter_mut() {
+            stream::copy(&mut d[lo..hi], &src[lo..hi]);
+        }
+    }
+    stream::fence();
 }
 
 /// Sums dense `srcs` (same shape and dtype as `dst`, validated by the caller) into `dst`.
-/// Arrays that are not in standard layout are first copied into it.
-pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig) {
-    let dtype = dst.dtype();
+/// Arrays that are not in standard layout are first copied into it. With `stream_big`, big
+/// results are written with cache-bypassing stores (see [`sum_slices`]).
+pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig, stream_big: bool) {
     let host = dst.dense_mut().expect("dense destination");
     macro_rules! run {
         ($($variant:ident => $t:ty),*) => {
@@ -169,10 +222,10 @@ pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig) {
                     let owned: Vec<std::borrow::Cow<'_, [$t]>> = srcs.iter().map(|s| contiguous::<$t>(s)).collect();
                     let views: Vec<&[$t]> = owned.iter().map(|c| &c[..]).collect();
                     match d.as_slice_mut() {
-                        Some(out) => sum_slices(out, &views, config),
+                        Some(out) => sum_slices(out, &views, config, stream_big),
                         None => {
                             let mut out = vec![<$t as Element>::ZERO; d.len()];
-                            sum_slices(&mut out, &views, config);
+                            sum_slices(&mut out, &views, config, false);
                             for (d, o) in d.iter_mut().zip(out) { *d = o; }
                         }
                     }
@@ -180,36 +233,55 @@ pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig) {
             }
         };
     }
-    debug_assert!(srcs.iter().all(|s| s.dtype() == dtype));
     run!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8);
 }
 
-/// Copies dense `src` into dense `dst` of the same shape, in parallel for big arrays when the
-/// dtypes agree; otherwise casting, as [`NDArray::assign`] does.
-pub fn copy_into(
-    dst: &mut NDArray,
+/// Copies dense `src` into every output (each of `src`'s shape, validated by the caller):
+/// outputs of `src`'s dtype in standard layout share one pass over `src`
+/// ([`broadcast_slices`]); the others are written with a cast, as [`NDArray::assign`] does.
+///
+/// # Errors
+/// As [`NDArray::assign`] (shape mismatches, which callers have ruled out).
+pub fn broadcast_into(
+    outs: &mut [&mut NDArray],
     src: &NDArray,
     config: &ReduceConfig,
 ) -> kvstore_base::Result<()> {
-    macro_rules! fast {
+    macro_rules! typed {
         ($($variant:ident => $t:ty),*) => {
-            match (dst.dense_mut(), src.dense()) {
-                $((Some(HostArray::$variant(d)), Some(HostArray::$variant(s))) => {
-                    if let (Some(d), Some(s)) = (d.as_slice_mut(), s.as_slice()) {
-                        if d.len() == s.len() {
-                            copy_slices(d, s, config);
-                            return Ok(());
-                        }
-                    }
+            match src.dense() {
+                $(Some(HostArray::$variant(s)) if s.as_slice().is_some() => {
+                    broadcast_typed::<$t>(outs, s.as_slice().expect("checked"), src, config)
                 })*
-                _ => {}
+                _ => outs.iter_mut().try_for_each(|o| o.assign(src)),
             }
         };
     }
-    if dst.shape() == src.shape() {
-        fast!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8);
+    typed!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8)
+}
+
+fn broadcast_typed<T: Element>(
+    outs: &mut [&mut NDArray],
+    src_slice: &[T],
+    src: &NDArray,
+    config: &ReduceConfig,
+) -> kvstore_base::Result<()> {
+    let mut fast: Vec<&mut [T]> = Vec::with_capacity(outs.len());
+    let mut slow: Vec<&mut NDArray> = Vec::new();
+    for out in outs.iter_mut() {
+        if out
+            .as_slice::<T>()
+            .is_some_and(|o| o.len() == src_slice.len())
+        {
+            fast.push(out.as_slice_mut::<T>().expect("checked just above"));
+        } else {
+            slow.push(out);
+        }
     }
-    dst.assign(src)
+    if !fast.is_empty() {
+        broadcast_slices(fast, src_slice, config);
+    }
+    slow.into_iter().try_for_each(|o| o.assign(src))
 }
 
 fn contiguous<T: Element>(array: &NDArray) -> std::borrow::Cow<'_, [T]> {
@@ -221,6 +293,100 @@ fn contiguous<T: Element>(array: &NDArray) -> std::borrow::Cow<'_, [T]> {
                 .and_then(|h| <T as HostElement>::host(h))
                 .expect("validated dtype");
             std::borrow::Cow::Owned(host.iter().copied().collect())
+        }
+    }
+}
+
+/// Copies with cache-bypassing ("non-temporal") stores, so that writing a big output does not
+/// first read it into the cache (glibc's `memcpy` only bypasses the cache above a threshold
+/// derived from the cache size, often hundreds of MiB).
+mod stream {
+    use kvstore_base::Element;
+
+    /// The bytes of a slice of plain numbers.
+    fn bytes<T: Element>(s: &[T]) -> &[u8] {
+        // SAFETY: every `Element` type is a plain number without padding (f32, f64, f16, bf16,
+        // i32, i64, u8), so its memory is `len * size_of::<T>()` initialised bytes.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+    }
+
+    fn bytes_mut<T: Element>(s: &mut [T]) -> &mut [u8] {
+        // SAFETY: as in `bytes`; moreover every bit pattern is a valid value of these types, so
+        // writing arbitrary bytes (here: the bytes of another slice of `T`) keeps them valid.
+        unsafe {
+            std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s))
+        }
+    }
+
+    /// `dst.copy_from_slice(src)` with cache-bypassing stores where the CPU has them. Callers
+    /// call [`fence`] once after their last streaming copy.
+    pub(super) fn copy<T: Element>(dst: &mut [T], src: &[T]) {
+        let (d, s) = (bytes_mut(dst), bytes(src));
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                return unsafe { x86::copy_avx512(d, s) };
+            }
+            if std::arch::is_x86_feature_detected!("avx") {
+                // SAFETY: the CPU supports AVX (checked just above).
+                return unsafe { x86::copy_avx(d, s) };
+            }
+        }
+        d.copy_from_slice(s);
+    }
+
+    /// Orders the streaming stores before whatever follows (another thread reading the data).
+    pub(super) fn fence() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `sfence` is part of SSE, which every x86_64 CPU has.
+        unsafe {
+            std::arch::x86_64::_mm_sfence()
+        };
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod x86 {
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// The CPU must support AVX-512F; `d` and `s` must have the same length.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn copy_avx512(d: &mut [u8], s: &[u8]) {
+            let n = d.len();
+            let head = d.as_ptr().align_offset(64).min(n);
+            d[..head].copy_from_slice(&s[..head]);
+            let mut i = head;
+            while i + 64 <= n {
+                // SAFETY: `i + 64 <= n` keeps both 64-byte accesses in bounds; the load is
+                // unaligned, the streaming store is to `d + i`, 64-byte aligned by `head`.
+                unsafe {
+                    let v = _mm512_loadu_si512(s.as_ptr().add(i).cast());
+                    _mm512_stream_si512(d.as_mut_ptr().add(i).cast(), v);
+                }
+                i += 64;
+            }
+            d[i..].copy_from_slice(&s[i..]);
+        }
+
+        /// # Safety
+        /// The CPU must support AVX; `d` and `s` must have the same length.
+        #[target_feature(enable = "avx")]
+        pub(super) unsafe fn copy_avx(d: &mut [u8], s: &[u8]) {
+            let n = d.len();
+            let head = d.as_ptr().align_offset(32).min(n);
+            d[..head].copy_from_slice(&s[..head]);
+            let mut i = head;
+            while i + 32 <= n {
+                // SAFETY: `i + 32 <= n` keeps both accesses in bounds; the streaming store is to
+                // `d + i`, 32-byte aligned by `head`.
+                unsafe {
+                    let v = _mm256_loadu_si256(s.as_ptr().add(i).cast());
+                    _mm256_stream_si256(d.as_mut_ptr().add(i).cast(), v);
+                }
+                i += 32;
+            }
+            d[i..].copy_from_slice(&s[i..]);
         }
     }
 }
@@ -262,26 +428,48 @@ mod tests {
                     bigarray_bound: 1,
                 },
             ] {
-                let mut out = vec![0.0; len];
-                sum_slices(&mut out, &views, &config);
-                assert_eq!(out, reference(&srcs), "{count} sources, {config:?}");
+                for stream in [false, true] {
+                    let mut out = vec![0.0; len];
+                    sum_slices(&mut out, &views, &config, stream);
+                    assert_eq!(
+                        out,
+                        reference(&srcs),
+                        "{count} sources, {config:?}, stream {stream}"
+                    );
+                }
             }
         }
     }
 
     #[test]
-    fn parallel_copy_copies_everything() {
-        let src: Vec<i64> = (0..100_003).collect();
-        let mut dst = vec![0i64; src.len()];
-        copy_slices(
-            &mut dst,
-            &src,
-            &ReduceConfig {
-                threads: 4,
-                bigarray_bound: 10,
+    fn broadcast_writes_every_destination_at_any_alignment() {
+        let src: Vec<u8> = (0..70_001u32).map(|i| (i % 251) as u8).collect();
+        for config in [
+            ReduceConfig {
+                threads: 1,
+                bigarray_bound: usize::MAX,
             },
-        );
-        assert_eq!(dst, src);
+            ReduceConfig {
+                threads: 3,
+                bigarray_bound: 1,
+            },
+        ] {
+            // Offsets 0..3 into a larger buffer exercise every head alignment.
+            let mut backing: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; src.len() + 3]).collect();
+            let dsts: Vec<&mut [u8]> = backing
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| &mut b[i..i + src.len()])
+                .collect();
+            broadcast_slices(dsts, &src, &config);
+            for (i, b) in backing.iter().enumerate() {
+                assert_eq!(
+                    &b[i..i + src.len()],
+                    &src[..],
+                    "{config:?}, destination {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kvstore_base::{
 };
 
 use crate::gate::{GatePass, PriorityGate};
-use crate::reduce::{copy_into, sum_into, ReduceConfig};
+use crate::reduce::{broadcast_into, sum_into, ReduceConfig};
 
 /// The name the store is registered under.
 pub const NAME: &str = "local";
@@ -274,12 +274,15 @@ impl LocalStore {
                 .all(|a| a.storage_type() == StorageType::Dense)
                 && entry.value.storage_type() == StorageType::Dense;
             match updater {
-                None if all_dense => sum_into(&mut entry.value, &arrays, &self.config),
+                None if all_dense => sum_into(&mut entry.value, &arrays, &self.config, true),
                 None => entry.value = sparse_sum(&arrays)?,
                 Some(updater) => {
-                    let merged = if all_dense {
+                    let merged = if let [single] = arrays[..] {
+                        // One value needs no sum: the updater reads it where it is.
+                        single
+                    } else if all_dense {
                         let merge = entry.merge.get_or_insert_with(|| entry.value.clone());
-                        sum_into(merge, &arrays, &self.config);
+                        sum_into(merge, &arrays, &self.config, false);
                         &*merge
                     } else {
                         entry.merge = Some(sparse_sum(&arrays)?);
@@ -317,16 +320,30 @@ impl LocalStore {
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
     ) -> Result<()> {
-        let keys = outs.keys().to_vec();
-        for (key, out) in keys.iter().zip(outs.outs_mut()) {
+        // The outputs of each key, so that one pass over the stored value feeds all of them.
+        let mut buckets: Vec<(&Key, Vec<&mut NDArray>)> = Vec::new();
+        let mut slot: HashMap<&Key, usize> = HashMap::new();
+        for (key, out) in outs.iter_mut() {
             if ignore_sparse && out.storage_type() == StorageType::RowSparse {
                 if state.sparse_warned.insert(key.clone()) {
                     log::info!("Warning: non-default weights detected during kvstore pull. This call has been ignored. Please make sure to use kv.row_sparse_pull() or module.prepare() with row_ids.");
                 }
                 continue;
             }
+            let i = *slot.entry(key).or_insert_with(|| {
+                buckets.push((key, Vec::new()));
+                buckets.len() - 1
+            });
+            buckets[i].1.push(&mut **out);
+        }
+        for (key, mut bucket) in buckets {
             let entry = state.entries.get(key).expect("checked by check_pull");
-            copy_into(out, &entry.value, &self.config).map_err(self.at("pull", key))?;
+            let copied = if entry.value.storage_type() == StorageType::Dense {
+                broadcast_into(&mut bucket, &entry.value, &self.config)
+            } else {
+                bucket.iter_mut().try_for_each(|o| o.assign(&entry.value))
+            };
+            copied.map_err(self.at("pull", key))?;
         }
         Ok(())
     }
