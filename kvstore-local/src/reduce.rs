@@ -236,6 +236,32 @@ pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig, str
     run!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8);
 }
 
+/// `dst[:] = src` for two dense arrays of one shape: a plain memory copy when the dtypes agree
+/// and both are in standard layout, otherwise a cast, as [`NDArray::assign`] does. For small
+/// arrays, where a pass over all outputs at once gains nothing.
+///
+/// # Errors
+/// As [`NDArray::assign`] (a shape mismatch, which callers have ruled out).
+pub fn copy_dense(dst: &mut NDArray, src: &NDArray) -> kvstore_base::Result<()> {
+    macro_rules! same {
+        ($($variant:ident),*) => {
+            match (dst.dense_mut(), src.dense()) {
+                $((Some(HostArray::$variant(d)), Some(HostArray::$variant(s))) => {
+                    if let (Some(d), Some(s)) = (d.as_slice_mut(), s.as_slice()) {
+                        if d.len() == s.len() {
+                            d.copy_from_slice(s);
+                            return Ok(());
+                        }
+                    }
+                })*
+                _ => {}
+            }
+        };
+    }
+    same!(F32, F64, F16, BF16, I32, I64, U8);
+    dst.assign(src)
+}
+
 /// Copies dense `src` into every output (each of `src`'s shape, validated by the caller):
 /// outputs of `src`'s dtype in standard layout share one pass over `src`
 /// ([`broadcast_slices`]); the others are written with a cast, as [`NDArray::assign`] does.

@@ -10,7 +10,7 @@ use kvstore_base::{
 };
 
 use crate::gate::{GatePass, PriorityGate};
-use crate::reduce::{broadcast_into, sum_into, ReduceConfig};
+use crate::reduce::{broadcast_into, copy_dense, sum_into, ReduceConfig};
 
 /// The name the store is registered under.
 pub const NAME: &str = "local";
@@ -274,6 +274,12 @@ impl LocalStore {
                 .all(|a| a.storage_type() == StorageType::Dense)
                 && entry.value.storage_type() == StorageType::Dense;
             match updater {
+                None if all_dense
+                    && arrays.len() == 1
+                    && entry.value.size() < self.config.bigarray_bound =>
+                {
+                    copy_dense(&mut entry.value, arrays[0])?
+                }
                 None if all_dense => sum_into(&mut entry.value, &arrays, &self.config, true),
                 None => entry.value = sparse_sum(&arrays)?,
                 Some(updater) => {
@@ -320,9 +326,9 @@ impl LocalStore {
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
     ) -> Result<()> {
-        // The outputs of each key, so that one pass over the stored value feeds all of them.
+        // Small values are copied out one output at a time. The outputs of each big key are
+        // gathered so that one pass over the stored value feeds all of them.
         let mut buckets: Vec<(&Key, Vec<&mut NDArray>)> = Vec::new();
-        let mut slot: HashMap<&Key, usize> = HashMap::new();
         for (key, out) in outs.iter_mut() {
             if ignore_sparse && out.storage_type() == StorageType::RowSparse {
                 if state.sparse_warned.insert(key.clone()) {
@@ -330,20 +336,20 @@ impl LocalStore {
                 }
                 continue;
             }
-            let i = *slot.entry(key).or_insert_with(|| {
-                buckets.push((key, Vec::new()));
-                buckets.len() - 1
-            });
-            buckets[i].1.push(&mut **out);
+            let value = &state.entries.get(key).expect("checked by check_pull").value;
+            if value.size() < self.config.bigarray_bound
+                || value.storage_type() != StorageType::Dense
+            {
+                copy_dense(out, value).map_err(self.at("pull", key))?;
+            } else if let Some((_, bucket)) = buckets.iter_mut().find(|(k, _)| *k == key) {
+                bucket.push(&mut **out);
+            } else {
+                buckets.push((key, vec![&mut **out]));
+            }
         }
         for (key, mut bucket) in buckets {
-            let entry = state.entries.get(key).expect("checked by check_pull");
-            let copied = if entry.value.storage_type() == StorageType::Dense {
-                broadcast_into(&mut bucket, &entry.value, &self.config)
-            } else {
-                bucket.iter_mut().try_for_each(|o| o.assign(&entry.value))
-            };
-            copied.map_err(self.at("pull", key))?;
+            let value = &state.entries.get(key).expect("checked by check_pull").value;
+            broadcast_into(&mut bucket, value, &self.config).map_err(self.at("pull", key))?;
         }
         Ok(())
     }
