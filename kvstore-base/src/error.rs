@@ -143,6 +143,27 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A plugin library could not be loaded: the file is missing, is not a shared library, does
+    /// not export the plugin entry, or speaks another version of the plugin ABI.
+    #[error("cannot load kvstore plugin {}: {reason}", path.display())]
+    Plugin {
+        /// The library file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// The store panicked during an operation; the panic was caught at a plugin boundary.
+    #[error("{store}: {operation} panicked: {message}")]
+    Panic {
+        /// The store's type name.
+        store: String,
+        /// The operation.
+        operation: &'static str,
+        /// The panic message.
+        message: String,
+    },
+
     /// A backend-specific failure.
     #[error("{store}: {source}")]
     Backend {

@@ -14,6 +14,10 @@
 //! - [`create`] and [`register!`]: stores register themselves by name from their own crates;
 //!   `create("name")` finds them at run time, case-insensitively.
 //!
+//! - [`plugin`]: stores in shared libraries, behind a stable C ABI: `export_plugin!` in a
+//!   Rust `cdylib`, a C header for C and C++, and `load_plugin` / `KVSTORE_PLUGIN_PATH` to
+//!   load them.
+//!
 //! The trait is synchronous and object-safe so that one `Box<dyn KVStoreBase>` can stand for
 //! any backend, chosen by a string in a config file, as in MXNet. Registration is static
 //! (`inventory`) so linking a backend crate is all it takes, with a runtime registry on top
@@ -55,6 +59,7 @@ mod error;
 mod ext;
 mod key;
 mod optimizer_spec;
+pub mod plugin;
 mod registry;
 mod store;
 

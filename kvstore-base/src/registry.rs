@@ -51,7 +51,7 @@ impl Registration {
     }
 }
 
-fn normalise(name: &str) -> String {
+pub(crate) fn normalise(name: &str) -> String {
     name.rsplit("::")
         .next()
         .unwrap_or(name)
@@ -71,6 +71,12 @@ struct RuntimeEntry {
 fn runtime() -> &'static RwLock<BTreeMap<String, RuntimeEntry>> {
     static RUNTIME: OnceLock<RwLock<BTreeMap<String, RuntimeEntry>>> = OnceLock::new();
     RUNTIME.get_or_init(Default::default)
+}
+
+/// Loads the plugins of `KVSTORE_PLUGIN_PATH` the first time the registry is consulted.
+fn discover_plugins() {
+    #[cfg(feature = "dynamic-plugins")]
+    crate::plugin::discover_once();
 }
 
 fn statics() -> impl Iterator<Item = &'static Registration> {
@@ -139,6 +145,10 @@ pub fn unregister_runtime(name: &str) -> bool {
 
 /// Creates the store registered as `name` (case-insensitive, as MXNet's `create`).
 ///
+/// The first call (of `create`, [`create_with`], [`registered`] or [`registered_names`]) also
+/// loads the plugins listed in `KVSTORE_PLUGIN_PATH` (with the `dynamic-plugins` feature; see
+/// [`plugin`](crate::plugin)); a plugin that fails to load is logged and skipped.
+///
 /// Unlike MXNet, an unknown name is an error (MXNet silently falls back to a local store):
 /// the error lists every registered name and suggests the nearest one.
 ///
@@ -168,6 +178,7 @@ pub fn create_default() -> Result<Box<dyn KVStoreBase>> {
 /// # Errors
 /// As [`create`].
 pub fn create_with(name: &str, options: BTreeMap<String, String>) -> Result<Box<dyn KVStoreBase>> {
+    discover_plugins();
     let lower = normalise(name);
     let request = CreateRequest {
         name: lower.clone(),
@@ -217,6 +228,7 @@ pub struct StoreInfo {
 /// Every registered store with its capabilities, sorted by name. A runtime registration
 /// hides a static one of the same name.
 pub fn registered() -> Vec<StoreInfo> {
+    discover_plugins();
     let table = runtime()
         .read()
         .unwrap_or_else(PoisonError::into_inner)
@@ -250,6 +262,7 @@ pub fn registered() -> Vec<StoreInfo> {
 
 /// Every name and alias `create` accepts, sorted and deduplicated.
 pub fn registered_names() -> Vec<String> {
+    discover_plugins();
     let mut names: Vec<String> = statics()
         .flat_map(|r| std::iter::once(r.store_name()).chain(r.aliases.iter().map(|a| normalise(a))))
         .chain(
