@@ -73,8 +73,6 @@
 //! length against the bytes left, so a foreign, truncated or damaged file is an
 //! [`Error::InvalidArgument`](kvstore_base::Error::InvalidArgument), never a panic.
 #![deny(missing_docs)]
-// Kernels walk the weight, the gradient and several state arrays with one index.
-#![allow(clippy::needless_range_loop)]
 
 mod base;
 mod optimizer;

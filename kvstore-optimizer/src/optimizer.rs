@@ -10,10 +10,82 @@ use crate::real::{BHalf, Half};
 
 /// The buffers of one update, in one arithmetic: the weight (or its `f32` master copy), the
 /// gradient, and the optimizer's state arrays for this key, all of the same length.
+///
+/// They are the arrays' own memory (the update runs in place), and the updater hands over
+/// exactly [`Optimizer::state_len`] state arrays.
 pub struct Buffers<'a, R> {
     pub(crate) weight: &'a mut [R],
     pub(crate) grad: &'a [R],
-    pub(crate) state: &'a mut [Vec<R>],
+    pub(crate) state: Vec<&'a mut [R]>,
+}
+
+impl<'a, R> Buffers<'a, R> {
+    /// The weight, the gradient and the `N` state arrays.
+    ///
+    /// # Panics
+    /// When there are not `N` state arrays (the updater checks there are `state_len`).
+    pub(crate) fn split<const N: usize>(self) -> (&'a mut [R], &'a [R], [&'a mut [R]; N]) {
+        let n = self.state.len();
+        let state = self
+            .state
+            .try_into()
+            .unwrap_or_else(|_| panic!("{n} optimizer state arrays, the kernel expects {N}"));
+        (self.weight, self.grad, state)
+    }
+}
+
+// Element-wise loops over the weight, the gradient and 0–3 state arrays. Each zips plain
+// slices, so the loop has no bounds checks and the compiler can vectorise `f` (for `f32` and
+// `f64`); `f` gets the old values and returns the new ones.
+
+/// `w = f(w, g)` for every element.
+#[inline(always)]
+pub(crate) fn map1<R: Copy>(w: &mut [R], g: &[R], f: impl Fn(R, R) -> R) {
+    assert_eq!(w.len(), g.len());
+    for (w, &g) in w.iter_mut().zip(g) {
+        *w = f(*w, g);
+    }
+}
+
+/// `(w, s) = f(w, g, s)` for every element.
+#[inline(always)]
+pub(crate) fn map2<R: Copy>(w: &mut [R], g: &[R], s: &mut [R], f: impl Fn(R, R, R) -> (R, R)) {
+    assert!(w.len() == g.len() && w.len() == s.len());
+    for ((w, &g), s) in w.iter_mut().zip(g).zip(s) {
+        (*w, *s) = f(*w, g, *s);
+    }
+}
+
+/// `(w, s, t) = f(w, g, s, t)` for every element.
+#[inline(always)]
+pub(crate) fn map3<R: Copy>(
+    w: &mut [R],
+    g: &[R],
+    s: &mut [R],
+    t: &mut [R],
+    f: impl Fn(R, R, R, R) -> (R, R, R),
+) {
+    assert!(w.len() == g.len() && w.len() == s.len() && w.len() == t.len());
+    for (((w, &g), s), t) in w.iter_mut().zip(g).zip(s).zip(t) {
+        (*w, *s, *t) = f(*w, g, *s, *t);
+    }
+}
+
+/// `(w, s, t, u) = f(w, g, s, t, u)` for every element.
+#[inline(always)]
+pub(crate) fn map4<R: Copy>(
+    w: &mut [R],
+    g: &[R],
+    s: &mut [R],
+    t: &mut [R],
+    u: &mut [R],
+    f: impl Fn(R, R, R, R, R) -> (R, R, R, R),
+) {
+    let n = w.len();
+    assert!(g.len() == n && s.len() == n && t.len() == n && u.len() == n);
+    for ((((w, &g), s), t), u) in w.iter_mut().zip(g).zip(s).zip(t).zip(u) {
+        (*w, *s, *t, *u) = f(*w, g, *s, *t, *u);
+    }
 }
 
 /// The buffers of one update, tagged by arithmetic.
@@ -55,8 +127,11 @@ pub trait Optimizer: Send + fmt::Debug {
     fn base_mut(&mut self) -> &mut Base;
     /// How many state arrays (each shaped like the weight, zero-initialised) a key needs.
     fn state_len(&self) -> usize;
-    /// Updates one key: bumps its count, computes its rates and runs the kernel.
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()>;
+    /// Updates one key in place: bumps its count, computes its rates and runs the kernel.
+    ///
+    /// It cannot fail: the updater checks the buffers before, so that an error never leaves
+    /// a half-updated weight or state.
+    fn update(&mut self, key: &Key, slices: Slices<'_>);
     /// Run-time state beyond [`Base`]'s, to be saved with the optimizer (none by default).
     fn runtime_extra(&self, out: &mut BTreeMap<String, ParamValue>) {
         let _ = out;

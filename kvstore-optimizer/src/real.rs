@@ -8,7 +8,7 @@ use std::fmt::Debug;
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use half::{bf16, f16};
-use kvstore_base::{DType, NDArray};
+use kvstore_base::{DType, Element};
 
 /// A floating-point type a kernel computes in.
 pub(crate) trait Real:
@@ -26,6 +26,12 @@ pub(crate) trait Real:
 {
     /// The storage dtype of arrays in this arithmetic.
     const DTYPE: DType;
+    /// The element type arrays of this arithmetic store.
+    type Elem: Element;
+    /// The stored elements, seen in this arithmetic (same bits, no copy).
+    fn slice(s: &[Self::Elem]) -> &[Self];
+    /// The stored elements, seen mutably in this arithmetic (same bits, no copy).
+    fn slice_mut(s: &mut [Self::Elem]) -> &mut [Self];
     /// Converts from `f64`, rounding to nearest.
     fn of(x: f64) -> Self;
     /// Converts to `f64` (exact).
@@ -41,6 +47,10 @@ pub(crate) trait Real:
     fn zero() -> Self {
         Self::of(0.0)
     }
+    /// One.
+    fn one() -> Self {
+        Self::of(1.0)
+    }
     /// `|x|`.
     fn abs(self) -> Self {
         if self < Self::zero() {
@@ -52,9 +62,9 @@ pub(crate) trait Real:
     /// `-1`, `0` or `1`.
     fn sign(self) -> Self {
         if self > Self::zero() {
-            Self::of(1.0)
+            Self::one()
         } else if self < Self::zero() {
-            Self::of(-1.0)
+            -Self::one()
         } else {
             Self::zero()
         }
@@ -69,16 +79,19 @@ pub(crate) trait Real:
             self
         }
     }
-    /// Reads a dense array of this arithmetic's dtype.
-    fn read(a: &NDArray) -> Option<Vec<Self>>;
-    /// Builds an array of this arithmetic's dtype.
-    fn write(shape: &[usize], data: Vec<Self>) -> NDArray;
 }
 
 macro_rules! native {
     ($t:ty, $d:expr) => {
         impl Real for $t {
             const DTYPE: DType = $d;
+            type Elem = $t;
+            fn slice(s: &[$t]) -> &[$t] {
+                s
+            }
+            fn slice_mut(s: &mut [$t]) -> &mut [$t] {
+                s
+            }
             fn of(x: f64) -> Self {
                 x as $t
             }
@@ -87,12 +100,6 @@ macro_rules! native {
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
-            }
-            fn read(a: &NDArray) -> Option<Vec<Self>> {
-                a.to_vec::<$t>().ok()
-            }
-            fn write(shape: &[usize], data: Vec<Self>) -> NDArray {
-                NDArray::from_vec(shape, data).expect("length matches shape")
             }
         }
     };
@@ -104,65 +111,83 @@ macro_rules! sixteen {
     ($name:ident, $t:ty, $d:expr, $doc:literal) => {
         #[doc = $doc]
         #[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+        // `transparent`: a slice of the storage type is a slice of this type (`Real::slice`).
+        #[repr(transparent)]
         pub struct $name(pub $t);
 
         impl $name {
+            #[inline(always)]
             fn f(self) -> f32 {
                 self.0.to_f32()
             }
+            #[inline(always)]
             fn r(x: f32) -> Self {
                 $name(<$t>::from_f32(x))
             }
         }
         impl Add for $name {
             type Output = Self;
+            #[inline(always)]
             fn add(self, o: Self) -> Self {
                 Self::r(self.f() + o.f())
             }
         }
         impl Sub for $name {
             type Output = Self;
+            #[inline(always)]
             fn sub(self, o: Self) -> Self {
                 Self::r(self.f() - o.f())
             }
         }
         impl Mul for $name {
             type Output = Self;
+            #[inline(always)]
             fn mul(self, o: Self) -> Self {
                 Self::r(self.f() * o.f())
             }
         }
         impl Div for $name {
             type Output = Self;
+            #[inline(always)]
             fn div(self, o: Self) -> Self {
                 Self::r(self.f() / o.f())
             }
         }
         impl Neg for $name {
             type Output = Self;
+            #[inline(always)]
             fn neg(self) -> Self {
                 $name(-self.0)
             }
         }
         impl Real for $name {
             const DTYPE: DType = $d;
+            type Elem = $t;
+            fn slice(s: &[$t]) -> &[Self] {
+                // SAFETY: `Self` is a `repr(transparent)` wrapper of `$t`: same size, alignment
+                // and validity, so the slice's memory is a valid `[Self]` of the same length.
+                unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<Self>(), s.len()) }
+            }
+            fn slice_mut(s: &mut [$t]) -> &mut [Self] {
+                // SAFETY: as in `slice`; the exclusive borrow moves to the result.
+                unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<Self>(), s.len()) }
+            }
             fn of(x: f64) -> Self {
                 $name(<$t>::from_f64(x))
             }
             fn to_f64(self) -> f64 {
                 self.0.to_f64()
             }
+            #[inline(always)]
             fn sqrt(self) -> Self {
                 Self::r(self.f().sqrt())
             }
-            fn read(a: &NDArray) -> Option<Vec<Self>> {
-                a.to_vec::<$t>()
-                    .ok()
-                    .map(|v| v.into_iter().map($name).collect())
+            // The exact values `of(0.0)` and `of(1.0)` give, without a conversion.
+            fn zero() -> Self {
+                $name(<$t>::ZERO)
             }
-            fn write(shape: &[usize], data: Vec<Self>) -> NDArray {
-                NDArray::from_vec(shape, data.into_iter().map(|x| x.0).collect::<Vec<$t>>())
-                    .expect("length matches shape")
+            fn one() -> Self {
+                $name(<$t>::ONE)
             }
         }
     };
@@ -180,21 +205,53 @@ sixteen!(
     "`bfloat16` arithmetic that rounds every result to 16 bits."
 );
 
-/// Sum of squares, accumulated in `f64` for `float64` arrays and in `f32` otherwise (as
-/// MXNet's `multi_sum_sq` / `norm` accumulate).
-pub(crate) fn sum_sq<R: Real>(xs: &[R]) -> f64 {
-    if R::DTYPE == DType::F64 {
-        xs.iter().map(|x| x.to_f64() * x.to_f64()).sum()
-    } else {
-        let s: f32 = xs
-            .iter()
-            .map(|x| {
-                let v = x.to_f64() as f32;
-                v * v
-            })
-            .sum();
-        f64::from(s)
+/// A running sum of squares, accumulated in `f64` for `float64` arrays and in `f32` otherwise
+/// (as MXNet's `multi_sum_sq` / `norm` accumulate), in the order the values are added.
+pub(crate) struct SumSq {
+    wide: bool,
+    s64: f64,
+    s32: f32,
+}
+
+impl SumSq {
+    /// An empty sum for values of arithmetic `R`.
+    pub(crate) fn new<R: Real>() -> SumSq {
+        // `Iterator::sum`'s starting value, so results match a `.sum()` to the last bit.
+        SumSq {
+            wide: R::DTYPE == DType::F64,
+            s64: -0.0,
+            s32: -0.0,
+        }
     }
+
+    /// Adds `x²`.
+    #[inline]
+    pub(crate) fn add<R: Real>(&mut self, x: R) {
+        if self.wide {
+            self.s64 += x.to_f64() * x.to_f64();
+        } else {
+            let v = x.to_f64() as f32;
+            self.s32 += v * v;
+        }
+    }
+
+    /// The sum.
+    pub(crate) fn get(&self) -> f64 {
+        if self.wide {
+            self.s64
+        } else {
+            f64::from(self.s32)
+        }
+    }
+}
+
+/// Sum of squares, accumulated as [`SumSq`] does.
+pub(crate) fn sum_sq<R: Real>(xs: &[R]) -> f64 {
+    let mut s = SumSq::new::<R>();
+    for &x in xs {
+        s.add(x);
+    }
+    s.get()
 }
 
 /// Sum of squares of the values cast to `f32`, accumulated in `f32`.

@@ -1,13 +1,24 @@
 //! [`Updater`]: MXNet's `get_updater`, an optimizer plus per-key state.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use kvstore_base::{DType, Error, Key, NDArray, OptimizerSpec, Result};
+use half::{bf16, f16};
+use kvstore_base::{DType, Element, Error, Key, NDArray, OptimizerSpec, Result};
+use ndarray::{ArrayViewMutD, Zip};
 
 use crate::optimizer::{Buffers, Optimizer, Slices};
 use crate::real::{BHalf, Half, Real};
 use crate::state_file::{self, Saved, SavedKey, SavedOptimizer};
+
+/// Sets `out` to the elements of the half-precision `grad`, in `f32` (exact).
+fn widen<T: Element>(grad: &NDArray, out: &mut Vec<f32>) -> Result<()> {
+    let g = elements::<T>(grad).ok_or_else(checked)?;
+    out.clear();
+    out.extend(g.iter().map(|x| x.to_f64() as f32));
+    Ok(())
+}
 
 /// The state of one key: the optimizer's arrays and, with `multi_precision` on a
 /// half-precision weight, the `f32` master copy of the weight.
@@ -38,6 +49,8 @@ struct KeyState {
 pub struct Updater {
     optimizer: Box<dyn Optimizer>,
     states: BTreeMap<Key, KeyState>,
+    /// The `f32` gradient of a `multi_precision` update, reused from step to step.
+    grad32: Vec<f32>,
 }
 
 impl fmt::Debug for Updater {
@@ -79,34 +92,147 @@ tagged!(f64, F64);
 tagged!(Half, F16);
 tagged!(BHalf, BF16);
 
-/// Runs one optimizer update in arithmetic `R`, on copies; returns the new weight and state.
-fn run<R: Tagged>(
+/// The elements of a dense array of type `T`, as one mutable slice in row-major order: the
+/// array's own memory when its layout is standard, else a copy that [`InPlace::finish`]
+/// writes back.
+enum InPlace<'a, T> {
+    Own(&'a mut [T]),
+    Copy(ArrayViewMutD<'a, T>, Vec<T>),
+}
+
+impl<'a, T: Element> InPlace<'a, T> {
+    /// `None` when `a` is row-sparse or not of type `T`.
+    fn new(a: &'a mut NDArray) -> Option<Self> {
+        let view = a.view_mut::<T>()?;
+        Some(if view.is_standard_layout() {
+            InPlace::Own(view.into_slice()?)
+        } else {
+            let copy = view.iter().copied().collect();
+            InPlace::Copy(view, copy)
+        })
+    }
+
+    fn slice(&mut self) -> &mut [T] {
+        match self {
+            InPlace::Own(s) => s,
+            InPlace::Copy(_, c) => c,
+        }
+    }
+
+    fn finish(self) {
+        if let InPlace::Copy(mut view, copy) = self {
+            for (d, s) in view.iter_mut().zip(copy) {
+                *d = s;
+            }
+        }
+    }
+}
+
+/// The elements of an array of type `T` in row-major order: its own memory when it is dense
+/// with a standard layout, else a (densified) copy. `None` when it is not of type `T`.
+fn elements<T: Element>(a: &NDArray) -> Option<Cow<'_, [T]>> {
+    match a.as_slice::<T>() {
+        Some(s) => Some(Cow::Borrowed(s)),
+        None => a.to_vec::<T>().ok().map(Cow::Owned),
+    }
+}
+
+/// An invariant [`Updater::check`] and [`Updater::check_state`] established.
+fn checked() -> Error {
+    Error::InvalidArgument("internal: an array changed type after it was checked".into())
+}
+
+/// The buffers of one in-place update in arithmetic `R`: `weight` (the weight, or the master
+/// copy), `grad` and the state arrays. Building them can fail (an array of another dtype),
+/// running them cannot.
+struct Prepared<'a, R: Real> {
+    weight: InPlace<'a, R::Elem>,
+    state: Vec<InPlace<'a, R::Elem>>,
+    grad: Cow<'a, [R::Elem]>,
+}
+
+impl<'a, R: Real + Tagged> Prepared<'a, R> {
+    fn new(
+        weight: &'a mut NDArray,
+        grad: Cow<'a, [R::Elem]>,
+        state: &'a mut [NDArray],
+    ) -> Result<Self> {
+        Ok(Prepared {
+            weight: InPlace::new(weight).ok_or_else(checked)?,
+            state: state
+                .iter_mut()
+                .map(|a| InPlace::new(a).ok_or_else(checked))
+                .collect::<Result<_>>()?,
+            grad,
+        })
+    }
+
+    /// Runs `opt`'s update in place: the first write to any array happens here.
+    fn run(mut self, opt: &mut dyn Optimizer, key: &Key) {
+        opt.update(
+            key,
+            R::wrap(Buffers {
+                weight: R::slice_mut(self.weight.slice()),
+                grad: R::slice(&self.grad),
+                state: self
+                    .state
+                    .iter_mut()
+                    .map(|s| R::slice_mut(s.slice()))
+                    .collect(),
+            }),
+        );
+        self.weight.finish();
+        self.state.into_iter().for_each(InPlace::finish);
+    }
+}
+
+/// Sets every element of the (half-precision) `weight` to the `f32` master copy's value, cast
+/// as `astype` casts.
+fn write_back<T: Element>(weight: &mut NDArray, master: &NDArray) {
+    if let (Some(mut w), Some(m)) = (weight.view_mut::<T>(), master.view::<f32>()) {
+        Zip::from(&mut w)
+            .and(&m)
+            .for_each(|d, &m| *d = T::from_f64(f64::from(m)));
+    }
+}
+
+/// Updates `weight` and `state` in place, in arithmetic `R` (the weight's own).
+fn update_direct<R: Tagged>(
     opt: &mut dyn Optimizer,
     key: &Key,
-    weight: &NDArray,
     grad: &NDArray,
-    state: &[NDArray],
-) -> Result<(Vec<R>, Vec<Vec<R>>)> {
-    let read = |a: &NDArray, what: &str| {
-        R::read(a).ok_or_else(|| {
-            Error::InvalidArgument(format!("{what} is not {} as expected", R::DTYPE))
-        })
-    };
-    let mut w = read(weight, "the weight")?;
-    let g = read(grad, "the gradient")?;
-    let mut s = state
-        .iter()
-        .map(|a| read(a, "a state array"))
-        .collect::<Result<Vec<_>>>()?;
-    opt.update(
-        key,
-        R::wrap(Buffers {
-            weight: &mut w,
-            grad: &g,
-            state: &mut s,
-        }),
-    )?;
-    Ok((w, s))
+    weight: &mut NDArray,
+    state: &mut [NDArray],
+) -> Result<()> {
+    let grad = elements::<R::Elem>(grad).ok_or_else(checked)?;
+    Prepared::<R>::new(weight, grad, state)?.run(opt, key);
+    Ok(())
+}
+
+/// Updates the `f32` master copy of the half-precision `weight` and `state` in place, with
+/// the gradient widened into `grad32`, then casts the master copy into `weight`.
+fn update_master(
+    opt: &mut dyn Optimizer,
+    key: &Key,
+    grad: &NDArray,
+    weight: &mut NDArray,
+    master: &mut NDArray,
+    state: &mut [NDArray],
+    grad32: &mut Vec<f32>,
+) -> Result<()> {
+    let half = weight.dtype() == DType::F16;
+    if half {
+        widen::<f16>(grad, grad32)?;
+    } else {
+        widen::<bf16>(grad, grad32)?;
+    }
+    Prepared::<f32>::new(master, Cow::Borrowed(grad32), state)?.run(opt, key);
+    if half {
+        write_back::<f16>(weight, master);
+    } else {
+        write_back::<bf16>(weight, master);
+    }
+    Ok(())
 }
 
 impl Updater {
@@ -115,6 +241,7 @@ impl Updater {
         Updater {
             optimizer,
             states: BTreeMap::new(),
+            grad32: Vec::new(),
         }
     }
 
@@ -227,67 +354,57 @@ impl Updater {
     /// Creates the key's state on first use. A row-sparse gradient is applied as the dense
     /// array it stands for.
     ///
+    /// The update runs in place, on the weight's and the state's own memory (on a copy only
+    /// for an array whose layout is not standard, or a row-sparse gradient).
+    ///
     /// # Errors
     /// [`Error::AtKey`] (naming the key) around: [`Error::ShapeMismatch`] when the gradient's
     /// shape is not the weight's (both shapes are named), [`Error::DTypeMismatch`] when the
     /// dtypes differ, [`Error::InvalidArgument`] for integer or row-sparse weights or a loaded
-    /// state that does not fit the weight. The weight and the state are unchanged then.
+    /// state that does not fit the weight. The weight and the state are unchanged then: every
+    /// check runs, and every buffer is obtained, before the first write, and the optimizer's
+    /// kernel that then writes cannot fail.
     pub fn update(&mut self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<()> {
         self.check(key, grad, weight).map_err(|e| at(key, e))?;
         let mp = self.optimizer.base().multi_precision
             && matches!(weight.dtype(), DType::F16 | DType::BF16);
         let cdtype = compute_dtype(weight.dtype(), mp);
-        let state = match self.states.get(key) {
-            Some(s) => {
-                self.check_state(s, weight, mp).map_err(|e| at(key, e))?;
-                s.clone()
-            }
-            None => KeyState {
+        if let Some(s) = self.states.get(key) {
+            self.check_state(s, weight, mp).map_err(|e| at(key, e))?;
+        }
+        // A new key's state is kept only once its first update has succeeded.
+        let mut fresh = None;
+        let state = match self.states.get_mut(key) {
+            Some(s) => s,
+            None => fresh.insert(KeyState {
                 master: mp.then(|| weight.astype(DType::F32)),
                 arrays: (0..self.optimizer.state_len())
                     .map(|_| NDArray::zeros(weight.shape(), cdtype))
                     .collect(),
+            }),
+        };
+        let opt = self.optimizer.as_mut();
+        let done = match &mut state.master {
+            Some(master) => update_master(
+                opt,
+                key,
+                grad,
+                weight,
+                master,
+                &mut state.arrays,
+                &mut self.grad32,
+            ),
+            None => match cdtype {
+                DType::F32 => update_direct::<f32>(opt, key, grad, weight, &mut state.arrays),
+                DType::F64 => update_direct::<f64>(opt, key, grad, weight, &mut state.arrays),
+                DType::F16 => update_direct::<Half>(opt, key, grad, weight, &mut state.arrays),
+                _ => update_direct::<BHalf>(opt, key, grad, weight, &mut state.arrays),
             },
         };
-        let grad = grad.to_dense();
-        let shape = weight.shape().to_vec();
-        let opt = self.optimizer.as_mut();
-        let (new_weight, new_state) = if let Some(master) = &state.master {
-            let g32 = grad.astype(DType::F32);
-            let (w, s) =
-                run::<f32>(opt, key, master, &g32, &state.arrays).map_err(|e| at(key, e))?;
-            let master = f32::write(&shape, w);
-            let weight = master.astype(weight.dtype());
-            (
-                weight,
-                KeyState {
-                    master: Some(master),
-                    arrays: s.into_iter().map(|v| f32::write(&shape, v)).collect(),
-                },
-            )
-        } else {
-            macro_rules! go {
-                ($r:ty) => {{
-                    let (w, s) = run::<$r>(opt, key, weight, &grad, &state.arrays)
-                        .map_err(|e| at(key, e))?;
-                    (
-                        <$r>::write(&shape, w),
-                        KeyState {
-                            master: None,
-                            arrays: s.into_iter().map(|v| <$r>::write(&shape, v)).collect(),
-                        },
-                    )
-                }};
-            }
-            match cdtype {
-                DType::F32 => go!(f32),
-                DType::F64 => go!(f64),
-                DType::F16 => go!(Half),
-                _ => go!(BHalf),
-            }
-        };
-        weight.assign(&new_weight).map_err(|e| at(key, e))?;
-        self.states.insert(key.clone(), new_state);
+        done.map_err(|e| at(key, e))?;
+        if let Some(s) = fresh {
+            self.states.insert(key.clone(), s);
+        }
         Ok(())
     }
 

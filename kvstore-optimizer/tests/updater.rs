@@ -318,3 +318,128 @@ fn updater_serves_as_a_store_updater() {
     f(&Key::from(1), &f32s(&[1.0]), &mut w).unwrap();
     assert_eq!(w.to_vec::<f32>().unwrap(), vec![0.5]);
 }
+
+#[test]
+fn a_failed_update_leaves_weight_and_state_of_a_trained_key_untouched() {
+    let spec = OptimizerSpec::new("adam").with("learning_rate", 0.1);
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let key = Key::from(7);
+    let mut w = f32s(&[1.0, -2.0, 3.0]);
+    for _ in 0..3 {
+        up.update(&key, &f32s(&[0.5, 0.25, -1.0]), &mut w).unwrap();
+    }
+    let (w_before, s_before) = (w.clone(), up.state_arrays(&key).unwrap().to_vec());
+    // Wrong dtype, wrong shape, and (another updater's) state that does not fit.
+    assert!(up
+        .update(&key, &NDArray::ones(&[3], DType::F64), &mut w)
+        .is_err());
+    assert!(up.update(&key, &f32s(&[1.0, 2.0]), &mut w).is_err());
+    let mut w2 = NDArray::ones(&[2], DType::F32);
+    assert!(up.update(&key, &f32s(&[1.0, 2.0]), &mut w2).is_err());
+    assert_eq!(w, w_before);
+    assert_eq!(w2, NDArray::ones(&[2], DType::F32));
+    assert_eq!(up.state_arrays(&key).unwrap(), &s_before[..]);
+    assert_eq!(up.optimizer().base().update_count(&key), Some(3));
+}
+
+/// The same values as `[rows, cols]` row-major `v`, stored column-major.
+fn column_major(v: &[f64], rows: usize, cols: usize, dtype: DType) -> NDArray {
+    let mut t = vec![0.0; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = v[r * cols + c];
+        }
+    }
+    let a = ndarray::Array2::from_shape_vec((cols, rows), t)
+        .unwrap()
+        .reversed_axes();
+    NDArray::from(a).astype(dtype)
+}
+
+#[test]
+fn other_layouts_and_row_sparse_gradients_update_like_dense_ones() {
+    // The updater works in place on standard-layout arrays and on copies otherwise: both
+    // must give the same bits.
+    let (rows, cols) = (5, 7);
+    let values = |seed: usize, zero_rows: &[usize]| -> Vec<f64> {
+        (0..rows * cols)
+            .map(|i| {
+                if zero_rows.contains(&(i / cols)) {
+                    0.0
+                } else {
+                    ((i * 37 + seed * 11) % 23) as f64 / 23.0 - 0.4
+                }
+            })
+            .collect()
+    };
+    for name in optimizer_names() {
+        for (dtype, mp) in [
+            (DType::F32, false),
+            (DType::F64, false),
+            (DType::F16, false),
+            (DType::BF16, true),
+        ] {
+            let spec = OptimizerSpec::new(name)
+                .with("learning_rate", 0.05)
+                .with("momentum", 0.9)
+                .with("multi_precision", mp);
+            let spec = match name {
+                "sgd" | "nag" | "signum" | "lars" => spec,
+                _ => OptimizerSpec::new(name)
+                    .with("learning_rate", 0.05)
+                    .with("multi_precision", mp),
+            };
+            let dense = |v: &[f64]| {
+                NDArray::from_vec(&[rows, cols], v.to_vec())
+                    .unwrap()
+                    .astype(dtype)
+            };
+            let w0 = values(0, &[]);
+            let mut reference = Updater::from_spec(&spec).unwrap();
+            let mut w_ref = dense(&w0);
+            let mut others: Vec<(Updater, NDArray)> = (0..3)
+                .map(|i| {
+                    let w = if i == 0 {
+                        column_major(&w0, rows, cols, dtype)
+                    } else {
+                        dense(&w0)
+                    };
+                    (Updater::from_spec(&spec).unwrap(), w)
+                })
+                .collect();
+            assert_eq!(others[0].1.to_f64_vec(), w_ref.to_f64_vec());
+            if dtype == DType::F32 {
+                assert!(
+                    others[0].1.as_slice::<f32>().is_none(),
+                    "not standard layout"
+                );
+            }
+            for step in 1..4 {
+                let g = values(step, &[1, 3]);
+                reference
+                    .update(&Key::from(0), &dense(&g), &mut w_ref)
+                    .unwrap();
+                let grads = [
+                    dense(&g),
+                    column_major(&g, rows, cols, dtype),
+                    dense(&g).to_row_sparse().unwrap(),
+                ];
+                for ((up, w), g) in others.iter_mut().zip(&grads) {
+                    up.update(&Key::from(0), g, w).unwrap();
+                    let bits = |a: &NDArray| -> Vec<u64> {
+                        a.to_f64_vec().iter().map(|x| x.to_bits()).collect()
+                    };
+                    assert_eq!(bits(w), bits(&w_ref), "{name} {dtype} mp={mp}");
+                    let states = up.state_arrays(&Key::from(0)).unwrap();
+                    let ref_states = reference.state_arrays(&Key::from(0)).unwrap();
+                    for (s, r) in states.iter().zip(ref_states) {
+                        assert_eq!(bits(s), bits(r), "{name} {dtype} state");
+                    }
+                    let master = up.master_weight(&Key::from(0)).map(bits);
+                    let ref_master = reference.master_weight(&Key::from(0)).map(bits);
+                    assert_eq!(master, ref_master, "{name} {dtype} master");
+                }
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map3, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -28,7 +28,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(ADADELTA, "adadelta", "AdaDelta", build);
 
 impl AdaDelta {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         let wd = R::of(self.base.wd_for(key));
         self.base.bump(key);
         let rescale = R::of(self.base.rescale_grad);
@@ -36,22 +36,17 @@ impl AdaDelta {
         let rho = R::of(self.rho);
         let one_rho = R::of(1.0 - self.rho);
         let eps = R::of(self.epsilon);
-        let (acc_g, rest) = b.state.split_at_mut(1);
-        let (acc_g, acc_d) = (&mut acc_g[0], &mut rest[0]);
-        for i in 0..b.weight.len() {
-            let mut g = b.grad[i] * rescale;
+        let (weight, grad, [acc_g, acc_d]) = b.split();
+        map3(weight, grad, acc_g, acc_d, |w, g, acc_g, acc_d| {
+            let mut g = g * rescale;
             if let Some(c) = clip {
                 g = g.clip(c);
             }
-            acc_g[i] = acc_g[i] * rho;
-            acc_g[i] = acc_g[i] + one_rho * g * g;
-            let d = (acc_d[i] + eps).sqrt() / (acc_g[i] + eps).sqrt() * g;
-            acc_d[i] = acc_d[i] * rho;
-            acc_d[i] = acc_d[i] + one_rho * d * d;
-            let w = b.weight[i];
-            b.weight[i] = w - (d + wd * w);
-        }
-        Ok(())
+            let acc_g = acc_g * rho + one_rho * g * g;
+            let d = (acc_d + eps).sqrt() / (acc_g + eps).sqrt() * g;
+            let acc_d = acc_d * rho + one_rho * d * d;
+            (w - (d + wd * w), acc_g, acc_d)
+        });
     }
 }
 
@@ -60,7 +55,7 @@ impl Optimizer for AdaDelta {
     fn state_len(&self) -> usize {
         2
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

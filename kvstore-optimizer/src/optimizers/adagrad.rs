@@ -5,7 +5,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -24,7 +24,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(ADAGRAD, "adagrad", "AdaGrad", build);
 
 impl AdaGrad {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let lr = self.base.lr_for(key);
         let wd = R::of(self.base.wd_for(key));
@@ -32,18 +32,16 @@ impl AdaGrad {
         let rescale = R::of(self.base.rescale_grad);
         let clip = self.base.clip_gradient.map(R::param);
         let eps = R::of(self.eps);
-        let h = &mut b.state[0];
-        for i in 0..b.weight.len() {
-            let mut g = b.grad[i] * rescale;
+        let (weight, grad, [h]) = b.split();
+        map2(weight, grad, h, |w, g, h| {
+            let mut g = g * rescale;
             if let Some(c) = clip {
                 g = g.clip(c);
             }
-            h[i] = h[i] + g * g;
-            let div = g / (h[i] + eps).sqrt();
-            let w = b.weight[i];
-            b.weight[i] = w + (div + w * wd) * neg_lr;
-        }
-        Ok(())
+            let h = h + g * g;
+            let div = g / (h + eps).sqrt();
+            (w + (div + w * wd) * neg_lr, h)
+        });
     }
 }
 
@@ -52,7 +50,7 @@ impl Optimizer for AdaGrad {
     fn state_len(&self) -> usize {
         1
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

@@ -9,7 +9,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map3, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -37,7 +37,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(ADAM, "adam", "Adam", build);
 
 impl Adam {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         let t = self.base.bump(key) as f64;
         let lr = self.base.lr_for(key);
         let wd = R::param(self.base.wd_for(key));
@@ -51,19 +51,16 @@ impl Adam {
             R::param(self.epsilon),
         );
         let one = R::of(1.0);
-        let (m, rest) = b.state.split_at_mut(1);
-        let (m, v) = (&mut m[0], &mut rest[0]);
-        for i in 0..b.weight.len() {
-            let w = b.weight[i];
-            let mut g = b.grad[i] * rescale + w * wd;
+        let (weight, grad, [m, v]) = b.split();
+        map3(weight, grad, m, v, |w, g, m, v| {
+            let mut g = g * rescale + w * wd;
             if let Some(c) = clip {
                 g = g.clip(c);
             }
-            m[i] = b1 * m[i] + (one - b1) * g;
-            v[i] = b2 * v[i] + (one - b2) * g * g;
-            b.weight[i] = w - lr * m[i] / (v[i].sqrt() + eps);
-        }
-        Ok(())
+            let m = b1 * m + (one - b1) * g;
+            let v = b2 * v + (one - b2) * g * g;
+            (w - lr * m / (v.sqrt() + eps), m, v)
+        });
     }
 }
 
@@ -72,7 +69,7 @@ impl Optimizer for Adam {
     fn state_len(&self) -> usize {
         2
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

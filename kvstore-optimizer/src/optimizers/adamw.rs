@@ -11,7 +11,7 @@ use kvstore_base::{DType, Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map3, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -80,27 +80,22 @@ impl AdamW {
         }
     }
 
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         // MXNet's adamw kernels compute half-precision elements in float.
         let half = matches!(R::DTYPE, DType::F16 | DType::BF16);
-        let (m, rest) = b.state.split_at_mut(1);
-        let (m, v) = (&mut m[0], &mut rest[0]);
+        let (weight, grad, [m, v]) = b.split();
         if half {
             let s: Step<f32> = self.step(key);
             let f = |x: R| x.to_f64() as f32;
-            for i in 0..b.weight.len() {
-                let (w, mi, vi) = s.element(f(b.weight[i]), f(b.grad[i]), f(m[i]), f(v[i]));
-                b.weight[i] = R::of(f64::from(w));
-                m[i] = R::of(f64::from(mi));
-                v[i] = R::of(f64::from(vi));
-            }
+            let r = |x: f32| R::of(f64::from(x));
+            map3(weight, grad, m, v, |w, g, m, v| {
+                let (w, m, v) = s.element(f(w), f(g), f(m), f(v));
+                (r(w), r(m), r(v))
+            });
         } else {
             let s: Step<R> = self.step(key);
-            for i in 0..b.weight.len() {
-                (b.weight[i], m[i], v[i]) = s.element(b.weight[i], b.grad[i], m[i], v[i]);
-            }
+            map3(weight, grad, m, v, |w, g, m, v| s.element(w, g, m, v));
         }
-        Ok(())
     }
 }
 
@@ -109,7 +104,7 @@ impl Optimizer for AdamW {
     fn state_len(&self) -> usize {
         2
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

@@ -9,7 +9,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map3, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -30,30 +30,28 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(FTRL, "ftrl", "FTRL-Proximal", build);
 
 impl Ftrl {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let wd = R::param(self.base.wd_for(key));
         let lr = R::param(self.base.lr_for(key));
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
         let (l1, beta) = (R::param(self.lamda1), R::param(self.beta));
-        let (z, rest) = b.state.split_at_mut(1);
-        let (z, n) = (&mut z[0], &mut rest[0]);
-        for i in 0..b.weight.len() {
-            let mut g = rescale * b.grad[i];
+        let (weight, grad, [z, n]) = b.split();
+        map3(weight, grad, z, n, |w, g, z, n| {
+            let mut g = rescale * g;
             if let Some(c) = clip {
                 g = g.clip(c);
             }
-            let w = b.weight[i];
-            z[i] = z[i] + g - ((n[i] + g * g).sqrt() - n[i].sqrt()) * w / lr;
-            n[i] = n[i] + g * g;
-            b.weight[i] = if z[i].abs() > l1 {
-                (z[i].sign() * l1 - z[i]) / ((beta + n[i].sqrt()) / lr + wd)
+            let z = z + g - ((n + g * g).sqrt() - n.sqrt()) * w / lr;
+            let n = n + g * g;
+            let w = if z.abs() > l1 {
+                (z.sign() * l1 - z) / ((beta + n.sqrt()) / lr + wd)
             } else {
                 R::zero()
             };
-        }
-        Ok(())
+            (w, z, n)
+        });
     }
 }
 
@@ -62,7 +60,7 @@ impl Optimizer for Ftrl {
     fn state_len(&self) -> usize {
         2
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

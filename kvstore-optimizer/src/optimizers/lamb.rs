@@ -10,7 +10,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
-use crate::real::{sum_sq, Real};
+use crate::real::{sum_sq, Real, SumSq};
 
 #[derive(Debug)]
 struct Lamb {
@@ -56,7 +56,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(LAMB, "lamb", "LAMB (layer-wise adaptive moments)", build);
 
 impl Lamb {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         let t = self.base.bump(key) as i32;
         let lr = f64::from(self.base.lr_for(key) as f32);
         let wide = R::DTYPE == kvstore_base::DType::F64;
@@ -81,21 +81,26 @@ impl Lamb {
         } else {
             (one, one)
         };
-        let (m, rest) = b.state.split_at_mut(1);
-        let (m, v) = (&mut m[0], &mut rest[0]);
-        let mut u = Vec::with_capacity(b.weight.len());
-        for i in 0..b.weight.len() {
-            let mut g = b.grad[i] * rescale;
+        let (weight, grad, [m, v]) = b.split();
+        // The update direction `u`, from the new moments and the old weight.
+        let direction = |w: R, m: R, v: R| {
+            let (mh, vh) = (m / c1, v / c2);
+            mh / (vh.sqrt() + eps) + wd * w
+        };
+        // Pass 1: the moments, and ‖u‖ without storing `u`; pass 2 recomputes `u` (same
+        // inputs, same bits) to move the weight, once both norms are known.
+        let mut u_sq = SumSq::new::<R>();
+        for (((&w, &g), m), v) in weight.iter().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let mut g = g * rescale;
             if let Some(c) = clip {
                 g = g.clip(c);
             }
-            m[i] = b1 * m[i] + (one - b1) * g;
-            v[i] = b2 * v[i] + (one - b2) * g * g;
-            let (mh, vh) = (m[i] / c1, v[i] / c2);
-            u.push(mh / (vh.sqrt() + eps) + wd * b.weight[i]);
+            *m = b1 * *m + (one - b1) * g;
+            *v = b2 * *v + (one - b2) * g * g;
+            u_sq.add(direction(w, *m, *v));
         }
-        let mut r1 = sum_sq(b.weight).sqrt();
-        let r2 = sum_sq(&u).sqrt();
+        let mut r1 = sum_sq(weight).sqrt();
+        let r2 = u_sq.get().sqrt();
         if let Some(lb) = self.lower_bound.filter(|x| *x > 0.0) {
             r1 = r1.max(f64::from(lb as f32));
         }
@@ -110,10 +115,9 @@ impl Lamb {
             f64::from(lr as f32 * (r1 as f32 / r2 as f32))
         };
         let lr_adj = R::of(lr_adj);
-        for (w, u) in b.weight.iter_mut().zip(u) {
-            *w = *w - lr_adj * u;
+        for ((w, &m), &v) in weight.iter_mut().zip(&*m).zip(&*v) {
+            *w = *w - lr_adj * direction(*w, m, v);
         }
-        Ok(())
     }
 }
 
@@ -122,7 +126,7 @@ impl Optimizer for Lamb {
     fn state_len(&self) -> usize {
         2
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

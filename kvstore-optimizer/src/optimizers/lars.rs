@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use kvstore_base::{Key, OptimizerSpec, ParamValue, Result};
 
-use super::sgd::sgd_element;
+use super::sgd::sgd_apply;
 use super::{begin, common, end, register};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
@@ -55,7 +55,7 @@ register!(
 );
 
 impl Lars {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         // LARS._get_lrs: remember the previous global rate for momentum correction.
         if let Some(cur) = self.cur_lr {
@@ -87,24 +87,14 @@ impl Lars {
         let wd = R::param(wd);
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
-        let has_mom = self.momentum > 0.0 && !b.state.is_empty();
-        let momentum = match (has_mom, self.last_lr, self.cur_lr) {
-            (false, ..) => R::zero(),
+        let momentum = match (self.momentum > 0.0, self.last_lr, self.cur_lr) {
+            (false, ..) => None,
             (true, Some(last), Some(cur)) if self.momentum_correction && last != 0.0 => {
-                R::param(self.momentum * (cur / last))
+                Some(R::param(self.momentum * (cur / last)))
             }
-            (true, ..) => R::param(self.momentum),
+            (true, ..) => Some(R::param(self.momentum)),
         };
-        for i in 0..b.weight.len() {
-            let mom = if has_mom { b.state[0][i] } else { R::zero() };
-            let (w, mom) =
-                sgd_element(b.weight[i], b.grad[i], mom, momentum, lr, wd, rescale, clip);
-            b.weight[i] = w;
-            if has_mom {
-                b.state[0][i] = mom;
-            }
-        }
-        Ok(())
+        sgd_apply(b, momentum, lr, wd, rescale, clip);
     }
 }
 
@@ -113,7 +103,7 @@ impl Optimizer for Lars {
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
     fn runtime_extra(&self, out: &mut BTreeMap<String, ParamValue>) {

@@ -9,7 +9,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -28,7 +28,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(NAG, "nag", "Nesterov accelerated gradient", build);
 
 /// MXNet's non-aggregated `sgd_update` kernel for one element.
-#[inline]
+#[inline(always)]
 pub(crate) fn plain_sgd<R: Real>(w: R, g: R, lr: R, wd: R, rescale: R, clip: Option<R>) -> R {
     let one = R::of(1.0);
     match clip {
@@ -38,32 +38,33 @@ pub(crate) fn plain_sgd<R: Real>(w: R, g: R, lr: R, wd: R, rescale: R, clip: Opt
 }
 
 impl Nag {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let lr = R::param(self.base.lr_for(key));
         let wd = R::param(self.base.wd_for(key));
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
-        if self.momentum > 0.0 && !b.state.is_empty() {
-            let mu = R::param(self.momentum);
-            let mu1 = mu + R::of(1.0);
-            for i in 0..b.weight.len() {
-                let g = match clip {
-                    Some(c) => (rescale * b.grad[i]).clip(c),
-                    None => rescale * b.grad[i],
-                };
-                let w = b.weight[i];
-                let mom = mu * b.state[0][i];
-                let w_new = w - mom + mu1 * (mom - lr * (g + wd * w));
-                b.weight[i] = w_new;
-                b.state[0][i] = mom - lr * (g + wd * w_new);
+        let Buffers {
+            weight,
+            grad,
+            mut state,
+        } = b;
+        match state.first_mut() {
+            Some(mom) if self.momentum > 0.0 => {
+                let mu = R::param(self.momentum);
+                let mu1 = mu + R::of(1.0);
+                map2(weight, grad, mom, |w, g, mom| {
+                    let g = match clip {
+                        Some(c) => (rescale * g).clip(c),
+                        None => rescale * g,
+                    };
+                    let mom = mu * mom;
+                    let w_new = w - mom + mu1 * (mom - lr * (g + wd * w));
+                    (w_new, mom - lr * (g + wd * w_new))
+                });
             }
-        } else {
-            for i in 0..b.weight.len() {
-                b.weight[i] = plain_sgd(b.weight[i], b.grad[i], lr, wd, rescale, clip);
-            }
+            _ => map1(weight, grad, |w, g| plain_sgd(w, g, lr, wd, rescale, clip)),
         }
-        Ok(())
     }
 }
 
@@ -72,7 +73,7 @@ impl Optimizer for Nag {
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

@@ -9,7 +9,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map2, map4, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -46,7 +46,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(RMSPROP, "rmsprop", "RMSProp (plain or centered)", build);
 
 impl RmsProp {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let lr = R::param(self.base.lr_for(key));
         let wd = R::param(self.base.wd_for(key));
@@ -59,29 +59,28 @@ impl RmsProp {
             R::param(self.epsilon),
         );
         let one = R::of(1.0);
-        for i in 0..b.weight.len() {
-            let w = b.weight[i];
-            let mut g = rescale * b.grad[i] + wd * w;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
-            let n = (one - g1) * g * g + g1 * b.state[0][i];
-            b.state[0][i] = n;
-            let mut w_new = if self.centered {
-                let m = (one - g1) * g + g1 * b.state[1][i];
-                b.state[1][i] = m;
-                let d = g2 * b.state[2][i] - lr * (g / (n - m * m + eps).sqrt());
-                b.state[2][i] = d;
-                w + d
-            } else {
-                w - lr * (g / (n + eps).sqrt())
-            };
-            if let Some(c) = clip_w {
-                w_new = w_new.clip(c);
-            }
-            b.weight[i] = w_new;
+        let grad = |w: R, g: R| {
+            let g = rescale * g + wd * w;
+            clip.map_or(g, |c| g.clip(c))
+        };
+        let clip_w = |w: R| clip_w.map_or(w, |c| w.clip(c));
+        if self.centered {
+            let (weight, grads, [n, m, d]) = b.split();
+            map4(weight, grads, n, m, d, |w, g, n, m, d| {
+                let g = grad(w, g);
+                let n = (one - g1) * g * g + g1 * n;
+                let m = (one - g1) * g + g1 * m;
+                let d = g2 * d - lr * (g / (n - m * m + eps).sqrt());
+                (clip_w(w + d), n, m, d)
+            });
+        } else {
+            let (weight, grads, [n]) = b.split();
+            map2(weight, grads, n, |w, g, n| {
+                let g = grad(w, g);
+                let n = (one - g1) * g * g + g1 * n;
+                (clip_w(w - lr * (g / (n + eps).sqrt())), n)
+            });
         }
-        Ok(())
     }
 }
 
@@ -94,7 +93,7 @@ impl Optimizer for RmsProp {
             1
         }
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

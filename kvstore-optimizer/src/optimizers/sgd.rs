@@ -8,7 +8,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -27,7 +27,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(SGD, "sgd", "SGD with momentum and weight decay", build);
 
 /// One element of MXNet's `MultiSGDKernel`; returns the new weight and momentum.
-#[inline]
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgd_element<R: Real>(
     w: R,
@@ -47,29 +47,41 @@ pub(crate) fn sgd_element<R: Real>(
     (w + mom, mom)
 }
 
+/// [`sgd_element`] over the buffers: with `momentum` (and a state array) the state is the
+/// momentum, else the momentum is 0 and nothing is stored.
+#[inline]
+pub(crate) fn sgd_apply<R: Real>(
+    b: Buffers<'_, R>,
+    momentum: Option<R>,
+    lr: R,
+    wd: R,
+    rescale: R,
+    clip: Option<R>,
+) {
+    let Buffers {
+        weight,
+        grad,
+        mut state,
+    } = b;
+    match (momentum, state.first_mut()) {
+        (Some(mu), Some(mom)) => map2(weight, grad, mom, |w, g, m| {
+            sgd_element(w, g, m, mu, lr, wd, rescale, clip)
+        }),
+        _ => map1(weight, grad, |w, g| {
+            sgd_element(w, g, R::zero(), R::zero(), lr, wd, rescale, clip).0
+        }),
+    }
+}
+
 impl Sgd {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let lr = R::param(self.base.lr_for(key));
         let wd = R::param(self.base.wd_for(key));
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
-        let has_mom = self.momentum > 0.0 && !b.state.is_empty();
-        let momentum = if has_mom {
-            R::param(self.momentum)
-        } else {
-            R::zero()
-        };
-        for i in 0..b.weight.len() {
-            let mom = if has_mom { b.state[0][i] } else { R::zero() };
-            let (w, mom) =
-                sgd_element(b.weight[i], b.grad[i], mom, momentum, lr, wd, rescale, clip);
-            b.weight[i] = w;
-            if has_mom {
-                b.state[0][i] = mom;
-            }
-        }
-        Ok(())
+        let momentum = (self.momentum > 0.0).then(|| R::param(self.momentum));
+        sgd_apply(b, momentum, lr, wd, rescale, clip);
     }
 }
 
@@ -78,7 +90,7 @@ impl Optimizer for Sgd {
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

@@ -7,7 +7,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -32,7 +32,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(SIGNUM, "signum", "SignSGD / Signum", build);
 
 impl Signum {
-    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
         let lr = R::param(self.base.lr_for(key));
         let wd = R::param(self.base.wd_for(key));
@@ -44,21 +44,23 @@ impl Signum {
             Some(c) => (rescale * g).clip(c),
             None => rescale * g,
         };
-        if self.momentum > 0.0 && !b.state.is_empty() {
-            let mu = R::param(self.momentum);
-            for i in 0..b.weight.len() {
-                let w = b.weight[i];
-                let mom = mu * b.state[0][i] - (one - mu) * wd * w - (one - mu) * grad(b.grad[i]);
-                b.state[0][i] = mom;
-                b.weight[i] = (one - lr * wd_lh) * w + lr * mom.sign();
+        let Buffers {
+            weight,
+            grad: grads,
+            mut state,
+        } = b;
+        match state.first_mut() {
+            Some(mom) if self.momentum > 0.0 => {
+                let mu = R::param(self.momentum);
+                map2(weight, grads, mom, |w, g, mom| {
+                    let mom = mu * mom - (one - mu) * wd * w - (one - mu) * grad(g);
+                    ((one - lr * wd_lh) * w + lr * mom.sign(), mom)
+                });
             }
-        } else {
-            for i in 0..b.weight.len() {
-                let w = b.weight[i];
-                b.weight[i] = (one - lr * wd) * w - lr * grad(b.grad[i]).sign();
-            }
+            _ => map1(weight, grads, |w, g| {
+                (one - lr * wd) * w - lr * grad(g).sign()
+            }),
         }
-        Ok(())
     }
 }
 
@@ -67,7 +69,7 @@ impl Optimizer for Signum {
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }

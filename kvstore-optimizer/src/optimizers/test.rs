@@ -5,7 +5,7 @@ use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -27,14 +27,14 @@ register!(
 );
 
 impl Test {
-    fn kernel<R: Real>(&mut self, _key: &Key, b: Buffers<'_, R>) -> Result<()> {
+    fn kernel<R: Real>(&mut self, _key: &Key, b: Buffers<'_, R>) {
         // MXNet 1.x's Test.update neither counts updates nor reads the learning rate.
         let rescale = R::of(self.base.rescale_grad);
-        for i in 0..b.weight.len() {
-            b.weight[i] = b.weight[i] + b.grad[i] * rescale;
-            b.state[0][i] = b.weight[i];
-        }
-        Ok(())
+        let (weight, grad, [copy]) = b.split();
+        map2(weight, grad, copy, |w, g, _| {
+            let w = w + g * rescale;
+            (w, w)
+        });
     }
 }
 
@@ -43,7 +43,7 @@ impl Optimizer for Test {
     fn state_len(&self) -> usize {
         1
     }
-    fn update(&mut self, key: &Key, slices: Slices<'_>) -> Result<()> {
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))
     }
 }
