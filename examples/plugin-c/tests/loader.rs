@@ -128,7 +128,7 @@ fn a_panic_in_a_plugin_is_an_error_and_the_store_stays_usable() {
         text.contains("rustpluginstore: push panicked") && text.contains("which panics by design"),
         "{text}"
     );
-    // The store still works, including the lock the panic poisoned.
+    // The store still works after the panic: the next calls go through as before.
     kv.push(
         "w",
         &[

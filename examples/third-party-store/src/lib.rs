@@ -58,9 +58,19 @@ pub const NAME: &str = "mykvstore";
 /// the operation and the key.
 ///
 /// `rank` is 0, `num_workers` 1, and the only capability is [`Capability::InitPushPull`].
-#[derive(Debug, Default)]
+///
+/// The store reports its name ([`NAME`] by default, see [`MyKVStore::named`]) as its type name
+/// and in every error it builds.
+#[derive(Debug)]
 pub struct MyKVStore {
+    name: &'static str,
     values: Mutex<HashMap<Key, NDArray>>,
+}
+
+impl Default for MyKVStore {
+    fn default() -> Self {
+        MyKVStore::named(NAME)
+    }
 }
 
 kvstore_base::register!(MyKVStore);
@@ -68,6 +78,15 @@ kvstore_base::register!(MyKVStore);
 type Table = HashMap<Key, NDArray>;
 
 impl MyKVStore {
+    /// An empty store that reports `name` as its type name and in its errors: the same store
+    /// reporting another type name, e.g. when it is re-exported as a plugin.
+    pub fn named(name: &'static str) -> MyKVStore {
+        MyKVStore {
+            name,
+            values: Mutex::default(),
+        }
+    }
+
     /// The table of values. Every operation validates before it writes, so a panic in another
     /// thread cannot have left the table half updated, and a poisoned lock is still usable.
     fn lock(&self) -> MutexGuard<'_, Table> {
@@ -78,13 +97,14 @@ impl MyKVStore {
 /// Validates a push and returns the new value of each pushed key: the sum of its values, left
 /// to right in their dtype. Nothing is written.
 fn sums(
+    store: &str,
     table: &Table,
     operation: &'static str,
     values: &KeyedValues<'_>,
 ) -> Result<Vec<(Key, NDArray)>> {
     let mut sums = Vec::new();
     for group in values.groups() {
-        let at = |e: Error| e.at_key(NAME, operation, group.key.clone());
+        let at = |e: Error| e.at_key(store, operation, group.key.clone());
         let stored = table
             .get(&group.key)
             .ok_or_else(|| at(Error::KeyNotInitialized))?;
@@ -114,6 +134,7 @@ fn is_pulled(outs: &KeyedOuts<'_>, i: usize, ignore_sparse: bool) -> bool {
 /// Checks that every pulled output has a value of its shape, in `fresh` (values this call is
 /// about to store) or else in `table`. Nothing is written.
 fn check_pull(
+    store: &str,
     table: &Table,
     fresh: &[(Key, NDArray)],
     operation: &'static str,
@@ -129,14 +150,14 @@ fn check_pull(
             .find(|(k, _)| k == key)
             .map(|(_, v)| v)
             .or_else(|| table.get(key))
-            .ok_or_else(|| Error::KeyNotInitialized.at_key(NAME, operation, key.clone()))?;
+            .ok_or_else(|| Error::KeyNotInitialized.at_key(store, operation, key.clone()))?;
         if out.shape() != value.shape() {
             return Err(Error::ShapeMismatch {
                 what: format!("output {i}"),
                 expected: value.shape().to_vec(),
                 found: out.shape().to_vec(),
             }
-            .at_key(NAME, operation, key.clone()));
+            .at_key(store, operation, key.clone()));
         }
     }
     Ok(())
@@ -144,6 +165,7 @@ fn check_pull(
 
 /// Copies the stored values into the pulled outputs; [`check_pull`] has passed.
 fn write_pull(
+    store: &str,
     table: &Table,
     operation: &'static str,
     outs: &mut KeyedOuts<'_>,
@@ -154,7 +176,7 @@ fn write_pull(
         if !is_pulled(outs, i, ignore_sparse) {
             continue;
         }
-        let at = |e: Error| e.at_key(NAME, operation, key.clone());
+        let at = |e: Error| e.at_key(store, operation, key.clone());
         let value = table.get(key).ok_or_else(|| at(Error::KeyNotInitialized))?;
         outs.outs_mut()[i].assign(value).map_err(at)?;
     }
@@ -164,6 +186,7 @@ fn write_pull(
 /// Validates an init: each key once in the call, and not yet in the store. Returns copies of
 /// the values to store. Nothing is written.
 fn fresh_values(
+    store: &str,
     table: &Table,
     operation: &'static str,
     values: &KeyedValues<'_>,
@@ -171,7 +194,7 @@ fn fresh_values(
     let mut fresh = Vec::new();
     for group in values.groups() {
         if table.contains_key(&group.key) || group.positions.len() > 1 {
-            return Err(Error::DuplicateInit.at_key(NAME, operation, group.key));
+            return Err(Error::DuplicateInit.at_key(store, operation, group.key));
         }
         fresh.push((group.key, values.values()[group.positions[0]].clone()));
     }
@@ -180,7 +203,7 @@ fn fresh_values(
 
 impl KVStoreBase for MyKVStore {
     fn type_name(&self) -> &str {
-        NAME
+        self.name
     }
 
     fn rank(&self) -> usize {
@@ -210,14 +233,14 @@ impl KVStoreBase for MyKVStore {
                     expected: 1,
                     found: group.positions.len(),
                 }
-                .at_key(NAME, "broadcast", group.key));
+                .at_key(self.name, "broadcast", group.key));
             }
         }
         let mut table = self.lock();
-        let fresh = fresh_values(&table, "broadcast", values)?;
-        check_pull(&table, &fresh, "broadcast", outs, false)?;
+        let fresh = fresh_values(self.name, &table, "broadcast", values)?;
+        check_pull(self.name, &table, &fresh, "broadcast", outs, false)?;
         table.extend(fresh);
-        write_pull(&table, "broadcast", outs, false)
+        write_pull(self.name, &table, "broadcast", outs, false)
     }
 
     fn pushpull_batch(
@@ -228,23 +251,23 @@ impl KVStoreBase for MyKVStore {
     ) -> Result<()> {
         outs.check_against("pushpull", values)?;
         let mut table = self.lock();
-        let sums = sums(&table, "pushpull", values)?;
+        let sums = sums(self.name, &table, "pushpull", values)?;
         // A push keeps every key's shape, so the outputs can be checked against the store now.
-        check_pull(&table, &sums, "pushpull", outs, false)?;
+        check_pull(self.name, &table, &sums, "pushpull", outs, false)?;
         table.extend(sums);
-        write_pull(&table, "pushpull", outs, false)
+        write_pull(self.name, &table, "pushpull", outs, false)
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
         let mut table = self.lock();
-        let fresh = fresh_values(&table, "init", values)?;
+        let fresh = fresh_values(self.name, &table, "init", values)?;
         table.extend(fresh);
         Ok(())
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, _priority: i32) -> Result<()> {
         let mut table = self.lock();
-        let sums = sums(&table, "push", values)?;
+        let sums = sums(self.name, &table, "push", values)?;
         table.extend(sums);
         Ok(())
     }
@@ -256,8 +279,8 @@ impl KVStoreBase for MyKVStore {
         ignore_sparse: bool,
     ) -> Result<()> {
         let table = self.lock();
-        check_pull(&table, &[], "pull", outs, ignore_sparse)?;
-        write_pull(&table, "pull", outs, ignore_sparse)
+        check_pull(self.name, &table, &[], "pull", outs, ignore_sparse)?;
+        write_pull(self.name, &table, "pull", outs, ignore_sparse)
     }
 }
 
