@@ -1,0 +1,545 @@
+//! The cluster configuration: MXNet's / ps-lite's environment variables and `kvstore.toml`.
+//!
+//! A dist store learns its role and the cluster from the variables MXNet's launcher
+//! (`tools/launch.py`) and Kubeflow-style MXJob setups export, so those keep working unchanged:
+//!
+//! | variable | `[dist]` key | default | meaning |
+//! |---|---|---|---|
+//! | `DMLC_ROLE` | `role` | `worker` | `worker`, `server` or `scheduler` |
+//! | `DMLC_PS_ROOT_URI` | `root_uri` | required | the scheduler's host |
+//! | `DMLC_PS_ROOT_PORT` | `root_port` | required | the scheduler's port |
+//! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1) |
+//! | `DMLC_NUM_WORKER` | `num_worker` | required | number of workers (≥ 1) |
+//! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises and binds |
+//! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
+//! | `PORT` | `port` | unset (any free port) | fixed port for this node |
+//! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message) |
+//! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0 (off) | seconds between heartbeats |
+//! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
+//! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
+//! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier); fractions allowed |
+//! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
+//!
+//! **The environment wins over the file**: each setting is taken from its variable when the
+//! variable is set, else from the `[dist]` table of `kvstore.toml`, else the default. The
+//! required settings (the scheduler's address and the cluster size) are an error when neither
+//! gives them, as in ps-lite, whose message (`Check notnull: Environment::Get()->find("...")`)
+//! is quoted in ours.
+//!
+//! Parsing never reads the process environment by itself: [`DistConfig::from_vars`] takes any
+//! map of variables (tests pass their own), [`DistConfig::from_env`] is the one that reads
+//! `std::env`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default of `MXNET_KVSTORE_BIGARRAY_BOUND` (MXNet's).
+pub const DEFAULT_BIGARRAY_BOUND: u64 = 1_000_000;
+/// Default bound on every wait, in seconds (`KVSTORE_TIMEOUT_SECS`).
+pub const DEFAULT_TIMEOUT_SECS: f64 = 60.0;
+/// Default largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`): 4 GiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 30;
+
+/// The role of this process in the cluster (`DMLC_ROLE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Pushes gradients and pulls weights (the default, as in MXNet).
+    #[default]
+    Worker,
+    /// Holds a slice of the keys, sums pushes, runs the optimizer.
+    Server,
+    /// Assigns node ids and runs barriers.
+    Scheduler,
+}
+
+impl Role {
+    /// MXNet's spelling: `worker`, `server`, `scheduler`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Server => "server",
+            Role::Scheduler => "scheduler",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Role, ()> {
+        match s.trim() {
+            "worker" => Ok(Role::Worker),
+            "server" => Ok(Role::Server),
+            "scheduler" => Ok(Role::Scheduler),
+            _ => Err(()),
+        }
+    }
+}
+
+/// A configuration that cannot be used. Every message names the variable (or file key) and
+/// the offending value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required setting is missing from both the environment and the file.
+    #[error(
+        "{var} is not set (ps-lite: `Check notnull: Environment::Get()->find(\"{var}\")`); \
+         set the environment variable or `{key}` in the [dist] table of kvstore.toml"
+    )]
+    Missing {
+        /// The environment variable.
+        var: &'static str,
+        /// The `[dist]` key of `kvstore.toml`.
+        key: &'static str,
+    },
+    /// A setting has a value that cannot be parsed or is out of range.
+    #[error("{var}={value:?} is invalid: {expected}")]
+    Invalid {
+        /// The environment variable (or `kvstore.toml [dist].<key>`).
+        var: String,
+        /// The value given.
+        value: String,
+        /// What is accepted.
+        expected: String,
+    },
+    /// `kvstore.toml` cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `kvstore.toml` is not valid TOML or its `[dist]` table has unknown keys or wrong types.
+    #[error("invalid kvstore.toml{}: {message}", path.as_ref().map(|p| format!(" ({})", p.display())).unwrap_or_default())]
+    File {
+        /// The file, when read from one.
+        path: Option<PathBuf>,
+        /// The TOML parser's message (it names the key and line).
+        message: String,
+    },
+}
+
+impl From<ConfigError> for kvstore_base::Error {
+    fn from(e: ConfigError) -> kvstore_base::Error {
+        kvstore_base::Error::InvalidArgument(e.to_string())
+    }
+}
+
+/// The `[dist]` table of `kvstore.toml`: every key optional, unknown keys rejected.
+///
+/// ```toml
+/// [dist]
+/// role = "server"
+/// root_uri = "10.0.0.1"
+/// root_port = 9091
+/// num_server = 2
+/// num_worker = 4
+/// timeout_secs = 120
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistFile {
+    /// `DMLC_ROLE`.
+    pub role: Option<Role>,
+    /// `DMLC_PS_ROOT_URI`.
+    pub root_uri: Option<String>,
+    /// `DMLC_PS_ROOT_PORT`.
+    pub root_port: Option<u16>,
+    /// `DMLC_NUM_SERVER`.
+    pub num_server: Option<u32>,
+    /// `DMLC_NUM_WORKER`.
+    pub num_worker: Option<u32>,
+    /// `DMLC_NODE_HOST`.
+    pub node_host: Option<String>,
+    /// `DMLC_INTERFACE`.
+    pub interface: Option<String>,
+    /// `PORT`.
+    pub port: Option<u16>,
+    /// `PS_VERBOSE`.
+    pub verbose: Option<u8>,
+    /// `PS_HEARTBEAT_INTERVAL`, seconds.
+    pub heartbeat_interval: Option<u64>,
+    /// `PS_HEARTBEAT_TIMEOUT`, seconds.
+    pub heartbeat_timeout: Option<u64>,
+    /// `MXNET_KVSTORE_BIGARRAY_BOUND`.
+    pub bigarray_bound: Option<u64>,
+    /// `KVSTORE_TIMEOUT_SECS`.
+    pub timeout_secs: Option<f64>,
+    /// `KVSTORE_MAX_MESSAGE_BYTES`.
+    pub max_message_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct FileRoot {
+    #[serde(default)]
+    dist: Option<DistFile>,
+}
+
+impl DistFile {
+    /// Parses the `[dist]` table of a `kvstore.toml` text (other tables are ignored; a missing
+    /// `[dist]` table gives all-unset).
+    pub fn from_toml_str(text: &str) -> Result<DistFile, ConfigError> {
+        Self::parse(text, None)
+    }
+
+    /// Reads and parses `path` (see [`DistFile::from_toml_str`]).
+    pub fn from_path(path: &Path) -> Result<DistFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, Some(path))
+    }
+
+    fn parse(text: &str, path: Option<&Path>) -> Result<DistFile, ConfigError> {
+        let root: FileRoot = toml::from_str(text).map_err(|e| ConfigError::File {
+            path: path.map(Path::to_path_buf),
+            message: e.to_string(),
+        })?;
+        Ok(root.dist.unwrap_or_default())
+    }
+}
+
+/// The complete configuration of one node of a dist cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DistConfig {
+    /// This node's role.
+    pub role: Role,
+    /// The scheduler's host (`DMLC_PS_ROOT_URI`).
+    pub root_uri: String,
+    /// The scheduler's port (`DMLC_PS_ROOT_PORT`).
+    pub root_port: u16,
+    /// Number of servers (`DMLC_NUM_SERVER`), at least 1.
+    pub num_servers: u32,
+    /// Number of workers (`DMLC_NUM_WORKER`), at least 1.
+    pub num_workers: u32,
+    /// The address this node advertises and binds (`DMLC_NODE_HOST`).
+    pub node_host: Option<String>,
+    /// The interface to take this node's address from (`DMLC_INTERFACE`).
+    pub interface: Option<String>,
+    /// A fixed port for this node (`PORT`); `None`: any free port.
+    pub port: Option<u16>,
+    /// Logging level of the transport (`PS_VERBOSE`): 0, 1 or 2.
+    pub verbose: u8,
+    /// Interval between heartbeats (`PS_HEARTBEAT_INTERVAL`); zero: no heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is dead (`PS_HEARTBEAT_TIMEOUT`); zero: never.
+    pub heartbeat_timeout: Duration,
+    /// Element count from which an array is split over all servers
+    /// (`MXNET_KVSTORE_BIGARRAY_BOUND`).
+    pub bigarray_bound: u64,
+    /// Bound on every wait (`KVSTORE_TIMEOUT_SECS`).
+    pub timeout: Duration,
+    /// Largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: u64,
+}
+
+/// Where a value came from, for error messages.
+struct Source<'a> {
+    env: &'a HashMap<String, String>,
+}
+
+impl Source<'_> {
+    fn get(&self, var: &str) -> Option<&str> {
+        self.env.get(var).map(String::as_str)
+    }
+}
+
+fn invalid(var: &str, value: &str, expected: &str) -> ConfigError {
+    ConfigError::Invalid {
+        var: var.to_string(),
+        value: value.to_string(),
+        expected: expected.to_string(),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(
+    var: &str,
+    value: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    value
+        .trim()
+        .parse::<T>()
+        .map_err(|_| invalid(var, value, expected))
+}
+
+fn file_var(key: &str) -> String {
+    format!("kvstore.toml [dist].{key}")
+}
+
+impl DistConfig {
+    /// Reads the process environment (see the [module docs](self)); no file.
+    pub fn from_env() -> Result<DistConfig, ConfigError> {
+        Self::from_vars_and_file(env_map(), &DistFile::default())
+    }
+
+    /// Reads the process environment over the `[dist]` table of the `kvstore.toml` at `path`.
+    pub fn from_env_and_path(path: &Path) -> Result<DistConfig, ConfigError> {
+        Self::from_vars_and_file(env_map(), &DistFile::from_path(path)?)
+    }
+
+    /// Parses a map of environment variables (no file).
+    ///
+    /// ```
+    /// use kvstore_dist::config::{DistConfig, Role};
+    /// let c = DistConfig::from_vars([
+    ///     ("DMLC_ROLE", "server"),
+    ///     ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+    ///     ("DMLC_PS_ROOT_PORT", "9091"),
+    ///     ("DMLC_NUM_SERVER", "1"),
+    ///     ("DMLC_NUM_WORKER", "2"),
+    /// ])
+    /// .unwrap();
+    /// assert_eq!(c.role, Role::Server);
+    /// assert_eq!(c.num_workers, 2);
+    /// assert_eq!(c.timeout.as_secs(), 60);
+    /// ```
+    pub fn from_vars<I, K, V>(vars: I) -> Result<DistConfig, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self::from_vars_and_file(vars, &DistFile::default())
+    }
+
+    /// Parses a map of environment variables over a `[dist]` table: a variable that is set
+    /// wins over the file's key.
+    pub fn from_vars_and_file<I, K, V>(vars: I, file: &DistFile) -> Result<DistConfig, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let env: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let src = Source { env: &env };
+
+        let role = match src.get("DMLC_ROLE") {
+            Some(v) => v
+                .parse::<Role>()
+                .map_err(|_| invalid("DMLC_ROLE", v, "one of worker, server, scheduler"))?,
+            None => file.role.unwrap_or_default(),
+        };
+
+        let root_uri = match src.get("DMLC_PS_ROOT_URI") {
+            Some(v) if v.trim().is_empty() => {
+                return Err(invalid("DMLC_PS_ROOT_URI", v, "a host name or IP address"))
+            }
+            Some(v) => v.trim().to_string(),
+            None => match &file.root_uri {
+                Some(v) if v.trim().is_empty() => {
+                    return Err(invalid(
+                        &file_var("root_uri"),
+                        v,
+                        "a host name or IP address",
+                    ))
+                }
+                Some(v) => v.trim().to_string(),
+                None => {
+                    return Err(ConfigError::Missing {
+                        var: "DMLC_PS_ROOT_URI",
+                        key: "root_uri",
+                    })
+                }
+            },
+        };
+
+        let port_expected = "a port number in 1..=65535";
+        let check_port = |var: &str, raw: &str, p: u16| {
+            if p == 0 {
+                Err(invalid(var, raw, port_expected))
+            } else {
+                Ok(p)
+            }
+        };
+        let root_port = match src.get("DMLC_PS_ROOT_PORT") {
+            Some(v) => check_port(
+                "DMLC_PS_ROOT_PORT",
+                v,
+                parse_num("DMLC_PS_ROOT_PORT", v, port_expected)?,
+            )?,
+            None => match file.root_port {
+                Some(p) => check_port(&file_var("root_port"), &p.to_string(), p)?,
+                None => {
+                    return Err(ConfigError::Missing {
+                        var: "DMLC_PS_ROOT_PORT",
+                        key: "root_port",
+                    })
+                }
+            },
+        };
+
+        let count = |var: &'static str, key: &'static str, from_file: Option<u32>| {
+            let expected = "a whole number of at least 1";
+            let (n, name, raw) = match src.get(var) {
+                Some(v) => (
+                    parse_num::<u32>(var, v, expected)?,
+                    var.to_string(),
+                    v.to_string(),
+                ),
+                None => match from_file {
+                    Some(n) => (n, file_var(key), n.to_string()),
+                    None => return Err(ConfigError::Missing { var, key }),
+                },
+            };
+            if n == 0 {
+                return Err(invalid(&name, &raw, expected));
+            }
+            Ok(n)
+        };
+        let num_servers = count("DMLC_NUM_SERVER", "num_server", file.num_server)?;
+        let num_workers = count("DMLC_NUM_WORKER", "num_worker", file.num_worker)?;
+
+        let text = |var: &str, from_file: &Option<String>| -> Option<String> {
+            src.get(var)
+                .map(str::to_string)
+                .or_else(|| from_file.clone())
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let node_host = text("DMLC_NODE_HOST", &file.node_host);
+        let interface = text("DMLC_INTERFACE", &file.interface);
+
+        let port = match src.get("PORT") {
+            Some(v) => Some(check_port("PORT", v, parse_num("PORT", v, port_expected)?)?),
+            None => match file.port {
+                Some(p) => Some(check_port(&file_var("port"), &p.to_string(), p)?),
+                None => None,
+            },
+        };
+
+        let verbose_expected = "0, 1 or 2";
+        let (verbose, vname, vraw) = match src.get("PS_VERBOSE") {
+            Some(v) => (
+                parse_num::<u8>("PS_VERBOSE", v, verbose_expected)?,
+                "PS_VERBOSE".to_string(),
+                v.to_string(),
+            ),
+            None => {
+                let n = file.verbose.unwrap_or(0);
+                (n, file_var("verbose"), n.to_string())
+            }
+        };
+        if verbose > 2 {
+            return Err(invalid(&vname, &vraw, verbose_expected));
+        }
+
+        let secs = |var: &str, from_file: Option<u64>| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_secs(match src.get(var) {
+                Some(v) => parse_num::<u64>(var, v, "a whole number of seconds (0 = off)")?,
+                None => from_file.unwrap_or(0),
+            }))
+        };
+        let heartbeat_interval = secs("PS_HEARTBEAT_INTERVAL", file.heartbeat_interval)?;
+        let heartbeat_timeout = secs("PS_HEARTBEAT_TIMEOUT", file.heartbeat_timeout)?;
+
+        let bigarray_expected = "a whole number of elements of at least 1";
+        let (bigarray_bound, bname, braw) = match src.get("MXNET_KVSTORE_BIGARRAY_BOUND") {
+            Some(v) => (
+                parse_num::<u64>("MXNET_KVSTORE_BIGARRAY_BOUND", v, bigarray_expected)?,
+                "MXNET_KVSTORE_BIGARRAY_BOUND".to_string(),
+                v.to_string(),
+            ),
+            None => {
+                let n = file.bigarray_bound.unwrap_or(DEFAULT_BIGARRAY_BOUND);
+                (n, file_var("bigarray_bound"), n.to_string())
+            }
+        };
+        if bigarray_bound == 0 {
+            return Err(invalid(&bname, &braw, bigarray_expected));
+        }
+
+        let timeout_expected = "a positive number of seconds (fractions allowed), at most one year";
+        let (timeout_secs, tname, traw) = match src.get("KVSTORE_TIMEOUT_SECS") {
+            Some(v) => (
+                parse_num::<f64>("KVSTORE_TIMEOUT_SECS", v, timeout_expected)?,
+                "KVSTORE_TIMEOUT_SECS".to_string(),
+                v.to_string(),
+            ),
+            None => {
+                let t = file.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
+                (t, file_var("timeout_secs"), t.to_string())
+            }
+        };
+        if !(timeout_secs.is_finite() && timeout_secs > 0.0 && timeout_secs <= 365.0 * 86400.0) {
+            return Err(invalid(&tname, &traw, timeout_expected));
+        }
+        let timeout = Duration::from_secs_f64(timeout_secs);
+
+        let max_expected = "a whole number of bytes of at least 1024";
+        let (max_message_bytes, mname, mraw) = match src.get("KVSTORE_MAX_MESSAGE_BYTES") {
+            Some(v) => (
+                parse_num::<u64>("KVSTORE_MAX_MESSAGE_BYTES", v, max_expected)?,
+                "KVSTORE_MAX_MESSAGE_BYTES".to_string(),
+                v.to_string(),
+            ),
+            None => {
+                let n = file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+                (n, file_var("max_message_bytes"), n.to_string())
+            }
+        };
+        if max_message_bytes < 1024 {
+            return Err(invalid(&mname, &mraw, max_expected));
+        }
+
+        Ok(DistConfig {
+            role,
+            root_uri,
+            root_port,
+            num_servers,
+            num_workers,
+            node_host,
+            interface,
+            port,
+            verbose,
+            heartbeat_interval,
+            heartbeat_timeout,
+            bigarray_bound,
+            timeout,
+            max_message_bytes,
+        })
+    }
+
+    /// The scheduler's address as `host:port`, for [`std::net::ToSocketAddrs`].
+    pub fn scheduler_addr(&self) -> String {
+        if self.root_uri.contains(':') && !self.root_uri.starts_with('[') {
+            format!("[{}]:{}", self.root_uri, self.root_port)
+        } else {
+            format!("{}:{}", self.root_uri, self.root_port)
+        }
+    }
+
+    /// The transport settings this configuration implies (timeout, maximum message size);
+    /// the node id is assigned later by the scheduler.
+    pub fn transport(&self) -> crate::transport::TransportConfig {
+        crate::transport::TransportConfig {
+            timeout: self.timeout,
+            max_message_bytes: self.max_message_bytes,
+            ..crate::transport::TransportConfig::default()
+        }
+    }
+}
+
+/// The process environment as a map; values that are not UTF-8 are converted lossily (a
+/// mangled value of one of our variables then fails to parse, naming the variable).
+fn env_map() -> HashMap<String, String> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        .collect()
+}

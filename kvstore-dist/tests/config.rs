@@ -1,0 +1,218 @@
+//! Parsing the cluster configuration from injected variables and `kvstore.toml` text (the
+//! process environment is never touched).
+
+use std::time::Duration;
+
+use kvstore_dist::config::{ConfigError, DistConfig, DistFile, Role, DEFAULT_BIGARRAY_BOUND};
+
+const BASE: [(&str, &str); 4] = [
+    ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+    ("DMLC_PS_ROOT_PORT", "9091"),
+    ("DMLC_NUM_SERVER", "2"),
+    ("DMLC_NUM_WORKER", "3"),
+];
+
+fn with(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    BASE.iter()
+        .chain(extra.iter())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn without(var: &str) -> Vec<(String, String)> {
+    with(&[]).into_iter().filter(|(k, _)| k != var).collect()
+}
+
+fn err(vars: Vec<(String, String)>) -> String {
+    DistConfig::from_vars(vars).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_follow_mxnet() {
+    let c = DistConfig::from_vars(with(&[])).unwrap();
+    assert_eq!(c.role, Role::Worker);
+    assert_eq!(c.root_uri, "127.0.0.1");
+    assert_eq!(c.root_port, 9091);
+    assert_eq!((c.num_servers, c.num_workers), (2, 3));
+    assert_eq!(c.node_host, None);
+    assert_eq!(c.interface, None);
+    assert_eq!(c.port, None);
+    assert_eq!(c.verbose, 0);
+    assert_eq!(c.heartbeat_interval, Duration::ZERO);
+    assert_eq!(c.heartbeat_timeout, Duration::ZERO);
+    assert_eq!(c.bigarray_bound, DEFAULT_BIGARRAY_BOUND);
+    assert_eq!(c.timeout, Duration::from_secs(60));
+    assert_eq!(c.scheduler_addr(), "127.0.0.1:9091");
+    assert_eq!(c.transport().timeout, Duration::from_secs(60));
+}
+
+#[test]
+fn every_variable_is_read() {
+    let c = DistConfig::from_vars(with(&[
+        ("DMLC_ROLE", "scheduler"),
+        ("DMLC_NODE_HOST", "10.0.0.5"),
+        ("DMLC_INTERFACE", "eth0"),
+        ("PORT", "9000"),
+        ("PS_VERBOSE", "2"),
+        ("PS_HEARTBEAT_INTERVAL", "5"),
+        ("PS_HEARTBEAT_TIMEOUT", "30"),
+        ("MXNET_KVSTORE_BIGARRAY_BOUND", "1000"),
+        ("KVSTORE_TIMEOUT_SECS", "0.5"),
+        ("KVSTORE_MAX_MESSAGE_BYTES", "1048576"),
+    ]))
+    .unwrap();
+    assert_eq!(c.role, Role::Scheduler);
+    assert_eq!(c.node_host.as_deref(), Some("10.0.0.5"));
+    assert_eq!(c.interface.as_deref(), Some("eth0"));
+    assert_eq!(c.port, Some(9000));
+    assert_eq!(c.verbose, 2);
+    assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+    assert_eq!(c.heartbeat_timeout, Duration::from_secs(30));
+    assert_eq!(c.bigarray_bound, 1000);
+    assert_eq!(c.timeout, Duration::from_millis(500));
+    assert_eq!(c.max_message_bytes, 1 << 20);
+    assert_eq!(c.transport().max_message_bytes, 1 << 20);
+    for (v, r) in [("worker", Role::Worker), ("server", Role::Server)] {
+        assert_eq!(
+            DistConfig::from_vars(with(&[("DMLC_ROLE", v)]))
+                .unwrap()
+                .role,
+            r
+        );
+    }
+}
+
+#[test]
+fn missing_required_variables_are_named_as_ps_lite_does() {
+    for var in [
+        "DMLC_PS_ROOT_URI",
+        "DMLC_PS_ROOT_PORT",
+        "DMLC_NUM_SERVER",
+        "DMLC_NUM_WORKER",
+    ] {
+        let e = DistConfig::from_vars(without(var)).unwrap_err();
+        assert!(matches!(e, ConfigError::Missing { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!(
+                "Check notnull: Environment::Get()->find(\"{var}\")"
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("kvstore.toml"), "{msg}");
+    }
+}
+
+#[test]
+fn bad_values_name_the_variable_and_the_value() {
+    let cases = [
+        ("DMLC_ROLE", "master", "one of worker, server, scheduler"),
+        ("DMLC_PS_ROOT_PORT", "http", "port number"),
+        ("DMLC_PS_ROOT_PORT", "0", "port number"),
+        ("DMLC_PS_ROOT_PORT", "70000", "port number"),
+        ("DMLC_PS_ROOT_URI", " ", "host name"),
+        ("DMLC_NUM_SERVER", "0", "at least 1"),
+        ("DMLC_NUM_WORKER", "-2", "at least 1"),
+        ("PORT", "x", "port number"),
+        ("PS_VERBOSE", "3", "0, 1 or 2"),
+        ("PS_HEARTBEAT_INTERVAL", "1.5", "whole number of seconds"),
+        ("MXNET_KVSTORE_BIGARRAY_BOUND", "0", "at least 1"),
+        ("KVSTORE_TIMEOUT_SECS", "0", "positive number of seconds"),
+        ("KVSTORE_TIMEOUT_SECS", "NaN", "positive number of seconds"),
+        ("KVSTORE_TIMEOUT_SECS", "1e30", "positive number of seconds"),
+        ("KVSTORE_MAX_MESSAGE_BYTES", "12", "at least 1024"),
+    ];
+    for (var, value, expected) in cases {
+        let msg = err(with(&[(var, value)]));
+        assert!(
+            msg.starts_with(&format!("{var}={value:?} is invalid")),
+            "{msg}"
+        );
+        assert!(msg.contains(expected), "{var}: {msg}");
+    }
+}
+
+#[test]
+fn the_file_fills_in_and_the_environment_wins() {
+    let file = DistFile::from_toml_str(
+        r#"
+        [local]
+        ignored = true
+
+        [dist]
+        role = "server"
+        root_uri = "10.1.1.1"
+        root_port = 7000
+        num_server = 4
+        num_worker = 8
+        node_host = "10.1.1.2"
+        port = 7001
+        verbose = 1
+        heartbeat_interval = 2
+        bigarray_bound = 500
+        timeout_secs = 90
+        max_message_bytes = 65536
+        "#,
+    )
+    .unwrap();
+    let c = DistConfig::from_vars_and_file(Vec::<(String, String)>::new(), &file).unwrap();
+    assert_eq!(c.role, Role::Server);
+    assert_eq!(c.scheduler_addr(), "10.1.1.1:7000");
+    assert_eq!((c.num_servers, c.num_workers), (4, 8));
+    assert_eq!(c.node_host.as_deref(), Some("10.1.1.2"));
+    assert_eq!(c.port, Some(7001));
+    assert_eq!(c.verbose, 1);
+    assert_eq!(c.heartbeat_interval, Duration::from_secs(2));
+    assert_eq!(c.bigarray_bound, 500);
+    assert_eq!(c.timeout, Duration::from_secs(90));
+    assert_eq!(c.max_message_bytes, 65536);
+
+    let c = DistConfig::from_vars_and_file(
+        with(&[("DMLC_ROLE", "worker"), ("KVSTORE_TIMEOUT_SECS", "5")]),
+        &file,
+    )
+    .unwrap();
+    assert_eq!(c.role, Role::Worker);
+    assert_eq!(c.scheduler_addr(), "127.0.0.1:9091");
+    assert_eq!((c.num_servers, c.num_workers), (2, 3));
+    assert_eq!(c.timeout, Duration::from_secs(5));
+    // Not set in the environment: still from the file.
+    assert_eq!(c.port, Some(7001));
+    assert_eq!(c.bigarray_bound, 500);
+}
+
+#[test]
+fn bad_files_are_reported_with_the_key() {
+    let e = DistFile::from_toml_str("[dist]\nnum_workers = 2\n").unwrap_err();
+    assert!(e.to_string().contains("num_workers"), "{e}");
+    let e = DistFile::from_toml_str("[dist]\nrole = \"master\"\n").unwrap_err();
+    assert!(e.to_string().contains("master"), "{e}");
+    let e = DistFile::from_toml_str("[dist\n").unwrap_err();
+    assert!(e.to_string().starts_with("invalid kvstore.toml"), "{e}");
+    assert_eq!(DistFile::from_toml_str("").unwrap(), DistFile::default());
+
+    let file = DistFile::from_toml_str("[dist]\nnum_server = 0\nnum_worker = 1\n").unwrap();
+    let e = DistConfig::from_vars_and_file(without("DMLC_NUM_SERVER"), &file).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("kvstore.toml [dist].num_server=\"0\" is invalid"),
+        "{e}"
+    );
+
+    let e = DistFile::from_path(std::path::Path::new("/nonexistent/kvstore.toml")).unwrap_err();
+    assert!(e.to_string().contains("/nonexistent/kvstore.toml"), "{e}");
+}
+
+#[test]
+fn ipv6_scheduler_addresses_are_bracketed() {
+    let c = DistConfig::from_vars(with(&[("DMLC_PS_ROOT_URI", "::1")])).unwrap();
+    assert_eq!(c.scheduler_addr(), "[::1]:9091");
+}
+
+#[test]
+fn config_errors_convert_to_store_errors() {
+    let e: kvstore_base::Error = DistConfig::from_vars(without("DMLC_NUM_WORKER"))
+        .unwrap_err()
+        .into();
+    assert!(e.to_string().contains("DMLC_NUM_WORKER"), "{e}");
+}
