@@ -346,7 +346,11 @@ mod stream {
 
     /// `dst.copy_from_slice(src)` with cache-bypassing stores where the CPU has them. Callers
     /// call [`fence`] once after their last streaming copy.
+    ///
+    /// # Panics
+    /// If the lengths differ (the SIMD copies below rely on it for their bounds).
     pub(super) fn copy<T: Element>(dst: &mut [T], src: &[T]) {
+        assert_eq!(dst.len(), src.len(), "stream::copy needs equal lengths");
         let (d, s) = (bytes_mut(dst), bytes(src));
         #[cfg(target_arch = "x86_64")]
         {

@@ -287,7 +287,11 @@ impl LocalStore {
                         // One value needs no sum: the updater reads it where it is.
                         single
                     } else if all_dense {
-                        let merge = entry.merge.get_or_insert_with(|| entry.value.clone());
+                        // A row-sparse sum left by an earlier push cannot hold a dense one.
+                        let merge = match &mut entry.merge {
+                            Some(m) if m.storage_type() == StorageType::Dense => m,
+                            slot => slot.insert(entry.value.clone()),
+                        };
                         sum_into(merge, &arrays, &self.config, false);
                         &*merge
                     } else {

@@ -313,6 +313,45 @@ fn row_sparse_pushes_sum_rows() {
 }
 
 #[test]
+fn an_updater_sees_dense_sums_after_row_sparse_ones() {
+    let kv = kv();
+    kv.init("w", &full(&[4, 2], 0.0)).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    kv.set_updater(Box::new(move |_: &Key, grad: &NDArray, w: &mut NDArray| {
+        log.lock().unwrap().push(grad.to_f64_vec());
+        w.assign(grad)
+    }))
+    .unwrap();
+    let rows = NDArray::from_vec(&[1, 2], vec![1.0f32, 2.0]).unwrap();
+    let sparse = NDArray::row_sparse(&[4, 2], vec![1], &rows).unwrap();
+    kv.push("w", &[sparse.clone(), sparse]).unwrap();
+    // The merge buffer now holds a row-sparse sum; a dense multi-device push must not reuse it.
+    kv.push("w", &[full(&[4, 2], 1.0), full(&[4, 2], 2.0)])
+        .unwrap();
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen[0], vec![0.0, 0.0, 2.0, 4.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!(seen[1], vec![3.0; 8]);
+    let mut out = full(&[4, 2], 0.0);
+    kv.pull("w", &mut out).unwrap();
+    assert_eq!(values(&out), vec![3.0; 8]);
+}
+
+#[test]
+fn row_ids_that_are_not_integers_are_errors() {
+    let kv = kv();
+    kv.init("e", &table()).unwrap();
+    let mut out =
+        NDArray::row_sparse(&[4, 2], vec![], &NDArray::zeros(&[0, 2], DType::F32)).unwrap();
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1.5, -1.0, 4.0] {
+        let ids = NDArray::from_vec(&[2], vec![0.0f32, bad]).unwrap();
+        let err = kv.row_sparse_pull("e", &mut out, &ids).unwrap_err();
+        assert!(err.to_string().contains("not an integer"), "{bad}: {err}");
+        assert_eq!(out.as_row_sparse().unwrap().indices(), &[] as &[i64]);
+    }
+}
+
+#[test]
 fn gradient_compression_is_refused_and_states_need_an_optimizer() {
     let kv = kv();
     let params = [("type".to_string(), "2bit".to_string())]

@@ -71,6 +71,11 @@ impl RowSparse {
 
 impl NDArray {
     /// A dense array of `shape` filled with `value` (cast to `dtype`).
+    ///
+    /// # Panics
+    /// When the product of the non-zero dimensions overflows `isize` (as `ndarray` does);
+    /// like any allocation, when memory runs out. The same holds for [`NDArray::zeros`] and
+    /// [`NDArray::ones`].
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> NDArray {
         NDArray::from_host(HostArray::full(shape, value, dtype))
     }
@@ -105,9 +110,12 @@ impl NDArray {
     pub fn from_vec<T: Element>(shape: &[usize], data: Vec<T>) -> Result<NDArray> {
         let len = data.len();
         let array = ArrayD::from_shape_vec(IxDyn(shape), data).map_err(|_| {
+            let wanted = match element_count(shape) {
+                Some(n) => format!("{n} elements"),
+                None => "too many elements to address".into(),
+            };
             Error::InvalidArgument(format!(
-                "{len} elements cannot fill shape {shape:?} ({} elements)",
-                shape.iter().product::<usize>()
+                "{len} elements cannot fill shape {shape:?} ({wanted})"
             ))
         })?;
         Ok(NDArray::from_host(T::wrap(array)))
@@ -134,13 +142,25 @@ impl NDArray {
     /// ```
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a 0-d shape, unsorted, duplicate or out-of-range ids, or
-    /// a sparse `rows`; [`Error::ShapeMismatch`] when `rows` has the wrong shape.
+    /// [`Error::InvalidArgument`] for a 0-d shape, a shape whose dense form would not fit in
+    /// memory (more than `isize::MAX` bytes), unsorted, duplicate or out-of-range ids, or a
+    /// sparse `rows`; [`Error::ShapeMismatch`] when `rows` has the wrong shape.
     pub fn row_sparse(shape: &[usize], indices: Vec<i64>, rows: &NDArray) -> Result<NDArray> {
         if shape.is_empty() {
             return Err(Error::InvalidArgument(
                 "a row-sparse array needs at least one dimension".into(),
             ));
+        }
+        // `size()` and `to_dense()` need the full shape to be addressable, as a dense
+        // array's is.
+        let addressable = element_count(shape)
+            .and_then(|n| n.checked_mul(rows.dtype().size_of()))
+            .is_some_and(|bytes| bytes <= isize::MAX as usize);
+        if !addressable {
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse {} array of shape {shape:?} is too large to address",
+                rows.dtype()
+            )));
         }
         let Data::Dense(host) = &rows.data else {
             return Err(Error::InvalidArgument(
@@ -522,6 +542,11 @@ impl NDArray {
     }
 }
 
+/// The number of elements of `shape`, `None` when it overflows `usize`.
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 impl<T: Element, D: ndarray::Dimension> From<ndarray::Array<T, D>> for NDArray {
     fn from(array: ndarray::Array<T, D>) -> NDArray {
         NDArray::from_host(T::wrap(array.into_dyn()))
@@ -578,6 +603,23 @@ mod tests {
         assert!(NDArray::row_sparse(&[4, 2], vec![1, 1], &rows).is_err());
         assert!(NDArray::row_sparse(&[4, 2], vec![1, 4], &rows).is_err());
         assert!(NDArray::row_sparse(&[4, 3], vec![0, 1], &rows).is_err());
+    }
+
+    #[test]
+    fn huge_shapes_are_errors_not_panics() {
+        let err = NDArray::from_vec::<f32>(&[1 << 40, 1 << 40, 0], vec![1.0]).unwrap_err();
+        assert!(err.to_string().contains("too many elements"), "{err}");
+        let err = NDArray::from_vec::<f32>(&[2, 3], vec![1.0]).unwrap_err();
+        assert!(err.to_string().contains("(6 elements)"), "{err}");
+
+        let no_rows = NDArray::zeros(&[0, 1 << 40], DType::F32);
+        let err = NDArray::row_sparse(&[1 << 40, 1 << 40], vec![], &no_rows).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        // 2^61 f32 elements: the count fits in usize, the bytes do not fit in isize.
+        let err = NDArray::row_sparse(&[1 << 21, 1 << 40], vec![], &no_rows).unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
+        let fits = NDArray::row_sparse(&[1 << 10, 1 << 40], vec![], &no_rows).unwrap();
+        assert_eq!(fits.size(), 1 << 50);
     }
 
     #[test]

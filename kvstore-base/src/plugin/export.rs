@@ -283,11 +283,24 @@ unsafe fn copy_tensors(tensors: &[KvTensor]) -> Result<Vec<NDArray>> {
         .collect()
 }
 
-/// Copies results into the caller's output tensors.
+/// Copies results into the caller's output tensors: all of them, or (when a store changed
+/// an output's dtype or size) none.
 ///
 /// # Safety
 /// Every tensor must describe writable memory of its `byte_len`.
 unsafe fn write_back(tensors: &[KvTensor], arrays: &[NDArray]) -> Result<()> {
+    for (i, (t, a)) in tensors.iter().zip(arrays).enumerate() {
+        let bytes = a.size().checked_mul(a.dtype().size_of());
+        if dtype_code(a.dtype()) != t.dtype || bytes != Some(t.byte_len) {
+            return Err(Error::InvalidArgument(format!(
+                "the store turned output {i} into a {} array of shape {:?}, which does not fit \
+                 the caller's output of {} bytes",
+                a.dtype(),
+                a.shape(),
+                t.byte_len
+            )));
+        }
+    }
     for (t, a) in tensors.iter().zip(arrays) {
         // SAFETY: forwarded from the caller; `a` is this plugin's own copy.
         unsafe { write_tensor(t, a) }?;
@@ -711,4 +724,93 @@ macro_rules! export_plugin {
             $crate::export_plugin!(@caps $([$($cap),*])?)
         );
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    /// Pulls fill every output with 7, and turn the last one into another shape.
+    #[derive(Debug)]
+    struct Reshaping;
+
+    impl KVStoreBase for Reshaping {
+        fn type_name(&self) -> &str {
+            "reshaping"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn num_workers(&self) -> usize {
+            1
+        }
+        fn is_capable(&self, _: Capability) -> bool {
+            false
+        }
+        fn broadcast_batch(
+            &self,
+            _: &KeyedValues<'_>,
+            _: &mut KeyedOuts<'_>,
+            _: i32,
+        ) -> Result<()> {
+            Ok(())
+        }
+        fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
+            Ok(())
+        }
+        fn pull_batch(&self, outs: &mut KeyedOuts<'_>, _: i32, _: bool) -> Result<()> {
+            for out in outs.outs_mut().iter_mut() {
+                **out = NDArray::full(out.shape(), 7.0, out.dtype());
+            }
+            if let Some(last) = outs.outs_mut().last_mut() {
+                **last = NDArray::zeros(&[3], DType::F32);
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_store_that_reshapes_an_output_writes_none_of_them() {
+        let mut err_buffer = [0u8; 256];
+        let mut record = KvError::with_buffer(&mut err_buffer);
+        // SAFETY: no name, no options, a valid record.
+        let store = unsafe {
+            create_store(
+                |_| Ok(Box::new(Reshaping) as Box<dyn KVStoreBase>),
+                std::ptr::null(),
+                0,
+                std::ptr::null(),
+                0,
+                &mut record,
+            )
+        };
+        assert!(!store.is_null());
+        let keys = [1i64, 2].map(|k| KvKey {
+            kind: KV_KEY_INT,
+            int_key: k,
+            str_ptr: std::ptr::null(),
+            str_len: 0,
+        });
+        let shape = [2i64];
+        let mut data = [[0f32; 2]; 2];
+        let tensors = data.each_mut().map(|d| KvTensor {
+            data: d.as_mut_ptr().cast(),
+            byte_len: 8,
+            dtype: KV_DTYPE_F32,
+            ndim: 1,
+            shape: shape.as_ptr(),
+            device_type: KV_DEVICE_CPU,
+            device_id: 0,
+        });
+        // SAFETY: a live handle, two keys and two writable [2] float32 outputs, a valid record.
+        let code = unsafe { shim_pull(store, keys.as_ptr(), tensors.as_ptr(), 2, 0, &mut record) };
+        assert_eq!(code, KV_ERR_INVALID_ARGUMENT);
+        assert_eq!(
+            data, [[0.0; 2]; 2],
+            "an output was written by a failed pull"
+        );
+        // SAFETY: the handle is live and released once.
+        unsafe { shim_destroy(store) };
+    }
 }

@@ -17,6 +17,8 @@ use crate::{
 
 /// Bytes of the message buffer the host passes with every call.
 const MESSAGE_CAP: usize = 2048;
+/// The longest store type name the host reads from a plugin, in bytes.
+const MAX_TYPE_NAME: usize = 64 * 1024;
 
 /// The functions and facts of a plugin, copied from its descriptor and checked: the ABI
 /// version, the descriptor's size, the name and every required function.
@@ -224,7 +226,8 @@ impl PluginApi {
         let type_name = if len < name_buffer.len() {
             String::from_utf8_lossy(&name_buffer[..len]).into_owned()
         } else {
-            let mut long = vec![0u8; len + 1];
+            // The length is the plugin's word: a longer name than this is cut, not allocated.
+            let mut long = vec![0u8; len.min(MAX_TYPE_NAME) + 1];
             // SAFETY: as above, with a buffer large enough for the whole name.
             let len = unsafe { (self.type_name)(handle, long.as_mut_ptr(), long.len()) };
             String::from_utf8_lossy(&long[..len.min(long.len() - 1)]).into_owned()
@@ -704,4 +707,81 @@ pub fn register_descriptor(api: PluginApi) -> Option<String> {
         api.capabilities.as_deref(),
         move |request| Ok(Box::new(factory_api.create(request)?) as Box<dyn KVStoreBase>),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::export::{create_store, ExportedPlugin};
+
+    #[derive(Debug)]
+    struct Named;
+
+    impl KVStoreBase for Named {
+        fn type_name(&self) -> &str {
+            "named"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn num_workers(&self) -> usize {
+            1
+        }
+        fn is_capable(&self, _: Capability) -> bool {
+            false
+        }
+        fn broadcast_batch(
+            &self,
+            _: &KeyedValues<'_>,
+            _: &mut KeyedOuts<'_>,
+            _: i32,
+        ) -> Result<()> {
+            Ok(())
+        }
+        fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    unsafe extern "C" fn create(
+        name: *const u8,
+        name_len: usize,
+        options: *const KvOption,
+        n_options: usize,
+        err: *mut KvError,
+    ) -> KvStoreHandle {
+        // SAFETY: the host's arguments are forwarded unchanged.
+        unsafe {
+            create_store(
+                |_| Ok(Box::new(Named) as Box<dyn KVStoreBase>),
+                name,
+                name_len,
+                options,
+                n_options,
+                err,
+            )
+        }
+    }
+
+    /// A broken plugin: claims a name of `usize::MAX` bytes, writes nothing.
+    unsafe extern "C" fn lying_type_name(_: KvStoreHandle, _: *mut u8, _: usize) -> usize {
+        usize::MAX
+    }
+
+    #[test]
+    fn an_absurd_type_name_length_is_not_trusted() {
+        let exported = ExportedPlugin::new("named", None, create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        descriptor.type_name = Some(lying_type_name);
+        // SAFETY: the copy's name and functions live as long as `exported` and follow the ABI
+        // (but for the type name's length, which is what is tested).
+        let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        let request = CreateRequest {
+            name: "named".into(),
+            ..CreateRequest::default()
+        };
+        let store = api.create(&request).unwrap();
+        assert!(store.type_name().len() <= MAX_TYPE_NAME);
+    }
 }

@@ -135,6 +135,11 @@ unsafe fn key_from_abi(key: &KvKey) -> Result<Key> {
         KV_KEY_STR => {
             let bytes = if key.str_len == 0 {
                 &[][..]
+            } else if key.str_ptr.is_null() {
+                return Err(Error::InvalidArgument(format!(
+                    "a str key of {} bytes has a null pointer",
+                    key.str_len
+                )));
             } else {
                 // SAFETY: the caller guarantees `str_len` readable bytes at `str_ptr`.
                 unsafe { std::slice::from_raw_parts(key.str_ptr, key.str_len) }
@@ -183,6 +188,11 @@ unsafe fn tensor_layout(tensor: &KvTensor) -> Result<(DType, Vec<usize>)> {
     }
     let dims = if tensor.ndim == 0 {
         &[][..]
+    } else if tensor.shape.is_null() {
+        return Err(Error::InvalidArgument(format!(
+            "a tensor of {} dimensions has a null shape pointer",
+            tensor.ndim
+        )));
     } else {
         // SAFETY: the caller guarantees `ndim` readable dimensions at `shape`.
         unsafe { std::slice::from_raw_parts(tensor.shape, tensor.ndim as usize) }
@@ -192,10 +202,21 @@ unsafe fn tensor_layout(tensor: &KvTensor) -> Result<(DType, Vec<usize>)> {
         .map(|&d| usize::try_from(d))
         .collect::<std::result::Result<Vec<usize>, _>>()
         .map_err(|_| Error::InvalidArgument(format!("negative dimension in shape {dims:?}")))?;
+    // Within what an array (and a slice) can address: the product of the non-zero
+    // dimensions and the byte length both fit in `isize`.
+    let too_large = || Error::InvalidArgument(format!("shape {shape:?} is too large"));
+    let addressable = shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(dtype.size_of(), |n, &d| n.checked_mul(d))
+        .is_some_and(|n| n <= isize::MAX as usize);
+    if !addressable {
+        return Err(too_large());
+    }
     let bytes = shape
         .iter()
         .try_fold(dtype.size_of(), |n, &d| n.checked_mul(d))
-        .ok_or_else(|| Error::InvalidArgument(format!("shape {shape:?} is too large")))?;
+        .ok_or_else(too_large)?;
     if bytes != tensor.byte_len {
         return Err(Error::InvalidArgument(format!(
             "a {dtype} tensor of shape {shape:?} has {bytes} bytes, but byte_len is {}",
@@ -266,4 +287,64 @@ fn standardised(array: &NDArray) -> NDArray {
     let mut copy = NDArray::zeros(array.shape(), array.dtype());
     copy.assign(array).expect("same shape");
     copy
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(shape: &[i64], byte_len: usize, data: *mut u8) -> KvTensor {
+        KvTensor {
+            data,
+            byte_len,
+            dtype: KV_DTYPE_F32,
+            ndim: shape.len() as u32,
+            shape: shape.as_ptr(),
+            device_type: KV_DEVICE_CPU,
+            device_id: 0,
+        }
+    }
+
+    fn message(result: Result<NDArray>) -> String {
+        match result {
+            Ok(a) => panic!("accepted: {:?}", a.shape()),
+            Err(e) => {
+                assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+                e.to_string()
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_tensors_are_errors_not_panics() {
+        let mut data = [0u8; 8];
+        // An empty tensor whose other dimensions no array can have.
+        let huge = [0, 1 << 62, 4];
+        // SAFETY: every pointer is valid for what the tensor claims (no data at all).
+        let err = message(unsafe { tensor_to_ndarray(&tensor(&huge, 0, data.as_mut_ptr())) });
+        assert!(err.contains("too large"), "{err}");
+        // Bytes that fit in usize but in no slice.
+        let big = [1i64 << 61];
+        // SAFETY: rejected before `data` is read.
+        let err = message(unsafe { tensor_to_ndarray(&tensor(&big, 1 << 63, data.as_mut_ptr())) });
+        assert!(err.contains("too large"), "{err}");
+        let mut null_shape = tensor(&[2], 8, data.as_mut_ptr());
+        null_shape.shape = std::ptr::null();
+        // SAFETY: rejected before the shape is read.
+        let err = message(unsafe { tensor_to_ndarray(&null_shape) });
+        assert!(err.contains("null shape"), "{err}");
+        // SAFETY: 8 readable bytes for a [2] float32 tensor.
+        let ok = unsafe { tensor_to_ndarray(&tensor(&[2], 8, data.as_mut_ptr())) }.unwrap();
+        assert_eq!(ok.to_vec::<f32>().unwrap(), vec![0.0, 0.0]);
+
+        let key = KvKey {
+            kind: KV_KEY_STR,
+            int_key: 0,
+            str_ptr: std::ptr::null(),
+            str_len: 3,
+        };
+        // SAFETY: rejected before the (null) bytes are read.
+        let err = unsafe { key_from_abi(&key) }.unwrap_err().to_string();
+        assert!(err.contains("null pointer"), "{err}");
+    }
 }
