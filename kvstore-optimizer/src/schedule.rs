@@ -137,6 +137,9 @@ impl LrScheduler {
         }
         // Internal state, present in specs written by `save_states`.
         let state_count = p.opt_i64("state_count")?;
+        if state_count.is_some_and(|c| c < 0) {
+            return Err(p.bad("state_count", "must be 0 or more"));
+        }
         let state_base_lr = p.opt_f64("state_base_lr")?;
         let state_warmup_final_lr = p.opt_f64("state_warmup_final_lr")?;
         let (kind, extra): (Kind, &[&str]) = match ty.as_str() {
@@ -292,6 +295,13 @@ impl LrScheduler {
                 count,
             } => {
                 while n > count.saturating_add(*step) {
+                    if self.base_lr == *stop_factor_lr || *factor == 1.0 {
+                        // The rate can no longer change: jump to where the loop would end
+                        // (the last multiple of `step` past `count` below `n`), instead of
+                        // stepping there one `step` at a time.
+                        *count += (n - *count - 1) / *step * *step;
+                        break;
+                    }
                     *count += *step;
                     self.base_lr *= *factor;
                     if self.base_lr < *stop_factor_lr {
@@ -428,6 +438,30 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         LrScheduler::from_param(&ParamValue::Map(m))
+    }
+
+    #[test]
+    fn factor_jumps_ahead_once_the_rate_is_floored() {
+        let factor = |pairs: &[(&str, ParamValue)]| {
+            let mut all = vec![
+                ("type", ParamValue::from("factor")),
+                ("step", 1i64.into()),
+                ("factor", 0.5.into()),
+                ("base_lr", 1.0.into()),
+            ];
+            all.extend(pairs.iter().cloned());
+            sched(&all)
+        };
+        // Step by step and jumping ahead agree on every update while the rate still falls.
+        let mut a = factor(&[]).unwrap();
+        let rates: Vec<f64> = (1..=40).map(|n| a.rate(n)).collect();
+        assert_eq!(rates[39], 1e-8, "floored by stop_factor_lr");
+        // A huge update count (e.g. from a states file) returns at once, at the floor.
+        assert_eq!(a.rate(1 << 62), 1e-8);
+        let mut flat = factor(&[("factor", 1.0.into())]).unwrap();
+        assert_eq!(flat.rate(u64::MAX), 1.0);
+        // A negative saved position is refused rather than looped over.
+        assert!(factor(&[("state_count", (-5i64).into())]).is_err());
     }
 
     #[test]
