@@ -1,4 +1,4 @@
-//! # kvstore-dist: the distributed stores — configuration and transport so far
+//! # kvstore-dist: the distributed stores — configuration, transport and cluster membership so far
 //!
 //! This crate will hold MXNet's parameter-server stores `dist_sync`, `dist_async` and
 //! `dist_device_sync`: a scheduler, servers and workers configured by MXNet's `DMLC_*`
@@ -18,18 +18,43 @@
 //!   requests in flight per [`Connection`](transport::Connection) answered by id, a
 //!   [`Server`](transport::Server) with a handler callback, a timeout on every wait and errors
 //!   naming the peer and the request.
+//! - [`cluster`]: what the scheduler and nodes share — ps-lite's node ids (scheduler 1, server
+//!   `8 + 2r`, worker `9 + 2r`), the rank rule (dense per role, ascending `(host, port)` of the
+//!   advertised addresses), barrier [`Group`]s, the node table ([`NodeInfo`]),
+//!   [`ClusterError`] (converts into `kvstore_base::Error::Backend`) and the control protocol.
+//! - [`scheduler`]: the [`Scheduler`] role — registration of `DMLC_NUM_SERVER` servers and
+//!   `DMLC_NUM_WORKER` workers with a timeout naming how many of which role are missing, rank
+//!   assignment and the node table sent to everyone, barriers per group that fail after the
+//!   timeout naming the nodes that did not enter, liveness (heartbeats, dropped connections)
+//!   that fails every pending and later barrier naming the lost node (role, rank, id, address),
+//!   and shutdown once every node said goodbye or on [`SchedulerHandle::shutdown`].
+//! - [`node`]: the server/worker side — [`Node::join`] (binds the address it advertises,
+//!   connects with retries until the timeout since the scheduler may start later, registers,
+//!   gets its rank and the node table), [`Node::barrier`], a background heartbeat
+//!   (`PS_HEARTBEAT_INTERVAL`; unlike ps-lite it is on by default, see
+//!   [`cluster::heartbeat_settings`]), [`Node::leave`] / drop saying goodbye.
 //!
 //! ## What does not exist yet
 //!
 //! **No store is registered**: `create("dist_sync")` (and `dist_async`, `dist_device_sync`)
-//! fails with `UnknownStore` when only this crate is linked. Still to come: the scheduler
-//! (node registration, ids, barriers), MXNet's key placement over servers, the server's
-//! merge/update logic for sync and async modes, the worker store (`KVStoreBase` impl), heartbeats,
-//! gradient compression on the wire, and multi-process tests.
+//! fails with `UnknownStore` when only this crate is linked. Still to come: MXNet's key
+//! placement over servers, node-to-node connections (servers do not serve yet; a node only
+//! holds its listening socket, [`Node::take_listener`]), the server's merge/update logic for
+//! sync and async modes, the worker store (`KVStoreBase` impl, with its start-up all-node
+//! barrier), `get_num_dead_node`, recovery nodes (a late registration is refused),
+//! `DMLC_INTERFACE` lookup (the address routed to the scheduler is used instead), gradient
+//! compression on the wire, and multi-process tests (the cluster tests run threads of one
+//! process over real sockets).
 #![deny(missing_docs)]
 
+pub mod cluster;
 pub mod config;
+pub mod node;
+pub mod scheduler;
 pub mod transport;
 
+pub use cluster::{ClusterError, Group, NodeInfo};
 pub use config::{ConfigError, DistConfig, DistFile, Role};
+pub use node::Node;
+pub use scheduler::{Scheduler, SchedulerHandle};
 pub use transport::{TransportConfig, TransportError};

@@ -31,6 +31,13 @@ pub struct Request {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, request: Request, responder: Responder);
+
+    /// Called once when the connection from `peer` has ended (closed by the peer, broken, or
+    /// closed because the server is stopping), after its last request was handled. The default
+    /// does nothing.
+    fn disconnected(&self, peer: SocketAddr) {
+        let _ = peer;
+    }
 }
 
 impl<F> Handler for F
@@ -353,4 +360,10 @@ fn serve(shared: &ServerShared, mut stream: TcpStream, writer: TcpStream, peer: 
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
+    if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(peer))).is_err() {
+        log::error!(
+            "kvstore-dist: the disconnect handler panicked for {}",
+            peer_name(peer, node)
+        );
+    }
 }

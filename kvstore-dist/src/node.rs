@@ -1,0 +1,381 @@
+//! The server and worker side of a cluster: join, barriers, heartbeats, leave.
+//!
+//! [`Node::join`] binds the address this node will serve on (`DMLC_NODE_HOST`, else the local
+//! address the OS routes to the scheduler; `PORT`, else a free port), connects to the scheduler
+//! — retrying until `KVSTORE_TIMEOUT_SECS`, since the scheduler may start later — registers its
+//! role and address, and waits for the node table, which gives its rank and id. A background
+//! thread then sends a heartbeat every `PS_HEARTBEAT_INTERVAL` (see
+//! [`heartbeat_settings`]). [`Node::barrier`] waits for every
+//! member of a group, at most the timeout (plus a little, so that the scheduler's own timeout,
+//! which names the missing nodes, is normally the one reported). [`Node::leave`], or dropping
+//! the node, says goodbye; [`Node::abandon`] vanishes without one, as a crashed process would.
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{
+    decode_table, heartbeat_settings, ClusterError, Group, NodeInfo, CMD_BARRIER, CMD_GOODBYE,
+    CMD_HEARTBEAT, CMD_REGISTER,
+};
+use crate::config::{DistConfig, Role};
+use crate::transport::{Connection, Outgoing, TransportError};
+
+/// Extra time a node waits beyond the timeout for the scheduler's answer, so that the
+/// scheduler's error (which names the missing nodes) arrives first.
+fn grace(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(2)) + Duration::from_millis(100)
+}
+
+fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+struct Heartbeat {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+/// A server or worker that has joined the cluster (see the [module docs](self)).
+pub struct Node {
+    info: NodeInfo,
+    table: Vec<NodeInfo>,
+    scheduler: String,
+    timeout: Duration,
+    conn: Option<Arc<Connection>>,
+    heartbeat: Option<Heartbeat>,
+    listener: Option<TcpListener>,
+    left: bool,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("info", &self.info)
+            .field("scheduler", &self.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Joins the cluster of `config` as a server or worker (`config.role`); blocks until every
+    /// node has registered, at most `config.timeout` (plus a little) from now.
+    ///
+    /// Errors name the scheduler's address and, when registration times out at the
+    /// scheduler, how many of which role are missing.
+    pub fn join(config: &DistConfig) -> Result<Node, ClusterError> {
+        if config.role == Role::Scheduler {
+            return Err(ClusterError::Invalid(
+                "Node::join is for servers and workers; the scheduler runs Scheduler::start"
+                    .to_string(),
+            ));
+        }
+        let start = Instant::now();
+        let deadline = start + config.timeout;
+        let scheduler = config.scheduler_addr();
+
+        // The address this node serves on.
+        let host = match &config.node_host {
+            Some(h) => h.clone(),
+            None => {
+                if let Some(iface) = &config.interface {
+                    log::warn!(
+                        "kvstore-dist: DMLC_INTERFACE={iface} is not supported yet; using the \
+                         address routed to the scheduler (set DMLC_NODE_HOST to choose)"
+                    );
+                }
+                route_ip(&scheduler).map_err(|e| {
+                    ClusterError::Local(format!(
+                        "cannot find this node's address towards the scheduler at {scheduler}: \
+                         {e}; set DMLC_NODE_HOST"
+                    ))
+                })?
+            }
+        };
+        let bind = join_host_port(&host, config.port.unwrap_or(0));
+        let listener = TcpListener::bind(bind.as_str())
+            .map_err(|e| ClusterError::Local(format!("cannot listen on {bind}: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| ClusterError::Local(format!("cannot listen on {bind}: {e}")))?
+            .port();
+        let my_addr = join_host_port(host.trim_start_matches('[').trim_end_matches(']'), port);
+
+        let conn = Arc::new(connect_retrying(&scheduler, config, deadline)?);
+
+        let payload = format!("{} {my_addr}", config.role);
+        let what = format!("registration of {} at {my_addr}", config.role);
+        let left = deadline.saturating_duration_since(Instant::now()) + grace(config.timeout);
+        let response = conn
+            .send(Outgoing::new(CMD_REGISTER, payload.as_bytes()), &what)
+            .and_then(|p| p.wait_timeout(left))
+            .map_err(|e| scheduler_error(&scheduler, "registration", e))?;
+        let table = decode_table(&response.payload).map_err(|e| {
+            ClusterError::Local(format!(
+                "the scheduler at {scheduler} sent a bad node table: {e}"
+            ))
+        })?;
+        let id = response.header.aux;
+        let info = table
+            .iter()
+            .find(|n| u64::from(n.id) == id && n.addr == my_addr && n.role == config.role)
+            .cloned()
+            .ok_or_else(|| {
+                ClusterError::Local(format!(
+                    "the node table from the scheduler at {scheduler} has no {} at {my_addr} \
+                     with id {id}",
+                    config.role
+                ))
+            })?;
+        log::info!("kvstore-dist: joined the cluster as {info}");
+
+        let (interval, _) = heartbeat_settings(config);
+        let heartbeat = start_heartbeat(Arc::clone(&conn), interval, config.timeout, &info)?;
+        Ok(Node {
+            info,
+            table,
+            scheduler,
+            timeout: config.timeout,
+            conn: Some(conn),
+            heartbeat: Some(heartbeat),
+            listener: Some(listener),
+            left: false,
+        })
+    }
+
+    /// This node as the scheduler assigned it.
+    pub fn info(&self) -> &NodeInfo {
+        &self.info
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.info.role
+    }
+
+    /// This node's rank within its role (`0..num_servers` or `0..num_workers`).
+    pub fn rank(&self) -> u32 {
+        self.info.rank
+    }
+
+    /// This node's ps-lite id.
+    pub fn id(&self) -> u32 {
+        self.info.id
+    }
+
+    /// The node table: the scheduler, then servers by rank, then workers by rank.
+    pub fn nodes(&self) -> &[NodeInfo] {
+        &self.table
+    }
+
+    /// The servers, by rank.
+    pub fn servers(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.table.iter().filter(|n| n.role == Role::Server)
+    }
+
+    /// The workers, by rank.
+    pub fn workers(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.table.iter().filter(|n| n.role == Role::Worker)
+    }
+
+    /// The scheduler's address as configured.
+    pub fn scheduler_addr(&self) -> &str {
+        &self.scheduler
+    }
+
+    /// Takes the socket bound to this node's advertised address, for the server role to serve
+    /// on (`None` once taken).
+    pub fn take_listener(&mut self) -> Option<TcpListener> {
+        self.listener.take()
+    }
+
+    /// Waits until every member of `group` has entered the same barrier. Returns at once when
+    /// the group has a single node (as ps-lite). Fails, naming the nodes, when a member does
+    /// not enter within the timeout, is lost (missed heartbeats, dropped connection) or has
+    /// left; fails if this node is not in `group`.
+    pub fn barrier(&self, group: Group) -> Result<(), ClusterError> {
+        if !group.contains(self.info.role) {
+            return Err(ClusterError::Invalid(format!(
+                "{} cannot enter a barrier of the {group}, which it is not part of",
+                self.info
+            )));
+        }
+        let size = self.table.iter().filter(|n| group.contains(n.role)).count();
+        if size <= 1 {
+            return Ok(());
+        }
+        let what = format!("barrier of the {group}");
+        let conn = self.conn.as_ref().ok_or_else(|| {
+            ClusterError::Invalid(format!("{} has already left the cluster", self.info))
+        })?;
+        conn.send(Outgoing::new(CMD_BARRIER, &[]).key(group.ps_id()), &what)
+            .and_then(|p| p.wait_timeout(self.timeout + grace(self.timeout)))
+            .map(|_| ())
+            .map_err(|e| scheduler_error(&self.scheduler, &what, e))
+    }
+
+    /// Says goodbye to the scheduler and closes the connection.
+    pub fn leave(mut self) -> Result<(), ClusterError> {
+        self.goodbye()
+    }
+
+    /// Leaves without a goodbye: stops heartbeating and closes the connection, as a crashed
+    /// process would (the scheduler then fails every barrier naming this node). For
+    /// fault-injection tests.
+    pub fn abandon(mut self) {
+        self.left = true;
+        self.stop_heartbeat();
+        self.conn = None;
+    }
+
+    fn stop_heartbeat(&mut self) {
+        if let Some(hb) = self.heartbeat.take() {
+            drop(hb.stop);
+            let _ = hb.thread.join();
+        }
+    }
+
+    fn goodbye(&mut self) -> Result<(), ClusterError> {
+        if self.left {
+            return Ok(());
+        }
+        self.left = true;
+        self.stop_heartbeat();
+        let Some(conn) = self.conn.take() else {
+            return Ok(());
+        };
+        conn.send(Outgoing::new(CMD_GOODBYE, &[]), "goodbye")
+            .and_then(|p| p.wait_timeout(self.timeout.min(Duration::from_secs(5))))
+            .map(|_| ())
+            .map_err(|e| scheduler_error(&self.scheduler, "goodbye", e))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = self.goodbye() {
+            log::debug!(
+                "kvstore-dist: {} left without a clean goodbye: {e}",
+                self.info
+            );
+        }
+    }
+}
+
+fn scheduler_error(scheduler: &str, what: &str, e: TransportError) -> ClusterError {
+    match e {
+        TransportError::Remote { message, .. } => ClusterError::Scheduler {
+            scheduler: scheduler.to_string(),
+            what: what.to_string(),
+            message,
+        },
+        source => ClusterError::Transport {
+            scheduler: scheduler.to_string(),
+            what: what.to_string(),
+            source: Box::new(source),
+        },
+    }
+}
+
+/// The local IP the OS would use to reach `scheduler` (a UDP "connect" sends nothing).
+fn route_ip(scheduler: &str) -> std::io::Result<String> {
+    let target = scheduler
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("the address resolved to nothing"))?;
+    let any: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(any)?;
+    sock.connect(target)?;
+    Ok(sock.local_addr()?.ip().to_string())
+}
+
+/// Connects to the scheduler, retrying (it may not be listening yet) until `deadline`.
+fn connect_retrying(
+    scheduler: &str,
+    config: &DistConfig,
+    deadline: Instant,
+) -> Result<Connection, ClusterError> {
+    let mut last: Option<TransportError> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let source = last.unwrap_or_else(|| TransportError::Connect {
+                peer: scheduler.to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+            });
+            return Err(ClusterError::Unreachable {
+                scheduler: scheduler.to_string(),
+                timeout: config.timeout,
+                source: Box::new(source),
+            });
+        }
+        let attempt = left.min(Duration::from_secs(1));
+        let connected = scheduler
+            .to_socket_addrs()
+            .map_err(|source| TransportError::Connect {
+                peer: scheduler.to_string(),
+                source,
+            })
+            .and_then(|addrs| {
+                let mut err = std::io::Error::other("the address resolved to nothing");
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, attempt) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => err = e,
+                    }
+                }
+                Err(TransportError::Connect {
+                    peer: scheduler.to_string(),
+                    source: err,
+                })
+            })
+            .and_then(|stream| Connection::from_stream(stream, config.transport()));
+        match connected {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                last = Some(e);
+                std::thread::sleep(left.min(Duration::from_millis(50)));
+            }
+        }
+    }
+}
+
+fn start_heartbeat(
+    conn: Arc<Connection>,
+    interval: Duration,
+    timeout: Duration,
+    info: &NodeInfo,
+) -> Result<Heartbeat, ClusterError> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let me = info.to_string();
+    let thread = std::thread::Builder::new()
+        .name(format!("kvstore-dist heartbeat {}", info.id))
+        .spawn(move || {
+            // Until the node drops `stop` (leaving): one heartbeat per interval.
+            while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                let sent = conn
+                    .send(Outgoing::new(CMD_HEARTBEAT, &[]), "heartbeat")
+                    .and_then(|p| {
+                        p.wait_timeout(interval.min(timeout).min(Duration::from_millis(500)))
+                    });
+                if let Err(e) = sent {
+                    log::warn!("kvstore-dist: heartbeat of {me} failed: {e}");
+                    if conn.is_closed() {
+                        break;
+                    }
+                }
+            }
+        })
+        .map_err(|e| ClusterError::Local(format!("cannot start the heartbeat thread: {e}")))?;
+    Ok(Heartbeat { stop, thread })
+}

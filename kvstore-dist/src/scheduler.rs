@@ -1,0 +1,787 @@
+//! The scheduler role: registration, ids and ranks, barriers, liveness, shutdown.
+//!
+//! [`Scheduler::start`] listens on the configured root port and serves the control protocol of
+//! [`cluster`](crate::cluster):
+//!
+//! - **Registration.** Each server and worker registers its role and the address it serves on.
+//!   Once `num_servers` servers and `num_workers` workers have registered, ranks and ids are
+//!   assigned (ascending `(host, port)`, see [`cluster`](crate::cluster)) and every node gets
+//!   the full node table. If not everyone has registered within `KVSTORE_TIMEOUT_SECS` of the
+//!   start, every registered node gets an error naming how many of which role are missing, and
+//!   [`Scheduler::join`] returns [`ClusterError::RegistrationTimeout`]. Extra nodes, duplicate
+//!   addresses and late registrations are refused (no recovery nodes yet).
+//! - **Barriers** per [`Group`]: a barrier completes when every member has entered (the
+//!   scheduler counts as always entered in [`Group::All`]). A barrier not complete within the
+//!   timeout of its first entry fails for everyone who entered, naming the nodes that did not
+//!   enter.
+//! - **Liveness.** Any message from a node counts as a heartbeat; a node silent for longer than
+//!   the heartbeat timeout (see [`heartbeat_settings`]), or whose connection closes without a
+//!   goodbye, is **lost**: every pending and every later barrier fails with an error naming the
+//!   lost nodes (role, rank, id, address) instead of hanging.
+//! - **Shutdown.** [`Scheduler::join`] returns once every node has said goodbye (`Ok`), or
+//!   every node is gone and some were lost ([`ClusterError::NodesLost`]), or
+//!   [`SchedulerHandle::shutdown`] was called (`Ok`); it then closes every connection and joins
+//!   all its threads.
+//!
+//! Nothing a peer sends can panic the scheduler: malformed messages are answered with errors.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{
+    encode_table, heartbeat_settings, list, node_id, ClusterError, Group, NodeInfo, CMD_BARRIER,
+    CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, SCHEDULER_ID,
+};
+use crate::config::{DistConfig, Role};
+use crate::transport::{Handler, Outgoing, Request, Responder, Server};
+
+/// A response to send once the state lock is released.
+type Reply = (Responder, Result<(Vec<u8>, u64), String>);
+
+struct Registration {
+    role: Role,
+    addr: String,
+    peer: SocketAddr,
+    responder: Responder,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Status {
+    Alive,
+    Left,
+    Lost(String),
+}
+
+struct Member {
+    info: NodeInfo,
+    peer: SocketAddr,
+    last_seen: Instant,
+    status: Status,
+}
+
+struct Barrier {
+    started: Instant,
+    entered: Vec<(usize, Responder)>,
+}
+
+struct State {
+    started: Instant,
+    registrations: Vec<Registration>,
+    /// Set once every node has registered.
+    members: Option<Vec<Member>>,
+    barriers: HashMap<Group, Barrier>,
+    finished: bool,
+    outcome: Option<Result<(), ClusterError>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    cv: Condvar,
+    num_servers: u32,
+    num_workers: u32,
+    timeout: Duration,
+    heartbeat_timeout: Duration,
+    /// The address nodes reach the scheduler at, for messages and the node table.
+    addr: OnceLock<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn addr(&self) -> &str {
+        self.addr.get().map_or("<starting>", String::as_str)
+    }
+}
+
+fn send_replies(replies: Vec<Reply>) {
+    for (responder, outcome) in replies {
+        let sent = match outcome {
+            Ok((payload, aux)) => responder.respond(Outgoing::new(0, &payload).aux(aux)),
+            Err(message) => responder.respond_error(&message),
+        };
+        if let Err(e) = sent {
+            log::warn!("kvstore-dist scheduler: cannot answer: {e}");
+        }
+    }
+}
+
+/// Splits `host:port` (IPv6 hosts in brackets) into a host compared as a string and a port.
+fn split_addr(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let port = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+fn plural(n: u32, role: Role) -> String {
+    format!("{n} {role}{}", if n == 1 { "" } else { "s" })
+}
+
+impl Shared {
+    fn handle(&self, request: Request, responder: Responder) {
+        let mut replies = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.finished {
+                replies.push((responder, Err("the scheduler is shutting down".to_string())));
+            } else {
+                let peer = request.peer;
+                if let Some(members) = st.members.as_mut() {
+                    if let Some(m) = members.iter_mut().find(|m| m.peer == peer) {
+                        m.last_seen = Instant::now();
+                    }
+                }
+                match request.header.command {
+                    CMD_REGISTER => self.register(&mut st, &request, responder, &mut replies),
+                    CMD_BARRIER => {
+                        self.barrier(&mut st, peer, request.header.key, responder, &mut replies)
+                    }
+                    CMD_HEARTBEAT => {
+                        let known = st
+                            .members
+                            .as_ref()
+                            .map_or(st.registrations.iter().any(|r| r.peer == peer), |m| {
+                                m.iter().any(|m| m.peer == peer)
+                            });
+                        replies.push((
+                            responder,
+                            if known {
+                                Ok((Vec::new(), 0))
+                            } else {
+                                Err(format!("heartbeat from {peer}, which is not registered"))
+                            },
+                        ));
+                    }
+                    CMD_GOODBYE => self.goodbye(&mut st, peer, responder, &mut replies),
+                    other => replies.push((
+                        responder,
+                        Err(format!("unknown control command {other:#x}")),
+                    )),
+                }
+            }
+        }
+        send_replies(replies);
+        self.cv.notify_all();
+    }
+
+    fn register(
+        &self,
+        st: &mut State,
+        request: &Request,
+        responder: Responder,
+        replies: &mut Vec<Reply>,
+    ) {
+        let text = String::from_utf8_lossy(&request.payload).into_owned();
+        let parsed = text
+            .split_once(' ')
+            .and_then(|(role, addr)| Some((role.parse::<Role>().ok()?, addr.trim().to_string())));
+        let refuse = |why: String| Err(format!("registration refused: {why}"));
+        let outcome = match parsed {
+            None => refuse(format!("malformed registration {text:?}")),
+            Some((Role::Scheduler, _)) => {
+                refuse("a scheduler cannot register with a scheduler".to_string())
+            }
+            Some((_, ref addr)) if split_addr(addr).is_none() => {
+                refuse(format!("{addr:?} is not a host:port address"))
+            }
+            Some(_) if st.members.is_some() => refuse(format!(
+                "the cluster of {} and {} is already complete (no recovery nodes yet)",
+                plural(self.num_servers, Role::Server),
+                plural(self.num_workers, Role::Worker)
+            )),
+            Some(_) if st.registrations.iter().any(|r| r.peer == request.peer) => {
+                refuse(format!("{} registered twice", request.peer))
+            }
+            Some((_, ref addr)) if st.registrations.iter().any(|r| &r.addr == addr) => refuse(
+                format!("address {addr} is already registered by another node"),
+            ),
+            Some((role, addr)) => {
+                let expected = if role == Role::Server {
+                    self.num_servers
+                } else {
+                    self.num_workers
+                };
+                let have = st.registrations.iter().filter(|r| r.role == role).count() as u32;
+                if have >= expected {
+                    refuse(format!(
+                        "{} already registered, the cluster expects {} \
+                         (DMLC_NUM_SERVER / DMLC_NUM_WORKER)",
+                        plural(have, role),
+                        plural(expected, role)
+                    ))
+                } else {
+                    Ok((role, addr))
+                }
+            }
+        };
+        match outcome {
+            Err(message) => replies.push((responder, Err(message))),
+            Ok((role, addr)) => {
+                log::debug!("kvstore-dist scheduler: {role} at {addr} registered");
+                st.registrations.push(Registration {
+                    role,
+                    addr,
+                    peer: request.peer,
+                    responder,
+                });
+                if st.registrations.len() as u32 == self.num_servers + self.num_workers {
+                    self.assign(st, replies);
+                }
+            }
+        }
+    }
+
+    /// Assigns ranks in ascending (host, port) order and answers every registration.
+    fn assign(&self, st: &mut State, replies: &mut Vec<Reply>) {
+        let mut regs = std::mem::take(&mut st.registrations);
+        regs.sort_by_key(|r| split_addr(&r.addr));
+        let mut next_rank: HashMap<Role, u32> = HashMap::new();
+        let now = Instant::now();
+        let mut members = Vec::with_capacity(regs.len());
+        let mut responders = Vec::with_capacity(regs.len());
+        for r in regs {
+            let rank = next_rank.entry(r.role).or_insert(0);
+            let info = NodeInfo {
+                role: r.role,
+                rank: *rank,
+                id: node_id(r.role, *rank),
+                addr: r.addr,
+            };
+            *rank += 1;
+            responders.push((r.responder, info.id));
+            members.push(Member {
+                info,
+                peer: r.peer,
+                last_seen: now,
+                status: Status::Alive,
+            });
+        }
+        let mut table = vec![NodeInfo {
+            role: Role::Scheduler,
+            rank: 0,
+            id: SCHEDULER_ID,
+            addr: self.addr().to_string(),
+        }];
+        let mut nodes: Vec<NodeInfo> = members.iter().map(|m| m.info.clone()).collect();
+        nodes.sort_by_key(|n| (n.role != Role::Server, n.rank));
+        table.extend(nodes);
+        let encoded = encode_table(&table).into_bytes();
+        for (responder, id) in responders {
+            replies.push((responder, Ok((encoded.clone(), u64::from(id)))));
+        }
+        log::info!(
+            "kvstore-dist scheduler: all {} nodes registered",
+            members.len()
+        );
+        st.members = Some(members);
+    }
+
+    fn barrier(
+        &self,
+        st: &mut State,
+        peer: SocketAddr,
+        key: u64,
+        responder: Responder,
+        replies: &mut Vec<Reply>,
+    ) {
+        let Some(members) = st.members.as_ref() else {
+            replies.push((
+                responder,
+                Err("barrier before the cluster is complete".to_string()),
+            ));
+            return;
+        };
+        let Some(me) = members.iter().position(|m| m.peer == peer) else {
+            replies.push((
+                responder,
+                Err(format!(
+                    "barrier from {peer}, which is not a registered node"
+                )),
+            ));
+            return;
+        };
+        let Some(group) = Group::from_ps_id(key) else {
+            replies.push((
+                responder,
+                Err(format!("unknown barrier group {key} (expected 2, 4 or 7)")),
+            ));
+            return;
+        };
+        if !group.contains(members[me].info.role) {
+            replies.push((
+                responder,
+                Err(format!("{} is not in the {group}", members[me].info)),
+            ));
+            return;
+        }
+        if let Some(why) = self.broken(members, group) {
+            replies.push((
+                responder,
+                Err(format!("barrier of the {group} failed: {why}")),
+            ));
+            return;
+        }
+        let size = members
+            .iter()
+            .filter(|m| group.contains(m.info.role))
+            .count();
+        let barrier = st.barriers.entry(group).or_insert_with(|| Barrier {
+            started: Instant::now(),
+            entered: Vec::new(),
+        });
+        if barrier.entered.iter().any(|(i, _)| *i == me) {
+            let who = members[me].info.to_string();
+            replies.push((
+                responder,
+                Err(format!("{who} entered the barrier of the {group} twice")),
+            ));
+            return;
+        }
+        barrier.entered.push((me, responder));
+        if barrier.entered.len() == size {
+            if let Some(done) = st.barriers.remove(&group) {
+                for (_, r) in done.entered {
+                    replies.push((r, Ok((Vec::new(), 0))));
+                }
+            }
+        }
+    }
+
+    /// Why no barrier of `group` can complete: lost nodes (any role), or members that left.
+    fn broken(&self, members: &[Member], group: Group) -> Option<String> {
+        let lost: Vec<String> = members
+            .iter()
+            .filter_map(|m| match &m.status {
+                Status::Lost(why) => Some(format!("{} is lost: {why}", m.info)),
+                _ => None,
+            })
+            .collect();
+        if !lost.is_empty() {
+            return Some(list(&lost));
+        }
+        let left: Vec<String> = members
+            .iter()
+            .filter(|m| group.contains(m.info.role) && m.status == Status::Left)
+            .map(|m| format!("{} has left the cluster", m.info))
+            .collect();
+        (!left.is_empty()).then(|| list(&left))
+    }
+
+    fn goodbye(
+        &self,
+        st: &mut State,
+        peer: SocketAddr,
+        responder: Responder,
+        replies: &mut Vec<Reply>,
+    ) {
+        let Some(members) = st.members.as_mut() else {
+            // Leaving during registration: forget it.
+            st.registrations.retain(|r| r.peer != peer);
+            replies.push((responder, Ok((Vec::new(), 0))));
+            return;
+        };
+        match members.iter_mut().find(|m| m.peer == peer) {
+            Some(m) => {
+                if m.status == Status::Alive {
+                    m.status = Status::Left;
+                }
+                log::debug!("kvstore-dist scheduler: {} said goodbye", m.info);
+                replies.push((responder, Ok((Vec::new(), 0))));
+            }
+            None => replies.push((
+                responder,
+                Err(format!("goodbye from {peer}, which is not registered")),
+            )),
+        }
+        // Barriers waiting for a node that left can never complete.
+        self.fail_broken_barriers(st, replies);
+        self.check_done(st);
+    }
+
+    fn disconnected(&self, peer: SocketAddr) {
+        let mut replies = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.finished {
+                return;
+            }
+            match st.members.as_ref() {
+                None => st.registrations.retain(|r| r.peer != peer),
+                Some(members) => {
+                    if let Some(i) = members
+                        .iter()
+                        .position(|m| m.peer == peer && m.status == Status::Alive)
+                    {
+                        self.mark_lost(
+                            &mut st,
+                            i,
+                            "its connection to the scheduler closed without a goodbye".to_string(),
+                            &mut replies,
+                        );
+                    }
+                }
+            }
+        }
+        send_replies(replies);
+        self.cv.notify_all();
+    }
+
+    fn mark_lost(&self, st: &mut State, i: usize, why: String, replies: &mut Vec<Reply>) {
+        if let Some(m) = st.members.as_mut().and_then(|m| m.get_mut(i)) {
+            log::warn!("kvstore-dist scheduler: {} is lost: {why}", m.info);
+            m.status = Status::Lost(why);
+        }
+        self.fail_broken_barriers(st, replies);
+        self.check_done(st);
+    }
+
+    fn fail_broken_barriers(&self, st: &mut State, replies: &mut Vec<Reply>) {
+        let Some(members) = st.members.as_ref() else {
+            return;
+        };
+        let broken: Vec<(Group, String)> = st
+            .barriers
+            .keys()
+            .filter_map(|g| self.broken(members, *g).map(|why| (*g, why)))
+            .collect();
+        for (group, why) in broken {
+            if let Some(b) = st.barriers.remove(&group) {
+                for (_, r) in b.entered {
+                    replies.push((r, Err(format!("barrier of the {group} failed: {why}"))));
+                }
+            }
+        }
+    }
+
+    fn check_done(&self, st: &mut State) {
+        let Some(members) = st.members.as_ref() else {
+            return;
+        };
+        if members.iter().any(|m| m.status == Status::Alive) {
+            return;
+        }
+        let lost: Vec<String> = members
+            .iter()
+            .filter_map(|m| match &m.status {
+                Status::Lost(why) => Some(format!("{} ({why})", m.info)),
+                _ => None,
+            })
+            .collect();
+        st.outcome = Some(if lost.is_empty() {
+            Ok(())
+        } else {
+            Err(ClusterError::NodesLost { lost: list(&lost) })
+        });
+        st.finished = true;
+    }
+
+    /// One pass of the deadline checks: registration, heartbeats, barriers.
+    fn tick(&self, st: &mut State, replies: &mut Vec<Reply>) {
+        let now = Instant::now();
+        if st.members.is_none() {
+            if now.duration_since(st.started) >= self.timeout {
+                let missing = self.missing(&st.registrations);
+                let registered: Vec<String> = st
+                    .registrations
+                    .iter()
+                    .map(|r| format!("{} at {}", r.role, r.addr))
+                    .collect();
+                let err = ClusterError::RegistrationTimeout {
+                    scheduler: self.addr().to_string(),
+                    timeout: self.timeout,
+                    missing,
+                    registered: list(&registered),
+                };
+                for r in std::mem::take(&mut st.registrations) {
+                    replies.push((r.responder, Err(err.to_string())));
+                }
+                st.outcome = Some(Err(err));
+                st.finished = true;
+            }
+            return;
+        }
+        let silent: Vec<(usize, Duration)> = st
+            .members
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, m)| m.status == Status::Alive)
+            .map(|(i, m)| (i, now.duration_since(m.last_seen)))
+            .filter(|(_, d)| *d > self.heartbeat_timeout)
+            .collect();
+        for (i, quiet) in silent {
+            let why = format!(
+                "no heartbeat for {quiet:.1?} (heartbeat timeout {:?}, PS_HEARTBEAT_TIMEOUT)",
+                self.heartbeat_timeout
+            );
+            self.mark_lost(st, i, why, replies);
+        }
+        let expired: Vec<Group> = st
+            .barriers
+            .iter()
+            .filter(|(_, b)| now.duration_since(b.started) >= self.timeout)
+            .map(|(g, _)| *g)
+            .collect();
+        for group in expired {
+            let Some(b) = st.barriers.remove(&group) else {
+                continue;
+            };
+            let absent: Vec<String> = st
+                .members
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter(|(i, m)| {
+                    group.contains(m.info.role) && !b.entered.iter().any(|(e, _)| e == i)
+                })
+                .map(|(_, m)| m.info.to_string())
+                .collect();
+            let message = format!(
+                "barrier of the {group} failed: {} did not enter within {:?}",
+                list(&absent),
+                self.timeout
+            );
+            for (_, r) in b.entered {
+                replies.push((r, Err(message.clone())));
+            }
+        }
+    }
+
+    /// `1 of 2 servers and 3 of 3 workers`.
+    fn missing(&self, regs: &[Registration]) -> String {
+        let mut parts = Vec::new();
+        for (role, want) in [
+            (Role::Server, self.num_servers),
+            (Role::Worker, self.num_workers),
+        ] {
+            let have = regs.iter().filter(|r| r.role == role).count() as u32;
+            if have < want {
+                parts.push(format!("{} of {}", want - have, plural(want, role)));
+            }
+        }
+        list(&parts)
+    }
+
+    fn stop(&self, why: &str) {
+        let mut replies = Vec::new();
+        {
+            let mut st = self.lock();
+            if !st.finished {
+                for r in std::mem::take(&mut st.registrations) {
+                    replies.push((r.responder, Err(why.to_string())));
+                }
+                for (_, b) in std::mem::take(&mut st.barriers) {
+                    for (_, r) in b.entered {
+                        replies.push((r, Err(why.to_string())));
+                    }
+                }
+                st.finished = true;
+                st.outcome = Some(Ok(()));
+            }
+        }
+        send_replies(replies);
+        self.cv.notify_all();
+    }
+}
+
+struct SchedulerHandler(Arc<Shared>);
+
+impl Handler for SchedulerHandler {
+    fn handle(&self, request: Request, responder: Responder) {
+        self.0.handle(request, responder)
+    }
+
+    fn disconnected(&self, peer: SocketAddr) {
+        self.0.disconnected(peer)
+    }
+}
+
+/// The scheduler of a dist cluster (see the [module docs](self)).
+///
+/// Dropping it stops it like [`SchedulerHandle::shutdown`] and joins its threads.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    server: Option<Server>,
+    monitor: Option<JoinHandle<()>>,
+    local: SocketAddr,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("addr", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Stops a running [`Scheduler`] from another thread.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SchedulerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerHandle")
+            .field("addr", &self.shared.addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SchedulerHandle {
+    /// Stops the scheduler: pending registrations and barriers fail with "the scheduler was
+    /// shut down", and [`Scheduler::join`] returns `Ok(())`.
+    pub fn shutdown(&self) {
+        self.shared.stop("the scheduler was shut down");
+    }
+}
+
+impl Scheduler {
+    /// Starts the scheduler: listens on `DMLC_PS_ROOT_PORT` on the address `DMLC_NODE_HOST`
+    /// when set, else on all interfaces (as ps-lite does). A `root_port` of 0 (possible only
+    /// in a hand-built [`DistConfig`]) takes any free port: see [`local_addr`](Self::local_addr).
+    /// Registration must complete within `config.timeout` from now.
+    pub fn start(config: &DistConfig) -> Result<Scheduler, ClusterError> {
+        let host = config.node_host.clone().unwrap_or_else(|| "0.0.0.0".into());
+        let bind = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]:{}", config.root_port)
+        } else {
+            format!("{host}:{}", config.root_port)
+        };
+        let (_, heartbeat_timeout) = heartbeat_settings(config);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                started: Instant::now(),
+                registrations: Vec::new(),
+                members: None,
+                barriers: HashMap::new(),
+                finished: false,
+                outcome: None,
+            }),
+            cv: Condvar::new(),
+            num_servers: config.num_servers,
+            num_workers: config.num_workers,
+            timeout: config.timeout,
+            heartbeat_timeout,
+            addr: OnceLock::new(),
+        });
+        let transport = crate::transport::TransportConfig {
+            node_id: SCHEDULER_ID,
+            ..config.transport()
+        };
+        let server = Server::bind(
+            bind.as_str(),
+            transport,
+            SchedulerHandler(Arc::clone(&shared)),
+        )
+        .map_err(|e| ClusterError::Local(format!("the scheduler cannot start: {e}")))?;
+        let local = server.local_addr();
+        // Nodes reach the scheduler at the configured root address; with port 0, the bound one.
+        let advertised = if config.root_port == 0 || local.ip().is_unspecified() {
+            let host = if local.ip().is_unspecified() {
+                config.root_uri.clone()
+            } else {
+                local.ip().to_string()
+            };
+            if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{}", local.port())
+            } else {
+                format!("{host}:{}", local.port())
+            }
+        } else {
+            local.to_string()
+        };
+        let _ = shared.addr.set(advertised);
+        let tick_shared = Arc::clone(&shared);
+        let tick =
+            (heartbeat_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
+        let monitor = std::thread::Builder::new()
+            .name("kvstore-dist scheduler monitor".into())
+            .spawn(move || {
+                let shared = tick_shared;
+                let mut st = shared.lock();
+                while !st.finished {
+                    let mut replies = Vec::new();
+                    shared.tick(&mut st, &mut replies);
+                    if !replies.is_empty() || st.finished {
+                        drop(st);
+                        send_replies(replies);
+                        shared.cv.notify_all();
+                        st = shared.lock();
+                        continue;
+                    }
+                    st = match shared.cv.wait_timeout(st, tick) {
+                        Ok((g, _)) => g,
+                        Err(e) => e.into_inner().0,
+                    };
+                }
+            })
+            .map_err(|e| {
+                ClusterError::Local(format!("cannot start the scheduler's monitor: {e}"))
+            })?;
+        Ok(Scheduler {
+            shared,
+            server: Some(server),
+            monitor: Some(monitor),
+            local,
+        })
+    }
+
+    /// The address the scheduler listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The address it gives nodes in the node table (`host:port`).
+    pub fn addr(&self) -> &str {
+        self.shared.addr()
+    }
+
+    /// A handle to stop the scheduler from another thread.
+    pub fn handle(&self) -> SchedulerHandle {
+        SchedulerHandle {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Waits until the cluster is done (see the [module docs](self)), then closes every
+    /// connection and joins every thread. `Ok(())` when every node said goodbye or the
+    /// scheduler was shut down; [`ClusterError::RegistrationTimeout`] or
+    /// [`ClusterError::NodesLost`] otherwise.
+    pub fn join(mut self) -> Result<(), ClusterError> {
+        let outcome = {
+            let mut st = self.shared.lock();
+            while !st.finished {
+                st = match self.shared.cv.wait(st) {
+                    Ok(g) => g,
+                    Err(e) => e.into_inner(),
+                };
+            }
+            st.outcome.take().unwrap_or(Ok(()))
+        };
+        self.close();
+        outcome
+    }
+
+    fn close(&mut self) {
+        self.shared.stop("the scheduler was shut down");
+        drop(self.server.take());
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
