@@ -33,12 +33,14 @@
 //!   gets its rank and the node table), [`Node::barrier`], a background heartbeat
 //!   (`PS_HEARTBEAT_INTERVAL`; unlike ps-lite it is on by default, see
 //!   [`cluster::heartbeat_settings`]), [`Node::leave`] / drop saying goodbye.
+//! - [`placement`]: MXNet's key placement — a value below `MXNET_KVSTORE_BIGARRAY_BOUND`
+//!   elements on the server `(key * 9973) mod servers` (in wide arithmetic: MXNet's 32-bit
+//!   product overflows above key 215329), a bigger one split evenly across all servers.
 //!
 //! ## What does not exist yet
 //!
 //! **No store is registered**: `create("dist_sync")` (and `dist_async`, `dist_device_sync`)
-//! fails with `UnknownStore` when only this crate is linked. Still to come: MXNet's key
-//! placement over servers, node-to-node connections (servers do not serve yet; a node only
+//! fails with `UnknownStore` when only this crate is linked. Still to come: node-to-node connections (servers do not serve yet; a node only
 //! holds its listening socket, [`Node::take_listener`]), the server's merge/update logic for
 //! sync and async modes, the worker store (`KVStoreBase` impl, with its start-up all-node
 //! barrier), `get_num_dead_node`, recovery nodes (a late registration is refused),
@@ -50,6 +52,7 @@
 pub mod cluster;
 pub mod config;
 pub mod node;
+pub mod placement;
 pub mod scheduler;
 pub mod transport;
 

@@ -1,0 +1,133 @@
+//! Where a key's value lives on the servers: MXNet's `EncodeDefaultKey`, in wide arithmetic.
+//!
+//! - An array of fewer than `bigarray_bound` elements lives whole on one server, chosen by
+//!   hashing the key: `(key * 9973) mod servers`. MXNet evaluates the product in 32-bit signed
+//!   arithmetic, which overflows for keys above 215329 and then indexes a negative server; here
+//!   it is computed in 128-bit with a non-negative remainder, so every int key (negative keys
+//!   included) has a server. Placement only has to agree among workers, which it does as long
+//!   as they share the bound and the server count.
+//! - A bigger array is split into one contiguous slice per server: slice `i` has
+//!   `round(n / S * (i + 1)) - round(n / S * i)` elements (division in `f64`, rounding half away
+//!   from zero, as MXNet does), so every server stores and updates only its part.
+
+use std::ops::Range;
+
+/// The multiplier of MXNet's key hash.
+const KEY_HASH: i128 = 9973;
+
+/// The slices of one key's value and the servers that hold them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// `(server rank, element range of the flattened value)`, in server order, covering the
+    /// value exactly once.
+    pub parts: Vec<(usize, Range<usize>)>,
+}
+
+impl Placement {
+    /// Whether the value is split across servers.
+    pub fn is_split(&self) -> bool {
+        self.parts.len() > 1
+    }
+}
+
+/// The server that holds a small key: `(key * 9973) mod servers`, never negative.
+///
+/// # Panics
+/// If `servers` is 0 (a cluster always has at least one server; configuration checks it).
+pub fn server_of(key: i64, servers: usize) -> usize {
+    assert!(servers > 0, "a cluster has at least one server");
+    let product = i128::from(key) * KEY_HASH;
+    product.rem_euclid(servers as i128) as usize
+}
+
+/// Where the `elements` of `key`'s value live on `servers` servers.
+///
+/// ```
+/// use kvstore_dist::placement::place;
+/// // A small key lives whole on the server its hash picks.
+/// assert_eq!(place(3, 10, 2, 1_000_000).parts, vec![(1, 0..10)]);
+/// // A big key is split evenly across all of them.
+/// let big = place(3, 3_000_000, 2, 1_000_000);
+/// assert_eq!(big.parts, vec![(0, 0..1_500_000), (1, 1_500_000..3_000_000)]);
+/// ```
+///
+/// # Panics
+/// If `servers` is 0.
+pub fn place(key: i64, elements: usize, servers: usize, bigarray_bound: usize) -> Placement {
+    if elements < bigarray_bound || servers == 1 {
+        return Placement {
+            parts: vec![(server_of(key, servers), 0..elements)],
+        };
+    }
+    let share = elements as f64 / servers as f64;
+    let boundary = |i: usize| -> usize {
+        if i == servers {
+            elements
+        } else {
+            (share * i as f64).round() as usize
+        }
+    };
+    Placement {
+        parts: (0..servers)
+            .map(|i| (i, boundary(i)..boundary(i + 1)))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_keys_hash_like_mxnet_where_mxnet_does_not_overflow() {
+        // (key * 9973) % S in 32-bit is exact for keys up to 215329.
+        for key in [0i64, 1, 2, 3, 77, 1000, 215_329] {
+            for servers in 1..=5usize {
+                let mxnet = ((key as i32).wrapping_mul(9973) % servers as i32) as usize;
+                assert_eq!(
+                    server_of(key, servers),
+                    mxnet,
+                    "key {key}, {servers} servers"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn keys_that_overflow_in_mxnet_still_have_a_server() {
+        for key in [300_001i64, -1, i64::MIN, i64::MAX] {
+            for servers in 1..=4 {
+                assert!(server_of(key, servers) < servers);
+            }
+        }
+    }
+
+    #[test]
+    fn big_values_are_split_evenly_and_exactly_once() {
+        for (elements, servers) in [(1_000_000usize, 3usize), (1_000_001, 2), (5_000_003, 7)] {
+            let placement = place(9, elements, servers, 1_000_000);
+            assert!(placement.is_split());
+            assert_eq!(placement.parts.len(), servers);
+            let mut next = 0;
+            for (i, (server, range)) in placement.parts.iter().enumerate() {
+                assert_eq!(*server, i);
+                assert_eq!(range.start, next);
+                let expected = (elements as f64 / servers as f64 * (i + 1) as f64).round() as usize
+                    - (elements as f64 / servers as f64 * i as f64).round() as usize;
+                assert_eq!(range.len(), expected.min(elements - next));
+                next = range.end;
+            }
+            assert_eq!(next, elements);
+        }
+    }
+
+    #[test]
+    fn the_bound_is_in_elements_and_one_server_never_splits() {
+        assert!(!place(1, 999_999, 4, 1_000_000).is_split());
+        assert!(place(1, 1_000_000, 4, 1_000_000).is_split());
+        assert_eq!(
+            place(1, 5_000_000, 1, 1_000_000).parts,
+            vec![(0, 0..5_000_000)]
+        );
+    }
+}
