@@ -5,26 +5,38 @@
 //!
 //! - `kvstore list` prints every registered store as a table: its name (what
 //!   `kvstore::create` takes), its aliases, its capabilities and where it is registered.
+//! - `kvstore scheduler` runs the scheduler role of the distributed stores, configured by
+//!   MXNet's / ps-lite's variables exactly as ps-lite's scheduler process is under MXNet's
+//!   launcher (`DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`, `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`,
+//!   `DMLC_NODE_HOST`, `PS_VERBOSE`, `PS_HEARTBEAT_INTERVAL`, `PS_HEARTBEAT_TIMEOUT`,
+//!   `KVSTORE_TIMEOUT_SECS`, `KVSTORE_MAX_MESSAGE_BYTES`; see `kvstore_dist::config`). It
+//!   waits for every server and worker to register (within `KVSTORE_TIMEOUT_SECS`), serves
+//!   barriers and heartbeats, and exits 0 once every node has said goodbye; otherwise it
+//!   exits non-zero with the error on standard error (a missing variable, the servers or
+//!   workers that never registered, the nodes that were lost). `DMLC_ROLE` may be unset or
+//!   `scheduler`; any other role is refused rather than silently overridden.
 //!
-//! Only `list` exists so far. Further subcommands are planned for the backends that need a
-//! process of their own (the server and scheduler roles of the distributed stores); they will
-//! be added when those backends exist, and until then the command offers nothing it cannot do.
+//! Further subcommands are planned: `server` (the server role of the distributed stores, once
+//! servers serve) and `launch` (starting a whole cluster, like MXNet's `tools/launch.py`). They
+//! will be added when what they need exists; until then the command offers nothing it cannot do.
 //!
-//! The logic lives here, in plain functions over the registry's [`StoreInfo`]s
-//! ([`render_list`], [`run`]); `main.rs` only parses the command line and prints.
+//! The logic lives here, in plain functions ([`render_list`], [`scheduler_config`],
+//! [`run_scheduler`], [`run`]); `main.rs` only parses the command line and prints.
 #![deny(missing_docs)]
 
 use clap::{Parser, Subcommand};
 use kvstore::{Capability, StoreInfo};
+use kvstore_dist::{DistConfig, Role, Scheduler};
 
 /// The command line of `kvstore`.
 #[derive(Debug, Parser)]
 #[command(
     name = "kvstore",
     version,
-    about = "Inspect the kvstore backends this build links",
-    after_help = "Only `list` exists so far; further subcommands are planned and described in \
-                  the documentation of the kvstore-cli crate."
+    about = "Inspect the kvstore backends this build links and run the roles of the \
+             distributed stores",
+    after_help = "`list` and `scheduler` exist so far; `server` and `launch` are planned and \
+                  described in the documentation of the kvstore-cli crate."
 )]
 pub struct Cli {
     /// What to do.
@@ -37,17 +49,88 @@ pub struct Cli {
 pub enum Command {
     /// List every registered store: name, aliases, capabilities and origin.
     List,
+    /// Run the scheduler of a dist cluster, configured by MXNet's DMLC_* variables.
+    ///
+    /// Reads DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER and DMLC_NUM_WORKER
+    /// (required), DMLC_NODE_HOST, PS_VERBOSE, PS_HEARTBEAT_INTERVAL, PS_HEARTBEAT_TIMEOUT,
+    /// KVSTORE_TIMEOUT_SECS and KVSTORE_MAX_MESSAGE_BYTES, as ps-lite's scheduler does under
+    /// MXNet's launcher. Waits for every node to register, serves barriers and heartbeats, and
+    /// exits 0 once every node has said goodbye; exits non-zero with the error (naming the
+    /// missing or lost nodes) otherwise. DMLC_ROLE may be unset or `scheduler`.
+    Scheduler,
 }
 
 /// Runs a parsed command line and returns what to print on standard output.
 ///
+/// `kvstore scheduler` reads the process environment (see [`run_scheduler`]).
+///
 /// # Errors
-/// None today: listing the registry cannot fail (a store whose capabilities cannot be found
-/// is listed with the reason). Later subcommands will report their errors here.
+/// `list` cannot fail (a store whose capabilities cannot be found is listed with the reason).
+/// `scheduler` fails as [`run_scheduler`] does.
 pub fn run(cli: &Cli) -> kvstore::Result<String> {
     match cli.command {
         Command::List => Ok(render_list(&kvstore::registered())),
+        Command::Scheduler => {
+            let vars = std::env::vars_os().filter_map(|(k, v)| {
+                Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))
+            });
+            run_scheduler(&scheduler_config(vars)?)?;
+            Ok(String::new())
+        }
     }
+}
+
+/// The scheduler's configuration from a map of environment variables (MXNet's / ps-lite's,
+/// see `kvstore_dist::config`): the role is `scheduler` whatever `DMLC_ROLE` defaults to.
+///
+/// # Errors
+/// [`kvstore::Error::InvalidArgument`] naming the variable when a required one is missing or
+/// a value is invalid, or when `DMLC_ROLE` is set to a role other than `scheduler`.
+pub fn scheduler_config<I, K, V>(vars: I) -> kvstore::Result<DistConfig>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    let vars: Vec<(String, String)> = vars
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    let mut config = DistConfig::from_vars(vars.iter().cloned())?;
+    if let Some((_, role)) = vars.iter().find(|(k, _)| k == "DMLC_ROLE") {
+        if config.role != Role::Scheduler {
+            return Err(kvstore::Error::InvalidArgument(format!(
+                "DMLC_ROLE={role:?} but `kvstore scheduler` runs the scheduler role; \
+                 unset DMLC_ROLE or set it to `scheduler`"
+            )));
+        }
+    }
+    config.role = Role::Scheduler;
+    Ok(config)
+}
+
+/// Runs the scheduler until the cluster is done: every node registered, then said goodbye.
+/// With `PS_VERBOSE` of 1 or more, says on standard error where it listens and what it waits
+/// for.
+///
+/// # Errors
+/// The scheduler cannot listen on its address, registration did not complete within the
+/// timeout (naming how many servers and workers are missing), or nodes were lost (naming
+/// them); as [`kvstore::Error::Backend`] of store `dist`.
+pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
+    let scheduler = Scheduler::start(config)?;
+    if config.verbose > 0 {
+        eprintln!(
+            "kvstore scheduler: listening on {} (advertised as {}), waiting for {} server(s) \
+             and {} worker(s)",
+            scheduler.local_addr(),
+            scheduler.addr(),
+            config.num_servers,
+            config.num_workers
+        );
+    }
+    scheduler.join()?;
+    Ok(())
 }
 
 /// The capabilities of a store as one table cell: comma-separated names, `none`, or
@@ -204,6 +287,44 @@ mod tests {
         assert_eq!(cli.command, Command::List);
         let out = run(&cli).unwrap();
         assert!(out.lines().any(|l| l.starts_with("teststore ")), "{out}");
+    }
+
+    fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        [
+            ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+            ("DMLC_PS_ROOT_PORT", "9091"),
+            ("DMLC_NUM_SERVER", "1"),
+            ("DMLC_NUM_WORKER", "2"),
+        ]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn scheduler_parses() {
+        let cli = Cli::try_parse_from(["kvstore", "scheduler"]).unwrap();
+        assert_eq!(cli.command, Command::Scheduler);
+    }
+
+    #[test]
+    fn the_scheduler_config_is_the_scheduler_role() {
+        let c = scheduler_config(vars(&[])).unwrap();
+        assert_eq!(c.role, Role::Scheduler);
+        assert_eq!((c.num_servers, c.num_workers, c.root_port), (1, 2, 9091));
+        let c = scheduler_config(vars(&[("DMLC_ROLE", "scheduler")])).unwrap();
+        assert_eq!(c.role, Role::Scheduler);
+    }
+
+    #[test]
+    fn another_role_or_a_missing_variable_is_refused_by_name() {
+        let e = scheduler_config(vars(&[("DMLC_ROLE", "worker")])).unwrap_err();
+        assert!(e.to_string().contains("DMLC_ROLE"), "{e}");
+        let mut v = vars(&[]);
+        v.retain(|(k, _)| k != "DMLC_NUM_SERVER");
+        let e = scheduler_config(v).unwrap_err();
+        assert!(e.to_string().contains("DMLC_NUM_SERVER"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Runs the `kvstore` binary as a user would.
 
-use std::process::Command;
+use std::net::TcpListener;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvstore_dist::{DistConfig, Group, Node};
 
 fn kvstore(args: &[&str]) -> (bool, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_kvstore"))
@@ -36,6 +41,7 @@ fn help_lists_only_real_subcommands() {
     let (ok, out, err) = kvstore(&["--help"]);
     assert!(ok, "kvstore --help failed:\n{err}");
     assert!(out.contains("list"), "{out}");
+    assert!(out.contains("scheduler"), "{out}");
     assert!(out.contains("planned"), "{out}");
 }
 
@@ -44,5 +50,157 @@ fn an_unknown_subcommand_fails_without_panicking() {
     let (ok, _, err) = kvstore(&["frobnicate"]);
     assert!(!ok);
     assert!(err.contains("frobnicate"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The `DMLC_*` variables of a 1-server, 1-worker cluster whose scheduler is 127.0.0.1:`port`.
+fn cluster_vars(port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
+        ("DMLC_PS_ROOT_PORT", port.to_string()),
+        ("DMLC_NUM_SERVER", "1".to_string()),
+        ("DMLC_NUM_WORKER", "1".to_string()),
+        ("DMLC_NODE_HOST", "127.0.0.1".to_string()),
+        ("KVSTORE_TIMEOUT_SECS", "5".to_string()),
+    ]
+}
+
+/// A `kvstore scheduler` process, killed and reaped on drop unless it has exited.
+struct SchedulerProcess(Child);
+
+impl SchedulerProcess {
+    fn spawn(vars: &[(&str, String)]) -> SchedulerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+        cmd.arg("scheduler")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Only the variables given: none inherited from the environment of the test run.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("DMLC_") || k.starts_with("PS_") || k.starts_with("KVSTORE_") {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        cmd.envs(vars.iter().map(|(k, v)| (k, v)));
+        SchedulerProcess(cmd.spawn().expect("cannot run kvstore scheduler"))
+    }
+
+    /// Waits at most `limit` for the process to exit; kills it (and fails) if it does not.
+    fn wait(mut self, limit: Duration) -> (ExitStatus, String, String) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.0.try_wait().unwrap().is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.0.kill();
+                let output = self.take_output();
+                panic!(
+                    "kvstore scheduler did not exit within {limit:?}; killed it.\nstderr:\n{}",
+                    output.2
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.take_output()
+    }
+
+    fn take_output(&mut self) -> (ExitStatus, String, String) {
+        use std::io::Read;
+        let status = self.0.wait().unwrap();
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(r) = self.0.stdout.as_mut() {
+            let _ = r.read_to_string(&mut out);
+        }
+        if let Some(r) = self.0.stderr.as_mut() {
+            let _ = r.read_to_string(&mut err);
+        }
+        (status, out, err)
+    }
+}
+
+impl Drop for SchedulerProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn node_config(vars: &[(&str, String)], role: &str) -> DistConfig {
+    DistConfig::from_vars(
+        vars.iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .chain([("DMLC_ROLE".to_string(), role.to_string())]),
+    )
+    .unwrap()
+}
+
+#[test]
+fn scheduler_serves_a_one_server_one_worker_cluster_and_exits_0() {
+    let vars = cluster_vars(free_port());
+    let scheduler = SchedulerProcess::spawn(&vars);
+
+    // Both nodes join concurrently (registration completes only when both are in); a node
+    // retries connecting until the timeout, so the scheduler may still be starting.
+    let server_config = node_config(&vars, "server");
+    let worker_config = node_config(&vars, "worker");
+    let server = thread::spawn(move || Node::join(&server_config));
+    let worker = thread::spawn(move || Node::join(&worker_config));
+    let server = server.join().unwrap().expect("the server cannot join");
+    let worker = worker.join().unwrap().expect("the worker cannot join");
+    assert_eq!((server.rank(), worker.rank()), (0, 0));
+    assert_eq!(
+        (worker.servers().count(), worker.workers().count()),
+        (1, 1),
+        "{:?}",
+        worker.nodes()
+    );
+
+    worker.barrier(Group::Workers).expect("worker barrier");
+    thread::scope(|s| {
+        let w = s.spawn(|| worker.barrier(Group::All));
+        server.barrier(Group::All).expect("all barrier (server)");
+        w.join().unwrap().expect("all barrier (worker)");
+    });
+
+    worker.leave().expect("the worker cannot leave");
+    server.leave().expect("the server cannot leave");
+
+    let (status, _, err) = scheduler.wait(Duration::from_secs(5));
+    assert!(
+        status.success(),
+        "kvstore scheduler: {status}\nstderr:\n{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn scheduler_without_dmlc_num_worker_fails_naming_it() {
+    let mut vars = cluster_vars(free_port());
+    vars.retain(|(k, _)| *k != "DMLC_NUM_WORKER");
+    let (status, _, err) = SchedulerProcess::spawn(&vars).wait(Duration::from_secs(5));
+    assert!(!status.success(), "{status}\nstderr:\n{err}");
+    assert!(err.contains("DMLC_NUM_WORKER"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn scheduler_names_the_missing_nodes_when_registration_times_out() {
+    let mut vars = cluster_vars(free_port());
+    vars.retain(|(k, _)| *k != "KVSTORE_TIMEOUT_SECS");
+    vars.push(("KVSTORE_TIMEOUT_SECS", "0.5".to_string()));
+    let (status, _, err) = SchedulerProcess::spawn(&vars).wait(Duration::from_secs(10));
+    assert!(!status.success(), "{status}\nstderr:\n{err}");
+    assert!(err.contains("server") && err.contains("worker"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
