@@ -57,7 +57,12 @@ pub enum Command {
     /// MXNet's launcher. Waits for every node to register, serves barriers and heartbeats, and
     /// exits 0 once every node has said goodbye; exits non-zero with the error (naming the
     /// missing or lost nodes) otherwise. DMLC_ROLE may be unset or `scheduler`.
-    Scheduler,
+    Scheduler {
+        /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
+        /// unset (the environment wins).
+        #[arg(long, value_name = "PATH")]
+        config: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs a parsed command line and returns what to print on standard output.
@@ -68,25 +73,34 @@ pub enum Command {
 /// `list` cannot fail (a store whose capabilities cannot be found is listed with the reason).
 /// `scheduler` fails as [`run_scheduler`] does.
 pub fn run(cli: &Cli) -> kvstore::Result<String> {
-    match cli.command {
+    match &cli.command {
         Command::List => Ok(render_list(&kvstore::registered())),
-        Command::Scheduler => {
+        Command::Scheduler { config } => {
             let vars = std::env::vars_os().filter_map(|(k, v)| {
                 Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))
             });
-            run_scheduler(&scheduler_config(vars)?)?;
+            let file = config
+                .as_deref()
+                .map(kvstore_dist::config::DistFile::from_path)
+                .transpose()
+                .map_err(kvstore::Error::from)?;
+            run_scheduler(&scheduler_config(vars, file.as_ref())?)?;
             Ok(String::new())
         }
     }
 }
 
 /// The scheduler's configuration from a map of environment variables (MXNet's / ps-lite's,
-/// see `kvstore_dist::config`): the role is `scheduler` whatever `DMLC_ROLE` defaults to.
+/// see `kvstore_dist::config`) over the `[dist]` table of an optional `kvstore.toml`: the role
+/// is `scheduler` whatever `DMLC_ROLE` defaults to.
 ///
 /// # Errors
 /// [`kvstore::Error::InvalidArgument`] naming the variable when a required one is missing or
 /// a value is invalid, or when `DMLC_ROLE` is set to a role other than `scheduler`.
-pub fn scheduler_config<I, K, V>(vars: I) -> kvstore::Result<DistConfig>
+pub fn scheduler_config<I, K, V>(
+    vars: I,
+    file: Option<&kvstore_dist::config::DistFile>,
+) -> kvstore::Result<DistConfig>
 where
     I: IntoIterator<Item = (K, V)>,
     K: Into<String>,
@@ -96,7 +110,10 @@ where
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
         .collect();
-    let mut config = DistConfig::from_vars(vars.iter().cloned())?;
+    let mut config = match file {
+        Some(file) => DistConfig::from_vars_and_file(vars.iter().cloned(), file)?,
+        None => DistConfig::from_vars(vars.iter().cloned())?,
+    };
     if let Some((_, role)) = vars.iter().find(|(k, _)| k == "DMLC_ROLE") {
         if config.role != Role::Scheduler {
             return Err(kvstore::Error::InvalidArgument(format!(
@@ -305,25 +322,40 @@ mod tests {
     #[test]
     fn scheduler_parses() {
         let cli = Cli::try_parse_from(["kvstore", "scheduler"]).unwrap();
-        assert_eq!(cli.command, Command::Scheduler);
+        assert_eq!(cli.command, Command::Scheduler { config: None });
     }
 
     #[test]
     fn the_scheduler_config_is_the_scheduler_role() {
-        let c = scheduler_config(vars(&[])).unwrap();
+        let c = scheduler_config(vars(&[]), None).unwrap();
         assert_eq!(c.role, Role::Scheduler);
         assert_eq!((c.num_servers, c.num_workers, c.root_port), (1, 2, 9091));
-        let c = scheduler_config(vars(&[("DMLC_ROLE", "scheduler")])).unwrap();
+        let c = scheduler_config(vars(&[("DMLC_ROLE", "scheduler")]), None).unwrap();
         assert_eq!(c.role, Role::Scheduler);
     }
 
     #[test]
+    fn a_kvstore_toml_fills_what_the_environment_leaves_unset() {
+        let file = kvstore_dist::config::DistFile::from_toml_str(
+            "[dist]\nnum_worker = 4\nnum_server = 3\n",
+        )
+        .unwrap();
+        let env: Vec<(String, String)> = vars(&[])
+            .into_iter()
+            .filter(|(k, _)| k != "DMLC_NUM_WORKER")
+            .collect();
+        let c = scheduler_config(env, Some(&file)).unwrap();
+        // The file supplies the worker count; the environment's server count wins.
+        assert_eq!((c.num_servers, c.num_workers), (1, 4));
+    }
+
+    #[test]
     fn another_role_or_a_missing_variable_is_refused_by_name() {
-        let e = scheduler_config(vars(&[("DMLC_ROLE", "worker")])).unwrap_err();
+        let e = scheduler_config(vars(&[("DMLC_ROLE", "worker")]), None).unwrap_err();
         assert!(e.to_string().contains("DMLC_ROLE"), "{e}");
         let mut v = vars(&[]);
         v.retain(|(k, _)| k != "DMLC_NUM_SERVER");
-        let e = scheduler_config(v).unwrap_err();
+        let e = scheduler_config(v, None).unwrap_err();
         assert!(e.to_string().contains("DMLC_NUM_SERVER"), "{e}");
     }
 
