@@ -12,6 +12,7 @@ mod identity;
 mod keyvalue;
 mod optimizer;
 mod pushpull;
+mod updater;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -80,6 +81,7 @@ pub const CHECKS: &[&[Check]] = &[
     errors::CHECKS,
     keyvalue::CHECKS,
     optimizer::CHECKS,
+    updater::CHECKS,
     differential::CHECKS,
 ];
 
