@@ -109,6 +109,24 @@ impl<'a> KeyedValues<'a> {
     pub fn groups(&self) -> Vec<KeyGroup> {
         group(&self.keys)
     }
+
+    /// Checks that every key has exactly one value, as `broadcast` needs (rank 0's value).
+    ///
+    /// # Errors
+    /// [`Error::CountMismatch`] for the first key with several values, wrapped with
+    /// [`Error::at_key`] naming `store` and `operation`.
+    pub fn check_one_value_per_key(&self, store: &str, operation: &'static str) -> Result<()> {
+        match self.groups().into_iter().find(|g| g.positions.len() != 1) {
+            None => Ok(()),
+            Some(group) => Err(Error::CountMismatch {
+                operation,
+                what: format!("value for the key ({operation} takes one value per key)"),
+                expected: 1,
+                found: group.positions.len(),
+            }
+            .at_key(store, operation, group.key)),
+        }
+    }
 }
 
 impl<'a> KeyedOuts<'a> {

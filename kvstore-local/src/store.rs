@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kvstore_base::{
-    Capability, CreateRequest, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
+    Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray,
     OptimizerSpec, Result, StorageType, Updater,
 };
 
@@ -173,17 +173,6 @@ impl LocalStore {
     }
 }
 
-/// The groups of a batch in ascending key order: (key, positions).
-fn sorted_groups(keys: &[Key]) -> Vec<(Key, Vec<usize>)> {
-    let mut map: HashMap<&Key, Vec<usize>> = HashMap::with_capacity(keys.len());
-    for (i, k) in keys.iter().enumerate() {
-        map.entry(k).or_default().push(i);
-    }
-    let mut groups: Vec<(Key, Vec<usize>)> = map.into_iter().map(|(k, v)| (k.clone(), v)).collect();
-    groups.sort_by(|a, b| a.0.cmp(&b.0));
-    groups
-}
-
 impl State {
     fn check_kind(&self, operation: &'static str, key: &Key) -> Result<()> {
         match &self.key_kind {
@@ -243,9 +232,11 @@ impl LocalStore {
         state: &State,
         operation: &'static str,
         values: &KeyedValues<'_>,
-    ) -> Result<Vec<(Key, Vec<usize>)>> {
-        let groups = sorted_groups(values.keys());
-        for (key, positions) in &groups {
+    ) -> Result<Vec<KeyGroup>> {
+        // MXNet processes the keys of a call in ascending order.
+        let mut groups = values.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        for KeyGroup { key, positions } in &groups {
             let entry = state.entry(self, operation, key)?;
             for (i, &p) in positions.iter().enumerate() {
                 entry
@@ -261,12 +252,12 @@ impl LocalStore {
         &self,
         state: &mut State,
         values: &KeyedValues<'_>,
-        groups: &[(Key, Vec<usize>)],
+        groups: &[KeyGroup],
     ) -> Result<()> {
         let State {
             entries, updater, ..
         } = state;
-        for (key, positions) in groups {
+        for KeyGroup { key, positions } in groups {
             let entry = entries.get_mut(key).expect("checked by check_push");
             let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
             let all_dense = arrays

@@ -108,17 +108,7 @@ impl KVStoreBase for TestStore {
         _priority: i32,
     ) -> Result<()> {
         outs.check_against("broadcast", values)?;
-        for group in values.groups() {
-            if group.positions.len() != 1 {
-                return Err(Error::CountMismatch {
-                    operation: "broadcast",
-                    what: "value for the key (broadcast takes one value per key)".into(),
-                    expected: 1,
-                    found: group.positions.len(),
-                }
-                .at_key(NAME, "broadcast", group.key));
-            }
-        }
+        values.check_one_value_per_key(NAME, "broadcast")?;
         write_all("broadcast", outs, |key| {
             values
                 .iter()

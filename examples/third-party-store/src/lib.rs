@@ -225,17 +225,7 @@ impl KVStoreBase for MyKVStore {
         _priority: i32,
     ) -> Result<()> {
         outs.check_against("broadcast", values)?;
-        for group in values.groups() {
-            if group.positions.len() != 1 {
-                return Err(Error::CountMismatch {
-                    operation: "broadcast",
-                    what: "value for the key (broadcast takes one value per key)".into(),
-                    expected: 1,
-                    found: group.positions.len(),
-                }
-                .at_key(self.name, "broadcast", group.key));
-            }
-        }
+        values.check_one_value_per_key(self.name, "broadcast")?;
         let mut table = self.lock();
         let fresh = fresh_values(self.name, &table, "broadcast", values)?;
         check_pull(self.name, &table, &fresh, "broadcast", outs, false)?;

@@ -440,17 +440,10 @@ pub unsafe extern "C" fn shim_init(
     n: usize,
     err: *mut KvError,
 ) -> i32 {
-    // SAFETY: the caller's guarantees cover every pointer used below.
+    // SAFETY: forwarded from this function's own contract.
     unsafe {
-        let key_list = match read_keys(keys, n) {
-            Ok(k) => k,
-            Err(e) => return write_error(err, &e, &[], &[]),
-        };
-        guard(err, "init", &key_list, &[], || {
-            let kv = store_ref(store);
-            let arrays = copy_tensors(read_tensors(values, n)?)?;
-            let batch = KeyedValues::new("init", key_list.clone(), arrays.iter().collect())?;
-            kv.init_batch(&batch)
+        with_values("init", store, keys, values, n, err, |kv, batch| {
+            kv.init_batch(batch)
         })
     }
 }
@@ -467,17 +460,39 @@ pub unsafe extern "C" fn shim_push(
     priority: i32,
     err: *mut KvError,
 ) -> i32 {
+    // SAFETY: forwarded from this function's own contract.
+    unsafe {
+        with_values("push", store, keys, values, n, err, |kv, batch| {
+            kv.push_batch(batch, priority)
+        })
+    }
+}
+
+/// The body of `init` and `push`: reads the keys and input tensors, runs `call` on the batch
+/// under [`guard`].
+///
+/// # Safety
+/// As [`shim_init`].
+unsafe fn with_values(
+    operation: &'static str,
+    store: KvStoreHandle,
+    keys: *const KvKey,
+    values: *const KvTensor,
+    n: usize,
+    err: *mut KvError,
+    call: impl FnOnce(&dyn KVStoreBase, &KeyedValues<'_>) -> Result<()>,
+) -> i32 {
     // SAFETY: the caller's guarantees cover every pointer used below.
     unsafe {
         let key_list = match read_keys(keys, n) {
             Ok(k) => k,
             Err(e) => return write_error(err, &e, &[], &[]),
         };
-        guard(err, "push", &key_list, &[], || {
+        guard(err, operation, &key_list, &[], || {
             let kv = store_ref(store);
             let arrays = copy_tensors(read_tensors(values, n)?)?;
-            let batch = KeyedValues::new("push", key_list.clone(), arrays.iter().collect())?;
-            kv.push_batch(&batch, priority)
+            let batch = KeyedValues::new(operation, key_list.clone(), arrays.iter().collect())?;
+            call(kv, &batch)
         })
     }
 }

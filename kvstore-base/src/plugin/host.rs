@@ -541,6 +541,32 @@ impl PluginStore {
         }
         Self::finish_outs(outs, outputs.staged)
     }
+
+    /// Calls an inputs-only plugin function (`init`, `push`) with `values` marshalled, and turns
+    /// its status into a `Result`.
+    fn with_values(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        call: impl FnOnce(KvStoreHandle, *const KvKey, *const KvTensor, usize, &mut KvError) -> i32,
+    ) -> Result<()> {
+        let m = marshal_values(values.keys(), values.values())?;
+        let mut buffer = [0u8; MESSAGE_CAP];
+        let mut record = KvError::with_buffer(&mut buffer);
+        // The keys and tensors point into arrays borrowed for the call (read-only); the record
+        // and its buffer live on this stack frame.
+        let code = call(
+            self.handle,
+            m.keys.as_ptr(),
+            m.tensors.as_ptr(),
+            m.tensors.len(),
+            &mut record,
+        );
+        if code != KV_OK {
+            return Err(self.fail(operation, code, &record, values.keys(), &[]));
+        }
+        Ok(())
+    }
 }
 
 impl KVStoreBase for PluginStore {
@@ -588,47 +614,20 @@ impl KVStoreBase for PluginStore {
         let Some(init) = self.api.init else {
             return Err(self.unsupported("init"));
         };
-        let m = marshal_values(values.keys(), values.values())?;
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // SAFETY: as in `values_into_outs`, with inputs only.
-        let code = unsafe {
-            init(
-                self.handle,
-                m.keys.as_ptr(),
-                m.tensors.as_ptr(),
-                m.tensors.len(),
-                &mut record,
-            )
-        };
-        if code != KV_OK {
-            return Err(self.fail("init", code, &record, values.keys(), &[]));
-        }
-        Ok(())
+        // SAFETY: `with_values` passes arrays of `n` marshalled entries and a live record.
+        self.with_values("init", values, |handle, keys, tensors, n, record| unsafe {
+            init(handle, keys, tensors, n, record)
+        })
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
         let Some(push) = self.api.push else {
             return Err(self.unsupported("push"));
         };
-        let m = marshal_values(values.keys(), values.values())?;
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // SAFETY: as in `values_into_outs`, with inputs only.
-        let code = unsafe {
-            push(
-                self.handle,
-                m.keys.as_ptr(),
-                m.tensors.as_ptr(),
-                m.tensors.len(),
-                priority,
-                &mut record,
-            )
-        };
-        if code != KV_OK {
-            return Err(self.fail("push", code, &record, values.keys(), &[]));
-        }
-        Ok(())
+        // SAFETY: `with_values` passes arrays of `n` marshalled entries and a live record.
+        self.with_values("push", values, |handle, keys, tensors, n, record| unsafe {
+            push(handle, keys, tensors, n, priority, record)
+        })
     }
 
     fn pull_batch(
