@@ -51,13 +51,75 @@
 
 pub mod cluster;
 pub mod config;
+mod local_cluster;
 pub mod node;
 pub mod placement;
+pub mod protocol;
 pub mod scheduler;
+pub mod server;
 pub mod transport;
+pub mod worker;
 
 pub use cluster::{ClusterError, Group, NodeInfo};
 pub use config::{ConfigError, DistConfig, DistFile, Role};
+pub use local_cluster::LocalCluster;
 pub use node::Node;
 pub use scheduler::{Scheduler, SchedulerHandle};
+pub use server::{run_server, ParamServer};
 pub use transport::{TransportConfig, TransportError};
+pub use worker::DistStore;
+
+use kvstore_base::{Capability, CreateRequest, KVStoreBase};
+use protocol::Mode;
+
+/// The capabilities of every dist store.
+const CAPABILITIES: &[Capability] = &[
+    Capability::Optimizer,
+    Capability::InitPushPull,
+    Capability::RowSparse,
+    Capability::Distributed,
+];
+
+fn create_sync(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
+    DistStore::from_request(request, Mode::Sync)
+}
+
+fn create_async(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
+    DistStore::from_request(request, Mode::Async)
+}
+
+kvstore_base::register!(
+    "dist_sync",
+    create_sync,
+    aliases = ["dist"],
+    capabilities = [
+        Capability::Optimizer,
+        Capability::InitPushPull,
+        Capability::RowSparse,
+        Capability::Distributed
+    ]
+);
+
+kvstore_base::register!(
+    "dist_device_sync",
+    create_sync,
+    aliases = ["dist_sync_device"],
+    capabilities = [
+        Capability::Optimizer,
+        Capability::InitPushPull,
+        Capability::RowSparse,
+        Capability::Distributed
+    ]
+);
+
+kvstore_base::register!(
+    "dist_async",
+    create_async,
+    aliases = ["dist_async_device"],
+    capabilities = [
+        Capability::Optimizer,
+        Capability::InitPushPull,
+        Capability::RowSparse,
+        Capability::Distributed
+    ]
+);

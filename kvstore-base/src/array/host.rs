@@ -205,3 +205,24 @@ host_element!(bf16, BF16);
 host_element!(i32, I32);
 host_element!(i64, I64);
 host_element!(u8, U8);
+
+/// The elements of a standard-layout host array as bytes.
+pub(crate) fn host_bytes(host: &HostArray) -> Option<&[u8]> {
+    with_host!(host, a => a.as_slice().map(|s| {
+        // SAFETY: the element types are plain numbers (f32, f64, f16, bf16, i32, i64, u8)
+        // without padding; any initialised value may be read as bytes, and the byte slice
+        // covers exactly the memory of `s`, borrowed for the same lifetime.
+        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
+    }))
+}
+
+/// The elements of a standard-layout host array as writable bytes.
+pub(crate) fn host_bytes_mut(host: &mut HostArray) -> Option<&mut [u8]> {
+    with_host!(host, a => a.as_slice_mut().map(|s| {
+        // SAFETY: as in `host_bytes`; moreover every bit pattern is a valid value of these
+        // element types, so any bytes written through the slice leave valid elements.
+        unsafe {
+            std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s))
+        }
+    }))
+}

@@ -5,6 +5,7 @@ mod host;
 
 pub use context::{Context, StorageType};
 use host::{gather_rows, scatter_rows, with_host};
+pub(crate) use host::{host_bytes, host_bytes_mut};
 pub use host::{HostArray, HostElement};
 
 use ndarray::{ArrayD, IxDyn};
@@ -119,6 +120,57 @@ impl NDArray {
             ))
         })?;
         Ok(NDArray::from_host(T::wrap(array)))
+    }
+
+    /// A dense array of `shape` and `dtype` whose elements are `bytes` (native byte order,
+    /// row-major), e.g. a payload received from the network.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    ///
+    /// let a = NDArray::from_vec(&[2], vec![1.5f32, -2.0]).unwrap();
+    /// let b = NDArray::from_bytes(&[2], DType::F32, a.as_bytes().unwrap()).unwrap();
+    /// assert_eq!(a, b);
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `bytes.len()` is not the byte size of `shape` in `dtype`.
+    pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<NDArray> {
+        let expected = element_count(shape).and_then(|n| n.checked_mul(dtype.size_of()));
+        if expected != Some(bytes.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes cannot fill shape {shape:?} of {dtype} ({})",
+                bytes.len(),
+                match expected {
+                    Some(n) => format!("{n} bytes"),
+                    None => "too many elements to address".to_string(),
+                }
+            )));
+        }
+        let mut array = NDArray::zeros(shape, dtype);
+        array
+            .as_bytes_mut()
+            .expect("a fresh dense array is contiguous")
+            .copy_from_slice(bytes);
+        Ok(array)
+    }
+
+    /// The elements of a dense, standard-layout (row-major, contiguous) host array as bytes
+    /// in native byte order; `None` for row-sparse arrays and non-contiguous views.
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match &self.data {
+            Data::Dense(host) => host_bytes(host),
+            Data::RowSparse(_) => None,
+        }
+    }
+
+    /// The elements of a dense, standard-layout host array as writable bytes; `None` as for
+    /// [`as_bytes`](NDArray::as_bytes).
+    pub fn as_bytes_mut(&mut self) -> Option<&mut [u8]> {
+        match &mut self.data {
+            Data::Dense(host) => host_bytes_mut(host),
+            Data::RowSparse(_) => None,
+        }
     }
 
     /// Wraps a typed host array.

@@ -43,7 +43,8 @@ pub(crate) use loader::discover_once;
 #[cfg(feature = "dynamic-plugins")]
 pub use loader::{discover, load_plugin, LoadedPlugin, PLUGIN_PATH_VAR};
 
-use crate::{Capability, DType, Error, HostArray, Key, NDArray, Result};
+pub(crate) use crate::array::{host_bytes, host_bytes_mut};
+use crate::{Capability, DType, Error, Key, NDArray, Result};
 use abi::*;
 
 /// The ABI code of a dtype (MXNet's type flag).
@@ -86,27 +87,6 @@ pub fn capability_mask(capabilities: &[Capability]) -> u64 {
     capabilities
         .iter()
         .fold(0, |mask, &c| mask | (1u64 << capability_code(c)))
-}
-
-/// The elements of a standard-layout host array as bytes.
-fn host_bytes(host: &HostArray) -> Option<&[u8]> {
-    crate::__with_host!(host, a => a.as_slice().map(|s| {
-        // SAFETY: the element types are plain numbers (f32, f64, f16, bf16, i32, i64, u8)
-        // without padding; any initialised value may be read as bytes, and the byte slice
-        // covers exactly the memory of `s`, borrowed for the same lifetime.
-        unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<u8>(), std::mem::size_of_val(s)) }
-    }))
-}
-
-/// The elements of a standard-layout host array as writable bytes.
-fn host_bytes_mut(host: &mut HostArray) -> Option<&mut [u8]> {
-    crate::__with_host!(host, a => a.as_slice_mut().map(|s| {
-        // SAFETY: as in `host_bytes`; moreover every bit pattern is a valid value of these
-        // element types, so any bytes written through the slice leave valid elements.
-        unsafe {
-            std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(s))
-        }
-    }))
 }
 
 /// Checks that `array` can cross the ABI: dense and in host memory.

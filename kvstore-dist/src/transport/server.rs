@@ -159,12 +159,23 @@ impl Server {
             addr: shown.clone(),
             source,
         })?;
+        Server::from_listener(listener, config, handler)
+    }
+
+    /// Serves every connection of an already bound `listener` with `handler` (a node serves
+    /// on the socket it advertised to the scheduler, [`Node::take_listener`](crate::Node::take_listener)).
+    pub fn from_listener(
+        listener: TcpListener,
+        config: TransportConfig,
+        handler: impl Handler,
+    ) -> Result<Server, TransportError> {
         let local = listener
             .local_addr()
             .map_err(|source| TransportError::Bind {
-                addr: shown.clone(),
+                addr: "a listening socket".to_string(),
                 source,
             })?;
+        let shown = local.to_string();
         let shared = Arc::new(ServerShared {
             stopping: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),

@@ -1,0 +1,284 @@
+//! The data protocol between workers and servers, on top of the [`transport`](crate::transport).
+//!
+//! Every message is one frame: the `command` says what it is, `key` is the key's wire id (an
+//! int key's bits, or the id a string key got at its first `init`), `aux` is the part index
+//! (a value at or above the big-array bound is split into one part per server) and `flags`
+//! carries the element type ([`dtype_flag`]). Payloads are the raw elements of the part in
+//! native byte order, so a push or a pull moves its bytes without any encoding step.
+//!
+//! | command | payload | answer |
+//! |---|---|---|
+//! | [`CMD_HELLO`] | [`Hello`] | the server's rank in `aux` |
+//! | [`CMD_INIT`] | [`InitMeta`], then rank 0's data | empty, once rank 0's value is in place |
+//! | [`CMD_PUSH`] | the part's elements | empty, once applied (sync: once the round is complete) |
+//! | [`CMD_PULL`] | none | the part's elements |
+//! | [`CMD_PUSHPULL`] | the part's elements | the round's result |
+//! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |
+//! | [`CMD_SET_OPTIMIZER`] | an [`OptimizerSpec`](kvstore_base::OptimizerSpec) as JSON | empty |
+//! | [`CMD_COMMAND`] | the body, `key` = MXNet's command head | empty |
+//! | [`CMD_BYE`] | none | empty; the worker is done |
+//!
+//! A failed request is answered with the transport's error frame: a UTF-8 message that the
+//! worker wraps with the key and the operation.
+
+use kvstore_base::plugin::{dtype_code, dtype_from_code};
+use kvstore_base::{DType, Key};
+
+/// A worker introduces itself: rank and mode.
+pub const CMD_HELLO: u32 = 0x100;
+/// Declares a key on a server (every worker) and sets its value (rank 0).
+pub const CMD_INIT: u32 = 0x101;
+/// Pushes a part.
+pub const CMD_PUSH: u32 = 0x102;
+/// Pulls a part.
+pub const CMD_PULL: u32 = 0x103;
+/// Pushes a part and answers with the round's result.
+pub const CMD_PUSHPULL: u32 = 0x104;
+/// Pulls some rows of a part.
+pub const CMD_ROW_SPARSE_PULL: u32 = 0x105;
+/// Installs an optimizer, rebuilt from its spec by the server.
+pub const CMD_SET_OPTIMIZER: u32 = 0x106;
+/// MXNet's `send_command_to_servers(head, body)`.
+pub const CMD_COMMAND: u32 = 0x107;
+/// A worker leaves the job.
+pub const CMD_BYE: u32 = 0x108;
+
+/// MXNet's server command heads (`_get_kvstore_server_command_type`).
+pub mod head {
+    /// `kController`: MXNet sends a pickled optimizer; here the body is an optimizer spec as
+    /// JSON (nothing received from the network is ever executed).
+    pub const CONTROLLER: i32 = 0;
+    /// `kSetMultiPrecision`.
+    pub const SET_MULTI_PRECISION: i32 = 1;
+    /// `kStopServer`.
+    pub const STOP_SERVER: i32 = 2;
+    /// `kSyncMode`.
+    pub const SYNC_MODE: i32 = 3;
+    /// `kSetGradientCompression`.
+    pub const SET_GRADIENT_COMPRESSION: i32 = 4;
+    /// `kSetProfilerParams`.
+    pub const SET_PROFILER_PARAMS: i32 = 5;
+
+    /// MXNet's name of a head.
+    pub fn name(head: i32) -> Option<&'static str> {
+        Some(match head {
+            CONTROLLER => "kController",
+            SET_MULTI_PRECISION => "kSetMultiPrecision",
+            STOP_SERVER => "kStopServer",
+            SYNC_MODE => "kSyncMode",
+            SET_GRADIENT_COMPRESSION => "kSetGradientCompression",
+            SET_PROFILER_PARAMS => "kSetProfilerParams",
+            _ => return None,
+        })
+    }
+}
+
+/// How a server merges pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// One push per worker per round, then one update (`dist_sync`, `dist_device_sync`).
+    Sync,
+    /// Every push applied as it arrives (`dist_async`).
+    Async,
+}
+
+impl Mode {
+    /// The wire code.
+    pub fn code(self) -> u64 {
+        match self {
+            Mode::Sync => 1,
+            Mode::Async => 2,
+        }
+    }
+
+    /// The mode of a wire code.
+    pub fn from_code(code: u64) -> Option<Mode> {
+        match code {
+            1 => Some(Mode::Sync),
+            2 => Some(Mode::Async),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Sync => "sync",
+            Mode::Async => "async",
+        })
+    }
+}
+
+/// The flags of a frame carrying elements of `dtype`.
+pub fn dtype_flag(dtype: DType) -> u16 {
+    dtype_code(dtype) as u16
+}
+
+/// The dtype named by a frame's flags.
+pub fn dtype_of_flag(flags: u16) -> Option<DType> {
+    dtype_from_code(u32::from(flags))
+}
+
+/// A worker's introduction: `key` = its rank, `aux` = [`Mode::code`], payload = store name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The worker's rank.
+    pub rank: u32,
+    /// The merge mode it runs.
+    pub mode: Mode,
+}
+
+/// What every worker tells a server about one part of a key at `init`; rank 0 appends the
+/// data. Encoded as `dtype u32, elements u64, key kind u8 (0 int, 1 str), name length u32,
+/// name bytes` (little-endian).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitMeta {
+    /// Element type.
+    pub dtype: DType,
+    /// Elements in this part.
+    pub elements: u64,
+    /// The user's key (the server runs the optimizer under this key).
+    pub key: Key,
+}
+
+impl InitMeta {
+    /// The encoding (see the type's docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32);
+        out.extend_from_slice(&dtype_code(self.dtype).to_le_bytes());
+        out.extend_from_slice(&self.elements.to_le_bytes());
+        let (kind, name) = match &self.key {
+            Key::Int(k) => (0u8, k.to_string()),
+            Key::Str(s) => (1u8, s.to_string()),
+        };
+        out.push(kind);
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out
+    }
+
+    /// Decodes the meta at the start of `bytes`; returns it and the data that follows.
+    pub fn decode(bytes: &[u8]) -> Result<(InitMeta, &[u8]), String> {
+        let short = || format!("init message of {} bytes is truncated", bytes.len());
+        let take = |at: usize, n: usize| bytes.get(at..at + n).ok_or_else(short);
+        let dtype_code = u32::from_le_bytes(take(0, 4)?.try_into().expect("4 bytes"));
+        let dtype = dtype_from_code(dtype_code)
+            .ok_or_else(|| format!("unknown dtype code {dtype_code}"))?;
+        let elements = u64::from_le_bytes(take(4, 8)?.try_into().expect("8 bytes"));
+        let kind = take(12, 1)?[0];
+        let len = u32::from_le_bytes(take(13, 4)?.try_into().expect("4 bytes")) as usize;
+        let name =
+            std::str::from_utf8(take(17, len)?).map_err(|_| "key name is not UTF-8".to_string())?;
+        let key = match kind {
+            0 => Key::Int(
+                name.parse()
+                    .map_err(|_| format!("bad int key {name:?} in init message"))?,
+            ),
+            1 => Key::from(name),
+            k => return Err(format!("unknown key kind {k} in init message")),
+        };
+        Ok((
+            InitMeta {
+                dtype,
+                elements,
+                key,
+            },
+            &bytes[17 + len..],
+        ))
+    }
+}
+
+/// A [`CMD_ROW_SPARSE_PULL`] request for one part: encoded as `part_start u64, row_len u64,
+/// rows i64...` (little-endian).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowRequest {
+    /// The part's first element in the whole (flattened) array.
+    pub part_start: u64,
+    /// Elements per row of the whole array.
+    pub row_len: u64,
+    /// The requested row ids.
+    pub rows: Vec<i64>,
+}
+
+impl RowRequest {
+    /// The encoding (see the type's docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 + 8 * self.rows.len());
+        out.extend_from_slice(&self.part_start.to_le_bytes());
+        out.extend_from_slice(&self.row_len.to_le_bytes());
+        out.extend(self.rows.iter().flat_map(|r| r.to_le_bytes()));
+        out
+    }
+
+    /// Decodes a request.
+    pub fn decode(bytes: &[u8]) -> Result<RowRequest, String> {
+        if bytes.len() < 16 || !bytes.len().is_multiple_of(8) {
+            return Err(format!(
+                "row request of {} bytes is not a part offset, a row length and whole i64 row ids",
+                bytes.len()
+            ));
+        }
+        let mut words = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        let part_start = words.next().expect("checked length");
+        let row_len = words.next().expect("checked length");
+        Ok(RowRequest {
+            part_start,
+            row_len,
+            rows: words.map(|w| w as i64).collect(),
+        })
+    }
+}
+
+/// The elements `[start, end)` of row `row` of length `row_len` that fall inside a part
+/// covering elements `[part_start, part_end)`, relative to the part; `None` when none do.
+pub fn row_in_part(row: u64, row_len: u64, part_start: u64, part_end: u64) -> Option<(u64, u64)> {
+    let start = row.checked_mul(row_len)?.max(part_start);
+    let end = (row.checked_mul(row_len)? + row_len).min(part_end);
+    (start < end).then(|| (start - part_start, end - part_start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_meta_round_trips_with_trailing_data() {
+        for key in [Key::Int(-7), Key::from("layer1.weight")] {
+            let meta = InitMeta {
+                dtype: DType::F16,
+                elements: 1 << 33,
+                key,
+            };
+            let mut bytes = meta.encode();
+            bytes.extend_from_slice(&[1, 2, 3]);
+            let (back, rest) = InitMeta::decode(&bytes).unwrap();
+            assert_eq!(back, meta);
+            assert_eq!(rest, &[1, 2, 3]);
+        }
+        assert!(InitMeta::decode(&[0; 10]).is_err());
+    }
+
+    #[test]
+    fn row_requests_round_trip() {
+        let r = RowRequest {
+            part_start: 6,
+            row_len: 4,
+            rows: vec![3, -1, 0],
+        };
+        assert_eq!(RowRequest::decode(&r.encode()).unwrap(), r);
+        assert!(RowRequest::decode(&[0; 12]).is_err());
+    }
+
+    #[test]
+    fn rows_are_cut_at_part_boundaries() {
+        // Rows of 4 elements; the part covers elements 6..14.
+        assert_eq!(row_in_part(0, 4, 6, 14), None);
+        assert_eq!(row_in_part(1, 4, 6, 14), Some((0, 2)));
+        assert_eq!(row_in_part(2, 4, 6, 14), Some((2, 6)));
+        assert_eq!(row_in_part(3, 4, 6, 14), Some((6, 8)));
+        assert_eq!(row_in_part(4, 4, 6, 14), None);
+    }
+}

@@ -1,0 +1,771 @@
+//! The state of a server and the handling of each request.
+//!
+//! Locks are taken in one order only: `workers`, then `entries`, then one entry, then the
+//! updater. Replies are sent while holding the entry (the value must not change while its bytes
+//! are on their way), never while holding `workers` or `entries`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kvstore_base::{Key, NDArray, OptimizerSpec};
+use kvstore_optimizer::Updater;
+
+use super::merge::{add_from_bytes, array_from_bytes, copy_from_bytes};
+use crate::protocol::{self, head, InitMeta, Mode, RowRequest};
+use crate::transport::{Handler, Outgoing, Payload, Request, Responder};
+
+/// Replies bigger than this go out on threads of their own when a round answers several
+/// workers, so that the workers receive in parallel.
+const PARALLEL_REPLY_BYTES: usize = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the server knows of the workers.
+#[derive(Debug, Default)]
+struct Workers {
+    /// Rank of each connected worker, by its connection's address.
+    by_peer: HashMap<SocketAddr, u32>,
+    /// Ranks that said hello.
+    hello: Vec<bool>,
+    /// Ranks that said goodbye.
+    bye: Vec<bool>,
+    /// Ranks that vanished without a goodbye, with the reason.
+    dead: Vec<Option<String>>,
+    /// The merge mode, set by the first hello.
+    mode: Option<Mode>,
+    /// Set by `kStopServer`.
+    stopped: bool,
+}
+
+impl Workers {
+    fn finished(&self) -> bool {
+        self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some())
+    }
+}
+
+/// A push waiting for its round to complete.
+struct Waiter {
+    rank: u32,
+    responder: Responder,
+    wants_data: bool,
+}
+
+/// A push that arrived while its worker already had one in the current round.
+struct Queued {
+    rank: u32,
+    payload: Payload,
+    waiter: Waiter,
+}
+
+/// One part of one key.
+struct Entry {
+    /// The user's key: the optimizer runs under it.
+    key: Key,
+    meta: InitMeta,
+    /// `None` until rank 0's init arrived.
+    value: Option<NDArray>,
+    /// Inits of other ranks waiting for rank 0's value, with the time they came.
+    init_waiters: Vec<(Responder, Instant)>,
+    /// The sum of the current round (kept between rounds as a buffer).
+    merge: Option<NDArray>,
+    /// Ranks that pushed in the current round.
+    pushed: Vec<bool>,
+    waiters: Vec<Waiter>,
+    round_started: Option<Instant>,
+    queued: VecDeque<Queued>,
+}
+
+/// The server's state, shared by every connection's thread.
+pub(crate) struct Core {
+    rank: u32,
+    num_workers: u32,
+    timeout: Duration,
+    /// `worker rank r (id ..) at host:port`, by rank.
+    worker_names: Vec<String>,
+    workers: Mutex<Workers>,
+    finished: Condvar,
+    entries: Mutex<HashMap<PartId, SharedEntry>>,
+    updater: Mutex<Option<Updater>>,
+}
+
+type Reply = Result<(), String>;
+
+/// A part of a key: `(wire id, part index)`.
+type PartId = (u64, u64);
+
+type SharedEntry = Arc<Mutex<Entry>>;
+
+impl Core {
+    pub(crate) fn new(
+        rank: u32,
+        num_workers: u32,
+        timeout: Duration,
+        worker_names: Vec<String>,
+    ) -> Core {
+        let n = num_workers as usize;
+        Core {
+            rank,
+            num_workers,
+            timeout,
+            worker_names,
+            workers: Mutex::new(Workers {
+                hello: vec![false; n],
+                bye: vec![false; n],
+                dead: vec![None; n],
+                ..Workers::default()
+            }),
+            finished: Condvar::new(),
+            entries: Mutex::new(HashMap::new()),
+            updater: Mutex::new(None),
+        }
+    }
+
+    fn worker_name(&self, rank: u32) -> String {
+        self.worker_names
+            .get(rank as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("worker rank {rank}"))
+    }
+
+    fn describe(&self, key: &Key, part: u64) -> String {
+        if part == 0 {
+            format!("key {key}")
+        } else {
+            format!("key {key} (part {part})")
+        }
+    }
+
+    /// Blocks until the job is over (every worker said goodbye or is gone, or `kStopServer`),
+    /// treating workers that have not said hello within the timeout as gone. Returns the
+    /// workers that were lost.
+    pub(crate) fn wait_finished(&self) -> Vec<String> {
+        let hello_deadline = Instant::now() + self.timeout;
+        let mut w = lock(&self.workers);
+        loop {
+            if w.finished() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= hello_deadline {
+                let missing: Vec<u32> = (0..self.num_workers)
+                    .filter(|&r| !w.hello[r as usize])
+                    .collect();
+                if !missing.is_empty() {
+                    for &r in &missing {
+                        w.dead[r as usize] = Some(format!(
+                            "never connected to server {} within {:?}",
+                            self.rank, self.timeout
+                        ));
+                    }
+                    drop(w);
+                    for r in missing {
+                        self.fail_rounds_of(r);
+                    }
+                    w = lock(&self.workers);
+                    continue;
+                }
+                w = self.finished.wait(w).unwrap_or_else(|e| e.into_inner());
+            } else {
+                w = self
+                    .finished
+                    .wait_timeout(w, hello_deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        (0..self.num_workers as usize)
+            .filter_map(|r| {
+                w.dead[r]
+                    .as_ref()
+                    .map(|why| format!("{} ({why})", self.worker_name(r as u32)))
+            })
+            .collect()
+    }
+
+    /// Fails the rounds and inits that are older than the timeout, naming the workers they
+    /// wait for. Called periodically.
+    pub(crate) fn expire(&self) {
+        let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
+            .iter()
+            .map(|(k, e)| (*k, Arc::clone(e)))
+            .collect();
+        for ((_, part), entry) in entries {
+            let mut e = lock(&entry);
+            let what = self.describe(&e.key, part);
+            if matches!(e.round_started, Some(t) if t.elapsed() >= self.timeout) {
+                let missing: Vec<String> = (0..self.num_workers)
+                    .filter(|&r| !e.pushed[r as usize])
+                    .map(|r| self.worker_name(r))
+                    .collect();
+                let msg = format!(
+                    "the sync round of {what} on server {} timed out after {:?}: still waiting \
+                     for a push from {}",
+                    self.rank,
+                    self.timeout,
+                    missing.join(", ")
+                );
+                fail_round(&mut e, &msg);
+            }
+            if e.init_waiters
+                .iter()
+                .any(|(_, t)| t.elapsed() >= self.timeout)
+            {
+                let msg = format!(
+                    "the init of {what} on server {} timed out after {:?}: {} has not sent \
+                     its value",
+                    self.rank,
+                    self.timeout,
+                    self.worker_name(0)
+                );
+                for (r, _) in e.init_waiters.drain(..) {
+                    let _ = r.respond_error(&msg);
+                }
+            }
+        }
+    }
+
+    /// Fails every round that can no longer complete because `rank` is gone.
+    fn fail_rounds_of(&self, rank: u32) {
+        let why = lock(&self.workers).dead[rank as usize]
+            .clone()
+            .unwrap_or_default();
+        let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
+            .iter()
+            .map(|(k, e)| (*k, Arc::clone(e)))
+            .collect();
+        for ((_, part), entry) in entries {
+            let mut e = lock(&entry);
+            let what = self.describe(&e.key, part);
+            if e.round_started.is_some() && !e.pushed[rank as usize] {
+                let msg = format!(
+                    "the sync round of {what} on server {} cannot complete: {} is gone ({why})",
+                    self.rank,
+                    self.worker_name(rank)
+                );
+                fail_round(&mut e, &msg);
+            }
+            if rank == 0 && !e.init_waiters.is_empty() {
+                let msg = format!(
+                    "the init of {what} on server {} cannot complete: {} is gone ({why}) \
+                     before sending its value",
+                    self.rank,
+                    self.worker_name(0)
+                );
+                for (r, _) in e.init_waiters.drain(..) {
+                    let _ = r.respond_error(&msg);
+                }
+            }
+        }
+    }
+
+    fn entry(&self, wire_key: u64, part: u64) -> Option<Arc<Mutex<Entry>>> {
+        lock(&self.entries).get(&(wire_key, part)).cloned()
+    }
+
+    fn uninitialised(&self, wire_key: u64, part: u64) -> String {
+        format!(
+            "key with wire id {wire_key} (part {part}) is not initialised on server {}: init it first",
+            self.rank
+        )
+    }
+
+    fn sender_rank(&self, request: &Request) -> Result<u32, String> {
+        lock(&self.workers)
+            .by_peer
+            .get(&request.peer)
+            .copied()
+            .ok_or_else(|| format!("{} has not said hello", request.peer))
+    }
+
+    fn mode(&self) -> Mode {
+        lock(&self.workers).mode.unwrap_or(Mode::Async)
+    }
+
+    fn hello(&self, request: &Request, responder: Responder) {
+        let rank = request.header.key;
+        let reply = (|| {
+            let mode = protocol::Mode::from_code(request.header.aux)
+                .ok_or_else(|| format!("unknown mode code {}", request.header.aux))?;
+            if rank >= u64::from(self.num_workers) {
+                return Err(format!(
+                    "worker rank {rank} is out of range: the job has {} workers",
+                    self.num_workers
+                ));
+            }
+            let mut w = lock(&self.workers);
+            match w.mode {
+                Some(m) if m != mode => {
+                    return Err(format!(
+                        "worker rank {rank} runs {mode} mode but server {} already serves {m} \
+                         mode (every worker must create the same dist store type)",
+                        self.rank
+                    ))
+                }
+                _ => w.mode = Some(mode),
+            }
+            w.by_peer.insert(request.peer, rank as u32);
+            w.hello[rank as usize] = true;
+            Ok(())
+        })();
+        match reply {
+            Ok(()) => {
+                let _ = responder.respond(Outgoing::new(0, &[]).aux(u64::from(self.rank)));
+            }
+            Err(e) => {
+                let _ = responder.respond_error(&e);
+            }
+        }
+    }
+
+    fn init(&self, request: Request, responder: Responder) {
+        let mut slot = Some(responder);
+        let result = self.try_init(&request, &mut slot);
+        if let Some(r) = slot {
+            let _ = match result {
+                Ok(()) => r.respond(Outgoing::new(0, &[])),
+                Err(e) => r.respond_error(&e),
+            };
+        }
+    }
+
+    /// Declares or sets a part; takes the responder out of `slot` when the answer must wait
+    /// for rank 0's value.
+    fn try_init(&self, request: &Request, slot: &mut Option<Responder>) -> Reply {
+        let rank = self.sender_rank(request)?;
+        let (meta, data) = InitMeta::decode(&request.payload)?;
+        let part = request.header.aux;
+        let entry = {
+            let mut entries = lock(&self.entries);
+            Arc::clone(
+                entries
+                    .entry((request.header.key, part))
+                    .or_insert_with(|| {
+                        Arc::new(Mutex::new(Entry {
+                            key: meta.key.clone(),
+                            meta: meta.clone(),
+                            value: None,
+                            init_waiters: Vec::new(),
+                            merge: None,
+                            pushed: vec![false; self.num_workers as usize],
+                            waiters: Vec::new(),
+                            round_started: None,
+                            queued: VecDeque::new(),
+                        }))
+                    }),
+            )
+        };
+        let mut e = lock(&entry);
+        if e.meta != meta {
+            return Err(format!(
+                "worker rank {rank} declares {} as {} elements of {} but it was declared as {} \
+                 elements of {}: every worker must init the same keys with the same shapes and \
+                 dtypes, in the same order",
+                self.describe(&meta.key, part),
+                meta.elements,
+                meta.dtype,
+                e.meta.elements,
+                e.meta.dtype,
+            ));
+        }
+        if rank != 0 {
+            if e.value.is_none() {
+                let r = slot.take().expect("the responder is still here");
+                e.init_waiters.push((r, Instant::now()));
+            }
+            return Ok(());
+        }
+        if e.value.is_some() {
+            return Err(format!(
+                "{} was already initialised on server {}",
+                self.describe(&meta.key, part),
+                self.rank
+            ));
+        }
+        let elements = usize::try_from(meta.elements).map_err(|_| "too many elements")?;
+        let mut value = NDArray::zeros(&[elements], meta.dtype);
+        copy_from_bytes(&mut value, data)?;
+        e.value = Some(value);
+        for (r, _) in e.init_waiters.drain(..) {
+            let _ = r.respond(Outgoing::new(0, &[]));
+        }
+        Ok(())
+    }
+
+    /// A push (or pushpull when `wants_data`).
+    fn push(&self, request: Request, responder: Responder, wants_data: bool) {
+        let rank = match self.sender_rank(&request) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = responder.respond_error(&e);
+                return;
+            }
+        };
+        let (wire_key, part) = (request.header.key, request.header.aux);
+        let Some(entry) = self.entry(wire_key, part) else {
+            let _ = responder.respond_error(&self.uninitialised(wire_key, part));
+            return;
+        };
+        let waiter = Waiter {
+            rank,
+            responder,
+            wants_data,
+        };
+        let mode = self.mode();
+        // A worker that is gone can never complete a sync round again.
+        let gone = if mode == Mode::Sync {
+            let w = lock(&self.workers);
+            (0..self.num_workers).find_map(|r| w.dead[r as usize].clone().map(|why| (r, why)))
+        } else {
+            None
+        };
+        let mut e = lock(&entry);
+        let what = self.describe(&e.key, part);
+        if let Some((r, why)) = gone {
+            let msg = format!(
+                "the sync round of {what} on server {} cannot complete: {} is gone ({why})",
+                self.rank,
+                self.worker_name(r)
+            );
+            let _ = waiter.responder.respond_error(&msg);
+            return;
+        }
+        if let Err(msg) = self.check_push(&e, &request, &what) {
+            let _ = waiter.responder.respond_error(&msg);
+            return;
+        }
+        match mode {
+            Mode::Async => self.apply_async(&mut e, &request.payload, waiter, &what),
+            Mode::Sync => {
+                if e.pushed[rank as usize] {
+                    // Its next round: replayed once this one completes.
+                    e.queued.push_back(Queued {
+                        rank,
+                        payload: request.payload,
+                        waiter,
+                    });
+                    return;
+                }
+                self.merge_sync(&mut e, &request.payload, waiter, &what);
+                while !e.pushed[..].iter().any(|&p| p) && !e.queued.is_empty() {
+                    // The round just completed: replay what was queued for the next one.
+                    let mut replay = std::mem::take(&mut e.queued);
+                    while let Some(q) = replay.pop_front() {
+                        if e.pushed[q.rank as usize] {
+                            e.queued.push_back(q);
+                        } else {
+                            self.merge_sync(&mut e, &q.payload, q.waiter, &what);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_push(&self, e: &Entry, request: &Request, what: &str) -> Reply {
+        if e.value.is_none() {
+            return Err(format!(
+                "{what} is not initialised on server {}: init it first",
+                self.rank
+            ));
+        }
+        match protocol::dtype_of_flag(request.header.flags) {
+            Some(d) if d == e.meta.dtype => Ok(()),
+            Some(d) => Err(format!(
+                "push of {what}: the value is {d} but the key holds {}",
+                e.meta.dtype
+            )),
+            None => Err(format!(
+                "push of {what}: unknown dtype code {}",
+                request.header.flags
+            )),
+        }
+    }
+
+    fn merge_sync(&self, e: &mut Entry, payload: &[u8], waiter: Waiter, what: &str) {
+        let first = e.round_started.is_none();
+        let merged = if first {
+            let value = e.value.as_ref().expect("checked by check_push");
+            let merge = e
+                .merge
+                .get_or_insert_with(|| NDArray::zeros(value.shape(), value.dtype()));
+            copy_from_bytes(merge, payload)
+        } else {
+            add_from_bytes(
+                e.merge.as_mut().expect("set by the round's first push"),
+                payload,
+            )
+        };
+        if let Err(msg) = merged {
+            let _ = waiter
+                .responder
+                .respond_error(&format!("push of {what}: {msg}"));
+            return;
+        }
+        if first {
+            e.round_started = Some(Instant::now());
+        }
+        e.pushed[waiter.rank as usize] = true;
+        e.waiters.push(waiter);
+        if e.pushed.iter().all(|&p| p) {
+            self.complete_round(e, what);
+        }
+    }
+
+    /// Every worker pushed: update (or store the sum), then answer every push of the round.
+    fn complete_round(&self, e: &mut Entry, what: &str) {
+        let outcome = {
+            let mut updater = lock(&self.updater);
+            let Entry {
+                key, value, merge, ..
+            } = &mut *e;
+            let value = value.as_mut().expect("checked by check_push");
+            let merge = merge.as_mut().expect("set by the round's first push");
+            match updater.as_mut() {
+                Some(u) => u
+                    .update(key, merge, value)
+                    .map_err(|err| format!("the optimizer failed on {what}: {err}")),
+                None => {
+                    std::mem::swap(value, merge);
+                    Ok(())
+                }
+            }
+        };
+        let waiters = std::mem::take(&mut e.waiters);
+        e.pushed.iter_mut().for_each(|p| *p = false);
+        e.round_started = None;
+        match outcome {
+            Ok(()) => reply_all(waiters, e.value.as_ref().expect("set").as_bytes()),
+            Err(msg) => {
+                for w in waiters {
+                    let _ = w.responder.respond_error(&msg);
+                }
+            }
+        }
+    }
+
+    fn apply_async(&self, e: &mut Entry, payload: &[u8], waiter: Waiter, what: &str) {
+        let result = (|| {
+            let grad = array_from_bytes(e.meta.dtype, payload)?;
+            let mut updater = lock(&self.updater);
+            let u = updater.as_mut().ok_or_else(|| {
+                format!(
+                    "push of {what}: dist_async applies each push with the optimizer on the \
+                     servers, and none is set: call set_optimizer first"
+                )
+            })?;
+            let Entry { key, value, .. } = &mut *e;
+            u.update(key, &grad, value.as_mut().expect("checked by check_push"))
+                .map_err(|err| format!("the optimizer failed on {what}: {err}"))
+        })();
+        match result {
+            Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set").as_bytes()),
+            Err(msg) => {
+                let _ = waiter.responder.respond_error(&msg);
+            }
+        }
+    }
+
+    fn pull(&self, request: &Request, responder: Responder) {
+        let (wire_key, part) = (request.header.key, request.header.aux);
+        let Some(entry) = self.entry(wire_key, part) else {
+            let _ = responder.respond_error(&self.uninitialised(wire_key, part));
+            return;
+        };
+        let e = lock(&entry);
+        match &e.value {
+            Some(v) => {
+                let bytes = v.as_bytes().expect("stored parts are contiguous");
+                let _ = responder
+                    .respond(Outgoing::new(0, bytes).flags(protocol::dtype_flag(v.dtype())));
+            }
+            None => {
+                let _ = responder.respond_error(&format!(
+                    "{} is not initialised on server {} yet: rank 0 has not sent its value",
+                    self.describe(&e.key, part),
+                    self.rank
+                ));
+            }
+        }
+    }
+
+    fn row_sparse_pull(&self, request: &Request, responder: Responder) {
+        let (wire_key, part) = (request.header.key, request.header.aux);
+        let result = (|| {
+            let rows = RowRequest::decode(&request.payload)?;
+            let entry = self
+                .entry(wire_key, part)
+                .ok_or_else(|| self.uninitialised(wire_key, part))?;
+            let e = lock(&entry);
+            let value = e
+                .value
+                .as_ref()
+                .ok_or_else(|| self.uninitialised(wire_key, part))?;
+            let bytes = value.as_bytes().expect("stored parts are contiguous");
+            let size = value.dtype().size_of() as u64;
+            let part_end = rows.part_start + value.size() as u64;
+            let mut out = Vec::new();
+            for &row in &rows.rows {
+                let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
+                if let Some((a, b)) =
+                    protocol::row_in_part(row, rows.row_len, rows.part_start, part_end)
+                {
+                    out.extend_from_slice(&bytes[(a * size) as usize..(b * size) as usize]);
+                }
+            }
+            Ok::<_, String>((out, value.dtype()))
+        })();
+        let _ = match result {
+            Ok((out, dtype)) => {
+                responder.respond(Outgoing::new(0, &out).flags(protocol::dtype_flag(dtype)))
+            }
+            Err(e) => responder.respond_error(&e),
+        };
+    }
+
+    fn set_optimizer(&self, body: &[u8]) -> Reply {
+        let spec: OptimizerSpec = serde_json::from_slice(body)
+            .map_err(|e| format!("the optimizer spec is not valid JSON: {e}"))?;
+        let updater = Updater::from_spec(&spec).map_err(|e| e.to_string())?;
+        *lock(&self.updater) = Some(updater);
+        log::info!(
+            "kvstore-dist: server {} runs optimizer {:?}",
+            self.rank,
+            spec.name
+        );
+        Ok(())
+    }
+
+    fn command(&self, request: &Request) -> Reply {
+        let head = request.header.key as i64 as i32;
+        let body = &request.payload[..];
+        match head {
+            head::CONTROLLER => self.set_optimizer(body),
+            head::SYNC_MODE => {
+                lock(&self.workers).mode = Some(Mode::Sync);
+                Ok(())
+            }
+            head::STOP_SERVER => {
+                lock(&self.workers).stopped = true;
+                self.finished.notify_all();
+                Ok(())
+            }
+            head::SET_MULTI_PRECISION => Err(
+                "kSetMultiPrecision: set `multi_precision` in the optimizer spec instead; the \
+                 servers' optimizer keeps float32 master weights itself"
+                    .to_string(),
+            ),
+            head::SET_GRADIENT_COMPRESSION => Err(
+                "kSetGradientCompression: gradient compression is not supported by the dist \
+                     stores yet"
+                    .to_string(),
+            ),
+            head::SET_PROFILER_PARAMS => {
+                Err("kSetProfilerParams: the servers have no profiler".to_string())
+            }
+            other => Err(format!(
+                "unknown server command head {other}; known: 0 (kController), 1 \
+                 (kSetMultiPrecision), 2 (kStopServer), 3 (kSyncMode), 4 \
+                 (kSetGradientCompression), 5 (kSetProfilerParams)"
+            )),
+        }
+    }
+
+    fn bye(&self, request: &Request) -> Reply {
+        let rank = self.sender_rank(request)?;
+        let mut w = lock(&self.workers);
+        w.bye[rank as usize] = true;
+        if w.finished() {
+            self.finished.notify_all();
+        }
+        Ok(())
+    }
+}
+
+/// Fails every push of the current round with `msg` and starts afresh.
+fn fail_round(e: &mut Entry, msg: &str) {
+    for w in e.waiters.drain(..) {
+        let _ = w.responder.respond_error(msg);
+    }
+    for q in e.queued.drain(..) {
+        let _ = q.waiter.responder.respond_error(msg);
+    }
+    e.pushed.iter_mut().for_each(|p| *p = false);
+    e.round_started = None;
+}
+
+/// Answers the pushes of a round: the value to those that asked for it, an empty
+/// acknowledgement to the others (MXNet leaves those unanswered when both kinds meet in one
+/// round). Big replies go out in parallel.
+fn reply_all(waiters: Vec<Waiter>, value: Option<&[u8]>) {
+    let value = value.expect("stored parts are contiguous");
+    let send = |w: Waiter| {
+        let payload = if w.wants_data { value } else { &[] };
+        let _ = w.responder.respond(Outgoing::new(0, payload));
+    };
+    let big =
+        waiters.iter().filter(|w| w.wants_data).count() > 1 && value.len() >= PARALLEL_REPLY_BYTES;
+    if !big {
+        waiters.into_iter().for_each(send);
+        return;
+    }
+    std::thread::scope(|s| {
+        for w in waiters {
+            s.spawn(|| send(w));
+        }
+    });
+}
+
+/// The transport handler of a server.
+pub(crate) struct ServerHandler(pub(crate) Arc<Core>);
+
+impl Handler for ServerHandler {
+    fn handle(&self, request: Request, responder: Responder) {
+        let core = &self.0;
+        let simple = |r: Reply, responder: Responder| {
+            let _ = match r {
+                Ok(()) => responder.respond(Outgoing::new(0, &[])),
+                Err(e) => responder.respond_error(&e),
+            };
+        };
+        match request.header.command {
+            protocol::CMD_HELLO => core.hello(&request, responder),
+            protocol::CMD_INIT => core.init(request, responder),
+            protocol::CMD_PUSH => core.push(request, responder, false),
+            protocol::CMD_PUSHPULL => core.push(request, responder, true),
+            protocol::CMD_PULL => core.pull(&request, responder),
+            protocol::CMD_ROW_SPARSE_PULL => core.row_sparse_pull(&request, responder),
+            protocol::CMD_SET_OPTIMIZER => simple(core.set_optimizer(&request.payload), responder),
+            protocol::CMD_COMMAND => simple(core.command(&request), responder),
+            protocol::CMD_BYE => simple(core.bye(&request), responder),
+            other => simple(Err(format!("unknown command {other:#x}")), responder),
+        }
+    }
+
+    fn disconnected(&self, peer: SocketAddr) {
+        let core = &self.0;
+        let rank = {
+            let mut w = lock(&core.workers);
+            let Some(rank) = w.by_peer.remove(&peer) else {
+                return;
+            };
+            if w.bye[rank as usize] {
+                return;
+            }
+            w.dead[rank as usize] = Some(format!(
+                "its connection from {peer} closed without a goodbye"
+            ));
+            core.finished.notify_all();
+            rank
+        };
+        log::warn!(
+            "kvstore-dist: server {}: {} disconnected without a goodbye",
+            core.rank,
+            core.worker_name(rank)
+        );
+        core.fail_rounds_of(rank);
+    }
+}

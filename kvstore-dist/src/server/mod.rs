@@ -1,0 +1,156 @@
+//! The server role: holds its share of the keys, merges pushes, runs the optimizer.
+//!
+//! A server joins the cluster ([`Node::join`]), then serves the workers on the address it
+//! advertised. Per part of a key (see [`placement`](crate::placement)) it keeps the value
+//! (1-D, as MXNet's servers: they never see the workers' shapes) and:
+//!
+//! - **init**: every worker declares the part (dtype and length, which must agree); rank 0's
+//!   value is the one kept, and every worker's init returns once it is in place;
+//! - **sync mode** (`dist_sync`, `dist_device_sync`): a round merges exactly one push per
+//!   worker (a worker's second push waits for the next round), then runs the optimizer on the
+//!   sum, or stores the sum when there is none, then answers every push of the round;
+//! - **async mode** (`dist_async`): each push is applied by the optimizer as it arrives;
+//! - **pull** returns the value, never delayed by a pending round (as MXNet).
+//!
+//! Nothing waits forever: a round (or an init waiting for rank 0) that is not complete within
+//! the timeout fails every push in it with an error naming the workers that did not push; a
+//! worker whose connection closes without a goodbye fails every round it was part of at once,
+//! naming it. The server stops when every worker has said goodbye or is gone (or on
+//! `kStopServer`), and then leaves the cluster.
+//!
+//! Optimizers arrive as an [`OptimizerSpec`](kvstore_base::OptimizerSpec) (JSON) and are rebuilt
+//! from the optimizer registry: nothing received from the network is ever executed.
+
+mod core;
+mod merge;
+
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use self::core::{Core, ServerHandler};
+use crate::cluster::ClusterError;
+use crate::config::{DistConfig, Role};
+use crate::node::Node;
+use crate::transport::Server;
+
+/// A running parameter server (see the [module docs](self)).
+#[derive(Debug)]
+pub struct ParamServer {
+    rank: u32,
+    node: Option<Node>,
+    core: Arc<Core>,
+    server: Option<Server>,
+    expiry: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").finish_non_exhaustive()
+    }
+}
+
+impl ParamServer {
+    /// Joins the cluster of `config` as a server (whatever `config.role` says) and serves in
+    /// background threads.
+    ///
+    /// # Errors
+    /// Joining the cluster failed (see [`Node::join`]), or the server cannot serve on its
+    /// address.
+    pub fn start(config: &DistConfig) -> Result<ParamServer, ClusterError> {
+        let mut config = config.clone();
+        config.role = Role::Server;
+        let mut node = Node::join(&config)?;
+        let workers: Vec<String> = node.workers().map(|w| w.to_string()).collect();
+        let core = Arc::new(Core::new(
+            node.rank(),
+            config.num_workers,
+            config.timeout,
+            workers,
+        ));
+        let listener = node
+            .take_listener()
+            .ok_or_else(|| ClusterError::Local("the node's listening socket is gone".into()))?;
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        let server = Server::from_listener(listener, transport, ServerHandler(Arc::clone(&core)))
+            .map_err(|e| ClusterError::Local(format!("cannot serve: {e}")))?;
+        let expiry = start_expiry(Arc::clone(&core), config.timeout)?;
+        log::info!("kvstore-dist: {} serving", node.info());
+        Ok(ParamServer {
+            rank: node.rank(),
+            node: Some(node),
+            core,
+            server: Some(server),
+            expiry: Some(expiry),
+        })
+    }
+
+    /// This server's rank.
+    pub fn rank(&self) -> u32 {
+        self.rank
+    }
+
+    /// Waits until the job ends: every worker has said goodbye or is gone (a worker that does
+    /// not connect within the timeout counts as gone), or a worker sent `kStopServer`. Then
+    /// stops serving and leaves the cluster.
+    ///
+    /// # Errors
+    /// [`ClusterError::NodesLost`] naming the workers that vanished without a goodbye.
+    pub fn wait(mut self) -> Result<(), ClusterError> {
+        let lost = self.core.wait_finished();
+        self.stop();
+        let leave = match self.node.take() {
+            Some(node) => node.leave(),
+            None => Ok(()),
+        };
+        if !lost.is_empty() {
+            return Err(ClusterError::NodesLost {
+                lost: lost.join("; "),
+            });
+        }
+        leave
+    }
+
+    fn stop(&mut self) {
+        if let Some((stop, thread)) = self.expiry.take() {
+            drop(stop);
+            let _ = thread.join();
+        }
+        self.server = None;
+    }
+}
+
+impl Drop for ParamServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a server until the job ends: [`ParamServer::start`] then [`ParamServer::wait`].
+///
+/// # Errors
+/// As [`ParamServer::start`] and [`ParamServer::wait`].
+pub fn run_server(config: &DistConfig) -> Result<(), ClusterError> {
+    ParamServer::start(config)?.wait()
+}
+
+/// Fails overdue rounds a few times per timeout.
+fn start_expiry(
+    core: Arc<Core>,
+    timeout: Duration,
+) -> Result<(mpsc::Sender<()>, JoinHandle<()>), ClusterError> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let tick = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let thread = std::thread::Builder::new()
+        .name("kvstore-dist server expiry".into())
+        .spawn(move || loop {
+            match stopped.recv_timeout(tick) {
+                Err(RecvTimeoutError::Timeout) => core.expire(),
+                _ => return,
+            }
+        })
+        .map_err(|e| ClusterError::Local(format!("cannot start a thread: {e}")))?;
+    Ok((stop, thread))
+}

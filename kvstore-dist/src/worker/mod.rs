@@ -1,0 +1,818 @@
+//! The worker side: the `dist_sync`, `dist_async` and `dist_device_sync` stores.
+//!
+//! Creating a store joins the cluster as a worker ([`Node::join`]: blocks until every node has
+//! registered), connects to every server and says hello (rank and mode). Then:
+//!
+//! - `init` declares every key on its servers from every worker; rank 0 also sends the value,
+//!   which is the one kept; each worker's `init` returns once it is in place (MXNet: rank 0
+//!   pushes, then a worker barrier). A key's value lives whole on one server, or split across
+//!   all of them at or above `MXNET_KVSTORE_BIGARRAY_BOUND` elements
+//!   ([`placement`](crate::placement)).
+//! - `push` sums a key's per-device values on the worker, then sends every part of every key
+//!   of the call before waiting for any answer (the calls are pipelined, in ascending key order
+//!   as MXNet); a sync push returns once the servers closed the round. The caller's arrays are
+//!   only read.
+//! - `pull` asks every part and writes the answers into the outputs, casting to the output's
+//!   dtype; `pushpull` does both in one message per part; `broadcast` is init then pull;
+//!   `row_sparse_pull` fetches only the requested rows.
+//! - `set_optimizer` checks the spec locally, rank 0 sends it to every server (which rebuild
+//!   it from the optimizer registry), then the workers meet in a barrier so that no push
+//!   reaches a server before its optimizer.
+//! - Dropping the store says goodbye to every server and to the scheduler.
+//!
+//! Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (plus a little, so that a server's error
+//! naming the workers a round waits for arrives first); a server that dies fails the pending
+//! requests at once, naming it.
+
+mod keys;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvstore_base::{
+    Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray,
+    OptimizerSpec, Result, StorageType,
+};
+
+use self::keys::{KeyMeta, KeyTable};
+use crate::cluster::Group;
+use crate::config::{DistConfig, Role};
+use crate::node::Node;
+use crate::protocol::{self, Hello, Mode, RowRequest};
+use crate::transport::{Connection, Outgoing, Pending, TransportError};
+
+/// A worker of a dist job (see the [module docs](self)).
+pub struct DistStore {
+    name: String,
+    mode: Mode,
+    rank: u32,
+    num_workers: u32,
+    bigarray_bound: usize,
+    node: Mutex<Option<Node>>,
+    servers: Vec<Arc<Connection>>,
+    keys: Mutex<KeyTable>,
+    /// Set once an optimizer runs on the servers.
+    optimizer: AtomicBool,
+}
+
+impl std::fmt::Debug for DistStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DistStore")
+            .field("name", &self.name)
+            .field("mode", &self.mode)
+            .field("rank", &self.rank)
+            .field("num_workers", &self.num_workers)
+            .field("servers", &self.servers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Extra time a worker waits beyond the timeout, so that a server's error (which names the
+/// workers a round waits for) arrives before the worker's own timeout.
+fn grace(timeout: Duration) -> Duration {
+    (timeout / 4).min(Duration::from_secs(2)) + Duration::from_millis(100)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A value ready to send: the caller's own bytes, or a summed / standardised copy.
+enum Outbound<'a> {
+    Borrowed(&'a [u8]),
+    Owned(NDArray),
+}
+
+impl Outbound<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outbound::Borrowed(b) => b,
+            Outbound::Owned(a) => a.as_bytes().expect("owned copies are dense and contiguous"),
+        }
+    }
+}
+
+/// The sum of a key's values (one per device) as bytes in the key's layout.
+fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
+    if let [single] = values {
+        if let Some(bytes) = single.as_bytes() {
+            return Ok(Outbound::Borrowed(bytes));
+        }
+    }
+    let mut sum = NDArray::zeros(values[0].shape(), values[0].dtype());
+    sum.assign(&values[0].to_dense())?;
+    for v in &values[1..] {
+        sum.add_assign(&v.to_dense())?;
+    }
+    Ok(Outbound::Owned(sum))
+}
+
+impl DistStore {
+    /// Joins the cluster of `config` as a worker and connects to every server.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when joining (see [`Node::join`]), connecting or saying hello fails
+    /// or times out, naming the scheduler or the server.
+    pub fn connect(name: &str, mode: Mode, config: &DistConfig) -> Result<DistStore> {
+        let mut config = config.clone();
+        config.role = Role::Worker;
+        let node = Node::join(&config).map_err(|e| backend(name, e))?;
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        transport.timeout = config.timeout + grace(config.timeout);
+        let hello = Hello {
+            rank: node.rank(),
+            mode,
+        };
+        let mut servers = Vec::new();
+        for server in node.servers() {
+            let conn = Connection::connect(server.addr.as_str(), transport.clone())
+                .map_err(|e| backend(name, e))?;
+            let what = format!("hello from worker rank {}", hello.rank);
+            let answer = conn
+                .request(
+                    Outgoing::new(protocol::CMD_HELLO, name.as_bytes())
+                        .key(u64::from(hello.rank))
+                        .aux(hello.mode.code()),
+                    &what,
+                )
+                .map_err(|e| backend(name, e))?;
+            if answer.header.aux != u64::from(server.rank) {
+                return Err(Error::Backend {
+                    store: name.to_string(),
+                    source: format!(
+                        "{server} answered as server rank {}: the node table is inconsistent",
+                        answer.header.aux
+                    )
+                    .into(),
+                });
+            }
+            servers.push(Arc::new(conn));
+        }
+        Ok(DistStore {
+            name: name.to_string(),
+            mode,
+            rank: node.rank(),
+            num_workers: config.num_workers,
+            bigarray_bound: usize::try_from(config.bigarray_bound).unwrap_or(usize::MAX),
+            node: Mutex::new(Some(node)),
+            servers,
+            keys: Mutex::new(KeyTable::default()),
+            optimizer: AtomicBool::new(false),
+        })
+    }
+
+    /// The registry's factory for `mode`: the configuration comes from the environment
+    /// (MXNet's `DMLC_*` variables, see [`config`](crate::config)), each overridden by a
+    /// create option of the same name (`DMLC_PS_ROOT_PORT`, `KVSTORE_TIMEOUT_SECS`, ...).
+    ///
+    /// As in MXNet, a process whose `DMLC_ROLE` is `server` or `scheduler` runs that role
+    /// until the job ends and then **exits the process** (MXNet does so when the module is
+    /// imported), so that a job written for MXNet's launcher, which starts the same program
+    /// in every role, runs unchanged.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad configuration, else as [`DistStore::connect`].
+    pub fn from_request(request: &CreateRequest, mode: Mode) -> Result<Box<dyn KVStoreBase>> {
+        let mut vars: std::collections::HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
+        vars.extend(request.options.clone());
+        let config = DistConfig::from_vars(vars)
+            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", request.name)))?;
+        match config.role {
+            Role::Worker => Ok(Box::new(DistStore::connect(&request.name, mode, &config)?)),
+            Role::Server => {
+                let status = match crate::server::run_server(&config) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("kvstore server: {e}");
+                        1
+                    }
+                };
+                std::process::exit(status)
+            }
+            Role::Scheduler => {
+                let status = match crate::Scheduler::start(&config).and_then(|s| s.join()) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("kvstore scheduler: {e}");
+                        1
+                    }
+                };
+                std::process::exit(status)
+            }
+        }
+    }
+
+    fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
+        let key = key.clone();
+        move |e| e.at_key(&self.name, operation, key)
+    }
+
+    fn transport_at(
+        &self,
+        operation: &'static str,
+        key: &Key,
+    ) -> impl FnOnce(TransportError) -> Error + '_ {
+        let key = key.clone();
+        move |e| backend(&self.name, e).at_key(&self.name, operation, key)
+    }
+
+    /// The metas of the keys of `groups`, checked to be initialised.
+    fn metas(&self, operation: &'static str, keys: &[&Key]) -> Result<Vec<Arc<KeyMeta>>> {
+        let table = lock(&self.keys);
+        keys.iter()
+            .map(|k| table.get(&self.name, operation, k))
+            .collect()
+    }
+
+    fn send(
+        &self,
+        meta: &KeyMeta,
+        part: usize,
+        command: u32,
+        payload: &[u8],
+        what: &str,
+        receive: bool,
+    ) -> std::result::Result<Pending, TransportError> {
+        let out = Outgoing::new(command, payload)
+            .key(meta.wire)
+            .aux(part as u64)
+            .flags(protocol::dtype_flag(meta.dtype));
+        let conn = &self.servers[meta.parts[part].server];
+        if receive {
+            conn.send_into(out, what, meta.take_buffer())
+        } else {
+            conn.send(out, what)
+        }
+    }
+
+    /// Declares (and on rank 0 sets) the keys of `values`.
+    fn init_keys(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        let groups = values.groups();
+        let metas: Vec<Arc<KeyMeta>> = {
+            let table = lock(&self.keys);
+            let mut metas = Vec::with_capacity(groups.len());
+            for g in &groups {
+                table.check_kind(operation, &g.key)?;
+                if table.contains(&g.key) || g.positions.len() != 1 {
+                    return Err(self.at(operation, &g.key)(Error::DuplicateInit));
+                }
+                let value = values.values()[g.positions[0]];
+                let new_strs = metas
+                    .iter()
+                    .filter(|m: &&Arc<KeyMeta>| matches!(m.key, Key::Str(_)))
+                    .count();
+                metas.push(Arc::new(KeyMeta::new(
+                    g.key.clone(),
+                    table.wire_id(&g.key, new_strs),
+                    value,
+                    self.servers.len(),
+                    self.bigarray_bound,
+                )));
+            }
+            metas
+        };
+        // Send everything, then wait for everything.
+        let mut pending = Vec::new();
+        for (g, meta) in groups.iter().zip(&metas) {
+            let value = values.values()[g.positions[0]];
+            let dense;
+            let data = match value.as_bytes() {
+                Some(b) => b,
+                None => {
+                    let mut copy = NDArray::zeros(value.shape(), value.dtype());
+                    copy.assign(&value.to_dense())
+                        .map_err(self.at(operation, &g.key))?;
+                    dense = copy;
+                    dense.as_bytes().expect("a fresh array is contiguous")
+                }
+            };
+            for part in 0..meta.parts.len() {
+                let mut payload = meta.init_meta(part).encode();
+                if self.rank == 0 {
+                    payload.extend_from_slice(&data[meta.byte_range(part)]);
+                }
+                let what = format!("{operation} of key {}", g.key);
+                let p = self
+                    .send(meta, part, protocol::CMD_INIT, &payload, &what, false)
+                    .map_err(self.transport_at(operation, &g.key))?;
+                pending.push((&g.key, p));
+            }
+        }
+        wait_all(pending, |key| self.transport_at(operation, key))?;
+        lock(&self.keys).insert(metas);
+        Ok(())
+    }
+
+    /// Sends the pushes of `values` (summed per key), pipelined, and waits for them; with
+    /// `outs`, the answers carry the round's result and are written there.
+    fn push_keys(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        outs: Option<&mut KeyedOuts<'_>>,
+    ) -> Result<()> {
+        let mut groups = values.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let metas = self.metas(operation, &keys)?;
+        // Check everything before sending anything.
+        for (KeyGroup { key, positions }, meta) in groups.iter().zip(&metas) {
+            for (i, &p) in positions.iter().enumerate() {
+                meta.check_value(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(self.at(operation, key))?;
+            }
+        }
+        if let Some(outs) = outs.as_deref() {
+            self.check_outs(operation, outs)?;
+        }
+        let mut payloads = Vec::with_capacity(groups.len());
+        for KeyGroup { key, positions } in &groups {
+            let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
+            payloads.push(outbound(&arrays).map_err(self.at(operation, key))?);
+        }
+        let command = if outs.is_some() {
+            protocol::CMD_PUSHPULL
+        } else {
+            protocol::CMD_PUSH
+        };
+        let mut pending = Vec::new();
+        for ((g, meta), payload) in groups.iter().zip(&metas).zip(&payloads) {
+            let bytes = payload.bytes();
+            for part in 0..meta.parts.len() {
+                let what = format!("{operation} of key {}", g.key);
+                let p = self
+                    .send(
+                        meta,
+                        part,
+                        command,
+                        &bytes[meta.byte_range(part)],
+                        &what,
+                        outs.is_some(),
+                    )
+                    .map_err(self.transport_at(operation, &g.key))?;
+                pending.push((meta, part, p));
+            }
+        }
+        match outs {
+            None => wait_all(
+                pending.into_iter().map(|(m, _, p)| (&m.key, p)).collect(),
+                |key| self.transport_at(operation, key),
+            ),
+            Some(outs) => self.receive_into(operation, &metas, pending, outs, true),
+        }
+    }
+
+    fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
+        let keys: Vec<&Key> = outs.keys().iter().collect();
+        let metas = self.metas(operation, &keys)?;
+        for (i, (meta, out)) in metas.iter().zip(outs.outs()).enumerate() {
+            meta.check_out(out, &format!("output {i}"))
+                .map_err(self.at(operation, &meta.key))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the answers of `pending` (the parts of `metas`) and writes each key's value
+    /// into its outputs.
+    fn receive_into(
+        &self,
+        operation: &'static str,
+        metas: &[Arc<KeyMeta>],
+        pending: Vec<(&Arc<KeyMeta>, usize, Pending)>,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        // Wait for every answer before writing any output: all or nothing.
+        let mut answers: Vec<Vec<Option<Vec<u8>>>> =
+            metas.iter().map(|m| vec![None; m.parts.len()]).collect();
+        let mut first_error = None;
+        for (meta, part, p) in pending {
+            match p.wait() {
+                Ok(response) => {
+                    let i = metas
+                        .iter()
+                        .position(|m| Arc::ptr_eq(m, meta))
+                        .expect("ours");
+                    answers[i][part] = Some(response.payload.into_vec());
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error = Some(self.transport_at(operation, &meta.key)(e));
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut values = Vec::with_capacity(metas.len());
+        for (meta, parts) in metas.iter().zip(answers) {
+            let mut bytes = Vec::new();
+            let mut buffers = Vec::new();
+            let whole = if parts.len() == 1 {
+                parts.into_iter().next().flatten().expect("answered")
+            } else {
+                for part in parts {
+                    let part = part.expect("answered");
+                    bytes.extend_from_slice(&part);
+                    buffers.push(part);
+                }
+                std::mem::take(&mut bytes)
+            };
+            let value = NDArray::from_bytes(&meta.shape, meta.dtype, &whole)
+                .map_err(self.at(operation, &meta.key))?;
+            meta.give_buffer(whole);
+            for b in buffers {
+                meta.give_buffer(b);
+            }
+            values.push(value);
+        }
+        for (key, out) in outs.iter_mut() {
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                continue;
+            }
+            let i = metas.iter().position(|m| &m.key == key).expect("checked");
+            if out.storage_type() == StorageType::RowSparse {
+                **out = values[i].to_row_sparse()?.astype(out.dtype());
+            } else {
+                out.assign(&values[i]).map_err(self.at(operation, key))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls the keys of `outs`.
+    fn pull_keys(
+        &self,
+        operation: &'static str,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let mut groups = outs.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let metas = self.metas(operation, &keys)?;
+        self.check_outs(operation, outs)?;
+        let mut pending = Vec::new();
+        for meta in &metas {
+            for part in 0..meta.parts.len() {
+                let what = format!("{operation} of key {}", meta.key);
+                let p = self
+                    .send(meta, part, protocol::CMD_PULL, &[], &what, true)
+                    .map_err(self.transport_at(operation, &meta.key))?;
+                pending.push((meta, part, p));
+            }
+        }
+        self.receive_into(operation, &metas, pending, outs, ignore_sparse)
+    }
+
+    fn node(&self) -> MutexGuard<'_, Option<Node>> {
+        lock(&self.node)
+    }
+
+    /// Rank 0 sends `command` with `payload` (and `key`) to every server and waits for all.
+    fn to_all_servers(&self, command: u32, key: u64, payload: &[u8], what: &str) -> Result<()> {
+        let pending = self
+            .servers
+            .iter()
+            .map(|c| c.send(Outgoing::new(command, payload).key(key), what))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| backend(&self.name, e))?;
+        for p in pending {
+            p.wait().map_err(|e| backend(&self.name, e))?;
+        }
+        Ok(())
+    }
+
+    fn worker_barrier(&self) -> Result<()> {
+        match self.node().as_ref() {
+            Some(node) => node
+                .barrier(Group::Workers)
+                .map_err(|e| backend(&self.name, e)),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: this worker has left the cluster",
+                self.name
+            ))),
+        }
+    }
+}
+
+/// Waits for every request; the first failure (after all have been waited for) is returned.
+fn wait_all<'k, F, M>(pending: Vec<(&'k Key, Pending)>, map: F) -> Result<()>
+where
+    F: Fn(&'k Key) -> M,
+    M: FnOnce(TransportError) -> Error,
+{
+    let mut first = None;
+    for (key, p) in pending {
+        if let Err(e) = p.wait() {
+            if first.is_none() {
+                first = Some(map(key)(e));
+            }
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+fn backend(store: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Backend {
+        store: store.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// Sorted, unique row ids of `ids`, each in `0..rows`.
+fn unique_row_ids(ids: &NDArray, rows: usize) -> Result<Vec<i64>> {
+    if ids.storage_type() != StorageType::Dense {
+        return Err(Error::InvalidArgument(
+            "row ids must be a dense array".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(ids.size());
+    for v in ids.to_f64_vec() {
+        if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
+            return Err(Error::InvalidArgument(format!(
+                "row id {v} is not an integer in 0..{rows}"
+            )));
+        }
+        out.push(v as i64);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+impl KVStoreBase for DistStore {
+    fn type_name(&self) -> &str {
+        &self.name
+    }
+
+    fn rank(&self) -> usize {
+        self.rank as usize
+    }
+
+    fn num_workers(&self) -> usize {
+        self.num_workers as usize
+    }
+
+    fn is_capable(&self, capability: Capability) -> bool {
+        crate::CAPABILITIES.contains(&capability)
+    }
+
+    fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.init_keys("init", values)
+    }
+
+    fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        let _ = priority;
+        self.push_keys("push", values, None)
+    }
+
+    fn pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let _ = priority;
+        self.pull_keys("pull", outs, ignore_sparse)
+    }
+
+    fn pushpull_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        let _ = priority;
+        outs.check_against("pushpull", values)?;
+        self.push_keys("pushpull", values, Some(outs))
+    }
+
+    fn broadcast_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        let _ = priority;
+        outs.check_against("broadcast", values)?;
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let (_, value) = values
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("checked against values");
+            value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(self.at("broadcast", key))?;
+        }
+        self.init_keys("broadcast", values)?;
+        self.pull_keys("broadcast", outs, true)
+    }
+
+    fn row_sparse_pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        priority: i32,
+    ) -> Result<()> {
+        let _ = priority;
+        let operation = "row_sparse_pull";
+        if row_ids.len() != outs.len() {
+            return Err(Error::CountMismatch {
+                operation,
+                what: "row-id arrays, one per output".into(),
+                expected: outs.len(),
+                found: row_ids.len(),
+            });
+        }
+        let keys: Vec<&Key> = outs.keys().iter().collect();
+        let metas = self.metas(operation, &keys)?;
+        // Check everything, then ask every part for the rows it holds.
+        let mut requests = Vec::with_capacity(metas.len());
+        for (i, (meta, out)) in metas.iter().zip(outs.outs()).enumerate() {
+            let at = self.at(operation, &meta.key);
+            let ids = (|| {
+                if !meta.row_sparse {
+                    return Err(Error::InvalidArgument(
+                        "row_sparse_pull needs a row-sparse stored value; this key is dense (use pull)"
+                            .into(),
+                    ));
+                }
+                if out.storage_type() != StorageType::RowSparse {
+                    return Err(Error::InvalidArgument(format!(
+                        "output {i} must be row-sparse for row_sparse_pull"
+                    )));
+                }
+                meta.check_out(out, &format!("output {i}"))?;
+                unique_row_ids(row_ids[i], meta.shape[0])
+            })()
+            .map_err(at)?;
+            requests.push(ids);
+        }
+        let mut pending = Vec::new();
+        for (meta, ids) in metas.iter().zip(&requests) {
+            let row_len: usize = meta.shape[1..].iter().product();
+            for (part, p) in meta.parts.iter().enumerate() {
+                let request = RowRequest {
+                    part_start: p.start as u64,
+                    row_len: row_len as u64,
+                    rows: ids.clone(),
+                };
+                let what = format!("{operation} of key {}", meta.key);
+                let sent = self
+                    .send(
+                        meta,
+                        part,
+                        protocol::CMD_ROW_SPARSE_PULL,
+                        &request.encode(),
+                        &what,
+                        false,
+                    )
+                    .map_err(self.transport_at(operation, &meta.key))?;
+                pending.push((meta, part, sent));
+            }
+        }
+        let mut answers: Vec<Vec<Vec<u8>>> = metas
+            .iter()
+            .map(|m| vec![Vec::new(); m.parts.len()])
+            .collect();
+        let mut first_error = None;
+        for (meta, part, p) in pending {
+            match p.wait() {
+                Ok(r) => {
+                    let i = metas
+                        .iter()
+                        .position(|m| Arc::ptr_eq(m, meta))
+                        .expect("ours");
+                    answers[i][part] = r.payload.into_vec();
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error = Some(self.transport_at(operation, &meta.key)(e));
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        let mut results = Vec::with_capacity(metas.len());
+        for ((meta, ids), parts) in metas.iter().zip(&requests).zip(answers) {
+            // Rows arrive part by part, each part holding the pieces of the rows it covers,
+            // in the order of the ids: concatenating them row by row rebuilds the rows.
+            let row_len: usize = meta.shape[1..].iter().product();
+            let size = meta.dtype.size_of();
+            let mut cursors = vec![0usize; parts.len()];
+            let mut rows = Vec::with_capacity(ids.len() * row_len * size);
+            for &row in ids {
+                for (j, p) in meta.parts.iter().enumerate() {
+                    if let Some((a, b)) = protocol::row_in_part(
+                        row as u64,
+                        row_len as u64,
+                        p.start as u64,
+                        p.end as u64,
+                    ) {
+                        let n = (b - a) as usize * size;
+                        let piece = parts[j].get(cursors[j]..cursors[j] + n).ok_or_else(|| {
+                            self.at(operation, &meta.key)(Error::InvalidArgument(format!(
+                                "server rank {} answered fewer rows than asked",
+                                p.server
+                            )))
+                        })?;
+                        rows.extend_from_slice(piece);
+                        cursors[j] += n;
+                    }
+                }
+            }
+            let mut row_shape = meta.shape.clone();
+            row_shape[0] = ids.len();
+            let at = self.at(operation, &meta.key);
+            let result = NDArray::from_bytes(&row_shape, meta.dtype, &rows)
+                .and_then(|r| NDArray::row_sparse(&meta.shape, ids.clone(), &r))
+                .map_err(at)?;
+            results.push(result);
+        }
+        for (out, result) in outs.outs_mut().iter_mut().zip(results) {
+            let dtype = out.dtype();
+            **out = result.astype(dtype);
+        }
+        Ok(())
+    }
+
+    fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
+        // Every worker checks the spec, so that a bad one fails everywhere alike.
+        kvstore_optimizer::Updater::from_spec(optimizer)?;
+        let sent = if self.rank == 0 {
+            let json = serde_json::to_vec(optimizer).map_err(|e| {
+                Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
+            })?;
+            self.to_all_servers(protocol::CMD_SET_OPTIMIZER, 0, &json, "set_optimizer")
+        } else {
+            Ok(())
+        };
+        // No push may reach a server before its optimizer: every worker waits for rank 0.
+        let met = self.worker_barrier();
+        sent.and(met)?;
+        self.optimizer.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn set_updater(&self, updater: kvstore_base::Updater) -> Result<()> {
+        drop(updater);
+        Err(Error::InvalidArgument(format!(
+            "{}: the dist stores run the optimizer on the servers, and a closure cannot be sent \
+             to a server: use set_optimizer with an OptimizerSpec",
+            self.name
+        )))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.worker_barrier()
+    }
+
+    fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
+        // As MXNet: rank 0 sends, every server executes and answers.
+        if self.rank != 0 {
+            return Ok(());
+        }
+        let what = match protocol::head::name(head) {
+            Some(name) => format!("server command {head} ({name})"),
+            None => format!("server command {head}"),
+        };
+        self.to_all_servers(
+            protocol::CMD_COMMAND,
+            head as i64 as u64,
+            body.as_bytes(),
+            &what,
+        )
+    }
+}
+
+impl Drop for DistStore {
+    fn drop(&mut self) {
+        let pending: Vec<Pending> = self
+            .servers
+            .iter()
+            .filter_map(|c| {
+                c.send(Outgoing::new(protocol::CMD_BYE, &[]), "goodbye")
+                    .ok()
+            })
+            .collect();
+        for p in pending {
+            if let Err(e) = p.wait() {
+                log::warn!("{}: goodbye to a server failed: {e}", self.name);
+            }
+        }
+        self.servers.clear();
+        if let Some(node) = self.node().take() {
+            if let Err(e) = node.leave() {
+                log::warn!("{}: leaving the cluster failed: {e}", self.name);
+            }
+        }
+    }
+}

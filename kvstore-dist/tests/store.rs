@@ -1,0 +1,177 @@
+//! The dist stores end to end, as threads of one process over real sockets on 127.0.0.1:
+//! a scheduler and servers from [`LocalCluster`], workers created by `create_with`.
+//! Every wait is bounded by a timeout of a few seconds.
+
+use std::thread;
+use std::time::Duration;
+
+use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, Key, NDArray, OptimizerSpec};
+use kvstore_dist::LocalCluster;
+use kvstore_local as _;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `body(rank, store)` on `workers` workers of a fresh cluster with `servers` servers;
+/// returns the results by rank, after the cluster has ended.
+fn run<T: Send + 'static>(
+    name: &'static str,
+    servers: u32,
+    workers: u32,
+    body: impl Fn(usize, &dyn KVStoreBase) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let options = cluster.worker_options().clone();
+            let body = body.clone();
+            thread::spawn(move || {
+                let kv = kvstore_base::create_with(name, options).unwrap();
+                (kv.rank(), body(kv.rank(), &*kv))
+            })
+        })
+        .collect();
+    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    cluster.finish().unwrap();
+    results.sort_by_key(|(r, _)| *r);
+    results.into_iter().map(|(_, t)| t).collect()
+}
+
+fn f32s(a: &NDArray) -> Vec<f32> {
+    a.to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn sync_push_sums_one_push_per_worker() {
+    let out = run("dist_sync", 1, 3, |rank, kv| {
+        kv.init(3, &NDArray::full(&[2, 3], rank as f64 + 10.0, DType::F32))
+            .unwrap();
+        let mut w = NDArray::zeros(&[2, 3], DType::F32);
+        kv.pull(3, &mut w).unwrap();
+        let init = f32s(&w);
+        kv.push(3, &NDArray::full(&[2, 3], rank as f64 + 1.0, DType::F32))
+            .unwrap();
+        kv.pull(3, &mut w).unwrap();
+        (init, f32s(&w))
+    });
+    for (init, summed) in out {
+        assert_eq!(init, vec![10.0; 6], "rank 0's init value is the one kept");
+        assert_eq!(summed, vec![6.0; 6], "1 + 2 + 3");
+    }
+}
+
+#[test]
+fn big_keys_split_across_servers_and_str_keys() {
+    let n = 1_200_000; // above the default big-array bound
+    let out = run("dist_sync", 3, 2, move |rank, kv| {
+        let keys = ["w", "b"];
+        let init = [
+            NDArray::zeros(&[n], DType::F32),
+            NDArray::zeros(&[5], DType::F32),
+        ];
+        kv.init(&keys[..], &init).unwrap();
+        let g: Vec<f32> = (0..n)
+            .map(|i| (i % 1000) as f32 * (rank as f32 + 1.0))
+            .collect();
+        let grads = [
+            NDArray::from_vec(&[n], g).unwrap(),
+            NDArray::full(&[5], 1.0, DType::F32),
+        ];
+        let mut outs = [
+            NDArray::zeros(&[n], DType::F32),
+            NDArray::zeros(&[5], DType::F64),
+        ];
+        kv.pushpull(&keys[..], &grads, &mut outs).unwrap();
+        (f32s(&outs[0]), outs[1].to_vec::<f64>().unwrap())
+    });
+    for (big, small) in out {
+        assert!(big
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i % 1000) as f32 * 3.0));
+        assert_eq!(small, vec![2.0; 5]);
+    }
+}
+
+#[test]
+fn optimizer_on_servers_matches_local() {
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9)
+        .with("rescale_grad", 0.5);
+    let grads = |step: usize, rank: usize| -> NDArray {
+        NDArray::from_vec(
+            &[4],
+            (0..4)
+                .map(|i| (i + step * 3 + rank) as f32 * 0.25)
+                .collect(),
+        )
+        .unwrap()
+    };
+    let spec2 = spec.clone();
+    let out = run("dist_sync", 2, 2, move |rank, kv| {
+        kv.set_optimizer(&spec2).unwrap();
+        kv.init(0, &NDArray::ones(&[4], DType::F32)).unwrap();
+        let mut w = NDArray::zeros(&[4], DType::F32);
+        for step in 0..5 {
+            kv.push(0, &grads(step, rank)).unwrap();
+            kv.pull(0, &mut w).unwrap();
+        }
+        f32s(&w)
+    });
+    // The same sums through `local`, two values per push.
+    {
+        let local = kvstore_base::create("local").unwrap();
+        local.set_optimizer(&spec).unwrap();
+        local.init(0, &NDArray::ones(&[4], DType::F32)).unwrap();
+        let mut w = NDArray::zeros(&[4], DType::F32);
+        for step in 0..5 {
+            local.push(0, &[grads(step, 0), grads(step, 1)]).unwrap();
+            local.pull(0, &mut w).unwrap();
+        }
+        assert_eq!(out[0], f32s(&w));
+    }
+    assert_eq!(out[0], out[1]);
+}
+
+#[test]
+fn async_applies_every_push() {
+    let out = run("dist_async", 1, 2, |rank, kv| {
+        kv.set_optimizer(&OptimizerSpec::new("test").with("rescale_grad", 1.0))
+            .unwrap();
+        kv.init(7, &NDArray::zeros(&[3], DType::F32)).unwrap();
+        for _ in 0..10 {
+            kv.push(7, &NDArray::full(&[3], rank as f64 + 1.0, DType::F32))
+                .unwrap();
+        }
+        kv.barrier().unwrap();
+        let mut w = NDArray::zeros(&[3], DType::F32);
+        kv.pull(7, &mut w).unwrap();
+        f32s(&w)
+    });
+    assert_eq!(out, vec![vec![30.0; 3], vec![30.0; 3]]);
+}
+
+#[test]
+fn errors_name_the_key() {
+    let out = run("dist_sync", 1, 1, |_, kv| {
+        let mut w = NDArray::zeros(&[2], DType::F32);
+        let missing = kv.pull(9, &mut w).unwrap_err();
+        kv.init(1, &NDArray::zeros(&[2], DType::F32)).unwrap();
+        let dup = kv.init(1, &NDArray::zeros(&[2], DType::F32)).unwrap_err();
+        let shape = kv.push(1, &NDArray::zeros(&[3], DType::F32)).unwrap_err();
+        let mixed = kv.push("a", &NDArray::zeros(&[2], DType::F32)).unwrap_err();
+        (missing, dup, shape, mixed)
+    });
+    let (missing, dup, shape, mixed) = &out[0];
+    assert!(
+        matches!(missing.root(), Error::KeyNotInitialized),
+        "{missing}"
+    );
+    assert_eq!(missing.key(), Some(&Key::Int(9)));
+    assert!(matches!(dup.root(), Error::DuplicateInit), "{dup}");
+    assert!(
+        matches!(shape.root(), Error::ShapeMismatch { .. }),
+        "{shape}"
+    );
+    assert!(matches!(mixed, Error::MixedKeyTypes { .. }), "{mixed}");
+}
