@@ -8,9 +8,9 @@
 //! | feature  | crate            | stores                                         | state        |
 //! |----------|------------------|------------------------------------------------|--------------|
 //! | `test`   | `kvstore-test`   | `teststore` (MXNet's `TestStore`)              | available    |
-//! | `local`  | `kvstore-local`  | `local`                                        | not built yet |
+//! | `local`  | `kvstore-local`  | `local`                                        | available    |
 //! | `device` | `kvstore-device` | `device`, `nccl`                               | not built yet |
-//! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | not built yet |
+//! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
 //! | `byteps` | `kvstore-byteps` | `byteps`                                       | not built yet |
 //!
 //! Defaults: `local` and `test`.
@@ -34,8 +34,10 @@ pub use kvstore_base::*;
 use kvstore_byteps as _;
 #[cfg(feature = "device")]
 use kvstore_device as _;
+/// The distributed stores' crate: cluster roles, [`LocalCluster`](dist::LocalCluster), the
+/// launcher's building blocks.
 #[cfg(feature = "dist")]
-use kvstore_dist as _;
+pub use kvstore_dist as dist;
 #[cfg(feature = "local")]
 use kvstore_local as _;
 #[cfg(feature = "test")]

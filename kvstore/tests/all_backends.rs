@@ -1,8 +1,8 @@
 //! Runs the conformance suite against every store this build registers.
 //!
 //! Trials are named `<store>::<check>`; `KVSTORE_TEST=local,teststore` narrows the run to
-//! some stores. A store that cannot be built here (no GPU, no servers) has its trials
-//! reported as ignored, with the reason.
+//! some stores. A store that cannot be built here (no GPU) has its trials reported as ignored,
+//! with the reason; a distributed store runs as the only worker of an in-process cluster.
 
 use std::sync::Arc;
 
@@ -23,10 +23,32 @@ fn main() -> std::process::ExitCode {
             continue;
         }
         let name = info.name.clone();
-        trials.extend(kvstore_test::trials(
-            &info.name,
-            Arc::new(move || kvstore::create(&name)),
-        ));
+        let distributed = info
+            .capabilities
+            .as_ref()
+            .is_ok_and(|c| c.contains(&kvstore::Capability::Distributed));
+        let factory: Arc<kvstore_test::StoreFactory> = if distributed {
+            Arc::new(move || single_worker_cluster(&name))
+        } else {
+            Arc::new(move || kvstore::create(&name))
+        };
+        trials.extend(kvstore_test::trials(&info.name, factory));
     }
     libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// A distributed store as the only worker of a fresh cluster whose scheduler and server run on
+/// threads of this process (they end when the store is dropped).
+#[cfg(feature = "dist")]
+fn single_worker_cluster(name: &str) -> kvstore::Result<Box<dyn kvstore::KVStoreBase>> {
+    let cluster = kvstore::dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(20))?;
+    let store = cluster.create_worker(name)?;
+    cluster.detach();
+    Ok(store)
+}
+
+/// Without the `dist` feature no distributed store is linked but a third party's.
+#[cfg(not(feature = "dist"))]
+fn single_worker_cluster(name: &str) -> kvstore::Result<Box<dyn kvstore::KVStoreBase>> {
+    kvstore::create(name)
 }

@@ -547,19 +547,21 @@ impl Core {
         }
     }
 
+    /// Applies one push at once: through the optimizer, or, with none, the push replaces the
+    /// value (a round of one push; MXNet's server aborts instead).
     fn apply_async(&self, e: &mut Entry, payload: &[u8], waiter: Waiter, what: &str) {
         let result = (|| {
-            let grad = array_from_bytes(e.meta.dtype, payload)?;
             let mut updater = lock(&self.updater);
-            let u = updater.as_mut().ok_or_else(|| {
-                format!(
-                    "push of {what}: dist_async applies each push with the optimizer on the \
-                     servers, and none is set: call set_optimizer first"
-                )
-            })?;
             let Entry { key, value, .. } = &mut *e;
-            u.update(key, &grad, value.as_mut().expect("checked by check_push"))
-                .map_err(|err| format!("the optimizer failed on {what}: {err}"))
+            let value = value.as_mut().expect("checked by check_push");
+            match updater.as_mut() {
+                Some(u) => {
+                    let grad = array_from_bytes(value.dtype(), payload)?;
+                    u.update(key, &grad, value)
+                        .map_err(|err| format!("the optimizer failed on {what}: {err}"))
+                }
+                None => copy_from_bytes(value, payload),
+            }
         })();
         match result {
             Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set").as_bytes()),

@@ -9,7 +9,8 @@
 //! - **sync mode** (`dist_sync`, `dist_device_sync`): a round merges exactly one push per
 //!   worker (a worker's second push waits for the next round), then runs the optimizer on the
 //!   sum, or stores the sum when there is none, then answers every push of the round;
-//! - **async mode** (`dist_async`): each push is applied by the optimizer as it arrives;
+//! - **async mode** (`dist_async`): each push is applied by the optimizer as it arrives (with
+//!   no optimizer it replaces the value, a round of one push; MXNet's server aborts there);
 //! - **pull** returns the value, never delayed by a pending round (as MXNet).
 //!
 //! Nothing waits forever: a round (or an init waiting for rank 0) that is not complete within

@@ -18,6 +18,9 @@
 //! - `set_optimizer` checks the spec locally, rank 0 sends it to every server (which rebuild
 //!   it from the optimizer registry), then the workers meet in a barrier so that no push
 //!   reaches a server before its optimizer.
+//! - `set_updater` is unsupported: the optimizer runs on the servers, and a closure cannot
+//!   travel to them (use `set_optimizer`); so are optimizer-state files and, for now,
+//!   gradient compression.
 //! - Dropping the store says goodbye to every server and to the scheduler.
 //!
 //! Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (plus a little, so that a server's error
@@ -655,7 +658,7 @@ impl KVStoreBase for DistStore {
             requests.push(ids);
         }
         let mut pending = Vec::new();
-        for (meta, ids) in metas.iter().zip(&requests) {
+        for (i, (meta, ids)) in metas.iter().zip(&requests).enumerate() {
             let row_len: usize = meta.shape[1..].iter().product();
             for (part, p) in meta.parts.iter().enumerate() {
                 let request = RowRequest {
@@ -674,7 +677,7 @@ impl KVStoreBase for DistStore {
                         false,
                     )
                     .map_err(self.transport_at(operation, &meta.key))?;
-                pending.push((meta, part, sent));
+                pending.push((i, meta, part, sent));
             }
         }
         let mut answers: Vec<Vec<Vec<u8>>> = metas
@@ -682,13 +685,9 @@ impl KVStoreBase for DistStore {
             .map(|m| vec![Vec::new(); m.parts.len()])
             .collect();
         let mut first_error = None;
-        for (meta, part, p) in pending {
+        for (i, meta, part, p) in pending {
             match p.wait() {
                 Ok(r) => {
-                    let i = metas
-                        .iter()
-                        .position(|m| Arc::ptr_eq(m, meta))
-                        .expect("ours");
                     answers[i][part] = r.payload.into_vec();
                 }
                 Err(e) => {
@@ -760,15 +759,6 @@ impl KVStoreBase for DistStore {
         sent.and(met)?;
         self.optimizer.store(true, Ordering::Relaxed);
         Ok(())
-    }
-
-    fn set_updater(&self, updater: kvstore_base::Updater) -> Result<()> {
-        drop(updater);
-        Err(Error::InvalidArgument(format!(
-            "{}: the dist stores run the optimizer on the servers, and a closure cannot be sent \
-             to a server: use set_optimizer with an OptimizerSpec",
-            self.name
-        )))
     }
 
     fn barrier(&self) -> Result<()> {
