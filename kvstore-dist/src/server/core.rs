@@ -13,8 +13,9 @@ use kvstore_base::{Key, NDArray, OptimizerSpec};
 use kvstore_optimizer::Updater;
 
 use super::merge::{add_from_bytes, array_from_bytes, copy_from_bytes};
+use super::reply::{Answer, Batch};
 use crate::protocol::{self, head, InitMeta, Mode, RowRequest};
-use crate::transport::{Handler, Outgoing, Payload, Request, Responder};
+use crate::transport::{Handler, Outgoing, Request, Responder};
 
 /// Replies bigger than this go out on threads of their own when a round answers several
 /// workers, so that the workers receive in parallel.
@@ -50,14 +51,14 @@ impl Workers {
 /// A push waiting for its round to complete.
 struct Waiter {
     rank: u32,
-    responder: Responder,
+    answer: Answer,
     wants_data: bool,
 }
 
 /// A push that arrived while its worker already had one in the current round.
 struct Queued {
     rank: u32,
-    payload: Payload,
+    payload: Vec<u8>,
     waiter: Waiter,
 }
 
@@ -395,23 +396,39 @@ impl Core {
         Ok(())
     }
 
-    /// A push (or pushpull when `wants_data`).
+    /// A push (or pushpull when `wants_data`) in a message of its own.
     fn push(&self, request: Request, responder: Responder, wants_data: bool) {
-        let rank = match self.sender_rank(&request) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = responder.respond_error(&e);
-                return;
-            }
-        };
-        let (wire_key, part) = (request.header.key, request.header.aux);
+        let answer = Answer::One(responder);
+        match self.sender_rank(&request) {
+            Ok(rank) => self.push_part(
+                rank,
+                (request.header.key, request.header.aux),
+                request.header.flags,
+                &request.payload,
+                answer,
+                wants_data,
+            ),
+            Err(e) => answer.fail(&e),
+        }
+    }
+
+    /// Merges (sync) or applies (async) one pushed part from worker `rank`.
+    fn push_part(
+        &self,
+        rank: u32,
+        (wire_key, part): PartId,
+        flags: u16,
+        data: &[u8],
+        answer: Answer,
+        wants_data: bool,
+    ) {
         let Some(entry) = self.entry(wire_key, part) else {
-            let _ = responder.respond_error(&self.uninitialised(wire_key, part));
+            answer.fail(&self.uninitialised(wire_key, part));
             return;
         };
         let waiter = Waiter {
             rank,
-            responder,
+            answer,
             wants_data,
         };
         let mode = self.mode();
@@ -430,27 +447,27 @@ impl Core {
                 self.rank,
                 self.worker_name(r)
             );
-            let _ = waiter.responder.respond_error(&msg);
+            waiter.answer.fail(&msg);
             return;
         }
-        if let Err(msg) = self.check_push(&e, &request, &what) {
-            let _ = waiter.responder.respond_error(&msg);
+        if let Err(msg) = self.check_push(&e, flags, &what) {
+            waiter.answer.fail(&msg);
             return;
         }
         match mode {
-            Mode::Async => self.apply_async(&mut e, &request.payload, waiter, &what),
+            Mode::Async => self.apply_async(&mut e, data, waiter, &what),
             Mode::Sync => {
                 if e.pushed[rank as usize] {
                     // Its next round: replayed once this one completes.
                     e.queued.push_back(Queued {
                         rank,
-                        payload: request.payload,
+                        payload: data.to_vec(),
                         waiter,
                     });
                     return;
                 }
-                self.merge_sync(&mut e, &request.payload, waiter, &what);
-                while !e.pushed[..].iter().any(|&p| p) && !e.queued.is_empty() {
+                self.merge_sync(&mut e, data, waiter, &what);
+                while !e.pushed.iter().any(|&p| p) && !e.queued.is_empty() {
                     // The round just completed: replay what was queued for the next one.
                     let mut replay = std::mem::take(&mut e.queued);
                     while let Some(q) = replay.pop_front() {
@@ -465,23 +482,71 @@ impl Core {
         }
     }
 
-    fn check_push(&self, e: &Entry, request: &Request, what: &str) -> Reply {
+    fn check_push(&self, e: &Entry, flags: u16, what: &str) -> Reply {
         if e.value.is_none() {
             return Err(format!(
                 "{what} is not initialised on server {}: init it first",
                 self.rank
             ));
         }
-        match protocol::dtype_of_flag(request.header.flags) {
+        match protocol::dtype_of_flag(flags) {
             Some(d) if d == e.meta.dtype => Ok(()),
             Some(d) => Err(format!(
                 "push of {what}: the value is {d} but the key holds {}",
                 e.meta.dtype
             )),
-            None => Err(format!(
-                "push of {what}: unknown dtype code {}",
-                request.header.flags
-            )),
+            None => Err(format!("push of {what}: unknown dtype code {flags}")),
+        }
+    }
+
+    /// A batch of parts (see [`protocol::CMD_BATCH`]).
+    fn batch(&self, request: Request, responder: Responder) {
+        let inner = request.header.aux;
+        let parsed = protocol::BatchItem::decode(&request.payload).and_then(|(items, data)| {
+            let pushes = inner == u64::from(protocol::CMD_PUSH)
+                || inner == u64::from(protocol::CMD_PUSHPULL);
+            if !pushes && inner != u64::from(protocol::CMD_PULL) {
+                return Err(format!("a batch of unknown command {inner:#x}"));
+            }
+            let rank = if pushes {
+                let pushed: u64 = items.iter().map(|it| it.len).sum();
+                if pushed != data.len() as u64 {
+                    return Err(format!(
+                        "a batch announces {pushed} bytes of data but carries {}",
+                        data.len()
+                    ));
+                }
+                Some(self.sender_rank(&request)?)
+            } else {
+                None
+            };
+            Ok((items, data, rank))
+        });
+        let (items, data, rank) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = responder.respond_error(&e);
+                return;
+            }
+        };
+        let wants_data = inner != u64::from(protocol::CMD_PUSH);
+        let lens: Vec<usize> = items
+            .iter()
+            .map(|it| if wants_data { it.len as usize } else { 0 })
+            .collect();
+        let batch = Batch::new(responder, &lens);
+        let mut at = 0usize;
+        for (i, it) in items.iter().enumerate() {
+            let answer = Answer::Item(Arc::clone(&batch), i);
+            let id = (it.wire, u64::from(it.part));
+            match rank {
+                Some(rank) => {
+                    let len = it.len as usize;
+                    self.push_part(rank, id, it.flags, &data[at..at + len], answer, wants_data);
+                    at += len;
+                }
+                None => self.pull_part(id, answer),
+            }
         }
     }
 
@@ -500,9 +565,7 @@ impl Core {
             )
         };
         if let Err(msg) = merged {
-            let _ = waiter
-                .responder
-                .respond_error(&format!("push of {what}: {msg}"));
+            waiter.answer.fail(&format!("push of {what}: {msg}"));
             return;
         }
         if first {
@@ -541,7 +604,7 @@ impl Core {
             Ok(()) => reply_all(waiters, e.value.as_ref().expect("set").as_bytes()),
             Err(msg) => {
                 for w in waiters {
-                    let _ = w.responder.respond_error(&msg);
+                    w.answer.fail(&msg);
                 }
             }
         }
@@ -565,32 +628,31 @@ impl Core {
         })();
         match result {
             Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set").as_bytes()),
-            Err(msg) => {
-                let _ = waiter.responder.respond_error(&msg);
-            }
+            Err(msg) => waiter.answer.fail(&msg),
         }
     }
 
     fn pull(&self, request: &Request, responder: Responder) {
-        let (wire_key, part) = (request.header.key, request.header.aux);
+        self.pull_part(
+            (request.header.key, request.header.aux),
+            Answer::One(responder),
+        );
+    }
+
+    /// Answers with the value of a part (never delayed by a pending round, as MXNet).
+    fn pull_part(&self, (wire_key, part): PartId, answer: Answer) {
         let Some(entry) = self.entry(wire_key, part) else {
-            let _ = responder.respond_error(&self.uninitialised(wire_key, part));
+            answer.fail(&self.uninitialised(wire_key, part));
             return;
         };
         let e = lock(&entry);
         match &e.value {
-            Some(v) => {
-                let bytes = v.as_bytes().expect("stored parts are contiguous");
-                let _ = responder
-                    .respond(Outgoing::new(0, bytes).flags(protocol::dtype_flag(v.dtype())));
-            }
-            None => {
-                let _ = responder.respond_error(&format!(
-                    "{} is not initialised on server {} yet: rank 0 has not sent its value",
-                    self.describe(&e.key, part),
-                    self.rank
-                ));
-            }
+            Some(v) => answer.ok(v.as_bytes().expect("stored parts are contiguous")),
+            None => answer.fail(&format!(
+                "{} is not initialised on server {} yet: rank 0 has not sent its value",
+                self.describe(&e.key, part),
+                self.rank
+            )),
         }
     }
 
@@ -690,10 +752,10 @@ impl Core {
 /// Fails every push of the current round with `msg` and starts afresh.
 fn fail_round(e: &mut Entry, msg: &str) {
     for w in e.waiters.drain(..) {
-        let _ = w.responder.respond_error(msg);
+        w.answer.fail(msg);
     }
     for q in e.queued.drain(..) {
-        let _ = q.waiter.responder.respond_error(msg);
+        q.waiter.answer.fail(msg);
     }
     e.pushed.iter_mut().for_each(|p| *p = false);
     e.round_started = None;
@@ -701,16 +763,17 @@ fn fail_round(e: &mut Entry, msg: &str) {
 
 /// Answers the pushes of a round: the value to those that asked for it, an empty
 /// acknowledgement to the others (MXNet leaves those unanswered when both kinds meet in one
-/// round). Big replies go out in parallel.
+/// round). Big replies in messages of their own go out in parallel.
 fn reply_all(waiters: Vec<Waiter>, value: Option<&[u8]>) {
     let value = value.expect("stored parts are contiguous");
-    let send = |w: Waiter| {
-        let payload = if w.wants_data { value } else { &[] };
-        let _ = w.responder.respond(Outgoing::new(0, payload));
-    };
-    let big =
-        waiters.iter().filter(|w| w.wants_data).count() > 1 && value.len() >= PARALLEL_REPLY_BYTES;
-    if !big {
+    let send = |w: Waiter| w.answer.ok(if w.wants_data { value } else { &[] });
+    let parallel = waiters
+        .iter()
+        .filter(|w| w.wants_data && w.answer.is_one())
+        .count()
+        > 1
+        && value.len() >= PARALLEL_REPLY_BYTES;
+    if !parallel {
         waiters.into_iter().for_each(send);
         return;
     }
@@ -743,6 +806,7 @@ impl Handler for ServerHandler {
             protocol::CMD_SET_OPTIMIZER => simple(core.set_optimizer(&request.payload), responder),
             protocol::CMD_COMMAND => simple(core.command(&request), responder),
             protocol::CMD_BYE => simple(core.bye(&request), responder),
+            protocol::CMD_BATCH => core.batch(request, responder),
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }

@@ -24,6 +24,7 @@
 
 mod core;
 mod merge;
+mod reply;
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;

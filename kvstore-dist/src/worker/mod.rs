@@ -27,6 +27,7 @@
 //! naming the workers a round waits for arrives first); a server that dies fails the pending
 //! requests at once, naming it.
 
+mod exchange;
 mod keys;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -342,31 +343,14 @@ impl DistStore {
         } else {
             protocol::CMD_PUSH
         };
-        let mut pending = Vec::new();
-        for ((g, meta), payload) in groups.iter().zip(&metas).zip(&payloads) {
-            let bytes = payload.bytes();
-            for part in 0..meta.parts.len() {
-                let what = format!("{operation} of key {}", g.key);
-                let p = self
-                    .send(
-                        meta,
-                        part,
-                        command,
-                        &bytes[meta.byte_range(part)],
-                        &what,
-                        outs.is_some(),
-                    )
-                    .map_err(self.transport_at(operation, &g.key))?;
-                pending.push((meta, part, p));
-            }
+        let data: Vec<&[u8]> = payloads.iter().map(Outbound::bytes).collect();
+        let answers = self.exchange(operation, command, &metas, Some(&data))?;
+        if let (Some(outs), Some(answers)) = (outs, answers) {
+            let written = self.write_outs(operation, &metas, &answers, outs, true);
+            answers.recycle(&metas);
+            written?;
         }
-        match outs {
-            None => wait_all(
-                pending.into_iter().map(|(m, _, p)| (&m.key, p)).collect(),
-                |key| self.transport_at(operation, key),
-            ),
-            Some(outs) => self.receive_into(operation, &metas, pending, outs, true),
-        }
+        Ok(())
     }
 
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
@@ -379,71 +363,24 @@ impl DistStore {
         Ok(())
     }
 
-    /// Waits for the answers of `pending` (the parts of `metas`) and writes each key's value
-    /// into its outputs.
-    fn receive_into(
+    /// Writes each key's answer into its outputs (skipping row-sparse outputs when
+    /// `ignore_sparse`, as MXNet).
+    fn write_outs(
         &self,
         operation: &'static str,
         metas: &[Arc<KeyMeta>],
-        pending: Vec<(&Arc<KeyMeta>, usize, Pending)>,
+        answers: &exchange::Answers,
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
     ) -> Result<()> {
-        // Wait for every answer before writing any output: all or nothing.
-        let mut answers: Vec<Vec<Option<Vec<u8>>>> =
-            metas.iter().map(|m| vec![None; m.parts.len()]).collect();
-        let mut first_error = None;
-        for (meta, part, p) in pending {
-            match p.wait() {
-                Ok(response) => {
-                    let i = metas
-                        .iter()
-                        .position(|m| Arc::ptr_eq(m, meta))
-                        .expect("ours");
-                    answers[i][part] = Some(response.payload.into_vec());
-                }
-                Err(e) => {
-                    if first_error.is_none() {
-                        first_error = Some(self.transport_at(operation, &meta.key)(e));
-                    }
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let mut values = Vec::with_capacity(metas.len());
-        for (meta, parts) in metas.iter().zip(answers) {
-            let mut bytes = Vec::new();
-            let mut buffers = Vec::new();
-            let whole = if parts.len() == 1 {
-                parts.into_iter().next().flatten().expect("answered")
-            } else {
-                for part in parts {
-                    let part = part.expect("answered");
-                    bytes.extend_from_slice(&part);
-                    buffers.push(part);
-                }
-                std::mem::take(&mut bytes)
-            };
-            let value = NDArray::from_bytes(&meta.shape, meta.dtype, &whole)
-                .map_err(self.at(operation, &meta.key))?;
-            meta.give_buffer(whole);
-            for b in buffers {
-                meta.give_buffer(b);
-            }
-            values.push(value);
-        }
         for (key, out) in outs.iter_mut() {
             if ignore_sparse && out.storage_type() == StorageType::RowSparse {
                 continue;
             }
             let i = metas.iter().position(|m| &m.key == key).expect("checked");
-            if out.storage_type() == StorageType::RowSparse {
-                **out = values[i].to_row_sparse()?.astype(out.dtype());
-            } else {
-                out.assign(&values[i]).map_err(self.at(operation, key))?;
-            }
+            answers
+                .write(i, &metas[i], out)
+                .map_err(self.at(operation, key))?;
         }
         Ok(())
     }
@@ -460,17 +397,12 @@ impl DistStore {
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let metas = self.metas(operation, &keys)?;
         self.check_outs(operation, outs)?;
-        let mut pending = Vec::new();
-        for meta in &metas {
-            for part in 0..meta.parts.len() {
-                let what = format!("{operation} of key {}", meta.key);
-                let p = self
-                    .send(meta, part, protocol::CMD_PULL, &[], &what, true)
-                    .map_err(self.transport_at(operation, &meta.key))?;
-                pending.push((meta, part, p));
-            }
-        }
-        self.receive_into(operation, &metas, pending, outs, ignore_sparse)
+        let answers = self
+            .exchange(operation, protocol::CMD_PULL, &metas, None)?
+            .expect("a pull has answers");
+        let written = self.write_outs(operation, &metas, &answers, outs, ignore_sparse);
+        answers.recycle(&metas);
+        written
     }
 
     fn node(&self) -> MutexGuard<'_, Option<Node>> {

@@ -1,0 +1,108 @@
+//! Answers to requests: one part's own message, or an item of a batch answered as a whole.
+
+use std::sync::{Arc, Mutex};
+
+use crate::protocol;
+use crate::transport::{Outgoing, Responder};
+
+/// Where the answer for one part goes.
+pub(crate) enum Answer {
+    /// The part came in a message of its own.
+    One(Responder),
+    /// The part is item `.1` of a batch.
+    Item(Arc<Batch>, usize),
+}
+
+impl Answer {
+    /// Answers with `data` (empty for an acknowledgement).
+    pub(crate) fn ok(self, data: &[u8]) {
+        match self {
+            Answer::One(r) => {
+                let _ = r.respond(Outgoing::new(0, data));
+            }
+            Answer::Item(batch, i) => batch.complete(i, Ok(data)),
+        }
+    }
+
+    /// Answers with an error.
+    pub(crate) fn fail(self, message: &str) {
+        match self {
+            Answer::One(r) => {
+                let _ = r.respond_error(message);
+            }
+            Answer::Item(batch, i) => batch.complete(i, Err(message)),
+        }
+    }
+
+    /// Whether this answer is a message of its own (and may go out on another thread).
+    pub(crate) fn is_one(&self) -> bool {
+        matches!(self, Answer::One(_))
+    }
+}
+
+struct BatchState {
+    responder: Option<Responder>,
+    remaining: usize,
+    /// Byte range of each item's data in `buf` (empty for items that answer no data).
+    ranges: Vec<std::ops::Range<usize>>,
+    buf: Vec<u8>,
+    error: Option<String>,
+}
+
+/// A batch of parts answered by one message once every item is answered: the items' data in
+/// item order, or the first failed item's error.
+pub(crate) struct Batch {
+    state: Mutex<BatchState>,
+}
+
+impl Batch {
+    /// A batch whose item `i` answers `lens[i]` bytes.
+    pub(crate) fn new(responder: Responder, lens: &[usize]) -> Arc<Batch> {
+        let mut ranges = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &len in lens {
+            ranges.push(at..at + len);
+            at += len;
+        }
+        Arc::new(Batch {
+            state: Mutex::new(BatchState {
+                responder: Some(responder),
+                remaining: lens.len(),
+                ranges,
+                buf: vec![0; at],
+                error: None,
+            }),
+        })
+    }
+
+    fn complete(&self, i: usize, outcome: Result<&[u8], &str>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let range = st.ranges[i].clone();
+        match outcome {
+            Ok(_) if range.is_empty() => {}
+            Ok(data) if data.len() == range.len() => st.buf[range].copy_from_slice(data),
+            Ok(data) => {
+                let msg = format!(
+                    "the part holds {} bytes but the worker expected {}",
+                    data.len(),
+                    range.len()
+                );
+                st.error.get_or_insert(protocol::item_error(i, &msg));
+            }
+            Err(message) => {
+                st.error.get_or_insert(protocol::item_error(i, message));
+            }
+        }
+        st.remaining -= 1;
+        if st.remaining > 0 {
+            return;
+        }
+        let Some(responder) = st.responder.take() else {
+            return;
+        };
+        let _ = match &st.error {
+            Some(e) => responder.respond_error(e),
+            None => responder.respond(Outgoing::new(0, &st.buf)),
+        };
+    }
+}

@@ -1,0 +1,240 @@
+//! One round trip of a multi-key call: every part of every key to its server, pipelined, big
+//! parts in messages of their own (sent from the caller's memory), small ones together in
+//! batches; then the answers, written into the outputs.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use kvstore_base::{Error, NDArray, Result, StorageType};
+
+use super::keys::KeyMeta;
+use super::DistStore;
+use crate::protocol::{self, BatchItem};
+use crate::transport::{Outgoing, Pending, TransportError};
+
+/// What one sent message covers: a single part, or the parts of a batch in item order.
+enum Sent {
+    One { meta: usize, part: usize },
+    Batch { items: Vec<(usize, usize)> },
+}
+
+/// The answers of a pull or pushpull: each part's bytes inside one of the received buffers.
+pub(crate) struct Answers {
+    buffers: Vec<Vec<u8>>,
+    /// `(buffer, byte range)` of each part of each key.
+    slots: Vec<Vec<(usize, Range<usize>)>>,
+    /// Buffers received for a single part, by key: returned to the key's pool afterwards.
+    owned: Vec<(usize, usize)>,
+}
+
+impl Answers {
+    fn part(&self, meta: usize, part: usize) -> &[u8] {
+        let (b, range) = &self.slots[meta][part];
+        &self.buffers[*b][range.clone()]
+    }
+
+    /// Writes key `i`'s value into `out`: straight into its memory when `out` is dense,
+    /// contiguous and of the key's dtype, else through a copy cast into `out`.
+    pub(crate) fn write(&self, i: usize, meta: &KeyMeta, out: &mut NDArray) -> Result<()> {
+        if out.storage_type() == StorageType::Dense && out.dtype() == meta.dtype {
+            if let Some(bytes) = out.as_bytes_mut() {
+                for part in 0..meta.parts.len() {
+                    bytes[meta.byte_range(part)].copy_from_slice(self.part(i, part));
+                }
+                return Ok(());
+            }
+        }
+        let mut value = NDArray::zeros(&meta.shape, meta.dtype);
+        let bytes = value.as_bytes_mut().expect("a fresh array is contiguous");
+        for part in 0..meta.parts.len() {
+            bytes[meta.byte_range(part)].copy_from_slice(self.part(i, part));
+        }
+        if out.storage_type() == StorageType::RowSparse {
+            *out = value.to_row_sparse()?.astype(out.dtype());
+            Ok(())
+        } else {
+            out.assign(&value)
+        }
+    }
+
+    /// Returns the single-part buffers to their keys for reuse.
+    pub(crate) fn recycle(mut self, metas: &[Arc<KeyMeta>]) {
+        for (meta, b) in self.owned.drain(..) {
+            metas[meta].give_buffer(std::mem::take(&mut self.buffers[b]));
+        }
+    }
+}
+
+impl DistStore {
+    /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i]`: key
+    /// `i`'s pushed bytes) and waits for every answer; returns the answers of a pull or
+    /// pushpull. Every request is waited for, even after a failure, and the first failure is
+    /// returned, wrapped with its key.
+    pub(crate) fn exchange(
+        &self,
+        operation: &'static str,
+        command: u32,
+        metas: &[Arc<KeyMeta>],
+        data: Option<&[&[u8]]>,
+    ) -> Result<Option<Answers>> {
+        let receive = command != protocol::CMD_PUSH;
+        let mut sent: Vec<(Sent, Pending)> = Vec::new();
+        for server in 0..self.servers.len() {
+            let mut batch: Vec<(usize, usize)> = Vec::new();
+            let mut batch_bytes = 0;
+            for (i, meta) in metas.iter().enumerate() {
+                for (part, p) in meta.parts.iter().enumerate() {
+                    if p.server != server {
+                        continue;
+                    }
+                    let range = meta.byte_range(part);
+                    let payload = data.map_or(&[][..], |d| &d[i][range.clone()]);
+                    if range.len() > protocol::BATCH_ITEM_BYTES {
+                        let what = format!("{operation} of key {}", meta.key);
+                        let pending = self
+                            .send(meta, part, command, payload, &what, receive)
+                            .map_err(self.transport_at(operation, &meta.key))?;
+                        sent.push((Sent::One { meta: i, part }, pending));
+                        continue;
+                    }
+                    batch.push((i, part));
+                    batch_bytes += range.len();
+                    if batch_bytes >= protocol::BATCH_BYTES
+                        || batch.len() >= protocol::BATCH_MAX_ITEMS
+                    {
+                        let items = std::mem::take(&mut batch);
+                        sent.push(self.send_batch(operation, command, server, metas, data, items)?);
+                        batch_bytes = 0;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                sent.push(self.send_batch(operation, command, server, metas, data, batch)?);
+            }
+        }
+        let mut answers = Answers {
+            buffers: Vec::new(),
+            slots: metas
+                .iter()
+                .map(|m| vec![(0, 0..0); m.parts.len()])
+                .collect(),
+            owned: Vec::new(),
+        };
+        let mut first_error = None;
+        for (what, pending) in sent {
+            match pending.wait() {
+                Ok(response) if receive => {
+                    let b = answers.buffers.len();
+                    let buf = response.payload.into_vec();
+                    match what {
+                        Sent::One { meta, part } => {
+                            if buf.len() != metas[meta].byte_range(part).len() {
+                                first_error.get_or_insert_with(|| {
+                                    self.at(operation, &metas[meta].key)(Error::InvalidArgument(
+                                        format!(
+                                            "a server answered {} bytes for part {part}, {} \
+                                             expected",
+                                            buf.len(),
+                                            metas[meta].byte_range(part).len()
+                                        ),
+                                    ))
+                                });
+                            }
+                            answers.slots[meta][part] = (b, 0..buf.len());
+                            answers.owned.push((meta, b));
+                        }
+                        Sent::Batch { items } => {
+                            let mut at = 0;
+                            for (meta, part) in items {
+                                let len = metas[meta].byte_range(part).len();
+                                let end = (at + len).min(buf.len());
+                                answers.slots[meta][part] = (b, at.min(end)..end);
+                                at += len;
+                            }
+                            if at != buf.len() {
+                                first_error.get_or_insert_with(|| {
+                                    Error::InvalidArgument(format!(
+                                        "{}: a server answered {} bytes to a batch of {at} bytes",
+                                        self.name,
+                                        buf.len()
+                                    ))
+                                });
+                            }
+                        }
+                    }
+                    answers.buffers.push(buf);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    first_error.get_or_insert_with(|| self.attribute(operation, metas, &what, e));
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            answers.recycle(metas);
+            return Err(e);
+        }
+        Ok(receive.then_some(answers))
+    }
+
+    fn send_batch(
+        &self,
+        operation: &'static str,
+        command: u32,
+        server: usize,
+        metas: &[Arc<KeyMeta>],
+        data: Option<&[&[u8]]>,
+        items: Vec<(usize, usize)>,
+    ) -> Result<(Sent, Pending)> {
+        let table: Vec<BatchItem> = items
+            .iter()
+            .map(|&(i, part)| BatchItem {
+                wire: metas[i].wire,
+                part: part as u32,
+                flags: protocol::dtype_flag(metas[i].dtype),
+                len: metas[i].byte_range(part).len() as u64,
+            })
+            .collect();
+        let chunks: Vec<&[u8]> = match data {
+            Some(d) => items
+                .iter()
+                .map(|&(i, part)| &d[i][metas[i].byte_range(part)])
+                .collect(),
+            None => Vec::new(),
+        };
+        let payload = BatchItem::encode(&table, &chunks);
+        let what = format!("{operation} of {} keys (a batch)", items.len());
+        let out = Outgoing::new(protocol::CMD_BATCH, &payload).aux(u64::from(command));
+        match self.servers[server].send(out, &what) {
+            Ok(p) => Ok((Sent::Batch { items }, p)),
+            Err(e) => {
+                let key = &metas[items[0].0].key;
+                Err(self.transport_at(operation, key)(e))
+            }
+        }
+    }
+
+    /// Wraps a failed request's error with the key it concerns: a batch's error names its
+    /// failed item.
+    fn attribute(
+        &self,
+        operation: &'static str,
+        metas: &[Arc<KeyMeta>],
+        sent: &Sent,
+        e: TransportError,
+    ) -> Error {
+        let meta = match sent {
+            Sent::One { meta, .. } => *meta,
+            Sent::Batch { items } => {
+                let named = match &e {
+                    TransportError::Remote { message, .. } => {
+                        protocol::split_item_error(message).map(|(i, _)| i)
+                    }
+                    _ => None,
+                };
+                items[named.filter(|&i| i < items.len()).unwrap_or(0)].0
+            }
+        };
+        self.transport_at(operation, &metas[meta].key)(e)
+    }
+}
