@@ -57,6 +57,7 @@ mod capability;
 mod dtype;
 mod error;
 mod ext;
+mod gate;
 mod key;
 mod optimizer_spec;
 pub mod plugin;
@@ -69,6 +70,7 @@ pub use capability::Capability;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use ext::{Arrays, KVStoreExt, Outs, Values};
+pub use gate::{GatePass, PriorityGate};
 pub use key::{Key, Keys};
 pub use optimizer_spec::{OptimizerSpec, ParamValue};
 pub use registry::{

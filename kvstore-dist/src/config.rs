@@ -20,6 +20,9 @@
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier); fractions allowed |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
 //!
+//! The stores read the file named by `KVSTORE_CONFIG` (when set); `kvstore scheduler` and
+//! `kvstore server` take it as `--config`.
+//!
 //! **The environment wins over the file**: each setting is taken from its variable when the
 //! variable is set, else from the `[dist]` table of `kvstore.toml`, else the default. The
 //! required settings (the scheduler's address and the cluster size) are an error when neither

@@ -175,3 +175,19 @@ fn errors_name_the_key() {
     );
     assert!(matches!(mixed, Error::MixedKeyTypes { .. }), "{mixed}");
 }
+
+#[test]
+fn kvstore_toml_named_by_kvstore_config_configures_the_worker() {
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    let mut options = cluster.worker_options().clone();
+    options.remove("DMLC_NUM_SERVER");
+    options.remove("DMLC_NUM_WORKER");
+    let path = std::env::temp_dir().join(format!("kvstore-dist-{}.toml", std::process::id()));
+    std::fs::write(&path, "[dist]\nnum_server = 1\nnum_worker = 1\n").unwrap();
+    options.insert("KVSTORE_CONFIG".into(), path.display().to_string());
+    let kv = kvstore_base::create_with("dist_sync", options).unwrap();
+    assert_eq!(kv.num_workers(), 1);
+    drop(kv);
+    std::fs::remove_file(&path).unwrap();
+    cluster.finish().unwrap();
+}

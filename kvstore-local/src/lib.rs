@@ -27,7 +27,6 @@
 //! ```
 #![deny(missing_docs)]
 
-mod gate;
 pub mod reduce;
 mod store;
 

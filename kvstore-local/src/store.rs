@@ -9,8 +9,8 @@ use kvstore_base::{
     OptimizerSpec, Result, StorageType, Updater,
 };
 
-use crate::gate::{GatePass, PriorityGate};
 use crate::reduce::{broadcast_into, copy_dense, sum_into, ReduceConfig};
+use kvstore_base::{GatePass, PriorityGate};
 
 /// The name the store is registered under.
 pub const NAME: &str = "local";

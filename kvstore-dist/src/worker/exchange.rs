@@ -68,7 +68,7 @@ impl Answers {
 impl DistStore {
     /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i]`: key
     /// `i`'s pushed bytes) and waits for every answer; returns the answers of a pull or
-    /// pushpull. Every request is waited for, even after a failure, and the first failure is
+    /// pushpull. Callers enter by `priority` to send (see [`PriorityGate`](kvstore_base::PriorityGate)). Every request is waited for, even after a failure, and the first failure is
     /// returned, wrapped with its key.
     pub(crate) fn exchange(
         &self,
@@ -76,9 +76,12 @@ impl DistStore {
         command: u32,
         metas: &[Arc<KeyMeta>],
         data: Option<&[&[u8]]>,
+        priority: i32,
     ) -> Result<Option<Answers>> {
         let receive = command != protocol::CMD_PUSH;
         let mut sent: Vec<(Sent, Pending)> = Vec::new();
+        // Calls go out on the wire in priority order; answers are awaited outside the gate.
+        let pass = self.send_gate.enter(priority);
         for server in 0..self.servers.len() {
             let mut batch: Vec<(usize, usize)> = Vec::new();
             let mut batch_bytes = 0;
@@ -112,6 +115,7 @@ impl DistStore {
                 sent.push(self.send_batch(operation, command, server, metas, data, batch)?);
             }
         }
+        drop(pass);
         let mut answers = Answers {
             buffers: Vec::new(),
             slots: metas

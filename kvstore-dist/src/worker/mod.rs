@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use kvstore_base::{
     Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, Result, StorageType,
+    OptimizerSpec, PriorityGate, Result, StorageType,
 };
 
 use self::keys::{KeyMeta, KeyTable};
@@ -56,6 +56,8 @@ pub struct DistStore {
     node: Mutex<Option<Node>>,
     servers: Vec<Arc<Connection>>,
     keys: Mutex<KeyTable>,
+    /// Calls send their messages in priority order.
+    send_gate: PriorityGate,
     /// Set once an optimizer runs on the servers.
     optimizer: AtomicBool,
 }
@@ -71,6 +73,10 @@ impl std::fmt::Debug for DistStore {
             .finish_non_exhaustive()
     }
 }
+
+/// The variable (or create option) naming a `kvstore.toml` whose `[dist]` table configures the
+/// store under the environment.
+pub const CONFIG_VAR: &str = "KVSTORE_CONFIG";
 
 /// Extra time a worker waits beyond the timeout, so that a server's error (which names the
 /// workers a round waits for) arrives before the worker's own timeout.
@@ -163,13 +169,15 @@ impl DistStore {
             node: Mutex::new(Some(node)),
             servers,
             keys: Mutex::new(KeyTable::default()),
+            send_gate: PriorityGate::default(),
             optimizer: AtomicBool::new(false),
         })
     }
 
     /// The registry's factory for `mode`: the configuration comes from the environment
     /// (MXNet's `DMLC_*` variables, see [`config`](crate::config)), each overridden by a
-    /// create option of the same name (`DMLC_PS_ROOT_PORT`, `KVSTORE_TIMEOUT_SECS`, ...).
+    /// create option of the same name (`DMLC_PS_ROOT_PORT`, `KVSTORE_TIMEOUT_SECS`, ...),
+    /// over the `[dist]` table of the `kvstore.toml` that `KVSTORE_CONFIG` names, if any.
     ///
     /// As in MXNet, a process whose `DMLC_ROLE` is `server` or `scheduler` runs that role
     /// until the job ends and then **exits the process** (MXNet does so when the module is
@@ -183,8 +191,15 @@ impl DistStore {
             .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
             .collect();
         vars.extend(request.options.clone());
-        let config = DistConfig::from_vars(vars)
-            .map_err(|e| Error::InvalidArgument(format!("{}: {e}", request.name)))?;
+        let invalid =
+            |e: crate::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
+        let file = match vars.get(CONFIG_VAR) {
+            Some(path) => {
+                crate::DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?
+            }
+            None => crate::DistFile::default(),
+        };
+        let config = DistConfig::from_vars_and_file(vars, &file).map_err(invalid)?;
         match config.role {
             Role::Worker => Ok(Box::new(DistStore::connect(&request.name, mode, &config)?)),
             Role::Server => {
@@ -318,6 +333,7 @@ impl DistStore {
         operation: &'static str,
         values: &KeyedValues<'_>,
         outs: Option<&mut KeyedOuts<'_>>,
+        priority: i32,
     ) -> Result<()> {
         let mut groups = values.groups();
         groups.sort_by(|a, b| a.key.cmp(&b.key));
@@ -344,7 +360,7 @@ impl DistStore {
             protocol::CMD_PUSH
         };
         let data: Vec<&[u8]> = payloads.iter().map(Outbound::bytes).collect();
-        let answers = self.exchange(operation, command, &metas, Some(&data))?;
+        let answers = self.exchange(operation, command, &metas, Some(&data), priority)?;
         if let (Some(outs), Some(answers)) = (outs, answers) {
             let written = self.write_outs(operation, &metas, &answers, outs, true);
             answers.recycle(&metas);
@@ -391,6 +407,7 @@ impl DistStore {
         operation: &'static str,
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
+        priority: i32,
     ) -> Result<()> {
         let mut groups = outs.groups();
         groups.sort_by(|a, b| a.key.cmp(&b.key));
@@ -398,7 +415,7 @@ impl DistStore {
         let metas = self.metas(operation, &keys)?;
         self.check_outs(operation, outs)?;
         let answers = self
-            .exchange(operation, protocol::CMD_PULL, &metas, None)?
+            .exchange(operation, protocol::CMD_PULL, &metas, None, priority)?
             .expect("a pull has answers");
         let written = self.write_outs(operation, &metas, &answers, outs, ignore_sparse);
         answers.recycle(&metas);
@@ -503,8 +520,7 @@ impl KVStoreBase for DistStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        let _ = priority;
-        self.push_keys("push", values, None)
+        self.push_keys("push", values, None, priority)
     }
 
     fn pull_batch(
@@ -513,8 +529,7 @@ impl KVStoreBase for DistStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        let _ = priority;
-        self.pull_keys("pull", outs, ignore_sparse)
+        self.pull_keys("pull", outs, ignore_sparse, priority)
     }
 
     fn pushpull_batch(
@@ -523,9 +538,8 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        let _ = priority;
         outs.check_against("pushpull", values)?;
-        self.push_keys("pushpull", values, Some(outs))
+        self.push_keys("pushpull", values, Some(outs), priority)
     }
 
     fn broadcast_batch(
@@ -534,7 +548,6 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        let _ = priority;
         outs.check_against("broadcast", values)?;
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let (_, value) = values
@@ -546,7 +559,7 @@ impl KVStoreBase for DistStore {
                 .map_err(self.at("broadcast", key))?;
         }
         self.init_keys("broadcast", values)?;
-        self.pull_keys("broadcast", outs, true)
+        self.pull_keys("broadcast", outs, true, priority)
     }
 
     fn row_sparse_pull_batch(

@@ -1,9 +1,18 @@
 //! [`PriorityGate`]: one caller at a time, the waiting caller with the highest priority first.
 //!
-//! MXNet's engine runs queued operations in priority order; here concurrent calls on one store
-//! queue at the gate and enter by priority (ties in arrival order), so a high-priority pull
-//! (an early layer's weights, needed first by the forward pass) overtakes queued low-priority
-//! pushes.
+//! MXNet's engine runs queued operations in priority order; a store built on this gate lets
+//! concurrent calls queue and enter by priority (ties in arrival order), so a high-priority
+//! pull (an early layer's weights, needed first by the forward pass) overtakes queued
+//! low-priority pushes. `local` holds the gate for a whole call; the dist stores hold it while
+//! a call's messages are sent, so calls go out on the wire in priority order.
+//!
+//! ```
+//! use kvstore_base::PriorityGate;
+//!
+//! let gate = PriorityGate::default();
+//! let pass = gate.enter(0); // other callers wait until `pass` is dropped
+//! drop(pass);
+//! ```
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -57,7 +66,7 @@ impl PriorityGate {
     }
 
     /// Number of callers waiting to enter.
-    #[cfg(test)]
+    /// Number of callers waiting to enter.
     pub fn waiting(&self) -> usize {
         self.lock().waiting.len()
     }
