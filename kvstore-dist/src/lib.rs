@@ -1,52 +1,61 @@
-//! # kvstore-dist: the distributed stores — configuration, transport and cluster membership so far
+//! # kvstore-dist: MXNet's parameter-server stores `dist_sync`, `dist_async`, `dist_device_sync`
 //!
-//! This crate will hold MXNet's parameter-server stores `dist_sync`, `dist_async` and
-//! `dist_device_sync`: a scheduler, servers and workers configured by MXNet's `DMLC_*`
-//! variables, talking over a TCP transport with timeouts on every wait, servers that rebuild
-//! optimizers from their serialisable description (never from code received on the network).
+//! A scheduler, servers and workers configured by MXNet's `DMLC_*` variables (so a job set up
+//! for MXNet's launcher runs unchanged), talking over a TCP transport with a timeout on every
+//! wait; servers rebuild optimizers from their serialisable description, never from code
+//! received on the network.
 //!
-//! ## What exists now
+//! ```no_run
+//! use kvstore_base::{create, DType, KVStoreExt, NDArray};
+//! use kvstore_dist as _; // links the crate, whose registrations provide the dist stores
 //!
-//! - [`config`]: [`DistConfig`], the cluster configuration read from MXNet's / ps-lite's
-//!   environment variables (`DMLC_ROLE`, `DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`,
-//!   `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`, `DMLC_NODE_HOST`, `DMLC_INTERFACE`, `PORT`,
-//!   `PS_VERBOSE`, `PS_HEARTBEAT_*`, `MXNET_KVSTORE_BIGARRAY_BOUND`, `KVSTORE_TIMEOUT_SECS`,
-//!   `KVSTORE_MAX_MESSAGE_BYTES`) over the `[dist]` table of `kvstore.toml`; the environment
-//!   wins.
-//! - [`transport`]: a TCP transport on std threads and blocking sockets — a 48-byte
-//!   little-endian frame header with 64-bit payload lengths, zero-copy vectored sends, many
-//!   requests in flight per [`Connection`](transport::Connection) answered by id, a
-//!   [`Server`](transport::Server) with a handler callback, a timeout on every wait and errors
+//! // DMLC_ROLE=worker DMLC_PS_ROOT_URI=... DMLC_PS_ROOT_PORT=... DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2
+//! let kv = create("dist_sync")?; // blocks until every node has joined
+//! kv.init(3, &NDArray::zeros(&[2, 3], DType::F32))?; // rank 0's value is kept
+//! kv.push(3, &NDArray::ones(&[2, 3], DType::F32))?; // returns once every worker pushed
+//! let mut w = NDArray::zeros(&[2, 3], DType::F32);
+//! kv.pull(3, &mut w)?; // the sum of this round: 2.0 everywhere with 2 workers
+//! # Ok::<(), kvstore_base::Error>(())
+//! ```
+//!
+//! ## Stores
+//!
+//! | name (aliases) | servers merge |
+//! |---|---|
+//! | `dist_sync` (`dist`) | one push per worker per round, then the optimizer (or the sum is stored) |
+//! | `dist_device_sync` (`dist_sync_device`) | as `dist_sync`; a worker's per-device values are summed on the worker first (on the CPU until the device backend exists) |
+//! | `dist_async` (`dist_async_device`) | each push as it arrives (through the optimizer; without one it replaces the value) |
+//!
+//! A process whose `DMLC_ROLE` is `server` or `scheduler` that creates one of these stores runs
+//! that role and exits when the job ends, as MXNet does on import (see
+//! [`DistStore::from_request`]); `kvstore server` and `kvstore scheduler` run the roles
+//! directly, and `kvstore launch` starts a whole job on one machine.
+//!
+//! ## Modules
+//!
+//! - [`config`]: [`DistConfig`] from MXNet's / ps-lite's variables over the `[dist]` table of
+//!   `kvstore.toml` (`KVSTORE_CONFIG`); the environment wins.
+//! - [`transport`]: TCP on std threads and blocking sockets — a 48-byte little-endian frame
+//!   header with 64-bit payload lengths, zero-copy vectored sends, many requests in flight per
+//!   [`Connection`](transport::Connection) answered by id, a timeout on every wait, errors
 //!   naming the peer and the request.
-//! - [`cluster`]: what the scheduler and nodes share — ps-lite's node ids (scheduler 1, server
-//!   `8 + 2r`, worker `9 + 2r`), the rank rule (dense per role, ascending `(host, port)` of the
-//!   advertised addresses), barrier [`Group`]s, the node table ([`NodeInfo`]),
-//!   [`ClusterError`] (converts into `kvstore_base::Error::Backend`) and the control protocol.
-//! - [`scheduler`]: the [`Scheduler`] role — registration of `DMLC_NUM_SERVER` servers and
-//!   `DMLC_NUM_WORKER` workers with a timeout naming how many of which role are missing, rank
-//!   assignment and the node table sent to everyone, barriers per group that fail after the
-//!   timeout naming the nodes that did not enter, liveness (heartbeats, dropped connections)
-//!   that fails every pending and later barrier naming the lost node (role, rank, id, address),
-//!   and shutdown once every node said goodbye or on [`SchedulerHandle::shutdown`].
-//! - [`node`]: the server/worker side — [`Node::join`] (binds the address it advertises,
-//!   connects with retries until the timeout since the scheduler may start later, registers,
-//!   gets its rank and the node table), [`Node::barrier`], a background heartbeat
-//!   (`PS_HEARTBEAT_INTERVAL`; unlike ps-lite it is on by default, see
-//!   [`cluster::heartbeat_settings`]), [`Node::leave`] / drop saying goodbye.
-//! - [`placement`]: MXNet's key placement — a value below `MXNET_KVSTORE_BIGARRAY_BOUND`
-//!   elements on the server `(key * 9973) mod servers` (in wide arithmetic: MXNet's 32-bit
-//!   product overflows above key 215329), a bigger one split evenly across all servers.
+//! - [`protocol`]: the worker-server messages on top (init, push, pull, pushpull, row-sparse
+//!   pull, batches of small parts, optimizer spec, commands, goodbye).
+//! - [`cluster`], [`scheduler`], [`node`]: ps-lite's node ids and ranks, registration,
+//!   barriers, heartbeats and liveness; every wait bounded, lost nodes named.
+//! - [`placement`]: MXNet's key placement (hash of the key for small values, an even split
+//!   across all servers at or above `MXNET_KVSTORE_BIGARRAY_BOUND` elements).
+//! - [`server`]: [`ParamServer`], the server role.
+//! - [`worker`]: [`DistStore`], the worker side, registered as the stores above.
+//! - [`LocalCluster`]: a scheduler and servers on threads of this process, for tests and
+//!   single-machine experiments.
 //!
-//! ## What does not exist yet
+//! ## Not yet
 //!
-//! **No store is registered**: `create("dist_sync")` (and `dist_async`, `dist_device_sync`)
-//! fails with `UnknownStore` when only this crate is linked. Still to come: node-to-node connections (servers do not serve yet; a node only
-//! holds its listening socket, [`Node::take_listener`]), the server's merge/update logic for
-//! sync and async modes, the worker store (`KVStoreBase` impl, with its start-up all-node
-//! barrier), `get_num_dead_node`, recovery nodes (a late registration is refused),
-//! `DMLC_INTERFACE` lookup (the address routed to the scheduler is used instead), gradient
-//! compression on the wire, and multi-process tests (the cluster tests run threads of one
-//! process over real sockets).
+//! Gradient compression on the wire, `DMLC_INTERFACE` lookup (the address routed to the
+//! scheduler is used; set `DMLC_NODE_HOST`), recovery nodes (a late registration is refused),
+//! `get_num_dead_node`, optimizer-state files on the servers, and summing per-device values on
+//! the GPU for `dist_device_sync`.
 #![deny(missing_docs)]
 
 pub mod cluster;
