@@ -1,4 +1,4 @@
-//! Data-parallel training of a linear model on the embedded `local` store.
+//! Data-parallel training of a linear model, on the embedded `local` store by default.
 //!
 //! Four simulated devices each hold a copy of the weights and a quarter of every mini-batch.
 //! Each step, every device computes the gradient of the mean squared error on its shard and
@@ -7,9 +7,18 @@
 //! noise floor.
 //!
 //! Run: `cargo run -p kvstore-examples --bin train_linear`
+//!
+//! The first argument names another store. With a distributed one, every worker of the job
+//! runs this program and takes `1 / num_workers` of each mini-batch (its four devices share
+//! it); the servers sum the gradients of every device of every worker and run SGD:
+//!
+//! ```text
+//! cargo build -p kvstore-cli -p kvstore-examples
+//! target/debug/kvstore launch -n 2 -s 1 -- target/debug/train_linear dist_sync
+//! ```
 
 use kvstore::prelude::*;
-use kvstore::OptimizerSpec;
+use kvstore::{Error, OptimizerSpec};
 
 const DEVICES: usize = 4;
 const FEATURES: usize = 8;
@@ -92,7 +101,16 @@ fn main() -> Result<()> {
     let mut rng = Rng(0x5eed_1234);
     let data = make_data(&mut rng);
 
-    let kv = create("local")?;
+    let store = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "local".to_string());
+    let kv = create(&store)?;
+    let (rank, workers) = (kv.rank(), kv.num_workers());
+    if BATCH % (DEVICES * workers) != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "a mini-batch of {BATCH} samples cannot be shared by {workers} workers of {DEVICES} devices"
+        )));
+    }
     // rescale_grad turns the summed gradient of a batch into its mean, as MXNet's Trainer does.
     kv.set_optimizer(
         &OptimizerSpec::new("sgd")
@@ -119,8 +137,11 @@ fn main() -> Result<()> {
         "store: {} ({DEVICES} devices), initial loss {initial:.4}",
         kv.type_name()
     );
+    if workers > 1 {
+        println!("worker {rank} of {workers}");
+    }
 
-    let shard = BATCH / DEVICES;
+    let shard = BATCH / (DEVICES * workers);
     let mut last = initial;
     for epoch in 1..=EPOCHS {
         for start in (0..SAMPLES).step_by(BATCH) {
@@ -129,7 +150,7 @@ fn main() -> Result<()> {
             for (d, (w, b)) in params[0].iter().zip(&params[1]).enumerate() {
                 let w = w.to_vec::<f32>()?;
                 let b = b.to_vec::<f32>()?[0];
-                let lo = start + d * shard;
+                let lo = start + (rank * DEVICES + d) * shard;
                 let (gw, gb) = gradients(&data, lo..lo + shard, &w, b)?;
                 grads[0].push(gw);
                 grads[1].push(gb);
