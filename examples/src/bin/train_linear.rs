@@ -106,7 +106,7 @@ fn main() -> Result<()> {
         .unwrap_or_else(|| "local".to_string());
     let kv = create(&store)?;
     let (rank, workers) = (kv.rank(), kv.num_workers());
-    if BATCH % (DEVICES * workers) != 0 {
+    if !BATCH.is_multiple_of(DEVICES * workers) {
         return Err(Error::InvalidArgument(format!(
             "a mini-batch of {BATCH} samples cannot be shared by {workers} workers of {DEVICES} devices"
         )));
