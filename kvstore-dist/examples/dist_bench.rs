@@ -1,0 +1,351 @@
+//! One worker of the `dist_sync` benchmark: times push + pull rounds against a running cluster
+//! and, on rank 0, reports the median of each workload.
+//!
+//! The program is configured purely by MXNet's `DMLC_*` environment (see
+//! `kvstore_dist::config`), as a worker (`DMLC_ROLE` unset or `worker`); a scheduler and the
+//! servers must run alongside. `kvstore-dist/scripts/compare_mxnet_dist.py` starts such a
+//! cluster (1 scheduler, 1 server, 2 workers on 127.0.0.1), and the same layout of MXNet 1.9.1,
+//! and compares the two. By hand:
+//!
+//! ```text
+//! cargo build --release -p kvstore-cli -p kvstore-dist --example dist_bench
+//! export DMLC_PS_ROOT_URI=127.0.0.1 DMLC_PS_ROOT_PORT=9091 DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2
+//! export DMLC_NODE_HOST=127.0.0.1
+//! DMLC_ROLE=scheduler target/release/kvstore scheduler &
+//! DMLC_ROLE=server target/release/kvstore server &
+//! DMLC_ROLE=worker target/release/examples/dist_bench &
+//! DMLC_ROLE=worker target/release/examples/dist_bench --reps 21
+//! ```
+//!
+//! Every worker must get the same `--reps`, `--warmup` and `--only` options (they run the same
+//! collective calls). Options:
+//! - `--json`: rank 0 prints one JSON object on stdout (workload name -> median seconds, plus
+//!   `create_seconds`, `num_workers`, `reps`, `warmup`); the human-readable report goes to
+//!   stderr;
+//! - `--reps N`: timed rounds per workload (default 15);
+//! - `--warmup N`: untimed rounds first (default 3);
+//! - `--only TEXT`: run only the workloads whose name contains `TEXT` (repeatable).
+//!
+//! The workloads (all `f32`, arrays allocated and keys initialised before timing); a round is a
+//! push then a pull by every worker, so the server merges one push per worker and key:
+//! - `push_pull_4MiB`: one int key, a 4 MiB array (1,048,576 elements), pushed, pulled into an
+//!   output;
+//! - `push_pull_64MiB`: the same with a 64 MiB array;
+//! - `small_keys_1000x256`: 1000 int keys of 256 elements each, one list push and one list
+//!   pull per round.
+//!
+//! Each workload starts with a barrier of all workers; each worker times its own rounds. Worker
+//! `r` pushes arrays filled with `r + 1` (times `k % 7 + 1` for small key `k`). After the timed
+//! rounds, outside the timed region, each worker checks that the pushed arrays are unchanged,
+//! then pulls into zeroed outputs, which must hold the sum over every worker's pushes; a
+//! mismatch ends the program with an error. Throughput is the bytes one worker pushes and pulls
+//! per round divided by the median round.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_dist as _;
+
+/// One mebibyte.
+const MIB: usize = 1 << 20;
+
+/// Bytes of one `f32`.
+const F32: usize = std::mem::size_of::<f32>();
+
+struct Options {
+    json: bool,
+    reps: usize,
+    warmup: usize,
+    only: Vec<String>,
+}
+
+impl Options {
+    fn wanted(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| name.contains(o.as_str()))
+    }
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        json: false,
+        reps: 15,
+        warmup: 3,
+        only: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or(format!("{name} needs a value"));
+        let number = |text: String, name: &str| {
+            text.parse::<usize>()
+                .map_err(|_| format!("{name} needs a number, got {text:?}"))
+        };
+        match arg.as_str() {
+            "--json" => options.json = true,
+            "--reps" => options.reps = number(value("--reps")?, "--reps")?.max(1),
+            "--warmup" => options.warmup = number(value("--warmup")?, "--warmup")?,
+            "--only" => options.only.push(value("--only")?),
+            "-h" | "--help" => {
+                println!("usage: dist_bench [--json] [--reps N] [--warmup N] [--only TEXT]...");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    Ok(options)
+}
+
+/// One measured workload.
+struct Row {
+    name: &'static str,
+    /// Sorted round timings.
+    times: Vec<Duration>,
+    /// Bytes one worker pushes and pulls per round.
+    bytes: usize,
+}
+
+impl Row {
+    fn median(&self) -> f64 {
+        let (t, n) = (&self.times, self.times.len());
+        let m = if n % 2 == 1 {
+            t[n / 2]
+        } else {
+            (t[n / 2 - 1] + t[n / 2]) / 2
+        };
+        m.as_secs_f64()
+    }
+}
+
+/// Runs `round` `warmup` times, then `reps` times timing each; returns the sorted timings.
+fn time_rounds(
+    warmup: usize,
+    reps: usize,
+    mut round: impl FnMut() -> kvstore_base::Result<()>,
+) -> Result<Vec<Duration>, String> {
+    for i in 0..warmup {
+        round().map_err(|e| format!("warm-up round {i}: {e}"))?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for i in 0..reps {
+        let start = Instant::now();
+        round().map_err(|e| format!("timed round {i}: {e}"))?;
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times)
+}
+
+/// A dense `f32` vector of `elems` elements filled with `value`.
+fn f32_array(elems: usize, value: f64) -> NDArray {
+    NDArray::full(&[elems], value, DType::F32)
+}
+
+/// Checks that every element of `array` is `expected`.
+fn check(what: &str, array: &NDArray, expected: f32) -> Result<(), String> {
+    let values = array
+        .as_slice::<f32>()
+        .ok_or(format!("{what} is not a dense f32 array"))?;
+    match values.iter().position(|&v| v != expected) {
+        None => Ok(()),
+        Some(i) => Err(format!(
+            "{what}: element {i} is {}, expected {expected}",
+            values[i]
+        )),
+    }
+}
+
+/// Sets every element of `array` to zero.
+fn zero(array: &mut NDArray) -> Result<(), String> {
+    array
+        .as_slice_mut::<f32>()
+        .ok_or("output is not a dense f32 array")?
+        .fill(0.0);
+    Ok(())
+}
+
+/// One key of `elems` elements: push, then pull into an output.
+fn push_pull(
+    kv: &dyn KVStoreBase,
+    options: &Options,
+    name: &'static str,
+    key: i32,
+    elems: usize,
+) -> Result<Row, String> {
+    let at = |e: kvstore_base::Error| format!("{name}: {e}");
+    let rank = kv.rank();
+    let total = sum_over_workers(kv.num_workers());
+    let mine = (rank + 1) as f32;
+    kv.init(key, &f32_array(elems, 0.0)).map_err(at)?;
+    let grad = f32_array(elems, f64::from(mine));
+    let mut out = f32_array(elems, 0.0);
+    kv.barrier().map_err(at)?;
+
+    let times = time_rounds(options.warmup, options.reps, || {
+        kv.push(key, &grad)?;
+        kv.pull(key, &mut out)
+    })
+    .map_err(|e| format!("{name}: {e}"))?;
+
+    check(&format!("{name}: the pushed array"), &grad, mine)?;
+    zero(&mut out)?;
+    kv.pull(key, &mut out).map_err(at)?;
+    check(&format!("{name}: the pulled sum"), &out, total)?;
+    Ok(Row {
+        name,
+        times,
+        bytes: 2 * elems * F32,
+    })
+}
+
+/// `count` int keys of `elems` elements: one list push and one list pull per round.
+fn small_keys(
+    kv: &dyn KVStoreBase,
+    options: &Options,
+    name: &'static str,
+    count: i32,
+    elems: usize,
+) -> Result<Row, String> {
+    let at = |e: kvstore_base::Error| format!("{name}: {e}");
+    let rank = kv.rank();
+    let total = sum_over_workers(kv.num_workers());
+    let keys: Vec<i32> = (100..100 + count).collect();
+    let scale = |k: i32| (k % 7 + 1) as f32;
+    let zeros: Vec<NDArray> = keys.iter().map(|_| f32_array(elems, 0.0)).collect();
+    kv.init(&keys, &zeros).map_err(at)?;
+    let grads: Vec<NDArray> = keys
+        .iter()
+        .map(|&k| f32_array(elems, f64::from(scale(k) * (rank + 1) as f32)))
+        .collect();
+    let mut outs = zeros;
+    kv.barrier().map_err(at)?;
+
+    let times = time_rounds(options.warmup, options.reps, || {
+        kv.push(&keys, &grads)?;
+        kv.pull(&keys, &mut outs)
+    })
+    .map_err(|e| format!("{name}: {e}"))?;
+
+    for (&k, g) in keys.iter().zip(&grads) {
+        check(
+            &format!("{name}: the pushed array of key {k}"),
+            g,
+            scale(k) * (rank + 1) as f32,
+        )?;
+    }
+    for out in &mut outs {
+        zero(out)?;
+    }
+    kv.pull(&keys, &mut outs).map_err(at)?;
+    for (&k, out) in keys.iter().zip(&outs) {
+        check(
+            &format!("{name}: the pulled sum of key {k}"),
+            out,
+            scale(k) * total,
+        )?;
+    }
+    Ok(Row {
+        name,
+        times,
+        bytes: 2 * count as usize * elems * F32,
+    })
+}
+
+/// The sum of `r + 1` over the ranks `r` of `workers` workers.
+fn sum_over_workers(workers: usize) -> f32 {
+    (workers * (workers + 1) / 2) as f32
+}
+
+fn run(options: &Options) -> Result<(), String> {
+    let started = Instant::now();
+    let kv = kvstore_base::create("dist_sync").map_err(|e| format!("create(dist_sync): {e}"))?;
+    let create_seconds = started.elapsed().as_secs_f64();
+    let rank = kv.rank();
+    measure(&*kv, options, create_seconds).map_err(|e| format!("worker rank {rank}: {e}"))
+}
+
+/// Runs the selected workloads; rank 0 reports.
+fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Result<(), String> {
+    let (rank, workers) = (kv.rank(), kv.num_workers());
+    let (json, leader) = (options.json, rank == 0);
+    // The human-readable report (rank 0 only): on stdout, or on stderr when stdout carries the
+    // JSON.
+    macro_rules! say {
+        ($($arg:tt)*) => {
+            if leader {
+                if json { eprintln!($($arg)*) } else { println!($($arg)*) }
+            }
+        };
+    }
+    say!(
+        "dist_sync: {workers} worker(s), store created in {create_seconds:.3} s; \
+         {} warm-up rounds, {} timed",
+        options.warmup,
+        options.reps
+    );
+
+    let mut rows = Vec::new();
+    for (name, key, mib) in [("push_pull_4MiB", 3, 4), ("push_pull_64MiB", 5, 64)] {
+        if options.wanted(name) {
+            rows.push(push_pull(kv, options, name, key, mib * MIB / F32)?);
+        }
+    }
+    if options.wanted("small_keys_1000x256") {
+        rows.push(small_keys(kv, options, "small_keys_1000x256", 1000, 256)?);
+    }
+    // Nobody leaves while another worker still checks its results.
+    kv.barrier().map_err(|e| format!("final barrier: {e}"))?;
+
+    say!();
+    say!(
+        "{:<22} {:>12} {:>10} {:>10} {:>8}",
+        "workload",
+        "median (s)",
+        "min (s)",
+        "max (s)",
+        "GB/s"
+    );
+    for row in &rows {
+        say!(
+            "{:<22} {:>12.6} {:>10.6} {:>10.6} {:>8.2}",
+            row.name,
+            row.median(),
+            row.times[0].as_secs_f64(),
+            row.times[row.times.len() - 1].as_secs_f64(),
+            row.bytes as f64 / row.median() / 1e9
+        );
+    }
+
+    if json && leader {
+        let mut out = String::from("{");
+        for row in &rows {
+            write!(out, "\"{}\": {:e}, ", row.name, row.median()).expect("write to a String");
+        }
+        write!(
+            out,
+            "\"create_seconds\": {create_seconds:e}, \"num_workers\": {workers}, \
+             \"reps\": {}, \"warmup\": {}}}",
+            options.reps, options.warmup
+        )
+        .expect("write to a String");
+        println!("{out}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("dist_bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dist_bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
