@@ -1,7 +1,8 @@
 //! # kvstore-cli: the `kvstore` command
 //!
-//! The `kvstore` binary inspects the stores a build of kvstore-rs links. It is built with
-//! every backend of the `kvstore` facade enabled, so it sees every store the project provides.
+//! The `kvstore` binary inspects the stores a build of kvstore-rs links and runs the roles of
+//! the distributed stores. It is built with every backend of the `kvstore` facade enabled, so
+//! it sees every store the project provides.
 //!
 //! - `kvstore list` prints every registered store as a table: its name (what
 //!   `kvstore::create` takes), its aliases, its capabilities and where it is registered.
@@ -15,17 +16,32 @@
 //!   exits non-zero with the error on standard error (a missing variable, the servers or
 //!   workers that never registered, the nodes that were lost). `DMLC_ROLE` may be unset or
 //!   `scheduler`; any other role is refused rather than silently overridden.
+//! - `kvstore server` runs one server of the distributed stores, configured by the same
+//!   variables (plus `MXNET_KVSTORE_BIGARRAY_BOUND`, `PORT`): it joins the cluster, holds its
+//!   share of the keys, merges the workers' pushes and runs the optimizer, and exits 0 once
+//!   every worker has said goodbye; otherwise it exits non-zero with the error (the cluster
+//!   that never formed, the workers that vanished). `DMLC_ROLE` may be unset or `server`.
+//! - `kvstore launch -n WORKERS -s SERVERS -- COMMAND...` runs a whole job on this machine,
+//!   as MXNet's `tools/launch.py --launcher local` does: a scheduler and the servers (this
+//!   binary) and the workers (`COMMAND`), each with the `DMLC_*` variables of its role, their
+//!   output prefixed with the process's name; it exits with the first failure's status. See
+//!   [`launch`].
 //!
-//! Further subcommands are planned: `server` (the server role of the distributed stores, once
-//! servers serve) and `launch` (starting a whole cluster, like MXNet's `tools/launch.py`). They
-//! will be added when what they need exists; until then the command offers nothing it cannot do.
+//! `scheduler` and `server` take `--config kvstore.toml`, whose `[dist]` table supplies the
+//! settings the environment leaves unset.
 //!
-//! The logic lives here, in plain functions ([`render_list`], [`scheduler_config`],
-//! [`run_scheduler`], [`run`]); `main.rs` only parses the command line and prints.
+//! The logic lives here, in plain functions ([`render_list`], [`role_config`],
+//! [`run_scheduler`], [`run_server`], [`launch::launch`], [`run`]); `main.rs` only parses the
+//! command line and prints.
 #![deny(missing_docs)]
+
+pub mod launch;
+
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use kvstore::{Capability, StoreInfo};
+use kvstore_dist::config::DistFile;
 use kvstore_dist::{DistConfig, Role, Scheduler};
 
 /// The command line of `kvstore`.
@@ -35,8 +51,9 @@ use kvstore_dist::{DistConfig, Role, Scheduler};
     version,
     about = "Inspect the kvstore backends this build links and run the roles of the \
              distributed stores",
-    after_help = "`list` and `scheduler` exist so far; `server` and `launch` are planned and \
-                  described in the documentation of the kvstore-cli crate."
+    after_help = "`scheduler` and `server` run one role of a dist job each, configured by \
+                  MXNet's DMLC_* variables (as under MXNet's tools/launch.py); `launch` runs a \
+                  whole job on this machine: a scheduler, the servers and the workers."
 )]
 pub struct Cli {
     /// What to do.
@@ -61,45 +78,130 @@ pub enum Command {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
         /// unset (the environment wins).
         #[arg(long, value_name = "PATH")]
-        config: Option<std::path::PathBuf>,
+        config: Option<PathBuf>,
+    },
+    /// Run one server of a dist cluster, configured by MXNet's DMLC_* variables.
+    ///
+    /// Reads the scheduler's variables (DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER
+    /// and DMLC_NUM_WORKER required; DMLC_NODE_HOST, PORT, PS_VERBOSE, PS_HEARTBEAT_*,
+    /// MXNET_KVSTORE_BIGARRAY_BOUND, KVSTORE_TIMEOUT_SECS, KVSTORE_MAX_MESSAGE_BYTES), as
+    /// MXNet's server process does under its launcher. Joins the cluster, serves its share of
+    /// the keys (merging pushes, running the optimizer the workers set), and exits 0 once
+    /// every worker has said goodbye; exits non-zero with the error otherwise. DMLC_ROLE may be
+    /// unset or `server`.
+    Server {
+        /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
+        /// unset (the environment wins).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Run a whole dist job on this machine: a scheduler, SERVERS servers and WORKERS
+    /// workers running COMMAND (MXNet's `tools/launch.py --launcher local`).
+    ///
+    /// Every process gets DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER,
+    /// DMLC_NUM_WORKER, DMLC_NODE_HOST and DMLC_TASK_ID (a worker's index 0..WORKERS, a
+    /// server's WORKERS + index), KVSTORE_TIMEOUT_SECS with --timeout and every --env pair, over
+    /// the launcher's own environment (PORT excepted). Each line a process writes is
+    /// forwarded with its name (`[scheduler] `, `[server 0] `, `[worker 1] `) to the same
+    /// stream. Once every worker exited with status 0, the servers and the scheduler get the
+    /// timeout to finish, then are killed (an error). The first process that fails stops
+    /// the job: the others are killed and `kvstore launch` exits with its status (128 + the
+    /// signal's number for a signal).
+    Launch(launch::LaunchOptions),
+}
+
+/// What a command that ran leaves `main` to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Print this text on standard output and exit with status 0.
+    Print(String),
+    /// Say `message` on standard error and exit with `code` (never 0): a process of
+    /// `kvstore launch` failed, and the launcher exits with its status.
+    Exit {
+        /// The exit status of `kvstore`.
+        code: u8,
+        /// Why, for standard error.
+        message: String,
     },
 }
 
-/// Runs a parsed command line and returns what to print on standard output.
+/// Runs a parsed command line and returns what is left to do: print a text, or exit with a
+/// status of its own (`launch`).
 ///
-/// `kvstore scheduler` reads the process environment (see [`run_scheduler`]).
+/// `kvstore scheduler` and `kvstore server` read the process environment (see
+/// [`role_config`]); `kvstore launch` starts this program (`std::env::current_exe`) as the
+/// scheduler and the servers.
 ///
 /// # Errors
 /// `list` cannot fail (a store whose capabilities cannot be found is listed with the reason).
-/// `scheduler` fails as [`run_scheduler`] does.
-pub fn run(cli: &Cli) -> kvstore::Result<String> {
+/// `scheduler` fails as [`run_scheduler`] does, `server` as [`run_server`] does, `launch`
+/// as [`launch::launch`] does (a failing process of the job is an [`Outcome::Exit`], not an
+/// error).
+pub fn run(cli: &Cli) -> kvstore::Result<Outcome> {
     match &cli.command {
-        Command::List => Ok(render_list(&kvstore::registered())),
+        Command::List => Ok(Outcome::Print(render_list(&kvstore::registered()))),
         Command::Scheduler { config } => {
-            let vars = std::env::vars_os().filter_map(|(k, v)| {
-                Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))
-            });
-            let file = config
-                .as_deref()
-                .map(kvstore_dist::config::DistFile::from_path)
-                .transpose()
-                .map_err(kvstore::Error::from)?;
-            run_scheduler(&scheduler_config(vars, file.as_ref())?)?;
-            Ok(String::new())
+            let file = read_dist_file(config.as_deref())?;
+            run_scheduler(&role_config(
+                Role::Scheduler,
+                process_vars(),
+                file.as_ref(),
+            )?)?;
+            Ok(Outcome::Print(String::new()))
+        }
+        Command::Server { config } => {
+            let file = read_dist_file(config.as_deref())?;
+            run_server(&role_config(Role::Server, process_vars(), file.as_ref())?)?;
+            Ok(Outcome::Print(String::new()))
+        }
+        Command::Launch(options) => {
+            let kvstore = std::env::current_exe().map_err(|source| kvstore::Error::Io {
+                path: PathBuf::from("kvstore"),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!(
+                        "cannot find this program to start the scheduler and the servers: {source}"
+                    ),
+                ),
+            })?;
+            Ok(match launch::launch(options, &kvstore)? {
+                launch::JobEnd::Succeeded => Outcome::Print(String::new()),
+                launch::JobEnd::Failed(failure) => Outcome::Exit {
+                    code: failure.code,
+                    message: failure.message,
+                },
+            })
         }
     }
 }
 
-/// The scheduler's configuration from a map of environment variables (MXNet's / ps-lite's,
-/// see `kvstore_dist::config`) over the `[dist]` table of an optional `kvstore.toml`: the role
-/// is `scheduler` whatever `DMLC_ROLE` defaults to.
+/// The process environment as pairs; values that are not UTF-8 are converted lossily (a
+/// mangled value of one of our variables then fails to parse, naming the variable).
+fn process_vars() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+        .collect()
+}
+
+/// The `[dist]` table of the `kvstore.toml` given with `--config`, if any.
+fn read_dist_file(path: Option<&Path>) -> kvstore::Result<Option<DistFile>> {
+    path.map(DistFile::from_path)
+        .transpose()
+        .map_err(kvstore::Error::from)
+}
+
+/// The configuration of a process running `role` (`kvstore scheduler`, `kvstore server`):
+/// a map of environment variables (MXNet's / ps-lite's, see `kvstore_dist::config`) over the
+/// `[dist]` table of an optional `kvstore.toml`, with the role set to `role` whatever
+/// `DMLC_ROLE` defaults to (or the file's `role` says).
 ///
 /// # Errors
 /// [`kvstore::Error::InvalidArgument`] naming the variable when a required one is missing or
-/// a value is invalid, or when `DMLC_ROLE` is set to a role other than `scheduler`.
-pub fn scheduler_config<I, K, V>(
+/// a value is invalid, or when `DMLC_ROLE` is set to a role other than `role`.
+pub fn role_config<I, K, V>(
+    role: Role,
     vars: I,
-    file: Option<&kvstore_dist::config::DistFile>,
+    file: Option<&DistFile>,
 ) -> kvstore::Result<DistConfig>
 where
     I: IntoIterator<Item = (K, V)>,
@@ -114,16 +216,29 @@ where
         Some(file) => DistConfig::from_vars_and_file(vars.iter().cloned(), file)?,
         None => DistConfig::from_vars(vars.iter().cloned())?,
     };
-    if let Some((_, role)) = vars.iter().find(|(k, _)| k == "DMLC_ROLE") {
-        if config.role != Role::Scheduler {
+    if let Some((_, given)) = vars.iter().find(|(k, _)| k == "DMLC_ROLE") {
+        if config.role != role {
             return Err(kvstore::Error::InvalidArgument(format!(
-                "DMLC_ROLE={role:?} but `kvstore scheduler` runs the scheduler role; \
-                 unset DMLC_ROLE or set it to `scheduler`"
+                "DMLC_ROLE={given:?} but `kvstore {role}` runs the {role} role; \
+                 unset DMLC_ROLE or set it to `{role}`"
             )));
         }
     }
-    config.role = Role::Scheduler;
+    config.role = role;
     Ok(config)
+}
+
+/// The scheduler's configuration: [`role_config`] with [`Role::Scheduler`].
+///
+/// # Errors
+/// As [`role_config`].
+pub fn scheduler_config<I, K, V>(vars: I, file: Option<&DistFile>) -> kvstore::Result<DistConfig>
+where
+    I: IntoIterator<Item = (K, V)>,
+    K: Into<String>,
+    V: Into<String>,
+{
+    role_config(Role::Scheduler, vars, file)
 }
 
 /// Runs the scheduler until the cluster is done: every node registered, then said goodbye.
@@ -147,6 +262,28 @@ pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
         );
     }
     scheduler.join()?;
+    Ok(())
+}
+
+/// Runs one server until the job ends: joins the cluster of `config` (see
+/// `kvstore_dist::run_server`), serves the workers, and returns once every worker has said
+/// goodbye. With `PS_VERBOSE` of 1 or more, says on standard error which scheduler it joins.
+///
+/// # Errors
+/// Joining the cluster failed or timed out (the scheduler is unreachable, or the cluster did
+/// not form within the timeout), the server cannot serve on its address, or workers vanished
+/// without a goodbye (naming them); as [`kvstore::Error::Backend`] of store `dist`.
+pub fn run_server(config: &DistConfig) -> kvstore::Result<()> {
+    if config.verbose > 0 {
+        eprintln!(
+            "kvstore server: joining the cluster of scheduler {} as one of {} server(s) for \
+             {} worker(s)",
+            config.scheduler_addr(),
+            config.num_servers,
+            config.num_workers
+        );
+    }
+    kvstore_dist::run_server(config)?;
     Ok(())
 }
 
@@ -302,7 +439,9 @@ mod tests {
     fn list_parses_and_lists_the_linked_stores() {
         let cli = Cli::try_parse_from(["kvstore", "list"]).unwrap();
         assert_eq!(cli.command, Command::List);
-        let out = run(&cli).unwrap();
+        let Outcome::Print(out) = run(&cli).unwrap() else {
+            panic!("`kvstore list` has no exit status of its own");
+        };
         assert!(out.lines().any(|l| l.starts_with("teststore ")), "{out}");
     }
 
@@ -357,6 +496,44 @@ mod tests {
         v.retain(|(k, _)| k != "DMLC_NUM_SERVER");
         let e = scheduler_config(v, None).unwrap_err();
         assert!(e.to_string().contains("DMLC_NUM_SERVER"), "{e}");
+    }
+
+    #[test]
+    fn server_parses() {
+        let cli = Cli::try_parse_from(["kvstore", "server", "--config", "k.toml"]).unwrap();
+        assert_eq!(
+            cli.command,
+            Command::Server {
+                config: Some("k.toml".into())
+            }
+        );
+    }
+
+    #[test]
+    fn the_server_config_is_the_server_role() {
+        let c = role_config(Role::Server, vars(&[]), None).unwrap();
+        assert_eq!(c.role, Role::Server);
+        assert_eq!((c.num_servers, c.num_workers, c.root_port), (1, 2, 9091));
+        let c = role_config(Role::Server, vars(&[("DMLC_ROLE", "server")]), None).unwrap();
+        assert_eq!(c.role, Role::Server);
+        // The file's role is the one a subcommand overrides, as the default is.
+        let file =
+            kvstore_dist::config::DistFile::from_toml_str("[dist]\nrole = \"worker\"\n").unwrap();
+        let c = role_config(Role::Server, vars(&[]), Some(&file)).unwrap();
+        assert_eq!(c.role, Role::Server);
+    }
+
+    #[test]
+    fn the_server_refuses_another_role_by_name() {
+        for other in ["worker", "scheduler"] {
+            let e = role_config(Role::Server, vars(&[("DMLC_ROLE", other)]), None).unwrap_err();
+            let message = e.to_string();
+            assert!(message.contains("DMLC_ROLE"), "{message}");
+            assert!(message.contains("`kvstore server`"), "{message}");
+            assert!(message.contains(other), "{message}");
+        }
+        let e = role_config(Role::Scheduler, vars(&[("DMLC_ROLE", "server")]), None).unwrap_err();
+        assert!(e.to_string().contains("`kvstore scheduler`"), "{e}");
     }
 
     #[test]

@@ -1,16 +1,21 @@
-//! The `kvstore` command: parses the command line and prints what `kvstore_cli::run` returns.
+//! The `kvstore` command: parses the command line, runs it with `kvstore_cli::run`, then prints
+//! what it returns and exits with its status.
 #![deny(missing_docs)]
 
 use std::io::{ErrorKind, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
-use kvstore_cli::{run, Cli};
+use kvstore_cli::{run, Cli, Outcome};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let output = match run(&cli) {
-        Ok(output) => output,
+        Ok(Outcome::Print(output)) => output,
+        Ok(Outcome::Exit { code, message }) => {
+            eprintln!("kvstore: {message}");
+            return ExitCode::from(code);
+        }
         Err(e) => {
             eprintln!("kvstore: {e}");
             return ExitCode::FAILURE;

@@ -41,8 +41,14 @@ fn help_lists_only_real_subcommands() {
     let (ok, out, err) = kvstore(&["--help"]);
     assert!(ok, "kvstore --help failed:\n{err}");
     assert!(out.contains("list"), "{out}");
-    assert!(out.contains("scheduler"), "{out}");
-    assert!(out.contains("planned"), "{out}");
+    for subcommand in ["scheduler", "server", "launch"] {
+        assert!(
+            out.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{subcommand} "))),
+            "{subcommand} is not listed:\n{out}"
+        );
+    }
+    assert!(!out.contains("planned"), "{out}");
 }
 
 #[test]
@@ -71,13 +77,21 @@ fn cluster_vars(port: u16) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A `kvstore scheduler` process, killed and reaped on drop unless it has exited.
-struct SchedulerProcess(Child);
+/// A `kvstore scheduler` or `kvstore server` process, killed and reaped on drop unless it has
+/// exited.
+struct RoleProcess(Child);
 
-impl SchedulerProcess {
-    fn spawn(vars: &[(&str, String)]) -> SchedulerProcess {
+/// A `kvstore scheduler` process.
+type SchedulerProcess = RoleProcess;
+
+impl RoleProcess {
+    fn spawn(vars: &[(&str, String)]) -> RoleProcess {
+        RoleProcess::spawn_role("scheduler", vars)
+    }
+
+    fn spawn_role(role: &str, vars: &[(&str, String)]) -> RoleProcess {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
-        cmd.arg("scheduler")
+        cmd.arg(role)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -89,7 +103,10 @@ impl SchedulerProcess {
             }
         }
         cmd.envs(vars.iter().map(|(k, v)| (k, v)));
-        SchedulerProcess(cmd.spawn().expect("cannot run kvstore scheduler"))
+        RoleProcess(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("cannot run kvstore {role}: {e}")),
+        )
     }
 
     /// Waits at most `limit` for the process to exit; kills it (and fails) if it does not.
@@ -103,7 +120,7 @@ impl SchedulerProcess {
                 let _ = self.0.kill();
                 let output = self.take_output();
                 panic!(
-                    "kvstore scheduler did not exit within {limit:?}; killed it.\nstderr:\n{}",
+                    "kvstore did not exit within {limit:?}; killed it.\nstderr:\n{}",
                     output.2
                 );
             }
@@ -127,7 +144,7 @@ impl SchedulerProcess {
     }
 }
 
-impl Drop for SchedulerProcess {
+impl Drop for RoleProcess {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
             let _ = self.0.kill();
@@ -203,4 +220,57 @@ fn scheduler_names_the_missing_nodes_when_registration_times_out() {
     assert!(!status.success(), "{status}\nstderr:\n{err}");
     assert!(err.contains("server") && err.contains("worker"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn server_with_another_dmlc_role_is_refused_naming_it() {
+    let mut vars = cluster_vars(free_port());
+    vars.push(("DMLC_ROLE", "worker".to_string()));
+    let (status, _, err) = RoleProcess::spawn_role("server", &vars).wait(Duration::from_secs(5));
+    assert!(!status.success(), "{status}\nstderr:\n{err}");
+    assert!(
+        err.contains("DMLC_ROLE") && err.contains("`kvstore server`"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn server_without_a_scheduler_gives_up_after_the_timeout() {
+    let mut vars = cluster_vars(free_port());
+    vars.retain(|(k, _)| *k != "KVSTORE_TIMEOUT_SECS");
+    vars.push(("KVSTORE_TIMEOUT_SECS", "0.5".to_string()));
+    let (status, _, err) = RoleProcess::spawn_role("server", &vars).wait(Duration::from_secs(10));
+    assert!(!status.success(), "{status}\nstderr:\n{err}");
+    assert!(err.starts_with("kvstore: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn server_serves_a_worker_and_exits_0_with_the_scheduler() {
+    use kvstore::{DType, KVStoreExt, NDArray};
+
+    let vars = cluster_vars(free_port());
+    let scheduler = RoleProcess::spawn(&vars);
+    let server = RoleProcess::spawn_role("server", &vars);
+    {
+        // The worker's settings as create options, which win over this process's environment.
+        let options = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .chain([("DMLC_ROLE".to_string(), "worker".to_string())])
+            .collect();
+        let kv = kvstore::create_with("dist_sync", options).expect("the worker cannot join");
+        assert_eq!((kv.rank(), kv.num_workers()), (0, 1));
+        kv.init(7, &NDArray::zeros(&[3], DType::F32)).unwrap();
+        kv.push(7, &NDArray::full(&[3], 2.5, DType::F32)).unwrap();
+        let mut out = NDArray::zeros(&[3], DType::F32);
+        kv.pull(7, &mut out).unwrap();
+        assert_eq!(out.to_vec::<f32>().unwrap(), [2.5; 3]);
+        // Dropping the store says goodbye to the server and the scheduler.
+    }
+    for (name, process) in [("server", server), ("scheduler", scheduler)] {
+        let (status, _, err) = process.wait(Duration::from_secs(10));
+        assert!(status.success(), "kvstore {name}: {status}\nstderr:\n{err}");
+    }
 }

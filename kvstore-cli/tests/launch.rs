@@ -1,0 +1,477 @@
+//! Runs `kvstore launch` as a user would: the variables each process gets, the prefixed
+//! output, the first failure stopping the job, argument errors, and a whole job.
+//!
+//! Every launch is bounded: a launcher that runs over its limit is killed (with whatever it
+//! started) and the test fails. Every job gets a marker variable (`--env`), so that the
+//! processes it started can be found afterwards (Linux: `/proc/*/environ`) and none may be
+//! left.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any launch of these tests may take.
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The marker variable every job of these tests passes to its processes.
+const MARK: &str = "KVSTORE_LAUNCH_TEST_MARK";
+
+/// A marker value unique to this test run and call.
+fn unique_mark() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A port that was free a moment ago on 127.0.0.1.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// The ids of the processes whose environment holds `MARK=mark` (Linux; none elsewhere).
+fn marked_processes(mark: &str) -> Vec<u32> {
+    if !cfg!(target_os = "linux") {
+        return Vec::new();
+    }
+    let wanted = format!("{MARK}={mark}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|&b| b == 0)
+                    .any(|var| var == wanted.as_bytes())
+            })
+        })
+        .collect()
+}
+
+/// Kills the processes (this test started them through the launcher).
+fn kill(pids: &[u32]) {
+    if !pids.is_empty() {
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(pids.iter().map(u32::to_string))
+            .status();
+    }
+}
+
+/// What a launch left.
+struct Launched {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Launched {
+    fn report(&self) -> String {
+        format!(
+            "status {} after {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `kvstore launch` with `args` (the marker added) and `env` on top of an environment
+/// without any DMLC_*, PS_* or KVSTORE_* variable; kills it and fails past [`LIMIT`]. Fails
+/// when a process of the job is left once it returned.
+fn launch(args: &[&str], env: &[(&str, &str)]) -> Launched {
+    let mark = unique_mark();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+    cmd.arg("launch")
+        .arg("--env")
+        .arg(format!("{MARK}={mark}"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("DMLC_") || k.starts_with("PS_") || k.starts_with("KVSTORE_") {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("cannot run kvstore launch");
+    let read = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            text
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            kill(&marked_processes(&mark));
+            panic!("kvstore launch {args:?} ran over {LIMIT:?}; killed it and its processes");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    let launched = Launched {
+        status,
+        elapsed: started.elapsed(),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    };
+    let left = marked_processes(&mark);
+    kill(&left);
+    assert!(
+        left.is_empty(),
+        "processes {left:?} of the job outlived the launcher\n{}",
+        launched.report()
+    );
+    assert!(
+        !launched.stderr.contains("panicked"),
+        "{}",
+        launched.report()
+    );
+    launched
+}
+
+#[test]
+fn workers_get_the_cluster_variables_and_the_launchers_environment() {
+    let port = free_port().to_string();
+    let script = "echo \"vars $DMLC_ROLE $DMLC_PS_ROOT_URI $DMLC_PS_ROOT_PORT $DMLC_NUM_SERVER \
+                  $DMLC_NUM_WORKER $DMLC_NODE_HOST $DMLC_TASK_ID $KVSTORE_TIMEOUT_SECS $EXTRA \
+                  $INHERITED port=${PORT-unset}\"";
+    // The workers never join the cluster, so the scheduler and the server give up after the
+    // 3 s timeout and the job fails; the workers' output is complete by then.
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--port",
+            &port,
+            "--timeout",
+            "3",
+            "--env",
+            "EXTRA=a=b:c",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[("INHERITED", "yes"), ("PORT", "4242")],
+    );
+    for task in 0..2 {
+        let expected = format!(
+            "[worker {task}] vars worker 127.0.0.1 {port} 1 2 127.0.0.1 {task} 3 a=b:c yes \
+             port=unset"
+        );
+        assert!(
+            job.stdout.lines().any(|l| l == expected),
+            "no line {expected:?}\n{}",
+            job.report()
+        );
+    }
+    assert!(!job.status.success(), "{}", job.report());
+    assert!(job.elapsed < Duration::from_secs(15), "{}", job.report());
+}
+
+#[test]
+fn the_first_failing_worker_stops_the_job_with_its_status() {
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--timeout",
+            "30",
+            "--",
+            "sh",
+            "-c",
+            "if [ \"$DMLC_TASK_ID\" = 1 ]; then echo failing; exit 3; fi; exec sleep 30",
+        ],
+        &[],
+    );
+    assert_eq!(job.status.code(), Some(3), "{}", job.report());
+    assert!(
+        job.stderr.contains(
+            "kvstore: worker 1 exited with status 3; killed the scheduler, server 0 and worker 0"
+        ),
+        "{}",
+        job.report()
+    );
+    assert!(
+        job.stdout.lines().any(|l| l == "[worker 1] failing"),
+        "{}",
+        job.report()
+    );
+    // Nothing waited for the 30 s timeout or the sleeping worker.
+    assert!(job.elapsed < Duration::from_secs(10), "{}", job.report());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_worker_killed_by_a_signal_gives_128_plus_its_number() {
+    let job = launch(&["-n", "1", "-s", "1", "--", "sh", "-c", "kill -9 $$"], &[]);
+    assert_eq!(job.status.code(), Some(137), "{}", job.report());
+    assert!(
+        job.stderr
+            .contains("kvstore: worker 0 was killed by signal 9 (SIGKILL)"),
+        "{}",
+        job.report()
+    );
+    assert!(job.elapsed < Duration::from_secs(10), "{}", job.report());
+}
+
+#[test]
+fn a_worker_command_that_cannot_start_is_an_error_and_stops_the_job() {
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "2",
+            "--",
+            "/nonexistent/kvstore-launch-test-command",
+        ],
+        &[],
+    );
+    assert_eq!(job.status.code(), Some(1), "{}", job.report());
+    assert!(
+        job.stderr.contains("cannot start worker 0")
+            && job
+                .stderr
+                .contains("/nonexistent/kvstore-launch-test-command"),
+        "{}",
+        job.report()
+    );
+    assert!(job.elapsed < Duration::from_secs(10), "{}", job.report());
+}
+
+#[test]
+fn output_lines_keep_their_stream_and_get_the_process_prefix() {
+    let script = "echo out-$DMLC_TASK_ID; echo err-$DMLC_TASK_ID >&2; \
+                  i=0; while [ $i -lt 300 ]; do \
+                  echo line-$DMLC_TASK_ID-$i-abcdefghijklmnopqrstuvwxyz0123456789; \
+                  i=$((i+1)); done; printf partial-$DMLC_TASK_ID";
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--timeout",
+            "3",
+            "--env",
+            "PS_VERBOSE=1",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[],
+    );
+    let out: Vec<&str> = job.stdout.lines().collect();
+    let err: Vec<&str> = job.stderr.lines().collect();
+    for task in 0..2 {
+        let prefix = format!("[worker {task}] ");
+        for line in [format!("out-{task}"), format!("partial-{task}")] {
+            assert!(
+                out.contains(&format!("{prefix}{line}").as_str()),
+                "{line}\n{}",
+                job.report()
+            );
+        }
+        assert!(
+            err.contains(&format!("{prefix}err-{task}").as_str()),
+            "{}",
+            job.report()
+        );
+        // The two workers wrote at once: each line arrived whole, in order.
+        let lines: Vec<&str> = out
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter(|l| l.starts_with("line-"))
+            .collect();
+        let expected: Vec<String> = (0..300)
+            .map(|i| format!("line-{task}-{i}-abcdefghijklmnopqrstuvwxyz0123456789"))
+            .collect();
+        assert_eq!(lines, expected, "{}", job.report());
+    }
+    // Every line of the job is prefixed, on the stream it was written to.
+    assert!(
+        out.iter()
+            .all(|l| l.starts_with("[worker 0] ") || l.starts_with("[worker 1] ")),
+        "{}",
+        job.report()
+    );
+    assert!(
+        !out.iter().any(|l| l.contains("] err-"))
+            && !err
+                .iter()
+                .any(|l| l.contains("] out-") || l.contains("] line-") || l.contains("] partial-")),
+        "{}",
+        job.report()
+    );
+    assert!(
+        err.iter()
+            .all(|l| l.starts_with('[') || l.starts_with("kvstore")),
+        "{}",
+        job.report()
+    );
+    // The scheduler and the server, verbose, say where they are.
+    assert!(
+        err.iter()
+            .any(|l| l.starts_with("[scheduler] kvstore scheduler: listening on")),
+        "{}",
+        job.report()
+    );
+    assert!(
+        err.iter()
+            .any(|l| l.starts_with("[server 0] kvstore server: joining")),
+        "{}",
+        job.report()
+    );
+}
+
+#[test]
+fn bad_arguments_are_refused_clearly() {
+    for (args, needle) in [
+        (&["-n", "0", "-s", "1", "--", "true"][..], "--num-workers"),
+        (&["-n", "1", "-s", "0", "--", "true"][..], "--num-servers"),
+        (&["-n", "1", "-s", "1"][..], "<COMMAND>"),
+        (&["-n", "1", "--", "true"][..], "--num-servers"),
+        (
+            &["-n", "1", "-s", "1", "--timeout", "-2", "--", "true"][..],
+            "--timeout",
+        ),
+        (
+            &["-n", "1", "-s", "1", "--env", "JUSTAKEY", "--", "true"][..],
+            "KEY=VALUE",
+        ),
+        (
+            &[
+                "-n",
+                "1",
+                "-s",
+                "1",
+                "--env",
+                "DMLC_NUM_SERVER=2",
+                "--",
+                "true",
+            ][..],
+            "use -s/--num-servers",
+        ),
+        (
+            &["-n", "1", "-s", "1", "--host", "192.0.2.1", "--", "true"][..],
+            "cannot find a free port",
+        ),
+    ] {
+        let job = launch(args, &[]);
+        assert!(!job.status.success(), "{args:?}: {}", job.report());
+        assert!(
+            job.stderr.contains(needle),
+            "{args:?}: no {needle:?}\n{}",
+            job.report()
+        );
+        assert!(job.stdout.is_empty(), "{args:?}: {}", job.report());
+    }
+}
+
+#[test]
+fn a_bad_kvstore_timeout_secs_is_refused_by_name() {
+    let job = launch(
+        &["-n", "1", "-s", "1", "--", "true"],
+        &[("KVSTORE_TIMEOUT_SECS", "never")],
+    );
+    assert_eq!(job.status.code(), Some(1), "{}", job.report());
+    assert!(
+        job.stderr.contains("KVSTORE_TIMEOUT_SECS"),
+        "{}",
+        job.report()
+    );
+}
+
+/// Set for the workers of [`a_whole_job_runs_to_its_end_and_exits_0`].
+const WORKER: &str = "KVSTORE_LAUNCH_TEST_WORKER";
+
+/// A worker of a dist job: pushes `rank + 1` and pulls the sum over the workers. The job of
+/// [`a_whole_job_runs_to_its_end_and_exits_0`] runs this test binary, filtered to this test,
+/// as its workers; by itself it does nothing.
+#[test]
+#[ignore = "a worker process of a_whole_job_runs_to_its_end_and_exits_0; does nothing by itself"]
+fn dist_worker() {
+    use kvstore::{DType, KVStoreExt, NDArray};
+    if std::env::var_os(WORKER).is_none() {
+        return;
+    }
+    let kv = kvstore::create("dist_sync").expect("create(dist_sync)");
+    let (rank, workers) = (kv.rank(), kv.num_workers());
+    kv.init(3, &NDArray::zeros(&[5], DType::F32)).expect("init");
+    kv.push(3, &NDArray::full(&[5], (rank + 1) as f64, DType::F32))
+        .expect("push");
+    let mut out = NDArray::zeros(&[5], DType::F32);
+    kv.pull(3, &mut out).expect("pull");
+    let expected = (workers * (workers + 1) / 2) as f32;
+    assert_eq!(out.to_vec::<f32>().unwrap(), vec![expected; 5]);
+    println!("dist worker rank {rank} of {workers}: pulled {expected}");
+}
+
+#[test]
+fn a_whole_job_runs_to_its_end_and_exits_0() {
+    let me = std::env::current_exe().unwrap();
+    let me = me.to_str().expect("a UTF-8 path of the test binary");
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--timeout",
+            "20",
+            "--env",
+            &format!("{WORKER}=1"),
+            "--",
+            me,
+            "--exact",
+            "dist_worker",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ],
+        &[],
+    );
+    assert!(job.status.success(), "{}", job.report());
+    for rank in 0..2 {
+        let said = format!("dist worker rank {rank} of 2: pulled 3");
+        assert!(
+            job.stdout
+                .lines()
+                .any(|l| l.starts_with("[worker ") && l.ends_with(&said)),
+            "no {said:?}\n{}",
+            job.report()
+        );
+    }
+    assert!(job.stderr.is_empty(), "{}", job.report());
+    assert!(job.elapsed < Duration::from_secs(20), "{}", job.report());
+}
