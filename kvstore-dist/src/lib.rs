@@ -52,8 +52,7 @@
 //!
 //! ## Not yet
 //!
-//! Gradient compression on the wire, `DMLC_INTERFACE` lookup (the address routed to the
-//! scheduler is used; set `DMLC_NODE_HOST`), recovery nodes (a late registration is refused),
+//! Gradient compression on the wire, recovery nodes (a late registration is refused),
 //! `get_num_dead_node`, optimizer-state files on the servers, and summing per-device values on
 //! the GPU for `dist_device_sync`.
 #![deny(missing_docs)]

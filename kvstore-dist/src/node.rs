@@ -1,7 +1,7 @@
 //! The server and worker side of a cluster: join, barriers, heartbeats, leave.
 //!
-//! [`Node::join`] binds the address this node will serve on (`DMLC_NODE_HOST`, else the local
-//! address the OS routes to the scheduler; `PORT`, else a free port), connects to the scheduler
+//! [`Node::join`] binds the address this node will serve on (`DMLC_NODE_HOST`, else the IPv4
+//! address of `DMLC_INTERFACE`, else the local address the OS routes to the scheduler; `PORT`, else a free port), connects to the scheduler
 //! — retrying until `KVSTORE_TIMEOUT_SECS`, since the scheduler may start later — registers its
 //! role and address, and waits for the node table, which gives its rank and id. A background
 //! thread then sends a heartbeat every `PS_HEARTBEAT_INTERVAL` (see
@@ -85,17 +85,20 @@ impl Node {
             Some(h) => h.clone(),
             None => {
                 if let Some(iface) = &config.interface {
-                    log::warn!(
-                        "kvstore-dist: DMLC_INTERFACE={iface} is not supported yet; using the \
-                         address routed to the scheduler (set DMLC_NODE_HOST to choose)"
-                    );
+                    interface_ip(iface).map_err(|e| {
+                        ClusterError::Local(format!(
+                            "DMLC_INTERFACE={iface}: {e}; set DMLC_NODE_HOST to choose the \
+                             address instead"
+                        ))
+                    })?
+                } else {
+                    route_ip(&scheduler).map_err(|e| {
+                        ClusterError::Local(format!(
+                            "cannot find this node's address towards the scheduler at \
+                             {scheduler}: {e}; set DMLC_NODE_HOST"
+                        ))
+                    })?
                 }
-                route_ip(&scheduler).map_err(|e| {
-                    ClusterError::Local(format!(
-                        "cannot find this node's address towards the scheduler at {scheduler}: \
-                         {e}; set DMLC_NODE_HOST"
-                    ))
-                })?
             }
         };
         let bind = join_host_port(&host, config.port.unwrap_or(0));
@@ -283,6 +286,58 @@ fn scheduler_error(scheduler: &str, what: &str, e: TransportError) -> ClusterErr
     }
 }
 
+/// The IPv4 address of the network interface `name` (ps-lite's `GetIP`), e.g. `eth0`.
+#[cfg(unix)]
+pub fn interface_ip(name: &str) -> std::io::Result<String> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list that we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut found = None;
+    let mut names = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_name.is_null() || ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let ifname = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy();
+        // SAFETY: ifa_addr points to a sockaddr whose family says its real type.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        if family != libc::AF_INET {
+            continue;
+        }
+        if !names.contains(&ifname.to_string()) {
+            names.push(ifname.to_string());
+        }
+        if ifname == name && found.is_none() {
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            let sin = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+            found = Some(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).to_string());
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found.ok_or_else(|| {
+        std::io::Error::other(format!(
+            "no IPv4 address on interface {name:?} (interfaces with one: {})",
+            names.join(", ")
+        ))
+    })
+}
+
+/// The IPv4 address of a network interface: not available on this platform.
+#[cfg(not(unix))]
+pub fn interface_ip(name: &str) -> std::io::Result<String> {
+    Err(std::io::Error::other(format!(
+        "looking up interface {name:?} is not supported on this platform"
+    )))
+}
+
 /// The local IP the OS would use to reach `scheduler` (a UDP "connect" sends nothing).
 fn route_ip(scheduler: &str) -> std::io::Result<String> {
     let target = scheduler
@@ -378,4 +433,19 @@ fn start_heartbeat(
         })
         .map_err(|e| ClusterError::Local(format!("cannot start the heartbeat thread: {e}")))?;
     Ok(Heartbeat { stop, thread })
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loopback_interface_has_127_0_0_1() {
+        assert_eq!(interface_ip("lo").unwrap(), "127.0.0.1");
+        let err = interface_ip("no-such-interface0").unwrap_err().to_string();
+        assert!(
+            err.contains("no-such-interface0") && err.contains("lo"),
+            "{err}"
+        );
+    }
 }
