@@ -4,12 +4,16 @@
 //! lists the capabilities it needs, and runs against a [`StoreFactory`], building fresh stores
 //! as it goes. [`trials`] turns the checks into `libtest-mimic` trials, marking as ignored (with
 //! the reason) those a store cannot run; [`run_conformance`] runs them as a test binary.
+//!
+//! Distributed stores also run the checks of [`multi`], which need several workers of one job
+//! at once.
 
 mod broadcast;
 mod differential;
 mod errors;
 mod identity;
 mod keyvalue;
+pub mod multi;
 mod optimizer;
 mod pushpull;
 mod updater;
