@@ -43,12 +43,22 @@ struct Workers {
 }
 
 impl Workers {
+    /// Why worker `rank` can take no part in a round any more, if it cannot.
+    fn gone(&self, rank: usize) -> Option<String> {
+        match &self.dead[rank] {
+            Some(why) => Some(format!("is gone ({why})")),
+            None if self.bye[rank] => Some("has left the job (said goodbye)".to_string()),
+            None => None,
+        }
+    }
+
     fn finished(&self) -> bool {
         self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some())
     }
 }
 
-/// A push waiting for its round to complete.
+/// A request waiting for its round to complete: a pushpull, or a pull from a worker that
+/// pushed in the round (sync pushes themselves are acknowledged once merged).
 struct Waiter {
     rank: u32,
     answer: Answer,
@@ -62,6 +72,14 @@ struct Queued {
     waiter: Waiter,
 }
 
+/// An init of a rank other than 0, waiting for rank 0's.
+struct InitWaiter {
+    responder: Responder,
+    since: Instant,
+    rank: u32,
+    meta: InitMeta,
+}
+
 /// One part of one key.
 struct Entry {
     /// The user's key: the optimizer runs under it.
@@ -69,8 +87,8 @@ struct Entry {
     meta: InitMeta,
     /// `None` until rank 0's init arrived.
     value: Option<NDArray>,
-    /// Inits of other ranks waiting for rank 0's value, with the time they came.
-    init_waiters: Vec<(Responder, Instant)>,
+    /// Inits of other ranks waiting for rank 0's value.
+    init_waiters: Vec<InitWaiter>,
     /// The sum of the current round (kept between rounds as a buffer).
     merge: Option<NDArray>,
     /// Ranks that pushed in the current round.
@@ -213,7 +231,7 @@ impl Core {
             }
             if e.init_waiters
                 .iter()
-                .any(|(_, t)| t.elapsed() >= self.timeout)
+                .any(|w| w.since.elapsed() >= self.timeout)
             {
                 let msg = format!(
                     "the init of {what} on server {} timed out after {:?}: {} has not sent \
@@ -222,8 +240,8 @@ impl Core {
                     self.timeout,
                     self.worker_name(0)
                 );
-                for (r, _) in e.init_waiters.drain(..) {
-                    let _ = r.respond_error(&msg);
+                for w in e.init_waiters.drain(..) {
+                    let _ = w.responder.respond_error(&msg);
                 }
             }
         }
@@ -231,9 +249,9 @@ impl Core {
 
     /// Fails every round that can no longer complete because `rank` is gone.
     fn fail_rounds_of(&self, rank: u32) {
-        let why = lock(&self.workers).dead[rank as usize]
-            .clone()
-            .unwrap_or_default();
+        let Some(why) = lock(&self.workers).gone(rank as usize) else {
+            return;
+        };
         let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
             .iter()
             .map(|(k, e)| (*k, Arc::clone(e)))
@@ -243,7 +261,7 @@ impl Core {
             let what = self.describe(&e.key, part);
             if e.round_started.is_some() && !e.pushed[rank as usize] {
                 let msg = format!(
-                    "the sync round of {what} on server {} cannot complete: {} is gone ({why})",
+                    "the sync round of {what} on server {} cannot complete: {} {why}",
                     self.rank,
                     self.worker_name(rank)
                 );
@@ -251,13 +269,13 @@ impl Core {
             }
             if rank == 0 && !e.init_waiters.is_empty() {
                 let msg = format!(
-                    "the init of {what} on server {} cannot complete: {} is gone ({why}) \
-                     before sending its value",
+                    "the init of {what} on server {} cannot complete: {} {why} before \
+                     sending its value",
                     self.rank,
                     self.worker_name(0)
                 );
-                for (r, _) in e.init_waiters.drain(..) {
-                    let _ = r.respond_error(&msg);
+                for w in e.init_waiters.drain(..) {
+                    let _ = w.responder.respond_error(&msg);
                 }
             }
         }
@@ -360,23 +378,21 @@ impl Core {
             )
         };
         let mut e = lock(&entry);
-        if e.meta != meta {
-            return Err(format!(
-                "worker rank {rank} declares {} as {} elements of {} but it was declared as {} \
-                 elements of {}: every worker must init the same keys with the same shapes and \
-                 dtypes, in the same order",
-                self.describe(&meta.key, part),
-                meta.elements,
-                meta.dtype,
-                e.meta.elements,
-                e.meta.dtype,
-            ));
-        }
         if rank != 0 {
-            if e.value.is_none() {
-                let r = slot.take().expect("the responder is still here");
-                e.init_waiters.push((r, Instant::now()));
+            if e.value.is_some() {
+                // Rank 0's declaration is in place: this one must match it.
+                return match self.init_mismatch(rank, &meta, &e.meta, part) {
+                    Some(msg) => Err(msg),
+                    None => Ok(()),
+                };
             }
+            let responder = slot.take().expect("the responder is still here");
+            e.init_waiters.push(InitWaiter {
+                responder,
+                since: Instant::now(),
+                rank,
+                meta,
+            });
             return Ok(());
         }
         if e.value.is_some() {
@@ -386,14 +402,43 @@ impl Core {
                 self.rank
             ));
         }
+        // Rank 0 declares the part; the others' declarations must match its.
         let elements = usize::try_from(meta.elements).map_err(|_| "too many elements")?;
         let mut value = NDArray::zeros(&[elements], meta.dtype);
         copy_from_bytes(&mut value, data)?;
         e.value = Some(value);
-        for (r, _) in e.init_waiters.drain(..) {
-            let _ = r.respond(Outgoing::new(0, &[]));
+        e.key = meta.key.clone();
+        e.meta = meta;
+        for w in std::mem::take(&mut e.init_waiters) {
+            let _ = match self.init_mismatch(w.rank, &w.meta, &e.meta, part) {
+                Some(msg) => w.responder.respond_error(&msg),
+                None => w.responder.respond(Outgoing::new(0, &[])),
+            };
         }
         Ok(())
+    }
+
+    /// The error for a worker whose declaration of a part differs from rank 0's.
+    fn init_mismatch(
+        &self,
+        rank: u32,
+        meta: &InitMeta,
+        rank0: &InitMeta,
+        part: u64,
+    ) -> Option<String> {
+        (meta != rank0).then(|| {
+            format!(
+                "worker rank {rank} declares {} as {} elements of {} but rank 0 declared {} as \
+                 {} elements of {}: every worker must init the same keys with the same shapes \
+                 and dtypes, in the same order",
+                self.describe(&meta.key, part),
+                meta.elements,
+                meta.dtype,
+                self.describe(&rank0.key, part),
+                rank0.elements,
+                rank0.dtype,
+            )
+        })
     }
 
     /// A push (or pushpull when `wants_data`) in a message of its own.
@@ -435,7 +480,7 @@ impl Core {
         // A worker that is gone can never complete a sync round again.
         let gone = if mode == Mode::Sync {
             let w = lock(&self.workers);
-            (0..self.num_workers).find_map(|r| w.dead[r as usize].clone().map(|why| (r, why)))
+            (0..self.num_workers).find_map(|r| w.gone(r as usize).map(|why| (r, why)))
         } else {
             None
         };
@@ -443,7 +488,7 @@ impl Core {
         let what = self.describe(&e.key, part);
         if let Some((r, why)) = gone {
             let msg = format!(
-                "the sync round of {what} on server {} cannot complete: {} is gone ({why})",
+                "the sync round of {what} on server {} cannot complete: {} {why}",
                 self.rank,
                 self.worker_name(r)
             );
@@ -508,7 +553,7 @@ impl Core {
             if !pushes && inner != u64::from(protocol::CMD_PULL) {
                 return Err(format!("a batch of unknown command {inner:#x}"));
             }
-            let rank = if pushes {
+            if pushes {
                 let pushed: u64 = items.iter().map(|it| it.len).sum();
                 if pushed != data.len() as u64 {
                     return Err(format!(
@@ -516,13 +561,11 @@ impl Core {
                         data.len()
                     ));
                 }
-                Some(self.sender_rank(&request)?)
-            } else {
-                None
-            };
-            Ok((items, data, rank))
+            }
+            let rank = self.sender_rank(&request);
+            Ok((items, data, rank, pushes))
         });
-        let (items, data, rank) = match parsed {
+        let (items, data, rank, pushes) = match parsed {
             Ok(p) => p,
             Err(e) => {
                 let _ = responder.respond_error(&e);
@@ -539,13 +582,17 @@ impl Core {
         for (i, it) in items.iter().enumerate() {
             let answer = Answer::Item(Arc::clone(&batch), i);
             let id = (it.wire, u64::from(it.part));
-            match rank {
-                Some(rank) => {
+            if !pushes {
+                self.pull_part(rank.as_ref().ok().copied(), id, answer);
+                continue;
+            }
+            match &rank {
+                Ok(rank) => {
                     let len = it.len as usize;
-                    self.push_part(rank, id, it.flags, &data[at..at + len], answer, wants_data);
+                    self.push_part(*rank, id, it.flags, &data[at..at + len], answer, wants_data);
                     at += len;
                 }
-                None => self.pull_part(id, answer),
+                Err(e) => answer.fail(e),
             }
         }
     }
@@ -572,7 +619,13 @@ impl Core {
             e.round_started = Some(Instant::now());
         }
         e.pushed[waiter.rank as usize] = true;
-        e.waiters.push(waiter);
+        if waiter.wants_data {
+            e.waiters.push(waiter);
+        } else {
+            // A push returns once merged, as MXNet's does not block its caller; the worker's
+            // next pull of the key waits for the round instead (see `pull_part`).
+            waiter.answer.ok(&[]);
+        }
         if e.pushed.iter().all(|&p| p) {
             self.complete_round(e, what);
         }
@@ -634,18 +687,31 @@ impl Core {
 
     fn pull(&self, request: &Request, responder: Responder) {
         self.pull_part(
+            self.sender_rank(request).ok(),
             (request.header.key, request.header.aux),
             Answer::One(responder),
         );
     }
 
-    /// Answers with the value of a part (never delayed by a pending round, as MXNet).
-    fn pull_part(&self, (wire_key, part): PartId, answer: Answer) {
+    /// Answers with the value of a part. A pull from a worker that pushed in the part's
+    /// current sync round waits for the round (its push has been acknowledged already, and a
+    /// pull after a push returns that round's result); any other pull is answered at once.
+    fn pull_part(&self, rank: Option<u32>, (wire_key, part): PartId, answer: Answer) {
         let Some(entry) = self.entry(wire_key, part) else {
             answer.fail(&self.uninitialised(wire_key, part));
             return;
         };
-        let e = lock(&entry);
+        let mut e = lock(&entry);
+        if let Some(rank) = rank {
+            if e.round_started.is_some() && e.pushed[rank as usize] {
+                e.waiters.push(Waiter {
+                    rank,
+                    answer,
+                    wants_data: true,
+                });
+                return;
+            }
+        }
         match &e.value {
             Some(v) => answer.ok(v.as_bytes().expect("stored parts are contiguous")),
             None => answer.fail(&format!(
@@ -740,11 +806,15 @@ impl Core {
 
     fn bye(&self, request: &Request) -> Reply {
         let rank = self.sender_rank(request)?;
-        let mut w = lock(&self.workers);
-        w.bye[rank as usize] = true;
-        if w.finished() {
-            self.finished.notify_all();
+        {
+            let mut w = lock(&self.workers);
+            w.bye[rank as usize] = true;
+            if w.finished() {
+                self.finished.notify_all();
+            }
         }
+        // Rounds still waiting for it can never complete: fail them now, naming it.
+        self.fail_rounds_of(rank);
         Ok(())
     }
 }

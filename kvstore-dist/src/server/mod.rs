@@ -8,15 +8,18 @@
 //!   value is the one kept, and every worker's init returns once it is in place;
 //! - **sync mode** (`dist_sync`, `dist_device_sync`): a round merges exactly one push per
 //!   worker (a worker's second push waits for the next round), then runs the optimizer on the
-//!   sum, or stores the sum when there is none, then answers every push of the round;
+//!   sum, or stores the sum when there is none. A push is acknowledged once merged (so workers
+//!   may push keys in different orders); a pushpull, and a pull from a worker that pushed in the
+//!   round, are answered when the round closes;
 //! - **async mode** (`dist_async`): each push is applied by the optimizer as it arrives (with
 //!   no optimizer it replaces the value, a round of one push; MXNet's server aborts there);
-//! - **pull** returns the value, never delayed by a pending round (as MXNet).
+//! - **pull** from a worker that has not pushed in the current round returns the value at once
+//!   (as MXNet).
 //!
 //! Nothing waits forever: a round (or an init waiting for rank 0) that is not complete within
-//! the timeout fails every push in it with an error naming the workers that did not push; a
-//! worker whose connection closes without a goodbye fails every round it was part of at once,
-//! naming it. The server stops when every worker has said goodbye or is gone (or on
+//! the timeout fails every request waiting on it with an error naming the workers that did not
+//! push; a worker that leaves (goodbye) or whose connection closes fails at once every round
+//! still waiting for it, naming it. The server stops when every worker has said goodbye or is gone (or on
 //! `kStopServer`), and then leaves the cluster.
 //!
 //! Optimizers arrive as an [`OptimizerSpec`](kvstore_base::OptimizerSpec) (JSON) and are rebuilt
