@@ -191,3 +191,68 @@ fn kvstore_toml_named_by_kvstore_config_configures_the_worker() {
     std::fs::remove_file(&path).unwrap();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn workers_may_push_keys_in_different_orders() {
+    let out = run("dist_sync", 1, 2, |rank, kv| {
+        kv.init(
+            &[1, 2],
+            &[
+                NDArray::zeros(&[2], DType::F32),
+                NDArray::zeros(&[2], DType::F32),
+            ],
+        )
+        .unwrap();
+        let order = if rank == 0 { [1, 2] } else { [2, 1] };
+        for key in order {
+            kv.push(key, &NDArray::full(&[2], key as f64, DType::F32))
+                .unwrap();
+        }
+        let mut w = [
+            NDArray::zeros(&[2], DType::F32),
+            NDArray::zeros(&[2], DType::F32),
+        ];
+        kv.pull(&[1, 2], &mut w).unwrap();
+        (f32s(&w[0]), f32s(&w[1]))
+    });
+    for (a, b) in out {
+        assert_eq!((a, b), (vec![2.0; 2], vec![4.0; 2]));
+    }
+}
+
+#[test]
+fn a_worker_that_leaves_fails_the_rounds_waiting_for_it_at_once() {
+    let started = std::time::Instant::now();
+    let out = run("dist_sync", 1, 2, |rank, kv| {
+        kv.init(5, &NDArray::zeros(&[2], DType::F32)).unwrap();
+        if rank == 1 {
+            return None; // drops the store: goodbye
+        }
+        // The push fails when the server already knows rank 1 left, else the pull does.
+        let mut w = NDArray::zeros(&[2], DType::F32);
+        let pushed = kv.push(5, &NDArray::ones(&[2], DType::F32));
+        Some(pushed.and_then(|()| kv.pull(5, &mut w)).unwrap_err())
+    });
+    let err = out[0].as_ref().unwrap();
+    assert_eq!(err.key(), Some(&Key::Int(5)), "{err}");
+    assert!(err.to_string().contains("worker rank 1"), "{err}");
+    assert!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_init_that_differs_from_rank_0s_is_the_error_of_its_own_worker() {
+    let out = run("dist_sync", 1, 2, |rank, kv| {
+        let shape: &[usize] = if rank == 0 { &[2] } else { &[3] };
+        kv.init(3, &NDArray::zeros(shape, DType::F32)).err()
+    });
+    assert!(
+        out[0].is_none(),
+        "rank 0's init is the reference: {:?}",
+        out[0]
+    );
+    let err = out[1].as_ref().expect("rank 1's init differs");
+    assert!(
+        err.to_string().contains("worker rank 1 declares key 3"),
+        "{err}"
+    );
+}
