@@ -256,3 +256,39 @@ fn an_init_that_differs_from_rank_0s_is_the_error_of_its_own_worker() {
         "{err}"
     );
 }
+
+#[test]
+fn commands_to_servers_install_an_optimizer_or_name_what_is_refused() {
+    let out = run("dist_sync", 2, 2, |rank, kv| {
+        let spec =
+            serde_json::to_string(&OptimizerSpec::new("test").with("rescale_grad", 2.0)).unwrap();
+        kv.send_command_to_servers(0, &spec).unwrap(); // kController, from rank 0
+        kv.barrier().unwrap();
+        kv.init(4, &NDArray::ones(&[3], DType::F32)).unwrap();
+        kv.push(4, &NDArray::full(&[3], rank as f64 + 1.0, DType::F32))
+            .unwrap();
+        let mut w = NDArray::zeros(&[3], DType::F32);
+        kv.pull(4, &mut w).unwrap();
+        let unknown = kv.send_command_to_servers(77, "").err();
+        let compression = kv.send_command_to_servers(4, "1,0.500000").err();
+        (f32s(&w), unknown, compression)
+    });
+    for (rank, (w, unknown, compression)) in out.into_iter().enumerate() {
+        assert_eq!(w, vec![7.0; 3], "1 + 2 * (1 + 2)");
+        if rank == 0 {
+            let unknown = unknown.expect("head 77 is refused").to_string();
+            assert!(
+                unknown.contains("unknown server command head 77"),
+                "{unknown}"
+            );
+            let compression = compression.expect("refused").to_string();
+            assert!(
+                compression.contains("kSetGradientCompression"),
+                "{compression}"
+            );
+        } else {
+            // As MXNet: only rank 0 sends commands.
+            assert!(unknown.is_none() && compression.is_none());
+        }
+    }
+}
