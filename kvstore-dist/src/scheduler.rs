@@ -394,7 +394,9 @@ impl Shared {
                     m.status = Status::Left;
                 }
                 log::debug!("kvstore-dist scheduler: {} said goodbye", m.info);
-                replies.push((responder, Ok((Vec::new(), 0))));
+                // Answered at once, under the lock: once the last goodbye sets `finished`,
+                // `join` may close every connection before deferred replies are sent.
+                send_replies(vec![(responder, Ok((Vec::new(), 0)))]);
             }
             None => replies.push((
                 responder,

@@ -327,6 +327,45 @@ impl Pending {
         self.wait_for(left, timeout)
     }
 
+    /// Whether the connection has ended: the outcome is then already known (a response that
+    /// came first, else [`TransportError::PeerClosed`]).
+    pub fn connection_closed(&self) -> bool {
+        self.shared.lock().closed.is_some()
+    }
+
+    /// Waits at most `slice` (and never past the configured timeout): `Some(outcome)` when the
+    /// request is settled (answered, failed or timed out), `None` when it is still in flight,
+    /// so that a caller waiting on several requests can look at the others meanwhile.
+    pub fn poll(&mut self, slice: Duration) -> Option<Outcome> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        match self.rx.recv_timeout(slice.min(left)) {
+            Ok(outcome) => Some(outcome),
+            Err(RecvTimeoutError::Timeout) if slice < left => None,
+            Err(RecvTimeoutError::Timeout) => {
+                self.shared.lock().pending.remove(&self.request_id);
+                Some(self.rx.try_recv().unwrap_or_else(|_| {
+                    Err(TransportError::Timeout {
+                        peer: self.shared.peer(),
+                        request_id: self.request_id,
+                        what: self.what.clone(),
+                        timeout: self.timeout,
+                    })
+                }))
+            }
+            Err(RecvTimeoutError::Disconnected) => Some(Err(TransportError::PeerClosed {
+                peer: self.shared.peer(),
+                request_id: self.request_id,
+                reason: self
+                    .shared
+                    .lock()
+                    .closed
+                    .clone()
+                    .unwrap_or_else(|| "the request was dropped".to_string()),
+                what: self.what.clone(),
+            })),
+        }
+    }
+
     /// Waits at most `limit` from now, whatever the configured timeout.
     pub fn wait_timeout(self, limit: Duration) -> Outcome {
         self.wait_for(limit, limit)

@@ -4,13 +4,16 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kvstore_base::{Error, NDArray, Result, StorageType};
 
 use super::keys::KeyMeta;
 use super::DistStore;
 use crate::protocol::{self, BatchItem};
-use crate::transport::{Outgoing, Pending, TransportError};
+use crate::transport::{Outgoing, Pending, Response, TransportError};
+
+type Outcome = std::result::Result<Response, TransportError>;
 
 /// What one sent message covers: a single part, or the parts of a batch in item order.
 enum Sent {
@@ -68,8 +71,10 @@ impl Answers {
 impl DistStore {
     /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i]`: key
     /// `i`'s pushed bytes) and waits for every answer; returns the answers of a pull or
-    /// pushpull. Callers enter by `priority` to send (see [`PriorityGate`](kvstore_base::PriorityGate)). Every request is waited for, even after a failure, and the first failure is
-    /// returned, wrapped with its key.
+    /// pushpull. Callers enter by `priority` to send (see
+    /// [`PriorityGate`](kvstore_base::PriorityGate)). Requests are waited for until the first
+    /// lost server (see [`settle`]); a lost server is the error returned, else the first
+    /// failure, wrapped with its key.
     pub(crate) fn exchange(
         &self,
         operation: &'static str,
@@ -124,9 +129,10 @@ impl DistStore {
                 .collect(),
             owned: Vec::new(),
         };
-        let mut first_error = None;
-        for (what, pending) in sent {
-            match pending.wait() {
+        let mut first_error: Option<Error> = None;
+        let mut lost = None;
+        for (what, outcome) in settle(sent) {
+            match outcome {
                 Ok(response) if receive => {
                     let b = answers.buffers.len();
                     let buf = response.payload.into_vec();
@@ -169,12 +175,16 @@ impl DistStore {
                     answers.buffers.push(buf);
                 }
                 Ok(_) => {}
+                Err(e) if is_loss(&e) => {
+                    lost.get_or_insert_with(|| self.attribute(operation, metas, &what, e));
+                }
                 Err(e) => {
                     first_error.get_or_insert_with(|| self.attribute(operation, metas, &what, e));
                 }
             }
         }
-        if let Some(e) = first_error {
+        // A lost server explains the other failures of the call (rounds it left incomplete).
+        if let Some(e) = lost.or(first_error) {
             answers.recycle(metas);
             return Err(e);
         }
@@ -241,4 +251,50 @@ impl DistStore {
         };
         self.transport_at(operation, &metas[meta].key)(e)
     }
+}
+
+/// Waits for the requests and returns the outcomes in the order they settled, looking at the
+/// requests of a connection that ended before any other, and stops at the first lost
+/// connection (the requests left are dropped): a server that died is reported at once, not
+/// after waiting out a round that another server holds open because of it.
+pub(crate) fn settle<T>(mut pending: Vec<(T, Pending)>) -> Vec<(T, Outcome)> {
+    const SLICE: Duration = Duration::from_millis(50);
+    let mut settled = Vec::with_capacity(pending.len());
+    while !pending.is_empty() {
+        let mut i = 0;
+        while i < pending.len() {
+            if pending[i].1.connection_closed() {
+                let (tag, p) = pending.remove(i);
+                let outcome = p.wait();
+                let lost = matches!(&outcome, Err(e) if is_loss(e));
+                settled.push((tag, outcome));
+                if lost {
+                    return settled;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if let Some((_, first)) = pending.first_mut() {
+            if let Some(outcome) = first.poll(SLICE) {
+                let (tag, _) = pending.remove(0);
+                let lost = matches!(&outcome, Err(e) if is_loss(e));
+                settled.push((tag, outcome));
+                if lost {
+                    return settled;
+                }
+            }
+        }
+    }
+    settled
+}
+
+/// Whether `e` means the connection to a server is gone (the server died or is unreachable).
+pub(crate) fn is_loss(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::PeerClosed { .. }
+            | TransportError::Io { .. }
+            | TransportError::Connect { .. }
+    )
 }

@@ -435,10 +435,17 @@ impl DistStore {
             .map(|c| c.send(Outgoing::new(command, payload).key(key), what))
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| backend(&self.name, e))?;
-        for p in pending {
-            p.wait().map_err(|e| backend(&self.name, e))?;
+        let tagged = pending.into_iter().map(|p| ((), p)).collect();
+        let mut errors: Vec<TransportError> = exchange::settle(tagged)
+            .into_iter()
+            .filter_map(|(_, outcome)| outcome.err())
+            .collect();
+        // A lost server first: it explains the others' failures.
+        errors.sort_by_key(|e| !exchange::is_loss(e));
+        match errors.into_iter().next() {
+            Some(e) => Err(backend(&self.name, e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn worker_barrier(&self) -> Result<()> {
@@ -461,14 +468,19 @@ where
     M: FnOnce(TransportError) -> Error,
 {
     let mut first = None;
-    for (key, p) in pending {
-        if let Err(e) = p.wait() {
-            if first.is_none() {
-                first = Some(map(key)(e));
+    let mut lost = None;
+    for (key, outcome) in exchange::settle(pending) {
+        match outcome {
+            Err(e) if exchange::is_loss(&e) => {
+                lost.get_or_insert_with(|| map(key)(e));
             }
+            Err(e) => {
+                first.get_or_insert_with(|| map(key)(e));
+            }
+            Ok(_) => {}
         }
     }
-    first.map_or(Ok(()), Err)
+    lost.or(first).map_or(Ok(()), Err)
 }
 
 fn backend(store: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
