@@ -84,6 +84,7 @@ use protocol::Mode;
 const CAPABILITIES: &[Capability] = &[
     Capability::Optimizer,
     Capability::InitPushPull,
+    Capability::GradientCompression,
     Capability::RowSparse,
     Capability::Distributed,
 ];
@@ -103,6 +104,7 @@ kvstore_base::register!(
     capabilities = [
         Capability::Optimizer,
         Capability::InitPushPull,
+        Capability::GradientCompression,
         Capability::RowSparse,
         Capability::Distributed
     ]
@@ -115,6 +117,7 @@ kvstore_base::register!(
     capabilities = [
         Capability::Optimizer,
         Capability::InitPushPull,
+        Capability::GradientCompression,
         Capability::RowSparse,
         Capability::Distributed
     ]
@@ -127,6 +130,7 @@ kvstore_base::register!(
     capabilities = [
         Capability::Optimizer,
         Capability::InitPushPull,
+        Capability::GradientCompression,
         Capability::RowSparse,
         Capability::Distributed
     ]

@@ -16,6 +16,7 @@
 //! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |
 //! | [`CMD_SET_OPTIMIZER`] | an [`OptimizerSpec`](kvstore_base::OptimizerSpec) as JSON | empty |
 //! | [`CMD_COMMAND`] | the body, `key` = MXNet's command head | empty |
+//! | [`CMD_SET_COMPRESSION`] | the compression parameters as JSON | empty |
 //! | [`CMD_BYE`] | none | empty; the worker is done |
 //! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data | the pulled data, concatenated in item order |
 //!
@@ -48,6 +49,14 @@ pub const CMD_SET_OPTIMIZER: u32 = 0x106;
 pub const CMD_COMMAND: u32 = 0x107;
 /// A worker leaves the job.
 pub const CMD_BYE: u32 = 0x108;
+/// Sets gradient compression on a server: the payload is the parameters as a JSON object
+/// (`{"type": "2bit", "threshold": "0.5"}`).
+pub const CMD_SET_COMPRESSION: u32 = 0x10A;
+
+/// The flag of a push whose payload is compressed (the server's codec dequantises it); the
+/// low byte of the flags is the dtype.
+pub const FLAG_COMPRESSED: u16 = 0x100;
+
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
 /// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.
 pub const CMD_BATCH: u32 = 0x109;
@@ -135,7 +144,12 @@ pub fn dtype_flag(dtype: DType) -> u16 {
 
 /// The dtype named by a frame's flags.
 pub fn dtype_of_flag(flags: u16) -> Option<DType> {
-    dtype_from_code(u32::from(flags))
+    dtype_from_code(u32::from(flags & 0xff))
+}
+
+/// Whether a frame's flags mark a compressed payload.
+pub fn is_compressed(flags: u16) -> bool {
+    flags & FLAG_COMPRESSED != 0
 }
 
 /// A worker's introduction: `key` = its rank, `aux` = [`Mode::code`], payload = store name.

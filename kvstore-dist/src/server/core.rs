@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use kvstore_base::{Key, NDArray, OptimizerSpec};
 use kvstore_optimizer::Updater;
 
-use super::merge::{add_from_bytes, array_from_bytes, copy_from_bytes};
+use super::merge::{copy_from_bytes, OwnedPush, Pushed};
 use super::reply::{Answer, Batch};
 use crate::protocol::{self, head, InitMeta, Mode, RowRequest};
 use crate::transport::{Handler, Outgoing, Request, Responder};
+use kvstore_compression::{Codec, CompressionSpec};
 
 /// Replies bigger than this go out on threads of their own when a round answers several
 /// workers, so that the workers receive in parallel.
@@ -68,7 +69,7 @@ struct Waiter {
 /// A push that arrived while its worker already had one in the current round.
 struct Queued {
     rank: u32,
-    payload: Vec<u8>,
+    payload: OwnedPush,
     waiter: Waiter,
 }
 
@@ -109,6 +110,8 @@ pub(crate) struct Core {
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
     updater: Mutex<Option<Updater>>,
+    /// The codec of compressed pushes, once a worker set gradient compression.
+    codec: Mutex<Option<Codec>>,
 }
 
 type Reply = Result<(), String>;
@@ -140,6 +143,7 @@ impl Core {
             finished: Condvar::new(),
             entries: Mutex::new(HashMap::new()),
             updater: Mutex::new(None),
+            codec: Mutex::new(None),
         }
     }
 
@@ -499,19 +503,34 @@ impl Core {
             waiter.answer.fail(&msg);
             return;
         }
+        let pushed = if protocol::is_compressed(flags) {
+            match *lock(&self.codec) {
+                Some(codec) => Pushed::Packed(data, codec),
+                None => {
+                    waiter.answer.fail(&format!(
+                        "push of {what}: the push is compressed but gradient compression is not \
+                         set on server {}",
+                        self.rank
+                    ));
+                    return;
+                }
+            }
+        } else {
+            Pushed::Raw(data)
+        };
         match mode {
-            Mode::Async => self.apply_async(&mut e, data, waiter, &what),
+            Mode::Async => self.apply_async(&mut e, pushed, waiter, &what),
             Mode::Sync => {
                 if e.pushed[rank as usize] {
                     // Its next round: replayed once this one completes.
                     e.queued.push_back(Queued {
                         rank,
-                        payload: data.to_vec(),
+                        payload: pushed.to_owned(),
                         waiter,
                     });
                     return;
                 }
-                self.merge_sync(&mut e, data, waiter, &what);
+                self.merge_sync(&mut e, pushed, waiter, &what);
                 while !e.pushed.iter().any(|&p| p) && !e.queued.is_empty() {
                     // The round just completed: replay what was queued for the next one.
                     let mut replay = std::mem::take(&mut e.queued);
@@ -519,7 +538,7 @@ impl Core {
                         if e.pushed[q.rank as usize] {
                             e.queued.push_back(q);
                         } else {
-                            self.merge_sync(&mut e, &q.payload, q.waiter, &what);
+                            self.merge_sync(&mut e, q.payload.as_pushed(), q.waiter, &what);
                         }
                     }
                 }
@@ -573,9 +592,16 @@ impl Core {
             }
         };
         let wants_data = inner != u64::from(protocol::CMD_PUSH);
+        // Pulled data is the part's whole value (pushes may be compressed).
         let lens: Vec<usize> = items
             .iter()
-            .map(|it| if wants_data { it.len as usize } else { 0 })
+            .map(|it| match self.entry(it.wire, u64::from(it.part)) {
+                Some(entry) if wants_data => {
+                    let e = lock(&entry);
+                    e.meta.elements as usize * e.meta.dtype.size_of()
+                }
+                _ => 0,
+            })
             .collect();
         let batch = Batch::new(responder, &lens);
         let mut at = 0usize;
@@ -597,19 +623,16 @@ impl Core {
         }
     }
 
-    fn merge_sync(&self, e: &mut Entry, payload: &[u8], waiter: Waiter, what: &str) {
+    fn merge_sync(&self, e: &mut Entry, pushed: Pushed<'_>, waiter: Waiter, what: &str) {
         let first = e.round_started.is_none();
         let merged = if first {
             let value = e.value.as_ref().expect("checked by check_push");
             let merge = e
                 .merge
                 .get_or_insert_with(|| NDArray::zeros(value.shape(), value.dtype()));
-            copy_from_bytes(merge, payload)
+            pushed.assign_to(merge)
         } else {
-            add_from_bytes(
-                e.merge.as_mut().expect("set by the round's first push"),
-                payload,
-            )
+            pushed.add_to(e.merge.as_mut().expect("set by the round's first push"))
         };
         if let Err(msg) = merged {
             waiter.answer.fail(&format!("push of {what}: {msg}"));
@@ -665,18 +688,18 @@ impl Core {
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the
     /// value (a round of one push; MXNet's server aborts instead).
-    fn apply_async(&self, e: &mut Entry, payload: &[u8], waiter: Waiter, what: &str) {
+    fn apply_async(&self, e: &mut Entry, pushed: Pushed<'_>, waiter: Waiter, what: &str) {
         let result = (|| {
             let mut updater = lock(&self.updater);
             let Entry { key, value, .. } = &mut *e;
             let value = value.as_mut().expect("checked by check_push");
             match updater.as_mut() {
                 Some(u) => {
-                    let grad = array_from_bytes(value.dtype(), payload)?;
+                    let grad = pushed.to_array(value.dtype(), value.size())?;
                     u.update(key, &grad, value)
                         .map_err(|err| format!("the optimizer failed on {what}: {err}"))
                 }
-                None => copy_from_bytes(value, payload),
+                None => pushed.assign_to(value),
             }
         })();
         match result {
@@ -788,11 +811,13 @@ impl Core {
                  servers' optimizer keeps float32 master weights itself"
                     .to_string(),
             ),
-            head::SET_GRADIENT_COMPRESSION => Err(
-                "kSetGradientCompression: gradient compression is not supported by the dist \
-                     stores yet"
-                    .to_string(),
-            ),
+            head::SET_GRADIENT_COMPRESSION => {
+                // MXNet 1.9.1's text: `<type code>,<threshold>` (1 = 2bit).
+                let spec = CompressionSpec::decode_params(&String::from_utf8_lossy(body))
+                    .map_err(|e| format!("kSetGradientCompression: {e}"))?;
+                *lock(&self.codec) = Some(spec.codec());
+                Ok(())
+            }
             head::SET_PROFILER_PARAMS => {
                 Err("kSetProfilerParams: the servers have no profiler".to_string())
             }
@@ -802,6 +827,20 @@ impl Core {
                  (kSetGradientCompression), 5 (kSetProfilerParams)"
             )),
         }
+    }
+
+    fn set_compression(&self, body: &[u8]) -> Reply {
+        let params: kvstore_base::CompressionParams = serde_json::from_slice(body)
+            .map_err(|e| format!("the compression parameters are not valid JSON: {e}"))?;
+        let spec = CompressionSpec::from_params(&params).map_err(|e| e.to_string())?;
+        *lock(&self.codec) = Some(spec.codec());
+        log::info!(
+            "kvstore-dist: server {} dequantises {} pushes (threshold {})",
+            self.rank,
+            spec.kind.name(),
+            spec.threshold
+        );
+        Ok(())
     }
 
     fn bye(&self, request: &Request) -> Reply {
@@ -877,6 +916,9 @@ impl Handler for ServerHandler {
             protocol::CMD_COMMAND => simple(core.command(&request), responder),
             protocol::CMD_BYE => simple(core.bye(&request), responder),
             protocol::CMD_BATCH => core.batch(request, responder),
+            protocol::CMD_SET_COMPRESSION => {
+                simple(core.set_compression(&request.payload), responder)
+            }
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }

@@ -1,6 +1,7 @@
 //! Element-wise work on received payloads: copy into and add into a typed array.
 
 use kvstore_base::{DType, Element, NDArray};
+use kvstore_compression::Codec;
 
 /// Runs `$body` with `$T` bound to the element type of `$dtype`.
 macro_rules! with_element {
@@ -91,6 +92,70 @@ fn add_typed<T: Element>(dst: &mut [T], bytes: &[u8]) {
             std::ptr::copy_nonoverlapping(chunk.as_ptr(), (&mut s as *mut T).cast::<u8>(), size)
         };
         *d = d.add(s);
+    }
+}
+
+/// A pushed part as it arrived: raw elements, or packed by a gradient-compression codec.
+#[derive(Clone, Copy)]
+pub(crate) enum Pushed<'a> {
+    /// The elements, in the part's dtype.
+    Raw(&'a [u8]),
+    /// Quantised by the workers' codec; dequantised here.
+    Packed(&'a [u8], Codec),
+}
+
+impl Pushed<'_> {
+    /// `dst[:] = pushed`.
+    pub(crate) fn assign_to(self, dst: &mut NDArray) -> Result<(), String> {
+        match self {
+            Pushed::Raw(bytes) => copy_from_bytes(dst, bytes),
+            Pushed::Packed(bytes, codec) => codec
+                .dequantize_array(bytes, dst)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// `dst += pushed`.
+    pub(crate) fn add_to(self, dst: &mut NDArray) -> Result<(), String> {
+        match self {
+            Pushed::Raw(bytes) => add_from_bytes(dst, bytes),
+            Pushed::Packed(bytes, codec) => codec
+                .dequantize_add_array(bytes, dst)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A 1-D array of `elements` of `dtype` holding the pushed values.
+    pub(crate) fn to_array(self, dtype: DType, elements: usize) -> Result<NDArray, String> {
+        match self {
+            Pushed::Raw(bytes) => array_from_bytes(dtype, bytes),
+            Pushed::Packed(..) => {
+                let mut a = NDArray::zeros(&[elements], dtype);
+                self.assign_to(&mut a)?;
+                Ok(a)
+            }
+        }
+    }
+
+    /// An owned copy, for a push that waits for the next round.
+    pub(crate) fn to_owned(self) -> OwnedPush {
+        match self {
+            Pushed::Raw(b) => OwnedPush(b.to_vec(), None),
+            Pushed::Packed(b, codec) => OwnedPush(b.to_vec(), Some(codec)),
+        }
+    }
+}
+
+/// An owned [`Pushed`].
+pub(crate) struct OwnedPush(Vec<u8>, Option<Codec>);
+
+impl OwnedPush {
+    /// The borrowed form.
+    pub(crate) fn as_pushed(&self) -> Pushed<'_> {
+        match self.1 {
+            None => Pushed::Raw(&self.0),
+            Some(codec) => Pushed::Packed(&self.0, codec),
+        }
     }
 }
 

@@ -91,6 +91,8 @@ pub struct Connection {
     shared: Arc<Shared>,
     writer: Mutex<TcpStream>,
     next_id: AtomicU64,
+    /// Bytes written to the socket so far (headers included).
+    sent: AtomicU64,
     config: TransportConfig,
     reader: Option<JoinHandle<()>>,
 }
@@ -169,9 +171,15 @@ impl Connection {
             shared,
             writer: Mutex::new(stream),
             next_id: AtomicU64::new(1),
+            sent: AtomicU64::new(0),
             config,
             reader: Some(reader),
         })
+    }
+
+    /// Bytes this connection has written to its socket (frame headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// The peer: its address, and its node id once it has sent one.
@@ -248,6 +256,10 @@ impl Connection {
             let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             write_frame(&mut *w, &header, out.payload)
         };
+        if written.is_ok() {
+            self.sent
+                .fetch_add((HEADER_LEN + out.payload.len()) as u64, Ordering::Relaxed);
+        }
         if let Err(source) = written {
             self.shared.lock().pending.remove(&request_id);
             let err = TransportError::Io {

@@ -69,8 +69,8 @@ impl Answers {
 }
 
 impl DistStore {
-    /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i]`: key
-    /// `i`'s pushed bytes) and waits for every answer; returns the answers of a pull or
+    /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i][p]`: the
+    /// pushed bytes of part `p` of key `i`, flagged with `extra_flags`) and waits for every answer; returns the answers of a pull or
     /// pushpull. Callers enter by `priority` to send (see
     /// [`PriorityGate`](kvstore_base::PriorityGate)). Requests are waited for until the first
     /// lost server (see [`settle`]); a lost server is the error returned, else the first
@@ -80,7 +80,8 @@ impl DistStore {
         operation: &'static str,
         command: u32,
         metas: &[Arc<KeyMeta>],
-        data: Option<&[&[u8]]>,
+        data: Option<&[Vec<&[u8]>]>,
+        extra_flags: u16,
         priority: i32,
     ) -> Result<Option<Answers>> {
         let receive = command != protocol::CMD_PUSH;
@@ -96,11 +97,11 @@ impl DistStore {
                         continue;
                     }
                     let range = meta.byte_range(part);
-                    let payload = data.map_or(&[][..], |d| &d[i][range.clone()]);
+                    let payload = data.map_or(&[][..], |d| d[i][part]);
                     if range.len() > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
                         let pending = self
-                            .send(meta, part, command, payload, &what, receive)
+                            .send(meta, part, command, payload, extra_flags, &what, receive)
                             .map_err(self.transport_at(operation, &meta.key))?;
                         sent.push((Sent::One { meta: i, part }, pending));
                         continue;
@@ -111,13 +112,29 @@ impl DistStore {
                         || batch.len() >= protocol::BATCH_MAX_ITEMS
                     {
                         let items = std::mem::take(&mut batch);
-                        sent.push(self.send_batch(operation, command, server, metas, data, items)?);
+                        sent.push(self.send_batch(
+                            operation,
+                            command,
+                            server,
+                            metas,
+                            data,
+                            extra_flags,
+                            items,
+                        )?);
                         batch_bytes = 0;
                     }
                 }
             }
             if !batch.is_empty() {
-                sent.push(self.send_batch(operation, command, server, metas, data, batch)?);
+                sent.push(self.send_batch(
+                    operation,
+                    command,
+                    server,
+                    metas,
+                    data,
+                    extra_flags,
+                    batch,
+                )?);
             }
         }
         drop(pass);
@@ -197,25 +214,28 @@ impl DistStore {
         command: u32,
         server: usize,
         metas: &[Arc<KeyMeta>],
-        data: Option<&[&[u8]]>,
+        data: Option<&[Vec<&[u8]>]>,
+        extra_flags: u16,
         items: Vec<(usize, usize)>,
     ) -> Result<(Sent, Pending)> {
-        let table: Vec<BatchItem> = items
-            .iter()
-            .map(|&(i, part)| BatchItem {
-                wire: metas[i].wire,
-                part: part as u32,
-                flags: protocol::dtype_flag(metas[i].dtype),
-                len: metas[i].byte_range(part).len() as u64,
-            })
-            .collect();
         let chunks: Vec<&[u8]> = match data {
-            Some(d) => items
-                .iter()
-                .map(|&(i, part)| &d[i][metas[i].byte_range(part)])
-                .collect(),
+            Some(d) => items.iter().map(|&(i, part)| d[i][part]).collect(),
             None => Vec::new(),
         };
+        let table: Vec<BatchItem> = items
+            .iter()
+            .enumerate()
+            .map(|(n, &(i, part))| BatchItem {
+                wire: metas[i].wire,
+                part: part as u32,
+                flags: protocol::dtype_flag(metas[i].dtype) | extra_flags,
+                // Pushed bytes (maybe compressed), else the bytes expected back.
+                len: chunks
+                    .get(n)
+                    .map_or(metas[i].byte_range(part).len(), |c| c.len())
+                    as u64,
+            })
+            .collect();
         let payload = BatchItem::encode(&table, &chunks);
         let what = format!("{operation} of {} keys (a batch)", items.len());
         let out = Outgoing::new(protocol::CMD_BATCH, &payload).aux(u64::from(command));

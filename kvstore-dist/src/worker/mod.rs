@@ -31,14 +31,16 @@
 mod exchange;
 mod keys;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvstore_base::{
-    Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, PriorityGate, Result, StorageType,
+    Capability, CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyGroup,
+    KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
 };
+use kvstore_compression::{Codec, CompressionSpec};
 
 use self::keys::{KeyMeta, KeyTable};
 use crate::cluster::Group;
@@ -57,6 +59,10 @@ pub struct DistStore {
     node: Mutex<Option<Node>>,
     servers: Vec<Arc<Connection>>,
     keys: Mutex<KeyTable>,
+    /// The gradient-compression codec, once set.
+    codec: Mutex<Option<Codec>>,
+    /// Quantisation residuals by key wire id (whole keys; parts index into them).
+    residuals: Mutex<HashMap<u64, Vec<f32>>>,
     /// Calls send their messages in priority order.
     send_gate: PriorityGate,
     /// Set once an optimizer runs on the servers.
@@ -91,24 +97,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// A value ready to send: the caller's own bytes, or a summed / standardised copy.
 enum Outbound<'a> {
-    Borrowed(&'a [u8]),
+    Borrowed(&'a NDArray),
     Owned(NDArray),
 }
 
 impl Outbound<'_> {
-    fn bytes(&self) -> &[u8] {
+    /// The array: dense and contiguous.
+    fn array(&self) -> &NDArray {
         match self {
-            Outbound::Borrowed(b) => b,
-            Outbound::Owned(a) => a.as_bytes().expect("owned copies are dense and contiguous"),
+            Outbound::Borrowed(a) => a,
+            Outbound::Owned(a) => a,
         }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.array()
+            .as_bytes()
+            .expect("outbound arrays are dense and contiguous")
     }
 }
 
 /// The sum of a key's values (one per device) as bytes in the key's layout.
 fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
     if let [single] = values {
-        if let Some(bytes) = single.as_bytes() {
-            return Ok(Outbound::Borrowed(bytes));
+        if single.as_bytes().is_some() {
+            return Ok(Outbound::Borrowed(single));
         }
     }
     let mut sum = NDArray::zeros(values[0].shape(), values[0].dtype());
@@ -170,6 +183,8 @@ impl DistStore {
             node: Mutex::new(Some(node)),
             servers,
             keys: Mutex::new(KeyTable::default()),
+            codec: Mutex::new(None),
+            residuals: Mutex::new(HashMap::new()),
             send_gate: PriorityGate::default(),
             optimizer: AtomicBool::new(false),
         })
@@ -254,13 +269,14 @@ impl DistStore {
         part: usize,
         command: u32,
         payload: &[u8],
+        extra_flags: u16,
         what: &str,
         receive: bool,
     ) -> std::result::Result<Pending, TransportError> {
         let out = Outgoing::new(command, payload)
             .key(meta.wire)
             .aux(part as u64)
-            .flags(protocol::dtype_flag(meta.dtype));
+            .flags(protocol::dtype_flag(meta.dtype) | extra_flags);
         let conn = &self.servers[meta.parts[part].server];
         if receive {
             conn.send_into(out, what, meta.take_buffer())
@@ -317,7 +333,7 @@ impl DistStore {
                 }
                 let what = format!("{operation} of key {}", g.key);
                 let p = self
-                    .send(meta, part, protocol::CMD_INIT, &payload, &what, false)
+                    .send(meta, part, protocol::CMD_INIT, &payload, 0, &what, false)
                     .map_err(self.transport_at(operation, &g.key))?;
                 pending.push((&g.key, p));
             }
@@ -350,6 +366,13 @@ impl DistStore {
         if let Some(outs) = outs.as_deref() {
             self.check_outs(operation, outs)?;
         }
+        let codec = *lock(&self.codec);
+        if codec.is_some() {
+            for (KeyGroup { key, positions }, meta) in groups.iter().zip(&metas) {
+                check_compressible(meta, positions.iter().map(|&p| values.values()[p]))
+                    .map_err(self.at(operation, key))?;
+            }
+        }
         let mut payloads = Vec::with_capacity(groups.len());
         for KeyGroup { key, positions } in &groups {
             let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
@@ -360,14 +383,84 @@ impl DistStore {
         } else {
             protocol::CMD_PUSH
         };
-        let data: Vec<&[u8]> = payloads.iter().map(Outbound::bytes).collect();
-        let answers = self.exchange(operation, command, &metas, Some(&data), priority)?;
+        let packed;
+        let (data, flags): (Vec<Vec<&[u8]>>, u16) = match codec {
+            Some(codec) => {
+                packed = self.quantize(codec, &metas, &payloads);
+                let data = packed
+                    .iter()
+                    .map(|parts| parts.iter().map(Vec::as_slice).collect())
+                    .collect();
+                (data, protocol::FLAG_COMPRESSED)
+            }
+            None => {
+                let data = payloads
+                    .iter()
+                    .zip(&metas)
+                    .map(|(p, m)| {
+                        (0..m.parts.len())
+                            .map(|part| &p.bytes()[m.byte_range(part)])
+                            .collect()
+                    })
+                    .collect();
+                (data, 0)
+            }
+        };
+        let answers = self.exchange(operation, command, &metas, Some(&data), flags, priority)?;
         if let (Some(outs), Some(answers)) = (outs, answers) {
             let written = self.write_outs(operation, &metas, &answers, outs, true);
             answers.recycle(&metas);
             written?;
         }
         Ok(())
+    }
+
+    /// Quantises every part of every key against the key's residual (kept per key on this
+    /// worker, zero at first).
+    fn quantize(
+        &self,
+        codec: Codec,
+        metas: &[Arc<KeyMeta>],
+        payloads: &[Outbound<'_>],
+    ) -> Vec<Vec<Vec<u8>>> {
+        let mut residuals = lock(&self.residuals);
+        metas
+            .iter()
+            .zip(payloads)
+            .map(|(meta, payload)| {
+                let residual = residuals
+                    .entry(meta.wire)
+                    .or_insert_with(|| vec![0.0; meta.shape.iter().product()]);
+                let value = payload.array();
+                meta.parts
+                    .iter()
+                    .map(|p| {
+                        let mut out = vec![0u8; codec.compressed_len(p.end - p.start)];
+                        let r = &mut residual[p.start..p.end];
+                        let done = match value.dtype() {
+                            DType::F16 => codec.quantize_f16(
+                                &value.as_slice::<half::f16>().expect("contiguous")[p.start..p.end],
+                                r,
+                                &mut out,
+                            ),
+                            _ => codec.quantize(
+                                &value.as_slice::<f32>().expect("checked: float32")[p.start..p.end],
+                                r,
+                                &mut out,
+                            ),
+                        };
+                        done.expect("lengths computed from the same part");
+                        out
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Bytes written to the servers so far (frame headers included): what pushes cost on the
+    /// wire, with or without gradient compression.
+    pub fn bytes_sent(&self) -> u64 {
+        self.servers.iter().map(|c| c.bytes_sent()).sum()
     }
 
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
@@ -416,7 +509,7 @@ impl DistStore {
         let metas = self.metas(operation, &keys)?;
         self.check_outs(operation, outs)?;
         let answers = self
-            .exchange(operation, protocol::CMD_PULL, &metas, None, priority)?
+            .exchange(operation, protocol::CMD_PULL, &metas, None, 0, priority)?
             .expect("a pull has answers");
         let written = self.write_outs(operation, &metas, &answers, outs, ignore_sparse);
         answers.recycle(&metas);
@@ -631,6 +724,7 @@ impl KVStoreBase for DistStore {
                         part,
                         protocol::CMD_ROW_SPARSE_PULL,
                         &request.encode(),
+                        0,
                         &what,
                         false,
                     )
@@ -723,6 +817,35 @@ impl KVStoreBase for DistStore {
         self.worker_barrier()
     }
 
+    fn set_gradient_compression(&self, params: &CompressionParams) -> Result<()> {
+        // Every worker checks the parameters (and quantises its own pushes); rank 0 tells the
+        // servers, which dequantise; the barrier keeps any compressed push from reaching a
+        // server before the codec does.
+        let spec = CompressionSpec::from_params(params)?;
+        let sent = if self.rank == 0 {
+            let json = serde_json::to_vec(params).map_err(|e| {
+                Error::InvalidArgument(format!("the compression parameters cannot be encoded: {e}"))
+            })?;
+            self.to_all_servers(
+                protocol::CMD_SET_COMPRESSION,
+                0,
+                &json,
+                "set_gradient_compression",
+            )
+        } else {
+            Ok(())
+        };
+        let met = self.worker_barrier();
+        sent.and(met)?;
+        let codec = spec.codec();
+        let mut current = lock(&self.codec);
+        if *current != Some(codec) {
+            lock(&self.residuals).clear();
+        }
+        *current = Some(codec);
+        Ok(())
+    }
+
     fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
         // As MXNet: rank 0 sends, every server executes and answers.
         if self.rank != 0 {
@@ -763,4 +886,23 @@ impl Drop for DistStore {
             }
         }
     }
+}
+
+/// Checks that a key's pushed values can be compressed: dense float32 or float16 (MXNet:
+/// float32 only, dense only).
+fn check_compressible<'a>(meta: &KeyMeta, values: impl Iterator<Item = &'a NDArray>) -> Result<()> {
+    if !matches!(meta.dtype, DType::F32 | DType::F16) {
+        return Err(Error::InvalidArgument(format!(
+            "gradient compression supports float32 and float16 values, not {}",
+            meta.dtype
+        )));
+    }
+    for v in values {
+        if v.storage_type() == StorageType::RowSparse {
+            return Err(Error::InvalidArgument(
+                "gradient compression for row_sparse storage type is not supported".into(),
+            ));
+        }
+    }
+    Ok(())
 }
