@@ -15,6 +15,16 @@ use crate::transport::{Outgoing, Pending, Response, TransportError};
 
 type Outcome = std::result::Result<Response, TransportError>;
 
+/// What a call sends: the command, the keys, their pushed parts and the flags to add.
+#[derive(Clone, Copy)]
+struct Call<'a, 'd> {
+    operation: &'static str,
+    command: u32,
+    metas: &'a [Arc<KeyMeta>],
+    data: Option<&'a [Vec<&'d [u8]>]>,
+    extra_flags: u16,
+}
+
 /// What one sent message covers: a single part, or the parts of a batch in item order.
 enum Sent {
     One { meta: usize, part: usize },
@@ -85,6 +95,13 @@ impl DistStore {
         priority: i32,
     ) -> Result<Option<Answers>> {
         let receive = command != protocol::CMD_PUSH;
+        let call = Call {
+            operation,
+            command,
+            metas,
+            data,
+            extra_flags,
+        };
         let mut sent: Vec<(Sent, Pending)> = Vec::new();
         // Calls go out on the wire in priority order; answers are awaited outside the gate.
         let pass = self.send_gate.enter(priority);
@@ -112,29 +129,13 @@ impl DistStore {
                         || batch.len() >= protocol::BATCH_MAX_ITEMS
                     {
                         let items = std::mem::take(&mut batch);
-                        sent.push(self.send_batch(
-                            operation,
-                            command,
-                            server,
-                            metas,
-                            data,
-                            extra_flags,
-                            items,
-                        )?);
+                        sent.push(self.send_batch(&call, server, items)?);
                         batch_bytes = 0;
                     }
                 }
             }
             if !batch.is_empty() {
-                sent.push(self.send_batch(
-                    operation,
-                    command,
-                    server,
-                    metas,
-                    data,
-                    extra_flags,
-                    batch,
-                )?);
+                sent.push(self.send_batch(&call, server, batch)?);
             }
         }
         drop(pass);
@@ -210,14 +211,17 @@ impl DistStore {
 
     fn send_batch(
         &self,
-        operation: &'static str,
-        command: u32,
+        call: &Call<'_, '_>,
         server: usize,
-        metas: &[Arc<KeyMeta>],
-        data: Option<&[Vec<&[u8]>]>,
-        extra_flags: u16,
         items: Vec<(usize, usize)>,
     ) -> Result<(Sent, Pending)> {
+        let Call {
+            operation,
+            command,
+            metas,
+            data,
+            extra_flags,
+        } = *call;
         let chunks: Vec<&[u8]> = match data {
             Some(d) => items.iter().map(|&(i, part)| d[i][part]).collect(),
             None => Vec::new(),
