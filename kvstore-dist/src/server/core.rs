@@ -97,6 +97,9 @@ struct Entry {
     waiters: Vec<Waiter>,
     round_started: Option<Instant>,
     queued: VecDeque<Queued>,
+    /// Why the last round failed, for each worker whose acknowledged push it lost and that has
+    /// not been told yet: its next pull of the part fails with it.
+    failed: Vec<Option<String>>,
 }
 
 /// The server's state, shared by every connection's thread.
@@ -377,6 +380,7 @@ impl Core {
                             waiters: Vec::new(),
                             round_started: None,
                             queued: VecDeque::new(),
+                            failed: vec![None; self.num_workers as usize],
                         }))
                     }),
             )
@@ -674,16 +678,12 @@ impl Core {
             }
         };
         let waiters = std::mem::take(&mut e.waiters);
-        e.pushed.iter_mut().for_each(|p| *p = false);
         e.round_started = None;
         match outcome {
             Ok(()) => reply_all(waiters, e.value.as_ref().expect("set").as_bytes()),
-            Err(msg) => {
-                for w in waiters {
-                    w.answer.fail(&msg);
-                }
-            }
+            Err(msg) => fail_waiters(e, waiters, &msg),
         }
+        e.pushed.iter_mut().for_each(|p| *p = false);
     }
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the
@@ -726,6 +726,10 @@ impl Core {
         };
         let mut e = lock(&entry);
         if let Some(rank) = rank {
+            if let Some(why) = e.failed[rank as usize].take() {
+                answer.fail(&why);
+                return;
+            }
             if e.round_started.is_some() && e.pushed[rank as usize] {
                 e.waiters.push(Waiter {
                     rank,
@@ -860,14 +864,27 @@ impl Core {
 
 /// Fails every push of the current round with `msg` and starts afresh.
 fn fail_round(e: &mut Entry, msg: &str) {
-    for w in e.waiters.drain(..) {
-        w.answer.fail(msg);
-    }
+    let waiters = std::mem::take(&mut e.waiters);
+    fail_waiters(e, waiters, msg);
     for q in e.queued.drain(..) {
         q.waiter.answer.fail(msg);
     }
     e.pushed.iter_mut().for_each(|p| *p = false);
     e.round_started = None;
+}
+
+/// Fails the waiters of a round that pushed in it, and remembers the failure for the workers
+/// whose push was acknowledged but that are not waiting now (their next pull reports it).
+fn fail_waiters(e: &mut Entry, waiters: Vec<Waiter>, msg: &str) {
+    for (rank, pushed) in e.pushed.iter().enumerate() {
+        if *pushed {
+            e.failed[rank] = Some(msg.to_string());
+        }
+    }
+    for w in waiters {
+        e.failed[w.rank as usize] = None;
+        w.answer.fail(msg);
+    }
 }
 
 /// Answers the pushes of a round: the value to those that asked for it, an empty

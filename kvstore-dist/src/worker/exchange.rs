@@ -118,7 +118,13 @@ impl DistStore {
                     if range.len() > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
                         let pending = self
-                            .send(meta, part, command, payload, extra_flags, &what, receive)
+                            .send(
+                                meta,
+                                part,
+                                Outgoing::new(command, payload).flags(extra_flags),
+                                &what,
+                                receive,
+                            )
                             .map_err(self.transport_at(operation, &meta.key))?;
                         sent.push((Sent::One { meta: i, part }, pending));
                         continue;

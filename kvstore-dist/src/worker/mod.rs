@@ -263,20 +263,18 @@ impl DistStore {
             .collect()
     }
 
+    /// Sends `out` (command, payload, extra flags) about part `part` of `meta` to its server,
+    /// the answer read into a reused buffer when `receive`.
     fn send(
         &self,
         meta: &KeyMeta,
         part: usize,
-        command: u32,
-        payload: &[u8],
-        extra_flags: u16,
+        out: Outgoing<'_>,
         what: &str,
         receive: bool,
     ) -> std::result::Result<Pending, TransportError> {
-        let out = Outgoing::new(command, payload)
-            .key(meta.wire)
-            .aux(part as u64)
-            .flags(protocol::dtype_flag(meta.dtype) | extra_flags);
+        let flags = out.flags | protocol::dtype_flag(meta.dtype);
+        let out = out.key(meta.wire).aux(part as u64).flags(flags);
         let conn = &self.servers[meta.parts[part].server];
         if receive {
             conn.send_into(out, what, meta.take_buffer())
@@ -333,7 +331,13 @@ impl DistStore {
                 }
                 let what = format!("{operation} of key {}", g.key);
                 let p = self
-                    .send(meta, part, protocol::CMD_INIT, &payload, 0, &what, false)
+                    .send(
+                        meta,
+                        part,
+                        Outgoing::new(protocol::CMD_INIT, &payload),
+                        &what,
+                        false,
+                    )
                     .map_err(self.transport_at(operation, &g.key))?;
                 pending.push((&g.key, p));
             }
@@ -722,9 +726,7 @@ impl KVStoreBase for DistStore {
                     .send(
                         meta,
                         part,
-                        protocol::CMD_ROW_SPARSE_PULL,
-                        &request.encode(),
-                        0,
+                        Outgoing::new(protocol::CMD_ROW_SPARSE_PULL, &request.encode()),
                         &what,
                         false,
                     )
