@@ -108,41 +108,24 @@ fn create_async(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStore
     DistStore::from_request(request, Mode::Async)
 }
 
-kvstore_base::register!(
-    "dist_sync",
-    create_sync,
-    aliases = ["dist"],
-    capabilities = [
-        Capability::Optimizer,
-        Capability::InitPushPull,
-        Capability::GradientCompression,
-        Capability::RowSparse,
-        Capability::Distributed
-    ]
-);
+/// Registers one dist store with the capabilities every dist store has.
+macro_rules! register_dist {
+    ($name:literal, $factory:ident, $alias:literal) => {
+        kvstore_base::register!(
+            $name,
+            $factory,
+            aliases = [$alias],
+            capabilities = [
+                Capability::Optimizer,
+                Capability::InitPushPull,
+                Capability::GradientCompression,
+                Capability::RowSparse,
+                Capability::Distributed
+            ]
+        );
+    };
+}
 
-kvstore_base::register!(
-    "dist_device_sync",
-    create_sync,
-    aliases = ["dist_sync_device"],
-    capabilities = [
-        Capability::Optimizer,
-        Capability::InitPushPull,
-        Capability::GradientCompression,
-        Capability::RowSparse,
-        Capability::Distributed
-    ]
-);
-
-kvstore_base::register!(
-    "dist_async",
-    create_async,
-    aliases = ["dist_async_device"],
-    capabilities = [
-        Capability::Optimizer,
-        Capability::InitPushPull,
-        Capability::GradientCompression,
-        Capability::RowSparse,
-        Capability::Distributed
-    ]
-);
+register_dist!("dist_sync", create_sync, "dist");
+register_dist!("dist_device_sync", create_sync, "dist_sync_device");
+register_dist!("dist_async", create_async, "dist_async_device");

@@ -360,26 +360,6 @@ fn sparse_sum(arrays: &[&NDArray]) -> Result<NDArray> {
 }
 
 /// Unique, sorted row ids from a dense array of any dtype (MXNet casts them to int64).
-fn unique_row_ids(ids: &NDArray, rows: usize) -> Result<Vec<i64>> {
-    if ids.storage_type() != StorageType::Dense {
-        return Err(Error::InvalidArgument(
-            "row ids must be a dense array".into(),
-        ));
-    }
-    let mut out = Vec::with_capacity(ids.size());
-    for v in ids.to_f64_vec() {
-        if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
-            return Err(Error::InvalidArgument(format!(
-                "row id {v} is not an integer in 0..{rows}"
-            )));
-        }
-        out.push(v as i64);
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
 impl KVStoreBase for LocalStore {
     fn type_name(&self) -> &str {
         &self.name
@@ -509,7 +489,7 @@ impl KVStoreBase for LocalStore {
                     )));
                 }
                 stored.check_shape_of(out, &format!("output {i}"))?;
-                let ids = unique_row_ids(row_ids[i], stored.shape()[0])?;
+                let ids = row_ids[i].unique_row_ids(stored.shape()[0])?;
                 Ok(stored.retain_rows(&ids)?.astype(out.dtype()))
             })()
             .map_err(at)?;

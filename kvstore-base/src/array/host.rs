@@ -226,3 +226,28 @@ pub(crate) fn host_bytes_mut(host: &mut HostArray) -> Option<&mut [u8]> {
         }
     }))
 }
+
+/// `dst += bytes` element-wise (`bytes` holds `dst.len()` elements in native byte order, at
+/// any alignment).
+pub(crate) fn add_from_bytes<T: Element>(dst: &mut [T], bytes: &[u8]) {
+    // SAFETY: `T` is a plain number type (f32, f64, f16, bf16, i32, i64, u8) for which every
+    // bit pattern is a valid value; `align_to` only returns a middle slice of correctly
+    // aligned, whole elements inside `bytes`.
+    let (head, mid, _) = unsafe { bytes.align_to::<T>() };
+    if head.is_empty() && mid.len() == dst.len() {
+        for (d, s) in dst.iter_mut().zip(mid) {
+            *d = d.add(*s);
+        }
+        return;
+    }
+    // A misaligned buffer: read each element through a copy.
+    let size = std::mem::size_of::<T>();
+    for (d, chunk) in dst.iter_mut().zip(bytes.chunks_exact(size)) {
+        let mut s = T::ZERO;
+        // SAFETY: `s` is a valid `T` of `size` bytes; any bytes form a valid `T` (see above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(chunk.as_ptr(), (&mut s as *mut T).cast::<u8>(), size)
+        };
+        *d = d.add(s);
+    }
+}

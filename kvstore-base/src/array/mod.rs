@@ -4,6 +4,7 @@ mod context;
 mod host;
 
 pub use context::{Context, StorageType};
+use host::add_from_bytes;
 use host::{gather_rows, scatter_rows, with_host};
 pub(crate) use host::{host_bytes, host_bytes_mut};
 pub use host::{HostArray, HostElement};
@@ -153,6 +154,82 @@ impl NDArray {
             .expect("a fresh dense array is contiguous")
             .copy_from_slice(bytes);
         Ok(array)
+    }
+
+    /// `self += bytes`, where `bytes` holds this array's elements in its dtype (native byte
+    /// order, row-major), e.g. a payload received from the network: MXNet's addition for the
+    /// dtype, as [`add_assign`](NDArray::add_assign). Any alignment of `bytes` is accepted.
+    ///
+    /// ```
+    /// use kvstore_base::NDArray;
+    ///
+    /// let mut a = NDArray::from_vec(&[2], vec![1.0f32, 2.0]).unwrap();
+    /// let b = NDArray::from_vec(&[2], vec![0.5f32, 0.25]).unwrap();
+    /// a.add_bytes(b.as_bytes().unwrap()).unwrap();
+    /// assert_eq!(a.to_vec::<f32>().unwrap(), vec![1.5, 2.25]);
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when this array is not dense and contiguous or `bytes` is not
+    /// exactly its size; nothing is written then.
+    pub fn add_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let want = self.size() * self.dtype().size_of();
+        if bytes.len() != want {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes cannot be added to {} elements of {} ({want} bytes)",
+                bytes.len(),
+                self.size(),
+                self.dtype()
+            )));
+        }
+        let Data::Dense(host) = &mut self.data else {
+            return Err(Error::InvalidArgument(
+                "bytes can only be added to a dense array".into(),
+            ));
+        };
+        with_host!(host, a => match a.as_slice_mut() {
+            Some(dst) => {
+                add_from_bytes(dst, bytes);
+                Ok(())
+            }
+            None => Err(Error::InvalidArgument(
+                "bytes can only be added to a contiguous array".into(),
+            )),
+        })
+    }
+
+    /// The sorted, unique row ids that this array holds (a dense array of integer-valued
+    /// numbers, as `row_sparse_pull` takes them), each checked to be in `0..rows`.
+    ///
+    /// ```
+    /// use kvstore_base::NDArray;
+    ///
+    /// let ids = NDArray::from_vec(&[3], vec![3i64, 0, 3]).unwrap();
+    /// assert_eq!(ids.unique_row_ids(4).unwrap(), vec![0, 3]);
+    /// assert!(ids.unique_row_ids(3).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a row-sparse array or an id that is not an integer in
+    /// `0..rows`.
+    pub fn unique_row_ids(&self, rows: usize) -> Result<Vec<i64>> {
+        if self.storage_type() != StorageType::Dense {
+            return Err(Error::InvalidArgument(
+                "row ids must be a dense array".into(),
+            ));
+        }
+        let mut out = Vec::with_capacity(self.size());
+        for v in self.to_f64_vec() {
+            if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
+                return Err(Error::InvalidArgument(format!(
+                    "row id {v} is not an integer in 0..{rows}"
+                )));
+            }
+            out.push(v as i64);
+        }
+        out.sort_unstable();
+        out.dedup();
+        Ok(out)
     }
 
     /// The elements of a dense, standard-layout (row-major, contiguous) host array as bytes

@@ -1,44 +1,7 @@
 //! Element-wise work on received payloads: copy into and add into a typed array.
 
-use kvstore_base::{DType, Element, NDArray};
+use kvstore_base::{DType, NDArray};
 use kvstore_compression::Codec;
-
-/// Runs `$body` with `$T` bound to the element type of `$dtype`.
-macro_rules! with_element {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            DType::F16 => {
-                type $T = half::f16;
-                $body
-            }
-            DType::BF16 => {
-                type $T = half::bf16;
-                $body
-            }
-            DType::I32 => {
-                type $T = i32;
-                $body
-            }
-            DType::I64 => {
-                type $T = i64;
-                $body
-            }
-            DType::U8 => {
-                type $T = u8;
-                $body
-            }
-            other => return Err(format!("dtype {other} is not supported by the servers")),
-        }
-    };
-}
 
 /// Checks that `bytes` holds exactly the elements of `dst`.
 fn check_len(dst: &NDArray, bytes: &[u8]) -> Result<(), String> {
@@ -66,33 +29,7 @@ pub(crate) fn copy_from_bytes(dst: &mut NDArray, bytes: &[u8]) -> Result<(), Str
 /// `dst += bytes` element-wise in `dst`'s dtype, MXNet's addition for that type.
 pub(crate) fn add_from_bytes(dst: &mut NDArray, bytes: &[u8]) -> Result<(), String> {
     check_len(dst, bytes)?;
-    let dtype = dst.dtype();
-    let contiguous = "the stored part is not contiguous";
-    with_element!(dtype, T => add_typed::<T>(dst.as_slice_mut::<T>().ok_or(contiguous)?, bytes));
-    Ok(())
-}
-
-fn add_typed<T: Element>(dst: &mut [T], bytes: &[u8]) {
-    // SAFETY: `T` is a plain number type (f32, f64, f16, bf16, i32, i64, u8) for which every
-    // bit pattern is a valid value; `align_to` only returns a middle slice of correctly
-    // aligned, whole elements inside `bytes`.
-    let (head, mid, _) = unsafe { bytes.align_to::<T>() };
-    if head.is_empty() && mid.len() == dst.len() {
-        for (d, s) in dst.iter_mut().zip(mid) {
-            *d = d.add(*s);
-        }
-        return;
-    }
-    // A misaligned buffer: read each element through a copy.
-    let size = std::mem::size_of::<T>();
-    for (d, chunk) in dst.iter_mut().zip(bytes.chunks_exact(size)) {
-        let mut s = T::ZERO;
-        // SAFETY: `s` is a valid `T` of `size` bytes; any bytes form a valid `T` (see above).
-        unsafe {
-            std::ptr::copy_nonoverlapping(chunk.as_ptr(), (&mut s as *mut T).cast::<u8>(), size)
-        };
-        *d = d.add(s);
-    }
+    dst.add_bytes(bytes).map_err(|e| e.to_string())
 }
 
 /// A pushed part as it arrived: raw elements, or packed by a gradient-compression codec.

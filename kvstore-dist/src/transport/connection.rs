@@ -353,28 +353,8 @@ impl Pending {
         match self.rx.recv_timeout(slice.min(left)) {
             Ok(outcome) => Some(outcome),
             Err(RecvTimeoutError::Timeout) if slice < left => None,
-            Err(RecvTimeoutError::Timeout) => {
-                self.shared.lock().pending.remove(&self.request_id);
-                Some(self.rx.try_recv().unwrap_or_else(|_| {
-                    Err(TransportError::Timeout {
-                        peer: self.shared.peer(),
-                        request_id: self.request_id,
-                        what: self.what.clone(),
-                        timeout: self.timeout,
-                    })
-                }))
-            }
-            Err(RecvTimeoutError::Disconnected) => Some(Err(TransportError::PeerClosed {
-                peer: self.shared.peer(),
-                request_id: self.request_id,
-                reason: self
-                    .shared
-                    .lock()
-                    .closed
-                    .clone()
-                    .unwrap_or_else(|| "the request was dropped".to_string()),
-                what: self.what.clone(),
-            })),
+            Err(RecvTimeoutError::Timeout) => Some(self.timed_out(self.timeout)),
+            Err(RecvTimeoutError::Disconnected) => Some(Err(self.closed())),
         }
     }
 
@@ -386,30 +366,36 @@ impl Pending {
     fn wait_for(self, left: Duration, reported: Duration) -> Outcome {
         match self.rx.recv_timeout(left) {
             Ok(outcome) => outcome,
-            Err(RecvTimeoutError::Timeout) => {
-                // Withdraw the request; a response that raced in is still taken.
-                self.shared.lock().pending.remove(&self.request_id);
-                match self.rx.try_recv() {
-                    Ok(outcome) => outcome,
-                    Err(_) => Err(TransportError::Timeout {
-                        peer: self.shared.peer(),
-                        request_id: self.request_id,
-                        what: self.what,
-                        timeout: reported,
-                    }),
-                }
-            }
-            Err(RecvTimeoutError::Disconnected) => Err(TransportError::PeerClosed {
+            Err(RecvTimeoutError::Timeout) => self.timed_out(reported),
+            Err(RecvTimeoutError::Disconnected) => Err(self.closed()),
+        }
+    }
+
+    /// Withdraws the request after its time is up; a response that raced in is still taken.
+    fn timed_out(&self, reported: Duration) -> Outcome {
+        self.shared.lock().pending.remove(&self.request_id);
+        self.rx.try_recv().unwrap_or_else(|_| {
+            Err(TransportError::Timeout {
                 peer: self.shared.peer(),
                 request_id: self.request_id,
-                reason: self
-                    .shared
-                    .lock()
-                    .closed
-                    .clone()
-                    .unwrap_or_else(|| "the request was dropped".to_string()),
-                what: self.what,
-            }),
+                what: self.what.clone(),
+                timeout: reported,
+            })
+        })
+    }
+
+    /// The error of a request whose connection ended.
+    fn closed(&self) -> TransportError {
+        TransportError::PeerClosed {
+            peer: self.shared.peer(),
+            request_id: self.request_id,
+            reason: self
+                .shared
+                .lock()
+                .closed
+                .clone()
+                .unwrap_or_else(|| "the request was dropped".to_string()),
+            what: self.what.clone(),
         }
     }
 }

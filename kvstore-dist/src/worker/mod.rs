@@ -587,27 +587,6 @@ fn backend(store: &str, e: impl std::error::Error + Send + Sync + 'static) -> Er
     }
 }
 
-/// Sorted, unique row ids of `ids`, each in `0..rows`.
-fn unique_row_ids(ids: &NDArray, rows: usize) -> Result<Vec<i64>> {
-    if ids.storage_type() != StorageType::Dense {
-        return Err(Error::InvalidArgument(
-            "row ids must be a dense array".into(),
-        ));
-    }
-    let mut out = Vec::with_capacity(ids.size());
-    for v in ids.to_f64_vec() {
-        if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
-            return Err(Error::InvalidArgument(format!(
-                "row id {v} is not an integer in 0..{rows}"
-            )));
-        }
-        out.push(v as i64);
-    }
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
 impl KVStoreBase for DistStore {
     fn type_name(&self) -> &str {
         &self.name
@@ -707,7 +686,7 @@ impl KVStoreBase for DistStore {
                     )));
                 }
                 meta.check_out(out, &format!("output {i}"))?;
-                unique_row_ids(row_ids[i], meta.shape[0])
+                row_ids[i].unique_row_ids(meta.shape[0])
             })()
             .map_err(at)?;
             requests.push(ids);
