@@ -15,6 +15,11 @@ use crate::transport::{Outgoing, Pending, Response, TransportError};
 
 type Outcome = std::result::Result<Response, TransportError>;
 
+/// Parts of at least this many bytes are copied into the outputs with streaming stores.
+const STREAM_BYTES: usize = 1 << 20;
+/// Threads that copy one big part.
+const COPY_THREADS: usize = 1;
+
 /// What a call sends: the command, the keys, their pushed parts and the flags to add.
 #[derive(Clone, Copy)]
 struct Call<'a, 'd> {
@@ -52,7 +57,7 @@ impl Answers {
         if out.storage_type() == StorageType::Dense && out.dtype() == meta.dtype {
             if let Some(bytes) = out.as_bytes_mut() {
                 for part in 0..meta.parts.len() {
-                    bytes[meta.byte_range(part)].copy_from_slice(self.part(i, part));
+                    copy_bytes(&mut bytes[meta.byte_range(part)], self.part(i, part));
                 }
                 return Ok(());
             }
@@ -327,4 +332,14 @@ pub(crate) fn is_loss(e: &TransportError) -> bool {
             | TransportError::Io { .. }
             | TransportError::Connect { .. }
     )
+}
+
+/// `dst.copy_from_slice(src)`, big copies with cache-bypassing stores (as `local` writes its
+/// pulls): received parts into outputs, pushed parts into a server's merge buffer.
+pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
+    let config = kvstore_local::reduce::ReduceConfig {
+        threads: COPY_THREADS,
+        bigarray_bound: STREAM_BYTES,
+    };
+    kvstore_local::reduce::broadcast_slices(vec![dst], src, &config);
 }
