@@ -20,10 +20,9 @@ fn check_len(dst: &NDArray, bytes: &[u8]) -> Result<(), String> {
 /// `dst[:] = bytes` (same dtype, native byte order).
 pub(crate) fn copy_from_bytes(dst: &mut NDArray, bytes: &[u8]) -> Result<(), String> {
     check_len(dst, bytes)?;
-    let out = dst
-        .as_bytes_mut()
-        .ok_or("the stored part is not contiguous")?;
-    crate::worker::copy_bytes(out, bytes);
+    dst.as_bytes_mut()
+        .ok_or("the stored part is not contiguous")?
+        .copy_from_slice(bytes);
     Ok(())
 }
 

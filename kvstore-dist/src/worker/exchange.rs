@@ -16,7 +16,7 @@ use crate::transport::{Outgoing, Pending, Response, TransportError};
 type Outcome = std::result::Result<Response, TransportError>;
 
 /// Parts of at least this many bytes are copied into the outputs with streaming stores.
-const STREAM_BYTES: usize = 1 << 20;
+const STREAM_BYTES: usize = 16 << 20;
 /// Threads that copy one big part.
 const COPY_THREADS: usize = 1;
 
@@ -335,8 +335,8 @@ pub(crate) fn is_loss(e: &TransportError) -> bool {
 }
 
 /// `dst.copy_from_slice(src)`, big copies with cache-bypassing stores (as `local` writes its
-/// pulls): received parts into outputs, pushed parts into a server's merge buffer.
-pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
+/// pulls): received parts into outputs, which this worker does not read back.
+fn copy_bytes(dst: &mut [u8], src: &[u8]) {
     let config = kvstore_local::reduce::ReduceConfig {
         threads: COPY_THREADS,
         bigarray_bound: STREAM_BYTES,

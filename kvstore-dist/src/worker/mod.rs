@@ -31,8 +31,6 @@
 mod exchange;
 mod keys;
 
-pub(crate) use exchange::copy_bytes;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
