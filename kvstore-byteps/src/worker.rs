@@ -1,0 +1,966 @@
+//! [`BytePsStore`]: the worker side of the `byteps` store.
+
+use std::collections::HashMap;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use kvstore_base::{
+    Capability, CreateRequest, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
+    OptimizerSpec, Result, StorageType,
+};
+use kvstore_dist::cluster::Group;
+use kvstore_dist::protocol::{self, InitMeta, Mode};
+use kvstore_dist::transport::{Connection, Outgoing, Pending, Response, TransportError};
+use kvstore_dist::{DistConfig, DistFile, DistStore, Node, Role};
+
+use crate::partition::{self, Partition, DEFAULT_PARTITION_BYTES};
+use crate::schedule::CreditScheduler;
+
+/// The variable (or create option) with the partition size in bytes.
+pub const PARTITION_BYTES_VAR: &str = "BYTEPS_PARTITION_BYTES";
+/// The variable (or create option) with the scheduling credit, in partitions (0: none).
+pub const SCHEDULING_CREDIT_VAR: &str = "BYTEPS_SCHEDULING_CREDIT";
+/// The variable (or create option) that turns on asynchronous mode.
+pub const ENABLE_ASYNC_VAR: &str = "BYTEPS_ENABLE_ASYNC";
+
+/// The BytePS settings of a worker, from `BYTEPS_*` variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BytePsConfig {
+    /// `BYTEPS_PARTITION_BYTES` (default 4,096,000): the most bytes of one partition.
+    pub partition_bytes: usize,
+    /// `BYTEPS_SCHEDULING_CREDIT` (default 0): partitions in flight at once; 0 sends every
+    /// partition of a call at once, without priority scheduling.
+    pub scheduling_credit: usize,
+    /// `BYTEPS_ENABLE_ASYNC` (default off): servers add each push into the stored value at once.
+    pub asynchronous: bool,
+}
+
+impl Default for BytePsConfig {
+    fn default() -> Self {
+        BytePsConfig {
+            partition_bytes: DEFAULT_PARTITION_BYTES,
+            scheduling_credit: 0,
+            asynchronous: false,
+        }
+    }
+}
+
+impl BytePsConfig {
+    /// Reads the `BYTEPS_*` variables of `vars` (unset ones keep their defaults).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming a variable whose value is not valid.
+    pub fn from_vars(vars: &HashMap<String, String>) -> Result<BytePsConfig> {
+        let mut c = BytePsConfig::default();
+        let bad = |var: &str, value: &str, want: &str| {
+            Error::InvalidArgument(format!("{var}={value:?}: expected {want}"))
+        };
+        if let Some(v) = vars.get(PARTITION_BYTES_VAR) {
+            c.partition_bytes = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+                .ok_or_else(|| bad(PARTITION_BYTES_VAR, v, "a positive number of bytes"))?;
+        }
+        if let Some(v) = vars.get(SCHEDULING_CREDIT_VAR) {
+            c.scheduling_credit = v
+                .trim()
+                .parse()
+                .map_err(|_| bad(SCHEDULING_CREDIT_VAR, v, "a number of partitions (0: off)"))?;
+        }
+        if let Some(v) = vars.get(ENABLE_ASYNC_VAR) {
+            c.asynchronous = match v.trim().to_ascii_lowercase().as_str() {
+                "" | "0" | "false" | "no" | "off" => false,
+                "1" | "true" | "yes" | "on" => true,
+                _ => return Err(bad(ENABLE_ASYNC_VAR, v, "0 or 1")),
+            };
+        }
+        Ok(c)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn backend(store: &str, e: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::Backend {
+        store: store.to_string(),
+        source: Box::new(e),
+    }
+}
+
+/// A declared tensor.
+#[derive(Debug)]
+struct Tensor {
+    key: Key,
+    dtype: kvstore_base::DType,
+    shape: Vec<usize>,
+    parts: Vec<Partition>,
+    /// Buffers that pulled partitions are received into, reused from call to call.
+    buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Tensor {
+    /// A receive buffer (a reused one when one is free).
+    fn take_buffer(&self) -> Vec<u8> {
+        lock(&self.buffers).pop().unwrap_or_default()
+    }
+
+    /// Returns receive buffers for reuse.
+    fn give_buffers(&self, buffers: Vec<Vec<u8>>) {
+        let mut pool = lock(&self.buffers);
+        for b in buffers {
+            if pool.len() < 2 * self.parts.len() && b.capacity() > 0 {
+                pool.push(b);
+            }
+        }
+    }
+
+    fn byte_range(&self, i: usize) -> std::ops::Range<usize> {
+        let size = self.dtype.size_of();
+        let e = &self.parts[i].elements;
+        e.start * size..e.end * size
+    }
+
+    fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
+        if value.shape() != self.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: what.to_string(),
+                expected: self.shape.clone(),
+                found: value.shape().to_vec(),
+            });
+        }
+        if value.dtype() != self.dtype {
+            return Err(Error::DTypeMismatch {
+                what: what.to_string(),
+                expected: self.dtype,
+                found: value.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_out(&self, out: &NDArray, what: &str) -> Result<()> {
+        if out.shape() != self.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: what.to_string(),
+                expected: self.shape.clone(),
+                found: out.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// What every worker declares to the server of partition `i`: the user's key names a
+    /// single-partition tensor, `key.partN` one partition of a bigger one.
+    fn init_meta(&self, i: usize) -> InitMeta {
+        let key = if self.parts.len() == 1 {
+            self.key.clone()
+        } else {
+            Key::from(format!("{}.part{i}", self.key))
+        };
+        InitMeta {
+            dtype: self.dtype,
+            elements: self.parts[i].elements.len() as u64,
+            key,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    /// The first key declared: fixes int or string keys for the store's life.
+    kind: Option<Key>,
+    tensors: HashMap<Key, Arc<Tensor>>,
+    /// Tensors declared so far: the next one's declaration index.
+    declared: u64,
+}
+
+impl Table {
+    fn check_kind(&self, operation: &'static str, key: &Key) -> Result<()> {
+        match &self.kind {
+            Some(first) if !first.same_kind(key) => Err(Error::MixedKeyTypes {
+                operation,
+                first: first.clone(),
+                other: key.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A value ready to push: the caller's bytes, or the sum of a key's per-device values.
+enum Outbound<'a> {
+    Borrowed(&'a [u8]),
+    Owned(NDArray),
+}
+
+impl Outbound<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outbound::Borrowed(b) => b,
+            Outbound::Owned(a) => a.as_bytes().expect("a fresh array is contiguous"),
+        }
+    }
+}
+
+fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
+    if let [single] = values {
+        if let Some(b) = single.as_bytes() {
+            return Ok(Outbound::Borrowed(b));
+        }
+    }
+    let mut sum = NDArray::zeros(values[0].shape(), values[0].dtype());
+    sum.assign(&values[0].to_dense())?;
+    for v in &values[1..] {
+        sum.add_assign(&v.to_dense())?;
+    }
+    Ok(Outbound::Owned(sum))
+}
+
+/// Returns the receive buffers of a call's answers to their tensors.
+fn recycle(tensors: &[Arc<Tensor>], answers: Vec<Vec<Vec<u8>>>) {
+    for (t, buffers) in tensors.iter().zip(answers) {
+        t.give_buffers(buffers);
+    }
+}
+
+/// One partition of one tensor of a call.
+#[derive(Debug, Clone, Copy)]
+struct Task {
+    tensor: usize,
+    part: usize,
+}
+
+/// A worker of a `byteps` job (see the [crate docs](crate)).
+pub struct BytePsStore {
+    name: String,
+    config: BytePsConfig,
+    rank: u32,
+    num_workers: u32,
+    timeout: Duration,
+    node: Mutex<Option<Node>>,
+    servers: Vec<Connection>,
+    table: Mutex<Table>,
+    /// `Some` when `BYTEPS_SCHEDULING_CREDIT` is not 0.
+    scheduler: Option<CreditScheduler>,
+}
+
+impl std::fmt::Debug for BytePsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BytePsStore")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .field("rank", &self.rank)
+            .field("num_workers", &self.num_workers)
+            .field("servers", &self.servers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BytePsStore {
+    /// Joins the cluster of `dist` as a worker, connects to every server and says hello; in
+    /// asynchronous mode rank 0 then makes every server add pushes into the stored values, and
+    /// the workers meet in a barrier.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] when joining, connecting or saying hello fails or times out.
+    pub fn connect(name: &str, dist: &DistConfig, config: BytePsConfig) -> Result<BytePsStore> {
+        let mut dist = dist.clone();
+        dist.role = Role::Worker;
+        let node = Node::join(&dist).map_err(|e| backend(name, e))?;
+        let mut transport = dist.transport();
+        transport.node_id = node.id();
+        // A server's error (naming the workers a round waits for) arrives before our timeout.
+        transport.timeout = dist.timeout
+            + (dist.timeout / 4).min(Duration::from_secs(2))
+            + Duration::from_millis(100);
+        let mode = if config.asynchronous {
+            Mode::Async
+        } else {
+            Mode::Sync
+        };
+        let mut servers = Vec::new();
+        for server in node.servers() {
+            let conn = Connection::connect(server.addr.as_str(), transport.clone())
+                .map_err(|e| backend(name, e))?;
+            let answer = conn
+                .request(
+                    Outgoing::new(protocol::CMD_HELLO, name.as_bytes())
+                        .key(u64::from(node.rank()))
+                        .aux(mode.code()),
+                    &format!("hello from worker rank {}", node.rank()),
+                )
+                .map_err(|e| backend(name, e))?;
+            if answer.header.aux != u64::from(server.rank) {
+                return Err(Error::Backend {
+                    store: name.to_string(),
+                    source: format!(
+                        "{server} answered as server rank {}: the node table is inconsistent",
+                        answer.header.aux
+                    )
+                    .into(),
+                });
+            }
+            servers.push(conn);
+        }
+        let scheduler = (config.scheduling_credit > 0).then(|| {
+            CreditScheduler::new(
+                config
+                    .scheduling_credit
+                    .saturating_mul(config.partition_bytes),
+            )
+        });
+        let store = BytePsStore {
+            name: name.to_string(),
+            config,
+            rank: node.rank(),
+            num_workers: dist.num_workers,
+            timeout: transport.timeout,
+            node: Mutex::new(Some(node)),
+            servers,
+            table: Mutex::new(Table::default()),
+            scheduler,
+        };
+        if config.asynchronous {
+            store.make_servers_accumulate()?;
+        }
+        Ok(store)
+    }
+
+    /// The registry's factory: the dist configuration from the environment and the create
+    /// options (`DMLC_*`, `KVSTORE_*`, `KVSTORE_CONFIG`, as
+    /// [`DistStore::from_request`]), the `BYTEPS_*` variables from the same place.
+    ///
+    /// A process whose `DMLC_ROLE` is `server` or `scheduler` runs that role until the job ends
+    /// and then **exits**, as the dist stores do.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad configuration, else as [`BytePsStore::connect`].
+    pub fn from_request(request: &CreateRequest) -> Result<BytePsStore> {
+        let mut vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
+        vars.extend(request.options.clone());
+        let invalid =
+            |e: kvstore_dist::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
+        let file = match vars.get(kvstore_dist::worker::CONFIG_VAR) {
+            Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
+            None => DistFile::default(),
+        };
+        let dist = DistConfig::from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
+        let config = BytePsConfig::from_vars(&vars)?;
+        if dist.role != Role::Worker {
+            // Runs the server or scheduler role and exits the process.
+            DistStore::from_request(request, Mode::Sync)?;
+            unreachable!("a server or scheduler role exits the process");
+        }
+        BytePsStore::connect(&request.name, &dist, config)
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> BytePsConfig {
+        self.config
+    }
+
+    /// The priority scheduler, when `BYTEPS_SCHEDULING_CREDIT` is not 0.
+    pub fn scheduler(&self) -> Option<&CreditScheduler> {
+        self.scheduler.as_ref()
+    }
+
+    /// Bytes written to the servers so far (frame headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.servers.iter().map(Connection::bytes_sent).sum()
+    }
+
+    /// The partition keys and servers of `key`'s tensor, once declared.
+    pub fn partitions(&self, key: impl Into<Key>) -> Option<Vec<Partition>> {
+        lock(&self.table)
+            .tensors
+            .get(&key.into())
+            .map(|t| t.parts.clone())
+    }
+
+    /// Asynchronous mode: the servers run MXNet's `test` optimizer with `rescale_grad` 1, which
+    /// adds every push into the stored value (BytePS's async servers sum pushes into the store).
+    fn make_servers_accumulate(&self) -> Result<()> {
+        let sent = if self.rank == 0 {
+            let spec = OptimizerSpec::new("test").with("rescale_grad", 1.0);
+            let json = serde_json::to_vec(&spec).map_err(|e| backend(&self.name, e))?;
+            let pending = self
+                .servers
+                .iter()
+                .map(|c| {
+                    c.send(
+                        Outgoing::new(protocol::CMD_SET_OPTIMIZER, &json),
+                        "asynchronous summation",
+                    )
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| backend(&self.name, e))?;
+            pending
+                .into_iter()
+                .try_for_each(|p| p.wait().map(drop))
+                .map_err(|e| backend(&self.name, e))
+        } else {
+            Ok(())
+        };
+        let met = self.worker_barrier();
+        sent.and(met)
+    }
+
+    fn worker_barrier(&self) -> Result<()> {
+        match lock(&self.node).as_ref() {
+            Some(node) => node
+                .barrier(Group::Workers)
+                .map_err(|e| backend(&self.name, e)),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: this worker has left the cluster",
+                self.name
+            ))),
+        }
+    }
+
+    fn transport_at(
+        &self,
+        operation: &'static str,
+        key: &Key,
+    ) -> impl FnOnce(TransportError) -> Error + '_ {
+        let key = key.clone();
+        move |e| backend(&self.name, e).at_key(&self.name, operation, key)
+    }
+
+    /// The tensors of `keys`, checked to be declared.
+    fn tensors(&self, operation: &'static str, keys: &[&Key]) -> Result<Vec<Arc<Tensor>>> {
+        let table = lock(&self.table);
+        keys.iter()
+            .map(|k| {
+                table.check_kind(operation, k)?;
+                table.tensors.get(*k).cloned().ok_or_else(|| {
+                    Error::KeyNotInitialized.at_key(&self.name, operation, (*k).clone())
+                })
+            })
+            .collect()
+    }
+
+    /// Sends `command` about partition `part` of `t` to its server.
+    fn send(
+        &self,
+        t: &Tensor,
+        part: usize,
+        command: u32,
+        payload: &[u8],
+        operation: &'static str,
+    ) -> Result<Pending> {
+        let p = &t.parts[part];
+        let out = Outgoing::new(command, payload)
+            .key(p.key)
+            .aux(part as u64)
+            .flags(protocol::dtype_flag(t.dtype));
+        let what = format!("{operation} of key {} (partition {part})", t.key);
+        let conn = &self.servers[p.server];
+        let sent = if command == protocol::CMD_PULL {
+            conn.send_into(out, &what, t.take_buffer())
+        } else {
+            conn.send(out, &what)
+        };
+        sent.map_err(self.transport_at(operation, &t.key))
+    }
+
+    /// Declares the keys of `values` (rank 0's value is the one kept).
+    fn declare(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+    ) -> Result<Vec<Arc<Tensor>>> {
+        let groups = values.groups();
+        let tensors: Vec<Arc<Tensor>> = {
+            let table = lock(&self.table);
+            let mut out: Vec<Arc<Tensor>> = Vec::with_capacity(groups.len());
+            for (n, g) in groups.iter().enumerate() {
+                table.check_kind(operation, &g.key)?;
+                if table.tensors.contains_key(&g.key) || g.positions.len() != 1 {
+                    return Err(Error::DuplicateInit.at_key(&self.name, operation, g.key.clone()));
+                }
+                let value = values.values()[g.positions[0]];
+                let parts = partition::partitions(
+                    table.declared + n as u64,
+                    value.size(),
+                    value.dtype().size_of(),
+                    self.config.partition_bytes,
+                    self.servers.len(),
+                )
+                .map_err(|m| {
+                    Error::InvalidArgument(m).at_key(&self.name, operation, g.key.clone())
+                })?;
+                out.push(Arc::new(Tensor {
+                    key: g.key.clone(),
+                    dtype: value.dtype(),
+                    shape: value.shape().to_vec(),
+                    parts,
+                    buffers: Mutex::new(Vec::new()),
+                }));
+            }
+            out
+        };
+        let mut pending = Vec::new();
+        for (g, t) in groups.iter().zip(&tensors) {
+            let value = values.values()[g.positions[0]];
+            let dense;
+            let data = match value.as_bytes() {
+                Some(b) => b,
+                None => {
+                    dense = outbound(&[value])
+                        .map_err(|e| e.at_key(&self.name, operation, g.key.clone()))?;
+                    dense.bytes()
+                }
+            };
+            for part in 0..t.parts.len() {
+                let mut payload = t.init_meta(part).encode();
+                if self.rank == 0 {
+                    payload.extend_from_slice(&data[t.byte_range(part)]);
+                }
+                pending.push((
+                    &t.key,
+                    self.send(t, part, protocol::CMD_INIT, &payload, operation)?,
+                ));
+            }
+        }
+        self.wait_all(operation, pending)?;
+        let mut table = lock(&self.table);
+        for t in &tensors {
+            if table.kind.is_none() {
+                table.kind = Some(t.key.clone());
+            }
+            table.declared += 1;
+            table.tensors.insert(t.key.clone(), Arc::clone(t));
+        }
+        Ok(tensors)
+    }
+
+    /// Waits for every request; the first failure (a lost server first) is returned.
+    fn wait_all(&self, operation: &'static str, pending: Vec<(&Key, Pending)>) -> Result<()> {
+        let mut first: Option<Error> = None;
+        for (key, p) in pending {
+            if let Err(e) = p.wait() {
+                let lost = matches!(e, TransportError::PeerClosed { .. });
+                let e = self.transport_at(operation, key)(e);
+                if lost || first.is_none() {
+                    first = Some(e);
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Pushes the keys of `values` (each key's values summed first), partition by partition
+    /// in priority order under the credit; with `outs`, pulls every partition back once its
+    /// round is complete and writes the sums there. Non-root ranks push zeros when `zeros`.
+    fn push_pull(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        outs: Option<&mut KeyedOuts<'_>>,
+        priority: i32,
+        zeros: bool,
+    ) -> Result<()> {
+        let mut groups = values.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let tensors = self.tensors(operation, &keys)?;
+        for (g, t) in groups.iter().zip(&tensors) {
+            for (i, &p) in g.positions.iter().enumerate() {
+                t.check_value(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(|e| e.at_key(&self.name, operation, g.key.clone()))?;
+            }
+        }
+        if let Some(outs) = outs.as_deref() {
+            self.check_outs(operation, outs)?;
+        }
+        let payloads: Vec<Outbound<'_>> = groups
+            .iter()
+            .zip(&tensors)
+            .map(|(g, t)| {
+                if zeros && self.rank != 0 {
+                    return Ok(Outbound::Owned(NDArray::zeros(&t.shape, t.dtype)));
+                }
+                let arrays: Vec<&NDArray> =
+                    g.positions.iter().map(|&p| values.values()[p]).collect();
+                outbound(&arrays).map_err(|e| e.at_key(&self.name, operation, g.key.clone()))
+            })
+            .collect::<Result<_>>()?;
+        let tasks: Vec<Task> = tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(tensor, t)| (0..t.parts.len()).map(move |part| Task { tensor, part }))
+            .collect();
+        let pulls = outs.is_some();
+        let (acks, pulled) = match &self.scheduler {
+            None => self.send_all(operation, &tensors, &payloads, &tasks, pulls)?,
+            Some(s) => {
+                self.send_scheduled(s, operation, &tensors, &payloads, &tasks, pulls, priority)?
+            }
+        };
+        let mut first: Option<Error> = None;
+        let mut note = |task: &Task, e: TransportError| {
+            let lost = matches!(e, TransportError::PeerClosed { .. });
+            let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
+            if lost || first.is_none() {
+                first = Some(e);
+            }
+        };
+        for (task, outcome) in acks {
+            if let Err(e) = outcome {
+                note(&task, e);
+            }
+        }
+        let mut answers: Vec<Vec<Vec<u8>>> = tensors
+            .iter()
+            .map(|t| vec![Vec::new(); t.parts.len()])
+            .collect();
+        for (task, p) in pulled {
+            match p.wait() {
+                Ok(r) => answers[task.tensor][task.part] = r.payload.into_vec(),
+                Err(e) => note(&task, e),
+            }
+        }
+        let written = match (first, outs) {
+            (Some(e), _) => Err(e),
+            (None, Some(outs)) => self.write_outs(operation, &tensors, &answers, outs, true),
+            (None, None) => Ok(()),
+        };
+        recycle(&tensors, answers);
+        written
+    }
+
+    /// Every partition at once (no scheduling): pushes, then pulls when `pulls`.
+    #[allow(clippy::type_complexity)]
+    fn send_all(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        payloads: &[Outbound<'_>],
+        tasks: &[Task],
+        pulls: bool,
+    ) -> Result<(
+        Vec<(Task, std::result::Result<Response, TransportError>)>,
+        Vec<(Task, Pending)>,
+    )> {
+        let mut pushed = Vec::with_capacity(tasks.len());
+        let mut pulled = Vec::new();
+        for &task in tasks {
+            let t = &tensors[task.tensor];
+            let data = &payloads[task.tensor].bytes()[t.byte_range(task.part)];
+            pushed.push((
+                task,
+                self.send(t, task.part, protocol::CMD_PUSH, data, operation)?,
+            ));
+            if pulls {
+                pulled.push((
+                    task,
+                    self.send(t, task.part, protocol::CMD_PULL, &[], operation)?,
+                ));
+            }
+        }
+        let acks = pushed
+            .into_iter()
+            .map(|(task, p)| (task, p.wait()))
+            .collect();
+        Ok((acks, pulled))
+    }
+
+    /// Partitions in priority order under the credit: a partition's push goes out once it has
+    /// a grant, which is released when the server acknowledges the push; its pull (when
+    /// `pulls`) follows the push at once and waits on the server for the round.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn send_scheduled(
+        &self,
+        scheduler: &CreditScheduler,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        payloads: &[Outbound<'_>],
+        tasks: &[Task],
+        pulls: bool,
+        priority: i32,
+    ) -> Result<(
+        Vec<(Task, std::result::Result<Response, TransportError>)>,
+        Vec<(Task, Pending)>,
+    )> {
+        let keyed: Vec<(u64, usize)> = tasks
+            .iter()
+            .map(|t| {
+                let tensor = &tensors[t.tensor];
+                (tensor.parts[t.part].key, tensor.byte_range(t.part).len())
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let (tx, rx) = mpsc::channel::<(crate::schedule::Grant<'_>, Task, Pending)>();
+            // Releases each grant once its push is acknowledged.
+            let acks = s.spawn(move || {
+                rx.into_iter()
+                    .map(|(grant, task, p)| {
+                        let outcome = p.wait();
+                        drop(grant);
+                        (task, outcome)
+                    })
+                    .collect::<Vec<_>>()
+            });
+            let mut pulled = Vec::new();
+            let mut queue = scheduler.enqueue(priority, &keyed);
+            let sent = loop {
+                let grant = match queue.next_grant(self.timeout) {
+                    Ok(Some(g)) => g,
+                    Ok(None) => break Ok(()),
+                    Err(waited) => {
+                        break Err(Error::Backend {
+                            store: self.name.clone(),
+                            source: format!("{operation}: no scheduling credit within {waited:?}")
+                                .into(),
+                        })
+                    }
+                };
+                let task = tasks[grant.tag];
+                let t = &tensors[task.tensor];
+                let data = &payloads[task.tensor].bytes()[t.byte_range(task.part)];
+                match self.send(t, task.part, protocol::CMD_PUSH, data, operation) {
+                    Ok(p) => {
+                        let _ = tx.send((grant, task, p));
+                    }
+                    Err(e) => break Err(e),
+                }
+                if pulls {
+                    match self.send(t, task.part, protocol::CMD_PULL, &[], operation) {
+                        Ok(p) => pulled.push((task, p)),
+                        Err(e) => break Err(e),
+                    }
+                }
+            };
+            drop(queue);
+            drop(tx);
+            let acks = acks
+                .join()
+                .expect("the acknowledgement thread does not panic");
+            sent.map(|()| (acks, pulled))
+        })
+    }
+
+    fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
+        let keys: Vec<&Key> = outs.keys().iter().collect();
+        let tensors = self.tensors(operation, &keys)?;
+        for (i, (t, out)) in tensors.iter().zip(outs.outs()).enumerate() {
+            t.check_out(out, &format!("output {i}"))
+                .map_err(|e| e.at_key(&self.name, operation, t.key.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// Writes each key's partitions into its outputs, cast to the output's dtype.
+    fn write_outs(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        answers: &[Vec<Vec<u8>>],
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        for (key, out) in outs.iter_mut() {
+            let i = tensors.iter().position(|t| &t.key == key).expect("checked");
+            let t = &tensors[i];
+            let at = |e: Error| e.at_key(&self.name, operation, key.clone());
+            for (part, bytes) in answers[i].iter().enumerate() {
+                if bytes.len() != t.byte_range(part).len() {
+                    return Err(at(Error::InvalidArgument(format!(
+                        "server rank {} answered {} bytes for partition {part}, {} expected",
+                        t.parts[part].server,
+                        bytes.len(),
+                        t.byte_range(part).len()
+                    ))));
+                }
+            }
+            if out.storage_type() == StorageType::Dense && out.dtype() == t.dtype {
+                if let Some(dst) = out.as_bytes_mut() {
+                    for (part, bytes) in answers[i].iter().enumerate() {
+                        dst[t.byte_range(part)].copy_from_slice(bytes);
+                    }
+                    continue;
+                }
+            }
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                continue;
+            }
+            let whole: Vec<u8> = answers[i].concat();
+            let value = NDArray::from_bytes(&t.shape, t.dtype, &whole).map_err(at)?;
+            if out.storage_type() == StorageType::RowSparse {
+                **out = value.to_row_sparse().map_err(at)?.astype(out.dtype());
+            } else {
+                out.assign(&value).map_err(at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pulls the keys of `outs` (every partition at once).
+    fn pull_keys(
+        &self,
+        operation: &'static str,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let mut groups = outs.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let tensors = self.tensors(operation, &keys)?;
+        self.check_outs(operation, outs)?;
+        let mut pending = Vec::new();
+        for (i, t) in tensors.iter().enumerate() {
+            for part in 0..t.parts.len() {
+                pending.push((
+                    i,
+                    part,
+                    self.send(t, part, protocol::CMD_PULL, &[], operation)?,
+                ));
+            }
+        }
+        let mut answers: Vec<Vec<Vec<u8>>> = tensors
+            .iter()
+            .map(|t| vec![Vec::new(); t.parts.len()])
+            .collect();
+        let mut first: Option<Error> = None;
+        for (i, part, p) in pending {
+            match p.wait() {
+                Ok(r) => answers[i][part] = r.payload.into_vec(),
+                Err(e) => {
+                    let lost = matches!(e, TransportError::PeerClosed { .. });
+                    let e = self.transport_at(operation, &tensors[i].key)(e);
+                    if lost || first.is_none() {
+                        first = Some(e);
+                    }
+                }
+            }
+        }
+        let written = match first {
+            Some(e) => Err(e),
+            None => self.write_outs(operation, &tensors, &answers, outs, ignore_sparse),
+        };
+        recycle(&tensors, answers);
+        written
+    }
+}
+
+impl KVStoreBase for BytePsStore {
+    fn type_name(&self) -> &str {
+        &self.name
+    }
+
+    fn rank(&self) -> usize {
+        self.rank as usize
+    }
+
+    fn num_workers(&self) -> usize {
+        self.num_workers as usize
+    }
+
+    fn is_capable(&self, capability: Capability) -> bool {
+        crate::CAPABILITIES.contains(&capability)
+    }
+
+    fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.declare("init", values).map(drop)
+    }
+
+    fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        self.push_pull("push", values, None, priority, false)
+    }
+
+    fn pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        let _ = priority;
+        self.pull_keys("pull", outs, ignore_sparse)
+    }
+
+    fn pushpull_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        outs.check_against("pushpull", values)?;
+        self.push_pull("pushpull", values, Some(outs), priority, false)
+    }
+
+    /// BytePS's broadcast: keys not declared yet are declared (rank 0's value), then every
+    /// worker push-pulls, rank 0 its value and the others zeros, so that the sum is rank 0's
+    /// value.
+    fn broadcast_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        outs.check_against("broadcast", values)?;
+        values.check_one_value_per_key(&self.name, "broadcast")?;
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let (_, value) = values
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("checked against values");
+            value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(|e| e.at_key(&self.name, "broadcast", key.clone()))?;
+        }
+        let new: Vec<(Key, &NDArray)> = {
+            let table = lock(&self.table);
+            values
+                .iter()
+                .filter(|(k, _)| !table.tensors.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v))
+                .collect()
+        };
+        if !new.is_empty() {
+            let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = new.into_iter().unzip();
+            self.declare("broadcast", &KeyedValues::new("broadcast", keys, arrays)?)?;
+        }
+        self.push_pull("broadcast", values, Some(outs), priority, true)
+    }
+
+    fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
+        // BytePS's servers only sum: workers run the optimizer on the summed gradients.
+        let _ = optimizer;
+        Err(self.unsupported("set_optimizer"))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.worker_barrier()
+    }
+}
+
+impl Drop for BytePsStore {
+    fn drop(&mut self) {
+        let pending: Vec<Pending> = self
+            .servers
+            .iter()
+            .filter_map(|c| {
+                c.send(Outgoing::new(protocol::CMD_BYE, &[]), "goodbye")
+                    .ok()
+            })
+            .collect();
+        for p in pending {
+            if let Err(e) = p.wait() {
+                log::warn!("{}: goodbye to a server failed: {e}", self.name);
+            }
+        }
+        self.servers.clear();
+        if let Some(node) = lock(&self.node).take() {
+            if let Err(e) = node.leave() {
+                log::warn!("{}: leaving the cluster failed: {e}", self.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The `byteps` store end to end, as threads of one process over real sockets on 127.0.0.1:
+//! a scheduler and dist servers from [`LocalCluster`], `byteps` workers.
+
+use std::collections::BTreeMap;
+use std::thread;
+use std::time::Duration;
+
+use kvstore_base::{
+    Capability, CreateRequest, DType, Error, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
+};
+use kvstore_byteps::partition::partition_key;
+use kvstore_byteps::BytePsStore;
+use kvstore_dist::LocalCluster;
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `body(store)` on `workers` workers of a fresh cluster of `servers` servers, the
+/// workers created with the cluster's options plus `extra`; returns the results by rank once
+/// the cluster has ended.
+fn run<T: Send + 'static>(
+    servers: u32,
+    workers: u32,
+    extra: &[(&str, &str)],
+    body: impl Fn(&BytePsStore) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
+    let mut options = cluster.worker_options().clone();
+    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let options = options.clone();
+            let body = body.clone();
+            thread::spawn(move || {
+                let kv = create(options).unwrap();
+                (kv.rank(), body(&kv))
+            })
+        })
+        .collect();
+    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    cluster.finish().unwrap();
+    results.sort_by_key(|(r, _)| *r);
+    results.into_iter().map(|(_, t)| t).collect()
+}
+
+fn create(options: BTreeMap<String, String>) -> kvstore_base::Result<BytePsStore> {
+    BytePsStore::from_request(&CreateRequest {
+        name: "byteps".into(),
+        options,
+    })
+}
+
+fn f32s(a: &NDArray) -> Vec<f32> {
+    a.to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn registered_with_its_capabilities() {
+    let info = kvstore_base::registered()
+        .into_iter()
+        .find(|r| r.name == "byteps")
+        .expect("byteps is registered");
+    let caps = info.capabilities.expect("declared");
+    assert!(caps.contains(&Capability::Distributed));
+    assert!(caps.contains(&Capability::InitPushPull));
+    assert!(!caps.contains(&Capability::Optimizer));
+}
+
+#[test]
+fn pushpull_sums_a_partitioned_tensor_across_workers_and_servers() {
+    let n = 10_000; // 10 partitions of 1000 float32
+    let out = run(2, 3, &[("BYTEPS_PARTITION_BYTES", "4000")], move |kv| {
+        let r = kv.rank();
+        kv.init("w", &NDArray::zeros(&[100, 100], DType::F32))
+            .unwrap();
+        kv.init("b", &NDArray::full(&[5], 7.0, DType::F32)).unwrap();
+        let parts = kv.partitions("w").unwrap();
+        let g: Vec<f32> = (0..n)
+            .map(|i| (i % 1000) as f32 * (r as f32 + 1.0))
+            .collect();
+        let grads = [
+            NDArray::from_vec(&[100, 100], g).unwrap(),
+            NDArray::full(&[5], 1.0, DType::F32),
+        ];
+        let mut outs = [
+            NDArray::zeros(&[100, 100], DType::F32),
+            NDArray::zeros(&[5], DType::F64),
+        ];
+        let before = kv.bytes_sent();
+        kv.pushpull(&["w", "b"][..], &grads, &mut outs).unwrap();
+        let sent = kv.bytes_sent() - before;
+        // Device values are summed on the worker first.
+        let mut dev = NDArray::zeros(&[5], DType::F32);
+        kv.pushpull(
+            "b",
+            &[
+                NDArray::full(&[5], 1.0, DType::F32),
+                NDArray::full(&[5], 2.0, DType::F32),
+            ][..],
+            &mut dev,
+        )
+        .unwrap();
+        (
+            parts,
+            f32s(&outs[0]),
+            outs[1].to_vec::<f64>().unwrap(),
+            sent,
+            f32s(&dev),
+        )
+    });
+    for (parts, big, small, sent, dev) in out {
+        assert_eq!(parts.len(), 10);
+        assert!(parts.iter().any(|p| p.server == 0) && parts.iter().any(|p| p.server == 1));
+        // "w" was declared first: partition keys (0 << 16) + i.
+        assert_eq!(parts[3].key, partition_key(0, 3));
+        assert!(big
+            .iter()
+            .enumerate()
+            .all(|(i, &v)| v == (i % 1000) as f32 * 6.0));
+        assert_eq!(small, vec![3.0; 5]);
+        assert_eq!(dev, vec![9.0; 5]);
+        // Each worker sends its 40,020 bytes once (plus headers), as a parameter server.
+        assert!(
+            (40_020..40_020 + 64 * 24).contains(&(sent as usize)),
+            "{sent} bytes"
+        );
+    }
+}
+
+#[test]
+fn push_then_pull_sees_the_round_sum_and_init_keeps_rank_0s_value() {
+    let out = run(1, 2, &[("BYTEPS_PARTITION_BYTES", "8")], |kv| {
+        let r = kv.rank() as f64;
+        kv.init(3, &NDArray::full(&[2, 3], 10.0 + r, DType::F32))
+            .unwrap();
+        let mut w = NDArray::zeros(&[2, 3], DType::F32);
+        kv.pull(3, &mut w).unwrap();
+        let init = f32s(&w);
+        kv.push(3, &NDArray::full(&[2, 3], r + 1.0, DType::F32))
+            .unwrap();
+        kv.pull(3, &mut w).unwrap();
+        (init, f32s(&w))
+    });
+    for (init, summed) in out {
+        assert_eq!(init, vec![10.0; 6]);
+        assert_eq!(summed, vec![3.0; 6]);
+    }
+}
+
+#[test]
+fn broadcast_is_rank_0s_value_even_for_declared_keys() {
+    let out = run(2, 3, &[("BYTEPS_PARTITION_BYTES", "16")], |kv| {
+        let r = kv.rank() as f64;
+        let mut got = Vec::new();
+        for round in 0..2 {
+            // Round 0 declares key 7; round 1 broadcasts into the declared key.
+            let value = NDArray::from_vec(
+                &[10],
+                (0..10)
+                    .map(|i| (i as f64 + 100.0 * r + 1000.0 * round as f64) as f32)
+                    .collect(),
+            )
+            .unwrap();
+            let mut out = NDArray::zeros(&[10], DType::F64);
+            kv.broadcast(7, &value, &mut out).unwrap();
+            got.push(out.to_vec::<f64>().unwrap());
+        }
+        let mut pulled = NDArray::zeros(&[10], DType::F32);
+        kv.pull(7, &mut pulled).unwrap();
+        (got, f32s(&pulled))
+    });
+    for (got, pulled) in out {
+        for (round, values) in got.iter().enumerate() {
+            let expected: Vec<f64> = (0..10).map(|i| i as f64 + 1000.0 * round as f64).collect();
+            assert_eq!(values, &expected, "round {round}");
+        }
+        assert_eq!(
+            pulled,
+            (0..10).map(|i| i as f32 + 1000.0).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn async_mode_adds_every_push_into_the_value() {
+    let out = run(
+        2,
+        2,
+        &[
+            ("BYTEPS_ENABLE_ASYNC", "1"),
+            ("BYTEPS_PARTITION_BYTES", "16"),
+        ],
+        |kv| {
+            let r = kv.rank() as f64;
+            kv.init("w", &NDArray::ones(&[12], DType::F32)).unwrap();
+            kv.barrier().unwrap();
+            // Weight deltas: rank r adds r + 1, twice.
+            let delta = NDArray::full(&[12], r + 1.0, DType::F32);
+            kv.push("w", &delta).unwrap();
+            let mut mine = NDArray::zeros(&[12], DType::F32);
+            kv.pushpull("w", &delta, &mut mine).unwrap();
+            kv.barrier().unwrap();
+            let mut w = NDArray::zeros(&[12], DType::F32);
+            kv.pull("w", &mut w).unwrap();
+            (f32s(&mine), f32s(&w))
+        },
+    );
+    for (r, (mine, w)) in out.into_iter().enumerate() {
+        // A pushpull answers at once with the value holding at least this worker's pushes.
+        assert!(
+            mine.iter().all(|&v| v >= 1.0 + 2.0 * (r as f32 + 1.0)),
+            "{mine:?}"
+        );
+        assert_eq!(w, vec![1.0 + 2.0 * 1.0 + 2.0 * 2.0; 12]);
+    }
+}
+
+#[test]
+fn higher_priority_calls_go_first_under_the_credit() {
+    // One worker, credit of one 64-byte partition; three concurrent calls of 4 partitions each.
+    let out = run(
+        1,
+        1,
+        &[
+            ("BYTEPS_PARTITION_BYTES", "64"),
+            ("BYTEPS_SCHEDULING_CREDIT", "1"),
+        ],
+        |kv| {
+            let s = kv.scheduler().expect("credit is set");
+            assert_eq!(s.credit(), 64);
+            let keys = [0, 1, 2];
+            for k in keys {
+                kv.init(k, &NDArray::zeros(&[64], DType::F32)).unwrap();
+            }
+            s.record(true);
+            // Hold the whole credit while the calls queue.
+            let mut hold = s.enqueue(i32::MAX, &[(u64::MAX, 64)]);
+            let held = hold.next_grant(TIMEOUT).unwrap().unwrap();
+            let sums = thread::scope(|scope| {
+                let calls: Vec<_> = [(0, -3), (1, 0), (2, -1)]
+                    .into_iter()
+                    .map(|(key, priority)| {
+                        scope.spawn(move || {
+                            let mut out = NDArray::zeros(&[64], DType::F32);
+                            kv.pushpull_with_priority(
+                                key,
+                                &NDArray::full(&[64], key as f64 + 1.0, DType::F32),
+                                &mut out,
+                                priority,
+                            )
+                            .unwrap();
+                            f32s(&out)
+                        })
+                    })
+                    .collect();
+                while s.waiting() < 12 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                drop(held);
+                calls
+                    .into_iter()
+                    .map(|c| c.join().unwrap())
+                    .collect::<Vec<_>>()
+            });
+            (s.take_log(), sums)
+        },
+    );
+    let (log, sums) = &out[0];
+    for (key, sum) in sums.iter().enumerate() {
+        assert_eq!(sum, &vec![key as f32 + 1.0; 64]);
+    }
+    // Key k was declared kth: its partitions are (k << 16) + i.
+    let expected: Vec<(i32, u64)> = [(1u64, 0), (2, -1), (0, -3)]
+        .into_iter()
+        .flat_map(|(k, p)| (0..4).map(move |i| (p, partition_key(k, i))))
+        .collect();
+    assert_eq!(log[0], (i32::MAX, u64::MAX));
+    assert_eq!(log[1..], expected[..]);
+}
+
+#[test]
+fn no_optimizer_and_bad_settings_are_refused() {
+    let out = run(1, 1, &[], |kv| {
+        assert!(!kv.is_capable(Capability::Optimizer));
+        assert_eq!(kv.config().partition_bytes, 4_096_000);
+        assert_eq!(kv.config().scheduling_credit, 0);
+        assert!(kv.scheduler().is_none());
+        let e = kv.set_optimizer(&OptimizerSpec::new("sgd")).unwrap_err();
+        matches!(e, Error::Unsupported { .. })
+    });
+    assert!(out[0]);
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    for (var, value) in [
+        ("BYTEPS_PARTITION_BYTES", "0"),
+        ("BYTEPS_SCHEDULING_CREDIT", "-1"),
+        ("BYTEPS_ENABLE_ASYNC", "maybe"),
+    ] {
+        let mut options = cluster.worker_options().clone();
+        options.insert(var.into(), value.into());
+        let e = create(options).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument(m) if m.contains(var)),
+            "{e}"
+        );
+    }
+    // The cluster never got its worker: let it end on its own.
+    cluster.detach();
+}
