@@ -11,7 +11,7 @@
 //! | `local`  | `kvstore-local`  | `local`                                        | available    |
 //! | `device` | `kvstore-device` | `device`, `nccl`                               | not built yet |
 //! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
-//! | `byteps` | `kvstore-byteps` | `byteps`                                       | not built yet |
+//! | `byteps` | `kvstore-byteps` | `byteps`                                       | available    |
 //!
 //! Defaults: `local` and `test`.
 //!
