@@ -9,9 +9,10 @@
 //! |----------|------------------|------------------------------------------------|--------------|
 //! | `test`   | `kvstore-test`   | `teststore` (MXNet's `TestStore`)              | available    |
 //! | `local`  | `kvstore-local`  | `local`                                        | available    |
-//! | `device` | `kvstore-device` | `device`, `nccl`                               | not built yet |
+//! | `device` | `kvstore-device` | `device`, `nccl`                               | CPU values; GPU code not yet run on a GPU |
 //! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
 //! | `byteps` | `kvstore-byteps` | `byteps`                                       | available    |
+//! | `horovod` | `kvstore-horovod` | `horovod`                                     | available    |
 //!
 //! Defaults: `local` and `test`.
 //!
@@ -38,6 +39,8 @@ use kvstore_device as _;
 /// launcher's building blocks.
 #[cfg(feature = "dist")]
 pub use kvstore_dist as dist;
+#[cfg(feature = "horovod")]
+use kvstore_horovod as _;
 #[cfg(feature = "local")]
 use kvstore_local as _;
 #[cfg(feature = "test")]
@@ -53,6 +56,8 @@ pub const LINKED_BACKENDS: &[&str] = &[
     "dist",
     #[cfg(feature = "byteps")]
     "byteps",
+    #[cfg(feature = "horovod")]
+    "horovod",
     #[cfg(feature = "test")]
     "test",
 ];

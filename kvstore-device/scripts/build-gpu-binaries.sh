@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the GPU test and benchmark binaries of kvstore-device on a machine without CUDA
+# (nothing links against CUDA: the driver, NVRTC and NCCL are loaded at run time) and copies
+# them into gpu-bin/ at the workspace root (git-ignored), for a machine that has the NVIDIA
+# driver (and NVRTC, and NCCL for the nccl tests) but no Rust toolchain.
+#
+# Usage: kvstore-device/scripts/build-gpu-binaries.sh [OUT_DIR]
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+out="${1:-$root/gpu-bin}"
+cd "$root"
+mkdir -p "$out"
+
+# Test binaries (release: the GPU tests move hundreds of MiB); the executables are named
+# in cargo's JSON messages.
+cargo test --release -p kvstore-device --no-run --message-format=json \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m.get("profile", {}).get("test"):
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do
+  cp "$exe" "$out/test-$name"
+  echo "copied test-$name"
+done
+
+cargo build --release -p kvstore-device --examples
+cp "$root/target/release/examples/gpu_bandwidth" "$out/gpu_bandwidth"
+echo "copied gpu_bandwidth"
+
+cat <<EOT
+
+Binaries are in $out. On the GPU machine (driver installed; libnvrtc.so.12 and libnccl.so.2
+on the loader path, e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64), from that folder:
+
+  ./test-gpu                  # GPU results vs the local store; ignored tests print the reason
+  ./test-conformance          # the conformance suite on device (CPU values)
+  ./test-conformance_nccl     # the conformance suite on nccl (needs a GPU and NCCL)
+  ./test-cpu                  # probe and CPU-path checks
+  ./test-kvstore_device       # unit tests
+  ./gpu_bandwidth             # reduction and sgd/adam bandwidth vs a device-to-device copy
+EOT

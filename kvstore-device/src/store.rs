@@ -1,0 +1,644 @@
+//! [`DeviceStore`]: the `device` and `nccl` stores.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use cudarc::driver::CudaSlice;
+use kvstore_base::{
+    Capability, CompressionParams, CreateRequest, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts,
+    KeyedValues, NDArray, OptimizerSpec, Result, StorageType, Updater,
+};
+use kvstore_local::reduce::ReduceConfig;
+use kvstore_local::LocalStore;
+
+use crate::gpu::{cuda, DeviceArray, Runtime};
+use crate::optim::{Counts, GpuOptimizer};
+use crate::placement::place;
+use crate::probe::{nccl_present, probe};
+
+/// How a store reduces the GPU values of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// MXNet's `CommDevice`: values copied to the GPU that holds the key's merge buffer
+    /// (placed to balance keys across GPUs) and summed there by a kernel.
+    Device,
+    /// MXNet's `KVStoreNCCL`: `ncclReduce` (sum) to the first GPU of the first push, one
+    /// value per GPU, always the same set of GPUs.
+    Nccl,
+}
+
+/// The `device` store (MXNet's `KVStoreLocal` with `CommDevice`, also `local_allreduce_device`)
+/// and the `nccl` store (MXNet's `KVStoreNCCL`).
+///
+/// - **CPU values** (the [`KVStoreBase`] calls: `NDArray`s live in host memory) are served by
+///   an embedded [`LocalStore`] named as requested, so they behave exactly as the `local`
+///   store (MXNet's `CommDevice` keeps merge buffers on the values' own contexts: for CPU
+///   values, the CPU). This works on machines without a GPU. The `nccl` store refuses
+///   row-sparse values, as MXNet's.
+/// - **GPU values** ([`DeviceArray`]s) go through [`init_gpu`](DeviceStore::init_gpu),
+///   [`push_gpu`](DeviceStore::push_gpu) and [`pull_gpu`](DeviceStore::pull_gpu): keys of
+///   their own (a key holds CPU values or GPU values, not both), dense float32. A push sums
+///   the values on the key's merge GPU and, with an `sgd` or `adam` optimizer set, runs the
+///   optimizer there as a kernel; a pull copies the stored value to every output. Without a
+///   CUDA driver every GPU call is an [`Error::Device`].
+///
+/// Every GPU call waits for its GPU work before returning.
+#[derive(Debug)]
+pub struct DeviceStore {
+    local: LocalStore,
+    engine: Engine,
+    gpu: Mutex<GpuState>,
+}
+
+#[derive(Debug, Default)]
+struct GpuState {
+    keys: BTreeMap<Key, GpuEntry>,
+    /// Elements placed per GPU ordinal (placement's running totals).
+    totals: BTreeMap<usize, usize>,
+    optimizer: Option<OptimizerSpec>,
+    custom_updater: bool,
+    counts: Counts,
+    nccl: Option<NcclComms>,
+}
+
+#[derive(Debug)]
+struct GpuEntry {
+    shape: Vec<usize>,
+    /// The init value, until the key is placed on a GPU.
+    initial: NDArray,
+    merge_dev: Option<usize>,
+    stored: Option<DeviceArray>,
+    merge: Option<DeviceArray>,
+    copies: Vec<DeviceArray>,
+    state: Vec<CudaSlice<f32>>,
+}
+
+struct NcclComms {
+    ordinals: Vec<usize>,
+    comms: Vec<cudarc::nccl::Comm>,
+}
+
+impl std::fmt::Debug for NcclComms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclComms")
+            .field("ordinals", &self.ordinals)
+            .finish()
+    }
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
+// concurrent; every use is under the store's mutex.
+unsafe impl Send for NcclComms {}
+
+fn reduce_config(request: &CreateRequest) -> Result<ReduceConfig> {
+    let mut config = ReduceConfig::from_env();
+    for (option, slot) in [
+        ("reduction_nthreads", &mut config.threads),
+        ("bigarray_bound", &mut config.bigarray_bound),
+    ] {
+        if let Some(text) = request.options.get(option) {
+            *slot = text
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&n: &usize| n > 0)
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "option {option} must be a positive integer, got {text:?}"
+                    ))
+                })?;
+        }
+    }
+    Ok(config)
+}
+
+impl DeviceStore {
+    /// A store reporting `name`, reducing GPU values with `engine`; builds on any machine
+    /// (only GPU calls need a GPU).
+    pub fn new(name: &str, engine: Engine, config: ReduceConfig) -> DeviceStore {
+        DeviceStore {
+            local: LocalStore::with_config(name, config),
+            engine,
+            gpu: Mutex::new(GpuState::default()),
+        }
+    }
+
+    /// The factory of `device` (and `local_allreduce_device`): always succeeds, GPU or not.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad `reduction_nthreads` / `bigarray_bound` option.
+    pub fn device_from_request(request: &CreateRequest) -> Result<Box<dyn KVStoreBase>> {
+        Ok(Box::new(DeviceStore::new(
+            &request.name,
+            Engine::Device,
+            reduce_config(request)?,
+        )))
+    }
+
+    /// The factory of `nccl`: needs a GPU and `libnccl`, as MXNet's NCCL store.
+    ///
+    /// # Errors
+    /// [`Error::Device`] without a CUDA driver, a GPU or `libnccl`.
+    pub fn nccl_from_request(request: &CreateRequest) -> Result<Box<dyn KVStoreBase>> {
+        let info = probe()?;
+        if !info.nccl {
+            return Err(Error::Device(
+                "no NCCL: libnccl.so not found (install NCCL or set LD_LIBRARY_PATH)".into(),
+            ));
+        }
+        debug_assert!(nccl_present());
+        Ok(Box::new(DeviceStore::new(
+            &request.name,
+            Engine::Nccl,
+            reduce_config(request)?,
+        )))
+    }
+
+    /// The reduction engine of GPU values.
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    fn state(&self) -> MutexGuard<'_, GpuState> {
+        self.gpu.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
+        let key = key.clone();
+        move |e| e.at_key(self.local.type_name(), operation, key)
+    }
+
+    /// Initialises a GPU-valued key with a dense float32 host value (copied; it moves to
+    /// the key's merge GPU at the first push).
+    ///
+    /// # Errors
+    /// A key already initialised (CPU or GPU); a value that is not dense float32.
+    pub fn init_gpu(&self, key: impl Into<Key>, value: &NDArray) -> Result<()> {
+        let key = key.into();
+        let at = self.at("init", &key);
+        if value.dtype() != kvstore_base::DType::F32 || value.storage_type() != StorageType::Dense {
+            return Err(at(Error::InvalidArgument(format!(
+                "GPU values are dense float32 for now, got a {} {} array",
+                value.storage_type(),
+                value.dtype()
+            ))));
+        }
+        let mut state = self.state();
+        let mut probe_out = NDArray::zeros(value.shape(), value.dtype());
+        let in_local = match self.local.pull(key.clone(), &mut probe_out) {
+            Ok(()) => true,
+            Err(e) => !matches!(e.root(), Error::KeyNotInitialized),
+        };
+        if in_local || state.keys.contains_key(&key) {
+            return Err(at(Error::InvalidArgument(format!(
+                "duplicate init of key {key}"
+            ))));
+        }
+        state.keys.insert(
+            key,
+            GpuEntry {
+                shape: value.shape().to_vec(),
+                initial: value.clone(),
+                merge_dev: None,
+                stored: None,
+                merge: None,
+                copies: Vec::new(),
+                state: Vec::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Pushes the per-GPU values of a GPU-valued key: sums them on the key's merge GPU, then
+    /// runs the optimizer there (or the stored value becomes the sum without one).
+    ///
+    /// # Errors
+    /// [`Error::KeyNotInitialized`], shape mismatches, an empty list, an updater the GPU path
+    /// cannot run (a custom closure, an optimizer other than sgd/adam), [`Error::Device`].
+    pub fn push_gpu(&self, key: impl Into<Key>, values: &[&DeviceArray]) -> Result<()> {
+        let key = key.into();
+        let at = self.at("push", &key);
+        let mut state = self.state();
+        self.push_locked(&mut state, &key, values).map_err(at)
+    }
+
+    fn push_locked(&self, state: &mut GpuState, key: &Key, values: &[&DeviceArray]) -> Result<()> {
+        // Validate everything before any GPU work.
+        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        if values.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a push needs at least one value".into(),
+            ));
+        }
+        for v in values {
+            if v.shape() != entry.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    what: format!("a GPU value pushed to key {key}"),
+                    expected: entry.shape.clone(),
+                    found: v.shape().to_vec(),
+                });
+            }
+        }
+        if state.custom_updater {
+            return Err(Error::InvalidArgument(
+                "a custom updater cannot run on GPU values; use set_optimizer with sgd or adam"
+                    .into(),
+            ));
+        }
+        let optimizer = state
+            .optimizer
+            .as_ref()
+            .map(GpuOptimizer::parse)
+            .transpose()?;
+        let runtime = Runtime::get()?;
+        let mut devs: Vec<usize> = Vec::new();
+        for v in values {
+            runtime.gpu(v.ordinal())?;
+            if !devs.contains(&v.ordinal()) {
+                devs.push(v.ordinal());
+            }
+        }
+        if self.engine == Engine::Nccl {
+            // One value per GPU, always the same set of GPUs once NCCL is up (MXNet's rule),
+            // and the key's merge GPU among them.
+            if devs.len() != values.len() {
+                return Err(Error::InvalidArgument(
+                    "the NCCL store takes one value per GPU".into(),
+                ));
+            }
+            let mut sorted = devs.clone();
+            sorted.sort_unstable();
+            let same_set = state.nccl.as_ref().is_none_or(|c| c.ordinals == sorted);
+            let root_in_set = state.keys[key]
+                .merge_dev
+                .is_none_or(|d| sorted.contains(&d));
+            if !same_set || !root_in_set {
+                return Err(Error::InvalidArgument(
+                    "NCCL KVStore supports only single set of devices".into(),
+                ));
+            }
+        }
+        if state.keys[key].merge_dev.is_none() {
+            self.place_keys(state, &devs)?;
+        }
+        if self.engine == Engine::Nccl && state.nccl.is_none() {
+            state.nccl = Some(open_nccl(runtime, &devs)?);
+        }
+
+        let GpuState {
+            keys, counts, nccl, ..
+        } = state;
+        let entry = keys.get_mut(key).expect("checked above");
+        let dev = entry.merge_dev.expect("placed above");
+        let gpu = runtime.gpu(dev)?;
+        if entry.merge.is_none() {
+            entry.merge = Some(DeviceArray::zeros(&entry.shape, dev)?);
+        }
+        let merge = entry.merge.as_mut().expect("allocated above");
+        match (self.engine, nccl.as_ref()) {
+            (Engine::Nccl, Some(comms)) => nccl_reduce(comms, values, merge)?,
+            _ => {
+                merge.copy_from(values[0])?;
+                while entry.copies.len() + 1 < values.len() {
+                    entry.copies.push(DeviceArray::zeros(&entry.shape, dev)?);
+                }
+                for (copy, v) in entry.copies.iter_mut().zip(&values[1..]) {
+                    copy.copy_from(v)?;
+                }
+                let copies = &entry.copies[..values.len() - 1];
+                for group in copies.chunks(4) {
+                    let srcs: Vec<&CudaSlice<f32>> = group.iter().map(|c| &c.data).collect();
+                    gpu.sum_group(&mut merge.data, &srcs)?;
+                }
+            }
+        }
+        let stored = entry.stored.as_mut().expect("placed keys hold their value");
+        match optimizer {
+            None => stored.copy_from(merge)?,
+            Some(opt) => {
+                while entry.state.len() < opt.state_len() {
+                    let zeros = gpu
+                        .stream
+                        .alloc_zeros::<f32>(stored.size())
+                        .map_err(cuda("alloc"))?;
+                    entry.state.push(zeros);
+                }
+                let t = counts.entry(key.clone()).or_insert(0);
+                *t += 1;
+                opt.step(gpu, *t, &mut stored.data, &merge.data, &mut entry.state)?;
+            }
+        }
+        gpu.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    /// Places every GPU key that has no merge GPU yet (MXNet places all known keys at the
+    /// first multi-device reduce), and uploads their values.
+    fn place_keys(&self, state: &mut GpuState, devs: &[usize]) -> Result<()> {
+        let unplaced: Vec<Key> = state
+            .keys
+            .iter()
+            .filter(|(_, e)| e.merge_dev.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let sizes: Vec<usize> = unplaced
+            .iter()
+            .map(|k| state.keys[k].initial.size())
+            .collect();
+        let chosen = match self.engine {
+            // MXNet's NCCL store keeps every merge buffer on the first GPU of the push.
+            Engine::Nccl => vec![devs[0]; unplaced.len()],
+            Engine::Device => {
+                let mut totals: Vec<usize> = devs
+                    .iter()
+                    .map(|d| state.totals.get(d).copied().unwrap_or(0))
+                    .collect();
+                let chosen = place(&sizes, devs, &mut totals);
+                for (d, t) in devs.iter().zip(totals) {
+                    state.totals.insert(*d, t);
+                }
+                chosen
+            }
+        };
+        for (k, dev) in unplaced.iter().zip(chosen) {
+            let entry = state.keys.get_mut(k).expect("listed above");
+            entry.stored = Some(DeviceArray::from_host(&entry.initial, dev)?);
+            entry.merge_dev = Some(dev);
+        }
+        Ok(())
+    }
+
+    /// Copies the stored value of a GPU-valued key into every output (any GPU).
+    ///
+    /// # Errors
+    /// [`Error::KeyNotInitialized`], shape mismatches, [`Error::Device`].
+    pub fn pull_gpu(&self, key: impl Into<Key>, outs: &mut [&mut DeviceArray]) -> Result<()> {
+        let key = key.into();
+        let at = self.at("pull", &key);
+        let state = self.state();
+        let result = (|| {
+            let entry = state.keys.get(&key).ok_or(Error::KeyNotInitialized)?;
+            for o in outs.iter() {
+                if o.shape() != entry.shape.as_slice() {
+                    return Err(Error::ShapeMismatch {
+                        what: format!("an output pulled from key {key}"),
+                        expected: entry.shape.clone(),
+                        found: o.shape().to_vec(),
+                    });
+                }
+            }
+            let runtime = Runtime::get()?;
+            for o in outs.iter_mut() {
+                match &entry.stored {
+                    Some(stored) => o.copy_from(stored)?,
+                    None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
+                }
+            }
+            for o in outs.iter() {
+                runtime
+                    .gpu(o.ordinal())?
+                    .stream
+                    .synchronize()
+                    .map_err(cuda("synchronize"))?;
+            }
+            Ok(())
+        })();
+        result.map_err(at)
+    }
+
+    /// `push_gpu` then `pull_gpu`.
+    ///
+    /// # Errors
+    /// As both.
+    pub fn pushpull_gpu(
+        &self,
+        key: impl Into<Key>,
+        values: &[&DeviceArray],
+        outs: &mut [&mut DeviceArray],
+    ) -> Result<()> {
+        let key = key.into();
+        self.push_gpu(key.clone(), values)?;
+        self.pull_gpu(key, outs)
+    }
+
+    /// The GPU each placed GPU-valued key's merge buffer is on (placement is decided at the
+    /// first push).
+    pub fn merge_devices(&self) -> BTreeMap<Key, usize> {
+        self.state()
+            .keys
+            .iter()
+            .filter_map(|(k, e)| e.merge_dev.map(|d| (k.clone(), d)))
+            .collect()
+    }
+
+    fn refuse_gpu_keys(&self, operation: &'static str, keys: &[Key]) -> Result<()> {
+        let state = self.state();
+        match keys.iter().find(|k| state.keys.contains_key(*k)) {
+            Some(k) => Err(self.at(operation, k)(Error::InvalidArgument(format!(
+                "duplicate init of key {k} (it holds GPU values)"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    fn refuse_sparse(&self, values: &[&NDArray]) -> Result<()> {
+        if self.engine == Engine::Nccl
+            && values
+                .iter()
+                .any(|v| v.storage_type() != StorageType::Dense)
+        {
+            return Err(Error::InvalidArgument(
+                "NCCL KVStore does not support sparse storage type".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn open_nccl(runtime: &Runtime, devs: &[usize]) -> Result<NcclComms> {
+    let mut ordinals = devs.to_vec();
+    ordinals.sort_unstable();
+    let streams = ordinals
+        .iter()
+        .map(|&d| runtime.gpu(d).map(|g| g.stream.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let comms = guard_nccl(|| {
+        cudarc::nccl::Comm::from_devices(streams)
+            .map_err(|e| Error::Device(format!("ncclCommInitAll: {e:?}")))
+    })?;
+    Ok(NcclComms { ordinals, comms })
+}
+
+/// Runs NCCL calls, turning a panic of the bindings (a symbol the loaded `libnccl` lacks)
+/// into [`Error::Device`].
+fn guard_nccl<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(Error::Device(format!(
+            "NCCL failed: {}",
+            crate::probe::panic_text(&*p)
+        )))
+    })
+}
+
+/// `ncclReduce(sum)` of one value per GPU into `merge` (on the root GPU), in one NCCL group.
+fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArray) -> Result<()> {
+    use cudarc::nccl::{result, ReduceOp};
+    let root_ordinal = merge.ordinal();
+    let root = comms
+        .ordinals
+        .iter()
+        .position(|&d| d == root_ordinal)
+        .ok_or_else(|| {
+            Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
+        })? as i32;
+    let runtime = Runtime::get()?;
+    guard_nccl(|| {
+        let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
+        result::group_start().map_err(err)?;
+        let mut outcome = Ok(());
+        for (comm, &ordinal) in comms.comms.iter().zip(&comms.ordinals) {
+            let src = values
+                .iter()
+                .find(|v| v.ordinal() == ordinal)
+                .expect("one value per GPU");
+            let r = if ordinal == root_ordinal {
+                comm.reduce(&src.data, Some(&mut merge.data), &ReduceOp::Sum, root)
+            } else {
+                comm.reduce(&src.data, None::<&mut CudaSlice<f32>>, &ReduceOp::Sum, root)
+            };
+            if let Err(e) = r {
+                outcome = Err(err(e));
+                break;
+            }
+        }
+        result::group_end().map_err(err)?;
+        outcome?;
+        for &ordinal in &comms.ordinals {
+            runtime
+                .gpu(ordinal)?
+                .stream
+                .synchronize()
+                .map_err(cuda("synchronize"))?;
+        }
+        Ok(())
+    })
+}
+
+impl KVStoreBase for DeviceStore {
+    fn type_name(&self) -> &str {
+        self.local.type_name()
+    }
+
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn num_workers(&self) -> usize {
+        1
+    }
+
+    fn is_capable(&self, capability: Capability) -> bool {
+        match (self.engine, capability) {
+            (Engine::Nccl, Capability::RowSparse) => false,
+            _ => self.local.is_capable(capability),
+        }
+    }
+
+    fn broadcast_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        self.refuse_gpu_keys("broadcast", values.keys())?;
+        self.refuse_sparse(values.values())?;
+        self.local.broadcast_batch(values, outs, priority)
+    }
+
+    fn pushpull_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        self.refuse_sparse(values.values())?;
+        self.local.pushpull_batch(values, outs, priority)
+    }
+
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        self.local.pushpull_in_place_batch(values, priority)
+    }
+
+    fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.refuse_gpu_keys("init", values.keys())?;
+        self.refuse_sparse(values.values())?;
+        self.local.init_batch(values)
+    }
+
+    fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        self.refuse_sparse(values.values())?;
+        self.local.push_batch(values, priority)
+    }
+
+    fn pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        if self.engine == Engine::Nccl && !ignore_sparse {
+            return Err(Error::InvalidArgument(
+                "nccl kvstore pull doesn't support ignore_sparse=False".into(),
+            ));
+        }
+        self.local.pull_batch(outs, priority, ignore_sparse)
+    }
+
+    fn row_sparse_pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        priority: i32,
+    ) -> Result<()> {
+        if self.engine == Engine::Nccl {
+            return Err(self.unsupported("row_sparse_pull"));
+        }
+        self.local.row_sparse_pull_batch(outs, row_ids, priority)
+    }
+
+    fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
+        let mut state = self.state();
+        self.local.set_optimizer(optimizer)?;
+        state.optimizer = Some(optimizer.clone());
+        state.custom_updater = false;
+        Ok(())
+    }
+
+    fn set_updater(&self, updater: Updater) -> Result<()> {
+        let mut state = self.state();
+        self.local.set_updater(updater)?;
+        state.optimizer = None;
+        state.custom_updater = true;
+        Ok(())
+    }
+
+    fn set_gradient_compression(&self, params: &CompressionParams) -> Result<()> {
+        self.local.set_gradient_compression(params)
+    }
+
+    fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
+        self.local.save_optimizer_states(path, dump_optimizer)
+    }
+
+    fn load_optimizer_states(&self, path: &Path) -> Result<()> {
+        self.local.load_optimizer_states(path)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.local.barrier()
+    }
+
+    fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
+        self.local.send_command_to_servers(head, body)
+    }
+}

@@ -1,0 +1,303 @@
+//! GPU tests of the `device` and `nccl` stores: GPU results compared with the `local` store
+//! on the same data.
+//!
+//! Tolerances: sums of integer-valued float32 data are exact (compared with `==`); optimizer
+//! steps within 1e-6 relative (|gpu - cpu| <= 1e-6 * max(1, |cpu|)).
+//!
+//! Every test calls [`kvstore_device::probe`] first; without a CUDA driver, a GPU or NVRTC
+//! (or NCCL, for the `nccl` tests) it is reported as *ignored* with the reason, e.g.
+//! `[no CUDA driver: libcuda.so.1 not found ...]` (a `libtest-mimic` harness: plain `#[test]`s
+//! cannot be ignored at run time). With one GPU, several buffers on it stand in for several
+//! devices; with more, values are spread over every GPU.
+
+use kvstore_base::{create, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
+use kvstore_device::{probe, DeviceArray, DeviceStore, Engine, GpuInfo};
+use kvstore_local::reduce::ReduceConfig;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+type TestResult = Result<(), Failed>;
+
+fn fail(msg: impl std::fmt::Display) -> Failed {
+    msg.to_string().into()
+}
+
+/// The GPU ordinal of value `i` of `n`: spread round-robin over the GPUs.
+fn dev(info: &GpuInfo, i: usize) -> usize {
+    info.devices[i % info.devices.len()].ordinal
+}
+
+/// Integer-valued data for value `i`.
+fn data(n: usize, i: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| ((j * 7 + i * 13) % 31) as f32 - 15.0)
+        .collect()
+}
+
+/// Small non-integer data for optimizer tests.
+fn fdata(n: usize, i: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| (((j * 7 + i * 13) % 97) as f32 - 48.0) / 64.0)
+        .collect()
+}
+
+fn host(shape: &[usize], v: Vec<f32>) -> NDArray {
+    NDArray::from_vec(shape, v).expect("shape matches")
+}
+
+fn close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) -> TestResult {
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if (g - c).abs() > rel * c.abs().max(1.0) {
+            return Err(fail(format!("{what}: element {i}: gpu {g} vs cpu {c}")));
+        }
+    }
+    if gpu.len() != cpu.len() {
+        return Err(fail(format!(
+            "{what}: {} vs {} elements",
+            gpu.len(),
+            cpu.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Pushes `rounds` pushes of `n_values` values to one key on `store` (GPU) and on `local`
+/// (CPU), with `spec` set on both when given, and compares the pulled values.
+fn compare_with_local(
+    info: &GpuInfo,
+    engine: Engine,
+    n_values: usize,
+    len: usize,
+    spec: Option<OptimizerSpec>,
+    rounds: usize,
+    rel: f32,
+) -> TestResult {
+    let shape = [len];
+    let name = if engine == Engine::Nccl {
+        "nccl"
+    } else {
+        "device"
+    };
+    let store = DeviceStore::new(name, engine, ReduceConfig::default());
+    let local = create("local")?;
+    let init = if spec.is_some() {
+        fdata(len, 99)
+    } else {
+        vec![0.0; len]
+    };
+    store.init_gpu("w", &host(&shape, init.clone()))?;
+    local.init("w", &host(&shape, init))?;
+    if let Some(spec) = &spec {
+        store.set_optimizer(spec)?;
+        local.set_optimizer(spec)?;
+    }
+    for round in 0..rounds {
+        let gen = if spec.is_some() { fdata } else { data };
+        let hosts: Vec<NDArray> = (0..n_values)
+            .map(|i| host(&shape, gen(len, i + round)))
+            .collect();
+        let gpus: Vec<DeviceArray> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&DeviceArray> = gpus.iter().collect();
+        store.push_gpu("w", &refs)?;
+        local.push("w", &hosts[..])?;
+    }
+    let mut outs: Vec<DeviceArray> = (0..n_values.min(info.devices.len().max(2)))
+        .map(|i| DeviceArray::zeros(&shape, dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    let mut out_refs: Vec<&mut DeviceArray> = outs.iter_mut().collect();
+    store.pull_gpu("w", &mut out_refs)?;
+    let mut cpu = NDArray::zeros(&shape, DType::F32);
+    local.pull("w", &mut cpu)?;
+    let cpu = cpu.to_vec::<f32>()?;
+    for (i, o) in outs.iter().enumerate() {
+        let got = o.to_host()?.to_vec::<f32>()?;
+        if rel == 0.0 {
+            if got != cpu {
+                return Err(fail(format!(
+                    "output {i} differs from local: {:?} vs {:?}",
+                    &got[..4.min(len)],
+                    &cpu[..4.min(len)]
+                )));
+            }
+        } else {
+            close(&got, &cpu, rel, &format!("output {i}"))?;
+        }
+    }
+    Ok(())
+}
+
+type GpuTest = fn(&GpuInfo) -> TestResult;
+
+const TESTS: &[(&str, bool, GpuTest)] = &[
+    ("device::sum_of_one_value_is_the_value", false, |i| {
+        compare_with_local(i, Engine::Device, 1, 1000, None, 1, 0.0)
+    }),
+    ("device::sum_of_8_values_equals_local_exactly", false, |i| {
+        compare_with_local(i, Engine::Device, 8, 100_003, None, 2, 0.0)
+    }),
+    (
+        "device::sum_of_5_values_odd_group_equals_local",
+        false,
+        |i| compare_with_local(i, Engine::Device, 5, 4097, None, 1, 0.0),
+    ),
+    ("device::sgd_momentum_steps_match_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            4,
+            10_000,
+            Some(
+                OptimizerSpec::new("sgd")
+                    .with("learning_rate", 0.1)
+                    .with("momentum", 0.9)
+                    .with("wd", 0.01)
+                    .with("rescale_grad", 0.5),
+            ),
+            3,
+            1e-6,
+        )
+    }),
+    (
+        "device::sgd_clipped_without_momentum_matches_local",
+        false,
+        |i| {
+            compare_with_local(
+                i,
+                Engine::Device,
+                2,
+                10_000,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("learning_rate", 0.1)
+                        .with("clip_gradient", 0.25),
+                ),
+                3,
+                1e-6,
+            )
+        },
+    ),
+    ("device::adam_steps_match_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            4,
+            10_000,
+            Some(
+                OptimizerSpec::new("adam")
+                    .with("learning_rate", 0.01)
+                    .with("wd", 0.1)
+                    .with("clip_gradient", 0.5),
+            ),
+            3,
+            1e-6,
+        )
+    }),
+    (
+        "device::placement_balances_keys_across_gpus",
+        false,
+        placement,
+    ),
+    ("device::gpu_errors_leave_the_store_usable", false, errors),
+    ("device::host_round_trip_is_exact", false, round_trip),
+    ("nccl::sum_across_gpus_equals_local_exactly", true, |i| {
+        let n = i.devices.len();
+        compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)
+    }),
+    ("nccl::sgd_after_reduce_matches_local", true, |i| {
+        let n = i.devices.len();
+        compare_with_local(
+            i,
+            Engine::Nccl,
+            n,
+            10_000,
+            Some(OptimizerSpec::new("sgd").with("momentum", 0.9)),
+            3,
+            1e-6,
+        )
+    }),
+];
+
+fn round_trip(_: &GpuInfo) -> TestResult {
+    let h = host(&[3, 5], fdata(15, 1));
+    let d = DeviceArray::from_host(&h, 0)?;
+    if d.to_host()? != h {
+        return Err(fail("the host -> GPU -> host copy changed the data"));
+    }
+    Ok(())
+}
+
+fn placement(info: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let sizes = [4000usize, 3000, 2000, 1000];
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], vec![1.0; n]))?;
+    }
+    let ngpu = info.devices.len();
+    let values: Vec<DeviceArray> = (0..ngpu.max(2))
+        .map(|i| DeviceArray::zeros(&[4000], dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    store.push_gpu(0i64, &values.iter().collect::<Vec<_>>())?;
+    let placed = store.merge_devices();
+    if placed.len() != sizes.len() {
+        return Err(fail(format!(
+            "every known key is placed at the first push: {placed:?}"
+        )));
+    }
+    let mut totals = vec![0usize; ngpu];
+    let devs: Vec<usize> = info.devices.iter().map(|d| d.ordinal).collect();
+    let expected = kvstore_device::placement::place(&sizes, &devs, &mut totals);
+    for (k, want) in expected.iter().enumerate() {
+        if placed[&(k as i64).into()] != *want {
+            return Err(fail(format!(
+                "key {k} placed on {:?}, expected {want}",
+                placed[&(k as i64).into()]
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn errors(_: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init_gpu("w", &host(&[4], vec![1.0; 4]))?;
+    let wrong = DeviceArray::zeros(&[5], 0)?;
+    if store.push_gpu("w", &[&wrong]).is_err() && store.push_gpu("nope", &[&wrong]).is_err() {
+        let ok = DeviceArray::from_host(&host(&[4], vec![2.0; 4]), 0)?;
+        store.push_gpu("w", &[&ok, &ok])?;
+        let mut out = DeviceArray::zeros(&[4], 0)?;
+        store.pull_gpu("w", &mut [&mut out])?;
+        if out.to_host()?.to_vec::<f32>()? == vec![4.0; 4] {
+            return Ok(());
+        }
+    }
+    Err(fail("a rejected push changed the store or was accepted"))
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Arguments::from_args();
+    let info = probe().map_err(|e| e.to_string());
+    let trials = TESTS
+        .iter()
+        .map(|&(name, needs_nccl, run)| {
+            let skip = match &info {
+                Err(e) => Some(e.clone()),
+                Ok(i) if !i.nvrtc => Some("no NVRTC: libnvrtc not found".to_string()),
+                Ok(i) if needs_nccl && !i.nccl => Some("no NCCL: libnccl not found".to_string()),
+                Ok(_) => None,
+            };
+            let info = info.clone();
+            let trial = Trial::test(name, move || match &info {
+                Ok(i) => run(i),
+                Err(e) => Err(fail(e)),
+            });
+            match skip {
+                Some(reason) => trial.with_kind(reason).with_ignored_flag(true),
+                None => trial,
+            }
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}

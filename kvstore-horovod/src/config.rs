@@ -1,0 +1,158 @@
+//! [`HorovodConfig`]: the rendezvous (`DMLC_*`, as the dist stores) and Horovod's own knobs.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`, `DMLC_NUM_WORKER`, `DMLC_ROLE`, `DMLC_NODE_HOST`, `DMLC_INTERFACE`, `PORT`, `KVSTORE_TIMEOUT_SECS`, ... | as `kvstore_dist::config` | the scheduler to meet at, the job's size, this worker's address, the bound on every network wait |
+//! | `DMLC_NUM_SERVER` | 0 | servers take no part; `0` (or unset) is accepted here, unlike the dist stores |
+//! | `HOROVOD_FUSION_THRESHOLD` | 64 MiB | largest fused buffer in bytes; `0` turns fusion off |
+//! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (60 s) | how long a tensor submitted by some ranks waits for the others before the ranks that submitted it get an error naming the missing ranks |
+//!
+//! `HOROVOD_CYCLE_TIME` is not read: the store's calls are synchronous, so the tensors fused
+//! together are those of one call (see the [crate docs](crate)), not those of a time window.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use kvstore_base::{CreateRequest, Error, Result};
+use kvstore_dist::{DistConfig, DistFile};
+
+/// Horovod's default fusion threshold in the releases this store follows (64 MiB).
+pub const DEFAULT_FUSION_THRESHOLD: u64 = 64 * 1024 * 1024;
+
+/// The variable naming a `kvstore.toml` whose `[dist]` table is read under the environment.
+pub const CONFIG_VAR: &str = "KVSTORE_CONFIG";
+
+/// The configuration of one `horovod` worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HorovodConfig {
+    /// The rendezvous and transport settings (`DMLC_*`, `KVSTORE_*`).
+    pub dist: DistConfig,
+    /// `HOROVOD_FUSION_THRESHOLD`: the largest fused buffer in bytes (0: no fusion).
+    pub fusion_threshold: u64,
+    /// `HOROVOD_STALL_CHECK_TIME_SECONDS`, else the store's timeout.
+    pub stall_check: Duration,
+}
+
+impl HorovodConfig {
+    /// Parses `vars` (environment variables or create options) over the `[dist]` table of the
+    /// `kvstore.toml` that `KVSTORE_CONFIG` names, if any.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the variable and the value.
+    pub fn from_vars<I, K, V>(vars: I) -> Result<HorovodConfig>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut vars: HashMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let invalid =
+            |e: kvstore_dist::ConfigError| Error::InvalidArgument(format!("horovod: {e}"));
+        let file = match vars.get(CONFIG_VAR) {
+            Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
+            None => DistFile::default(),
+        };
+        // Servers take no part: the dist parser wants at least one, so give it one when the
+        // job says 0 or nothing, and record 0.
+        let servers = vars.get("DMLC_NUM_SERVER").map(|s| s.trim().to_string());
+        let no_servers = match servers.as_deref() {
+            Some("0") => true,
+            None => file.num_server.is_none(),
+            Some(_) => false,
+        };
+        if no_servers {
+            vars.insert("DMLC_NUM_SERVER".into(), "1".into());
+        }
+        let mut dist = DistConfig::from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
+        if no_servers {
+            dist.num_servers = 0;
+        }
+        let fusion_threshold = match vars.get("HOROVOD_FUSION_THRESHOLD") {
+            Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "horovod: HOROVOD_FUSION_THRESHOLD={v:?} is not a whole number of bytes"
+                ))
+            })?,
+            None => DEFAULT_FUSION_THRESHOLD,
+        };
+        let stall_check = match vars.get("HOROVOD_STALL_CHECK_TIME_SECONDS") {
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s.is_finite() && s > 0.0 && s <= 365.0 * 86400.0 => {
+                    Duration::from_secs_f64(s)
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "horovod: HOROVOD_STALL_CHECK_TIME_SECONDS={v:?} is not a positive \
+                         number of seconds"
+                    )))
+                }
+            },
+            None => dist.timeout,
+        };
+        Ok(HorovodConfig {
+            dist,
+            fusion_threshold,
+            stall_check,
+        })
+    }
+
+    /// The process environment, each variable overridden by a create option of the same name.
+    ///
+    /// # Errors
+    /// As [`HorovodConfig::from_vars`].
+    pub fn from_request(request: &CreateRequest) -> Result<HorovodConfig> {
+        let mut vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
+        vars.extend(request.options.clone());
+        HorovodConfig::from_vars(vars)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+            ("DMLC_PS_ROOT_PORT", "9000"),
+            ("DMLC_NUM_WORKER", "2"),
+        ]
+    }
+
+    #[test]
+    fn servers_default_to_none_and_horovod_defaults_apply() {
+        let c = HorovodConfig::from_vars(base()).unwrap();
+        assert_eq!(c.dist.num_servers, 0);
+        assert_eq!(c.fusion_threshold, DEFAULT_FUSION_THRESHOLD);
+        assert_eq!(c.stall_check, c.dist.timeout);
+        let mut v = base();
+        v.push(("DMLC_NUM_SERVER", "0"));
+        v.push(("HOROVOD_FUSION_THRESHOLD", "0"));
+        v.push(("HOROVOD_STALL_CHECK_TIME_SECONDS", "1.5"));
+        let c = HorovodConfig::from_vars(v).unwrap();
+        assert_eq!(c.dist.num_servers, 0);
+        assert_eq!(c.fusion_threshold, 0);
+        assert_eq!(c.stall_check, Duration::from_millis(1500));
+        let mut v = base();
+        v.push(("DMLC_NUM_SERVER", "1"));
+        assert_eq!(HorovodConfig::from_vars(v).unwrap().dist.num_servers, 1);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("HOROVOD_FUSION_THRESHOLD", "lots"),
+            ("HOROVOD_STALL_CHECK_TIME_SECONDS", "-1"),
+        ] {
+            let mut v = base();
+            v.push((var, value));
+            let e = HorovodConfig::from_vars(v).unwrap_err().to_string();
+            assert!(e.contains(var) && e.contains(value), "{e}");
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! # kvstore-horovod: the `horovod` store, Horovod's design on TCP between workers
+//!
+//! MXNet 2.x's `kv.create('horovod')` hands every call to Horovod: `pushpull` is a sum
+//! all-reduce across workers, `broadcast` copies rank 0's value to every worker, and there is
+//! no server and no optimizer in the store (Gluon's `Trainer` then runs the optimizer on each
+//! worker). This crate provides the same store without MPI, NCCL or Gloo: the workers meet at
+//! the scheduler of `kvstore-dist` (ranks, the node table, barriers) and exchange tensors over
+//! its TCP transport in a ring.
+//!
+//! ```no_run
+//! use kvstore_base::{create, DType, KVStoreExt, NDArray};
+//! use kvstore_horovod as _; // links the crate, whose registration provides `horovod`
+//!
+//! // DMLC_PS_ROOT_URI=... DMLC_PS_ROOT_PORT=... DMLC_NUM_WORKER=2 (DMLC_NUM_SERVER=0 or unset)
+//! let kv = create("horovod")?; // blocks until every worker has joined
+//! let grad = NDArray::full(&[2, 3], kv.rank() as f64 + 1.0, DType::F32);
+//! let mut sum = NDArray::zeros(&[2, 3], DType::F32);
+//! kv.pushpull(3, &grad, &mut sum)?; // 1 + 2 = 3.0 everywhere with 2 workers
+//! # Ok::<(), kvstore_base::Error>(())
+//! ```
+//!
+//! ## Operations
+//!
+//! | operation | horovod store |
+//! |---|---|
+//! | `pushpull` | sum all-reduce (`hvd.allreduce(average=False)`, named `str(key)`); a worker's values for one key (one per device) are summed locally first, and the total lands in every output of the key |
+//! | `broadcast` | rank 0's value into every output, on every worker (`hvd.broadcast(root_rank=0)`) |
+//! | `barrier` | every worker (the scheduler's barrier) |
+//! | `rank`, `num_workers` | the worker's rank and the number of workers (`hvd.rank()`, `hvd.size()`) |
+//! | `init`, `push`, `pull`, `set_optimizer`, `set_updater`, optimizer states, gradient compression, row-sparse pull, commands to servers | [`Error::Unsupported`](kvstore_base::Error::Unsupported): the store keeps no values and runs no optimizer |
+//!
+//! `is_capable` is true for [`Capability::Distributed`] only (MXNet's horovod store says false
+//! to everything, and its `set_optimizer` silently does nothing; here it is an error, so that a
+//! caller never believes an optimizer runs). Priorities are accepted and ignored.
+//!
+//! ## How Horovod's features map
+//!
+//! - **Ring all-reduce** ([`ring`]): reduce-scatter then all-gather over `n` chunks, `2 (n - 1)`
+//!   steps; each worker sends `2 (n - 1) / n` of the tensor to the next rank and receives as
+//!   much from the previous one, whatever `n`. Sums are computed in the tensor's dtype (half
+//!   types through `f32`, integers wrapping), each element once on one rank, so every worker
+//!   gets bit-identical results. Any size works, including sizes not divisible by `n` and 0.
+//! - **Coordinator** ([`coordinator`]): rank 0 collects, from every rank, the tensors it is
+//!   ready to reduce (name, operation, dtype, shape), finds those ready on every rank, and
+//!   sends every rank the same numbered list of operations: ranks never wait on each other in
+//!   different orders, whatever order their calls list the keys in. Mismatched dtypes, shapes
+//!   or operations fail the call on every rank that submitted the tensor.
+//! - **Tensor fusion**: tensors ready together of one dtype and operation are packed into one
+//!   buffer of at most `HOROVOD_FUSION_THRESHOLD` bytes (64 MiB by default, Horovod's default
+//!   in the releases MXNet 2.x used; `0` turns fusion off) and reduced as one: 1000 small keys
+//!   cost a few ring passes, not 1000.
+//! - **Stall inspector**: a tensor submitted by some ranks and not by the others for
+//!   `HOROVOD_STALL_CHECK_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`, 60 s like
+//!   Horovod's) fails the call on the ranks that submitted it, with an error naming the tensor
+//!   (the key) and the missing ranks, instead of hanging.
+//!
+//! ## Deviations from Horovod
+//!
+//! - No MPI, NCCL or Gloo: a TCP ring between the workers' advertised addresses, on CPU
+//!   memory. No hierarchical all-reduce, no response cache, no autotuning, no fp16
+//!   compression, no Adasum, allgather or alltoall.
+//! - Fusion is per call: a call is synchronous, so the tensors fused together are the keys of
+//!   one multi-key call (`kv.pushpull(&keys, ...)`), not those submitted within
+//!   `HOROVOD_CYCLE_TIME` by a background thread; that variable is not read. Concurrent calls
+//!   of one worker run one after the other.
+//! - The stall inspector ends the stalled call with an error where Horovod only warns (unless
+//!   `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` is set).
+//!
+//! ## Running a job
+//!
+//! The variables are those of the dist stores (see [`config`]), with `DMLC_NUM_SERVER` `0` or
+//! unset. [`LocalJob`] runs a scheduler without servers in this process. `kvstore launch`
+//! requires at least one server: `kvstore launch -n 2 -s 1 ...` works, the server is greeted
+//! by every worker and stays idle until they leave. As with the dist stores, a process whose
+//! `DMLC_ROLE` is `server` or `scheduler` that creates the store runs that role and exits when
+//! the job ends.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod coordinator;
+mod local;
+pub mod ring;
+mod store;
+pub mod wire;
+
+pub use config::HorovodConfig;
+pub use local::LocalJob;
+pub use store::HorovodStore;
+
+use kvstore_base::{Capability, CreateRequest, KVStoreBase};
+use kvstore_dist::Role;
+
+fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
+    let config = HorovodConfig::from_request(request)?;
+    match config.dist.role {
+        Role::Worker => Ok(Box::new(HorovodStore::connect(&request.name, &config)?)),
+        Role::Server => {
+            let status = match kvstore_dist::run_server(&config.dist) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("kvstore server: {e}");
+                    1
+                }
+            };
+            std::process::exit(status)
+        }
+        Role::Scheduler => {
+            let status = match kvstore_dist::Scheduler::start(&config.dist).and_then(|s| s.join()) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("kvstore scheduler: {e}");
+                    1
+                }
+            };
+            std::process::exit(status)
+        }
+    }
+}
+
+kvstore_base::register!("horovod", create, capabilities = [Capability::Distributed]);

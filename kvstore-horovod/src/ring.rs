@@ -1,0 +1,310 @@
+//! The data plane: a mailbox of received chunks, the ring all-reduce and the broadcast chain.
+//!
+//! A fused buffer of `E` elements is cut into `n` chunks, chunk `c` holding elements
+//! `c E / n .. (c + 1) E / n` (so any `E`, divisible by `n` or not, zero included). Rank `r`
+//! sends only to rank `r + 1` and receives only from rank `r - 1`:
+//!
+//! - **reduce-scatter**, steps `s = 0 .. n - 1`: send chunk `r - s`, receive chunk `r - s - 1`
+//!   and add it in (in the dtype's arithmetic); rank `r` then holds the complete sum of chunk
+//!   `r + 1`;
+//! - **all-gather**, steps `s = 0 .. n - 1`: send chunk `r + 1 - s`, receive chunk `r - s` and
+//!   copy it in.
+//!
+//! Each rank sends `2 (n - 1)` chunks, `2 (n - 1) / n` of the buffer, whatever `n`. Every
+//! element's sum is computed once, on one rank, and copied to the others: all ranks get
+//! bit-identical results. Chunks travel in pieces of at most [`PIECE_BYTES`], so that a piece
+//! is added while the next one is on the wire. Empty chunks are not sent.
+//!
+//! A broadcast goes down the chain `0 → 1 → … → n - 1` in pieces, each rank forwarding a
+//! piece as soon as it has it.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use kvstore_base::DType;
+use kvstore_dist::transport::{Connection, Outgoing, Payload, Pending, TransportError};
+
+use crate::wire::CMD_DATA;
+
+/// The largest message of a chunk: bigger chunks go in several pieces.
+pub const PIECE_BYTES: usize = 4 << 20;
+
+/// Chunks received from the previous rank, by (group sequence number, message id).
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    slots: Mutex<HashMap<(u64, u64), Payload>>,
+    arrived: Condvar,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u64), Payload>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Files a received chunk.
+    pub(crate) fn put(&self, seq: u64, id: u64, payload: Payload) {
+        self.lock().insert((seq, id), payload);
+        self.arrived.notify_all();
+    }
+
+    /// Waits for chunk `(seq, id)` until `deadline`.
+    fn take(&self, seq: u64, id: u64, deadline: Instant) -> Option<Payload> {
+        let mut slots = self.lock();
+        loop {
+            if let Some(p) = slots.remove(&(seq, id)) {
+                return Some(p);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            slots = match self.arrived.wait_timeout(slots, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// Drops whatever is left of group `seq` (after a failure).
+    fn forget(&self, seq: u64) {
+        self.lock().retain(|(s, _), _| *s != seq);
+    }
+}
+
+/// `dst += src`, both holding elements of `dtype` in native byte order: floats in their own
+/// precision, half types rounded through `f32`, integers wrapping (MXNet's arithmetic).
+pub(crate) fn add_bytes(dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<(), String> {
+    if dst.len() != src.len() {
+        return Err(format!(
+            "a chunk of {} bytes cannot be added to one of {}",
+            src.len(),
+            dst.len()
+        ));
+    }
+    macro_rules! lanes {
+        ($t:ty, |$a:ident, $b:ident| $e:expr) => {{
+            const N: usize = std::mem::size_of::<$t>();
+            for (d, s) in dst.chunks_exact_mut(N).zip(src.chunks_exact(N)) {
+                let $a = <$t>::from_ne_bytes(d.try_into().expect("N bytes"));
+                let $b = <$t>::from_ne_bytes(s.try_into().expect("N bytes"));
+                d.copy_from_slice(&($e).to_ne_bytes());
+            }
+        }};
+    }
+    match dtype {
+        DType::F32 => lanes!(f32, |a, b| a + b),
+        DType::F64 => lanes!(f64, |a, b| a + b),
+        DType::F16 => lanes!(f16, |a, b| f16::from_f32(a.to_f32() + b.to_f32())),
+        DType::BF16 => lanes!(bf16, |a, b| bf16::from_f32(a.to_f32() + b.to_f32())),
+        DType::I32 => lanes!(i32, |a, b| a.wrapping_add(b)),
+        DType::I64 => lanes!(i64, |a, b| a.wrapping_add(b)),
+        DType::U8 => lanes!(u8, |a, b| a.wrapping_add(b)),
+        other => return Err(format!("{other} cannot be summed by the horovod store")),
+    }
+    Ok(())
+}
+
+/// The byte range of chunk `c` of a buffer of `elements` elements of `size` bytes in `n` chunks.
+pub(crate) fn chunk(c: usize, n: usize, elements: usize, size: usize) -> std::ops::Range<usize> {
+    let at = |c: usize| (c as u128 * elements as u128 / n as u128) as usize * size;
+    at(c)..at(c + 1)
+}
+
+/// The message id of piece `piece` of step `step`.
+fn id(step: usize, piece: usize) -> u64 {
+    ((step as u64) << 32) | piece as u64
+}
+
+/// This rank's place in the ring and its links.
+pub(crate) struct Ring<'a> {
+    pub rank: usize,
+    pub size: usize,
+    /// The connection to rank `rank + 1`.
+    pub next: &'a Connection,
+    pub mailbox: &'a Mailbox,
+    /// Bound on each wait for a chunk.
+    pub timeout: Duration,
+}
+
+/// A failure of the data plane, as text for the caller to wrap.
+type Failed = String;
+
+impl Ring<'_> {
+    fn prev(&self) -> usize {
+        (self.rank + self.size - 1) % self.size
+    }
+
+    fn send(
+        &self,
+        seq: u64,
+        step: usize,
+        bytes: &[u8],
+        acks: &mut Vec<Pending>,
+        what: &str,
+    ) -> Result<(), Failed> {
+        for (piece, part) in bytes.chunks(PIECE_BYTES).enumerate() {
+            let out = Outgoing::new(CMD_DATA, part).key(seq).aux(id(step, piece));
+            let p = self
+                .next
+                .send(out, what)
+                .map_err(|e| format!("sending to rank {}: {e}", (self.rank + 1) % self.size))?;
+            acks.push(p);
+        }
+        Ok(())
+    }
+
+    /// Receives the pieces of step `step` into `dst`, adding when `add` (else copying).
+    fn receive(
+        &self,
+        seq: u64,
+        step: usize,
+        dst: &mut [u8],
+        add: Option<DType>,
+        what: &str,
+    ) -> Result<(), Failed> {
+        for (piece, part) in dst.chunks_mut(PIECE_BYTES).enumerate() {
+            let deadline = Instant::now() + self.timeout;
+            let got = self
+                .mailbox
+                .take(seq, id(step, piece), deadline)
+                .ok_or_else(|| {
+                    format!(
+                        "rank {} sent nothing within {:?} ({what}, operation {seq}, step {step})",
+                        self.prev(),
+                        self.timeout
+                    )
+                })?;
+            if got.len() != part.len() {
+                return Err(format!(
+                    "rank {} sent {} bytes where {} were expected ({what}, step {step})",
+                    self.prev(),
+                    got.len(),
+                    part.len()
+                ));
+            }
+            match add {
+                Some(dtype) => add_bytes(dtype, part, &got)?,
+                None => part.copy_from_slice(&got),
+            }
+        }
+        Ok(())
+    }
+
+    fn settle(acks: Vec<Pending>) -> Result<(), Failed> {
+        let mut first: Option<TransportError> = None;
+        for p in acks {
+            if let Err(e) = p.wait() {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), |e| Err(e.to_string()))
+    }
+
+    /// Sums `buf` (elements of `dtype`) across the ring, in place.
+    pub(crate) fn allreduce(
+        &self,
+        seq: u64,
+        dtype: DType,
+        buf: &mut [u8],
+        what: &str,
+    ) -> Result<(), Failed> {
+        let result = self.allreduce_inner(seq, dtype, buf, what);
+        if result.is_err() {
+            self.mailbox.forget(seq);
+        }
+        result
+    }
+
+    fn allreduce_inner(
+        &self,
+        seq: u64,
+        dtype: DType,
+        buf: &mut [u8],
+        what: &str,
+    ) -> Result<(), Failed> {
+        let (n, r) = (self.size, self.rank);
+        let size = dtype.size_of();
+        let elements = buf.len() / size;
+        if n == 1 || elements == 0 {
+            return Ok(());
+        }
+        let mut acks = Vec::new();
+        for s in 0..n - 1 {
+            let out = chunk((r + n - s) % n, n, elements, size);
+            self.send(seq, s, &buf[out], &mut acks, what)?;
+            let into = chunk((r + 2 * n - s - 1) % n, n, elements, size);
+            self.receive(seq, s, &mut buf[into], Some(dtype), what)?;
+        }
+        for s in 0..n - 1 {
+            let out = chunk((r + 1 + n - s) % n, n, elements, size);
+            self.send(seq, n - 1 + s, &buf[out], &mut acks, what)?;
+            let into = chunk((r + n - s) % n, n, elements, size);
+            self.receive(seq, n - 1 + s, &mut buf[into], None, what)?;
+        }
+        Self::settle(acks)
+    }
+
+    /// Copies rank 0's `buf` into every rank's, down the chain.
+    pub(crate) fn broadcast(&self, seq: u64, buf: &mut [u8], what: &str) -> Result<(), Failed> {
+        let result = self.broadcast_inner(seq, buf, what);
+        if result.is_err() {
+            self.mailbox.forget(seq);
+        }
+        result
+    }
+
+    fn broadcast_inner(&self, seq: u64, buf: &mut [u8], what: &str) -> Result<(), Failed> {
+        let n = self.size;
+        if n == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let forward = self.rank + 1 < n;
+        let mut acks = Vec::new();
+        for (piece, part) in buf.chunks_mut(PIECE_BYTES).enumerate() {
+            if self.rank > 0 {
+                self.receive(seq, piece, part, None, what)?;
+            }
+            if forward {
+                // One piece per step: step `piece`, piece 0.
+                self.send(seq, piece, part, &mut acks, what)?;
+            }
+        }
+        Self::settle(acks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_buffer_for_any_size() {
+        for n in 1..6 {
+            for elements in [0, 1, 2, 3, 7, 10, 1001] {
+                let mut end = 0;
+                for c in 0..n {
+                    let r = chunk(c, n, elements, 4);
+                    assert_eq!(r.start, end);
+                    end = r.end;
+                }
+                assert_eq!(end, elements * 4);
+            }
+        }
+    }
+
+    #[test]
+    fn adds_in_each_dtype() {
+        let mut a = 1.5f32.to_ne_bytes().to_vec();
+        add_bytes(DType::F32, &mut a, &2.25f32.to_ne_bytes()).unwrap();
+        assert_eq!(f32::from_ne_bytes(a[..].try_into().unwrap()), 3.75);
+        let mut u = vec![250u8];
+        add_bytes(DType::U8, &mut u, &[10]).unwrap();
+        assert_eq!(u, vec![4]);
+        let mut h = f16::from_f32(1.0).to_ne_bytes().to_vec();
+        add_bytes(DType::F16, &mut h, &f16::from_f32(0.5).to_ne_bytes()).unwrap();
+        assert_eq!(f16::from_ne_bytes(h[..].try_into().unwrap()).to_f32(), 1.5);
+        assert!(add_bytes(DType::I32, &mut [0u8; 4], &[0u8; 8]).is_err());
+    }
+}

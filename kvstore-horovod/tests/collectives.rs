@@ -1,0 +1,363 @@
+//! The `horovod` store's own checks, on jobs of 2 to 4 workers on threads of this process:
+//! exact sums in every dtype and for awkward sizes, fusion of many keys, broadcast, keys
+//! listed in different orders and calls on different ranks, mismatches, the stall inspector,
+//! the ring's traffic, and what the store does not support.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvstore_base::{
+    Capability, DType, Error, KVStoreBase, KVStoreExt, Key, NDArray, OptimizerSpec,
+};
+use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `part(rank, store)` on each worker of a fresh job of `n` (with `extra` options), on
+/// threads of its own; returns the results by rank.
+fn job<T, F>(n: usize, extra: &[(&str, &str)], part: F) -> Vec<T>
+where
+    T: Send,
+    F: Fn(usize, &HorovodStore) -> T + Sync,
+{
+    let job = LocalJob::start(n as u32, TIMEOUT).unwrap();
+    let mut options = job.worker_options().clone();
+    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let config = HorovodConfig::from_vars(options).unwrap();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let config = config.clone();
+                let part = &part;
+                s.spawn(move || {
+                    let kv = HorovodStore::connect("horovod", &config).unwrap();
+                    let r = kv.rank();
+                    (r, part(r, &kv))
+                })
+            })
+            .collect();
+        let mut out: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        out.sort_by_key(|(r, _)| *r);
+        out.into_iter().map(|(_, t)| t).collect()
+    });
+    job.finish().unwrap();
+    results
+}
+
+/// Element `i` of rank `r`'s value: small integers, so that every sum is exact in every dtype.
+fn element(dtype: DType, i: usize, r: usize) -> f64 {
+    match dtype {
+        DType::U8 => ((i % 5) + r) as f64,
+        DType::F16 | DType::BF16 => ((i % 7) as f64) - 2.0 + r as f64,
+        DType::F32 | DType::F64 => (i % 1000) as f64 - 300.0 + 0.5 * r as f64,
+        _ => (i % 1000) as f64 - 300.0 + r as f64,
+    }
+}
+
+fn value(dtype: DType, len: usize, r: usize) -> NDArray {
+    let v: Vec<f64> = (0..len).map(|i| element(dtype, i, r)).collect();
+    NDArray::from_vec(&[len], v).unwrap().astype(dtype)
+}
+
+#[test]
+fn pushpull_sums_exactly_in_every_dtype_and_size() {
+    let sizes = [0usize, 1, 2, 3, 5, 7, 1000, 30_011];
+    for n in [2, 3, 4] {
+        job(n, &[], |r, kv| {
+            for &dtype in &DType::ALL {
+                for &len in &sizes {
+                    let key = Key::from(len as i64);
+                    let mut out = NDArray::zeros(&[len], dtype);
+                    kv.pushpull(key.clone(), &value(dtype, len, r), &mut out)
+                        .unwrap();
+                    let expected: Vec<f64> = (0..len)
+                        .map(|i| (0..n).map(|w| element(dtype, i, w)).sum())
+                        .collect();
+                    assert_eq!(
+                        out.to_f64_vec(),
+                        expected,
+                        "{dtype}, {len} elements, {n} workers"
+                    );
+                }
+            }
+        });
+    }
+}
+
+#[test]
+fn big_tensors_travel_in_pieces_and_every_rank_gets_the_same_bits() {
+    // 3 M float32 elements: chunks of 6 MB (2 workers), above the 4 MiB piece size.
+    let len = 3_000_001;
+    let sums = job(2, &[], |r, kv| {
+        let v: Vec<f32> = (0..len)
+            .map(|i| (i as f32).sqrt() * (r as f32 + 0.1))
+            .collect();
+        let mut out = NDArray::zeros(&[len], DType::F32);
+        kv.pushpull("big", &NDArray::from_vec(&[len], v).unwrap(), &mut out)
+            .unwrap();
+        out
+    });
+    assert_eq!(sums[0], sums[1], "bit-identical on every rank");
+    let s = sums[0].as_slice::<f32>().unwrap();
+    for i in [0, 1, 12345, len - 1] {
+        let x = (i as f32).sqrt();
+        assert!(
+            (s[i] - (x * 0.1 + x * 1.1)).abs() <= 1e-3 * x.max(1.0),
+            "element {i}"
+        );
+    }
+}
+
+#[test]
+fn many_small_keys_of_one_call_are_fused() {
+    let keys: Vec<i32> = (0..500).collect();
+    let shape = |k: i32| vec![(k % 5 + 1) as usize];
+    let run = |threshold: &str| {
+        job(3, &[("HOROVOD_FUSION_THRESHOLD", threshold)], |r, kv| {
+            let values: Vec<NDArray> = keys
+                .iter()
+                .map(|&k| NDArray::full(&shape(k), (k + r as i32) as f64, DType::F32))
+                .collect();
+            let mut outs: Vec<NDArray> = keys
+                .iter()
+                .map(|&k| NDArray::zeros(&shape(k), DType::F32))
+                .collect();
+            let before = kv.bytes_sent();
+            kv.pushpull(&keys, &values, &mut outs).unwrap();
+            for (&k, out) in keys.iter().zip(&outs) {
+                assert!(
+                    out.to_f64_vec().iter().all(|&x| x == (3 * k + 3) as f64),
+                    "key {k}"
+                );
+            }
+            kv.bytes_sent() - before
+        })
+    };
+    let data: u64 = keys.iter().map(|&k| shape(k)[0] as u64 * 4).sum();
+    let fused = run("67108864");
+    let unfused = run("0");
+    for (r, (&f, &u)) in fused.iter().zip(&unfused).enumerate() {
+        // Fused: 4 messages (2 (n - 1)) of one buffer; unfused: up to 4 per key.
+        assert!(
+            f <= data * 4 / 3 + 4 * 48 + 8,
+            "rank {r} sent {f} bytes fused"
+        );
+        assert!(
+            u > f + 500 * 48,
+            "rank {r} sent {u} bytes unfused, {f} fused"
+        );
+    }
+}
+
+#[test]
+fn broadcast_copies_rank_0s_value_into_every_output() {
+    for n in [2, 3] {
+        job(n, &[], |r, kv| {
+            let big = 5_000_000; // above the piece size
+            let values = [
+                NDArray::full(&[2, 3], 10.0 + r as f64, DType::F32),
+                NDArray::full(&[big], 1.0 + r as f64, DType::U8),
+                NDArray::zeros(&[0], DType::F64),
+            ];
+            let mut outs = vec![
+                vec![NDArray::zeros(&[2, 3], DType::F64); 2],
+                vec![NDArray::zeros(&[big], DType::U8)],
+                vec![NDArray::zeros(&[0], DType::F64)],
+            ];
+            kv.broadcast(&[1, 2, 3], &values, &mut outs).unwrap();
+            assert!(outs[0][0].to_f64_vec().iter().all(|&x| x == 10.0));
+            assert_eq!(outs[0][0], outs[0][1]);
+            assert_eq!(outs[0][0].dtype(), DType::F64);
+            assert!(outs[1][0].as_slice::<u8>().unwrap().iter().all(|&x| x == 1));
+        });
+    }
+}
+
+#[test]
+fn ranks_may_list_and_split_keys_differently() {
+    job(3, &[], |r, kv| {
+        let keys: Vec<i32> = match r {
+            0 => vec![1, 2, 3],
+            1 => vec![3, 1, 2],
+            _ => vec![2, 3, 1],
+        };
+        let values: Vec<NDArray> = keys
+            .iter()
+            .map(|&k| NDArray::full(&[4], (10 * k) as f64 + r as f64, DType::F32))
+            .collect();
+        let mut outs = vec![NDArray::zeros(&[4], DType::F32); 3];
+        kv.pushpull(&keys, &values, &mut outs).unwrap();
+        for (&k, out) in keys.iter().zip(&outs) {
+            assert!(out.to_f64_vec().iter().all(|&x| x == (30 * k + 3) as f64));
+        }
+        // Rank 0 reduces keys 5 and 6 in two calls, the others in one.
+        let v = |k: i32| NDArray::full(&[2], k as f64, DType::I64);
+        if r == 0 {
+            for k in [5, 6] {
+                let mut out = NDArray::zeros(&[2], DType::I64);
+                kv.pushpull(k, &v(k), &mut out).unwrap();
+                assert_eq!(out.to_f64_vec(), vec![3.0 * k as f64; 2]);
+            }
+        } else {
+            let mut outs = vec![NDArray::zeros(&[2], DType::I64); 2];
+            kv.pushpull(&[6, 5], &[v(6), v(5)], &mut outs).unwrap();
+            assert_eq!(outs[0].to_f64_vec(), vec![18.0; 2]);
+            assert_eq!(outs[1].to_f64_vec(), vec![15.0; 2]);
+        }
+    });
+}
+
+#[test]
+fn mismatched_shapes_fail_on_every_rank_naming_the_key() {
+    job(2, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "5")], |r, kv| {
+        let mut out = NDArray::zeros(&[2 + r], DType::F32);
+        let e = kv
+            .pushpull(5, &NDArray::ones(&[2 + r], DType::F32), &mut out)
+            .unwrap_err();
+        assert_eq!(e.key(), Some(&Key::from(5)), "{e}");
+        let text = format!("{e}: {:?}", std::error::Error::source(&e));
+        assert!(text.contains("mismatched shapes"), "{text}");
+        // The store goes on.
+        let mut out = NDArray::zeros(&[1], DType::F32);
+        kv.pushpull(6, &NDArray::ones(&[1], DType::F32), &mut out)
+            .unwrap();
+        assert_eq!(out.to_f64_vec(), vec![2.0]);
+    });
+}
+
+/// The full text of an error and its sources.
+fn chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[test]
+fn a_tensor_submitted_by_only_some_ranks_fails_naming_the_missing_ranks() {
+    for stalled in [0usize, 1] {
+        let (tx, rx) = mpsc::channel::<()>();
+        let rx = std::sync::Mutex::new(rx);
+        job(2, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "1")], |r, kv| {
+            if r == stalled {
+                let start = Instant::now();
+                let mut out = NDArray::zeros(&[3], DType::F32);
+                let e = kv
+                    .pushpull(7, &NDArray::ones(&[3], DType::F32), &mut out)
+                    .unwrap_err();
+                let took = start.elapsed();
+                let text = chain(&e);
+                let other = 1 - stalled;
+                assert_eq!(e.key(), Some(&Key::from(7)), "{text}");
+                assert!(
+                    text.contains(&format!("rank {other} did not submit it"))
+                        && text.contains("tensor 7")
+                        && text.contains(&format!("Missing ranks: {other}: [7]")),
+                    "{text}"
+                );
+                assert!(
+                    took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+                    "{took:?}"
+                );
+                assert_eq!(out.to_f64_vec(), vec![0.0; 3], "the out is untouched");
+                tx.send(()).unwrap();
+            } else {
+                // The other rank never submits key 7; it waits until the error came.
+                rx.lock().unwrap().recv().unwrap();
+            }
+            // Both go on.
+            let mut out = NDArray::zeros(&[1], DType::F32);
+            kv.pushpull(8, &NDArray::ones(&[1], DType::F32), &mut out)
+                .unwrap();
+            assert_eq!(out.to_f64_vec(), vec![2.0]);
+        });
+    }
+}
+
+#[test]
+fn each_worker_sends_2_n_minus_1_over_n_of_the_tensor() {
+    for n in [2usize, 3, 4] {
+        let len = 1_000_000; // 4 MB of float32
+        let sent = job(n, &[], |_, kv| {
+            let before = kv.bytes_sent();
+            let mut out = NDArray::zeros(&[len], DType::F32);
+            kv.pushpull(1, &NDArray::ones(&[len], DType::F32), &mut out)
+                .unwrap();
+            assert!(out.to_f64_vec().iter().all(|&x| x == n as f64));
+            kv.bytes_sent() - before
+        });
+        let theory = 2.0 * (n - 1) as f64 / n as f64 * (len * 4) as f64;
+        for (r, s) in sent.into_iter().enumerate() {
+            let ratio = s as f64 / theory;
+            assert!(
+                (1.0..1.001).contains(&ratio),
+                "rank {r} of {n}: {s} bytes vs {theory}"
+            );
+        }
+    }
+}
+
+#[test]
+fn what_horovod_does_not_have_is_unsupported() {
+    job(2, &[], |_, kv| {
+        assert!(kv.is_capable(Capability::Distributed));
+        for c in [
+            Capability::Optimizer,
+            Capability::InitPushPull,
+            Capability::Updater,
+            Capability::GradientCompression,
+            Capability::RowSparse,
+            Capability::OptimizerStates,
+        ] {
+            assert!(!kv.is_capable(c), "{c}");
+        }
+        let unsupported = |e: Error| matches!(e.root(), Error::Unsupported { .. });
+        let a = NDArray::ones(&[2], DType::F32);
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        assert!(unsupported(kv.init(1, &a).unwrap_err()));
+        assert!(unsupported(kv.push(1, &a).unwrap_err()));
+        assert!(unsupported(kv.pull(1, &mut out).unwrap_err()));
+        assert!(unsupported(
+            kv.set_optimizer(&OptimizerSpec::new("sgd")).unwrap_err()
+        ));
+        assert_eq!(kv.num_workers(), 2);
+        kv.barrier().unwrap();
+    });
+}
+
+#[test]
+fn created_by_name_through_the_registry() {
+    let job = LocalJob::start(1, TIMEOUT).unwrap();
+    let kv: Box<dyn KVStoreBase> = job.create_worker().unwrap();
+    assert_eq!(kv.type_name(), "horovod");
+    assert_eq!((kv.rank(), kv.num_workers()), (0, 1));
+    let mut out = NDArray::zeros(&[2], DType::F32);
+    kv.pushpull_in_place(3, std::slice::from_mut(&mut out))
+        .unwrap();
+    drop(kv);
+    job.finish().unwrap();
+}
+
+#[test]
+fn a_job_launched_with_a_server_leaves_it_idle_and_ends_cleanly() {
+    // As `kvstore launch -s 1`: the workers greet the server, never use it, and say goodbye.
+    let cluster = kvstore_dist::LocalCluster::start(1, 2, TIMEOUT).unwrap();
+    let options = cluster.worker_options().clone();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let options = options.clone();
+            s.spawn(move || {
+                let kv = kvstore_base::create_with("horovod", options).unwrap();
+                let mut out = NDArray::zeros(&[2], DType::F32);
+                kv.pushpull(1, &NDArray::ones(&[2], DType::F32), &mut out)
+                    .unwrap();
+                assert_eq!(out.to_f64_vec(), vec![2.0, 2.0]);
+            });
+        }
+    });
+    cluster.finish().unwrap();
+}
