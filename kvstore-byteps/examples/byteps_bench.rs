@@ -1,7 +1,9 @@
-//! Push + pull of a 100 MB model in 4 MB tensors by 2 workers, `byteps` beside `dist_sync`,
-//! each on a fresh in-process cluster (a scheduler and the servers on threads, real sockets on
-//! 127.0.0.1): time per step and bytes each worker sends per step, against the parameter
-//! server's theory (each worker sends the model once and receives it once per step).
+//! Push + pull of a 100 MB model in 4 MB tensors by 2 workers: `byteps` and `horovod` beside
+//! `dist_sync`, each on a fresh in-process job (the scheduler and any servers on threads, the
+//! workers on threads, real sockets on 127.0.0.1): time per step and bytes each worker sends
+//! per step, against the theory (parameter server: each worker sends the model once and
+//! receives it once per step; ring all-reduce: each worker sends and receives 2 (n - 1) / n
+//! of the model).
 //!
 //! ```text
 //! cargo run --release -p kvstore-byteps --example byteps_bench [-- STEPS [SERVERS]]
@@ -15,6 +17,7 @@ use kvstore_base::{CreateRequest, DType, KVStoreBase, KVStoreExt, NDArray};
 use kvstore_byteps::BytePsStore;
 use kvstore_dist::protocol::Mode;
 use kvstore_dist::{DistConfig, DistStore, LocalCluster};
+use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
 
 const WORKERS: u32 = 2;
 const TENSORS: usize = 25;
@@ -25,6 +28,7 @@ const ELEMENTS: usize = 1_000_000;
 enum Worker {
     Dist(DistStore),
     BytePs(BytePsStore),
+    Horovod(HorovodStore),
 }
 
 impl Worker {
@@ -32,6 +36,7 @@ impl Worker {
         match self {
             Worker::Dist(s) => s,
             Worker::BytePs(s) => s,
+            Worker::Horovod(s) => s,
         }
     }
 
@@ -39,27 +44,74 @@ impl Worker {
         match self {
             Worker::Dist(s) => s.bytes_sent(),
             Worker::BytePs(s) => s.bytes_sent(),
+            Worker::Horovod(s) => s.bytes_sent(),
         }
     }
 }
 
 fn create(store: &str, options: &BTreeMap<String, String>) -> Worker {
-    if store == "dist_sync" {
-        let config = DistConfig::from_vars(options.clone()).expect("the cluster's options");
-        Worker::Dist(DistStore::connect("dist_sync", Mode::Sync, &config).expect("dist_sync"))
-    } else {
-        let request = CreateRequest {
-            name: "byteps".into(),
-            options: options.clone(),
-        };
-        Worker::BytePs(BytePsStore::from_request(&request).expect("byteps"))
+    match store {
+        "dist_sync" => {
+            let config = DistConfig::from_vars(options.clone()).expect("the cluster's options");
+            Worker::Dist(DistStore::connect("dist_sync", Mode::Sync, &config).expect("dist_sync"))
+        }
+        "horovod" => {
+            let config = HorovodConfig::from_vars(options.clone()).expect("the job's options");
+            Worker::Horovod(HorovodStore::connect("horovod", &config).expect("horovod"))
+        }
+        _ => {
+            let request = CreateRequest {
+                name: "byteps".into(),
+                options: options.clone(),
+            };
+            Worker::BytePs(BytePsStore::from_request(&request).expect("byteps"))
+        }
     }
 }
 
-/// Runs `steps` steps of one pushpull of every tensor on each worker; returns the seconds per
-/// step and the bytes worker 0 sent per step.
-fn bench(label: &str, store: &'static str, extra: &[(&str, &str)], servers: u32, steps: usize) {
-    let cluster = LocalCluster::start(servers, WORKERS, Duration::from_secs(60)).unwrap();
+/// The scheduler (and servers) of one benchmarked job, on threads of this process.
+enum Job {
+    Cluster(LocalCluster),
+    Ring(LocalJob),
+}
+
+impl Job {
+    fn start(store: &str, servers: u32) -> Job {
+        let timeout = Duration::from_secs(60);
+        if store == "horovod" {
+            Job::Ring(LocalJob::start(WORKERS, timeout).expect("the horovod job"))
+        } else {
+            Job::Cluster(LocalCluster::start(servers, WORKERS, timeout).expect("the cluster"))
+        }
+    }
+
+    fn worker_options(&self) -> &BTreeMap<String, String> {
+        match self {
+            Job::Cluster(c) => c.worker_options(),
+            Job::Ring(j) => j.worker_options(),
+        }
+    }
+
+    fn finish(self) {
+        match self {
+            Job::Cluster(c) => c.finish().expect("the cluster ends"),
+            Job::Ring(j) => j.finish().expect("the horovod job ends"),
+        }
+    }
+}
+
+/// Runs `steps` steps of one pushpull of every tensor on each worker and prints the slowest
+/// worker's time per step and the most bytes a worker sent per step, against `theory` (the
+/// bytes a worker should send per step, as a fraction of the model).
+fn bench(
+    label: &str,
+    store: &'static str,
+    extra: &[(&str, &str)],
+    servers: u32,
+    steps: usize,
+    theory: f64,
+) {
+    let cluster = Job::start(store, servers);
     let mut options = cluster.worker_options().clone();
     options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let start = Arc::new(Barrier::new(WORKERS as usize));
@@ -74,7 +126,10 @@ fn bench(label: &str, store: &'static str, extra: &[(&str, &str)], servers: u32,
                 let zeros: Vec<NDArray> = (0..TENSORS)
                     .map(|_| NDArray::zeros(&[ELEMENTS], DType::F32))
                     .collect();
-                kv.init(&keys[..], &zeros).unwrap();
+                if store != "horovod" {
+                    // Horovod keeps no values: there is nothing to initialise.
+                    kv.init(&keys[..], &zeros).unwrap();
+                }
                 let grads: Vec<NDArray> = (0..TENSORS)
                     .map(|_| NDArray::full(&[ELEMENTS], kv.rank() as f64 + 1.0, DType::F32))
                     .collect();
@@ -96,12 +151,13 @@ fn bench(label: &str, store: &'static str, extra: &[(&str, &str)], servers: u32,
         })
         .collect();
     let results: Vec<(usize, f64, u64)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    cluster.finish().unwrap();
+    cluster.finish();
     let secs = results.iter().map(|r| r.1).fold(0.0, f64::max);
     let sent = results.iter().map(|r| r.2).max().unwrap_or(0);
     let model = (TENSORS * ELEMENTS * 4) as f64;
     println!(
-        "{label:<34} {:>8.1} ms/step  {:>7.2} MB sent/worker/step  ({:.4}x the model)  {:>6.2} GB/s per worker (push + pull)",
+        "{label:<34} {:>8.1} ms/step  {:>7.2} MB sent/worker/step  ({:.4}x the model; theory \
+         {theory:.4}x)  {:>6.2} GB/s of model per worker (push + pull)",
         secs * 1e3,
         sent as f64 / 1e6,
         sent as f64 / model,
@@ -114,22 +170,26 @@ fn main() {
     let steps: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(5);
     let servers: u32 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
     let model = TENSORS * ELEMENTS * 4;
+    let ring = 2.0 * f64::from(WORKERS - 1) / f64::from(WORKERS);
     println!(
-        "{WORKERS} workers, {servers} servers, a model of {TENSORS} x {} MB = {} MB; theory \
-         (parameter server): each worker sends {} MB and receives {} MB per step",
+        "{WORKERS} workers, {servers} servers (dist_sync, byteps; horovod has none), a model of \
+         {TENSORS} x {} MB = {} MB; theory: with a parameter server each worker sends {} MB \
+         and receives {} MB per step; in a ring all-reduce each worker sends and receives \
+         2(n-1)/n = {ring} of the model",
         ELEMENTS * 4 / 1_000_000,
         model / 1_000_000,
         model / 1_000_000,
         model / 1_000_000
     );
-    bench("dist_sync", "dist_sync", &[], servers, steps);
-    bench("byteps (credit 0)", "byteps", &[], servers, steps);
+    bench("dist_sync", "dist_sync", &[], servers, steps, 1.0);
+    bench("byteps (credit 0)", "byteps", &[], servers, steps, 1.0);
     bench(
         "byteps (credit 4)",
         "byteps",
         &[("BYTEPS_SCHEDULING_CREDIT", "4")],
         servers,
         steps,
+        1.0,
     );
     bench(
         "byteps (1 MB partitions, credit 8)",
@@ -140,5 +200,22 @@ fn main() {
         ],
         servers,
         steps,
+        1.0,
+    );
+    bench(
+        "horovod (ring, fusion 64 MiB)",
+        "horovod",
+        &[],
+        0,
+        steps,
+        ring,
+    );
+    bench(
+        "horovod (ring, no fusion)",
+        "horovod",
+        &[("HOROVOD_FUSION_THRESHOLD", "0")],
+        0,
+        steps,
+        ring,
     );
 }
