@@ -4,7 +4,8 @@
 //! [`launch`] starts, in this order:
 //!
 //! - the **scheduler**: this program (`kvstore scheduler`);
-//! - `SERVERS` **servers**: this program (`kvstore server`);
+//! - `SERVERS` **servers**: this program (`kvstore server`); `-s 0` for a job without
+//!   parameter servers (the `horovod` store's workers only meet at the scheduler);
 //! - `WORKERS` **workers**: the user's command, as many times.
 //!
 //! Each process gets the variables MXNet's launcher exports ([`process_env`]): `DMLC_ROLE`,
@@ -95,12 +96,13 @@ pub struct LaunchOptions {
     )]
     pub num_workers: u32,
 
-    /// Number of servers: `kvstore server` processes (at least 1).
+    /// Number of servers: `kvstore server` processes (0 for a job without parameter
+    /// servers, such as horovod's; the dist and byteps stores need at least 1).
     #[arg(
         short = 's',
         long = "num-servers",
         value_name = "SERVERS",
-        value_parser = clap::value_parser!(u32).range(1..)
+        value_parser = clap::value_parser!(u32)
     )]
     pub num_servers: u32,
 
@@ -162,7 +164,7 @@ impl LaunchOptions {
     }
 
     /// Checks what the command line parser checks too, for options built in code: at least
-    /// one worker and one server, a command, a host, a non-zero port, a timeout in range,
+    /// one worker, a command, a host, a non-zero port, a timeout in range,
     /// `--env` keys that are names the launcher does not set itself.
     ///
     /// # Errors
@@ -171,9 +173,6 @@ impl LaunchOptions {
         let invalid = |m: String| Err(kvstore::Error::InvalidArgument(m));
         if self.num_workers == 0 {
             return invalid("-n/--num-workers must be at least 1 (got 0)".into());
-        }
-        if self.num_servers == 0 {
-            return invalid("-s/--num-servers must be at least 1 (got 0)".into());
         }
         if self.command.first().is_none_or(|c| c.is_empty()) {
             return invalid(
@@ -844,7 +843,7 @@ mod tests {
     fn bad_counts_a_missing_command_and_bad_values_are_refused() {
         for (args, needle) in [
             (&["-n", "0", "-s", "1", "--", "true"][..], "WORKERS"),
-            (&["-n", "1", "-s", "0", "--", "true"][..], "SERVERS"),
+            (&["-n", "1", "-s", "-1", "--", "true"][..], "-1"),
             (&["-n", "1", "-s", "1"][..], "COMMAND"),
             (&["-s", "1", "--", "true"][..], "WORKERS"),
             (
@@ -903,9 +902,9 @@ mod tests {
     fn options_built_in_code_are_validated() {
         let ok = LaunchOptions::new(1, 1, ["true"]);
         ok.validate().unwrap();
-        let cases: [(LaunchOptions, &str); 6] = [
+        LaunchOptions::new(1, 0, ["true"]).validate().unwrap();
+        let cases: [(LaunchOptions, &str); 5] = [
             (LaunchOptions::new(0, 1, ["true"]), "--num-workers"),
-            (LaunchOptions::new(1, 0, ["true"]), "--num-servers"),
             (LaunchOptions::new(1, 1, Vec::<OsString>::new()), "command"),
             (LaunchOptions::new(1, 1, [""]), "command"),
             (

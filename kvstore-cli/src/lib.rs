@@ -212,9 +212,12 @@ where
         .into_iter()
         .map(|(k, v)| (k.into(), v.into()))
         .collect();
-    let mut config = match file {
-        Some(file) => DistConfig::from_vars_and_file(vars.iter().cloned(), file)?,
-        None => DistConfig::from_vars(vars.iter().cloned())?,
+    let file = file.cloned().unwrap_or_default();
+    let mut config = if role == Role::Scheduler {
+        // A job without parameter servers (horovod) still needs its scheduler.
+        DistConfig::scheduler_from_vars_and_file(vars.iter().cloned(), &file)?
+    } else {
+        DistConfig::from_vars_and_file(vars.iter().cloned(), &file)?
     };
     if let Some((_, given)) = vars.iter().find(|(k, _)| k == "DMLC_ROLE") {
         if config.role != role {

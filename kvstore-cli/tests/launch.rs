@@ -213,7 +213,7 @@ fn output_lines_keep_their_stream_and_get_the_process_prefix() {
 fn bad_arguments_are_refused_clearly() {
     for (args, needle) in [
         (&["-n", "0", "-s", "1", "--", "true"][..], "--num-workers"),
-        (&["-n", "1", "-s", "0", "--", "true"][..], "--num-servers"),
+        (&["-n", "1", "-s", "x", "--", "true"][..], "--num-servers"),
         (&["-n", "1", "-s", "1"][..], "<COMMAND>"),
         (&["-n", "1", "--", "true"][..], "--num-servers"),
         (

@@ -129,7 +129,14 @@ fn peer_worker() {
         return;
     };
     let (store, what) = scenario.split_once(':').expect("STORE:WHAT");
-    let kv = kvstore::create(store).unwrap_or_else(|e| panic!("create({store}): {e}"));
+    let kv = match kvstore::create(store) {
+        Ok(kv) => kv,
+        Err(e) => {
+            // A refused store is an answer some jobs expect: say it and fail the worker.
+            println!("{store} worker refused: {e}");
+            std::process::exit(3);
+        }
+    };
     let said = match what {
         "sums" => sums_and_broadcast(kv.as_ref(), store == "byteps"),
         "stall" => stall(kv.as_ref()),
@@ -201,12 +208,44 @@ fn byteps_3_workers_2_servers_with_a_credit_sums_exactly() {
 }
 
 #[test]
-fn horovod_4_workers_ring_sums_and_fuses_exactly() {
-    let lines = run_job(4, 1, "horovod:sums", &["HOROVOD_FUSION_THRESHOLD=16384"]);
+fn horovod_4_workers_without_servers_ring_sums_and_fuses_exactly() {
+    // `-s 0`: the workers only meet at the scheduler, as under horovodrun.
+    let lines = run_job(4, 0, "horovod:sums", &["HOROVOD_FUSION_THRESHOLD=16384"]);
     for r in 0..4 {
         let line = format!("horovod worker rank {r} of 4: sums and broadcast exact");
         assert!(lines.contains(&line), "{lines:?}");
     }
+}
+
+#[test]
+fn a_dist_store_in_a_job_without_servers_is_refused_by_name() {
+    let me = std::env::current_exe().unwrap();
+    let job = launch(
+        &[
+            "-n",
+            "1",
+            "-s",
+            "0",
+            "--timeout",
+            "10",
+            "--env",
+            &format!("{SCENARIO}=dist_sync:sums"),
+            "--",
+            me.to_str().unwrap(),
+            "--exact",
+            "peer_worker",
+            "--ignored",
+            "--nocapture",
+        ],
+        &[],
+    );
+    assert_eq!(job.status.code(), Some(3), "{}", job.report());
+    let refusal = job
+        .stdout
+        .lines()
+        .find(|l| l.contains("dist_sync worker refused: "))
+        .unwrap_or_else(|| panic!("no refusal\n{}", job.report()));
+    assert!(refusal.contains("DMLC_NUM_SERVER"), "{refusal}");
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! | `DMLC_ROLE` | `role` | `worker` | `worker`, `server` or `scheduler` |
 //! | `DMLC_PS_ROOT_URI` | `root_uri` | required | the scheduler's host |
 //! | `DMLC_PS_ROOT_PORT` | `root_port` | required | the scheduler's port |
-//! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1) |
+//! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1; a scheduler also takes 0, see [`DistConfig::scheduler_from_vars_and_file`]) |
 //! | `DMLC_NUM_WORKER` | `num_worker` | required | number of workers (≥ 1) |
 //! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises and binds |
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
@@ -224,7 +224,8 @@ pub struct DistConfig {
     pub root_uri: String,
     /// The scheduler's port (`DMLC_PS_ROOT_PORT`).
     pub root_port: u16,
-    /// Number of servers (`DMLC_NUM_SERVER`), at least 1.
+    /// Number of servers (`DMLC_NUM_SERVER`): at least 1, except for a scheduler of a job
+    /// without parameter servers ([`DistConfig::scheduler_from_vars_and_file`]).
     pub num_servers: u32,
     /// Number of workers (`DMLC_NUM_WORKER`), at least 1.
     pub num_workers: u32,
@@ -327,6 +328,46 @@ impl DistConfig {
         K: Into<String>,
         V: Into<String>,
     {
+        Self::parse(vars, file, 1)
+    }
+
+    /// As [`from_vars_and_file`](Self::from_vars_and_file), for the scheduler of a job that
+    /// may have no parameter servers: `DMLC_NUM_SERVER` may be `0` (a `horovod` job, whose
+    /// workers only meet at the scheduler). The stores and servers of the dist family keep
+    /// refusing `0`.
+    ///
+    /// ```
+    /// use kvstore_dist::config::{DistConfig, DistFile};
+    /// let vars = [
+    ///     ("DMLC_ROLE", "scheduler"),
+    ///     ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+    ///     ("DMLC_PS_ROOT_PORT", "9091"),
+    ///     ("DMLC_NUM_SERVER", "0"),
+    ///     ("DMLC_NUM_WORKER", "2"),
+    /// ];
+    /// let c = DistConfig::scheduler_from_vars_and_file(vars, &DistFile::default()).unwrap();
+    /// assert_eq!(c.num_servers, 0);
+    /// assert!(DistConfig::from_vars(vars).is_err());
+    /// ```
+    pub fn scheduler_from_vars_and_file<I, K, V>(
+        vars: I,
+        file: &DistFile,
+    ) -> Result<DistConfig, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        Self::parse(vars, file, 0)
+    }
+
+    /// The parser behind the constructors: `DMLC_NUM_SERVER` must be at least `min_servers`.
+    fn parse<I, K, V>(vars: I, file: &DistFile, min_servers: u32) -> Result<DistConfig, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
         let env: HashMap<String, String> = vars
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
@@ -388,8 +429,12 @@ impl DistConfig {
             },
         };
 
-        let count = |var: &'static str, key: &'static str, from_file: Option<u32>| {
-            let expected = "a whole number of at least 1";
+        let count = |var: &'static str, key: &'static str, from_file: Option<u32>, min: u32| {
+            let expected = if min == 0 {
+                "a whole number"
+            } else {
+                "a whole number of at least 1"
+            };
             let (n, name, raw) = match src.get(var) {
                 Some(v) => (
                     parse_num::<u32>(var, v, expected)?,
@@ -401,13 +446,18 @@ impl DistConfig {
                     None => return Err(ConfigError::Missing { var, key }),
                 },
             };
-            if n == 0 {
+            if n < min {
                 return Err(invalid(&name, &raw, expected));
             }
             Ok(n)
         };
-        let num_servers = count("DMLC_NUM_SERVER", "num_server", file.num_server)?;
-        let num_workers = count("DMLC_NUM_WORKER", "num_worker", file.num_worker)?;
+        let num_servers = count(
+            "DMLC_NUM_SERVER",
+            "num_server",
+            file.num_server,
+            min_servers,
+        )?;
+        let num_workers = count("DMLC_NUM_WORKER", "num_worker", file.num_worker, 1)?;
 
         let text = |var: &str, from_file: &Option<String>| -> Option<String> {
             src.get(var)
