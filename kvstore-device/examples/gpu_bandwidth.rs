@@ -4,7 +4,13 @@
 //! - the reduction of 8 GPU buffers of 64 MiB (spread over the visible GPUs; one GPU holds
 //!   all 8 when it is alone), counted as 8 x 64 MiB read;
 //! - one sgd (momentum) and one adam step on 256 MiB of weights (each kernel reads and
-//!   writes weight and states and reads the gradient).
+//!   writes weight and states and reads the gradient);
+//! - gradient compression on 256 MiB of float32: 2-bit and 1-bit quantisation (reads the
+//!   gradient and the residual, writes the residual and the codes) and dequantisation
+//!   (reads the codes, writes 256 MiB), as GB/s of float32 input (256 MiB / time);
+//! - the reduction of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU,
+//!   the codes copied to the merge GPU, dequantised and summed there), as GB/s of float32
+//!   input (8 x 64 MiB / time).
 //!
 //! Prints `no GPU: <reason>` and exits 0 without a GPU.
 //!
@@ -12,8 +18,10 @@
 
 use std::time::Instant;
 
-use kvstore_base::{KVStoreBase, NDArray, OptimizerSpec, Result};
-use kvstore_device::{probe, DeviceArray, DeviceStore, Engine};
+use kvstore_base::{CompressionParams, Error, KVStoreBase, NDArray, OptimizerSpec, Result};
+use kvstore_compression::Codec;
+use kvstore_device::gpu::Runtime;
+use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, PackedArray};
 use kvstore_local::reduce::ReduceConfig;
 
 const MIB: usize = 1 << 20;
@@ -97,5 +105,55 @@ fn main() -> Result<()> {
             gbs / copy_gbs
         );
     }
+
+    // Gradient compression on 256 MiB: the codec kernels alone.
+    let sync = || -> Result<()> {
+        Runtime::get()?
+            .gpu(0)?
+            .stream
+            .synchronize()
+            .map_err(|e| Error::Device(format!("synchronize: {e}")))
+    };
+    let pattern: Vec<f32> = (0..n_copy)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 512.0)
+        .collect();
+    let grad = DeviceArray::from_host(&NDArray::from_vec(&[n_copy], pattern)?, 0)?;
+    for codec in [Codec::two_bit(0.5), Codec::one_bit(0.0)] {
+        let mut residual = DeviceArray::zeros(&[n_copy], 0)?;
+        let mut packed = PackedArray::zeros(&codec, n_copy, 0)?;
+        let mut out = DeviceArray::zeros(&[n_copy], 0)?;
+        let tq = best_of(10, || {
+            gpu_codec::quantize(&codec, &grad, &mut residual, &mut packed)?;
+            sync()
+        })?;
+        let td = best_of(10, || {
+            gpu_codec::dequantize(&codec, &packed, &mut out)?;
+            sync()
+        })?;
+        let input = (256 * MIB) as f64;
+        println!(
+            "{} on 256 MiB: quantise {:.2} ms = {:.1} GB/s of float32 input, dequantise {:.2} ms \
+             = {:.1} GB/s of float32 output",
+            codec.kind(),
+            tq * 1e3,
+            input / tq / 1e9,
+            td * 1e3,
+            input / td / 1e9
+        );
+    }
+
+    // A compressed push of 8 x 64 MiB through the store.
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init_gpu("g", &NDArray::zeros(&[n], kvstore_base::DType::F32))?;
+    store.set_gradient_compression(&CompressionParams::from([(
+        "type".to_string(),
+        "2bit".to_string(),
+    )]))?;
+    let t = best_of(10, || store.push_gpu("g", &refs))?;
+    let gbs = (8 * 64 * MIB) as f64 / t / 1e9;
+    println!(
+        "reduce 8 x 64 MiB with 2-bit compression: {:.2} ms, {gbs:.1} GB/s of float32 input",
+        t * 1e3
+    );
     Ok(())
 }

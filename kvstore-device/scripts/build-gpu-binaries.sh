@@ -38,10 +38,16 @@ cat <<EOT
 Binaries are in $out. On the GPU machine (driver installed; libnvrtc.so.12 and libnccl.so.2
 on the loader path, e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64), from that folder:
 
-  ./test-gpu                  # GPU results vs the local store; ignored tests print the reason
+  ./test-gpu                  # GPU results vs the local store and the CPU compression codec;
+                              # ignored tests print the reason
+  ./test-kernel_source        # NVRTC compiles every kernel (needs libnvrtc only); the
+                              # compression kernels emulated on the CPU (needs a C++ compiler)
   ./test-conformance          # the conformance suite on device (CPU values)
   ./test-conformance_nccl     # the conformance suite on nccl (needs a GPU and NCCL)
   ./test-cpu                  # probe and CPU-path checks
+  ./test-compression          # gradient compression of CPU values
+  ./test-golden               # compression of CPU values vs MXNet 1.9.1's device store
   ./test-kvstore_device       # unit tests
-  ./gpu_bandwidth             # reduction and sgd/adam bandwidth vs a device-to-device copy
+  ./gpu_bandwidth             # reduction, sgd/adam and compression bandwidth vs a
+                              # device-to-device copy
 EOT

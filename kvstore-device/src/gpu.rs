@@ -1,5 +1,6 @@
-//! GPU memory and kernels: the [`Runtime`] (one context, stream and kernel module per GPU)
-//! and [`DeviceArray`], a dense float32 array in one GPU's memory.
+//! GPU memory and kernels: the [`Runtime`] (one context, stream and kernel module per GPU),
+//! [`DeviceArray`], a dense float32 array in one GPU's memory, and the NVRTC compilation of
+//! every kernel ([`kernel_source`], [`compile_kernels`]).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
@@ -9,11 +10,13 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use kvstore_base::{Context, DType, Error, NDArray, Result};
+use kvstore_compression::CompressionType;
 
 use crate::probe::{panic_text, probe};
 
-/// The CUDA C source of every kernel, compiled once per process by NVRTC with
-/// `--fmad=false` (no fused multiply-add, so each operation rounds as the CPU code's does).
+/// The CUDA C source of the reduction and optimizer kernels, compiled once per process by
+/// NVRTC, together with the compression kernels ([`kernel_source`]), with `--fmad=false` (no
+/// fused multiply-add, so each operation rounds as the CPU code's does).
 ///
 /// All kernels are grid-stride loops over `n` float32 elements.
 /// - `sum_group`: `acc += (((s1 + s2) + s3) + s4)` with the first `terms` sources: the CPU
@@ -71,6 +74,49 @@ extern "C" __global__ void adam_update(float* w, const float* g, float* mean, fl
 }
 "#;
 
+/// Every kernel of the crate: [`KERNELS`] and the compression kernels
+/// ([`COMPRESSION_KERNELS`](crate::gpu_codec::COMPRESSION_KERNELS)), as one NVRTC program.
+pub fn kernel_source() -> String {
+    format!("{KERNELS}\n{}", crate::gpu_codec::COMPRESSION_KERNELS)
+}
+
+/// The NVRTC options of every kernel: no fused multiply-add, IEEE division and square root,
+/// denormals kept, so that each operation rounds as the CPU code's does.
+fn compile_options() -> CompileOptions {
+    CompileOptions {
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        ..Default::default()
+    }
+}
+
+/// Compiles [`kernel_source`] with NVRTC (as the [`Runtime`] does at its start) and returns
+/// the PTX text. Needs `libnvrtc` only, no driver or GPU.
+///
+/// # Errors
+/// [`Error::Device`] when `libnvrtc` cannot be loaded or the compilation fails (with NVRTC's
+/// log).
+pub fn compile_kernels() -> Result<String> {
+    compile().map(|ptx| ptx.to_src())
+}
+
+fn compile() -> Result<cudarc::nvrtc::Ptx> {
+    // SAFETY: only tries `dlopen` on the candidate names, as the probe does.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::Device(
+            "no NVRTC: libnvrtc not found (the GPU kernels are compiled at run time; \
+             install the CUDA toolkit's NVRTC or set LD_LIBRARY_PATH)"
+                .into(),
+        ));
+    }
+    match catch_unwind(|| compile_ptx_with_opts(kernel_source(), compile_options())) {
+        Ok(ptx) => ptx.map_err(cuda("NVRTC compile")),
+        Err(p) => Err(Error::Device(format!("NVRTC failed: {}", panic_text(&*p)))),
+    }
+}
+
 /// One GPU: its context, the stream every operation of this crate on it uses (so work on
 /// one GPU is ordered), and the loaded kernels.
 #[derive(Debug)]
@@ -80,6 +126,10 @@ pub struct Gpu {
     sum_group: CudaFunction,
     sgd_update: CudaFunction,
     adam_update: CudaFunction,
+    quantize_2bit: CudaFunction,
+    quantize_1bit: CudaFunction,
+    dequantize_2bit: CudaFunction,
+    dequantize_1bit: CudaFunction,
 }
 
 /// Every visible GPU, opened once per process.
@@ -111,21 +161,7 @@ impl Runtime {
 
     fn open() -> Result<Runtime> {
         let info = probe()?;
-        if !info.nvrtc {
-            return Err(Error::Device(
-                "no NVRTC: libnvrtc not found (the GPU kernels are compiled at run time; \
-                 install the CUDA toolkit's NVRTC or set LD_LIBRARY_PATH)"
-                    .into(),
-            ));
-        }
-        let options = CompileOptions {
-            fmad: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            ftz: Some(false),
-            ..Default::default()
-        };
-        let ptx = compile_ptx_with_opts(KERNELS, options).map_err(cuda("NVRTC compile"))?;
+        let ptx = compile()?;
         let mut gpus = Vec::new();
         for dev in &info.devices {
             let ctx = CudaContext::new(dev.ordinal).map_err(cuda("cuCtx"))?;
@@ -140,6 +176,10 @@ impl Runtime {
                 sum_group: f("sum_group")?,
                 sgd_update: f("sgd_update")?,
                 adam_update: f("adam_update")?,
+                quantize_2bit: f("quantize_2bit")?,
+                quantize_1bit: f("quantize_1bit")?,
+                dequantize_2bit: f("dequantize_2bit")?,
+                dequantize_1bit: f("dequantize_1bit")?,
                 stream,
             });
         }
@@ -280,6 +320,64 @@ impl Gpu {
         // SAFETY: the signature matches `adam_update`; every buffer holds `n` elements on
         // this GPU.
         unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("adam_update"))?;
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// Queues the quantisation of `grad` against `residual` into `out` (lengths and GPU
+    /// checked by the caller).
+    pub(crate) fn quantize(
+        &self,
+        kind: CompressionType,
+        threshold: f32,
+        grad: &CudaSlice<f32>,
+        residual: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        let n = grad.len() as u64;
+        let words = (grad.len()).div_ceil(kind.factor());
+        let function = match kind {
+            CompressionType::TwoBit => &self.quantize_2bit,
+            CompressionType::OneBit => &self.quantize_1bit,
+        };
+        let mut b = self.stream.launch_builder(function);
+        b.arg(grad).arg(residual).arg(out).arg(&threshold).arg(&n);
+        // SAFETY: the signature matches `quantize_2bit`/`quantize_1bit` in
+        // `COMPRESSION_KERNELS`; `grad` and `residual` hold `n` elements and `out` at least
+        // `ceil(n / factor)` words, all on this GPU.
+        unsafe { b.launch(launch_config(words)) }.map_err(cuda("quantize"))?;
+        Ok(())
+    }
+
+    /// Queues the dequantisation of `packed` into `out` (`add`: into `out`'s values).
+    pub(crate) fn dequantize(
+        &self,
+        kind: CompressionType,
+        threshold: f32,
+        packed: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        add: bool,
+    ) -> Result<()> {
+        let n = out.len() as u64;
+        let add = i32::from(add);
+        let mut b = match kind {
+            CompressionType::TwoBit => {
+                let mut b = self.stream.launch_builder(&self.dequantize_2bit);
+                b.arg(packed).arg(out).arg(&threshold);
+                b
+            }
+            CompressionType::OneBit => {
+                let mut b = self.stream.launch_builder(&self.dequantize_1bit);
+                b.arg(packed).arg(out);
+                b
+            }
+        };
+        b.arg(&add).arg(&n);
+        // SAFETY: the signatures match `dequantize_2bit` (packed, out, t, add, n) and
+        // `dequantize_1bit` (packed, out, add, n); `out` holds `n` elements and `packed` at
+        // least `ceil(n / factor)` words, on this GPU.
+        unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("dequantize"))?;
         Ok(())
     }
 }

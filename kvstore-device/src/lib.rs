@@ -6,7 +6,8 @@
 //! [`cudarc`] with dynamic loading: the crate builds, and its tests run, on machines without
 //! CUDA; nothing links against CUDA.
 //!
-//! Registered names: `device` (alias `local_allreduce_device`) and `nccl`.
+//! Registered names: `device` (alias `local_allreduce_device`, with gradient compression) and
+//! `nccl`.
 //!
 //! ## What exists
 //!
@@ -36,18 +37,52 @@
 //!   - `create("nccl")` needs a GPU and `libnccl`: without them it is an `Error::Device`
 //!     (MXNet's NCCL store needs GPUs), which the conformance suite reports as every check
 //!     ignored with the reason.
+//! - Gradient compression (MXNet's `CommDevice::ReduceCompressed`), `device` only:
+//!   `set_gradient_compression` takes MXNet's parameters (`type` `2bit` or `1bit`,
+//!   `threshold`; parsed by [`kvstore_compression::CompressionSpec`], with MXNet's messages),
+//!   cannot be turned off, and applies to keys initialised before it. Every pushed value is
+//!   quantised against its own residual (per key and per position of the value in the key's
+//!   values, i.e. per source device, zero at first), dequantised, and the dequantised values
+//!   are summed in MXNet's order, `((d0 + d1) + d2) + ...` (`ElementwiseSum`; not the
+//!   `d0 + ((d1 + d2) + ...)` grouping of uncompressed sums), even for a single value; the sum
+//!   is then stored or handed to the optimizer as an uncompressed sum would be. Init, pull
+//!   and broadcast are not compressed.
+//!   - CPU values: quantised with [`kvstore_compression::Codec`]; the new residuals are
+//!     computed on copies and kept only when the whole call succeeded, so a call that fails
+//!     (bad dtype, shape, key, ...) changes neither the store nor the residuals. (An updater
+//!     that fails part-way through a call of several keys leaves the keys before it updated,
+//!     as in `local`, and their residuals unadvanced.) [`DeviceStore::residual`] shows them.
+//!   - GPU values: [`gpu_codec`]'s kernels quantise each value on its own GPU, the codes are
+//!     copied to the merge GPU and dequantised and summed there; the kernels follow the CPU
+//!     codec operation for operation (same packing, same comparisons, no fused multiply-add,
+//!     no flushed denormals), so results equal the CPU values' bit for bit.
+//!   - `nccl` refuses compression with `Error::Unsupported` carrying MXNet's message (`NCCL
+//!     kvstore does not support gradient compression`).
 //! - Limits of the GPU path: float32 only; no row-sparse values; custom updater closures,
 //!   optimizers other than sgd/adam, lr schedulers and per-key lr/wd multipliers are refused
-//!   for GPU values (they run for CPU values); no gradient compression.
+//!   for GPU values (they run for CPU values).
+//! - Limits of compression: dense float32 values only (float16, float64, integer and
+//!   row-sparse values are an error naming the key and the dtype; MXNet compresses float32
+//!   only); a failure of a CUDA call in the middle of a compressed GPU push can leave that
+//!   push's residuals advanced. `1bit` follows MXNet 2.x (MXNet 1.9.1 rejects it).
 //!
 //! ## What has been run
 //!
 //! On machines without a GPU only: the build, the conformance suite on `device` (CPU values),
-//! the unit tests (placement, optimizer parsing, the probe without a driver). **No GPU run
-//! has happened yet**: the kernels, the GPU tests (`tests/gpu.rs`) and the bandwidth example
-//! (`examples/gpu_bandwidth.rs`) are written but unexercised; the first GPU run is still
-//! owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine for a
-//! machine that has the driver but no Rust toolchain.
+//! the unit tests (placement, optimizer parsing, the probe without a driver), the compression
+//! tests of CPU values (`tests/compression.rs`: against the CPU codec applied by hand, several
+//! rounds, 1 to 4 values per key, 2-bit and 1-bit, with sgd, errors and atomicity), and
+//! `tests/golden.rs`, which checks CPU-valued compression bit for bit against MXNet 1.9.1's
+//! own `device` store (`tests/golden/generate.py`: values on `mx.cpu(0..3)`, several rounds,
+//! pushpull, several keys per call, sgd). `tests/kernel_source.rs` compiles every kernel with
+//! NVRTC (when `libnvrtc` is present; no GPU needed) and runs the compression kernels'
+//! source as C++ on the CPU, checking them bit for bit against the CPU codec.
+//!
+//! **No GPU run has happened yet**: the kernels (the compression kernels included), the GPU
+//! tests (`tests/gpu.rs`) and the bandwidth example (`examples/gpu_bandwidth.rs`, which
+//! includes compression throughput) are written but unexercised on a GPU; the first GPU run
+//! is still owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine for
+//! a machine that has the driver but no Rust toolchain.
 //!
 //! ## Design
 //!
@@ -70,17 +105,33 @@
 //! let mut out = NDArray::zeros(&[2], DType::F32);
 //! kv.pull(3, &mut out)?;
 //! assert_eq!(out.to_vec::<f32>()?, vec![2.0, 2.0]);
+//!
+//! // Gradient compression: each value quantised against its own residual.
+//! let params = [("type", "2bit"), ("threshold", "0.5")]
+//!     .map(|(k, v)| (k.to_string(), v.to_string()))
+//!     .into();
+//! kv.set_gradient_compression(&params)?;
+//! let g = NDArray::from_vec(&[2], vec![0.6f32, 0.3])?;
+//! kv.push(3, &[g.clone(), g.clone()])?; // each: 0.6 -> +0.5 (residual 0.1), 0.3 -> 0
+//! kv.pull(3, &mut out)?;
+//! assert_eq!(out.to_vec::<f32>()?, vec![1.0, 0.0]);
+//! kv.push(3, &[g.clone(), g])?; // residuals 0.1 + 0.6 and 0.3 + 0.3 both reach 0.5
+//! kv.pull(3, &mut out)?;
+//! assert_eq!(out.to_vec::<f32>()?, vec![1.0, 1.0]);
 //! # Ok::<(), kvstore_base::Error>(())
 //! ```
 #![deny(missing_docs)]
 
+mod compressed;
 pub mod gpu;
+pub mod gpu_codec;
 mod optim;
 pub mod placement;
 mod probe;
 mod store;
 
 pub use gpu::DeviceArray;
+pub use gpu_codec::PackedArray;
 pub use probe::{probe, GpuDevice, GpuInfo};
 pub use store::{DeviceStore, Engine};
 
@@ -95,7 +146,8 @@ kvstore_base::register!(
         Capability::InitPushPull,
         Capability::Updater,
         Capability::RowSparse,
-        Capability::OptimizerStates
+        Capability::OptimizerStates,
+        Capability::GradientCompression
     ]
 );
 

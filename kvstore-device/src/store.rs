@@ -7,12 +7,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use cudarc::driver::CudaSlice;
 use kvstore_base::{
     Capability, CompressionParams, CreateRequest, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts,
-    KeyedValues, NDArray, OptimizerSpec, Result, StorageType, Updater,
+    KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType, Updater,
 };
+use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::ReduceConfig;
 use kvstore_local::LocalStore;
 
+use crate::compressed::{self, Compression};
 use crate::gpu::{cuda, DeviceArray, Runtime};
+use crate::gpu_codec::{self, PackedArray};
 use crate::optim::{Counts, GpuOptimizer};
 use crate::placement::place;
 use crate::probe::{nccl_present, probe};
@@ -42,13 +45,29 @@ pub enum Engine {
 ///   the values on the key's merge GPU and, with an `sgd` or `adam` optimizer set, runs the
 ///   optimizer there as a kernel; a pull copies the stored value to every output. Without a
 ///   CUDA driver every GPU call is an [`Error::Device`].
+/// - **Gradient compression** (`device` only; [`set_gradient_compression`] with MXNet's
+///   parameters, `2bit` or `1bit`): as MXNet's `CommDevice::ReduceCompressed`, every pushed
+///   value is quantised against its own residual (per key and per position of the value in
+///   the key's values, i.e. per source device; zero at first), dequantised, and the
+///   dequantised values are summed in MXNet's order, `((d0 + d1) + d2) + ...`, even for a
+///   single value; the sum then goes where an uncompressed sum would (the stored value, or
+///   the optimizer). Init and pull are not compressed. CPU values are quantised on the CPU
+///   with [`kvstore_compression::Codec`]; GPU values on their own GPU by the kernels of
+///   [`gpu_codec`](crate::gpu_codec), the codes copied to the merge GPU and dequantised and
+///   summed there. Compression takes dense float32 values only.
 ///
 /// Every GPU call waits for its GPU work before returning.
+///
+/// [`set_gradient_compression`]: KVStoreBase::set_gradient_compression
 #[derive(Debug)]
 pub struct DeviceStore {
     local: LocalStore,
     engine: Engine,
     gpu: Mutex<GpuState>,
+    /// The codec and the residuals of CPU values.
+    compression: Mutex<Compression>,
+    /// Compressed calls on CPU values enter by priority (then the local store's own gate).
+    gate: PriorityGate,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +91,20 @@ struct GpuEntry {
     merge: Option<DeviceArray>,
     copies: Vec<DeviceArray>,
     state: Vec<CudaSlice<f32>>,
+    /// Compression buffers, per position of the pushed values.
+    sources: Vec<Source>,
+}
+
+/// The compression buffers of one position of a GPU key's pushed values (MXNet: of one
+/// source device).
+#[derive(Debug)]
+struct Source {
+    /// The residual, on the value's GPU.
+    residual: DeviceArray,
+    /// The codes, written on the value's GPU.
+    send: PackedArray,
+    /// Their copy on the merge GPU, when that is another GPU.
+    recv: Option<PackedArray>,
 }
 
 struct NcclComms {
@@ -90,6 +123,11 @@ impl std::fmt::Debug for NcclComms {
 // SAFETY: an NCCL communicator may be used from any thread as long as calls on it are not
 // concurrent; every use is under the store's mutex.
 unsafe impl Send for NcclComms {}
+
+/// The operation named by the `nccl` store's refusal of compression: MXNet's message inside
+/// the [`Error::Unsupported`] that every store without the capability answers.
+const NCCL_NO_COMPRESSION: &str =
+    "set_gradient_compression (NCCL kvstore does not support gradient compression)";
 
 fn reduce_config(request: &CreateRequest) -> Result<ReduceConfig> {
     let mut config = ReduceConfig::from_env();
@@ -121,6 +159,8 @@ impl DeviceStore {
             local: LocalStore::with_config(name, config),
             engine,
             gpu: Mutex::new(GpuState::default()),
+            compression: Mutex::new(Compression::default()),
+            gate: PriorityGate::default(),
         }
     }
 
@@ -164,6 +204,64 @@ impl DeviceStore {
         self.gpu.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn compression(&self) -> MutexGuard<'_, Compression> {
+        self.compression
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The gradient compression in effect: `None` until
+    /// [`set_gradient_compression`](KVStoreBase::set_gradient_compression) succeeds.
+    pub fn gradient_compression(&self) -> Option<Codec> {
+        self.compression().codec
+    }
+
+    /// The residual (error-feedback state) of a CPU-valued key for the value at `position` of
+    /// its pushes (MXNet: its source device), once a compressed push created it.
+    pub fn residual(&self, key: impl Into<Key>, position: usize) -> Option<Vec<f32>> {
+        self.compression()
+            .residuals
+            .get(&key.into(), position)
+            .map(<[f32]>::to_vec)
+    }
+
+    /// A push (`outs` = `None`) or pushpull of CPU values with compression: the values are
+    /// compressed and summed per key, the sums handed to the local store, and the residuals
+    /// of the call kept only when the local store accepted them.
+    fn push_compressed(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        outs: Option<&mut KeyedOuts<'_>>,
+        priority: i32,
+    ) -> Result<()> {
+        let _pass = self.gate.enter(priority);
+        let mut compression = self.compression();
+        let codec = compression
+            .codec
+            .ok_or_else(|| Error::InvalidArgument("gradient compression is not set".into()))?;
+        let merged = compressed::merge(
+            &codec,
+            &compression.residuals,
+            values,
+            self.local.type_name(),
+            operation,
+        )?;
+        {
+            let batch = merged.batch(operation)?;
+            match outs {
+                Some(outs) => self.local.pushpull_batch(&batch, outs, priority)?,
+                None => self.local.push_batch(&batch, priority)?,
+            }
+        }
+        merged.commit(&mut compression.residuals);
+        Ok(())
+    }
+
+    fn compression_active(&self) -> bool {
+        self.compression().codec.is_some()
+    }
+
     fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
         let key = key.clone();
         move |e| e.at_key(self.local.type_name(), operation, key)
@@ -205,13 +303,17 @@ impl DeviceStore {
                 merge: None,
                 copies: Vec::new(),
                 state: Vec::new(),
+                sources: Vec::new(),
             },
         );
         Ok(())
     }
 
     /// Pushes the per-GPU values of a GPU-valued key: sums them on the key's merge GPU, then
-    /// runs the optimizer there (or the stored value becomes the sum without one).
+    /// runs the optimizer there (or the stored value becomes the sum without one). With
+    /// gradient compression, each value is quantised on its own GPU against the residual of
+    /// its position, the codes copied to the merge GPU, dequantised and summed there
+    /// (`((d0 + d1) + d2) + ...`, bit-identical to the same push of CPU values).
     ///
     /// # Errors
     /// [`Error::KeyNotInitialized`], shape mismatches, an empty list, an updater the GPU path
@@ -251,6 +353,7 @@ impl DeviceStore {
             .as_ref()
             .map(GpuOptimizer::parse)
             .transpose()?;
+        let codec = self.gradient_compression();
         let runtime = Runtime::get()?;
         let mut devs: Vec<usize> = Vec::new();
         for v in values {
@@ -296,8 +399,11 @@ impl DeviceStore {
             entry.merge = Some(DeviceArray::zeros(&entry.shape, dev)?);
         }
         let merge = entry.merge.as_mut().expect("allocated above");
-        match (self.engine, nccl.as_ref()) {
-            (Engine::Nccl, Some(comms)) => nccl_reduce(comms, values, merge)?,
+        match (self.engine, nccl.as_ref(), codec) {
+            (Engine::Nccl, Some(comms), _) => nccl_reduce(comms, values, merge)?,
+            (_, _, Some(codec)) => {
+                reduce_compressed(&codec, &mut entry.sources, &entry.shape, values, merge)?
+            }
             _ => {
                 merge.copy_from(values[0])?;
                 while entry.copies.len() + 1 < values.len() {
@@ -455,6 +561,70 @@ impl DeviceStore {
     }
 }
 
+/// MXNet's `ReduceCompressed` for GPU values: each value quantised on its GPU against the
+/// residual of its position, the codes copied to the merge GPU (unless already there),
+/// dequantised into `merge` (the first) or added to it (the others, in order).
+fn reduce_compressed(
+    codec: &Codec,
+    sources: &mut Vec<Source>,
+    shape: &[usize],
+    values: &[&DeviceArray],
+    merge: &mut DeviceArray,
+) -> Result<()> {
+    let runtime = Runtime::get()?;
+    let dev = merge.ordinal();
+    let n = merge.size();
+    for (i, v) in values.iter().enumerate() {
+        let ordinal = v.ordinal();
+        if i == sources.len() {
+            sources.push(Source {
+                residual: DeviceArray::zeros(shape, ordinal)?,
+                send: PackedArray::zeros(codec, n, ordinal)?,
+                recv: None,
+            });
+        }
+        let source = &mut sources[i];
+        if source.residual.ordinal() != ordinal {
+            // The value of this position now comes from another GPU: its residual follows.
+            let mut moved = DeviceArray::zeros(shape, ordinal)?;
+            moved.copy_from(&source.residual)?;
+            runtime
+                .gpu(ordinal)?
+                .stream
+                .synchronize()
+                .map_err(cuda("synchronize"))?;
+            source.residual = moved;
+        }
+        if source.send.ordinal() != ordinal || source.send.kind() != codec.kind() {
+            source.send = PackedArray::zeros(codec, n, ordinal)?;
+        }
+        gpu_codec::quantize(codec, v, &mut source.residual, &mut source.send)?;
+        let packed = if ordinal == dev {
+            &source.send
+        } else {
+            let recv = match &mut source.recv {
+                Some(r) if r.ordinal() == dev && r.kind() == codec.kind() => r,
+                slot => slot.insert(PackedArray::zeros(codec, n, dev)?),
+            };
+            recv.copy_from(&source.send)?;
+            &*recv
+        };
+        if i == 0 {
+            gpu_codec::dequantize(codec, packed, merge)?;
+        } else {
+            gpu_codec::dequantize_add(codec, packed, merge)?;
+        }
+    }
+    for v in values {
+        runtime
+            .gpu(v.ordinal())?
+            .stream
+            .synchronize()
+            .map_err(cuda("synchronize"))?;
+    }
+    Ok(())
+}
+
 fn open_nccl(runtime: &Runtime, devs: &[usize]) -> Result<NcclComms> {
     let mut ordinals = devs.to_vec();
     ordinals.sort_unstable();
@@ -540,6 +710,7 @@ impl KVStoreBase for DeviceStore {
     fn is_capable(&self, capability: Capability) -> bool {
         match (self.engine, capability) {
             (Engine::Nccl, Capability::RowSparse) => false,
+            (Engine::Device, Capability::GradientCompression) => true,
             _ => self.local.is_capable(capability),
         }
     }
@@ -562,10 +733,43 @@ impl KVStoreBase for DeviceStore {
         priority: i32,
     ) -> Result<()> {
         self.refuse_sparse(values.values())?;
+        if self.compression_active() {
+            outs.check_against("pushpull", values)?;
+            return self.push_compressed("pushpull", values, Some(outs), priority);
+        }
         self.local.pushpull_batch(values, outs, priority)
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        if self.compression_active() {
+            // The caller's arrays are only read until the sums are computed, then written by
+            // the pull.
+            let _pass = self.gate.enter(priority);
+            let mut compression = self.compression();
+            let codec = compression
+                .codec
+                .ok_or_else(|| Error::InvalidArgument("gradient compression is not set".into()))?;
+            let merged = {
+                let inputs = KeyedValues::new(
+                    "pushpull",
+                    values.keys().to_vec(),
+                    values.outs().iter().map(|v| &**v).collect(),
+                )?;
+                compressed::merge(
+                    &codec,
+                    &compression.residuals,
+                    &inputs,
+                    self.local.type_name(),
+                    "pushpull",
+                )?
+            };
+            {
+                let batch = merged.batch("pushpull")?;
+                self.local.pushpull_batch(&batch, values, priority)?;
+            }
+            merged.commit(&mut compression.residuals);
+            return Ok(());
+        }
         self.local.pushpull_in_place_batch(values, priority)
     }
 
@@ -577,6 +781,9 @@ impl KVStoreBase for DeviceStore {
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
         self.refuse_sparse(values.values())?;
+        if self.compression_active() {
+            return self.push_compressed("push", values, None, priority);
+        }
         self.local.push_batch(values, priority)
     }
 
@@ -622,8 +829,21 @@ impl KVStoreBase for DeviceStore {
         Ok(())
     }
 
+    /// `device`: parses `params` as MXNet does (`type` `2bit` or `1bit`, `threshold`, MXNet's
+    /// messages for anything else) and compresses every later push, of CPU and GPU values
+    /// (keys initialised before included). Compression cannot be turned off; a new setting
+    /// replaces the type and threshold and keeps the residuals, as MXNet's. `nccl`: refused,
+    /// as MXNet's NCCL store.
     fn set_gradient_compression(&self, params: &CompressionParams) -> Result<()> {
-        self.local.set_gradient_compression(params)
+        if self.engine == Engine::Nccl {
+            return Err(Error::Unsupported {
+                store: self.local.type_name().to_string(),
+                operation: NCCL_NO_COMPRESSION,
+            });
+        }
+        let spec = CompressionSpec::from_params(params)?;
+        self.compression().codec = Some(spec.codec());
+        Ok(())
     }
 
     fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {

@@ -2,7 +2,10 @@
 //! on the same data.
 //!
 //! Tolerances: sums of integer-valued float32 data are exact (compared with `==`); optimizer
-//! steps within 1e-6 relative (|gpu - cpu| <= 1e-6 * max(1, |cpu|)).
+//! steps within 1e-6 relative (|gpu - cpu| <= 1e-6 * max(1, |cpu|)). Gradient compression is
+//! compared bit for bit: the GPU codec with `kvstore_compression::Codec` (packed bytes,
+//! residuals, dequantised values, over rounds), and compressed GPU pushes with the same pushes
+//! of CPU values.
 //!
 //! Every test calls [`kvstore_device::probe`] first; without a CUDA driver, a GPU or NVRTC
 //! (or NCCL, for the `nccl` tests) it is reported as *ignored* with the reason, e.g.
@@ -10,8 +13,11 @@
 //! cannot be ignored at run time). With one GPU, several buffers on it stand in for several
 //! devices; with more, values are spread over every GPU.
 
-use kvstore_base::{create, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
-use kvstore_device::{probe, DeviceArray, DeviceStore, Engine, GpuInfo};
+use kvstore_base::{
+    create, CompressionParams, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
+};
+use kvstore_compression::Codec;
+use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, GpuInfo, PackedArray};
 use kvstore_local::reduce::ReduceConfig;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -202,6 +208,65 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
     ),
     ("device::gpu_errors_leave_the_store_usable", false, errors),
     ("device::host_round_trip_is_exact", false, round_trip),
+    (
+        "compression::gpu_codec_2bit_matches_cpu_codec",
+        false,
+        |i| codec_matches_cpu(i, Codec::two_bit(0.5)),
+    ),
+    (
+        "compression::gpu_codec_2bit_small_threshold_matches",
+        false,
+        |i| codec_matches_cpu(i, Codec::two_bit(0.1)),
+    ),
+    (
+        "compression::gpu_codec_1bit_matches_cpu_codec",
+        false,
+        |i| codec_matches_cpu(i, Codec::one_bit(0.0)),
+    ),
+    (
+        "compression::gpu_codec_1bit_negative_threshold_matches",
+        false,
+        |i| codec_matches_cpu(i, Codec::one_bit(-0.5)),
+    ),
+    (
+        "compression::device_push_2bit_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "2bit", "0.5", 3, 10_007, None, 5, false),
+    ),
+    (
+        "compression::device_push_2bit_4_values_t0.1_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "2bit", "0.1", 4, 4097, None, 5, false),
+    ),
+    ("compression::device_one_value_is_compressed", false, |i| {
+        compressed_push_equals_cpu_values(i, "2bit", "0.5", 1, 1000, None, 3, false)
+    }),
+    (
+        "compression::device_pushpull_1bit_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "1bit", "0", 2, 100_003, None, 4, true),
+    ),
+    (
+        "compression::device_push_with_sgd_matches_cpu_values",
+        false,
+        |i| {
+            compressed_push_equals_cpu_values(
+                i,
+                "2bit",
+                "0.5",
+                3,
+                10_000,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("learning_rate", 0.1)
+                        .with("momentum", 0.9)
+                        .with("wd", 0.01),
+                ),
+                4,
+                false,
+            )
+        },
+    ),
     ("nccl::sum_across_gpus_equals_local_exactly", true, |i| {
         let n = i.devices.len();
         compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)
@@ -219,6 +284,174 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
         )
     }),
 ];
+
+/// Gradients for compression tests: `scale * [-1.5, 1.5)`-ish values of round `round`, with
+/// values at the threshold, signed zeros, infinities, NaN and denormals mixed in.
+fn cdata(n: usize, i: usize, round: usize, t: f32) -> Vec<f32> {
+    let scale = if t > 0.0 { t } else { 1.0 };
+    let specials = [
+        t,
+        -t,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-45,
+        -1e-45,
+    ];
+    (0..n)
+        .map(|j| {
+            if (j * 13 + round * 5 + i).is_multiple_of(101) {
+                specials[(j + round) % specials.len()]
+            } else {
+                (((j * 7 + i * 13 + round * 29) % 97) as f32 - 48.0) / 32.0 * scale
+            }
+        })
+        .collect()
+}
+
+/// Equal bit patterns, or both NaN (which NaN a residual holds is not specified).
+fn same_bits(gpu: &[f32], cpu: &[f32], what: &str) -> TestResult {
+    if gpu.len() != cpu.len() {
+        return Err(fail(format!(
+            "{what}: {} vs {} elements",
+            gpu.len(),
+            cpu.len()
+        )));
+    }
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if g.to_bits() != c.to_bits() && !(g.is_nan() && c.is_nan()) {
+            return Err(fail(format!("{what}: element {i}: gpu {g:e} vs cpu {c:e}")));
+        }
+    }
+    Ok(())
+}
+
+/// The GPU codec against the CPU codec over 5 rounds (residual carried): packed bytes,
+/// residuals, dequantised and dequantised-added values; and CPU-packed bytes dequantised on
+/// the GPU.
+fn codec_matches_cpu(info: &GpuInfo, codec: Codec) -> TestResult {
+    let t = codec.threshold();
+    let ordinal = dev(info, 0);
+    for n in [1usize, 15, 16, 17, 33, 1000, 100_003] {
+        let mut cpu_residual = vec![0.0f32; n];
+        let mut cpu_packed = vec![0u8; codec.compressed_len(n)];
+        let mut residual = DeviceArray::zeros(&[n], ordinal)?;
+        let mut packed = PackedArray::zeros(&codec, n, ordinal)?;
+        for round in 0..5 {
+            let what = format!("{} t={t} n={n} round {round}", codec.kind());
+            let g = cdata(n, 0, round, t);
+            let grad = DeviceArray::from_host(&host(&[n], g.clone()), ordinal)?;
+            gpu_codec::quantize(&codec, &grad, &mut residual, &mut packed)?;
+            codec.quantize(&g, &mut cpu_residual, &mut cpu_packed)?;
+            if packed.to_host()? != cpu_packed {
+                return Err(fail(format!("{what}: packed bytes differ")));
+            }
+            same_bits(
+                &residual.to_host()?.to_vec::<f32>()?,
+                &cpu_residual,
+                &format!("{what}: residual"),
+            )?;
+            let mut cpu_out = vec![0.0f32; n];
+            codec.dequantize(&cpu_packed, &mut cpu_out)?;
+            let mut out = DeviceArray::zeros(&[n], ordinal)?;
+            gpu_codec::dequantize(&codec, &packed, &mut out)?;
+            same_bits(
+                &out.to_host()?.to_vec::<f32>()?,
+                &cpu_out,
+                &format!("{what}: dequantised"),
+            )?;
+            let base = fdata(n, round + 1);
+            let mut cpu_sum = base.clone();
+            codec.dequantize_add(&cpu_packed, &mut cpu_sum)?;
+            let mut sum = DeviceArray::from_host(&host(&[n], base), ordinal)?;
+            let uploaded = PackedArray::from_host(&codec, &cpu_packed, n, ordinal)?;
+            gpu_codec::dequantize_add(&codec, &uploaded, &mut sum)?;
+            same_bits(
+                &sum.to_host()?.to_vec::<f32>()?,
+                &cpu_sum,
+                &format!("{what}: dequantised and added"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `rounds` compressed pushes (or pushpulls) of `n_values` values to a GPU key and the same
+/// pushes of CPU values to a CPU key of another store: the pulled values are equal bit for
+/// bit (within 1e-6 relative with an optimizer, as the optimizer tests).
+#[allow(clippy::too_many_arguments)]
+fn compressed_push_equals_cpu_values(
+    info: &GpuInfo,
+    kind: &str,
+    threshold: &str,
+    n_values: usize,
+    len: usize,
+    spec: Option<OptimizerSpec>,
+    rounds: usize,
+    pushpull: bool,
+) -> TestResult {
+    let shape = [len];
+    let params = CompressionParams::from([
+        ("type".to_string(), kind.to_string()),
+        ("threshold".to_string(), threshold.to_string()),
+    ]);
+    let gpu_store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let cpu_store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let init = fdata(len, 99);
+    gpu_store.init_gpu("w", &host(&shape, init.clone()))?;
+    cpu_store.init("w", &host(&shape, init))?;
+    for s in [&gpu_store, &cpu_store] {
+        s.set_gradient_compression(&params)?;
+        if let Some(spec) = &spec {
+            s.set_optimizer(spec)?;
+        }
+    }
+    let t = gpu_store
+        .gradient_compression()
+        .map(|c| c.threshold())
+        .unwrap_or(0.5);
+    for round in 0..rounds {
+        let hosts: Vec<NDArray> = (0..n_values)
+            .map(|i| host(&shape, cdata(len, i, round, t)))
+            .collect();
+        let gpus: Vec<DeviceArray> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&DeviceArray> = gpus.iter().collect();
+        let mut out = DeviceArray::zeros(&shape, dev(info, 1))?;
+        let mut cpu = NDArray::zeros(&shape, DType::F32);
+        if pushpull {
+            gpu_store.pushpull_gpu("w", &refs, &mut [&mut out])?;
+            cpu_store.pushpull("w", &hosts[..], &mut cpu)?;
+        } else {
+            gpu_store.push_gpu("w", &refs)?;
+            gpu_store.pull_gpu("w", &mut [&mut out])?;
+            cpu_store.push("w", &hosts[..])?;
+            cpu_store.pull("w", &mut cpu)?;
+        }
+        let got = out.to_host()?.to_vec::<f32>()?;
+        let want = cpu.to_vec::<f32>()?;
+        let what = format!("{kind} t={threshold} {n_values} values round {round}");
+        if spec.is_some() {
+            close(&got, &want, 1e-6, &what)?;
+        } else {
+            same_bits(&got, &want, &what)?;
+        }
+        // The inputs are only read.
+        for (g, h) in gpus.iter().zip(&hosts) {
+            same_bits(
+                &g.to_host()?.to_vec::<f32>()?,
+                &h.to_vec::<f32>()?,
+                "a pushed value",
+            )?;
+        }
+    }
+    Ok(())
+}
 
 fn round_trip(_: &GpuInfo) -> TestResult {
     let h = host(&[3, 5], fdata(15, 1));
