@@ -5,10 +5,11 @@
 //! | `DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`, `DMLC_NUM_WORKER`, `DMLC_ROLE`, `DMLC_NODE_HOST`, `DMLC_INTERFACE`, `PORT`, `KVSTORE_TIMEOUT_SECS`, ... | as `kvstore_dist::config` | the scheduler to meet at, the job's size, this worker's address, the bound on every network wait |
 //! | `DMLC_NUM_SERVER` | 0 | servers take no part; `0` (or unset) is accepted here, unlike the dist stores |
 //! | `HOROVOD_FUSION_THRESHOLD` | 64 MiB | largest fused buffer in bytes; `0` turns fusion off |
+//! | `HOROVOD_CYCLE_TIME` | 1 ms | milliseconds (fractions allowed) between the starts of two cycles: the tensors that the worker's threads submit within one cycle are sent to the coordinator together, and so can be fused; `0`: no waiting; at most one hour, and shorter than the stall time |
 //! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (60 s) | how long a tensor submitted by some ranks waits for the others before the ranks that submitted it get an error naming the missing ranks |
 //!
-//! `HOROVOD_CYCLE_TIME` is not read: the store's calls are synchronous, so the tensors fused
-//! together are those of one call (see the [crate docs](crate)), not those of a time window.
+//! Horovod's variables are read from the environment (or the create options) only; the
+//! `[dist]` table of `kvstore.toml` holds the rendezvous settings.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,6 +19,12 @@ use kvstore_dist::{DistConfig, DistFile};
 
 /// Horovod's default fusion threshold in the releases this store follows (64 MiB).
 pub const DEFAULT_FUSION_THRESHOLD: u64 = 64 * 1024 * 1024;
+
+/// Horovod's default cycle time (1 ms, as in current Horovod; older releases used 5 ms).
+pub const DEFAULT_CYCLE_TIME: Duration = Duration::from_millis(1);
+
+/// The longest accepted `HOROVOD_CYCLE_TIME`: one hour, in milliseconds.
+pub const MAX_CYCLE_TIME_MS: f64 = 3_600_000.0;
 
 /// The variable naming a `kvstore.toml` whose `[dist]` table is read under the environment.
 pub const CONFIG_VAR: &str = "KVSTORE_CONFIG";
@@ -29,6 +36,8 @@ pub struct HorovodConfig {
     pub dist: DistConfig,
     /// `HOROVOD_FUSION_THRESHOLD`: the largest fused buffer in bytes (0: no fusion).
     pub fusion_threshold: u64,
+    /// `HOROVOD_CYCLE_TIME`: the least time between the starts of two cycles (zero: none).
+    pub cycle_time: Duration,
     /// `HOROVOD_STALL_CHECK_TIME_SECONDS`, else the store's timeout.
     pub stall_check: Duration,
 }
@@ -78,6 +87,20 @@ impl HorovodConfig {
             })?,
             None => DEFAULT_FUSION_THRESHOLD,
         };
+        let cycle_time = match vars.get("HOROVOD_CYCLE_TIME") {
+            Some(v) => match v.trim().parse::<f64>() {
+                Ok(ms) if ms.is_finite() && (0.0..=MAX_CYCLE_TIME_MS).contains(&ms) => {
+                    Duration::from_secs_f64(ms / 1000.0)
+                }
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "horovod: HOROVOD_CYCLE_TIME={v:?} is not a number of milliseconds \
+                         from 0 to {MAX_CYCLE_TIME_MS}"
+                    )))
+                }
+            },
+            None => DEFAULT_CYCLE_TIME,
+        };
         let stall_check = match vars.get("HOROVOD_STALL_CHECK_TIME_SECONDS") {
             Some(v) => match v.trim().parse::<f64>() {
                 Ok(s) if s.is_finite() && s > 0.0 && s <= 365.0 * 86400.0 => {
@@ -92,9 +115,18 @@ impl HorovodConfig {
             },
             None => dist.timeout,
         };
+        if !cycle_time.is_zero() && cycle_time >= stall_check {
+            return Err(Error::InvalidArgument(format!(
+                "horovod: HOROVOD_CYCLE_TIME={:?} must be shorter than the stall time \
+                 ({stall_check:?}, HOROVOD_STALL_CHECK_TIME_SECONDS or KVSTORE_TIMEOUT_SECS): \
+                 a tensor waiting for a cycle would be reported as stalled",
+                vars.get("HOROVOD_CYCLE_TIME").map_or("", String::as_str)
+            )));
+        }
         Ok(HorovodConfig {
             dist,
             fusion_threshold,
+            cycle_time,
             stall_check,
         })
     }
@@ -130,17 +162,26 @@ mod tests {
         assert_eq!(c.dist.num_servers, 0);
         assert_eq!(c.fusion_threshold, DEFAULT_FUSION_THRESHOLD);
         assert_eq!(c.stall_check, c.dist.timeout);
+        assert_eq!(c.cycle_time, DEFAULT_CYCLE_TIME);
         let mut v = base();
         v.push(("DMLC_NUM_SERVER", "0"));
         v.push(("HOROVOD_FUSION_THRESHOLD", "0"));
         v.push(("HOROVOD_STALL_CHECK_TIME_SECONDS", "1.5"));
+        v.push(("HOROVOD_CYCLE_TIME", "2.5"));
         let c = HorovodConfig::from_vars(v).unwrap();
+        assert_eq!(c.cycle_time, Duration::from_micros(2500));
         assert_eq!(c.dist.num_servers, 0);
         assert_eq!(c.fusion_threshold, 0);
         assert_eq!(c.stall_check, Duration::from_millis(1500));
         let mut v = base();
         v.push(("DMLC_NUM_SERVER", "1"));
         assert_eq!(HorovodConfig::from_vars(v).unwrap().dist.num_servers, 1);
+        let mut v = base();
+        v.push(("HOROVOD_CYCLE_TIME", " 0 "));
+        assert_eq!(
+            HorovodConfig::from_vars(v).unwrap().cycle_time,
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -148,6 +189,12 @@ mod tests {
         for (var, value) in [
             ("HOROVOD_FUSION_THRESHOLD", "lots"),
             ("HOROVOD_STALL_CHECK_TIME_SECONDS", "-1"),
+            ("HOROVOD_CYCLE_TIME", "-1"),
+            ("HOROVOD_CYCLE_TIME", "soon"),
+            ("HOROVOD_CYCLE_TIME", "NaN"),
+            ("HOROVOD_CYCLE_TIME", "inf"),
+            ("HOROVOD_CYCLE_TIME", "1e12"),
+            ("HOROVOD_CYCLE_TIME", "60000"),
         ] {
             let mut v = base();
             v.push((var, value));

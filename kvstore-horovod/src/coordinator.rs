@@ -1,22 +1,26 @@
 //! Horovod's coordinator, on rank 0: which tensors are ready on every rank, in which order and
 //! fused how; and the stall inspector.
 //!
-//! Each rank submits the tensors of its call ([`CMD_SUBMIT`](crate::wire::CMD_SUBMIT)): name,
-//! operation, dtype, shape. A tensor is **ready** once every rank has submitted it (with the
-//! same operation, dtype and shape; a mismatch fails the call on every rank that submitted
-//! it). Ready tensors are packed, in the order they were first submitted, into groups of one
-//! operation and dtype of at most the fusion threshold's bytes, numbered in one sequence for
-//! the job, and every rank receives every group: each rank runs the groups in sequence order,
-//! so ranks never wait on each other in different orders, whatever order their calls listed
-//! the keys in. A rank's submission is answered as soon as it has groups to run; it submits
-//! again (a continuation) while its call has tensors left.
+//! Each rank submits, once per cycle, the tensors its threads queued since its last cycle
+//! ([`CMD_SUBMIT`](crate::wire::CMD_SUBMIT)): name, operation, dtype, shape. The coordinator
+//! keeps every rank's submitted tensors across cycles, as Horovod's message table does, so a
+//! rank may spread its tensors over cycles and calls in any way. A tensor is **ready** once
+//! every rank has submitted it (with the same operation, dtype and shape; a mismatch fails the
+//! tensor on every rank that submitted it). Ready tensors are packed, in the order they were
+//! first submitted, into groups of one operation and dtype of at most the fusion threshold's
+//! bytes, numbered in one sequence for the job, and every rank receives every group: each rank
+//! runs the groups in sequence order, so ranks never wait on each other in different orders.
+//!
+//! A rank's submission is held until the rank has something to receive (groups, failures) or
+//! nothing pending; a later submission of the rank (its next cycle) answers the held one at
+//! once with whatever is there, so that a rank waiting for one tensor can still submit others.
 //!
 //! The **stall inspector**: a tensor submitted by some ranks but not all for longer than the
-//! stall time fails the calls of the ranks that submitted it, with an error naming the tensor
-//! and the missing ranks (Horovod only warns, by default; a synchronous call cannot wait
-//! forever).
+//! stall time fails on the ranks that submitted it, with an error naming the tensor and, for
+//! each missing rank, the stalled tensors it did not submit (Horovod only warns, by default; a
+//! synchronous call cannot wait forever).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kvstore_dist::transport::{Outgoing, Responder};
 
-use crate::wire::{decode_requests, encode_groups, Group, Op, TensorRequest, NEW_CALL};
+use crate::wire::{decode_requests, encode_plan, Failure, Group, Op, Plan, TensorRequest, FRESH};
 
 struct Tensor {
     request: TensorRequest,
@@ -35,12 +39,14 @@ struct Tensor {
 
 #[derive(Default)]
 struct RankState {
-    /// The names of its current call not yet planned.
-    outstanding: Vec<String>,
+    /// The names it submitted that are neither planned nor failed.
+    pending: Vec<String>,
+    /// Its held submission.
     responder: Option<Responder>,
+    /// Groups to deliver.
     outbox: Vec<Group>,
-    /// Why its current call failed, to deliver once its outbox is empty.
-    failed: Option<String>,
+    /// Failed tensors to deliver.
+    failures: Vec<Failure>,
 }
 
 struct State {
@@ -59,9 +65,6 @@ pub(crate) struct Coordinator {
     stall: Duration,
     state: Mutex<State>,
 }
-
-/// Separates the tensor's name from the message in a coordinator's error.
-pub(crate) const NAME_END: char = '\n';
 
 impl Coordinator {
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -104,7 +107,8 @@ impl Coordinator {
         ))
     }
 
-    /// Handles a submission from `rank` (`aux`: call number, [`NEW_CALL`] for a new call).
+    /// Handles a submission from `rank` (`aux`: cycle number, [`FRESH`] when the rank has
+    /// nothing in flight).
     pub(crate) fn submit(&self, rank: u64, aux: u64, payload: &[u8], responder: Responder) {
         let mut replies = Vec::new();
         {
@@ -127,42 +131,50 @@ impl Coordinator {
             replies.push((
                 responder,
                 Err(format!(
-                    "{NAME_END}rank {rank} is out of range: the job has {} ranks",
+                    "rank {rank} is out of range: the job has {} ranks",
                     self.size
                 )),
             ));
             return;
         };
-        if aux & NEW_CALL != 0 {
-            let requests = match decode_requests(payload) {
-                Ok(r) => r,
-                Err(e) => {
-                    replies.push((responder, Err(format!("{NAME_END}bad submission: {e}"))));
-                    return;
-                }
-            };
-            // A new call: whatever was left of the last one is gone.
-            self.withdraw(st, r);
-            st.ranks[r].failed = None;
-            st.ranks[r].outbox.clear();
-            st.ranks[r].responder = Some(responder);
-            for request in requests {
-                self.record(st, r, request);
+        let requests = match decode_requests(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                replies.push((responder, Err(format!("bad submission: {e}"))));
+                return;
             }
-            self.plan(st);
-        } else {
-            st.ranks[r].responder = Some(responder);
+        };
+        if aux & FRESH != 0 {
+            // The rank has nothing in flight: whatever is left here is stale.
+            self.withdraw(st, r);
+            st.ranks[r].outbox.clear();
+            st.ranks[r].failures.clear();
         }
+        // A later cycle supersedes the held submission: answer it with what there is.
+        if let Some(held) = st.ranks[r].responder.take() {
+            let rank = &mut st.ranks[r];
+            let plan = Plan {
+                groups: std::mem::take(&mut rank.outbox),
+                failures: std::mem::take(&mut rank.failures),
+            };
+            replies.push((held, Ok(encode_plan(&plan))));
+        }
+        st.ranks[r].responder = Some(responder);
+        for request in requests {
+            self.record(st, r, request);
+        }
+        self.plan(st);
         for rank in 0..self.size {
             deliver(st, rank, replies);
         }
     }
 
     /// Records that rank `r` submitted `request`; a mismatch with the other ranks' fails the
-    /// calls of every rank that submitted the tensor.
+    /// tensor on every rank that submitted it.
     fn record(&self, st: &mut State, r: usize, request: TensorRequest) {
         let name = request.name.clone();
         let order = st.next_order;
+        st.next_order += 1;
         let tensor = st.tensors.entry(name.clone()).or_insert_with(|| Tensor {
             request: request.clone(),
             submitted: vec![false; self.size],
@@ -174,50 +186,49 @@ impl Coordinator {
             tensor.first = Instant::now();
             tensor.order = order;
         }
-        st.next_order += 1;
-        let known = &tensor.request;
-        let mismatch = (known.op != request.op
-            || known.dtype != request.dtype
-            || known.shape != request.shape)
-            .then(|| {
-                let others: Vec<usize> = (0..self.size).filter(|&i| tensor.submitted[i]).collect();
-                let message = format!(
-                    "{name}{NAME_END}mismatched {}: rank {r} submitted tensor {name} as {} of \
-                     {} {:?}, rank{} {} as {} of {} {:?}",
-                    if known.op != request.op {
-                        "operations"
-                    } else if known.dtype != request.dtype {
-                        "data types"
-                    } else {
-                        "shapes"
-                    },
-                    request.op.name(),
-                    request.dtype,
-                    request.shape,
-                    if others.len() == 1 { "" } else { "s" },
-                    list(&others),
-                    known.op.name(),
-                    known.dtype,
-                    known.shape,
-                );
-                (others, message)
+        if tensor.submitted[r] {
+            // Workers never do this; refuse the second copy only.
+            st.ranks[r].failures.push(Failure {
+                message: format!("rank {r} submitted tensor {name} again while it is in flight"),
+                name,
             });
-        if let Some((others, message)) = mismatch {
-            st.ranks[r].outstanding.push(name.clone());
-            for rank in others.into_iter().chain([r]) {
-                self.fail(st, rank, message.clone());
-            }
-            st.tensors.remove(&name);
             return;
         }
-        let tensor = st.tensors.get_mut(&name).expect("inserted above");
+        let known = &tensor.request;
+        if known.op != request.op || known.dtype != request.dtype || known.shape != request.shape {
+            let others: Vec<usize> = (0..self.size).filter(|&i| tensor.submitted[i]).collect();
+            let message = format!(
+                "mismatched {}: rank {r} submitted tensor {name} as {} of {} {:?}, rank{} {} as \
+                 {} of {} {:?}",
+                if known.op != request.op {
+                    "operations"
+                } else if known.dtype != request.dtype {
+                    "data types"
+                } else {
+                    "shapes"
+                },
+                request.op.name(),
+                request.dtype,
+                request.shape,
+                if others.len() == 1 { "" } else { "s" },
+                list(&others),
+                known.op.name(),
+                known.dtype,
+                known.shape,
+            );
+            st.tensors.remove(&name);
+            for rank in others.into_iter().chain([r]) {
+                self.fail(st, rank, &name, message.clone());
+            }
+            return;
+        }
         tensor.submitted[r] = true;
-        st.ranks[r].outstanding.push(name);
+        st.ranks[r].pending.push(name);
     }
 
-    /// Withdraws rank `r`'s outstanding tensors (its call ended).
+    /// Withdraws rank `r`'s pending tensors (it gave up on them).
     fn withdraw(&self, st: &mut State, r: usize) {
-        for name in std::mem::take(&mut st.ranks[r].outstanding) {
+        for name in std::mem::take(&mut st.ranks[r].pending) {
             if let Some(t) = st.tensors.get_mut(&name) {
                 t.submitted[r] = false;
                 if t.submitted.iter().all(|s| !s) {
@@ -227,10 +238,14 @@ impl Coordinator {
         }
     }
 
-    /// Fails rank `r`'s current call with `message`.
-    fn fail(&self, st: &mut State, r: usize, message: String) {
-        self.withdraw(st, r);
-        st.ranks[r].failed.get_or_insert(message);
+    /// Fails tensor `name` on rank `r` (no longer pending there) with `message`.
+    fn fail(&self, st: &mut State, r: usize, name: &str, message: String) {
+        let rank = &mut st.ranks[r];
+        rank.pending.retain(|n| n != name);
+        rank.failures.push(Failure {
+            name: name.to_string(),
+            message,
+        });
     }
 
     /// Turns the tensors ready on every rank into groups for every rank.
@@ -248,9 +263,10 @@ impl Coordinator {
             return;
         }
         ready.sort_by_key(|(order, _)| *order);
+        let names: std::collections::HashSet<&str> =
+            ready.iter().map(|(_, t)| t.name.as_str()).collect();
         for rank in &mut st.ranks {
-            rank.outstanding
-                .retain(|n| !ready.iter().any(|(_, t)| &t.name == n));
+            rank.pending.retain(|n| !names.contains(n.as_str()));
         }
         // Fuse per (operation, dtype), in submission order, up to the threshold.
         let mut groups: Vec<(Group, u64)> = Vec::new();
@@ -288,8 +304,8 @@ impl Coordinator {
         }
     }
 
-    /// The stall inspector: fails the calls waiting longer than the stall time for ranks
-    /// that have not submitted the same tensor.
+    /// The stall inspector: fails the tensors that some ranks submitted longer than the stall
+    /// time ago and others have not, on the ranks that submitted them.
     fn inspect(&self) {
         let mut replies = Vec::new();
         {
@@ -308,34 +324,38 @@ impl Coordinator {
                 return;
             }
             stalled.sort();
-            let mut messages: Vec<Option<String>> = vec![None; self.size];
-            for (_, name, have, missing) in &stalled {
-                for &r in have {
-                    messages[r].get_or_insert_with(|| {
-                        format!(
-                            "{name}{NAME_END}stall inspector: tensor {name} was submitted by \
-                             rank{} {} but rank{} {} did not submit it within {:?} \
-                             (HOROVOD_STALL_CHECK_TIME_SECONDS); ranks that submit different \
-                             tensors, or only some ranks submitting, would deadlock. \
-                             Missing ranks: {}",
-                            if have.len() == 1 { "" } else { "s" },
-                            list(have),
-                            if missing.len() == 1 { "" } else { "s" },
-                            list(missing),
-                            self.stall,
-                            missing
-                                .iter()
-                                .map(|m| format!("{m}: [{name}]"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    });
+            // For each missing rank, the stalled tensors it did not submit (Horovod's list).
+            let mut missed: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+            for (_, name, _, missing) in &stalled {
+                for &m in missing {
+                    missed.entry(m).or_default().push(name);
                 }
             }
-            for (r, message) in messages.into_iter().enumerate() {
-                if let Some(m) = message {
-                    log::warn!("kvstore-horovod: rank {r}: {}", m.replace(NAME_END, ": "));
-                    self.fail(&mut st, r, m);
+            let mut failures = Vec::new();
+            for (_, name, have, missing) in &stalled {
+                let message = format!(
+                    "stall inspector: tensor {name} was submitted by rank{} {} but rank{} {} \
+                     did not submit it within {:?} (HOROVOD_STALL_CHECK_TIME_SECONDS); ranks \
+                     that submit different tensors, or only some ranks submitting, would \
+                     deadlock. Missing ranks: {}",
+                    if have.len() == 1 { "" } else { "s" },
+                    list(have),
+                    if missing.len() == 1 { "" } else { "s" },
+                    list(missing),
+                    self.stall,
+                    missing
+                        .iter()
+                        .map(|m| format!("{m}: [{}]", missed[m].join(", ")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                log::warn!("kvstore-horovod: ranks {}: {message}", list(have));
+                failures.push((name.clone(), have.clone(), message));
+            }
+            for (name, have, message) in failures {
+                st.tensors.remove(&name);
+                for r in have {
+                    self.fail(&mut st, r, &name, message.clone());
                 }
             }
             for rank in 0..self.size {
@@ -346,21 +366,23 @@ impl Coordinator {
     }
 }
 
-/// Answers rank `r`'s waiting submission if there is something to say: its groups first,
-/// then a failure.
+/// Answers rank `r`'s held submission if there is something to say (groups, failures), or
+/// nothing will come (the rank has nothing pending).
 fn deliver(st: &mut State, r: usize, replies: &mut Vec<Reply>) {
     let rank = &mut st.ranks[r];
-    if rank.responder.is_none() {
+    if rank.responder.is_none()
+        || (rank.outbox.is_empty() && rank.failures.is_empty() && !rank.pending.is_empty())
+    {
         return;
     }
-    let answer = if !rank.outbox.is_empty() {
-        Ok(encode_groups(&std::mem::take(&mut rank.outbox)))
-    } else if let Some(message) = rank.failed.take() {
-        Err(message)
-    } else {
-        return;
+    let plan = Plan {
+        groups: std::mem::take(&mut rank.outbox),
+        failures: std::mem::take(&mut rank.failures),
     };
-    replies.push((rank.responder.take().expect("checked"), answer));
+    replies.push((
+        rank.responder.take().expect("checked"),
+        Ok(encode_plan(&plan)),
+    ));
 }
 
 fn send(replies: Vec<Reply>) {

@@ -41,30 +41,50 @@
 //!   types through `f32`, integers wrapping), each element once on one rank, so every worker
 //!   gets bit-identical results. Any size works, including sizes not divisible by `n` and 0.
 //! - **Coordinator** ([`coordinator`]): rank 0 collects, from every rank, the tensors it is
-//!   ready to reduce (name, operation, dtype, shape), finds those ready on every rank, and
-//!   sends every rank the same numbered list of operations: ranks never wait on each other in
-//!   different orders, whatever order their calls list the keys in. Mismatched dtypes, shapes
-//!   or operations fail the call on every rank that submitted the tensor.
-//! - **Tensor fusion**: tensors ready together of one dtype and operation are packed into one
-//!   buffer of at most `HOROVOD_FUSION_THRESHOLD` bytes (64 MiB by default, Horovod's default
-//!   in the releases MXNet 2.x used; `0` turns fusion off) and reduced as one: 1000 small keys
-//!   cost a few ring passes, not 1000.
+//!   ready to reduce (name, operation, dtype, shape), keeps them across cycles, finds those
+//!   ready on every rank, and sends every rank the same numbered list of operations: ranks
+//!   never wait on each other in different orders, whatever order, calls or threads their
+//!   keys came in. Mismatched dtypes, shapes or operations fail the tensor, and so the call
+//!   that holds it, on every rank that submitted it.
+//! - **Cycles** (`HOROVOD_CYCLE_TIME`, 1 ms by default as in current Horovod, fractions
+//!   allowed, `0`: no waiting): a store is shared by the threads of a worker, which may call it
+//!   at the same time, as MXNet's engine issues Horovod operations. Their tensors are queued;
+//!   one waiting thread at a time leads a cycle: it waits until the cycle time has passed
+//!   since the previous cycle started, submits everything queued (a tensor whose name is
+//!   already in flight stays queued for a later cycle) to the coordinator in one submission,
+//!   runs the groups it answers and hands each thread its results. A tensor still waiting for
+//!   other ranks does not hold up the tensors queued after it: the next cycle goes out anyway.
+//!   [`HorovodStore::cycles`] and [`HorovodStore::ring_operations`] count cycles and ring
+//!   operations.
+//! - **Tensor fusion**: tensors ready together of one dtype and operation, from any calls of
+//!   any threads, are packed into one buffer of at most `HOROVOD_FUSION_THRESHOLD` bytes
+//!   (64 MiB by default, Horovod's default in the releases MXNet 2.x used; `0` turns fusion
+//!   off) and reduced as one: 1000 small keys, in one call or in calls of several threads
+//!   within a cycle, cost a few ring passes, not 1000.
+//! - **Errors stay with their call**: a failed tensor (mismatch, stall) fails the call that
+//!   holds it, with an error naming its key, and no other call; a failed ring operation fails
+//!   the calls whose tensors were in it. A call returns once every tensor of it is done or
+//!   failed, and writes its outputs only when all are done.
 //! - **Stall inspector**: a tensor submitted by some ranks and not by the others for
 //!   `HOROVOD_STALL_CHECK_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`, 60 s like
-//!   Horovod's) fails the call on the ranks that submitted it, with an error naming the tensor
-//!   (the key) and the missing ranks, instead of hanging.
+//!   Horovod's) fails on the ranks that submitted it, with an error naming the tensor (the
+//!   key) and, for each missing rank, the stalled tensors it did not submit, instead of
+//!   hanging.
 //!
 //! ## Deviations from Horovod
 //!
 //! - No MPI, NCCL or Gloo: a TCP ring between the workers' advertised addresses, on CPU
 //!   memory. No hierarchical all-reduce, no response cache, no autotuning, no fp16
 //!   compression, no Adasum, allgather or alltoall.
-//! - Fusion is per call: a call is synchronous, so the tensors fused together are the keys of
-//!   one multi-key call (`kv.pushpull(&keys, ...)`), not those submitted within
-//!   `HOROVOD_CYCLE_TIME` by a background thread; that variable is not read. Concurrent calls
-//!   of one worker run one after the other.
+//! - No background thread: the calling threads lead the cycles themselves, one at a time, so
+//!   an idle worker sends nothing. Instead of a message exchange every cycle, a worker with
+//!   tensors in flight keeps one submission held at rank 0, answered as soon as groups or
+//!   failures are there for it (or at once when its next cycle supersedes it).
+//! - A worker does not refuse a tensor whose name is already in flight (Horovod raises an
+//!   error): it is queued until the first one is done.
 //! - The stall inspector ends the stalled call with an error where Horovod only warns (unless
-//!   `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` is set).
+//!   `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` is set). The cycle time must therefore be shorter
+//!   than the stall time.
 //!
 //! ## Running a job
 //!

@@ -1,27 +1,61 @@
-//! [`HorovodStore`]: one worker of a `horovod` job.
+//! [`HorovodStore`]: one worker of a `horovod` job, and its cycles.
+//!
+//! A call validates its arguments, sums each key's values, and queues one tensor per key.
+//! Calls may come from several threads at once (MXNet's engine issues Horovod operations
+//! asynchronously); one of the waiting threads at a time **leads** the worker's cycles, as
+//! Horovod's background thread does:
+//!
+//! 1. it waits until `HOROVOD_CYCLE_TIME` has passed since the previous cycle started;
+//! 2. it takes every queued tensor whose name is not already in flight on this worker (a name
+//!    in flight, or taken twice, stays queued for a later cycle) and submits them to the
+//!    coordinator in one submission;
+//! 3. it runs, in sequence order, the groups the coordinator answers (fused across the calls
+//!    of every thread), and hands each tensor's result, or error, to the call it came from.
+//!
+//! Tensors that are not ready on every rank yet stay in flight across cycles: the coordinator
+//! keeps them, and the leader keeps one submission held at rank 0 to receive their groups,
+//! superseding it with the next cycle's submission when more tensors are queued, so that a
+//! tensor waiting for other ranks never holds up the tensors queued after it. A call returns
+//! once each of its tensors is done or failed; a failed tensor fails its own call, naming its
+//! key, and no other call (a failed group fails the calls whose tensors were in it). Every
+//! wait is bounded: by the stall inspector (`HOROVOD_STALL_CHECK_TIME_SECONDS`) for the
+//! coordinator's answers, by `KVSTORE_TIMEOUT_SECS` for the ring.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use kvstore_base::{
     Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray, Result, StorageType,
 };
 use kvstore_dist::protocol::{Mode, CMD_BYE, CMD_HELLO};
 use kvstore_dist::transport::{
-    Connection, Handler, Outgoing, Request, Responder, Server, TransportError,
+    Connection, Handler, Outgoing, Pending, Request, Responder, Response, Server, TransportError,
 };
 use kvstore_dist::{Group as NodeGroup, Node, Role};
 
 use crate::config::HorovodConfig;
-use crate::coordinator::{Coordinator, Monitor, NAME_END};
+use crate::coordinator::{Coordinator, Monitor};
 use crate::ring::{Mailbox, Ring};
 use crate::wire::{
-    decode_groups, encode_requests, Group, Op, TensorRequest, CMD_DATA, CMD_SUBMIT, NEW_CALL,
+    decode_plan, encode_requests, Group, Op, TensorRequest, CMD_DATA, CMD_SUBMIT, FRESH,
 };
+
+/// A submission's answer from rank 0.
+type Outcome = std::result::Result<Response, TransportError>;
 
 /// The capabilities of the store: it spans workers; it keeps no values and runs no optimizer.
 pub(crate) const CAPABILITIES: &[Capability] = &[Capability::Distributed];
+
+/// The longest a leader waiting for rank 0's answer goes without looking at the queue.
+const WATCH: Duration = Duration::from_millis(5);
+
+/// The shortest such look (with a cycle time below it).
+const WATCH_MIN: Duration = Duration::from_millis(1);
+
+/// How long a waiting caller sleeps before looking again (it is woken on every change).
+const NAP: Duration = Duration::from_millis(200);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -47,6 +81,18 @@ fn backend(store: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) 
     }
 }
 
+/// Up to four names, for messages.
+fn some_names<'a>(names: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let n = names.len();
+    let shown: Vec<&str> = names.take(4).collect();
+    format!(
+        "tensor{} [{}{}]",
+        if n == 1 { "" } else { "s" },
+        shown.join(", "),
+        if n > 4 { ", ..." } else { "" }
+    )
+}
+
 /// Serves a worker's address: chunks from the previous rank, submissions on rank 0.
 struct WorkerHandler {
     rank: usize,
@@ -59,20 +105,22 @@ impl Handler for WorkerHandler {
         let h = request.header;
         match h.command {
             CMD_DATA => {
-                self.mailbox.put(h.key, h.aux, request.payload);
+                // Acknowledge before filing: once the chunk is filed, this rank may finish its
+                // last operation and leave, closing the connection before a later ack.
                 let _ = responder.respond(Outgoing::new(0, &[]));
+                self.mailbox.put(h.key, h.aux, request.payload);
             }
             CMD_SUBMIT => match &self.coordinator {
                 Some(c) => c.submit(h.key, h.aux, &request.payload, responder),
                 None => {
                     let _ = responder.respond_error(&format!(
-                        "{NAME_END}rank {} is not the coordinator (rank 0 is)",
+                        "rank {} is not the coordinator (rank 0 is)",
                         self.rank
                     ));
                 }
             },
             other => {
-                let _ = responder.respond_error(&format!("{NAME_END}unknown command {other:#x}"));
+                let _ = responder.respond_error(&format!("unknown command {other:#x}"));
             }
         }
     }
@@ -87,12 +135,56 @@ struct Links {
     mailbox: Arc<Mailbox>,
 }
 
-/// One tensor of a call: its key, what is submitted, and the data (this rank's value, then
-/// the result).
+/// One tensor of a call: its key, what is submitted, and this rank's value.
 struct Local {
     key: Key,
     request: TensorRequest,
     data: NDArray,
+}
+
+/// A tensor of a call, queued or in flight; `data` becomes the result.
+struct Tensor {
+    /// The call it belongs to, and its place there.
+    call: u64,
+    index: usize,
+    operation: &'static str,
+    local: Local,
+}
+
+/// What a waiting call gets back.
+struct CallSlot {
+    results: Vec<Option<NDArray>>,
+    /// Tensors neither done nor failed.
+    left: usize,
+    /// The first failure of one of its tensors.
+    error: Option<Error>,
+}
+
+/// The shared state of the worker's cycles.
+#[derive(Default)]
+struct Cycles {
+    /// Tensors waiting for a cycle, in arrival order.
+    queue: VecDeque<Tensor>,
+    /// Tensors submitted to the coordinator and not yet done or failed, by name.
+    in_flight: HashMap<String, Tensor>,
+    /// The calls waiting, by number.
+    calls: HashMap<u64, CallSlot>,
+    next_call: u64,
+    /// Whether a thread is leading.
+    leading: bool,
+    /// The submission held at rank 0, waiting for groups or failures.
+    held: Option<Pending>,
+    /// When the last cycle started.
+    last_cycle: Option<Instant>,
+}
+
+impl Cycles {
+    /// Whether a queued tensor could go in a cycle now.
+    fn admissible(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|t| !self.in_flight.contains_key(&t.local.request.name))
+    }
 }
 
 /// A dense, contiguous copy of `a`.
@@ -107,14 +199,21 @@ fn own(a: &NDArray) -> NDArray {
 }
 
 /// A worker of a `horovod` job (see the [crate docs](crate)).
+///
+/// A store is shared between threads (`&HorovodStore`, or an `Arc`): calls made at the same
+/// time are gathered into cycles and fused (see [`cycles`](HorovodStore::cycles) and
+/// [`ring_operations`](HorovodStore::ring_operations)).
 pub struct HorovodStore {
     name: String,
     rank: usize,
     size: usize,
     timeout: Duration,
-    stall: Duration,
-    /// Serialises the calls of this worker; counts them.
-    calls: Mutex<u64>,
+    cycle_time: Duration,
+    cycles: Mutex<Cycles>,
+    /// Signalled on every change of `cycles` that a waiting call may care about.
+    changed: Condvar,
+    cycle_count: AtomicU64,
+    ring_count: AtomicU64,
     links: Option<Links>,
     /// Parameter servers of the job, if it has some: greeted and left idle.
     servers: Vec<Connection>,
@@ -129,7 +228,18 @@ impl std::fmt::Debug for HorovodStore {
             .field("name", &self.name)
             .field("rank", &self.rank)
             .field("size", &self.size)
+            .field("cycle_time", &self.cycle_time)
             .finish_non_exhaustive()
+    }
+}
+
+/// Leadership of the cycles, given back (and the waiting calls woken) when dropped.
+struct Leading<'a>(&'a HorovodStore);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.cycles).leading = false;
+        self.0.changed.notify_all();
     }
 }
 
@@ -173,7 +283,10 @@ impl HorovodStore {
             let next = Connection::connect(workers[(rank + 1) % size].as_str(), transport.clone())
                 .map_err(|e| backend(name, e))?;
             let mut long = transport.clone();
-            long.timeout = dist.timeout.max(config.stall_check) + grace(dist.timeout);
+            // A held submission is answered within the stall time (and the inspector's tick).
+            long.timeout = dist.timeout.max(config.stall_check)
+                + grace(dist.timeout)
+                + Duration::from_millis(300);
             let coordinator =
                 Connection::connect(workers[0].as_str(), long).map_err(|e| backend(name, e))?;
             Some(Links {
@@ -204,8 +317,11 @@ impl HorovodStore {
             rank,
             size,
             timeout: dist.timeout,
-            stall: config.stall_check,
-            calls: Mutex::new(0),
+            cycle_time: config.cycle_time,
+            cycles: Mutex::new(Cycles::default()),
+            changed: Condvar::new(),
+            cycle_count: AtomicU64::new(0),
+            ring_count: AtomicU64::new(0),
             links,
             servers,
             server: Some(server),
@@ -227,87 +343,309 @@ impl HorovodStore {
             .map_or(0, |l| l.coordinator.bytes_sent())
     }
 
+    /// Cycles this worker has run so far: submissions to the coordinator of newly queued
+    /// tensors (each holds the tensors that the worker's threads queued since the previous
+    /// one). 0 in a job of one worker, which needs no coordination.
+    pub fn cycles(&self) -> u64 {
+        self.cycle_count.load(Ordering::Relaxed)
+    }
+
+    /// Collective operations this worker has run in the ring so far: one per group of fused
+    /// tensors (a ring all-reduce or a broadcast chain), whatever the number of calls and keys
+    /// whose tensors it held. Fewer operations than tensors means that tensors were fused;
+    /// with `HOROVOD_FUSION_THRESHOLD=0` there is one per tensor. 0 in a job of one worker.
+    pub fn ring_operations(&self) -> u64 {
+        self.ring_count.load(Ordering::Relaxed)
+    }
+
+    /// The cycle time this worker runs with (`HOROVOD_CYCLE_TIME`).
+    pub fn cycle_time(&self) -> Duration {
+        self.cycle_time
+    }
+
     fn at(&self, operation: &'static str, key: &Key) -> impl FnOnce(Error) -> Error + '_ {
         let key = key.clone();
         move |e| e.at_key(&self.name, operation, key)
     }
 
-    /// Runs the collective operations of one call: submits its tensors to the coordinator
-    /// and runs the groups it answers, in order, until every tensor is done. The results
-    /// replace `tensors[i].data`.
-    fn collective(&self, operation: &'static str, tensors: &mut [Local]) -> Result<()> {
-        let mut calls = lock(&self.calls);
-        *calls += 1;
-        let call = *calls;
-        let Some(links) = &self.links else {
-            // A job of one: the local values are the results.
-            return Ok(());
-        };
-        let by_name: HashMap<String, usize> = tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.request.name.clone(), i))
-            .collect();
-        let requests: Vec<TensorRequest> = tensors.iter().map(|t| t.request.clone()).collect();
-        let mut payload = encode_requests(&requests);
-        let mut aux = call | NEW_CALL;
-        let mut left = tensors.len();
-        let what = format!("{operation} submission of call {call}");
-        let wait = self.stall + grace(self.timeout) + Duration::from_millis(300);
-        while left > 0 {
-            let answer = links
-                .coordinator
-                .send(
-                    Outgoing::new(CMD_SUBMIT, &payload)
-                        .key(self.rank as u64)
-                        .aux(aux),
-                    &what,
-                )
-                .and_then(|p| p.wait_timeout(wait));
-            payload.clear();
-            aux = call;
-            let groups = match answer {
-                Ok(r) => decode_groups(&r.payload)
-                    .map_err(|e| backend(&self.name, format!("bad plan from rank 0: {e}")))?,
-                Err(TransportError::Remote { message, .. }) => {
-                    let (name, message) = message.split_once(NAME_END).unwrap_or(("", &message));
-                    let e = backend(&self.name, message.to_string());
-                    return Err(match by_name.get(name) {
-                        Some(&i) => e.at_key(&self.name, operation, tensors[i].key.clone()),
-                        None => e,
-                    });
-                }
-                Err(e) => return Err(backend(&self.name, e)),
-            };
-            for g in groups {
-                left = left.saturating_sub(g.names.len());
-                self.run_group(links, operation, &g, &by_name, tensors)?;
-            }
-        }
-        Ok(())
+    fn state(&self) -> MutexGuard<'_, Cycles> {
+        lock(&self.cycles)
     }
 
-    /// Runs one group: fuses its tensors (unless it has one), runs the ring, unfuses.
-    fn run_group(
+    /// Runs the collective operations of one call: queues its tensors, then waits until each
+    /// is done or failed, leading the worker's cycles whenever no other thread does. Returns
+    /// the results in the order of `tensors`, or the call's first failure (naming its key).
+    fn collective(&self, operation: &'static str, tensors: Vec<Local>) -> Result<Vec<NDArray>> {
+        let Some(links) = &self.links else {
+            // A job of one: the local values are the results.
+            return Ok(tensors.into_iter().map(|t| t.data).collect());
+        };
+        let mut st = self.state();
+        let call = st.next_call;
+        st.next_call += 1;
+        st.calls.insert(
+            call,
+            CallSlot {
+                results: (0..tensors.len()).map(|_| None).collect(),
+                left: tensors.len(),
+                error: None,
+            },
+        );
+        for (index, local) in tensors.into_iter().enumerate() {
+            st.queue.push_back(Tensor {
+                call,
+                index,
+                operation,
+                local,
+            });
+        }
+        self.changed.notify_all();
+        loop {
+            if st.calls.get(&call).map_or(0, |c| c.left) == 0 {
+                let slot = st.calls.remove(&call);
+                drop(st);
+                let slot = slot.ok_or_else(|| backend(&self.name, "a call lost its record"))?;
+                if let Some(e) = slot.error {
+                    return Err(e);
+                }
+                return slot
+                    .results
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        backend(&self.name, "a tensor of the call ended without a result")
+                    });
+            }
+            if !st.leading {
+                st.leading = true;
+                drop(st);
+                {
+                    let _leading = Leading(self);
+                    self.lead(links);
+                }
+                st = self.state();
+                continue;
+            }
+            st = match self.changed.wait_timeout(st, NAP) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// One step of the leader: starts a cycle when one is due, or waits for rank 0's answer
+    /// (looking at the queue meanwhile) and runs it. Returns after a cycle started or an
+    /// answer was handled, or when there is nothing to do.
+    fn lead(&self, links: &Links) {
+        let mut st = self.state();
+        loop {
+            let now = Instant::now();
+            let boundary = st.last_cycle.map_or(now, |t| t + self.cycle_time);
+            let admissible = st.admissible();
+            if admissible && now >= boundary {
+                return self.start_cycle(links, st, now);
+            }
+            if st.held.is_none() && !st.in_flight.is_empty() {
+                // Tensors in flight: keep a submission held at rank 0 for their groups, so
+                // that this rank runs them as soon as they are planned.
+                drop(st);
+                let cycle = self.cycles();
+                let sent = links.coordinator.send(
+                    Outgoing::new(CMD_SUBMIT, &encode_requests(&[]))
+                        .key(self.rank as u64)
+                        .aux(cycle),
+                    &format!("wait for the plan after cycle {cycle}"),
+                );
+                match sent {
+                    Ok(p) => {
+                        st = self.state();
+                        st.held = Some(p);
+                        continue;
+                    }
+                    Err(e) => return self.fail_in_flight(&e.to_string()),
+                }
+            }
+            if !admissible && st.in_flight.is_empty() {
+                // Nothing to submit or wait for (a held submission left after a failure is
+                // superseded by the next cycle).
+                return;
+            }
+            if let Some(mut held) = st.held.take() {
+                drop(st);
+                // Look at the queue again at the next cycle's start, or soon.
+                let slice = if admissible {
+                    boundary.saturating_duration_since(now)
+                } else {
+                    self.cycle_time.clamp(WATCH_MIN, WATCH)
+                };
+                if let Some(outcome) = held.poll(slice) {
+                    return self.settle(links, outcome, false);
+                }
+                st = self.state();
+                st.held = Some(held);
+                continue;
+            }
+            // Nothing in flight; the next cycle starts at the boundary.
+            let left = boundary.saturating_duration_since(now);
+            st = match self.changed.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+
+    /// Starts a cycle: submits the admissible queued tensors together, then handles the
+    /// answer to the submission that this one supersedes, if any.
+    fn start_cycle(&self, links: &Links, mut st: MutexGuard<'_, Cycles>, now: Instant) {
+        let fresh = st.in_flight.is_empty();
+        let mut requests = Vec::new();
+        let mut later = VecDeque::new();
+        while let Some(t) = st.queue.pop_front() {
+            let name = &t.local.request.name;
+            if st.in_flight.contains_key(name) {
+                later.push_back(t);
+            } else {
+                requests.push(t.local.request.clone());
+                st.in_flight.insert(name.clone(), t);
+            }
+        }
+        st.queue = later;
+        st.last_cycle = Some(now);
+        let cycle = self.cycle_count.fetch_add(1, Ordering::Relaxed) + 1;
+        let superseded = st.held.take();
+        drop(st);
+        let sent = links.coordinator.send(
+            Outgoing::new(CMD_SUBMIT, &encode_requests(&requests))
+                .key(self.rank as u64)
+                .aux(cycle | if fresh { FRESH } else { 0 }),
+            &format!(
+                "submission of cycle {cycle} ({})",
+                some_names(requests.iter().map(|r| r.name.as_str()))
+            ),
+        );
+        match sent {
+            Ok(p) => self.state().held = Some(p),
+            Err(e) => self.fail_in_flight(&e.to_string()),
+        }
+        if let Some(old) = superseded {
+            // Rank 0 answers it at once, with what it had for this rank.
+            self.settle(links, old.wait(), true);
+        }
+    }
+
+    /// Handles rank 0's answer to a submission: runs its groups in order, then fails its
+    /// failed tensors. An answer that says nothing although this rank has tensors in flight
+    /// (and was not superseded) means rank 0 has lost them: they fail.
+    fn settle(&self, links: &Links, outcome: Outcome, superseded: bool) {
+        let response = match outcome {
+            Ok(r) => r,
+            Err(TransportError::Remote { message, .. }) => {
+                return self.fail_in_flight(&format!("rank 0 refused the submission: {message}"))
+            }
+            Err(e) => return self.fail_in_flight(&e.to_string()),
+        };
+        let plan = match decode_plan(&response.payload) {
+            Ok(p) => p,
+            Err(e) => return self.fail_in_flight(&format!("bad plan from rank 0: {e}")),
+        };
+        if plan.is_empty() && !superseded {
+            let st = self.state();
+            if !st.in_flight.is_empty() {
+                let message = format!(
+                    "rank 0 holds no record of {}, which this rank submitted",
+                    some_names(st.in_flight.keys().map(String::as_str))
+                );
+                drop(st);
+                return self.fail_in_flight(&message);
+            }
+            return;
+        }
+        for group in &plan.groups {
+            self.run_group(links, group);
+        }
+        if !plan.failures.is_empty() {
+            let mut st = self.state();
+            for f in plan.failures {
+                if let Some(t) = st.in_flight.remove(&f.name) {
+                    self.resolve(&mut st, t, Some(f.message));
+                }
+            }
+            drop(st);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Fails every tensor in flight with `message` (rank 0 cannot be relied on for them).
+    fn fail_in_flight(&self, message: &str) {
+        let mut st = self.state();
+        let tensors: Vec<Tensor> = st.in_flight.drain().map(|(_, t)| t).collect();
+        for t in tensors {
+            self.resolve(&mut st, t, Some(message.to_string()));
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Hands a tensor's result (its data) to its call, or its failure (naming its key).
+    fn resolve(&self, st: &mut Cycles, t: Tensor, failure: Option<String>) {
+        let Some(slot) = st.calls.get_mut(&t.call) else {
+            return;
+        };
+        match failure {
+            None => slot.results[t.index] = Some(t.local.data),
+            Some(message) => {
+                slot.error.get_or_insert_with(|| {
+                    backend(&self.name, message).at_key(&self.name, t.operation, t.local.key)
+                });
+            }
+        }
+        slot.left = slot.left.saturating_sub(1);
+    }
+
+    /// Runs one group: fuses its tensors (unless it has one), runs the ring, unfuses, and
+    /// hands the results to their calls.
+    fn run_group(&self, links: &Links, group: &Group) {
+        let (mut tensors, missing) = {
+            let mut st = self.state();
+            let mut tensors = Vec::with_capacity(group.names.len());
+            let mut missing = Vec::new();
+            for name in &group.names {
+                match st.in_flight.remove(name) {
+                    Some(t) => tensors.push(t),
+                    None => missing.push(name.as_str()),
+                }
+            }
+            (tensors, missing)
+        };
+        let result = if missing.is_empty() {
+            self.ring_count.fetch_add(1, Ordering::Relaxed);
+            self.run_ring(links, group, &mut tensors)
+        } else {
+            // This rank cannot take part: the other ranks' ring fails on its time bound.
+            let message = format!(
+                "rank 0 planned {} of {}, which this rank does not have in flight",
+                group.op.name(),
+                some_names(missing.into_iter())
+            );
+            log::warn!("kvstore-horovod: rank {}: {message}", self.rank);
+            Err(message)
+        };
+        let mut st = self.state();
+        for t in tensors {
+            self.resolve(&mut st, t, result.as_ref().err().cloned());
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// The ring part of [`run_group`](Self::run_group): the results replace the tensors'
+    /// data.
+    fn run_ring(
         &self,
         links: &Links,
-        operation: &'static str,
         group: &Group,
-        by_name: &HashMap<String, usize>,
-        tensors: &mut [Local],
-    ) -> Result<()> {
-        let indices: Vec<usize> = group
-            .names
-            .iter()
-            .map(|n| {
-                by_name.get(n).copied().ok_or_else(|| {
-                    backend(
-                        &self.name,
-                        format!("rank 0 planned tensor {n}, which this call does not have"),
-                    )
-                })
-            })
-            .collect::<Result<_>>()?;
+        tensors: &mut [Tensor],
+    ) -> std::result::Result<(), String> {
         let ring = Ring {
             rank: self.rank,
             size: self.size,
@@ -315,42 +653,32 @@ impl HorovodStore {
             mailbox: &links.mailbox,
             timeout: self.timeout + grace(self.timeout),
         };
-        let shown: Vec<&str> = group.names.iter().take(4).map(String::as_str).collect();
         let what = format!(
-            "{} of {} tensor{} [{}{}]",
+            "{} of {}",
             group.op.name(),
-            group.names.len(),
-            if group.names.len() == 1 { "" } else { "s" },
-            shown.join(", "),
-            if group.names.len() > 4 { ", ..." } else { "" }
+            some_names(group.names.iter().map(String::as_str))
         );
         let run = |buf: &mut [u8]| match group.op {
             Op::Allreduce => ring.allreduce(group.seq, group.dtype, buf, &what),
             Op::Broadcast => ring.broadcast(group.seq, buf, &what),
         };
-        let first_key = tensors[indices[0]].key.clone();
-        let fail = |message: String| {
-            backend(&self.name, message).at_key(&self.name, operation, first_key.clone())
-        };
-        if let [i] = indices[..] {
-            let buf = tensors[i]
-                .data
-                .as_bytes_mut()
-                .expect("owned arrays are contiguous");
-            return run(buf).map_err(fail);
+        let not_contiguous = || "a tensor's copy is not contiguous".to_string();
+        if let [t] = tensors {
+            let buf = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
+            return run(buf);
         }
-        let total: usize = indices
-            .iter()
-            .map(|&i| tensors[i].data.as_bytes().expect("contiguous").len())
-            .sum();
+        let mut total = 0;
+        for t in tensors.iter() {
+            total += t.local.data.as_bytes().ok_or_else(not_contiguous)?.len();
+        }
         let mut fused = Vec::with_capacity(total);
-        for &i in &indices {
-            fused.extend_from_slice(tensors[i].data.as_bytes().expect("contiguous"));
+        for t in tensors.iter() {
+            fused.extend_from_slice(t.local.data.as_bytes().ok_or_else(not_contiguous)?);
         }
-        run(&mut fused).map_err(fail)?;
+        run(&mut fused)?;
         let mut at = 0;
-        for &i in &indices {
-            let dst = tensors[i].data.as_bytes_mut().expect("contiguous");
+        for t in tensors.iter_mut() {
+            let dst = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
             dst.copy_from_slice(&fused[at..at + dst.len()]);
             at += dst.len();
         }
@@ -362,15 +690,20 @@ impl HorovodStore {
     fn write_outs(
         &self,
         operation: &'static str,
-        tensors: &[Local],
+        keys: &[Key],
+        results: &[NDArray],
         outs: &mut KeyedOuts<'_>,
     ) -> Result<()> {
         for (key, out) in outs.iter_mut() {
             if out.storage_type() == StorageType::RowSparse {
                 continue;
             }
-            let t = tensors.iter().find(|t| &t.key == key).expect("checked");
-            out.assign(&t.data).map_err(self.at(operation, key))?;
+            let result = keys
+                .iter()
+                .position(|k| k == key)
+                .map(|i| &results[i])
+                .ok_or_else(|| backend(&self.name, format!("no result for key {key}")))?;
+            out.assign(result).map_err(self.at(operation, key))?;
         }
         Ok(())
     }
@@ -468,8 +801,9 @@ impl KVStoreBase for HorovodStore {
                 data: sum,
             });
         }
-        self.collective(operation, &mut tensors)?;
-        self.write_outs(operation, &tensors, outs)
+        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
+        let results = self.collective(operation, tensors)?;
+        self.write_outs(operation, &keys, &results, outs)
     }
 
     fn broadcast_batch(
@@ -500,8 +834,9 @@ impl KVStoreBase for HorovodStore {
             })
             .collect();
         tensors.sort_by(|a, b| a.key.cmp(&b.key));
-        self.collective(operation, &mut tensors)?;
-        self.write_outs(operation, &tensors, outs)
+        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
+        let results = self.collective(operation, tensors)?;
+        self.write_outs(operation, &keys, &results, outs)
     }
 
     fn barrier(&self) -> Result<()> {

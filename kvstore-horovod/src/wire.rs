@@ -2,7 +2,7 @@
 //!
 //! | command | from → to | frame `key` / `aux` | payload | answer |
 //! |---|---|---|---|---|
-//! | [`CMD_SUBMIT`] | every rank → rank 0 (the coordinator) | rank / call number (bit 63: a new call) | [`TensorRequest`]s of a new call, empty for a continuation | a [`Group`] list once some are ready on every rank, or an error (stall, mismatch) |
+//! | [`CMD_SUBMIT`] | every rank → rank 0 (the coordinator) | rank / cycle number (bit 63: [`FRESH`]) | the [`TensorRequest`]s of a cycle: the tensors the rank's threads queued since its last cycle; none when the rank only waits for its plan | a [`Plan`] (groups ready on every rank, tensors that failed) as soon as the rank has one, or has nothing pending; at once, with whatever is there, when a later submission of the rank supersedes it; an error only for a malformed submission |
 //! | [`CMD_DATA`] | rank r → rank r + 1 | group sequence number / step | a chunk of the fused buffer | empty, once received |
 //!
 //! Little-endian throughout.
@@ -10,12 +10,13 @@
 use kvstore_base::plugin::{dtype_code, dtype_from_code};
 use kvstore_base::DType;
 
-/// A rank submits the tensors of a call to the coordinator, or asks for more of its plan.
+/// A rank submits the tensors of a cycle to the coordinator, or waits for more of its plan.
 pub const CMD_SUBMIT: u32 = 0x200;
 /// A chunk of a ring all-reduce or of a broadcast chain.
 pub const CMD_DATA: u32 = 0x201;
-/// Bit 63 of a submission's `aux`: the call is new (its tensors follow).
-pub const NEW_CALL: u64 = 1 << 63;
+/// Bit 63 of a submission's `aux`: the rank has no tensor in flight, so whatever the
+/// coordinator still holds for it (after the rank gave up waiting) is stale and dropped.
+pub const FRESH: u64 = 1 << 63;
 
 /// What a collective operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -82,6 +83,32 @@ pub struct Group {
     pub dtype: DType,
     /// The tensors' names.
     pub names: Vec<String>,
+}
+
+/// A tensor the coordinator failed on a rank (mismatch with other ranks, stall).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The tensor's name.
+    pub name: String,
+    /// Why, for the error of the call that submitted it.
+    pub message: String,
+}
+
+/// The coordinator's answer to a submission: groups to run, in sequence order, and failed
+/// tensors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Groups every rank runs, in this order.
+    pub groups: Vec<Group>,
+    /// Tensors of this rank that will not be run.
+    pub failures: Vec<Failure>,
+}
+
+impl Plan {
+    /// Whether the plan says nothing.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty() && self.failures.is_empty()
+    }
 }
 
 struct Reader<'a> {
@@ -178,6 +205,11 @@ pub fn decode_requests(bytes: &[u8]) -> Result<Vec<TensorRequest>, String> {
 /// Encodes groups: `count u32`, then per group `seq u64, op u8, dtype u32, count u32, names`.
 pub fn encode_groups(groups: &[Group]) -> Vec<u8> {
     let mut out = Vec::new();
+    put_groups(&mut out, groups);
+    out
+}
+
+fn put_groups(out: &mut Vec<u8>, groups: &[Group]) {
     out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
     for g in groups {
         out.extend_from_slice(&g.seq.to_le_bytes());
@@ -185,15 +217,48 @@ pub fn encode_groups(groups: &[Group]) -> Vec<u8> {
         out.extend_from_slice(&dtype_code(g.dtype).to_le_bytes());
         out.extend_from_slice(&(g.names.len() as u32).to_le_bytes());
         for name in &g.names {
-            put_string(&mut out, name);
+            put_string(out, name);
         }
     }
-    out
 }
 
 /// Decodes [`encode_groups`].
 pub fn decode_groups(bytes: &[u8]) -> Result<Vec<Group>, String> {
     let mut r = Reader { bytes, at: 0 };
+    let groups = read_groups(&mut r)?;
+    r.done()?;
+    Ok(groups)
+}
+
+/// Encodes a plan: its groups as [`encode_groups`], then `count u32` and per failure
+/// `name, message` (strings as `length u32, UTF-8`).
+pub fn encode_plan(plan: &Plan) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_groups(&mut out, &plan.groups);
+    out.extend_from_slice(&(plan.failures.len() as u32).to_le_bytes());
+    for f in &plan.failures {
+        put_string(&mut out, &f.name);
+        put_string(&mut out, &f.message);
+    }
+    out
+}
+
+/// Decodes [`encode_plan`].
+pub fn decode_plan(bytes: &[u8]) -> Result<Plan, String> {
+    let mut r = Reader { bytes, at: 0 };
+    let groups = read_groups(&mut r)?;
+    let n = r.u32()? as usize;
+    let mut failures = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let name = r.string()?;
+        let message = r.string()?;
+        failures.push(Failure { name, message });
+    }
+    r.done()?;
+    Ok(Plan { groups, failures })
+}
+
+fn read_groups(r: &mut Reader<'_>) -> Result<Vec<Group>, String> {
     let n = r.u32()? as usize;
     let mut out = Vec::with_capacity(n.min(1 << 16));
     for _ in 0..n {
@@ -212,7 +277,6 @@ pub fn decode_groups(bytes: &[u8]) -> Result<Vec<Group>, String> {
             names,
         });
     }
-    r.done()?;
     Ok(out)
 }
 
@@ -249,5 +313,18 @@ mod tests {
         assert_eq!(decode_groups(&encode_groups(&groups)).unwrap(), groups);
         let bytes = encode_groups(&groups);
         assert!(decode_groups(&bytes[..bytes.len() - 1]).is_err());
+        let plan = Plan {
+            groups,
+            failures: vec![Failure {
+                name: "w".into(),
+                message: "mismatched shapes".into(),
+            }],
+        };
+        let bytes = encode_plan(&plan);
+        assert_eq!(decode_plan(&bytes).unwrap(), plan);
+        assert!(decode_plan(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_plan(&encode_plan(&Plan::default()))
+            .unwrap()
+            .is_empty());
     }
 }
