@@ -26,17 +26,17 @@ const ELEMENTS: usize = 1_000_000;
 
 /// A worker of one of the stores, with its byte counter.
 enum Worker {
-    Dist(DistStore),
-    BytePs(BytePsStore),
-    Horovod(HorovodStore),
+    Dist(Box<DistStore>),
+    BytePs(Box<BytePsStore>),
+    Horovod(Box<HorovodStore>),
 }
 
 impl Worker {
     fn kv(&self) -> &dyn KVStoreBase {
         match self {
-            Worker::Dist(s) => s,
-            Worker::BytePs(s) => s,
-            Worker::Horovod(s) => s,
+            Worker::Dist(s) => s.as_ref(),
+            Worker::BytePs(s) => s.as_ref(),
+            Worker::Horovod(s) => s.as_ref(),
         }
     }
 
@@ -53,18 +53,24 @@ fn create(store: &str, options: &BTreeMap<String, String>) -> Worker {
     match store {
         "dist_sync" => {
             let config = DistConfig::from_vars(options.clone()).expect("the cluster's options");
-            Worker::Dist(DistStore::connect("dist_sync", Mode::Sync, &config).expect("dist_sync"))
+            Worker::Dist(Box::new(
+                DistStore::connect("dist_sync", Mode::Sync, &config).expect("dist_sync"),
+            ))
         }
         "horovod" => {
             let config = HorovodConfig::from_vars(options.clone()).expect("the job's options");
-            Worker::Horovod(HorovodStore::connect("horovod", &config).expect("horovod"))
+            Worker::Horovod(Box::new(
+                HorovodStore::connect("horovod", &config).expect("horovod"),
+            ))
         }
         _ => {
             let request = CreateRequest {
                 name: "byteps".into(),
                 options: options.clone(),
             };
-            Worker::BytePs(BytePsStore::from_request(&request).expect("byteps"))
+            Worker::BytePs(Box::new(
+                BytePsStore::from_request(&request).expect("byteps"),
+            ))
         }
     }
 }

@@ -57,10 +57,13 @@
 //!   [`HorovodStore::cycles`] and [`HorovodStore::ring_operations`] count cycles and ring
 //!   operations.
 //! - **Tensor fusion**: tensors ready together of one dtype and operation, from any calls of
-//!   any threads, are packed into one buffer of at most `HOROVOD_FUSION_THRESHOLD` bytes
-//!   (64 MiB by default, Horovod's default in the releases MXNet 2.x used; `0` turns fusion
-//!   off) and reduced as one: 1000 small keys, in one call or in calls of several threads
-//!   within a cycle, cost a few ring passes, not 1000.
+//!   any threads, are grouped up to `HOROVOD_FUSION_THRESHOLD` bytes (64 MiB by default,
+//!   Horovod's default in the releases MXNet 2.x used; `0` turns fusion off) and reduced as
+//!   one ring operation: 1000 small keys, in one call or in calls of several threads within
+//!   a cycle, cost a few ring passes, not 1000. A group is one buffer to the ring, but not a
+//!   copy: tensors of 256 KiB or more take part in place (the ring sends from and adds into
+//!   their own memory, in pieces of at most 1 MiB that never cross a tensor's end), and each
+//!   run of smaller ones is packed into one staging buffer, which is what saves messages.
 //! - **Errors stay with their call**: a failed tensor (mismatch, stall) fails the call that
 //!   holds it, with an error naming its key, and no other call; a failed ring operation fails
 //!   the calls whose tensors were in it. A call returns once every tensor of it is done or
@@ -89,9 +92,10 @@
 //! ## Running a job
 //!
 //! The variables are those of the dist stores (see [`config`]), with `DMLC_NUM_SERVER` `0` or
-//! unset. [`LocalJob`] runs a scheduler without servers in this process. `kvstore launch`
-//! requires at least one server: `kvstore launch -n 2 -s 1 ...` works, the server is greeted
-//! by every worker and stays idle until they leave. As with the dist stores, a process whose
+//! unset. [`LocalJob`] runs a scheduler without servers in this process; `kvstore launch -n 4
+//! -s 0 -- PROGRAM` runs a job on this machine. A job launched with servers works too (`-s
+//! 1`): the servers are greeted by every worker and stay idle until they leave. As with the
+//! dist stores, a process whose
 //! `DMLC_ROLE` is `server` or `scheduler` that creates the store runs that role and exits when
 //! the job ends.
 #![deny(missing_docs)]

@@ -15,6 +15,11 @@
 //! bit-identical results. Chunks travel in pieces of at most [`PIECE_BYTES`], so that a piece
 //! is added while the next one is on the wire. Empty chunks are not sent.
 //!
+//! The buffer is a list of [`Segments`]: the fused tensors' own memory, in the group's order,
+//! seen as one buffer. A piece never crosses the end of a segment, so pieces are sent from
+//! and received into the tensors themselves: fusing tensors costs no packing copy. Every rank
+//! cuts the same group the same way (same tensors, same order, same sizes), so pieces match.
+//!
 //! A broadcast goes down the chain `0 → 1 → … → n - 1` in pieces, each rank forwarding a
 //! piece as soon as it has it.
 
@@ -29,7 +34,7 @@ use kvstore_dist::transport::{Connection, Outgoing, Payload, Pending, TransportE
 use crate::wire::CMD_DATA;
 
 /// The largest message of a chunk: bigger chunks go in several pieces.
-pub const PIECE_BYTES: usize = 4 << 20;
+pub const PIECE_BYTES: usize = 1 << 20;
 
 /// Chunks received from the previous rank, by (group sequence number, message id).
 #[derive(Default)]
@@ -131,62 +136,155 @@ pub(crate) struct Ring<'a> {
 /// A failure of the data plane, as text for the caller to wrap.
 type Failed = String;
 
+/// The tensors of a group, in the group's order, seen as one buffer of their concatenated
+/// bytes (elements of one dtype).
+pub(crate) struct Segments<'a> {
+    parts: Vec<&'a mut [u8]>,
+    /// Where each part starts in the concatenation.
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl<'a> Segments<'a> {
+    /// The concatenation of `parts`, in order.
+    pub(crate) fn new(parts: Vec<&'a mut [u8]>) -> Segments<'a> {
+        let mut starts = Vec::with_capacity(parts.len());
+        let mut len = 0;
+        for p in &parts {
+            starts.push(len);
+            len += p.len();
+        }
+        Segments { parts, starts, len }
+    }
+
+    /// Bytes in all.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The pieces of the byte range `range` of the concatenation: `(part, range in the
+    /// part)`, in order, each at most [`PIECE_BYTES`] and within one part.
+    fn pieces(&self, range: std::ops::Range<usize>) -> Vec<(usize, std::ops::Range<usize>)> {
+        let mut out = Vec::new();
+        if range.is_empty() {
+            return out;
+        }
+        // The last part starting at or before `range.start`.
+        let first = self.starts.partition_point(|&s| s <= range.start) - 1;
+        for (i, part) in self.parts.iter().enumerate().skip(first) {
+            let start = self.starts[i];
+            if start >= range.end {
+                break;
+            }
+            let from = range.start.max(start) - start;
+            let to = range.end.min(start + part.len()) - start;
+            let mut at = from;
+            while at < to {
+                let end = (at + PIECE_BYTES).min(to);
+                out.push((i, at..end));
+                at = end;
+            }
+        }
+        out
+    }
+
+    fn slice(&self, part: usize, range: std::ops::Range<usize>) -> &[u8] {
+        &self.parts[part][range]
+    }
+
+    fn slice_mut(&mut self, part: usize, range: std::ops::Range<usize>) -> &mut [u8] {
+        &mut self.parts[part][range]
+    }
+}
+
 impl Ring<'_> {
     fn prev(&self) -> usize {
         (self.rank + self.size - 1) % self.size
     }
 
+    /// Sends message `id` of group `seq` to the next rank.
     fn send(
         &self,
         seq: u64,
-        step: usize,
+        id: u64,
         bytes: &[u8],
         acks: &mut Vec<Pending>,
         what: &str,
     ) -> Result<(), Failed> {
-        for (piece, part) in bytes.chunks(PIECE_BYTES).enumerate() {
-            let out = Outgoing::new(CMD_DATA, part).key(seq).aux(id(step, piece));
-            let p = self
-                .next
-                .send(out, what)
-                .map_err(|e| format!("sending to rank {}: {e}", (self.rank + 1) % self.size))?;
-            acks.push(p);
-        }
+        let out = Outgoing::new(CMD_DATA, bytes).key(seq).aux(id);
+        let p = self
+            .next
+            .send(out, what)
+            .map_err(|e| format!("sending to rank {}: {e}", (self.rank + 1) % self.size))?;
+        acks.push(p);
         Ok(())
     }
 
-    /// Receives the pieces of step `step` into `dst`, adding when `add` (else copying).
+    /// Receives message `id` of group `seq` (step `step`) into `dst`, adding when `add` (else
+    /// copying).
     fn receive(
         &self,
         seq: u64,
-        step: usize,
+        (step, id): (usize, u64),
         dst: &mut [u8],
         add: Option<DType>,
         what: &str,
     ) -> Result<(), Failed> {
-        for (piece, part) in dst.chunks_mut(PIECE_BYTES).enumerate() {
-            let deadline = Instant::now() + self.timeout;
-            let got = self
-                .mailbox
-                .take(seq, id(step, piece), deadline)
-                .ok_or_else(|| {
-                    format!(
-                        "rank {} sent nothing within {:?} ({what}, operation {seq}, step {step})",
-                        self.prev(),
-                        self.timeout
-                    )
-                })?;
-            if got.len() != part.len() {
-                return Err(format!(
-                    "rank {} sent {} bytes where {} were expected ({what}, step {step})",
-                    self.prev(),
-                    got.len(),
-                    part.len()
-                ));
+        let deadline = Instant::now() + self.timeout;
+        let got = self.mailbox.take(seq, id, deadline).ok_or_else(|| {
+            format!(
+                "rank {} sent nothing within {:?} ({what}, operation {seq}, step {step})",
+                self.prev(),
+                self.timeout
+            )
+        })?;
+        if got.len() != dst.len() {
+            return Err(format!(
+                "rank {} sent {} bytes where {} were expected ({what}, step {step})",
+                self.prev(),
+                got.len(),
+                dst.len()
+            ));
+        }
+        match add {
+            Some(dtype) => add_bytes(dtype, dst, &got),
+            None => {
+                dst.copy_from_slice(&got);
+                Ok(())
             }
-            match add {
-                Some(dtype) => add_bytes(dtype, part, &got)?,
-                None => part.copy_from_slice(&got),
+        }
+    }
+
+    /// One step of the ring: sends the pieces of `out` of `buf` and receives those of `into`
+    /// (adding when `add`), alternately, so that a piece is added while the next one travels
+    /// and only a few pieces wait in the mailbox at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &self,
+        seq: u64,
+        step: usize,
+        buf: &mut Segments<'_>,
+        out: std::ops::Range<usize>,
+        into: std::ops::Range<usize>,
+        add: Option<DType>,
+        acks: &mut Vec<Pending>,
+        what: &str,
+    ) -> Result<(), Failed> {
+        let sends = buf.pieces(out);
+        let receives = buf.pieces(into);
+        for piece in 0..sends.len().max(receives.len()) {
+            if let Some((part, r)) = sends.get(piece) {
+                self.send(
+                    seq,
+                    id(step, piece),
+                    buf.slice(*part, r.clone()),
+                    acks,
+                    what,
+                )?;
+            }
+            if let Some((part, r)) = receives.get(piece) {
+                let dst = buf.slice_mut(*part, r.clone());
+                self.receive(seq, (step, id(step, piece)), dst, add, what)?;
             }
         }
         Ok(())
@@ -207,7 +305,7 @@ impl Ring<'_> {
         &self,
         seq: u64,
         dtype: DType,
-        buf: &mut [u8],
+        buf: &mut Segments<'_>,
         what: &str,
     ) -> Result<(), Failed> {
         let result = self.allreduce_inner(seq, dtype, buf, what);
@@ -221,7 +319,7 @@ impl Ring<'_> {
         &self,
         seq: u64,
         dtype: DType,
-        buf: &mut [u8],
+        buf: &mut Segments<'_>,
         what: &str,
     ) -> Result<(), Failed> {
         let (n, r) = (self.size, self.rank);
@@ -233,21 +331,24 @@ impl Ring<'_> {
         let mut acks = Vec::new();
         for s in 0..n - 1 {
             let out = chunk((r + n - s) % n, n, elements, size);
-            self.send(seq, s, &buf[out], &mut acks, what)?;
             let into = chunk((r + 2 * n - s - 1) % n, n, elements, size);
-            self.receive(seq, s, &mut buf[into], Some(dtype), what)?;
+            self.step(seq, s, buf, out, into, Some(dtype), &mut acks, what)?;
         }
         for s in 0..n - 1 {
             let out = chunk((r + 1 + n - s) % n, n, elements, size);
-            self.send(seq, n - 1 + s, &buf[out], &mut acks, what)?;
             let into = chunk((r + n - s) % n, n, elements, size);
-            self.receive(seq, n - 1 + s, &mut buf[into], None, what)?;
+            self.step(seq, n - 1 + s, buf, out, into, None, &mut acks, what)?;
         }
         Self::settle(acks)
     }
 
     /// Copies rank 0's `buf` into every rank's, down the chain.
-    pub(crate) fn broadcast(&self, seq: u64, buf: &mut [u8], what: &str) -> Result<(), Failed> {
+    pub(crate) fn broadcast(
+        &self,
+        seq: u64,
+        buf: &mut Segments<'_>,
+        what: &str,
+    ) -> Result<(), Failed> {
         let result = self.broadcast_inner(seq, buf, what);
         if result.is_err() {
             self.mailbox.forget(seq);
@@ -255,20 +356,21 @@ impl Ring<'_> {
         result
     }
 
-    fn broadcast_inner(&self, seq: u64, buf: &mut [u8], what: &str) -> Result<(), Failed> {
+    fn broadcast_inner(&self, seq: u64, buf: &mut Segments<'_>, what: &str) -> Result<(), Failed> {
         let n = self.size;
-        if n == 1 || buf.is_empty() {
+        if n == 1 || buf.len() == 0 {
             return Ok(());
         }
         let forward = self.rank + 1 < n;
         let mut acks = Vec::new();
-        for (piece, part) in buf.chunks_mut(PIECE_BYTES).enumerate() {
+        for (step, (part, r)) in buf.pieces(0..buf.len()).into_iter().enumerate() {
+            // One piece per step: step `step`, piece 0.
             if self.rank > 0 {
-                self.receive(seq, piece, part, None, what)?;
+                let dst = buf.slice_mut(part, r.clone());
+                self.receive(seq, (step, id(step, 0)), dst, None, what)?;
             }
             if forward {
-                // One piece per step: step `piece`, piece 0.
-                self.send(seq, piece, part, &mut acks, what)?;
+                self.send(seq, id(step, 0), buf.slice(part, r), &mut acks, what)?;
             }
         }
         Self::settle(acks)
@@ -292,6 +394,30 @@ mod tests {
                 assert_eq!(end, elements * 4);
             }
         }
+    }
+
+    #[test]
+    fn pieces_cover_a_range_within_parts_and_piece_bytes() {
+        let mut a = vec![0u8; 10];
+        let mut b = vec![0u8; 0];
+        let mut c = vec![0u8; PIECE_BYTES + 6];
+        let segs = Segments::new(vec![&mut a, &mut b, &mut c]);
+        assert_eq!(segs.len(), PIECE_BYTES + 16);
+        assert_eq!(segs.pieces(4..4), vec![]);
+        assert_eq!(segs.pieces(2..8), vec![(0, 2..8)]);
+        assert_eq!(segs.pieces(6..14), vec![(0, 6..10), (2, 0..4)]);
+        assert_eq!(
+            segs.pieces(10..PIECE_BYTES + 16),
+            vec![(2, 0..PIECE_BYTES), (2, PIECE_BYTES..PIECE_BYTES + 6)]
+        );
+        assert_eq!(
+            segs.pieces(0..PIECE_BYTES + 16),
+            vec![
+                (0, 0..10),
+                (2, 0..PIECE_BYTES),
+                (2, PIECE_BYTES..PIECE_BYTES + 6)
+            ]
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use kvstore_dist::{Group as NodeGroup, Node, Role};
 
 use crate::config::HorovodConfig;
 use crate::coordinator::{Coordinator, Monitor};
-use crate::ring::{Mailbox, Ring};
+use crate::ring::{Mailbox, Ring, Segments};
 use crate::wire::{
     decode_plan, encode_requests, Group, Op, TensorRequest, CMD_DATA, CMD_SUBMIT, FRESH,
 };
@@ -60,6 +60,10 @@ const NAP: Duration = Duration::from_millis(200);
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Tensors of a fused group at least this big take part in the ring in place; smaller ones
+/// are packed together.
+const IN_PLACE_BYTES: usize = 256 << 10;
 
 /// Extra time beyond a bound, so that the peer's error (which says more) arrives first.
 fn grace(timeout: Duration) -> Duration {
@@ -658,28 +662,59 @@ impl HorovodStore {
             group.op.name(),
             some_names(group.names.iter().map(String::as_str))
         );
-        let run = |buf: &mut [u8]| match group.op {
-            Op::Allreduce => ring.allreduce(group.seq, group.dtype, buf, &what),
-            Op::Broadcast => ring.broadcast(group.seq, buf, &what),
-        };
         let not_contiguous = || "a tensor's copy is not contiguous".to_string();
-        if let [t] = tensors {
-            let buf = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
-            return run(buf);
-        }
-        let mut total = 0;
+        // Fusion: big tensors take part in place (the ring reads and writes their own
+        // memory); each run of consecutive small ones is packed into one staging buffer, so
+        // that it travels in a few messages rather than one or more per tensor. Every rank
+        // lays out the same group the same way: the layout depends on the sizes alone.
+        let mut run_of: Vec<Option<usize>> = Vec::with_capacity(tensors.len());
+        let mut staging: Vec<Vec<u8>> = Vec::new();
+        let mut packing = false;
         for t in tensors.iter() {
-            total += t.local.data.as_bytes().ok_or_else(not_contiguous)?.len();
+            let bytes = t.local.data.as_bytes().ok_or_else(not_contiguous)?;
+            if bytes.len() >= IN_PLACE_BYTES {
+                run_of.push(None);
+                packing = false;
+                continue;
+            }
+            if !packing {
+                staging.push(Vec::new());
+                packing = true;
+            }
+            let last = staging.len() - 1;
+            staging[last].extend_from_slice(bytes);
+            run_of.push(Some(last));
         }
-        let mut fused = Vec::with_capacity(total);
-        for t in tensors.iter() {
-            fused.extend_from_slice(t.local.data.as_bytes().ok_or_else(not_contiguous)?);
+        {
+            let mut parts: Vec<&mut [u8]> = Vec::with_capacity(tensors.len());
+            let mut runs = staging.iter_mut();
+            let mut current = None;
+            for (t, run) in tensors.iter_mut().zip(&run_of) {
+                match run {
+                    None => parts.push(t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?),
+                    Some(k) if current != Some(*k) => {
+                        current = Some(*k);
+                        parts.push(runs.next().expect("one staging buffer per run"));
+                    }
+                    Some(_) => {}
+                }
+            }
+            let mut buf = Segments::new(parts);
+            match group.op {
+                Op::Allreduce => ring.allreduce(group.seq, group.dtype, &mut buf, &what)?,
+                Op::Broadcast => ring.broadcast(group.seq, &mut buf, &what)?,
+            }
         }
-        run(&mut fused)?;
         let mut at = 0;
-        for t in tensors.iter_mut() {
+        let mut current = None;
+        for (t, run) in tensors.iter_mut().zip(&run_of) {
+            let Some(k) = *run else { continue };
+            if current != Some(k) {
+                current = Some(k);
+                at = 0;
+            }
             let dst = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
-            dst.copy_from_slice(&fused[at..at + dst.len()]);
+            dst.copy_from_slice(&staging[k][at..at + dst.len()]);
             at += dst.len();
         }
         Ok(())

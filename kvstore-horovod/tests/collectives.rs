@@ -150,6 +150,42 @@ fn many_small_keys_of_one_call_are_fused() {
 }
 
 #[test]
+fn a_fused_group_of_big_and_small_tensors_sums_exactly_in_one_ring_operation() {
+    // Big tensors take part in place, runs of small ones are packed: both in one group, with
+    // pieces that end at every tensor's end, chunk borders inside tensors, and an empty one.
+    let sizes = [300_001usize, 10, 0, 70_000, 5, 6, 2_000_003, 3];
+    let n = 3;
+    let results = job(n, &[], |r, kv| {
+        let keys: Vec<i32> = (0..sizes.len() as i32).collect();
+        let values: Vec<NDArray> = sizes.iter().map(|&len| value(DType::F32, len, r)).collect();
+        let mut outs: Vec<NDArray> = sizes
+            .iter()
+            .map(|&len| NDArray::zeros(&[len], DType::F32))
+            .collect();
+        let before = kv.ring_operations();
+        kv.pushpull(&keys, &values, &mut outs).unwrap();
+        let bcast: Vec<NDArray> = sizes.iter().map(|&len| value(DType::F32, len, r)).collect();
+        let mut got: Vec<NDArray> = sizes
+            .iter()
+            .map(|&len| NDArray::zeros(&[len], DType::F32))
+            .collect();
+        kv.broadcast(&keys, &bcast, &mut got).unwrap();
+        (kv.ring_operations() - before, outs, got)
+    });
+    for (r, (ops, outs, got)) in results.into_iter().enumerate() {
+        assert_eq!(ops, 2, "rank {r}: one all-reduce and one broadcast");
+        for (k, (&len, (out, b))) in sizes.iter().zip(outs.iter().zip(&got)).enumerate() {
+            let expected: Vec<f64> = (0..len)
+                .map(|i| (0..n).map(|q| element(DType::F32, i, q)).sum())
+                .collect();
+            assert!(out.to_f64_vec() == expected, "rank {r}, key {k}: sum");
+            let root: Vec<f64> = (0..len).map(|i| element(DType::F32, i, 0)).collect();
+            assert!(b.to_f64_vec() == root, "rank {r}, key {k}: broadcast");
+        }
+    }
+}
+
+#[test]
 fn broadcast_copies_rank_0s_value_into_every_output() {
     for n in [2, 3] {
         job(n, &[], |r, kv| {
