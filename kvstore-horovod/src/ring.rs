@@ -15,7 +15,7 @@
 //! bit-identical results. Chunks travel in pieces of at most [`PIECE_BYTES`], so that a piece
 //! is added while the next one is on the wire. Empty chunks are not sent.
 //!
-//! The buffer is a list of [`Segments`]: the fused tensors' own memory, in the group's order,
+//! The buffer is a list of `Segments`: the fused tensors' own memory, in the group's order,
 //! seen as one buffer. A piece never crosses the end of a segment, so pieces are sent from
 //! and received into the tensors themselves: fusing tensors costs no packing copy. Every rank
 //! cuts the same group the same way (same tensors, same order, same sizes), so pieces match.
