@@ -83,3 +83,69 @@ fn training_on_the_local_store_drives_the_loss_to_the_noise_floor() {
         "{out}"
     );
 }
+
+/// Runs `train_linear STORE` as the 2 workers of a job whose scheduler and server run on
+/// threads of this test; returns each worker's output. Bounded: workers still running after
+/// a minute are killed and the test fails.
+fn train_in_a_job(store: &str) -> Vec<String> {
+    use std::time::{Duration, Instant};
+    let cluster =
+        kvstore::dist::LocalCluster::start(1, 2, Duration::from_secs(30)).expect("a cluster");
+    let mut workers: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_train_linear"))
+                .arg(store)
+                .envs(cluster.worker_options())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("cannot run train_linear")
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while workers.iter_mut().any(|w| w.try_wait().unwrap().is_none()) {
+        if Instant::now() > deadline {
+            for w in &mut workers {
+                let _ = w.kill();
+                let _ = w.wait();
+            }
+            panic!("train_linear {store} ran over a minute");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let outputs: Vec<String> = workers
+        .into_iter()
+        .map(|w| {
+            let Output {
+                status,
+                stdout,
+                stderr,
+            } = w.wait_with_output().unwrap();
+            let stdout = String::from_utf8_lossy(&stdout).into_owned();
+            assert!(
+                status.success(),
+                "train_linear {store} failed with {status}\nstdout:\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+            stdout
+        })
+        .collect();
+    cluster.finish().expect("the cluster ends with its workers");
+    outputs
+}
+
+#[test]
+fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
+    // byteps's servers only sum and horovod has none: each worker runs the same SGD on the
+    // all-reduced gradients, and lands where the store-side optimizer of `local` lands.
+    for store in ["byteps", "horovod"] {
+        let outputs = train_in_a_job(store);
+        for (i, out) in outputs.iter().enumerate() {
+            assert!(out.contains("worker "), "{store} worker {i}:\n{out}");
+            assert!(
+                out.contains("trained: loss 41.6985 -> 0.0099"),
+                "{store} worker {i}:\n{out}"
+            );
+        }
+    }
+}

@@ -16,9 +16,20 @@
 //! cargo build -p kvstore-cli -p kvstore-examples
 //! target/debug/kvstore launch -n 2 -s 1 -- target/debug/train_linear dist_sync
 //! ```
+//!
+//! A store that runs no optimizer (`byteps`, whose servers only sum, and `horovod`, which has
+//! no servers) is used as Gluon's `Trainer` uses it with `update_on_kvstore=False`: rank 0's
+//! initial weights are broadcast, every step all-reduces the gradients with `pushpull`, and
+//! each worker runs the same SGD on its own copy of the weights:
+//!
+//! ```text
+//! target/debug/kvstore launch -n 2 -s 0 -- target/debug/train_linear horovod
+//! target/debug/kvstore launch -n 2 -s 1 -- target/debug/train_linear byteps
+//! ```
 
 use kvstore::prelude::*;
-use kvstore::{Error, OptimizerSpec};
+use kvstore::{Capability, Error, Key, OptimizerSpec};
+use kvstore_optimizer::Updater;
 
 const DEVICES: usize = 4;
 const FEATURES: usize = 8;
@@ -112,26 +123,30 @@ fn main() -> Result<()> {
         )));
     }
     // rescale_grad turns the summed gradient of a batch into its mean, as MXNet's Trainer does.
-    kv.set_optimizer(
-        &OptimizerSpec::new("sgd")
-            .with("learning_rate", 0.05)
-            .with("momentum", 0.9)
-            .with("rescale_grad", 1.0 / BATCH as f64),
-    )?;
-    kv.init(
-        &["w", "b"],
-        &[
-            NDArray::zeros(&[FEATURES], DType::F32),
-            NDArray::zeros(&[1], DType::F32),
-        ],
-    )?;
-
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.05)
+        .with("momentum", 0.9)
+        .with("rescale_grad", 1.0 / BATCH as f64);
+    let initial_params = [
+        NDArray::zeros(&[FEATURES], DType::F32),
+        NDArray::zeros(&[1], DType::F32),
+    ];
     // Each device's copy of the parameters: params[0][d] is device d's w, params[1][d] its b,
     // the list-of-lists layout MXNet uses for several keys with one array per device.
     let mut params: Vec<Vec<NDArray>> = vec![
         vec![NDArray::zeros(&[FEATURES], DType::F32); DEVICES],
         vec![NDArray::zeros(&[1], DType::F32); DEVICES],
     ];
+    // Where the optimizer runs: in the store, or on each worker.
+    let mut local_updater = if kv.is_capable(Capability::Optimizer) {
+        kv.set_optimizer(&sgd)?;
+        kv.init(&["w", "b"], &initial_params)?;
+        None
+    } else {
+        // Every worker starts from rank 0's weights.
+        kv.broadcast(&["w", "b"], &initial_params, &mut params)?;
+        Some(Updater::from_spec(&sgd)?)
+    };
     let initial = loss(&data, &[0.0; FEATURES], 0.0);
     println!(
         "store: {} ({DEVICES} devices), initial loss {initial:.4}",
@@ -155,8 +170,28 @@ fn main() -> Result<()> {
                 grads[0].push(gw);
                 grads[1].push(gb);
             }
-            kv.push(&["w", "b"], &grads)?; // summed over devices, then SGD on the store
-            kv.pull(&["w", "b"], &mut params)?; // every device gets the new weights
+            match &mut local_updater {
+                None => {
+                    kv.push(&["w", "b"], &grads)?; // summed over devices, then SGD on the store
+                    kv.pull(&["w", "b"], &mut params)?; // every device gets the new weights
+                }
+                Some(updater) => {
+                    // The gradients summed over every device of every worker, then the same
+                    // SGD step on every worker.
+                    let mut summed = [
+                        NDArray::zeros(&[FEATURES], DType::F32),
+                        NDArray::zeros(&[1], DType::F32),
+                    ];
+                    kv.pushpull(&["w", "b"], &grads, &mut summed[..])?;
+                    for ((name, grad), copies) in ["w", "b"].iter().zip(&summed).zip(&mut params) {
+                        let (first, rest) = copies.split_first_mut().expect("DEVICES > 0");
+                        updater.update(&Key::from(*name), grad, first)?;
+                        for copy in rest {
+                            copy.assign(first)?;
+                        }
+                    }
+                }
+            }
         }
         last = loss(
             &data,
