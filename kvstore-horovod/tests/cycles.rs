@@ -10,40 +10,10 @@ use std::sync::{mpsc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use kvstore_base::{create_with, DType, Error, KVStoreBase, KVStoreExt, Key, NDArray};
+mod common;
+
+use common::{job, TIMEOUT};
 use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs `part(rank, store)` on each worker of a fresh job of `n` (with `extra` options), on
-/// threads of its own; returns the results by rank.
-fn job<T, F>(n: usize, extra: &[(&str, &str)], part: F) -> Vec<T>
-where
-    T: Send,
-    F: Fn(usize, &HorovodStore) -> T + Sync,
-{
-    let job = LocalJob::start(n as u32, TIMEOUT).unwrap();
-    let mut options = job.worker_options().clone();
-    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let config = HorovodConfig::from_vars(options).unwrap();
-    let results = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                let config = config.clone();
-                let part = &part;
-                s.spawn(move || {
-                    let kv = HorovodStore::connect("horovod", &config).unwrap();
-                    let r = kv.rank();
-                    (r, part(r, &kv))
-                })
-            })
-            .collect();
-        let mut out: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        out.sort_by_key(|(r, _)| *r);
-        out.into_iter().map(|(_, t)| t).collect()
-    });
-    job.finish().unwrap();
-    results
-}
 
 /// Runs `thread(t)` for `t` in `0..threads` at once (after a barrier), returning their results
 /// in order.
