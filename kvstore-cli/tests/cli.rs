@@ -1,5 +1,7 @@
 //! Runs the `kvstore` binary as a user would.
 
+mod common;
+
 use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
@@ -96,12 +98,7 @@ impl RoleProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // Only the variables given: none inherited from the environment of the test run.
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy();
-            if k.starts_with("DMLC_") || k.starts_with("PS_") || k.starts_with("KVSTORE_") {
-                cmd.env_remove(k.as_ref());
-            }
-        }
+        common::without_cluster_vars(&mut cmd);
         cmd.envs(vars.iter().map(|(k, v)| (k, v)));
         RoleProcess(
             cmd.spawn()

@@ -85,6 +85,17 @@ impl Launched {
     }
 }
 
+/// Removes from `cmd`'s environment every DMLC_*, PS_* and KVSTORE_* variable of the test
+/// run's, so that a process gets only the cluster variables a test gives it.
+pub fn without_cluster_vars(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("DMLC_") || k.starts_with("PS_") || k.starts_with("KVSTORE_") {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+}
+
 /// Runs `kvstore launch` with `args` (the marker added) and `env` on top of an environment
 /// without any DMLC_*, PS_* or KVSTORE_* variable; kills it and fails past [`LIMIT`]. Fails
 /// when a process of the job is left once it returned.
@@ -98,12 +109,7 @@ pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Launched {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy();
-        if k.starts_with("DMLC_") || k.starts_with("PS_") || k.starts_with("KVSTORE_") {
-            cmd.env_remove(k.as_ref());
-        }
-    }
+    without_cluster_vars(&mut cmd);
     cmd.envs(env.iter().copied());
     let started = Instant::now();
     let mut child = cmd.spawn().expect("cannot run kvstore launch");
