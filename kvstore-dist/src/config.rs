@@ -19,6 +19,9 @@
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier); fractions allowed |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
+//! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
+//! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
+//! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
 //!
 //! The stores read the file named by `KVSTORE_CONFIG` (when set); `kvstore scheduler` and
 //! `kvstore server` take it as `--config`.
@@ -46,6 +49,10 @@ pub const DEFAULT_BIGARRAY_BOUND: u64 = 1_000_000;
 pub const DEFAULT_TIMEOUT_SECS: f64 = 60.0;
 /// Default largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`): 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 30;
+/// Default size of a shared-memory region (`KVSTORE_SHM_BYTES`): 256 MiB.
+pub const DEFAULT_SHM_BYTES: u64 = 256 << 20;
+/// Default directory of shared-memory regions (`KVSTORE_SHM_DIR`).
+pub const DEFAULT_SHM_DIR: &str = "/dev/shm";
 
 /// The role of this process in the cluster (`DMLC_ROLE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
@@ -182,6 +189,12 @@ pub struct DistFile {
     pub timeout_secs: Option<f64>,
     /// `KVSTORE_MAX_MESSAGE_BYTES`.
     pub max_message_bytes: Option<u64>,
+    /// `KVSTORE_SHM`.
+    pub shm: Option<bool>,
+    /// `KVSTORE_SHM_BYTES`.
+    pub shm_bytes: Option<u64>,
+    /// `KVSTORE_SHM_DIR`.
+    pub shm_dir: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -248,6 +261,13 @@ pub struct DistConfig {
     pub timeout: Duration,
     /// Largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`).
     pub max_message_bytes: u64,
+    /// Whether big parts travel through shared memory between a worker and a server of the
+    /// same host (`KVSTORE_SHM`).
+    pub shm: bool,
+    /// Size of a worker's region per server connection (`KVSTORE_SHM_BYTES`).
+    pub shm_bytes: u64,
+    /// Directory of the region files (`KVSTORE_SHM_DIR`).
+    pub shm_dir: PathBuf,
 }
 
 /// Where a value came from, for error messages.
@@ -551,6 +571,37 @@ impl DistConfig {
             return Err(invalid(&mname, &mraw, max_expected));
         }
 
+        let shm_expected = "0 or 1";
+        let shm = match src.get("KVSTORE_SHM") {
+            Some(v) => match v.trim() {
+                "0" => false,
+                "1" => true,
+                _ => return Err(invalid("KVSTORE_SHM", v, shm_expected)),
+            },
+            None => file.shm.unwrap_or(true),
+        };
+        let shm_bytes_expected = "a whole number of bytes of at least 1048576 (1 MiB)";
+        let (shm_bytes, sname, sraw) = match src.get("KVSTORE_SHM_BYTES") {
+            Some(v) => (
+                parse_num::<u64>("KVSTORE_SHM_BYTES", v, shm_bytes_expected)?,
+                "KVSTORE_SHM_BYTES".to_string(),
+                v.to_string(),
+            ),
+            None => {
+                let n = file.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
+                (n, file_var("shm_bytes"), n.to_string())
+            }
+        };
+        if shm_bytes < 1 << 20 {
+            return Err(invalid(&sname, &sraw, shm_bytes_expected));
+        }
+        let shm_dir = PathBuf::from(
+            src.get("KVSTORE_SHM_DIR")
+                .map(str::to_string)
+                .or_else(|| file.shm_dir.clone())
+                .unwrap_or_else(|| DEFAULT_SHM_DIR.to_string()),
+        );
+
         Ok(DistConfig {
             role,
             root_uri,
@@ -566,6 +617,9 @@ impl DistConfig {
             bigarray_bound,
             timeout,
             max_message_bytes,
+            shm,
+            shm_bytes,
+            shm_dir,
         })
     }
 

@@ -76,6 +76,7 @@ pub mod placement;
 pub mod protocol;
 pub mod scheduler;
 pub mod server;
+mod shm;
 pub mod transport;
 pub mod worker;
 

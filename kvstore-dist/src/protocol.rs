@@ -19,6 +19,18 @@
 //! | [`CMD_SET_COMPRESSION`] | the compression parameters as JSON | empty |
 //! | [`CMD_BYE`] | none | empty; the worker is done |
 //! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data | the pulled data, concatenated in item order |
+//! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
+//!
+//! # Shared memory on one host
+//!
+//! Right after its hello, a worker on the same host as a server may lend it a shared-memory
+//! region ([`CMD_SHM_ATTACH`]; refused, or failing, it stays on TCP alone). Then a
+//! [`CMD_PUSH`], [`CMD_PULL`] or [`CMD_PUSHPULL`] of one big part may carry [`ShmSlot`]s
+//! instead of data: with [`FLAG_SHM_DATA`] the payload starts with the slot holding the pushed
+//! elements; with [`FLAG_SHM_REPLY`] it then holds the slot the answer's elements go to, and
+//! the server, having written them there, answers with an empty payload flagged
+//! [`FLAG_SHM_REPLY`] (an answer without the flag carries its data as usual). A slot outside
+//! the region is an error answer.
 //!
 //! Small parts (up to [`BATCH_ITEM_BYTES`]) of a multi-key call travel together in
 //! [`CMD_BATCH`] messages, one per server, so that 1000 small keys cost a few messages instead
@@ -56,6 +68,17 @@ pub const CMD_SET_COMPRESSION: u32 = 0x10A;
 /// The flag of a push whose payload is compressed (the server's codec dequantises it); the
 /// low byte of the flags is the dtype.
 pub const FLAG_COMPRESSED: u16 = 0x100;
+
+/// A push whose elements are in the worker's shared-memory region: the payload starts with
+/// their [`ShmSlot`].
+pub const FLAG_SHM_DATA: u16 = 0x200;
+/// A pull or pushpull whose answer goes to a slot of the worker's shared-memory region: the
+/// payload holds that [`ShmSlot`] (after the data slot, if any); an answer so written is empty
+/// and carries this flag.
+pub const FLAG_SHM_REPLY: u16 = 0x400;
+
+/// A worker lends the server a shared-memory region of the same host ([`ShmAttach`]).
+pub const CMD_SHM_ATTACH: u32 = 0x10B;
 
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
 /// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.
@@ -281,6 +304,84 @@ impl BatchItem {
     }
 }
 
+/// The region a worker lends with [`CMD_SHM_ATTACH`]: encoded as `len u64, nonce [u8; 16],
+/// file name (UTF-8, the rest)` (little-endian). The file lives in the shared-memory
+/// directory (`KVSTORE_SHM_DIR`) and starts with the nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmAttach {
+    /// The region's size in bytes.
+    pub len: u64,
+    /// The random bytes at the region's start.
+    pub nonce: [u8; 16],
+    /// The file's name inside the shared-memory directory.
+    pub name: String,
+}
+
+impl ShmAttach {
+    /// The encoding (see the type's docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + self.name.len());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.nonce);
+        out.extend_from_slice(self.name.as_bytes());
+        out
+    }
+
+    /// Decodes an attach request.
+    pub fn decode(bytes: &[u8]) -> Result<ShmAttach, String> {
+        if bytes.len() < 24 {
+            return Err(format!(
+                "a region announcement of {} bytes is truncated",
+                bytes.len()
+            ));
+        }
+        let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let nonce = bytes[8..24].try_into().expect("16 bytes");
+        let name = std::str::from_utf8(&bytes[24..])
+            .map_err(|_| "the region's file name is not UTF-8".to_string())?
+            .to_string();
+        Ok(ShmAttach { len, nonce, name })
+    }
+}
+
+/// A slot of a worker's shared-memory region: 16 bytes, `offset u64, len u64`
+/// (little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmSlot {
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Size of one encoded [`ShmSlot`].
+pub const SHM_SLOT_LEN: usize = 16;
+
+impl ShmSlot {
+    /// The encoding (see the type's docs).
+    pub fn encode(&self) -> [u8; SHM_SLOT_LEN] {
+        let mut out = [0u8; SHM_SLOT_LEN];
+        out[..8].copy_from_slice(&self.offset.to_le_bytes());
+        out[8..].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    /// The `index`-th slot of a payload.
+    pub fn decode(payload: &[u8], index: usize) -> Result<ShmSlot, String> {
+        let at = index * SHM_SLOT_LEN;
+        let b = payload.get(at..at + SHM_SLOT_LEN).ok_or_else(|| {
+            format!(
+                "a shared-memory request of {} bytes lacks slot {index}",
+                payload.len()
+            )
+        })?;
+        Ok(ShmSlot {
+            offset: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            len: u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+        })
+    }
+}
+
 /// Prefixes the error of item `index` of a batch (see [`split_item_error`]).
 pub fn item_error(index: usize, message: &str) -> String {
     format!("item {index}: {message}")
@@ -391,6 +492,23 @@ mod tests {
             Some((12, "a: b"))
         );
         assert_eq!(split_item_error("plain"), None);
+    }
+
+    #[test]
+    fn shm_messages_round_trip() {
+        let a = ShmAttach {
+            len: 1 << 28,
+            nonce: [7; 16],
+            name: "kvstore-shm-1-ab".into(),
+        };
+        assert_eq!(ShmAttach::decode(&a.encode()).unwrap(), a);
+        assert!(ShmAttach::decode(&[0; 20]).is_err());
+        let s = ShmSlot { offset: 64, len: 3 };
+        let mut two = s.encode().to_vec();
+        two.extend_from_slice(&ShmSlot { offset: 9, len: 1 }.encode());
+        assert_eq!(ShmSlot::decode(&two, 0).unwrap(), s);
+        assert_eq!(ShmSlot::decode(&two, 1).unwrap().offset, 9);
+        assert!(ShmSlot::decode(&two, 2).is_err());
     }
 
     #[test]

@@ -26,8 +26,19 @@ fn run<T: Send + 'static>(
     workers: u32,
     body: impl Fn(&DistStore) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
+    run_with(servers, workers, true, body)
+}
+
+/// [`run`], the workers using shared memory with the servers or not (`KVSTORE_SHM`).
+fn run_with<T: Send + 'static>(
+    servers: u32,
+    workers: u32,
+    shm: bool,
+    body: impl Fn(&DistStore) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
     let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
-    let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    let mut config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    config.shm = shm;
     let handles: Vec<_> = (0..workers)
         .map(|_| {
             let (config, body) = (config.clone(), body.clone());
@@ -77,7 +88,8 @@ fn two_bit_pushes_carry_the_residual_across_rounds() {
 #[test]
 fn the_bytes_of_a_push_shrink_16_and_32_times() {
     let n = 1 << 20; // 4 MiB of float32, below the big-array bound: one message
-    let out = run(1, 1, move |kv| {
+                     // Over TCP only: a plain push through shared memory costs the wire almost nothing.
+    let out = run_with(1, 1, false, move |kv| {
         kv.init(1, &NDArray::zeros(&[n], DType::F32)).unwrap();
         let g = NDArray::full(&[n], 0.3, DType::F32);
         let mut sizes = Vec::new();

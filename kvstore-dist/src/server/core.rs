@@ -14,7 +14,8 @@ use kvstore_optimizer::Updater;
 
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
 use super::reply::{Answer, Batch};
-use crate::protocol::{self, head, InitMeta, Mode, RowRequest};
+use crate::protocol::{self, head, InitMeta, Mode, RowRequest, ShmAttach, ShmSlot};
+use crate::shm::{self, Region};
 use crate::transport::{Handler, Outgoing, Request, Responder};
 use kvstore_compression::{Codec, CompressionSpec};
 
@@ -115,6 +116,10 @@ pub(crate) struct Core {
     updater: Mutex<Option<Updater>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
+    /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
+    shm_dir: Option<std::path::PathBuf>,
+    /// The region each worker connection lent, by its address.
+    regions: Mutex<HashMap<SocketAddr, Arc<Region>>>,
 }
 
 type Reply = Result<(), String>;
@@ -130,6 +135,7 @@ impl Core {
         num_workers: u32,
         timeout: Duration,
         worker_names: Vec<String>,
+        shm_dir: Option<std::path::PathBuf>,
     ) -> Core {
         let n = num_workers as usize;
         Core {
@@ -147,6 +153,8 @@ impl Core {
             entries: Mutex::new(HashMap::new()),
             updater: Mutex::new(None),
             codec: Mutex::new(None),
+            shm_dir,
+            regions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -449,19 +457,111 @@ impl Core {
         })
     }
 
-    /// A push (or pushpull when `wants_data`) in a message of its own.
+    /// Maps the region a worker lends (see [`protocol::CMD_SHM_ATTACH`]).
+    fn shm_attach(&self, request: &Request) -> Reply {
+        let dir = self.shm_dir.as_ref().ok_or_else(|| {
+            format!(
+                "server {} does not use shared memory (KVSTORE_SHM=0)",
+                self.rank
+            )
+        })?;
+        let attach = ShmAttach::decode(&request.payload)?;
+        let region = shm::open(dir, &attach.name, attach.len, &attach.nonce)?;
+        lock(&self.regions).insert(request.peer, Arc::new(region));
+        Ok(())
+    }
+
+    /// How errors name a part.
+    fn describe_id(&self, (wire_key, part): PartId) -> String {
+        match self.entry(wire_key, part) {
+            Some(entry) => self.describe(&lock(&entry).key, part),
+            None => format!("key with wire id {wire_key} (part {part})"),
+        }
+    }
+
+    /// The shared-memory slots of a request (data slot first, then reply slot, as its flags
+    /// say), each checked against the sender's region, and the bytes after them.
+    #[allow(clippy::type_complexity)]
+    fn shm_slots<'a>(
+        &self,
+        request: &'a Request,
+    ) -> Result<
+        (
+            Option<(Arc<Region>, ShmSlot)>,
+            Option<(Arc<Region>, ShmSlot)>,
+            &'a [u8],
+        ),
+        String,
+    > {
+        let flags = request.header.flags;
+        let (data, reply) = (
+            flags & protocol::FLAG_SHM_DATA != 0,
+            flags & protocol::FLAG_SHM_REPLY != 0,
+        );
+        if !data && !reply {
+            return Ok((None, None, &request.payload));
+        }
+        let region = lock(&self.regions)
+            .get(&request.peer)
+            .cloned()
+            .ok_or_else(|| {
+                format!(
+                    "{} names a shared-memory slot but lent no region to server {}",
+                    request.peer, self.rank
+                )
+            })?;
+        let mut index = 0;
+        let mut take = |wanted: bool| -> Result<Option<(Arc<Region>, ShmSlot)>, String> {
+            if !wanted {
+                return Ok(None);
+            }
+            let slot = ShmSlot::decode(&request.payload, index)?;
+            region.check(slot.offset, slot.len)?;
+            index += 1;
+            Ok(Some((Arc::clone(&region), slot)))
+        };
+        let data = take(data)?;
+        let reply = take(reply)?;
+        Ok((
+            data,
+            reply,
+            &request.payload[index * protocol::SHM_SLOT_LEN..],
+        ))
+    }
+
+    /// A push (or pushpull when `wants_data`) in a message of its own; its data and its answer
+    /// may be in the worker's shared-memory region.
     fn push(&self, request: Request, responder: Responder, wants_data: bool) {
-        let answer = Answer::One(responder);
-        match self.sender_rank(&request) {
-            Ok(rank) => self.push_part(
-                rank,
-                (request.header.key, request.header.aux),
-                request.header.flags,
-                &request.payload,
-                answer,
-                wants_data,
-            ),
-            Err(e) => answer.fail(&e),
+        let id = (request.header.key, request.header.aux);
+        let (data_slot, reply_slot, inline) = match self.shm_slots(&request) {
+            Ok(slots) => slots,
+            Err(e) => {
+                let op = if wants_data { "pushpull" } else { "push" };
+                let _ = responder.respond_error(&format!("{op} of {}: {e}", self.describe_id(id)));
+                return;
+            }
+        };
+        let answer = match reply_slot {
+            Some((region, slot)) => Answer::Shm(responder, region, slot),
+            None => Answer::One(responder),
+        };
+        let rank = match self.sender_rank(&request) {
+            Ok(rank) => rank,
+            Err(e) => return answer.fail(&e),
+        };
+        let flags = request.header.flags;
+        match data_slot {
+            Some((region, slot)) => {
+                let mut answer = Some(answer);
+                let read = region.with_slice(slot.offset, slot.len, |data| {
+                    let answer = answer.take().expect("taken once");
+                    self.push_part(rank, id, flags, data, answer, wants_data)
+                });
+                if let (Err(e), Some(answer)) = (read, answer) {
+                    answer.fail(&e);
+                }
+            }
+            None => self.push_part(rank, id, flags, inline, answer, wants_data),
         }
     }
 
@@ -709,11 +809,16 @@ impl Core {
     }
 
     fn pull(&self, request: &Request, responder: Responder) {
-        self.pull_part(
-            self.sender_rank(request).ok(),
-            (request.header.key, request.header.aux),
-            Answer::One(responder),
-        );
+        let id = (request.header.key, request.header.aux);
+        let answer = match self.shm_slots(request) {
+            Ok((_, Some((region, slot)), _)) => Answer::Shm(responder, region, slot),
+            Ok(_) => Answer::One(responder),
+            Err(e) => {
+                let _ = responder.respond_error(&format!("pull of {}: {e}", self.describe_id(id)));
+                return;
+            }
+        };
+        self.pull_part(self.sender_rank(request).ok(), id, answer);
     }
 
     /// Answers with the value of a part. A pull from a worker that pushed in the part's
@@ -848,6 +953,8 @@ impl Core {
     }
 
     fn bye(&self, request: &Request) -> Reply {
+        // Requests still using the region hold it; it is unmapped after the last.
+        lock(&self.regions).remove(&request.peer);
         let rank = self.sender_rank(request)?;
         {
             let mut w = lock(&self.workers);
@@ -936,12 +1043,14 @@ impl Handler for ServerHandler {
             protocol::CMD_SET_COMPRESSION => {
                 simple(core.set_compression(&request.payload), responder)
             }
+            protocol::CMD_SHM_ATTACH => simple(core.shm_attach(&request), responder),
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }
 
     fn disconnected(&self, peer: SocketAddr) {
         let core = &self.0;
+        lock(&core.regions).remove(&peer);
         let rank = {
             let mut w = lock(&core.workers);
             let Some(rank) = w.by_peer.remove(&peer) else {

@@ -22,6 +22,12 @@
 //! still waiting for it, naming it. The server stops when every worker has said goodbye or is gone (or on
 //! `kStopServer`), and then leaves the cluster.
 //!
+//! A worker on the same host may lend a shared-memory region right after its hello (see
+//! [`protocol`](crate::protocol#shared-memory-on-one-host)): its big pushes are then read from
+//! the region while handled, and answers it asks there are written there before answering.
+//! Every slot is checked against the region's size; the region is unmapped once the worker
+//! has said goodbye or disconnected and no request is using it.
+//!
 //! Optimizers arrive as an [`OptimizerSpec`](kvstore_base::OptimizerSpec) (JSON) and are rebuilt
 //! from the optimizer registry: nothing received from the network is ever executed.
 
@@ -73,6 +79,7 @@ impl ParamServer {
             config.num_workers,
             config.timeout,
             workers,
+            config.shm.then(|| config.shm_dir.clone()),
         ));
         let listener = node
             .take_listener()

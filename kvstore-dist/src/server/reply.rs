@@ -2,7 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::protocol;
+use crate::protocol::{self, ShmSlot};
+use crate::shm::Region;
 use crate::transport::{Outgoing, Responder};
 
 /// Where the answer for one part goes.
@@ -11,6 +12,9 @@ pub(crate) enum Answer {
     One(Responder),
     /// The part is item `.1` of a batch.
     Item(Arc<Batch>, usize),
+    /// The part came in a message of its own whose data goes to a slot of the worker's
+    /// shared-memory region.
+    Shm(Responder, Arc<Region>, ShmSlot),
 }
 
 impl Answer {
@@ -21,6 +25,24 @@ impl Answer {
                 let _ = r.respond(Outgoing::new(0, data));
             }
             Answer::Item(batch, i) => batch.complete(i, Ok(data)),
+            Answer::Shm(r, _, _) if data.is_empty() => {
+                let _ = r.respond(Outgoing::new(0, &[]));
+            }
+            Answer::Shm(r, region, slot) => {
+                let written = if data.len() as u64 != slot.len {
+                    Err(format!(
+                        "the part holds {} bytes but the worker's reply slot has {}",
+                        data.len(),
+                        slot.len
+                    ))
+                } else {
+                    region.copy_in(slot.offset, data)
+                };
+                let _ = match written {
+                    Ok(()) => r.respond(Outgoing::new(0, &[]).flags(protocol::FLAG_SHM_REPLY)),
+                    Err(e) => r.respond_error(&e),
+                };
+            }
         }
     }
 
@@ -31,12 +53,15 @@ impl Answer {
                 let _ = r.respond_error(message);
             }
             Answer::Item(batch, i) => batch.complete(i, Err(message)),
+            Answer::Shm(r, _, _) => {
+                let _ = r.respond_error(message);
+            }
         }
     }
 
     /// Whether this answer is a message of its own (and may go out on another thread).
     pub(crate) fn is_one(&self) -> bool {
-        matches!(self, Answer::One(_))
+        matches!(self, Answer::One(_) | Answer::Shm(..))
     }
 }
 

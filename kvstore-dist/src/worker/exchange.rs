@@ -1,6 +1,8 @@
 //! One round trip of a multi-key call: every part of every key to its server, pipelined, big
 //! parts in messages of their own (sent from the caller's memory), small ones together in
-//! batches; then the answers, written into the outputs.
+//! batches; then the answers, written into the outputs. A big part to a server that has this
+//! worker's shared-memory region travels through it when it fits (see
+//! [`protocol`](crate::protocol#shared-memory-on-one-host)).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use kvstore_base::{Error, NDArray, Result, StorageType};
 
 use super::keys::KeyMeta;
+use super::shm_link::Lease;
 use super::DistStore;
 use crate::protocol::{self, BatchItem};
 use crate::transport::{Outgoing, Pending, Response, TransportError};
@@ -32,23 +35,47 @@ struct Call<'a, 'd> {
 
 /// What one sent message covers: a single part, or the parts of a batch in item order.
 enum Sent {
-    One { meta: usize, part: usize },
-    Batch { items: Vec<(usize, usize)> },
+    One {
+        meta: usize,
+        part: usize,
+        /// The shared-memory slots the message uses, if any.
+        shm: Option<Lease>,
+    },
+    Batch {
+        items: Vec<(usize, usize)>,
+    },
 }
 
-/// The answers of a pull or pushpull: each part's bytes inside one of the received buffers.
+/// Where one part's answer is.
+#[derive(Clone)]
+enum Src {
+    /// A byte range of a received buffer.
+    Buffer(usize, Range<usize>),
+    /// The reply slot of a lease.
+    Shm(usize),
+}
+
+/// The answers of a pull or pushpull: each part's bytes inside one of the received buffers,
+/// or in a shared-memory reply slot.
 pub(crate) struct Answers {
     buffers: Vec<Vec<u8>>,
-    /// `(buffer, byte range)` of each part of each key.
-    slots: Vec<Vec<(usize, Range<usize>)>>,
+    /// Where each part of each key is.
+    slots: Vec<Vec<Src>>,
     /// Buffers received for a single part, by key: returned to the key's pool afterwards.
     owned: Vec<(usize, usize)>,
+    /// Answered leases whose reply slots hold parts (their slots are freed on drop).
+    leases: Vec<Lease>,
 }
 
 impl Answers {
-    fn part(&self, meta: usize, part: usize) -> &[u8] {
-        let (b, range) = &self.slots[meta][part];
-        &self.buffers[*b][range.clone()]
+    /// Calls `f` with the bytes of part `part` of key `meta`.
+    fn with_part<T>(&self, meta: usize, part: usize, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        match &self.slots[meta][part] {
+            Src::Buffer(b, range) => Ok(f(&self.buffers[*b][range.clone()])),
+            Src::Shm(l) => self.leases[*l]
+                .with_reply(f)
+                .map_err(|e| Error::InvalidArgument(format!("shared-memory answer: {e}"))),
+        }
     }
 
     /// Writes key `i`'s value into `out`: straight into its memory when `out` is dense,
@@ -57,7 +84,8 @@ impl Answers {
         if out.storage_type() == StorageType::Dense && out.dtype() == meta.dtype {
             if let Some(bytes) = out.as_bytes_mut() {
                 for part in 0..meta.parts.len() {
-                    copy_bytes(&mut bytes[meta.byte_range(part)], self.part(i, part));
+                    let dst = &mut bytes[meta.byte_range(part)];
+                    self.with_part(i, part, |src| copy_bytes(dst, src))?;
                 }
                 return Ok(());
             }
@@ -65,7 +93,8 @@ impl Answers {
         let mut value = NDArray::zeros(&meta.shape, meta.dtype);
         let bytes = value.as_bytes_mut().expect("a fresh array is contiguous");
         for part in 0..meta.parts.len() {
-            bytes[meta.byte_range(part)].copy_from_slice(self.part(i, part));
+            let dst = &mut bytes[meta.byte_range(part)];
+            self.with_part(i, part, |src| dst.copy_from_slice(src))?;
         }
         if out.storage_type() == StorageType::RowSparse {
             *out = value.to_row_sparse()?.astype(out.dtype());
@@ -122,16 +151,10 @@ impl DistStore {
                     let payload = data.map_or(&[][..], |d| d[i][part]);
                     if range.len() > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
-                        let pending = self
-                            .send(
-                                meta,
-                                part,
-                                Outgoing::new(command, payload).flags(extra_flags),
-                                &what,
-                                receive,
-                            )
+                        let (pending, shm) = self
+                            .send_one(&call, meta, part, payload, &what)
                             .map_err(self.transport_at(operation, &meta.key))?;
-                        sent.push((Sent::One { meta: i, part }, pending));
+                        sent.push((Sent::One { meta: i, part, shm }, pending));
                         continue;
                     }
                     batch.push((i, part));
@@ -154,19 +177,60 @@ impl DistStore {
             buffers: Vec::new(),
             slots: metas
                 .iter()
-                .map(|m| vec![(0, 0..0); m.parts.len()])
+                .map(|m| vec![Src::Buffer(0, 0..0); m.parts.len()])
                 .collect(),
             owned: Vec::new(),
+            leases: Vec::new(),
         };
         let mut first_error: Option<Error> = None;
         let mut lost = None;
-        for (what, outcome) in settle(sent) {
+        for (mut what, outcome) in settle(sent) {
+            if let (
+                Ok(_),
+                Sent::One {
+                    shm: Some(lease), ..
+                },
+            ) = (&outcome, &mut what)
+            {
+                lease.answered();
+            }
             match outcome {
+                Ok(response)
+                    if receive && response.header.flags & protocol::FLAG_SHM_REPLY != 0 =>
+                {
+                    let Sent::One {
+                        meta,
+                        part,
+                        shm: Some(lease),
+                    } = what
+                    else {
+                        first_error.get_or_insert_with(|| {
+                            Error::InvalidArgument(format!(
+                                "{}: a server answered in shared memory a request that named                                  no reply slot",
+                                self.name
+                            ))
+                        });
+                        continue;
+                    };
+                    let expected = metas[meta].byte_range(part).len() as u64;
+                    if lease.reply.map(|s| s.len) != Some(expected) || !response.payload.is_empty()
+                    {
+                        first_error.get_or_insert_with(|| {
+                            self.at(operation, &metas[meta].key)(Error::InvalidArgument(format!(
+                                "a server answered part {part} in shared memory with a payload                                  of {} bytes",
+                                response.payload.len()
+                            )))
+                        });
+                        continue;
+                    }
+                    answers.slots[meta][part] = Src::Shm(answers.leases.len());
+                    answers.leases.push(lease);
+                }
                 Ok(response) if receive => {
                     let b = answers.buffers.len();
                     let buf = response.payload.into_vec();
                     match what {
-                        Sent::One { meta, part } => {
+                        Sent::One { meta, part, .. } => {
                             if buf.len() != metas[meta].byte_range(part).len() {
                                 first_error.get_or_insert_with(|| {
                                     self.at(operation, &metas[meta].key)(Error::InvalidArgument(
@@ -179,7 +243,7 @@ impl DistStore {
                                     ))
                                 });
                             }
-                            answers.slots[meta][part] = (b, 0..buf.len());
+                            answers.slots[meta][part] = Src::Buffer(b, 0..buf.len());
                             answers.owned.push((meta, b));
                         }
                         Sent::Batch { items } => {
@@ -187,7 +251,7 @@ impl DistStore {
                             for (meta, part) in items {
                                 let len = metas[meta].byte_range(part).len();
                                 let end = (at + len).min(buf.len());
-                                answers.slots[meta][part] = (b, at.min(end)..end);
+                                answers.slots[meta][part] = Src::Buffer(b, at.min(end)..end);
                                 at += len;
                             }
                             if at != buf.len() {
@@ -218,6 +282,58 @@ impl DistStore {
             return Err(e);
         }
         Ok(receive.then_some(answers))
+    }
+
+    /// Sends one big part in a message of its own: through the shared-memory region of its
+    /// server when there is one with room (uncompressed parts only), else over TCP. Returns the
+    /// request and the slots it uses.
+    fn send_one(
+        &self,
+        call: &Call<'_, '_>,
+        meta: &KeyMeta,
+        part: usize,
+        payload: &[u8],
+        what: &str,
+    ) -> std::result::Result<(Pending, Option<Lease>), TransportError> {
+        let Call {
+            command,
+            extra_flags,
+            ..
+        } = *call;
+        let receive = command != protocol::CMD_PUSH;
+        let link = self.shm[meta.parts[part].server].as_ref();
+        let pushes = command != protocol::CMD_PULL;
+        let lease = link.filter(|_| extra_flags == 0).and_then(|link| {
+            let reply = receive.then(|| meta.byte_range(part).len());
+            let lease = link.reserve(pushes.then_some(payload.len()), reply)?;
+            if pushes {
+                if let Err(e) = lease.fill(payload) {
+                    log::debug!("kvstore-dist: {what} goes over TCP: {e}");
+                    return None;
+                }
+            }
+            Some(lease)
+        });
+        let Some(mut lease) = lease else {
+            let out = Outgoing::new(command, payload).flags(extra_flags);
+            return Ok((self.send(meta, part, out, what, receive)?, None));
+        };
+        let mut flags = 0;
+        let mut slots = Vec::with_capacity(2 * protocol::SHM_SLOT_LEN);
+        if let Some(slot) = lease.data {
+            flags |= protocol::FLAG_SHM_DATA;
+            slots.extend_from_slice(&slot.encode());
+        }
+        if let Some(slot) = lease.reply {
+            flags |= protocol::FLAG_SHM_REPLY;
+            slots.extend_from_slice(&slot.encode());
+        }
+        lease.sending();
+        let out = Outgoing::new(command, &slots).flags(flags);
+        // The answer is expected in the reply slot (an empty message): no receive buffer. One
+        // that comes over TCP after all (a server may answer so) is read as usual.
+        let pending = self.send(meta, part, out, what, false)?;
+        Ok((pending, Some(lease)))
     }
 
     fn send_batch(

@@ -22,6 +22,10 @@
 //! - `set_updater` is unsupported: the optimizer runs on the servers, and a closure cannot
 //!   travel to them (use `set_optimizer`); so are optimizer-state files and, for now,
 //!   gradient compression.
+//! - On a server's host, the worker lends the server a shared-memory region right after its
+//!   hello (unless `KVSTORE_SHM=0`): big parts of uncompressed pushes, pulls and pushpulls then
+//!   move through it (pushed elements copied in, answers written there by the server), and the
+//!   TCP message carries only the slots. Any failure leaves that connection on TCP alone.
 //! - Dropping the store says goodbye to every server and to the scheduler.
 //!
 //! Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (plus a little, so that a server's error
@@ -30,6 +34,7 @@
 
 mod exchange;
 mod keys;
+mod shm_link;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +48,7 @@ use kvstore_base::{
 use kvstore_compression::{Codec, CompressionSpec};
 
 use self::keys::{KeyMeta, KeyTable};
+use self::shm_link::Link;
 use crate::cluster::Group;
 use crate::config::{DistConfig, Role};
 use crate::node::Node;
@@ -58,6 +64,8 @@ pub struct DistStore {
     bigarray_bound: usize,
     node: Mutex<Option<Node>>,
     servers: Vec<Arc<Connection>>,
+    /// The shared-memory region lent to each server, where one is (same host, `KVSTORE_SHM`).
+    shm: Vec<Option<Arc<Link>>>,
     keys: Mutex<KeyTable>,
     /// The gradient-compression codec, once set.
     codec: Mutex<Option<Codec>>,
@@ -150,6 +158,7 @@ impl DistStore {
             mode,
         };
         let mut servers = Vec::new();
+        let mut shm = Vec::new();
         for server in node.servers() {
             let conn = Connection::connect(server.addr.as_str(), transport.clone())
                 .map_err(|e| backend(name, e))?;
@@ -172,6 +181,7 @@ impl DistStore {
                     .into(),
                 });
             }
+            shm.push(Link::attach(&conn, &config));
             servers.push(Arc::new(conn));
         }
         Ok(DistStore {
@@ -182,6 +192,7 @@ impl DistStore {
             bigarray_bound: usize::try_from(config.bigarray_bound).unwrap_or(usize::MAX),
             node: Mutex::new(Some(node)),
             servers,
+            shm,
             keys: Mutex::new(KeyTable::default()),
             codec: Mutex::new(None),
             residuals: Mutex::new(HashMap::new()),
@@ -462,9 +473,16 @@ impl DistStore {
     }
 
     /// Bytes written to the servers so far (frame headers included): what pushes cost on the
-    /// wire, with or without gradient compression.
+    /// wire, with or without gradient compression. Data moved through shared memory is not
+    /// counted (only the slots naming it).
     pub fn bytes_sent(&self) -> u64 {
         self.servers.iter().map(|c| c.bytes_sent()).sum()
+    }
+
+    /// How many of the connections to the servers move big parts through shared memory (and
+    /// still may: a region is retired after a failed request).
+    pub fn shm_connections(&self) -> usize {
+        self.shm.iter().flatten().filter(|l| l.usable()).count()
     }
 
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
