@@ -107,15 +107,16 @@ impl Job {
 }
 
 /// Runs `steps` steps of one pushpull of every tensor on each worker and prints the slowest
-/// worker's time per step and the most bytes a worker sent per step, against `theory` (the
-/// bytes a worker should send per step, as a fraction of the model).
+/// worker's time per step and the most bytes a worker sent per step over TCP, against
+/// `theory` (the bytes a worker should send per step, as a fraction of the model; `None` when
+/// the data goes through shared memory).
 fn bench(
     label: &str,
     store: &'static str,
     extra: &[(&str, &str)],
     servers: u32,
     steps: usize,
-    theory: f64,
+    theory: Option<f64>,
 ) {
     let cluster = Job::start(store, servers);
     let mut options = cluster.worker_options().clone();
@@ -161,9 +162,13 @@ fn bench(
     let secs = results.iter().map(|r| r.1).fold(0.0, f64::max);
     let sent = results.iter().map(|r| r.2).max().unwrap_or(0);
     let model = (TENSORS * ELEMENTS * 4) as f64;
+    let theory = match theory {
+        Some(t) => format!("theory {t:.4}x"),
+        None => "the rest through shared memory".to_string(),
+    };
     println!(
-        "{label:<34} {:>8.1} ms/step  {:>7.2} MB sent/worker/step  ({:.4}x the model; theory \
-         {theory:.4}x)  {:>6.2} GB/s of model per worker (push + pull)",
+        "{label:<38} {:>8.1} ms/step  {:>7.2} MB sent/worker/step over TCP  ({:.4}x the model; \
+         {theory})  {:>6.2} GB/s of model per worker (push + pull)",
         secs * 1e3,
         sent as f64 / 1e6,
         sent as f64 / model,
@@ -187,15 +192,39 @@ fn main() {
         model / 1_000_000,
         model / 1_000_000
     );
-    bench("dist_sync", "dist_sync", &[], servers, steps, 1.0);
-    bench("byteps (credit 0)", "byteps", &[], servers, steps, 1.0);
+    // The designs compared on TCP, then dist_sync's same-host shared memory.
+    let tcp = ("KVSTORE_SHM", "0");
+    bench(
+        "dist_sync (TCP)",
+        "dist_sync",
+        &[tcp],
+        servers,
+        steps,
+        Some(1.0),
+    );
+    bench(
+        "dist_sync (same-host shared memory)",
+        "dist_sync",
+        &[],
+        servers,
+        steps,
+        None,
+    );
+    bench(
+        "byteps (credit 0)",
+        "byteps",
+        &[],
+        servers,
+        steps,
+        Some(1.0),
+    );
     bench(
         "byteps (credit 4)",
         "byteps",
         &[("BYTEPS_SCHEDULING_CREDIT", "4")],
         servers,
         steps,
-        1.0,
+        Some(1.0),
     );
     bench(
         "byteps (1 MB partitions, credit 8)",
@@ -206,7 +235,7 @@ fn main() {
         ],
         servers,
         steps,
-        1.0,
+        Some(1.0),
     );
     bench(
         "horovod (ring, fusion 64 MiB)",
@@ -214,7 +243,7 @@ fn main() {
         &[],
         0,
         steps,
-        ring,
+        Some(ring),
     );
     bench(
         "horovod (ring, no fusion)",
@@ -222,6 +251,6 @@ fn main() {
         &[("HOROVOD_FUSION_THRESHOLD", "0")],
         0,
         steps,
-        ring,
+        Some(ring),
     );
 }

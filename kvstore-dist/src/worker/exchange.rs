@@ -185,8 +185,10 @@ impl DistStore {
         let mut first_error: Option<Error> = None;
         let mut lost = None;
         for (mut what, outcome) in settle(sent) {
+            // An answer, even an error one, means the server is done with the slots; only a
+            // request left unanswered (timed out, connection lost) retires the region.
             if let (
-                Ok(_),
+                Ok(_) | Err(TransportError::Remote { .. }),
                 Sent::One {
                     shm: Some(lease), ..
                 },

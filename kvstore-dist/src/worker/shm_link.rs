@@ -157,8 +157,8 @@ impl Link {
     }
 }
 
-/// The slots of one request. Dropped while its request is in flight (failed, timed out or
-/// abandoned), it retires the region; otherwise it frees its slots, and the region is reused
+/// The slots of one request. Dropped while its request is in flight (unanswered: timed out,
+/// connection lost, or abandoned), it retires the region; otherwise it frees its slots, and the region is reused
 /// from its start once no lease is left.
 pub(crate) struct Lease {
     link: Arc<Link>,
