@@ -1,5 +1,6 @@
 //! Push + pull of a 100 MB model in 4 MB tensors by 2 workers: `byteps` and `horovod` beside
-//! `dist_sync`, each on a fresh in-process job (the scheduler and any servers on threads, the
+//! `dist_sync` (the parameter servers over TCP alone, `KVSTORE_SHM=0`, and through the
+//! same-host shared memory), each on a fresh in-process job (the scheduler and any servers on threads, the
 //! workers on threads, real sockets on 127.0.0.1): time per step and bytes each worker sends
 //! per step, against the theory (parameter server: each worker sends the model once and
 //! receives it once per step; ring all-reduce: each worker sends and receives 2 (n - 1) / n
@@ -167,7 +168,7 @@ fn bench(
         None => "the rest through shared memory".to_string(),
     };
     println!(
-        "{label:<38} {:>8.1} ms/step  {:>7.2} MB sent/worker/step over TCP  ({:.4}x the model; \
+        "{label:<40} {:>8.1} ms/step  {:>7.2} MB sent/worker/step over TCP  ({:.4}x the model; \
          {theory})  {:>6.2} GB/s of model per worker (push + pull)",
         secs * 1e3,
         sent as f64 / 1e6,
@@ -210,33 +211,34 @@ fn main() {
         steps,
         None,
     );
-    bench(
-        "byteps (credit 0)",
-        "byteps",
-        &[],
-        servers,
-        steps,
-        Some(1.0),
-    );
-    bench(
-        "byteps (credit 4)",
-        "byteps",
-        &[("BYTEPS_SCHEDULING_CREDIT", "4")],
-        servers,
-        steps,
-        Some(1.0),
-    );
-    bench(
-        "byteps (1 MB partitions, credit 8)",
-        "byteps",
-        &[
-            ("BYTEPS_PARTITION_BYTES", "1024000"),
-            ("BYTEPS_SCHEDULING_CREDIT", "8"),
-        ],
-        servers,
-        steps,
-        Some(1.0),
-    );
+    // byteps on TCP (the theory rows), then through the same-host shared memory.
+    let byteps_rows: [(&str, &[(&str, &str)]); 3] = [
+        ("credit 0", &[]),
+        ("credit 4", &[("BYTEPS_SCHEDULING_CREDIT", "4")]),
+        (
+            "1 MB partitions, credit 8",
+            &[
+                ("BYTEPS_PARTITION_BYTES", "1024000"),
+                ("BYTEPS_SCHEDULING_CREDIT", "8"),
+            ],
+        ),
+    ];
+    for (shm, transport) in [(false, "TCP"), (true, "shm")] {
+        for (what, settings) in byteps_rows {
+            let mut extra = settings.to_vec();
+            if !shm {
+                extra.push(tcp);
+            }
+            bench(
+                &format!("byteps ({what}, {transport})"),
+                "byteps",
+                &extra,
+                servers,
+                steps,
+                (!shm).then_some(1.0),
+            );
+        }
+    }
     bench(
         "horovod (ring, fusion 64 MiB)",
         "horovod",

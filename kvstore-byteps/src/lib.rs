@@ -11,6 +11,8 @@
 //! [`kvstore_dist::LocalCluster`] in one process), whose workers create `byteps` instead of
 //! `dist_sync`. A sync dist server without an optimizer *is* a summation service: one push per
 //! worker per round, the sum stored, pulls after a push answered once the round is complete.
+//! Like BytePS's IPC between co-located processes, a worker moves big partitions to and from
+//! the servers of its own host through shared memory (see below).
 //!
 //! ```no_run
 //! use kvstore_base::{create, DType, KVStoreExt, NDArray};
@@ -37,6 +39,7 @@
 //! | `push_pull(tensor, priority, is_average=False)` | `pushpull` (and `push`, `pull`): the sum over workers, not the average; a worker's per-device values are summed on the worker first |
 //! | `broadcast_parameters(root_rank=0)` | `broadcast`: declares new keys, then a push-pull where every rank but 0 pushes zeros |
 //! | `BYTEPS_ENABLE_ASYNC=1` | the servers add each push into the stored value at once (workers push weight deltas and pull weights), see below |
+//! | `BYTEPS_ENABLE_IPC` (shared memory with co-located servers) | on by default: the dist stores' `KVSTORE_SHM` (0: TCP only), `KVSTORE_SHM_BYTES`, `KVSTORE_SHM_DIR`, see below |
 //! | server: `COPY_FIRST`, `SUM_RECV`, `ALL_RECV`, push acks at once | the dist server's sync rounds: the first push of a round is copied, the others added, pushes acknowledged once merged, pulls answered when the round is complete |
 //! | `rank()`, `size()` | `rank()`, `num_workers()` from the cluster |
 //! | MXNet 2.x `is_capable(...) → False`, `set_optimizer → NotImplementedError` | `is_capable(Optimizer)` is false and `set_optimizer` is [`Unsupported`](kvstore_base::Error::Unsupported) |
@@ -57,6 +60,20 @@
 //! waits for other workers, so credits cannot deadlock across workers). Answers are written
 //! into the outputs, cast to their dtype.
 //!
+//! ## Shared memory with the servers of the host
+//!
+//! Right after its hello, a worker lends each server a shared-memory region
+//! ([`kvstore_dist::shm::Link`]; a server on another host, `KVSTORE_SHM=0` or any failure
+//! leaves that connection on TCP alone, logged at debug level). A partition of more than
+//! [`SHM_MIN_BYTES`](worker::SHM_MIN_BYTES) (64 KiB, the dist stores' threshold) then travels
+//! through a slot of the region ([`kvstore_dist::shm::Lease`]): its push copies the bytes into
+//! a data slot, its pull names a reply slot that the server fills before answering, and the
+//! TCP message carries only the slots. A slot is freed once its request is answered (an error
+//! message too); a request left unanswered (timeout, lost server) retires the region for good.
+//! The credit and the priority order are the same either way: a partition's bytes count
+//! against the credit wherever they travel. [`BytePsStore::bytes_sent`] counts TCP bytes only;
+//! [`BytePsStore::shm_connections`] tells which connections use shared memory.
+//!
 //! ## Asynchronous mode
 //!
 //! With `BYTEPS_ENABLE_ASYNC=1` every worker says hello in async mode and rank 0 installs
@@ -71,8 +88,9 @@
 //! - One process per worker, tensors on the CPU: no local NCCL reduce / broadcast across the
 //!   GPUs of a machine, no PCIe-switch reduce, no `BYTEPS_LOCAL_RANK`/`LOCAL_SIZE` (a worker's
 //!   device values are summed on the CPU); partitions are not rounded up to pages.
-//! - TCP only (the dist transport): no RDMA (`DMLC_ENABLE_RDMA`), no shared-memory IPC for
-//!   co-located servers (`BYTEPS_ENABLE_IPC`).
+//! - TCP (the dist transport) between hosts, no RDMA (`DMLC_ENABLE_RDMA`); shared memory with
+//!   the servers of the same host is the dist stores' region, set by `KVSTORE_SHM*` rather
+//!   than `BYTEPS_ENABLE_IPC`, and used for big partitions only (small ones go over TCP).
 //! - The credit covers the pushes a worker has in flight (BytePS schedules its first pipeline
 //!   stage); pulls are not scheduled. Priority only orders concurrent calls of one worker and
 //!   the partitions of one call by key.

@@ -11,6 +11,7 @@ use kvstore_base::{
 };
 use kvstore_dist::cluster::Group;
 use kvstore_dist::protocol::{self, InitMeta, Mode};
+use kvstore_dist::shm::{Lease, Link};
 use kvstore_dist::transport::{Connection, Outgoing, Pending, Response, TransportError};
 use kvstore_dist::{DistConfig, DistFile, DistStore, Node, Role};
 
@@ -23,6 +24,81 @@ pub const PARTITION_BYTES_VAR: &str = "BYTEPS_PARTITION_BYTES";
 pub const SCHEDULING_CREDIT_VAR: &str = "BYTEPS_SCHEDULING_CREDIT";
 /// The variable (or create option) that turns on asynchronous mode.
 pub const ENABLE_ASYNC_VAR: &str = "BYTEPS_ENABLE_ASYNC";
+/// Partitions of more than this many bytes move through the shared-memory region of their
+/// server when it has one: the dist stores' threshold for a part in a message of its own
+/// ([`protocol::BATCH_ITEM_BYTES`]).
+pub const SHM_MIN_BYTES: usize = protocol::BATCH_ITEM_BYTES;
+
+type Outcome = std::result::Result<Response, TransportError>;
+
+/// A request on its way, and the shared-memory slots it uses.
+struct Sent {
+    pending: Pending,
+    lease: Option<Lease>,
+}
+
+impl Sent {
+    /// Waits for the answer. Any answer, an error message too, means the server is done with
+    /// the slots; a request left unanswered (timed out, connection lost) keeps its lease in
+    /// flight, which retires the region once dropped (the server may still write it).
+    fn wait(self) -> (Outcome, Option<Lease>) {
+        let outcome = self.pending.wait();
+        let mut lease = self.lease;
+        if let (Ok(_) | Err(TransportError::Remote { .. }), Some(l)) = (&outcome, lease.as_mut()) {
+            l.answered();
+        }
+        (outcome, lease)
+    }
+
+    /// Waits for the answer to a pull: its bytes, received or in the lease's reply slot.
+    fn pulled(self) -> std::result::Result<Pulled, TransportError> {
+        let (outcome, lease) = self.wait();
+        let response = outcome?;
+        match lease {
+            Some(lease)
+                if response.header.flags & protocol::FLAG_SHM_REPLY != 0
+                    && response.payload.is_empty() =>
+            {
+                Ok(Pulled::Shm(lease))
+            }
+            // Answered over TCP after all (a server may), or flagged without a slot: the
+            // length check of the outputs names it.
+            _ => Ok(Pulled::Bytes(response.payload.into_vec())),
+        }
+    }
+}
+
+/// A pulled partition: received bytes, or the reply slot of an answered lease.
+#[derive(Debug)]
+enum Pulled {
+    Bytes(Vec<u8>),
+    Shm(Lease),
+}
+
+impl Default for Pulled {
+    fn default() -> Self {
+        Pulled::Bytes(Vec::new())
+    }
+}
+
+impl Pulled {
+    fn len(&self) -> usize {
+        match self {
+            Pulled::Bytes(b) => b.len(),
+            Pulled::Shm(lease) => lease.reply.map_or(0, |s| s.len as usize),
+        }
+    }
+
+    /// Calls `f` with the partition's bytes.
+    fn with<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        match self {
+            Pulled::Bytes(b) => Ok(f(b)),
+            Pulled::Shm(lease) => lease
+                .with_reply(f)
+                .map_err(|e| Error::InvalidArgument(format!("shared-memory answer: {e}"))),
+        }
+    }
+}
 
 /// The BytePS settings of a worker, from `BYTEPS_*` variables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,11 +297,27 @@ fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
     Ok(Outbound::Owned(sum))
 }
 
-/// Returns the receive buffers of a call's answers to their tensors.
-fn recycle(tensors: &[Arc<Tensor>], answers: Vec<Vec<Vec<u8>>>) {
-    for (t, buffers) in tensors.iter().zip(answers) {
+/// Returns the receive buffers of a call's answers to their tensors (and frees the slots of
+/// the answers in shared memory).
+fn recycle(tensors: &[Arc<Tensor>], answers: Vec<Vec<Pulled>>) {
+    for (t, parts) in tensors.iter().zip(answers) {
+        let buffers = parts
+            .into_iter()
+            .filter_map(|p| match p {
+                Pulled::Bytes(b) => Some(b),
+                Pulled::Shm(_) => None,
+            })
+            .collect();
         t.give_buffers(buffers);
     }
+}
+
+/// No answer yet for any partition of `tensors`.
+fn empty_answers(tensors: &[Arc<Tensor>]) -> Vec<Vec<Pulled>> {
+    tensors
+        .iter()
+        .map(|t| t.parts.iter().map(|_| Pulled::default()).collect())
+        .collect()
 }
 
 /// One partition of one tensor of a call.
@@ -244,6 +336,8 @@ pub struct BytePsStore {
     timeout: Duration,
     node: Mutex<Option<Node>>,
     servers: Vec<Connection>,
+    /// The shared-memory region lent to each server, where one is (same host, `KVSTORE_SHM`).
+    shm: Vec<Option<Arc<Link>>>,
     table: Mutex<Table>,
     /// `Some` when `BYTEPS_SCHEDULING_CREDIT` is not 0.
     scheduler: Option<CreditScheduler>,
@@ -257,14 +351,16 @@ impl std::fmt::Debug for BytePsStore {
             .field("rank", &self.rank)
             .field("num_workers", &self.num_workers)
             .field("servers", &self.servers.len())
+            .field("shm_connections", &self.shm_connections())
             .finish_non_exhaustive()
     }
 }
 
 impl BytePsStore {
-    /// Joins the cluster of `dist` as a worker, connects to every server and says hello; in
-    /// asynchronous mode rank 0 then makes every server add pushes into the stored values, and
-    /// the workers meet in a barrier.
+    /// Joins the cluster of `dist` as a worker, connects to every server, says hello and lends
+    /// each server on this host a shared-memory region (unless `KVSTORE_SHM=0`; any failure
+    /// leaves that connection on TCP alone); in asynchronous mode rank 0 then makes every
+    /// server add pushes into the stored values, and the workers meet in a barrier.
     ///
     /// # Errors
     /// [`Error::Backend`] when joining, connecting or saying hello fails or times out.
@@ -284,6 +380,7 @@ impl BytePsStore {
             Mode::Sync
         };
         let mut servers = Vec::new();
+        let mut shm = Vec::new();
         for server in node.servers() {
             let conn = Connection::connect(server.addr.as_str(), transport.clone())
                 .map_err(|e| backend(name, e))?;
@@ -305,6 +402,7 @@ impl BytePsStore {
                     .into(),
                 });
             }
+            shm.push(Link::attach(&conn, &dist));
             servers.push(conn);
         }
         let scheduler = (config.scheduling_credit > 0).then(|| {
@@ -322,6 +420,7 @@ impl BytePsStore {
             timeout: transport.timeout,
             node: Mutex::new(Some(node)),
             servers,
+            shm,
             table: Mutex::new(Table::default()),
             scheduler,
         };
@@ -371,7 +470,14 @@ impl BytePsStore {
         self.scheduler.as_ref()
     }
 
-    /// Bytes written to the servers so far (frame headers included).
+    /// Server connections that move big partitions through shared memory (a region lent and
+    /// not retired).
+    pub fn shm_connections(&self) -> usize {
+        self.shm.iter().flatten().filter(|l| l.usable()).count()
+    }
+
+    /// Bytes written to the servers over TCP so far (frame headers included; partitions moved
+    /// through shared memory count only their slots).
     pub fn bytes_sent(&self) -> u64 {
         self.servers.iter().map(Connection::bytes_sent).sum()
     }
@@ -446,7 +552,10 @@ impl BytePsStore {
             .collect()
     }
 
-    /// Sends `command` about partition `part` of `t` to its server.
+    /// Sends `command` about partition `part` of `t` to its server: a push or pull of more
+    /// than [`SHM_MIN_BYTES`] through the server's shared-memory region when it has room (the
+    /// pushed bytes copied into a data slot, the answer expected in a reply slot), else the
+    /// bytes over TCP.
     fn send(
         &self,
         t: &Tensor,
@@ -454,20 +563,72 @@ impl BytePsStore {
         command: u32,
         payload: &[u8],
         operation: &'static str,
-    ) -> Result<Pending> {
+    ) -> Result<Sent> {
         let p = &t.parts[part];
+        let what = format!("{operation} of key {} (partition {part})", t.key);
+        let conn = &self.servers[p.server];
+        let dtype = protocol::dtype_flag(t.dtype);
+        if let Some(mut lease) = self.lease(t, part, command, payload, &what) {
+            let (flags, slots) = lease.slots();
+            let out = Outgoing::new(command, &slots)
+                .key(p.key)
+                .aux(part as u64)
+                .flags(dtype | flags);
+            lease.sending();
+            // The answer is expected in the reply slot: no receive buffer.
+            return conn
+                .send(out, &what)
+                .map(|pending| Sent {
+                    pending,
+                    lease: Some(lease),
+                })
+                .map_err(self.transport_at(operation, &t.key));
+        }
         let out = Outgoing::new(command, payload)
             .key(p.key)
             .aux(part as u64)
-            .flags(protocol::dtype_flag(t.dtype));
-        let what = format!("{operation} of key {} (partition {part})", t.key);
-        let conn = &self.servers[p.server];
+            .flags(dtype);
         let sent = if command == protocol::CMD_PULL {
             conn.send_into(out, &what, t.take_buffer())
         } else {
             conn.send(out, &what)
         };
-        sent.map_err(self.transport_at(operation, &t.key))
+        sent.map(|pending| Sent {
+            pending,
+            lease: None,
+        })
+        .map_err(self.transport_at(operation, &t.key))
+    }
+
+    /// Shared-memory slots for a push (filled with `payload`) or pull of partition `part` of
+    /// `t`, when it is big enough and its server has a region with room.
+    fn lease(
+        &self,
+        t: &Tensor,
+        part: usize,
+        command: u32,
+        payload: &[u8],
+        what: &str,
+    ) -> Option<Lease> {
+        let bytes = t.byte_range(part).len();
+        if bytes <= SHM_MIN_BYTES {
+            return None;
+        }
+        let link = self.shm[t.parts[part].server].as_ref()?;
+        match command {
+            protocol::CMD_PUSH => {
+                let lease = link.reserve(Some(payload.len()), None)?;
+                match lease.fill(payload) {
+                    Ok(()) => Some(lease),
+                    Err(e) => {
+                        log::debug!("{}: {what} goes over TCP: {e}", self.name);
+                        None
+                    }
+                }
+            }
+            protocol::CMD_PULL => link.reserve(None, Some(bytes)),
+            _ => None,
+        }
     }
 
     /// Declares the keys of `values` (rank 0's value is the one kept).
@@ -542,10 +703,10 @@ impl BytePsStore {
     }
 
     /// Waits for every request; the first failure (a lost server first) is returned.
-    fn wait_all(&self, operation: &'static str, pending: Vec<(&Key, Pending)>) -> Result<()> {
+    fn wait_all(&self, operation: &'static str, pending: Vec<(&Key, Sent)>) -> Result<()> {
         let mut first: Option<Error> = None;
         for (key, p) in pending {
-            if let Err(e) = p.wait() {
+            if let (Err(e), _) = p.wait() {
                 let lost = matches!(e, TransportError::PeerClosed { .. });
                 let e = self.transport_at(operation, key)(e);
                 if lost || first.is_none() {
@@ -617,13 +778,10 @@ impl BytePsStore {
                 note(&task, e);
             }
         }
-        let mut answers: Vec<Vec<Vec<u8>>> = tensors
-            .iter()
-            .map(|t| vec![Vec::new(); t.parts.len()])
-            .collect();
+        let mut answers = empty_answers(&tensors);
         for (task, p) in pulled {
-            match p.wait() {
-                Ok(r) => answers[task.tensor][task.part] = r.payload.into_vec(),
+            match p.pulled() {
+                Ok(a) => answers[task.tensor][task.part] = a,
                 Err(e) => note(&task, e),
             }
         }
@@ -645,10 +803,7 @@ impl BytePsStore {
         payloads: &[Outbound<'_>],
         tasks: &[Task],
         pulls: bool,
-    ) -> Result<(
-        Vec<(Task, std::result::Result<Response, TransportError>)>,
-        Vec<(Task, Pending)>,
-    )> {
+    ) -> Result<(Vec<(Task, Outcome)>, Vec<(Task, Sent)>)> {
         let mut pushed = Vec::with_capacity(tasks.len());
         let mut pulled = Vec::new();
         for &task in tasks {
@@ -665,9 +820,10 @@ impl BytePsStore {
                 ));
             }
         }
+        // A push's slot is free once acknowledged.
         let acks = pushed
             .into_iter()
-            .map(|(task, p)| (task, p.wait()))
+            .map(|(task, p): (Task, Sent)| (task, p.wait().0))
             .collect();
         Ok((acks, pulled))
     }
@@ -685,10 +841,7 @@ impl BytePsStore {
         tasks: &[Task],
         pulls: bool,
         priority: i32,
-    ) -> Result<(
-        Vec<(Task, std::result::Result<Response, TransportError>)>,
-        Vec<(Task, Pending)>,
-    )> {
+    ) -> Result<(Vec<(Task, Outcome)>, Vec<(Task, Sent)>)> {
         let keyed: Vec<(u64, usize)> = tasks
             .iter()
             .map(|t| {
@@ -697,12 +850,13 @@ impl BytePsStore {
             })
             .collect();
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<(crate::schedule::Grant<'_>, Task, Pending)>();
-            // Releases each grant once its push is acknowledged.
+            let (tx, rx) = mpsc::channel::<(crate::schedule::Grant<'_>, Task, Sent)>();
+            // Releases each grant (and the push's slot) once its push is acknowledged.
             let acks = s.spawn(move || {
                 rx.into_iter()
                     .map(|(grant, task, p)| {
-                        let outcome = p.wait();
+                        let (outcome, lease) = p.wait();
+                        drop(lease);
                         drop(grant);
                         (task, outcome)
                     })
@@ -762,7 +916,7 @@ impl BytePsStore {
         &self,
         operation: &'static str,
         tensors: &[Arc<Tensor>],
-        answers: &[Vec<Vec<u8>>],
+        answers: &[Vec<Pulled>],
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
     ) -> Result<()> {
@@ -783,7 +937,8 @@ impl BytePsStore {
             if out.storage_type() == StorageType::Dense && out.dtype() == t.dtype {
                 if let Some(dst) = out.as_bytes_mut() {
                     for (part, bytes) in answers[i].iter().enumerate() {
-                        dst[t.byte_range(part)].copy_from_slice(bytes);
+                        let dst = &mut dst[t.byte_range(part)];
+                        bytes.with(|b| dst.copy_from_slice(b)).map_err(at)?;
                     }
                     continue;
                 }
@@ -791,7 +946,11 @@ impl BytePsStore {
             if ignore_sparse && out.storage_type() == StorageType::RowSparse {
                 continue;
             }
-            let whole: Vec<u8> = answers[i].concat();
+            let mut whole: Vec<u8> =
+                Vec::with_capacity(t.shape.iter().product::<usize>() * t.dtype.size_of());
+            for bytes in &answers[i] {
+                bytes.with(|b| whole.extend_from_slice(b)).map_err(at)?;
+            }
             let value = NDArray::from_bytes(&t.shape, t.dtype, &whole).map_err(at)?;
             if out.storage_type() == StorageType::RowSparse {
                 **out = value.to_row_sparse().map_err(at)?.astype(out.dtype());
@@ -824,14 +983,11 @@ impl BytePsStore {
                 ));
             }
         }
-        let mut answers: Vec<Vec<Vec<u8>>> = tensors
-            .iter()
-            .map(|t| vec![Vec::new(); t.parts.len()])
-            .collect();
+        let mut answers = empty_answers(&tensors);
         let mut first: Option<Error> = None;
         for (i, part, p) in pending {
-            match p.wait() {
-                Ok(r) => answers[i][part] = r.payload.into_vec(),
+            match p.pulled() {
+                Ok(a) => answers[i][part] = a,
                 Err(e) => {
                     let lost = matches!(e, TransportError::PeerClosed { .. });
                     let e = self.transport_at(operation, &tensors[i].key)(e);

@@ -46,6 +46,8 @@
 //! - [`placement`]: MXNet's key placement (hash of the key for small values, an even split
 //!   across all servers at or above `MXNET_KVSTORE_BIGARRAY_BOUND` elements).
 //! - [`server`]: [`ParamServer`], the server role.
+//! - [`shm`]: same-host shared-memory regions between a worker and a server; [`shm::Link`]
+//!   and [`shm::Lease`] let another worker store move big messages through them.
 //! - [`worker`]: [`DistStore`], the worker side, registered as the stores above.
 //! - [`LocalCluster`]: a scheduler and servers on threads of this process, for tests and
 //!   single-machine experiments.
@@ -76,7 +78,7 @@ pub mod placement;
 pub mod protocol;
 pub mod scheduler;
 pub mod server;
-mod shm;
+pub mod shm;
 pub mod transport;
 pub mod worker;
 

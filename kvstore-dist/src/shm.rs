@@ -10,13 +10,22 @@
 //! A shared-memory directory may be smaller than the region (containers often mount a 64 MiB
 //! `/dev/shm`), and touching a page of a file that the filesystem cannot back kills the process
 //! with `SIGBUS`. So the worker commits the region's pages with `fallocate` before it hands out
-//! a slot beyond those already committed ([`commit`]); a commit that fails sends that message
-//! over TCP instead.
+//! a slot beyond those already committed; a commit that fails sends that message over TCP
+//! instead.
+//!
+//! # For worker stores
+//!
+//! [`Link::attach`] lends a region to the server of a [`Connection`](crate::transport::Connection)
+//! (honouring `KVSTORE_SHM`, `KVSTORE_SHM_BYTES` and `KVSTORE_SHM_DIR` through
+//! [`DistConfig`](crate::DistConfig)); [`Link::reserve`] hands out the slots of one request as
+//! a [`Lease`], which a worker fills, sends ([`Lease::slots`] gives the flags and payload of the
+//! message), marks [`answered`](Lease::answered) on any answer, and reads
+//! ([`Lease::with_reply`]). `DistStore` and the `byteps` store use them the same way.
 //!
 //! # Invariants of a shared region
 //!
 //! Both processes may write the region at any time, so nothing here hands out a reference
-//! that outlives one bounds-checked operation except [`Region::with_slice`], whose caller
+//! that outlives one bounds-checked operation except `Region::with_slice`, whose caller
 //! promises what the protocol guarantees:
 //!
 //! - the worker writes a slot only while no request using that slot is in flight (it reserves
@@ -25,12 +34,14 @@
 //! - the server reads a push slot only while handling the request that names it, and writes a
 //!   reply slot only before answering the request that names it;
 //! - every offset and length received from the peer is checked against the mapped size before
-//!   any access ([`Region::check`]): a bad one is an error, never an out-of-bounds access.
+//!   any access (`Region::check`): a bad one is an error, never an out-of-bounds access.
 //!
 //! A peer that breaks the protocol (writes a slot it lent) can only garble the values in that
 //! slot; memory outside the mapping is never touched.
 
 use std::path::{Path, PathBuf};
+
+pub use crate::worker::shm_link::{Lease, Link};
 
 /// Bytes at the start of a region holding the nonce (slots start after them).
 pub(crate) const HEADER_BYTES: usize = 64;

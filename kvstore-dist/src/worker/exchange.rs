@@ -320,16 +320,7 @@ impl DistStore {
             let out = Outgoing::new(command, payload).flags(extra_flags);
             return Ok((self.send(meta, part, out, what, receive)?, None));
         };
-        let mut flags = 0;
-        let mut slots = Vec::with_capacity(2 * protocol::SHM_SLOT_LEN);
-        if let Some(slot) = lease.data {
-            flags |= protocol::FLAG_SHM_DATA;
-            slots.extend_from_slice(&slot.encode());
-        }
-        if let Some(slot) = lease.reply {
-            flags |= protocol::FLAG_SHM_REPLY;
-            slots.extend_from_slice(&slot.encode());
-        }
+        let (flags, slots) = lease.slots();
         lease.sending();
         let out = Outgoing::new(command, &slots).flags(flags);
         // The answer is expected in the reply slot (an empty message): no receive buffer. One

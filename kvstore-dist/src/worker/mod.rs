@@ -34,7 +34,7 @@
 
 mod exchange;
 mod keys;
-mod shm_link;
+pub(crate) mod shm_link;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

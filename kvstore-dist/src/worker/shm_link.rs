@@ -25,8 +25,9 @@ struct State {
     retired: bool,
 }
 
-/// One connection's region and its allocator.
-pub(crate) struct Link {
+/// The shared-memory region a worker lent to the server of one connection, and the allocator
+/// of its slots (see the [module docs](crate::shm)).
+pub struct Link {
     region: Region,
     file: std::fs::File,
     state: Mutex<State>,
@@ -41,9 +42,12 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Lends a fresh region to the server of `conn`, unless `config` turns shared memory off;
-    /// `None` (logged at debug level) whenever that fails: the connection then uses TCP only.
-    pub(crate) fn attach(conn: &Connection, config: &DistConfig) -> Option<Arc<Link>> {
+    /// Lends a fresh region to the server of `conn`, unless `config` turns shared memory off
+    /// (`KVSTORE_SHM=0`); `None` (logged at debug level) whenever that fails (another host, no
+    /// room in `KVSTORE_SHM_DIR`, a server that refuses): the connection then uses TCP only.
+    ///
+    /// Call it right after the hello, before any request that may name a slot.
+    pub fn attach(conn: &Connection, config: &DistConfig) -> Option<Arc<Link>> {
         if !config.shm {
             return None;
         }
@@ -98,8 +102,9 @@ impl Link {
         }
     }
 
-    /// Whether the region still takes requests.
-    pub(crate) fn usable(&self) -> bool {
+    /// Whether the region still takes requests (it is retired for good once a request that
+    /// used it went unanswered).
+    pub fn usable(&self) -> bool {
         !self.lock().retired
     }
 
@@ -108,12 +113,9 @@ impl Link {
     }
 
     /// Slots for one request: `data` bytes to push and `reply` bytes to receive (either may
-    /// be absent); `None` when the region is retired or has no room left.
-    pub(crate) fn reserve(
-        self: &Arc<Link>,
-        data: Option<usize>,
-        reply: Option<usize>,
-    ) -> Option<Lease> {
+    /// be absent); `None` when the region is retired or has no room left (send that request
+    /// over TCP). The region is reused from its start once no lease is alive.
+    pub fn reserve(self: &Arc<Link>, data: Option<usize>, reply: Option<usize>) -> Option<Lease> {
         let mut st = self.lock();
         if st.retired {
             return None;
@@ -158,20 +160,40 @@ impl Link {
 }
 
 /// The slots of one request. Dropped while its request is in flight (unanswered: timed out,
-/// connection lost, or abandoned), it retires the region; otherwise it frees its slots, and the region is reused
-/// from its start once no lease is left.
-pub(crate) struct Lease {
+/// connection lost, or abandoned), it retires the region; otherwise it frees its slots, and
+/// the region is reused from its start once no lease is left.
+///
+/// The request's life: [`fill`](Lease::fill) the data slot, take the message's flags and
+/// payload from [`slots`](Lease::slots), call [`sending`](Lease::sending) and send it; once
+/// the server answered (successfully or with an error message) call
+/// [`answered`](Lease::answered); an answer flagged
+/// [`FLAG_SHM_REPLY`](protocol::FLAG_SHM_REPLY) is then read with
+/// [`with_reply`](Lease::with_reply) while the lease is alive.
+pub struct Lease {
     link: Arc<Link>,
-    /// The pushed elements' slot.
+    /// The pushed elements' slot, when the request pushes.
     pub data: Option<ShmSlot>,
-    /// The answer's slot.
+    /// The answer's slot, when the request expects elements back.
     pub reply: Option<ShmSlot>,
     in_flight: bool,
 }
 
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("data", &self.data)
+            .field("reply", &self.reply)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Lease {
     /// Copies the pushed elements into the data slot.
-    pub(crate) fn fill(&self, bytes: &[u8]) -> Result<(), String> {
+    ///
+    /// # Errors
+    /// A message when the lease has no data slot or `bytes` is not its size.
+    pub fn fill(&self, bytes: &[u8]) -> Result<(), String> {
         let slot = self.data.ok_or("the request has no data slot")?;
         if slot.len != bytes.len() as u64 {
             return Err(format!(
@@ -183,19 +205,40 @@ impl Lease {
         self.link.region.copy_in(slot.offset, bytes)
     }
 
+    /// The flags ([`FLAG_SHM_DATA`](protocol::FLAG_SHM_DATA),
+    /// [`FLAG_SHM_REPLY`](protocol::FLAG_SHM_REPLY)) and the payload (the encoded slots, data
+    /// slot first) of the request that uses this lease; add the request's other flags.
+    pub fn slots(&self) -> (u16, Vec<u8>) {
+        let mut flags = 0;
+        let mut slots = Vec::with_capacity(2 * protocol::SHM_SLOT_LEN);
+        if let Some(slot) = self.data {
+            flags |= protocol::FLAG_SHM_DATA;
+            slots.extend_from_slice(&slot.encode());
+        }
+        if let Some(slot) = self.reply {
+            flags |= protocol::FLAG_SHM_REPLY;
+            slots.extend_from_slice(&slot.encode());
+        }
+        (flags, slots)
+    }
+
     /// The request is about to go out: until [`answered`](Lease::answered), the server may
     /// use the slots.
-    pub(crate) fn sending(&mut self) {
+    pub fn sending(&mut self) {
         self.in_flight = true;
     }
 
-    /// The server answered the request: it no longer uses the slots.
-    pub(crate) fn answered(&mut self) {
+    /// The server answered the request (an error message is an answer too): it no longer uses
+    /// the slots.
+    pub fn answered(&mut self) {
         self.in_flight = false;
     }
 
     /// Calls `f` with the answer the server wrote into the reply slot.
-    pub(crate) fn with_reply<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
+    ///
+    /// # Errors
+    /// A message when the lease has no reply slot.
+    pub fn with_reply<T>(&self, f: impl FnOnce(&[u8]) -> T) -> Result<T, String> {
         let slot = self.reply.ok_or("the request has no reply slot")?;
         self.link.region.with_slice(slot.offset, slot.len, f)
     }
