@@ -42,6 +42,9 @@ struct Workers {
     mode: Option<Mode>,
     /// Set by `kStopServer`.
     stopped: bool,
+    /// Goodbyes recorded whose answers are still being written: the server does not finish
+    /// (and close its connections) before the last worker has its answer.
+    answering_byes: usize,
 }
 
 impl Workers {
@@ -55,7 +58,8 @@ impl Workers {
     }
 
     fn finished(&self) -> bool {
-        self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some())
+        self.answering_byes == 0
+            && (self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some()))
     }
 }
 
@@ -952,20 +956,31 @@ impl Core {
         Ok(())
     }
 
-    fn bye(&self, request: &Request) -> Reply {
+    /// A worker leaves: recorded, its rounds failed, then answered; only then may the server
+    /// finish, so that the last worker's goodbye is answered before the connections close.
+    fn bye(&self, request: &Request, responder: Responder) {
         // Requests still using the region hold it; it is unmapped after the last.
         lock(&self.regions).remove(&request.peer);
-        let rank = self.sender_rank(request)?;
+        let rank = match self.sender_rank(request) {
+            Ok(rank) => rank,
+            Err(e) => {
+                let _ = responder.respond_error(&e);
+                return;
+            }
+        };
         {
             let mut w = lock(&self.workers);
             w.bye[rank as usize] = true;
-            if w.finished() {
-                self.finished.notify_all();
-            }
+            w.answering_byes += 1;
         }
         // Rounds still waiting for it can never complete: fail them now, naming it.
         self.fail_rounds_of(rank);
-        Ok(())
+        let _ = responder.respond(Outgoing::new(0, &[]));
+        let mut w = lock(&self.workers);
+        w.answering_byes -= 1;
+        if w.finished() {
+            self.finished.notify_all();
+        }
     }
 }
 
@@ -1038,7 +1053,7 @@ impl Handler for ServerHandler {
             protocol::CMD_ROW_SPARSE_PULL => core.row_sparse_pull(&request, responder),
             protocol::CMD_SET_OPTIMIZER => simple(core.set_optimizer(&request.payload), responder),
             protocol::CMD_COMMAND => simple(core.command(&request), responder),
-            protocol::CMD_BYE => simple(core.bye(&request), responder),
+            protocol::CMD_BYE => core.bye(&request, responder),
             protocol::CMD_BATCH => core.batch(request, responder),
             protocol::CMD_SET_COMPRESSION => {
                 simple(core.set_compression(&request.payload), responder)
