@@ -33,10 +33,21 @@ cargo build --release -p kvstore-device --examples
 cp "$root/target/release/examples/gpu_bandwidth" "$out/gpu_bandwidth"
 echo "copied gpu_bandwidth"
 
+# Without debug information (function names stay, for backtraces) the binaries weigh about
+# 40 MB together instead of about 290 MB: small enough to travel with the working tree.
+if command -v strip >/dev/null 2>&1; then
+  strip --strip-debug "$out"/test-* "$out/gpu_bandwidth"
+fi
+du -sh "$out"
+
 cat <<EOT
 
-Binaries are in $out. On the GPU machine (driver installed; libnvrtc.so.12 and libnccl.so.2
-on the loader path, e.g. LD_LIBRARY_PATH=/usr/local/cuda/lib64), from that folder:
+Binaries are in $out. On the GPU machine, from the workspace root, run them all with
+
+  kvstore-device/scripts/run-gpu-checks.sh $out OUT_DIR
+
+which finds libnvrtc and libnccl and writes the logs into OUT_DIR; or one by one (driver
+installed; libnvrtc.so and libnccl.so on the loader path), from that folder:
 
   ./test-gpu                  # GPU results vs the local store and the CPU compression codec;
                               # ignored tests print the reason

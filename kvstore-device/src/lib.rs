@@ -81,8 +81,17 @@
 //! **No GPU run has happened yet**: the kernels (the compression kernels included), the GPU
 //! tests (`tests/gpu.rs`) and the bandwidth example (`examples/gpu_bandwidth.rs`, which
 //! includes compression throughput) are written but unexercised on a GPU; the first GPU run
-//! is still owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine for
-//! a machine that has the driver but no Rust toolchain.
+//! is still owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine
+//! (without debug information: about 40 MB) for a machine that has the driver but no Rust
+//! toolchain, and `scripts/run-gpu-checks.sh` runs them all there, each under a time limit,
+//! after finding `libnvrtc` and `libnccl` (a CUDA 13 machine names them `libnvrtc.so.13` and
+//! `libnccl.so.2`, which cudarc does not look for: the script links them under plain names),
+//! and writes the logs and a summary into one folder. On the lent GPU machine:
+//!
+//! ```text
+//! kvstore-device/scripts/build-gpu-binaries.sh            # here: fills gpu-bin/
+//! kvstore-device/scripts/run-gpu-checks.sh gpu-bin "$OUT" # there, with gpu-bin carried
+//! ```
 //!
 //! ## Design
 //!

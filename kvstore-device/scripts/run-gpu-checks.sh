@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Runs every GPU check of kvstore-device on a machine that has the NVIDIA driver but no Rust
+# toolchain, from the binaries build-gpu-binaries.sh made, and writes what they print into
+# OUT_DIR (at most four files: the machine, the tests, the bandwidth figures, a summary).
+#
+# Usage: kvstore-device/scripts/run-gpu-checks.sh [BIN_DIR] [OUT_DIR]
+#        (defaults: gpu-bin, then $OUT if set, else gpu-results)
+#
+# The stores load the driver, NVRTC and NCCL at run time under the names cudarc knows
+# (libnvrtc.so, libnvrtc.so.12, libnccl.so, ...). A CUDA 13 machine ships libnvrtc.so.13 and
+# libnccl.so.2 (the toolkit, or the Python packages nvidia-cuda-nvrtc and nvidia-nccl-cu13),
+# so this script finds them and links them under the plain names in a folder of its own,
+# put first on LD_LIBRARY_PATH. Every binary runs under a time limit (KVSTORE_GPU_STEP_SECS,
+# 150 s by default); the whole run stays under ten minutes.
+set -uo pipefail
+
+bin="$(cd "${1:-gpu-bin}" && pwd)" || { echo "no binaries folder ${1:-gpu-bin}" >&2; exit 2; }
+out="${2:-${OUT:-gpu-results}}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+step_secs="${KVSTORE_GPU_STEP_SECS:-150}"
+
+# Folders that may hold the CUDA libraries: the toolkit, the system, the Python packages.
+candidates=("${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu)
+if command -v python3 >/dev/null 2>&1; then
+  while IFS= read -r dir; do
+    [ -n "$dir" ] && candidates+=("$dir/nvidia")
+  done < <(python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
+fi
+
+# The first file named like $1 (a glob) under the candidate folders.
+find_lib() {
+  local dir found
+  for dir in "${candidates[@]}"; do
+    [ -d "$dir" ] || continue
+    found="$(find -L "$dir" -maxdepth 4 -name "$1" -type f 2>/dev/null | sort | head -n 1)"
+    if [ -n "$found" ]; then
+      echo "$found"
+      return 0
+    fi
+  done
+  return 1
+}
+
+links="$(mktemp -d)"
+paths="$links"
+for lib in nvrtc nccl; do
+  if found="$(find_lib "lib${lib}.so*")"; then
+    ln -sf "$found" "$links/lib${lib}.so"
+    # NVRTC loads its builtins library from its own folder.
+    paths="$paths:$(dirname "$found")"
+    echo "lib${lib}: $found"
+  else
+    echo "lib${lib}: not found (the checks that need it report themselves ignored)"
+  fi
+done > "$out/machine.txt"
+export LD_LIBRARY_PATH="$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{
+  echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+    --format=csv 2>&1 || true
+} >> "$out/machine.txt"
+
+# Runs one binary under the time limit, its output appended to $2.
+run() {
+  local name="$1" log="$2"
+  shift 2
+  echo "===== $name $*" >> "$log"
+  if [ ! -x "$bin/$name" ]; then
+    echo "missing: $bin/$name" >> "$log"
+    return
+  fi
+  local started=$SECONDS
+  timeout --kill-after=10 "$step_secs" "$bin/$name" "$@" >> "$log" 2>&1
+  local status=$?
+  echo "===== $name: exit status $status after $((SECONDS - started)) s" >> "$log"
+}
+
+tests="$out/tests.log"
+: > "$tests"
+# Cheapest and most telling first: the kernels compile, then the GPU results, then the rest.
+for name in test-kernel_source test-gpu test-conformance_nccl test-compression test-golden \
+            test-conformance test-cpu test-kvstore_device; do
+  run "$name" "$tests"
+done
+run gpu_bandwidth "$out/bandwidth.log"
+
+{
+  grep -E '^===== .*exit status|^test result|FAILED|panicked' "$tests" "$out/bandwidth.log"
+} > "$out/summary.txt" 2>&1
+cat "$out/summary.txt"
+# Fails when a check failed.
+! grep -qE 'exit status [1-9]|FAILED' "$out/summary.txt"
