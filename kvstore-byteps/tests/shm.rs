@@ -2,51 +2,12 @@
 //! [`SHM_MIN_BYTES`] move through the shared-memory region each worker lends each server,
 //! unless `KVSTORE_SHM=0`. The sums are the same either way; only the bytes on TCP differ.
 
-use std::collections::BTreeMap;
-use std::thread;
-use std::time::Duration;
+mod common;
 
-use kvstore_base::{CreateRequest, DType, KVStoreBase, KVStoreExt, NDArray};
+use common::{f32s, run};
+
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
 use kvstore_byteps::worker::SHM_MIN_BYTES;
-use kvstore_byteps::BytePsStore;
-use kvstore_dist::LocalCluster;
-
-const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Runs `body(store)` on `workers` workers of a fresh cluster of `servers` servers, the
-/// workers created with the cluster's options plus `extra`; returns the results by rank.
-fn run<T: Send + 'static>(
-    servers: u32,
-    workers: u32,
-    extra: &[(&str, &str)],
-    body: impl Fn(&BytePsStore) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
-    let mut options: BTreeMap<String, String> = cluster.worker_options().clone();
-    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let options = options.clone();
-            let body = body.clone();
-            thread::spawn(move || {
-                let kv = BytePsStore::from_request(&CreateRequest {
-                    name: "byteps".into(),
-                    options,
-                })
-                .unwrap();
-                (kv.rank(), body(&kv))
-            })
-        })
-        .collect();
-    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    cluster.finish().unwrap();
-    results.sort_by_key(|(r, _)| *r);
-    results.into_iter().map(|(_, t)| t).collect()
-}
-
-fn f32s(a: &NDArray) -> Vec<f32> {
-    a.to_vec::<f32>().unwrap()
-}
 
 /// Elements of "w": partitions of 25,000 float32 (100,000 bytes, through shared memory) and a
 /// last one of 10,000 (40,000 bytes, over TCP).

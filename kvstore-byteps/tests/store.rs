@@ -1,57 +1,15 @@
 //! The `byteps` store end to end, as threads of one process over real sockets on 127.0.0.1:
 //! a scheduler and dist servers from [`LocalCluster`], `byteps` workers.
 
-use std::collections::BTreeMap;
+mod common;
+
+use common::{create, f32s, run, TIMEOUT};
 use std::thread;
 use std::time::Duration;
 
-use kvstore_base::{
-    Capability, CreateRequest, DType, Error, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
-};
+use kvstore_base::{Capability, DType, Error, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
 use kvstore_byteps::partition::partition_key;
-use kvstore_byteps::BytePsStore;
 use kvstore_dist::LocalCluster;
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs `body(store)` on `workers` workers of a fresh cluster of `servers` servers, the
-/// workers created with the cluster's options plus `extra`; returns the results by rank once
-/// the cluster has ended.
-fn run<T: Send + 'static>(
-    servers: u32,
-    workers: u32,
-    extra: &[(&str, &str)],
-    body: impl Fn(&BytePsStore) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
-    let mut options = cluster.worker_options().clone();
-    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let options = options.clone();
-            let body = body.clone();
-            thread::spawn(move || {
-                let kv = create(options).unwrap();
-                (kv.rank(), body(&kv))
-            })
-        })
-        .collect();
-    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    cluster.finish().unwrap();
-    results.sort_by_key(|(r, _)| *r);
-    results.into_iter().map(|(_, t)| t).collect()
-}
-
-fn create(options: BTreeMap<String, String>) -> kvstore_base::Result<BytePsStore> {
-    BytePsStore::from_request(&CreateRequest {
-        name: "byteps".into(),
-        options,
-    })
-}
-
-fn f32s(a: &NDArray) -> Vec<f32> {
-    a.to_vec::<f32>().unwrap()
-}
 
 #[test]
 fn registered_with_its_capabilities() {

@@ -2,15 +2,12 @@
 //! 1-bit codec (residual kept per key on the worker), servers dequantise and merge. Threads of
 //! one process over real sockets on 127.0.0.1 ([`LocalCluster`]); every wait is bounded.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::thread;
-use std::time::Duration;
 
 use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
-use kvstore_dist::protocol::Mode;
-use kvstore_dist::{DistConfig, DistStore, LocalCluster};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
+use kvstore_dist::DistStore;
 
 fn params(kind: &str, threshold: f64) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -36,22 +33,7 @@ fn run_with<T: Send + 'static>(
     shm: bool,
     body: impl Fn(&DistStore) -> T + Send + Sync + Clone + 'static,
 ) -> Vec<T> {
-    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
-    let mut config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
-    config.shm = shm;
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (config, body) = (config.clone(), body.clone());
-            thread::spawn(move || {
-                let kv = DistStore::connect("dist_sync", Mode::Sync, &config).unwrap();
-                (kv.rank(), body(&kv))
-            })
-        })
-        .collect();
-    let mut out: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    cluster.finish().unwrap();
-    out.sort_by_key(|(r, _)| *r);
-    out.into_iter().map(|(_, t)| t).collect()
+    common::run_tweaked(servers, workers, |c| c.shm = shm, body)
 }
 
 fn f32s(a: &NDArray) -> Vec<f32> {
