@@ -11,7 +11,7 @@ use kvstore_base::{
 };
 mod common;
 
-use common::{job, TIMEOUT};
+use common::{chain, job, TIMEOUT};
 use kvstore_horovod::LocalJob;
 
 /// Element `i` of rank `r`'s value: small integers, so that every sum is exact in every dtype.
@@ -229,18 +229,6 @@ fn mismatched_shapes_fail_on_every_rank_naming_the_key() {
             .unwrap();
         assert_eq!(out.to_f64_vec(), vec![2.0]);
     });
-}
-
-/// The full text of an error and its sources.
-fn chain(e: &Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[test]

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use kvstore_base::{create_with, DType, Error, KVStoreBase, KVStoreExt, Key, NDArray};
+use kvstore_base::{create_with, DType, KVStoreBase, KVStoreExt, Key, NDArray};
 mod common;
 
-use common::{job, TIMEOUT};
+use common::{chain, job, TIMEOUT};
 use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
 
 /// Runs `thread(t)` for `t` in `0..threads` at once (after a barrier), returning their results
@@ -58,18 +58,6 @@ fn pushpull_checked(kv: &HorovodStore, k: i32, r: usize, n: usize) {
         vec![sum(k, n); len],
         "key {k} on rank {r}"
     );
-}
-
-/// The full text of an error and its sources.
-fn chain(e: &Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[test]

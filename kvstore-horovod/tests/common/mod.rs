@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use kvstore_base::KVStoreBase;
+use kvstore_base::{Error, KVStoreBase};
 use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
 
 /// The bound on every wait of these jobs.
@@ -37,4 +37,16 @@ where
     });
     job.finish().unwrap();
     results
+}
+
+/// The full text of an error and its sources.
+pub fn chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
