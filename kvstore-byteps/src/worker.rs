@@ -44,8 +44,8 @@ impl Sent {
     fn wait(self) -> (Outcome, Option<Lease>) {
         let outcome = self.pending.wait();
         let mut lease = self.lease;
-        if let (Ok(_) | Err(TransportError::Remote { .. }), Some(l)) = (&outcome, lease.as_mut()) {
-            l.answered();
+        if let Some(l) = lease.as_mut() {
+            l.settle(&outcome);
         }
         (outcome, lease)
     }
@@ -616,17 +616,8 @@ impl BytePsStore {
         }
         let link = self.shm[t.parts[part].server].as_ref()?;
         match command {
-            protocol::CMD_PUSH => {
-                let lease = link.reserve(Some(payload.len()), None)?;
-                match lease.fill(payload) {
-                    Ok(()) => Some(lease),
-                    Err(e) => {
-                        log::debug!("{}: {what} goes over TCP: {e}", self.name);
-                        None
-                    }
-                }
-            }
-            protocol::CMD_PULL => link.reserve(None, Some(bytes)),
+            protocol::CMD_PUSH => link.lease(Some(payload), None, what),
+            protocol::CMD_PULL => link.lease(None, Some(bytes), what),
             _ => None,
         }
     }

@@ -185,16 +185,11 @@ impl DistStore {
         let mut first_error: Option<Error> = None;
         let mut lost = None;
         for (mut what, outcome) in settle(sent) {
-            // An answer, even an error one, means the server is done with the slots; only a
-            // request left unanswered (timed out, connection lost) retires the region.
-            if let (
-                Ok(_) | Err(TransportError::Remote { .. }),
-                Sent::One {
-                    shm: Some(lease), ..
-                },
-            ) = (&outcome, &mut what)
+            if let Sent::One {
+                shm: Some(lease), ..
+            } = &mut what
             {
-                lease.answered();
+                lease.settle(&outcome);
             }
             match outcome {
                 Ok(response)
@@ -208,7 +203,7 @@ impl DistStore {
                     else {
                         first_error.get_or_insert_with(|| {
                             Error::InvalidArgument(format!(
-                                "{}: a server answered in shared memory a request that named                                  no reply slot",
+                                "{}: a server answered in shared memory a request that named no reply slot",
                                 self.name
                             ))
                         });
@@ -219,7 +214,7 @@ impl DistStore {
                     {
                         first_error.get_or_insert_with(|| {
                             self.at(operation, &metas[meta].key)(Error::InvalidArgument(format!(
-                                "a server answered part {part} in shared memory with a payload                                  of {} bytes",
+                                "a server answered part {part} in shared memory with a payload of {} bytes",
                                 response.payload.len()
                             )))
                         });
@@ -304,18 +299,11 @@ impl DistStore {
         } = *call;
         let receive = command != protocol::CMD_PUSH;
         let link = self.shm[meta.parts[part].server].as_ref();
-        let pushes = command != protocol::CMD_PULL;
-        let lease = link.filter(|_| extra_flags == 0).and_then(|link| {
-            let reply = receive.then(|| meta.byte_range(part).len());
-            let lease = link.reserve(pushes.then_some(payload.len()), reply)?;
-            if pushes {
-                if let Err(e) = lease.fill(payload) {
-                    log::debug!("kvstore-dist: {what} goes over TCP: {e}");
-                    return None;
-                }
-            }
-            Some(lease)
-        });
+        let data = (command != protocol::CMD_PULL).then_some(payload);
+        let reply = receive.then(|| meta.byte_range(part).len());
+        let lease = link
+            .filter(|_| extra_flags == 0)
+            .and_then(|link| link.lease(data, reply, what));
         let Some(mut lease) = lease else {
             let out = Outgoing::new(command, payload).flags(extra_flags);
             return Ok((self.send(meta, part, out, what, receive)?, None));

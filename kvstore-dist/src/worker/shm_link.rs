@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::config::DistConfig;
 use crate::protocol::{self, ShmAttach, ShmSlot};
 use crate::shm::{self, Region, HEADER_BYTES};
-use crate::transport::{Connection, Outgoing};
+use crate::transport::{Connection, Outgoing, Response, TransportError};
 
 /// Slots start at multiples of this many bytes.
 const ALIGN: usize = 64;
@@ -112,6 +112,25 @@ impl Link {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Slots for one request, the pushed bytes `data` (if any) already copied into its data
+    /// slot and `reply` bytes reserved for the answer; `None` when the request must go over
+    /// TCP (retired region, no room, a failed copy, logged at debug level as `what`).
+    pub fn lease(
+        self: &Arc<Link>,
+        data: Option<&[u8]>,
+        reply: Option<usize>,
+        what: &str,
+    ) -> Option<Lease> {
+        let lease = self.reserve(data.map(<[u8]>::len), reply)?;
+        if let Some(bytes) = data {
+            if let Err(e) = lease.fill(bytes) {
+                log::debug!("kvstore-dist: {what} goes over TCP: {e}");
+                return None;
+            }
+        }
+        Some(lease)
+    }
+
     /// Slots for one request: `data` bytes to push and `reply` bytes to receive (either may
     /// be absent); `None` when the region is retired or has no room left (send that request
     /// over TCP). The region is reused from its start once no lease is alive.
@@ -165,8 +184,7 @@ impl Link {
 ///
 /// The request's life: [`fill`](Lease::fill) the data slot, take the message's flags and
 /// payload from [`slots`](Lease::slots), call [`sending`](Lease::sending) and send it; once
-/// the server answered (successfully or with an error message) call
-/// [`answered`](Lease::answered); an answer flagged
+/// the request ended, give its outcome to [`settle`](Lease::settle); an answer flagged
 /// [`FLAG_SHM_REPLY`](protocol::FLAG_SHM_REPLY) is then read with
 /// [`with_reply`](Lease::with_reply) while the lease is alive.
 pub struct Lease {
@@ -232,6 +250,15 @@ impl Lease {
     /// the slots.
     pub fn answered(&mut self) {
         self.in_flight = false;
+    }
+
+    /// Records how the request ended: any answer, an error message too, means the server is
+    /// done with the slots; a request left unanswered (timed out, connection lost) stays in
+    /// flight, so that dropping the lease retires the region (the server may still write it).
+    pub fn settle(&mut self, outcome: &Result<Response, TransportError>) {
+        if matches!(outcome, Ok(_) | Err(TransportError::Remote { .. })) {
+            self.answered();
+        }
     }
 
     /// Calls `f` with the answer the server wrote into the reply slot.
