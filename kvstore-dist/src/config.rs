@@ -522,21 +522,40 @@ impl DistConfig {
         let heartbeat_interval = secs("PS_HEARTBEAT_INTERVAL", file.heartbeat_interval)?;
         let heartbeat_timeout = secs("PS_HEARTBEAT_TIMEOUT", file.heartbeat_timeout)?;
 
-        let bigarray_expected = "a whole number of elements of at least 1";
-        let (bigarray_bound, bname, braw) = match src.get("MXNET_KVSTORE_BIGARRAY_BOUND") {
-            Some(v) => (
-                parse_num::<u64>("MXNET_KVSTORE_BIGARRAY_BOUND", v, bigarray_expected)?,
-                "MXNET_KVSTORE_BIGARRAY_BOUND".to_string(),
-                v.to_string(),
-            ),
-            None => {
-                let n = file.bigarray_bound.unwrap_or(DEFAULT_BIGARRAY_BOUND);
-                (n, file_var("bigarray_bound"), n.to_string())
+        // A whole number from the variable, else the file's key, else the default; below `min`
+        // it is an error naming where it came from.
+        let at_least = |var: &'static str,
+                        key: &str,
+                        from_file: Option<u64>,
+                        default: u64,
+                        min: u64,
+                        expected: &str|
+         -> Result<u64, ConfigError> {
+            let (n, name, raw) = match src.get(var) {
+                Some(v) => (
+                    parse_num::<u64>(var, v, expected)?,
+                    var.to_string(),
+                    v.to_string(),
+                ),
+                None => {
+                    let n = from_file.unwrap_or(default);
+                    (n, file_var(key), n.to_string())
+                }
+            };
+            if n < min {
+                return Err(invalid(&name, &raw, expected));
             }
+            Ok(n)
         };
-        if bigarray_bound == 0 {
-            return Err(invalid(&bname, &braw, bigarray_expected));
-        }
+
+        let bigarray_bound = at_least(
+            "MXNET_KVSTORE_BIGARRAY_BOUND",
+            "bigarray_bound",
+            file.bigarray_bound,
+            DEFAULT_BIGARRAY_BOUND,
+            1,
+            "a whole number of elements of at least 1",
+        )?;
 
         let timeout_expected = "a positive number of seconds (fractions allowed), at most one year";
         let (timeout_secs, tname, traw) = match src.get("KVSTORE_TIMEOUT_SECS") {
@@ -555,21 +574,14 @@ impl DistConfig {
         }
         let timeout = Duration::from_secs_f64(timeout_secs);
 
-        let max_expected = "a whole number of bytes of at least 1024";
-        let (max_message_bytes, mname, mraw) = match src.get("KVSTORE_MAX_MESSAGE_BYTES") {
-            Some(v) => (
-                parse_num::<u64>("KVSTORE_MAX_MESSAGE_BYTES", v, max_expected)?,
-                "KVSTORE_MAX_MESSAGE_BYTES".to_string(),
-                v.to_string(),
-            ),
-            None => {
-                let n = file.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
-                (n, file_var("max_message_bytes"), n.to_string())
-            }
-        };
-        if max_message_bytes < 1024 {
-            return Err(invalid(&mname, &mraw, max_expected));
-        }
+        let max_message_bytes = at_least(
+            "KVSTORE_MAX_MESSAGE_BYTES",
+            "max_message_bytes",
+            file.max_message_bytes,
+            DEFAULT_MAX_MESSAGE_BYTES,
+            1024,
+            "a whole number of bytes of at least 1024",
+        )?;
 
         let shm_expected = "0 or 1";
         let shm = match src.get("KVSTORE_SHM") {
@@ -580,21 +592,14 @@ impl DistConfig {
             },
             None => file.shm.unwrap_or(true),
         };
-        let shm_bytes_expected = "a whole number of bytes of at least 1048576 (1 MiB)";
-        let (shm_bytes, sname, sraw) = match src.get("KVSTORE_SHM_BYTES") {
-            Some(v) => (
-                parse_num::<u64>("KVSTORE_SHM_BYTES", v, shm_bytes_expected)?,
-                "KVSTORE_SHM_BYTES".to_string(),
-                v.to_string(),
-            ),
-            None => {
-                let n = file.shm_bytes.unwrap_or(DEFAULT_SHM_BYTES);
-                (n, file_var("shm_bytes"), n.to_string())
-            }
-        };
-        if shm_bytes < 1 << 20 {
-            return Err(invalid(&sname, &sraw, shm_bytes_expected));
-        }
+        let shm_bytes = at_least(
+            "KVSTORE_SHM_BYTES",
+            "shm_bytes",
+            file.shm_bytes,
+            DEFAULT_SHM_BYTES,
+            1 << 20,
+            "a whole number of bytes of at least 1048576 (1 MiB)",
+        )?;
         let shm_dir = PathBuf::from(
             src.get("KVSTORE_SHM_DIR")
                 .map(str::to_string)
