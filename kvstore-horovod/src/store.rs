@@ -667,33 +667,32 @@ impl HorovodStore {
         // memory); each run of consecutive small ones is packed into one staging buffer, so
         // that it travels in a few messages rather than one or more per tensor. Every rank
         // lays out the same group the same way: the layout depends on the sizes alone.
-        let mut run_of: Vec<Option<usize>> = Vec::with_capacity(tensors.len());
+        // `staged[i]`: `None` for a tensor in place, else its staging buffer and offset there.
+        let mut staged: Vec<Option<(usize, usize)>> = Vec::with_capacity(tensors.len());
         let mut staging: Vec<Vec<u8>> = Vec::new();
-        let mut packing = false;
         for t in tensors.iter() {
             let bytes = t.local.data.as_bytes().ok_or_else(not_contiguous)?;
             if bytes.len() >= IN_PLACE_BYTES {
-                run_of.push(None);
-                packing = false;
+                staged.push(None);
                 continue;
             }
-            if !packing {
+            if !matches!(staged.last(), Some(Some(_))) {
                 staging.push(Vec::new());
-                packing = true;
             }
-            let last = staging.len() - 1;
-            staging[last].extend_from_slice(bytes);
-            run_of.push(Some(last));
+            let run = staging.len() - 1;
+            staged.push(Some((run, staging[run].len())));
+            staging[run].extend_from_slice(bytes);
         }
         {
-            let mut parts: Vec<&mut [u8]> = Vec::with_capacity(tensors.len());
             let mut runs = staging.iter_mut();
-            let mut current = None;
-            for (t, run) in tensors.iter_mut().zip(&run_of) {
-                match run {
+            let mut parts: Vec<&mut [u8]> = Vec::with_capacity(tensors.len());
+            let mut last_run = None;
+            for (t, place) in tensors.iter_mut().zip(&staged) {
+                match *place {
                     None => parts.push(t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?),
-                    Some(k) if current != Some(*k) => {
-                        current = Some(*k);
+                    // A run's buffer takes the place of its first tensor.
+                    Some((run, _)) if last_run != Some(run) => {
+                        last_run = Some(run);
                         parts.push(runs.next().expect("one staging buffer per run"));
                     }
                     Some(_) => {}
@@ -705,17 +704,11 @@ impl HorovodStore {
                 Op::Broadcast => ring.broadcast(group.seq, &mut buf, &what)?,
             }
         }
-        let mut at = 0;
-        let mut current = None;
-        for (t, run) in tensors.iter_mut().zip(&run_of) {
-            let Some(k) = *run else { continue };
-            if current != Some(k) {
-                current = Some(k);
-                at = 0;
+        for (t, place) in tensors.iter_mut().zip(&staged) {
+            if let Some((run, at)) = *place {
+                let dst = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
+                dst.copy_from_slice(&staging[run][at..at + dst.len()]);
             }
-            let dst = t.local.data.as_bytes_mut().ok_or_else(not_contiguous)?;
-            dst.copy_from_slice(&staging[k][at..at + dst.len()]);
-            at += dst.len();
         }
         Ok(())
     }
