@@ -19,6 +19,25 @@ pub(crate) struct Compression {
     pub(crate) residuals: Residuals,
 }
 
+impl Compression {
+    /// [`merge`] with the codec and residuals in effect.
+    ///
+    /// # Errors
+    /// As [`merge`]; `InvalidArgument` when no compression is set.
+    pub(crate) fn merge(
+        &self,
+        values: &KeyedValues<'_>,
+        store: &str,
+        operation: &'static str,
+    ) -> Result<Merged> {
+        let codec = self
+            .codec
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("gradient compression is not set".into()))?;
+        merge(codec, &self.residuals, values, store, operation)
+    }
+}
+
 /// The result of compressing one call's values, not yet committed.
 #[derive(Debug)]
 pub(crate) struct Merged {

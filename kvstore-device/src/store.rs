@@ -13,7 +13,7 @@ use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::ReduceConfig;
 use kvstore_local::LocalStore;
 
-use crate::compressed::{self, Compression};
+use crate::compressed::Compression;
 use crate::gpu::{cuda, DeviceArray, Runtime};
 use crate::gpu_codec::{self, PackedArray};
 use crate::optim::{Counts, GpuOptimizer};
@@ -237,16 +237,7 @@ impl DeviceStore {
     ) -> Result<()> {
         let _pass = self.gate.enter(priority);
         let mut compression = self.compression();
-        let codec = compression
-            .codec
-            .ok_or_else(|| Error::InvalidArgument("gradient compression is not set".into()))?;
-        let merged = compressed::merge(
-            &codec,
-            &compression.residuals,
-            values,
-            self.local.type_name(),
-            operation,
-        )?;
+        let merged = compression.merge(values, self.local.type_name(), operation)?;
         {
             let batch = merged.batch(operation)?;
             match outs {
@@ -746,22 +737,13 @@ impl KVStoreBase for DeviceStore {
             // the pull.
             let _pass = self.gate.enter(priority);
             let mut compression = self.compression();
-            let codec = compression
-                .codec
-                .ok_or_else(|| Error::InvalidArgument("gradient compression is not set".into()))?;
             let merged = {
                 let inputs = KeyedValues::new(
                     "pushpull",
                     values.keys().to_vec(),
                     values.outs().iter().map(|v| &**v).collect(),
                 )?;
-                compressed::merge(
-                    &codec,
-                    &compression.residuals,
-                    &inputs,
-                    self.local.type_name(),
-                    "pushpull",
-                )?
+                compression.merge(&inputs, self.local.type_name(), "pushpull")?
             };
             {
                 let batch = merged.batch("pushpull")?;
