@@ -1,16 +1,18 @@
 //! Bandwidth of the `device` store's GPU path, as a fraction of a device-to-device copy
-//! measured in the same run:
+//! measured in the same run (the ceiling: `cuMemcpyDtoD` of 256 MiB, read + write counted).
+//! Every figure counts the bytes the GPU must read and write, and is the best of several
+//! rounds:
 //!
-//! - the reduction of 8 GPU buffers of 64 MiB (spread over the visible GPUs; one GPU holds
-//!   all 8 when it is alone), counted as 8 x 64 MiB read;
-//! - one sgd (momentum) and one adam step on 256 MiB of weights (each kernel reads and
-//!   writes weight and states and reads the gradient);
-//! - gradient compression on 256 MiB of float32: 2-bit and 1-bit quantisation (reads the
-//!   gradient and the residual, writes the residual and the codes) and dequantisation
-//!   (reads the codes, writes 256 MiB), as GB/s of float32 input (256 MiB / time);
-//! - the reduction of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU,
-//!   the codes copied to the merge GPU, dequantised and summed there), as GB/s of float32
-//!   input (8 x 64 MiB / time).
+//! - the reduction of 8 buffers of 64 MiB: the kernel alone ([`DeviceArray::sum_from`], on
+//!   gpu(0), timed with CUDA events) and a whole `push_gpu` call (wall clock, launch and wait
+//!   included; the buffers spread over the visible GPUs, all on one when it is alone): 8 x 64
+//!   MiB read, 64 MiB written into the stored value;
+//! - one sgd (momentum) and one adam step on 256 MiB of weights through `push_gpu` (wall
+//!   clock): the gradient read, the weight and the states read and written;
+//! - gradient compression on 256 MiB of float32, the kernels alone (CUDA events): 2-bit and
+//!   1-bit quantisation and dequantisation, as GB/s of float32 input (256 MiB / time);
+//! - a push of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU, the codes
+//!   copied to the merge GPU, dequantised and summed there), as GB/s of float32 input.
 //!
 //! Prints `no GPU: <reason>` and exits 0 without a GPU.
 //!
@@ -18,16 +20,44 @@
 
 use std::time::Instant;
 
-use kvstore_base::{CompressionParams, Error, KVStoreBase, NDArray, OptimizerSpec, Result};
+use cudarc::driver::sys::CUevent_flags;
+use kvstore_base::{CompressionParams, DType, Error, KVStoreBase, NDArray, OptimizerSpec, Result};
 use kvstore_compression::Codec;
 use kvstore_device::gpu::Runtime;
 use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, PackedArray};
 use kvstore_local::reduce::ReduceConfig;
 
 const MIB: usize = 1 << 20;
+const ROUNDS: usize = 5;
 
-fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?; // warm-up: placement, buffers, kernel load
+/// Seconds per call of `f` (which only queues work on gpu(0)), timed on the GPU with CUDA
+/// events around `reps` calls; the best of [`ROUNDS`] rounds after a warm-up.
+fn gpu_time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let cuda = |e: cudarc::driver::DriverError| Error::Device(format!("CUDA event: {e}"));
+    let stream = &Runtime::get()?.gpu(0)?.stream;
+    f()?;
+    stream.synchronize().map_err(cuda)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..ROUNDS {
+        let start = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda)?;
+        for _ in 0..reps {
+            f()?;
+        }
+        let end = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda)?;
+        let ms = start.elapsed_ms(&end).map_err(cuda)?;
+        best = best.min(f64::from(ms) / 1e3 / reps as f64);
+    }
+    Ok(best)
+}
+
+/// Seconds of one call of `f` (which waits for its work), wall clock: the best of `reps`
+/// after a warm-up (placement, buffers).
+fn wall_time(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
         let t = Instant::now();
@@ -35,6 +65,11 @@ fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
         best = best.min(t.elapsed().as_secs_f64());
     }
     Ok(best)
+}
+
+/// `bytes` moved in `secs`, in GB/s.
+fn gbs(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
 }
 
 fn main() -> Result<()> {
@@ -55,65 +90,65 @@ fn main() -> Result<()> {
             .join(", ")
     );
 
-    // Reference: a 256 MiB copy on gpu(0) (read + write = 512 MiB moved).
+    // The ceiling: a 256 MiB copy on gpu(0) (read + write = 512 MiB moved).
     let n_copy = 256 * MIB / 4;
     let src = DeviceArray::zeros(&[n_copy], 0)?;
     let mut dst = DeviceArray::zeros(&[n_copy], 0)?;
-    let t_copy = best_of(10, || {
-        dst.copy_from(&src)?;
-        dst.to_host().map(drop) // waits; includes a D2H of 256 MiB, subtracted below
-    })?;
-    let t_d2h = best_of(5, || dst.to_host().map(drop))?;
-    let copy_gbs = (2 * 256 * MIB) as f64 / (t_copy - t_d2h).max(1e-9) / 1e9;
-    println!("device-to-device copy: {copy_gbs:.1} GB/s (read + write)");
+    let t_copy = gpu_time(20, || dst.copy_from(&src))?;
+    let copy_gbs = gbs(2 * 256 * MIB, t_copy);
+    println!(
+        "device-to-device copy of 256 MiB: {:.3} ms, {copy_gbs:.0} GB/s (read + write)",
+        t_copy * 1e3
+    );
+    let report = |what: &str, secs: f64, bytes: usize| {
+        let rate = gbs(bytes, secs);
+        println!(
+            "{what}: {:.3} ms, {rate:.0} GB/s = {:.0} % of the copy",
+            secs * 1e3,
+            100.0 * rate / copy_gbs
+        );
+    };
 
-    // Reduction: 8 buffers of 64 MiB.
+    // Reduction: 8 buffers of 64 MiB (8 read, 1 written).
     let n = 64 * MIB / 4;
+    let moved = 9 * 64 * MIB;
+    let on_gpu0: Vec<DeviceArray> = (0..8)
+        .map(|_| DeviceArray::zeros(&[n], 0))
+        .collect::<Result<_>>()?;
+    let refs0: Vec<&DeviceArray> = on_gpu0.iter().collect();
+    let mut sum = DeviceArray::zeros(&[n], 0)?;
+    let t = gpu_time(10, || sum.sum_from(&refs0))?;
+    report("reduce 8 x 64 MiB, kernel", t, moved);
     let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
-    store.init_gpu("g", &NDArray::zeros(&[n], kvstore_base::DType::F32))?;
+    store.init_gpu("g", &NDArray::zeros(&[n], DType::F32))?;
     let values: Vec<DeviceArray> = (0..8)
         .map(|i| DeviceArray::zeros(&[n], info.devices[i % ngpu].ordinal))
         .collect::<Result<_>>()?;
     let refs: Vec<&DeviceArray> = values.iter().collect();
-    let t = best_of(10, || store.push_gpu("g", &refs))?;
-    let gbs = (8 * 64 * MIB) as f64 / t / 1e9;
-    println!(
-        "reduce 8 x 64 MiB: {:.2} ms, {gbs:.1} GB/s read = {:.2} of the copy",
-        t * 1e3,
-        gbs / copy_gbs
+    let t = wall_time(20, || store.push_gpu("g", &refs))?;
+    report(
+        &format!("reduce 8 x 64 MiB, push_gpu on {ngpu} GPU(s)"),
+        t,
+        moved,
     );
 
-    // Optimizers on 256 MiB.
+    // Optimizers on 256 MiB: one value, which is the gradient as it is.
     for spec in [
         OptimizerSpec::new("sgd").with("momentum", 0.9),
         OptimizerSpec::new("adam"),
     ] {
         let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
-        store.init_gpu("w", &NDArray::zeros(&[n_copy], kvstore_base::DType::F32))?;
+        store.init_gpu("w", &NDArray::zeros(&[n_copy], DType::F32))?;
         store.set_optimizer(&spec)?;
         let grad = DeviceArray::zeros(&[n_copy], 0)?;
-        let t = best_of(10, || store.push_gpu("w", &[&grad]))?;
-        // A push of one value copies it to the merge buffer (read + write), then the kernel
-        // reads grad, weight and states and writes weight and states.
+        let t = wall_time(20, || store.push_gpu("w", &[&grad]))?;
+        // The gradient read; the weight and the states read and written.
         let states = if spec.name == "adam" { 2 } else { 1 };
-        let moved = (2 + 1 + 2 * (1 + states)) * 256 * MIB;
-        let gbs = moved as f64 / t / 1e9;
-        println!(
-            "{} on 256 MiB: {:.2} ms, {gbs:.1} GB/s moved = {:.2} of the copy",
-            spec.name,
-            t * 1e3,
-            gbs / copy_gbs
-        );
+        let moved = (1 + 2 * (1 + states)) * 256 * MIB;
+        report(&format!("{} on 256 MiB, push_gpu", spec.name), t, moved);
     }
 
     // Gradient compression on 256 MiB: the codec kernels alone.
-    let sync = || -> Result<()> {
-        Runtime::get()?
-            .gpu(0)?
-            .stream
-            .synchronize()
-            .map_err(|e| Error::Device(format!("synchronize: {e}")))
-    };
     let pattern: Vec<f32> = (0..n_copy)
         .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 512.0)
         .collect();
@@ -122,38 +157,33 @@ fn main() -> Result<()> {
         let mut residual = DeviceArray::zeros(&[n_copy], 0)?;
         let mut packed = PackedArray::zeros(&codec, n_copy, 0)?;
         let mut out = DeviceArray::zeros(&[n_copy], 0)?;
-        let tq = best_of(10, || {
-            gpu_codec::quantize(&codec, &grad, &mut residual, &mut packed)?;
-            sync()
+        let tq = gpu_time(10, || {
+            gpu_codec::quantize(&codec, &grad, &mut residual, &mut packed)
         })?;
-        let td = best_of(10, || {
-            gpu_codec::dequantize(&codec, &packed, &mut out)?;
-            sync()
-        })?;
-        let input = (256 * MIB) as f64;
+        let td = gpu_time(10, || gpu_codec::dequantize(&codec, &packed, &mut out))?;
         println!(
-            "{} on 256 MiB: quantise {:.2} ms = {:.1} GB/s of float32 input, dequantise {:.2} ms \
-             = {:.1} GB/s of float32 output",
+            "{} on 256 MiB: quantise {:.3} ms = {:.0} GB/s of float32 input, dequantise \
+             {:.3} ms = {:.0} GB/s of float32 output",
             codec.kind(),
             tq * 1e3,
-            input / tq / 1e9,
+            gbs(256 * MIB, tq),
             td * 1e3,
-            input / td / 1e9
+            gbs(256 * MIB, td)
         );
     }
 
     // A compressed push of 8 x 64 MiB through the store.
     let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
-    store.init_gpu("g", &NDArray::zeros(&[n], kvstore_base::DType::F32))?;
+    store.init_gpu("g", &NDArray::zeros(&[n], DType::F32))?;
     store.set_gradient_compression(&CompressionParams::from([(
         "type".to_string(),
         "2bit".to_string(),
     )]))?;
-    let t = best_of(10, || store.push_gpu("g", &refs))?;
-    let gbs = (8 * 64 * MIB) as f64 / t / 1e9;
+    let t = wall_time(10, || store.push_gpu("g", &refs))?;
     println!(
-        "reduce 8 x 64 MiB with 2-bit compression: {:.2} ms, {gbs:.1} GB/s of float32 input",
-        t * 1e3
+        "push 8 x 64 MiB with 2-bit compression: {:.3} ms, {:.0} GB/s of float32 input",
+        t * 1e3,
+        gbs(8 * 64 * MIB, t)
     );
     Ok(())
 }

@@ -18,61 +18,220 @@ use crate::probe::{panic_text, probe};
 /// NVRTC, together with the compression kernels ([`kernel_source`]), with `--fmad=false` (no
 /// fused multiply-add, so each operation rounds as the CPU code's does).
 ///
-/// All kernels are grid-stride loops over `n` float32 elements.
-/// - `sum_group`: `acc += (((s1 + s2) + s3) + s4)` with the first `terms` sources: the CPU
-///   store's association order, four sources at a time.
-/// - `sgd_update`: kvstore-optimizer's `sgd_element`.
+/// Every kernel is a grid-stride loop over `n` float32 elements, in two passes: when every
+/// buffer it touches is 16-byte aligned (whole CUDA allocations always are) it reads and writes
+/// `float4`s over the first `4 * (n / 4)` elements, then plain floats over the rest; each
+/// element gets the same operations in either pass. No thread reads what another writes, so the
+/// source is also valid C++ with a few definitions of CUDA's built-ins, which is how
+/// `tests/kernel_source.rs` checks the arithmetic on machines without a GPU.
+///
+/// - `sum_sources`: `out = head + (((g0 + g1) + g2) + g3) + (((g4 + g5) + g6) + g7)`, added
+///   left to right, with the first `terms` (0 to 8) of `g0..g7`; `head` is `out` itself when
+///   `head_is_out` is set. One launch sums 9 sources in one pass over memory (each input read
+///   once, the output written once); longer lists chain launches ([`sum_launches`]). This is
+///   the CPU store's association order: the first value, then groups of four.
+/// - `sgd_update`: kvstore-optimizer's `sgd_element` (`mom` may be null without momentum).
 /// - `adam_update`: kvstore-optimizer's Adam (MXNet 1.x: weight decay, then clipping).
 pub const KERNELS: &str = r#"
 __device__ __forceinline__ float kv_clip(float x, float c) {
     return x > c ? c : (x < -c ? -c : x);
 }
 
-extern "C" __global__ void sum_group(float* acc, const float* s1, const float* s2,
-                                     const float* s3, const float* s4, int terms,
-                                     unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        float t = s1[i];
-        if (terms > 1) t = t + s2[i];
-        if (terms > 2) t = t + s3[i];
-        if (terms > 3) t = t + s4[i];
-        acc[i] = acc[i] + t;
+__device__ __forceinline__ bool kv_aligned(const void* p) {
+    return (((unsigned long long)p) & 15ull) == 0ull;
+}
+
+__device__ __forceinline__ float kv_add(float a, float b) { return a + b; }
+
+__device__ __forceinline__ float4 kv_add(float4 a, float4 b) {
+    float4 r;
+    r.x = a.x + b.x;
+    r.y = a.y + b.y;
+    r.z = a.z + b.z;
+    r.w = a.w + b.w;
+    return r;
+}
+
+/* Element (or float4) i of the sum: head, then the group sources in groups of four. */
+template <typename V>
+__device__ __forceinline__ V kv_sum_at(const V* head, const float* const* g, int terms,
+                                       unsigned long long i) {
+    V acc = head[i];
+#pragma unroll
+    for (int k0 = 0; k0 < 8; k0 += 4) {
+        if (k0 < terms) {
+            V t = ((const V*)g[k0])[i];
+#pragma unroll
+            for (int k = k0 + 1; k < k0 + 4; ++k) {
+                if (k < terms) t = kv_add(t, ((const V*)g[k])[i]);
+            }
+            acc = kv_add(acc, t);
+        }
     }
+    return acc;
+}
+
+extern "C" __global__ void sum_sources(float* out, const float* head, int head_is_out,
+                                       const float* g0, const float* g1, const float* g2,
+                                       const float* g3, const float* g4, const float* g5,
+                                       const float* g6, const float* g7, int terms,
+                                       unsigned long long n) {
+    const float* g[8] = {g0, g1, g2, g3, g4, g5, g6, g7};
+    const float* h = head_is_out ? out : head;
+    bool aligned = kv_aligned(out) && kv_aligned(h);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        if (k < terms) aligned = aligned && kv_aligned(g[k]);
+    }
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    unsigned long long done = 0ull;
+    if (aligned) {
+        const unsigned long long n4 = n / 4ull;
+        for (unsigned long long i = first; i < n4; i += stride) {
+            ((float4*)out)[i] = kv_sum_at<float4>((const float4*)h, g, terms, i);
+        }
+        done = 4ull * n4;
+    }
+    for (unsigned long long i = done + first; i < n; i += stride) {
+        out[i] = kv_sum_at<float>(h, g, terms, i);
+    }
+}
+
+/* One sgd step on one element; the new momentum is left in *m. */
+__device__ __forceinline__ float kv_sgd(float w, float g, float* m, float mu, float lr,
+                                        float wd, float rescale, int has_clip, float clip) {
+    float step = has_clip ? lr * kv_clip(rescale * g, clip) : lr * rescale * g;
+    float nm = mu * *m - lr * wd * w - step;
+    *m = nm;
+    return w + nm;
 }
 
 extern "C" __global__ void sgd_update(float* w, const float* g, float* mom, int has_mom,
                                       float momentum, float lr, float wd, float rescale,
                                       int has_clip, float clip, unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        float wi = w[i];
-        float step = has_clip ? lr * kv_clip(rescale * g[i], clip) : lr * rescale * g[i];
-        float m = has_mom ? mom[i] : 0.0f;
-        float mu = has_mom ? momentum : 0.0f;
-        float nm = mu * m - lr * wd * wi - step;
-        w[i] = wi + nm;
-        if (has_mom) mom[i] = nm;
+    const float mu = has_mom ? momentum : 0.0f;
+    const bool aligned = kv_aligned(w) && kv_aligned(g) && (!has_mom || kv_aligned(mom));
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    unsigned long long done = 0ull;
+    if (aligned) {
+        const unsigned long long n4 = n / 4ull;
+        for (unsigned long long i = first; i < n4; i += stride) {
+            float4 wv = ((const float4*)w)[i];
+            const float4 gv = ((const float4*)g)[i];
+            float4 mv;
+            if (has_mom) {
+                mv = ((const float4*)mom)[i];
+            } else {
+                mv.x = 0.0f; mv.y = 0.0f; mv.z = 0.0f; mv.w = 0.0f;
+            }
+            wv.x = kv_sgd(wv.x, gv.x, &mv.x, mu, lr, wd, rescale, has_clip, clip);
+            wv.y = kv_sgd(wv.y, gv.y, &mv.y, mu, lr, wd, rescale, has_clip, clip);
+            wv.z = kv_sgd(wv.z, gv.z, &mv.z, mu, lr, wd, rescale, has_clip, clip);
+            wv.w = kv_sgd(wv.w, gv.w, &mv.w, mu, lr, wd, rescale, has_clip, clip);
+            ((float4*)w)[i] = wv;
+            if (has_mom) ((float4*)mom)[i] = mv;
+        }
+        done = 4ull * n4;
     }
+    for (unsigned long long i = done + first; i < n; i += stride) {
+        float m = has_mom ? mom[i] : 0.0f;
+        w[i] = kv_sgd(w[i], g[i], &m, mu, lr, wd, rescale, has_clip, clip);
+        if (has_mom) mom[i] = m;
+    }
+}
+
+/* One adam step on one element; the new moments are left in *m and *v. */
+__device__ __forceinline__ float kv_adam(float w, float g, float* m, float* v, float lr,
+                                         float wd, float rescale, int has_clip, float clip,
+                                         float b1, float b2, float eps) {
+    float gi = g * rescale + w * wd;
+    if (has_clip) gi = kv_clip(gi, clip);
+    float nm = b1 * *m + (1.0f - b1) * gi;
+    float nv = b2 * *v + (1.0f - b2) * gi * gi;
+    *m = nm;
+    *v = nv;
+    return w - lr * nm / (sqrtf(nv) + eps);
 }
 
 extern "C" __global__ void adam_update(float* w, const float* g, float* mean, float* var,
                                        float lr, float wd, float rescale, int has_clip,
                                        float clip, float b1, float b2, float eps,
                                        unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        float wi = w[i];
-        float gi = g[i] * rescale + wi * wd;
-        if (has_clip) gi = kv_clip(gi, clip);
-        float m = b1 * mean[i] + (1.0f - b1) * gi;
-        float v = b2 * var[i] + (1.0f - b2) * gi * gi;
+    const bool aligned = kv_aligned(w) && kv_aligned(g) && kv_aligned(mean) && kv_aligned(var);
+    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    unsigned long long done = 0ull;
+    if (aligned) {
+        const unsigned long long n4 = n / 4ull;
+        for (unsigned long long i = first; i < n4; i += stride) {
+            float4 wv = ((const float4*)w)[i];
+            const float4 gv = ((const float4*)g)[i];
+            float4 mv = ((const float4*)mean)[i];
+            float4 vv = ((const float4*)var)[i];
+            wv.x = kv_adam(wv.x, gv.x, &mv.x, &vv.x, lr, wd, rescale, has_clip, clip, b1, b2, eps);
+            wv.y = kv_adam(wv.y, gv.y, &mv.y, &vv.y, lr, wd, rescale, has_clip, clip, b1, b2, eps);
+            wv.z = kv_adam(wv.z, gv.z, &mv.z, &vv.z, lr, wd, rescale, has_clip, clip, b1, b2, eps);
+            wv.w = kv_adam(wv.w, gv.w, &mv.w, &vv.w, lr, wd, rescale, has_clip, clip, b1, b2, eps);
+            ((float4*)w)[i] = wv;
+            ((float4*)mean)[i] = mv;
+            ((float4*)var)[i] = vv;
+        }
+        done = 4ull * n4;
+    }
+    for (unsigned long long i = done + first; i < n; i += stride) {
+        float m = mean[i];
+        float v = var[i];
+        w[i] = kv_adam(w[i], g[i], &m, &v, lr, wd, rescale, has_clip, clip, b1, b2, eps);
         mean[i] = m;
         var[i] = v;
-        w[i] = wi - lr * m / (sqrtf(v) + eps);
     }
 }
 "#;
+
+/// Sources a `sum_sources` launch adds after its head.
+pub const SUM_GROUP_SOURCES: usize = 8;
+
+/// One launch of the `sum_sources` kernel in the sum of a list of sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SumLaunch {
+    /// The index of the head source, or `None` when the head is the output (the running sum
+    /// of the launches before).
+    pub head: Option<usize>,
+    /// The indices of the sources added after the head (at most [`SUM_GROUP_SOURCES`]).
+    pub group: std::ops::Range<usize>,
+}
+
+/// The launches that sum `count` sources into an output in the CPU store's association order:
+/// source 0, then the others in groups of four, two groups per launch. The first launch reads
+/// source 0 as its head, the next ones the output.
+///
+/// ```
+/// use kvstore_device::gpu::{sum_launches, SumLaunch};
+///
+/// assert_eq!(sum_launches(8), vec![SumLaunch { head: Some(0), group: 1..8 }]);
+/// assert_eq!(
+///     sum_launches(12),
+///     vec![SumLaunch { head: Some(0), group: 1..9 }, SumLaunch { head: None, group: 9..12 }]
+/// );
+/// ```
+pub fn sum_launches(count: usize) -> Vec<SumLaunch> {
+    let mut launches = Vec::new();
+    if count == 0 {
+        return launches;
+    }
+    let mut next = 1;
+    while launches.is_empty() || next < count {
+        let end = count.min(next + SUM_GROUP_SOURCES);
+        launches.push(SumLaunch {
+            head: launches.is_empty().then_some(0),
+            group: next..end,
+        });
+        next = end;
+    }
+    launches
+}
 
 /// Every kernel of the crate: [`KERNELS`] and the compression kernels
 /// ([`COMPRESSION_KERNELS`](crate::gpu_codec::COMPRESSION_KERNELS)), as one NVRTC program.
@@ -123,7 +282,7 @@ fn compile() -> Result<cudarc::nvrtc::Ptx> {
 pub struct Gpu {
     /// The stream of this GPU.
     pub stream: Arc<CudaStream>,
-    sum_group: CudaFunction,
+    sum_sources: CudaFunction,
     sgd_update: CudaFunction,
     adam_update: CudaFunction,
     quantize_2bit: CudaFunction,
@@ -173,7 +332,7 @@ impl Runtime {
                     .map_err(cuda("cuModuleGetFunction"))
             };
             gpus.push(Gpu {
-                sum_group: f("sum_group")?,
+                sum_sources: f("sum_sources")?,
                 sgd_update: f("sgd_update")?,
                 adam_update: f("adam_update")?,
                 quantize_2bit: f("quantize_2bit")?,
@@ -210,9 +369,11 @@ impl Runtime {
     }
 }
 
-fn launch_config(n: usize) -> LaunchConfig {
+/// One thread per work item (`items`: elements, `float4`s or words), up to a grid of about a
+/// million blocks (the kernels loop over the rest).
+fn launch_config(items: usize) -> LaunchConfig {
     const THREADS: usize = 256;
-    let blocks = n.div_ceil(THREADS).clamp(1, 65_535 * 16);
+    let blocks = items.div_ceil(THREADS).clamp(1, 65_535 * 16);
     LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (THREADS as u32, 1, 1),
@@ -220,29 +381,42 @@ fn launch_config(n: usize) -> LaunchConfig {
     }
 }
 
+/// A null device pointer, for the kernel arguments a launch does not use.
+const NULL: u64 = 0;
+
 impl Gpu {
-    /// `acc += (((s[0] + s[1]) + s[2]) + s[3])` over the (1 to 4) sources, all on this GPU.
-    pub(crate) fn sum_group(
+    /// `out = ((srcs[0] + group) + group) + ...` (groups of four, [`sum_launches`]), every
+    /// source on this GPU and as long as `out`; queued on this GPU's stream.
+    pub(crate) fn sum_sources(
         &self,
-        acc: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
         srcs: &[&CudaSlice<f32>],
     ) -> Result<()> {
-        assert!((1..=4).contains(&srcs.len()), "1 to 4 sources");
-        let n = acc.len() as u64;
-        let s = |i: usize| srcs.get(i).copied().unwrap_or(srcs[0]);
-        let (s1, s2, s3, s4) = (s(0), s(1), s(2), s(3));
-        let terms = srcs.len() as i32;
-        let mut b = self.stream.launch_builder(&self.sum_group);
-        b.arg(acc)
-            .arg(s1)
-            .arg(s2)
-            .arg(s3)
-            .arg(s4)
-            .arg(&terms)
-            .arg(&n);
-        // SAFETY: the signature matches `sum_group` in `KERNELS`; every buffer holds `n`
-        // elements (checked by the callers) on this GPU.
-        unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("sum_group"))?;
+        let n = out.len() as u64;
+        for launch in sum_launches(srcs.len()) {
+            let group = &srcs[launch.group.clone()];
+            let terms = group.len() as i32;
+            let head_is_out = i32::from(launch.head.is_none());
+            let mut b = self.stream.launch_builder(&self.sum_sources);
+            b.arg(&mut *out);
+            match launch.head {
+                Some(h) => b.arg(srcs[h]),
+                None => b.arg(&NULL),
+            };
+            b.arg(&head_is_out);
+            for k in 0..SUM_GROUP_SOURCES {
+                match group.get(k) {
+                    Some(src) => b.arg(*src),
+                    None => b.arg(&NULL),
+                };
+            }
+            b.arg(&terms).arg(&n);
+            // SAFETY: the signature matches `sum_sources` in `KERNELS`; every source the
+            // kernel reads (the head unless `head_is_out`, the first `terms` of the group)
+            // holds `n` elements on this GPU, as `out` does; the null pointers are never read.
+            unsafe { b.launch(launch_config(n.div_ceil(4) as usize)) }
+                .map_err(cuda("sum_sources"))?;
+        }
         Ok(())
     }
 
@@ -262,27 +436,18 @@ impl Gpu {
         let n = w.len() as u64;
         let (has_clip, clip) = (i32::from(clip.is_some()), clip.unwrap_or(0.0));
         let has_mom = i32::from(mom.is_some());
-        // Without momentum the kernel never touches `mom`: a one-element placeholder.
-        let mut placeholder;
-        let mom = match mom {
-            Some(m) => m,
-            None => {
-                placeholder = self.stream.alloc_zeros::<f32>(1).map_err(cuda("alloc"))?;
-                &mut placeholder
-            }
-        };
         let mut b = self.stream.launch_builder(&self.sgd_update);
-        b.arg(w)
-            .arg(g)
-            .arg(mom)
-            .arg(&has_mom)
-            .arg(&momentum)
-            .arg(&lr)
-            .arg(&wd);
+        b.arg(w).arg(g);
+        // Without momentum the kernel never touches `mom`: a null pointer.
+        match mom {
+            Some(m) => b.arg(m),
+            None => b.arg(&NULL),
+        };
+        b.arg(&has_mom).arg(&momentum).arg(&lr).arg(&wd);
         b.arg(&rescale).arg(&has_clip).arg(&clip).arg(&n);
         // SAFETY: the signature matches `sgd_update`; `w`, `g` (and `mom` when used) hold `n`
         // elements on this GPU.
-        unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("sgd_update"))?;
+        unsafe { b.launch(launch_config(n.div_ceil(4) as usize)) }.map_err(cuda("sgd_update"))?;
         Ok(())
     }
 
@@ -319,7 +484,7 @@ impl Gpu {
             .arg(&n);
         // SAFETY: the signature matches `adam_update`; every buffer holds `n` elements on
         // this GPU.
-        unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("adam_update"))?;
+        unsafe { b.launch(launch_config(n.div_ceil(4) as usize)) }.map_err(cuda("adam_update"))?;
         Ok(())
     }
 }
@@ -456,6 +621,41 @@ impl DeviceArray {
         gpu.stream
             .memcpy_dtod(&src.data, &mut self.data)
             .map_err(cuda("GPU copy"))
+    }
+
+    /// Writes the sum of `srcs` (at least one, all of this array's shape and on its GPU) into
+    /// this array, in the CPU store's association order (`srcs[0]`, then groups of four), by
+    /// the reduction kernel the `device` store uses. Queued on the GPU's stream: it returns
+    /// before the GPU is done ([`to_host`](DeviceArray::to_host) waits).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for no source, or one on another GPU;
+    /// [`Error::ShapeMismatch`] for one of another shape; [`Error::Device`] when the launch
+    /// fails.
+    pub fn sum_from(&mut self, srcs: &[&DeviceArray]) -> Result<()> {
+        if srcs.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a sum needs at least one source".into(),
+            ));
+        }
+        for src in srcs {
+            if src.shape != self.shape {
+                return Err(Error::ShapeMismatch {
+                    what: "a GPU sum".into(),
+                    expected: self.shape.clone(),
+                    found: src.shape.clone(),
+                });
+            }
+            if src.ordinal != self.ordinal {
+                return Err(Error::InvalidArgument(format!(
+                    "a source of the sum is on gpu({}), the output on gpu({})",
+                    src.ordinal, self.ordinal
+                )));
+            }
+        }
+        let gpu = Runtime::get()?.gpu(self.ordinal)?;
+        let srcs: Vec<&CudaSlice<f32>> = srcs.iter().map(|s| &s.data).collect();
+        gpu.sum_sources(&mut self.data, &srcs)
     }
 
     /// The shape.

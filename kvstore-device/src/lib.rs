@@ -24,10 +24,12 @@
 //!     conformance suite runs in full on it.
 //!   - GPU values are [`DeviceArray`]s (dense float32 in one GPU's memory) passed to
 //!     [`DeviceStore::init_gpu`], [`push_gpu`](DeviceStore::push_gpu) and
-//!     [`pull_gpu`](DeviceStore::pull_gpu). `device`: the values are copied to the key's
-//!     merge GPU ([`placement::place`], MXNet's balancing, decided at the first push for
-//!     every key known then) and summed by an NVRTC kernel in the CPU store's association
-//!     order; `sgd` (with momentum) and `adam` run as kernels with kvstore-optimizer's
+//!     [`pull_gpu`](DeviceStore::pull_gpu). `device`: the values on other GPUs are copied
+//!     to the key's merge GPU ([`placement::place`], MXNet's balancing, decided at the first
+//!     push for every key known then), those already there are read in place, and one NVRTC
+//!     kernel sums up to nine values in one pass over memory, in the CPU store's association
+//!     order, straight into the stored value (into a merge buffer when an optimizer takes
+//!     the sum; a single value is the optimizer's gradient as it is); `sgd` (with momentum) and `adam` run as kernels with kvstore-optimizer's
 //!     formulas, compiled without fused multiply-add so that each operation rounds as on the
 //!     CPU; a pull copies the stored value to every output. `nccl`: one value per GPU,
 //!     reduced with `ncclReduce(sum)` (even a single value, so that one GPU exercises NCCL)

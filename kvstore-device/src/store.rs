@@ -23,8 +23,8 @@ use crate::probe::{nccl_present, probe};
 /// How a store reduces the GPU values of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    /// MXNet's `CommDevice`: values copied to the GPU that holds the key's merge buffer
-    /// (placed to balance keys across GPUs) and summed there by a kernel.
+    /// MXNet's `CommDevice`: values summed by a kernel on the GPU that holds the key's merge
+    /// buffer (placed to balance keys across GPUs), after copying those on other GPUs there.
     Device,
     /// MXNet's `KVStoreNCCL`: `ncclReduce` (sum) to the first GPU of the first push, one
     /// value per GPU, always the same set of GPUs.
@@ -86,9 +86,14 @@ struct GpuEntry {
     shape: Vec<usize>,
     /// The init value, until the key is placed on a GPU.
     initial: NDArray,
+    /// The GPU that holds the key's value and reduces its pushes (placed at the first push).
     merge_dev: Option<usize>,
+    /// The value, on the merge GPU.
     stored: Option<DeviceArray>,
+    /// The sum of a push when it is not written straight into `stored`: the optimizer's
+    /// gradient, or the output of NCCL or of the compressed reduction.
     merge: Option<DeviceArray>,
+    /// Copies, on the merge GPU, of the pushed values that live on other GPUs.
     copies: Vec<DeviceArray>,
     state: Vec<CudaSlice<f32>>,
     /// Compression buffers, per position of the pushed values.
@@ -386,44 +391,81 @@ impl DeviceStore {
         let entry = keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = runtime.gpu(dev)?;
-        if entry.merge.is_none() {
-            entry.merge = Some(DeviceArray::zeros(&entry.shape, dev)?);
-        }
-        let merge = entry.merge.as_mut().expect("allocated above");
-        match (self.engine, nccl.as_ref(), codec) {
-            (Engine::Nccl, Some(comms), _) => nccl_reduce(comms, values, merge)?,
-            (_, _, Some(codec)) => {
-                reduce_compressed(&codec, &mut entry.sources, &entry.shape, values, merge)?
+        let GpuEntry {
+            shape,
+            stored,
+            merge,
+            copies,
+            state: optimizer_state,
+            sources,
+            ..
+        } = entry;
+        let stored = stored.as_mut().expect("placed keys hold their value");
+        // What a reduced sum becomes: the optimizer's gradient, or the stored value.
+        let mut apply = |sum: &CudaSlice<f32>| -> Result<()> {
+            let Some(opt) = &optimizer else {
+                return gpu
+                    .stream
+                    .memcpy_dtod(sum, &mut stored.data)
+                    .map_err(cuda("GPU copy"));
+            };
+            while optimizer_state.len() < opt.state_len() {
+                let zeros = gpu
+                    .stream
+                    .alloc_zeros::<f32>(stored.size())
+                    .map_err(cuda("alloc"))?;
+                optimizer_state.push(zeros);
             }
-            _ => {
-                merge.copy_from(values[0])?;
-                while entry.copies.len() + 1 < values.len() {
-                    entry.copies.push(DeviceArray::zeros(&entry.shape, dev)?);
+            let t = counts.entry(key.clone()).or_insert(0);
+            *t += 1;
+            opt.step(gpu, *t, &mut stored.data, sum, optimizer_state)
+        };
+        match (self.engine, codec) {
+            (Engine::Device, None) => {
+                // Values on the merge GPU are read where they are; the others are copied to it.
+                let remote: Vec<&DeviceArray> = values
+                    .iter()
+                    .copied()
+                    .filter(|v| v.ordinal() != dev)
+                    .collect();
+                while copies.len() < remote.len() {
+                    copies.push(DeviceArray::zeros(shape, dev)?);
                 }
-                for (copy, v) in entry.copies.iter_mut().zip(&values[1..]) {
+                for (copy, v) in copies.iter_mut().zip(&remote) {
                     copy.copy_from(v)?;
                 }
-                let copies = &entry.copies[..values.len() - 1];
-                for group in copies.chunks(4) {
-                    let srcs: Vec<&CudaSlice<f32>> = group.iter().map(|c| &c.data).collect();
-                    gpu.sum_group(&mut merge.data, &srcs)?;
+                let mut copied = copies.iter();
+                let srcs: Vec<&CudaSlice<f32>> = values
+                    .iter()
+                    .map(|v| match v.ordinal() == dev {
+                        true => &v.data,
+                        false => &copied.next().expect("one copy per remote value").data,
+                    })
+                    .collect();
+                match (&optimizer, srcs.as_slice()) {
+                    // One value is the sum as it is.
+                    (_, [value]) => apply(value)?,
+                    // Without an optimizer the sum is written straight into the stored value.
+                    (None, _) => gpu.sum_sources(&mut stored.data, &srcs)?,
+                    (Some(_), _) => {
+                        let merge = merge_buffer(merge, shape, dev)?;
+                        gpu.sum_sources(&mut merge.data, &srcs)?;
+                        apply(&merge.data)?;
+                    }
                 }
             }
-        }
-        let stored = entry.stored.as_mut().expect("placed keys hold their value");
-        match optimizer {
-            None => stored.copy_from(merge)?,
-            Some(opt) => {
-                while entry.state.len() < opt.state_len() {
-                    let zeros = gpu
-                        .stream
-                        .alloc_zeros::<f32>(stored.size())
-                        .map_err(cuda("alloc"))?;
-                    entry.state.push(zeros);
-                }
-                let t = counts.entry(key.clone()).or_insert(0);
-                *t += 1;
-                opt.step(gpu, *t, &mut stored.data, &merge.data, &mut entry.state)?;
+            (Engine::Device, Some(codec)) => {
+                let merge = merge_buffer(merge, shape, dev)?;
+                reduce_compressed(&codec, sources, shape, values, merge)?;
+                apply(&merge.data)?;
+            }
+            (Engine::Nccl, _) => {
+                let comms = nccl
+                    .as_ref()
+                    .ok_or_else(|| Error::Device("NCCL communicators are not open".into()))?;
+                let merge = merge_buffer(merge, shape, dev)?;
+                nccl_reduce(comms, values, merge)?;
+                apply(&merge.data)?;
             }
         }
         gpu.stream.synchronize().map_err(cuda("synchronize"))
@@ -549,6 +591,18 @@ impl DeviceStore {
             ));
         }
         Ok(())
+    }
+}
+
+/// The key's merge buffer on `dev`, allocated at its first use.
+fn merge_buffer<'a>(
+    merge: &'a mut Option<DeviceArray>,
+    shape: &[usize],
+    dev: usize,
+) -> Result<&'a mut DeviceArray> {
+    match merge {
+        Some(m) => Ok(m),
+        slot => Ok(slot.insert(DeviceArray::zeros(shape, dev)?)),
     }
 }
 
