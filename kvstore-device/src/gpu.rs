@@ -13,6 +13,7 @@ use kvstore_base::{Context, DType, Error, NDArray, Result};
 use kvstore_compression::CompressionType;
 
 use crate::probe::{panic_text, probe};
+use crate::sparse::RowKernels;
 
 /// The CUDA C source of the reduction and optimizer kernels, compiled once per process by
 /// NVRTC, together with the compression kernels ([`kernel_source`]), with `--fmad=false` (no
@@ -233,10 +234,15 @@ pub fn sum_launches(count: usize) -> Vec<SumLaunch> {
     launches
 }
 
-/// Every kernel of the crate: [`KERNELS`] and the compression kernels
+/// Every kernel of the crate: [`KERNELS`], the row kernels
+/// ([`ROW_KERNELS`](crate::sparse::ROW_KERNELS)) and the compression kernels
 /// ([`COMPRESSION_KERNELS`](crate::gpu_codec::COMPRESSION_KERNELS)), as one NVRTC program.
 pub fn kernel_source() -> String {
-    format!("{KERNELS}\n{}", crate::gpu_codec::COMPRESSION_KERNELS)
+    format!(
+        "{KERNELS}\n{}\n{}",
+        crate::sparse::ROW_KERNELS,
+        crate::gpu_codec::COMPRESSION_KERNELS
+    )
 }
 
 /// The NVRTC options of every kernel: no fused multiply-add, IEEE division and square root,
@@ -289,6 +295,7 @@ pub struct Gpu {
     quantize_1bit: CudaFunction,
     dequantize_2bit: CudaFunction,
     dequantize_1bit: CudaFunction,
+    pub(crate) row_kernels: RowKernels,
 }
 
 /// Every visible GPU, opened once per process.
@@ -339,6 +346,10 @@ impl Runtime {
                 quantize_1bit: f("quantize_1bit")?,
                 dequantize_2bit: f("dequantize_2bit")?,
                 dequantize_1bit: f("dequantize_1bit")?,
+                row_kernels: RowKernels {
+                    gather: f("gather_rows")?,
+                    scatter: f("scatter_rows")?,
+                },
                 stream,
             });
         }
@@ -371,7 +382,7 @@ impl Runtime {
 
 /// One thread per work item (`items`: elements, `float4`s or words), up to a grid of about a
 /// million blocks (the kernels loop over the rest).
-fn launch_config(items: usize) -> LaunchConfig {
+pub(crate) fn launch_config(items: usize) -> LaunchConfig {
     const THREADS: usize = 256;
     let blocks = items.div_ceil(THREADS).clamp(1, 65_535 * 16);
     LaunchConfig {

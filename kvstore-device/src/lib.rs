@@ -60,7 +60,14 @@
 //!     no flushed denormals), so results equal the CPU values' bit for bit.
 //!   - `nccl` refuses compression with `Error::Unsupported` carrying MXNet's message (`NCCL
 //!     kvstore does not support gradient compression`).
-//! - Limits of the GPU path: float32 only; no row-sparse values; custom updater closures,
+//!   - Row-sparse GPU keys (`device`): [`DeviceStore::init_gpu`] with a row-sparse value;
+//!     pushes of [`DeviceRowSparse`] values
+//!     ([`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)) are summed into the
+//!     key's value on its merge GPU (held densely there), first value written, the others
+//!     added, as `local` sums row-sparse values; [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)
+//!     gathers the requested rows on the merge GPU ([`sparse`]'s kernels) and copies them to
+//!     each output's GPU. As on the CPU, an optimizer cannot update a row-sparse weight.
+//! - Limits of the GPU path: float32 only; custom updater closures,
 //!   optimizers other than sgd/adam, lr schedulers and per-key lr/wd multipliers are refused
 //!   for GPU values (they run for CPU values).
 //! - Limits of compression: dense float32 values only (float16, float64, integer and
@@ -77,8 +84,11 @@
 //! `tests/golden.rs`, which checks CPU-valued compression bit for bit against MXNet 1.9.1's
 //! own `device` store (`tests/golden/generate.py`: values on `mx.cpu(0..3)`, several rounds,
 //! pushpull, several keys per call, sgd). `tests/kernel_source.rs` compiles every kernel with
-//! NVRTC (when `libnvrtc` is present; no GPU needed) and runs the compression kernels'
-//! source as C++ on the CPU, checking them bit for bit against the CPU codec.
+//! NVRTC (when `libnvrtc` is present; no GPU needed) and runs every kernel's source as C++
+//! on the CPU, bit for bit against the CPU: the compression kernels against the CPU codec,
+//! the sum (1 to 20 values, as [`gpu::sum_launches`] plans the launches) and the sgd and adam
+//! steps against the `local` store, the row gather and scatter against `retain_rows` and
+//! `local`'s row-sparse sums.
 //!
 //! **No GPU run has happened yet**: the kernels (the compression kernels included), the GPU
 //! tests (`tests/gpu.rs`) and the bandwidth example (`examples/gpu_bandwidth.rs`, which
@@ -139,11 +149,13 @@ pub mod gpu_codec;
 mod optim;
 pub mod placement;
 mod probe;
+pub mod sparse;
 mod store;
 
 pub use gpu::DeviceArray;
 pub use gpu_codec::PackedArray;
 pub use probe::{probe, GpuDevice, GpuInfo};
+pub use sparse::DeviceRowSparse;
 pub use store::{DeviceStore, Engine};
 
 use kvstore_base::Capability;

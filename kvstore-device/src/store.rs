@@ -19,6 +19,7 @@ use crate::gpu_codec::{self, PackedArray};
 use crate::optim::{Counts, GpuOptimizer};
 use crate::placement::place;
 use crate::probe::{nccl_present, probe};
+use crate::sparse::{row_len, DeviceRowSparse};
 
 /// How a store reduces the GPU values of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,8 +44,11 @@ pub enum Engine {
 ///   [`push_gpu`](DeviceStore::push_gpu) and [`pull_gpu`](DeviceStore::pull_gpu): keys of
 ///   their own (a key holds CPU values or GPU values, not both), dense float32. A push sums
 ///   the values on the key's merge GPU and, with an `sgd` or `adam` optimizer set, runs the
-///   optimizer there as a kernel; a pull copies the stored value to every output. Without a
-///   CUDA driver every GPU call is an [`Error::Device`].
+///   optimizer there as a kernel; a pull copies the stored value to every output. Row-sparse
+///   keys (`device`) take [`DeviceRowSparse`] values through
+///   [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse) and
+///   [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu). Without a CUDA driver every
+///   GPU call is an [`Error::Device`].
 /// - **Gradient compression** (`device` only; [`set_gradient_compression`] with MXNet's
 ///   parameters, `2bit` or `1bit`): as MXNet's `CommDevice::ReduceCompressed`, every pushed
 ///   value is quantised against its own residual (per key and per position of the value in
@@ -84,6 +88,8 @@ struct GpuState {
 #[derive(Debug)]
 struct GpuEntry {
     shape: Vec<usize>,
+    /// A row-sparse key: pushed [`DeviceRowSparse`] values, read by row-sparse pulls.
+    row_sparse: bool,
     /// The init value, until the key is placed on a GPU.
     initial: NDArray,
     /// The GPU that holds the key's value and reduces its pushes (placed at the first push).
@@ -263,20 +269,30 @@ impl DeviceStore {
         move |e| e.at_key(self.local.type_name(), operation, key)
     }
 
-    /// Initialises a GPU-valued key with a dense float32 host value (copied; it moves to
-    /// the key's merge GPU at the first push).
+    /// Initialises a GPU-valued key with a float32 host value (copied; it moves to the key's
+    /// merge GPU at the first push). A row-sparse value makes a row-sparse key (`device`
+    /// only): its pushes are [`DeviceRowSparse`] values
+    /// ([`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)) and its rows are read with
+    /// [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu); the GPU holds it densely
+    /// (absent rows are zeros).
     ///
     /// # Errors
-    /// A key already initialised (CPU or GPU); a value that is not dense float32.
+    /// A key already initialised (CPU or GPU); a value that is not float32; a row-sparse value
+    /// on the `nccl` store.
     pub fn init_gpu(&self, key: impl Into<Key>, value: &NDArray) -> Result<()> {
         let key = key.into();
         let at = self.at("init", &key);
-        if value.dtype() != kvstore_base::DType::F32 || value.storage_type() != StorageType::Dense {
+        if value.dtype() != kvstore_base::DType::F32 {
             return Err(at(Error::InvalidArgument(format!(
-                "GPU values are dense float32 for now, got a {} {} array",
+                "GPU values are float32 for now, got a {} {} array",
                 value.storage_type(),
                 value.dtype()
             ))));
+        }
+        let row_sparse = value.storage_type() == StorageType::RowSparse;
+        if row_sparse {
+            self.refuse_sparse(&[value])
+                .map_err(self.at("init", &key))?;
         }
         let mut state = self.state();
         let mut probe_out = NDArray::zeros(value.shape(), value.dtype());
@@ -293,7 +309,8 @@ impl DeviceStore {
             key,
             GpuEntry {
                 shape: value.shape().to_vec(),
-                initial: value.clone(),
+                row_sparse,
+                initial: value.to_dense(),
                 merge_dev: None,
                 stored: None,
                 merge: None,
@@ -324,6 +341,11 @@ impl DeviceStore {
     fn push_locked(&self, state: &mut GpuState, key: &Key, values: &[&DeviceArray]) -> Result<()> {
         // Validate everything before any GPU work.
         let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        if entry.row_sparse {
+            return Err(Error::InvalidArgument(format!(
+                "key {key} is row-sparse: push DeviceRowSparse values (push_gpu_row_sparse)"
+            )));
+        }
         if values.is_empty() {
             return Err(Error::InvalidArgument(
                 "a push needs at least one value".into(),
@@ -469,6 +491,193 @@ impl DeviceStore {
             }
         }
         gpu.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    /// Pushes row-sparse GPU values to a row-sparse key (MXNet's `CommDevice` reduce of
+    /// `row_sparse` values): the stored value becomes their sum, the first value's rows then
+    /// each other value's rows added in order (the rows of the values on other GPUs are copied
+    /// to the key's merge GPU first), as the `local` store sums row-sparse values.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotInitialized`]; a dense key; shape mismatches; an empty list; an
+    /// optimizer or updater (as on the CPU: row-sparse weights are not supported by the
+    /// updater); gradient compression (MXNet: not supported for row_sparse values);
+    /// [`Error::Device`].
+    pub fn push_gpu_row_sparse(
+        &self,
+        key: impl Into<Key>,
+        values: &[&DeviceRowSparse],
+    ) -> Result<()> {
+        let key = key.into();
+        let at = self.at("push", &key);
+        let mut state = self.state();
+        self.push_row_sparse_locked(&mut state, &key, values)
+            .map_err(at)
+    }
+
+    fn push_row_sparse_locked(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceRowSparse],
+    ) -> Result<()> {
+        // Validate everything before any GPU work.
+        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        if !entry.row_sparse {
+            return Err(Error::InvalidArgument(format!(
+                "key {key} is dense: push DeviceArray values (push_gpu)"
+            )));
+        }
+        if values.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a push needs at least one value".into(),
+            ));
+        }
+        for v in values {
+            if v.shape() != entry.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    what: format!("a row-sparse GPU value pushed to key {key}"),
+                    expected: entry.shape.clone(),
+                    found: v.shape().to_vec(),
+                });
+            }
+        }
+        if state.optimizer.is_some() || state.custom_updater {
+            return Err(Error::InvalidArgument(
+                "row-sparse weights are not supported by the updater; store the weight dense"
+                    .into(),
+            ));
+        }
+        if self.gradient_compression().is_some() {
+            return Err(Error::InvalidArgument(
+                "gradient compression for row_sparse storage type is not supported".into(),
+            ));
+        }
+        let runtime = Runtime::get()?;
+        let mut devs: Vec<usize> = Vec::new();
+        for v in values {
+            runtime.gpu(v.ordinal())?;
+            if !devs.contains(&v.ordinal()) {
+                devs.push(v.ordinal());
+            }
+        }
+        if state.keys[key].merge_dev.is_none() {
+            self.place_keys(state, &devs)?;
+        }
+        let entry = state.keys.get_mut(key).expect("checked above");
+        let dev = entry.merge_dev.expect("placed above");
+        let gpu = runtime.gpu(dev)?;
+        let stored = entry.stored.as_mut().expect("placed keys hold their value");
+        let moved: Vec<Option<DeviceRowSparse>> = values
+            .iter()
+            .map(|v| (v.ordinal() != dev).then(|| v.to_gpu(dev)).transpose())
+            .collect::<Result<_>>()?;
+        gpu.stream
+            .memset_zeros(&mut stored.data)
+            .map_err(cuda("memset"))?;
+        let row_len = row_len(&entry.shape);
+        for (i, (v, m)) in values.iter().zip(&moved).enumerate() {
+            let v = m.as_ref().unwrap_or(v);
+            if v.nnz() > 0 {
+                gpu.scatter_rows(&mut stored.data, &v.rows, &v.ids, v.nnz(), row_len, i > 0)?;
+            }
+        }
+        gpu.stream.synchronize().map_err(cuda("synchronize"))
+    }
+
+    /// MXNet's `row_sparse_pull` on GPUs: each output becomes the rows `row_ids[i]` (any
+    /// integer-valued dense host array; sorted and deduplicated, as MXNet does) of the key's
+    /// value, zeros for rows it does not hold, on the output's GPU. The rows are gathered on
+    /// the key's merge GPU and copied to outputs on other GPUs.
+    ///
+    /// # Errors
+    /// [`Error::KeyNotInitialized`]; a dense key; a count of `row_ids` other than of `outs`;
+    /// shape mismatches; row ids that are not integers in `0..rows`; [`Error::Device`].
+    pub fn row_sparse_pull_gpu(
+        &self,
+        key: impl Into<Key>,
+        outs: &mut [&mut DeviceRowSparse],
+        row_ids: &[&NDArray],
+    ) -> Result<()> {
+        let key = key.into();
+        let at = self.at("row_sparse_pull", &key);
+        let state = self.state();
+        let result = (|| {
+            if row_ids.len() != outs.len() {
+                return Err(Error::CountMismatch {
+                    operation: "row_sparse_pull",
+                    what: "row-id arrays, one per output".into(),
+                    expected: outs.len(),
+                    found: row_ids.len(),
+                });
+            }
+            let entry = state.keys.get(&key).ok_or(Error::KeyNotInitialized)?;
+            if !entry.row_sparse {
+                return Err(Error::InvalidArgument(
+                    "row_sparse_pull needs a row-sparse stored value; this key is dense (use pull)"
+                        .into(),
+                ));
+            }
+            let mut ids = Vec::with_capacity(outs.len());
+            for (i, (o, r)) in outs.iter().zip(row_ids).enumerate() {
+                if o.shape() != entry.shape.as_slice() {
+                    return Err(Error::ShapeMismatch {
+                        what: format!("output {i}"),
+                        expected: entry.shape.clone(),
+                        found: o.shape().to_vec(),
+                    });
+                }
+                ids.push(r.unique_row_ids(entry.shape[0])?);
+            }
+            let runtime = Runtime::get()?;
+            for o in outs.iter() {
+                runtime.gpu(o.ordinal())?;
+            }
+            let row_len = row_len(&entry.shape);
+            for (o, ids) in outs.iter_mut().zip(ids) {
+                let ordinal = o.ordinal();
+                **o = match &entry.stored {
+                    // Not on a GPU yet: the rows of the initial value.
+                    None => {
+                        let rows = entry.initial.retain_rows(&ids)?;
+                        let rows = rows
+                            .as_row_sparse()
+                            .map(|r| NDArray::from_host(r.rows().clone()))
+                            .expect("retain_rows answers row-sparse")
+                            .to_vec::<f32>()?;
+                        DeviceRowSparse::upload(&entry.shape, ids, &rows, ordinal)?
+                    }
+                    Some(stored) => {
+                        let dev = stored.ordinal();
+                        let mut picked = DeviceRowSparse::alloc(&entry.shape, ids, dev)?;
+                        let nnz = picked.nnz();
+                        if nnz > 0 {
+                            runtime.gpu(dev)?.gather_rows(
+                                &mut picked.rows,
+                                &stored.data,
+                                &picked.ids,
+                                nnz,
+                                row_len,
+                            )?;
+                        }
+                        if ordinal == dev {
+                            picked
+                        } else {
+                            picked.to_gpu(ordinal)?
+                        }
+                    }
+                };
+            }
+            for o in outs.iter() {
+                runtime
+                    .gpu(o.ordinal())?
+                    .stream
+                    .synchronize()
+                    .map_err(cuda("synchronize"))?;
+            }
+            Ok(())
+        })();
+        result.map_err(at)
     }
 
     /// Places every GPU key that has no merge GPU yet (MXNet places all known keys at the

@@ -17,7 +17,9 @@ use kvstore_base::{
     create, CompressionParams, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
 };
 use kvstore_compression::Codec;
-use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, GpuInfo, PackedArray};
+use kvstore_device::{
+    gpu_codec, probe, DeviceArray, DeviceRowSparse, DeviceStore, Engine, GpuInfo, PackedArray,
+};
 use kvstore_local::reduce::ReduceConfig;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -201,6 +203,51 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
             1e-6,
         )
     }),
+    (
+        "device::sum_of_12_values_two_launches_equals_local",
+        false,
+        |i| compare_with_local(i, Engine::Device, 12, 70_001, None, 2, 0.0),
+    ),
+    (
+        "device::sgd_on_one_value_read_in_place_matches_local",
+        false,
+        |i| {
+            compare_with_local(
+                i,
+                Engine::Device,
+                1,
+                10_001,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("momentum", 0.9)
+                        .with("wd", 0.01),
+                ),
+                3,
+                1e-6,
+            )
+        },
+    ),
+    ("device::adam_on_9_values_matches_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            9,
+            10_003,
+            Some(OptimizerSpec::new("adam").with("learning_rate", 0.01)),
+            2,
+            1e-6,
+        )
+    }),
+    (
+        "device::row_sparse_push_and_pull_match_local",
+        false,
+        row_sparse_matches_local,
+    ),
+    (
+        "device::row_sparse_errors_leave_the_key_as_it_was",
+        false,
+        row_sparse_errors,
+    ),
     (
         "device::placement_balances_keys_across_gpus",
         false,
@@ -507,6 +554,124 @@ fn errors(_: &GpuInfo) -> TestResult {
         }
     }
     Err(fail("a rejected push changed the store or was accepted"))
+}
+
+/// A row-sparse `[rows, 7]` array holding `ids`, integer-valued data from `seed`.
+fn rsp(rows: usize, ids: &[i64], seed: usize) -> Result<NDArray, Failed> {
+    let data = data(ids.len() * 7, seed);
+    let rows_array = NDArray::from_vec(&[ids.len(), 7], data)?;
+    Ok(NDArray::row_sparse(&[rows, 7], ids.to_vec(), &rows_array)?)
+}
+
+/// Row-sparse pulls of `ids` from both stores into outputs on every GPU (two at least),
+/// compared with `local`'s: the same indices, the same values.
+fn compare_row_sparse_pull(
+    info: &GpuInfo,
+    store: &DeviceStore,
+    local: &dyn KVStoreBase,
+    ids: &NDArray,
+    what: &str,
+) -> TestResult {
+    let shape = [50, 7];
+    let mut outs: Vec<DeviceRowSparse> = (0..info.devices.len().max(2))
+        .map(|i| DeviceRowSparse::zeros(&shape, dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    let mut refs: Vec<&mut DeviceRowSparse> = outs.iter_mut().collect();
+    let row_ids = vec![ids; refs.len()];
+    store.row_sparse_pull_gpu("e", &mut refs, &row_ids)?;
+    let mut want = rsp(50, &[], 0)?;
+    local.row_sparse_pull("e", &mut want, ids)?;
+    for (i, o) in outs.iter().enumerate() {
+        let got = o.to_host()?;
+        let (g, w) = (
+            got.as_row_sparse().expect("row-sparse"),
+            want.as_row_sparse().expect("row-sparse"),
+        );
+        if g.indices() != w.indices() || got.to_vec::<f32>()? != want.to_vec::<f32>()? {
+            return Err(fail(format!(
+                "{what}: output {i} holds rows {:?}, local {:?}, or other values",
+                g.indices(),
+                w.indices()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn row_sparse_matches_local(info: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    let init = rsp(50, &[0, 3, 10], 1)?;
+    store.init_gpu("e", &init)?;
+    local.init("e", &init)?;
+    let ids = NDArray::from_vec(&[5], vec![3i64, 4, 3, 49, 0])?;
+    compare_row_sparse_pull(info, &store, &*local, &ids, "before any push")?;
+    let row_sets: [&[i64]; 4] = [&[1, 3, 5, 49], &[], &[0, 3, 4, 20, 21], &[49]];
+    for round in 0..2 {
+        let hosts: Vec<NDArray> = row_sets
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| rsp(50, ids, i + round))
+            .collect::<Result<_, _>>()?;
+        let gpus: Vec<DeviceRowSparse> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceRowSparse::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        store.push_gpu_row_sparse("e", &gpus.iter().collect::<Vec<_>>())?;
+        local.push("e", &hosts[..])?;
+        let all = NDArray::from_vec(&[50], (0..50i64).rev().collect())?;
+        compare_row_sparse_pull(info, &store, &*local, &all, &format!("round {round}"))?;
+        compare_row_sparse_pull(info, &store, &*local, &ids, &format!("round {round}"))?;
+        let mut dense = DeviceArray::zeros(&[50, 7], 0)?;
+        store.pull_gpu("e", &mut [&mut dense])?;
+        let mut want = NDArray::zeros(&[50, 7], DType::F32);
+        local.pull("e", &mut want)?;
+        if dense.to_host()?.to_vec::<f32>()? != want.to_vec::<f32>()? {
+            return Err(fail(format!(
+                "round {round}: a dense pull differs from local"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn row_sparse_errors(_: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let init = rsp(50, &[2], 3)?;
+    store.init_gpu("e", &init)?;
+    store.init_gpu("w", &host(&[50, 7], vec![0.0; 350]))?;
+    let value = DeviceRowSparse::from_host(&rsp(50, &[1], 4)?, 0)?;
+    let dense = DeviceArray::zeros(&[50, 7], 0)?;
+    let wrong = DeviceRowSparse::zeros(&[49, 7], 0)?;
+    let refused = [
+        store.push_gpu("e", &[&dense]).is_err(),
+        store.push_gpu_row_sparse("w", &[&value]).is_err(),
+        store.push_gpu_row_sparse("e", &[&wrong]).is_err(),
+        store
+            .row_sparse_pull_gpu(
+                "e",
+                &mut [&mut DeviceRowSparse::zeros(&[50, 7], 0)?],
+                &[&NDArray::from_vec(&[1], vec![50i64])?],
+            )
+            .is_err(),
+        {
+            let sgd = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+            sgd.init_gpu("e", &init)?;
+            sgd.set_optimizer(&OptimizerSpec::new("sgd"))?;
+            sgd.push_gpu_row_sparse("e", &[&value]).is_err()
+        },
+    ];
+    if let Some(i) = refused.iter().position(|r| !r) {
+        return Err(fail(format!("bad call {i} was accepted")));
+    }
+    let mut out = DeviceRowSparse::zeros(&[50, 7], 0)?;
+    let ids = NDArray::from_vec(&[2], vec![1i64, 2])?;
+    store.row_sparse_pull_gpu("e", &mut [&mut out], &[&ids])?;
+    if out.to_host()? != init.retain_rows(&[1, 2])? {
+        return Err(fail("a refused call changed the key"));
+    }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {

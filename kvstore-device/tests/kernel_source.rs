@@ -16,6 +16,9 @@
 //!     residuals, packed words and dequantised values against
 //!     [`kvstore_compression::Codec`], over several rounds (the residual carried), at
 //!     several thresholds (`kernel_source/codec.rs`);
+//!   - the row kernels ([`ROW_KERNELS`](kvstore_device::sparse::ROW_KERNELS)): the gather
+//!     of a row-sparse pull against `NDArray::retain_rows`, the scatter of a row-sparse push
+//!     against a push of the same values to `local` (`kernel_source/rows.rs`);
 //!   - the reduction kernel, launched as [`sum_launches`](kvstore_device::gpu::sum_launches)
 //!     plans it, against a push of 1 to 20 values to the `local` store, and the `sgd` and
 //!     `adam` kernels against `local` with the same optimizer over several steps
@@ -30,6 +33,8 @@ mod codec;
 mod emulator;
 #[path = "kernel_source/math.rs"]
 mod math;
+#[path = "kernel_source/rows.rs"]
+mod rows;
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +70,8 @@ fn nvrtc_compiles() -> Result<(), Failed> {
     let ptx = compile_kernels()?;
     for entry in [
         "sum_sources",
+        "gather_rows",
+        "scatter_rows",
         "sgd_update",
         "adam_update",
         "quantize_2bit",
@@ -98,5 +105,6 @@ fn main() -> std::process::ExitCode {
 
     trials.extend(codec::trials());
     trials.extend(math::trials());
+    trials.extend(rows::trials());
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -1,0 +1,296 @@
+//! Row-sparse arrays in GPU memory ([`DeviceRowSparse`]) and the kernels that move rows: the
+//! gather of a row-sparse pull (MXNet's `sparse_retain` on the GPU) and the scatter of a
+//! row-sparse push into a key's value.
+
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use kvstore_base::{DType, Error, NDArray, Result, StorageType};
+
+use crate::gpu::{cuda, Gpu, Runtime};
+
+/// The CUDA C source of the row kernels (compiled with the other kernels, see
+/// [`kernel_source`](crate::gpu::kernel_source)). Both are grid-stride loops over the
+/// `rows * row_len` elements of the rows, one thread per element; `ids` holds `rows` distinct
+/// row numbers, so no two threads write the same element.
+///
+/// - `gather_rows`: `out[r, c] = src[ids[r], c]`.
+/// - `scatter_rows`: `dst[ids[r], c] = rows[r, c]`, or `dst[ids[r], c] + rows[r, c]` with
+///   `accumulate`.
+pub const ROW_KERNELS: &str = r#"
+extern "C" __global__ void gather_rows(float* out, const float* src, const long long* ids,
+                                       unsigned long long rows, unsigned long long row_len) {
+    const unsigned long long n = rows * row_len;
+    for (unsigned long long e = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         e < n; e += (unsigned long long)blockDim.x * gridDim.x) {
+        const unsigned long long r = e / row_len;
+        out[e] = src[(unsigned long long)ids[r] * row_len + (e - r * row_len)];
+    }
+}
+
+extern "C" __global__ void scatter_rows(float* dst, const float* rows, const long long* ids,
+                                        unsigned long long nrows, unsigned long long row_len,
+                                        int accumulate) {
+    const unsigned long long n = nrows * row_len;
+    for (unsigned long long e = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         e < n; e += (unsigned long long)blockDim.x * gridDim.x) {
+        const unsigned long long r = e / row_len;
+        float* d = dst + (unsigned long long)ids[r] * row_len + (e - r * row_len);
+        *d = accumulate ? *d + rows[e] : rows[e];
+    }
+}
+"#;
+
+/// A row-sparse float32 array on one GPU (MXNet's `RowSparseNDArray` on `mx.gpu(i)`): the row
+/// numbers (sorted, distinct; kept on the host and on the GPU) and the rows' values.
+///
+/// ```no_run
+/// use kvstore_base::{DType, NDArray};
+/// use kvstore_device::DeviceRowSparse;
+///
+/// let rows = NDArray::ones(&[2, 3], DType::F32);
+/// let host = NDArray::row_sparse(&[10, 3], vec![1, 7], &rows)?;
+/// let on_gpu = DeviceRowSparse::from_host(&host, 0)?; // needs a GPU
+/// assert_eq!(on_gpu.indices(), &[1, 7]);
+/// assert_eq!(on_gpu.to_host()?, host);
+/// # Ok::<(), kvstore_base::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct DeviceRowSparse {
+    shape: Vec<usize>,
+    indices: Vec<i64>,
+    ordinal: usize,
+    /// `indices` on the GPU (at least one element: CUDA allocations are never empty).
+    pub(crate) ids: CudaSlice<i64>,
+    /// `indices.len()` rows of `row_len()` elements (at least one element).
+    pub(crate) rows: CudaSlice<f32>,
+}
+
+/// Elements per row of `shape` (1 for a 1-d shape).
+pub(crate) fn row_len(shape: &[usize]) -> usize {
+    shape.iter().skip(1).product()
+}
+
+impl DeviceRowSparse {
+    /// An array of `shape` with no rows on `gpu(ordinal)` (all zeros): an output for
+    /// [`DeviceStore::row_sparse_pull_gpu`](crate::DeviceStore::row_sparse_pull_gpu).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a 0-d shape; [`Error::Device`] without a GPU of that
+    /// ordinal.
+    pub fn zeros(shape: &[usize], ordinal: usize) -> Result<DeviceRowSparse> {
+        DeviceRowSparse::upload(shape, Vec::new(), &[], ordinal)
+    }
+
+    /// Copies a row-sparse float32 host array to `gpu(ordinal)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a dense array or another dtype; [`Error::Device`]
+    /// without a GPU of that ordinal or when a copy fails.
+    pub fn from_host(array: &NDArray, ordinal: usize) -> Result<DeviceRowSparse> {
+        let Some(rsp) = array.as_row_sparse() else {
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse GPU array is made from a row-sparse host array, got a {} one",
+                array.storage_type()
+            )));
+        };
+        if array.dtype() != DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "GPU values are float32 for now, got {}",
+                array.dtype()
+            )));
+        }
+        let rows = NDArray::from_host(rsp.rows().clone()).to_vec::<f32>()?;
+        DeviceRowSparse::upload(array.shape(), rsp.indices().to_vec(), &rows, ordinal)
+    }
+
+    /// `rows` (row-major, `indices.len()` rows) and `indices` (sorted, distinct, in range:
+    /// checked by the callers) copied to `gpu(ordinal)`.
+    pub(crate) fn upload(
+        shape: &[usize],
+        indices: Vec<i64>,
+        rows: &[f32],
+        ordinal: usize,
+    ) -> Result<DeviceRowSparse> {
+        if shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a row-sparse array needs at least one dimension".into(),
+            ));
+        }
+        debug_assert_eq!(rows.len(), indices.len() * row_len(shape));
+        let gpu = Runtime::get()?.gpu(ordinal)?;
+        let ids = upload_or_one(gpu, &indices)?;
+        let rows = upload_or_one(gpu, rows)?;
+        Ok(DeviceRowSparse {
+            shape: shape.to_vec(),
+            indices,
+            ordinal,
+            ids,
+            rows,
+        })
+    }
+
+    /// The rows `indices` (sorted, distinct, in range: checked by the callers) of `shape`,
+    /// zero, on `gpu(ordinal)`, to be filled by a kernel.
+    pub(crate) fn alloc(
+        shape: &[usize],
+        indices: Vec<i64>,
+        ordinal: usize,
+    ) -> Result<DeviceRowSparse> {
+        let gpu = Runtime::get()?.gpu(ordinal)?;
+        let ids = upload_or_one(gpu, &indices)?;
+        let rows = gpu
+            .stream
+            .alloc_zeros::<f32>((indices.len() * row_len(shape)).max(1))
+            .map_err(cuda("alloc"))?;
+        Ok(DeviceRowSparse {
+            shape: shape.to_vec(),
+            indices,
+            ordinal,
+            ids,
+            rows,
+        })
+    }
+
+    /// A copy on `gpu(ordinal)` (queued on that GPU's stream).
+    ///
+    /// # Errors
+    /// [`Error::Device`] without a GPU of that ordinal or when a copy fails.
+    pub fn to_gpu(&self, ordinal: usize) -> Result<DeviceRowSparse> {
+        let gpu = Runtime::get()?.gpu(ordinal)?;
+        let mut ids = gpu
+            .stream
+            .alloc_zeros::<i64>(self.ids.len())
+            .map_err(cuda("alloc"))?;
+        let mut rows = gpu
+            .stream
+            .alloc_zeros::<f32>(self.rows.len())
+            .map_err(cuda("alloc"))?;
+        gpu.stream
+            .memcpy_dtod(&self.ids, &mut ids)
+            .map_err(cuda("GPU copy"))?;
+        gpu.stream
+            .memcpy_dtod(&self.rows, &mut rows)
+            .map_err(cuda("GPU copy"))?;
+        Ok(DeviceRowSparse {
+            shape: self.shape.clone(),
+            indices: self.indices.clone(),
+            ordinal,
+            ids,
+            rows,
+        })
+    }
+
+    /// Copies the array to host memory as a row-sparse `NDArray` (waits for every queued
+    /// operation on its GPU).
+    ///
+    /// # Errors
+    /// [`Error::Device`] when a CUDA call fails.
+    pub fn to_host(&self) -> Result<NDArray> {
+        let gpu = Runtime::get()?.gpu(self.ordinal)?;
+        let mut rows = gpu
+            .stream
+            .clone_dtoh(&self.rows)
+            .map_err(cuda("copy to host"))?;
+        gpu.stream.synchronize().map_err(cuda("synchronize"))?;
+        rows.truncate(self.nnz() * row_len(&self.shape));
+        let mut row_shape = self.shape.clone();
+        row_shape[0] = self.nnz();
+        NDArray::row_sparse(
+            &self.shape,
+            self.indices.clone(),
+            &NDArray::from_vec(&row_shape, rows)?,
+        )
+    }
+
+    /// The full (dense) shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The row numbers held, sorted and distinct.
+    pub fn indices(&self) -> &[i64] {
+        &self.indices
+    }
+
+    /// The number of rows held.
+    pub fn nnz(&self) -> usize {
+        self.indices.len()
+    }
+
+    /// The GPU ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Always row-sparse.
+    pub fn storage_type(&self) -> StorageType {
+        StorageType::RowSparse
+    }
+}
+
+/// `values` in a new allocation on `gpu` (one zero element when empty).
+fn upload_or_one<T: DeviceRepr + ValidAsZeroBits + Copy>(
+    gpu: &Gpu,
+    values: &[T],
+) -> Result<CudaSlice<T>> {
+    if values.is_empty() {
+        gpu.stream.alloc_zeros::<T>(1).map_err(cuda("alloc"))
+    } else {
+        gpu.stream.clone_htod(values).map_err(cuda("copy to GPU"))
+    }
+}
+
+impl Gpu {
+    /// Queues `out[r] = src[ids[r]]` for the `rows` rows of `row_len` elements.
+    pub(crate) fn gather_rows(
+        &self,
+        out: &mut CudaSlice<f32>,
+        src: &CudaSlice<f32>,
+        ids: &CudaSlice<i64>,
+        rows: usize,
+        row_len: usize,
+    ) -> Result<()> {
+        let (rows_arg, len_arg) = (rows as u64, row_len as u64);
+        let mut b = self.stream.launch_builder(&self.row_kernels.gather);
+        b.arg(out).arg(src).arg(ids).arg(&rows_arg).arg(&len_arg);
+        // SAFETY: the signature matches `gather_rows` in `ROW_KERNELS`; `out` holds
+        // `rows * row_len` elements, `ids` `rows` distinct row numbers of `src` (checked by
+        // the callers), all on this GPU.
+        unsafe { b.launch(crate::gpu::launch_config(rows * row_len)) }
+            .map_err(cuda("gather_rows"))?;
+        Ok(())
+    }
+
+    /// Queues `dst[ids[r]] = rows[r]` (`accumulate`: `+=`) for `nrows` rows of `row_len`.
+    pub(crate) fn scatter_rows(
+        &self,
+        dst: &mut CudaSlice<f32>,
+        rows: &CudaSlice<f32>,
+        ids: &CudaSlice<i64>,
+        nrows: usize,
+        row_len: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (rows_arg, len_arg) = (nrows as u64, row_len as u64);
+        let accumulate = i32::from(accumulate);
+        let mut b = self.stream.launch_builder(&self.row_kernels.scatter);
+        b.arg(dst)
+            .arg(rows)
+            .arg(ids)
+            .arg(&rows_arg)
+            .arg(&len_arg)
+            .arg(&accumulate);
+        // SAFETY: the signature matches `scatter_rows` in `ROW_KERNELS`; `rows` holds
+        // `nrows * row_len` elements and `ids` `nrows` distinct row numbers of `dst`
+        // (checked by the callers), all on this GPU.
+        unsafe { b.launch(crate::gpu::launch_config(nrows * row_len)) }
+            .map_err(cuda("scatter_rows"))?;
+        Ok(())
+    }
+}
+
+/// The loaded row kernels of one GPU.
+#[derive(Debug)]
+pub(crate) struct RowKernels {
+    pub(crate) gather: CudaFunction,
+    pub(crate) scatter: CudaFunction,
+}
