@@ -34,8 +34,9 @@
 //!     CPU; a pull copies the stored value to every output. `nccl`: one value per GPU,
 //!     reduced with `ncclReduce(sum)` (even a single value, so that one GPU exercises NCCL)
 //!     to the first GPU of the first push; every push uses the GPU set of the first one
-//!     (MXNet's `NCCL KVStore supports only single set of devices`); pulls use peer copies,
-//!     not `ncclBcast`.
+//!     (MXNet's `NCCL KVStore supports only single set of devices`); a pull into one output
+//!     per GPU of that set is an `ncclBroadcast` from the root (MXNet's pull), any other
+//!     pull copies the value to each output.
 //!   - `create("nccl")` needs a GPU and `libnccl`: without them it is an `Error::Device`
 //!     (MXNet's NCCL store needs GPUs), which the conformance suite reports as every check
 //!     ignored with the reason.

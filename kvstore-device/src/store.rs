@@ -28,7 +28,8 @@ pub enum Engine {
     /// buffer (placed to balance keys across GPUs), after copying those on other GPUs there.
     Device,
     /// MXNet's `KVStoreNCCL`: `ncclReduce` (sum) to the first GPU of the first push, one
-    /// value per GPU, always the same set of GPUs.
+    /// value per GPU, always the same set of GPUs; pulls into one output per GPU of the set
+    /// are an `ncclBroadcast`.
     Nccl,
 }
 
@@ -736,10 +737,23 @@ impl DeviceStore {
                 }
             }
             let runtime = Runtime::get()?;
-            for o in outs.iter_mut() {
-                match &entry.stored {
-                    Some(stored) => o.copy_from(stored)?,
-                    None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
+            let broadcast = match (&entry.stored, &state.nccl) {
+                (Some(stored), Some(comms)) if self.engine == Engine::Nccl => {
+                    let mut ordinals: Vec<usize> = outs.iter().map(|o| o.ordinal()).collect();
+                    ordinals.sort_unstable();
+                    (ordinals == comms.ordinals).then_some((stored, comms))
+                }
+                _ => None,
+            };
+            match broadcast {
+                Some((stored, comms)) => nccl_broadcast(comms, stored, outs)?,
+                None => {
+                    for o in outs.iter_mut() {
+                        match &entry.stored {
+                            Some(stored) => o.copy_from(stored)?,
+                            None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
+                        }
+                    }
                 }
             }
             for o in outs.iter() {
@@ -945,6 +959,42 @@ fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArr
                 .map_err(cuda("synchronize"))?;
         }
         Ok(())
+    })
+}
+
+/// `ncclBroadcast` of `stored` (on the root GPU) into one output per GPU of the
+/// communicators, in one NCCL group (MXNet's `KVStoreNCCL` pull).
+fn nccl_broadcast(
+    comms: &NcclComms,
+    stored: &DeviceArray,
+    outs: &mut [&mut DeviceArray],
+) -> Result<()> {
+    let root_ordinal = stored.ordinal();
+    let root = comms
+        .ordinals
+        .iter()
+        .position(|&d| d == root_ordinal)
+        .ok_or_else(|| {
+            Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
+        })? as i32;
+    guard_nccl(|| {
+        use cudarc::nccl::result;
+        let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
+        result::group_start().map_err(err)?;
+        let mut outcome = Ok(());
+        for (comm, &ordinal) in comms.comms.iter().zip(&comms.ordinals) {
+            let out = outs
+                .iter_mut()
+                .find(|o| o.ordinal() == ordinal)
+                .expect("one output per GPU of the communicators");
+            let send = (ordinal == root_ordinal).then_some(&stored.data);
+            if let Err(e) = comm.broadcast(send, &mut out.data, root) {
+                outcome = Err(err(e));
+                break;
+            }
+        }
+        result::group_end().map_err(err)?;
+        outcome
     })
 }
 
