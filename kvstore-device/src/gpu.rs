@@ -521,8 +521,8 @@ impl Gpu {
         b.arg(grad).arg(residual).arg(out).arg(&threshold).arg(&n);
         // SAFETY: the signature matches `quantize_2bit`/`quantize_1bit` in
         // `COMPRESSION_KERNELS`; `grad` and `residual` hold `n` elements and `out` at least
-        // `ceil(n / factor)` words, all on this GPU.
-        unsafe { b.launch(launch_config(words)) }.map_err(cuda("quantize"))?;
+        // `ceil(n / factor)` words, all on this GPU. One thread per byte of codes.
+        unsafe { b.launch(launch_config(4 * words)) }.map_err(cuda("quantize"))?;
         Ok(())
     }
 
@@ -552,8 +552,11 @@ impl Gpu {
         b.arg(&add).arg(&n);
         // SAFETY: the signatures match `dequantize_2bit` (packed, out, t, add, n) and
         // `dequantize_1bit` (packed, out, add, n); `out` holds `n` elements and `packed` at
-        // least `ceil(n / factor)` words, on this GPU.
-        unsafe { b.launch(launch_config(n as usize)) }.map_err(cuda("dequantize"))?;
+        // least `ceil(n / factor)` words, on this GPU. One thread per byte of codes (4 or 8
+        // elements).
+        let per_byte = kind.factor() / 4;
+        unsafe { b.launch(launch_config((n as usize).div_ceil(per_byte))) }
+            .map_err(cuda("dequantize"))?;
         Ok(())
     }
 }

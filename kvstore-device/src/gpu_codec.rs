@@ -26,126 +26,164 @@ use crate::gpu::{cuda, DeviceArray, Runtime};
 /// The CUDA C source of the compression kernels (compiled with the other kernels of
 /// [`gpu::KERNELS`](crate::gpu::KERNELS), by NVRTC with `--fmad=false --ftz=false`).
 ///
-/// The layout is the CPU codec's: element `j` of a word (`j < 16` for 2-bit, `j < 32` for
-/// 1-bit) has its code at bit `8 * (j / 4) + 6 - 2 * (j % 4)` (2-bit, two bits) or
-/// `8 * (j / 8) + 7 - j % 8` (1-bit), so that on a little-endian GPU the first element of each
-/// byte is in its most significant bits, as in MXNet. Unused trailing codes are zero.
+/// The layout is the CPU codec's, byte by byte: byte `b` of the packed codes holds elements
+/// `4b .. 4b + 4` (2-bit, element `e` at bits `6 - 2 * (e % 4)`) or `8b .. 8b + 8` (1-bit,
+/// element `e` at bit `7 - e % 8`), the first element in the most significant bits, as in
+/// MXNet; the codes fill whole 32-bit words, whose unused trailing codes are zero.
 ///
-/// - `quantize_2bit`, `quantize_1bit`: one thread per output word (16 or 32 elements, read as
-///   `float4`s when the buffers are 16-byte aligned). 2-bit: `x = r + g`; `x >= t` gives `11`
-///   and `r = x - t`; else `x <= -t` gives `10` and `r = x - (-t)`; else `00` and `r = x`.
-///   1-bit: `x = r + g`; `x > t` gives `1` and `r = x - 1`; else `0` and `r = x + 1`.
-/// - `dequantize_2bit`, `dequantize_1bit`: one thread per element; `11` → `t`, `10` → `-t`,
-///   `00`/`01` → `+0`; `1` → `+1`, `0` → `-1`; with `add`, `out = out + value`.
+/// Every kernel gives one byte of codes to one thread, so that a warp reads and writes
+/// neighbouring memory: its elements are read and written as `float4`s (one for 2-bit, two
+/// for 1-bit) when the float buffers are 16-byte aligned and the byte's elements all exist,
+/// one by one otherwise, with the same operations either way.
+///
+/// - `quantize_2bit`, `quantize_1bit`: `x = r + g`; 2-bit: `x >= t` gives `11` and
+///   `r = x - t`; else `x <= -t` gives `10` and `r = x - (-t)`; else `00` and `r = x`. 1-bit:
+///   `x > t` gives `1` and `r = x - 1`; else `0` and `r = x + 1`.
+/// - `dequantize_2bit`, `dequantize_1bit`: `11` → `t`, `10` → `-t`, `00`/`01` → `+0`;
+///   `1` → `+1`, `0` → `-1`; with `add`, `out = out + value`.
 ///
 /// All are grid-stride loops; each thread's work is independent of the others' (no shared
 /// memory, no synchronisation), so the source is also valid C++ with a few definitions of
 /// CUDA's built-ins, which is how `tests/kernel_source.rs` checks it on machines without a GPU.
 pub const COMPRESSION_KERNELS: &str = r#"
-#define KV_SHIFT2(j) (8u * ((j) >> 2) + 6u - 2u * ((j) & 3u))
-#define KV_POS2(j) (3u << KV_SHIFT2(j))
-#define KV_NEG2(j) (2u << KV_SHIFT2(j))
-#define KV_BIT1(j) (1u << (8u * ((j) >> 3) + 7u - ((j) & 7u)))
+#define KV_FIRST (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x)
+#define KV_STRIDE ((unsigned long long)blockDim.x * gridDim.x)
+#define KV_ALIGNED2(a, b) (((((unsigned long long)(a)) | ((unsigned long long)(b))) & 15ull) == 0ull)
 
-__device__ __forceinline__ unsigned int kv_quantize2(float g, float* r, float t, float nt,
-                                                     unsigned int j) {
+/* The 2-bit code of one element (3: +t, 2: -t, 0), its residual updated. */
+__device__ __forceinline__ unsigned int kv_code2(float g, float* r, float t, float nt) {
     float x = *r + g;
     bool pos = x >= t;
     bool neg = x <= nt;
     *r = pos ? x - t : (neg ? x - nt : x);
-    return pos ? KV_POS2(j) : (neg ? KV_NEG2(j) : 0u);
+    return pos ? 3u : (neg ? 2u : 0u);
 }
 
-__device__ __forceinline__ unsigned int kv_quantize1(float g, float* r, float t,
-                                                     unsigned int j) {
+/* The 1-bit code of one element, its residual updated. */
+__device__ __forceinline__ unsigned int kv_code1(float g, float* r, float t) {
     float x = *r + g;
     bool hi = x > t;
     *r = hi ? x - 1.0f : x + 1.0f;
-    return hi ? KV_BIT1(j) : 0u;
+    return hi ? 1u : 0u;
+}
+
+__device__ __forceinline__ float kv_value2(unsigned int code, float t, float nt) {
+    code &= 3u;
+    return code == 3u ? t : (code == 2u ? nt : 0.0f);
+}
+
+__device__ __forceinline__ float kv_value1(unsigned int code) {
+    return (code & 1u) ? 1.0f : -1.0f;
+}
+
+__device__ __forceinline__ float kv_put(float old, float v, int add) {
+    return add ? old + v : v;
 }
 
 extern "C" __global__ void quantize_2bit(const float* grad, float* residual,
                                          unsigned int* out, float t,
                                          unsigned long long n) {
     const float nt = -t;
-    const unsigned long long words = (n + 15ull) / 16ull;
-    const bool aligned =
-        ((((unsigned long long)grad) | ((unsigned long long)residual)) & 15ull) == 0ull;
-    for (unsigned long long w = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         w < words; w += (unsigned long long)blockDim.x * gridDim.x) {
-        const unsigned long long base = w * 16ull;
-        unsigned int word = 0u;
-        if (aligned && base + 16ull <= n) {
-            const float4* g4 = (const float4*)(grad + base);
-            float4* r4 = (float4*)(residual + base);
-            for (unsigned int q = 0u; q < 4u; ++q) {
-                float4 g = g4[q];
-                float4 r = r4[q];
-                word |= kv_quantize2(g.x, &r.x, t, nt, 4u * q);
-                word |= kv_quantize2(g.y, &r.y, t, nt, 4u * q + 1u);
-                word |= kv_quantize2(g.z, &r.z, t, nt, 4u * q + 2u);
-                word |= kv_quantize2(g.w, &r.w, t, nt, 4u * q + 3u);
-                r4[q] = r;
-            }
+    unsigned char* bytes = (unsigned char*)out;
+    const unsigned long long nbytes = 4ull * ((n + 15ull) / 16ull);
+    const bool aligned = KV_ALIGNED2(grad, residual);
+    for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
+        const unsigned long long e = 4ull * b;
+        unsigned int code = 0u;
+        if (aligned && e + 4ull <= n) {
+            const float4 g = ((const float4*)grad)[b];
+            float4 r = ((const float4*)residual)[b];
+            code = (kv_code2(g.x, &r.x, t, nt) << 6) | (kv_code2(g.y, &r.y, t, nt) << 4) |
+                   (kv_code2(g.z, &r.z, t, nt) << 2) | kv_code2(g.w, &r.w, t, nt);
+            ((float4*)residual)[b] = r;
         } else {
-            for (unsigned int j = 0u; j < 16u && base + j < n; ++j) {
-                word |= kv_quantize2(grad[base + j], &residual[base + j], t, nt, j);
+            for (unsigned int j = 0u; j < 4u && e + j < n; ++j) {
+                code |= kv_code2(grad[e + j], &residual[e + j], t, nt) << (6u - 2u * j);
             }
         }
-        out[w] = word;
+        bytes[b] = (unsigned char)code;
     }
 }
 
 extern "C" __global__ void quantize_1bit(const float* grad, float* residual,
                                          unsigned int* out, float t,
                                          unsigned long long n) {
-    const unsigned long long words = (n + 31ull) / 32ull;
-    const bool aligned =
-        ((((unsigned long long)grad) | ((unsigned long long)residual)) & 15ull) == 0ull;
-    for (unsigned long long w = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         w < words; w += (unsigned long long)blockDim.x * gridDim.x) {
-        const unsigned long long base = w * 32ull;
-        unsigned int word = 0u;
-        if (aligned && base + 32ull <= n) {
-            const float4* g4 = (const float4*)(grad + base);
-            float4* r4 = (float4*)(residual + base);
-            for (unsigned int q = 0u; q < 8u; ++q) {
-                float4 g = g4[q];
-                float4 r = r4[q];
-                word |= kv_quantize1(g.x, &r.x, t, 4u * q);
-                word |= kv_quantize1(g.y, &r.y, t, 4u * q + 1u);
-                word |= kv_quantize1(g.z, &r.z, t, 4u * q + 2u);
-                word |= kv_quantize1(g.w, &r.w, t, 4u * q + 3u);
-                r4[q] = r;
-            }
+    unsigned char* bytes = (unsigned char*)out;
+    const unsigned long long nbytes = 4ull * ((n + 31ull) / 32ull);
+    const bool aligned = KV_ALIGNED2(grad, residual);
+    for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
+        const unsigned long long e = 8ull * b;
+        unsigned int code = 0u;
+        if (aligned && e + 8ull <= n) {
+            const float4 g0 = ((const float4*)grad)[2ull * b];
+            const float4 g1 = ((const float4*)grad)[2ull * b + 1ull];
+            float4 r0 = ((const float4*)residual)[2ull * b];
+            float4 r1 = ((const float4*)residual)[2ull * b + 1ull];
+            code = (kv_code1(g0.x, &r0.x, t) << 7) | (kv_code1(g0.y, &r0.y, t) << 6) |
+                   (kv_code1(g0.z, &r0.z, t) << 5) | (kv_code1(g0.w, &r0.w, t) << 4) |
+                   (kv_code1(g1.x, &r1.x, t) << 3) | (kv_code1(g1.y, &r1.y, t) << 2) |
+                   (kv_code1(g1.z, &r1.z, t) << 1) | kv_code1(g1.w, &r1.w, t);
+            ((float4*)residual)[2ull * b] = r0;
+            ((float4*)residual)[2ull * b + 1ull] = r1;
         } else {
-            for (unsigned int j = 0u; j < 32u && base + j < n; ++j) {
-                word |= kv_quantize1(grad[base + j], &residual[base + j], t, j);
+            for (unsigned int j = 0u; j < 8u && e + j < n; ++j) {
+                code |= kv_code1(grad[e + j], &residual[e + j], t) << (7u - j);
             }
         }
-        out[w] = word;
+        bytes[b] = (unsigned char)code;
     }
 }
 
 extern "C" __global__ void dequantize_2bit(const unsigned int* packed, float* out, float t,
                                            int add, unsigned long long n) {
     const float nt = -t;
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        const unsigned int j = (unsigned int)(i & 15ull);
-        const unsigned int m = packed[i >> 4] & KV_POS2(j);
-        const float v = (m == KV_POS2(j)) ? t : ((m == KV_NEG2(j)) ? nt : 0.0f);
-        out[i] = add ? out[i] + v : v;
+    const unsigned char* bytes = (const unsigned char*)packed;
+    const unsigned long long nbytes = (n + 3ull) / 4ull;
+    const bool aligned = KV_ALIGNED2(out, out);
+    for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
+        const unsigned long long e = 4ull * b;
+        const unsigned int code = bytes[b];
+        if (aligned && e + 4ull <= n) {
+            float4 o = ((const float4*)out)[b];
+            o.x = kv_put(o.x, kv_value2(code >> 6, t, nt), add);
+            o.y = kv_put(o.y, kv_value2(code >> 4, t, nt), add);
+            o.z = kv_put(o.z, kv_value2(code >> 2, t, nt), add);
+            o.w = kv_put(o.w, kv_value2(code, t, nt), add);
+            ((float4*)out)[b] = o;
+        } else {
+            for (unsigned int j = 0u; j < 4u && e + j < n; ++j) {
+                out[e + j] = kv_put(out[e + j], kv_value2(code >> (6u - 2u * j), t, nt), add);
+            }
+        }
     }
 }
 
 extern "C" __global__ void dequantize_1bit(const unsigned int* packed, float* out, int add,
                                            unsigned long long n) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        const unsigned int j = (unsigned int)(i & 31ull);
-        const float v = ((packed[i >> 5] & KV_BIT1(j)) == KV_BIT1(j)) ? 1.0f : -1.0f;
-        out[i] = add ? out[i] + v : v;
+    const unsigned char* bytes = (const unsigned char*)packed;
+    const unsigned long long nbytes = (n + 7ull) / 8ull;
+    const bool aligned = KV_ALIGNED2(out, out);
+    for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
+        const unsigned long long e = 8ull * b;
+        const unsigned int code = bytes[b];
+        if (aligned && e + 8ull <= n) {
+            float4 o0 = ((const float4*)out)[2ull * b];
+            float4 o1 = ((const float4*)out)[2ull * b + 1ull];
+            o0.x = kv_put(o0.x, kv_value1(code >> 7), add);
+            o0.y = kv_put(o0.y, kv_value1(code >> 6), add);
+            o0.z = kv_put(o0.z, kv_value1(code >> 5), add);
+            o0.w = kv_put(o0.w, kv_value1(code >> 4), add);
+            o1.x = kv_put(o1.x, kv_value1(code >> 3), add);
+            o1.y = kv_put(o1.y, kv_value1(code >> 2), add);
+            o1.z = kv_put(o1.z, kv_value1(code >> 1), add);
+            o1.w = kv_put(o1.w, kv_value1(code), add);
+            ((float4*)out)[2ull * b] = o0;
+            ((float4*)out)[2ull * b + 1ull] = o1;
+        } else {
+            for (unsigned int j = 0u; j < 8u && e + j < n; ++j) {
+                out[e + j] = kv_put(out[e + j], kv_value1(code >> (7u - j)), add);
+            }
+        }
     }
 }
 "#;

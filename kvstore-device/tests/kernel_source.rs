@@ -1,7 +1,8 @@
 //! Checks of the CUDA kernel source that need no GPU:
 //!
 //! - `nvrtc::*`: every kernel ([`kvstore_device::gpu::kernel_source`]) compiles with NVRTC,
-//!   with the options the runtime uses, and the PTX has every entry point. Needs `libnvrtc`
+//!   with the options the runtime uses, and the PTX has every entry point, no fused
+//!   multiply-add and no local memory (no spills, no arrays on the stack). Needs `libnvrtc`
 //!   on the loader path (it is ignored, with the reason, otherwise); no driver, no GPU.
 //! - `emulated::*`: the kernels compiled as C++ by the host's compiler (`$CXX`, else `c++`;
 //!   ignored with the reason when there is none), with definitions of CUDA's thread indices
@@ -86,6 +87,10 @@ fn nvrtc_compiles() -> Result<(), Failed> {
     // No fused multiply-add anywhere: each operation rounds as on the CPU.
     if ptx.contains("fma.") {
         return Err("the PTX contains fma instructions".into());
+    }
+    // No local memory: a spill or an array on the stack would cost memory bandwidth.
+    if ptx.contains(".local") {
+        return Err("the PTX uses local memory".into());
     }
     Ok(())
 }
