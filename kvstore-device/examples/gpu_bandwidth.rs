@@ -9,6 +9,7 @@
 //!   MiB read, 64 MiB written into the stored value;
 //! - one sgd (momentum) and one adam step on 256 MiB of weights through `push_gpu` (wall
 //!   clock): the gradient read, the weight and the states read and written;
+//! - 256 keys of 256 KiB pushed one call per key and as one `push_gpu_batch`;
 //! - gradient compression on 256 MiB of float32, the kernels alone (CUDA events): 2-bit and
 //!   1-bit quantisation and dequantisation, as GB/s of float32 input (256 MiB / time);
 //! - a push of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU, the codes
@@ -147,6 +148,42 @@ fn main() -> Result<()> {
         let moved = (1 + 2 * (1 + states)) * 256 * MIB;
         report(&format!("{} on 256 MiB, push_gpu", spec.name), t, moved);
     }
+
+    // Many small keys: 256 keys of 256 KiB, 2 values each, one call per key against one
+    // batch (one wait per GPU instead of one per key).
+    let (keys, small) = (256usize, 64 * 1024);
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    for k in 0..keys {
+        store.init_gpu(k as i64, &NDArray::zeros(&[small], DType::F32))?;
+    }
+    let grads: Vec<[DeviceArray; 2]> = (0..keys)
+        .map(|_| {
+            Ok([
+                DeviceArray::zeros(&[small], 0)?,
+                DeviceArray::zeros(&[small], 0)?,
+            ])
+        })
+        .collect::<Result<_>>()?;
+    let grad_refs: Vec<[&DeviceArray; 2]> = grads.iter().map(|[a, b]| [a, b]).collect();
+    let t_each = wall_time(5, || {
+        for (k, g) in grad_refs.iter().enumerate() {
+            store.push_gpu(k as i64, g)?;
+        }
+        Ok(())
+    })?;
+    let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = grad_refs
+        .iter()
+        .enumerate()
+        .map(|(k, g)| ((k as i64).into(), &g[..]))
+        .collect();
+    let t_batch = wall_time(5, || store.push_gpu_batch(&batch))?;
+    println!(
+        "{keys} keys of 256 KiB, 2 values each: {:.3} ms as one push_gpu per key, {:.3} ms as \
+         one push_gpu_batch ({:.1} us per key)",
+        t_each * 1e3,
+        t_batch * 1e3,
+        t_batch * 1e6 / keys as f64
+    );
 
     // Gradient compression on 256 MiB: the codec kernels alone.
     let pattern: Vec<f32> = (0..n_copy)

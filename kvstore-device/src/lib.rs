@@ -24,7 +24,10 @@
 //!     conformance suite runs in full on it.
 //!   - GPU values are [`DeviceArray`]s (dense float32 in one GPU's memory) passed to
 //!     [`DeviceStore::init_gpu`], [`push_gpu`](DeviceStore::push_gpu) and
-//!     [`pull_gpu`](DeviceStore::pull_gpu). `device`: the values on other GPUs are copied
+//!     [`pull_gpu`](DeviceStore::pull_gpu), or for many keys at once
+//!     [`push_gpu_batch`](DeviceStore::push_gpu_batch) and
+//!     [`pull_gpu_batch`](DeviceStore::pull_gpu_batch) (every key checked first, one wait per
+//!     GPU at the end of the call, as MXNet synchronises once per list of keys). `device`: the values on other GPUs are copied
 //!     to the key's merge GPU ([`placement::place`], MXNet's balancing, decided at the first
 //!     push for every key known then), those already there are read in place, and one NVRTC
 //!     kernel sums up to nine values in one pass over memory, in the CPU store's association

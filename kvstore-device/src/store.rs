@@ -333,14 +333,92 @@ impl DeviceStore {
     /// [`Error::KeyNotInitialized`], shape mismatches, an empty list, an updater the GPU path
     /// cannot run (a custom closure, an optimizer other than sgd/adam), [`Error::Device`].
     pub fn push_gpu(&self, key: impl Into<Key>, values: &[&DeviceArray]) -> Result<()> {
-        let key = key.into();
-        let at = self.at("push", &key);
-        let mut state = self.state();
-        self.push_locked(&mut state, &key, values).map_err(at)
+        self.push_gpu_batch(&[(key.into(), values)])
     }
 
-    fn push_locked(&self, state: &mut GpuState, key: &Key, values: &[&DeviceArray]) -> Result<()> {
-        // Validate everything before any GPU work.
+    /// Pushes the values of several GPU-valued keys in one call, as MXNet pushes a list of
+    /// keys: every key is checked before any GPU work (a bad key changes nothing), the keys
+    /// are reduced in ascending order (values of a key listed twice are pushed together), and
+    /// the call waits for its GPUs once, at the end, instead of once per key.
+    ///
+    /// # Errors
+    /// As [`push_gpu`](DeviceStore::push_gpu), naming the key; on the `nccl` store, keys of
+    /// one call on different sets of GPUs.
+    pub fn push_gpu_batch(&self, batch: &[(Key, &[&DeviceArray])]) -> Result<()> {
+        let mut state = self.state();
+        // Keys in ascending order, the values of a key listed twice together.
+        let mut groups: Vec<(&Key, Vec<&DeviceArray>)> = Vec::new();
+        let mut order: Vec<&(Key, &[&DeviceArray])> = batch.iter().collect();
+        order.sort_by(|a, b| a.0.cmp(&b.0));
+        for (key, values) in order {
+            match groups.last_mut() {
+                Some((k, vs)) if *k == key => vs.extend_from_slice(values),
+                _ => groups.push((key, values.to_vec())),
+            }
+        }
+        // Checks, before any GPU work.
+        let optimizer = match state.custom_updater {
+            true => None,
+            false => state
+                .optimizer
+                .as_ref()
+                .map(GpuOptimizer::parse)
+                .transpose()
+                .map_err(|e| match groups.first() {
+                    Some((key, _)) => self.at("push", key)(e),
+                    None => e,
+                })?,
+        };
+        let codec = self.gradient_compression();
+        let mut nccl_set: Option<Vec<usize>> = state.nccl.as_ref().map(|c| c.ordinals.clone());
+        let mut devs = Vec::with_capacity(groups.len());
+        for (key, values) in &groups {
+            let key_devs = self
+                .check_push(&state, key, values, nccl_set.as_deref())
+                .map_err(self.at("push", key))?;
+            if self.engine == Engine::Nccl && nccl_set.is_none() {
+                let mut sorted = key_devs.clone();
+                sorted.sort_unstable();
+                nccl_set = Some(sorted);
+            }
+            devs.push(key_devs);
+        }
+        // The work, then one wait per GPU touched.
+        let mut touched: Vec<usize> = Vec::new();
+        for ((key, values), key_devs) in groups.iter().zip(&devs) {
+            self.queue_push(
+                &mut state,
+                key,
+                values,
+                key_devs,
+                optimizer.as_ref(),
+                codec,
+                &mut touched,
+            )
+            .map_err(self.at("push", key))?;
+        }
+        let runtime = Runtime::get()?;
+        touched.sort_unstable();
+        touched.dedup();
+        for ordinal in touched {
+            runtime
+                .gpu(ordinal)?
+                .stream
+                .synchronize()
+                .map_err(cuda("synchronize"))?;
+        }
+        Ok(())
+    }
+
+    /// Checks a push of `values` to `key` (on the `nccl` store, against the GPU set `nccl_set`
+    /// when there is one); returns the values' GPUs in first-seen order.
+    fn check_push(
+        &self,
+        state: &GpuState,
+        key: &Key,
+        values: &[&DeviceArray],
+        nccl_set: Option<&[usize]>,
+    ) -> Result<Vec<usize>> {
         let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
         if entry.row_sparse {
             return Err(Error::InvalidArgument(format!(
@@ -367,12 +445,6 @@ impl DeviceStore {
                     .into(),
             ));
         }
-        let optimizer = state
-            .optimizer
-            .as_ref()
-            .map(GpuOptimizer::parse)
-            .transpose()?;
-        let codec = self.gradient_compression();
         let runtime = Runtime::get()?;
         let mut devs: Vec<usize> = Vec::new();
         for v in values {
@@ -391,22 +463,38 @@ impl DeviceStore {
             }
             let mut sorted = devs.clone();
             sorted.sort_unstable();
-            let same_set = state.nccl.as_ref().is_none_or(|c| c.ordinals == sorted);
-            let root_in_set = state.keys[key]
-                .merge_dev
-                .is_none_or(|d| sorted.contains(&d));
+            let same_set = nccl_set.is_none_or(|set| set == sorted);
+            let root_in_set = entry.merge_dev.is_none_or(|d| sorted.contains(&d));
             if !same_set || !root_in_set {
                 return Err(Error::InvalidArgument(
                     "NCCL KVStore supports only single set of devices".into(),
                 ));
             }
         }
+        Ok(devs)
+    }
+
+    /// Queues a checked push (placing the keys and opening NCCL at the first one); adds the
+    /// GPUs it uses to `touched`, for the caller to wait on.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceArray],
+        devs: &[usize],
+        optimizer: Option<&GpuOptimizer>,
+        codec: Option<Codec>,
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        let runtime = Runtime::get()?;
         if state.keys[key].merge_dev.is_none() {
-            self.place_keys(state, &devs)?;
+            self.place_keys(state, devs)?;
         }
         if self.engine == Engine::Nccl && state.nccl.is_none() {
-            state.nccl = Some(open_nccl(runtime, &devs)?);
+            state.nccl = Some(open_nccl(runtime, devs)?);
         }
+        touched.extend_from_slice(devs);
 
         let GpuState {
             keys, counts, nccl, ..
@@ -491,7 +579,8 @@ impl DeviceStore {
                 apply(&merge.data)?;
             }
         }
-        gpu.stream.synchronize().map_err(cuda("synchronize"))
+        touched.push(dev);
+        Ok(())
     }
 
     /// Pushes row-sparse GPU values to a row-sparse key (MXNet's `CommDevice` reduce of
@@ -722,50 +811,87 @@ impl DeviceStore {
     /// # Errors
     /// [`Error::KeyNotInitialized`], shape mismatches, [`Error::Device`].
     pub fn pull_gpu(&self, key: impl Into<Key>, outs: &mut [&mut DeviceArray]) -> Result<()> {
-        let key = key.into();
-        let at = self.at("pull", &key);
+        self.pull_gpu_batch(&mut [(key.into(), outs)])
+    }
+
+    /// Pulls several GPU-valued keys in one call: every key and output is checked before any
+    /// copy (a bad one changes no output), and the call waits for its GPUs once, at the end.
+    ///
+    /// # Errors
+    /// As [`pull_gpu`](DeviceStore::pull_gpu), naming the key.
+    pub fn pull_gpu_batch(&self, batch: &mut [(Key, &mut [&mut DeviceArray])]) -> Result<()> {
         let state = self.state();
-        let result = (|| {
-            let entry = state.keys.get(&key).ok_or(Error::KeyNotInitialized)?;
-            for o in outs.iter() {
-                if o.shape() != entry.shape.as_slice() {
-                    return Err(Error::ShapeMismatch {
-                        what: format!("an output pulled from key {key}"),
-                        expected: entry.shape.clone(),
-                        found: o.shape().to_vec(),
-                    });
-                }
+        for (key, outs) in batch.iter() {
+            self.check_pull(&state, key, outs)
+                .map_err(self.at("pull", key))?;
+        }
+        let mut touched: Vec<usize> = Vec::new();
+        for (key, outs) in batch.iter_mut() {
+            self.queue_pull(&state, key, outs, &mut touched)
+                .map_err(self.at("pull", key))?;
+        }
+        let runtime = Runtime::get()?;
+        touched.sort_unstable();
+        touched.dedup();
+        for ordinal in touched {
+            runtime
+                .gpu(ordinal)?
+                .stream
+                .synchronize()
+                .map_err(cuda("synchronize"))?;
+        }
+        Ok(())
+    }
+
+    fn check_pull(&self, state: &GpuState, key: &Key, outs: &[&mut DeviceArray]) -> Result<()> {
+        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        for o in outs.iter() {
+            if o.shape() != entry.shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    what: format!("an output pulled from key {key}"),
+                    expected: entry.shape.clone(),
+                    found: o.shape().to_vec(),
+                });
             }
-            let runtime = Runtime::get()?;
-            let broadcast = match (&entry.stored, &state.nccl) {
-                (Some(stored), Some(comms)) if self.engine == Engine::Nccl => {
-                    let mut ordinals: Vec<usize> = outs.iter().map(|o| o.ordinal()).collect();
-                    ordinals.sort_unstable();
-                    (ordinals == comms.ordinals).then_some((stored, comms))
-                }
-                _ => None,
-            };
-            match broadcast {
-                Some((stored, comms)) => nccl_broadcast(comms, stored, outs)?,
-                None => {
-                    for o in outs.iter_mut() {
-                        match &entry.stored {
-                            Some(stored) => o.copy_from(stored)?,
-                            None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
-                        }
+        }
+        let runtime = Runtime::get()?;
+        for o in outs.iter() {
+            runtime.gpu(o.ordinal())?;
+        }
+        Ok(())
+    }
+
+    /// Queues the copies (or the NCCL broadcast) of a checked pull; adds the outputs' GPUs to
+    /// `touched`.
+    fn queue_pull(
+        &self,
+        state: &GpuState,
+        key: &Key,
+        outs: &mut [&mut DeviceArray],
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        let broadcast = match (&entry.stored, &state.nccl) {
+            (Some(stored), Some(comms)) if self.engine == Engine::Nccl => {
+                let mut ordinals: Vec<usize> = outs.iter().map(|o| o.ordinal()).collect();
+                ordinals.sort_unstable();
+                (ordinals == comms.ordinals).then_some((stored, comms))
+            }
+            _ => None,
+        };
+        match broadcast {
+            Some((stored, comms)) => nccl_broadcast(comms, stored, outs)?,
+            None => {
+                for o in outs.iter_mut() {
+                    match &entry.stored {
+                        Some(stored) => o.copy_from(stored)?,
+                        None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
                     }
                 }
             }
-            for o in outs.iter() {
-                runtime
-                    .gpu(o.ordinal())?
-                    .stream
-                    .synchronize()
-                    .map_err(cuda("synchronize"))?;
-            }
-            Ok(())
-        })();
-        result.map_err(at)
+        }
+        touched.extend(outs.iter().map(|o| o.ordinal()));
+        Ok(())
     }
 
     /// `push_gpu` then `pull_gpu`.
@@ -883,13 +1009,6 @@ fn reduce_compressed(
             gpu_codec::dequantize_add(codec, packed, merge)?;
         }
     }
-    for v in values {
-        runtime
-            .gpu(v.ordinal())?
-            .stream
-            .synchronize()
-            .map_err(cuda("synchronize"))?;
-    }
     Ok(())
 }
 
@@ -929,7 +1048,6 @@ fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArr
         .ok_or_else(|| {
             Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
         })? as i32;
-    let runtime = Runtime::get()?;
     guard_nccl(|| {
         let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
         result::group_start().map_err(err)?;
@@ -950,15 +1068,7 @@ fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArr
             }
         }
         result::group_end().map_err(err)?;
-        outcome?;
-        for &ordinal in &comms.ordinals {
-            runtime
-                .gpu(ordinal)?
-                .stream
-                .synchronize()
-                .map_err(cuda("synchronize"))?;
-        }
-        Ok(())
+        outcome
     })
 }
 

@@ -257,6 +257,11 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
     ),
     ("device::gpu_errors_leave_the_store_usable", false, errors),
     (
+        "device::batch_push_and_pull_match_local",
+        false,
+        batch_matches_local,
+    ),
+    (
         "device::sum_from_equals_local_and_checks_its_inputs",
         false,
         sum_from,
@@ -543,6 +548,101 @@ fn placement(info: &GpuInfo) -> TestResult {
                 placed[&(k as i64).into()]
             )));
         }
+    }
+    Ok(())
+}
+
+/// Five keys pushed and pulled in batches (keys out of order, one listed twice), with sgd,
+/// against the same pushes to `local`; then a batch with one bad key changes nothing.
+fn batch_matches_local(info: &GpuInfo) -> TestResult {
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    let sizes = [1000usize, 3, 70_001, 4097, 16];
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], fdata(n, k)))?;
+        local.init(k as i64, &host(&[n], fdata(n, k)))?;
+    }
+    store.set_optimizer(&spec)?;
+    local.set_optimizer(&spec)?;
+    // Key 2 twice: its values are pushed together, as three values.
+    let order = [3i64, 2, 0, 4, 1, 2];
+    for round in 0..2 {
+        let hosts: Vec<Vec<NDArray>> = order
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let n = sizes[k as usize];
+                let count = if i == 1 { 2 } else { 1 };
+                (0..count)
+                    .map(|j| host(&[n], fdata(n, 7 * i + j + round)))
+                    .collect()
+            })
+            .collect();
+        let gpus: Vec<Vec<DeviceArray>> = hosts
+            .iter()
+            .map(|hs| {
+                hs.iter()
+                    .enumerate()
+                    .map(|(j, h)| DeviceArray::from_host(h, dev(info, j)))
+                    .collect::<Result<_, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<Vec<&DeviceArray>> = gpus.iter().map(|g| g.iter().collect()).collect();
+        let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = order
+            .iter()
+            .zip(&refs)
+            .map(|(&k, r)| (k.into(), r.as_slice()))
+            .collect();
+        store.push_gpu_batch(&batch)?;
+        for (k, _) in sizes.iter().enumerate() {
+            let values: Vec<NDArray> = order
+                .iter()
+                .zip(&hosts)
+                .filter(|(&key, _)| key == k as i64)
+                .flat_map(|(_, hs)| hs.iter().cloned())
+                .collect();
+            local.push(k as i64, &values[..])?;
+        }
+    }
+    let mut outs: Vec<DeviceArray> = sizes
+        .iter()
+        .map(|&n| DeviceArray::zeros(&[n], 0))
+        .collect::<Result<_, _>>()?;
+    {
+        let mut refs: Vec<[&mut DeviceArray; 1]> = outs.iter_mut().map(|o| [o]).collect();
+        let mut batch: Vec<(kvstore_base::Key, &mut [&mut DeviceArray])> = refs
+            .iter_mut()
+            .enumerate()
+            .map(|(k, r)| ((k as i64).into(), r.as_mut_slice()))
+            .collect();
+        store.pull_gpu_batch(&mut batch)?;
+    }
+    for (k, o) in outs.iter().enumerate() {
+        let mut want = NDArray::zeros(&[sizes[k]], DType::F32);
+        local.pull(k as i64, &mut want)?;
+        close(
+            &o.to_host()?.to_vec::<f32>()?,
+            &want.to_vec::<f32>()?,
+            1e-6,
+            &format!("key {k}"),
+        )?;
+    }
+    let before = outs[0].to_host()?;
+    let good = DeviceArray::zeros(&[sizes[0]], 0)?;
+    let bad = DeviceArray::zeros(&[sizes[1] + 1], 0)?;
+    let err = store
+        .push_gpu_batch(&[(0i64.into(), &[&good][..]), (1i64.into(), &[&bad][..])])
+        .expect_err("a bad key in a batch");
+    if !err.to_string().contains("key 1") {
+        return Err(fail(format!("the error does not name key 1: {err}")));
+    }
+    let mut after = DeviceArray::zeros(&[sizes[0]], 0)?;
+    store.pull_gpu(0i64, &mut [&mut after])?;
+    if after.to_host()? != before {
+        return Err(fail("a batch with a bad key changed another key"));
     }
     Ok(())
 }
