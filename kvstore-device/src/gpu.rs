@@ -574,10 +574,11 @@ impl DeviceArray {
     /// Zeros of `shape` on `gpu(ordinal)`.
     ///
     /// # Errors
-    /// [`Error::Device`] without a GPU of that ordinal, or when allocation fails.
+    /// [`Error::InvalidArgument`] for a shape without elements (CUDA allocations are never
+    /// empty); [`Error::Device`] without a GPU of that ordinal, or when allocation fails.
     pub fn zeros(shape: &[usize], ordinal: usize) -> Result<DeviceArray> {
+        let n = non_empty(shape)?;
         let gpu = Runtime::get()?.gpu(ordinal)?;
-        let n = shape.iter().product::<usize>();
         let data = gpu.stream.alloc_zeros::<f32>(n).map_err(cuda("alloc"))?;
         Ok(DeviceArray {
             shape: shape.to_vec(),
@@ -589,9 +590,10 @@ impl DeviceArray {
     /// Copies a dense float32 host array to `gpu(ordinal)`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for another dtype or a row-sparse array; [`Error::Device`]
-    /// as [`zeros`](DeviceArray::zeros).
+    /// [`Error::InvalidArgument`] for another dtype, a row-sparse array or no element;
+    /// [`Error::Device`] as [`zeros`](DeviceArray::zeros).
     pub fn from_host(array: &NDArray, ordinal: usize) -> Result<DeviceArray> {
+        non_empty(array.shape())?;
         let host = host_f32(array)?;
         let gpu = Runtime::get()?.gpu(ordinal)?;
         let data = gpu
@@ -632,9 +634,7 @@ impl DeviceArray {
             });
         }
         let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        gpu.stream
-            .memcpy_dtod(&src.data, &mut self.data)
-            .map_err(cuda("GPU copy"))
+        copy_on(&gpu.stream, &src.data, &mut self.data)
     }
 
     /// Writes the sum of `srcs` (at least one, all of this array's shape and on its GPU) into
@@ -696,6 +696,34 @@ impl DeviceArray {
     pub fn size(&self) -> usize {
         self.data.len()
     }
+}
+
+/// The element count of `shape`, refusing none: CUDA allocations are never empty.
+pub(crate) fn non_empty(shape: &[usize]) -> Result<usize> {
+    match shape.iter().product::<usize>() {
+        0 => Err(Error::InvalidArgument(format!(
+            "a GPU array needs at least one element, got shape {shape:?}"
+        ))),
+        n => Ok(n),
+    }
+}
+
+/// Queues the copy of `src` (on any GPU) into `dst` on `stream` (`dst`'s GPU's). Between
+/// GPUs, `src`'s stream then waits for the copy, so that nothing later on it (a write, or the
+/// stream-ordered free of `src`) can overtake the copy's read.
+pub(crate) fn copy_on<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    src: &CudaSlice<T>,
+    dst: &mut CudaSlice<T>,
+) -> Result<()> {
+    stream.memcpy_dtod(src, dst).map_err(cuda("GPU copy"))?;
+    if src.stream().context() != stream.context() {
+        let done = stream.record_event(None).map_err(cuda("cuEventRecord"))?;
+        src.stream()
+            .wait(&done)
+            .map_err(cuda("cuStreamWaitEvent"))?;
+    }
+    Ok(())
 }
 
 fn host_f32(array: &NDArray) -> Result<Vec<f32>> {

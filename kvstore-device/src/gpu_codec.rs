@@ -21,7 +21,7 @@ use cudarc::driver::CudaSlice;
 use kvstore_base::{Error, Result};
 use kvstore_compression::{Codec, CompressionType};
 
-use crate::gpu::{cuda, DeviceArray, Runtime};
+use crate::gpu::{copy_on, cuda, DeviceArray, Runtime};
 
 /// The CUDA C source of the compression kernels (compiled with the other kernels of
 /// [`gpu::KERNELS`](crate::gpu::KERNELS), by NVRTC with `--fmad=false --ftz=false`).
@@ -283,9 +283,7 @@ impl PackedArray {
             )));
         }
         let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        gpu.stream
-            .memcpy_dtod(&src.data, &mut self.data)
-            .map_err(cuda("GPU copy"))
+        copy_on(&gpu.stream, &src.data, &mut self.data)
     }
 
     /// The compression type of the codes.

@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, NDArray, Result, StorageType};
 
-use crate::gpu::{cuda, Gpu, Runtime};
+use crate::gpu::{copy_on, cuda, Gpu, Runtime};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
 /// [`kernel_source`](crate::gpu::kernel_source)). Both are grid-stride loops over the
@@ -164,12 +164,8 @@ impl DeviceRowSparse {
             .stream
             .alloc_zeros::<f32>(self.rows.len())
             .map_err(cuda("alloc"))?;
-        gpu.stream
-            .memcpy_dtod(&self.ids, &mut ids)
-            .map_err(cuda("GPU copy"))?;
-        gpu.stream
-            .memcpy_dtod(&self.rows, &mut rows)
-            .map_err(cuda("GPU copy"))?;
+        copy_on(&gpu.stream, &self.ids, &mut ids)?;
+        copy_on(&gpu.stream, &self.rows, &mut rows)?;
         Ok(DeviceRowSparse {
             shape: self.shape.clone(),
             indices: self.indices.clone(),

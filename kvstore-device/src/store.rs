@@ -119,6 +119,16 @@ struct Source {
     recv: Option<PackedArray>,
 }
 
+impl GpuState {
+    /// Drops the GPU optimizer's states and update counts.
+    fn reset_optimizer(&mut self) {
+        self.counts.clear();
+        for entry in self.keys.values_mut() {
+            entry.state.clear();
+        }
+    }
+}
+
 struct NcclComms {
     ordinals: Vec<usize>,
     comms: Vec<cudarc::nccl::Comm>,
@@ -290,6 +300,7 @@ impl DeviceStore {
                 value.dtype()
             ))));
         }
+        crate::gpu::non_empty(value.shape()).map_err(self.at("init", &key))?;
         let row_sparse = value.storage_type() == StorageType::RowSparse;
         if row_sparse {
             self.refuse_sparse(&[value])
@@ -385,29 +396,26 @@ impl DeviceStore {
         }
         // The work, then one wait per GPU touched.
         let mut touched: Vec<usize> = Vec::new();
+        let mut queued = Ok(());
         for ((key, values), key_devs) in groups.iter().zip(&devs) {
-            self.queue_push(
-                &mut state,
-                key,
-                values,
-                key_devs,
-                optimizer.as_ref(),
-                codec,
-                &mut touched,
-            )
-            .map_err(self.at("push", key))?;
+            queued = self
+                .queue_push(
+                    &mut state,
+                    key,
+                    values,
+                    key_devs,
+                    optimizer.as_ref(),
+                    codec,
+                    &mut touched,
+                )
+                .map_err(self.at("push", key));
+            if queued.is_err() {
+                break;
+            }
         }
-        let runtime = Runtime::get()?;
-        touched.sort_unstable();
-        touched.dedup();
-        for ordinal in touched {
-            runtime
-                .gpu(ordinal)?
-                .stream
-                .synchronize()
-                .map_err(cuda("synchronize"))?;
-        }
-        Ok(())
+        // Even after a failure, what was queued finishes before the call returns.
+        let waited = wait_for(touched);
+        queued.and(waited)
     }
 
     /// Checks a push of `values` to `key` (on the `nccl` store, against the GPU set `nccl_set`
@@ -826,21 +834,17 @@ impl DeviceStore {
                 .map_err(self.at("pull", key))?;
         }
         let mut touched: Vec<usize> = Vec::new();
+        let mut queued = Ok(());
         for (key, outs) in batch.iter_mut() {
-            self.queue_pull(&state, key, outs, &mut touched)
-                .map_err(self.at("pull", key))?;
+            queued = self
+                .queue_pull(&state, key, outs, &mut touched)
+                .map_err(self.at("pull", key));
+            if queued.is_err() {
+                break;
+            }
         }
-        let runtime = Runtime::get()?;
-        touched.sort_unstable();
-        touched.dedup();
-        for ordinal in touched {
-            runtime
-                .gpu(ordinal)?
-                .stream
-                .synchronize()
-                .map_err(cuda("synchronize"))?;
-        }
-        Ok(())
+        let waited = wait_for(touched);
+        queued.and(waited)
     }
 
     fn check_pull(&self, state: &GpuState, key: &Key, outs: &[&mut DeviceArray]) -> Result<()> {
@@ -943,6 +947,24 @@ impl DeviceStore {
     }
 }
 
+/// Waits for the streams of the GPUs `ordinals` (each once).
+fn wait_for(mut ordinals: Vec<usize>) -> Result<()> {
+    ordinals.sort_unstable();
+    ordinals.dedup();
+    if ordinals.is_empty() {
+        return Ok(());
+    }
+    let runtime = Runtime::get()?;
+    for ordinal in ordinals {
+        runtime
+            .gpu(ordinal)?
+            .stream
+            .synchronize()
+            .map_err(cuda("synchronize"))?;
+    }
+    Ok(())
+}
+
 /// The key's merge buffer on `dev`, allocated at its first use.
 fn merge_buffer<'a>(
     merge: &'a mut Option<DeviceArray>,
@@ -1026,9 +1048,15 @@ fn open_nccl(runtime: &Runtime, devs: &[usize]) -> Result<NcclComms> {
     Ok(NcclComms { ordinals, comms })
 }
 
-/// Runs NCCL calls, turning a panic of the bindings (a symbol the loaded `libnccl` lacks)
-/// into [`Error::Device`].
+/// Runs NCCL calls, one sequence at a time in the process, turning a panic of the bindings
+/// (a symbol the loaded `libnccl` lacks) into [`Error::Device`].
+///
+/// The process-wide lock matters with several GPUs: two stores (or two threads) launching
+/// collectives on the same GPUs' streams in different orders on different GPUs would wait for
+/// each other forever, NCCL's classic deadlock.
 fn guard_nccl<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    static NCCL_LAUNCHES: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = NCCL_LAUNCHES.lock().unwrap_or_else(PoisonError::into_inner);
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
         Err(Error::Device(format!(
             "NCCL failed: {}",
@@ -1218,9 +1246,12 @@ impl KVStoreBase for DeviceStore {
         self.local.row_sparse_pull_batch(outs, row_ids, priority)
     }
 
+    /// Also for GPU values: a new optimizer starts from fresh states and update counts, as
+    /// the CPU store's new updater does.
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         let mut state = self.state();
         self.local.set_optimizer(optimizer)?;
+        state.reset_optimizer();
         state.optimizer = Some(optimizer.clone());
         state.custom_updater = false;
         Ok(())
@@ -1229,6 +1260,7 @@ impl KVStoreBase for DeviceStore {
     fn set_updater(&self, updater: Updater) -> Result<()> {
         let mut state = self.state();
         self.local.set_updater(updater)?;
+        state.reset_optimizer();
         state.optimizer = None;
         state.custom_updater = true;
         Ok(())

@@ -257,6 +257,11 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
     ),
     ("device::gpu_errors_leave_the_store_usable", false, errors),
     (
+        "device::a_new_optimizer_starts_fresh_as_local",
+        false,
+        new_optimizer_starts_fresh,
+    ),
+    (
         "device::batch_push_and_pull_match_local",
         false,
         batch_matches_local,
@@ -548,6 +553,39 @@ fn placement(info: &GpuInfo) -> TestResult {
                 placed[&(k as i64).into()]
             )));
         }
+    }
+    Ok(())
+}
+
+/// adam for two pushes, then sgd with momentum, then adam again: each new optimizer starts
+/// with fresh states and counts on the GPU as on `local`.
+fn new_optimizer_starts_fresh(_: &GpuInfo) -> TestResult {
+    let n = 4099;
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    store.init_gpu("w", &host(&[n], fdata(n, 5)))?;
+    local.init("w", &host(&[n], fdata(n, 5)))?;
+    let adam = OptimizerSpec::new("adam").with("learning_rate", 0.01);
+    let sgd = OptimizerSpec::new("sgd").with("momentum", 0.9);
+    let plan = [&adam, &adam, &sgd, &sgd, &adam];
+    for (round, spec) in plan.iter().enumerate() {
+        if round == 0 || !std::ptr::eq(*spec, plan[round - 1]) {
+            store.set_optimizer(spec)?;
+            local.set_optimizer(spec)?;
+        }
+        let g = host(&[n], fdata(n, round));
+        store.push_gpu("w", &[&DeviceArray::from_host(&g, 0)?])?;
+        local.push("w", &g)?;
+        let mut out = DeviceArray::zeros(&[n], 0)?;
+        store.pull_gpu("w", &mut [&mut out])?;
+        let mut want = NDArray::zeros(&[n], DType::F32);
+        local.pull("w", &mut want)?;
+        close(
+            &out.to_host()?.to_vec::<f32>()?,
+            &want.to_vec::<f32>()?,
+            1e-6,
+            &format!("round {round} ({})", spec.name),
+        )?;
     }
     Ok(())
 }
