@@ -145,6 +145,34 @@
 //! assert_eq!(out.to_vec::<f32>()?, vec![1.0, 1.0]);
 //! # Ok::<(), kvstore_base::Error>(())
 //! ```
+//!
+//! GPU values (needs a GPU, its driver and NVRTC): two "devices" pushing to one key, the sum
+//! and an sgd step run on the key's merge GPU, then pulled into both; a batch pushes several
+//! keys and waits once.
+//!
+//! ```no_run
+//! use kvstore_base::{DType, KVStoreBase, NDArray, OptimizerSpec};
+//! use kvstore_device::{DeviceArray, DeviceStore, Engine};
+//! use kvstore_local::reduce::ReduceConfig;
+//!
+//! let kv = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+//! kv.init_gpu("w", &NDArray::zeros(&[1024], DType::F32))?;
+//! kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))?;
+//! let grads = [
+//!     DeviceArray::from_host(&NDArray::ones(&[1024], DType::F32), 0)?,
+//!     DeviceArray::from_host(&NDArray::ones(&[1024], DType::F32), 0)?,
+//! ];
+//! kv.push_gpu("w", &[&grads[0], &grads[1]])?;
+//! let mut weights = [DeviceArray::zeros(&[1024], 0)?, DeviceArray::zeros(&[1024], 0)?];
+//! let [a, b] = &mut weights;
+//! kv.pull_gpu("w", &mut [a, b])?;
+//! assert_eq!(weights[0].to_host()?.to_vec::<f32>()?[0], -0.02); // -lr * (1 + 1)
+//!
+//! kv.init_gpu("b", &NDArray::zeros(&[16], DType::F32))?;
+//! let bias = DeviceArray::zeros(&[16], 0)?;
+//! kv.push_gpu_batch(&[("w".into(), &[&grads[0]][..]), ("b".into(), &[&bias][..])])?;
+//! # Ok::<(), kvstore_base::Error>(())
+//! ```
 #![deny(missing_docs)]
 
 mod compressed;
