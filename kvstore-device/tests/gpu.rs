@@ -257,6 +257,11 @@ const TESTS: &[(&str, bool, GpuTest)] = &[
     ),
     ("device::gpu_errors_leave_the_store_usable", false, errors),
     (
+        "device::random_operations_match_local",
+        false,
+        random_operations,
+    ),
+    (
         "device::a_new_optimizer_starts_fresh_as_local",
         false,
         new_optimizer_starts_fresh,
@@ -553,6 +558,131 @@ fn placement(info: &GpuInfo) -> TestResult {
                 placed[&(k as i64).into()]
             )));
         }
+    }
+    Ok(())
+}
+
+/// A seeded random sequence of 300 operations on six keys of various sizes (pushes of 1 to 12
+/// values, batches of several keys with repeats, pulls and batch pulls into 1 to 3 outputs, a
+/// change of optimizer now and then), each done on the GPU store and on `local`, every pulled
+/// value compared.
+fn random_operations(info: &GpuInfo) -> TestResult {
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |below: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % below as u64) as usize
+    };
+    let sizes = [1usize, 3, 4, 17, 4097, 65_537];
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], fdata(n, k)))?;
+        local.init(k as i64, &host(&[n], fdata(n, k)))?;
+    }
+    let optimizers = [
+        None,
+        Some(
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.05)
+                .with("momentum", 0.9),
+        ),
+        Some(
+            OptimizerSpec::new("adam")
+                .with("learning_rate", 0.01)
+                .with("wd", 0.01),
+        ),
+    ];
+    let mut optimizer = 0;
+    let mut pulls = 0;
+    for step in 0..300 {
+        match next(10) {
+            0 => {
+                // Optimizers cannot be unset: move forward only.
+                if optimizer + 1 < optimizers.len() {
+                    optimizer += 1;
+                    let spec = optimizers[optimizer].as_ref().expect("set");
+                    store.set_optimizer(spec)?;
+                    local.set_optimizer(spec)?;
+                }
+            }
+            1..=3 => {
+                let k = next(sizes.len());
+                let count = 1 + next(12);
+                let hosts: Vec<NDArray> = (0..count)
+                    .map(|i| host(&[sizes[k]], fdata(sizes[k], step * 13 + i)))
+                    .collect();
+                let gpus: Vec<DeviceArray> = hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| DeviceArray::from_host(h, dev(info, i + step)))
+                    .collect::<Result<_, _>>()?;
+                store.push_gpu(k as i64, &gpus.iter().collect::<Vec<_>>())?;
+                local.push(k as i64, &hosts[..])?;
+            }
+            4..=5 => {
+                let keys: Vec<usize> = (0..1 + next(5)).map(|_| next(sizes.len())).collect();
+                let hosts: Vec<NDArray> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| host(&[sizes[k]], fdata(sizes[k], step * 7 + i)))
+                    .collect();
+                let gpus: Vec<DeviceArray> = hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+                    .collect::<Result<_, _>>()?;
+                let refs: Vec<[&DeviceArray; 1]> = gpus.iter().map(|g| [g]).collect();
+                let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = keys
+                    .iter()
+                    .zip(&refs)
+                    .map(|(&k, r)| ((k as i64).into(), &r[..]))
+                    .collect();
+                store.push_gpu_batch(&batch)?;
+                // local: each key once, its values in the order listed.
+                let mut distinct = keys.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                for k in distinct {
+                    let values: Vec<NDArray> = keys
+                        .iter()
+                        .zip(&hosts)
+                        .filter(|(&key, _)| key == k)
+                        .map(|(_, h)| h.clone())
+                        .collect();
+                    local.push(k as i64, &values[..])?;
+                }
+            }
+            _ => {
+                let k = next(sizes.len());
+                let n = sizes[k];
+                let mut outs: Vec<DeviceArray> = (0..1 + next(3))
+                    .map(|i| DeviceArray::zeros(&[n], dev(info, i + step)))
+                    .collect::<Result<_, _>>()?;
+                if next(2) == 0 {
+                    store.pull_gpu(k as i64, &mut outs.iter_mut().collect::<Vec<_>>())?;
+                } else {
+                    let mut refs: Vec<&mut DeviceArray> = outs.iter_mut().collect();
+                    store.pull_gpu_batch(&mut [((k as i64).into(), &mut refs[..])])?;
+                }
+                let mut want = NDArray::zeros(&[n], DType::F32);
+                local.pull(k as i64, &mut want)?;
+                let want = want.to_vec::<f32>()?;
+                for (i, o) in outs.iter().enumerate() {
+                    close(
+                        &o.to_host()?.to_vec::<f32>()?,
+                        &want,
+                        1e-6,
+                        &format!("step {step}, key {k}, output {i}"),
+                    )?;
+                }
+                pulls += 1;
+            }
+        }
+    }
+    if pulls < 50 {
+        return Err(fail(format!("only {pulls} pulls were compared")));
     }
     Ok(())
 }
