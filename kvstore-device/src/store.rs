@@ -1065,38 +1065,56 @@ fn guard_nccl<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
+impl NcclComms {
+    /// Runs one collective per GPU of the communicators in one NCCL group, rooted at the GPU
+    /// `root_ordinal`: `call(comm, ordinal, root rank)` issues the GPU's part.
+    fn collective(
+        &self,
+        root_ordinal: usize,
+        mut call: impl FnMut(
+            &cudarc::nccl::Comm,
+            usize,
+            i32,
+        ) -> std::result::Result<
+            cudarc::nccl::result::NcclStatus,
+            cudarc::nccl::result::NcclError,
+        >,
+    ) -> Result<()> {
+        use cudarc::nccl::result;
+        let root = self
+            .ordinals
+            .iter()
+            .position(|&d| d == root_ordinal)
+            .ok_or_else(|| {
+                Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
+            })? as i32;
+        guard_nccl(|| {
+            let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
+            result::group_start().map_err(err)?;
+            let mut outcome = Ok(());
+            for (comm, &ordinal) in self.comms.iter().zip(&self.ordinals) {
+                if let Err(e) = call(comm, ordinal, root) {
+                    outcome = Err(err(e));
+                    break;
+                }
+            }
+            result::group_end().map_err(err)?;
+            outcome
+        })
+    }
+}
+
 /// `ncclReduce(sum)` of one value per GPU into `merge` (on the root GPU), in one NCCL group.
 fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArray) -> Result<()> {
-    use cudarc::nccl::{result, ReduceOp};
+    use cudarc::nccl::ReduceOp;
     let root_ordinal = merge.ordinal();
-    let root = comms
-        .ordinals
-        .iter()
-        .position(|&d| d == root_ordinal)
-        .ok_or_else(|| {
-            Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
-        })? as i32;
-    guard_nccl(|| {
-        let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
-        result::group_start().map_err(err)?;
-        let mut outcome = Ok(());
-        for (comm, &ordinal) in comms.comms.iter().zip(&comms.ordinals) {
-            let src = values
-                .iter()
-                .find(|v| v.ordinal() == ordinal)
-                .expect("one value per GPU");
-            let r = if ordinal == root_ordinal {
-                comm.reduce(&src.data, Some(&mut merge.data), &ReduceOp::Sum, root)
-            } else {
-                comm.reduce(&src.data, None::<&mut CudaSlice<f32>>, &ReduceOp::Sum, root)
-            };
-            if let Err(e) = r {
-                outcome = Err(err(e));
-                break;
-            }
-        }
-        result::group_end().map_err(err)?;
-        outcome
+    comms.collective(root_ordinal, |comm, ordinal, root| {
+        let src = values
+            .iter()
+            .find(|v| v.ordinal() == ordinal)
+            .expect("one value per GPU");
+        let recv = (ordinal == root_ordinal).then_some(&mut merge.data);
+        comm.reduce(&src.data, recv, &ReduceOp::Sum, root)
     })
 }
 
@@ -1108,31 +1126,13 @@ fn nccl_broadcast(
     outs: &mut [&mut DeviceArray],
 ) -> Result<()> {
     let root_ordinal = stored.ordinal();
-    let root = comms
-        .ordinals
-        .iter()
-        .position(|&d| d == root_ordinal)
-        .ok_or_else(|| {
-            Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
-        })? as i32;
-    guard_nccl(|| {
-        use cudarc::nccl::result;
-        let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
-        result::group_start().map_err(err)?;
-        let mut outcome = Ok(());
-        for (comm, &ordinal) in comms.comms.iter().zip(&comms.ordinals) {
-            let out = outs
-                .iter_mut()
-                .find(|o| o.ordinal() == ordinal)
-                .expect("one output per GPU of the communicators");
-            let send = (ordinal == root_ordinal).then_some(&stored.data);
-            if let Err(e) = comm.broadcast(send, &mut out.data, root) {
-                outcome = Err(err(e));
-                break;
-            }
-        }
-        result::group_end().map_err(err)?;
-        outcome
+    comms.collective(root_ordinal, |comm, ordinal, root| {
+        let out = outs
+            .iter_mut()
+            .find(|o| o.ordinal() == ordinal)
+            .expect("one output per GPU of the communicators");
+        let send = (ordinal == root_ordinal).then_some(&stored.data);
+        comm.broadcast(send, &mut out.data, root)
     })
 }
 

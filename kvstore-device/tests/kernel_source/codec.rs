@@ -6,7 +6,7 @@ use kvstore_compression::{Codec, CompressionType};
 use kvstore_device::gpu_codec::COMPRESSION_KERNELS;
 use libtest_mimic::{Failed, Trial};
 
-use crate::emulator::{self, f32s, run, same, Rng};
+use crate::emulator::{self, f32s, grid_args, run, same, Rng, SPECIAL_VALUES};
 
 /// The driver: quantises and dequantises rounds of gradients with the kernels.
 const DRIVER: &str = r#"
@@ -57,23 +57,15 @@ const LENGTHS: &[usize] = &[1, 5, 15, 16, 17, 31, 32, 33, 47, 64, 100, 1000];
 /// Gradients of round `k`: mostly `scale * [-1.5, 1.5)`, with special values mixed in.
 fn gradient(rng: &mut Rng, n: usize, t: f32, k: usize) -> Vec<f32> {
     let scale = if t.abs() > 0.0 { t.abs() } else { 1.0 };
-    let specials = [
+    let near_t = [
         t,
         -t,
         f32::from_bits(t.to_bits().wrapping_sub(1)),
         f32::from_bits(t.to_bits().wrapping_add(1)),
-        0.0,
-        -0.0,
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        1e-45,
-        -1e-45,
-        1e30,
-        -1e30,
         1.0,
         -1.0,
     ];
+    let specials: Vec<f32> = near_t.into_iter().chain(SPECIAL_VALUES).collect();
     (0..n)
         .map(|i| {
             if (i * 7 + k * 3).is_multiple_of(11) {
@@ -93,12 +85,11 @@ fn emulate(exe: &Path, codec: Codec) -> Result<(), Failed> {
         CompressionType::OneBit => 1,
     };
     let t = codec.threshold();
-    let grids = [(1u32, 1u32), (2, 3), (3, 32), (64, 64)];
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ u64::from(t.to_bits()) ^ kind);
     let mut checked = 0;
     for (c, &n) in LENGTHS.iter().enumerate() {
         for offset in [0usize, 1] {
-            let (blocks, threads) = grids[(c + offset) % grids.len()];
+            let [blocks, threads] = grid_args(c + offset);
             let grads: Vec<Vec<f32>> = (0..ROUNDS).map(|k| gradient(&mut rng, n, t, k)).collect();
             let base: Vec<f32> = (0..n).map(|_| rng.next() * 3.0).collect();
             let mut input = Vec::with_capacity(4 * n * (ROUNDS + 1));

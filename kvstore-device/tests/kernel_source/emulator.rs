@@ -141,6 +141,29 @@ impl Input {
     }
 }
 
+/// Grids smaller than the work (the grid-stride loops) and larger: (blocks, threads).
+pub const GRIDS: &[(u32, u32)] = &[(1, 1), (2, 3), (3, 32), (64, 64)];
+
+/// Grid `i` of [`GRIDS`] (cycling), as the driver's two arguments.
+pub fn grid_args(i: usize) -> [String; 2] {
+    let (blocks, threads) = GRIDS[i % GRIDS.len()];
+    [blocks.to_string(), threads.to_string()]
+}
+
+/// Values that float arithmetic treats apart: signed zeros, NaN, infinities, the smallest
+/// denormals, huge values.
+pub const SPECIAL_VALUES: [f32; 9] = [
+    0.0,
+    -0.0,
+    f32::NAN,
+    f32::INFINITY,
+    f32::NEG_INFINITY,
+    1e-45,
+    -1e-45,
+    1e30,
+    -1e30,
+];
+
 /// Deterministic pseudo-random values (xorshift), uniform in `[-1, 1)`.
 pub struct Rng(pub u64);
 

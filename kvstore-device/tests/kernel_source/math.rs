@@ -8,7 +8,7 @@ use kvstore_base::{create, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpe
 use kvstore_device::gpu::{sum_launches, KERNELS};
 use libtest_mimic::{Failed, Trial};
 
-use crate::emulator::{self, f32s, run, same, Input, Rng};
+use crate::emulator::{self, f32s, grid_args, run, same, Input, Rng, SPECIAL_VALUES};
 
 /// The driver. `argv`: op (`sum`, `sgd`, `adam`), blocks, threads, n, count (sources for
 /// `sum`, steps otherwise). Buffers start at the offsets read first (0: 16-byte aligned, 1:
@@ -98,25 +98,11 @@ int main(int argc, char** argv) {
 
 const LENGTHS: &[usize] = &[1, 3, 4, 5, 8, 13, 100, 1001];
 
-/// Grids smaller than the work (the grid-stride loops) and larger.
-const GRIDS: &[(u32, u32)] = &[(1, 1), (2, 3), (3, 32), (64, 64)];
-
 /// Values of `(-4 * scale, 4 * scale)`, with special values mixed in when `specials` is set.
 fn values(rng: &mut Rng, n: usize, scale: f32, specials: bool) -> Vec<f32> {
-    const SPECIAL: [f32; 9] = [
-        0.0,
-        -0.0,
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        1e-45,
-        -1e-45,
-        1e30,
-        -3e38,
-    ];
     (0..n)
         .map(|i| match specials && i % 5 == 3 {
-            true => SPECIAL[(i / 5) % SPECIAL.len()],
+            true => SPECIAL_VALUES[(i / 5) % SPECIAL_VALUES.len()],
             // Full 24-bit significands over a range of magnitudes, so that sums round
             // differently in another association order.
             false => {
@@ -135,11 +121,6 @@ fn pull(store: &dyn KVStoreBase, n: usize) -> Result<Vec<f32>, Failed> {
     let mut out = NDArray::zeros(&[n], DType::F32);
     store.pull("w", &mut out)?;
     Ok(out.to_vec::<f32>()?)
-}
-
-fn grid(i: usize) -> [String; 2] {
-    let (blocks, threads) = GRIDS[i % GRIDS.len()];
-    [blocks.to_string(), threads.to_string()]
 }
 
 /// The sum of `count` sources: every length, aligned, and with one misaligned buffer (a
@@ -164,7 +145,7 @@ fn sum_matches_local(exe: &Path, count: usize) -> Result<(), Failed> {
             for s in &srcs {
                 input.floats(s);
             }
-            let [blocks, threads] = grid(c);
+            let [blocks, threads] = grid_args(c);
             let args = [
                 "sum".into(),
                 blocks,
@@ -226,7 +207,7 @@ fn sgd_matches_local(exe: &Path, spec: OptimizerSpec) -> Result<(), Failed> {
             for g in &grads {
                 input.floats(g);
             }
-            let [blocks, threads] = grid(c);
+            let [blocks, threads] = grid_args(c);
             let args = [
                 "sgd".into(),
                 blocks,
@@ -286,7 +267,7 @@ fn adam_matches_local(exe: &Path, spec: OptimizerSpec) -> Result<(), Failed> {
                 let lr_t = lr * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t));
                 input.floats(&[f(lr_t)]).floats(g);
             }
-            let [blocks, threads] = grid(c);
+            let [blocks, threads] = grid_args(c);
             let args = [
                 "adam".into(),
                 blocks,

@@ -9,7 +9,7 @@ use kvstore_base::{create, DType, KVStoreExt, NDArray};
 use kvstore_device::sparse::ROW_KERNELS;
 use libtest_mimic::{Failed, Trial};
 
-use crate::emulator::{self, f32s, run, same, Input, Rng};
+use crate::emulator::{self, f32s, grid_args, run, same, Input, Rng};
 
 /// The driver. `argv`: op (`gather`, `scatter`), blocks, threads, rows, row_len.
 ///
@@ -59,8 +59,6 @@ int main(int argc, char** argv) {
 /// Table shapes: (rows, row_len), 1-d tables (row_len 1) included.
 const SHAPES: &[(usize, usize)] = &[(1, 1), (5, 1), (7, 3), (16, 4), (33, 17)];
 
-const GRIDS: &[(u32, u32)] = &[(1, 1), (2, 3), (3, 32), (64, 64)];
-
 /// Sorted distinct ids of `0..rows`, each kept with probability about `p`.
 fn ids(rng: &mut Rng, rows: usize, p: f32) -> Vec<i64> {
     (0..rows as i64)
@@ -82,11 +80,11 @@ fn ints(ids: &[i64]) -> Vec<i32> {
 }
 
 fn args(op: &str, c: usize, rows: usize, row_len: usize) -> Vec<String> {
-    let (blocks, threads) = GRIDS[c % GRIDS.len()];
+    let [blocks, threads] = grid_args(c);
     vec![
         op.into(),
-        blocks.to_string(),
-        threads.to_string(),
+        blocks,
+        threads,
         rows.to_string(),
         row_len.to_string(),
     ]
