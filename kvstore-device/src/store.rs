@@ -433,20 +433,12 @@ impl DeviceStore {
                 "key {key} is row-sparse: push DeviceRowSparse values (push_gpu_row_sparse)"
             )));
         }
-        if values.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a push needs at least one value".into(),
-            ));
-        }
-        for v in values {
-            if v.shape() != entry.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    what: format!("a GPU value pushed to key {key}"),
-                    expected: entry.shape.clone(),
-                    found: v.shape().to_vec(),
-                });
-            }
-        }
+        check_pushed_shapes(
+            key,
+            &entry.shape,
+            "a GPU value",
+            values.iter().map(|v| v.shape()),
+        )?;
         if state.custom_updater {
             return Err(Error::InvalidArgument(
                 "a custom updater cannot run on GPU values; use set_optimizer with sgd or adam"
@@ -626,20 +618,12 @@ impl DeviceStore {
                 "key {key} is dense: push DeviceArray values (push_gpu)"
             )));
         }
-        if values.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a push needs at least one value".into(),
-            ));
-        }
-        for v in values {
-            if v.shape() != entry.shape.as_slice() {
-                return Err(Error::ShapeMismatch {
-                    what: format!("a row-sparse GPU value pushed to key {key}"),
-                    expected: entry.shape.clone(),
-                    found: v.shape().to_vec(),
-                });
-            }
-        }
+        check_pushed_shapes(
+            key,
+            &entry.shape,
+            "a row-sparse GPU value",
+            values.iter().map(|v| v.shape()),
+        )?;
         if state.optimizer.is_some() || state.custom_updater {
             return Err(Error::InvalidArgument(
                 "row-sparse weights are not supported by the updater; store the weight dense"
@@ -945,6 +929,30 @@ impl DeviceStore {
         }
         Ok(())
     }
+}
+
+/// At least one pushed value, each of the key's shape (`what` names a value in the error).
+fn check_pushed_shapes<'a>(
+    key: &Key,
+    expected: &[usize],
+    what: &str,
+    shapes: impl ExactSizeIterator<Item = &'a [usize]>,
+) -> Result<()> {
+    if shapes.len() == 0 {
+        return Err(Error::InvalidArgument(
+            "a push needs at least one value".into(),
+        ));
+    }
+    for found in shapes {
+        if found != expected {
+            return Err(Error::ShapeMismatch {
+                what: format!("{what} pushed to key {key}"),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Waits for the streams of the GPUs `ordinals` (each once).

@@ -207,24 +207,8 @@ fn sgd_matches_local(exe: &Path, spec: OptimizerSpec) -> Result<(), Failed> {
             for g in &grads {
                 input.floats(g);
             }
-            let [blocks, threads] = grid_args(c);
-            let args = [
-                "sgd".into(),
-                blocks,
-                threads,
-                n.to_string(),
-                STEPS.to_string(),
-            ];
-            let out = f32s(&run(exe, &args, &input.0)?);
-            compare_steps(
-                &out,
-                2,
-                n,
-                &spec,
-                &w0,
-                &grads,
-                &format!("n={n} {offsets:?}"),
-            )?;
+            let what = format!("n={n} {offsets:?}");
+            emulate_steps(exe, "sgd", c, &input, 2, &spec, &w0, &grads, &what)?;
         }
     }
     Ok(())
@@ -267,27 +251,38 @@ fn adam_matches_local(exe: &Path, spec: OptimizerSpec) -> Result<(), Failed> {
                 let lr_t = lr * (1.0 - b2.powf(t)).sqrt() / (1.0 - b1.powf(t));
                 input.floats(&[f(lr_t)]).floats(g);
             }
-            let [blocks, threads] = grid_args(c);
-            let args = [
-                "adam".into(),
-                blocks,
-                threads,
-                n.to_string(),
-                STEPS.to_string(),
-            ];
-            let out = f32s(&run(exe, &args, &input.0)?);
-            compare_steps(
-                &out,
-                3,
-                n,
-                &spec,
-                &w0,
-                &grads,
-                &format!("n={n} {offsets:?}"),
-            )?;
+            let what = format!("n={n} {offsets:?}");
+            emulate_steps(exe, "adam", c, &input, 3, &spec, &w0, &grads, &what)?;
         }
     }
     Ok(())
+}
+
+/// Runs `op` on grid `c` with `input` and compares the weights it wrote after each step with
+/// `local`'s ([`compare_steps`]).
+#[allow(clippy::too_many_arguments)]
+fn emulate_steps(
+    exe: &Path,
+    op: &str,
+    c: usize,
+    input: &Input,
+    arrays: usize,
+    spec: &OptimizerSpec,
+    w0: &[f32],
+    grads: &[Vec<f32>],
+    what: &str,
+) -> Result<(), Failed> {
+    let [blocks, threads] = grid_args(c);
+    let n = w0.len();
+    let args = [
+        op.into(),
+        blocks,
+        threads,
+        n.to_string(),
+        grads.len().to_string(),
+    ];
+    let out = f32s(&run(exe, &args, &input.0)?);
+    compare_steps(&out, arrays, n, spec, w0, grads, what)
 }
 
 /// The weights the emulator wrote after each step (the first of `arrays` arrays per step)
