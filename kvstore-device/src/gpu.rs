@@ -15,6 +15,18 @@ use kvstore_compression::CompressionType;
 use crate::probe::{panic_text, probe};
 use crate::sparse::RowKernels;
 
+/// Definitions every kernel string uses, first in the NVRTC program: `KV_FIRST` and
+/// `KV_STRIDE` (a thread's first item and the grid's size, for grid-stride loops) and
+/// `kv_aligned` (whether a pointer is 16-byte aligned, for `float4` access).
+pub const KERNEL_PRELUDE: &str = r#"
+#define KV_FIRST (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x)
+#define KV_STRIDE ((unsigned long long)blockDim.x * gridDim.x)
+
+__device__ __forceinline__ bool kv_aligned(const void* p) {
+    return (((unsigned long long)p) & 15ull) == 0ull;
+}
+"#;
+
 /// The CUDA C source of the reduction and optimizer kernels, compiled once per process by
 /// NVRTC, together with the compression kernels ([`kernel_source`]), with `--fmad=false` (no
 /// fused multiply-add, so each operation rounds as the CPU code's does).
@@ -36,10 +48,6 @@ use crate::sparse::RowKernels;
 pub const KERNELS: &str = r#"
 __device__ __forceinline__ float kv_clip(float x, float c) {
     return x > c ? c : (x < -c ? -c : x);
-}
-
-__device__ __forceinline__ bool kv_aligned(const void* p) {
-    return (((unsigned long long)p) & 15ull) == 0ull;
 }
 
 __device__ __forceinline__ float kv_add(float a, float b) { return a + b; }
@@ -84,17 +92,15 @@ extern "C" __global__ void sum_sources(float* out, const float* head, int head_i
     for (int k = 0; k < 8; ++k) {
         if (k < terms) aligned = aligned && kv_aligned(g[k]);
     }
-    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     unsigned long long done = 0ull;
     if (aligned) {
         const unsigned long long n4 = n / 4ull;
-        for (unsigned long long i = first; i < n4; i += stride) {
+        for (unsigned long long i = KV_FIRST; i < n4; i += KV_STRIDE) {
             ((float4*)out)[i] = kv_sum_at<float4>((const float4*)h, g, terms, i);
         }
         done = 4ull * n4;
     }
-    for (unsigned long long i = done + first; i < n; i += stride) {
+    for (unsigned long long i = done + KV_FIRST; i < n; i += KV_STRIDE) {
         out[i] = kv_sum_at<float>(h, g, terms, i);
     }
 }
@@ -113,12 +119,10 @@ extern "C" __global__ void sgd_update(float* w, const float* g, float* mom, int 
                                       int has_clip, float clip, unsigned long long n) {
     const float mu = has_mom ? momentum : 0.0f;
     const bool aligned = kv_aligned(w) && kv_aligned(g) && (!has_mom || kv_aligned(mom));
-    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     unsigned long long done = 0ull;
     if (aligned) {
         const unsigned long long n4 = n / 4ull;
-        for (unsigned long long i = first; i < n4; i += stride) {
+        for (unsigned long long i = KV_FIRST; i < n4; i += KV_STRIDE) {
             float4 wv = ((const float4*)w)[i];
             const float4 gv = ((const float4*)g)[i];
             float4 mv;
@@ -136,7 +140,7 @@ extern "C" __global__ void sgd_update(float* w, const float* g, float* mom, int 
         }
         done = 4ull * n4;
     }
-    for (unsigned long long i = done + first; i < n; i += stride) {
+    for (unsigned long long i = done + KV_FIRST; i < n; i += KV_STRIDE) {
         float m = has_mom ? mom[i] : 0.0f;
         w[i] = kv_sgd(w[i], g[i], &m, mu, lr, wd, rescale, has_clip, clip);
         if (has_mom) mom[i] = m;
@@ -161,12 +165,10 @@ extern "C" __global__ void adam_update(float* w, const float* g, float* mean, fl
                                        float clip, float b1, float b2, float eps,
                                        unsigned long long n) {
     const bool aligned = kv_aligned(w) && kv_aligned(g) && kv_aligned(mean) && kv_aligned(var);
-    const unsigned long long first = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-    const unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     unsigned long long done = 0ull;
     if (aligned) {
         const unsigned long long n4 = n / 4ull;
-        for (unsigned long long i = first; i < n4; i += stride) {
+        for (unsigned long long i = KV_FIRST; i < n4; i += KV_STRIDE) {
             float4 wv = ((const float4*)w)[i];
             const float4 gv = ((const float4*)g)[i];
             float4 mv = ((const float4*)mean)[i];
@@ -181,7 +183,7 @@ extern "C" __global__ void adam_update(float* w, const float* g, float* mean, fl
         }
         done = 4ull * n4;
     }
-    for (unsigned long long i = done + first; i < n; i += stride) {
+    for (unsigned long long i = done + KV_FIRST; i < n; i += KV_STRIDE) {
         float m = mean[i];
         float v = var[i];
         w[i] = kv_adam(w[i], g[i], &m, &v, lr, wd, rescale, has_clip, clip, b1, b2, eps);
@@ -234,12 +236,12 @@ pub fn sum_launches(count: usize) -> Vec<SumLaunch> {
     launches
 }
 
-/// Every kernel of the crate: [`KERNELS`], the row kernels
+/// Every kernel of the crate: [`KERNEL_PRELUDE`], [`KERNELS`], the row kernels
 /// ([`ROW_KERNELS`](crate::sparse::ROW_KERNELS)) and the compression kernels
 /// ([`COMPRESSION_KERNELS`](crate::gpu_codec::COMPRESSION_KERNELS)), as one NVRTC program.
 pub fn kernel_source() -> String {
     format!(
-        "{KERNELS}\n{}\n{}",
+        "{KERNEL_PRELUDE}\n{KERNELS}\n{}\n{}",
         crate::sparse::ROW_KERNELS,
         crate::gpu_codec::COMPRESSION_KERNELS
     )

@@ -24,7 +24,8 @@ use kvstore_compression::{Codec, CompressionType};
 use crate::gpu::{copy_on, cuda, DeviceArray, Runtime};
 
 /// The CUDA C source of the compression kernels (compiled with the other kernels of
-/// [`gpu::KERNELS`](crate::gpu::KERNELS), by NVRTC with `--fmad=false --ftz=false`).
+/// [`gpu::KERNELS`](crate::gpu::KERNELS), after [`gpu::KERNEL_PRELUDE`](crate::gpu::KERNEL_PRELUDE),
+/// by NVRTC with `--fmad=false --ftz=false`).
 ///
 /// The layout is the CPU codec's, byte by byte: byte `b` of the packed codes holds elements
 /// `4b .. 4b + 4` (2-bit, element `e` at bits `6 - 2 * (e % 4)`) or `8b .. 8b + 8` (1-bit,
@@ -46,9 +47,6 @@ use crate::gpu::{copy_on, cuda, DeviceArray, Runtime};
 /// memory, no synchronisation), so the source is also valid C++ with a few definitions of
 /// CUDA's built-ins, which is how `tests/kernel_source.rs` checks it on machines without a GPU.
 pub const COMPRESSION_KERNELS: &str = r#"
-#define KV_FIRST (blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x)
-#define KV_STRIDE ((unsigned long long)blockDim.x * gridDim.x)
-#define KV_ALIGNED2(a, b) (((((unsigned long long)(a)) | ((unsigned long long)(b))) & 15ull) == 0ull)
 
 /* The 2-bit code of one element (3: +t, 2: -t, 0), its residual updated. */
 __device__ __forceinline__ unsigned int kv_code2(float g, float* r, float t, float nt) {
@@ -86,7 +84,7 @@ extern "C" __global__ void quantize_2bit(const float* grad, float* residual,
     const float nt = -t;
     unsigned char* bytes = (unsigned char*)out;
     const unsigned long long nbytes = 4ull * ((n + 15ull) / 16ull);
-    const bool aligned = KV_ALIGNED2(grad, residual);
+    const bool aligned = kv_aligned(grad) && kv_aligned(residual);
     for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
         const unsigned long long e = 4ull * b;
         unsigned int code = 0u;
@@ -110,7 +108,7 @@ extern "C" __global__ void quantize_1bit(const float* grad, float* residual,
                                          unsigned long long n) {
     unsigned char* bytes = (unsigned char*)out;
     const unsigned long long nbytes = 4ull * ((n + 31ull) / 32ull);
-    const bool aligned = KV_ALIGNED2(grad, residual);
+    const bool aligned = kv_aligned(grad) && kv_aligned(residual);
     for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
         const unsigned long long e = 8ull * b;
         unsigned int code = 0u;
@@ -139,7 +137,7 @@ extern "C" __global__ void dequantize_2bit(const unsigned int* packed, float* ou
     const float nt = -t;
     const unsigned char* bytes = (const unsigned char*)packed;
     const unsigned long long nbytes = (n + 3ull) / 4ull;
-    const bool aligned = KV_ALIGNED2(out, out);
+    const bool aligned = kv_aligned(out);
     for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
         const unsigned long long e = 4ull * b;
         const unsigned int code = bytes[b];
@@ -162,7 +160,7 @@ extern "C" __global__ void dequantize_1bit(const unsigned int* packed, float* ou
                                            unsigned long long n) {
     const unsigned char* bytes = (const unsigned char*)packed;
     const unsigned long long nbytes = (n + 7ull) / 8ull;
-    const bool aligned = KV_ALIGNED2(out, out);
+    const bool aligned = kv_aligned(out);
     for (unsigned long long b = KV_FIRST; b < nbytes; b += KV_STRIDE) {
         const unsigned long long e = 8ull * b;
         const unsigned int code = bytes[b];

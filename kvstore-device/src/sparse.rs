@@ -19,8 +19,7 @@ pub const ROW_KERNELS: &str = r#"
 extern "C" __global__ void gather_rows(float* out, const float* src, const long long* ids,
                                        unsigned long long rows, unsigned long long row_len) {
     const unsigned long long n = rows * row_len;
-    for (unsigned long long e = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         e < n; e += (unsigned long long)blockDim.x * gridDim.x) {
+    for (unsigned long long e = KV_FIRST; e < n; e += KV_STRIDE) {
         const unsigned long long r = e / row_len;
         out[e] = src[(unsigned long long)ids[r] * row_len + (e - r * row_len)];
     }
@@ -30,8 +29,7 @@ extern "C" __global__ void scatter_rows(float* dst, const float* rows, const lon
                                         unsigned long long nrows, unsigned long long row_len,
                                         int accumulate) {
     const unsigned long long n = nrows * row_len;
-    for (unsigned long long e = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         e < n; e += (unsigned long long)blockDim.x * gridDim.x) {
+    for (unsigned long long e = KV_FIRST; e < n; e += KV_STRIDE) {
         const unsigned long long r = e / row_len;
         float* d = dst + (unsigned long long)ids[r] * row_len + (e - r * row_len);
         *d = accumulate ? *d + rows[e] : rows[e];

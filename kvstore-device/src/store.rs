@@ -445,14 +445,7 @@ impl DeviceStore {
                     .into(),
             ));
         }
-        let runtime = Runtime::get()?;
-        let mut devs: Vec<usize> = Vec::new();
-        for v in values {
-            runtime.gpu(v.ordinal())?;
-            if !devs.contains(&v.ordinal()) {
-                devs.push(v.ordinal());
-            }
-        }
+        let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if self.engine == Engine::Nccl {
             // One value per GPU, always the same set of GPUs once NCCL is up (MXNet's rule),
             // and the key's merge GPU among them.
@@ -635,20 +628,13 @@ impl DeviceStore {
                 "gradient compression for row_sparse storage type is not supported".into(),
             ));
         }
-        let runtime = Runtime::get()?;
-        let mut devs: Vec<usize> = Vec::new();
-        for v in values {
-            runtime.gpu(v.ordinal())?;
-            if !devs.contains(&v.ordinal()) {
-                devs.push(v.ordinal());
-            }
-        }
+        let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if state.keys[key].merge_dev.is_none() {
             self.place_keys(state, &devs)?;
         }
         let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
-        let gpu = runtime.gpu(dev)?;
+        let gpu = Runtime::get()?.gpu(dev)?;
         let stored = entry.stored.as_mut().expect("placed keys hold their value");
         let moved: Vec<Option<DeviceRowSparse>> = values
             .iter()
@@ -929,6 +915,20 @@ impl DeviceStore {
         }
         Ok(())
     }
+}
+
+/// The GPUs of `ordinals`, each once, in first-seen order; an error for one that does not
+/// exist.
+fn distinct_gpus(ordinals: impl Iterator<Item = usize>) -> Result<Vec<usize>> {
+    let runtime = Runtime::get()?;
+    let mut devs: Vec<usize> = Vec::new();
+    for ordinal in ordinals {
+        runtime.gpu(ordinal)?;
+        if !devs.contains(&ordinal) {
+            devs.push(ordinal);
+        }
+    }
+    Ok(devs)
 }
 
 /// At least one pushed value, each of the key's shape (`what` names a value in the error).

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use kvstore_device::gpu::KERNEL_PRELUDE;
 use libtest_mimic::Failed;
 
 /// Definitions that make kernel source valid C++, and the grid runner.
@@ -55,7 +56,8 @@ struct Buffer {
 };
 "#;
 
-/// Builds `driver` (C++ using [`SHIM`] and the kernels of `kernels`) under the name `name`:
+/// Builds `driver` (C++ using [`SHIM`], the kernels' prelude and the kernels of `kernels`) under
+/// the name `name`:
 /// `Ok(path)`, `Err(Ok(reason))` when there is no compiler (the checks are ignored),
 /// `Err(Err(log))` when the source does not compile (a failure).
 pub fn build(name: &str, kernels: &str, driver: &str) -> Result<PathBuf, Result<String, String>> {
@@ -75,7 +77,11 @@ pub fn build(name: &str, kernels: &str, driver: &str) -> Result<PathBuf, Result<
     .ok_or_else(|| Err("no writable temporary folder".to_string()))?;
     let src = dir.join(format!("{name}-{}.cpp", std::process::id()));
     let exe = dir.join(format!("{name}-{}", std::process::id()));
-    std::fs::write(&src, format!("{SHIM}\n{kernels}\n{driver}")).map_err(|e| Err(e.to_string()))?;
+    std::fs::write(
+        &src,
+        format!("{SHIM}\n{KERNEL_PRELUDE}\n{kernels}\n{driver}"),
+    )
+    .map_err(|e| Err(e.to_string()))?;
     // No contraction into fused multiply-add, as NVRTC with `--fmad=false`.
     let out = Command::new(&cxx)
         .args([
