@@ -614,13 +614,7 @@ impl DeviceArray {
     /// # Errors
     /// [`Error::Device`] when a CUDA call fails.
     pub fn to_host(&self) -> Result<NDArray> {
-        let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        let data = gpu
-            .stream
-            .clone_dtoh(&self.data)
-            .map_err(cuda("copy to host"))?;
-        gpu.stream.synchronize().map_err(cuda("synchronize"))?;
-        NDArray::from_vec(&self.shape, data)
+        NDArray::from_vec(&self.shape, download(&self.data)?)
     }
 
     /// Copies `src` (on any GPU) into this array.
@@ -698,6 +692,17 @@ impl DeviceArray {
     pub fn size(&self) -> usize {
         self.data.len()
     }
+}
+
+/// The contents of `slice`, copied to host memory once every operation queued on its stream
+/// is done.
+pub(crate) fn download<T: cudarc::driver::DeviceRepr>(slice: &CudaSlice<T>) -> Result<Vec<T>> {
+    let data = slice
+        .stream()
+        .clone_dtoh(slice)
+        .map_err(cuda("copy to host"))?;
+    slice.stream().synchronize().map_err(cuda("synchronize"))?;
+    Ok(data)
 }
 
 /// The element count of `shape`, refusing none: CUDA allocations are never empty.

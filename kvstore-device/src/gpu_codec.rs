@@ -21,7 +21,7 @@ use cudarc::driver::CudaSlice;
 use kvstore_base::{Error, Result};
 use kvstore_compression::{Codec, CompressionType};
 
-use crate::gpu::{copy_on, cuda, DeviceArray, Runtime};
+use crate::gpu::{copy_on, cuda, download, DeviceArray, Runtime};
 
 /// The CUDA C source of the compression kernels (compiled with the other kernels of
 /// [`gpu::KERNELS`](crate::gpu::KERNELS), after [`gpu::KERNEL_PRELUDE`](crate::gpu::KERNEL_PRELUDE),
@@ -256,12 +256,7 @@ impl PackedArray {
     /// # Errors
     /// [`Error::Device`] when a CUDA call fails.
     pub fn to_host(&self) -> Result<Vec<u8>> {
-        let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        let words = gpu
-            .stream
-            .clone_dtoh(&self.data)
-            .map_err(cuda("copy to host"))?;
-        gpu.stream.synchronize().map_err(cuda("synchronize"))?;
+        let words = download(&self.data)?;
         Ok(words[..self.words]
             .iter()
             .flat_map(|w| w.to_le_bytes())

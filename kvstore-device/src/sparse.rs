@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, NDArray, Result, StorageType};
 
-use crate::gpu::{copy_on, cuda, Gpu, Runtime};
+use crate::gpu::{copy_on, cuda, download, Gpu, Runtime};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
 /// [`kernel_source`](crate::gpu::kernel_source)). Both are grid-stride loops over the
@@ -179,12 +179,7 @@ impl DeviceRowSparse {
     /// # Errors
     /// [`Error::Device`] when a CUDA call fails.
     pub fn to_host(&self) -> Result<NDArray> {
-        let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        let mut rows = gpu
-            .stream
-            .clone_dtoh(&self.rows)
-            .map_err(cuda("copy to host"))?;
-        gpu.stream.synchronize().map_err(cuda("synchronize"))?;
+        let mut rows = download(&self.rows)?;
         rows.truncate(self.nnz() * row_len(&self.shape));
         let mut row_shape = self.shape.clone();
         row_shape[0] = self.nnz();

@@ -368,18 +368,16 @@ impl DeviceStore {
             }
         }
         // Checks, before any GPU work.
-        let optimizer = match state.custom_updater {
-            true => None,
-            false => state
-                .optimizer
-                .as_ref()
-                .map(GpuOptimizer::parse)
-                .transpose()
-                .map_err(|e| match groups.first() {
-                    Some((key, _)) => self.at("push", key)(e),
-                    None => e,
-                })?,
-        };
+        // (A custom updater leaves no optimizer; `check_push` refuses it.)
+        let optimizer = state
+            .optimizer
+            .as_ref()
+            .map(GpuOptimizer::parse)
+            .transpose()
+            .map_err(|e| match groups.first() {
+                Some((key, _)) => self.at("push", key)(e),
+                None => e,
+            })?;
         let codec = self.gradient_compression();
         let mut nccl_set: Option<Vec<usize>> = state.nccl.as_ref().map(|c| c.ordinals.clone());
         let mut devs = Vec::with_capacity(groups.len());
@@ -650,7 +648,7 @@ impl DeviceStore {
                 gpu.scatter_rows(&mut stored.data, &v.rows, &v.ids, v.nnz(), row_len, i > 0)?;
             }
         }
-        gpu.stream.synchronize().map_err(cuda("synchronize"))
+        wait_for(vec![dev])
     }
 
     /// MXNet's `row_sparse_pull` on GPUs: each output becomes the rows `row_ids[i]` (any
@@ -736,14 +734,7 @@ impl DeviceStore {
                     }
                 };
             }
-            for o in outs.iter() {
-                runtime
-                    .gpu(o.ordinal())?
-                    .stream
-                    .synchronize()
-                    .map_err(cuda("synchronize"))?;
-            }
-            Ok(())
+            wait_for(outs.iter().map(|o| o.ordinal()).collect())
         })();
         result.map_err(at)
     }
@@ -995,7 +986,6 @@ fn reduce_compressed(
     values: &[&DeviceArray],
     merge: &mut DeviceArray,
 ) -> Result<()> {
-    let runtime = Runtime::get()?;
     let dev = merge.ordinal();
     let n = merge.size();
     for (i, v) in values.iter().enumerate() {
@@ -1009,14 +999,10 @@ fn reduce_compressed(
         }
         let source = &mut sources[i];
         if source.residual.ordinal() != ordinal {
-            // The value of this position now comes from another GPU: its residual follows.
+            // The value of this position now comes from another GPU: its residual follows
+            // (the old one is freed on its stream after the copy has read it: `copy_on`).
             let mut moved = DeviceArray::zeros(shape, ordinal)?;
             moved.copy_from(&source.residual)?;
-            runtime
-                .gpu(ordinal)?
-                .stream
-                .synchronize()
-                .map_err(cuda("synchronize"))?;
             source.residual = moved;
         }
         if source.send.ordinal() != ordinal || source.send.kind() != codec.kind() {
