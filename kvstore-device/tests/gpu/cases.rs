@@ -1,0 +1,974 @@
+//! The GPU checks of the `device` and `nccl` stores, shared by `tests/gpu.rs` (a real GPU)
+//! and `tests/gpu_emulated.rs` (the emulated driver): GPU results compared with the `local`
+//! store on the same data.
+//!
+//! Tolerances: sums are exact (compared with `==`: the kernel adds in the CPU store's order);
+//! optimizer steps within 1e-6 relative (|gpu - cpu| <= 1e-6 * max(1, |cpu|)), although the
+//! CPU emulation of the kernels (`tests/kernel_source.rs`) finds them bit-identical; row-sparse
+//! pulls hold the same row numbers and values as `local`'s. Gradient compression is
+//! compared bit for bit: the GPU codec with `kvstore_compression::Codec` (packed bytes,
+//! residuals, dequantised values, over rounds), and compressed GPU pushes with the same pushes
+//! of CPU values. With one GPU, several buffers on it stand in for several devices; with more,
+//! values are spread over every GPU.
+
+use kvstore_base::{
+    create, CompressionParams, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
+};
+use kvstore_compression::Codec;
+use kvstore_device::{
+    gpu_codec, DeviceArray, DeviceRowSparse, DeviceStore, Engine, GpuInfo, PackedArray,
+};
+use kvstore_local::reduce::ReduceConfig;
+use libtest_mimic::Failed;
+
+/// What a check returns.
+pub type TestResult = Result<(), Failed>;
+
+/// A failure with `msg`.
+pub fn fail(msg: impl std::fmt::Display) -> Failed {
+    msg.to_string().into()
+}
+
+/// The GPU ordinal of value `i` of `n`: spread round-robin over the GPUs.
+fn dev(info: &GpuInfo, i: usize) -> usize {
+    info.devices[i % info.devices.len()].ordinal
+}
+
+/// Integer-valued data for value `i`.
+fn data(n: usize, i: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| ((j * 7 + i * 13) % 31) as f32 - 15.0)
+        .collect()
+}
+
+/// Small non-integer data for optimizer tests.
+fn fdata(n: usize, i: usize) -> Vec<f32> {
+    (0..n)
+        .map(|j| (((j * 7 + i * 13) % 97) as f32 - 48.0) / 64.0)
+        .collect()
+}
+
+fn host(shape: &[usize], v: Vec<f32>) -> NDArray {
+    NDArray::from_vec(shape, v).expect("shape matches")
+}
+
+fn close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) -> TestResult {
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if (g - c).abs() > rel * c.abs().max(1.0) {
+            return Err(fail(format!("{what}: element {i}: gpu {g} vs cpu {c}")));
+        }
+    }
+    if gpu.len() != cpu.len() {
+        return Err(fail(format!(
+            "{what}: {} vs {} elements",
+            gpu.len(),
+            cpu.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Pushes `rounds` pushes of `n_values` values to one key on `store` (GPU) and on `local`
+/// (CPU), with `spec` set on both when given, and compares the pulled values.
+fn compare_with_local(
+    info: &GpuInfo,
+    engine: Engine,
+    n_values: usize,
+    len: usize,
+    spec: Option<OptimizerSpec>,
+    rounds: usize,
+    rel: f32,
+) -> TestResult {
+    let shape = [len];
+    let name = if engine == Engine::Nccl {
+        "nccl"
+    } else {
+        "device"
+    };
+    let store = DeviceStore::new(name, engine, ReduceConfig::default());
+    let local = create("local")?;
+    let init = if spec.is_some() {
+        fdata(len, 99)
+    } else {
+        vec![0.0; len]
+    };
+    store.init_gpu("w", &host(&shape, init.clone()))?;
+    local.init("w", &host(&shape, init))?;
+    if let Some(spec) = &spec {
+        store.set_optimizer(spec)?;
+        local.set_optimizer(spec)?;
+    }
+    for round in 0..rounds {
+        let gen = if spec.is_some() { fdata } else { data };
+        let hosts: Vec<NDArray> = (0..n_values)
+            .map(|i| host(&shape, gen(len, i + round)))
+            .collect();
+        let gpus: Vec<DeviceArray> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&DeviceArray> = gpus.iter().collect();
+        store.push_gpu("w", &refs)?;
+        local.push("w", &hosts[..])?;
+    }
+    let mut outs: Vec<DeviceArray> = (0..n_values.min(info.devices.len().max(2)))
+        .map(|i| DeviceArray::zeros(&shape, dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    let mut out_refs: Vec<&mut DeviceArray> = outs.iter_mut().collect();
+    store.pull_gpu("w", &mut out_refs)?;
+    let mut cpu = NDArray::zeros(&shape, DType::F32);
+    local.pull("w", &mut cpu)?;
+    let cpu = cpu.to_vec::<f32>()?;
+    for (i, o) in outs.iter().enumerate() {
+        let got = o.to_host()?.to_vec::<f32>()?;
+        if rel == 0.0 {
+            if got != cpu {
+                return Err(fail(format!(
+                    "output {i} differs from local: {:?} vs {:?}",
+                    &got[..4.min(len)],
+                    &cpu[..4.min(len)]
+                )));
+            }
+        } else {
+            close(&got, &cpu, rel, &format!("output {i}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// One GPU check.
+pub type GpuTest = fn(&GpuInfo) -> TestResult;
+
+/// Every GPU check: its name, whether it needs NCCL, and the check.
+pub const TESTS: &[(&str, bool, GpuTest)] = &[
+    ("device::sum_of_one_value_is_the_value", false, |i| {
+        compare_with_local(i, Engine::Device, 1, 1000, None, 1, 0.0)
+    }),
+    ("device::sum_of_8_values_equals_local_exactly", false, |i| {
+        compare_with_local(i, Engine::Device, 8, 100_003, None, 2, 0.0)
+    }),
+    (
+        "device::sum_of_5_values_odd_group_equals_local",
+        false,
+        |i| compare_with_local(i, Engine::Device, 5, 4097, None, 1, 0.0),
+    ),
+    ("device::sgd_momentum_steps_match_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            4,
+            10_000,
+            Some(
+                OptimizerSpec::new("sgd")
+                    .with("learning_rate", 0.1)
+                    .with("momentum", 0.9)
+                    .with("wd", 0.01)
+                    .with("rescale_grad", 0.5),
+            ),
+            3,
+            1e-6,
+        )
+    }),
+    (
+        "device::sgd_clipped_without_momentum_matches_local",
+        false,
+        |i| {
+            compare_with_local(
+                i,
+                Engine::Device,
+                2,
+                10_000,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("learning_rate", 0.1)
+                        .with("clip_gradient", 0.25),
+                ),
+                3,
+                1e-6,
+            )
+        },
+    ),
+    ("device::adam_steps_match_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            4,
+            10_000,
+            Some(
+                OptimizerSpec::new("adam")
+                    .with("learning_rate", 0.01)
+                    .with("wd", 0.1)
+                    .with("clip_gradient", 0.5),
+            ),
+            3,
+            1e-6,
+        )
+    }),
+    (
+        "device::sum_of_12_values_two_launches_equals_local",
+        false,
+        |i| compare_with_local(i, Engine::Device, 12, 70_001, None, 2, 0.0),
+    ),
+    (
+        "device::sgd_on_one_value_read_in_place_matches_local",
+        false,
+        |i| {
+            compare_with_local(
+                i,
+                Engine::Device,
+                1,
+                10_001,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("momentum", 0.9)
+                        .with("wd", 0.01),
+                ),
+                3,
+                1e-6,
+            )
+        },
+    ),
+    ("device::adam_on_9_values_matches_local", false, |i| {
+        compare_with_local(
+            i,
+            Engine::Device,
+            9,
+            10_003,
+            Some(OptimizerSpec::new("adam").with("learning_rate", 0.01)),
+            2,
+            1e-6,
+        )
+    }),
+    (
+        "device::row_sparse_push_and_pull_match_local",
+        false,
+        row_sparse_matches_local,
+    ),
+    (
+        "device::row_sparse_errors_leave_the_key_as_it_was",
+        false,
+        row_sparse_errors,
+    ),
+    (
+        "device::placement_balances_keys_across_gpus",
+        false,
+        placement,
+    ),
+    ("device::gpu_errors_leave_the_store_usable", false, errors),
+    (
+        "device::random_operations_match_local",
+        false,
+        random_operations,
+    ),
+    (
+        "device::a_new_optimizer_starts_fresh_as_local",
+        false,
+        new_optimizer_starts_fresh,
+    ),
+    (
+        "device::batch_push_and_pull_match_local",
+        false,
+        batch_matches_local,
+    ),
+    (
+        "device::sum_from_equals_local_and_checks_its_inputs",
+        false,
+        sum_from,
+    ),
+    ("device::host_round_trip_is_exact", false, round_trip),
+    (
+        "compression::gpu_codec_2bit_matches_cpu_codec",
+        false,
+        |i| codec_matches_cpu(i, Codec::two_bit(0.5)),
+    ),
+    (
+        "compression::gpu_codec_2bit_small_threshold_matches",
+        false,
+        |i| codec_matches_cpu(i, Codec::two_bit(0.1)),
+    ),
+    (
+        "compression::gpu_codec_1bit_matches_cpu_codec",
+        false,
+        |i| codec_matches_cpu(i, Codec::one_bit(0.0)),
+    ),
+    (
+        "compression::gpu_codec_1bit_negative_threshold_matches",
+        false,
+        |i| codec_matches_cpu(i, Codec::one_bit(-0.5)),
+    ),
+    (
+        "compression::device_push_2bit_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "2bit", "0.5", 3, 10_007, None, 5, false),
+    ),
+    (
+        "compression::device_push_2bit_4_values_t0.1_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "2bit", "0.1", 4, 4097, None, 5, false),
+    ),
+    ("compression::device_one_value_is_compressed", false, |i| {
+        compressed_push_equals_cpu_values(i, "2bit", "0.5", 1, 1000, None, 3, false)
+    }),
+    (
+        "compression::device_pushpull_1bit_equals_cpu_values",
+        false,
+        |i| compressed_push_equals_cpu_values(i, "1bit", "0", 2, 100_003, None, 4, true),
+    ),
+    (
+        "compression::device_push_with_sgd_matches_cpu_values",
+        false,
+        |i| {
+            compressed_push_equals_cpu_values(
+                i,
+                "2bit",
+                "0.5",
+                3,
+                10_000,
+                Some(
+                    OptimizerSpec::new("sgd")
+                        .with("learning_rate", 0.1)
+                        .with("momentum", 0.9)
+                        .with("wd", 0.01),
+                ),
+                4,
+                false,
+            )
+        },
+    ),
+    ("nccl::sum_across_gpus_equals_local_exactly", true, |i| {
+        let n = i.devices.len();
+        compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)
+    }),
+    ("nccl::sgd_after_reduce_matches_local", true, |i| {
+        let n = i.devices.len();
+        compare_with_local(
+            i,
+            Engine::Nccl,
+            n,
+            10_000,
+            Some(OptimizerSpec::new("sgd").with("momentum", 0.9)),
+            3,
+            1e-6,
+        )
+    }),
+];
+
+/// Gradients for compression tests: `scale * [-1.5, 1.5)`-ish values of round `round`, with
+/// values at the threshold, signed zeros, infinities, NaN and denormals mixed in.
+fn cdata(n: usize, i: usize, round: usize, t: f32) -> Vec<f32> {
+    let scale = if t > 0.0 { t } else { 1.0 };
+    let specials = [
+        t,
+        -t,
+        0.0,
+        -0.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        1e-45,
+        -1e-45,
+    ];
+    (0..n)
+        .map(|j| {
+            if (j * 13 + round * 5 + i).is_multiple_of(101) {
+                specials[(j + round) % specials.len()]
+            } else {
+                (((j * 7 + i * 13 + round * 29) % 97) as f32 - 48.0) / 32.0 * scale
+            }
+        })
+        .collect()
+}
+
+/// Equal bit patterns, or both NaN (which NaN a residual holds is not specified).
+fn same_bits(gpu: &[f32], cpu: &[f32], what: &str) -> TestResult {
+    if gpu.len() != cpu.len() {
+        return Err(fail(format!(
+            "{what}: {} vs {} elements",
+            gpu.len(),
+            cpu.len()
+        )));
+    }
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        if g.to_bits() != c.to_bits() && !(g.is_nan() && c.is_nan()) {
+            return Err(fail(format!("{what}: element {i}: gpu {g:e} vs cpu {c:e}")));
+        }
+    }
+    Ok(())
+}
+
+/// The GPU codec against the CPU codec over 5 rounds (residual carried): packed bytes,
+/// residuals, dequantised and dequantised-added values; and CPU-packed bytes dequantised on
+/// the GPU.
+fn codec_matches_cpu(info: &GpuInfo, codec: Codec) -> TestResult {
+    let t = codec.threshold();
+    let ordinal = dev(info, 0);
+    for n in [1usize, 15, 16, 17, 33, 1000, 100_003] {
+        let mut cpu_residual = vec![0.0f32; n];
+        let mut cpu_packed = vec![0u8; codec.compressed_len(n)];
+        let mut residual = DeviceArray::zeros(&[n], ordinal)?;
+        let mut packed = PackedArray::zeros(&codec, n, ordinal)?;
+        for round in 0..5 {
+            let what = format!("{} t={t} n={n} round {round}", codec.kind());
+            let g = cdata(n, 0, round, t);
+            let grad = DeviceArray::from_host(&host(&[n], g.clone()), ordinal)?;
+            gpu_codec::quantize(&codec, &grad, &mut residual, &mut packed)?;
+            codec.quantize(&g, &mut cpu_residual, &mut cpu_packed)?;
+            if packed.to_host()? != cpu_packed {
+                return Err(fail(format!("{what}: packed bytes differ")));
+            }
+            same_bits(
+                &residual.to_host()?.to_vec::<f32>()?,
+                &cpu_residual,
+                &format!("{what}: residual"),
+            )?;
+            let mut cpu_out = vec![0.0f32; n];
+            codec.dequantize(&cpu_packed, &mut cpu_out)?;
+            let mut out = DeviceArray::zeros(&[n], ordinal)?;
+            gpu_codec::dequantize(&codec, &packed, &mut out)?;
+            same_bits(
+                &out.to_host()?.to_vec::<f32>()?,
+                &cpu_out,
+                &format!("{what}: dequantised"),
+            )?;
+            let base = fdata(n, round + 1);
+            let mut cpu_sum = base.clone();
+            codec.dequantize_add(&cpu_packed, &mut cpu_sum)?;
+            let mut sum = DeviceArray::from_host(&host(&[n], base), ordinal)?;
+            let uploaded = PackedArray::from_host(&codec, &cpu_packed, n, ordinal)?;
+            gpu_codec::dequantize_add(&codec, &uploaded, &mut sum)?;
+            same_bits(
+                &sum.to_host()?.to_vec::<f32>()?,
+                &cpu_sum,
+                &format!("{what}: dequantised and added"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// `rounds` compressed pushes (or pushpulls) of `n_values` values to a GPU key and the same
+/// pushes of CPU values to a CPU key of another store: the pulled values are equal bit for
+/// bit (within 1e-6 relative with an optimizer, as the optimizer tests).
+#[allow(clippy::too_many_arguments)]
+fn compressed_push_equals_cpu_values(
+    info: &GpuInfo,
+    kind: &str,
+    threshold: &str,
+    n_values: usize,
+    len: usize,
+    spec: Option<OptimizerSpec>,
+    rounds: usize,
+    pushpull: bool,
+) -> TestResult {
+    let shape = [len];
+    let params = CompressionParams::from([
+        ("type".to_string(), kind.to_string()),
+        ("threshold".to_string(), threshold.to_string()),
+    ]);
+    let gpu_store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let cpu_store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let init = fdata(len, 99);
+    gpu_store.init_gpu("w", &host(&shape, init.clone()))?;
+    cpu_store.init("w", &host(&shape, init))?;
+    for s in [&gpu_store, &cpu_store] {
+        s.set_gradient_compression(&params)?;
+        if let Some(spec) = &spec {
+            s.set_optimizer(spec)?;
+        }
+    }
+    let t = gpu_store
+        .gradient_compression()
+        .map(|c| c.threshold())
+        .unwrap_or(0.5);
+    for round in 0..rounds {
+        let hosts: Vec<NDArray> = (0..n_values)
+            .map(|i| host(&shape, cdata(len, i, round, t)))
+            .collect();
+        let gpus: Vec<DeviceArray> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<&DeviceArray> = gpus.iter().collect();
+        let mut out = DeviceArray::zeros(&shape, dev(info, 1))?;
+        let mut cpu = NDArray::zeros(&shape, DType::F32);
+        if pushpull {
+            gpu_store.pushpull_gpu("w", &refs, &mut [&mut out])?;
+            cpu_store.pushpull("w", &hosts[..], &mut cpu)?;
+        } else {
+            gpu_store.push_gpu("w", &refs)?;
+            gpu_store.pull_gpu("w", &mut [&mut out])?;
+            cpu_store.push("w", &hosts[..])?;
+            cpu_store.pull("w", &mut cpu)?;
+        }
+        let got = out.to_host()?.to_vec::<f32>()?;
+        let want = cpu.to_vec::<f32>()?;
+        let what = format!("{kind} t={threshold} {n_values} values round {round}");
+        if spec.is_some() {
+            close(&got, &want, 1e-6, &what)?;
+        } else {
+            same_bits(&got, &want, &what)?;
+        }
+        // The inputs are only read.
+        for (g, h) in gpus.iter().zip(&hosts) {
+            same_bits(
+                &g.to_host()?.to_vec::<f32>()?,
+                &h.to_vec::<f32>()?,
+                "a pushed value",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn round_trip(_: &GpuInfo) -> TestResult {
+    let h = host(&[3, 5], fdata(15, 1));
+    let d = DeviceArray::from_host(&h, 0)?;
+    if d.to_host()? != h {
+        return Err(fail("the host -> GPU -> host copy changed the data"));
+    }
+    Ok(())
+}
+
+fn placement(info: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let sizes = [4000usize, 3000, 2000, 1000];
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], vec![1.0; n]))?;
+    }
+    let ngpu = info.devices.len();
+    let values: Vec<DeviceArray> = (0..ngpu.max(2))
+        .map(|i| DeviceArray::zeros(&[4000], dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    store.push_gpu(0i64, &values.iter().collect::<Vec<_>>())?;
+    let placed = store.merge_devices();
+    if placed.len() != sizes.len() {
+        return Err(fail(format!(
+            "every known key is placed at the first push: {placed:?}"
+        )));
+    }
+    let mut totals = vec![0usize; ngpu];
+    let devs: Vec<usize> = info.devices.iter().map(|d| d.ordinal).collect();
+    let expected = kvstore_device::placement::place(&sizes, &devs, &mut totals);
+    for (k, want) in expected.iter().enumerate() {
+        if placed[&(k as i64).into()] != *want {
+            return Err(fail(format!(
+                "key {k} placed on {:?}, expected {want}",
+                placed[&(k as i64).into()]
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A seeded random sequence of 300 operations on six keys of various sizes (pushes of 1 to 12
+/// values, batches of several keys with repeats, pulls and batch pulls into 1 to 3 outputs, a
+/// change of optimizer now and then), each done on the GPU store and on `local`, every pulled
+/// value compared.
+fn random_operations(info: &GpuInfo) -> TestResult {
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |below: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % below as u64) as usize
+    };
+    let sizes = [1usize, 3, 4, 17, 4097, 65_537];
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], fdata(n, k)))?;
+        local.init(k as i64, &host(&[n], fdata(n, k)))?;
+    }
+    let optimizers = [
+        None,
+        Some(
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.05)
+                .with("momentum", 0.9),
+        ),
+        Some(
+            OptimizerSpec::new("adam")
+                .with("learning_rate", 0.01)
+                .with("wd", 0.01),
+        ),
+    ];
+    let mut optimizer = 0;
+    let mut pulls = 0;
+    for step in 0..300 {
+        match next(10) {
+            0 => {
+                // Optimizers cannot be unset: move forward only.
+                if optimizer + 1 < optimizers.len() {
+                    optimizer += 1;
+                    let spec = optimizers[optimizer].as_ref().expect("set");
+                    store.set_optimizer(spec)?;
+                    local.set_optimizer(spec)?;
+                }
+            }
+            1..=3 => {
+                let k = next(sizes.len());
+                let count = 1 + next(12);
+                let hosts: Vec<NDArray> = (0..count)
+                    .map(|i| host(&[sizes[k]], fdata(sizes[k], step * 13 + i)))
+                    .collect();
+                let gpus: Vec<DeviceArray> = hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| DeviceArray::from_host(h, dev(info, i + step)))
+                    .collect::<Result<_, _>>()?;
+                store.push_gpu(k as i64, &gpus.iter().collect::<Vec<_>>())?;
+                local.push(k as i64, &hosts[..])?;
+            }
+            4..=5 => {
+                let keys: Vec<usize> = (0..1 + next(5)).map(|_| next(sizes.len())).collect();
+                let hosts: Vec<NDArray> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &k)| host(&[sizes[k]], fdata(sizes[k], step * 7 + i)))
+                    .collect();
+                let gpus: Vec<DeviceArray> = hosts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+                    .collect::<Result<_, _>>()?;
+                let refs: Vec<[&DeviceArray; 1]> = gpus.iter().map(|g| [g]).collect();
+                let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = keys
+                    .iter()
+                    .zip(&refs)
+                    .map(|(&k, r)| ((k as i64).into(), &r[..]))
+                    .collect();
+                store.push_gpu_batch(&batch)?;
+                // local: each key once, its values in the order listed.
+                let mut distinct = keys.clone();
+                distinct.sort_unstable();
+                distinct.dedup();
+                for k in distinct {
+                    let values: Vec<NDArray> = keys
+                        .iter()
+                        .zip(&hosts)
+                        .filter(|(&key, _)| key == k)
+                        .map(|(_, h)| h.clone())
+                        .collect();
+                    local.push(k as i64, &values[..])?;
+                }
+            }
+            _ => {
+                let k = next(sizes.len());
+                let n = sizes[k];
+                let mut outs: Vec<DeviceArray> = (0..1 + next(3))
+                    .map(|i| DeviceArray::zeros(&[n], dev(info, i + step)))
+                    .collect::<Result<_, _>>()?;
+                if next(2) == 0 {
+                    store.pull_gpu(k as i64, &mut outs.iter_mut().collect::<Vec<_>>())?;
+                } else {
+                    let mut refs: Vec<&mut DeviceArray> = outs.iter_mut().collect();
+                    store.pull_gpu_batch(&mut [((k as i64).into(), &mut refs[..])])?;
+                }
+                let mut want = NDArray::zeros(&[n], DType::F32);
+                local.pull(k as i64, &mut want)?;
+                let want = want.to_vec::<f32>()?;
+                for (i, o) in outs.iter().enumerate() {
+                    close(
+                        &o.to_host()?.to_vec::<f32>()?,
+                        &want,
+                        1e-6,
+                        &format!("step {step}, key {k}, output {i}"),
+                    )?;
+                }
+                pulls += 1;
+            }
+        }
+    }
+    if pulls < 50 {
+        return Err(fail(format!("only {pulls} pulls were compared")));
+    }
+    Ok(())
+}
+
+/// adam for two pushes, then sgd with momentum, then adam again: each new optimizer starts
+/// with fresh states and counts on the GPU as on `local`.
+fn new_optimizer_starts_fresh(_: &GpuInfo) -> TestResult {
+    let n = 4099;
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    store.init_gpu("w", &host(&[n], fdata(n, 5)))?;
+    local.init("w", &host(&[n], fdata(n, 5)))?;
+    let adam = OptimizerSpec::new("adam").with("learning_rate", 0.01);
+    let sgd = OptimizerSpec::new("sgd").with("momentum", 0.9);
+    let plan = [&adam, &adam, &sgd, &sgd, &adam];
+    for (round, spec) in plan.iter().enumerate() {
+        if round == 0 || !std::ptr::eq(*spec, plan[round - 1]) {
+            store.set_optimizer(spec)?;
+            local.set_optimizer(spec)?;
+        }
+        let g = host(&[n], fdata(n, round));
+        store.push_gpu("w", &[&DeviceArray::from_host(&g, 0)?])?;
+        local.push("w", &g)?;
+        let mut out = DeviceArray::zeros(&[n], 0)?;
+        store.pull_gpu("w", &mut [&mut out])?;
+        let mut want = NDArray::zeros(&[n], DType::F32);
+        local.pull("w", &mut want)?;
+        close(
+            &out.to_host()?.to_vec::<f32>()?,
+            &want.to_vec::<f32>()?,
+            1e-6,
+            &format!("round {round} ({})", spec.name),
+        )?;
+    }
+    Ok(())
+}
+
+/// Five keys pushed and pulled in batches (keys out of order, one listed twice), with sgd,
+/// against the same pushes to `local`; then a batch with one bad key changes nothing.
+fn batch_matches_local(info: &GpuInfo) -> TestResult {
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    let sizes = [1000usize, 3, 70_001, 4097, 16];
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], fdata(n, k)))?;
+        local.init(k as i64, &host(&[n], fdata(n, k)))?;
+    }
+    store.set_optimizer(&spec)?;
+    local.set_optimizer(&spec)?;
+    // Key 2 twice: its values are pushed together, as three values.
+    let order = [3i64, 2, 0, 4, 1, 2];
+    for round in 0..2 {
+        let hosts: Vec<Vec<NDArray>> = order
+            .iter()
+            .enumerate()
+            .map(|(i, &k)| {
+                let n = sizes[k as usize];
+                let count = if i == 1 { 2 } else { 1 };
+                (0..count)
+                    .map(|j| host(&[n], fdata(n, 7 * i + j + round)))
+                    .collect()
+            })
+            .collect();
+        let gpus: Vec<Vec<DeviceArray>> = hosts
+            .iter()
+            .map(|hs| {
+                hs.iter()
+                    .enumerate()
+                    .map(|(j, h)| DeviceArray::from_host(h, dev(info, j)))
+                    .collect::<Result<_, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let refs: Vec<Vec<&DeviceArray>> = gpus.iter().map(|g| g.iter().collect()).collect();
+        let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = order
+            .iter()
+            .zip(&refs)
+            .map(|(&k, r)| (k.into(), r.as_slice()))
+            .collect();
+        store.push_gpu_batch(&batch)?;
+        for (k, _) in sizes.iter().enumerate() {
+            let values: Vec<NDArray> = order
+                .iter()
+                .zip(&hosts)
+                .filter(|(&key, _)| key == k as i64)
+                .flat_map(|(_, hs)| hs.iter().cloned())
+                .collect();
+            local.push(k as i64, &values[..])?;
+        }
+    }
+    let mut outs: Vec<DeviceArray> = sizes
+        .iter()
+        .map(|&n| DeviceArray::zeros(&[n], 0))
+        .collect::<Result<_, _>>()?;
+    {
+        let mut refs: Vec<[&mut DeviceArray; 1]> = outs.iter_mut().map(|o| [o]).collect();
+        let mut batch: Vec<(kvstore_base::Key, &mut [&mut DeviceArray])> = refs
+            .iter_mut()
+            .enumerate()
+            .map(|(k, r)| ((k as i64).into(), r.as_mut_slice()))
+            .collect();
+        store.pull_gpu_batch(&mut batch)?;
+    }
+    for (k, o) in outs.iter().enumerate() {
+        let mut want = NDArray::zeros(&[sizes[k]], DType::F32);
+        local.pull(k as i64, &mut want)?;
+        close(
+            &o.to_host()?.to_vec::<f32>()?,
+            &want.to_vec::<f32>()?,
+            1e-6,
+            &format!("key {k}"),
+        )?;
+    }
+    let before = outs[0].to_host()?;
+    let good = DeviceArray::zeros(&[sizes[0]], 0)?;
+    let bad = DeviceArray::zeros(&[sizes[1] + 1], 0)?;
+    let err = store
+        .push_gpu_batch(&[(0i64.into(), &[&good][..]), (1i64.into(), &[&bad][..])])
+        .expect_err("a bad key in a batch");
+    if !err.to_string().contains("key 1") {
+        return Err(fail(format!("the error does not name key 1: {err}")));
+    }
+    let mut after = DeviceArray::zeros(&[sizes[0]], 0)?;
+    store.pull_gpu(0i64, &mut [&mut after])?;
+    if after.to_host()? != before {
+        return Err(fail("a batch with a bad key changed another key"));
+    }
+    Ok(())
+}
+
+fn sum_from(_: &GpuInfo) -> TestResult {
+    let n = 10_007;
+    let hosts: Vec<NDArray> = (0..11).map(|i| host(&[n], fdata(n, i))).collect();
+    let gpus: Vec<DeviceArray> = hosts
+        .iter()
+        .map(|h| DeviceArray::from_host(h, 0))
+        .collect::<Result<_, _>>()?;
+    let mut sum = DeviceArray::zeros(&[n], 0)?;
+    sum.sum_from(&gpus.iter().collect::<Vec<_>>())?;
+    let local = create("local")?;
+    local.init("s", &NDArray::zeros(&[n], DType::F32))?;
+    local.push("s", &hosts[..])?;
+    let mut want = NDArray::zeros(&[n], DType::F32);
+    local.pull("s", &mut want)?;
+    if sum.to_host()?.to_vec::<f32>()? != want.to_vec::<f32>()? {
+        return Err(fail("the sum of 11 arrays differs from local's"));
+    }
+    let other_shape = DeviceArray::zeros(&[n + 1], 0)?;
+    if sum.sum_from(&[]).is_ok() || sum.sum_from(&[&gpus[0], &other_shape]).is_ok() {
+        return Err(fail("a sum of no array or of another shape was accepted"));
+    }
+    Ok(())
+}
+
+fn errors(_: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init_gpu("w", &host(&[4], vec![1.0; 4]))?;
+    let wrong = DeviceArray::zeros(&[5], 0)?;
+    if store.push_gpu("w", &[&wrong]).is_err() && store.push_gpu("nope", &[&wrong]).is_err() {
+        let ok = DeviceArray::from_host(&host(&[4], vec![2.0; 4]), 0)?;
+        store.push_gpu("w", &[&ok, &ok])?;
+        let mut out = DeviceArray::zeros(&[4], 0)?;
+        store.pull_gpu("w", &mut [&mut out])?;
+        if out.to_host()?.to_vec::<f32>()? == vec![4.0; 4] {
+            return Ok(());
+        }
+    }
+    Err(fail("a rejected push changed the store or was accepted"))
+}
+
+/// A row-sparse `[rows, 7]` array holding `ids`, integer-valued data from `seed`.
+fn rsp(rows: usize, ids: &[i64], seed: usize) -> Result<NDArray, Failed> {
+    let data = data(ids.len() * 7, seed);
+    let rows_array = NDArray::from_vec(&[ids.len(), 7], data)?;
+    Ok(NDArray::row_sparse(&[rows, 7], ids.to_vec(), &rows_array)?)
+}
+
+/// Row-sparse pulls of `ids` from both stores into outputs on every GPU (two at least),
+/// compared with `local`'s: the same indices, the same values.
+fn compare_row_sparse_pull(
+    info: &GpuInfo,
+    store: &DeviceStore,
+    local: &dyn KVStoreBase,
+    ids: &NDArray,
+    what: &str,
+) -> TestResult {
+    let shape = [50, 7];
+    let mut outs: Vec<DeviceRowSparse> = (0..info.devices.len().max(2))
+        .map(|i| DeviceRowSparse::zeros(&shape, dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    let mut refs: Vec<&mut DeviceRowSparse> = outs.iter_mut().collect();
+    let row_ids = vec![ids; refs.len()];
+    store.row_sparse_pull_gpu("e", &mut refs, &row_ids)?;
+    let mut want = rsp(50, &[], 0)?;
+    local.row_sparse_pull("e", &mut want, ids)?;
+    for (i, o) in outs.iter().enumerate() {
+        let got = o.to_host()?;
+        let (g, w) = (
+            got.as_row_sparse().expect("row-sparse"),
+            want.as_row_sparse().expect("row-sparse"),
+        );
+        if g.indices() != w.indices() || got.to_vec::<f32>()? != want.to_vec::<f32>()? {
+            return Err(fail(format!(
+                "{what}: output {i} holds rows {:?}, local {:?}, or other values",
+                g.indices(),
+                w.indices()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn row_sparse_matches_local(info: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    let init = rsp(50, &[0, 3, 10], 1)?;
+    store.init_gpu("e", &init)?;
+    local.init("e", &init)?;
+    let ids = NDArray::from_vec(&[5], vec![3i64, 4, 3, 49, 0])?;
+    compare_row_sparse_pull(info, &store, &*local, &ids, "before any push")?;
+    let row_sets: [&[i64]; 4] = [&[1, 3, 5, 49], &[], &[0, 3, 4, 20, 21], &[49]];
+    for round in 0..2 {
+        let hosts: Vec<NDArray> = row_sets
+            .iter()
+            .enumerate()
+            .map(|(i, ids)| rsp(50, ids, i + round))
+            .collect::<Result<_, _>>()?;
+        let gpus: Vec<DeviceRowSparse> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceRowSparse::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        store.push_gpu_row_sparse("e", &gpus.iter().collect::<Vec<_>>())?;
+        local.push("e", &hosts[..])?;
+        let all = NDArray::from_vec(&[50], (0..50i64).rev().collect())?;
+        compare_row_sparse_pull(info, &store, &*local, &all, &format!("round {round}"))?;
+        compare_row_sparse_pull(info, &store, &*local, &ids, &format!("round {round}"))?;
+        let mut dense = DeviceArray::zeros(&[50, 7], 0)?;
+        store.pull_gpu("e", &mut [&mut dense])?;
+        let mut want = NDArray::zeros(&[50, 7], DType::F32);
+        local.pull("e", &mut want)?;
+        if dense.to_host()?.to_vec::<f32>()? != want.to_vec::<f32>()? {
+            return Err(fail(format!(
+                "round {round}: a dense pull differs from local"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn row_sparse_errors(_: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let init = rsp(50, &[2], 3)?;
+    store.init_gpu("e", &init)?;
+    store.init_gpu("w", &host(&[50, 7], vec![0.0; 350]))?;
+    let value = DeviceRowSparse::from_host(&rsp(50, &[1], 4)?, 0)?;
+    let dense = DeviceArray::zeros(&[50, 7], 0)?;
+    let wrong = DeviceRowSparse::zeros(&[49, 7], 0)?;
+    let refused = [
+        store.push_gpu("e", &[&dense]).is_err(),
+        store.push_gpu_row_sparse("w", &[&value]).is_err(),
+        store.push_gpu_row_sparse("e", &[&wrong]).is_err(),
+        store
+            .row_sparse_pull_gpu(
+                "e",
+                &mut [&mut DeviceRowSparse::zeros(&[50, 7], 0)?],
+                &[&NDArray::from_vec(&[1], vec![50i64])?],
+            )
+            .is_err(),
+        {
+            let sgd = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+            sgd.init_gpu("e", &init)?;
+            sgd.set_optimizer(&OptimizerSpec::new("sgd"))?;
+            sgd.push_gpu_row_sparse("e", &[&value]).is_err()
+        },
+    ];
+    if let Some(i) = refused.iter().position(|r| !r) {
+        return Err(fail(format!("bad call {i} was accepted")));
+    }
+    let mut out = DeviceRowSparse::zeros(&[50, 7], 0)?;
+    let ids = NDArray::from_vec(&[2], vec![1i64, 2])?;
+    store.row_sparse_pull_gpu("e", &mut [&mut out], &[&ids])?;
+    if out.to_host()? != init.retain_rows(&[1, 2])? {
+        return Err(fail("a refused call changed the key"));
+    }
+    Ok(())
+}

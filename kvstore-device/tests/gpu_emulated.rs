@@ -1,0 +1,144 @@
+//! The GPU checks of `tests/gpu/cases.rs` and the conformance suite of the `nccl` store, run
+//! on any machine against an emulated CUDA driver, NCCL and (where no real one is found) NVRTC:
+//! `tests/emulated_driver/driver.cpp`, with the crate's kernels compiled in as C++.
+//!
+//! This runs the host side of the GPU code (the stores' reduction, optimizer, compression,
+//! row-sparse, batch and NCCL paths, cudarc's streams, events and frees) for real: every
+//! stream is a queue that runs only when something waits for it, so work that is not ordered
+//! after what it reads sees stale data; every copy and kernel argument is checked against the
+//! live allocations and its GPU; freed and new memory is poisoned; NCCL collectives must be
+//! joined by every rank with the same arguments. A fault aborts the run with the driver's
+//! message. It does not stand in for a GPU: timing, memory bandwidth, real concurrency and
+//! NVRTC's code generation are only checked by `tests/gpu.rs` on one.
+//!
+//! The binary builds the driver (with `$CXX`, else `c++`; without one every check is ignored
+//! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
+//! emulated GPU (several buffers on it stand in for several devices) and with three (peer
+//! copies, NCCL across GPUs). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
+
+#[path = "gpu/cases.rs"]
+mod cases;
+#[path = "emulated_driver/mod.rs"]
+mod emulated_driver;
+#[allow(dead_code)]
+#[path = "kernel_source/emulator.rs"]
+mod emulator;
+
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+
+use kvstore_device as _; // links the crate, whose registration provides `nccl`
+use kvstore_device::probe;
+use libtest_mimic::{Arguments, Trial};
+
+/// Set in the runs under the emulated driver: the number of emulated GPUs.
+const CHILD: &str = "KVSTORE_EMULATED_GPUS";
+
+/// The GPU counts the checks run with.
+const GPU_COUNTS: [usize; 2] = [1, 3];
+
+/// Every check of one run with `gpus` emulated GPUs, named `emulated_<gpus>gpu::...`.
+fn trials(gpus: usize) -> Vec<Trial> {
+    let prefix = format!("emulated_{gpus}gpu");
+    let info = probe().map_err(|e| e.to_string()).and_then(|info| {
+        match info
+            .devices
+            .iter()
+            .find(|d| !d.name.starts_with("Emulated GPU"))
+        {
+            Some(d) => Err(format!(
+                "a real GPU was found instead of the emulated driver: {}",
+                d.name
+            )),
+            None if info.devices.len() != gpus => Err(format!(
+                "{} GPU(s) found, {gpus} emulated",
+                info.devices.len()
+            )),
+            None => Ok(info),
+        }
+    });
+    let mut trials: Vec<Trial> = cases::TESTS
+        .iter()
+        .map(|&(name, _, run)| {
+            let info = info.clone();
+            Trial::test(format!("{prefix}::{name}"), move || match &info {
+                Ok(i) => run(i),
+                Err(e) => Err(cases::fail(e)),
+            })
+        })
+        .collect();
+    trials.extend(kvstore_test::trials(
+        &format!("{prefix}::conformance_nccl"),
+        Arc::new(|| kvstore_base::create("nccl")),
+    ));
+    trials
+}
+
+/// The checks, all ignored with `reason` (or all failing with it when `fail` is set), for a
+/// machine where the driver cannot be built.
+fn unavailable(reason: &str, fail: bool) -> Vec<Trial> {
+    GPU_COUNTS
+        .iter()
+        .flat_map(|gpus| {
+            cases::TESTS
+                .iter()
+                .map(move |&(name, _, _)| format!("emulated_{gpus}gpu::{name}"))
+        })
+        .map(|name| {
+            let reason = reason.to_string();
+            if fail {
+                Trial::test(name, move || Err(reason.into()))
+            } else {
+                Trial::test(name, || Ok(()))
+                    .with_kind(reason)
+                    .with_ignored_flag(true)
+            }
+        })
+        .collect()
+}
+
+fn main() -> ExitCode {
+    let args = Arguments::from_args();
+    if let Some(gpus) = std::env::var(CHILD).ok().and_then(|n| n.parse().ok()) {
+        return libtest_mimic::run(&args, trials(gpus)).exit_code();
+    }
+    let dir = match emulated_driver::build() {
+        Ok(dir) => dir,
+        Err(Ok(reason)) => {
+            return libtest_mimic::run(&args, unavailable(&reason, false)).exit_code()
+        }
+        Err(Err(log)) => return libtest_mimic::run(&args, unavailable(&log, true)).exit_code(),
+    };
+    let library_path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(rest) if !rest.is_empty() => format!("{}:{rest}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut failed = Vec::new();
+    for gpus in GPU_COUNTS {
+        println!("\nchecks against the emulated driver with {gpus} GPU(s):");
+        let status = Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env(CHILD, gpus.to_string())
+            .env("LD_LIBRARY_PATH", &library_path)
+            .env_remove("KVSTORE_DEVICE_DISABLE")
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => failed.push(format!(
+                "the run with {gpus} emulated GPU(s) failed ({s}); a fault the emulated driver \
+                 found aborts the run: add `-- --test-threads=1` to see during which check"
+            )),
+            Err(e) => failed.push(format!(
+                "the run with {gpus} emulated GPU(s) did not start: {e}"
+            )),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{}", failed.join("\n"));
+        ExitCode::FAILURE
+    }
+}
