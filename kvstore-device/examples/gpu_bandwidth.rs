@@ -15,7 +15,9 @@
 //! - a push of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU, the codes
 //!   copied to the merge GPU, dequantised and summed there), as GB/s of float32 input.
 //!
-//! Prints `no GPU: <reason>` and exits 0 without a GPU.
+//! Prints `no GPU: <reason>` and exits 0 without a GPU. `KVSTORE_GPU_BANDWIDTH_UNIT=<bytes>`
+//! (default 1048576) replaces the MiB of every size above, for a quick run on a small GPU or
+//! on the emulated driver of the crate's tests (whose figures mean nothing).
 //!
 //! `cargo run --release -p kvstore-device --example gpu_bandwidth`
 
@@ -28,8 +30,21 @@ use kvstore_device::gpu::Runtime;
 use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, PackedArray};
 use kvstore_local::reduce::ReduceConfig;
 
-const MIB: usize = 1 << 20;
 const ROUNDS: usize = 5;
+
+/// The unit of every size: a MiB, unless `KVSTORE_GPU_BANDWIDTH_UNIT` gives another number of
+/// bytes (a multiple of 64, so that the arrays keep whole codec words).
+fn unit() -> Result<usize> {
+    match std::env::var("KVSTORE_GPU_BANDWIDTH_UNIT") {
+        Err(_) => Ok(1 << 20),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 && n % 64 == 0 => Ok(n),
+            _ => Err(Error::InvalidArgument(format!(
+                "KVSTORE_GPU_BANDWIDTH_UNIT={v}: expected a positive multiple of 64 bytes"
+            ))),
+        },
+    }
+}
 
 /// Seconds per call of `f` (which only queues work on gpu(0)), timed on the GPU with CUDA
 /// events around `reps` calls; the best of [`ROUNDS`] rounds after a warm-up.
@@ -81,6 +96,10 @@ fn main() -> Result<()> {
             return Ok(());
         }
     };
+    let mib = unit()?;
+    if mib != 1 << 20 {
+        println!("(every \"MiB\" below is {mib} bytes: KVSTORE_GPU_BANDWIDTH_UNIT)");
+    }
     let ngpu = info.devices.len();
     println!(
         "{ngpu} GPU(s): {}",
@@ -92,11 +111,11 @@ fn main() -> Result<()> {
     );
 
     // The ceiling: a 256 MiB copy on gpu(0) (read + write = 512 MiB moved).
-    let n_copy = 256 * MIB / 4;
+    let n_copy = 256 * mib / 4;
     let src = DeviceArray::zeros(&[n_copy], 0)?;
     let mut dst = DeviceArray::zeros(&[n_copy], 0)?;
     let t_copy = gpu_time(20, || dst.copy_from(&src))?;
-    let copy_gbs = gbs(2 * 256 * MIB, t_copy);
+    let copy_gbs = gbs(2 * 256 * mib, t_copy);
     println!(
         "device-to-device copy of 256 MiB: {:.3} ms, {copy_gbs:.0} GB/s (read + write)",
         t_copy * 1e3
@@ -111,8 +130,8 @@ fn main() -> Result<()> {
     };
 
     // Reduction: 8 buffers of 64 MiB (8 read, 1 written).
-    let n = 64 * MIB / 4;
-    let moved = 9 * 64 * MIB;
+    let n = 64 * mib / 4;
+    let moved = 9 * 64 * mib;
     let on_gpu0: Vec<DeviceArray> = (0..8)
         .map(|_| DeviceArray::zeros(&[n], 0))
         .collect::<Result<_>>()?;
@@ -145,13 +164,13 @@ fn main() -> Result<()> {
         let t = wall_time(20, || store.push_gpu("w", &[&grad]))?;
         // The gradient read; the weight and the states read and written.
         let states = if spec.name == "adam" { 2 } else { 1 };
-        let moved = (1 + 2 * (1 + states)) * 256 * MIB;
+        let moved = (1 + 2 * (1 + states)) * 256 * mib;
         report(&format!("{} on 256 MiB, push_gpu", spec.name), t, moved);
     }
 
     // Many small keys: 256 keys of 256 KiB, 2 values each, one call per key against one
     // batch (one wait per GPU instead of one per key).
-    let (keys, small) = (256usize, 64 * 1024);
+    let (keys, small) = (256usize, mib / 16);
     let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
     for k in 0..keys {
         store.init_gpu(k as i64, &NDArray::zeros(&[small], DType::F32))?;
@@ -203,9 +222,9 @@ fn main() -> Result<()> {
              {:.3} ms = {:.0} GB/s of float32 output",
             codec.kind(),
             tq * 1e3,
-            gbs(256 * MIB, tq),
+            gbs(256 * mib, tq),
             td * 1e3,
-            gbs(256 * MIB, td)
+            gbs(256 * mib, td)
         );
     }
 
@@ -220,7 +239,7 @@ fn main() -> Result<()> {
     println!(
         "push 8 x 64 MiB with 2-bit compression: {:.3} ms, {:.0} GB/s of float32 input",
         t * 1e3,
-        gbs(8 * 64 * MIB, t)
+        gbs(8 * 64 * mib, t)
     );
     Ok(())
 }

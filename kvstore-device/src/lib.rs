@@ -94,10 +94,22 @@
 //! steps against the `local` store, the row gather and scatter against `retain_rows` and
 //! `local`'s row-sparse sums.
 //!
+//! `tests/gpu_emulated.rs` runs the GPU checks (`tests/gpu/cases.rs`) and the conformance
+//! suite of `nccl` against an emulated CUDA driver, NCCL and NVRTC
+//! (`tests/emulated_driver/driver.cpp`, the kernels compiled in as C++), with one emulated GPU
+//! and with three: the host side of every GPU path (reduction, optimizers, compression,
+//! row-sparse keys, batches, NCCL reduce and broadcast, cudarc's streams, events and frees)
+//! runs for real there. The emulated driver is strict where a GPU fails or corrupts silently:
+//! streams run only when waited for (unordered reads see stale data), every copy and kernel
+//! argument is checked against the live allocations and its GPU, freed and new memory is
+//! poisoned, writes past an allocation's end are caught, and an NCCL collective must be joined
+//! by every rank with the same arguments. It checked the bandwidth example too
+//! (`KVSTORE_GPU_BANDWIDTH_UNIT` shrinks its arrays).
+//!
 //! **No GPU run has happened yet**: the kernels (the compression kernels included), the GPU
 //! tests (`tests/gpu.rs`) and the bandwidth example (`examples/gpu_bandwidth.rs`, which
-//! includes compression throughput) are written but unexercised on a GPU; the first GPU run
-//! is still owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine
+//! includes compression throughput) have run on the emulated driver only; the first GPU run
+//! (NVRTC's code, real concurrency, the figures) is still owed. `scripts/build-gpu-binaries.sh` builds those binaries on a CPU machine
 //! (without debug information: about 40 MB) for a machine that has the driver but no Rust
 //! toolchain, and `scripts/run-gpu-checks.sh` runs them all there, each under a time limit,
 //! after finding `libnvrtc` and `libnccl` (a CUDA 13 machine names them `libnvrtc.so.13` and

@@ -15,6 +15,11 @@
 //! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
 //! emulated GPU (several buffers on it stand in for several devices) and with three (peer
 //! copies, NCCL across GPUs). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
+//!
+//! With `KVSTORE_EMULATED_DRIVER_DIR=<folder>` the driver is built into that folder and left
+//! there, to run any program on emulated GPUs:
+//! `LD_LIBRARY_PATH=<folder> KVSTORE_EMULATED_GPUS=2 cargo run -p kvstore-device --example
+//! gpu_bandwidth` (with `KVSTORE_GPU_BANDWIDTH_UNIT=4096` to shrink its arrays).
 
 #[path = "gpu/cases.rs"]
 mod cases;
@@ -134,7 +139,12 @@ fn main() -> ExitCode {
             )),
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    match std::env::var_os(emulated_driver::KEEP) {
+        Some(_) => println!("the emulated driver is left in {}", dir.display()),
+        None => {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     if failed.is_empty() {
         ExitCode::SUCCESS
     } else {

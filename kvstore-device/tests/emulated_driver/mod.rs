@@ -105,6 +105,26 @@ fn kernel_table(source: &str) -> String {
     table
 }
 
+/// Where the driver is built: [`KEEP`]'s folder when it is set, else a folder of this process
+/// in Cargo's temporary folder of the build (or the system's, for a copied binary).
+fn folder() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os(KEEP) {
+        let dir = PathBuf::from(dir);
+        return std::fs::create_dir_all(&dir).is_ok().then_some(dir);
+    }
+    [
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        std::env::temp_dir(),
+    ]
+    .into_iter()
+    .map(|d| d.join(format!("kvstore-emulated-driver-{}", std::process::id())))
+    .find(|d| std::fs::create_dir_all(d).is_ok())
+}
+
+/// When set, the folder the driver is built into and left in, for running other programs
+/// against it (`LD_LIBRARY_PATH=<folder> KVSTORE_EMULATED_GPUS=2 <program>`).
+pub const KEEP: &str = "KVSTORE_EMULATED_DRIVER_DIR";
+
 /// Builds the driver: `Ok(folder)` for `LD_LIBRARY_PATH`, `Err(Ok(reason))` when there is no
 /// C++ compiler (the checks are ignored), `Err(Err(log))` when it does not build (a failure).
 pub fn build() -> Result<PathBuf, Result<String, String>> {
@@ -112,14 +132,7 @@ pub fn build() -> Result<PathBuf, Result<String, String>> {
     if Command::new(&cxx).arg("--version").output().is_err() {
         return Err(Ok(format!("no C++ compiler ({cxx} not found; set CXX)")));
     }
-    let dir = [
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
-        std::env::temp_dir(),
-    ]
-    .into_iter()
-    .map(|d| d.join(format!("kvstore-emulated-driver-{}", std::process::id())))
-    .find(|d| std::fs::create_dir_all(d).is_ok())
-    .ok_or_else(|| Err("no writable temporary folder".to_string()))?;
+    let dir = folder().ok_or_else(|| Err("no writable temporary folder".to_string()))?;
     let source = kernel_source();
     let src = dir.join("driver.cpp");
     let code = format!(
