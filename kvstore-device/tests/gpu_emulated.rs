@@ -14,7 +14,8 @@
 //! The binary builds the driver (with `$CXX`, else `c++`; without one every check is ignored
 //! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
 //! emulated GPU (several buffers on it stand in for several devices) and with three (peer
-//! copies, NCCL across GPUs). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
+//! copies, NCCL across GPUs; and every grid's threads run last to first, so a kernel whose
+//! threads depend on each other's order shows). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
 //!
 //! With `KVSTORE_EMULATED_DRIVER_DIR=<folder>` the driver is built into that folder and left
 //! there, to run any program on emulated GPUs:
@@ -125,6 +126,8 @@ fn main() -> ExitCode {
         let status = Command::new(&exe)
             .args(std::env::args_os().skip(1))
             .env(CHILD, gpus.to_string())
+            // The run on several GPUs also runs every grid's threads last to first.
+            .env("KVSTORE_EMULATED_REVERSE", if gpus > 1 { "1" } else { "0" })
             .env("LD_LIBRARY_PATH", &library_path)
             .env_remove("KVSTORE_DEVICE_DISABLE")
             .status();

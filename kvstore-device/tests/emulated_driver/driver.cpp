@@ -17,6 +17,7 @@
  *   itself in a cycle; an NCCL collective must be joined by every rank of its communicators
  *   with the same arguments (on a GPU a missing rank waits forever), on the communicator's GPU,
  *   and NCCL refuses a device listed twice, as the real one does.
+ * Grids run one thread after the other, last to first with KVSTORE_EMULATED_REVERSE=1.
  * A fault found while a queued operation runs cannot be returned to a caller: it is printed
  * and the process aborts. Everything runs under one lock.
  */
@@ -94,6 +95,9 @@ struct Alloc {
 std::recursive_mutex g_lock;
 bool g_initialised = false;
 int g_device_count = 0;
+/* Threads of a grid run last to first (KVSTORE_EMULATED_REVERSE=1): a kernel whose threads
+   depend on each other's order gives other results. */
+bool g_reverse_threads = false;
 std::vector<Ctx*> g_contexts;
 std::map<uintptr_t, Alloc> g_allocs;
 std::deque<std::pair<uintptr_t, size_t>> g_quarantine;
@@ -246,6 +250,8 @@ API CUresult cuInit(unsigned int) {
     if (!g_initialised) {
         const char* n = getenv("KVSTORE_EMULATED_GPUS");
         g_device_count = n ? atoi(n) : 1;
+        const char* reverse = getenv("KVSTORE_EMULATED_REVERSE");
+        g_reverse_threads = reverse && strcmp(reverse, "1") == 0;
         for (int d = 0; d < g_device_count; ++d) g_contexts.push_back(new Ctx{d, {}, nullptr});
         g_initialised = true;
     }
@@ -725,7 +731,7 @@ API CUresult cuLaunchKernel(void* function, unsigned gx, unsigned gy, unsigned g
             }
             off += k->sizes[i];
         }
-        k->run(reinterpret_cast<const unsigned char*>(args->data()), gx, bx);
+        k->run(reinterpret_cast<const unsigned char*>(args->data()), gx, bx, g_reverse_threads);
         off = 0;
         for (size_t i = 0; i < k->nargs; ++i) {
             if (k->is_pointer[i]) {

@@ -50,7 +50,18 @@ fn kernels(source: &str) -> Vec<Kernel> {
 fn kernel_table(source: &str) -> String {
     let mut table = String::from(
         "struct KvKernel { const char* name; size_t nargs; const size_t* sizes; \
-         const bool* is_pointer; void (*run)(const unsigned char*, unsigned, unsigned); };\n",
+         const bool* is_pointer; void (*run)(const unsigned char*, unsigned, unsigned, bool); };\n\
+         /* Every thread of a grid, first to last, or last to first (`reverse`). */\n\
+         template <typename F> static void kv_launch(unsigned blocks, unsigned threads, bool reverse, F f) {\n\
+             gridDim.x = blocks; blockDim.x = threads;\n\
+             for (unsigned i = 0; i < blocks; ++i) {\n\
+                 for (unsigned j = 0; j < threads; ++j) {\n\
+                     blockIdx.x = reverse ? blocks - 1 - i : i;\n\
+                     threadIdx.x = reverse ? threads - 1 - j : j;\n\
+                     f();\n\
+                 }\n\
+             }\n\
+         }\n",
     );
     let kernels = kernels(source);
     for k in &kernels {
@@ -70,7 +81,7 @@ fn kernel_table(source: &str) -> String {
         );
         let _ = writeln!(
             table,
-            "static void kv_run_{name}(const unsigned char* args, unsigned blocks, unsigned threads) {{\n    size_t off = 0;"
+            "static void kv_run_{name}(const unsigned char* args, unsigned blocks, unsigned threads, bool reverse) {{\n    size_t off = 0;"
         );
         for (i, t) in k.types.iter().enumerate() {
             let _ = writeln!(
@@ -81,7 +92,7 @@ fn kernel_table(source: &str) -> String {
         let args: Vec<String> = (0..k.types.len()).map(|i| format!("a{i}")).collect();
         let _ = writeln!(
             table,
-            "    (void)off;\n    launch(blocks, threads, [&] {{ {name}({}); }});\n}}",
+            "    (void)off;\n    kv_launch(blocks, threads, reverse, [&] {{ {name}({}); }});\n}}",
             args.join(", ")
         );
     }
