@@ -39,7 +39,10 @@
 //!     to the first GPU of the first push; every push uses the GPU set of the first one
 //!     (MXNet's `NCCL KVStore supports only single set of devices`); a pull into one output
 //!     per GPU of that set is an `ncclBroadcast` from the root (MXNet's pull), any other
-//!     pull copies the value to each output.
+//!     pull copies the value to each output. The keys of one push call are reduced in one
+//!     NCCL group, and those of one pull call broadcast in one, as MXNet does; a
+//!     `pushpull_gpu` without an optimizer, one value and one output per GPU of the set, is
+//!     one `ncclAllReduce` into the outputs (the stored value takes the root's output).
 //!   - `create("nccl")` needs a GPU and `libnccl`: without them it is an `Error::Device`
 //!     (MXNet's NCCL store needs GPUs), which the conformance suite reports as every check
 //!     ignored with the reason.

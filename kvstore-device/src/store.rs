@@ -28,8 +28,9 @@ pub enum Engine {
     /// buffer (placed to balance keys across GPUs), after copying those on other GPUs there.
     Device,
     /// MXNet's `KVStoreNCCL`: `ncclReduce` (sum) to the first GPU of the first push, one
-    /// value per GPU, always the same set of GPUs; pulls into one output per GPU of the set
-    /// are an `ncclBroadcast`.
+    /// value per GPU, always the same set of GPUs (a call's keys in one NCCL group); pulls
+    /// into one output per GPU of the set are an `ncclBroadcast`; a `pushpull_gpu` without an
+    /// optimizer is an `ncclAllReduce`.
     Nccl,
 }
 
@@ -394,6 +395,12 @@ impl DeviceStore {
         }
         // The work, then one wait per GPU touched.
         let mut touched: Vec<usize> = Vec::new();
+        if self.engine == Engine::Nccl {
+            let queued =
+                self.queue_nccl_push(&mut state, &groups, &devs, optimizer.as_ref(), &mut touched);
+            let waited = wait_for(touched);
+            return queued.and(waited);
+        }
         let mut queued = Ok(());
         for ((key, values), key_devs) in groups.iter().zip(&devs) {
             queued = self
@@ -465,8 +472,96 @@ impl DeviceStore {
         Ok(devs)
     }
 
-    /// Queues a checked push (placing the keys and opening NCCL at the first one); adds the
-    /// GPUs it uses to `touched`, for the caller to wait on.
+    /// Places the keys (at the first push of an unplaced one) and opens NCCL (at the first
+    /// push of the `nccl` store) for a push on `devs`; adds them to `touched`.
+    fn prepare_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        devs: &[usize],
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        if state.keys[key].merge_dev.is_none() {
+            self.place_keys(state, devs)?;
+        }
+        if self.engine == Engine::Nccl && state.nccl.is_none() {
+            state.nccl = Some(open_nccl(Runtime::get()?, devs)?);
+        }
+        touched.extend_from_slice(devs);
+        Ok(())
+    }
+
+    /// Queues a checked push of the `nccl` store's keys `groups` (ascending, each once):
+    /// every key's `ncclReduce` to its merge GPU in one NCCL group, as MXNet's `KVStoreNCCL`
+    /// reduces all keys of a push, into the stored value itself unless an optimizer takes
+    /// the sum; then the optimizer steps.
+    fn queue_nccl_push(
+        &self,
+        state: &mut GpuState,
+        groups: &[(&Key, Vec<&DeviceArray>)],
+        devs: &[Vec<usize>],
+        optimizer: Option<&GpuOptimizer>,
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        for ((key, _), key_devs) in groups.iter().zip(devs) {
+            self.prepare_push(state, key, key_devs, touched)
+                .map_err(self.at("push", key))?;
+        }
+        let runtime = Runtime::get()?;
+        let GpuState {
+            keys, counts, nccl, ..
+        } = state;
+        let comms = nccl
+            .as_ref()
+            .ok_or_else(|| Error::Device("NCCL communicators are not open".into()))?;
+        // The pushed keys' entries, in the order of `groups` (both ascending).
+        let mut wanted = groups.iter().map(|(k, _)| *k).peekable();
+        let mut entries: Vec<&mut GpuEntry> = Vec::with_capacity(groups.len());
+        for (k, entry) in keys.iter_mut() {
+            if wanted.peek() == Some(&k) {
+                wanted.next();
+                entries.push(entry);
+            }
+        }
+        if optimizer.is_some() {
+            for ((key, _), entry) in groups.iter().zip(entries.iter_mut()) {
+                let dev = entry.merge_dev.expect("placed above");
+                merge_buffer(&mut entry.merge, &entry.shape, dev).map_err(self.at("push", key))?;
+            }
+        }
+        comms.group(|| {
+            for ((key, values), entry) in groups.iter().zip(entries.iter_mut()) {
+                let root = entry.merge_dev.expect("placed above");
+                let target = match optimizer {
+                    None => entry.stored.as_mut().expect("placed keys hold their value"),
+                    Some(_) => entry.merge.as_mut().expect("allocated above"),
+                };
+                nccl_reduce(comms, values, target).map_err(self.at("push", key))?;
+                touched.push(root);
+            }
+            Ok(())
+        })?;
+        let Some(opt) = optimizer else {
+            return Ok(());
+        };
+        for ((key, _), entry) in groups.iter().zip(entries) {
+            let gpu = runtime.gpu(entry.merge_dev.expect("placed above"))?;
+            let GpuEntry {
+                stored,
+                merge,
+                state: optimizer_state,
+                ..
+            } = entry;
+            let stored = stored.as_mut().expect("placed keys hold their value");
+            let sum = &merge.as_ref().expect("allocated above").data;
+            optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum)
+                .map_err(self.at("push", key))?;
+        }
+        Ok(())
+    }
+
+    /// Queues a checked push of the `device` store (placing the keys at the first one); adds
+    /// the GPUs it uses to `touched`, for the caller to wait on.
     #[allow(clippy::too_many_arguments)]
     fn queue_push(
         &self,
@@ -479,17 +574,9 @@ impl DeviceStore {
         touched: &mut Vec<usize>,
     ) -> Result<()> {
         let runtime = Runtime::get()?;
-        if state.keys[key].merge_dev.is_none() {
-            self.place_keys(state, devs)?;
-        }
-        if self.engine == Engine::Nccl && state.nccl.is_none() {
-            state.nccl = Some(open_nccl(runtime, devs)?);
-        }
-        touched.extend_from_slice(devs);
+        self.prepare_push(state, key, devs, touched)?;
 
-        let GpuState {
-            keys, counts, nccl, ..
-        } = state;
+        let GpuState { keys, counts, .. } = state;
         let entry = keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = runtime.gpu(dev)?;
@@ -505,22 +592,13 @@ impl DeviceStore {
         let stored = stored.as_mut().expect("placed keys hold their value");
         // What a reduced sum becomes: the optimizer's gradient, or the stored value.
         let mut apply = |sum: &CudaSlice<f32>| -> Result<()> {
-            let Some(opt) = &optimizer else {
-                return gpu
+            match &optimizer {
+                None => gpu
                     .stream
                     .memcpy_dtod(sum, &mut stored.data)
-                    .map_err(cuda("GPU copy"));
-            };
-            while optimizer_state.len() < opt.state_len() {
-                let zeros = gpu
-                    .stream
-                    .alloc_zeros::<f32>(stored.size())
-                    .map_err(cuda("alloc"))?;
-                optimizer_state.push(zeros);
+                    .map_err(cuda("GPU copy")),
+                Some(opt) => optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum),
             }
-            let t = counts.entry(key.clone()).or_insert(0);
-            *t += 1;
-            opt.step(gpu, *t, &mut stored.data, sum, optimizer_state)
         };
         match (self.engine, codec) {
             (Engine::Device, None) => {
@@ -562,12 +640,9 @@ impl DeviceStore {
                 apply(&merge.data)?;
             }
             (Engine::Nccl, _) => {
-                let comms = nccl
-                    .as_ref()
-                    .ok_or_else(|| Error::Device("NCCL communicators are not open".into()))?;
-                let merge = merge_buffer(merge, shape, dev)?;
-                nccl_reduce(comms, values, merge)?;
-                apply(&merge.data)?;
+                return Err(Error::Device(
+                    "the nccl store's pushes go through queue_nccl_push".into(),
+                ))
             }
         }
         touched.push(dev);
@@ -795,15 +870,18 @@ impl DeviceStore {
                 .map_err(self.at("pull", key))?;
         }
         let mut touched: Vec<usize> = Vec::new();
-        let mut queued = Ok(());
-        for (key, outs) in batch.iter_mut() {
-            queued = self
-                .queue_pull(&state, key, outs, &mut touched)
-                .map_err(self.at("pull", key));
-            if queued.is_err() {
-                break;
+        let mut queue_all = || -> Result<()> {
+            for (key, outs) in batch.iter_mut() {
+                self.queue_pull(&state, key, outs, &mut touched)
+                    .map_err(self.at("pull", key))?;
             }
-        }
+            Ok(())
+        };
+        // The `nccl` store broadcasts every key of the call in one NCCL group (MXNet).
+        let queued = match (self.engine, &state.nccl) {
+            (Engine::Nccl, Some(comms)) => comms.group(queue_all),
+            _ => queue_all(),
+        };
         let waited = wait_for(touched);
         queued.and(waited)
     }
@@ -826,8 +904,8 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Queues the copies (or the NCCL broadcast) of a checked pull; adds the outputs' GPUs to
-    /// `touched`.
+    /// Queues the copies (or the NCCL broadcast: the caller opens the NCCL group) of a checked
+    /// pull; adds the outputs' GPUs to `touched`.
     fn queue_pull(
         &self,
         state: &GpuState,
@@ -859,7 +937,10 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// `push_gpu` then `pull_gpu`.
+    /// `push_gpu` then `pull_gpu`. On the `nccl` store without an optimizer, with one value
+    /// and one output on each GPU of the same set, it is one `ncclAllReduce` from the values
+    /// into the outputs (the stored value becomes the sum too), instead of a reduce and a
+    /// broadcast.
     ///
     /// # Errors
     /// As both.
@@ -870,8 +951,59 @@ impl DeviceStore {
         outs: &mut [&mut DeviceArray],
     ) -> Result<()> {
         let key = key.into();
+        if self.engine == Engine::Nccl {
+            let mut state = self.state();
+            if all_reduce_applies(&state, values, outs) {
+                return self
+                    .nccl_pushpull(&mut state, &key, values, outs)
+                    .map_err(self.at("pushpull", &key));
+            }
+        }
         self.push_gpu(key.clone(), values)?;
         self.pull_gpu(key, outs)
+    }
+
+    /// The all-reduce form of `pushpull_gpu` on `nccl` (see there), checked as a push and a
+    /// pull are.
+    fn nccl_pushpull(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceArray],
+        outs: &mut [&mut DeviceArray],
+    ) -> Result<()> {
+        let nccl_set = state.nccl.as_ref().map(|c| c.ordinals.clone());
+        let devs = self.check_push(state, key, values, nccl_set.as_deref())?;
+        self.check_pull(state, key, outs)?;
+        let mut touched = Vec::new();
+        let queued = self.queue_nccl_pushpull(state, key, &devs, values, outs, &mut touched);
+        let waited = wait_for(touched);
+        queued.and(waited)
+    }
+
+    fn queue_nccl_pushpull(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        devs: &[usize],
+        values: &[&DeviceArray],
+        outs: &mut [&mut DeviceArray],
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        self.prepare_push(state, key, devs, touched)?;
+        let GpuState { keys, nccl, .. } = state;
+        let comms = nccl
+            .as_ref()
+            .ok_or_else(|| Error::Device("NCCL communicators are not open".into()))?;
+        comms.group(|| nccl_all_reduce(comms, values, outs))?;
+        let entry = keys.get_mut(key).ok_or(Error::KeyNotInitialized)?;
+        let root = entry.merge_dev.expect("placed above");
+        let stored = entry.stored.as_mut().expect("placed keys hold their value");
+        let sum = outs
+            .iter()
+            .find(|o| o.ordinal() == root)
+            .ok_or_else(|| Error::InvalidArgument(format!("no output on gpu({root})")))?;
+        stored.copy_from(sum)
     }
 
     /// The GPU each placed GPU-valued key's merge buffer is on (placement is decided at the
@@ -944,6 +1076,47 @@ fn check_pushed_shapes<'a>(
         }
     }
     Ok(())
+}
+
+/// Whether a `pushpull_gpu` on `nccl` can be one all-reduce: no optimizer or updater runs on
+/// the sum, and the values and the outputs are one per GPU of the same set.
+fn all_reduce_applies(
+    state: &GpuState,
+    values: &[&DeviceArray],
+    outs: &[&mut DeviceArray],
+) -> bool {
+    let mut value_gpus: Vec<usize> = values.iter().map(|v| v.ordinal()).collect();
+    let mut out_gpus: Vec<usize> = outs.iter().map(|o| o.ordinal()).collect();
+    value_gpus.sort_unstable();
+    out_gpus.sort_unstable();
+    state.optimizer.is_none()
+        && !state.custom_updater
+        && !value_gpus.is_empty()
+        && value_gpus == out_gpus
+        && value_gpus.windows(2).all(|w| w[0] != w[1])
+}
+
+/// Runs update number `counts[key] + 1` of `opt` on `gpu`: `stored` with the gradient `sum`,
+/// the key's states allocated (zeros) at its first update.
+fn optimizer_step(
+    gpu: &crate::gpu::Gpu,
+    opt: &GpuOptimizer,
+    key: &Key,
+    counts: &mut Counts,
+    stored: &mut DeviceArray,
+    states: &mut Vec<CudaSlice<f32>>,
+    sum: &CudaSlice<f32>,
+) -> Result<()> {
+    while states.len() < opt.state_len() {
+        let zeros = gpu
+            .stream
+            .alloc_zeros::<f32>(stored.size())
+            .map_err(cuda("alloc"))?;
+        states.push(zeros);
+    }
+    let t = counts.entry(key.clone()).or_insert(0);
+    *t += 1;
+    opt.step(gpu, *t, &mut stored.data, sum, states)
 }
 
 /// Waits for the streams of the GPUs `ordinals` (each once).
@@ -1060,21 +1233,28 @@ fn guard_nccl<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
 }
 
 impl NcclComms {
-    /// Runs one collective per GPU of the communicators in one NCCL group, rooted at the GPU
-    /// `root_ordinal`: `call(comm, ordinal, root rank)` issues the GPU's part.
+    /// Runs `issue` (which issues collectives with [`collective`](NcclComms::collective))
+    /// inside one NCCL group, under the process-wide NCCL lock: NCCL launches them together
+    /// at the group's end.
+    fn group(&self, issue: impl FnOnce() -> Result<()>) -> Result<()> {
+        use cudarc::nccl::result;
+        guard_nccl(|| {
+            let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
+            result::group_start().map_err(err)?;
+            let outcome = issue();
+            result::group_end().map_err(err)?;
+            outcome
+        })
+    }
+
+    /// Issues one collective on every GPU of the communicators, rooted at the GPU
+    /// `root_ordinal`: `call(comm, ordinal, root rank)` issues the GPU's part. Only inside
+    /// [`group`](NcclComms::group): the parts are issued from one thread.
     fn collective(
         &self,
         root_ordinal: usize,
-        mut call: impl FnMut(
-            &cudarc::nccl::Comm,
-            usize,
-            i32,
-        ) -> std::result::Result<
-            cudarc::nccl::result::NcclStatus,
-            cudarc::nccl::result::NcclError,
-        >,
+        mut call: impl FnMut(&cudarc::nccl::Comm, usize, i32) -> Result<()>,
     ) -> Result<()> {
-        use cudarc::nccl::result;
         let root = self
             .ordinals
             .iter()
@@ -1082,38 +1262,44 @@ impl NcclComms {
             .ok_or_else(|| {
                 Error::InvalidArgument("NCCL KVStore supports only single set of devices".into())
             })? as i32;
-        guard_nccl(|| {
-            let err = |e: result::NcclError| Error::Device(format!("NCCL: {e:?}"));
-            result::group_start().map_err(err)?;
-            let mut outcome = Ok(());
-            for (comm, &ordinal) in self.comms.iter().zip(&self.ordinals) {
-                if let Err(e) = call(comm, ordinal, root) {
-                    outcome = Err(err(e));
-                    break;
-                }
-            }
-            result::group_end().map_err(err)?;
-            outcome
-        })
+        for (comm, &ordinal) in self.comms.iter().zip(&self.ordinals) {
+            call(comm, ordinal, root)?;
+        }
+        Ok(())
     }
 }
 
-/// `ncclReduce(sum)` of one value per GPU into `merge` (on the root GPU), in one NCCL group.
+/// An NCCL call's error as [`Error::Device`].
+fn nccl_error(e: cudarc::nccl::result::NcclError) -> Error {
+    Error::Device(format!("NCCL: {e:?}"))
+}
+
+/// The value of `values` on GPU `ordinal`: an error when there is none (the communicators'
+/// GPUs and the values' were checked to be the same set).
+fn on_gpu<'a>(values: &[&'a DeviceArray], ordinal: usize) -> Result<&'a DeviceArray> {
+    values
+        .iter()
+        .copied()
+        .find(|v| v.ordinal() == ordinal)
+        .ok_or_else(|| Error::InvalidArgument(format!("no pushed value on gpu({ordinal})")))
+}
+
+/// Issues `ncclReduce(sum)` of one value per GPU into `merge` (on the root GPU); inside
+/// [`NcclComms::group`].
 fn nccl_reduce(comms: &NcclComms, values: &[&DeviceArray], merge: &mut DeviceArray) -> Result<()> {
     use cudarc::nccl::ReduceOp;
     let root_ordinal = merge.ordinal();
     comms.collective(root_ordinal, |comm, ordinal, root| {
-        let src = values
-            .iter()
-            .find(|v| v.ordinal() == ordinal)
-            .expect("one value per GPU");
+        let src = on_gpu(values, ordinal)?;
         let recv = (ordinal == root_ordinal).then_some(&mut merge.data);
         comm.reduce(&src.data, recv, &ReduceOp::Sum, root)
+            .map(drop)
+            .map_err(nccl_error)
     })
 }
 
-/// `ncclBroadcast` of `stored` (on the root GPU) into one output per GPU of the
-/// communicators, in one NCCL group (MXNet's `KVStoreNCCL` pull).
+/// Issues `ncclBroadcast` of `stored` (on the root GPU) into one output per GPU of the
+/// communicators (MXNet's `KVStoreNCCL` pull); inside [`NcclComms::group`].
 fn nccl_broadcast(
     comms: &NcclComms,
     stored: &DeviceArray,
@@ -1124,9 +1310,33 @@ fn nccl_broadcast(
         let out = outs
             .iter_mut()
             .find(|o| o.ordinal() == ordinal)
-            .expect("one output per GPU of the communicators");
+            .ok_or_else(|| Error::InvalidArgument(format!("no output on gpu({ordinal})")))?;
         let send = (ordinal == root_ordinal).then_some(&stored.data);
         comm.broadcast(send, &mut out.data, root)
+            .map(drop)
+            .map_err(nccl_error)
+    })
+}
+
+/// Issues `ncclAllReduce(sum)` of one value per GPU into one output per GPU of the
+/// communicators; inside [`NcclComms::group`].
+fn nccl_all_reduce(
+    comms: &NcclComms,
+    values: &[&DeviceArray],
+    outs: &mut [&mut DeviceArray],
+) -> Result<()> {
+    use cudarc::nccl::ReduceOp;
+    // Any root of the set: an all-reduce has none.
+    let first = comms.ordinals[0];
+    comms.collective(first, |comm, ordinal, _| {
+        let src = on_gpu(values, ordinal)?;
+        let out = outs
+            .iter_mut()
+            .find(|o| o.ordinal() == ordinal)
+            .ok_or_else(|| Error::InvalidArgument(format!("no output on gpu({ordinal})")))?;
+        comm.all_reduce(&src.data, &mut out.data, &ReduceOp::Sum)
+            .map(drop)
+            .map_err(nccl_error)
     })
 }
 

@@ -340,6 +340,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         let n = i.devices.len();
         compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)
     }),
+    (
+        "nccl::batches_and_all_reduce_pushpull_match_local",
+        true,
+        nccl_batches_match_local,
+    ),
     ("nccl::sgd_after_reduce_matches_local", true, |i| {
         let n = i.devices.len();
         compare_with_local(
@@ -969,6 +974,114 @@ fn row_sparse_errors(_: &GpuInfo) -> TestResult {
     store.row_sparse_pull_gpu("e", &mut [&mut out], &[&ids])?;
     if out.to_host()? != init.retain_rows(&[1, 2])? {
         return Err(fail("a refused call changed the key"));
+    }
+    Ok(())
+}
+
+/// The `nccl` store against `local` over several keys: `pushpull_gpu` without an optimizer
+/// (one all-reduce per key; the first opens NCCL), `push_gpu_batch` + `pull_gpu_batch` (every
+/// key in one NCCL group) without and with sgd, and `pushpull_gpu` with sgd (a reduce, the
+/// step, a broadcast). One value and one output per GPU.
+fn nccl_batches_match_local(info: &GpuInfo) -> TestResult {
+    let gpus = info.devices.len();
+    let store = DeviceStore::new("nccl", Engine::Nccl, ReduceConfig::default());
+    let local = create("local")?;
+    let sizes = [1000usize, 3, 70_001, 17];
+    for (k, &n) in sizes.iter().enumerate() {
+        store.init_gpu(k as i64, &host(&[n], fdata(n, 100 + k)))?;
+        local.init(k as i64, &host(&[n], fdata(n, 100 + k)))?;
+    }
+    // Host values of step `step`, one per GPU, for every key; and their GPU copies.
+    /// Per key, one value per GPU: on the host and on the GPUs.
+    type StepValues = (Vec<Vec<NDArray>>, Vec<Vec<DeviceArray>>);
+    let values = |step: usize| -> Result<StepValues, Failed> {
+        let hosts: Vec<Vec<NDArray>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                (0..gpus)
+                    .map(|g| host(&[n], fdata(n, 11 * step + 3 * k + g)))
+                    .collect()
+            })
+            .collect();
+        let on_gpus = hosts
+            .iter()
+            .map(|hs| {
+                hs.iter()
+                    .enumerate()
+                    .map(|(g, h)| DeviceArray::from_host(h, dev(info, g)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((hosts, on_gpus))
+    };
+    let outputs = |k: usize| -> Result<Vec<DeviceArray>, Failed> {
+        (0..gpus)
+            .map(|g| DeviceArray::zeros(&[sizes[k]], dev(info, g)).map_err(Failed::from))
+            .collect()
+    };
+    let compare = |outs: &[DeviceArray], k: usize, rel: f32, what: &str| -> TestResult {
+        let mut cpu = NDArray::zeros(&[sizes[k]], DType::F32);
+        local.pull(k as i64, &mut cpu)?;
+        let cpu = cpu.to_vec::<f32>()?;
+        for (g, o) in outs.iter().enumerate() {
+            close(
+                &o.to_host()?.to_vec::<f32>()?,
+                &cpu,
+                rel,
+                &format!("{what}, key {k}, output {g}"),
+            )?;
+        }
+        Ok(())
+    };
+    // The sums of float32 values may be added in another order by NCCL: 1e-6 relative.
+    let rel = 1e-6;
+    for step in 0..4 {
+        if step == 2 {
+            let spec = OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", 0.9);
+            store.set_optimizer(&spec)?;
+            local.set_optimizer(&spec)?;
+        }
+        let (hosts, on_gpus) = values(step)?;
+        for (k, hs) in hosts.iter().enumerate() {
+            local.push(k as i64, &hs[..])?;
+        }
+        let mut outs: Vec<Vec<DeviceArray>> =
+            (0..sizes.len()).map(outputs).collect::<Result<_, _>>()?;
+        if step % 2 == 0 {
+            for (k, (vs, os)) in on_gpus.iter().zip(outs.iter_mut()).enumerate() {
+                let refs: Vec<&DeviceArray> = vs.iter().collect();
+                let mut out_refs: Vec<&mut DeviceArray> = os.iter_mut().collect();
+                store.pushpull_gpu(k as i64, &refs, &mut out_refs)?;
+            }
+        } else {
+            let refs: Vec<Vec<&DeviceArray>> =
+                on_gpus.iter().map(|vs| vs.iter().collect()).collect();
+            let batch: Vec<(kvstore_base::Key, &[&DeviceArray])> = refs
+                .iter()
+                .enumerate()
+                .map(|(k, r)| ((k as i64).into(), &r[..]))
+                .collect();
+            store.push_gpu_batch(&batch)?;
+            let mut out_refs: Vec<Vec<&mut DeviceArray>> =
+                outs.iter_mut().map(|os| os.iter_mut().collect()).collect();
+            let mut pulls: Vec<(kvstore_base::Key, &mut [&mut DeviceArray])> = out_refs
+                .iter_mut()
+                .enumerate()
+                .map(|(k, r)| ((k as i64).into(), &mut r[..]))
+                .collect();
+            store.pull_gpu_batch(&mut pulls)?;
+        }
+        for (k, os) in outs.iter().enumerate() {
+            compare(os, k, rel, &format!("step {step}"))?;
+        }
+        // The stored value is what was pulled: a plain pull gives it again.
+        let mut again = outputs(0)?;
+        let mut again_refs: Vec<&mut DeviceArray> = again.iter_mut().collect();
+        store.pull_gpu(0i64, &mut again_refs)?;
+        compare(&again, 0, rel, &format!("step {step}, pulled again"))?;
     }
     Ok(())
 }
