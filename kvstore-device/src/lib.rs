@@ -29,7 +29,10 @@
 //!     [`pull_gpu_batch`](DeviceStore::pull_gpu_batch) (every key checked first, one wait per
 //!     GPU at the end of the call, as MXNet synchronises once per list of keys). `device`: the values on other GPUs are copied
 //!     to the key's merge GPU ([`placement::place`], MXNet's balancing, decided at the first
-//!     push for every key known then), those already there are read in place, and one NVRTC
+//!     push for every key known then; at the same time direct peer access is enabled
+//!     between the push's GPUs wherever the driver allows, as MXNet's `EnableP2P`, unless
+//!     `MXNET_ENABLE_GPU_P2P=0`, with MXNet's warning and matrix for pairs without it:
+//!     [`peer`]), those already there are read in place, and one NVRTC
 //!     kernel sums up to nine values in one pass over memory, in the CPU store's association
 //!     order, straight into the stored value (into a merge buffer when an optimizer takes
 //!     the sum; a single value is the optimizer's gradient as it is); `sgd` (with momentum) and `adam` run as kernels with kvstore-optimizer's
@@ -194,6 +197,7 @@ mod compressed;
 pub mod gpu;
 pub mod gpu_codec;
 mod optim;
+pub mod peer;
 pub mod placement;
 mod probe;
 pub mod sparse;

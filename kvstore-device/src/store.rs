@@ -1,6 +1,6 @@
 //! [`DeviceStore`]: the `device` and `nccl` stores.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -85,6 +85,8 @@ struct GpuState {
     custom_updater: bool,
     counts: Counts,
     nccl: Option<NcclComms>,
+    /// The GPU sets whose missing peer access was reported (once per set).
+    p2p_reported: BTreeSet<Vec<usize>>,
 }
 
 #[derive(Debug)]
@@ -846,6 +848,19 @@ impl DeviceStore {
             let entry = state.keys.get_mut(k).expect("listed above");
             entry.stored = Some(DeviceArray::from_host(&entry.initial, dev)?);
             entry.merge_dev = Some(dev);
+        }
+        // MXNet's `EnableP2P` after placing merge buffers (NCCL manages its own links). The
+        // GPUs are distinct: MXNet lists one per value, so that several values on one GPU
+        // count as pairs without access and warn.
+        if self.engine == Engine::Device && devs.len() > 1 && crate::peer::p2p_requested() {
+            let mut set = devs.to_vec();
+            set.sort_unstable();
+            let access = crate::peer::enable_peer_access(&set)?;
+            if let Some(warning) = access.warning() {
+                if state.p2p_reported.insert(set) {
+                    log::warn!("{}: {warning}", self.type_name());
+                }
+            }
         }
         Ok(())
     }

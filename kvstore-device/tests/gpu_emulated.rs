@@ -14,8 +14,8 @@
 //! The binary builds the driver (with `$CXX`, else `c++`; without one every check is ignored
 //! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
 //! emulated GPU (several buffers on it stand in for several devices) and with three (peer
-//! copies, NCCL across GPUs; and every grid's threads run last to first, so a kernel whose
-//! threads depend on each other's order shows). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
+//! copies, NCCL across GPUs, peer access; every grid's threads run last to first, so a kernel
+//! whose threads depend on each other's order shows; the last GPU has no peer access). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
 //!
 //! With `KVSTORE_EMULATED_DRIVER_DIR=<folder>` the driver is built into that folder and left
 //! there, to run any program on emulated GPUs:
@@ -128,6 +128,8 @@ fn main() -> ExitCode {
             .env(CHILD, gpus.to_string())
             // The run on several GPUs also runs every grid's threads last to first.
             .env("KVSTORE_EMULATED_REVERSE", if gpus > 1 { "1" } else { "0" })
+            // ... and its last GPU has no peer access (a GPU across a slow link).
+            .env("KVSTORE_EMULATED_NO_PEER_ACCESS", (gpus - 1).to_string())
             .env("LD_LIBRARY_PATH", &library_path)
             .env_remove("KVSTORE_DEVICE_DISABLE")
             .status();

@@ -373,6 +373,49 @@ API CUresult cuCtxGetStreamPriorityRange(int* least, int* greatest) {
     return CUDA_SUCCESS;
 }
 
+/* Peer access: every pair of distinct GPUs may have it, but the GPU named by
+   KVSTORE_EMULATED_NO_PEER_ACCESS (as a GPU across a slow link). */
+namespace {
+std::map<std::pair<Ctx*, Ctx*>, bool> g_peer_enabled;
+
+bool peer_capable(int a, int b) {
+    const char* none = getenv("KVSTORE_EMULATED_NO_PEER_ACCESS");
+    int cut = none ? atoi(none) : -1;
+    return a != b && a != cut && b != cut;
+}
+}  // namespace
+
+API CUresult cuDeviceCanAccessPeer(int* can, CUdevice dev, CUdevice peer) {
+    LOCK;
+    if (!can) return CUDA_ERROR_INVALID_VALUE;
+    if (dev < 0 || dev >= g_device_count || peer < 0 || peer >= g_device_count)
+        return CUDA_ERROR_INVALID_DEVICE;
+    *can = peer_capable(dev, peer) ? 1 : 0;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxEnablePeerAccess(void* peer, unsigned int flags) {
+    LOCK;
+    Ctx* other = static_cast<Ctx*>(peer);
+    if (!t_current) return CUDA_ERROR_INVALID_CONTEXT;
+    if (!other || flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (!peer_capable(t_current->device, other->device)) return 217; /* PEER_ACCESS_UNSUPPORTED */
+    bool& on = g_peer_enabled[{t_current, other}];
+    if (on) return 704; /* PEER_ACCESS_ALREADY_ENABLED */
+    on = true;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuCtxDisablePeerAccess(void* peer) {
+    LOCK;
+    Ctx* other = static_cast<Ctx*>(peer);
+    if (!t_current || !other) return CUDA_ERROR_INVALID_CONTEXT;
+    bool& on = g_peer_enabled[{t_current, other}];
+    if (!on) return 705; /* PEER_ACCESS_NOT_ENABLED */
+    on = false;
+    return CUDA_SUCCESS;
+}
+
 API CUresult cuCtxSetFlags(unsigned int) { return CUDA_SUCCESS; }
 API CUresult cuCtxSetLimit(int, size_t) { return CUDA_SUCCESS; }
 API CUresult cuCtxGetLimit(size_t* value, int) {

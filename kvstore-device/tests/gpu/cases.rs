@@ -341,6 +341,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)
     }),
     (
+        "device::a_push_enables_peer_access_where_the_driver_allows",
+        false,
+        peer_access_follows_the_driver,
+    ),
+    (
         "nccl::batches_and_all_reduce_pushpull_match_local",
         true,
         nccl_batches_match_local,
@@ -1082,6 +1087,41 @@ fn nccl_batches_match_local(info: &GpuInfo) -> TestResult {
         let mut again_refs: Vec<&mut DeviceArray> = again.iter_mut().collect();
         store.pull_gpu(0i64, &mut again_refs)?;
         compare(&again, 0, rel, &format!("step {step}, pulled again"))?;
+    }
+    Ok(())
+}
+
+/// A push over every GPU enables direct access between them (MXNet's `EnableP2P`) for
+/// exactly the ordered pairs the driver allows; the warning comes when some lack it.
+fn peer_access_follows_the_driver(info: &GpuInfo) -> TestResult {
+    use kvstore_device::peer::{can_access_peer, enabled_peer_access};
+    if !kvstore_device::peer::p2p_requested() {
+        return Ok(()); // MXNET_ENABLE_GPU_P2P=0: nothing to enable
+    }
+    let devs: Vec<usize> = info.devices.iter().map(|d| d.ordinal).collect();
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init_gpu("p", &host(&[64], data(64, 0)))?;
+    let values = devs
+        .iter()
+        .map(|&d| DeviceArray::from_host(&host(&[64], data(64, d)), d))
+        .collect::<Result<Vec<_>, _>>()?;
+    store.push_gpu("p", &values.iter().collect::<Vec<_>>())?;
+    let access = enabled_peer_access(&devs);
+    for (i, &from) in devs.iter().enumerate() {
+        for (j, &to) in devs.iter().enumerate() {
+            let allowed = from != to && can_access_peer(from, to)?;
+            if access.direct[i][j] != allowed {
+                return Err(fail(format!(
+                    "gpu({from}) -> gpu({to}): direct access {} but the driver allows it: \
+                     {allowed}\n{}",
+                    access.direct[i][j],
+                    access.matrix()
+                )));
+            }
+        }
+    }
+    if access.warning().is_some() != (access.enabled_pairs() < access.all_pairs()) {
+        return Err(fail("the warning does not follow the missing pairs"));
     }
     Ok(())
 }
