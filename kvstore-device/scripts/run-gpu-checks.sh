@@ -13,6 +13,11 @@
 # put first on LD_LIBRARY_PATH. Every binary runs under a time limit (KVSTORE_GPU_STEP_SECS,
 # 90 s by default), and the whole run under KVSTORE_GPU_TOTAL_SECS (480 s by default): a step
 # gets what is left of it, and steps with less than 5 s left are reported as skipped.
+#
+# A dry run without a GPU, on the emulated driver of the crate's tests:
+#   KVSTORE_EMULATED_DRIVER_DIR=/tmp/emu cargo test -p kvstore-device --test gpu_emulated
+#   LD_LIBRARY_PATH=/tmp/emu KVSTORE_EMULATED_GPUS=1 KVSTORE_GPU_BANDWIDTH_UNIT=65536 \
+#     kvstore-device/scripts/run-gpu-checks.sh gpu-bin /tmp/dry-run
 set -uo pipefail
 
 bin="$(cd "${1:-gpu-bin}" && pwd)" || { echo "no binaries folder ${1:-gpu-bin}" >&2; exit 2; }
