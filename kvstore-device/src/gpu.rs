@@ -617,6 +617,27 @@ impl DeviceArray {
         NDArray::from_vec(&self.shape, download(&self.data)?)
     }
 
+    /// Copies a dense float32 host array of this array's shape into it (queued on its GPU's
+    /// stream; the host data is staged first, so `array` may change as soon as this returns).
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the shapes differ; [`Error::InvalidArgument`] for another
+    /// dtype or a row-sparse array; [`Error::Device`] when the copy fails.
+    pub fn copy_from_host(&mut self, array: &NDArray) -> Result<()> {
+        if array.shape() != self.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: "a host-to-GPU copy".into(),
+                expected: self.shape.clone(),
+                found: array.shape().to_vec(),
+            });
+        }
+        let host = host_f32(array)?;
+        let gpu = Runtime::get()?.gpu(self.ordinal)?;
+        gpu.stream
+            .memcpy_htod(&host[..], &mut self.data)
+            .map_err(cuda("copy to GPU"))
+    }
+
     /// Copies `src` (on any GPU) into this array.
     ///
     /// # Errors

@@ -62,7 +62,11 @@ pub enum Engine {
 ///   [`gpu_codec`](crate::gpu_codec), the codes copied to the merge GPU and dequantised and
 ///   summed there. Compression takes dense float32 values only.
 ///
-/// Every GPU call waits for its GPU work before returning.
+/// Every GPU call waits for its GPU work before returning. A push allocates everything it
+/// needs (placement, copies, merge buffers, optimizer states, compression buffers) for every
+/// key of the call before any arithmetic, and a row-sparse pull fills new outputs before
+/// replacing any: a GPU out of memory makes the call an [`Error::Device`] that changed no
+/// value, state, count, residual or output.
 ///
 /// [`set_gradient_compression`]: KVStoreBase::set_gradient_compression
 #[derive(Debug)]
@@ -395,18 +399,13 @@ impl DeviceStore {
             }
             devs.push(key_devs);
         }
-        // The work, then one wait per GPU touched.
+        // Every allocation of the call, then the work, then one wait per GPU touched.
         let mut touched: Vec<usize> = Vec::new();
-        if self.engine == Engine::Nccl {
-            let queued =
-                self.queue_nccl_push(&mut state, &groups, &devs, optimizer.as_ref(), &mut touched);
-            let waited = wait_for(touched);
-            return queued.and(waited);
-        }
-        let mut queued = Ok(());
-        for ((key, values), key_devs) in groups.iter().zip(&devs) {
-            queued = self
-                .queue_push(
+        let queued = groups
+            .iter()
+            .zip(&devs)
+            .try_for_each(|((key, values), key_devs)| {
+                self.reserve_push(
                     &mut state,
                     key,
                     values,
@@ -415,11 +414,17 @@ impl DeviceStore {
                     codec,
                     &mut touched,
                 )
-                .map_err(self.at("push", key));
-            if queued.is_err() {
-                break;
-            }
-        }
+                .map_err(self.at("push", key))
+            })
+            .and_then(|()| match self.engine {
+                Engine::Nccl => {
+                    self.queue_nccl_push(&mut state, &groups, optimizer.as_ref(), &mut touched)
+                }
+                Engine::Device => groups.iter().try_for_each(|(key, values)| {
+                    self.queue_push(&mut state, key, values, optimizer.as_ref(), codec)
+                        .map_err(self.at("push", key))
+                }),
+            });
         // Even after a failure, what was queued finishes before the call returns.
         let waited = wait_for(touched);
         queued.and(waited)
@@ -493,6 +498,67 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// Allocates everything a checked push of `values` to `key` needs (placing the keys and
+    /// opening NCCL at the first push): the copies of values on other GPUs, the merge buffer,
+    /// the optimizer's states, the compression buffers. A call reserves for every key before
+    /// any arithmetic, so that a failed allocation (the GPU out of memory) leaves every value,
+    /// optimizer state, update count and residual as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn reserve_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceArray],
+        devs: &[usize],
+        optimizer: Option<&GpuOptimizer>,
+        codec: Option<Codec>,
+        touched: &mut Vec<usize>,
+    ) -> Result<()> {
+        self.prepare_push(state, key, devs, touched)?;
+        let entry = state.keys.get_mut(key).expect("checked above");
+        let dev = entry.merge_dev.expect("placed above");
+        touched.push(dev);
+        let GpuEntry {
+            shape,
+            merge,
+            copies,
+            state: states,
+            sources,
+            ..
+        } = entry;
+        let needs_merge = match (self.engine, codec) {
+            (Engine::Device, None) => optimizer.is_some() && values.len() > 1,
+            (Engine::Device, Some(_)) => true,
+            (Engine::Nccl, _) => optimizer.is_some(),
+        };
+        if needs_merge {
+            merge_buffer(merge, shape, dev)?;
+        }
+        match (self.engine, codec) {
+            (Engine::Device, None) => {
+                let remote = values.iter().filter(|v| v.ordinal() != dev).count();
+                while copies.len() < remote {
+                    copies.push(DeviceArray::zeros(shape, dev)?);
+                }
+            }
+            (Engine::Device, Some(codec)) => {
+                reserve_compressed(&codec, sources, shape, values, dev)?
+            }
+            (Engine::Nccl, _) => {}
+        }
+        if let Some(opt) = optimizer {
+            let gpu = Runtime::get()?.gpu(dev)?;
+            while states.len() < opt.state_len() {
+                let zeros = gpu
+                    .stream
+                    .alloc_zeros::<f32>(shape.iter().product())
+                    .map_err(cuda("alloc"))?;
+                states.push(zeros);
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a checked push of the `nccl` store's keys `groups` (ascending, each once):
     /// every key's `ncclReduce` to its merge GPU in one NCCL group, as MXNet's `KVStoreNCCL`
     /// reduces all keys of a push, into the stored value itself unless an optimizer takes
@@ -501,14 +567,9 @@ impl DeviceStore {
         &self,
         state: &mut GpuState,
         groups: &[(&Key, Vec<&DeviceArray>)],
-        devs: &[Vec<usize>],
         optimizer: Option<&GpuOptimizer>,
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        for ((key, _), key_devs) in groups.iter().zip(devs) {
-            self.prepare_push(state, key, key_devs, touched)
-                .map_err(self.at("push", key))?;
-        }
         let runtime = Runtime::get()?;
         let GpuState {
             keys, counts, nccl, ..
@@ -525,18 +586,12 @@ impl DeviceStore {
                 entries.push(entry);
             }
         }
-        if optimizer.is_some() {
-            for ((key, _), entry) in groups.iter().zip(entries.iter_mut()) {
-                let dev = entry.merge_dev.expect("placed above");
-                merge_buffer(&mut entry.merge, &entry.shape, dev).map_err(self.at("push", key))?;
-            }
-        }
         comms.group(|| {
             for ((key, values), entry) in groups.iter().zip(entries.iter_mut()) {
                 let root = entry.merge_dev.expect("placed above");
                 let target = match optimizer {
                     None => entry.stored.as_mut().expect("placed keys hold their value"),
-                    Some(_) => entry.merge.as_mut().expect("allocated above"),
+                    Some(_) => entry.merge.as_mut().ok_or_else(unreserved)?,
                 };
                 nccl_reduce(comms, values, target).map_err(self.at("push", key))?;
                 touched.push(root);
@@ -555,35 +610,29 @@ impl DeviceStore {
                 ..
             } = entry;
             let stored = stored.as_mut().expect("placed keys hold their value");
-            let sum = &merge.as_ref().expect("allocated above").data;
+            let sum = &merge.as_ref().ok_or_else(unreserved)?.data;
             optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum)
                 .map_err(self.at("push", key))?;
         }
         Ok(())
     }
 
-    /// Queues a checked push of the `device` store (placing the keys at the first one); adds
-    /// the GPUs it uses to `touched`, for the caller to wait on.
-    #[allow(clippy::too_many_arguments)]
+    /// Queues the arithmetic of a checked and reserved push of the `device` store (no
+    /// allocation: [`reserve_push`](DeviceStore::reserve_push) made every buffer).
     fn queue_push(
         &self,
         state: &mut GpuState,
         key: &Key,
         values: &[&DeviceArray],
-        devs: &[usize],
         optimizer: Option<&GpuOptimizer>,
         codec: Option<Codec>,
-        touched: &mut Vec<usize>,
     ) -> Result<()> {
         let runtime = Runtime::get()?;
-        self.prepare_push(state, key, devs, touched)?;
-
         let GpuState { keys, counts, .. } = state;
         let entry = keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = runtime.gpu(dev)?;
         let GpuEntry {
-            shape,
             stored,
             merge,
             copies,
@@ -610,8 +659,8 @@ impl DeviceStore {
                     .copied()
                     .filter(|v| v.ordinal() != dev)
                     .collect();
-                while copies.len() < remote.len() {
-                    copies.push(DeviceArray::zeros(shape, dev)?);
+                if copies.len() < remote.len() {
+                    return Err(unreserved());
                 }
                 for (copy, v) in copies.iter_mut().zip(&remote) {
                     copy.copy_from(v)?;
@@ -630,15 +679,15 @@ impl DeviceStore {
                     // Without an optimizer the sum is written straight into the stored value.
                     (None, _) => gpu.sum_sources(&mut stored.data, &srcs)?,
                     (Some(_), _) => {
-                        let merge = merge_buffer(merge, shape, dev)?;
+                        let merge = merge.as_mut().ok_or_else(unreserved)?;
                         gpu.sum_sources(&mut merge.data, &srcs)?;
                         apply(&merge.data)?;
                     }
                 }
             }
             (Engine::Device, Some(codec)) => {
-                let merge = merge_buffer(merge, shape, dev)?;
-                reduce_compressed(&codec, sources, shape, values, merge)?;
+                let merge = merge.as_mut().ok_or_else(unreserved)?;
+                reduce_compressed(&codec, sources, values, merge)?;
                 apply(&merge.data)?;
             }
             (Engine::Nccl, _) => {
@@ -647,7 +696,6 @@ impl DeviceStore {
                 ))
             }
         }
-        touched.push(dev);
         Ok(())
     }
 
@@ -777,41 +825,60 @@ impl DeviceStore {
                 runtime.gpu(o.ordinal())?;
             }
             let row_len = row_len(&entry.shape);
-            for (o, ids) in outs.iter_mut().zip(ids) {
-                let ordinal = o.ordinal();
-                **o = match &entry.stored {
-                    // Not on a GPU yet: the rows of the initial value.
-                    None => {
-                        let rows = entry.initial.retain_rows(&ids)?;
-                        let rows = rows
-                            .as_row_sparse()
-                            .map(|r| NDArray::from_host(r.rows().clone()))
-                            .expect("retain_rows answers row-sparse")
-                            .to_vec::<f32>()?;
-                        DeviceRowSparse::upload(&entry.shape, ids, &rows, ordinal)?
-                    }
-                    Some(stored) => {
-                        let dev = stored.ordinal();
-                        let mut picked = DeviceRowSparse::alloc(&entry.shape, ids, dev)?;
-                        let nnz = picked.nnz();
-                        if nnz > 0 {
-                            runtime.gpu(dev)?.gather_rows(
-                                &mut picked.rows,
-                                &stored.data,
-                                &picked.ids,
-                                nnz,
-                                row_len,
-                            )?;
+            // Every output's rows first: when one fails (out of memory), no output changes.
+            let pulled = outs
+                .iter()
+                .zip(ids)
+                .map(|(o, ids)| {
+                    let ordinal = o.ordinal();
+                    Ok(match &entry.stored {
+                        // Not on a GPU yet: the rows of the initial value.
+                        None => {
+                            let rows = entry.initial.retain_rows(&ids)?;
+                            let rows = rows
+                                .as_row_sparse()
+                                .map(|r| NDArray::from_host(r.rows().clone()))
+                                .expect("retain_rows answers row-sparse")
+                                .to_vec::<f32>()?;
+                            DeviceRowSparse::upload(&entry.shape, ids, &rows, ordinal)?
                         }
-                        if ordinal == dev {
-                            picked
-                        } else {
-                            picked.to_gpu(ordinal)?
+                        Some(stored) => {
+                            let dev = stored.ordinal();
+                            let mut picked = DeviceRowSparse::alloc(&entry.shape, ids, dev)?;
+                            let nnz = picked.nnz();
+                            if nnz > 0 {
+                                runtime.gpu(dev)?.gather_rows(
+                                    &mut picked.rows,
+                                    &stored.data,
+                                    &picked.ids,
+                                    nnz,
+                                    row_len,
+                                )?;
+                            }
+                            if ordinal == dev {
+                                picked
+                            } else {
+                                picked.to_gpu(ordinal)?
+                            }
                         }
+                    })
+                })
+                .collect::<Result<Vec<DeviceRowSparse>>>();
+            let mut gpus: Vec<usize> = outs.iter().map(|o| o.ordinal()).collect();
+            gpus.extend(entry.stored.as_ref().map(|s| s.ordinal()));
+            match pulled {
+                Ok(pulled) => {
+                    for (o, p) in outs.iter_mut().zip(pulled) {
+                        **o = p;
                     }
-                };
+                    wait_for(gpus)
+                }
+                Err(e) => {
+                    // What was queued finishes before the call returns.
+                    let _ = wait_for(gpus);
+                    Err(e)
+                }
             }
-            wait_for(outs.iter().map(|o| o.ordinal()).collect())
         })();
         result.map_err(at)
     }
@@ -829,24 +896,29 @@ impl DeviceStore {
             .iter()
             .map(|k| state.keys[k].initial.size())
             .collect();
+        let mut totals: Vec<usize> = devs
+            .iter()
+            .map(|d| state.totals.get(d).copied().unwrap_or(0))
+            .collect();
         let chosen = match self.engine {
             // MXNet's NCCL store keeps every merge buffer on the first GPU of the push.
             Engine::Nccl => vec![devs[0]; unplaced.len()],
-            Engine::Device => {
-                let mut totals: Vec<usize> = devs
-                    .iter()
-                    .map(|d| state.totals.get(d).copied().unwrap_or(0))
-                    .collect();
-                let chosen = place(&sizes, devs, &mut totals);
-                for (d, t) in devs.iter().zip(totals) {
-                    state.totals.insert(*d, t);
-                }
-                chosen
-            }
+            Engine::Device => place(&sizes, devs, &mut totals),
         };
-        for (k, dev) in unplaced.iter().zip(chosen) {
+        // Every upload first: when one fails (out of memory), no key is placed.
+        let uploads = unplaced
+            .iter()
+            .zip(&chosen)
+            .map(|(k, &dev)| DeviceArray::from_host(&state.keys[k].initial, dev))
+            .collect::<Result<Vec<_>>>()?;
+        if self.engine == Engine::Device {
+            for (d, t) in devs.iter().zip(totals) {
+                state.totals.insert(*d, t);
+            }
+        }
+        for ((k, dev), upload) in unplaced.iter().zip(chosen).zip(uploads) {
             let entry = state.keys.get_mut(k).expect("listed above");
-            entry.stored = Some(DeviceArray::from_host(&entry.initial, dev)?);
+            entry.stored = Some(upload);
             entry.merge_dev = Some(dev);
         }
         // MXNet's `EnableP2P` after placing merge buffers (NCCL manages its own links). The
@@ -943,7 +1015,7 @@ impl DeviceStore {
                 for o in outs.iter_mut() {
                     match &entry.stored {
                         Some(stored) => o.copy_from(stored)?,
-                        None => **o = DeviceArray::from_host(&entry.initial, o.ordinal())?,
+                        None => o.copy_from_host(&entry.initial)?,
                     }
                 }
             }
@@ -1111,23 +1183,24 @@ fn all_reduce_applies(
         && value_gpus.windows(2).all(|w| w[0] != w[1])
 }
 
-/// Runs update number `counts[key] + 1` of `opt` on `gpu`: `stored` with the gradient `sum`,
-/// the key's states allocated (zeros) at its first update.
+/// The error of a push whose buffers were not reserved first (a bug of this crate).
+fn unreserved() -> Error {
+    Error::Device("a GPU buffer of the push was not reserved before its arithmetic".into())
+}
+
+/// Runs update number `counts[key] + 1` of `opt` on `gpu`: `stored` with the gradient `sum`
+/// (the key's states were reserved with the push).
 fn optimizer_step(
     gpu: &crate::gpu::Gpu,
     opt: &GpuOptimizer,
     key: &Key,
     counts: &mut Counts,
     stored: &mut DeviceArray,
-    states: &mut Vec<CudaSlice<f32>>,
+    states: &mut [CudaSlice<f32>],
     sum: &CudaSlice<f32>,
 ) -> Result<()> {
-    while states.len() < opt.state_len() {
-        let zeros = gpu
-            .stream
-            .alloc_zeros::<f32>(stored.size())
-            .map_err(cuda("alloc"))?;
-        states.push(zeros);
+    if states.len() < opt.state_len() {
+        return Err(unreserved());
     }
     let t = counts.entry(key.clone()).or_insert(0);
     *t += 1;
@@ -1152,7 +1225,7 @@ fn wait_for(mut ordinals: Vec<usize>) -> Result<()> {
     Ok(())
 }
 
-/// The key's merge buffer on `dev`, allocated at its first use.
+/// The key's merge buffer on `dev`, allocated at its first use (by the push's reservation).
 fn merge_buffer<'a>(
     merge: &'a mut Option<DeviceArray>,
     shape: &[usize],
@@ -1164,18 +1237,17 @@ fn merge_buffer<'a>(
     }
 }
 
-/// MXNet's `ReduceCompressed` for GPU values: each value quantised on its GPU against the
-/// residual of its position, the codes copied to the merge GPU (unless already there),
-/// dequantised into `merge` (the first) or added to it (the others, in order).
-fn reduce_compressed(
+/// Allocates the compression buffers of a push of `values` reduced on gpu `dev`: per
+/// position, the residual (zeros, on the value's GPU; moved along when the position's GPU
+/// changed), the codes on the value's GPU and their copy on `dev` when that is another GPU.
+fn reserve_compressed(
     codec: &Codec,
     sources: &mut Vec<Source>,
     shape: &[usize],
     values: &[&DeviceArray],
-    merge: &mut DeviceArray,
+    dev: usize,
 ) -> Result<()> {
-    let dev = merge.ordinal();
-    let n = merge.size();
+    let n: usize = shape.iter().product();
     for (i, v) in values.iter().enumerate() {
         let ordinal = v.ordinal();
         if i == sources.len() {
@@ -1196,14 +1268,34 @@ fn reduce_compressed(
         if source.send.ordinal() != ordinal || source.send.kind() != codec.kind() {
             source.send = PackedArray::zeros(codec, n, ordinal)?;
         }
+        let recv_fits = |r: &PackedArray| r.ordinal() == dev && r.kind() == codec.kind();
+        if ordinal != dev && !source.recv.as_ref().is_some_and(recv_fits) {
+            source.recv = Some(PackedArray::zeros(codec, n, dev)?);
+        }
+    }
+    Ok(())
+}
+
+/// MXNet's `ReduceCompressed` of GPU values into `merge` (buffers reserved by
+/// [`reserve_compressed`]): each value quantised on its own GPU against the residual of its
+/// position, the codes copied to the merge GPU (unless already there), dequantised into
+/// `merge` (the first) or added to it (the others, in order).
+fn reduce_compressed(
+    codec: &Codec,
+    sources: &mut [Source],
+    values: &[&DeviceArray],
+    merge: &mut DeviceArray,
+) -> Result<()> {
+    let dev = merge.ordinal();
+    if sources.len() < values.len() {
+        return Err(unreserved());
+    }
+    for (i, (v, source)) in values.iter().zip(sources.iter_mut()).enumerate() {
         gpu_codec::quantize(codec, v, &mut source.residual, &mut source.send)?;
-        let packed = if ordinal == dev {
+        let packed = if v.ordinal() == dev {
             &source.send
         } else {
-            let recv = match &mut source.recv {
-                Some(r) if r.ordinal() == dev && r.kind() == codec.kind() => r,
-                slot => slot.insert(PackedArray::zeros(codec, n, dev)?),
-            };
+            let recv = source.recv.as_mut().ok_or_else(unreserved)?;
             recv.copy_from(&source.send)?;
             &*recv
         };

@@ -15,7 +15,10 @@
 //! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
 //! emulated GPU (several buffers on it stand in for several devices) and with three (peer
 //! copies, NCCL across GPUs, peer access; every grid's threads run last to first, so a kernel
-//! whose threads depend on each other's order shows; the last GPU has no peer access). Check names start with `emulated_1gpu::` or `emulated_3gpu::`.
+//! whose threads depend on each other's order shows; the last GPU has no peer access). Check
+//! names start with `emulated_1gpu::` or `emulated_3gpu::`. Checks a GPU cannot run are in
+//! `faults::` (`tests/emulated_driver/faults.rs`): the GPU out of memory at each allocation
+//! of a push or a row-sparse pull in turn, which must change nothing.
 //!
 //! With `KVSTORE_EMULATED_DRIVER_DIR=<folder>` the driver is built into that folder and left
 //! there, to run any program on emulated GPUs:
@@ -29,6 +32,8 @@ mod emulated_driver;
 #[allow(dead_code)]
 #[path = "kernel_source/emulator.rs"]
 mod emulator;
+#[path = "emulated_driver/faults.rs"]
+mod faults;
 
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -77,6 +82,7 @@ fn trials(gpus: usize) -> Vec<Trial> {
         &format!("{prefix}::conformance_nccl"),
         Arc::new(|| kvstore_base::create("nccl")),
     ));
+    trials.extend(faults::trials(&prefix));
     trials
 }
 
@@ -135,10 +141,11 @@ fn main() -> ExitCode {
             .status();
         match status {
             Ok(s) if s.success() => {}
-            Ok(s) => failed.push(format!(
-                "the run with {gpus} emulated GPU(s) failed ({s}); a fault the emulated driver \
-                 found aborts the run: add `-- --test-threads=1` to see during which check"
+            Ok(s) if s.code().is_none() => failed.push(format!(
+                "the run with {gpus} emulated GPU(s) was killed ({s}): a fault the emulated \
+                 driver found aborts the run; add `-- --test-threads=1` to see during which check"
             )),
+            Ok(s) => failed.push(format!("the run with {gpus} emulated GPU(s) failed ({s})")),
             Err(e) => failed.push(format!(
                 "the run with {gpus} emulated GPU(s) did not start: {e}"
             )),

@@ -195,9 +195,16 @@ void check_guard(uintptr_t base, const Alloc& a, const char* what) {
                   a.size, i);
 }
 
+/* Allocations this thread may still make before they fail with CUDA_ERROR_OUT_OF_MEMORY
+   (-1: never), set by kvemu_fail_allocations_after. Per thread, so that the checks running
+   beside the one that arms it are not disturbed. */
+thread_local long long t_allocations_left = -1;
+
 CUresult allocate(CUdeviceptr* out, size_t size, Ctx* ctx) {
     if (!out || !ctx) return CUDA_ERROR_INVALID_VALUE;
     if (size == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (t_allocations_left == 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (t_allocations_left > 0) t_allocations_left--;
     size_t rounded = (size + GUARD + 255) / 256 * 256;
     void* p = aligned_alloc(256, rounded);
     if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
@@ -242,6 +249,12 @@ const KvKernel* find_kernel(const char* name) {
 
 #define LOCK std::lock_guard<std::recursive_mutex> guard(g_lock)
 #define API extern "C" __attribute__((visibility("default")))
+
+/* ---- control of the emulation (not part of CUDA) ------------------------------------------- */
+
+/* After `n` more allocations of the calling thread, every allocation of it fails with
+   CUDA_ERROR_OUT_OF_MEMORY, until called again (n < 0: allocations never fail). */
+API void kvemu_fail_allocations_after(long long n) { t_allocations_left = n < 0 ? -1 : n; }
 
 /* ---- initialisation, devices, contexts ---------------------------------------------------- */
 

@@ -30,29 +30,29 @@ pub fn fail(msg: impl std::fmt::Display) -> Failed {
 }
 
 /// The GPU ordinal of value `i` of `n`: spread round-robin over the GPUs.
-fn dev(info: &GpuInfo, i: usize) -> usize {
+pub fn dev(info: &GpuInfo, i: usize) -> usize {
     info.devices[i % info.devices.len()].ordinal
 }
 
 /// Integer-valued data for value `i`.
-fn data(n: usize, i: usize) -> Vec<f32> {
+pub fn data(n: usize, i: usize) -> Vec<f32> {
     (0..n)
         .map(|j| ((j * 7 + i * 13) % 31) as f32 - 15.0)
         .collect()
 }
 
 /// Small non-integer data for optimizer tests.
-fn fdata(n: usize, i: usize) -> Vec<f32> {
+pub fn fdata(n: usize, i: usize) -> Vec<f32> {
     (0..n)
         .map(|j| (((j * 7 + i * 13) % 97) as f32 - 48.0) / 64.0)
         .collect()
 }
 
-fn host(shape: &[usize], v: Vec<f32>) -> NDArray {
+pub fn host(shape: &[usize], v: Vec<f32>) -> NDArray {
     NDArray::from_vec(shape, v).expect("shape matches")
 }
 
-fn close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) -> TestResult {
+pub fn close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) -> TestResult {
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
         if (g - c).abs() > rel * c.abs().max(1.0) {
             return Err(fail(format!("{what}: element {i}: gpu {g} vs cpu {c}")));
@@ -136,6 +136,9 @@ fn compare_with_local(
     }
     Ok(())
 }
+
+/// The values of several keys, per key: on the host, and their copies on the GPUs.
+pub type KeyValues = (Vec<Vec<NDArray>>, Vec<Vec<DeviceArray>>);
 
 /// One GPU check.
 pub type GpuTest = fn(&GpuInfo) -> TestResult;
@@ -866,7 +869,7 @@ fn errors(_: &GpuInfo) -> TestResult {
 }
 
 /// A row-sparse `[rows, 7]` array holding `ids`, integer-valued data from `seed`.
-fn rsp(rows: usize, ids: &[i64], seed: usize) -> Result<NDArray, Failed> {
+pub fn rsp(rows: usize, ids: &[i64], seed: usize) -> Result<NDArray, Failed> {
     let data = data(ids.len() * 7, seed);
     let rows_array = NDArray::from_vec(&[ids.len(), 7], data)?;
     Ok(NDArray::row_sparse(&[rows, 7], ids.to_vec(), &rows_array)?)
@@ -997,9 +1000,7 @@ fn nccl_batches_match_local(info: &GpuInfo) -> TestResult {
         local.init(k as i64, &host(&[n], fdata(n, 100 + k)))?;
     }
     // Host values of step `step`, one per GPU, for every key; and their GPU copies.
-    /// Per key, one value per GPU: on the host and on the GPUs.
-    type StepValues = (Vec<Vec<NDArray>>, Vec<Vec<DeviceArray>>);
-    let values = |step: usize| -> Result<StepValues, Failed> {
+    let values = |step: usize| -> Result<KeyValues, Failed> {
         let hosts: Vec<Vec<NDArray>> = sizes
             .iter()
             .enumerate()

@@ -1,0 +1,312 @@
+//! Checks only the emulated driver can run: the GPU running out of memory at every allocation
+//! of a call, one after the other. A push or a pull that fails that way must leave the store
+//! as it was (every value, optimizer state, update count and residual; every output), and
+//! the same call must then succeed and give what the CPU path gives.
+
+use kvstore_base::{
+    CompressionParams, DType, KVStoreBase, KVStoreExt, Key, NDArray, OptimizerSpec,
+};
+use kvstore_device::{probe, DeviceArray, DeviceRowSparse, DeviceStore, Engine, GpuInfo};
+use kvstore_local::reduce::ReduceConfig;
+use libtest_mimic::{Failed, Trial};
+
+use crate::cases::{close, dev, fail, fdata, host, rsp, KeyValues, TestResult};
+
+/// Makes every allocation of this thread fail after `n` more (`None`: never), through the
+/// emulated driver's control function.
+fn fail_allocations_after(n: Option<i64>) -> TestResult {
+    // SAFETY: the emulated driver (the loaded `libcuda`) exports this function with this
+    // signature; it only sets a thread-local counter.
+    unsafe {
+        let lib = cudarc::driver::sys::culib();
+        let set = lib.get::<unsafe extern "C" fn(i64)>(b"kvemu_fail_allocations_after\0")?;
+        set(n.unwrap_or(-1));
+    }
+    Ok(())
+}
+
+/// Runs `call` with allocations failing after `n`, then lets them succeed again.
+fn with_allocations_failing_after<T>(
+    n: i64,
+    call: impl FnOnce() -> kvstore_base::Result<T>,
+) -> Result<kvstore_base::Result<T>, Failed> {
+    fail_allocations_after(Some(n))?;
+    let result = call();
+    fail_allocations_after(None)?;
+    Ok(result)
+}
+
+/// The keys of the scenario and their lengths; the last is initialised after the first push,
+/// so the tested push places it.
+const KEYS: [(i64, usize); 3] = [(0, 1000), (1, 37), (2, 4097)];
+
+/// What a scenario sets on both stores.
+#[derive(Clone)]
+struct Setting {
+    engine: Engine,
+    optimizer: Option<OptimizerSpec>,
+    compression: Option<&'static str>,
+}
+
+/// A GPU-valued store and a CPU-valued one with the same setting, past one push of the first
+/// keys, the last key initialised after it.
+fn stores(info: &GpuInfo, setting: &Setting) -> Result<(DeviceStore, DeviceStore), Failed> {
+    let name = match setting.engine {
+        Engine::Nccl => "nccl",
+        Engine::Device => "device",
+    };
+    let gpu = DeviceStore::new(name, setting.engine, ReduceConfig::default());
+    let cpu = DeviceStore::new(name, setting.engine, ReduceConfig::default());
+    for &(k, n) in &KEYS[..2] {
+        gpu.init_gpu(k, &host(&[n], fdata(n, 100 + k as usize)))?;
+        cpu.init(k, &host(&[n], fdata(n, 100 + k as usize)))?;
+    }
+    for s in [&gpu, &cpu] {
+        if let Some(kind) = setting.compression {
+            s.set_gradient_compression(&CompressionParams::from([(
+                "type".to_string(),
+                kind.to_string(),
+            )]))?;
+        }
+        if let Some(spec) = &setting.optimizer {
+            s.set_optimizer(spec)?;
+        }
+    }
+    push_both(info, setting, &gpu, &cpu, &KEYS[..2], 0)?;
+    let (k, n) = KEYS[2];
+    gpu.init_gpu(k, &host(&[n], fdata(n, 100 + k as usize)))?;
+    cpu.init(k, &host(&[n], fdata(n, 100 + k as usize)))?;
+    Ok((gpu, cpu))
+}
+
+/// The values of `round` for `keys`: on the host, and on the GPUs (one per GPU for `nccl`,
+/// three spread over the GPUs for `device`).
+fn round_values(
+    info: &GpuInfo,
+    setting: &Setting,
+    keys: &[(i64, usize)],
+    round: usize,
+) -> Result<KeyValues, Failed> {
+    let count = match setting.engine {
+        Engine::Nccl => info.devices.len(),
+        Engine::Device => 3,
+    };
+    let hosts: Vec<Vec<NDArray>> = keys
+        .iter()
+        .map(|&(k, n)| {
+            (0..count)
+                .map(|i| host(&[n], fdata(n, 7 * round + 3 * k as usize + i)))
+                .collect()
+        })
+        .collect();
+    let gpus = hosts
+        .iter()
+        .map(|hs| {
+            hs.iter()
+                .enumerate()
+                .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((hosts, gpus))
+}
+
+/// The GPU store's batch push of `gpus` (per key of `keys`).
+fn push_gpu_values(
+    gpu: &DeviceStore,
+    keys: &[(i64, usize)],
+    gpus: &[Vec<DeviceArray>],
+) -> kvstore_base::Result<()> {
+    let refs: Vec<Vec<&DeviceArray>> = gpus.iter().map(|vs| vs.iter().collect()).collect();
+    let batch: Vec<(Key, &[&DeviceArray])> = keys
+        .iter()
+        .zip(&refs)
+        .map(|(&(k, _), r)| (k.into(), &r[..]))
+        .collect();
+    gpu.push_gpu_batch(&batch)
+}
+
+/// One push of `round` to `keys` on both stores.
+fn push_both(
+    info: &GpuInfo,
+    setting: &Setting,
+    gpu: &DeviceStore,
+    cpu: &DeviceStore,
+    keys: &[(i64, usize)],
+    round: usize,
+) -> TestResult {
+    let (hosts, gpus) = round_values(info, setting, keys, round)?;
+    push_gpu_values(gpu, keys, &gpus)?;
+    for (&(k, _), hs) in keys.iter().zip(&hosts) {
+        cpu.push(k, &hs[..])?;
+    }
+    Ok(())
+}
+
+/// Every key's value in the GPU store, on the host.
+fn gpu_values(info: &GpuInfo, gpu: &DeviceStore) -> Result<Vec<Vec<f32>>, Failed> {
+    KEYS.iter()
+        .map(|&(k, n)| {
+            let mut out = DeviceArray::zeros(&[n], dev(info, 1))?;
+            gpu.pull_gpu(k, &mut [&mut out])?;
+            Ok(out.to_host()?.to_vec::<f32>()?)
+        })
+        .collect()
+}
+
+/// The GPU store holds what the CPU store holds.
+fn same_as_cpu(info: &GpuInfo, gpu: &DeviceStore, cpu: &DeviceStore, what: &str) -> TestResult {
+    for (&(k, n), got) in KEYS.iter().zip(gpu_values(info, gpu)?) {
+        let mut expected = NDArray::zeros(&[n], DType::F32);
+        cpu.pull(k, &mut expected)?;
+        close(
+            &got,
+            &expected.to_vec::<f32>()?,
+            1e-6,
+            &format!("{what}, key {k}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Fails the allocations of the scenario's second push at each point in turn (a fresh pair of
+/// stores each time): the failed push changes no value, and the same push, then another one,
+/// give what the CPU path gives (so neither a state, a count nor a residual moved).
+fn push_out_of_memory(info: &GpuInfo, setting: &Setting) -> TestResult {
+    for allowed in 0i64.. {
+        let (gpu, cpu) = stores(info, setting)?;
+        let (hosts, gpus) = round_values(info, setting, &KEYS, 1)?;
+        let before = gpu_values(info, &gpu)?;
+        let result =
+            with_allocations_failing_after(allowed, || push_gpu_values(&gpu, &KEYS, &gpus))?;
+        let Err(e) = result else {
+            if allowed == 0 {
+                return Err(fail(
+                    "the push allocates nothing: the scenario tests nothing",
+                ));
+            }
+            // Every allocation point was failed once: this push ran through.
+            return Ok(());
+        };
+        if !e.to_string().contains("OUT_OF_MEMORY") {
+            return Err(fail(format!(
+                "allocation {allowed} failed with another error: {e}"
+            )));
+        }
+        if gpu_values(info, &gpu)? != before {
+            return Err(fail(format!(
+                "a push failing at allocation {allowed} changed the store ({e})"
+            )));
+        }
+        push_gpu_values(&gpu, &KEYS, &gpus)?;
+        for (&(k, _), hs) in KEYS.iter().zip(&hosts) {
+            cpu.push(k, &hs[..])?;
+        }
+        same_as_cpu(
+            info,
+            &gpu,
+            &cpu,
+            &format!("the push retried after allocation {allowed}"),
+        )?;
+        push_both(info, setting, &gpu, &cpu, &KEYS, 2)?;
+        same_as_cpu(
+            info,
+            &gpu,
+            &cpu,
+            &format!("the next push after allocation {allowed}"),
+        )?;
+    }
+    unreachable!("the loop returns")
+}
+
+/// A row-sparse pull into outputs on every GPU, failing at each allocation in turn, leaves
+/// every output as it was.
+fn row_sparse_pull_out_of_memory(info: &GpuInfo) -> TestResult {
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let shape = [40usize, 7];
+    store.init_gpu("e", &rsp(40, &[1, 7, 30], 1)?)?;
+    let mut values = Vec::new();
+    for i in 0..3i64 {
+        let value = rsp(40, &[i, 7, 20 + i], 2 + i as usize)?;
+        values.push(DeviceRowSparse::from_host(&value, dev(info, i as usize))?);
+    }
+    store.push_gpu_row_sparse("e", &values.iter().collect::<Vec<_>>())?;
+    let ids: Vec<NDArray> = (0..3)
+        .map(|i| NDArray::from_vec(&[3], vec![7i64, 20 + i, 39]))
+        .collect::<Result<_, _>>()?;
+    let id_refs: Vec<&NDArray> = ids.iter().collect();
+    for allowed in 0i64.. {
+        let mut outs = (0..3)
+            .map(|i| DeviceRowSparse::zeros(&shape, dev(info, i)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let before = outs
+            .iter()
+            .map(|o| o.to_host())
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out_refs: Vec<&mut DeviceRowSparse> = outs.iter_mut().collect();
+        let result = with_allocations_failing_after(allowed, || {
+            store.row_sparse_pull_gpu("e", &mut out_refs, &id_refs)
+        })?;
+        let after = outs
+            .iter()
+            .map(|o| o.to_host())
+            .collect::<Result<Vec<_>, _>>()?;
+        match result {
+            Ok(()) if allowed == 0 => return Err(fail("the pull allocates nothing")),
+            Ok(()) => return Ok(()),
+            Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => {
+                return Err(fail(format!(
+                    "allocation {allowed} failed with another error: {e}"
+                )))
+            }
+            Err(e) if after != before => {
+                return Err(fail(format!(
+                    "a pull failing at allocation {allowed} changed its outputs ({e})"
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// The fault checks of one emulated run, named `<prefix>::faults::...`.
+pub fn trials(prefix: &str) -> Vec<Trial> {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let adam = OptimizerSpec::new("adam").with("learning_rate", 0.01);
+    let push_settings = [
+        ("device_plain", Engine::Device, None, None),
+        (
+            "device_sgd_momentum",
+            Engine::Device,
+            Some(sgd.clone()),
+            None,
+        ),
+        ("device_adam", Engine::Device, Some(adam.clone()), None),
+        ("device_2bit_sgd", Engine::Device, Some(sgd), Some("2bit")),
+        ("device_1bit", Engine::Device, None, Some("1bit")),
+        ("nccl_plain", Engine::Nccl, None, None),
+        ("nccl_adam", Engine::Nccl, Some(adam), None),
+    ];
+    let mut trials: Vec<Trial> = push_settings
+        .into_iter()
+        .map(|(name, engine, optimizer, compression)| {
+            let setting = Setting {
+                engine,
+                optimizer,
+                compression,
+            };
+            Trial::test(
+                format!("{prefix}::faults::out_of_memory_in_a_push_changes_nothing_{name}"),
+                move || push_out_of_memory(&probe()?, &setting),
+            )
+        })
+        .collect();
+    trials.push(Trial::test(
+        format!("{prefix}::faults::out_of_memory_in_a_row_sparse_pull_changes_no_output"),
+        || row_sparse_pull_out_of_memory(&probe()?),
+    ));
+    trials
+}
