@@ -443,39 +443,47 @@ API CUresult cuCtxGetCacheConfig(int* config) {
 
 /* ---- errors -------------------------------------------------------------------------------- */
 
+namespace {
+/* The errors the emulation returns: code, name, text. */
+struct ErrorInfo {
+    CUresult code;
+    const char* name;
+    const char* text;
+};
+const ErrorInfo ERRORS[] = {
+    {CUDA_SUCCESS, "CUDA_SUCCESS", "no error"},
+    {CUDA_ERROR_INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument"},
+    {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
+    {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
+    {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
+    {CUDA_ERROR_INVALID_IMAGE, "CUDA_ERROR_INVALID_IMAGE", "device kernel image is invalid"},
+    {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
+    {CUDA_ERROR_NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found"},
+    {CUDA_ERROR_NOT_SUPPORTED, "CUDA_ERROR_NOT_SUPPORTED", "operation not supported"},
+    {217, "CUDA_ERROR_PEER_ACCESS_UNSUPPORTED", "peer access is not supported between these two devices"},
+    {704, "CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED", "peer access is already enabled"},
+    {705, "CUDA_ERROR_PEER_ACCESS_NOT_ENABLED", "peer access has not been enabled"},
+};
+
+const ErrorInfo* error_info(CUresult error) {
+    for (const ErrorInfo& e : ERRORS)
+        if (e.code == error) return &e;
+    return nullptr;
+}
+}  // namespace
+
 API CUresult cuGetErrorString(CUresult error, const char** text) {
     if (!text) return CUDA_ERROR_INVALID_VALUE;
-    switch (error) {
-        case CUDA_SUCCESS: *text = "no error"; break;
-        case CUDA_ERROR_INVALID_VALUE: *text = "invalid argument"; break;
-        case CUDA_ERROR_OUT_OF_MEMORY: *text = "out of memory"; break;
-        case CUDA_ERROR_NOT_INITIALIZED: *text = "initialization error"; break;
-        case CUDA_ERROR_INVALID_DEVICE: *text = "invalid device ordinal"; break;
-        case CUDA_ERROR_INVALID_CONTEXT: *text = "invalid device context"; break;
-        case CUDA_ERROR_INVALID_IMAGE: *text = "device kernel image is invalid"; break;
-        case CUDA_ERROR_INVALID_HANDLE: *text = "invalid resource handle"; break;
-        case CUDA_ERROR_NOT_FOUND: *text = "named symbol not found"; break;
-        case CUDA_ERROR_NOT_SUPPORTED: *text = "operation not supported"; break;
-        default: *text = "unknown error"; break;
-    }
+    const ErrorInfo* e = error_info(error);
+    *text = e ? e->text : "unknown error";
     return CUDA_SUCCESS;
 }
 
 API CUresult cuGetErrorName(CUresult error, const char** text) {
     if (!text) return CUDA_ERROR_INVALID_VALUE;
-    switch (error) {
-        case CUDA_SUCCESS: *text = "CUDA_SUCCESS"; break;
-        case CUDA_ERROR_INVALID_VALUE: *text = "CUDA_ERROR_INVALID_VALUE"; break;
-        case CUDA_ERROR_OUT_OF_MEMORY: *text = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case CUDA_ERROR_NOT_INITIALIZED: *text = "CUDA_ERROR_NOT_INITIALIZED"; break;
-        case CUDA_ERROR_INVALID_DEVICE: *text = "CUDA_ERROR_INVALID_DEVICE"; break;
-        case CUDA_ERROR_INVALID_CONTEXT: *text = "CUDA_ERROR_INVALID_CONTEXT"; break;
-        case CUDA_ERROR_INVALID_IMAGE: *text = "CUDA_ERROR_INVALID_IMAGE"; break;
-        case CUDA_ERROR_INVALID_HANDLE: *text = "CUDA_ERROR_INVALID_HANDLE"; break;
-        case CUDA_ERROR_NOT_FOUND: *text = "CUDA_ERROR_NOT_FOUND"; break;
-        case CUDA_ERROR_NOT_SUPPORTED: *text = "CUDA_ERROR_NOT_SUPPORTED"; break;
-        default: *text = "CUDA_ERROR_UNKNOWN"; break;
-    }
+    const ErrorInfo* e = error_info(error);
+    *text = e ? e->name : "CUDA_ERROR_UNKNOWN";
     return CUDA_SUCCESS;
 }
 

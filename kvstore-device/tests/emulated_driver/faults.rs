@@ -10,7 +10,7 @@ use kvstore_device::{probe, DeviceArray, DeviceRowSparse, DeviceStore, Engine, G
 use kvstore_local::reduce::ReduceConfig;
 use libtest_mimic::{Failed, Trial};
 
-use crate::cases::{close, dev, fail, fdata, host, rsp, KeyValues, TestResult};
+use crate::cases::{close, dev, fail, fdata, host, key_values, rsp, KeyValues, TestResult};
 
 /// Makes every allocation of this thread fail after `n` more (`None`: never), through the
 /// emulated driver's control function.
@@ -91,24 +91,10 @@ fn round_values(
         Engine::Nccl => info.devices.len(),
         Engine::Device => 3,
     };
-    let hosts: Vec<Vec<NDArray>> = keys
-        .iter()
-        .map(|&(k, n)| {
-            (0..count)
-                .map(|i| host(&[n], fdata(n, 7 * round + 3 * k as usize + i)))
-                .collect()
-        })
-        .collect();
-    let gpus = hosts
-        .iter()
-        .map(|hs| {
-            hs.iter()
-                .enumerate()
-                .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((hosts, gpus))
+    let lens: Vec<usize> = keys.iter().map(|&(_, n)| n).collect();
+    key_values(info, &lens, count, |k, i| {
+        7 * round + 3 * keys[k].0 as usize + i
+    })
 }
 
 /// The GPU store's batch push of `gpus` (per key of `keys`).

@@ -5,11 +5,10 @@
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::Command;
 
 use kvstore_device::gpu::kernel_source;
 
-use crate::emulator::SHIM;
+use crate::emulator::{compile_cxx, cxx, scratch_dir, SHIM};
 
 /// The driver's source, after the generated kernel table.
 const DRIVER: &str = include_str!("driver.cpp");
@@ -123,13 +122,7 @@ fn folder() -> Option<PathBuf> {
         let dir = PathBuf::from(dir);
         return std::fs::create_dir_all(&dir).is_ok().then_some(dir);
     }
-    [
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
-        std::env::temp_dir(),
-    ]
-    .into_iter()
-    .map(|d| d.join(format!("kvstore-emulated-driver-{}", std::process::id())))
-    .find(|d| std::fs::create_dir_all(d).is_ok())
+    scratch_dir(&format!("kvstore-emulated-driver-{}", std::process::id()))
 }
 
 /// When set, the folder the driver is built into and left in, for running other programs
@@ -139,10 +132,7 @@ pub const KEEP: &str = "KVSTORE_EMULATED_DRIVER_DIR";
 /// Builds the driver: `Ok(folder)` for `LD_LIBRARY_PATH`, `Err(Ok(reason))` when there is no
 /// C++ compiler (the checks are ignored), `Err(Err(log))` when it does not build (a failure).
 pub fn build() -> Result<PathBuf, Result<String, String>> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    if Command::new(&cxx).arg("--version").output().is_err() {
-        return Err(Ok(format!("no C++ compiler ({cxx} not found; set CXX)")));
-    }
+    let cxx = cxx().map_err(Ok)?;
     let dir = folder().ok_or_else(|| Err("no writable temporary folder".to_string()))?;
     let source = kernel_source();
     let src = dir.join("driver.cpp");
@@ -152,26 +142,15 @@ pub fn build() -> Result<PathBuf, Result<String, String>> {
     );
     std::fs::write(&src, code).map_err(|e| Err(e.to_string()))?;
     let lib = dir.join("libcuda.so");
-    // The kernels' arithmetic as NVRTC with `--fmad=false`: no contraction.
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++14",
-            "-O1",
-            "-g",
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-        ])
-        .args(["-shared", "-fPIC", "-pthread", "-o"])
-        .arg(&lib)
-        .arg(&src)
-        .output()
-        .map_err(|e| Err(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Err(format!(
-            "the emulated driver does not build:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    let flags = ["-O1", "-g", "-shared", "-fPIC", "-pthread"];
+    compile_cxx(
+        &cxx,
+        &src,
+        &lib,
+        &flags,
+        "the emulated driver does not build",
+    )
+    .map_err(Err)?;
     // One library under every name: NCCL's collectives reach the driver's streams and memory.
     let mut names = vec!["libnccl.so"];
     // SAFETY: only tries `dlopen` on the candidate names.

@@ -140,6 +140,35 @@ fn compare_with_local(
 /// The values of several keys, per key: on the host, and their copies on the GPUs.
 pub type KeyValues = (Vec<Vec<NDArray>>, Vec<Vec<DeviceArray>>);
 
+/// For each key of length `lens[k]`, `count` values (`fdata` with seed `seed(k, i)`), value `i`
+/// on GPU `dev(info, i)`.
+pub fn key_values(
+    info: &GpuInfo,
+    lens: &[usize],
+    count: usize,
+    seed: impl Fn(usize, usize) -> usize,
+) -> Result<KeyValues, Failed> {
+    let hosts: Vec<Vec<NDArray>> = lens
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            (0..count)
+                .map(|i| host(&[n], fdata(n, seed(k, i))))
+                .collect()
+        })
+        .collect();
+    let gpus = hosts
+        .iter()
+        .map(|hs| {
+            hs.iter()
+                .enumerate()
+                .map(|(i, h)| DeviceArray::from_host(h, dev(info, i)))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((hosts, gpus))
+}
+
 /// One GPU check.
 pub type GpuTest = fn(&GpuInfo) -> TestResult;
 
@@ -1000,27 +1029,7 @@ fn nccl_batches_match_local(info: &GpuInfo) -> TestResult {
         local.init(k as i64, &host(&[n], fdata(n, 100 + k)))?;
     }
     // Host values of step `step`, one per GPU, for every key; and their GPU copies.
-    let values = |step: usize| -> Result<KeyValues, Failed> {
-        let hosts: Vec<Vec<NDArray>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(k, &n)| {
-                (0..gpus)
-                    .map(|g| host(&[n], fdata(n, 11 * step + 3 * k + g)))
-                    .collect()
-            })
-            .collect();
-        let on_gpus = hosts
-            .iter()
-            .map(|hs| {
-                hs.iter()
-                    .enumerate()
-                    .map(|(g, h)| DeviceArray::from_host(h, dev(info, g)))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((hosts, on_gpus))
-    };
+    let values = |step: usize| key_values(info, &sizes, gpus, |k, g| 11 * step + 3 * k + g);
     let outputs = |k: usize| -> Result<Vec<DeviceArray>, Failed> {
         (0..gpus)
             .map(|g| DeviceArray::zeros(&[sizes[k]], dev(info, g)).map_err(Failed::from))

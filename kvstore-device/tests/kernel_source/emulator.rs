@@ -56,25 +56,63 @@ struct Buffer {
 };
 "#;
 
+/// The host's C++ compiler (`$CXX`, else `c++`), or why there is none.
+pub fn cxx() -> Result<String, String> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    match Command::new(&cxx).arg("--version").output() {
+        Ok(_) => Ok(cxx),
+        Err(_) => Err(format!("no C++ compiler ({cxx} not found; set CXX)")),
+    }
+}
+
+/// The folder `name` in Cargo's temporary folder of the build, or in the system's when the
+/// binary was copied to another machine; created.
+pub fn scratch_dir(name: &str) -> Option<PathBuf> {
+    [
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+        std::env::temp_dir(),
+    ]
+    .into_iter()
+    .map(|d| d.join(name))
+    .find(|d| std::fs::create_dir_all(d).is_ok())
+}
+
+/// Compiles the C++ file `src` into `out` with `cxx`, the kernels' floating-point flags (no
+/// contraction into fused multiply-add, as NVRTC with `--fmad=false`) and `extra`; the
+/// compiler's log, after `what`, when it fails.
+pub fn compile_cxx(
+    cxx: &str,
+    src: &Path,
+    out: &Path,
+    extra: &[&str],
+    what: &str,
+) -> Result<(), String> {
+    let built = Command::new(cxx)
+        .args(["-std=c++14", "-ffp-contract=off", "-fno-strict-aliasing"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if built.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what}:\n{}",
+            String::from_utf8_lossy(&built.stderr)
+        ))
+    }
+}
+
 /// Builds `driver` (C++ using [`SHIM`], the kernels' prelude and the kernels of `kernels`) under
 /// the name `name`:
 /// `Ok(path)`, `Err(Ok(reason))` when there is no compiler (the checks are ignored),
 /// `Err(Err(log))` when the source does not compile (a failure).
 pub fn build(name: &str, kernels: &str, driver: &str) -> Result<PathBuf, Result<String, String>> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    if Command::new(&cxx).arg("--version").output().is_err() {
-        return Err(Ok(format!("no C++ compiler ({cxx} not found; set CXX)")));
-    }
-    // Cargo's temporary folder of the build, or the system's when the binary was copied to
-    // another machine.
-    let dir = [
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
-        std::env::temp_dir(),
-    ]
-    .into_iter()
-    .map(|d| d.join("kvstore-device-kernel-emulation"))
-    .find(|d| std::fs::create_dir_all(d).is_ok())
-    .ok_or_else(|| Err("no writable temporary folder".to_string()))?;
+    let cxx = cxx().map_err(Ok)?;
+    let dir = scratch_dir("kvstore-device-kernel-emulation")
+        .ok_or_else(|| Err("no writable temporary folder".to_string()))?;
     let src = dir.join(format!("{name}-{}.cpp", std::process::id()));
     let exe = dir.join(format!("{name}-{}", std::process::id()));
     std::fs::write(
@@ -82,30 +120,20 @@ pub fn build(name: &str, kernels: &str, driver: &str) -> Result<PathBuf, Result<
         format!("{SHIM}\n{KERNEL_PRELUDE}\n{kernels}\n{driver}"),
     )
     .map_err(|e| Err(e.to_string()))?;
-    // No contraction into fused multiply-add, as NVRTC with `--fmad=false`.
-    let out = Command::new(&cxx)
-        .args([
-            "-std=c++14",
-            "-O2",
-            "-ffp-contract=off",
-            "-fno-strict-aliasing",
-        ])
-        .args([
-            "-Wall",
-            "-Wno-unused-variable",
-            "-Wno-unknown-pragmas",
-            "-o",
-        ])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .map_err(|e| Err(e.to_string()))?;
-    if !out.status.success() {
-        return Err(Err(format!(
-            "the kernel source does not compile as C++:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
+    let flags = [
+        "-O2",
+        "-Wall",
+        "-Wno-unused-variable",
+        "-Wno-unknown-pragmas",
+    ];
+    compile_cxx(
+        &cxx,
+        &src,
+        &exe,
+        &flags,
+        "the kernel source does not compile as C++",
+    )
+    .map_err(Err)?;
     Ok(exe)
 }
 
