@@ -1,6 +1,8 @@
 //! [`KVStoreExt`]: MXNet's calling forms (single key, key list, per-device lists) over any store.
 
-use crate::{Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, Keys, NDArray, Result};
+use crate::{
+    Capability, Context, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, Keys, NDArray, Result,
+};
 
 /// The arrays of a call, shaped like its keys: one array, a list, or a list of lists.
 ///
@@ -187,6 +189,67 @@ fn check_count(operation: &'static str, keys: &[Key], found: usize) -> Result<()
     }
 }
 
+/// Runs `call` with `values`, the arrays in device memory among them copied to the host
+/// unless `store` handles them.
+fn with_host_values<S: KVStoreBase + ?Sized, R>(
+    store: &S,
+    values: &KeyedValues<'_>,
+    call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+) -> Result<R> {
+    if store.handles_device_arrays() || values.values().iter().all(|v| v.device().is_none()) {
+        return call(values);
+    }
+    let copies = values
+        .values()
+        .iter()
+        .map(|v| v.device().map(|_| v.to_context(Context::Cpu)).transpose())
+        .collect::<Result<Vec<Option<NDArray>>>>()?;
+    let staged = values
+        .values()
+        .iter()
+        .zip(&copies)
+        .map(|(v, copy)| copy.as_ref().unwrap_or(v))
+        .collect();
+    call(&KeyedValues::new("stage", values.keys().to_vec(), staged)?)
+}
+
+/// Runs `call` with `outs`, those in device memory replaced by host copies unless `store`
+/// handles them; once `call` succeeded, the copies are written back into them.
+fn with_host_outs<S: KVStoreBase + ?Sized, R>(
+    store: &S,
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    if store.handles_device_arrays() || outs.outs().iter().all(|o| o.device().is_none()) {
+        return call(outs);
+    }
+    // Copies, not zeros: an in-place pushpull reads them.
+    let mut copies = outs
+        .outs()
+        .iter()
+        .map(|o| o.device().map(|_| o.to_context(Context::Cpu)).transpose())
+        .collect::<Result<Vec<Option<NDArray>>>>()?;
+    let keys = outs.keys().to_vec();
+    let result = {
+        let staged = outs
+            .outs_mut()
+            .iter_mut()
+            .zip(copies.iter_mut())
+            .map(|(o, copy)| match copy {
+                Some(copy) => copy,
+                None => &mut **o,
+            })
+            .collect();
+        call(&mut KeyedOuts::new("stage", keys, staged)?)?
+    };
+    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
+        if let Some(copy) = copy {
+            out.assign(copy)?;
+        }
+    }
+    Ok(result)
+}
+
 fn values<'a>(operation: &'static str, keys: Keys, values: Values<'a>) -> Result<KeyedValues<'a>> {
     let (keys, values) = values.flatten(operation, keys)?;
     KeyedValues::new(operation, keys, values)
@@ -238,7 +301,8 @@ pub trait KVStoreExt: KVStoreBase {
     /// # Errors
     /// As [`KVStoreBase::init_batch`], plus malformed argument lists.
     fn init<'a>(&self, keys: impl Into<Keys>, values: impl Into<Values<'a>>) -> Result<()> {
-        self.init_batch(&self::values("init", keys.into(), values.into())?)
+        let values = self::values("init", keys.into(), values.into())?;
+        with_host_values(self, &values, |v| self.init_batch(v))
     }
 
     /// Pushes values (MXNet's `kv.push(key, value)`), priority 0.
@@ -259,7 +323,8 @@ pub trait KVStoreExt: KVStoreBase {
         values: impl Into<Values<'a>>,
         priority: i32,
     ) -> Result<()> {
-        self.push_batch(&self::values("push", keys.into(), values.into())?, priority)
+        let values = self::values("push", keys.into(), values.into())?;
+        with_host_values(self, &values, |v| self.push_batch(v, priority))
     }
 
     /// Pulls values into `outs` (MXNet's `kv.pull(key, out)`), skipping row-sparse outputs.
@@ -280,11 +345,8 @@ pub trait KVStoreExt: KVStoreBase {
         outs: impl Into<Outs<'a>>,
         priority: i32,
     ) -> Result<()> {
-        self.pull_batch(
-            &mut self::outs("pull", keys.into(), outs.into())?,
-            priority,
-            true,
-        )
+        let mut outs = self::outs("pull", keys.into(), outs.into())?;
+        with_host_outs(self, &mut outs, |o| self.pull_batch(o, priority, true))
     }
 
     /// `pull` with MXNet's `ignore_sparse` flag: with `false`, row-sparse outputs receive the
@@ -299,11 +361,10 @@ pub trait KVStoreExt: KVStoreBase {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        self.pull_batch(
-            &mut self::outs("pull", keys.into(), outs.into())?,
-            priority,
-            ignore_sparse,
-        )
+        let mut outs = self::outs("pull", keys.into(), outs.into())?;
+        with_host_outs(self, &mut outs, |o| {
+            self.pull_batch(o, priority, ignore_sparse)
+        })
     }
 
     /// Pushes `values` and pulls the result into `outs` (MXNet's `kv.pushpull(key, value, out)`).
@@ -333,7 +394,9 @@ pub trait KVStoreExt: KVStoreBase {
         let keys = keys.into();
         let values = self::values("pushpull", keys.clone(), values.into())?;
         let mut outs = self::outs("pushpull", keys, outs.into())?;
-        self.pushpull_batch(&values, &mut outs, priority)
+        with_host_values(self, &values, |v| {
+            with_host_outs(self, &mut outs, |o| self.pushpull_batch(v, o, priority))
+        })
     }
 
     /// `pushpull` with the result written back into the values (MXNet's `kv.pushpull(key, value)`).
@@ -346,7 +409,7 @@ pub trait KVStoreExt: KVStoreBase {
         values: impl Into<Outs<'a>>,
     ) -> Result<()> {
         let mut values = self::outs("pushpull", keys.into(), values.into())?;
-        self.pushpull_in_place_batch(&mut values, 0)
+        with_host_outs(self, &mut values, |v| self.pushpull_in_place_batch(v, 0))
     }
 
     /// Broadcasts rank 0's `values` into `outs` (MXNet's `kv.broadcast(key, value, out)`).
@@ -362,7 +425,9 @@ pub trait KVStoreExt: KVStoreBase {
         let keys = keys.into();
         let values = self::values("broadcast", keys.clone(), values.into())?;
         let mut outs = self::outs("broadcast", keys, outs.into())?;
-        self.broadcast_batch(&values, &mut outs, 0)
+        with_host_values(self, &values, |v| {
+            with_host_outs(self, &mut outs, |o| self.broadcast_batch(v, o, 0))
+        })
     }
 
     /// Pulls the rows `row_ids` of row-sparse values into `outs` (MXNet's
@@ -398,7 +463,23 @@ pub trait KVStoreExt: KVStoreBase {
                 }
             }
         };
-        self.row_sparse_pull_batch(&mut outs, &row_ids, 0)
+        // Row ids in device memory are read on the host.
+        let id_copies = row_ids
+            .iter()
+            .map(|ids| {
+                ids.device()
+                    .map(|_| ids.to_context(Context::Cpu))
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<NDArray>>>>()?;
+        let row_ids: Vec<&NDArray> = row_ids
+            .iter()
+            .zip(&id_copies)
+            .map(|(ids, copy)| copy.as_ref().unwrap_or(ids))
+            .collect();
+        with_host_outs(self, &mut outs, |o| {
+            self.row_sparse_pull_batch(o, &row_ids, 0)
+        })
     }
 
     /// Installs a custom updater closure `(key, merged_gradient, stored_value)`.

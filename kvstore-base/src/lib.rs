@@ -64,7 +64,10 @@ pub mod plugin;
 mod registry;
 mod store;
 
-pub use array::{Context, HostArray, HostElement, NDArray, RowSparse, StorageType};
+pub use array::{
+    device_backend, Context, DeviceBackend, DeviceBackendRegistration, DeviceMemory, HostArray,
+    HostElement, NDArray, RowSparse, StorageType,
+};
 pub use batch::{KeyGroup, KeyedOuts, KeyedValues};
 pub use capability::Capability;
 pub use dtype::{DType, Element};

@@ -202,6 +202,14 @@ pub trait KVStoreBase: Send + Sync + fmt::Debug + 'static {
         Err(self.unsupported("send_command_to_servers"))
     }
 
+    /// Whether the `*_batch` calls take arrays in device memory as they are. When false (the
+    /// default), [`KVStoreExt`](crate::KVStoreExt) stages them through host memory, as
+    /// MXNet's CPU stores do with GPU arrays: values are copied to the host before the call,
+    /// and outputs in device memory receive the host results after it.
+    fn handles_device_arrays(&self) -> bool {
+        false
+    }
+
     /// The [`Error::Unsupported`] error for `operation` on this store.
     fn unsupported(&self, operation: &'static str) -> Error {
         Error::Unsupported {

@@ -194,6 +194,7 @@
 #![deny(missing_docs)]
 
 mod compressed;
+pub mod device_memory;
 pub mod gpu;
 pub mod gpu_codec;
 mod optim;

@@ -1,9 +1,13 @@
 //! [`NDArray`]: the values a store keeps, receives and hands out.
 
 mod context;
+mod device;
 mod host;
 
+use std::sync::Arc;
+
 pub use context::{Context, StorageType};
+pub use device::{device_backend, DeviceBackend, DeviceBackendRegistration, DeviceMemory};
 use host::add_from_bytes;
 use host::{gather_rows, scatter_rows, with_host};
 pub(crate) use host::{host_bytes, host_bytes_mut};
@@ -20,7 +24,14 @@ use crate::{DType, Element, Error, Result};
 /// gradients travel.
 ///
 /// `Clone` is a deep copy: a store that keeps a clone never sees later writes to the caller's
-/// array.
+/// array. (An array in device memory is copied on its first write after a clone instead:
+/// the same guarantee, without a device copy that could fail inside `clone`.)
+///
+/// Arrays live on the host ([`Context::Cpu`]) or, when a device backend is linked
+/// (`kvstore-device`), in GPU memory ([`to_context`](NDArray::to_context),
+/// [`from_device`](NDArray::from_device)): dense, their host views ([`dense`](NDArray::dense),
+/// [`as_slice`](NDArray::as_slice), ...) are `None`, and [`to_vec`](NDArray::to_vec) and
+/// `to_context(Context::Cpu)` copy them to the host.
 ///
 /// ```
 /// use kvstore_base::{DType, NDArray};
@@ -39,10 +50,34 @@ pub struct NDArray {
     data: Data,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 enum Data {
     Dense(HostArray),
     RowSparse(RowSparse),
+    /// Dense, in device memory; shared by clones until one of them is written.
+    Device(Arc<dyn DeviceMemory>),
+}
+
+impl PartialEq for Data {
+    fn eq(&self, other: &Data) -> bool {
+        match (self, other) {
+            (Data::Dense(a), Data::Dense(b)) => a == b,
+            (Data::RowSparse(a), Data::RowSparse(b)) => a == b,
+            (Data::Device(a), Data::Device(b)) => {
+                a.context() == b.context()
+                    && matches!((a.to_host(), b.to_host()), (Ok(x), Ok(y)) if x == y)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The error of an operation that needs host data, on an array in device memory.
+fn on_device(what: &str, context: Context) -> Error {
+    Error::InvalidArgument(format!(
+        "{what} needs an array in host memory, this one is on {context}: copy it with \
+         to_context(Context::Cpu) first"
+    ))
 }
 
 /// The parts of a row-sparse array: its full shape, the sorted ids of the stored rows, and
@@ -184,7 +219,7 @@ impl NDArray {
         }
         let Data::Dense(host) = &mut self.data else {
             return Err(Error::InvalidArgument(
-                "bytes can only be added to a dense array".into(),
+                "bytes can only be added to a dense host array".into(),
             ));
         };
         with_host!(host, a => match a.as_slice_mut() {
@@ -237,7 +272,7 @@ impl NDArray {
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match &self.data {
             Data::Dense(host) => host_bytes(host),
-            Data::RowSparse(_) => None,
+            Data::RowSparse(_) | Data::Device(_) => None,
         }
     }
 
@@ -246,7 +281,7 @@ impl NDArray {
     pub fn as_bytes_mut(&mut self) -> Option<&mut [u8]> {
         match &mut self.data {
             Data::Dense(host) => host_bytes_mut(host),
-            Data::RowSparse(_) => None,
+            Data::RowSparse(_) | Data::Device(_) => None,
         }
     }
 
@@ -256,6 +291,37 @@ impl NDArray {
             context: Context::Cpu,
             data: Data::Dense(host),
         }
+    }
+
+    /// Wraps an array in device memory (made by a device backend).
+    pub fn from_device(memory: Box<dyn DeviceMemory>) -> NDArray {
+        NDArray {
+            context: memory.context(),
+            data: Data::Device(Arc::from(memory)),
+        }
+    }
+
+    /// The device memory of an array on a GPU, `None` for a host array.
+    pub fn device(&self) -> Option<&dyn DeviceMemory> {
+        match &self.data {
+            Data::Device(m) => Some(&**m),
+            _ => None,
+        }
+    }
+
+    /// The device memory of an array on a GPU, to write into (`None` for a host array). When
+    /// a clone shares it, this array first gets a copy of its own.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when that copy fails (the device out of memory).
+    pub fn device_mut(&mut self) -> Result<Option<&mut dyn DeviceMemory>> {
+        let Data::Device(m) = &mut self.data else {
+            return Ok(None);
+        };
+        if Arc::get_mut(m).is_none() {
+            *m = Arc::from(m.try_clone()?);
+        }
+        Ok(Arc::get_mut(m).map(|m| m as &mut dyn DeviceMemory))
     }
 
     /// A row-sparse array of `shape` whose rows `indices` hold `rows`; every other row is zero.
@@ -334,6 +400,7 @@ impl NDArray {
         match &self.data {
             Data::Dense(h) => h.dtype(),
             Data::RowSparse(r) => r.rows.dtype(),
+            Data::Device(m) => m.dtype(),
         }
     }
 
@@ -342,6 +409,7 @@ impl NDArray {
         match &self.data {
             Data::Dense(h) => h.shape(),
             Data::RowSparse(r) => &r.shape,
+            Data::Device(m) => m.shape(),
         }
     }
 
@@ -360,27 +428,28 @@ impl NDArray {
         self.context
     }
 
-    /// Dense or row-sparse.
+    /// Dense or row-sparse (arrays in device memory are dense).
     pub fn storage_type(&self) -> StorageType {
         match &self.data {
-            Data::Dense(_) => StorageType::Dense,
+            Data::Dense(_) | Data::Device(_) => StorageType::Dense,
             Data::RowSparse(_) => StorageType::RowSparse,
         }
     }
 
-    /// The host array of a dense array, `None` for a row-sparse one.
+    /// The host array of a dense host array, `None` for a row-sparse one or one in device
+    /// memory.
     pub fn dense(&self) -> Option<&HostArray> {
         match &self.data {
             Data::Dense(h) => Some(h),
-            Data::RowSparse(_) => None,
+            Data::RowSparse(_) | Data::Device(_) => None,
         }
     }
 
-    /// The host array of a dense array, mutably.
+    /// The host array of a dense host array, mutably.
     pub fn dense_mut(&mut self) -> Option<&mut HostArray> {
         match &mut self.data {
             Data::Dense(h) => Some(h),
-            Data::RowSparse(_) => None,
+            Data::RowSparse(_) | Data::Device(_) => None,
         }
     }
 
@@ -388,7 +457,15 @@ impl NDArray {
     pub fn as_row_sparse(&self) -> Option<&RowSparse> {
         match &self.data {
             Data::RowSparse(r) => Some(r),
-            Data::Dense(_) => None,
+            Data::Dense(_) | Data::Device(_) => None,
+        }
+    }
+
+    /// This array's elements in host memory: itself, or a copy of an array in device memory.
+    fn on_host(&self) -> Result<std::borrow::Cow<'_, NDArray>> {
+        match &self.data {
+            Data::Device(m) => Ok(std::borrow::Cow::Owned(NDArray::from_host(m.to_host()?))),
+            _ => Ok(std::borrow::Cow::Borrowed(self)),
         }
     }
 
@@ -414,12 +491,14 @@ impl NDArray {
             .and_then(|a| a.as_slice_mut())
     }
 
-    /// Every element in row-major order (row-sparse arrays are densified).
+    /// Every element in row-major order (row-sparse arrays are densified, arrays in device
+    /// memory copied to the host).
     ///
     /// # Errors
-    /// [`Error::DTypeMismatch`] when `T` is not the array's element type.
+    /// [`Error::DTypeMismatch`] when `T` is not the array's element type; [`Error::Device`]
+    /// when the copy from a device fails.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
-        let dense = self.to_dense();
+        let dense = self.on_host()?.to_dense();
         match dense.dense().and_then(T::host) {
             Some(a) => Ok(a.iter().copied().collect()),
             None => Err(Error::DTypeMismatch {
@@ -431,8 +510,14 @@ impl NDArray {
     }
 
     /// Every element converted to `f64`, in row-major order.
+    ///
+    /// # Panics
+    /// For an array in device memory, when copying it to the host fails (a failing device).
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        let dense = self.to_dense();
+        let dense = self
+            .on_host()
+            .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"))
+            .to_dense();
         let host = dense.dense().expect("to_dense returns a dense array");
         with_host!(host, a => a.iter().map(|x| x.to_f64()).collect())
     }
@@ -475,10 +560,10 @@ impl NDArray {
         Ok(())
     }
 
-    /// A dense copy (a plain clone for a dense array).
+    /// A dense copy (a plain clone for a dense array, host or device).
     pub fn to_dense(&self) -> NDArray {
         match &self.data {
-            Data::Dense(_) => self.clone(),
+            Data::Dense(_) | Data::Device(_) => self.clone(),
             Data::RowSparse(r) => {
                 let mut host = HostArray::full(&r.shape, 0.0, r.rows.dtype());
                 scatter_rows(&mut host, &r.indices, &r.rows, false);
@@ -499,6 +584,7 @@ impl NDArray {
         let host = match &self.data {
             Data::RowSparse(_) => return Ok(self.clone()),
             Data::Dense(h) => h,
+            Data::Device(_) => return Err(on_device("a row-sparse copy", self.context)),
         };
         if host.shape().is_empty() {
             return Err(Error::InvalidArgument(
@@ -555,6 +641,7 @@ impl NDArray {
                 let picked: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
                 rows = gather_rows(host, &picked);
             }
+            Data::Device(_) => return Err(on_device("retain_rows", self.context)),
             Data::RowSparse(r) => {
                 let (mut to, mut from) = (Vec::new(), Vec::new());
                 for (j, id) in ids.iter().enumerate() {
@@ -569,8 +656,22 @@ impl NDArray {
         NDArray::row_sparse(&shape, ids.to_vec(), &NDArray::from_host(rows))
     }
 
-    /// A copy with elements converted to `dtype` (MXNet's `astype`).
+    /// A copy with elements converted to `dtype` (MXNet's `astype`). An array in device
+    /// memory is cast on the host: unless `dtype` is its own (a plain clone), the copy is on
+    /// the host ([`to_context`](NDArray::to_context) moves it back).
+    ///
+    /// # Panics
+    /// For an array in device memory, when copying it to the host fails (a failing device).
     pub fn astype(&self, dtype: DType) -> NDArray {
+        if let Data::Device(m) = &self.data {
+            if m.dtype() == dtype {
+                return self.clone();
+            }
+            let host = m
+                .to_host()
+                .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"));
+            return NDArray::from_host(host.cast(dtype));
+        }
         let data = match &self.data {
             Data::Dense(h) => Data::Dense(h.cast(dtype)),
             Data::RowSparse(r) => Data::RowSparse(RowSparse {
@@ -578,6 +679,7 @@ impl NDArray {
                 indices: r.indices.clone(),
                 rows: r.rows.cast(dtype),
             }),
+            Data::Device(_) => unreachable!("handled above"),
         };
         NDArray {
             context: self.context,
@@ -585,16 +687,33 @@ impl NDArray {
         }
     }
 
-    /// A copy in `context` (MXNet's `as_in_context`).
+    /// A copy in `context` (MXNet's `as_in_context`): to the host, or into the memory of a
+    /// GPU through the linked device backend (dense arrays only).
     ///
     /// # Errors
-    /// [`Error::Device`] for a GPU context when no device backend provides GPU memory.
+    /// [`Error::Device`] for a GPU context when no device backend provides GPU memory, or when
+    /// the device fails; [`Error::InvalidArgument`] for a row-sparse array or one the backend
+    /// cannot hold (e.g. a dtype it does not support).
     pub fn to_context(&self, context: Context) -> Result<NDArray> {
         match context {
-            Context::Cpu => Ok(self.clone()),
-            Context::Gpu(id) => Err(Error::Device(format!(
-                "cannot place an array on gpu({id}): no device backend provides GPU memory in this build"
-            ))),
+            Context::Cpu => Ok(self.on_host()?.into_owned()),
+            Context::Gpu(_) if self.context == context => Ok(self.clone()),
+            Context::Gpu(id) => {
+                let backend = device_backend().ok_or_else(|| {
+                    Error::Device(format!(
+                        "cannot place an array on gpu({id}): no device backend provides GPU \
+                         memory in this build"
+                    ))
+                })?;
+                let host = self.on_host()?;
+                let Data::Dense(dense) = &host.data else {
+                    return Err(Error::InvalidArgument(format!(
+                        "a row-sparse array cannot be placed on gpu({id}); only dense arrays go \
+                         to device memory"
+                    )));
+                };
+                Ok(NDArray::from_device(backend.upload(dense, context)?))
+            }
         }
     }
 
@@ -612,10 +731,20 @@ impl NDArray {
                 found: src.shape().to_vec(),
             });
         }
+        let src = src.on_host()?;
+        let src = src.as_ref();
+        if let Some(dst) = self.device_mut()? {
+            let dense = src.to_dense();
+            let host = dense.dense().expect("a dense host array");
+            let mut cast = HostArray::full(host.shape(), 0.0, dst.dtype());
+            cast.assign_cast(host);
+            return dst.write_from_host(&cast);
+        }
         match &mut self.data {
+            Data::Device(_) => unreachable!("written above"),
             Data::Dense(dst) => match &src.data {
                 Data::Dense(s) => dst.assign_cast(s),
-                Data::RowSparse(_) => dst.assign_cast(src.to_dense().dense().expect("dense")),
+                _ => dst.assign_cast(src.to_dense().dense().expect("dense")),
             },
             Data::RowSparse(dst) => {
                 let sparse = src.to_row_sparse()?;
@@ -652,6 +781,11 @@ impl NDArray {
                 found: other.dtype(),
             });
         }
+        for array in [&*self, other] {
+            if let Data::Device(_) = array.data {
+                return Err(on_device("add_assign", array.context));
+            }
+        }
         let both_sparse = matches!(
             (&self.data, &other.data),
             (Data::RowSparse(_), Data::RowSparse(_))
@@ -663,6 +797,7 @@ impl NDArray {
         match &other.data {
             Data::Dense(src) => dst.add_same(src),
             Data::RowSparse(r) => scatter_rows(dst, &r.indices, &r.rows, true),
+            Data::Device(_) => unreachable!("refused above"),
         }
         if both_sparse {
             *self = self.to_row_sparse()?;

@@ -378,6 +378,16 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         peer_access_follows_the_driver,
     ),
     (
+        "ndarray::gpu_arrays_round_trip_and_copy_on_write",
+        false,
+        gpu_ndarrays_round_trip,
+    ),
+    (
+        "ndarray::gpu_arrays_through_create_match_host_arrays",
+        false,
+        gpu_ndarrays_through_stores,
+    ),
+    (
         "nccl::batches_and_all_reduce_pushpull_match_local",
         true,
         nccl_batches_match_local,
@@ -1132,6 +1142,120 @@ fn peer_access_follows_the_driver(info: &GpuInfo) -> TestResult {
     }
     if access.warning().is_some() != (access.enabled_pairs() < access.all_pairs()) {
         return Err(fail("the warning does not follow the missing pairs"));
+    }
+    Ok(())
+}
+
+/// `NDArray`s in GPU memory: to and from the host bit for bit, writes into a clone leave the
+/// original alone, float32 only.
+fn gpu_ndarrays_round_trip(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let host = host(&[3, 5], fdata(15, 4));
+    for d in &info.devices {
+        let gpu = host.to_context(Context::Gpu(d.ordinal))?;
+        if gpu.context() != Context::Gpu(d.ordinal) || gpu.dense().is_some() {
+            return Err(fail("a GPU array must report its GPU and no host view"));
+        }
+        if gpu.shape() != host.shape() || gpu.dtype() != DType::F32 {
+            return Err(fail("a GPU array keeps its shape and dtype"));
+        }
+        if gpu.to_context(Context::Cpu)? != host || gpu.to_vec::<f32>()? != host.to_vec::<f32>()? {
+            return Err(fail("the round trip through the GPU changed the values"));
+        }
+        // Copy on write: the clone gets its own memory at its first write.
+        let mut copy = gpu.clone();
+        copy.assign(&NDArray::zeros(&[3, 5], DType::F64))?;
+        if gpu.to_vec::<f32>()? != host.to_vec::<f32>()? || copy.to_vec::<f32>()? != vec![0.0; 15] {
+            return Err(fail("writing a clone of a GPU array changed the original"));
+        }
+        // Another GPU, and back.
+        let other = info.devices[(d.ordinal + 1) % info.devices.len()].ordinal;
+        if gpu.to_context(Context::Gpu(other))?.to_vec::<f32>()? != host.to_vec::<f32>()? {
+            return Err(fail("a copy to another GPU changed the values"));
+        }
+    }
+    let refused = NDArray::zeros(&[2], DType::F64).to_context(Context::Gpu(0));
+    if !matches!(refused, Err(kvstore_base::Error::InvalidArgument(_))) {
+        return Err(fail(format!(
+            "a float64 GPU array must be refused, got {refused:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Stores reached by name take `NDArray`s in GPU memory in every call (staged through host
+/// memory by the calling layer, as MXNet's CPU stores do): the results equal those of the
+/// same calls with host arrays, and the pushed arrays are left as they were.
+fn gpu_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let on_gpu = |a: &NDArray, i: usize| a.to_context(Context::Gpu(dev(info, i)));
+    for name in ["local", "device", "teststore"] {
+        let gpu_kv = create(name)?;
+        let host_kv = create(name)?;
+        let init = host(&[6], fdata(6, 1));
+        // MXNet's TestStore has no init: a broadcast stands for it.
+        let mut scratch = [on_gpu(&NDArray::zeros(&[6], DType::F32), 0)?];
+        if name == "teststore" {
+            gpu_kv.broadcast(3, &on_gpu(&init, 0)?, &mut scratch)?;
+            if scratch[0].to_vec::<f32>()? != init.to_vec::<f32>()? {
+                return Err(fail("teststore: a broadcast into a GPU array differs"));
+            }
+        } else {
+            gpu_kv.init(3, &on_gpu(&init, 0)?)?;
+            host_kv.init(3, &init)?;
+        }
+        let values: Vec<NDArray> = (0..3).map(|i| host(&[6], data(6, i))).collect();
+        let gpu_values = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| on_gpu(v, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut gpu_outs = vec![
+            on_gpu(&NDArray::zeros(&[6], DType::F32), 1)?,
+            NDArray::zeros(&[6], DType::F32),
+        ];
+        let mut host_outs = vec![NDArray::zeros(&[6], DType::F32); 2];
+        gpu_kv.pushpull(3, &gpu_values, &mut gpu_outs)?;
+        host_kv.pushpull(3, &values, &mut host_outs)?;
+        for (g, h) in gpu_outs.iter().zip(&host_outs) {
+            if g.to_vec::<f32>()? != h.to_vec::<f32>()? {
+                return Err(fail(format!(
+                    "{name}: a pushpull of GPU arrays differs from host arrays"
+                )));
+            }
+        }
+        if gpu_outs[0].context() != Context::Gpu(dev(info, 1)) {
+            return Err(fail(format!("{name}: the GPU output moved off its GPU")));
+        }
+        for (g, v) in gpu_values.iter().zip(&values) {
+            if g.to_vec::<f32>()? != v.to_vec::<f32>()? {
+                return Err(fail(format!("{name}: a pushed GPU array was changed")));
+            }
+        }
+        if name == "teststore" {
+            continue; // no pull
+        }
+        // In place, then a pull into GPU arrays.
+        let mut in_place = gpu_values.clone();
+        let mut host_in_place = values.clone();
+        gpu_kv.pushpull_in_place(3, &mut in_place)?;
+        host_kv.pushpull_in_place(3, &mut host_in_place)?;
+        let mut pulled = on_gpu(&NDArray::zeros(&[6], DType::F32), 2)?;
+        gpu_kv.pull(3, &mut pulled)?;
+        let mut host_pulled = NDArray::zeros(&[6], DType::F32);
+        host_kv.pull(3, &mut host_pulled)?;
+        if in_place[2].to_vec::<f32>()? != host_in_place[2].to_vec::<f32>()?
+            || pulled.to_vec::<f32>()? != host_pulled.to_vec::<f32>()?
+        {
+            return Err(fail(format!(
+                "{name}: in-place pushpull or pull of GPU arrays differs"
+            )));
+        }
+        if gpu_values[2].to_vec::<f32>()? != values[2].to_vec::<f32>()? {
+            return Err(fail(format!(
+                "{name}: an in-place pushpull wrote through a clone"
+            )));
+        }
     }
     Ok(())
 }

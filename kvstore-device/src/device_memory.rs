@@ -1,0 +1,96 @@
+//! GPU memory behind `kvstore-base`'s [`NDArray`]: [`DeviceArray`] is its
+//! [`DeviceMemory`], and linking this crate registers the backend that
+//! [`NDArray::to_context`] uses for `Context::Gpu(i)`. Dense float32 arrays only, as the
+//! GPU kernels.
+//!
+//! ```no_run
+//! use kvstore_base::{Context, DType, KVStoreExt, NDArray};
+//! use kvstore_device as _; // links the GPU backend
+//!
+//! # fn main() -> kvstore_base::Result<()> {
+//! let kv = kvstore_base::create("local")?;
+//! let grads = [
+//!     NDArray::ones(&[4], DType::F32).to_context(Context::Gpu(0))?,
+//!     NDArray::ones(&[4], DType::F32).to_context(Context::Gpu(0))?,
+//! ];
+//! let mut out = NDArray::zeros_in(&[4], DType::F32, Context::Gpu(0))?;
+//! kv.init(7, &NDArray::zeros(&[4], DType::F32))?;
+//! kv.pushpull(7, &grads, &mut out)?; // staged through host memory by `local`, as MXNet's
+//! assert_eq!(out.to_vec::<f32>()?, vec![2.0; 4]);
+//! # Ok(()) }
+//! ```
+
+use std::any::Any;
+
+use kvstore_base::{
+    Context, DType, DeviceBackend, DeviceMemory, Error, HostArray, NDArray, Result,
+};
+
+use crate::gpu::DeviceArray;
+
+impl DeviceMemory for DeviceArray {
+    fn context(&self) -> Context {
+        DeviceArray::context(self)
+    }
+
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        DeviceArray::shape(self)
+    }
+
+    fn to_host(&self) -> Result<HostArray> {
+        let host = DeviceArray::to_host(self)?;
+        Ok(host.dense().expect("to_host answers a dense array").clone())
+    }
+
+    fn write_from_host(&mut self, host: &HostArray) -> Result<()> {
+        self.copy_from_host(&NDArray::from_host(host.clone()))
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
+        let mut copy = DeviceArray::zeros(DeviceArray::shape(self), self.ordinal())?;
+        copy.copy_from(self)?;
+        Ok(Box::new(copy))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The backend [`NDArray::to_context`] uses for GPU contexts: float32 arrays uploaded with
+/// [`DeviceArray::from_host`].
+#[derive(Debug)]
+pub struct CudaBackend;
+
+impl DeviceBackend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "kvstore-device (CUDA)"
+    }
+
+    fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>> {
+        let Context::Gpu(ordinal) = context else {
+            return Err(Error::InvalidArgument(
+                "device memory is on a GPU, not cpu(0)".into(),
+            ));
+        };
+        let array = NDArray::from_host(host.clone());
+        Ok(Box::new(DeviceArray::from_host(&array, ordinal)?))
+    }
+}
+
+static CUDA_BACKEND: CudaBackend = CudaBackend;
+kvstore_base::register_device_backend!(CUDA_BACKEND);
+
+/// The [`DeviceArray`] of an [`NDArray`] in GPU memory made by this crate; `None` for a host
+/// array or another backend's memory.
+pub fn device_array(array: &NDArray) -> Option<&DeviceArray> {
+    array.device()?.as_any().downcast_ref()
+}
