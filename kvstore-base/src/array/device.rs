@@ -103,3 +103,175 @@ impl fmt::Debug for DeviceBackendRegistration {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Capability, Error, KVStoreBase, KVStoreExt, KeyedOuts, KeyedValues, NDArray};
+
+    /// "Device" memory that is host memory, to check `NDArray`'s device semantics without a
+    /// GPU.
+    #[derive(Debug, Clone)]
+    struct HostBacked {
+        context: Context,
+        host: HostArray,
+    }
+
+    impl DeviceMemory for HostBacked {
+        fn context(&self) -> Context {
+            self.context
+        }
+        fn dtype(&self) -> DType {
+            self.host.dtype()
+        }
+        fn shape(&self) -> &[usize] {
+            self.host.shape()
+        }
+        fn to_host(&self) -> Result<HostArray> {
+            Ok(self.host.clone())
+        }
+        fn write_from_host(&mut self, host: &HostArray) -> Result<()> {
+            self.host = host.clone();
+            Ok(())
+        }
+        fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
+            Ok(Box::new(self.clone()))
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    struct HostBackedBackend;
+
+    impl DeviceBackend for HostBackedBackend {
+        fn name(&self) -> &'static str {
+            "host-backed test memory"
+        }
+        fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>> {
+            Ok(Box::new(HostBacked {
+                context,
+                host: host.clone(),
+            }))
+        }
+    }
+
+    static BACKEND: HostBackedBackend = HostBackedBackend;
+    crate::register_device_backend!(BACKEND);
+
+    fn sample() -> NDArray {
+        NDArray::from_vec(&[2, 2], vec![1.0f32, 2.0, 3.0, 4.0]).unwrap()
+    }
+
+    #[test]
+    fn device_arrays_copy_to_and_from_the_host() {
+        let host = sample();
+        let gpu = host.to_context(Context::Gpu(1)).unwrap();
+        assert_eq!(gpu.context(), Context::Gpu(1));
+        assert!(gpu.dense().is_none() && gpu.as_slice::<f32>().is_none());
+        assert_eq!((gpu.shape(), gpu.dtype()), (&[2usize, 2][..], DType::F32));
+        assert_eq!(gpu.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(gpu.to_context(Context::Cpu).unwrap(), host);
+        assert_eq!(gpu, host.to_context(Context::Gpu(1)).unwrap());
+        assert_ne!(gpu, host.to_context(Context::Gpu(0)).unwrap());
+        assert_eq!(gpu.astype(DType::F64).to_vec::<f64>().unwrap()[3], 4.0);
+    }
+
+    #[test]
+    fn a_write_into_a_clone_leaves_the_original() {
+        let gpu = sample().to_context(Context::Gpu(0)).unwrap();
+        let mut copy = gpu.clone();
+        copy.assign(&NDArray::zeros(&[2, 2], DType::F64)).unwrap();
+        assert_eq!(copy.to_vec::<f32>().unwrap(), vec![0.0; 4]);
+        assert_eq!(gpu.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        // And into a host array from a device one.
+        let mut host = NDArray::zeros(&[2, 2], DType::F32);
+        host.assign(&gpu).unwrap();
+        assert_eq!(host, sample());
+    }
+
+    #[test]
+    fn host_only_operations_refuse_device_arrays_with_a_clear_error() {
+        let mut gpu = sample().to_context(Context::Gpu(0)).unwrap();
+        let err = gpu.add_assign(&sample()).unwrap_err().to_string();
+        assert!(
+            err.contains("gpu(0)") && err.contains("to_context"),
+            "{err}"
+        );
+        assert!(gpu.retain_rows(&[0]).is_err() && gpu.to_row_sparse().is_err());
+        assert!(gpu.add_bytes(&[0; 16]).is_err());
+        let rows = NDArray::row_sparse(&[3, 2], vec![1], &NDArray::ones(&[1, 2], DType::F32));
+        let err = rows.unwrap().to_context(Context::Gpu(0)).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
+
+    /// A store that sums with `add_assign`, which refuses device arrays: it only works on them
+    /// because `KVStoreExt` stages them through the host.
+    #[derive(Debug)]
+    struct Summing;
+
+    impl KVStoreBase for Summing {
+        fn type_name(&self) -> &str {
+            "summing"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn num_workers(&self) -> usize {
+            1
+        }
+        fn is_capable(&self, _: Capability) -> bool {
+            false
+        }
+        fn broadcast_batch(
+            &self,
+            _: &KeyedValues<'_>,
+            _: &mut KeyedOuts<'_>,
+            _: i32,
+        ) -> Result<()> {
+            Ok(())
+        }
+        fn pushpull_batch(
+            &self,
+            values: &KeyedValues<'_>,
+            outs: &mut KeyedOuts<'_>,
+            _: i32,
+        ) -> Result<()> {
+            for out in outs.outs_mut() {
+                let mut sum = NDArray::zeros(out.shape(), out.dtype());
+                for v in values.values() {
+                    sum.add_assign(v)?;
+                }
+                out.assign(&sum)?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stores_receive_device_arrays_staged_through_the_host() {
+        let values = [
+            sample().to_context(Context::Gpu(0)).unwrap(),
+            sample().to_context(Context::Gpu(1)).unwrap(),
+        ];
+        let mut outs = [
+            NDArray::zeros_in(&[2, 2], DType::F32, Context::Gpu(1)).unwrap(),
+            NDArray::zeros(&[2, 2], DType::F32),
+        ];
+        Summing.pushpull(5, &values, &mut outs).unwrap();
+        assert_eq!(outs[0].context(), Context::Gpu(1));
+        assert_eq!(outs[0].to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(outs[1].to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0, 8.0]);
+        // In place: the device arrays are read, then written.
+        let mut in_place = values.clone();
+        Summing.pushpull_in_place(5, &mut in_place).unwrap();
+        assert_eq!(
+            in_place[1].to_vec::<f32>().unwrap(),
+            vec![2.0, 4.0, 6.0, 8.0]
+        );
+        assert_eq!(values[1].to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+}

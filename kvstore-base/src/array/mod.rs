@@ -887,12 +887,6 @@ mod tests {
     }
 
     #[test]
-    fn gpu_context_is_an_error_without_a_device_backend() {
-        let err = NDArray::zeros_in(&[2], DType::F32, Context::Gpu(0)).unwrap_err();
-        assert!(matches!(err, Error::Device(_)));
-    }
-
-    #[test]
     fn to_vec_with_the_wrong_type_is_an_error() {
         let a = NDArray::ones(&[2], DType::F32);
         assert!(a.to_vec::<f64>().is_err());
