@@ -189,14 +189,16 @@ fn check_count(operation: &'static str, keys: &[Key], found: usize) -> Result<()
     }
 }
 
-/// Runs `call` with `values`, the arrays in device memory among them copied to the host
-/// unless `store` handles them.
-fn with_host_values<S: KVStoreBase + ?Sized, R>(
-    store: &S,
+/// Runs `call` with `values`, those in device memory replaced by copies in host memory (the
+/// others as they are): how a store that works on host memory takes device arrays.
+///
+/// # Errors
+/// A failed copy from a device, or `call`'s error.
+pub fn with_values_on_host<R>(
     values: &KeyedValues<'_>,
     call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
 ) -> Result<R> {
-    if store.handles_device_arrays() || values.values().iter().all(|v| v.device().is_none()) {
+    if values.values().iter().all(|v| v.device().is_none()) {
         return call(values);
     }
     let copies = values
@@ -213,14 +215,17 @@ fn with_host_values<S: KVStoreBase + ?Sized, R>(
     call(&KeyedValues::new("stage", values.keys().to_vec(), staged)?)
 }
 
-/// Runs `call` with `outs`, those in device memory replaced by host copies unless `store`
-/// handles them; once `call` succeeded, the copies are written back into them.
-fn with_host_outs<S: KVStoreBase + ?Sized, R>(
-    store: &S,
+/// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
+/// `call` succeeded, the copies are written back into them (nothing is written when it
+/// fails).
+///
+/// # Errors
+/// A failed copy to or from a device, or `call`'s error.
+pub fn with_outs_on_host<R>(
     outs: &mut KeyedOuts<'_>,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
-    if store.handles_device_arrays() || outs.outs().iter().all(|o| o.device().is_none()) {
+    if outs.outs().iter().all(|o| o.device().is_none()) {
         return call(outs);
     }
     // Copies, not zeros: an in-place pushpull reads them.
@@ -248,6 +253,30 @@ fn with_host_outs<S: KVStoreBase + ?Sized, R>(
         }
     }
     Ok(result)
+}
+
+/// [`with_values_on_host`] unless `store` handles device arrays.
+fn with_host_values<S: KVStoreBase + ?Sized, R>(
+    store: &S,
+    values: &KeyedValues<'_>,
+    call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+) -> Result<R> {
+    match store.handles_device_arrays() {
+        true => call(values),
+        false => with_values_on_host(values, call),
+    }
+}
+
+/// [`with_outs_on_host`] unless `store` handles device arrays.
+fn with_host_outs<S: KVStoreBase + ?Sized, R>(
+    store: &S,
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    match store.handles_device_arrays() {
+        true => call(outs),
+        false => with_outs_on_host(outs, call),
+    }
 }
 
 fn values<'a>(operation: &'static str, keys: Keys, values: Values<'a>) -> Result<KeyedValues<'a>> {
@@ -463,13 +492,13 @@ pub trait KVStoreExt: KVStoreBase {
                 }
             }
         };
-        // Row ids in device memory are read on the host.
+        // Row ids in device memory are read on the host, unless the store takes them.
+        let handled = self.handles_device_arrays();
         let id_copies = row_ids
             .iter()
-            .map(|ids| {
-                ids.device()
-                    .map(|_| ids.to_context(Context::Cpu))
-                    .transpose()
+            .map(|ids| match (handled, ids.device()) {
+                (false, Some(_)) => ids.to_context(Context::Cpu).map(Some),
+                _ => Ok(None),
             })
             .collect::<Result<Vec<Option<NDArray>>>>()?;
         let row_ids: Vec<&NDArray> = row_ids

@@ -21,6 +21,9 @@ use crate::placement::place;
 use crate::probe::{nccl_present, probe};
 use crate::sparse::{row_len, DeviceRowSparse};
 
+mod ndarrays;
+use ndarrays::any_on_device;
+
 /// How a store reduces the GPU values of a push.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -124,6 +127,23 @@ struct Source {
     send: PackedArray,
     /// Their copy on the merge GPU, when that is another GPU.
     recv: Option<PackedArray>,
+}
+
+impl GpuEntry {
+    /// An unplaced key holding `value` (dense or row-sparse, float32).
+    fn new(value: &NDArray) -> GpuEntry {
+        GpuEntry {
+            shape: value.shape().to_vec(),
+            row_sparse: value.storage_type() == StorageType::RowSparse,
+            initial: value.to_dense(),
+            merge_dev: None,
+            stored: None,
+            merge: None,
+            copies: Vec::new(),
+            state: Vec::new(),
+            sources: Vec::new(),
+        }
+    }
 }
 
 impl GpuState {
@@ -324,20 +344,7 @@ impl DeviceStore {
                 "duplicate init of key {key}"
             ))));
         }
-        state.keys.insert(
-            key,
-            GpuEntry {
-                shape: value.shape().to_vec(),
-                row_sparse,
-                initial: value.to_dense(),
-                merge_dev: None,
-                stored: None,
-                merge: None,
-                copies: Vec::new(),
-                state: Vec::new(),
-                sources: Vec::new(),
-            },
-        );
+        state.keys.insert(key, GpuEntry::new(value));
         Ok(())
     }
 
@@ -1468,15 +1475,24 @@ impl KVStoreBase for DeviceStore {
         }
     }
 
+    /// Takes `NDArray`s in GPU memory (this crate's) and reduces them on the GPUs.
+    fn handles_device_arrays(&self) -> bool {
+        true
+    }
+
     fn broadcast_batch(
         &self,
         values: &KeyedValues<'_>,
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        if any_on_device(values.values().iter().copied()) {
+            self.init_gpu_values(values)?;
+            return self.pull_routed(outs, priority, true);
+        }
         self.refuse_gpu_keys("broadcast", values.keys())?;
         self.refuse_sparse(values.values())?;
-        self.local.broadcast_batch(values, outs, priority)
+        kvstore_base::with_outs_on_host(outs, |o| self.local.broadcast_batch(values, o, priority))
     }
 
     fn pushpull_batch(
@@ -1485,7 +1501,18 @@ impl KVStoreBase for DeviceStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        if any_on_device(values.values().iter().copied()) {
+            outs.check_against("pushpull", values)?;
+            self.push_gpu_values("pushpull", values)?;
+            return self.pull_routed(outs, priority, true);
+        }
+        self.refuse_host_values_for_gpu_keys("pushpull", values.keys())?;
         self.refuse_sparse(values.values())?;
+        if self.pull_needs_routing(outs) {
+            outs.check_against("pushpull", values)?;
+            self.push_batch(values, priority)?;
+            return self.pull_routed(outs, priority, true);
+        }
         if self.compression_active() {
             outs.check_against("pushpull", values)?;
             return self.push_compressed("pushpull", values, Some(outs), priority);
@@ -1494,6 +1521,18 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        if any_on_device(values.outs().iter().map(|v| &**v)) {
+            {
+                let inputs = KeyedValues::new(
+                    "pushpull",
+                    values.keys().to_vec(),
+                    values.outs().iter().map(|v| &**v).collect(),
+                )?;
+                self.push_gpu_values("pushpull", &inputs)?;
+            }
+            return self.pull_routed(values, priority, true);
+        }
+        self.refuse_host_values_for_gpu_keys("pushpull", values.keys())?;
         if self.compression_active() {
             // The caller's arrays are only read until the sums are computed, then written by
             // the pull.
@@ -1518,12 +1557,19 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        if any_on_device(values.values().iter().copied()) {
+            return self.init_gpu_values(values);
+        }
         self.refuse_gpu_keys("init", values.keys())?;
         self.refuse_sparse(values.values())?;
         self.local.init_batch(values)
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        if any_on_device(values.values().iter().copied()) {
+            return self.push_gpu_values("push", values);
+        }
+        self.refuse_host_values_for_gpu_keys("push", values.keys())?;
         self.refuse_sparse(values.values())?;
         if self.compression_active() {
             return self.push_compressed("push", values, None, priority);
@@ -1542,6 +1588,9 @@ impl KVStoreBase for DeviceStore {
                 "nccl kvstore pull doesn't support ignore_sparse=False".into(),
             ));
         }
+        if self.pull_needs_routing(outs) {
+            return self.pull_routed(outs, priority, ignore_sparse);
+        }
         self.local.pull_batch(outs, priority, ignore_sparse)
     }
 
@@ -1554,7 +1603,23 @@ impl KVStoreBase for DeviceStore {
         if self.engine == Engine::Nccl {
             return Err(self.unsupported("row_sparse_pull"));
         }
-        self.local.row_sparse_pull_batch(outs, row_ids, priority)
+        // The GPU path of row-sparse keys is `row_sparse_pull_gpu`; here arrays in GPU memory
+        // go through the host.
+        let id_copies = row_ids
+            .iter()
+            .map(|ids| match ids.device() {
+                Some(_) => ids.to_context(kvstore_base::Context::Cpu).map(Some),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<Option<NDArray>>>>()?;
+        let row_ids: Vec<&NDArray> = row_ids
+            .iter()
+            .zip(&id_copies)
+            .map(|(ids, copy)| copy.as_ref().unwrap_or(ids))
+            .collect();
+        kvstore_base::with_outs_on_host(outs, |o| {
+            self.local.row_sparse_pull_batch(o, &row_ids, priority)
+        })
     }
 
     /// Also for GPU values: a new optimizer starts from fresh states and update counts, as

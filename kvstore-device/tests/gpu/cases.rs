@@ -12,7 +12,7 @@
 //! values are spread over every GPU.
 
 use kvstore_base::{
-    create, CompressionParams, DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec,
+    create, CompressionParams, DType, KVStoreBase, KVStoreExt, Key, NDArray, OptimizerSpec,
 };
 use kvstore_compression::Codec;
 use kvstore_device::{
@@ -386,6 +386,16 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         "ndarray::gpu_arrays_through_create_match_host_arrays",
         false,
         gpu_ndarrays_through_stores,
+    ),
+    (
+        "ndarray::device_store_reduces_gpu_arrays_on_the_gpu",
+        false,
+        |i| device_store_takes_gpu_ndarrays(i, Engine::Device),
+    ),
+    (
+        "ndarray::nccl_store_reduces_gpu_arrays_through_nccl",
+        true,
+        |i| device_store_takes_gpu_ndarrays(i, Engine::Nccl),
     ),
     (
         "nccl::batches_and_all_reduce_pushpull_match_local",
@@ -1256,6 +1266,102 @@ fn gpu_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
                 "{name}: an in-place pushpull wrote through a clone"
             )));
         }
+    }
+    Ok(())
+}
+
+/// The `device` (or `nccl`) store through `KVStoreBase` with `NDArray`s in GPU memory, against
+/// `local` with host arrays: a key initialised on the host moves to the GPUs at its first
+/// push of GPU arrays (placed: it has a merge GPU), pushes and pulls of several keys, sgd with
+/// momentum; then host pushes to it are refused and host pulls copy from the GPU.
+fn device_store_takes_gpu_ndarrays(info: &GpuInfo, engine: Engine) -> TestResult {
+    use kvstore_base::Context;
+    let name = if engine == Engine::Nccl {
+        "nccl"
+    } else {
+        "device"
+    };
+    let store = DeviceStore::new(name, engine, ReduceConfig::default());
+    let local = create("local")?;
+    let per_key = match engine {
+        Engine::Nccl => info.devices.len(),
+        Engine::Device => 3,
+    };
+    let lens = [40usize, 7];
+    // Key 0 from a host array, key 1 from a GPU array.
+    store.init(0i64, &host(&[lens[0]], fdata(lens[0], 50)))?;
+    store.init(
+        1i64,
+        &host(&[lens[1]], fdata(lens[1], 51)).to_context(Context::Gpu(dev(info, 1)))?,
+    )?;
+    for (k, &n) in lens.iter().enumerate() {
+        local.init(k as i64, &host(&[n], fdata(n, 50 + k)))?;
+    }
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    for round in 0..3 {
+        if round == 1 {
+            store.set_optimizer(&spec)?;
+            local.set_optimizer(&spec)?;
+        }
+        let (hosts, _) = key_values(info, &lens, per_key, |k, i| 5 * round + 2 * k + i)?;
+        let gpu_values: Vec<Vec<NDArray>> = hosts
+            .iter()
+            .map(|hs| {
+                hs.iter()
+                    .enumerate()
+                    .map(|(i, h)| h.to_context(Context::Gpu(dev(info, i))))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        let mut outs: Vec<Vec<NDArray>> = lens
+            .iter()
+            .map(|&n| {
+                (0..per_key)
+                    .map(|i| {
+                        NDArray::zeros(&[n], DType::F32).to_context(Context::Gpu(dev(info, i)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<_, _>>()?;
+        store.pushpull(&[0i64, 1], &gpu_values, &mut outs)?;
+        local.push(&[0i64, 1], &hosts)?;
+        for (k, os) in outs.iter().enumerate() {
+            let mut expected = NDArray::zeros(&[lens[k]], DType::F32);
+            local.pull(k as i64, &mut expected)?;
+            for o in os {
+                close(
+                    &o.to_vec::<f32>()?,
+                    &expected.to_vec::<f32>()?,
+                    1e-6,
+                    &format!("round {round}, key {k}"),
+                )?;
+            }
+        }
+    }
+    if !store.merge_devices().contains_key(&Key::from(0i64)) {
+        return Err(fail(
+            "the key initialised on the host was not placed on a GPU",
+        ));
+    }
+    // Host arrays: pulls copy from the GPU, pushes are refused.
+    let mut on_host = NDArray::zeros(&[lens[0]], DType::F64);
+    store.pull(0i64, &mut on_host)?;
+    let mut expected = NDArray::zeros(&[lens[0]], DType::F64);
+    local.pull(0i64, &mut expected)?;
+    close(
+        &on_host.astype(DType::F32).to_vec::<f32>()?,
+        &expected.astype(DType::F32).to_vec::<f32>()?,
+        1e-6,
+        "a host pull of a GPU key",
+    )?;
+    let refused = store.push(0i64, &host(&[lens[0]], fdata(lens[0], 9)));
+    if !refused
+        .as_ref()
+        .is_err_and(|e| e.to_string().contains("holds GPU values"))
+    {
+        return Err(fail(format!("a host push to a GPU key: {refused:?}")));
     }
     Ok(())
 }
