@@ -22,6 +22,13 @@
 //!     embedded `local` store, so `create("device")` works on any machine and behaves
 //!     exactly as `local` there (MXNet's `CommDevice` merges CPU values on the CPU too). The
 //!     conformance suite runs in full on it.
+//!   - `NDArray`s in GPU memory (`a.to_context(Context::Gpu(i))`: this crate registers the
+//!     backend behind `kvstore-base`'s `DeviceMemory`, see [`device_memory`]) go through
+//!     every `KVStoreBase` call to the GPU path below, as MXNet's `kv.push(k, [a_gpu0,
+//!     a_gpu1])`: a key initialised with a GPU array is a GPU key; one initialised with a host
+//!     array moves to the GPUs at its first push of GPU arrays (its value read from the
+//!     embedded host store); host pushes to a GPU key are then refused and host pulls copy
+//!     from the GPU. One call's values are all on GPUs or all on the host.
 //!   - GPU values are [`DeviceArray`]s (dense float32 in one GPU's memory) passed to
 //!     [`DeviceStore::init_gpu`], [`push_gpu`](DeviceStore::push_gpu) and
 //!     [`pull_gpu`](DeviceStore::pull_gpu), or for many keys at once
