@@ -170,6 +170,43 @@ fn unsupported(what: String) -> Error {
 /// Per-key update counts (`t`), as the CPU optimizer's bookkeeping.
 pub(crate) type Counts = BTreeMap<Key, u64>;
 
+/// What a push does with the sum of a GPU key's values.
+#[derive(Debug)]
+pub(crate) enum Update {
+    /// No optimizer or updater: the sum becomes the stored value.
+    Store,
+    /// An optimizer with GPU kernels (sgd, adam): run on the key's merge GPU.
+    Kernels(GpuOptimizer),
+    /// Any other optimizer, or a custom updater: the embedded host store's updater runs on
+    /// host copies of the sum and the weight (its states and state files then cover the GPU
+    /// keys too).
+    Host,
+}
+
+impl Update {
+    /// The update for the store's setting: `optimizer` (as set), `custom` (a custom updater).
+    pub(crate) fn for_setting(optimizer: Option<&OptimizerSpec>, custom: bool) -> Update {
+        match (optimizer, custom) {
+            (_, true) => Update::Host,
+            (None, false) => Update::Store,
+            (Some(spec), false) => GpuOptimizer::parse(spec).map_or(Update::Host, Update::Kernels),
+        }
+    }
+
+    /// The GPU optimizer, for [`Update::Kernels`].
+    pub(crate) fn kernels(&self) -> Option<&GpuOptimizer> {
+        match self {
+            Update::Kernels(opt) => Some(opt),
+            _ => None,
+        }
+    }
+
+    /// Whether the sum goes somewhere else than the stored value (a merge buffer).
+    pub(crate) fn takes_sum(&self) -> bool {
+        !matches!(self, Update::Store)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

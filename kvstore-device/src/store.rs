@@ -16,12 +16,13 @@ use kvstore_local::LocalStore;
 use crate::compressed::Compression;
 use crate::gpu::{cuda, DeviceArray, Runtime};
 use crate::gpu_codec::{self, PackedArray};
-use crate::optim::{Counts, GpuOptimizer};
+use crate::optim::{Counts, GpuOptimizer, Update};
 use crate::placement::place;
 use crate::probe::{nccl_present, probe};
 use crate::sparse::{row_len, DeviceRowSparse};
 
 mod ndarrays;
+mod states;
 use ndarrays::any_on_device;
 
 /// How a store reduces the GPU values of a push.
@@ -113,6 +114,9 @@ struct GpuEntry {
     /// Copies, on the merge GPU, of the pushed values that live on other GPUs.
     copies: Vec<DeviceArray>,
     state: Vec<CudaSlice<f32>>,
+    /// Optimizer states loaded from a file before the key was placed on a GPU: uploaded at
+    /// its first push.
+    loaded_state: Option<Vec<Vec<f32>>>,
     /// Compression buffers, per position of the pushed values.
     sources: Vec<Source>,
 }
@@ -141,6 +145,7 @@ impl GpuEntry {
             merge: None,
             copies: Vec::new(),
             state: Vec::new(),
+            loaded_state: None,
             sources: Vec::new(),
         }
     }
@@ -152,6 +157,7 @@ impl GpuState {
         self.counts.clear();
         for entry in self.keys.values_mut() {
             entry.state.clear();
+            entry.loaded_state = None;
         }
     }
 }
@@ -340,9 +346,7 @@ impl DeviceStore {
             Err(e) => !matches!(e.root(), Error::KeyNotInitialized),
         };
         if in_local || state.keys.contains_key(&key) {
-            return Err(at(Error::InvalidArgument(format!(
-                "duplicate init of key {key}"
-            ))));
+            return Err(at(Error::DuplicateInit));
         }
         state.keys.insert(key, GpuEntry::new(value));
         Ok(())
@@ -382,16 +386,7 @@ impl DeviceStore {
             }
         }
         // Checks, before any GPU work.
-        // (A custom updater leaves no optimizer; `check_push` refuses it.)
-        let optimizer = state
-            .optimizer
-            .as_ref()
-            .map(GpuOptimizer::parse)
-            .transpose()
-            .map_err(|e| match groups.first() {
-                Some((key, _)) => self.at("push", key)(e),
-                None => e,
-            })?;
+        let update = Update::for_setting(state.optimizer.as_ref(), state.custom_updater);
         let codec = self.gradient_compression();
         let mut nccl_set: Option<Vec<usize>> = state.nccl.as_ref().map(|c| c.ordinals.clone());
         let mut devs = Vec::with_capacity(groups.len());
@@ -417,18 +412,16 @@ impl DeviceStore {
                     key,
                     values,
                     key_devs,
-                    optimizer.as_ref(),
+                    &update,
                     codec,
                     &mut touched,
                 )
                 .map_err(self.at("push", key))
             })
             .and_then(|()| match self.engine {
-                Engine::Nccl => {
-                    self.queue_nccl_push(&mut state, &groups, optimizer.as_ref(), &mut touched)
-                }
+                Engine::Nccl => self.queue_nccl_push(&mut state, &groups, &update, &mut touched),
                 Engine::Device => groups.iter().try_for_each(|(key, values)| {
-                    self.queue_push(&mut state, key, values, optimizer.as_ref(), codec)
+                    self.queue_push(&mut state, key, values, &update, codec)
                         .map_err(self.at("push", key))
                 }),
             });
@@ -458,12 +451,6 @@ impl DeviceStore {
             "a GPU value",
             values.iter().map(|v| v.shape()),
         )?;
-        if state.custom_updater {
-            return Err(Error::InvalidArgument(
-                "a custom updater cannot run on GPU values; use set_optimizer with sgd or adam"
-                    .into(),
-            ));
-        }
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if self.engine == Engine::Nccl {
             // One value per GPU, always the same set of GPUs once NCCL is up (MXNet's rule),
@@ -517,7 +504,7 @@ impl DeviceStore {
         key: &Key,
         values: &[&DeviceArray],
         devs: &[usize],
-        optimizer: Option<&GpuOptimizer>,
+        update: &Update,
         codec: Option<Codec>,
         touched: &mut Vec<usize>,
     ) -> Result<()> {
@@ -530,13 +517,14 @@ impl DeviceStore {
             merge,
             copies,
             state: states,
+            loaded_state,
             sources,
             ..
         } = entry;
         let needs_merge = match (self.engine, codec) {
-            (Engine::Device, None) => optimizer.is_some() && values.len() > 1,
+            (Engine::Device, None) => update.takes_sum() && values.len() > 1,
             (Engine::Device, Some(_)) => true,
-            (Engine::Nccl, _) => optimizer.is_some(),
+            (Engine::Nccl, _) => update.takes_sum(),
         };
         if needs_merge {
             merge_buffer(merge, shape, dev)?;
@@ -553,8 +541,20 @@ impl DeviceStore {
             }
             (Engine::Nccl, _) => {}
         }
-        if let Some(opt) = optimizer {
+        if let Some(opt) = update.kernels() {
             let gpu = Runtime::get()?.gpu(dev)?;
+            if states.is_empty() {
+                if let Some(loaded) = loaded_state {
+                    for host in loaded.iter() {
+                        let uploaded = gpu
+                            .stream
+                            .clone_htod(&host[..])
+                            .map_err(cuda("copy to GPU"))?;
+                        states.push(uploaded);
+                    }
+                    *loaded_state = None;
+                }
+            }
             while states.len() < opt.state_len() {
                 let zeros = gpu
                     .stream
@@ -574,7 +574,7 @@ impl DeviceStore {
         &self,
         state: &mut GpuState,
         groups: &[(&Key, Vec<&DeviceArray>)],
-        optimizer: Option<&GpuOptimizer>,
+        update: &Update,
         touched: &mut Vec<usize>,
     ) -> Result<()> {
         let runtime = Runtime::get()?;
@@ -596,18 +596,18 @@ impl DeviceStore {
         comms.group(|| {
             for ((key, values), entry) in groups.iter().zip(entries.iter_mut()) {
                 let root = entry.merge_dev.expect("placed above");
-                let target = match optimizer {
-                    None => entry.stored.as_mut().expect("placed keys hold their value"),
-                    Some(_) => entry.merge.as_mut().ok_or_else(unreserved)?,
+                let target = match update {
+                    Update::Store => entry.stored.as_mut().expect("placed keys hold their value"),
+                    _ => entry.merge.as_mut().ok_or_else(unreserved)?,
                 };
                 nccl_reduce(comms, values, target).map_err(self.at("push", key))?;
                 touched.push(root);
             }
             Ok(())
         })?;
-        let Some(opt) = optimizer else {
+        if !update.takes_sum() {
             return Ok(());
-        };
+        }
         for ((key, _), entry) in groups.iter().zip(entries) {
             let gpu = runtime.gpu(entry.merge_dev.expect("placed above"))?;
             let GpuEntry {
@@ -618,8 +618,11 @@ impl DeviceStore {
             } = entry;
             let stored = stored.as_mut().expect("placed keys hold their value");
             let sum = &merge.as_ref().ok_or_else(unreserved)?.data;
-            optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum)
-                .map_err(self.at("push", key))?;
+            match update.kernels() {
+                Some(opt) => optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum),
+                None => self.host_update(key, stored, sum),
+            }
+            .map_err(self.at("push", key))?;
         }
         Ok(())
     }
@@ -631,7 +634,7 @@ impl DeviceStore {
         state: &mut GpuState,
         key: &Key,
         values: &[&DeviceArray],
-        optimizer: Option<&GpuOptimizer>,
+        update: &Update,
         codec: Option<Codec>,
     ) -> Result<()> {
         let runtime = Runtime::get()?;
@@ -650,12 +653,15 @@ impl DeviceStore {
         let stored = stored.as_mut().expect("placed keys hold their value");
         // What a reduced sum becomes: the optimizer's gradient, or the stored value.
         let mut apply = |sum: &CudaSlice<f32>| -> Result<()> {
-            match &optimizer {
-                None => gpu
+            match update {
+                Update::Store => gpu
                     .stream
                     .memcpy_dtod(sum, &mut stored.data)
                     .map_err(cuda("GPU copy")),
-                Some(opt) => optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum),
+                Update::Kernels(opt) => {
+                    optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum)
+                }
+                Update::Host => self.host_update(key, stored, sum),
             }
         };
         match (self.engine, codec) {
@@ -680,12 +686,12 @@ impl DeviceStore {
                         false => &copied.next().expect("one copy per remote value").data,
                     })
                     .collect();
-                match (&optimizer, srcs.as_slice()) {
+                match (update, srcs.as_slice()) {
                     // One value is the sum as it is.
                     (_, [value]) => apply(value)?,
                     // Without an optimizer the sum is written straight into the stored value.
-                    (None, _) => gpu.sum_sources(&mut stored.data, &srcs)?,
-                    (Some(_), _) => {
+                    (Update::Store, _) => gpu.sum_sources(&mut stored.data, &srcs)?,
+                    (_, _) => {
                         let merge = merge.as_mut().ok_or_else(unreserved)?;
                         gpu.sum_sources(&mut merge.data, &srcs)?;
                         apply(&merge.data)?;
@@ -1113,9 +1119,7 @@ impl DeviceStore {
     fn refuse_gpu_keys(&self, operation: &'static str, keys: &[Key]) -> Result<()> {
         let state = self.state();
         match keys.iter().find(|k| state.keys.contains_key(*k)) {
-            Some(k) => Err(self.at(operation, k)(Error::InvalidArgument(format!(
-                "duplicate init of key {k} (it holds GPU values)"
-            )))),
+            Some(k) => Err(self.at(operation, k)(Error::DuplicateInit)),
             None => Ok(()),
         }
     }
@@ -1188,6 +1192,22 @@ fn all_reduce_applies(
         && !value_gpus.is_empty()
         && value_gpus == out_gpus
         && value_gpus.windows(2).all(|w| w[0] != w[1])
+}
+
+impl DeviceStore {
+    /// Runs the embedded host store's updater (an optimizer without GPU kernels, or a custom
+    /// updater) on a GPU key: the sum and the weight copied to the host, the new weight copied
+    /// back (the stored value is unchanged when the updater fails).
+    fn host_update(&self, key: &Key, stored: &mut DeviceArray, sum: &CudaSlice<f32>) -> Result<()> {
+        let grad = NDArray::from_vec(stored.shape(), crate::gpu::download(sum)?)?;
+        let mut weight = stored.to_host()?;
+        if !self.local.run_updater(key, &grad, &mut weight)? {
+            return Err(Error::Device(
+                "the store's updater disappeared during a push".into(),
+            ));
+        }
+        stored.copy_from_host(&weight)
+    }
 }
 
 /// The error of a push whose buffers were not reserved first (a bug of this crate).
@@ -1506,7 +1526,11 @@ impl KVStoreBase for DeviceStore {
             self.push_gpu_values("pushpull", values)?;
             return self.pull_routed(outs, priority, true);
         }
-        self.refuse_host_values_for_gpu_keys("pushpull", values.keys())?;
+        if self.any_gpu_key(values.keys()) {
+            outs.check_against("pushpull", values)?;
+            self.push_host_values_with_gpu_keys("pushpull", values, priority)?;
+            return self.pull_routed(outs, priority, true);
+        }
         self.refuse_sparse(values.values())?;
         if self.pull_needs_routing(outs) {
             outs.check_against("pushpull", values)?;
@@ -1532,7 +1556,17 @@ impl KVStoreBase for DeviceStore {
             }
             return self.pull_routed(values, priority, true);
         }
-        self.refuse_host_values_for_gpu_keys("pushpull", values.keys())?;
+        if self.any_gpu_key(values.keys()) {
+            {
+                let inputs = KeyedValues::new(
+                    "pushpull",
+                    values.keys().to_vec(),
+                    values.outs().iter().map(|v| &**v).collect(),
+                )?;
+                self.push_host_values_with_gpu_keys("pushpull", &inputs, priority)?;
+            }
+            return self.pull_routed(values, priority, true);
+        }
         if self.compression_active() {
             // The caller's arrays are only read until the sums are computed, then written by
             // the pull.
@@ -1569,7 +1603,9 @@ impl KVStoreBase for DeviceStore {
         if any_on_device(values.values().iter().copied()) {
             return self.push_gpu_values("push", values);
         }
-        self.refuse_host_values_for_gpu_keys("push", values.keys())?;
+        if self.any_gpu_key(values.keys()) {
+            return self.push_host_values_with_gpu_keys("push", values, priority);
+        }
         self.refuse_sparse(values.values())?;
         if self.compression_active() {
             return self.push_compressed("push", values, None, priority);
@@ -1659,12 +1695,16 @@ impl KVStoreBase for DeviceStore {
         Ok(())
     }
 
+    /// Also the states of GPU keys (copied into the file the host store writes).
     fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
+        self.hand_gpu_states_to_host()?;
         self.local.save_optimizer_states(path, dump_optimizer)
     }
 
+    /// Also the states of GPU keys (copied to their GPUs).
     fn load_optimizer_states(&self, path: &Path) -> Result<()> {
-        self.local.load_optimizer_states(path)
+        self.local.load_optimizer_states(path)?;
+        self.take_gpu_states_from_host()
     }
 
     fn barrier(&self) -> Result<()> {

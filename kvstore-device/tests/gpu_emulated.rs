@@ -34,6 +34,8 @@ mod emulated_driver;
 mod emulator;
 #[path = "emulated_driver/faults.rs"]
 mod faults;
+#[path = "gpu/on_gpu.rs"]
+mod on_gpu;
 
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
@@ -81,6 +83,16 @@ fn trials(gpus: usize) -> Vec<Trial> {
     trials.extend(kvstore_test::trials(
         &format!("{prefix}::conformance_nccl"),
         Arc::new(|| kvstore_base::create("nccl")),
+    ));
+    // The suite again on `device`, its float32 arrays handed to the store in GPU memory. (Not
+    // on `nccl`: its one value per GPU of one fixed set, MXNet's rule, does not fit the
+    // suite's several values per key on few GPUs; `tests/gpu/cases.rs` covers its GPU path.)
+    trials.extend(kvstore_test::trials(
+        &format!("{prefix}::conformance_device_gpu_arrays"),
+        Arc::new(move || {
+            let store = kvstore_base::create("device")?;
+            Ok(Box::new(on_gpu::OnGpu::new(store, gpus)) as Box<dyn kvstore_base::KVStoreBase>)
+        }),
     ));
     trials.extend(faults::trials(&prefix));
     trials

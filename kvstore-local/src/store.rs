@@ -161,6 +161,37 @@ impl LocalStore {
     }
 
     /// Enters the store: callers queue at the gate by priority, then take the state.
+    /// Runs the installed updater (of [`set_optimizer`](KVStoreBase::set_optimizer) or
+    /// [`set_updater`](KVStoreBase::set_updater)) on `weight` with the gradient `grad`, as a
+    /// push to `key` would, without touching the store's own values: for a store that keeps
+    /// some keys elsewhere and shares this updater, its states and its state files (the
+    /// `device` store's GPU keys under an optimizer that has no GPU kernels). Answers whether
+    /// an updater is installed (`weight` is unchanged when not).
+    ///
+    /// # Errors
+    /// The updater's error.
+    pub fn run_updater(&self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<bool> {
+        let (_pass, mut state) = self.enter(0);
+        match &mut state.updater {
+            Some(updater) => updater.apply(key, grad, weight).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Runs `f` on the updater of the installed optimizer (`None` without one, or with a
+    /// custom updater): for a store sharing this updater that keeps optimizer states of its
+    /// own (the `device` store's GPU kernels), to hand them over around state files.
+    pub fn with_optimizer_updater<R>(
+        &self,
+        f: impl FnOnce(Option<&mut kvstore_optimizer::Updater>) -> R,
+    ) -> R {
+        let (_pass, mut state) = self.enter(0);
+        match &mut state.updater {
+            Some(UpdaterSlot::Optimizer(u)) => f(Some(u)),
+            _ => f(None),
+        }
+    }
+
     fn enter(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
         let pass = self.gate.enter(priority);
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -408,6 +408,37 @@ impl Updater {
         Ok(())
     }
 
+    /// How many times `key` has been updated (MXNet's `_index_update_count`), if it has been.
+    pub fn update_count(&self, key: &Key) -> Option<u64> {
+        self.optimizer.base().update_count(key)
+    }
+
+    /// Replaces the state of `key` (its arrays, in the optimizer's order and of its weight's
+    /// shape, and its update count): for a store that updated the key elsewhere (on a GPU)
+    /// and hands its state over before [`save_states`](Updater::save_states).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the number of arrays is not the optimizer's.
+    pub fn set_key_state(&mut self, key: &Key, arrays: Vec<NDArray>, count: u64) -> Result<()> {
+        if arrays.len() != self.optimizer.state_len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} keeps {} state array(s) per key, got {}",
+                self.optimizer.name(),
+                self.optimizer.state_len(),
+                arrays.len()
+            )));
+        }
+        self.states.insert(
+            key.clone(),
+            KeyState {
+                master: None,
+                arrays,
+            },
+        );
+        self.optimizer.base_mut().set_count(key.clone(), count);
+        Ok(())
+    }
+
     /// Serialises the states of every key, and with `dump_optimizer` the optimizer too (its
     /// spec, update counts, `num_update` and scheduler position), so that a later
     /// [`Updater::load_states`] resumes the learning-rate schedule.

@@ -79,9 +79,7 @@ impl DeviceStore {
         values.check_one_value_per_key(self.type_name(), "init")?;
         for (key, _) in &batch {
             if self.is_initialised(key)? {
-                return Err(self.at("init", key)(Error::InvalidArgument(format!(
-                    "duplicate init of key {key}"
-                ))));
+                return Err(self.at("init", key)(Error::DuplicateInit));
             }
         }
         let hosts = batch
@@ -144,19 +142,81 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Refuses host values for GPU keys (their value lives on the GPUs).
-    pub(super) fn refuse_host_values_for_gpu_keys(
+    /// Whether one of `keys` is a GPU key.
+    pub(super) fn any_gpu_key(&self, keys: &[Key]) -> bool {
+        let state = self.state();
+        keys.iter().any(|k| state.keys.contains_key(k))
+    }
+
+    /// A push of host `values` some of whose keys are GPU keys: the values of GPU keys are
+    /// checked (dense float32 of the key's shape, with the errors `local` gives), copied to the
+    /// key's merge GPU (gpu(0) before it is placed; on `nccl`, the `j`-th value of a key to the
+    /// `j`-th GPU of the communicators) and pushed on the GPUs, as MXNet's
+    /// `CommDevice` copies host sources to the merge GPU; the values of host keys are pushed
+    /// first, by the host path. Nothing is pushed when a GPU key's value is refused.
+    pub(super) fn push_host_values_with_gpu_keys(
         &self,
         operation: &'static str,
-        keys: &[Key],
+        values: &KeyedValues<'_>,
+        priority: i32,
     ) -> Result<()> {
-        let state = self.state();
-        match keys.iter().find(|k| state.keys.contains_key(*k)) {
-            Some(key) => Err(self.at(operation, key)(Error::InvalidArgument(format!(
-                "key {key} holds GPU values: push GPU arrays to it"
-            )))),
-            None => Ok(()),
+        let mut gpu_pairs: Vec<(Key, NDArray)> = Vec::new();
+        let (mut host_keys, mut host_values) = (Vec::new(), Vec::new());
+        {
+            let state = self.state();
+            let mut seen: BTreeMap<Key, usize> = BTreeMap::new();
+            for (key, value) in values.iter() {
+                let Some(entry) = state.keys.get(key) else {
+                    host_keys.push(key.clone());
+                    host_values.push(value);
+                    continue;
+                };
+                let at = self.at(operation, key);
+                let position = seen.entry(key.clone()).or_insert(0);
+                let what = format!("value {position} of the key");
+                *position += 1;
+                if entry.row_sparse || value.storage_type() != StorageType::Dense {
+                    return Err(at(Error::InvalidArgument(format!(
+                        "{what}: GPU key {key} takes dense values here (row-sparse GPU keys: \
+                         push_gpu_row_sparse)"
+                    ))));
+                }
+                if value.shape() != entry.shape.as_slice() {
+                    return Err(at(Error::ShapeMismatch {
+                        what,
+                        expected: entry.shape.clone(),
+                        found: value.shape().to_vec(),
+                    }));
+                }
+                if value.dtype() != kvstore_base::DType::F32 {
+                    return Err(at(Error::DTypeMismatch {
+                        what,
+                        expected: kvstore_base::DType::F32,
+                        found: value.dtype(),
+                    }));
+                }
+                // `device`: the merge GPU; `nccl`: one value per GPU of its communicators.
+                let j = *position - 1;
+                let ordinal = match (self.engine, &state.nccl) {
+                    (Engine::Nccl, Some(comms)) => comms.ordinals[j % comms.ordinals.len()],
+                    (Engine::Nccl, None) => j % Runtime::get()?.len(),
+                    (Engine::Device, _) => entry.merge_dev.unwrap_or(0),
+                };
+                gpu_pairs.push((
+                    key.clone(),
+                    value.to_context(Context::Gpu(ordinal)).map_err(at)?,
+                ));
+            }
         }
+        if !host_keys.is_empty() {
+            self.push_batch(
+                &KeyedValues::new(operation, host_keys, host_values)?,
+                priority,
+            )?;
+        }
+        let (keys, arrays): (Vec<Key>, Vec<&NDArray>) =
+            gpu_pairs.iter().map(|(k, a)| (k.clone(), a)).unzip();
+        self.push_gpu_values(operation, &KeyedValues::new(operation, keys, arrays)?)
     }
 
     /// Whether a pull must go through [`pull_routed`](DeviceStore::pull_routed): an output

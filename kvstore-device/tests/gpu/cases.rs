@@ -1273,7 +1273,7 @@ fn gpu_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
 /// The `device` (or `nccl`) store through `KVStoreBase` with `NDArray`s in GPU memory, against
 /// `local` with host arrays: a key initialised on the host moves to the GPUs at its first
 /// push of GPU arrays (placed: it has a merge GPU), pushes and pulls of several keys, sgd with
-/// momentum; then host pushes to it are refused and host pulls copy from the GPU.
+/// momentum; then host pulls copy from the GPU and host pushes are copied to it.
 fn device_store_takes_gpu_ndarrays(info: &GpuInfo, engine: Engine) -> TestResult {
     use kvstore_base::Context;
     let name = if engine == Engine::Nccl {
@@ -1356,12 +1356,31 @@ fn device_store_takes_gpu_ndarrays(info: &GpuInfo, engine: Engine) -> TestResult
         1e-6,
         "a host pull of a GPU key",
     )?;
-    let refused = store.push(0i64, &host(&[lens[0]], fdata(lens[0], 9)));
-    if !refused
-        .as_ref()
-        .is_err_and(|e| e.to_string().contains("holds GPU values"))
-    {
-        return Err(fail(format!("a host push to a GPU key: {refused:?}")));
+    // Host values pushed to a GPU key are copied to the GPUs and reduced there (for nccl, one
+    // per GPU of its communicators).
+    let count = if engine == Engine::Nccl { per_key } else { 2 };
+    let pushed: Vec<NDArray> = (0..count)
+        .map(|i| host(&[lens[0]], fdata(lens[0], 9 + i)))
+        .collect();
+    store.push(0i64, &pushed)?;
+    local.push(0i64, &pushed)?;
+    let mut after = NDArray::zeros(&[lens[0]], DType::F32);
+    store.pull(0i64, &mut after)?;
+    local.pull(0i64, &mut expected)?;
+    close(
+        &after.to_vec::<f32>()?,
+        &expected.astype(DType::F32).to_vec::<f32>()?,
+        1e-6,
+        "host values pushed to a GPU key",
+    )?;
+    let refused = store.push(0i64, &NDArray::zeros(&[lens[0]], DType::F64));
+    if !matches!(
+        refused.as_ref().map_err(|e| e.root()),
+        Err(kvstore_base::Error::DTypeMismatch { .. })
+    ) {
+        return Err(fail(format!(
+            "a float64 host push to a GPU key: {refused:?}"
+        )));
     }
     Ok(())
 }
