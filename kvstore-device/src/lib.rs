@@ -84,9 +84,12 @@
 //!     added, as `local` sums row-sparse values; [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)
 //!     gathers the requested rows on the merge GPU ([`sparse`]'s kernels) and copies them to
 //!     each output's GPU. As on the CPU, an optimizer cannot update a row-sparse weight.
-//! - Limits of the GPU path: float32 only; custom updater closures,
-//!   optimizers other than sgd/adam, lr schedulers and per-key lr/wd multipliers are refused
-//!   for GPU values (they run for CPU values).
+//! - Optimizers on GPU keys: sgd and adam (constant learning rate, no per-key multipliers)
+//!   run as kernels on the merge GPU; any other optimizer or setting, and custom updater
+//!   closures, run through the embedded host store's updater on host copies of the sum and
+//!   the weight (slower, same results, one set of states). `save_optimizer_states` /
+//!   `load_optimizer_states` cover GPU keys too: kernel states are copied into (and out of)
+//!   the file the host store writes. GPU values are float32 only.
 //! - Limits of compression: dense float32 values only (float16, float64, integer and
 //!   row-sparse values are an error naming the key and the dtype; MXNet compresses float32
 //!   only); a failure of a CUDA call in the middle of a compressed GPU push can leave that

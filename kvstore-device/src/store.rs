@@ -359,8 +359,9 @@ impl DeviceStore {
     /// (`((d0 + d1) + d2) + ...`, bit-identical to the same push of CPU values).
     ///
     /// # Errors
-    /// [`Error::KeyNotInitialized`], shape mismatches, an empty list, an updater the GPU path
-    /// cannot run (a custom closure, an optimizer other than sgd/adam), [`Error::Device`].
+    /// [`Error::KeyNotInitialized`], shape mismatches, an empty list, the updater's error
+    /// (optimizers without GPU kernels and custom updaters run on host copies), and
+    /// [`Error::Device`].
     pub fn push_gpu(&self, key: impl Into<Key>, values: &[&DeviceArray]) -> Result<()> {
         self.push_gpu_batch(&[(key.into(), values)])
     }
