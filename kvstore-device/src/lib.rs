@@ -110,8 +110,10 @@
 //! steps against the `local` store, the row gather and scatter against `retain_rows` and
 //! `local`'s row-sparse sums.
 //!
-//! `tests/gpu_emulated.rs` runs the GPU checks (`tests/gpu/cases.rs`) and the conformance
-//! suite of `nccl` against an emulated CUDA driver, NCCL and NVRTC
+//! `tests/gpu_emulated.rs` runs the GPU checks (`tests/gpu/cases.rs`), the conformance suite
+//! of `nccl`, and the whole conformance suite again on `device` with its float32 arrays handed
+//! over in GPU memory (`tests/gpu/on_gpu.rs`: the GPU path through `KVStoreBase`), against an
+//! emulated CUDA driver, NCCL and NVRTC
 //! (`tests/emulated_driver/driver.cpp`, the kernels compiled in as C++), with one emulated GPU
 //! and with three: the host side of every GPU path (reduction, optimizers, compression,
 //! row-sparse keys, batches, NCCL reduce and broadcast, cudarc's streams, events and frees)
