@@ -19,6 +19,7 @@ use kvstore_device::{
     gpu_codec, DeviceArray, DeviceRowSparse, DeviceStore, Engine, GpuInfo, PackedArray,
 };
 use kvstore_local::reduce::ReduceConfig;
+use kvstore_test as _; // links `teststore`, which some checks create by name
 use libtest_mimic::Failed;
 
 /// What a check returns.
