@@ -54,6 +54,7 @@ installed; libnvrtc.so and libnccl.so on the loader path), from that folder:
   ./test-kernel_source        # NVRTC compiles every kernel (needs libnvrtc only); the
                               # compression kernels emulated on the CPU (needs a C++ compiler)
   ./test-conformance          # the conformance suite on device (CPU values)
+  ./test-conformance_gpu_arrays  # the conformance suite on device with GPU arrays
   ./test-conformance_nccl     # the conformance suite on nccl (needs a GPU and NCCL)
   ./test-cpu                  # probe and CPU-path checks
   ./test-compression          # gradient compression of CPU values

@@ -94,8 +94,8 @@ run() {
 tests="$out/tests.log"
 : > "$tests"
 # Cheapest and most telling first: the kernels compile, then the GPU results, then the rest.
-for name in test-kernel_source test-gpu test-conformance_nccl test-compression test-golden \
-            test-conformance test-cpu test-kvstore_device; do
+for name in test-kernel_source test-gpu test-conformance_gpu_arrays test-conformance_nccl \
+            test-compression test-golden test-conformance test-cpu test-kvstore_device; do
   run "$name" "$tests"
 done
 run gpu_bandwidth "$out/bandwidth.log"
