@@ -9,6 +9,15 @@ use std::collections::HashMap;
 
 use crate::{Error, Key, NDArray, Result};
 
+/// The error of a store that works on host memory given an array in device memory.
+fn on_device(store: &str, operation: &'static str, key: &Key, context: crate::Context) -> Error {
+    Error::InvalidArgument(format!(
+        "this store works on host arrays and this one is on {context}: call it through \
+         KVStoreExt (which copies device arrays to the host) or copy it with to_context"
+    ))
+    .at_key(store, operation, key.clone())
+}
+
 /// The input arrays of a call, each with its key.
 #[derive(Debug, Clone)]
 pub struct KeyedValues<'a> {
@@ -105,6 +114,18 @@ impl<'a> KeyedValues<'a> {
         self.keys.iter().zip(self.values.iter().copied())
     }
 
+    /// Refuses values in device memory, for a store that works on host memory and is called
+    /// directly (through [`KVStoreExt`](crate::KVStoreExt) they arrive staged on the host).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the store, the operation and the key.
+    pub fn check_on_host(&self, store: &str, operation: &'static str) -> Result<()> {
+        match self.iter().find(|(_, v)| v.device().is_some()) {
+            Some((key, v)) => Err(on_device(store, operation, key, v.context())),
+            None => Ok(()),
+        }
+    }
+
     /// The distinct keys, in order of first appearance, with the positions of their arrays.
     pub fn groups(&self) -> Vec<KeyGroup> {
         group(&self.keys)
@@ -173,6 +194,26 @@ impl<'a> KeyedOuts<'a> {
         &mut self,
     ) -> std::iter::Zip<std::slice::Iter<'_, Key>, std::slice::IterMut<'_, &'a mut NDArray>> {
         self.keys.iter().zip(self.outs.iter_mut())
+    }
+
+    /// Refuses outputs in device memory, for a store that works on host memory and is called
+    /// directly (through [`KVStoreExt`](crate::KVStoreExt) they arrive staged on the host).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the store, the operation and the key.
+    pub fn check_on_host(&self, store: &str, operation: &'static str) -> Result<()> {
+        match self.iter_on_device() {
+            Some((key, context)) => Err(on_device(store, operation, key, context)),
+            None => Ok(()),
+        }
+    }
+
+    fn iter_on_device(&self) -> Option<(&Key, crate::Context)> {
+        self.keys
+            .iter()
+            .zip(&self.outs)
+            .find(|(_, o)| o.device().is_some())
+            .map(|(k, o)| (k, o.context()))
     }
 
     /// The distinct keys, in order of first appearance, with the positions of their outputs.

@@ -1015,10 +1015,12 @@ impl KVStoreBase for BytePsStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        values.check_on_host(self.type_name(), "init")?;
         self.declare("init", values).map(drop)
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        values.check_on_host(self.type_name(), "push")?;
         self.push_pull("push", values, None, priority, false)
     }
 
@@ -1028,6 +1030,7 @@ impl KVStoreBase for BytePsStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
+        outs.check_on_host(self.type_name(), "pull")?;
         let _ = priority;
         self.pull_keys("pull", outs, ignore_sparse)
     }
@@ -1038,6 +1041,8 @@ impl KVStoreBase for BytePsStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
+        outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
         self.push_pull("pushpull", values, Some(outs), priority, false)
     }
@@ -1051,6 +1056,8 @@ impl KVStoreBase for BytePsStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "broadcast")?;
+        outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
         values.check_one_value_per_key(&self.name, "broadcast")?;
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {

@@ -325,6 +325,17 @@ impl DeviceStore {
     /// on the `nccl` store.
     pub fn init_gpu(&self, key: impl Into<Key>, value: &NDArray) -> Result<()> {
         let key = key.into();
+        // A value in GPU memory: its host copy is what the key holds until it is placed.
+        let on_host;
+        let value = match value.device() {
+            Some(_) => {
+                on_host = value
+                    .to_context(kvstore_base::Context::Cpu)
+                    .map_err(self.at("init", &key))?;
+                &on_host
+            }
+            None => value,
+        };
         let at = self.at("init", &key);
         if value.dtype() != kvstore_base::DType::F32 {
             return Err(at(Error::InvalidArgument(format!(

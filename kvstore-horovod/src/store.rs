@@ -797,6 +797,8 @@ impl KVStoreBase for HorovodStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
+        outs.check_on_host(self.type_name(), "pushpull")?;
         let _ = priority;
         let operation = "pushpull";
         outs.check_against(operation, values)?;
@@ -840,6 +842,8 @@ impl KVStoreBase for HorovodStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "broadcast")?;
+        outs.check_on_host(self.type_name(), "broadcast")?;
         let _ = priority;
         let operation = "broadcast";
         outs.check_against(operation, values)?;

@@ -416,6 +416,7 @@ impl KVStoreBase for LocalStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        values.check_on_host(self.type_name(), "init")?;
         let (_pass, mut state) = self.enter(0);
         self.check_init(&state, "init", values)?;
         self.do_init(&mut state, values);
@@ -423,6 +424,7 @@ impl KVStoreBase for LocalStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        values.check_on_host(self.type_name(), "push")?;
         let (_pass, mut state) = self.enter(priority);
         let groups = self.check_push(&state, "push", values)?;
         self.do_push(&mut state, values, &groups)
@@ -434,6 +436,7 @@ impl KVStoreBase for LocalStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
+        outs.check_on_host(self.type_name(), "pull")?;
         let (_pass, mut state) = self.enter(priority);
         self.check_pull(&state, "pull", outs)?;
         self.do_pull(&mut state, outs, ignore_sparse)
@@ -445,6 +448,8 @@ impl KVStoreBase for LocalStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
+        outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
         let (_pass, mut state) = self.enter(priority);
         let groups = self.check_push(&state, "pushpull", values)?;
@@ -454,6 +459,7 @@ impl KVStoreBase for LocalStore {
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
         let (_pass, mut state) = self.enter(priority);
         let inputs = KeyedValues::new(
             "pushpull",
@@ -472,6 +478,8 @@ impl KVStoreBase for LocalStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "broadcast")?;
+        outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
         let (_pass, mut state) = self.enter(priority);
         self.check_init(&state, "broadcast", values)?;
@@ -494,6 +502,7 @@ impl KVStoreBase for LocalStore {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
+        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         if row_ids.len() != outs.len() {
             return Err(Error::CountMismatch {
                 operation: "row_sparse_pull",

@@ -107,6 +107,8 @@ impl KVStoreBase for TestStore {
         outs: &mut KeyedOuts<'_>,
         _priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "broadcast")?;
+        outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
         values.check_one_value_per_key(NAME, "broadcast")?;
         write_all("broadcast", outs, |key| {
@@ -123,6 +125,8 @@ impl KVStoreBase for TestStore {
         outs: &mut KeyedOuts<'_>,
         _priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
+        outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
         let mut sums = Vec::new();
         for group in values.groups() {

@@ -1196,9 +1196,32 @@ fn gpu_ndarrays_round_trip(info: &GpuInfo) -> TestResult {
 
 /// Stores reached by name take `NDArray`s in GPU memory in every call (staged through host
 /// memory by the calling layer, as MXNet's CPU stores do): the results equal those of the
-/// same calls with host arrays, and the pushed arrays are left as they were.
+/// same calls with host arrays, and the pushed arrays are left as they were. A host store
+/// called directly (not through `KVStoreExt`) refuses them with an error.
 fn gpu_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
-    use kvstore_base::Context;
+    use kvstore_base::{Context, KeyedValues};
+    let direct = create("local")?;
+    direct.init(1, &NDArray::zeros(&[4], DType::F32))?;
+    let on_gpu0 = NDArray::ones(&[4], DType::F32).to_context(Context::Gpu(dev(info, 0)))?;
+    let batch = KeyedValues::new("push", vec![1.into(), 1.into()], vec![&on_gpu0, &on_gpu0])?;
+    match direct.push_batch(&batch, 0) {
+        Err(e) if e.to_string().contains("host arrays") => {}
+        other => {
+            return Err(fail(format!(
+                "a direct push of GPU arrays to local: {other:?}"
+            )))
+        }
+    }
+    // init_gpu with a GPU value keeps a host copy until the key is placed.
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init_gpu(1, &on_gpu0)?;
+    store.init(2, &on_gpu0)?;
+    store.push(2, &[on_gpu0.clone(), on_gpu0.clone()])?;
+    let mut out = NDArray::zeros(&[4], DType::F32).to_context(Context::Gpu(dev(info, 1)))?;
+    store.pull(1, &mut out)?;
+    if out.to_vec::<f32>()? != vec![1.0; 4] {
+        return Err(fail("a key initialised by init_gpu with a GPU value"));
+    }
     let on_gpu = |a: &NDArray, i: usize| a.to_context(Context::Gpu(dev(info, i)));
     for name in ["local", "device", "teststore"] {
         let gpu_kv = create(name)?;

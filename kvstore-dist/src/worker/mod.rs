@@ -623,10 +623,12 @@ impl KVStoreBase for DistStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        values.check_on_host(self.type_name(), "init")?;
         self.init_keys("init", values)
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        values.check_on_host(self.type_name(), "push")?;
         self.push_keys("push", values, None, priority)
     }
 
@@ -636,6 +638,7 @@ impl KVStoreBase for DistStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
+        outs.check_on_host(self.type_name(), "pull")?;
         self.pull_keys("pull", outs, ignore_sparse, priority)
     }
 
@@ -645,6 +648,8 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "pushpull")?;
+        outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
         self.push_keys("pushpull", values, Some(outs), priority)
     }
@@ -655,6 +660,8 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        values.check_on_host(self.type_name(), "broadcast")?;
+        outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let (_, value) = values
@@ -675,6 +682,7 @@ impl KVStoreBase for DistStore {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
+        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         let _ = priority;
         let operation = "row_sparse_pull";
         if row_ids.len() != outs.len() {
