@@ -1519,6 +1519,10 @@ impl KVStoreBase for DeviceStore {
         priority: i32,
     ) -> Result<()> {
         if any_on_device(values.values().iter().copied()) {
+            // Every check first: the outputs' keys, shapes and memory, then the new keys.
+            outs.check_against("broadcast", values)?;
+            let keys: BTreeSet<Key> = values.keys().iter().cloned().collect();
+            self.check_gpu_outs("broadcast", &keys, values, outs)?;
             self.init_gpu_values(values)?;
             return self.pull_routed(outs, priority, true);
         }
@@ -1533,21 +1537,15 @@ impl KVStoreBase for DeviceStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        if any_on_device(values.values().iter().copied()) {
-            outs.check_against("pushpull", values)?;
-            self.push_gpu_values("pushpull", values)?;
-            return self.pull_routed(outs, priority, true);
-        }
-        if self.any_gpu_key(values.keys()) {
-            outs.check_against("pushpull", values)?;
-            self.push_host_values_with_gpu_keys("pushpull", values, priority)?;
-            return self.pull_routed(outs, priority, true);
+        if any_on_device(values.values().iter().copied()) || self.any_gpu_key(values.keys()) {
+            return self.pushpull_routed(values, outs, priority);
         }
         self.refuse_sparse(values.values())?;
-        if self.pull_needs_routing(outs) {
-            outs.check_against("pushpull", values)?;
-            self.push_batch(values, priority)?;
-            return self.pull_routed(outs, priority, true);
+        if any_on_device(outs.outs().iter().map(|o| &**o)) {
+            // Host keys only: the host path, its outputs on GPUs staged.
+            return kvstore_base::with_outs_on_host(outs, |o| {
+                self.pushpull_batch(values, o, priority)
+            });
         }
         if self.compression_active() {
             outs.check_against("pushpull", values)?;
@@ -1557,27 +1555,13 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
-        if any_on_device(values.outs().iter().map(|v| &**v)) {
-            {
-                let inputs = KeyedValues::new(
-                    "pushpull",
-                    values.keys().to_vec(),
-                    values.outs().iter().map(|v| &**v).collect(),
-                )?;
-                self.push_gpu_values("pushpull", &inputs)?;
-            }
-            return self.pull_routed(values, priority, true);
-        }
-        if self.any_gpu_key(values.keys()) {
-            {
-                let inputs = KeyedValues::new(
-                    "pushpull",
-                    values.keys().to_vec(),
-                    values.outs().iter().map(|v| &**v).collect(),
-                )?;
-                self.push_host_values_with_gpu_keys("pushpull", &inputs, priority)?;
-            }
-            return self.pull_routed(values, priority, true);
+        if any_on_device(values.outs().iter().map(|v| &**v)) || self.any_gpu_key(values.keys()) {
+            // The values are read before the outputs (the same arrays) are written: copies
+            // (cheap for GPU arrays, shared until written).
+            let inputs: Vec<NDArray> = values.outs().iter().map(|v| (**v).clone()).collect();
+            let inputs =
+                KeyedValues::new("pushpull", values.keys().to_vec(), inputs.iter().collect())?;
+            return self.pushpull_routed(&inputs, values, priority);
         }
         if self.compression_active() {
             // The caller's arrays are only read until the sums are computed, then written by
@@ -1650,6 +1634,17 @@ impl KVStoreBase for DeviceStore {
     ) -> Result<()> {
         if self.engine == Engine::Nccl {
             return Err(self.unsupported("row_sparse_pull"));
+        }
+        {
+            let state = self.state();
+            if let Some(key) = outs.keys().iter().find(|k| state.keys.contains_key(*k)) {
+                return Err(self.at("row_sparse_pull", key)(Error::InvalidArgument(
+                    format!(
+                        "key {key} holds GPU values: pull it, or use row_sparse_pull_gpu for a \
+                     row-sparse GPU key"
+                    ),
+                )));
+            }
         }
         // The GPU path of row-sparse keys is `row_sparse_pull_gpu`; here arrays in GPU memory
         // go through the host.

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kvstore_base::{
-    Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, Result, StorageType, Updater,
+    Capability, CreateRequest, DType, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues,
+    NDArray, OptimizerSpec, Result, StorageType, Updater,
 };
 
 use crate::reduce::{broadcast_into, copy_dense, sum_into, ReduceConfig};
@@ -161,6 +161,18 @@ impl LocalStore {
     }
 
     /// Enters the store: callers queue at the gate by priority, then take the state.
+    /// The shape, dtype and storage type of the value of `key`, if the store holds it.
+    pub fn value_info(&self, key: &Key) -> Option<(Vec<usize>, DType, StorageType)> {
+        let (_pass, state) = self.enter(0);
+        state.entries.get(key).map(|e| {
+            (
+                e.value.shape().to_vec(),
+                e.value.dtype(),
+                e.value.storage_type(),
+            )
+        })
+    }
+
     /// Runs the installed updater (of [`set_optimizer`](KVStoreBase::set_optimizer) or
     /// [`set_updater`](KVStoreBase::set_updater)) on `weight` with the gradient `grad`, as a
     /// push to `key` would, without touching the store's own values: for a store that keeps

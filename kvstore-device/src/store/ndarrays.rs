@@ -122,12 +122,43 @@ impl DeviceStore {
         self.push_gpu_batch(&refs)
     }
 
+    /// Checks that the host store's `key` can move to the GPUs for GPU values of `shape`: a
+    /// dense float32 value of that shape.
+    fn check_adoptable(&self, operation: &'static str, key: &Key, shape: &[usize]) -> Result<()> {
+        let at = self.at(operation, key);
+        let (found, dtype, storage) = self
+            .local
+            .value_info(key)
+            .ok_or_else(|| self.at(operation, key)(Error::KeyNotInitialized))?;
+        if storage != StorageType::Dense {
+            return Err(at(Error::InvalidArgument(format!(
+                "key {key} holds a row-sparse value on the host: GPU arrays cannot be pushed to it"
+            ))));
+        }
+        if dtype != kvstore_base::DType::F32 {
+            return Err(at(Error::DTypeMismatch {
+                what: format!("a GPU value pushed to key {key}"),
+                expected: dtype,
+                found: kvstore_base::DType::F32,
+            }));
+        }
+        if found != shape {
+            return Err(at(Error::ShapeMismatch {
+                what: format!("a GPU value pushed to key {key}"),
+                expected: found,
+                found: shape.to_vec(),
+            }));
+        }
+        Ok(())
+    }
+
     /// Makes `key` a GPU key if the host store holds it (its current value, of `shape`, read
     /// from there). Nothing for a GPU key; [`Error::KeyNotInitialized`] for an unknown one.
     fn adopt(&self, operation: &'static str, key: &Key, shape: &[usize]) -> Result<()> {
         if self.state().keys.contains_key(key) {
             return Ok(());
         }
+        self.check_adoptable(operation, key, shape)?;
         let mut value = NDArray::zeros(shape, kvstore_base::DType::F32);
         self.local
             .pull(key.clone(), &mut value)
@@ -148,75 +179,88 @@ impl DeviceStore {
         keys.iter().any(|k| state.keys.contains_key(k))
     }
 
+    /// Checks host `values` for GPU keys (dense float32 of the key's shape, with the errors
+    /// `local` gives) and says where each goes: `(key, value, GPU)` for the pairs of GPU keys
+    /// (`device`: the key's merge GPU, gpu(0) before it is placed; `nccl`: the `j`-th value of
+    /// a key to the `j`-th GPU of the communicators), and the other pairs as they are.
+    #[allow(clippy::type_complexity)]
+    fn host_values_for_gpu_keys<'v>(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'v>,
+    ) -> Result<(Vec<(Key, &'v NDArray, usize)>, Vec<(Key, &'v NDArray)>)> {
+        let runtime = Runtime::get()?;
+        let state = self.state();
+        let (mut gpu_pairs, mut host_pairs) = (Vec::new(), Vec::new());
+        let mut seen: BTreeMap<Key, usize> = BTreeMap::new();
+        for (key, value) in values.iter() {
+            let Some(entry) = state.keys.get(key) else {
+                host_pairs.push((key.clone(), value));
+                continue;
+            };
+            let at = self.at(operation, key);
+            let position = seen.entry(key.clone()).or_insert(0);
+            let j = *position;
+            *position += 1;
+            let what = format!("value {j} of the key");
+            if entry.row_sparse || value.storage_type() != StorageType::Dense {
+                return Err(at(Error::InvalidArgument(format!(
+                    "{what}: GPU key {key} takes dense values here (row-sparse GPU keys: \
+                     push_gpu_row_sparse)"
+                ))));
+            }
+            if value.shape() != entry.shape.as_slice() {
+                return Err(at(Error::ShapeMismatch {
+                    what,
+                    expected: entry.shape.clone(),
+                    found: value.shape().to_vec(),
+                }));
+            }
+            if value.dtype() != kvstore_base::DType::F32 {
+                return Err(at(Error::DTypeMismatch {
+                    what,
+                    expected: kvstore_base::DType::F32,
+                    found: value.dtype(),
+                }));
+            }
+            let ordinal = match (self.engine, &state.nccl) {
+                (Engine::Nccl, Some(comms)) => comms.ordinals[j % comms.ordinals.len()],
+                (Engine::Nccl, None) => j % runtime.len(),
+                (Engine::Device, _) => entry.merge_dev.unwrap_or(0),
+            };
+            gpu_pairs.push((key.clone(), value, ordinal));
+        }
+        Ok((gpu_pairs, host_pairs))
+    }
+
     /// A push of host `values` some of whose keys are GPU keys: the values of GPU keys are
-    /// checked (dense float32 of the key's shape, with the errors `local` gives), copied to the
-    /// key's merge GPU (gpu(0) before it is placed; on `nccl`, the `j`-th value of a key to the
-    /// `j`-th GPU of the communicators) and pushed on the GPUs, as MXNet's
-    /// `CommDevice` copies host sources to the merge GPU; the values of host keys are pushed
-    /// first, by the host path. Nothing is pushed when a GPU key's value is refused.
+    /// checked ([`host_values_for_gpu_keys`](DeviceStore::host_values_for_gpu_keys)), copied
+    /// to the GPUs and checked as GPU pushes are, as MXNet's `CommDevice` copies host sources
+    /// to the merge GPU; then the host keys' pairs are pushed by the host path, then the GPU
+    /// keys' on the GPUs. A refused GPU pair leaves every key as it was.
     pub(super) fn push_host_values_with_gpu_keys(
         &self,
         operation: &'static str,
         values: &KeyedValues<'_>,
         priority: i32,
     ) -> Result<()> {
-        let mut gpu_pairs: Vec<(Key, NDArray)> = Vec::new();
-        let (mut host_keys, mut host_values) = (Vec::new(), Vec::new());
-        {
-            let state = self.state();
-            let mut seen: BTreeMap<Key, usize> = BTreeMap::new();
-            for (key, value) in values.iter() {
-                let Some(entry) = state.keys.get(key) else {
-                    host_keys.push(key.clone());
-                    host_values.push(value);
-                    continue;
-                };
-                let at = self.at(operation, key);
-                let position = seen.entry(key.clone()).or_insert(0);
-                let what = format!("value {position} of the key");
-                *position += 1;
-                if entry.row_sparse || value.storage_type() != StorageType::Dense {
-                    return Err(at(Error::InvalidArgument(format!(
-                        "{what}: GPU key {key} takes dense values here (row-sparse GPU keys: \
-                         push_gpu_row_sparse)"
-                    ))));
-                }
-                if value.shape() != entry.shape.as_slice() {
-                    return Err(at(Error::ShapeMismatch {
-                        what,
-                        expected: entry.shape.clone(),
-                        found: value.shape().to_vec(),
-                    }));
-                }
-                if value.dtype() != kvstore_base::DType::F32 {
-                    return Err(at(Error::DTypeMismatch {
-                        what,
-                        expected: kvstore_base::DType::F32,
-                        found: value.dtype(),
-                    }));
-                }
-                // `device`: the merge GPU; `nccl`: one value per GPU of its communicators.
-                let j = *position - 1;
-                let ordinal = match (self.engine, &state.nccl) {
-                    (Engine::Nccl, Some(comms)) => comms.ordinals[j % comms.ordinals.len()],
-                    (Engine::Nccl, None) => j % Runtime::get()?.len(),
-                    (Engine::Device, _) => entry.merge_dev.unwrap_or(0),
-                };
-                gpu_pairs.push((
-                    key.clone(),
-                    value.to_context(Context::Gpu(ordinal)).map_err(at)?,
-                ));
-            }
+        let (gpu_pairs, host_pairs) = self.host_values_for_gpu_keys(operation, values)?;
+        let uploaded = gpu_pairs
+            .iter()
+            .map(|(key, value, ordinal)| {
+                value
+                    .to_context(Context::Gpu(*ordinal))
+                    .map_err(self.at(operation, key))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let keys: Vec<Key> = gpu_pairs.iter().map(|(k, _, _)| k.clone()).collect();
+        let gpu_part = KeyedValues::new(operation, keys, uploaded.iter().collect())?;
+        self.check_gpu_push(operation, &gpu_part)?;
+        if !host_pairs.is_empty() {
+            let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = host_pairs.into_iter().unzip();
+            self.push_batch(&KeyedValues::new(operation, keys, arrays)?, priority)?;
         }
-        if !host_keys.is_empty() {
-            self.push_batch(
-                &KeyedValues::new(operation, host_keys, host_values)?,
-                priority,
-            )?;
-        }
-        let (keys, arrays): (Vec<Key>, Vec<&NDArray>) =
-            gpu_pairs.iter().map(|(k, a)| (k.clone(), a)).unzip();
-        self.push_gpu_values(operation, &KeyedValues::new(operation, keys, arrays)?)
+        self.push_gpu_values(operation, &gpu_part)
     }
 
     /// Whether a pull must go through [`pull_routed`](DeviceStore::pull_routed): an output
@@ -300,6 +344,10 @@ impl DeviceStore {
             self.pull_gpu_batch(&mut slices)?;
         }
         for (key, out) in to_host {
+            // As `local`: with `ignore_sparse`, row-sparse outputs are skipped.
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                continue;
+            }
             let value = self.gpu_key_on_host(&key)?;
             out.assign(&value).map_err(self.at("pull", &key))?;
         }
@@ -315,4 +363,168 @@ impl DeviceStore {
             None => Ok(entry.initial.clone()),
         }
     }
+}
+
+/// The pairs of a call split by where their key lives.
+struct Split<'v> {
+    gpu_keys: Vec<Key>,
+    gpu_values: Vec<&'v NDArray>,
+    host_keys: Vec<Key>,
+    host_values: Vec<&'v NDArray>,
+}
+
+impl DeviceStore {
+    /// The keys a push of `values` leaves on the GPUs: the GPU keys, and the keys that receive
+    /// GPU arrays (moved to the GPUs by the push).
+    fn gpu_bound_keys(&self, values: &KeyedValues<'_>) -> BTreeSet<Key> {
+        let state = self.state();
+        values
+            .iter()
+            .filter(|(k, v)| state.keys.contains_key(*k) || v.device().is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Checks the outputs of GPU-bound keys before any push: the shape of the key (of its
+    /// values for a key not on the GPUs yet) and GPU memory this crate made.
+    pub(super) fn check_gpu_outs(
+        &self,
+        operation: &'static str,
+        gpu_keys: &BTreeSet<Key>,
+        values: &KeyedValues<'_>,
+        outs: &KeyedOuts<'_>,
+    ) -> Result<()> {
+        let state = self.state();
+        for (key, out) in outs.keys().iter().zip(outs.outs()) {
+            if !gpu_keys.contains(key) {
+                continue;
+            }
+            let expected = match state.keys.get(key) {
+                Some(entry) => entry.shape.clone(),
+                None => match values.iter().find(|(k, _)| *k == key) {
+                    Some((_, v)) => v.shape().to_vec(),
+                    None => continue, // check_against names it
+                },
+            };
+            if out.shape() != expected.as_slice() {
+                return Err(self.at(operation, key)(Error::ShapeMismatch {
+                    what: format!("an output pulled from key {key}"),
+                    expected,
+                    found: out.shape().to_vec(),
+                }));
+            }
+            gpu_array(out).map_err(self.at(operation, key))?;
+        }
+        Ok(())
+    }
+
+    /// A `pushpull` that involves GPU arrays or GPU keys: every output and every value of the
+    /// GPU-bound keys checked first; then the host keys' pairs by the host path (one atomic
+    /// call); then the GPU-bound keys' push and pull. A refused call changes nothing.
+    pub(super) fn pushpull_routed(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        outs.check_against("pushpull", values)?;
+        let gpu_keys = self.gpu_bound_keys(values);
+        self.check_gpu_outs("pushpull", &gpu_keys, values, outs)?;
+        let split = split_values(values, &gpu_keys);
+        if !split.gpu_keys.is_empty() {
+            let gpu_part = KeyedValues::new("pushpull", split.gpu_keys.clone(), split.gpu_values)?;
+            self.check_gpu_push("pushpull", &gpu_part)?;
+        }
+        // The host keys: one call of the host path (its checks, then its work).
+        if !split.host_keys.is_empty() {
+            let host_part = KeyedValues::new("pushpull", split.host_keys, split.host_values)?;
+            let (mut keys, mut host_outs) = (Vec::new(), Vec::new());
+            for (key, out) in outs.iter_mut() {
+                if !gpu_keys.contains(key) {
+                    keys.push(key.clone());
+                    host_outs.push(&mut **out);
+                }
+            }
+            let mut host_outs = KeyedOuts::new("pushpull", keys, host_outs)?;
+            with_outs_on_host(&mut host_outs, |o| {
+                self.pushpull_batch(&host_part, o, priority)
+            })?;
+        }
+        if split.gpu_keys.is_empty() {
+            return Ok(());
+        }
+        let split = split_values(values, &gpu_keys);
+        let gpu_part = KeyedValues::new("pushpull", split.gpu_keys, split.gpu_values)?;
+        self.push_gpu_part("pushpull", &gpu_part, priority)?;
+        let (mut keys, mut gpu_outs) = (Vec::new(), Vec::new());
+        for (key, out) in outs.iter_mut() {
+            if gpu_keys.contains(key) {
+                keys.push(key.clone());
+                gpu_outs.push(&mut **out);
+            }
+        }
+        self.pull_routed(
+            &mut KeyedOuts::new("pushpull", keys, gpu_outs)?,
+            priority,
+            true,
+        )
+    }
+
+    /// Pushes the pairs of GPU-bound keys: GPU arrays, or host arrays for GPU keys.
+    fn push_gpu_part(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        if any_on_device(values.values().iter().copied()) {
+            self.push_gpu_values(operation, values)
+        } else {
+            self.push_host_values_with_gpu_keys(operation, values, priority)
+        }
+    }
+
+    /// Every check a push of the GPU-bound pairs `values` makes before its work: one kind of
+    /// array per call; GPU arrays of this crate, of the key's shape (the host value's for a
+    /// key that moves to the GPUs), by the store's rules (`nccl`: one per GPU of one set);
+    /// host arrays for GPU keys as [`push_host_values_with_gpu_keys`] checks them.
+    ///
+    /// [`push_host_values_with_gpu_keys`]: DeviceStore::push_host_values_with_gpu_keys
+    fn check_gpu_push(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        if !any_on_device(values.values().iter().copied()) {
+            return self.host_values_for_gpu_keys(operation, values).map(drop);
+        }
+        let batch = self.gpu_values(operation, values)?;
+        let state = self.state();
+        let nccl_set = state.nccl.as_ref().map(|c| c.ordinals.clone());
+        for (key, arrays) in &batch {
+            if state.keys.contains_key(key) {
+                self.check_push(&state, key, arrays, nccl_set.as_deref())
+                    .map_err(self.at(operation, key))?;
+            } else {
+                self.check_adoptable(operation, key, arrays[0].shape())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `values` split into the pairs of `gpu_keys` and the others, in call order.
+fn split_values<'v>(values: &KeyedValues<'v>, gpu_keys: &BTreeSet<Key>) -> Split<'v> {
+    let mut split = Split {
+        gpu_keys: Vec::new(),
+        gpu_values: Vec::new(),
+        host_keys: Vec::new(),
+        host_values: Vec::new(),
+    };
+    for (key, value) in values.iter() {
+        if gpu_keys.contains(key) {
+            split.gpu_keys.push(key.clone());
+            split.gpu_values.push(value);
+        } else {
+            split.host_keys.push(key.clone());
+            split.host_values.push(value);
+        }
+    }
+    split
 }

@@ -51,7 +51,17 @@ impl DeviceStore {
     /// Replaces the GPU optimizer states and update counts with those of the host store's
     /// updater (just loaded): a GPU key without state there starts afresh.
     pub(super) fn take_gpu_states_from_host(&self) -> Result<()> {
+        // A file that carries its optimizer replaced the host updater's: the GPU keys follow.
+        let loaded_spec = self
+            .local
+            .with_optimizer_updater(|u| u.map(|u| u.optimizer().base().spec().clone()));
         let mut state = self.state();
+        if let Some(spec) = loaded_spec {
+            if state.optimizer.as_ref() != Some(&spec) {
+                state.optimizer = Some(spec);
+                state.custom_updater = false;
+            }
+        }
         let Some(opt) = state
             .optimizer
             .as_ref()

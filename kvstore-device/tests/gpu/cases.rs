@@ -399,6 +399,16 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         |i| device_store_takes_gpu_ndarrays(i, Engine::Nccl),
     ),
     (
+        "ndarray::refused_calls_on_gpu_arrays_change_nothing",
+        false,
+        refused_gpu_ndarray_calls_change_nothing,
+    ),
+    (
+        "ndarray::state_files_with_their_optimizer_reach_gpu_keys",
+        false,
+        state_file_optimizer_reaches_gpu_keys,
+    ),
+    (
         "nccl::batches_and_all_reduce_pushpull_match_local",
         true,
         nccl_batches_match_local,
@@ -1404,6 +1414,120 @@ fn device_store_takes_gpu_ndarrays(info: &GpuInfo, engine: Engine) -> TestResult
     ) {
         return Err(fail(format!(
             "a float64 host push to a GPU key: {refused:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Calls on GPU arrays that are refused (a bad output, an output key without a value, a bad
+/// value for one key of several, a row-sparse host key) leave every key as it was.
+fn refused_gpu_ndarray_calls_change_nothing(info: &GpuInfo) -> TestResult {
+    use kvstore_base::{Context, Error};
+    let g = |v: f32, n: usize, i: usize| {
+        NDArray::full(&[n], f64::from(v), DType::F32).to_context(Context::Gpu(dev(info, i)))
+    };
+    let kv = create("device")?;
+    let value_of = |key: i64| -> Result<Vec<f32>, Failed> {
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        kv.pull(key, &mut out)?;
+        Ok(out.to_vec::<f32>()?)
+    };
+    kv.init(1, &g(1.0, 2, 0)?)?;
+    // A pushpull whose output has the wrong shape: nothing pushed.
+    let bad = kv.pushpull(1, &[g(7.0, 2, 0)?], &mut [g(0.0, 3, 1)?]);
+    if !matches!(
+        bad.as_ref().map_err(|e| e.root()),
+        Err(Error::ShapeMismatch { .. })
+    ) {
+        return Err(fail(format!("a pushpull into a wrong shape: {bad:?}")));
+    }
+    if value_of(1)? != vec![1.0; 2] {
+        return Err(fail("a refused pushpull changed the key"));
+    }
+    // A broadcast with an output key that has no value: no key initialised.
+    kv.init(9, &NDArray::full(&[2], 9.0, DType::F32))?;
+    let mut outs = [g(0.0, 2, 0)?, NDArray::zeros(&[2], DType::F32)];
+    let bad = kv.broadcast(&[5i64], &[g(5.0, 2, 0)?], &mut outs[..]);
+    if bad.is_ok() || value_of(5).is_ok() {
+        return Err(fail(format!(
+            "a broadcast with a stray output key: {bad:?}"
+        )));
+    }
+    // Host values for a host key and a GPU key, the GPU key's of the wrong dtype: nothing.
+    kv.init(2, &NDArray::full(&[2], 2.0, DType::F32))?;
+    let bad = kv.push(
+        &[2i64, 1],
+        [
+            &NDArray::full(&[2], 5.0, DType::F32),
+            &NDArray::full(&[2], 5.0, DType::F64),
+        ],
+    );
+    if !matches!(
+        bad.as_ref().map_err(|e| e.root()),
+        Err(Error::DTypeMismatch { .. })
+    ) {
+        return Err(fail(format!("a float64 value for a GPU key: {bad:?}")));
+    }
+    if value_of(2)? != vec![2.0; 2] || value_of(1)? != vec![1.0; 2] {
+        return Err(fail("a refused mixed push changed a key"));
+    }
+    // A row-sparse host key does not move to the GPUs; a GPU key has no row-sparse pull.
+    let rows = rsp(4, &[1], 3)?;
+    kv.init(3, &rows)?;
+    if kv
+        .push(
+            3,
+            &NDArray::zeros(&[4, 7], DType::F32).to_context(Context::Gpu(0))?,
+        )
+        .is_ok()
+    {
+        return Err(fail("GPU arrays pushed to a row-sparse host key"));
+    }
+    let mut picked = NDArray::row_sparse(&[4, 7], vec![], &NDArray::zeros(&[0, 7], DType::F32))?;
+    kv.row_sparse_pull(3, &mut picked, &NDArray::from_vec(&[1], vec![1i64])?)?;
+    if picked.to_vec::<f32>()? != rows.to_vec::<f32>()? {
+        return Err(fail("the row-sparse host key changed"));
+    }
+    let mut dense = NDArray::row_sparse(&[2], vec![], &NDArray::zeros(&[0], DType::F32))?;
+    if kv
+        .row_sparse_pull(1, &mut dense, &NDArray::from_vec(&[1], vec![0i64])?)
+        .is_ok()
+    {
+        return Err(fail("a row-sparse pull of a GPU key"));
+    }
+    Ok(())
+}
+
+/// A state file that carries its optimizer (`dump_optimizer`) replaces the optimizer of GPU
+/// keys too, as it does for host keys.
+fn state_file_optimizer_reaches_gpu_keys(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let path = std::env::temp_dir().join(format!("kvstore-gpu-states-{}", std::process::id()));
+    let first = create("device")?;
+    first.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.1))?;
+    first.save_optimizer_states(&path, true)?;
+    let second = create("device")?;
+    second.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 1.0))?;
+    let loaded = second.load_optimizer_states(&path);
+    let _ = std::fs::remove_file(&path);
+    loaded?;
+    let on_gpu = NDArray::zeros(&[3], DType::F32).to_context(Context::Gpu(dev(info, 0)))?;
+    second.init(1, &on_gpu)?;
+    second.init(2, &NDArray::zeros(&[3], DType::F32))?;
+    let grad = NDArray::ones(&[3], DType::F32);
+    second.push(1, &grad.to_context(Context::Gpu(dev(info, 0)))?)?;
+    second.push(2, &grad)?;
+    let (mut a, mut b) = (
+        NDArray::zeros(&[3], DType::F32),
+        NDArray::zeros(&[3], DType::F32),
+    );
+    second.pull(1, &mut a)?;
+    second.pull(2, &mut b)?;
+    if a.to_vec::<f32>()? != b.to_vec::<f32>()? || b.to_vec::<f32>()? != vec![-0.1f32; 3] {
+        return Err(fail(format!(
+            "after loading sgd lr 0.1: GPU key {:?}, host key {:?}",
+            a.to_vec::<f32>()?,
+            b.to_vec::<f32>()?
         )));
     }
     Ok(())
