@@ -324,42 +324,40 @@ impl DeviceStore {
     /// A key already initialised (CPU or GPU); a value that is not float32; a row-sparse value
     /// on the `nccl` store.
     pub fn init_gpu(&self, key: impl Into<Key>, value: &NDArray) -> Result<()> {
-        let key = key.into();
-        // A value in GPU memory: its host copy is what the key holds until it is placed.
-        let on_host;
-        let value = match value.device() {
-            Some(_) => {
-                on_host = value
-                    .to_context(kvstore_base::Context::Cpu)
-                    .map_err(self.at("init", &key))?;
-                &on_host
+        self.init_gpu_keys(&[(key.into(), value)])
+    }
+
+    /// [`init_gpu`](DeviceStore::init_gpu) of several keys at once: every key and value
+    /// checked, then all inserted under one lock (none when one is refused).
+    pub(crate) fn init_gpu_keys(&self, pairs: &[(Key, &NDArray)]) -> Result<()> {
+        let mut hosts = Vec::with_capacity(pairs.len());
+        for (key, value) in pairs {
+            let at = || self.at("init", key);
+            // A value in GPU memory: its host copy is what the key holds until it is placed.
+            let value = value.to_context(kvstore_base::Context::Cpu).map_err(at())?;
+            if value.dtype() != kvstore_base::DType::F32 {
+                return Err(at()(Error::InvalidArgument(format!(
+                    "GPU values are float32 for now, got a {} {} array",
+                    value.storage_type(),
+                    value.dtype()
+                ))));
             }
-            None => value,
-        };
-        let at = self.at("init", &key);
-        if value.dtype() != kvstore_base::DType::F32 {
-            return Err(at(Error::InvalidArgument(format!(
-                "GPU values are float32 for now, got a {} {} array",
-                value.storage_type(),
-                value.dtype()
-            ))));
-        }
-        crate::gpu::non_empty(value.shape()).map_err(self.at("init", &key))?;
-        let row_sparse = value.storage_type() == StorageType::RowSparse;
-        if row_sparse {
-            self.refuse_sparse(&[value])
-                .map_err(self.at("init", &key))?;
+            crate::gpu::non_empty(value.shape()).map_err(at())?;
+            if value.storage_type() == StorageType::RowSparse {
+                self.refuse_sparse(&[&value]).map_err(at())?;
+            }
+            hosts.push(value);
         }
         let mut state = self.state();
-        let mut probe_out = NDArray::zeros(value.shape(), value.dtype());
-        let in_local = match self.local.pull(key.clone(), &mut probe_out) {
-            Ok(()) => true,
-            Err(e) => !matches!(e.root(), Error::KeyNotInitialized),
-        };
-        if in_local || state.keys.contains_key(&key) {
-            return Err(at(Error::DuplicateInit));
+        for (i, (key, _)) in pairs.iter().enumerate() {
+            let twice = pairs[..i].iter().any(|(k, _)| k == key);
+            if twice || state.keys.contains_key(key) || self.local.value_info(key).is_some() {
+                return Err(self.at("init", key)(Error::DuplicateInit));
+            }
         }
-        state.keys.insert(key, GpuEntry::new(value));
+        for ((key, _), value) in pairs.iter().zip(hosts) {
+            state.keys.insert(key.clone(), GpuEntry::new(&value));
+        }
         Ok(())
     }
 

@@ -275,6 +275,12 @@ impl Updater {
     }
 
     fn check(&self, key: &Key, grad: &NDArray, weight: &NDArray) -> Result<()> {
+        if let Some(array) = [weight, grad].into_iter().find(|a| a.device().is_some()) {
+            return Err(Error::InvalidArgument(format!(
+                "the updater works on host arrays, this one is on {}: copy it with to_context",
+                array.context()
+            )));
+        }
         if weight.dense().is_none() {
             return Err(Error::InvalidArgument(
                 "row-sparse weights are not supported by the updater; store the weight dense"

@@ -75,35 +75,11 @@ impl DeviceStore {
     /// array), then each becomes a GPU key holding a host copy of its value until its first
     /// push places it.
     pub(super) fn init_gpu_values(&self, values: &KeyedValues<'_>) -> Result<()> {
-        let batch = self.gpu_values("init", values)?;
+        // All the call's values on GPUs (this crate's memory), one per key.
+        self.gpu_values("init", values)?;
         values.check_one_value_per_key(self.type_name(), "init")?;
-        for (key, _) in &batch {
-            if self.is_initialised(key)? {
-                return Err(self.at("init", key)(Error::DuplicateInit));
-            }
-        }
-        let hosts = batch
-            .iter()
-            .map(|(key, arrays)| arrays[0].to_host().map_err(self.at("init", key)))
-            .collect::<Result<Vec<_>>>()?;
-        for ((key, _), host) in batch.iter().zip(&hosts) {
-            self.init_gpu(key.clone(), host)?;
-        }
-        Ok(())
-    }
-
-    /// Whether `key` is initialised, on the GPUs or in the host store.
-    fn is_initialised(&self, key: &Key) -> Result<bool> {
-        if self.state().keys.contains_key(key) {
-            return Ok(true);
-        }
-        let mut probe = NDArray::zeros(&[], kvstore_base::DType::F32);
-        match self.local.pull(key.clone(), &mut probe) {
-            Ok(()) => Ok(true),
-            Err(e) if matches!(e.root(), Error::KeyNotInitialized) => Ok(false),
-            // Any other answer (a shape mismatch) means the key exists.
-            Err(_) => Ok(true),
-        }
+        let pairs: Vec<(Key, &NDArray)> = values.iter().map(|(k, v)| (k.clone(), v)).collect();
+        self.init_gpu_keys(&pairs)
     }
 
     /// `push` (and the push of `pushpull`) with GPU values: keys initialised on the host move
