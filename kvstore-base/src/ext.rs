@@ -201,18 +201,34 @@ pub fn with_values_on_host<R>(
     if values.values().iter().all(|v| v.device().is_none()) {
         return call(values);
     }
-    let copies = values
-        .values()
+    with_arrays_on_host(values.values(), |staged| {
+        call(&KeyedValues::new(
+            "stage",
+            values.keys().to_vec(),
+            staged.to_vec(),
+        )?)
+    })
+}
+
+/// Runs `call` with `arrays`, those in device memory replaced by copies in host memory (row
+/// ids, for instance).
+///
+/// # Errors
+/// A failed copy from a device, or `call`'s error.
+pub fn with_arrays_on_host<R>(
+    arrays: &[&NDArray],
+    call: impl FnOnce(&[&NDArray]) -> Result<R>,
+) -> Result<R> {
+    let copies = arrays
         .iter()
-        .map(|v| v.device().map(|_| v.to_context(Context::Cpu)).transpose())
+        .map(|a| a.device().map(|_| a.to_context(Context::Cpu)).transpose())
         .collect::<Result<Vec<Option<NDArray>>>>()?;
-    let staged = values
-        .values()
+    let staged: Vec<&NDArray> = arrays
         .iter()
         .zip(&copies)
-        .map(|(v, copy)| copy.as_ref().unwrap_or(v))
+        .map(|(a, copy)| copy.as_ref().unwrap_or(a))
         .collect();
-    call(&KeyedValues::new("stage", values.keys().to_vec(), staged)?)
+    call(&staged)
 }
 
 /// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
@@ -493,21 +509,11 @@ pub trait KVStoreExt: KVStoreBase {
             }
         };
         // Row ids in device memory are read on the host, unless the store takes them.
-        let handled = self.handles_device_arrays();
-        let id_copies = row_ids
-            .iter()
-            .map(|ids| match (handled, ids.device()) {
-                (false, Some(_)) => ids.to_context(Context::Cpu).map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<Vec<Option<NDArray>>>>()?;
-        let row_ids: Vec<&NDArray> = row_ids
-            .iter()
-            .zip(&id_copies)
-            .map(|(ids, copy)| copy.as_ref().unwrap_or(ids))
-            .collect();
-        with_host_outs(self, &mut outs, |o| {
-            self.row_sparse_pull_batch(o, &row_ids, 0)
+        if self.handles_device_arrays() {
+            return self.row_sparse_pull_batch(&mut outs, &row_ids, 0);
+        }
+        with_arrays_on_host(&row_ids, |ids| {
+            with_outs_on_host(&mut outs, |o| self.row_sparse_pull_batch(o, ids, 0))
         })
     }
 

@@ -72,7 +72,9 @@ pub use batch::{KeyGroup, KeyedOuts, KeyedValues};
 pub use capability::Capability;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use ext::{with_outs_on_host, with_values_on_host, Arrays, KVStoreExt, Outs, Values};
+pub use ext::{
+    with_arrays_on_host, with_outs_on_host, with_values_on_host, Arrays, KVStoreExt, Outs, Values,
+};
 pub use gate::{GatePass, PriorityGate};
 pub use key::{Key, Keys};
 pub use optimizer_spec::{OptimizerSpec, ParamValue};

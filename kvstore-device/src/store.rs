@@ -1646,20 +1646,10 @@ impl KVStoreBase for DeviceStore {
         }
         // The GPU path of row-sparse keys is `row_sparse_pull_gpu`; here arrays in GPU memory
         // go through the host.
-        let id_copies = row_ids
-            .iter()
-            .map(|ids| match ids.device() {
-                Some(_) => ids.to_context(kvstore_base::Context::Cpu).map(Some),
-                None => Ok(None),
+        kvstore_base::with_arrays_on_host(row_ids, |ids| {
+            kvstore_base::with_outs_on_host(outs, |o| {
+                self.local.row_sparse_pull_batch(o, ids, priority)
             })
-            .collect::<Result<Vec<Option<NDArray>>>>()?;
-        let row_ids: Vec<&NDArray> = row_ids
-            .iter()
-            .zip(&id_copies)
-            .map(|(ids, copy)| copy.as_ref().unwrap_or(ids))
-            .collect();
-        kvstore_base::with_outs_on_host(outs, |o| {
-            self.local.row_sparse_pull_batch(o, &row_ids, priority)
         })
     }
 
