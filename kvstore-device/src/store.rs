@@ -1116,6 +1116,12 @@ impl DeviceStore {
         stored.copy_from(sum)
     }
 
+    /// The keys held on the GPUs (initialised with GPU values, or moved there by a push of
+    /// GPU arrays), placed or not yet.
+    pub fn gpu_keys(&self) -> Vec<Key> {
+        self.state().keys.keys().cloned().collect()
+    }
+
     /// The GPU each placed GPU-valued key's merge buffer is on (placement is decided at the
     /// first push).
     pub fn merge_devices(&self) -> BTreeMap<Key, usize> {
@@ -1554,12 +1560,17 @@ impl KVStoreBase for DeviceStore {
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
         if any_on_device(values.outs().iter().map(|v| &**v)) || self.any_gpu_key(values.keys()) {
-            // The values are read before the outputs (the same arrays) are written: copies
-            // (cheap for GPU arrays, shared until written).
-            let inputs: Vec<NDArray> = values.outs().iter().map(|v| (**v).clone()).collect();
-            let inputs =
-                KeyedValues::new("pushpull", values.keys().to_vec(), inputs.iter().collect())?;
-            return self.pushpull_routed(&inputs, values, priority);
+            // The arrays are pushed, then written by the pull (the same arrays, so the pull's
+            // checks hold once the push's did).
+            {
+                let inputs = KeyedValues::new(
+                    "pushpull",
+                    values.keys().to_vec(),
+                    values.outs().iter().map(|v| &**v).collect(),
+                )?;
+                self.push_routed("pushpull", &inputs, priority)?;
+            }
+            return self.pull_routed(values, priority, true);
         }
         if self.compression_active() {
             // The caller's arrays are only read until the sums are computed, then written by
@@ -1594,11 +1605,8 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        if any_on_device(values.values().iter().copied()) {
-            return self.push_gpu_values("push", values);
-        }
-        if self.any_gpu_key(values.keys()) {
-            return self.push_host_values_with_gpu_keys("push", values, priority);
+        if any_on_device(values.values().iter().copied()) || self.any_gpu_key(values.keys()) {
+            return self.push_routed("push", values, priority);
         }
         self.refuse_sparse(values.values())?;
         if self.compression_active() {

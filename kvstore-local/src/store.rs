@@ -160,7 +160,6 @@ impl LocalStore {
         self.config
     }
 
-    /// Enters the store: callers queue at the gate by priority, then take the state.
     /// The shape, dtype and storage type of the value of `key`, if the store holds it.
     pub fn value_info(&self, key: &Key) -> Option<(Vec<usize>, DType, StorageType)> {
         let (_pass, state) = self.enter(0);
@@ -204,6 +203,7 @@ impl LocalStore {
         }
     }
 
+    /// Enters the store: callers queue at the gate by priority, then take the state.
     fn enter(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
         let pass = self.gate.enter(priority);
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);

@@ -89,6 +89,7 @@ impl DeviceStore {
         operation: &'static str,
         values: &KeyedValues<'_>,
     ) -> Result<()> {
+        self.check_gpu_push(operation, values)?;
         let batch = self.gpu_values(operation, values)?;
         for (key, arrays) in &batch {
             self.adopt(operation, key, arrays[0].shape())?;
@@ -207,36 +208,6 @@ impl DeviceStore {
             gpu_pairs.push((key.clone(), value, ordinal));
         }
         Ok((gpu_pairs, host_pairs))
-    }
-
-    /// A push of host `values` some of whose keys are GPU keys: the values of GPU keys are
-    /// checked ([`host_values_for_gpu_keys`](DeviceStore::host_values_for_gpu_keys)), copied
-    /// to the GPUs and checked as GPU pushes are, as MXNet's `CommDevice` copies host sources
-    /// to the merge GPU; then the host keys' pairs are pushed by the host path, then the GPU
-    /// keys' on the GPUs. A refused GPU pair leaves every key as it was.
-    pub(super) fn push_host_values_with_gpu_keys(
-        &self,
-        operation: &'static str,
-        values: &KeyedValues<'_>,
-        priority: i32,
-    ) -> Result<()> {
-        let (gpu_pairs, host_pairs) = self.host_values_for_gpu_keys(operation, values)?;
-        let uploaded = gpu_pairs
-            .iter()
-            .map(|(key, value, ordinal)| {
-                value
-                    .to_context(Context::Gpu(*ordinal))
-                    .map_err(self.at(operation, key))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let keys: Vec<Key> = gpu_pairs.iter().map(|(k, _, _)| k.clone()).collect();
-        let gpu_part = KeyedValues::new(operation, keys, uploaded.iter().collect())?;
-        self.check_gpu_push(operation, &gpu_part)?;
-        if !host_pairs.is_empty() {
-            let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = host_pairs.into_iter().unzip();
-            self.push_batch(&KeyedValues::new(operation, keys, arrays)?, priority)?;
-        }
-        self.push_gpu_values(operation, &gpu_part)
     }
 
     /// Whether a pull must go through [`pull_routed`](DeviceStore::pull_routed): an output
@@ -394,6 +365,91 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// The GPU-bound pairs of a call with every value on a GPU: GPU arrays as they are (shared,
+    /// not copied), host values for GPU keys checked and copied to their GPUs
+    /// ([`host_values_for_gpu_keys`](DeviceStore::host_values_for_gpu_keys)).
+    fn gpu_part_on_device(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+    ) -> Result<Vec<NDArray>> {
+        let (host_keys, host_values): (Vec<Key>, Vec<&NDArray>) = values
+            .iter()
+            .filter(|(_, v)| v.device().is_none())
+            .map(|(k, v)| (k.clone(), v))
+            .unzip();
+        let mut uploaded = Vec::new();
+        if !host_keys.is_empty() {
+            let host_part = KeyedValues::new(operation, host_keys, host_values)?;
+            let (gpu_pairs, others) = self.host_values_for_gpu_keys(operation, &host_part)?;
+            if let Some((key, _)) = others.first() {
+                return Err(self.at(operation, key)(Error::KeyNotInitialized));
+            }
+            for (key, value, ordinal) in gpu_pairs {
+                uploaded.push(
+                    value
+                        .to_context(Context::Gpu(ordinal))
+                        .map_err(self.at(operation, &key))?,
+                );
+            }
+        }
+        let mut uploaded = uploaded.into_iter();
+        values
+            .values()
+            .iter()
+            .map(|v| match v.device() {
+                Some(_) => Ok((*v).clone()),
+                None => uploaded.next().ok_or_else(|| {
+                    Error::Device("a host value of the call was not copied to a GPU".into())
+                }),
+            })
+            .collect()
+    }
+
+    /// A push that involves GPU arrays or GPU keys: the GPU-bound pairs brought onto the GPUs
+    /// and checked as `push_gpu_batch` checks them, then the host keys' pairs by the host path,
+    /// then the GPU-bound pairs. A refused call changes nothing.
+    pub(super) fn push_routed(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        let gpu_keys = self.gpu_bound_keys(values);
+        let split = split_values(values, &gpu_keys);
+        let gpu_part = self.checked_gpu_part(operation, &split)?;
+        if !split.host_keys.is_empty() {
+            let host_part = KeyedValues::new(operation, split.host_keys, split.host_values)?;
+            self.push_batch(&host_part, priority)?;
+        }
+        match gpu_part {
+            Some((keys, arrays)) => self.push_gpu_values(
+                operation,
+                &KeyedValues::new(operation, keys, arrays.iter().collect())?,
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// The GPU-bound pairs of `split` on the GPUs and checked (`None` without any).
+    fn checked_gpu_part(
+        &self,
+        operation: &'static str,
+        split: &Split<'_>,
+    ) -> Result<Option<(Vec<Key>, Vec<NDArray>)>> {
+        if split.gpu_keys.is_empty() {
+            return Ok(None);
+        }
+        let gpu_part =
+            KeyedValues::new(operation, split.gpu_keys.clone(), split.gpu_values.clone())?;
+        let arrays = self.gpu_part_on_device(operation, &gpu_part)?;
+        self.check_gpu_push(
+            operation,
+            &KeyedValues::new(operation, split.gpu_keys.clone(), arrays.iter().collect())?,
+        )?;
+        Ok(Some((split.gpu_keys.clone(), arrays)))
+    }
+
     /// A `pushpull` that involves GPU arrays or GPU keys: every output and every value of the
     /// GPU-bound keys checked first; then the host keys' pairs by the host path (one atomic
     /// call); then the GPU-bound keys' push and pull. A refused call changes nothing.
@@ -407,10 +463,7 @@ impl DeviceStore {
         let gpu_keys = self.gpu_bound_keys(values);
         self.check_gpu_outs("pushpull", &gpu_keys, values, outs)?;
         let split = split_values(values, &gpu_keys);
-        if !split.gpu_keys.is_empty() {
-            let gpu_part = KeyedValues::new("pushpull", split.gpu_keys.clone(), split.gpu_values)?;
-            self.check_gpu_push("pushpull", &gpu_part)?;
-        }
+        let gpu_part = self.checked_gpu_part("pushpull", &split)?;
         // The host keys: one call of the host path (its checks, then its work).
         if !split.host_keys.is_empty() {
             let host_part = KeyedValues::new("pushpull", split.host_keys, split.host_values)?;
@@ -426,12 +479,15 @@ impl DeviceStore {
                 self.pushpull_batch(&host_part, o, priority)
             })?;
         }
-        if split.gpu_keys.is_empty() {
+        let Some((keys, arrays)) = gpu_part else {
             return Ok(());
-        }
-        let split = split_values(values, &gpu_keys);
-        let gpu_part = KeyedValues::new("pushpull", split.gpu_keys, split.gpu_values)?;
-        self.push_gpu_part("pushpull", &gpu_part, priority)?;
+        };
+        self.push_gpu_values(
+            "pushpull",
+            &KeyedValues::new("pushpull", keys, arrays.iter().collect())?,
+        )?;
+        // The pushed arrays are let go before the pull writes (they may share its outputs).
+        drop(arrays);
         let (mut keys, mut gpu_outs) = (Vec::new(), Vec::new());
         for (key, out) in outs.iter_mut() {
             if gpu_keys.contains(key) {
@@ -446,39 +502,59 @@ impl DeviceStore {
         )
     }
 
-    /// Pushes the pairs of GPU-bound keys: GPU arrays, or host arrays for GPU keys.
-    fn push_gpu_part(
+    /// Every check a push of GPU arrays `values` makes before its work, as
+    /// [`push_gpu_batch`](DeviceStore::push_gpu_batch) makes them (one value per GPU and one
+    /// set of GPUs for `nccl`, carried across the call's keys), including keys that the push
+    /// moves to the GPUs (dense float32 of the values' shape on the host).
+    pub(super) fn check_gpu_push(
         &self,
         operation: &'static str,
         values: &KeyedValues<'_>,
-        priority: i32,
     ) -> Result<()> {
-        if any_on_device(values.values().iter().copied()) {
-            self.push_gpu_values(operation, values)
-        } else {
-            self.push_host_values_with_gpu_keys(operation, values, priority)
+        let mut grouped: BTreeMap<Key, Vec<&DeviceArray>> = BTreeMap::new();
+        for (key, arrays) in self.gpu_values(operation, values)? {
+            grouped.entry(key).or_default().extend(arrays);
         }
-    }
-
-    /// Every check a push of the GPU-bound pairs `values` makes before its work: one kind of
-    /// array per call; GPU arrays of this crate, of the key's shape (the host value's for a
-    /// key that moves to the GPUs), by the store's rules (`nccl`: one per GPU of one set);
-    /// host arrays for GPU keys as [`push_host_values_with_gpu_keys`] checks them.
-    ///
-    /// [`push_host_values_with_gpu_keys`]: DeviceStore::push_host_values_with_gpu_keys
-    fn check_gpu_push(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
-        if !any_on_device(values.values().iter().copied()) {
-            return self.host_values_for_gpu_keys(operation, values).map(drop);
-        }
-        let batch = self.gpu_values(operation, values)?;
         let state = self.state();
-        let nccl_set = state.nccl.as_ref().map(|c| c.ordinals.clone());
-        for (key, arrays) in &batch {
-            if state.keys.contains_key(key) {
-                self.check_push(&state, key, arrays, nccl_set.as_deref())
-                    .map_err(self.at(operation, key))?;
-            } else {
-                self.check_adoptable(operation, key, arrays[0].shape())?;
+        let mut nccl_set = state.nccl.as_ref().map(|c| c.ordinals.clone());
+        for (key, arrays) in &grouped {
+            let at = || self.at(operation, key);
+            let devs = match state.keys.contains_key(key) {
+                true => self
+                    .check_push(&state, key, arrays, nccl_set.as_deref())
+                    .map_err(at())?,
+                false => {
+                    let shape = arrays[0].shape();
+                    self.check_adoptable(operation, key, shape)?;
+                    check_pushed_shapes(
+                        key,
+                        shape,
+                        "a GPU value",
+                        arrays.iter().map(|a| a.shape()),
+                    )
+                    .map_err(at())?;
+                    let devs = distinct_gpus(arrays.iter().map(|a| a.ordinal())).map_err(at())?;
+                    if self.engine == Engine::Nccl {
+                        let mut sorted = devs.clone();
+                        sorted.sort_unstable();
+                        if devs.len() != arrays.len() {
+                            return Err(at()(Error::InvalidArgument(
+                                "the NCCL store takes one value per GPU".into(),
+                            )));
+                        }
+                        if nccl_set.as_ref().is_some_and(|set| *set != sorted) {
+                            return Err(at()(Error::InvalidArgument(
+                                "NCCL KVStore supports only single set of devices".into(),
+                            )));
+                        }
+                    }
+                    devs
+                }
+            };
+            if self.engine == Engine::Nccl && nccl_set.is_none() {
+                let mut sorted = devs;
+                sorted.sort_unstable();
+                nccl_set = Some(sorted);
             }
         }
         Ok(())

@@ -58,6 +58,8 @@ impl DeviceStore {
         let mut state = self.state();
         if let Some(spec) = loaded_spec {
             if state.optimizer.as_ref() != Some(&spec) {
+                // Another optimizer: the old one's GPU states and counts mean nothing to it.
+                state.reset_optimizer();
                 state.optimizer = Some(spec);
                 state.custom_updater = false;
             }

@@ -1495,6 +1495,40 @@ fn refused_gpu_ndarray_calls_change_nothing(info: &GpuInfo) -> TestResult {
     {
         return Err(fail("a row-sparse pull of a GPU key"));
     }
+    // Refused GPU pushes move no host key to the GPUs and push no host key's part.
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    store.init(
+        &["h", "a"],
+        [
+            &NDArray::ones(&[1], DType::F32),
+            &NDArray::ones(&[4], DType::F32),
+        ],
+    )?;
+    let bad_shapes = store.push(&["a", "a"], [&g(1.0, 4, 0)?, &g(1.0, 3, 1)?]);
+    let unknown = store.push(&["a", "zz"], [&g(1.0, 4, 0)?, &g(1.0, 4, 1)?]);
+    let mixed = store.pushpull(
+        &["h", "a", "a"],
+        [
+            &NDArray::full(&[1], 5.0, DType::F32),
+            &g(1.0, 4, 0)?,
+            &g(1.0, 3, 1)?,
+        ],
+        &mut [
+            NDArray::zeros(&[1], DType::F32),
+            NDArray::zeros(&[4], DType::F32),
+        ][..],
+    );
+    if bad_shapes.is_ok() || unknown.is_ok() || mixed.is_ok() || !store.gpu_keys().is_empty() {
+        return Err(fail(format!(
+            "refused pushes: {bad_shapes:?} {unknown:?} {mixed:?}, GPU keys {:?}",
+            store.gpu_keys()
+        )));
+    }
+    let mut h = NDArray::zeros(&[1], DType::F32);
+    store.pull("h", &mut h)?;
+    if h.to_vec::<f32>()? != vec![1.0] {
+        return Err(fail("a refused pushpull pushed its host key"));
+    }
     Ok(())
 }
 
