@@ -9,7 +9,7 @@
 //! |----------|------------------|------------------------------------------------|--------------|
 //! | `test`   | `kvstore-test`   | `teststore` (MXNet's `TestStore`)              | available    |
 //! | `local`  | `kvstore-local`  | `local`                                        | available    |
-//! | `device` | `kvstore-device` | `device`, `nccl`                               | CPU values; GPU code not yet run on a GPU |
+//! | `device` | `kvstore-device` | `device`, `nccl`                               | host and GPU arrays; checked on an emulated GPU, not yet on a real one |
 //! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
 //! | `byteps` | `kvstore-byteps` | `byteps`                                       | available    |
 //! | `horovod` | `kvstore-horovod` | `horovod`                                     | available    |
