@@ -455,12 +455,22 @@ impl DeviceStore {
                 "key {key} is row-sparse: push DeviceRowSparse values (push_gpu_row_sparse)"
             )));
         }
-        check_pushed_shapes(
-            key,
-            &entry.shape,
-            "a GPU value",
-            values.iter().map(|v| v.shape()),
-        )?;
+        self.check_gpu_values(key, &entry.shape, entry.merge_dev, values, nccl_set)
+    }
+
+    /// The checks of GPU values pushed to `key` of `shape` (merge GPU `merge_dev` once
+    /// placed): their shapes, their GPUs, and on `nccl` one value per GPU of one set
+    /// (`nccl_set` once known) that holds the merge GPU; returns the values' GPUs in
+    /// first-seen order.
+    fn check_gpu_values(
+        &self,
+        key: &Key,
+        shape: &[usize],
+        merge_dev: Option<usize>,
+        values: &[&DeviceArray],
+        nccl_set: Option<&[usize]>,
+    ) -> Result<Vec<usize>> {
+        check_pushed_shapes(key, shape, "a GPU value", values.iter().map(|v| v.shape()))?;
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if self.engine == Engine::Nccl {
             // One value per GPU, always the same set of GPUs once NCCL is up (MXNet's rule),
@@ -473,7 +483,7 @@ impl DeviceStore {
             let mut sorted = devs.clone();
             sorted.sort_unstable();
             let same_set = nccl_set.is_none_or(|set| set == sorted);
-            let root_in_set = entry.merge_dev.is_none_or(|d| sorted.contains(&d));
+            let root_in_set = merge_dev.is_none_or(|d| sorted.contains(&d));
             if !same_set || !root_in_set {
                 return Err(Error::InvalidArgument(
                     "NCCL KVStore supports only single set of devices".into(),
@@ -1133,8 +1143,7 @@ impl DeviceStore {
     }
 
     fn refuse_gpu_keys(&self, operation: &'static str, keys: &[Key]) -> Result<()> {
-        let state = self.state();
-        match keys.iter().find(|k| state.keys.contains_key(*k)) {
+        match self.first_gpu_key(keys) {
             Some(k) => Err(self.at(operation, k)(Error::DuplicateInit)),
             None => Ok(()),
         }
@@ -1152,6 +1161,15 @@ impl DeviceStore {
         }
         Ok(())
     }
+}
+
+/// The arrays of an in-place pushpull read as its values.
+fn as_values<'a>(arrays: &'a KeyedOuts<'_>) -> Result<KeyedValues<'a>> {
+    KeyedValues::new(
+        "pushpull",
+        arrays.keys().to_vec(),
+        arrays.outs().iter().map(|v| &**v).collect(),
+    )
 }
 
 /// The GPUs of `ordinals`, each once, in first-seen order; an error for one that does not
@@ -1526,7 +1544,7 @@ impl KVStoreBase for DeviceStore {
             // Every check first: the outputs' keys, shapes and memory, then the new keys.
             outs.check_against("broadcast", values)?;
             let keys: BTreeSet<Key> = values.keys().iter().cloned().collect();
-            self.check_gpu_outs("broadcast", &keys, values, outs)?;
+            self.check_gpu_outs("broadcast", &keys, Some(values), outs)?;
             self.init_gpu_values(values)?;
             return self.pull_routed(outs, priority, true);
         }
@@ -1562,14 +1580,7 @@ impl KVStoreBase for DeviceStore {
         if any_on_device(values.outs().iter().map(|v| &**v)) || self.any_gpu_key(values.keys()) {
             // The arrays are pushed, then written by the pull (the same arrays, so the pull's
             // checks hold once the push's did).
-            {
-                let inputs = KeyedValues::new(
-                    "pushpull",
-                    values.keys().to_vec(),
-                    values.outs().iter().map(|v| &**v).collect(),
-                )?;
-                self.push_routed("pushpull", &inputs, priority)?;
-            }
+            self.push_routed("pushpull", &as_values(values)?, priority)?;
             return self.pull_routed(values, priority, true);
         }
         if self.compression_active() {
@@ -1577,14 +1588,8 @@ impl KVStoreBase for DeviceStore {
             // the pull.
             let _pass = self.gate.enter(priority);
             let mut compression = self.compression();
-            let merged = {
-                let inputs = KeyedValues::new(
-                    "pushpull",
-                    values.keys().to_vec(),
-                    values.outs().iter().map(|v| &**v).collect(),
-                )?;
-                compression.merge(&inputs, self.local.type_name(), "pushpull")?
-            };
+            let merged =
+                compression.merge(&as_values(values)?, self.local.type_name(), "pushpull")?;
             {
                 let batch = merged.batch("pushpull")?;
                 self.local.pushpull_batch(&batch, values, priority)?;
@@ -1641,16 +1646,13 @@ impl KVStoreBase for DeviceStore {
         if self.engine == Engine::Nccl {
             return Err(self.unsupported("row_sparse_pull"));
         }
-        {
-            let state = self.state();
-            if let Some(key) = outs.keys().iter().find(|k| state.keys.contains_key(*k)) {
-                return Err(self.at("row_sparse_pull", key)(Error::InvalidArgument(
-                    format!(
-                        "key {key} holds GPU values: pull it, or use row_sparse_pull_gpu for a \
-                     row-sparse GPU key"
-                    ),
-                )));
-            }
+        if let Some(key) = self.first_gpu_key(outs.keys()) {
+            return Err(self.at("row_sparse_pull", key)(Error::InvalidArgument(
+                format!(
+                    "key {key} holds GPU values: pull it, or use row_sparse_pull_gpu for a \
+                 row-sparse GPU key"
+                ),
+            )));
         }
         // The GPU path of row-sparse keys is `row_sparse_pull_gpu`; here arrays in GPU memory
         // go through the host.

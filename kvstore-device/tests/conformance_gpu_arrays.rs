@@ -6,23 +6,14 @@
 #[path = "gpu/on_gpu.rs"]
 mod on_gpu;
 
-use std::sync::Arc;
-
-use kvstore_base::{create, Error, KVStoreBase};
 use kvstore_device::probe;
 use libtest_mimic::Arguments;
 
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
-    let gpus = probe().map(|info| info.devices.len());
-    let trials = kvstore_test::trials(
-        "device_gpu_arrays",
-        Arc::new(move || match &gpus {
-            Ok(gpus) => {
-                Ok(Box::new(on_gpu::OnGpu::new(create("device")?, *gpus)) as Box<dyn KVStoreBase>)
-            }
-            Err(e) => Err(Error::Device(e.to_string())),
-        }),
-    );
+    let gpus = probe()
+        .map(|info| info.devices.len())
+        .map_err(|e| e.to_string());
+    let trials = on_gpu::device_trials("device_gpu_arrays", gpus);
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -87,12 +87,9 @@ fn trials(gpus: usize) -> Vec<Trial> {
     // The suite again on `device`, its float32 arrays handed to the store in GPU memory. (Not
     // on `nccl`: its one value per GPU of one fixed set, MXNet's rule, does not fit the
     // suite's several values per key on few GPUs; `tests/gpu/cases.rs` covers its GPU path.)
-    trials.extend(kvstore_test::trials(
+    trials.extend(on_gpu::device_trials(
         &format!("{prefix}::conformance_device_gpu_arrays"),
-        Arc::new(move || {
-            let store = kvstore_base::create("device")?;
-            Ok(Box::new(on_gpu::OnGpu::new(store, gpus)) as Box<dyn kvstore_base::KVStoreBase>)
-        }),
+        Ok(gpus),
     ));
     trials.extend(faults::trials(&prefix));
     trials

@@ -469,6 +469,12 @@ impl NDArray {
         }
     }
 
+    /// [`on_host`](NDArray::on_host) for the infallible methods: a failing device panics.
+    fn on_host_or_panic(&self) -> std::borrow::Cow<'_, NDArray> {
+        self.on_host()
+            .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"))
+    }
+
     /// A typed view of a dense array; `None` for another dtype or a row-sparse array.
     pub fn view<T: Element>(&self) -> Option<ndarray::ArrayViewD<'_, T>> {
         self.dense().and_then(T::host).map(|a| a.view())
@@ -514,10 +520,7 @@ impl NDArray {
     /// # Panics
     /// For an array in device memory, when copying it to the host fails (a failing device).
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        let dense = self
-            .on_host()
-            .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"))
-            .to_dense();
+        let dense = self.on_host_or_panic().to_dense();
         let host = dense.dense().expect("to_dense returns a dense array");
         with_host!(host, a => a.iter().map(|x| x.to_f64()).collect())
     }
@@ -667,10 +670,7 @@ impl NDArray {
             if m.dtype() == dtype {
                 return self.clone();
             }
-            let host = m
-                .to_host()
-                .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"));
-            return NDArray::from_host(host.cast(dtype));
+            return self.on_host_or_panic().astype(dtype);
         }
         let data = match &self.data {
             Data::Dense(h) => Data::Dense(h.cast(dtype)),

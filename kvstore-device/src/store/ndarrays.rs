@@ -4,9 +4,10 @@
 //!
 //! A key initialised with a GPU array is a GPU key. A key initialised with a host array moves
 //! to the GPUs at its first push of GPU arrays (its value read from the host store), as
-//! MXNet's device store keeps a key's value on its merge GPU; from then on a push of host
-//! arrays to it is refused, and a pull into host arrays copies from the GPU. One call takes
-//! either host arrays or GPU arrays as values (outputs may mix both).
+//! MXNet's device store keeps a key's value on its merge GPU; from then on host arrays pushed
+//! to it are copied to its GPU, and a pull into host arrays copies from the GPU. A call's
+//! pairs are split by where their key lives: the host keys' go to the embedded host store,
+//! the GPU-bound keys' are all checked before either part runs.
 
 use kvstore_base::{with_outs_on_host, Context, KeyedOuts, KeyedValues};
 
@@ -82,14 +83,14 @@ impl DeviceStore {
         self.init_gpu_keys(&pairs)
     }
 
-    /// `push` (and the push of `pushpull`) with GPU values: keys initialised on the host move
-    /// to the GPUs first, then one [`push_gpu_batch`](DeviceStore::push_gpu_batch).
-    pub(super) fn push_gpu_values(
+    /// Pushes GPU values that [`check_gpu_push`](DeviceStore::check_gpu_push) accepted: keys
+    /// initialised on the host move to the GPUs first, then one
+    /// [`push_gpu_batch`](DeviceStore::push_gpu_batch).
+    fn push_checked_gpu_values(
         &self,
         operation: &'static str,
         values: &KeyedValues<'_>,
     ) -> Result<()> {
-        self.check_gpu_push(operation, values)?;
         let batch = self.gpu_values(operation, values)?;
         for (key, arrays) in &batch {
             self.adopt(operation, key, arrays[0].shape())?;
@@ -150,10 +151,15 @@ impl DeviceStore {
         Ok(())
     }
 
+    /// The first of `keys` that is a GPU key.
+    pub(super) fn first_gpu_key<'k>(&self, keys: &'k [Key]) -> Option<&'k Key> {
+        let state = self.state();
+        keys.iter().find(|k| state.keys.contains_key(*k))
+    }
+
     /// Whether one of `keys` is a GPU key.
     pub(super) fn any_gpu_key(&self, keys: &[Key]) -> bool {
-        let state = self.state();
-        keys.iter().any(|k| state.keys.contains_key(k))
+        self.first_gpu_key(keys).is_some()
     }
 
     /// Checks host `values` for GPU keys (dense float32 of the key's shape, with the errors
@@ -213,10 +219,7 @@ impl DeviceStore {
     /// Whether a pull must go through [`pull_routed`](DeviceStore::pull_routed): an output
     /// in GPU memory, or a GPU key.
     pub(super) fn pull_needs_routing(&self, outs: &KeyedOuts<'_>) -> bool {
-        any_on_device(outs.outs().iter().map(|o| &**o)) || {
-            let state = self.state();
-            outs.keys().iter().any(|k| state.keys.contains_key(k))
-        }
+        any_on_device(outs.outs().iter().map(|o| &**o)) || self.any_gpu_key(outs.keys())
     }
 
     /// A pull whose outputs may be in GPU or host memory and whose keys may be GPU or host
@@ -238,20 +241,7 @@ impl DeviceStore {
                 .collect()
         };
         // Checks of the GPU keys' outputs, before anything is written.
-        {
-            let state = self.state();
-            for (key, out) in outs.iter_mut().filter(|(k, _)| gpu_keys.contains(*k)) {
-                let entry = &state.keys[key];
-                if out.shape() != entry.shape.as_slice() {
-                    return Err(self.at("pull", key)(Error::ShapeMismatch {
-                        what: format!("an output pulled from key {key}"),
-                        expected: entry.shape.clone(),
-                        found: out.shape().to_vec(),
-                    }));
-                }
-                gpu_array(out).map_err(self.at("pull", key))?;
-            }
-        }
+        self.check_gpu_outs("pull", &gpu_keys, None, outs)?;
         // Host keys: the host store, outputs on GPUs staged.
         let (mut host_keys, mut host_outs) = (Vec::new(), Vec::new());
         let mut gpu_outs: Vec<(Key, &mut NDArray)> = Vec::new();
@@ -332,13 +322,14 @@ impl DeviceStore {
             .collect()
     }
 
-    /// Checks the outputs of GPU-bound keys before any push: the shape of the key (of its
-    /// values for a key not on the GPUs yet) and GPU memory this crate made.
+    /// Checks the outputs of GPU-bound keys before anything is written: the shape of the key
+    /// (of its values, among `values`, for a key not on the GPUs yet) and GPU memory this
+    /// crate made.
     pub(super) fn check_gpu_outs(
         &self,
         operation: &'static str,
         gpu_keys: &BTreeSet<Key>,
-        values: &KeyedValues<'_>,
+        values: Option<&KeyedValues<'_>>,
         outs: &KeyedOuts<'_>,
     ) -> Result<()> {
         let state = self.state();
@@ -348,7 +339,7 @@ impl DeviceStore {
             }
             let expected = match state.keys.get(key) {
                 Some(entry) => entry.shape.clone(),
-                None => match values.iter().find(|(k, _)| *k == key) {
+                None => match values.and_then(|v| v.iter().find(|(k, _)| *k == key)) {
                     Some((_, v)) => v.shape().to_vec(),
                     None => continue, // check_against names it
                 },
@@ -423,7 +414,7 @@ impl DeviceStore {
             self.push_batch(&host_part, priority)?;
         }
         match gpu_part {
-            Some((keys, arrays)) => self.push_gpu_values(
+            Some((keys, arrays)) => self.push_checked_gpu_values(
                 operation,
                 &KeyedValues::new(operation, keys, arrays.iter().collect())?,
             ),
@@ -461,7 +452,7 @@ impl DeviceStore {
     ) -> Result<()> {
         outs.check_against("pushpull", values)?;
         let gpu_keys = self.gpu_bound_keys(values);
-        self.check_gpu_outs("pushpull", &gpu_keys, values, outs)?;
+        self.check_gpu_outs("pushpull", &gpu_keys, Some(values), outs)?;
         let split = split_values(values, &gpu_keys);
         let gpu_part = self.checked_gpu_part("pushpull", &split)?;
         // The host keys: one call of the host path (its checks, then its work).
@@ -482,7 +473,7 @@ impl DeviceStore {
         let Some((keys, arrays)) = gpu_part else {
             return Ok(());
         };
-        self.push_gpu_values(
+        self.push_checked_gpu_values(
             "pushpull",
             &KeyedValues::new("pushpull", keys, arrays.iter().collect())?,
         )?;
@@ -520,37 +511,15 @@ impl DeviceStore {
         for (key, arrays) in &grouped {
             let at = || self.at(operation, key);
             let devs = match state.keys.contains_key(key) {
-                true => self
-                    .check_push(&state, key, arrays, nccl_set.as_deref())
-                    .map_err(at())?,
+                true => self.check_push(&state, key, arrays, nccl_set.as_deref()),
                 false => {
+                    // A key the push moves to the GPUs: its host value decides the shape.
                     let shape = arrays[0].shape();
                     self.check_adoptable(operation, key, shape)?;
-                    check_pushed_shapes(
-                        key,
-                        shape,
-                        "a GPU value",
-                        arrays.iter().map(|a| a.shape()),
-                    )
-                    .map_err(at())?;
-                    let devs = distinct_gpus(arrays.iter().map(|a| a.ordinal())).map_err(at())?;
-                    if self.engine == Engine::Nccl {
-                        let mut sorted = devs.clone();
-                        sorted.sort_unstable();
-                        if devs.len() != arrays.len() {
-                            return Err(at()(Error::InvalidArgument(
-                                "the NCCL store takes one value per GPU".into(),
-                            )));
-                        }
-                        if nccl_set.as_ref().is_some_and(|set| *set != sorted) {
-                            return Err(at()(Error::InvalidArgument(
-                                "NCCL KVStore supports only single set of devices".into(),
-                            )));
-                        }
-                    }
-                    devs
+                    self.check_gpu_values(key, shape, None, arrays, nccl_set.as_deref())
                 }
-            };
+            }
+            .map_err(at())?;
             if self.engine == Engine::Nccl && nccl_set.is_none() {
                 let mut sorted = devs;
                 sorted.sort_unstable();

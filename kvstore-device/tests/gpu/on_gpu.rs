@@ -3,10 +3,11 @@
 //! stores through `KVStoreBase`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use kvstore_base::{
-    Capability, CompressionParams, Context, DType, KVStoreBase, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, Result, StorageType, Updater,
+    create, Capability, CompressionParams, Context, DType, Error, KVStoreBase, KeyedOuts,
+    KeyedValues, NDArray, OptimizerSpec, Result, StorageType, Updater,
 };
 
 /// Wraps a store: when every value (or output) of a call is a dense float32 host array with
@@ -188,4 +189,19 @@ impl KVStoreBase for OnGpu {
     fn handles_device_arrays(&self) -> bool {
         self.inner.handles_device_arrays()
     }
+}
+
+/// The conformance suite's checks, named `<label>::...`, on the `device` store fed GPU arrays
+/// spread over `gpus` GPUs (or, with the probe's error, all ignored with it).
+pub fn device_trials(
+    label: &str,
+    gpus: std::result::Result<usize, String>,
+) -> Vec<libtest_mimic::Trial> {
+    kvstore_test::trials(
+        label,
+        Arc::new(move || match &gpus {
+            Ok(gpus) => Ok(Box::new(OnGpu::new(create("device")?, *gpus)) as Box<dyn KVStoreBase>),
+            Err(e) => Err(Error::Device(e.clone())),
+        }),
+    )
 }
