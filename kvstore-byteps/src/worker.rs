@@ -14,6 +14,7 @@ use kvstore_dist::protocol::{self, InitMeta, Mode};
 use kvstore_dist::shm::{Lease, Link};
 use kvstore_dist::transport::{Connection, Outgoing, Pending, Response, TransportError};
 use kvstore_dist::{DistConfig, DistFile, DistStore, Node, Role};
+use kvstore_local::reduce::{self, ReduceConfig};
 
 use crate::partition::{self, Partition, DEFAULT_PARTITION_BYTES};
 use crate::schedule::CreditScheduler;
@@ -283,18 +284,15 @@ impl Outbound<'_> {
     }
 }
 
-fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
+/// A key's bytes to send: the caller's own for one contiguous value, else the sum of its
+/// values (one per device) in MXNet's association order.
+fn outbound<'a>(values: &[&'a NDArray], config: &ReduceConfig) -> Outbound<'a> {
     if let [single] = values {
         if let Some(b) = single.as_bytes() {
-            return Ok(Outbound::Borrowed(b));
+            return Outbound::Borrowed(b);
         }
     }
-    let mut sum = NDArray::zeros(values[0].shape(), values[0].dtype());
-    sum.assign(&values[0].to_dense())?;
-    for v in &values[1..] {
-        sum.add_assign(&v.to_dense())?;
-    }
-    Ok(Outbound::Owned(sum))
+    Outbound::Owned(reduce::sum_values(values, config, true))
 }
 
 /// Returns the receive buffers of a call's answers to their tensors (and frees the slots of
@@ -341,6 +339,8 @@ pub struct BytePsStore {
     table: Mutex<Table>,
     /// `Some` when `BYTEPS_SCHEDULING_CREDIT` is not 0.
     scheduler: Option<CreditScheduler>,
+    /// How a key's per-device values are summed before a push.
+    reduce: ReduceConfig,
 }
 
 impl std::fmt::Debug for BytePsStore {
@@ -423,6 +423,7 @@ impl BytePsStore {
             shm,
             table: Mutex::new(Table::default()),
             scheduler,
+            reduce: ReduceConfig::from_env(),
         };
         if config.asynchronous {
             store.make_servers_accumulate()?;
@@ -665,8 +666,7 @@ impl BytePsStore {
             let data = match value.as_bytes() {
                 Some(b) => b,
                 None => {
-                    dense = outbound(&[value])
-                        .map_err(|e| e.at_key(&self.name, operation, g.key.clone()))?;
+                    dense = outbound(&[value], &self.reduce);
                     dense.bytes()
                 }
             };
@@ -741,7 +741,7 @@ impl BytePsStore {
                 }
                 let arrays: Vec<&NDArray> =
                     g.positions.iter().map(|&p| values.values()[p]).collect();
-                outbound(&arrays).map_err(|e| e.at_key(&self.name, operation, g.key.clone()))
+                Ok(outbound(&arrays, &self.reduce))
             })
             .collect::<Result<_>>()?;
         let tasks: Vec<Task> = tensors

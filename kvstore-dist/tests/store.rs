@@ -294,3 +294,31 @@ fn commands_to_servers_install_an_optimizer_or_name_what_is_refused() {
         }
     }
 }
+
+#[test]
+fn a_workers_device_values_are_summed_in_mxnets_order() {
+    // MXNet's CommCPU reduces [a, b, c] as a + (b + c) (its CPU reduction adds up to four
+    // inputs before adding them into the first): with a = 1, b = 1e8, c = -1e8 that is 1,
+    // where (a + b) + c would lose a in float32.
+    let out = run("dist_sync", 1, 1, |_, kv| {
+        kv.init(5, &NDArray::zeros(&[4], DType::F32)).unwrap();
+        let values = [
+            NDArray::full(&[4], 1.0, DType::F32),
+            NDArray::full(&[4], 1e8, DType::F32),
+            NDArray::full(&[4], -1e8, DType::F32),
+        ];
+        let mut out = NDArray::zeros(&[4], DType::F32);
+        kv.pushpull(5, &values, &mut out).unwrap();
+        let local = kvstore_base::create("local").unwrap();
+        local.init(5, &NDArray::zeros(&[4], DType::F32)).unwrap();
+        let mut expected = NDArray::zeros(&[4], DType::F32);
+        local.pushpull(5, &values, &mut expected).unwrap();
+        (f32s(&out), f32s(&expected))
+    });
+    let (dist, local) = &out[0];
+    assert_eq!(local, &vec![1.0; 4], "the local store's (MXNet's) order");
+    assert_eq!(
+        dist, local,
+        "dist_sync sums a worker's values as local does"
+    );
+}

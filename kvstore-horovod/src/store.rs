@@ -34,6 +34,7 @@ use kvstore_dist::transport::{
     Connection, Handler, Outgoing, Pending, Request, Responder, Response, Server, TransportError,
 };
 use kvstore_dist::{Group as NodeGroup, Node, Role};
+use kvstore_local::reduce::{self, ReduceConfig};
 
 use crate::config::HorovodConfig;
 use crate::coordinator::{Coordinator, Monitor};
@@ -224,6 +225,8 @@ pub struct HorovodStore {
     server: Option<Server>,
     monitor: Option<Monitor>,
     node: Mutex<Option<Node>>,
+    /// How a key's per-device values are summed before the all-reduce.
+    reduce: ReduceConfig,
 }
 
 impl std::fmt::Debug for HorovodStore {
@@ -331,6 +334,7 @@ impl HorovodStore {
             server: Some(server),
             monitor,
             node: Mutex::new(Some(node)),
+            reduce: ReduceConfig::from_env(),
         })
     }
 
@@ -815,11 +819,13 @@ impl KVStoreBase for HorovodStore {
         self.check_outs(operation, values, outs)?;
         let mut tensors = Vec::with_capacity(groups.len());
         for g in &groups {
-            let mut sum = own(values.values()[g.positions[0]]);
-            for &p in &g.positions[1..] {
-                sum.add_assign(values.values()[p])
-                    .map_err(self.at(operation, &g.key))?;
-            }
+            let sum = match g.positions.as_slice() {
+                [one] => own(values.values()[*one]),
+                many => {
+                    let arrays: Vec<&NDArray> = many.iter().map(|&p| values.values()[p]).collect();
+                    reduce::sum_values(&arrays, &self.reduce, false)
+                }
+            };
             tensors.push(Local {
                 key: g.key.clone(),
                 request: TensorRequest {

@@ -236,6 +236,36 @@ pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig, str
     run!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8);
 }
 
+/// The sum of one key's values (one per device; row-sparse ones densified) in a new dense
+/// array, in MXNet's association order: what a worker of a distributed store sends for a key
+/// it was given several values of.
+///
+/// ```
+/// use kvstore_base::{DType, NDArray};
+/// use kvstore_local::reduce::{sum_values, ReduceConfig};
+///
+/// let values = [1.0, 1e8, -1e8].map(|x| NDArray::full(&[2], x, DType::F32));
+/// let sum = sum_values(&values.iter().collect::<Vec<_>>(), &ReduceConfig::default(), false);
+/// assert_eq!(sum.to_vec::<f32>().unwrap(), vec![1.0, 1.0]); // 1 + (1e8 + -1e8)
+/// ```
+///
+/// # Panics
+/// If `values` is empty or their shapes or dtypes differ (callers validate first).
+pub fn sum_values(values: &[&NDArray], config: &ReduceConfig, stream_big: bool) -> NDArray {
+    let first = values.first().expect("at least one value");
+    let dense: Vec<std::borrow::Cow<'_, NDArray>> = values
+        .iter()
+        .map(|v| match v.dense() {
+            Some(_) => std::borrow::Cow::Borrowed(*v),
+            None => std::borrow::Cow::Owned(v.to_dense()),
+        })
+        .collect();
+    let sources: Vec<&NDArray> = dense.iter().map(|v| &**v).collect();
+    let mut sum = NDArray::zeros(first.shape(), first.dtype());
+    sum_into(&mut sum, &sources, config, stream_big);
+    sum
+}
+
 /// `dst[:] = src` for two dense arrays of one shape: a plain memory copy when the dtypes agree
 /// and both are in standard layout, otherwise a cast, as [`NDArray::assign`] does. For small
 /// arrays, where a pass over all outputs at once gains nothing.

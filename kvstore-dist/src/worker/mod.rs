@@ -46,6 +46,7 @@ use kvstore_base::{
     KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
 };
 use kvstore_compression::{Codec, CompressionSpec};
+use kvstore_local::reduce::{self, ReduceConfig};
 
 use self::keys::{KeyMeta, KeyTable};
 use self::shm_link::Link;
@@ -75,6 +76,8 @@ pub struct DistStore {
     send_gate: PriorityGate,
     /// Set once an optimizer runs on the servers.
     optimizer: AtomicBool,
+    /// How a key's per-device values are summed before a push.
+    reduce: ReduceConfig,
 }
 
 impl std::fmt::Debug for DistStore {
@@ -125,19 +128,16 @@ impl Outbound<'_> {
     }
 }
 
-/// The sum of a key's values (one per device) as bytes in the key's layout.
-fn outbound<'a>(values: &[&'a NDArray]) -> Result<Outbound<'a>> {
+/// The sum of a key's values (one per device) as bytes in the key's layout, in MXNet's
+/// association order (its CPU reduction's, as the `local` store), threaded for big arrays.
+fn outbound<'a>(values: &[&'a NDArray], config: &ReduceConfig) -> Outbound<'a> {
     if let [single] = values {
         if single.as_bytes().is_some() {
-            return Ok(Outbound::Borrowed(single));
+            return Outbound::Borrowed(single);
         }
     }
-    let mut sum = NDArray::zeros(values[0].shape(), values[0].dtype());
-    sum.assign(&values[0].to_dense())?;
-    for v in &values[1..] {
-        sum.add_assign(&v.to_dense())?;
-    }
-    Ok(Outbound::Owned(sum))
+    // Sent at once, not read again here: big sums bypass the cache.
+    Outbound::Owned(reduce::sum_values(values, config, true))
 }
 
 impl DistStore {
@@ -198,6 +198,10 @@ impl DistStore {
             residuals: Mutex::new(HashMap::new()),
             send_gate: PriorityGate::default(),
             optimizer: AtomicBool::new(false),
+            reduce: ReduceConfig {
+                threads: ReduceConfig::from_env().threads,
+                bigarray_bound: usize::try_from(config.bigarray_bound).unwrap_or(usize::MAX),
+            },
         })
     }
 
@@ -388,11 +392,14 @@ impl DistStore {
                     .map_err(self.at(operation, key))?;
             }
         }
-        let mut payloads = Vec::with_capacity(groups.len());
-        for KeyGroup { key, positions } in &groups {
-            let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
-            payloads.push(outbound(&arrays).map_err(self.at(operation, key))?);
-        }
+        let payloads: Vec<Outbound<'_>> = groups
+            .iter()
+            .map(|g| {
+                let arrays: Vec<&NDArray> =
+                    g.positions.iter().map(|&p| values.values()[p]).collect();
+                outbound(&arrays, &self.reduce)
+            })
+            .collect();
         let command = if outs.is_some() {
             protocol::CMD_PUSHPULL
         } else {

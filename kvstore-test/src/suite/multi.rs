@@ -297,6 +297,12 @@ pub const MULTI_CHECKS: &[MultiCheck] = &[
         run: pushpull_sums_across_workers,
     },
     MultiCheck {
+        name: "a_workers_device_values_are_summed_in_mxnets_order",
+        requires: &[Capability::Distributed],
+        applies_to: SYNC,
+        run: a_workers_device_values_are_summed_in_mxnets_order,
+    },
+    MultiCheck {
         name: "pushpull_sums_each_workers_device_list_first",
         requires: &[Capability::Distributed],
         applies_to: SYNC,
@@ -647,6 +653,26 @@ fn pushpull_sums_across_workers(job: &Job<'_>) -> CheckResult {
             ensure!(value == before, "pushpull modified its input value");
         }
         Ok(())
+    })?;
+    Ok(())
+}
+
+/// MXNet sums a worker's device values as its CPU reduction does, the first plus the others
+/// in groups of up to four: `[1, 1e8, -1e8]` is `1 + (1e8 + -1e8)` = 1, where adding them one
+/// by one would lose the 1 in float32. Each worker's 1 is then summed exactly across workers.
+fn a_workers_device_values_are_summed_in_mxnets_order(job: &Job<'_>) -> CheckResult {
+    let n = job.workers();
+    on_each_worker(job.create()?, move |kv| {
+        declare(kv, 6, &[3], DType::F32)?;
+        let values = [filled(&[3], 1.0), filled(&[3], 1e8), filled(&[3], -1e8)];
+        let mut out = NDArray::zeros(&[3], DType::F32);
+        kv.pushpull(6, &values, &mut out)
+            .during("pushpull of three device values")?;
+        expect_all(
+            &out,
+            n as f64,
+            "out (each worker's 1 + (1e8 + -1e8), summed)",
+        )
     })?;
     Ok(())
 }
