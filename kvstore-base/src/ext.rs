@@ -233,7 +233,8 @@ pub fn with_arrays_on_host<R>(
 
 /// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
 /// `call` succeeded, the copies are written back into them (nothing is written when it
-/// fails).
+/// fails). For calls that read their outputs (an in-place pushpull); see
+/// [`with_written_outs_on_host`] for those that only write them.
 ///
 /// # Errors
 /// A failed copy to or from a device, or `call`'s error.
@@ -241,14 +242,40 @@ pub fn with_outs_on_host<R>(
     outs: &mut KeyedOuts<'_>,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
+    stage_outs(outs, true, call)
+}
+
+/// [`with_outs_on_host`] for a call that only writes its outputs (a pull, a pushpull, a
+/// broadcast): outputs in device memory are replaced by zeros in host memory, not by copies,
+/// so nothing is copied from the device.
+///
+/// # Errors
+/// A failed copy to a device, or `call`'s error.
+pub fn with_written_outs_on_host<R>(
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    stage_outs(outs, false, call)
+}
+
+/// Stages the device outputs of `outs` in host memory (copies of them when `read`, else
+/// zeros) for `call`, and writes them back once it succeeded.
+fn stage_outs<R>(
+    outs: &mut KeyedOuts<'_>,
+    read: bool,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
     if outs.outs().iter().all(|o| o.device().is_none()) {
         return call(outs);
     }
-    // Copies, not zeros: an in-place pushpull reads them.
     let mut copies = outs
         .outs()
         .iter()
-        .map(|o| o.device().map(|_| o.to_context(Context::Cpu)).transpose())
+        .map(|o| match (o.device(), read) {
+            (None, _) => Ok(None),
+            (Some(_), true) => o.to_context(Context::Cpu).map(Some),
+            (Some(_), false) => Ok(Some(NDArray::zeros(o.shape(), o.dtype()))),
+        })
         .collect::<Result<Vec<Option<NDArray>>>>()?;
     let keys = outs.keys().to_vec();
     let result = {
@@ -269,6 +296,18 @@ pub fn with_outs_on_host<R>(
         }
     }
     Ok(result)
+}
+
+/// [`with_written_outs_on_host`] unless `store` handles device arrays.
+fn with_host_written_outs<S: KVStoreBase + ?Sized, R>(
+    store: &S,
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    match store.handles_device_arrays() {
+        true => call(outs),
+        false => with_written_outs_on_host(outs, call),
+    }
 }
 
 /// [`with_values_on_host`] unless `store` handles device arrays.
@@ -391,7 +430,7 @@ pub trait KVStoreExt: KVStoreBase {
         priority: i32,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_outs(self, &mut outs, |o| self.pull_batch(o, priority, true))
+        with_host_written_outs(self, &mut outs, |o| self.pull_batch(o, priority, true))
     }
 
     /// `pull` with MXNet's `ignore_sparse` flag: with `false`, row-sparse outputs receive the
@@ -407,7 +446,7 @@ pub trait KVStoreExt: KVStoreBase {
         ignore_sparse: bool,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_outs(self, &mut outs, |o| {
+        with_host_written_outs(self, &mut outs, |o| {
             self.pull_batch(o, priority, ignore_sparse)
         })
     }
@@ -440,7 +479,7 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("pushpull", keys.clone(), values.into())?;
         let mut outs = self::outs("pushpull", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_outs(self, &mut outs, |o| self.pushpull_batch(v, o, priority))
+            with_host_written_outs(self, &mut outs, |o| self.pushpull_batch(v, o, priority))
         })
     }
 
@@ -471,7 +510,7 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("broadcast", keys.clone(), values.into())?;
         let mut outs = self::outs("broadcast", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_outs(self, &mut outs, |o| self.broadcast_batch(v, o, 0))
+            with_host_written_outs(self, &mut outs, |o| self.broadcast_batch(v, o, 0))
         })
     }
 

@@ -73,7 +73,8 @@ pub use capability::Capability;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use ext::{
-    with_arrays_on_host, with_outs_on_host, with_values_on_host, Arrays, KVStoreExt, Outs, Values,
+    with_arrays_on_host, with_outs_on_host, with_values_on_host, with_written_outs_on_host, Arrays,
+    KVStoreExt, Outs, Values,
 };
 pub use gate::{GatePass, PriorityGate};
 pub use key::{Key, Keys};

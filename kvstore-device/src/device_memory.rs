@@ -56,6 +56,13 @@ impl DeviceMemory for DeviceArray {
         Ok(Box::new(copy))
     }
 
+    fn copy_from_device(&mut self, src: &dyn DeviceMemory) -> Result<()> {
+        match src.as_any().downcast_ref::<DeviceArray>() {
+            Some(src) => self.copy_from(src),
+            None => self.write_from_host(&src.to_host()?),
+        }
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -84,6 +91,57 @@ impl DeviceBackend for CudaBackend {
         let array = NDArray::from_host(host.clone());
         Ok(Box::new(DeviceArray::from_host(&array, ordinal)?))
     }
+
+    /// Sums on the GPU holding most of the values (the first of them on a tie): the others
+    /// are copied there first (peer to peer), then one reduction kernel pass reads each value
+    /// once, as the `device` store's push.
+    fn sum(&self, values: &[&dyn DeviceMemory]) -> Result<Option<Box<dyn DeviceMemory>>> {
+        let Some(arrays) = values
+            .iter()
+            .map(|v| v.as_any().downcast_ref::<DeviceArray>())
+            .collect::<Option<Vec<&DeviceArray>>>()
+        else {
+            return Ok(None);
+        };
+        sum_arrays(&arrays).map(|sum| Some(Box::new(sum) as Box<dyn DeviceMemory>))
+    }
+}
+
+/// The sum of `arrays` (at least one, of one shape) on the GPU holding most of them.
+fn sum_arrays(arrays: &[&DeviceArray]) -> Result<DeviceArray> {
+    let first = arrays
+        .first()
+        .ok_or_else(|| Error::InvalidArgument("a sum needs at least one value".into()))?;
+    let held = |ordinal: usize| arrays.iter().filter(|a| a.ordinal() == ordinal).count();
+    let target = arrays
+        .iter()
+        .map(|a| a.ordinal())
+        .fold(
+            first.ordinal(),
+            |best, o| if held(o) > held(best) { o } else { best },
+        );
+    let shape = first.shape();
+    // Every buffer is allocated before any copy or kernel is queued.
+    let mut sum = DeviceArray::zeros(shape, target)?;
+    let mut moved: Vec<(usize, DeviceArray)> = Vec::new();
+    for (i, a) in arrays.iter().enumerate() {
+        if a.ordinal() != target {
+            moved.push((i, DeviceArray::zeros(shape, target)?));
+        }
+    }
+    for (i, copy) in &mut moved {
+        copy.copy_from(arrays[*i])?;
+    }
+    let sources: Vec<&DeviceArray> = arrays
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match moved.iter().find(|(j, _)| *j == i) {
+            Some((_, copy)) => copy,
+            None => *a,
+        })
+        .collect();
+    sum.sum_from(&sources)?;
+    Ok(sum)
 }
 
 static CUDA_BACKEND: CudaBackend = CudaBackend;

@@ -384,6 +384,16 @@ impl DeviceStore {
     /// As [`push_gpu`](DeviceStore::push_gpu), naming the key; on the `nccl` store, keys of
     /// one call on different sets of GPUs.
     pub fn push_gpu_batch(&self, batch: &[(Key, &[&DeviceArray])]) -> Result<()> {
+        self.push_gpu_batch_for("push", batch)
+    }
+
+    /// [`push_gpu_batch`](DeviceStore::push_gpu_batch), its errors naming `operation` (a
+    /// pushpull's GPU part is a push).
+    pub(crate) fn push_gpu_batch_for(
+        &self,
+        operation: &'static str,
+        batch: &[(Key, &[&DeviceArray])],
+    ) -> Result<()> {
         let mut state = self.state();
         // Keys in ascending order, the values of a key listed twice together.
         let mut groups: Vec<(&Key, Vec<&DeviceArray>)> = Vec::new();
@@ -403,7 +413,7 @@ impl DeviceStore {
         for (key, values) in &groups {
             let key_devs = self
                 .check_push(&state, key, values, nccl_set.as_deref())
-                .map_err(self.at("push", key))?;
+                .map_err(self.at(operation, key))?;
             if self.engine == Engine::Nccl && nccl_set.is_none() {
                 let mut sorted = key_devs.clone();
                 sorted.sort_unstable();
@@ -426,13 +436,15 @@ impl DeviceStore {
                     codec,
                     &mut touched,
                 )
-                .map_err(self.at("push", key))
+                .map_err(self.at(operation, key))
             })
             .and_then(|()| match self.engine {
-                Engine::Nccl => self.queue_nccl_push(&mut state, &groups, &update, &mut touched),
+                Engine::Nccl => {
+                    self.queue_nccl_push(operation, &mut state, &groups, &update, &mut touched)
+                }
                 Engine::Device => groups.iter().try_for_each(|(key, values)| {
                     self.queue_push(&mut state, key, values, &update, codec)
-                        .map_err(self.at("push", key))
+                        .map_err(self.at(operation, key))
                 }),
             });
         // Even after a failure, what was queued finishes before the call returns.
@@ -592,6 +604,7 @@ impl DeviceStore {
     /// the sum; then the optimizer steps.
     fn queue_nccl_push(
         &self,
+        operation: &'static str,
         state: &mut GpuState,
         groups: &[(&Key, Vec<&DeviceArray>)],
         update: &Update,
@@ -620,7 +633,7 @@ impl DeviceStore {
                     Update::Store => entry.stored.as_mut().expect("placed keys hold their value"),
                     _ => entry.merge.as_mut().ok_or_else(unreserved)?,
                 };
-                nccl_reduce(comms, values, target).map_err(self.at("push", key))?;
+                nccl_reduce(comms, values, target).map_err(self.at(operation, key))?;
                 touched.push(root);
             }
             Ok(())
@@ -642,7 +655,7 @@ impl DeviceStore {
                 Some(opt) => optimizer_step(gpu, opt, key, counts, stored, optimizer_state, sum),
                 None => self.host_update(key, stored, sum),
             }
-            .map_err(self.at("push", key))?;
+            .map_err(self.at(operation, key))?;
         }
         Ok(())
     }

@@ -27,6 +27,8 @@
 
 #[path = "gpu/cases.rs"]
 mod cases;
+#[path = "emulated_driver/copies.rs"]
+mod copies;
 #[path = "emulated_driver/mod.rs"]
 mod emulated_driver;
 #[allow(dead_code)]
@@ -92,6 +94,7 @@ fn trials(gpus: usize) -> Vec<Trial> {
         Ok(gpus),
     ));
     trials.extend(faults::trials(&prefix));
+    trials.extend(copies::trials(&prefix));
     trials
 }
 

@@ -23,8 +23,16 @@
 //! | name (aliases) | servers merge |
 //! |---|---|
 //! | `dist_sync` (`dist`) | one push per worker per round, then the optimizer (or the sum is stored) |
-//! | `dist_device_sync` (`dist_sync_device`) | as `dist_sync`; a worker's per-device values are summed on the worker first (on the CPU until the device backend exists) |
+//! | `dist_device_sync` (`dist_sync_device`) | as `dist_sync`; a worker sums its per-device values in GPU memory on a GPU first |
 //! | `dist_async` (`dist_async_device`) | each push as it arrives (through the optimizer; without one it replaces the value) |
+//!
+//! Every worker sums a key's values (one per device) before sending one array, in MXNet's
+//! association order (its CPU reduction's, as `local`). A store created by a name holding
+//! `device` (`dist_device_sync`, `dist_sync_device`, `dist_async_device`: MXNet's rule for its
+//! device communicator) takes arrays in GPU memory as they are: a key's GPU values are summed
+//! on a GPU by the linked device backend (`kvstore-device`), so one array per key crosses to
+//! the host, and a pulled key is copied to one GPU output and from there to the others, GPU
+//! to GPU. The other stores stage GPU arrays through the host, one copy per array.
 //!
 //! A process whose `DMLC_ROLE` is `server` or `scheduler` that creates one of these stores runs
 //! that role and exits when the job ends, as MXNet does on import (see
@@ -66,8 +74,7 @@
 //! ## Not yet
 //!
 //! Recovery nodes (a late registration is refused),
-//! `get_num_dead_node`, optimizer-state files on the servers, and summing per-device values on
-//! the GPU for `dist_device_sync`.
+//! `get_num_dead_node`, optimizer-state files on the servers.
 #![deny(missing_docs)]
 
 pub mod cluster;

@@ -41,6 +41,17 @@ pub trait DeviceMemory: fmt::Debug + Send + Sync + 'static {
     /// [`Error::Device`](crate::Error::Device), e.g. the device out of memory.
     fn try_clone(&self) -> Result<Box<dyn DeviceMemory>>;
 
+    /// Overwrites the array with `src`, device memory of its shape and dtype (on any device).
+    /// The provided implementation goes through host memory; a backend copies between its own
+    /// buffers on the devices (device to device, or peer to peer).
+    ///
+    /// # Errors
+    /// A shape or dtype mismatch; [`Error::Device`](crate::Error::Device) when a device
+    /// fails.
+    fn copy_from_device(&mut self, src: &dyn DeviceMemory) -> Result<()> {
+        self.write_from_host(&src.to_host()?)
+    }
+
     /// The concrete buffer, for the backend that made it.
     fn as_any(&self) -> &dyn Any;
 
@@ -59,6 +70,22 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// A device that does not exist or fails, or an array the backend cannot hold (a dtype it
     /// does not support, no element).
     fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>>;
+
+    /// The element-wise sum of `values` (at least one; one shape and dtype, checked by the
+    /// caller; on any of the backend's devices) in new memory on one of their devices, in
+    /// MXNet's association order (`values[0]`, then the others in groups of up to four, as
+    /// MXNet's CPU reduction): `None` when the backend does not sum on its devices (the
+    /// provided implementation) or does not own these arrays. Stores that send a sum of
+    /// device arrays elsewhere (`dist_device_sync`) use it to copy one array to the host
+    /// instead of every value.
+    ///
+    /// # Errors
+    /// [`Error::Device`](crate::Error::Device) when a device fails (out of memory, for
+    /// instance).
+    fn sum(&self, values: &[&dyn DeviceMemory]) -> Result<Option<Box<dyn DeviceMemory>>> {
+        let _ = values;
+        Ok(None)
+    }
 }
 
 /// The registration a device backend submits ([`register_device_backend!`]).
@@ -137,6 +164,13 @@ mod tests {
         fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
             Ok(Box::new(self.clone()))
         }
+        fn copy_from_device(&mut self, src: &dyn DeviceMemory) -> Result<()> {
+            let src: &HostBacked = src.as_any().downcast_ref().expect("one backend");
+            assert_eq!((src.shape(), src.dtype()), (self.shape(), self.dtype()));
+            DEVICE_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.host = src.host.clone();
+            Ok(())
+        }
         fn as_any(&self) -> &dyn Any {
             self
         }
@@ -157,7 +191,18 @@ mod tests {
                 host: host.clone(),
             }))
         }
+        fn sum(&self, values: &[&dyn DeviceMemory]) -> Result<Option<Box<dyn DeviceMemory>>> {
+            let mut sum = NDArray::from_host(values[0].to_host()?);
+            for v in &values[1..] {
+                sum.add_assign(&NDArray::from_host(v.to_host()?))?;
+            }
+            let host = sum.dense().expect("dense").clone();
+            self.upload(&host, values[0].context()).map(Some)
+        }
     }
+
+    /// Device-to-device copies made by [`HostBacked::copy_from_device`].
+    static DEVICE_COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     static BACKEND: HostBackedBackend = HostBackedBackend;
     crate::register_device_backend!(BACKEND);
@@ -191,6 +236,63 @@ mod tests {
         let mut host = NDArray::zeros(&[2, 2], DType::F32);
         host.assign(&gpu).unwrap();
         assert_eq!(host, sample());
+    }
+
+    #[test]
+    fn device_to_device_assignments_stay_on_the_devices() {
+        let before = DEVICE_COPIES.load(std::sync::atomic::Ordering::Relaxed);
+        let src = sample().to_context(Context::Gpu(1)).unwrap();
+        let mut dst = NDArray::zeros_in(&[2, 2], DType::F32, Context::Gpu(0)).unwrap();
+        dst.assign(&src).unwrap();
+        assert_eq!(
+            (dst.context(), dst.to_vec::<f32>().unwrap()),
+            (Context::Gpu(0), vec![1.0, 2.0, 3.0, 4.0])
+        );
+        assert!(DEVICE_COPIES.load(std::sync::atomic::Ordering::Relaxed) > before);
+        // Another dtype is cast through the host.
+        let mut wide = NDArray::zeros_in(&[2, 2], DType::F64, Context::Gpu(0)).unwrap();
+        wide.assign(&src).unwrap();
+        assert_eq!(wide.to_vec::<f64>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    }
+
+    #[test]
+    fn sums_on_the_device_need_device_values_of_one_shape_and_dtype() {
+        let gpu = |x: f64| {
+            NDArray::full(&[2], x, DType::F32)
+                .to_context(Context::Gpu(2))
+                .unwrap()
+        };
+        let (a, b) = (gpu(1.0), gpu(2.0));
+        let sum = NDArray::sum_on_device(&[&a, &b])
+            .unwrap()
+            .expect("summed on the device");
+        assert_eq!(
+            (sum.context(), sum.to_vec::<f32>().unwrap()),
+            (Context::Gpu(2), vec![3.0, 3.0])
+        );
+        let host = NDArray::ones(&[2], DType::F32);
+        assert!(
+            NDArray::sum_on_device(&[&a, &host]).unwrap().is_none(),
+            "a host value: summed on the host"
+        );
+        let long = NDArray::ones(&[3], DType::F32)
+            .to_context(Context::Gpu(2))
+            .unwrap();
+        let err = NDArray::sum_on_device(&[&a, &long])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("value 1 of the sum") && err.contains("[3]"),
+            "{err}"
+        );
+        let wide = NDArray::ones(&[2], DType::F64)
+            .to_context(Context::Gpu(2))
+            .unwrap();
+        assert!(matches!(
+            NDArray::sum_on_device(&[&a, &wide]),
+            Err(Error::DTypeMismatch { .. })
+        ));
+        assert!(NDArray::sum_on_device(&[]).is_err());
     }
 
     #[test]

@@ -717,6 +717,36 @@ impl NDArray {
         }
     }
 
+    /// The element-wise sum of `values`, arrays in device memory of one shape and dtype, made
+    /// on one of their devices by the linked device backend, in MXNet's association order (see
+    /// [`DeviceBackend::sum`]): `Ok(None)` when a value is not in device memory or the backend
+    /// does not sum on its devices, so that the caller sums on the host instead.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for no value; [`Error::ShapeMismatch`] or [`Error::DTypeMismatch`] naming the value that differs from
+    /// the first; [`Error::Device`] when the device fails.
+    pub fn sum_on_device(values: &[&NDArray]) -> Result<Option<NDArray>> {
+        let Some(first) = values.first() else {
+            return Err(Error::InvalidArgument(
+                "a sum needs at least one value".into(),
+            ));
+        };
+        for (i, v) in values.iter().enumerate().skip(1) {
+            first.check_like(v, &format!("value {i} of the sum"))?;
+        }
+        let Some(memories) = values
+            .iter()
+            .map(|v| v.device())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let Some(backend) = device_backend() else {
+            return Ok(None);
+        };
+        Ok(backend.sum(&memories)?.map(NDArray::from_device))
+    }
+
     /// `self[:] = src`: copies `src` into this array, keeping this array's dtype (values are
     /// cast, as MXNet's `copyto` does) and storage type (a dense source written into a
     /// row-sparse array keeps its non-zero rows).
@@ -730,6 +760,13 @@ impl NDArray {
                 expected: self.shape().to_vec(),
                 found: src.shape().to_vec(),
             });
+        }
+        if let (Some(from), Some(_)) = (src.device(), self.device()) {
+            if from.dtype() == self.dtype() {
+                // Device to device: no trip through host memory.
+                let dst = self.device_mut()?.expect("a device array");
+                return dst.copy_from_device(from);
+            }
         }
         let src = src.on_host()?;
         let src = src.as_ref();

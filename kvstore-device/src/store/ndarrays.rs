@@ -97,7 +97,7 @@ impl DeviceStore {
         }
         let refs: Vec<(Key, &[&DeviceArray])> =
             batch.iter().map(|(k, a)| (k.clone(), &a[..])).collect();
-        self.push_gpu_batch(&refs)
+        self.push_gpu_batch_for(operation, &refs)
     }
 
     /// Checks that the host store's `key` can move to the GPUs for GPU values of `shape`: a

@@ -200,6 +200,11 @@ void check_guard(uintptr_t base, const Alloc& a, const char* what) {
    beside the one that arms it are not disturbed. */
 thread_local long long t_allocations_left = -1;
 
+/* Bytes copied between the host and the GPUs at the calling thread's request
+   (kvemu_host_copy_bytes). */
+thread_local unsigned long long t_bytes_to_device = 0;
+thread_local unsigned long long t_bytes_to_host = 0;
+
 CUresult allocate(CUdeviceptr* out, size_t size, Ctx* ctx) {
     if (!out || !ctx) return CUDA_ERROR_INVALID_VALUE;
     if (size == 0) return CUDA_ERROR_INVALID_VALUE;
@@ -255,6 +260,15 @@ const KvKernel* find_kernel(const char* name) {
 /* After `n` more allocations of the calling thread, every allocation of it fails with
    CUDA_ERROR_OUT_OF_MEMORY, until called again (n < 0: allocations never fail). */
 API void kvemu_fail_allocations_after(long long n) { t_allocations_left = n < 0 ? -1 : n; }
+
+/* Bytes the calling thread has asked to copy from the host to a GPU (`to_device` != 0) or
+   from a GPU to the host, since its last call with `reset` != 0. */
+API unsigned long long kvemu_host_copy_bytes(int to_device, int reset) {
+    unsigned long long& count = to_device ? t_bytes_to_device : t_bytes_to_host;
+    unsigned long long n = count;
+    if (reset) count = 0;
+    return n;
+}
 
 /* ---- initialisation, devices, contexts ---------------------------------------------------- */
 
@@ -652,6 +666,7 @@ API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, vo
     Stream* s = resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
     if (n && !src) return CUDA_ERROR_INVALID_VALUE;
+    t_bytes_to_device += n;
     /* Pageable host memory is staged when the call is made, as CUDA does. */
     auto staged = std::make_shared<std::string>(static_cast<const char*>(src), n);
     enqueue(s, [dst, staged] {
@@ -666,6 +681,7 @@ API CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* st
     Stream* s = resolve(stream);
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
     if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
+    t_bytes_to_host += n;
     enqueue(s, [dst, src, n] {
         check_range(src, n, "cuMemcpyDtoHAsync (source)");
         memcpy(dst, reinterpret_cast<const void*>(src), n);
@@ -704,6 +720,7 @@ API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     LOCK;
     drain_all();
     check_range(dst, n, "cuMemcpyHtoD (destination)");
+    t_bytes_to_device += n;
     memcpy(reinterpret_cast<void*>(dst), src, n);
     return CUDA_SUCCESS;
 }
@@ -712,6 +729,7 @@ API CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     LOCK;
     drain_all();
     check_range(src, n, "cuMemcpyDtoH (source)");
+    t_bytes_to_host += n;
     memcpy(dst, reinterpret_cast<const void*>(src), n);
     return CUDA_SUCCESS;
 }

@@ -22,6 +22,9 @@ use kvstore_local::reduce::ReduceConfig;
 use kvstore_test as _; // links `teststore`, which some checks create by name
 use libtest_mimic::Failed;
 
+#[path = "dist.rs"]
+pub mod dist;
+
 /// What a check returns.
 pub type TestResult = Result<(), Failed>;
 
@@ -368,6 +371,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
                 false,
             )
         },
+    ),
+    (
+        "dist_device_sync::gpu_values_sum_as_dist_sync_sums_host_values",
+        false,
+        dist::sums_as_dist_sync,
     ),
     ("nccl::sum_across_gpus_equals_local_exactly", true, |i| {
         let n = i.devices.len();
@@ -921,11 +929,25 @@ fn errors(_: &GpuInfo) -> TestResult {
         store.push_gpu("w", &[&ok, &ok])?;
         let mut out = DeviceArray::zeros(&[4], 0)?;
         store.pull_gpu("w", &mut [&mut out])?;
-        if out.to_host()?.to_vec::<f32>()? == vec![4.0; 4] {
-            return Ok(());
+        if out.to_host()?.to_vec::<f32>()? != vec![4.0; 4] {
+            return Err(fail("a rejected push changed the store"));
         }
+        // An error of the GPU part of a pushpull names the pushpull.
+        store.set_updater(Box::new(|_, _, _| {
+            Err(kvstore_base::Error::InvalidArgument("refused".into()))
+        }))?;
+        let value = NDArray::ones(&[4], DType::F32).to_context(kvstore_base::Context::Gpu(0))?;
+        let mut pulled = value.clone();
+        let err = store
+            .pushpull("w", &value, &mut pulled)
+            .unwrap_err()
+            .to_string();
+        if !(err.contains("pushpull of key \"w\"") && err.contains("refused")) {
+            return Err(fail(format!("a failing updater in a pushpull: {err}")));
+        }
+        return Ok(());
     }
-    Err(fail("a rejected push changed the store or was accepted"))
+    Err(fail("a rejected push was accepted"))
 }
 
 /// A row-sparse `[rows, 7]` array holding `ids`, integer-valued data from `seed`.

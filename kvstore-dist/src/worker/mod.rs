@@ -26,12 +26,15 @@
 //!   hello (unless `KVSTORE_SHM=0`): big parts of uncompressed pushes, pulls and pushpulls then
 //!   move through it (pushed elements copied in, answers written there by the server), and the
 //!   TCP message carries only the slots. Any failure leaves that connection on TCP alone.
+//! - With a name holding `device` (`dist_device_sync`), arrays in GPU memory are taken as they
+//!   are: summed on a GPU before a push, pulled once per key to the host (`worker/device.rs`).
 //! - Dropping the store says goodbye to every server and to the scheduler.
 //!
 //! Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (plus a little, so that a server's error
 //! naming the workers a round waits for arrives first); a server that dies fails the pending
 //! requests at once, naming it.
 
+mod device;
 mod exchange;
 mod keys;
 pub(crate) mod shm_link;
@@ -78,6 +81,9 @@ pub struct DistStore {
     optimizer: AtomicBool,
     /// How a key's per-device values are summed before a push.
     reduce: ReduceConfig,
+    /// MXNet's device communicator (a store name holding `device`): GPU values summed on a
+    /// GPU before a push, pulls copied GPU to GPU (`worker/device.rs`).
+    device_comm: bool,
 }
 
 impl std::fmt::Debug for DistStore {
@@ -202,6 +208,7 @@ impl DistStore {
                 threads: ReduceConfig::from_env().threads,
                 bigarray_bound: usize::try_from(config.bigarray_bound).unwrap_or(usize::MAX),
             },
+            device_comm: name.contains("device"),
         })
     }
 
@@ -376,12 +383,7 @@ impl DistStore {
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let metas = self.metas(operation, &keys)?;
         // Check everything before sending anything.
-        for (KeyGroup { key, positions }, meta) in groups.iter().zip(&metas) {
-            for (i, &p) in positions.iter().enumerate() {
-                meta.check_value(values.values()[p], &format!("pushed value {i}"))
-                    .map_err(self.at(operation, key))?;
-            }
-        }
+        self.check_groups(operation, values, &groups, &metas)?;
         if let Some(outs) = outs.as_deref() {
             self.check_outs(operation, outs)?;
         }
@@ -490,6 +492,47 @@ impl DistStore {
     /// still may: a region is retired after a failed request).
     pub fn shm_connections(&self) -> usize {
         self.shm.iter().flatten().filter(|l| l.usable()).count()
+    }
+
+    /// Runs `call` with `values` in host memory (copies of those in device memory, for a
+    /// store with the device communicator; refused otherwise).
+    fn values_on_host<R>(
+        &self,
+        values: &KeyedValues<'_>,
+        operation: &'static str,
+        call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+    ) -> Result<R> {
+        match self.device_comm {
+            true => kvstore_base::with_values_on_host(values, call),
+            false => values
+                .check_on_host(self.type_name(), operation)
+                .and_then(|()| call(values)),
+        }
+    }
+
+    /// Checks every value of `values` against its key (initialised, shape, dtype).
+    fn check_values(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        let groups = values.groups();
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let metas = self.metas(operation, &keys)?;
+        self.check_groups(operation, values, &groups, &metas)
+    }
+
+    /// Checks the values of each group against its key's meta.
+    fn check_groups(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        groups: &[KeyGroup],
+        metas: &[Arc<KeyMeta>],
+    ) -> Result<()> {
+        for (KeyGroup { key, positions }, meta) in groups.iter().zip(metas) {
+            for (i, &p) in positions.iter().enumerate() {
+                meta.check_value(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(self.at(operation, key))?;
+            }
+        }
+        Ok(())
     }
 
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
@@ -629,14 +672,22 @@ impl KVStoreBase for DistStore {
         crate::CAPABILITIES.contains(&capability)
     }
 
+    fn handles_device_arrays(&self) -> bool {
+        self.device_comm
+    }
+
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        values.check_on_host(self.type_name(), "init")?;
-        self.init_keys("init", values)
+        self.values_on_host(values, "init", |values| self.init_keys("init", values))
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        values.check_on_host(self.type_name(), "push")?;
-        self.push_keys("push", values, None, priority)
+        let push = |values: &KeyedValues<'_>| self.push_keys("push", values, None, priority);
+        match self.device_comm {
+            true => self.with_device_sums("push", values, push),
+            false => values
+                .check_on_host(self.type_name(), "push")
+                .and_then(|()| push(values)),
+        }
     }
 
     fn pull_batch(
@@ -645,8 +696,13 @@ impl KVStoreBase for DistStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        outs.check_on_host(self.type_name(), "pull")?;
-        self.pull_keys("pull", outs, ignore_sparse, priority)
+        let pull = |outs: &mut KeyedOuts<'_>| self.pull_keys("pull", outs, ignore_sparse, priority);
+        match self.device_comm {
+            true => self.with_device_outs("pull", outs, pull),
+            false => outs
+                .check_on_host(self.type_name(), "pull")
+                .and_then(|()| pull(outs)),
+        }
     }
 
     fn pushpull_batch(
@@ -655,10 +711,20 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        values.check_on_host(self.type_name(), "pushpull")?;
-        outs.check_on_host(self.type_name(), "pushpull")?;
-        outs.check_against("pushpull", values)?;
-        self.push_keys("pushpull", values, Some(outs), priority)
+        let operation = "pushpull";
+        outs.check_against(operation, values)?;
+        if self.device_comm {
+            // Every output is checked before a value is summed or copied.
+            self.check_outs(operation, outs)?;
+            return self.with_device_sums(operation, values, |values| {
+                self.with_device_outs(operation, outs, |outs| {
+                    self.push_keys(operation, values, Some(outs), priority)
+                })
+            });
+        }
+        values.check_on_host(self.type_name(), operation)?;
+        outs.check_on_host(self.type_name(), operation)?;
+        self.push_keys(operation, values, Some(outs), priority)
     }
 
     fn broadcast_batch(
@@ -667,6 +733,18 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        if self.device_comm && values.values().iter().any(|v| v.device().is_some()) {
+            return kvstore_base::with_values_on_host(values, |values| {
+                self.broadcast_batch(values, outs, priority)
+            });
+        }
+        if self.device_comm && outs.outs().iter().any(|o| o.device().is_some()) {
+            outs.check_against("broadcast", values)?;
+            self.check_outs("broadcast", outs)?;
+            return self.with_device_outs("broadcast", outs, |outs| {
+                self.broadcast_batch(values, outs, priority)
+            });
+        }
         values.check_on_host(self.type_name(), "broadcast")?;
         outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
@@ -689,6 +767,16 @@ impl KVStoreBase for DistStore {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
+        if self.device_comm
+            && (outs.outs().iter().any(|o| o.device().is_some())
+                || row_ids.iter().any(|r| r.device().is_some()))
+        {
+            return kvstore_base::with_arrays_on_host(row_ids, |row_ids| {
+                kvstore_base::with_outs_on_host(outs, |outs| {
+                    self.row_sparse_pull_batch(outs, row_ids, priority)
+                })
+            });
+        }
         outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         let _ = priority;
         let operation = "row_sparse_pull";

@@ -1,0 +1,141 @@
+//! `dist_device_sync` with values and outputs in GPU memory: a worker sums a key's GPU values
+//! on a GPU (this crate's backend) before its push, and copies each pulled key to the host
+//! once. Results are compared bit for bit with `dist_sync` given the same values in host
+//! memory, on jobs of one server and two workers (two, so that the server's sum of the
+//! workers' pushes does not depend on their arrival order).
+
+use std::time::Duration;
+
+use kvstore_base::{Context, DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_device::GpuInfo;
+use kvstore_dist::LocalCluster;
+use libtest_mimic::Failed;
+
+use super::{data, dev, fail, host, TestResult};
+
+/// Every wait of a job.
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The shape of the key that takes several values per worker.
+const SHAPE: [usize; 2] = [3, 347];
+
+/// Runs `part` on each of the `workers` workers of a fresh job of `store` (one server, every
+/// node in this process); the results by rank.
+pub fn job<T: Send>(
+    store: &str,
+    workers: usize,
+    part: impl Fn(&dyn KVStoreBase) -> Result<T, Failed> + Sync,
+) -> Result<Vec<T>, Failed> {
+    let cluster = LocalCluster::start(1, workers as u32, TIMEOUT)?;
+    let options = cluster.worker_options().clone();
+    let stores = kvstore_test::create_workers(workers, || {
+        kvstore_base::create_with(store, options.clone())
+    })?;
+    let results: Vec<Result<T, Failed>> = std::thread::scope(|s| {
+        let handles: Vec<_> = stores.iter().map(|kv| s.spawn(|| part(&**kv))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(fail("a worker panicked"))))
+            .collect()
+    });
+    drop(stores);
+    cluster.finish()?;
+    results.into_iter().collect()
+}
+
+/// Value `i` of worker `rank`: values 1 and 2 are 1e8 and -1e8, so that a sum in another
+/// association order than MXNet's loses the others.
+fn value(rank: usize, i: usize) -> NDArray {
+    let n = SHAPE.iter().product();
+    match i {
+        1 => NDArray::full(&SHAPE, 1e8, DType::F32),
+        2 => NDArray::full(&SHAPE, -1e8, DType::F32),
+        _ => host(&SHAPE, data(n, i + 7 * rank)),
+    }
+}
+
+/// In GPU memory when `on` holds (value `i` on the GPU `dev(info, i)`), else as it is.
+fn place(array: NDArray, info: &GpuInfo, i: usize, on: bool) -> Result<NDArray, Failed> {
+    Ok(match on {
+        true => array.to_context(Context::Gpu(dev(info, i)))?,
+        false => array,
+    })
+}
+
+/// One worker's part: a refused pushpull (a value of another shape, then an output of
+/// another shape), which must send nothing; a pushpull of five values into three outputs
+/// (two on GPUs with `gpu`); a push of one value and a pull into two outputs. Everything
+/// pulled, in host memory.
+fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Vec<f32>>, Failed> {
+    let rank = kv.rank();
+    kv.init(0, &NDArray::zeros(&SHAPE, DType::F32))?;
+    kv.init(1, &host(&[7], data(7, 1)))?;
+    let values = (0..5)
+        .map(|i| place(value(rank, i), info, i, gpu))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut outs = [
+        place(NDArray::zeros(&SHAPE, DType::F32), info, 0, gpu)?,
+        place(NDArray::zeros(&SHAPE, DType::F32), info, 1, gpu)?,
+        NDArray::zeros(&SHAPE, DType::F32),
+    ];
+    let narrow = place(NDArray::zeros(&[3, 346], DType::F32), info, 2, gpu)?;
+    let bad = vec![values[0].clone(), narrow.clone()];
+    let err = kv.pushpull(0, &bad, &mut outs[..]).unwrap_err().to_string();
+    if !(err.contains("key 0") && err.contains("346")) {
+        return Err(fail(format!(
+            "a value of another shape: the error names the key and the shape: {err}"
+        )));
+    }
+    let mut narrow_outs = [narrow.clone()];
+    if kv.pushpull(0, &values, &mut narrow_outs[..]).is_ok() {
+        return Err(fail("an output of another shape was accepted"));
+    }
+    kv.pushpull(0, &values, &mut outs[..])?;
+    kv.push(1, &place(host(&[7], data(7, 3 + rank)), info, 1, gpu)?)?;
+    let mut pulled = [
+        place(NDArray::zeros(&[7], DType::F32), info, 0, gpu)?,
+        place(NDArray::zeros(&[7], DType::F32), info, 1, gpu)?,
+    ];
+    kv.pull(1, &mut pulled[..])?;
+    outs.iter()
+        .chain(&pulled)
+        .map(|o| o.to_vec::<f32>().map_err(Failed::from))
+        .collect()
+}
+
+/// GPU values and outputs on `dist_device_sync` give bit for bit what host ones give on
+/// `dist_sync`.
+pub fn sums_as_dist_sync(info: &GpuInfo) -> TestResult {
+    let on_gpus = job("dist_device_sync", 2, |kv| worker_part(kv, info, true))?;
+    let on_host = job("dist_sync", 2, |kv| worker_part(kv, info, false))?;
+    for (rank, (g, h)) in on_gpus.iter().zip(&on_host).enumerate() {
+        for (i, (g, h)) in g.iter().zip(h).enumerate() {
+            if g != h {
+                let at = g.iter().zip(h).position(|(a, b)| a != b).unwrap_or(0);
+                return Err(fail(format!(
+                    "rank {rank}, output {i}: element {at} is {} on GPUs, {} on the host",
+                    g.get(at).copied().unwrap_or(f32::NAN),
+                    h.get(at).copied().unwrap_or(f32::NAN)
+                )));
+            }
+        }
+    }
+    // Element 0 of each worker's values: v0 + (((1e8 + -1e8) + v3) + v4) in MXNet's order,
+    // exactly v0 + v3 + v4 (small integers); adding one by one would round v0 away
+    // (1e8 - 15 is not a float32).
+    let expected: f32 = (0..2)
+        .map(|r| {
+            [0, 3, 4]
+                .iter()
+                .map(|&i| data(1, i + 7 * r)[0])
+                .sum::<f32>()
+        })
+        .sum();
+    if on_gpus[0][0][0] != expected {
+        return Err(fail(format!(
+            "element 0 of the sum is {}, {expected} expected",
+            on_gpus[0][0][0]
+        )));
+    }
+    Ok(())
+}
