@@ -233,7 +233,7 @@ pub fn with_arrays_on_host<R>(
 
 /// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
 /// `call` succeeded, the copies are written back into them (nothing is written when it
-/// fails). For calls that read their outputs (an in-place pushpull); see
+/// fails, nor when the device runs out of memory on the way back). For calls that read their outputs (an in-place pushpull); see
 /// [`with_written_outs_on_host`] for those that only write them.
 ///
 /// # Errors
@@ -290,6 +290,13 @@ fn stage_outs<R>(
             .collect();
         call(&mut KeyedOuts::new("stage", keys, staged)?)?
     };
+    // Outputs that share their memory with clones get their own first (the only allocations of
+    // the write-back): a device out of memory then leaves every output as it was.
+    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
+        if copy.is_some() {
+            out.device_mut()?;
+        }
+    }
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if let Some(copy) = copy {
             out.assign(copy)?;

@@ -92,6 +92,25 @@ impl DeviceBackend for CudaBackend {
         Ok(Box::new(DeviceArray::from_host(&array, ordinal)?))
     }
 
+    fn zeros(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        context: Context,
+    ) -> Result<Box<dyn DeviceMemory>> {
+        let Context::Gpu(ordinal) = context else {
+            return Err(Error::InvalidArgument(
+                "device memory is on a GPU, not cpu(0)".into(),
+            ));
+        };
+        if dtype != DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "GPU arrays are float32 for now, not {dtype}"
+            )));
+        }
+        Ok(Box::new(DeviceArray::zeros(shape, ordinal)?))
+    }
+
     /// Sums on the GPU holding most of the values (the first of them on a tie): the others
     /// are copied there first (peer to peer), then one reduction kernel pass reads each value
     /// once, as the `device` store's push.

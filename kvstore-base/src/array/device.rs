@@ -71,6 +71,20 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// does not support, no element).
     fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>>;
 
+    /// Zeros of `shape` and `dtype` in the memory of `context` (a GPU). The provided
+    /// implementation uploads host zeros; a backend fills them on the device.
+    ///
+    /// # Errors
+    /// As [`upload`](DeviceBackend::upload).
+    fn zeros(
+        &self,
+        shape: &[usize],
+        dtype: DType,
+        context: Context,
+    ) -> Result<Box<dyn DeviceMemory>> {
+        self.upload(&HostArray::full(shape, 0.0, dtype), context)
+    }
+
     /// The element-wise sum of `values` (at least one; one shape and dtype, checked by the
     /// caller; on any of the backend's devices) in new memory on one of their devices, in
     /// MXNet's association order (`values[0]`, then the others in groups of up to four, as
@@ -248,6 +262,11 @@ mod tests {
             (dst.context(), dst.to_vec::<f32>().unwrap()),
             (Context::Gpu(0), vec![1.0, 2.0, 3.0, 4.0])
         );
+        assert!(DEVICE_COPIES.load(std::sync::atomic::Ordering::Relaxed) > before);
+        let before = DEVICE_COPIES.load(std::sync::atomic::Ordering::Relaxed);
+        let moved = src.to_context(Context::Gpu(3)).unwrap();
+        assert_eq!(moved.context(), Context::Gpu(3));
+        assert_eq!(moved.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
         assert!(DEVICE_COPIES.load(std::sync::atomic::Ordering::Relaxed) > before);
         // Another dtype is cast through the host.
         let mut wide = NDArray::zeros_in(&[2, 2], DType::F64, Context::Gpu(0)).unwrap();

@@ -72,6 +72,16 @@ impl PartialEq for Data {
     }
 }
 
+/// The linked device backend, for placing an array in `context` (a GPU).
+fn gpu_backend(context: Context) -> Result<&'static dyn DeviceBackend> {
+    device_backend().ok_or_else(|| {
+        Error::Device(format!(
+            "cannot place an array on {context}: no device backend provides GPU memory in this \
+             build"
+        ))
+    })
+}
+
 /// The error of an operation that needs host data, on an array in device memory.
 fn on_device(what: &str, context: Context) -> Error {
     Error::InvalidArgument(format!(
@@ -132,7 +142,12 @@ impl NDArray {
     /// # Errors
     /// [`Error::Device`] for a GPU context when no device backend provides GPU memory.
     pub fn zeros_in(shape: &[usize], dtype: DType, context: Context) -> Result<NDArray> {
-        NDArray::zeros(shape, dtype).to_context(context)
+        match context {
+            Context::Cpu => Ok(NDArray::zeros(shape, dtype)),
+            Context::Gpu(_) => Ok(NDArray::from_device(
+                gpu_backend(context)?.zeros(shape, dtype, context)?,
+            )),
+        }
     }
 
     /// A 0-dimensional array holding `value`.
@@ -699,12 +714,13 @@ impl NDArray {
             Context::Cpu => Ok(self.on_host()?.into_owned()),
             Context::Gpu(_) if self.context == context => Ok(self.clone()),
             Context::Gpu(id) => {
-                let backend = device_backend().ok_or_else(|| {
-                    Error::Device(format!(
-                        "cannot place an array on gpu({id}): no device backend provides GPU \
-                         memory in this build"
-                    ))
-                })?;
+                let backend = gpu_backend(context)?;
+                if let Data::Device(src) = &self.data {
+                    // Between devices: no trip through host memory.
+                    let mut copy = backend.zeros(self.shape(), self.dtype(), context)?;
+                    copy.copy_from_device(&**src)?;
+                    return Ok(NDArray::from_device(copy));
+                }
                 let host = self.on_host()?;
                 let Data::Dense(dense) = &host.data else {
                     return Err(Error::InvalidArgument(format!(

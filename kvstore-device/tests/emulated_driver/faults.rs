@@ -256,6 +256,60 @@ fn row_sparse_pull_out_of_memory(info: &GpuInfo) -> TestResult {
     unreachable!("the loop returns")
 }
 
+/// A pull into three GPU outputs through `kv` (a store that stages them through the host,
+/// or `dist_device_sync`, which copies each key to the GPUs once), the outputs sharing their
+/// memory with clones (so writing them allocates), the GPU running out of memory at each
+/// allocation in turn: a failed pull leaves every output as it was, and the clones are never
+/// written.
+fn staged_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -> TestResult {
+    let shape = [500usize];
+    kv.init(0, &NDArray::zeros(&shape, DType::F32))?;
+    let values: Vec<NDArray> = (0..3)
+        .map(|i| NDArray::full(&shape, i as f64 + 1.0, DType::F32))
+        .collect();
+    kv.push(0, &values[..])?;
+    let originals = (0..3)
+        .map(|i| {
+            NDArray::full(&shape, -1.0 - i as f64, DType::F32)
+                .to_context(kvstore_base::Context::Gpu(dev(info, i)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let before = originals
+        .iter()
+        .map(|o| o.to_vec::<f32>())
+        .collect::<Result<Vec<_>, _>>()?;
+    for allowed in 0i64.. {
+        let mut outs = originals.clone();
+        let result = with_allocations_failing_after(allowed, || kv.pull(0, &mut outs[..]))?;
+        let after = outs
+            .iter()
+            .map(|o| o.to_vec::<f32>())
+            .collect::<Result<Vec<_>, _>>()?;
+        for (o, b) in originals.iter().zip(&before) {
+            if o.to_vec::<f32>()? != *b {
+                return Err(fail("a pull wrote into a clone of its output"));
+            }
+        }
+        match result {
+            Ok(()) if allowed == 0 => return Err(fail("the pull allocates nothing")),
+            Ok(()) if after.iter().all(|o| *o == vec![6.0; 500]) => return Ok(()),
+            Ok(()) => return Err(fail(format!("a pull gave {:?}...", &after[0][..3]))),
+            Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => {
+                return Err(fail(format!(
+                    "allocation {allowed} failed with another error: {e}"
+                )))
+            }
+            Err(e) if after != before => {
+                return Err(fail(format!(
+                    "a pull failing at allocation {allowed} changed its outputs ({e})"
+                )))
+            }
+            Err(_) => {}
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// The fault checks of one emulated run, named `<prefix>::faults::...`.
 pub fn trials(prefix: &str) -> Vec<Trial> {
     let sgd = OptimizerSpec::new("sgd")
@@ -293,6 +347,23 @@ pub fn trials(prefix: &str) -> Vec<Trial> {
     trials.push(Trial::test(
         format!("{prefix}::faults::out_of_memory_in_a_row_sparse_pull_changes_no_output"),
         || row_sparse_pull_out_of_memory(&probe()?),
+    ));
+    trials.push(Trial::test(
+        format!("{prefix}::faults::out_of_memory_in_a_staged_pull_changes_no_output"),
+        || {
+            let info = probe()?;
+            staged_pull_out_of_memory(&*kvstore_base::create("local")?, &info)
+        },
+    ));
+    trials.push(Trial::test(
+        format!("{prefix}::faults::out_of_memory_in_a_dist_device_sync_pull_changes_no_output"),
+        || {
+            let info = probe()?;
+            crate::cases::dist::job("dist_device_sync", 1, |kv| {
+                staged_pull_out_of_memory(kv, &info)
+            })
+            .map(|_| ())
+        },
     ));
     trials
 }

@@ -80,7 +80,8 @@ impl DistStore {
 
     /// Runs `call` with `outs` in host memory: one host array per key for its GPU outputs
     /// (those of one dtype), which, once `call` succeeded, is copied to the first of them and
-    /// from there to the others, GPU to GPU. Nothing is written when `call` fails.
+    /// from there to the others, GPU to GPU. Nothing is written when `call` fails, nor when a
+    /// GPU runs out of memory on the way back.
     pub(super) fn with_device_outs<R>(
         &self,
         operation: &'static str,
@@ -136,14 +137,22 @@ impl DistStore {
             }
             call(&mut KeyedOuts::new(operation, keys, staged)?)?
         };
+        // Outputs that share their memory with clones get their own first (the only
+        // allocations of the write-back): a GPU out of memory then leaves every output as it
+        // was.
         let outs = outs.outs_mut();
+        for (out, p) in outs.iter_mut().zip(&plan) {
+            if !matches!(p, Plan::Host) {
+                out.device_mut().map_err(device_copy)?;
+            }
+        }
         for i in 0..outs.len() {
             match plan[i] {
                 Plan::Host => {}
                 Plan::Received(r) => outs[i].assign(&received[r]).map_err(device_copy)?,
                 Plan::CopyOf(j) => {
-                    let source = outs[j].clone();
-                    outs[i].assign(&source).map_err(device_copy)?;
+                    let (head, tail) = outs.split_at_mut(i);
+                    tail[0].assign(head[j]).map_err(device_copy)?;
                 }
             }
         }
