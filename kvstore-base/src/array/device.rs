@@ -314,6 +314,50 @@ mod tests {
         assert!(NDArray::sum_on_device(&[]).is_err());
     }
 
+    /// Device memory whose device has failed: every copy to the host errs.
+    #[derive(Debug)]
+    struct Failed;
+
+    impl DeviceMemory for Failed {
+        fn context(&self) -> Context {
+            Context::Gpu(0)
+        }
+        fn dtype(&self) -> DType {
+            DType::F32
+        }
+        fn shape(&self) -> &[usize] {
+            &[2]
+        }
+        fn to_host(&self) -> Result<HostArray> {
+            Err(Error::Device("the device fell off the bus".into()))
+        }
+        fn write_from_host(&mut self, _: &HostArray) -> Result<()> {
+            Err(Error::Device("the device fell off the bus".into()))
+        }
+        fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
+            Err(Error::Device("the device fell off the bus".into()))
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
+    #[test]
+    fn a_failing_device_is_an_error_of_the_fallible_reads() {
+        let broken = NDArray::from_device(Box::new(Failed));
+        assert!(matches!(
+            broken.try_astype(DType::F64),
+            Err(Error::Device(_))
+        ));
+        assert!(matches!(broken.try_to_f64_vec(), Err(Error::Device(_))));
+        assert!(matches!(broken.unique_row_ids(4), Err(Error::Device(_))));
+        // Its own dtype needs no copy.
+        assert!(broken.try_astype(DType::F32).is_ok());
+    }
+
     #[test]
     fn host_only_operations_refuse_device_arrays_with_a_clear_error() {
         let mut gpu = sample().to_context(Context::Gpu(0)).unwrap();

@@ -72,6 +72,11 @@ impl PartialEq for Data {
     }
 }
 
+/// The panic of the infallible methods (`astype`, `to_f64_vec`) when a device fails.
+fn host_copy_failed(e: &Error) -> ! {
+    panic!("copying a device array to the host failed: {e}")
+}
+
 /// The linked device backend, for placing an array in `context` (a GPU).
 fn gpu_backend(context: Context) -> Result<&'static dyn DeviceBackend> {
     device_backend().ok_or_else(|| {
@@ -261,7 +266,7 @@ impl NDArray {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a row-sparse array or an id that is not an integer in
-    /// `0..rows`.
+    /// `0..rows`; [`Error::Device`] when ids in device memory cannot be copied to the host.
     pub fn unique_row_ids(&self, rows: usize) -> Result<Vec<i64>> {
         if self.storage_type() != StorageType::Dense {
             return Err(Error::InvalidArgument(
@@ -269,7 +274,7 @@ impl NDArray {
             ));
         }
         let mut out = Vec::with_capacity(self.size());
-        for v in self.to_f64_vec() {
+        for v in self.try_to_f64_vec()? {
             if v.fract() != 0.0 || v < 0.0 || v >= rows as f64 {
                 return Err(Error::InvalidArgument(format!(
                     "row id {v} is not an integer in 0..{rows}"
@@ -484,12 +489,6 @@ impl NDArray {
         }
     }
 
-    /// [`on_host`](NDArray::on_host) for the infallible methods: a failing device panics.
-    fn on_host_or_panic(&self) -> std::borrow::Cow<'_, NDArray> {
-        self.on_host()
-            .unwrap_or_else(|e| panic!("copying a device array to the host failed: {e}"))
-    }
-
     /// A typed view of a dense array; `None` for another dtype or a row-sparse array.
     pub fn view<T: Element>(&self) -> Option<ndarray::ArrayViewD<'_, T>> {
         self.dense().and_then(T::host).map(|a| a.view())
@@ -533,11 +532,21 @@ impl NDArray {
     /// Every element converted to `f64`, in row-major order.
     ///
     /// # Panics
-    /// For an array in device memory, when copying it to the host fails (a failing device).
+    /// For an array in device memory, when copying it to the host fails (a failing device):
+    /// [`try_to_f64_vec`](NDArray::try_to_f64_vec) returns that error instead.
     pub fn to_f64_vec(&self) -> Vec<f64> {
-        let dense = self.on_host_or_panic().to_dense();
+        self.try_to_f64_vec()
+            .unwrap_or_else(|e| host_copy_failed(&e))
+    }
+
+    /// Every element converted to `f64`, in row-major order.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when copying an array in device memory to the host fails.
+    pub fn try_to_f64_vec(&self) -> Result<Vec<f64>> {
+        let dense = self.on_host()?.to_dense();
         let host = dense.dense().expect("to_dense returns a dense array");
-        with_host!(host, a => a.iter().map(|x| x.to_f64()).collect())
+        Ok(with_host!(host, a => a.iter().map(|x| x.to_f64()).collect()))
     }
 
     /// Checks that `other` has this array's shape; `what` names `other` in the error.
@@ -679,13 +688,23 @@ impl NDArray {
     /// the host ([`to_context`](NDArray::to_context) moves it back).
     ///
     /// # Panics
-    /// For an array in device memory, when copying it to the host fails (a failing device).
+    /// For an array in device memory, when copying it to the host fails (a failing device):
+    /// [`try_astype`](NDArray::try_astype) returns that error instead.
     pub fn astype(&self, dtype: DType) -> NDArray {
+        self.try_astype(dtype)
+            .unwrap_or_else(|e| host_copy_failed(&e))
+    }
+
+    /// [`astype`](NDArray::astype), returning the error of a failing device.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when copying an array in device memory to the host fails.
+    pub fn try_astype(&self, dtype: DType) -> Result<NDArray> {
         if let Data::Device(m) = &self.data {
             if m.dtype() == dtype {
-                return self.clone();
+                return Ok(self.clone());
             }
-            return self.on_host_or_panic().astype(dtype);
+            return self.on_host()?.try_astype(dtype);
         }
         let data = match &self.data {
             Data::Dense(h) => Data::Dense(h.cast(dtype)),
@@ -696,10 +715,10 @@ impl NDArray {
             }),
             Data::Device(_) => unreachable!("handled above"),
         };
-        NDArray {
+        Ok(NDArray {
             context: self.context,
             data,
-        }
+        })
     }
 
     /// A copy in `context` (MXNet's `as_in_context`): to the host, or into the memory of a

@@ -81,7 +81,7 @@ impl DeviceStore {
                             let arrays = u.state_arrays(key)?;
                             let host = arrays
                                 .iter()
-                                .map(|a| a.astype(kvstore_base::DType::F32).to_vec::<f32>())
+                                .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
                                 .collect::<Result<Vec<_>>>()
                                 .ok()?;
                             Some((host, u.update_count(key).unwrap_or(0)))
