@@ -13,7 +13,10 @@
 //! - gradient compression on 256 MiB of float32, the kernels alone (CUDA events): 2-bit and
 //!   1-bit quantisation and dequantisation, as GB/s of float32 input (256 MiB / time);
 //! - a push of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU, the codes
-//!   copied to the merge GPU, dequantised and summed there), as GB/s of float32 input.
+//!   copied to the merge GPU, dequantised and summed there), as GB/s of float32 input;
+//! - a pushpull of 4 x 64 MiB in GPU memory on `dist_sync` (each value and output staged
+//!   through the host) and on `dist_device_sync` (summed on a GPU, one array per key each
+//!   way), one worker and one server in this process.
 //!
 //! Prints `no GPU: <reason>` and exits 0 without a GPU. `KVSTORE_GPU_BANDWIDTH_UNIT=<bytes>`
 //! (default 1048576) replaces the MiB of every size above, for a quick run on a small GPU or
@@ -24,7 +27,9 @@
 use std::time::Instant;
 
 use cudarc::driver::sys::CUevent_flags;
-use kvstore_base::{CompressionParams, DType, Error, KVStoreBase, NDArray, OptimizerSpec, Result};
+use kvstore_base::{
+    CompressionParams, DType, Error, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec, Result,
+};
 use kvstore_compression::Codec;
 use kvstore_device::gpu::Runtime;
 use kvstore_device::{gpu_codec, probe, DeviceArray, DeviceStore, Engine, PackedArray};
@@ -241,5 +246,27 @@ fn main() -> Result<()> {
         t * 1e3,
         gbs(8 * 64 * mib, t)
     );
+
+    // dist_device_sync beside dist_sync, values and outputs in GPU memory: one worker, one
+    // server, both in this process.
+    let values = (0..4)
+        .map(|i| {
+            NDArray::full(&[n], 1.0, DType::F32)
+                .to_context(kvstore_base::Context::Gpu(info.devices[i % ngpu].ordinal))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for name in ["dist_sync", "dist_device_sync"] {
+        let cluster = kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
+        let kv = cluster.create_worker(name)?;
+        kv.init(0, &NDArray::zeros(&[n], DType::F32))?;
+        let mut outs = values.clone();
+        let t = wall_time(5, || kv.pushpull(0, &values[..], &mut outs[..]))?;
+        println!(
+            "{name}: pushpull of 4 x 64 MiB in GPU memory into 4 GPU outputs: {:.3} ms",
+            t * 1e3
+        );
+        drop(kv);
+        cluster.finish()?;
+    }
     Ok(())
 }
