@@ -305,18 +305,6 @@ fn stage_outs<R>(
     Ok(result)
 }
 
-/// [`with_written_outs_on_host`] unless `store` handles device arrays.
-fn with_host_written_outs<S: KVStoreBase + ?Sized, R>(
-    store: &S,
-    outs: &mut KeyedOuts<'_>,
-    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
-) -> Result<R> {
-    match store.handles_device_arrays() {
-        true => call(outs),
-        false => with_written_outs_on_host(outs, call),
-    }
-}
-
 /// [`with_values_on_host`] unless `store` handles device arrays.
 fn with_host_values<S: KVStoreBase + ?Sized, R>(
     store: &S,
@@ -329,15 +317,18 @@ fn with_host_values<S: KVStoreBase + ?Sized, R>(
     }
 }
 
-/// [`with_outs_on_host`] unless `store` handles device arrays.
+/// Outputs in device memory staged through the host unless `store` handles device arrays:
+/// copies of them when the call reads them (`read`, [`with_outs_on_host`]), else zeros
+/// ([`with_written_outs_on_host`]).
 fn with_host_outs<S: KVStoreBase + ?Sized, R>(
     store: &S,
     outs: &mut KeyedOuts<'_>,
+    read: bool,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
     match store.handles_device_arrays() {
         true => call(outs),
-        false => with_outs_on_host(outs, call),
+        false => stage_outs(outs, read, call),
     }
 }
 
@@ -437,7 +428,9 @@ pub trait KVStoreExt: KVStoreBase {
         priority: i32,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_written_outs(self, &mut outs, |o| self.pull_batch(o, priority, true))
+        with_host_outs(self, &mut outs, false, |o| {
+            self.pull_batch(o, priority, true)
+        })
     }
 
     /// `pull` with MXNet's `ignore_sparse` flag: with `false`, row-sparse outputs receive the
@@ -453,7 +446,7 @@ pub trait KVStoreExt: KVStoreBase {
         ignore_sparse: bool,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_written_outs(self, &mut outs, |o| {
+        with_host_outs(self, &mut outs, false, |o| {
             self.pull_batch(o, priority, ignore_sparse)
         })
     }
@@ -486,7 +479,9 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("pushpull", keys.clone(), values.into())?;
         let mut outs = self::outs("pushpull", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_written_outs(self, &mut outs, |o| self.pushpull_batch(v, o, priority))
+            with_host_outs(self, &mut outs, false, |o| {
+                self.pushpull_batch(v, o, priority)
+            })
         })
     }
 
@@ -500,7 +495,9 @@ pub trait KVStoreExt: KVStoreBase {
         values: impl Into<Outs<'a>>,
     ) -> Result<()> {
         let mut values = self::outs("pushpull", keys.into(), values.into())?;
-        with_host_outs(self, &mut values, |v| self.pushpull_in_place_batch(v, 0))
+        with_host_outs(self, &mut values, true, |v| {
+            self.pushpull_in_place_batch(v, 0)
+        })
     }
 
     /// Broadcasts rank 0's `values` into `outs` (MXNet's `kv.broadcast(key, value, out)`).
@@ -517,7 +514,7 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("broadcast", keys.clone(), values.into())?;
         let mut outs = self::outs("broadcast", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_written_outs(self, &mut outs, |o| self.broadcast_batch(v, o, 0))
+            with_host_outs(self, &mut outs, false, |o| self.broadcast_batch(v, o, 0))
         })
     }
 

@@ -83,13 +83,11 @@ impl DeviceBackend for CudaBackend {
     }
 
     fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>> {
-        let Context::Gpu(ordinal) = context else {
-            return Err(Error::InvalidArgument(
-                "device memory is on a GPU, not cpu(0)".into(),
-            ));
-        };
         let array = NDArray::from_host(host.clone());
-        Ok(Box::new(DeviceArray::from_host(&array, ordinal)?))
+        Ok(Box::new(DeviceArray::from_host(
+            &array,
+            gpu_ordinal(context)?,
+        )?))
     }
 
     fn zeros(
@@ -98,11 +96,7 @@ impl DeviceBackend for CudaBackend {
         dtype: DType,
         context: Context,
     ) -> Result<Box<dyn DeviceMemory>> {
-        let Context::Gpu(ordinal) = context else {
-            return Err(Error::InvalidArgument(
-                "device memory is on a GPU, not cpu(0)".into(),
-            ));
-        };
+        let ordinal = gpu_ordinal(context)?;
         if dtype != DType::F32 {
             return Err(Error::InvalidArgument(format!(
                 "GPU arrays are float32 for now, not {dtype}"
@@ -123,6 +117,16 @@ impl DeviceBackend for CudaBackend {
             return Ok(None);
         };
         sum_arrays(&arrays).map(|sum| Some(Box::new(sum) as Box<dyn DeviceMemory>))
+    }
+}
+
+/// The ordinal of a GPU context.
+fn gpu_ordinal(context: Context) -> Result<usize> {
+    match context {
+        Context::Gpu(ordinal) => Ok(ordinal),
+        Context::Cpu => Err(Error::InvalidArgument(
+            "device memory is on a GPU, not cpu(0)".into(),
+        )),
     }
 }
 

@@ -237,23 +237,32 @@ fn row_sparse_pull_out_of_memory(info: &GpuInfo) -> TestResult {
             .iter()
             .map(|o| o.to_host())
             .collect::<Result<Vec<_>, _>>()?;
-        match result {
-            Ok(()) if allowed == 0 => return Err(fail("the pull allocates nothing")),
-            Ok(()) => return Ok(()),
-            Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => {
-                return Err(fail(format!(
-                    "allocation {allowed} failed with another error: {e}"
-                )))
-            }
-            Err(e) if after != before => {
-                return Err(fail(format!(
-                    "a pull failing at allocation {allowed} changed its outputs ({e})"
-                )))
-            }
-            Err(_) => {}
+        if pull_succeeded(allowed, result, &before, &after)? {
+            return Ok(());
         }
     }
     unreachable!("the loop returns")
+}
+
+/// Whether a pull allowed `allowed` allocations succeeded; an error unless it did with some
+/// allocations, or failed out of memory leaving its outputs as they were (`before`).
+fn pull_succeeded<T: PartialEq>(
+    allowed: i64,
+    result: kvstore_base::Result<()>,
+    before: &T,
+    after: &T,
+) -> Result<bool, Failed> {
+    match result {
+        Ok(()) if allowed == 0 => Err(fail("the pull allocates nothing")),
+        Ok(()) => Ok(true),
+        Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => Err(fail(format!(
+            "allocation {allowed} failed with another error: {e}"
+        ))),
+        Err(e) if after != before => Err(fail(format!(
+            "a pull failing at allocation {allowed} changed its outputs ({e})"
+        ))),
+        Err(_) => Ok(false),
+    }
 }
 
 /// A pull into three GPU outputs through `kv` (a store that stages them through the host,
@@ -290,21 +299,11 @@ fn staged_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -> TestResult
                 return Err(fail("a pull wrote into a clone of its output"));
             }
         }
-        match result {
-            Ok(()) if allowed == 0 => return Err(fail("the pull allocates nothing")),
-            Ok(()) if after.iter().all(|o| *o == vec![6.0; 500]) => return Ok(()),
-            Ok(()) => return Err(fail(format!("a pull gave {:?}...", &after[0][..3]))),
-            Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => {
-                return Err(fail(format!(
-                    "allocation {allowed} failed with another error: {e}"
-                )))
-            }
-            Err(e) if after != before => {
-                return Err(fail(format!(
-                    "a pull failing at allocation {allowed} changed its outputs ({e})"
-                )))
-            }
-            Err(_) => {}
+        if pull_succeeded(allowed, result, &before, &after)? {
+            return match after.iter().all(|o| *o == vec![6.0; 500]) {
+                true => Ok(()),
+                false => Err(fail(format!("a pull gave {:?}...", &after[0][..3]))),
+            };
         }
     }
     unreachable!("the loop returns")
