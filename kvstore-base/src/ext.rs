@@ -233,7 +233,8 @@ pub fn with_arrays_on_host<R>(
 
 /// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
 /// `call` succeeded, the copies are written back into them (nothing is written when it
-/// fails, nor when the device runs out of memory on the way back). For calls that read their outputs (an in-place pushpull); see
+/// fails; outputs sharing memory with clones get their own before `call`, so that the write
+/// back allocates nothing). For calls that read their outputs (an in-place pushpull); see
 /// [`with_written_outs_on_host`] for those that only write them.
 ///
 /// # Errors
@@ -277,6 +278,14 @@ fn stage_outs<R>(
             (Some(_), false) => Ok(Some(NDArray::zeros(o.shape(), o.dtype()))),
         })
         .collect::<Result<Vec<Option<NDArray>>>>()?;
+    // Outputs that share their memory with clones get their own before the call (the only
+    // allocations of the write-back): a device out of memory then fails the call before
+    // anything is done or written.
+    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
+        if copy.is_some() {
+            out.device_mut()?;
+        }
+    }
     let keys = outs.keys().to_vec();
     let result = {
         let staged = outs
@@ -290,13 +299,6 @@ fn stage_outs<R>(
             .collect();
         call(&mut KeyedOuts::new("stage", keys, staged)?)?
     };
-    // Outputs that share their memory with clones get their own first (the only allocations of
-    // the write-back): a device out of memory then leaves every output as it was.
-    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
-        if copy.is_some() {
-            out.device_mut()?;
-        }
-    }
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if let Some(copy) = copy {
             out.assign(copy)?;

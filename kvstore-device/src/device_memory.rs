@@ -105,6 +105,19 @@ impl DeviceBackend for CudaBackend {
         Ok(Box::new(DeviceArray::zeros(shape, ordinal)?))
     }
 
+    fn copy_between_devices(
+        &self,
+        src: &dyn DeviceMemory,
+        context: Context,
+    ) -> Result<Option<Box<dyn DeviceMemory>>> {
+        let Some(src) = src.as_any().downcast_ref::<DeviceArray>() else {
+            return Ok(None);
+        };
+        let mut copy = DeviceArray::zeros(DeviceArray::shape(src), gpu_ordinal(context)?)?;
+        copy.copy_from(src)?;
+        Ok(Some(Box::new(copy)))
+    }
+
     /// Sums on the GPU holding most of the values (the first of them on a tie): the others
     /// are copied there first (peer to peer), then one reduction kernel pass reads each value
     /// once, as the `device` store's push.

@@ -1559,11 +1559,13 @@ impl KVStoreBase for DeviceStore {
             let keys: BTreeSet<Key> = values.keys().iter().cloned().collect();
             self.check_gpu_outs("broadcast", &keys, Some(values), outs)?;
             self.init_gpu_values(values)?;
-            return self.pull_routed(outs, priority, true);
+            return self.pull_routed("broadcast", outs, priority, true);
         }
         self.refuse_gpu_keys("broadcast", values.keys())?;
         self.refuse_sparse(values.values())?;
-        kvstore_base::with_outs_on_host(outs, |o| self.local.broadcast_batch(values, o, priority))
+        kvstore_base::with_written_outs_on_host(outs, |o| {
+            self.local.broadcast_batch(values, o, priority)
+        })
     }
 
     fn pushpull_batch(
@@ -1578,7 +1580,7 @@ impl KVStoreBase for DeviceStore {
         self.refuse_sparse(values.values())?;
         if any_on_device(outs.outs().iter().map(|o| &**o)) {
             // Host keys only: the host path, its outputs on GPUs staged.
-            return kvstore_base::with_outs_on_host(outs, |o| {
+            return kvstore_base::with_written_outs_on_host(outs, |o| {
                 self.pushpull_batch(values, o, priority)
             });
         }
@@ -1594,7 +1596,7 @@ impl KVStoreBase for DeviceStore {
             // The arrays are pushed, then written by the pull (the same arrays, so the pull's
             // checks hold once the push's did).
             self.push_routed("pushpull", &as_values(values)?, priority)?;
-            return self.pull_routed(values, priority, true);
+            return self.pull_routed("pushpull", values, priority, true);
         }
         if self.compression_active() {
             // The caller's arrays are only read until the sums are computed, then written by
@@ -1645,7 +1647,7 @@ impl KVStoreBase for DeviceStore {
             ));
         }
         if self.pull_needs_routing(outs) {
-            return self.pull_routed(outs, priority, ignore_sparse);
+            return self.pull_routed("pull", outs, priority, ignore_sparse);
         }
         self.local.pull_batch(outs, priority, ignore_sparse)
     }

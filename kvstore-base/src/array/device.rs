@@ -85,6 +85,21 @@ pub trait DeviceBackend: Send + Sync + 'static {
         self.upload(&HostArray::full(shape, 0.0, dtype), context)
     }
 
+    /// A copy of `src` (device memory of this backend) in the memory of `context`, another
+    /// device, copied device to device: `None` when the backend does not (the provided
+    /// implementation), so that the copy goes through host memory.
+    ///
+    /// # Errors
+    /// [`Error::Device`](crate::Error::Device) when a device fails.
+    fn copy_between_devices(
+        &self,
+        src: &dyn DeviceMemory,
+        context: Context,
+    ) -> Result<Option<Box<dyn DeviceMemory>>> {
+        let _ = (src, context);
+        Ok(None)
+    }
+
     /// The element-wise sum of `values` (at least one; one shape and dtype, checked by the
     /// caller; on any of the backend's devices) in new memory on one of their devices, in
     /// MXNet's association order (`values[0]`, then the others in groups of up to four, as
@@ -204,6 +219,18 @@ mod tests {
                 context,
                 host: host.clone(),
             }))
+        }
+        fn copy_between_devices(
+            &self,
+            src: &dyn DeviceMemory,
+            context: Context,
+        ) -> Result<Option<Box<dyn DeviceMemory>>> {
+            let src: &HostBacked = src.as_any().downcast_ref().expect("one backend");
+            DEVICE_COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Some(Box::new(HostBacked {
+                context,
+                host: src.host.clone(),
+            })))
         }
         fn sum(&self, values: &[&dyn DeviceMemory]) -> Result<Option<Box<dyn DeviceMemory>>> {
             let mut sum = NDArray::from_host(values[0].to_host()?);

@@ -735,10 +735,9 @@ impl NDArray {
             Context::Gpu(id) => {
                 let backend = gpu_backend(context)?;
                 if let Data::Device(src) = &self.data {
-                    // Between devices: no trip through host memory.
-                    let mut copy = backend.zeros(self.shape(), self.dtype(), context)?;
-                    copy.copy_from_device(&**src)?;
-                    return Ok(NDArray::from_device(copy));
+                    if let Some(copy) = backend.copy_between_devices(&**src, context)? {
+                        return Ok(NDArray::from_device(copy));
+                    }
                 }
                 let host = self.on_host()?;
                 let Data::Dense(dense) = &host.data else {

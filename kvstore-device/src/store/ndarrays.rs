@@ -9,7 +9,7 @@
 //! pairs are split by where their key lives: the host keys' go to the embedded host store,
 //! the GPU-bound keys' are all checked before either part runs.
 
-use kvstore_base::{with_outs_on_host, Context, KeyedOuts, KeyedValues};
+use kvstore_base::{with_written_outs_on_host, Context, KeyedOuts, KeyedValues};
 
 use super::*;
 
@@ -228,6 +228,7 @@ impl DeviceStore {
     /// receiving its results). Every GPU key's outputs are checked before any is written.
     pub(super) fn pull_routed(
         &self,
+        operation: &'static str,
         outs: &mut KeyedOuts<'_>,
         priority: i32,
         ignore_sparse: bool,
@@ -241,7 +242,7 @@ impl DeviceStore {
                 .collect()
         };
         // Checks of the GPU keys' outputs, before anything is written.
-        self.check_gpu_outs("pull", &gpu_keys, None, outs)?;
+        self.check_gpu_outs(operation, &gpu_keys, None, outs)?;
         // Host keys: the host store, outputs on GPUs staged.
         let (mut host_keys, mut host_outs) = (Vec::new(), Vec::new());
         let mut gpu_outs: Vec<(Key, &mut NDArray)> = Vec::new();
@@ -254,8 +255,8 @@ impl DeviceStore {
             }
         }
         if !host_keys.is_empty() {
-            let mut host_batch = KeyedOuts::new("pull", host_keys, host_outs)?;
-            with_outs_on_host(&mut host_batch, |o| {
+            let mut host_batch = KeyedOuts::new(operation, host_keys, host_outs)?;
+            with_written_outs_on_host(&mut host_batch, |o| {
                 self.local.pull_batch(o, priority, ignore_sparse)
             })?;
         }
@@ -286,7 +287,7 @@ impl DeviceStore {
                 continue;
             }
             let value = self.gpu_key_on_host(&key)?;
-            out.assign(&value).map_err(self.at("pull", &key))?;
+            out.assign(&value).map_err(self.at(operation, &key))?;
         }
         Ok(())
     }
@@ -466,7 +467,7 @@ impl DeviceStore {
                 }
             }
             let mut host_outs = KeyedOuts::new("pushpull", keys, host_outs)?;
-            with_outs_on_host(&mut host_outs, |o| {
+            with_written_outs_on_host(&mut host_outs, |o| {
                 self.pushpull_batch(&host_part, o, priority)
             })?;
         }
@@ -487,6 +488,7 @@ impl DeviceStore {
             }
         }
         self.pull_routed(
+            "pushpull",
             &mut KeyedOuts::new("pushpull", keys, gpu_outs)?,
             priority,
             true,

@@ -77,16 +77,16 @@ impl DeviceStore {
                 let updater = updater.as_deref();
                 keys.iter()
                     .map(|key| {
-                        let found = updater.and_then(|u| {
-                            let arrays = u.state_arrays(key)?;
-                            let host = arrays
-                                .iter()
-                                .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
-                                .collect::<Result<Vec<_>>>()
-                                .ok()?;
-                            Some((host, u.update_count(key).unwrap_or(0)))
-                        });
-                        Ok((key.clone(), found))
+                        let Some((u, arrays)) =
+                            updater.and_then(|u| Some((u, u.state_arrays(key)?)))
+                        else {
+                            return Ok((key.clone(), None));
+                        };
+                        let host = arrays
+                            .iter()
+                            .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok((key.clone(), Some((host, u.update_count(key).unwrap_or(0)))))
                     })
                     .collect::<Result<Vec<_>>>()
             })?;

@@ -20,8 +20,9 @@ fn host_copy_bytes(to_device: bool, reset: bool) -> Result<u64, Failed> {
 }
 
 /// Bytes copied (to the host, to the GPUs) by a push of three GPU values of 1000 float32 to
-/// one key, then by a pull of it into three GPU outputs, on a one-worker job of `store`.
-fn traffic(store: &str, info: &GpuInfo) -> Result<[(u64, u64); 2], Failed> {
+/// one key, by a pull of it into three GPU outputs, and by an in-place pushpull of three GPU
+/// values (shared with clones, the pushed values), on a one-worker job of `store`.
+fn traffic(store: &str, info: &GpuInfo) -> Result<[(u64, u64); 3], Failed> {
     let mut counts = dist::job(store, 1, |kv: &dyn KVStoreBase| {
         kv.init(0, &NDArray::zeros(&[1000], DType::F32))?;
         let on_gpu =
@@ -36,12 +37,22 @@ fn traffic(store: &str, info: &GpuInfo) -> Result<[(u64, u64); 2], Failed> {
         };
         let push = measure(&mut || kv.push(0, &values[..]))?;
         let pull = measure(&mut || kv.pull(0, &mut outs[..]))?;
+        let mut in_place = values.clone();
+        let both = measure(&mut || kv.pushpull_in_place(0, &mut in_place[..]))?;
         for out in &outs {
             if out.to_vec::<f32>()? != vec![3.0; 1000] {
                 return Err(fail(format!("{store}: a pulled output is not the sum")));
             }
         }
-        Ok([push, pull])
+        if in_place
+            .iter()
+            .any(|v| v.to_vec::<f32>().ok() != Some(vec![3.0; 1000]))
+        {
+            return Err(fail(format!(
+                "{store}: an in-place pushpull gave another sum"
+            )));
+        }
+        Ok([push, pull, both])
     })?;
     Ok(counts.remove(0))
 }
@@ -53,16 +64,16 @@ fn dist_device_sync_copies_one_array_per_key(info: &GpuInfo) -> TestResult {
     const BYTES: u64 = 4000;
     let device = traffic("dist_device_sync", info)?;
     let host = traffic("dist_sync", info)?;
-    let want_device = [(BYTES, 0), (0, BYTES)];
+    let want_device = [(BYTES, 0), (0, BYTES), (BYTES, BYTES)];
     if device != want_device {
         return Err(fail(format!(
-            "dist_device_sync copied (to the host, to the GPUs) {device:?} for the push and the \
-             pull, {want_device:?} expected"
+            "dist_device_sync copied (to the host, to the GPUs) {device:?} for the push, the \
+             pull and the in-place pushpull, {want_device:?} expected"
         )));
     }
-    // `dist_sync` stages through the host: every value, and every output (written, not read:
-    // a pull stages its outputs as zeros).
-    let want_host = [(3 * BYTES, 0), (0, 3 * BYTES)];
+    // `dist_sync` stages through the host: every value, and every output (written, not read,
+    // by a pull, which stages them as zeros; read and written in place).
+    let want_host = [(3 * BYTES, 0), (0, 3 * BYTES), (3 * BYTES, 3 * BYTES)];
     if host != want_host {
         return Err(fail(format!(
             "dist_sync copied {host:?}, {want_host:?} expected"

@@ -265,11 +265,11 @@ fn pull_succeeded<T: PartialEq>(
     }
 }
 
-/// A pull into three GPU outputs through `kv` (a store that stages them through the host,
-/// or `dist_device_sync`, which copies each key to the GPUs once), the outputs sharing their
-/// memory with clones (so writing them allocates), the GPU running out of memory at each
-/// allocation in turn: a failed pull leaves every output as it was, and the clones are never
-/// written.
+/// A pull into three GPU outputs and a host one through `kv` (a store that stages the GPU
+/// ones through the host, or `dist_device_sync`, which copies each key to the GPUs once), the
+/// outputs sharing their memory with clones (so writing them allocates), the GPU running out
+/// of memory at each allocation in turn: a failed pull leaves every output as it was, and
+/// the clones are never written.
 fn staged_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -> TestResult {
     let shape = [500usize];
     kv.init(0, &NDArray::zeros(&shape, DType::F32))?;
@@ -277,12 +277,14 @@ fn staged_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -> TestResult
         .map(|i| NDArray::full(&shape, i as f64 + 1.0, DType::F32))
         .collect();
     kv.push(0, &values[..])?;
-    let originals = (0..3)
+    // Three outputs on GPUs, and one on the host that the call itself writes.
+    let mut originals = (0..3)
         .map(|i| {
             NDArray::full(&shape, -1.0 - i as f64, DType::F32)
                 .to_context(kvstore_base::Context::Gpu(dev(info, i)))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    originals.push(NDArray::full(&shape, -9.0, DType::F32));
     let before = originals
         .iter()
         .map(|o| o.to_vec::<f32>())

@@ -64,8 +64,9 @@ fn place(array: NDArray, info: &GpuInfo, i: usize, on: bool) -> Result<NDArray, 
 
 /// One worker's part: a refused pushpull (a value of another shape, then an output of
 /// another shape), which must send nothing; a pushpull of five values into three outputs
-/// (two on GPUs with `gpu`); a push of one value and a pull into two outputs. Everything
-/// pulled, in host memory.
+/// (two on GPUs with `gpu`); a push of one value and a pull into two outputs; a broadcast of
+/// a new key into three outputs; an in-place pushpull of the five values. Everything pulled,
+/// in host memory.
 fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Vec<f32>>, Failed> {
     let rank = kv.rank();
     kv.init(0, &NDArray::zeros(&SHAPE, DType::F32))?;
@@ -97,8 +98,24 @@ fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Ve
         place(NDArray::zeros(&[7], DType::F32), info, 1, gpu)?,
     ];
     kv.pull(1, &mut pulled[..])?;
+    // A broadcast of a new key into GPU and host outputs: rank 0's value everywhere.
+    let mut broadcast = [
+        place(NDArray::zeros(&[7], DType::F32), info, 0, gpu)?,
+        place(NDArray::zeros(&[7], DType::F32), info, 1, gpu)?,
+        NDArray::zeros(&[7], DType::F32),
+    ];
+    kv.broadcast(
+        2,
+        &place(host(&[7], data(7, 5 + rank)), info, 2, gpu)?,
+        &mut broadcast[..],
+    )?;
+    // An in-place pushpull of the five values: each overwritten by the round's sum.
+    let mut in_place = values;
+    kv.pushpull_in_place(0, &mut in_place[..])?;
     outs.iter()
         .chain(&pulled)
+        .chain(&broadcast)
+        .chain(&in_place)
         .map(|o| o.to_vec::<f32>().map_err(Failed::from))
         .collect()
 }

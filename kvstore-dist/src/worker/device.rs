@@ -9,7 +9,7 @@
 //! sum on its devices, or a key with host and GPU values mixed, is summed on the host as
 //! `dist_sync` does. Every value and output is checked against its key before any copy.
 
-use kvstore_base::{Context, Error, KeyedOuts, KeyedValues, NDArray, Result};
+use kvstore_base::{Context, Error, Key, KeyedOuts, KeyedValues, NDArray, Result};
 
 use super::DistStore;
 
@@ -31,12 +31,30 @@ impl DistStore {
         if values.values().iter().all(|v| v.device().is_none()) {
             return call(values);
         }
+        let (keys, staged, made) = self.sums_on_host(operation, values)?;
+        let arrays = staged
+            .iter()
+            .map(|s| match s {
+                Staged::Caller(a) => *a,
+                Staged::Made(i) => &made[*i],
+            })
+            .collect();
+        call(&KeyedValues::new(operation, keys, arrays)?)
+    }
+
+    /// The host arrays [`with_device_sums`](DistStore::with_device_sums) sends for `values`
+    /// (checked against their keys first): keys, where each array is, arrays made here.
+    fn sums_on_host<'a>(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'a>,
+    ) -> Result<(Vec<Key>, Vec<Staged<'a>>, Vec<NDArray>)> {
         self.check_values(operation, values)?;
         let mut keys = Vec::with_capacity(values.len());
         let mut staged = Vec::with_capacity(values.len());
         let mut made = Vec::new();
         for group in values.groups() {
-            let arrays: Vec<&NDArray> = group
+            let arrays: Vec<&'a NDArray> = group
                 .positions
                 .iter()
                 .map(|&p| values.values()[p])
@@ -68,20 +86,47 @@ impl DistStore {
                 }
             }
         }
-        let arrays = staged
-            .iter()
-            .map(|s| match s {
-                Staged::Caller(a) => *a,
-                Staged::Made(i) => &made[*i],
-            })
-            .collect();
-        call(&KeyedValues::new(operation, keys, arrays)?)
+        Ok((keys, staged, made))
     }
 
-    /// Runs `call` with `outs` in host memory: one host array per key for its GPU outputs
-    /// (those of one dtype), which, once `call` succeeded, is copied to the first of them and
-    /// from there to the others, GPU to GPU. Nothing is written when `call` fails, nor when a
-    /// GPU runs out of memory on the way back.
+    /// An in-place pushpull with arrays in GPU memory: each key's values summed (on a GPU)
+    /// into host arrays of its own, then the results written over them as a pushpull's
+    /// outputs.
+    pub(super) fn pushpull_in_place_on_devices(
+        &self,
+        values: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        let operation = "pushpull";
+        let (keys, sums) = {
+            let view = KeyedValues::new(
+                operation,
+                values.keys().to_vec(),
+                values.outs().iter().map(|o| &**o).collect(),
+            )?;
+            let (keys, staged, made) = self.sums_on_host(operation, &view)?;
+            // Arrays made here are numbered in the order of `staged`.
+            let mut made = made.into_iter();
+            let sums: Vec<NDArray> = staged
+                .into_iter()
+                .map(|s| match s {
+                    Staged::Caller(a) => a.clone(),
+                    Staged::Made(_) => made.next().expect("one per made entry"),
+                })
+                .collect();
+            (keys, sums)
+        };
+        let sums = KeyedValues::new(operation, keys, sums.iter().collect())?;
+        self.with_device_outs(operation, values, |outs| {
+            self.push_keys(operation, &sums, Some(outs), priority)
+        })
+    }
+
+    /// Runs `call` with `outs` (checked by the caller) in host memory: one host array per key
+    /// for its GPU outputs of one dtype, which, once `call` succeeded, is copied to the first
+    /// of them and from there to the others, GPU to GPU. Outputs that share their memory with
+    /// clones get their own before `call` (the only allocations): nothing is sent or written
+    /// when a GPU runs out of memory, nor when `call` fails.
     pub(super) fn with_device_outs<R>(
         &self,
         operation: &'static str,
@@ -91,7 +136,6 @@ impl DistStore {
         if outs.outs().iter().all(|o| o.device().is_none()) {
             return call(outs);
         }
-        self.check_outs(operation, outs)?;
         // For each output: the index of its host stand-in in `received`, and for the GPU
         // outputs whose key already has one of their dtype, the output to copy from.
         let mut received: Vec<NDArray> = Vec::new();
@@ -116,6 +160,11 @@ impl DistStore {
                 }
             }
         }
+        for (out, p) in outs.outs_mut().iter_mut().zip(&plan) {
+            if !matches!(p, Plan::Host) {
+                out.device_mut().map_err(device_copy)?;
+            }
+        }
         let out_keys = outs.keys().to_vec();
         let result = {
             let mut keys = Vec::with_capacity(outs.len());
@@ -137,15 +186,7 @@ impl DistStore {
             }
             call(&mut KeyedOuts::new(operation, keys, staged)?)?
         };
-        // Outputs that share their memory with clones get their own first (the only
-        // allocations of the write-back): a GPU out of memory then leaves every output as it
-        // was.
         let outs = outs.outs_mut();
-        for (out, p) in outs.iter_mut().zip(&plan) {
-            if !matches!(p, Plan::Host) {
-                out.device_mut().map_err(device_copy)?;
-            }
-        }
         for i in 0..outs.len() {
             match plan[i] {
                 Plan::Host => {}

@@ -494,6 +494,21 @@ impl DistStore {
         self.shm.iter().flatten().filter(|l| l.usable()).count()
     }
 
+    /// Checks that each output of a broadcast has a value of its key, of its shape.
+    fn check_broadcast_outs(&self, values: &KeyedValues<'_>, outs: &KeyedOuts<'_>) -> Result<()> {
+        outs.check_against("broadcast", values)?;
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let (_, value) = values
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("checked against values");
+            value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(self.at("broadcast", key))?;
+        }
+        Ok(())
+    }
+
     /// Runs `call` with `values` in host memory (copies of those in device memory, for a
     /// store with the device communicator; refused otherwise).
     fn values_on_host<R>(
@@ -676,6 +691,15 @@ impl KVStoreBase for DistStore {
         self.device_comm
     }
 
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        if self.device_comm && values.outs().iter().any(|v| v.device().is_some()) {
+            return self.pushpull_in_place_on_devices(values, priority);
+        }
+        let copies: Vec<NDArray> = values.outs().iter().map(|v| (**v).clone()).collect();
+        let inputs = KeyedValues::new("pushpull", values.keys().to_vec(), copies.iter().collect())?;
+        self.pushpull_batch(&inputs, values, priority)
+    }
+
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
         self.values_on_host(values, "init", |values| self.init_keys("init", values))
     }
@@ -698,7 +722,10 @@ impl KVStoreBase for DistStore {
     ) -> Result<()> {
         let pull = |outs: &mut KeyedOuts<'_>| self.pull_keys("pull", outs, ignore_sparse, priority);
         match self.device_comm {
-            true => self.with_device_outs("pull", outs, pull),
+            true => {
+                self.check_outs("pull", outs)?;
+                self.with_device_outs("pull", outs, pull)
+            }
             false => outs
                 .check_on_host(self.type_name(), "pull")
                 .and_then(|()| pull(outs)),
@@ -739,24 +766,15 @@ impl KVStoreBase for DistStore {
             });
         }
         if self.device_comm && outs.outs().iter().any(|o| o.device().is_some()) {
-            outs.check_against("broadcast", values)?;
-            self.check_outs("broadcast", outs)?;
+            // Checked against the values: the keys may not be initialised yet.
+            self.check_broadcast_outs(values, outs)?;
             return self.with_device_outs("broadcast", outs, |outs| {
                 self.broadcast_batch(values, outs, priority)
             });
         }
         values.check_on_host(self.type_name(), "broadcast")?;
         outs.check_on_host(self.type_name(), "broadcast")?;
-        outs.check_against("broadcast", values)?;
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
-            value
-                .check_shape_of(out, &format!("output {i}"))
-                .map_err(self.at("broadcast", key))?;
-        }
+        self.check_broadcast_outs(values, outs)?;
         self.init_keys("broadcast", values)?;
         self.pull_keys("broadcast", outs, true, priority)
     }
