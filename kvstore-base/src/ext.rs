@@ -1,8 +1,7 @@
 //! [`KVStoreExt`]: MXNet's calling forms (single key, key list, per-device lists) over any store.
 
-use crate::{
-    Capability, Context, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, Keys, NDArray, Result,
-};
+use crate::staging::{stage_outs, with_arrays_on_host, with_outs_on_host, with_values_on_host};
+use crate::{Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, Keys, NDArray, Result};
 
 /// The arrays of a call, shaped like its keys: one array, a list, or a list of lists.
 ///
@@ -189,124 +188,6 @@ fn check_count(operation: &'static str, keys: &[Key], found: usize) -> Result<()
     }
 }
 
-/// Runs `call` with `values`, those in device memory replaced by copies in host memory (the
-/// others as they are): how a store that works on host memory takes device arrays.
-///
-/// # Errors
-/// A failed copy from a device, or `call`'s error.
-pub fn with_values_on_host<R>(
-    values: &KeyedValues<'_>,
-    call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
-) -> Result<R> {
-    if values.values().iter().all(|v| v.device().is_none()) {
-        return call(values);
-    }
-    with_arrays_on_host(values.values(), |staged| {
-        call(&KeyedValues::new(
-            "stage",
-            values.keys().to_vec(),
-            staged.to_vec(),
-        )?)
-    })
-}
-
-/// Runs `call` with `arrays`, those in device memory replaced by copies in host memory (row
-/// ids, for instance).
-///
-/// # Errors
-/// A failed copy from a device, or `call`'s error.
-pub fn with_arrays_on_host<R>(
-    arrays: &[&NDArray],
-    call: impl FnOnce(&[&NDArray]) -> Result<R>,
-) -> Result<R> {
-    let copies = arrays
-        .iter()
-        .map(|a| a.device().map(|_| a.to_context(Context::Cpu)).transpose())
-        .collect::<Result<Vec<Option<NDArray>>>>()?;
-    let staged: Vec<&NDArray> = arrays
-        .iter()
-        .zip(&copies)
-        .map(|(a, copy)| copy.as_ref().unwrap_or(a))
-        .collect();
-    call(&staged)
-}
-
-/// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
-/// `call` succeeded, the copies are written back into them (nothing is written when it
-/// fails; outputs sharing memory with clones get their own before `call`, so that the write
-/// back allocates nothing). For calls that read their outputs (an in-place pushpull); see
-/// [`with_written_outs_on_host`] for those that only write them.
-///
-/// # Errors
-/// A failed copy to or from a device, or `call`'s error.
-pub fn with_outs_on_host<R>(
-    outs: &mut KeyedOuts<'_>,
-    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
-) -> Result<R> {
-    stage_outs(outs, true, call)
-}
-
-/// [`with_outs_on_host`] for a call that only writes its outputs (a pull, a pushpull, a
-/// broadcast): outputs in device memory are replaced by zeros in host memory, not by copies,
-/// so nothing is copied from the device.
-///
-/// # Errors
-/// A failed copy to a device, or `call`'s error.
-pub fn with_written_outs_on_host<R>(
-    outs: &mut KeyedOuts<'_>,
-    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
-) -> Result<R> {
-    stage_outs(outs, false, call)
-}
-
-/// Stages the device outputs of `outs` in host memory (copies of them when `read`, else
-/// zeros) for `call`, and writes them back once it succeeded.
-fn stage_outs<R>(
-    outs: &mut KeyedOuts<'_>,
-    read: bool,
-    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
-) -> Result<R> {
-    if outs.outs().iter().all(|o| o.device().is_none()) {
-        return call(outs);
-    }
-    let mut copies = outs
-        .outs()
-        .iter()
-        .map(|o| match (o.device(), read) {
-            (None, _) => Ok(None),
-            (Some(_), true) => o.to_context(Context::Cpu).map(Some),
-            (Some(_), false) => Ok(Some(NDArray::zeros(o.shape(), o.dtype()))),
-        })
-        .collect::<Result<Vec<Option<NDArray>>>>()?;
-    // Outputs that share their memory with clones get their own before the call (the only
-    // allocations of the write-back): a device out of memory then fails the call before
-    // anything is done or written.
-    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
-        if copy.is_some() {
-            out.device_mut()?;
-        }
-    }
-    let keys = outs.keys().to_vec();
-    let result = {
-        let staged = outs
-            .outs_mut()
-            .iter_mut()
-            .zip(copies.iter_mut())
-            .map(|(o, copy)| match copy {
-                Some(copy) => copy,
-                None => &mut **o,
-            })
-            .collect();
-        call(&mut KeyedOuts::new("stage", keys, staged)?)?
-    };
-    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
-        if let Some(copy) = copy {
-            out.assign(copy)?;
-        }
-    }
-    Ok(result)
-}
-
 /// [`with_values_on_host`] unless `store` handles device arrays.
 fn with_host_values<S: KVStoreBase + ?Sized, R>(
     store: &S,
@@ -321,7 +202,7 @@ fn with_host_values<S: KVStoreBase + ?Sized, R>(
 
 /// Outputs in device memory staged through the host unless `store` handles device arrays:
 /// copies of them when the call reads them (`read`, [`with_outs_on_host`]), else zeros
-/// ([`with_written_outs_on_host`]).
+/// ([`with_written_outs_on_host`](crate::with_written_outs_on_host)).
 fn with_host_outs<S: KVStoreBase + ?Sized, R>(
     store: &S,
     outs: &mut KeyedOuts<'_>,

@@ -62,6 +62,7 @@ mod key;
 mod optimizer_spec;
 pub mod plugin;
 mod registry;
+mod staging;
 mod store;
 
 pub use array::{
@@ -72,16 +73,17 @@ pub use batch::{KeyGroup, KeyedOuts, KeyedValues};
 pub use capability::Capability;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
-pub use ext::{
-    with_arrays_on_host, with_outs_on_host, with_values_on_host, with_written_outs_on_host, Arrays,
-    KVStoreExt, Outs, Values,
-};
+pub use ext::{Arrays, KVStoreExt, Outs, Values};
 pub use gate::{GatePass, PriorityGate};
 pub use key::{Key, Keys};
 pub use optimizer_spec::{OptimizerSpec, ParamValue};
 pub use registry::{
     create, create_default, create_with, register_runtime, registered, registered_names,
     unregister_runtime, CreateRequest, Registration, StoreFactory, StoreInfo,
+};
+pub use staging::{
+    with_arrays_on_host, with_outs_fanned_out, with_outs_on_host, with_values_on_host,
+    with_values_summed_on_host, with_written_outs_on_host, HostSums,
 };
 pub use store::{CompressionParams, KVStoreBase, Updater};
 

@@ -724,7 +724,7 @@ impl KVStoreBase for DistStore {
         match self.device_comm {
             true => {
                 self.check_outs("pull", outs)?;
-                self.with_device_outs("pull", outs, pull)
+                kvstore_base::with_outs_fanned_out("pull", outs, pull)
             }
             false => outs
                 .check_on_host(self.type_name(), "pull")
@@ -744,7 +744,7 @@ impl KVStoreBase for DistStore {
             // Every output is checked before a value is summed or copied.
             self.check_outs(operation, outs)?;
             return self.with_device_sums(operation, values, |values| {
-                self.with_device_outs(operation, outs, |outs| {
+                kvstore_base::with_outs_fanned_out(operation, outs, |outs| {
                     self.push_keys(operation, values, Some(outs), priority)
                 })
             });
@@ -768,7 +768,7 @@ impl KVStoreBase for DistStore {
         if self.device_comm && outs.outs().iter().any(|o| o.device().is_some()) {
             // Checked against the values: the keys may not be initialised yet.
             self.check_broadcast_outs(values, outs)?;
-            return self.with_device_outs("broadcast", outs, |outs| {
+            return kvstore_base::with_outs_fanned_out("broadcast", outs, |outs| {
                 self.broadcast_batch(values, outs, priority)
             });
         }

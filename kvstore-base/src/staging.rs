@@ -1,0 +1,344 @@
+//! Arrays in device memory staged through host memory, for stores that work on the host (and
+//! for the host side of stores that do not): copies of values, outputs written back after the
+//! call, and, for stores that send one array per key (the distributed ones), each key's
+//! device values summed on a device first ([`HostSums`]) and each key's result copied to
+//! one device output and from there to the others ([`with_outs_fanned_out`]), as MXNet's
+//! device communicator does around a parameter server.
+
+use crate::{Context, Error, Key, KeyedOuts, KeyedValues, NDArray, Result};
+
+/// Runs `call` with `values`, those in device memory replaced by copies in host memory (the
+/// others as they are): how a store that works on host memory takes device arrays.
+///
+/// # Errors
+/// A failed copy from a device, or `call`'s error.
+pub fn with_values_on_host<R>(
+    values: &KeyedValues<'_>,
+    call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+) -> Result<R> {
+    if values.values().iter().all(|v| v.device().is_none()) {
+        return call(values);
+    }
+    with_arrays_on_host(values.values(), |staged| {
+        call(&KeyedValues::new(
+            "stage",
+            values.keys().to_vec(),
+            staged.to_vec(),
+        )?)
+    })
+}
+
+/// Runs `call` with `arrays`, those in device memory replaced by copies in host memory (row
+/// ids, for instance).
+///
+/// # Errors
+/// A failed copy from a device, or `call`'s error.
+pub fn with_arrays_on_host<R>(
+    arrays: &[&NDArray],
+    call: impl FnOnce(&[&NDArray]) -> Result<R>,
+) -> Result<R> {
+    let copies = arrays
+        .iter()
+        .map(|a| a.device().map(|_| a.to_context(Context::Cpu)).transpose())
+        .collect::<Result<Vec<Option<NDArray>>>>()?;
+    let staged: Vec<&NDArray> = arrays
+        .iter()
+        .zip(&copies)
+        .map(|(a, copy)| copy.as_ref().unwrap_or(a))
+        .collect();
+    call(&staged)
+}
+
+/// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
+/// `call` succeeded, the copies are written back into them (nothing is written when it
+/// fails; outputs sharing memory with clones get their own before `call`, so that the write
+/// back allocates nothing). For calls that read their outputs (an in-place pushpull); see
+/// [`with_written_outs_on_host`] for those that only write them.
+///
+/// # Errors
+/// A failed copy to or from a device, or `call`'s error.
+pub fn with_outs_on_host<R>(
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    stage_outs(outs, true, call)
+}
+
+/// [`with_outs_on_host`] for a call that only writes its outputs (a pull, a pushpull, a
+/// broadcast): outputs in device memory are replaced by zeros in host memory, not by copies,
+/// so nothing is copied from the device.
+///
+/// # Errors
+/// A failed copy to a device, or `call`'s error.
+pub fn with_written_outs_on_host<R>(
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    stage_outs(outs, false, call)
+}
+
+/// Stages the device outputs of `outs` in host memory (copies of them when `read`, else
+/// zeros) for `call`, and writes them back once it succeeded.
+pub(crate) fn stage_outs<R>(
+    outs: &mut KeyedOuts<'_>,
+    read: bool,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    if outs.outs().iter().all(|o| o.device().is_none()) {
+        return call(outs);
+    }
+    let mut copies = outs
+        .outs()
+        .iter()
+        .map(|o| match (o.device(), read) {
+            (None, _) => Ok(None),
+            (Some(_), true) => o.to_context(Context::Cpu).map(Some),
+            (Some(_), false) => Ok(Some(NDArray::zeros(o.shape(), o.dtype()))),
+        })
+        .collect::<Result<Vec<Option<NDArray>>>>()?;
+    // Outputs that share their memory with clones get their own before the call (the only
+    // allocations of the write-back): a device out of memory then fails the call before
+    // anything is done or written.
+    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
+        if copy.is_some() {
+            out.device_mut()?;
+        }
+    }
+    let keys = outs.keys().to_vec();
+    let result = {
+        let staged = outs
+            .outs_mut()
+            .iter_mut()
+            .zip(copies.iter_mut())
+            .map(|(o, copy)| match copy {
+                Some(copy) => copy,
+                None => &mut **o,
+            })
+            .collect();
+        call(&mut KeyedOuts::new("stage", keys, staged)?)?
+    };
+    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
+        if let Some(copy) = copy {
+            out.assign(copy)?;
+        }
+    }
+    Ok(result)
+}
+
+/// A call's values in host memory for a store that sends one array per key: each key's
+/// values in device memory summed on a device ([`NDArray::sum_on_device`]) and copied to the
+/// host as one array, other device values copied one by one, host values as they are.
+/// Where the backend does not sum on its devices, or a key mixes host and device values,
+/// every device value is copied (the store sums them on the host).
+#[derive(Debug)]
+pub struct HostSums<'a> {
+    keys: Vec<Key>,
+    staged: Vec<Staged<'a>>,
+    made: Vec<NDArray>,
+}
+
+/// Where a staged array is.
+#[derive(Debug)]
+enum Staged<'a> {
+    /// The caller's own (in host memory).
+    Caller(&'a NDArray),
+    /// Made here: index into `made`, in order.
+    Made(usize),
+}
+
+impl<'a> HostSums<'a> {
+    /// Stages `values` (whose shapes and dtypes the caller has checked: the values of a key
+    /// are summed); errors name `store`, `operation` and the key.
+    ///
+    /// # Errors
+    /// A device that fails (out of memory, a failed copy).
+    pub fn of(store: &str, operation: &'static str, values: &KeyedValues<'a>) -> Result<Self> {
+        let at = |key: &Key| {
+            let key = key.clone();
+            move |e: Error| e.at_key(store, operation, key)
+        };
+        let mut sums = HostSums {
+            keys: Vec::with_capacity(values.len()),
+            staged: Vec::with_capacity(values.len()),
+            made: Vec::new(),
+        };
+        for group in values.groups() {
+            let arrays: Vec<&'a NDArray> = group
+                .positions
+                .iter()
+                .map(|&p| values.values()[p])
+                .collect();
+            if arrays.len() > 1 {
+                if let Some(sum) = NDArray::sum_on_device(&arrays).map_err(at(&group.key))? {
+                    let host = sum.to_context(Context::Cpu).map_err(at(&group.key))?;
+                    sums.push_made(group.key, host);
+                    continue;
+                }
+            }
+            for array in arrays {
+                match array.device() {
+                    None => {
+                        sums.keys.push(group.key.clone());
+                        sums.staged.push(Staged::Caller(array));
+                    }
+                    Some(_) => {
+                        let host = array.to_context(Context::Cpu).map_err(at(&group.key))?;
+                        sums.push_made(group.key.clone(), host);
+                    }
+                }
+            }
+        }
+        Ok(sums)
+    }
+
+    fn push_made(&mut self, key: Key, array: NDArray) {
+        self.keys.push(key);
+        self.staged.push(Staged::Made(self.made.len()));
+        self.made.push(array);
+    }
+
+    /// The staged values, all in host memory.
+    ///
+    /// # Errors
+    /// None in practice (the keys and arrays are paired as in the call).
+    pub fn values(&self, operation: &'static str) -> Result<KeyedValues<'_>> {
+        let arrays = self
+            .staged
+            .iter()
+            .map(|s| match s {
+                Staged::Caller(a) => *a,
+                Staged::Made(i) => &self.made[*i],
+            })
+            .collect();
+        KeyedValues::new(operation, self.keys.clone(), arrays)
+    }
+
+    /// The staged values as arrays of their own (the caller's host arrays copied), for a call
+    /// that then overwrites the values (an in-place pushpull).
+    pub fn into_owned(self) -> (Vec<Key>, Vec<NDArray>) {
+        let mut made = self.made.into_iter();
+        let arrays = self
+            .staged
+            .into_iter()
+            .map(|s| match s {
+                Staged::Caller(a) => a.clone(),
+                Staged::Made(_) => made.next().expect("made in the order staged"),
+            })
+            .collect();
+        (self.keys, arrays)
+    }
+}
+
+/// Runs `call` with `values` as [`HostSums`] stages them, unless every value is in host
+/// memory already.
+///
+/// # Errors
+/// As [`HostSums::of`], or `call`'s error.
+pub fn with_values_summed_on_host<R>(
+    store: &str,
+    operation: &'static str,
+    values: &KeyedValues<'_>,
+    call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+) -> Result<R> {
+    if values.values().iter().all(|v| v.device().is_none()) {
+        return call(values);
+    }
+    let sums = HostSums::of(store, operation, values)?;
+    call(&sums.values(operation)?)
+}
+
+/// Where an output's result comes from, in [`with_outs_fanned_out`].
+enum Plan {
+    /// A host output: written by the call itself.
+    Host,
+    /// The first device output of its key and dtype: from the host stand-in of this index.
+    Received(usize),
+    /// Another device output of the key: from the device output of this index.
+    CopyOf(usize),
+}
+
+/// Runs `call` with `outs` (checked by the caller) in host memory, for a store that receives
+/// one array per key: one host stand-in per key for its device outputs of one dtype, which,
+/// once `call` succeeded, is copied to the first of them and from there to the others, device
+/// to device. Outputs that share their memory with clones get their own before `call` (the
+/// only allocations): nothing is done or written when a device runs out of memory, nor when
+/// `call` fails.
+///
+/// # Errors
+/// A device that fails, or `call`'s error.
+pub fn with_outs_fanned_out<R>(
+    operation: &'static str,
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    if outs.outs().iter().all(|o| o.device().is_none()) {
+        return call(outs);
+    }
+    let mut received: Vec<NDArray> = Vec::new();
+    let mut received_keys = Vec::new();
+    let mut plan: Vec<Plan> = Vec::with_capacity(outs.len());
+    for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+        if out.device().is_none() {
+            plan.push(Plan::Host);
+            continue;
+        }
+        let first = (0..i).find(|&j| {
+            outs.keys()[j] == *key
+                && matches!(plan[j], Plan::Received(_))
+                && outs.outs()[j].dtype() == out.dtype()
+        });
+        match first {
+            Some(j) => plan.push(Plan::CopyOf(j)),
+            None => {
+                plan.push(Plan::Received(received.len()));
+                received.push(NDArray::zeros(out.shape(), out.dtype()));
+                received_keys.push(key.clone());
+            }
+        }
+    }
+    for (out, p) in outs.outs_mut().iter_mut().zip(&plan) {
+        if !matches!(p, Plan::Host) {
+            out.device_mut().map_err(copy_back)?;
+        }
+    }
+    let out_keys = outs.keys().to_vec();
+    let result = {
+        let mut keys = Vec::with_capacity(outs.len());
+        let mut staged: Vec<&mut NDArray> = Vec::with_capacity(outs.len());
+        let mut spare = received.iter_mut();
+        let mut received_keys = received_keys.iter();
+        for ((key, out), p) in out_keys.iter().zip(outs.outs_mut()).zip(&plan) {
+            match p {
+                Plan::Host => {
+                    keys.push(key.clone());
+                    staged.push(&mut **out);
+                }
+                Plan::Received(_) => {
+                    keys.push(received_keys.next().expect("one per stand-in").clone());
+                    staged.push(spare.next().expect("one per stand-in"));
+                }
+                Plan::CopyOf(_) => {}
+            }
+        }
+        call(&mut KeyedOuts::new(operation, keys, staged)?)?
+    };
+    let outs = outs.outs_mut();
+    for i in 0..outs.len() {
+        match plan[i] {
+            Plan::Host => {}
+            Plan::Received(r) => outs[i].assign(&received[r]).map_err(copy_back)?,
+            Plan::CopyOf(j) => {
+                let (head, tail) = outs.split_at_mut(i);
+                tail[0].assign(head[j]).map_err(copy_back)?;
+            }
+        }
+    }
+    Ok(result)
+}
+
+fn copy_back(e: Error) -> Error {
+    match e {
+        Error::Device(m) => Error::Device(format!("writing a received value to a device: {m}")),
+        e => e,
+    }
+}
