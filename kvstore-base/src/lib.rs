@@ -82,8 +82,8 @@ pub use registry::{
     unregister_runtime, CreateRequest, Registration, StoreFactory, StoreInfo,
 };
 pub use staging::{
-    with_arrays_on_host, with_outs_fanned_out, with_outs_on_host, with_values_on_host,
-    with_values_summed_on_host, with_written_outs_on_host, HostSums,
+    with_arrays_on_host, with_in_place_sums_on_host, with_outs_fanned_out, with_outs_on_host,
+    with_values_on_host, with_values_summed_on_host, with_written_outs_on_host, HostSums,
 };
 pub use store::{CompressionParams, KVStoreBase, Updater};
 

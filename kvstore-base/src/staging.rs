@@ -247,6 +247,33 @@ pub fn with_values_summed_on_host<R>(
     call(&sums.values(operation)?)
 }
 
+/// An in-place pushpull for a store that sends and receives one array per key: `check` sees
+/// the values first, then each key's values are summed ([`HostSums`]) into host arrays of
+/// their own, and `call(sums, outs)` writes the results over the values as
+/// [`with_outs_fanned_out`] does.
+///
+/// # Errors
+/// `check`'s error, a device that fails, or `call`'s error.
+pub fn with_in_place_sums_on_host<R>(
+    store: &str,
+    operation: &'static str,
+    values: &mut KeyedOuts<'_>,
+    check: impl FnOnce(&KeyedValues<'_>) -> Result<()>,
+    call: impl FnOnce(&KeyedValues<'_>, &mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    let (keys, sums) = {
+        let view = KeyedValues::new(
+            operation,
+            values.keys().to_vec(),
+            values.outs().iter().map(|o| &**o).collect(),
+        )?;
+        check(&view)?;
+        HostSums::of(store, operation, &view)?.into_owned()
+    };
+    let sums = KeyedValues::new(operation, keys, sums.iter().collect())?;
+    with_outs_fanned_out(operation, values, |outs| call(&sums, outs))
+}
+
 /// Where an output's result comes from, in [`with_outs_fanned_out`].
 enum Plan {
     /// A host output: written by the call itself.

@@ -85,9 +85,11 @@
 //!
 //! ## Deviations from BytePS
 //!
-//! - One process per worker, tensors on the CPU: no local NCCL reduce / broadcast across the
-//!   GPUs of a machine, no PCIe-switch reduce, no `BYTEPS_LOCAL_RANK`/`LOCAL_SIZE` (a worker's
-//!   device values are summed on the CPU); partitions are not rounded up to pages.
+//! - One process per worker: its values of a key in GPU memory are summed on a GPU (with
+//!   `kvstore-device` linked: one pass of its reduction kernel, not NCCL) and copied to the host
+//!   as one array, and a pulled key is copied to one GPU output and from there to the others,
+//!   as BytePS's communication service does; no PCIe-switch reduce, no
+//!   `BYTEPS_LOCAL_RANK`/`LOCAL_SIZE`; partitions are not rounded up to pages.
 //! - TCP (the dist transport) between hosts, no RDMA (`DMLC_ENABLE_RDMA`); shared memory with
 //!   the servers of the same host is the dist stores' region, set by `KVSTORE_SHM*` rather
 //!   than `BYTEPS_ENABLE_IPC`, and used for big partitions only (small ones go over TCP).

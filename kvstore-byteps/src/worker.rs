@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvstore_base::{
-    Capability, CreateRequest, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, Result, StorageType,
+    with_in_place_sums_on_host, with_outs_fanned_out, with_values_on_host,
+    with_values_summed_on_host, Capability, CreateRequest, Error, KVStoreBase, Key, KeyGroup,
+    KeyedOuts, KeyedValues, NDArray, OptimizerSpec, Result, StorageType,
 };
 use kvstore_dist::cluster::Group;
 use kvstore_dist::protocol::{self, InitMeta, Mode};
@@ -723,12 +724,7 @@ impl BytePsStore {
         groups.sort_by(|a, b| a.key.cmp(&b.key));
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let tensors = self.tensors(operation, &keys)?;
-        for (g, t) in groups.iter().zip(&tensors) {
-            for (i, &p) in g.positions.iter().enumerate() {
-                t.check_value(values.values()[p], &format!("pushed value {i}"))
-                    .map_err(|e| e.at_key(&self.name, operation, g.key.clone()))?;
-            }
-        }
+        self.check_groups(operation, values, &groups, &tensors)?;
         if let Some(outs) = outs.as_deref() {
             self.check_outs(operation, outs)?;
         }
@@ -892,6 +888,44 @@ impl BytePsStore {
         })
     }
 
+    /// Checks every value of `values` against its declared tensor (shape, dtype).
+    fn check_values(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        let groups = values.groups();
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let tensors = self.tensors(operation, &keys)?;
+        self.check_groups(operation, values, &groups, &tensors)
+    }
+
+    fn check_groups(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        groups: &[KeyGroup],
+        tensors: &[Arc<Tensor>],
+    ) -> Result<()> {
+        for (g, t) in groups.iter().zip(tensors) {
+            for (i, &p) in g.positions.iter().enumerate() {
+                t.check_value(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(|e| e.at_key(&self.name, operation, g.key.clone()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `call` with `values` (checked against their tensors first when some are in
+    /// device memory) in host memory, each key's device values summed on a device.
+    fn values_summed_on_host<R>(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
+    ) -> Result<R> {
+        if values.values().iter().any(|v| v.device().is_some()) {
+            self.check_values(operation, values)?;
+        }
+        with_values_summed_on_host(&self.name, operation, values, call)
+    }
+
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
         let keys: Vec<&Key> = outs.keys().iter().collect();
         let tensors = self.tensors(operation, &keys)?;
@@ -1014,14 +1048,21 @@ impl KVStoreBase for BytePsStore {
         crate::CAPABILITIES.contains(&capability)
     }
 
+    /// Arrays in GPU memory are taken as BytePS's communication service takes them: a key's
+    /// values summed on a GPU, one array per key copied to the host and pushed, the result
+    /// copied to one GPU output and from there to the others.
+    fn handles_device_arrays(&self) -> bool {
+        true
+    }
+
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        values.check_on_host(self.type_name(), "init")?;
-        self.declare("init", values).map(drop)
+        with_values_on_host(values, |values| self.declare("init", values).map(drop))
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        values.check_on_host(self.type_name(), "push")?;
-        self.push_pull("push", values, None, priority, false)
+        self.values_summed_on_host("push", values, |values| {
+            self.push_pull("push", values, None, priority, false)
+        })
     }
 
     fn pull_batch(
@@ -1030,9 +1071,11 @@ impl KVStoreBase for BytePsStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        outs.check_on_host(self.type_name(), "pull")?;
         let _ = priority;
-        self.pull_keys("pull", outs, ignore_sparse)
+        self.check_outs("pull", outs)?;
+        with_outs_fanned_out("pull", outs, |outs| {
+            self.pull_keys("pull", outs, ignore_sparse)
+        })
     }
 
     fn pushpull_batch(
@@ -1041,10 +1084,25 @@ impl KVStoreBase for BytePsStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        values.check_on_host(self.type_name(), "pushpull")?;
-        outs.check_on_host(self.type_name(), "pushpull")?;
-        outs.check_against("pushpull", values)?;
-        self.push_pull("pushpull", values, Some(outs), priority, false)
+        let operation = "pushpull";
+        outs.check_against(operation, values)?;
+        self.check_outs(operation, outs)?;
+        self.values_summed_on_host(operation, values, |values| {
+            with_outs_fanned_out(operation, outs, |outs| {
+                self.push_pull(operation, values, Some(outs), priority, false)
+            })
+        })
+    }
+
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        let operation = "pushpull";
+        with_in_place_sums_on_host(
+            &self.name,
+            operation,
+            values,
+            |view| self.check_values(operation, view),
+            |sums, outs| self.push_pull(operation, sums, Some(outs), priority, false),
+        )
     }
 
     /// BytePS's broadcast: keys not declared yet are declared (rank 0's value), then every
@@ -1056,8 +1114,11 @@ impl KVStoreBase for BytePsStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        values.check_on_host(self.type_name(), "broadcast")?;
-        outs.check_on_host(self.type_name(), "broadcast")?;
+        if values.values().iter().any(|v| v.device().is_some()) {
+            return with_values_on_host(values, |values| {
+                self.broadcast_batch(values, outs, priority)
+            });
+        }
         outs.check_against("broadcast", values)?;
         values.check_one_value_per_key(&self.name, "broadcast")?;
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
@@ -1068,6 +1129,12 @@ impl KVStoreBase for BytePsStore {
             value
                 .check_shape_of(out, &format!("output {i}"))
                 .map_err(|e| e.at_key(&self.name, "broadcast", key.clone()))?;
+        }
+        if outs.outs().iter().any(|o| o.device().is_some()) {
+            // Every output checked: staged before any key is declared.
+            return with_outs_fanned_out("broadcast", outs, |outs| {
+                self.broadcast_batch(values, outs, priority)
+            });
         }
         let new: Vec<(Key, &NDArray)> = {
             let table = lock(&self.table);

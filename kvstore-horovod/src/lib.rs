@@ -23,7 +23,7 @@
 //!
 //! | operation | horovod store |
 //! |---|---|
-//! | `pushpull` | sum all-reduce (`hvd.allreduce(average=False)`, named `str(key)`); a worker's values for one key (one per device) are summed locally first, and the total lands in every output of the key |
+//! | `pushpull` | sum all-reduce (`hvd.allreduce(average=False)`, named `str(key)`); a worker's values for one key (one per device) are summed locally first (on a GPU when they are in GPU memory and `kvstore-device` is linked; one array per key goes through the ring), and the total lands in every output of the key (copied to one GPU output, then GPU to GPU) |
 //! | `broadcast` | rank 0's value into every output, on every worker (`hvd.broadcast(root_rank=0)`) |
 //! | `barrier` | every worker (the scheduler's barrier) |
 //! | `rank`, `num_workers` | the worker's rank and the number of workers (`hvd.rank()`, `hvd.size()`) |

@@ -27,7 +27,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvstore_base::{
-    Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray, Result, StorageType,
+    with_in_place_sums_on_host, with_outs_fanned_out, with_values_on_host,
+    with_values_summed_on_host, Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues,
+    NDArray, Result, StorageType,
 };
 use kvstore_dist::protocol::{Mode, CMD_BYE, CMD_HELLO};
 use kvstore_dist::transport::{
@@ -193,6 +195,11 @@ impl Cycles {
 }
 
 /// A dense, contiguous copy of `a`.
+/// Whether any of `arrays` is in device memory.
+fn any_on_device<'a>(mut arrays: impl Iterator<Item = &'a NDArray>) -> bool {
+    arrays.any(|a| a.device().is_some())
+}
+
 fn own(a: &NDArray) -> NDArray {
     let dense = a.to_dense();
     if dense.as_bytes().is_some() {
@@ -741,6 +748,75 @@ impl HorovodStore {
     }
 
     /// Checks that each output has its key's value's shape.
+    /// The all-reduce of a checked pushpull on host arrays: each key's values summed (MXNet's
+    /// order), one tensor per key through the ring, the results into the outputs.
+    fn allreduce(&self, values: &KeyedValues<'_>, outs: &mut KeyedOuts<'_>) -> Result<()> {
+        let operation = "pushpull";
+        let mut groups = values.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        let mut tensors = Vec::with_capacity(groups.len());
+        for g in &groups {
+            let sum = match g.positions.as_slice() {
+                [one] => own(values.values()[*one]),
+                many => {
+                    let arrays: Vec<&NDArray> = many.iter().map(|&p| values.values()[p]).collect();
+                    reduce::sum_values(&arrays, &self.reduce, false)
+                }
+            };
+            tensors.push(Local {
+                key: g.key.clone(),
+                request: TensorRequest {
+                    name: tensor_name(&g.key),
+                    op: Op::Allreduce,
+                    dtype: sum.dtype(),
+                    shape: sum.shape().to_vec(),
+                },
+                data: sum,
+            });
+        }
+        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
+        let results = self.collective(operation, tensors)?;
+        self.write_outs(operation, &keys, &results, outs)
+    }
+
+    /// A checked broadcast on host arrays: rank 0's value of each key into the outputs.
+    fn broadcast_checked(&self, values: &KeyedValues<'_>, outs: &mut KeyedOuts<'_>) -> Result<()> {
+        let operation = "broadcast";
+        let mut tensors: Vec<Local> = values
+            .iter()
+            .map(|(key, value)| {
+                let data = own(value);
+                Local {
+                    key: key.clone(),
+                    request: TensorRequest {
+                        name: tensor_name(key),
+                        op: Op::Broadcast,
+                        dtype: data.dtype(),
+                        shape: data.shape().to_vec(),
+                    },
+                    data,
+                }
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.key.cmp(&b.key));
+        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
+        let results = self.collective(operation, tensors)?;
+        self.write_outs(operation, &keys, &results, outs)
+    }
+
+    /// Checks that the values of each key have one shape and dtype.
+    fn check_alike(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        for g in values.groups() {
+            let first = values.values()[g.positions[0]];
+            for (i, &p) in g.positions.iter().enumerate().skip(1) {
+                first
+                    .check_like(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(self.at(operation, &g.key))?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_outs(
         &self,
         operation: &'static str,
@@ -795,51 +871,46 @@ impl KVStoreBase for HorovodStore {
         CAPABILITIES.contains(&capability)
     }
 
+    /// Arrays in GPU memory: a key's values summed on a GPU, one array per key through the
+    /// ring, the result copied to one GPU output and from there to the others.
+    fn handles_device_arrays(&self) -> bool {
+        true
+    }
+
     fn pushpull_batch(
         &self,
         values: &KeyedValues<'_>,
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        values.check_on_host(self.type_name(), "pushpull")?;
-        outs.check_on_host(self.type_name(), "pushpull")?;
         let _ = priority;
         let operation = "pushpull";
         outs.check_against(operation, values)?;
-        let mut groups = values.groups();
-        groups.sort_by(|a, b| a.key.cmp(&b.key));
-        for g in &groups {
-            let first = values.values()[g.positions[0]];
-            for (i, &p) in g.positions.iter().enumerate().skip(1) {
-                first
-                    .check_like(values.values()[p], &format!("pushed value {i}"))
-                    .map_err(self.at(operation, &g.key))?;
-            }
-        }
+        self.check_alike(operation, values)?;
         self.check_outs(operation, values, outs)?;
-        let mut tensors = Vec::with_capacity(groups.len());
-        for g in &groups {
-            let sum = match g.positions.as_slice() {
-                [one] => own(values.values()[*one]),
-                many => {
-                    let arrays: Vec<&NDArray> = many.iter().map(|&p| values.values()[p]).collect();
-                    reduce::sum_values(&arrays, &self.reduce, false)
-                }
-            };
-            tensors.push(Local {
-                key: g.key.clone(),
-                request: TensorRequest {
-                    name: tensor_name(&g.key),
-                    op: Op::Allreduce,
-                    dtype: sum.dtype(),
-                    shape: sum.shape().to_vec(),
-                },
-                data: sum,
+        if any_on_device(values.values().iter().copied())
+            || any_on_device(outs.outs().iter().map(|o| &**o))
+        {
+            return with_values_summed_on_host(&self.name, operation, values, |values| {
+                with_outs_fanned_out(operation, outs, |outs| self.allreduce(values, outs))
             });
         }
-        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
-        let results = self.collective(operation, tensors)?;
-        self.write_outs(operation, &keys, &results, outs)
+        self.allreduce(values, outs)
+    }
+
+    fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        let _ = priority;
+        let operation = "pushpull";
+        with_in_place_sums_on_host(
+            &self.name,
+            operation,
+            values,
+            |view| self.check_alike(operation, view),
+            |sums, outs| {
+                self.check_outs(operation, sums, outs)?;
+                self.allreduce(sums, outs)
+            },
+        )
     }
 
     fn broadcast_batch(
@@ -848,33 +919,19 @@ impl KVStoreBase for HorovodStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        values.check_on_host(self.type_name(), "broadcast")?;
-        outs.check_on_host(self.type_name(), "broadcast")?;
         let _ = priority;
         let operation = "broadcast";
         outs.check_against(operation, values)?;
         values.check_one_value_per_key(&self.name, operation)?;
         self.check_outs(operation, values, outs)?;
-        let mut tensors: Vec<Local> = values
-            .iter()
-            .map(|(key, value)| {
-                let data = own(value);
-                Local {
-                    key: key.clone(),
-                    request: TensorRequest {
-                        name: tensor_name(key),
-                        op: Op::Broadcast,
-                        dtype: data.dtype(),
-                        shape: data.shape().to_vec(),
-                    },
-                    data,
-                }
-            })
-            .collect();
-        tensors.sort_by(|a, b| a.key.cmp(&b.key));
-        let keys: Vec<Key> = tensors.iter().map(|t| t.key.clone()).collect();
-        let results = self.collective(operation, tensors)?;
-        self.write_outs(operation, &keys, &results, outs)
+        if any_on_device(values.values().iter().copied())
+            || any_on_device(outs.outs().iter().map(|o| &**o))
+        {
+            return with_values_on_host(values, |values| {
+                with_outs_fanned_out(operation, outs, |outs| self.broadcast_checked(values, outs))
+            });
+        }
+        self.broadcast_checked(values, outs)
     }
 
     fn barrier(&self) -> Result<()> {

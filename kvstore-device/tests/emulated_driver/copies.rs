@@ -57,19 +57,24 @@ fn traffic(store: &str, info: &GpuInfo) -> Result<[(u64, u64); 3], Failed> {
     Ok(counts.remove(0))
 }
 
-/// `dist_device_sync` sums a key's GPU values on a GPU and copies one array to the host per
-/// push, and one to a GPU per pull (the other outputs are filled GPU to GPU), where
-/// `dist_sync` copies every value and every output.
+/// `dist_device_sync` (and `byteps`) sum a key's GPU values on a GPU and copy one array to
+/// the host per push, and one to a GPU per pull (the other outputs are filled GPU to GPU),
+/// where `dist_sync` copies every value and every output.
 fn dist_device_sync_copies_one_array_per_key(info: &GpuInfo) -> TestResult {
     const BYTES: u64 = 4000;
     let device = traffic("dist_device_sync", info)?;
     let host = traffic("dist_sync", info)?;
     let want_device = [(BYTES, 0), (0, BYTES), (BYTES, BYTES)];
-    if device != want_device {
-        return Err(fail(format!(
-            "dist_device_sync copied (to the host, to the GPUs) {device:?} for the push, the \
-             pull and the in-place pushpull, {want_device:?} expected"
-        )));
+    for (store, copied) in [
+        ("dist_device_sync", device),
+        ("byteps", traffic("byteps", info)?),
+    ] {
+        if copied != want_device {
+            return Err(fail(format!(
+                "{store} copied (to the host, to the GPUs) {copied:?} for the push, the pull \
+                 and the in-place pushpull, {want_device:?} expected"
+            )));
+        }
     }
     // `dist_sync` stages through the host: every value, and every output (written, not read,
     // by a pull, which stages them as zeros; read and written in place).

@@ -377,6 +377,16 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         false,
         dist::sums_as_dist_sync,
     ),
+    (
+        "byteps::gpu_values_sum_as_host_values_do",
+        false,
+        dist::byteps_sums_as_on_host,
+    ),
+    (
+        "horovod::gpu_values_sum_as_host_values_do",
+        false,
+        dist::horovod_sums_as_on_host,
+    ),
     ("nccl::sum_across_gpus_equals_local_exactly", true, |i| {
         let n = i.devices.len();
         compare_with_local(i, Engine::Nccl, n, 100_003, None, 2, 0.0)

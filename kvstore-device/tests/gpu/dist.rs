@@ -1,14 +1,18 @@
-//! `dist_device_sync` with values and outputs in GPU memory: a worker sums a key's GPU values
-//! on a GPU (this crate's backend) before its push, and copies each pulled key to the host
-//! once. Results are compared bit for bit with `dist_sync` given the same values in host
-//! memory, on jobs of one server and two workers (two, so that the server's sum of the
-//! workers' pushes does not depend on their arrival order).
+//! The multi-worker stores with values and outputs in GPU memory: `dist_device_sync`,
+//! `byteps` and `horovod` sum a key's GPU values on a GPU (this crate's backend) before
+//! sending one array, and copy each received key to the GPUs once. Results are compared bit
+//! for bit with the same calls on host arrays (`dist_sync` for `dist_device_sync`, the store
+//! itself for the others), on jobs of two workers (two, so that the sum of the workers'
+//! contributions does not depend on their arrival order) and, for the parameter servers, one
+//! server.
 
 use std::time::Duration;
 
 use kvstore_base::{Context, DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_byteps as _;
 use kvstore_device::GpuInfo;
 use kvstore_dist::LocalCluster;
+use kvstore_horovod::LocalJob;
 use libtest_mimic::Failed;
 
 use super::{data, dev, fail, host, TestResult};
@@ -19,15 +23,24 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// The shape of the key that takes several values per worker.
 const SHAPE: [usize; 2] = [3, 347];
 
-/// Runs `part` on each of the `workers` workers of a fresh job of `store` (one server, every
-/// node in this process); the results by rank.
+/// Runs `part` on each of the `workers` workers of a fresh job of `store` (one server for the
+/// parameter servers, every node in this process); the results by rank.
 pub fn job<T: Send>(
     store: &str,
     workers: usize,
     part: impl Fn(&dyn KVStoreBase) -> Result<T, Failed> + Sync,
 ) -> Result<Vec<T>, Failed> {
-    let cluster = LocalCluster::start(1, workers as u32, TIMEOUT)?;
-    let options = cluster.worker_options().clone();
+    let (options, finish): (_, Box<dyn FnOnce() -> kvstore_base::Result<()>>) =
+        if store == "horovod" {
+            let job = LocalJob::start(workers as u32, TIMEOUT)?;
+            (job.worker_options().clone(), Box::new(move || job.finish()))
+        } else {
+            let cluster = LocalCluster::start(1, workers as u32, TIMEOUT)?;
+            (
+                cluster.worker_options().clone(),
+                Box::new(move || cluster.finish()),
+            )
+        };
     let stores = kvstore_test::create_workers(workers, || {
         kvstore_base::create_with(store, options.clone())
     })?;
@@ -39,7 +52,7 @@ pub fn job<T: Send>(
             .collect()
     });
     drop(stores);
-    cluster.finish()?;
+    finish()?;
     results.into_iter().collect()
 }
 
@@ -69,8 +82,12 @@ fn place(array: NDArray, info: &GpuInfo, i: usize, on: bool) -> Result<NDArray, 
 /// in host memory.
 fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Vec<f32>>, Failed> {
     let rank = kv.rank();
-    kv.init(0, &NDArray::zeros(&SHAPE, DType::F32))?;
-    kv.init(1, &host(&[7], data(7, 1)))?;
+    // `horovod` keeps no values: no init, push or pull.
+    let keeps_values = kv.type_name() != "horovod";
+    if keeps_values {
+        kv.init(0, &NDArray::zeros(&SHAPE, DType::F32))?;
+        kv.init(1, &host(&[7], data(7, 1)))?;
+    }
     let values = (0..5)
         .map(|i| place(value(rank, i), info, i, gpu))
         .collect::<Result<Vec<_>, _>>()?;
@@ -92,12 +109,18 @@ fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Ve
         return Err(fail("an output of another shape was accepted"));
     }
     kv.pushpull(0, &values, &mut outs[..])?;
-    kv.push(1, &place(host(&[7], data(7, 3 + rank)), info, 1, gpu)?)?;
     let mut pulled = [
         place(NDArray::zeros(&[7], DType::F32), info, 0, gpu)?,
         place(NDArray::zeros(&[7], DType::F32), info, 1, gpu)?,
     ];
-    kv.pull(1, &mut pulled[..])?;
+    let pushed = place(host(&[7], data(7, 3 + rank)), info, 1, gpu)?;
+    match keeps_values {
+        true => {
+            kv.push(1, &pushed)?;
+            kv.pull(1, &mut pulled[..])?;
+        }
+        false => kv.pushpull(1, &pushed, &mut pulled[..])?,
+    }
     // A broadcast of a new key into GPU and host outputs: rank 0's value everywhere.
     let mut broadcast = [
         place(NDArray::zeros(&[7], DType::F32), info, 0, gpu)?,
@@ -123,8 +146,24 @@ fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Ve
 /// GPU values and outputs on `dist_device_sync` give bit for bit what host ones give on
 /// `dist_sync`.
 pub fn sums_as_dist_sync(info: &GpuInfo) -> TestResult {
-    let on_gpus = job("dist_device_sync", 2, |kv| worker_part(kv, info, true))?;
-    let on_host = job("dist_sync", 2, |kv| worker_part(kv, info, false))?;
+    same_as_on_host(info, "dist_device_sync", "dist_sync")
+}
+
+/// GPU values and outputs on `byteps` give bit for bit what host ones give.
+pub fn byteps_sums_as_on_host(info: &GpuInfo) -> TestResult {
+    same_as_on_host(info, "byteps", "byteps")
+}
+
+/// GPU values and outputs on `horovod` give bit for bit what host ones give.
+pub fn horovod_sums_as_on_host(info: &GpuInfo) -> TestResult {
+    same_as_on_host(info, "horovod", "horovod")
+}
+
+/// [`worker_part`] with GPU arrays on `store` gives bit for bit what it gives with host
+/// arrays on `host_store`, and sums each worker's values in MXNet's order.
+fn same_as_on_host(info: &GpuInfo, store: &str, host_store: &str) -> TestResult {
+    let on_gpus = job(store, 2, |kv| worker_part(kv, info, true))?;
+    let on_host = job(host_store, 2, |kv| worker_part(kv, info, false))?;
     for (rank, (g, h)) in on_gpus.iter().zip(&on_host).enumerate() {
         for (i, (g, h)) in g.iter().zip(h).enumerate() {
             if g != h {

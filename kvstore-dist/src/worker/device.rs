@@ -11,7 +11,7 @@
 //! against its key before any copy.
 
 use kvstore_base::{
-    with_outs_fanned_out, with_values_summed_on_host, HostSums, KeyedOuts, KeyedValues, Result,
+    with_in_place_sums_on_host, with_values_summed_on_host, KeyedOuts, KeyedValues, Result,
 };
 
 use super::DistStore;
@@ -41,18 +41,12 @@ impl DistStore {
         priority: i32,
     ) -> Result<()> {
         let operation = "pushpull";
-        let (keys, sums) = {
-            let view = KeyedValues::new(
-                operation,
-                values.keys().to_vec(),
-                values.outs().iter().map(|o| &**o).collect(),
-            )?;
-            self.check_values(operation, &view)?;
-            HostSums::of(&self.name, operation, &view)?.into_owned()
-        };
-        let sums = KeyedValues::new(operation, keys, sums.iter().collect())?;
-        with_outs_fanned_out(operation, values, |outs| {
-            self.push_keys(operation, &sums, Some(outs), priority)
-        })
+        with_in_place_sums_on_host(
+            &self.name,
+            operation,
+            values,
+            |view| self.check_values(operation, view),
+            |sums, outs| self.push_keys(operation, sums, Some(outs), priority),
+        )
     }
 }
