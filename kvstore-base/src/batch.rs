@@ -244,6 +244,32 @@ impl<'a> KeyedOuts<'a> {
         }
         Ok(())
     }
+
+    /// [`check_against`](KeyedOuts::check_against), then that every output has the shape of
+    /// its key's first value (a broadcast's rule, whose keys need not exist yet); errors about
+    /// a key name `store` and `operation`.
+    ///
+    /// # Errors
+    /// As [`check_against`](KeyedOuts::check_against); [`Error::ShapeMismatch`] naming the
+    /// output, wrapped in [`Error::AtKey`].
+    pub fn check_shapes_against(
+        &self,
+        store: &str,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+    ) -> Result<()> {
+        self.check_against(operation, values)?;
+        for (i, (key, out)) in self.keys.iter().zip(&self.outs).enumerate() {
+            let (_, value) = values
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("checked against values");
+            value
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(|e| e.at_key(store, operation, key.clone()))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -229,20 +229,23 @@ impl<'a> HostSums<'a> {
     }
 }
 
-/// Runs `call` with `values` as [`HostSums`] stages them, unless every value is in host
-/// memory already.
+/// Runs `call` with `values` as [`HostSums`] stages them (once `check` accepted them: the
+/// store's checks of shapes and dtypes), unless every value is in host memory already (then
+/// `call` checks them itself).
 ///
 /// # Errors
-/// As [`HostSums::of`], or `call`'s error.
+/// `check`'s error, as [`HostSums::of`], or `call`'s error.
 pub fn with_values_summed_on_host<R>(
     store: &str,
     operation: &'static str,
     values: &KeyedValues<'_>,
+    check: impl FnOnce(&KeyedValues<'_>) -> Result<()>,
     call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
 ) -> Result<R> {
     if values.values().iter().all(|v| v.device().is_none()) {
         return call(values);
     }
+    check(values)?;
     let sums = HostSums::of(store, operation, values)?;
     call(&sums.values(operation)?)
 }

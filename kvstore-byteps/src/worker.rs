@@ -912,20 +912,6 @@ impl BytePsStore {
         Ok(())
     }
 
-    /// Runs `call` with `values` (checked against their tensors first when some are in
-    /// device memory) in host memory, each key's device values summed on a device.
-    fn values_summed_on_host<R>(
-        &self,
-        operation: &'static str,
-        values: &KeyedValues<'_>,
-        call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
-    ) -> Result<R> {
-        if values.values().iter().any(|v| v.device().is_some()) {
-            self.check_values(operation, values)?;
-        }
-        with_values_summed_on_host(&self.name, operation, values, call)
-    }
-
     fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<()> {
         let keys: Vec<&Key> = outs.keys().iter().collect();
         let tensors = self.tensors(operation, &keys)?;
@@ -1060,7 +1046,8 @@ impl KVStoreBase for BytePsStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        self.values_summed_on_host("push", values, |values| {
+        let check = |values: &KeyedValues<'_>| self.check_values("push", values);
+        with_values_summed_on_host(&self.name, "push", values, check, |values| {
             self.push_pull("push", values, None, priority, false)
         })
     }
@@ -1087,7 +1074,8 @@ impl KVStoreBase for BytePsStore {
         let operation = "pushpull";
         outs.check_against(operation, values)?;
         self.check_outs(operation, outs)?;
-        self.values_summed_on_host(operation, values, |values| {
+        let check = |values: &KeyedValues<'_>| self.check_values(operation, values);
+        with_values_summed_on_host(&self.name, operation, values, check, |values| {
             with_outs_fanned_out(operation, outs, |outs| {
                 self.push_pull(operation, values, Some(outs), priority, false)
             })
@@ -1121,15 +1109,7 @@ impl KVStoreBase for BytePsStore {
         }
         outs.check_against("broadcast", values)?;
         values.check_one_value_per_key(&self.name, "broadcast")?;
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
-            value
-                .check_shape_of(out, &format!("output {i}"))
-                .map_err(|e| e.at_key(&self.name, "broadcast", key.clone()))?;
-        }
+        outs.check_shapes_against(&self.name, "broadcast", values)?;
         if outs.outs().iter().any(|o| o.device().is_some()) {
             // Every output checked: staged before any key is declared.
             return with_outs_fanned_out("broadcast", outs, |outs| {

@@ -823,16 +823,7 @@ impl HorovodStore {
         values: &KeyedValues<'_>,
         outs: &KeyedOuts<'_>,
     ) -> Result<()> {
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
-            value
-                .check_shape_of(out, &format!("output {i}"))
-                .map_err(self.at(operation, key))?;
-        }
-        Ok(())
+        outs.check_shapes_against(&self.name, operation, values)
     }
 }
 
@@ -891,9 +882,13 @@ impl KVStoreBase for HorovodStore {
         if any_on_device(values.values().iter().copied())
             || any_on_device(outs.outs().iter().map(|o| &**o))
         {
-            return with_values_summed_on_host(&self.name, operation, values, |values| {
-                with_outs_fanned_out(operation, outs, |outs| self.allreduce(values, outs))
-            });
+            return with_values_summed_on_host(
+                &self.name,
+                operation,
+                values,
+                |_| Ok(()),
+                |values| with_outs_fanned_out(operation, outs, |outs| self.allreduce(values, outs)),
+            );
         }
         self.allreduce(values, outs)
     }

@@ -495,15 +495,7 @@ impl KVStoreBase for LocalStore {
         outs.check_against("broadcast", values)?;
         let (_pass, mut state) = self.enter(priority);
         self.check_init(&state, "broadcast", values)?;
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
-            value
-                .check_shape_of(out, &format!("output {i}"))
-                .map_err(self.at("broadcast", key))?;
-        }
+        outs.check_shapes_against(self.type_name(), "broadcast", values)?;
         self.do_init(&mut state, values);
         self.do_pull(&mut state, outs, true)
     }

@@ -10,28 +10,11 @@
 //! values mixed, is summed on the host as `dist_sync` does. Every value and output is checked
 //! against its key before any copy.
 
-use kvstore_base::{
-    with_in_place_sums_on_host, with_values_summed_on_host, KeyedOuts, KeyedValues, Result,
-};
+use kvstore_base::{with_in_place_sums_on_host, KeyedOuts, Result};
 
 use super::DistStore;
 
 impl DistStore {
-    /// Runs `call` with `values` (checked against their keys first) in host memory: each
-    /// key's GPU values summed on a GPU and copied to the host as one value.
-    pub(super) fn with_device_sums<R>(
-        &self,
-        operation: &'static str,
-        values: &KeyedValues<'_>,
-        call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
-    ) -> Result<R> {
-        if values.values().iter().all(|v| v.device().is_none()) {
-            return call(values);
-        }
-        self.check_values(operation, values)?;
-        with_values_summed_on_host(&self.name, operation, values, call)
-    }
-
     /// An in-place pushpull with arrays in GPU memory: each key's values summed (on a GPU)
     /// into host arrays of their own, then the results written over them as a pushpull's
     /// outputs.

@@ -45,8 +45,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvstore_base::{
-    Capability, CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyGroup,
-    KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
+    with_values_summed_on_host, Capability, CompressionParams, CreateRequest, DType, Error,
+    KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate,
+    Result, StorageType,
 };
 use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::{self, ReduceConfig};
@@ -494,21 +495,6 @@ impl DistStore {
         self.shm.iter().flatten().filter(|l| l.usable()).count()
     }
 
-    /// Checks that each output of a broadcast has a value of its key, of its shape.
-    fn check_broadcast_outs(&self, values: &KeyedValues<'_>, outs: &KeyedOuts<'_>) -> Result<()> {
-        outs.check_against("broadcast", values)?;
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
-            value
-                .check_shape_of(out, &format!("output {i}"))
-                .map_err(self.at("broadcast", key))?;
-        }
-        Ok(())
-    }
-
     /// Runs `call` with `values` in host memory (copies of those in device memory, for a
     /// store with the device communicator; refused otherwise).
     fn values_on_host<R>(
@@ -707,7 +693,10 @@ impl KVStoreBase for DistStore {
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
         let push = |values: &KeyedValues<'_>| self.push_keys("push", values, None, priority);
         match self.device_comm {
-            true => self.with_device_sums("push", values, push),
+            true => {
+                let check = |values: &KeyedValues<'_>| self.check_values("push", values);
+                with_values_summed_on_host(&self.name, "push", values, check, push)
+            }
             false => values
                 .check_on_host(self.type_name(), "push")
                 .and_then(|()| push(values)),
@@ -743,7 +732,8 @@ impl KVStoreBase for DistStore {
         if self.device_comm {
             // Every output is checked before a value is summed or copied.
             self.check_outs(operation, outs)?;
-            return self.with_device_sums(operation, values, |values| {
+            let check = |values: &KeyedValues<'_>| self.check_values(operation, values);
+            return with_values_summed_on_host(&self.name, operation, values, check, |values| {
                 kvstore_base::with_outs_fanned_out(operation, outs, |outs| {
                     self.push_keys(operation, values, Some(outs), priority)
                 })
@@ -767,14 +757,14 @@ impl KVStoreBase for DistStore {
         }
         if self.device_comm && outs.outs().iter().any(|o| o.device().is_some()) {
             // Checked against the values: the keys may not be initialised yet.
-            self.check_broadcast_outs(values, outs)?;
+            outs.check_shapes_against(&self.name, "broadcast", values)?;
             return kvstore_base::with_outs_fanned_out("broadcast", outs, |outs| {
                 self.broadcast_batch(values, outs, priority)
             });
         }
         values.check_on_host(self.type_name(), "broadcast")?;
         outs.check_on_host(self.type_name(), "broadcast")?;
-        self.check_broadcast_outs(values, outs)?;
+        outs.check_shapes_against(&self.name, "broadcast", values)?;
         self.init_keys("broadcast", values)?;
         self.pull_keys("broadcast", outs, true, priority)
     }
