@@ -101,7 +101,7 @@ pub(crate) fn stage_outs<R>(
     // anything is done or written.
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if copy.is_some() {
-            out.device_mut()?;
+            out.device_mut().map_err(unshare_failed)?;
         }
     }
     let keys = outs.keys().to_vec();
@@ -328,7 +328,7 @@ pub fn with_outs_fanned_out<R>(
     }
     for (out, p) in outs.outs_mut().iter_mut().zip(&plan) {
         if !matches!(p, Plan::Host) {
-            out.device_mut().map_err(copy_back)?;
+            out.device_mut().map_err(unshare_failed)?;
         }
     }
     let out_keys = outs.keys().to_vec();
@@ -366,6 +366,19 @@ pub fn with_outs_fanned_out<R>(
     Ok(result)
 }
 
+/// The error of an output shared with clones that could not get memory of its own (before
+/// the call: nothing was done).
+fn unshare_failed(e: Error) -> Error {
+    match e {
+        Error::Device(m) => Error::Device(format!(
+            "an output shared with its clones needs device memory of its own before the call \
+             (nothing was done): {m}"
+        )),
+        e => e,
+    }
+}
+
+/// The error of a result that could not be written into a device output.
 fn copy_back(e: Error) -> Error {
     match e {
         Error::Device(m) => Error::Device(format!("writing a received value to a device: {m}")),

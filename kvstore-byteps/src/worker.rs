@@ -1073,13 +1073,19 @@ impl KVStoreBase for BytePsStore {
     ) -> Result<()> {
         let operation = "pushpull";
         outs.check_against(operation, values)?;
+        self.check_values(operation, values)?;
         self.check_outs(operation, outs)?;
-        let check = |values: &KeyedValues<'_>| self.check_values(operation, values);
-        with_values_summed_on_host(&self.name, operation, values, check, |values| {
-            with_outs_fanned_out(operation, outs, |outs| {
-                self.push_pull(operation, values, Some(outs), priority, false)
-            })
-        })
+        with_values_summed_on_host(
+            &self.name,
+            operation,
+            values,
+            |_| Ok(()),
+            |values| {
+                with_outs_fanned_out(operation, outs, |outs| {
+                    self.push_pull(operation, values, Some(outs), priority, false)
+                })
+            },
+        )
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
@@ -1102,14 +1108,25 @@ impl KVStoreBase for BytePsStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        outs.check_against("broadcast", values)?;
+        values.check_one_value_per_key(&self.name, "broadcast")?;
+        outs.check_shapes_against(&self.name, "broadcast", values)?;
+        // Values of keys already declared: their tensors' shape and dtype, before any key is
+        // declared.
+        {
+            let table = lock(&self.table);
+            for (key, value) in values.iter() {
+                if let Some(t) = table.tensors.get(key) {
+                    t.check_value(value, "the broadcast value")
+                        .map_err(|e| e.at_key(&self.name, "broadcast", key.clone()))?;
+                }
+            }
+        }
         if values.values().iter().any(|v| v.device().is_some()) {
             return with_values_on_host(values, |values| {
                 self.broadcast_batch(values, outs, priority)
             });
         }
-        outs.check_against("broadcast", values)?;
-        values.check_one_value_per_key(&self.name, "broadcast")?;
-        outs.check_shapes_against(&self.name, "broadcast", values)?;
         if outs.outs().iter().any(|o| o.device().is_some()) {
             // Every output checked: staged before any key is declared.
             return with_outs_fanned_out("broadcast", outs, |outs| {

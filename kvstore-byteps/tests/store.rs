@@ -263,3 +263,32 @@ fn no_optimizer_and_bad_settings_are_refused() {
     // The cluster never got its worker: let it end on its own.
     cluster.detach();
 }
+
+#[test]
+fn a_refused_broadcast_declares_no_key() {
+    let out = run(1, 2, &[], |kv| {
+        kv.init(3, &NDArray::zeros(&[2, 3], DType::F32)).unwrap();
+        // Key 5 is new, key 3's value has the wrong shape: nothing may be declared.
+        let (new, wrong) = (
+            NDArray::ones(&[4], DType::F32),
+            NDArray::ones(&[3, 2], DType::F32),
+        );
+        let mut outs = [
+            NDArray::zeros(&[4], DType::F32),
+            NDArray::zeros(&[3, 2], DType::F32),
+        ];
+        let err = kv
+            .broadcast(&[5, 3], [&new, &wrong], &mut outs[..])
+            .unwrap_err()
+            .to_string();
+        let mut pulled = NDArray::zeros(&[4], DType::F32);
+        (err, kv.pull(5, &mut pulled).unwrap_err())
+    });
+    for (err, pull) in out {
+        assert!(err.contains("key 3") && err.contains("[2, 3]"), "{err}");
+        assert!(
+            matches!(pull, Error::AtKey { .. }) && pull.to_string().contains("key 5"),
+            "{pull}"
+        );
+    }
+}

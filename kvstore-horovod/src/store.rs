@@ -194,12 +194,12 @@ impl Cycles {
     }
 }
 
-/// A dense, contiguous copy of `a`.
 /// Whether any of `arrays` is in device memory.
 fn any_on_device<'a>(mut arrays: impl Iterator<Item = &'a NDArray>) -> bool {
     arrays.any(|a| a.device().is_some())
 }
 
+/// A dense, contiguous copy of `a`.
 fn own(a: &NDArray) -> NDArray {
     let dense = a.to_dense();
     if dense.as_bytes().is_some() {
@@ -747,7 +747,6 @@ impl HorovodStore {
         Ok(())
     }
 
-    /// Checks that each output has its key's value's shape.
     /// The all-reduce of a checked pushpull on host arrays: each key's values summed (MXNet's
     /// order), one tensor per key through the ring, the results into the outputs.
     fn allreduce(&self, values: &KeyedValues<'_>, outs: &mut KeyedOuts<'_>) -> Result<()> {
@@ -806,7 +805,9 @@ impl HorovodStore {
 
     /// Checks that the values of each key have one shape and dtype.
     fn check_alike(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
-        for g in values.groups() {
+        let mut groups = values.groups();
+        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        for g in groups {
             let first = values.values()[g.positions[0]];
             for (i, &p) in g.positions.iter().enumerate().skip(1) {
                 first
@@ -817,6 +818,7 @@ impl HorovodStore {
         Ok(())
     }
 
+    /// Checks that each output has its key's value's shape.
     fn check_outs(
         &self,
         operation: &'static str,

@@ -132,6 +132,17 @@ fn worker_part(kv: &dyn KVStoreBase, info: &GpuInfo, gpu: bool) -> Result<Vec<Ve
         &place(host(&[7], data(7, 5 + rank)), info, 2, gpu)?,
         &mut broadcast[..],
     )?;
+    if kv.type_name() == "byteps" {
+        // BytePS broadcasts declared keys too: rank 0's new value.
+        let again = place(host(&[7], data(7, 9 + rank)), info, 0, gpu)?;
+        kv.broadcast(2, &again, &mut broadcast[..])?;
+    }
+    if !keeps_values {
+        let refused = kv.push(0, &values[0]).unwrap_err();
+        if !matches!(refused, kvstore_base::Error::Unsupported { .. }) {
+            return Err(fail(format!("horovod: a push of a GPU value: {refused}")));
+        }
+    }
     // An in-place pushpull of the five values: each overwritten by the round's sum.
     let mut in_place = values;
     kv.pushpull_in_place(0, &mut in_place[..])?;

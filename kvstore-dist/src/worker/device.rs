@@ -7,8 +7,9 @@
 //! host memory, copies it to one of the key's GPU outputs and from there to the others, GPU
 //! to GPU ([`kvstore_base::with_outs_fanned_out`]). Values and outputs in host memory are
 //! used as they are; a backend that does not sum on its devices, or a key with host and GPU
-//! values mixed, is summed on the host as `dist_sync` does. Every value and output is checked
-//! against its key before any copy.
+//! values mixed, is summed on the host as `dist_sync` does. Pushed values and pulled outputs
+//! are checked against their keys before any copy (init and broadcast values are copied to
+//! the host first, then checked by the host path).
 
 use kvstore_base::{with_in_place_sums_on_host, KeyedOuts, Result};
 

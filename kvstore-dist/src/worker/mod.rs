@@ -730,14 +730,20 @@ impl KVStoreBase for DistStore {
         let operation = "pushpull";
         outs.check_against(operation, values)?;
         if self.device_comm {
-            // Every output is checked before a value is summed or copied.
+            // Every value and output is checked before a value is summed or copied.
+            self.check_values(operation, values)?;
             self.check_outs(operation, outs)?;
-            let check = |values: &KeyedValues<'_>| self.check_values(operation, values);
-            return with_values_summed_on_host(&self.name, operation, values, check, |values| {
-                kvstore_base::with_outs_fanned_out(operation, outs, |outs| {
-                    self.push_keys(operation, values, Some(outs), priority)
-                })
-            });
+            return with_values_summed_on_host(
+                &self.name,
+                operation,
+                values,
+                |_| Ok(()),
+                |values| {
+                    kvstore_base::with_outs_fanned_out(operation, outs, |outs| {
+                        self.push_keys(operation, values, Some(outs), priority)
+                    })
+                },
+            );
         }
         values.check_on_host(self.type_name(), operation)?;
         outs.check_on_host(self.type_name(), operation)?;
@@ -751,6 +757,7 @@ impl KVStoreBase for DistStore {
         priority: i32,
     ) -> Result<()> {
         if self.device_comm && values.values().iter().any(|v| v.device().is_some()) {
+            outs.check_shapes_against(&self.name, "broadcast", values)?;
             return kvstore_base::with_values_on_host(values, |values| {
                 self.broadcast_batch(values, outs, priority)
             });
@@ -775,17 +782,13 @@ impl KVStoreBase for DistStore {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
-        if self.device_comm
-            && (outs.outs().iter().any(|o| o.device().is_some())
-                || row_ids.iter().any(|r| r.device().is_some()))
-        {
+        // Outputs are row-sparse, never in device memory; row ids may be on a GPU.
+        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
+        if self.device_comm && row_ids.iter().any(|r| r.device().is_some()) {
             return kvstore_base::with_arrays_on_host(row_ids, |row_ids| {
-                kvstore_base::with_outs_on_host(outs, |outs| {
-                    self.row_sparse_pull_batch(outs, row_ids, priority)
-                })
+                self.row_sparse_pull_batch(outs, row_ids, priority)
             });
         }
-        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         let _ = priority;
         let operation = "row_sparse_pull";
         if row_ids.len() != outs.len() {
