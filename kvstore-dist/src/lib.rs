@@ -74,7 +74,17 @@
 //! ## Not yet
 //!
 //! Recovery nodes (a late registration is refused),
-//! `get_num_dead_node`, optimizer-state files on the servers.
+//! `get_num_dead_node`.
+//!
+//! ## Optimizer states
+//!
+//! `save_optimizer_states(path, dump_optimizer)` on any worker asks every server for the
+//! optimizer states of its slices of the keys and joins them into one file of whole keys, the
+//! file `local` writes (MXNet's dist stores cannot: "Cannot save states for distributed
+//! training"); `load_optimizer_states(path)` is called by every worker, like `set_optimizer`:
+//! rank 0 reads the file, cuts each key's states into the servers' slices (for this job's
+//! placement: the file may come from `local` or from a job with another number of servers)
+//! and sends them, then the workers meet in a barrier.
 #![deny(missing_docs)]
 
 pub mod cluster;
@@ -104,6 +114,7 @@ use protocol::Mode;
 /// The capabilities of every dist store.
 const CAPABILITIES: &[Capability] = &[
     Capability::Optimizer,
+    Capability::OptimizerStates,
     Capability::InitPushPull,
     Capability::GradientCompression,
     Capability::RowSparse,
@@ -127,6 +138,7 @@ macro_rules! register_dist {
             aliases = [$alias],
             capabilities = [
                 Capability::Optimizer,
+                Capability::OptimizerStates,
                 Capability::InitPushPull,
                 Capability::GradientCompression,
                 Capability::RowSparse,

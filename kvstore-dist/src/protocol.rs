@@ -80,6 +80,13 @@ pub const FLAG_SHM_REPLY: u16 = 0x400;
 /// A worker lends the server a shared-memory region of the same host ([`ShmAttach`]).
 pub const CMD_SHM_ATTACH: u32 = 0x10B;
 
+/// Asks a server for its optimizer's state file (the states of its slices of every key, and
+/// the optimizer): the answer's payload.
+pub const CMD_SAVE_STATES: u32 = 0x10C;
+/// Replaces a server's optimizer states (and, when the file holds it, its optimizer) with the
+/// state file in the payload.
+pub const CMD_LOAD_STATES: u32 = 0x10D;
+
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
 /// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.
 pub const CMD_BATCH: u32 = 0x109;

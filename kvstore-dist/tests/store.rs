@@ -322,3 +322,148 @@ fn a_workers_device_values_are_summed_in_mxnets_order() {
         "dist_sync sums a worker's values as local does"
     );
 }
+
+/// The workers of a fresh `dist_sync` job of `servers` servers whose keys of 8 elements or
+/// more are split across every server, each running `body`; results by rank.
+fn run_split<T: Send + 'static>(
+    servers: u32,
+    workers: u32,
+    body: impl Fn(usize, &dyn KVStoreBase) -> T + Send + Sync + Clone + 'static,
+) -> Vec<T> {
+    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
+    let mut options = cluster.worker_options().clone();
+    options.insert("MXNET_KVSTORE_BIGARRAY_BOUND".into(), "8".into());
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (options, body) = (options.clone(), body.clone());
+            thread::spawn(move || {
+                let kv = kvstore_base::create_with("dist_sync", options).unwrap();
+                (kv.rank(), body(kv.rank(), &*kv))
+            })
+        })
+        .collect();
+    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    cluster.finish().unwrap();
+    results.sort_by_key(|(r, _)| *r);
+    results.into_iter().map(|(_, t)| t).collect()
+}
+
+#[test]
+fn optimizer_states_move_between_dist_jobs_and_local() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let dir = std::env::temp_dir().join(format!("kvstore-dist-states-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_dist, from_local) = (dir.join("dist"), dir.join("local"));
+    let weight = || NDArray::from_vec(&[4, 5], (0..20).map(|i| i as f32 / 10.0).collect()).unwrap();
+    let grad = |rank: usize, round: usize| {
+        NDArray::from_vec(
+            &[4, 5],
+            (0..20)
+                .map(|i| ((i + 3 * rank + round) % 7) as f32 - 3.0)
+                .collect(),
+        )
+        .unwrap()
+    };
+    // Three rounds on 2 workers, key 3 split over 2 servers; rank 0 saves.
+    let weights = {
+        let (sgd, path) = (sgd.clone(), from_dist.clone());
+        run_split(2, 2, move |rank, kv| {
+            kv.init(3, &weight()).unwrap();
+            kv.init(4, &NDArray::ones(&[3], DType::F32)).unwrap();
+            kv.set_optimizer(&sgd).unwrap();
+            let mut w = weight();
+            for round in 0..3 {
+                kv.push(3, &grad(rank, round)).unwrap();
+                kv.pull(3, &mut w).unwrap();
+            }
+            kv.barrier().unwrap();
+            if rank == 0 {
+                kv.save_optimizer_states(&path, true).unwrap();
+            }
+            kv.barrier().unwrap();
+            w
+        })
+    };
+    // The same on `local`, each round's two gradients pushed as two device values.
+    let local = kvstore_base::create("local").unwrap();
+    local.init(3, &weight()).unwrap();
+    local.init(4, &NDArray::ones(&[3], DType::F32)).unwrap();
+    local.set_optimizer(&sgd).unwrap();
+    for round in 0..3 {
+        local.push(3, &[grad(0, round), grad(1, round)]).unwrap();
+    }
+    local.save_optimizer_states(&from_local, true).unwrap();
+    let mut local_w = weight();
+    local.pull(3, &mut local_w).unwrap();
+    assert_eq!(f32s(&weights[0]), f32s(&local_w), "the same steps");
+    let states = |path: &std::path::Path| {
+        let mut u = kvstore_optimizer::Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        u.load_states(&std::fs::read(path).unwrap()).unwrap();
+        let key = Key::from(3);
+        (
+            u.state_arrays(&key).map(<[NDArray]>::to_vec),
+            u.update_count(&key),
+        )
+    };
+    let (dist_states, local_states) = (states(&from_dist), states(&from_local));
+    assert!(dist_states.0.is_some(), "key 3 has a momentum");
+    assert_eq!(
+        dist_states, local_states,
+        "the servers' slices joined into local's file"
+    );
+    // A job of 3 servers resumes from the file: one more round, as local's.
+    let resumed = {
+        let (sgd, path, start) = (sgd.clone(), from_dist.clone(), weights[0].clone());
+        run_split(3, 1, move |_, kv| {
+            kv.init(3, &start).unwrap();
+            kv.init(4, &NDArray::ones(&[3], DType::F32)).unwrap();
+            kv.set_optimizer(&sgd).unwrap();
+            kv.load_optimizer_states(&path).unwrap();
+            kv.push(3, &grad(0, 3)).unwrap();
+            let mut w = NDArray::zeros(&[4, 5], DType::F32);
+            kv.pull(3, &mut w).unwrap();
+            w
+        })
+    };
+    local.push(3, &grad(0, 3)).unwrap();
+    local.pull(3, &mut local_w).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        f32s(&resumed[0]),
+        f32s(&local_w),
+        "resumed on another number of servers"
+    );
+}
+
+#[test]
+fn optimizer_states_need_an_optimizer_and_known_keys() {
+    let out = run_split(2, 1, |_, kv| {
+        let path =
+            std::env::temp_dir().join(format!("kvstore-dist-states-e-{}", std::process::id()));
+        kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+        let no_optimizer = kv
+            .save_optimizer_states(&path, true)
+            .unwrap_err()
+            .to_string();
+        // A file of another store's keys.
+        let local = kvstore_base::create("local").unwrap();
+        local.init(9, &NDArray::ones(&[2], DType::F32)).unwrap();
+        local
+            .set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
+            .unwrap();
+        local.push(9, &NDArray::ones(&[2], DType::F32)).unwrap();
+        local.save_optimizer_states(&path, true).unwrap();
+        kv.set_optimizer(&OptimizerSpec::new("sgd")).unwrap();
+        let unknown = kv.load_optimizer_states(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        (no_optimizer, unknown)
+    });
+    let (no_optimizer, unknown) = &out[0];
+    assert!(no_optimizer.contains("set_optimizer"), "{no_optimizer}");
+    assert!(
+        unknown.contains("key 9") && unknown.contains("init it first"),
+        "{unknown}"
+    );
+}

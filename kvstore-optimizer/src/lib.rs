@@ -81,6 +81,7 @@ mod params;
 mod real;
 mod registry;
 mod schedule;
+pub mod sliced;
 mod state_file;
 mod updater;
 

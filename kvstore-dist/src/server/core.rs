@@ -892,6 +892,22 @@ impl Core {
         };
     }
 
+    /// The optimizer's state file: every key's slice held here, and the optimizer.
+    fn save_states(&self) -> Result<Vec<u8>, String> {
+        match lock(&self.updater).as_ref() {
+            Some(u) => u.save_states(true).map_err(|e| e.to_string()),
+            None => Err(format!("server {} runs no optimizer", self.rank)),
+        }
+    }
+
+    /// Replaces the optimizer's states (and optimizer) with a state file's.
+    fn load_states(&self, body: &[u8]) -> Reply {
+        match lock(&self.updater).as_mut() {
+            Some(u) => u.load_states(body).map_err(|e| e.to_string()),
+            None => Err(format!("server {} runs no optimizer", self.rank)),
+        }
+    }
+
     fn set_optimizer(&self, body: &[u8]) -> Reply {
         let spec: OptimizerSpec = serde_json::from_slice(body)
             .map_err(|e| format!("the optimizer spec is not valid JSON: {e}"))?;
@@ -1059,6 +1075,13 @@ impl Handler for ServerHandler {
                 simple(core.set_compression(&request.payload), responder)
             }
             protocol::CMD_SHM_ATTACH => simple(core.shm_attach(&request), responder),
+            protocol::CMD_SAVE_STATES => {
+                let _ = match core.save_states() {
+                    Ok(bytes) => responder.respond(Outgoing::new(0, &bytes)),
+                    Err(e) => responder.respond_error(&e),
+                };
+            }
+            protocol::CMD_LOAD_STATES => simple(core.load_states(&request.payload), responder),
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }

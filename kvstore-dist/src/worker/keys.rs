@@ -138,6 +138,11 @@ pub(crate) struct KeyTable {
 }
 
 impl KeyTable {
+    /// Every initialised key.
+    pub(crate) fn metas(&self) -> impl Iterator<Item = &Arc<KeyMeta>> {
+        self.metas.values()
+    }
+
     /// Checks that `key` is of the store's key kind.
     pub(crate) fn check_kind(&self, operation: &'static str, key: &Key) -> Result<()> {
         match &self.kind {

@@ -20,8 +20,10 @@
 //!   it from the optimizer registry), then the workers meet in a barrier so that no push
 //!   reaches a server before its optimizer.
 //! - `set_updater` is unsupported: the optimizer runs on the servers, and a closure cannot
-//!   travel to them (use `set_optimizer`); so are optimizer-state files and, for now,
-//!   gradient compression.
+//!   travel to them (use `set_optimizer`).
+//! - `save_optimizer_states` joins the servers' states of their slices into one file of whole
+//!   keys, `local`'s format; `load_optimizer_states` (on every worker) cuts one for the
+//!   servers (`worker/states.rs`).
 //! - On a server's host, the worker lends the server a shared-memory region right after its
 //!   hello (unless `KVSTORE_SHM=0`): big parts of uncompressed pushes, pulls and pushpulls then
 //!   move through it (pushed elements copied in, answers written there by the server), and the
@@ -38,6 +40,7 @@ mod device;
 mod exchange;
 mod keys;
 pub(crate) mod shm_link;
+mod states;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -924,6 +927,14 @@ impl KVStoreBase for DistStore {
         sent.and(met)?;
         self.optimizer.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn save_optimizer_states(&self, path: &std::path::Path, dump_optimizer: bool) -> Result<()> {
+        self.save_states(path, dump_optimizer)
+    }
+
+    fn load_optimizer_states(&self, path: &std::path::Path) -> Result<()> {
+        self.load_states(path)
     }
 
     fn barrier(&self) -> Result<()> {

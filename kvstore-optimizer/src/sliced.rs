@@ -1,0 +1,293 @@
+//! State files of keys held in slices: a distributed store's servers each keep the optimizer
+//! state of their slice of a key (a contiguous range of its flattened elements). [`join`]
+//! assembles the servers' state files ([`Updater::save_states`](crate::Updater::save_states))
+//! into the file a single store would write for whole keys, and [`split`] cuts such a file
+//! into one file per server, so that a checkpoint moves between a `local` store and a
+//! distributed one, or between jobs with other numbers of servers.
+
+use std::ops::Range;
+
+use kvstore_base::{Error, Key, NDArray, Result};
+
+use crate::state_file::{self, Saved, SavedKey};
+
+/// Where a key lives: its shape and, for each slice, the file (server) that holds it and the
+/// range of the flattened elements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySlices {
+    /// The key.
+    pub key: Key,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// `(file index, element range)` of each slice, in element order, covering the key.
+    pub slices: Vec<(usize, Range<usize>)>,
+}
+
+/// Joins the state files of the servers (`files[i]` from server `i`) into one file of whole
+/// keys, for the keys of `layout`. Keys without state on every server are left out; with
+/// `with_optimizer`, the file holds the optimizer of the server with the most updates (when
+/// the servers' files hold theirs) and the keys' update counts, as
+/// [`Updater::save_states`](crate::Updater::save_states) with `dump_optimizer`.
+///
+/// # Errors
+/// A file that is not a state file; a key with state on some of its servers only, or whose
+/// slices' states do not match their ranges.
+pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Result<Vec<u8>> {
+    let saved: Vec<Saved> = files
+        .iter()
+        .map(|f| state_file::decode(f))
+        .collect::<Result<_>>()?;
+    let most_updated = saved
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, s)| {
+            let most = s.keys.iter().filter_map(|k| k.count).max().unwrap_or(0);
+            (most, std::cmp::Reverse(*i))
+        })
+        .map(|(i, _)| i);
+    let optimizer = most_updated
+        .filter(|_| with_optimizer)
+        .and_then(|i| saved[i].optimizer.clone());
+    let mut keys = Vec::with_capacity(layout.len());
+    for entry in layout {
+        let parts: Vec<Option<&SavedKey>> = entry
+            .slices
+            .iter()
+            .map(|(file, _)| {
+                saved
+                    .get(*file)
+                    .and_then(|s| s.keys.iter().find(|k| k.key == entry.key))
+            })
+            .collect();
+        if parts.iter().all(Option::is_none) {
+            continue;
+        }
+        let Some(parts) = parts.into_iter().collect::<Option<Vec<&SavedKey>>>() else {
+            return Err(inconsistent(
+                &entry.key,
+                "has state on some of its servers only",
+            ));
+        };
+        let first = parts[0];
+        let arrays = (0..first.arrays.len())
+            .map(|a| {
+                let slices: Vec<&NDArray> = parts
+                    .iter()
+                    .map(|p| p.arrays.get(a))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| inconsistent(&entry.key, "has slices of other optimizers"))?;
+                concat(entry, &slices)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let master = match parts
+            .iter()
+            .map(|p| p.master.as_ref())
+            .collect::<Option<Vec<_>>>()
+        {
+            Some(masters) => Some(concat(entry, &masters)?),
+            None if parts.iter().all(|p| p.master.is_none()) => None,
+            None => {
+                return Err(inconsistent(
+                    &entry.key,
+                    "has a master weight on some servers",
+                ))
+            }
+        };
+        keys.push(SavedKey {
+            key: entry.key.clone(),
+            count: parts
+                .iter()
+                .filter_map(|p| p.count)
+                .max()
+                .filter(|_| with_optimizer),
+            master,
+            arrays,
+        });
+    }
+    state_file::encode(&Saved { optimizer, keys })
+}
+
+/// Cuts a state file of whole keys into `files` files, one per server, each holding the
+/// slices `layout` places on it (and the optimizer, when the file holds it).
+///
+/// # Errors
+/// A file that is not a state file; a key of the file that `layout` does not know, or whose
+/// state does not have its shape.
+pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec<u8>>> {
+    let saved = state_file::decode(bytes)?;
+    let mut out: Vec<Saved> = (0..files)
+        .map(|_| Saved {
+            optimizer: saved.optimizer.clone(),
+            keys: Vec::new(),
+        })
+        .collect();
+    for key in &saved.keys {
+        let Some(entry) = layout.iter().find(|e| e.key == key.key) else {
+            return Err(Error::InvalidArgument(format!(
+                "the state file holds key {}, which this store does not have (init it first)",
+                key.key
+            )));
+        };
+        for (file, range) in &entry.slices {
+            let target = out.get_mut(*file).ok_or_else(|| {
+                Error::InvalidArgument(format!("key {}: no server {file}", key.key))
+            })?;
+            target.keys.push(SavedKey {
+                key: key.key.clone(),
+                count: key.count,
+                master: key
+                    .master
+                    .as_ref()
+                    .map(|m| slice(entry, m, range.clone()))
+                    .transpose()?,
+                arrays: key
+                    .arrays
+                    .iter()
+                    .map(|a| slice(entry, a, range.clone()))
+                    .collect::<Result<_>>()?,
+            });
+        }
+    }
+    out.iter().map(state_file::encode).collect()
+}
+
+/// The slices of one state array, joined into an array of the key's shape.
+fn concat(entry: &KeySlices, slices: &[&NDArray]) -> Result<NDArray> {
+    let dtype = slices[0].dtype();
+    let mut bytes = Vec::new();
+    for ((_, range), s) in entry.slices.iter().zip(slices) {
+        let part = s
+            .as_bytes()
+            .filter(|_| s.dtype() == dtype && s.size() == range.len())
+            .ok_or_else(|| {
+                inconsistent(
+                    &entry.key,
+                    &format!(
+                        "has a slice of {} {} elements where {} {dtype} were expected",
+                        s.size(),
+                        s.dtype(),
+                        range.len()
+                    ),
+                )
+            })?;
+        bytes.extend_from_slice(part);
+    }
+    NDArray::from_bytes(&entry.shape, dtype, &bytes)
+}
+
+/// The elements `range` of a state array of the key's shape, flattened.
+fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDArray> {
+    let size = array.dtype().size_of();
+    let bytes = array
+        .as_bytes()
+        .filter(|_| array.shape() == entry.shape.as_slice())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "key {}: the state file holds a state of shape {:?}, the key's is {:?}",
+                entry.key,
+                array.shape(),
+                entry.shape
+            ))
+        })?;
+    NDArray::from_bytes(
+        &[range.len()],
+        array.dtype(),
+        &bytes[range.start * size..range.end * size],
+    )
+}
+
+fn inconsistent(key: &Key, what: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "the servers' optimizer states of key {key} cannot be joined: it {what}"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Updater;
+    use kvstore_base::{DType, OptimizerSpec};
+
+    /// Key 1 of shape [2, 3] in two slices (servers 0 and 1), key 2 of 4 elements on server 1.
+    fn layout() -> Vec<KeySlices> {
+        vec![
+            KeySlices {
+                key: Key::from(1),
+                shape: vec![2, 3],
+                slices: vec![(0, 0..4), (1, 4..6)],
+            },
+            KeySlices {
+                key: Key::from(2),
+                shape: vec![4],
+                slices: vec![(1, 0..4)],
+            },
+        ]
+    }
+
+    /// An sgd-with-momentum updater that stepped keys 1 and 2 `rounds` times.
+    fn whole(rounds: usize) -> Updater {
+        let spec = OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.1)
+            .with("momentum", 0.9);
+        let mut u = Updater::from_spec(&spec).unwrap();
+        let mut w1 = NDArray::from_vec(&[2, 3], vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let mut w2 = NDArray::ones(&[4], DType::F32);
+        for r in 0..rounds {
+            let g1 = NDArray::full(&[2, 3], r as f64 + 0.5, DType::F32);
+            u.update(&Key::from(1), &g1, &mut w1).unwrap();
+            u.update(&Key::from(2), &NDArray::ones(&[4], DType::F32), &mut w2)
+                .unwrap();
+        }
+        u
+    }
+
+    #[test]
+    fn split_then_join_gives_the_file_back() {
+        let file = whole(3).save_states(true).unwrap();
+        let parts = split(&file, &layout(), 2).unwrap();
+        assert_eq!(parts.len(), 2);
+        // Server 0 holds 4 elements of key 1's momentum and nothing of key 2.
+        let mut server0 = Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        server0.load_states(&parts[0]).unwrap();
+        assert_eq!(
+            server0.state_arrays(&Key::from(1)).unwrap()[0].shape(),
+            &[4]
+        );
+        assert!(server0.state_arrays(&Key::from(2)).is_none());
+        let joined = join(&parts, &layout(), true).unwrap();
+        let (mut a, mut b) = (
+            Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap(),
+            Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap(),
+        );
+        a.load_states(&file).unwrap();
+        b.load_states(&joined).unwrap();
+        for key in [Key::from(1), Key::from(2)] {
+            assert_eq!(a.state_arrays(&key), b.state_arrays(&key), "key {key}");
+            assert_eq!(a.update_count(&key), b.update_count(&key));
+        }
+        assert_eq!(a.optimizer().base().spec(), b.optimizer().base().spec());
+    }
+
+    #[test]
+    fn keys_the_layout_does_not_know_and_partial_states_are_refused() {
+        let file = whole(1).save_states(false).unwrap();
+        let err = split(&file, &layout()[..1], 2).unwrap_err().to_string();
+        assert!(
+            err.contains("key 2") && err.contains("init it first"),
+            "{err}"
+        );
+        // Key 1's slice on server 1 is missing.
+        let parts = split(&file, &layout(), 2).unwrap();
+        let empty = Updater::from_spec(&OptimizerSpec::new("sgd"))
+            .unwrap()
+            .save_states(false)
+            .unwrap();
+        let err = join(&[parts[0].clone(), empty], &layout(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("key 1") && err.contains("some of its servers"),
+            "{err}"
+        );
+    }
+}
