@@ -87,10 +87,44 @@ fn dist_device_sync_copies_one_array_per_key(info: &GpuInfo) -> TestResult {
     Ok(())
 }
 
+/// `horovod` (pushpull and broadcast only) copies one array per key each way for a pushpull
+/// of three GPU values into three GPU outputs, and for a broadcast into three GPU outputs.
+fn horovod_copies_one_array_per_key(info: &GpuInfo) -> TestResult {
+    const BYTES: u64 = 4000;
+    let copied = dist::job("horovod", 1, |kv: &dyn KVStoreBase| {
+        let on_gpu =
+            |i: usize| NDArray::ones(&[1000], DType::F32).to_context(Context::Gpu(dev(info, i)));
+        let values = (0..3).map(on_gpu).collect::<Result<Vec<_>, _>>()?;
+        let mut outs = (0..3).map(on_gpu).collect::<Result<Vec<_>, _>>()?;
+        host_copy_bytes(false, true)?;
+        host_copy_bytes(true, true)?;
+        kv.pushpull(0, &values[..], &mut outs[..])?;
+        let pushpull = (host_copy_bytes(false, true)?, host_copy_bytes(true, true)?);
+        kv.broadcast(1, &values[0], &mut outs[..])?;
+        let broadcast = (host_copy_bytes(false, true)?, host_copy_bytes(true, true)?);
+        Ok([pushpull, broadcast])
+    })?;
+    let want = [(BYTES, BYTES), (BYTES, BYTES)];
+    match copied[0] == want {
+        true => Ok(()),
+        false => Err(fail(format!(
+            "horovod copied (to the host, to the GPUs) {:?} for the pushpull and the broadcast, \
+             {want:?} expected",
+            copied[0]
+        ))),
+    }
+}
+
 /// The checks of one emulated run, named `<prefix>::copies::...`.
 pub fn trials(prefix: &str) -> Vec<Trial> {
-    vec![Trial::test(
-        format!("{prefix}::copies::dist_device_sync_copies_one_array_per_key"),
-        || dist_device_sync_copies_one_array_per_key(&probe()?),
-    )]
+    vec![
+        Trial::test(
+            format!("{prefix}::copies::dist_device_sync_copies_one_array_per_key"),
+            || dist_device_sync_copies_one_array_per_key(&probe()?),
+        ),
+        Trial::test(
+            format!("{prefix}::copies::horovod_copies_one_array_per_key"),
+            || horovod_copies_one_array_per_key(&probe()?),
+        ),
+    ]
 }
