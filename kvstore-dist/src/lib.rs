@@ -81,10 +81,13 @@
 //! `save_optimizer_states(path, dump_optimizer)` on any worker asks every server for the
 //! optimizer states of its slices of the keys and joins them into one file of whole keys, the
 //! file `local` writes (MXNet's dist stores cannot: "Cannot save states for distributed
-//! training"); `load_optimizer_states(path)` is called by every worker, like `set_optimizer`:
-//! rank 0 reads the file, cuts each key's states into the servers' slices (for this job's
-//! placement: the file may come from `local` or from a job with another number of servers)
-//! and sends them, then the workers meet in a barrier.
+//! training"); call it when no push is in flight (after a barrier): slices of different steps
+//! are refused. `load_optimizer_states(path)` is called by every worker, like
+//! `set_optimizer`: rank 0 reads the file, checks every key's states and cuts them into the
+//! servers' slices (for this job's placement: the file may come from `local` or from a job
+//! with another number of servers) and sends them, then the workers meet in a barrier and a
+//! failure of rank 0's load is an error on every worker. A load that reached some servers
+//! only says which. Each server's share travels in one message (`KVSTORE_MAX_MESSAGE_BYTES`).
 #![deny(missing_docs)]
 
 pub mod cluster;

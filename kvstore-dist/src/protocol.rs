@@ -20,6 +20,9 @@
 //! | [`CMD_BYE`] | none | empty; the worker is done |
 //! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data | the pulled data, concatenated in item order |
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
+//! | [`CMD_SAVE_STATES`] | none | the server's optimizer state file (its slices of every key) |
+//! | [`CMD_LOAD_STATES`] | a state file of the server's slices | empty, once loaded |
+//! | [`CMD_LOAD_OUTCOME`] | `aux` 1: rank 0's load outcome (empty: success); `aux` 0: none | empty; the recorded outcome |
 //!
 //! # Shared memory on one host
 //!
@@ -86,6 +89,10 @@ pub const CMD_SAVE_STATES: u32 = 0x10C;
 /// Replaces a server's optimizer states (and, when the file holds it, its optimizer) with the
 /// state file in the payload.
 pub const CMD_LOAD_STATES: u32 = 0x10D;
+/// The outcome of rank 0's last `load_optimizer_states`, for the other workers: with `aux` 1,
+/// rank 0 records it (the payload: empty for success, else the error's text); with `aux` 0, a
+/// worker asks for it (the answer's payload).
+pub const CMD_LOAD_OUTCOME: u32 = 0x10E;
 
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
 /// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.

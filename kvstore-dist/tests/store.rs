@@ -467,3 +467,43 @@ fn optimizer_states_need_an_optimizer_and_known_keys() {
         "{unknown}"
     );
 }
+
+#[test]
+fn a_failed_load_is_an_error_on_every_worker() {
+    let out = run_split(2, 2, |rank, kv| {
+        kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+        kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
+            .unwrap();
+        let missing = std::env::temp_dir().join("kvstore-dist-no-such-state-file");
+        let failed = kv.load_optimizer_states(&missing).unwrap_err().to_string();
+        // Then a save and a load that work, on every worker.
+        kv.push(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+        kv.barrier().unwrap();
+        let path =
+            std::env::temp_dir().join(format!("kvstore-dist-states-ok-{}", std::process::id()));
+        if rank == 0 {
+            kv.save_optimizer_states(&path, true).unwrap();
+        }
+        kv.barrier().unwrap();
+        let loaded = kv.load_optimizer_states(&path);
+        kv.barrier().unwrap();
+        if rank == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        (failed, loaded.is_ok())
+    });
+    assert!(
+        out[0].0.contains("kvstore-dist-no-such-state-file"),
+        "{}",
+        out[0].0
+    );
+    assert!(
+        out[1].0.contains("failed on rank 0") && out[1].0.contains("no-such"),
+        "{}",
+        out[1].0
+    );
+    assert!(
+        out.iter().all(|(_, ok)| *ok),
+        "a later load works everywhere"
+    );
+}

@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-use kvstore_base::{Error, Key, NDArray, Result};
+use kvstore_base::{DType, Error, Key, NDArray, Result};
 
 use crate::state_file::{self, Saved, SavedKey};
 
@@ -19,6 +19,8 @@ pub struct KeySlices {
     pub key: Key,
     /// Its shape.
     pub shape: Vec<usize>,
+    /// Its element type (the states' too, or float32 with a master copy of the weight).
+    pub dtype: DType,
     /// `(file index, element range)` of each slice, in element order, covering the key.
     pub slices: Vec<(usize, Range<usize>)>,
 }
@@ -30,13 +32,27 @@ pub struct KeySlices {
 /// [`Updater::save_states`](crate::Updater::save_states) with `dump_optimizer`.
 ///
 /// # Errors
-/// A file that is not a state file; a key with state on some of its servers only, or whose
-/// slices' states do not match their ranges.
+/// A file that is not a state file; a server's state of a key that `layout` does not know; a
+/// key with state on some of its servers only, whose slices hold other numbers of arrays or
+/// come from different steps (other update counts: a save while pushes were in flight), or
+/// whose slices' states do not match their ranges.
 pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Result<Vec<u8>> {
     let saved: Vec<Saved> = files
         .iter()
         .map(|f| state_file::decode(f))
         .collect::<Result<_>>()?;
+    for (server, file) in saved.iter().enumerate() {
+        if let Some(k) = file
+            .keys
+            .iter()
+            .find(|k| !layout.iter().any(|e| e.key == k.key))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "server {server} holds optimizer state of key {}, which this worker did not init",
+                k.key
+            )));
+        }
+    }
     let most_updated = saved
         .iter()
         .enumerate()
@@ -69,6 +85,16 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
             ));
         };
         let first = parts[0];
+        if parts.iter().any(|p| p.arrays.len() != first.arrays.len()) {
+            return Err(inconsistent(&entry.key, "has slices of other optimizers"));
+        }
+        if parts.iter().any(|p| p.count != first.count) {
+            return Err(inconsistent(
+                &entry.key,
+                "has slices of different steps (save when no push is in flight, after a \
+                 barrier)",
+            ));
+        }
         let arrays = (0..first.arrays.len())
             .map(|a| {
                 let slices: Vec<&NDArray> = parts
@@ -95,11 +121,7 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
         };
         keys.push(SavedKey {
             key: entry.key.clone(),
-            count: parts
-                .iter()
-                .filter_map(|p| p.count)
-                .max()
-                .filter(|_| with_optimizer),
+            count: first.count.filter(|_| with_optimizer),
             master,
             arrays,
         });
@@ -112,9 +134,19 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
 ///
 /// # Errors
 /// A file that is not a state file; a key of the file that `layout` does not know, or whose
-/// state does not have its shape.
+/// states do not have its shape and dtype (float32 with a master copy of the weight), or
+/// not the saved optimizer's number of arrays (or, without a saved optimizer, not the same
+/// number as the other keys'). Nothing is cut then.
 pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec<u8>>> {
     let saved = state_file::decode(bytes)?;
+    let state_len = match &saved.optimizer {
+        Some(o) => Some(crate::create(&o.spec)?.state_len()),
+        None => saved
+            .keys
+            .iter()
+            .find(|k| !k.arrays.is_empty())
+            .map(|k| k.arrays.len()),
+    };
     let mut out: Vec<Saved> = (0..files)
         .map(|_| Saved {
             optimizer: saved.optimizer.clone(),
@@ -128,6 +160,7 @@ pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec
                 key.key
             )));
         };
+        check_whole(entry, key, state_len)?;
         for (file, range) in &entry.slices {
             let target = out.get_mut(*file).ok_or_else(|| {
                 Error::InvalidArgument(format!("key {}: no server {file}", key.key))
@@ -149,6 +182,41 @@ pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec
         }
     }
     out.iter().map(state_file::encode).collect()
+}
+
+/// Checks a saved key's states against the key: dtype, and the number of arrays.
+fn check_whole(entry: &KeySlices, key: &SavedKey, state_len: Option<usize>) -> Result<()> {
+    let bad = |what: String| {
+        Error::InvalidArgument(format!(
+            "the state file cannot be loaded: key {} {what}",
+            entry.key
+        ))
+    };
+    if let Some(n) = state_len {
+        if !key.arrays.is_empty() && key.arrays.len() != n {
+            return Err(bad(format!(
+                "has {} state arrays, the optimizer keeps {n}",
+                key.arrays.len()
+            )));
+        }
+    }
+    let dtype = match &key.master {
+        Some(_) => DType::F32,
+        None => entry.dtype,
+    };
+    if let Some(a) = key
+        .arrays
+        .iter()
+        .chain(&key.master)
+        .find(|a| a.dtype() != dtype)
+    {
+        return Err(bad(format!(
+            "has a {} state where the key (a {} weight) needs {dtype}",
+            a.dtype(),
+            entry.dtype
+        )));
+    }
+    Ok(())
 }
 
 /// The slices of one state array, joined into an array of the key's shape.
@@ -214,11 +282,13 @@ mod tests {
             KeySlices {
                 key: Key::from(1),
                 shape: vec![2, 3],
+                dtype: DType::F32,
                 slices: vec![(0, 0..4), (1, 4..6)],
             },
             KeySlices {
                 key: Key::from(2),
                 shape: vec![4],
+                dtype: DType::F32,
                 slices: vec![(1, 0..4)],
             },
         ]
@@ -287,6 +357,26 @@ mod tests {
             .to_string();
         assert!(
             err.contains("key 1") && err.contains("some of its servers"),
+            "{err}"
+        );
+        // A state of another dtype than the key's.
+        let mut wide = layout();
+        wide[1].dtype = DType::F64;
+        let err = split(&file, &wide, 2).unwrap_err().to_string();
+        assert!(err.contains("key 2") && err.contains("float64"), "{err}");
+        // Slices of different steps.
+        let (one, two) = (
+            split(&whole(1).save_states(true).unwrap(), &layout(), 2).unwrap(),
+            split(&whole(2).save_states(true).unwrap(), &layout(), 2).unwrap(),
+        );
+        let err = join(&[one[0].clone(), two[1].clone()], &layout(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different steps"), "{err}");
+        // A server's key that the layout does not know.
+        let err = join(&two, &layout()[..1], true).unwrap_err().to_string();
+        assert!(
+            err.contains("key 2") && err.contains("did not init"),
             "{err}"
         );
     }

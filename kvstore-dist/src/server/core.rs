@@ -118,6 +118,8 @@ pub(crate) struct Core {
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
     updater: Mutex<Option<Updater>>,
+    /// Rank 0's last `load_optimizer_states` outcome (empty: success; else the error's text).
+    load_outcome: Mutex<Option<Vec<u8>>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
@@ -156,6 +158,7 @@ impl Core {
             finished: Condvar::new(),
             entries: Mutex::new(HashMap::new()),
             updater: Mutex::new(None),
+            load_outcome: Mutex::new(None),
             codec: Mutex::new(None),
             shm_dir,
             regions: Mutex::new(HashMap::new()),
@@ -1082,6 +1085,16 @@ impl Handler for ServerHandler {
                 };
             }
             protocol::CMD_LOAD_STATES => simple(core.load_states(&request.payload), responder),
+            protocol::CMD_LOAD_OUTCOME if request.header.aux == 1 => {
+                *lock(&core.load_outcome) = Some(request.payload.to_vec());
+                simple(Ok(()), responder)
+            }
+            protocol::CMD_LOAD_OUTCOME => {
+                let _ = match lock(&core.load_outcome).as_deref() {
+                    Some(outcome) => responder.respond(Outgoing::new(0, outcome)),
+                    None => responder.respond_error("no load_optimizer_states recorded"),
+                };
+            }
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }
