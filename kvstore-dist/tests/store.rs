@@ -507,3 +507,64 @@ fn a_failed_load_is_an_error_on_every_worker() {
         "a later load works everywhere"
     );
 }
+
+#[test]
+fn optimizer_states_of_half_weights_and_string_keys_join_as_local_saves_them() {
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9)
+        .with("multi_precision", true);
+    let weight = || NDArray::full(&[4, 5], 0.5, DType::F16);
+    let grad = |round: usize| {
+        NDArray::from_vec(
+            &[4, 5],
+            (0..20).map(|i| ((i + round) % 5) as f32 - 2.0).collect(),
+        )
+        .unwrap()
+        .astype(DType::F16)
+    };
+    let dir = std::env::temp_dir().join(format!("kvstore-dist-states-h-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_dist, from_local, no_optimizer) =
+        (dir.join("dist"), dir.join("local"), dir.join("bare"));
+    {
+        let (spec, path, bare) = (spec.clone(), from_dist.clone(), no_optimizer.clone());
+        run_split(2, 1, move |_, kv| {
+            kv.init("w", &weight()).unwrap();
+            kv.set_optimizer(&spec).unwrap();
+            for round in 0..2 {
+                kv.push("w", &grad(round)).unwrap();
+            }
+            kv.barrier().unwrap();
+            kv.save_optimizer_states(&path, true).unwrap();
+            kv.save_optimizer_states(&bare, false).unwrap();
+        });
+    }
+    let local = kvstore_base::create("local").unwrap();
+    local.init("w", &weight()).unwrap();
+    local.set_optimizer(&spec).unwrap();
+    for round in 0..2 {
+        local.push("w", &grad(round)).unwrap();
+    }
+    local.save_optimizer_states(&from_local, true).unwrap();
+    let read = |path: &std::path::Path| {
+        let mut u = kvstore_optimizer::Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        u.load_states(&std::fs::read(path).unwrap()).unwrap();
+        let key = Key::from("w");
+        (
+            u.state_arrays(&key).map(<[NDArray]>::to_vec),
+            u.master_weight(&key).cloned(),
+            u.update_count(&key),
+        )
+    };
+    let (dist, local_states) = (read(&from_dist), read(&from_local));
+    assert!(
+        dist.1.as_ref().is_some_and(|m| m.dtype() == DType::F32),
+        "a float32 master weight"
+    );
+    assert_eq!(dist, local_states);
+    // Without the optimizer: the same arrays, no update count.
+    let bare = read(&no_optimizer);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!((bare.0, bare.1, bare.2), (dist.0, dist.1, None));
+}
