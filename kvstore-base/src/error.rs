@@ -176,6 +176,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// Checks that a `row_sparse_pull` has one row-id array per output.
+    ///
+    /// # Errors
+    /// [`Error::CountMismatch`] naming both counts.
+    pub fn check_row_id_count(outputs: usize, row_ids: usize) -> Result<(), Error> {
+        match outputs == row_ids {
+            true => Ok(()),
+            false => Err(Error::CountMismatch {
+                operation: "row_sparse_pull",
+                what: "row-id arrays, one per output".into(),
+                expected: outputs,
+                found: row_ids,
+            }),
+        }
+    }
+
     /// Wraps this error as being about `key` in `operation` of `store`.
     ///
     /// ```

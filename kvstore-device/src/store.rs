@@ -840,14 +840,7 @@ impl DeviceStore {
         let at = self.at("row_sparse_pull", &key);
         let state = self.state();
         let result = (|| {
-            if row_ids.len() != outs.len() {
-                return Err(Error::CountMismatch {
-                    operation: "row_sparse_pull",
-                    what: "row-id arrays, one per output".into(),
-                    expected: outs.len(),
-                    found: row_ids.len(),
-                });
-            }
+            Error::check_row_id_count(outs.len(), row_ids.len())?;
             let entry = state.keys.get(&key).ok_or(Error::KeyNotInitialized)?;
             if !entry.row_sparse {
                 return Err(Error::InvalidArgument(

@@ -507,14 +507,7 @@ impl KVStoreBase for LocalStore {
         priority: i32,
     ) -> Result<()> {
         outs.check_on_host(self.type_name(), "row_sparse_pull")?;
-        if row_ids.len() != outs.len() {
-            return Err(Error::CountMismatch {
-                operation: "row_sparse_pull",
-                what: "row-id arrays, one per output".into(),
-                expected: outs.len(),
-                found: row_ids.len(),
-            });
-        }
+        Error::check_row_id_count(outs.len(), row_ids.len())?;
         let (_pass, state) = self.enter(priority);
         let mut results = Vec::with_capacity(outs.len());
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {

@@ -794,14 +794,7 @@ impl KVStoreBase for DistStore {
         }
         let _ = priority;
         let operation = "row_sparse_pull";
-        if row_ids.len() != outs.len() {
-            return Err(Error::CountMismatch {
-                operation,
-                what: "row-id arrays, one per output".into(),
-                expected: outs.len(),
-                found: row_ids.len(),
-            });
-        }
+        Error::check_row_id_count(outs.len(), row_ids.len())?;
         let keys: Vec<&Key> = outs.keys().iter().collect();
         let metas = self.metas(operation, &keys)?;
         // Check everything, then ask every part for the rows it holds.
