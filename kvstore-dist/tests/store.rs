@@ -571,3 +571,48 @@ fn optimizer_states_of_half_weights_and_string_keys_join_as_local_saves_them() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!((bare.0, bare.1, bare.2), (dist.0, dist.1, None));
 }
+
+#[test]
+fn dist_async_saves_optimizer_states_as_local() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let path =
+        std::env::temp_dir().join(format!("kvstore-dist-async-states-{}", std::process::id()));
+    let grad = |round: usize| NDArray::full(&[4, 5], round as f64 + 1.0, DType::F32);
+    {
+        let (sgd, path) = (sgd.clone(), path.clone());
+        run_with(
+            "dist_async",
+            2,
+            1,
+            &[("MXNET_KVSTORE_BIGARRAY_BOUND", "8")],
+            move |_, kv| {
+                kv.init(3, &NDArray::zeros(&[4, 5], DType::F32)).unwrap();
+                kv.set_optimizer(&sgd).unwrap();
+                for round in 0..2 {
+                    kv.push(3, &grad(round)).unwrap();
+                }
+                kv.barrier().unwrap();
+                kv.save_optimizer_states(&path, true).unwrap();
+            },
+        );
+    }
+    let local = kvstore_base::create("local").unwrap();
+    local.init(3, &NDArray::zeros(&[4, 5], DType::F32)).unwrap();
+    local.set_optimizer(&sgd).unwrap();
+    for round in 0..2 {
+        local.push(3, &grad(round)).unwrap();
+    }
+    let local_path = path.with_extension("local");
+    local.save_optimizer_states(&local_path, true).unwrap();
+    let (dist, local) = (
+        std::fs::read(&path).unwrap(),
+        std::fs::read(&local_path).unwrap(),
+    );
+    let _ = (
+        std::fs::remove_file(&path),
+        std::fs::remove_file(&local_path),
+    );
+    assert_eq!(dist, local, "the same file, byte for byte");
+}
