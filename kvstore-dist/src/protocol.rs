@@ -22,7 +22,7 @@
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
 //! | [`CMD_SAVE_STATES`] | none | the server's optimizer state file (its slices of every key) |
 //! | [`CMD_LOAD_STATES`] | a state file of the server's slices | empty, once loaded |
-//! | [`CMD_LOAD_OUTCOME`] | `aux` 1: rank 0's load outcome (empty: success); `aux` 0: none | empty; the recorded outcome |
+//! | [`CMD_LOAD_OUTCOME`] | `key`: the load's number; `aux` 1: rank 0's outcome (status byte, error text); `aux` 0: none | empty; the recorded outcome, or an error answer when that load was not recorded |
 //!
 //! # Shared memory on one host
 //!
@@ -89,9 +89,10 @@ pub const CMD_SAVE_STATES: u32 = 0x10C;
 /// Replaces a server's optimizer states (and, when the file holds it, its optimizer) with the
 /// state file in the payload.
 pub const CMD_LOAD_STATES: u32 = 0x10D;
-/// The outcome of rank 0's last `load_optimizer_states`, for the other workers: with `aux` 1,
-/// rank 0 records it (the payload: empty for success, else the error's text); with `aux` 0, a
-/// worker asks for it (the answer's payload).
+/// The outcome of rank 0's `load_optimizer_states` number `key` (every worker numbers its
+/// loads), for the other workers, kept on server 0: with `aux` 1, rank 0 records it (the
+/// payload: a status byte, 0 for success, then the error's text); with `aux` 0, a worker asks
+/// for it (the answer's payload; an error answer when load `key` was not recorded).
 pub const CMD_LOAD_OUTCOME: u32 = 0x10E;
 
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or

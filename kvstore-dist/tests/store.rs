@@ -493,6 +493,17 @@ fn a_failed_load_is_an_error_on_every_worker() {
         if rank == 0 {
             let _ = std::fs::remove_file(&path);
         }
+        // A failure after a success: not the earlier outcome.
+        let again = kv.load_optimizer_states(&missing).is_err();
+        // A load on rank 1 alone (rank 0 meets it in a plain barrier): an error there.
+        let alone = match rank {
+            0 => kv.barrier().map(|()| String::new()).unwrap(),
+            _ => kv.load_optimizer_states(&path).unwrap_err().to_string(),
+        };
+        assert!(again, "rank {rank}: a later failed load is an error");
+        if rank == 1 {
+            assert!(alone.contains("every worker must call it"), "{alone}");
+        }
         (failed, loaded.is_ok())
     });
     assert!(

@@ -48,7 +48,8 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
             .find(|k| !layout.iter().any(|e| e.key == k.key))
         {
             return Err(Error::InvalidArgument(format!(
-                "server {server} holds optimizer state of key {}, which this worker did not init",
+                "server {server} holds optimizer state of key {}, which this worker did not init: \
+                 save on a worker that initialised every key",
                 k.key
             )));
         }
@@ -91,8 +92,8 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
         if parts.iter().any(|p| p.count != first.count) {
             return Err(inconsistent(
                 &entry.key,
-                "has slices of different steps (save when no push is in flight, after a \
-                 barrier)",
+                "has slices of different steps (a push in flight: save after a barrier; or an \
+                 update that failed on some servers)",
             ));
         }
         let arrays = (0..first.arrays.len())
@@ -140,7 +141,15 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
 pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec<u8>>> {
     let saved = state_file::decode(bytes)?;
     let state_len = match &saved.optimizer {
-        Some(o) => Some(crate::create(&o.spec)?.state_len()),
+        Some(o) => Some(
+            crate::create(&o.spec)
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "the state file's optimizer cannot be rebuilt: {e}"
+                    ))
+                })?
+                .state_len(),
+        ),
         None => saved
             .keys
             .iter()
@@ -201,6 +210,13 @@ fn check_whole(entry: &KeySlices, key: &SavedKey, state_len: Option<usize>) -> R
         }
     }
     let dtype = match &key.master {
+        Some(_) if !matches!(entry.dtype, DType::F16 | DType::BF16) => {
+            return Err(bad(format!(
+                "has a master copy of its weight, which only half-precision weights have (the \
+                 key's is {})",
+                entry.dtype
+            )))
+        }
         Some(_) => DType::F32,
         None => entry.dtype,
     };

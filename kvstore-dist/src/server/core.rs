@@ -118,8 +118,9 @@ pub(crate) struct Core {
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
     updater: Mutex<Option<Updater>>,
-    /// Rank 0's last `load_optimizer_states` outcome (empty: success; else the error's text).
-    load_outcome: Mutex<Option<Vec<u8>>>,
+    /// Rank 0's last `load_optimizer_states`: its number, and its outcome (a status byte,
+    /// 0 for success, then the error's text).
+    load_outcome: Mutex<Option<(u64, Vec<u8>)>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
@@ -1086,13 +1087,23 @@ impl Handler for ServerHandler {
             }
             protocol::CMD_LOAD_STATES => simple(core.load_states(&request.payload), responder),
             protocol::CMD_LOAD_OUTCOME if request.header.aux == 1 => {
-                *lock(&core.load_outcome) = Some(request.payload.to_vec());
+                *lock(&core.load_outcome) = Some((request.header.key, request.payload.to_vec()));
                 simple(Ok(()), responder)
             }
             protocol::CMD_LOAD_OUTCOME => {
-                let _ = match lock(&core.load_outcome).as_deref() {
-                    Some(outcome) => responder.respond(Outgoing::new(0, outcome)),
-                    None => responder.respond_error("no load_optimizer_states recorded"),
+                let number = request.header.key;
+                let _ = match lock(&core.load_outcome).as_ref() {
+                    Some((n, outcome)) if *n == number => {
+                        responder.respond(Outgoing::new(0, outcome))
+                    }
+                    Some((n, _)) => responder.respond_error(&format!(
+                        "rank 0 recorded the outcome of its load_optimizer_states {n}, not of \
+                         load {number}: every worker must call it"
+                    )),
+                    None => responder.respond_error(&format!(
+                        "rank 0 recorded no outcome of load_optimizer_states {number}: every \
+                         worker must call it"
+                    )),
                 };
             }
             other => simple(Err(format!("unknown command {other:#x}")), responder),

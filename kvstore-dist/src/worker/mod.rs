@@ -85,6 +85,8 @@ pub struct DistStore {
     optimizer: AtomicBool,
     /// How a key's per-device values are summed before a push.
     reduce: ReduceConfig,
+    /// `load_optimizer_states` calls so far (numbered alike on every worker).
+    loads: std::sync::atomic::AtomicU64,
     /// MXNet's device communicator (a store name holding `device`): GPU values summed on a
     /// GPU before a push, pulls copied GPU to GPU (`worker/device.rs`).
     device_comm: bool,
@@ -213,6 +215,7 @@ impl DistStore {
                 bigarray_bound: usize::try_from(config.bigarray_bound).unwrap_or(usize::MAX),
             },
             device_comm: name.contains("device"),
+            loads: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

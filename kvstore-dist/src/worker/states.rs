@@ -51,19 +51,20 @@ impl DistStore {
         }
     }
 
-    /// Sends `command` with `payload(server)` to every server; the outcomes by server.
+    /// Sends `command` with `payload(server)` to every server; the outcomes by server. A
+    /// server whose answer was not awaited (another one was lost first) is `None`: it may
+    /// have acted on the request.
     fn to_each_server<'p>(
         &self,
         command: u32,
-        aux: u64,
         payload: impl Fn(usize) -> &'p [u8],
         what: &str,
-    ) -> Vec<std::result::Result<Response, TransportError>> {
+    ) -> Vec<Option<std::result::Result<Response, TransportError>>> {
         let mut outcomes: Vec<Option<std::result::Result<Response, TransportError>>> =
             (0..self.servers.len()).map(|_| None).collect();
         let mut pending = Vec::new();
         for (server, c) in self.servers.iter().enumerate() {
-            match c.send(Outgoing::new(command, payload(server)).aux(aux), what) {
+            match c.send(Outgoing::new(command, payload(server)), what) {
                 Ok(p) => pending.push((server, p)),
                 Err(e) => outcomes[server] = Some(Err(e)),
             }
@@ -72,29 +73,50 @@ impl DistStore {
             outcomes[server] = Some(outcome);
         }
         outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or_else(|| {
-                    Err(TransportError::PeerClosed {
-                        peer: "a server".into(),
-                        request_id: 0,
-                        what: what.to_string(),
-                        reason: "not awaited: another server was lost first".into(),
-                    })
-                })
-            })
-            .collect()
+    }
+
+    /// The first real failure among `outcomes` (a lost server first), else the first server
+    /// not awaited, as an error.
+    fn first_failure(
+        &self,
+        outcomes: &[Option<std::result::Result<Response, TransportError>>],
+        what: &str,
+    ) -> Option<Error> {
+        let mut failures: Vec<&TransportError> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().and_then(|o| o.as_ref().err()))
+            .collect();
+        failures.sort_by_key(|e| !exchange::is_loss(e));
+        if let Some(e) = failures.first() {
+            return Some(Error::Backend {
+                store: self.name.clone(),
+                source: e.to_string().into(),
+            });
+        }
+        let unknown = outcomes.iter().position(Option::is_none)?;
+        Some(Error::Backend {
+            store: self.name.clone(),
+            source: format!(
+                "{what}: {} was not awaited (another server was lost)",
+                self.servers[unknown].peer()
+            )
+            .into(),
+        })
     }
 
     pub(super) fn save_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
         let operation = "save_optimizer_states";
         self.check_optimizer(operation)?;
-        let files = self
-            .to_each_server(protocol::CMD_SAVE_STATES, 0, |_| &[], operation)
+        let outcomes = self.to_each_server(protocol::CMD_SAVE_STATES, |_| &[], operation);
+        if let Some(e) = self.first_failure(&outcomes, operation) {
+            return Err(e);
+        }
+        let files: Vec<Vec<u8>> = outcomes
             .into_iter()
-            .map(|o| o.map(|answer| answer.payload.to_vec()))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| backend(&self.name, e))?;
+            .flatten()
+            .flatten()
+            .map(|answer| answer.payload.to_vec())
+            .collect();
         let joined = sliced::join(&files, &self.layout(), dump_optimizer)?;
         std::fs::write(path, joined).map_err(|source| Error::Io {
             path: path.to_path_buf(),
@@ -105,48 +127,53 @@ impl DistStore {
     pub(super) fn load_states(&self, path: &Path) -> Result<()> {
         let operation = "load_optimizer_states";
         self.check_optimizer(operation)?;
+        // Every worker numbers its loads alike: rank 0 records the outcome of load n, the
+        // others ask for load n's, never an earlier one's.
+        let number = self
+            .loads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         if self.rank != 0 {
             // Rank 0 loads; its outcome is read once it has recorded it.
             self.worker_barrier()?;
-            return self.rank_0s_load_outcome();
+            return self.rank_0s_load_outcome(number);
         }
         let loaded = self.send_states(path, operation);
-        let text = match &loaded {
-            Ok(()) => String::new(),
-            Err(e) => e.to_string(),
-        };
-        let recorded = self
-            .to_each_server(
-                protocol::CMD_LOAD_OUTCOME,
-                1,
-                |_| text.as_bytes(),
-                operation,
-            )
-            .into_iter()
-            .find_map(|o| o.err());
+        let mut record = vec![u8::from(loaded.is_err())];
+        if let Err(e) = &loaded {
+            record.extend_from_slice(e.to_string().as_bytes());
+        }
+        let recorded = self.servers[0].request(
+            Outgoing::new(protocol::CMD_LOAD_OUTCOME, &record)
+                .key(number)
+                .aux(1),
+            operation,
+        );
         // No push may reach a server before its states: every worker waits for rank 0.
         let met = self.worker_barrier();
         loaded?;
-        if let Some(e) = recorded {
-            return Err(backend(&self.name, e));
-        }
+        recorded.map_err(|e| backend(&self.name, e))?;
         met
     }
 
-    /// What rank 0's last load gave, as recorded on server 0.
-    fn rank_0s_load_outcome(&self) -> Result<()> {
+    /// What rank 0's load `number` gave, as recorded on server 0.
+    fn rank_0s_load_outcome(&self, number: u64) -> Result<()> {
         let answer = self.servers[0]
             .request(
-                Outgoing::new(protocol::CMD_LOAD_OUTCOME, &[]),
+                Outgoing::new(protocol::CMD_LOAD_OUTCOME, &[]).key(number),
                 "load_optimizer_states (rank 0's outcome)",
             )
             .map_err(|e| backend(&self.name, e))?;
-        match answer.payload.is_empty() {
-            true => Ok(()),
-            false => Err(Error::InvalidArgument(format!(
+        match answer.payload.split_first() {
+            Some((0, _)) => Ok(()),
+            Some((_, text)) => Err(Error::InvalidArgument(format!(
                 "{}: load_optimizer_states failed on rank 0, which loads for every worker: {}",
                 self.name,
-                String::from_utf8_lossy(&answer.payload)
+                String::from_utf8_lossy(text)
+            ))),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: server 0 recorded no outcome of rank 0's load",
+                self.name
             ))),
         }
     }
@@ -159,25 +186,26 @@ impl DistStore {
             source,
         })?;
         let files = sliced::split(&bytes, &self.layout(), self.servers.len())?;
-        let outcomes = self.to_each_server(protocol::CMD_LOAD_STATES, 0, |s| &files[s], operation);
-        let loaded: Vec<usize> = (0..outcomes.len())
-            .filter(|&s| outcomes[s].is_ok())
-            .collect();
-        let Some((server, e)) = outcomes
-            .into_iter()
-            .enumerate()
-            .find_map(|(s, o)| o.err().map(|e| (s, e)))
-        else {
+        let outcomes = self.to_each_server(protocol::CMD_LOAD_STATES, |s| &files[s], operation);
+        let Some(e) = self.first_failure(&outcomes, operation) else {
             return Ok(());
         };
-        let e = backend(&self.name, e);
-        Err(match loaded.is_empty() {
-            true => e,
-            false => Error::InvalidArgument(format!(
-                "{}: the optimizer states reached servers {loaded:?} but not server {server} \
-                 ({e}): the servers now hold different states; load the file again",
-                self.name
-            )),
-        })
+        let servers = |keep: fn(&Option<std::result::Result<Response, TransportError>>) -> bool| {
+            (0..outcomes.len())
+                .filter(|&s| keep(&outcomes[s]))
+                .collect::<Vec<usize>>()
+        };
+        let loaded = servers(|o| matches!(o, Some(Ok(_))));
+        let unknown = servers(Option::is_none);
+        if loaded.is_empty() && unknown.is_empty() {
+            return Err(e);
+        }
+        Err(Error::InvalidArgument(format!(
+            "{}: the optimizer states reached servers {loaded:?}, failed on servers {:?} and \
+             may have reached servers {unknown:?} ({e}): the servers may now hold different \
+             states; load the file again",
+            self.name,
+            servers(|o| matches!(o, Some(Err(_))))
+        )))
     }
 }
