@@ -22,7 +22,7 @@
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
 //! | [`CMD_SAVE_STATES`] | none | the server's optimizer state file (its slices of every key) |
 //! | [`CMD_LOAD_STATES`] | a state file of the server's slices | empty, once loaded |
-//! | [`CMD_LOAD_OUTCOME`] | `key`: the load's number; `aux` 1: rank 0's outcome (status byte, error text); `aux` 0: none | empty; the recorded outcome, or an error answer when that load was not recorded |
+//! | [`CMD_LOAD_OUTCOME`] | `key`: the load's number; `aux` 2: started, 1: rank 0's outcome (status byte, error text), 0: a question | empty; for a question: nothing yet, [`LOAD_PENDING`] or the outcome |
 //!
 //! # Shared memory on one host
 //!
@@ -89,11 +89,14 @@ pub const CMD_SAVE_STATES: u32 = 0x10C;
 /// Replaces a server's optimizer states (and, when the file holds it, its optimizer) with the
 /// state file in the payload.
 pub const CMD_LOAD_STATES: u32 = 0x10D;
-/// The outcome of rank 0's `load_optimizer_states` number `key` (every worker numbers its
-/// loads), for the other workers, kept on server 0: with `aux` 1, rank 0 records it (the
-/// payload: a status byte, 0 for success, then the error's text); with `aux` 0, a worker asks
-/// for it (the answer's payload; an error answer when load `key` was not recorded).
+/// Rank 0's `load_optimizer_states` call number `key` (every worker numbers its calls), for
+/// the other workers, kept on server 0: with `aux` 2, rank 0 records that it started; with
+/// `aux` 1, how it ended (the payload: a status byte, 0 for success, then the error's text);
+/// with `aux` 0, a worker asks: the answer is empty (not started), [`LOAD_PENDING`], or the
+/// recorded outcome; an error answer when rank 0 is already past that call.
 pub const CMD_LOAD_OUTCOME: u32 = 0x10E;
+/// The answer to a [`CMD_LOAD_OUTCOME`] question while rank 0's load runs.
+pub const LOAD_PENDING: u8 = 0xFF;
 
 /// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
 /// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.

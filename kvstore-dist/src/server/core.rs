@@ -118,9 +118,9 @@ pub(crate) struct Core {
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
     updater: Mutex<Option<Updater>>,
-    /// Rank 0's last `load_optimizer_states`: its number, and its outcome (a status byte,
-    /// 0 for success, then the error's text).
-    load_outcome: Mutex<Option<(u64, Vec<u8>)>>,
+    /// Rank 0's last `load_optimizer_states`: its number, and its outcome once known (a
+    /// status byte, 0 for success, then the error's text).
+    load_outcome: Mutex<Option<(u64, Option<Vec<u8>>)>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
@@ -896,6 +896,37 @@ impl Core {
         };
     }
 
+    /// [`protocol::CMD_LOAD_OUTCOME`]: rank 0 records that its load `key` started (`aux` 2) or
+    /// how it ended (`aux` 1); the other workers ask (`aux` 0).
+    fn load_outcome(&self, request: &Request, responder: Responder) {
+        let number = request.header.key;
+        let mut outcome = lock(&self.load_outcome);
+        let answer = match request.header.aux {
+            2 => {
+                *outcome = Some((number, None));
+                Ok(Vec::new())
+            }
+            1 => {
+                *outcome = Some((number, Some(request.payload.to_vec())));
+                Ok(Vec::new())
+            }
+            _ => match outcome.as_ref() {
+                Some((n, Some(record))) if *n == number => Ok(record.clone()),
+                Some((n, None)) if *n == number => Ok(vec![protocol::LOAD_PENDING]),
+                Some((n, _)) if *n > number => Err(format!(
+                    "rank 0 has made load_optimizer_states call {n}, this worker asks for call \
+                     {number}: every worker must call it"
+                )),
+                _ => Ok(Vec::new()),
+            },
+        };
+        drop(outcome);
+        let _ = match answer {
+            Ok(bytes) => responder.respond(Outgoing::new(0, &bytes)),
+            Err(e) => responder.respond_error(&e),
+        };
+    }
+
     /// The optimizer's state file: every key's slice held here, and the optimizer.
     fn save_states(&self) -> Result<Vec<u8>, String> {
         match lock(&self.updater).as_ref() {
@@ -1086,26 +1117,7 @@ impl Handler for ServerHandler {
                 };
             }
             protocol::CMD_LOAD_STATES => simple(core.load_states(&request.payload), responder),
-            protocol::CMD_LOAD_OUTCOME if request.header.aux == 1 => {
-                *lock(&core.load_outcome) = Some((request.header.key, request.payload.to_vec()));
-                simple(Ok(()), responder)
-            }
-            protocol::CMD_LOAD_OUTCOME => {
-                let number = request.header.key;
-                let _ = match lock(&core.load_outcome).as_ref() {
-                    Some((n, outcome)) if *n == number => {
-                        responder.respond(Outgoing::new(0, outcome))
-                    }
-                    Some((n, _)) => responder.respond_error(&format!(
-                        "rank 0 recorded the outcome of its load_optimizer_states {n}, not of \
-                         load {number}: every worker must call it"
-                    )),
-                    None => responder.respond_error(&format!(
-                        "rank 0 recorded no outcome of load_optimizer_states {number}: every \
-                         worker must call it"
-                    )),
-                };
-            }
+            protocol::CMD_LOAD_OUTCOME => core.load_outcome(&request, responder),
             other => simple(Err(format!("unknown command {other:#x}")), responder),
         }
     }

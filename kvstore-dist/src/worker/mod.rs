@@ -87,6 +87,8 @@ pub struct DistStore {
     reduce: ReduceConfig,
     /// `load_optimizer_states` calls so far (numbered alike on every worker).
     loads: std::sync::atomic::AtomicU64,
+    /// The job's timeout (`KVSTORE_TIMEOUT_SECS`), for waits outside the transport.
+    timeout: Duration,
     /// MXNet's device communicator (a store name holding `device`): GPU values summed on a
     /// GPU before a push, pulls copied GPU to GPU (`worker/device.rs`).
     device_comm: bool,
@@ -216,6 +218,7 @@ impl DistStore {
             },
             device_comm: name.contains("device"),
             loads: std::sync::atomic::AtomicU64::new(0),
+            timeout: config.timeout,
         })
     }
 

@@ -4,15 +4,15 @@
 //! one file of whole keys, in the format the `local` store writes, so that a checkpoint moves
 //! between a `local` store and a dist one, or to a job with another number of servers.
 //!
-//! `load_optimizer_states` is called by every worker, as `set_optimizer`: rank 0 reads the
-//! file, cuts it into the servers' slices (every key and state checked first) and sends each
-//! server its part, then records the outcome on the servers; the workers meet in a barrier
-//! (so that no push reaches a server before its states), and the others then read rank 0's
-//! outcome, so that a failed load is an error on every worker.
+//! `load_optimizer_states` is called by every worker, as `set_optimizer`: rank 0 records on
+//! server 0 that its load started, reads the file, cuts it into the servers' slices (every
+//! key and state checked first), sends each server its part, and records the outcome; the
+//! other workers wait for that outcome (so that no push of theirs reaches a server before its
+//! states) and return it, so that a failed load is an error on every worker. Loads are
+//! numbered alike on every worker: a worker never reads an earlier load's outcome.
 //!
 //! Each server's file travels in one message (at most `KVSTORE_MAX_MESSAGE_BYTES`, 4 GiB by
-//! default), and the other workers wait for rank 0's load in the barrier, within the store's
-//! timeout.
+//! default).
 
 use std::path::Path;
 
@@ -127,54 +127,77 @@ impl DistStore {
     pub(super) fn load_states(&self, path: &Path) -> Result<()> {
         let operation = "load_optimizer_states";
         self.check_optimizer(operation)?;
-        // Every worker numbers its loads alike: rank 0 records the outcome of load n, the
-        // others ask for load n's, never an earlier one's.
+        // Every worker numbers its loads alike: rank 0 records load n on server 0, the others
+        // wait for load n's outcome, never an earlier one's.
         let number = self
             .loads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         if self.rank != 0 {
-            // Rank 0 loads; its outcome is read once it has recorded it.
-            self.worker_barrier()?;
-            return self.rank_0s_load_outcome(number);
+            return self.wait_for_rank_0s_load(number);
         }
+        let record = |aux: u64, payload: &[u8]| {
+            self.servers[0]
+                .request(
+                    Outgoing::new(protocol::CMD_LOAD_OUTCOME, payload)
+                        .key(number)
+                        .aux(aux),
+                    operation,
+                )
+                .map(drop)
+                .map_err(|e| backend(&self.name, e))
+        };
+        record(2, &[])?;
         let loaded = self.send_states(path, operation);
-        let mut record = vec![u8::from(loaded.is_err())];
+        let mut outcome = vec![u8::from(loaded.is_err())];
         if let Err(e) = &loaded {
-            record.extend_from_slice(e.to_string().as_bytes());
+            outcome.extend_from_slice(e.to_string().as_bytes());
         }
-        let recorded = self.servers[0].request(
-            Outgoing::new(protocol::CMD_LOAD_OUTCOME, &record)
-                .key(number)
-                .aux(1),
-            operation,
-        );
-        // No push may reach a server before its states: every worker waits for rank 0.
-        let met = self.worker_barrier();
-        loaded?;
-        recorded.map_err(|e| backend(&self.name, e))?;
-        met
+        let recorded = record(1, &outcome);
+        loaded.and(recorded)
     }
 
-    /// What rank 0's load `number` gave, as recorded on server 0.
-    fn rank_0s_load_outcome(&self, number: u64) -> Result<()> {
-        let answer = self.servers[0]
-            .request(
-                Outgoing::new(protocol::CMD_LOAD_OUTCOME, &[]).key(number),
-                "load_optimizer_states (rank 0's outcome)",
-            )
-            .map_err(|e| backend(&self.name, e))?;
-        match answer.payload.split_first() {
-            Some((0, _)) => Ok(()),
-            Some((_, text)) => Err(Error::InvalidArgument(format!(
-                "{}: load_optimizer_states failed on rank 0, which loads for every worker: {}",
-                self.name,
-                String::from_utf8_lossy(text)
-            ))),
-            None => Err(Error::InvalidArgument(format!(
-                "{}: server 0 recorded no outcome of rank 0's load",
+    /// A worker other than rank 0: waits until rank 0 recorded load `number`'s outcome on
+    /// server 0 (so that the servers hold the new states before this worker's next push),
+    /// and returns it. Rank 0 must start it within the store's timeout, and end it within
+    /// ten times that.
+    fn wait_for_rank_0s_load(&self, number: u64) -> Result<()> {
+        const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+        let start = std::time::Instant::now();
+        let waiting = |what: &str, limit: std::time::Duration| {
+            Error::InvalidArgument(format!(
+                "{}: load_optimizer_states: rank 0 {what} its call {number} within {limit:?} \
+                 (every worker must call it; rank 0 loads for all)",
                 self.name
-            ))),
+            ))
+        };
+        loop {
+            let answer = self.servers[0]
+                .request(
+                    Outgoing::new(protocol::CMD_LOAD_OUTCOME, &[]).key(number),
+                    "load_optimizer_states (rank 0's outcome)",
+                )
+                .map_err(|e| backend(&self.name, e))?;
+            match answer.payload.split_first() {
+                Some((0, _)) => return Ok(()),
+                Some((&protocol::LOAD_PENDING, _)) if start.elapsed() > 10 * self.timeout => {
+                    return Err(waiting("did not end", 10 * self.timeout))
+                }
+                Some((&protocol::LOAD_PENDING, _)) => {}
+                Some((_, text)) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: load_optimizer_states failed on rank 0, which loads for every \
+                         worker: {}",
+                        self.name,
+                        String::from_utf8_lossy(text)
+                    )))
+                }
+                None if start.elapsed() > self.timeout => {
+                    return Err(waiting("did not start", self.timeout))
+                }
+                None => {}
+            }
+            std::thread::sleep(POLL);
         }
     }
 
