@@ -17,7 +17,7 @@
 //! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0 (off) | seconds between heartbeats |
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
-//! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier); fractions allowed |
+//! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |

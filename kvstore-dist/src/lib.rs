@@ -85,13 +85,13 @@
 //! are refused. `load_optimizer_states(path)` is called by every worker, like
 //! `set_optimizer`: rank 0 reads the file, checks every key's states and cuts them into the
 //! servers' slices (for this job's placement: the file may come from `local` or from a job
-//! with another number of servers) and sends them, recording on server 0 that load n started
-//! and how it ended (every worker numbers its loads); the others wait for that outcome and
-//! return it: a failure of rank 0's load is an error on every worker, never an earlier load's
-//! outcome, and a worker whose load rank 0 does not start within `KVSTORE_TIMEOUT_SECS` (or
-//! end within ten times that) gets an error saying every worker must call it. A load that
-//! reached some servers only says which. Each server's share travels in one message
-//! (`KVSTORE_MAX_MESSAGE_BYTES`).
+//! with another number of servers) and sends them, having recorded on server 0 that load n
+//! started and met the others in a barrier (every worker numbers its loads); it then records
+//! how the load ended, and the others, waiting for that (up to ten times
+//! `KVSTORE_TIMEOUT_SECS`), return it: a failure of rank 0's load is an error on every worker,
+//! never another load's outcome, and a load that not every worker makes fails its barrier
+//! within the timeout. A load that reached some servers only says which did, did not, or may
+//! have. Each server's share travels in one message (`KVSTORE_MAX_MESSAGE_BYTES`).
 #![deny(missing_docs)]
 
 pub mod cluster;

@@ -621,7 +621,7 @@ fn dist_async_saves_optimizer_states_as_local() {
 }
 
 #[test]
-fn a_load_that_rank_0_does_not_make_is_an_error_within_the_timeout() {
+fn a_load_that_rank_0_does_not_join_fails_its_barrier_within_the_timeout() {
     let out = run_with(
         "dist_sync",
         1,
@@ -633,16 +633,48 @@ fn a_load_that_rank_0_does_not_make_is_an_error_within_the_timeout() {
             let path = std::env::temp_dir().join("kvstore-dist-never-loaded");
             let started = std::time::Instant::now();
             let alone = match rank {
-                0 => String::new(),
+                // Rank 0 stays in the job without loading.
+                0 => {
+                    std::thread::sleep(Duration::from_millis(2500));
+                    String::new()
+                }
                 _ => kv.load_optimizer_states(&path).unwrap_err().to_string(),
             };
             (alone, started.elapsed())
         },
     );
     let (alone, waited) = &out[1];
-    assert!(
-        alone.contains("did not start") && alone.contains("every worker must call it"),
-        "{alone}"
-    );
+    assert!(alone.contains("barrier of the worker group"), "{alone}");
     assert!(*waited < Duration::from_secs(5), "waited {waited:?}");
+}
+
+#[test]
+fn back_to_back_loads_each_give_their_own_outcome() {
+    let out = run_split(2, 2, |rank, kv| {
+        kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+        kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
+            .unwrap();
+        kv.push(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+        kv.barrier().unwrap();
+        let path =
+            std::env::temp_dir().join(format!("kvstore-dist-states-b2b-{}", std::process::id()));
+        if rank == 0 {
+            kv.save_optimizer_states(&path, true).unwrap();
+        }
+        kv.barrier().unwrap();
+        let missing = std::env::temp_dir().join("kvstore-dist-no-such-state-file-b2b");
+        // Rank 0 fails at once and starts the next load while rank 1 may still be waiting for
+        // the first one's outcome.
+        let first = kv.load_optimizer_states(&missing).is_err();
+        let second = kv.load_optimizer_states(&path).is_ok();
+        kv.barrier().unwrap();
+        if rank == 0 {
+            let _ = std::fs::remove_file(&path);
+        }
+        (first, second)
+    });
+    assert!(
+        out.iter().all(|&(first, second)| first && second),
+        "{out:?}"
+    );
 }

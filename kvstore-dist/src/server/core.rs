@@ -118,9 +118,9 @@ pub(crate) struct Core {
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
     updater: Mutex<Option<Updater>>,
-    /// Rank 0's last `load_optimizer_states`: its number, and its outcome once known (a
-    /// status byte, 0 for success, then the error's text).
-    load_outcome: Mutex<Option<(u64, Option<Vec<u8>>)>>,
+    /// Rank 0's last two `load_optimizer_states` calls: their numbers, and their outcomes once
+    /// known (a status byte, 0 for success, then the error's text).
+    load_outcome: Mutex<std::collections::VecDeque<(u64, Option<Vec<u8>>)>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
@@ -159,7 +159,7 @@ impl Core {
             finished: Condvar::new(),
             entries: Mutex::new(HashMap::new()),
             updater: Mutex::new(None),
-            load_outcome: Mutex::new(None),
+            load_outcome: Mutex::new(std::collections::VecDeque::new()),
             codec: Mutex::new(None),
             shm_dir,
             regions: Mutex::new(HashMap::new()),
@@ -900,27 +900,34 @@ impl Core {
     /// how it ended (`aux` 1); the other workers ask (`aux` 0).
     fn load_outcome(&self, request: &Request, responder: Responder) {
         let number = request.header.key;
-        let mut outcome = lock(&self.load_outcome);
+        let mut records = lock(&self.load_outcome);
         let answer = match request.header.aux {
-            2 => {
-                *outcome = Some((number, None));
+            2 | 1 => {
+                let outcome = (request.header.aux == 1).then(|| request.payload.to_vec());
+                match records.iter_mut().find(|(n, _)| *n == number) {
+                    Some(record) => record.1 = outcome,
+                    None => records.push_back((number, outcome)),
+                }
+                // Rank 0 may start call n + 1 before the others have read call n's outcome,
+                // not call n + 2 (each call meets every worker in a barrier first).
+                while records.len() > 2 {
+                    records.pop_front();
+                }
                 Ok(Vec::new())
             }
-            1 => {
-                *outcome = Some((number, Some(request.payload.to_vec())));
-                Ok(Vec::new())
-            }
-            _ => match outcome.as_ref() {
-                Some((n, Some(record))) if *n == number => Ok(record.clone()),
-                Some((n, None)) if *n == number => Ok(vec![protocol::LOAD_PENDING]),
-                Some((n, _)) if *n > number => Err(format!(
-                    "rank 0 has made load_optimizer_states call {n}, this worker asks for call \
-                     {number}: every worker must call it"
-                )),
-                _ => Ok(Vec::new()),
+            _ => match records.iter().find(|(n, _)| *n == number) {
+                Some((_, Some(record))) => Ok(record.clone()),
+                Some((_, None)) => Ok(vec![protocol::LOAD_PENDING]),
+                None => match records.back() {
+                    Some((n, _)) if *n > number => Err(format!(
+                        "rank 0 has made load_optimizer_states call {n}, this worker asks for \
+                         call {number}: every worker must call it"
+                    )),
+                    _ => Ok(Vec::new()),
+                },
             },
         };
-        drop(outcome);
+        drop(records);
         let _ = match answer {
             Ok(bytes) => responder.respond(Outgoing::new(0, &bytes)),
             Err(e) => responder.respond_error(&e),

@@ -33,7 +33,8 @@
 //! - Dropping the store says goodbye to every server and to the scheduler.
 //!
 //! Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (plus a little, so that a server's error
-//! naming the workers a round waits for arrives first); a server that dies fails the pending
+//! naming the workers a round waits for arrives first; a worker waiting for rank 0's
+//! `load_optimizer_states` waits up to ten times it); a server that dies fails the pending
 //! requests at once, naming it.
 
 mod device;

@@ -5,11 +5,12 @@
 //! between a `local` store and a dist one, or to a job with another number of servers.
 //!
 //! `load_optimizer_states` is called by every worker, as `set_optimizer`: rank 0 records on
-//! server 0 that its load started, reads the file, cuts it into the servers' slices (every
-//! key and state checked first), sends each server its part, and records the outcome; the
-//! other workers wait for that outcome (so that no push of theirs reaches a server before its
-//! states) and return it, so that a failed load is an error on every worker. Loads are
-//! numbered alike on every worker: a worker never reads an earlier load's outcome.
+//! server 0 that its load started and meets the others in a barrier, then reads the file,
+//! cuts it into the servers' slices (every key and state checked first), sends each server
+//! its part, and records the outcome; the others, past the barrier, wait for that outcome
+//! (so that no push of theirs reaches a server before its states; at most ten times
+//! `KVSTORE_TIMEOUT_SECS`) and return it, so that a failed load is an error on every worker.
+//! Loads are numbered alike on every worker: a worker never reads another load's outcome.
 //!
 //! Each server's file travels in one message (at most `KVSTORE_MAX_MESSAGE_BYTES`, 4 GiB by
 //! default).
@@ -126,14 +127,17 @@ impl DistStore {
 
     pub(super) fn load_states(&self, path: &Path) -> Result<()> {
         let operation = "load_optimizer_states";
-        self.check_optimizer(operation)?;
-        // Every worker numbers its loads alike: rank 0 records load n on server 0, the others
-        // wait for load n's outcome, never an earlier one's.
+        // Every worker numbers its loads alike (counted even when refused below, so that the
+        // numbers stay aligned): rank 0 records load n on server 0, the others wait for load
+        // n's outcome, never an earlier one's.
         let number = self
             .loads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
+        self.check_optimizer(operation)?;
         if self.rank != 0 {
+            // Once every worker met, rank 0 has recorded that call n started.
+            self.worker_barrier()?;
             return self.wait_for_rank_0s_load(number);
         }
         let record = |aux: u64, payload: &[u8]| {
@@ -147,7 +151,10 @@ impl DistStore {
                 .map(drop)
                 .map_err(|e| backend(&self.name, e))
         };
+        // Started, then every worker meets: they are all in this call, and the record they
+        // will read is this call's.
         record(2, &[])?;
+        self.worker_barrier()?;
         let loaded = self.send_states(path, operation);
         let mut outcome = vec![u8::from(loaded.is_err())];
         if let Err(e) = &loaded {
@@ -157,20 +164,13 @@ impl DistStore {
         loaded.and(recorded)
     }
 
-    /// A worker other than rank 0: waits until rank 0 recorded load `number`'s outcome on
-    /// server 0 (so that the servers hold the new states before this worker's next push),
-    /// and returns it. Rank 0 must start it within the store's timeout, and end it within
-    /// ten times that.
+    /// A worker other than rank 0, past the call's barrier: waits until rank 0 recorded load
+    /// `number`'s outcome on server 0 (so that the servers hold the new states before this
+    /// worker's next push), at most ten times the store's timeout, and returns it.
     fn wait_for_rank_0s_load(&self, number: u64) -> Result<()> {
-        const POLL: std::time::Duration = std::time::Duration::from_millis(20);
         let start = std::time::Instant::now();
-        let waiting = |what: &str, limit: std::time::Duration| {
-            Error::InvalidArgument(format!(
-                "{}: load_optimizer_states: rank 0 {what} its call {number} within {limit:?} \
-                 (every worker must call it; rank 0 loads for all)",
-                self.name
-            ))
-        };
+        let limit = 10 * self.timeout;
+        let mut pause = std::time::Duration::from_millis(5);
         loop {
             let answer = self.servers[0]
                 .request(
@@ -180,10 +180,14 @@ impl DistStore {
                 .map_err(|e| backend(&self.name, e))?;
             match answer.payload.split_first() {
                 Some((0, _)) => return Ok(()),
-                Some((&protocol::LOAD_PENDING, _)) if start.elapsed() > 10 * self.timeout => {
-                    return Err(waiting("did not end", 10 * self.timeout))
+                Some((&protocol::LOAD_PENDING, _)) | None if start.elapsed() > limit => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: load_optimizer_states: rank 0 started call {number} but recorded \
+                         no outcome within {limit:?} (ten times KVSTORE_TIMEOUT_SECS)",
+                        self.name
+                    )))
                 }
-                Some((&protocol::LOAD_PENDING, _)) => {}
+                Some((&protocol::LOAD_PENDING, _)) | None => {}
                 Some((_, text)) => {
                     return Err(Error::InvalidArgument(format!(
                         "{}: load_optimizer_states failed on rank 0, which loads for every \
@@ -192,12 +196,9 @@ impl DistStore {
                         String::from_utf8_lossy(text)
                     )))
                 }
-                None if start.elapsed() > self.timeout => {
-                    return Err(waiting("did not start", self.timeout))
-                }
-                None => {}
             }
-            std::thread::sleep(POLL);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(200));
         }
     }
 
@@ -218,8 +219,9 @@ impl DistStore {
                 .filter(|&s| keep(&outcomes[s]))
                 .collect::<Vec<usize>>()
         };
+        // A server that did not answer in time may still load: it counts as unknown.
         let loaded = servers(|o| matches!(o, Some(Ok(_))));
-        let unknown = servers(Option::is_none);
+        let unknown = servers(|o| matches!(o, None | Some(Err(TransportError::Timeout { .. }))));
         if loaded.is_empty() && unknown.is_empty() {
             return Err(e);
         }
@@ -228,7 +230,9 @@ impl DistStore {
              may have reached servers {unknown:?} ({e}): the servers may now hold different \
              states; load the file again",
             self.name,
-            servers(|o| matches!(o, Some(Err(_))))
+            servers(|o| {
+                matches!(o, Some(Err(e)) if !matches!(e, TransportError::Timeout { .. }))
+            })
         )))
     }
 }
