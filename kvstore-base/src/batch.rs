@@ -126,6 +126,11 @@ impl<'a> KeyedValues<'a> {
         }
     }
 
+    /// Whether any value is in device memory.
+    pub fn any_on_device(&self) -> bool {
+        self.values.iter().any(|v| v.device().is_some())
+    }
+
     /// The distinct keys, in order of first appearance, with the positions of their arrays.
     pub fn groups(&self) -> Vec<KeyGroup> {
         group(&self.keys)
@@ -206,6 +211,11 @@ impl<'a> KeyedOuts<'a> {
             Some((key, context)) => Err(on_device(store, operation, key, context)),
             None => Ok(()),
         }
+    }
+
+    /// Whether any output is in device memory.
+    pub fn any_on_device(&self) -> bool {
+        self.iter_on_device().is_some()
     }
 
     fn iter_on_device(&self) -> Option<(&Key, crate::Context)> {

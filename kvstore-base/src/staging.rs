@@ -16,7 +16,7 @@ pub fn with_values_on_host<R>(
     values: &KeyedValues<'_>,
     call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
 ) -> Result<R> {
-    if values.values().iter().all(|v| v.device().is_none()) {
+    if !values.any_on_device() {
         return call(values);
     }
     with_arrays_on_host(values.values(), |staged| {
@@ -84,7 +84,7 @@ pub(crate) fn stage_outs<R>(
     read: bool,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
-    if outs.outs().iter().all(|o| o.device().is_none()) {
+    if !outs.any_on_device() {
         return call(outs);
     }
     let mut copies = outs
@@ -242,7 +242,7 @@ pub fn with_values_summed_on_host<R>(
     check: impl FnOnce(&KeyedValues<'_>) -> Result<()>,
     call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
 ) -> Result<R> {
-    if values.values().iter().all(|v| v.device().is_none()) {
+    if !values.any_on_device() {
         return call(values);
     }
     check(values)?;
@@ -301,11 +301,10 @@ pub fn with_outs_fanned_out<R>(
     outs: &mut KeyedOuts<'_>,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
-    if outs.outs().iter().all(|o| o.device().is_none()) {
+    if !outs.any_on_device() {
         return call(outs);
     }
     let mut received: Vec<NDArray> = Vec::new();
-    let mut received_keys = Vec::new();
     let mut plan: Vec<Plan> = Vec::with_capacity(outs.len());
     for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
         if out.device().is_none() {
@@ -322,7 +321,6 @@ pub fn with_outs_fanned_out<R>(
             None => {
                 plan.push(Plan::Received(received.len()));
                 received.push(NDArray::zeros(out.shape(), out.dtype()));
-                received_keys.push(key.clone());
             }
         }
     }
@@ -335,20 +333,16 @@ pub fn with_outs_fanned_out<R>(
     let result = {
         let mut keys = Vec::with_capacity(outs.len());
         let mut staged: Vec<&mut NDArray> = Vec::with_capacity(outs.len());
+        // Stand-ins were made in output order: each `Received` output takes the next one.
         let mut spare = received.iter_mut();
-        let mut received_keys = received_keys.iter();
         for ((key, out), p) in out_keys.iter().zip(outs.outs_mut()).zip(&plan) {
-            match p {
-                Plan::Host => {
-                    keys.push(key.clone());
-                    staged.push(&mut **out);
-                }
-                Plan::Received(_) => {
-                    keys.push(received_keys.next().expect("one per stand-in").clone());
-                    staged.push(spare.next().expect("one per stand-in"));
-                }
-                Plan::CopyOf(_) => {}
-            }
+            let array: &mut NDArray = match p {
+                Plan::Host => out,
+                Plan::Received(_) => spare.next().expect("one per stand-in"),
+                Plan::CopyOf(_) => continue,
+            };
+            keys.push(key.clone());
+            staged.push(array);
         }
         call(&mut KeyedOuts::new(operation, keys, staged)?)?
     };

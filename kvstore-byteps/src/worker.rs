@@ -1059,7 +1059,10 @@ impl KVStoreBase for BytePsStore {
         ignore_sparse: bool,
     ) -> Result<()> {
         let _ = priority;
-        self.check_outs("pull", outs)?;
+        if outs.any_on_device() {
+            // Every output, before one stands in for the others of its key.
+            self.check_outs("pull", outs)?;
+        }
         with_outs_fanned_out("pull", outs, |outs| {
             self.pull_keys("pull", outs, ignore_sparse)
         })
@@ -1073,8 +1076,11 @@ impl KVStoreBase for BytePsStore {
     ) -> Result<()> {
         let operation = "pushpull";
         outs.check_against(operation, values)?;
-        self.check_values(operation, values)?;
-        self.check_outs(operation, outs)?;
+        if values.any_on_device() || outs.any_on_device() {
+            // Every value and output is checked before a value is summed or copied.
+            self.check_values(operation, values)?;
+            self.check_outs(operation, outs)?;
+        }
         with_values_summed_on_host(
             &self.name,
             operation,
@@ -1122,30 +1128,24 @@ impl KVStoreBase for BytePsStore {
                 }
             }
         }
-        if values.values().iter().any(|v| v.device().is_some()) {
-            return with_values_on_host(values, |values| {
-                self.broadcast_batch(values, outs, priority)
-            });
-        }
-        if outs.outs().iter().any(|o| o.device().is_some()) {
-            // Every output checked: staged before any key is declared.
-            return with_outs_fanned_out("broadcast", outs, |outs| {
-                self.broadcast_batch(values, outs, priority)
-            });
-        }
-        let new: Vec<(Key, &NDArray)> = {
-            let table = lock(&self.table);
-            values
-                .iter()
-                .filter(|(k, _)| !table.tensors.contains_key(*k))
-                .map(|(k, v)| (k.clone(), v))
-                .collect()
-        };
-        if !new.is_empty() {
-            let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = new.into_iter().unzip();
-            self.declare("broadcast", &KeyedValues::new("broadcast", keys, arrays)?)?;
-        }
-        self.push_pull("broadcast", values, Some(outs), priority, true)
+        // Every output checked: arrays in device memory are staged before any key is declared.
+        with_values_on_host(values, |values| {
+            with_outs_fanned_out("broadcast", outs, |outs| {
+                let new: Vec<(Key, &NDArray)> = {
+                    let table = lock(&self.table);
+                    values
+                        .iter()
+                        .filter(|(k, _)| !table.tensors.contains_key(*k))
+                        .map(|(k, v)| (k.clone(), v))
+                        .collect()
+                };
+                if !new.is_empty() {
+                    let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = new.into_iter().unzip();
+                    self.declare("broadcast", &KeyedValues::new("broadcast", keys, arrays)?)?;
+                }
+                self.push_pull("broadcast", values, Some(outs), priority, true)
+            })
+        })
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {

@@ -51,9 +51,7 @@ impl DeviceMemory for DeviceArray {
     }
 
     fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
-        let mut copy = DeviceArray::zeros(DeviceArray::shape(self), self.ordinal())?;
-        copy.copy_from(self)?;
-        Ok(Box::new(copy))
+        Ok(Box::new(self.copy_to(self.ordinal())?))
     }
 
     fn copy_from_device(&mut self, src: &dyn DeviceMemory) -> Result<()> {
@@ -113,9 +111,7 @@ impl DeviceBackend for CudaBackend {
         let Some(src) = src.as_any().downcast_ref::<DeviceArray>() else {
             return Ok(None);
         };
-        let mut copy = DeviceArray::zeros(DeviceArray::shape(src), gpu_ordinal(context)?)?;
-        copy.copy_from(src)?;
-        Ok(Some(Box::new(copy)))
+        Ok(Some(Box::new(src.copy_to(gpu_ordinal(context)?)?)))
     }
 
     /// Sums on the GPU holding most of the values (the first of them on a tie): the others
@@ -156,26 +152,21 @@ fn sum_arrays(arrays: &[&DeviceArray]) -> Result<DeviceArray> {
             first.ordinal(),
             |best, o| if held(o) > held(best) { o } else { best },
         );
-    let shape = first.shape();
-    // Every buffer is allocated before any copy or kernel is queued.
-    let mut sum = DeviceArray::zeros(shape, target)?;
-    let mut moved: Vec<(usize, DeviceArray)> = Vec::new();
-    for (i, a) in arrays.iter().enumerate() {
-        if a.ordinal() != target {
-            moved.push((i, DeviceArray::zeros(shape, target)?));
-        }
-    }
-    for (i, copy) in &mut moved {
-        copy.copy_from(arrays[*i])?;
-    }
-    let sources: Vec<&DeviceArray> = arrays
+    // Values on other GPUs are copied to the target first (peer to peer).
+    let moved = arrays
         .iter()
-        .enumerate()
-        .map(|(i, a)| match moved.iter().find(|(j, _)| *j == i) {
-            Some((_, copy)) => copy,
-            None => *a,
+        .map(|a| {
+            (a.ordinal() != target)
+                .then(|| a.copy_to(target))
+                .transpose()
         })
+        .collect::<Result<Vec<Option<DeviceArray>>>>()?;
+    let sources: Vec<&DeviceArray> = moved
+        .iter()
+        .zip(arrays)
+        .map(|(copy, a)| copy.as_ref().unwrap_or(a))
         .collect();
+    let mut sum = DeviceArray::zeros(first.shape(), target)?;
     sum.sum_from(&sources)?;
     Ok(sum)
 }

@@ -654,6 +654,16 @@ impl DeviceArray {
         copy_on(&gpu.stream, &src.data, &mut self.data)
     }
 
+    /// A copy on `gpu(ordinal)` (this array's GPU or another).
+    ///
+    /// # Errors
+    /// [`Error::Device`] when allocation or the copy fails.
+    pub fn copy_to(&self, ordinal: usize) -> Result<DeviceArray> {
+        let mut copy = DeviceArray::zeros(&self.shape, ordinal)?;
+        copy.copy_from(self)?;
+        Ok(copy)
+    }
+
     /// Writes the sum of `srcs` (at least one, all of this array's shape and on its GPU) into
     /// this array, in the CPU store's association order (`srcs[0]`, then groups of four), by
     /// the reduction kernel the `device` store uses. Queued on the GPU's stream: it returns

@@ -1328,9 +1328,7 @@ fn reserve_compressed(
         if source.residual.ordinal() != ordinal {
             // The value of this position now comes from another GPU: its residual follows
             // (the old one is freed on its stream after the copy has read it: `copy_on`).
-            let mut moved = DeviceArray::zeros(shape, ordinal)?;
-            moved.copy_from(&source.residual)?;
-            source.residual = moved;
+            source.residual = source.residual.copy_to(ordinal)?;
         }
         if source.send.ordinal() != ordinal || source.send.kind() != codec.kind() {
             source.send = PackedArray::zeros(codec, n, ordinal)?;

@@ -471,23 +471,30 @@ fn optimizer_states_need_an_optimizer_and_known_keys() {
     );
 }
 
+/// On every worker of a job: key 3 of [4, 5] with sgd and momentum, one push; then rank 0
+/// saves the states to a file named after `name` (returned) while the others wait.
+fn one_step_saved(rank: usize, kv: &dyn KVStoreBase, name: &str) -> std::path::PathBuf {
+    kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+    kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
+        .unwrap();
+    kv.push(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
+    kv.barrier().unwrap();
+    let path =
+        std::env::temp_dir().join(format!("kvstore-dist-states-{name}-{}", std::process::id()));
+    if rank == 0 {
+        kv.save_optimizer_states(&path, true).unwrap();
+    }
+    kv.barrier().unwrap();
+    path
+}
+
 #[test]
 fn a_failed_load_is_an_error_on_every_worker() {
     let out = run_split(2, 2, |rank, kv| {
-        kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
-        kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
-            .unwrap();
+        let path = one_step_saved(rank, kv, "ok");
         let missing = std::env::temp_dir().join("kvstore-dist-no-such-state-file");
         let failed = kv.load_optimizer_states(&missing).unwrap_err().to_string();
-        // Then a save and a load that work, on every worker.
-        kv.push(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
-        kv.barrier().unwrap();
-        let path =
-            std::env::temp_dir().join(format!("kvstore-dist-states-ok-{}", std::process::id()));
-        if rank == 0 {
-            kv.save_optimizer_states(&path, true).unwrap();
-        }
-        kv.barrier().unwrap();
+        // Then a load that works, on every worker.
         let loaded = kv.load_optimizer_states(&path);
         kv.barrier().unwrap();
         if rank == 0 {
@@ -651,17 +658,7 @@ fn a_load_that_rank_0_does_not_join_fails_its_barrier_within_the_timeout() {
 #[test]
 fn back_to_back_loads_each_give_their_own_outcome() {
     let out = run_split(2, 2, |rank, kv| {
-        kv.init(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
-        kv.set_optimizer(&OptimizerSpec::new("sgd").with("momentum", 0.9))
-            .unwrap();
-        kv.push(3, &NDArray::ones(&[4, 5], DType::F32)).unwrap();
-        kv.barrier().unwrap();
-        let path =
-            std::env::temp_dir().join(format!("kvstore-dist-states-b2b-{}", std::process::id()));
-        if rank == 0 {
-            kv.save_optimizer_states(&path, true).unwrap();
-        }
-        kv.barrier().unwrap();
+        let path = one_step_saved(rank, kv, "b2b");
         let missing = std::env::temp_dir().join("kvstore-dist-no-such-state-file-b2b");
         // Rank 0 fails at once and starts the next load while rank 1 may still be waiting for
         // the first one's outcome.

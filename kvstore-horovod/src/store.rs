@@ -194,11 +194,6 @@ impl Cycles {
     }
 }
 
-/// Whether any of `arrays` is in device memory.
-fn any_on_device<'a>(mut arrays: impl Iterator<Item = &'a NDArray>) -> bool {
-    arrays.any(|a| a.device().is_some())
-}
-
 /// A dense, contiguous copy of `a`.
 fn own(a: &NDArray) -> NDArray {
     let dense = a.to_dense();
@@ -881,18 +876,14 @@ impl KVStoreBase for HorovodStore {
         outs.check_against(operation, values)?;
         self.check_alike(operation, values)?;
         self.check_outs(operation, values, outs)?;
-        if any_on_device(values.values().iter().copied())
-            || any_on_device(outs.outs().iter().map(|o| &**o))
-        {
-            return with_values_summed_on_host(
-                &self.name,
-                operation,
-                values,
-                |_| Ok(()),
-                |values| with_outs_fanned_out(operation, outs, |outs| self.allreduce(values, outs)),
-            );
-        }
-        self.allreduce(values, outs)
+        // Arrays in device memory (if any) staged; host arrays go straight through.
+        with_values_summed_on_host(
+            &self.name,
+            operation,
+            values,
+            |_| Ok(()),
+            |values| with_outs_fanned_out(operation, outs, |outs| self.allreduce(values, outs)),
+        )
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
@@ -921,14 +912,9 @@ impl KVStoreBase for HorovodStore {
         outs.check_against(operation, values)?;
         values.check_one_value_per_key(&self.name, operation)?;
         self.check_outs(operation, values, outs)?;
-        if any_on_device(values.values().iter().copied())
-            || any_on_device(outs.outs().iter().map(|o| &**o))
-        {
-            return with_values_on_host(values, |values| {
-                with_outs_fanned_out(operation, outs, |outs| self.broadcast_checked(values, outs))
-            });
-        }
-        self.broadcast_checked(values, outs)
+        with_values_on_host(values, |values| {
+            with_outs_fanned_out(operation, outs, |outs| self.broadcast_checked(values, outs))
+        })
     }
 
     fn barrier(&self) -> Result<()> {

@@ -49,9 +49,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvstore_base::{
-    with_values_summed_on_host, Capability, CompressionParams, CreateRequest, DType, Error,
-    KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate,
-    Result, StorageType,
+    with_outs_fanned_out, with_values_on_host, with_values_summed_on_host, Capability,
+    CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyGroup, KeyedOuts,
+    KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
 };
 use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::{self, ReduceConfig};
@@ -62,7 +62,11 @@ use crate::cluster::Group;
 use crate::config::{DistConfig, Role};
 use crate::node::Node;
 use crate::protocol::{self, Hello, Mode, RowRequest};
-use crate::transport::{Connection, Outgoing, Pending, TransportError};
+use crate::transport::{Connection, Outgoing, Pending, Response, TransportError};
+
+/// A server's answer to a request sent to every server; `None` when it was not awaited
+/// (another server was lost first: it may have acted on the request).
+type ServerOutcome = Option<std::result::Result<Response, TransportError>>;
 
 /// A worker of a dist job (see the [module docs](self)).
 pub struct DistStore {
@@ -505,20 +509,24 @@ impl DistStore {
         self.shm.iter().flatten().filter(|l| l.usable()).count()
     }
 
-    /// Runs `call` with `values` in host memory (copies of those in device memory, for a
-    /// store with the device communicator; refused otherwise).
-    fn values_on_host<R>(
+    /// Refuses arrays in device memory unless the store has MXNet's device communicator
+    /// (then the staging helpers of `kvstore-base` take them; the other dist stores receive
+    /// them staged by `KVStoreExt`).
+    fn host_arrays_only(
         &self,
-        values: &KeyedValues<'_>,
         operation: &'static str,
-        call: impl FnOnce(&KeyedValues<'_>) -> Result<R>,
-    ) -> Result<R> {
-        match self.device_comm {
-            true => kvstore_base::with_values_on_host(values, call),
-            false => values
-                .check_on_host(self.type_name(), operation)
-                .and_then(|()| call(values)),
+        values: Option<&KeyedValues<'_>>,
+        outs: Option<&KeyedOuts<'_>>,
+    ) -> Result<()> {
+        if self.device_comm {
+            return Ok(());
         }
+        if let Some(values) = values {
+            values.check_on_host(self.type_name(), operation)?;
+        }
+        outs.map_or(Ok(()), |outs| {
+            outs.check_on_host(self.type_name(), operation)
+        })
     }
 
     /// Checks every value of `values` against its key (initialised, shape, dtype).
@@ -605,22 +613,59 @@ impl DistStore {
 
     /// Rank 0 sends `command` with `payload` (and `key`) to every server and waits for all.
     fn to_all_servers(&self, command: u32, key: u64, payload: &[u8], what: &str) -> Result<()> {
-        let pending = self
-            .servers
-            .iter()
-            .map(|c| c.send(Outgoing::new(command, payload).key(key), what))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| backend(&self.name, e))?;
-        let tagged = pending.into_iter().map(|p| ((), p)).collect();
-        let mut errors: Vec<TransportError> = exchange::settle(tagged)
-            .into_iter()
-            .filter_map(|(_, outcome)| outcome.err())
-            .collect();
-        // A lost server first: it explains the others' failures.
+        let outcomes = self.to_each_server(command, key, |_| payload, what);
+        self.all_answered(outcomes, what).map(drop)
+    }
+
+    /// Sends `command` with `payload(server)` to every server; the outcomes by server.
+    fn to_each_server<'p>(
+        &self,
+        command: u32,
+        key: u64,
+        payload: impl Fn(usize) -> &'p [u8],
+        what: &str,
+    ) -> Vec<ServerOutcome> {
+        let mut outcomes: Vec<ServerOutcome> = (0..self.servers.len()).map(|_| None).collect();
+        let mut pending = Vec::new();
+        for (server, c) in self.servers.iter().enumerate() {
+            match c.send(Outgoing::new(command, payload(server)).key(key), what) {
+                Ok(p) => pending.push((server, p)),
+                Err(e) => outcomes[server] = Some(Err(e)),
+            }
+        }
+        for (server, outcome) in exchange::settle(pending) {
+            outcomes[server] = Some(outcome);
+        }
+        outcomes
+    }
+
+    /// Every server's answer, by server; else the first failure (a lost server first: it
+    /// explains the others' failures), or a server not awaited.
+    fn all_answered(&self, outcomes: Vec<ServerOutcome>, what: &str) -> Result<Vec<Response>> {
+        let mut answers = Vec::with_capacity(outcomes.len());
+        let mut errors = Vec::new();
+        let mut unknown = None;
+        for (server, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Some(Ok(answer)) => answers.push(answer),
+                Some(Err(e)) => errors.push(e),
+                None => unknown = unknown.or(Some(server)),
+            }
+        }
         errors.sort_by_key(|e| !exchange::is_loss(e));
-        match errors.into_iter().next() {
-            Some(e) => Err(backend(&self.name, e)),
-            None => Ok(()),
+        if let Some(e) = errors.into_iter().next() {
+            return Err(backend(&self.name, e));
+        }
+        match unknown {
+            Some(server) => Err(Error::Backend {
+                store: self.name.clone(),
+                source: format!(
+                    "{what}: {} was not awaited (another server was lost)",
+                    self.servers[server].peer()
+                )
+                .into(),
+            }),
+            None => Ok(answers),
         }
     }
 
@@ -688,7 +733,7 @@ impl KVStoreBase for DistStore {
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
-        if self.device_comm && values.outs().iter().any(|v| v.device().is_some()) {
+        if self.device_comm && values.any_on_device() {
             return self.pushpull_in_place_on_devices(values, priority);
         }
         let copies: Vec<NDArray> = values.outs().iter().map(|v| (**v).clone()).collect();
@@ -697,20 +742,19 @@ impl KVStoreBase for DistStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        self.values_on_host(values, "init", |values| self.init_keys("init", values))
+        self.host_arrays_only("init", Some(values), None)?;
+        with_values_on_host(values, |values| self.init_keys("init", values))
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        let push = |values: &KeyedValues<'_>| self.push_keys("push", values, None, priority);
-        match self.device_comm {
-            true => {
-                let check = |values: &KeyedValues<'_>| self.check_values("push", values);
-                with_values_summed_on_host(&self.name, "push", values, check, push)
-            }
-            false => values
-                .check_on_host(self.type_name(), "push")
-                .and_then(|()| push(values)),
-        }
+        self.host_arrays_only("push", Some(values), None)?;
+        with_values_summed_on_host(
+            &self.name,
+            "push",
+            values,
+            |values| self.check_values("push", values),
+            |values| self.push_keys("push", values, None, priority),
+        )
     }
 
     fn pull_batch(
@@ -719,16 +763,14 @@ impl KVStoreBase for DistStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
-        let pull = |outs: &mut KeyedOuts<'_>| self.pull_keys("pull", outs, ignore_sparse, priority);
-        match self.device_comm {
-            true => {
-                self.check_outs("pull", outs)?;
-                kvstore_base::with_outs_fanned_out("pull", outs, pull)
-            }
-            false => outs
-                .check_on_host(self.type_name(), "pull")
-                .and_then(|()| pull(outs)),
+        self.host_arrays_only("pull", None, Some(outs))?;
+        if outs.any_on_device() {
+            // Every output, before one stands in for the others of its key.
+            self.check_outs("pull", outs)?;
         }
+        with_outs_fanned_out("pull", outs, |outs| {
+            self.pull_keys("pull", outs, ignore_sparse, priority)
+        })
     }
 
     fn pushpull_batch(
@@ -739,25 +781,23 @@ impl KVStoreBase for DistStore {
     ) -> Result<()> {
         let operation = "pushpull";
         outs.check_against(operation, values)?;
-        if self.device_comm {
+        self.host_arrays_only(operation, Some(values), Some(outs))?;
+        if values.any_on_device() || outs.any_on_device() {
             // Every value and output is checked before a value is summed or copied.
             self.check_values(operation, values)?;
             self.check_outs(operation, outs)?;
-            return with_values_summed_on_host(
-                &self.name,
-                operation,
-                values,
-                |_| Ok(()),
-                |values| {
-                    kvstore_base::with_outs_fanned_out(operation, outs, |outs| {
-                        self.push_keys(operation, values, Some(outs), priority)
-                    })
-                },
-            );
         }
-        values.check_on_host(self.type_name(), operation)?;
-        outs.check_on_host(self.type_name(), operation)?;
-        self.push_keys(operation, values, Some(outs), priority)
+        with_values_summed_on_host(
+            &self.name,
+            operation,
+            values,
+            |_| Ok(()),
+            |values| {
+                with_outs_fanned_out(operation, outs, |outs| {
+                    self.push_keys(operation, values, Some(outs), priority)
+                })
+            },
+        )
     }
 
     fn broadcast_batch(
@@ -766,24 +806,15 @@ impl KVStoreBase for DistStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
-        if self.device_comm && values.values().iter().any(|v| v.device().is_some()) {
-            outs.check_shapes_against(&self.name, "broadcast", values)?;
-            return kvstore_base::with_values_on_host(values, |values| {
-                self.broadcast_batch(values, outs, priority)
-            });
-        }
-        if self.device_comm && outs.outs().iter().any(|o| o.device().is_some()) {
-            // Checked against the values: the keys may not be initialised yet.
-            outs.check_shapes_against(&self.name, "broadcast", values)?;
-            return kvstore_base::with_outs_fanned_out("broadcast", outs, |outs| {
-                self.broadcast_batch(values, outs, priority)
-            });
-        }
-        values.check_on_host(self.type_name(), "broadcast")?;
-        outs.check_on_host(self.type_name(), "broadcast")?;
+        self.host_arrays_only("broadcast", Some(values), Some(outs))?;
+        // Checked against the values: the keys may not be initialised yet.
         outs.check_shapes_against(&self.name, "broadcast", values)?;
-        self.init_keys("broadcast", values)?;
-        self.pull_keys("broadcast", outs, true, priority)
+        with_values_on_host(values, |values| {
+            with_outs_fanned_out("broadcast", outs, |outs| {
+                self.init_keys("broadcast", values)?;
+                self.pull_keys("broadcast", outs, true, priority)
+            })
+        })
     }
 
     fn row_sparse_pull_batch(

@@ -20,9 +20,9 @@ use std::path::Path;
 use kvstore_base::{Error, Result};
 use kvstore_optimizer::sliced::{self, KeySlices};
 
-use super::{backend, exchange, lock, DistStore};
+use super::{backend, lock, DistStore};
 use crate::protocol;
-use crate::transport::{Outgoing, Response, TransportError};
+use crate::transport::{Outgoing, TransportError};
 
 impl DistStore {
     /// Where every key's slices are (server and element range), in key order.
@@ -52,70 +52,13 @@ impl DistStore {
         }
     }
 
-    /// Sends `command` with `payload(server)` to every server; the outcomes by server. A
-    /// server whose answer was not awaited (another one was lost first) is `None`: it may
-    /// have acted on the request.
-    fn to_each_server<'p>(
-        &self,
-        command: u32,
-        payload: impl Fn(usize) -> &'p [u8],
-        what: &str,
-    ) -> Vec<Option<std::result::Result<Response, TransportError>>> {
-        let mut outcomes: Vec<Option<std::result::Result<Response, TransportError>>> =
-            (0..self.servers.len()).map(|_| None).collect();
-        let mut pending = Vec::new();
-        for (server, c) in self.servers.iter().enumerate() {
-            match c.send(Outgoing::new(command, payload(server)), what) {
-                Ok(p) => pending.push((server, p)),
-                Err(e) => outcomes[server] = Some(Err(e)),
-            }
-        }
-        for (server, outcome) in exchange::settle(pending) {
-            outcomes[server] = Some(outcome);
-        }
-        outcomes
-    }
-
-    /// The first real failure among `outcomes` (a lost server first), else the first server
-    /// not awaited, as an error.
-    fn first_failure(
-        &self,
-        outcomes: &[Option<std::result::Result<Response, TransportError>>],
-        what: &str,
-    ) -> Option<Error> {
-        let mut failures: Vec<&TransportError> = outcomes
-            .iter()
-            .filter_map(|o| o.as_ref().and_then(|o| o.as_ref().err()))
-            .collect();
-        failures.sort_by_key(|e| !exchange::is_loss(e));
-        if let Some(e) = failures.first() {
-            return Some(Error::Backend {
-                store: self.name.clone(),
-                source: e.to_string().into(),
-            });
-        }
-        let unknown = outcomes.iter().position(Option::is_none)?;
-        Some(Error::Backend {
-            store: self.name.clone(),
-            source: format!(
-                "{what}: {} was not awaited (another server was lost)",
-                self.servers[unknown].peer()
-            )
-            .into(),
-        })
-    }
-
     pub(super) fn save_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
         let operation = "save_optimizer_states";
         self.check_optimizer(operation)?;
-        let outcomes = self.to_each_server(protocol::CMD_SAVE_STATES, |_| &[], operation);
-        if let Some(e) = self.first_failure(&outcomes, operation) {
-            return Err(e);
-        }
-        let files: Vec<Vec<u8>> = outcomes
+        let outcomes = self.to_each_server(protocol::CMD_SAVE_STATES, 0, |_| &[], operation);
+        let files: Vec<Vec<u8>> = self
+            .all_answered(outcomes, operation)?
             .into_iter()
-            .flatten()
-            .flatten()
             .map(|answer| answer.payload.to_vec())
             .collect();
         let joined = sliced::join(&files, &self.layout(), dump_optimizer)?;
@@ -210,29 +153,33 @@ impl DistStore {
             source,
         })?;
         let files = sliced::split(&bytes, &self.layout(), self.servers.len())?;
-        let outcomes = self.to_each_server(protocol::CMD_LOAD_STATES, |s| &files[s], operation);
-        let Some(e) = self.first_failure(&outcomes, operation) else {
-            return Ok(());
-        };
-        let servers = |keep: fn(&Option<std::result::Result<Response, TransportError>>) -> bool| {
-            (0..outcomes.len())
-                .filter(|&s| keep(&outcomes[s]))
+        let outcomes = self.to_each_server(protocol::CMD_LOAD_STATES, 0, |s| &files[s], operation);
+        // Whether each server loaded: yes, no, or unknown (not awaited, or timed out: it may
+        // still load).
+        let reached: Vec<Option<bool>> = outcomes
+            .iter()
+            .map(|o| match o {
+                Some(Ok(_)) => Some(true),
+                None | Some(Err(TransportError::Timeout { .. })) => None,
+                Some(Err(_)) => Some(false),
+            })
+            .collect();
+        let servers = |state: Option<bool>| {
+            (0..reached.len())
+                .filter(|&s| reached[s] == state)
                 .collect::<Vec<usize>>()
         };
-        // A server that did not answer in time may still load: it counts as unknown.
-        let loaded = servers(|o| matches!(o, Some(Ok(_))));
-        let unknown = servers(|o| matches!(o, None | Some(Err(TransportError::Timeout { .. }))));
-        if loaded.is_empty() && unknown.is_empty() {
-            return Err(e);
+        let (loaded, unknown) = (servers(Some(true)), servers(None));
+        match self.all_answered(outcomes, operation) {
+            Ok(_) => Ok(()),
+            Err(e) if loaded.is_empty() && unknown.is_empty() => Err(e),
+            Err(e) => Err(Error::InvalidArgument(format!(
+                "{}: the optimizer states reached servers {loaded:?}, failed on servers {:?} \
+                 and may have reached servers {unknown:?} ({e}): the servers may now hold \
+                 different states; load the file again",
+                self.name,
+                servers(Some(false))
+            ))),
         }
-        Err(Error::InvalidArgument(format!(
-            "{}: the optimizer states reached servers {loaded:?}, failed on servers {:?} and \
-             may have reached servers {unknown:?} ({e}): the servers may now hold different \
-             states; load the file again",
-            self.name,
-            servers(|o| {
-                matches!(o, Some(Err(e)) if !matches!(e, TransportError::Timeout { .. }))
-            })
-        )))
     }
 }
