@@ -33,7 +33,9 @@ use crate::transport::TransportError;
 
 /// Registers a node: payload `"<role> <host:port>"`; answered with the node table.
 pub const CMD_REGISTER: u32 = 0x4B56_0001;
-/// Enters a barrier: key = the group's ps-lite id; answered when every member has entered.
+/// Enters a barrier: key = the group's ps-lite id, aux = the node's timeout in milliseconds
+/// (0: the scheduler's); answered when every member has entered, or with an error naming the
+/// nodes that did not within the shorter of the two timeouts.
 pub const CMD_BARRIER: u32 = 0x4B56_0002;
 /// A heartbeat; answered at once.
 pub const CMD_HEARTBEAT: u32 = 0x4B56_0003;

@@ -217,7 +217,16 @@ impl Node {
         let conn = self.conn.as_ref().ok_or_else(|| {
             ClusterError::Invalid(format!("{} has already left the cluster", self.info))
         })?;
-        conn.send(Outgoing::new(CMD_BARRIER, &[]).key(group.ps_id()), &what)
+        // The scheduler fails the barrier at this node's timeout if that is shorter than its
+        // own, naming the nodes that did not enter, before this node's wait (timeout + grace)
+        // ends.
+        let timeout_ms = u64::try_from(self.timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let barrier = Outgoing::new(CMD_BARRIER, &[])
+            .key(group.ps_id())
+            .aux(timeout_ms);
+        conn.send(barrier, &what)
             .and_then(|p| p.wait_timeout(self.timeout + grace(self.timeout)))
             .map(|_| ())
             .map_err(|e| scheduler_error(&self.scheduler, &what, e))

@@ -13,7 +13,10 @@
 //! - **Barriers** per [`Group`]: a barrier completes when every member has entered (the
 //!   scheduler counts as always entered in [`Group::All`]). A barrier not complete within the
 //!   timeout of its first entry fails for everyone who entered, naming the nodes that did not
-//!   enter.
+//!   enter; a node that sends its own, shorter timeout with its entry (every [`Node`] does)
+//!   brings that deadline forward, so it too hears who is missing.
+//!
+//! [`Node`]: crate::node::Node
 //! - **Liveness.** Any message from a node counts as a heartbeat; a node silent for longer than
 //!   the heartbeat timeout (see [`heartbeat_settings`]), or whose connection closes without a
 //!   goodbye, is **lost**: every pending and every later barrier fails with an error naming the
@@ -63,8 +66,20 @@ struct Member {
 }
 
 struct Barrier {
-    started: Instant,
+    /// When the barrier fails if not complete: the earliest of the scheduler's timeout from
+    /// the first entry and each entrant's own timeout from its entry.
+    deadline: Instant,
+    /// The timeout behind `deadline`, for the error message.
+    timeout: Duration,
     entered: Vec<(usize, Responder)>,
+}
+
+/// A barrier request: who sent it, the group's ps-lite id, and the sender's own timeout in
+/// milliseconds (0: the scheduler's).
+struct BarrierEntry {
+    peer: SocketAddr,
+    group: u64,
+    timeout_ms: u64,
 }
 
 struct State {
@@ -142,7 +157,12 @@ impl Shared {
                 match request.header.command {
                     CMD_REGISTER => self.register(&mut st, &request, responder, &mut replies),
                     CMD_BARRIER => {
-                        self.barrier(&mut st, peer, request.header.key, responder, &mut replies)
+                        let entry = BarrierEntry {
+                            peer,
+                            group: request.header.key,
+                            timeout_ms: request.header.aux,
+                        };
+                        self.barrier(&mut st, entry, responder, &mut replies)
                     }
                     CMD_HEARTBEAT => {
                         let known = st
@@ -287,11 +307,15 @@ impl Shared {
     fn barrier(
         &self,
         st: &mut State,
-        peer: SocketAddr,
-        key: u64,
+        entry: BarrierEntry,
         responder: Responder,
         replies: &mut Vec<Reply>,
     ) {
+        let BarrierEntry {
+            peer,
+            group: key,
+            timeout_ms,
+        } = entry;
         let Some(members) = st.members.as_ref() else {
             replies.push((
                 responder,
@@ -333,8 +357,10 @@ impl Shared {
             .iter()
             .filter(|m| group.contains(m.info.role))
             .count();
+        let now = Instant::now();
         let barrier = st.barriers.entry(group).or_insert_with(|| Barrier {
-            started: Instant::now(),
+            deadline: now + self.timeout,
+            timeout: self.timeout,
             entered: Vec::new(),
         });
         if barrier.entered.iter().any(|(i, _)| *i == me) {
@@ -344,6 +370,14 @@ impl Shared {
                 Err(format!("{who} entered the barrier of the {group} twice")),
             ));
             return;
+        }
+        // A node that gives up sooner than the scheduler (a shorter KVSTORE_TIMEOUT_SECS)
+        // brings the deadline forward, so that it hears which nodes are missing rather than
+        // timing out on its own unanswered request.
+        let theirs = Duration::from_millis(timeout_ms);
+        if timeout_ms > 0 && now + theirs < barrier.deadline {
+            barrier.deadline = now + theirs;
+            barrier.timeout = theirs;
         }
         barrier.entered.push((me, responder));
         if barrier.entered.len() == size {
@@ -529,7 +563,7 @@ impl Shared {
         let expired: Vec<Group> = st
             .barriers
             .iter()
-            .filter(|(_, b)| now.duration_since(b.started) >= self.timeout)
+            .filter(|(_, b)| now >= b.deadline)
             .map(|(g, _)| *g)
             .collect();
         for group in expired {
@@ -549,7 +583,7 @@ impl Shared {
             let message = format!(
                 "barrier of the {group} failed: {} did not enter within {:?}",
                 list(&absent),
-                self.timeout
+                b.timeout
             );
             for (_, r) in b.entered {
                 replies.push((r, Err(message.clone())));

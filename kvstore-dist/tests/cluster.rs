@@ -149,6 +149,31 @@ fn ranks_are_dense_deterministic_and_tables_agree_then_clean_shutdown() {
 }
 
 #[test]
+fn a_worker_with_a_shorter_timeout_than_the_scheduler_hears_who_is_missing() {
+    // The scheduler waits 30 s; the workers give up after 1 s (their own KVSTORE_TIMEOUT_SECS).
+    let sched = scheduler(1, 3, Duration::from_secs(30), Duration::from_secs(40));
+    let mut nodes = join_all(&sched, 1, 3, Duration::from_secs(1));
+    let absent = take_worker(&mut nodes, 1);
+    let workers: Vec<Node> = nodes
+        .into_iter()
+        .filter(|n| n.role() == Role::Worker)
+        .collect();
+    let t = Instant::now();
+    let results = barrier_all(&workers, Group::Workers);
+    let elapsed = t.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    for r in results {
+        let msg = r.unwrap_err().to_string();
+        assert!(msg.contains("worker rank 1 (id 11)"), "{msg}");
+        assert!(msg.contains("did not enter within 1s"), "{msg}");
+        assert!(!msg.contains("timed out"), "the scheduler answered: {msg}");
+    }
+    drop((workers, absent));
+    sched.handle().shutdown();
+    sched.join().unwrap();
+}
+
+#[test]
 fn barrier_fails_within_the_timeout_naming_the_worker_that_never_enters() {
     let timeout = Duration::from_secs(1);
     let sched = scheduler(1, 3, timeout, Duration::from_secs(10));

@@ -652,6 +652,10 @@ fn a_load_that_rank_0_does_not_join_fails_its_barrier_within_the_timeout() {
     );
     let (alone, waited) = &out[1];
     assert!(alone.contains("barrier of the worker group"), "{alone}");
+    assert!(
+        alone.contains("worker rank 0"),
+        "names the missing worker: {alone}"
+    );
     assert!(*waited < Duration::from_secs(5), "waited {waited:?}");
 }
 
