@@ -96,6 +96,56 @@ fn the_bytes_of_a_push_shrink_16_and_32_times() {
 }
 
 #[test]
+fn compressed_pushes_through_shared_memory_equal_those_over_tcp() {
+    // Big parts of compressed pushes go through the region a worker lends its server (the
+    // socket carries only slots); the rounds' results are bit for bit those over TCP.
+    let n = 1 << 20;
+    let job = move |kv: &DistStore| {
+        kv.set_gradient_compression(&params("2bit", 0.25)).unwrap();
+        kv.init(
+            &[1, 2],
+            &[
+                NDArray::zeros(&[n], DType::F32),
+                NDArray::zeros(&[n], DType::F16),
+            ],
+        )
+        .unwrap();
+        let before = kv.bytes_sent();
+        let mut rounds = Vec::new();
+        for round in 0..3 {
+            let g: Vec<f32> = (0..n)
+                .map(|i| ((i * 7 + round * 13 + kv.rank() * 5) % 11) as f32 * 0.1 - 0.5)
+                .collect();
+            let g = NDArray::from_vec(&[n], g).unwrap();
+            let values = [g.clone(), g.astype(DType::F16)];
+            let mut outs = [
+                NDArray::zeros(&[n], DType::F32),
+                NDArray::zeros(&[n], DType::F16),
+            ];
+            kv.pushpull(&[1, 2], &values, &mut outs).unwrap();
+            rounds.push((f32s(&outs[0]), outs[1].to_f64_vec()));
+        }
+        (rounds, kv.bytes_sent() - before, kv.shm_connections())
+    };
+    let shared = run_with(2, 2, true, job);
+    let tcp = run_with(2, 2, false, job);
+    for ((rounds_shm, sent_shm, links), (rounds_tcp, sent_tcp, _)) in shared.iter().zip(&tcp) {
+        assert_eq!(*links, 2, "a region per server");
+        assert!(
+            rounds_shm == rounds_tcp,
+            "the same results through shared memory"
+        );
+        // 3 rounds of 4 MiB + 2 MiB compressed 16x: about 1.2 MiB over TCP; only slots
+        // through shared memory.
+        assert!(*sent_tcp > 1 << 20, "{sent_tcp}");
+        assert!(
+            *sent_shm < 16 << 10,
+            "compressed parts went over TCP: {sent_shm} bytes"
+        );
+    }
+}
+
+#[test]
 fn one_bit_pushpull_and_float16_keys_and_split_keys() {
     // 1-bit with threshold 0: each element is +1 or -1; two workers, 2 servers, a key split
     // over both (bound lowered through the create options is not possible here: use a big key).

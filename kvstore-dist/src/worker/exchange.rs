@@ -282,7 +282,7 @@ impl DistStore {
     }
 
     /// Sends one big part in a message of its own: through the shared-memory region of its
-    /// server when there is one with room (uncompressed parts only), else over TCP. Returns the
+    /// server when there is one with room, else over TCP. Returns the
     /// request and the slots it uses.
     fn send_one(
         &self,
@@ -301,16 +301,16 @@ impl DistStore {
         let link = self.shm[meta.parts[part].server].as_ref();
         let data = (command != protocol::CMD_PULL).then_some(payload);
         let reply = receive.then(|| meta.byte_range(part).len());
-        let lease = link
-            .filter(|_| extra_flags == 0)
-            .and_then(|link| link.lease(data, reply, what));
+        // A compressed push takes the slot too (its flag tells the server to dequantise what
+        // it reads there); the answer of a pushpull is the uncompressed value either way.
+        let lease = link.and_then(|link| link.lease(data, reply, what));
         let Some(mut lease) = lease else {
             let out = Outgoing::new(command, payload).flags(extra_flags);
             return Ok((self.send(meta, part, out, what, receive)?, None));
         };
         let (flags, slots) = lease.slots();
         lease.sending();
-        let out = Outgoing::new(command, &slots).flags(flags);
+        let out = Outgoing::new(command, &slots).flags(flags | extra_flags);
         // The answer is expected in the reply slot (an empty message): no receive buffer. One
         // that comes over TCP after all (a server may answer so) is read as usual.
         let pending = self.send(meta, part, out, what, false)?;

@@ -25,8 +25,8 @@
 //!   keys, `local`'s format; `load_optimizer_states` (on every worker) cuts one for the
 //!   servers (`worker/states.rs`).
 //! - On a server's host, the worker lends the server a shared-memory region right after its
-//!   hello (unless `KVSTORE_SHM=0`): big parts of uncompressed pushes, pulls and pushpulls then
-//!   move through it (pushed elements copied in, answers written there by the server), and the
+//!   hello (unless `KVSTORE_SHM=0`): big parts of pushes (compressed or not), pulls and
+//!   pushpulls then move through it (pushed elements copied in, answers written there by the server), and the
 //!   TCP message carries only the slots. Any failure leaves that connection on TCP alone.
 //! - With a name holding `device` (`dist_device_sync`), arrays in GPU memory are taken as they
 //!   are: summed on a GPU before a push, pulled once per key to the host (`worker/device.rs`).
