@@ -17,13 +17,20 @@
 //!
 //! | command | request | response |
 //! |---|---|---|
-//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` | the node table, once everyone registered |
+//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` (then `recover`, see below) | the node table, once everyone registered |
 //! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7) | empty, once every member entered |
 //! | [`CMD_HEARTBEAT`] | empty | empty |
 //! | [`CMD_GOODBYE`] | empty | empty |
 //!
 //! Failures come back as transport error responses whose text names the missing or dead nodes.
 //! The node table is one line per node, `"<role> <rank> <id> <host:port>"`, scheduler first.
+//!
+//! # Recovery (ps-lite's recovery node)
+//!
+//! A worker registering with `recover` after the cluster is complete takes the place of a lost
+//! worker (the lowest lost rank): its rank, its id, its own address. It is answered at once, with
+//! [`FLAG_RECOVERED`]; the other nodes keep running. Without a lost worker, or for a server
+//! (whose values are lost with it), the registration is refused.
 
 use std::fmt;
 use std::time::Duration;
@@ -31,8 +38,11 @@ use std::time::Duration;
 use crate::config::Role;
 use crate::transport::TransportError;
 
-/// Registers a node: payload `"<role> <host:port>"`; answered with the node table.
+/// Registers a node: payload `"<role> <host:port>"`, then ` recover` from a worker able to take
+/// a lost worker's place; answered with the node table (with [`FLAG_RECOVERED`] when it did).
 pub const CMD_REGISTER: u32 = 0x4B56_0001;
+/// The flag of a registration's answer that gave the node a lost worker's rank and id.
+pub const FLAG_RECOVERED: u16 = 0x1;
 /// Enters a barrier: key = the group's ps-lite id, aux = the node's timeout in milliseconds
 /// (0: the scheduler's); answered when every member has entered, or with an error naming the
 /// nodes that did not within the shorter of the two timeouts.

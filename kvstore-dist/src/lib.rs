@@ -71,9 +71,20 @@
 //! `pushpull` works with it; float16 values go through float32; row-sparse values and other
 //! dtypes are refused.
 //!
+//! ## Recovery nodes
+//!
+//! A worker process started once the cluster is complete takes the place of a lost worker
+//! (ps-lite's recovery node, MXNet's `is_recovery`): the scheduler gives it the lost rank and
+//! id (waiting up to the timeout for a loss to be noticed), every server lets it take the rank
+//! over, and [`DistStore::is_recovery`] says so. Its `init` keeps the values the servers hold
+//! (its declarations must match them), and `set_optimizer` / `set_gradient_compression` keep
+//! the servers' optimizer, optimizer states and codec, without a barrier: the program simply
+//! starts again and rejoins the others. Every round a lost worker was part of fails at once,
+//! naming it; the survivors retry their step. A lost server is not replaced (its values are
+//! lost with it): restart the job from an optimizer-state file.
+//!
 //! ## Not yet
 //!
-//! Recovery nodes (a late registration is refused),
 //! `get_num_dead_node`.
 //!
 //! ## Optimizer states

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{
     decode_table, heartbeat_settings, ClusterError, Group, NodeInfo, CMD_BARRIER, CMD_GOODBYE,
-    CMD_HEARTBEAT, CMD_REGISTER,
+    CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED,
 };
 use crate::config::{DistConfig, Role};
 use crate::transport::{Connection, Outgoing, TransportError};
@@ -52,6 +52,8 @@ pub struct Node {
     heartbeat: Option<Heartbeat>,
     listener: Option<TcpListener>,
     left: bool,
+    /// Took the place of a lost worker.
+    recovered: bool,
 }
 
 impl std::fmt::Debug for Node {
@@ -70,6 +72,21 @@ impl Node {
     /// Errors name the scheduler's address and, when registration times out at the
     /// scheduler, how many of which role are missing.
     pub fn join(config: &DistConfig) -> Result<Node, ClusterError> {
+        Node::join_as(config, false)
+    }
+
+    /// [`join`](Node::join), for a worker that can also take the place of a lost worker: once
+    /// the cluster is complete, the scheduler gives it the rank and id of a lost worker
+    /// (ps-lite's recovery node) and answers at once; [`is_recovery`](Node::is_recovery) then
+    /// says so. Before the cluster is complete it joins as `join` does.
+    ///
+    /// # Errors
+    /// As [`join`](Node::join); a late registration is refused when no worker is lost.
+    pub fn join_recovering(config: &DistConfig) -> Result<Node, ClusterError> {
+        Node::join_as(config, true)
+    }
+
+    fn join_as(config: &DistConfig, can_recover: bool) -> Result<Node, ClusterError> {
         if config.role == Role::Scheduler {
             return Err(ClusterError::Invalid(
                 "Node::join is for servers and workers; the scheduler runs Scheduler::start"
@@ -112,7 +129,11 @@ impl Node {
 
         let conn = Arc::new(connect_retrying(&scheduler, config, deadline)?);
 
-        let payload = format!("{} {my_addr}", config.role);
+        let payload = format!(
+            "{} {my_addr}{}",
+            config.role,
+            if can_recover { " recover" } else { "" }
+        );
         let what = format!("registration of {} at {my_addr}", config.role);
         let left = deadline.saturating_duration_since(Instant::now()) + grace(config.timeout);
         let response = conn
@@ -125,6 +146,7 @@ impl Node {
             ))
         })?;
         let id = response.header.aux;
+        let recovered = response.header.flags & FLAG_RECOVERED != 0;
         let info = table
             .iter()
             .find(|n| u64::from(n.id) == id && n.addr == my_addr && n.role == config.role)
@@ -136,7 +158,11 @@ impl Node {
                     config.role
                 ))
             })?;
-        log::info!("kvstore-dist: joined the cluster as {info}");
+        if recovered {
+            log::warn!("kvstore-dist: joined the cluster as {info}, in the place of a lost worker");
+        } else {
+            log::info!("kvstore-dist: joined the cluster as {info}");
+        }
 
         let (interval, _) = heartbeat_settings(config);
         let heartbeat = start_heartbeat(Arc::clone(&conn), interval, config.timeout, &info)?;
@@ -149,12 +175,19 @@ impl Node {
             heartbeat: Some(heartbeat),
             listener: Some(listener),
             left: false,
+            recovered,
         })
     }
 
     /// This node as the scheduler assigned it.
     pub fn info(&self) -> &NodeInfo {
         &self.info
+    }
+
+    /// Whether this node took the place of a lost worker (see
+    /// [`join_recovering`](Node::join_recovering)): MXNet's `is_recovery`.
+    pub fn is_recovery(&self) -> bool {
+        self.recovered
     }
 
     /// This node's role.

@@ -72,6 +72,12 @@ pub const CMD_SET_COMPRESSION: u32 = 0x10A;
 /// low byte of the flags is the dtype.
 pub const FLAG_COMPRESSED: u16 = 0x100;
 
+/// The flag of a hello or an init from a worker that took a lost worker's place (a recovery
+/// node). A hello so flagged takes the rank over from a connection still open (the lost
+/// worker's); an init keeps a value already in place, and its declaration must match it
+/// (rank 0's included).
+pub const FLAG_RECOVERING: u16 = 0x800;
+
 /// A push whose elements are in the worker's shared-memory region: the payload starts with
 /// their [`ShmSlot`].
 pub const FLAG_SHM_DATA: u16 = 0x200;

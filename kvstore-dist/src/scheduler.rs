@@ -8,8 +8,12 @@
 //!   assigned (ascending `(host, port)`, see [`cluster`](crate::cluster)) and every node gets
 //!   the full node table. If not everyone has registered within `KVSTORE_TIMEOUT_SECS` of the
 //!   start, every registered node gets an error naming how many of which role are missing, and
-//!   [`Scheduler::join`] returns [`ClusterError::RegistrationTimeout`]. Extra nodes, duplicate
-//!   addresses and late registrations are refused (no recovery nodes yet).
+//!   [`Scheduler::join`] returns [`ClusterError::RegistrationTimeout`]. Extra nodes and
+//!   duplicate addresses are refused.
+//! - **Recovery.** Once the cluster is complete, a worker that registers saying it can
+//!   recover (see [`Node::join_recovering`](crate::node::Node::join_recovering)) takes the
+//!   rank and id of a lost worker (ps-lite's recovery node); any other late registration, and
+//!   any late server, is refused: a server's values are lost with it.
 //! - **Barriers** per [`Group`]: a barrier completes when every member has entered (the
 //!   scheduler counts as always entered in [`Group::All`]). A barrier not complete within the
 //!   timeout of its first entry fails for everyone who entered, naming the nodes that did not
@@ -36,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::{
     encode_table, heartbeat_settings, list, node_id, ClusterError, Group, NodeInfo, CMD_BARRIER,
-    CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, SCHEDULER_ID,
+    CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED, SCHEDULER_ID,
 };
 use crate::config::{DistConfig, Role};
 use crate::transport::{Handler, Outgoing, Request, Responder, Server};
@@ -85,6 +89,9 @@ struct BarrierEntry {
 struct State {
     started: Instant,
     registrations: Vec<Registration>,
+    /// Workers registered after the cluster was complete, waiting for a lost worker's place
+    /// (since when).
+    recovering: Vec<(Instant, Registration)>,
     /// Set once every node has registered.
     members: Option<Vec<Member>>,
     barriers: HashMap<Group, Barrier>,
@@ -200,9 +207,20 @@ impl Shared {
         replies: &mut Vec<Reply>,
     ) {
         let text = String::from_utf8_lossy(&request.payload).into_owned();
-        let parsed = text
-            .split_once(' ')
-            .and_then(|(role, addr)| Some((role.parse::<Role>().ok()?, addr.trim().to_string())));
+        // "<role> <host:port>", then "recover" from a node able to take a lost node's place.
+        let mut words = text.split_whitespace();
+        let parsed = match (words.next(), words.next(), words.next(), words.next()) {
+            (Some(role), Some(addr), recover, None)
+                if matches!(recover, None | Some("recover")) =>
+            {
+                role.parse::<Role>()
+                    .ok()
+                    .map(|role| (role, addr.to_string(), recover.is_some()))
+            }
+            _ => None,
+        };
+        let can_recover = matches!(parsed, Some((_, _, true)));
+        let parsed = parsed.map(|(role, addr, _)| (role, addr));
         let refuse = |why: String| Err(format!("registration refused: {why}"));
         let outcome = match parsed {
             None => refuse(format!("malformed registration {text:?}")),
@@ -212,11 +230,24 @@ impl Shared {
             Some((_, ref addr)) if split_addr(addr).is_none() => {
                 refuse(format!("{addr:?} is not a host:port address"))
             }
-            Some(_) if st.members.is_some() => refuse(format!(
-                "the cluster of {} and {} is already complete (no recovery nodes yet)",
-                plural(self.num_servers, Role::Server),
-                plural(self.num_workers, Role::Worker)
-            )),
+            Some((role, addr)) if st.members.is_some() => {
+                let registration = Registration {
+                    role,
+                    addr,
+                    peer: request.peer,
+                    responder,
+                };
+                if can_recover {
+                    self.recover(st, registration);
+                } else {
+                    let why = format!(
+                        "registration refused: {} (this {role} cannot take a lost node's place)",
+                        self.complete()
+                    );
+                    replies.push((registration.responder, Err(why)));
+                }
+                return;
+            }
             Some(_) if st.registrations.iter().any(|r| r.peer == request.peer) => {
                 refuse(format!("{} registered twice", request.peer))
             }
@@ -284,6 +315,19 @@ impl Shared {
                 status: Status::Alive,
             });
         }
+        let encoded = self.table(&members);
+        for (responder, id) in responders {
+            replies.push((responder, Ok((encoded.clone(), u64::from(id)))));
+        }
+        log::info!(
+            "kvstore-dist scheduler: all {} nodes registered",
+            members.len()
+        );
+        st.members = Some(members);
+    }
+
+    /// The encoded node table: the scheduler, then servers by rank, then workers by rank.
+    fn table(&self, members: &[Member]) -> Vec<u8> {
         let mut table = vec![NodeInfo {
             role: Role::Scheduler,
             rank: 0,
@@ -293,15 +337,92 @@ impl Shared {
         let mut nodes: Vec<NodeInfo> = members.iter().map(|m| m.info.clone()).collect();
         nodes.sort_by_key(|n| (n.role != Role::Server, n.rank));
         table.extend(nodes);
-        let encoded = encode_table(&table).into_bytes();
-        for (responder, id) in responders {
-            replies.push((responder, Ok((encoded.clone(), u64::from(id)))));
+        encode_table(&table).into_bytes()
+    }
+
+    /// A worker registering once the cluster is complete takes the place of a lost worker
+    /// (ps-lite's recovery node): the lowest lost rank, its id, this registrant's address,
+    /// answered with the node table and [`FLAG_RECOVERED`]. When no worker is lost yet (a
+    /// restarted process may register before its predecessor's loss is noticed), it waits for
+    /// one, at most the timeout. Servers are not replaced: a server's values and optimizer
+    /// states are lost with it.
+    fn recover(&self, st: &mut State, registration: Registration) {
+        let role = registration.role;
+        let refuse = |registration: Registration, why: String| {
+            registration
+                .responder
+                .respond_error(&format!("registration refused: {why}"))
+        };
+        let answered = if role != Role::Worker {
+            refuse(
+                registration,
+                format!(
+                "{}; a lost {role} cannot be replaced (its values and optimizer states are lost \
+                 with it): restart the job, from an optimizer-state file if one was saved",
+                self.complete()
+            ),
+            )
+        } else if let Some(m) = st
+            .members
+            .iter()
+            .flatten()
+            .find(|m| m.info.addr == registration.addr && m.status == Status::Alive)
+        {
+            let why = format!(
+                "address {} is already taken by {}",
+                registration.addr, m.info
+            );
+            refuse(registration, why)
+        } else {
+            st.recovering.push((Instant::now(), registration));
+            self.place_recovering(st);
+            Ok(())
+        };
+        if let Err(e) = answered {
+            log::warn!("kvstore-dist scheduler: cannot answer: {e}");
         }
-        log::info!(
-            "kvstore-dist scheduler: all {} nodes registered",
-            members.len()
-        );
-        st.members = Some(members);
+    }
+
+    /// `the cluster of 1 server and 2 workers is already complete`.
+    fn complete(&self) -> String {
+        format!(
+            "the cluster of {} and {} is already complete",
+            plural(self.num_servers, Role::Server),
+            plural(self.num_workers, Role::Worker)
+        )
+    }
+
+    /// Gives waiting recovery registrations the places of lost workers, oldest first.
+    fn place_recovering(&self, st: &mut State) {
+        while !st.recovering.is_empty() {
+            let Some(members) = st.members.as_mut() else {
+                return;
+            };
+            let Some(m) = members
+                .iter_mut()
+                .find(|m| m.info.role == Role::Worker && matches!(m.status, Status::Lost(_)))
+            else {
+                return;
+            };
+            let (_, r) = st.recovering.remove(0);
+            log::warn!(
+                "kvstore-dist scheduler: a worker at {} takes the place of {}, which was lost",
+                r.addr,
+                m.info
+            );
+            m.info.addr = r.addr;
+            m.peer = r.peer;
+            m.last_seen = Instant::now();
+            m.status = Status::Alive;
+            let id = m.info.id;
+            let table = self.table(members);
+            let answer = Outgoing::new(0, &table)
+                .aux(u64::from(id))
+                .flags(FLAG_RECOVERED);
+            if let Err(e) = r.responder.respond(answer) {
+                log::warn!("kvstore-dist scheduler: cannot answer: {e}");
+            }
+        }
     }
 
     fn barrier(
@@ -449,6 +570,7 @@ impl Shared {
             if st.finished {
                 return;
             }
+            st.recovering.retain(|(_, r)| r.peer != peer);
             match st.members.as_ref() {
                 None => st.registrations.retain(|r| r.peer != peer),
                 Some(members) => {
@@ -475,6 +597,7 @@ impl Shared {
             log::warn!("kvstore-dist scheduler: {} is lost: {why}", m.info);
             m.status = Status::Lost(why);
         }
+        self.place_recovering(st);
         self.fail_broken_barriers(st, replies);
         self.check_done(st);
     }
@@ -560,6 +683,20 @@ impl Shared {
             );
             self.mark_lost(st, i, why, replies);
         }
+        while st
+            .recovering
+            .first()
+            .is_some_and(|(since, _)| now.duration_since(*since) >= self.timeout)
+        {
+            let (_, r) = st.recovering.remove(0);
+            let why = format!(
+                "registration refused: {} and no worker was lost within {:?}: there is no \
+                 place for a recovering worker",
+                self.complete(),
+                self.timeout
+            );
+            replies.push((r.responder, Err(why)));
+        }
         let expired: Vec<Group> = st
             .barriers
             .iter()
@@ -612,6 +749,9 @@ impl Shared {
             let mut st = self.lock();
             if !st.finished {
                 for r in std::mem::take(&mut st.registrations) {
+                    replies.push((r.responder, Err(why.to_string())));
+                }
+                for (_, r) in std::mem::take(&mut st.recovering) {
                     replies.push((r.responder, Err(why.to_string())));
                 }
                 for (_, b) in std::mem::take(&mut st.barriers) {
@@ -697,6 +837,7 @@ impl Scheduler {
             state: Mutex::new(State {
                 started: Instant::now(),
                 registrations: Vec::new(),
+                recovering: Vec::new(),
                 members: None,
                 barriers: HashMap::new(),
                 finished: false,

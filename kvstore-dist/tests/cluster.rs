@@ -237,6 +237,52 @@ fn a_worker_whose_connection_drops_fails_the_others_barrier_naming_it() {
 }
 
 #[test]
+fn a_recovering_worker_takes_a_lost_workers_rank_and_barriers_work_again() {
+    let timeout = Duration::from_secs(3);
+    let sched = scheduler(1, 3, timeout, Duration::from_secs(10));
+    let port = sched.local_addr().port();
+    let mut nodes = join_all(&sched, 1, 3, timeout);
+    // Before any loss, a plain late registration is refused at once.
+    let late = Node::join(&config(Role::Worker, port, 1, 3, timeout)).unwrap_err();
+    assert!(
+        late.to_string().contains("cannot take a lost node's place"),
+        "{late}"
+    );
+
+    take_worker(&mut nodes, 2).abandon();
+    let server = nodes.remove(nodes.iter().position(|n| n.role() == Role::Server).unwrap());
+    let recovered = Node::join_recovering(&config(Role::Worker, port, 1, 3, timeout)).unwrap();
+    assert!(recovered.is_recovery());
+    assert_eq!((recovered.rank(), recovered.id()), (2, 13));
+    let mut workers: Vec<Node> = nodes
+        .into_iter()
+        .filter(|n| n.role() == Role::Worker)
+        .collect();
+    assert!(workers.iter().all(|n| !n.is_recovery()));
+    workers.push(recovered);
+    assert!(barrier_all(&workers, Group::Workers)
+        .iter()
+        .all(Result::is_ok));
+
+    // A lost server cannot be replaced: its values are gone with it.
+    server.abandon();
+    let refused = Node::join_recovering(&config(Role::Server, port, 1, 3, timeout)).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("a lost server cannot be replaced"),
+        "{refused}"
+    );
+    drop(workers);
+    // The job ends naming only the lost server: the lost worker's place was taken.
+    let err = sched.join().unwrap_err().to_string();
+    assert!(
+        err.contains("server rank 0") && !err.contains("worker"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_worker_that_stops_heartbeating_fails_the_others_barrier_naming_it() {
     let timeout = Duration::from_secs(3);
     let sched = scheduler(1, 3, timeout, Duration::from_millis(500));

@@ -282,7 +282,10 @@ impl Core {
         for ((_, part), entry) in entries {
             let mut e = lock(&entry);
             let what = self.describe(&e.key, part);
-            if e.round_started.is_some() && !e.pushed[rank as usize] {
+            // A round the lost worker pushed in fails too: its push belongs to a step it never
+            // finished, and must not be summed with a step that a worker taking its place
+            // (a recovery node) or a retrying worker makes.
+            if e.round_started.is_some() {
                 let msg = format!(
                     "the sync round of {what} on server {} cannot complete: {} {why}",
                     self.rank,
@@ -349,12 +352,67 @@ impl Core {
                 }
                 _ => w.mode = Some(mode),
             }
+            let r = rank as usize;
+            if w.bye[r] {
+                return Err(format!(
+                    "worker rank {rank} has left the job (said goodbye): its place cannot be \
+                     taken"
+                ));
+            }
+            let old = w
+                .by_peer
+                .iter()
+                .find_map(|(peer, &have)| (have == rank as u32).then_some(*peer));
+            let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
+            let evicted = match old {
+                None => None,
+                Some(peer) if recovering => {
+                    // The scheduler gave this rank to the newcomer: the connection still open
+                    // from `peer` is the lost worker's, whose close this server has not seen
+                    // yet. Its requests are refused from now on.
+                    w.by_peer.remove(&peer);
+                    w.dead[r] = Some(format!(
+                        "lost: a recovering worker at {} took its place",
+                        request.peer
+                    ));
+                    Some(peer)
+                }
+                Some(peer) => {
+                    return Err(format!(
+                        "worker rank {rank} is already connected to server {} from {peer}",
+                        self.rank
+                    ))
+                }
+            };
+            Ok(evicted)
+        })();
+        let reply = reply.map(|evicted| {
+            if let Some(peer) = evicted {
+                lock(&self.regions).remove(&peer);
+                self.fail_rounds_of(rank as u32);
+            }
+            let mut w = lock(&self.workers);
+            let lost = w.dead[rank as usize].take();
             w.by_peer.insert(request.peer, rank as u32);
             w.hello[rank as usize] = true;
-            Ok(())
-        })();
+            lost
+        });
+        if let Ok(Some(why)) = &reply {
+            // A worker taking a lost worker's place (a recovery node): the failures remembered
+            // for the lost one are not its own.
+            log::warn!(
+                "kvstore-dist: server {}: {} at {} takes the place of the lost one ({why})",
+                self.rank,
+                self.worker_name(rank as u32),
+                request.peer
+            );
+            let entries: Vec<SharedEntry> = lock(&self.entries).values().cloned().collect();
+            for entry in entries {
+                lock(&entry).failed[rank as usize] = None;
+            }
+        }
         match reply {
-            Ok(()) => {
+            Ok(_) => {
                 let _ = responder.respond(Outgoing::new(0, &[]).aux(u64::from(self.rank)));
             }
             Err(e) => {
@@ -402,7 +460,8 @@ impl Core {
             )
         };
         let mut e = lock(&entry);
-        if rank != 0 {
+        let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
+        if rank != 0 || (recovering && e.value.is_some()) {
             if e.value.is_some() {
                 // Rank 0's declaration is in place: this one must match it.
                 return match self.init_mismatch(rank, &meta, &e.meta, part) {

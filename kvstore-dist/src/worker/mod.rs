@@ -94,6 +94,10 @@ pub struct DistStore {
     loads: std::sync::atomic::AtomicU64,
     /// The job's timeout (`KVSTORE_TIMEOUT_SECS`), for waits outside the transport.
     timeout: Duration,
+    /// This worker took the place of a lost worker (MXNet's `is_recovery`): its inits keep the
+    /// servers' values, and its `set_optimizer` / `set_gradient_compression` keep the servers'
+    /// settings without a barrier.
+    recovered: bool,
     /// MXNet's device communicator (a store name holding `device`): GPU values summed on a
     /// GPU before a push, pulls copied GPU to GPU (`worker/device.rs`).
     device_comm: bool,
@@ -168,7 +172,8 @@ impl DistStore {
     pub fn connect(name: &str, mode: Mode, config: &DistConfig) -> Result<DistStore> {
         let mut config = config.clone();
         config.role = Role::Worker;
-        let node = Node::join(&config).map_err(|e| backend(name, e))?;
+        let node = Node::join_recovering(&config).map_err(|e| backend(name, e))?;
+        let recovered = node.is_recovery();
         let mut transport = config.transport();
         transport.node_id = node.id();
         transport.timeout = config.timeout + grace(config.timeout);
@@ -186,7 +191,12 @@ impl DistStore {
                 .request(
                     Outgoing::new(protocol::CMD_HELLO, name.as_bytes())
                         .key(u64::from(hello.rank))
-                        .aux(hello.mode.code()),
+                        .aux(hello.mode.code())
+                        .flags(if recovered {
+                            protocol::FLAG_RECOVERING
+                        } else {
+                            0
+                        }),
                     &what,
                 )
                 .map_err(|e| backend(name, e))?;
@@ -224,6 +234,7 @@ impl DistStore {
             device_comm: name.contains("device"),
             loads: std::sync::atomic::AtomicU64::new(0),
             timeout: config.timeout,
+            recovered,
         })
     }
 
@@ -367,11 +378,16 @@ impl DistStore {
                     payload.extend_from_slice(&data[meta.byte_range(part)]);
                 }
                 let what = format!("{operation} of key {}", g.key);
+                let flags = if self.recovered {
+                    protocol::FLAG_RECOVERING
+                } else {
+                    0
+                };
                 let p = self
                     .send(
                         meta,
                         part,
-                        Outgoing::new(protocol::CMD_INIT, &payload),
+                        Outgoing::new(protocol::CMD_INIT, &payload).flags(flags),
                         &what,
                         false,
                     )
@@ -494,6 +510,15 @@ impl DistStore {
                     .collect()
             })
             .collect()
+    }
+
+    /// Whether this worker took the place of a lost worker when it joined (MXNet's
+    /// `is_recovery`, ps-lite's recovery node): it has the lost worker's rank, its `init`
+    /// calls keep the values the servers hold (declarations must match them), and
+    /// `set_optimizer` / `set_gradient_compression` leave the servers' optimizer (with its
+    /// states) and codec as they are, without a barrier.
+    pub fn is_recovery(&self) -> bool {
+        self.recovered
     }
 
     /// Bytes written to the servers so far (frame headers included): what pushes cost on the
@@ -945,6 +970,12 @@ impl KVStoreBase for DistStore {
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         // Every worker checks the spec, so that a bad one fails everywhere alike.
         kvstore_optimizer::Updater::from_spec(optimizer)?;
+        if self.recovered {
+            // The servers run the job's optimizer, with its states: a worker taking a lost
+            // worker's place neither resets them nor meets the others (they are training).
+            self.optimizer.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
         let sent = if self.rank == 0 {
             let json = serde_json::to_vec(optimizer).map_err(|e| {
                 Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
@@ -977,7 +1008,11 @@ impl KVStoreBase for DistStore {
         // servers, which dequantise; the barrier keeps any compressed push from reaching a
         // server before the codec does.
         let spec = CompressionSpec::from_params(params)?;
-        let sent = if self.rank == 0 {
+        // A worker taking a lost worker's place finds the servers' codec set: it only starts
+        // quantising (with residuals from zero), without meeting the others.
+        let sent = if self.recovered {
+            Ok(())
+        } else if self.rank == 0 {
             let json = serde_json::to_vec(params).map_err(|e| {
                 Error::InvalidArgument(format!("the compression parameters cannot be encoded: {e}"))
             })?;
@@ -990,7 +1025,11 @@ impl KVStoreBase for DistStore {
         } else {
             Ok(())
         };
-        let met = self.worker_barrier();
+        let met = if self.recovered {
+            Ok(())
+        } else {
+            self.worker_barrier()
+        };
         sent.and(met)?;
         let codec = spec.codec();
         let mut current = lock(&self.codec);
@@ -1016,6 +1055,20 @@ impl KVStoreBase for DistStore {
             body.as_bytes(),
             &what,
         )
+    }
+}
+
+impl DistStore {
+    /// Vanishes from the job without a goodbye, as a crashed worker process would: the
+    /// connections to the servers and the scheduler close, and the servers fail the rounds in
+    /// progress, naming this worker. For fault-injection tests (a worker taking its place:
+    /// [`is_recovery`](DistStore::is_recovery)).
+    pub fn abandon(mut self) {
+        self.servers.clear();
+        self.shm.clear();
+        if let Some(node) = self.node().take() {
+            node.abandon();
+        }
     }
 }
 

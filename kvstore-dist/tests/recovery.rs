@@ -1,0 +1,131 @@
+//! Recovery nodes (ps-lite's, MXNet's `is_recovery`): a worker started after another was lost
+//! takes its rank, keeps the servers' values, optimizer and optimizer states, and the job goes
+//! on. Every wait is bounded by a timeout of a few seconds.
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
+use kvstore_dist::protocol::Mode;
+use kvstore_dist::{DistConfig, DistStore, LocalCluster};
+
+/// The bound on every wait of these clusters.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn connect(config: &DistConfig) -> kvstore_base::Result<DistStore> {
+    DistStore::connect("dist_sync", Mode::Sync, config)
+}
+
+/// The workers of a fresh cluster, by rank.
+fn workers(cluster: &LocalCluster, n: usize) -> (DistConfig, Vec<DistStore>) {
+    let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    let handles: Vec<_> = (0..n)
+        .map(|_| {
+            let config = config.clone();
+            thread::spawn(move || connect(&config).unwrap())
+        })
+        .collect();
+    let mut stores: Vec<DistStore> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    stores.sort_by_key(|kv| kv.rank());
+    (config, stores)
+}
+
+/// Runs `f` on every store at once (a collective call); results in the stores' order.
+fn on_all<T: Send>(stores: &[&DistStore], f: impl Fn(&DistStore) -> T + Sync) -> Vec<T> {
+    thread::scope(|s| {
+        let handles: Vec<_> = stores.iter().map(|kv| s.spawn(|| f(kv))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn momentum_sgd() -> OptimizerSpec {
+    OptimizerSpec::new("sgd")
+        .with("learning_rate", 1.0)
+        .with("momentum", 0.5)
+}
+
+/// One step: every worker pushes ones and pulls the updated weight of key 3.
+fn step(kv: &DistStore) -> kvstore_base::Result<Vec<f32>> {
+    let mut out = NDArray::zeros(&[4], DType::F32);
+    kv.pushpull(3, &NDArray::ones(&[4], DType::F32), &mut out)?;
+    Ok(out.to_vec::<f32>().unwrap())
+}
+
+fn a_worker_takes_the_place_of_lost_rank(lost: usize) {
+    let cluster = LocalCluster::start(2, 2, TIMEOUT).unwrap();
+    let (config, mut stores) = workers(&cluster, 2);
+    let refs: Vec<&DistStore> = stores.iter().collect();
+    on_all(&refs, |kv| {
+        assert!(!kv.is_recovery());
+        kv.init(3, &NDArray::zeros(&[4], DType::F32)).unwrap();
+        kv.set_optimizer(&momentum_sgd()).unwrap();
+    });
+    // Two pushes of ones: the gradient is 2; mom = -2, w = -2.
+    for w in on_all(&refs, |kv| step(kv).unwrap()) {
+        assert_eq!(w, vec![-2.0; 4]);
+    }
+
+    let victim = stores.remove(lost);
+    victim.abandon();
+    let survivor = stores.pop().unwrap();
+    let err = step(&survivor).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("worker rank {lost}")) && err.contains("is gone"),
+        "the survivor hears which worker is gone: {err}"
+    );
+
+    // A restarted worker: the lost rank, the servers' value and optimizer kept.
+    let t = Instant::now();
+    let recovered = connect(&config).unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(recovered.is_recovery());
+    assert_eq!(recovered.rank(), lost);
+    let refused = recovered
+        .init(3, &NDArray::zeros(&[5], DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("key 3"), "{refused}");
+    recovered
+        .init(3, &NDArray::full(&[4], 100.0, DType::F32))
+        .unwrap();
+    recovered.set_optimizer(&momentum_sgd()).unwrap();
+    let mut w = NDArray::zeros(&[4], DType::F32);
+    recovered.pull(3, &mut w).unwrap();
+    assert_eq!(
+        w.to_vec::<f32>().unwrap(),
+        vec![-2.0; 4],
+        "the servers' value"
+    );
+
+    // The next step uses the momentum kept on the servers: mom = 0.5 * -2 - 2 = -3, w = -5
+    // (a reset optimizer would give -4).
+    for w in on_all(&[&survivor, &recovered], |kv| step(kv).unwrap()) {
+        assert_eq!(w, vec![-5.0; 4]);
+    }
+    drop((survivor, recovered));
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn a_restarted_worker_takes_the_place_of_lost_rank_1_and_training_goes_on() {
+    a_worker_takes_the_place_of_lost_rank(1);
+}
+
+#[test]
+fn a_restarted_rank_0_keeps_the_servers_values_and_optimizer_states() {
+    a_worker_takes_the_place_of_lost_rank(0);
+}
+
+#[test]
+fn a_late_worker_finds_no_place_when_no_worker_is_lost() {
+    let cluster = LocalCluster::start(1, 1, Duration::from_secs(1)).unwrap();
+    let (config, stores) = workers(&cluster, 1);
+    let t = Instant::now();
+    let err = connect(&config).unwrap_err().to_string();
+    assert!(err.contains("no worker was lost within 1s"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    // The job itself is unaffected.
+    stores[0].init(1, &NDArray::ones(&[2], DType::F32)).unwrap();
+    drop(stores);
+    cluster.finish().unwrap();
+}
