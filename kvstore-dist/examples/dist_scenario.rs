@@ -45,7 +45,12 @@
 //!   without pushing, while rank 0 waits 500 ms, pushes and pulls key 5, which must fail;
 //! - `serverloss`: keys 1 (split over the servers as in `bigkey`), 2 and 3 initialised, then
 //!   `READY` and push/pull rounds (checking the sums) for up to 60 s; the test kills a server
-//!   meanwhile, which must fail the workers.
+//!   meanwhile, which must fail the workers;
+//! - `recover`: optimizer `test` (`w += grad`), init key 0 to zeros, pull (`RESULT start`:
+//!   above 0 in a worker that took a lost worker's place), then steps of pushpull of ones
+//!   until the weight reaches 40, printing `STEP <weight>` after each and retrying a failed
+//!   step (`RESULT retries`, `RESULT final`); the test kills rank 1 meanwhile and starts a new
+//!   worker, which takes its place and finishes the job with rank 0.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -66,6 +71,7 @@ const SCENARIOS: &[(&str, &str)] = &[
     ("stall", "dist_sync"),
     ("serverloss", "dist_sync"),
     ("leave", "dist_sync"),
+    ("recover", "dist_sync"),
 ];
 
 /// The failure of a scenario: the operation, when it started, and the error.
@@ -345,6 +351,49 @@ fn serverloss(kv: &dyn KVStoreBase) -> Outcome {
     )))
 }
 
+/// The weight at which the `recover` scenario stops.
+const RECOVER_TARGET: f32 = 40.0;
+
+fn recover(kv: &dyn KVStoreBase) -> Outcome {
+    op("set_optimizer", || {
+        kv.set_optimizer(&OptimizerSpec::new("test"))
+    })?;
+    op("init", || kv.init(0, &NDArray::zeros(&[4], DType::F32)))?;
+    let mut w = NDArray::zeros(&[4], DType::F32);
+    op("pull", || kv.pull(0, &mut w))?;
+    let mut weight = f32s(&w)[0];
+    result("start", weight);
+    let ones = NDArray::ones(&[4], DType::F32);
+    let give_up = Instant::now() + Duration::from_secs_f64(3.0 * timeout_secs());
+    let mut retries = 0u32;
+    while weight < RECOVER_TARGET {
+        match kv.pushpull(0, &ones, &mut w) {
+            Ok(()) => {
+                weight = f32s(&w)[0];
+                println!("STEP {weight}");
+                let _ = std::io::stdout().flush();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            // A worker was lost: the round failed everywhere; retry it until one takes the
+            // lost worker's place.
+            Err(e) if Instant::now() < give_up && e.to_string().contains("is gone") => {
+                retries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(Failure {
+                    operation: "pushpull".to_string(),
+                    elapsed: Duration::ZERO,
+                    error: e.to_string(),
+                })
+            }
+        }
+    }
+    result("retries", retries);
+    result("final", weight);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let scenario = std::env::args().nth(1).unwrap_or_default();
     let Some(&(_, store)) = SCENARIOS.iter().find(|(name, _)| *name == scenario) else {
@@ -372,6 +421,7 @@ fn main() -> ExitCode {
         "stall" => stall(&*kv),
         "serverloss" => serverloss(&*kv),
         "leave" => leave(&*kv),
+        "recover" => recover(&*kv),
         other => unreachable!("scenario {other} is listed"),
     };
     // Leave the job (goodbye to the servers and the scheduler) before reporting.

@@ -258,65 +258,73 @@ struct Job {
     started: Instant,
     /// `127.0.0.1:<PORT>` of each server when `server_ports`.
     server_addrs: Vec<String>,
+    /// The scheduler's port.
+    root_port: u16,
 }
 
 impl Job {
     fn start(spec: Spec) -> Job {
-        let bin = scenario_binary();
-        let root_port = free_port();
         let mut job = Job {
             spec: spec.clone(),
             procs: Vec::new(),
             started: Instant::now(),
             server_addrs: Vec::new(),
+            root_port: free_port(),
         };
         let roles = std::iter::once(("scheduler", 0))
             .chain((0..spec.servers).map(|i| ("server", i)))
             .chain((0..spec.workers).map(|i| ("worker", i)));
         for (role, i) in roles {
-            let mut cmd = Command::new(bin);
-            cmd.arg(spec.scenario)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            for var in INHERITED {
-                cmd.env_remove(var);
-            }
-            cmd.env("DMLC_ROLE", role)
-                .env("DMLC_PS_ROOT_URI", "127.0.0.1")
-                .env("DMLC_PS_ROOT_PORT", root_port.to_string())
-                .env("DMLC_NUM_SERVER", spec.servers.to_string())
-                .env("DMLC_NUM_WORKER", spec.workers.to_string())
-                .env("DMLC_NODE_HOST", "127.0.0.1")
-                .env("KVSTORE_TIMEOUT_SECS", spec.timeout_secs.to_string());
-            for (var, value) in &spec.env {
-                cmd.env(var, value);
-            }
-            if role == "server" && spec.server_ports {
-                let port = free_port();
-                cmd.env("PORT", port.to_string());
-                job.server_addrs.push(format!("127.0.0.1:{port}"));
-            }
-            let name = if role == "scheduler" {
-                role.to_string()
-            } else {
-                format!("{role} {i}")
-            };
-            let mut child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-            let (stdout, h1) = capture(child.stdout.take().unwrap());
-            let (stderr, h2) = capture(child.stderr.take().unwrap());
-            job.procs.push(Proc {
-                name,
-                child,
-                stdout,
-                stderr,
-                readers: vec![h1, h2],
-                exit: None,
-            });
+            job.spawn(role, i);
         }
         job
+    }
+
+    /// Starts one more process of the job: `role`, named `"<role> <i>"`.
+    fn spawn(&mut self, role: &str, i: usize) {
+        let bin = scenario_binary();
+        let spec = &self.spec;
+        let mut cmd = Command::new(bin);
+        cmd.arg(spec.scenario)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for var in INHERITED {
+            cmd.env_remove(var);
+        }
+        cmd.env("DMLC_ROLE", role)
+            .env("DMLC_PS_ROOT_URI", "127.0.0.1")
+            .env("DMLC_PS_ROOT_PORT", self.root_port.to_string())
+            .env("DMLC_NUM_SERVER", spec.servers.to_string())
+            .env("DMLC_NUM_WORKER", spec.workers.to_string())
+            .env("DMLC_NODE_HOST", "127.0.0.1")
+            .env("KVSTORE_TIMEOUT_SECS", spec.timeout_secs.to_string());
+        for (var, value) in &spec.env {
+            cmd.env(var, value);
+        }
+        if role == "server" && spec.server_ports {
+            let port = free_port();
+            cmd.env("PORT", port.to_string());
+            self.server_addrs.push(format!("127.0.0.1:{port}"));
+        }
+        let name = if role == "scheduler" {
+            role.to_string()
+        } else {
+            format!("{role} {i}")
+        };
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let (stdout, h1) = capture(child.stdout.take().unwrap());
+        let (stderr, h2) = capture(child.stderr.take().unwrap());
+        self.procs.push(Proc {
+            name,
+            child,
+            stdout,
+            stderr,
+            readers: vec![h1, h2],
+            exit: None,
+        });
     }
 
     fn scheduler(&mut self) -> &mut Proc {
@@ -831,6 +839,54 @@ fn push_fails_at_once_when_a_worker_has_left() {
     assert!(!job.procs[alive].status().success(), "{}", job.dump());
     // Everyone else (rank 1, the server, the scheduler) ends normally.
     for i in (0..job.procs.len()).filter(|&i| i != alive) {
+        assert!(job.procs[i].status().success(), "{}", job.dump());
+    }
+}
+
+#[test]
+fn a_killed_worker_restarted_takes_its_place_and_the_job_finishes() {
+    let mut job = Job::start(Spec::new("recover", 1, 2).timeout(5));
+    let deadline = job.started + OK_DEADLINE;
+    let victim = job.worker_of_rank(1, deadline);
+    let survivor = job.worker_of_rank(0, deadline);
+    // A few steps, then rank 1 is killed (SIGKILL: no goodbye) and a new worker started.
+    loop {
+        let steps = job.procs[victim]
+            .stdout()
+            .lines()
+            .filter(|l| l.starts_with("STEP"))
+            .count();
+        if steps >= 3 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let dump = job.dump();
+            panic!("rank 1 made no 3 steps\n{dump}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    job.procs[victim].child.kill().unwrap();
+    // Rank 0 meanwhile fails its step (naming the lost worker) and retries it.
+    thread::sleep(Duration::from_millis(400));
+    job.spawn("worker", 2);
+    let restarted = job.procs.len() - 1;
+    job.wait_all(deadline, "the job finishes with the restarted worker");
+    for i in [survivor, restarted] {
+        assert!(job.procs[i].status().success(), "{}", job.dump());
+        let results = job.procs[i].results();
+        assert_eq!(results["final"], 40.0, "{}", job.dump());
+    }
+    let results = job.procs[restarted].results();
+    assert_eq!(results["rank"], 1, "the lost rank: {}", job.dump());
+    let start = results["start"].as_f64().unwrap();
+    assert!(
+        start >= 6.0 && start < 40.0,
+        "it starts from the servers' weight, not zero: {start}"
+    );
+    let retries = job.procs[survivor].results()["retries"].as_u64().unwrap();
+    println!("restarted at weight {start}; rank 0 retried {retries} times");
+    assert!(retries >= 1, "rank 0's step failed while rank 1 was lost");
+    for i in 0..1 + job.spec.servers {
         assert!(job.procs[i].status().success(), "{}", job.dump());
     }
 }
