@@ -6,7 +6,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
-use kvstore_dist::protocol::Mode;
+use kvstore_dist::protocol::{self, Mode};
+use kvstore_dist::transport::{Connection, Outgoing, TransportError};
 use kvstore_dist::{DistConfig, DistStore, LocalCluster};
 
 /// The bound on every wait of these clusters.
@@ -127,5 +128,58 @@ fn a_late_worker_finds_no_place_when_no_worker_is_lost() {
     // The job itself is unaffected.
     stores[0].init(1, &NDArray::ones(&[2], DType::F32)).unwrap();
     drop(stores);
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn a_recovering_hello_takes_a_rank_over_from_a_connection_still_open() {
+    // A hung worker's connections stay open after the scheduler declared it lost: the worker
+    // taking its place takes the rank over on the server; a plain second hello is refused.
+    let cluster = LocalCluster::start(1, 2, TIMEOUT).unwrap();
+    let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    let store = {
+        let config = config.clone();
+        thread::spawn(move || connect(&config).unwrap())
+    };
+    let node = kvstore_dist::Node::join(&config).unwrap();
+    let hung = store.join().unwrap();
+    let server = node.servers().next().unwrap().addr.clone();
+    let mut transport = config.transport();
+    transport.node_id = node.id();
+    let hello = |rank: usize, flags: u16| {
+        let conn = Connection::connect(server.as_str(), transport.clone()).unwrap();
+        let answer = conn.request(
+            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+                .key(rank as u64)
+                .aux(Mode::Sync.code())
+                .flags(flags),
+            "hello",
+        );
+        (conn, answer)
+    };
+    let (mine, answer) = hello(node.rank() as usize, 0);
+    answer.unwrap();
+
+    match hello(hung.rank(), 0).1 {
+        Err(TransportError::Remote { message, .. }) => assert!(
+            message.contains(&format!("worker rank {} is already connected", hung.rank())),
+            "{message}"
+        ),
+        other => panic!("a second hello for a connected rank must be refused: {other:?}"),
+    }
+    let (taken, answer) = hello(hung.rank(), protocol::FLAG_RECOVERING);
+    answer.unwrap();
+    // The hung worker's requests are refused from now on.
+    let refused = hung
+        .init(4, &NDArray::full(&[3], 7.0, DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("has not said hello"), "{refused}");
+    for conn in [taken, mine] {
+        conn.request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
+            .unwrap();
+    }
+    drop(hung);
+    node.leave().unwrap();
     cluster.finish().unwrap();
 }
