@@ -21,6 +21,7 @@
 //! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7) | empty, once every member entered |
 //! | [`CMD_HEARTBEAT`] | empty | empty |
 //! | [`CMD_GOODBYE`] | empty | empty |
+//! | [`CMD_DEAD_NODES`] | key = a node id or group, aux = timeout (ms) | aux = the count; one line per dead node |
 //!
 //! Failures come back as transport error responses whose text names the missing or dead nodes.
 //! The node table is one line per node, `"<role> <rank> <id> <host:port>"`, scheduler first.
@@ -51,6 +52,26 @@ pub const CMD_BARRIER: u32 = 0x4B56_0002;
 pub const CMD_HEARTBEAT: u32 = 0x4B56_0003;
 /// Leaves the cluster; answered at once.
 pub const CMD_GOODBYE: u32 = 0x4B56_0004;
+
+/// Asks which nodes are dead (MXNet's `get_num_dead_node`): key = a ps-lite node id, or a
+/// group of them (1 scheduler, 2 servers, 4 workers, and their sums), aux = the timeout in
+/// milliseconds; answered with aux = how many of them are lost or silent for longer than
+/// the timeout, and one line naming each.
+pub const CMD_DEAD_NODES: u32 = 0x4B56_0005;
+
+/// Whether the node `info` is one of ps-lite's `node_id`: a group (1 scheduler, 2 servers,
+/// 4 workers, and their sums up to 7) or a single node's id (8 and above).
+pub fn is_among(info: &NodeInfo, node_id: u64) -> bool {
+    if node_id >= 8 {
+        return u64::from(info.id) == node_id;
+    }
+    let bit = match info.role {
+        Role::Scheduler => 1,
+        Role::Server => 2,
+        Role::Worker => 4,
+    };
+    node_id & bit != 0
+}
 
 /// The scheduler's node id (ps-lite's).
 pub const SCHEDULER_ID: u32 = 1;

@@ -82,10 +82,8 @@
 //! starts again and rejoins the others. Every round a lost worker was part of fails at once,
 //! naming it; the survivors retry their step. A lost server is not replaced (its values are
 //! lost with it): restart the job from an optimizer-state file.
-//!
-//! ## Not yet
-//!
-//! `get_num_dead_node`.
+//! [`DistStore::dead_nodes`] names the nodes the scheduler counts as dead (MXNet's
+//! `get_num_dead_node` is their count).
 //!
 //! ## Optimizer states
 //!

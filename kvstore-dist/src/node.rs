@@ -17,8 +17,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{
-    decode_table, heartbeat_settings, ClusterError, Group, NodeInfo, CMD_BARRIER, CMD_GOODBYE,
-    CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED,
+    decode_table, heartbeat_settings, ClusterError, Group, NodeInfo, CMD_BARRIER, CMD_DEAD_NODES,
+    CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED,
 };
 use crate::config::{DistConfig, Role};
 use crate::transport::{Connection, Outgoing, TransportError};
@@ -263,6 +263,33 @@ impl Node {
             .and_then(|p| p.wait_timeout(self.timeout + grace(self.timeout)))
             .map(|_| ())
             .map_err(|e| scheduler_error(&self.scheduler, &what, e))
+    }
+
+    /// The nodes among ps-lite's `node_id` (a group: 1 scheduler, 2 servers, 4 workers and
+    /// their sums; or one node's id) that the scheduler counts as dead: lost (a dropped
+    /// connection, missed heartbeats) or silent for longer than `timeout`. One line each,
+    /// naming the node and why. MXNet's `get_num_dead_node(node_id, timeout)` is its length.
+    ///
+    /// # Errors
+    /// [`ClusterError`] naming the scheduler when it cannot be asked (this node left, or the
+    /// scheduler does not answer within the timeout).
+    pub fn dead_nodes(&self, node_id: u64, timeout: Duration) -> Result<Vec<String>, ClusterError> {
+        let what = format!("count of the dead nodes of {node_id}");
+        let conn = self.conn.as_ref().ok_or_else(|| {
+            ClusterError::Invalid(format!("{} has already left the cluster", self.info))
+        })?;
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let answer = conn
+            .send(
+                Outgoing::new(CMD_DEAD_NODES, &[])
+                    .key(node_id)
+                    .aux(timeout_ms),
+                &what,
+            )
+            .and_then(|p| p.wait_timeout(self.timeout))
+            .map_err(|e| scheduler_error(&self.scheduler, &what, e))?;
+        let text = String::from_utf8_lossy(&answer.payload);
+        Ok(text.lines().map(str::to_string).collect())
     }
 
     /// Says goodbye to the scheduler and closes the connection.

@@ -39,8 +39,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::cluster::{
-    encode_table, heartbeat_settings, list, node_id, ClusterError, Group, NodeInfo, CMD_BARRIER,
-    CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED, SCHEDULER_ID,
+    encode_table, heartbeat_settings, is_among, list, node_id, ClusterError, Group, NodeInfo,
+    CMD_BARRIER, CMD_DEAD_NODES, CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER, FLAG_RECOVERED,
+    SCHEDULER_ID,
 };
 use crate::config::{DistConfig, Role};
 use crate::transport::{Handler, Outgoing, Request, Responder, Server};
@@ -188,6 +189,15 @@ impl Shared {
                         ));
                     }
                     CMD_GOODBYE => self.goodbye(&mut st, peer, responder, &mut replies),
+                    CMD_DEAD_NODES => {
+                        let dead = self.dead_nodes(
+                            &st,
+                            request.header.key,
+                            Duration::from_millis(request.header.aux),
+                        );
+                        let count = dead.len() as u64;
+                        replies.push((responder, Ok((dead.join("\n").into_bytes(), count))));
+                    }
                     other => replies.push((
                         responder,
                         Err(format!("unknown control command {other:#x}")),
@@ -508,6 +518,27 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// The nodes among ps-lite's `node_id` (see [`is_among`]) that are lost, or silent for
+    /// longer than `timeout`, each named with why. The scheduler, answering, is alive; nodes
+    /// that said goodbye are not dead.
+    fn dead_nodes(&self, st: &State, node_id: u64, timeout: Duration) -> Vec<String> {
+        let now = Instant::now();
+        st.members
+            .iter()
+            .flatten()
+            .filter(|m| is_among(&m.info, node_id))
+            .filter_map(|m| match &m.status {
+                Status::Lost(why) => Some(format!("{} is lost: {why}", m.info)),
+                Status::Alive if now.duration_since(m.last_seen) > timeout => Some(format!(
+                    "{} has been silent for {:.1?}",
+                    m.info,
+                    now.duration_since(m.last_seen)
+                )),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Why no barrier of `group` can complete: lost nodes (any role), or members that left.

@@ -75,6 +75,40 @@ fn a_worker_takes_the_place_of_lost_rank(lost: usize) {
         "the survivor hears which worker is gone: {err}"
     );
 
+    // MXNet's get_num_dead_node: the lost worker, by group and by id (the scheduler notices
+    // the dropped connection by itself: poll for it, within the timeout).
+    let minute = Duration::from_secs(60);
+    let by = Instant::now() + TIMEOUT;
+    let dead = loop {
+        let dead = survivor.dead_nodes(4, minute).unwrap();
+        if !dead.is_empty() || Instant::now() > by {
+            break dead;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].contains(&format!("worker rank {lost}")), "{dead:?}");
+    assert_eq!(
+        survivor
+            .dead_nodes(9 + 2 * lost as u64, minute)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        survivor.dead_nodes(7, minute).unwrap().len(),
+        1,
+        "all nodes"
+    );
+    assert!(
+        survivor.dead_nodes(3, minute).unwrap().is_empty(),
+        "scheduler and servers"
+    );
+    assert!(survivor
+        .dead_nodes(9 + 2 * (1 - lost) as u64, minute)
+        .unwrap()
+        .is_empty());
+
     // A restarted worker: the lost rank, the servers' value and optimizer kept.
     let t = Instant::now();
     let recovered = connect(&config).unwrap();
@@ -90,6 +124,10 @@ fn a_worker_takes_the_place_of_lost_rank(lost: usize) {
         .init(3, &NDArray::full(&[4], 100.0, DType::F32))
         .unwrap();
     recovered.set_optimizer(&momentum_sgd()).unwrap();
+    assert!(
+        recovered.dead_nodes(7, minute).unwrap().is_empty(),
+        "nobody is dead now"
+    );
     let mut w = NDArray::zeros(&[4], DType::F32);
     recovered.pull(3, &mut w).unwrap();
     assert_eq!(

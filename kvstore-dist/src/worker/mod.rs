@@ -521,6 +521,31 @@ impl DistStore {
         self.recovered
     }
 
+    /// The nodes among ps-lite's `node_id` that the scheduler counts as dead, one line each
+    /// naming the node and why (MXNet's `get_num_dead_node(node_id, timeout)` is the count):
+    /// `node_id` is a group (1 the scheduler, 2 the servers, 4 the workers, or their sums) or
+    /// one node's id (server `r`: `8 + 2r`, worker `r`: `9 + 2r`); a node is dead when it is
+    /// lost (its connection to the scheduler dropped, or it missed heartbeats for
+    /// `PS_HEARTBEAT_TIMEOUT`) or silent for longer than `timeout`. Nodes that left the job
+    /// are not dead; the scheduler, answering, is not.
+    ///
+    /// Unlike MXNet's, whose answer means nothing without heartbeats (every node then counts
+    /// as dead after `timeout`), heartbeats are always on here.
+    ///
+    /// # Errors
+    /// [`Error::Backend`] naming the scheduler when it cannot be asked.
+    pub fn dead_nodes(&self, node_id: u64, timeout: Duration) -> Result<Vec<String>> {
+        match self.node().as_ref() {
+            Some(node) => node
+                .dead_nodes(node_id, timeout)
+                .map_err(|e| backend(&self.name, e)),
+            None => Err(Error::InvalidArgument(format!(
+                "{}: this worker has left the cluster",
+                self.name
+            ))),
+        }
+    }
+
     /// Bytes written to the servers so far (frame headers included): what pushes cost on the
     /// wire, with or without gradient compression. Data moved through shared memory is not
     /// counted (only the slots naming it).
