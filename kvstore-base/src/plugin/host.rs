@@ -66,6 +66,10 @@ impl fmt::Debug for PluginApi {
 impl PluginApi {
     /// Checks and copies a descriptor; `origin` (a library path) names it in messages.
     ///
+    /// Only the descriptor's first `struct_size` bytes are read (at most this revision's
+    /// size): a descriptor of revision 1.0 ([`KV_PLUGIN_DESCRIPTOR_SIZE_V1_0`]) is accepted,
+    /// and the functions it does not have are unsupported operations.
+    ///
     /// # Safety
     /// `descriptor` must be null or point to a descriptor of at least its `struct_size` bytes
     /// whose name and functions stay valid for the rest of the program (a library that is
@@ -73,7 +77,7 @@ impl PluginApi {
     ///
     /// # Errors
     /// [`Error::Plugin`] for a null descriptor, another ABI version, a descriptor smaller than
-    /// version 1's, a missing or non-UTF-8 name, or a missing required function.
+    /// revision 1.0's, a missing or non-UTF-8 name, or a missing required function.
     pub unsafe fn from_descriptor(
         descriptor: *const KvPluginDescriptor,
         origin: &str,
@@ -99,7 +103,7 @@ impl PluginApi {
         if size < KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 {
             return Err(fail(format!(
                 "its descriptor is {size} bytes, smaller than the {KV_PLUGIN_DESCRIPTOR_SIZE_V1_0} \
-                 bytes of ABI version {KV_PLUGIN_ABI_VERSION}"
+                 bytes of ABI version {KV_PLUGIN_ABI_VERSION} (revision 1.0)"
             )));
         }
         // Fields the plugin does not have (it was built against an earlier revision) stay
