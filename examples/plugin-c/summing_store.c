@@ -622,6 +622,9 @@ static const KvPluginDescriptor DESCRIPTOR = {
     .pushpull = sum_pushpull,
     .broadcast = sum_broadcast,
     .set_optimizer = NULL, /* no optimizer: set_optimizer is unsupported */
+    /* The functions appended in revision 1.1 (barrier, set_gradient_compression, the optimizer
+     * states, send_command_to_servers, row_sparse_pull, init/push_row_sparse) are left NULL:
+     * unsupported. */
 };
 
 const KvPluginDescriptor *kvstore_plugin_entry(void) { return &DESCRIPTOR; }

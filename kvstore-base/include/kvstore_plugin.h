@@ -1,5 +1,5 @@
 /*
- * kvstore_plugin.h: the C ABI of kvstore plugins, version 1.
+ * kvstore_plugin.h: the C ABI of kvstore plugins, version 1 (revision 1.1).
  *
  * A plugin is a shared library exporting one function,
  *
@@ -20,9 +20,21 @@
  *   output unchanged.
  * - Tensors are dense, row-major, in host memory (KV_DEVICE_CPU). Inputs are read-only;
  *   outputs keep their dtype (values are cast into them) and must receive data of their shape.
+ *   A row-sparse array crosses as a KvValue: its sorted row ids and its stored rows.
  * - The host may call a store from several threads at once: stores must be thread-safe.
  * - Later versions only append function pointers: struct_size tells the host how many the
- *   plugin provides. An incompatible change bumps KV_PLUGIN_ABI_VERSION.
+ *   plugin provides, and the host never reads a field beyond it (a missing function is an
+ *   unsupported operation). An incompatible change bumps KV_PLUGIN_ABI_VERSION.
+ *
+ * Revisions of version 1 (abi_version 1 for all; struct_size tells them apart):
+ * - 1.0: the descriptor up to set_optimizer (KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 bytes): init,
+ *   push, pull, pushpull, broadcast and set_optimizer of dense arrays.
+ * - 1.1 (appended): barrier, set_gradient_compression, save_optimizer_states,
+ *   load_optimizer_states, send_command_to_servers, row_sparse_pull, init_row_sparse and
+ *   push_row_sparse; the status code KV_ERR_IO. A plugin compiled against this header with
+ *   struct_size = sizeof(KvPluginDescriptor) is a 1.1 plugin (leave unsupported functions
+ *   NULL); plugins compiled against 1.0 keep loading and working.
+ * Custom updaters never cross the ABI: an updater is a closure of the host's language.
  * - Nothing may unwind (C++ exceptions, Rust panics) through these functions: catch and
  *   report KV_ERR_PANIC.
  */
@@ -51,6 +63,7 @@ extern "C" {
 #define KV_ERR_DEVICE 8               /* a device failed */
 #define KV_ERR_BACKEND 9              /* any other failure */
 #define KV_ERR_PANIC 10               /* the store panicked or threw */
+#define KV_ERR_IO 11                  /* 1.1: an I/O error on the call's file; message: the OS's */
 
 /* Dtype codes: MXNet's type flags. */
 #define KV_DTYPE_F32 0u
@@ -77,14 +90,18 @@ extern "C" {
 /* Capability indices (is_capable) and bits (1 << index, descriptor.capabilities). */
 #define KV_CAP_OPTIMIZER 0u
 #define KV_CAP_INIT_PUSH_PULL 1u
-#define KV_CAP_UPDATER 2u              /* never forwarded by version 1 */
-#define KV_CAP_GRADIENT_COMPRESSION 3u /* never forwarded by version 1 */
-#define KV_CAP_ROW_SPARSE 4u           /* never forwarded by version 1 */
-#define KV_CAP_OPTIMIZER_STATES 5u     /* never forwarded by version 1 */
+#define KV_CAP_UPDATER 2u              /* never forwarded: a closure cannot cross the ABI */
+#define KV_CAP_GRADIENT_COMPRESSION 3u /* forwarded with set_gradient_compression (1.1) */
+#define KV_CAP_ROW_SPARSE 4u           /* forwarded with row_sparse_pull (1.1) */
+#define KV_CAP_OPTIMIZER_STATES 5u     /* forwarded with save/load_optimizer_states (1.1) */
 #define KV_CAP_DISTRIBUTED 6u
 #define KV_CAPABILITIES_UNDECLARED UINT64_MAX /* the host asks a store instead */
 
 #define KV_ERROR_MAX_NDIM 32
+
+/* KvValue.storage (1.1). */
+#define KV_STORAGE_DENSE 0u      /* data holds the whole value; row_ids and num_rows unused */
+#define KV_STORAGE_ROW_SPARSE 1u /* row_ids: the stored rows' ids; data: those rows */
 
 /* A key: an integer, or UTF-8 bytes (not nul-terminated). */
 typedef struct KvKey {
@@ -104,6 +121,20 @@ typedef struct KvTensor {
     uint32_t device_type;  /* KV_DEVICE_CPU */
     uint32_t device_id;
 } KvTensor;
+
+/*
+ * A value that may be row-sparse (1.1): values of init_row_sparse/push_row_sparse, outputs of
+ * row_sparse_pull. A row-sparse array of shape [num_rows, d1, ...]: row_ids is an int64
+ * tensor of one dimension, strictly increasing, each id in [0, num_rows); data has shape
+ * [length of row_ids, d1, ...] and holds those rows; every other row is zero. A dense value:
+ * data is the value, row_ids an empty tensor (NULL data, ndim 0), num_rows 0.
+ */
+typedef struct KvValue {
+    uint32_t storage;  /* KV_STORAGE_* */
+    int64_t num_rows;  /* row-sparse: the full first dimension */
+    KvTensor row_ids;  /* row-sparse: read-only, also for outputs */
+    KvTensor data;     /* dense: the value; row-sparse: the rows (written by row_sparse_pull) */
+} KvValue;
 
 /* A key = value option passed to create (UTF-8, not nul-terminated). */
 typedef struct KvOption {
@@ -153,9 +184,45 @@ typedef int32_t (*KvPushPullFn)(KvStoreHandle store, const KvKey *keys, const Kv
 typedef int32_t (*KvSetOptimizerFn)(KvStoreHandle store, const uint8_t *spec_json, size_t len,
                                     KvError *err);
 
+/* 1.1: waits until every worker reaches the barrier. */
+typedef int32_t (*KvBarrierFn)(KvStoreHandle store, KvError *err);
+/* 1.1: the compression parameters as a JSON object of strings:
+ * {"type": "2bit", "threshold": "0.5"}. */
+typedef int32_t (*KvSetGradientCompressionFn)(KvStoreHandle store, const uint8_t *params_json,
+                                              size_t len, KvError *err);
+/* 1.1: saves the optimizer states (and the optimizer if dump_optimizer != 0) to the file path
+ * (path_len bytes, not nul-terminated: UTF-8, or on Unix the path's raw bytes). I/O failures:
+ * KV_ERR_IO with the OS's message. */
+typedef int32_t (*KvSaveOptimizerStatesFn)(KvStoreHandle store, const uint8_t *path,
+                                           size_t path_len, int32_t dump_optimizer, KvError *err);
+/* 1.1: loads states saved by save_optimizer_states from the file path (as there). */
+typedef int32_t (*KvLoadOptimizerStatesFn)(KvStoreHandle store, const uint8_t *path,
+                                           size_t path_len, KvError *err);
+/* 1.1: sends a command (UTF-8 body, not nul-terminated) to every server, waits for replies. */
+typedef int32_t (*KvSendCommandFn)(KvStoreHandle store, int32_t head, const uint8_t *body,
+                                   size_t body_len, KvError *err);
+/* 1.1: for each i, rows outs[i].row_ids of keys[i]'s value into outs[i].data. Every output is
+ * KV_STORAGE_ROW_SPARSE: num_rows is the first dimension of the caller's output, row_ids the
+ * wanted rows (sorted, unique, in [0, num_rows): the host made them so), data a writable
+ * [length of row_ids, d1, ...] tensor of the output's dtype receiving row row_ids[j] in its
+ * row j (zeros for rows the value does not store). Error keys: KV_ERROR_KEY_OF_VALUES. */
+typedef int32_t (*KvRowSparsePullFn)(KvStoreHandle store, const KvKey *keys, const KvValue *outs,
+                                     size_t n, int32_t priority, KvError *err);
+/* 1.1: init of a batch holding at least one row-sparse value (dense batches go to init). */
+typedef int32_t (*KvInitRowSparseFn)(KvStoreHandle store, const KvKey *keys,
+                                     const KvValue *values, size_t n, KvError *err);
+/* 1.1: push of a batch holding at least one row-sparse value (dense batches go to push). */
+typedef int32_t (*KvPushRowSparseFn)(KvStoreHandle store, const KvKey *keys,
+                                     const KvValue *values, size_t n, int32_t priority,
+                                     KvError *err);
+
 /*
  * The descriptor. Required: create, destroy, type_name, rank, num_workers, is_capable,
- * pushpull, broadcast. NULL init/push/pull/set_optimizer: the operation is unsupported.
+ * pushpull, broadcast. Any other NULL function: the operation is unsupported. The fields from
+ * barrier on were appended in 1.1; a 1.0 descriptor (struct_size ==
+ * KV_PLUGIN_DESCRIPTOR_SIZE_V1_0) ends at set_optimizer. Capabilities are reported only when
+ * the functions they need are provided: gradient_compression needs set_gradient_compression,
+ * optimizer_states both state functions, row_sparse row_sparse_pull, optimizer set_optimizer.
  */
 typedef struct KvPluginDescriptor {
     uint32_t abi_version;  /* KV_PLUGIN_ABI_VERSION */
@@ -174,7 +241,22 @@ typedef struct KvPluginDescriptor {
     KvPushPullFn pushpull;
     KvPushPullFn broadcast;
     KvSetOptimizerFn set_optimizer;
+    /* appended in 1.1 */
+    KvBarrierFn barrier;
+    KvSetGradientCompressionFn set_gradient_compression;
+    KvSaveOptimizerStatesFn save_optimizer_states;
+    KvLoadOptimizerStatesFn load_optimizer_states;
+    KvSendCommandFn send_command_to_servers;
+    KvRowSparsePullFn row_sparse_pull;
+    KvInitRowSparseFn init_row_sparse;
+    KvPushRowSparseFn push_row_sparse;
 } KvPluginDescriptor;
+
+/* struct_size of a 1.0 descriptor (ending at set_optimizer): the smallest the host accepts. */
+#define KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 \
+    (offsetof(KvPluginDescriptor, set_optimizer) + sizeof(KvSetOptimizerFn))
+/* struct_size of a 1.1 descriptor. */
+#define KV_PLUGIN_DESCRIPTOR_SIZE_V1_1 sizeof(KvPluginDescriptor)
 
 typedef const KvPluginDescriptor *(*KvPluginEntry)(void);
 

@@ -7,9 +7,13 @@
 //! path is [`SUMMING_STORE`]; a host loads it with `kvstore_base::plugin::load_plugin` or
 //! through `KVSTORE_PLUGIN_PATH`, then calls `kvstore_base::create("summingstore")`.
 //!
-//! The crate's tests load this plugin and the Rust one (`kvstore-plugin-example`), run the
-//! conformance suite on both, and check every error of the loader, with the C fixtures whose
-//! paths are the other constants.
+//! The crate's tests load this plugin, the Rust one (`kvstore-plugin-example`) and the local
+//! store exported as a plugin (`kvstore-plugin-local`), run the conformance suite on each,
+//! check every error of the loader (with the C fixtures whose paths are the other constants),
+//! compare the operations of ABI revision 1.1 with the local store in process, and check that
+//! descriptors of revision 1.0 still load, their missing operations unsupported. This C
+//! plugin is compiled against the current header (revision 1.1) and leaves the functions
+//! appended in 1.1 null.
 #![deny(missing_docs)]
 
 /// The C plugin `summingstore`, compiled from `summing_store.c`.

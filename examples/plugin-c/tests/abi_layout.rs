@@ -58,6 +58,21 @@ fn rust_and_c_layouts_agree() {
         offset_of!(KvPluginDescriptor, pushpull),
         offset_of!(KvPluginDescriptor, broadcast),
         offset_of!(KvPluginDescriptor, set_optimizer),
+        offset_of!(KvPluginDescriptor, barrier),
+        offset_of!(KvPluginDescriptor, set_gradient_compression),
+        offset_of!(KvPluginDescriptor, save_optimizer_states),
+        offset_of!(KvPluginDescriptor, load_optimizer_states),
+        offset_of!(KvPluginDescriptor, send_command_to_servers),
+        offset_of!(KvPluginDescriptor, row_sparse_pull),
+        offset_of!(KvPluginDescriptor, init_row_sparse),
+        offset_of!(KvPluginDescriptor, push_row_sparse),
+        KV_PLUGIN_DESCRIPTOR_SIZE_V1_0,
+        KV_PLUGIN_DESCRIPTOR_SIZE_V1_1,
+        size_of::<KvValue>(),
+        offset_of!(KvValue, storage),
+        offset_of!(KvValue, num_rows),
+        offset_of!(KvValue, row_ids),
+        offset_of!(KvValue, data),
         KV_PLUGIN_ABI_VERSION as usize,
         KV_ERROR_MAX_NDIM,
         KV_DTYPE_F32 as usize,
@@ -83,7 +98,28 @@ fn rust_and_c_layouts_agree() {
         KV_CAP_DISTRIBUTED as usize,
         KV_ERROR_KEY_OF_VALUES as usize,
         KV_ERROR_KEY_OF_OUTS as usize,
+        KV_ERR_IO as usize,
+        KV_CAP_UPDATER as usize,
+        KV_CAP_GRADIENT_COMPRESSION as usize,
+        KV_CAP_ROW_SPARSE as usize,
+        KV_CAP_OPTIMIZER_STATES as usize,
+        KV_STORAGE_DENSE as usize,
+        KV_STORAGE_ROW_SPARSE as usize,
+        KV_ERROR_KEY_NONE as usize,
+        KV_KEY_INT as usize,
+        KV_KEY_STR as usize,
+        KV_DEVICE_CPU as usize,
+        KV_DEVICE_GPU as usize,
     ];
+    // Revision 1.0 ends at set_optimizer, 1.1 at push_row_sparse.
+    assert_eq!(
+        KV_PLUGIN_DESCRIPTOR_SIZE_V1_0,
+        offset_of!(KvPluginDescriptor, barrier)
+    );
+    assert_eq!(
+        KV_PLUGIN_DESCRIPTOR_SIZE_V1_1,
+        offset_of!(KvPluginDescriptor, push_row_sparse) + size_of::<usize>()
+    );
     type Layout = unsafe extern "C" fn(*mut usize, usize) -> usize;
     // SAFETY: the fixture is a plain C library without initialisers; it stays loaded while
     // its function is called.

@@ -1,4 +1,4 @@
-//! The conformance suite run on both example plugins, loaded from their shared libraries and
+//! The conformance suite run on the example plugins and the local store as a plugin, loaded from their shared libraries and
 //! reached by name through `create`, as any host would.
 
 mod common;
@@ -14,6 +14,8 @@ fn main() -> std::process::ExitCode {
     for (label, path, name) in [
         ("c_plugin", common::c_plugin(), "summingstore"),
         ("rust_plugin", common::rust_plugin(), "rustpluginstore"),
+        // Every operation of ABI revision 1.1: the optimizer-state and row-sparse checks run.
+        ("local_plugin", common::local_plugin(), "localpluginstore"),
     ] {
         let loaded = load_plugin(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(

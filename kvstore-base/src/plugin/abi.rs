@@ -1,4 +1,4 @@
-//! The C ABI of kvstore plugins, version 1: `#[repr(C)]` types and constants.
+//! The C ABI of kvstore plugins, version 1 (revision 1.1): `#[repr(C)]` types and constants.
 //!
 //! Everything here has a twin in `kvstore-base/include/kvstore_plugin.h`, the header C and C++
 //! plugin authors compile against; a test checks that sizes and field offsets agree.
@@ -15,9 +15,24 @@
 //!   fill the caller's [`KvError`] (code, key, structured details and a truncated UTF-8
 //!   message, nul-terminated). A failed call must leave the store and every output unchanged.
 //! - Tensors are dense, row-major, in host memory ([`KV_DEVICE_CPU`]); inputs are read-only.
+//!   A row-sparse array crosses as a [`KvValue`]: its sorted row ids and its stored rows, each
+//!   a dense tensor.
 //! - A store may be called from several threads at once: plugin stores are thread-safe.
 //! - Later versions only append function pointers to the descriptor: `struct_size` tells the
-//!   host how many the plugin provides. An incompatible change bumps `abi_version`.
+//!   host how many the plugin provides, and the host never reads a field beyond it (a missing
+//!   function is an unsupported operation). An incompatible change bumps `abi_version`.
+//!
+//! Revisions of version 1 (all with `abi_version` 1; `struct_size` tells them apart):
+//! - 1.0: the descriptor up to `set_optimizer` ([`KV_PLUGIN_DESCRIPTOR_SIZE_V1_0`] bytes):
+//!   `init`, `push`, `pull`, `pushpull`, `broadcast` and `set_optimizer` of dense arrays.
+//! - 1.1 (appended): `barrier`, `set_gradient_compression` (parameters as a JSON object),
+//!   `save_optimizer_states`, `load_optimizer_states`, `send_command_to_servers`,
+//!   `row_sparse_pull`, and `init_row_sparse` / `push_row_sparse` for batches holding
+//!   row-sparse values ([`KvValue`]); the status code [`KV_ERR_IO`].
+//!   ([`KV_PLUGIN_DESCRIPTOR_SIZE_V1_1`] bytes.)
+//!
+//! Custom updaters ([`Capability::Updater`](crate::Capability::Updater)) cannot cross the ABI
+//! in any revision: an updater is a Rust closure, with no C representation.
 
 use std::ffi::{c_char, c_void};
 
@@ -55,6 +70,10 @@ pub const KV_ERR_DEVICE: i32 = 8;
 pub const KV_ERR_BACKEND: i32 = 9;
 /// The store panicked (or threw); the message is the panic's ([`Error::Panic`](crate::Error::Panic)).
 pub const KV_ERR_PANIC: i32 = 10;
+/// An I/O error on the call's file (`save_optimizer_states`, `load_optimizer_states`); the
+/// message is the operating system's ([`Error::Io`](crate::Error::Io) naming the call's path).
+/// Appended in 1.1: a host of revision 1.0 reports it as a backend error.
+pub const KV_ERR_IO: i32 = 11;
 
 /// `float32`; dtype codes are MXNet's (`mshadow` type flags).
 pub const KV_DTYPE_F32: u32 = 0;
@@ -93,13 +112,17 @@ pub const KV_ERROR_KEY_OF_OUTS: u32 = 2;
 pub const KV_CAP_OPTIMIZER: u32 = 0;
 /// [`Capability::InitPushPull`](crate::Capability::InitPushPull).
 pub const KV_CAP_INIT_PUSH_PULL: u32 = 1;
-/// [`Capability::Updater`](crate::Capability::Updater) (never forwarded by ABI version 1).
+/// [`Capability::Updater`](crate::Capability::Updater): never forwarded (a closure cannot
+/// cross a C ABI).
 pub const KV_CAP_UPDATER: u32 = 2;
-/// [`Capability::GradientCompression`](crate::Capability::GradientCompression) (never forwarded by ABI version 1).
+/// [`Capability::GradientCompression`](crate::Capability::GradientCompression): forwarded
+/// when the descriptor provides `set_gradient_compression` (1.1).
 pub const KV_CAP_GRADIENT_COMPRESSION: u32 = 3;
-/// [`Capability::RowSparse`](crate::Capability::RowSparse) (never forwarded by ABI version 1).
+/// [`Capability::RowSparse`](crate::Capability::RowSparse): forwarded when the descriptor
+/// provides `row_sparse_pull` (1.1).
 pub const KV_CAP_ROW_SPARSE: u32 = 4;
-/// [`Capability::OptimizerStates`](crate::Capability::OptimizerStates) (never forwarded by ABI version 1).
+/// [`Capability::OptimizerStates`](crate::Capability::OptimizerStates): forwarded when the
+/// descriptor provides `save_optimizer_states` and `load_optimizer_states` (1.1).
 pub const KV_CAP_OPTIMIZER_STATES: u32 = 5;
 /// [`Capability::Distributed`](crate::Capability::Distributed).
 pub const KV_CAP_DISTRIBUTED: u32 = 6;
@@ -108,6 +131,11 @@ pub const KV_CAPABILITIES_UNDECLARED: u64 = u64::MAX;
 
 /// Most dimensions a shape carried by a [`KvError`] may have.
 pub const KV_ERROR_MAX_NDIM: usize = 32;
+
+/// [`KvValue::storage`]: a dense value, all in `data`.
+pub const KV_STORAGE_DENSE: u32 = 0;
+/// [`KvValue::storage`]: a row-sparse value: `row_ids` and the rows in `data`.
+pub const KV_STORAGE_ROW_SPARSE: u32 = 1;
 
 /// A key: an integer or a UTF-8 string.
 #[repr(C)]
@@ -141,6 +169,27 @@ pub struct KvTensor {
     pub device_type: u32,
     /// The device ordinal (0 on the CPU).
     pub device_id: u32,
+}
+
+/// A value that may be row-sparse (1.1): the values of `init_row_sparse` and
+/// `push_row_sparse`, and the outputs of `row_sparse_pull`.
+///
+/// A row-sparse array of shape `[num_rows, d1, ...]` is described by its stored row ids
+/// (`row_ids`: int64, one dimension, strictly increasing, each in `0..num_rows`) and its
+/// stored rows (`data`: shape `[row_ids length, d1, ...]`); the other rows are zeros.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct KvValue {
+    /// [`KV_STORAGE_DENSE`] or [`KV_STORAGE_ROW_SPARSE`].
+    pub storage: u32,
+    /// Row-sparse: the first dimension of the full shape. Dense: 0, unused.
+    pub num_rows: i64,
+    /// Row-sparse: the ids of the stored rows (read-only, even for outputs). Dense: an empty
+    /// tensor (null data, no dimensions), unused.
+    pub row_ids: KvTensor,
+    /// Dense: the value. Row-sparse: the stored rows, one per id (written by a successful
+    /// `row_sparse_pull`).
+    pub data: KvTensor,
 }
 
 /// A `key = value` option passed to `create` (both UTF-8, not nul-terminated).
@@ -277,12 +326,90 @@ pub type KvSetOptimizerFn = unsafe extern "C" fn(
     err: *mut KvError,
 ) -> i32;
 
+/// `barrier(store, err)` (1.1): waits until every worker reaches the barrier.
+pub type KvBarrierFn = unsafe extern "C" fn(store: KvStoreHandle, err: *mut KvError) -> i32;
+/// `set_gradient_compression(store, params_json, len, err)` (1.1): the
+/// [`CompressionParams`](crate::CompressionParams) as a JSON object whose values are strings
+/// (`{"type": "2bit", "threshold": "0.5"}`; the host always sends strings, plugins built with
+/// `export_plugin!` accept numbers too).
+pub type KvSetGradientCompressionFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    params_json: *const u8,
+    len: usize,
+    err: *mut KvError,
+) -> i32;
+/// `save_optimizer_states(store, path, path_len, dump_optimizer, err)` (1.1): saves the
+/// optimizer states (and the optimizer when `dump_optimizer` is nonzero) to the file `path`
+/// (not nul-terminated: UTF-8, or on Unix the path's raw bytes).
+pub type KvSaveOptimizerStatesFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    path: *const u8,
+    path_len: usize,
+    dump_optimizer: i32,
+    err: *mut KvError,
+) -> i32;
+/// `load_optimizer_states(store, path, path_len, err)` (1.1): loads states saved by
+/// `save_optimizer_states` from the file `path` (encoded as there).
+pub type KvLoadOptimizerStatesFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    path: *const u8,
+    path_len: usize,
+    err: *mut KvError,
+) -> i32;
+/// `send_command_to_servers(store, head, body, body_len, err)` (1.1): sends a command (UTF-8
+/// body, not nul-terminated) to every server and waits for their replies.
+pub type KvSendCommandFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    head: i32,
+    body: *const u8,
+    body_len: usize,
+    err: *mut KvError,
+) -> i32;
+/// `row_sparse_pull(store, keys, outs, n, priority, err)` (1.1): for each `i`, the rows
+/// `outs[i].row_ids` of `keys[i]`'s value into `outs[i].data`.
+///
+/// Every output is [`KV_STORAGE_ROW_SPARSE`]: `num_rows` is the first dimension of the
+/// caller's output (the value's shape is `[num_rows, d1, ...]`), `row_ids` the wanted rows
+/// (the host has sorted them and removed duplicates and ids outside `0..num_rows`), `data` a
+/// writable tensor `[row_ids length, d1, ...]` of the output's dtype, which receives row
+/// `row_ids[j]` of the value in its row `j` (zeros for rows the value does not store). Error
+/// keys refer to `keys`.
+pub type KvRowSparsePullFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    keys: *const KvKey,
+    outs: *const KvValue,
+    n: usize,
+    priority: i32,
+    err: *mut KvError,
+) -> i32;
+/// `init_row_sparse(store, keys, values, n, err)` (1.1): `init` of a batch holding at least one
+/// row-sparse value (each value dense or row-sparse); batches of dense values go to `init`.
+pub type KvInitRowSparseFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    keys: *const KvKey,
+    values: *const KvValue,
+    n: usize,
+    err: *mut KvError,
+) -> i32;
+/// `push_row_sparse(store, keys, values, n, priority, err)` (1.1): `push` of a batch holding at
+/// least one row-sparse value; batches of dense values go to `push`.
+pub type KvPushRowSparseFn = unsafe extern "C" fn(
+    store: KvStoreHandle,
+    keys: *const KvKey,
+    values: *const KvValue,
+    n: usize,
+    priority: i32,
+    err: *mut KvError,
+) -> i32;
+
 /// What a plugin's entry returns: its name, capabilities and functions.
 ///
 /// Function pointers are nullable: `create`, `destroy`, `type_name`, `rank`, `num_workers`,
 /// `is_capable`, `pushpull` and `broadcast` are required (the loader refuses a descriptor
-/// without them); a null `init`, `push`, `pull` or `set_optimizer` means the operation is
-/// unsupported.
+/// without them); any other null function means the operation is unsupported. The fields
+/// from `barrier` on were appended in revision 1.1: a descriptor whose `struct_size` is
+/// [`KV_PLUGIN_DESCRIPTOR_SIZE_V1_0`] (built against 1.0) ends at `set_optimizer`, and the
+/// host treats every later function as null.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct KvPluginDescriptor {
@@ -318,4 +445,30 @@ pub struct KvPluginDescriptor {
     pub broadcast: Option<KvPushPullFn>,
     /// Installs an optimizer from its JSON description.
     pub set_optimizer: Option<KvSetOptimizerFn>,
+    /// Waits for every worker (1.1).
+    pub barrier: Option<KvBarrierFn>,
+    /// Turns on gradient compression (1.1).
+    pub set_gradient_compression: Option<KvSetGradientCompressionFn>,
+    /// Saves the optimizer states to a file (1.1).
+    pub save_optimizer_states: Option<KvSaveOptimizerStatesFn>,
+    /// Loads the optimizer states from a file (1.1).
+    pub load_optimizer_states: Option<KvLoadOptimizerStatesFn>,
+    /// Sends a command to the servers (1.1).
+    pub send_command_to_servers: Option<KvSendCommandFn>,
+    /// Pulls selected rows of row-sparse values (1.1).
+    pub row_sparse_pull: Option<KvRowSparsePullFn>,
+    /// Initialises keys from values of which some are row-sparse (1.1).
+    pub init_row_sparse: Option<KvInitRowSparseFn>,
+    /// Pushes values of which some are row-sparse (1.1).
+    pub push_row_sparse: Option<KvPushRowSparseFn>,
 }
+
+/// `struct_size` of a descriptor of revision 1.0 (ending at `set_optimizer`): the smallest
+/// descriptor the host accepts.
+pub const KV_PLUGIN_DESCRIPTOR_SIZE_V1_0: usize =
+    std::mem::offset_of!(KvPluginDescriptor, set_optimizer)
+        + std::mem::size_of::<Option<KvSetOptimizerFn>>();
+
+/// `struct_size` of a descriptor of revision 1.1 (ending at `push_row_sparse`), the revision
+/// this host speaks and `export_plugin!` produces.
+pub const KV_PLUGIN_DESCRIPTOR_SIZE_V1_1: usize = std::mem::size_of::<KvPluginDescriptor>();

@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use super::abi::*;
 use super::{
-    capabilities_from_mask, capability_code, check_transferable, dtype_code, dtype_from_code,
-    host_bytes, host_bytes_mut, key_to_abi, standardised,
+    capabilities_from_mask, capability_code, check_on_host, check_transferable, dtype_code,
+    dtype_from_code, empty_tensor, host_bytes, host_bytes_mut, key_to_abi, path_to_abi,
+    standardised,
 };
 use crate::{
-    Capability, CreateRequest, DType, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
-    OptimizerSpec, Result,
+    Capability, CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyedOuts,
+    KeyedValues, NDArray, OptimizerSpec, Result, StorageType,
 };
 
 /// Bytes of the message buffer the host passes with every call.
@@ -21,7 +22,8 @@ const MESSAGE_CAP: usize = 2048;
 const MAX_TYPE_NAME: usize = 64 * 1024;
 
 /// The functions and facts of a plugin, copied from its descriptor and checked: the ABI
-/// version, the descriptor's size, the name and every required function.
+/// version, the descriptor's size, the name and every required function. Functions beyond
+/// the descriptor's `struct_size` (a plugin built against an earlier revision) are absent.
 #[derive(Clone)]
 pub struct PluginApi {
     name: String,
@@ -39,6 +41,15 @@ pub struct PluginApi {
     pushpull: KvPushPullFn,
     broadcast: KvPushPullFn,
     set_optimizer: Option<KvSetOptimizerFn>,
+    struct_size: usize,
+    barrier: Option<KvBarrierFn>,
+    set_gradient_compression: Option<KvSetGradientCompressionFn>,
+    save_optimizer_states: Option<KvSaveOptimizerStatesFn>,
+    load_optimizer_states: Option<KvLoadOptimizerStatesFn>,
+    send_command_to_servers: Option<KvSendCommandFn>,
+    row_sparse_pull: Option<KvRowSparsePullFn>,
+    init_row_sparse: Option<KvInitRowSparseFn>,
+    push_row_sparse: Option<KvPushRowSparseFn>,
 }
 
 impl fmt::Debug for PluginApi {
@@ -47,21 +58,17 @@ impl fmt::Debug for PluginApi {
             .field("name", &self.name)
             .field("origin", &self.origin)
             .field("capabilities", &self.capabilities)
+            .field("struct_size", &self.struct_size)
             .finish_non_exhaustive()
-    }
-}
-
-/// The capabilities a plugin store can have through ABI version 1.
-fn forwardable(capability: Capability, has_set_optimizer: bool) -> bool {
-    match capability {
-        Capability::InitPushPull | Capability::Distributed => true,
-        Capability::Optimizer => has_set_optimizer,
-        _ => false,
     }
 }
 
 impl PluginApi {
     /// Checks and copies a descriptor; `origin` (a library path) names it in messages.
+    ///
+    /// Only the descriptor's first `struct_size` bytes are read (at most this revision's
+    /// size): a descriptor of revision 1.0 ([`KV_PLUGIN_DESCRIPTOR_SIZE_V1_0`]) is accepted,
+    /// and the functions it does not have are unsupported operations.
     ///
     /// # Safety
     /// `descriptor` must be null or point to a descriptor of at least its `struct_size` bytes
@@ -70,7 +77,7 @@ impl PluginApi {
     ///
     /// # Errors
     /// [`Error::Plugin`] for a null descriptor, another ABI version, a descriptor smaller than
-    /// version 1's, a missing or non-UTF-8 name, or a missing required function.
+    /// revision 1.0's, a missing or non-UTF-8 name, or a missing required function.
     pub unsafe fn from_descriptor(
         descriptor: *const KvPluginDescriptor,
         origin: &str,
@@ -85,8 +92,7 @@ impl PluginApi {
             )));
         }
         // SAFETY: the caller guarantees a readable descriptor; its first two fields exist in
-        // every version, and the whole version-1 struct is read only after `struct_size`
-        // says it is there.
+        // every version, and the rest is read only as far as `struct_size` says it goes.
         let (version, size) = unsafe { ((*descriptor).abi_version, (*descriptor).struct_size) };
         if version != KV_PLUGIN_ABI_VERSION {
             return Err(fail(format!(
@@ -94,15 +100,29 @@ impl PluginApi {
                  speaks version {KV_PLUGIN_ABI_VERSION}; rebuild it against this kvstore"
             )));
         }
-        if size < std::mem::size_of::<KvPluginDescriptor>() {
+        if size < KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 {
             return Err(fail(format!(
-                "its descriptor is {size} bytes, smaller than the {} bytes of ABI version \
-                 {KV_PLUGIN_ABI_VERSION}",
-                std::mem::size_of::<KvPluginDescriptor>()
+                "its descriptor is {size} bytes, smaller than the {KV_PLUGIN_DESCRIPTOR_SIZE_V1_0} \
+                 bytes of ABI version {KV_PLUGIN_ABI_VERSION} (revision 1.0)"
             )));
         }
-        // SAFETY: the descriptor holds at least a full version-1 struct (checked above).
-        let d = unsafe { std::ptr::read(descriptor) };
+        // Fields the plugin does not have (it was built against an earlier revision) stay
+        // zero: null functions, that is unsupported operations. Fields of later revisions than
+        // this host's are not read.
+        let known = size.min(std::mem::size_of::<KvPluginDescriptor>());
+        // SAFETY: all-zero bytes are a valid descriptor (integers, null pointers, `None`
+        // functions).
+        let mut d: KvPluginDescriptor = unsafe { std::mem::zeroed() };
+        // SAFETY: the caller guarantees `size >= known` readable bytes at `descriptor`; `d` is
+        // a distinct local of at least `known` bytes; the bytes copied hold the fields of the
+        // plugin's revision, which have the same layout here.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                descriptor.cast::<u8>(),
+                std::ptr::addr_of_mut!(d).cast::<u8>(),
+                known,
+            )
+        };
         if d.name.is_null() {
             return Err(fail("its descriptor has no name".into()));
         }
@@ -132,13 +152,6 @@ impl PluginApi {
         need(d.is_capable.is_some(), "is_capable")?;
         need(d.pushpull.is_some(), "pushpull")?;
         need(d.broadcast.is_some(), "broadcast")?;
-        let has_set_optimizer = d.set_optimizer.is_some();
-        let capabilities = (d.capabilities != KV_CAPABILITIES_UNDECLARED).then(|| {
-            capabilities_from_mask(d.capabilities)
-                .into_iter()
-                .filter(|&c| forwardable(c, has_set_optimizer))
-                .collect()
-        });
         let (Some(create), Some(destroy), Some(type_name), Some(rank), Some(num_workers)) =
             (d.create, d.destroy, d.type_name, d.rank, d.num_workers)
         else {
@@ -149,10 +162,10 @@ impl PluginApi {
         else {
             unreachable!("checked above")
         };
-        Ok(PluginApi {
+        let mut api = PluginApi {
             name,
             origin: origin.to_string(),
-            capabilities,
+            capabilities: None,
             create,
             destroy,
             type_name,
@@ -165,7 +178,47 @@ impl PluginApi {
             pushpull,
             broadcast,
             set_optimizer: d.set_optimizer,
-        })
+            struct_size: size,
+            barrier: d.barrier,
+            set_gradient_compression: d.set_gradient_compression,
+            save_optimizer_states: d.save_optimizer_states,
+            load_optimizer_states: d.load_optimizer_states,
+            send_command_to_servers: d.send_command_to_servers,
+            row_sparse_pull: d.row_sparse_pull,
+            init_row_sparse: d.init_row_sparse,
+            push_row_sparse: d.push_row_sparse,
+        };
+        if d.capabilities != KV_CAPABILITIES_UNDECLARED {
+            let declared = capabilities_from_mask(d.capabilities)
+                .into_iter()
+                .filter(|&c| api.forwards(c))
+                .collect();
+            api.capabilities = Some(declared);
+        }
+        Ok(api)
+    }
+
+    /// Whether a store of this plugin can have `capability`: the plugin provides the
+    /// functions it needs. [`Capability::Updater`] never crosses the ABI (an updater is a
+    /// Rust closure).
+    pub fn forwards(&self, capability: Capability) -> bool {
+        match capability {
+            Capability::InitPushPull | Capability::Distributed => true,
+            Capability::Optimizer => self.set_optimizer.is_some(),
+            Capability::GradientCompression => self.set_gradient_compression.is_some(),
+            Capability::OptimizerStates => {
+                self.save_optimizer_states.is_some() && self.load_optimizer_states.is_some()
+            }
+            Capability::RowSparse => self.row_sparse_pull.is_some(),
+            Capability::Updater => false,
+        }
+    }
+
+    /// The descriptor's `struct_size`: [`KV_PLUGIN_DESCRIPTOR_SIZE_V1_0`] for a plugin built
+    /// against revision 1.0, [`KV_PLUGIN_DESCRIPTOR_SIZE_V1_1`] for this revision (larger for
+    /// a later one, whose extra functions this host does not use).
+    pub fn struct_size(&self) -> usize {
+        self.struct_size
     }
 
     /// The store name the plugin declares (lower-cased).
@@ -178,8 +231,8 @@ impl PluginApi {
         &self.origin
     }
 
-    /// The declared capabilities (those ABI version 1 can forward), or `None` when the plugin
-    /// does not declare them.
+    /// The declared capabilities that the plugin provides the functions for (see
+    /// [`PluginApi::forwards`]), or `None` when the plugin does not declare them.
     pub fn capabilities(&self) -> Option<&[Capability]> {
         self.capabilities.as_deref()
     }
@@ -249,14 +302,7 @@ impl PluginApi {
         value_keys: &[Key],
         out_keys: &[Key],
     ) -> Error {
-        let len = record.message_len.min(MESSAGE_CAP.saturating_sub(1));
-        let message = if record.message.is_null() {
-            String::new()
-        } else {
-            // SAFETY: the message points into the host's buffer of MESSAGE_CAP bytes.
-            let bytes = unsafe { std::slice::from_raw_parts(record.message, len) };
-            String::from_utf8_lossy(bytes).into_owned()
-        };
+        let message = record_message(record);
         let dtype = |c: u32| dtype_from_code(c).unwrap_or(DType::F32);
         let shape = |dims: &[i64; KV_ERROR_MAX_NDIM], n: u32| -> Vec<usize> {
             dims[..(n as usize).min(KV_ERROR_MAX_NDIM)]
@@ -307,6 +353,11 @@ impl PluginApi {
                 store: store.to_string(),
                 source: message.into(),
             },
+            // Without the call's path (the state calls give it, see `PluginStore::fail_at`).
+            KV_ERR_IO => Error::Backend {
+                store: store.to_string(),
+                source: format!("I/O error: {message}").into(),
+            },
             other => Error::Backend {
                 store: store.to_string(),
                 source: format!("plugin {} returned status {other}: {message}", self.origin).into(),
@@ -324,13 +375,27 @@ impl PluginApi {
     }
 }
 
+/// The message a failed call wrote into the host's buffer.
+fn record_message(record: &KvError) -> String {
+    let len = record.message_len.min(MESSAGE_CAP.saturating_sub(1));
+    if record.message.is_null() {
+        return String::new();
+    }
+    // SAFETY: the message points into the host's buffer of MESSAGE_CAP bytes, of which the
+    // plugin wrote `message_len` (at most MESSAGE_CAP - 1).
+    let bytes = unsafe { std::slice::from_raw_parts(record.message, len) };
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// A store living in a plugin, reached through the C ABI.
 ///
 /// Inputs are passed as pointers into the caller's arrays (copied first only when an array
 /// is not in standard layout); outputs are written by the plugin straight into the caller's
-/// arrays. Row-sparse and GPU arrays cannot cross ABI version 1 and are an
-/// [`Error::InvalidArgument`]; a `pull` with `ignore_sparse` skips row-sparse outputs, as in
-/// MXNet. Operations the ABI does not carry are [`Error::Unsupported`].
+/// arrays. GPU arrays cannot cross the ABI and are an [`Error::InvalidArgument`], as are
+/// row-sparse arrays except in `init` and `push` (through the plugin's `init_row_sparse` and
+/// `push_row_sparse`) and as `row_sparse_pull` outputs; a `pull` with `ignore_sparse` skips
+/// row-sparse outputs, as in MXNet. Operations the plugin does not provide (left null, or
+/// beyond its descriptor's `struct_size`) and custom updaters are [`Error::Unsupported`].
 pub struct PluginStore {
     api: Arc<PluginApi>,
     handle: KvStoreHandle,
@@ -474,6 +539,106 @@ fn marshal_outs(keys: &[Key], outs: &mut [&mut NDArray], skip: &[bool]) -> Resul
     Ok(m)
 }
 
+/// Values laid out for `init_row_sparse` / `push_row_sparse`: keys, and values pointing into
+/// the arrays (or into standard-layout copies kept here).
+struct MarshalledValues {
+    keys: Vec<KvKey>,
+    values: Vec<KvValue>,
+    _shapes: Vec<Vec<i64>>,
+    _copies: Vec<NDArray>,
+}
+
+/// The bytes of what a value's `data` tensor carries: a dense array's elements or a row-sparse
+/// array's stored rows; `None` when they are not contiguous.
+fn data_bytes(value: &NDArray) -> Option<&[u8]> {
+    match value.as_row_sparse() {
+        Some(r) => host_bytes(r.rows()),
+        None => value.dense().and_then(host_bytes),
+    }
+}
+
+fn marshal_sparse_values(keys: &[Key], values: &[&NDArray]) -> Result<MarshalledValues> {
+    for (i, v) in values.iter().enumerate() {
+        check_on_host(v, &format!("value {i}"))?;
+    }
+    let copies: Vec<NDArray> = values
+        .iter()
+        .filter(|v| data_bytes(v).is_none())
+        .map(|v| match v.as_row_sparse() {
+            Some(r) => standardised(&NDArray::from_host(r.rows().clone())),
+            None => standardised(v),
+        })
+        .collect();
+    let mut next_copy = copies.iter();
+    let mut shapes = Vec::with_capacity(values.len() * 2);
+    let mut marshalled = Vec::with_capacity(values.len());
+    for v in values {
+        let bytes = match data_bytes(v) {
+            Some(b) => b,
+            None => next_copy
+                .next()
+                .and_then(|c| c.dense())
+                .and_then(host_bytes)
+                .ok_or_else(|| {
+                    Error::InvalidArgument("a value could not be laid out contiguously".into())
+                })?,
+        };
+        // Inputs are read-only by the ABI's contract (see `marshal_values`).
+        let data = bytes.as_ptr().cast_mut();
+        let value = match v.as_row_sparse() {
+            Some(r) => {
+                let mut row_shape = shape_of(v);
+                row_shape[0] = r.indices().len() as i64;
+                let id_shape = vec![r.indices().len() as i64];
+                let value = KvValue {
+                    storage: KV_STORAGE_ROW_SPARSE,
+                    num_rows: v.shape()[0] as i64,
+                    row_ids: KvTensor {
+                        data: r.indices().as_ptr().cast::<u8>().cast_mut(),
+                        byte_len: std::mem::size_of_val(r.indices()),
+                        dtype: KV_DTYPE_I64,
+                        ndim: 1,
+                        shape: id_shape.as_ptr(),
+                        device_type: KV_DEVICE_CPU,
+                        device_id: 0,
+                    },
+                    data: tensor_for(data, bytes.len(), v, &row_shape),
+                };
+                shapes.push(row_shape);
+                shapes.push(id_shape);
+                value
+            }
+            None => {
+                let shape = shape_of(v);
+                let value = KvValue {
+                    storage: KV_STORAGE_DENSE,
+                    num_rows: 0,
+                    row_ids: empty_tensor(),
+                    data: tensor_for(data, bytes.len(), v, &shape),
+                };
+                shapes.push(shape);
+                value
+            }
+        };
+        marshalled.push(value);
+    }
+    // The shape vectors moved into `_shapes` keep their heap buffers, so the pointers stay valid.
+    Ok(MarshalledValues {
+        keys: keys.iter().map(key_to_abi).collect(),
+        values: marshalled,
+        _shapes: shapes,
+        _copies: copies,
+    })
+}
+
+/// Whether a batch holds a row-sparse value.
+fn any_row_sparse(values: &KeyedValues<'_>) -> bool {
+    values
+        .values()
+        .iter()
+        .any(|v| v.storage_type() == StorageType::RowSparse)
+}
+
 impl PluginStore {
     /// The plugin this store lives in.
     pub fn api(&self) -> &PluginApi {
@@ -495,6 +660,63 @@ impl PluginStore {
             record,
             value_keys,
             out_keys,
+        )
+    }
+
+    /// The error of a failed call about the file `path`: [`KV_ERR_IO`] becomes
+    /// [`Error::Io`] naming it.
+    fn fail_at_path(
+        &self,
+        operation: &'static str,
+        code: i32,
+        record: &KvError,
+        path: &std::path::Path,
+    ) -> Error {
+        if code == KV_ERR_IO {
+            return Error::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(record_message(record)),
+            };
+        }
+        self.fail(operation, code, record, &[], &[])
+    }
+
+    /// Runs `call` with a fresh error record; a status other than [`KV_OK`] becomes the error
+    /// `on_error` makes of it.
+    fn status(
+        &self,
+        call: impl FnOnce(KvStoreHandle, &mut KvError) -> i32,
+        on_error: impl FnOnce(i32, &KvError) -> Error,
+    ) -> Result<()> {
+        let mut buffer = [0u8; MESSAGE_CAP];
+        let mut record = KvError::with_buffer(&mut buffer);
+        let code = call(self.handle, &mut record);
+        if code != KV_OK {
+            return Err(on_error(code, &record));
+        }
+        Ok(())
+    }
+
+    /// Calls `init_row_sparse` or `push_row_sparse` with `values` marshalled.
+    fn with_sparse_values(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        call: impl FnOnce(KvStoreHandle, *const KvKey, *const KvValue, usize, &mut KvError) -> i32,
+    ) -> Result<()> {
+        let m = marshal_sparse_values(values.keys(), values.values())?;
+        // The keys and values point into arrays borrowed for the call (read-only).
+        self.status(
+            |handle, record| {
+                call(
+                    handle,
+                    m.keys.as_ptr(),
+                    m.values.as_ptr(),
+                    m.values.len(),
+                    record,
+                )
+            },
+            |code, record| self.fail(operation, code, record, values.keys(), &[]),
         )
     }
 
@@ -585,7 +807,7 @@ impl KVStoreBase for PluginStore {
     }
 
     fn is_capable(&self, capability: Capability) -> bool {
-        if !forwardable(capability, self.api.set_optimizer.is_some()) {
+        if !self.api.forwards(capability) {
             return false;
         }
         // SAFETY: the handle is live.
@@ -611,6 +833,15 @@ impl KVStoreBase for PluginStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        if let (Some(init), true) = (self.api.init_row_sparse, any_row_sparse(values)) {
+            // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
+            // record.
+            return self.with_sparse_values(
+                "init",
+                values,
+                |handle, keys, vals, n, record| unsafe { init(handle, keys, vals, n, record) },
+            );
+        }
         let Some(init) = self.api.init else {
             return Err(self.unsupported("init"));
         };
@@ -621,6 +852,17 @@ impl KVStoreBase for PluginStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        if let (Some(push), true) = (self.api.push_row_sparse, any_row_sparse(values)) {
+            // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
+            // record.
+            return self.with_sparse_values(
+                "push",
+                values,
+                |handle, keys, vals, n, record| unsafe {
+                    push(handle, keys, vals, n, priority, record)
+                },
+            );
+        }
         let Some(push) = self.api.push else {
             return Err(self.unsupported("push"));
         };
@@ -692,6 +934,184 @@ impl KVStoreBase for PluginStore {
         }
         Ok(())
     }
+
+    fn row_sparse_pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        priority: i32,
+    ) -> Result<()> {
+        const OPERATION: &str = "row_sparse_pull";
+        let Some(row_sparse_pull) = self.api.row_sparse_pull else {
+            return Err(self.unsupported(OPERATION));
+        };
+        Error::check_row_id_count(outs.len(), row_ids.len())?;
+        let keys = outs.keys().to_vec();
+        // Per output: the sorted, unique ids (checked against the output's rows), the buffer
+        // receiving those rows, and the shapes the tensors point to.
+        let mut ids = Vec::with_capacity(outs.len());
+        let mut rows = Vec::with_capacity(outs.len());
+        for (i, (key, out)) in keys.iter().zip(outs.outs()).enumerate() {
+            let prepared = (|| {
+                check_on_host(out, &format!("output {i}"))?;
+                if out.storage_type() != StorageType::RowSparse {
+                    return Err(Error::InvalidArgument(format!(
+                        "output {i} must be row-sparse for row_sparse_pull"
+                    )));
+                }
+                let wanted = row_ids[i].unique_row_ids(out.shape()[0])?;
+                let mut shape = out.shape().to_vec();
+                shape[0] = wanted.len();
+                Ok((wanted, NDArray::zeros(&shape, out.dtype())))
+            })()
+            .map_err(|e: Error| e.at_key(&self.type_name, OPERATION, key.clone()))?;
+            ids.push(prepared.0);
+            rows.push(prepared.1);
+        }
+        let mut shapes = Vec::with_capacity(outs.len() * 2);
+        let mut values = Vec::with_capacity(outs.len());
+        for ((wanted, buffer), out) in ids.iter().zip(rows.iter_mut()).zip(outs.outs()) {
+            let id_shape = vec![wanted.len() as i64];
+            let row_shape = shape_of(buffer);
+            let dtype = buffer.dtype();
+            let bytes = buffer
+                .dense_mut()
+                .and_then(host_bytes_mut)
+                .ok_or_else(|| Error::InvalidArgument("a fresh array is not contiguous".into()))?;
+            values.push(KvValue {
+                storage: KV_STORAGE_ROW_SPARSE,
+                num_rows: out.shape()[0] as i64,
+                row_ids: KvTensor {
+                    // Read-only by the ABI's contract.
+                    data: wanted.as_ptr().cast::<u8>().cast_mut(),
+                    byte_len: std::mem::size_of_val(wanted.as_slice()),
+                    dtype: KV_DTYPE_I64,
+                    ndim: 1,
+                    shape: id_shape.as_ptr(),
+                    device_type: KV_DEVICE_CPU,
+                    device_id: 0,
+                },
+                data: KvTensor {
+                    data: bytes.as_mut_ptr(),
+                    byte_len: bytes.len(),
+                    dtype: dtype_code(dtype),
+                    ndim: row_shape.len() as u32,
+                    shape: row_shape.as_ptr(),
+                    device_type: KV_DEVICE_CPU,
+                    device_id: 0,
+                },
+            });
+            // The vectors keep their heap buffers when moved, so the pointers stay valid.
+            shapes.push(id_shape);
+            shapes.push(row_shape);
+        }
+        let abi_keys: Vec<KvKey> = keys.iter().map(key_to_abi).collect();
+        // SAFETY: the handle is live; keys and values point into buffers owned by this frame
+        // (ids read-only, rows written by the plugin), alive for the call.
+        self.status(
+            |handle, record| unsafe {
+                row_sparse_pull(
+                    handle,
+                    abi_keys.as_ptr(),
+                    values.as_ptr(),
+                    values.len(),
+                    priority,
+                    record,
+                )
+            },
+            |code, record| self.fail(OPERATION, code, record, &keys, &[]),
+        )?;
+        drop(values);
+        drop(shapes);
+        // Build every result before touching an output, so a failure leaves them unchanged.
+        let results = ids
+            .into_iter()
+            .zip(&rows)
+            .zip(outs.outs())
+            .zip(&keys)
+            .map(|(((wanted, rows), out), key)| {
+                NDArray::row_sparse(out.shape(), wanted, rows)
+                    .map_err(|e| e.at_key(&self.type_name, OPERATION, key.clone()))
+            })
+            .collect::<Result<Vec<NDArray>>>()?;
+        for (out, result) in outs.outs_mut().iter_mut().zip(results) {
+            **out = result;
+        }
+        Ok(())
+    }
+
+    fn set_gradient_compression(&self, params: &CompressionParams) -> Result<()> {
+        const OPERATION: &str = "set_gradient_compression";
+        let Some(set) = self.api.set_gradient_compression else {
+            return Err(self.unsupported(OPERATION));
+        };
+        let json = serde_json::to_vec(params).map_err(|e| Error::Backend {
+            store: self.type_name.clone(),
+            source: Box::new(e),
+        })?;
+        // SAFETY: the handle is live; the JSON and the record live for the call.
+        self.status(
+            |handle, record| unsafe { set(handle, json.as_ptr(), json.len(), record) },
+            |code, record| self.fail(OPERATION, code, record, &[], &[]),
+        )
+    }
+
+    fn save_optimizer_states(&self, path: &std::path::Path, dump_optimizer: bool) -> Result<()> {
+        const OPERATION: &str = "save_optimizer_states";
+        let Some(save) = self.api.save_optimizer_states else {
+            return Err(self.unsupported(OPERATION));
+        };
+        let bytes = path_to_abi(path)?;
+        // SAFETY: the handle is live; the path's bytes and the record live for the call.
+        self.status(
+            |handle, record| unsafe {
+                save(
+                    handle,
+                    bytes.as_ptr(),
+                    bytes.len(),
+                    i32::from(dump_optimizer),
+                    record,
+                )
+            },
+            |code, record| self.fail_at_path(OPERATION, code, record, path),
+        )
+    }
+
+    fn load_optimizer_states(&self, path: &std::path::Path) -> Result<()> {
+        const OPERATION: &str = "load_optimizer_states";
+        let Some(load) = self.api.load_optimizer_states else {
+            return Err(self.unsupported(OPERATION));
+        };
+        let bytes = path_to_abi(path)?;
+        // SAFETY: the handle is live; the path's bytes and the record live for the call.
+        self.status(
+            |handle, record| unsafe { load(handle, bytes.as_ptr(), bytes.len(), record) },
+            |code, record| self.fail_at_path(OPERATION, code, record, path),
+        )
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let Some(barrier) = self.api.barrier else {
+            return Err(self.unsupported("barrier"));
+        };
+        // SAFETY: the handle is live; the record lives for the call.
+        self.status(
+            |handle, record| unsafe { barrier(handle, record) },
+            |code, record| self.fail("barrier", code, record, &[], &[]),
+        )
+    }
+
+    fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
+        const OPERATION: &str = "send_command_to_servers";
+        let Some(send) = self.api.send_command_to_servers else {
+            return Err(self.unsupported(OPERATION));
+        };
+        // SAFETY: the handle is live; the body and the record live for the call.
+        self.status(
+            |handle, record| unsafe { send(handle, head, body.as_ptr(), body.len(), record) },
+            |code, record| self.fail(OPERATION, code, record, &[], &[]),
+        )
+    }
 }
 
 /// Registers the plugin `api` describes in the runtime registry under its name, so that
@@ -740,6 +1160,15 @@ mod tests {
         fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
             Ok(())
         }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn send_command_to_servers(&self, _: i32, _: &str) -> Result<()> {
+            Ok(())
+        }
+        fn set_gradient_compression(&self, _: &CompressionParams) -> Result<()> {
+            Ok(())
+        }
     }
 
     unsafe extern "C" fn create(
@@ -782,5 +1211,99 @@ mod tests {
         };
         let store = api.create(&request).unwrap();
         assert!(store.type_name().len() <= MAX_TYPE_NAME);
+    }
+
+    fn request() -> CreateRequest {
+        CreateRequest {
+            name: "named".into(),
+            ..CreateRequest::default()
+        }
+    }
+
+    #[test]
+    fn a_revision_1_0_struct_size_hides_the_appended_functions() {
+        let exported = ExportedPlugin::new(
+            "named",
+            Some(&[
+                Capability::InitPushPull,
+                Capability::GradientCompression,
+                Capability::RowSparse,
+                Capability::OptimizerStates,
+                Capability::Updater,
+            ]),
+            create,
+        );
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        // SAFETY: as in the test above; the full descriptor is readable.
+        let full = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        let store = full.create(&request()).unwrap();
+        store.barrier().unwrap();
+        store.send_command_to_servers(1, "x").unwrap();
+        store
+            .set_gradient_compression(&CompressionParams::new())
+            .unwrap();
+        assert_eq!(full.struct_size(), KV_PLUGIN_DESCRIPTOR_SIZE_V1_1);
+        assert_eq!(
+            full.capabilities(),
+            Some(
+                &[
+                    Capability::InitPushPull,
+                    Capability::GradientCompression,
+                    Capability::RowSparse,
+                    Capability::OptimizerStates,
+                ][..]
+            ),
+            "the updater is never forwarded"
+        );
+
+        // The same memory, every function still there, but a 1.0 struct_size.
+        descriptor.struct_size = KV_PLUGIN_DESCRIPTOR_SIZE_V1_0;
+        // SAFETY: as above.
+        let old = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        assert_eq!(old.struct_size(), KV_PLUGIN_DESCRIPTOR_SIZE_V1_0);
+        assert_eq!(old.capabilities(), Some(&[Capability::InitPushPull][..]));
+        for capability in [
+            Capability::GradientCompression,
+            Capability::RowSparse,
+            Capability::OptimizerStates,
+            Capability::Updater,
+        ] {
+            assert!(!old.forwards(capability), "{capability}");
+        }
+        let store = old.create(&request()).unwrap();
+        // `Named` answers these (see above): through a 1.0 descriptor they are not called.
+        for (operation, result) in [
+            ("barrier", store.barrier()),
+            (
+                "send_command_to_servers",
+                store.send_command_to_servers(1, "x"),
+            ),
+            (
+                "set_gradient_compression",
+                store.set_gradient_compression(&CompressionParams::new()),
+            ),
+        ] {
+            assert!(
+                matches!(result, Err(Error::Unsupported { operation: o, .. }) if o == operation),
+                "{operation}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_descriptor_smaller_than_revision_1_0_is_refused() {
+        let exported = ExportedPlugin::new("named", None, create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        descriptor.struct_size = KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 - 8;
+        // SAFETY: the descriptor is readable; it is refused before its functions are used.
+        let err = unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap_err();
+        assert!(
+            err.to_string().contains(&format!(
+                "smaller than the {KV_PLUGIN_DESCRIPTOR_SIZE_V1_0} bytes"
+            )),
+            "{err}"
+        );
     }
 }

@@ -34,7 +34,10 @@ pub struct LoadedPlugin {
 ///
 /// # Errors
 /// [`Error::Plugin`] naming the file when it does not exist, is not a shared library, does
-/// not export `kvstore_plugin_entry`, or was built for another plugin ABI version.
+/// not export `kvstore_plugin_entry`, was built for another plugin ABI version, or returns a
+/// descriptor smaller than revision 1.0's or without a required function. A descriptor of an
+/// earlier revision of version 1 (a smaller `struct_size`) loads: the functions it lacks are
+/// unsupported operations.
 pub fn load_plugin(path: impl AsRef<Path>) -> Result<LoadedPlugin> {
     let path = path.as_ref();
     let fail = |reason: String| Error::Plugin {

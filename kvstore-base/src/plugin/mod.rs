@@ -11,11 +11,27 @@
 //! `create("name")` finds it like any other store.
 //!
 //! Version 1 of the ABI carries `init`, `push`, `pull`, `pushpull`, `broadcast` and
-//! `set_optimizer` (by [`OptimizerSpec`](crate::OptimizerSpec), as JSON) of dense CPU arrays.
-//! Row-sparse or GPU arrays passed to a plugin store are an
-//! [`Error::InvalidArgument`]; `row_sparse_pull`, updaters,
-//! gradient compression and optimizer state files are [`Unsupported`](crate::Error::Unsupported)
-//! (their capabilities are never reported for a plugin store).
+//! `set_optimizer` (by [`OptimizerSpec`](crate::OptimizerSpec), as JSON) of dense CPU arrays
+//! (revision 1.0). Revision 1.1 appends, compatibly (same `abi_version`, a larger
+//! `struct_size`), `barrier`, `set_gradient_compression` (the
+//! [`CompressionParams`](crate::CompressionParams) as a JSON object), `save_optimizer_states`
+//! and `load_optimizer_states` (a file path), `send_command_to_servers`, `row_sparse_pull`
+//! (per key, the sorted unique row ids as an int64 tensor and a dense output for those rows,
+//! which the host turns into the row-sparse output), and `init_row_sparse` /
+//! `push_row_sparse`, which carry batches holding row-sparse values ([`KvValue`]).
+//!
+//! What a plugin store offers is what its descriptor provides: a function the plugin leaves
+//! null, or does not have because it was built against revision 1.0 (a smaller
+//! `struct_size`; the host never reads beyond it), is [`Error::Unsupported`]. A capability is
+//! reported only when the plugin provides its functions *and* declares it (or, undeclared,
+//! its store answers `is_capable` with yes): [`Capability::GradientCompression`] needs
+//! `set_gradient_compression`, [`Capability::OptimizerStates`] both state functions,
+//! [`Capability::RowSparse`] `row_sparse_pull`, [`Capability::Optimizer`] `set_optimizer`.
+//! [`Capability::Updater`] is never reported and `set_updater` is always
+//! [`Unsupported`](crate::Error::Unsupported): an updater is a Rust closure, which has no C
+//! representation. GPU arrays passed to a plugin store are an [`Error::InvalidArgument`], as
+//! are row-sparse values in `pushpull` and `broadcast`, and in `init` and `push` of a plugin
+//! without `init_row_sparse` / `push_row_sparse`.
 //!
 //! Writing a plugin in Rust: a `cdylib` crate depending on `kvstore-base`, with a
 //! `KVStoreBase + Default` type and one line:
@@ -35,7 +51,8 @@ mod host;
 mod loader;
 
 pub use abi::{
-    KvError, KvKey, KvOption, KvPluginDescriptor, KvTensor, KV_PLUGIN_ABI_VERSION, KV_PLUGIN_ENTRY,
+    KvError, KvKey, KvOption, KvPluginDescriptor, KvTensor, KvValue, KV_PLUGIN_ABI_VERSION,
+    KV_PLUGIN_ENTRY,
 };
 pub use host::{register_descriptor, PluginApi, PluginStore};
 #[cfg(feature = "dynamic-plugins")]
@@ -89,13 +106,21 @@ pub fn capability_mask(capabilities: &[Capability]) -> u64 {
         .fold(0, |mask, &c| mask | (1u64 << capability_code(c)))
 }
 
-/// Checks that `array` can cross the ABI: dense and in host memory.
+/// Checks that `array` can cross the ABI as a dense tensor: dense and in host memory.
 fn check_transferable(array: &NDArray, what: &str) -> Result<()> {
+    check_on_host(array, what)?;
     if array.dense().is_none() {
         return Err(Error::InvalidArgument(format!(
-            "{what} is row_sparse: plugin stores (C ABI version 1) take dense arrays only"
+            "{what} is row_sparse: plugin stores take dense arrays only here (row-sparse values \
+             cross only in init and push, and only to plugins that provide init_row_sparse and \
+             push_row_sparse)"
         )));
     }
+    Ok(())
+}
+
+/// Checks that `array` is in host memory, the only memory the ABI carries.
+fn check_on_host(array: &NDArray, what: &str) -> Result<()> {
     if array.context() != crate::Context::Cpu {
         return Err(Error::InvalidArgument(format!(
             "{what} is on {}: plugin stores (C ABI version 1) take host (cpu) arrays only",
@@ -103,6 +128,145 @@ fn check_transferable(array: &NDArray, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// The row ids of a row-sparse [`KvValue`]: an int64 tensor of one dimension, strictly
+/// increasing, each in `0..num_rows`.
+///
+/// # Safety
+/// As [`tensor_to_ndarray`] for `row_ids`.
+unsafe fn row_ids_from_abi(row_ids: &KvTensor, num_rows: i64) -> Result<Vec<i64>> {
+    if num_rows < 0 {
+        return Err(Error::InvalidArgument(format!(
+            "a row-sparse value has a negative number of rows ({num_rows})"
+        )));
+    }
+    // SAFETY: forwarded from the caller.
+    let ids = unsafe { tensor_to_ndarray(row_ids) }?;
+    if ids.dtype() != DType::I64 || ids.shape().len() != 1 {
+        return Err(Error::InvalidArgument(format!(
+            "row ids must be a one-dimensional int64 tensor, not a {} tensor of shape {:?}",
+            ids.dtype(),
+            ids.shape()
+        )));
+    }
+    let ids = ids.to_vec::<i64>()?;
+    let mut previous = None;
+    for &id in &ids {
+        if id < 0 || id >= num_rows || previous.is_some_and(|p| p >= id) {
+            return Err(Error::InvalidArgument(format!(
+                "row ids must be strictly increasing in 0..{num_rows}; found {id} after \
+                 {previous:?}"
+            )));
+        }
+        previous = Some(id);
+    }
+    Ok(ids)
+}
+
+/// A copy of an ABI value (dense or row-sparse) as an [`NDArray`].
+///
+/// # Safety
+/// Both tensors of `value` must be valid as [`tensor_to_ndarray`] requires (the row ids of a
+/// dense value are not read).
+unsafe fn value_to_ndarray(value: &KvValue) -> Result<NDArray> {
+    match value.storage {
+        // SAFETY: forwarded from the caller.
+        KV_STORAGE_DENSE => unsafe { tensor_to_ndarray(&value.data) },
+        KV_STORAGE_ROW_SPARSE => {
+            // SAFETY: forwarded from the caller.
+            let ids = unsafe { row_ids_from_abi(&value.row_ids, value.num_rows) }?;
+            // SAFETY: forwarded from the caller.
+            let rows = unsafe { tensor_to_ndarray(&value.data) }?;
+            if rows.shape().first() != Some(&ids.len()) {
+                return Err(Error::InvalidArgument(format!(
+                    "a row-sparse value with {} row ids has rows of shape {:?}",
+                    ids.len(),
+                    rows.shape()
+                )));
+            }
+            let mut shape = rows.shape().to_vec();
+            shape[0] = usize::try_from(value.num_rows)
+                .map_err(|_| Error::InvalidArgument("too many rows".into()))?;
+            NDArray::row_sparse(&shape, ids, &rows)
+        }
+        other => Err(Error::InvalidArgument(format!(
+            "unknown storage {other} (expected {KV_STORAGE_DENSE} for dense or \
+             {KV_STORAGE_ROW_SPARSE} for row-sparse)"
+        ))),
+    }
+}
+
+/// An empty tensor: the unused row ids of a dense [`KvValue`].
+fn empty_tensor() -> KvTensor {
+    KvTensor {
+        data: std::ptr::null_mut(),
+        byte_len: 0,
+        dtype: KV_DTYPE_I64,
+        ndim: 0,
+        shape: std::ptr::null(),
+        device_type: KV_DEVICE_CPU,
+        device_id: 0,
+    }
+}
+
+/// The bytes a path crosses the ABI as: on Unix the raw bytes of the OS path, elsewhere UTF-8.
+fn path_to_abi(path: &std::path::Path) -> Result<&[u8]> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(path.as_os_str().as_bytes())
+    }
+    #[cfg(not(unix))]
+    {
+        path.to_str().map(str::as_bytes).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "the path {} is not UTF-8, which plugin stores need",
+                path.display()
+            ))
+        })
+    }
+}
+
+/// The path that `len` bytes at `ptr` describe (see [`path_to_abi`]).
+///
+/// # Safety
+/// `ptr` must point to `len` readable bytes (or `len` be 0).
+unsafe fn path_from_abi(ptr: *const u8, len: usize) -> Result<std::path::PathBuf> {
+    // SAFETY: forwarded from the caller.
+    let bytes = unsafe { bytes_from_abi(ptr, len, "path") }?;
+    if bytes.is_empty() {
+        return Err(Error::InvalidArgument("the path is empty".into()));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(std::path::PathBuf::from(std::ffi::OsStr::from_bytes(bytes)))
+    }
+    #[cfg(not(unix))]
+    {
+        std::str::from_utf8(bytes)
+            .map(std::path::PathBuf::from)
+            .map_err(|e| Error::InvalidArgument(format!("the path is not UTF-8: {e}")))
+    }
+}
+
+/// The `len` bytes at `ptr` (empty when `len` is 0); `what` names them in the error for a null
+/// pointer.
+///
+/// # Safety
+/// `ptr` must be null or point to `len` readable bytes that outlive the returned slice.
+unsafe fn bytes_from_abi<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u8]> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if ptr.is_null() {
+        return Err(Error::InvalidArgument(format!(
+            "the {what} of {len} bytes has a null pointer"
+        )));
+    }
+    // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
+    Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
 /// The key an ABI key describes.

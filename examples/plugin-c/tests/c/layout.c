@@ -28,12 +28,24 @@ static const size_t LAYOUT[] = {
     offsetof(KvPluginDescriptor, push), offsetof(KvPluginDescriptor, pull),
     offsetof(KvPluginDescriptor, pushpull), offsetof(KvPluginDescriptor, broadcast),
     offsetof(KvPluginDescriptor, set_optimizer),
+    offsetof(KvPluginDescriptor, barrier), offsetof(KvPluginDescriptor, set_gradient_compression),
+    offsetof(KvPluginDescriptor, save_optimizer_states),
+    offsetof(KvPluginDescriptor, load_optimizer_states),
+    offsetof(KvPluginDescriptor, send_command_to_servers),
+    offsetof(KvPluginDescriptor, row_sparse_pull), offsetof(KvPluginDescriptor, init_row_sparse),
+    offsetof(KvPluginDescriptor, push_row_sparse),
+    KV_PLUGIN_DESCRIPTOR_SIZE_V1_0, KV_PLUGIN_DESCRIPTOR_SIZE_V1_1,
+    ENTRY(sizeof(KvValue)), offsetof(KvValue, storage), offsetof(KvValue, num_rows),
+    offsetof(KvValue, row_ids), offsetof(KvValue, data),
     /* constants */
     KV_PLUGIN_ABI_VERSION, KV_ERROR_MAX_NDIM, KV_DTYPE_F32, KV_DTYPE_F64, KV_DTYPE_F16, KV_DTYPE_U8,
     KV_DTYPE_I32, KV_DTYPE_I64, KV_DTYPE_BF16, KV_OK, KV_ERR_UNSUPPORTED, KV_ERR_INVALID_ARGUMENT,
     KV_ERR_SHAPE_MISMATCH, KV_ERR_DTYPE_MISMATCH, KV_ERR_KEY_NOT_INITIALIZED, KV_ERR_DUPLICATE_INIT,
     KV_ERR_COUNT_MISMATCH, KV_ERR_DEVICE, KV_ERR_BACKEND, KV_ERR_PANIC, KV_CAP_OPTIMIZER,
     KV_CAP_INIT_PUSH_PULL, KV_CAP_DISTRIBUTED, KV_ERROR_KEY_OF_VALUES, KV_ERROR_KEY_OF_OUTS,
+    KV_ERR_IO, KV_CAP_UPDATER, KV_CAP_GRADIENT_COMPRESSION, KV_CAP_ROW_SPARSE,
+    KV_CAP_OPTIMIZER_STATES, KV_STORAGE_DENSE, KV_STORAGE_ROW_SPARSE, KV_ERROR_KEY_NONE,
+    KV_KEY_INT, KV_KEY_STR, KV_DEVICE_CPU, KV_DEVICE_GPU,
 };
 
 /* Copies up to cap entries into out; returns how many there are. */

@@ -7,8 +7,20 @@ use std::path::PathBuf;
 /// the crate; a build of the crate itself puts it one folder up.
 #[allow(dead_code)]
 pub fn rust_plugin() -> PathBuf {
+    cdylib("kvstore_plugin_example")
+}
+
+/// The test plugin of ABI revision 1.1 (`libkvstore_plugin_local.so` on Linux): the local
+/// store as `localpluginstore`, found as [`rust_plugin`] is.
+#[allow(dead_code)]
+pub fn local_plugin() -> PathBuf {
+    cdylib("kvstore_plugin_local")
+}
+
+/// The `cdylib` of the crate whose library is named `lib_name`, built by Cargo for the tests.
+fn cdylib(lib_name: &str) -> PathBuf {
     let file = format!(
-        "{}kvstore_plugin_example{}",
+        "{}{lib_name}{}",
         std::env::consts::DLL_PREFIX,
         std::env::consts::DLL_SUFFIX
     );
@@ -19,9 +31,7 @@ pub fn rust_plugin() -> PathBuf {
         .iter()
         .find(|p| p.is_file())
         .cloned()
-        .unwrap_or_else(|| {
-            panic!("the Rust example plugin was not built: looked for {candidates:?}")
-        })
+        .unwrap_or_else(|| panic!("the plugin {lib_name} was not built: looked for {candidates:?}"))
 }
 
 /// The C example plugin.
