@@ -17,8 +17,8 @@
 //!
 //! | command | request | response |
 //! |---|---|---|
-//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` (then `recover`, see below) | the node table, once everyone registered |
-//! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7) | empty, once every member entered |
+//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` (then `recover`, see below) | the node table, once everyone registered (with [`FLAG_RECOVERED`] for a recovery node) |
+//! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7), aux = the node's timeout (ms) | empty, once every member entered |
 //! | [`CMD_HEARTBEAT`] | empty | empty |
 //! | [`CMD_GOODBYE`] | empty | empty |
 //! | [`CMD_DEAD_NODES`] | key = a node id or group, aux = timeout (ms) | aux = the count; one line per dead node |
@@ -29,9 +29,10 @@
 //! # Recovery (ps-lite's recovery node)
 //!
 //! A worker registering with `recover` after the cluster is complete takes the place of a lost
-//! worker (the lowest lost rank): its rank, its id, its own address. It is answered at once, with
-//! [`FLAG_RECOVERED`]; the other nodes keep running. Without a lost worker, or for a server
-//! (whose values are lost with it), the registration is refused.
+//! worker (the lowest lost rank): its rank, its id, its own address, answered with
+//! [`FLAG_RECOVERED`]; the other nodes keep running. When no worker is lost yet, it waits for a
+//! loss as long as one can go unnoticed (the heartbeat timeout, at most the timeout), then is
+//! refused; a server (whose values are lost with it) is refused at once.
 
 use std::fmt;
 use std::time::Duration;

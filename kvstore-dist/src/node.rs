@@ -77,11 +77,13 @@ impl Node {
 
     /// [`join`](Node::join), for a worker that can also take the place of a lost worker: once
     /// the cluster is complete, the scheduler gives it the rank and id of a lost worker
-    /// (ps-lite's recovery node) and answers at once; [`is_recovery`](Node::is_recovery) then
-    /// says so. Before the cluster is complete it joins as `join` does.
+    /// (ps-lite's recovery node), waiting for a loss as long as one can go unnoticed (the
+    /// heartbeat timeout, at most the timeout); [`is_recovery`](Node::is_recovery) then says
+    /// so. Before the cluster is complete it joins as `join` does.
     ///
     /// # Errors
-    /// As [`join`](Node::join); a late registration is refused when no worker is lost.
+    /// As [`join`](Node::join); a late registration is refused when no worker is lost within
+    /// that wait, and a late server at once.
     pub fn join_recovering(config: &DistConfig) -> Result<Node, ClusterError> {
         Node::join_as(config, true)
     }

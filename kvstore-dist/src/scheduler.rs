@@ -74,8 +74,10 @@ struct Barrier {
     /// When the barrier fails if not complete: the earliest of the scheduler's timeout from
     /// the first entry and each entrant's own timeout from its entry.
     deadline: Instant,
-    /// The timeout behind `deadline`, for the error message.
+    /// The timeout behind `deadline`, and whose entry it counts from when that was not the
+    /// first (a node with a shorter timeout than the scheduler's), for the error message.
     timeout: Duration,
+    set_by: Option<String>,
     entered: Vec<(usize, Responder)>,
 }
 
@@ -354,7 +356,7 @@ impl Shared {
     /// (ps-lite's recovery node): the lowest lost rank, its id, this registrant's address,
     /// answered with the node table and [`FLAG_RECOVERED`]. When no worker is lost yet (a
     /// restarted process may register before its predecessor's loss is noticed), it waits for
-    /// one, at most the timeout. Servers are not replaced: a server's values and optimizer
+    /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)). Servers are not replaced: a server's values and optimizer
     /// states are lost with it.
     fn recover(&self, st: &mut State, registration: Registration) {
         let role = registration.role;
@@ -391,6 +393,12 @@ impl Shared {
         if let Err(e) = answered {
             log::warn!("kvstore-dist scheduler: cannot answer: {e}");
         }
+    }
+
+    /// How long a late worker waits for a lost worker's place: as long as a loss can go
+    /// unnoticed (the heartbeat timeout, and a tick), at most the timeout.
+    fn recovery_wait(&self) -> Duration {
+        (self.heartbeat_timeout + Duration::from_millis(100)).min(self.timeout)
     }
 
     /// `the cluster of 1 server and 2 workers is already complete`.
@@ -492,6 +500,7 @@ impl Shared {
         let barrier = st.barriers.entry(group).or_insert_with(|| Barrier {
             deadline: now + self.timeout,
             timeout: self.timeout,
+            set_by: None,
             entered: Vec::new(),
         });
         if barrier.entered.iter().any(|(i, _)| *i == me) {
@@ -509,6 +518,7 @@ impl Shared {
         if timeout_ms > 0 && now + theirs < barrier.deadline {
             barrier.deadline = now + theirs;
             barrier.timeout = theirs;
+            barrier.set_by = (!barrier.entered.is_empty()).then(|| members[me].info.to_string());
         }
         barrier.entered.push((me, responder));
         if barrier.entered.len() == size {
@@ -628,8 +638,10 @@ impl Shared {
             log::warn!("kvstore-dist scheduler: {} is lost: {why}", m.info);
             m.status = Status::Lost(why);
         }
-        self.place_recovering(st);
+        // Barriers the lost node was part of fail first: a worker taking its place must not
+        // inherit its entries (or be missing from them).
         self.fail_broken_barriers(st, replies);
+        self.place_recovering(st);
         self.check_done(st);
     }
 
@@ -665,6 +677,12 @@ impl Shared {
                 _ => None,
             })
             .collect();
+        for (_, r) in std::mem::take(&mut st.recovering) {
+            let why = "registration refused: the job is over (no node is left)";
+            if let Err(e) = r.responder.respond_error(why) {
+                log::warn!("kvstore-dist scheduler: cannot answer: {e}");
+            }
+        }
         st.outcome = Some(if lost.is_empty() {
             Ok(())
         } else {
@@ -714,17 +732,17 @@ impl Shared {
             );
             self.mark_lost(st, i, why, replies);
         }
+        let wait = self.recovery_wait();
         while st
             .recovering
             .first()
-            .is_some_and(|(since, _)| now.duration_since(*since) >= self.timeout)
+            .is_some_and(|(since, _)| now.duration_since(*since) >= wait)
         {
             let (_, r) = st.recovering.remove(0);
             let why = format!(
-                "registration refused: {} and no worker was lost within {:?}: there is no \
-                 place for a recovering worker",
+                "registration refused: {} and no worker was lost within {wait:?}: there is no \
+                 place for a recovering worker (is DMLC_NUM_WORKER right?)",
                 self.complete(),
-                self.timeout
             );
             replies.push((r.responder, Err(why)));
         }
@@ -748,8 +766,13 @@ impl Shared {
                 })
                 .map(|(_, m)| m.info.to_string())
                 .collect();
+            let since = b
+                .set_by
+                .as_ref()
+                .map(|who| format!(" of the entry of {who}"))
+                .unwrap_or_default();
             let message = format!(
-                "barrier of the {group} failed: {} did not enter within {:?}",
+                "barrier of the {group} failed: {} did not enter within {:?}{since}",
                 list(&absent),
                 b.timeout
             );

@@ -283,6 +283,46 @@ fn a_recovering_worker_takes_a_lost_workers_rank_and_barriers_work_again() {
 }
 
 #[test]
+fn a_loss_fails_pending_barriers_before_a_waiting_worker_takes_the_place() {
+    let timeout = Duration::from_secs(3);
+    let sched = scheduler(1, 3, timeout, Duration::from_secs(10));
+    let port = sched.local_addr().port();
+    let mut nodes = join_all(&sched, 1, 3, timeout);
+    let doomed = take_worker(&mut nodes, 2);
+    // A restarted worker registers before the loss is noticed: it waits for a place.
+    let waiting = thread::spawn(move || {
+        Node::join_recovering(&config(Role::Worker, port, 1, 3, timeout)).unwrap()
+    });
+    thread::sleep(Duration::from_millis(200));
+    let workers: Vec<Node> = nodes
+        .into_iter()
+        .filter(|n| n.role() == Role::Worker)
+        .collect();
+    // Rank 0 waits in a barrier (with rank 1 not there yet) when rank 2 is lost.
+    let pending = thread::scope(|s| {
+        let h = s.spawn(|| workers[0].barrier(Group::Workers));
+        thread::sleep(Duration::from_millis(200));
+        doomed.abandon();
+        h.join().unwrap()
+    });
+    let msg = pending.unwrap_err().to_string();
+    assert!(
+        msg.contains("worker rank 2 (id 13)") && msg.contains("lost"),
+        "{msg}"
+    );
+    let recovered = waiting.join().unwrap();
+    assert_eq!(recovered.rank(), 2);
+    // Nobody inherited the failed barrier's entries: a barrier of all three completes.
+    let mut all = workers;
+    all.push(recovered);
+    let met = barrier_all(&all, Group::Workers);
+    assert!(met.iter().all(Result::is_ok), "{met:?}");
+    drop(all);
+    sched.handle().shutdown();
+    sched.join().unwrap();
+}
+
+#[test]
 fn a_worker_that_stops_heartbeating_fails_the_others_barrier_naming_it() {
     let timeout = Duration::from_secs(3);
     let sched = scheduler(1, 3, timeout, Duration::from_millis(500));

@@ -128,6 +128,12 @@ fn a_worker_takes_the_place_of_lost_rank(lost: usize) {
         recovered.dead_nodes(7, minute).unwrap().is_empty(),
         "nobody is dead now"
     );
+    let file = std::env::temp_dir().join(format!("kvstore-recovery-states-{lost}"));
+    let load = recovered
+        .load_optimizer_states(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(load.contains("took a lost worker's place"), "{load}");
     let mut w = NDArray::zeros(&[4], DType::F32);
     recovered.pull(3, &mut w).unwrap();
     assert_eq!(
@@ -157,12 +163,14 @@ fn a_restarted_rank_0_keeps_the_servers_values_and_optimizer_states() {
 
 #[test]
 fn a_late_worker_finds_no_place_when_no_worker_is_lost() {
-    let cluster = LocalCluster::start(1, 1, Duration::from_secs(1)).unwrap();
+    // A timeout of 5 s: heartbeats every 0.5 s, a loss noticed within 1.5 s, which is how
+    // long a late worker waits for one.
+    let cluster = LocalCluster::start(1, 1, Duration::from_secs(5)).unwrap();
     let (config, stores) = workers(&cluster, 1);
     let t = Instant::now();
     let err = connect(&config).unwrap_err().to_string();
-    assert!(err.contains("no worker was lost within 1s"), "{err}");
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(err.contains("no worker was lost within 1.6s"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     // The job itself is unaffected.
     stores[0].init(1, &NDArray::ones(&[2], DType::F32)).unwrap();
     drop(stores);
@@ -212,7 +220,13 @@ fn a_recovering_hello_takes_a_rank_over_from_a_connection_still_open() {
         .init(4, &NDArray::full(&[3], 7.0, DType::F32))
         .unwrap_err()
         .to_string();
-    assert!(refused.contains("has not said hello"), "{refused}");
+    assert!(
+        refused.contains(&format!(
+            "worker rank {}'s place was taken by a recovering worker",
+            hung.rank()
+        )),
+        "{refused}"
+    );
     for conn in [taken, mine] {
         conn.request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
             .unwrap();

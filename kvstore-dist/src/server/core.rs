@@ -38,6 +38,8 @@ struct Workers {
     bye: Vec<bool>,
     /// Ranks that vanished without a goodbye, with the reason.
     dead: Vec<Option<String>>,
+    /// Connections whose rank a recovering worker took over, with what to tell them.
+    evicted: HashMap<SocketAddr, String>,
     /// The merge mode, set by the first hello.
     mode: Option<Mode>,
     /// Set by `kStopServer`.
@@ -112,8 +114,13 @@ pub(crate) struct Core {
     rank: u32,
     num_workers: u32,
     timeout: Duration,
-    /// `worker rank r (id ..) at host:port`, by rank.
-    worker_names: Vec<String>,
+    /// `worker rank r (id ..) at host:port`, by rank (a recovering worker's replaces the lost
+    /// one's).
+    worker_names: Mutex<Vec<String>>,
+    /// Held across a worker's loss (marking it gone and failing its rounds) and across a
+    /// takeover of its rank, so that neither sees the other half done. Taken before any other
+    /// lock of the server.
+    membership: Mutex<()>,
     workers: Mutex<Workers>,
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
@@ -149,7 +156,8 @@ impl Core {
             rank,
             num_workers,
             timeout,
-            worker_names,
+            worker_names: Mutex::new(worker_names),
+            membership: Mutex::new(()),
             workers: Mutex::new(Workers {
                 hello: vec![false; n],
                 bye: vec![false; n],
@@ -167,7 +175,7 @@ impl Core {
     }
 
     fn worker_name(&self, rank: u32) -> String {
-        self.worker_names
+        lock(&self.worker_names)
             .get(rank as usize)
             .cloned()
             .unwrap_or_else(|| format!("worker rank {rank}"))
@@ -193,20 +201,30 @@ impl Core {
             }
             let now = Instant::now();
             if now >= hello_deadline {
-                let missing: Vec<u32> = (0..self.num_workers)
-                    .filter(|&r| !w.hello[r as usize])
-                    .collect();
-                if !missing.is_empty() {
-                    for &r in &missing {
-                        w.dead[r as usize] = Some(format!(
-                            "never connected to server {} within {:?}",
-                            self.rank, self.timeout
-                        ));
-                    }
+                let never = |w: &Workers| -> Vec<u32> {
+                    (0..self.num_workers)
+                        .filter(|&r| !w.hello[r as usize] && w.dead[r as usize].is_none())
+                        .collect()
+                };
+                if !never(&w).is_empty() {
                     drop(w);
-                    for r in missing {
-                        self.fail_rounds_of(r);
+                    let membership = lock(&self.membership);
+                    let mut marked = Vec::new();
+                    {
+                        let mut w = lock(&self.workers);
+                        for r in never(&w) {
+                            let why = format!(
+                                "never connected to server {} within {:?}",
+                                self.rank, self.timeout
+                            );
+                            w.dead[r as usize] = Some(why.clone());
+                            marked.push((r, why));
+                        }
                     }
+                    for (r, why) in marked {
+                        self.fail_rounds_of(r, &format!("is gone ({why})"));
+                    }
+                    drop(membership);
                     w = lock(&self.workers);
                     continue;
                 }
@@ -270,11 +288,9 @@ impl Core {
         }
     }
 
-    /// Fails every round that can no longer complete because `rank` is gone.
-    fn fail_rounds_of(&self, rank: u32) {
-        let Some(why) = lock(&self.workers).gone(rank as usize) else {
-            return;
-        };
+    /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
+    /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
+    fn fail_rounds_of(&self, rank: u32, why: &str) {
         let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
             .iter()
             .map(|(k, e)| (*k, Arc::clone(e)))
@@ -319,11 +335,14 @@ impl Core {
     }
 
     fn sender_rank(&self, request: &Request) -> Result<u32, String> {
-        lock(&self.workers)
-            .by_peer
+        let w = lock(&self.workers);
+        w.by_peer
             .get(&request.peer)
             .copied()
-            .ok_or_else(|| format!("{} has not said hello", request.peer))
+            .ok_or_else(|| match w.evicted.get(&request.peer) {
+                Some(why) => format!("{}: {why}", request.peer),
+                None => format!("{} has not said hello", request.peer),
+            })
     }
 
     fn mode(&self) -> Mode {
@@ -331,94 +350,119 @@ impl Core {
     }
 
     fn hello(&self, request: &Request, responder: Responder) {
-        let rank = request.header.key;
-        let reply = (|| {
-            let mode = protocol::Mode::from_code(request.header.aux)
-                .ok_or_else(|| format!("unknown mode code {}", request.header.aux))?;
-            if rank >= u64::from(self.num_workers) {
-                return Err(format!(
-                    "worker rank {rank} is out of range: the job has {} workers",
-                    self.num_workers
-                ));
-            }
-            let mut w = lock(&self.workers);
-            match w.mode {
-                Some(m) if m != mode => {
-                    return Err(format!(
-                        "worker rank {rank} runs {mode} mode but server {} already serves {m} \
-                         mode (every worker must create the same dist store type)",
-                        self.rank
-                    ))
-                }
-                _ => w.mode = Some(mode),
-            }
-            let r = rank as usize;
-            if w.bye[r] {
-                return Err(format!(
-                    "worker rank {rank} has left the job (said goodbye): its place cannot be \
-                     taken"
-                ));
-            }
-            let old = w
-                .by_peer
-                .iter()
-                .find_map(|(peer, &have)| (have == rank as u32).then_some(*peer));
-            let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
-            let evicted = match old {
-                None => None,
-                Some(peer) if recovering => {
-                    // The scheduler gave this rank to the newcomer: the connection still open
-                    // from `peer` is the lost worker's, whose close this server has not seen
-                    // yet. Its requests are refused from now on.
-                    w.by_peer.remove(&peer);
-                    w.dead[r] = Some(format!(
-                        "lost: a recovering worker at {} took its place",
-                        request.peer
-                    ));
-                    Some(peer)
-                }
-                Some(peer) => {
-                    return Err(format!(
-                        "worker rank {rank} is already connected to server {} from {peer}",
-                        self.rank
-                    ))
-                }
-            };
-            Ok(evicted)
-        })();
-        let reply = reply.map(|evicted| {
-            if let Some(peer) = evicted {
-                lock(&self.regions).remove(&peer);
-                self.fail_rounds_of(rank as u32);
-            }
-            let mut w = lock(&self.workers);
-            let lost = w.dead[rank as usize].take();
-            w.by_peer.insert(request.peer, rank as u32);
-            w.hello[rank as usize] = true;
-            lost
-        });
-        if let Ok(Some(why)) = &reply {
-            // A worker taking a lost worker's place (a recovery node): the failures remembered
-            // for the lost one are not its own.
+        let answer = match self.take_rank(request) {
+            Ok(()) => responder.respond(Outgoing::new(0, &[]).aux(u64::from(self.rank))),
+            Err(e) => responder.respond_error(&e),
+        };
+        if let Err(e) = answer {
             log::warn!(
-                "kvstore-dist: server {}: {} at {} takes the place of the lost one ({why})",
-                self.rank,
-                self.worker_name(rank as u32),
-                request.peer
+                "kvstore-dist: server {}: cannot answer a hello: {e}",
+                self.rank
             );
-            let entries: Vec<SharedEntry> = lock(&self.entries).values().cloned().collect();
-            for entry in entries {
-                lock(&entry).failed[rank as usize] = None;
-            }
         }
-        match reply {
-            Ok(_) => {
-                let _ = responder.respond(Outgoing::new(0, &[]).aux(u64::from(self.rank)));
-            }
-            Err(e) => {
-                let _ = responder.respond_error(&e);
-            }
+    }
+
+    /// Gives the hello's connection its rank. With [`protocol::FLAG_RECOVERING`] (a worker the
+    /// scheduler placed in a lost worker's stead) it takes the rank over: from a connection
+    /// still open (the lost worker's, whose close this server has not seen: its rounds fail and
+    /// its requests are refused from now on) or from a worker already gone; the failures
+    /// remembered for the lost worker are forgotten. A plain hello for a rank that is taken or
+    /// gone is refused.
+    fn take_rank(&self, request: &Request) -> Result<(), String> {
+        let rank = request.header.key;
+        let mode = protocol::Mode::from_code(request.header.aux)
+            .ok_or_else(|| format!("unknown mode code {}", request.header.aux))?;
+        if rank >= u64::from(self.num_workers) {
+            return Err(format!(
+                "worker rank {rank} is out of range: the job has {} workers",
+                self.num_workers
+            ));
         }
+        let (r, rank) = (rank as usize, rank as u32);
+        let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
+        let _membership = lock(&self.membership);
+        let mut w = lock(&self.workers);
+        match w.mode {
+            Some(m) if m != mode => {
+                return Err(format!(
+                    "worker rank {rank} runs {mode} mode but server {} already serves {m} mode \
+                     (every worker must create the same dist store type)",
+                    self.rank
+                ))
+            }
+            _ => w.mode = Some(mode),
+        }
+        if w.bye[r] {
+            return Err(format!(
+                "worker rank {rank} has left the job (said goodbye): its place cannot be taken"
+            ));
+        }
+        let open = w
+            .by_peer
+            .iter()
+            .find_map(|(peer, &have)| (have == rank).then_some(*peer));
+        if !recovering {
+            if let Some(peer) = open {
+                return Err(format!(
+                    "worker rank {rank} is already connected to server {} from {peer}",
+                    self.rank
+                ));
+            }
+            if let Some(why) = &w.dead[r] {
+                return Err(format!(
+                    "worker rank {rank} is gone ({why}); a worker taking its place must join \
+                     as a recovery node"
+                ));
+            }
+            w.by_peer.insert(request.peer, rank);
+            w.hello[r] = true;
+            return Ok(());
+        }
+        let lost = match open {
+            Some(peer) => {
+                w.by_peer.remove(&peer);
+                w.evicted.insert(
+                    peer,
+                    format!(
+                        "worker rank {rank}'s place was taken by a recovering worker at {}",
+                        request.peer
+                    ),
+                );
+                Some(format!(
+                    "is gone (a recovering worker at {} took its place)",
+                    request.peer
+                ))
+            }
+            None => w.dead[r].take().map(|why| format!("is gone ({why})")),
+        };
+        w.by_peer.insert(request.peer, rank);
+        w.hello[r] = true;
+        drop(w);
+        if let Some(peer) = open {
+            lock(&self.regions).remove(&peer);
+        }
+        if let Some(why) = &lost {
+            if open.is_some() {
+                self.fail_rounds_of(rank, why);
+            }
+            log::warn!(
+                "kvstore-dist: server {}: a recovering worker at {} takes the place of {}, which {why}",
+                self.rank,
+                request.peer,
+                self.worker_name(rank)
+            );
+        }
+        lock(&self.worker_names)[r] = format!(
+            "worker rank {rank} (id {}) connected from {}",
+            crate::cluster::node_id(crate::config::Role::Worker, rank),
+            request.peer
+        );
+        // The failures remembered for the lost worker are not the newcomer's.
+        let entries: Vec<SharedEntry> = lock(&self.entries).values().cloned().collect();
+        for entry in entries {
+            lock(&entry).failed[r] = None;
+        }
+        Ok(())
     }
 
     fn init(&self, request: Request, responder: Responder) {
@@ -512,14 +556,15 @@ impl Core {
         (meta != rank0).then(|| {
             format!(
                 "worker rank {rank} declares {} as {} elements of {} but rank 0 declared {} as \
-                 {} elements of {}: every worker must init the same keys with the same shapes \
-                 and dtypes, in the same order",
+                 {} elements of {} (the value server {} holds): every worker must init the \
+                 same keys with the same shapes and dtypes, in the same order",
                 self.describe(&meta.key, part),
                 meta.elements,
                 meta.dtype,
                 self.describe(&rank0.key, part),
                 rank0.elements,
                 rank0.dtype,
+                self.rank,
             )
         })
     }
@@ -1086,12 +1131,15 @@ impl Core {
             }
         };
         {
-            let mut w = lock(&self.workers);
-            w.bye[rank as usize] = true;
-            w.answering_byes += 1;
+            let _membership = lock(&self.membership);
+            {
+                let mut w = lock(&self.workers);
+                w.bye[rank as usize] = true;
+                w.answering_byes += 1;
+            }
+            // Rounds in progress can never complete: fail them now, naming it.
+            self.fail_rounds_of(rank, "has left the job (said goodbye)");
         }
-        // Rounds still waiting for it can never complete: fail them now, naming it.
-        self.fail_rounds_of(rank);
         let _ = responder.respond(Outgoing::new(0, &[]));
         let mut w = lock(&self.workers);
         w.answering_byes -= 1;
@@ -1191,25 +1239,27 @@ impl Handler for ServerHandler {
     fn disconnected(&self, peer: SocketAddr) {
         let core = &self.0;
         lock(&core.regions).remove(&peer);
-        let rank = {
+        // Marking the worker gone and failing its rounds happen as one against a takeover.
+        let _membership = lock(&core.membership);
+        let (rank, why) = {
             let mut w = lock(&core.workers);
+            w.evicted.remove(&peer);
             let Some(rank) = w.by_peer.remove(&peer) else {
                 return;
             };
             if w.bye[rank as usize] {
                 return;
             }
-            w.dead[rank as usize] = Some(format!(
-                "its connection from {peer} closed without a goodbye"
-            ));
+            let why = format!("its connection from {peer} closed without a goodbye");
+            w.dead[rank as usize] = Some(why.clone());
             core.finished.notify_all();
-            rank
+            (rank, why)
         };
         log::warn!(
             "kvstore-dist: server {}: {} disconnected without a goodbye",
             core.rank,
             core.worker_name(rank)
         );
-        core.fail_rounds_of(rank);
+        core.fail_rounds_of(rank, &format!("is gone ({why})"));
     }
 }

@@ -19,8 +19,11 @@
 //! Nothing waits forever: a round (or an init waiting for rank 0) that is not complete within
 //! the timeout fails every request waiting on it with an error naming the workers that did not
 //! push; a worker that leaves (goodbye) or whose connection closes fails at once every round
-//! still waiting for it, naming it. The server stops when every worker has said goodbye or is gone (or on
-//! `kStopServer`), and then leaves the cluster.
+//! in progress (those it pushed in too: its push belongs to a step it never finished), naming
+//! it. A worker the scheduler placed in a lost worker's stead takes the rank over with its
+//! hello (see [`protocol::FLAG_RECOVERING`](crate::protocol::FLAG_RECOVERING)). The server
+//! stops when every worker has said goodbye or is gone (or on `kStopServer`), and then leaves
+//! the cluster: a job whose last live worker is lost ends there, with nobody to recover.
 //!
 //! A worker on the same host may lend a shared-memory region right after its hello (see
 //! [`protocol`](crate::protocol#shared-memory-on-one-host)): its big pushes are then read from

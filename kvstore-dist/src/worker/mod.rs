@@ -1,7 +1,8 @@
 //! The worker side: the `dist_sync`, `dist_async` and `dist_device_sync` stores.
 //!
-//! Creating a store joins the cluster as a worker ([`Node::join`]: blocks until every node has
-//! registered), connects to every server and says hello (rank and mode). Then:
+//! Creating a store joins the cluster as a worker ([`Node::join_recovering`]: blocks until
+//! every node has registered; once the job runs, a new worker takes a lost worker's place, see
+//! [`DistStore::is_recovery`]), connects to every server and says hello (rank and mode). Then:
 //!
 //! - `init` declares every key on its servers from every worker; rank 0 also sends the value,
 //!   which is the one kept; each worker's `init` returns once it is in place (MXNet: rank 0
@@ -516,7 +517,8 @@ impl DistStore {
     /// `is_recovery`, ps-lite's recovery node): it has the lost worker's rank, its `init`
     /// calls keep the values the servers hold (declarations must match them), and
     /// `set_optimizer` / `set_gradient_compression` leave the servers' optimizer (with its
-    /// states) and codec as they are, without a barrier.
+    /// states) and codec as they are, without a barrier (they assume the job had set them
+    /// before the loss), and `load_optimizer_states` is refused (the others are training).
     pub fn is_recovery(&self) -> bool {
         self.recovered
     }
