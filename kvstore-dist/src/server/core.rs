@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -121,6 +122,9 @@ pub(crate) struct Core {
     /// takeover of its rank, so that neither sees the other half done. Taken before any other
     /// lock of the server.
     membership: Mutex<()>,
+    /// Per rank, how many times a recovering worker took it over: a push that found its
+    /// sender's rank before a takeover is refused if it reaches its entry after it.
+    generations: Vec<std::sync::atomic::AtomicU64>,
     workers: Mutex<Workers>,
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
@@ -158,6 +162,9 @@ impl Core {
             timeout,
             worker_names: Mutex::new(worker_names),
             membership: Mutex::new(()),
+            generations: (0..n)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             workers: Mutex::new(Workers {
                 hello: vec![false; n],
                 bye: vec![false; n],
@@ -335,14 +342,19 @@ impl Core {
     }
 
     fn sender_rank(&self, request: &Request) -> Result<u32, String> {
+        self.sender(request).map(|(rank, _)| rank)
+    }
+
+    /// The rank of a request's connection and that rank's generation (see `generations`).
+    fn sender(&self, request: &Request) -> Result<(u32, u64), String> {
         let w = lock(&self.workers);
-        w.by_peer
-            .get(&request.peer)
-            .copied()
-            .ok_or_else(|| match w.evicted.get(&request.peer) {
+        match w.by_peer.get(&request.peer) {
+            Some(&rank) => Ok((rank, self.generations[rank as usize].load(SeqCst))),
+            None => Err(match w.evicted.get(&request.peer) {
                 Some(why) => format!("{}: {why}", request.peer),
                 None => format!("{} has not said hello", request.peer),
-            })
+            }),
+        }
     }
 
     fn mode(&self) -> Mode {
@@ -437,6 +449,8 @@ impl Core {
         };
         w.by_peer.insert(request.peer, rank);
         w.hello[r] = true;
+        // Pushes of the evicted connection already read are refused at their entry.
+        self.generations[r].fetch_add(1, SeqCst);
         drop(w);
         if let Some(peer) = open {
             lock(&self.regions).remove(&peer);
@@ -657,8 +671,8 @@ impl Core {
             Some((region, slot)) => Answer::Shm(responder, region, slot),
             None => Answer::One(responder),
         };
-        let rank = match self.sender_rank(&request) {
-            Ok(rank) => rank,
+        let sender = match self.sender(&request) {
+            Ok(sender) => sender,
             Err(e) => return answer.fail(&e),
         };
         let flags = request.header.flags;
@@ -667,20 +681,21 @@ impl Core {
                 let mut answer = Some(answer);
                 let read = region.with_slice(slot.offset, slot.len, |data| {
                     let answer = answer.take().expect("taken once");
-                    self.push_part(rank, id, flags, data, answer, wants_data)
+                    self.push_part(sender, id, flags, data, answer, wants_data)
                 });
                 if let (Err(e), Some(answer)) = (read, answer) {
                     answer.fail(&e);
                 }
             }
-            None => self.push_part(rank, id, flags, inline, answer, wants_data),
+            None => self.push_part(sender, id, flags, inline, answer, wants_data),
         }
     }
 
-    /// Merges (sync) or applies (async) one pushed part from worker `rank`.
+    /// Merges (sync) or applies (async) one pushed part from worker `rank` (of its rank's
+    /// `generation` when the request was read).
     fn push_part(
         &self,
-        rank: u32,
+        (rank, generation): (u32, u64),
         (wire_key, part): PartId,
         flags: u16,
         data: &[u8],
@@ -706,6 +721,14 @@ impl Core {
         };
         let mut e = lock(&entry);
         let what = self.describe(&e.key, part);
+        if self.generations[rank as usize].load(SeqCst) != generation {
+            // Its connection was evicted by a recovering worker after this push was read.
+            waiter.answer.fail(&format!(
+                "push of {what}: worker rank {rank}'s place was taken by a recovering worker \
+                 while this push was on its way"
+            ));
+            return;
+        }
         if let Some((r, why)) = gone {
             let msg = format!(
                 "the sync round of {what} on server {} cannot complete: {} {why}",
@@ -797,10 +820,10 @@ impl Core {
                     ));
                 }
             }
-            let rank = self.sender_rank(&request);
-            Ok((items, data, rank, pushes))
+            let sender = self.sender(&request);
+            Ok((items, data, sender, pushes))
         });
-        let (items, data, rank, pushes) = match parsed {
+        let (items, data, sender, pushes) = match parsed {
             Ok(p) => p,
             Err(e) => {
                 let _ = responder.respond_error(&e);
@@ -825,13 +848,20 @@ impl Core {
             let answer = Answer::Item(Arc::clone(&batch), i);
             let id = (it.wire, u64::from(it.part));
             if !pushes {
-                self.pull_part(rank.as_ref().ok().copied(), id, answer);
+                self.pull_part(sender.as_ref().ok().map(|&(rank, _)| rank), id, answer);
                 continue;
             }
-            match &rank {
-                Ok(rank) => {
+            match &sender {
+                Ok(sender) => {
                     let len = it.len as usize;
-                    self.push_part(*rank, id, it.flags, &data[at..at + len], answer, wants_data);
+                    self.push_part(
+                        *sender,
+                        id,
+                        it.flags,
+                        &data[at..at + len],
+                        answer,
+                        wants_data,
+                    );
                     at += len;
                 }
                 Err(e) => answer.fail(e),
