@@ -30,7 +30,10 @@
 //! - **in failure** when a process exits with another status or is killed by a signal: the
 //!   launcher kills every other process, waits for them, and reports the first failure
 //!   (`worker 1 exited with status 3`) with its status as the launcher's own (128 + the
-//!   signal's number for a signal);
+//!   signal's number for a signal). With `--restart-workers N`, a failed worker is first
+//!   started again, with the same command and variables, up to N times in all (said on
+//!   standard error: `worker 1 was killed by signal 9 (SIGKILL); restarting it (1 of 2)`):
+//!   with the dist stores the new process takes the lost worker's place and the job goes on;
 //! - **in failure** when the servers or the scheduler are still running a timeout after the
 //!   last worker exited: they are killed and named. The timeout is `--timeout`, else
 //!   `KVSTORE_TIMEOUT_SECS` of the launcher's environment, else 60 s: the processes' own
@@ -130,6 +133,13 @@ pub struct LaunchOptions {
     )]
     pub timeout: Option<Duration>,
 
+    /// Restart a worker that fails (exits with a status other than 0, or is killed), at most
+    /// N times in all: the new process takes the lost worker's place in the job (a recovery
+    /// node of the dist stores: same rank, the servers' values and optimizer states kept) and
+    /// the others go on.
+    #[arg(long = "restart-workers", value_name = "N", default_value_t = 0)]
+    pub restart_workers: u32,
+
     /// A variable for every process (repeatable); MXNet's KEY:VALUE form is accepted too.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
@@ -158,6 +168,7 @@ impl LaunchOptions {
             host: DEFAULT_HOST.to_string(),
             port: None,
             timeout: None,
+            restart_workers: 0,
             env: Vec::new(),
             command: command.into_iter().map(Into::into).collect(),
         }
@@ -532,7 +543,13 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
                 source: io::Error::new(source.kind(), format!("cannot start {process}: {source}")),
             })?;
     }
-    let end = job.supervise(timeout);
+    let restarts = Restarts {
+        left: options.restart_workers,
+        given: options.restart_workers,
+        env: &|process| process_env(options, process, port),
+        command: &options.command,
+    };
+    let end = job.supervise(timeout, restarts);
     job.finish();
     Ok(end)
 }
@@ -545,6 +562,28 @@ fn verbose(options: &LaunchOptions) -> bool {
         None => std::env::var("PS_VERBOSE").ok(),
     };
     value.and_then(|v| v.trim().parse::<u8>().ok()).unwrap_or(0) > 0
+}
+
+/// What restarting a failed worker takes: how many restarts are left (of how many given), its
+/// variables and the workers' command.
+struct Restarts<'a> {
+    left: u32,
+    given: u32,
+    env: &'a dyn Fn(Process) -> Vec<(String, String)>,
+    command: &'a [OsString],
+}
+
+impl Restarts<'_> {
+    /// No restart: a failed worker ends the job.
+    #[cfg(test)]
+    fn none() -> Restarts<'static> {
+        Restarts {
+            left: 0,
+            given: 0,
+            env: &|_| Vec::new(),
+            command: &[],
+        }
+    }
 }
 
 /// A started process and how it exited, once it has.
@@ -638,11 +677,31 @@ impl Job {
     }
 
     /// Waits until the job ends: returns the first failure, the servers and scheduler that
-    /// outlived the last worker by `timeout`, or success. Kills what is left on failure.
-    fn supervise(&mut self, timeout: Duration) -> JobEnd {
+    /// outlived the last worker by `timeout`, or success; a failed worker is restarted while
+    /// `restarts` are left. Kills what is left on failure.
+    fn supervise(&mut self, timeout: Duration, mut restarts: Restarts<'_>) -> JobEnd {
         let mut workers_done: Option<Instant> = None;
         loop {
-            if let Some(failed) = self.reap() {
+            if let Some((failed, exited)) = self.reap() {
+                let failed = match exited {
+                    Some(process @ Process::Worker(_)) if restarts.left > 0 => {
+                        match self.restart(process, &failed, &mut restarts) {
+                            Ok(()) => continue,
+                            Err(e) => Failure {
+                                message: format!("{}; it cannot be restarted: {e}", failed.message),
+                                code: failed.code,
+                            },
+                        }
+                    }
+                    Some(Process::Worker(_)) if restarts.given > 0 => Failure {
+                        message: format!(
+                            "{} (no restart left of --restart-workers {})",
+                            failed.message, restarts.given
+                        ),
+                        code: failed.code,
+                    },
+                    _ => failed,
+                };
                 let killed = self.kill_running();
                 let mut failure = failed;
                 if !killed.is_empty() {
@@ -681,9 +740,36 @@ impl Job {
         }
     }
 
+    /// Starts `process`, a worker that failed (`failed`), again, counting the restart.
+    fn restart(
+        &mut self,
+        process: Process,
+        failed: &Failure,
+        restarts: &mut Restarts<'_>,
+    ) -> io::Result<()> {
+        restarts.left -= 1;
+        let _ = write_line(
+            &mut io::stderr().lock(),
+            format!(
+                "kvstore launch: {}; restarting it ({} of {})\n",
+                failed.message,
+                restarts.given - restarts.left,
+                restarts.given
+            )
+            .as_bytes(),
+        );
+        let args: Vec<&OsStr> = restarts.command[1..]
+            .iter()
+            .map(OsString::as_os_str)
+            .collect();
+        let env = (restarts.env)(process);
+        self.start(process, &restarts.command[0], &args, &env)
+    }
+
     /// Records the processes that exited since the last look; the first one that failed, in
-    /// start order, as a failure.
-    fn reap(&mut self) -> Option<Failure> {
+    /// start order, as a failure, with the process when it has exited (not when it could not
+    /// be waited for).
+    fn reap(&mut self) -> Option<(Failure, Option<Process>)> {
         for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
             match r.child.try_wait() {
                 Ok(None) => {}
@@ -691,17 +777,13 @@ impl Job {
                     r.status = Some(status);
                     if !status.success() {
                         let (what, code) = describe_status(status);
-                        return Some(Failure {
-                            message: format!("{} {what}", r.process),
-                            code,
-                        });
+                        let message = format!("{} {what}", r.process);
+                        return Some((Failure { message, code }, Some(r.process)));
                     }
                 }
                 Err(e) => {
-                    return Some(Failure {
-                        message: format!("cannot wait for {}: {e}", r.process),
-                        code: 1,
-                    })
+                    let message = format!("cannot wait for {}: {e}", r.process);
+                    return Some((Failure { message, code: 1 }, None));
                 }
             }
         }
@@ -1098,7 +1180,7 @@ mod tests {
             (Process::Server(0), "true"),
             (Process::Worker(0), "echo done"),
         ]);
-        assert_eq!(job.supervise(Duration::from_secs(10)), JobEnd::Succeeded);
+        assert_eq!(job.supervise(Duration::from_secs(10), Restarts::none()), JobEnd::Succeeded);
         job.finish();
         assert!(job.running.iter().all(|r| r.status.is_some()));
     }
@@ -1112,7 +1194,7 @@ mod tests {
             (Process::Server(0), "exec sleep 30"),
             (Process::Worker(0), "true"),
         ]);
-        let JobEnd::Failed(failure) = job.supervise(Duration::from_millis(300)) else {
+        let JobEnd::Failed(failure) = job.supervise(Duration::from_millis(300), Restarts::none()) else {
             panic!("the job succeeded");
         };
         assert_eq!(failure.code, 1);
@@ -1138,7 +1220,7 @@ mod tests {
             (Process::Worker(1), "exec sleep 30"),
         ]);
         assert_eq!(
-            job.supervise(Duration::from_secs(30)),
+            job.supervise(Duration::from_secs(30), Restarts::none()),
             JobEnd::Failed(Failure {
                 message: "server 0 exited with status 4; killed the scheduler, worker 0 and \
                           worker 1"

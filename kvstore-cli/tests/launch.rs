@@ -331,3 +331,160 @@ fn a_whole_job_runs_to_its_end_and_exits_0() {
     assert!(job.stderr.is_empty(), "{}", job.report());
     assert!(job.elapsed < Duration::from_secs(20), "{}", job.report());
 }
+
+/// Set (to a fresh folder) for the workers of [`a_worker_that_dies_is_restarted_and_takes_its_place`].
+const RECOVERING: &str = "KVSTORE_LAUNCH_TEST_RECOVERING";
+
+/// A worker of a dist job that trains until the weight reaches 20 (optimizer `test`:
+/// `w += grad`; every worker pushes ones), retrying a step that fails because a worker is gone.
+/// Task 1 dies (exit status 7, no goodbye) after 3 steps the first time it runs, leaving a file
+/// in the folder of `RECOVERING` so that its restart trains on.
+#[test]
+#[ignore = "a worker process of a_worker_that_dies_is_restarted_and_takes_its_place"]
+fn recovering_worker() {
+    use kvstore::{DType, KVStoreExt, NDArray, OptimizerSpec};
+    let Some(folder) = std::env::var_os(RECOVERING) else {
+        return;
+    };
+    let task = std::env::var("DMLC_TASK_ID").expect("DMLC_TASK_ID");
+    let died = std::path::Path::new(&folder).join(format!("task-{task}-died"));
+    let kv = kvstore::create("dist_sync").expect("create(dist_sync)");
+    kv.set_optimizer(&OptimizerSpec::new("test"))
+        .expect("set_optimizer");
+    kv.init(3, &NDArray::zeros(&[4], DType::F32)).expect("init");
+    let mut w = NDArray::zeros(&[4], DType::F32);
+    kv.pull(3, &mut w).expect("pull");
+    let mut weight = w.to_vec::<f32>().unwrap()[0];
+    println!("task {task} (rank {}) starts at {weight}", kv.rank());
+    let ones = NDArray::ones(&[4], DType::F32);
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    let mut steps = 0;
+    while weight < 20.0 {
+        match kv.pushpull(3, &ones, &mut w) {
+            Ok(()) => {
+                weight = w.to_vec::<f32>().unwrap()[0];
+                steps += 1;
+            }
+            Err(e) if e.to_string().contains("is gone") && std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("pushpull: {e}"),
+        }
+        if task == "1" && steps == 3 && !died.exists() {
+            std::fs::write(&died, b"").expect("the marker file");
+            std::process::exit(7);
+        }
+    }
+    println!("task {task} (rank {}) finished at {weight}", kv.rank());
+}
+
+#[test]
+fn a_worker_that_dies_is_restarted_and_takes_its_place() {
+    let folder =
+        std::env::temp_dir().join(format!("kvstore-launch-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&folder);
+    std::fs::create_dir_all(&folder).unwrap();
+    let me = std::env::current_exe().unwrap();
+    let me = me.to_str().expect("a UTF-8 path of the test binary");
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--timeout",
+            "10",
+            "--restart-workers",
+            "1",
+            "--env",
+            &format!("{RECOVERING}={}", folder.display()),
+            "--",
+            me,
+            "--exact",
+            "recovering_worker",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ],
+        &[],
+    );
+    let _ = std::fs::remove_dir_all(&folder);
+    assert!(job.status.success(), "{}", job.report());
+    assert!(
+        job.stderr
+            .contains("kvstore launch: worker 1 exited with status 7; restarting it (1 of 1)"),
+        "{}",
+        job.report()
+    );
+    let restarted = job
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.starts_with("[worker 1] ") && l.contains("task 1 (rank") && l.contains("starts at")
+        })
+        .nth(1)
+        .unwrap_or_else(|| panic!("no second start of task 1\n{}", job.report()));
+    let at: f32 = restarted.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(
+        at >= 6.0,
+        "the restarted worker starts from the servers' weight: {restarted}"
+    );
+    for task in 0..2 {
+        assert!(
+            job.stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("[worker {task}] "))
+                    && l.contains(&format!("task {task} (rank"))
+                    && l.ends_with("finished at 20")),
+            "task {task} does not finish at 20\n{}",
+            job.report()
+        );
+    }
+}
+
+#[test]
+fn a_worker_that_keeps_failing_ends_the_job_once_its_restarts_are_spent() {
+    let job = launch(
+        &[
+            "-n",
+            "1",
+            "-s",
+            "1",
+            "--timeout",
+            "30",
+            "--restart-workers",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "echo attempt; exit 3",
+        ],
+        &[],
+    );
+    assert_eq!(job.status.code(), Some(3), "{}", job.report());
+    let attempts = job
+        .stdout
+        .lines()
+        .filter(|l| *l == "[worker 0] attempt")
+        .count();
+    assert_eq!(
+        attempts,
+        3,
+        "the first run and two restarts\n{}",
+        job.report()
+    );
+    for n in 1..=2 {
+        let said = format!("worker 0 exited with status 3; restarting it ({n} of 2)");
+        assert!(job.stderr.contains(&said), "{}", job.report());
+    }
+    assert!(
+        job.stderr.contains(
+            "kvstore: worker 0 exited with status 3 (no restart left of --restart-workers 2); \
+             killed the scheduler and server 0"
+        ),
+        "{}",
+        job.report()
+    );
+    assert!(job.elapsed < Duration::from_secs(15), "{}", job.report());
+}
