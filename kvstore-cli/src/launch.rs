@@ -1180,7 +1180,10 @@ mod tests {
             (Process::Server(0), "true"),
             (Process::Worker(0), "echo done"),
         ]);
-        assert_eq!(job.supervise(Duration::from_secs(10), Restarts::none()), JobEnd::Succeeded);
+        assert_eq!(
+            job.supervise(Duration::from_secs(10), Restarts::none()),
+            JobEnd::Succeeded
+        );
         job.finish();
         assert!(job.running.iter().all(|r| r.status.is_some()));
     }
@@ -1194,7 +1197,8 @@ mod tests {
             (Process::Server(0), "exec sleep 30"),
             (Process::Worker(0), "true"),
         ]);
-        let JobEnd::Failed(failure) = job.supervise(Duration::from_millis(300), Restarts::none()) else {
+        let JobEnd::Failed(failure) = job.supervise(Duration::from_millis(300), Restarts::none())
+        else {
             panic!("the job succeeded");
         };
         assert_eq!(failure.code, 1);

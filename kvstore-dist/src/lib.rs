@@ -81,7 +81,8 @@
 //! the servers' optimizer, optimizer states and codec, without a barrier: the program simply
 //! starts again and rejoins the others (its `load_optimizer_states` is refused). A late worker
 //! with no lost worker to replace is refused once a loss could have been noticed (the
-//! heartbeat timeout); a job whose last live worker is lost ends. Every round a lost worker was part of fails at once,
+//! heartbeat timeout). Servers wait the timeout after a loss before they finish, so that even
+//! a job whose every worker was lost can go on. Every round a lost worker was part of fails at once,
 //! naming it; the survivors retry their step. A lost server is not replaced (its values are
 //! lost with it): restart the job from an optimizer-state file.
 //! [`DistStore::dead_nodes`] names the nodes the scheduler counts as dead (MXNet's

@@ -235,3 +235,29 @@ fn a_recovering_hello_takes_a_rank_over_from_a_connection_still_open() {
     node.leave().unwrap();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_job_whose_only_worker_was_lost_goes_on_with_its_replacement() {
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    let (config, mut stores) = workers(&cluster, 1);
+    let only = stores.pop().unwrap();
+    only.init(2, &NDArray::full(&[3], 5.0, DType::F32)).unwrap();
+    only.abandon();
+    // The server waits for a replacement instead of finishing with nobody left.
+    let replacement = connect(&config).unwrap();
+    assert!(replacement.is_recovery());
+    replacement
+        .init(2, &NDArray::zeros(&[3], DType::F32))
+        .unwrap();
+    let mut out = NDArray::zeros(&[3], DType::F32);
+    replacement
+        .pushpull(2, &NDArray::full(&[3], 2.0, DType::F32), &mut out)
+        .unwrap();
+    assert_eq!(
+        out.to_vec::<f32>().unwrap(),
+        vec![2.0; 3],
+        "one worker's push"
+    );
+    drop(replacement);
+    cluster.finish().unwrap();
+}

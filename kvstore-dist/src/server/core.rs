@@ -41,6 +41,9 @@ struct Workers {
     dead: Vec<Option<String>>,
     /// Connections whose rank a recovering worker took over, with what to tell them.
     evicted: HashMap<SocketAddr, String>,
+    /// When a worker was last lost (its connection closed without a goodbye): the server
+    /// waits the timeout from then for a worker taking its place before it finishes.
+    last_loss: Option<Instant>,
     /// The merge mode, set by the first hello.
     mode: Option<Mode>,
     /// Set by `kStopServer`.
@@ -197,14 +200,32 @@ impl Core {
     }
 
     /// Blocks until the job is over (every worker said goodbye or is gone, or `kStopServer`),
-    /// treating workers that have not said hello within the timeout as gone. Returns the
-    /// workers that were lost.
+    /// treating workers that have not said hello within the timeout as gone; after a worker
+    /// was lost, a timeout longer, for a worker taking its place. Returns the workers that
+    /// were lost.
     pub(crate) fn wait_finished(&self) -> Vec<String> {
         let hello_deadline = Instant::now() + self.timeout;
         let mut w = lock(&self.workers);
         loop {
             if w.finished() {
-                break;
+                // A worker lost lately may still be replaced (a recovery node): wait for one
+                // for the timeout, unless stopped or every worker said goodbye.
+                let window = w
+                    .last_loss
+                    .map(|t| t + self.timeout)
+                    .filter(|_| !w.stopped && w.dead.iter().any(Option::is_some));
+                match window {
+                    Some(end) if end > Instant::now() => {
+                        let left = end - Instant::now();
+                        w = self
+                            .finished
+                            .wait_timeout(w, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                        continue;
+                    }
+                    _ => break,
+                }
             }
             let now = Instant::now();
             if now >= hello_deadline {
@@ -1282,6 +1303,7 @@ impl Handler for ServerHandler {
             }
             let why = format!("its connection from {peer} closed without a goodbye");
             w.dead[rank as usize] = Some(why.clone());
+            w.last_loss = Some(Instant::now());
             core.finished.notify_all();
             (rank, why)
         };

@@ -23,7 +23,8 @@
 //! it. A worker the scheduler placed in a lost worker's stead takes the rank over with its
 //! hello (see [`protocol::FLAG_RECOVERING`](crate::protocol::FLAG_RECOVERING)). The server
 //! stops when every worker has said goodbye or is gone (or on `kStopServer`), and then leaves
-//! the cluster: a job whose last live worker is lost ends there, with nobody to recover.
+//! the cluster; when a worker was lost, it first waits the timeout from that loss for a worker
+//! taking its place (so that even a job whose every worker was lost can go on).
 //!
 //! A worker on the same host may lend a shared-memory region right after its hello (see
 //! [`protocol`](crate::protocol#shared-memory-on-one-host)): its big pushes are then read from
