@@ -34,9 +34,15 @@
  *   push_row_sparse; the status code KV_ERR_IO. A plugin compiled against this header with
  *   struct_size = sizeof(KvPluginDescriptor) is a 1.1 plugin (leave unsupported functions
  *   NULL); plugins compiled against 1.0 keep loading and working.
- * Custom updaters never cross the ABI: an updater is a closure of the host's language.
+ *
+ * More rules:
  * - Nothing may unwind (C++ exceptions, Rust panics) through these functions: catch and
  *   report KV_ERR_PANIC.
+ * - Custom updaters never cross the ABI: an updater is a closure of the host's language.
+ * - A capability needs its functions: gradient_compression set_gradient_compression;
+ *   optimizer_states set_optimizer and both state functions; row_sparse row_sparse_pull,
+ *   init_row_sparse and push_row_sparse. A plugin that declares its capabilities has no
+ *   others. struct_size must end on a field boundary.
  */
 #ifndef KVSTORE_PLUGIN_H
 #define KVSTORE_PLUGIN_H
@@ -63,7 +69,9 @@ extern "C" {
 #define KV_ERR_DEVICE 8               /* a device failed */
 #define KV_ERR_BACKEND 9              /* any other failure */
 #define KV_ERR_PANIC 10               /* the store panicked or threw */
-#define KV_ERR_IO 11                  /* 1.1: an I/O error on the call's file; message: the OS's */
+#define KV_ERR_IO 11                  /* 1.1: an I/O error on a file; message: "<path>\n<error>"
+                                       * (no newline: the call's own file); count_found: the OS's
+                                       * errno + 1 (0: none) */
 
 /* Dtype codes: MXNet's type flags. */
 #define KV_DTYPE_F32 0u
@@ -192,7 +200,7 @@ typedef int32_t (*KvSetGradientCompressionFn)(KvStoreHandle store, const uint8_t
                                               size_t len, KvError *err);
 /* 1.1: saves the optimizer states (and the optimizer if dump_optimizer != 0) to the file path
  * (path_len bytes, not nul-terminated: UTF-8, or on Unix the path's raw bytes). I/O failures:
- * KV_ERR_IO with the OS's message. */
+ * KV_ERR_IO (see there). */
 typedef int32_t (*KvSaveOptimizerStatesFn)(KvStoreHandle store, const uint8_t *path,
                                            size_t path_len, int32_t dump_optimizer, KvError *err);
 /* 1.1: loads states saved by save_optimizer_states from the file path (as there). */

@@ -259,8 +259,9 @@ fn optimizer_states_cross_through_a_file_byte_for_byte() {
         .map(|kv| {
             let err = kv.load_optimizer_states(&missing).unwrap_err();
             assert!(
-                matches!(&err, Error::Io { path, .. } if path == &missing),
-                "{err:?}"
+                matches!(&err, Error::Io { path, source } if path == &missing
+                    && source.kind() == std::io::ErrorKind::NotFound),
+                "the path and the OS error's kind cross the ABI: {err:?}"
             );
             err.to_string()
         })

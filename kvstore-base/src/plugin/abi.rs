@@ -70,9 +70,11 @@ pub const KV_ERR_DEVICE: i32 = 8;
 pub const KV_ERR_BACKEND: i32 = 9;
 /// The store panicked (or threw); the message is the panic's ([`Error::Panic`](crate::Error::Panic)).
 pub const KV_ERR_PANIC: i32 = 10;
-/// An I/O error on the call's file (`save_optimizer_states`, `load_optimizer_states`); the
-/// message is the operating system's ([`Error::Io`](crate::Error::Io) naming the call's path).
-/// Appended in 1.1: a host of revision 1.0 reports it as a backend error.
+/// An I/O error on a file ([`Error::Io`](crate::Error::Io)): the message is the file's path,
+/// a newline, then the error's text (a message without a newline is about the call's own file,
+/// for `save_optimizer_states` / `load_optimizer_states`); `count_found` is the operating
+/// system's error number plus one (0: none), so that the host keeps its kind. Appended in
+/// 1.1: a host of revision 1.0 reports it as a backend error.
 pub const KV_ERR_IO: i32 = 11;
 
 /// `float32`; dtype codes are MXNet's (`mshadow` type flags).
@@ -370,7 +372,7 @@ pub type KvSendCommandFn = unsafe extern "C" fn(
 ///
 /// Every output is [`KV_STORAGE_ROW_SPARSE`]: `num_rows` is the first dimension of the
 /// caller's output (the value's shape is `[num_rows, d1, ...]`), `row_ids` the wanted rows
-/// (the host has sorted them and removed duplicates and ids outside `0..num_rows`), `data` a
+/// (the host has sorted them and removed duplicates, and refused ids outside `0..num_rows`), `data` a
 /// writable tensor `[row_ids length, d1, ...]` of the output's dtype, which receives row
 /// `row_ids[j]` of the value in its row `j` (zeros for rows the value does not store). Error
 /// keys refer to `keys`.

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     Capability, CompressionParams, CreateRequest, Error, KVStoreBase, Key, KeyedOuts, KeyedValues,
-    NDArray, OptimizerSpec, Result, StoreFactory,
+    NDArray, OptimizerSpec, Result, StorageType, StoreFactory,
 };
 
 /// The descriptor of a plugin built with [`export_plugin!`](crate::export_plugin), with the
@@ -220,7 +220,14 @@ pub unsafe fn write_error(
         Error::Panic { message, .. } => (KV_ERR_PANIC, message.clone()),
         Error::Backend { source, .. } if !keyless => (KV_ERR_BACKEND, source.to_string()),
         Error::InvalidArgument(m) if !keyless => (KV_ERR_INVALID_ARGUMENT, m.clone()),
-        Error::Io { source, .. } if !keyless => (KV_ERR_IO, source.to_string()),
+        Error::Io { path, source } if !keyless => {
+            // See KV_ERR_IO: the file's path, a newline, the error; the OS's error number.
+            record.count_found = source
+                .raw_os_error()
+                .and_then(|n| usize::try_from(n).ok())
+                .map_or(0, |n| n + 1);
+            (KV_ERR_IO, format!("{}\n{source}", path.display()))
+        }
         _ => {
             record.key_source = KV_ERROR_KEY_NONE;
             (KV_ERR_INVALID_ARGUMENT, full)
@@ -334,11 +341,8 @@ pub unsafe fn create_store(
 ) -> KvStoreHandle {
     let mut handle: KvStoreHandle = std::ptr::null_mut();
     let text = |ptr: *const u8, len: usize| -> Result<String> {
-        if len == 0 {
-            return Ok(String::new());
-        }
-        // SAFETY: the caller guarantees `len` readable bytes at `ptr`.
-        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        // SAFETY: the caller guarantees `len` readable bytes at a non-null `ptr`.
+        let bytes = unsafe { bytes_from_abi(ptr, len, "create argument") }?;
         String::from_utf8(bytes.to_vec())
             .map_err(|e| Error::InvalidArgument(format!("create: not UTF-8: {e}")))
     };
@@ -349,7 +353,12 @@ pub unsafe fn create_store(
                 name: text(name, name_len)?,
                 options: BTreeMap::new(),
             };
-            if n_options > 0 && !options.is_null() {
+            if n_options > 0 && options.is_null() {
+                return Err(Error::InvalidArgument(format!(
+                    "create: {n_options} options at a null pointer"
+                )));
+            }
+            if n_options > 0 {
                 // SAFETY: the caller guarantees `n_options` options at `options`.
                 let options = std::slice::from_raw_parts(options, n_options);
                 for o in options {
@@ -546,8 +555,27 @@ unsafe fn with_sparse_values(
             let kv = store_ref(store);
             let arrays = read_values(values, n)?
                 .iter()
-                .map(|v| value_to_ndarray(v))
+                .zip(&key_list)
+                .map(|(v, key)| {
+                    value_to_ndarray(v)
+                        .map_err(|e| e.at_key(kv.type_name(), operation, key.clone()))
+                })
                 .collect::<Result<Vec<NDArray>>>()?;
+            // A store that does not handle row-sparse values never receives one (a plugin
+            // built before revision 1.1 never could).
+            if !kv.is_capable(Capability::RowSparse) {
+                if let Some(i) = arrays
+                    .iter()
+                    .position(|a| a.storage_type() == StorageType::RowSparse)
+                {
+                    return Err(Error::InvalidArgument(format!(
+                        "{operation}: the value of key {} is row-sparse, and store {} does not \
+                         handle row-sparse values",
+                        key_list[i],
+                        kv.type_name()
+                    )));
+                }
+            }
             let batch = KeyedValues::new(operation, key_list.clone(), arrays.iter().collect())?;
             call(kv, &batch)
         })
@@ -831,11 +859,7 @@ pub unsafe extern "C" fn shim_set_optimizer(
     unsafe {
         guard(err, "set_optimizer", &[], &[], || {
             let kv = store_ref(store);
-            let bytes = if len == 0 {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(spec_json, len)
-            };
+            let bytes = bytes_from_abi(spec_json, len, "optimizer spec JSON")?;
             let spec: OptimizerSpec = serde_json::from_slice(bytes).map_err(|e| {
                 Error::InvalidArgument(format!("set_optimizer: not an optimizer spec: {e}"))
             })?;

@@ -108,7 +108,16 @@ impl PluginApi {
         }
         // Fields the plugin does not have (it was built against an earlier revision) stay
         // zero: null functions, that is unsupported operations. Fields of later revisions than
-        // this host's are not read.
+        // this host's are not read. Every field after revision 1.0's is a function pointer: a
+        // size that ends inside one is refused (half a pointer would be a wild call).
+        let pointer = std::mem::size_of::<usize>();
+        if (size - KV_PLUGIN_DESCRIPTOR_SIZE_V1_0) % pointer != 0 {
+            return Err(fail(format!(
+                "its descriptor's struct_size {size} does not end on a field: the fields after \
+                 the {KV_PLUGIN_DESCRIPTOR_SIZE_V1_0} bytes of revision 1.0 are function pointers \
+                 of {pointer} bytes"
+            )));
+        }
         let known = size.min(std::mem::size_of::<KvPluginDescriptor>());
         // SAFETY: all-zero bytes are a valid descriptor (integers, null pointers, `None`
         // functions).
@@ -207,9 +216,15 @@ impl PluginApi {
             Capability::Optimizer => self.set_optimizer.is_some(),
             Capability::GradientCompression => self.set_gradient_compression.is_some(),
             Capability::OptimizerStates => {
-                self.save_optimizer_states.is_some() && self.load_optimizer_states.is_some()
+                self.set_optimizer.is_some()
+                    && self.save_optimizer_states.is_some()
+                    && self.load_optimizer_states.is_some()
             }
-            Capability::RowSparse => self.row_sparse_pull.is_some(),
+            Capability::RowSparse => {
+                self.row_sparse_pull.is_some()
+                    && self.init_row_sparse.is_some()
+                    && self.push_row_sparse.is_some()
+            }
             Capability::Updater => false,
         }
     }
@@ -353,10 +368,14 @@ impl PluginApi {
                 store: store.to_string(),
                 source: message.into(),
             },
-            // Without the call's path (the state calls give it, see `PluginStore::fail_at`).
-            KV_ERR_IO => Error::Backend {
-                store: store.to_string(),
-                source: format!("I/O error: {message}").into(),
+            // A message without a path is about the call's own file, which only the state
+            // calls have (see `PluginStore::fail_at_path`).
+            KV_ERR_IO => match message.split_once('\n') {
+                Some((path, text)) => io_error(path.into(), text, record),
+                None => Error::Backend {
+                    store: store.to_string(),
+                    source: format!("I/O error: {message}").into(),
+                },
             },
             other => Error::Backend {
                 store: store.to_string(),
@@ -373,6 +392,20 @@ impl PluginApi {
             None => cause,
         }
     }
+}
+
+/// The [`Error::Io`] of a [`KV_ERR_IO`] record: on `path`, of the operating system's error
+/// number in `count_found` (plus one) when there is one (its kind kept), else of `text`.
+fn io_error(path: std::path::PathBuf, text: &str, record: &KvError) -> Error {
+    let os = record
+        .count_found
+        .checked_sub(1)
+        .and_then(|n| i32::try_from(n).ok());
+    let source = match os {
+        Some(n) => std::io::Error::from_raw_os_error(n),
+        None => std::io::Error::other(text.to_string()),
+    };
+    Error::Io { path, source }
 }
 
 /// The message a failed call wrote into the host's buffer.
@@ -673,9 +706,10 @@ impl PluginStore {
         path: &std::path::Path,
     ) -> Error {
         if code == KV_ERR_IO {
-            return Error::Io {
-                path: path.to_path_buf(),
-                source: std::io::Error::other(record_message(record)),
+            let message = record_message(record);
+            return match message.split_once('\n') {
+                Some((file, text)) => io_error(file.into(), text, record),
+                None => io_error(path.to_path_buf(), &message, record),
             };
         }
         self.fail(operation, code, record, &[], &[])
@@ -809,6 +843,12 @@ impl KVStoreBase for PluginStore {
     fn is_capable(&self, capability: Capability) -> bool {
         if !self.api.forwards(capability) {
             return false;
+        }
+        // A plugin that declares its capabilities has no others.
+        if let Some(declared) = &self.api.capabilities {
+            if !declared.contains(&capability) {
+                return false;
+            }
         }
         // SAFETY: the handle is live.
         unsafe { (self.api.is_capable)(self.handle, capability_code(capability)) != 0 }
@@ -1305,5 +1345,23 @@ mod tests {
             )),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_struct_size_ending_inside_a_function_pointer_is_refused() {
+        let exported = ExportedPlugin::new("named", None, create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        // Half of `barrier`: on little-endian its low bytes, a wild non-null pointer.
+        descriptor.struct_size = KV_PLUGIN_DESCRIPTOR_SIZE_V1_0 + 4;
+        // SAFETY: the whole descriptor is readable; it is refused before any function is used.
+        let err = unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap_err();
+        assert!(err.to_string().contains("does not end on a field"), "{err}");
+        // A later revision's larger descriptor is read up to this host's fields only.
+        descriptor.struct_size = KV_PLUGIN_DESCRIPTOR_SIZE_V1_1 + 2 * std::mem::size_of::<usize>();
+        // SAFETY: only this host's fields (all present in `descriptor`) are read.
+        let later = unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap();
+        assert_eq!(later.struct_size(), descriptor.struct_size);
+        assert!(later.forwards(Capability::OptimizerStates));
     }
 }

@@ -24,9 +24,12 @@
 //! null, or does not have because it was built against revision 1.0 (a smaller
 //! `struct_size`; the host never reads beyond it), is [`Error::Unsupported`]. A capability is
 //! reported only when the plugin provides its functions *and* declares it (or, undeclared,
-//! its store answers `is_capable` with yes): [`Capability::GradientCompression`] needs
-//! `set_gradient_compression`, [`Capability::OptimizerStates`] both state functions,
-//! [`Capability::RowSparse`] `row_sparse_pull`, [`Capability::Optimizer`] `set_optimizer`.
+//! its store answers `is_capable` with yes; a declared one is asked of the store too):
+//! [`Capability::GradientCompression`] needs `set_gradient_compression`,
+//! [`Capability::OptimizerStates`] `set_optimizer` and both state functions,
+//! [`Capability::RowSparse`] `row_sparse_pull`, `init_row_sparse` and `push_row_sparse`,
+//! [`Capability::Optimizer`] `set_optimizer`. A descriptor whose `struct_size` ends inside a
+//! field is refused.
 //! [`Capability::Updater`] is never reported and `set_updater` is always
 //! [`Unsupported`](crate::Error::Unsupported): an updater is a Rust closure, which has no C
 //! representation. GPU arrays passed to a plugin store are an [`Error::InvalidArgument`], as
@@ -155,8 +158,8 @@ unsafe fn row_ids_from_abi(row_ids: &KvTensor, num_rows: i64) -> Result<Vec<i64>
     for &id in &ids {
         if id < 0 || id >= num_rows || previous.is_some_and(|p| p >= id) {
             return Err(Error::InvalidArgument(format!(
-                "row ids must be strictly increasing in 0..{num_rows}; found {id} after \
-                 {previous:?}"
+                "row ids must be strictly increasing in 0..{num_rows}; found {id}{}",
+                previous.map_or(String::new(), |p| format!(" after {p}"))
             )));
         }
         previous = Some(id);
