@@ -111,7 +111,7 @@ impl PluginApi {
         // this host's are not read. Every field after revision 1.0's is a function pointer: a
         // size that ends inside one is refused (half a pointer would be a wild call).
         let pointer = std::mem::size_of::<usize>();
-        if (size - KV_PLUGIN_DESCRIPTOR_SIZE_V1_0) % pointer != 0 {
+        if !(size - KV_PLUGIN_DESCRIPTOR_SIZE_V1_0).is_multiple_of(pointer) {
             return Err(fail(format!(
                 "its descriptor's struct_size {size} does not end on a field: the fields after \
                  the {KV_PLUGIN_DESCRIPTOR_SIZE_V1_0} bytes of revision 1.0 are function pointers \
