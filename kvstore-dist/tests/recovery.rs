@@ -123,6 +123,14 @@ fn a_worker_takes_the_place_of_lost_rank(lost: usize) {
     recovered
         .init(3, &NDArray::full(&[4], 100.0, DType::F32))
         .unwrap();
+    let other = recovered
+        .set_optimizer(&OptimizerSpec::new("adam"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        other.contains("every worker must set the same optimizer"),
+        "{other}"
+    );
     recovered.set_optimizer(&momentum_sgd()).unwrap();
     assert!(
         recovered.dead_nodes(7, minute).unwrap().is_empty(),
@@ -249,14 +257,18 @@ fn a_job_whose_only_worker_was_lost_goes_on_with_its_replacement() {
     replacement
         .init(2, &NDArray::zeros(&[3], DType::F32))
         .unwrap();
+    // Its predecessor died before setting the optimizer: the replacement installs it.
+    replacement
+        .set_optimizer(&OptimizerSpec::new("test"))
+        .unwrap();
     let mut out = NDArray::zeros(&[3], DType::F32);
     replacement
         .pushpull(2, &NDArray::full(&[3], 2.0, DType::F32), &mut out)
         .unwrap();
     assert_eq!(
         out.to_vec::<f32>().unwrap(),
-        vec![2.0; 3],
-        "one worker's push"
+        vec![7.0; 3],
+        "w += grad on the kept 5"
     );
     drop(replacement);
     cluster.finish().unwrap();

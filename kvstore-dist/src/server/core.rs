@@ -1105,11 +1105,25 @@ impl Core {
         }
     }
 
-    fn set_optimizer(&self, body: &[u8]) -> Reply {
+    /// Installs the optimizer of a spec; with `keep_running` (a worker taking a lost worker's
+    /// place) an optimizer already running stays, with its states, and must be the same.
+    fn set_optimizer(&self, body: &[u8], keep_running: bool) -> Reply {
         let spec: OptimizerSpec = serde_json::from_slice(body)
             .map_err(|e| format!("the optimizer spec is not valid JSON: {e}"))?;
+        let mut current = lock(&self.updater);
+        if let (true, Some(running)) = (keep_running, current.as_ref()) {
+            let running = running.optimizer().base().spec();
+            if running != &spec {
+                return Err(format!(
+                    "server {} runs optimizer {running:?}, and a worker taking a lost worker's \
+                     place sets {spec:?}: every worker must set the same optimizer",
+                    self.rank
+                ));
+            }
+            return Ok(());
+        }
         let updater = Updater::from_spec(&spec).map_err(|e| e.to_string())?;
-        *lock(&self.updater) = Some(updater);
+        *current = Some(updater);
         log::info!(
             "kvstore-dist: server {} runs optimizer {:?}",
             self.rank,
@@ -1122,7 +1136,7 @@ impl Core {
         let head = request.header.key as i64 as i32;
         let body = &request.payload[..];
         match head {
-            head::CONTROLLER => self.set_optimizer(body),
+            head::CONTROLLER => self.set_optimizer(body, false),
             head::SYNC_MODE => {
                 lock(&self.workers).mode = Some(Mode::Sync);
                 Ok(())
@@ -1267,7 +1281,10 @@ impl Handler for ServerHandler {
             protocol::CMD_PUSHPULL => core.push(request, responder, true),
             protocol::CMD_PULL => core.pull(&request, responder),
             protocol::CMD_ROW_SPARSE_PULL => core.row_sparse_pull(&request, responder),
-            protocol::CMD_SET_OPTIMIZER => simple(core.set_optimizer(&request.payload), responder),
+            protocol::CMD_SET_OPTIMIZER => simple(
+                core.set_optimizer(&request.payload, request.header.key == 1),
+                responder,
+            ),
             protocol::CMD_COMMAND => simple(core.command(&request), responder),
             protocol::CMD_BYE => core.bye(&request, responder),
             protocol::CMD_BATCH => core.batch(request, responder),

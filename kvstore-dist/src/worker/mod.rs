@@ -517,8 +517,9 @@ impl DistStore {
     /// `is_recovery`, ps-lite's recovery node): it has the lost worker's rank, its `init`
     /// calls keep the values the servers hold (declarations must match them), and
     /// `set_optimizer` / `set_gradient_compression` leave the servers' optimizer (with its
-    /// states) and codec as they are, without a barrier (they assume the job had set them
-    /// before the loss), and `load_optimizer_states` is refused (the others are training).
+    /// states) and codec as they are, without a barrier (`set_optimizer` installs it where
+    /// none runs and refuses a different one), and `load_optimizer_states` is refused (the
+    /// others are training).
     pub fn is_recovery(&self) -> bool {
         self.recovered
     }
@@ -997,16 +998,19 @@ impl KVStoreBase for DistStore {
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         // Every worker checks the spec, so that a bad one fails everywhere alike.
         kvstore_optimizer::Updater::from_spec(optimizer)?;
+        let json = serde_json::to_vec(optimizer).map_err(|e| {
+            Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
+        })?;
         if self.recovered {
             // The servers run the job's optimizer, with its states: a worker taking a lost
-            // worker's place neither resets them nor meets the others (they are training).
+            // worker's place neither resets them nor meets the others (they are training). It
+            // installs the optimizer where none runs (its predecessor, rank 0, died before
+            // sending it) and checks that a running one is the same.
+            self.to_all_servers(protocol::CMD_SET_OPTIMIZER, 1, &json, "set_optimizer")?;
             self.optimizer.store(true, Ordering::Relaxed);
             return Ok(());
         }
         let sent = if self.rank == 0 {
-            let json = serde_json::to_vec(optimizer).map_err(|e| {
-                Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
-            })?;
             self.to_all_servers(protocol::CMD_SET_OPTIMIZER, 0, &json, "set_optimizer")
         } else {
             Ok(())
