@@ -17,7 +17,7 @@
 //!
 //! | command | request | response |
 //! |---|---|---|
-//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` (then `recover`, see below) | the node table, once everyone registered (with [`FLAG_RECOVERED`] for a recovery node) |
+//! | [`CMD_REGISTER`] | payload `"<role> <host:port>"` (then `recover`, see below), aux = the node's timeout (ms) | the node table, once everyone registered (with [`FLAG_RECOVERED`] for a recovery node) |
 //! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7), aux = the node's timeout (ms) | empty, once every member entered |
 //! | [`CMD_HEARTBEAT`] | empty | empty |
 //! | [`CMD_GOODBYE`] | empty | empty |

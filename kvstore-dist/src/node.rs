@@ -139,7 +139,15 @@ impl Node {
         let what = format!("registration of {} at {my_addr}", config.role);
         let left = deadline.saturating_duration_since(Instant::now()) + grace(config.timeout);
         let response = conn
-            .send(Outgoing::new(CMD_REGISTER, payload.as_bytes()), &what)
+            .send(
+                // The node's own timeout: a recovering worker waits no longer for a place.
+                Outgoing::new(CMD_REGISTER, payload.as_bytes()).aux(
+                    u64::try_from(config.timeout.as_millis())
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                ),
+                &what,
+            )
             .and_then(|p| p.wait_timeout(left))
             .map_err(|e| scheduler_error(&scheduler, "registration", e))?;
         let table = decode_table(&response.payload).map_err(|e| {

@@ -81,6 +81,14 @@ struct Barrier {
     entered: Vec<(usize, Responder)>,
 }
 
+/// A worker registered after the cluster was complete, waiting for a lost worker's place
+/// until `deadline` (`wait` after it registered).
+struct Recovering {
+    deadline: Instant,
+    wait: Duration,
+    registration: Registration,
+}
+
 /// A barrier request: who sent it, the group's ps-lite id, and the sender's own timeout in
 /// milliseconds (0: the scheduler's).
 struct BarrierEntry {
@@ -94,7 +102,7 @@ struct State {
     registrations: Vec<Registration>,
     /// Workers registered after the cluster was complete, waiting for a lost worker's place
     /// (since when).
-    recovering: Vec<(Instant, Registration)>,
+    recovering: Vec<Recovering>,
     /// Set once every node has registered.
     members: Option<Vec<Member>>,
     barriers: HashMap<Group, Barrier>,
@@ -250,7 +258,9 @@ impl Shared {
                     responder,
                 };
                 if can_recover {
-                    self.recover(st, registration);
+                    let theirs = request.header.aux;
+                    let node_timeout = (theirs > 0).then(|| Duration::from_millis(theirs));
+                    self.recover(st, registration, node_timeout);
                 } else {
                     let why = format!(
                         "registration refused: {} (this {role} cannot take a lost node's place)",
@@ -358,7 +368,7 @@ impl Shared {
     /// restarted process may register before its predecessor's loss is noticed), it waits for
     /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)). Servers are not replaced: a server's values and optimizer
     /// states are lost with it.
-    fn recover(&self, st: &mut State, registration: Registration) {
+    fn recover(&self, st: &mut State, registration: Registration, node_timeout: Option<Duration>) {
         let role = registration.role;
         let refuse = |registration: Registration, why: String| {
             registration
@@ -386,7 +396,13 @@ impl Shared {
             );
             refuse(registration, why)
         } else {
-            st.recovering.push((Instant::now(), registration));
+            // As long as a loss can go unnoticed, and no longer than the node itself waits.
+            let wait = node_timeout.map_or(self.recovery_wait(), |t| t.min(self.recovery_wait()));
+            st.recovering.push(Recovering {
+                deadline: Instant::now() + wait,
+                wait,
+                registration,
+            });
             self.place_recovering(st);
             Ok(())
         };
@@ -422,7 +438,7 @@ impl Shared {
             else {
                 return;
             };
-            let (_, r) = st.recovering.remove(0);
+            let r = st.recovering.remove(0).registration;
             log::warn!(
                 "kvstore-dist scheduler: a worker at {} takes the place of {}, which was lost",
                 r.addr,
@@ -611,7 +627,7 @@ impl Shared {
             if st.finished {
                 return;
             }
-            st.recovering.retain(|(_, r)| r.peer != peer);
+            st.recovering.retain(|r| r.registration.peer != peer);
             match st.members.as_ref() {
                 None => st.registrations.retain(|r| r.peer != peer),
                 Some(members) => {
@@ -677,7 +693,10 @@ impl Shared {
                 _ => None,
             })
             .collect();
-        for (_, r) in std::mem::take(&mut st.recovering) {
+        for Recovering {
+            registration: r, ..
+        } in std::mem::take(&mut st.recovering)
+        {
             let why = "registration refused: the job is over (no node is left)";
             if let Err(e) = r.responder.respond_error(why) {
                 log::warn!("kvstore-dist scheduler: cannot answer: {e}");
@@ -732,19 +751,19 @@ impl Shared {
             );
             self.mark_lost(st, i, why, replies);
         }
-        let wait = self.recovery_wait();
-        while st
-            .recovering
-            .first()
-            .is_some_and(|(since, _)| now.duration_since(*since) >= wait)
-        {
-            let (_, r) = st.recovering.remove(0);
+        let (expired, waiting): (Vec<Recovering>, Vec<Recovering>) =
+            std::mem::take(&mut st.recovering)
+                .into_iter()
+                .partition(|r| now >= r.deadline);
+        st.recovering = waiting;
+        for r in expired {
             let why = format!(
-                "registration refused: {} and no worker was lost within {wait:?}: there is no \
+                "registration refused: {} and no worker was lost within {:?}: there is no \
                  place for a recovering worker (is DMLC_NUM_WORKER right?)",
                 self.complete(),
+                r.wait
             );
-            replies.push((r.responder, Err(why)));
+            replies.push((r.registration.responder, Err(why)));
         }
         let expired: Vec<Group> = st
             .barriers
@@ -805,7 +824,10 @@ impl Shared {
                 for r in std::mem::take(&mut st.registrations) {
                     replies.push((r.responder, Err(why.to_string())));
                 }
-                for (_, r) in std::mem::take(&mut st.recovering) {
+                for Recovering {
+                    registration: r, ..
+                } in std::mem::take(&mut st.recovering)
+                {
                     replies.push((r.responder, Err(why.to_string())));
                 }
                 for (_, b) in std::mem::take(&mut st.barriers) {
