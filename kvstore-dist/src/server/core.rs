@@ -1,7 +1,7 @@
 //! The state of a server and the handling of each request.
 //!
-//! Locks are taken in one order only: `workers`, then `entries`, then one entry, then the
-//! updater. Replies are sent while holding the entry (the value must not change while its bytes
+//! Locks are taken in one order only: `membership` (see [`membership`]), `workers`, then
+//! `entries`, then one entry, then the updater; `worker_names` and `regions` alone. Replies are sent while holding the entry (the value must not change while its bytes
 //! are on their way), never while holding `workers` or `entries`.
 
 use std::collections::{HashMap, VecDeque};
@@ -24,49 +24,12 @@ use kvstore_compression::{Codec, CompressionSpec};
 /// workers, so that the workers receive in parallel.
 const PARALLEL_REPLY_BYTES: usize = 1 << 20;
 
+mod membership;
+
+use membership::Workers;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// What the server knows of the workers.
-#[derive(Debug, Default)]
-struct Workers {
-    /// Rank of each connected worker, by its connection's address.
-    by_peer: HashMap<SocketAddr, u32>,
-    /// Ranks that said hello.
-    hello: Vec<bool>,
-    /// Ranks that said goodbye.
-    bye: Vec<bool>,
-    /// Ranks that vanished without a goodbye, with the reason.
-    dead: Vec<Option<String>>,
-    /// Connections whose rank a recovering worker took over, with what to tell them.
-    evicted: HashMap<SocketAddr, String>,
-    /// When a worker was last lost (its connection closed without a goodbye): the server
-    /// waits the timeout from then for a worker taking its place before it finishes.
-    last_loss: Option<Instant>,
-    /// The merge mode, set by the first hello.
-    mode: Option<Mode>,
-    /// Set by `kStopServer`.
-    stopped: bool,
-    /// Goodbyes recorded whose answers are still being written: the server does not finish
-    /// (and close its connections) before the last worker has its answer.
-    answering_byes: usize,
-}
-
-impl Workers {
-    /// Why worker `rank` can take no part in a round any more, if it cannot.
-    fn gone(&self, rank: usize) -> Option<String> {
-        match &self.dead[rank] {
-            Some(why) => Some(format!("is gone ({why})")),
-            None if self.bye[rank] => Some("has left the job (said goodbye)".to_string()),
-            None => None,
-        }
-    }
-
-    fn finished(&self) -> bool {
-        self.answering_byes == 0
-            && (self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some()))
-    }
 }
 
 /// A request waiting for its round to complete: a pushpull, or a pull from a worker that
@@ -199,81 +162,6 @@ impl Core {
         }
     }
 
-    /// Blocks until the job is over (every worker said goodbye or is gone, or `kStopServer`),
-    /// treating workers that have not said hello within the timeout as gone; after a worker
-    /// was lost, a timeout longer, for a worker taking its place. Returns the workers that
-    /// were lost.
-    pub(crate) fn wait_finished(&self) -> Vec<String> {
-        let hello_deadline = Instant::now() + self.timeout;
-        let mut w = lock(&self.workers);
-        loop {
-            if w.finished() {
-                // A worker lost lately may still be replaced (a recovery node): wait for one
-                // for the timeout, unless stopped or every worker said goodbye.
-                let window = w
-                    .last_loss
-                    .map(|t| t + self.timeout)
-                    .filter(|_| !w.stopped && w.dead.iter().any(Option::is_some));
-                match window {
-                    Some(end) if end > Instant::now() => {
-                        let left = end - Instant::now();
-                        w = self
-                            .finished
-                            .wait_timeout(w, left)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                        continue;
-                    }
-                    _ => break,
-                }
-            }
-            let now = Instant::now();
-            if now >= hello_deadline {
-                let never = |w: &Workers| -> Vec<u32> {
-                    (0..self.num_workers)
-                        .filter(|&r| !w.hello[r as usize] && w.dead[r as usize].is_none())
-                        .collect()
-                };
-                if !never(&w).is_empty() {
-                    drop(w);
-                    let membership = lock(&self.membership);
-                    let mut marked = Vec::new();
-                    {
-                        let mut w = lock(&self.workers);
-                        for r in never(&w) {
-                            let why = format!(
-                                "never connected to server {} within {:?}",
-                                self.rank, self.timeout
-                            );
-                            w.dead[r as usize] = Some(why.clone());
-                            marked.push((r, why));
-                        }
-                    }
-                    for (r, why) in marked {
-                        self.fail_rounds_of(r, &format!("is gone ({why})"));
-                    }
-                    drop(membership);
-                    w = lock(&self.workers);
-                    continue;
-                }
-                w = self.finished.wait(w).unwrap_or_else(|e| e.into_inner());
-            } else {
-                w = self
-                    .finished
-                    .wait_timeout(w, hello_deadline - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
-        }
-        (0..self.num_workers as usize)
-            .filter_map(|r| {
-                w.dead[r]
-                    .as_ref()
-                    .map(|why| format!("{} ({why})", self.worker_name(r as u32)))
-            })
-            .collect()
-    }
-
     /// Fails the rounds and inits that are older than the timeout, naming the workers they
     /// wait for. Called periodically.
     pub(crate) fn expire(&self) {
@@ -316,41 +204,6 @@ impl Core {
         }
     }
 
-    /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
-    /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
-    fn fail_rounds_of(&self, rank: u32, why: &str) {
-        let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
-            .iter()
-            .map(|(k, e)| (*k, Arc::clone(e)))
-            .collect();
-        for ((_, part), entry) in entries {
-            let mut e = lock(&entry);
-            let what = self.describe(&e.key, part);
-            // A round the lost worker pushed in fails too: its push belongs to a step it never
-            // finished, and must not be summed with a step that a worker taking its place
-            // (a recovery node) or a retrying worker makes.
-            if e.round_started.is_some() {
-                let msg = format!(
-                    "the sync round of {what} on server {} cannot complete: {} {why}",
-                    self.rank,
-                    self.worker_name(rank)
-                );
-                fail_round(&mut e, &msg);
-            }
-            if rank == 0 && !e.init_waiters.is_empty() {
-                let msg = format!(
-                    "the init of {what} on server {} cannot complete: {} {why} before \
-                     sending its value",
-                    self.rank,
-                    self.worker_name(0)
-                );
-                for w in e.init_waiters.drain(..) {
-                    let _ = w.responder.respond_error(&msg);
-                }
-            }
-        }
-    }
-
     fn entry(&self, wire_key: u64, part: u64) -> Option<Arc<Mutex<Entry>>> {
         lock(&self.entries).get(&(wire_key, part)).cloned()
     }
@@ -360,144 +213,6 @@ impl Core {
             "key with wire id {wire_key} (part {part}) is not initialised on server {}: init it first",
             self.rank
         )
-    }
-
-    fn sender_rank(&self, request: &Request) -> Result<u32, String> {
-        self.sender(request).map(|(rank, _)| rank)
-    }
-
-    /// The rank of a request's connection and that rank's generation (see `generations`).
-    fn sender(&self, request: &Request) -> Result<(u32, u64), String> {
-        let w = lock(&self.workers);
-        match w.by_peer.get(&request.peer) {
-            Some(&rank) => Ok((rank, self.generations[rank as usize].load(SeqCst))),
-            None => Err(match w.evicted.get(&request.peer) {
-                Some(why) => format!("{}: {why}", request.peer),
-                None => format!("{} has not said hello", request.peer),
-            }),
-        }
-    }
-
-    fn mode(&self) -> Mode {
-        lock(&self.workers).mode.unwrap_or(Mode::Async)
-    }
-
-    fn hello(&self, request: &Request, responder: Responder) {
-        let answer = match self.take_rank(request) {
-            Ok(()) => responder.respond(Outgoing::new(0, &[]).aux(u64::from(self.rank))),
-            Err(e) => responder.respond_error(&e),
-        };
-        if let Err(e) = answer {
-            log::warn!(
-                "kvstore-dist: server {}: cannot answer a hello: {e}",
-                self.rank
-            );
-        }
-    }
-
-    /// Gives the hello's connection its rank. With [`protocol::FLAG_RECOVERING`] (a worker the
-    /// scheduler placed in a lost worker's stead) it takes the rank over: from a connection
-    /// still open (the lost worker's, whose close this server has not seen: its rounds fail and
-    /// its requests are refused from now on) or from a worker already gone; the failures
-    /// remembered for the lost worker are forgotten. A plain hello for a rank that is taken or
-    /// gone is refused.
-    fn take_rank(&self, request: &Request) -> Result<(), String> {
-        let rank = request.header.key;
-        let mode = protocol::Mode::from_code(request.header.aux)
-            .ok_or_else(|| format!("unknown mode code {}", request.header.aux))?;
-        if rank >= u64::from(self.num_workers) {
-            return Err(format!(
-                "worker rank {rank} is out of range: the job has {} workers",
-                self.num_workers
-            ));
-        }
-        let (r, rank) = (rank as usize, rank as u32);
-        let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
-        let _membership = lock(&self.membership);
-        let mut w = lock(&self.workers);
-        match w.mode {
-            Some(m) if m != mode => {
-                return Err(format!(
-                    "worker rank {rank} runs {mode} mode but server {} already serves {m} mode \
-                     (every worker must create the same dist store type)",
-                    self.rank
-                ))
-            }
-            _ => w.mode = Some(mode),
-        }
-        if w.bye[r] {
-            return Err(format!(
-                "worker rank {rank} has left the job (said goodbye): its place cannot be taken"
-            ));
-        }
-        let open = w
-            .by_peer
-            .iter()
-            .find_map(|(peer, &have)| (have == rank).then_some(*peer));
-        if !recovering {
-            if let Some(peer) = open {
-                return Err(format!(
-                    "worker rank {rank} is already connected to server {} from {peer}",
-                    self.rank
-                ));
-            }
-            if let Some(why) = &w.dead[r] {
-                return Err(format!(
-                    "worker rank {rank} is gone ({why}); a worker taking its place must join \
-                     as a recovery node"
-                ));
-            }
-            w.by_peer.insert(request.peer, rank);
-            w.hello[r] = true;
-            return Ok(());
-        }
-        let lost = match open {
-            Some(peer) => {
-                w.by_peer.remove(&peer);
-                w.evicted.insert(
-                    peer,
-                    format!(
-                        "worker rank {rank}'s place was taken by a recovering worker at {}",
-                        request.peer
-                    ),
-                );
-                Some(format!(
-                    "is gone (a recovering worker at {} took its place)",
-                    request.peer
-                ))
-            }
-            None => w.dead[r].take().map(|why| format!("is gone ({why})")),
-        };
-        w.by_peer.insert(request.peer, rank);
-        w.hello[r] = true;
-        // Pushes of the evicted connection already read are refused at their entry.
-        self.generations[r].fetch_add(1, SeqCst);
-        drop(w);
-        if let Some(peer) = open {
-            lock(&self.regions).remove(&peer);
-        }
-        if let Some(why) = &lost {
-            if open.is_some() {
-                self.fail_rounds_of(rank, why);
-            }
-            log::warn!(
-                "kvstore-dist: server {}: a recovering worker at {} takes the place of {}, which {why}",
-                self.rank,
-                request.peer,
-                self.worker_name(rank)
-            );
-        }
-        lock(&self.worker_names)[r] = format!(
-            "worker rank {rank} (id {}) connected from {}",
-            crate::cluster::node_id(crate::config::Role::Worker, rank),
-            request.peer
-        );
-        // The failures remembered for the lost worker are not the newcomer's.
-        let entries: Vec<SharedEntry> = lock(&self.entries).values().cloned().collect();
-        for entry in entries {
-            lock(&entry).failed[r] = None;
-        }
-        Ok(())
     }
 
     fn init(&self, request: Request, responder: Responder) {
@@ -1182,36 +897,6 @@ impl Core {
         );
         Ok(())
     }
-
-    /// A worker leaves: recorded, its rounds failed, then answered; only then may the server
-    /// finish, so that the last worker's goodbye is answered before the connections close.
-    fn bye(&self, request: &Request, responder: Responder) {
-        // Requests still using the region hold it; it is unmapped after the last.
-        lock(&self.regions).remove(&request.peer);
-        let rank = match self.sender_rank(request) {
-            Ok(rank) => rank,
-            Err(e) => {
-                let _ = responder.respond_error(&e);
-                return;
-            }
-        };
-        {
-            let _membership = lock(&self.membership);
-            {
-                let mut w = lock(&self.workers);
-                w.bye[rank as usize] = true;
-                w.answering_byes += 1;
-            }
-            // Rounds in progress can never complete: fail them now, naming it.
-            self.fail_rounds_of(rank, "has left the job (said goodbye)");
-        }
-        let _ = responder.respond(Outgoing::new(0, &[]));
-        let mut w = lock(&self.workers);
-        w.answering_byes -= 1;
-        if w.finished() {
-            self.finished.notify_all();
-        }
-    }
 }
 
 /// Fails every push of the current round with `msg` and starts afresh.
@@ -1305,30 +990,6 @@ impl Handler for ServerHandler {
     }
 
     fn disconnected(&self, peer: SocketAddr) {
-        let core = &self.0;
-        lock(&core.regions).remove(&peer);
-        // Marking the worker gone and failing its rounds happen as one against a takeover.
-        let _membership = lock(&core.membership);
-        let (rank, why) = {
-            let mut w = lock(&core.workers);
-            w.evicted.remove(&peer);
-            let Some(rank) = w.by_peer.remove(&peer) else {
-                return;
-            };
-            if w.bye[rank as usize] {
-                return;
-            }
-            let why = format!("its connection from {peer} closed without a goodbye");
-            w.dead[rank as usize] = Some(why.clone());
-            w.last_loss = Some(Instant::now());
-            core.finished.notify_all();
-            (rank, why)
-        };
-        log::warn!(
-            "kvstore-dist: server {}: {} disconnected without a goodbye",
-            core.rank,
-            core.worker_name(rank)
-        );
-        core.fail_rounds_of(rank, &format!("is gone ({why})"));
+        self.0.lost_connection(peer);
     }
 }
