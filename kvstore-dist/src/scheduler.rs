@@ -376,14 +376,12 @@ impl Shared {
                 .respond_error(&format!("registration refused: {why}"))
         };
         let answered = if role != Role::Worker {
-            refuse(
-                registration,
-                format!(
+            let why = format!(
                 "{}; a lost {role} cannot be replaced (its values and optimizer states are lost \
                  with it): restart the job, from an optimizer-state file if one was saved",
                 self.complete()
-            ),
-            )
+            );
+            refuse(registration, why)
         } else if let Some(m) = st
             .members
             .iter()
