@@ -25,15 +25,18 @@
 //!
 //! The job ends ([`JobEnd`]):
 //!
-//! - **successfully** when every worker has exited with status 0 and then the servers and the
-//!   scheduler have exited with status 0 too (they do once every worker said goodbye);
+//! - **successfully** when every worker (its last process, when it was restarted) has exited
+//!   with status 0 and then the servers and the scheduler have exited with status 0 too (they
+//!   do once every worker said goodbye);
 //! - **in failure** when a process exits with another status or is killed by a signal: the
 //!   launcher kills every other process, waits for them, and reports the first failure
 //!   (`worker 1 exited with status 3`) with its status as the launcher's own (128 + the
 //!   signal's number for a signal). With `--restart-workers N`, a failed worker is first
 //!   started again, with the same command and variables, up to N times in all (said on
-//!   standard error: `worker 1 was killed by signal 9 (SIGKILL); restarting it (1 of 2)`):
-//!   with the dist stores the new process takes the lost worker's place and the job goes on;
+//!   standard error: `worker 1 was killed by signal 9 (SIGKILL); restarting it (1 of 2)`; its
+//!   lines keep the prefix `[worker 1] `), unless the scheduler or a server has exited: with
+//!   the `dist_*` stores the new process takes the lost worker's place and the job goes on
+//!   (`byteps` and `horovod` workers cannot rejoin: their restarts fail);
 //! - **in failure** when the servers or the scheduler are still running a timeout after the
 //!   last worker exited: they are killed and named. The timeout is `--timeout`, else
 //!   `KVSTORE_TIMEOUT_SECS` of the launcher's environment, else 60 s: the processes' own
@@ -134,9 +137,9 @@ pub struct LaunchOptions {
     pub timeout: Option<Duration>,
 
     /// Restart a worker that fails (exits with a status other than 0, or is killed), at most
-    /// N times in all: the new process takes the lost worker's place in the job (a recovery
-    /// node of the dist stores: same rank, the servers' values and optimizer states kept) and
-    /// the others go on.
+    /// N times in all, while the scheduler and the servers run: the new process takes the
+    /// lost worker's place in the job (a recovery node of the dist_* stores: same rank, the
+    /// servers' values and optimizer states kept) and the others go on.
     #[arg(long = "restart-workers", value_name = "N", default_value_t = 0)]
     pub restart_workers: u32,
 
@@ -491,7 +494,7 @@ impl fmt::Display for Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub enum JobEnd {
-    /// Every process exited with status 0.
+    /// Every process exited with status 0 (a restarted worker: its last process).
     Succeeded,
     /// A process failed, or outlived the workers by the timeout; every process is gone.
     Failed(Failure),
@@ -683,7 +686,17 @@ impl Job {
         let mut workers_done: Option<Instant> = None;
         loop {
             if let Some((failed, exited)) = self.reap() {
+                let gone = self.ended_services();
                 let failed = match exited {
+                    Some(Process::Worker(_)) if restarts.left > 0 && !gone.is_empty() => Failure {
+                        message: format!(
+                            "{}; not restarted: {} {} no longer running",
+                            failed.message,
+                            and_list(&gone),
+                            if gone.len() == 1 { "is" } else { "are" }
+                        ),
+                        code: failed.code,
+                    },
                     Some(process @ Process::Worker(_)) if restarts.left > 0 => {
                         match self.restart(process, &failed, &mut restarts) {
                             Ok(()) => continue,
@@ -738,6 +751,21 @@ impl Job {
             }
             thread::sleep(POLL);
         }
+    }
+
+    /// The scheduler and servers that have exited (a restarted worker could not rejoin
+    /// without them), in start order.
+    fn ended_services(&mut self) -> Vec<Process> {
+        self.running
+            .iter_mut()
+            .filter(|r| !matches!(r.process, Process::Worker(_)))
+            .filter_map(|r| {
+                if r.status.is_none() {
+                    r.status = r.child.try_wait().ok().flatten();
+                }
+                r.status.map(|_| r.process)
+            })
+            .collect()
     }
 
     /// Starts `process`, a worker that failed (`failed`), again, counting the restart.

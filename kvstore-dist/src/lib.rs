@@ -75,11 +75,13 @@
 //!
 //! A worker process started once the cluster is complete takes the place of a lost worker
 //! (ps-lite's recovery node, MXNet's `is_recovery`): the scheduler gives it the lost rank and
-//! id (waiting up to the timeout for a loss to be noticed), every server lets it take the rank
+//! id (waiting for a loss as long as one can go unnoticed), every server lets it take the rank
 //! over, and [`DistStore::is_recovery`] says so. Its `init` keeps the values the servers hold
-//! (its declarations must match them), and `set_optimizer` / `set_gradient_compression` keep
-//! the servers' optimizer, optimizer states and codec, without a barrier: the program simply
-//! starts again and rejoins the others (its `load_optimizer_states` is refused). A late worker
+//! (its declarations must match them); `set_optimizer` (or `kController`) and
+//! `set_gradient_compression` keep the servers' optimizer, optimizer states and codec without
+//! a barrier (installing them where none is set, refusing a different optimizer or codec),
+//! and `load_optimizer_states` keeps the servers' states: the program simply starts again and
+//! rejoins the others. A late worker
 //! with no lost worker to replace is refused once a loss could have been noticed (the
 //! heartbeat timeout). Servers wait the timeout after a loss before they finish, so that even
 //! a job whose every worker was lost can go on. Every round a lost worker was part of fails at once,

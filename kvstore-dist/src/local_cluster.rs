@@ -101,7 +101,8 @@ impl LocalCluster {
         create_with(name, self.options.clone())
     }
 
-    /// Waits for the servers and the scheduler to end (once every worker has left).
+    /// Waits for the servers and the scheduler to end (once every worker has left; when a
+    /// worker was lost and not replaced, the servers first wait the timeout after the loss).
     ///
     /// # Errors
     /// The first server's or the scheduler's error (e.g. lost workers).

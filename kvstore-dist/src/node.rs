@@ -140,11 +140,16 @@ impl Node {
         let left = deadline.saturating_duration_since(Instant::now()) + grace(config.timeout);
         let response = conn
             .send(
-                // The node's own timeout: a recovering worker waits no longer for a place.
+                // The time this node has left: a recovering worker waits no longer for a place,
+                // so that the scheduler's refusal (saying why) arrives first.
                 Outgoing::new(CMD_REGISTER, payload.as_bytes()).aux(
-                    u64::try_from(config.timeout.as_millis())
-                        .unwrap_or(u64::MAX)
-                        .max(1),
+                    u64::try_from(
+                        deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_millis(),
+                    )
+                    .unwrap_or(u64::MAX)
+                    .max(1),
                 ),
                 &what,
             )

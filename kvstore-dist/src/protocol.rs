@@ -14,9 +14,9 @@
 //! | [`CMD_PULL`] | none | the part's elements |
 //! | [`CMD_PUSHPULL`] | the part's elements | the round's result |
 //! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |
-//! | [`CMD_SET_OPTIMIZER`] | an [`OptimizerSpec`](kvstore_base::OptimizerSpec) as JSON; `key` 1: keep an optimizer already running (it must be the same) | empty |
+//! | [`CMD_SET_OPTIMIZER`] | an [`OptimizerSpec`](kvstore_base::OptimizerSpec) as JSON; `key` 1: keep an optimizer already running (it must be the one the job set) | empty |
 //! | [`CMD_COMMAND`] | the body, `key` = MXNet's command head | empty |
-//! | [`CMD_SET_COMPRESSION`] | the compression parameters as JSON | empty |
+//! | [`CMD_SET_COMPRESSION`] | the compression parameters as JSON; `key` 1: keep a codec already set (it must be the same) | empty |
 //! | [`CMD_BYE`] | none | empty; the worker is done |
 //! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data | the pulled data, concatenated in item order |
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |

@@ -100,8 +100,8 @@ struct BarrierEntry {
 struct State {
     started: Instant,
     registrations: Vec<Registration>,
-    /// Workers registered after the cluster was complete, waiting for a lost worker's place
-    /// (since when).
+    /// Workers registered after the cluster was complete, waiting for a lost worker's place,
+    /// first come first served.
     recovering: Vec<Recovering>,
     /// Set once every node has registered.
     members: Option<Vec<Member>>,
@@ -366,7 +366,8 @@ impl Shared {
     /// (ps-lite's recovery node): the lowest lost rank, its id, this registrant's address,
     /// answered with the node table and [`FLAG_RECOVERED`]. When no worker is lost yet (a
     /// restarted process may register before its predecessor's loss is noticed), it waits for
-    /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)). Servers are not replaced: a server's values and optimizer
+    /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)), and no
+    /// longer than the node itself waits (`node_timeout`). Servers are not replaced: a server's values and optimizer
     /// states are lost with it.
     fn recover(&self, st: &mut State, registration: Registration, node_timeout: Option<Duration>) {
         let role = registration.role;

@@ -1,8 +1,10 @@
 //! The state of a server and the handling of each request.
 //!
 //! Locks are taken in one order only: `membership` (see [`membership`]), `workers`, then
-//! `entries`, then one entry, then the updater; `worker_names` and `regions` alone. Replies are sent while holding the entry (the value must not change while its bytes
-//! are on their way), never while holding `workers` or `entries`.
+//! `entries`, then one entry, then the updater; `worker_names` and `regions` are leaf locks,
+//! taken last and never held while taking another. Replies are sent while holding the entry
+//! (the value must not change while its bytes are on their way), never while holding
+//! `workers` or `entries`.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -100,6 +102,10 @@ pub(crate) struct Core {
     load_outcome: Mutex<std::collections::VecDeque<(u64, Option<Vec<u8>>)>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
+    /// The name of the optimizer the job set last (`set_optimizer`, `kController`), against
+    /// which a recovering worker's is checked (a state file may have replaced the running
+    /// one since).
+    optimizer_set: Mutex<Option<String>>,
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
     shm_dir: Option<std::path::PathBuf>,
     /// The region each worker connection lent, by its address.
@@ -142,6 +148,7 @@ impl Core {
             updater: Mutex::new(None),
             load_outcome: Mutex::new(std::collections::VecDeque::new()),
             codec: Mutex::new(None),
+            optimizer_set: Mutex::new(None),
             shm_dir,
             regions: Mutex::new(HashMap::new()),
         }
@@ -820,25 +827,30 @@ impl Core {
         }
     }
 
-    /// Installs the optimizer of a spec; with `keep_running` (a worker taking a lost worker's
-    /// place) an optimizer already running stays, with its states, and must be the same.
+    /// Installs the optimizer of a spec. With `keep_running` (a worker taking a lost worker's
+    /// place, re-running the job's program) an optimizer already running stays, with its
+    /// states: the spec must name the optimizer the job set (its parameters may have changed
+    /// since, e.g. a new learning rate; a state file may have replaced it).
     fn set_optimizer(&self, body: &[u8], keep_running: bool) -> Reply {
         let spec: OptimizerSpec = serde_json::from_slice(body)
             .map_err(|e| format!("the optimizer spec is not valid JSON: {e}"))?;
         let mut current = lock(&self.updater);
         if let (true, Some(running)) = (keep_running, current.as_ref()) {
-            let running = running.optimizer().base().spec();
-            if running != &spec {
+            let set = lock(&self.optimizer_set)
+                .clone()
+                .unwrap_or_else(|| running.optimizer().name().to_string());
+            if !set.eq_ignore_ascii_case(&spec.name) {
                 return Err(format!(
-                    "server {} runs optimizer {running:?}, and a worker taking a lost worker's \
-                     place sets {spec:?}: every worker must set the same optimizer",
-                    self.rank
+                    "server {} runs the job's optimizer {set:?}, and a worker taking a lost \
+                     worker's place sets {:?}: every worker must set the same optimizer",
+                    self.rank, spec.name
                 ));
             }
             return Ok(());
         }
         let updater = Updater::from_spec(&spec).map_err(|e| e.to_string())?;
         *current = Some(updater);
+        *lock(&self.optimizer_set) = Some(spec.name.clone());
         log::info!(
             "kvstore-dist: server {} runs optimizer {:?}",
             self.rank,
@@ -884,11 +896,26 @@ impl Core {
         }
     }
 
-    fn set_compression(&self, body: &[u8]) -> Reply {
+    /// Sets the codec of compressed pushes. With `keep_running` (a worker taking a lost
+    /// worker's place) a codec already set stays and must be the same.
+    fn set_compression(&self, body: &[u8], keep_running: bool) -> Reply {
         let params: kvstore_base::CompressionParams = serde_json::from_slice(body)
             .map_err(|e| format!("the compression parameters are not valid JSON: {e}"))?;
         let spec = CompressionSpec::from_params(&params).map_err(|e| e.to_string())?;
-        *lock(&self.codec) = Some(spec.codec());
+        let mut codec = lock(&self.codec);
+        match *codec {
+            Some(running) if keep_running && running != spec.codec() => {
+                return Err(format!(
+                    "server {} dequantises with {running:?}, and a worker taking a lost \
+                     worker's place sets {:?}: every worker must set the same compression",
+                    self.rank,
+                    spec.codec()
+                ))
+            }
+            Some(_) if keep_running => return Ok(()),
+            _ => *codec = Some(spec.codec()),
+        }
+        drop(codec);
         log::info!(
             "kvstore-dist: server {} dequantises {} pushes (threshold {})",
             self.rank,
@@ -973,9 +1000,10 @@ impl Handler for ServerHandler {
             protocol::CMD_COMMAND => simple(core.command(&request), responder),
             protocol::CMD_BYE => core.bye(&request, responder),
             protocol::CMD_BATCH => core.batch(request, responder),
-            protocol::CMD_SET_COMPRESSION => {
-                simple(core.set_compression(&request.payload), responder)
-            }
+            protocol::CMD_SET_COMPRESSION => simple(
+                core.set_compression(&request.payload, request.header.key == 1),
+                responder,
+            ),
             protocol::CMD_SHM_ATTACH => simple(core.shm_attach(&request), responder),
             protocol::CMD_SAVE_STATES => {
                 let _ = match core.save_states() {

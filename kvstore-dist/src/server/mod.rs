@@ -109,8 +109,9 @@ impl ParamServer {
     }
 
     /// Waits until the job ends: every worker has said goodbye or is gone (a worker that does
-    /// not connect within the timeout counts as gone), or a worker sent `kStopServer`. Then
-    /// stops serving and leaves the cluster.
+    /// not connect within the timeout counts as gone), or a worker sent `kStopServer`; while
+    /// a lost worker has not been replaced, the timeout after the last loss at least (for a
+    /// recovery node). Then stops serving and leaves the cluster.
     ///
     /// # Errors
     /// [`ClusterError::NodesLost`] naming the workers that vanished without a goodbye.

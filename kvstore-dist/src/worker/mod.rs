@@ -516,10 +516,11 @@ impl DistStore {
     /// Whether this worker took the place of a lost worker when it joined (MXNet's
     /// `is_recovery`, ps-lite's recovery node): it has the lost worker's rank, its `init`
     /// calls keep the values the servers hold (declarations must match them), and
-    /// `set_optimizer` / `set_gradient_compression` leave the servers' optimizer (with its
-    /// states) and codec as they are, without a barrier (`set_optimizer` installs it where
-    /// none runs and refuses a different one), and `load_optimizer_states` is refused (the
-    /// others are training).
+    /// `set_optimizer` (and `kController`) / `set_gradient_compression` leave the servers'
+    /// optimizer (with its states) and codec as they are, without a barrier (installing them
+    /// where none is set, refusing a different optimizer or codec), and
+    /// `load_optimizer_states` leaves the servers' states as they are: the program runs from
+    /// its start and rejoins the others.
     pub fn is_recovery(&self) -> bool {
         self.recovered
     }
@@ -1039,17 +1040,16 @@ impl KVStoreBase for DistStore {
         // servers, which dequantise; the barrier keeps any compressed push from reaching a
         // server before the codec does.
         let spec = CompressionSpec::from_params(params)?;
-        // A worker taking a lost worker's place finds the servers' codec set: it only starts
-        // quantising (with residuals from zero), without meeting the others.
-        let sent = if self.recovered {
-            Ok(())
-        } else if self.rank == 0 {
-            let json = serde_json::to_vec(params).map_err(|e| {
-                Error::InvalidArgument(format!("the compression parameters cannot be encoded: {e}"))
-            })?;
+        let json = serde_json::to_vec(params).map_err(|e| {
+            Error::InvalidArgument(format!("the compression parameters cannot be encoded: {e}"))
+        })?;
+        // A worker taking a lost worker's place keeps the servers' codec (sets it where none
+        // is, refuses a different one) and starts quantising with residuals from zero,
+        // without meeting the others.
+        let sent = if self.recovered || self.rank == 0 {
             self.to_all_servers(
                 protocol::CMD_SET_COMPRESSION,
-                0,
+                u64::from(self.recovered),
                 &json,
                 "set_gradient_compression",
             )
@@ -1075,6 +1075,16 @@ impl KVStoreBase for DistStore {
         // As MXNet: rank 0 sends, every server executes and answers.
         if self.rank != 0 {
             return Ok(());
+        }
+        if self.recovered && head == protocol::head::CONTROLLER {
+            // MXNet's way to set the optimizer: a worker taking a lost worker's place keeps
+            // the servers' (with its states), as its set_optimizer does.
+            return self.to_all_servers(
+                protocol::CMD_SET_OPTIMIZER,
+                1,
+                body.as_bytes(),
+                "server command 0 (kController)",
+            );
         }
         let what = match protocol::head::name(head) {
             Some(name) => format!("server command {head} ({name})"),

@@ -71,14 +71,17 @@ impl DistStore {
     pub(super) fn load_states(&self, path: &Path) -> Result<()> {
         let operation = "load_optimizer_states";
         if self.recovered {
-            // The others are training: they make no matching call, and the servers' states
-            // are the job's (a recovered worker keeps them, as its set_optimizer does).
-            return Err(Error::InvalidArgument(format!(
-                "{}: {operation} is a call of every worker of a job, and this worker took a lost \
-                 worker's place while the others train: the servers keep the job's optimizer \
-                 states (load them when the whole job starts)",
-                self.name
-            )));
+            // The others are training and make no matching call; the servers' states are the
+            // job's, newer than any file the program loads at its start: kept, as its
+            // set_optimizer keeps the optimizer.
+            self.check_optimizer(operation)?;
+            log::warn!(
+                "{}: {operation}({}) keeps the servers' states: this worker took a lost \
+                 worker's place while the others train",
+                self.name,
+                path.display()
+            );
+            return Ok(());
         }
         // Every worker numbers its loads alike (counted even when refused below, so that the
         // numbers stay aligned): rank 0 records load n on server 0, the others wait for load

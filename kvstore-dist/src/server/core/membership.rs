@@ -65,8 +65,8 @@ impl Core {
         let mut w = lock(&self.workers);
         loop {
             if w.finished() {
-                // A worker lost lately may still be replaced (a recovery node): wait for one
-                // for the timeout, unless stopped or every worker said goodbye.
+                // A worker lost lately may still be replaced (a recovery node): while a rank is
+                // gone and not stopped, wait for one until the timeout after the last loss.
                 let window = w
                     .last_loss
                     .map(|t| t + self.timeout)
@@ -103,6 +103,7 @@ impl Core {
                                 self.rank, self.timeout
                             );
                             w.dead[r as usize] = Some(why.clone());
+                            w.last_loss = Some(Instant::now());
                             marked.push((r, why));
                         }
                     }
