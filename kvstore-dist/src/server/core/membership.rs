@@ -49,7 +49,7 @@ impl Workers {
         }
     }
 
-    pub(super) fn finished(&self) -> bool {
+    fn finished(&self) -> bool {
         self.answering_byes == 0
             && (self.stopped || (0..self.bye.len()).all(|r| self.bye[r] || self.dead[r].is_some()))
     }
@@ -134,7 +134,7 @@ impl Core {
 
     /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
     /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
-    pub(super) fn fail_rounds_of(&self, rank: u32, why: &str) {
+    fn fail_rounds_of(&self, rank: u32, why: &str) {
         let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
             .iter()
             .map(|(k, e)| (*k, Arc::clone(e)))
@@ -206,7 +206,7 @@ impl Core {
     /// its requests are refused from now on) or from a worker already gone; the failures
     /// remembered for the lost worker are forgotten. A plain hello for a rank that is taken or
     /// gone is refused.
-    pub(super) fn take_rank(&self, request: &Request) -> Result<(), String> {
+    fn take_rank(&self, request: &Request) -> Result<(), String> {
         let rank = request.header.key;
         let mode = protocol::Mode::from_code(request.header.aux)
             .ok_or_else(|| format!("unknown mode code {}", request.header.aux))?;
