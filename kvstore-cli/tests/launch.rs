@@ -292,11 +292,28 @@ fn dist_worker() {
     println!("dist worker rank {rank} of {workers}: pulled {expected}");
 }
 
-#[test]
-fn a_whole_job_runs_to_its_end_and_exits_0() {
+/// Launches a job whose workers run this test binary's ignored test `worker` (a worker
+/// process of a test), with the launcher options `options` before it.
+fn launch_test_workers(options: &[&str], worker: &str) -> common::Launched {
     let me = std::env::current_exe().unwrap();
     let me = me.to_str().expect("a UTF-8 path of the test binary");
-    let job = launch(
+    let tail = [
+        "--",
+        me,
+        "--exact",
+        worker,
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ];
+    let args: Vec<&str> = options.iter().copied().chain(tail).collect();
+    launch(&args, &[])
+}
+
+#[test]
+fn a_whole_job_runs_to_its_end_and_exits_0() {
+    let job = launch_test_workers(
         &[
             "-n",
             "2",
@@ -306,16 +323,8 @@ fn a_whole_job_runs_to_its_end_and_exits_0() {
             "20",
             "--env",
             &format!("{WORKER}=1"),
-            "--",
-            me,
-            "--exact",
-            "dist_worker",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
         ],
-        &[],
+        "dist_worker",
     );
     assert!(job.status.success(), "{}", job.report());
     for rank in 0..2 {
@@ -384,9 +393,7 @@ fn a_worker_that_dies_is_restarted_and_takes_its_place() {
         std::env::temp_dir().join(format!("kvstore-launch-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder).unwrap();
-    let me = std::env::current_exe().unwrap();
-    let me = me.to_str().expect("a UTF-8 path of the test binary");
-    let job = launch(
+    let job = launch_test_workers(
         &[
             "-n",
             "2",
@@ -398,16 +405,8 @@ fn a_worker_that_dies_is_restarted_and_takes_its_place() {
             "1",
             "--env",
             &format!("{RECOVERING}={}", folder.display()),
-            "--",
-            me,
-            "--exact",
-            "recovering_worker",
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
         ],
-        &[],
+        "recovering_worker",
     );
     let _ = std::fs::remove_dir_all(&folder);
     assert!(job.status.success(), "{}", job.report());
