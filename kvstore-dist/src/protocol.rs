@@ -22,7 +22,7 @@
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
 //! | [`CMD_SAVE_STATES`] | none | the server's optimizer state file (its slices of every key) |
 //! | [`CMD_LOAD_STATES`] | a state file of the server's slices | empty, once loaded |
-//! | [`CMD_LOAD_OUTCOME`] | `key`: the load's number; `aux` 2: started, 1: rank 0's outcome (status byte, error text), 0: a question | empty; for a question: nothing yet, [`LOAD_PENDING`] or the outcome |
+//! | [`CMD_LOAD_OUTCOME`] | `key`: the load's number; `aux` 2: started, 1: rank 0's outcome (status byte, error text), 0: a question | empty; for a question: nothing yet, the outcome once recorded (held until then), or [`LOAD_PENDING`] after at most a second |
 //!
 //! # Shared memory on one host
 //!
@@ -98,8 +98,10 @@ pub const CMD_LOAD_STATES: u32 = 0x10D;
 /// Rank 0's `load_optimizer_states` call number `key` (every worker numbers its calls), for
 /// the other workers, kept on server 0: with `aux` 2, rank 0 records that it started; with
 /// `aux` 1, how it ended (the payload: a status byte, 0 for success, then the error's text);
-/// with `aux` 0, a worker asks: the answer is empty (not started), [`LOAD_PENDING`], or the
-/// recorded outcome; an error answer when rank 0 is already past that call.
+/// with `aux` 0, a worker asks: the answer is empty (not started), the recorded outcome (held
+/// until rank 0 records it, a long poll), or [`LOAD_PENDING`] after at most a second (a
+/// quarter of the timeout) still waiting; an error answer when rank 0 is already past that
+/// call.
 pub const CMD_LOAD_OUTCOME: u32 = 0x10E;
 /// The answer to a [`CMD_LOAD_OUTCOME`] question while rank 0's load runs.
 pub const LOAD_PENDING: u8 = 0xFF;

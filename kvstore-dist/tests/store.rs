@@ -679,3 +679,69 @@ fn back_to_back_loads_each_give_their_own_outcome() {
         "{out:?}"
     );
 }
+
+#[test]
+fn a_question_about_a_load_in_progress_is_held_until_rank_0_records_its_outcome() {
+    use kvstore_dist::protocol::{self, CMD_LOAD_OUTCOME};
+    use kvstore_dist::transport::{Connection, Outgoing};
+    use kvstore_dist::{DistConfig, Node};
+    use std::time::Instant;
+    // A timeout of 8 s: a question is held for a second (a quarter of it, at most 1 s).
+    let cluster = LocalCluster::start(1, 1, Duration::from_secs(8)).unwrap();
+    let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    let node = Node::join(&config).unwrap();
+    let server = node.servers().next().unwrap().addr.clone();
+    let connect = || {
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        Connection::connect(server.as_str(), transport).unwrap()
+    };
+    let (rank0, other) = (connect(), connect());
+    // `other` is the job's worker for the server (it ends the job with its goodbye).
+    other
+        .request(
+            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+                .key(u64::from(node.rank()))
+                .aux(protocol::Mode::Sync.code()),
+            "hello",
+        )
+        .unwrap();
+    let record = |aux: u64, payload: &[u8]| {
+        rank0
+            .request(
+                Outgoing::new(CMD_LOAD_OUTCOME, payload).key(1).aux(aux),
+                "record",
+            )
+            .unwrap();
+    };
+    let ask = || {
+        let t = Instant::now();
+        let answer = other
+            .request(Outgoing::new(CMD_LOAD_OUTCOME, &[]).key(1), "question")
+            .unwrap();
+        (answer.payload.to_vec(), t.elapsed())
+    };
+    record(2, &[]);
+    // Nothing recorded within the hold: "still pending".
+    let (pending, held) = ask();
+    assert_eq!(pending, vec![protocol::LOAD_PENDING]);
+    assert!(held >= Duration::from_millis(900), "{held:?}");
+    // Recorded while a question is held: answered then, not at the end of the hold.
+    let (outcome, waited) = thread::scope(|s| {
+        let asked = s.spawn(ask);
+        thread::sleep(Duration::from_millis(150));
+        record(1, &[0]);
+        asked.join().unwrap()
+    });
+    assert_eq!(outcome, vec![0], "rank 0's outcome: loaded");
+    assert!(
+        waited >= Duration::from_millis(100) && waited < Duration::from_millis(900),
+        "{waited:?}"
+    );
+    other
+        .request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
+        .unwrap();
+    drop((rank0, other));
+    node.leave().unwrap();
+    cluster.finish().unwrap();
+}

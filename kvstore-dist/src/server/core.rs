@@ -100,6 +100,10 @@ pub(crate) struct Core {
     /// Rank 0's last two `load_optimizer_states` calls: their numbers, and their outcomes once
     /// known (a status byte, 0 for success, then the error's text).
     load_outcome: Mutex<std::collections::VecDeque<(u64, Option<Vec<u8>>)>>,
+    /// Workers asking for the outcome of a load still in progress: (its number, since when,
+    /// the answer), answered when rank 0 records it or, at the latest, after `LOAD_PARK`
+    /// ("still pending": the worker asks again).
+    load_waiters: Mutex<Vec<(u64, Instant, Responder)>>,
     /// The codec of compressed pushes, once a worker set gradient compression.
     codec: Mutex<Option<Codec>>,
     /// The name of the optimizer the job set last (`set_optimizer`, `kController`), against
@@ -147,6 +151,7 @@ impl Core {
             entries: Mutex::new(HashMap::new()),
             updater: Mutex::new(None),
             load_outcome: Mutex::new(std::collections::VecDeque::new()),
+            load_waiters: Mutex::new(Vec::new()),
             codec: Mutex::new(None),
             optimizer_set: Mutex::new(None),
             shm_dir,
@@ -172,6 +177,7 @@ impl Core {
     /// Fails the rounds and inits that are older than the timeout, naming the workers they
     /// wait for. Called periodically.
     pub(crate) fn expire(&self) {
+        self.expire_load_waiters();
         let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
             .iter()
             .map(|(k, e)| (*k, Arc::clone(e)))
@@ -778,9 +784,22 @@ impl Core {
     fn load_outcome(&self, request: &Request, responder: Responder) {
         let number = request.header.key;
         let mut records = lock(&self.load_outcome);
+        let mut settled = Vec::new();
         let answer = match request.header.aux {
             2 | 1 => {
                 let outcome = (request.header.aux == 1).then(|| request.payload.to_vec());
+                if let Some(bytes) = &outcome {
+                    // The workers waiting for this outcome hear it now.
+                    let mut waiters = lock(&self.load_waiters);
+                    let (these, others) = std::mem::take(&mut *waiters)
+                        .into_iter()
+                        .partition(|(n, _, _)| *n == number);
+                    *waiters = others;
+                    settled = these
+                        .into_iter()
+                        .map(|(_, _, r): (u64, Instant, Responder)| (r, bytes.clone()))
+                        .collect();
+                }
                 match records.iter_mut().find(|(n, _)| *n == number) {
                     Some(record) => record.1 = outcome,
                     None => records.push_back((number, outcome)),
@@ -794,7 +813,11 @@ impl Core {
             }
             _ => match records.iter().find(|(n, _)| *n == number) {
                 Some((_, Some(record))) => Ok(record.clone()),
-                Some((_, None)) => Ok(vec![protocol::LOAD_PENDING]),
+                Some((_, None)) => {
+                    // Answered when rank 0 records the outcome (a long poll).
+                    lock(&self.load_waiters).push((number, Instant::now(), responder));
+                    return;
+                }
                 None => match records.back() {
                     Some((n, _)) if *n > number => Err(format!(
                         "rank 0 has made load_optimizer_states call {n}, this worker asks for \
@@ -805,10 +828,35 @@ impl Core {
             },
         };
         drop(records);
+        for (waiter, bytes) in settled {
+            let _ = waiter.respond(Outgoing::new(0, &bytes));
+        }
         let _ = match answer {
             Ok(bytes) => responder.respond(Outgoing::new(0, &bytes)),
             Err(e) => responder.respond_error(&e),
         };
+    }
+
+    /// How long a question about a load in progress is held before "still pending": well
+    /// within the worker's wait for an answer.
+    fn load_park(&self) -> Duration {
+        (self.timeout / 4).min(Duration::from_secs(1))
+    }
+
+    /// Answers "still pending" to the questions held for longer than [`load_park`](Self::load_park).
+    fn expire_load_waiters(&self) {
+        let park = self.load_park();
+        let expired: Vec<Responder> = {
+            let mut waiters = lock(&self.load_waiters);
+            let (old, young) = std::mem::take(&mut *waiters)
+                .into_iter()
+                .partition(|(_, since, _)| since.elapsed() >= park);
+            *waiters = young;
+            old.into_iter().map(|(_, _, r)| r).collect()
+        };
+        for waiter in expired {
+            let _ = waiter.respond(Outgoing::new(0, &[protocol::LOAD_PENDING]));
+        }
     }
 
     /// The optimizer's state file: every key's slice held here, and the optimizer.

@@ -126,7 +126,9 @@ impl DistStore {
     fn wait_for_rank_0s_load(&self, number: u64) -> Result<()> {
         let start = std::time::Instant::now();
         let limit = 10 * self.timeout;
-        let mut pause = std::time::Duration::from_millis(5);
+        // Server 0 holds a question until the outcome is recorded (a long poll), answering
+        // "still pending" after at most a second: asked again at once.
+        let pause = std::time::Duration::from_millis(5);
         loop {
             let answer = self.servers[0]
                 .request(
@@ -154,7 +156,6 @@ impl DistStore {
                 }
             }
             std::thread::sleep(pause);
-            pause = (pause * 2).min(std::time::Duration::from_millis(200));
         }
     }
 
