@@ -21,7 +21,7 @@
 //! | [`CMD_BARRIER`] | key = the group's ps-lite id (2, 4 or 7), aux = the node's timeout (ms) | empty, once every member entered |
 //! | [`CMD_HEARTBEAT`] | empty | empty |
 //! | [`CMD_GOODBYE`] | empty | empty |
-//! | [`CMD_DEAD_NODES`] | key = a node id or group, aux = timeout (ms) | aux = the count; one line per dead node |
+//! | [`CMD_DEAD_NODES`] | key = a node id or group, aux = timeout (ms) | aux = the count; one line per dead node: `<id> <description>` |
 //!
 //! Failures come back as transport error responses whose text names the missing or dead nodes.
 //! The node table is one line per node, `"<role> <rank> <id> <host:port>"`, scheduler first.
@@ -57,7 +57,7 @@ pub const CMD_GOODBYE: u32 = 0x4B56_0004;
 /// Asks which nodes are dead (MXNet's `get_num_dead_node`): key = a ps-lite node id, or a
 /// group of them (1 scheduler, 2 servers, 4 workers, and their sums), aux = the timeout in
 /// milliseconds; answered with aux = how many of them are lost or silent for longer than
-/// the timeout, and one line naming each.
+/// the timeout, and one line for each: its id, a space, a description naming it and why.
 pub const CMD_DEAD_NODES: u32 = 0x4B56_0005;
 
 /// Whether the node `info` is one of ps-lite's `node_id`: a group (1 scheduler, 2 servers,

@@ -84,7 +84,10 @@
 //! rejoins the others. A late worker
 //! with no lost worker to replace is refused once a loss could have been noticed (the
 //! heartbeat timeout). Servers wait the timeout after a loss before they finish, so that even
-//! a job whose every worker was lost can go on. Every round a lost worker was part of fails at once,
+//! a job whose every worker was lost can go on. A worker the scheduler lost (missed
+//! heartbeats: a frozen process, a machine cut off) is lost on the servers too, though its
+//! connections stay open: they ask the scheduler a few times per timeout. Every round a lost
+//! worker was part of fails at once,
 //! naming it; the survivors retry their step. A lost server is not replaced (its values are
 //! lost with it): restart the job from an optimizer-state file.
 //! [`DistStore::dead_nodes`] names the nodes the scheduler counts as dead (MXNet's

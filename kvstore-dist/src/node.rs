@@ -56,6 +56,62 @@ pub struct Node {
     recovered: bool,
 }
 
+/// Asks the scheduler which nodes are dead (see [`Node::dead_nodes`]), from any thread, on the
+/// connection of the node it came from ([`Node::dead_node_query`]).
+#[derive(Clone)]
+pub struct DeadNodeQuery {
+    conn: Arc<Connection>,
+    scheduler: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for DeadNodeQuery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadNodeQuery")
+            .field("scheduler", &self.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeadNodeQuery {
+    /// The nodes among ps-lite's `node_id` the scheduler counts as dead (lost, or silent for
+    /// longer than `timeout`): each node's id and a description naming it and why.
+    ///
+    /// # Errors
+    /// [`ClusterError`] naming the scheduler when it does not answer within the timeout.
+    pub fn dead_nodes(
+        &self,
+        node_id: u64,
+        timeout: Duration,
+    ) -> Result<Vec<(u32, String)>, ClusterError> {
+        let what = format!("count of the dead nodes of {node_id}");
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let answer = self
+            .conn
+            .send(
+                Outgoing::new(CMD_DEAD_NODES, &[])
+                    .key(node_id)
+                    .aux(timeout_ms),
+                &what,
+            )
+            .and_then(|p| p.wait_timeout(self.timeout))
+            .map_err(|e| scheduler_error(&self.scheduler, &what, e))?;
+        let text = String::from_utf8_lossy(&answer.payload);
+        text.lines()
+            .map(|line| {
+                line.split_once(' ')
+                    .and_then(|(id, description)| Some((id.parse().ok()?, description.to_string())))
+                    .ok_or_else(|| {
+                        ClusterError::Local(format!(
+                            "the scheduler at {} sent a bad dead-node line {line:?}",
+                            self.scheduler
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
+
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
@@ -289,22 +345,34 @@ impl Node {
     /// [`ClusterError`] naming the scheduler when it cannot be asked (this node left, or the
     /// scheduler does not answer within the timeout).
     pub fn dead_nodes(&self, node_id: u64, timeout: Duration) -> Result<Vec<String>, ClusterError> {
-        let what = format!("count of the dead nodes of {node_id}");
+        let dead = self.dead_node_query()?.dead_nodes(node_id, timeout)?;
+        Ok(dead
+            .into_iter()
+            .map(|(_, description)| description)
+            .collect())
+    }
+
+    /// A handle asking the scheduler which nodes are dead, usable from another thread while
+    /// this node is in the cluster (see [`DeadNodeQuery`]).
+    ///
+    /// # Errors
+    /// [`ClusterError::Invalid`] when this node has left.
+    pub fn dead_node_query(&self) -> Result<DeadNodeQuery, ClusterError> {
         let conn = self.conn.as_ref().ok_or_else(|| {
             ClusterError::Invalid(format!("{} has already left the cluster", self.info))
         })?;
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let answer = conn
-            .send(
-                Outgoing::new(CMD_DEAD_NODES, &[])
-                    .key(node_id)
-                    .aux(timeout_ms),
-                &what,
-            )
-            .and_then(|p| p.wait_timeout(self.timeout))
-            .map_err(|e| scheduler_error(&self.scheduler, &what, e))?;
-        let text = String::from_utf8_lossy(&answer.payload);
-        Ok(text.lines().map(str::to_string).collect())
+        Ok(DeadNodeQuery {
+            conn: Arc::clone(conn),
+            scheduler: self.scheduler.clone(),
+            timeout: self.timeout,
+        })
+    }
+
+    /// Stops this node's heartbeats and nothing else, as a frozen process (or a machine cut
+    /// off the network while its connections stay open) would look to the scheduler, which
+    /// then counts it as lost. For fault-injection tests.
+    pub fn stop_heartbeats(&mut self) {
+        self.stop_heartbeat();
     }
 
     /// Says goodbye to the scheduler and closes the connection.

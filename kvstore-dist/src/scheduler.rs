@@ -555,9 +555,10 @@ impl Shared {
             .flatten()
             .filter(|m| is_among(&m.info, node_id))
             .filter_map(|m| match &m.status {
-                Status::Lost(why) => Some(format!("{} is lost: {why}", m.info)),
+                Status::Lost(why) => Some(format!("{} {} is lost: {why}", m.info.id, m.info)),
                 Status::Alive if now.duration_since(m.last_seen) > timeout => Some(format!(
-                    "{} has been silent for {:.1?}",
+                    "{} {} has been silent for {:.1?}",
+                    m.info.id,
                     m.info,
                     now.duration_since(m.last_seen)
                 )),

@@ -330,3 +330,49 @@ fn a_restarted_worker_keeps_the_servers_compression() {
     drop((survivor, recovered));
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_worker_the_scheduler_lost_is_lost_on_the_servers_though_its_connection_stays_open() {
+    // A timeout of 3 s: heartbeats every 0.3 s, a worker lost after 0.9 s of silence.
+    let timeout = Duration::from_secs(3);
+    let cluster = LocalCluster::start(1, 2, timeout).unwrap();
+    let (config, mut stores) = workers(&cluster, 2);
+    let refs: Vec<&DistStore> = stores.iter().collect();
+    on_all(&refs, |kv| {
+        kv.init(3, &NDArray::zeros(&[4], DType::F32)).unwrap();
+    });
+    let frozen = stores.pop().unwrap();
+    let survivor = stores.pop().unwrap();
+    frozen.freeze_heartbeats();
+    let t = Instant::now();
+    let err = step(&survivor).unwrap_err().to_string();
+    assert!(
+        err.contains("worker rank 1") && err.contains("declared it lost"),
+        "the server learns the loss from the scheduler: {err}"
+    );
+    assert!(
+        t.elapsed() < timeout,
+        "before the round's own timeout: {:?}",
+        t.elapsed()
+    );
+    // Its connections are still open; a restarted worker takes its place all the same.
+    let recovered = connect(&config).unwrap();
+    assert_eq!(recovered.rank(), 1);
+    recovered
+        .init(3, &NDArray::zeros(&[4], DType::F32))
+        .unwrap();
+    for w in on_all(&[&survivor, &recovered], |kv| step(kv).unwrap()) {
+        assert_eq!(w, vec![2.0; 4], "no optimizer: the sum of the two pushes");
+    }
+    // Should it wake up, its pushes are refused.
+    let refused = frozen
+        .push(3, &NDArray::ones(&[4], DType::F32))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("declared lost by the scheduler"),
+        "{refused}"
+    );
+    drop((frozen, survivor, recovered));
+    cluster.finish().unwrap();
+}

@@ -20,7 +20,8 @@
 //! the timeout fails every request waiting on it with an error naming the workers that did not
 //! push; a worker that leaves (goodbye) or whose connection closes fails at once every round
 //! in progress (those it pushed in too: its push belongs to a step it never finished), naming
-//! it. A worker the scheduler placed in a lost worker's stead takes the rank over with its
+//! it; so does a worker the scheduler lost (missed heartbeats) while its connection here stays
+//! open, which the server learns by asking the scheduler a few times per timeout. A worker the scheduler placed in a lost worker's stead takes the rank over with its
 //! hello (see [`protocol::FLAG_RECOVERING`](crate::protocol::FLAG_RECOVERING)). The server
 //! stops when every worker has said goodbye or is gone (or on `kStopServer`), and then leaves
 //! the cluster; when a worker was lost, it first waits the timeout from that loss for a worker
@@ -92,7 +93,8 @@ impl ParamServer {
         transport.node_id = node.id();
         let server = Server::from_listener(listener, transport, ServerHandler(Arc::clone(&core)))
             .map_err(|e| ClusterError::Local(format!("cannot serve: {e}")))?;
-        let expiry = start_expiry(Arc::clone(&core), config.timeout)?;
+        let watch = node.dead_node_query().ok();
+        let expiry = start_expiry(Arc::clone(&core), config.timeout, watch)?;
         log::info!("kvstore-dist: {} serving", node.info());
         Ok(ParamServer {
             rank: node.rank(),
@@ -153,10 +155,12 @@ pub fn run_server(config: &DistConfig) -> Result<(), ClusterError> {
     ParamServer::start(config)?.wait()
 }
 
-/// Fails overdue rounds a few times per timeout.
+/// Fails overdue rounds a few times per timeout, and loses the workers the scheduler lost
+/// (asking it through `watch`).
 fn start_expiry(
     core: Arc<Core>,
     timeout: Duration,
+    watch: Option<crate::node::DeadNodeQuery>,
 ) -> Result<(mpsc::Sender<()>, JoinHandle<()>), ClusterError> {
     let (stop, stopped) = mpsc::channel::<()>();
     let tick = (timeout / 10).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -164,7 +168,12 @@ fn start_expiry(
         .name("kvstore-dist server expiry".into())
         .spawn(move || loop {
             match stopped.recv_timeout(tick) {
-                Err(RecvTimeoutError::Timeout) => core.expire(),
+                Err(RecvTimeoutError::Timeout) => {
+                    core.expire();
+                    if let Some(watch) = &watch {
+                        core.lose_workers_the_scheduler_lost(watch);
+                    }
+                }
                 _ => return,
             }
         })

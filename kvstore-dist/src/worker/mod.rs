@@ -1100,6 +1100,16 @@ impl KVStoreBase for DistStore {
 }
 
 impl DistStore {
+    /// Stops this worker's heartbeats and nothing else, as a frozen process (or a machine cut
+    /// off without its connections closing) would look: the scheduler counts it as lost after
+    /// the heartbeat timeout, and the servers, learning it from the scheduler, fail its rounds.
+    /// For fault-injection tests.
+    pub fn freeze_heartbeats(&self) {
+        if let Some(node) = self.node().as_mut() {
+            node.stop_heartbeats();
+        }
+    }
+
     /// Vanishes from the job without a goodbye, as a crashed worker process would: the
     /// connections to the servers and the scheduler close, and the servers fail the rounds in
     /// progress, naming this worker. For fault-injection tests (a worker taking its place:

@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{fail_round, lock, Core, PartId, SharedEntry};
+use crate::node::DeadNodeQuery;
 use crate::protocol::{self, Mode};
 use crate::transport::{Outgoing, Request, Responder};
 
@@ -333,6 +334,73 @@ impl Core {
         if w.finished() {
             self.finished.notify_all();
         }
+    }
+
+    /// Treats as lost the workers the scheduler lost (missed heartbeats) whose connection this
+    /// server still holds: a frozen process, or a machine cut off without its connections
+    /// closing, would otherwise keep this server's rounds, and its end, waiting on them.
+    /// Called periodically; a scheduler that does not answer teaches nothing this time.
+    pub(crate) fn lose_workers_the_scheduler_lost(&self, query: &DeadNodeQuery) {
+        let connected: Vec<(u32, u64)> = {
+            let w = lock(&self.workers);
+            w.by_peer
+                .values()
+                .map(|&r| (r, self.generations[r as usize].load(SeqCst)))
+                .collect()
+        };
+        if connected.is_empty() {
+            return;
+        }
+        // Silent for ever so long counts as lost only when the scheduler says so.
+        let dead = match query.dead_nodes(4, Duration::MAX) {
+            Ok(dead) => dead,
+            Err(e) => {
+                log::debug!("kvstore-dist: server {}: {e}", self.rank);
+                return;
+            }
+        };
+        for (id, description) in dead {
+            let rank = id.checked_sub(9).filter(|n| n % 2 == 0).map(|n| n / 2);
+            if let Some(&(rank, generation)) = connected.iter().find(|(r, _)| Some(*r) == rank) {
+                self.lose_connected(rank, generation, &description);
+            }
+        }
+    }
+
+    /// Loses worker `rank`, still connected with its rank's `generation` (unless a recovering
+    /// worker took it over since), because the scheduler lost it (`description`).
+    fn lose_connected(&self, rank: u32, generation: u64, description: &str) {
+        let _membership = lock(&self.membership);
+        let (peer, why) = {
+            let mut w = lock(&self.workers);
+            if self.generations[rank as usize].load(SeqCst) != generation {
+                return;
+            }
+            let Some(peer) = w
+                .by_peer
+                .iter()
+                .find_map(|(peer, &r)| (r == rank).then_some(*peer))
+            else {
+                return;
+            };
+            w.by_peer.remove(&peer);
+            w.evicted.insert(
+                peer,
+                format!("worker rank {rank} was declared lost by the scheduler ({description})"),
+            );
+            let why = format!("the scheduler declared it lost: {description}");
+            w.dead[rank as usize] = Some(why.clone());
+            w.last_loss = Some(Instant::now());
+            self.finished.notify_all();
+            (peer, why)
+        };
+        lock(&self.regions).remove(&peer);
+        log::warn!(
+            "kvstore-dist: server {}: {} {why}",
+            self.rank,
+            self.worker_name(rank)
+        );
+        self.fail_rounds_of(rank, &format!("is gone ({why})"));
     }
 
     /// A worker connection closed: without a goodbye, its worker is lost (its rounds fail,
