@@ -23,6 +23,11 @@ use crate::cluster::{
 use crate::config::{DistConfig, Role};
 use crate::transport::{Connection, Outgoing, TransportError};
 
+/// A duration as the milliseconds a control message carries in `aux` (saturating).
+fn aux_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Extra time a node waits beyond the timeout for the scheduler's answer, so that the
 /// scheduler's error (which names the missing nodes) arrives first.
 fn grace(timeout: Duration) -> Duration {
@@ -85,13 +90,12 @@ impl DeadNodeQuery {
         timeout: Duration,
     ) -> Result<Vec<(u32, String)>, ClusterError> {
         let what = format!("count of the dead nodes of {node_id}");
-        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         let answer = self
             .conn
             .send(
                 Outgoing::new(CMD_DEAD_NODES, &[])
                     .key(node_id)
-                    .aux(timeout_ms),
+                    .aux(aux_millis(timeout)),
                 &what,
             )
             .and_then(|p| p.wait_timeout(self.timeout))
@@ -198,15 +202,9 @@ impl Node {
             .send(
                 // The time this node has left: a recovering worker waits no longer for a place,
                 // so that the scheduler's refusal (saying why) arrives first.
-                Outgoing::new(CMD_REGISTER, payload.as_bytes()).aux(
-                    u64::try_from(
-                        deadline
-                            .saturating_duration_since(Instant::now())
-                            .as_millis(),
-                    )
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-                ),
+                Outgoing::new(CMD_REGISTER, payload.as_bytes())
+                    // At least 1: 0 would mean "no timeout of its own".
+                    .aux(aux_millis(deadline.saturating_duration_since(Instant::now())).max(1)),
                 &what,
             )
             .and_then(|p| p.wait_timeout(left))
@@ -324,12 +322,9 @@ impl Node {
         // The scheduler fails the barrier at this node's timeout if that is shorter than its
         // own, naming the nodes that did not enter, before this node's wait (timeout + grace)
         // ends.
-        let timeout_ms = u64::try_from(self.timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
         let barrier = Outgoing::new(CMD_BARRIER, &[])
             .key(group.ps_id())
-            .aux(timeout_ms);
+            .aux(aux_millis(self.timeout).max(1));
         conn.send(barrier, &what)
             .and_then(|p| p.wait_timeout(self.timeout + grace(self.timeout)))
             .map(|_| ())

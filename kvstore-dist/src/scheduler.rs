@@ -19,8 +19,6 @@
 //!   timeout of its first entry fails for everyone who entered, naming the nodes that did not
 //!   enter; a node that sends its own, shorter timeout with its entry (every [`Node`] does)
 //!   brings that deadline forward, so it too hears who is missing.
-//!
-//! [`Node`]: crate::node::Node
 //! - **Liveness.** Any message from a node counts as a heartbeat; a node silent for longer than
 //!   the heartbeat timeout (see [`heartbeat_settings`]), or whose connection closes without a
 //!   goodbye, is **lost**: every pending and every later barrier fails with an error naming the
@@ -31,6 +29,8 @@
 //!   all its threads.
 //!
 //! Nothing a peer sends can panic the scheduler: malformed messages are answered with errors.
+//!
+//! [`Node`]: crate::node::Node
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -229,18 +229,18 @@ impl Shared {
         let text = String::from_utf8_lossy(&request.payload).into_owned();
         // "<role> <host:port>", then "recover" from a node able to take a lost node's place.
         let mut words = text.split_whitespace();
-        let parsed = match (words.next(), words.next(), words.next(), words.next()) {
+        let (parsed, can_recover) = match (words.next(), words.next(), words.next(), words.next()) {
             (Some(role), Some(addr), recover, None)
                 if matches!(recover, None | Some("recover")) =>
             {
-                role.parse::<Role>()
+                let parsed = role
+                    .parse::<Role>()
                     .ok()
-                    .map(|role| (role, addr.to_string(), recover.is_some()))
+                    .map(|role| (role, addr.to_string()));
+                (parsed, recover.is_some())
             }
-            _ => None,
+            _ => (None, false),
         };
-        let can_recover = matches!(parsed, Some((_, _, true)));
-        let parsed = parsed.map(|(role, addr, _)| (role, addr));
         let refuse = |why: String| Err(format!("registration refused: {why}"));
         let outcome = match parsed {
             None => refuse(format!("malformed registration {text:?}")),
@@ -367,8 +367,8 @@ impl Shared {
     /// answered with the node table and [`FLAG_RECOVERED`]. When no worker is lost yet (a
     /// restarted process may register before its predecessor's loss is noticed), it waits for
     /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)), and no
-    /// longer than the node itself waits (`node_timeout`). Servers are not replaced: a server's values and optimizer
-    /// states are lost with it.
+    /// longer than the node itself waits (`node_timeout`). Servers are not replaced: a
+    /// server's values and optimizer states are lost with it.
     fn recover(&self, st: &mut State, registration: Registration, node_timeout: Option<Duration>) {
         let role = registration.role;
         let refuse = |registration: Registration, why: String| {

@@ -67,6 +67,14 @@ fn take_worker(nodes: &mut Vec<Node>, rank: u32) -> Node {
     nodes.remove(i)
 }
 
+/// The workers among `nodes`, in their order.
+fn only_workers(nodes: Vec<Node>) -> Vec<Node> {
+    nodes
+        .into_iter()
+        .filter(|n| n.role() == Role::Worker)
+        .collect()
+}
+
 /// Runs `barrier(group)` on every node concurrently; results in the nodes' order.
 fn barrier_all(nodes: &[Node], group: Group) -> Vec<Result<(), ClusterError>> {
     thread::scope(|s| {
@@ -154,10 +162,7 @@ fn a_worker_with_a_shorter_timeout_than_the_scheduler_hears_who_is_missing() {
     let sched = scheduler(1, 3, Duration::from_secs(30), Duration::from_secs(40));
     let mut nodes = join_all(&sched, 1, 3, Duration::from_secs(1));
     let absent = take_worker(&mut nodes, 1);
-    let workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let workers: Vec<Node> = only_workers(nodes);
     let t = Instant::now();
     let results = barrier_all(&workers, Group::Workers);
     let elapsed = t.elapsed();
@@ -179,10 +184,7 @@ fn barrier_fails_within_the_timeout_naming_the_worker_that_never_enters() {
     let sched = scheduler(1, 3, timeout, Duration::from_secs(10));
     let mut nodes = join_all(&sched, 1, 3, timeout);
     let absent = take_worker(&mut nodes, 2);
-    let workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let workers: Vec<Node> = only_workers(nodes);
     let t = Instant::now();
     let results = barrier_all(&workers, Group::Workers);
     let elapsed = t.elapsed();
@@ -215,10 +217,7 @@ fn a_worker_whose_connection_drops_fails_the_others_barrier_naming_it() {
     let crashed = take_worker(&mut nodes, 1);
     let addr = crashed.info().addr.clone();
     crashed.abandon();
-    let workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let workers: Vec<Node> = only_workers(nodes);
     let t = Instant::now();
     for r in barrier_all(&workers, Group::Workers) {
         let msg = r.unwrap_err().to_string();
@@ -254,10 +253,7 @@ fn a_recovering_worker_takes_a_lost_workers_rank_and_barriers_work_again() {
     let recovered = Node::join_recovering(&config(Role::Worker, port, 1, 3, timeout)).unwrap();
     assert!(recovered.is_recovery());
     assert_eq!((recovered.rank(), recovered.id()), (2, 13));
-    let mut workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let mut workers: Vec<Node> = only_workers(nodes);
     assert!(workers.iter().all(|n| !n.is_recovery()));
     workers.push(recovered);
     assert!(barrier_all(&workers, Group::Workers)
@@ -294,10 +290,7 @@ fn a_loss_fails_pending_barriers_before_a_waiting_worker_takes_the_place() {
         Node::join_recovering(&config(Role::Worker, port, 1, 3, timeout)).unwrap()
     });
     thread::sleep(Duration::from_millis(200));
-    let workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let workers: Vec<Node> = only_workers(nodes);
     // Rank 0 waits in a barrier (with rank 1 not there yet) when rank 2 is lost.
     let pending = thread::scope(|s| {
         let h = s.spawn(|| workers[0].barrier(Group::Workers));
@@ -344,10 +337,7 @@ fn a_worker_that_stops_heartbeating_fails_the_others_barrier_naming_it() {
         .map(|h| h.join().unwrap().unwrap())
         .collect();
     let silent = nodes.pop().unwrap();
-    let workers: Vec<Node> = nodes
-        .into_iter()
-        .filter(|n| n.role() == Role::Worker)
-        .collect();
+    let workers: Vec<Node> = only_workers(nodes);
     let t = Instant::now();
     for r in barrier_all(&workers, Group::Workers) {
         let msg = r.unwrap_err().to_string();

@@ -178,11 +178,7 @@ impl Core {
     /// wait for. Called periodically.
     pub(crate) fn expire(&self) {
         self.expire_load_waiters();
-        let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
-            .iter()
-            .map(|(k, e)| (*k, Arc::clone(e)))
-            .collect();
-        for ((_, part), entry) in entries {
+        for ((_, part), entry) in self.entry_list() {
             let mut e = lock(&entry);
             let what = self.describe(&e.key, part);
             if matches!(e.round_started, Some(t) if t.elapsed() >= self.timeout) {
@@ -215,6 +211,15 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// Every part held, each with its entry, taken out of `entries` so that the entries can be
+    /// locked one by one without holding it.
+    fn entry_list(&self) -> Vec<(PartId, SharedEntry)> {
+        lock(&self.entries)
+            .iter()
+            .map(|(k, e)| (*k, Arc::clone(e)))
+            .collect()
     }
 
     fn entry(&self, wire_key: u64, part: u64) -> Option<Arc<Mutex<Entry>>> {

@@ -193,11 +193,7 @@ impl DistStore {
                     Outgoing::new(protocol::CMD_HELLO, name.as_bytes())
                         .key(u64::from(hello.rank))
                         .aux(hello.mode.code())
-                        .flags(if recovered {
-                            protocol::FLAG_RECOVERING
-                        } else {
-                            0
-                        }),
+                        .flags(recovery_flags(recovered)),
                     &what,
                 )
                 .map_err(|e| backend(name, e))?;
@@ -379,11 +375,7 @@ impl DistStore {
                     payload.extend_from_slice(&data[meta.byte_range(part)]);
                 }
                 let what = format!("{operation} of key {}", g.key);
-                let flags = if self.recovered {
-                    protocol::FLAG_RECOVERING
-                } else {
-                    0
-                };
+                let flags = recovery_flags(self.recovered);
                 let p = self
                     .send(
                         meta,
@@ -1003,11 +995,7 @@ impl KVStoreBase for DistStore {
             Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
         })?;
         if self.recovered {
-            // The servers run the job's optimizer, with its states: a worker taking a lost
-            // worker's place neither resets them nor meets the others (they are training). It
-            // installs the optimizer where none runs (its predecessor, rank 0, died before
-            // sending it) and checks that a running one is the same.
-            self.to_all_servers(protocol::CMD_SET_OPTIMIZER, 1, &json, "set_optimizer")?;
+            self.keep_servers_optimizer(&json, "set_optimizer")?;
             self.optimizer.store(true, Ordering::Relaxed);
             return Ok(());
         }
@@ -1077,14 +1065,8 @@ impl KVStoreBase for DistStore {
             return Ok(());
         }
         if self.recovered && head == protocol::head::CONTROLLER {
-            // MXNet's way to set the optimizer: a worker taking a lost worker's place keeps
-            // the servers' (with its states), as its set_optimizer does.
-            return self.to_all_servers(
-                protocol::CMD_SET_OPTIMIZER,
-                1,
-                body.as_bytes(),
-                "server command 0 (kController)",
-            );
+            // MXNet's way to set the optimizer: kept as set_optimizer keeps it.
+            return self.keep_servers_optimizer(body.as_bytes(), "server command 0 (kController)");
         }
         let what = match protocol::head::name(head) {
             Some(name) => format!("server command {head} ({name})"),
@@ -1100,6 +1082,14 @@ impl KVStoreBase for DistStore {
 }
 
 impl DistStore {
+    /// A worker taking a lost worker's place sets the optimizer (`spec_json`): the servers
+    /// run the job's, with its states, which it neither resets nor meets the others for (they
+    /// are training); they install it where none runs (rank 0 died before sending it) and
+    /// refuse a different one.
+    fn keep_servers_optimizer(&self, spec_json: &[u8], what: &str) -> Result<()> {
+        self.to_all_servers(protocol::CMD_SET_OPTIMIZER, 1, spec_json, what)
+    }
+
     /// Stops this worker's heartbeats and nothing else, as a frozen process (or a machine cut
     /// off without its connections closing) would look: the scheduler counts it as lost after
     /// the heartbeat timeout, and the servers, learning it from the scheduler, fail its rounds.
@@ -1144,6 +1134,16 @@ impl Drop for DistStore {
                 log::warn!("{}: leaving the cluster failed: {e}", self.name);
             }
         }
+    }
+}
+
+/// The flags of a hello or an init: [`protocol::FLAG_RECOVERING`] from a worker that took a
+/// lost worker's place.
+fn recovery_flags(recovered: bool) -> u16 {
+    if recovered {
+        protocol::FLAG_RECOVERING
+    } else {
+        0
     }
 }
 

@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{fail_round, lock, Core, PartId, SharedEntry};
+use super::{fail_round, lock, Core};
+use crate::cluster::{node_id, Group};
+use crate::config::Role;
 use crate::node::DeadNodeQuery;
 use crate::protocol::{self, Mode};
 use crate::transport::{Outgoing, Request, Responder};
@@ -48,6 +49,27 @@ impl Workers {
             None if self.bye[rank] => Some("has left the job (said goodbye)".to_string()),
             None => None,
         }
+    }
+
+    /// The connection holding worker `rank`, if any.
+    fn peer_of(&self, rank: u32) -> Option<SocketAddr> {
+        self.by_peer
+            .iter()
+            .find_map(|(peer, &r)| (r == rank).then_some(*peer))
+    }
+
+    /// Takes the rank away from connection `peer`, whose requests are refused from now on
+    /// with `why`.
+    fn evict(&mut self, peer: SocketAddr, why: String) {
+        self.by_peer.remove(&peer);
+        self.evicted.insert(peer, why);
+    }
+
+    /// Records that worker `rank` is lost (`why`): no round completes without it until a
+    /// worker takes its place, which the server then waits for before it finishes.
+    fn mark_lost(&mut self, rank: u32, why: &str) {
+        self.dead[rank as usize] = Some(why.to_string());
+        self.last_loss = Some(Instant::now());
     }
 
     fn finished(&self) -> bool {
@@ -103,8 +125,7 @@ impl Core {
                                 "never connected to server {} within {:?}",
                                 self.rank, self.timeout
                             );
-                            w.dead[r as usize] = Some(why.clone());
-                            w.last_loss = Some(Instant::now());
+                            w.mark_lost(r, &why);
                             marked.push((r, why));
                         }
                     }
@@ -136,11 +157,7 @@ impl Core {
     /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
     /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
     fn fail_rounds_of(&self, rank: u32, why: &str) {
-        let entries: Vec<(PartId, SharedEntry)> = lock(&self.entries)
-            .iter()
-            .map(|(k, e)| (*k, Arc::clone(e)))
-            .collect();
-        for ((_, part), entry) in entries {
+        for ((_, part), entry) in self.entry_list() {
             let mut e = lock(&entry);
             let what = self.describe(&e.key, part);
             // A round the lost worker pushed in fails too: its push belongs to a step it never
@@ -236,10 +253,7 @@ impl Core {
                 "worker rank {rank} has left the job (said goodbye): its place cannot be taken"
             ));
         }
-        let open = w
-            .by_peer
-            .iter()
-            .find_map(|(peer, &have)| (have == rank).then_some(*peer));
+        let open = w.peer_of(rank);
         if !recovering {
             if let Some(peer) = open {
                 return Err(format!(
@@ -259,8 +273,7 @@ impl Core {
         }
         let lost = match open {
             Some(peer) => {
-                w.by_peer.remove(&peer);
-                w.evicted.insert(
+                w.evict(
                     peer,
                     format!(
                         "worker rank {rank}'s place was taken by a recovering worker at {}",
@@ -295,12 +308,11 @@ impl Core {
         }
         lock(&self.worker_names)[r] = format!(
             "worker rank {rank} (id {}) connected from {}",
-            crate::cluster::node_id(crate::config::Role::Worker, rank),
+            node_id(Role::Worker, rank),
             request.peer
         );
         // The failures remembered for the lost worker are not the newcomer's.
-        let entries: Vec<SharedEntry> = lock(&self.entries).values().cloned().collect();
-        for entry in entries {
+        for (_, entry) in self.entry_list() {
             lock(&entry).failed[r] = None;
         }
         Ok(())
@@ -352,7 +364,7 @@ impl Core {
             return;
         }
         // Silent for ever so long counts as lost only when the scheduler says so.
-        let dead = match query.dead_nodes(4, Duration::MAX) {
+        let dead = match query.dead_nodes(Group::Workers.ps_id(), Duration::MAX) {
             Ok(dead) => dead,
             Err(e) => {
                 log::debug!("kvstore-dist: server {}: {e}", self.rank);
@@ -360,8 +372,10 @@ impl Core {
             }
         };
         for (id, description) in dead {
-            let rank = id.checked_sub(9).filter(|n| n % 2 == 0).map(|n| n / 2);
-            if let Some(&(rank, generation)) = connected.iter().find(|(r, _)| Some(*r) == rank) {
+            let held = connected
+                .iter()
+                .find(|&&(rank, _)| node_id(Role::Worker, rank) == id);
+            if let Some(&(rank, generation)) = held {
                 self.lose_connected(rank, generation, &description);
             }
         }
@@ -376,27 +390,27 @@ impl Core {
             if self.generations[rank as usize].load(SeqCst) != generation {
                 return;
             }
-            let Some(peer) = w
-                .by_peer
-                .iter()
-                .find_map(|(peer, &r)| (r == rank).then_some(*peer))
-            else {
+            let Some(peer) = w.peer_of(rank) else {
                 return;
             };
-            w.by_peer.remove(&peer);
-            w.evicted.insert(
+            w.evict(
                 peer,
                 format!("worker rank {rank} was declared lost by the scheduler ({description})"),
             );
             let why = format!("the scheduler declared it lost: {description}");
-            w.dead[rank as usize] = Some(why.clone());
-            w.last_loss = Some(Instant::now());
+            w.mark_lost(rank, &why);
             self.finished.notify_all();
             (peer, why)
         };
         lock(&self.regions).remove(&peer);
+        self.fail_lost(rank, &why);
+    }
+
+    /// Logs the loss of worker `rank` (`why`) and fails its rounds. Called holding
+    /// `membership`, right after the loss was recorded.
+    fn fail_lost(&self, rank: u32, why: &str) {
         log::warn!(
-            "kvstore-dist: server {}: {} {why}",
+            "kvstore-dist: server {}: {} is lost: {why}",
             self.rank,
             self.worker_name(rank)
         );
@@ -418,16 +432,10 @@ impl Core {
                 return;
             }
             let why = format!("its connection from {peer} closed without a goodbye");
-            w.dead[rank as usize] = Some(why.clone());
-            w.last_loss = Some(Instant::now());
+            w.mark_lost(rank, &why);
             self.finished.notify_all();
             (rank, why)
         };
-        log::warn!(
-            "kvstore-dist: server {}: {} disconnected without a goodbye",
-            self.rank,
-            self.worker_name(rank)
-        );
-        self.fail_rounds_of(rank, &format!("is gone ({why})"));
+        self.fail_lost(rank, &why);
     }
 }
