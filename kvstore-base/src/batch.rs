@@ -269,11 +269,15 @@ impl<'a> KeyedOuts<'a> {
         values: &KeyedValues<'_>,
     ) -> Result<()> {
         self.check_against(operation, values)?;
+        let mut first_values: std::collections::HashMap<&Key, &NDArray> =
+            std::collections::HashMap::with_capacity(values.len());
+        for (key, value) in values.iter() {
+            first_values.entry(key).or_insert(value);
+        }
         for (i, (key, out)) in self.keys.iter().zip(&self.outs).enumerate() {
-            let (_, value) = values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .expect("checked against values");
+            let Some(value) = first_values.get(key) else {
+                continue; // check_against found every output key among the values
+            };
             value
                 .check_shape_of(out, &format!("output {i}"))
                 .map_err(|e| e.at_key(store, operation, key.clone()))?;

@@ -18,7 +18,7 @@
 //! | [`CMD_COMMAND`] | the body, `key` = MXNet's command head | empty |
 //! | [`CMD_SET_COMPRESSION`] | the compression parameters as JSON; `key` 1: keep a codec already set (it must be the same) | empty |
 //! | [`CMD_BYE`] | none | empty; the worker is done |
-//! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data | the pulled data, concatenated in item order |
+//! | [`CMD_BATCH`] | [`BatchItem`]s, then the pushed data (or each init's payload) | the pulled data, concatenated in item order |
 //! | [`CMD_SHM_ATTACH`] | [`ShmAttach`] | empty, once the server mapped the region |
 //! | [`CMD_SAVE_STATES`] | none | the server's optimizer state file (its slices of every key) |
 //! | [`CMD_LOAD_STATES`] | a state file of the server's slices | empty, once loaded |
@@ -106,8 +106,10 @@ pub const CMD_LOAD_OUTCOME: u32 = 0x10E;
 /// The answer to a [`CMD_LOAD_OUTCOME`] question while rank 0's load runs.
 pub const LOAD_PENDING: u8 = 0xFF;
 
-/// Many small parts in one message: `aux` is the inner command ([`CMD_PUSH`], [`CMD_PULL`] or
-/// [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data.
+/// Many small parts in one message: `aux` is the inner command ([`CMD_INIT`], [`CMD_PUSH`],
+/// [`CMD_PULL`] or [`CMD_PUSHPULL`]), the payload a [`BatchItem`] list then the pushed data
+/// (for an init, each item's [`InitMeta`] then rank 0's data; its flags may carry
+/// [`FLAG_RECOVERING`]).
 pub const CMD_BATCH: u32 = 0x109;
 
 /// Parts at most this big travel in [`CMD_BATCH`] messages; bigger ones in messages of their

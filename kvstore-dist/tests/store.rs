@@ -6,8 +6,10 @@ use std::thread;
 use std::time::Duration;
 
 use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, Key, NDArray, OptimizerSpec};
-use kvstore_dist::LocalCluster;
+use kvstore_dist::{DistStore, LocalCluster};
 use kvstore_local as _;
+
+mod common;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -249,6 +251,58 @@ fn a_worker_that_leaves_fails_the_rounds_waiting_for_it_at_once() {
     assert_eq!(err.key(), Some(&Key::Int(5)), "{err}");
     assert!(err.to_string().contains("worker rank 1"), "{err}");
     assert!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
+}
+
+/// The requests `kv` sends to its servers while `call` runs.
+fn requests_of(kv: &DistStore, call: impl FnOnce()) -> u64 {
+    let before = kv.requests_sent();
+    call();
+    kv.requests_sent() - before
+}
+
+#[test]
+fn a_call_of_many_small_keys_travels_in_one_batch_per_server() {
+    // 1000 keys of 4 float32 on 2 servers: each call is about one message per server (a
+    // broadcast is an init then a pull), not one per key, and gives what per-key messages do.
+    let out = common::run_tweaked(
+        2,
+        2,
+        |_| {},
+        |kv: &DistStore| {
+            let keys: Vec<i32> = (0..1000).collect();
+            let scale = kv.rank() as f64 + 1.0;
+            let values: Vec<NDArray> = keys
+                .iter()
+                .map(|&k| NDArray::full(&[4], k as f64 * scale, DType::F32))
+                .collect();
+            let mut outs: Vec<NDArray> = keys
+                .iter()
+                .map(|_| NDArray::zeros(&[4], DType::F32))
+                .collect();
+            let init = requests_of(kv, || kv.init(&keys[..], &values).unwrap());
+            let push = requests_of(kv, || kv.push(&keys[..], &values).unwrap());
+            let pull = requests_of(kv, || kv.pull(&keys[..], &mut outs).unwrap());
+            let summed = outs
+                .iter()
+                .enumerate()
+                .all(|(k, o)| f32s(o) == vec![3.0 * k as f32; 4]);
+            let fresh: Vec<i32> = (1000..2000).collect();
+            let broadcast =
+                requests_of(kv, || kv.broadcast(&fresh[..], &values, &mut outs).unwrap());
+            let rank_0s = outs
+                .iter()
+                .enumerate()
+                .all(|(k, o)| f32s(o) == vec![k as f32; 4]);
+            ([init, push, pull, broadcast], summed, rank_0s)
+        },
+    );
+    for (rank, (requests, summed, rank_0s)) in out.into_iter().enumerate() {
+        assert!(summed && rank_0s, "rank {rank}: wrong values");
+        assert!(
+            requests[..3].iter().all(|&r| r == 2) && requests[3] == 4,
+            "rank {rank}: requests of init, push, pull, broadcast: {requests:?}"
+        );
+    }
 }
 
 #[test]

@@ -728,14 +728,14 @@ impl HorovodStore {
         results: &[NDArray],
         outs: &mut KeyedOuts<'_>,
     ) -> Result<()> {
+        let by_key: std::collections::HashMap<&Key, &NDArray> = keys.iter().zip(results).collect();
         for (key, out) in outs.iter_mut() {
             if out.storage_type() == StorageType::RowSparse {
                 continue;
             }
-            let result = keys
-                .iter()
-                .position(|k| k == key)
-                .map(|i| &results[i])
+            let result = by_key
+                .get(key)
+                .copied()
                 .ok_or_else(|| backend(&self.name, format!("no result for key {key}")))?;
             out.assign(result).map_err(self.at(operation, key))?;
         }

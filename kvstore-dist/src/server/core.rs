@@ -51,7 +51,7 @@ struct Queued {
 
 /// An init of a rank other than 0, waiting for rank 0's.
 struct InitWaiter {
-    responder: Responder,
+    answer: Answer,
     since: Instant,
     rank: u32,
     meta: InitMeta,
@@ -207,7 +207,7 @@ impl Core {
                     self.worker_name(0)
                 );
                 for w in e.init_waiters.drain(..) {
-                    let _ = w.responder.respond_error(&msg);
+                    w.answer.fail(&msg);
                 }
             }
         }
@@ -234,45 +234,67 @@ impl Core {
     }
 
     fn init(&self, request: Request, responder: Responder) {
-        let mut slot = Some(responder);
-        let result = self.try_init(&request, &mut slot);
-        if let Some(r) = slot {
-            let _ = match result {
-                Ok(()) => r.respond(Outgoing::new(0, &[])),
-                Err(e) => r.respond_error(&e),
-            };
+        let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
+        let id = (request.header.key, request.header.aux);
+        let rank = self.sender_rank(&request);
+        self.init_part(
+            rank,
+            recovering,
+            id,
+            &request.payload,
+            Answer::One(responder),
+        );
+    }
+
+    /// Declares or sets one part (`payload`: an [`InitMeta`], then rank 0's data); the answer
+    /// waits for rank 0's value when another rank's declaration comes first.
+    fn init_part(
+        &self,
+        rank: Result<u32, String>,
+        recovering: bool,
+        id: PartId,
+        payload: &[u8],
+        answer: Answer,
+    ) {
+        let mut slot = Some(answer);
+        let result = rank.and_then(|rank| self.try_init(rank, recovering, id, payload, &mut slot));
+        if let Some(answer) = slot {
+            match result {
+                Ok(()) => answer.ok(&[]),
+                Err(e) => answer.fail(&e),
+            }
         }
     }
 
-    /// Declares or sets a part; takes the responder out of `slot` when the answer must wait
-    /// for rank 0's value.
-    fn try_init(&self, request: &Request, slot: &mut Option<Responder>) -> Reply {
-        let rank = self.sender_rank(request)?;
-        let (meta, data) = InitMeta::decode(&request.payload)?;
-        let part = request.header.aux;
+    /// Declares or sets a part; takes the answer out of `slot` when it must wait for rank 0's
+    /// value.
+    fn try_init(
+        &self,
+        rank: u32,
+        recovering: bool,
+        (wire_key, part): PartId,
+        payload: &[u8],
+        slot: &mut Option<Answer>,
+    ) -> Reply {
+        let (meta, data) = InitMeta::decode(payload)?;
         let entry = {
             let mut entries = lock(&self.entries);
-            Arc::clone(
-                entries
-                    .entry((request.header.key, part))
-                    .or_insert_with(|| {
-                        Arc::new(Mutex::new(Entry {
-                            key: meta.key.clone(),
-                            meta: meta.clone(),
-                            value: None,
-                            init_waiters: Vec::new(),
-                            merge: None,
-                            pushed: vec![false; self.num_workers as usize],
-                            waiters: Vec::new(),
-                            round_started: None,
-                            queued: VecDeque::new(),
-                            failed: vec![None; self.num_workers as usize],
-                        }))
-                    }),
-            )
+            Arc::clone(entries.entry((wire_key, part)).or_insert_with(|| {
+                Arc::new(Mutex::new(Entry {
+                    key: meta.key.clone(),
+                    meta: meta.clone(),
+                    value: None,
+                    init_waiters: Vec::new(),
+                    merge: None,
+                    pushed: vec![false; self.num_workers as usize],
+                    waiters: Vec::new(),
+                    round_started: None,
+                    queued: VecDeque::new(),
+                    failed: vec![None; self.num_workers as usize],
+                }))
+            }))
         };
         let mut e = lock(&entry);
-        let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
         if rank != 0 || (recovering && e.value.is_some()) {
             if e.value.is_some() {
                 // Rank 0's declaration is in place: this one must match it.
@@ -281,9 +303,9 @@ impl Core {
                     None => Ok(()),
                 };
             }
-            let responder = slot.take().expect("the responder is still here");
+            let answer = slot.take().expect("the answer is still here");
             e.init_waiters.push(InitWaiter {
-                responder,
+                answer,
                 since: Instant::now(),
                 rank,
                 meta,
@@ -305,10 +327,10 @@ impl Core {
         e.key = meta.key.clone();
         e.meta = meta;
         for w in std::mem::take(&mut e.init_waiters) {
-            let _ = match self.init_mismatch(w.rank, &w.meta, &e.meta, part) {
-                Some(msg) => w.responder.respond_error(&msg),
-                None => w.responder.respond(Outgoing::new(0, &[])),
-            };
+            match self.init_mismatch(w.rank, &w.meta, &e.meta, part) {
+                Some(msg) => w.answer.fail(&msg),
+                None => w.answer.ok(&[]),
+            }
         }
         Ok(())
     }
@@ -560,12 +582,13 @@ impl Core {
     fn batch(&self, request: Request, responder: Responder) {
         let inner = request.header.aux;
         let parsed = protocol::BatchItem::decode(&request.payload).and_then(|(items, data)| {
+            let inits = inner == u64::from(protocol::CMD_INIT);
             let pushes = inner == u64::from(protocol::CMD_PUSH)
                 || inner == u64::from(protocol::CMD_PUSHPULL);
-            if !pushes && inner != u64::from(protocol::CMD_PULL) {
+            if !pushes && !inits && inner != u64::from(protocol::CMD_PULL) {
                 return Err(format!("a batch of unknown command {inner:#x}"));
             }
-            if pushes {
+            if pushes || inits {
                 let pushed: u64 = items.iter().map(|it| it.len).sum();
                 if pushed != data.len() as u64 {
                     return Err(format!(
@@ -575,15 +598,31 @@ impl Core {
                 }
             }
             let sender = self.sender(&request);
-            Ok((items, data, sender, pushes))
+            Ok((items, data, sender, pushes, inits))
         });
-        let (items, data, sender, pushes) = match parsed {
+        let (items, data, sender, pushes, inits) = match parsed {
             Ok(p) => p,
             Err(e) => {
                 let _ = responder.respond_error(&e);
                 return;
             }
         };
+        if inits {
+            let batch = Batch::new(responder, &vec![0; items.len()]);
+            let mut at = 0usize;
+            for (i, it) in items.iter().enumerate() {
+                let len = it.len as usize;
+                self.init_part(
+                    sender.clone().map(|(rank, _)| rank),
+                    it.flags & protocol::FLAG_RECOVERING != 0,
+                    (it.wire, u64::from(it.part)),
+                    &data[at..at + len],
+                    Answer::Item(Arc::clone(&batch), i),
+                );
+                at += len;
+            }
+            return;
+        }
         let wants_data = inner != u64::from(protocol::CMD_PUSH);
         // Pulled data is the part's whole value (pushes may be compressed).
         let lens: Vec<usize> = items

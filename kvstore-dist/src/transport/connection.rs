@@ -93,6 +93,8 @@ pub struct Connection {
     next_id: AtomicU64,
     /// Bytes written to the socket so far (headers included).
     sent: AtomicU64,
+    /// Requests written to the socket so far.
+    requests: AtomicU64,
     config: TransportConfig,
     reader: Option<JoinHandle<()>>,
 }
@@ -172,6 +174,7 @@ impl Connection {
             writer: Mutex::new(stream),
             next_id: AtomicU64::new(1),
             sent: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
             config,
             reader: Some(reader),
         })
@@ -180,6 +183,11 @@ impl Connection {
     /// Bytes this connection has written to its socket (frame headers included).
     pub fn bytes_sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Requests this connection has written to its socket.
+    pub fn requests_sent(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 
     /// The peer: its address, and its node id once it has sent one.
@@ -259,6 +267,7 @@ impl Connection {
         if written.is_ok() {
             self.sent
                 .fetch_add((HEADER_LEN + out.payload.len()) as u64, Ordering::Relaxed);
+            self.requests.fetch_add(1, Ordering::Relaxed);
         }
         if let Err(source) = written {
             self.shared.lock().pending.remove(&request_id);

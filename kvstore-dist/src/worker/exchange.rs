@@ -4,6 +4,7 @@
 //! worker's shared-memory region travels through it when it fits (see
 //! [`protocol`](crate::protocol#shared-memory-on-one-host)).
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -113,7 +114,7 @@ impl Answers {
 }
 
 impl DistStore {
-    /// Sends `command` (push, pull or pushpull) for every part of `metas` (`data[i][p]`: the
+    /// Sends `command` (init, push, pull or pushpull) for every part of `metas` (`data[i][p]`: the
     /// pushed bytes of part `p` of key `i`, flagged with `extra_flags`) and waits for every answer; returns the answers of a pull or
     /// pushpull. Callers enter by `priority` to send (see
     /// [`PriorityGate`](kvstore_base::PriorityGate)). Requests are waited for until the first
@@ -128,7 +129,7 @@ impl DistStore {
         extra_flags: u16,
         priority: i32,
     ) -> Result<Option<Answers>> {
-        let receive = command != protocol::CMD_PUSH;
+        let receive = answers_data(command);
         let call = Call {
             operation,
             command,
@@ -297,8 +298,12 @@ impl DistStore {
             extra_flags,
             ..
         } = *call;
-        let receive = command != protocol::CMD_PUSH;
-        let link = self.shm[meta.parts[part].server].as_ref();
+        let receive = answers_data(command);
+        // An init (rare, and answered only once rank 0's value is in) stays on TCP.
+        let link = match command {
+            protocol::CMD_INIT => None,
+            _ => self.shm[meta.parts[part].server].as_ref(),
+        };
         let data = (command != protocol::CMD_PULL).then_some(payload);
         let reply = receive.then(|| meta.byte_range(part).len());
         // A compressed push takes the slot too (its flag tells the server to dequantise what
@@ -385,40 +390,47 @@ impl DistStore {
     }
 }
 
-/// Waits for the requests and returns the outcomes in the order they settled, looking at the
-/// requests of a connection that ended before any other, and stops at the first lost
-/// connection (the requests left are dropped): a server that died is reported at once, not
-/// after waiting out a round that another server holds open because of it.
-pub(crate) fn settle<T>(mut pending: Vec<(T, Pending)>) -> Vec<(T, Outcome)> {
+/// Waits for the requests and returns the outcomes in the order they settled, and stops at the
+/// first lost connection (the requests left are dropped): while the oldest request waits, the
+/// requests of a connection that ended are settled first, so a server that died is reported
+/// within a slice (50 ms), not after waiting out a round that another server holds open
+/// because of it.
+pub(crate) fn settle<T>(pending: Vec<(T, Pending)>) -> Vec<(T, Outcome)> {
     const SLICE: Duration = Duration::from_millis(50);
     let mut settled = Vec::with_capacity(pending.len());
-    while !pending.is_empty() {
-        let mut i = 0;
-        while i < pending.len() {
-            if pending[i].1.connection_closed() {
-                let (tag, p) = pending.remove(i);
-                let outcome = p.wait();
-                let lost = matches!(&outcome, Err(e) if is_loss(e));
-                settled.push((tag, outcome));
-                if lost {
-                    return settled;
-                }
-            } else {
-                i += 1;
+    let mut pending: VecDeque<(T, Pending)> = pending.into();
+    // Answers come back in about the order the requests went out: wait for the oldest, and
+    // only when a slice passes without its answer look through the others for a closed
+    // connection, so that settling n requests costs O(n), not O(n^2).
+    while let Some((tag, mut first)) = pending.pop_front() {
+        if let Some(outcome) = first.poll(SLICE) {
+            let lost = matches!(&outcome, Err(e) if is_loss(e));
+            settled.push((tag, outcome));
+            if lost {
+                return settled;
             }
+            continue;
         }
-        if let Some((_, first)) = pending.first_mut() {
-            if let Some(outcome) = first.poll(SLICE) {
-                let (tag, _) = pending.remove(0);
-                let lost = matches!(&outcome, Err(e) if is_loss(e));
-                settled.push((tag, outcome));
-                if lost {
-                    return settled;
-                }
+        pending.push_front((tag, first));
+        let (closed, open): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut pending)
+            .into_iter()
+            .partition(|(_, p)| p.connection_closed());
+        pending = open;
+        for (tag, p) in closed {
+            let outcome = p.wait();
+            let lost = matches!(&outcome, Err(e) if is_loss(e));
+            settled.push((tag, outcome));
+            if lost {
+                return settled;
             }
         }
     }
     settled
+}
+
+/// Whether the answers to `command` carry the parts' data (a pull's or a pushpull's do).
+fn answers_data(command: u32) -> bool {
+    !matches!(command, protocol::CMD_PUSH | protocol::CMD_INIT)
 }
 
 /// Whether `e` means the connection to a server is gone (the server died or is unreachable).

@@ -179,7 +179,7 @@ impl Core {
                     self.worker_name(0)
                 );
                 for w in e.init_waiters.drain(..) {
-                    let _ = w.responder.respond_error(&msg);
+                    w.answer.fail(&msg);
                 }
             }
         }
