@@ -5,7 +5,9 @@
 //! one device output and from there to the others ([`with_outs_fanned_out`]), as MXNet's
 //! device communicator does around a parameter server.
 
-use crate::{Context, Error, Key, KeyedOuts, KeyedValues, NDArray, Result};
+use std::collections::hash_map::{Entry, HashMap};
+
+use crate::{Context, DType, Error, Key, KeyedOuts, KeyedValues, NDArray, Result};
 
 /// Runs `call` with `values`, those in device memory replaced by copies in host memory (the
 /// others as they are): how a store that works on host memory takes device arrays.
@@ -306,19 +308,17 @@ pub fn with_outs_fanned_out<R>(
     }
     let mut received: Vec<NDArray> = Vec::new();
     let mut plan: Vec<Plan> = Vec::with_capacity(outs.len());
+    // The first device output of each key and dtype receives; the others copy it.
+    let mut receivers: HashMap<(&Key, DType), usize> = HashMap::new();
     for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
         if out.device().is_none() {
             plan.push(Plan::Host);
             continue;
         }
-        let first = (0..i).find(|&j| {
-            outs.keys()[j] == *key
-                && matches!(plan[j], Plan::Received(_))
-                && outs.outs()[j].dtype() == out.dtype()
-        });
-        match first {
-            Some(j) => plan.push(Plan::CopyOf(j)),
-            None => {
+        match receivers.entry((key, out.dtype())) {
+            Entry::Occupied(first) => plan.push(Plan::CopyOf(*first.get())),
+            Entry::Vacant(slot) => {
+                slot.insert(i);
                 plan.push(Plan::Received(received.len()));
                 received.push(NDArray::zeros(out.shape(), out.dtype()));
             }

@@ -20,6 +20,10 @@ use kvstore_local::reduce::{self, ReduceConfig};
 use crate::partition::{self, Partition, DEFAULT_PARTITION_BYTES};
 use crate::schedule::CreditScheduler;
 
+mod batched;
+
+use batched::Flight;
+
 /// The variable (or create option) with the partition size in bytes.
 pub const PARTITION_BYTES_VAR: &str = "BYTEPS_PARTITION_BYTES";
 /// The variable (or create option) with the scheduling credit, in partitions (0: none).
@@ -319,6 +323,15 @@ fn empty_answers(tensors: &[Arc<Tensor>]) -> Vec<Vec<Pulled>> {
         .collect()
 }
 
+/// Every partition of every tensor, in order.
+fn all_tasks(tensors: &[Arc<Tensor>]) -> Vec<Task> {
+    tensors
+        .iter()
+        .enumerate()
+        .flat_map(|(tensor, t)| (0..t.parts.len()).map(move |part| Task { tensor, part }))
+        .collect()
+}
+
 /// One partition of one tensor of a call.
 #[derive(Debug, Clone, Copy)]
 struct Task {
@@ -470,6 +483,13 @@ impl BytePsStore {
     /// The priority scheduler, when `BYTEPS_SCHEDULING_CREDIT` is not 0.
     pub fn scheduler(&self) -> Option<&CreditScheduler> {
         self.scheduler.as_ref()
+    }
+
+    /// Requests sent to the servers so far: without a scheduling credit, the partitions of
+    /// a call up to 64 KiB travel together, in about one message per server and MiB (and
+    /// one for their pulls), so a call of a thousand small tensors costs a few messages.
+    pub fn requests_sent(&self) -> u64 {
+        self.servers.iter().map(|c| c.requests_sent()).sum()
     }
 
     /// Server connections that move big partitions through shared memory (a region lent and
@@ -660,7 +680,8 @@ impl BytePsStore {
             }
             out
         };
-        let mut pending = Vec::new();
+        // Each partition's declaration (and rank 0's data), small ones batched per server.
+        let mut payloads: Vec<Vec<Vec<u8>>> = Vec::with_capacity(tensors.len());
         for (g, t) in groups.iter().zip(&tensors) {
             let value = values.values()[g.positions[0]];
             let dense;
@@ -671,18 +692,28 @@ impl BytePsStore {
                     dense.bytes()
                 }
             };
-            for part in 0..t.parts.len() {
-                let mut payload = t.init_meta(part).encode();
-                if self.rank == 0 {
-                    payload.extend_from_slice(&data[t.byte_range(part)]);
-                }
-                pending.push((
-                    &t.key,
-                    self.send(t, part, protocol::CMD_INIT, &payload, operation)?,
-                ));
-            }
+            let parts = (0..t.parts.len())
+                .map(|part| {
+                    let mut payload = t.init_meta(part).encode();
+                    if self.rank == 0 {
+                        payload.extend_from_slice(&data[t.byte_range(part)]);
+                    }
+                    payload
+                })
+                .collect();
+            payloads.push(parts);
         }
-        self.wait_all(operation, pending)?;
+        let tasks = all_tasks(&tensors);
+        let payload = |task: Task| payloads[task.tensor][task.part].as_slice();
+        let (sent, _) = self.send_batched(
+            operation,
+            protocol::CMD_INIT,
+            &tensors,
+            &tasks,
+            payload,
+            false,
+        )?;
+        self.acknowledged(operation, &tensors, sent)?;
         let mut table = lock(&self.table);
         for t in &tensors {
             if table.kind.is_none() {
@@ -694,16 +725,19 @@ impl BytePsStore {
         Ok(tensors)
     }
 
-    /// Waits for every request; the first failure (a lost server first) is returned.
-    fn wait_all(&self, operation: &'static str, pending: Vec<(&Key, Sent)>) -> Result<()> {
+    /// Waits for every message; the first failure (a lost server first) is returned.
+    fn acknowledged(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        sent: Vec<Flight>,
+    ) -> Result<()> {
         let mut first: Option<Error> = None;
-        for (key, p) in pending {
-            if let (Err(e), _) = p.wait() {
-                let lost = matches!(e, TransportError::PeerClosed { .. });
-                let e = self.transport_at(operation, key)(e);
-                if lost || first.is_none() {
-                    first = Some(e);
-                }
+        for (task, e) in sent.into_iter().filter_map(Flight::acknowledged) {
+            let lost = matches!(e, TransportError::PeerClosed { .. });
+            let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
+            if lost || first.is_none() {
+                first = Some(e);
             }
         }
         first.map_or(Ok(()), Err)
@@ -740,13 +774,9 @@ impl BytePsStore {
                 Ok(outbound(&arrays, &self.reduce))
             })
             .collect::<Result<_>>()?;
-        let tasks: Vec<Task> = tensors
-            .iter()
-            .enumerate()
-            .flat_map(|(tensor, t)| (0..t.parts.len()).map(move |part| Task { tensor, part }))
-            .collect();
+        let tasks = all_tasks(&tensors);
         let pulls = outs.is_some();
-        let (acks, pulled) = match &self.scheduler {
+        let (failed, pulled) = match &self.scheduler {
             None => self.send_all(operation, &tensors, &payloads, &tasks, pulls)?,
             Some(s) => {
                 self.send_scheduled(s, operation, &tensors, &payloads, &tasks, pulls, priority)?
@@ -760,16 +790,18 @@ impl BytePsStore {
                 first = Some(e);
             }
         };
-        for (task, outcome) in acks {
-            if let Err(e) = outcome {
-                note(&task, e);
-            }
+        for (task, e) in failed {
+            note(&task, e);
         }
         let mut answers = empty_answers(&tensors);
-        for (task, p) in pulled {
-            match p.pulled() {
-                Ok(a) => answers[task.tensor][task.part] = a,
-                Err(e) => note(&task, e),
+        for flight in pulled {
+            match flight.pulled(&tensors) {
+                Ok(parts) => {
+                    for (task, a) in parts {
+                        answers[task.tensor][task.part] = a;
+                    }
+                }
+                Err((task, e)) => note(&task, e),
             }
         }
         let written = match (first, outs) {
@@ -781,7 +813,9 @@ impl BytePsStore {
         written
     }
 
-    /// Every partition at once (no scheduling): pushes, then pulls when `pulls`.
+    /// Every partition at once (no scheduling; small ones batched per server): each push,
+    /// then its pull when `pulls`. Returns the failed pushes, once every push is acknowledged,
+    /// and the pulls on their way.
     #[allow(clippy::type_complexity)]
     fn send_all(
         &self,
@@ -790,29 +824,23 @@ impl BytePsStore {
         payloads: &[Outbound<'_>],
         tasks: &[Task],
         pulls: bool,
-    ) -> Result<(Vec<(Task, Outcome)>, Vec<(Task, Sent)>)> {
-        let mut pushed = Vec::with_capacity(tasks.len());
-        let mut pulled = Vec::new();
-        for &task in tasks {
-            let t = &tensors[task.tensor];
-            let data = &payloads[task.tensor].bytes()[t.byte_range(task.part)];
-            pushed.push((
-                task,
-                self.send(t, task.part, protocol::CMD_PUSH, data, operation)?,
-            ));
-            if pulls {
-                pulled.push((
-                    task,
-                    self.send(t, task.part, protocol::CMD_PULL, &[], operation)?,
-                ));
-            }
-        }
+    ) -> Result<(Vec<(Task, TransportError)>, Vec<Flight>)> {
+        let payload =
+            |task: Task| &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)];
+        let (pushed, pulled) = self.send_batched(
+            operation,
+            protocol::CMD_PUSH,
+            tensors,
+            tasks,
+            payload,
+            pulls,
+        )?;
         // A push's slot is free once acknowledged.
-        let acks = pushed
+        let failed = pushed
             .into_iter()
-            .map(|(task, p): (Task, Sent)| (task, p.wait().0))
+            .filter_map(Flight::acknowledged)
             .collect();
-        Ok((acks, pulled))
+        Ok((failed, pulled))
     }
 
     /// Partitions in priority order under the credit: a partition's push goes out once it has
@@ -828,7 +856,7 @@ impl BytePsStore {
         tasks: &[Task],
         pulls: bool,
         priority: i32,
-    ) -> Result<(Vec<(Task, Outcome)>, Vec<(Task, Sent)>)> {
+    ) -> Result<(Vec<(Task, TransportError)>, Vec<Flight>)> {
         let keyed: Vec<(u64, usize)> = tasks
             .iter()
             .map(|t| {
@@ -841,11 +869,11 @@ impl BytePsStore {
             // Releases each grant (and the push's slot) once its push is acknowledged.
             let acks = s.spawn(move || {
                 rx.into_iter()
-                    .map(|(grant, task, p)| {
+                    .filter_map(|(grant, task, p)| {
                         let (outcome, lease) = p.wait();
                         drop(lease);
                         drop(grant);
-                        (task, outcome)
+                        outcome.err().map(|e| (task, e))
                     })
                     .collect::<Vec<_>>()
             });
@@ -874,7 +902,7 @@ impl BytePsStore {
                 }
                 if pulls {
                     match self.send(t, task.part, protocol::CMD_PULL, &[], operation) {
-                        Ok(p) => pulled.push((task, p)),
+                        Ok(p) => pulled.push(Flight::one(task, p)),
                         Err(e) => break Err(e),
                     }
                 }
@@ -931,8 +959,13 @@ impl BytePsStore {
         outs: &mut KeyedOuts<'_>,
         ignore_sparse: bool,
     ) -> Result<()> {
+        let index: HashMap<&Key, usize> = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (&t.key, i))
+            .collect();
         for (key, out) in outs.iter_mut() {
-            let i = tensors.iter().position(|t| &t.key == key).expect("checked");
+            let i = *index.get(key).expect("checked");
             let t = &tensors[i];
             let at = |e: Error| e.at_key(&self.name, operation, key.clone());
             for (part, bytes) in answers[i].iter().enumerate() {
@@ -984,24 +1017,27 @@ impl BytePsStore {
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let tensors = self.tensors(operation, &keys)?;
         self.check_outs(operation, outs)?;
-        let mut pending = Vec::new();
-        for (i, t) in tensors.iter().enumerate() {
-            for part in 0..t.parts.len() {
-                pending.push((
-                    i,
-                    part,
-                    self.send(t, part, protocol::CMD_PULL, &[], operation)?,
-                ));
-            }
-        }
+        let tasks = all_tasks(&tensors);
+        let (pulled, _) = self.send_batched(
+            operation,
+            protocol::CMD_PULL,
+            &tensors,
+            &tasks,
+            |_| &[],
+            false,
+        )?;
         let mut answers = empty_answers(&tensors);
         let mut first: Option<Error> = None;
-        for (i, part, p) in pending {
-            match p.pulled() {
-                Ok(a) => answers[i][part] = a,
-                Err(e) => {
+        for flight in pulled {
+            match flight.pulled(&tensors) {
+                Ok(parts) => {
+                    for (task, a) in parts {
+                        answers[task.tensor][task.part] = a;
+                    }
+                }
+                Err((task, e)) => {
                     let lost = matches!(e, TransportError::PeerClosed { .. });
-                    let e = self.transport_at(operation, &tensors[i].key)(e);
+                    let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
                     if lost || first.is_none() {
                         first = Some(e);
                     }

@@ -85,6 +85,53 @@ fn pushpull_sums_a_partitioned_tensor_across_workers_and_servers() {
 }
 
 #[test]
+fn a_call_of_many_small_tensors_travels_in_batches_unless_scheduled() {
+    // 1000 tensors of 4 float32 on 2 servers: init, pushpull (a push and a pull batch per
+    // server) and pull each cost about one message per server, not one per tensor; with a
+    // scheduling credit, each partition goes under its own grant. Sums as BytePS gives them.
+    for (extra, batched) in [
+        (&[][..], true),
+        (&[("BYTEPS_SCHEDULING_CREDIT", "4")][..], false),
+    ] {
+        let out = run(2, 2, extra, |kv| {
+            let keys: Vec<i32> = (0..1000).collect();
+            let scale = kv.rank() as f64 + 1.0;
+            let values: Vec<NDArray> = keys
+                .iter()
+                .map(|&k| NDArray::full(&[4], k as f64 * scale, DType::F32))
+                .collect();
+            let mut outs: Vec<NDArray> = keys
+                .iter()
+                .map(|_| NDArray::zeros(&[4], DType::F32))
+                .collect();
+            let count = |call: &mut dyn FnMut()| {
+                let before = kv.requests_sent();
+                call();
+                kv.requests_sent() - before
+            };
+            let init = count(&mut || kv.init(&keys[..], &values).unwrap());
+            let pushpull = count(&mut || kv.pushpull(&keys[..], &values, &mut outs).unwrap());
+            let mut pulled: Vec<NDArray> = keys
+                .iter()
+                .map(|_| NDArray::zeros(&[4], DType::F32))
+                .collect();
+            let pull = count(&mut || kv.pull(&keys[..], &mut pulled).unwrap());
+            let summed = outs
+                .iter()
+                .chain(&pulled)
+                .enumerate()
+                .all(|(i, o)| f32s(o) == vec![3.0 * (i % 1000) as f32; 4]);
+            ([init, pushpull, pull], summed)
+        });
+        for (rank, (requests, summed)) in out.into_iter().enumerate() {
+            assert!(summed, "rank {rank}: wrong sums");
+            let expected = if batched { [2, 4, 2] } else { [2, 2000, 2] };
+            assert_eq!(requests, expected, "rank {rank}: init, pushpull, pull");
+        }
+    }
+}
+
+#[test]
 fn push_then_pull_sees_the_round_sum_and_init_keeps_rank_0s_value() {
     let out = run(1, 2, &[("BYTEPS_PARTITION_BYTES", "8")], |kv| {
         let r = kv.rank() as f64;

@@ -5,6 +5,7 @@
 //! into one file per server, so that a checkpoint moves between a `local` store and a
 //! distributed one, or between jobs with other numbers of servers.
 
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 
 use kvstore_base::{DType, Error, Key, NDArray, Result};
@@ -41,12 +42,9 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
         .iter()
         .map(|f| state_file::decode(f))
         .collect::<Result<_>>()?;
+    let known: HashSet<&Key> = layout.iter().map(|e| &e.key).collect();
     for (server, file) in saved.iter().enumerate() {
-        if let Some(k) = file
-            .keys
-            .iter()
-            .find(|k| !layout.iter().any(|e| e.key == k.key))
-        {
+        if let Some(k) = file.keys.iter().find(|k| !known.contains(&k.key)) {
             return Err(Error::InvalidArgument(format!(
                 "server {server} holds optimizer state of key {}, which this worker did not init: \
                  save on a worker that initialised every key",
@@ -65,16 +63,17 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
     let optimizer = most_updated
         .filter(|_| with_optimizer)
         .and_then(|i| saved[i].optimizer.clone());
+    // Each server's keys, by key.
+    let by_key: Vec<HashMap<&Key, &SavedKey>> = saved
+        .iter()
+        .map(|s| s.keys.iter().map(|k| (&k.key, k)).collect())
+        .collect();
     let mut keys = Vec::with_capacity(layout.len());
     for entry in layout {
         let parts: Vec<Option<&SavedKey>> = entry
             .slices
             .iter()
-            .map(|(file, _)| {
-                saved
-                    .get(*file)
-                    .and_then(|s| s.keys.iter().find(|k| k.key == entry.key))
-            })
+            .map(|(file, _)| by_key.get(*file).and_then(|k| k.get(&entry.key).copied()))
             .collect();
         if parts.iter().all(Option::is_none) {
             continue;
@@ -162,8 +161,9 @@ pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec
             keys: Vec::new(),
         })
         .collect();
+    let entries: HashMap<&Key, &KeySlices> = layout.iter().map(|e| (&e.key, e)).collect();
     for key in &saved.keys {
-        let Some(entry) = layout.iter().find(|e| e.key == key.key) else {
+        let Some(entry) = entries.get(&key.key).copied() else {
             return Err(Error::InvalidArgument(format!(
                 "the state file holds key {}, which this store does not have (init it first)",
                 key.key

@@ -1,7 +1,7 @@
 //! [`Updater`]: MXNet's `get_updater`, an optimizer plus per-key state.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use half::{bf16, f16};
@@ -473,10 +473,15 @@ impl Updater {
             })
             .collect();
         if dump_optimizer {
+            let index: HashMap<Key, usize> = keys
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.key.clone(), i))
+                .collect();
             // Counts of keys without state (none in practice) are kept too.
             for (k, c) in base.counts() {
-                match keys.iter_mut().find(|s| &s.key == k) {
-                    Some(s) => s.count = Some(*c),
+                match index.get(k) {
+                    Some(&i) => keys[i].count = Some(*c),
                     None => keys.push(SavedKey {
                         key: k.clone(),
                         count: Some(*c),

@@ -1,5 +1,7 @@
 //! [`TestStore`]: MXNet's `TestStore`, the reference the other stores are checked against.
 
+use std::collections::HashMap;
+
 use kvstore_base::{
     register, Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray, Result,
 };
@@ -111,11 +113,9 @@ impl KVStoreBase for TestStore {
         outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
         values.check_one_value_per_key(NAME, "broadcast")?;
+        let by_key: HashMap<&Key, &NDArray> = values.iter().collect();
         write_all("broadcast", outs, |key| {
-            values
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
+            by_key.get(key).map(|v| (*v).clone())
         })
     }
 
@@ -128,17 +128,16 @@ impl KVStoreBase for TestStore {
         values.check_on_host(self.type_name(), "pushpull")?;
         outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
-        let mut sums = Vec::new();
+        let mut sums = HashMap::new();
         for group in values.groups() {
             let arrays: Vec<&NDArray> = group
                 .positions
                 .iter()
                 .map(|&i| values.values()[i])
                 .collect();
-            sums.push((group.key.clone(), self.sum(&group.key, &arrays)?));
+            let sum = self.sum(&group.key, &arrays)?;
+            sums.insert(group.key, sum);
         }
-        write_all("pushpull", outs, |key| {
-            sums.iter().find(|(k, _)| k == key).map(|(_, s)| s.clone())
-        })
+        write_all("pushpull", outs, |key| sums.get(key).cloned())
     }
 }

@@ -5,8 +5,8 @@
 //! list call with all `n` keys of each kind is timed: `init`, `push` then `pull`, `pushpull`,
 //! and `broadcast` of `n` new keys (stores without `init`/`push`/`pull` skip those), and the
 //! median of a few rounds is printed in microseconds per key. The distributed stores run as a
-//! job of two workers on threads of this process, with a scheduler (and, for `dist_sync` and
-//! `byteps`, one server) on loopback, as `kvstore launch` would start them.
+//! job of two workers on threads of this process, with a scheduler and one server on loopback
+//! (`horovod` greets it and leaves it idle), as `kvstore launch` would start them.
 //!
 //! ```text
 //! cargo run --release -p kvstore-examples --bin key_scaling
@@ -79,8 +79,8 @@ fn main() {
 
 /// Times the operations on a job of [`WORKERS`] workers of `store`; rank 0's figures.
 fn time_distributed(store: &str, n: usize) -> [Option<f64>; 4] {
-    let servers = if store == "horovod" { 0 } else { 1 };
-    let cluster = LocalCluster::start(servers, WORKERS, Duration::from_secs(120)).expect("cluster");
+    // One server (which `horovod` greets and leaves idle).
+    let cluster = LocalCluster::start(1, WORKERS, Duration::from_secs(120)).expect("cluster");
     let rows: Vec<[Option<f64>; 4]> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..WORKERS)
             .map(|_| {

@@ -9,6 +9,8 @@
 //! pairs are split by where their key lives: the host keys' go to the embedded host store,
 //! the GPU-bound keys' are all checked before either part runs.
 
+use std::collections::HashMap;
+
 use kvstore_base::{with_written_outs_on_host, Context, KeyedOuts, KeyedValues};
 
 use super::*;
@@ -334,14 +336,19 @@ impl DeviceStore {
         outs: &KeyedOuts<'_>,
     ) -> Result<()> {
         let state = self.state();
+        // Each key's first value, for keys not on the GPUs yet.
+        let mut first_values: HashMap<&Key, &NDArray> = HashMap::new();
+        for (k, v) in values.iter().flat_map(|v| v.iter()) {
+            first_values.entry(k).or_insert(v);
+        }
         for (key, out) in outs.keys().iter().zip(outs.outs()) {
             if !gpu_keys.contains(key) {
                 continue;
             }
             let expected = match state.keys.get(key) {
                 Some(entry) => entry.shape.clone(),
-                None => match values.and_then(|v| v.iter().find(|(k, _)| *k == key)) {
-                    Some((_, v)) => v.shape().to_vec(),
+                None => match first_values.get(key) {
+                    Some(v) => v.shape().to_vec(),
                     None => continue, // check_against names it
                 },
             };

@@ -180,6 +180,9 @@ impl Core {
         self.expire_load_waiters();
         for ((_, part), entry) in self.entry_list() {
             let mut e = lock(&entry);
+            if e.round_started.is_none() && e.init_waiters.is_empty() {
+                continue; // nothing waits on this part
+            }
             let what = self.describe(&e.key, part);
             if matches!(e.round_started, Some(t) if t.elapsed() >= self.timeout) {
                 let missing: Vec<String> = (0..self.num_workers)
