@@ -4,11 +4,17 @@ use std::process::{Command, Output};
 
 /// Runs a program built from this package and returns its output, checking that it succeeded.
 fn run(program: &str) -> String {
+    run_with_args(program, &[])
+}
+
+/// [`run`] with arguments.
+fn run_with_args(program: &str, args: &[&str]) -> String {
     let Output {
         status,
         stdout,
         stderr,
     } = Command::new(program)
+        .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     let stdout = String::from_utf8_lossy(&stdout).into_owned();
@@ -147,5 +153,19 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
                 "{store} worker {i}:\n{out}"
             );
         }
+    }
+}
+
+#[test]
+fn key_scaling_times_every_store_and_checks_the_results() {
+    // A tiny run (200 keys): the benchmark's calls succeed and give the right sums on every
+    // store (it panics otherwise), and it prints one row per store.
+    let out = run_with_args(env!("CARGO_BIN_EXE_key_scaling"), &["200"]);
+    for store in ["local", "dist_sync", "byteps", "horovod"] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(store))
+            .unwrap_or_else(|| panic!("no row for {store}:\n{out}"));
+        assert_eq!(row.split_whitespace().nth(1), Some("200"), "{row}");
     }
 }

@@ -54,7 +54,11 @@
 //! `pushpull` validates everything, sums each key's device values, then sends every partition
 //! of every key: its push (from the caller's memory when it holds a single contiguous value)
 //! and, at once behind it on the same connection, its pull, which the server answers when the
-//! partition's round is complete. Without scheduling every partition goes out at once; with a
+//! partition's round is complete. Without scheduling every partition goes out at once, and
+//! partitions of up to 64 KiB travel together, one batch per server and MiB (the dist stores'
+//! `CMD_BATCH`, answered as a whole), with their pulls in one batch right behind, so that a
+//! call of a thousand small tensors costs a few messages, not two thousand
+//! ([`BytePsStore::requests_sent`]; `init` batches its declarations the same way); with a
 //! credit, a partition's push goes out when the [`schedule::CreditScheduler`] grants it and
 //! its grant is released when the server acknowledges the push (an acknowledgement never
 //! waits for other workers, so credits cannot deadlock across workers). Answers are written
@@ -96,8 +100,9 @@
 //! - The credit covers the pushes a worker has in flight (BytePS schedules its first pipeline
 //!   stage); pulls are not scheduled. Priority only orders concurrent calls of one worker and
 //!   the partitions of one call by key.
-//! - Each partition travels in a message of its own (no batching of small keys as the dist
-//!   stores do); the first round of a new key is not an "init push": `init` sets rank 0's value.
+//! - Small partitions travel in batches (BytePS sends one message per partition), except
+//!   under a scheduling credit, where each partition waits for its own grant; the first round
+//!   of a new key is not an "init push": `init` sets rank 0's value.
 //! - Servers run the dist server: no `BYTEPS_SERVER_ENGINE_THREAD` pool or server-side
 //!   priority; a server sums on the thread of the worker connection that completes the round.
 //! - No gradient compression (BytePS's onebit/topk/randomk/dithering compressors), no

@@ -4,7 +4,8 @@
 //! For each store and each key count `n` (1,000, 10,000 and 100,000 keys of 16 `f32`), one
 //! list call with all `n` keys of each kind is timed: `init`, `push` then `pull`, `pushpull`,
 //! and `broadcast` of `n` new keys (stores without `init`/`push`/`pull` skip those), and the
-//! median of a few rounds is printed in microseconds per key. The distributed stores run as a
+//! median of a few rounds is printed in microseconds per key. The results are checked after
+//! the timed rounds. The distributed stores run as a
 //! job of two workers on threads of this process, with a scheduler and one server on loopback
 //! (`horovod` greets it and leaves it idle), as `kvstore launch` would start them.
 //!
@@ -128,6 +129,8 @@ fn time_operations(kv: &dyn KVStoreBase, n: usize) -> [Option<f64>; 4] {
         kv.pushpull(&keys[..], &values, &mut outs)
             .expect("pushpull");
     }));
+    // Outside the timing: every worker pushed the same values, so each sum is that many.
+    check(&outs, kv.num_workers() as f32, "pushpull");
     let mut round = 0i64;
     let broadcast = Some(median_of(|| {
         // New keys each round: a broadcast initialises them where the store keeps values.
@@ -138,7 +141,17 @@ fn time_operations(kv: &dyn KVStoreBase, n: usize) -> [Option<f64>; 4] {
         kv.broadcast(&fresh[..], &values, &mut outs)
             .expect("broadcast");
     }));
+    check(&outs, 1.0, "broadcast");
     [init, push_pull, pushpull, broadcast]
+}
+
+/// Panics unless output `i` holds `times` x the value pushed for key `i`.
+fn check(outs: &[NDArray], times: f32, operation: &str) {
+    for (i, out) in outs.iter().enumerate() {
+        let expected = vec![times * (i % 7) as f32; ELEMENTS];
+        let found = out.to_vec::<f32>().expect("float32 outputs");
+        assert_eq!(found, expected, "{operation}: wrong result for key {i}");
+    }
 }
 
 /// The median of [`ROUNDS`] timed runs of `f`, after one untimed run.
