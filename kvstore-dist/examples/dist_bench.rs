@@ -34,7 +34,9 @@
 //!   output;
 //! - `push_pull_64MiB`: the same with a 64 MiB array;
 //! - `small_keys_1000x256`: 1000 int keys of 256 elements each, one list push and one list
-//!   pull per round.
+//!   pull per round;
+//! - `init_1000x256`: 1000 new int keys of 256 elements each, one list init and a barrier per
+//!   round (MXNet's dist `init` ends with a barrier); rank 0's values must be the ones kept.
 //!
 //! Each workload starts with a barrier of all workers; each worker times its own rounds. Worker
 //! `r` pushes arrays filled with `r + 1` (times `k % 7 + 1` for small key `k`). After the timed
@@ -275,6 +277,49 @@ fn small_keys(
     })
 }
 
+/// Each round inits `count` new int keys of `elems` elements with one list call, then waits at
+/// a barrier (MXNet's dist init ends with one): every worker declares, rank 0's values are
+/// kept.
+fn init_keys(
+    kv: &dyn KVStoreBase,
+    options: &Options,
+    name: &'static str,
+    count: i32,
+    elems: usize,
+) -> Result<Row, String> {
+    let at = |e: kvstore_base::Error| format!("{name}: {e}");
+    let rank = kv.rank();
+    let scale = |k: i32| (k % 7 + 1) as f32;
+    // Worker r declares r + 1 times rank 0's values.
+    let values: Vec<NDArray> = (0..count)
+        .map(|k| f32_array(elems, f64::from(scale(k) * (rank + 1) as f32)))
+        .collect();
+    kv.barrier().map_err(at)?;
+    let mut next = 1_000_000;
+    let mut keys: Vec<i32> = Vec::new();
+    let times = time_rounds(options.warmup, options.reps, || {
+        keys = (next..next + count).collect();
+        next += count;
+        kv.init(&keys, &values)?;
+        kv.barrier()
+    })
+    .map_err(|e| format!("{name}: {e}"))?;
+    let mut outs: Vec<NDArray> = keys.iter().map(|_| f32_array(elems, 0.0)).collect();
+    kv.pull(&keys, &mut outs).map_err(at)?;
+    for (i, out) in outs.iter().enumerate() {
+        check(
+            &format!("{name}: the value of key {}", keys[i]),
+            out,
+            scale(i as i32),
+        )?;
+    }
+    Ok(Row {
+        name,
+        times,
+        bytes: count as usize * elems * F32,
+    })
+}
+
 /// The sum of `r + 1` over the ranks `r` of `workers` workers.
 fn sum_over_workers(workers: usize) -> f32 {
     (workers * (workers + 1) / 2) as f32
@@ -320,6 +365,9 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
     }
     if options.wanted("small_keys_1000x256") {
         rows.push(small_keys(kv, options, "small_keys_1000x256", 1000, 256)?);
+    }
+    if options.wanted("init_1000x256") {
+        rows.push(init_keys(kv, options, "init_1000x256", 1000, 256)?);
     }
     // Nobody leaves while another worker still checks its results.
     kv.barrier().map_err(|e| format!("final barrier: {e}"))?;

@@ -45,6 +45,9 @@ rounds, and rank 0's medians are reported. MXNet's engine is asynchronous, so it
     push_pull_4MiB       one int key, a 4 MiB array (1,048,576 floats): push, pull into an output
     push_pull_64MiB      one int key, a 64 MiB array
     small_keys_1000x256  1000 int keys of 256 floats each, one list push and one list pull
+    init_1000x256        1000 new int keys of 256 floats each per round, one list init (MXNet's
+                         dist init ends with a barrier; ours is followed by one), rank 0's
+                         values kept (checked by a pull of the last round's keys)
 
 Worker r pushes arrays filled with r + 1 (times k % 7 + 1 for small key k). After the timed
 rounds, outside the timed region, every worker pulls once more into zeroed outputs, which must
@@ -87,6 +90,7 @@ WORKLOADS = [
     ("push_pull_4MiB", 2 * 4 * MIB, 2.0),
     ("push_pull_64MiB", 2 * 64 * MIB, 2.0),
     ("small_keys_1000x256", 2 * 1000 * 256 * F32, 5.0),
+    ("init_1000x256", 1000 * 256 * F32, 5.0),
 ]
 
 # Variables that change either side's behaviour, echoed in the report when set.
@@ -216,6 +220,27 @@ def mxnet_worker(args):
         mx.nd.waitall()
         for k, o in zip(keys, outs):
             check(f"{name} key {k}", o, (k % 7 + 1) * total)
+
+    name = "init_1000x256"
+    if wanted(args, name):
+        values = [mx.nd.full((256,), (k % 7 + 1) * (rank + 1), ctx=ctx) for k in range(1000)]
+        mx.nd.waitall()
+        kv._barrier()
+        state = {"next": 1_000_000, "keys": []}
+
+        def init_step():
+            keys = list(range(state["next"], state["next"] + 1000))
+            state["next"] += 1000
+            state["keys"] = keys
+            kv.init(keys, values)  # rank 0 pushes, then every worker waits at a barrier
+
+        figures[name], lo, hi = timed(init_step)
+        log(f"{name:<20} median {figures[name]:.6f} s (min {lo:.6f}, max {hi:.6f})")
+        outs = [mx.nd.zeros((256,), ctx=ctx) for _ in state["keys"]]
+        kv.pull(state["keys"], out=outs)
+        mx.nd.waitall()
+        for i, o in enumerate(outs):
+            check(f"{name} key {state['keys'][i]}", o, i % 7 + 1)
 
     kv._barrier()
     if rank == 0:

@@ -321,6 +321,24 @@ fn an_init_that_differs_from_rank_0s_is_the_error_of_its_own_worker() {
         err.to_string().contains("worker rank 1 declares key 3"),
         "{err}"
     );
+    // In one call of several small keys (a batch per server), the error names the key that
+    // differs, not the first of the batch.
+    let out = run("dist_sync", 1, 2, |rank, kv| {
+        let third: &[usize] = if rank == 0 { &[2] } else { &[3] };
+        let values = [
+            NDArray::zeros(&[2], DType::F32),
+            NDArray::zeros(&[2], DType::F32),
+            NDArray::zeros(third, DType::F32),
+        ];
+        kv.init(&[7, 8, 9][..], &values).err()
+    });
+    assert!(out[0].is_none(), "{:?}", out[0]);
+    let err = out[1].as_ref().expect("rank 1's third key differs");
+    assert!(matches!(err.key(), Some(k) if *k == Key::from(9)), "{err}");
+    assert!(
+        err.to_string().contains("worker rank 1 declares key 9"),
+        "{err}"
+    );
 }
 
 #[test]
