@@ -107,10 +107,22 @@ fn failed(items: &[Task], e: &TransportError) -> Task {
     items[named.filter(|&i| i < items.len()).unwrap_or(0)]
 }
 
-/// The batches being filled, one per server: partitions and their bytes.
-struct Open {
-    items: Vec<Task>,
-    bytes: usize,
+/// What a call sends: the command, about which tensors, with which bytes.
+struct Call<'a, P> {
+    operation: &'static str,
+    command: u32,
+    tensors: &'a [Arc<Tensor>],
+    /// The bytes sent for a partition (empty for a pull).
+    payload: P,
+    /// Whether each message of `command` is followed by the pull of its partitions.
+    then_pull: bool,
+}
+
+/// The messages of a call so far: those of its command, and the pulls.
+#[derive(Default)]
+struct Flights {
+    sent: Vec<Flight>,
+    pulls: Vec<Flight>,
 }
 
 impl BytePsStore {
@@ -127,102 +139,83 @@ impl BytePsStore {
         payload: impl Fn(Task) -> &'p [u8],
         then_pull: bool,
     ) -> Result<(Vec<Flight>, Vec<Flight>)> {
-        let (mut sent, mut pulls) = (Vec::new(), Vec::new());
-        let mut open: Vec<Open> = (0..self.servers.len())
-            .map(|_| Open {
-                items: Vec::new(),
-                bytes: 0,
-            })
-            .collect();
+        let call = Call {
+            operation,
+            command,
+            tensors,
+            payload,
+            then_pull,
+        };
+        let mut flights = Flights::default();
+        // The batch being filled for each server, and its bytes.
+        let mut open: Vec<(Vec<Task>, usize)> = vec![(Vec::new(), 0); self.servers.len()];
         for &task in tasks {
             let t = &tensors[task.tensor];
             let bytes = t.byte_range(task.part).len();
             if bytes > SHM_MIN_BYTES {
-                let s = self.send(t, task.part, command, payload(task), operation)?;
-                sent.push(Flight::one(task, s));
+                let s = self.send(t, task.part, command, (call.payload)(task), operation)?;
+                flights.sent.push(Flight::one(task, s));
                 if then_pull {
                     let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
-                    pulls.push(Flight::one(task, p));
+                    flights.pulls.push(Flight::one(task, p));
                 }
                 continue;
             }
             let server = t.parts[task.part].server;
-            let batch = &mut open[server];
-            batch.items.push(task);
-            batch.bytes += bytes;
-            if batch.bytes >= protocol::BATCH_BYTES
-                || batch.items.len() >= protocol::BATCH_MAX_ITEMS
-            {
-                let items = std::mem::take(&mut batch.items);
-                batch.bytes = 0;
-                self.send_batches(
-                    operation, command, tensors, server, items, &payload, then_pull,
-                )
-                .map(|(s, p)| {
-                    sent.push(s);
-                    pulls.extend(p);
-                })?;
+            let (items, size) = &mut open[server];
+            items.push(task);
+            *size += bytes;
+            if *size >= protocol::BATCH_BYTES || items.len() >= protocol::BATCH_MAX_ITEMS {
+                *size = 0;
+                let items = std::mem::take(items);
+                self.flush(&call, server, items, &mut flights)?;
             }
         }
-        for (server, batch) in open.into_iter().enumerate() {
-            if batch.items.is_empty() {
-                continue;
+        for (server, (items, _)) in open.into_iter().enumerate() {
+            if !items.is_empty() {
+                self.flush(&call, server, items, &mut flights)?;
             }
-            let (s, p) = self.send_batches(
-                operation,
-                command,
-                tensors,
-                server,
-                batch.items,
-                &payload,
-                then_pull,
-            )?;
-            sent.push(s);
-            pulls.extend(p);
         }
-        Ok((sent, pulls))
+        Ok((flights.sent, flights.pulls))
     }
 
-    /// Sends one batch of `command` to `server`, and its pull when `then_pull`.
-    #[allow(clippy::too_many_arguments)]
-    fn send_batches<'p>(
+    /// Sends one batch of the call's command to `server`, and its pull when the call asks.
+    fn flush<'p, P: Fn(Task) -> &'p [u8]>(
         &self,
-        operation: &'static str,
-        command: u32,
-        tensors: &[Arc<Tensor>],
+        call: &Call<'_, P>,
         server: usize,
         items: Vec<Task>,
-        payload: &impl Fn(Task) -> &'p [u8],
-        then_pull: bool,
-    ) -> Result<(Flight, Option<Flight>)> {
-        let pull = if then_pull { Some(items.clone()) } else { None };
-        let sent = self.send_batch(operation, command, tensors, server, items, payload)?;
-        let pulled = match pull {
-            Some(items) => Some(self.send_batch(
-                operation,
-                protocol::CMD_PULL,
-                tensors,
-                server,
-                items,
-                payload,
-            )?),
-            None => None,
-        };
-        Ok((sent, pulled))
+        flights: &mut Flights,
+    ) -> Result<()> {
+        if call.then_pull {
+            flights
+                .sent
+                .push(self.send_batch(call, call.command, server, items.clone())?);
+            flights
+                .pulls
+                .push(self.send_batch(call, protocol::CMD_PULL, server, items)?);
+        } else {
+            flights
+                .sent
+                .push(self.send_batch(call, call.command, server, items)?);
+        }
+        Ok(())
     }
 
-    fn send_batch<'p>(
+    /// Sends `command` for `items` to `server` in one batch.
+    fn send_batch<'p, P: Fn(Task) -> &'p [u8]>(
         &self,
-        operation: &'static str,
+        call: &Call<'_, P>,
         command: u32,
-        tensors: &[Arc<Tensor>],
         server: usize,
         items: Vec<Task>,
-        payload: &impl Fn(Task) -> &'p [u8],
     ) -> Result<Flight> {
+        let Call {
+            operation, tensors, ..
+        } = *call;
         let chunks: Vec<&[u8]> = match command {
             protocol::CMD_PULL => Vec::new(),
-            _ => items.iter().map(|&task| payload(task)).collect(),
+            _ => items.iter().map(|&task| (call.payload)(task)).collect(),
         };
         let table: Vec<BatchItem> = items
             .iter()
