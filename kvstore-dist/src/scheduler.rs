@@ -44,7 +44,7 @@ use crate::cluster::{
     SCHEDULER_ID,
 };
 use crate::config::{DistConfig, Role};
-use crate::transport::{Handler, Outgoing, Request, Responder, Server};
+use crate::transport::{ConnectionId, Handler, Outgoing, Request, Responder, Server};
 
 /// A response to send once the state lock is released.
 type Reply = (Responder, Result<(Vec<u8>, u64), String>);
@@ -52,7 +52,7 @@ type Reply = (Responder, Result<(Vec<u8>, u64), String>);
 struct Registration {
     role: Role,
     addr: String,
-    peer: SocketAddr,
+    peer: ConnectionId,
     responder: Responder,
 }
 
@@ -65,7 +65,7 @@ enum Status {
 
 struct Member {
     info: NodeInfo,
-    peer: SocketAddr,
+    peer: ConnectionId,
     last_seen: Instant,
     status: Status,
 }
@@ -92,7 +92,7 @@ struct Recovering {
 /// A barrier request: who sent it, the group's ps-lite id, and the sender's own timeout in
 /// milliseconds (0: the scheduler's).
 struct BarrierEntry {
-    peer: SocketAddr,
+    peer: ConnectionId,
     group: u64,
     timeout_ms: u64,
 }
@@ -166,7 +166,7 @@ impl Shared {
             if st.finished {
                 replies.push((responder, Err("the scheduler is shutting down".to_string())));
             } else {
-                let peer = request.peer;
+                let peer = request.connection;
                 if let Some(members) = st.members.as_mut() {
                     if let Some(m) = members.iter_mut().find(|m| m.peer == peer) {
                         m.last_seen = Instant::now();
@@ -254,7 +254,7 @@ impl Shared {
                 let registration = Registration {
                     role,
                     addr,
-                    peer: request.peer,
+                    peer: request.connection,
                     responder,
                 };
                 if can_recover {
@@ -270,8 +270,13 @@ impl Shared {
                 }
                 return;
             }
-            Some(_) if st.registrations.iter().any(|r| r.peer == request.peer) => {
-                refuse(format!("{} registered twice", request.peer))
+            Some(_)
+                if st
+                    .registrations
+                    .iter()
+                    .any(|r| r.peer == request.connection) =>
+            {
+                refuse(format!("{} registered twice", request.connection))
             }
             Some((_, ref addr)) if st.registrations.iter().any(|r| &r.addr == addr) => refuse(
                 format!("address {addr} is already registered by another node"),
@@ -302,7 +307,7 @@ impl Shared {
                 st.registrations.push(Registration {
                     role,
                     addr,
-                    peer: request.peer,
+                    peer: request.connection,
                     responder,
                 });
                 if st.registrations.len() as u32 == self.num_servers + self.num_workers {
@@ -590,7 +595,7 @@ impl Shared {
     fn goodbye(
         &self,
         st: &mut State,
-        peer: SocketAddr,
+        peer: ConnectionId,
         responder: Responder,
         replies: &mut Vec<Reply>,
     ) {
@@ -620,7 +625,7 @@ impl Shared {
         self.check_done(st);
     }
 
-    fn disconnected(&self, peer: SocketAddr) {
+    fn disconnected(&self, peer: ConnectionId) {
         let mut replies = Vec::new();
         {
             let mut st = self.lock();
@@ -851,7 +856,7 @@ impl Handler for SchedulerHandler {
         self.0.handle(request, responder)
     }
 
-    fn disconnected(&self, peer: SocketAddr) {
+    fn disconnected(&self, peer: ConnectionId) {
         self.0.disconnected(peer)
     }
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use kvstore_dist::transport::frame::{write_frame, HeaderError};
 use kvstore_dist::transport::{
-    Connection, FrameHeader, MessageKind, Outgoing, Request, Responder, Server, TransportConfig,
-    TransportError, HEADER_LEN,
+    Connection, ConnectionId, FrameHeader, Handler, MessageKind, Outgoing, Request, Responder,
+    Server, TransportConfig, TransportError, HEADER_LEN,
 };
 
 fn config(timeout_ms: u64) -> TransportConfig {
@@ -97,6 +97,51 @@ fn header_codec_refuses_absurd_lengths_and_foreign_bytes() {
         FrameHeader::decode(&bytes, u64::MAX),
         Err(HeaderError::BadKind(200))
     );
+}
+
+/// Records the connection of every request, and the connections that ended.
+#[derive(Default)]
+struct ConnectionLog {
+    requests: Mutex<Vec<ConnectionId>>,
+    ended: Mutex<Vec<ConnectionId>>,
+}
+
+/// A server's handle on a shared [`ConnectionLog`].
+struct Logging(Arc<ConnectionLog>);
+
+impl Handler for Logging {
+    fn handle(&self, request: Request, responder: Responder) {
+        self.0.requests.lock().unwrap().push(request.connection);
+        responder.respond(Outgoing::new(0, &[])).unwrap();
+    }
+
+    fn disconnected(&self, connection: ConnectionId) {
+        self.0.ended.lock().unwrap().push(connection);
+    }
+}
+
+#[test]
+fn each_connection_has_its_own_id_and_its_end_names_it() {
+    let log = Arc::new(ConnectionLog::default());
+    let server = Server::bind("127.0.0.1:0", config(5_000), Logging(Arc::clone(&log))).unwrap();
+    let first = Connection::connect(server.local_addr(), config(5_000)).unwrap();
+    let second = Connection::connect(server.local_addr(), config(5_000)).unwrap();
+    for conn in [&first, &second, &first] {
+        conn.request(Outgoing::new(1, &[]), "ping").unwrap();
+    }
+    let seen = log.requests.lock().unwrap().clone();
+    assert_eq!(seen[0], seen[2], "one connection, one id");
+    assert_ne!(seen[0], seen[1], "two connections, two ids");
+    assert_eq!(seen[0].addr.ip(), seen[1].addr.ip());
+    assert_eq!(seen[0].to_string(), seen[0].addr.to_string());
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while log.ended.lock().unwrap().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    // Only the closed connection ended, named by its id.
+    assert_eq!(*log.ended.lock().unwrap(), vec![seen[0]]);
+    second.request(Outgoing::new(1, &[]), "ping").unwrap();
 }
 
 #[test]

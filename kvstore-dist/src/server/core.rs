@@ -7,7 +7,6 @@
 //! `workers` or `entries`.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -19,7 +18,7 @@ use super::merge::{copy_from_bytes, OwnedPush, Pushed};
 use super::reply::{Answer, Batch};
 use crate::protocol::{self, head, InitMeta, Mode, RowRequest, ShmAttach, ShmSlot};
 use crate::shm::{self, Region};
-use crate::transport::{Handler, Outgoing, Request, Responder};
+use crate::transport::{ConnectionId, Handler, Outgoing, Request, Responder};
 use kvstore_compression::{Codec, CompressionSpec};
 
 /// Replies bigger than this go out on threads of their own when a round answers several
@@ -113,7 +112,7 @@ pub(crate) struct Core {
     /// Where workers' shared-memory regions may be opened; `None`: refused (`KVSTORE_SHM=0`).
     shm_dir: Option<std::path::PathBuf>,
     /// The region each worker connection lent, by its address.
-    regions: Mutex<HashMap<SocketAddr, Arc<Region>>>,
+    regions: Mutex<HashMap<ConnectionId, Arc<Region>>>,
 }
 
 type Reply = Result<(), String>;
@@ -372,7 +371,7 @@ impl Core {
         })?;
         let attach = ShmAttach::decode(&request.payload)?;
         let region = shm::open(dir, &attach.name, attach.len, &attach.nonce)?;
-        lock(&self.regions).insert(request.peer, Arc::new(region));
+        lock(&self.regions).insert(request.connection, Arc::new(region));
         Ok(())
     }
 
@@ -407,7 +406,7 @@ impl Core {
             return Ok((None, None, &request.payload));
         }
         let region = lock(&self.regions)
-            .get(&request.peer)
+            .get(&request.connection)
             .cloned()
             .ok_or_else(|| {
                 format!(
@@ -1112,7 +1111,7 @@ impl Handler for ServerHandler {
         }
     }
 
-    fn disconnected(&self, peer: SocketAddr) {
-        self.0.lost_connection(peer);
+    fn disconnected(&self, connection: ConnectionId) {
+        self.0.lost_connection(connection);
     }
 }

@@ -49,7 +49,7 @@ pub use buffer::Payload;
 pub use connection::{Connection, Pending, Response};
 pub use error::TransportError;
 pub use frame::{FrameHeader, MessageKind, Outgoing, HEADER_LEN, MAGIC, VERSION};
-pub use server::{Handler, Request, Responder, Server};
+pub use server::{ConnectionId, Handler, Request, Responder, Server};
 
 /// Settings of connections and servers.
 #[derive(Debug, Clone, PartialEq)]

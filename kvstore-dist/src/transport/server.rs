@@ -3,7 +3,7 @@
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -23,7 +23,29 @@ pub struct Request {
     pub payload: Payload,
     /// The peer's address.
     pub peer: SocketAddr,
+    /// The connection it came on: unlike the address, never the same for two connections of
+    /// a server, even when a closed connection's port is reused by a new one.
+    pub connection: ConnectionId,
 }
+
+/// One accepted connection of a [`Server`]: its number (unique in the process) and the
+/// peer's address, which is what it displays as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId {
+    /// The connection's number, counted from 1 in the order the process accepted them.
+    pub number: u64,
+    /// The peer's address.
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.addr.fmt(f)
+    }
+}
+
+/// The number of the next accepted connection.
+static NEXT_CONNECTION: AtomicU64 = AtomicU64::new(1);
 
 /// Handles the requests of a [`Server`]. Called on the connection's thread, one request at a
 /// time per connection; it may answer at once or move the [`Responder`] elsewhere and answer
@@ -32,11 +54,11 @@ pub trait Handler: Send + Sync + 'static {
     /// Handles one request.
     fn handle(&self, request: Request, responder: Responder);
 
-    /// Called once when the connection from `peer` has ended (closed by the peer, broken, or
-    /// closed because the server is stopping), after its last request was handled. The default
-    /// does nothing.
-    fn disconnected(&self, peer: SocketAddr) {
-        let _ = peer;
+    /// Called once when `connection` has ended (closed by the peer, broken, or closed
+    /// because the server is stopping), after its last request was handled. The default does
+    /// nothing.
+    fn disconnected(&self, connection: ConnectionId) {
+        let _ = connection;
     }
 }
 
@@ -265,7 +287,13 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
         let conn_shared = Arc::clone(shared);
         let spawned = std::thread::Builder::new()
             .name(format!("kvstore-dist serve {peer}"))
-            .spawn(move || serve(&conn_shared, stream, writer, peer));
+            .spawn(move || {
+                let connection = ConnectionId {
+                    number: NEXT_CONNECTION.fetch_add(1, Ordering::Relaxed),
+                    addr: peer,
+                };
+                serve(&conn_shared, stream, writer, connection)
+            });
         let thread = match spawned {
             Ok(t) => t,
             Err(e) => {
@@ -289,7 +317,13 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
     }
 }
 
-fn serve(shared: &ServerShared, mut stream: TcpStream, writer: TcpStream, peer: SocketAddr) {
+fn serve(
+    shared: &ServerShared,
+    mut stream: TcpStream,
+    writer: TcpStream,
+    connection: ConnectionId,
+) {
+    let peer = connection.addr;
     let config = &shared.config;
     let writer = Arc::new(Mutex::new(writer));
     let pool = Pool::new(config.pooled_buffers);
@@ -349,6 +383,7 @@ fn serve(shared: &ServerShared, mut stream: TcpStream, writer: TcpStream, peer: 
             header,
             payload,
             peer,
+            connection,
         };
         if catch_unwind(AssertUnwindSafe(|| {
             shared.handler.handle(request, responder)
@@ -371,7 +406,7 @@ fn serve(shared: &ServerShared, mut stream: TcpStream, writer: TcpStream, peer: 
         }
     }
     let _ = stream.shutdown(Shutdown::Both);
-    if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(peer))).is_err() {
+    if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(connection))).is_err() {
         log::error!(
             "kvstore-dist: the disconnect handler panicked for {}",
             peer_name(peer, node)

@@ -4,8 +4,8 @@
 //! Loss handling and takeovers hold `membership` throughout, so that neither sees the other
 //! half done; it is taken before any other lock of the server.
 
+use crate::transport::ConnectionId;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use crate::transport::{Outgoing, Request, Responder};
 #[derive(Debug, Default)]
 pub(super) struct Workers {
     /// Rank of each connected worker, by its connection's address.
-    pub(super) by_peer: HashMap<SocketAddr, u32>,
+    pub(super) by_peer: HashMap<ConnectionId, u32>,
     /// Ranks that said hello.
     pub(super) hello: Vec<bool>,
     /// Ranks that said goodbye.
@@ -28,7 +28,7 @@ pub(super) struct Workers {
     /// Ranks that vanished without a goodbye, with the reason.
     pub(super) dead: Vec<Option<String>>,
     /// Connections whose rank a recovering worker took over, with what to tell them.
-    pub(super) evicted: HashMap<SocketAddr, String>,
+    pub(super) evicted: HashMap<ConnectionId, String>,
     /// When a worker was last lost (its connection closed without a goodbye): the server
     /// waits the timeout from then for a worker taking its place before it finishes.
     pub(super) last_loss: Option<Instant>,
@@ -52,7 +52,7 @@ impl Workers {
     }
 
     /// The connection holding worker `rank`, if any.
-    fn peer_of(&self, rank: u32) -> Option<SocketAddr> {
+    fn peer_of(&self, rank: u32) -> Option<ConnectionId> {
         self.by_peer
             .iter()
             .find_map(|(peer, &r)| (r == rank).then_some(*peer))
@@ -60,7 +60,7 @@ impl Workers {
 
     /// Takes the rank away from connection `peer`, whose requests are refused from now on
     /// with `why`.
-    fn evict(&mut self, peer: SocketAddr, why: String) {
+    fn evict(&mut self, peer: ConnectionId, why: String) {
         self.by_peer.remove(&peer);
         self.evicted.insert(peer, why);
     }
@@ -192,11 +192,11 @@ impl Core {
     /// The rank of a request's connection and that rank's generation (see `generations`).
     pub(super) fn sender(&self, request: &Request) -> Result<(u32, u64), String> {
         let w = lock(&self.workers);
-        match w.by_peer.get(&request.peer) {
+        match w.by_peer.get(&request.connection) {
             Some(&rank) => Ok((rank, self.generations[rank as usize].load(SeqCst))),
-            None => Err(match w.evicted.get(&request.peer) {
-                Some(why) => format!("{}: {why}", request.peer),
-                None => format!("{} has not said hello", request.peer),
+            None => Err(match w.evicted.get(&request.connection) {
+                Some(why) => format!("{}: {why}", request.connection),
+                None => format!("{} has not said hello", request.connection),
             }),
         }
     }
@@ -267,7 +267,7 @@ impl Core {
                      as a recovery node"
                 ));
             }
-            w.by_peer.insert(request.peer, rank);
+            w.by_peer.insert(request.connection, rank);
             w.hello[r] = true;
             return Ok(());
         }
@@ -277,17 +277,17 @@ impl Core {
                     peer,
                     format!(
                         "worker rank {rank}'s place was taken by a recovering worker at {}",
-                        request.peer
+                        request.connection
                     ),
                 );
                 Some(format!(
                     "is gone (a recovering worker at {} took its place)",
-                    request.peer
+                    request.connection
                 ))
             }
             None => w.dead[r].take().map(|why| format!("is gone ({why})")),
         };
-        w.by_peer.insert(request.peer, rank);
+        w.by_peer.insert(request.connection, rank);
         w.hello[r] = true;
         // Pushes of the evicted connection already read are refused at their entry.
         self.generations[r].fetch_add(1, SeqCst);
@@ -302,14 +302,14 @@ impl Core {
             log::warn!(
                 "kvstore-dist: server {}: a recovering worker at {} takes the place of {}, which {why}",
                 self.rank,
-                request.peer,
+                request.connection,
                 self.worker_name(rank)
             );
         }
         lock(&self.worker_names)[r] = format!(
             "worker rank {rank} (id {}) connected from {}",
             node_id(Role::Worker, rank),
-            request.peer
+            request.connection
         );
         // The failures remembered for the lost worker are not the newcomer's.
         for (_, entry) in self.entry_list() {
@@ -322,7 +322,7 @@ impl Core {
     /// finish, so that the last worker's goodbye is answered before the connections close.
     pub(super) fn bye(&self, request: &Request, responder: Responder) {
         // Requests still using the region hold it; it is unmapped after the last.
-        lock(&self.regions).remove(&request.peer);
+        lock(&self.regions).remove(&request.connection);
         let rank = match self.sender_rank(request) {
             Ok(rank) => rank,
             Err(e) => {
@@ -419,7 +419,7 @@ impl Core {
 
     /// A worker connection closed: without a goodbye, its worker is lost (its rounds fail,
     /// naming it); marking it gone and failing its rounds happen as one against a takeover.
-    pub(super) fn lost_connection(&self, peer: SocketAddr) {
+    pub(super) fn lost_connection(&self, peer: ConnectionId) {
         lock(&self.regions).remove(&peer);
         let _membership = lock(&self.membership);
         let (rank, why) = {
