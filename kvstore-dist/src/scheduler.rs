@@ -47,7 +47,8 @@ use crate::config::{DistConfig, Role};
 use crate::transport::{ConnectionId, Handler, Outgoing, Request, Responder, Server};
 
 /// A response to send once the state lock is released.
-type Reply = (Responder, Result<(Vec<u8>, u64), String>);
+/// An answer to send once the state lock is released: payload, `aux` and flags, or an error.
+type Reply = (Responder, Result<(Vec<u8>, u64, u16), String>);
 
 struct Registration {
     role: Role,
@@ -134,7 +135,9 @@ impl Shared {
 fn send_replies(replies: Vec<Reply>) {
     for (responder, outcome) in replies {
         let sent = match outcome {
-            Ok((payload, aux)) => responder.respond(Outgoing::new(0, &payload).aux(aux)),
+            Ok((payload, aux, flags)) => {
+                responder.respond(Outgoing::new(0, &payload).aux(aux).flags(flags))
+            }
             Err(message) => responder.respond_error(&message),
         };
         if let Err(e) = sent {
@@ -192,7 +195,7 @@ impl Shared {
                         replies.push((
                             responder,
                             if known {
-                                Ok((Vec::new(), 0))
+                                Ok((Vec::new(), 0, 0))
                             } else {
                                 Err(format!("heartbeat from {peer}, which is not registered"))
                             },
@@ -206,7 +209,7 @@ impl Shared {
                             Duration::from_millis(request.header.aux),
                         );
                         let count = dead.len() as u64;
-                        replies.push((responder, Ok((dead.join("\n").into_bytes(), count))));
+                        replies.push((responder, Ok((dead.join("\n").into_bytes(), count, 0))));
                     }
                     other => replies.push((
                         responder,
@@ -260,7 +263,7 @@ impl Shared {
                 if can_recover {
                     let theirs = request.header.aux;
                     let node_timeout = (theirs > 0).then(|| Duration::from_millis(theirs));
-                    self.recover(st, registration, node_timeout);
+                    self.recover(st, registration, node_timeout, replies);
                 } else {
                     let why = format!(
                         "registration refused: {} (this {role} cannot take a lost node's place)",
@@ -344,7 +347,7 @@ impl Shared {
         }
         let encoded = self.table(&members);
         for (responder, id) in responders {
-            replies.push((responder, Ok((encoded.clone(), u64::from(id)))));
+            replies.push((responder, Ok((encoded.clone(), u64::from(id), 0))));
         }
         log::info!(
             "kvstore-dist scheduler: all {} nodes registered",
@@ -374,20 +377,25 @@ impl Shared {
     /// one as long as a loss can go unnoticed ([`recovery_wait`](Self::recovery_wait)), and no
     /// longer than the node itself waits (`node_timeout`). Servers are not replaced: a
     /// server's values and optimizer states are lost with it.
-    fn recover(&self, st: &mut State, registration: Registration, node_timeout: Option<Duration>) {
+    fn recover(
+        &self,
+        st: &mut State,
+        registration: Registration,
+        node_timeout: Option<Duration>,
+        replies: &mut Vec<Reply>,
+    ) {
         let role = registration.role;
         let refuse = |registration: Registration, why: String| {
-            registration
-                .responder
-                .respond_error(&format!("registration refused: {why}"))
+            let refused = Err(format!("registration refused: {why}"));
+            (registration.responder, refused)
         };
-        let answered = if role != Role::Worker {
+        if role != Role::Worker {
             let why = format!(
                 "{}; a lost {role} cannot be replaced (its values and optimizer states are lost \
                  with it): restart the job, from an optimizer-state file if one was saved",
                 self.complete()
             );
-            refuse(registration, why)
+            replies.push(refuse(registration, why));
         } else if let Some(m) = st
             .members
             .iter()
@@ -398,7 +406,7 @@ impl Shared {
                 "address {} is already taken by {}",
                 registration.addr, m.info
             );
-            refuse(registration, why)
+            replies.push(refuse(registration, why));
         } else {
             // As long as a loss can go unnoticed, and no longer than the node itself waits.
             let wait = node_timeout.map_or(self.recovery_wait(), |t| t.min(self.recovery_wait()));
@@ -407,11 +415,7 @@ impl Shared {
                 wait,
                 registration,
             });
-            self.place_recovering(st);
-            Ok(())
-        };
-        if let Err(e) = answered {
-            log::warn!("kvstore-dist scheduler: cannot answer: {e}");
+            self.place_recovering(st, replies);
         }
     }
 
@@ -430,8 +434,9 @@ impl Shared {
         )
     }
 
-    /// Gives waiting recovery registrations the places of lost workers, oldest first.
-    fn place_recovering(&self, st: &mut State) {
+    /// Gives waiting recovery registrations the places of lost workers, oldest first (their
+    /// answers join `replies`, sent once the state lock is released).
+    fn place_recovering(&self, st: &mut State, replies: &mut Vec<Reply>) {
         while !st.recovering.is_empty() {
             let Some(members) = st.members.as_mut() else {
                 return;
@@ -454,12 +459,7 @@ impl Shared {
             m.status = Status::Alive;
             let id = m.info.id;
             let table = self.table(members);
-            let answer = Outgoing::new(0, &table)
-                .aux(u64::from(id))
-                .flags(FLAG_RECOVERED);
-            if let Err(e) = r.responder.respond(answer) {
-                log::warn!("kvstore-dist scheduler: cannot answer: {e}");
-            }
+            replies.push((r.responder, Ok((table, u64::from(id), FLAG_RECOVERED))));
         }
     }
 
@@ -544,7 +544,7 @@ impl Shared {
         if barrier.entered.len() == size {
             if let Some(done) = st.barriers.remove(&group) {
                 for (_, r) in done.entered {
-                    replies.push((r, Ok((Vec::new(), 0))));
+                    replies.push((r, Ok((Vec::new(), 0, 0))));
                 }
             }
         }
@@ -602,7 +602,7 @@ impl Shared {
         let Some(members) = st.members.as_mut() else {
             // Leaving during registration: forget it.
             st.registrations.retain(|r| r.peer != peer);
-            replies.push((responder, Ok((Vec::new(), 0))));
+            replies.push((responder, Ok((Vec::new(), 0, 0))));
             return;
         };
         match members.iter_mut().find(|m| m.peer == peer) {
@@ -613,7 +613,7 @@ impl Shared {
                 log::debug!("kvstore-dist scheduler: {} said goodbye", m.info);
                 // Answered at once, under the lock: once the last goodbye sets `finished`,
                 // `join` may close every connection before deferred replies are sent.
-                send_replies(vec![(responder, Ok((Vec::new(), 0)))]);
+                send_replies(vec![(responder, Ok((Vec::new(), 0, 0)))]);
             }
             None => replies.push((
                 responder,
@@ -662,7 +662,7 @@ impl Shared {
         // Barriers the lost node was part of fail first: a worker taking its place must not
         // inherit its entries (or be missing from them).
         self.fail_broken_barriers(st, replies);
-        self.place_recovering(st);
+        self.place_recovering(st, replies);
         self.check_done(st);
     }
 
