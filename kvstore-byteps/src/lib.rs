@@ -61,7 +61,9 @@
 //! ([`BytePsStore::requests_sent`]; `init` batches its declarations the same way); with a
 //! credit, a partition's push goes out when the [`schedule::CreditScheduler`] grants it and
 //! its grant is released when the server acknowledges the push (an acknowledgement never
-//! waits for other workers, so credits cannot deadlock across workers). Answers are written
+//! waits for other workers, so credits cannot deadlock across workers); small partitions
+//! granted at once (in priority order, within the credit) are batched the same way, each
+//! batch's grants released when it is acknowledged. Answers are written
 //! into the outputs, cast to their dtype.
 //!
 //! ## Shared memory with the servers of the host
@@ -100,9 +102,8 @@
 //! - The credit covers the pushes a worker has in flight (BytePS schedules its first pipeline
 //!   stage); pulls are not scheduled. Priority only orders concurrent calls of one worker and
 //!   the partitions of one call by key.
-//! - Small partitions travel in batches (BytePS sends one message per partition), except
-//!   under a scheduling credit, where each partition waits for its own grant; the first round
-//!   of a new key is not an "init push": `init` sets rank 0's value.
+//! - Small partitions travel in batches (BytePS sends one message per partition); the first
+//!   round of a new key is not an "init push": `init` sets rank 0's value.
 //! - Servers run the dist server: no `BYTEPS_SERVER_ENGINE_THREAD` pool or server-side
 //!   priority; a server sums on the thread of the worker connection that completes the round.
 //! - No gradient compression (BytePS's onebit/topk/randomk/dithering compressors), no

@@ -155,21 +155,8 @@ impl<'a> Queued<'a> {
         let deadline = Instant::now() + timeout;
         let mut st = s.lock();
         loop {
-            let first = st.waiting.first() == Some(&ticket);
-            if first && (st.in_flight == 0 || st.in_flight + ticket.bytes <= s.credit) {
-                st.waiting.remove(&ticket);
-                st.in_flight += ticket.bytes;
-                if let Some(log) = st.log.as_mut() {
-                    log.push((ticket.priority.0, ticket.key));
-                }
-                drop(st);
-                // The next ticket may fit too.
-                s.changed.notify_all();
-                return Ok(Some(Grant {
-                    scheduler: s,
-                    bytes: ticket.bytes,
-                    tag: ticket.tag,
-                }));
+            if s.may_grant(&st, &ticket) {
+                return Ok(Some(s.grant(st, &ticket)));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -181,6 +168,46 @@ impl<'a> Queued<'a> {
                 .wait_timeout(st, deadline - now)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        }
+    }
+}
+
+impl<'a> Queued<'a> {
+    /// The call's next grant when it can be given at once (its task is the first of the whole
+    /// queue and fits in the credit); else `None`, and the task keeps its place.
+    pub fn try_next_grant(&mut self) -> Option<Grant<'a>> {
+        let ticket = *self.tickets.as_slice().first()?;
+        let s = self.scheduler;
+        let st = s.lock();
+        if !s.may_grant(&st, &ticket) {
+            return None;
+        }
+        self.tickets.next();
+        Some(s.grant(st, &ticket))
+    }
+}
+
+impl CreditScheduler {
+    /// Whether `ticket` is the first of the queue and fits in the credit.
+    fn may_grant(&self, st: &State, ticket: &Ticket) -> bool {
+        st.waiting.first() == Some(ticket)
+            && (st.in_flight == 0 || st.in_flight + ticket.bytes <= self.credit)
+    }
+
+    /// Grants `ticket` (which [`may_grant`](Self::may_grant)).
+    fn grant<'a>(&'a self, mut st: MutexGuard<'_, State>, ticket: &Ticket) -> Grant<'a> {
+        st.waiting.remove(ticket);
+        st.in_flight += ticket.bytes;
+        if let Some(log) = st.log.as_mut() {
+            log.push((ticket.priority.0, ticket.key));
+        }
+        drop(st);
+        // The next ticket may fit too.
+        self.changed.notify_all();
+        Grant {
+            scheduler: self,
+            bytes: ticket.bytes,
+            tag: ticket.tag,
         }
     }
 }
@@ -226,6 +253,24 @@ mod tests {
         });
         assert_eq!(t, (60, 500, 2));
         assert_eq!(s.in_flight(), 0);
+    }
+
+    #[test]
+    fn try_next_grant_grants_only_what_fits_now_and_keeps_the_place_of_the_rest() {
+        let s = CreditScheduler::new(10);
+        let mut other = s.enqueue(5, &[(9, 1)]);
+        let mut q = s.enqueue(0, &[(1, 4), (2, 4), (3, 4)]);
+        // The other call's task is first in the queue: nothing of this call goes yet.
+        assert!(q.try_next_grant().is_none());
+        let o = other.next_grant(T).unwrap().unwrap();
+        let a = q.try_next_grant().expect("1 + 4 fits in 10");
+        let b = q.try_next_grant().expect("1 + 8 fits in 10");
+        assert!(q.try_next_grant().is_none(), "1 + 12 does not fit");
+        assert_eq!((s.in_flight(), s.waiting()), (9, 1));
+        drop((o, a));
+        let c = q.try_next_grant().expect("the third keeps its place");
+        assert_eq!((b.tag, c.tag), (1, 2));
+        assert!(q.next_grant(T).unwrap().is_none());
     }
 
     #[test]

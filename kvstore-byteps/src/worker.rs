@@ -485,8 +485,8 @@ impl BytePsStore {
         self.scheduler.as_ref()
     }
 
-    /// Requests sent to the servers so far: without a scheduling credit, the partitions of
-    /// a call up to 64 KiB travel together, in about one message per server and MiB (and
+    /// Requests sent to the servers so far: the partitions of a call up to 64 KiB (under a
+    /// scheduling credit, those granted at once) travel together, in about one message per server and MiB (and
     /// one for their pulls), so a call of a thousand small tensors costs a few messages.
     pub fn requests_sent(&self) -> u64 {
         self.servers.iter().map(|c| c.requests_sent()).sum()
@@ -845,7 +845,8 @@ impl BytePsStore {
 
     /// Partitions in priority order under the credit: a partition's push goes out once it has
     /// a grant, which is released when the server acknowledges the push; its pull (when
-    /// `pulls`) follows the push at once and waits on the server for the round.
+    /// `pulls`) follows the push at once and waits on the server for the round. Small
+    /// partitions granted at once share a batch per server, and its acknowledgement.
     #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn send_scheduled(
         &self,
@@ -864,16 +865,18 @@ impl BytePsStore {
                 (tensor.parts[t.part].key, tensor.byte_range(t.part).len())
             })
             .collect();
+        let payload =
+            |task: Task| &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)];
+        let small = |task: Task| tensors[task.tensor].byte_range(task.part).len() <= SHM_MIN_BYTES;
         std::thread::scope(|s| {
-            let (tx, rx) = mpsc::channel::<(crate::schedule::Grant<'_>, Task, Sent)>();
-            // Releases each grant (and the push's slot) once its push is acknowledged.
+            let (tx, rx) = mpsc::channel::<(Vec<crate::schedule::Grant<'_>>, Flight)>();
+            // Releases the grants of each push message (and its slot) once it is acknowledged.
             let acks = s.spawn(move || {
                 rx.into_iter()
-                    .filter_map(|(grant, task, p)| {
-                        let (outcome, lease) = p.wait();
-                        drop(lease);
-                        drop(grant);
-                        outcome.err().map(|e| (task, e))
+                    .filter_map(|(grants, flight)| {
+                        let failed = flight.acknowledged();
+                        drop(grants);
+                        failed
                     })
                     .collect::<Vec<_>>()
             });
@@ -891,20 +894,36 @@ impl BytePsStore {
                         })
                     }
                 };
-                let task = tasks[grant.tag];
-                let t = &tensors[task.tensor];
-                let data = &payloads[task.tensor].bytes()[t.byte_range(task.part)];
-                match self.send(t, task.part, protocol::CMD_PUSH, data, operation) {
-                    Ok(p) => {
-                        let _ = tx.send((grant, task, p));
-                    }
-                    Err(e) => break Err(e),
+                // Small partitions granted at once (in priority order, within the credit)
+                // travel together, up to a batch's worth; a big one granted on the way goes too.
+                let mut granted = vec![(tasks[grant.tag], grant)];
+                let mut bytes = 0;
+                while small(granted[granted.len() - 1].0)
+                    && granted.len() < protocol::BATCH_MAX_ITEMS
+                    && bytes < protocol::BATCH_BYTES
+                {
+                    let Some(g) = queue.try_next_grant() else {
+                        break;
+                    };
+                    let task = tasks[g.tag];
+                    bytes += tensors[task.tensor].byte_range(task.part).len();
+                    granted.push((task, g));
                 }
-                if pulls {
-                    match self.send(t, task.part, protocol::CMD_PULL, &[], operation) {
-                        Ok(p) => pulled.push(Flight::one(task, p)),
-                        Err(e) => break Err(e),
-                    }
+                let mut out = Vec::new();
+                let result = self.send_granted(
+                    operation,
+                    tensors,
+                    granted,
+                    payload,
+                    pulls,
+                    &mut out,
+                    &mut pulled,
+                );
+                for flight in out {
+                    let _ = tx.send(flight);
+                }
+                if let Err(e) = result {
+                    break Err(e);
                 }
             };
             drop(queue);

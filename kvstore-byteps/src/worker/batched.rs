@@ -2,7 +2,8 @@
 //! per server and MiB (the batches of the dist stores, which a server answers as a whole), so
 //! that a call of a thousand small tensors costs a few messages instead of a thousand or two.
 //! Partitions of more than [`SHM_MIN_BYTES`] keep messages of their own (and the servers'
-//! shared memory). With a scheduling credit every partition still goes alone, under its grant.
+//! shared memory). Under a scheduling credit, the small partitions granted at once go
+//! together in the same way ([`BytePsStore::send_granted`]).
 
 use std::sync::Arc;
 
@@ -177,6 +178,59 @@ impl BytePsStore {
             }
         }
         Ok((flights.sent, flights.pulls))
+    }
+
+    /// Pushes granted tasks (`G`: what each holds until its push is acknowledged): partitions
+    /// of more than [`SHM_MIN_BYTES`] alone, the others in one batch per server; with
+    /// `then_pull`, each push message followed at once by the pull of its partitions. Each
+    /// push message joins `sent` with the grants it covers, each pull `pulls`, as they go out
+    /// (on an error, what went out before it is there).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_granted<'p, G>(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        granted: Vec<(Task, G)>,
+        payload: impl Fn(Task) -> &'p [u8],
+        then_pull: bool,
+        sent: &mut Vec<(Vec<G>, Flight)>,
+        pulls: &mut Vec<Flight>,
+    ) -> Result<()> {
+        let call = Call {
+            operation,
+            command: protocol::CMD_PUSH,
+            tensors,
+            payload,
+            then_pull,
+        };
+        let mut by_server: Vec<(Vec<Task>, Vec<G>)> = (0..self.servers.len())
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        for (task, grant) in granted {
+            let t = &tensors[task.tensor];
+            if t.byte_range(task.part).len() <= SHM_MIN_BYTES {
+                let (items, grants) = &mut by_server[t.parts[task.part].server];
+                items.push(task);
+                grants.push(grant);
+                continue;
+            }
+            let s = self.send(t, task.part, call.command, (call.payload)(task), operation)?;
+            sent.push((vec![grant], Flight::one(task, s)));
+            if then_pull {
+                let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
+                pulls.push(Flight::one(task, p));
+            }
+        }
+        for (server, (items, grants)) in by_server.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let mut flights = Flights::default();
+            self.flush(&call, server, items, &mut flights)?;
+            sent.push((grants, flights.sent.remove(0)));
+            pulls.extend(flights.pulls);
+        }
+        Ok(())
     }
 
     /// Sends one batch of the call's command to `server`, and its pull when the call asks.
