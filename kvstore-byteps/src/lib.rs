@@ -63,7 +63,9 @@
 //! its grant is released when the server acknowledges the push (an acknowledgement never
 //! waits for other workers, so credits cannot deadlock across workers); small partitions
 //! granted at once (in priority order, within the credit) are batched the same way, each
-//! batch's grants released when it is acknowledged. Answers are written
+//! batch's grants released when it is acknowledged (when every push in it is: a push the
+//! server holds because the same worker's previous push of that partition is still in an
+//! unfinished round holds its whole batch's grants). Answers are written
 //! into the outputs, cast to their dtype.
 //!
 //! ## Shared memory with the servers of the host

@@ -1,5 +1,6 @@
 //! [`BytePsStore`]: the worker side of the `byteps` store.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -680,31 +681,25 @@ impl BytePsStore {
             }
             out
         };
-        // Each partition's declaration (and rank 0's data), small ones batched per server.
-        let mut payloads: Vec<Vec<Vec<u8>>> = Vec::with_capacity(tensors.len());
-        for (g, t) in groups.iter().zip(&tensors) {
-            let value = values.values()[g.positions[0]];
-            let dense;
-            let data = match value.as_bytes() {
-                Some(b) => b,
-                None => {
-                    dense = outbound(&[value], &self.reduce);
-                    dense.bytes()
-                }
-            };
-            let parts = (0..t.parts.len())
-                .map(|part| {
-                    let mut payload = t.init_meta(part).encode();
-                    if self.rank == 0 {
-                        payload.extend_from_slice(&data[t.byte_range(part)]);
-                    }
-                    payload
-                })
-                .collect();
-            payloads.push(parts);
-        }
+        // Each partition's declaration (and rank 0's data), small ones batched per server,
+        // each message built as it goes. Only rank 0 sends data.
+        let with_data = self.rank == 0;
+        let outbound: Vec<Outbound<'_>> = groups
+            .iter()
+            .map(|g| match values.values()[g.positions[0]] {
+                _ if !with_data => Outbound::Borrowed(&[]),
+                v => outbound(&[v], &self.reduce),
+            })
+            .collect();
         let tasks = all_tasks(&tensors);
-        let payload = |task: Task| payloads[task.tensor][task.part].as_slice();
+        let payload = |task: Task| {
+            let t = &tensors[task.tensor];
+            let mut payload = t.init_meta(task.part).encode();
+            if with_data {
+                payload.extend_from_slice(&outbound[task.tensor].bytes()[t.byte_range(task.part)]);
+            }
+            Cow::Owned(payload)
+        };
         let (sent, _) = self.send_batched(
             operation,
             protocol::CMD_INIT,
@@ -825,8 +820,11 @@ impl BytePsStore {
         tasks: &[Task],
         pulls: bool,
     ) -> Result<(Vec<(Task, TransportError)>, Vec<Flight>)> {
-        let payload =
-            |task: Task| &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)];
+        let payload = |task: Task| {
+            Cow::Borrowed(
+                &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)],
+            )
+        };
         let (pushed, pulled) = self.send_batched(
             operation,
             protocol::CMD_PUSH,
@@ -865,8 +863,11 @@ impl BytePsStore {
                 (tensor.parts[t.part].key, tensor.byte_range(t.part).len())
             })
             .collect();
-        let payload =
-            |task: Task| &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)];
+        let payload = |task: Task| {
+            Cow::Borrowed(
+                &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)],
+            )
+        };
         let small = |task: Task| tensors[task.tensor].byte_range(task.part).len() <= SHM_MIN_BYTES;
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(Vec<crate::schedule::Grant<'_>>, Flight)>();
@@ -1042,7 +1043,7 @@ impl BytePsStore {
             protocol::CMD_PULL,
             &tensors,
             &tasks,
-            |_| &[],
+            |_| Cow::Borrowed(&[]),
             false,
         )?;
         let mut answers = empty_answers(&tensors);

@@ -817,3 +817,52 @@ fn a_question_about_a_load_in_progress_is_held_until_rank_0_records_its_outcome(
     node.leave().unwrap();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_batch_whose_lengths_overflow_is_refused_and_the_server_keeps_serving() {
+    use kvstore_dist::protocol::{self, BatchItem};
+    use kvstore_dist::transport::{Connection, Outgoing};
+    use kvstore_dist::{DistConfig, Node};
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+    let node = Node::join(&config).unwrap();
+    let server = node.servers().next().unwrap().addr.clone();
+    let mut transport = config.transport();
+    transport.node_id = node.id();
+    let conn = Connection::connect(server.as_str(), transport).unwrap();
+    conn.request(
+        Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+            .key(u64::from(node.rank()))
+            .aux(protocol::Mode::Sync.code()),
+        "hello",
+    )
+    .unwrap();
+    // Two items whose lengths add up to 2^64 + 1 bytes (1 after wrapping), and 1 byte of data.
+    let item = |len| BatchItem {
+        wire: 7,
+        part: 0,
+        flags: 0,
+        len,
+    };
+    let mut payload = BatchItem::encode(&[item(u64::MAX), item(2)], &[]);
+    payload.push(0);
+    for inner in [protocol::CMD_INIT, protocol::CMD_PUSH] {
+        let err = conn
+            .request(
+                Outgoing::new(protocol::CMD_BATCH, &payload).aux(u64::from(inner)),
+                "a hostile batch",
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("more than 2^64"), "{err}");
+    }
+    // The connection and the server still work.
+    let err = conn
+        .request(Outgoing::new(protocol::CMD_PULL, &[]).key(7), "pull")
+        .unwrap_err();
+    assert!(err.to_string().contains("not initialised"), "{err}");
+    conn.request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
+        .unwrap();
+    drop(conn);
+    node.leave().unwrap();
+    cluster.finish().unwrap();
+}

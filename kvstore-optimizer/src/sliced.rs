@@ -66,7 +66,13 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
     // Each server's keys, by key.
     let by_key: Vec<HashMap<&Key, &SavedKey>> = saved
         .iter()
-        .map(|s| s.keys.iter().map(|k| (&k.key, k)).collect())
+        .map(|s| {
+            let mut keys = HashMap::with_capacity(s.keys.len());
+            for k in &s.keys {
+                keys.entry(&k.key).or_insert(k); // the first, as a scan finds it
+            }
+            keys
+        })
         .collect();
     let mut keys = Vec::with_capacity(layout.len());
     for entry in layout {
@@ -161,7 +167,10 @@ pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec
             keys: Vec::new(),
         })
         .collect();
-    let entries: HashMap<&Key, &KeySlices> = layout.iter().map(|e| (&e.key, e)).collect();
+    let mut entries: HashMap<&Key, &KeySlices> = HashMap::with_capacity(layout.len());
+    for e in layout {
+        entries.entry(&e.key).or_insert(e);
+    }
     for key in &saved.keys {
         let Some(entry) = entries.get(&key.key).copied() else {
             return Err(Error::InvalidArgument(format!(

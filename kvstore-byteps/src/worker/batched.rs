@@ -5,6 +5,7 @@
 //! shared memory). Under a scheduling credit, the small partitions granted at once go
 //! together in the same way ([`BytePsStore::send_granted`]).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use kvstore_base::Result;
@@ -137,7 +138,7 @@ impl BytePsStore {
         command: u32,
         tensors: &[Arc<Tensor>],
         tasks: &[Task],
-        payload: impl Fn(Task) -> &'p [u8],
+        payload: impl Fn(Task) -> Cow<'p, [u8]>,
         then_pull: bool,
     ) -> Result<(Vec<Flight>, Vec<Flight>)> {
         let call = Call {
@@ -154,7 +155,7 @@ impl BytePsStore {
             let t = &tensors[task.tensor];
             let bytes = t.byte_range(task.part).len();
             if bytes > SHM_MIN_BYTES {
-                let s = self.send(t, task.part, command, (call.payload)(task), operation)?;
+                let s = self.send(t, task.part, command, &(call.payload)(task), operation)?;
                 flights.sent.push(Flight::one(task, s));
                 if then_pull {
                     let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
@@ -191,7 +192,7 @@ impl BytePsStore {
         operation: &'static str,
         tensors: &[Arc<Tensor>],
         granted: Vec<(Task, G)>,
-        payload: impl Fn(Task) -> &'p [u8],
+        payload: impl Fn(Task) -> Cow<'p, [u8]>,
         then_pull: bool,
         sent: &mut Vec<(Vec<G>, Flight)>,
         pulls: &mut Vec<Flight>,
@@ -214,7 +215,7 @@ impl BytePsStore {
                 grants.push(grant);
                 continue;
             }
-            let s = self.send(t, task.part, call.command, (call.payload)(task), operation)?;
+            let s = self.send(t, task.part, call.command, &(call.payload)(task), operation)?;
             sent.push((vec![grant], Flight::one(task, s)));
             if then_pull {
                 let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
@@ -225,16 +226,19 @@ impl BytePsStore {
             if items.is_empty() {
                 continue;
             }
-            let mut flights = Flights::default();
-            self.flush(&call, server, items, &mut flights)?;
-            sent.push((grants, flights.sent.remove(0)));
-            pulls.extend(flights.pulls);
+            // The push and its grants are recorded before the pull goes: a failed pull
+            // leaves them waiting for the push's acknowledgement.
+            let push = self.send_batch(&call, call.command, server, items.clone())?;
+            sent.push((grants, push));
+            if then_pull {
+                pulls.push(self.send_batch(&call, protocol::CMD_PULL, server, items)?);
+            }
         }
         Ok(())
     }
 
     /// Sends one batch of the call's command to `server`, and its pull when the call asks.
-    fn flush<'p, P: Fn(Task) -> &'p [u8]>(
+    fn flush<'p, P: Fn(Task) -> Cow<'p, [u8]>>(
         &self,
         call: &Call<'_, P>,
         server: usize,
@@ -257,7 +261,7 @@ impl BytePsStore {
     }
 
     /// Sends `command` for `items` to `server` in one batch.
-    fn send_batch<'p, P: Fn(Task) -> &'p [u8]>(
+    fn send_batch<'p, P: Fn(Task) -> Cow<'p, [u8]>>(
         &self,
         call: &Call<'_, P>,
         command: u32,
@@ -267,10 +271,11 @@ impl BytePsStore {
         let Call {
             operation, tensors, ..
         } = *call;
-        let chunks: Vec<&[u8]> = match command {
+        let owned: Vec<Cow<'_, [u8]>> = match command {
             protocol::CMD_PULL => Vec::new(),
             _ => items.iter().map(|&task| (call.payload)(task)).collect(),
         };
+        let chunks: Vec<&[u8]> = owned.iter().map(|c| &**c).collect();
         let table: Vec<BatchItem> = items
             .iter()
             .enumerate()

@@ -591,10 +591,14 @@ impl Core {
                 return Err(format!("a batch of unknown command {inner:#x}"));
             }
             if pushes || inits {
-                let pushed: u64 = items.iter().map(|it| it.len).sum();
-                if pushed != data.len() as u64 {
+                // Checked: the items' lengths then cut `data` without overflow.
+                let pushed = items
+                    .iter()
+                    .try_fold(0u64, |sum, it| sum.checked_add(it.len));
+                if pushed != Some(data.len() as u64) {
                     return Err(format!(
-                        "a batch announces {pushed} bytes of data but carries {}",
+                        "a batch announces {} bytes of data but carries {}",
+                        pushed.map_or("more than 2^64".to_string(), |p| p.to_string()),
                         data.len()
                     ));
                 }

@@ -4,6 +4,7 @@
 //! worker's shared-memory region travels through it when it fits (see
 //! [`protocol`](crate::protocol#shared-memory-on-one-host)).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,13 +25,53 @@ const STREAM_BYTES: usize = 16 << 20;
 /// Threads that copy one big part.
 const COPY_THREADS: usize = 1;
 
-/// What a call sends: the command, the keys, their pushed parts and the flags to add.
+/// What a call sends for each part of each key.
+#[derive(Clone, Copy)]
+pub(crate) enum Parts<'a, 'd> {
+    /// Nothing (a pull).
+    None,
+    /// `pushed[i][p]`: the pushed bytes of part `p` of key `i` (maybe compressed).
+    Pushed(&'a [Vec<&'d [u8]>]),
+    /// An init: each part's declaration ([`KeyMeta::init_meta`]), then, from rank 0, the
+    /// part's bytes of `values[i]`; built as each message goes, so that an init never holds a
+    /// second copy of the model.
+    Init {
+        /// Each key's value, contiguous.
+        values: &'a [&'d [u8]],
+        /// Whether the parts carry their data (rank 0's do).
+        with_data: bool,
+    },
+}
+
+impl<'d> Parts<'_, 'd> {
+    /// The bytes sent for part `part` of key `i` (of `metas`).
+    fn bytes(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize) -> Cow<'d, [u8]> {
+        match *self {
+            Parts::None => Cow::Borrowed(&[]),
+            Parts::Pushed(pushed) => Cow::Borrowed(pushed[i][part]),
+            Parts::Init { values, with_data } => {
+                let meta = &metas[i];
+                let mut payload = meta.init_meta(part).encode();
+                if with_data {
+                    payload.extend_from_slice(&values[i][meta.byte_range(part)]);
+                }
+                Cow::Owned(payload)
+            }
+        }
+    }
+
+    fn is_none(&self) -> bool {
+        matches!(self, Parts::None)
+    }
+}
+
+/// What a call sends: the command, the keys, their parts and the flags to add.
 #[derive(Clone, Copy)]
 struct Call<'a, 'd> {
     operation: &'static str,
     command: u32,
     metas: &'a [Arc<KeyMeta>],
-    data: Option<&'a [Vec<&'d [u8]>]>,
+    parts: Parts<'a, 'd>,
     extra_flags: u16,
 }
 
@@ -114,9 +155,9 @@ impl Answers {
 }
 
 impl DistStore {
-    /// Sends `command` (init, push, pull or pushpull) for every part of `metas` (`data[i][p]`: the
-    /// pushed bytes of part `p` of key `i`, flagged with `extra_flags`) and waits for every answer; returns the answers of a pull or
-    /// pushpull. Callers enter by `priority` to send (see
+    /// Sends `command` (init, push, pull or pushpull) for every part of `metas` (with the
+    /// bytes of `parts`, flagged with `extra_flags`) and waits for every answer; returns the
+    /// answers of a pull or pushpull. Callers enter by `priority` to send (see
     /// [`PriorityGate`](kvstore_base::PriorityGate)). Requests are waited for until the first
     /// lost server (see [`settle`]); a lost server is the error returned, else the first
     /// failure, wrapped with its key.
@@ -125,7 +166,7 @@ impl DistStore {
         operation: &'static str,
         command: u32,
         metas: &[Arc<KeyMeta>],
-        data: Option<&[Vec<&[u8]>]>,
+        parts: Parts<'_, '_>,
         extra_flags: u16,
         priority: i32,
     ) -> Result<Option<Answers>> {
@@ -134,7 +175,7 @@ impl DistStore {
             operation,
             command,
             metas,
-            data,
+            parts,
             extra_flags,
         };
         let mut sent: Vec<(Sent, Pending)> = Vec::new();
@@ -149,11 +190,11 @@ impl DistStore {
                         continue;
                     }
                     let range = meta.byte_range(part);
-                    let payload = data.map_or(&[][..], |d| d[i][part]);
                     if range.len() > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
+                        let payload = parts.bytes(metas, i, part);
                         let (pending, shm) = self
-                            .send_one(&call, meta, part, payload, &what)
+                            .send_one(&call, meta, part, &payload, &what)
                             .map_err(self.transport_at(operation, &meta.key))?;
                         sent.push((Sent::One { meta: i, part, shm }, pending));
                         continue;
@@ -332,13 +373,17 @@ impl DistStore {
             operation,
             command,
             metas,
-            data,
+            parts,
             extra_flags,
         } = *call;
-        let chunks: Vec<&[u8]> = match data {
-            Some(d) => items.iter().map(|&(i, part)| d[i][part]).collect(),
-            None => Vec::new(),
+        let owned: Vec<Cow<'_, [u8]>> = match parts.is_none() {
+            true => Vec::new(),
+            false => items
+                .iter()
+                .map(|&(i, part)| parts.bytes(metas, i, part))
+                .collect(),
         };
+        let chunks: Vec<&[u8]> = owned.iter().map(|c| &**c).collect();
         let table: Vec<BatchItem> = items
             .iter()
             .enumerate()

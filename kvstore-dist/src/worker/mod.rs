@@ -352,38 +352,38 @@ impl DistStore {
             }
             metas
         };
-        // Each part's declaration (and rank 0's data), small ones batched per server.
-        let mut payloads: Vec<Vec<Vec<u8>>> = Vec::with_capacity(metas.len());
-        for (g, meta) in groups.iter().zip(&metas) {
+        // Each part's declaration (and rank 0's data), small ones batched per server, each
+        // message built as it goes.
+        // Only rank 0 sends data: values that are not contiguous are made so for it.
+        let with_data = self.rank == 0;
+        let mut dense = Vec::new();
+        for g in groups.iter().filter(|_| with_data) {
             let value = values.values()[g.positions[0]];
-            let dense;
-            let data = match value.as_bytes() {
-                Some(b) => b,
-                None => {
-                    let mut copy = NDArray::zeros(value.shape(), value.dtype());
-                    copy.assign(&value.to_dense())
-                        .map_err(self.at(operation, &g.key))?;
-                    dense = copy;
-                    dense.as_bytes().expect("a fresh array is contiguous")
-                }
-            };
-            let parts = (0..meta.parts.len())
-                .map(|part| {
-                    let mut payload = meta.init_meta(part).encode();
-                    if self.rank == 0 {
-                        payload.extend_from_slice(&data[meta.byte_range(part)]);
-                    }
-                    payload
-                })
-                .collect();
-            payloads.push(parts);
+            if value.as_bytes().is_none() {
+                let mut copy = NDArray::zeros(value.shape(), value.dtype());
+                copy.assign(&value.to_dense())
+                    .map_err(self.at(operation, &g.key))?;
+                dense.push(copy);
+            }
         }
-        let data: Vec<Vec<&[u8]>> = payloads
+        let mut copies = dense.iter();
+        let data: Vec<&[u8]> = groups
             .iter()
-            .map(|parts| parts.iter().map(Vec::as_slice).collect())
+            .map(|g| match values.values()[g.positions[0]].as_bytes() {
+                _ if !with_data => &[][..],
+                Some(b) => b,
+                None => copies
+                    .next()
+                    .and_then(NDArray::as_bytes)
+                    .expect("a fresh array is contiguous"),
+            })
             .collect();
+        let parts = exchange::Parts::Init {
+            values: &data,
+            with_data,
+        };
         let flags = recovery_flags(self.recovered);
-        self.exchange(operation, protocol::CMD_INIT, &metas, Some(&data), flags, 0)?;
+        self.exchange(operation, protocol::CMD_INIT, &metas, parts, flags, 0)?;
         lock(&self.keys).insert(metas);
         Ok(())
     }
@@ -449,7 +449,8 @@ impl DistStore {
                 (data, 0)
             }
         };
-        let answers = self.exchange(operation, command, &metas, Some(&data), flags, priority)?;
+        let parts = exchange::Parts::Pushed(&data);
+        let answers = self.exchange(operation, command, &metas, parts, flags, priority)?;
         if let (Some(outs), Some(answers)) = (outs, answers) {
             let written = self.write_outs(operation, &metas, &answers, outs, true);
             answers.recycle(&metas);
@@ -650,7 +651,14 @@ impl DistStore {
         let metas = self.metas(operation, &keys)?;
         self.check_outs(operation, outs)?;
         let answers = self
-            .exchange(operation, protocol::CMD_PULL, &metas, None, 0, priority)?
+            .exchange(
+                operation,
+                protocol::CMD_PULL,
+                &metas,
+                exchange::Parts::None,
+                0,
+                priority,
+            )?
             .expect("a pull has answers");
         let written = self.write_outs(operation, &metas, &answers, outs, ignore_sparse);
         answers.recycle(&metas);
