@@ -26,7 +26,7 @@ pub(crate) const BASE_PARAMS: [&str; 11] = [
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum LrDefault {
     /// `learning_rate` goes to the base class as given (0.01 when neither it nor a scheduler
-    /// is given): sgd, nag, lars, adagrad, adadelta, test.
+    /// is given): sgd, ccsgd, nag, lars, adagrad, groupadagrad, adadelta, ftml, dcasgd, test.
     PassThrough,
     /// The optimizer's signature has its own default, always passed on, so it also replaces
     /// a scheduler's `base_lr` when `learning_rate` is not given: adam (0.001), rmsprop, ...

@@ -22,14 +22,15 @@
 //!
 //! ## Optimizers
 //!
-//! [`optimizer_names`] lists them: `adadelta`, `adagrad`, `adam`, `adamw`, `ftrl`, `lamb`,
-//! `lars`, `nag`, `rmsprop`, `sgd`, `signum`, `test`. Each module's docs give its formula and
-//! hyper-parameters (MXNet's names and defaults). Every optimizer also takes the base
-//! parameters:
+//! [`optimizer_names`] lists them: `adadelta`, `adagrad`, `adam`, `adamax`, `adamw`, `ccsgd`
+//! (MXNet 1.x's deprecated name for `sgd`), `dcasgd`, `ftml`, `ftrl`, `groupadagrad`, `lamb`,
+//! `lars`, `nadam`, `nag`, `rmsprop`, `sgd`, `signum`, `test`. Each module's docs give its
+//! formula and hyper-parameters (MXNet's names and defaults). Every optimizer also takes the
+//! base parameters:
 //!
 //! | name               | meaning (default)                                                     |
 //! |--------------------|-----------------------------------------------------------------------|
-//! | `learning_rate`    | the rate (0.01 for sgd-like optimizers when no scheduler is given; adam, rmsprop, lamb, adamw 0.001; ftrl 0.1) |
+//! | `learning_rate`    | the rate (0.01 for sgd-like optimizers when no scheduler is given; adam, nadam, rmsprop, lamb, adamw 0.001; adamax 0.002; ftrl 0.1) |
 //! | `lr_scheduler`     | a map describing a scheduler, see [`LrScheduler`]                     |
 //! | `wd`               | weight decay (0)                                                      |
 //! | `rescale_grad`     | gradient multiplier (1)                                               |
@@ -86,7 +87,7 @@ mod state_file;
 mod updater;
 
 pub use base::Base;
-pub use optimizer::{Buffers, Optimizer, Slices};
+pub use optimizer::{Buffers, Optimizer, Slices, StateInit};
 pub use real::{BHalf, Half};
 pub use registry::{create, optimizer_names, OptimizerEntry, OPTIMIZERS};
 pub use schedule::{LrScheduler, WarmupMode};

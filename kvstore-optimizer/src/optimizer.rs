@@ -9,10 +9,12 @@ use crate::base::Base;
 use crate::real::{BHalf, Half};
 
 /// The buffers of one update, in one arithmetic: the weight (or its `f32` master copy), the
-/// gradient, and the optimizer's state arrays for this key, all of the same length.
+/// gradient, and the optimizer's state arrays for this key, flattened in row-major order.
 ///
 /// They are the arrays' own memory (the update runs in place), and the updater hands over
-/// exactly [`Optimizer::state_len`] state arrays.
+/// exactly [`Optimizer::state_len`] state arrays, each of the shape
+/// [`Optimizer::state_shape`] gives (the weight's, so of the weight's length, unless the
+/// optimizer says otherwise).
 pub struct Buffers<'a, R> {
     pub(crate) weight: &'a mut [R],
     pub(crate) grad: &'a [R],
@@ -88,6 +90,15 @@ pub(crate) fn map4<R: Copy>(
     }
 }
 
+/// How a state array of a key starts, on the key's first update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateInit {
+    /// All zeros.
+    Zeros,
+    /// A copy of the weight: of its `f32` master copy with `multi_precision`.
+    Weight,
+}
+
 /// The buffers of one update, tagged by arithmetic.
 pub enum Slices<'a> {
     /// `float32` weights, or the `f32` master copy of half-precision weights.
@@ -125,8 +136,23 @@ pub trait Optimizer: Send + fmt::Debug {
     fn base(&self) -> &Base;
     /// The shared bookkeeping, mutably.
     fn base_mut(&mut self) -> &mut Base;
-    /// How many state arrays (each shaped like the weight, zero-initialised) a key needs.
+    /// How many state arrays a key needs (each of the shape [`Optimizer::state_shape`] gives,
+    /// starting as [`Optimizer::state_init`] says).
     fn state_len(&self) -> usize;
+    /// The shape of state array `index` of a weight of shape `weight`: by default the weight's.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](kvstore_base::Error::InvalidArgument) when the optimizer
+    /// cannot update a weight of this shape; the updater then refuses the update.
+    fn state_shape(&self, index: usize, weight: &[usize]) -> Result<Vec<usize>> {
+        let _ = index;
+        Ok(weight.to_vec())
+    }
+    /// How state array `index` starts: by default as zeros.
+    fn state_init(&self, index: usize) -> StateInit {
+        let _ = index;
+        StateInit::Zeros
+    }
     /// Updates one key in place: bumps its count, computes its rates and runs the kernel.
     ///
     /// It cannot fail: the updater checks the buffers before, so that an error never leaves

@@ -38,6 +38,9 @@ pub(crate) trait Real:
     fn to_f64(self) -> f64;
     /// Square root.
     fn sqrt(self) -> Self;
+    /// `self` to the power `e` (mshadow's `power`: `powf` for `float` and half precision,
+    /// the result of the latter rounded to 16 bits).
+    fn pow(self, e: Self) -> Self;
     /// A kernel's `float` parameter: MXNet operator parameters are `float`, so a value passes
     /// through `f32` before it is cast to the element type.
     fn param(x: f64) -> Self {
@@ -100,6 +103,9 @@ macro_rules! native {
             }
             fn sqrt(self) -> Self {
                 <$t>::sqrt(self)
+            }
+            fn pow(self, e: Self) -> Self {
+                <$t>::powf(self, e)
             }
         }
     };
@@ -181,6 +187,10 @@ macro_rules! sixteen {
             #[inline(always)]
             fn sqrt(self) -> Self {
                 Self::r(self.f().sqrt())
+            }
+            #[inline(always)]
+            fn pow(self, e: Self) -> Self {
+                Self::r(self.f().powf(e.f()))
             }
             // The exact values `of(0.0)` and `of(1.0)` give, without a conversion.
             fn zero() -> Self {

@@ -8,7 +8,7 @@ use half::{bf16, f16};
 use kvstore_base::{DType, Element, Error, Key, NDArray, OptimizerSpec, Result};
 use ndarray::{ArrayViewMutD, Zip};
 
-use crate::optimizer::{Buffers, Optimizer, Slices};
+use crate::optimizer::{Buffers, Optimizer, Slices, StateInit};
 use crate::real::{BHalf, Half, Real};
 use crate::state_file::{self, Saved, SavedKey, SavedOptimizer};
 
@@ -334,13 +334,18 @@ impl Updater {
             )));
         }
         for (i, a) in state.master.iter().chain(&state.arrays).enumerate() {
-            if a.shape() != shape {
+            let expected = match (&state.master, i) {
+                (Some(_), 0) => shape.to_vec(),
+                (Some(_), _) => self.optimizer.state_shape(i - 1, shape)?,
+                (None, _) => self.optimizer.state_shape(i, shape)?,
+            };
+            if a.shape() != expected.as_slice() {
                 return Err(Error::ShapeMismatch {
                     what: format!(
                         "optimizer state array {i} (weight shape {shape:?}, state shape {:?})",
                         a.shape()
                     ),
-                    expected: shape.to_vec(),
+                    expected,
                     found: a.shape().to_vec(),
                 });
             }
@@ -355,6 +360,33 @@ impl Updater {
         Ok(())
     }
 
+    /// The state of a key's first update: the master copy of the weight with `mp`, and the
+    /// optimizer's arrays in `cdtype`, of the shapes and initial values it asks for.
+    fn new_state(&self, weight: &NDArray, mp: bool, cdtype: DType) -> Result<KeyState> {
+        let master = mp.then(|| weight.astype(DType::F32));
+        let arrays = (0..self.optimizer.state_len())
+            .map(|i| {
+                let shape = self.optimizer.state_shape(i, weight.shape())?;
+                Ok(match self.optimizer.state_init(i) {
+                    StateInit::Weight if shape.as_slice() == weight.shape() => match &master {
+                        Some(m) => m.clone(),
+                        None => weight.astype(cdtype),
+                    },
+                    StateInit::Weight => {
+                        return Err(Error::InvalidArgument(format!(
+                            "internal: optimizer {:?} starts state array {i} as a copy of the \
+                             weight but gives it shape {shape:?}, not the weight's {:?}",
+                            self.optimizer.name(),
+                            weight.shape()
+                        )))
+                    }
+                    StateInit::Zeros => NDArray::zeros(&shape, cdtype),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KeyState { master, arrays })
+    }
+
     /// Updates `weight` with `grad` under `key` (MXNet's `updater(key, grad, weight)`).
     ///
     /// Creates the key's state on first use. A row-sparse gradient is applied as the dense
@@ -366,8 +398,9 @@ impl Updater {
     /// # Errors
     /// [`Error::AtKey`] (naming the key) around: [`Error::ShapeMismatch`] when the gradient's
     /// shape is not the weight's (both shapes are named), [`Error::DTypeMismatch`] when the
-    /// dtypes differ, [`Error::InvalidArgument`] for integer or row-sparse weights or a loaded
-    /// state that does not fit the weight. The weight and the state are unchanged then: every
+    /// dtypes differ, [`Error::InvalidArgument`] for integer or row-sparse weights, a weight
+    /// shape the optimizer cannot update (`groupadagrad` needs 2-D weights) or a loaded state
+    /// that does not fit the weight. The weight and the state are unchanged then: every
     /// check runs, and every buffer is obtained, before the first write, and the optimizer's
     /// kernel that then writes cannot fail.
     pub fn update(&mut self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<()> {
@@ -382,12 +415,7 @@ impl Updater {
         let mut fresh = None;
         let state = match self.states.get_mut(key) {
             Some(s) => s,
-            None => fresh.insert(KeyState {
-                master: mp.then(|| weight.astype(DType::F32)),
-                arrays: (0..self.optimizer.state_len())
-                    .map(|_| NDArray::zeros(weight.shape(), cdtype))
-                    .collect(),
-            }),
+            None => fresh.insert(self.new_state(weight, mp, cdtype).map_err(|e| at(key, e))?),
         };
         let opt = self.optimizer.as_mut();
         let done = match &mut state.master {
@@ -419,8 +447,9 @@ impl Updater {
         self.optimizer.base().update_count(key)
     }
 
-    /// Replaces the state of `key` (its arrays, in the optimizer's order and of its weight's
-    /// shape, and its update count): for a store that updated the key elsewhere (on a GPU)
+    /// Replaces the state of `key` (its arrays, in the optimizer's order and of the shapes
+    /// [`Optimizer::state_shape`] gives, mostly the weight's, and its update count): for a
+    /// store that updated the key elsewhere (on a GPU)
     /// and hands its state over before [`save_states`](Updater::save_states).
     ///
     /// # Errors

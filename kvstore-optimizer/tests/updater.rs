@@ -22,8 +22,24 @@ fn factor(step: i64, factor: f64, base_lr: f64) -> ParamValue {
 fn names_are_registered() {
     let names = optimizer_names();
     for n in [
-        "sgd", "nag", "adam", "adamw", "adagrad", "adadelta", "rmsprop", "signum", "ftrl", "lamb",
-        "lars", "test",
+        "sgd",
+        "nag",
+        "adam",
+        "adamw",
+        "adagrad",
+        "adadelta",
+        "rmsprop",
+        "signum",
+        "ftrl",
+        "lamb",
+        "lars",
+        "test",
+        "adamax",
+        "nadam",
+        "ftml",
+        "dcasgd",
+        "ccsgd",
+        "groupadagrad",
     ] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
         create(&OptimizerSpec::new(n)).unwrap();
@@ -187,12 +203,22 @@ fn save_and_load_resume_exactly() {
             .with("momentum", 0.9)
             .with("lr_scheduler", factor(1, 0.9, 0.1)),
         OptimizerSpec::new("rmsprop").with("centered", true),
+        // Nadam's momentum schedule is run-time state of the optimizer.
+        OptimizerSpec::new("nadam").with("learning_rate", 0.01),
+        OptimizerSpec::new("ftml").with("wd", 0.01),
+        OptimizerSpec::new("dcasgd")
+            .with("momentum", 0.9)
+            .with("lamda", 0.5),
+        OptimizerSpec::new("groupadagrad").with("learning_rate", 0.1),
+        OptimizerSpec::new("ccsgd").with("momentum", 0.9),
     ];
     for spec in specs {
         for dtype in [DType::F32, DType::F16] {
-            // Adam's and RMSProp's epsilon (1e-8) is 0 in float16: use f32 master weights.
+            // Epsilons of 1e-8 are 0 in float16: use f32 master weights.
             let spec = match (dtype, spec.name.as_str()) {
-                (DType::F16, "adam" | "rmsprop") => spec.clone().with("multi_precision", true),
+                (DType::F16, "adam" | "rmsprop" | "nadam" | "ftml") => {
+                    spec.clone().with("multi_precision", true)
+                }
                 _ => spec.clone(),
             };
             let w0 = NDArray::from_vec(&[2, 3], vec![0.5f32, -0.25, 1.0, 0.0, 2.0, -1.5])
@@ -442,4 +468,104 @@ fn other_layouts_and_row_sparse_gradients_update_like_dense_ones() {
             }
         }
     }
+}
+
+#[test]
+fn groupadagrad_keeps_one_history_value_per_row_of_2d_weights() {
+    let spec = OptimizerSpec::new("groupadagrad")
+        .with("learning_rate", 0.5)
+        .with("eps", 0.0);
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let mut w = NDArray::from_vec(&[2, 2], vec![1.0f64, 1.0, 1.0, 1.0]).unwrap();
+    let g = NDArray::from_vec(&[2, 2], vec![3.0f64, 4.0, 1.0, -1.0]).unwrap();
+    up.update(&Key::from(0), &g, &mut w).unwrap();
+    // Row 0: h = (9 + 16)/2 = 12.5; row 1: h = 1.
+    let h = &up.state_arrays(&Key::from(0)).unwrap()[0];
+    assert_eq!(h.shape(), &[2, 1]);
+    assert_eq!(h.to_f64_vec(), vec![12.5, 1.0]);
+    let r = 12.5f64.sqrt();
+    assert_eq!(
+        w.to_f64_vec(),
+        vec![1.0 - 0.5 * 3.0 / r, 1.0 - 0.5 * 4.0 / r, 0.5, 1.5]
+    );
+    // The row-shaped state survives a save and a load.
+    let bytes = up.save_states(true).unwrap();
+    let mut resumed = Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+    resumed.load_states(&bytes).unwrap();
+    let mut w2 = w.clone();
+    up.update(&Key::from(0), &g, &mut w).unwrap();
+    resumed.update(&Key::from(0), &g, &mut w2).unwrap();
+    assert_eq!(w, w2);
+
+    // Weights that are not 2-D are refused, naming the key; nothing changes.
+    let mut flat = NDArray::ones(&[4], DType::F32);
+    let err = up
+        .update(&Key::from("v"), &NDArray::ones(&[4], DType::F32), &mut flat)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("\"v\"") && msg.contains("2-D"), "{msg}");
+    assert_eq!(flat, NDArray::ones(&[4], DType::F32));
+    assert!(up.state_arrays(&Key::from("v")).is_none());
+    // A state of another shape (another optimizer's) is reported at the update.
+    let mut adagrad = Updater::from_spec(&OptimizerSpec::new("adagrad")).unwrap();
+    let mut w3 = NDArray::ones(&[2, 2], DType::F64);
+    adagrad.update(&Key::from(0), &g, &mut w3).unwrap();
+    up.load_states(&adagrad.save_states(false).unwrap())
+        .unwrap();
+    let err = up.update(&Key::from(0), &g, &mut w3).unwrap_err();
+    assert!(matches!(err.root(), Error::ShapeMismatch { .. }), "{err}");
+
+    // Weight decay is not supported.
+    let e = create(&OptimizerSpec::new("groupadagrad").with("wd", 0.1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("groupadagrad") && e.contains("\"wd\""), "{e}");
+}
+
+#[test]
+fn dcasgd_starts_from_a_copy_of_the_weight() {
+    for (momentum, arrays) in [(0.0, 1), (0.9, 2)] {
+        let spec = OptimizerSpec::new("dcasgd")
+            .with("learning_rate", 0.5)
+            .with("momentum", momentum);
+        let mut up = Updater::from_spec(&spec).unwrap();
+        let mut w = f32s(&[1.0, -2.0]);
+        up.update(&Key::from(0), &f32s(&[1.0, 1.0]), &mut w)
+            .unwrap();
+        // w − w_prev is 0 on the first update: a plain SGD step.
+        assert_eq!(w, f32s(&[0.5, -2.5]));
+        let states = up.state_arrays(&Key::from(0)).unwrap();
+        assert_eq!(states.len(), arrays);
+        assert_eq!(states[arrays - 1], f32s(&[1.0, -2.0]));
+        // The second update compensates the delay: −lr·lamda·g²·(w − w_prev) = +0.01.
+        up.update(&Key::from(0), &f32s(&[1.0, 1.0]), &mut w)
+            .unwrap();
+        let step = -0.5 * (1.0 + 0.04 * (-0.5f32)) + momentum as f32 * -0.5;
+        assert_eq!(w, f32s(&[0.5 + step, -2.5 + step]), "momentum {momentum}");
+    }
+}
+
+#[test]
+fn ccsgd_is_sgd_under_its_own_name() {
+    let spec = |name: &str| {
+        OptimizerSpec::new(name)
+            .with("momentum", 0.9)
+            .with("wd", 0.1)
+    };
+    let (mut cc, mut sgd) = (
+        Updater::from_spec(&spec("ccsgd")).unwrap(),
+        Updater::from_spec(&spec("sgd")).unwrap(),
+    );
+    assert_eq!(cc.optimizer().name(), "ccsgd");
+    let (mut a, mut b) = (
+        NDArray::ones(&[2, 3], DType::F32),
+        NDArray::ones(&[2, 3], DType::F32),
+    );
+    run(&mut cc, 0..3, &mut a);
+    run(&mut sgd, 0..3, &mut b);
+    assert_eq!(a, b);
+    assert_eq!(
+        cc.state_arrays(&Key::from("w")),
+        sgd.state_arrays(&Key::from("w"))
+    );
 }

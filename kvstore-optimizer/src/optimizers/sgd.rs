@@ -3,28 +3,50 @@
 //! MXNet 1.9.1 runs dense SGD through its aggregated `multi_sgd(_mom)_update` kernels:
 //! `g' = clip(rescale_grad·g, ±clip_gradient)`, `mom = momentum·mom − lr·wd·w − lr·g'`,
 //! `w = w + mom` (with `mom = 0` and no state when `momentum` is 0).
+//!
+//! `ccsgd`, the deprecated name MXNet 1.x keeps for the same optimizer, builds it too (and
+//! keeps its own name, so a saved optimizer comes back as `ccsgd`).
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
-use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
+use super::{begin, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
 struct Sgd {
+    name: &'static str,
     base: Base,
     momentum: f64,
 }
 
-fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+fn build_named(spec: &OptimizerSpec, name: &'static str) -> Result<Box<dyn Optimizer>> {
     let (mut p, base) = begin(spec, LrDefault::PassThrough, WEIGHT_OR_GAMMA)?;
     let momentum = p.f64_or("momentum", 0.0)?;
     end(p, &["momentum"])?;
-    Ok(Box::new(Sgd { base, momentum }))
+    Ok(Box::new(Sgd {
+        name,
+        base,
+        momentum,
+    }))
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    build_named(spec, "sgd")
+}
+
+fn build_ccsgd(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    build_named(spec, "ccsgd")
 }
 
 register!(SGD, "sgd", "SGD with momentum and weight decay", build);
+register!(
+    CCSGD,
+    "ccsgd",
+    "SGD under its deprecated MXNet 1.x name (the same updates)",
+    build_ccsgd
+);
 
 /// One element of MXNet's `MultiSGDKernel`; returns the new weight and momentum.
 #[inline(always)]
@@ -86,7 +108,15 @@ impl Sgd {
 }
 
 impl Optimizer for Sgd {
-    common!("sgd");
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    fn base(&self) -> &Base {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut Base {
+        &mut self.base
+    }
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }

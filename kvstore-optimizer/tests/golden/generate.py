@@ -7,6 +7,9 @@ Run with MXNet 1.9.1 installed (pip install mxnet==1.9.1 numpy==1.23.5):
 Each case runs mx.optimizer.get_updater(mx.optimizer.create(name, **params)) for STEPS
 updates of one key on a (3, 4) weight, with inputs from numpy.random.RandomState(seed).
 Gradients are handed over as fresh copies (AdaDelta rescales its gradient in place).
+A case with the option {"keys": K} (stored as "keys") updates keys 0..K-1 in turn at each
+step, each from the same initial weight with the same gradient; its steps hold the K
+weights one after the other (Nadam's momentum schedule is shared by all keys).
 
 MXNet 1.9.1 has no `adamw` optimizer class; the `adamw` cases drive the 1.9.1 operator
 mx.nd.contrib.adamw_update (mp_adamw_update with multi_precision) with eta = the learning
@@ -35,7 +38,7 @@ COS = {"type": "cosine", "max_update": 4, "base_lr": 0.05, "final_lr": 0.001}
 MULTI = {"type": "multifactor", "step": [1, 3], "factor": 0.3, "base_lr": 0.1,
          "warmup_steps": 1, "warmup_begin_lr": 0.05, "warmup_mode": "constant"}
 
-# (optimizer, params, dtypes)
+# (optimizer, params, dtypes[, options])
 CASES = [
     ("sgd", {"learning_rate": 0.1}, DTYPES),
     ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, DTYPES),
@@ -81,6 +84,38 @@ CASES = [
     ("lars", {"learning_rate": 0.1, "eta": 0.5}, DTYPES),
     ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5, "lr_scheduler": SCHED}, DTYPES),
     ("lars", {"learning_rate": 0.1, "momentum": 0.9, "eta": 0.5, "param_idx2name": {"0": "bn_gamma"}}, ["float32"]),
+    ("adamax", {}, DTYPES),
+    ("adamax", {"learning_rate": 0.01, "beta1": 0.8, "beta2": 0.99, "wd": 0.1, "clip_gradient": 0.5,
+                "rescale_grad": 2.0}, DTYPES),
+    ("adamax", {"lr_scheduler": SCHED}, ["float32"]),
+    ("adamax", {"learning_rate": 0.01, "multi_precision": True}, ["float16"]),
+    ("nadam", {}, DTYPES),
+    ("nadam", {"learning_rate": 0.01, "schedule_decay": 0.1, "wd": 0.1, "clip_gradient": 0.5,
+               "rescale_grad": 2.0}, DTYPES),
+    ("nadam", {"learning_rate": 0.01, "beta1": 0.8, "lr_scheduler": SCHED}, ["float32"]),
+    ("nadam", {"learning_rate": 0.01, "multi_precision": True}, ["float16"]),
+    ("nadam", {"learning_rate": 0.01}, ["float32", "float64"], {"keys": 3}),
+    ("ftml", {}, DTYPES),
+    ("ftml", {"learning_rate": 0.05, "beta1": 0.5, "wd": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0},
+     DTYPES),
+    ("ftml", {"lr_scheduler": SCHED}, ["float32"]),
+    ("ftml", {"learning_rate": 0.05, "multi_precision": True}, ["float16"]),
+    ("ftml", {"learning_rate": 0.05}, ["float32"], {"keys": 2}),
+    ("dcasgd", {"learning_rate": 0.1}, DTYPES),
+    ("dcasgd", {"learning_rate": 0.1, "lamda": 0.5, "wd": 0.1, "clip_gradient": 0.3, "rescale_grad": 2.0},
+     DTYPES),
+    ("dcasgd", {"lamda": 0.2, "lr_scheduler": SCHED}, ["float32"]),
+    ("dcasgd", {"learning_rate": 0.1, "lamda": 0.5, "multi_precision": True}, ["float16"]),
+    ("dcasgd", {"learning_rate": 0.1, "momentum": 0.9}, DTYPES),
+    ("ccsgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, DTYPES),
+    ("ccsgd", {"learning_rate": 0.05, "rescale_grad": 0.5, "clip_gradient": 0.3}, DTYPES),
+    ("ccsgd", {"momentum": 0.9, "lr_scheduler": SCHED, "multi_precision": True}, ["float16"]),
+    ("groupadagrad", {"learning_rate": 0.1}, DTYPES),
+    ("groupadagrad", {"learning_rate": 0.1, "eps": 1e-3, "clip_gradient": 0.3, "rescale_grad": 2.0},
+     ["float32"]),
+    ("groupadagrad", {"lr_scheduler": SCHED}, ["float32"]),
+    ("groupadagrad", {"learning_rate": 0.1, "multi_precision": True}, ["float16"]),
+    ("groupadagrad", {"learning_rate": 0.1, "wd": 0.1}, ["float32"]),
 ]
 
 
@@ -112,16 +147,17 @@ def mults(params, name):
     return {(int(k) if k.isdigit() else k): v for k, v in params.get(name, {}).items()}
 
 
-def run_updater(name, params, w0, grads, dtype):
+def run_updater(name, params, w0, grads, dtype, keys=1):
     opt = mx.optimizer.create(name, **to_mx_params(params))
     opt.set_lr_mult(mults(params, "lr_mult"))
     opt.set_wd_mult(mults(params, "wd_mult"))
     updater = mx.optimizer.get_updater(opt)
-    w = mx.nd.array(w0, dtype=dtype)
+    ws = [mx.nd.array(w0, dtype=dtype) for _ in range(keys)]
     out = []
     for g in grads:
-        updater(0, mx.nd.array(g, dtype=dtype), w)
-        out.append(w.asnumpy().astype(np.float64).ravel().tolist())
+        for k, w in enumerate(ws):
+            updater(k, mx.nd.array(g, dtype=dtype), w)
+        out.append([x for w in ws for x in w.asnumpy().astype(np.float64).ravel().tolist()])
     return out
 
 
@@ -155,7 +191,8 @@ def run_adamw(params, w0, grads, dtype):
 
 def main():
     cases = []
-    for i, (name, params, dtypes) in enumerate(CASES):
+    for i, (name, params, dtypes, *options) in enumerate(CASES):
+        keys = options[0].get("keys", 1) if options else 1
         for dtype in dtypes:
             rs = np.random.RandomState(1000 + i)
             w0 = rs.uniform(-1.0, 1.0, SHAPE).astype(dtype)
@@ -168,11 +205,13 @@ def main():
                 "weight": w0.astype(np.float64).ravel().tolist(),
                 "grads": [g.astype(np.float64).ravel().tolist() for g in grads],
             }
+            if keys > 1:
+                case["keys"] = keys
             try:
                 if name == "adamw":
                     case["steps"] = run_adamw(params, w0, grads, dtype)
                 else:
-                    case["steps"] = run_updater(name, params, w0, grads, dtype)
+                    case["steps"] = run_updater(name, params, w0, grads, dtype, keys)
             except Exception as e:  # pylint: disable=broad-except
                 lines = [l.strip() for l in str(e).splitlines() if "Check failed" in l]
                 case["mxnet_error"] = (lines or [type(e).__name__])[0][:200]

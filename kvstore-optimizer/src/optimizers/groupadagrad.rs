@@ -1,0 +1,111 @@
+//! `groupadagrad`: AdaGrad with one history value per row (MXNet 1.9.1's
+//! `mx.optimizer.contrib.GroupAdaGrad`, registered as `groupadagrad`), as its dense path
+//! computes it with NDArray operations.
+//!
+//! For a 2-D weight: `g' = clip(rescale_grad·g)`, `h_r += mean_j(g'_rj²)` (the row's squares
+//! summed with compensated summation, then divided by the row length, as MXNet's `mean`),
+//! `w_rj −= lr·g'_rj/sqrt(h_r + eps)`.
+//!
+//! Hyper-parameters: `eps` (1e-5). State: the history, of shape `[rows, 1]` (so
+//! [`sliced::split`](crate::sliced::split) cannot cut it into element ranges). Weight decay
+//! is not supported: a `wd` other than 0 is an error when the optimizer is built (MXNet fails
+//! at the update), and the update of a weight that is not 2-D is an error.
+
+use kvstore_base::{Error, Key, OptimizerSpec, Result};
+
+use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
+use crate::base::{Base, LrDefault};
+use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::real::Real;
+
+#[derive(Debug)]
+struct GroupAdaGrad {
+    base: Base,
+    eps: f64,
+}
+
+fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
+    let (mut p, base) = begin(spec, LrDefault::PassThrough, WEIGHT_OR_GAMMA)?;
+    if base.wd != 0.0 {
+        return Err(p.bad(
+            "wd",
+            format!("must be 0: weight decay is not supported (got {})", base.wd),
+        ));
+    }
+    let eps = p.f64_or("eps", 1e-5)?;
+    end(p, &["eps"])?;
+    Ok(Box::new(GroupAdaGrad { base, eps }))
+}
+
+register!(
+    GROUPADAGRAD,
+    "groupadagrad",
+    "AdaGrad with row-wise learning rates",
+    build
+);
+
+/// The rescaled and clipped gradient element.
+#[inline(always)]
+fn scaled<R: Real>(g: R, rescale: R, clip: Option<R>) -> R {
+    let g = g * rescale;
+    match clip {
+        Some(c) => g.clip(c),
+        None => g,
+    }
+}
+
+impl GroupAdaGrad {
+    fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
+        self.base.bump(key);
+        let lr = R::of(self.base.lr_for(key));
+        let rescale = R::of(self.base.rescale_grad);
+        let clip = self.base.clip_gradient.map(R::param);
+        let eps = R::of(self.eps);
+        let (weight, grad, [history]) = b.split();
+        let rows = history.len();
+        if rows == 0 || weight.is_empty() {
+            return;
+        }
+        let cols = weight.len() / rows;
+        let count = R::of(cols as f64);
+        for ((w, g), h) in weight
+            .chunks_exact_mut(cols)
+            .zip(grad.chunks_exact(cols))
+            .zip(history.iter_mut())
+        {
+            // mshadow's sum reducer: Kahan summation.
+            let (mut sum, mut residual) = (R::zero(), R::zero());
+            for &g in g {
+                let g = scaled(g, rescale, clip);
+                let y = g * g - residual;
+                let t = sum + y;
+                residual = t - sum - y;
+                sum = t;
+            }
+            *h = *h + sum / count;
+            let root = (*h + eps).sqrt();
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w = *w - lr * scaled(g, rescale, clip) / root;
+            }
+        }
+    }
+}
+
+impl Optimizer for GroupAdaGrad {
+    common!("groupadagrad");
+    fn state_len(&self) -> usize {
+        1
+    }
+    fn state_shape(&self, _index: usize, weight: &[usize]) -> Result<Vec<usize>> {
+        match weight {
+            [rows, _] => Ok(vec![*rows, 1]),
+            _ => Err(Error::InvalidArgument(format!(
+                "optimizer \"groupadagrad\" updates 2-D weights only, this one has shape \
+                 {weight:?}"
+            ))),
+        }
+    }
+    fn update(&mut self, key: &Key, slices: Slices<'_>) {
+        dispatch!(self.kernel(key, slices))
+    }
+}
