@@ -519,3 +519,31 @@ fn optimizer_states_files_are_checked() {
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn row_sparse_pushes_update_every_row_they_hold_lazily_as_mxnet() {
+    // MXNet 1.9.1: local store, sgd lr 0.1 wd 0.1 (lazy), a ones (4, 2) weight, two devices
+    // pushing row-sparse gradients: row 1 (+0.5 and -0.5: a zero sum) and row 2 (1.0). Row 1
+    // is still in the sum, so it is decayed: [1, 0.99, 0.89, 1] per row.
+    let kv = kv();
+    kv.set_optimizer(
+        &kvstore_base::OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.1)
+            .with("wd", 0.1),
+    )
+    .unwrap();
+    kv.init(3, &full(&[4, 2], 1.0)).unwrap();
+    let rows = |v: Vec<f32>, n: usize| NDArray::from_vec(&[n, 2], v).unwrap();
+    let a = NDArray::row_sparse(&[4, 2], vec![1, 2], &rows(vec![0.5, 0.5, 1.0, 1.0], 2)).unwrap();
+    let b = NDArray::row_sparse(&[4, 2], vec![1], &rows(vec![-0.5, -0.5], 1)).unwrap();
+    kv.push(3, &[a, b][..]).unwrap();
+    let mut out = full(&[4, 2], 0.0);
+    kv.pull(3, &mut out).unwrap();
+    let row = |r: usize| values(&out)[2 * r];
+    assert_eq!(
+        [row(0), row(1), row(2), row(3)],
+        [1.0, 0.99f32, 0.89f32, 1.0],
+        "{:?}",
+        values(&out)
+    );
+}

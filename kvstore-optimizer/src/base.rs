@@ -52,6 +52,9 @@ pub struct Base {
     num_update: u64,
     /// Keep an `f32` master copy of half-precision weights.
     pub(crate) multi_precision: bool,
+    /// Update only the rows a row-sparse gradient holds (where the optimizer has such an
+    /// update).
+    pub(crate) lazy_update: bool,
     lr_mult: BTreeMap<String, f64>,
     wd_mult: BTreeMap<String, f64>,
     idx2name: BTreeMap<String, String>,
@@ -96,8 +99,7 @@ impl Base {
         let lr_mult = p.number_map("lr_mult")?;
         let user_wd_mult = p.number_map("wd_mult")?;
         let idx2name = p.string_map("param_idx2name")?;
-        // Accepted for compatibility; dense updates are the same either way.
-        p.bool_or("lazy_update", true)?;
+        let lazy_update = p.bool_or("lazy_update", true)?;
 
         let (to_base, private) = match lr_default {
             LrDefault::PassThrough => (user_lr, None),
@@ -134,6 +136,7 @@ impl Base {
             begin_num_update: begin as u64,
             num_update: begin as u64,
             multi_precision,
+            lazy_update,
             lr_mult,
             wd_mult,
             idx2name,

@@ -39,11 +39,21 @@
 //! | `multi_precision`  | keep an `f32` master copy of `float16`/`bfloat16` weights (false)     |
 //! | `lr_mult`, `wd_mult` | maps from a key (its integer as text, or the string key) or a parameter name to a multiplier |
 //! | `param_idx2name`   | map from a key to a parameter name; names not ending in `_weight` or `_gamma` get `wd_mult` 0 (`_weight` only for lars) |
-//! | `lazy_update`      | accepted; dense updates are the same either way                       |
+//! | `lazy_update`      | with a row-sparse gradient, only its rows change (true); taken by `sgd`, `ccsgd`, `adam` and `lars`, as in MXNet (the others accept and ignore it); dense gradients are the same either way |
 //!
 //! Update counting follows MXNet: each update of a key first increments the key's count
 //! (starting from `begin_num_update`) and sets `num_update` to the largest count, then
 //! computes the learning rate, so the first update uses `num_update = 1`.
+//!
+//! A row-sparse gradient of a dense weight is applied as MXNet 1.9.1 applies it (details in
+//! [`Updater::update`] and the optimizers' docs): lazily, changing only the gradient's rows
+//! of the weight, its master copy and the state, with MXNet's sparse kernels, by `sgd` and
+//! `ccsgd` (with `lazy_update`, without `multi_precision`), `nag` without momentum, `adam`
+//! (with `lazy_update`), `lars` (likewise), `adagrad` (which then refuses weight decay, as
+//! MXNet does) and `groupadagrad`; every row, with the arithmetic of MXNet's standard
+//! row-sparse kernels, by `adam` and by `sgd` without momentum with `lazy_update` false, and
+//! by `lars` then or with `multi_precision`; as the dense array it stands for by every other
+//! optimizer and in every other case.
 //!
 //! Weights of dtype `float32` and `float64` are updated in their own precision; `float16` and
 //! `bfloat16` weights either in 16-bit arithmetic that rounds each operation (as MXNet's
@@ -87,7 +97,7 @@ mod state_file;
 mod updater;
 
 pub use base::Base;
-pub use optimizer::{Buffers, Optimizer, Slices, StateInit};
+pub use optimizer::{Buffers, Optimizer, RowSparse, Slices, StateInit};
 pub use real::{BHalf, Half};
 pub use registry::{create, optimizer_names, OptimizerEntry, OPTIMIZERS};
 pub use schedule::{LrScheduler, WarmupMode};

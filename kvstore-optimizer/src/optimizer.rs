@@ -2,8 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::Range;
 
-use kvstore_base::{Key, ParamValue, Result};
+use kvstore_base::{DType, Key, ParamValue, Result};
 
 use crate::base::Base;
 use crate::real::{BHalf, Half};
@@ -15,11 +16,23 @@ use crate::real::{BHalf, Half};
 /// exactly [`Optimizer::state_len`] state arrays, each of the shape
 /// [`Optimizer::state_shape`] gives (the weight's, so of the weight's length, unless the
 /// optimizer says otherwise).
+///
+/// The gradient is dense, unless the optimizer asked for the rows of a row-sparse gradient
+/// ([`RowSparse::Rows`]): the gradient then holds those rows only, one after the other, and
+/// the buffers carry their ids.
 pub struct Buffers<'a, R> {
     pub(crate) weight: &'a mut [R],
     pub(crate) grad: &'a [R],
     pub(crate) state: Vec<&'a mut [R]>,
+    pub(crate) rows: Option<Rows<'a>>,
+    /// When `weight` is the `f32` master copy of a half-precision weight: that weight's dtype.
+    pub(crate) master_of: Option<DType>,
 }
+
+/// The parts of [`Buffers`]: the weight, the gradient, `N` state arrays and the gradient's
+/// rows.
+pub(crate) type Parts<'a, R, const N: usize> =
+    (&'a mut [R], &'a [R], [&'a mut [R]; N], Option<Rows<'a>>);
 
 impl<'a, R> Buffers<'a, R> {
     /// The weight, the gradient and the `N` state arrays.
@@ -27,13 +40,74 @@ impl<'a, R> Buffers<'a, R> {
     /// # Panics
     /// When there are not `N` state arrays (the updater checks there are `state_len`).
     pub(crate) fn split<const N: usize>(self) -> (&'a mut [R], &'a [R], [&'a mut [R]; N]) {
+        let (weight, grad, state, _) = self.split_rows();
+        (weight, grad, state)
+    }
+
+    /// The weight, the gradient, the `N` state arrays and, with a row-sparse gradient, its
+    /// rows.
+    ///
+    /// # Panics
+    /// As [`Buffers::split`].
+    pub(crate) fn split_rows<const N: usize>(self) -> Parts<'a, R, N> {
         let n = self.state.len();
         let state = self
             .state
             .try_into()
             .unwrap_or_else(|_| panic!("{n} optimizer state arrays, the kernel expects {N}"));
-        (self.weight, self.grad, state)
+        (self.weight, self.grad, state, self.rows)
     }
+}
+
+/// The rows a row-sparse gradient holds (see [`Buffers`]): their ids, strictly increasing,
+/// and the number of elements in a row (the product of the weight's dimensions after the
+/// first).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub(crate) ids: &'a [usize],
+    pub(crate) len: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// For each row of the gradient, in order: the range of its elements in the weight (and in
+    /// a state array of the weight's shape), and in the gradient.
+    pub(crate) fn spans(self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + 'a {
+        let len = self.len;
+        self.ids
+            .iter()
+            .enumerate()
+            .map(move |(i, &r)| (r * len..(r + 1) * len, i * len..(i + 1) * len))
+    }
+
+    /// For each row of a weight of `total` elements, in order: the range of its elements in
+    /// the weight and, when the gradient holds the row, in the gradient.
+    pub(crate) fn all(
+        self,
+        total: usize,
+    ) -> impl Iterator<Item = (Range<usize>, Option<Range<usize>>)> + 'a {
+        let len = self.len;
+        let count = total.checked_div(len).unwrap_or(0);
+        let mut held = self.ids.iter().enumerate().peekable();
+        (0..count).map(move |r| {
+            let g = held
+                .next_if(|(_, &id)| id == r)
+                .map(|(i, _)| i * len..(i + 1) * len);
+            (r * len..(r + 1) * len, g)
+        })
+    }
+}
+
+/// How an optimizer applies a row-sparse gradient to a dense weight
+/// ([`Optimizer::row_sparse`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSparse {
+    /// As the dense array the gradient stands for (zeros in the rows it does not hold): what
+    /// MXNet 1.9.1 does for an optimizer without a sparse kernel (its storage fallback) or one
+    /// written with NDArray operations.
+    Dense,
+    /// With MXNet's sparse kernel: the optimizer gets the gradient's rows only and updates
+    /// the weight (and state) as that kernel does; a lazy update touches only those rows.
+    Rows,
 }
 
 // Element-wise loops over the weight, the gradient and 0–3 state arrays. Each zips plain
@@ -153,10 +227,23 @@ pub trait Optimizer: Send + fmt::Debug {
         let _ = index;
         StateInit::Zeros
     }
+    /// How this optimizer applies a row-sparse gradient to a dense weight of `key`, in an
+    /// update on an `f32` master copy of a half-precision weight when `multi_precision`: by
+    /// default as the dense array it stands for.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](kvstore_base::Error::InvalidArgument) for an update MXNet
+    /// refuses (AdaGrad's sparse kernel with weight decay); the updater then refuses it before
+    /// it changes anything.
+    fn row_sparse(&self, key: &Key, multi_precision: bool) -> Result<RowSparse> {
+        let _ = (key, multi_precision);
+        Ok(RowSparse::Dense)
+    }
     /// Updates one key in place: bumps its count, computes its rates and runs the kernel.
     ///
-    /// It cannot fail: the updater checks the buffers before, so that an error never leaves
-    /// a half-updated weight or state.
+    /// The gradient is dense unless [`Optimizer::row_sparse`] asked for the rows of a
+    /// row-sparse one. It cannot fail: the updater checks the buffers before, so that an
+    /// error never leaves a half-updated weight or state.
     fn update(&mut self, key: &Key, slices: Slices<'_>);
     /// Run-time state beyond [`Base`]'s, to be saved with the optimizer (none by default).
     fn runtime_extra(&self, out: &mut BTreeMap<String, ParamValue>) {

@@ -273,3 +273,52 @@ pub(crate) fn sum_sq_f32<R: Real>(xs: &[R]) -> f32 {
         })
         .sum()
 }
+
+/// MXNet's `norm` (L2, over every element) of values in `f32`: its stable `nrm2` reduction,
+/// in order, keeping the largest magnitude so far as a scale and the sum of the squares
+/// relative to it (zeros skipped), then `scale·sqrt(sum)`.
+pub(crate) fn nrm2_f32(xs: impl Iterator<Item = f32>) -> f32 {
+    let (mut sum, mut scale) = (0.0f32, 0.0f32);
+    for x in xs.filter(|&x| x != 0.0) {
+        let a = x.abs();
+        if scale < a {
+            sum = 1.0 + sum * (scale / a) * (scale / a);
+            scale = a;
+        } else {
+            sum += (a / scale) * (a / scale);
+        }
+    }
+    scale * sum.sqrt()
+}
+
+/// MXNet's `norm` (L2) of a row-sparse array's stored values in `f32`: `sqrt` of their dot
+/// product with themselves as OpenBLAS's `sdot` computes it on x86-64 with AVX2 (the MXNet
+/// 1.9.1 wheels' BLAS): blocks of 32 values into 32 `f32` lanes by fused multiply-adds,
+/// the lanes summed pairwise, the remaining values' `f32` squares added in `f64`, the total
+/// rounded to `f32`.
+pub(crate) fn sparse_norm_f32(xs: &[f32]) -> f32 {
+    let blocked = xs.len() - xs.len() % 32;
+    let mut total = 0.0f64;
+    if blocked > 0 {
+        let mut lanes = [[0.0f32; 8]; 4];
+        for block in xs[..blocked].chunks_exact(32) {
+            for (k, acc) in lanes.iter_mut().enumerate() {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let x = block[8 * k + l];
+                    *a = x.mul_add(x, *a);
+                }
+            }
+        }
+        // Each register's halves added, then registers 0+1, 2+3, and those, then the four
+        // values by two horizontal adds.
+        let fold = |r: [f32; 8]| [r[0] + r[4], r[1] + r[5], r[2] + r[6], r[3] + r[7]];
+        let add = |a: [f32; 4], b: [f32; 4]| [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]];
+        let [r0, r1, r2, r3] = lanes.map(fold);
+        let v = add(add(r0, r1), add(r2, r3));
+        total = f64::from((v[0] + v[1]) + (v[2] + v[3]));
+    }
+    for &x in &xs[blocked..] {
+        total += f64::from(x * x);
+    }
+    (total as f32).sqrt()
+}

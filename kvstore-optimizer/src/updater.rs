@@ -8,13 +8,14 @@ use half::{bf16, f16};
 use kvstore_base::{DType, Element, Error, Key, NDArray, OptimizerSpec, Result};
 use ndarray::{ArrayViewMutD, Zip};
 
-use crate::optimizer::{Buffers, Optimizer, Slices, StateInit};
+use crate::optimizer::{Buffers, Optimizer, RowSparse, Rows, Slices, StateInit};
 use crate::real::{BHalf, Half, Real};
 use crate::state_file::{self, Saved, SavedKey, SavedOptimizer};
 
-/// Sets `out` to the elements of the half-precision `grad`, in `f32` (exact).
-fn widen<T: Element>(grad: &NDArray, out: &mut Vec<f32>) -> Result<()> {
-    let g = elements::<T>(grad).ok_or_else(checked)?;
+/// Sets `out` to the elements of the half-precision `grad` a kernel gets ([`grad_values`]),
+/// in `f32` (exact).
+fn widen<T: Element>(grad: &NDArray, rows: bool, out: &mut Vec<f32>) -> Result<()> {
+    let g = grad_values::<T>(grad, rows).ok_or_else(checked)?;
     out.clear();
     out.extend(g.iter().map(|x| x.to_f64() as f32));
     Ok(())
@@ -51,6 +52,8 @@ pub struct Updater {
     states: BTreeMap<Key, KeyState>,
     /// The `f32` gradient of a `multi_precision` update, reused from step to step.
     grad32: Vec<f32>,
+    /// The row ids of a row-sparse gradient the optimizer takes row by row, reused.
+    row_ids: Vec<usize>,
 }
 
 impl fmt::Debug for Updater {
@@ -137,6 +140,22 @@ fn elements<T: Element>(a: &NDArray) -> Option<Cow<'_, [T]>> {
     }
 }
 
+/// The gradient elements a kernel gets, of type `T`: with `rows`, the stored rows of a
+/// row-sparse `grad` one after the other; otherwise every element (a row-sparse `grad`
+/// densified). `None` when `grad` is not of type `T`.
+fn grad_values<T: Element>(grad: &NDArray, rows: bool) -> Option<Cow<'_, [T]>> {
+    match grad.as_row_sparse() {
+        Some(r) if rows => {
+            let a = T::host(r.rows())?;
+            Some(match a.as_slice() {
+                Some(s) => Cow::Borrowed(s),
+                None => Cow::Owned(a.iter().copied().collect()),
+            })
+        }
+        _ => elements::<T>(grad),
+    }
+}
+
 /// An invariant [`Updater::check`] and [`Updater::check_state`] established.
 fn checked() -> Error {
     Error::InvalidArgument("internal: an array changed type after it was checked".into())
@@ -167,8 +186,16 @@ impl<'a, R: Real + Tagged> Prepared<'a, R> {
         })
     }
 
-    /// Runs `opt`'s update in place: the first write to any array happens here.
-    fn run(mut self, opt: &mut dyn Optimizer, key: &Key) {
+    /// Runs `opt`'s update in place, with the gradient's `rows` when it holds only those, on
+    /// the master copy of a weight of dtype `master_of` when given: the first write to any
+    /// array happens here.
+    fn run(
+        mut self,
+        opt: &mut dyn Optimizer,
+        key: &Key,
+        rows: Option<Rows<'_>>,
+        master_of: Option<DType>,
+    ) {
         opt.update(
             key,
             R::wrap(Buffers {
@@ -179,6 +206,8 @@ impl<'a, R: Real + Tagged> Prepared<'a, R> {
                     .iter_mut()
                     .map(|s| R::slice_mut(s.slice()))
                     .collect(),
+                rows,
+                master_of,
             }),
         );
         self.weight.finish();
@@ -196,25 +225,27 @@ fn write_back<T: Element>(weight: &mut NDArray, master: &NDArray) {
     }
 }
 
-/// Updates `weight` and `state` in place, in arithmetic `R` (the weight's own).
+/// Updates `weight` and `state` in place, in arithmetic `R` (the weight's own), with the
+/// gradient's `rows` only when given.
 fn update_direct<R: Tagged>(
     opt: &mut dyn Optimizer,
     key: &Key,
-    grad: &NDArray,
+    (grad, rows): (&NDArray, Option<Rows<'_>>),
     weight: &mut NDArray,
     state: &mut [NDArray],
 ) -> Result<()> {
-    let grad = elements::<R::Elem>(grad).ok_or_else(checked)?;
-    Prepared::<R>::new(weight, grad, state)?.run(opt, key);
+    let values = grad_values::<R::Elem>(grad, rows.is_some()).ok_or_else(checked)?;
+    Prepared::<R>::new(weight, values, state)?.run(opt, key, rows, None);
     Ok(())
 }
 
 /// Updates the `f32` master copy of the half-precision `weight` and `state` in place, with
-/// the gradient widened into `grad32`, then casts the master copy into `weight`.
+/// the gradient (its `rows` only when given) widened into `grad32`, then casts the master
+/// copy into `weight`.
 fn update_master(
     opt: &mut dyn Optimizer,
     key: &Key,
-    grad: &NDArray,
+    (grad, rows): (&NDArray, Option<Rows<'_>>),
     weight: &mut NDArray,
     master: &mut NDArray,
     state: &mut [NDArray],
@@ -222,11 +253,16 @@ fn update_master(
 ) -> Result<()> {
     let half = weight.dtype() == DType::F16;
     if half {
-        widen::<f16>(grad, grad32)?;
+        widen::<f16>(grad, rows.is_some(), grad32)?;
     } else {
-        widen::<bf16>(grad, grad32)?;
+        widen::<bf16>(grad, rows.is_some(), grad32)?;
     }
-    Prepared::<f32>::new(master, Cow::Borrowed(grad32), state)?.run(opt, key);
+    Prepared::<f32>::new(master, Cow::Borrowed(grad32), state)?.run(
+        opt,
+        key,
+        rows,
+        Some(weight.dtype()),
+    );
     if half {
         write_back::<f16>(weight, master);
     } else {
@@ -242,6 +278,7 @@ impl Updater {
             optimizer,
             states: BTreeMap::new(),
             grad32: Vec::new(),
+            row_ids: Vec::new(),
         }
     }
 
@@ -389,20 +426,38 @@ impl Updater {
 
     /// Updates `weight` with `grad` under `key` (MXNet's `updater(key, grad, weight)`).
     ///
-    /// Creates the key's state on first use. A row-sparse gradient is applied as the dense
-    /// array it stands for.
+    /// Creates the key's state on first use, and counts the update (the key's update count
+    /// and `num_update`).
+    ///
+    /// A row-sparse gradient is applied as MXNet 1.9.1 applies it to a dense weight (the
+    /// optimizer says how: [`Optimizer::row_sparse`]), bit for bit:
+    /// - lazily, changing only the gradient's rows of the weight, of its master copy and of
+    ///   the state, with MXNet's sparse kernels (whose arithmetic can differ from the dense
+    ///   kernels'): `sgd` and `ccsgd` (with `lazy_update`, the default, and without
+    ///   `multi_precision`), `nag` without momentum (without `multi_precision`), `adam` (with
+    ///   `lazy_update`), `lars` (with `lazy_update`, without `multi_precision`), `adagrad` and
+    ///   `groupadagrad`. A gradient without rows then changes nothing but the update count.
+    ///   `adagrad` refuses weight decay then, as MXNet's sparse kernel does;
+    /// - every row, with the arithmetic of MXNet's row-sparse kernels for the standard
+    ///   update: `adam` with `lazy_update` false, `sgd` without momentum with `lazy_update`
+    ///   false (every row scaled by `1 − lr·wd` first, even for a gradient without rows) or
+    ///   with `multi_precision`, `lars` with `lazy_update` false or `multi_precision`;
+    /// - as the dense array it stands for, as MXNet's storage fallback or NDArray operations
+    ///   do: every other optimizer and case (`sgd` with momentum and `lazy_update` false or
+    ///   `multi_precision`, `nag` with momentum or `multi_precision`, ...).
     ///
     /// The update runs in place, on the weight's and the state's own memory (on a copy only
-    /// for an array whose layout is not standard, or a row-sparse gradient).
+    /// for an array whose layout is not standard, or a row-sparse gradient densified).
     ///
     /// # Errors
     /// [`Error::AtKey`] (naming the key) around: [`Error::ShapeMismatch`] when the gradient's
     /// shape is not the weight's (both shapes are named), [`Error::DTypeMismatch`] when the
     /// dtypes differ, [`Error::InvalidArgument`] for integer or row-sparse weights, a weight
-    /// shape the optimizer cannot update (`groupadagrad` needs 2-D weights) or a loaded state
-    /// that does not fit the weight. The weight and the state are unchanged then: every
-    /// check runs, and every buffer is obtained, before the first write, and the optimizer's
-    /// kernel that then writes cannot fail.
+    /// shape the optimizer cannot update (`groupadagrad` needs 2-D weights), a row-sparse
+    /// gradient the optimizer refuses (`adagrad` with weight decay) or a loaded state that
+    /// does not fit the weight. The weight, the state and the update count are unchanged
+    /// then: every check runs, and every buffer is obtained, before the first write, and the
+    /// optimizer's kernel that then writes cannot fail.
     pub fn update(&mut self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<()> {
         self.check(key, grad, weight).map_err(|e| at(key, e))?;
         let mp = self.optimizer.base().multi_precision
@@ -411,6 +466,15 @@ impl Updater {
         if let Some(s) = self.states.get(key) {
             self.check_state(s, weight, mp).map_err(|e| at(key, e))?;
         }
+        // The rows of a row-sparse gradient, when the optimizer takes them as they are.
+        let mut by_rows = None;
+        if let Some(r) = grad.as_row_sparse() {
+            if self.optimizer.row_sparse(key, mp).map_err(|e| at(key, e))? == RowSparse::Rows {
+                self.row_ids.clear();
+                self.row_ids.extend(r.indices().iter().map(|&i| i as usize));
+                by_rows = Some(weight.shape()[1..].iter().product::<usize>());
+            }
+        }
         // A new key's state is kept only once its first update has succeeded.
         let mut fresh = None;
         let state = match self.states.get_mut(key) {
@@ -418,21 +482,26 @@ impl Updater {
             None => fresh.insert(self.new_state(weight, mp, cdtype).map_err(|e| at(key, e))?),
         };
         let opt = self.optimizer.as_mut();
+        let rows = by_rows.map(|len| Rows {
+            ids: &self.row_ids,
+            len,
+        });
+        let g = (grad, rows);
         let done = match &mut state.master {
             Some(master) => update_master(
                 opt,
                 key,
-                grad,
+                g,
                 weight,
                 master,
                 &mut state.arrays,
                 &mut self.grad32,
             ),
             None => match cdtype {
-                DType::F32 => update_direct::<f32>(opt, key, grad, weight, &mut state.arrays),
-                DType::F64 => update_direct::<f64>(opt, key, grad, weight, &mut state.arrays),
-                DType::F16 => update_direct::<Half>(opt, key, grad, weight, &mut state.arrays),
-                _ => update_direct::<BHalf>(opt, key, grad, weight, &mut state.arrays),
+                DType::F32 => update_direct::<f32>(opt, key, g, weight, &mut state.arrays),
+                DType::F64 => update_direct::<f64>(opt, key, g, weight, &mut state.arrays),
+                DType::F16 => update_direct::<Half>(opt, key, g, weight, &mut state.arrays),
+                _ => update_direct::<BHalf>(opt, key, g, weight, &mut state.arrays),
             },
         };
         done.map_err(|e| at(key, e))?;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use kvstore_base::{DType, Error, Key, NDArray, OptimizerSpec, ParamValue};
-use kvstore_optimizer::{create, optimizer_names, Updater};
+use kvstore_optimizer::{create, optimizer_names, RowSparse, Updater};
 
 fn f32s(v: &[f32]) -> NDArray {
     NDArray::from_vec(&[v.len()], v.to_vec()).unwrap()
@@ -385,7 +385,8 @@ fn column_major(v: &[f64], rows: usize, cols: usize, dtype: DType) -> NDArray {
 #[test]
 fn other_layouts_and_row_sparse_gradients_update_like_dense_ones() {
     // The updater works in place on standard-layout arrays and on copies otherwise: both
-    // must give the same bits.
+    // must give the same bits. A row-sparse gradient too, for optimizers that apply it as
+    // the dense array it stands for.
     let (rows, cols) = (5, 7);
     let values = |seed: usize, zero_rows: &[usize]| -> Vec<f64> {
         (0..rows * cols)
@@ -450,7 +451,12 @@ fn other_layouts_and_row_sparse_gradients_update_like_dense_ones() {
                     column_major(&g, rows, cols, dtype),
                     dense(&g).to_row_sparse().unwrap(),
                 ];
-                for ((up, w), g) in others.iter_mut().zip(&grads) {
+                let as_dense = matches!(
+                    reference.optimizer().row_sparse(&Key::from(0), mp),
+                    Ok(RowSparse::Dense)
+                );
+                let n = if as_dense { 3 } else { 2 };
+                for ((up, w), g) in others.iter_mut().zip(&grads).take(n) {
                     up.update(&Key::from(0), g, w).unwrap();
                     let bits = |a: &NDArray| -> Vec<u64> {
                         a.to_f64_vec().iter().map(|x| x.to_bits()).collect()
@@ -568,4 +574,234 @@ fn ccsgd_is_sgd_under_its_own_name() {
         cc.state_arrays(&Key::from("w")),
         sgd.state_arrays(&Key::from("w"))
     );
+}
+
+/// A row-sparse `[rows, cols]` gradient holding `value` in each of `ids`.
+fn rows_of(rows: usize, cols: usize, ids: &[i64], value: f32, dtype: DType) -> NDArray {
+    let stored = NDArray::full(&[ids.len(), cols], f64::from(value), dtype);
+    NDArray::row_sparse(&[rows, cols], ids.to_vec(), &stored).unwrap()
+}
+
+fn f32_rows(a: &NDArray, cols: usize) -> Vec<Vec<f32>> {
+    a.to_vec::<f32>()
+        .unwrap()
+        .chunks(cols)
+        .map(<[f32]>::to_vec)
+        .collect()
+}
+
+/// Two updates of a ones(4, 2) weight with a gradient of 0.5 in row 1, then in row 2.
+fn rows_one_then_two(spec: &OptimizerSpec) -> (Updater, NDArray) {
+    let mut up = Updater::from_spec(spec).unwrap();
+    let mut w = NDArray::ones(&[4, 2], DType::F32);
+    for row in [1, 2] {
+        up.update(
+            &Key::from(0),
+            &rows_of(4, 2, &[row], 0.5, DType::F32),
+            &mut w,
+        )
+        .unwrap();
+    }
+    (up, w)
+}
+
+#[test]
+fn lazy_updates_touch_only_the_gradients_rows() {
+    // MXNet 1.9.1's results for the same updates.
+    let base = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1);
+    for spec in [base.clone().with("momentum", 0.9), base.clone()] {
+        let (up, w) = rows_one_then_two(&spec);
+        let want = [1.0, 0.94, 0.94, 1.0];
+        for (row, want) in f32_rows(&w, 2).iter().zip(want) {
+            assert_eq!(row, &[want, want], "{spec:?}");
+        }
+        if let Some(mom) = up.state_arrays(&Key::from(0)).and_then(<[NDArray]>::first) {
+            // Row 1's momentum stayed as its update left it.
+            let mom = f32_rows(mom, 2);
+            assert_eq!(mom[0], [0.0, 0.0]);
+            assert_eq!(mom[1], [-0.060_000_002_f32; 2]);
+            assert_eq!(mom[3], [0.0, 0.0]);
+        }
+    }
+    // Adam's bias correction counts both updates of the key.
+    let (up, w) = rows_one_then_two(
+        &OptimizerSpec::new("adam")
+            .with("learning_rate", 0.1)
+            .with("wd", 0.1),
+    );
+    let w = f32_rows(&w, 2);
+    assert_eq!((w[0][0], w[3][1]), (1.0, 1.0));
+    assert_eq!(w[1], [0.899_999_4_f32; 2]);
+    assert_eq!(w[2], [0.925_585_87_f32; 2]);
+    assert_eq!(up.update_count(&Key::from(0)), Some(2));
+    // The standard update with lazy_update false changes every row.
+    let (_, w) = rows_one_then_two(&base.with("momentum", 0.9).with("lazy_update", false));
+    let w = f32_rows(&w, 2);
+    assert_eq!(
+        [w[0][0], w[1][0], w[2][0], w[3][0]],
+        [0.971_100_03, 0.8766, 0.9211, 0.971_100_03]
+    );
+}
+
+#[test]
+fn a_gradient_without_rows_counts_the_update_and_changes_nothing_lazily() {
+    let key = Key::from("emb");
+    let w0 = NDArray::from_vec(&[3, 2], vec![0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6]).unwrap();
+    let empty = rows_of(3, 2, &[], 0.5, DType::F32);
+    for name in ["sgd", "nag", "adam", "adagrad", "groupadagrad", "lars"] {
+        let spec = OptimizerSpec::new(name)
+            .with("learning_rate", 0.1)
+            .with("momentum", 0.9);
+        let spec = match name {
+            "sgd" | "lars" => spec.with("wd", 0.1),
+            _ => OptimizerSpec::new(name).with("learning_rate", 0.1),
+        };
+        let mut up = Updater::from_spec(&spec).unwrap();
+        let mut w = w0.clone();
+        up.update(&key, &empty, &mut w).unwrap();
+        assert_eq!(w, w0, "{name}");
+        assert_eq!(up.update_count(&key), Some(1), "{name}");
+        for s in up.state_arrays(&key).unwrap() {
+            assert!(s.to_f64_vec().iter().all(|&x| x == 0.0), "{name}");
+        }
+    }
+    // Adam's next update corrects its bias for t = 2 (MXNet 1.9.1's values).
+    let mut up = Updater::from_spec(
+        &OptimizerSpec::new("adam")
+            .with("learning_rate", 0.1)
+            .with("wd", 0.1),
+    )
+    .unwrap();
+    let mut w = w0.clone();
+    up.update(&key, &empty, &mut w).unwrap();
+    up.update(&key, &rows_of(3, 2, &[1], 0.5, DType::F32), &mut w)
+        .unwrap();
+    assert_eq!(
+        w.to_vec::<f32>().unwrap(),
+        [0.1, 0.2, 0.225_585_88, 0.325_585_87, 0.5, 0.6]
+    );
+    // The standard update without momentum still decays every row.
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1)
+        .with("lazy_update", false);
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let mut w = w0.clone();
+    up.update(&key, &empty, &mut w).unwrap();
+    assert_eq!(
+        w.to_vec::<f32>().unwrap(),
+        [0.099, 0.198, 0.297_000_02, 0.396, 0.495, 0.594_000_04]
+    );
+}
+
+#[test]
+fn sparse_adagrad_refuses_weight_decay_before_changing_anything() {
+    let spec = OptimizerSpec::new("adagrad")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1)
+        .with("wd_mult", {
+            let mut m = BTreeMap::new();
+            m.insert("free".to_string(), ParamValue::Float(0.0));
+            ParamValue::Map(m)
+        });
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let grad = rows_of(3, 2, &[0, 2], 0.5, DType::F32);
+    // A trained key: a dense update first.
+    let key = Key::from(4);
+    let mut w = NDArray::ones(&[3, 2], DType::F32);
+    up.update(&key, &NDArray::full(&[3, 2], 0.5, DType::F32), &mut w)
+        .unwrap();
+    let (w_before, s_before) = (w.clone(), up.state_arrays(&key).unwrap().to_vec());
+    let err = up.update(&key, &grad, &mut w).unwrap_err();
+    assert_eq!(err.key(), Some(&key));
+    assert!(matches!(err.root(), Error::InvalidArgument(_)), "{err}");
+    assert!(err.to_string().contains("weight decay"), "{err}");
+    assert_eq!(w, w_before);
+    assert_eq!(up.state_arrays(&key).unwrap(), &s_before[..]);
+    assert_eq!(up.update_count(&key), Some(1));
+    // A new key gets no state and no count.
+    let mut fresh = NDArray::ones(&[3, 2], DType::F32);
+    assert!(up.update(&Key::from(5), &grad, &mut fresh).is_err());
+    assert_eq!(fresh, NDArray::ones(&[3, 2], DType::F32));
+    assert!(up.state_arrays(&Key::from(5)).is_none());
+    assert_eq!(up.update_count(&Key::from(5)), None);
+    // Without weight decay for the key, the rows are updated.
+    let mut w = NDArray::ones(&[3, 2], DType::F32);
+    up.update(&Key::from("free"), &grad, &mut w).unwrap();
+    let rows = f32_rows(&w, 2);
+    assert_eq!(rows[1], [1.0, 1.0]);
+    assert!(rows[0][0] < 1.0 && rows[2][1] < 1.0);
+}
+
+#[test]
+fn lazy_updates_with_a_master_copy_keep_other_rows_of_weight_master_and_state() {
+    let spec = OptimizerSpec::new("adam")
+        .with("learning_rate", 0.01)
+        .with("multi_precision", true);
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let key = Key::from(0);
+    let w0: Vec<f64> = (0..8).map(|i| f64::from(i) * 0.3 - 1.0).collect();
+    let mut w = NDArray::from_vec(&[4, 2], w0.clone())
+        .unwrap()
+        .astype(DType::F16);
+    let before = w.to_f64_vec();
+    for ids in [[1, 3], [0, 1]] {
+        up.update(&key, &rows_of(4, 2, &ids, 0.25, DType::F16), &mut w)
+            .unwrap();
+    }
+    let after = w.to_f64_vec();
+    let master = up.master_weight(&key).unwrap().to_f64_vec();
+    // Row 2 never had a gradient: weight, master copy and state are as they started.
+    assert_eq!(after[4..6], before[4..6]);
+    assert_eq!(master[4..6], before[4..6]);
+    for s in up.state_arrays(&key).unwrap() {
+        assert_eq!(s.to_f64_vec()[4..6], [0.0, 0.0]);
+    }
+    for row in [0, 1, 3] {
+        assert_ne!(after[2 * row], before[2 * row], "row {row}");
+    }
+    // The weight is the master copy cast.
+    let cast = NDArray::from_vec(&[4, 2], master)
+        .unwrap()
+        .astype(DType::F16);
+    assert_eq!(cast.to_f64_vec(), after);
+}
+
+#[test]
+fn optimizers_say_how_they_take_row_sparse_gradients() {
+    let key = Key::from(0);
+    let mode = |spec: OptimizerSpec, mp: bool| create(&spec).unwrap().row_sparse(&key, mp).unwrap();
+    let sgd = || OptimizerSpec::new("sgd").with("momentum", 0.9);
+    assert_eq!(mode(sgd(), false), RowSparse::Rows);
+    assert_eq!(mode(sgd(), true), RowSparse::Dense);
+    assert_eq!(
+        mode(sgd().with("lazy_update", false), false),
+        RowSparse::Dense
+    );
+    assert_eq!(mode(OptimizerSpec::new("sgd"), true), RowSparse::Rows);
+    assert_eq!(mode(OptimizerSpec::new("nag"), false), RowSparse::Rows);
+    assert_eq!(mode(OptimizerSpec::new("nag"), true), RowSparse::Dense);
+    assert_eq!(
+        mode(OptimizerSpec::new("nag").with("momentum", 0.9), false),
+        RowSparse::Dense
+    );
+    for name in ["adam", "adagrad", "groupadagrad", "lars"] {
+        assert_eq!(
+            mode(OptimizerSpec::new(name), false),
+            RowSparse::Rows,
+            "{name}"
+        );
+    }
+    for name in [
+        "adadelta", "adamax", "adamw", "dcasgd", "ftml", "ftrl", "lamb", "nadam", "rmsprop",
+        "signum", "test",
+    ] {
+        assert_eq!(
+            mode(OptimizerSpec::new(name), false),
+            RowSparse::Dense,
+            "{name}"
+        );
+    }
 }

@@ -857,10 +857,13 @@ impl NDArray {
                 return Err(on_device("add_assign", array.context));
             }
         }
-        let both_sparse = matches!(
-            (&self.data, &other.data),
-            (Data::RowSparse(_), Data::RowSparse(_))
-        );
+        if let (Data::RowSparse(a), Data::RowSparse(b)) = (&self.data, &other.data) {
+            *self = NDArray {
+                context: self.context,
+                data: Data::RowSparse(sparse_sum(a, b)),
+            };
+            return Ok(());
+        }
         if let Data::RowSparse(_) = self.data {
             *self = self.to_dense();
         }
@@ -870,10 +873,52 @@ impl NDArray {
             Data::RowSparse(r) => scatter_rows(dst, &r.indices, &r.rows, true),
             Data::Device(_) => unreachable!("refused above"),
         }
-        if both_sparse {
-            *self = self.to_row_sparse()?;
-        }
         Ok(())
+    }
+}
+
+/// `a + b` of two row-sparse arrays of one shape and dtype: the union of their row ids,
+/// each row `a`'s (or zeros) plus `b`'s, as MXNet's sum of row-sparse arrays keeps every row
+/// either holds, zero or not; never densified.
+fn sparse_sum(a: &RowSparse, b: &RowSparse) -> RowSparse {
+    let mut union: Vec<i64> = Vec::with_capacity(a.indices.len() + b.indices.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.indices.len() || j < b.indices.len() {
+        let next = match (a.indices.get(i), b.indices.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                (i, j) = (i + 1, j + 1);
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => unreachable!("the loop condition"),
+        };
+        union.push(next);
+    }
+    let position = |ids: &[i64]| -> Vec<i64> {
+        ids.iter()
+            .map(|id| union.binary_search(id).expect("in the union") as i64)
+            .collect()
+    };
+    let mut row_shape = a.shape.clone();
+    row_shape[0] = union.len();
+    let mut rows = HostArray::full(&row_shape, 0.0, a.rows.dtype());
+    scatter_rows(&mut rows, &position(&a.indices), &a.rows, false);
+    scatter_rows(&mut rows, &position(&b.indices), &b.rows, true);
+    RowSparse {
+        shape: a.shape.clone(),
+        indices: union,
+        rows,
     }
 }
 
@@ -892,6 +937,21 @@ impl<T: Element, D: ndarray::Dimension> From<ndarray::Array<T, D>> for NDArray {
 mod tests {
     use super::*;
     use half::f16;
+
+    #[test]
+    fn a_sum_of_row_sparse_arrays_keeps_every_row_either_holds() {
+        let rows = |v: Vec<f32>| NDArray::from_vec(&[2, 2], v).unwrap();
+        let mut a = NDArray::row_sparse(&[5, 2], vec![0, 2], &rows(vec![1., 2., 3., 4.])).unwrap();
+        let b = NDArray::row_sparse(&[5, 2], vec![2, 4], &rows(vec![-3., -4., 5., 6.])).unwrap();
+        a.add_assign(&b).unwrap();
+        assert_eq!(a.storage_type(), StorageType::RowSparse);
+        assert_eq!(a.as_row_sparse().unwrap().indices(), &[0i64, 2, 4]);
+        // Row 2 sums to zero and stays (an optimizer's lazy update still visits it).
+        assert_eq!(
+            a.to_vec::<f32>().unwrap(),
+            vec![1., 2., 0., 0., 0., 0., 0., 0., 5., 6.]
+        );
+    }
 
     #[test]
     fn assign_casts_and_checks_shape() {

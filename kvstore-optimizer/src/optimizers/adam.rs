@@ -4,12 +4,20 @@
 //! `g' = clip(rescale_grad·g + wd·w)` (clipping after weight decay, as 1.x does);
 //! `m = beta1·m + (1 − beta1)·g'`, `v = beta2·v + (1 − beta2)·g'²`,
 //! `w = w − lr_t·m/(sqrt(v) + epsilon)`.
+//!
+//! A row-sparse gradient ([`Updater::update`](crate::Updater::update)) goes through
+//! `adam_update`'s sparse kernels, also on the master copy with `multi_precision`:
+//! - with `lazy_update` (the default), only the gradient's rows of the weight, `m` and `v`
+//!   change (a gradient without rows changes nothing, but `t` still counts the update);
+//!   with clipping, `v` takes `(1 − beta2)·(g'²)` rather than `((1 − beta2)·g')·g'`;
+//! - with `lazy_update` false, every row (`g' = clip(wd·w)` where the gradient has no row),
+//!   `v` always taking `(1 − beta2)·(g'²)`.
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, map3, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map3, Buffers, Optimizer, RowSparse, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -36,6 +44,14 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 
 register!(ADAM, "adam", "Adam", build);
 
+/// Where `(1 − beta2)` meets `g'²`: `((1 − beta2)·g')·g'` (the dense kernel) or
+/// `(1 − beta2)·(g'·g')` (the sparse kernels' `square`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Square {
+    Left,
+    Grouped,
+}
+
 impl Adam {
     fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         let t = self.base.bump(key) as f64;
@@ -51,16 +67,53 @@ impl Adam {
             R::param(self.epsilon),
         );
         let one = R::of(1.0);
-        let (weight, grad, [m, v]) = b.split();
-        map3(weight, grad, m, v, |w, g, m, v| {
-            let mut g = g * rescale + w * wd;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+        // One element: the new weight, m and v from the rescaled (and decayed) gradient.
+        let step = |w: R, g: R, m: R, v: R, square: Square| {
+            let g = match clip {
+                Some(c) => g.clip(c),
+                None => g,
+            };
             let m = b1 * m + (one - b1) * g;
-            let v = b2 * v + (one - b2) * g * g;
+            let v = match square {
+                Square::Left => b2 * v + (one - b2) * g * g,
+                Square::Grouped => b2 * v + (one - b2) * (g * g),
+            };
             (w - lr * m / (v.sqrt() + eps), m, v)
-        });
+        };
+        let (weight, grad, [m, v], rows) = b.split_rows();
+        match rows {
+            None => map3(weight, grad, m, v, |w, g, m, v| {
+                step(w, g * rescale + w * wd, m, v, Square::Left)
+            }),
+            Some(rows) if self.base.lazy_update => {
+                let square = if clip.is_some() {
+                    Square::Grouped
+                } else {
+                    Square::Left
+                };
+                for (r, g) in rows.spans() {
+                    let (w, m, v) = (&mut weight[r.clone()], &mut m[r.clone()], &mut v[r]);
+                    map3(w, &grad[g], m, v, |w, g, m, v| {
+                        step(w, g * rescale + w * wd, m, v, square)
+                    });
+                }
+            }
+            Some(rows) => {
+                for (r, g) in rows.all(weight.len()) {
+                    let (w, m, v) = (&mut weight[r.clone()], &mut m[r.clone()], &mut v[r]);
+                    match g {
+                        Some(g) => map3(w, &grad[g], m, v, |w, g, m, v| {
+                            step(w, g * rescale + w * wd, m, v, Square::Grouped)
+                        }),
+                        None => {
+                            for ((w, m), v) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()) {
+                                (*w, *m, *v) = step(*w, *w * wd, *m, *v, Square::Grouped);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -68,6 +121,9 @@ impl Optimizer for Adam {
     common!("adam");
     fn state_len(&self) -> usize {
         2
+    }
+    fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
+        Ok(RowSparse::Rows)
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

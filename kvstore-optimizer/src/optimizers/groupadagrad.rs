@@ -6,6 +6,12 @@
 //! summed with compensated summation, then divided by the row length, as MXNet's `mean`),
 //! `w_rj −= lr·g'_rj/sqrt(h_r + eps)`.
 //!
+//! A row-sparse gradient ([`Updater::update`](crate::Updater::update)) goes through MXNet's
+//! `contrib.group_adagrad_update`, also on the master copy with `multi_precision`: only the
+//! gradient's rows of the weight and the history change (a gradient without rows changes
+//! nothing), the row's squares summed one after the other then divided by the row length, and
+//! clipping only with a `clip_gradient` above 0.
+//!
 //! Hyper-parameters: `eps` (1e-5). State: the history, of shape `[rows, 1]` (so
 //! [`sliced::split`](crate::sliced::split) cannot cut it into element ranges). Weight decay
 //! is not supported: a `wd` other than 0 is an error when the optimizer is built (MXNet fails
@@ -15,7 +21,7 @@ use kvstore_base::{Error, Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, Buffers, Optimizer, RowSparse, Rows, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -55,8 +61,36 @@ fn scaled<R: Real>(g: R, rescale: R, clip: Option<R>) -> R {
 }
 
 impl GroupAdaGrad {
+    /// `group_adagrad_update`'s sparse kernel (float parameters) on the gradient's rows.
+    fn rows<R: Real>(&self, lr: f64, b: Buffers<'_, R>, rows: Rows<'_>) {
+        let lr = R::param(lr);
+        let rescale = R::param(self.base.rescale_grad);
+        let clip = self.base.kernel_clip().map(R::param);
+        let eps = R::param(self.eps);
+        let count = R::of(rows.len as f64);
+        let (weight, grad, [history]) = b.split();
+        for (&id, (r, g)) in rows.ids.iter().zip(rows.spans()) {
+            let (w, g) = (&mut weight[r], &grad[g]);
+            let mut sum = R::zero();
+            for &g in g {
+                let g = scaled(g, rescale, clip);
+                sum = sum + g * g;
+            }
+            let h = &mut history[id];
+            *h = *h + sum / count;
+            let root = (*h + eps).sqrt();
+            for (w, &g) in w.iter_mut().zip(g) {
+                *w = *w - lr * scaled(g, rescale, clip) / root;
+            }
+        }
+    }
+
     fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         self.base.bump(key);
+        if let Some(rows) = b.rows {
+            let lr = self.base.lr_for(key);
+            return self.rows(lr, b, rows);
+        }
         let lr = R::of(self.base.lr_for(key));
         let rescale = R::of(self.base.rescale_grad);
         let clip = self.base.clip_gradient.map(R::param);
@@ -104,6 +138,9 @@ impl Optimizer for GroupAdaGrad {
                  {weight:?}"
             ))),
         }
+    }
+    fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
+        Ok(RowSparse::Rows)
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

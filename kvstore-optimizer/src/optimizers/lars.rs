@@ -6,17 +6,34 @@
 //! `w += mom`). With `momentum_correction`, `μ` is scaled by the ratio of the current to the
 //! previous global learning rate. Only names ending in `_weight` keep weight decay when
 //! `param_idx2name` is given.
+//!
+//! A row-sparse gradient ([`Updater::update`](crate::Updater::update)) takes MXNet's
+//! non-aggregated path: the scale comes from `eta·‖w‖/(‖rescale_grad·g‖ + wd·‖w‖ + eps)`,
+//! with the norms of the `float32` values (of the float16 weight with `multi_precision`) as
+//! MXNet's `norm` computes them and the rest in `float64`, then SGD's sparse kernels apply
+//! the update (see `sgd`): only the gradient's rows with `lazy_update` (the default), every row
+//! with `lazy_update` false or `multi_precision`.
 
 use std::collections::BTreeMap;
 
-use kvstore_base::{Key, OptimizerSpec, ParamValue, Result};
+use half::{bf16, f16};
+use kvstore_base::{DType, Key, OptimizerSpec, ParamValue, Result};
 
-use super::sgd::sgd_apply;
+use super::sgd::{sgd_apply, sgd_rows, SparseSgd};
 use super::{begin, common, end, register};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, Buffers, Optimizer, RowSparse, Slices};
 use crate::params::Params;
-use crate::real::{sum_sq_f32, Real};
+use crate::real::{nrm2_f32, sparse_norm_f32, sum_sq_f32, Real};
+
+/// The value of the `dtype` weight whose `f32` master copy holds `x` (its cast).
+fn stored(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::F16 => f16::from_f32(x).to_f32(),
+        DType::BF16 => bf16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
 
 #[derive(Debug)]
 struct Lars {
@@ -70,6 +87,46 @@ impl Lars {
         let wd = self.base.wd_for(key);
         let name = self.base.name_of(key);
         let skip = name.ends_with("gamma") || name.ends_with("beta") || name.ends_with("bias");
+        let momentum = match (self.momentum > 0.0, self.last_lr, self.cur_lr) {
+            (false, ..) => None,
+            (true, Some(last), Some(cur)) if self.momentum_correction && last != 0.0 => {
+                Some(R::param(self.momentum * (cur / last)))
+            }
+            (true, ..) => Some(R::param(self.momentum)),
+        };
+        if let Some(rows) = b.rows {
+            // LARS._get_lars: float32 norms, the rest in float64.
+            let lr = if skip {
+                lr
+            } else {
+                let w_norm = match b.master_of {
+                    Some(dtype) => {
+                        nrm2_f32(b.weight.iter().map(|w| stored(dtype, w.to_f64() as f32)))
+                    }
+                    None => nrm2_f32(b.weight.iter().map(|w| w.to_f64() as f32)),
+                };
+                let rescale = self.base.rescale_grad as f32;
+                let g: Vec<f32> = b.grad.iter().map(|g| g.to_f64() as f32 * rescale).collect();
+                let g_norm = sparse_norm_f32(&g);
+                let (w_norm, g_norm) = (f64::from(w_norm), f64::from(g_norm));
+                let lars = if w_norm > 0.0 && g_norm > 0.0 {
+                    self.eta * w_norm / (g_norm + wd * w_norm + self.eps)
+                } else {
+                    1.0
+                };
+                lars * lr
+            };
+            let kernel = match (b.master_of, self.base.lazy_update) {
+                (Some(_), _) => SparseSgd::Master,
+                (None, true) => SparseSgd::Lazy,
+                (None, false) => SparseSgd::Standard,
+            };
+            let momentum = momentum.or_else(|| (self.momentum != 0.0).then(R::zero));
+            let (lr, wd) = (R::param(lr), R::param(wd));
+            let rescale = R::param(self.base.rescale_grad);
+            let clip = self.base.kernel_clip().map(R::param);
+            return sgd_rows(b, rows, kernel, momentum, lr, wd, rescale, clip);
+        }
         let lr = if skip {
             lr as f32
         } else {
@@ -87,13 +144,6 @@ impl Lars {
         let wd = R::param(wd);
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
-        let momentum = match (self.momentum > 0.0, self.last_lr, self.cur_lr) {
-            (false, ..) => None,
-            (true, Some(last), Some(cur)) if self.momentum_correction && last != 0.0 => {
-                Some(R::param(self.momentum * (cur / last)))
-            }
-            (true, ..) => Some(R::param(self.momentum)),
-        };
         sgd_apply(b, momentum, lr, wd, rescale, clip);
     }
 }
@@ -102,6 +152,9 @@ impl Optimizer for Lars {
     common!("lars");
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
+    }
+    fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
+        Ok(RowSparse::Rows)
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

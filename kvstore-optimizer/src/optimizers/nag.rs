@@ -4,12 +4,18 @@
 //! reads the already-updated weight): `g' = clip(rescale_grad·g) + wd·w`, `mom = momentum·mom`,
 //! `w' = w − mom + (momentum + 1)·(mom − lr·g')`, then `mom = mom − lr·(clip(rescale_grad·g) + wd·w')`.
 //! Without momentum, `sgd_update`: `w = (1 − lr·wd)·w − lr·clip(rescale_grad·g)`.
+//!
+//! A row-sparse gradient ([`Updater::update`](crate::Updater::update)) updates only its rows
+//! without momentum (`sgd_update`'s lazy update: a gradient without rows changes nothing),
+//! unless with `multi_precision` (`mp_sgd_update`, dense); with momentum, every row, as the
+//! dense gradient it stands for. `lazy_update` has no effect (MXNet's NAG does not take it).
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
+use super::sgd::{sgd_rows, SparseSgd};
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
-use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, Slices};
+use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, RowSparse, Slices};
 use crate::real::Real;
 
 #[derive(Debug)]
@@ -44,10 +50,14 @@ impl Nag {
         let wd = R::param(self.base.wd_for(key));
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
+        if let Some(rows) = b.rows {
+            return sgd_rows(b, rows, SparseSgd::Lazy, None, lr, wd, rescale, clip);
+        }
         let Buffers {
             weight,
             grad,
             mut state,
+            ..
         } = b;
         match state.first_mut() {
             Some(mom) if self.momentum > 0.0 => {
@@ -72,6 +82,13 @@ impl Optimizer for Nag {
     common!("nag");
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
+    }
+    fn row_sparse(&self, _key: &Key, multi_precision: bool) -> Result<RowSparse> {
+        Ok(if self.momentum != 0.0 || multi_precision {
+            RowSparse::Dense
+        } else {
+            RowSparse::Rows
+        })
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

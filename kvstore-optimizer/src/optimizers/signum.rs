@@ -48,6 +48,7 @@ impl Signum {
             weight,
             grad: grads,
             mut state,
+            ..
         } = b;
         match state.first_mut() {
             Some(mom) if self.momentum > 0.0 => {

@@ -16,6 +16,12 @@ mx.nd.contrib.adamw_update (mp_adamw_update with multi_precision) with eta = the
 rate and lr = the bias correction sqrt(1 - beta2^t) / (1 - beta1^t), as kvstore-optimizer's
 adamw does.
 
+A case with the option {"grad_rows": [[rows of step 1], [rows of step 2], ...]} (stored as
+"grad_rows", one step per list) hands the updater a row-sparse gradient holding exactly those
+rows of the step's draw (an empty list: a gradient with no rows); its stored "grads" are the
+draws with every other row zeroed, the dense arrays the gradients stand for. The option
+{"shape": [rows, cols]} replaces the (3, 4) weight shape.
+
 Inputs and outputs are stored as float64 lists of the exact values in each dtype. A case
 MXNet itself rejects (e.g. a dtype an operator does not support) is stored with
 "mxnet_error" instead of "steps".
@@ -118,6 +124,78 @@ CASES = [
     ("groupadagrad", {"learning_rate": 0.1, "wd": 0.1}, ["float32"]),
 ]
 
+# Row-sparse gradients: state carried over rows that come and go, an empty gradient, a step
+# with every row. Lazy (sparse) updates, standard ones with lazy_update=False, and optimizers
+# MXNet runs densely (storage fallback, or NDArray operations).
+ROWS = [[1, 3], [0, 1, 4], [], [3], [0, 1, 2, 3, 4]]
+ROWS_EMPTY_FIRST = [[], [2], [0, 2, 3], [], [1, 2, 4]]
+SPARSE = {"grad_rows": ROWS, "shape": [5, 3]}
+SPARSE_EMPTY_FIRST = {"grad_rows": ROWS_EMPTY_FIRST, "shape": [5, 3]}
+# 48, 32, 0, 80 and 8 stored values (LARS takes the norm of the stored gradient values).
+SPARSE_WIDE = {"grad_rows": [[0, 2, 3, 5, 7, 9], [1, 2, 3, 4], [], list(range(10)), [6]],
+               "shape": [10, 8]}
+CASES += [
+    ("sgd", {"learning_rate": 0.1, "wd": 0.1}, DTYPES, SPARSE),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.1}, DTYPES, SPARSE),
+    ("sgd", {"learning_rate": 0.05, "momentum": 0.8, "wd": 0.01, "rescale_grad": 0.5, "clip_gradient": 0.3},
+     DTYPES, SPARSE),
+    ("sgd", {"learning_rate": 0.1, "wd": 0.1, "clip_gradient": 0.2, "rescale_grad": 2.0}, ["float32"], SPARSE),
+    ("sgd", {"learning_rate": 0.1, "wd": 0.1, "lazy_update": False}, DTYPES, SPARSE),
+    ("sgd", {"learning_rate": 0.1, "wd": 0.1, "lazy_update": False, "clip_gradient": 0.2}, ["float32"],
+     SPARSE_EMPTY_FIRST),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.1, "lazy_update": False}, DTYPES, SPARSE),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "multi_precision": True}, ["float16"], SPARSE),
+    ("sgd", {"learning_rate": 0.1, "wd": 0.1, "multi_precision": True}, ["float16"], SPARSE),
+    ("sgd", {"momentum": 0.9, "wd": 0.1, "lr_scheduler": SCHED}, ["float32"], SPARSE_EMPTY_FIRST),
+    ("ccsgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, ["float32"], SPARSE),
+    ("nag", {"learning_rate": 0.1, "wd": 0.1}, DTYPES, SPARSE),
+    ("nag", {"learning_rate": 0.1, "wd": 0.1, "clip_gradient": 0.2, "rescale_grad": 2.0}, ["float32"], SPARSE),
+    ("nag", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, DTYPES, SPARSE),
+    ("nag", {"learning_rate": 0.1, "wd": 0.1, "multi_precision": True}, ["float16"], SPARSE),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1}, DTYPES, SPARSE),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.3, "rescale_grad": 2.0}, DTYPES, SPARSE),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1}, ["float32"], SPARSE_EMPTY_FIRST),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1, "lazy_update": False}, DTYPES, SPARSE),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1, "clip_gradient": 0.3, "rescale_grad": 2.0, "lazy_update": False},
+     DTYPES, SPARSE),
+    ("adam", {"learning_rate": 0.01, "multi_precision": True}, ["float16"], SPARSE),
+    ("adam", {"learning_rate": 0.01, "wd": 0.1, "lazy_update": False, "multi_precision": True}, ["float16"],
+     SPARSE),
+    ("adagrad", {"learning_rate": 0.1}, DTYPES, SPARSE),
+    ("adagrad", {"learning_rate": 0.1, "clip_gradient": 0.5, "rescale_grad": 2.0}, ["float32"], SPARSE),
+    ("adagrad", {"learning_rate": 0.1, "multi_precision": True}, ["float16"], SPARSE),
+    ("adagrad", {"learning_rate": 0.1, "wd": 0.1}, ["float32"], SPARSE),
+    ("groupadagrad", {"learning_rate": 0.1}, DTYPES, SPARSE),
+    ("groupadagrad", {"learning_rate": 0.1, "eps": 1e-3, "clip_gradient": 0.3, "rescale_grad": 2.0},
+     ["float32"], SPARSE),
+    ("groupadagrad", {"learning_rate": 0.1, "multi_precision": True}, ["float16"], SPARSE),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5}, DTYPES, SPARSE),
+    ("lars", {"learning_rate": 0.1, "wd": 0.01, "eta": 0.5, "rescale_grad": 2.0, "clip_gradient": 0.3},
+     DTYPES, SPARSE),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5, "lazy_update": False},
+     ["float32", "float64"], SPARSE),
+    ("lars", {"learning_rate": 0.1, "wd": 0.01, "eta": 0.5, "lazy_update": False}, ["float32"], SPARSE),
+    ("lars", {"momentum": 0.9, "eta": 0.5, "lr_scheduler": SCHED, "param_idx2name": {"0": "fc_weight"},
+              "wd": 0.01}, ["float32"], SPARSE),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "eta": 0.5, "param_idx2name": {"0": "fc_bias"}},
+     ["float32"], SPARSE),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5, "multi_precision": True},
+     ["float16"], SPARSE),
+    ("lars", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01, "eta": 0.5, "rescale_grad": 0.5},
+     ["float32", "float64"], SPARSE_WIDE),
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, ["float32"], SPARSE_WIDE),
+    ("rmsprop", {"learning_rate": 0.01, "wd": 0.1}, ["float32"], SPARSE),
+    ("ftrl", {"wd": 0.1}, ["float32"], SPARSE),
+    ("signum", {"learning_rate": 0.05, "wd": 0.1}, DTYPES, SPARSE),
+    ("lamb", {"learning_rate": 0.01, "wd": 0.1}, ["float32"], SPARSE),
+    ("adamax", {"wd": 0.1}, ["float32", "float16"], SPARSE),
+    ("nadam", {"wd": 0.1}, ["float32"], SPARSE),
+    ("ftml", {"wd": 0.1}, ["float32"], SPARSE),
+    ("dcasgd", {"learning_rate": 0.1, "wd": 0.1}, ["float32"], SPARSE),
+    ("adadelta", {"wd": 0.1}, ["float32"], SPARSE),
+    ("test", {"rescale_grad": 0.5}, ["float32"], SPARSE),
+]
+
 
 def make_scheduler(spec):
     spec = dict(spec)
@@ -147,16 +225,25 @@ def mults(params, name):
     return {(int(k) if k.isdigit() else k): v for k, v in params.get(name, {}).items()}
 
 
-def run_updater(name, params, w0, grads, dtype, keys=1):
+def gradient(g, dtype, rows):
+    """A fresh copy of `g`: dense, or row-sparse with exactly `rows` when rows is not None."""
+    if rows is None:
+        return mx.nd.array(g, dtype=dtype)
+    idx = np.array(rows, dtype=np.int64)
+    return mx.nd.sparse.row_sparse_array((g[idx], idx), shape=g.shape, dtype=dtype)
+
+
+def run_updater(name, params, w0, grads, dtype, keys=1, grad_rows=None):
     opt = mx.optimizer.create(name, **to_mx_params(params))
     opt.set_lr_mult(mults(params, "lr_mult"))
     opt.set_wd_mult(mults(params, "wd_mult"))
     updater = mx.optimizer.get_updater(opt)
     ws = [mx.nd.array(w0, dtype=dtype) for _ in range(keys)]
     out = []
-    for g in grads:
+    for step, g in enumerate(grads):
+        rows = None if grad_rows is None else grad_rows[step]
         for k, w in enumerate(ws):
-            updater(k, mx.nd.array(g, dtype=dtype), w)
+            updater(k, gradient(g, dtype, rows), w)
         out.append([x for w in ws for x in w.asnumpy().astype(np.float64).ravel().tolist()])
     return out
 
@@ -171,8 +258,8 @@ def run_adamw(params, w0, grads, dtype):
         kwargs["clip_gradient"] = params["clip_gradient"]
     w = mx.nd.array(w0, dtype=dtype)
     sdtype = "float32" if mp else dtype
-    mean = mx.nd.zeros(SHAPE, dtype=sdtype)
-    var = mx.nd.zeros(SHAPE, dtype=sdtype)
+    mean = mx.nd.zeros(w0.shape, dtype=sdtype)
+    var = mx.nd.zeros(w0.shape, dtype=sdtype)
     w32 = w.astype("float32")
     rescale = mx.nd.array([params.get("rescale_grad", 1.0)], dtype="float32")
     out = []
@@ -192,26 +279,35 @@ def run_adamw(params, w0, grads, dtype):
 def main():
     cases = []
     for i, (name, params, dtypes, *options) in enumerate(CASES):
-        keys = options[0].get("keys", 1) if options else 1
+        option = options[0] if options else {}
+        keys = option.get("keys", 1)
+        grad_rows = option.get("grad_rows")
+        shape = tuple(option.get("shape", SHAPE))
+        steps = STEPS if grad_rows is None else len(grad_rows)
         for dtype in dtypes:
             rs = np.random.RandomState(1000 + i)
-            w0 = rs.uniform(-1.0, 1.0, SHAPE).astype(dtype)
-            grads = [rs.normal(0.0, 0.5, SHAPE).astype(dtype) for _ in range(STEPS)]
+            w0 = rs.uniform(-1.0, 1.0, shape).astype(dtype)
+            grads = [rs.normal(0.0, 0.5, shape).astype(dtype) for _ in range(steps)]
+            if grad_rows is not None:
+                for g, rows in zip(grads, grad_rows):
+                    g[[r for r in range(shape[0]) if r not in rows]] = 0
             case = {
                 "optimizer": name,
                 "params": params,
                 "dtype": dtype,
-                "shape": list(SHAPE),
+                "shape": list(shape),
                 "weight": w0.astype(np.float64).ravel().tolist(),
                 "grads": [g.astype(np.float64).ravel().tolist() for g in grads],
             }
             if keys > 1:
                 case["keys"] = keys
+            if grad_rows is not None:
+                case["grad_rows"] = grad_rows
             try:
                 if name == "adamw":
                     case["steps"] = run_adamw(params, w0, grads, dtype)
                 else:
-                    case["steps"] = run_updater(name, params, w0, grads, dtype, keys)
+                    case["steps"] = run_updater(name, params, w0, grads, dtype, keys, grad_rows)
             except Exception as e:  # pylint: disable=broad-except
                 lines = [l.strip() for l in str(e).splitlines() if "Check failed" in l]
                 case["mxnet_error"] = (lines or [type(e).__name__])[0][:200]
