@@ -105,9 +105,12 @@ pub enum RowSparse {
     /// MXNet 1.9.1 does for an optimizer without a sparse kernel (its storage fallback) or one
     /// written with NDArray operations.
     Dense,
-    /// With MXNet's sparse kernel: the optimizer gets the gradient's rows only and updates
-    /// the weight (and state) as that kernel does; a lazy update touches only those rows.
+    /// With MXNet's sparse kernel, which may change every row: the optimizer gets the
+    /// gradient's rows only and updates the weight (and state) as that kernel does.
     Rows,
+    /// With MXNet's lazy sparse kernel: as [`Rows`](RowSparse::Rows), and only the gradient's
+    /// rows of the weight, its master copy and the state change.
+    Lazy,
 }
 
 // Element-wise loops over the weight, the gradient and 0–3 state arrays. Each zips plain

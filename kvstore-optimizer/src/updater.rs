@@ -241,11 +241,11 @@ fn update_direct<R: Tagged>(
 
 /// Updates the `f32` master copy of the half-precision `weight` and `state` in place, with
 /// the gradient (its `rows` only when given) widened into `grad32`, then casts the master
-/// copy into `weight`.
+/// copy into `weight`: the gradient's rows only when the update was `lazy`.
 fn update_master(
     opt: &mut dyn Optimizer,
     key: &Key,
-    (grad, rows): (&NDArray, Option<Rows<'_>>),
+    ((grad, rows), lazy): ((&NDArray, Option<Rows<'_>>), bool),
     weight: &mut NDArray,
     master: &mut NDArray,
     state: &mut [NDArray],
@@ -257,18 +257,34 @@ fn update_master(
     } else {
         widen::<bf16>(grad, rows.is_some(), grad32)?;
     }
+    let lazy_rows = rows.filter(|_| lazy).map(|r| (r.ids, r.len));
     Prepared::<f32>::new(master, Cow::Borrowed(grad32), state)?.run(
         opt,
         key,
         rows,
         Some(weight.dtype()),
     );
-    if half {
-        write_back::<f16>(weight, master);
-    } else {
-        write_back::<bf16>(weight, master);
+    match (half, lazy_rows) {
+        (true, None) => write_back::<f16>(weight, master),
+        (false, None) => write_back::<bf16>(weight, master),
+        (true, Some((ids, len))) => write_back_rows::<f16>(weight, master, ids, len),
+        (false, Some((ids, len))) => write_back_rows::<bf16>(weight, master, ids, len),
     }
     Ok(())
+}
+
+/// [`write_back`] of rows `ids` only (each `len` elements): what a lazy update changed.
+fn write_back_rows<T: Element>(weight: &mut NDArray, master: &NDArray, ids: &[usize], len: usize) {
+    let (Some(w), Some(m)) = (weight.as_slice_mut::<T>(), master.as_slice::<f32>()) else {
+        // Not in standard layout: every element (the others hold their cast already).
+        return write_back::<T>(weight, master);
+    };
+    for &r in ids {
+        let span = r * len..(r + 1) * len;
+        for (d, &m) in w[span.clone()].iter_mut().zip(&m[span]) {
+            *d = T::from_f64(f64::from(m));
+        }
+    }
 }
 
 impl Updater {
@@ -436,7 +452,8 @@ impl Updater {
     ///   kernels'): `sgd` and `ccsgd` (with `lazy_update`, the default, and without
     ///   `multi_precision`), `nag` without momentum (without `multi_precision`), `adam` (with
     ///   `lazy_update`), `lars` (with `lazy_update`, without `multi_precision`), `adagrad` and
-    ///   `groupadagrad`. A gradient without rows then changes nothing but the update count.
+    ///   `groupadagrad`. A gradient without rows then changes nothing but the update count
+    ///   (and, for `lars`, the learning rate it last used).
     ///   `adagrad` refuses weight decay then, as MXNet's sparse kernel does;
     /// - every row, with the arithmetic of MXNet's row-sparse kernels for the standard
     ///   update: `adam` with `lazy_update` false, `sgd` without momentum with `lazy_update`
@@ -468,11 +485,21 @@ impl Updater {
         }
         // The rows of a row-sparse gradient, when the optimizer takes them as they are.
         let mut by_rows = None;
+        let mut lazy = false;
         if let Some(r) = grad.as_row_sparse() {
-            if self.optimizer.row_sparse(key, mp).map_err(|e| at(key, e))? == RowSparse::Rows {
+            let mode = self.optimizer.row_sparse(key, mp).map_err(|e| at(key, e))?;
+            if mode != RowSparse::Dense {
                 self.row_ids.clear();
                 self.row_ids.extend(r.indices().iter().map(|&i| i as usize));
-                by_rows = Some(weight.shape()[1..].iter().product::<usize>());
+                by_rows = Some(
+                    weight
+                        .shape()
+                        .get(1..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .product::<usize>(),
+                );
+                lazy = mode == RowSparse::Lazy;
             }
         }
         // A new key's state is kept only once its first update has succeeded.
@@ -491,7 +518,7 @@ impl Updater {
             Some(master) => update_master(
                 opt,
                 key,
-                g,
+                (g, lazy),
                 weight,
                 master,
                 &mut state.arrays,

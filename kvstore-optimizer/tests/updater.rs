@@ -774,14 +774,23 @@ fn optimizers_say_how_they_take_row_sparse_gradients() {
     let key = Key::from(0);
     let mode = |spec: OptimizerSpec, mp: bool| create(&spec).unwrap().row_sparse(&key, mp).unwrap();
     let sgd = || OptimizerSpec::new("sgd").with("momentum", 0.9);
-    assert_eq!(mode(sgd(), false), RowSparse::Rows);
+    assert_eq!(mode(sgd(), false), RowSparse::Lazy);
     assert_eq!(mode(sgd(), true), RowSparse::Dense);
     assert_eq!(
         mode(sgd().with("lazy_update", false), false),
         RowSparse::Dense
     );
     assert_eq!(mode(OptimizerSpec::new("sgd"), true), RowSparse::Rows);
-    assert_eq!(mode(OptimizerSpec::new("nag"), false), RowSparse::Rows);
+    assert_eq!(
+        mode(OptimizerSpec::new("sgd").with("lazy_update", false), false),
+        RowSparse::Rows
+    );
+    assert_eq!(
+        mode(OptimizerSpec::new("adam").with("lazy_update", false), true),
+        RowSparse::Rows
+    );
+    assert_eq!(mode(OptimizerSpec::new("lars"), true), RowSparse::Rows);
+    assert_eq!(mode(OptimizerSpec::new("nag"), false), RowSparse::Lazy);
     assert_eq!(mode(OptimizerSpec::new("nag"), true), RowSparse::Dense);
     assert_eq!(
         mode(OptimizerSpec::new("nag").with("momentum", 0.9), false),
@@ -790,7 +799,7 @@ fn optimizers_say_how_they_take_row_sparse_gradients() {
     for name in ["adam", "adagrad", "groupadagrad", "lars"] {
         assert_eq!(
             mode(OptimizerSpec::new(name), false),
-            RowSparse::Rows,
+            RowSparse::Lazy,
             "{name}"
         );
     }
@@ -804,4 +813,39 @@ fn optimizers_say_how_they_take_row_sparse_gradients() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn a_lazy_update_on_a_master_copy_writes_back_only_the_gradients_rows() {
+    // adam with multi_precision on a float16 weight: the rows the gradient does not hold are
+    // neither updated nor rewritten from the master copy (as MXNet's lazy kernels).
+    let spec = OptimizerSpec::new("adam")
+        .with("learning_rate", 0.1)
+        .with("multi_precision", true);
+    let mut up = Updater::from_spec(&spec).unwrap();
+    let key = Key::from(0);
+    let mut w = NDArray::full(&[4, 2], 1.0, DType::F16);
+    let rows = |id: i64| {
+        let g = NDArray::full(&[1, 2], 0.5, DType::F16);
+        NDArray::row_sparse(&[4, 2], vec![id], &g).unwrap()
+    };
+    up.update(&key, &rows(1), &mut w).unwrap();
+    // The caller changes row 0 of its weight; the master copy still holds 1.0 there.
+    let mut values = w.to_vec::<half::f16>().unwrap();
+    values[0] = half::f16::from_f32(5.0);
+    values[1] = half::f16::from_f32(5.0);
+    w = NDArray::from_vec(&[4, 2], values).unwrap();
+    up.update(&key, &rows(2), &mut w).unwrap();
+    let after: Vec<f32> = w
+        .to_vec::<half::f16>()
+        .unwrap()
+        .iter()
+        .map(|h| h.to_f32())
+        .collect();
+    assert_eq!(&after[0..2], &[5.0, 5.0], "row 0 untouched: {after:?}");
+    assert_eq!(&after[6..8], &[1.0, 1.0], "row 3 untouched: {after:?}");
+    assert!(
+        after[2] < 1.0 && after[4] < 1.0,
+        "rows 1 and 2 updated: {after:?}"
+    );
 }

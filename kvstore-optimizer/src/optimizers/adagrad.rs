@@ -84,7 +84,7 @@ impl Optimizer for AdaGrad {
                  dense gradient"
             )));
         }
-        Ok(RowSparse::Rows)
+        Ok(RowSparse::Lazy)
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

@@ -123,7 +123,11 @@ impl Optimizer for Adam {
         2
     }
     fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
-        Ok(RowSparse::Rows)
+        Ok(if self.base.lazy_update {
+            RowSparse::Lazy
+        } else {
+            RowSparse::Rows
+        })
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

@@ -140,7 +140,7 @@ impl Optimizer for GroupAdaGrad {
         }
     }
     fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
-        Ok(RowSparse::Rows)
+        Ok(RowSparse::Lazy)
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

@@ -153,8 +153,13 @@ impl Optimizer for Lars {
     fn state_len(&self) -> usize {
         usize::from(self.momentum != 0.0)
     }
-    fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
-        Ok(RowSparse::Rows)
+    fn row_sparse(&self, _key: &Key, multi_precision: bool) -> Result<RowSparse> {
+        // As SGD's kernels: lazy unless on a master copy or with `lazy_update` false.
+        Ok(if self.base.lazy_update && !multi_precision {
+            RowSparse::Lazy
+        } else {
+            RowSparse::Rows
+        })
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

@@ -84,10 +84,11 @@ impl Optimizer for Nag {
         usize::from(self.momentum != 0.0)
     }
     fn row_sparse(&self, _key: &Key, multi_precision: bool) -> Result<RowSparse> {
+        // Without momentum, MXNet runs `sgd_update` with its lazy default.
         Ok(if self.momentum != 0.0 || multi_precision {
             RowSparse::Dense
         } else {
-            RowSparse::Rows
+            RowSparse::Lazy
         })
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {

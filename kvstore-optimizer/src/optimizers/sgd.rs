@@ -231,6 +231,8 @@ impl Optimizer for Sgd {
         let dense = self.momentum != 0.0 && (multi_precision || !self.base.lazy_update);
         Ok(if dense {
             RowSparse::Dense
+        } else if self.base.lazy_update && !multi_precision {
+            RowSparse::Lazy
         } else {
             RowSparse::Rows
         })
