@@ -276,7 +276,9 @@ fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDAr
         .filter(|_| array.shape() == entry.shape.as_slice())
         .ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "key {}: the state file holds a state of shape {:?}, the key's is {:?}",
+                "key {}: the state file holds a state of shape {:?}, the key's is {:?}: a \
+                 state not of the weight's shape (e.g. groupadagrad's history, one value per \
+                 row) cannot be cut into the servers' slices",
                 entry.key,
                 array.shape(),
                 entry.shape
