@@ -67,6 +67,9 @@ impl GroupAdaGrad {
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
         let eps = R::param(self.eps);
+        if rows.len == 0 {
+            return; // rows of no elements: nothing to update (as the dense path)
+        }
         let count = R::of(rows.len as f64);
         let (weight, grad, [history]) = b.split();
         for (&id, (r, g)) in rows.ids.iter().zip(rows.spans()) {
