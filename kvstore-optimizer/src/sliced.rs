@@ -30,7 +30,9 @@ pub struct KeySlices {
 /// keys, for the keys of `layout`. Keys without state on every server are left out; with
 /// `with_optimizer`, the file holds the optimizer of the server with the most updates (when
 /// the servers' files hold theirs) and the keys' update counts, as
-/// [`Updater::save_states`](crate::Updater::save_states) with `dump_optimizer`.
+/// [`Updater::save_states`](crate::Updater::save_states) with `dump_optimizer`. Run-time
+/// values an optimizer keeps for all its keys (nadam's momentum-schedule product, lars' last
+/// learning rate) are that server's, and [`split`] gives them to every server.
 ///
 /// # Errors
 /// A file that is not a state file; a server's state of a key that `layout` does not know; a
