@@ -324,6 +324,16 @@ fn empty_answers(tensors: &[Arc<Tensor>]) -> Vec<Vec<Pulled>> {
         .collect()
 }
 
+/// The pushed bytes of a partition: its range of its tensor's outbound value.
+fn pushed_bytes<'p>(
+    tensors: &'p [Arc<Tensor>],
+    payloads: &'p [Outbound<'_>],
+) -> impl Fn(Task) -> Cow<'p, [u8]> + Copy {
+    move |task: Task| {
+        Cow::Borrowed(&payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)])
+    }
+}
+
 /// Every partition of every tensor, in order.
 fn all_tasks(tensors: &[Arc<Tensor>]) -> Vec<Task> {
     tensors
@@ -729,13 +739,52 @@ impl BytePsStore {
     ) -> Result<()> {
         let mut first: Option<Error> = None;
         for (task, e) in sent.into_iter().filter_map(Flight::acknowledged) {
-            let lost = matches!(e, TransportError::PeerClosed { .. });
-            let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
-            if lost || first.is_none() {
-                first = Some(e);
-            }
+            self.keep_first(&mut first, operation, &tensors[task.tensor].key, e);
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Keeps in `first` the first failure of a call, or a lost server's, wrapped with `key`.
+    fn keep_first(
+        &self,
+        first: &mut Option<Error>,
+        operation: &'static str,
+        key: &Key,
+        e: TransportError,
+    ) {
+        let lost = matches!(e, TransportError::PeerClosed { .. });
+        let e = self.transport_at(operation, key)(e);
+        if lost || first.is_none() {
+            *first = Some(e);
+        }
+    }
+
+    /// Waits for the pulls of a call: each partition's answer, and the first failure among
+    /// the call's failed pushes (`failed`) and its pulls (see [`keep_first`](Self::keep_first)).
+    fn gather(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        failed: Vec<(Task, TransportError)>,
+        pulled: Vec<Flight>,
+    ) -> (Vec<Vec<Pulled>>, Option<Error>) {
+        let mut first: Option<Error> = None;
+        let key = |task: Task| &tensors[task.tensor].key;
+        for (task, e) in failed {
+            self.keep_first(&mut first, operation, key(task), e);
+        }
+        let mut answers = empty_answers(tensors);
+        for flight in pulled {
+            match flight.pulled(tensors) {
+                Ok(parts) => {
+                    for (task, a) in parts {
+                        answers[task.tensor][task.part] = a;
+                    }
+                }
+                Err((task, e)) => self.keep_first(&mut first, operation, key(task), e),
+            }
+        }
+        (answers, first)
     }
 
     /// Pushes the keys of `values` (each key's values summed first), partition by partition
@@ -777,28 +826,7 @@ impl BytePsStore {
                 self.send_scheduled(s, operation, &tensors, &payloads, &tasks, pulls, priority)?
             }
         };
-        let mut first: Option<Error> = None;
-        let mut note = |task: &Task, e: TransportError| {
-            let lost = matches!(e, TransportError::PeerClosed { .. });
-            let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
-            if lost || first.is_none() {
-                first = Some(e);
-            }
-        };
-        for (task, e) in failed {
-            note(&task, e);
-        }
-        let mut answers = empty_answers(&tensors);
-        for flight in pulled {
-            match flight.pulled(&tensors) {
-                Ok(parts) => {
-                    for (task, a) in parts {
-                        answers[task.tensor][task.part] = a;
-                    }
-                }
-                Err((task, e)) => note(&task, e),
-            }
-        }
+        let (answers, first) = self.gather(operation, &tensors, failed, pulled);
         let written = match (first, outs) {
             (Some(e), _) => Err(e),
             (None, Some(outs)) => self.write_outs(operation, &tensors, &answers, outs, true),
@@ -820,11 +848,7 @@ impl BytePsStore {
         tasks: &[Task],
         pulls: bool,
     ) -> Result<(Vec<(Task, TransportError)>, Vec<Flight>)> {
-        let payload = |task: Task| {
-            Cow::Borrowed(
-                &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)],
-            )
-        };
+        let payload = pushed_bytes(tensors, payloads);
         let (pushed, pulled) = self.send_batched(
             operation,
             protocol::CMD_PUSH,
@@ -863,11 +887,7 @@ impl BytePsStore {
                 (tensor.parts[t.part].key, tensor.byte_range(t.part).len())
             })
             .collect();
-        let payload = |task: Task| {
-            Cow::Borrowed(
-                &payloads[task.tensor].bytes()[tensors[task.tensor].byte_range(task.part)],
-            )
-        };
+        let payload = pushed_bytes(tensors, payloads);
         let small = |task: Task| tensors[task.tensor].byte_range(task.part).len() <= SHM_MIN_BYTES;
         std::thread::scope(|s| {
             let (tx, rx) = mpsc::channel::<(Vec<crate::schedule::Grant<'_>>, Flight)>();
@@ -1046,24 +1066,7 @@ impl BytePsStore {
             |_| Cow::Borrowed(&[]),
             false,
         )?;
-        let mut answers = empty_answers(&tensors);
-        let mut first: Option<Error> = None;
-        for flight in pulled {
-            match flight.pulled(&tensors) {
-                Ok(parts) => {
-                    for (task, a) in parts {
-                        answers[task.tensor][task.part] = a;
-                    }
-                }
-                Err((task, e)) => {
-                    let lost = matches!(e, TransportError::PeerClosed { .. });
-                    let e = self.transport_at(operation, &tensors[task.tensor].key)(e);
-                    if lost || first.is_none() {
-                        first = Some(e);
-                    }
-                }
-            }
-        }
+        let (answers, first) = self.gather(operation, &tensors, Vec::new(), pulled);
         let written = match first {
             Some(e) => Err(e),
             None => self.write_outs(operation, &tensors, &answers, outs, ignore_sparse),

@@ -120,13 +120,6 @@ struct Call<'a, P> {
     then_pull: bool,
 }
 
-/// The messages of a call so far: those of its command, and the pulls.
-#[derive(Default)]
-struct Flights {
-    sent: Vec<Flight>,
-    pulls: Vec<Flight>,
-}
-
 impl BytePsStore {
     /// Sends `command` (init, push or pull) for every task, `payload(task)` its bytes (empty
     /// for a pull); with `then_pull`, each push message is followed at once by the pull of the
@@ -148,19 +141,14 @@ impl BytePsStore {
             payload,
             then_pull,
         };
-        let mut flights = Flights::default();
+        let (mut sent, mut pulls) = (Vec::new(), Vec::new());
         // The batch being filled for each server, and its bytes.
         let mut open: Vec<(Vec<Task>, usize)> = vec![(Vec::new(), 0); self.servers.len()];
         for &task in tasks {
             let t = &tensors[task.tensor];
             let bytes = t.byte_range(task.part).len();
             if bytes > SHM_MIN_BYTES {
-                let s = self.send(t, task.part, command, &(call.payload)(task), operation)?;
-                flights.sent.push(Flight::one(task, s));
-                if then_pull {
-                    let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
-                    flights.pulls.push(Flight::one(task, p));
-                }
+                self.send_alone(&call, task, &mut sent, &mut pulls)?;
                 continue;
             }
             let server = t.parts[task.part].server;
@@ -170,15 +158,15 @@ impl BytePsStore {
             if *size >= protocol::BATCH_BYTES || items.len() >= protocol::BATCH_MAX_ITEMS {
                 *size = 0;
                 let items = std::mem::take(items);
-                self.flush(&call, server, items, &mut flights)?;
+                self.flush(&call, server, items, &mut sent, &mut pulls)?;
             }
         }
         for (server, (items, _)) in open.into_iter().enumerate() {
             if !items.is_empty() {
-                self.flush(&call, server, items, &mut flights)?;
+                self.flush(&call, server, items, &mut sent, &mut pulls)?;
             }
         }
-        Ok((flights.sent, flights.pulls))
+        Ok((sent, pulls))
     }
 
     /// Pushes granted tasks (`G`: what each holds until its push is acknowledged): partitions
@@ -204,6 +192,15 @@ impl BytePsStore {
             payload,
             then_pull,
         };
+        // A push and its grants are recorded even when its pull then fails: they wait for the
+        // push's acknowledgement.
+        let mut pushed = Vec::with_capacity(1);
+        let mut record = |grants: Vec<G>, pushed: &mut Vec<Flight>, outcome: Result<()>| {
+            if let Some(push) = pushed.pop() {
+                sent.push((grants, push));
+            }
+            outcome
+        };
         let mut by_server: Vec<(Vec<Task>, Vec<G>)> = (0..self.servers.len())
             .map(|_| (Vec::new(), Vec::new()))
             .collect();
@@ -215,47 +212,51 @@ impl BytePsStore {
                 grants.push(grant);
                 continue;
             }
-            let s = self.send(t, task.part, call.command, &(call.payload)(task), operation)?;
-            sent.push((vec![grant], Flight::one(task, s)));
-            if then_pull {
-                let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
-                pulls.push(Flight::one(task, p));
-            }
+            let outcome = self.send_alone(&call, task, &mut pushed, pulls);
+            record(vec![grant], &mut pushed, outcome)?;
         }
         for (server, (items, grants)) in by_server.into_iter().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
-            // The push and its grants are recorded before the pull goes: a failed pull
-            // leaves them waiting for the push's acknowledgement.
-            let push = self.send_batch(&call, call.command, server, items.clone())?;
-            sent.push((grants, push));
-            if then_pull {
-                pulls.push(self.send_batch(&call, protocol::CMD_PULL, server, items)?);
+            if !items.is_empty() {
+                let outcome = self.flush(&call, server, items, &mut pushed, pulls);
+                record(grants, &mut pushed, outcome)?;
             }
         }
         Ok(())
     }
 
-    /// Sends one batch of the call's command to `server`, and its pull when the call asks.
+    /// Sends `task`'s partition in a message of its own, and its pull when the call asks; the
+    /// message joins `sent` before the pull goes.
+    fn send_alone<'p, P: Fn(Task) -> Cow<'p, [u8]>>(
+        &self,
+        call: &Call<'_, P>,
+        task: Task,
+        sent: &mut Vec<Flight>,
+        pulls: &mut Vec<Flight>,
+    ) -> Result<()> {
+        let (t, operation) = (&call.tensors[task.tensor], call.operation);
+        let s = self.send(t, task.part, call.command, &(call.payload)(task), operation)?;
+        sent.push(Flight::one(task, s));
+        if call.then_pull {
+            let p = self.send(t, task.part, protocol::CMD_PULL, &[], operation)?;
+            pulls.push(Flight::one(task, p));
+        }
+        Ok(())
+    }
+
+    /// Sends one batch of the call's command to `server`, and its pull when the call asks;
+    /// the batch joins `sent` before the pull goes.
     fn flush<'p, P: Fn(Task) -> Cow<'p, [u8]>>(
         &self,
         call: &Call<'_, P>,
         server: usize,
         items: Vec<Task>,
-        flights: &mut Flights,
+        sent: &mut Vec<Flight>,
+        pulls: &mut Vec<Flight>,
     ) -> Result<()> {
-        if call.then_pull {
-            flights
-                .sent
-                .push(self.send_batch(call, call.command, server, items.clone())?);
-            flights
-                .pulls
-                .push(self.send_batch(call, protocol::CMD_PULL, server, items)?);
-        } else {
-            flights
-                .sent
-                .push(self.send_batch(call, call.command, server, items)?);
+        let pull_items = call.then_pull.then(|| items.clone());
+        sent.push(self.send_batch(call, call.command, server, items)?);
+        if let Some(items) = pull_items {
+            pulls.push(self.send_batch(call, protocol::CMD_PULL, server, items)?);
         }
         Ok(())
     }
