@@ -82,6 +82,15 @@ pub(crate) trait Real:
             self
         }
     }
+
+    /// [`clip`](Real::clip) when a bound is given, else the value itself.
+    #[inline(always)]
+    fn clip_by(self, bound: Option<Self>) -> Self {
+        match bound {
+            Some(c) => self.clip(c),
+            None => self,
+        }
+    }
 }
 
 macro_rules! native {
@@ -295,8 +304,8 @@ pub(crate) fn nrm2_f32(xs: impl Iterator<Item = f32>) -> f32 {
 /// product with themselves as OpenBLAS's `sdot` computes it on x86-64 with AVX2 (the MXNet
 /// 1.9.1 wheels' BLAS): blocks of 32 values into 32 `f32` lanes by fused multiply-adds,
 /// the lanes summed pairwise, the remaining values' `f32` squares added in `f64`, the total
-/// rounded to `f32`.
-pub(crate) fn sparse_norm_f32(xs: &[f32]) -> f32 {
+/// rounded to `f32`. `value` gives each element's `f32` value.
+pub(crate) fn sparse_norm_f32<T: Copy>(xs: &[T], value: impl Fn(T) -> f32) -> f32 {
     let blocked = xs.len() - xs.len() % 32;
     let mut total = 0.0f64;
     if blocked > 0 {
@@ -304,7 +313,7 @@ pub(crate) fn sparse_norm_f32(xs: &[f32]) -> f32 {
         for block in xs[..blocked].chunks_exact(32) {
             for (k, acc) in lanes.iter_mut().enumerate() {
                 for (l, a) in acc.iter_mut().enumerate() {
-                    let x = block[8 * k + l];
+                    let x = value(block[8 * k + l]);
                     *a = x.mul_add(x, *a);
                 }
             }
@@ -318,6 +327,7 @@ pub(crate) fn sparse_norm_f32(xs: &[f32]) -> f32 {
         total = f64::from((v[0] + v[1]) + (v[2] + v[3]));
     }
     for &x in &xs[blocked..] {
+        let x = value(x);
         total += f64::from(x * x);
     }
     (total as f32).sqrt()

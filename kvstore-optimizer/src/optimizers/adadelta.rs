@@ -38,10 +38,7 @@ impl AdaDelta {
         let eps = R::of(self.epsilon);
         let (weight, grad, [acc_g, acc_d]) = b.split();
         map3(weight, grad, acc_g, acc_d, |w, g, acc_g, acc_d| {
-            let mut g = g * rescale;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale).clip_by(clip);
             let acc_g = acc_g * rho + one_rho * g * g;
             let d = (acc_d + eps).sqrt() / (acc_g + eps).sqrt() * g;
             let acc_d = acc_d * rho + one_rho * d * d;

@@ -43,10 +43,7 @@ impl AdaGrad {
             let eps = R::param(self.eps);
             for (r, g) in rows.spans() {
                 map2(&mut weight[r.clone()], &grad[g], &mut h[r], |w, g, h| {
-                    let mut g = g * rescale;
-                    if let Some(c) = clip {
-                        g = g.clip(c);
-                    }
+                    let g = (g * rescale).clip_by(clip);
                     let h = h + g * g;
                     (w - g / (h + eps).sqrt() * lr, h)
                 });
@@ -59,10 +56,7 @@ impl AdaGrad {
         let clip = self.base.clip_gradient.map(R::param);
         let eps = R::of(self.eps);
         map2(weight, grad, h, |w, g, h| {
-            let mut g = g * rescale;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale).clip_by(clip);
             let h = h + g * g;
             let div = g / (h + eps).sqrt();
             (w + (div + w * wd) * neg_lr, h)

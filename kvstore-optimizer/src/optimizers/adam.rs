@@ -69,10 +69,7 @@ impl Adam {
         let one = R::of(1.0);
         // One element: the new weight, m and v from the rescaled (and decayed) gradient.
         let step = |w: R, g: R, m: R, v: R, square: Square| {
-            let g = match clip {
-                Some(c) => g.clip(c),
-                None => g,
-            };
+            let g = g.clip_by(clip);
             let m = b1 * m + (one - b1) * g;
             let v = match square {
                 Square::Left => b2 * v + (one - b2) * g * g,

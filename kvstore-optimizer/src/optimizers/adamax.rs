@@ -62,10 +62,7 @@ impl Adamax {
         );
         let (weight, grad, [m, u]) = b.split();
         map3(weight, grad, m, u, |w, g, m, u| {
-            let mut g = g * rescale + w * wd;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale + w * wd).clip_by(clip);
             let m = m * b1 + g * one_b1;
             let u = maximum(u * b2, g.abs());
             (w - m * lr / u, m, u)

@@ -54,10 +54,7 @@ impl DcaSgd {
         let clip = self.base.clip_gradient.map(R::param);
         let lamda = R::of(self.lamda);
         let delta = move |w: R, g: R, prev: R| {
-            let mut g = g * rescale;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale).clip_by(clip);
             (g + w * wd + g * lamda * g * (w - prev)) * neg_lr
         };
         if self.momentum != 0.0 {

@@ -54,10 +54,7 @@ impl Ftml {
         let (bias1, bias2) = (one - b1.pow(t), one - b2.pow(t));
         let (weight, grad, [d, v, z]) = b.split();
         map4(weight, grad, d, v, z, |w, g, d, v, z| {
-            let mut g = rescale * g + wd * w;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (rescale * g + wd * w).clip_by(clip);
             let v = b2 * v + one_b2 * (g * g);
             let d_t = bias1 / lr * ((v / bias2).sqrt() + eps);
             let z = b1 * z + one_b1 * g - (d_t - b1 * d) * w;

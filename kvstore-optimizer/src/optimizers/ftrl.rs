@@ -39,10 +39,7 @@ impl Ftrl {
         let (l1, beta) = (R::param(self.lamda1), R::param(self.beta));
         let (weight, grad, [z, n]) = b.split();
         map3(weight, grad, z, n, |w, g, z, n| {
-            let mut g = rescale * g;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (rescale * g).clip_by(clip);
             let z = z + g - ((n + g * g).sqrt() - n.sqrt()) * w / lr;
             let n = n + g * g;
             let w = if z.abs() > l1 {

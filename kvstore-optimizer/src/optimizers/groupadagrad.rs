@@ -50,16 +50,6 @@ register!(
     build
 );
 
-/// The rescaled and clipped gradient element.
-#[inline(always)]
-fn scaled<R: Real>(g: R, rescale: R, clip: Option<R>) -> R {
-    let g = g * rescale;
-    match clip {
-        Some(c) => g.clip(c),
-        None => g,
-    }
-}
-
 impl GroupAdaGrad {
     /// `group_adagrad_update`'s sparse kernel (float parameters) on the gradient's rows.
     fn rows<R: Real>(&self, lr: f64, b: Buffers<'_, R>, rows: Rows<'_>) {
@@ -76,14 +66,14 @@ impl GroupAdaGrad {
             let (w, g) = (&mut weight[r], &grad[g]);
             let mut sum = R::zero();
             for &g in g {
-                let g = scaled(g, rescale, clip);
+                let g = (g * rescale).clip_by(clip);
                 sum = sum + g * g;
             }
             let h = &mut history[id];
             *h = *h + sum / count;
             let root = (*h + eps).sqrt();
             for (w, &g) in w.iter_mut().zip(g) {
-                *w = *w - lr * scaled(g, rescale, clip) / root;
+                *w = *w - lr * (g * rescale).clip_by(clip) / root;
             }
         }
     }
@@ -113,7 +103,7 @@ impl GroupAdaGrad {
             // mshadow's sum reducer: Kahan summation.
             let (mut sum, mut residual) = (R::zero(), R::zero());
             for &g in g {
-                let g = scaled(g, rescale, clip);
+                let g = (g * rescale).clip_by(clip);
                 let y = g * g - residual;
                 let t = sum + y;
                 residual = t - sum - y;
@@ -122,7 +112,7 @@ impl GroupAdaGrad {
             *h = *h + sum / count;
             let root = (*h + eps).sqrt();
             for (w, &g) in w.iter_mut().zip(g) {
-                *w = *w - lr * scaled(g, rescale, clip) / root;
+                *w = *w - lr * (g * rescale).clip_by(clip) / root;
             }
         }
     }

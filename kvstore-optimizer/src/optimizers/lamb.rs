@@ -91,10 +91,7 @@ impl Lamb {
         // inputs, same bits) to move the weight, once both norms are known.
         let mut u_sq = SumSq::new::<R>();
         for (((&w, &g), m), v) in weight.iter().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let mut g = g * rescale;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale).clip_by(clip);
             *m = b1 * *m + (one - b1) * g;
             *v = b2 * *v + (one - b2) * g * g;
             u_sq.add(direction(w, *m, *v));

@@ -106,8 +106,7 @@ impl Lars {
                     None => nrm2_f32(b.weight.iter().map(|w| w.to_f64() as f32)),
                 };
                 let rescale = self.base.rescale_grad as f32;
-                let g: Vec<f32> = b.grad.iter().map(|g| g.to_f64() as f32 * rescale).collect();
-                let g_norm = sparse_norm_f32(&g);
+                let g_norm = sparse_norm_f32(b.grad, |g| g.to_f64() as f32 * rescale);
                 let (w_norm, g_norm) = (f64::from(w_norm), f64::from(g_norm));
                 let lars = if w_norm > 0.0 && g_norm > 0.0 {
                     self.eta * w_norm / (g_norm + wd * w_norm + self.eps)

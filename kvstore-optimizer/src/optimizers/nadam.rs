@@ -75,10 +75,7 @@ impl Nadam {
         let eps = R::of(self.epsilon);
         let (weight, grad, [m, v]) = b.split();
         map3(weight, grad, m, v, |w, g, m, v| {
-            let mut g = g * rescale + w * wd;
-            if let Some(c) = clip {
-                g = g.clip(c);
-            }
+            let g = (g * rescale + w * wd).clip_by(clip);
             let m = m * b1 + g * one_b1;
             let v = v * b2 + g * one_b2 * g;
             let m_bar = g / g_div * g_mult + m / m_div * m_mult;

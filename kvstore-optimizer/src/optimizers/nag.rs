@@ -12,7 +12,7 @@
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
-use super::sgd::{sgd_rows, SparseSgd};
+use super::sgd::{plain_sgd, sgd_rows, SparseSgd};
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, RowSparse, Slices};
@@ -32,16 +32,6 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 }
 
 register!(NAG, "nag", "Nesterov accelerated gradient", build);
-
-/// MXNet's non-aggregated `sgd_update` kernel for one element.
-#[inline(always)]
-pub(crate) fn plain_sgd<R: Real>(w: R, g: R, lr: R, wd: R, rescale: R, clip: Option<R>) -> R {
-    let one = R::of(1.0);
-    match clip {
-        Some(c) => (one - lr * wd) * w - lr * (rescale * g).clip(c),
-        None => (one - lr * wd) * w - (lr * rescale) * g,
-    }
-}
 
 impl Nag {
     fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {

@@ -20,7 +20,6 @@
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
-use super::nag::plain_sgd;
 use super::{begin, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, map1, map2, Buffers, Optimizer, RowSparse, Rows, Slices};
@@ -79,6 +78,16 @@ pub(crate) fn sgd_element<R: Real>(
     };
     let mom = momentum * mom - lr * wd * w - step;
     (w + mom, mom)
+}
+
+/// MXNet's non-aggregated `sgd_update` kernel for one element.
+#[inline(always)]
+pub(crate) fn plain_sgd<R: Real>(w: R, g: R, lr: R, wd: R, rescale: R, clip: Option<R>) -> R {
+    let one = R::of(1.0);
+    match clip {
+        Some(c) => (one - lr * wd) * w - lr * (rescale * g).clip(c),
+        None => (one - lr * wd) * w - (lr * rescale) * g,
+    }
 }
 
 /// [`sgd_element`] over the buffers: with `momentum` (and a state array) the state is the
@@ -143,7 +152,8 @@ pub(crate) fn sgd_rows<R: Real>(
         (Some(mu), Some(m)) => Some((mu, &mut **m)),
         _ => None,
     };
-    let zeros = vec![R::zero(); rows.len];
+    // The gradient of a row it does not hold, for the kernels that visit every row.
+    let zeros = || vec![R::zero(); rows.len];
     match (kernel, mom) {
         (SparseSgd::Lazy, Some((mu, mom))) => {
             for (w, g) in rows.spans() {
@@ -160,6 +170,7 @@ pub(crate) fn sgd_rows<R: Real>(
             }
         }
         (SparseSgd::Standard | SparseSgd::Master, Some((mu, mom))) => {
+            let zeros = zeros();
             for (w, g) in rows.all(weight.len()) {
                 let g = g.map_or(&zeros[..], |g| &grad[g]);
                 map2(&mut weight[w.clone()], g, &mut mom[w], |w, g, m| {
@@ -177,6 +188,7 @@ pub(crate) fn sgd_rows<R: Real>(
             }
         }
         (SparseSgd::Master, None) => {
+            let zeros = zeros();
             for (w, g) in rows.all(weight.len()) {
                 let g = g.map_or(&zeros[..], |g| &grad[g]);
                 map1(&mut weight[w], g, |w, g| {
