@@ -367,7 +367,10 @@ impl Node {
     /// off the network while its connections stay open) would look to the scheduler, which
     /// then counts it as lost. For fault-injection tests.
     pub fn stop_heartbeats(&mut self) {
-        self.stop_heartbeat();
+        if let Some(hb) = self.heartbeat.take() {
+            drop(hb.stop);
+            let _ = hb.thread.join();
+        }
     }
 
     /// Says goodbye to the scheduler and closes the connection.
@@ -380,15 +383,8 @@ impl Node {
     /// fault-injection tests.
     pub fn abandon(mut self) {
         self.left = true;
-        self.stop_heartbeat();
+        self.stop_heartbeats();
         self.conn = None;
-    }
-
-    fn stop_heartbeat(&mut self) {
-        if let Some(hb) = self.heartbeat.take() {
-            drop(hb.stop);
-            let _ = hb.thread.join();
-        }
     }
 
     fn goodbye(&mut self) -> Result<(), ClusterError> {
@@ -396,7 +392,7 @@ impl Node {
             return Ok(());
         }
         self.left = true;
-        self.stop_heartbeat();
+        self.stop_heartbeats();
         let Some(conn) = self.conn.take() else {
             return Ok(());
         };

@@ -292,8 +292,8 @@ pub const BATCH_ITEM_LEN: usize = 24;
 impl BatchItem {
     /// Encodes `items` and appends `data` (the pushed bytes of each item, in order; empty for
     /// pulls).
-    pub fn encode(items: &[BatchItem], data: &[&[u8]]) -> Vec<u8> {
-        let total: usize = data.iter().map(|d| d.len()).sum();
+    pub fn encode<D: AsRef<[u8]>>(items: &[BatchItem], data: &[D]) -> Vec<u8> {
+        let total: usize = data.iter().map(|d| d.as_ref().len()).sum();
         let mut out = Vec::with_capacity(4 + items.len() * BATCH_ITEM_LEN + total);
         out.extend_from_slice(&(items.len() as u32).to_le_bytes());
         for it in items {
@@ -304,7 +304,7 @@ impl BatchItem {
             out.extend_from_slice(&it.len.to_le_bytes());
         }
         for d in data {
-            out.extend_from_slice(d);
+            out.extend_from_slice(d.as_ref());
         }
         out
     }
@@ -510,7 +510,7 @@ mod tests {
                 len: 1,
             },
         ];
-        let bytes = BatchItem::encode(&items, &[&[1, 2, 3], &[4]]);
+        let bytes = BatchItem::encode::<&[u8]>(&items, &[&[1, 2, 3], &[4]]);
         let (back, data) = BatchItem::decode(&bytes).unwrap();
         assert_eq!(back, items);
         assert_eq!(data, &[1, 2, 3, 4]);

@@ -132,6 +132,12 @@ impl Shared {
     }
 }
 
+/// The answer that refuses `registration`, saying `why`.
+fn refused(registration: Registration, why: impl std::fmt::Display) -> Reply {
+    let message = format!("registration refused: {why}");
+    (registration.responder, Err(message))
+}
+
 fn send_replies(replies: Vec<Reply>) {
     for (responder, outcome) in replies {
         let sent = match outcome {
@@ -266,10 +272,10 @@ impl Shared {
                     self.recover(st, registration, node_timeout, replies);
                 } else {
                     let why = format!(
-                        "registration refused: {} (this {role} cannot take a lost node's place)",
+                        "{} (this {role} cannot take a lost node's place)",
                         self.complete()
                     );
-                    replies.push((registration.responder, Err(why)));
+                    replies.push(refused(registration, why));
                 }
                 return;
             }
@@ -385,17 +391,13 @@ impl Shared {
         replies: &mut Vec<Reply>,
     ) {
         let role = registration.role;
-        let refuse = |registration: Registration, why: String| {
-            let refused = Err(format!("registration refused: {why}"));
-            (registration.responder, refused)
-        };
         if role != Role::Worker {
             let why = format!(
                 "{}; a lost {role} cannot be replaced (its values and optimizer states are lost \
                  with it): restart the job, from an optimizer-state file if one was saved",
                 self.complete()
             );
-            replies.push(refuse(registration, why));
+            replies.push(refused(registration, why));
         } else if let Some(m) = st
             .members
             .iter()
@@ -406,7 +408,7 @@ impl Shared {
                 "address {} is already taken by {}",
                 registration.addr, m.info
             );
-            replies.push(refuse(registration, why));
+            replies.push(refused(registration, why));
         } else {
             // As long as a loss can go unnoticed, and no longer than the node itself waits.
             let wait = node_timeout.map_or(self.recovery_wait(), |t| t.min(self.recovery_wait()));
@@ -763,12 +765,12 @@ impl Shared {
         st.recovering = waiting;
         for r in expired {
             let why = format!(
-                "registration refused: {} and no worker was lost within {:?}: there is no \
-                 place for a recovering worker (is DMLC_NUM_WORKER right?)",
+                "{} and no worker was lost within {:?}: there is no place for a recovering \
+                 worker (is DMLC_NUM_WORKER right?)",
                 self.complete(),
                 r.wait
             );
-            replies.push((r.registration.responder, Err(why)));
+            replies.push(refused(r.registration, why));
         }
         let expired: Vec<Group> = st
             .barriers

@@ -844,7 +844,7 @@ fn a_batch_whose_lengths_overflow_is_refused_and_the_server_keeps_serving() {
         flags: 0,
         len,
     };
-    let mut payload = BatchItem::encode(&[item(u64::MAX), item(2)], &[]);
+    let mut payload = BatchItem::encode::<&[u8]>(&[item(u64::MAX), item(2)], &[]);
     payload.push(0);
     for inner in [protocol::CMD_INIT, protocol::CMD_PUSH] {
         let err = conn

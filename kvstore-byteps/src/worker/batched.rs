@@ -272,11 +272,10 @@ impl BytePsStore {
         let Call {
             operation, tensors, ..
         } = *call;
-        let owned: Vec<Cow<'_, [u8]>> = match command {
+        let chunks: Vec<Cow<'_, [u8]>> = match command {
             protocol::CMD_PULL => Vec::new(),
             _ => items.iter().map(|&task| (call.payload)(task)).collect(),
         };
-        let chunks: Vec<&[u8]> = owned.iter().map(|c| &**c).collect();
         let table: Vec<BatchItem> = items
             .iter()
             .enumerate()

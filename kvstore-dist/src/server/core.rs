@@ -411,7 +411,7 @@ impl Core {
             .ok_or_else(|| {
                 format!(
                     "{} names a shared-memory slot but lent no region to server {}",
-                    request.peer, self.rank
+                    request.connection, self.rank
                 )
             })?;
         let mut index = 0;

@@ -21,10 +21,9 @@ pub struct Request {
     pub header: FrameHeader,
     /// The payload, in a pooled buffer that returns to its connection's pool on drop.
     pub payload: Payload,
-    /// The peer's address.
-    pub peer: SocketAddr,
-    /// The connection it came on: unlike the address, never the same for two connections of
-    /// a server, even when a closed connection's port is reused by a new one.
+    /// The connection it came on (displayed as the peer's address, which it holds): unlike
+    /// the address, never the same for two connections of a server, even when a closed
+    /// connection's port is reused by a new one.
     pub connection: ConnectionId,
 }
 
@@ -382,7 +381,6 @@ fn serve(
         let request = Request {
             header,
             payload,
-            peer,
             connection,
         };
         if catch_unwind(AssertUnwindSafe(|| {

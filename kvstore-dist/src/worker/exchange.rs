@@ -376,14 +376,14 @@ impl DistStore {
             parts,
             extra_flags,
         } = *call;
-        let owned: Vec<Cow<'_, [u8]>> = match parts.is_none() {
-            true => Vec::new(),
-            false => items
+        let chunks: Vec<Cow<'_, [u8]>> = if parts.is_none() {
+            Vec::new()
+        } else {
+            items
                 .iter()
                 .map(|&(i, part)| parts.bytes(metas, i, part))
-                .collect(),
+                .collect()
         };
-        let chunks: Vec<&[u8]> = owned.iter().map(|c| &**c).collect();
         let table: Vec<BatchItem> = items
             .iter()
             .enumerate()
@@ -444,15 +444,19 @@ pub(crate) fn settle<T>(pending: Vec<(T, Pending)>) -> Vec<(T, Outcome)> {
     const SLICE: Duration = Duration::from_millis(50);
     let mut settled = Vec::with_capacity(pending.len());
     let mut pending: VecDeque<(T, Pending)> = pending.into();
+    // Records an outcome; true when it is a lost connection (the rest is then dropped).
+    let mut record = |tag: T, outcome: Outcome| {
+        let lost = matches!(&outcome, Err(e) if is_loss(e));
+        settled.push((tag, outcome));
+        lost
+    };
     // Answers come back in about the order the requests went out: wait for the oldest, and
     // only when a slice passes without its answer look through the others for a closed
     // connection, so that settling n requests costs O(n), not O(n^2).
-    while let Some((tag, mut first)) = pending.pop_front() {
+    'waiting: while let Some((tag, mut first)) = pending.pop_front() {
         if let Some(outcome) = first.poll(SLICE) {
-            let lost = matches!(&outcome, Err(e) if is_loss(e));
-            settled.push((tag, outcome));
-            if lost {
-                return settled;
+            if record(tag, outcome) {
+                break;
             }
             continue;
         }
@@ -462,11 +466,8 @@ pub(crate) fn settle<T>(pending: Vec<(T, Pending)>) -> Vec<(T, Outcome)> {
             .partition(|(_, p)| p.connection_closed());
         pending = open;
         for (tag, p) in closed {
-            let outcome = p.wait();
-            let lost = matches!(&outcome, Err(e) if is_loss(e));
-            settled.push((tag, outcome));
-            if lost {
-                return settled;
+            if record(tag, p.wait()) {
+                break 'waiting;
             }
         }
     }

@@ -354,30 +354,18 @@ impl DistStore {
         };
         // Each part's declaration (and rank 0's data), small ones batched per server, each
         // message built as it goes.
-        // Only rank 0 sends data: values that are not contiguous are made so for it.
+        // Only rank 0 sends data (a value that is not contiguous is made so first).
         let with_data = self.rank == 0;
-        let mut dense = Vec::new();
-        for g in groups.iter().filter(|_| with_data) {
-            let value = values.values()[g.positions[0]];
-            if value.as_bytes().is_none() {
-                let mut copy = NDArray::zeros(value.shape(), value.dtype());
-                copy.assign(&value.to_dense())
-                    .map_err(self.at(operation, &g.key))?;
-                dense.push(copy);
-            }
-        }
-        let mut copies = dense.iter();
-        let data: Vec<&[u8]> = groups
+        let owned: Vec<Outbound<'_>> = groups
             .iter()
-            .map(|g| match values.values()[g.positions[0]].as_bytes() {
-                _ if !with_data => &[][..],
-                Some(b) => b,
-                None => copies
-                    .next()
-                    .and_then(NDArray::as_bytes)
-                    .expect("a fresh array is contiguous"),
-            })
+            .filter(|_| with_data)
+            .map(|g| outbound(&[values.values()[g.positions[0]]], &self.reduce))
             .collect();
+        let data: Vec<&[u8]> = if with_data {
+            owned.iter().map(Outbound::bytes).collect()
+        } else {
+            vec![&[][..]; groups.len()]
+        };
         let parts = exchange::Parts::Init {
             values: &data,
             with_data,
