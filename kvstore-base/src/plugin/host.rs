@@ -706,11 +706,11 @@ impl PluginStore {
         path: &std::path::Path,
     ) -> Error {
         if code == KV_ERR_IO {
+            // A message naming its own file is read by `fail` as any call's.
             let message = record_message(record);
-            return match message.split_once('\n') {
-                Some((file, text)) => io_error(file.into(), text, record),
-                None => io_error(path.to_path_buf(), &message, record),
-            };
+            if !message.contains('\n') {
+                return io_error(path.to_path_buf(), &message, record);
+            }
         }
         self.fail(operation, code, record, &[], &[])
     }
@@ -774,27 +774,25 @@ impl PluginStore {
         let out_keys = outs.keys().to_vec();
         let skip = vec![false; outs.len()];
         let outputs = marshal_outs(&out_keys, outs.outs_mut(), &skip)?;
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // SAFETY: the handle is live; keys and tensors point into arrays borrowed for the
-        // call (inputs read-only, outputs exclusively borrowed through `outs`); the record
-        // and its buffer live on this stack frame.
-        let code = unsafe {
-            function(
-                self.handle,
-                inputs.keys.as_ptr(),
-                inputs.tensors.as_ptr(),
-                inputs.tensors.len(),
-                outputs.keys.as_ptr(),
-                outputs.tensors.as_ptr(),
-                outputs.tensors.len(),
-                priority,
-                &mut record,
-            )
-        };
-        if code != KV_OK {
-            return Err(self.fail(operation, code, &record, values.keys(), &out_keys));
-        }
+        self.status(
+            // SAFETY: the handle is live; keys and tensors point into arrays borrowed for the
+            // call (inputs read-only, outputs exclusively borrowed through `outs`); the record
+            // and its buffer live on the caller's stack frame.
+            |handle, record| unsafe {
+                function(
+                    handle,
+                    inputs.keys.as_ptr(),
+                    inputs.tensors.as_ptr(),
+                    inputs.tensors.len(),
+                    outputs.keys.as_ptr(),
+                    outputs.tensors.as_ptr(),
+                    outputs.tensors.len(),
+                    priority,
+                    record,
+                )
+            },
+            |code, record| self.fail(operation, code, record, values.keys(), &out_keys),
+        )?;
         Self::finish_outs(outs, outputs.staged)
     }
 
@@ -807,21 +805,19 @@ impl PluginStore {
         call: impl FnOnce(KvStoreHandle, *const KvKey, *const KvTensor, usize, &mut KvError) -> i32,
     ) -> Result<()> {
         let m = marshal_values(values.keys(), values.values())?;
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // The keys and tensors point into arrays borrowed for the call (read-only); the record
-        // and its buffer live on this stack frame.
-        let code = call(
-            self.handle,
-            m.keys.as_ptr(),
-            m.tensors.as_ptr(),
-            m.tensors.len(),
-            &mut record,
-        );
-        if code != KV_OK {
-            return Err(self.fail(operation, code, &record, values.keys(), &[]));
-        }
-        Ok(())
+        // The keys and tensors point into arrays borrowed for the call (read-only).
+        self.status(
+            |handle, record| {
+                call(
+                    handle,
+                    m.keys.as_ptr(),
+                    m.tensors.as_ptr(),
+                    m.tensors.len(),
+                    record,
+                )
+            },
+            |code, record| self.fail(operation, code, record, values.keys(), &[]),
+        )
     }
 }
 
@@ -938,22 +934,20 @@ impl KVStoreBase for PluginStore {
             .filter(|(_, &s)| !s)
             .map(|(k, _)| k.clone())
             .collect();
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // SAFETY: as in `values_into_outs`, with outputs only.
-        let code = unsafe {
-            pull(
-                self.handle,
-                m.keys.as_ptr(),
-                m.tensors.as_ptr(),
-                m.tensors.len(),
-                priority,
-                &mut record,
-            )
-        };
-        if code != KV_OK {
-            return Err(self.fail("pull", code, &record, &pulled, &[]));
-        }
+        self.status(
+            // SAFETY: as in `values_into_outs`, with outputs only.
+            |handle, record| unsafe {
+                pull(
+                    handle,
+                    m.keys.as_ptr(),
+                    m.tensors.as_ptr(),
+                    m.tensors.len(),
+                    priority,
+                    record,
+                )
+            },
+            |code, record| self.fail("pull", code, record, &pulled, &[]),
+        )?;
         Self::finish_outs(outs, m.staged)
     }
 
@@ -965,14 +959,11 @@ impl KVStoreBase for PluginStore {
             store: self.type_name.clone(),
             source: Box::new(e),
         })?;
-        let mut buffer = [0u8; MESSAGE_CAP];
-        let mut record = KvError::with_buffer(&mut buffer);
-        // SAFETY: the handle is live; the JSON and the record live for the call.
-        let code = unsafe { set_optimizer(self.handle, json.as_ptr(), json.len(), &mut record) };
-        if code != KV_OK {
-            return Err(self.fail("set_optimizer", code, &record, &[], &[]));
-        }
-        Ok(())
+        self.status(
+            // SAFETY: the handle is live; the JSON and the record live for the call.
+            |handle, record| unsafe { set_optimizer(handle, json.as_ptr(), json.len(), record) },
+            |code, record| self.fail("set_optimizer", code, record, &[], &[]),
+        )
     }
 
     fn row_sparse_pull_batch(
