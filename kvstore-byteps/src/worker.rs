@@ -248,6 +248,7 @@ impl Tensor {
         InitMeta {
             dtype: self.dtype,
             elements: self.parts[i].elements.len() as u64,
+            row_len: 0,
             key,
         }
     }

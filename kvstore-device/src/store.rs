@@ -752,8 +752,8 @@ impl DeviceStore {
     ///
     /// # Errors
     /// [`Error::KeyNotInitialized`]; a dense key; shape mismatches; an empty list; an
-    /// optimizer or updater (as on the CPU: row-sparse weights are not supported by the
-    /// updater); gradient compression (MXNet: not supported for row_sparse values);
+    /// optimizer or updater (not run on row-sparse GPU keys: keep such a weight dense, or in
+    /// host memory, where an optimizer updates a row-sparse weight storing every row); gradient compression (MXNet: not supported for row_sparse values);
     /// [`Error::Device`].
     pub fn push_gpu_row_sparse(
         &self,
@@ -788,7 +788,8 @@ impl DeviceStore {
         )?;
         if state.optimizer.is_some() || state.custom_updater {
             return Err(Error::InvalidArgument(
-                "row-sparse weights are not supported by the updater; store the weight dense"
+                "the device store runs no optimizer or updater on row-sparse GPU keys: keep the \
+                 weight dense, or in host memory"
                     .into(),
             ));
         }

@@ -8,7 +8,9 @@
 //!   as they share the bound and the server count.
 //! - A bigger array is split into one contiguous slice per server: slice `i` has
 //!   `round(n / S * (i + 1)) - round(n / S * i)` elements (division in `f64`, rounding half away
-//!   from zero, as MXNet does), so every server stores and updates only its part.
+//!   from zero, as MXNet does), so every server stores and updates only its part. A row-sparse
+//!   key's value is split the same way in whole rows ([`place_rows`], MXNet's
+//!   `EncodeRowSparseKey`).
 
 use std::ops::Range;
 
@@ -54,22 +56,60 @@ pub fn server_of(key: i64, servers: usize) -> usize {
 /// # Panics
 /// If `servers` is 0.
 pub fn place(key: i64, elements: usize, servers: usize, bigarray_bound: usize) -> Placement {
+    place_units(key, elements, 1, servers, bigarray_bound)
+}
+
+/// Where the `rows` rows of `row_len` elements of a row-sparse `key` live on `servers`
+/// servers: MXNet's `EncodeRowSparseKey`. As [`place`], but a split value is cut between
+/// rows (server `i` holds rows `round(R / S * i)..round(R / S * (i + 1))`), so that every
+/// server holds whole rows and can apply a row-sparse gradient to them. The ranges are in
+/// elements, as [`place`]'s.
+///
+/// ```
+/// use kvstore_dist::placement::place_rows;
+/// // 5 rows of 4 elements, split over 2 servers: rows 0..3 (rounded half away from zero) and
+/// // 3..5.
+/// let big = place_rows(3, 5, 4, 2, 8);
+/// assert_eq!(big.parts, vec![(0, 0..12), (1, 12..20)]);
+/// ```
+///
+/// # Panics
+/// If `servers` is 0.
+pub fn place_rows(
+    key: i64,
+    rows: usize,
+    row_len: usize,
+    servers: usize,
+    bigarray_bound: usize,
+) -> Placement {
+    place_units(key, rows, row_len, servers, bigarray_bound)
+}
+
+/// [`place`] of `units` units of `unit` elements each, cut between units.
+fn place_units(
+    key: i64,
+    units: usize,
+    unit: usize,
+    servers: usize,
+    bigarray_bound: usize,
+) -> Placement {
+    let elements = units.saturating_mul(unit);
     if elements < bigarray_bound || servers == 1 {
         return Placement {
             parts: vec![(server_of(key, servers), 0..elements)],
         };
     }
-    let share = elements as f64 / servers as f64;
+    let share = units as f64 / servers as f64;
     let boundary = |i: usize| -> usize {
         if i == servers {
-            elements
+            units
         } else {
             (share * i as f64).round() as usize
         }
     };
     Placement {
         parts: (0..servers)
-            .map(|i| (i, boundary(i)..boundary(i + 1)))
+            .map(|i| (i, boundary(i) * unit..boundary(i + 1) * unit))
             .collect(),
     }
 }
@@ -119,6 +159,27 @@ mod tests {
             }
             assert_eq!(next, elements);
         }
+    }
+
+    #[test]
+    fn row_sparse_values_are_split_between_rows_as_mxnet_does() {
+        // MXNet's EncodeRowSparseKey: r_i = llround(R / S * (i + 1)) - llround(R / S * i).
+        for (rows, row_len, servers) in [(7usize, 3usize, 2usize), (10, 5, 3), (2, 8, 4)] {
+            let placement = place_rows(1, rows, row_len, servers, 1);
+            assert_eq!(placement.parts.len(), servers);
+            let mut next = 0;
+            for (i, (server, range)) in placement.parts.iter().enumerate() {
+                let r = |i: usize| (rows as f64 / servers as f64 * i as f64).round() as usize;
+                assert_eq!((*server, range.start), (i, next));
+                assert_eq!(range.len(), (r(i + 1) - r(i)) * row_len);
+                next = range.end;
+            }
+            assert_eq!(next, rows * row_len);
+        }
+        // The bound counts elements, not rows; below it the key lives whole on one server.
+        assert!(!place_rows(1, 10, 4, 2, 41).is_split());
+        assert!(place_rows(1, 10, 4, 2, 40).is_split());
+        assert_eq!(place_rows(3, 10, 4, 2, 41), place(3, 40, 2, 41));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | [`CMD_HELLO`] | [`Hello`] | the server's rank in `aux` |
 //! | [`CMD_INIT`] | [`InitMeta`], then rank 0's data | empty, once rank 0's value is in place |
-//! | [`CMD_PUSH`] | the part's elements | empty, once applied (sync: once the round is complete) |
+//! | [`CMD_PUSH`] | the part's elements (with [`FLAG_ROW_SPARSE`]: [`RowsPush`]) | empty, once applied (sync: once the round is complete) |
 //! | [`CMD_PULL`] | none | the part's elements |
 //! | [`CMD_PUSHPULL`] | the part's elements | the round's result |
 //! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |
@@ -34,6 +34,16 @@
 //! the server, having written them there, answers with an empty payload flagged
 //! [`FLAG_SHM_REPLY`] (an answer without the flag carries its data as usual). A slot outside
 //! the region is an error answer.
+//!
+//! # Row-sparse keys
+//!
+//! A key initialised with a row-sparse value is placed by whole rows (MXNet's
+//! `EncodeRowSparseKey`, see [`placement::place_rows`](crate::placement::place_rows)); its
+//! parts are declared with their row length ([`InitMeta::row_len`]) and the server keeps them
+//! as `[rows, row_len]` arrays. A push of row-sparse values to such a key carries only the
+//! rows present in the worker's sum ([`FLAG_ROW_SPARSE`], [`RowsPush`]): the server merges
+//! the round's rows (their union) and hands the optimizer a row-sparse gradient, which the
+//! lazy optimizers apply to those rows only, as MXNet's servers do.
 //!
 //! Small parts (up to [`BATCH_ITEM_BYTES`]) of a multi-key call travel together in
 //! [`CMD_BATCH`] messages, one per server, so that 1000 small keys cost a few messages instead
@@ -71,6 +81,10 @@ pub const CMD_SET_COMPRESSION: u32 = 0x10A;
 /// The flag of a push whose payload is compressed (the server's codec dequantises it); the
 /// low byte of the flags is the dtype.
 pub const FLAG_COMPRESSED: u16 = 0x100;
+
+/// The flag of a push whose payload is a [`RowsPush`]: some rows of a part declared with a
+/// row length.
+pub const FLAG_ROW_SPARSE: u16 = 0x1000;
 
 /// The flag of a hello or an init from a worker that took a lost worker's place (a recovery
 /// node). A hello so flagged takes the rank over from a connection still open (the lost
@@ -203,6 +217,11 @@ pub fn is_compressed(flags: u16) -> bool {
     flags & FLAG_COMPRESSED != 0
 }
 
+/// Whether a frame's flags mark a row-sparse push ([`RowsPush`]).
+pub fn is_row_sparse(flags: u16) -> bool {
+    flags & FLAG_ROW_SPARSE != 0
+}
+
 /// A worker's introduction: `key` = its rank, `aux` = [`Mode::code`], payload = store name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -213,14 +232,17 @@ pub struct Hello {
 }
 
 /// What every worker tells a server about one part of a key at `init`; rank 0 appends the
-/// data. Encoded as `dtype u32, elements u64, key kind u8 (0 int, 1 str), name length u32,
-/// name bytes` (little-endian).
+/// data. Encoded as `dtype u32, elements u64, row_len u64, key kind u8 (0 int, 1 str), name
+/// length u32, name bytes` (little-endian).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitMeta {
     /// Element type.
     pub dtype: DType,
     /// Elements in this part.
     pub elements: u64,
+    /// Elements per row for a part of whole rows of a row-sparse key (the server keeps it as
+    /// `[elements / row_len, row_len]` and takes row-sparse pushes); 0 for a flat part.
+    pub row_len: u64,
     /// The user's key (the server runs the optimizer under this key).
     pub key: Key,
 }
@@ -231,6 +253,7 @@ impl InitMeta {
         let mut out = Vec::with_capacity(32);
         out.extend_from_slice(&dtype_code(self.dtype).to_le_bytes());
         out.extend_from_slice(&self.elements.to_le_bytes());
+        out.extend_from_slice(&self.row_len.to_le_bytes());
         let (kind, name) = match &self.key {
             Key::Int(k) => (0u8, k.to_string()),
             Key::Str(s) => (1u8, s.to_string()),
@@ -249,10 +272,16 @@ impl InitMeta {
         let dtype = dtype_from_code(dtype_code)
             .ok_or_else(|| format!("unknown dtype code {dtype_code}"))?;
         let elements = u64::from_le_bytes(take(4, 8)?.try_into().expect("8 bytes"));
-        let kind = take(12, 1)?[0];
-        let len = u32::from_le_bytes(take(13, 4)?.try_into().expect("4 bytes")) as usize;
+        let row_len = u64::from_le_bytes(take(12, 8)?.try_into().expect("8 bytes"));
+        if row_len != 0 && !elements.is_multiple_of(row_len) {
+            return Err(format!(
+                "an init declares {elements} elements in rows of {row_len}: not whole rows"
+            ));
+        }
+        let kind = take(20, 1)?[0];
+        let len = u32::from_le_bytes(take(21, 4)?.try_into().expect("4 bytes")) as usize;
         let name =
-            std::str::from_utf8(take(17, len)?).map_err(|_| "key name is not UTF-8".to_string())?;
+            std::str::from_utf8(take(25, len)?).map_err(|_| "key name is not UTF-8".to_string())?;
         let key = match kind {
             0 => Key::Int(
                 name.parse()
@@ -265,9 +294,10 @@ impl InitMeta {
             InitMeta {
                 dtype,
                 elements,
+                row_len,
                 key,
             },
-            &bytes[17 + len..],
+            &bytes[25 + len..],
         ))
     }
 }
@@ -410,6 +440,99 @@ impl ShmSlot {
     }
 }
 
+/// The payload of a push flagged [`FLAG_ROW_SPARSE`]: some rows of a part declared with a row
+/// length. Encoded as `count u64, row u64 × count, then the rows' elements` (little-endian
+/// ids, elements in native byte order); row ids are relative to the part's first row and
+/// strictly increasing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowsPush<'a> {
+    /// The row ids, `count` little-endian u64s.
+    ids: &'a [u8],
+    /// The rows' elements, `count × row_len` of them.
+    pub data: &'a [u8],
+}
+
+impl<'a> RowsPush<'a> {
+    /// Encodes the rows `ids` (relative to the part's first row, strictly increasing) holding
+    /// `data`.
+    pub fn encode(ids: impl ExactSizeIterator<Item = u64>, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + 8 * ids.len() + data.len());
+        out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+        for id in ids {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// Decodes and checks a push to a part of `part_rows` rows of `row_bytes` bytes each: ids
+    /// strictly increasing below `part_rows`, one row of data per id.
+    pub fn decode(payload: &'a [u8], part_rows: u64, row_bytes: usize) -> Result<Self, String> {
+        let count = payload
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .ok_or("a row-sparse push without its row count")?;
+        let ids_end = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(8))
+            .and_then(|n| n.checked_add(8))
+            .filter(|&end| end <= payload.len())
+            .ok_or_else(|| {
+                format!(
+                    "a row-sparse push of {count} rows is truncated ({} bytes)",
+                    payload.len()
+                )
+            })?;
+        let push = RowsPush {
+            ids: &payload[8..ids_end],
+            data: &payload[ids_end..],
+        };
+        let mut last = None;
+        for id in push.ids() {
+            if id >= part_rows || last.is_some_and(|l| l >= id) {
+                return Err(format!(
+                    "a row-sparse push names row {id}: rows must be strictly increasing and \
+                     inside the part's {part_rows}"
+                ));
+            }
+            last = Some(id);
+        }
+        // `count` ids fit in the payload, so `count × row_bytes` fits in a usize unless the
+        // data cannot possibly match.
+        let expected = (count as usize).checked_mul(row_bytes);
+        if expected != Some(push.data.len()) {
+            return Err(format!(
+                "a row-sparse push of {count} rows of {row_bytes} bytes carries {} bytes of data",
+                push.data.len()
+            ));
+        }
+        Ok(push)
+    }
+
+    /// The row ids, relative to the part's first row.
+    pub fn ids(&self) -> impl ExactSizeIterator<Item = u64> + 'a {
+        self.ids
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+    }
+
+    /// How many rows the push holds.
+    pub fn count(&self) -> usize {
+        self.ids.len() / 8
+    }
+
+    /// The id bytes and the elements of a push [`decode`](RowsPush::decode) checked, to keep
+    /// it ([`from_checked`](RowsPush::from_checked) gives it back).
+    pub(crate) fn checked_parts(&self) -> (&'a [u8], &'a [u8]) {
+        (self.ids, self.data)
+    }
+
+    /// A push from the [`checked_parts`](RowsPush::checked_parts) of one that was checked.
+    pub(crate) fn from_checked(ids: &'a [u8], data: &'a [u8]) -> Self {
+        RowsPush { ids, data }
+    }
+}
+
 /// Prefixes the error of item `index` of a batch (see [`split_item_error`]).
 pub fn item_error(index: usize, message: &str) -> String {
     format!("item {index}: {message}")
@@ -483,6 +606,7 @@ mod tests {
             let meta = InitMeta {
                 dtype: DType::F16,
                 elements: 1 << 33,
+                row_len: 1 << 10,
                 key,
             };
             let mut bytes = meta.encode();
@@ -492,6 +616,15 @@ mod tests {
             assert_eq!(rest, &[1, 2, 3]);
         }
         assert!(InitMeta::decode(&[0; 10]).is_err());
+        let ragged = InitMeta {
+            dtype: DType::F32,
+            elements: 10,
+            row_len: 4,
+            key: Key::Int(1),
+        };
+        assert!(InitMeta::decode(&ragged.encode())
+            .unwrap_err()
+            .contains("not whole rows"));
     }
 
     #[test]
@@ -548,6 +681,29 @@ mod tests {
         };
         assert_eq!(RowRequest::decode(&r.encode()).unwrap(), r);
         assert!(RowRequest::decode(&[0; 12]).is_err());
+    }
+
+    #[test]
+    fn rows_pushes_round_trip_and_bad_ones_are_refused() {
+        let data: Vec<u8> = (0..16).collect();
+        let bytes = RowsPush::encode([1u64, 4].into_iter(), &data);
+        let push = RowsPush::decode(&bytes, 5, 8).unwrap();
+        assert_eq!(push.ids().collect::<Vec<_>>(), vec![1, 4]);
+        assert_eq!((push.count(), push.data), (2, &data[..]));
+        let empty = RowsPush::encode(std::iter::empty(), &[]);
+        assert_eq!(RowsPush::decode(&empty, 0, 8).unwrap().count(), 0);
+        // A row outside the part, rows out of order, data of the wrong length, a count
+        // bigger than the payload, no count at all.
+        assert!(RowsPush::decode(&bytes, 4, 8).is_err());
+        let unsorted = RowsPush::encode([4u64, 1].into_iter(), &data);
+        assert!(RowsPush::decode(&unsorted, 5, 8).is_err());
+        let repeated = RowsPush::encode([1u64, 1].into_iter(), &data);
+        assert!(RowsPush::decode(&repeated, 5, 8).is_err());
+        assert!(RowsPush::decode(&bytes, 5, 4).is_err());
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(RowsPush::decode(&huge, u64::MAX, 8).is_err());
+        assert!(RowsPush::decode(&[1, 2], 5, 8).is_err());
     }
 
     #[test]

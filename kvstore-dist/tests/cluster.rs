@@ -54,6 +54,12 @@ fn join_all(sched: &Scheduler, servers: u32, workers: u32, timeout: Duration) ->
         .collect()
 }
 
+/// A port nothing listens on (when this returns).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
 fn port_of(n: &NodeInfo) -> u16 {
     n.addr.rsplit_once(':').unwrap().1.parse().unwrap()
 }
@@ -382,10 +388,7 @@ fn registration_timeout_names_the_missing_roles() {
 #[test]
 fn nodes_wait_for_a_late_scheduler_and_fail_naming_an_absent_one() {
     // Nothing listens: the error names the scheduler's address after the timeout.
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let t = Instant::now();
     let c = config(Role::Worker, port, 1, 1, Duration::from_millis(500));
     let msg = Node::join(&c).unwrap_err().to_string();
@@ -395,23 +398,40 @@ fn nodes_wait_for_a_late_scheduler_and_fail_naming_an_absent_one() {
     );
     assert!(t.elapsed() < Duration::from_secs(2));
 
-    // The scheduler starts after the nodes: they retry until it is up.
+    // The scheduler starts after the nodes: they retry until it is up. The port was free
+    // when picked; another test may take it before the scheduler binds it, so the scenario
+    // is tried again on another port then.
     let timeout = Duration::from_secs(3);
-    let joiners: Vec<_> = [Role::Server, Role::Worker]
-        .into_iter()
-        .map(|role| {
-            let c = config(role, port, 1, 1, timeout);
-            thread::spawn(move || Node::join(&c))
+    let (sched, nodes) = (0..3)
+        .find_map(|_| {
+            let port = free_port();
+            let joiners: Vec<_> = [Role::Server, Role::Worker]
+                .into_iter()
+                .map(|role| {
+                    let c = config(role, port, 1, 1, timeout);
+                    thread::spawn(move || Node::join(&c))
+                })
+                .collect();
+            thread::sleep(Duration::from_millis(300));
+            let mut sc = config(Role::Scheduler, port, 1, 1, timeout);
+            sc.heartbeat_timeout = Duration::from_secs(5);
+            let started = Scheduler::start(&sc);
+            let joined: Vec<_> = joiners.into_iter().map(|h| h.join().unwrap()).collect();
+            match started {
+                Ok(sched) => Some((
+                    sched,
+                    joined
+                        .into_iter()
+                        .map(Result::unwrap)
+                        .collect::<Vec<Node>>(),
+                )),
+                Err(e) => {
+                    eprintln!("port {port} was taken before the scheduler bound it: {e}");
+                    None
+                }
+            }
         })
-        .collect();
-    thread::sleep(Duration::from_millis(300));
-    let mut sc = config(Role::Scheduler, port, 1, 1, timeout);
-    sc.heartbeat_timeout = Duration::from_secs(5);
-    let sched = Scheduler::start(&sc).unwrap();
-    let nodes: Vec<Node> = joiners
-        .into_iter()
-        .map(|h| h.join().unwrap().unwrap())
-        .collect();
+        .expect("a free port within three tries");
     assert!(nodes.iter().all(|n| n.rank() == 0));
     // Single-member groups return at once (as ps-lite); the all-node group goes through.
     assert!(nodes[1].barrier(Group::Workers).is_ok());

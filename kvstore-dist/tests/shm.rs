@@ -237,6 +237,7 @@ fn the_server_checks_every_slot() {
     let mut init = InitMeta {
         dtype: DType::F32,
         elements: n as u64,
+        row_len: 0,
         key: 9.into(),
     }
     .encode();

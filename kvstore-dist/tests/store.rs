@@ -11,44 +11,7 @@ use kvstore_local as _;
 
 mod common;
 
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Runs `body(rank, store)` on `workers` workers of a fresh cluster with `servers` servers;
-/// returns the results by rank, after the cluster has ended.
-fn run<T: Send + 'static>(
-    name: &'static str,
-    servers: u32,
-    workers: u32,
-    body: impl Fn(usize, &dyn KVStoreBase) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    run_with(name, servers, workers, &[], body)
-}
-
-/// [`run`] with the workers' options extended by `extra`.
-fn run_with<T: Send + 'static>(
-    name: &'static str,
-    servers: u32,
-    workers: u32,
-    extra: &[(&str, &str)],
-    body: impl Fn(usize, &dyn KVStoreBase) -> T + Send + Sync + Clone + 'static,
-) -> Vec<T> {
-    let cluster = LocalCluster::start(servers, workers, TIMEOUT).unwrap();
-    let mut options = cluster.worker_options().clone();
-    options.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let handles: Vec<_> = (0..workers)
-        .map(|_| {
-            let (options, body) = (options.clone(), body.clone());
-            thread::spawn(move || {
-                let kv = kvstore_base::create_with(name, options).unwrap();
-                (kv.rank(), body(kv.rank(), &*kv))
-            })
-        })
-        .collect();
-    let mut results: Vec<(usize, T)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    cluster.finish().unwrap();
-    results.sort_by_key(|(r, _)| *r);
-    results.into_iter().map(|(_, t)| t).collect()
-}
+use common::{run, run_with, TIMEOUT};
 
 fn f32s(a: &NDArray) -> Vec<f32> {
     a.to_vec::<f32>().unwrap()

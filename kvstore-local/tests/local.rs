@@ -547,3 +547,46 @@ fn row_sparse_pushes_update_every_row_they_hold_lazily_as_mxnet() {
         values(&out)
     );
 }
+
+#[test]
+fn a_row_sparse_weight_storing_every_row_is_updated_lazily_and_stays_row_sparse() {
+    // MXNet 1.9.1, as above with the weight stored row-sparse (`tostype('row_sparse')`, every
+    // row stored) and read with row_sparse_pull: [1, 0.99, 0.89, 1], rows [0, 1, 2, 3]. With
+    // rows 2 and 3 missing from the weight, MXNet refuses the update ("SGDUpdate for RowSparse
+    // weights is only implemented for RowSparse weights with all rows containing non-zeros").
+    let sgd = kvstore_base::OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1);
+    let rows = |v: Vec<f32>, n: usize| NDArray::from_vec(&[n, 2], v).unwrap();
+    let grads = || {
+        [
+            NDArray::row_sparse(&[4, 2], vec![1, 2], &rows(vec![0.5, 0.5, 1.0, 1.0], 2)).unwrap(),
+            NDArray::row_sparse(&[4, 2], vec![1], &rows(vec![-0.5, -0.5], 1)).unwrap(),
+        ]
+    };
+    let all_rows = NDArray::from_vec(&[4], vec![0i64, 1, 2, 3]).unwrap();
+    let store = kv();
+    store.set_optimizer(&sgd).unwrap();
+    store
+        .init(3, &full(&[4, 2], 1.0).retain_rows(&[0, 1, 2, 3]).unwrap())
+        .unwrap();
+    store.push(3, &grads()[..]).unwrap();
+    let mut out = NDArray::row_sparse(&[4, 2], vec![], &rows(vec![], 0)).unwrap();
+    store.row_sparse_pull(3, &mut out, &all_rows).unwrap();
+    assert_eq!(out.as_row_sparse().unwrap().indices(), &[0, 1, 2, 3]);
+    let row = |r: usize| values(&out)[2 * r];
+    assert_eq!(
+        [row(0), row(1), row(2), row(3)],
+        [1.0, 0.99f32, 0.89f32, 1.0]
+    );
+
+    let partial = kv();
+    partial.set_optimizer(&sgd).unwrap();
+    partial
+        .init(3, &full(&[4, 2], 1.0).retain_rows(&[0, 1]).unwrap())
+        .unwrap();
+    let err = partial.push(3, &grads()[..]).unwrap_err().to_string();
+    assert!(err.contains("stores 2 of its 4 rows"), "{err}");
+    partial.row_sparse_pull(3, &mut out, &all_rows).unwrap();
+    assert_eq!(values(&out), vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+}

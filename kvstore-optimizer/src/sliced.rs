@@ -24,6 +24,10 @@ pub struct KeySlices {
     pub dtype: DType,
     /// `(file index, element range)` of each slice, in element order, covering the key.
     pub slices: Vec<(usize, Range<usize>)>,
+    /// Elements per row when the slices hold whole rows that the servers keep as
+    /// `[rows, row_len]` arrays (a distributed store's row-sparse keys); `None` for flat
+    /// slices. [`split`] cuts states to the slices' shapes.
+    pub row_len: Option<usize>,
 }
 
 /// Joins the state files of the servers (`files[i]` from server `i`) into one file of whole
@@ -270,7 +274,8 @@ fn concat(entry: &KeySlices, slices: &[&NDArray]) -> Result<NDArray> {
     NDArray::from_bytes(&entry.shape, dtype, &bytes)
 }
 
-/// The elements `range` of a state array of the key's shape, flattened.
+/// The elements `range` of a state array of the key's shape, flattened (or as rows, for a key
+/// kept by rows).
 fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDArray> {
     let size = array.dtype().size_of();
     let bytes = array
@@ -286,8 +291,12 @@ fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDAr
                 entry.shape
             ))
         })?;
+    let shape = match entry.row_len {
+        Some(len) if len > 0 => vec![range.len() / len, len],
+        _ => vec![range.len()],
+    };
     NDArray::from_bytes(
-        &[range.len()],
+        &shape,
         array.dtype(),
         &bytes[range.start * size..range.end * size],
     )
@@ -313,12 +322,14 @@ mod tests {
                 shape: vec![2, 3],
                 dtype: DType::F32,
                 slices: vec![(0, 0..4), (1, 4..6)],
+                row_len: None,
             },
             KeySlices {
                 key: Key::from(2),
                 shape: vec![4],
                 dtype: DType::F32,
                 slices: vec![(1, 0..4)],
+                row_len: None,
             },
         ]
     }
@@ -365,6 +376,32 @@ mod tests {
             assert_eq!(a.update_count(&key), b.update_count(&key));
         }
         assert_eq!(a.optimizer().base().spec(), b.optimizer().base().spec());
+    }
+
+    #[test]
+    fn slices_of_whole_rows_are_cut_as_rows() {
+        // Key 1 ([2, 3]) kept by rows: row 0 on server 0, row 1 on server 1.
+        let mut rows = layout();
+        rows[0].slices = vec![(0, 0..3), (1, 3..6)];
+        rows[0].row_len = Some(3);
+        let file = whole(2).save_states(true).unwrap();
+        let parts = split(&file, &rows, 2).unwrap();
+        let mut server1 = Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        server1.load_states(&parts[1]).unwrap();
+        let momentum = &server1.state_arrays(&Key::from(1)).unwrap()[0];
+        assert_eq!(momentum.shape(), &[1, 3]);
+        // The slice's states fit a weight of the slice's shape and update it.
+        let mut w = NDArray::ones(&[1, 3], DType::F32);
+        server1
+            .update(&Key::from(1), &NDArray::ones(&[1, 3], DType::F32), &mut w)
+            .unwrap();
+        let joined = join(&parts, &rows, true).unwrap();
+        let mut back = Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        back.load_states(&joined).unwrap();
+        assert_eq!(
+            back.state_arrays(&Key::from(1)),
+            whole(2).state_arrays(&Key::from(1))
+        );
     }
 
     #[test]

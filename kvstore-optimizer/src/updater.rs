@@ -335,10 +335,13 @@ impl Updater {
             )));
         }
         if weight.dense().is_none() {
-            return Err(Error::InvalidArgument(
-                "row-sparse weights are not supported by the updater; store the weight dense"
-                    .into(),
-            ));
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse weight is updated only when it stores every row, as MXNet's \
+                 optimizers require; this one stores {} of its {} rows (init it with every row, \
+                 or store it dense)",
+                weight.as_row_sparse().map_or(0, |r| r.indices().len()),
+                weight.shape().first().copied().unwrap_or(0)
+            )));
         }
         if grad.shape() != weight.shape() {
             return Err(Error::ShapeMismatch {
@@ -463,19 +466,29 @@ impl Updater {
     ///   do: every other optimizer and case (`sgd` with momentum and `lazy_update` false or
     ///   `multi_precision`, `nag` with momentum or `multi_precision`, ...).
     ///
+    /// A row-sparse weight that stores every row (MXNet's "fully populated" row-sparse
+    /// weight, as `kv.init(key, weight.tostype('row_sparse'))` stores an embedding) is updated
+    /// as the dense array its rows form, in place, and stays row-sparse; MXNet's sparse kernels
+    /// refuse one with rows missing, and so does this.
+    ///
     /// The update runs in place, on the weight's and the state's own memory (on a copy only
     /// for an array whose layout is not standard, or a row-sparse gradient densified).
     ///
     /// # Errors
     /// [`Error::AtKey`] (naming the key) around: [`Error::ShapeMismatch`] when the gradient's
     /// shape is not the weight's (both shapes are named), [`Error::DTypeMismatch`] when the
-    /// dtypes differ, [`Error::InvalidArgument`] for integer or row-sparse weights, a weight
+    /// dtypes differ, [`Error::InvalidArgument`] for integer weights, row-sparse weights
+    /// missing rows, a weight
     /// shape the optimizer cannot update (`groupadagrad` needs 2-D weights), a row-sparse
     /// gradient the optimizer refuses (`adagrad` with weight decay) or a loaded state that
     /// does not fit the weight. The weight, the state and the update count are unchanged
     /// then: every check runs, and every buffer is obtained, before the first write, and the
     /// optimizer's kernel that then writes cannot fail.
     pub fn update(&mut self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<()> {
+        // A row-sparse weight storing every row is updated as the dense array its rows are.
+        if let Some(done) = weight.with_every_row_dense(|dense| self.update(key, grad, dense)) {
+            return done;
+        }
         self.check(key, grad, weight).map_err(|e| at(key, e))?;
         let mp = self.optimizer.base().multi_precision
             && matches!(weight.dtype(), DType::F16 | DType::BF16);

@@ -97,6 +97,15 @@ impl HostArray {
         with_host!(self, a => a.shape())
     }
 
+    /// This array in standard (row-major, contiguous) layout: itself when it already is, else
+    /// a copy.
+    pub(crate) fn into_standard_layout(self) -> HostArray {
+        if host_bytes(&self).is_some() {
+            return self;
+        }
+        with_host!(&self, a => HostElement::wrap(a.as_standard_layout().into_owned()))
+    }
+
     /// A copy converted to `dtype` (MXNet's `astype`); a plain clone when the type is the same.
     pub fn cast(&self, dtype: DType) -> HostArray {
         if self.dtype() == dtype {

@@ -119,6 +119,18 @@ impl RowSparse {
     pub fn rows(&self) -> &HostArray {
         &self.rows
     }
+
+    /// The stored rows' elements as bytes in native byte order, row after row.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let rows = NDArray::ones(&[1, 2], DType::F32);
+    /// let a = NDArray::row_sparse(&[4, 2], vec![3], &rows).unwrap();
+    /// assert_eq!(a.as_row_sparse().unwrap().rows_bytes().len(), 8);
+    /// ```
+    pub fn rows_bytes(&self) -> &[u8] {
+        host_bytes(&self.rows).expect("the rows of a row-sparse array are in standard layout")
+    }
 }
 
 impl NDArray {
@@ -410,7 +422,8 @@ impl NDArray {
             data: Data::RowSparse(RowSparse {
                 shape: shape.to_vec(),
                 indices,
-                rows: host.clone(),
+                // Kept in standard layout, so that the rows can be read as bytes.
+                rows: host.clone().into_standard_layout(),
             }),
         })
     }
@@ -585,6 +598,62 @@ impl NDArray {
             });
         }
         Ok(())
+    }
+
+    /// Whether this is a row-sparse array that stores every one of its rows (MXNet's "fully
+    /// populated" row-sparse weight, which its optimizers update as a dense one).
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let all = NDArray::ones(&[2, 3], DType::F32).retain_rows(&[0, 1]).unwrap();
+    /// assert!(all.stores_every_row());
+    /// assert!(!all.retain_rows(&[1]).unwrap().stores_every_row());
+    /// ```
+    pub fn stores_every_row(&self) -> bool {
+        match &self.data {
+            // Ids are strictly increasing inside 0..shape[0]: as many as rows means all.
+            Data::RowSparse(r) => r.indices.len() == r.shape[0],
+            _ => false,
+        }
+    }
+
+    /// Runs `f` on the dense array that a row-sparse array storing every row stands for (see
+    /// [`stores_every_row`](NDArray::stores_every_row)), in place: its rows are that array,
+    /// nothing is copied. The array is row-sparse again afterwards (every row stored), unless
+    /// `f` replaced it by an array of another shape, which is then kept. `None`, without
+    /// calling `f`, for any other array.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let mut w = NDArray::ones(&[2, 2], DType::F32).retain_rows(&[0, 1]).unwrap();
+    /// w.with_every_row_dense(|dense| dense.add_assign(&NDArray::ones(&[2, 2], DType::F32)))
+    ///     .unwrap()
+    ///     .unwrap();
+    /// assert!(w.stores_every_row());
+    /// assert_eq!(w.to_vec::<f32>().unwrap(), vec![2.0; 4]);
+    /// ```
+    pub fn with_every_row_dense<T>(&mut self, f: impl FnOnce(&mut NDArray) -> T) -> Option<T> {
+        if !self.stores_every_row() {
+            return None;
+        }
+        let placeholder = Data::Dense(HostArray::full(&[0], 0.0, self.dtype()));
+        let Data::RowSparse(r) = std::mem::replace(&mut self.data, placeholder) else {
+            unreachable!("checked by stores_every_row")
+        };
+        let mut dense = NDArray {
+            context: self.context,
+            data: Data::Dense(r.rows),
+        };
+        let out = f(&mut dense);
+        self.data = match dense.data {
+            Data::Dense(rows) if rows.shape() == r.shape.as_slice() => Data::RowSparse(RowSparse {
+                shape: r.shape,
+                indices: r.indices,
+                rows: rows.into_standard_layout(),
+            }),
+            other => other,
+        };
+        Some(out)
     }
 
     /// A dense copy (a plain clone for a dense array, host or device).

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvstore_base::{Key, NDArray, OptimizerSpec};
+use kvstore_base::{Key, NDArray, OptimizerSpec, StorageType};
 use kvstore_optimizer::Updater;
 
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
@@ -38,7 +38,49 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Waiter {
     rank: u32,
     answer: Answer,
-    wants_data: bool,
+    wants: Wants,
+}
+
+/// What a request is answered with once its part is ready.
+enum Wants {
+    /// An empty acknowledgement (a sync push).
+    Ack,
+    /// The part's value (a pushpull, a pull).
+    Value,
+    /// Some rows of the part (a row-sparse pull).
+    Rows(RowRequest),
+}
+
+impl Wants {
+    /// Answers `answer` from the part's `value`.
+    fn answer(&self, answer: Answer, value: &NDArray) {
+        match self {
+            Wants::Ack => answer.ok(&[]),
+            Wants::Value => answer.ok(value.as_bytes().expect("stored parts are contiguous")),
+            Wants::Rows(request) => match rows_in(value, request) {
+                Ok(rows) => answer.ok(&rows),
+                Err(e) => answer.fail(&e),
+            },
+        }
+    }
+}
+
+/// The elements of the rows `request` names that lie in the part `value` (a row cut by the
+/// part's ends contributes the elements inside it), in the order named.
+fn rows_in(value: &NDArray, request: &RowRequest) -> Result<Vec<u8>, String> {
+    let bytes = value.as_bytes().expect("stored parts are contiguous");
+    let size = value.dtype().size_of() as u64;
+    let part_end = request.part_start + value.size() as u64;
+    let mut out = Vec::new();
+    for &row in &request.rows {
+        let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
+        if let Some((a, b)) =
+            protocol::row_in_part(row, request.row_len, request.part_start, part_end)
+        {
+            out.extend_from_slice(&bytes[(a * size) as usize..(b * size) as usize]);
+        }
+    }
+    Ok(out)
 }
 
 /// A push that arrived while its worker already had one in the current round.
@@ -323,7 +365,13 @@ impl Core {
         }
         // Rank 0 declares the part; the others' declarations must match its.
         let elements = usize::try_from(meta.elements).map_err(|_| "too many elements")?;
-        let mut value = NDArray::zeros(&[elements], meta.dtype);
+        // A part of whole rows is kept as rows, so that the optimizer can update some of them.
+        let shape = match usize::try_from(meta.row_len) {
+            Ok(0) => vec![elements],
+            Ok(len) => vec![elements / len, len],
+            Err(_) => return Err("too many elements per row".into()),
+        };
+        let mut value = NDArray::zeros(&shape, meta.dtype);
         copy_from_bytes(&mut value, data)?;
         e.value = Some(value);
         e.key = meta.key.clone();
@@ -487,7 +535,7 @@ impl Core {
         let waiter = Waiter {
             rank,
             answer,
-            wants_data,
+            wants: if wants_data { Wants::Value } else { Wants::Ack },
         };
         let mode = self.mode();
         // A worker that is gone can never complete a sync round again.
@@ -520,7 +568,12 @@ impl Core {
             waiter.answer.fail(&msg);
             return;
         }
-        let pushed = if protocol::is_compressed(flags) {
+        let pushed = if protocol::is_row_sparse(flags) {
+            match self.rows_of(&e, data, &what) {
+                Ok(rows) => Pushed::Rows(rows),
+                Err(msg) => return waiter.answer.fail(&msg),
+            }
+        } else if protocol::is_compressed(flags) {
             match *lock(&self.codec) {
                 Some(codec) => Pushed::Packed(data, codec),
                 None => {
@@ -561,6 +614,26 @@ impl Core {
                 }
             }
         }
+    }
+
+    /// The rows of a row-sparse push to the part of `e`, checked against it.
+    fn rows_of<'a>(
+        &self,
+        e: &Entry,
+        data: &'a [u8],
+        what: &str,
+    ) -> Result<protocol::RowsPush<'a>, String> {
+        let value = e.value.as_ref().expect("checked by check_push");
+        if e.meta.row_len == 0 {
+            return Err(format!(
+                "push of {what}: a row-sparse push, but the key was not initialised with a \
+                 row-sparse value (server {} keeps it flat)",
+                self.rank
+            ));
+        }
+        let row_bytes = e.meta.row_len as usize * value.dtype().size_of();
+        protocol::RowsPush::decode(data, value.shape()[0] as u64, row_bytes)
+            .map_err(|msg| format!("push of {what}: {msg}"))
     }
 
     fn check_push(&self, e: &Entry, flags: u16, what: &str) -> Reply {
@@ -647,7 +720,8 @@ impl Core {
             let answer = Answer::Item(Arc::clone(&batch), i);
             let id = (it.wire, u64::from(it.part));
             if !pushes {
-                self.pull_part(sender.as_ref().ok().map(|&(rank, _)| rank), id, answer);
+                let rank = sender.as_ref().ok().map(|&(rank, _)| rank);
+                self.pull_part(rank, id, answer, Wants::Value);
                 continue;
             }
             match &sender {
@@ -672,10 +746,7 @@ impl Core {
         let first = e.round_started.is_none();
         let merged = if first {
             let value = e.value.as_ref().expect("checked by check_push");
-            let merge = e
-                .merge
-                .get_or_insert_with(|| NDArray::zeros(value.shape(), value.dtype()));
-            pushed.assign_to(merge)
+            pushed.start_sum(&mut e.merge, value)
         } else {
             pushed.add_to(e.merge.as_mut().expect("set by the round's first push"))
         };
@@ -687,7 +758,7 @@ impl Core {
             e.round_started = Some(Instant::now());
         }
         e.pushed[waiter.rank as usize] = true;
-        if waiter.wants_data {
+        if !matches!(waiter.wants, Wants::Ack) {
             e.waiters.push(waiter);
         } else {
             // A push returns once merged, as MXNet's does not block its caller; the worker's
@@ -712,6 +783,10 @@ impl Core {
                 Some(u) => u
                     .update(key, merge, value)
                     .map_err(|err| format!("the optimizer failed on {what}: {err}")),
+                None if merge.storage_type() == StorageType::RowSparse => {
+                    // The round's rows replace the part; the rows no one pushed become zeros.
+                    value.assign(merge).map_err(|err| err.to_string())
+                }
                 None => {
                     std::mem::swap(value, merge);
                     Ok(())
@@ -721,7 +796,7 @@ impl Core {
         let waiters = std::mem::take(&mut e.waiters);
         e.round_started = None;
         match outcome {
-            Ok(()) => reply_all(waiters, e.value.as_ref().expect("set").as_bytes()),
+            Ok(()) => reply_all(waiters, e.value.as_ref().expect("set")),
             Err(msg) => fail_waiters(e, waiters, &msg),
         }
         e.pushed.iter_mut().for_each(|p| *p = false);
@@ -736,7 +811,7 @@ impl Core {
             let value = value.as_mut().expect("checked by check_push");
             match updater.as_mut() {
                 Some(u) => {
-                    let grad = pushed.to_array(value.dtype(), value.size())?;
+                    let grad = pushed.to_array(value)?;
                     u.update(key, &grad, value)
                         .map_err(|err| format!("the optimizer failed on {what}: {err}"))
                 }
@@ -744,7 +819,7 @@ impl Core {
             }
         })();
         match result {
-            Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set").as_bytes()),
+            Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set")),
             Err(msg) => waiter.answer.fail(&msg),
         }
     }
@@ -759,13 +834,14 @@ impl Core {
                 return;
             }
         };
-        self.pull_part(self.sender_rank(request).ok(), id, answer);
+        self.pull_part(self.sender_rank(request).ok(), id, answer, Wants::Value);
     }
 
-    /// Answers with the value of a part. A pull from a worker that pushed in the part's
-    /// current sync round waits for the round (its push has been acknowledged already, and a
-    /// pull after a push returns that round's result); any other pull is answered at once.
-    fn pull_part(&self, rank: Option<u32>, (wire_key, part): PartId, answer: Answer) {
+    /// Answers with the value of a part (or the rows `wants` names). A pull from a worker
+    /// that pushed in the part's current sync round waits for the round (its push has been
+    /// acknowledged already, and a pull after a push returns that round's result); any other
+    /// pull is answered at once.
+    fn pull_part(&self, rank: Option<u32>, (wire_key, part): PartId, answer: Answer, wants: Wants) {
         let Some(entry) = self.entry(wire_key, part) else {
             answer.fail(&self.uninitialised(wire_key, part));
             return;
@@ -780,13 +856,13 @@ impl Core {
                 e.waiters.push(Waiter {
                     rank,
                     answer,
-                    wants_data: true,
+                    wants,
                 });
                 return;
             }
         }
         match &e.value {
-            Some(v) => answer.ok(v.as_bytes().expect("stored parts are contiguous")),
+            Some(v) => wants.answer(answer, v),
             None => answer.fail(&format!(
                 "{} is not initialised on server {} yet: rank 0 has not sent its value",
                 self.describe(&e.key, part),
@@ -795,38 +871,19 @@ impl Core {
         }
     }
 
+    /// A row-sparse pull of one part: as a pull, answered with the requested rows.
     fn row_sparse_pull(&self, request: &Request, responder: Responder) {
-        let (wire_key, part) = (request.header.key, request.header.aux);
-        let result = (|| {
-            let rows = RowRequest::decode(&request.payload)?;
-            let entry = self
-                .entry(wire_key, part)
-                .ok_or_else(|| self.uninitialised(wire_key, part))?;
-            let e = lock(&entry);
-            let value = e
-                .value
-                .as_ref()
-                .ok_or_else(|| self.uninitialised(wire_key, part))?;
-            let bytes = value.as_bytes().expect("stored parts are contiguous");
-            let size = value.dtype().size_of() as u64;
-            let part_end = rows.part_start + value.size() as u64;
-            let mut out = Vec::new();
-            for &row in &rows.rows {
-                let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
-                if let Some((a, b)) =
-                    protocol::row_in_part(row, rows.row_len, rows.part_start, part_end)
-                {
-                    out.extend_from_slice(&bytes[(a * size) as usize..(b * size) as usize]);
-                }
-            }
-            Ok::<_, String>((out, value.dtype()))
-        })();
-        let _ = match result {
-            Ok((out, dtype)) => {
-                responder.respond(Outgoing::new(0, &out).flags(protocol::dtype_flag(dtype)))
-            }
-            Err(e) => responder.respond_error(&e),
-        };
+        let id = (request.header.key, request.header.aux);
+        let answer = Answer::One(responder);
+        match RowRequest::decode(&request.payload) {
+            Ok(rows) => self.pull_part(
+                self.sender_rank(request).ok(),
+                id,
+                answer,
+                Wants::Rows(rows),
+            ),
+            Err(e) => answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id))),
+        }
     }
 
     /// [`protocol::CMD_LOAD_OUTCOME`]: rank 0 records that its load `key` started (`aux` 2) or
@@ -1052,15 +1109,14 @@ fn fail_waiters(e: &mut Entry, waiters: Vec<Waiter>, msg: &str) {
 /// Answers the pushes of a round: the value to those that asked for it, an empty
 /// acknowledgement to the others (MXNet leaves those unanswered when both kinds meet in one
 /// round). Big replies in messages of their own go out in parallel.
-fn reply_all(waiters: Vec<Waiter>, value: Option<&[u8]>) {
-    let value = value.expect("stored parts are contiguous");
-    let send = |w: Waiter| w.answer.ok(if w.wants_data { value } else { &[] });
+fn reply_all(waiters: Vec<Waiter>, value: &NDArray) {
+    let send = |w: Waiter| w.wants.answer(w.answer, value);
     let parallel = waiters
         .iter()
-        .filter(|w| w.wants_data && w.answer.is_one())
+        .filter(|w| matches!(w.wants, Wants::Value) && w.answer.is_one())
         .count()
         > 1
-        && value.len() >= PARALLEL_REPLY_BYTES;
+        && value.size() * value.dtype().size_of() >= PARALLEL_REPLY_BYTES;
     if !parallel {
         waiters.into_iter().for_each(send);
         return;

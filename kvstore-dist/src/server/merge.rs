@@ -1,7 +1,11 @@
 //! Element-wise work on received payloads: copy into and add into a typed array.
 
-use kvstore_base::{DType, NDArray};
+use kvstore_base::{NDArray, StorageType};
 use kvstore_compression::Codec;
+
+use crate::protocol::RowsPush;
+
+type Reply = Result<(), String>;
 
 /// Checks that `bytes` holds exactly the elements of `dst`.
 fn check_len(dst: &NDArray, bytes: &[u8]) -> Result<(), String> {
@@ -32,44 +36,86 @@ pub(crate) fn add_from_bytes(dst: &mut NDArray, bytes: &[u8]) -> Result<(), Stri
     dst.add_bytes(bytes).map_err(|e| e.to_string())
 }
 
-/// A pushed part as it arrived: raw elements, or packed by a gradient-compression codec.
+/// A pushed part as it arrived: raw elements, packed by a gradient-compression codec, or some
+/// rows of a part kept by rows.
 #[derive(Clone, Copy)]
 pub(crate) enum Pushed<'a> {
     /// The elements, in the part's dtype.
     Raw(&'a [u8]),
     /// Quantised by the workers' codec; dequantised here.
     Packed(&'a [u8], Codec),
+    /// Rows of the part (checked against it when received).
+    Rows(RowsPush<'a>),
 }
 
 impl Pushed<'_> {
-    /// `dst[:] = pushed`.
-    pub(crate) fn assign_to(self, dst: &mut NDArray) -> Result<(), String> {
+    /// Starts a sync round's sum in `merge` (the buffer kept from round to round, `like` the
+    /// stored part): a row-sparse push becomes a row-sparse sum, so that the optimizer sees
+    /// the round's rows only; any other is copied into a dense buffer.
+    pub(crate) fn start_sum(self, merge: &mut Option<NDArray>, like: &NDArray) -> Reply {
+        if let Pushed::Rows(_) = self {
+            *merge = Some(self.to_array(like)?);
+            return Ok(());
+        }
+        let buffer = match merge {
+            Some(m) if m.storage_type() == StorageType::Dense => m,
+            slot => slot.insert(NDArray::zeros(like.shape(), like.dtype())),
+        };
+        self.assign_to(buffer)
+    }
+
+    /// `dst[:] = pushed`, `dst` dense (rows a push does not hold become zeros).
+    pub(crate) fn assign_to(self, dst: &mut NDArray) -> Reply {
         match self {
             Pushed::Raw(bytes) => copy_from_bytes(dst, bytes),
             Pushed::Packed(bytes, codec) => codec
                 .dequantize_array(bytes, dst)
                 .map_err(|e| e.to_string()),
+            Pushed::Rows(_) => {
+                let rows = self.to_array(dst)?;
+                dst.assign(&rows).map_err(|e| e.to_string())
+            }
         }
     }
 
-    /// `dst += pushed`.
-    pub(crate) fn add_to(self, dst: &mut NDArray) -> Result<(), String> {
+    /// `dst += pushed`; a row-sparse `dst` plus rows keeps the union of the rows, plus anything
+    /// else becomes dense.
+    pub(crate) fn add_to(self, dst: &mut NDArray) -> Reply {
+        if let Pushed::Rows(_) = self {
+            let rows = self.to_array(dst)?;
+            return dst.add_assign(&rows).map_err(|e| e.to_string());
+        }
+        if dst.storage_type() == StorageType::RowSparse {
+            *dst = dst.to_dense();
+        }
         match self {
             Pushed::Raw(bytes) => add_from_bytes(dst, bytes),
             Pushed::Packed(bytes, codec) => codec
                 .dequantize_add_array(bytes, dst)
                 .map_err(|e| e.to_string()),
+            Pushed::Rows(_) => unreachable!("added above"),
         }
     }
 
-    /// A 1-D array of `elements` of `dtype` holding the pushed values.
-    pub(crate) fn to_array(self, dtype: DType, elements: usize) -> Result<NDArray, String> {
+    /// An array of `like`'s shape and dtype holding the pushed values (row-sparse for rows).
+    pub(crate) fn to_array(self, like: &NDArray) -> Result<NDArray, String> {
         match self {
-            Pushed::Raw(bytes) => array_from_bytes(dtype, bytes),
+            Pushed::Raw(bytes) => {
+                check_len(like, bytes)?;
+                NDArray::from_bytes(like.shape(), like.dtype(), bytes).map_err(|e| e.to_string())
+            }
             Pushed::Packed(..) => {
-                let mut a = NDArray::zeros(&[elements], dtype);
+                let mut a = NDArray::zeros(like.shape(), like.dtype());
                 self.assign_to(&mut a)?;
                 Ok(a)
+            }
+            Pushed::Rows(rows) => {
+                let mut shape = like.shape().to_vec();
+                shape[0] = rows.count();
+                let data = NDArray::from_bytes(&shape, like.dtype(), rows.data)
+                    .map_err(|e| e.to_string())?;
+                let ids = rows.ids().map(|id| id as i64).collect();
+                NDArray::row_sparse(like.shape(), ids, &data).map_err(|e| e.to_string())
             }
         }
     }
@@ -77,35 +123,33 @@ impl Pushed<'_> {
     /// An owned copy, for a push that waits for the next round.
     pub(crate) fn to_owned(self) -> OwnedPush {
         match self {
-            Pushed::Raw(b) => OwnedPush(b.to_vec(), None),
-            Pushed::Packed(b, codec) => OwnedPush(b.to_vec(), Some(codec)),
+            Pushed::Raw(b) => OwnedPush::Raw(b.to_vec()),
+            Pushed::Packed(b, codec) => OwnedPush::Packed(b.to_vec(), codec),
+            Pushed::Rows(rows) => {
+                let (ids, data) = rows.checked_parts();
+                OwnedPush::Rows(ids.to_vec(), data.to_vec())
+            }
         }
     }
 }
 
 /// An owned [`Pushed`].
-pub(crate) struct OwnedPush(Vec<u8>, Option<Codec>);
+pub(crate) enum OwnedPush {
+    Raw(Vec<u8>),
+    Packed(Vec<u8>, Codec),
+    /// A row-sparse push's id bytes and elements, checked when received.
+    Rows(Vec<u8>, Vec<u8>),
+}
 
 impl OwnedPush {
     /// The borrowed form.
     pub(crate) fn as_pushed(&self) -> Pushed<'_> {
-        match self.1 {
-            None => Pushed::Raw(&self.0),
-            Some(codec) => Pushed::Packed(&self.0, codec),
+        match self {
+            OwnedPush::Raw(b) => Pushed::Raw(b),
+            OwnedPush::Packed(b, codec) => Pushed::Packed(b, *codec),
+            OwnedPush::Rows(ids, data) => Pushed::Rows(RowsPush::from_checked(ids, data)),
         }
     }
-}
-
-/// A 1-D array of `dtype` holding `bytes`.
-pub(crate) fn array_from_bytes(dtype: DType, bytes: &[u8]) -> Result<NDArray, String> {
-    let size = dtype.size_of();
-    if !bytes.len().is_multiple_of(size) {
-        return Err(format!(
-            "received {} bytes, not a whole number of {dtype} elements",
-            bytes.len()
-        ));
-    }
-    NDArray::from_bytes(&[bytes.len() / size], dtype, bytes).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

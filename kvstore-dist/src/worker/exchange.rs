@@ -30,8 +30,14 @@ const COPY_THREADS: usize = 1;
 pub(crate) enum Parts<'a, 'd> {
     /// Nothing (a pull).
     None,
-    /// `pushed[i][p]`: the pushed bytes of part `p` of key `i` (maybe compressed).
-    Pushed(&'a [Vec<&'d [u8]>]),
+    /// Pushes: `data[i][p]` is what part `p` of key `i` sends (its elements, compressed or
+    /// not, or some of its rows), with the flags `flags[i]` says.
+    Pushed {
+        /// The bytes of each part of each key.
+        data: &'a [Vec<&'d [u8]>],
+        /// Each key's flags ([`protocol::FLAG_COMPRESSED`], [`protocol::FLAG_ROW_SPARSE`]).
+        flags: &'a [u16],
+    },
     /// An init: each part's declaration ([`KeyMeta::init_meta`]), then, from rank 0, the
     /// part's bytes of `values[i]`; built as each message goes, so that an init never holds a
     /// second copy of the model.
@@ -48,7 +54,7 @@ impl<'d> Parts<'_, 'd> {
     fn bytes(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize) -> Cow<'d, [u8]> {
         match *self {
             Parts::None => Cow::Borrowed(&[]),
-            Parts::Pushed(pushed) => Cow::Borrowed(pushed[i][part]),
+            Parts::Pushed { data, .. } => Cow::Borrowed(data[i][part]),
             Parts::Init { values, with_data } => {
                 let meta = &metas[i];
                 let mut payload = meta.init_meta(part).encode();
@@ -62,6 +68,25 @@ impl<'d> Parts<'_, 'd> {
 
     fn is_none(&self) -> bool {
         matches!(self, Parts::None)
+    }
+
+    /// The flags key `i`'s messages carry besides its dtype.
+    fn flags(&self, i: usize) -> u16 {
+        match *self {
+            Parts::Pushed { flags, .. } => flags[i],
+            Parts::None | Parts::Init { .. } => 0,
+        }
+    }
+
+    /// The bytes by which part `part` of key `i` is sent alone or batched: those of its value,
+    /// or those pushed when they are rows (a few rows of a big key travel in a batch).
+    fn size(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize) -> usize {
+        match *self {
+            Parts::Pushed { data, flags } if flags[i] & protocol::FLAG_ROW_SPARSE != 0 => {
+                data[i][part].len()
+            }
+            _ => metas[i].byte_range(part).len(),
+        }
     }
 }
 
@@ -189,18 +214,19 @@ impl DistStore {
                     if p.server != server {
                         continue;
                     }
-                    let range = meta.byte_range(part);
-                    if range.len() > protocol::BATCH_ITEM_BYTES {
+                    let size = parts.size(metas, i, part);
+                    if size > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
                         let payload = parts.bytes(metas, i, part);
+                        let flags = parts.flags(i);
                         let (pending, shm) = self
-                            .send_one(&call, meta, part, &payload, &what)
+                            .send_one(&call, (meta, part, flags), &payload, &what)
                             .map_err(self.transport_at(operation, &meta.key))?;
                         sent.push((Sent::One { meta: i, part, shm }, pending));
                         continue;
                     }
                     batch.push((i, part));
-                    batch_bytes += range.len();
+                    batch_bytes += size;
                     if batch_bytes >= protocol::BATCH_BYTES
                         || batch.len() >= protocol::BATCH_MAX_ITEMS
                     {
@@ -323,22 +349,18 @@ impl DistStore {
         Ok(receive.then_some(answers))
     }
 
-    /// Sends one big part in a message of its own: through the shared-memory region of its
-    /// server when there is one with room, else over TCP. Returns the
-    /// request and the slots it uses.
+    /// Sends one big part (of `meta`, with its key's `flags`) in a message of its own:
+    /// through the shared-memory region of its server when there is one with room, else over
+    /// TCP. Returns the request and the slots it uses.
     fn send_one(
         &self,
         call: &Call<'_, '_>,
-        meta: &KeyMeta,
-        part: usize,
+        (meta, part, flags): (&KeyMeta, usize, u16),
         payload: &[u8],
         what: &str,
     ) -> std::result::Result<(Pending, Option<Lease>), TransportError> {
-        let Call {
-            command,
-            extra_flags,
-            ..
-        } = *call;
+        let command = call.command;
+        let extra_flags = call.extra_flags | flags;
         let receive = answers_data(command);
         // An init (rare, and answered only once rank 0's value is in) stays on TCP.
         let link = match command {
@@ -354,9 +376,9 @@ impl DistStore {
             let out = Outgoing::new(command, payload).flags(extra_flags);
             return Ok((self.send(meta, part, out, what, receive)?, None));
         };
-        let (flags, slots) = lease.slots();
+        let (shm_flags, slots) = lease.slots();
         lease.sending();
-        let out = Outgoing::new(command, &slots).flags(flags | extra_flags);
+        let out = Outgoing::new(command, &slots).flags(shm_flags | extra_flags);
         // The answer is expected in the reply slot (an empty message): no receive buffer. One
         // that comes over TCP after all (a server may answer so) is read as usual.
         let pending = self.send(meta, part, out, what, false)?;
@@ -390,7 +412,7 @@ impl DistStore {
             .map(|(n, &(i, part))| BatchItem {
                 wire: metas[i].wire,
                 part: part as u32,
-                flags: protocol::dtype_flag(metas[i].dtype) | extra_flags,
+                flags: protocol::dtype_flag(metas[i].dtype) | extra_flags | parts.flags(i),
                 // Pushed bytes (maybe compressed), else the bytes expected back.
                 len: chunks
                     .get(n)

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use kvstore_base::{DType, Error, Key, NDArray, Result, StorageType};
 
-use crate::placement::place;
+use crate::placement::{place, place_rows};
 use crate::protocol::InitMeta;
 
 /// One slice of a key's value on one server.
@@ -29,6 +29,9 @@ pub(crate) struct KeyMeta {
     pub shape: Vec<usize>,
     /// Whether it was initialised with a row-sparse value (`row_sparse_pull` needs that).
     pub row_sparse: bool,
+    /// Elements per row when the parts hold whole rows (a row-sparse key whose rows have
+    /// elements): the servers then take row-sparse pushes.
+    pub row_len: Option<usize>,
     pub parts: Vec<Part>,
     /// Buffers that pulled parts are received into, reused from call to call.
     buffers: Mutex<Vec<Vec<u8>>>,
@@ -42,13 +45,23 @@ impl KeyMeta {
         servers: usize,
         bigarray_bound: usize,
     ) -> KeyMeta {
-        let placement = place(wire as i64, value.size(), servers, bigarray_bound);
+        let row_sparse = value.storage_type() == StorageType::RowSparse;
+        let shape = value.shape();
+        let row_len = shape
+            .split_first()
+            .map(|(_, rest)| rest.iter().product::<usize>())
+            .filter(|&len| row_sparse && len > 0);
+        let placement = match row_len {
+            Some(len) => place_rows(wire as i64, shape[0], len, servers, bigarray_bound),
+            None => place(wire as i64, value.size(), servers, bigarray_bound),
+        };
         KeyMeta {
             key,
             wire,
             dtype: value.dtype(),
-            shape: value.shape().to_vec(),
-            row_sparse: value.storage_type() == StorageType::RowSparse,
+            shape: shape.to_vec(),
+            row_sparse,
+            row_len,
             parts: placement
                 .parts
                 .into_iter()
@@ -67,6 +80,7 @@ impl KeyMeta {
         InitMeta {
             dtype: self.dtype,
             elements: (self.parts[i].end - self.parts[i].start) as u64,
+            row_len: self.row_len.unwrap_or(0) as u64,
             key: self.key.clone(),
         }
     }

@@ -164,6 +164,44 @@ fn outbound<'a>(values: &[&'a NDArray], config: &ReduceConfig) -> Outbound<'a> {
     Outbound::Owned(reduce::sum_values(values, config, true))
 }
 
+/// What a push sends for one key.
+enum Payload<'a> {
+    /// The sum of its values, every element.
+    Dense(Outbound<'a>),
+    /// For each part, the rows of the sum of its row-sparse values ([`protocol::RowsPush`]).
+    Rows(Vec<Vec<u8>>),
+}
+
+/// The rows of the sum of row-sparse `values` (MXNet's order, the union of their rows), as
+/// one [`protocol::RowsPush`] per part of `meta` (a key kept by rows); a part without rows
+/// gets an empty push, which still counts as this worker's push of the round.
+fn rows_payload(meta: &KeyMeta, values: &[&NDArray]) -> Result<Vec<Vec<u8>>> {
+    let row_len = meta.row_len.expect("a key kept by rows");
+    let mut sum = values[0].clone();
+    for v in &values[1..] {
+        sum.add_assign(v)?;
+    }
+    let sparse = sum
+        .as_row_sparse()
+        .expect("a sum of row-sparse values is row-sparse");
+    let data = sparse.rows_bytes();
+    let row_bytes = row_len * meta.dtype.size_of();
+    let ids = sparse.indices();
+    Ok(meta
+        .parts
+        .iter()
+        .map(|p| {
+            let (first, end) = ((p.start / row_len) as i64, (p.end / row_len) as i64);
+            let a = ids.partition_point(|&id| id < first);
+            let b = ids.partition_point(|&id| id < end);
+            protocol::RowsPush::encode(
+                ids[a..b].iter().map(|&id| (id - first) as u64),
+                &data[a * row_bytes..b * row_bytes],
+            )
+        })
+        .collect())
+}
+
 impl DistStore {
     /// Joins the cluster of `config` as a worker and connects to every server.
     ///
@@ -401,44 +439,67 @@ impl DistStore {
                     .map_err(self.at(operation, key))?;
             }
         }
-        let payloads: Vec<Outbound<'_>> = groups
+        // A push of row-sparse values to a key kept by rows sends the rows of their sum.
+        let pushes_rows = |g: &KeyGroup, meta: &KeyMeta| {
+            outs.is_none()
+                && codec.is_none()
+                && meta.row_len.is_some()
+                && g.positions
+                    .iter()
+                    .all(|&p| values.values()[p].storage_type() == StorageType::RowSparse)
+        };
+        let payloads: Vec<Payload<'_>> = groups
             .iter()
-            .map(|g| {
+            .zip(&metas)
+            .map(|(g, meta)| {
                 let arrays: Vec<&NDArray> =
                     g.positions.iter().map(|&p| values.values()[p]).collect();
-                outbound(&arrays, &self.reduce)
+                if pushes_rows(g, meta) {
+                    rows_payload(meta, &arrays)
+                        .map(Payload::Rows)
+                        .map_err(self.at(operation, &g.key))
+                } else {
+                    Ok(Payload::Dense(outbound(&arrays, &self.reduce)))
+                }
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let command = if outs.is_some() {
             protocol::CMD_PUSHPULL
         } else {
             protocol::CMD_PUSH
         };
         let packed;
-        let (data, flags): (Vec<Vec<&[u8]>>, u16) = match codec {
+        let (data, flags): (Vec<Vec<&[u8]>>, Vec<u16>) = match codec {
             Some(codec) => {
                 packed = self.quantize(codec, &metas, &payloads);
                 let data = packed
                     .iter()
                     .map(|parts| parts.iter().map(Vec::as_slice).collect())
                     .collect();
-                (data, protocol::FLAG_COMPRESSED)
+                (data, vec![protocol::FLAG_COMPRESSED; metas.len()])
             }
-            None => {
-                let data = payloads
-                    .iter()
-                    .zip(&metas)
-                    .map(|(p, m)| {
+            None => payloads
+                .iter()
+                .zip(&metas)
+                .map(|(payload, m)| match payload {
+                    Payload::Dense(p) => (
                         (0..m.parts.len())
                             .map(|part| &p.bytes()[m.byte_range(part)])
-                            .collect()
-                    })
-                    .collect();
-                (data, 0)
-            }
+                            .collect(),
+                        0,
+                    ),
+                    Payload::Rows(parts) => (
+                        parts.iter().map(Vec::as_slice).collect(),
+                        protocol::FLAG_ROW_SPARSE,
+                    ),
+                })
+                .unzip(),
         };
-        let parts = exchange::Parts::Pushed(&data);
-        let answers = self.exchange(operation, command, &metas, parts, flags, priority)?;
+        let parts = exchange::Parts::Pushed {
+            data: &data,
+            flags: &flags,
+        };
+        let answers = self.exchange(operation, command, &metas, parts, 0, priority)?;
         if let (Some(outs), Some(answers)) = (outs, answers) {
             let written = self.write_outs(operation, &metas, &answers, outs, true);
             answers.recycle(&metas);
@@ -453,7 +514,7 @@ impl DistStore {
         &self,
         codec: Codec,
         metas: &[Arc<KeyMeta>],
-        payloads: &[Outbound<'_>],
+        payloads: &[Payload<'_>],
     ) -> Vec<Vec<Vec<u8>>> {
         let mut residuals = lock(&self.residuals);
         metas
@@ -463,7 +524,10 @@ impl DistStore {
                 let residual = residuals
                     .entry(meta.wire)
                     .or_insert_with(|| vec![0.0; meta.shape.iter().product()]);
-                let value = payload.array();
+                let Payload::Dense(value) = payload else {
+                    unreachable!("compression refuses row-sparse values, which alone push rows")
+                };
+                let value = value.array();
                 meta.parts
                     .iter()
                     .map(|p| {

@@ -34,6 +34,7 @@ impl DistStore {
                 shape: m.shape.clone(),
                 dtype: m.dtype,
                 slices: m.parts.iter().map(|p| (p.server, p.start..p.end)).collect(),
+                row_len: m.row_len,
             })
             .collect();
         layout.sort_by(|a, b| a.key.cmp(&b.key));

@@ -1,0 +1,308 @@
+//! Row-sparse keys on the dist stores: a push of row-sparse gradients carries only their rows,
+//! and the servers apply them as MXNet's do (and as the `local` store does): the round's rows
+//! merged, the lazy optimizers updating those rows only. Every job runs as threads of this
+//! process over real sockets on 127.0.0.1, and is checked bit for bit against `local`.
+
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
+use kvstore_local as _;
+
+mod common;
+
+use common::{run_tweaked, run_with};
+
+/// The key; its shape: 8 rows of 2 x 2 elements.
+const KEY: i32 = 3;
+const SHAPE: [usize; 3] = [8, 2, 2];
+const ROW_LEN: usize = 4;
+
+/// A big-array bound of 16 elements splits the key over the servers, by rows.
+const SPLIT: [(&str, &str); 1] = [("MXNET_KVSTORE_BIGARRAY_BOUND", "16")];
+
+/// The initial weight, every row stored: row `r` holds `r + 1 + i / 8`.
+fn weight() -> NDArray {
+    let dense = NDArray::from_vec(
+        &SHAPE,
+        (0..SHAPE.iter().product::<usize>())
+            .map(|i| (i / ROW_LEN) as f32 + 1.0 + (i % ROW_LEN) as f32 / 8.0)
+            .collect(),
+    )
+    .unwrap();
+    let ids: Vec<i64> = (0..SHAPE[0] as i64).collect();
+    dense.retain_rows(&ids).unwrap()
+}
+
+/// A row-sparse gradient holding `rows`, each `scale * (1, -2, 3, -4)`.
+fn grad(rows: &[i64], scale: f32) -> NDArray {
+    let data: Vec<f32> = rows
+        .iter()
+        .flat_map(|_| [1.0f32, -2.0, 3.0, -4.0].map(|x| x * scale))
+        .collect();
+    let mut shape = SHAPE.to_vec();
+    shape[0] = rows.len();
+    let rows_array = NDArray::from_vec(&shape, data).unwrap();
+    NDArray::row_sparse(&SHAPE, rows.to_vec(), &rows_array).unwrap()
+}
+
+/// Every row of the key, read with `row_sparse_pull`.
+fn pull_all(kv: &dyn KVStoreBase) -> Vec<f32> {
+    let ids = NDArray::from_vec(&[SHAPE[0]], (0..SHAPE[0] as i64).collect()).unwrap();
+    let mut out = grad(&[], 0.0);
+    kv.row_sparse_pull(KEY, &mut out, &ids).unwrap();
+    out.to_dense().to_vec::<f32>().unwrap()
+}
+
+/// The rows each rank pushes in each round: some shared, some of one rank, some rounds
+/// without any; rows 0, 2, 3, 4 and 7 are never pushed.
+fn pushed_rows(rank: usize, round: usize) -> Vec<i64> {
+    const ROWS: [[&[i64]; 3]; 2] = [[&[1, 5], &[1], &[]], [&[5, 6], &[], &[6]]];
+    ROWS[rank][round].to_vec()
+}
+
+const NEVER_PUSHED: [usize; 5] = [0, 2, 3, 4, 7];
+
+/// The key's rows after the rounds of [`pushed_rows`] on 2 workers of a `dist_sync` job of 2
+/// servers, and on `local` with each round's two gradients pushed together.
+fn dist_and_local(optimizer: Option<OptimizerSpec>) -> (Vec<f32>, Vec<f32>) {
+    let on_dist = {
+        let optimizer = optimizer.clone();
+        run_with("dist_sync", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight()).unwrap();
+            if let Some(o) = &optimizer {
+                kv.set_optimizer(o).unwrap();
+            }
+            let mut seen = Vec::new();
+            for round in 0..3 {
+                kv.push(KEY, &grad(&pushed_rows(rank, round), round as f32 + 1.0))
+                    .unwrap();
+                seen = pull_all(kv);
+            }
+            seen
+        })
+    };
+    assert_eq!(on_dist[0], on_dist[1], "both workers pull the same rows");
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight()).unwrap();
+    if let Some(o) = &optimizer {
+        local.set_optimizer(o).unwrap();
+    }
+    for round in 0..3 {
+        let scale = round as f32 + 1.0;
+        let grads = [0, 1].map(|rank| grad(&pushed_rows(rank, round), scale));
+        local.push(KEY, &grads[..]).unwrap();
+    }
+    (on_dist[0].clone(), pull_all(&*local))
+}
+
+/// The elements of row `row` in a dense copy of the key.
+fn row(values: &[f32], row: usize) -> &[f32] {
+    &values[row * ROW_LEN..(row + 1) * ROW_LEN]
+}
+
+#[test]
+fn lazy_sgd_updates_only_the_pushed_rows_as_local_does() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9)
+        .with("wd", 0.1);
+    let (dist, local) = dist_and_local(Some(sgd));
+    assert_eq!(dist, local, "dist_sync's rows are local's, bit for bit");
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    for r in NEVER_PUSHED {
+        // Weight decay would have shrunk them, had the gradient been applied densely.
+        assert_eq!(row(&dist, r), row(&start, r), "row {r} was never pushed");
+    }
+    assert_ne!(row(&dist, 5), row(&start, 5));
+}
+
+#[test]
+fn lazy_adam_updates_only_the_pushed_rows_as_local_does() {
+    let adam = OptimizerSpec::new("adam")
+        .with("learning_rate", 0.01)
+        .with("wd", 0.01);
+    let (dist, local) = dist_and_local(Some(adam));
+    assert_eq!(dist, local, "dist_sync's rows are local's, bit for bit");
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    for r in NEVER_PUSHED {
+        assert_eq!(row(&dist, r), row(&start, r), "row {r} was never pushed");
+    }
+}
+
+#[test]
+fn without_an_optimizer_the_rounds_rows_replace_the_value() {
+    let (dist, local) = dist_and_local(None);
+    assert_eq!(dist, local);
+    // The last round pushed row 6 only: the others read zero, as on `local`.
+    assert_eq!(row(&dist, 6), &[3.0, -6.0, 9.0, -12.0]);
+    assert!(NEVER_PUSHED.iter().all(|&r| row(&dist, r) == [0.0; 4]));
+}
+
+#[test]
+fn a_push_of_a_few_rows_sends_those_rows_only() {
+    let (rows, row_len) = (4096usize, 64usize);
+    // Over TCP only, where every byte is counted.
+    let sent = run_tweaked(
+        1,
+        1,
+        |c| c.shm = false,
+        move |kv| {
+            let shape = [rows, row_len];
+            let ids: Vec<i64> = (0..rows as i64).collect();
+            let start = NDArray::ones(&shape, DType::F32).retain_rows(&ids).unwrap();
+            kv.init(KEY, &start).unwrap();
+            let one_row = NDArray::full(&[1, row_len], 2.0, DType::F32);
+            let g = NDArray::row_sparse(&shape, vec![7], &one_row).unwrap();
+            let before = kv.bytes_sent();
+            kv.push(KEY, &g).unwrap();
+            let sent = kv.bytes_sent() - before;
+            let before = kv.bytes_sent();
+            kv.push(KEY, &g.to_dense()).unwrap();
+            let dense = kv.bytes_sent() - before;
+            // The last push (dense, no optimizer) is the value now.
+            let mut out = NDArray::zeros(&shape, DType::F32);
+            kv.pull(KEY, &mut out).unwrap();
+            let values = out.to_vec::<f32>().unwrap();
+            (sent, dense, values[7 * row_len], values[0])
+        },
+    );
+    let (sparse, dense, row7, row0) = sent[0];
+    let one_row = 64 * 4;
+    assert!(
+        sparse < one_row + 128,
+        "a push of one row sent {sparse} bytes"
+    );
+    assert!(dense >= 4096 * one_row, "a dense push sent {dense} bytes");
+    assert_eq!((row7, row0), (2.0, 0.0));
+}
+
+#[test]
+fn dense_and_row_sparse_pushes_of_one_round_add_up_as_on_local() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1);
+    let dense_grad = || grad(&[0, 3], 0.5).to_dense();
+    let on_dist = {
+        let sgd = sgd.clone();
+        run_with("dist_sync", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight()).unwrap();
+            kv.set_optimizer(&sgd).unwrap();
+            match rank {
+                0 => kv.push(KEY, &dense_grad()).unwrap(),
+                _ => kv.push(KEY, &grad(&[3, 6], 1.0)).unwrap(),
+            }
+            pull_all(kv)
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight()).unwrap();
+    local.set_optimizer(&sgd).unwrap();
+    local
+        .push(KEY, &[dense_grad(), grad(&[3, 6], 1.0)][..])
+        .unwrap();
+    assert_eq!(on_dist[0], pull_all(&*local));
+}
+
+#[test]
+fn async_servers_apply_each_push_of_rows_lazily() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.05);
+    // Each rank pushes rows of its own, so the order of arrival does not matter.
+    let rows = |rank: usize| if rank == 0 { vec![1, 2] } else { vec![5, 6] };
+    let on_dist = {
+        let sgd = sgd.clone();
+        run_with("dist_async", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight()).unwrap();
+            kv.set_optimizer(&sgd).unwrap();
+            for round in 0..2 {
+                kv.push(KEY, &grad(&rows(rank), round as f32 + 1.0))
+                    .unwrap();
+            }
+            kv.barrier().unwrap();
+            pull_all(kv)
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight()).unwrap();
+    local.set_optimizer(&sgd).unwrap();
+    for rank in 0..2 {
+        for round in 0..2 {
+            local
+                .push(KEY, &grad(&rows(rank), round as f32 + 1.0))
+                .unwrap();
+        }
+    }
+    let expected = pull_all(&*local);
+    assert_eq!(on_dist[0], expected);
+    assert_eq!(on_dist[1], expected);
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    for r in [0, 3, 4, 7] {
+        assert_eq!(
+            row(&on_dist[0], r),
+            row(&start, r),
+            "row {r} was never pushed"
+        );
+    }
+}
+
+#[test]
+fn optimizer_states_of_rows_move_between_dist_and_local() {
+    let adam = OptimizerSpec::new("adam").with("learning_rate", 0.01);
+    let dir = std::env::temp_dir().join(format!("kvstore-dist-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_dist, from_local) = (dir.join("dist"), dir.join("local"));
+    // Two rounds on 2 workers of 2 servers; rank 0 saves the joined states.
+    let weights = {
+        let (adam, path) = (adam.clone(), from_dist.clone());
+        run_with("dist_sync", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight()).unwrap();
+            kv.set_optimizer(&adam).unwrap();
+            for round in 0..2 {
+                kv.push(KEY, &grad(&pushed_rows(rank, round), 1.0)).unwrap();
+            }
+            let seen = pull_all(kv);
+            kv.barrier().unwrap();
+            if rank == 0 {
+                kv.save_optimizer_states(&path, true).unwrap();
+            }
+            kv.barrier().unwrap();
+            seen
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight()).unwrap();
+    local.set_optimizer(&adam).unwrap();
+    for round in 0..2 {
+        let grads = [0, 1].map(|rank| grad(&pushed_rows(rank, round), 1.0));
+        local.push(KEY, &grads[..]).unwrap();
+    }
+    local.save_optimizer_states(&from_local, true).unwrap();
+    assert_eq!(weights[0], pull_all(&*local));
+    let states = |path: &std::path::Path| {
+        let mut u = kvstore_optimizer::Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+        u.load_states(&std::fs::read(path).unwrap()).unwrap();
+        let key = kvstore_base::Key::from(KEY);
+        (
+            u.state_arrays(&key).map(<[NDArray]>::to_vec),
+            u.update_count(&key),
+        )
+    };
+    assert_eq!(states(&from_dist), states(&from_local));
+    // A job of 3 servers (other row slices) resumes from the file, as local goes on.
+    let start = NDArray::from_vec(&SHAPE, weights[0].clone())
+        .unwrap()
+        .retain_rows(&(0..SHAPE[0] as i64).collect::<Vec<_>>())
+        .unwrap();
+    let resumed = {
+        let (adam, path) = (adam.clone(), from_dist.clone());
+        run_with("dist_sync", 3, 1, &SPLIT, move |_, kv| {
+            kv.init(KEY, &start).unwrap();
+            kv.set_optimizer(&adam).unwrap();
+            kv.load_optimizer_states(&path).unwrap();
+            kv.push(KEY, &grad(&[1, 6], 1.0)).unwrap();
+            pull_all(kv)
+        })
+    };
+    local.push(KEY, &grad(&[1, 6], 1.0)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(resumed[0], pull_all(&*local));
+}
