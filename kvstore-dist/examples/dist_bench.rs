@@ -37,9 +37,16 @@
 //!   pull per round;
 //! - `init_1000x256`: 1000 new int keys of 256 elements each, one list init and a barrier per
 //!   round (MXNet's dist `init` ends with a barrier); rank 0's values must be the ones kept.
+//! - `row_sparse_1000of100000x64`: an embedding table of 100,000 rows of 64 elements, stored
+//!   row-sparse with every row, updated on the servers by `sgd` (learning rate 0.1, weight
+//!   decay 0.001, lazy); each round every worker pushes a row-sparse gradient of 1,000 rows
+//!   (every 100th) and `row_sparse_pull`s those rows. It sets an optimizer, so it runs last;
+//!   afterwards the pulled rows must be those of the lazy update (to float32 rounding) and a row never
+//!   pushed must still be 1 (a dense update would have decayed it). Skipped with
+//!   `--compression` (MXNet does not compress row-sparse pushes).
 //!
 //! Each workload starts with a barrier of all workers; each worker times its own rounds. Worker
-//! `r` pushes arrays filled with `r + 1` (times `k % 7 + 1` for small key `k`). After the timed
+//! `r` pushes arrays filled with `r + 1` (`0.001 * (r + 1)` for the row-sparse gradients) (times `k % 7 + 1` for small key `k`). After the timed
 //! rounds, outside the timed region, each worker checks that the pushed arrays are unchanged,
 //! then pulls into zeroed outputs, which must hold the sum over every worker's pushes; a
 //! mismatch ends the program with an error. Throughput is the bytes one worker pushes and pulls
@@ -49,7 +56,7 @@ use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
 use kvstore_dist as _;
 
 /// One mebibyte.
@@ -320,6 +327,81 @@ fn init_keys(
     })
 }
 
+/// An embedding table of `rows` x `cols`, every row stored, updated on the servers by lazy sgd;
+/// each round pushes a row-sparse gradient of `touched` rows and `row_sparse_pull`s them.
+fn row_sparse(
+    kv: &dyn KVStoreBase,
+    options: &Options,
+    name: &'static str,
+    (rows, cols, touched): (usize, usize, usize),
+) -> Result<Row, String> {
+    const KEY: i32 = 7;
+    const LR: f64 = 0.1;
+    const WD: f64 = 0.001;
+    let at = |e: kvstore_base::Error| format!("{name}: {e}");
+    let rank = kv.rank();
+    let every_row: Vec<i64> = (0..rows as i64).collect();
+    let table = NDArray::full(&[rows, cols], 1.0, DType::F32)
+        .retain_rows(&every_row)
+        .map_err(at)?;
+    kv.init(KEY, &table).map_err(at)?;
+    drop(table);
+    kv.set_optimizer(
+        &OptimizerSpec::new("sgd")
+            .with("learning_rate", LR)
+            .with("wd", WD),
+    )
+    .map_err(at)?;
+    let stride = rows / touched;
+    let ids: Vec<i64> = (0..touched).map(|i| (i * stride) as i64).collect();
+    let mine = 0.001 * (rank + 1) as f64;
+    let grad_rows = NDArray::full(&[touched, cols], mine, DType::F32);
+    let grad = NDArray::row_sparse(&[rows, cols], ids.clone(), &grad_rows).map_err(at)?;
+    let row_ids = NDArray::from_vec(&[touched], ids.clone()).map_err(at)?;
+    let empty = NDArray::zeros(&[0, cols], DType::F32);
+    let mut out = NDArray::row_sparse(&[rows, cols], Vec::new(), &empty).map_err(at)?;
+    kv.barrier().map_err(at)?;
+
+    let times = time_rounds(options.warmup, options.reps, || {
+        kv.push(KEY, &grad)?;
+        kv.row_sparse_pull(KEY, &mut out, &row_ids)
+    })
+    .map_err(|e| format!("{name}: {e}"))?;
+
+    // Every round applied w <- w - lr * (g + wd * w) to the pushed rows, g summed over workers.
+    let g: f64 = (0..kv.num_workers()).map(|r| 0.001 * (r + 1) as f64).sum();
+    let rounds = options.warmup + options.reps;
+    let expected = (0..rounds).fold(1.0f64, |w, _| w - LR * (g + WD * w));
+    // Each float32 round rounds; the error stays within a few ulps of 1 per round.
+    let tolerance = 1e-6 + 2e-7 * rounds as f64;
+    let pulled = out.to_dense();
+    let values = pulled
+        .as_slice::<f32>()
+        .ok_or("the pulled rows are not f32")?;
+    for &id in &ids {
+        let v = values[id as usize * cols];
+        if (f64::from(v) - expected).abs() > tolerance {
+            return Err(format!(
+                "{name}: row {id} is {v}, expected {expected} after the lazy updates"
+            ));
+        }
+    }
+    let untouched = NDArray::from_vec(&[1], vec![1i64]).map_err(at)?;
+    kv.row_sparse_pull(KEY, &mut out, &untouched).map_err(at)?;
+    let row1 = out.to_dense();
+    let row1 = &row1.as_slice::<f32>().ok_or("the pulled row is not f32")?[cols..2 * cols];
+    if let Some(v) = row1.iter().find(|&&v| v != 1.0) {
+        return Err(format!(
+            "{name}: row 1 was never pushed but holds {v}, not 1"
+        ));
+    }
+    Ok(Row {
+        name,
+        times,
+        bytes: 2 * touched * cols * F32,
+    })
+}
+
 /// The sum of `r + 1` over the ranks `r` of `workers` workers.
 fn sum_over_workers(workers: usize) -> f32 {
     (workers * (workers + 1) / 2) as f32
@@ -368,6 +450,11 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
     }
     if options.wanted("init_1000x256") {
         rows.push(init_keys(kv, options, "init_1000x256", 1000, 256)?);
+    }
+    // It sets an optimizer on the servers: last.
+    let name = "row_sparse_1000of100000x64";
+    if options.wanted(name) && options.compression.is_none() {
+        rows.push(row_sparse(kv, options, name, (100_000, 64, 1_000))?);
     }
     // Nobody leaves while another worker still checks its results.
     kv.barrier().map_err(|e| format!("final barrier: {e}"))?;

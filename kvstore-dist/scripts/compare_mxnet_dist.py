@@ -48,6 +48,14 @@ rounds, and rank 0's medians are reported. MXNet's engine is asynchronous, so it
     init_1000x256        1000 new int keys of 256 floats each per round, one list init (MXNet's
                          dist init ends with a barrier; ours is followed by one), rank 0's
                          values kept (checked by a pull of the last round's keys)
+    row_sparse_1000of100000x64
+                         an embedding table of 100,000 rows of 64 floats, initialised row-sparse
+                         with every row, sgd on the server (learning rate 0.1, wd 0.001, lazy);
+                         a round is a push of a row-sparse gradient of 1,000 rows (every 100th,
+                         0.001 * (r + 1) on worker r) and a row_sparse_pull of those rows. It
+                         sets an optimizer, so it runs last. Checked afterwards: the rows are
+                         those of the lazy updates (to float32 rounding), a row never pushed is
+                         still 1.
 
 Worker r pushes arrays filled with r + 1 (times k % 7 + 1 for small key k). After the timed
 rounds, outside the timed region, every worker pulls once more into zeroed outputs, which must
@@ -91,6 +99,7 @@ WORKLOADS = [
     ("push_pull_64MiB", 2 * 64 * MIB, 2.0),
     ("small_keys_1000x256", 2 * 1000 * 256 * F32, 5.0),
     ("init_1000x256", 1000 * 256 * F32, 5.0),
+    ("row_sparse_1000of100000x64", 2 * 1000 * 64 * F32, 2.0),
 ]
 
 # Variables that change either side's behaviour, echoed in the report when set.
@@ -241,6 +250,44 @@ def mxnet_worker(args):
         mx.nd.waitall()
         for i, o in enumerate(outs):
             check(f"{name} key {state['keys'][i]}", o, i % 7 + 1)
+
+    name = "row_sparse_1000of100000x64"
+    if wanted(args, name):
+        import numpy as np
+
+        rows, cols, touched, key, lr, wd = 100_000, 64, 1_000, 7, 0.1, 0.001
+        table = mx.nd.ones((rows, cols), ctx=ctx).tostype("row_sparse")
+        kv.init(key, table)
+        del table
+        kv.set_optimizer(mx.optimizer.SGD(learning_rate=lr, wd=wd))
+        ids = np.arange(touched, dtype="int64") * (rows // touched)
+        grad = mx.nd.sparse.row_sparse_array(
+            (np.full((touched, cols), 0.001 * (rank + 1), dtype="float32"), ids),
+            shape=(rows, cols), ctx=ctx)
+        row_ids = mx.nd.array(ids, dtype="int64", ctx=ctx)
+        out = mx.nd.sparse.zeros("row_sparse", (rows, cols), ctx=ctx)
+        mx.nd.waitall()
+        kv._barrier()
+
+        def sparse_step():
+            kv.push(key, grad)
+            kv.row_sparse_pull(key, out=out, row_ids=row_ids)
+
+        figures[name], lo, hi = timed(sparse_step)
+        log(f"{name:<20} median {figures[name]:.6f} s (min {lo:.6f}, max {hi:.6f})")
+        g = sum(0.001 * (r + 1) for r in range(workers))
+        expected = 1.0
+        for _ in range(args.warmup + args.reps):
+            expected -= lr * (g + wd * expected)
+        got = out.asnumpy()[ids, 0]
+        rounds = args.warmup + args.reps
+        if (abs(got - expected) > 1e-6 + 2e-7 * rounds).any():
+            sys.exit(f"mxnet worker {rank}: {name}: rows hold {got[:4]}..., expected "
+                     f"{expected} after the lazy updates")
+        kv.row_sparse_pull(key, out=out, row_ids=mx.nd.array([1], dtype="int64", ctx=ctx))
+        row1 = out.asnumpy()[1]
+        if not (row1 == 1.0).all():
+            sys.exit(f"mxnet worker {rank}: {name}: row 1 was never pushed but holds {row1[:4]}")
 
     kv._barrier()
     if rank == 0:

@@ -306,3 +306,45 @@ fn optimizer_states_of_rows_move_between_dist_and_local() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(resumed[0], pull_all(&*local));
 }
+
+/// A 2-D table of 6 rows of 4, every row stored (ones).
+fn table_2d() -> NDArray {
+    NDArray::ones(&[6, 4], DType::F32)
+        .retain_rows(&[0, 1, 2, 3, 4, 5])
+        .unwrap()
+}
+
+/// Every row of the 2-D table.
+fn read_2d(kv: &dyn KVStoreBase) -> Vec<f32> {
+    let all = NDArray::from_vec(&[6], (0..6i64).collect()).unwrap();
+    let mut out = table_2d().retain_rows(&[]).unwrap();
+    kv.row_sparse_pull(KEY, &mut out, &all).unwrap();
+    out.to_dense().to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn groupadagrad_runs_on_the_servers_for_row_sparse_keys() {
+    // Row-wise AdaGrad needs 2-D weights: the servers keep a row-sparse key's parts as rows.
+    let spec = OptimizerSpec::new("groupadagrad").with("learning_rate", 0.1);
+    let grad = |rank: usize| {
+        let rows = NDArray::full(&[2, 4], rank as f64 + 0.5, DType::F32);
+        NDArray::row_sparse(&[6, 4], vec![rank as i64, 4], &rows).unwrap()
+    };
+    let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "8")];
+    let on_dist = {
+        let spec = spec.clone();
+        run_with("dist_sync", 2, 2, &bound, move |rank, kv| {
+            kv.init(KEY, &table_2d()).unwrap();
+            kv.set_optimizer(&spec).unwrap();
+            kv.push(KEY, &grad(rank)).unwrap();
+            read_2d(kv)
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &table_2d()).unwrap();
+    local.set_optimizer(&spec).unwrap();
+    local.push(KEY, &[grad(0), grad(1)][..]).unwrap();
+    assert_eq!(on_dist[0], read_2d(&*local));
+    assert_eq!(&on_dist[0][8..12], &[1.0; 4], "row 2 was never pushed");
+    assert_ne!(&on_dist[0][16..20], &[1.0; 4], "row 4 was");
+}

@@ -373,59 +373,43 @@ impl NDArray {
     /// memory (more than `isize::MAX` bytes), unsorted, duplicate or out-of-range ids, or a
     /// sparse `rows`; [`Error::ShapeMismatch`] when `rows` has the wrong shape.
     pub fn row_sparse(shape: &[usize], indices: Vec<i64>, rows: &NDArray) -> Result<NDArray> {
-        if shape.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a row-sparse array needs at least one dimension".into(),
-            ));
-        }
-        // `size()` and `to_dense()` need the full shape to be addressable, as a dense
-        // array's is.
-        let addressable = element_count(shape)
-            .and_then(|n| n.checked_mul(rows.dtype().size_of()))
-            .is_some_and(|bytes| bytes <= isize::MAX as usize);
-        if !addressable {
-            return Err(Error::InvalidArgument(format!(
-                "a row-sparse {} array of shape {shape:?} is too large to address",
-                rows.dtype()
-            )));
-        }
+        check_row_sparse_parts(shape, &indices, rows)?;
         let Data::Dense(host) = &rows.data else {
-            return Err(Error::InvalidArgument(
-                "the rows of a row-sparse array must be dense".into(),
-            ));
+            unreachable!("checked: the rows are dense")
         };
-        let mut expected = shape.to_vec();
-        expected[0] = indices.len();
-        if host.shape() != expected.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: "the rows of a row-sparse array".into(),
-                expected,
-                found: host.shape().to_vec(),
-            });
-        }
-        for (i, &id) in indices.iter().enumerate() {
-            if id < 0 || id as u64 >= shape[0] as u64 {
-                return Err(Error::InvalidArgument(format!(
-                    "row id {id} is outside 0..{} of shape {shape:?}",
-                    shape[0]
-                )));
-            }
-            if i > 0 && indices[i - 1] >= id {
-                return Err(Error::InvalidArgument(format!(
-                    "row ids must be strictly increasing, got {} then {id}",
-                    indices[i - 1]
-                )));
-            }
-        }
-        Ok(NDArray {
+        Ok(NDArray::from_rows(shape, indices, host.clone()))
+    }
+
+    /// [`NDArray::row_sparse`] taking the rows by value: they become the array's rows without
+    /// a copy (when in standard layout).
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    /// let a = NDArray::row_sparse_from(&[4, 3], vec![1], NDArray::ones(&[1, 3], DType::F32));
+    /// assert_eq!(a.unwrap().as_row_sparse().unwrap().indices(), &[1]);
+    /// ```
+    ///
+    /// # Errors
+    /// As [`NDArray::row_sparse`].
+    pub fn row_sparse_from(shape: &[usize], indices: Vec<i64>, rows: NDArray) -> Result<NDArray> {
+        check_row_sparse_parts(shape, &indices, &rows)?;
+        let Data::Dense(host) = rows.data else {
+            unreachable!("checked: the rows are dense")
+        };
+        Ok(NDArray::from_rows(shape, indices, host))
+    }
+
+    /// The row-sparse array of checked parts (rows kept in standard layout, so that they can
+    /// be read as bytes).
+    fn from_rows(shape: &[usize], indices: Vec<i64>, rows: HostArray) -> NDArray {
+        NDArray {
             context: Context::Cpu,
             data: Data::RowSparse(RowSparse {
                 shape: shape.to_vec(),
                 indices,
-                // Kept in standard layout, so that the rows can be read as bytes.
-                rows: host.clone().into_standard_layout(),
+                rows: rows.into_standard_layout(),
             }),
-        })
+        }
     }
 
     /// The element type.
@@ -926,7 +910,12 @@ impl NDArray {
                 return Err(on_device("add_assign", array.context));
             }
         }
-        if let (Data::RowSparse(a), Data::RowSparse(b)) = (&self.data, &other.data) {
+        if let (Data::RowSparse(a), Data::RowSparse(b)) = (&mut self.data, &other.data) {
+            if a.indices == b.indices {
+                // The same rows: added in place.
+                a.rows.add_same(&b.rows);
+                return Ok(());
+            }
             *self = NDArray {
                 context: self.context,
                 data: Data::RowSparse(sparse_sum(a, b)),
@@ -989,6 +978,55 @@ fn sparse_sum(a: &RowSparse, b: &RowSparse) -> RowSparse {
         indices: union,
         rows,
     }
+}
+
+/// The checks of [`NDArray::row_sparse`].
+fn check_row_sparse_parts(shape: &[usize], indices: &[i64], rows: &NDArray) -> Result<()> {
+    if shape.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a row-sparse array needs at least one dimension".into(),
+        ));
+    }
+    // `size()` and `to_dense()` need the full shape to be addressable, as a dense
+    // array's is.
+    let addressable = element_count(shape)
+        .and_then(|n| n.checked_mul(rows.dtype().size_of()))
+        .is_some_and(|bytes| bytes <= isize::MAX as usize);
+    if !addressable {
+        return Err(Error::InvalidArgument(format!(
+            "a row-sparse {} array of shape {shape:?} is too large to address",
+            rows.dtype()
+        )));
+    }
+    let Data::Dense(host) = &rows.data else {
+        return Err(Error::InvalidArgument(
+            "the rows of a row-sparse array must be dense".into(),
+        ));
+    };
+    let mut expected = shape.to_vec();
+    expected[0] = indices.len();
+    if host.shape() != expected.as_slice() {
+        return Err(Error::ShapeMismatch {
+            what: "the rows of a row-sparse array".into(),
+            expected,
+            found: host.shape().to_vec(),
+        });
+    }
+    for (i, &id) in indices.iter().enumerate() {
+        if id < 0 || id as u64 >= shape[0] as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "row id {id} is outside 0..{} of shape {shape:?}",
+                shape[0]
+            )));
+        }
+        if i > 0 && indices[i - 1] >= id {
+            return Err(Error::InvalidArgument(format!(
+                "row ids must be strictly increasing, got {} then {id}",
+                indices[i - 1]
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The number of elements of `shape`, `None` when it overflows `usize`.

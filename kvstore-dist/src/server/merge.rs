@@ -115,7 +115,7 @@ impl Pushed<'_> {
                 let data = NDArray::from_bytes(&shape, like.dtype(), rows.data)
                     .map_err(|e| e.to_string())?;
                 let ids = rows.ids().map(|id| id as i64).collect();
-                NDArray::row_sparse(like.shape(), ids, &data).map_err(|e| e.to_string())
+                NDArray::row_sparse_from(like.shape(), ids, data).map_err(|e| e.to_string())
             }
         }
     }

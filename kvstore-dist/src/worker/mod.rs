@@ -13,7 +13,8 @@
 //!   of the call before waiting for any answer (the calls are pipelined, in ascending key order
 //!   as MXNet); a sync push returns once the servers merged it (as MXNet's push does not block
 //!   its caller), and the worker's next pull of the key waits for the round to close. The
-//!   caller's arrays are only read.
+//!   caller's arrays are only read. Row-sparse values of a row-sparse key send only the rows
+//!   of their sum (see [`protocol`](crate::protocol#row-sparse-keys)).
 //! - `pull` asks every part and writes the answers into the outputs, casting to the output's
 //!   dtype; `pushpull` does both in one message per part; `broadcast` is init then pull;
 //!   `row_sparse_pull` fetches only the requested rows.
@@ -177,10 +178,18 @@ enum Payload<'a> {
 /// gets an empty push, which still counts as this worker's push of the round.
 fn rows_payload(meta: &KeyMeta, values: &[&NDArray]) -> Result<Vec<Vec<u8>>> {
     let row_len = meta.row_len.expect("a key kept by rows");
-    let mut sum = values[0].clone();
-    for v in &values[1..] {
-        sum.add_assign(v)?;
-    }
+    let summed;
+    let sum = match values {
+        [single] => *single,
+        _ => {
+            let mut sum = values[0].clone();
+            for v in &values[1..] {
+                sum.add_assign(v)?;
+            }
+            summed = sum;
+            &summed
+        }
+    };
     let sparse = sum
         .as_row_sparse()
         .expect("a sum of row-sparse values is row-sparse");
@@ -961,7 +970,7 @@ impl KVStoreBase for DistStore {
                         part,
                         Outgoing::new(protocol::CMD_ROW_SPARSE_PULL, &request.encode()),
                         &what,
-                        false,
+                        true,
                     )
                     .map_err(self.transport_at(operation, &meta.key))?;
                 pending.push((i, meta, part, sent));
@@ -988,44 +997,45 @@ impl KVStoreBase for DistStore {
             return Err(e);
         }
         let mut results = Vec::with_capacity(metas.len());
-        for ((meta, ids), parts) in metas.iter().zip(&requests).zip(answers) {
-            // Rows arrive part by part, each part holding the pieces of the rows it covers,
-            // in the order of the ids: concatenating them row by row rebuilds the rows.
+        for ((meta, ids), mut parts) in metas.iter().zip(&requests).zip(answers) {
+            // A row-sparse key is placed by whole rows, and the ids are sorted: the parts'
+            // answers, in part order, are the rows in id order.
             let row_len: usize = meta.shape[1..].iter().product();
-            let size = meta.dtype.size_of();
-            let mut cursors = vec![0usize; parts.len()];
-            let mut rows = Vec::with_capacity(ids.len() * row_len * size);
-            for &row in ids {
-                for (j, p) in meta.parts.iter().enumerate() {
-                    if let Some((a, b)) = protocol::row_in_part(
-                        row as u64,
-                        row_len as u64,
-                        p.start as u64,
-                        p.end as u64,
-                    ) {
-                        let n = (b - a) as usize * size;
-                        let piece = parts[j].get(cursors[j]..cursors[j] + n).ok_or_else(|| {
-                            self.at(operation, &meta.key)(Error::InvalidArgument(format!(
-                                "server rank {} answered fewer rows than asked",
-                                p.server
-                            )))
-                        })?;
-                        rows.extend_from_slice(piece);
-                        cursors[j] += n;
-                    }
+            let expected = ids.len() * row_len * meta.dtype.size_of();
+            let rows = match parts.len() {
+                1 => parts.pop().expect("one part"),
+                _ => {
+                    let joined = parts.concat();
+                    parts.into_iter().for_each(|p| meta.give_buffer(p));
+                    joined
                 }
+            };
+            if rows.len() != expected {
+                return Err(self.at(operation, &meta.key)(Error::InvalidArgument(
+                    format!(
+                        "the servers answered {} bytes for {} rows of {row_len} {} elements",
+                        rows.len(),
+                        ids.len(),
+                        meta.dtype
+                    ),
+                )));
             }
             let mut row_shape = meta.shape.clone();
             row_shape[0] = ids.len();
             let at = self.at(operation, &meta.key);
             let result = NDArray::from_bytes(&row_shape, meta.dtype, &rows)
-                .and_then(|r| NDArray::row_sparse(&meta.shape, ids.clone(), &r))
+                .and_then(|r| NDArray::row_sparse_from(&meta.shape, ids.clone(), r))
                 .map_err(at)?;
+            meta.give_buffer(rows);
             results.push(result);
         }
         for (out, result) in outs.outs_mut().iter_mut().zip(results) {
             let dtype = out.dtype();
-            **out = result.astype(dtype);
+            **out = if result.dtype() == dtype {
+                result
+            } else {
+                result.astype(dtype)
+            };
         }
         Ok(())
     }
