@@ -3,7 +3,7 @@
 
 use kvstore_base::{Capability, DType, Error, KVStoreExt, NDArray, OptimizerSpec};
 
-use super::util::{expect_all, expect_error, filled, store};
+use super::util::{expect_all, expect_error, f32s, filled, store};
 use super::{ensure, Check, CheckResult, Failure, StoreFactory};
 
 pub(super) const CHECKS: &[Check] = &[
@@ -16,6 +16,15 @@ pub(super) const CHECKS: &[Check] = &[
         name: "optimizer_sgd_defaults_to_learning_rate_0_01",
         requires: &[Capability::Optimizer, Capability::InitPushPull],
         run: sgd_defaults_to_learning_rate_0_01,
+    },
+    Check {
+        name: "optimizer_updates_the_pushed_rows_of_a_row_sparse_weight_lazily",
+        requires: &[
+            Capability::Optimizer,
+            Capability::RowSparse,
+            Capability::InitPushPull,
+        ],
+        run: lazy_rows_of_a_row_sparse_weight,
     },
     Check {
         name: "optimizer_unknown_name_is_an_error",
@@ -57,6 +66,44 @@ fn sgd_defaults_to_learning_rate_0_01(factory: &StoreFactory) -> CheckResult {
         -0.01f32 as f64,
         "weight 0 after one sgd step on gradient 1",
     )
+}
+
+/// MXNet 1.9.1's local store, with an embedding stored row-sparse with every row (ones of
+/// (4, 2)), sgd with learning rate 0.1 and weight decay 0.1 (lazy), and one push of two
+/// row-sparse values: row 1 (+0.5 and -0.5, a zero sum still in the union of rows) and row 2
+/// (1.0). Rows 0 and 3 are not pushed and keep their value: [1, 0.99, 0.89, 1] per row, the
+/// weight still holding every row.
+fn lazy_rows_of_a_row_sparse_weight(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    let every_row = [0, 1, 2, 3];
+    kv.init("embedding", &filled(&[4, 2], 1.0).retain_rows(&every_row)?)?;
+    kv.set_optimizer(
+        &OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.1)
+            .with("wd", 0.1),
+    )?;
+    let rows = |ids: Vec<i64>, values: &[f32]| {
+        let data = f32s(&[ids.len(), 2], values);
+        NDArray::row_sparse(&[4, 2], ids, &data)
+    };
+    kv.push(
+        "embedding",
+        &[
+            rows(vec![1, 2], &[0.5, 0.5, 1.0, 1.0])?,
+            rows(vec![1], &[-0.5, -0.5])?,
+        ],
+    )?;
+    let mut out = rows(vec![], &[])?;
+    let ids = NDArray::from_vec(&[4], every_row.to_vec())?;
+    kv.row_sparse_pull("embedding", &mut out, &ids)?;
+    let got = out.to_dense().to_vec::<f32>()?;
+    let expected = [1.0, 1.0, 0.99, 0.99, 0.89, 0.89, 1.0, 1.0];
+    ensure!(
+        got == expected,
+        "after one lazy sgd step the rows are {got:?}, MXNet's are {expected:?} (rows not \
+         pushed unchanged, rows pushed decayed even when their gradients cancel)"
+    );
+    Ok(())
 }
 
 fn unknown_optimizer_is_an_error(factory: &StoreFactory) -> CheckResult {
