@@ -22,6 +22,7 @@
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
+//! | `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` | `row_sparse_verbose` | 0 | 1 (or `true`): workers and servers log every row-sparse push and pull (key, rows) at `info` level, as MXNet's do |
 //!
 //! The stores read the file named by `KVSTORE_CONFIG` (when set); `kvstore scheduler` and
 //! `kvstore server` take it as `--config`.
@@ -195,6 +196,8 @@ pub struct DistFile {
     pub shm_bytes: Option<u64>,
     /// `KVSTORE_SHM_DIR`.
     pub shm_dir: Option<String>,
+    /// `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`.
+    pub row_sparse_verbose: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -268,6 +271,9 @@ pub struct DistConfig {
     pub shm_bytes: u64,
     /// Directory of the region files (`KVSTORE_SHM_DIR`).
     pub shm_dir: PathBuf,
+    /// Whether workers and servers log each row-sparse push and pull
+    /// (`MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`).
+    pub row_sparse_verbose: bool,
 }
 
 /// Where a value came from, for error messages.
@@ -607,6 +613,16 @@ impl DistConfig {
                 .unwrap_or_else(|| DEFAULT_SHM_DIR.to_string()),
         );
 
+        let verbose_name = "MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE";
+        let row_sparse_verbose = match src.get(verbose_name) {
+            Some(v) => match v.trim().to_ascii_lowercase().as_str() {
+                "0" | "false" => false,
+                "1" | "true" => true,
+                _ => return Err(invalid(verbose_name, v, "0, 1, false or true")),
+            },
+            None => file.row_sparse_verbose.unwrap_or(false),
+        };
+
         Ok(DistConfig {
             role,
             root_uri,
@@ -625,6 +641,7 @@ impl DistConfig {
             shm,
             shm_bytes,
             shm_dir,
+            row_sparse_verbose,
         })
     }
 

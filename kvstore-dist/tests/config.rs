@@ -42,6 +42,7 @@ fn defaults_follow_mxnet() {
     assert_eq!(c.heartbeat_timeout, Duration::ZERO);
     assert_eq!(c.bigarray_bound, DEFAULT_BIGARRAY_BOUND);
     assert_eq!(c.timeout, Duration::from_secs(60));
+    assert!(!c.row_sparse_verbose);
     assert_eq!(c.scheduler_addr(), "127.0.0.1:9091");
     assert_eq!(c.transport().timeout, Duration::from_secs(60));
 }
@@ -59,8 +60,10 @@ fn every_variable_is_read() {
         ("MXNET_KVSTORE_BIGARRAY_BOUND", "1000"),
         ("KVSTORE_TIMEOUT_SECS", "0.5"),
         ("KVSTORE_MAX_MESSAGE_BYTES", "1048576"),
+        ("MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE", "True"),
     ]))
     .unwrap();
+    assert!(c.row_sparse_verbose);
     assert_eq!(c.role, Role::Scheduler);
     assert_eq!(c.node_host.as_deref(), Some("10.0.0.5"));
     assert_eq!(c.interface.as_deref(), Some("eth0"));
@@ -121,6 +124,11 @@ fn bad_values_name_the_variable_and_the_value() {
         ("KVSTORE_TIMEOUT_SECS", "NaN", "positive number of seconds"),
         ("KVSTORE_TIMEOUT_SECS", "1e30", "positive number of seconds"),
         ("KVSTORE_MAX_MESSAGE_BYTES", "12", "at least 1024"),
+        (
+            "MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE",
+            "yes",
+            "0, 1, false or true",
+        ),
     ];
     for (var, value, expected) in cases {
         let msg = err(with(&[(var, value)]));

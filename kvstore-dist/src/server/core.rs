@@ -16,6 +16,7 @@ use kvstore_optimizer::Updater;
 
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
 use super::reply::{Answer, Batch};
+use crate::config::DistConfig;
 use crate::protocol::{self, head, InitMeta, Mode, RowRequest, ShmAttach, ShmSlot};
 use crate::shm::{self, Region};
 use crate::transport::{ConnectionId, Handler, Outgoing, Request, Responder};
@@ -155,6 +156,8 @@ pub(crate) struct Core {
     shm_dir: Option<std::path::PathBuf>,
     /// The region each worker connection lent, by its address.
     regions: Mutex<HashMap<ConnectionId, Arc<Region>>>,
+    /// Log each row-sparse push and pull (`MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`).
+    row_sparse_verbose: bool,
 }
 
 type Reply = Result<(), String>;
@@ -165,18 +168,15 @@ type PartId = (u64, u64);
 type SharedEntry = Arc<Mutex<Entry>>;
 
 impl Core {
-    pub(crate) fn new(
-        rank: u32,
-        num_workers: u32,
-        timeout: Duration,
-        worker_names: Vec<String>,
-        shm_dir: Option<std::path::PathBuf>,
-    ) -> Core {
+    /// The state of server `rank` of the cluster `config` describes, whose workers are
+    /// `worker_names` (by rank).
+    pub(crate) fn new(rank: u32, config: &DistConfig, worker_names: Vec<String>) -> Core {
+        let num_workers = config.num_workers;
         let n = num_workers as usize;
         Core {
             rank,
             num_workers,
-            timeout,
+            timeout: config.timeout,
             worker_names: Mutex::new(worker_names),
             membership: Mutex::new(()),
             generations: (0..n)
@@ -195,7 +195,8 @@ impl Core {
             load_waiters: Mutex::new(Vec::new()),
             codec: Mutex::new(None),
             optimizer_set: Mutex::new(None),
-            shm_dir,
+            shm_dir: config.shm.then(|| config.shm_dir.clone()),
+            row_sparse_verbose: config.row_sparse_verbose,
             regions: Mutex::new(HashMap::new()),
         }
     }
@@ -632,8 +633,16 @@ impl Core {
             ));
         }
         let row_bytes = e.meta.row_len as usize * value.dtype().size_of();
-        protocol::RowsPush::decode(data, value.shape()[0] as u64, row_bytes)
-            .map_err(|msg| format!("push of {what}: {msg}"))
+        let rows = protocol::RowsPush::decode(data, value.shape()[0] as u64, row_bytes)
+            .map_err(|msg| format!("push of {what}: {msg}"))?;
+        if self.row_sparse_verbose {
+            let ids: Vec<u64> = rows.ids().collect();
+            log::info!(
+                "server {} push of {what}: rows {ids:?} of the part",
+                self.rank
+            );
+        }
+        Ok(rows)
     }
 
     fn check_push(&self, e: &Entry, flags: u16, what: &str) -> Reply {
@@ -876,12 +885,22 @@ impl Core {
         let id = (request.header.key, request.header.aux);
         let answer = Answer::One(responder);
         match RowRequest::decode(&request.payload) {
-            Ok(rows) => self.pull_part(
-                self.sender_rank(request).ok(),
-                id,
-                answer,
-                Wants::Rows(rows),
-            ),
+            Ok(rows) => {
+                if self.row_sparse_verbose {
+                    log::info!(
+                        "server {} row_sparse_pull of {}: rows {:?}",
+                        self.rank,
+                        self.describe_id(id),
+                        rows.rows
+                    );
+                }
+                self.pull_part(
+                    self.sender_rank(request).ok(),
+                    id,
+                    answer,
+                    Wants::Rows(rows),
+                )
+            }
             Err(e) => answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id))),
         }
     }

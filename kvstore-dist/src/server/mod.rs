@@ -79,13 +79,7 @@ impl ParamServer {
         config.role = Role::Server;
         let mut node = Node::join(&config)?;
         let workers: Vec<String> = node.workers().map(|w| w.to_string()).collect();
-        let core = Arc::new(Core::new(
-            node.rank(),
-            config.num_workers,
-            config.timeout,
-            workers,
-            config.shm.then(|| config.shm_dir.clone()),
-        ));
+        let core = Arc::new(Core::new(node.rank(), &config, workers));
         let listener = node
             .take_listener()
             .ok_or_else(|| ClusterError::Local("the node's listening socket is gone".into()))?;

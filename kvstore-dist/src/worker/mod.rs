@@ -103,6 +103,8 @@ pub struct DistStore {
     /// MXNet's device communicator (a store name holding `device`): GPU values summed on a
     /// GPU before a push, pulls copied GPU to GPU (`worker/device.rs`).
     device_comm: bool,
+    /// Log each row-sparse push and pull (`MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`).
+    row_sparse_verbose: bool,
 }
 
 impl std::fmt::Debug for DistStore {
@@ -171,6 +173,16 @@ enum Payload<'a> {
     Dense(Outbound<'a>),
     /// For each part, the rows of the sum of its row-sparse values ([`protocol::RowsPush`]).
     Rows(Vec<Vec<u8>>),
+}
+
+/// Logs a row-sparse `operation` of `values` to `key` (MXNet's
+/// `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`): each value's rows.
+fn log_rows(rank: u32, operation: &str, key: &Key, values: &[&NDArray]) {
+    let rows: Vec<&[i64]> = values
+        .iter()
+        .filter_map(|v| v.as_row_sparse().map(|r| r.indices()))
+        .collect();
+    log::info!("worker rank {rank} {operation} of key {key}: rows {rows:?}");
 }
 
 /// The rows of the sum of row-sparse `values` (MXNet's order, the union of their rows), as
@@ -279,6 +291,7 @@ impl DistStore {
             loads: std::sync::atomic::AtomicU64::new(0),
             timeout: config.timeout,
             recovered,
+            row_sparse_verbose: config.row_sparse_verbose,
         })
     }
 
@@ -464,6 +477,9 @@ impl DistStore {
                 let arrays: Vec<&NDArray> =
                     g.positions.iter().map(|&p| values.values()[p]).collect();
                 if pushes_rows(g, meta) {
+                    if self.row_sparse_verbose {
+                        log_rows(self.rank, "push", &g.key, &arrays);
+                    }
                     rows_payload(meta, &arrays)
                         .map(Payload::Rows)
                         .map_err(self.at(operation, &g.key))
@@ -952,6 +968,13 @@ impl KVStoreBase for DistStore {
                 row_ids[i].unique_row_ids(meta.shape[0])
             })()
             .map_err(at)?;
+            if self.row_sparse_verbose {
+                log::info!(
+                    "worker rank {} row_sparse_pull of key {}: rows {ids:?}",
+                    self.rank,
+                    meta.key
+                );
+            }
             requests.push(ids);
         }
         let mut pending = Vec::new();
