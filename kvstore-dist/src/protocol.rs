@@ -278,6 +278,15 @@ impl InitMeta {
                 "an init declares {elements} elements in rows of {row_len}: not whole rows"
             ));
         }
+        // Any array's bytes must be addressable (a row's too, when the part has no rows).
+        let size = dtype.size_of() as u64;
+        let addressable = |n: u64| n.checked_mul(size).is_some_and(|b| b <= isize::MAX as u64);
+        if !addressable(elements) || !addressable(row_len) {
+            return Err(format!(
+                "an init declares {elements} elements in rows of {row_len} of {dtype}: too large \
+                 to address"
+            ));
+        }
         let kind = take(20, 1)?[0];
         let len = u32::from_le_bytes(take(21, 4)?.try_into().expect("4 bytes")) as usize;
         let name =
@@ -546,7 +555,7 @@ pub fn split_item_error(message: &str) -> Option<(usize, &str)> {
 }
 
 /// A [`CMD_ROW_SPARSE_PULL`] request for one part: encoded as `part_start u64, row_len u64,
-/// rows i64...` (little-endian).
+/// rows i64...` (little-endian), the rows strictly increasing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowRequest {
     /// The part's first element in the whole (flattened) array.
@@ -580,10 +589,18 @@ impl RowRequest {
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")));
         let part_start = words.next().expect("checked length");
         let row_len = words.next().expect("checked length");
+        let rows: Vec<i64> = words.map(|w| w as i64).collect();
+        // Sorted and unique (as a worker sends them): an answer never exceeds the part.
+        if let Some(w) = rows.windows(2).find(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "a row request names row {} after row {}: rows must be strictly increasing",
+                w[1], w[0]
+            ));
+        }
         Ok(RowRequest {
             part_start,
             row_len,
-            rows: words.map(|w| w as i64).collect(),
+            rows,
         })
     }
 }
@@ -591,8 +608,9 @@ impl RowRequest {
 /// The elements `[start, end)` of row `row` of length `row_len` that fall inside a part
 /// covering elements `[part_start, part_end)`, relative to the part; `None` when none do.
 pub fn row_in_part(row: u64, row_len: u64, part_start: u64, part_end: u64) -> Option<(u64, u64)> {
-    let start = row.checked_mul(row_len)?.max(part_start);
-    let end = (row.checked_mul(row_len)? + row_len).min(part_end);
+    let first = row.checked_mul(row_len)?;
+    let start = first.max(part_start);
+    let end = first.checked_add(row_len)?.min(part_end);
     (start < end).then(|| (start - part_start, end - part_start))
 }
 
@@ -679,7 +697,15 @@ mod tests {
             row_len: 4,
             rows: vec![3, -1, 0],
         };
-        assert_eq!(RowRequest::decode(&r.encode()).unwrap(), r);
+        assert!(
+            RowRequest::decode(&r.encode()).is_err(),
+            "rows out of order"
+        );
+        let sorted = RowRequest {
+            rows: vec![-1, 0, 3],
+            ..r
+        };
+        assert_eq!(RowRequest::decode(&sorted.encode()).unwrap(), sorted);
         assert!(RowRequest::decode(&[0; 12]).is_err());
     }
 
@@ -714,5 +740,7 @@ mod tests {
         assert_eq!(row_in_part(2, 4, 6, 14), Some((2, 6)));
         assert_eq!(row_in_part(3, 4, 6, 14), Some((6, 8)));
         assert_eq!(row_in_part(4, 4, 6, 14), None);
+        // Rows past the end of any address are in no part.
+        assert_eq!(row_in_part(u64::MAX / 4, 4, 0, u64::MAX), None);
     }
 }

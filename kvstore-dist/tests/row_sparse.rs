@@ -334,20 +334,74 @@ fn groupadagrad_runs_on_the_servers_for_row_sparse_keys() {
         NDArray::row_sparse(&[6, 4], vec![rank as i64, 4], &rows).unwrap()
     };
     let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "8")];
+    let dir = std::env::temp_dir().join(format!("kvstore-dist-rows-g-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_dist, from_local) = (dir.join("dist"), dir.join("local"));
     let on_dist = {
-        let spec = spec.clone();
+        let (spec, path) = (spec.clone(), from_dist.clone());
         run_with("dist_sync", 2, 2, &bound, move |rank, kv| {
             kv.init(KEY, &table_2d()).unwrap();
             kv.set_optimizer(&spec).unwrap();
             kv.push(KEY, &grad(rank)).unwrap();
-            read_2d(kv)
+            let seen = read_2d(kv);
+            kv.barrier().unwrap();
+            if rank == 0 {
+                // Its history, one value per row, joined from the servers' rows.
+                kv.save_optimizer_states(&path, true).unwrap();
+            }
+            kv.barrier().unwrap();
+            seen
         })
     };
     let local = kvstore_base::create("local").unwrap();
     local.init(KEY, &table_2d()).unwrap();
     local.set_optimizer(&spec).unwrap();
     local.push(KEY, &[grad(0), grad(1)][..]).unwrap();
+    local.save_optimizer_states(&from_local, true).unwrap();
     assert_eq!(on_dist[0], read_2d(&*local));
     assert_eq!(&on_dist[0][8..12], &[1.0; 4], "row 2 was never pushed");
     assert_ne!(&on_dist[0][16..20], &[1.0; 4], "row 4 was");
+    let history = |path: &std::path::Path| {
+        let mut u = kvstore_optimizer::Updater::from_spec(&spec).unwrap();
+        u.load_states(&std::fs::read(path).unwrap()).unwrap();
+        u.state_arrays(&kvstore_base::Key::from(KEY))
+            .map(<[NDArray]>::to_vec)
+    };
+    let (dist_history, local_history) = (history(&from_dist), history(&from_local));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(dist_history, local_history);
+}
+
+#[test]
+fn a_pushpull_of_rows_updates_lazily_and_answers_every_row() {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("wd", 0.1);
+    let on_dist = {
+        let sgd = sgd.clone();
+        run_with("dist_sync", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight()).unwrap();
+            kv.set_optimizer(&sgd).unwrap();
+            let mut out = NDArray::zeros(&SHAPE, DType::F32);
+            kv.pushpull(KEY, &grad(&pushed_rows(rank, 0), 1.0), &mut out)
+                .unwrap();
+            out.to_vec::<f32>().unwrap()
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight()).unwrap();
+    local.set_optimizer(&sgd).unwrap();
+    let grads = [0, 1].map(|rank| grad(&pushed_rows(rank, 0), 1.0));
+    let mut outs = [0, 1].map(|_| NDArray::zeros(&SHAPE, DType::F32));
+    local.pushpull(KEY, &grads[..], &mut outs[..]).unwrap();
+    assert_eq!(on_dist[0], outs[0].to_vec::<f32>().unwrap());
+    assert_eq!(on_dist[1], on_dist[0]);
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    for r in NEVER_PUSHED {
+        assert_eq!(
+            row(&on_dist[0], r),
+            row(&start, r),
+            "row {r} was never pushed"
+        );
+    }
 }

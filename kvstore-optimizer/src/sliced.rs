@@ -250,34 +250,67 @@ fn check_whole(entry: &KeySlices, key: &SavedKey, state_len: Option<usize>) -> R
     Ok(())
 }
 
-/// The slices of one state array, joined into an array of the key's shape.
+/// The slices of one state array, joined into an array of the key's shape; for a key kept by
+/// rows, a state of one value (or more) per row (groupadagrad's history), joined by rows.
 fn concat(entry: &KeySlices, slices: &[&NDArray]) -> Result<NDArray> {
     let dtype = slices[0].dtype();
+    let per_row = per_row_width(entry, slices[0]);
     let mut bytes = Vec::new();
     for ((_, range), s) in entry.slices.iter().zip(slices) {
+        let expected = match per_row {
+            Some((len, width)) => range.len() / len * width,
+            None => range.len(),
+        };
         let part = s
             .as_bytes()
-            .filter(|_| s.dtype() == dtype && s.size() == range.len())
+            .filter(|_| s.dtype() == dtype && s.size() == expected)
             .ok_or_else(|| {
                 inconsistent(
                     &entry.key,
                     &format!(
-                        "has a slice of {} {} elements where {} {dtype} were expected",
+                        "has a slice of {} {} elements where {expected} {dtype} were expected",
                         s.size(),
                         s.dtype(),
-                        range.len()
                     ),
                 )
             })?;
         bytes.extend_from_slice(part);
     }
-    NDArray::from_bytes(&entry.shape, dtype, &bytes)
+    match per_row {
+        Some((_, width)) => NDArray::from_bytes(&[entry.shape[0], width], dtype, &bytes),
+        None => NDArray::from_bytes(&entry.shape, dtype, &bytes),
+    }
+}
+
+/// For a key kept by rows, the row length and the width of a server's state `slice` that
+/// holds a value (or several) per row instead of one per element of the weight; `None` for
+/// a weight-sized state or a key kept flat.
+fn per_row_width(entry: &KeySlices, slice: &NDArray) -> Option<(usize, usize)> {
+    let len = entry.row_len.filter(|&len| len > 0)?;
+    let width = slice.shape().get(1..)?.iter().product::<usize>();
+    (slice.ndim() == 2 && width != len).then_some((len, width))
 }
 
 /// The elements `range` of a state array of the key's shape, flattened (or as rows, for a key
-/// kept by rows).
+/// kept by rows, whose per-row states are cut by rows too).
 fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDArray> {
     let size = array.dtype().size_of();
+    let rows = entry
+        .row_len
+        .filter(|&len| len > 0)
+        .map(|len| (range.start / len..range.end / len, len));
+    // A state of one value (or more) per row, kept by rows on the servers.
+    if let (Some((rows, _)), Some(bytes)) = (&rows, array.as_bytes()) {
+        let shape = array.shape();
+        if shape.len() == 2 && shape != entry.shape.as_slice() && shape[0] == entry.shape[0] {
+            let width = shape[1];
+            return NDArray::from_bytes(
+                &[rows.len(), width],
+                array.dtype(),
+                &bytes[rows.start * width * size..rows.end * width * size],
+            );
+        }
+    }
     let bytes = array
         .as_bytes()
         .filter(|_| array.shape() == entry.shape.as_slice())
@@ -285,15 +318,15 @@ fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDAr
             Error::InvalidArgument(format!(
                 "key {}: the state file holds a state of shape {:?}, the key's is {:?}: a \
                  state not of the weight's shape (e.g. groupadagrad's history, one value per \
-                 row) cannot be cut into the servers' slices",
+                 row) can only be cut into the servers' slices of a row-sparse key",
                 entry.key,
                 array.shape(),
                 entry.shape
             ))
         })?;
-    let shape = match entry.row_len {
-        Some(len) if len > 0 => vec![range.len() / len, len],
-        _ => vec![range.len()],
+    let shape = match rows {
+        Some((rows, len)) => vec![rows.len(), len],
+        None => vec![range.len()],
     };
     NDArray::from_bytes(
         &shape,
@@ -401,6 +434,40 @@ mod tests {
         assert_eq!(
             back.state_arrays(&Key::from(1)),
             whole(2).state_arrays(&Key::from(1))
+        );
+    }
+
+    #[test]
+    fn per_row_states_of_keys_kept_by_rows_are_cut_and_joined_by_rows() {
+        // groupadagrad keeps one history value per row: (2, 1) for the (2, 3) weight.
+        let mut u = Updater::from_spec(&OptimizerSpec::new("groupadagrad")).unwrap();
+        let mut w = NDArray::ones(&[2, 3], DType::F32);
+        let g = NDArray::from_vec(&[2, 3], vec![1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        u.update(&Key::from(1), &g, &mut w).unwrap();
+        let file = u.save_states(true).unwrap();
+        let rows = vec![KeySlices {
+            key: Key::from(1),
+            shape: vec![2, 3],
+            dtype: DType::F32,
+            slices: vec![(0, 0..3), (1, 3..6)],
+            row_len: Some(3),
+        }];
+        let parts = split(&file, &rows, 2).unwrap();
+        let mut server1 = Updater::from_spec(&OptimizerSpec::new("groupadagrad")).unwrap();
+        server1.load_states(&parts[1]).unwrap();
+        let history = &server1.state_arrays(&Key::from(1)).unwrap()[0];
+        assert_eq!(history.shape(), &[1, 1]);
+        // Row 1's slice updates as the whole key's row 1 does.
+        let mut w1 = NDArray::ones(&[1, 3], DType::F32);
+        server1
+            .update(&Key::from(1), &NDArray::ones(&[1, 3], DType::F32), &mut w1)
+            .unwrap();
+        let joined = join(&parts, &rows, true).unwrap();
+        let mut back = Updater::from_spec(&OptimizerSpec::new("groupadagrad")).unwrap();
+        back.load_states(&joined).unwrap();
+        assert_eq!(
+            back.state_arrays(&Key::from(1)),
+            u.state_arrays(&Key::from(1))
         );
     }
 

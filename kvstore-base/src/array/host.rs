@@ -97,6 +97,11 @@ impl HostArray {
         with_host!(self, a => a.shape())
     }
 
+    /// Sets every element to zero, in place.
+    pub(crate) fn fill_zero(&mut self) {
+        with_host!(self, a => a.fill(crate::Element::from_f64(0.0)))
+    }
+
     /// This array in standard (row-major, contiguous) layout: itself when it already is, else
     /// a copy.
     pub(crate) fn into_standard_layout(self) -> HostArray {

@@ -868,6 +868,11 @@ impl NDArray {
             Data::Device(_) => unreachable!("written above"),
             Data::Dense(dst) => match &src.data {
                 Data::Dense(s) => dst.assign_cast(s),
+                Data::RowSparse(r) if r.rows.dtype() == dst.dtype() => {
+                    // Zeros, then the stored rows: no dense copy of the source.
+                    dst.fill_zero();
+                    scatter_rows(dst, &r.indices, &r.rows, false);
+                }
                 _ => dst.assign_cast(src.to_dense().dense().expect("dense")),
             },
             Data::RowSparse(dst) => {

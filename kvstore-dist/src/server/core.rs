@@ -71,8 +71,18 @@ impl Wants {
 fn rows_in(value: &NDArray, request: &RowRequest) -> Result<Vec<u8>, String> {
     let bytes = value.as_bytes().expect("stored parts are contiguous");
     let size = value.dtype().size_of() as u64;
-    let part_end = request.part_start + value.size() as u64;
-    let mut out = Vec::new();
+    let part_end = request
+        .part_start
+        .checked_add(value.size() as u64)
+        .ok_or_else(|| {
+            format!(
+                "a part starting at element {} cannot exist",
+                request.part_start
+            )
+        })?;
+    // The rows are strictly increasing (checked when decoded): at most the part comes back.
+    let wanted = (request.rows.len() as u64).saturating_mul(request.row_len.saturating_mul(size));
+    let mut out = Vec::with_capacity(wanted.min(bytes.len() as u64) as usize);
     for &row in &request.rows {
         let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
         if let Some((a, b)) =
@@ -372,6 +382,16 @@ impl Core {
             Ok(len) => vec![elements / len, len],
             Err(_) => return Err("too many elements per row".into()),
         };
+        // Checked before allocating: a declaration's size is only as good as its data.
+        if data.len() as u64 != meta.elements * meta.dtype.size_of() as u64 {
+            return Err(format!(
+                "{}: rank 0's init declares {} elements of {} but carries {} bytes",
+                self.describe(&meta.key, part),
+                meta.elements,
+                meta.dtype,
+                data.len()
+            ));
+        }
         let mut value = NDArray::zeros(&shape, meta.dtype);
         copy_from_bytes(&mut value, data)?;
         e.value = Some(value);
@@ -394,17 +414,24 @@ impl Core {
         rank0: &InitMeta,
         part: u64,
     ) -> Option<String> {
+        // How a part is kept: flat, or as rows (a row-sparse key).
+        let layout = |m: &InitMeta| match m.row_len {
+            0 => String::new(),
+            len => format!(" in row-sparse rows of {len}"),
+        };
         (meta != rank0).then(|| {
             format!(
-                "worker rank {rank} declares {} as {} elements of {} but rank 0 declared {} as \
-                 {} elements of {} (the value server {} holds): every worker must init the \
-                 same keys with the same shapes and dtypes, in the same order",
+                "worker rank {rank} declares {} as {} elements of {}{} but rank 0 declared {} as \
+                 {} elements of {}{} (the value server {} holds): every worker must init the \
+                 same keys with the same shapes, dtypes and storage types, in the same order",
                 self.describe(&meta.key, part),
                 meta.elements,
                 meta.dtype,
+                layout(meta),
                 self.describe(&rank0.key, part),
                 rank0.elements,
                 rank0.dtype,
+                layout(rank0),
                 self.rank,
             )
         })
@@ -632,6 +659,7 @@ impl Core {
                 self.rank
             ));
         }
+        // Addressable: checked when the init was decoded.
         let row_bytes = e.meta.row_len as usize * value.dtype().size_of();
         let rows = protocol::RowsPush::decode(data, value.shape()[0] as u64, row_bytes)
             .map_err(|msg| format!("push of {what}: {msg}"))?;
@@ -804,11 +832,15 @@ impl Core {
         };
         let waiters = std::mem::take(&mut e.waiters);
         e.round_started = None;
-        match outcome {
-            Ok(()) => reply_all(waiters, e.value.as_ref().expect("set")),
-            Err(msg) => fail_waiters(e, waiters, &msg),
+        if let Err(msg) = &outcome {
+            // Marks the ranks that pushed: their next pulls fail with it.
+            fail_waiters(e, waiters, msg);
+            e.pushed.iter_mut().for_each(|p| *p = false);
+            return;
         }
+        // The round is over before any answer goes out.
         e.pushed.iter_mut().for_each(|p| *p = false);
+        reply_all(waiters, e.value.as_ref().expect("set"));
     }
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the

@@ -79,13 +79,15 @@ impl<'d> Parts<'_, 'd> {
     }
 
     /// The bytes by which part `part` of key `i` is sent alone or batched: those of its value,
-    /// or those pushed when they are rows (a few rows of a big key travel in a batch).
-    fn size(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize) -> usize {
+    /// or, for rows, those pushed and those answered (`receive`: the part's value), so that a
+    /// few rows of a big key travel in a batch, and a big answer alone.
+    fn size(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize, receive: bool) -> usize {
+        let value = metas[i].byte_range(part).len();
         match *self {
             Parts::Pushed { data, flags } if flags[i] & protocol::FLAG_ROW_SPARSE != 0 => {
-                data[i][part].len()
+                data[i][part].len().max(if receive { value } else { 0 })
             }
-            _ => metas[i].byte_range(part).len(),
+            _ => value,
         }
     }
 }
@@ -214,7 +216,7 @@ impl DistStore {
                     if p.server != server {
                         continue;
                     }
-                    let size = parts.size(metas, i, part);
+                    let size = parts.size(metas, i, part, receive);
                     if size > protocol::BATCH_ITEM_BYTES {
                         let what = format!("{operation} of key {}", meta.key);
                         let payload = parts.bytes(metas, i, part);

@@ -461,10 +461,10 @@ impl DistStore {
                     .map_err(self.at(operation, key))?;
             }
         }
-        // A push of row-sparse values to a key kept by rows sends the rows of their sum.
+        // A push (or pushpull) of row-sparse values to a key kept by rows sends the rows of
+        // their sum.
         let pushes_rows = |g: &KeyGroup, meta: &KeyMeta| {
-            outs.is_none()
-                && codec.is_none()
+            codec.is_none()
                 && meta.row_len.is_some()
                 && g.positions
                     .iter()
@@ -981,10 +981,19 @@ impl KVStoreBase for DistStore {
         for (i, (meta, ids)) in metas.iter().zip(&requests).enumerate() {
             let row_len: usize = meta.shape[1..].iter().product();
             for (part, p) in meta.parts.iter().enumerate() {
+                // The part holds whole rows: it is asked for its own.
+                let own = match row_len {
+                    0 => &ids[..],
+                    len => {
+                        let (first, end) = ((p.start / len) as i64, (p.end / len) as i64);
+                        &ids[ids.partition_point(|&id| id < first)
+                            ..ids.partition_point(|&id| id < end)]
+                    }
+                };
                 let request = RowRequest {
                     part_start: p.start as u64,
                     row_len: row_len as u64,
-                    rows: ids.clone(),
+                    rows: own.to_vec(),
                 };
                 let what = format!("{operation} of key {}", meta.key);
                 let sent = self
