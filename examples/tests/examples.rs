@@ -90,22 +90,22 @@ fn training_on_the_local_store_drives_the_loss_to_the_noise_floor() {
     );
 }
 
-/// Runs `train_linear STORE` as the 2 workers of a job whose scheduler and server run on
-/// threads of this test; returns each worker's output. Bounded: workers still running after
-/// a minute are killed and the test fails.
-fn train_in_a_job(store: &str) -> Vec<String> {
+/// Runs `PROGRAM STORE` as the 2 workers of a job whose scheduler and server run on threads
+/// of this test; returns each worker's output. Bounded: workers still running after a minute
+/// are killed and the test fails.
+fn train_in_a_job(program: &str, store: &str) -> Vec<String> {
     use std::time::{Duration, Instant};
     let cluster =
         kvstore::dist::LocalCluster::start(1, 2, Duration::from_secs(30)).expect("a cluster");
     let mut workers: Vec<_> = (0..2)
         .map(|_| {
-            Command::new(env!("CARGO_BIN_EXE_train_linear"))
+            Command::new(program)
                 .arg(store)
                 .envs(cluster.worker_options())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
-                .expect("cannot run train_linear")
+                .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -115,7 +115,7 @@ fn train_in_a_job(store: &str) -> Vec<String> {
                 let _ = w.kill();
                 let _ = w.wait();
             }
-            panic!("train_linear {store} ran over a minute");
+            panic!("{program} {store} ran over a minute");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -130,7 +130,7 @@ fn train_in_a_job(store: &str) -> Vec<String> {
             let stdout = String::from_utf8_lossy(&stdout).into_owned();
             assert!(
                 status.success(),
-                "train_linear {store} failed with {status}\nstdout:\n{stdout}\nstderr:\n{}",
+                "{program} {store} failed with {status}\nstdout:\n{stdout}\nstderr:\n{}",
                 String::from_utf8_lossy(&stderr)
             );
             stdout
@@ -145,7 +145,7 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
     // byteps's servers only sum and horovod has none: each worker runs the same SGD on the
     // all-reduced gradients, and lands where the store-side optimizer of `local` lands.
     for store in ["byteps", "horovod"] {
-        let outputs = train_in_a_job(store);
+        let outputs = train_in_a_job(env!("CARGO_BIN_EXE_train_linear"), store);
         for (i, out) in outputs.iter().enumerate() {
             assert!(out.contains("worker "), "{store} worker {i}:\n{out}");
             assert!(
@@ -167,5 +167,51 @@ fn key_scaling_times_every_store_and_checks_the_results() {
             .find(|l| l.starts_with(store))
             .unwrap_or_else(|| panic!("no row for {store}:\n{out}"));
         assert_eq!(row.split_whitespace().nth(1), Some("200"), "{row}");
+    }
+}
+
+/// The final `trained: loss A -> B` line of a training run.
+fn trained_line(out: &str) -> &str {
+    out.lines()
+        .find(|l| l.starts_with("trained: loss "))
+        .unwrap_or_else(|| panic!("no final line:\n{out}"))
+}
+
+#[test]
+fn sparse_training_reads_a_few_rows_per_step_and_learns() {
+    let out = run(env!("CARGO_BIN_EXE_train_sparse"));
+    assert!(
+        out.starts_with("store: local, a table of 100000 rows"),
+        "{out}"
+    );
+    let epochs: Vec<&str> = out.lines().filter(|l| l.starts_with("epoch ")).collect();
+    assert_eq!(epochs.len(), 5, "{out}");
+    // Each step reads under 2% of the table.
+    for line in &epochs {
+        let share: f32 = line
+            .trim_end_matches("% of the table read per step")
+            .rsplit(", ")
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("no share of the table: {line}"));
+        assert!(share < 2.0, "{line}");
+    }
+    let figures: Vec<f32> = trained_line(&out)
+        .trim_start_matches("trained: loss ")
+        .split(" -> ")
+        .map(|x| x.parse().unwrap_or_else(|_| panic!("not a loss: {out}")))
+        .collect();
+    // From log 2 (a guess) to well under it.
+    assert!((figures[0] - std::f32::consts::LN_2).abs() < 1e-3, "{out}");
+    assert!(figures[1] < 0.5, "{out}");
+
+    // The same job on dist_sync, each of 2 workers taking half of every mini-batch: the
+    // servers' lazy updates land where local's do.
+    let local = trained_line(&out).to_string();
+    for (i, worker) in train_in_a_job(env!("CARGO_BIN_EXE_train_sparse"), "dist_sync")
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(trained_line(worker), local, "worker {i}:\n{worker}");
     }
 }
