@@ -15,7 +15,7 @@ use kvstore_base::{Key, NDArray, OptimizerSpec, StorageType};
 use kvstore_optimizer::Updater;
 
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
-use super::reply::{Answer, Batch};
+use super::reply::{Answer, Batch, Wants};
 use crate::config::DistConfig;
 use crate::protocol::{self, head, InitMeta, Mode, RowRequest, ShmAttach, ShmSlot};
 use crate::shm::{self, Region};
@@ -40,58 +40,6 @@ struct Waiter {
     rank: u32,
     answer: Answer,
     wants: Wants,
-}
-
-/// What a request is answered with once its part is ready.
-enum Wants {
-    /// An empty acknowledgement (a sync push).
-    Ack,
-    /// The part's value (a pushpull, a pull).
-    Value,
-    /// Some rows of the part (a row-sparse pull).
-    Rows(RowRequest),
-}
-
-impl Wants {
-    /// Answers `answer` from the part's `value`.
-    fn answer(&self, answer: Answer, value: &NDArray) {
-        match self {
-            Wants::Ack => answer.ok(&[]),
-            Wants::Value => answer.ok(value.as_bytes().expect("stored parts are contiguous")),
-            Wants::Rows(request) => match rows_in(value, request) {
-                Ok(rows) => answer.ok(&rows),
-                Err(e) => answer.fail(&e),
-            },
-        }
-    }
-}
-
-/// The elements of the rows `request` names that lie in the part `value` (a row cut by the
-/// part's ends contributes the elements inside it), in the order named.
-fn rows_in(value: &NDArray, request: &RowRequest) -> Result<Vec<u8>, String> {
-    let bytes = value.as_bytes().expect("stored parts are contiguous");
-    let size = value.dtype().size_of() as u64;
-    let part_end = request
-        .part_start
-        .checked_add(value.size() as u64)
-        .ok_or_else(|| {
-            format!(
-                "a part starting at element {} cannot exist",
-                request.part_start
-            )
-        })?;
-    // The rows are strictly increasing (checked when decoded): at most the part comes back.
-    let wanted = (request.rows.len() as u64).saturating_mul(request.row_len.saturating_mul(size));
-    let mut out = Vec::with_capacity(wanted.min(bytes.len() as u64) as usize);
-    for &row in &request.rows {
-        let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
-        if let Some((a, b)) =
-            protocol::row_in_part(row, request.row_len, request.part_start, part_end)
-        {
-            out.extend_from_slice(&bytes[(a * size) as usize..(b * size) as usize]);
-        }
-    }
-    Ok(out)
 }
 
 /// A push that arrived while its worker already had one in the current round.

@@ -1,8 +1,11 @@
-//! Answers to requests: one part's own message, or an item of a batch answered as a whole.
+//! Answers to requests: one part's own message, or an item of a batch answered as a whole;
+//! what a request is answered with (a part's value, some of its rows, an acknowledgement).
 
 use std::sync::{Arc, Mutex};
 
-use crate::protocol::{self, ShmSlot};
+use kvstore_base::NDArray;
+
+use crate::protocol::{self, RowRequest, ShmSlot};
 use crate::shm::Region;
 use crate::transport::{Outgoing, Responder};
 
@@ -130,4 +133,56 @@ impl Batch {
             None => responder.respond(Outgoing::new(0, &st.buf)),
         };
     }
+}
+
+/// What a request is answered with once its part is ready.
+pub(crate) enum Wants {
+    /// An empty acknowledgement (a sync push).
+    Ack,
+    /// The part's value (a pushpull, a pull).
+    Value,
+    /// Some rows of the part (a row-sparse pull).
+    Rows(RowRequest),
+}
+
+impl Wants {
+    /// Answers `answer` from the part's `value`.
+    pub(crate) fn answer(&self, answer: Answer, value: &NDArray) {
+        match self {
+            Wants::Ack => answer.ok(&[]),
+            Wants::Value => answer.ok(value.as_bytes().expect("stored parts are contiguous")),
+            Wants::Rows(request) => match rows_in(value, request) {
+                Ok(rows) => answer.ok(&rows),
+                Err(e) => answer.fail(&e),
+            },
+        }
+    }
+}
+
+/// The elements of the rows `request` names that lie in the part `value` (a row cut by the
+/// part's ends contributes the elements inside it), in the order named.
+fn rows_in(value: &NDArray, request: &RowRequest) -> Result<Vec<u8>, String> {
+    let bytes = value.as_bytes().expect("stored parts are contiguous");
+    let size = value.dtype().size_of() as u64;
+    let part_end = request
+        .part_start
+        .checked_add(value.size() as u64)
+        .ok_or_else(|| {
+            format!(
+                "a part starting at element {} cannot exist",
+                request.part_start
+            )
+        })?;
+    // The rows are strictly increasing (checked when decoded): at most the part comes back.
+    let wanted = (request.rows.len() as u64).saturating_mul(request.row_len.saturating_mul(size));
+    let mut out = Vec::with_capacity(wanted.min(bytes.len() as u64) as usize);
+    for &row in &request.rows {
+        let row = u64::try_from(row).map_err(|_| format!("negative row id {row}"))?;
+        if let Some((a, b)) =
+            protocol::row_in_part(row, request.row_len, request.part_start, part_end)
+        {
+            out.extend_from_slice(&bytes[(a * size) as usize..(b * size) as usize]);
+        }
+    }
+    Ok(out)
 }

@@ -39,9 +39,11 @@
 //! `load_optimizer_states` waits up to ten times it); a server that dies fails the pending
 //! requests at once, naming it.
 
+mod compressed;
 mod device;
 mod exchange;
 mod keys;
+mod rows;
 pub(crate) mod shm_link;
 mod states;
 
@@ -52,18 +54,20 @@ use std::time::Duration;
 
 use kvstore_base::{
     with_outs_fanned_out, with_values_on_host, with_values_summed_on_host, Capability,
-    CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyGroup, KeyedOuts,
-    KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
+    CompressionParams, CreateRequest, Error, KVStoreBase, Key, KeyGroup, KeyedOuts, KeyedValues,
+    NDArray, OptimizerSpec, PriorityGate, Result, StorageType,
 };
 use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::{self, ReduceConfig};
 
+use self::compressed::check_compressible;
 use self::keys::{KeyMeta, KeyTable};
+use self::rows::{log_rows, rows_payload};
 use self::shm_link::Link;
 use crate::cluster::Group;
 use crate::config::{DistConfig, Role};
 use crate::node::Node;
-use crate::protocol::{self, Hello, Mode, RowRequest};
+use crate::protocol::{self, Hello, Mode};
 use crate::transport::{Connection, Outgoing, Pending, Response, TransportError};
 
 /// A server's answer to a request sent to every server; `None` when it was not awaited
@@ -173,54 +177,6 @@ enum Payload<'a> {
     Dense(Outbound<'a>),
     /// For each part, the rows of the sum of its row-sparse values ([`protocol::RowsPush`]).
     Rows(Vec<Vec<u8>>),
-}
-
-/// Logs a row-sparse `operation` of `values` to `key` (MXNet's
-/// `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`): each value's rows.
-fn log_rows(rank: u32, operation: &str, key: &Key, values: &[&NDArray]) {
-    let rows: Vec<&[i64]> = values
-        .iter()
-        .filter_map(|v| v.as_row_sparse().map(|r| r.indices()))
-        .collect();
-    log::info!("worker rank {rank} {operation} of key {key}: rows {rows:?}");
-}
-
-/// The rows of the sum of row-sparse `values` (MXNet's order, the union of their rows), as
-/// one [`protocol::RowsPush`] per part of `meta` (a key kept by rows); a part without rows
-/// gets an empty push, which still counts as this worker's push of the round.
-fn rows_payload(meta: &KeyMeta, values: &[&NDArray]) -> Result<Vec<Vec<u8>>> {
-    let row_len = meta.row_len.expect("a key kept by rows");
-    let summed;
-    let sum = match values {
-        [single] => *single,
-        _ => {
-            let mut sum = values[0].clone();
-            for v in &values[1..] {
-                sum.add_assign(v)?;
-            }
-            summed = sum;
-            &summed
-        }
-    };
-    let sparse = sum
-        .as_row_sparse()
-        .expect("a sum of row-sparse values is row-sparse");
-    let data = sparse.rows_bytes();
-    let row_bytes = row_len * meta.dtype.size_of();
-    let ids = sparse.indices();
-    Ok(meta
-        .parts
-        .iter()
-        .map(|p| {
-            let (first, end) = ((p.start / row_len) as i64, (p.end / row_len) as i64);
-            let a = ids.partition_point(|&id| id < first);
-            let b = ids.partition_point(|&id| id < end);
-            protocol::RowsPush::encode(
-                ids[a..b].iter().map(|&id| (id - first) as u64),
-                &data[a * row_bytes..b * row_bytes],
-            )
-        })
-        .collect())
 }
 
 impl DistStore {
@@ -531,51 +487,6 @@ impl DistStore {
             written?;
         }
         Ok(())
-    }
-
-    /// Quantises every part of every key against the key's residual (kept per key on this
-    /// worker, zero at first).
-    fn quantize(
-        &self,
-        codec: Codec,
-        metas: &[Arc<KeyMeta>],
-        payloads: &[Payload<'_>],
-    ) -> Vec<Vec<Vec<u8>>> {
-        let mut residuals = lock(&self.residuals);
-        metas
-            .iter()
-            .zip(payloads)
-            .map(|(meta, payload)| {
-                let residual = residuals
-                    .entry(meta.wire)
-                    .or_insert_with(|| vec![0.0; meta.shape.iter().product()]);
-                let Payload::Dense(value) = payload else {
-                    unreachable!("compression refuses row-sparse values, which alone push rows")
-                };
-                let value = value.array();
-                meta.parts
-                    .iter()
-                    .map(|p| {
-                        let mut out = vec![0u8; codec.compressed_len(p.end - p.start)];
-                        let r = &mut residual[p.start..p.end];
-                        let done = match value.dtype() {
-                            DType::F16 => codec.quantize_f16(
-                                &value.as_slice::<half::f16>().expect("contiguous")[p.start..p.end],
-                                r,
-                                &mut out,
-                            ),
-                            _ => codec.quantize(
-                                &value.as_slice::<f32>().expect("checked: float32")[p.start..p.end],
-                                r,
-                                &mut out,
-                            ),
-                        };
-                        done.expect("lengths computed from the same part");
-                        out
-                    })
-                    .collect()
-            })
-            .collect()
     }
 
     /// Whether this worker took the place of a lost worker when it joined (MXNet's
@@ -944,132 +855,7 @@ impl KVStoreBase for DistStore {
             });
         }
         let _ = priority;
-        let operation = "row_sparse_pull";
-        Error::check_row_id_count(outs.len(), row_ids.len())?;
-        let keys: Vec<&Key> = outs.keys().iter().collect();
-        let metas = self.metas(operation, &keys)?;
-        // Check everything, then ask every part for the rows it holds.
-        let mut requests = Vec::with_capacity(metas.len());
-        for (i, (meta, out)) in metas.iter().zip(outs.outs()).enumerate() {
-            let at = self.at(operation, &meta.key);
-            let ids = (|| {
-                if !meta.row_sparse {
-                    return Err(Error::InvalidArgument(
-                        "row_sparse_pull needs a row-sparse stored value; this key is dense (use pull)"
-                            .into(),
-                    ));
-                }
-                if out.storage_type() != StorageType::RowSparse {
-                    return Err(Error::InvalidArgument(format!(
-                        "output {i} must be row-sparse for row_sparse_pull"
-                    )));
-                }
-                meta.check_out(out, &format!("output {i}"))?;
-                row_ids[i].unique_row_ids(meta.shape[0])
-            })()
-            .map_err(at)?;
-            if self.row_sparse_verbose {
-                log::info!(
-                    "worker rank {} row_sparse_pull of key {}: rows {ids:?}",
-                    self.rank,
-                    meta.key
-                );
-            }
-            requests.push(ids);
-        }
-        let mut pending = Vec::new();
-        for (i, (meta, ids)) in metas.iter().zip(&requests).enumerate() {
-            let row_len: usize = meta.shape[1..].iter().product();
-            for (part, p) in meta.parts.iter().enumerate() {
-                // The part holds whole rows: it is asked for its own.
-                let own = match row_len {
-                    0 => &ids[..],
-                    len => {
-                        let (first, end) = ((p.start / len) as i64, (p.end / len) as i64);
-                        &ids[ids.partition_point(|&id| id < first)
-                            ..ids.partition_point(|&id| id < end)]
-                    }
-                };
-                let request = RowRequest {
-                    part_start: p.start as u64,
-                    row_len: row_len as u64,
-                    rows: own.to_vec(),
-                };
-                let what = format!("{operation} of key {}", meta.key);
-                let sent = self
-                    .send(
-                        meta,
-                        part,
-                        Outgoing::new(protocol::CMD_ROW_SPARSE_PULL, &request.encode()),
-                        &what,
-                        true,
-                    )
-                    .map_err(self.transport_at(operation, &meta.key))?;
-                pending.push((i, meta, part, sent));
-            }
-        }
-        let mut answers: Vec<Vec<Vec<u8>>> = metas
-            .iter()
-            .map(|m| vec![Vec::new(); m.parts.len()])
-            .collect();
-        let mut first_error = None;
-        for (i, meta, part, p) in pending {
-            match p.wait() {
-                Ok(r) => {
-                    answers[i][part] = r.payload.into_vec();
-                }
-                Err(e) => {
-                    if first_error.is_none() {
-                        first_error = Some(self.transport_at(operation, &meta.key)(e));
-                    }
-                }
-            }
-        }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
-        let mut results = Vec::with_capacity(metas.len());
-        for ((meta, ids), mut parts) in metas.iter().zip(&requests).zip(answers) {
-            // A row-sparse key is placed by whole rows, and the ids are sorted: the parts'
-            // answers, in part order, are the rows in id order.
-            let row_len: usize = meta.shape[1..].iter().product();
-            let expected = ids.len() * row_len * meta.dtype.size_of();
-            let rows = match parts.len() {
-                1 => parts.pop().expect("one part"),
-                _ => {
-                    let joined = parts.concat();
-                    parts.into_iter().for_each(|p| meta.give_buffer(p));
-                    joined
-                }
-            };
-            if rows.len() != expected {
-                return Err(self.at(operation, &meta.key)(Error::InvalidArgument(
-                    format!(
-                        "the servers answered {} bytes for {} rows of {row_len} {} elements",
-                        rows.len(),
-                        ids.len(),
-                        meta.dtype
-                    ),
-                )));
-            }
-            let mut row_shape = meta.shape.clone();
-            row_shape[0] = ids.len();
-            let at = self.at(operation, &meta.key);
-            let result = NDArray::from_bytes(&row_shape, meta.dtype, &rows)
-                .and_then(|r| NDArray::row_sparse_from(&meta.shape, ids.clone(), r))
-                .map_err(at)?;
-            meta.give_buffer(rows);
-            results.push(result);
-        }
-        for (out, result) in outs.outs_mut().iter_mut().zip(results) {
-            let dtype = out.dtype();
-            **out = if result.dtype() == dtype {
-                result
-            } else {
-                result.astype(dtype)
-            };
-        }
-        Ok(())
+        self.pull_rows(outs, row_ids)
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
@@ -1229,23 +1015,4 @@ fn recovery_flags(recovered: bool) -> u16 {
     } else {
         0
     }
-}
-
-/// Checks that a key's pushed values can be compressed: dense float32 or float16 (MXNet:
-/// float32 only, dense only).
-fn check_compressible<'a>(meta: &KeyMeta, values: impl Iterator<Item = &'a NDArray>) -> Result<()> {
-    if !matches!(meta.dtype, DType::F32 | DType::F16) {
-        return Err(Error::InvalidArgument(format!(
-            "gradient compression supports float32 and float16 values, not {}",
-            meta.dtype
-        )));
-    }
-    for v in values {
-        if v.storage_type() == StorageType::RowSparse {
-            return Err(Error::InvalidArgument(
-                "gradient compression for row_sparse storage type is not supported".into(),
-            ));
-        }
-    }
-    Ok(())
 }
