@@ -8,7 +8,10 @@ use kvstore_local as _;
 
 mod common;
 
-use common::{run_tweaked, run_with};
+use common::{remote_message, run_tweaked, run_with, Manual, TIMEOUT};
+use kvstore_dist::protocol::{self, InitMeta, RowRequest, RowsPush};
+use kvstore_dist::transport::Outgoing;
+use kvstore_dist::LocalCluster;
 
 /// The key; its shape: 8 rows of 2 x 2 elements.
 const KEY: i32 = 3;
@@ -404,4 +407,92 @@ fn a_pushpull_of_rows_updates_lazily_and_answers_every_row() {
             "row {r} was never pushed"
         );
     }
+}
+
+/// The bytes of `values` in native byte order.
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_ne_bytes()).collect()
+}
+
+#[test]
+fn a_server_answers_malformed_row_messages_with_errors_and_goes_on() {
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    let w = Manual::join(&cluster);
+    let f32_flag = protocol::dtype_flag(DType::F32);
+    let rows_flag = f32_flag | protocol::FLAG_ROW_SPARSE;
+    let send = |command: u32, key: u64, flags: u16, payload: &[u8]| {
+        w.conn.request(
+            Outgoing::new(command, payload).key(key).flags(flags),
+            "a hand-made request",
+        )
+    };
+    let init = |key: i64, elements: u64, row_len: u64, data: &[u8]| {
+        let mut payload = InitMeta {
+            dtype: DType::F32,
+            elements,
+            row_len,
+            key: key.into(),
+        }
+        .encode();
+        payload.extend_from_slice(data);
+        send(protocol::CMD_INIT, key as u64, f32_flag, &payload)
+    };
+    // Key 9 is flat (8 elements), key 10 four rows of 2.
+    init(9, 8, 0, &f32_bytes(&[0.0; 8])).unwrap();
+    init(10, 8, 2, &f32_bytes(&[0.0; 8])).unwrap();
+
+    let push = |key: u64, ids: &[u64], values: &[f32]| {
+        let payload = RowsPush::encode(ids.iter().copied(), &f32_bytes(values));
+        send(protocol::CMD_PUSH, key, rows_flag, &payload)
+    };
+    let flat = remote_message(push(9, &[1], &[1.0, 1.0]));
+    assert!(
+        flat.contains("not initialised with a row-sparse value"),
+        "{flat}"
+    );
+    let unsorted = remote_message(push(10, &[3, 1], &[1.0; 4]));
+    assert!(unsorted.contains("strictly increasing"), "{unsorted}");
+    let outside = remote_message(push(10, &[4], &[1.0; 2]));
+    assert!(outside.contains("row 4"), "{outside}");
+    let short = remote_message(push(10, &[1], &[1.0]));
+    assert!(short.contains("carries 4 bytes"), "{short}");
+    let mut truncated = RowsPush::encode([1u64].into_iter(), &[]);
+    truncated[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let huge = remote_message(send(protocol::CMD_PUSH, 10, rows_flag, &truncated));
+    assert!(huge.contains("truncated"), "{huge}");
+
+    // Inits whose sizes cannot be, or are not, what they carry: refused before allocating.
+    let unaddressable = remote_message(init(11, 0, 1 << 62, &[]));
+    assert!(unaddressable.contains("too large"), "{unaddressable}");
+    let empty = remote_message(init(12, 1 << 40, 0, &[]));
+    assert!(empty.contains("carries 0 bytes"), "{empty}");
+
+    // Row requests must name increasing rows.
+    let request = RowRequest {
+        part_start: 0,
+        row_len: 2,
+        rows: vec![2, 1],
+    };
+    let pull = |request: &RowRequest| {
+        send(
+            protocol::CMD_ROW_SPARSE_PULL,
+            10,
+            f32_flag,
+            &request.encode(),
+        )
+    };
+    let backwards = remote_message(pull(&request));
+    assert!(backwards.contains("strictly increasing"), "{backwards}");
+
+    // The server goes on: a well-formed push of row 1 (the round of the only worker, no
+    // optimizer: the rows replace the value) and a pull of rows 0 and 1.
+    push(10, &[1], &[5.0, 6.0]).unwrap();
+    let answer = pull(&RowRequest {
+        rows: vec![0, 1],
+        ..request
+    })
+    .unwrap();
+    assert_eq!(&answer.payload[..], &f32_bytes(&[0.0, 0.0, 5.0, 6.0])[..]);
+    w.leave();
+    cluster.finish().unwrap();
 }

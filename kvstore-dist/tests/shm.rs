@@ -6,15 +6,15 @@
 
 mod common;
 
-use common::TIMEOUT;
+use common::{remote_message, Manual, TIMEOUT};
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray, OptimizerSpec};
-use kvstore_dist::protocol::{self, InitMeta, Mode, ShmAttach, ShmSlot};
-use kvstore_dist::transport::{Connection, Outgoing, TransportError};
-use kvstore_dist::{DistConfig, DistStore, LocalCluster, Node};
+use kvstore_dist::protocol::{self, InitMeta, ShmAttach, ShmSlot};
+use kvstore_dist::transport::Outgoing;
+use kvstore_dist::{DistConfig, DistStore, LocalCluster};
 
 /// Runs `body(store)` on `workers` workers of a fresh cluster of `servers` servers, each
 /// worker's configuration changed by `tweak`; results by rank.
@@ -186,46 +186,6 @@ fn a_big_push_through_shm_costs_the_wire_only_its_header() {
     println!("a 4 MiB push: {on} bytes on TCP with shared memory, {off} without");
     assert!(on < 1024, "{on}");
     assert!(off >= 4 << 20, "{off}");
-}
-
-/// A worker spoken by hand: joined, connected and said hello to the only server.
-struct Manual {
-    node: Node,
-    conn: Connection,
-}
-
-impl Manual {
-    fn join(cluster: &LocalCluster) -> Manual {
-        let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
-        let node = Node::join(&config).unwrap();
-        let mut transport = config.transport();
-        transport.node_id = node.id();
-        let server = node.servers().next().unwrap().addr.clone();
-        let conn = Connection::connect(server.as_str(), transport).unwrap();
-        conn.request(
-            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
-                .key(0)
-                .aux(Mode::Sync.code()),
-            "hello",
-        )
-        .unwrap();
-        Manual { node, conn }
-    }
-
-    fn leave(self) {
-        self.conn
-            .request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
-            .unwrap();
-        drop(self.conn);
-        self.node.leave().unwrap();
-    }
-}
-
-fn remote_message(r: Result<kvstore_dist::transport::Response, TransportError>) -> String {
-    match r {
-        Err(TransportError::Remote { message, .. }) => message,
-        other => panic!("expected an error answer, got {other:?}"),
-    }
 }
 
 #[test]

@@ -4,8 +4,9 @@ use std::thread;
 use std::time::Duration;
 
 use kvstore_base::KVStoreBase;
-use kvstore_dist::protocol::Mode;
-use kvstore_dist::{DistConfig, DistStore, LocalCluster};
+use kvstore_dist::protocol::{self, Mode};
+use kvstore_dist::transport::{Connection, Outgoing, TransportError};
+use kvstore_dist::{DistConfig, DistStore, LocalCluster, Node};
 
 /// The bound on every wait of these clusters.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,4 +74,47 @@ pub fn run_with<T: Send + 'static>(
     cluster.finish().unwrap();
     results.sort_by_key(|(r, _)| *r);
     results.into_iter().map(|(_, t)| t).collect()
+}
+
+/// A worker spoken by hand: joined, connected and said hello to the only server.
+#[allow(dead_code)] // not every test file speaks the protocol by hand
+pub struct Manual {
+    pub node: Node,
+    pub conn: Connection,
+}
+
+#[allow(dead_code)]
+impl Manual {
+    pub fn join(cluster: &LocalCluster) -> Manual {
+        let config = DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+        let node = Node::join(&config).unwrap();
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        let server = node.servers().next().unwrap().addr.clone();
+        let conn = Connection::connect(server.as_str(), transport).unwrap();
+        conn.request(
+            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+                .key(0)
+                .aux(Mode::Sync.code()),
+            "hello",
+        )
+        .unwrap();
+        Manual { node, conn }
+    }
+
+    pub fn leave(self) {
+        self.conn
+            .request(Outgoing::new(protocol::CMD_BYE, &[]), "bye")
+            .unwrap();
+        drop(self.conn);
+        self.node.leave().unwrap();
+    }
+}
+
+#[allow(dead_code)]
+pub fn remote_message(r: Result<kvstore_dist::transport::Response, TransportError>) -> String {
+    match r {
+        Err(TransportError::Remote { message, .. }) => message,
+        other => panic!("expected an error answer, got {other:?}"),
+    }
 }
