@@ -496,3 +496,27 @@ fn a_server_answers_malformed_row_messages_with_errors_and_goes_on() {
     w.leave();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn a_row_sparse_pull_asks_only_the_servers_holding_its_rows() {
+    // Rows 0..4 on server 0, 4..8 on server 1: row 6 is server 1's alone.
+    let pulled = run_tweaked(
+        2,
+        1,
+        |c| c.bigarray_bound = 16,
+        |kv| {
+            kv.init(KEY, &weight()).unwrap();
+            let ids = NDArray::from_vec(&[1], vec![6i64]).unwrap();
+            let mut out = grad(&[], 0.0);
+            let before = kv.requests_sent();
+            kv.row_sparse_pull(KEY, &mut out, &ids).unwrap();
+            let sent = kv.requests_sent() - before;
+            (sent, out.to_dense().to_vec::<f32>().unwrap())
+        },
+    );
+    let (sent, values) = &pulled[0];
+    assert_eq!(*sent, 1, "one request, to server 1");
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    assert_eq!(row(values, 6), row(&start, 6));
+    assert_eq!(row(values, 5), &[0.0; 4], "row 5 was not asked for");
+}
