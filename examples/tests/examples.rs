@@ -84,18 +84,20 @@ fn training_on_the_local_store_drives_the_loss_to_the_noise_floor() {
     );
 }
 
-/// Runs `PROGRAM STORE` as the 2 workers of a job whose scheduler and server run on threads
-/// of this test; returns each worker's output. Bounded: workers still running after a minute
-/// are killed and the test fails.
-fn train_in_a_job(program: &str, store: &str) -> Vec<String> {
+/// Runs `PROGRAM STORE` as the 2 workers of a job whose scheduler and `servers` servers run
+/// on threads of this test, the workers' environment extended by `env`; returns each
+/// worker's output. Bounded: workers still running after a minute are killed and the test
+/// fails.
+fn train_in_a_job(program: &str, store: &str, servers: u32, env: &[(&str, &str)]) -> Vec<String> {
     use std::time::{Duration, Instant};
     let cluster =
-        kvstore::dist::LocalCluster::start(1, 2, Duration::from_secs(30)).expect("a cluster");
+        kvstore::dist::LocalCluster::start(servers, 2, Duration::from_secs(30)).expect("a cluster");
     let mut workers: Vec<_> = (0..2)
         .map(|_| {
             Command::new(program)
                 .arg(store)
                 .envs(cluster.worker_options())
+                .envs(env.iter().copied())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -139,7 +141,7 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
     // byteps's servers only sum and horovod has none: each worker runs the same SGD on the
     // all-reduced gradients, and lands where the store-side optimizer of `local` lands.
     for store in ["byteps", "horovod"] {
-        let outputs = train_in_a_job(env!("CARGO_BIN_EXE_train_linear"), store);
+        let outputs = train_in_a_job(env!("CARGO_BIN_EXE_train_linear"), store, 1, &[]);
         for (i, out) in outputs.iter().enumerate() {
             assert!(out.contains("worker "), "{store} worker {i}:\n{out}");
             assert!(
@@ -195,13 +197,12 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     assert!((initial - std::f32::consts::LN_2).abs() < 1e-3, "{out}");
     assert!(trained < 0.5, "{out}");
 
-    // The same job on dist_sync, each of 2 workers taking half of every mini-batch: the
-    // servers' lazy updates land where local's do (the sums of a mini-batch's halves round
-    // a little differently from the whole's).
-    for (i, worker) in train_in_a_job(env!("CARGO_BIN_EXE_train_sparse"), "dist_sync")
-        .iter()
-        .enumerate()
-    {
+    // The same job on dist_sync, each of 2 workers taking half of every mini-batch, the
+    // table's rows split over 2 servers: the servers' lazy updates land where local's do (the
+    // sums of a mini-batch's halves round a little differently from the whole's).
+    let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "10000")];
+    let workers = train_in_a_job(env!("CARGO_BIN_EXE_train_sparse"), "dist_sync", 2, &bound);
+    for (i, worker) in workers.iter().enumerate() {
         let (_, on_dist) = losses(worker);
         assert!(
             (on_dist - trained).abs() < 1e-3,

@@ -12,7 +12,7 @@
 //! | [`CMD_INIT`] | [`InitMeta`], then rank 0's data | empty, once rank 0's value is in place |
 //! | [`CMD_PUSH`] | the part's elements (with [`FLAG_ROW_SPARSE`]: [`RowsPush`]) | empty, once applied (sync: once the round is complete) |
 //! | [`CMD_PULL`] | none | the part's elements |
-//! | [`CMD_PUSHPULL`] | the part's elements | the round's result |
+//! | [`CMD_PUSHPULL`] | as [`CMD_PUSH`] | the round's result |
 //! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |
 //! | [`CMD_SET_OPTIMIZER`] | an [`OptimizerSpec`](kvstore_base::OptimizerSpec) as JSON; `key` 1: keep an optimizer already running (it must be the one the job set) | empty |
 //! | [`CMD_COMMAND`] | the body, `key` = MXNet's command head | empty |
@@ -40,8 +40,8 @@
 //! A key initialised with a row-sparse value is placed by whole rows (MXNet's
 //! `EncodeRowSparseKey`, see [`placement::place_rows`](crate::placement::place_rows)); its
 //! parts are declared with their row length ([`InitMeta::row_len`]) and the server keeps them
-//! as `[rows, row_len]` arrays. A push of row-sparse values to such a key carries only the
-//! rows present in the worker's sum ([`FLAG_ROW_SPARSE`], [`RowsPush`]): the server merges
+//! as `[rows, row_len]` arrays. A push (or pushpull) of row-sparse values to such a key
+//! carries only the rows present in the worker's sum ([`FLAG_ROW_SPARSE`], [`RowsPush`]): the server merges
 //! the round's rows (their union) and hands the optimizer a row-sparse gradient, which the
 //! lazy optimizers apply to those rows only, as MXNet's servers do.
 //!

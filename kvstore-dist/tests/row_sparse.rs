@@ -498,8 +498,9 @@ fn a_server_answers_malformed_row_messages_with_errors_and_goes_on() {
 }
 
 #[test]
-fn a_row_sparse_pull_asks_only_the_servers_holding_its_rows() {
-    // Rows 0..4 on server 0, 4..8 on server 1: row 6 is server 1's alone.
+fn a_row_sparse_pull_asks_every_server_for_its_own_rows() {
+    // Rows 0..4 on server 0, 4..8 on server 1: row 6 is server 1's. As MXNet, every server is
+    // asked (a request waits for this worker's round there), each for the rows it holds.
     let pulled = run_tweaked(
         2,
         1,
@@ -508,14 +509,17 @@ fn a_row_sparse_pull_asks_only_the_servers_holding_its_rows() {
             kv.init(KEY, &weight()).unwrap();
             let ids = NDArray::from_vec(&[1], vec![6i64]).unwrap();
             let mut out = grad(&[], 0.0);
-            let before = kv.requests_sent();
+            let before = (kv.requests_sent(), kv.bytes_sent());
             kv.row_sparse_pull(KEY, &mut out, &ids).unwrap();
-            let sent = kv.requests_sent() - before;
+            let sent = (kv.requests_sent() - before.0, kv.bytes_sent() - before.1);
             (sent, out.to_dense().to_vec::<f32>().unwrap())
         },
     );
-    let (sent, values) = &pulled[0];
-    assert_eq!(*sent, 1, "one request, to server 1");
+    let ((requests, bytes), values) = &pulled[0];
+    assert_eq!(*requests, 2, "one request per server");
+    // Two frames with a part offset and a row length each; one row id between them.
+    let header = kvstore_dist::transport::HEADER_LEN as u64;
+    assert_eq!(*bytes, 2 * (header + 16) + 8);
     let start = weight().to_dense().to_vec::<f32>().unwrap();
     assert_eq!(row(values, 6), row(&start, 6));
     assert_eq!(row(values, 5), &[0.0; 4], "row 5 was not asked for");

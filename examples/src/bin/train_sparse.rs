@@ -12,12 +12,15 @@
 //!
 //! The first argument names another store, which must run the optimizer and serve
 //! `row_sparse_pull` (`local`, `device`, the dist stores). With a distributed one, every
-//! worker of the job runs this program and takes `1 / num_workers` of each mini-batch; the
-//! servers keep the table in row slices and send and receive only the rows a step uses:
+//! worker of the job runs this program and takes `1 / num_workers` of each mini-batch, and
+//! only the rows a step uses cross the network. The table (100,000 elements) lives whole on
+//! one server unless `MXNET_KVSTORE_BIGARRAY_BOUND` is lower; then every server keeps a slice
+//! of its rows:
 //!
 //! ```text
 //! cargo build -p kvstore-cli -p kvstore-examples
-//! target/debug/kvstore launch -n 2 -s 2 -- target/debug/train_sparse dist_sync
+//! MXNET_KVSTORE_BIGARRAY_BOUND=10000 target/debug/kvstore launch -n 2 -s 2 -- \
+//!     target/debug/train_sparse dist_sync
 //! ```
 
 use std::collections::BTreeMap;

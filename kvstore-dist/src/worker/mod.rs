@@ -434,7 +434,7 @@ impl DistStore {
                     g.positions.iter().map(|&p| values.values()[p]).collect();
                 if pushes_rows(g, meta) {
                     if self.row_sparse_verbose {
-                        log_rows(self.rank, "push", &g.key, &arrays);
+                        log_rows(self.rank, operation, &g.key, &arrays);
                     }
                     rows_payload(meta, &arrays)
                         .map(Payload::Rows)

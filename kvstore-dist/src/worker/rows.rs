@@ -98,8 +98,9 @@ impl DistStore {
         for (i, (meta, ids)) in metas.iter().zip(&requests).enumerate() {
             let row_len: usize = meta.shape[1..].iter().product();
             for (part, p) in meta.parts.iter().enumerate() {
-                // The part holds whole rows: it is asked for its own, and not at all when it
-                // holds none of them (its answer stays empty).
+                // The part holds whole rows: it is asked for its own. Every part is asked, as
+                // MXNet asks every server: the request waits for this worker's round there,
+                // and reports a round that failed.
                 let own = match row_len {
                     0 => &ids[..],
                     len => {
@@ -108,9 +109,6 @@ impl DistStore {
                             ..ids.partition_point(|&id| id < end)]
                     }
                 };
-                if own.is_empty() {
-                    continue;
-                }
                 let request = RowRequest {
                     part_start: p.start as u64,
                     row_len: row_len as u64,

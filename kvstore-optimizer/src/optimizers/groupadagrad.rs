@@ -13,7 +13,8 @@
 //! clipping only with a `clip_gradient` above 0.
 //!
 //! Hyper-parameters: `eps` (1e-5). State: the history, of shape `[rows, 1]` (so
-//! [`sliced::split`](crate::sliced::split) cannot cut it into element ranges). Weight decay
+//! [`sliced::split`](crate::sliced::split) cuts it only for keys kept by rows, by rows: a
+//! distributed store's row-sparse keys). Weight decay
 //! is not supported: a `wd` other than 0 is an error when the optimizer is built (MXNet fails
 //! at the update), and the update of a weight that is not 2-D is an error.
 
