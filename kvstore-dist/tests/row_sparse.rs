@@ -96,6 +96,27 @@ fn dist_and_local(optimizer: Option<OptimizerSpec>) -> (Vec<f32>, Vec<f32>) {
     (on_dist[0].clone(), pull_all(&*local))
 }
 
+/// Rank 0 saves the optimizer states to `path` while no push is in flight (between two
+/// barriers of every worker).
+fn save_between_barriers(kv: &dyn KVStoreBase, rank: usize, path: &std::path::Path) {
+    kv.barrier().unwrap();
+    if rank == 0 {
+        kv.save_optimizer_states(path, true).unwrap();
+    }
+    kv.barrier().unwrap();
+}
+
+/// The state arrays and the update count of the key in the state file at `path`.
+fn key_states(path: &std::path::Path) -> (Option<Vec<NDArray>>, Option<u64>) {
+    let mut u = kvstore_optimizer::Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+    u.load_states(&std::fs::read(path).unwrap()).unwrap();
+    let key = kvstore_base::Key::from(KEY);
+    (
+        u.state_arrays(&key).map(<[NDArray]>::to_vec),
+        u.update_count(&key),
+    )
+}
+
 /// The elements of row `row` in a dense copy of the key.
 fn row(values: &[f32], row: usize) -> &[f32] {
     &values[row * ROW_LEN..(row + 1) * ROW_LEN]
@@ -266,11 +287,7 @@ fn optimizer_states_of_rows_move_between_dist_and_local() {
                 kv.push(KEY, &grad(&pushed_rows(rank, round), 1.0)).unwrap();
             }
             let seen = pull_all(kv);
-            kv.barrier().unwrap();
-            if rank == 0 {
-                kv.save_optimizer_states(&path, true).unwrap();
-            }
-            kv.barrier().unwrap();
+            save_between_barriers(kv, rank, &path);
             seen
         })
     };
@@ -283,16 +300,7 @@ fn optimizer_states_of_rows_move_between_dist_and_local() {
     }
     local.save_optimizer_states(&from_local, true).unwrap();
     assert_eq!(weights[0], pull_all(&*local));
-    let states = |path: &std::path::Path| {
-        let mut u = kvstore_optimizer::Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
-        u.load_states(&std::fs::read(path).unwrap()).unwrap();
-        let key = kvstore_base::Key::from(KEY);
-        (
-            u.state_arrays(&key).map(<[NDArray]>::to_vec),
-            u.update_count(&key),
-        )
-    };
-    assert_eq!(states(&from_dist), states(&from_local));
+    assert_eq!(key_states(&from_dist), key_states(&from_local));
     // A job of 3 servers (other row slices) resumes from the file, as local goes on.
     let start = NDArray::from_vec(&SHAPE, weights[0].clone())
         .unwrap()
@@ -347,12 +355,8 @@ fn groupadagrad_runs_on_the_servers_for_row_sparse_keys() {
             kv.set_optimizer(&spec).unwrap();
             kv.push(KEY, &grad(rank)).unwrap();
             let seen = read_2d(kv);
-            kv.barrier().unwrap();
-            if rank == 0 {
-                // Its history, one value per row, joined from the servers' rows.
-                kv.save_optimizer_states(&path, true).unwrap();
-            }
-            kv.barrier().unwrap();
+            // Its history, one value per row, joined from the servers' rows.
+            save_between_barriers(kv, rank, &path);
             seen
         })
     };
@@ -364,15 +368,10 @@ fn groupadagrad_runs_on_the_servers_for_row_sparse_keys() {
     assert_eq!(on_dist[0], read_2d(&*local));
     assert_eq!(&on_dist[0][8..12], &[1.0; 4], "row 2 was never pushed");
     assert_ne!(&on_dist[0][16..20], &[1.0; 4], "row 4 was");
-    let history = |path: &std::path::Path| {
-        let mut u = kvstore_optimizer::Updater::from_spec(&spec).unwrap();
-        u.load_states(&std::fs::read(path).unwrap()).unwrap();
-        u.state_arrays(&kvstore_base::Key::from(KEY))
-            .map(<[NDArray]>::to_vec)
-    };
-    let (dist_history, local_history) = (history(&from_dist), history(&from_local));
+    let (on_dist, on_local) = (key_states(&from_dist), key_states(&from_local));
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(dist_history, local_history);
+    assert!(on_dist.0.is_some(), "a history");
+    assert_eq!(on_dist, on_local);
 }
 
 #[test]

@@ -108,6 +108,15 @@ fn pull_rows(kv: &dyn KVStoreBase, rows: &[i64]) -> Result<BTreeMap<i64, f32>> {
     Ok(pulled.indices().iter().copied().zip(values).collect())
 }
 
+/// The model's logit for sample `s`.
+fn logit(s: &Sample, weights: &BTreeMap<i64, f32>, bias: f32) -> f32 {
+    bias + s
+        .features
+        .iter()
+        .map(|&f| weights[&(f as i64)])
+        .sum::<f32>()
+}
+
 /// The summed gradients of the logistic loss over `samples`: the weight's as a row-sparse
 /// array of the rows the samples use, and the bias's.
 fn gradients(
@@ -118,12 +127,7 @@ fn gradients(
     let mut grad: BTreeMap<i64, f32> = BTreeMap::new();
     let mut grad_bias = 0.0f32;
     for s in samples {
-        let logit = bias
-            + s.features
-                .iter()
-                .map(|&f| weights[&(f as i64)])
-                .sum::<f32>();
-        let error = sigmoid(logit) - s.label;
+        let error = sigmoid(logit(s, weights, bias)) - s.label;
         for &f in &s.features {
             *grad.entry(f as i64).or_default() += error;
         }
@@ -141,12 +145,7 @@ fn gradients(
 fn evaluate(samples: &[Sample], weights: &BTreeMap<i64, f32>, bias: f32) -> (f32, f32) {
     let (mut loss, mut right) = (0.0f32, 0usize);
     for s in samples {
-        let logit = bias
-            + s.features
-                .iter()
-                .map(|&f| weights[&(f as i64)])
-                .sum::<f32>();
-        let p = sigmoid(logit).clamp(1e-7, 1.0 - 1e-7);
+        let p = sigmoid(logit(s, weights, bias)).clamp(1e-7, 1.0 - 1e-7);
         loss -= s.label * p.ln() + (1.0 - s.label) * (1.0 - p).ln();
         right += usize::from((p > 0.5) == (s.label > 0.5));
     }
