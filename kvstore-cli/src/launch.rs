@@ -39,7 +39,7 @@
 //!   (`byteps` and `horovod` workers cannot rejoin: their restarts fail);
 //! - **in failure** when the servers or the scheduler are still running a timeout after the
 //!   last worker exited: they are killed and named. The timeout is `--timeout`, else
-//!   `KVSTORE_TIMEOUT_SECS` of the launcher's environment, else 60 s: the processes' own
+//!   `KVSTORE_TIMEOUT_SECS` of the launcher's environment, else 600 s: the processes' own
 //!   bound on every wait.
 //!
 //! The workers run as long as they like; every other wait of the launcher is bounded. Killing
@@ -368,7 +368,7 @@ fn check_timeout(secs: f64) -> Result<(), String> {
 
 /// The launcher's bound on the servers and the scheduler once every worker has exited:
 /// `--timeout`, else `kvstore_timeout_secs` (the launcher's `KVSTORE_TIMEOUT_SECS`, which every
-/// process inherits), else 60 s.
+/// process inherits), else 600 s.
 ///
 /// # Errors
 /// [`kvstore::Error::InvalidArgument`] naming `KVSTORE_TIMEOUT_SECS` when its value is not a
@@ -739,7 +739,7 @@ impl Job {
                     return JobEnd::Failed(Failure {
                         message: format!(
                             "every worker exited with status 0, but {names} {} still running \
-                             {} s later (--timeout, else KVSTORE_TIMEOUT_SECS, else 60 s); \
+                             {} s later (--timeout, else KVSTORE_TIMEOUT_SECS, else 600 s); \
                              killed {}",
                             if killed.len() == 1 { "was" } else { "were" },
                             timeout.as_secs_f64(),
@@ -1113,7 +1113,7 @@ mod tests {
     #[test]
     fn the_timeout_is_the_option_else_the_environment_else_60_s() {
         let mut o = LaunchOptions::new(1, 1, ["true"]);
-        assert_eq!(job_timeout(&o, None).unwrap(), Duration::from_secs(60));
+        assert_eq!(job_timeout(&o, None).unwrap(), Duration::from_secs(600));
         assert_eq!(
             job_timeout(&o, Some("0.5")).unwrap(),
             Duration::from_millis(500)

@@ -17,7 +17,7 @@
 //! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0 (off) | seconds between heartbeats |
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
-//! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 60 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
+//! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
@@ -46,8 +46,10 @@ use serde::Deserialize;
 
 /// Default of `MXNET_KVSTORE_BIGARRAY_BOUND` (MXNet's).
 pub const DEFAULT_BIGARRAY_BOUND: u64 = 1_000_000;
-/// Default bound on every wait, in seconds (`KVSTORE_TIMEOUT_SECS`).
-pub const DEFAULT_TIMEOUT_SECS: f64 = 60.0;
+/// Default bound on every wait, in seconds (`KVSTORE_TIMEOUT_SECS`): ten minutes, room for
+/// a rank that evaluates or checkpoints alone between two steps, or for nodes that start
+/// minutes apart; a node that dies is noticed at once (its connections close), not after it.
+pub const DEFAULT_TIMEOUT_SECS: f64 = 600.0;
 /// Default largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`): 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 30;
 /// Default size of a shared-memory region (`KVSTORE_SHM_BYTES`): 256 MiB.
@@ -335,7 +337,7 @@ impl DistConfig {
     /// .unwrap();
     /// assert_eq!(c.role, Role::Server);
     /// assert_eq!(c.num_workers, 2);
-    /// assert_eq!(c.timeout.as_secs(), 60);
+    /// assert_eq!(c.timeout.as_secs(), 600);
     /// ```
     pub fn from_vars<I, K, V>(vars: I) -> Result<DistConfig, ConfigError>
     where

@@ -41,10 +41,10 @@ fn defaults_follow_mxnet() {
     assert_eq!(c.heartbeat_interval, Duration::ZERO);
     assert_eq!(c.heartbeat_timeout, Duration::ZERO);
     assert_eq!(c.bigarray_bound, DEFAULT_BIGARRAY_BOUND);
-    assert_eq!(c.timeout, Duration::from_secs(60));
+    assert_eq!(c.timeout, Duration::from_secs(600));
     assert!(!c.row_sparse_verbose);
     assert_eq!(c.scheduler_addr(), "127.0.0.1:9091");
-    assert_eq!(c.transport().timeout, Duration::from_secs(60));
+    assert_eq!(c.transport().timeout, Duration::from_secs(600));
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! | `DMLC_NUM_SERVER` | 0 | servers take no part; `0` (or unset) is accepted here, unlike the dist stores |
 //! | `HOROVOD_FUSION_THRESHOLD` | 64 MiB | largest fused buffer in bytes; `0` turns fusion off |
 //! | `HOROVOD_CYCLE_TIME` | 1 ms | milliseconds (fractions allowed) between the starts of two cycles: the tensors that the worker's threads submit within one cycle are sent to the coordinator together, and so can be fused; `0`: no waiting; at most one hour, and shorter than the stall time |
-//! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (60 s) | how long a tensor submitted by some ranks waits for the others before the ranks that submitted it get an error naming the missing ranks |
+//! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (600 s) | how long a tensor submitted by some ranks waits for the others before the ranks that submitted it get an error naming the missing ranks |
 //!
 //! Horovod's variables are read from the environment (or the create options) only; the
 //! `[dist]` table of `kvstore.toml` holds the rendezvous settings.

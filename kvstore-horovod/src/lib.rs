@@ -69,8 +69,8 @@
 //!   the calls whose tensors were in it. A call returns once every tensor of it is done or
 //!   failed, and writes its outputs only when all are done.
 //! - **Stall inspector**: a tensor submitted by some ranks and not by the others for
-//!   `HOROVOD_STALL_CHECK_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`, 60 s like
-//!   Horovod's) fails on the ranks that submitted it, with an error naming the tensor (the
+//!   `HOROVOD_STALL_CHECK_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`, 600 s;
+//!   Horovod only warns after its 60 s) fails on the ranks that submitted it, with an error naming the tensor (the
 //!   key) and, for each missing rank, the stalled tensors it did not submit, instead of
 //!   hanging.
 //!

@@ -930,7 +930,8 @@ impl KVStoreBase for DistStore {
     }
 
     fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
-        // As MXNet: rank 0 sends, every server executes and answers.
+        // Rank 0 sends once (every worker runs the same program), every server executes and
+        // answers; MXNet sends from every worker that calls it.
         if self.rank != 0 {
             return Ok(());
         }
