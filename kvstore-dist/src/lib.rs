@@ -24,11 +24,12 @@
 //! |---|---|
 //! | `dist_sync` (`dist`) | one push per worker per round, then the optimizer (or the sum is stored) |
 //! | `dist_device_sync` (`dist_sync_device`) | as `dist_sync`; a worker sums its per-device values in GPU memory on a GPU first |
-//! | `dist_async` (`dist_async_device`) | each push as it arrives (through the optimizer; without one it replaces the value) |
+//! | `dist_async` (`dist_async_device`, `dist_device_async`) | each push as it arrives (through the optimizer; without one it replaces the value) |
 //!
 //! Every worker sums a key's values (one per device) before sending one array, in MXNet's
 //! association order (its CPU reduction's, as `local`). A store created by a name holding
-//! `device` (`dist_device_sync`, `dist_sync_device`, `dist_async_device`: MXNet's rule for its
+//! `device` (`dist_device_sync`, `dist_sync_device`, `dist_async_device`, `dist_device_async`:
+//! MXNet's rule for its
 //! device communicator) takes arrays in GPU memory as they are: a key's GPU values are summed
 //! on a GPU by the linked device backend (`kvstore-device`), so one array per key crosses to
 //! the host, and a pulled key is copied to one GPU output and from there to the others, GPU
@@ -155,11 +156,11 @@ fn create_async(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStore
 
 /// Registers one dist store with the capabilities every dist store has.
 macro_rules! register_dist {
-    ($name:literal, $factory:ident, $alias:literal) => {
+    ($name:literal, $factory:ident, $($alias:literal),+) => {
         kvstore_base::register!(
             $name,
             $factory,
-            aliases = [$alias],
+            aliases = [$($alias),+],
             capabilities = [
                 Capability::Optimizer,
                 Capability::OptimizerStates,
@@ -174,4 +175,9 @@ macro_rules! register_dist {
 
 register_dist!("dist_sync", create_sync, "dist");
 register_dist!("dist_device_sync", create_sync, "dist_sync_device");
-register_dist!("dist_async", create_async, "dist_async_device");
+register_dist!(
+    "dist_async",
+    create_async,
+    "dist_async_device",
+    "dist_device_async"
+);

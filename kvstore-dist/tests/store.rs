@@ -829,3 +829,23 @@ fn a_batch_whose_lengths_overflow_is_refused_and_the_server_keeps_serving() {
     node.leave().unwrap();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn every_mxnet_name_of_a_dist_store_is_registered() {
+    // MXNet picks a dist store by substrings ("dist", "async", "device"): its documented
+    // spellings are names or aliases here.
+    let stores = kvstore_base::registered();
+    let aliases = |name: &str| {
+        stores
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.aliases.clone())
+            .unwrap_or_else(|| panic!("{name} is not registered"))
+    };
+    assert_eq!(aliases("dist_sync"), ["dist"]);
+    assert_eq!(aliases("dist_device_sync"), ["dist_sync_device"]);
+    assert_eq!(
+        aliases("dist_async"),
+        ["dist_async_device", "dist_device_async"]
+    );
+}

@@ -194,7 +194,7 @@ mod tests {
             ("HOROVOD_CYCLE_TIME", "NaN"),
             ("HOROVOD_CYCLE_TIME", "inf"),
             ("HOROVOD_CYCLE_TIME", "1e12"),
-            ("HOROVOD_CYCLE_TIME", "60000"),
+            ("HOROVOD_CYCLE_TIME", "600000"),
         ] {
             let mut v = base();
             v.push((var, value));
