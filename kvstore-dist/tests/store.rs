@@ -849,3 +849,37 @@ fn every_mxnet_name_of_a_dist_store_is_registered() {
         ["dist_async_device", "dist_device_async"]
     );
 }
+
+#[test]
+fn with_multi_precision_the_servers_sum_half_pushes_in_float32() {
+    // Two workers push 40000 each to float16 weights: their float16 sum (80000) would be
+    // infinite; as MXNet's servers under multi_precision, the round is summed in float32 and
+    // the float32 master copy takes 0 - 0.01 * 80000 = -800. Key 3 is dense, key 4 row-sparse
+    // (row 1 pushed).
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.01)
+        .with("multi_precision", true);
+    let out = run("dist_sync", 1, 2, move |_, kv| {
+        let table = NDArray::zeros(&[3, 2], DType::F16)
+            .retain_rows(&[0, 1, 2])
+            .unwrap();
+        kv.init(&[3, 4], &[NDArray::zeros(&[2], DType::F16), table])
+            .unwrap();
+        kv.set_optimizer(&sgd).unwrap();
+        let row = NDArray::full(&[1, 2], 40000.0, DType::F16);
+        let rows = NDArray::row_sparse(&[3, 2], vec![1], &row).unwrap();
+        kv.push(&[3, 4], &[NDArray::full(&[2], 40000.0, DType::F16), rows])
+            .unwrap();
+        let mut dense = NDArray::zeros(&[2], DType::F16);
+        kv.pull(3, &mut dense).unwrap();
+        let ids = NDArray::from_vec(&[3], vec![0i64, 1, 2]).unwrap();
+        let mut pulled =
+            NDArray::row_sparse(&[3, 2], vec![], &NDArray::zeros(&[0, 2], DType::F16)).unwrap();
+        kv.row_sparse_pull(4, &mut pulled, &ids).unwrap();
+        (dense.to_f64_vec(), pulled.to_dense().to_f64_vec())
+    });
+    for (dense, rows) in out {
+        assert_eq!(dense, vec![-800.0; 2]);
+        assert_eq!(rows, vec![0.0, 0.0, -800.0, -800.0, 0.0, 0.0]);
+    }
+}

@@ -252,10 +252,11 @@ fn update_master(
     grad32: &mut Vec<f32>,
 ) -> Result<()> {
     let half = weight.dtype() == DType::F16;
-    if half {
-        widen::<f16>(grad, rows.is_some(), grad32)?;
-    } else {
-        widen::<bf16>(grad, rows.is_some(), grad32)?;
+    // The gradient is in the weight's dtype, or already in float32 (a sum kept in float32).
+    match grad.dtype() {
+        DType::F32 => widen::<f32>(grad, rows.is_some(), grad32)?,
+        DType::F16 => widen::<f16>(grad, rows.is_some(), grad32)?,
+        _ => widen::<bf16>(grad, rows.is_some(), grad32)?,
     }
     let lazy_rows = rows.filter(|_| lazy).map(|r| (r.ids, r.len));
     Prepared::<f32>::new(master, Cow::Borrowed(grad32), state)?.run(
@@ -360,7 +361,9 @@ impl Updater {
                 weight.dtype()
             )));
         }
-        if grad.dtype() != weight.dtype() {
+        let float32_for_master =
+            grad.dtype() == DType::F32 && self.keeps_master_copy(weight.dtype());
+        if grad.dtype() != weight.dtype() && !float32_for_master {
             return Err(Error::DTypeMismatch {
                 what: format!("the gradient of key {key}"),
                 expected: weight.dtype(),
@@ -477,8 +480,9 @@ impl Updater {
     /// # Errors
     /// [`Error::AtKey`] (naming the key) around: [`Error::ShapeMismatch`] when the gradient's
     /// shape is not the weight's (both shapes are named), [`Error::DTypeMismatch`] when the
-    /// dtypes differ, [`Error::InvalidArgument`] for integer weights, row-sparse weights
-    /// missing rows, a weight
+    /// dtypes differ (a float32 gradient of a weight with a master copy excepted, see
+    /// [`keeps_master_copy`](Updater::keeps_master_copy)), [`Error::InvalidArgument`] for
+    /// integer weights, row-sparse weights missing rows, a weight
     /// shape the optimizer cannot update (`groupadagrad` needs 2-D weights), a row-sparse
     /// gradient the optimizer refuses (`adagrad` with weight decay) or a loaded state that
     /// does not fit the weight. The weight, the state and the update count are unchanged
@@ -549,6 +553,26 @@ impl Updater {
             self.states.insert(key.clone(), s);
         }
         Ok(())
+    }
+
+    /// Whether the updates of a `dtype` weight run on a float32 master copy (`multi_precision`
+    /// with a float16 or bfloat16 weight). Such an update also takes a float32 gradient, as
+    /// MXNet's servers pass a round's float32 sum: it is used as it is, not rounded to the
+    /// weight's dtype first.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, Key, NDArray, OptimizerSpec};
+    /// use kvstore_optimizer::Updater;
+    /// let spec = OptimizerSpec::new("sgd").with("multi_precision", true);
+    /// let mut up = Updater::from_spec(&spec).unwrap();
+    /// assert!(up.keeps_master_copy(DType::F16) && !up.keeps_master_copy(DType::F32));
+    /// let mut w = NDArray::zeros(&[1], DType::F16);
+    /// // 100000 does not fit in float16; lr 0.01 brings the step back into range.
+    /// up.update(&Key::from(0), &NDArray::full(&[1], 1e5, DType::F32), &mut w).unwrap();
+    /// assert_eq!(w.to_f64_vec(), vec![-1000.0]);
+    /// ```
+    pub fn keeps_master_copy(&self, dtype: DType) -> bool {
+        self.optimizer.base().multi_precision && matches!(dtype, DType::F16 | DType::BF16)
     }
 
     /// How many times `key` has been updated (MXNet's `_index_update_count`), if it has been.

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kvstore_base::{Key, NDArray, OptimizerSpec, StorageType};
+use kvstore_base::{DType, Key, NDArray, OptimizerSpec, StorageType};
 use kvstore_optimizer::Updater;
 
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
@@ -729,11 +729,15 @@ impl Core {
 
     fn merge_sync(&self, e: &mut Entry, pushed: Pushed<'_>, waiter: Waiter, what: &str) {
         let first = e.round_started.is_none();
+        let Entry { value, merge, .. } = &mut *e;
+        let value = value.as_ref().expect("checked by check_push");
         let merged = if first {
-            let value = e.value.as_ref().expect("checked by check_push");
-            pushed.start_sum(&mut e.merge, value)
+            pushed.start_sum(merge, value, self.sum_dtype(value.dtype()))
         } else {
-            pushed.add_to(e.merge.as_mut().expect("set by the round's first push"))
+            pushed.add_to(
+                merge.as_mut().expect("set by the round's first push"),
+                value,
+            )
         };
         if let Err(msg) = merged {
             waiter.answer.fail(&format!("push of {what}: {msg}"));
@@ -755,6 +759,16 @@ impl Core {
         }
     }
 
+    /// The dtype a round's pushes to a part of `dtype` are summed in: float32 when the
+    /// optimizer keeps a float32 master copy of such a part (`multi_precision` with a
+    /// half-precision weight: MXNet's servers sum in float32 then), else `dtype`.
+    fn sum_dtype(&self, dtype: DType) -> DType {
+        match &*lock(&self.updater) {
+            Some(u) if u.keeps_master_copy(dtype) => DType::F32,
+            _ => dtype,
+        }
+    }
+
     /// Every worker pushed: update (or store the sum), then answer every push of the round.
     fn complete_round(&self, e: &mut Entry, what: &str) {
         let outcome = {
@@ -768,8 +782,11 @@ impl Core {
                 Some(u) => u
                     .update(key, merge, value)
                     .map_err(|err| format!("the optimizer failed on {what}: {err}")),
-                None if merge.storage_type() == StorageType::RowSparse => {
-                    // The round's rows replace the part; the rows no one pushed become zeros.
+                None if merge.storage_type() == StorageType::RowSparse
+                    || merge.dtype() != value.dtype() =>
+                {
+                    // The round's rows replace the part, the rows no one pushed becoming
+                    // zeros; a sum kept in float32 (an optimizer set since) is cast.
                     value.assign(merge).map_err(|err| err.to_string())
                 }
                 None => {

@@ -1,6 +1,6 @@
 //! Element-wise work on received payloads: copy into and add into a typed array.
 
-use kvstore_base::{NDArray, StorageType};
+use kvstore_base::{DType, NDArray, StorageType};
 use kvstore_compression::Codec;
 
 use crate::protocol::RowsPush;
@@ -50,18 +50,29 @@ pub(crate) enum Pushed<'a> {
 
 impl Pushed<'_> {
     /// Starts a sync round's sum in `merge` (the buffer kept from round to round, `like` the
-    /// stored part): a row-sparse push becomes a row-sparse sum, so that the optimizer sees
-    /// the round's rows only; any other is copied into a dense buffer.
-    pub(crate) fn start_sum(self, merge: &mut Option<NDArray>, like: &NDArray) -> Reply {
+    /// stored part), in `dtype`: the part's, or float32 when the optimizer keeps a float32
+    /// master copy of a half-precision part (MXNet's servers then sum in float32). A
+    /// row-sparse push becomes a row-sparse sum, so that the optimizer sees the round's rows
+    /// only; any other is copied into a dense buffer.
+    pub(crate) fn start_sum(
+        self,
+        merge: &mut Option<NDArray>,
+        like: &NDArray,
+        dtype: DType,
+    ) -> Reply {
         if let Pushed::Rows(_) = self {
-            *merge = Some(self.to_array(like)?);
+            *merge = Some(cast(self.to_array(like)?, dtype)?);
             return Ok(());
         }
         let buffer = match merge {
-            Some(m) if m.storage_type() == StorageType::Dense => m,
-            slot => slot.insert(NDArray::zeros(like.shape(), like.dtype())),
+            Some(m) if m.storage_type() == StorageType::Dense && m.dtype() == dtype => m,
+            slot => slot.insert(NDArray::zeros(like.shape(), dtype)),
         };
-        self.assign_to(buffer)
+        if dtype == like.dtype() {
+            return self.assign_to(buffer);
+        }
+        let pushed = self.to_array(like)?;
+        buffer.assign(&pushed).map_err(|e| e.to_string())
     }
 
     /// `dst[:] = pushed`, `dst` dense (rows a push does not hold become zeros).
@@ -78,9 +89,14 @@ impl Pushed<'_> {
         }
     }
 
-    /// `dst += pushed`; a row-sparse `dst` plus rows keeps the union of the rows, plus anything
-    /// else becomes dense.
-    pub(crate) fn add_to(self, dst: &mut NDArray) -> Reply {
+    /// `dst += pushed`, the push being in the dtype of `like` (the stored part) and cast to
+    /// `dst`'s when the sum is kept in float32; a row-sparse `dst` plus rows keeps the union of
+    /// the rows, plus anything else becomes dense.
+    pub(crate) fn add_to(self, dst: &mut NDArray, like: &NDArray) -> Reply {
+        if dst.dtype() != like.dtype() {
+            let pushed = cast(self.to_array(like)?, dst.dtype())?;
+            return dst.add_assign(&pushed).map_err(|e| e.to_string());
+        }
         if let Pushed::Rows(_) = self {
             let rows = self.to_array(dst)?;
             return dst.add_assign(&rows).map_err(|e| e.to_string());
@@ -131,6 +147,14 @@ impl Pushed<'_> {
             }
         }
     }
+}
+
+/// `array` in `dtype` (itself when it already is).
+fn cast(array: NDArray, dtype: DType) -> Result<NDArray, String> {
+    if array.dtype() == dtype {
+        return Ok(array);
+    }
+    array.try_astype(dtype).map_err(|e| e.to_string())
 }
 
 /// An owned [`Pushed`].
