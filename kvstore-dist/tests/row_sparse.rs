@@ -523,3 +523,41 @@ fn a_row_sparse_pull_asks_every_server_for_its_own_rows() {
     assert_eq!(row(values, 6), row(&start, 6));
     assert_eq!(row(values, 5), &[0.0; 4], "row 5 was not asked for");
 }
+
+#[test]
+fn a_pushpull_of_rows_of_a_big_key_answers_the_whole_value() {
+    // 1 MiB of rows: the answer travels alone (through the shared memory the worker lends its
+    // server, on this host), the push being a few rows.
+    let (rows, row_len) = (4096usize, 64usize);
+    let out = run_tweaked(
+        1,
+        1,
+        |_| {},
+        move |kv| {
+            let shape = [rows, row_len];
+            let ids: Vec<i64> = (0..rows as i64).collect();
+            kv.init(
+                KEY,
+                &NDArray::ones(&shape, DType::F32).retain_rows(&ids).unwrap(),
+            )
+            .unwrap();
+            kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+                .unwrap();
+            let one_row = NDArray::full(&[1, row_len], 2.0, DType::F32);
+            let g = NDArray::row_sparse(&shape, vec![9], &one_row).unwrap();
+            let mut out = NDArray::zeros(&shape, DType::F32);
+            kv.pushpull(KEY, &g, &mut out).unwrap();
+            let values = out.to_vec::<f32>().unwrap();
+            (
+                values[9 * row_len],
+                values[8 * row_len],
+                values.len(),
+                kv.shm_connections(),
+            )
+        },
+    );
+    // Row 9: 1 - 0.5 * 2; every other row untouched.
+    assert_eq!(out[0].0, 0.0);
+    assert_eq!(out[0].1, 1.0);
+    assert_eq!(out[0].2, rows * row_len);
+}
