@@ -24,6 +24,9 @@
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
 //! | `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` | `row_sparse_verbose` | 0 | 1 (or `true`): workers and servers log every row-sparse push and pull (key, rows) at `info` level, as MXNet's do |
 //!
+//! `DMLC_PS_VAN_TYPE` is not a setting: MXNet's P3 store (`p3`) and RDMA van (`ibverbs`) are
+//! not provided, and a worker created with it set to anything but `zmq` logs a warning.
+//!
 //! The stores read the file named by `KVSTORE_CONFIG` (when set); `kvstore scheduler` and
 //! `kvstore server` take it as `--config`.
 //!

@@ -276,6 +276,19 @@ impl DistStore {
             }
             None => crate::DistFile::default(),
         };
+        if let Some(van) = vars
+            .get("DMLC_PS_VAN_TYPE")
+            .filter(|v| !matches!(v.trim(), "" | "zmq"))
+        {
+            // MXNet's P3 store (`p3`) and RDMA van (`ibverbs`) are not provided: say so once,
+            // rather than let the job believe it runs them.
+            log::warn!(
+                "{}: DMLC_PS_VAN_TYPE={van:?} is ignored: this store speaks its own TCP \
+                 transport (with shared memory between processes of one host), not MXNet's \
+                 P3 or ibverbs vans",
+                request.name
+            );
+        }
         let config = DistConfig::from_vars_and_file(vars, &file).map_err(invalid)?;
         match config.role {
             Role::Worker => Ok(Box::new(DistStore::connect(&request.name, mode, &config)?)),
