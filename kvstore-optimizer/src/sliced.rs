@@ -282,13 +282,19 @@ fn concat(entry: &KeySlices, slices: &[&NDArray]) -> Result<NDArray> {
     }
 }
 
+/// The row length of a key whose slices are kept as rows (a 0-d key has no rows, whatever
+/// its layout says).
+fn kept_by_rows(entry: &KeySlices) -> Option<usize> {
+    entry
+        .row_len
+        .filter(|&len| len > 0 && !entry.shape.is_empty())
+}
+
 /// For a key kept by rows, the row length and the width of a server's state `slice` that
 /// holds a value (or several) per row instead of one per element of the weight; `None` for
 /// a weight-sized state or a key kept flat.
 fn per_row_width(entry: &KeySlices, slice: &NDArray) -> Option<(usize, usize)> {
-    let len = entry
-        .row_len
-        .filter(|&len| len > 0 && !entry.shape.is_empty())?;
+    let len = kept_by_rows(entry)?;
     let width = slice.shape().get(1..)?.iter().product::<usize>();
     (slice.ndim() == 2 && width != len).then_some((len, width))
 }
@@ -297,11 +303,7 @@ fn per_row_width(entry: &KeySlices, slice: &NDArray) -> Option<(usize, usize)> {
 /// kept by rows, whose per-row states are cut by rows too).
 fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDArray> {
     let size = array.dtype().size_of();
-    // (A 0-d key has no rows, whatever its layout says.)
-    let rows = entry
-        .row_len
-        .filter(|&len| len > 0 && !entry.shape.is_empty())
-        .map(|len| (range.start / len..range.end / len, len));
+    let rows = kept_by_rows(entry).map(|len| (range.start / len..range.end / len, len));
     // A state of one value (or more) per row, kept by rows on the servers.
     if let (Some((rows, _)), Some(bytes)) = (&rows, array.as_bytes()) {
         let shape = array.shape();

@@ -494,8 +494,7 @@ impl Updater {
             return done;
         }
         self.check(key, grad, weight).map_err(|e| at(key, e))?;
-        let mp = self.optimizer.base().multi_precision
-            && matches!(weight.dtype(), DType::F16 | DType::BF16);
+        let mp = self.keeps_master_copy(weight.dtype());
         let cdtype = compute_dtype(weight.dtype(), mp);
         if let Some(s) = self.states.get(key) {
             self.check_state(s, weight, mp).map_err(|e| at(key, e))?;

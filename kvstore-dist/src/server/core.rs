@@ -797,15 +797,19 @@ impl Core {
         };
         let waiters = std::mem::take(&mut e.waiters);
         e.round_started = None;
-        if let Err(msg) = &outcome {
-            // Marks the ranks that pushed: their next pulls fail with it.
-            fail_waiters(e, waiters, msg);
-            e.pushed.iter_mut().for_each(|p| *p = false);
-            return;
-        }
+        let answered = match outcome {
+            Ok(()) => Some(waiters),
+            Err(msg) => {
+                // Marks the ranks that pushed: their next pulls fail with it.
+                fail_waiters(e, waiters, &msg);
+                None
+            }
+        };
         // The round is over before any answer goes out.
         e.pushed.iter_mut().for_each(|p| *p = false);
-        reply_all(waiters, e.value.as_ref().expect("set"));
+        if let Some(waiters) = answered {
+            reply_all(waiters, e.value.as_ref().expect("set"));
+        }
     }
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the

@@ -93,13 +93,10 @@ impl Pushed<'_> {
     /// `dst`'s when the sum is kept in float32; a row-sparse `dst` plus rows keeps the union of
     /// the rows, plus anything else becomes dense.
     pub(crate) fn add_to(self, dst: &mut NDArray, like: &NDArray) -> Reply {
-        if dst.dtype() != like.dtype() {
+        // Rows (a row-sparse sum stays one), or a push to cast: added as an array.
+        if matches!(self, Pushed::Rows(_)) || dst.dtype() != like.dtype() {
             let pushed = cast(self.to_array(like)?, dst.dtype())?;
             return dst.add_assign(&pushed).map_err(|e| e.to_string());
-        }
-        if let Pushed::Rows(_) = self {
-            let rows = self.to_array(dst)?;
-            return dst.add_assign(&rows).map_err(|e| e.to_string());
         }
         if dst.storage_type() == StorageType::RowSparse {
             *dst = dst.to_dense();

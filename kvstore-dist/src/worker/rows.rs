@@ -2,9 +2,11 @@
 //! part by part; `row_sparse_pull` asks each part for its own rows (see
 //! [`protocol`](crate::protocol#row-sparse-keys)).
 
+use std::ops::Range;
+
 use kvstore_base::{Error, Key, KeyedOuts, NDArray, Result, StorageType};
 
-use super::keys::KeyMeta;
+use super::keys::{KeyMeta, Part};
 use super::DistStore;
 use crate::protocol::{self, RowRequest};
 use crate::transport::Outgoing;
@@ -46,15 +48,21 @@ pub(super) fn rows_payload(meta: &KeyMeta, values: &[&NDArray]) -> Result<Vec<Ve
         .parts
         .iter()
         .map(|p| {
-            let (first, end) = ((p.start / row_len) as i64, (p.end / row_len) as i64);
-            let a = ids.partition_point(|&id| id < first);
-            let b = ids.partition_point(|&id| id < end);
+            let (own, first) = ids_in_part(ids, p, row_len);
             protocol::RowsPush::encode(
-                ids[a..b].iter().map(|&id| (id - first) as u64),
-                &data[a * row_bytes..b * row_bytes],
+                ids[own.clone()].iter().map(|&id| (id - first) as u64),
+                &data[own.start * row_bytes..own.end * row_bytes],
             )
         })
         .collect())
+}
+
+/// Where the rows part `p` holds (of `row_len` elements each) stand in the sorted `ids`, and
+/// the part's first row.
+fn ids_in_part(ids: &[i64], p: &Part, row_len: usize) -> (Range<usize>, i64) {
+    let (first, end) = ((p.start / row_len) as i64, (p.end / row_len) as i64);
+    let own = ids.partition_point(|&id| id < first)..ids.partition_point(|&id| id < end);
+    (own, first)
 }
 
 impl DistStore {
@@ -96,22 +104,17 @@ impl DistStore {
         }
         let mut pending = Vec::new();
         for (i, (meta, ids)) in metas.iter().zip(&requests).enumerate() {
-            let row_len: usize = meta.shape[1..].iter().product();
             for (part, p) in meta.parts.iter().enumerate() {
                 // The part holds whole rows: it is asked for its own. Every part is asked, as
                 // MXNet asks every server: the request waits for this worker's round there,
                 // and reports a round that failed.
-                let own = match row_len {
-                    0 => &ids[..],
-                    len => {
-                        let (first, end) = ((p.start / len) as i64, (p.end / len) as i64);
-                        &ids[ids.partition_point(|&id| id < first)
-                            ..ids.partition_point(|&id| id < end)]
-                    }
+                let own = match meta.row_len {
+                    Some(len) => &ids[ids_in_part(ids, p, len).0],
+                    None => &ids[..], // rows without elements
                 };
                 let request = RowRequest {
                     part_start: p.start as u64,
-                    row_len: row_len as u64,
+                    row_len: meta.row_len.unwrap_or(0) as u64,
                     rows: own.to_vec(),
                 };
                 let what = format!("{operation} of key {}", meta.key);
@@ -151,7 +154,7 @@ impl DistStore {
         for ((meta, ids), mut parts) in metas.iter().zip(&requests).zip(answers) {
             // A row-sparse key is placed by whole rows, and the ids are sorted: the parts'
             // answers, in part order, are the rows in id order.
-            let row_len: usize = meta.shape[1..].iter().product();
+            let row_len = meta.row_len.unwrap_or(0);
             let expected = ids.len() * row_len * meta.dtype.size_of();
             let rows = match parts.len() {
                 1 => parts.pop().expect("one part"),
