@@ -9,6 +9,10 @@
 //!   MiB read, 64 MiB written into the stored value;
 //! - one sgd (momentum) and one adam step on 256 MiB of weights through `push_gpu` (wall
 //!   clock): the gradient read, the weight and the states read and written;
+//! - one lazy sgd (momentum) and one lazy adam step through `push_gpu_row_sparse` on an
+//!   embedding of 256 MiB (rows of 64 float32) storing every row, with a gradient of 1 % of
+//!   its rows (spread over the table): the gradient's rows read, those rows of the weight and
+//!   the states read and written (wall clock, against the dense step on 256 MiB above);
 //! - 256 keys of 256 KiB pushed one call per key and as one `push_gpu_batch`;
 //! - gradient compression on 256 MiB of float32, the kernels alone (CUDA events): 2-bit and
 //!   1-bit quantisation and dequantisation, as GB/s of float32 input (256 MiB / time);
@@ -171,6 +175,37 @@ fn main() -> Result<()> {
         let states = if spec.name == "adam" { 2 } else { 1 };
         let moved = (1 + 2 * (1 + states)) * 256 * mib;
         report(&format!("{} on 256 MiB, push_gpu", spec.name), t, moved);
+    }
+
+    // Lazy row steps on an embedding of 256 MiB storing every row, 1 % of its rows pushed.
+    let row_len = 64;
+    let rows = n_copy / row_len;
+    let picked: Vec<i64> = (0..rows as i64).step_by(100).collect();
+    let table = NDArray::zeros(&[rows, row_len], DType::F32);
+    let every_row = NDArray::row_sparse_from(&[rows, row_len], (0..rows as i64).collect(), table)?;
+    let grad_rows = NDArray::full(&[picked.len(), row_len], 0.5, DType::F32);
+    let grad = NDArray::row_sparse(&[rows, row_len], picked.clone(), &grad_rows)?;
+    let grad = kvstore_device::DeviceRowSparse::from_host(&grad, 0)?;
+    for spec in [
+        OptimizerSpec::new("sgd").with("momentum", 0.9),
+        OptimizerSpec::new("adam"),
+    ] {
+        let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+        store.init_gpu("e", &every_row)?;
+        store.set_optimizer(&spec)?;
+        let t = wall_time(20, || store.push_gpu_row_sparse("e", &[&grad]))?;
+        let states = if spec.name == "adam" { 2 } else { 1 };
+        let moved = (1 + 2 * (1 + states)) * picked.len() * row_len * 4;
+        report(
+            &format!(
+                "lazy {} on 1 % of the rows of a 256 MiB embedding ({} of {rows} rows), \
+                 push_gpu_row_sparse",
+                spec.name,
+                picked.len()
+            ),
+            t,
+            moved,
+        );
     }
 
     // Many small keys: 256 keys of 256 KiB, 2 values each, one call per key against one

@@ -351,6 +351,8 @@ impl Runtime {
                 row_kernels: RowKernels {
                     gather: f("gather_rows")?,
                     scatter: f("scatter_rows")?,
+                    sgd: f("sgd_rows_update")?,
+                    adam: f("adam_rows_update")?,
                 },
                 stream,
             });
@@ -395,7 +397,7 @@ pub(crate) fn launch_config(items: usize) -> LaunchConfig {
 }
 
 /// A null device pointer, for the kernel arguments a launch does not use.
-const NULL: u64 = 0;
+pub(crate) const NULL: u64 = 0;
 
 impl Gpu {
     /// `out = ((srcs[0] + group) + group) + ...` (groups of four, [`sum_launches`]), every

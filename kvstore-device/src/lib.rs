@@ -83,7 +83,13 @@
 //!     key's value on its merge GPU (held densely there), first value written, the others
 //!     added, as `local` sums row-sparse values; [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)
 //!     gathers the requested rows on the merge GPU ([`sparse`]'s kernels) and copies them to
-//!     each output's GPU. As on the CPU, an optimizer cannot update a row-sparse weight.
+//!     each output's GPU. With an optimizer (MXNet's `device` store runs its updater on the
+//!     merge GPU with the row-sparse sum), a key storing every row (an embedding initialised
+//!     with every row) is updated lazily, as MXNet's row-sparse kernels do: `sgd` (with or
+//!     without momentum) and `adam` under `lazy_update` by [`sparse`]'s row kernels, which
+//!     touch the gradient's rows of the weight and of the states only; any other optimizer,
+//!     `lazy_update` false or a custom updater through the host updater. A key missing rows
+//!     is refused with the counts, as MXNet's optimizers refuse such a weight.
 //! - Optimizers on GPU keys: sgd and adam (constant learning rate, no per-key multipliers)
 //!   run as kernels on the merge GPU; any other optimizer or setting, and custom updater
 //!   closures, run through the embedded host store's updater on host copies of the sum and
@@ -108,7 +114,8 @@
 //! on the CPU, bit for bit against the CPU: the compression kernels against the CPU codec,
 //! the sum (1 to 20 values, as [`gpu::sum_launches`] plans the launches) and the sgd and adam
 //! steps against the `local` store, the row gather and scatter against `retain_rows` and
-//! `local`'s row-sparse sums.
+//! `local`'s row-sparse sums, the lazy sgd and adam row steps against `local` updating a
+//! row-sparse weight.
 //!
 //! `tests/gpu_emulated.rs` runs the GPU checks (`tests/gpu/cases.rs`), the conformance suite
 //! of `nccl`, and the whole conformance suite again on `device` with its float32 arrays handed

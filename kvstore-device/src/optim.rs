@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use kvstore_base::{Error, Key, OptimizerSpec, ParamValue, Result};
 
 use crate::gpu::Gpu;
+use crate::sparse::{DeviceRowSparse, StepParams};
 use cudarc::driver::CudaSlice;
 
 /// A parsed GPU optimizer.
@@ -30,6 +31,8 @@ pub(crate) struct Common {
     wd: f64,
     rescale: f64,
     clip: Option<f64>,
+    /// `lazy_update`: a row-sparse gradient changes only its rows (the default, as MXNet).
+    lazy: bool,
 }
 
 const COMMON: &[&str] = &[
@@ -82,6 +85,15 @@ impl GpuOptimizer {
             clip: match p.get("clip_gradient") {
                 None => None,
                 Some(_) => Some(number(p, "clip_gradient", 0.0)?).filter(|c| *c > 0.0),
+            },
+            lazy: match p.get("lazy_update") {
+                None => true,
+                Some(ParamValue::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(Error::InvalidArgument(
+                        "hyper-parameter \"lazy_update\" must be a bool".into(),
+                    ))
+                }
             },
         };
         Ok(match spec.name.as_str() {
@@ -140,8 +152,7 @@ impl GpuOptimizer {
                 beta2,
                 epsilon,
             } => {
-                let t = t as f64;
-                let lr_t = c.lr * (1.0 - beta2.powf(t)).sqrt() / (1.0 - beta1.powf(t));
+                let lr_t = adam_rate(c.lr, *beta1, *beta2, t);
                 let [mean, var] = state else {
                     unreachable!("adam has two state buffers")
                 };
@@ -159,6 +170,66 @@ impl GpuOptimizer {
             }
         }
     }
+}
+
+impl GpuOptimizer {
+    /// Whether the kernels update a row-sparse gradient's rows only (`lazy_update`, the
+    /// default); otherwise the host updater runs MXNet's standard row-sparse update.
+    pub(crate) fn updates_rows_lazily(&self) -> bool {
+        match self {
+            GpuOptimizer::Sgd { common, .. } | GpuOptimizer::Adam { common, .. } => common.lazy,
+        }
+    }
+
+    /// Runs update number `t` (1 for the first) of a key on `gpu` with the row-sparse
+    /// gradient `grad`, lazily: only its rows of `weight` and of the states change (see
+    /// [`ROW_KERNELS`](crate::sparse::ROW_KERNELS)).
+    pub(crate) fn step_rows(
+        &self,
+        gpu: &Gpu,
+        t: u64,
+        weight: &mut CudaSlice<f32>,
+        grad: &DeviceRowSparse,
+        state: &mut [CudaSlice<f32>],
+    ) -> Result<()> {
+        let f = |x: f64| x as f32;
+        let params = |c: &Common, lr: f64| StepParams {
+            lr: f(lr),
+            wd: f(c.wd),
+            rescale: f(c.rescale),
+            clip: c.clip.map(f),
+        };
+        match self {
+            GpuOptimizer::Sgd {
+                common: c,
+                momentum,
+            } => {
+                // As the CPU's lazy kernel: MXNet picks the momentum kernel by the state,
+                // whose momentum is 0 unless positive.
+                let mom = state.first_mut().map(|m| (m, f(momentum.max(0.0))));
+                gpu.sgd_rows(weight, grad, mom, params(c, c.lr))
+            }
+            GpuOptimizer::Adam {
+                common: c,
+                beta1,
+                beta2,
+                epsilon,
+            } => {
+                let [mean, var] = state else {
+                    unreachable!("adam has two state buffers")
+                };
+                let lr_t = adam_rate(c.lr, *beta1, *beta2, t);
+                let betas = (f(*beta1), f(*beta2), f(*epsilon));
+                gpu.adam_rows(weight, grad, (mean, var), params(c, lr_t), betas)
+            }
+        }
+    }
+}
+
+/// Adam's learning rate for update `t`, bias-corrected (as the CPU optimizer, in f64).
+fn adam_rate(lr: f64, beta1: f64, beta2: f64, t: u64) -> f64 {
+    let t = t as f64;
+    lr * (1.0 - beta2.powf(t)).sqrt() / (1.0 - beta1.powf(t))
 }
 
 fn unsupported(what: String) -> Error {

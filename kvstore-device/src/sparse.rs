@@ -5,7 +5,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, NDArray, Result, StorageType};
 
-use crate::gpu::{copy_on, cuda, download, Gpu, Runtime};
+use crate::gpu::{copy_on, cuda, download, Gpu, Runtime, NULL};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
 /// [`kernel_source`](crate::gpu::kernel_source)). Both are grid-stride loops over the
@@ -15,6 +15,17 @@ use crate::gpu::{copy_on, cuda, download, Gpu, Runtime};
 /// - `gather_rows`: `out[r, c] = src[ids[r], c]`.
 /// - `scatter_rows`: `dst[ids[r], c] = rows[r, c]`, or `dst[ids[r], c] + rows[r, c]` with
 ///   `accumulate`.
+/// - `sgd_rows_update`: the lazy update of MXNet's `sgd_update` / `sgd_mom_update` with a
+///   row-sparse gradient (kvstore-optimizer's `SparseSgd::Lazy`): only the gradient's rows of
+///   the weight (and of the momentum) change; with momentum by [`KERNELS`](crate::gpu::KERNELS)'
+///   `kv_sgd`, without by `w = (1 - lr*wd)*w - lr*clip(rescale*g)` (unclipped:
+///   `(1 - lr*wd)*w - (lr*rescale)*g`).
+/// - `adam_rows_update`: the lazy update of `adam_update` with a row-sparse gradient: `kv_adam`
+///   on the gradient's rows only, `v` taking `(1 - beta2)*(g*g)` when clipping (the sparse
+///   kernel's grouping) and `((1 - beta2)*g)*g` otherwise.
+///
+/// The optimizer kernels use `kv_clip`, `kv_sgd` and `kv_adam` of `KERNELS`, which comes first
+/// in the program.
 pub const ROW_KERNELS: &str = r#"
 extern "C" __global__ void gather_rows(float* out, const float* src, const long long* ids,
                                        unsigned long long rows, unsigned long long row_len) {
@@ -33,6 +44,54 @@ extern "C" __global__ void scatter_rows(float* dst, const float* rows, const lon
         const unsigned long long r = e / row_len;
         float* d = dst + (unsigned long long)ids[r] * row_len + (e - r * row_len);
         *d = accumulate ? *d + rows[e] : rows[e];
+    }
+}
+
+extern "C" __global__ void sgd_rows_update(float* w, const float* g, const long long* ids,
+                                           float* mom, int has_mom, float momentum, float lr,
+                                           float wd, float rescale, int has_clip, float clip,
+                                           unsigned long long nrows,
+                                           unsigned long long row_len) {
+    const unsigned long long n = nrows * row_len;
+    const float decay = 1.0f - lr * wd;
+    for (unsigned long long e = KV_FIRST; e < n; e += KV_STRIDE) {
+        const unsigned long long r = e / row_len;
+        const unsigned long long i = (unsigned long long)ids[r] * row_len + (e - r * row_len);
+        if (has_mom) {
+            float m = mom[i];
+            w[i] = kv_sgd(w[i], g[e], &m, momentum, lr, wd, rescale, has_clip, clip);
+            mom[i] = m;
+        } else if (has_clip) {
+            w[i] = decay * w[i] - lr * kv_clip(rescale * g[e], clip);
+        } else {
+            w[i] = decay * w[i] - (lr * rescale) * g[e];
+        }
+    }
+}
+
+extern "C" __global__ void adam_rows_update(float* w, const float* g, const long long* ids,
+                                            float* mean, float* var, float lr, float wd,
+                                            float rescale, int has_clip, float clip, float b1,
+                                            float b2, float eps, unsigned long long nrows,
+                                            unsigned long long row_len) {
+    const unsigned long long n = nrows * row_len;
+    for (unsigned long long e = KV_FIRST; e < n; e += KV_STRIDE) {
+        const unsigned long long r = e / row_len;
+        const unsigned long long i = (unsigned long long)ids[r] * row_len + (e - r * row_len);
+        if (has_clip) {
+            float gi = kv_clip(g[e] * rescale + w[i] * wd, clip);
+            float m = b1 * mean[i] + (1.0f - b1) * gi;
+            float v = b2 * var[i] + (1.0f - b2) * (gi * gi);
+            mean[i] = m;
+            var[i] = v;
+            w[i] = w[i] - lr * m / (sqrtf(v) + eps);
+        } else {
+            float m = mean[i];
+            float v = var[i];
+            w[i] = kv_adam(w[i], g[e], &m, &v, lr, wd, rescale, 0, 0.0f, b1, b2, eps);
+            mean[i] = m;
+            var[i] = v;
+        }
     }
 }
 "#;
@@ -277,9 +336,145 @@ impl Gpu {
     }
 }
 
+/// The hyper-parameters of one lazy step, as float32 (kvstore-optimizer's `R::param`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepParams {
+    /// The learning rate (adam: already bias-corrected for the update's count).
+    pub(crate) lr: f32,
+    pub(crate) wd: f32,
+    pub(crate) rescale: f32,
+    pub(crate) clip: Option<f32>,
+}
+
+impl Gpu {
+    /// Queues the lazy sgd step of the rows of `grad` (on this GPU) on `weight`: with
+    /// `mom` (the momentum state, weight-sized) and its `momentum`, or without momentum.
+    pub(crate) fn sgd_rows(
+        &self,
+        weight: &mut CudaSlice<f32>,
+        grad: &DeviceRowSparse,
+        mom: Option<(&mut CudaSlice<f32>, f32)>,
+        p: StepParams,
+    ) -> Result<()> {
+        let (nrows, row_len) = (grad.nnz(), row_len(&grad.shape));
+        if nrows * row_len == 0 {
+            return Ok(());
+        }
+        let (n_arg, len_arg) = (nrows as u64, row_len as u64);
+        let (has_clip, clip) = (i32::from(p.clip.is_some()), p.clip.unwrap_or(0.0));
+        let has_mom = i32::from(mom.is_some());
+        let mut b = self.stream.launch_builder(&self.row_kernels.sgd);
+        b.arg(weight).arg(&grad.rows).arg(&grad.ids);
+        let momentum = match mom {
+            Some((m, momentum)) => {
+                b.arg(m);
+                momentum
+            }
+            None => {
+                b.arg(&NULL);
+                0.0
+            }
+        };
+        b.arg(&has_mom).arg(&momentum).arg(&p.lr).arg(&p.wd);
+        b.arg(&p.rescale)
+            .arg(&has_clip)
+            .arg(&clip)
+            .arg(&n_arg)
+            .arg(&len_arg);
+        // SAFETY: the signature matches `sgd_rows_update` in `ROW_KERNELS`; `grad` holds
+        // `nrows` distinct rows of the weight's shape (checked by the callers), `weight` and
+        // the momentum (when used) hold every row, all on this GPU; without momentum the
+        // kernel never reads the null pointer.
+        unsafe { b.launch(crate::gpu::launch_config(nrows * row_len)) }
+            .map_err(cuda("sgd_rows_update"))?;
+        Ok(())
+    }
+
+    /// Queues the lazy adam step of the rows of `grad` (on this GPU) on `weight`, with its
+    /// `mean` and `var` states (weight-sized) and `(beta1, beta2, epsilon)`.
+    pub(crate) fn adam_rows(
+        &self,
+        weight: &mut CudaSlice<f32>,
+        grad: &DeviceRowSparse,
+        (mean, var): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        p: StepParams,
+        (b1, b2, eps): (f32, f32, f32),
+    ) -> Result<()> {
+        let (nrows, row_len) = (grad.nnz(), row_len(&grad.shape));
+        if nrows * row_len == 0 {
+            return Ok(());
+        }
+        let (n_arg, len_arg) = (nrows as u64, row_len as u64);
+        let (has_clip, clip) = (i32::from(p.clip.is_some()), p.clip.unwrap_or(0.0));
+        let mut b = self.stream.launch_builder(&self.row_kernels.adam);
+        b.arg(weight)
+            .arg(&grad.rows)
+            .arg(&grad.ids)
+            .arg(mean)
+            .arg(var);
+        b.arg(&p.lr)
+            .arg(&p.wd)
+            .arg(&p.rescale)
+            .arg(&has_clip)
+            .arg(&clip);
+        b.arg(&b1).arg(&b2).arg(&eps).arg(&n_arg).arg(&len_arg);
+        // SAFETY: the signature matches `adam_rows_update` in `ROW_KERNELS`; `grad` holds
+        // `nrows` distinct rows of the weight's shape (checked by the callers); `weight`,
+        // `mean` and `var` hold every row; all on this GPU.
+        unsafe { b.launch(crate::gpu::launch_config(nrows * row_len)) }
+            .map_err(cuda("adam_rows_update"))?;
+        Ok(())
+    }
+}
+
+/// The sorted union of the row numbers of `values` (each sorted and distinct).
+pub(crate) fn union_of_rows(values: &[&DeviceRowSparse]) -> Vec<i64> {
+    let mut union: Vec<i64> = values
+        .iter()
+        .flat_map(|v| v.indices.iter().copied())
+        .collect();
+    union.sort_unstable();
+    union.dedup();
+    union
+}
+
+/// The row-sparse sum of `values` (every one on `gpu(ordinal)`, of one shape) on that GPU: the
+/// union of their rows, each the sum of the values holding it, added in the values' order
+/// onto zeros (as the `local` store sums row-sparse values). Queued on the GPU's stream.
+pub(crate) fn sum_rows(values: &[&DeviceRowSparse], ordinal: usize) -> Result<DeviceRowSparse> {
+    let shape = values
+        .first()
+        .map(|v| v.shape.clone())
+        .ok_or_else(|| Error::InvalidArgument("a sum of no row-sparse values".into()))?;
+    let union = union_of_rows(values);
+    let gpu = Runtime::get()?.gpu(ordinal)?;
+    // Where each value's rows go in the sum: every buffer before any arithmetic.
+    let positions = values
+        .iter()
+        .map(|v| {
+            let at: Vec<i64> = v
+                .indices
+                .iter()
+                .map(|id| union.partition_point(|u| u < id) as i64)
+                .collect();
+            upload_or_one(gpu, &at)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut sum = DeviceRowSparse::alloc(&shape, union, ordinal)?;
+    let len = row_len(&shape);
+    for (v, at) in values.iter().zip(&positions) {
+        if v.nnz() > 0 {
+            gpu.scatter_rows(&mut sum.rows, &v.rows, at, v.nnz(), len, true)?;
+        }
+    }
+    Ok(sum)
+}
+
 /// The loaded row kernels of one GPU.
 #[derive(Debug)]
 pub(crate) struct RowKernels {
     pub(crate) gather: CudaFunction,
     pub(crate) scatter: CudaFunction,
+    pub(crate) sgd: CudaFunction,
+    pub(crate) adam: CudaFunction,
 }

@@ -19,7 +19,7 @@ use crate::gpu_codec::{self, PackedArray};
 use crate::optim::{Counts, GpuOptimizer, Update};
 use crate::placement::place;
 use crate::probe::{nccl_present, probe};
-use crate::sparse::{row_len, DeviceRowSparse};
+use crate::sparse::{row_len, sum_rows, union_of_rows, DeviceRowSparse};
 
 mod ndarrays;
 mod states;
@@ -102,6 +102,9 @@ struct GpuEntry {
     shape: Vec<usize>,
     /// A row-sparse key: pushed [`DeviceRowSparse`] values, read by row-sparse pulls.
     row_sparse: bool,
+    /// How many rows a row-sparse key's value stores (the GPU holds the others as zeros): an
+    /// optimizer updates it only when it stores every row, as MXNet's do.
+    stored_rows: usize,
     /// The init value, until the key is placed on a GPU.
     initial: NDArray,
     /// The GPU that holds the key's value and reduces its pushes (placed at the first push).
@@ -139,6 +142,7 @@ impl GpuEntry {
         GpuEntry {
             shape: value.shape().to_vec(),
             row_sparse: value.storage_type() == StorageType::RowSparse,
+            stored_rows: value.as_row_sparse().map_or(0, |rows| rows.indices().len()),
             initial: value.to_dense(),
             merge_dev: None,
             stored: None,
@@ -575,25 +579,7 @@ impl DeviceStore {
         }
         if let Some(opt) = update.kernels() {
             let gpu = Runtime::get()?.gpu(dev)?;
-            if states.is_empty() {
-                if let Some(loaded) = loaded_state {
-                    for host in loaded.iter() {
-                        let uploaded = gpu
-                            .stream
-                            .clone_htod(&host[..])
-                            .map_err(cuda("copy to GPU"))?;
-                        states.push(uploaded);
-                    }
-                    *loaded_state = None;
-                }
-            }
-            while states.len() < opt.state_len() {
-                let zeros = gpu
-                    .stream
-                    .alloc_zeros::<f32>(shape.iter().product())
-                    .map_err(cuda("alloc"))?;
-                states.push(zeros);
-            }
+            reserve_states(gpu, opt, shape, states, loaded_state)?;
         }
         Ok(())
     }
@@ -746,15 +732,28 @@ impl DeviceStore {
     }
 
     /// Pushes row-sparse GPU values to a row-sparse key (MXNet's `CommDevice` reduce of
-    /// `row_sparse` values): the stored value becomes their sum, the first value's rows then
-    /// each other value's rows added in order (the rows of the values on other GPUs are copied
-    /// to the key's merge GPU first), as the `local` store sums row-sparse values.
+    /// `row_sparse` values, then its updater). Their sum is the first value's rows then each
+    /// other value's rows added in order (the rows of the values on other GPUs are copied to
+    /// the key's merge GPU first), as the `local` store sums row-sparse values. Then, as MXNet:
+    ///
+    /// - without an optimizer or updater, the sum becomes the stored value (its rows; the
+    ///   others are zeros);
+    /// - with `sgd` (momentum or not) or `adam` under `lazy_update` (the default), the
+    ///   optimizer's row kernels update the gradient's rows of the weight and of its states on
+    ///   the merge GPU, and only those ([`ROW_KERNELS`](crate::sparse::ROW_KERNELS): the
+    ///   arithmetic of the CPU optimizer's lazy update, bit for bit);
+    /// - with another optimizer, `lazy_update` false or a custom updater, the host updater runs
+    ///   on host copies of the row-sparse sum and of the weight (as `local` updates a
+    ///   row-sparse weight storing every row).
+    ///
+    /// An optimizer updates a key only when its value stores every row (initialised with
+    /// every row, or last pushed without an optimizer with every row), as MXNet's optimizers
+    /// require of a row-sparse weight.
     ///
     /// # Errors
     /// [`Error::KeyNotInitialized`]; a dense key; shape mismatches; an empty list; an
-    /// optimizer or updater (not run on row-sparse GPU keys: keep such a weight dense, or in
-    /// host memory, where an optimizer updates a row-sparse weight storing every row); gradient compression (MXNet: not supported for row_sparse values);
-    /// [`Error::Device`].
+    /// optimizer or updater on a value missing rows (with the counts); gradient compression
+    /// (MXNet: not supported for row_sparse values); [`Error::Device`].
     pub fn push_gpu_row_sparse(
         &self,
         key: impl Into<Key>,
@@ -786,12 +785,15 @@ impl DeviceStore {
             "a row-sparse GPU value",
             values.iter().map(|v| v.shape()),
         )?;
-        if state.optimizer.is_some() || state.custom_updater {
-            return Err(Error::InvalidArgument(
-                "the device store runs no optimizer or updater on row-sparse GPU keys: keep the \
-                 weight dense, or in host memory"
-                    .into(),
-            ));
+        let update = Update::for_setting(state.optimizer.as_ref(), state.custom_updater);
+        let rows = entry.shape[0];
+        if update.takes_sum() && entry.stored_rows < rows {
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse weight is updated only when it stores every row, as MXNet's \
+                 optimizers require; key {key} stores {} of its {rows} rows (init it with \
+                 every row, or store it dense)",
+                entry.stored_rows
+            )));
         }
         if self.gradient_compression().is_some() {
             return Err(Error::InvalidArgument(
@@ -802,25 +804,75 @@ impl DeviceStore {
         if state.keys[key].merge_dev.is_none() {
             self.place_keys(state, &devs)?;
         }
-        let entry = state.keys.get_mut(key).expect("checked above");
+        let GpuState { keys, counts, .. } = state;
+        let entry = keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = Runtime::get()?.gpu(dev)?;
-        let stored = entry.stored.as_mut().expect("placed keys hold their value");
+        // The values on the merge GPU: those elsewhere copied to it first.
         let moved: Vec<Option<DeviceRowSparse>> = values
             .iter()
             .map(|v| (v.ordinal() != dev).then(|| v.to_gpu(dev)).transpose())
             .collect::<Result<_>>()?;
-        gpu.stream
-            .memset_zeros(&mut stored.data)
-            .map_err(cuda("memset"))?;
-        let row_len = row_len(&entry.shape);
-        for (i, (v, m)) in values.iter().zip(&moved).enumerate() {
-            let v = m.as_ref().unwrap_or(v);
-            if v.nnz() > 0 {
-                gpu.scatter_rows(&mut stored.data, &v.rows, &v.ids, v.nnz(), row_len, i > 0)?;
+        let here: Vec<&DeviceRowSparse> = values
+            .iter()
+            .zip(&moved)
+            .map(|(v, m)| m.as_ref().unwrap_or(v))
+            .collect();
+        let GpuEntry {
+            shape,
+            stored,
+            stored_rows,
+            state: states,
+            loaded_state,
+            ..
+        } = entry;
+        let stored = stored.as_mut().expect("placed keys hold their value");
+        let queued = (|| match &update {
+            Update::Store => {
+                // The sum becomes the value: zeros, the first value's rows, the others added.
+                gpu.stream
+                    .memset_zeros(&mut stored.data)
+                    .map_err(cuda("memset"))?;
+                let row_len = row_len(shape);
+                for (i, v) in here.iter().enumerate() {
+                    if v.nnz() > 0 {
+                        gpu.scatter_rows(
+                            &mut stored.data,
+                            &v.rows,
+                            &v.ids,
+                            v.nnz(),
+                            row_len,
+                            i > 0,
+                        )?;
+                    }
+                }
+                *stored_rows = union_of_rows(&here).len();
+                Ok(())
             }
-        }
-        wait_for(vec![dev])
+            _ => {
+                // The optimizer's gradient: the row-sparse sum (one value is the sum as it is).
+                let summed;
+                let grad = match here.as_slice() {
+                    [one] => *one,
+                    many => {
+                        summed = sum_rows(many, dev)?;
+                        &summed
+                    }
+                };
+                match update.kernels().filter(|opt| opt.updates_rows_lazily()) {
+                    Some(opt) => {
+                        reserve_states(gpu, opt, shape, states, loaded_state)?;
+                        let t = counts.entry(key.clone()).or_insert(0);
+                        *t += 1;
+                        opt.step_rows(gpu, *t, &mut stored.data, grad, states)
+                    }
+                    None => self.host_update_rows(key, stored, grad),
+                }
+            }
+        })();
+        // Even after a failure, what was queued finishes before the call returns.
+        let waited = wait_for(vec![dev]);
+        queued.and(waited)
     }
 
     /// MXNet's `row_sparse_pull` on GPUs: each output becomes the rows `row_ids[i]` (any
@@ -1249,6 +1301,61 @@ impl DeviceStore {
         }
         stored.copy_from_host(&weight)
     }
+
+    /// [`host_update`](DeviceStore::host_update) of a row-sparse GPU key storing every row:
+    /// the host updater gets the row-sparse gradient `grad` and the weight as a row-sparse
+    /// array storing every row (as MXNet's updater gets them), and updates it as `local`
+    /// does (lazily or not, by the optimizer's `lazy_update`).
+    fn host_update_rows(
+        &self,
+        key: &Key,
+        stored: &mut DeviceArray,
+        grad: &DeviceRowSparse,
+    ) -> Result<()> {
+        let grad = grad.to_host()?;
+        let dense = stored.to_host()?;
+        let shape = dense.shape().to_vec();
+        let every_row = (0..shape[0] as i64).collect();
+        let mut weight = NDArray::row_sparse_from(&shape, every_row, dense)?;
+        if !self.local.run_updater(key, &grad, &mut weight)? {
+            return Err(Error::Device(
+                "the store's updater disappeared during a push".into(),
+            ));
+        }
+        stored.copy_from_host(&weight.to_dense())
+    }
+}
+
+/// Makes the optimizer states of a key of `shape` updated by `opt`'s kernels on `gpu`: the
+/// ones loaded from a file (uploaded at the key's first push), then zeros up to the count
+/// `opt` needs.
+fn reserve_states(
+    gpu: &crate::gpu::Gpu,
+    opt: &GpuOptimizer,
+    shape: &[usize],
+    states: &mut Vec<CudaSlice<f32>>,
+    loaded_state: &mut Option<Vec<Vec<f32>>>,
+) -> Result<()> {
+    if states.is_empty() {
+        if let Some(loaded) = loaded_state {
+            for host in loaded.iter() {
+                let uploaded = gpu
+                    .stream
+                    .clone_htod(&host[..])
+                    .map_err(cuda("copy to GPU"))?;
+                states.push(uploaded);
+            }
+            *loaded_state = None;
+        }
+    }
+    while states.len() < opt.state_len() {
+        let zeros = gpu
+            .stream
+            .alloc_zeros::<f32>(shape.iter().product())
+            .map_err(cuda("alloc"))?;
+        states.push(zeros);
+    }
+    Ok(())
 }
 
 /// The error of a push whose buffers were not reserved first (a bug of this crate).

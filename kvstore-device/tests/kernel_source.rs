@@ -73,6 +73,8 @@ fn nvrtc_compiles() -> Result<(), Failed> {
         "sum_sources",
         "gather_rows",
         "scatter_rows",
+        "sgd_rows_update",
+        "adam_rows_update",
         "sgd_update",
         "adam_update",
         "quantize_2bit",

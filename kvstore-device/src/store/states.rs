@@ -2,7 +2,9 @@
 //! momentum, adam's mean and variance, and the update count) lives on its merge GPU: before a
 //! save it is copied into the embedded host store's updater, which writes the file (so the
 //! file is the one `local` writes, in the same format); after a load it is copied from there
-//! to the GPUs. Keys updated through the host updater keep their state there already.
+//! to the GPUs. Keys updated through the host updater (every key under an optimizer without
+//! kernels or a custom updater, row-sparse keys under `lazy_update` false) keep their state
+//! there already.
 
 use super::*;
 
@@ -93,9 +95,13 @@ impl DeviceStore {
         let GpuState { keys, counts, .. } = &mut *state;
         for (key, found) in loaded {
             let entry = keys.get_mut(&key).expect("listed above");
+            // A row-sparse key updated by the host updater (`lazy_update` false) keeps its
+            // state there.
+            let on_gpu = !entry.row_sparse || opt.updates_rows_lazily();
             match found {
                 Some((arrays, count))
-                    if arrays.len() == opt.state_len()
+                    if on_gpu
+                        && arrays.len() == opt.state_len()
                         && arrays.iter().all(|a| a.len() == entry.initial.size()) =>
                 {
                     match entry.merge_dev {

@@ -244,6 +244,96 @@ fn row_sparse_pull_out_of_memory(info: &GpuInfo) -> TestResult {
     unreachable!("the loop returns")
 }
 
+/// Every row of the row-sparse GPU key `e` (of `rows` rows), on the host.
+fn all_rows(store: &DeviceStore, rows: usize) -> Result<NDArray, Failed> {
+    let ids = NDArray::from_vec(&[rows], (0..rows as i64).collect())?;
+    let mut out = DeviceRowSparse::zeros(&[rows, 7], 0)?;
+    store.row_sparse_pull_gpu("e", &mut [&mut out], &[&ids])?;
+    Ok(out.to_host()?)
+}
+
+/// A push of row-sparse values from every GPU to a key storing every row (with `optimizer`,
+/// or none), failing at each allocation in turn (the key's placement at the first push
+/// included), leaves the key as it was; retried, and pushed again, it gives what `local`
+/// gives (the optimizer states and update count untouched by the failure).
+fn row_sparse_push_out_of_memory(info: &GpuInfo, optimizer: Option<&OptimizerSpec>) -> TestResult {
+    let every: Vec<i64> = (0..40).collect();
+    let values = |round: usize| -> Result<(Vec<NDArray>, Vec<DeviceRowSparse>), Failed> {
+        let hosts: Vec<NDArray> = (0..3)
+            .map(|i| {
+                rsp(
+                    40,
+                    &[i as i64, 7, 20 + i as i64 + round as i64],
+                    2 + i + round,
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let gpus = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| DeviceRowSparse::from_host(h, dev(info, i)))
+            .collect::<Result<_, _>>()?;
+        Ok((hosts, gpus))
+    };
+    for allowed in 0i64.. {
+        let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+        let local = kvstore_base::create("local")?;
+        let init = rsp(40, &every, 1)?;
+        store.init_gpu("e", &init)?;
+        local.init("e", &init)?;
+        if let Some(spec) = optimizer {
+            store.set_optimizer(spec)?;
+            local.set_optimizer(spec)?;
+        }
+        let (hosts, gpus) = values(0)?;
+        let refs: Vec<&DeviceRowSparse> = gpus.iter().collect();
+        let before = all_rows(&store, 40)?;
+        let result =
+            with_allocations_failing_after(allowed, || store.push_gpu_row_sparse("e", &refs))?;
+        let Err(e) = result else {
+            if allowed == 0 {
+                return Err(fail(
+                    "the push allocates nothing: the scenario tests nothing",
+                ));
+            }
+            return Ok(());
+        };
+        if !e.to_string().contains("OUT_OF_MEMORY") {
+            return Err(fail(format!(
+                "allocation {allowed} failed with another error: {e}"
+            )));
+        }
+        if all_rows(&store, 40)? != before {
+            return Err(fail(format!(
+                "a row-sparse push failing at allocation {allowed} changed the key ({e})"
+            )));
+        }
+        for round in [0, 1] {
+            let (hosts, gpus) = if round == 0 {
+                (hosts.clone(), Vec::new())
+            } else {
+                values(round)?
+            };
+            let refs: Vec<&DeviceRowSparse> = match round {
+                0 => refs.clone(),
+                _ => gpus.iter().collect(),
+            };
+            store.push_gpu_row_sparse("e", &refs)?;
+            local.push("e", &hosts[..])?;
+            let ids = NDArray::from_vec(&[40], every.clone())?;
+            let mut want = rsp(40, &[], 0)?;
+            local.row_sparse_pull("e", &mut want, &ids)?;
+            close(
+                &all_rows(&store, 40)?.to_vec::<f32>()?,
+                &want.to_vec::<f32>()?,
+                1e-6,
+                &format!("push {round} after allocation {allowed} failed"),
+            )?;
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// Whether a pull allowed `allowed` allocations succeeded; an error unless it did with some
 /// allocations, or failed out of memory leaving its outputs as they were (`before`).
 fn pull_succeeded<T: PartialEq>(
@@ -349,6 +439,20 @@ pub fn trials(prefix: &str) -> Vec<Trial> {
         format!("{prefix}::faults::out_of_memory_in_a_row_sparse_pull_changes_no_output"),
         || row_sparse_pull_out_of_memory(&probe()?),
     ));
+    let row_settings = [
+        ("plain", None),
+        (
+            "lazy_adam",
+            Some(OptimizerSpec::new("adam").with("learning_rate", 0.01)),
+        ),
+        ("adagrad_on_the_host", Some(OptimizerSpec::new("adagrad"))),
+    ];
+    for (name, optimizer) in row_settings {
+        trials.push(Trial::test(
+            format!("{prefix}::faults::out_of_memory_in_a_row_sparse_push_changes_nothing_{name}"),
+            move || row_sparse_push_out_of_memory(&probe()?, optimizer.as_ref()),
+        ));
+    }
     trials.push(Trial::test(
         format!("{prefix}::faults::out_of_memory_in_a_staged_pull_changes_no_output"),
         || {

@@ -287,6 +287,16 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         row_sparse_errors,
     ),
     (
+        "device::optimizers_on_row_sparse_gpu_keys_match_local",
+        false,
+        row_sparse_optimizers_match_local,
+    ),
+    (
+        "device::a_row_sparse_gpu_key_storing_every_row_after_a_push_takes_an_optimizer",
+        false,
+        row_sparse_optimizer_after_a_full_push,
+    ),
+    (
         "device::placement_balances_keys_across_gpus",
         false,
         placement,
@@ -1076,6 +1086,199 @@ fn row_sparse_errors(_: &GpuInfo) -> TestResult {
         return Err(fail("a refused call changed the key"));
     }
     Ok(())
+}
+
+/// The rows `ids` of the key `e` of both stores: the same row numbers, values within the
+/// optimizer tolerance.
+fn compare_updated_rows(
+    store: &DeviceStore,
+    local: &dyn KVStoreBase,
+    ids: &NDArray,
+    what: &str,
+) -> TestResult {
+    let mut out = DeviceRowSparse::zeros(&[50, 7], 0)?;
+    store.row_sparse_pull_gpu("e", &mut [&mut out], &[ids])?;
+    let got = out.to_host()?;
+    let mut want = rsp(50, &[], 0)?;
+    local.row_sparse_pull("e", &mut want, ids)?;
+    let (g, w) = (
+        got.as_row_sparse().expect("row-sparse"),
+        want.as_row_sparse().expect("row-sparse"),
+    );
+    if g.indices() != w.indices() {
+        return Err(fail(format!(
+            "{what}: rows {:?}, local {:?}",
+            g.indices(),
+            w.indices()
+        )));
+    }
+    close(&got.to_vec::<f32>()?, &want.to_vec::<f32>()?, 1e-6, what)
+}
+
+/// Optimizers on a row-sparse GPU key storing every row (an embedding), against `local` with
+/// the same pushes: `sgd` with and without momentum and `adam` run by the lazy row kernels,
+/// `adam` with `lazy_update` false and `adagrad` by the host updater. Pushes of three values
+/// (one without rows), of one value, of two; rows no gradient holds keep their value (the
+/// lazy update; `local` is the reference). Then the optimizer states: saved by the device
+/// store with its optimizer, loaded by a fresh `local` store and by a fresh device store
+/// holding the same weight (twice: the second from the first resumed one), the next update of
+/// each equals the first `local`'s (momentum, moments and update counts handed over both ways).
+fn row_sparse_optimizers_match_local(info: &GpuInfo) -> TestResult {
+    let specs = [
+        OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.1)
+            .with("momentum", 0.9)
+            .with("wd", 0.01),
+        OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.05)
+            .with("clip_gradient", 4.0),
+        OptimizerSpec::new("adam")
+            .with("learning_rate", 0.01)
+            .with("wd", 0.1),
+        OptimizerSpec::new("adam").with("lazy_update", false),
+        OptimizerSpec::new("adagrad").with("learning_rate", 0.1),
+    ];
+    let every: Vec<i64> = (0..50).collect();
+    let all = NDArray::from_vec(&[50], every.clone())?;
+    let rounds: [&[&[i64]]; 3] = [
+        &[&[1, 3, 5, 49], &[], &[0, 3, 4, 20, 21]],
+        &[&[7, 8, 9]],
+        &[&[3, 30], &[30, 31, 49]],
+    ];
+    let grads = |round: usize, sets: &[&[i64]]| -> Result<Vec<NDArray>, Failed> {
+        sets.iter()
+            .enumerate()
+            .map(|(i, ids)| {
+                let rows = fdata(ids.len() * 7, i + 3 * round);
+                let rows = NDArray::from_vec(&[ids.len(), 7], rows)?;
+                Ok(NDArray::row_sparse(&[50, 7], ids.to_vec(), &rows)?)
+            })
+            .collect()
+    };
+    for spec in specs {
+        let what = |step: &str| format!("{} {:?}: {step}", spec.name, spec.params);
+        let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+        let local = create("local")?;
+        let weight = NDArray::from_vec(&[50, 7], fdata(350, 11))?;
+        let init = NDArray::row_sparse(&[50, 7], every.clone(), &weight)?;
+        store.init_gpu("e", &init)?;
+        local.init("e", &init)?;
+        store.set_optimizer(&spec)?;
+        local.set_optimizer(&spec)?;
+        for (round, sets) in rounds.iter().enumerate() {
+            let hosts = grads(round, sets)?;
+            let gpus: Vec<DeviceRowSparse> = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| DeviceRowSparse::from_host(h, dev(info, i + round)))
+                .collect::<Result<_, _>>()?;
+            store.push_gpu_row_sparse("e", &gpus.iter().collect::<Vec<_>>())?;
+            local.push("e", &hosts[..])?;
+            compare_updated_rows(&store, &*local, &all, &what(&format!("round {round}")))?;
+        }
+        // The states: the device store's file resumes a `local` store where the first is.
+        let path = std::env::temp_dir().join(format!(
+            "kvstore-gpu-row-states-{}-{}",
+            std::process::id(),
+            spec.name
+        ));
+        let mut now = rsp(50, &[], 0)?;
+        local.row_sparse_pull("e", &mut now, &all)?;
+        store.save_optimizer_states(&path, true)?;
+        let resumed = create("local")?;
+        resumed.init("e", &now)?;
+        resumed.set_optimizer(&spec)?;
+        let loaded = resumed.load_optimizer_states(&path);
+        let _ = std::fs::remove_file(&path);
+        loaded?;
+        let next = grads(3, &[&[3, 4, 5, 30]])?;
+        resumed.push("e", &next[..])?;
+        let mut b = rsp(50, &[], 0)?;
+        resumed.row_sparse_pull("e", &mut b, &all)?;
+        // And device stores, each resumed from the previous one's file (the second from a
+        // store that loaded states, then updated).
+        let mut from = store;
+        for generation in 0..2 {
+            let mut now = rsp(50, &[], 0)?;
+            local.row_sparse_pull("e", &mut now, &all)?;
+            from.save_optimizer_states(&path, true)?;
+            let next_store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+            next_store.init_gpu("e", &now)?;
+            next_store.set_optimizer(&spec)?;
+            let loaded = next_store.load_optimizer_states(&path);
+            let _ = std::fs::remove_file(&path);
+            loaded?;
+            let next = grads(3 + generation, &[&[3, 4, 5, 30]])?;
+            local.push("e", &next[..])?;
+            next_store.push_gpu_row_sparse("e", &[&DeviceRowSparse::from_host(&next[0], 0)?])?;
+            let step = format!("a device store resumed from states, generation {generation}");
+            compare_updated_rows(&next_store, &*local, &all, &what(&step))?;
+            if generation == 0 {
+                let mut a = rsp(50, &[], 0)?;
+                local.row_sparse_pull("e", &mut a, &all)?;
+                close(
+                    &b.to_vec::<f32>()?,
+                    &a.to_vec::<f32>()?,
+                    1e-6,
+                    &what("local resumed from the device store's states"),
+                )?;
+            }
+            from = next_store;
+        }
+    }
+    Ok(())
+}
+
+/// An optimizer refuses a row-sparse GPU key missing rows (naming the counts, the key
+/// unchanged), as MXNet's optimizers refuse such a weight; once a push without an optimizer
+/// stored every row, the optimizer updates it, as `local` does.
+fn row_sparse_optimizer_after_a_full_push(info: &GpuInfo) -> TestResult {
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.5)
+        .with("momentum", 0.5);
+    let refusing = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let init = rsp(50, &[2, 9], 3)?;
+    refusing.init_gpu("e", &init)?;
+    refusing.set_optimizer(&sgd)?;
+    let grad = DeviceRowSparse::from_host(&rsp(50, &[2], 4)?, dev(info, 0))?;
+    let refused = refusing
+        .push_gpu_row_sparse("e", &[&grad])
+        .expect_err("a push to a key missing rows was accepted")
+        .to_string();
+    if !refused.contains("stores 2 of its 50 rows") {
+        return Err(fail(format!(
+            "the refusal does not give the counts: {refused}"
+        )));
+    }
+    let mut out = DeviceRowSparse::zeros(&[50, 7], 0)?;
+    let ids = NDArray::from_vec(&[3], vec![1i64, 2, 9])?;
+    refusing.row_sparse_pull_gpu("e", &mut [&mut out], &[&ids])?;
+    if out.to_host()? != init.retain_rows(&[1, 2, 9])? {
+        return Err(fail("a refused push changed the key"));
+    }
+
+    let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    let local = create("local")?;
+    store.init_gpu("e", &init)?;
+    local.init("e", &init)?;
+    let every: Vec<i64> = (0..50).collect();
+    let halves = [rsp(50, &every[..30], 5)?, rsp(50, &every[20..], 6)?];
+    let gpus: Vec<DeviceRowSparse> = halves
+        .iter()
+        .enumerate()
+        .map(|(i, h)| DeviceRowSparse::from_host(h, dev(info, i)))
+        .collect::<Result<_, _>>()?;
+    store.push_gpu_row_sparse("e", &gpus.iter().collect::<Vec<_>>())?;
+    local.push("e", &halves[..])?;
+    store.set_optimizer(&sgd)?;
+    local.set_optimizer(&sgd)?;
+    for round in 0..2 {
+        let g = rsp(50, &[0, 17, 49], 7 + round)?;
+        store.push_gpu_row_sparse("e", &[&DeviceRowSparse::from_host(&g, dev(info, 1))?])?;
+        local.push("e", &g)?;
+    }
+    let all = NDArray::from_vec(&[50], every)?;
+    compare_updated_rows(&store, &*local, &all, "after a push of every row, sgd")
 }
 
 /// The `nccl` store against `local` over several keys: `pushpull_gpu` without an optimizer
