@@ -120,7 +120,7 @@ impl<'a> KeyedValues<'a> {
     /// # Errors
     /// [`Error::InvalidArgument`] naming the store, the operation and the key.
     pub fn check_on_host(&self, store: &str, operation: &'static str) -> Result<()> {
-        match self.iter().find(|(_, v)| v.device().is_some()) {
+        match self.iter().find(|(_, v)| v.in_device_memory()) {
             Some((key, v)) => Err(on_device(store, operation, key, v.context())),
             None => Ok(()),
         }
@@ -128,7 +128,7 @@ impl<'a> KeyedValues<'a> {
 
     /// Whether any value is in device memory.
     pub fn any_on_device(&self) -> bool {
-        self.values.iter().any(|v| v.device().is_some())
+        self.values.iter().any(|v| v.in_device_memory())
     }
 
     /// The distinct keys, in order of first appearance, with the positions of their arrays.
@@ -222,7 +222,7 @@ impl<'a> KeyedOuts<'a> {
         self.keys
             .iter()
             .zip(&self.outs)
-            .find(|(_, o)| o.device().is_some())
+            .find(|(_, o)| o.in_device_memory())
             .map(|(k, o)| (k, o.context()))
     }
 

@@ -41,7 +41,11 @@ pub fn with_arrays_on_host<R>(
 ) -> Result<R> {
     let copies = arrays
         .iter()
-        .map(|a| a.device().map(|_| a.to_context(Context::Cpu)).transpose())
+        .map(|a| {
+            a.in_device_memory()
+                .then(|| a.to_context(Context::Cpu))
+                .transpose()
+        })
         .collect::<Result<Vec<Option<NDArray>>>>()?;
     let staged: Vec<&NDArray> = arrays
         .iter()
@@ -92,10 +96,10 @@ pub(crate) fn stage_outs<R>(
     let mut copies = outs
         .outs()
         .iter()
-        .map(|o| match (o.device(), read) {
-            (None, _) => Ok(None),
-            (Some(_), true) => o.to_context(Context::Cpu).map(Some),
-            (Some(_), false) => Ok(Some(NDArray::zeros(o.shape(), o.dtype()))),
+        .map(|o| match (o.in_device_memory(), read) {
+            (false, _) => Ok(None),
+            (true, true) => o.to_context(Context::Cpu).map(Some),
+            (true, false) => Ok(Some(o.zeros_on_host_like())),
         })
         .collect::<Result<Vec<Option<NDArray>>>>()?;
     // Outputs that share their memory with clones get their own before the call (the only
@@ -103,7 +107,7 @@ pub(crate) fn stage_outs<R>(
     // anything is done or written.
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if copy.is_some() {
-            out.device_mut().map_err(unshare_failed)?;
+            out.unshare().map_err(unshare_failed)?;
         }
     }
     let keys = outs.keys().to_vec();
@@ -178,12 +182,12 @@ impl<'a> HostSums<'a> {
                 }
             }
             for array in arrays {
-                match array.device() {
-                    None => {
+                match array.in_device_memory() {
+                    false => {
                         sums.keys.push(group.key.clone());
                         sums.staged.push(Staged::Caller(array));
                     }
-                    Some(_) => {
+                    true => {
                         let host = array.to_context(Context::Cpu).map_err(at(&group.key))?;
                         sums.push_made(group.key.clone(), host);
                     }
@@ -311,7 +315,7 @@ pub fn with_outs_fanned_out<R>(
     // The first device output of each key and dtype receives; the others copy it.
     let mut receivers: HashMap<(&Key, DType), usize> = HashMap::new();
     for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-        if out.device().is_none() {
+        if !out.in_device_memory() {
             plan.push(Plan::Host);
             continue;
         }
@@ -320,13 +324,13 @@ pub fn with_outs_fanned_out<R>(
             Entry::Vacant(slot) => {
                 slot.insert(i);
                 plan.push(Plan::Received(received.len()));
-                received.push(NDArray::zeros(out.shape(), out.dtype()));
+                received.push(out.zeros_on_host_like());
             }
         }
     }
     for (out, p) in outs.outs_mut().iter_mut().zip(&plan) {
         if !matches!(p, Plan::Host) {
-            out.device_mut().map_err(unshare_failed)?;
+            out.unshare().map_err(unshare_failed)?;
         }
     }
     let out_keys = outs.keys().to_vec();

@@ -1,7 +1,7 @@
 //! GPU memory behind `kvstore-base`'s [`NDArray`]: [`DeviceArray`] is its
-//! [`DeviceMemory`], and linking this crate registers the backend that
-//! [`NDArray::to_context`] uses for `Context::Gpu(i)`. Dense float32 arrays only, as the
-//! GPU kernels.
+//! [`DeviceMemory`] and [`DeviceRowSparse`] its [`DeviceRowSparseMemory`], and linking this
+//! crate registers the backend that [`NDArray::to_context`] uses for `Context::Gpu(i)`.
+//! Float32 arrays only, dense or row-sparse, as the GPU kernels.
 //!
 //! ```no_run
 //! use kvstore_base::{Context, DType, KVStoreExt, NDArray};
@@ -23,10 +23,12 @@
 use std::any::Any;
 
 use kvstore_base::{
-    Context, DType, DeviceBackend, DeviceMemory, Error, HostArray, NDArray, Result,
+    Context, DType, DeviceBackend, DeviceMemory, DeviceRowSparseMemory, Error, HostArray, NDArray,
+    Result,
 };
 
 use crate::gpu::DeviceArray;
+use crate::sparse::DeviceRowSparse;
 
 impl DeviceMemory for DeviceArray {
     fn context(&self) -> Context {
@@ -70,8 +72,53 @@ impl DeviceMemory for DeviceArray {
     }
 }
 
+impl DeviceRowSparseMemory for DeviceRowSparse {
+    fn context(&self) -> Context {
+        Context::Gpu(self.ordinal())
+    }
+
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        DeviceRowSparse::shape(self)
+    }
+
+    fn indices(&self) -> &[i64] {
+        DeviceRowSparse::indices(self)
+    }
+
+    fn rows_to_host(&self) -> Result<HostArray> {
+        let host = self.to_host()?;
+        let rows = host
+            .as_row_sparse()
+            .expect("to_host answers a row-sparse array");
+        Ok(rows.rows().clone())
+    }
+
+    fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()> {
+        let rows = NDArray::from_host(rows.clone()).to_vec::<f32>()?;
+        // The new rows are uploaded first: when that fails, the array keeps its rows.
+        *self = DeviceRowSparse::upload(self.shape(), indices.to_vec(), &rows, self.ordinal())?;
+        Ok(())
+    }
+
+    fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
+        Ok(Box::new(self.to_gpu(self.ordinal())?))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
 /// The backend [`NDArray::to_context`] uses for GPU contexts: float32 arrays uploaded with
-/// [`DeviceArray::from_host`].
+/// [`DeviceArray::from_host`] (dense) and [`DeviceRowSparse::from_host`] (row-sparse).
 #[derive(Debug)]
 pub struct CudaBackend;
 
@@ -85,6 +132,29 @@ impl DeviceBackend for CudaBackend {
         Ok(Box::new(DeviceArray::from_host(
             &array,
             gpu_ordinal(context)?,
+        )?))
+    }
+
+    fn upload_row_sparse(
+        &self,
+        shape: &[usize],
+        indices: &[i64],
+        rows: &HostArray,
+        context: Context,
+    ) -> Result<Box<dyn DeviceRowSparseMemory>> {
+        let ordinal = gpu_ordinal(context)?;
+        if rows.dtype() != DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "GPU arrays are float32 for now, not {}",
+                rows.dtype()
+            )));
+        }
+        let rows = NDArray::from_host(rows.clone()).to_vec::<f32>()?;
+        Ok(Box::new(DeviceRowSparse::upload(
+            shape,
+            indices.to_vec(),
+            &rows,
+            ordinal,
         )?))
     }
 
@@ -178,4 +248,10 @@ kvstore_base::register_device_backend!(CUDA_BACKEND);
 /// array or another backend's memory.
 pub fn device_array(array: &NDArray) -> Option<&DeviceArray> {
     array.device()?.as_any().downcast_ref()
+}
+
+/// The [`DeviceRowSparse`] of a row-sparse [`NDArray`] in GPU memory made by this crate;
+/// `None` for any other array.
+pub fn device_row_sparse(array: &NDArray) -> Option<&DeviceRowSparse> {
+    array.device_row_sparse()?.as_any().downcast_ref()
 }

@@ -439,8 +439,9 @@ pub(crate) fn union_of_rows(values: &[&DeviceRowSparse]) -> Vec<i64> {
 }
 
 /// The row-sparse sum of `values` (every one on `gpu(ordinal)`, of one shape) on that GPU: the
-/// union of their rows, each the sum of the values holding it, added in the values' order
-/// onto zeros (as the `local` store sums row-sparse values). Queued on the GPU's stream.
+/// union of their rows, each the sum of the values holding it in the values' order (the
+/// first value's rows written, the others' added), as the `local` store sums row-sparse
+/// values. Queued on the GPU's stream.
 pub(crate) fn sum_rows(values: &[&DeviceRowSparse], ordinal: usize) -> Result<DeviceRowSparse> {
     let shape = values
         .first()
@@ -462,9 +463,11 @@ pub(crate) fn sum_rows(values: &[&DeviceRowSparse], ordinal: usize) -> Result<De
         .collect::<Result<Vec<_>>>()?;
     let mut sum = DeviceRowSparse::alloc(&shape, union, ordinal)?;
     let len = row_len(&shape);
-    for (v, at) in values.iter().zip(&positions) {
+    // The first value's rows written, the others' added (a row only later values hold is
+    // their sum onto zeros), as `local`'s sum of row-sparse arrays.
+    for (i, (v, at)) in values.iter().zip(&positions).enumerate() {
         if v.nnz() > 0 {
-            gpu.scatter_rows(&mut sum.rows, &v.rows, at, v.nnz(), len, true)?;
+            gpu.scatter_rows(&mut sum.rows, &v.rows, at, v.nnz(), len, i > 0)?;
         }
     }
     Ok(sum)

@@ -102,9 +102,10 @@ struct GpuEntry {
     shape: Vec<usize>,
     /// A row-sparse key: pushed [`DeviceRowSparse`] values, read by row-sparse pulls.
     row_sparse: bool,
-    /// How many rows a row-sparse key's value stores (the GPU holds the others as zeros): an
-    /// optimizer updates it only when it stores every row, as MXNet's do.
-    stored_rows: usize,
+    /// The rows a row-sparse key's value stores when it does not store every row (`None`: every
+    /// row; the GPU holds the others as zeros). An optimizer updates it only when it stores
+    /// every row, as MXNet's do; a custom updater gets the stored rows.
+    stored_ids: Option<Vec<i64>>,
     /// The init value, until the key is placed on a GPU.
     initial: NDArray,
     /// The GPU that holds the key's value and reduces its pushes (placed at the first push).
@@ -142,7 +143,10 @@ impl GpuEntry {
         GpuEntry {
             shape: value.shape().to_vec(),
             row_sparse: value.storage_type() == StorageType::RowSparse,
-            stored_rows: value.as_row_sparse().map_or(0, |rows| rows.indices().len()),
+            stored_ids: value
+                .as_row_sparse()
+                .filter(|_| !value.stores_every_row())
+                .map(|rows| rows.indices().to_vec()),
             initial: value.to_dense(),
             merge_dev: None,
             stored: None,
@@ -773,33 +777,7 @@ impl DeviceStore {
         values: &[&DeviceRowSparse],
     ) -> Result<()> {
         // Validate everything before any GPU work.
-        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
-        if !entry.row_sparse {
-            return Err(Error::InvalidArgument(format!(
-                "key {key} is dense: push DeviceArray values (push_gpu)"
-            )));
-        }
-        check_pushed_shapes(
-            key,
-            &entry.shape,
-            "a row-sparse GPU value",
-            values.iter().map(|v| v.shape()),
-        )?;
-        let update = Update::for_setting(state.optimizer.as_ref(), state.custom_updater);
-        let rows = entry.shape[0];
-        if update.takes_sum() && entry.stored_rows < rows {
-            return Err(Error::InvalidArgument(format!(
-                "a row-sparse weight is updated only when it stores every row, as MXNet's \
-                 optimizers require; key {key} stores {} of its {rows} rows (init it with \
-                 every row, or store it dense)",
-                entry.stored_rows
-            )));
-        }
-        if self.gradient_compression().is_some() {
-            return Err(Error::InvalidArgument(
-                "gradient compression for row_sparse storage type is not supported".into(),
-            ));
-        }
+        let update = self.check_row_sparse_push(state, key, values)?;
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if state.keys[key].merge_dev.is_none() {
             self.place_keys(state, &devs)?;
@@ -821,7 +799,7 @@ impl DeviceStore {
         let GpuEntry {
             shape,
             stored,
-            stored_rows,
+            stored_ids,
             state: states,
             loaded_state,
             ..
@@ -846,7 +824,8 @@ impl DeviceStore {
                         )?;
                     }
                 }
-                *stored_rows = union_of_rows(&here).len();
+                let union = union_of_rows(&here);
+                *stored_ids = (union.len() < shape[0]).then_some(union);
                 Ok(())
             }
             _ => {
@@ -866,13 +845,52 @@ impl DeviceStore {
                         *t += 1;
                         opt.step_rows(gpu, *t, &mut stored.data, grad, states)
                     }
-                    None => self.host_update_rows(key, stored, grad),
+                    None => self.host_update_rows(key, stored, stored_ids, grad),
                 }
             }
         })();
         // Even after a failure, what was queued finishes before the call returns.
         let waited = wait_for(vec![dev]);
         queued.and(waited)
+    }
+
+    /// The checks of a push of row-sparse GPU `values` to `key`, before any GPU work; answers
+    /// what the push does with their sum.
+    fn check_row_sparse_push(
+        &self,
+        state: &GpuState,
+        key: &Key,
+        values: &[&DeviceRowSparse],
+    ) -> Result<Update> {
+        let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
+        if !entry.row_sparse {
+            return Err(Error::InvalidArgument(format!(
+                "key {key} is dense: push DeviceArray values (push_gpu)"
+            )));
+        }
+        check_pushed_shapes(
+            key,
+            &entry.shape,
+            "a row-sparse GPU value",
+            values.iter().map(|v| v.shape()),
+        )?;
+        let update = Update::for_setting(state.optimizer.as_ref(), state.custom_updater);
+        let rows = entry.shape[0];
+        let optimizer_runs = state.optimizer.is_some() && !state.custom_updater;
+        if let Some(stored) = entry.stored_ids.as_ref().filter(|_| optimizer_runs) {
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse weight is updated only when it stores every row, as MXNet's \
+                 optimizers require; key {key} stores {} of its {rows} rows (init it with \
+                 every row, or store it dense)",
+                stored.len()
+            )));
+        }
+        if self.gradient_compression().is_some() {
+            return Err(Error::InvalidArgument(
+                "gradient compression for row_sparse storage type is not supported".into(),
+            ));
+        }
+        Ok(update)
     }
 
     /// MXNet's `row_sparse_pull` on GPUs: each output becomes the rows `row_ids[i]` (any
@@ -1302,27 +1320,44 @@ impl DeviceStore {
         stored.copy_from_host(&weight)
     }
 
-    /// [`host_update`](DeviceStore::host_update) of a row-sparse GPU key storing every row:
-    /// the host updater gets the row-sparse gradient `grad` and the weight as a row-sparse
-    /// array storing every row (as MXNet's updater gets them), and updates it as `local`
-    /// does (lazily or not, by the optimizer's `lazy_update`).
+    /// [`host_update`](DeviceStore::host_update) of a row-sparse GPU key: the host updater
+    /// gets the row-sparse gradient `grad` and the weight as a row-sparse array of the rows it
+    /// stores (`stored_ids`, `None` for every row), as MXNet's updater gets them; an optimizer
+    /// updates it as `local` does (lazily or not, by its `lazy_update`). The rows the weight
+    /// stores afterwards are noted in `stored_ids`.
     fn host_update_rows(
         &self,
         key: &Key,
         stored: &mut DeviceArray,
+        stored_ids: &mut Option<Vec<i64>>,
         grad: &DeviceRowSparse,
     ) -> Result<()> {
         let grad = grad.to_host()?;
         let dense = stored.to_host()?;
         let shape = dense.shape().to_vec();
-        let every_row = (0..shape[0] as i64).collect();
-        let mut weight = NDArray::row_sparse_from(&shape, every_row, dense)?;
+        let mut weight = match stored_ids {
+            None => NDArray::row_sparse_from(&shape, (0..shape[0] as i64).collect(), dense)?,
+            Some(ids) => dense.retain_rows(ids)?,
+        };
         if !self.local.run_updater(key, &grad, &mut weight)? {
             return Err(Error::Device(
                 "the store's updater disappeared during a push".into(),
             ));
         }
-        stored.copy_from_host(&weight.to_dense())
+        if weight.shape() != shape.as_slice() || weight.dtype() != kvstore_base::DType::F32 {
+            return Err(Error::InvalidArgument(format!(
+                "the updater replaced the weight of key {key} ({shape:?}, float32) by a {:?} {} \
+                 array",
+                weight.shape(),
+                weight.dtype()
+            )));
+        }
+        stored.copy_from_host(&weight.to_dense())?;
+        *stored_ids = weight
+            .as_row_sparse()
+            .filter(|_| !weight.stores_every_row())
+            .map(|rows| rows.indices().to_vec());
+        Ok(())
     }
 }
 
@@ -1338,13 +1373,17 @@ fn reserve_states(
 ) -> Result<()> {
     if states.is_empty() {
         if let Some(loaded) = loaded_state {
-            for host in loaded.iter() {
-                let uploaded = gpu
-                    .stream
-                    .clone_htod(&host[..])
-                    .map_err(cuda("copy to GPU"))?;
-                states.push(uploaded);
-            }
+            // Every state uploaded before any is kept: a failed upload leaves the loaded
+            // states to the next push.
+            let uploaded = loaded
+                .iter()
+                .map(|host| {
+                    gpu.stream
+                        .clone_htod(&host[..])
+                        .map_err(cuda("copy to GPU"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            *states = uploaded;
             *loaded_state = None;
         }
     }
@@ -1760,16 +1799,10 @@ impl KVStoreBase for DeviceStore {
         if self.engine == Engine::Nccl {
             return Err(self.unsupported("row_sparse_pull"));
         }
-        if let Some(key) = self.first_gpu_key(outs.keys()) {
-            return Err(self.at("row_sparse_pull", key)(Error::InvalidArgument(
-                format!(
-                    "key {key} holds GPU values: pull it, or use row_sparse_pull_gpu for a \
-                 row-sparse GPU key"
-                ),
-            )));
+        if self.any_gpu_key(outs.keys()) {
+            return self.row_sparse_pull_routed(outs, row_ids, priority);
         }
-        // The GPU path of row-sparse keys is `row_sparse_pull_gpu`; here arrays in GPU memory
-        // go through the host.
+        // Host keys: outputs and row ids in GPU memory go through the host.
         kvstore_base::with_arrays_on_host(row_ids, |ids| {
             kvstore_base::with_outs_on_host(outs, |o| {
                 self.local.row_sparse_pull_batch(o, ids, priority)

@@ -329,7 +329,7 @@ impl Updater {
     }
 
     fn check(&self, key: &Key, grad: &NDArray, weight: &NDArray) -> Result<()> {
-        if let Some(array) = [weight, grad].into_iter().find(|a| a.device().is_some()) {
+        if let Some(array) = [weight, grad].into_iter().find(|a| a.in_device_memory()) {
             return Err(Error::InvalidArgument(format!(
                 "the updater works on host arrays, this one is on {}: copy it with to_context",
                 array.context()

@@ -59,6 +59,51 @@ pub trait DeviceMemory: fmt::Debug + Send + Sync + 'static {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
+/// A row-sparse array in the memory of a device (MXNet's `RowSparseNDArray` on `gpu(i)`):
+/// the ids of its stored rows, known on the host, and the rows in device memory. Owned by the
+/// backend that made it; stores that take such arrays downcast it (`as_any`).
+pub trait DeviceRowSparseMemory: fmt::Debug + Send + Sync + 'static {
+    /// The device it lives on (never [`Context::Cpu`]).
+    fn context(&self) -> Context;
+
+    /// The element type.
+    fn dtype(&self) -> DType;
+
+    /// The full (dense) shape.
+    fn shape(&self) -> &[usize];
+
+    /// The ids of the stored rows, strictly increasing.
+    fn indices(&self) -> &[i64];
+
+    /// A copy of the stored rows in host memory, shape `[indices().len(), shape[1], ...]`
+    /// (waits for the device's pending work on them).
+    ///
+    /// # Errors
+    /// [`Error::Device`](crate::Error::Device) when the device fails.
+    fn rows_to_host(&self) -> Result<HostArray>;
+
+    /// Replaces the array's rows: `indices` (strictly increasing, inside `0..shape[0]`) and
+    /// `rows` (their values, of this array's dtype and shape `[indices.len(), shape[1],
+    /// ...]`), checked by the caller.
+    ///
+    /// # Errors
+    /// [`Error::Device`](crate::Error::Device) when the device fails (out of memory); the
+    /// array is unchanged then.
+    fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()>;
+
+    /// A copy on the same device.
+    ///
+    /// # Errors
+    /// [`Error::Device`](crate::Error::Device), e.g. the device out of memory.
+    fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>>;
+
+    /// The concrete array, for the backend that made it.
+    fn as_any(&self) -> &dyn Any;
+
+    /// The concrete array, mutably.
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
 /// What makes device memory: linked in by a device backend crate.
 pub trait DeviceBackend: Send + Sync + 'static {
     /// The backend's name, for messages.
@@ -70,6 +115,28 @@ pub trait DeviceBackend: Send + Sync + 'static {
     /// A device that does not exist or fails, or an array the backend cannot hold (a dtype it
     /// does not support, no element).
     fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>>;
+
+    /// A row-sparse array of `shape` in the memory of `context` (a GPU) whose rows `indices`
+    /// (strictly increasing, inside `0..shape[0]`, checked by the caller) hold `rows`. The
+    /// provided implementation refuses: a backend without row-sparse arrays.
+    ///
+    /// # Errors
+    /// As [`upload`](DeviceBackend::upload); [`Error::InvalidArgument`](crate::Error::InvalidArgument)
+    /// from a backend that does not hold row-sparse arrays.
+    fn upload_row_sparse(
+        &self,
+        shape: &[usize],
+        indices: &[i64],
+        rows: &HostArray,
+        context: Context,
+    ) -> Result<Box<dyn DeviceRowSparseMemory>> {
+        let _ = (shape, indices, rows);
+        Err(crate::Error::InvalidArgument(format!(
+            "a row-sparse array cannot be placed on {context}: the {} device backend holds \
+             dense arrays only",
+            self.name()
+        )))
+    }
 
     /// Zeros of `shape` and `dtype` in the memory of `context` (a GPU). The provided
     /// implementation uploads host zeros; a backend fills them on the device.
@@ -163,7 +230,9 @@ impl fmt::Debug for DeviceBackendRegistration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Capability, Error, KVStoreBase, KVStoreExt, KeyedOuts, KeyedValues, NDArray};
+    use crate::{
+        Capability, Error, KVStoreBase, KVStoreExt, KeyedOuts, KeyedValues, NDArray, StorageType,
+    };
 
     /// "Device" memory that is host memory, to check `NDArray`'s device semantics without a
     /// GPU.
@@ -208,6 +277,47 @@ mod tests {
         }
     }
 
+    /// Row-sparse "device" memory that is host memory.
+    #[derive(Debug, Clone)]
+    struct HostBackedRows {
+        context: Context,
+        shape: Vec<usize>,
+        indices: Vec<i64>,
+        rows: HostArray,
+    }
+
+    impl DeviceRowSparseMemory for HostBackedRows {
+        fn context(&self) -> Context {
+            self.context
+        }
+        fn dtype(&self) -> DType {
+            self.rows.dtype()
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn indices(&self) -> &[i64] {
+            &self.indices
+        }
+        fn rows_to_host(&self) -> Result<HostArray> {
+            Ok(self.rows.clone())
+        }
+        fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()> {
+            self.indices = indices.to_vec();
+            self.rows = rows.clone();
+            Ok(())
+        }
+        fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
+            Ok(Box::new(self.clone()))
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn Any {
+            self
+        }
+    }
+
     struct HostBackedBackend;
 
     impl DeviceBackend for HostBackedBackend {
@@ -218,6 +328,20 @@ mod tests {
             Ok(Box::new(HostBacked {
                 context,
                 host: host.clone(),
+            }))
+        }
+        fn upload_row_sparse(
+            &self,
+            shape: &[usize],
+            indices: &[i64],
+            rows: &HostArray,
+            context: Context,
+        ) -> Result<Box<dyn DeviceRowSparseMemory>> {
+            Ok(Box::new(HostBackedRows {
+                context,
+                shape: shape.to_vec(),
+                indices: indices.to_vec(),
+                rows: rows.clone(),
             }))
         }
         fn copy_between_devices(
@@ -395,9 +519,100 @@ mod tests {
         );
         assert!(gpu.retain_rows(&[0]).is_err() && gpu.to_row_sparse().is_err());
         assert!(gpu.add_bytes(&[0; 16]).is_err());
-        let rows = NDArray::row_sparse(&[3, 2], vec![1], &NDArray::ones(&[1, 2], DType::F32));
-        let err = rows.unwrap().to_context(Context::Gpu(0)).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        let mut rows = sparse_sample().to_context(Context::Gpu(0)).unwrap();
+        let err = rows.add_assign(&sparse_sample()).unwrap_err().to_string();
+        assert!(err.contains("gpu(0)"), "{err}");
+        assert!(rows.retain_rows(&[1]).is_err());
+    }
+
+    /// A backend that keeps the provided `upload_row_sparse`.
+    struct DenseOnly;
+
+    impl DeviceBackend for DenseOnly {
+        fn name(&self) -> &'static str {
+            "dense-only"
+        }
+        fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>> {
+            HostBackedBackend.upload(host, context)
+        }
+    }
+
+    #[test]
+    fn a_backend_without_row_sparse_arrays_refuses_them_by_name() {
+        let rows = HostArray::full(&[1, 2], 1.0, DType::F32);
+        let err = DenseOnly
+            .upload_row_sparse(&[3, 2], &[1], &rows, Context::Gpu(0))
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidArgument(m) if m.contains("dense-only")),
+            "{err}"
+        );
+    }
+
+    /// Rows 0 and 2 of a `[3, 2]` table.
+    fn sparse_sample() -> NDArray {
+        let rows = NDArray::from_vec(&[2, 2], vec![1.0f32, 2.0, 5.0, 6.0]).unwrap();
+        NDArray::row_sparse(&[3, 2], vec![0, 2], &rows).unwrap()
+    }
+
+    #[test]
+    fn row_sparse_device_arrays_keep_their_rows_on_the_device() {
+        let host = sparse_sample();
+        let gpu = host.to_context(Context::Gpu(1)).unwrap();
+        assert_eq!(gpu.context(), Context::Gpu(1));
+        assert_eq!(gpu.storage_type(), StorageType::RowSparse);
+        assert!(gpu.in_device_memory() && gpu.as_row_sparse().is_none() && gpu.device().is_none());
+        assert_eq!(gpu.device_row_sparse().unwrap().indices(), &[0, 2]);
+        assert_eq!((gpu.shape(), gpu.dtype()), (&[3usize, 2][..], DType::F32));
+        assert_eq!(gpu.to_context(Context::Cpu).unwrap(), host);
+        assert_eq!(
+            gpu.to_vec::<f32>().unwrap(),
+            vec![1.0, 2.0, 0.0, 0.0, 5.0, 6.0]
+        );
+        assert_eq!(gpu, host.to_context(Context::Gpu(1)).unwrap());
+        assert_ne!(gpu, host.to_context(Context::Gpu(0)).unwrap());
+        assert!(!gpu.stores_every_row());
+        // Densified on the host, back on its device.
+        let dense = gpu.to_dense();
+        assert_eq!(
+            (dense.context(), dense.storage_type()),
+            (Context::Gpu(1), StorageType::Dense)
+        );
+        assert_eq!(dense.to_vec::<f32>().unwrap(), gpu.to_vec::<f32>().unwrap());
+        assert_eq!(gpu.to_row_sparse().unwrap(), gpu);
+        // Another dtype is cast on the host.
+        assert_eq!(gpu.astype(DType::F64).context(), Context::Cpu);
+    }
+
+    #[test]
+    fn assignments_into_row_sparse_device_arrays_replace_their_rows() {
+        let gpu = sparse_sample().to_context(Context::Gpu(0)).unwrap();
+        let mut copy = gpu.clone();
+        // A dense source: its non-zero rows (row 1 here), cast to the array's dtype.
+        let dense = NDArray::from_vec(&[3, 2], vec![0.0f64, 0.0, 7.0, 8.0, 0.0, 0.0]).unwrap();
+        copy.assign(&dense).unwrap();
+        assert_eq!(copy.device_row_sparse().unwrap().indices(), &[1]);
+        assert_eq!(copy.dtype(), DType::F32);
+        assert_eq!(
+            copy.to_vec::<f32>().unwrap(),
+            vec![0.0, 0.0, 7.0, 8.0, 0.0, 0.0]
+        );
+        // The clone it was made from is untouched.
+        assert_eq!(gpu.device_row_sparse().unwrap().indices(), &[0, 2]);
+        // From another row-sparse array, on the device or not.
+        copy.assign(&gpu).unwrap();
+        assert_eq!(copy, gpu);
+        let mut host = NDArray::zeros(&[3, 2], DType::F32);
+        host.assign(&gpu).unwrap();
+        assert_eq!(
+            host.to_vec::<f32>().unwrap(),
+            vec![1.0, 2.0, 0.0, 0.0, 5.0, 6.0]
+        );
+        assert!(copy.assign(&NDArray::zeros(&[2, 2], DType::F32)).is_err());
+        // Zeros on the host stand in for it: no rows.
+        let stand_in = gpu.zeros_on_host_like();
+        assert_eq!(stand_in.context(), Context::Cpu);
+        assert_eq!(stand_in.as_row_sparse().unwrap().indices(), &[] as &[i64]);
     }
 
     /// A store that sums with `add_assign`, which refuses device arrays: it only works on them

@@ -7,7 +7,9 @@ mod host;
 use std::sync::Arc;
 
 pub use context::{Context, StorageType};
-pub use device::{device_backend, DeviceBackend, DeviceBackendRegistration, DeviceMemory};
+pub use device::{
+    device_backend, DeviceBackend, DeviceBackendRegistration, DeviceMemory, DeviceRowSparseMemory,
+};
 use host::add_from_bytes;
 use host::{gather_rows, scatter_rows, with_host};
 pub(crate) use host::{host_bytes, host_bytes_mut};
@@ -29,9 +31,11 @@ use crate::{DType, Element, Error, Result};
 ///
 /// Arrays live on the host ([`Context::Cpu`]) or, when a device backend is linked
 /// (`kvstore-device`), in GPU memory ([`to_context`](NDArray::to_context),
-/// [`from_device`](NDArray::from_device)): dense, their host views ([`dense`](NDArray::dense),
-/// [`as_slice`](NDArray::as_slice), ...) are `None`, and [`to_vec`](NDArray::to_vec) and
-/// `to_context(Context::Cpu)` copy them to the host.
+/// [`from_device`](NDArray::from_device), [`from_device_row_sparse`](NDArray::from_device_row_sparse)):
+/// dense or row-sparse (the ids of the stored rows on the host, the rows on the device),
+/// their host views ([`dense`](NDArray::dense), [`as_slice`](NDArray::as_slice),
+/// [`as_row_sparse`](NDArray::as_row_sparse), ...) are `None`, and
+/// [`to_vec`](NDArray::to_vec) and `to_context(Context::Cpu)` copy them to the host.
 ///
 /// ```
 /// use kvstore_base::{DType, NDArray};
@@ -56,6 +60,8 @@ enum Data {
     RowSparse(RowSparse),
     /// Dense, in device memory; shared by clones until one of them is written.
     Device(Arc<dyn DeviceMemory>),
+    /// Row-sparse, its rows in device memory; shared by clones until one of them is written.
+    DeviceRows(Arc<dyn DeviceRowSparseMemory>),
 }
 
 impl PartialEq for Data {
@@ -66,6 +72,12 @@ impl PartialEq for Data {
             (Data::Device(a), Data::Device(b)) => {
                 a.context() == b.context()
                     && matches!((a.to_host(), b.to_host()), (Ok(x), Ok(y)) if x == y)
+            }
+            (Data::DeviceRows(a), Data::DeviceRows(b)) => {
+                a.context() == b.context()
+                    && a.shape() == b.shape()
+                    && a.indices() == b.indices()
+                    && matches!((a.rows_to_host(), b.rows_to_host()), (Ok(x), Ok(y)) if x == y)
             }
             _ => false,
         }
@@ -304,7 +316,7 @@ impl NDArray {
     pub fn as_bytes(&self) -> Option<&[u8]> {
         match &self.data {
             Data::Dense(host) => host_bytes(host),
-            Data::RowSparse(_) | Data::Device(_) => None,
+            _ => None,
         }
     }
 
@@ -313,7 +325,7 @@ impl NDArray {
     pub fn as_bytes_mut(&mut self) -> Option<&mut [u8]> {
         match &mut self.data {
             Data::Dense(host) => host_bytes_mut(host),
-            Data::RowSparse(_) | Data::Device(_) => None,
+            _ => None,
         }
     }
 
@@ -354,6 +366,70 @@ impl NDArray {
             *m = Arc::from(m.try_clone()?);
         }
         Ok(Arc::get_mut(m).map(|m| m as &mut dyn DeviceMemory))
+    }
+
+    /// Wraps a row-sparse array in device memory (made by a device backend).
+    pub fn from_device_row_sparse(memory: Box<dyn DeviceRowSparseMemory>) -> NDArray {
+        NDArray {
+            context: memory.context(),
+            data: Data::DeviceRows(Arc::from(memory)),
+        }
+    }
+
+    /// The device memory of a row-sparse array on a GPU, `None` for any other array.
+    pub fn device_row_sparse(&self) -> Option<&dyn DeviceRowSparseMemory> {
+        match &self.data {
+            Data::DeviceRows(m) => Some(&**m),
+            _ => None,
+        }
+    }
+
+    /// The device memory of a row-sparse array on a GPU, to write into (`None` for any other
+    /// array). When a clone shares it, this array first gets a copy of its own.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when that copy fails (the device out of memory).
+    pub fn device_row_sparse_mut(&mut self) -> Result<Option<&mut dyn DeviceRowSparseMemory>> {
+        let Data::DeviceRows(m) = &mut self.data else {
+            return Ok(None);
+        };
+        if Arc::get_mut(m).is_none() {
+            *m = Arc::from(m.try_clone()?);
+        }
+        Ok(Arc::get_mut(m).map(|m| m as &mut dyn DeviceRowSparseMemory))
+    }
+
+    /// Whether the array is in device memory (dense or row-sparse): a store that works on
+    /// host memory stages it.
+    pub fn in_device_memory(&self) -> bool {
+        matches!(self.data, Data::Device(_) | Data::DeviceRows(_))
+    }
+
+    /// Gives an array in device memory that shares it with clones memory of its own, so that
+    /// a later write allocates nothing; nothing for any other array.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when the copy fails (the device out of memory).
+    pub fn unshare(&mut self) -> Result<()> {
+        self.device_mut()?;
+        self.device_row_sparse_mut()?;
+        Ok(())
+    }
+
+    /// Zeros in host memory with this array's shape, dtype and storage type (a row-sparse
+    /// array without rows for a row-sparse one): the host stand-in of an output.
+    pub fn zeros_on_host_like(&self) -> NDArray {
+        if self.storage_type() == StorageType::RowSparse {
+            let mut row_shape = self.shape().to_vec();
+            row_shape[0] = 0;
+            NDArray::from_rows(
+                self.shape(),
+                Vec::new(),
+                HostArray::full(&row_shape, 0.0, self.dtype()),
+            )
+        } else {
+            NDArray::zeros(self.shape(), self.dtype())
+        }
     }
 
     /// A row-sparse array of `shape` whose rows `indices` hold `rows`; every other row is zero.
@@ -418,6 +494,7 @@ impl NDArray {
             Data::Dense(h) => h.dtype(),
             Data::RowSparse(r) => r.rows.dtype(),
             Data::Device(m) => m.dtype(),
+            Data::DeviceRows(m) => m.dtype(),
         }
     }
 
@@ -427,6 +504,7 @@ impl NDArray {
             Data::Dense(h) => h.shape(),
             Data::RowSparse(r) => &r.shape,
             Data::Device(m) => m.shape(),
+            Data::DeviceRows(m) => m.shape(),
         }
     }
 
@@ -445,11 +523,11 @@ impl NDArray {
         self.context
     }
 
-    /// Dense or row-sparse (arrays in device memory are dense).
+    /// Dense or row-sparse.
     pub fn storage_type(&self) -> StorageType {
         match &self.data {
             Data::Dense(_) | Data::Device(_) => StorageType::Dense,
-            Data::RowSparse(_) => StorageType::RowSparse,
+            Data::RowSparse(_) | Data::DeviceRows(_) => StorageType::RowSparse,
         }
     }
 
@@ -458,7 +536,7 @@ impl NDArray {
     pub fn dense(&self) -> Option<&HostArray> {
         match &self.data {
             Data::Dense(h) => Some(h),
-            Data::RowSparse(_) | Data::Device(_) => None,
+            _ => None,
         }
     }
 
@@ -466,15 +544,16 @@ impl NDArray {
     pub fn dense_mut(&mut self) -> Option<&mut HostArray> {
         match &mut self.data {
             Data::Dense(h) => Some(h),
-            Data::RowSparse(_) | Data::Device(_) => None,
+            _ => None,
         }
     }
 
-    /// The parts of a row-sparse array, `None` for a dense one.
+    /// The parts of a row-sparse host array, `None` for a dense one or one in device memory
+    /// ([`device_row_sparse`](NDArray::device_row_sparse)).
     pub fn as_row_sparse(&self) -> Option<&RowSparse> {
         match &self.data {
             Data::RowSparse(r) => Some(r),
-            Data::Dense(_) | Data::Device(_) => None,
+            _ => None,
         }
     }
 
@@ -482,6 +561,11 @@ impl NDArray {
     fn on_host(&self) -> Result<std::borrow::Cow<'_, NDArray>> {
         match &self.data {
             Data::Device(m) => Ok(std::borrow::Cow::Owned(NDArray::from_host(m.to_host()?))),
+            Data::DeviceRows(m) => Ok(std::borrow::Cow::Owned(NDArray::from_rows(
+                m.shape(),
+                m.indices().to_vec(),
+                m.rows_to_host()?,
+            ))),
             _ => Ok(std::borrow::Cow::Borrowed(self)),
         }
     }
@@ -597,6 +681,7 @@ impl NDArray {
         match &self.data {
             // Ids are strictly increasing inside 0..shape[0]: as many as rows means all.
             Data::RowSparse(r) => r.indices.len() == r.shape[0],
+            Data::DeviceRows(m) => m.indices().len() == m.shape()[0],
             _ => false,
         }
     }
@@ -605,7 +690,7 @@ impl NDArray {
     /// [`stores_every_row`](NDArray::stores_every_row)), in place: its rows are that array,
     /// nothing is copied. The array is row-sparse again afterwards (every row stored), unless
     /// `f` replaced it by an array of another shape, which is then kept. `None`, without
-    /// calling `f`, for any other array.
+    /// calling `f`, for any other array (one in device memory included).
     ///
     /// ```
     /// use kvstore_base::{DType, NDArray};
@@ -617,7 +702,7 @@ impl NDArray {
     /// assert_eq!(w.to_vec::<f32>().unwrap(), vec![2.0; 4]);
     /// ```
     pub fn with_every_row_dense<T>(&mut self, f: impl FnOnce(&mut NDArray) -> T) -> Option<T> {
-        if !self.stores_every_row() {
+        if !self.stores_every_row() || !matches!(self.data, Data::RowSparse(_)) {
             return None;
         }
         let placeholder = Data::Dense(HostArray::full(&[0], 0.0, self.dtype()));
@@ -640,10 +725,29 @@ impl NDArray {
         Some(out)
     }
 
-    /// A dense copy (a plain clone for a dense array, host or device).
+    /// A dense copy (a plain clone for a dense array, host or device; a row-sparse array in
+    /// device memory is densified on the host and copied back to its device).
+    ///
+    /// # Panics
+    /// For a row-sparse array in device memory, when a copy to or from its device fails:
+    /// [`try_to_dense`](NDArray::try_to_dense) returns that error instead.
     pub fn to_dense(&self) -> NDArray {
-        match &self.data {
+        self.try_to_dense().unwrap_or_else(|e| host_copy_failed(&e))
+    }
+
+    /// [`to_dense`](NDArray::to_dense), returning the error of a failing device.
+    ///
+    /// # Errors
+    /// [`Error::Device`] when a row-sparse array in device memory cannot be copied to the host
+    /// or its dense form back to the device.
+    pub fn try_to_dense(&self) -> Result<NDArray> {
+        Ok(match &self.data {
             Data::Dense(_) | Data::Device(_) => self.clone(),
+            Data::DeviceRows(_) => {
+                let dense = self.on_host()?.to_dense();
+                let host = dense.dense().expect("a dense host array");
+                NDArray::from_device(gpu_backend(self.context)?.upload(host, self.context)?)
+            }
             Data::RowSparse(r) => {
                 let mut host = HostArray::full(&r.shape, 0.0, r.rows.dtype());
                 scatter_rows(&mut host, &r.indices, &r.rows, false);
@@ -652,7 +756,7 @@ impl NDArray {
                     data: Data::Dense(host),
                 }
             }
-        }
+        })
     }
 
     /// A row-sparse copy holding the rows that have a non-zero element (MXNet's
@@ -662,7 +766,7 @@ impl NDArray {
     /// [`Error::InvalidArgument`] for a 0-dimensional array.
     pub fn to_row_sparse(&self) -> Result<NDArray> {
         let host = match &self.data {
-            Data::RowSparse(_) => return Ok(self.clone()),
+            Data::RowSparse(_) | Data::DeviceRows(_) => return Ok(self.clone()),
             Data::Dense(h) => h,
             Data::Device(_) => return Err(on_device("a row-sparse copy", self.context)),
         };
@@ -721,7 +825,9 @@ impl NDArray {
                 let picked: Vec<usize> = ids.iter().map(|&id| id as usize).collect();
                 rows = gather_rows(host, &picked);
             }
-            Data::Device(_) => return Err(on_device("retain_rows", self.context)),
+            Data::Device(_) | Data::DeviceRows(_) => {
+                return Err(on_device("retain_rows", self.context))
+            }
             Data::RowSparse(r) => {
                 let (mut to, mut from) = (Vec::new(), Vec::new());
                 for (j, id) in ids.iter().enumerate() {
@@ -753,8 +859,8 @@ impl NDArray {
     /// # Errors
     /// [`Error::Device`] when copying an array in device memory to the host fails.
     pub fn try_astype(&self, dtype: DType) -> Result<NDArray> {
-        if let Data::Device(m) = &self.data {
-            if m.dtype() == dtype {
+        if self.in_device_memory() {
+            if self.dtype() == dtype {
                 return Ok(self.clone());
             }
             return self.on_host()?.try_astype(dtype);
@@ -766,7 +872,7 @@ impl NDArray {
                 indices: r.indices.clone(),
                 rows: r.rows.cast(dtype),
             }),
-            Data::Device(_) => unreachable!("handled above"),
+            Data::Device(_) | Data::DeviceRows(_) => unreachable!("handled above"),
         };
         Ok(NDArray {
             context: self.context,
@@ -775,12 +881,12 @@ impl NDArray {
     }
 
     /// A copy in `context` (MXNet's `as_in_context`): to the host, or into the memory of a
-    /// GPU through the linked device backend (dense arrays only).
+    /// GPU through the linked device backend (dense and row-sparse arrays).
     ///
     /// # Errors
     /// [`Error::Device`] for a GPU context when no device backend provides GPU memory, or when
-    /// the device fails; [`Error::InvalidArgument`] for a row-sparse array or one the backend
-    /// cannot hold (e.g. a dtype it does not support).
+    /// the device fails; [`Error::InvalidArgument`] for an array the backend cannot hold (e.g.
+    /// a dtype it does not support).
     pub fn to_context(&self, context: Context) -> Result<NDArray> {
         match context {
             Context::Cpu => Ok(self.on_host()?.into_owned()),
@@ -793,13 +899,15 @@ impl NDArray {
                     }
                 }
                 let host = self.on_host()?;
-                let Data::Dense(dense) = &host.data else {
-                    return Err(Error::InvalidArgument(format!(
-                        "a row-sparse array cannot be placed on gpu({id}); only dense arrays go \
-                         to device memory"
-                    )));
-                };
-                Ok(NDArray::from_device(backend.upload(dense, context)?))
+                match &host.data {
+                    Data::Dense(dense) => Ok(NDArray::from_device(backend.upload(dense, context)?)),
+                    Data::RowSparse(r) => Ok(NDArray::from_device_row_sparse(
+                        backend.upload_row_sparse(&r.shape, &r.indices, &r.rows, context)?,
+                    )),
+                    Data::Device(_) | Data::DeviceRows(_) => Err(Error::Device(format!(
+                        "an array on gpu({id}) stayed in device memory on its way to the host"
+                    ))),
+                }
             }
         }
     }
@@ -857,6 +965,17 @@ impl NDArray {
         }
         let src = src.on_host()?;
         let src = src.as_ref();
+        if let Data::DeviceRows(_) = self.data {
+            // Row-sparse in device memory: the source's rows (its non-zero rows when dense),
+            // cast to this array's dtype, replace the stored ones.
+            let sparse = src.to_row_sparse()?;
+            let r = sparse.as_row_sparse().expect("a row-sparse host array");
+            let rows = r.rows.cast(self.dtype());
+            let dst = self
+                .device_row_sparse_mut()?
+                .expect("row-sparse device memory");
+            return dst.write_from_host(&r.indices, &rows);
+        }
         if let Some(dst) = self.device_mut()? {
             let dense = src.to_dense();
             let host = dense.dense().expect("a dense host array");
@@ -865,7 +984,7 @@ impl NDArray {
             return dst.write_from_host(&cast);
         }
         match &mut self.data {
-            Data::Device(_) => unreachable!("written above"),
+            Data::Device(_) | Data::DeviceRows(_) => unreachable!("written above"),
             Data::Dense(dst) => match &src.data {
                 Data::Dense(s) => dst.assign_cast(s),
                 Data::RowSparse(r) if r.rows.dtype() == dst.dtype() => {
@@ -911,7 +1030,7 @@ impl NDArray {
             });
         }
         for array in [&*self, other] {
-            if let Data::Device(_) = array.data {
+            if array.in_device_memory() {
                 return Err(on_device("add_assign", array.context));
             }
         }
@@ -934,7 +1053,7 @@ impl NDArray {
         match &other.data {
             Data::Dense(src) => dst.add_same(src),
             Data::RowSparse(r) => scatter_rows(dst, &r.indices, &r.rows, true),
-            Data::Device(_) => unreachable!("refused above"),
+            Data::Device(_) | Data::DeviceRows(_) => unreachable!("refused above"),
         }
         Ok(())
     }

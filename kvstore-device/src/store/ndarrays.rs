@@ -8,6 +8,14 @@
 //! to it are copied to its GPU, and a pull into host arrays copies from the GPU. A call's
 //! pairs are split by where their key lives: the host keys' go to the embedded host store,
 //! the GPU-bound keys' are all checked before either part runs.
+//!
+//! Row-sparse arrays in GPU memory ([`DeviceRowSparse`] behind
+//! [`NDArray::device_row_sparse`]): one initialising a key makes a row-sparse GPU key, whose
+//! pushes are reduced (and updated) on its merge GPU by
+//! [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)'s code and whose
+//! `row_sparse_pull` gathers the rows there
+//! ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)); host keys take them staged
+//! through host memory, as `local` does.
 
 use std::collections::HashMap;
 
@@ -15,9 +23,57 @@ use kvstore_base::{with_written_outs_on_host, Context, KeyedOuts, KeyedValues};
 
 use super::*;
 
-/// Whether one of `arrays` is in device memory.
+/// Whether one of `arrays` is in device memory (dense or row-sparse).
 pub(super) fn any_on_device<'a>(arrays: impl IntoIterator<Item = &'a NDArray>) -> bool {
-    arrays.into_iter().any(|a| a.device().is_some())
+    arrays.into_iter().any(|a| a.in_device_memory())
+}
+
+/// The [`DeviceRowSparse`] of a row-sparse value in GPU memory; `None` for any other array.
+///
+/// # Errors
+/// Device memory of another backend.
+fn gpu_rows(array: &NDArray) -> Result<Option<&DeviceRowSparse>> {
+    match array.device_row_sparse() {
+        None => Ok(None),
+        Some(memory) => memory.as_any().downcast_ref().map(Some).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "a row-sparse array on {} made by another device backend",
+                array.context()
+            ))
+        }),
+    }
+}
+
+/// [`gpu_rows`], writable.
+fn gpu_rows_mut(array: &mut NDArray) -> Result<Option<&mut DeviceRowSparse>> {
+    let context = array.context();
+    match array.device_row_sparse_mut()? {
+        None => Ok(None),
+        Some(memory) => memory.as_any_mut().downcast_mut().map(Some).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "a row-sparse array on {context} made by another device backend"
+            ))
+        }),
+    }
+}
+
+/// The row-sparse values of one key of a push, on GPUs: the caller's arrays, or host values
+/// copied to the key's GPU.
+struct RowsPush<'v> {
+    key: Key,
+    /// Per value: the caller's GPU array, or `None` where `uploaded` holds its copy.
+    arrays: Vec<Option<&'v DeviceRowSparse>>,
+    uploaded: Vec<Option<DeviceRowSparse>>,
+}
+
+impl RowsPush<'_> {
+    fn values(&self) -> Vec<&DeviceRowSparse> {
+        self.arrays
+            .iter()
+            .zip(&self.uploaded)
+            .map(|(a, u)| a.or(u.as_ref()).expect("a GPU array or its upload"))
+            .collect()
+    }
 }
 
 /// The [`DeviceArray`] of a value in GPU memory; `None` for a host array.
@@ -78,8 +134,19 @@ impl DeviceStore {
     /// array), then each becomes a GPU key holding a host copy of its value until its first
     /// push places it.
     pub(super) fn init_gpu_values(&self, values: &KeyedValues<'_>) -> Result<()> {
-        // All the call's values on GPUs (this crate's memory), one per key.
-        self.gpu_values("init", values)?;
+        // All the call's values on GPUs (this crate's memory, dense or row-sparse), one per key.
+        for (key, value) in values.iter() {
+            let at = || self.at("init", key);
+            let on_gpu = gpu_array(value).map_err(at())?.is_some()
+                || gpu_rows(value).map_err(at())?.is_some();
+            if !on_gpu {
+                return Err(at()(Error::InvalidArgument(
+                    "the call mixes host and GPU arrays: pass the values of one call all on \
+                     GPUs or all on the host"
+                        .into(),
+                )));
+            }
+        }
         values.check_one_value_per_key(self.type_name(), "init")?;
         let pairs: Vec<(Key, &NDArray)> = values.iter().map(|(k, v)| (k.clone(), v)).collect();
         self.init_gpu_keys(&pairs)
@@ -266,7 +333,9 @@ impl DeviceStore {
         let mut batch: Vec<(Key, Vec<&mut DeviceArray>)> = Vec::new();
         let mut to_host: Vec<(Key, &mut NDArray)> = Vec::new();
         for (key, out) in gpu_outs {
-            if out.context() == Context::Cpu {
+            // Host outputs, and row-sparse ones (a pull writes their non-zero rows, as
+            // `local`'s), are written from a host copy.
+            if out.context() == Context::Cpu || out.storage_type() == StorageType::RowSparse {
                 to_host.push((key, out));
                 continue;
             }
@@ -302,6 +371,83 @@ impl DeviceStore {
             Some(stored) => stored.to_host(),
             None => Ok(entry.initial.clone()),
         }
+    }
+}
+
+impl DeviceStore {
+    /// A `row_sparse_pull` that involves GPU keys: every output of a GPU key checked first (a
+    /// row-sparse GPU key, the key's shape, row ids in range), then the host keys' outputs by
+    /// the host store, then each GPU key's rows gathered on its merge GPU into row-sparse
+    /// outputs in GPU memory ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)) or
+    /// copied into host ones.
+    pub(super) fn row_sparse_pull_routed(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        priority: i32,
+    ) -> Result<()> {
+        const OP: &str = "row_sparse_pull";
+        Error::check_row_id_count(outs.len(), row_ids.len())?;
+        let mut gpu_ids: Vec<Vec<i64>> = Vec::new();
+        let (mut host_keys, mut host_outs, mut host_ids) = (Vec::new(), Vec::new(), Vec::new());
+        let mut gpu_outs: Vec<(Key, &mut NDArray)> = Vec::new();
+        {
+            let state = self.state();
+            for (i, (key, out)) in outs.iter_mut().enumerate() {
+                let Some(entry) = state.keys.get(key) else {
+                    host_keys.push(key.clone());
+                    host_outs.push(&mut **out);
+                    host_ids.push(row_ids[i]);
+                    continue;
+                };
+                let at = || self.at(OP, key);
+                if !entry.row_sparse {
+                    return Err(at()(Error::InvalidArgument(
+                        "row_sparse_pull needs a row-sparse stored value; this key is dense \
+                         (use pull)"
+                            .into(),
+                    )));
+                }
+                if out.storage_type() != StorageType::RowSparse {
+                    return Err(at()(Error::InvalidArgument(format!(
+                        "output {i} must be row-sparse for row_sparse_pull"
+                    ))));
+                }
+                if out.shape() != entry.shape.as_slice() {
+                    return Err(at()(Error::ShapeMismatch {
+                        what: format!("output {i}"),
+                        expected: entry.shape.clone(),
+                        found: out.shape().to_vec(),
+                    }));
+                }
+                gpu_rows(out).map_err(at())?;
+                gpu_ids.push(row_ids[i].unique_row_ids(entry.shape[0]).map_err(at())?);
+                gpu_outs.push((key.clone(), &mut **out));
+            }
+        }
+        if !host_keys.is_empty() {
+            let mut host_batch = KeyedOuts::new(OP, host_keys, host_outs)?;
+            kvstore_base::with_arrays_on_host(&host_ids, |ids| {
+                kvstore_base::with_outs_on_host(&mut host_batch, |o| {
+                    self.local.row_sparse_pull_batch(o, ids, priority)
+                })
+            })?;
+        }
+        for ((key, out), ids) in gpu_outs.into_iter().zip(gpu_ids) {
+            let ids = NDArray::from_vec(&[ids.len()], ids)?;
+            match gpu_rows_mut(out)? {
+                Some(array) => self.row_sparse_pull_gpu(key.clone(), &mut [array], &[&ids])?,
+                None => {
+                    // A host output: the rows of a host copy of the value.
+                    let picked = self
+                        .gpu_key_on_host(&key)
+                        .and_then(|value| value.retain_rows(&ids.unique_row_ids(value.shape()[0])?))
+                        .map_err(self.at(OP, &key))?;
+                    *out = picked.try_astype(out.dtype())?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -414,20 +560,86 @@ impl DeviceStore {
         values: &KeyedValues<'_>,
         priority: i32,
     ) -> Result<()> {
+        let row_keys = self.row_sparse_gpu_keys(values.keys());
         let gpu_keys = self.gpu_bound_keys(values);
-        let split = split_values(values, &gpu_keys);
+        let split = split_values(values, &gpu_keys, &row_keys);
         let gpu_part = self.checked_gpu_part(operation, &split)?;
+        let rows_part = self.checked_rows_part(operation, values, &row_keys)?;
         if !split.host_keys.is_empty() {
+            // Host keys: the host path, row-sparse GPU arrays pushed to them staged.
             let host_part = KeyedValues::new(operation, split.host_keys, split.host_values)?;
-            self.push_batch(&host_part, priority)?;
+            kvstore_base::with_values_on_host(&host_part, |v| self.push_batch(v, priority))?;
         }
-        match gpu_part {
-            Some((keys, arrays)) => self.push_checked_gpu_values(
+        if let Some((keys, arrays)) = gpu_part {
+            self.push_checked_gpu_values(
                 operation,
                 &KeyedValues::new(operation, keys, arrays.iter().collect())?,
-            ),
-            None => Ok(()),
+            )?;
         }
+        let mut state = self.state();
+        for push in &rows_part {
+            self.push_row_sparse_locked(&mut state, &push.key, &push.values())
+                .map_err(self.at(operation, &push.key))?;
+        }
+        Ok(())
+    }
+
+    /// The GPU keys among `keys` that are row-sparse.
+    fn row_sparse_gpu_keys(&self, keys: &[Key]) -> BTreeSet<Key> {
+        let state = self.state();
+        keys.iter()
+            .filter(|k| state.keys.get(*k).is_some_and(|e| e.row_sparse))
+            .cloned()
+            .collect()
+    }
+
+    /// The values of the row-sparse GPU keys `row_keys` among `values`, per key, checked as
+    /// [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse) checks them: row-sparse
+    /// arrays on GPUs, or on the host (copied to the key's GPU here).
+    fn checked_rows_part<'v>(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'v>,
+        row_keys: &BTreeSet<Key>,
+    ) -> Result<Vec<RowsPush<'v>>> {
+        let mut pushes = Vec::new();
+        for group in values.groups() {
+            if !row_keys.contains(&group.key) {
+                continue;
+            }
+            let at = || self.at(operation, &group.key);
+            let ordinal = self.state().keys[&group.key].merge_dev.unwrap_or(0);
+            let mut push = RowsPush {
+                key: group.key.clone(),
+                arrays: Vec::with_capacity(group.positions.len()),
+                uploaded: Vec::with_capacity(group.positions.len()),
+            };
+            for &p in &group.positions {
+                let value: &'v NDArray = values.values()[p];
+                if value.storage_type() != StorageType::RowSparse {
+                    return Err(at()(Error::InvalidArgument(format!(
+                        "row-sparse GPU key {} takes row-sparse values, got a dense one",
+                        group.key
+                    ))));
+                }
+                match gpu_rows(value).map_err(at())? {
+                    Some(array) => {
+                        push.arrays.push(Some(array));
+                        push.uploaded.push(None);
+                    }
+                    None => {
+                        let copy = DeviceRowSparse::from_host(value, ordinal).map_err(at())?;
+                        push.arrays.push(None);
+                        push.uploaded.push(Some(copy));
+                    }
+                }
+            }
+            let state = self.state();
+            self.check_row_sparse_push(&state, &group.key, &push.values())
+                .map_err(at())?;
+            pushes.push(push);
+        }
+        Ok(pushes)
     }
 
     /// The GPU-bound pairs of `split` on the GPUs and checked (`None` without any).
@@ -461,7 +673,13 @@ impl DeviceStore {
         outs.check_against("pushpull", values)?;
         let gpu_keys = self.gpu_bound_keys(values);
         self.check_gpu_outs("pushpull", &gpu_keys, Some(values), outs)?;
-        let split = split_values(values, &gpu_keys);
+        if !self.row_sparse_gpu_keys(values.keys()).is_empty() {
+            // Row-sparse GPU keys: the push, then a pull, which skips row-sparse outputs (as
+            // `local`'s pushpull).
+            self.push_routed("pushpull", values, priority)?;
+            return self.pull_routed("pushpull", outs, priority, true);
+        }
+        let split = split_values(values, &gpu_keys, &BTreeSet::new());
         let gpu_part = self.checked_gpu_part("pushpull", &split)?;
         // The host keys: one call of the host path (its checks, then its work).
         if !split.host_keys.is_empty() {
@@ -474,8 +692,8 @@ impl DeviceStore {
                 }
             }
             let mut host_outs = KeyedOuts::new("pushpull", keys, host_outs)?;
-            with_written_outs_on_host(&mut host_outs, |o| {
-                self.pushpull_batch(&host_part, o, priority)
+            kvstore_base::with_values_on_host(&host_part, |v| {
+                with_written_outs_on_host(&mut host_outs, |o| self.pushpull_batch(v, o, priority))
             })?;
         }
         let Some((keys, arrays)) = gpu_part else {
@@ -539,8 +757,13 @@ impl DeviceStore {
     }
 }
 
-/// `values` split into the pairs of `gpu_keys` and the others, in call order.
-fn split_values<'v>(values: &KeyedValues<'v>, gpu_keys: &BTreeSet<Key>) -> Split<'v> {
+/// `values` split into the pairs of `gpu_keys` and the others, in call order, without the
+/// pairs of `skipped` keys.
+fn split_values<'v>(
+    values: &KeyedValues<'v>,
+    gpu_keys: &BTreeSet<Key>,
+    skipped: &BTreeSet<Key>,
+) -> Split<'v> {
     let mut split = Split {
         gpu_keys: Vec::new(),
         gpu_values: Vec::new(),
@@ -548,6 +771,9 @@ fn split_values<'v>(values: &KeyedValues<'v>, gpu_keys: &BTreeSet<Key>) -> Split
         host_values: Vec::new(),
     };
     for (key, value) in values.iter() {
+        if skipped.contains(key) {
+            continue;
+        }
         if gpu_keys.contains(key) {
             split.gpu_keys.push(key.clone());
             split.gpu_values.push(value);

@@ -7,13 +7,14 @@ use std::sync::Arc;
 
 use kvstore_base::{
     create, Capability, CompressionParams, Context, DType, Error, KVStoreBase, KeyedOuts,
-    KeyedValues, NDArray, OptimizerSpec, Result, StorageType, Updater,
+    KeyedValues, NDArray, OptimizerSpec, Result, Updater,
 };
 
-/// Wraps a store: when every value (or output) of a call is a dense float32 host array with
-/// elements, the wrapped store receives copies of them on the GPUs (the `j`-th array of a key
-/// on GPU `j % gpus`), and the host outputs receive the GPU outputs after a successful call
-/// (none is written when it fails). Other calls reach the wrapped store as they are.
+/// Wraps a store: when every value (or output) of a call is a float32 host array with
+/// elements (dense or row-sparse), the wrapped store receives copies of them on the GPUs (the
+/// `j`-th array of a key on GPU `j % gpus`), and the host outputs receive the GPU outputs
+/// after a successful call (none is written when it fails). Other calls reach the wrapped
+/// store as they are.
 #[derive(Debug)]
 pub struct OnGpu {
     inner: Box<dyn KVStoreBase>,
@@ -36,10 +37,9 @@ impl OnGpu {
         let mut seen: std::collections::HashMap<&kvstore_base::Key, usize> = Default::default();
         let mut gpus = Vec::new();
         for (key, a) in keys.iter().zip(arrays) {
-            let dense_f32 =
-                a.dtype() == DType::F32 && a.storage_type() == StorageType::Dense && a.size() > 0;
+            let f32_with_elements = a.dtype() == DType::F32 && a.size() > 0;
             let j = seen.entry(key).or_insert(0);
-            if !dense_f32 {
+            if !f32_with_elements {
                 return None;
             }
             gpus.push(*j % self.gpus);
@@ -163,7 +163,9 @@ impl KVStoreBase for OnGpu {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
-        self.inner.row_sparse_pull_batch(outs, row_ids, priority)
+        self.with_outs(outs, |o| {
+            self.inner.row_sparse_pull_batch(o, row_ids, priority)
+        })
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {

@@ -308,7 +308,23 @@ pub fn trials() -> Vec<Trial> {
             OptimizerSpec::new("sgd")
                 .with("learning_rate", 0.1)
                 .with("wd", 0.05)
-                .with("clip_gradient", 0.25),
+                .with("clip_gradient", 0.1),
+        ),
+        (
+            "sgd_clipped_with_momentum",
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", 0.5)
+                .with("wd", 0.05)
+                .with("clip_gradient", 0.1),
+        ),
+        (
+            // MXNet keeps a momentum state, whose momentum counts as 0.
+            "sgd_negative_momentum",
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", -0.5)
+                .with("wd", 0.05),
         ),
         (
             "sgd_without_momentum",
@@ -318,11 +334,12 @@ pub fn trials() -> Vec<Trial> {
         ),
         ("adam_defaults", OptimizerSpec::new("adam")),
         (
+            // The clip (after weight decay, as MXNet 1.x) binds for most elements.
             "adam_wd_clip",
             OptimizerSpec::new("adam")
                 .with("learning_rate", 0.01)
-                .with("wd", 0.1)
-                .with("clip_gradient", 0.5)
+                .with("wd", 0.5)
+                .with("clip_gradient", 0.1)
                 .with("beta1", 0.8),
         ),
     ];

@@ -860,14 +860,16 @@ impl KVStoreBase for DistStore {
         row_ids: &[&NDArray],
         priority: i32,
     ) -> Result<()> {
-        // Outputs are row-sparse, never in device memory; row ids may be on a GPU.
-        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
-        if self.device_comm && row_ids.iter().any(|r| r.device().is_some()) {
+        let _ = priority;
+        // With the device communicator, outputs and row ids may be in GPU memory: the rows
+        // are pulled into host stand-ins and copied to the outputs.
+        let ids_on_device = row_ids.iter().any(|r| r.in_device_memory());
+        if self.device_comm && (ids_on_device || outs.any_on_device()) {
             return kvstore_base::with_arrays_on_host(row_ids, |row_ids| {
-                self.row_sparse_pull_batch(outs, row_ids, priority)
+                kvstore_base::with_written_outs_on_host(outs, |outs| self.pull_rows(outs, row_ids))
             });
         }
-        let _ = priority;
+        outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         self.pull_rows(outs, row_ids)
     }
 
