@@ -7,7 +7,7 @@
 
 use std::collections::hash_map::{Entry, HashMap};
 
-use crate::{Context, DType, Error, Key, KeyedOuts, KeyedValues, NDArray, Result};
+use crate::{Context, DType, Error, Key, KeyedOuts, KeyedValues, NDArray, Result, StorageType};
 
 /// Runs `call` with `values`, those in device memory replaced by copies in host memory (the
 /// others as they are): how a store that works on host memory takes device arrays.
@@ -57,9 +57,10 @@ pub fn with_arrays_on_host<R>(
 
 /// Runs `call` with `outs`, those in device memory replaced by copies in host memory; once
 /// `call` succeeded, the copies are written back into them (nothing is written when it
-/// fails; outputs sharing memory with clones get their own before `call`, so that the write
-/// back allocates nothing). For calls that read their outputs (an in-place pushpull); see
-/// [`with_written_outs_on_host`] for those that only write them.
+/// fails; dense outputs sharing memory with clones get their own before `call`, and
+/// row-sparse ones get new device memory for their results before any output is written, so
+/// that a device out of memory writes nothing). For calls that read their outputs (an
+/// in-place pushpull); see [`with_written_outs_on_host`] for those that only write them.
 ///
 /// # Errors
 /// A failed copy to or from a device, or `call`'s error.
@@ -71,8 +72,9 @@ pub fn with_outs_on_host<R>(
 }
 
 /// [`with_outs_on_host`] for a call that only writes its outputs (a pull, a pushpull, a
-/// broadcast): outputs in device memory are replaced by zeros in host memory, not by copies,
-/// so nothing is copied from the device.
+/// broadcast): dense outputs in device memory are replaced by zeros in host memory, not by
+/// copies, so nothing is copied from the device. Row-sparse ones are copied all the same: a
+/// pull skips them (`ignore_sparse`), and what is written back must then be what they held.
 ///
 /// # Errors
 /// A failed copy to a device, or `call`'s error.
@@ -93,18 +95,23 @@ pub(crate) fn stage_outs<R>(
     if !outs.any_on_device() {
         return call(outs);
     }
+    // A row-sparse device output gets new memory when written back, which may fail: then
+    // host outputs are staged too, so that nothing is written before that succeeded.
+    let stage_host = outs.outs().iter().any(|o| o.device_row_sparse().is_some());
     let mut copies = outs
         .outs()
         .iter()
-        .map(|o| match (o.in_device_memory(), read) {
-            (false, _) => Ok(None),
-            (true, true) => o.to_context(Context::Cpu).map(Some),
-            (true, false) => Ok(Some(o.zeros_on_host_like())),
+        .map(|o| match (o.in_device_memory(), read, o.storage_type()) {
+            (false, _, _) if stage_host => Ok(Some((**o).clone())),
+            (false, _, _) => Ok(None),
+            (true, true, _) | (true, false, StorageType::RowSparse) => {
+                o.to_context(Context::Cpu).map(Some)
+            }
+            (true, false, StorageType::Dense) => Ok(Some(o.zeros_on_host_like())),
         })
         .collect::<Result<Vec<Option<NDArray>>>>()?;
-    // Outputs that share their memory with clones get their own before the call (the only
-    // allocations of the write-back): a device out of memory then fails the call before
-    // anything is done or written.
+    // Dense outputs that share their memory with clones get their own before the call: a
+    // device out of memory then fails the call before anything is done or written.
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if copy.is_some() {
             out.unshare().map_err(unshare_failed)?;
@@ -123,12 +130,31 @@ pub(crate) fn stage_outs<R>(
             .collect();
         call(&mut KeyedOuts::new("stage", keys, staged)?)?
     };
-    for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
-        if let Some(copy) = copy {
-            out.assign(copy)?;
+    let results: Vec<Option<&NDArray>> = copies.iter().map(Option::as_ref).collect();
+    write_back(outs.outs_mut(), &results)?;
+    Ok(result)
+}
+
+/// Writes `results[i]` (when there is one) into `outs[i]`: first new device memory for every
+/// row-sparse output in device memory (uploaded before anything is written, so that a device
+/// out of memory writes nothing), then every output.
+fn write_back(outs: &mut [&mut NDArray], results: &[Option<&NDArray>]) -> Result<()> {
+    let fresh = outs
+        .iter()
+        .zip(results)
+        .map(|(out, result)| match result {
+            Some(result) => out.row_sparse_replacement(result).map_err(copy_back),
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<Option<NDArray>>>>()?;
+    for ((out, result), fresh) in outs.iter_mut().zip(results).zip(fresh) {
+        match (fresh, result) {
+            (Some(fresh), _) => **out = fresh,
+            (None, Some(result)) => out.assign(result).map_err(copy_back)?,
+            (None, None) => {}
         }
     }
-    Ok(result)
+    Ok(())
 }
 
 /// A call's values in host memory for a store that sends one array per key: each key's
@@ -294,11 +320,12 @@ enum Plan {
 }
 
 /// Runs `call` with `outs` (checked by the caller) in host memory, for a store that receives
-/// one array per key: one host stand-in per key for its device outputs of one dtype, which,
-/// once `call` succeeded, is copied to the first of them and from there to the others, device
-/// to device. Outputs that share their memory with clones get their own before `call` (the
-/// only allocations): nothing is done or written when a device runs out of memory, nor when
-/// `call` fails.
+/// one array per key: one host stand-in per key for its dense device outputs of one dtype,
+/// which, once `call` succeeded, is copied to the first of them and from there to the others,
+/// device to device; row-sparse device outputs get a host copy each (a pull skips them), and
+/// new device memory for their results before any output is written (host outputs are then
+/// staged too). Dense outputs that share their memory with clones get their own before
+/// `call`: nothing is written when a device runs out of memory, nor when `call` fails.
 ///
 /// # Errors
 /// A device that fails, or `call`'s error.
@@ -312,11 +339,26 @@ pub fn with_outs_fanned_out<R>(
     }
     let mut received: Vec<NDArray> = Vec::new();
     let mut plan: Vec<Plan> = Vec::with_capacity(outs.len());
-    // The first device output of each key and dtype receives; the others copy it.
+    // The first dense device output of each key and dtype receives; the others copy it.
+    // Row-sparse ones receive each into a host copy of their own (a pull skips them, and
+    // what is written back must then be what they held).
+    // New memory for row-sparse outputs may fail at the write-back: then host outputs are
+    // staged too (copies), so that nothing is written before that succeeded.
+    let stage_host = outs.outs().iter().any(|o| o.device_row_sparse().is_some());
     let mut receivers: HashMap<(&Key, DType), usize> = HashMap::new();
     for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
         if !out.in_device_memory() {
-            plan.push(Plan::Host);
+            if stage_host {
+                plan.push(Plan::Received(received.len()));
+                received.push((**out).clone());
+            } else {
+                plan.push(Plan::Host);
+            }
+            continue;
+        }
+        if out.storage_type() == StorageType::RowSparse {
+            plan.push(Plan::Received(received.len()));
+            received.push(out.to_context(Context::Cpu)?);
             continue;
         }
         match receivers.entry((key, out.dtype())) {
@@ -351,14 +393,20 @@ pub fn with_outs_fanned_out<R>(
         call(&mut KeyedOuts::new(operation, keys, staged)?)?
     };
     let outs = outs.outs_mut();
-    for i in 0..outs.len() {
-        match plan[i] {
-            Plan::Host => {}
-            Plan::Received(r) => outs[i].assign(&received[r]).map_err(copy_back)?,
-            Plan::CopyOf(j) => {
-                let (head, tail) = outs.split_at_mut(i);
-                tail[0].assign(head[j]).map_err(copy_back)?;
-            }
+    // The received results first (row-sparse outputs get their new memory before any output
+    // is written), then the copies of them.
+    let results: Vec<Option<&NDArray>> = plan
+        .iter()
+        .map(|p| match p {
+            Plan::Received(r) => Some(&received[*r]),
+            Plan::Host | Plan::CopyOf(_) => None,
+        })
+        .collect();
+    write_back(outs, &results)?;
+    for (i, p) in plan.iter().enumerate() {
+        if let Plan::CopyOf(j) = *p {
+            let (head, tail) = outs.split_at_mut(i);
+            tail[0].assign(head[j]).map_err(copy_back)?;
         }
     }
     Ok(result)

@@ -97,13 +97,6 @@ impl DeviceRowSparseMemory for DeviceRowSparse {
         Ok(rows.rows().clone())
     }
 
-    fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()> {
-        let rows = NDArray::from_host(rows.clone()).to_vec::<f32>()?;
-        // The new rows are uploaded first: when that fails, the array keeps its rows.
-        *self = DeviceRowSparse::upload(self.shape(), indices.to_vec(), &rows, self.ordinal())?;
-        Ok(())
-    }
-
     fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
         Ok(Box::new(self.to_gpu(self.ordinal())?))
     }

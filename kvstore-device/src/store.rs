@@ -776,14 +776,25 @@ impl DeviceStore {
         key: &Key,
         values: &[&DeviceRowSparse],
     ) -> Result<()> {
-        // Validate everything before any GPU work.
+        let prepared = self.prepare_row_sparse_push(state, key, values)?;
+        self.apply_row_sparse_push(state, key, values, prepared)
+    }
+
+    /// Everything a push of row-sparse GPU `values` to `key` allocates, before its arithmetic
+    /// changes anything (after its checks): the key's placement, the copies of values on other
+    /// GPUs, the row-sparse sum an optimizer takes, the optimizer's states.
+    fn prepare_row_sparse_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceRowSparse],
+    ) -> Result<PreparedRows> {
         let update = self.check_row_sparse_push(state, key, values)?;
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
         if state.keys[key].merge_dev.is_none() {
             self.place_keys(state, &devs)?;
         }
-        let GpuState { keys, counts, .. } = state;
-        let entry = keys.get_mut(key).expect("checked above");
+        let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = Runtime::get()?.gpu(dev)?;
         // The values on the merge GPU: those elsewhere copied to it first.
@@ -791,17 +802,53 @@ impl DeviceStore {
             .iter()
             .map(|v| (v.ordinal() != dev).then(|| v.to_gpu(dev)).transpose())
             .collect::<Result<_>>()?;
-        let here: Vec<&DeviceRowSparse> = values
-            .iter()
-            .zip(&moved)
-            .map(|(v, m)| m.as_ref().unwrap_or(v))
-            .collect();
+        let here = on_merge_gpu(values, &moved);
+        // The optimizer's gradient: the row-sparse sum (one value is the sum as it is).
+        let summed = match here.as_slice() {
+            [_, _, ..] if update.takes_sum() => Some(sum_rows(&here, dev)?),
+            _ => None,
+        };
+        if let Some(opt) = update.kernels().filter(|opt| opt.updates_rows_lazily()) {
+            let GpuEntry {
+                shape,
+                state: states,
+                loaded_state,
+                ..
+            } = entry;
+            reserve_states(gpu, opt, shape, states, loaded_state)?;
+        }
+        Ok(PreparedRows {
+            dev,
+            update,
+            moved,
+            summed,
+        })
+    }
+
+    /// The arithmetic of a prepared push of row-sparse GPU `values` to `key` (see
+    /// [`prepare_row_sparse_push`](DeviceStore::prepare_row_sparse_push)); waits for it.
+    fn apply_row_sparse_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        values: &[&DeviceRowSparse],
+        prepared: PreparedRows,
+    ) -> Result<()> {
+        let PreparedRows {
+            dev,
+            update,
+            moved,
+            summed,
+        } = prepared;
+        let gpu = Runtime::get()?.gpu(dev)?;
+        let here = on_merge_gpu(values, &moved);
+        let GpuState { keys, counts, .. } = state;
+        let entry = keys.get_mut(key).expect("prepared above");
         let GpuEntry {
             shape,
             stored,
             stored_ids,
             state: states,
-            loaded_state,
             ..
         } = entry;
         let stored = stored.as_mut().expect("placed keys hold their value");
@@ -829,18 +876,12 @@ impl DeviceStore {
                 Ok(())
             }
             _ => {
-                // The optimizer's gradient: the row-sparse sum (one value is the sum as it is).
-                let summed;
-                let grad = match here.as_slice() {
-                    [one] => *one,
-                    many => {
-                        summed = sum_rows(many, dev)?;
-                        &summed
-                    }
-                };
+                let grad = summed.as_ref().unwrap_or(here[0]);
                 match update.kernels().filter(|opt| opt.updates_rows_lazily()) {
                     Some(opt) => {
-                        reserve_states(gpu, opt, shape, states, loaded_state)?;
+                        if states.len() < opt.state_len() {
+                            return Err(unreserved());
+                        }
                         let t = counts.entry(key.clone()).or_insert(0);
                         *t += 1;
                         opt.step_rows(gpu, *t, &mut stored.data, grad, states)
@@ -1359,6 +1400,29 @@ impl DeviceStore {
             .map(|rows| rows.indices().to_vec());
         Ok(())
     }
+}
+
+/// What [`DeviceStore::prepare_row_sparse_push`] made for a push of row-sparse values.
+struct PreparedRows {
+    /// The key's merge GPU.
+    dev: usize,
+    update: Update,
+    /// Copies on the merge GPU of the values on other GPUs (`None`: a value already there).
+    moved: Vec<Option<DeviceRowSparse>>,
+    /// The sum an optimizer takes, for several values.
+    summed: Option<DeviceRowSparse>,
+}
+
+/// The pushed `values` as on the merge GPU: each, or its copy there (`moved`).
+fn on_merge_gpu<'a>(
+    values: &[&'a DeviceRowSparse],
+    moved: &'a [Option<DeviceRowSparse>],
+) -> Vec<&'a DeviceRowSparse> {
+    values
+        .iter()
+        .zip(moved)
+        .map(|(v, m)| m.as_ref().unwrap_or(v))
+        .collect()
 }
 
 /// Makes the optimizer states of a key of `shape` updated by `opt`'s kernels on `gpu`: the

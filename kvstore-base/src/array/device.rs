@@ -61,7 +61,9 @@ pub trait DeviceMemory: fmt::Debug + Send + Sync + 'static {
 
 /// A row-sparse array in the memory of a device (MXNet's `RowSparseNDArray` on `gpu(i)`):
 /// the ids of its stored rows, known on the host, and the rows in device memory. Owned by the
-/// backend that made it; stores that take such arrays downcast it (`as_any`).
+/// backend that made it ([`DeviceBackend::upload_row_sparse`]); stores that take such arrays
+/// downcast it (`as_any`). Writing one replaces its memory by a new upload (its rows may
+/// change in number), so there is no write method.
 pub trait DeviceRowSparseMemory: fmt::Debug + Send + Sync + 'static {
     /// The device it lives on (never [`Context::Cpu`]).
     fn context(&self) -> Context;
@@ -81,15 +83,6 @@ pub trait DeviceRowSparseMemory: fmt::Debug + Send + Sync + 'static {
     /// # Errors
     /// [`Error::Device`](crate::Error::Device) when the device fails.
     fn rows_to_host(&self) -> Result<HostArray>;
-
-    /// Replaces the array's rows: `indices` (strictly increasing, inside `0..shape[0]`) and
-    /// `rows` (their values, of this array's dtype and shape `[indices.len(), shape[1],
-    /// ...]`), checked by the caller.
-    ///
-    /// # Errors
-    /// [`Error::Device`](crate::Error::Device) when the device fails (out of memory); the
-    /// array is unchanged then.
-    fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()>;
 
     /// A copy on the same device.
     ///
@@ -301,11 +294,6 @@ mod tests {
         }
         fn rows_to_host(&self) -> Result<HostArray> {
             Ok(self.rows.clone())
-        }
-        fn write_from_host(&mut self, indices: &[i64], rows: &HostArray) -> Result<()> {
-            self.indices = indices.to_vec();
-            self.rows = rows.clone();
-            Ok(())
         }
         fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
             Ok(Box::new(self.clone()))
@@ -579,7 +567,11 @@ mod tests {
             (Context::Gpu(1), StorageType::Dense)
         );
         assert_eq!(dense.to_vec::<f32>().unwrap(), gpu.to_vec::<f32>().unwrap());
-        assert_eq!(gpu.to_row_sparse().unwrap(), gpu);
+        let same = gpu.to_row_sparse().unwrap();
+        assert_eq!(
+            (same.context(), same.storage_type()),
+            (Context::Gpu(1), StorageType::RowSparse)
+        );
         // Another dtype is cast on the host.
         assert_eq!(gpu.astype(DType::F64).context(), Context::Cpu);
     }

@@ -405,15 +405,41 @@ impl NDArray {
         matches!(self.data, Data::Device(_) | Data::DeviceRows(_))
     }
 
-    /// Gives an array in device memory that shares it with clones memory of its own, so that
-    /// a later write allocates nothing; nothing for any other array.
+    /// Gives a dense array in device memory that shares it with clones memory of its own, so
+    /// that a later write allocates nothing; nothing for any other array (a row-sparse one in
+    /// device memory is written by replacing its memory:
+    /// [`row_sparse_replacement`](NDArray::row_sparse_replacement)).
     ///
     /// # Errors
     /// [`Error::Device`] when the copy fails (the device out of memory).
     pub fn unshare(&mut self) -> Result<()> {
         self.device_mut()?;
-        self.device_row_sparse_mut()?;
         Ok(())
+    }
+
+    /// For a row-sparse array in device memory: a new one in the same context holding `src`
+    /// (its rows, or a dense source's non-zero rows, cast to this array's dtype), to replace
+    /// it (`*self = ...`, which allocates nothing: how a write into it is done once every
+    /// allocation of a call succeeded). `None` for any other array.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] when the shapes differ; [`Error::Device`] when a copy fails.
+    pub fn row_sparse_replacement(&self, src: &NDArray) -> Result<Option<NDArray>> {
+        if !matches!(self.data, Data::DeviceRows(_)) {
+            return Ok(None);
+        }
+        self.check_shape_of(src, "the source array")?;
+        let src = src.on_host()?;
+        let sparse = src.to_row_sparse()?;
+        let r = sparse.as_row_sparse().expect("a row-sparse host array");
+        let rows = r.rows.cast(self.dtype());
+        let memory = gpu_backend(self.context)?.upload_row_sparse(
+            &r.shape,
+            &r.indices,
+            &rows,
+            self.context,
+        )?;
+        Ok(Some(NDArray::from_device_row_sparse(memory)))
     }
 
     /// Zeros in host memory with this array's shape, dtype and storage type (a row-sparse
@@ -914,8 +940,9 @@ impl NDArray {
 
     /// The element-wise sum of `values`, arrays in device memory of one shape and dtype, made
     /// on one of their devices by the linked device backend, in MXNet's association order (see
-    /// [`DeviceBackend::sum`]): `Ok(None)` when a value is not in device memory or the backend
-    /// does not sum on its devices, so that the caller sums on the host instead.
+    /// [`DeviceBackend::sum`]): `Ok(None)` when a value is not dense in device memory (a host
+    /// or a row-sparse array) or the backend does not sum on its devices, so that the caller
+    /// sums on the host instead.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for no value; [`Error::ShapeMismatch`] or [`Error::DTypeMismatch`] naming the value that differs from
@@ -965,16 +992,9 @@ impl NDArray {
         }
         let src = src.on_host()?;
         let src = src.as_ref();
-        if let Data::DeviceRows(_) = self.data {
-            // Row-sparse in device memory: the source's rows (its non-zero rows when dense),
-            // cast to this array's dtype, replace the stored ones.
-            let sparse = src.to_row_sparse()?;
-            let r = sparse.as_row_sparse().expect("a row-sparse host array");
-            let rows = r.rows.cast(self.dtype());
-            let dst = self
-                .device_row_sparse_mut()?
-                .expect("row-sparse device memory");
-            return dst.write_from_host(&r.indices, &rows);
+        if let Some(fresh) = self.row_sparse_replacement(src)? {
+            *self = fresh;
+            return Ok(());
         }
         if let Some(dst) = self.device_mut()? {
             let dense = src.to_dense();

@@ -44,19 +44,6 @@ fn gpu_rows(array: &NDArray) -> Result<Option<&DeviceRowSparse>> {
     }
 }
 
-/// [`gpu_rows`], writable.
-fn gpu_rows_mut(array: &mut NDArray) -> Result<Option<&mut DeviceRowSparse>> {
-    let context = array.context();
-    match array.device_row_sparse_mut()? {
-        None => Ok(None),
-        Some(memory) => memory.as_any_mut().downcast_mut().map(Some).ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "a row-sparse array on {context} made by another device backend"
-            ))
-        }),
-    }
-}
-
 /// The row-sparse values of one key of a push, on GPUs: the caller's arrays, or host values
 /// copied to the key's GPU.
 struct RowsPush<'v> {
@@ -312,7 +299,6 @@ impl DeviceStore {
         };
         // Checks of the GPU keys' outputs, before anything is written.
         self.check_gpu_outs(operation, &gpu_keys, None, outs)?;
-        // Host keys: the host store, outputs on GPUs staged.
         let (mut host_keys, mut host_outs) = (Vec::new(), Vec::new());
         let mut gpu_outs: Vec<(Key, &mut NDArray)> = Vec::new();
         for (key, out) in outs.iter_mut() {
@@ -323,20 +309,32 @@ impl DeviceStore {
                 host_outs.push(&mut **out);
             }
         }
-        if !host_keys.is_empty() {
-            let mut host_batch = KeyedOuts::new(operation, host_keys, host_outs)?;
-            with_written_outs_on_host(&mut host_batch, |o| {
-                self.local.pull_batch(o, priority, ignore_sparse)
-            })?;
-        }
-        // GPU keys: GPU outputs in one batch, host outputs copied from the GPU.
+        // GPU keys: dense GPU outputs in one batch; host outputs, and row-sparse ones (a pull
+        // writes them as `local`'s: the stored rows), from a host copy of the value, made (with
+        // new GPU memory for row-sparse outputs) before anything is written.
         let mut batch: Vec<(Key, Vec<&mut DeviceArray>)> = Vec::new();
-        let mut to_host: Vec<(Key, &mut NDArray)> = Vec::new();
+        let mut from_host: Vec<(&mut NDArray, NDArray)> = Vec::new();
+        let mut values: BTreeMap<Key, NDArray> = BTreeMap::new();
         for (key, out) in gpu_outs {
-            // Host outputs, and row-sparse ones (a pull writes their non-zero rows, as
-            // `local`'s), are written from a host copy.
             if out.context() == Context::Cpu || out.storage_type() == StorageType::RowSparse {
-                to_host.push((key, out));
+                // As `local`: with `ignore_sparse`, row-sparse outputs are skipped.
+                if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                    continue;
+                }
+                let at = || self.at(operation, &key);
+                if !values.contains_key(&key) {
+                    values.insert(key.clone(), self.gpu_key_on_host(&key).map_err(at())?);
+                }
+                let value = &values[&key];
+                let result = match out.row_sparse_replacement(value).map_err(at())? {
+                    Some(fresh) => fresh,
+                    None => {
+                        let mut result = out.zeros_on_host_like();
+                        result.assign(value).map_err(at())?;
+                        result
+                    }
+                };
+                from_host.push((out, result));
                 continue;
             }
             let array = gpu_array_mut(out)?.expect("checked above: on a GPU");
@@ -345,6 +343,13 @@ impl DeviceStore {
                 _ => batch.push((key, vec![array])),
             }
         }
+        // Host keys: the host store, outputs on GPUs staged.
+        if !host_keys.is_empty() {
+            let mut host_batch = KeyedOuts::new(operation, host_keys, host_outs)?;
+            with_written_outs_on_host(&mut host_batch, |o| {
+                self.local.pull_batch(o, priority, ignore_sparse)
+            })?;
+        }
         if !batch.is_empty() {
             let mut slices: Vec<(Key, &mut [&mut DeviceArray])> = batch
                 .iter_mut()
@@ -352,34 +357,38 @@ impl DeviceStore {
                 .collect();
             self.pull_gpu_batch(&mut slices)?;
         }
-        for (key, out) in to_host {
-            // As `local`: with `ignore_sparse`, row-sparse outputs are skipped.
-            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
-                continue;
-            }
-            let value = self.gpu_key_on_host(&key)?;
-            out.assign(&value).map_err(self.at(operation, &key))?;
+        for (out, result) in from_host {
+            *out = result;
         }
         Ok(())
     }
 
-    /// The value of a GPU key, copied to the host.
+    /// The value of a GPU key, copied to the host: row-sparse for a row-sparse key (the rows
+    /// its value stores), dense otherwise.
     fn gpu_key_on_host(&self, key: &Key) -> Result<NDArray> {
         let state = self.state();
         let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
-        match &entry.stored {
-            Some(stored) => stored.to_host(),
-            None => Ok(entry.initial.clone()),
+        let dense = match &entry.stored {
+            Some(stored) => stored.to_host()?,
+            None => entry.initial.clone(),
+        };
+        if !entry.row_sparse {
+            return Ok(dense);
+        }
+        match &entry.stored_ids {
+            Some(ids) => dense.retain_rows(ids),
+            None => dense.retain_rows(&(0..entry.shape[0] as i64).collect::<Vec<_>>()),
         }
     }
 }
 
 impl DeviceStore {
     /// A `row_sparse_pull` that involves GPU keys: every output of a GPU key checked first (a
-    /// row-sparse GPU key, the key's shape, row ids in range), then the host keys' outputs by
-    /// the host store, then each GPU key's rows gathered on its merge GPU into row-sparse
-    /// outputs in GPU memory ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)) or
-    /// copied into host ones.
+    /// row-sparse GPU key, the key's shape, row ids in range); then each GPU key's rows
+    /// gathered on its merge GPU into new row-sparse arrays in the outputs' GPU memory
+    /// ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)), or copied for host
+    /// outputs; then the host keys' outputs by the host store; then the GPU keys' outputs
+    /// replaced by their results (so a GPU out of memory writes no output).
     pub(super) fn row_sparse_pull_routed(
         &self,
         outs: &mut KeyedOuts<'_>,
@@ -425,6 +434,27 @@ impl DeviceStore {
                 gpu_outs.push((key.clone(), &mut **out));
             }
         }
+        // Every GPU key's results into new arrays (gathered on its merge GPU), before any
+        // output is written.
+        let mut results: Vec<NDArray> = Vec::with_capacity(gpu_outs.len());
+        for ((key, out), ids) in gpu_outs.iter().zip(gpu_ids) {
+            let at = || self.at(OP, key);
+            let result = match gpu_rows(out).map_err(at())? {
+                Some(array) => {
+                    let mut fresh =
+                        DeviceRowSparse::zeros(array.shape(), array.ordinal()).map_err(at())?;
+                    let ids = NDArray::from_vec(&[ids.len()], ids)?;
+                    self.row_sparse_pull_gpu(key.clone(), &mut [&mut fresh], &[&ids])?;
+                    NDArray::from_device_row_sparse(Box::new(fresh))
+                }
+                // A host output: the rows of a host copy of the value.
+                None => self
+                    .gpu_key_on_host(key)
+                    .and_then(|value| value.retain_rows(&ids)?.try_astype(out.dtype()))
+                    .map_err(at())?,
+            };
+            results.push(result);
+        }
         if !host_keys.is_empty() {
             let mut host_batch = KeyedOuts::new(OP, host_keys, host_outs)?;
             kvstore_base::with_arrays_on_host(&host_ids, |ids| {
@@ -433,19 +463,8 @@ impl DeviceStore {
                 })
             })?;
         }
-        for ((key, out), ids) in gpu_outs.into_iter().zip(gpu_ids) {
-            let ids = NDArray::from_vec(&[ids.len()], ids)?;
-            match gpu_rows_mut(out)? {
-                Some(array) => self.row_sparse_pull_gpu(key.clone(), &mut [array], &[&ids])?,
-                None => {
-                    // A host output: the rows of a host copy of the value.
-                    let picked = self
-                        .gpu_key_on_host(&key)
-                        .and_then(|value| value.retain_rows(&ids.unique_row_ids(value.shape()[0])?))
-                        .map_err(self.at(OP, &key))?;
-                    *out = picked.try_astype(out.dtype())?;
-                }
-            }
+        for ((_, out), result) in gpu_outs.into_iter().zip(results) {
+            *out = result;
         }
         Ok(())
     }
@@ -518,6 +537,12 @@ impl DeviceStore {
         operation: &'static str,
         values: &KeyedValues<'_>,
     ) -> Result<Vec<NDArray>> {
+        if let Some((key, _)) = values.iter().find(|(_, v)| v.device_row_sparse().is_some()) {
+            return Err(self.at(operation, key)(Error::InvalidArgument(format!(
+                "key {key} takes dense values here (it is dense, or receives dense GPU values in \
+                 this call): a row-sparse GPU value cannot be pushed with them"
+            ))));
+        }
         let (host_keys, host_values): (Vec<Key>, Vec<&NDArray>) = values
             .iter()
             .filter(|(_, v)| v.device().is_none())
@@ -565,6 +590,17 @@ impl DeviceStore {
         let split = split_values(values, &gpu_keys, &row_keys);
         let gpu_part = self.checked_gpu_part(operation, &split)?;
         let rows_part = self.checked_rows_part(operation, values, &row_keys)?;
+        // What the row-sparse keys' pushes allocate, before any part of the call runs.
+        let prepared = {
+            let mut state = self.state();
+            rows_part
+                .iter()
+                .map(|push| {
+                    self.prepare_row_sparse_push(&mut state, &push.key, &push.values())
+                        .map_err(self.at(operation, &push.key))
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         if !split.host_keys.is_empty() {
             // Host keys: the host path, row-sparse GPU arrays pushed to them staged.
             let host_part = KeyedValues::new(operation, split.host_keys, split.host_values)?;
@@ -577,8 +613,8 @@ impl DeviceStore {
             )?;
         }
         let mut state = self.state();
-        for push in &rows_part {
-            self.push_row_sparse_locked(&mut state, &push.key, &push.values())
+        for (push, prepared) in rows_part.iter().zip(prepared) {
+            self.apply_row_sparse_push(&mut state, &push.key, &push.values(), prepared)
                 .map_err(self.at(operation, &push.key))?;
         }
         Ok(())
@@ -674,8 +710,10 @@ impl DeviceStore {
         let gpu_keys = self.gpu_bound_keys(values);
         self.check_gpu_outs("pushpull", &gpu_keys, Some(values), outs)?;
         if !self.row_sparse_gpu_keys(values.keys()).is_empty() {
-            // Row-sparse GPU keys: the push, then a pull, which skips row-sparse outputs (as
-            // `local`'s pushpull).
+            // Row-sparse GPU keys: every output checked against its key's values, then the
+            // push, then a pull, which skips row-sparse outputs (as `local`'s pushpull).
+            let every_key: BTreeSet<Key> = values.keys().iter().cloned().collect();
+            self.check_gpu_outs("pushpull", &every_key, Some(values), outs)?;
             self.push_routed("pushpull", values, priority)?;
             return self.pull_routed("pushpull", outs, priority, true);
         }

@@ -334,6 +334,48 @@ fn row_sparse_push_out_of_memory(info: &GpuInfo, optimizer: Option<&OptimizerSpe
     unreachable!("the loop returns")
 }
 
+/// A `row_sparse_pull` through `KVStoreExt` of two keys into row-sparse outputs in GPU memory
+/// (and one on the host), the GPU running out of memory at each allocation in turn, leaves
+/// every output as it was: on `device` (row-sparse GPU keys, gathered on their GPU) and
+/// `local` (staged through the host).
+fn ndarray_row_sparse_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let on_gpu = |a: &NDArray, i: usize| a.to_context(Context::Gpu(dev(info, i)));
+    for (key, seed) in [("e", 1), ("f", 2)] {
+        kv.init(
+            key,
+            &on_gpu(&rsp(40, &(0..40).collect::<Vec<i64>>(), seed)?, 0)?,
+        )?;
+    }
+    let ids = NDArray::from_vec(&[3], vec![39i64, 0, 7])?;
+    let keys = ["e", "f"].map(kvstore_base::Key::from);
+    for allowed in 0i64.. {
+        // Two outputs of `e` on GPUs, one of `f` on the host.
+        let mut outs = vec![
+            vec![
+                on_gpu(&rsp(40, &[2], 5)?, 0)?,
+                on_gpu(&rsp(40, &[3], 6)?, 1)?,
+            ],
+            vec![rsp(40, &[4], 7)?],
+        ];
+        let host_copies = |outs: &[Vec<NDArray>]| {
+            outs.iter()
+                .flatten()
+                .map(|o| o.to_context(Context::Cpu))
+                .collect::<kvstore_base::Result<Vec<_>>>()
+        };
+        let before = host_copies(&outs)?;
+        let result = with_allocations_failing_after(allowed, || {
+            kv.row_sparse_pull(&keys[..], &mut outs, &ids)
+        })?;
+        let after = host_copies(&outs)?;
+        if pull_succeeded(allowed, result, &before, &after)? {
+            return Ok(());
+        }
+    }
+    unreachable!("the loop returns")
+}
+
 /// Whether a pull allowed `allowed` allocations succeeded; an error unless it did with some
 /// allocations, or failed out of memory leaving its outputs as they were (`before`).
 fn pull_succeeded<T: PartialEq>(
@@ -451,6 +493,17 @@ pub fn trials(prefix: &str) -> Vec<Trial> {
         trials.push(Trial::test(
             format!("{prefix}::faults::out_of_memory_in_a_row_sparse_push_changes_nothing_{name}"),
             move || row_sparse_push_out_of_memory(&probe()?, optimizer.as_ref()),
+        ));
+    }
+    for store in ["device", "local"] {
+        trials.push(Trial::test(
+            format!(
+                "{prefix}::faults::out_of_memory_in_a_row_sparse_pull_of_gpu_ndarrays_changes_no_output_{store}"
+            ),
+            move || {
+                let info = probe()?;
+                ndarray_row_sparse_pull_out_of_memory(&*kvstore_base::create(store)?, &info)
+            },
         ));
     }
     trials.push(Trial::test(

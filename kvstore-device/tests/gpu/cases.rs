@@ -297,6 +297,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         row_sparse_optimizer_after_a_full_push,
     ),
     (
+        "ndarray::calls_that_skip_row_sparse_gpu_outputs_leave_them_as_they_were",
+        false,
+        skipped_row_sparse_gpu_outputs,
+    ),
+    (
         "device::a_custom_updater_gets_the_stored_rows_of_a_row_sparse_gpu_key",
         false,
         row_sparse_custom_updater,
@@ -1405,6 +1410,12 @@ fn gpu_row_sparse_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
     // `device` kept the key on a GPU: its GPU call reads it.
     let mut picked = DeviceRowSparse::zeros(&[50, 7], 0)?;
     device.row_sparse_pull_gpu("e", &mut [&mut picked], &[&ids])?;
+    optimizer_results_match(
+        info,
+        &picked.to_host()?.to_vec::<f32>()?,
+        &want.to_vec::<f32>()?,
+        "device: row_sparse_pull_gpu of the key",
+    )?;
     // Two workers each pushing the gradients: the servers sum two of each.
     let doubled = |round: usize| -> Result<Vec<NDArray>, Failed> {
         let mut twice = grads(round)?;
@@ -1421,6 +1432,91 @@ fn gpu_row_sparse_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
     dist::job("dist_device_sync", 2, |kv| {
         run(kv, &want, "dist_device_sync")
     })?;
+    Ok(())
+}
+
+/// `pull`, `pushpull`, `broadcast` and in-place `pushpull` skip row-sparse outputs (MXNet's
+/// `ignore_sparse`): on a GPU, staged or not, they keep their rows, while a dense GPU output
+/// of the same key in the same call receives the value; with `ignore_sparse` false a
+/// row-sparse GPU output receives the stored rows, as `local`'s host output does. On
+/// `local` (staged), `device` (a dense host key, a row-sparse GPU key) and `dist_device_sync`.
+fn skipped_row_sparse_gpu_outputs(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let on_gpu = |a: &NDArray, i: usize| a.to_context(Context::Gpu(dev(info, i)));
+    let held = rsp(50, &[4, 7], 9)?;
+    let rows_of = |a: &NDArray| -> Result<(Vec<i64>, Vec<f32>), Failed> {
+        let host = a.to_context(Context::Cpu)?;
+        let r = host
+            .as_row_sparse()
+            .ok_or_else(|| fail("not row-sparse any more"))?;
+        Ok((r.indices().to_vec(), host.to_vec::<f32>()?))
+    };
+    let check = |kv: &dyn KVStoreBase, what: &str| -> TestResult {
+        let dense = host(&[50, 7], fdata(350, 1));
+        let table = rsp(50, &(0..50).collect::<Vec<i64>>(), 2)?;
+        kv.init("d", &on_gpu(&dense, 0)?)?;
+        kv.init("e", &on_gpu(&table, 0)?)?;
+        let untouched = |out: &NDArray, call: &str| -> TestResult {
+            if rows_of(out)? != rows_of(&held)? {
+                return Err(fail(format!(
+                    "{what}: {call} wrote a row-sparse output it skips"
+                )));
+            }
+            Ok(())
+        };
+        // A dense key: a row-sparse and a dense GPU output.
+        let mut outs = [
+            on_gpu(&held, 0)?,
+            on_gpu(&NDArray::zeros(&[50, 7], DType::F32), 1)?,
+        ];
+        kv.pull("d", &mut outs)?;
+        untouched(&outs[0], "pull")?;
+        if outs[1].to_vec::<f32>()? != dense.to_vec::<f32>()? {
+            return Err(fail(format!(
+                "{what}: the dense output of the pull differs"
+            )));
+        }
+        for key in ["d", "e"] {
+            let mut out = [on_gpu(&held, 1)?];
+            let value = if key == "d" {
+                dense.clone()
+            } else {
+                rsp(50, &[1], 3)?
+            };
+            kv.pushpull(key, &on_gpu(&value, 0)?, &mut out)?;
+            untouched(&out[0], &format!("pushpull of {key}"))?;
+        }
+        let mut out = [on_gpu(&held, 0)?];
+        kv.broadcast("b", &on_gpu(&dense, 0)?, &mut out)?;
+        untouched(&out[0], "broadcast")?;
+        // With ignore_sparse false: the stored rows.
+        let mut out = [on_gpu(&held, 0)?];
+        kv.pull_with_options("e", &mut out, 0, false)?;
+        let mut want = [held.clone()];
+        let reference = create("local")?;
+        reference.init("e", &table)?;
+        reference.pushpull("e", &rsp(50, &[1], 3)?, &mut [held.clone()])?;
+        reference.pull_with_options("e", &mut want, 0, false)?;
+        if rows_of(&out[0])? != rows_of(&want[0])? {
+            return Err(fail(format!(
+                "{what}: a pull with ignore_sparse false wrote other rows than local's"
+            )));
+        }
+        Ok(())
+    };
+    check(&*create("local")?, "local")?;
+    check(&*create("device")?, "device")?;
+    dist::job("dist_device_sync", 1, |kv| check(kv, "dist_device_sync"))?;
+    // In place: the pushed row-sparse GPU values are outputs the pull skips.
+    let kv = create("local")?;
+    kv.init("e", &rsp(50, &[4, 7], 1)?)?;
+    let mut values = [on_gpu(&held, 0)?];
+    kv.pushpull_in_place("e", &mut values)?;
+    if rows_of(&values[0])? != rows_of(&held)? {
+        return Err(fail(
+            "local: an in-place pushpull wrote a row-sparse GPU value",
+        ));
+    }
     Ok(())
 }
 
