@@ -89,7 +89,11 @@
 //!     without momentum) and `adam` under `lazy_update` by [`sparse`]'s row kernels, which
 //!     touch the gradient's rows of the weight and of the states only; any other optimizer,
 //!     `lazy_update` false or a custom updater through the host updater. A key missing rows
-//!     is refused with the counts, as MXNet's optimizers refuse such a weight.
+//!     is refused with the counts, as MXNet's optimizers refuse such a weight. A dense GPU key
+//!     takes row-sparse gradients alike (Gluon's `Embedding(sparse_grad=True)`: a dense weight,
+//!     row-sparse gradients), its optimizer states staying on the GPU even when the host
+//!     updater runs (`lazy_update` false: handed over and back). Row-sparse `NDArray`s in GPU
+//!     memory reach these paths through every `KVStoreBase` call.
 //! - Optimizers on GPU keys: sgd and adam (constant learning rate, no per-key multipliers)
 //!   run as kernels on the merge GPU; any other optimizer or setting, and custom updater
 //!   closures, run through the embedded host store's updater on host copies of the sum and

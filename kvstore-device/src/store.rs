@@ -735,13 +735,15 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// Pushes row-sparse GPU values to a row-sparse key (MXNet's `CommDevice` reduce of
-    /// `row_sparse` values, then its updater). Their sum is the first value's rows then each
-    /// other value's rows added in order (the rows of the values on other GPUs are copied to
-    /// the key's merge GPU first), as the `local` store sums row-sparse values. Then, as MXNet:
+    /// Pushes row-sparse GPU values to a GPU key (MXNet's `CommDevice` reduce of `row_sparse`
+    /// values, then its updater): a row-sparse key, or a dense one (a row-sparse gradient of a
+    /// dense weight, as Gluon's `Embedding(sparse_grad=True)` makes). Their sum is the first
+    /// value's rows then each other value's rows added in order (the rows of the values on
+    /// other GPUs are copied to the key's merge GPU first), as the `local` store sums
+    /// row-sparse values. Then, as MXNet:
     ///
     /// - without an optimizer or updater, the sum becomes the stored value (its rows; the
-    ///   others are zeros);
+    ///   others are zeros, and a dense key holds it dense);
     /// - with `sgd` (momentum or not) or `adam` under `lazy_update` (the default), the
     ///   optimizer's row kernels update the gradient's rows of the weight and of its states on
     ///   the merge GPU, and only those ([`ROW_KERNELS`](crate::sparse::ROW_KERNELS): the
@@ -755,9 +757,10 @@ impl DeviceStore {
     /// require of a row-sparse weight.
     ///
     /// # Errors
-    /// [`Error::KeyNotInitialized`]; a dense key; shape mismatches; an empty list; an
-    /// optimizer or updater on a value missing rows (with the counts); gradient compression
-    /// (MXNet: not supported for row_sparse values); [`Error::Device`].
+    /// [`Error::KeyNotInitialized`]; shape mismatches; an empty list; an optimizer on a
+    /// row-sparse value missing rows (with the counts); gradient compression (MXNet: not
+    /// supported for row_sparse values); the `nccl` store (MXNet's takes no sparse values);
+    /// [`Error::Device`].
     pub fn push_gpu_row_sparse(
         &self,
         key: impl Into<Key>,
@@ -808,14 +811,19 @@ impl DeviceStore {
             [_, _, ..] if update.takes_sum() => Some(sum_rows(&here, dev)?),
             _ => None,
         };
-        if let Some(opt) = update.kernels().filter(|opt| opt.updates_rows_lazily()) {
+        // A kernel optimizer's states live on the GPU: its row kernels use them, and so does
+        // the host updater for a dense key under `lazy_update` false (handed over and back).
+        if let Some(opt) = update.kernels() {
             let GpuEntry {
                 shape,
+                row_sparse,
                 state: states,
                 loaded_state,
                 ..
             } = entry;
-            reserve_states(gpu, opt, shape, states, loaded_state)?;
+            if opt.updates_rows_lazily() || !*row_sparse {
+                reserve_states(gpu, opt, shape, states, loaded_state)?;
+            }
         }
         Ok(PreparedRows {
             dev,
@@ -846,11 +854,13 @@ impl DeviceStore {
         let entry = keys.get_mut(key).expect("prepared above");
         let GpuEntry {
             shape,
+            row_sparse,
             stored,
             stored_ids,
             state: states,
             ..
         } = entry;
+        let row_sparse = *row_sparse;
         let stored = stored.as_mut().expect("placed keys hold their value");
         let queued = (|| match &update {
             Update::Store => {
@@ -871,14 +881,16 @@ impl DeviceStore {
                         )?;
                     }
                 }
-                let union = union_of_rows(&here);
-                *stored_ids = (union.len() < shape[0]).then_some(union);
+                if row_sparse {
+                    let union = union_of_rows(&here);
+                    *stored_ids = (union.len() < shape[0]).then_some(union);
+                }
                 Ok(())
             }
             _ => {
                 let grad = summed.as_ref().unwrap_or(here[0]);
-                match update.kernels().filter(|opt| opt.updates_rows_lazily()) {
-                    Some(opt) => {
+                match update.kernels() {
+                    Some(opt) if opt.updates_rows_lazily() => {
                         if states.len() < opt.state_len() {
                             return Err(unreserved());
                         }
@@ -886,7 +898,14 @@ impl DeviceStore {
                         *t += 1;
                         opt.step_rows(gpu, *t, &mut stored.data, grad, states)
                     }
-                    None => self.host_update_rows(key, stored, stored_ids, grad),
+                    // `lazy_update` false on a dense key: MXNet's standard sparse update, by
+                    // the host updater, with the key's GPU states.
+                    Some(opt) if !row_sparse => {
+                        let grad = grad.to_host()?;
+                        self.update_on_host_with_gpu_states(key, opt, &grad, stored, states, counts)
+                    }
+                    _ if row_sparse => self.host_update_rows(key, stored, stored_ids, grad),
+                    _ => self.update_dense_on_host(key, &grad.to_host()?, stored),
                 }
             }
         })();
@@ -904,10 +923,10 @@ impl DeviceStore {
         values: &[&DeviceRowSparse],
     ) -> Result<Update> {
         let entry = state.keys.get(key).ok_or(Error::KeyNotInitialized)?;
-        if !entry.row_sparse {
-            return Err(Error::InvalidArgument(format!(
-                "key {key} is dense: push DeviceArray values (push_gpu)"
-            )));
+        if self.engine == Engine::Nccl {
+            return Err(Error::InvalidArgument(
+                "NCCL KVStore does not support sparse storage type".into(),
+            ));
         }
         check_pushed_shapes(
             key,
@@ -1352,13 +1371,74 @@ impl DeviceStore {
     /// back (the stored value is unchanged when the updater fails).
     fn host_update(&self, key: &Key, stored: &mut DeviceArray, sum: &CudaSlice<f32>) -> Result<()> {
         let grad = NDArray::from_vec(stored.shape(), crate::gpu::download(sum)?)?;
+        self.update_dense_on_host(key, &grad, stored)
+    }
+
+    /// The host updater's step of the dense GPU weight `stored` with the host gradient `grad`
+    /// (dense, or row-sparse: applied as `local` applies it, lazily or not by the optimizer's
+    /// `lazy_update`), on a host copy written back.
+    fn update_dense_on_host(
+        &self,
+        key: &Key,
+        grad: &NDArray,
+        stored: &mut DeviceArray,
+    ) -> Result<()> {
         let mut weight = stored.to_host()?;
-        if !self.local.run_updater(key, &grad, &mut weight)? {
+        if !self.local.run_updater(key, grad, &mut weight)? {
             return Err(Error::Device(
                 "the store's updater disappeared during a push".into(),
             ));
         }
         stored.copy_from_host(&weight)
+    }
+
+    /// [`update_dense_on_host`](DeviceStore::update_dense_on_host) of a key whose optimizer
+    /// state lives on its GPU (`opt`'s kernels update it otherwise): its GPU states and update
+    /// count are handed to the host updater first and taken back after, so that one state
+    /// serves every push and every state file.
+    fn update_on_host_with_gpu_states(
+        &self,
+        key: &Key,
+        opt: &GpuOptimizer,
+        grad: &NDArray,
+        stored: &mut DeviceArray,
+        states: &mut [CudaSlice<f32>],
+        counts: &mut Counts,
+    ) -> Result<()> {
+        if states.len() < opt.state_len() {
+            return Err(unreserved());
+        }
+        let shape = stored.shape().to_vec();
+        let arrays = states
+            .iter()
+            .map(|s| NDArray::from_vec(&shape, crate::gpu::download(s)?))
+            .collect::<Result<Vec<_>>>()?;
+        let count = counts.get(key).copied().unwrap_or(0);
+        let no_updater = || Error::Device("the store's updater disappeared during a push".into());
+        self.local.with_optimizer_updater(|updater| {
+            updater
+                .ok_or_else(no_updater)?
+                .set_key_state(key, arrays, count)
+        })?;
+        self.update_dense_on_host(key, grad, stored)?;
+        let (arrays, count) = self.local.with_optimizer_updater(|updater| {
+            let updater = updater.ok_or_else(no_updater)?;
+            let arrays = updater
+                .state_arrays(key)
+                .ok_or_else(no_updater)?
+                .iter()
+                .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
+                .collect::<Result<Vec<_>>>()?;
+            Ok::<_, Error>((arrays, updater.update_count(key).unwrap_or(0)))
+        })?;
+        let gpu = Runtime::get()?.gpu(stored.ordinal())?;
+        for (state, host) in states.iter_mut().zip(&arrays) {
+            gpu.stream
+                .memcpy_htod(&host[..], state)
+                .map_err(cuda("copy to GPU"))?;
+        }
+        counts.insert(key.clone(), count);
+        Ok(())
     }
 
     /// [`host_update`](DeviceStore::host_update) of a row-sparse GPU key: the host updater

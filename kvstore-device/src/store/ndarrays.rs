@@ -585,7 +585,7 @@ impl DeviceStore {
         values: &KeyedValues<'_>,
         priority: i32,
     ) -> Result<()> {
-        let row_keys = self.row_sparse_gpu_keys(values.keys());
+        let row_keys = self.rows_bound_keys(values);
         let gpu_keys = self.gpu_bound_keys(values);
         let split = split_values(values, &gpu_keys, &row_keys);
         let gpu_part = self.checked_gpu_part(operation, &split)?;
@@ -620,12 +620,20 @@ impl DeviceStore {
         Ok(())
     }
 
-    /// The GPU keys among `keys` that are row-sparse.
-    fn row_sparse_gpu_keys(&self, keys: &[Key]) -> BTreeSet<Key> {
+    /// The GPU keys of `values` pushed through the row-sparse path: the row-sparse ones, and
+    /// the dense ones that receive row-sparse values (a row-sparse gradient of a dense weight,
+    /// Gluon's `Embedding(sparse_grad=True)`).
+    fn rows_bound_keys(&self, values: &KeyedValues<'_>) -> BTreeSet<Key> {
         let state = self.state();
-        keys.iter()
-            .filter(|k| state.keys.get(*k).is_some_and(|e| e.row_sparse))
-            .cloned()
+        values
+            .iter()
+            .filter(|(k, v)| {
+                state
+                    .keys
+                    .get(*k)
+                    .is_some_and(|e| e.row_sparse || v.storage_type() == StorageType::RowSparse)
+            })
+            .map(|(k, _)| k.clone())
             .collect()
     }
 
@@ -654,7 +662,9 @@ impl DeviceStore {
                 let value: &'v NDArray = values.values()[p];
                 if value.storage_type() != StorageType::RowSparse {
                     return Err(at()(Error::InvalidArgument(format!(
-                        "row-sparse GPU key {} takes row-sparse values, got a dense one",
+                        "GPU key {} receives row-sparse values in this call: every value of a \
+                         key in one call is row-sparse (a row-sparse key takes only those), got \
+                         a dense one",
                         group.key
                     ))));
                 }
@@ -709,9 +719,9 @@ impl DeviceStore {
         outs.check_against("pushpull", values)?;
         let gpu_keys = self.gpu_bound_keys(values);
         self.check_gpu_outs("pushpull", &gpu_keys, Some(values), outs)?;
-        if !self.row_sparse_gpu_keys(values.keys()).is_empty() {
-            // Row-sparse GPU keys: every output checked against its key's values, then the
-            // push, then a pull, which skips row-sparse outputs (as `local`'s pushpull).
+        if !self.rows_bound_keys(values).is_empty() {
+            // Row-sparse pushes to GPU keys: every output checked against its key's values,
+            // then the push, then a pull, which skips row-sparse outputs (as `local`'s).
             let every_key: BTreeSet<Key> = values.keys().iter().cloned().collect();
             self.check_gpu_outs("pushpull", &every_key, Some(values), outs)?;
             self.push_routed("pushpull", values, priority)?;
