@@ -240,8 +240,9 @@ pub struct InitMeta {
     pub dtype: DType,
     /// Elements in this part.
     pub elements: u64,
-    /// Elements per row for a part of whole rows of a row-sparse key (the server keeps it as
-    /// `[elements / row_len, row_len]` and takes row-sparse pushes); 0 for a flat part.
+    /// Elements per row for a part of whole rows (of a row-sparse key, or of a dense key of
+    /// two or more dimensions: the server keeps it as `[elements / row_len, row_len]` and takes
+    /// row-sparse pushes); 0 for a flat part (a 1-D dense key).
     pub row_len: u64,
     /// The user's key (the server runs the optimizer under this key).
     pub key: Key,

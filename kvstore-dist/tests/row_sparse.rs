@@ -445,10 +445,7 @@ fn a_server_answers_malformed_row_messages_with_errors_and_goes_on() {
         send(protocol::CMD_PUSH, key, rows_flag, &payload)
     };
     let flat = remote_message(push(9, &[1], &[1.0, 1.0]));
-    assert!(
-        flat.contains("not initialised with a row-sparse value"),
-        "{flat}"
-    );
+    assert!(flat.contains("not kept by rows"), "{flat}");
     let unsorted = remote_message(push(10, &[3, 1], &[1.0; 4]));
     assert!(unsorted.contains("strictly increasing"), "{unsorted}");
     let outside = remote_message(push(10, &[4], &[1.0; 2]));
@@ -555,4 +552,188 @@ fn a_pushpull_of_rows_of_a_big_key_answers_the_whole_value() {
     assert_eq!(out[0].0, 0.0);
     assert_eq!(out[0].1, 1.0);
     assert_eq!(out[0].2, rows * row_len);
+}
+
+/// Every element of the key, pulled dense.
+fn pull_dense(kv: &dyn KVStoreBase) -> Vec<f32> {
+    let mut out = NDArray::zeros(&SHAPE, DType::F32);
+    kv.pull(KEY, &mut out).unwrap();
+    out.to_vec::<f32>().unwrap()
+}
+
+/// The key initialised dense (a weight of Gluon's `Embedding(sparse_grad=True)`), pushed the
+/// row-sparse gradients of [`pushed_rows`] on 2 workers of a `dist_sync` job of 2 servers
+/// (its rows split between them), and on `local`: the values after the rounds.
+fn dense_weight_dist_and_local(optimizer: OptimizerSpec) -> (Vec<f32>, Vec<f32>) {
+    let on_dist = {
+        let optimizer = optimizer.clone();
+        run_with("dist_sync", 2, 2, &SPLIT, move |rank, kv| {
+            kv.init(KEY, &weight().to_dense()).unwrap();
+            kv.set_optimizer(&optimizer).unwrap();
+            let mut seen = Vec::new();
+            for round in 0..3 {
+                kv.push(KEY, &grad(&pushed_rows(rank, round), round as f32 + 1.0))
+                    .unwrap();
+                seen = pull_dense(kv);
+            }
+            seen
+        })
+    };
+    assert_eq!(on_dist[0], on_dist[1], "both workers pull the same values");
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &weight().to_dense()).unwrap();
+    local.set_optimizer(&optimizer).unwrap();
+    for round in 0..3 {
+        let scale = round as f32 + 1.0;
+        let grads = [0, 1].map(|rank| grad(&pushed_rows(rank, round), scale));
+        local.push(KEY, &grads[..]).unwrap();
+    }
+    (on_dist[0].clone(), pull_dense(&*local))
+}
+
+#[test]
+fn row_sparse_gradients_of_a_dense_weight_update_it_lazily_as_local_does() {
+    // MXNet's servers apply a row-sparse gradient of a dense weight lazily, as its `local`
+    // store does: rows no gradient holds keep their value.
+    for optimizer in [
+        OptimizerSpec::new("sgd")
+            .with("learning_rate", 0.1)
+            .with("momentum", 0.9)
+            .with("wd", 0.01),
+        OptimizerSpec::new("adam").with("learning_rate", 0.05),
+    ] {
+        let (dist, local) = dense_weight_dist_and_local(optimizer.clone());
+        assert_eq!(dist, local, "{optimizer:?}");
+        let start = weight().to_dense().to_vec::<f32>().unwrap();
+        for r in NEVER_PUSHED {
+            assert_eq!(row(&dist, r), row(&start, r), "row {r} was never pushed");
+        }
+    }
+    // Under `lazy_update` false every row moves, as on `local`.
+    let standard = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9)
+        .with("wd", 0.01)
+        .with("lazy_update", false);
+    let (dist, local) = dense_weight_dist_and_local(standard);
+    assert_eq!(dist, local);
+    let start = weight().to_dense().to_vec::<f32>().unwrap();
+    assert_ne!(row(&dist, 0), row(&start, 0));
+}
+
+#[test]
+fn a_row_sparse_gradient_of_a_dense_weight_sends_its_rows_only() {
+    let (rows, row_len) = (4096usize, 64usize);
+    let sent = run_tweaked(
+        1,
+        1,
+        |c| c.shm = false,
+        move |kv| {
+            let shape = [rows, row_len];
+            kv.init(KEY, &NDArray::ones(&shape, DType::F32)).unwrap();
+            kv.set_optimizer(
+                &OptimizerSpec::new("sgd")
+                    .with("learning_rate", 0.1)
+                    .with("wd", 0.1),
+            )
+            .unwrap();
+            let one_row = NDArray::full(&[1, row_len], 1.0, DType::F32);
+            let g = NDArray::row_sparse(&shape, vec![7], &one_row).unwrap();
+            let before = kv.bytes_sent();
+            kv.push(KEY, &g).unwrap();
+            let sent = kv.bytes_sent() - before;
+            let mut out = NDArray::zeros(&shape, DType::F32);
+            kv.pull(KEY, &mut out).unwrap();
+            let values = out.to_vec::<f32>().unwrap();
+            (sent, values[7 * row_len], values[0])
+        },
+    );
+    let (sparse, row7, row0) = sent[0];
+    assert!(
+        sparse < 64 * 4 + 128,
+        "a push of one row sent {sparse} bytes"
+    );
+    // Row 7: 1 - 0.1 * (0.1 * 1 + 1); row 0, never pushed, unchanged (lazy).
+    assert_eq!((row7, row0), (0.89, 1.0));
+}
+
+#[test]
+fn mxnet_lazy_sgd_of_a_dense_weight_on_the_servers() {
+    // MXNet 1.9.1's `local` store: ones of (4, 2), sgd lr 0.1 wd 0.1, row 1 pushed +0.5 and
+    // -0.5 (cancelling), row 2 pushed 1.0: [1, 0.99, 0.89, 1] per row. Two workers push
+    // one value each, over 2 servers.
+    let pulled = run_with(
+        "dist_sync",
+        2,
+        2,
+        &[("MXNET_KVSTORE_BIGARRAY_BOUND", "4")],
+        |rank, kv| {
+            kv.init(KEY, &NDArray::ones(&[4, 2], DType::F32)).unwrap();
+            kv.set_optimizer(
+                &OptimizerSpec::new("sgd")
+                    .with("learning_rate", 0.1)
+                    .with("wd", 0.1),
+            )
+            .unwrap();
+            let (ids, values) = match rank {
+                0 => (vec![1, 2], vec![0.5f32, 0.5, 1.0, 1.0]),
+                _ => (vec![1], vec![-0.5f32, -0.5]),
+            };
+            let data = NDArray::from_vec(&[ids.len(), 2], values).unwrap();
+            kv.push(KEY, &NDArray::row_sparse(&[4, 2], ids, &data).unwrap())
+                .unwrap();
+            let mut out = NDArray::zeros(&[4, 2], DType::F32);
+            kv.pull(KEY, &mut out).unwrap();
+            out.to_vec::<f32>().unwrap()
+        },
+    );
+    for p in pulled {
+        assert_eq!(p, [1.0, 1.0, 0.99, 0.99, 0.89, 0.89, 1.0, 1.0]);
+    }
+}
+
+#[test]
+fn groupadagrad_runs_on_the_servers_for_dense_2d_keys() {
+    // The servers keep a dense key of two dimensions by rows too: row-wise AdaGrad runs there,
+    // with dense and row-sparse gradients, as on `local`, its history joined from the servers.
+    let spec = OptimizerSpec::new("groupadagrad").with("learning_rate", 0.1);
+    let sparse = |rank: usize| {
+        let rows = NDArray::full(&[2, 4], rank as f64 + 0.5, DType::F32);
+        NDArray::row_sparse(&[6, 4], vec![rank as i64, 4], &rows).unwrap()
+    };
+    let dense = |rank: usize| NDArray::full(&[6, 4], rank as f64 - 0.25, DType::F32);
+    let read = |kv: &dyn KVStoreBase| {
+        let mut out = NDArray::zeros(&[6, 4], DType::F32);
+        kv.pull(KEY, &mut out).unwrap();
+        out.to_vec::<f32>().unwrap()
+    };
+    let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "8")];
+    let dir = std::env::temp_dir().join(format!("kvstore-dist-rows-gd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (from_dist, from_local) = (dir.join("dist"), dir.join("local"));
+    let on_dist = {
+        let (spec, path) = (spec.clone(), from_dist.clone());
+        run_with("dist_sync", 2, 2, &bound, move |rank, kv| {
+            kv.init(KEY, &NDArray::ones(&[6, 4], DType::F32)).unwrap();
+            kv.set_optimizer(&spec).unwrap();
+            kv.push(KEY, &sparse(rank)).unwrap();
+            kv.push(KEY, &dense(rank)).unwrap();
+            let seen = read(kv);
+            save_between_barriers(kv, rank, &path);
+            seen
+        })
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local
+        .init(KEY, &NDArray::ones(&[6, 4], DType::F32))
+        .unwrap();
+    local.set_optimizer(&spec).unwrap();
+    local.push(KEY, &[sparse(0), sparse(1)][..]).unwrap();
+    local.push(KEY, &[dense(0), dense(1)][..]).unwrap();
+    local.save_optimizer_states(&from_local, true).unwrap();
+    assert_eq!(on_dist[0], read(&*local));
+    let (on_dist, on_local) = (key_states(&from_dist), key_states(&from_local));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(on_dist.0.is_some(), "a history");
+    assert_eq!(on_dist, on_local);
 }

@@ -362,10 +362,11 @@ impl Core {
         rank0: &InitMeta,
         part: u64,
     ) -> Option<String> {
-        // How a part is kept: flat, or as rows (a row-sparse key).
+        // How a part is kept: flat, or as rows (a row-sparse key, or a dense one of two or
+        // more dimensions).
         let layout = |m: &InitMeta| match m.row_len {
             0 => String::new(),
-            len => format!(" in row-sparse rows of {len}"),
+            len => format!(" in rows of {len}"),
         };
         (meta != rank0).then(|| {
             format!(
@@ -602,8 +603,8 @@ impl Core {
         let value = e.value.as_ref().expect("checked by check_push");
         if e.meta.row_len == 0 {
             return Err(format!(
-                "push of {what}: a row-sparse push, but the key was not initialised with a \
-                 row-sparse value (server {} keeps it flat)",
+                "push of {what}: a row-sparse push, but the key is not kept by rows (server {} \
+                 keeps it flat: a 1-D dense key, or one whose rows have no elements)",
                 self.rank
             ));
         }
@@ -747,15 +748,22 @@ impl Core {
             e.round_started = Some(Instant::now());
         }
         e.pushed[waiter.rank as usize] = true;
-        if !matches!(waiter.wants, Wants::Ack) {
-            e.waiters.push(waiter);
-        } else {
-            // A push returns once merged, as MXNet's does not block its caller; the worker's
-            // next pull of the key waits for the round instead (see `pull_part`).
-            waiter.answer.ok(&[]);
-        }
+        // A push returns once merged, as MXNet's does not block its caller; the worker's next
+        // pull of the key waits for the round instead (see `pull_part`). The round's last push
+        // returns once the round is complete (updated): what a worker reads from the server
+        // after every worker's push returned (a state file saved after a barrier) includes it.
+        let ack = match waiter.wants {
+            Wants::Ack => Some(waiter.answer),
+            _ => {
+                e.waiters.push(waiter);
+                None
+            }
+        };
         if e.pushed.iter().all(|&p| p) {
             self.complete_round(e, what);
+        }
+        if let Some(answer) = ack {
+            answer.ok(&[]);
         }
     }
 

@@ -29,8 +29,10 @@ pub(crate) struct KeyMeta {
     pub shape: Vec<usize>,
     /// Whether it was initialised with a row-sparse value (`row_sparse_pull` needs that).
     pub row_sparse: bool,
-    /// Elements per row when the parts hold whole rows (a row-sparse key whose rows have
-    /// elements): the servers then take row-sparse pushes.
+    /// Elements per row when the parts hold whole rows (a row-sparse key, or a dense one of
+    /// two or more dimensions, whose rows have elements): the servers then take row-sparse
+    /// pushes (a row-sparse gradient of a dense weight, Gluon's
+    /// `Embedding(sparse_grad=True)`, applied lazily as MXNet's servers apply it).
     pub row_len: Option<usize>,
     pub parts: Vec<Part>,
     /// Buffers that pulled parts are received into, reused from call to call.
@@ -50,7 +52,7 @@ impl KeyMeta {
         let row_len = shape
             .split_first()
             .map(|(_, rest)| rest.iter().product::<usize>())
-            .filter(|&len| row_sparse && len > 0);
+            .filter(|&len| (row_sparse || shape.len() >= 2) && len > 0);
         let placement = match row_len {
             Some(len) => place_rows(wire as i64, shape[0], len, servers, bigarray_bound),
             None => place(wire as i64, value.size(), servers, bigarray_bound),
