@@ -249,6 +249,7 @@ impl Tensor {
             dtype: self.dtype,
             elements: self.parts[i].elements.len() as u64,
             row_len: 0,
+            row_sparse: false,
             key,
         }
     }

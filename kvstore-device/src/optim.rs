@@ -242,7 +242,7 @@ fn unsupported(what: String) -> Error {
 pub(crate) type Counts = BTreeMap<Key, u64>;
 
 /// What a push does with the sum of a GPU key's values.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(crate) enum Update {
     /// No optimizer or updater: the sum becomes the stored value.
     Store,

@@ -848,6 +848,13 @@ impl DeviceStore {
             moved,
             summed,
         } = prepared;
+        // The setting the push was prepared for must still hold (a `set_optimizer` on another
+        // thread in between would find buffers reserved for another update).
+        if Update::for_setting(state.optimizer.as_ref(), state.custom_updater) != update {
+            return Err(Error::InvalidArgument(
+                "the optimizer or updater changed while the push was under way: push again".into(),
+            ));
+        }
         let gpu = Runtime::get()?.gpu(dev)?;
         let here = on_merge_gpu(values, &moved);
         let GpuState { keys, counts, .. } = state;
@@ -1383,13 +1390,20 @@ impl DeviceStore {
         grad: &NDArray,
         stored: &mut DeviceArray,
     ) -> Result<()> {
+        let weight = self.updated_on_host(key, grad, stored)?;
+        stored.copy_from_host(&weight)
+    }
+
+    /// A host copy of the dense GPU weight `stored` after the host updater's step with `grad`
+    /// (the GPU copy unchanged).
+    fn updated_on_host(&self, key: &Key, grad: &NDArray, stored: &DeviceArray) -> Result<NDArray> {
         let mut weight = stored.to_host()?;
         if !self.local.run_updater(key, grad, &mut weight)? {
             return Err(Error::Device(
                 "the store's updater disappeared during a push".into(),
             ));
         }
-        stored.copy_from_host(&weight)
+        Ok(weight)
     }
 
     /// [`update_dense_on_host`](DeviceStore::update_dense_on_host) of a key whose optimizer
@@ -1420,7 +1434,7 @@ impl DeviceStore {
                 .ok_or_else(no_updater)?
                 .set_key_state(key, arrays, count)
         })?;
-        self.update_dense_on_host(key, grad, stored)?;
+        let weight = self.updated_on_host(key, grad, stored)?;
         let (arrays, count) = self.local.with_optimizer_updater(|updater| {
             let updater = updater.ok_or_else(no_updater)?;
             let arrays = updater
@@ -1431,12 +1445,15 @@ impl DeviceStore {
                 .collect::<Result<Vec<_>>>()?;
             Ok::<_, Error>((arrays, updater.update_count(key).unwrap_or(0)))
         })?;
+        // The states first, then the weight, then the count: a copy failing part-way leaves
+        // the weight and the count as they were.
         let gpu = Runtime::get()?.gpu(stored.ordinal())?;
         for (state, host) in states.iter_mut().zip(&arrays) {
             gpu.stream
                 .memcpy_htod(&host[..], state)
                 .map_err(cuda("copy to GPU"))?;
         }
+        stored.copy_from_host(&weight)?;
         counts.insert(key.clone(), count);
         Ok(())
     }

@@ -53,7 +53,8 @@
 //! - [`cluster`], [`scheduler`], [`node`]: ps-lite's node ids and ranks, registration,
 //!   barriers, heartbeats and liveness; every wait bounded, lost nodes named.
 //! - [`placement`]: MXNet's key placement (hash of the key for small values, an even split
-//!   across all servers at or above `MXNET_KVSTORE_BIGARRAY_BOUND` elements).
+//!   across all servers at or above `MXNET_KVSTORE_BIGARRAY_BOUND` elements, between rows for
+//!   row-sparse keys and, where that keeps the balance, dense ones).
 //! - [`server`]: [`ParamServer`], the server role.
 //! - [`shm`]: same-host shared-memory regions between a worker and a server; [`shm::Link`]
 //!   and [`shm::Lease`] let another worker store move big messages through them.

@@ -10,7 +10,8 @@
 //!   `round(n / S * (i + 1)) - round(n / S * i)` elements (division in `f64`, rounding half away
 //!   from zero, as MXNet does), so every server stores and updates only its part. A row-sparse
 //!   key's value is split the same way in whole rows ([`place_rows`], MXNet's
-//!   `EncodeRowSparseKey`).
+//!   `EncodeRowSparseKey`). A dense key is kept in whole rows too where that costs no balance
+//!   ([`place_dense`]), so that the servers can apply row-sparse gradients to it.
 
 use std::ops::Range;
 
@@ -85,6 +86,50 @@ pub fn place_rows(
     place_units(key, rows, row_len, servers, bigarray_bound)
 }
 
+/// Where a dense `key` of `rows` rows of `row_len` elements lives, and whether its parts hold
+/// whole rows (the servers then keep it by rows and apply a row-sparse gradient to it lazily,
+/// as MXNet's servers do): [`place`] when its cuts fall between rows (always for a key that is
+/// not split, and for 1-D keys); else [`place_rows`] when its largest part is at most a tenth
+/// larger than [`place`]'s (a key of many rows); else [`place`], flat (a wide key of few rows,
+/// which cutting between rows would leave unbalanced).
+///
+/// ```
+/// use kvstore_dist::placement::{place, place_dense};
+/// // 100,000 rows of 64 over 3 servers: element cuts fall inside rows, row cuts balance.
+/// let (embedding, by_rows) = place_dense(3, 100_000, 64, 3, 1_000_000);
+/// assert!(by_rows && embedding.parts[1].1.len() % 64 == 0);
+/// // 2 rows of 1,000,000 over 4 servers: cutting between rows would idle two servers.
+/// let (wide, by_rows) = place_dense(3, 2, 1_000_000, 4, 1_000_000);
+/// assert!(!by_rows && wide == place(3, 2_000_000, 4, 1_000_000));
+/// ```
+///
+/// # Panics
+/// If `servers` is 0.
+pub fn place_dense(
+    key: i64,
+    rows: usize,
+    row_len: usize,
+    servers: usize,
+    bigarray_bound: usize,
+) -> (Placement, bool) {
+    let by_elements = place(key, rows.saturating_mul(row_len), servers, bigarray_bound);
+    let cut_between_rows = row_len > 0
+        && by_elements
+            .parts
+            .iter()
+            .all(|(_, range)| range.start % row_len == 0);
+    if cut_between_rows {
+        return (by_elements, true);
+    }
+    let by_rows = place_rows(key, rows, row_len, servers, bigarray_bound);
+    let largest = |p: &Placement| p.parts.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+    let balanced = largest(&by_rows).saturating_mul(10) <= largest(&by_elements).saturating_mul(11);
+    match balanced {
+        true => (by_rows, true),
+        false => (by_elements, false),
+    }
+}
+
 /// [`place`] of `units` units of `unit` elements each, cut between units.
 fn place_units(
     key: i64,
@@ -117,6 +162,26 @@ fn place_units(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dense_keys_are_kept_by_rows_where_that_keeps_the_balance() {
+        // Unsplit, 1-D, and split where element cuts fall between rows: MXNet's placement.
+        for (rows, row_len, servers) in [(4usize, 2usize, 3usize), (10, 1, 3), (1000, 64, 2)] {
+            let (p, by_rows) = place_dense(5, rows, row_len, servers, 100);
+            assert!(by_rows, "{rows} x {row_len}");
+            assert_eq!(p, place(5, rows * row_len, servers, 100));
+        }
+        // Element cuts inside rows: row cuts when balanced.
+        let (p, by_rows) = place_dense(5, 1000, 64, 3, 100);
+        assert!(by_rows);
+        assert_eq!(p, place_rows(5, 1000, 64, 3, 100));
+        // Few wide rows: flat.
+        for (rows, servers) in [(1usize, 2usize), (3, 2), (10, 4)] {
+            let (p, by_rows) = place_dense(5, rows, 1_000_001, servers, 100);
+            assert!(!by_rows, "{rows} rows on {servers} servers");
+            assert_eq!(p, place(5, rows * 1_000_001, servers, 100));
+        }
+    }
 
     #[test]
     fn small_keys_hash_like_mxnet_where_mxnet_does_not_overflow() {

@@ -38,8 +38,10 @@
 //! # Row-sparse keys
 //!
 //! A key initialised with a row-sparse value is placed by whole rows (MXNet's
-//! `EncodeRowSparseKey`, see [`placement::place_rows`](crate::placement::place_rows)); its
-//! parts are declared with their row length ([`InitMeta::row_len`]) and the server keeps them
+//! `EncodeRowSparseKey`, see [`placement::place_rows`](crate::placement::place_rows)), and a
+//! dense key too where that keeps the balance
+//! ([`placement::place_dense`](crate::placement::place_dense)); their parts are declared with
+//! their row length ([`InitMeta::row_len`]) and the server keeps them
 //! as `[rows, row_len]` arrays. A push (or pushpull) of row-sparse values to such a key
 //! carries only the rows present in the worker's sum ([`FLAG_ROW_SPARSE`], [`RowsPush`]): the server merges
 //! the round's rows (their union) and hands the optimizer a row-sparse gradient, which the
@@ -232,18 +234,21 @@ pub struct Hello {
 }
 
 /// What every worker tells a server about one part of a key at `init`; rank 0 appends the
-/// data. Encoded as `dtype u32, elements u64, row_len u64, key kind u8 (0 int, 1 str), name
-/// length u32, name bytes` (little-endian).
+/// data. Encoded as `dtype u32, elements u64, row_len u64, kind u8, name length u32, name
+/// bytes` (little-endian), where `kind` is the key's kind (bit 0: 0 int, 1 str) and its storage
+/// type (bit 1: row-sparse).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitMeta {
     /// Element type.
     pub dtype: DType,
     /// Elements in this part.
     pub elements: u64,
-    /// Elements per row for a part of whole rows (of a row-sparse key, or of a dense key of
-    /// two or more dimensions: the server keeps it as `[elements / row_len, row_len]` and takes
-    /// row-sparse pushes); 0 for a flat part (a 1-D dense key).
+    /// Elements per row for a part of whole rows (of a row-sparse key, or of a dense key placed
+    /// in whole rows: the server keeps it as `[elements / row_len, row_len]` and takes
+    /// row-sparse pushes); 0 for a flat part.
     pub row_len: u64,
+    /// Whether the key was initialised row-sparse (every worker must init it alike).
+    pub row_sparse: bool,
     /// The user's key (the server runs the optimizer under this key).
     pub key: Key,
 }
@@ -259,7 +264,7 @@ impl InitMeta {
             Key::Int(k) => (0u8, k.to_string()),
             Key::Str(s) => (1u8, s.to_string()),
         };
-        out.push(kind);
+        out.push(kind | (u8::from(self.row_sparse) << 1));
         out.extend_from_slice(&(name.len() as u32).to_le_bytes());
         out.extend_from_slice(name.as_bytes());
         out
@@ -288,7 +293,8 @@ impl InitMeta {
                  to address"
             ));
         }
-        let kind = take(20, 1)?[0];
+        let kind_and_storage = take(20, 1)?[0];
+        let (kind, row_sparse) = (kind_and_storage & !2, kind_and_storage & 2 != 0);
         let len = u32::from_le_bytes(take(21, 4)?.try_into().expect("4 bytes")) as usize;
         let name =
             std::str::from_utf8(take(25, len)?).map_err(|_| "key name is not UTF-8".to_string())?;
@@ -305,6 +311,7 @@ impl InitMeta {
                 dtype,
                 elements,
                 row_len,
+                row_sparse,
                 key,
             },
             &bytes[25 + len..],
@@ -621,11 +628,12 @@ mod tests {
 
     #[test]
     fn init_meta_round_trips_with_trailing_data() {
-        for key in [Key::Int(-7), Key::from("layer1.weight")] {
+        for (key, row_sparse) in [(Key::Int(-7), false), (Key::from("layer1.weight"), true)] {
             let meta = InitMeta {
                 dtype: DType::F16,
                 elements: 1 << 33,
                 row_len: 1 << 10,
+                row_sparse,
                 key,
             };
             let mut bytes = meta.encode();
@@ -639,6 +647,7 @@ mod tests {
             dtype: DType::F32,
             elements: 10,
             row_len: 4,
+            row_sparse: true,
             key: Key::Int(1),
         };
         assert!(InitMeta::decode(&ragged.encode())

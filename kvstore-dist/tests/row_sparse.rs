@@ -430,6 +430,7 @@ fn a_server_answers_malformed_row_messages_with_errors_and_goes_on() {
             dtype: DType::F32,
             elements,
             row_len,
+            row_sparse: row_len > 0,
             key: key.into(),
         }
         .encode();
@@ -736,4 +737,49 @@ fn groupadagrad_runs_on_the_servers_for_dense_2d_keys() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(on_dist.0.is_some(), "a history");
     assert_eq!(on_dist, on_local);
+}
+
+#[test]
+fn row_sparse_gradients_of_a_1d_dense_weight_update_it_lazily_as_local_does() {
+    // A 1-D weight is kept in rows of one element: sgd with weight decay moves the pushed
+    // elements only, as on `local`.
+    let spec = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.5)
+        .with("wd", 0.1);
+    let grad = |rank: usize| {
+        let ids = if rank == 0 { vec![1i64, 6] } else { vec![6] };
+        let rows = NDArray::full(&[ids.len()], rank as f64 + 0.5, DType::F32);
+        NDArray::row_sparse(&[8], ids, &rows).unwrap()
+    };
+    let read = |kv: &dyn KVStoreBase| {
+        let mut out = NDArray::zeros(&[8], DType::F32);
+        kv.pull(KEY, &mut out).unwrap();
+        out.to_vec::<f32>().unwrap()
+    };
+    let on_dist = {
+        let spec = spec.clone();
+        run_with(
+            "dist_sync",
+            2,
+            2,
+            &[("MXNET_KVSTORE_BIGARRAY_BOUND", "4")],
+            move |rank, kv| {
+                kv.init(KEY, &NDArray::ones(&[8], DType::F32)).unwrap();
+                kv.set_optimizer(&spec).unwrap();
+                kv.push(KEY, &grad(rank)).unwrap();
+                kv.push(KEY, &grad(rank)).unwrap();
+                read(kv)
+            },
+        )
+    };
+    let local = kvstore_base::create("local").unwrap();
+    local.init(KEY, &NDArray::ones(&[8], DType::F32)).unwrap();
+    local.set_optimizer(&spec).unwrap();
+    for _ in 0..2 {
+        local.push(KEY, &[grad(0), grad(1)][..]).unwrap();
+    }
+    let want = read(&*local);
+    assert_eq!(on_dist[0], want);
+    assert_eq!(want[0], 1.0, "element 0 was never pushed");
 }

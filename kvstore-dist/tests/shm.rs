@@ -198,6 +198,7 @@ fn the_server_checks_every_slot() {
         dtype: DType::F32,
         elements: n as u64,
         row_len: 0,
+        row_sparse: false,
         key: 9.into(),
     }
     .encode();

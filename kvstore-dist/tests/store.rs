@@ -302,6 +302,25 @@ fn an_init_that_differs_from_rank_0s_is_the_error_of_its_own_worker() {
         err.to_string().contains("worker rank 1 declares key 9"),
         "{err}"
     );
+    // The same shape, dense on one worker and row-sparse on the other: `row_sparse_pull`
+    // would work on one and not the other.
+    let out = run("dist_sync", 1, 2, |rank, kv| {
+        let value = NDArray::ones(&[4, 2], DType::F32);
+        let value = match rank {
+            0 => value,
+            _ => value.retain_rows(&[0, 1, 2, 3]).unwrap(),
+        };
+        kv.init(5, &value).err()
+    });
+    assert!(out[0].is_none(), "{:?}", out[0]);
+    let err = out[1]
+        .as_ref()
+        .expect("rank 1 inits key 5 row-sparse")
+        .to_string();
+    assert!(
+        err.contains("worker rank 1 declares key 5") && err.contains("row-sparse"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -25,8 +25,9 @@ pub struct KeySlices {
     /// `(file index, element range)` of each slice, in element order, covering the key.
     pub slices: Vec<(usize, Range<usize>)>,
     /// Elements per row when the slices hold whole rows that the servers keep as
-    /// `[rows, row_len]` arrays (a distributed store's row-sparse keys); `None` for flat
-    /// slices. [`split`] cuts states to the slices' shapes.
+    /// `[rows, row_len]` arrays (a distributed store's row-sparse keys, and its dense keys
+    /// placed in whole rows); `None` for flat slices. [`split`] cuts states to the slices'
+    /// shapes.
     pub row_len: Option<usize>,
 }
 
@@ -323,7 +324,7 @@ fn slice(entry: &KeySlices, array: &NDArray, range: Range<usize>) -> Result<NDAr
             Error::InvalidArgument(format!(
                 "key {}: the state file holds a state of shape {:?}, the key's is {:?}: a \
                  state not of the weight's shape (e.g. groupadagrad's history, one value per \
-                 row) can only be cut into the servers' slices of a row-sparse key",
+                 row) can only be cut into the servers' slices of a key they keep by rows",
                 entry.key,
                 array.shape(),
                 entry.shape

@@ -362,11 +362,18 @@ impl Core {
         rank0: &InitMeta,
         part: u64,
     ) -> Option<String> {
-        // How a part is kept: flat, or as rows (a row-sparse key, or a dense one of two or
-        // more dimensions).
-        let layout = |m: &InitMeta| match m.row_len {
-            0 => String::new(),
-            len => format!(" in rows of {len}"),
+        // How a part is kept: flat, or as rows; and the key's storage type.
+        let layout = |m: &InitMeta| {
+            let rows = match m.row_len {
+                0 => String::new(),
+                len => format!(" in rows of {len}"),
+            };
+            let storage = if m.row_sparse {
+                ", row-sparse"
+            } else {
+                ", dense"
+            };
+            format!("{rows}{storage}")
         };
         (meta != rank0).then(|| {
             format!(

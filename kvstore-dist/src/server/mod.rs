@@ -2,7 +2,8 @@
 //!
 //! A server joins the cluster ([`Node::join`]), then serves the workers on the address it
 //! advertised. Per part of a key (see [`placement`](crate::placement)) it keeps the value
-//! (1-D, as MXNet's servers: they never see the workers' shapes) and:
+//! (`[rows, row_len]` for a part of whole rows, as declared at init; else 1-D, as MXNet's
+//! servers) and:
 //!
 //! - **init**: every worker declares the part (dtype and length, which must agree); rank 0's
 //!   value is the one kept, and every worker's init returns once it is in place;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use kvstore_base::{DType, Error, Key, NDArray, Result, StorageType};
 
-use crate::placement::{place, place_rows};
+use crate::placement::{place, place_dense, place_rows};
 use crate::protocol::InitMeta;
 
 /// One slice of a key's value on one server.
@@ -29,10 +29,10 @@ pub(crate) struct KeyMeta {
     pub shape: Vec<usize>,
     /// Whether it was initialised with a row-sparse value (`row_sparse_pull` needs that).
     pub row_sparse: bool,
-    /// Elements per row when the parts hold whole rows (a row-sparse key, or a dense one of
-    /// two or more dimensions, whose rows have elements): the servers then take row-sparse
-    /// pushes (a row-sparse gradient of a dense weight, Gluon's
-    /// `Embedding(sparse_grad=True)`, applied lazily as MXNet's servers apply it).
+    /// Elements per row when the parts hold whole rows (a row-sparse key whose rows have
+    /// elements, or a dense one placed by [`place_dense`] in whole rows): the servers then
+    /// take row-sparse pushes (of a dense weight: Gluon's `Embedding(sparse_grad=True)`,
+    /// applied lazily as MXNet's servers apply it).
     pub row_len: Option<usize>,
     pub parts: Vec<Part>,
     /// Buffers that pulled parts are received into, reused from call to call.
@@ -52,10 +52,21 @@ impl KeyMeta {
         let row_len = shape
             .split_first()
             .map(|(_, rest)| rest.iter().product::<usize>())
-            .filter(|&len| (row_sparse || shape.len() >= 2) && len > 0);
-        let placement = match row_len {
-            Some(len) => place_rows(wire as i64, shape[0], len, servers, bigarray_bound),
-            None => place(wire as i64, value.size(), servers, bigarray_bound),
+            .filter(|&len| len > 0);
+        let (placement, row_len) = match (row_len, row_sparse) {
+            (Some(len), true) => (
+                place_rows(wire as i64, shape[0], len, servers, bigarray_bound),
+                Some(len),
+            ),
+            (Some(len), false) => {
+                let (placement, by_rows) =
+                    place_dense(wire as i64, shape[0], len, servers, bigarray_bound);
+                (placement, by_rows.then_some(len))
+            }
+            (None, _) => (
+                place(wire as i64, value.size(), servers, bigarray_bound),
+                None,
+            ),
         };
         KeyMeta {
             key,
@@ -83,6 +94,7 @@ impl KeyMeta {
             dtype: self.dtype,
             elements: (self.parts[i].end - self.parts[i].start) as u64,
             row_len: self.row_len.unwrap_or(0) as u64,
+            row_sparse: self.row_sparse,
             key: self.key.clone(),
         }
     }

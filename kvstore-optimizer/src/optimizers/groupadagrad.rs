@@ -14,7 +14,7 @@
 //!
 //! Hyper-parameters: `eps` (1e-5). State: the history, of shape `[rows, 1]` (so
 //! [`sliced::split`](crate::sliced::split) cuts it only for keys kept by rows, by rows: a
-//! distributed store's row-sparse keys). Weight decay
+//! distributed store's row-sparse keys, and its dense keys placed in whole rows). Weight decay
 //! is not supported: a `wd` other than 0 is an error when the optimizer is built (MXNet fails
 //! at the update), and the update of a weight that is not 2-D is an error.
 
