@@ -77,74 +77,69 @@ fn sgd_defaults_to_learning_rate_0_01(factory: &StoreFactory) -> CheckResult {
     )
 }
 
-/// MXNet 1.9.1's local store, with an embedding stored row-sparse with every row (ones of
-/// (4, 2)), sgd with learning rate 0.1 and weight decay 0.1 (lazy), and one push of two
-/// row-sparse values: row 1 (+0.5 and -0.5, a zero sum still in the union of rows) and row 2
-/// (1.0). Rows 0 and 3 are not pushed and keep their value: [1, 0.99, 0.89, 1] per row, the
-/// weight still holding every row.
-fn lazy_rows_of_a_row_sparse_weight(factory: &StoreFactory) -> CheckResult {
+/// A row-sparse `[4, 2]` array holding `values` in rows `ids`.
+fn embedding_rows(ids: Vec<i64>, values: &[f32]) -> kvstore_base::Result<NDArray> {
+    let data = f32s(&[ids.len(), 2], values);
+    NDArray::row_sparse(&[4, 2], ids, &data)
+}
+
+/// MXNet 1.9.1's lazy sgd step on an embedding of ones of (4, 2) stored as `init`: sgd with
+/// learning rate 0.1 and weight decay 0.1, one push of two row-sparse values: row 1 (+0.5 and
+/// -0.5, a zero sum still in the union of rows) and row 2 (1.0).
+fn one_lazy_sgd_step(
+    factory: &StoreFactory,
+    init: &NDArray,
+) -> Result<Box<dyn kvstore_base::KVStoreBase>, Failure> {
     let kv = store(factory)?;
-    let every_row = [0, 1, 2, 3];
-    kv.init("embedding", &filled(&[4, 2], 1.0).retain_rows(&every_row)?)?;
+    kv.init("embedding", init)?;
     kv.set_optimizer(
         &OptimizerSpec::new("sgd")
             .with("learning_rate", 0.1)
             .with("wd", 0.1),
     )?;
-    let rows = |ids: Vec<i64>, values: &[f32]| {
-        let data = f32s(&[ids.len(), 2], values);
-        NDArray::row_sparse(&[4, 2], ids, &data)
-    };
     kv.push(
         "embedding",
         &[
-            rows(vec![1, 2], &[0.5, 0.5, 1.0, 1.0])?,
-            rows(vec![1], &[-0.5, -0.5])?,
+            embedding_rows(vec![1, 2], &[0.5, 0.5, 1.0, 1.0])?,
+            embedding_rows(vec![1], &[-0.5, -0.5])?,
         ],
     )?;
-    let mut out = rows(vec![], &[])?;
+    Ok(kv)
+}
+
+/// MXNet 1.9.1's result of [`one_lazy_sgd_step`]: rows 0 and 3 are not pushed and keep their
+/// value, `[1, 0.99, 0.89, 1]` per row.
+const MXNET_LAZY_SGD_STEP: [f32; 8] = [1.0, 1.0, 0.99, 0.99, 0.89, 0.89, 1.0, 1.0];
+
+/// [`one_lazy_sgd_step`] on an embedding stored row-sparse with every row: MXNet's result,
+/// the weight still holding every row.
+fn lazy_rows_of_a_row_sparse_weight(factory: &StoreFactory) -> CheckResult {
+    let every_row = [0, 1, 2, 3];
+    let kv = one_lazy_sgd_step(factory, &filled(&[4, 2], 1.0).retain_rows(&every_row)?)?;
+    let mut out = embedding_rows(vec![], &[])?;
     let ids = NDArray::from_vec(&[4], every_row.to_vec())?;
     kv.row_sparse_pull("embedding", &mut out, &ids)?;
     let got = out.to_dense().to_vec::<f32>()?;
-    let expected = [1.0, 1.0, 0.99, 0.99, 0.89, 0.89, 1.0, 1.0];
     ensure!(
-        got == expected,
-        "after one lazy sgd step the rows are {got:?}, MXNet's are {expected:?} (rows not \
-         pushed unchanged, rows pushed decayed even when their gradients cancel)"
+        got == MXNET_LAZY_SGD_STEP,
+        "after one lazy sgd step the rows are {got:?}, MXNet's are {MXNET_LAZY_SGD_STEP:?} \
+         (rows not pushed unchanged, rows pushed decayed even when their gradients cancel)"
     );
     Ok(())
 }
 
-/// The same push to a dense weight (Gluon's `Embedding(sparse_grad=True)`: the weight dense,
-/// its gradients row-sparse): MXNet 1.9.1's `local` store gives the same `[1, 0.99, 0.89, 1]`
-/// per row, read with a dense pull.
+/// [`one_lazy_sgd_step`] on a dense weight (Gluon's `Embedding(sparse_grad=True)`: the weight
+/// dense, its gradients row-sparse): MXNet 1.9.1's `local` store gives the same result, read
+/// with a dense pull.
 fn lazy_rows_of_a_dense_weight(factory: &StoreFactory) -> CheckResult {
-    let kv = store(factory)?;
-    kv.init("embedding", &filled(&[4, 2], 1.0))?;
-    kv.set_optimizer(
-        &OptimizerSpec::new("sgd")
-            .with("learning_rate", 0.1)
-            .with("wd", 0.1),
-    )?;
-    let rows = |ids: Vec<i64>, values: &[f32]| {
-        let data = f32s(&[ids.len(), 2], values);
-        NDArray::row_sparse(&[4, 2], ids, &data)
-    };
-    kv.push(
-        "embedding",
-        &[
-            rows(vec![1, 2], &[0.5, 0.5, 1.0, 1.0])?,
-            rows(vec![1], &[-0.5, -0.5])?,
-        ],
-    )?;
+    let kv = one_lazy_sgd_step(factory, &filled(&[4, 2], 1.0))?;
     let mut out = filled(&[4, 2], 0.0);
     kv.pull("embedding", &mut out)?;
     let got = out.to_vec::<f32>()?;
-    let expected = [1.0, 1.0, 0.99, 0.99, 0.89, 0.89, 1.0, 1.0];
     ensure!(
-        got == expected,
+        got == MXNET_LAZY_SGD_STEP,
         "after one lazy sgd step of a dense weight with row-sparse gradients the rows are \
-         {got:?}, MXNet's are {expected:?} (rows not pushed unchanged)"
+         {got:?}, MXNet's are {MXNET_LAZY_SGD_STEP:?} (rows not pushed unchanged)"
     );
     Ok(())
 }
