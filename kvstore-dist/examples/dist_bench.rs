@@ -44,6 +44,10 @@
 //!   afterwards the pulled rows must be those of the lazy update (to float32 rounding) and a row never
 //!   pushed must still be 1 (a dense update would have decayed it). Skipped with
 //!   `--compression` (MXNet does not compress row-sparse pushes).
+//! - `dense_rows_1000of100000x64`: the same table stored dense (Gluon's
+//!   `Embedding(sparse_grad=True)`: a dense weight, row-sparse gradients), the same push of
+//!   1,000 rows, then a dense pull of the whole weight (as Gluon's `Trainer` pulls a dense
+//!   weight); checked alike. Skipped with `--compression`.
 //!
 //! Each workload starts with a barrier of all workers; each worker times its own rounds. Worker
 //! `r` pushes arrays filled with `r + 1` (`0.001 * (r + 1)` for the row-sparse gradients) (times `k % 7 + 1` for small key `k`). After the timed
@@ -327,24 +331,36 @@ fn init_keys(
     })
 }
 
-/// An embedding table of `rows` x `cols`, every row stored, updated on the servers by lazy sgd;
-/// each round pushes a row-sparse gradient of `touched` rows and `row_sparse_pull`s them.
+/// How the embedding table of [`row_sparse`] is stored and read.
+#[derive(Clone, Copy, PartialEq)]
+enum Table {
+    /// Row-sparse, every row stored; each round `row_sparse_pull`s the pushed rows.
+    RowSparse,
+    /// Dense; each round pulls the whole table.
+    Dense,
+}
+
+/// An embedding table of `rows` x `cols`, updated on the servers by lazy sgd; each round
+/// pushes a row-sparse gradient of `touched` rows and reads the table as `table` says.
 fn row_sparse(
     kv: &dyn KVStoreBase,
     options: &Options,
     name: &'static str,
     (rows, cols, touched): (usize, usize, usize),
+    table_kind: Table,
 ) -> Result<Row, String> {
-    const KEY: i32 = 7;
+    let key: i32 = if table_kind == Table::Dense { 8 } else { 7 };
     const LR: f64 = 0.1;
     const WD: f64 = 0.001;
     let at = |e: kvstore_base::Error| format!("{name}: {e}");
     let rank = kv.rank();
     let every_row: Vec<i64> = (0..rows as i64).collect();
-    let table = NDArray::full(&[rows, cols], 1.0, DType::F32)
-        .retain_rows(&every_row)
-        .map_err(at)?;
-    kv.init(KEY, &table).map_err(at)?;
+    let table = NDArray::full(&[rows, cols], 1.0, DType::F32);
+    let table = match table_kind {
+        Table::RowSparse => table.retain_rows(&every_row).map_err(at)?,
+        Table::Dense => table,
+    };
+    kv.init(key, &table).map_err(at)?;
     drop(table);
     kv.set_optimizer(
         &OptimizerSpec::new("sgd")
@@ -359,12 +375,18 @@ fn row_sparse(
     let grad = NDArray::row_sparse(&[rows, cols], ids.clone(), &grad_rows).map_err(at)?;
     let row_ids = NDArray::from_vec(&[touched], ids.clone()).map_err(at)?;
     let empty = NDArray::zeros(&[0, cols], DType::F32);
-    let mut out = NDArray::row_sparse(&[rows, cols], Vec::new(), &empty).map_err(at)?;
+    let mut out = match table_kind {
+        Table::RowSparse => NDArray::row_sparse(&[rows, cols], Vec::new(), &empty).map_err(at)?,
+        Table::Dense => NDArray::zeros(&[rows, cols], DType::F32),
+    };
     kv.barrier().map_err(at)?;
 
     let times = time_rounds(options.warmup, options.reps, || {
-        kv.push(KEY, &grad)?;
-        kv.row_sparse_pull(KEY, &mut out, &row_ids)
+        kv.push(key, &grad)?;
+        match table_kind {
+            Table::RowSparse => kv.row_sparse_pull(key, &mut out, &row_ids),
+            Table::Dense => kv.pull(key, &mut out),
+        }
     })
     .map_err(|e| format!("{name}: {e}"))?;
 
@@ -386,8 +408,10 @@ fn row_sparse(
             ));
         }
     }
-    let untouched = NDArray::from_vec(&[1], vec![1i64]).map_err(at)?;
-    kv.row_sparse_pull(KEY, &mut out, &untouched).map_err(at)?;
+    if table_kind == Table::RowSparse {
+        let untouched = NDArray::from_vec(&[1], vec![1i64]).map_err(at)?;
+        kv.row_sparse_pull(key, &mut out, &untouched).map_err(at)?;
+    }
     let row1 = out.to_dense();
     let row1 = &row1.as_slice::<f32>().ok_or("the pulled row is not f32")?[cols..2 * cols];
     if let Some(v) = row1.iter().find(|&&v| v != 1.0) {
@@ -395,10 +419,14 @@ fn row_sparse(
             "{name}: row 1 was never pushed but holds {v}, not 1"
         ));
     }
+    let pulled = match table_kind {
+        Table::RowSparse => touched,
+        Table::Dense => rows,
+    };
     Ok(Row {
         name,
         times,
-        bytes: 2 * touched * cols * F32,
+        bytes: (touched + pulled) * cols * F32,
     })
 }
 
@@ -452,9 +480,13 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
         rows.push(init_keys(kv, options, "init_1000x256", 1000, 256)?);
     }
     // It sets an optimizer on the servers: last.
-    let name = "row_sparse_1000of100000x64";
-    if options.wanted(name) && options.compression.is_none() {
-        rows.push(row_sparse(kv, options, name, (100_000, 64, 1_000))?);
+    for (name, table) in [
+        ("row_sparse_1000of100000x64", Table::RowSparse),
+        ("dense_rows_1000of100000x64", Table::Dense),
+    ] {
+        if options.wanted(name) && options.compression.is_none() {
+            rows.push(row_sparse(kv, options, name, (100_000, 64, 1_000), table)?);
+        }
     }
     // Nobody leaves while another worker still checks its results.
     kv.barrier().map_err(|e| format!("final barrier: {e}"))?;
