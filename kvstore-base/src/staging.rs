@@ -85,8 +85,8 @@ pub fn with_written_outs_on_host<R>(
     stage_outs(outs, false, call)
 }
 
-/// Stages the device outputs of `outs` in host memory (copies of them when `read`, else
-/// zeros) for `call`, and writes them back once it succeeded.
+/// Stages the device outputs of `outs` in host memory (copies of them when `read`, and of
+/// row-sparse ones always; else zeros) for `call`, and writes them back once it succeeded.
 pub(crate) fn stage_outs<R>(
     outs: &mut KeyedOuts<'_>,
     read: bool,

@@ -27,8 +27,8 @@
 //!     every `KVStoreBase` call to the GPU path below, as MXNet's `kv.push(k, [a_gpu0,
 //!     a_gpu1])`: a key initialised with a GPU array is a GPU key; one initialised with a host
 //!     array moves to the GPUs at its first push of GPU arrays (its value read from the
-//!     embedded host store); host pushes to a GPU key are then refused and host pulls copy
-//!     from the GPU. One call's values are all on GPUs or all on the host.
+//!     embedded host store); host values pushed to a GPU key are then copied to its GPU and
+//!     host pulls copy from the GPU.
 //!   - GPU values are [`DeviceArray`]s (dense float32 in one GPU's memory) passed to
 //!     [`DeviceStore::init_gpu`], [`push_gpu`](DeviceStore::push_gpu) and
 //!     [`pull_gpu`](DeviceStore::pull_gpu), or for many keys at once
@@ -122,13 +122,16 @@
 //! row-sparse weight.
 //!
 //! `tests/gpu_emulated.rs` runs the GPU checks (`tests/gpu/cases.rs`), the conformance suite
-//! of `nccl`, and the whole conformance suite again on `device` with its float32 arrays handed
-//! over in GPU memory (`tests/gpu/on_gpu.rs`: the GPU path through `KVStoreBase`), against an
+//! of `nccl`, and the whole conformance suite again on `device` with its float32 arrays, dense
+//! and row-sparse, handed over in GPU memory (`tests/gpu/on_gpu.rs`: the GPU path through
+//! `KVStoreBase`), against an
 //! emulated CUDA driver, NCCL and NVRTC
 //! (`tests/emulated_driver/driver.cpp`, the kernels compiled in as C++), with one emulated GPU
 //! and with three: the host side of every GPU path (reduction, optimizers, compression,
-//! row-sparse keys, batches, NCCL reduce and broadcast, cudarc's streams, events and frees)
-//! runs for real there. The emulated driver is strict where a GPU fails or corrupts silently:
+//! row-sparse keys and their lazy optimizers, row-sparse gradients of dense keys, batches,
+//! NCCL reduce and broadcast, cudarc's streams, events and frees) runs for real there, and
+//! `faults::` makes the GPU run out of memory at each allocation of a push (dense or
+//! row-sparse) or a row-sparse pull in turn: nothing changes. The emulated driver is strict where a GPU fails or corrupts silently:
 //! streams run only when waited for (unordered reads see stale data), every copy and kernel
 //! argument is checked against the live allocations and its GPU, freed and new memory is
 //! poisoned, writes past an allocation's end are caught, and an NCCL collective must be joined

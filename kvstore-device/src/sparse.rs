@@ -1,6 +1,7 @@
-//! Row-sparse arrays in GPU memory ([`DeviceRowSparse`]) and the kernels that move rows: the
-//! gather of a row-sparse pull (MXNet's `sparse_retain` on the GPU) and the scatter of a
-//! row-sparse push into a key's value.
+//! Row-sparse arrays in GPU memory ([`DeviceRowSparse`]) and the kernels on rows: the gather
+//! of a row-sparse pull (MXNet's `sparse_retain` on the GPU), the scatter of a row-sparse push
+//! into a key's value (and of several values into their row-sparse sum), and the
+//! lazy sgd and adam steps on a gradient's rows.
 
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, NDArray, Result, StorageType};
@@ -8,7 +9,7 @@ use kvstore_base::{DType, Error, NDArray, Result, StorageType};
 use crate::gpu::{copy_on, cuda, download, Gpu, Runtime, NULL};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
-/// [`kernel_source`](crate::gpu::kernel_source)). Both are grid-stride loops over the
+/// [`kernel_source`](crate::gpu::kernel_source)). All are grid-stride loops over the
 /// `rows * row_len` elements of the rows, one thread per element; `ids` holds `rows` distinct
 /// row numbers, so no two threads write the same element.
 ///

@@ -52,7 +52,8 @@ pub enum Engine {
 ///   the values on the key's merge GPU and, with an `sgd` or `adam` optimizer set, runs the
 ///   optimizer there as a kernel; a pull copies the stored value to every output. Row-sparse
 ///   keys (`device`) take [`DeviceRowSparse`] values through
-///   [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse) and
+///   [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse) (optimizers update them
+///   lazily on the merge GPU; a dense key takes row-sparse gradients there too) and
 ///   [`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu). Without a CUDA driver every
 ///   GPU call is an [`Error::Device`].
 /// - **Gradient compression** (`device` only; [`set_gradient_compression`] with MXNet's

@@ -40,9 +40,10 @@
 //! - `row_sparse_1000of100000x64`: an embedding table of 100,000 rows of 64 elements, stored
 //!   row-sparse with every row, updated on the servers by `sgd` (learning rate 0.1, weight
 //!   decay 0.001, lazy); each round every worker pushes a row-sparse gradient of 1,000 rows
-//!   (every 100th) and `row_sparse_pull`s those rows. It sets an optimizer, so it runs last;
-//!   afterwards the pulled rows must be those of the lazy update (to float32 rounding) and a row never
-//!   pushed must still be 1 (a dense update would have decayed it). Skipped with
+//!   (every 100th) and `row_sparse_pull`s those rows. It sets an optimizer, so it runs after
+//!   the others (with the next); afterwards the pulled rows must be those of the lazy update
+//!   (to float32 rounding) and a row never pushed must still be 1 (a dense update would have
+//!   decayed it). Skipped with
 //!   `--compression` (MXNet does not compress row-sparse pushes).
 //! - `dense_rows_1000of100000x64`: the same table stored dense (Gluon's
 //!   `Embedding(sparse_grad=True)`: a dense weight, row-sparse gradients), the same push of

@@ -12,7 +12,7 @@
 //! // DMLC_ROLE=worker DMLC_PS_ROOT_URI=... DMLC_PS_ROOT_PORT=... DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2
 //! let kv = create("dist_sync")?; // blocks until every node has joined
 //! kv.init(3, &NDArray::zeros(&[2, 3], DType::F32))?; // rank 0's value is kept
-//! kv.push(3, &NDArray::ones(&[2, 3], DType::F32))?; // returns once every worker pushed
+//! kv.push(3, &NDArray::ones(&[2, 3], DType::F32))?; // returns once the servers merged it
 //! let mut w = NDArray::zeros(&[2, 3], DType::F32);
 //! kv.pull(3, &mut w)?; // the sum of this round: 2.0 everywhere with 2 workers
 //! # Ok::<(), kvstore_base::Error>(())

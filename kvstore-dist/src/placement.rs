@@ -88,7 +88,8 @@ pub fn place_rows(
 
 /// Where a dense `key` of `rows` rows of `row_len` elements lives, and whether its parts hold
 /// whole rows (the servers then keep it by rows and apply a row-sparse gradient to it lazily,
-/// as MXNet's servers do): [`place`] when its cuts fall between rows (always for a key that is
+/// as MXNet's `local` store does; MXNet's servers abort on one): [`place`] when its cuts fall
+/// between rows (always for a key that is
 /// not split, and for 1-D keys); else [`place_rows`] when its largest part is at most a tenth
 /// larger than [`place`]'s (a key of many rows); else [`place`], flat (a wide key of few rows,
 /// which cutting between rows would leave unbalanced).

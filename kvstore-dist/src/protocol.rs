@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | [`CMD_HELLO`] | [`Hello`] | the server's rank in `aux` |
 //! | [`CMD_INIT`] | [`InitMeta`], then rank 0's data | empty, once rank 0's value is in place |
-//! | [`CMD_PUSH`] | the part's elements (with [`FLAG_ROW_SPARSE`]: [`RowsPush`]) | empty, once applied (sync: once the round is complete) |
+//! | [`CMD_PUSH`] | the part's elements (with [`FLAG_ROW_SPARSE`]: [`RowsPush`]) | empty, once applied (sync: once merged; the round's last once the round is updated) |
 //! | [`CMD_PULL`] | none | the part's elements |
 //! | [`CMD_PUSHPULL`] | as [`CMD_PUSH`] | the round's result |
 //! | [`CMD_ROW_SPARSE_PULL`] | [`RowRequest`] | the rows' elements inside the part |

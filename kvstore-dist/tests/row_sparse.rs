@@ -594,8 +594,8 @@ fn dense_weight_dist_and_local(optimizer: OptimizerSpec) -> (Vec<f32>, Vec<f32>)
 
 #[test]
 fn row_sparse_gradients_of_a_dense_weight_update_it_lazily_as_local_does() {
-    // MXNet's servers apply a row-sparse gradient of a dense weight lazily, as its `local`
-    // store does: rows no gradient holds keep their value.
+    // MXNet's `local` store applies a row-sparse gradient of a dense weight lazily (its dist
+    // servers abort on one): rows no gradient holds keep their value.
     for optimizer in [
         OptimizerSpec::new("sgd")
             .with("learning_rate", 0.1)

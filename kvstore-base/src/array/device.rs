@@ -1,5 +1,6 @@
 //! Arrays in device (GPU) memory. `kvstore-base` does not depend on CUDA: a device backend
-//! (`kvstore-device`) implements [`DeviceMemory`] for its buffers and registers a
+//! (`kvstore-device`) implements [`DeviceMemory`] for its dense buffers (and
+//! [`DeviceRowSparseMemory`] for its row-sparse arrays) and registers a
 //! [`DeviceBackend`] with [`register_device_backend!`](crate::register_device_backend), which
 //! is what [`NDArray::to_context`](crate::NDArray::to_context) uses to place an array on
 //! `gpu(i)`. Without a registered backend, asking for GPU memory is an

@@ -345,7 +345,8 @@ impl NDArray {
         }
     }
 
-    /// The device memory of an array on a GPU, `None` for a host array.
+    /// The device memory of a dense array on a GPU, `None` for a host array or a row-sparse one
+    /// ([`device_row_sparse`](NDArray::device_row_sparse)).
     pub fn device(&self) -> Option<&dyn DeviceMemory> {
         match &self.data {
             Data::Device(m) => Some(&**m),
@@ -353,8 +354,8 @@ impl NDArray {
         }
     }
 
-    /// The device memory of an array on a GPU, to write into (`None` for a host array). When
-    /// a clone shares it, this array first gets a copy of its own.
+    /// The device memory of a dense array on a GPU, to write into (`None` for a host array or
+    /// a row-sparse one). When a clone shares it, this array first gets a copy of its own.
     ///
     /// # Errors
     /// [`Error::Device`] when that copy fails (the device out of memory).

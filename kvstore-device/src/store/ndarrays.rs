@@ -12,10 +12,12 @@
 //! Row-sparse arrays in GPU memory ([`DeviceRowSparse`] behind
 //! [`NDArray::device_row_sparse`]): one initialising a key makes a row-sparse GPU key, whose
 //! pushes are reduced (and updated) on its merge GPU by
-//! [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)'s code and whose
-//! `row_sparse_pull` gathers the rows there
-//! ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)); host keys take them staged
-//! through host memory, as `local` does.
+//! [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)'s code (an optimizer updating
+//! them lazily) and whose `row_sparse_pull` gathers the rows there
+//! ([`row_sparse_pull_gpu`](DeviceStore::row_sparse_pull_gpu)); a dense GPU key takes them as
+//! row-sparse gradients the same way; host keys take them staged through host memory, as
+//! `local` does. Row-sparse pushes go through a path of their own: everything they allocate
+//! is made for every key of the call before any part of it runs.
 
 use std::collections::HashMap;
 

@@ -35,7 +35,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// A request waiting for its round to complete: a pushpull, or a pull from a worker that
-/// pushed in the round (sync pushes themselves are acknowledged once merged).
+/// pushed in the round (sync pushes themselves are acknowledged once merged, the round's last
+/// once it is updated).
 struct Waiter {
     rank: u32,
     answer: Answer,
@@ -611,7 +612,8 @@ impl Core {
         if e.meta.row_len == 0 {
             return Err(format!(
                 "push of {what}: a row-sparse push, but the key is not kept by rows (server {} \
-                 keeps it flat: a 1-D dense key, or one whose rows have no elements)",
+                 keeps it flat: a 0-d key, one whose rows have no elements, or a wide dense key \
+                 of few rows)",
                 self.rank
             ));
         }

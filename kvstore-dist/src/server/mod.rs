@@ -5,13 +5,16 @@
 //! (`[rows, row_len]` for a part of whole rows, as declared at init; else 1-D, as MXNet's
 //! servers) and:
 //!
-//! - **init**: every worker declares the part (dtype and length, which must agree); rank 0's
-//!   value is the one kept, and every worker's init returns once it is in place;
+//! - **init**: every worker declares the part (dtype, length, row length and storage type,
+//!   which must agree: a mismatch is an error naming both); rank 0's value is the one kept, and
+//!   every worker's init returns once it is in place;
 //! - **sync mode** (`dist_sync`, `dist_device_sync`): a round merges exactly one push per
 //!   worker (a worker's second push waits for the next round), then runs the optimizer on the
 //!   sum, or stores the sum when there is none. A push is acknowledged once merged (so workers
-//!   may push keys in different orders); a pushpull, and a pull from a worker that pushed in the
-//!   round, are answered when the round closes;
+//!   may push keys in different orders), the round's last once the round is updated (so what a
+//!   worker reads after every push returned, a state file saved after a barrier, includes it);
+//!   a pushpull, and a pull from a worker that pushed in the round, are answered when the round
+//!   closes;
 //! - **async mode** (`dist_async`): each push is applied by the optimizer as it arrives (with
 //!   no optimizer it replaces the value, a round of one push; MXNet's server aborts there);
 //! - **pull** from a worker that has not pushed in the current round returns the value at once

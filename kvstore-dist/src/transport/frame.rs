@@ -3,7 +3,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | magic `KVSD` (`0x4453_564B` read as u32 LE) |
-//! | 4 | 1 | version (1) |
+//! | 4 | 1 | version ([`VERSION`]) |
 //! | 5 | 1 | kind ([`MessageKind`]) |
 //! | 6 | 2 | flags (free for the stores: push/pull bits, dtype, ...) |
 //! | 8 | 4 | command (ps-lite's `head`) |
@@ -18,8 +18,9 @@ use std::io::{self, IoSlice, Write};
 /// `KVSD` in the first four bytes of every frame.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVSD");
 /// The frame format version this crate writes and accepts. It names the protocol spoken in the
-/// frames too (2: init declarations carry a row length, pushes may carry rows), so that a
-/// process of another build is refused at its first frame instead of misread.
+/// frames too (2: init declarations carry a row length, pushes may carry rows; 3: they carry
+/// the key's storage type), so that a process of another build is refused at its first frame
+/// instead of misread.
 pub const VERSION: u8 = 3;
 /// Size of the header in bytes.
 pub const HEADER_LEN: usize = 48;

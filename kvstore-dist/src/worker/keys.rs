@@ -32,7 +32,7 @@ pub(crate) struct KeyMeta {
     /// Elements per row when the parts hold whole rows (a row-sparse key whose rows have
     /// elements, or a dense one placed by [`place_dense`] in whole rows): the servers then
     /// take row-sparse pushes (of a dense weight: Gluon's `Embedding(sparse_grad=True)`,
-    /// applied lazily as MXNet's servers apply it).
+    /// applied lazily as MXNet's `local` store applies it).
     pub row_len: Option<usize>,
     pub parts: Vec<Part>,
     /// Buffers that pulled parts are received into, reused from call to call.

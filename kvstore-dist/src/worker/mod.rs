@@ -12,9 +12,10 @@
 //! - `push` sums a key's per-device values on the worker, then sends every part of every key
 //!   of the call before waiting for any answer (the calls are pipelined, in ascending key order
 //!   as MXNet); a sync push returns once the servers merged it (as MXNet's push does not block
-//!   its caller), and the worker's next pull of the key waits for the round to close. The
-//!   caller's arrays are only read. Row-sparse values of a row-sparse key send only the rows
-//!   of their sum (see [`protocol`](crate::protocol#row-sparse-keys)).
+//!   its caller; the round's last push once the round is updated), and the worker's next pull
+//!   of the key waits for the round to close. The caller's arrays are only read. Row-sparse
+//!   values of a key kept by rows (a row-sparse key, or a dense one placed in whole rows) send
+//!   only the rows of their sum (see [`protocol`](crate::protocol#row-sparse-keys)).
 //! - `pull` asks every part and writes the answers into the outputs, casting to the output's
 //!   dtype; `pushpull` does both in one message per part; `broadcast` is init then pull;
 //!   `row_sparse_pull` fetches only the requested rows.
