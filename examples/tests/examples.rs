@@ -88,14 +88,15 @@ fn training_on_the_local_store_drives_the_loss_to_the_noise_floor() {
 /// on threads of this test, the workers' environment extended by `env`; returns each
 /// worker's output. Bounded: workers still running after a minute are killed and the test
 /// fails.
-fn train_in_a_job(program: &str, store: &str, servers: u32, env: &[(&str, &str)]) -> Vec<String> {
+fn train_in_a_job(program: &str, args: &[&str], servers: u32, env: &[(&str, &str)]) -> Vec<String> {
+    let store = args[0];
     use std::time::{Duration, Instant};
     let cluster =
         kvstore::dist::LocalCluster::start(servers, 2, Duration::from_secs(30)).expect("a cluster");
     let mut workers: Vec<_> = (0..2)
         .map(|_| {
             Command::new(program)
-                .arg(store)
+                .args(args)
                 .envs(cluster.worker_options())
                 .envs(env.iter().copied())
                 .stdout(std::process::Stdio::piped())
@@ -141,7 +142,7 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
     // byteps's servers only sum and horovod has none: each worker runs the same SGD on the
     // all-reduced gradients, and lands where the store-side optimizer of `local` lands.
     for store in ["byteps", "horovod"] {
-        let outputs = train_in_a_job(env!("CARGO_BIN_EXE_train_linear"), store, 1, &[]);
+        let outputs = train_in_a_job(env!("CARGO_BIN_EXE_train_linear"), &[store], 1, &[]);
         for (i, out) in outputs.iter().enumerate() {
             assert!(out.contains("worker "), "{store} worker {i}:\n{out}");
             assert!(
@@ -177,7 +178,7 @@ fn trained_line(out: &str) -> &str {
 fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     let out = run(env!("CARGO_BIN_EXE_train_sparse"));
     assert!(
-        out.starts_with("store: local, a table of 100000 rows"),
+        out.starts_with("store: local, a row-sparse table of 100000 rows"),
         "{out}"
     );
     let epochs: Vec<&str> = out.lines().filter(|l| l.starts_with("epoch ")).collect();
@@ -185,7 +186,7 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     // Each step reads under 2% of the table.
     for line in &epochs {
         let share: f32 = line
-            .trim_end_matches("% of the table read per step")
+            .trim_end_matches("% of the table used per step")
             .rsplit(", ")
             .next()
             .and_then(|x| x.parse().ok())
@@ -201,12 +202,28 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     // table's rows split over 2 servers: the servers' lazy updates land where local's do (the
     // sums of a mini-batch's halves round a little differently from the whole's).
     let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "10000")];
-    let workers = train_in_a_job(env!("CARGO_BIN_EXE_train_sparse"), "dist_sync", 2, &bound);
+    let program = env!("CARGO_BIN_EXE_train_sparse");
+    let workers = train_in_a_job(program, &["dist_sync"], 2, &bound);
     for (i, worker) in workers.iter().enumerate() {
         let (_, on_dist) = losses(worker);
         assert!(
             (on_dist - trained).abs() < 1e-3,
             "worker {i}:\n{worker}\nlocal:\n{out}"
+        );
+    }
+
+    // The table stored dense (Gluon's `Embedding(sparse_grad=True)`): the row-sparse
+    // gradients are applied lazily all the same, on `local` exactly as to the row-sparse
+    // table, and on `dist_sync`, whose servers keep the dense table by rows, where local's do.
+    let dense = run_with_args(program, &["local", "--dense-table"]);
+    assert!(dense.starts_with("store: local, a dense table"), "{dense}");
+    assert_eq!(trained_line(&dense), trained_line(&out), "{dense}\n{out}");
+    let workers = train_in_a_job(program, &["dist_sync", "--dense-table"], 2, &bound);
+    for (i, worker) in workers.iter().enumerate() {
+        let (_, on_dist) = losses(worker);
+        assert!(
+            (on_dist - trained).abs() < 1e-3,
+            "worker {i} (dense table):\n{worker}\nlocal:\n{out}"
         );
     }
 }

@@ -22,6 +22,10 @@
 //! MXNET_KVSTORE_BIGARRAY_BOUND=10000 target/debug/kvstore launch -n 2 -s 2 -- \
 //!     target/debug/train_sparse dist_sync
 //! ```
+//!
+//! With `--dense-table` after the store's name, the table is stored dense, as Gluon's
+//! `Embedding(sparse_grad=True)` keeps its weight: the gradients are still row-sparse (and
+//! applied lazily, to the rows they hold), but each step pulls the whole table.
 
 use std::collections::BTreeMap;
 
@@ -95,8 +99,23 @@ fn rows_of<'a>(samples: impl Iterator<Item = &'a Sample>) -> Vec<i64> {
     rows
 }
 
+/// How the store keeps the weight table.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Table {
+    /// Row-sparse, every row stored: a step `row_sparse_pull`s the rows it uses.
+    RowSparse,
+    /// Dense: a step pulls the whole table.
+    Dense,
+}
+
 /// Pulls the rows `rows` of the weight table: their values, by row id.
-fn pull_rows(kv: &dyn KVStoreBase, rows: &[i64]) -> Result<BTreeMap<i64, f32>> {
+fn pull_rows(kv: &dyn KVStoreBase, rows: &[i64], table: Table) -> Result<BTreeMap<i64, f32>> {
+    if table == Table::Dense {
+        let mut whole = NDArray::zeros(&[FEATURES, 1], DType::F32);
+        kv.pull("weight", &mut whole)?;
+        let values = whole.to_vec::<f32>()?;
+        return Ok(rows.iter().map(|&r| (r, values[r as usize])).collect());
+    }
     let ids = NDArray::from_vec(&[rows.len()], rows.to_vec())?;
     let mut out =
         NDArray::row_sparse(&[FEATURES, 1], vec![], &NDArray::zeros(&[0, 1], DType::F32))?;
@@ -167,6 +186,15 @@ fn main() -> Result<()> {
     let store = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "local".to_string());
+    let table_kind = match std::env::args().nth(2).as_deref() {
+        None => Table::RowSparse,
+        Some("--dense-table") => Table::Dense,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown option {other:?} (the only one is --dense-table)"
+            )))
+        }
+    };
     let kv = create(&store)?;
     for needed in [Capability::Optimizer, Capability::RowSparse] {
         if !kv.is_capable(needed) {
@@ -191,17 +219,30 @@ fn main() -> Result<()> {
             .with("wd", 1e-5)
             .with("rescale_grad", 1.0 / BATCH as f64),
     )?;
-    // The table stores every row (MXNet's `weight.tostype('row_sparse')` of a zero array).
+    // The table stores every row (MXNet's `weight.tostype('row_sparse')` of a zero array), or
+    // is dense.
     let every_row: Vec<i64> = (0..FEATURES as i64).collect();
-    let table = NDArray::zeros(&[FEATURES, 1], DType::F32).retain_rows(&every_row)?;
+    let table = NDArray::zeros(&[FEATURES, 1], DType::F32);
+    let table = match table_kind {
+        Table::RowSparse => table.retain_rows(&every_row)?,
+        Table::Dense => table,
+    };
     kv.init(
         &["weight", "bias"],
         &[table, NDArray::zeros(&[1], DType::F32)],
     )?;
     let held_out_rows = rows_of(held_out.iter());
-    let (initial, _) = evaluate(&held_out, &pull_rows(&*kv, &held_out_rows)?, 0.0);
+    let (initial, _) = evaluate(
+        &held_out,
+        &pull_rows(&*kv, &held_out_rows, table_kind)?,
+        0.0,
+    );
+    let stored = match table_kind {
+        Table::RowSparse => "row-sparse",
+        Table::Dense => "dense",
+    };
     println!(
-        "store: {}, a table of {FEATURES} rows, initial held-out loss {initial:.4}",
+        "store: {}, a {stored} table of {FEATURES} rows, initial held-out loss {initial:.4}",
         kv.type_name()
     );
     if workers > 1 {
@@ -217,17 +258,17 @@ fn main() -> Result<()> {
             let mine = &train[start + rank * shard..start + (rank + 1) * shard];
             let rows = rows_of(mine.iter());
             rows_read += rows.len();
-            let weights = pull_rows(&*kv, &rows)?;
+            let weights = pull_rows(&*kv, &rows, table_kind)?;
             let (grad, grad_bias) = gradients(mine, &weights, bias.to_vec::<f32>()?[0])?;
             kv.push(&["weight", "bias"], &[grad, grad_bias])?;
             kv.pull("bias", &mut bias)?;
         }
-        let weights = pull_rows(&*kv, &held_out_rows)?;
+        let weights = pull_rows(&*kv, &held_out_rows, table_kind)?;
         let (loss, accuracy) = evaluate(&held_out, &weights, bias.to_vec::<f32>()?[0]);
         last = loss;
         let steps = SAMPLES / BATCH;
         println!(
-            "epoch {epoch}: held-out loss {loss:.4}, accuracy {:.1}%, {:.2}% of the table read per step",
+            "epoch {epoch}: held-out loss {loss:.4}, accuracy {:.1}%, {:.2}% of the table used per step",
             accuracy * 100.0,
             rows_read as f64 / steps as f64 / FEATURES as f64 * 100.0
         );
