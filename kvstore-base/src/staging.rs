@@ -114,7 +114,7 @@ pub(crate) fn stage_outs<R>(
     // device out of memory then fails the call before anything is done or written.
     for (out, copy) in outs.outs_mut().iter_mut().zip(&copies) {
         if copy.is_some() {
-            out.unshare().map_err(unshare_failed)?;
+            out.device_mut().map_err(unshare_failed)?;
         }
     }
     let keys = outs.keys().to_vec();
@@ -372,7 +372,7 @@ pub fn with_outs_fanned_out<R>(
     }
     for (out, p) in outs.outs_mut().iter_mut().zip(&plan) {
         if !matches!(p, Plan::Host) {
-            out.unshare().map_err(unshare_failed)?;
+            out.device_mut().map_err(unshare_failed)?;
         }
     }
     let out_keys = outs.keys().to_vec();

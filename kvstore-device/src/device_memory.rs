@@ -90,22 +90,14 @@ impl DeviceRowSparseMemory for DeviceRowSparse {
     }
 
     fn rows_to_host(&self) -> Result<HostArray> {
-        let host = self.to_host()?;
-        let rows = host
-            .as_row_sparse()
-            .expect("to_host answers a row-sparse array");
-        Ok(rows.rows().clone())
-    }
-
-    fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
-        Ok(Box::new(self.to_gpu(self.ordinal())?))
+        let rows = self.rows_on_host()?;
+        Ok(rows
+            .dense()
+            .expect("rows_on_host answers a dense array")
+            .clone())
     }
 
     fn as_any(&self) -> &dyn Any {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut dyn Any {
         self
     }
 }
@@ -135,19 +127,11 @@ impl DeviceBackend for CudaBackend {
         rows: &HostArray,
         context: Context,
     ) -> Result<Box<dyn DeviceRowSparseMemory>> {
-        let ordinal = gpu_ordinal(context)?;
-        if rows.dtype() != DType::F32 {
-            return Err(Error::InvalidArgument(format!(
-                "GPU arrays are float32 for now, not {}",
-                rows.dtype()
-            )));
-        }
-        let rows = NDArray::from_host(rows.clone()).to_vec::<f32>()?;
-        Ok(Box::new(DeviceRowSparse::upload(
+        Ok(Box::new(DeviceRowSparse::from_parts(
             shape,
             indices.to_vec(),
-            &rows,
-            ordinal,
+            rows,
+            gpu_ordinal(context)?,
         )?))
     }
 

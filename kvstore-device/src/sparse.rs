@@ -4,7 +4,7 @@
 //! lazy sgd and adam steps on a gradient's rows.
 
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
-use kvstore_base::{DType, Error, NDArray, Result, StorageType};
+use kvstore_base::{DType, Error, HostArray, NDArray, Result, StorageType};
 
 use crate::gpu::{copy_on, cuda, download, Gpu, Runtime, NULL};
 
@@ -150,14 +150,25 @@ impl DeviceRowSparse {
                 array.storage_type()
             )));
         };
-        if array.dtype() != DType::F32 {
+        DeviceRowSparse::from_parts(array.shape(), rsp.indices().to_vec(), rsp.rows(), ordinal)
+    }
+
+    /// The row-sparse array of `shape` whose rows `indices` (sorted, distinct, in range:
+    /// checked by the callers) hold the float32 host `rows`, on `gpu(ordinal)`.
+    pub(crate) fn from_parts(
+        shape: &[usize],
+        indices: Vec<i64>,
+        rows: &HostArray,
+        ordinal: usize,
+    ) -> Result<DeviceRowSparse> {
+        if rows.dtype() != DType::F32 {
             return Err(Error::InvalidArgument(format!(
                 "GPU values are float32 for now, got {}",
-                array.dtype()
+                rows.dtype()
             )));
         }
-        let rows = NDArray::from_host(rsp.rows().clone()).to_vec::<f32>()?;
-        DeviceRowSparse::upload(array.shape(), rsp.indices().to_vec(), &rows, ordinal)
+        let rows = NDArray::from_host(rows.clone()).to_vec::<f32>()?;
+        DeviceRowSparse::upload(shape, indices, &rows, ordinal)
     }
 
     /// `rows` (row-major, `indices.len()` rows) and `indices` (sorted, distinct, in range:
@@ -239,15 +250,16 @@ impl DeviceRowSparse {
     /// # Errors
     /// [`Error::Device`] when a CUDA call fails.
     pub fn to_host(&self) -> Result<NDArray> {
+        NDArray::row_sparse_from(&self.shape, self.indices.clone(), self.rows_on_host()?)
+    }
+
+    /// The stored rows copied to host memory: a dense array of shape `[nnz, shape[1], ...]`.
+    pub(crate) fn rows_on_host(&self) -> Result<NDArray> {
         let mut rows = download(&self.rows)?;
         rows.truncate(self.nnz() * row_len(&self.shape));
         let mut row_shape = self.shape.clone();
         row_shape[0] = self.nnz();
-        NDArray::row_sparse(
-            &self.shape,
-            self.indices.clone(),
-            &NDArray::from_vec(&row_shape, rows)?,
-        )
+        NDArray::from_vec(&row_shape, rows)
     }
 
     /// The full (dense) shape.

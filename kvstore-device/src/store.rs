@@ -1399,12 +1399,17 @@ impl DeviceStore {
     /// (the GPU copy unchanged).
     fn updated_on_host(&self, key: &Key, grad: &NDArray, stored: &DeviceArray) -> Result<NDArray> {
         let mut weight = stored.to_host()?;
-        if !self.local.run_updater(key, grad, &mut weight)? {
-            return Err(Error::Device(
-                "the store's updater disappeared during a push".into(),
-            ));
-        }
+        self.run_host_updater(key, grad, &mut weight)?;
         Ok(weight)
+    }
+
+    /// The host store's updater on `weight` with `grad`; an error if it has none (set for the
+    /// push, it went away in between).
+    fn run_host_updater(&self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<()> {
+        match self.local.run_updater(key, grad, weight)? {
+            true => Ok(()),
+            false => Err(updater_gone()),
+        }
     }
 
     /// [`update_dense_on_host`](DeviceStore::update_dense_on_host) of a key whose optimizer
@@ -1429,18 +1434,17 @@ impl DeviceStore {
             .map(|s| NDArray::from_vec(&shape, crate::gpu::download(s)?))
             .collect::<Result<Vec<_>>>()?;
         let count = counts.get(key).copied().unwrap_or(0);
-        let no_updater = || Error::Device("the store's updater disappeared during a push".into());
         self.local.with_optimizer_updater(|updater| {
             updater
-                .ok_or_else(no_updater)?
+                .ok_or_else(updater_gone)?
                 .set_key_state(key, arrays, count)
         })?;
         let weight = self.updated_on_host(key, grad, stored)?;
         let (arrays, count) = self.local.with_optimizer_updater(|updater| {
-            let updater = updater.ok_or_else(no_updater)?;
+            let updater = updater.ok_or_else(updater_gone)?;
             let arrays = updater
                 .state_arrays(key)
-                .ok_or_else(no_updater)?
+                .ok_or_else(updater_gone)?
                 .iter()
                 .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
                 .collect::<Result<Vec<_>>>()?;
@@ -1478,11 +1482,7 @@ impl DeviceStore {
             None => NDArray::row_sparse_from(&shape, (0..shape[0] as i64).collect(), dense)?,
             Some(ids) => dense.retain_rows(ids)?,
         };
-        if !self.local.run_updater(key, &grad, &mut weight)? {
-            return Err(Error::Device(
-                "the store's updater disappeared during a push".into(),
-            ));
-        }
+        self.run_host_updater(key, &grad, &mut weight)?;
         if weight.shape() != shape.as_slice() || weight.dtype() != kvstore_base::DType::F32 {
             return Err(Error::InvalidArgument(format!(
                 "the updater replaced the weight of key {key} ({shape:?}, float32) by a {:?} {} \
@@ -1557,6 +1557,12 @@ fn reserve_states(
         states.push(zeros);
     }
     Ok(())
+}
+
+/// The error of a push whose host updater went away while it ran (another thread's
+/// `set_optimizer` or `set_updater` in between).
+fn updater_gone() -> Error {
+    Error::Device("the store's updater disappeared during a push".into())
 }
 
 /// The error of a push whose buffers were not reserved first (a bug of this crate).

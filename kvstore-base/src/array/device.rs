@@ -63,8 +63,8 @@ pub trait DeviceMemory: fmt::Debug + Send + Sync + 'static {
 /// A row-sparse array in the memory of a device (MXNet's `RowSparseNDArray` on `gpu(i)`):
 /// the ids of its stored rows, known on the host, and the rows in device memory. Owned by the
 /// backend that made it ([`DeviceBackend::upload_row_sparse`]); stores that take such arrays
-/// downcast it (`as_any`). Writing one replaces its memory by a new upload (its rows may
-/// change in number), so there is no write method.
+/// downcast it (`as_any`). It is never written: clones of an `NDArray` share it, and a write
+/// into one replaces its memory by a new upload (its rows may change in number).
 pub trait DeviceRowSparseMemory: fmt::Debug + Send + Sync + 'static {
     /// The device it lives on (never [`Context::Cpu`]).
     fn context(&self) -> Context;
@@ -85,17 +85,8 @@ pub trait DeviceRowSparseMemory: fmt::Debug + Send + Sync + 'static {
     /// [`Error::Device`](crate::Error::Device) when the device fails.
     fn rows_to_host(&self) -> Result<HostArray>;
 
-    /// A copy on the same device.
-    ///
-    /// # Errors
-    /// [`Error::Device`](crate::Error::Device), e.g. the device out of memory.
-    fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>>;
-
     /// The concrete array, for the backend that made it.
     fn as_any(&self) -> &dyn Any;
-
-    /// The concrete array, mutably.
-    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// What makes device memory: linked in by a device backend crate.
@@ -296,13 +287,7 @@ mod tests {
         fn rows_to_host(&self) -> Result<HostArray> {
             Ok(self.rows.clone())
         }
-        fn try_clone(&self) -> Result<Box<dyn DeviceRowSparseMemory>> {
-            Ok(Box::new(self.clone()))
-        }
         fn as_any(&self) -> &dyn Any {
-            self
-        }
-        fn as_any_mut(&mut self) -> &mut dyn Any {
             self
         }
     }

@@ -385,37 +385,10 @@ impl NDArray {
         }
     }
 
-    /// The device memory of a row-sparse array on a GPU, to write into (`None` for any other
-    /// array). When a clone shares it, this array first gets a copy of its own.
-    ///
-    /// # Errors
-    /// [`Error::Device`] when that copy fails (the device out of memory).
-    pub fn device_row_sparse_mut(&mut self) -> Result<Option<&mut dyn DeviceRowSparseMemory>> {
-        let Data::DeviceRows(m) = &mut self.data else {
-            return Ok(None);
-        };
-        if Arc::get_mut(m).is_none() {
-            *m = Arc::from(m.try_clone()?);
-        }
-        Ok(Arc::get_mut(m).map(|m| m as &mut dyn DeviceRowSparseMemory))
-    }
-
     /// Whether the array is in device memory (dense or row-sparse): a store that works on
     /// host memory stages it.
     pub fn in_device_memory(&self) -> bool {
         matches!(self.data, Data::Device(_) | Data::DeviceRows(_))
-    }
-
-    /// Gives a dense array in device memory that shares it with clones memory of its own, so
-    /// that a later write allocates nothing; nothing for any other array (a row-sparse one in
-    /// device memory is written by replacing its memory:
-    /// [`row_sparse_replacement`](NDArray::row_sparse_replacement)).
-    ///
-    /// # Errors
-    /// [`Error::Device`] when the copy fails (the device out of memory).
-    pub fn unshare(&mut self) -> Result<()> {
-        self.device_mut()?;
-        Ok(())
     }
 
     /// For a row-sparse array in device memory: a new one in the same context holding `src`

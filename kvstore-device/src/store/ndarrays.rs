@@ -46,21 +46,26 @@ fn gpu_rows(array: &NDArray) -> Result<Option<&DeviceRowSparse>> {
     }
 }
 
-/// The row-sparse values of one key of a push, on GPUs: the caller's arrays, or host values
-/// copied to the key's GPU.
+/// One row-sparse value of a push on a GPU: the caller's array, or a host value's copy.
+enum GpuRows<'v> {
+    Caller(&'v DeviceRowSparse),
+    Uploaded(DeviceRowSparse),
+}
+
+/// The row-sparse values of one key of a push, on GPUs.
 struct RowsPush<'v> {
     key: Key,
-    /// Per value: the caller's GPU array, or `None` where `uploaded` holds its copy.
-    arrays: Vec<Option<&'v DeviceRowSparse>>,
-    uploaded: Vec<Option<DeviceRowSparse>>,
+    values: Vec<GpuRows<'v>>,
 }
 
 impl RowsPush<'_> {
     fn values(&self) -> Vec<&DeviceRowSparse> {
-        self.arrays
+        self.values
             .iter()
-            .zip(&self.uploaded)
-            .map(|(a, u)| a.or(u.as_ref()).expect("a GPU array or its upload"))
+            .map(|v| match v {
+                GpuRows::Caller(array) => *array,
+                GpuRows::Uploaded(copy) => copy,
+            })
             .collect()
     }
 }
@@ -591,7 +596,7 @@ impl DeviceStore {
         let gpu_keys = self.gpu_bound_keys(values);
         let split = split_values(values, &gpu_keys, &row_keys);
         let gpu_part = self.checked_gpu_part(operation, &split)?;
-        let rows_part = self.checked_rows_part(operation, values, &row_keys)?;
+        let rows_part = self.rows_part(operation, values, &row_keys)?;
         // What the row-sparse keys' pushes allocate, before any part of the call runs.
         let prepared = {
             let mut state = self.state();
@@ -639,10 +644,11 @@ impl DeviceStore {
             .collect()
     }
 
-    /// The values of the row-sparse GPU keys `row_keys` among `values`, per key, checked as
-    /// [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse) checks them: row-sparse
-    /// arrays on GPUs, or on the host (copied to the key's GPU here).
-    fn checked_rows_part<'v>(
+    /// The values of the row-sparse GPU keys `row_keys` among `values`, per key: row-sparse
+    /// arrays on GPUs, or on the host (copied to the key's GPU here). The rest of
+    /// [`push_gpu_row_sparse`](DeviceStore::push_gpu_row_sparse)'s checks come with the
+    /// push's preparation, before any part of the call runs.
+    fn rows_part<'v>(
         &self,
         operation: &'static str,
         values: &KeyedValues<'v>,
@@ -657,8 +663,7 @@ impl DeviceStore {
             let ordinal = self.state().keys[&group.key].merge_dev.unwrap_or(0);
             let mut push = RowsPush {
                 key: group.key.clone(),
-                arrays: Vec::with_capacity(group.positions.len()),
-                uploaded: Vec::with_capacity(group.positions.len()),
+                values: Vec::with_capacity(group.positions.len()),
             };
             for &p in &group.positions {
                 let value: &'v NDArray = values.values()[p];
@@ -670,21 +675,13 @@ impl DeviceStore {
                         group.key
                     ))));
                 }
-                match gpu_rows(value).map_err(at())? {
-                    Some(array) => {
-                        push.arrays.push(Some(array));
-                        push.uploaded.push(None);
-                    }
+                push.values.push(match gpu_rows(value).map_err(at())? {
+                    Some(array) => GpuRows::Caller(array),
                     None => {
-                        let copy = DeviceRowSparse::from_host(value, ordinal).map_err(at())?;
-                        push.arrays.push(None);
-                        push.uploaded.push(Some(copy));
+                        GpuRows::Uploaded(DeviceRowSparse::from_host(value, ordinal).map_err(at())?)
                     }
-                }
+                });
             }
-            let state = self.state();
-            self.check_row_sparse_push(&state, &group.key, &push.values())
-                .map_err(at())?;
             pushes.push(push);
         }
         Ok(pushes)
