@@ -14,7 +14,11 @@
 //! `DMLC_NODE_HOST` (`--host`: every process binds and advertises that address) and
 //! `DMLC_TASK_ID` (as dmlc-core's local launcher: a worker's index, a server's `WORKERS +`
 //! index; it is not the rank, which the scheduler assigns), `KVSTORE_TIMEOUT_SECS` with
-//! `--timeout`, and every `--env KEY=VALUE`. The rest of the launcher's environment is
+//! `--timeout`, `KVSTORE_SECRET` (a fresh random secret for the job, unless the launcher's
+//! environment or `--env` sets `KVSTORE_SECRET` or `KVSTORE_SECRET_FILE`: every connection of
+//! the job then opens with the shared-secret handshake, so no process outside the job can
+//! join it, push into it or stop it; [`job_secret`]), and every `--env KEY=VALUE`. The rest
+//! of the launcher's environment is
 //! inherited (`PS_VERBOSE`, `MXNET_KVSTORE_BIGARRAY_BOUND`, `OMP_NUM_THREADS`, ...), except
 //! `PORT`, a node's fixed port, which processes sharing one host cannot share. Standard input
 //! is closed (`/dev/null`) for every process.
@@ -524,6 +528,7 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
             options.host, options.num_servers, options.num_workers, options.command
         );
     }
+    let secret = job_secret(options, |var| std::env::var_os(var).is_some())?;
     let mut job = Job::new();
     for process in processes(options) {
         let (program, args): (&OsStr, Vec<&OsStr>) = match process {
@@ -539,7 +544,7 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
                 vec![OsStr::new(process.role().as_str())],
             ),
         };
-        let env = process_env(options, process, port);
+        let env = [process_env(options, process, port), secret.clone()].concat();
         job.start(process, program, &args, &env)
             .map_err(|source| kvstore::Error::Io {
                 path: PathBuf::from(program),
@@ -549,12 +554,40 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
     let restarts = Restarts {
         left: options.restart_workers,
         given: options.restart_workers,
-        env: &|process| process_env(options, process, port),
+        env: &|process| [process_env(options, process, port), secret.clone()].concat(),
         command: &options.command,
     };
     let end = job.supervise(timeout, restarts);
     job.finish();
     Ok(end)
+}
+
+/// The variables that name or hold a job's shared secret.
+const SECRET_VARS: [&str; 2] = ["KVSTORE_SECRET", "KVSTORE_SECRET_FILE"];
+
+/// The shared secret the launcher gives every process: none when the job already has one
+/// (`KVSTORE_SECRET` or `KVSTORE_SECRET_FILE` in `--env`, or set where `is_set` says, the
+/// launcher's environment), else a fresh random one as `KVSTORE_SECRET`, so that only the
+/// processes of this job can talk to each other.
+///
+/// # Errors
+/// [`kvstore::Error::Io`] when the kernel gives no random bytes.
+pub fn job_secret(
+    options: &LaunchOptions,
+    is_set: impl Fn(&str) -> bool,
+) -> kvstore::Result<Vec<(String, String)>> {
+    let chosen = SECRET_VARS
+        .iter()
+        .any(|var| is_set(var) || options.env.iter().any(|(k, _)| k == var));
+    if chosen {
+        return Ok(Vec::new());
+    }
+    let secret =
+        kvstore_dist::transport::Secret::generate_text().map_err(|source| kvstore::Error::Io {
+            path: PathBuf::from("/dev/urandom"),
+            source,
+        })?;
+    Ok(vec![(SECRET_VARS[0].to_string(), secret)])
 }
 
 /// `PS_VERBOSE` of the processes (`--env`, else inherited) is 1 or more.
@@ -1037,6 +1070,24 @@ mod tests {
             assert!(matches!(e, kvstore::Error::InvalidArgument(_)), "{e:?}");
             assert!(e.to_string().contains(needle), "{needle}: {e}");
         }
+    }
+
+    #[test]
+    fn a_job_gets_a_fresh_secret_unless_it_has_one() {
+        let mut o = LaunchOptions::new(1, 1, ["true"]);
+        let first = job_secret(&o, |_| false).unwrap();
+        let second = job_secret(&o, |_| false).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0, "KVSTORE_SECRET");
+        assert_eq!(first[0].1.len(), 64);
+        assert!(first[0].1.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(first, second, "two jobs got the same secret");
+        kvstore_dist::transport::Secret::new(first[0].1.clone().into_bytes()).unwrap();
+        for var in SECRET_VARS {
+            assert!(job_secret(&o, |v| v == var).unwrap().is_empty(), "{var}");
+        }
+        o.env = vec![("KVSTORE_SECRET_FILE".into(), "/run/secrets/job".into())];
+        assert!(job_secret(&o, |_| false).unwrap().is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ fn workers_get_the_cluster_variables_and_the_launchers_environment() {
     let port = free_port().to_string();
     let script = "echo \"vars $DMLC_ROLE $DMLC_PS_ROOT_URI $DMLC_PS_ROOT_PORT $DMLC_NUM_SERVER \
                   $DMLC_NUM_WORKER $DMLC_NODE_HOST $DMLC_TASK_ID $KVSTORE_TIMEOUT_SECS $EXTRA \
-                  $INHERITED port=${PORT-unset}\"";
+                  $INHERITED port=${PORT-unset} secret=${#KVSTORE_SECRET}\"";
     // The workers never join the cluster, so the scheduler and the server give up after the
     // 3 s timeout and the job fails; the workers' output is complete by then.
     let job = launch(
@@ -38,7 +38,7 @@ fn workers_get_the_cluster_variables_and_the_launchers_environment() {
     for task in 0..2 {
         let expected = format!(
             "[worker {task}] vars worker 127.0.0.1 {port} 1 2 127.0.0.1 {task} 3 a=b:c yes \
-             port=unset"
+             port=unset secret=64"
         );
         assert!(
             job.stdout.lines().any(|l| l == expected),
@@ -280,6 +280,9 @@ fn dist_worker() {
     if std::env::var_os(WORKER).is_none() {
         return;
     }
+    // The job's connections open with the handshake of the secret the launcher made.
+    let secret = std::env::var("KVSTORE_SECRET").expect("the launcher gives a job a secret");
+    assert_eq!(secret.len(), 64);
     let kv = kvstore::create("dist_sync").expect("create(dist_sync)");
     let (rank, workers) = (kv.rank(), kv.num_workers());
     kv.init(3, &NDArray::zeros(&[5], DType::F32)).expect("init");

@@ -22,6 +22,8 @@
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
+//! | `KVSTORE_SECRET_FILE` | `secret_file` | unset | a file holding the job's shared secret (at least 16 bytes; a trailing line ending is ignored): every connection then opens with a handshake in which both ends prove they know it, and a node that cannot is refused ([`transport::auth`](crate::transport::auth)) |
+//! | `KVSTORE_SECRET` | | unset | the shared secret itself, for setups that inject secrets as variables (at most one of the two variables) |
 //! | `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` | `row_sparse_verbose` | 0 | 1 (or `true`): workers and servers log every row-sparse push and pull (key, rows) at `info` level, as MXNet's do |
 //!
 //! `DMLC_PS_VAN_TYPE` is not a setting: MXNet's P3 store (`p3`) and RDMA van (`ibverbs`) are
@@ -203,6 +205,8 @@ pub struct DistFile {
     pub shm_dir: Option<String>,
     /// `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`.
     pub row_sparse_verbose: Option<bool>,
+    /// `KVSTORE_SECRET_FILE`.
+    pub secret_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -279,6 +283,37 @@ pub struct DistConfig {
     /// Whether workers and servers log each row-sparse push and pull
     /// (`MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`).
     pub row_sparse_verbose: bool,
+    /// The job's shared secret (`KVSTORE_SECRET_FILE` or `KVSTORE_SECRET`): every connection
+    /// opens with the handshake of [`transport::auth`](crate::transport::auth).
+    pub secret: Option<crate::transport::Secret>,
+}
+
+/// The shared secret of `KVSTORE_SECRET`, else of the file `KVSTORE_SECRET_FILE` (else the
+/// file's `secret_file`) names; an error when both variables are set.
+fn read_secret(
+    src: &Source<'_>,
+    file: &DistFile,
+) -> Result<Option<crate::transport::Secret>, ConfigError> {
+    use crate::transport::Secret;
+    match (src.get("KVSTORE_SECRET"), src.get("KVSTORE_SECRET_FILE")) {
+        (Some(_), Some(path)) => Err(invalid(
+            "KVSTORE_SECRET_FILE",
+            path,
+            "unset while KVSTORE_SECRET is set: give the secret one way",
+        )),
+        (Some(value), None) => Secret::new(value.as_bytes().to_vec())
+            .map(Some)
+            .map_err(|e| invalid("KVSTORE_SECRET", "<hidden>", &e)),
+        (None, Some(path)) => Secret::from_file(Path::new(path))
+            .map(Some)
+            .map_err(|e| invalid("KVSTORE_SECRET_FILE", path, &e)),
+        (None, None) => match &file.secret_file {
+            Some(path) => Secret::from_file(Path::new(path))
+                .map(Some)
+                .map_err(|e| invalid(&file_var("secret_file"), path, &e)),
+            None => Ok(None),
+        },
+    }
 }
 
 /// Where a value came from, for error messages.
@@ -628,6 +663,8 @@ impl DistConfig {
             None => file.row_sparse_verbose.unwrap_or(false),
         };
 
+        let secret = read_secret(&src, file)?;
+
         Ok(DistConfig {
             role,
             root_uri,
@@ -647,6 +684,7 @@ impl DistConfig {
             shm_bytes,
             shm_dir,
             row_sparse_verbose,
+            secret,
         })
     }
 
@@ -659,12 +697,14 @@ impl DistConfig {
         }
     }
 
-    /// The transport settings this configuration implies (timeout, maximum message size);
+    /// The transport settings this configuration implies (timeout, maximum message size,
+    /// shared secret);
     /// the node id is assigned later by the scheduler.
     pub fn transport(&self) -> crate::transport::TransportConfig {
         crate::transport::TransportConfig {
             timeout: self.timeout,
             max_message_bytes: self.max_message_bytes,
+            secret: self.secret.clone(),
             ..crate::transport::TransportConfig::default()
         }
     }

@@ -41,6 +41,26 @@ impl LocalCluster {
     /// # Errors
     /// [`Error::Backend`] when the scheduler cannot start or a thread cannot be spawned.
     pub fn start(servers: u32, workers: u32, timeout: Duration) -> Result<LocalCluster> {
+        Self::start_with(servers, workers, timeout, [("", ""); 0])
+    }
+
+    /// As [`start`](LocalCluster::start), with more settings (variables of
+    /// [`config`](crate::config), such as `KVSTORE_SECRET` or `KVSTORE_SHM`) for the
+    /// scheduler, the servers and the [`worker_options`](LocalCluster::worker_options).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad setting, else as [`start`](LocalCluster::start).
+    pub fn start_with<I, K, V>(
+        servers: u32,
+        workers: u32,
+        timeout: Duration,
+        settings: I,
+    ) -> Result<LocalCluster>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
         let mut options = BTreeMap::new();
         for (k, v) in [
             ("DMLC_ROLE", "worker".to_string()),
@@ -54,6 +74,7 @@ impl LocalCluster {
         ] {
             options.insert(k.to_string(), v);
         }
+        options.extend(settings.into_iter().map(|(k, v)| (k.into(), v.into())));
         let config = |role: Role, options: &BTreeMap<String, String>| {
             let mut c = DistConfig::from_vars(options.clone())
                 .map_err(|e| Error::InvalidArgument(e.to_string()))?;

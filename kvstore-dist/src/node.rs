@@ -540,6 +540,14 @@ fn connect_retrying(
             .and_then(|stream| Connection::from_stream(stream, config.transport()));
         match connected {
             Ok(c) => return Ok(c),
+            // The scheduler is up but the secrets differ: trying again cannot help.
+            Err(e @ TransportError::Auth { .. }) => {
+                return Err(ClusterError::Transport {
+                    scheduler: scheduler.to_string(),
+                    what: "connecting".to_string(),
+                    source: Box::new(e),
+                })
+            }
             Err(e) => {
                 last = Some(e);
                 std::thread::sleep(left.min(Duration::from_millis(50)));

@@ -224,3 +224,57 @@ fn config_errors_convert_to_store_errors() {
         .into();
     assert!(e.to_string().contains("DMLC_NUM_WORKER"), "{e}");
 }
+
+#[test]
+fn the_shared_secret_comes_from_one_variable_or_a_file() {
+    use kvstore_dist::transport::Secret;
+    let dir = std::env::temp_dir().join(format!("kvstore-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("secret");
+    // An editor's line ending is not part of the secret.
+    std::fs::write(&file, "0123456789abcdef0123\r\n").unwrap();
+    let path = file.to_str().unwrap();
+    let expected = Secret::new(b"0123456789abcdef0123".to_vec()).unwrap();
+
+    let c = DistConfig::from_vars(with(&[])).unwrap();
+    assert_eq!((c.secret.clone(), c.transport().secret), (None, None));
+    let c = DistConfig::from_vars(with(&[("KVSTORE_SECRET_FILE", path)])).unwrap();
+    assert_eq!(c.secret.as_ref(), Some(&expected));
+    assert_eq!(c.transport().secret, Some(expected.clone()));
+    let c = DistConfig::from_vars(with(&[("KVSTORE_SECRET", "0123456789abcdef0123")])).unwrap();
+    assert_eq!(c.secret, Some(expected.clone()));
+    let toml = format!("[dist]\nsecret_file = {path:?}\n");
+    let file_cfg = DistFile::from_toml_str(&toml).unwrap();
+    let c = DistConfig::from_vars_and_file(with(&[]), &file_cfg).unwrap();
+    assert_eq!(c.secret, Some(expected.clone()));
+    // The variable wins over the file's key, as every setting does.
+    let c = DistConfig::from_vars_and_file(
+        with(&[("KVSTORE_SECRET", "another secret of the job")]),
+        &file_cfg,
+    )
+    .unwrap();
+    assert_ne!(c.secret, Some(expected));
+    // Never shown, not even in the configuration's Debug.
+    assert!(!format!("{c:?}").contains("another secret"), "{c:?}");
+
+    let e = err(with(&[("KVSTORE_SECRET", "short")]));
+    assert!(
+        e.contains("KVSTORE_SECRET") && e.contains("at least 16 bytes") && !e.contains("short"),
+        "{e}"
+    );
+    let e = err(with(&[
+        ("KVSTORE_SECRET", "0123456789abcdef0123"),
+        ("KVSTORE_SECRET_FILE", path),
+    ]));
+    assert!(e.contains("give the secret one way"), "{e}");
+    let missing = dir.join("absent");
+    let e = err(with(&[("KVSTORE_SECRET_FILE", missing.to_str().unwrap())]));
+    assert!(
+        e.contains("KVSTORE_SECRET_FILE") && e.contains("absent"),
+        "{e}"
+    );
+    std::fs::write(&file, "tiny\n").unwrap();
+    let e = err(with(&[("KVSTORE_SECRET_FILE", path)]));
+    assert!(e.contains("has 4"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

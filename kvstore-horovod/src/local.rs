@@ -38,6 +38,20 @@ impl LocalJob {
     /// # Errors
     /// [`Error::Backend`] when the scheduler cannot start.
     pub fn start(workers: u32, timeout: Duration) -> Result<LocalJob> {
+        Self::start_with(workers, timeout, [("", ""); 0])
+    }
+
+    /// As [`start`](LocalJob::start), with more settings (such as `KVSTORE_SECRET`) for the
+    /// scheduler and the [`worker_options`](LocalJob::worker_options).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a bad setting, else as [`start`](LocalJob::start).
+    pub fn start_with<I, K, V>(workers: u32, timeout: Duration, settings: I) -> Result<LocalJob>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
         let mut options = BTreeMap::new();
         for (k, v) in [
             ("DMLC_ROLE", "worker".to_string()),
@@ -50,6 +64,7 @@ impl LocalJob {
         ] {
             options.insert(k.to_string(), v);
         }
+        options.extend(settings.into_iter().map(|(k, v)| (k.into(), v.into())));
         let mut vars = options.clone();
         vars.insert("DMLC_NUM_SERVER".into(), "1".into());
         let mut config =

@@ -72,6 +72,15 @@ pub enum TransportError {
         /// What was wrong.
         reason: String,
     },
+    /// The shared-secret handshake that opens a connection failed: the peer does not know the
+    /// job's secret, has none, or broke off (see [`auth`](super::auth)).
+    #[error("authentication with {peer} failed: {reason}")]
+    Auth {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
     /// Sending to or receiving from the peer failed.
     #[error("I/O error with {peer} while {during}: {source}")]
     Io {

@@ -21,6 +21,10 @@
 //! ([`Connection::send_into`]) or, on the server, a buffer from a small per-connection pool
 //! that [`Payload`] returns on drop.
 //!
+//! With a [`Secret`] in [`TransportConfig::secret`], every connection opens with the
+//! handshake of [`auth`]: client and server prove to each other that they know the job's
+//! secret before the first request is handled.
+//!
 //! Nothing waits forever: a response waits at most [`TransportConfig::timeout`] and then fails
 //! with [`TransportError::Timeout`] naming the peer, the request id and the caller's
 //! description (e.g. the key); a blocked send fails after the same time without progress; a
@@ -36,6 +40,7 @@
 //! no cooperative-yield stalls behind a long copy), and a library that others embed in their
 //! training loops should not impose or start an async runtime (nor clash with theirs).
 
+pub mod auth;
 pub mod buffer;
 pub mod connection;
 pub mod error;
@@ -45,6 +50,7 @@ pub mod server;
 use std::net::TcpStream;
 use std::time::Duration;
 
+pub use auth::Secret;
 pub use buffer::Payload;
 pub use connection::{Connection, Pending, Response};
 pub use error::TransportError;
@@ -68,6 +74,10 @@ pub struct TransportConfig {
     pub socket_buffer_bytes: Option<usize>,
     /// Buffers a server connection keeps for reuse by incoming payloads (see [`Payload`]).
     pub pooled_buffers: usize,
+    /// The job's shared secret: when set, every connection opens with the handshake of
+    /// [`auth`] (both ends prove they know it) and a peer that cannot is refused; a node with
+    /// a secret and one without cannot talk. `None`: no handshake.
+    pub secret: Option<Secret>,
 }
 
 impl Default for TransportConfig {
@@ -78,6 +88,7 @@ impl Default for TransportConfig {
             node_id: 0,
             socket_buffer_bytes: None,
             pooled_buffers: 4,
+            secret: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::auth::{CMD_AUTH, NO_SECRET_HERE};
 use super::buffer::{Payload, Pool};
 use super::connection::{payload_len, peer_name, read_header};
 use super::error::TransportError;
@@ -327,73 +328,14 @@ fn serve(
     let writer = Arc::new(Mutex::new(writer));
     let pool = Pool::new(config.pooled_buffers);
     let mut node = 0u32;
-    let reason = loop {
-        let mut hb = [0u8; HEADER_LEN];
-        match read_header(&mut stream, &mut hb) {
-            Ok(true) => {}
-            Ok(false) => break None,
-            Err(e) => break Some(format!("read failed: {e}")),
-        }
-        let header = match FrameHeader::decode(&hb, config.max_message_bytes) {
-            Ok(h) => h,
-            Err(e) => {
-                if let HeaderError::TooLarge { .. } = e {
-                    // The header is otherwise ours: tell the client why before closing.
-                    let mut id = [0u8; 8];
-                    id.copy_from_slice(&hb[16..24]);
-                    let responder = Responder {
-                        writer: Arc::clone(&writer),
-                        request_id: u64::from_le_bytes(id),
-                        peer: peer_name(peer, node),
-                        node_id: config.node_id,
-                        answered: false,
-                    };
-                    let _ = responder.respond_error(&e.to_string());
-                }
-                break Some(format!("protocol error: {e}"));
-            }
-        };
-        if header.kind != MessageKind::Request {
-            break Some(format!(
-                "protocol error: expected a request, got a {:?} frame",
-                header.kind
-            ));
-        }
-        node = header.sender;
-        let len = match payload_len(&header) {
-            Ok(n) => n,
-            Err(e) => break Some(format!("protocol error: {e}")),
-        };
-        let mut payload = pool.take(len);
-        if let Err(e) = stream.read_exact(&mut payload) {
-            break Some(format!(
-                "reading the payload of request {} failed: {e}",
-                header.request_id
-            ));
-        }
-        let responder = Responder {
-            writer: Arc::clone(&writer),
-            request_id: header.request_id,
-            peer: peer_name(peer, node),
-            node_id: config.node_id,
-            answered: false,
-        };
-        let request = Request {
-            header,
-            payload,
-            connection,
-        };
-        if catch_unwind(AssertUnwindSafe(|| {
-            shared.handler.handle(request, responder)
-        }))
-        .is_err()
-        {
-            log::error!(
-                "kvstore-dist: the request handler panicked on request {} from {}",
-                header.request_id,
-                peer_name(peer, node)
-            );
-        }
+    let authenticated = match &config.secret {
+        None => Ok(true),
+        Some(secret) => super::auth::server_handshake(&mut stream, secret, config),
+    };
+    let reason = match authenticated {
+        Ok(true) => serve_requests(shared, &mut stream, &writer, &pool, connection, &mut node),
+        Ok(false) => None,
+        Err(reason) => Some(format!("authentication failed: {reason}")),
     };
     if let Some(reason) = reason {
         if !shared.stopping.load(Ordering::SeqCst) {
@@ -409,5 +351,94 @@ fn serve(
             "kvstore-dist: the disconnect handler panicked for {}",
             peer_name(peer, node)
         );
+    }
+}
+
+/// Reads requests and hands them to the handler until the connection ends; `Some(reason)`
+/// when it ended otherwise than by the peer closing it.
+fn serve_requests(
+    shared: &ServerShared,
+    stream: &mut TcpStream,
+    writer: &Arc<Mutex<TcpStream>>,
+    pool: &Arc<Pool>,
+    connection: ConnectionId,
+    node: &mut u32,
+) -> Option<String> {
+    let peer = connection.addr;
+    let config = &shared.config;
+    loop {
+        let mut hb = [0u8; HEADER_LEN];
+        match read_header(stream, &mut hb) {
+            Ok(true) => {}
+            Ok(false) => break None,
+            Err(e) => break Some(format!("read failed: {e}")),
+        }
+        let header = match FrameHeader::decode(&hb, config.max_message_bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                if let HeaderError::TooLarge { .. } = e {
+                    // The header is otherwise ours: tell the client why before closing.
+                    let mut id = [0u8; 8];
+                    id.copy_from_slice(&hb[16..24]);
+                    let responder = Responder {
+                        writer: Arc::clone(writer),
+                        request_id: u64::from_le_bytes(id),
+                        peer: peer_name(peer, *node),
+                        node_id: config.node_id,
+                        answered: false,
+                    };
+                    let _ = responder.respond_error(&e.to_string());
+                }
+                break Some(format!("protocol error: {e}"));
+            }
+        };
+        if header.kind != MessageKind::Request {
+            break Some(format!(
+                "protocol error: expected a request, got a {:?} frame",
+                header.kind
+            ));
+        }
+        *node = header.sender;
+        let len = match payload_len(&header) {
+            Ok(n) => n,
+            Err(e) => break Some(format!("protocol error: {e}")),
+        };
+        let mut payload = pool.take(len);
+        if let Err(e) = stream.read_exact(&mut payload) {
+            break Some(format!(
+                "reading the payload of request {} failed: {e}",
+                header.request_id
+            ));
+        }
+        let responder = Responder {
+            writer: Arc::clone(writer),
+            request_id: header.request_id,
+            peer: peer_name(peer, *node),
+            node_id: config.node_id,
+            answered: false,
+        };
+        if header.command == CMD_AUTH {
+            // A handshake reaches here only when this server has no secret.
+            let _ = responder.respond_error(NO_SECRET_HERE);
+            break Some(
+                "the peer opened with a shared-secret handshake; this node has no secret".into(),
+            );
+        }
+        let request = Request {
+            header,
+            payload,
+            connection,
+        };
+        if catch_unwind(AssertUnwindSafe(|| {
+            shared.handler.handle(request, responder)
+        }))
+        .is_err()
+        {
+            log::error!(
+                "kvstore-dist: the request handler panicked on request {} from {}",
+                header.request_id,
+                peer_name(peer, *node)
+            );
+        }
     }
 }
