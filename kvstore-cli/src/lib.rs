@@ -28,7 +28,8 @@
 //!   [`launch`].
 //!
 //! `scheduler` and `server` take `--config kvstore.toml`, whose `[dist]` table supplies the
-//! settings the environment leaves unset.
+//! settings the environment leaves unset. What the roles log (refused connections, lost
+//! nodes, stalled rounds and barriers) goes to standard error ([`logging`]).
 //!
 //! The logic lives here, in plain functions ([`render_list`], [`role_config`],
 //! [`run_scheduler`], [`run_server`], [`launch::launch`], [`run`]); `main.rs` only parses the
@@ -36,6 +37,7 @@
 #![deny(missing_docs)]
 
 pub mod launch;
+pub mod logging;
 
 use std::path::{Path, PathBuf};
 

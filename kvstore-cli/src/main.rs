@@ -10,6 +10,7 @@ use kvstore_cli::{run, Cli, Outcome};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    kvstore_cli::logging::install();
     let output = match run(&cli) {
         Ok(Outcome::Print(output)) => output,
         Ok(Outcome::Exit { code, message }) => {

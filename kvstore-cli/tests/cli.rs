@@ -271,3 +271,49 @@ fn server_serves_a_worker_and_exits_0_with_the_scheduler() {
         assert!(status.success(), "kvstore {name}: {status}\nstderr:\n{err}");
     }
 }
+
+#[test]
+fn scheduler_with_a_secret_refuses_and_logs_a_node_without_it() {
+    use kvstore_dist::transport::{Connection, Outgoing, TransportConfig};
+    let port = free_port();
+    let mut vars = cluster_vars(port);
+    vars.retain(|(k, _)| *k != "KVSTORE_TIMEOUT_SECS");
+    vars.push(("KVSTORE_TIMEOUT_SECS", "1".to_string()));
+    vars.push((
+        "KVSTORE_SECRET",
+        "the secret of this scheduler test".to_string(),
+    ));
+    let scheduler = SchedulerProcess::spawn(&vars);
+    let config = TransportConfig {
+        timeout: Duration::from_secs(5),
+        ..TransportConfig::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let conn = loop {
+        match Connection::connect(("127.0.0.1", port), config.clone()) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("the scheduler never listened: {e}"),
+        }
+    };
+    let refused = conn
+        .request(Outgoing::new(0x4B56_0001, b"register me"), "registration")
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("shared secret"), "{refused}");
+    // Nobody registers: the scheduler gives up after its timeout, having logged the refusal.
+    let (status, _, err) = scheduler.wait(Duration::from_secs(10));
+    assert!(!status.success(), "{status}\nstderr:\n{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("kvstore: WARN ") && l.contains("authentication failed")),
+        "{err}"
+    );
+    assert!(
+        !err.contains("the secret of this"),
+        "the secret was logged:\n{err}"
+    );
+}

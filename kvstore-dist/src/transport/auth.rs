@@ -297,8 +297,9 @@ fn expect_answer(stream: &mut TcpStream, step: u64) -> Result<Vec<u8>, String> {
 }
 
 /// Checks that the client of `stream` knows `secret` (proving this node's knowledge in turn).
-/// An error means the connection must be closed: the client has been told why where it could
-/// be. `Ok(false)`: the client closed the connection before its first frame.
+/// An error means the connection must be closed, after [`drain_until_closed`]: the client has
+/// been told why where it could be. `Ok(false)`: the client closed the connection before its
+/// first frame.
 pub(crate) fn server_handshake(
     stream: &mut TcpStream,
     secret: &Secret,
@@ -316,7 +317,6 @@ pub(crate) fn server_handshake(
             request_id,
         );
         let _ = stream.shutdown(Shutdown::Write);
-        drain_until_closed(stream);
     };
     let first = match first_frame(stream) {
         Ok(Some(header)) => header,
@@ -404,7 +404,7 @@ pub(crate) fn server_handshake(
 /// After a refusal: reads what the peer still sends (at most 1 MiB, for at most a second)
 /// until it closes, so that closing this end does not reset the connection before the peer
 /// has read the refusal.
-fn drain_until_closed(mut stream: &TcpStream) {
+pub(crate) fn drain_until_closed(mut stream: &TcpStream) {
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
     let mut scratch = [0u8; 16 * 1024];
     let mut drained = 0usize;

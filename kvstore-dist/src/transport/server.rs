@@ -332,7 +332,7 @@ fn serve(
         None => Ok(true),
         Some(secret) => super::auth::server_handshake(&mut stream, secret, config),
     };
-    let reason = match authenticated {
+    let reason = match &authenticated {
         Ok(true) => serve_requests(shared, &mut stream, &writer, &pool, connection, &mut node),
         Ok(false) => None,
         Err(reason) => Some(format!("authentication failed: {reason}")),
@@ -344,6 +344,10 @@ fn serve(
                 peer_name(peer, node)
             );
         }
+    }
+    if authenticated.is_err() {
+        // Let the refusal reach the peer before the connection closes.
+        super::auth::drain_until_closed(&stream);
     }
     let _ = stream.shutdown(Shutdown::Both);
     if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(connection))).is_err() {

@@ -1,0 +1,137 @@
+//! The `kvstore` command's log: what the libraries say through the `log` facade (a refused
+//! connection, a lost worker, a sync round waiting on a worker, each row-sparse push under
+//! `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`) goes to standard error, one line per record.
+//!
+//! The level is, from the most to the least verbose of what applies:
+//! - `KVSTORE_LOG` (or, when it is unset, `RUST_LOG`): `off`, `error`, `warn`, `info`,
+//!   `debug` or `trace` (a value this does not understand, such as a per-module filter, leaves
+//!   the default and is said on standard error);
+//! - `PS_VERBOSE` 1: at least `info`; 2: at least `debug` (ps-lite's verbosity);
+//! - `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` 1 or `true`: at least `info` (where those lines
+//!   are written, as MXNet's servers print them);
+//! - otherwise `warn`.
+//!
+//! Libraries never install a logger: a worker program chooses its own.
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+/// The level the variables ask for (see the [module docs](self)), and a note when
+/// `KVSTORE_LOG`/`RUST_LOG` held something it could not read.
+///
+/// ```
+/// use kvstore_cli::logging::level_from;
+/// use log::LevelFilter;
+///
+/// assert_eq!(level_from(|_| None).0, LevelFilter::Warn);
+/// assert_eq!(level_from(|v| (v == "PS_VERBOSE").then(|| "2".into())).0, LevelFilter::Debug);
+/// ```
+pub fn level_from(var: impl Fn(&str) -> Option<String>) -> (LevelFilter, Option<String>) {
+    let mut note = None;
+    let chosen = ["KVSTORE_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|name| var(name).map(|value| (*name, value)))
+        .and_then(|(name, value)| match value.trim().parse::<LevelFilter>() {
+            Ok(level) => Some(level),
+            Err(_) => {
+                note = Some(format!(
+                    "{name}={value:?} is not a level (off, error, warn, info, debug, trace): \
+                     logging at the default level"
+                ));
+                None
+            }
+        });
+    if let Some(level) = chosen {
+        return (level, note);
+    }
+    let mut level = LevelFilter::Warn;
+    match var("PS_VERBOSE").as_deref().map(str::trim) {
+        Some("1") => level = level.max(LevelFilter::Info),
+        Some(v) if v.parse::<u8>().is_ok_and(|n| n >= 2) => level = LevelFilter::Debug,
+        _ => {}
+    }
+    let row_sparse = var("MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE");
+    if matches!(
+        row_sparse.as_deref().map(|v| v.trim().to_ascii_lowercase()),
+        Some(v) if v == "1" || v == "true"
+    ) {
+        level = level.max(LevelFilter::Info);
+    }
+    (level, note)
+}
+
+/// Writes each record as one line on standard error: `kvstore: WARN  <message>`.
+struct StderrLog;
+
+impl Log for StderrLog {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let level = match record.level() {
+                Level::Error => "ERROR",
+                Level::Warn => "WARN ",
+                Level::Info => "INFO ",
+                Level::Debug => "DEBUG",
+                Level::Trace => "TRACE",
+            };
+            // One `eprintln!` per record: lines of several threads never interleave.
+            eprintln!("kvstore: {level} {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: StderrLog = StderrLog;
+
+/// Installs the standard-error log at the level of this process's environment
+/// ([`level_from`]). Does nothing if a logger is already installed.
+pub fn install() {
+    let (level, note) = level_from(|name| std::env::var(name).ok());
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(level);
+        if let Some(note) = note {
+            eprintln!("kvstore: {note}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(vars: &[(&str, &str)]) -> (LevelFilter, Option<String>) {
+        level_from(|name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn the_level_follows_the_variables() {
+        assert_eq!(level(&[]), (LevelFilter::Warn, None));
+        assert_eq!(level(&[("PS_VERBOSE", "1")]).0, LevelFilter::Info);
+        assert_eq!(level(&[("PS_VERBOSE", "2")]).0, LevelFilter::Debug);
+        assert_eq!(level(&[("PS_VERBOSE", "0")]).0, LevelFilter::Warn);
+        assert_eq!(
+            level(&[("MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE", "true")]).0,
+            LevelFilter::Info
+        );
+        assert_eq!(level(&[("RUST_LOG", "error")]).0, LevelFilter::Error);
+        // KVSTORE_LOG wins over RUST_LOG, and either over PS_VERBOSE.
+        assert_eq!(
+            level(&[("RUST_LOG", "error"), ("KVSTORE_LOG", "trace")]).0,
+            LevelFilter::Trace
+        );
+        assert_eq!(
+            level(&[("KVSTORE_LOG", "off"), ("PS_VERBOSE", "2")]).0,
+            LevelFilter::Off
+        );
+        let (l, note) = level(&[("RUST_LOG", "kvstore_dist=debug")]);
+        assert_eq!(l, LevelFilter::Warn);
+        assert!(note.unwrap().contains("RUST_LOG"));
+    }
+}
