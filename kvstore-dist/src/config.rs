@@ -18,6 +18,7 @@
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
+//! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
@@ -55,6 +56,9 @@ pub const DEFAULT_BIGARRAY_BOUND: u64 = 1_000_000;
 /// a rank that evaluates or checkpoints alone between two steps, or for nodes that start
 /// minutes apart; a node that dies is noticed at once (its connections close), not after it.
 pub const DEFAULT_TIMEOUT_SECS: f64 = 600.0;
+/// Default of `KVSTORE_STALL_WARNING_SECS`: a minute, as Horovod's stall check
+/// (`HOROVOD_STALL_CHECK_TIME_SECONDS`).
+pub const DEFAULT_STALL_WARNING_SECS: f64 = 60.0;
 /// Default largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`): 4 GiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 << 30;
 /// Default size of a shared-memory region (`KVSTORE_SHM_BYTES`): 256 MiB.
@@ -195,6 +199,8 @@ pub struct DistFile {
     pub bigarray_bound: Option<u64>,
     /// `KVSTORE_TIMEOUT_SECS`.
     pub timeout_secs: Option<f64>,
+    /// `KVSTORE_STALL_WARNING_SECS`.
+    pub stall_warning_secs: Option<f64>,
     /// `KVSTORE_MAX_MESSAGE_BYTES`.
     pub max_message_bytes: Option<u64>,
     /// `KVSTORE_SHM`.
@@ -271,6 +277,10 @@ pub struct DistConfig {
     pub bigarray_bound: u64,
     /// Bound on every wait (`KVSTORE_TIMEOUT_SECS`).
     pub timeout: Duration,
+    /// How long a sync round, an init, a barrier or the registration may wait before the
+    /// server or the scheduler logs a warning naming who it waits for
+    /// (`KVSTORE_STALL_WARNING_SECS`); zero: never. A wait still fails only at `timeout`.
+    pub stall_warning: Duration,
     /// Largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`).
     pub max_message_bytes: u64,
     /// Whether big parts travel through shared memory between a worker and a server of the
@@ -286,6 +296,38 @@ pub struct DistConfig {
     /// The job's shared secret (`KVSTORE_SECRET_FILE` or `KVSTORE_SECRET`): every connection
     /// opens with the handshake of [`transport::auth`](crate::transport::auth).
     pub secret: Option<crate::transport::Secret>,
+}
+
+/// A duration in seconds (fractions allowed, at most a year) from the variable `var`, else
+/// the file's `key`, else `default`; zero only where `zero_allowed`.
+fn seconds(
+    src: &Source<'_>,
+    var: &str,
+    (key, in_file): (&str, Option<f64>),
+    default: f64,
+    zero_allowed: bool,
+) -> Result<Duration, ConfigError> {
+    let expected = if zero_allowed {
+        "a number of seconds (fractions allowed; 0: never), at most one year"
+    } else {
+        "a positive number of seconds (fractions allowed), at most one year"
+    };
+    let (secs, name, raw) = match src.get(var) {
+        Some(v) => (
+            parse_num::<f64>(var, v, expected)?,
+            var.to_string(),
+            v.to_string(),
+        ),
+        None => {
+            let t = in_file.unwrap_or(default);
+            (t, file_var(key), t.to_string())
+        }
+    };
+    let positive = secs > 0.0 || (zero_allowed && secs == 0.0);
+    if !(secs.is_finite() && positive && secs <= 365.0 * 86400.0) {
+        return Err(invalid(&name, &raw, expected));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// The shared secret of `KVSTORE_SECRET`, else of the file `KVSTORE_SECRET_FILE` (else the
@@ -603,22 +645,20 @@ impl DistConfig {
             "a whole number of elements of at least 1",
         )?;
 
-        let timeout_expected = "a positive number of seconds (fractions allowed), at most one year";
-        let (timeout_secs, tname, traw) = match src.get("KVSTORE_TIMEOUT_SECS") {
-            Some(v) => (
-                parse_num::<f64>("KVSTORE_TIMEOUT_SECS", v, timeout_expected)?,
-                "KVSTORE_TIMEOUT_SECS".to_string(),
-                v.to_string(),
-            ),
-            None => {
-                let t = file.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS);
-                (t, file_var("timeout_secs"), t.to_string())
-            }
-        };
-        if !(timeout_secs.is_finite() && timeout_secs > 0.0 && timeout_secs <= 365.0 * 86400.0) {
-            return Err(invalid(&tname, &traw, timeout_expected));
-        }
-        let timeout = Duration::from_secs_f64(timeout_secs);
+        let timeout = seconds(
+            &src,
+            "KVSTORE_TIMEOUT_SECS",
+            ("timeout_secs", file.timeout_secs),
+            DEFAULT_TIMEOUT_SECS,
+            false,
+        )?;
+        let stall_warning = seconds(
+            &src,
+            "KVSTORE_STALL_WARNING_SECS",
+            ("stall_warning_secs", file.stall_warning_secs),
+            DEFAULT_STALL_WARNING_SECS,
+            true,
+        )?;
 
         let max_message_bytes = at_least(
             "KVSTORE_MAX_MESSAGE_BYTES",
@@ -679,6 +719,7 @@ impl DistConfig {
             heartbeat_timeout,
             bigarray_bound,
             timeout,
+            stall_warning,
             max_message_bytes,
             shm,
             shm_bytes,

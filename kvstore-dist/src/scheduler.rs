@@ -80,6 +80,9 @@ struct Barrier {
     timeout: Duration,
     set_by: Option<String>,
     entered: Vec<(usize, Responder)>,
+    /// The first entry, and whether the wait since was logged (`KVSTORE_STALL_WARNING_SECS`).
+    started: Instant,
+    stall_logged: bool,
 }
 
 /// A worker registered after the cluster was complete, waiting for a lost worker's place
@@ -107,6 +110,8 @@ struct State {
     /// Set once every node has registered.
     members: Option<Vec<Member>>,
     barriers: HashMap<Group, Barrier>,
+    /// Whether the wait for registrations was logged (`KVSTORE_STALL_WARNING_SECS`).
+    registration_stall_logged: bool,
     finished: bool,
     outcome: Option<Result<(), ClusterError>>,
 }
@@ -118,6 +123,9 @@ struct Shared {
     num_workers: u32,
     timeout: Duration,
     heartbeat_timeout: Duration,
+    /// When a registration or barrier still waiting is logged (`KVSTORE_STALL_WARNING_SECS`;
+    /// zero: never).
+    stall_warning: Duration,
     /// The address nodes reach the scheduler at, for messages and the node table.
     addr: OnceLock<String>,
 }
@@ -130,6 +138,17 @@ impl Shared {
     fn addr(&self) -> &str {
         self.addr.get().map_or("<starting>", String::as_str)
     }
+}
+
+/// The members of `group` that have not entered its barrier `b`, by name.
+fn absent_from(st: &State, group: Group, b: &Barrier) -> Vec<String> {
+    st.members
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(i, m)| group.contains(m.info.role) && !b.entered.iter().any(|(e, _)| e == i))
+        .map(|(_, m)| m.info.to_string())
+        .collect()
 }
 
 /// The answer that refuses `registration`, saying `why`.
@@ -524,6 +543,8 @@ impl Shared {
             timeout: self.timeout,
             set_by: None,
             entered: Vec::new(),
+            started: now,
+            stall_logged: false,
         });
         if barrier.entered.iter().any(|(i, _)| *i == me) {
             let who = members[me].info.to_string();
@@ -721,13 +742,25 @@ impl Shared {
     fn tick(&self, st: &mut State, replies: &mut Vec<Reply>) {
         let now = Instant::now();
         if st.members.is_none() {
-            if now.duration_since(st.started) >= self.timeout {
+            let waited = now.duration_since(st.started);
+            let registered: Vec<String> = st
+                .registrations
+                .iter()
+                .map(|r| format!("{} at {}", r.role, r.addr))
+                .collect();
+            if waited < self.timeout && self.stalled(waited) && !st.registration_stall_logged {
+                st.registration_stall_logged = true;
+                log::warn!(
+                    "kvstore-dist: scheduler at {}: the registration has waited {:?}: {} still missing (registered: {}); it fails after {:?} (KVSTORE_TIMEOUT_SECS)",
+                    self.addr(),
+                    self.stall_warning,
+                    self.missing(&st.registrations),
+                    list(&registered),
+                    self.timeout
+                );
+            }
+            if waited >= self.timeout {
                 let missing = self.missing(&st.registrations);
-                let registered: Vec<String> = st
-                    .registrations
-                    .iter()
-                    .map(|r| format!("{} at {}", r.role, r.addr))
-                    .collect();
                 let err = ClusterError::RegistrationTimeout {
                     scheduler: self.addr().to_string(),
                     timeout: self.timeout,
@@ -782,16 +815,7 @@ impl Shared {
             let Some(b) = st.barriers.remove(&group) else {
                 continue;
             };
-            let absent: Vec<String> = st
-                .members
-                .iter()
-                .flatten()
-                .enumerate()
-                .filter(|(i, m)| {
-                    group.contains(m.info.role) && !b.entered.iter().any(|(e, _)| e == i)
-                })
-                .map(|(_, m)| m.info.to_string())
-                .collect();
+            let absent = absent_from(st, group, &b);
             let since = b
                 .set_by
                 .as_ref()
@@ -806,6 +830,29 @@ impl Shared {
                 replies.push((r, Err(message.clone())));
             }
         }
+        let stalled: Vec<Group> = st
+            .barriers
+            .iter()
+            .filter(|(_, b)| !b.stall_logged && self.stalled(now.duration_since(b.started)))
+            .map(|(g, _)| *g)
+            .collect();
+        for group in stalled {
+            let absent = absent_from(st, group, &st.barriers[&group]);
+            let b = st.barriers.get_mut(&group).expect("listed above");
+            b.stall_logged = true;
+            log::warn!(
+                "kvstore-dist: scheduler at {}: the barrier of the {group} has waited {:?} for {}; it fails after {:?} (KVSTORE_TIMEOUT_SECS)",
+                self.addr(),
+                self.stall_warning,
+                list(&absent),
+                b.timeout
+            );
+        }
+    }
+
+    /// Whether a wait of `waited` is long enough to be logged.
+    fn stalled(&self, waited: Duration) -> bool {
+        !self.stall_warning.is_zero() && waited >= self.stall_warning
     }
 
     /// `1 of 2 servers and 3 of 3 workers`.
@@ -923,6 +970,7 @@ impl Scheduler {
                 recovering: Vec::new(),
                 members: None,
                 barriers: HashMap::new(),
+                registration_stall_logged: false,
                 finished: false,
                 outcome: None,
             }),
@@ -931,6 +979,7 @@ impl Scheduler {
             num_workers: config.num_workers,
             timeout: config.timeout,
             heartbeat_timeout,
+            stall_warning: config.stall_warning,
             addr: OnceLock::new(),
         });
         let transport = crate::transport::TransportConfig {

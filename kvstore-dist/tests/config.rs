@@ -278,3 +278,23 @@ fn the_shared_secret_comes_from_one_variable_or_a_file() {
     assert!(e.contains("has 4"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_stall_warning_defaults_to_a_minute_and_zero_turns_it_off() {
+    let c = DistConfig::from_vars(with(&[])).unwrap();
+    assert_eq!(c.stall_warning, Duration::from_secs(60));
+    let c = DistConfig::from_vars(with(&[("KVSTORE_STALL_WARNING_SECS", "2.5")])).unwrap();
+    assert_eq!(c.stall_warning, Duration::from_millis(2500));
+    let c = DistConfig::from_vars(with(&[("KVSTORE_STALL_WARNING_SECS", "0")])).unwrap();
+    assert_eq!(c.stall_warning, Duration::ZERO);
+    let file = DistFile::from_toml_str("[dist]\nstall_warning_secs = 10\n").unwrap();
+    let c = DistConfig::from_vars_and_file(with(&[]), &file).unwrap();
+    assert_eq!(c.stall_warning, Duration::from_secs(10));
+    for bad in ["-1", "soon", "NaN"] {
+        let e = err(with(&[("KVSTORE_STALL_WARNING_SECS", bad)]));
+        assert!(e.contains("KVSTORE_STALL_WARNING_SECS") && e.contains("0: never"), "{e}");
+    }
+    // The timeout itself stays positive.
+    let e = err(with(&[("KVSTORE_TIMEOUT_SECS", "0")]));
+    assert!(e.contains("a positive number of seconds"), "{e}");
+}

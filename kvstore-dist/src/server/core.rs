@@ -54,6 +54,8 @@ struct Queued {
 struct InitWaiter {
     answer: Answer,
     since: Instant,
+    /// Whether its stall was logged.
+    stall_logged: bool,
     rank: u32,
     meta: InitMeta,
 }
@@ -73,6 +75,8 @@ struct Entry {
     pushed: Vec<bool>,
     waiters: Vec<Waiter>,
     round_started: Option<Instant>,
+    /// Whether the current round's stall was logged (`KVSTORE_STALL_WARNING_SECS`).
+    stall_logged: bool,
     queued: VecDeque<Queued>,
     /// Why the last round failed, for each worker whose acknowledged push it lost and that has
     /// not been told yet: its next pull of the part fails with it.
@@ -84,6 +88,8 @@ pub(crate) struct Core {
     rank: u32,
     num_workers: u32,
     timeout: Duration,
+    /// When a waiting round or init is logged (`KVSTORE_STALL_WARNING_SECS`; zero: never).
+    stall_warning: Duration,
     /// `worker rank r (id ..) at host:port`, by rank (a recovering worker's replaces the lost
     /// one's).
     worker_names: Mutex<Vec<String>>,
@@ -121,6 +127,25 @@ pub(crate) struct Core {
 
 type Reply = Result<(), String>;
 
+/// The waits one pass of [`Core::expire`] found past the stall warning: the rounds' parts by
+/// the workers they wait for, and the parts whose inits wait for rank 0.
+#[derive(Default)]
+struct Stalls {
+    rounds: std::collections::BTreeMap<String, Vec<String>>,
+    inits: Vec<String>,
+}
+
+/// `key 3`, `key 3 and key 5`, or `key 3, key 5, key 8 and 12 more`.
+fn some_of(parts: &[String]) -> String {
+    match parts {
+        [one] => one.clone(),
+        [a, b] => format!("{a} and {b}"),
+        [a, b, c] => format!("{a}, {b} and {c}"),
+        [a, b, c, rest @ ..] => format!("{a}, {b}, {c} and {} more", rest.len()),
+        [] => "no part".to_string(),
+    }
+}
+
 /// A part of a key: `(wire id, part index)`.
 type PartId = (u64, u64);
 
@@ -136,6 +161,7 @@ impl Core {
             rank,
             num_workers,
             timeout: config.timeout,
+            stall_warning: config.stall_warning,
             worker_names: Mutex::new(worker_names),
             membership: Mutex::new(()),
             generations: (0..n)
@@ -179,25 +205,38 @@ impl Core {
     /// wait for. Called periodically.
     pub(crate) fn expire(&self) {
         self.expire_load_waiters();
+        let mut stalls = Stalls::default();
         for ((_, part), entry) in self.entry_list() {
             let mut e = lock(&entry);
             if e.round_started.is_none() && e.init_waiters.is_empty() {
                 continue; // nothing waits on this part
             }
             let what = self.describe(&e.key, part);
-            if matches!(e.round_started, Some(t) if t.elapsed() >= self.timeout) {
-                let missing: Vec<String> = (0..self.num_workers)
-                    .filter(|&r| !e.pushed[r as usize])
-                    .map(|r| self.worker_name(r))
-                    .collect();
+            let waited = e.round_started.map(|t| t.elapsed());
+            if waited.is_some_and(|w| w < self.timeout && self.stalled(w)) && !e.stall_logged {
+                let missing = self.missing_pushes(&e);
+                stalls.rounds.entry(missing).or_default().push(what.clone());
+                e.stall_logged = true;
+            }
+            if waited.is_some_and(|w| w >= self.timeout) {
+                let missing = self.missing_pushes(&e);
                 let msg = format!(
                     "the sync round of {what} on server {} timed out after {:?}: still waiting \
                      for a push from {}",
-                    self.rank,
-                    self.timeout,
-                    missing.join(", ")
+                    self.rank, self.timeout, missing
                 );
                 fail_round(&mut e, &msg);
+            }
+            let mut init_stalled = false;
+            for w in e.init_waiters.iter_mut() {
+                let waited = w.since.elapsed();
+                if !w.stall_logged && waited < self.timeout && self.stalled(waited) {
+                    w.stall_logged = true;
+                    init_stalled = true;
+                }
+            }
+            if init_stalled {
+                stalls.inits.push(what.clone());
             }
             if e.init_waiters
                 .iter()
@@ -214,6 +253,44 @@ impl Core {
                     w.answer.fail(&msg);
                 }
             }
+        }
+        self.log_stalls(stalls);
+    }
+
+    /// The workers the round of `e` waits for, by name.
+    fn missing_pushes(&self, e: &Entry) -> String {
+        let names: Vec<String> = (0..self.num_workers)
+            .filter(|&r| !e.pushed[r as usize])
+            .map(|r| self.worker_name(r))
+            .collect();
+        names.join(", ")
+    }
+
+    /// Whether a wait of `waited` is long enough to be logged.
+    fn stalled(&self, waited: Duration) -> bool {
+        !self.stall_warning.is_zero() && waited >= self.stall_warning
+    }
+
+    /// Logs the waits that passed `KVSTORE_STALL_WARNING_SECS` in this pass: one line per set
+    /// of workers the rounds wait for, one for the inits waiting for rank 0.
+    fn log_stalls(&self, stalls: Stalls) {
+        let fails = format!("it fails after {:?} (KVSTORE_TIMEOUT_SECS)", self.timeout);
+        for (missing, parts) in stalls.rounds {
+            log::warn!(
+                "kvstore-dist: server {}: the sync round of {} has waited {:?} for a push from {missing}; {fails}",
+                self.rank,
+                some_of(&parts),
+                self.stall_warning,
+            );
+        }
+        if !stalls.inits.is_empty() {
+            log::warn!(
+                "kvstore-dist: server {}: the init of {} has waited {:?} for the value of {}; {fails}",
+                self.rank,
+                some_of(&stalls.inits),
+                self.stall_warning,
+                self.worker_name(0),
+            );
         }
     }
 
@@ -289,6 +366,7 @@ impl Core {
                     meta: meta.clone(),
                     value: None,
                     init_waiters: Vec::new(),
+                    stall_logged: false,
                     merge: None,
                     pushed: vec![false; self.num_workers as usize],
                     waiters: Vec::new(),
@@ -311,6 +389,7 @@ impl Core {
             e.init_waiters.push(InitWaiter {
                 answer,
                 since: Instant::now(),
+                stall_logged: false,
                 rank,
                 meta,
             });
@@ -755,6 +834,7 @@ impl Core {
         }
         if first {
             e.round_started = Some(Instant::now());
+            e.stall_logged = false;
         }
         e.pushed[waiter.rank as usize] = true;
         // A push returns once merged, as MXNet's does not block its caller; the worker's next

@@ -1,0 +1,149 @@
+//! A wait past `KVSTORE_STALL_WARNING_SECS` is logged (level `warn`) by the server or the
+//! scheduler, naming whom it waits for, once, and long before it would fail: a sync round
+//! waiting for a worker's push, a barrier waiting for a worker, the registration waiting for
+//! nodes. The log records of this test binary are captured.
+
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_dist::{DistConfig, LocalCluster, Role, Scheduler};
+
+/// Collects the warnings logged in this process.
+struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            self.0.lock().unwrap().push(record.args().to_string());
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture() -> &'static Capture {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(capture).unwrap();
+        log::set_max_level(log::LevelFilter::Warn);
+        capture
+    })
+}
+
+fn warnings_with(needle: &str) -> Vec<String> {
+    capture()
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.contains(needle))
+        .cloned()
+        .collect()
+}
+
+/// Two workers of a cluster whose stall warning is `stall` seconds, created concurrently,
+/// each running `part(store)`.
+fn two_workers(stall: &str, part: impl Fn(&dyn KVStoreBase) + Sync) {
+    capture();
+    let cluster = LocalCluster::start_with(
+        1,
+        2,
+        Duration::from_secs(5),
+        [("KVSTORE_STALL_WARNING_SECS", stall)],
+    )
+    .unwrap();
+    let options = cluster.worker_options().clone();
+    thread::scope(|s| {
+        for _ in 0..2 {
+            let options = options.clone();
+            let part = &part;
+            s.spawn(move || {
+                let kv = kvstore_base::create_with("dist_sync", options).unwrap();
+                part(&*kv);
+            });
+        }
+    });
+    cluster.finish().unwrap();
+}
+
+/// Rank 1 comes `late` after rank 0 to a sync round of `key`, then to a barrier.
+fn late_rank_1(kv: &dyn KVStoreBase, key: i64, late: Duration) {
+    kv.init(key, &NDArray::zeros(&[8], DType::F32)).unwrap();
+    if kv.rank() == 1 {
+        thread::sleep(late);
+    }
+    kv.push(key, &NDArray::ones(&[8], DType::F32)).unwrap();
+    let mut out = NDArray::zeros(&[8], DType::F32);
+    kv.pull(key, &mut out).unwrap();
+    assert_eq!(out.to_f64_vec(), vec![2.0; 8]);
+    if kv.rank() == 1 {
+        thread::sleep(late);
+    }
+    kv.barrier().unwrap();
+}
+
+#[test]
+fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
+    two_workers("0.2", |kv| {
+        late_rank_1(kv, 101, Duration::from_millis(1500))
+    });
+    let rounds = warnings_with("the sync round of key 101 ");
+    assert_eq!(rounds.len(), 1, "{rounds:?}");
+    assert!(
+        rounds[0].contains("for a push from worker rank 1 (id ")
+            && !rounds[0].contains("worker rank 0")
+            && rounds[0].contains("KVSTORE_TIMEOUT_SECS"),
+        "{}",
+        rounds[0]
+    );
+    let barriers = warnings_with("the barrier of the worker group has waited");
+    assert_eq!(barriers.len(), 1, "{barriers:?}");
+    assert!(
+        barriers[0].contains("worker rank 1 (id ") && !barriers[0].contains("worker rank 0"),
+        "{}",
+        barriers[0]
+    );
+}
+
+#[test]
+fn waits_shorter_than_the_warning_or_with_warnings_off_are_not_logged() {
+    two_workers("30", |kv| late_rank_1(kv, 202, Duration::from_millis(300)));
+    two_workers("0", |kv| late_rank_1(kv, 303, Duration::from_millis(300)));
+    assert!(warnings_with("key 202").is_empty());
+    assert!(warnings_with("key 303").is_empty());
+}
+
+#[test]
+fn a_registration_still_missing_nodes_is_logged_naming_them() {
+    capture();
+    let mut config = DistConfig::from_vars([
+        ("DMLC_ROLE", "scheduler"),
+        ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+        ("DMLC_PS_ROOT_PORT", "1"),
+        ("DMLC_NUM_SERVER", "1"),
+        ("DMLC_NUM_WORKER", "3"),
+        ("DMLC_NODE_HOST", "127.0.0.1"),
+        ("KVSTORE_TIMEOUT_SECS", "1"),
+        ("KVSTORE_STALL_WARNING_SECS", "0.1"),
+    ])
+    .unwrap();
+    config.root_port = 0;
+    assert_eq!(config.role, Role::Scheduler);
+    let scheduler = Scheduler::start(&config).unwrap();
+    let addr = scheduler.local_addr().to_string();
+    let err = scheduler.join().unwrap_err().to_string();
+    assert!(err.contains("registration timed out"), "{err}");
+    let warned = warnings_with("the registration has waited");
+    let ours: Vec<&String> = warned.iter().filter(|w| w.contains(&addr)).collect();
+    assert_eq!(ours.len(), 1, "{warned:?}");
+    assert!(
+        ours[0].contains("1 of 1 server and 3 of 3 workers still missing"),
+        "{}",
+        ours[0]
+    );
+}
