@@ -14,10 +14,11 @@
 //! `DMLC_NODE_HOST` (`--host`: every process binds and advertises that address) and
 //! `DMLC_TASK_ID` (as dmlc-core's local launcher: a worker's index, a server's `WORKERS +`
 //! index; it is not the rank, which the scheduler assigns), `KVSTORE_TIMEOUT_SECS` with
-//! `--timeout`, `KVSTORE_SECRET` (a fresh random secret for the job, unless the launcher's
-//! environment or `--env` sets `KVSTORE_SECRET` or `KVSTORE_SECRET_FILE`: every connection of
-//! the job then opens with the shared-secret handshake, so no process outside the job can
-//! join it, push into it or stop it; [`job_secret`]), and every `--env KEY=VALUE`. The rest
+//! `--timeout`, `KVSTORE_SECRET_FILE` (a fresh random secret for the job, in a file only this
+//! user can read, removed when the job ends, unless the launcher's environment or `--env`
+//! sets `KVSTORE_SECRET` or `KVSTORE_SECRET_FILE`: every connection of the job then opens
+//! with the shared-secret handshake, so no process outside the job can join it, push into it
+//! or stop it; [`job_secret`]), and every `--env KEY=VALUE`. The rest
 //! of the launcher's environment is
 //! inherited (`PS_VERBOSE`, `MXNET_KVSTORE_BIGARRAY_BOUND`, `OMP_NUM_THREADS`, ...), except
 //! `PORT`, a node's fixed port, which processes sharing one host cannot share. Standard input
@@ -529,6 +530,7 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
         );
     }
     let secret = job_secret(options, |var| std::env::var_os(var).is_some())?;
+    let secret_env: Vec<(String, String)> = secret.iter().map(JobSecret::env).collect();
     let mut job = Job::new();
     for process in processes(options) {
         let (program, args): (&OsStr, Vec<&OsStr>) = match process {
@@ -544,7 +546,7 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
                 vec![OsStr::new(process.role().as_str())],
             ),
         };
-        let env = [process_env(options, process, port), secret.clone()].concat();
+        let env = [process_env(options, process, port), secret_env.clone()].concat();
         job.start(process, program, &args, &env)
             .map_err(|source| kvstore::Error::Io {
                 path: PathBuf::from(program),
@@ -554,40 +556,104 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
     let restarts = Restarts {
         left: options.restart_workers,
         given: options.restart_workers,
-        env: &|process| [process_env(options, process, port), secret.clone()].concat(),
+        env: &|process| [process_env(options, process, port), secret_env.clone()].concat(),
         command: &options.command,
     };
     let end = job.supervise(timeout, restarts);
     job.finish();
+    drop(secret); // every process has ended: the secret's file goes
     Ok(end)
 }
 
 /// The variables that name or hold a job's shared secret.
 const SECRET_VARS: [&str; 2] = ["KVSTORE_SECRET", "KVSTORE_SECRET_FILE"];
 
-/// The shared secret the launcher gives every process: none when the job already has one
+/// The secret the launcher made for a job: a file only this user can read, in a folder of
+/// its own, removed (with the folder) when this is dropped, at the end of the job.
+#[derive(Debug)]
+pub struct JobSecret {
+    folder: PathBuf,
+    file: PathBuf,
+}
+
+impl JobSecret {
+    /// Makes a fresh random secret in a new folder under `parent`: the folder mode 0700, the
+    /// file `secret` mode 0600, holding 64 hex digits.
+    ///
+    /// # Errors
+    /// [`kvstore::Error::Io`] when the kernel gives no random bytes or the file cannot be
+    /// made.
+    pub fn create_in(parent: &Path) -> kvstore::Result<JobSecret> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| kvstore::Error::Io { path, source }
+        };
+        let text = kvstore_dist::transport::Secret::generate_text()
+            .map_err(io(Path::new("/dev/urandom")))?;
+        let folder = parent.join(format!(
+            "kvstore-launch-{}-{}",
+            std::process::id(),
+            &text[..8]
+        ));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&folder).map_err(io(&folder))?;
+        let secret = JobSecret {
+            file: folder.join("secret"),
+            folder,
+        };
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+        open.open(&secret.file)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(io(&secret.file))?;
+        Ok(secret)
+    }
+
+    /// The file holding the secret.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The variable that gives the secret to a process: `KVSTORE_SECRET_FILE`.
+    pub fn env(&self) -> (String, String) {
+        (
+            SECRET_VARS[1].to_string(),
+            self.file.to_string_lossy().into_owned(),
+        )
+    }
+}
+
+impl Drop for JobSecret {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_dir(&self.folder);
+    }
+}
+
+/// The shared secret the launcher makes for a job: none when the job already has one
 /// (`KVSTORE_SECRET` or `KVSTORE_SECRET_FILE` in `--env`, or set where `is_set` says, the
-/// launcher's environment), else a fresh random one as `KVSTORE_SECRET`, so that only the
-/// processes of this job can talk to each other.
+/// launcher's environment), else a fresh random one in a file under the temporary folder
+/// ([`JobSecret`]), given to every process as `KVSTORE_SECRET_FILE`, so that only the
+/// processes of this job can talk to each other. A file rather than the secret in a variable:
+/// tools that record a training program's environment do not record the secret.
 ///
 /// # Errors
-/// [`kvstore::Error::Io`] when the kernel gives no random bytes.
+/// As [`JobSecret::create_in`].
 pub fn job_secret(
     options: &LaunchOptions,
     is_set: impl Fn(&str) -> bool,
-) -> kvstore::Result<Vec<(String, String)>> {
+) -> kvstore::Result<Option<JobSecret>> {
     let chosen = SECRET_VARS
         .iter()
         .any(|var| is_set(var) || options.env.iter().any(|(k, _)| k == var));
     if chosen {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    let secret =
-        kvstore_dist::transport::Secret::generate_text().map_err(|source| kvstore::Error::Io {
-            path: PathBuf::from("/dev/urandom"),
-            source,
-        })?;
-    Ok(vec![(SECRET_VARS[0].to_string(), secret)])
+    JobSecret::create_in(&std::env::temp_dir()).map(Some)
 }
 
 /// `PS_VERBOSE` of the processes (`--env`, else inherited) is 1 or more.
@@ -1073,21 +1139,32 @@ mod tests {
     }
 
     #[test]
-    fn a_job_gets_a_fresh_secret_unless_it_has_one() {
+    fn a_job_gets_a_fresh_secret_file_unless_it_has_a_secret() {
         let mut o = LaunchOptions::new(1, 1, ["true"]);
-        let first = job_secret(&o, |_| false).unwrap();
-        let second = job_secret(&o, |_| false).unwrap();
-        assert_eq!(first.len(), 1);
-        assert_eq!(first[0].0, "KVSTORE_SECRET");
-        assert_eq!(first[0].1.len(), 64);
-        assert!(first[0].1.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(first, second, "two jobs got the same secret");
-        kvstore_dist::transport::Secret::new(first[0].1.clone().into_bytes()).unwrap();
+        let first = job_secret(&o, |_| false).unwrap().unwrap();
+        let second = job_secret(&o, |_| false).unwrap().unwrap();
+        let (var, path) = first.env();
+        assert_eq!(var, "KVSTORE_SECRET_FILE");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.len(), 64);
+        assert!(text.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(text, std::fs::read_to_string(second.file()).unwrap());
+        kvstore_dist::transport::Secret::from_file(Path::new(&path)).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(Path::new(&path)), 0o600);
+            assert_eq!(mode(Path::new(&path).parent().unwrap()), 0o700);
+        }
+        let folder = Path::new(&path).parent().unwrap().to_path_buf();
+        drop(first);
+        assert!(!folder.exists(), "the secret outlived its job");
         for var in SECRET_VARS {
-            assert!(job_secret(&o, |v| v == var).unwrap().is_empty(), "{var}");
+            assert!(job_secret(&o, |v| v == var).unwrap().is_none(), "{var}");
         }
         o.env = vec![("KVSTORE_SECRET_FILE".into(), "/run/secrets/job".into())];
-        assert!(job_secret(&o, |_| false).unwrap().is_empty());
+        assert!(job_secret(&o, |_| false).unwrap().is_none());
     }
 
     #[test]

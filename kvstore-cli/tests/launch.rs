@@ -13,7 +13,8 @@ fn workers_get_the_cluster_variables_and_the_launchers_environment() {
     let port = free_port().to_string();
     let script = "echo \"vars $DMLC_ROLE $DMLC_PS_ROOT_URI $DMLC_PS_ROOT_PORT $DMLC_NUM_SERVER \
                   $DMLC_NUM_WORKER $DMLC_NODE_HOST $DMLC_TASK_ID $KVSTORE_TIMEOUT_SECS $EXTRA \
-                  $INHERITED port=${PORT-unset} secret=${#KVSTORE_SECRET}\"";
+                  $INHERITED port=${PORT-unset} secret=$(tr -d '\\n' < \"$KVSTORE_SECRET_FILE\" | wc -c) \
+                  ${KVSTORE_SECRET-no-variable}\"";
     // The workers never join the cluster, so the scheduler and the server give up after the
     // 3 s timeout and the job fails; the workers' output is complete by then.
     let job = launch(
@@ -38,7 +39,7 @@ fn workers_get_the_cluster_variables_and_the_launchers_environment() {
     for task in 0..2 {
         let expected = format!(
             "[worker {task}] vars worker 127.0.0.1 {port} 1 2 127.0.0.1 {task} 3 a=b:c yes \
-             port=unset secret=64"
+             port=unset secret=64 no-variable"
         );
         assert!(
             job.stdout.lines().any(|l| l == expected),
@@ -281,8 +282,14 @@ fn dist_worker() {
         return;
     }
     // The job's connections open with the handshake of the secret the launcher made.
-    let secret = std::env::var("KVSTORE_SECRET").expect("the launcher gives a job a secret");
-    assert_eq!(secret.len(), 64);
+    let file = std::env::var("KVSTORE_SECRET_FILE").expect("the launcher gives a job a secret");
+    assert_eq!(
+        std::fs::read_to_string(&file)
+            .expect("the secret's file")
+            .len(),
+        64
+    );
+    println!("dist worker secret file: {file}");
     let kv = kvstore::create("dist_sync").expect("create(dist_sync)");
     let (rank, workers) = (kv.rank(), kv.num_workers());
     kv.init(3, &NDArray::zeros(&[5], DType::F32)).expect("init");
@@ -342,6 +349,19 @@ fn a_whole_job_runs_to_its_end_and_exits_0() {
     }
     assert!(job.stderr.is_empty(), "{}", job.report());
     assert!(job.elapsed < Duration::from_secs(20), "{}", job.report());
+    // The secret's file is gone with the job.
+    let files: Vec<&str> = job
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once("dist worker secret file: ").map(|(_, f)| f))
+        .collect();
+    assert_eq!(files.len(), 2, "{}", job.report());
+    assert_eq!(files[0], files[1], "the workers got different secrets");
+    assert!(
+        !std::path::Path::new(files[0]).exists(),
+        "{} is left",
+        files[0]
+    );
 }
 
 /// Set (to a fresh folder) for the workers of [`a_worker_that_dies_is_restarted_and_takes_its_place`].

@@ -343,7 +343,7 @@ fn read_secret(
             path,
             "unset while KVSTORE_SECRET is set: give the secret one way",
         )),
-        (Some(value), None) => Secret::new(value.as_bytes().to_vec())
+        (Some(value), None) => Secret::from_text(value.as_bytes().to_vec())
             .map(Some)
             .map_err(|e| invalid("KVSTORE_SECRET", "<hidden>", &e)),
         (None, Some(path)) => Secret::from_file(Path::new(path))

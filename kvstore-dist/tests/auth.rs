@@ -77,12 +77,68 @@ fn a_node_with_another_secret_is_refused_before_any_request() {
     let err = Connection::connect(server.local_addr(), config(Some(secret(8)))).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, TransportError::Auth { .. }), "{msg}");
+    // The client checks the server's proof first: it is the one that says so.
     assert!(
-        msg.contains("does not know this node's shared secret") && msg.contains("KVSTORE_SECRET"),
+        msg.contains("the server does not know this node's shared secret")
+            && msg.contains("KVSTORE_SECRET"),
         "{msg}"
     );
     assert_eq!(handled.load(Ordering::SeqCst), 0);
     wait_for_no_connections(&server);
+}
+
+#[test]
+fn an_authenticated_connection_stays_usable_past_the_handshakes_timeouts() {
+    // The handshake bounds its reads; an idle connection afterwards must not inherit that.
+    let short = TransportConfig {
+        timeout: Duration::from_millis(300),
+        ..config(Some(secret(7)))
+    };
+    let (server, handled) = counting_server_with(short.clone());
+    let conn = Connection::connect(server.local_addr(), short).unwrap();
+    std::thread::sleep(Duration::from_millis(900));
+    let resp = conn.request(Outgoing::new(1, b"late"), "echo").unwrap();
+    assert_eq!(&*resp.payload, b"late");
+    assert_eq!(handled.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_peer_trickling_its_handshake_is_dropped_within_the_handshake_limit() {
+    let (server, handled) = counting_server_with(TransportConfig {
+        timeout: Duration::from_millis(400),
+        ..config(Some(secret(7)))
+    });
+    let mut raw = TcpStream::connect(server.local_addr()).unwrap();
+    let header = FrameHeader {
+        kind: MessageKind::Request,
+        flags: 0,
+        command: CMD_AUTH,
+        sender: 9,
+        request_id: 0,
+        key: 0,
+        aux: 1,
+        payload_len: 32,
+    }
+    .encode();
+    // One byte every 100 ms: each read is quick, the whole handshake is not.
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in header.iter().chain([0u8; 32].iter()) {
+        if raw.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    wait_for_no_connections(&server);
+    assert!(
+        closed || started.elapsed() < Duration::from_secs(4),
+        "the server kept the trickling peer"
+    );
+    assert_eq!(handled.load(Ordering::SeqCst), 0);
 }
 
 #[test]

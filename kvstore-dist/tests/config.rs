@@ -292,7 +292,10 @@ fn the_stall_warning_defaults_to_a_minute_and_zero_turns_it_off() {
     assert_eq!(c.stall_warning, Duration::from_secs(10));
     for bad in ["-1", "soon", "NaN"] {
         let e = err(with(&[("KVSTORE_STALL_WARNING_SECS", bad)]));
-        assert!(e.contains("KVSTORE_STALL_WARNING_SECS") && e.contains("0: never"), "{e}");
+        assert!(
+            e.contains("KVSTORE_STALL_WARNING_SECS") && e.contains("0: never"),
+            "{e}"
+        );
     }
     // The timeout itself stays positive.
     let e = err(with(&[("KVSTORE_TIMEOUT_SECS", "0")]));

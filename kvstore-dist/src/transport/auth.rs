@@ -43,11 +43,11 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::connection::{discard, read_header};
 use super::error::TransportError;
 use super::frame::{write_frame, FrameHeader, MessageKind, Outgoing, HEADER_LEN};
 use super::TransportConfig;
@@ -106,18 +106,39 @@ impl Secret {
         Ok(Secret(bytes.into()))
     }
 
-    /// The secret in the file at `path`, without the line ending an editor or `echo` leaves
-    /// at its end (trailing `\n`, `\r`, spaces and tabs are dropped).
-    pub fn from_file(path: &std::path::Path) -> Result<Secret, String> {
-        let mut bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    /// The largest secret file read, in bytes.
+    pub const MAX_FILE_LEN: u64 = 64 * 1024;
+
+    /// A secret given as text (a variable, a file's contents), without the line ending an
+    /// editor, `echo` or a secret store leaves at its end: trailing `\n`, `\r`, spaces and
+    /// tabs are dropped, so that a file and a variable holding the same line agree.
+    pub fn from_text(mut bytes: Vec<u8>) -> Result<Secret, String> {
         while bytes
             .last()
             .is_some_and(|b| matches!(b, b'\n' | b'\r' | b' ' | b'\t'))
         {
             bytes.pop();
         }
-        Secret::new(bytes).map_err(|e| format!("{}: {e}", path.display()))
+        Secret::new(bytes)
+    }
+
+    /// The secret in the file at `path` ([`from_text`](Secret::from_text)); an error for a
+    /// file over [`MAX_FILE_LEN`](Secret::MAX_FILE_LEN) bytes.
+    pub fn from_file(path: &std::path::Path) -> Result<Secret, String> {
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.take(Self::MAX_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        if bytes.len() as u64 > Self::MAX_FILE_LEN {
+            return Err(format!(
+                "{}: a secret file holds at most {} bytes",
+                path.display(),
+                Self::MAX_FILE_LEN
+            ));
+        }
+        Secret::from_text(bytes).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// A fresh secret for a job, as text: 32 random bytes from the kernel in 64 hex digits
@@ -163,42 +184,132 @@ pub(crate) fn random<const N: usize>() -> std::io::Result<[u8; N]> {
     Ok(out)
 }
 
-/// A frame of the handshake as read: its header and (at most [`MAX_HANDSHAKE_BYTES`]) payload.
-struct Frame {
-    header: FrameHeader,
-    payload: Vec<u8>,
+/// The longest a handshake may take, whatever `KVSTORE_TIMEOUT_SECS`: a peer that trickles
+/// its bytes cannot hold a server's thread longer.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a server reads what a refused peer still sends before closing.
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// Why a handshake did not complete.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The other end refused it or cannot prove the secret, or broke the protocol: trying
+    /// again cannot help.
+    Refused(String),
+    /// The connection failed, closed or timed out during it: worth another attempt.
+    Io(std::io::Error),
 }
 
-/// Reads one frame of at most [`MAX_HANDSHAKE_BYTES`] of payload; `Ok(None)` when the peer
-/// closed the connection before it.
-fn read_small_frame(stream: &mut TcpStream) -> Result<Option<Frame>, String> {
-    let mut hb = [0u8; HEADER_LEN];
-    match read_header(stream, &mut hb) {
-        Ok(true) => {}
-        Ok(false) => return Ok(None),
-        Err(e) => return Err(read_failure(&e)),
-    }
-    let header = FrameHeader::decode(&hb, u64::MAX).map_err(|e| format!("protocol error: {e}"))?;
-    if header.payload_len > MAX_HANDSHAKE_BYTES {
-        return Err(format!(
-            "protocol error: a handshake frame of {} bytes (at most {MAX_HANDSHAKE_BYTES})",
-            header.payload_len
-        ));
-    }
-    let mut payload = vec![0u8; header.payload_len as usize];
-    stream
-        .read_exact(&mut payload)
-        .map_err(|e| read_failure(&e))?;
-    Ok(Some(Frame { header, payload }))
-}
-
-fn read_failure(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            "no answer within the timeout (KVSTORE_TIMEOUT_SECS)".to_string()
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused(reason) => f.write_str(reason),
+            Failure::Io(e) => write!(f, "{e}"),
         }
-        _ => format!("reading failed: {e}"),
     }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+/// The end of a handshake's reads: every read waits at most until then.
+#[derive(Clone, Copy)]
+struct Deadline(Instant);
+
+impl Deadline {
+    fn after(limit: Duration) -> Deadline {
+        Deadline(Instant::now() + limit)
+    }
+
+    /// Fills `buf` from `stream`; `Ok(false)` when the peer closed before its first byte.
+    fn read_exact(self, mut stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<bool> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let left = self.0.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the handshake did not complete in time",
+                ));
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut buf[filled..]) {
+                Ok(0) if filled == 0 => return Ok(false),
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the peer closed the connection in the middle of a frame",
+                    ))
+                }
+                Ok(n) => filled += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Interrupted
+                            | std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads and drops up to `len` bytes (fewer if the peer closes or the time runs out).
+    fn discard(self, stream: &TcpStream, len: u64) {
+        let mut scratch = [0u8; 16 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = scratch
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            match self.read_exact(stream, &mut scratch[..n]) {
+                Ok(true) => left -= n as u64,
+                _ => return,
+            }
+        }
+    }
+
+    /// The header of the next frame (its payload left unread); `Ok(None)` when the peer
+    /// closed the connection before it.
+    fn header(self, stream: &TcpStream) -> Result<Option<FrameHeader>, Failure> {
+        let mut hb = [0u8; HEADER_LEN];
+        if !self.read_exact(stream, &mut hb)? {
+            return Ok(None);
+        }
+        FrameHeader::decode(&hb, u64::MAX)
+            .map(Some)
+            .map_err(|e| Failure::Refused(format!("protocol error: {e}")))
+    }
+
+    /// The next frame, whose payload may hold at most [`MAX_HANDSHAKE_BYTES`].
+    fn frame(self, stream: &TcpStream) -> Result<Option<(FrameHeader, Vec<u8>)>, Failure> {
+        let Some(header) = self.header(stream)? else {
+            return Ok(None);
+        };
+        if header.payload_len > MAX_HANDSHAKE_BYTES {
+            return Err(Failure::Refused(format!(
+                "protocol error: a handshake frame of {} bytes (at most {MAX_HANDSHAKE_BYTES})",
+                header.payload_len
+            )));
+        }
+        let mut payload = vec![0u8; header.payload_len as usize];
+        if !self.read_exact(stream, &mut payload)? && !payload.is_empty() {
+            return Err(Failure::Io(closed_mid_frame()));
+        }
+        Ok(Some((header, payload)))
+    }
+}
+
+fn closed_mid_frame() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the peer closed the connection in the middle of a frame",
+    )
 }
 
 fn send(
@@ -207,42 +318,54 @@ fn send(
     out: Outgoing<'_>,
     sender: u32,
     request_id: u64,
-) -> Result<(), String> {
+) -> std::io::Result<()> {
     let header = out.header(kind, sender, request_id);
     let mut w: &TcpStream = stream;
-    write_frame(&mut w, &header, out.payload)
-        .and_then(|()| w.flush())
-        .map_err(|e| format!("sending failed: {e}"))
+    write_frame(&mut w, &header, out.payload).and_then(|()| w.flush())
 }
 
 /// Proves the client's knowledge of `secret` to the server of `stream`, and checks the
-/// server's. Runs before the connection's reader starts.
+/// server's, within [`HANDSHAKE_LIMIT`] (or the configured timeout when shorter). Runs before
+/// the connection's reader starts. A refusal is [`TransportError::Auth`]; a connection that
+/// failed on the way is [`TransportError::Io`] (worth another attempt).
 pub(crate) fn client_handshake(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     secret: &Secret,
     config: &TransportConfig,
     peer: &str,
 ) -> Result<(), TransportError> {
-    let fail = |reason: String| TransportError::Auth {
-        peer: peer.to_string(),
-        reason,
-    };
+    client_steps(stream, secret, config).map_err(|failure| match failure {
+        Failure::Refused(reason) => TransportError::Auth {
+            peer: peer.to_string(),
+            reason,
+        },
+        Failure::Io(source) => TransportError::Io {
+            peer: peer.to_string(),
+            during: "the shared-secret handshake".to_string(),
+            source,
+        },
+    })?;
     stream
-        .set_read_timeout(Some(config.timeout))
-        .map_err(|e| fail(format!("cannot set a read timeout: {e}")))?;
-    let client_nonce: [u8; NONCE_LEN] =
-        random().map_err(|e| fail(format!("no random bytes for a nonce: {e}")))?;
-    send(
-        stream,
-        MessageKind::Request,
-        Outgoing::new(CMD_AUTH, &client_nonce).aux(1),
-        config.node_id,
-        0,
-    )
-    .map_err(fail)?;
-    let answer = expect_answer(stream, 1).map_err(fail)?;
+        .set_read_timeout(None)
+        .map_err(|source| TransportError::Io {
+            peer: peer.to_string(),
+            during: "clearing the handshake's read timeout".to_string(),
+            source,
+        })
+}
+
+fn client_steps(
+    stream: &TcpStream,
+    secret: &Secret,
+    config: &TransportConfig,
+) -> Result<(), Failure> {
+    let deadline = Deadline::after(config.timeout.min(HANDSHAKE_LIMIT));
+    let client_nonce: [u8; NONCE_LEN] = random()?;
+    let step1 = Outgoing::new(CMD_AUTH, &client_nonce).aux(1);
+    send(stream, MessageKind::Request, step1, config.node_id, 0)?;
+    let answer = expect_answer(deadline, stream, 1)?;
     if answer.len() != NONCE_LEN + PROOF_LEN {
-        return Err(fail(format!(
+        return Err(Failure::Refused(format!(
             "protocol error: the server's proof has {} bytes, not {}",
             answer.len(),
             NONCE_LEN + PROOF_LEN
@@ -253,7 +376,7 @@ pub(crate) fn client_handshake(
         .proof(SERVER_LABEL, &client_nonce, server_nonce)
         .verify_slice(server_proof)
         .map_err(|_| {
-            fail(
+            Failure::Refused(
                 "the server does not know this node's shared secret (KVSTORE_SECRET_FILE or \
                  KVSTORE_SECRET differs between them)"
                     .to_string(),
@@ -263,65 +386,57 @@ pub(crate) fn client_handshake(
         .proof(CLIENT_LABEL, &client_nonce, server_nonce)
         .finalize()
         .into_bytes();
-    send(
-        stream,
-        MessageKind::Request,
-        Outgoing::new(CMD_AUTH, &client_proof).aux(2),
-        config.node_id,
-        0,
-    )
-    .map_err(fail)?;
-    expect_answer(stream, 2).map_err(fail)?;
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| fail(format!("cannot clear the read timeout: {e}")))
+    let step2 = Outgoing::new(CMD_AUTH, &client_proof).aux(2);
+    send(stream, MessageKind::Request, step2, config.node_id, 0)?;
+    expect_answer(deadline, stream, 2)?;
+    Ok(())
 }
 
 /// The payload of the server's answer to step `step`, or why there is none.
-fn expect_answer(stream: &mut TcpStream, step: u64) -> Result<Vec<u8>, String> {
-    let frame = read_small_frame(stream)?.ok_or_else(|| {
-        format!("the server closed the connection during step {step} of the handshake")
-    })?;
-    match frame.header.kind {
-        MessageKind::Response if frame.header.command == CMD_AUTH => Ok(frame.payload),
-        MessageKind::Error => Err(format!(
+fn expect_answer(deadline: Deadline, stream: &TcpStream, step: u64) -> Result<Vec<u8>, Failure> {
+    let Some((header, payload)) = deadline.frame(stream)? else {
+        return Err(Failure::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("the server closed the connection during step {step} of the handshake"),
+        )));
+    };
+    match header.kind {
+        MessageKind::Response if header.command == CMD_AUTH => Ok(payload),
+        MessageKind::Error => Err(Failure::Refused(format!(
             "the server refused the handshake: {}",
-            String::from_utf8_lossy(&frame.payload)
-        )),
-        kind => Err(format!(
+            String::from_utf8_lossy(&payload)
+        ))),
+        kind => Err(Failure::Refused(format!(
             "protocol error: a {kind:?} frame of command {:#x} answered step {step} of the \
              handshake",
-            frame.header.command
-        )),
+            header.command
+        ))),
     }
 }
 
-/// Checks that the client of `stream` knows `secret` (proving this node's knowledge in turn).
-/// An error means the connection must be closed, after [`drain_until_closed`]: the client has
-/// been told why where it could be. `Ok(false)`: the client closed the connection before its
-/// first frame.
+/// Checks, within [`HANDSHAKE_LIMIT`] (or the configured timeout when shorter), that the
+/// client of `stream` knows `secret`, proving this node's knowledge in turn. `Ok(false)`: the
+/// client closed the connection before its first frame. After an error the connection must be
+/// closed, once [`drain_until_closed`] let a refusal reach the client.
 pub(crate) fn server_handshake(
-    stream: &mut TcpStream,
+    stream: &TcpStream,
     secret: &Secret,
     config: &TransportConfig,
-) -> Result<bool, String> {
-    stream
-        .set_read_timeout(Some(config.timeout))
-        .map_err(|e| format!("cannot set a read timeout: {e}"))?;
-    let refuse = |stream: &TcpStream, request_id: u64, reason: &str| {
+) -> Result<bool, Failure> {
+    let deadline = Deadline::after(config.timeout.min(HANDSHAKE_LIMIT));
+    let refuse = |request_id: u64, reason: &str| {
+        let refusal = Outgoing::new(CMD_AUTH, reason.as_bytes());
         let _ = send(
             stream,
             MessageKind::Error,
-            Outgoing::new(CMD_AUTH, reason.as_bytes()),
+            refusal,
             config.node_id,
             request_id,
         );
         let _ = stream.shutdown(Shutdown::Write);
     };
-    let first = match first_frame(stream) {
-        Ok(Some(header)) => header,
-        Ok(None) => return Ok(false),
-        Err(reason) => return Err(reason),
+    let Some(first) = deadline.header(stream)? else {
+        return Ok(false);
     };
     let is_step = |h: &FrameHeader, step: u64, len: u64| {
         h.kind == MessageKind::Request
@@ -333,20 +448,19 @@ pub(crate) fn server_handshake(
         // Not a handshake (a node without the secret): drop a small payload so that the
         // refusal reaches the client before the connection closes.
         if first.payload_len <= DRAIN_REFUSED_BYTES {
-            let _ = discard(stream, first.payload_len);
+            deadline.discard(stream, first.payload_len);
         }
-        refuse(stream, first.request_id, AUTH_REQUIRED);
-        return Err(format!(
+        refuse(first.request_id, AUTH_REQUIRED);
+        return Err(Failure::Refused(format!(
             "the peer's first request (command {:#x}) did not authenticate",
             first.command
-        ));
+        )));
     }
     let mut client_nonce = [0u8; NONCE_LEN];
-    stream
-        .read_exact(&mut client_nonce)
-        .map_err(|e| read_failure(&e))?;
-    let server_nonce: [u8; NONCE_LEN] =
-        random().map_err(|e| format!("no random bytes for a nonce: {e}"))?;
+    if !deadline.read_exact(stream, &mut client_nonce)? {
+        return Err(Failure::Io(closed_mid_frame()));
+    }
+    let server_nonce: [u8; NONCE_LEN] = random()?;
     let mut answer = Vec::with_capacity(NONCE_LEN + PROOF_LEN);
     answer.extend_from_slice(&server_nonce);
     answer.extend_from_slice(
@@ -355,78 +469,58 @@ pub(crate) fn server_handshake(
             .finalize()
             .into_bytes(),
     );
+    let step1_answer = Outgoing::new(CMD_AUTH, &answer);
     send(
         stream,
         MessageKind::Response,
-        Outgoing::new(CMD_AUTH, &answer),
+        step1_answer,
         config.node_id,
         first.request_id,
     )?;
-    let second = match read_small_frame(stream)? {
-        Some(frame) => frame,
+    let Some((second, proof)) = deadline.frame(stream)? else {
         // The client refused this node's proof (it holds another secret) and left.
-        None => return Err("the peer left after this node's proof: its secret differs".into()),
+        return Err(Failure::Refused(
+            "the peer left after this node's proof: its secret differs".into(),
+        ));
     };
-    if !is_step(&second.header, 2, PROOF_LEN as u64) {
+    if !is_step(&second, 2, PROOF_LEN as u64) {
         refuse(
-            stream,
-            second.header.request_id,
+            second.request_id,
             "protocol error: expected step 2 of the handshake",
         );
-        return Err("the peer broke off the handshake".into());
+        return Err(Failure::Refused("the peer broke off the handshake".into()));
     }
     if secret
         .proof(CLIENT_LABEL, &client_nonce, &server_nonce)
-        .verify_slice(&second.payload)
+        .verify_slice(&proof)
         .is_err()
     {
         refuse(
-            stream,
-            second.header.request_id,
+            second.request_id,
             "the connecting node does not know this node's shared secret (KVSTORE_SECRET_FILE \
              or KVSTORE_SECRET differs between them)",
         );
-        return Err("the peer does not know the job's shared secret".into());
+        return Err(Failure::Refused(
+            "the peer does not know the job's shared secret".into(),
+        ));
     }
+    let accepted = Outgoing::new(CMD_AUTH, &[]);
     send(
         stream,
         MessageKind::Response,
-        Outgoing::new(CMD_AUTH, &[]),
+        accepted,
         config.node_id,
-        second.header.request_id,
+        second.request_id,
     )?;
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| format!("cannot clear the read timeout: {e}"))?;
+    stream.set_read_timeout(None)?;
     Ok(true)
 }
 
-/// After a refusal: reads what the peer still sends (at most 1 MiB, for at most a second)
-/// until it closes, so that closing this end does not reset the connection before the peer
-/// has read the refusal.
-pub(crate) fn drain_until_closed(mut stream: &TcpStream) {
-    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(1)));
-    let mut scratch = [0u8; 16 * 1024];
-    let mut drained = 0usize;
-    while drained < DRAIN_REFUSED_BYTES as usize {
-        match stream.read(&mut scratch) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
-    }
-}
-
-/// The header of the connection's first frame (its payload left unread).
-fn first_frame(stream: &mut TcpStream) -> Result<Option<FrameHeader>, String> {
-    let mut hb = [0u8; HEADER_LEN];
-    match read_header(stream, &mut hb) {
-        Ok(true) => {}
-        Ok(false) => return Ok(None),
-        Err(e) => return Err(read_failure(&e)),
-    }
-    FrameHeader::decode(&hb, u64::MAX)
-        .map(Some)
-        .map_err(|e| format!("protocol error: {e}"))
+/// After a refusal: reads what the peer still sends (at most 1 MiB, for at most a second in
+/// all) until it closes, so that closing this end does not reset the connection before the
+/// peer has read the refusal.
+pub(crate) fn drain_until_closed(stream: &TcpStream) {
+    Deadline::after(DRAIN_LIMIT).discard(stream, DRAIN_REFUSED_BYTES);
 }
 
 #[cfg(test)]

@@ -157,9 +157,8 @@ impl Connection {
             source,
         };
         configure_stream(&stream, &config).map_err(io_err)?;
-        let mut stream = stream;
         if let Some(secret) = &config.secret {
-            super::auth::client_handshake(&mut stream, secret, &config, &addr.to_string())?;
+            super::auth::client_handshake(&stream, secret, &config, &addr.to_string())?;
         }
         let read_half = stream.try_clone().map_err(io_err)?;
         let shared = Arc::new(Shared {

@@ -330,7 +330,7 @@ fn serve(
     let mut node = 0u32;
     let authenticated = match &config.secret {
         None => Ok(true),
-        Some(secret) => super::auth::server_handshake(&mut stream, secret, config),
+        Some(secret) => super::auth::server_handshake(&stream, secret, config),
     };
     let reason = match &authenticated {
         Ok(true) => serve_requests(shared, &mut stream, &writer, &pool, connection, &mut node),
@@ -350,6 +350,9 @@ fn serve(
         super::auth::drain_until_closed(&stream);
     }
     let _ = stream.shutdown(Shutdown::Both);
+    if !matches!(authenticated, Ok(true)) {
+        return; // the handler never saw the connection
+    }
     if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(connection))).is_err() {
         log::error!(
             "kvstore-dist: the disconnect handler panicked for {}",
@@ -422,11 +425,14 @@ fn serve_requests(
             answered: false,
         };
         if header.command == CMD_AUTH {
-            // A handshake reaches here only when this server has no secret.
-            let _ = responder.respond_error(NO_SECRET_HERE);
-            break Some(
-                "the peer opened with a shared-secret handshake; this node has no secret".into(),
-            );
+            // Handshakes never reach a handler: without a secret here, the peer's is refused;
+            // with one, the connection's handshake is already done.
+            let message = match config.secret {
+                None => NO_SECRET_HERE,
+                Some(_) => "protocol error: a second handshake on an authenticated connection",
+            };
+            let _ = responder.respond_error(message);
+            break Some(format!("handshake refused: {message}"));
         }
         let request = Request {
             header,
