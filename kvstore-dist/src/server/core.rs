@@ -777,13 +777,17 @@ impl Core {
             return;
         }
         let wants_data = inner != u64::from(protocol::CMD_PUSH);
-        // Pulled data is the part's whole value (pushes may be compressed).
+        // Pulled data is the part's whole value (pushes may be compressed), sized by the value
+        // held, never by a declaration: another rank's init may declare any size before rank
+        // 0's value arrives (that part's pull then fails without data).
         let lens: Vec<usize> = items
             .iter()
             .map(|it| match self.entry(it.wire, u64::from(it.part)) {
                 Some(entry) if wants_data => {
                     let e = lock(&entry);
-                    e.meta.elements as usize * e.meta.dtype.size_of()
+                    e.value
+                        .as_ref()
+                        .map_or(0, |v| v.size() * v.dtype().size_of())
                 }
                 _ => 0,
             })
