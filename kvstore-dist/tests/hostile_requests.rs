@@ -358,3 +358,102 @@ fn random_requests_from_a_worker_never_break_the_server_or_its_values() {
     drop(node);
     let _ = cluster.finish();
 }
+
+#[test]
+fn random_frames_at_the_scheduler_never_stop_a_job_from_forming_or_running() {
+    use kvstore_dist::cluster::{
+        CMD_BARRIER, CMD_DEAD_NODES, CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER,
+    };
+    errors();
+    let cluster = LocalCluster::start_with(
+        1,
+        2,
+        Duration::from_secs(5),
+        [("KVSTORE_STALL_WARNING_SECS", "0")],
+    )
+    .unwrap();
+    let options = cluster.worker_options().clone();
+    let scheduler = format!("127.0.0.1:{}", options["DMLC_PS_ROOT_PORT"]);
+    let transport = kvstore_dist::transport::TransportConfig {
+        timeout: Duration::from_secs(5),
+        ..kvstore_dist::transport::TransportConfig::default()
+    };
+    let mut rng = Rng(0x5C4E_D01E | 1);
+    // Registrations that are never well-formed: a wrong role, no address, a bad address, junk.
+    let registrations: [&[u8]; 7] = [
+        b"",
+        b"worker",
+        b"emperor 127.0.0.1:9",
+        b"worker not-an-address",
+        b"server 127.0.0.1:99999",
+        b"\xff\xfe\x00 worker",
+        b"scheduler 127.0.0.1:1",
+    ];
+    let mut hostile = |rng: &mut Rng, frames: usize| {
+        let conn = Connection::connect(scheduler.as_str(), transport.clone()).unwrap();
+        let mut pending = Vec::new();
+        for i in 0..frames {
+            let command = rng.pick(&[
+                CMD_REGISTER,
+                CMD_BARRIER,
+                CMD_HEARTBEAT,
+                CMD_DEAD_NODES,
+                CMD_GOODBYE,
+                0x4B56_0099,
+            ]);
+            let body = match command {
+                CMD_REGISTER => rng.pick(&registrations).to_vec(),
+                _ => {
+                    let n = rng.pick(&[0usize, 3, 64]);
+                    rng.bytes(n)
+                }
+            };
+            let out = Outgoing::new(command, &body)
+                .key(rng.pick(&[0u64, 1, 2, 4, 7, 8, 9, 99, u64::MAX]))
+                .aux(rng.pick(&[0u64, 1, 1000, u64::MAX]))
+                .flags(rng.next() as u16);
+            if conn.is_closed() {
+                break;
+            }
+            if let Ok(p) = conn.send(out, &format!("random frame {i}")) {
+                pending.push(p);
+            }
+        }
+        for p in pending {
+            let _ = p.wait_timeout(Duration::from_millis(1));
+        }
+    };
+    // Before the job forms: unregistered connections sending anything.
+    for _ in 0..5 {
+        hostile(&mut rng, 200);
+    }
+    // The job forms and runs.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let options = options.clone();
+            thread::spawn(move || kvstore_base::create_with("dist_sync", options).unwrap())
+        })
+        .collect();
+    let workers: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    // And again while it runs.
+    for _ in 0..5 {
+        hostile(&mut rng, 200);
+    }
+    thread::scope(|s| {
+        for kv in &workers {
+            s.spawn(move || {
+                kv.init(9, &NDArray::zeros(&[4], DType::F32)).unwrap();
+                kv.push(9, &NDArray::ones(&[4], DType::F32)).unwrap();
+                let mut out = NDArray::zeros(&[4], DType::F32);
+                kv.pull(9, &mut out).unwrap();
+                assert_eq!(out.to_f64_vec(), vec![2.0; 4]);
+                kv.barrier().unwrap();
+            });
+        }
+    });
+    drop(workers);
+    cluster.finish().unwrap();
+    let logged = errors().0.lock().unwrap().clone();
+    let panics: Vec<&String> = logged.iter().filter(|l| l.contains("panicked")).collect();
+    assert!(panics.is_empty(), "{panics:?}");
+}
