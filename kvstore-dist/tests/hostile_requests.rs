@@ -389,7 +389,7 @@ fn random_frames_at_the_scheduler_never_stop_a_job_from_forming_or_running() {
         b"\xff\xfe\x00 worker",
         b"scheduler 127.0.0.1:1",
     ];
-    let mut hostile = |rng: &mut Rng, frames: usize| {
+    let hostile = |rng: &mut Rng, frames: usize| {
         let conn = Connection::connect(scheduler.as_str(), transport.clone()).unwrap();
         let mut pending = Vec::new();
         for i in 0..frames {
