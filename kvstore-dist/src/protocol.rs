@@ -753,4 +753,82 @@ mod tests {
         // Rows past the end of any address are in no part.
         assert_eq!(row_in_part(u64::MAX / 4, 4, 0, u64::MAX), None);
     }
+
+    /// Random bytes, and valid encodings cut, extended and with bytes changed: every decoder of
+    /// a worker's or server's message answers `Ok` or `Err`, never panics.
+    #[test]
+    fn decoders_never_panic_on_random_or_mutated_bytes() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid: Vec<Vec<u8>> = vec![
+            InitMeta {
+                dtype: DType::F32,
+                elements: 12,
+                row_len: 4,
+                row_sparse: true,
+                key: Key::Str("embedding".into()),
+            }
+            .encode(),
+            BatchItem::encode::<&[u8]>(
+                &[BatchItem {
+                    wire: 3,
+                    part: 0,
+                    flags: dtype_flag(DType::F32),
+                    len: 8,
+                }],
+                &[&[0; 8]],
+            ),
+            ShmAttach {
+                len: 1 << 20,
+                nonce: [1; 16],
+                name: "kvstore-shm-x".into(),
+            }
+            .encode(),
+            ShmSlot { offset: 0, len: 16 }.encode().to_vec(),
+            RowsPush::encode([0u64, 2].into_iter(), &[0; 32]),
+            RowRequest {
+                part_start: 0,
+                row_len: 4,
+                rows: vec![0, 2],
+            }
+            .encode(),
+        ];
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                (0..next() % 96).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                valid[(next() % valid.len() as u64) as usize].clone()
+            };
+            for _ in 0..next() % 4 {
+                match next() % 3 {
+                    0 if !bytes.is_empty() => {
+                        let at = (next() % bytes.len() as u64) as usize;
+                        bytes[at] = next() as u8;
+                    }
+                    1 => bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize),
+                    _ => bytes.extend((0..next() % 16).map(|_| next() as u8)),
+                }
+            }
+            let _ = InitMeta::decode(&bytes);
+            let _ = BatchItem::decode(&bytes);
+            let _ = ShmAttach::decode(&bytes);
+            let _ = ShmSlot::decode(&bytes, (next() % 3) as usize);
+            let row_bytes = [0usize, 1, 4, 16, usize::MAX][(next() % 5) as usize];
+            let rows = [0u64, 1, 3, u64::MAX][(next() % 4) as usize];
+            if let Ok(push) = RowsPush::decode(&bytes, rows, row_bytes) {
+                let _ = push.ids().count();
+            }
+            let _ = RowRequest::decode(&bytes);
+            let mut header = [0u8; crate::transport::HEADER_LEN];
+            for (i, b) in header.iter_mut().enumerate() {
+                *b = bytes.get(i).copied().unwrap_or(next() as u8);
+            }
+            let _ = crate::transport::FrameHeader::decode(&header, next());
+        }
+    }
 }

@@ -274,7 +274,8 @@ impl Coordinator {
         for (_, t) in ready {
             let bytes = t.bytes();
             let fits = open.get(&(t.op, t.dtype)).copied().filter(|&i| {
-                self.fusion_threshold > 0 && groups[i].1 + bytes <= self.fusion_threshold
+                self.fusion_threshold > 0
+                    && groups[i].1.saturating_add(bytes) <= self.fusion_threshold
             });
             match fits {
                 Some(i) => {

@@ -68,7 +68,15 @@ pub struct TensorRequest {
 impl TensorRequest {
     /// Bytes of the tensor.
     pub fn bytes(&self) -> u64 {
-        self.shape.iter().product::<usize>() as u64 * self.dtype.size_of() as u64
+        self.checked_bytes().unwrap_or(u64::MAX)
+    }
+
+    /// Bytes of the tensor; `None` when they cannot be addressed (a shape no array has).
+    fn checked_bytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(self.dtype.size_of() as u64, |n, &d| n.checked_mul(d as u64))
+            .filter(|&n| n <= isize::MAX as u64)
     }
 }
 
@@ -191,12 +199,19 @@ pub fn decode_requests(bytes: &[u8]) -> Result<Vec<TensorRequest>, String> {
             shape.push(usize::try_from(r.u64()?).map_err(|_| "a dimension is too big")?);
         }
         let name = r.string()?;
-        out.push(TensorRequest {
+        let request = TensorRequest {
             name,
             op,
             dtype,
             shape,
-        });
+        };
+        if request.checked_bytes().is_none() {
+            return Err(format!(
+                "tensor {:?} of shape {:?} has more bytes than an array can hold",
+                request.name, request.shape
+            ));
+        }
+        out.push(request);
     }
     r.done()?;
     Ok(out)
@@ -326,5 +341,77 @@ mod tests {
         assert!(decode_plan(&encode_plan(&Plan::default()))
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn a_shape_no_array_has_is_refused_and_never_overflows() {
+        let huge = TensorRequest {
+            name: "w".into(),
+            op: Op::Allreduce,
+            dtype: DType::F32,
+            shape: vec![1 << 33, 1 << 33],
+        };
+        assert_eq!(huge.bytes(), u64::MAX);
+        let err = decode_requests(&encode_requests(&[huge])).unwrap_err();
+        assert!(err.contains("more bytes than an array can hold"), "{err}");
+    }
+
+    /// Random bytes and valid encodings cut, extended or changed: the decoders of what ranks
+    /// send the coordinator, and it them, answer `Ok` or `Err`, never panic.
+    #[test]
+    fn decoders_never_panic_on_random_or_mutated_bytes() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let valid = [
+            encode_requests(&[TensorRequest {
+                name: "layer.weight".into(),
+                op: Op::Allreduce,
+                dtype: DType::F32,
+                shape: vec![3, 4],
+            }]),
+            encode_groups(&[Group {
+                seq: 1,
+                op: Op::Broadcast,
+                dtype: DType::F16,
+                names: vec!["a".into(), "b".into()],
+            }]),
+            encode_plan(&Plan {
+                groups: Vec::new(),
+                failures: vec![Failure {
+                    name: "x".into(),
+                    message: "stalled".into(),
+                }],
+            }),
+        ];
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                (0..next() % 96).map(|_| next() as u8).collect::<Vec<u8>>()
+            } else {
+                valid[(next() % valid.len() as u64) as usize].clone()
+            };
+            for _ in 0..next() % 4 {
+                match next() % 3 {
+                    0 if !bytes.is_empty() => {
+                        let at = (next() % bytes.len() as u64) as usize;
+                        bytes[at] = next() as u8;
+                    }
+                    1 => bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize),
+                    _ => bytes.extend((0..next() % 16).map(|_| next() as u8)),
+                }
+            }
+            if let Ok(requests) = decode_requests(&bytes) {
+                let _: u64 = requests
+                    .iter()
+                    .map(TensorRequest::bytes)
+                    .fold(0, u64::saturating_add);
+            }
+            let _ = decode_groups(&bytes);
+            let _ = decode_plan(&bytes);
+        }
     }
 }
