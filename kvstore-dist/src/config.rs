@@ -11,6 +11,7 @@
 //! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1; a scheduler also takes 0, see [`DistConfig::scheduler_from_vars_and_file`]) |
 //! | `DMLC_NUM_WORKER` | `num_worker` | required | number of workers (≥ 1) |
 //! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises and binds |
+//! | `KVSTORE_BIND_HOST` | `bind_host` | unset | address this node listens on when it differs from the one it advertises (e.g. `0.0.0.0` in a container whose advertised address, `DMLC_NODE_HOST`, is the host's, with `PORT` published); unset: the advertised one (the scheduler: `DMLC_NODE_HOST`, else every interface) |
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
 //! | `PORT` | `port` | unset (any free port) | fixed port for this node |
 //! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message) |
@@ -185,6 +186,8 @@ pub struct DistFile {
     pub num_worker: Option<u32>,
     /// `DMLC_NODE_HOST`.
     pub node_host: Option<String>,
+    /// `KVSTORE_BIND_HOST`.
+    pub bind_host: Option<String>,
     /// `DMLC_INTERFACE`.
     pub interface: Option<String>,
     /// `PORT`.
@@ -262,6 +265,9 @@ pub struct DistConfig {
     pub num_workers: u32,
     /// The address this node advertises and binds (`DMLC_NODE_HOST`).
     pub node_host: Option<String>,
+    /// The address this node listens on when it is not the one it advertises
+    /// (`KVSTORE_BIND_HOST`, e.g. `0.0.0.0`); `None`: the advertised one.
+    pub bind_host: Option<String>,
     /// The interface to take this node's address from (`DMLC_INTERFACE`).
     pub interface: Option<String>,
     /// A fixed port for this node (`PORT`); `None`: any free port.
@@ -575,6 +581,7 @@ impl DistConfig {
                 .filter(|s| !s.is_empty())
         };
         let node_host = text("DMLC_NODE_HOST", &file.node_host);
+        let bind_host = text("KVSTORE_BIND_HOST", &file.bind_host);
         let interface = text("DMLC_INTERFACE", &file.interface);
 
         let port = match src.get("PORT") {
@@ -712,6 +719,7 @@ impl DistConfig {
             num_servers,
             num_workers,
             node_host,
+            bind_host,
             interface,
             port,
             verbose,

@@ -1,7 +1,9 @@
 //! The server and worker side of a cluster: join, barriers, heartbeats, leave.
 //!
 //! [`Node::join`] binds the address this node will serve on (`DMLC_NODE_HOST`, else the IPv4
-//! address of `DMLC_INTERFACE`, else the local address the OS routes to the scheduler; `PORT`, else a free port), connects to the scheduler
+//! address of `DMLC_INTERFACE`, else the local address the OS routes to the scheduler; `PORT`,
+//! else a free port; with `KVSTORE_BIND_HOST` it listens there instead and advertises that
+//! address with the port it got), connects to the scheduler
 //! — retrying until `KVSTORE_TIMEOUT_SECS`, since the scheduler may start later — registers its
 //! role and address, and waits for the node table, which gives its rank and id. A background
 //! thread then sends a heartbeat every `PS_HEARTBEAT_INTERVAL` (see
@@ -180,7 +182,12 @@ impl Node {
                 }
             }
         };
-        let bind = join_host_port(&host, config.port.unwrap_or(0));
+        // It listens on `KVSTORE_BIND_HOST` when set (say 0.0.0.0 in a container) and
+        // advertises `host` with the port it got.
+        let bind = join_host_port(
+            config.bind_host.as_deref().unwrap_or(&host),
+            config.port.unwrap_or(0),
+        );
         let listener = TcpListener::bind(bind.as_str())
             .map_err(|e| ClusterError::Local(format!("cannot listen on {bind}: {e}")))?;
         let port = listener

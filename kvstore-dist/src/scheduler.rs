@@ -951,12 +951,16 @@ impl SchedulerHandle {
 }
 
 impl Scheduler {
-    /// Starts the scheduler: listens on `DMLC_PS_ROOT_PORT` on the address `DMLC_NODE_HOST`
-    /// when set, else on all interfaces (as ps-lite does). A `root_port` of 0 (possible only
+    /// Starts the scheduler: listens on `DMLC_PS_ROOT_PORT` on the address `KVSTORE_BIND_HOST`,
+    /// else `DMLC_NODE_HOST`, when set, else on all interfaces (as ps-lite does). A `root_port` of 0 (possible only
     /// in a hand-built [`DistConfig`]) takes any free port: see [`local_addr`](Self::local_addr).
     /// Registration must complete within `config.timeout` from now.
     pub fn start(config: &DistConfig) -> Result<Scheduler, ClusterError> {
-        let host = config.node_host.clone().unwrap_or_else(|| "0.0.0.0".into());
+        let host = config
+            .bind_host
+            .clone()
+            .or_else(|| config.node_host.clone())
+            .unwrap_or_else(|| "0.0.0.0".into());
         let bind = if host.contains(':') && !host.starts_with('[') {
             format!("[{host}]:{}", config.root_port)
         } else {
@@ -994,20 +998,21 @@ impl Scheduler {
         .map_err(|e| ClusterError::Local(format!("the scheduler cannot start: {e}")))?;
         let local = server.local_addr();
         // Nodes reach the scheduler at the configured root address; with port 0, the bound one.
-        let advertised = if config.root_port == 0 || local.ip().is_unspecified() {
-            let host = if local.ip().is_unspecified() {
-                config.root_uri.clone()
+        let advertised =
+            if config.root_port == 0 || local.ip().is_unspecified() || config.bind_host.is_some() {
+                let host = if local.ip().is_unspecified() || config.bind_host.is_some() {
+                    config.root_uri.clone()
+                } else {
+                    local.ip().to_string()
+                };
+                if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]:{}", local.port())
+                } else {
+                    format!("{host}:{}", local.port())
+                }
             } else {
-                local.ip().to_string()
+                local.to_string()
             };
-            if host.contains(':') && !host.starts_with('[') {
-                format!("[{host}]:{}", local.port())
-            } else {
-                format!("{host}:{}", local.port())
-            }
-        } else {
-            local.to_string()
-        };
         let _ = shared.addr.set(advertised);
         let tick_shared = Arc::clone(&shared);
         let tick =

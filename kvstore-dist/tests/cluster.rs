@@ -2,7 +2,7 @@
 //! sockets on 127.0.0.1: registration and ranks, barriers, lost nodes, registration timeouts,
 //! shutdown. Every wait is bounded by a timeout of at most a few seconds.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -463,4 +463,39 @@ fn shutdown_stops_an_idle_scheduler_and_heartbeat_defaults_are_sensible() {
         heartbeat_settings(&c),
         (Duration::from_millis(100), Duration::from_millis(300))
     );
+}
+
+#[test]
+fn nodes_can_listen_on_every_interface_and_advertise_one_address() {
+    // KVSTORE_BIND_HOST=0.0.0.0 (a container's setting): every node listens on every
+    // interface, and the node table holds the advertised address, DMLC_NODE_HOST's.
+    let cluster = kvstore_dist::LocalCluster::start_with(
+        1,
+        2,
+        Duration::from_secs(2),
+        [("KVSTORE_BIND_HOST", "0.0.0.0")],
+    )
+    .unwrap();
+    let options = cluster.worker_options().clone();
+    let mut vars = options.clone();
+    vars.insert("DMLC_ROLE".into(), "worker".into());
+    let config = DistConfig::from_vars(vars).unwrap();
+    assert_eq!(config.bind_host.as_deref(), Some("0.0.0.0"));
+    let real = std::thread::spawn(move || kvstore_base::create_with("dist_sync", options).unwrap());
+    let node = Node::join(&config).unwrap();
+    let kv = real.join().unwrap();
+    for info in node.nodes() {
+        assert!(info.addr.starts_with("127.0.0.1:"), "{info}");
+        if info.role == Role::Scheduler {
+            continue;
+        }
+        // Listening on every interface: reachable at another loopback address too.
+        let port = port_of(info);
+        TcpStream::connect(("127.0.0.2", port))
+            .unwrap_or_else(|e| panic!("{info} does not listen on 127.0.0.2: {e}"));
+    }
+    drop(kv);
+    drop(node);
+    // The node never said hello to the server, which gives up on it after the timeout.
+    let _ = cluster.finish();
 }

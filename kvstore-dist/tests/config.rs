@@ -301,3 +301,14 @@ fn the_stall_warning_defaults_to_a_minute_and_zero_turns_it_off() {
     let e = err(with(&[("KVSTORE_TIMEOUT_SECS", "0")]));
     assert!(e.contains("a positive number of seconds"), "{e}");
 }
+
+#[test]
+fn the_bind_host_is_read_from_the_variable_or_the_file() {
+    let c = DistConfig::from_vars(with(&[])).unwrap();
+    assert_eq!(c.bind_host, None);
+    let c = DistConfig::from_vars(with(&[("KVSTORE_BIND_HOST", " 0.0.0.0 ")])).unwrap();
+    assert_eq!(c.bind_host.as_deref(), Some("0.0.0.0"));
+    let file = DistFile::from_toml_str("[dist]\nbind_host = \"::\"\n").unwrap();
+    let c = DistConfig::from_vars_and_file(with(&[]), &file).unwrap();
+    assert_eq!(c.bind_host.as_deref(), Some("::"));
+}
