@@ -19,7 +19,7 @@
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
-//! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
+//! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for, and a request unanswered that long by the node that sent it, naming the peer (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
 //! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
@@ -283,9 +283,9 @@ pub struct DistConfig {
     pub bigarray_bound: u64,
     /// Bound on every wait (`KVSTORE_TIMEOUT_SECS`).
     pub timeout: Duration,
-    /// How long a sync round, an init, a barrier or the registration may wait before the
-    /// server or the scheduler logs a warning naming who it waits for
-    /// (`KVSTORE_STALL_WARNING_SECS`); zero: never. A wait still fails only at `timeout`.
+    /// How long a sync round, an init, a barrier, the registration or a request may wait
+    /// before the server, the scheduler or the waiting node logs a warning naming who it waits
+    /// for (`KVSTORE_STALL_WARNING_SECS`); zero: never. A wait still fails only at `timeout`.
     pub stall_warning: Duration,
     /// Largest message accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`).
     pub max_message_bytes: u64,
@@ -754,6 +754,7 @@ impl DistConfig {
             timeout: self.timeout,
             max_message_bytes: self.max_message_bytes,
             secret: self.secret.clone(),
+            stall_warning: self.stall_warning,
             ..crate::transport::TransportConfig::default()
         }
     }

@@ -1,7 +1,8 @@
-//! A wait past `KVSTORE_STALL_WARNING_SECS` is logged (level `warn`) by the server or the
-//! scheduler, naming whom it waits for, once, and long before it would fail: a sync round
-//! waiting for a worker's push, a barrier waiting for a worker, the registration waiting for
-//! nodes. The log records of this test binary are captured.
+//! A wait past `KVSTORE_STALL_WARNING_SECS` is logged (level `warn`), naming whom it waits
+//! for, once, and long before it would fail: by the server, a sync round waiting for a
+//! worker's push; by the scheduler, a barrier waiting for a worker and the registration
+//! waiting for nodes; by the waiting node, its request the peer has not answered. The log
+//! records of this test binary are captured.
 
 use std::sync::{Mutex, OnceLock};
 use std::thread;
@@ -101,6 +102,16 @@ fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
         "{}",
         rounds[0]
     );
+    // The waiting worker says whom it waits for too: its pull, the server; its barrier, the
+    // scheduler.
+    let pulls = warnings_with("pull of key 101 (a batch) has waited");
+    assert_eq!(pulls.len(), 1, "{pulls:?}");
+    assert!(
+        pulls[0].contains("node 8 at ") && pulls[0].contains("to answer"),
+        "{pulls:?}"
+    );
+    let entered = warnings_with("barrier of the worker group has waited 200ms for node 1 at");
+    assert_eq!(entered.len(), 1, "{:?}", warnings_with(""));
     let barriers = warnings_with("the barrier of the worker group has waited");
     assert_eq!(barriers.len(), 1, "{barriers:?}");
     assert!(

@@ -293,6 +293,8 @@ impl Connection {
             what: what.to_string(),
             timeout: self.config.timeout,
             deadline: Instant::now() + self.config.timeout,
+            stall_warning: self.config.stall_warning,
+            stall_logged: false,
         })
     }
 }
@@ -327,6 +329,9 @@ pub struct Pending {
     what: String,
     timeout: Duration,
     deadline: Instant,
+    /// When a wait still going is logged (zero: never), and whether it was.
+    stall_warning: Duration,
+    stall_logged: bool,
 }
 
 impl std::fmt::Debug for Pending {
@@ -344,11 +349,38 @@ impl Pending {
         self.request_id
     }
 
-    /// Waits for the response until the configured timeout (counted from the send).
+    /// Waits for the response until the configured timeout (counted from the send); a wait
+    /// still going at [`TransportConfig::stall_warning`] from the send is logged (level
+    /// `warn`) once, by this and by [`poll`](Pending::poll) and
+    /// [`wait_timeout`](Pending::wait_timeout).
     pub fn wait(self) -> Outcome {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let timeout = self.timeout;
         self.wait_for(left, timeout)
+    }
+
+    /// How long from now until the stall warning is due, when it is still to come and before
+    /// the deadline.
+    fn until_stall_warning(&self) -> Option<Duration> {
+        if self.stall_logged || self.stall_warning.is_zero() {
+            return None;
+        }
+        let sent = self.deadline.checked_sub(self.timeout)?;
+        Some((sent + self.stall_warning).saturating_duration_since(Instant::now()))
+    }
+
+    /// Logs that the request still waits, once.
+    fn log_stall(&mut self) {
+        self.stall_logged = true;
+        log::warn!(
+            "kvstore-dist: {} has waited {:?} for {} to answer (request {}); it fails after {:?} \
+             (KVSTORE_TIMEOUT_SECS)",
+            self.what,
+            self.stall_warning,
+            self.shared.peer(),
+            self.request_id,
+            self.timeout
+        );
     }
 
     /// Whether the connection has ended: the outcome is then already known (a response that
@@ -361,6 +393,9 @@ impl Pending {
     /// request is settled (answered, failed or timed out), `None` when it is still in flight,
     /// so that a caller waiting on several requests can look at the others meanwhile.
     pub fn poll(&mut self, slice: Duration) -> Option<Outcome> {
+        if self.until_stall_warning().is_some_and(|d| d.is_zero()) {
+            self.log_stall();
+        }
         let left = self.deadline.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(slice.min(left)) {
             Ok(outcome) => Some(outcome),
@@ -375,7 +410,18 @@ impl Pending {
         self.wait_for(limit, limit)
     }
 
-    fn wait_for(self, left: Duration, reported: Duration) -> Outcome {
+    /// Waits at most `left` from now (`reported` as the timeout if it runs out), logging the
+    /// stall warning on the way if it falls due.
+    fn wait_for(mut self, left: Duration, reported: Duration) -> Outcome {
+        let end = Instant::now() + left;
+        if let Some(stall) = self.until_stall_warning().filter(|&s| s < left) {
+            match self.rx.recv_timeout(stall) {
+                Ok(outcome) => return outcome,
+                Err(RecvTimeoutError::Disconnected) => return Err(self.closed()),
+                Err(RecvTimeoutError::Timeout) => self.log_stall(),
+            }
+        }
+        let left = end.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(left) {
             Ok(outcome) => outcome,
             Err(RecvTimeoutError::Timeout) => self.timed_out(reported),

@@ -74,6 +74,9 @@ pub struct TransportConfig {
     pub socket_buffer_bytes: Option<usize>,
     /// Buffers a server connection keeps for reuse by incoming payloads (see [`Payload`]).
     pub pooled_buffers: usize,
+    /// A request still unanswered this long is logged as a warning naming the peer and the
+    /// request (`KVSTORE_STALL_WARNING_SECS`); zero: never. It still fails only at `timeout`.
+    pub stall_warning: Duration,
     /// The job's shared secret: when set, every connection opens with the handshake of
     /// [`auth`] (both ends prove they know it) and a peer that cannot is refused; a node with
     /// a secret and one without cannot talk. `None`: no handshake.
@@ -88,6 +91,7 @@ impl Default for TransportConfig {
             node_id: 0,
             socket_buffer_bytes: None,
             pooled_buffers: 4,
+            stall_warning: Duration::from_secs_f64(crate::config::DEFAULT_STALL_WARNING_SECS),
             secret: None,
         }
     }

@@ -423,7 +423,11 @@ impl DistStore {
             })
             .collect();
         let payload = BatchItem::encode(&table, &chunks);
-        let what = format!("{operation} of {} keys (a batch)", items.len());
+        let first = &metas[items[0].0].key;
+        let what = match items.len() {
+            1 => format!("{operation} of key {first} (a batch)"),
+            n => format!("{operation} of {n} keys from key {first} (a batch)"),
+        };
         let out = Outgoing::new(protocol::CMD_BATCH, &payload).aux(u64::from(command));
         match self.servers[server].send(out, &what) {
             Ok(p) => Ok((Sent::Batch { items }, p)),
