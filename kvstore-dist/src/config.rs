@@ -11,7 +11,7 @@
 //! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1; a scheduler also takes 0, see [`DistConfig::scheduler_from_vars_and_file`]) |
 //! | `DMLC_NUM_WORKER` | `num_worker` | required | number of workers (≥ 1) |
 //! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises and binds |
-//! | `KVSTORE_BIND_HOST` | `bind_host` | unset | address this node listens on when it differs from the one it advertises (e.g. `0.0.0.0` in a container whose advertised address, `DMLC_NODE_HOST`, is the host's, with `PORT` published); unset: the advertised one (the scheduler: `DMLC_NODE_HOST`, else every interface) |
+//! | `KVSTORE_BIND_HOST` | `bind_host` | unset | address this node listens on when it differs from the one it advertises (e.g. `0.0.0.0` in a container whose advertised address, `DMLC_NODE_HOST`, is the host's, with `PORT` published); unset: the advertised one (the scheduler: `DMLC_NODE_HOST`, else every interface; nodes always reach the scheduler at `DMLC_PS_ROOT_URI`) |
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
 //! | `PORT` | `port` | unset (any free port) | fixed port for this node |
 //! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message) |

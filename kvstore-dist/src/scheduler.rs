@@ -743,19 +743,22 @@ impl Shared {
         let now = Instant::now();
         if st.members.is_none() {
             let waited = now.duration_since(st.started);
-            let registered: Vec<String> = st
-                .registrations
-                .iter()
-                .map(|r| format!("{} at {}", r.role, r.addr))
-                .collect();
+            let registered = |st: &State| -> Vec<String> {
+                st.registrations
+                    .iter()
+                    .map(|r| format!("{} at {}", r.role, r.addr))
+                    .collect()
+            };
             if waited < self.timeout && self.stalled(waited) && !st.registration_stall_logged {
                 st.registration_stall_logged = true;
                 log::warn!(
-                    "kvstore-dist: scheduler at {}: the registration has waited {:?}: {} still missing (registered: {}); it fails after {:?} (KVSTORE_TIMEOUT_SECS)",
+                    "kvstore-dist: scheduler at {}: the registration has waited {:?} or more: {} \
+                     still missing (registered: {}); it fails once it has waited {:?} \
+                     (KVSTORE_TIMEOUT_SECS)",
                     self.addr(),
                     self.stall_warning,
                     self.missing(&st.registrations),
-                    list(&registered),
+                    list(&registered(st)),
                     self.timeout
                 );
             }
@@ -765,7 +768,7 @@ impl Shared {
                     scheduler: self.addr().to_string(),
                     timeout: self.timeout,
                     missing,
-                    registered: list(&registered),
+                    registered: list(&registered(st)),
                 };
                 for r in std::mem::take(&mut st.registrations) {
                     replies.push((r.responder, Err(err.to_string())));
@@ -841,7 +844,8 @@ impl Shared {
             let b = st.barriers.get_mut(&group).expect("listed above");
             b.stall_logged = true;
             log::warn!(
-                "kvstore-dist: scheduler at {}: the barrier of the {group} has waited {:?} for {}; it fails after {:?} (KVSTORE_TIMEOUT_SECS)",
+                "kvstore-dist: scheduler at {}: the barrier of the {group} has waited {:?} or more \
+                 for {}; it fails once it has waited {:?} (KVSTORE_TIMEOUT_SECS)",
                 self.addr(),
                 self.stall_warning,
                 list(&absent),

@@ -96,6 +96,11 @@ fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
     let rounds = warnings_with("the sync round of key 101 ");
     assert_eq!(rounds.len(), 1, "{rounds:?}");
     assert!(
+        rounds[0].contains("has waited 200ms or more"),
+        "{}",
+        rounds[0]
+    );
+    assert!(
         rounds[0].contains("for a push from worker rank 1 (id ")
             && !rounds[0].contains("worker rank 0")
             && rounds[0].contains("KVSTORE_TIMEOUT_SECS"),
@@ -122,8 +127,39 @@ fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
 }
 
 #[test]
+fn each_stalled_round_is_logged_and_an_init_waiting_for_rank_0_too() {
+    two_workers("0.2", |kv| {
+        // Rank 0 inits late: rank 1's init waits for its value.
+        if kv.rank() == 0 {
+            thread::sleep(Duration::from_millis(1500));
+        }
+        kv.init(404, &NDArray::zeros(&[8], DType::F32)).unwrap();
+        // Two rounds, rank 1 late to each: both are logged.
+        for _ in 0..2 {
+            if kv.rank() == 1 {
+                thread::sleep(Duration::from_millis(1500));
+            }
+            kv.push(404, &NDArray::ones(&[8], DType::F32)).unwrap();
+            let mut out = NDArray::zeros(&[8], DType::F32);
+            kv.pull(404, &mut out).unwrap();
+            // Without an optimizer a round's sum replaces the value.
+            assert_eq!(out.to_f64_vec(), vec![2.0; 8]);
+        }
+    });
+    let inits = warnings_with("the init of key 404 ");
+    assert_eq!(inits.len(), 1, "{inits:?}");
+    assert!(
+        inits[0].contains("for the value of worker rank 0 (id "),
+        "{}",
+        inits[0]
+    );
+    let rounds = warnings_with("the sync round of key 404 ");
+    assert_eq!(rounds.len(), 2, "{rounds:?}");
+}
+
+#[test]
 fn waits_shorter_than_the_warning_or_with_warnings_off_are_not_logged() {
-    two_workers("30", |kv| late_rank_1(kv, 202, Duration::from_millis(300)));
+    two_workers("2", |kv| late_rank_1(kv, 202, Duration::from_millis(300)));
     two_workers("0", |kv| late_rank_1(kv, 303, Duration::from_millis(300)));
     assert!(warnings_with("key 202").is_empty());
     assert!(warnings_with("key 303").is_empty());

@@ -482,8 +482,7 @@ mod tests {
     }
 
     /// A file whose content was cut, extended or changed, with its checksum made right again
-    /// (as a hostile sender would): decoding answers `Ok` or `Err`, never panics, and never
-    /// allocates more than the file holds.
+    /// (as a hostile sender would): decoding answers `Ok` or `Err`, never panics.
     #[test]
     fn damaged_files_with_a_valid_checksum_never_panic() {
         let saved = Saved {

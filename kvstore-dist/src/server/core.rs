@@ -274,10 +274,14 @@ impl Core {
     /// Logs the waits that passed `KVSTORE_STALL_WARNING_SECS` in this pass: one line per set
     /// of workers the rounds wait for, one for the inits waiting for rank 0.
     fn log_stalls(&self, stalls: Stalls) {
-        let fails = format!("it fails after {:?} (KVSTORE_TIMEOUT_SECS)", self.timeout);
+        let fails = format!(
+            "it fails once it has waited {:?} (KVSTORE_TIMEOUT_SECS)",
+            self.timeout
+        );
         for (missing, parts) in stalls.rounds {
             log::warn!(
-                "kvstore-dist: server {}: the sync round of {} has waited {:?} for a push from {missing}; {fails}",
+                "kvstore-dist: server {}: the sync round of {} has waited {:?} or more for a push \
+                 from {missing}; {fails}",
                 self.rank,
                 some_of(&parts),
                 self.stall_warning,
@@ -285,7 +289,8 @@ impl Core {
         }
         if !stalls.inits.is_empty() {
             log::warn!(
-                "kvstore-dist: server {}: the init of {} has waited {:?} for the value of {}; {fails}",
+                "kvstore-dist: server {}: the init of {} has waited {:?} or more for the value of \
+                 {}; {fails}",
                 self.rank,
                 some_of(&stalls.inits),
                 self.stall_warning,

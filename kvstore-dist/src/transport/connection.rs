@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -373,8 +373,8 @@ impl Pending {
     fn log_stall(&mut self) {
         self.stall_logged = true;
         log::warn!(
-            "kvstore-dist: {} has waited {:?} for {} to answer (request {}); it fails after {:?} \
-             (KVSTORE_TIMEOUT_SECS)",
+            "kvstore-dist: {} has waited {:?} for {} to answer (request {}); it fails once it \
+             has waited {:?} (KVSTORE_TIMEOUT_SECS)",
             self.what,
             self.stall_warning,
             self.shared.peer(),
@@ -394,7 +394,12 @@ impl Pending {
     /// so that a caller waiting on several requests can look at the others meanwhile.
     pub fn poll(&mut self, slice: Duration) -> Option<Outcome> {
         if self.until_stall_warning().is_some_and(|d| d.is_zero()) {
-            self.log_stall();
+            // An answer already here (a caller polling late) is no stall.
+            match self.rx.try_recv() {
+                Ok(outcome) => return Some(outcome),
+                Err(TryRecvError::Disconnected) => return Some(Err(self.closed())),
+                Err(TryRecvError::Empty) => self.log_stall(),
+            }
         }
         let left = self.deadline.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(slice.min(left)) {
