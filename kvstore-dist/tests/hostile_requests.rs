@@ -5,7 +5,7 @@
 //! pending, never panic, and keep serving: the real worker's values are exactly what they
 //! were, and it still pushes and pulls. Seeded, so a failure replays.
 
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
@@ -18,38 +18,13 @@ use kvstore_dist::protocol::{
 use kvstore_dist::transport::{Connection, Outgoing, Pending};
 use kvstore_dist::{DistConfig, LocalCluster, Node, Role};
 
-/// Collects what the transport logs at error level (a handler that panicked).
-struct Capture(Mutex<Vec<String>>);
+#[path = "common/logs.rs"]
+mod logs;
 
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            self.0.lock().unwrap().push(record.args().to_string());
-        }
-    }
-    fn flush(&self) {}
-}
-
-/// The warnings logged in this process, and every panic of any thread (a server's expiry
-/// thread, the scheduler's monitor: panics that no handler catches and logs).
-fn errors() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(capture).unwrap();
-        log::set_max_level(log::LevelFilter::Warn);
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if let Ok(mut seen) = capture.0.lock() {
-                seen.push(format!("a thread panicked: {info}"));
-            }
-            previous(info);
-        }));
-        capture
-    })
+/// Starts capturing warnings and panics of every thread (`common/logs.rs`).
+fn capture_warnings_and_panics() {
+    logs::start();
+    logs::record_panics();
 }
 
 /// Fails if anything panicked so far or the cluster's end reports a panicked thread.
@@ -57,8 +32,7 @@ fn assert_nothing_panicked(ended: kvstore_base::Result<()>, context: &str) {
     if let Err(e) = ended {
         assert!(!e.to_string().contains("panicked"), "{context}: {e}");
     }
-    let logged = errors().0.lock().unwrap().clone();
-    let panics: Vec<&String> = logged.iter().filter(|l| l.contains("panicked")).collect();
+    let panics = logs::lines_with("panicked");
     assert!(panics.is_empty(), "{context}: {panics:?}");
 }
 
@@ -237,7 +211,7 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
     // One at a time: each takes a fixed port (below), found free a moment before.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    errors();
+    capture_warnings_and_panics();
     // Seed 100 once reached a server allocating the size another rank's init declared for a
     // part whose value had not arrived (1 TiB: the process aborted) by pulling it in a batch.
     let seeds: Vec<u64> = match std::env::var("KVSTORE_FUZZ_SEED") {
@@ -308,10 +282,7 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
             // Reconnect (a protocol error ends a connection), hello again.
             reconnects += 1;
             let c = Connection::connect(server.as_str(), transport.clone()).unwrap_or_else(|e| {
-                panic!(
-                    "seed {seed}, request {i}: {e}\n{:#?}",
-                    errors().0.lock().unwrap()
-                )
+                panic!("seed {seed}, request {i}: {e}\n{:#?}", logs::lines_with(""))
             });
             let _ = c.request(
                 Outgoing::new(CMD_HELLO, store.as_bytes())
@@ -418,7 +389,7 @@ fn random_frames_at_the_scheduler_never_stop_a_job_from_forming_or_running() {
     use kvstore_dist::cluster::{
         CMD_BARRIER, CMD_DEAD_NODES, CMD_GOODBYE, CMD_HEARTBEAT, CMD_REGISTER,
     };
-    errors();
+    capture_warnings_and_panics();
     // The registration waits through the hostile frames: room for a loaded machine.
     let cluster = LocalCluster::start_with(
         1,

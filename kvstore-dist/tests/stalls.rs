@@ -2,55 +2,21 @@
 //! for, once, and long before it would fail: by the server, a sync round waiting for a
 //! worker's push; by the scheduler, a barrier waiting for a worker and the registration
 //! waiting for nodes; by the waiting node, its request the peer has not answered. The log
-//! records of this test binary are captured.
+//! records of this test binary are captured (`common/logs.rs`).
 
-use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::Duration;
 
 use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
 use kvstore_dist::{DistConfig, LocalCluster, Role, Scheduler};
 
-/// Collects the warnings logged in this process.
-struct Capture(Mutex<Vec<String>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            self.0.lock().unwrap().push(record.args().to_string());
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let capture: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(capture).unwrap();
-        log::set_max_level(log::LevelFilter::Warn);
-        capture
-    })
-}
-
-fn warnings_with(needle: &str) -> Vec<String> {
-    capture()
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|w| w.contains(needle))
-        .cloned()
-        .collect()
-}
+#[path = "common/logs.rs"]
+mod logs;
 
 /// Two workers of a cluster whose stall warning is `stall` seconds, created concurrently,
 /// each running `part(store)`.
 fn two_workers(stall: &str, part: impl Fn(&dyn KVStoreBase) + Sync) {
-    capture();
+    logs::start();
     let cluster = LocalCluster::start_with(
         1,
         2,
@@ -93,7 +59,7 @@ fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
     two_workers("0.2", |kv| {
         late_rank_1(kv, 101, Duration::from_millis(1500))
     });
-    let rounds = warnings_with("the sync round of key 101 ");
+    let rounds = logs::lines_with("the sync round of key 101 ");
     assert_eq!(rounds.len(), 1, "{rounds:?}");
     assert!(
         rounds[0].contains("has waited 200ms or more"),
@@ -109,15 +75,15 @@ fn a_round_and_a_barrier_waiting_for_a_late_worker_are_logged_naming_it() {
     );
     // The waiting worker says whom it waits for too: its pull, the server; its barrier, the
     // scheduler.
-    let pulls = warnings_with("pull of key 101 (a batch) has waited");
+    let pulls = logs::lines_with("pull of key 101 (a batch) has waited");
     assert_eq!(pulls.len(), 1, "{pulls:?}");
     assert!(
         pulls[0].contains("node 8 at ") && pulls[0].contains("to answer"),
         "{pulls:?}"
     );
-    let entered = warnings_with("barrier of the worker group has waited 200ms for node 1 at");
-    assert_eq!(entered.len(), 1, "{:?}", warnings_with(""));
-    let barriers = warnings_with("the barrier of the worker group has waited");
+    let entered = logs::lines_with("barrier of the worker group has waited 200ms for node 1 at");
+    assert_eq!(entered.len(), 1, "{:?}", logs::lines_with(""));
+    let barriers = logs::lines_with("the barrier of the worker group has waited");
     assert_eq!(barriers.len(), 1, "{barriers:?}");
     assert!(
         barriers[0].contains("worker rank 1 (id ") && !barriers[0].contains("worker rank 0"),
@@ -146,14 +112,14 @@ fn each_stalled_round_is_logged_and_an_init_waiting_for_rank_0_too() {
             assert_eq!(out.to_f64_vec(), vec![2.0; 8]);
         }
     });
-    let inits = warnings_with("the init of key 404 ");
+    let inits = logs::lines_with("the init of key 404 ");
     assert_eq!(inits.len(), 1, "{inits:?}");
     assert!(
         inits[0].contains("for the value of worker rank 0 (id "),
         "{}",
         inits[0]
     );
-    let rounds = warnings_with("the sync round of key 404 ");
+    let rounds = logs::lines_with("the sync round of key 404 ");
     assert_eq!(rounds.len(), 2, "{rounds:?}");
 }
 
@@ -161,13 +127,13 @@ fn each_stalled_round_is_logged_and_an_init_waiting_for_rank_0_too() {
 fn waits_shorter_than_the_warning_or_with_warnings_off_are_not_logged() {
     two_workers("2", |kv| late_rank_1(kv, 202, Duration::from_millis(300)));
     two_workers("0", |kv| late_rank_1(kv, 303, Duration::from_millis(300)));
-    assert!(warnings_with("key 202").is_empty());
-    assert!(warnings_with("key 303").is_empty());
+    assert!(logs::lines_with("key 202").is_empty());
+    assert!(logs::lines_with("key 303").is_empty());
 }
 
 #[test]
 fn a_registration_still_missing_nodes_is_logged_naming_them() {
-    capture();
+    logs::start();
     let mut config = DistConfig::from_vars([
         ("DMLC_ROLE", "scheduler"),
         ("DMLC_PS_ROOT_URI", "127.0.0.1"),
@@ -185,7 +151,7 @@ fn a_registration_still_missing_nodes_is_logged_naming_them() {
     let addr = scheduler.local_addr().to_string();
     let err = scheduler.join().unwrap_err().to_string();
     assert!(err.contains("registration timed out"), "{err}");
-    let warned = warnings_with("the registration has waited");
+    let warned = logs::lines_with("the registration has waited");
     let ours: Vec<&String> = warned.iter().filter(|w| w.contains(&addr)).collect();
     assert_eq!(ours.len(), 1, "{warned:?}");
     assert!(
