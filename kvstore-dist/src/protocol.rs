@@ -758,13 +758,7 @@ mod tests {
     /// a worker's or server's message answers `Ok` or `Err`, never panics.
     #[test]
     fn decoders_never_panic_on_random_or_mutated_bytes() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = kvstore_test::fuzz::Rng::new(0x9E37_79B9_7F4A_7C15);
         let valid: Vec<Vec<u8>> = vec![
             InitMeta {
                 dtype: DType::F32,
@@ -798,37 +792,23 @@ mod tests {
             }
             .encode(),
         ];
-        for round in 0..20_000 {
-            let mut bytes = if round % 2 == 0 {
-                (0..next() % 96).map(|_| next() as u8).collect::<Vec<u8>>()
-            } else {
-                valid[(next() % valid.len() as u64) as usize].clone()
-            };
-            for _ in 0..next() % 4 {
-                match next() % 3 {
-                    0 if !bytes.is_empty() => {
-                        let at = (next() % bytes.len() as u64) as usize;
-                        bytes[at] = next() as u8;
-                    }
-                    1 => bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize),
-                    _ => bytes.extend((0..next() % 16).map(|_| next() as u8)),
-                }
-            }
+        for _ in 0..20_000 {
+            let bytes = kvstore_test::fuzz::mutated(&mut rng, &valid);
             let _ = InitMeta::decode(&bytes);
             let _ = BatchItem::decode(&bytes);
             let _ = ShmAttach::decode(&bytes);
-            let _ = ShmSlot::decode(&bytes, (next() % 3) as usize);
-            let row_bytes = [0usize, 1, 4, 16, usize::MAX][(next() % 5) as usize];
-            let rows = [0u64, 1, 3, u64::MAX][(next() % 4) as usize];
+            let _ = ShmSlot::decode(&bytes, rng.below(3) as usize);
+            let row_bytes = rng.pick(&[0usize, 1, 4, 16, usize::MAX]);
+            let rows = rng.pick(&[0u64, 1, 3, u64::MAX]);
             if let Ok(push) = RowsPush::decode(&bytes, rows, row_bytes) {
                 let _ = push.ids().count();
             }
             let _ = RowRequest::decode(&bytes);
             let mut header = [0u8; crate::transport::HEADER_LEN];
             for (i, b) in header.iter_mut().enumerate() {
-                *b = bytes.get(i).copied().unwrap_or(next() as u8);
+                *b = bytes.get(i).copied().unwrap_or(rng.next() as u8);
             }
-            let _ = crate::transport::FrameHeader::decode(&header, next());
+            let _ = crate::transport::FrameHeader::decode(&header, rng.next());
         }
     }
 }

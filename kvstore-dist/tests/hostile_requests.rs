@@ -17,6 +17,7 @@ use kvstore_dist::protocol::{
 };
 use kvstore_dist::transport::{Connection, Outgoing, Pending};
 use kvstore_dist::{DistConfig, LocalCluster, Node, Role};
+use kvstore_test::fuzz::Rng;
 
 #[path = "common/logs.rs"]
 mod logs;
@@ -54,27 +55,6 @@ fn port_above_the_ephemeral_range() -> u16 {
 /// Requests sent per seed (enough to reach every command with every kind of payload many
 /// times).
 const REQUESTS: usize = 3_000;
-
-/// xorshift64*: a small seeded generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 /// Every command but those a worker may use to leave or take another's place (`CMD_BYE`, a
 /// second `CMD_HELLO`): those end or hand over its rank by design, not by accident.
@@ -267,7 +247,7 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
     )
     .unwrap();
 
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     // Wire ids of the real keys and others; as `CMD_COMMAND` heads, MXNet's kController (0),
     // kSetMultiPrecision (1), kSyncMode (3), kSetGradientCompression (4), not kStopServer (2).
     let keys = [3u64, 5, 0, 1, u64::MAX, 4];
@@ -276,7 +256,7 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
     let (mut reconnects, mut answered, mut refused) = (0, 0, 0);
     for i in 0..REQUESTS * seeds.len() {
         if i % REQUESTS == 0 {
-            rng = Rng(seeds[i / REQUESTS] | 1);
+            rng = Rng::new(seeds[i / REQUESTS]);
         }
         if conn.as_ref().is_none_or(Connection::is_closed) {
             // Reconnect (a protocol error ends a connection), hello again.
@@ -404,7 +384,7 @@ fn random_frames_at_the_scheduler_never_stop_a_job_from_forming_or_running() {
         timeout: Duration::from_secs(5),
         ..kvstore_dist::transport::TransportConfig::default()
     };
-    let mut rng = Rng(0x5C4E_D01E | 1);
+    let mut rng = Rng::new(0x5C4E_D01E);
     // Registrations that are never well-formed: a wrong role, no address, a bad address, junk.
     let registrations: [&[u8]; 7] = [
         b"",

@@ -360,13 +360,7 @@ mod tests {
     /// send the coordinator, and it them, answer `Ok` or `Err`, never panic.
     #[test]
     fn decoders_never_panic_on_random_or_mutated_bytes() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = kvstore_test::fuzz::Rng::new(0x2545_F491_4F6C_DD1D);
         let valid = [
             encode_requests(&[TensorRequest {
                 name: "layer.weight".into(),
@@ -388,22 +382,8 @@ mod tests {
                 }],
             }),
         ];
-        for round in 0..20_000 {
-            let mut bytes = if round % 2 == 0 {
-                (0..next() % 96).map(|_| next() as u8).collect::<Vec<u8>>()
-            } else {
-                valid[(next() % valid.len() as u64) as usize].clone()
-            };
-            for _ in 0..next() % 4 {
-                match next() % 3 {
-                    0 if !bytes.is_empty() => {
-                        let at = (next() % bytes.len() as u64) as usize;
-                        bytes[at] = next() as u8;
-                    }
-                    1 => bytes.truncate((next() % (bytes.len() as u64 + 1)) as usize),
-                    _ => bytes.extend((0..next() % 16).map(|_| next() as u8)),
-                }
-            }
+        for _ in 0..20_000 {
+            let bytes = kvstore_test::fuzz::mutated(&mut rng, &valid);
             if let Ok(requests) = decode_requests(&bytes) {
                 let _: u64 = requests
                     .iter()

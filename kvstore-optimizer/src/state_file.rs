@@ -504,25 +504,25 @@ mod tests {
             }],
         };
         let valid = encode(&saved).unwrap();
-        let mut state = 0xD1B5_4A32_D192_ED03u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = kvstore_test::fuzz::Rng::new(0xD1B5_4A32_D192_ED03);
         for _ in 0..20_000 {
             let mut content = valid[..valid.len() - 4].to_vec();
-            for _ in 0..1 + next() % 3 {
+            for _ in 0..1 + rng.below(3) {
                 let header = 12; // magic and version stay, or nothing past them is read
-                match next() % 3 {
+                match rng.below(3) {
                     0 => {
-                        let at = header + (next() % (content.len() - header) as u64) as usize;
-                        content[at] = [0u8, 0xFF, 0x7F, 0x80, next() as u8][(next() % 5) as usize];
+                        let at = header + rng.below((content.len() - header) as u64) as usize;
+                        let any = rng.next() as u8;
+                        content[at] = rng.pick(&[0u8, 0xFF, 0x7F, 0x80, any]);
                     }
-                    1 => content
-                        .truncate(header + (next() % (content.len() - header + 1) as u64) as usize),
-                    _ => content.extend((0..next() % 24).map(|_| next() as u8)),
+                    1 => {
+                        let keep = header + rng.below((content.len() - header + 1) as u64) as usize;
+                        content.truncate(keep);
+                    }
+                    _ => {
+                        let n = rng.below(24) as usize;
+                        content.extend(rng.bytes(n));
+                    }
                 }
                 if content.len() <= header {
                     content = valid[..valid.len() - 4].to_vec();

@@ -44,6 +44,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod fuzz;
 pub mod suite;
 mod teststore;
 
