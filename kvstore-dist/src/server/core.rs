@@ -766,7 +766,7 @@ impl Core {
             }
         };
         if inits {
-            let batch = Batch::new(responder, &vec![0; items.len()]);
+            let batch = Batch::new(responder, &vec![Some(0); items.len()]);
             let mut at = 0usize;
             for (i, it) in items.iter().enumerate() {
                 let len = it.len as usize;
@@ -784,17 +784,16 @@ impl Core {
         let wants_data = inner != u64::from(protocol::CMD_PUSH);
         // Pulled data is the part's whole value (pushes may be compressed), sized by the value
         // held, never by a declaration: another rank's init may declare any size before rank
-        // 0's value arrives (that part's pull then fails without data).
-        let lens: Vec<usize> = items
+        // 0's value arrives (that part's pull then fails; unsized, it may bring no data).
+        let lens: Vec<Option<usize>> = items
             .iter()
             .map(|it| match self.entry(it.wire, u64::from(it.part)) {
-                Some(entry) if wants_data => {
+                _ if !wants_data => Some(0),
+                Some(entry) => {
                     let e = lock(&entry);
-                    e.value
-                        .as_ref()
-                        .map_or(0, |v| v.size() * v.dtype().size_of())
+                    e.value.as_ref().map(|v| v.size() * v.dtype().size_of())
                 }
-                _ => 0,
+                None => None,
             })
             .collect();
         let batch = Batch::new(responder, &lens);

@@ -73,6 +73,9 @@ struct BatchState {
     remaining: usize,
     /// Byte range of each item's data in `buf` (empty for items that answer no data).
     ranges: Vec<std::ops::Range<usize>>,
+    /// Items whose size was unknown when the batch began (a pulled part without its value
+    /// yet): data answering one is an error, not silently dropped.
+    size_unknown: Vec<bool>,
     buf: Vec<u8>,
     error: Option<String>,
 }
@@ -84,19 +87,23 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// A batch whose item `i` answers `lens[i]` bytes.
-    pub(crate) fn new(responder: Responder, lens: &[usize]) -> Arc<Batch> {
+    /// A batch whose item `i` answers `lens[i]` bytes; `None`: a size not known (the item is
+    /// expected to fail, and answers no data).
+    pub(crate) fn new(responder: Responder, lens: &[Option<usize>]) -> Arc<Batch> {
         let mut ranges = Vec::with_capacity(lens.len());
         let mut at = 0;
-        for &len in lens {
+        for len in lens {
+            let len = len.unwrap_or(0);
             ranges.push(at..at + len);
             at += len;
         }
+        let size_unknown = lens.iter().map(Option::is_none).collect();
         Arc::new(Batch {
             state: Mutex::new(BatchState {
                 responder: Some(responder),
                 remaining: lens.len(),
                 ranges,
+                size_unknown,
                 buf: vec![0; at],
                 error: None,
             }),
@@ -107,6 +114,10 @@ impl Batch {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let range = st.ranges[i].clone();
         match outcome {
+            Ok(data) if st.size_unknown[i] && !data.is_empty() => {
+                let msg = "the part got its value while the batch was under way: pull again";
+                st.error.get_or_insert(protocol::item_error(i, msg));
+            }
             Ok(_) if range.is_empty() => {}
             Ok(data) if data.len() == range.len() => st.buf[range].copy_from_slice(data),
             Ok(data) => {
