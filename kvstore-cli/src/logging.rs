@@ -6,7 +6,8 @@
 //! - `KVSTORE_LOG` (or, when it is unset, `RUST_LOG`): `off`, `error`, `warn`, `info`,
 //!   `debug` or `trace` (a value this does not understand, such as a per-module filter, leaves
 //!   the default and is said on standard error);
-//! - `PS_VERBOSE` 1: at least `info`; 2: at least `debug` (ps-lite's verbosity);
+//! - `PS_VERBOSE` 1: at least `info` (connections, barriers); 2: at least `debug` (every
+//!   message too), as ps-lite's verbosity;
 //! - `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` 1 or `true`: at least `info` (where those lines
 //!   are written, as MXNet's servers print them);
 //! - otherwise `warn`.

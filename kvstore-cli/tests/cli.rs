@@ -161,7 +161,34 @@ fn node_config(vars: &[(&str, String)], role: &str) -> DistConfig {
 
 #[test]
 fn scheduler_serves_a_one_server_one_worker_cluster_and_exits_0() {
-    let vars = cluster_vars(free_port());
+    let err = serve_one_server_one_worker(cluster_vars(free_port()));
+    // Nothing to say at the default level when all goes well.
+    assert!(err.is_empty(), "{err}");
+}
+
+#[test]
+fn ps_verbose_2_logs_every_message_and_1_connections_and_barriers() {
+    let mut vars = cluster_vars(free_port());
+    vars.push(("PS_VERBOSE", "2".to_string()));
+    let err = serve_one_server_one_worker(vars);
+    let has = |level: &str, needle: &str| {
+        err.lines()
+            .any(|l| l.starts_with(&format!("kvstore: {level}")) && l.contains(needle))
+    };
+    // Every message (ps-lite's PS_VERBOSE=2): the registrations, and the answers.
+    assert!(
+        has("DEBUG", "received from") && has("DEBUG", "command 0x4b560001"),
+        "{err}"
+    );
+    assert!(has("DEBUG", "sending to"), "{err}");
+    // Connections and barriers (PS_VERBOSE=1).
+    assert!(has("INFO", "serving a connection from"), "{err}");
+    assert!(has("INFO", "the barrier of the"), "{err}");
+}
+
+/// Runs `kvstore scheduler` with `vars` while a server and a worker join, meet in barriers
+/// and leave; returns its standard error once it exited 0.
+fn serve_one_server_one_worker(vars: Vec<(&'static str, String)>) -> String {
     let scheduler = SchedulerProcess::spawn(&vars);
 
     // Both nodes join concurrently (registration completes only when both are in); a node
@@ -196,6 +223,7 @@ fn scheduler_serves_a_one_server_one_worker_cluster_and_exits_0() {
         "kvstore scheduler: {status}\nstderr:\n{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
+    err
 }
 
 #[test]

@@ -564,7 +564,13 @@ impl Shared {
             barrier.set_by = (!barrier.entered.is_empty()).then(|| members[me].info.to_string());
         }
         barrier.entered.push((me, responder));
+        log::debug!(
+            "kvstore-dist: scheduler: {} entered the barrier of the {group} ({} of {size})",
+            members[me].info,
+            barrier.entered.len()
+        );
         if barrier.entered.len() == size {
+            log::info!("kvstore-dist: scheduler: the barrier of the {group} is complete ({size})");
             if let Some(done) = st.barriers.remove(&group) {
                 for (_, r) in done.entered {
                     replies.push((r, Ok((Vec::new(), 0, 0))));

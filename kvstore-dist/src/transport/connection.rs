@@ -160,6 +160,14 @@ impl Connection {
         if let Some(secret) = &config.secret {
             super::auth::client_handshake(&stream, secret, &config, &addr.to_string())?;
         }
+        log::info!(
+            "kvstore-dist: connected to {addr}{}",
+            if config.secret.is_some() {
+                " (authenticated)"
+            } else {
+                ""
+            }
+        );
         let read_half = stream.try_clone().map_err(io_err)?;
         let shared = Arc::new(Shared {
             addr,
@@ -271,6 +279,7 @@ impl Connection {
             self.sent
                 .fetch_add((HEADER_LEN + out.payload.len()) as u64, Ordering::Relaxed);
             self.requests.fetch_add(1, Ordering::Relaxed);
+            super::trace("sent to", &self.shared.peer(), &header);
         }
         if let Err(source) = written {
             self.shared.lock().pending.remove(&request_id);
@@ -526,6 +535,7 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, max: u64) {
             Ok(n) => n,
             Err(e) => break format!("protocol error: {e}"),
         };
+        super::trace("received from", &shared.peer(), &header);
         let slot = shared.lock().pending.remove(&header.request_id);
         let Some(slot) = slot else {
             // Timed out (or unknown): skip its payload without allocating it.

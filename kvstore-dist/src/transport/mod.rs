@@ -97,6 +97,24 @@ impl Default for TransportConfig {
     }
 }
 
+/// Logs one frame at level `debug`: ps-lite's `PS_VERBOSE=2`, every message (the `kvstore`
+/// command's log shows `debug` under it). Costs one check of the log level otherwise.
+pub(crate) fn trace(direction: &str, peer: &dyn std::fmt::Display, h: &FrameHeader) {
+    if log::log_enabled!(log::Level::Debug) {
+        log::debug!(
+            "kvstore-dist: {direction} {peer}: {:?} {} (command {:#x}, key {}, aux {}, flags \
+             {:#x}), {} bytes",
+            h.kind,
+            h.request_id,
+            h.command,
+            h.key,
+            h.aux,
+            h.flags,
+            h.payload_len
+        );
+    }
+}
+
 /// TCP_NODELAY (small requests must not wait for Nagle), the requested buffer sizes and the
 /// send timeout.
 pub(crate) fn configure_stream(

@@ -110,6 +110,7 @@ impl Responder {
 
     fn send(&self, kind: MessageKind, out: Outgoing<'_>) -> Result<(), TransportError> {
         let header = out.header(kind, self.node_id, self.request_id);
+        super::trace("sending to", &self.peer, &header);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *w, &header, out.payload).map_err(|source| {
             // A partly written frame leaves the stream unusable.
@@ -332,6 +333,16 @@ fn serve(
         None => Ok(true),
         Some(secret) => super::auth::server_handshake(&stream, secret, config),
     };
+    if matches!(authenticated, Ok(true)) {
+        log::info!(
+            "kvstore-dist: serving a connection from {peer}{}",
+            if config.secret.is_some() {
+                " (authenticated)"
+            } else {
+                ""
+            }
+        );
+    }
     let reason = match &authenticated {
         Ok(true) => serve_requests(shared, &mut stream, &writer, &pool, connection, &mut node),
         Ok(false) => None,
@@ -353,6 +364,10 @@ fn serve(
     if !matches!(authenticated, Ok(true)) {
         return; // the handler never saw the connection
     }
+    log::info!(
+        "kvstore-dist: the connection from {} ended",
+        peer_name(peer, node)
+    );
     if catch_unwind(AssertUnwindSafe(|| shared.handler.disconnected(connection))).is_err() {
         log::error!(
             "kvstore-dist: the disconnect handler panicked for {}",
@@ -406,6 +421,7 @@ fn serve_requests(
             ));
         }
         *node = header.sender;
+        super::trace("received from", &peer_name(peer, *node), &header);
         let len = match payload_len(&header) {
             Ok(n) => n,
             Err(e) => break Some(format!("protocol error: {e}")),
