@@ -279,7 +279,7 @@ impl Connection {
             self.sent
                 .fetch_add((HEADER_LEN + out.payload.len()) as u64, Ordering::Relaxed);
             self.requests.fetch_add(1, Ordering::Relaxed);
-            super::trace("sent to", &self.shared.peer(), &header);
+            super::trace("sent to", || self.shared.peer(), &header);
         }
         if let Err(source) = written {
             self.shared.lock().pending.remove(&request_id);
@@ -535,7 +535,7 @@ fn reader_loop(shared: &Shared, mut stream: TcpStream, max: u64) {
             Ok(n) => n,
             Err(e) => break format!("protocol error: {e}"),
         };
-        super::trace("received from", &shared.peer(), &header);
+        super::trace("received from", || shared.peer(), &header);
         let slot = shared.lock().pending.remove(&header.request_id);
         let Some(slot) = slot else {
             // Timed out (or unknown): skip its payload without allocating it.

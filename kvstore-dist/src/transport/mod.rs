@@ -99,8 +99,9 @@ impl Default for TransportConfig {
 
 /// Logs one frame at level `debug`: ps-lite's `PS_VERBOSE=2`, every message (the `kvstore`
 /// command's log shows `debug` under it). Costs one check of the log level otherwise.
-pub(crate) fn trace(direction: &str, peer: &dyn std::fmt::Display, h: &FrameHeader) {
+pub(crate) fn trace(direction: &str, peer: impl FnOnce() -> String, h: &FrameHeader) {
     if log::log_enabled!(log::Level::Debug) {
+        let peer = peer();
         log::debug!(
             "kvstore-dist: {direction} {peer}: {:?} {} (command {:#x}, key {}, aux {}, flags \
              {:#x}), {} bytes",

@@ -110,7 +110,7 @@ impl Responder {
 
     fn send(&self, kind: MessageKind, out: Outgoing<'_>) -> Result<(), TransportError> {
         let header = out.header(kind, self.node_id, self.request_id);
-        super::trace("sending to", &self.peer, &header);
+        super::trace("sending to", || self.peer.clone(), &header);
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         write_frame(&mut *w, &header, out.payload).map_err(|source| {
             // A partly written frame leaves the stream unusable.
@@ -421,7 +421,7 @@ fn serve_requests(
             ));
         }
         *node = header.sender;
-        super::trace("received from", &peer_name(peer, *node), &header);
+        super::trace("received from", || peer_name(peer, *node), &header);
         let len = match payload_len(&header) {
             Ok(n) => n,
             Err(e) => break Some(format!("protocol error: {e}")),
