@@ -11,14 +11,17 @@
 //! Each process gets the variables MXNet's launcher exports ([`process_env`]): `DMLC_ROLE`,
 //! `DMLC_PS_ROOT_URI` and `DMLC_PS_ROOT_PORT` (the scheduler's address: `--host`, and `--port`
 //! or a port that is free on that host), `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`,
-//! `DMLC_NODE_HOST` (`--host`: every process binds and advertises that address) and
+//! `DMLC_NODE_HOST` (`--host`: every process advertises that address and listens on it, or on
+//! `KVSTORE_BIND_HOST` when the environment sets one) and
 //! `DMLC_TASK_ID` (as dmlc-core's local launcher: a worker's index, a server's `WORKERS +`
 //! index; it is not the rank, which the scheduler assigns), `KVSTORE_TIMEOUT_SECS` with
-//! `--timeout`, `KVSTORE_SECRET_FILE` (a fresh random secret for the job, in a file only this
-//! user can read, removed when the job ends, unless the launcher's environment or `--env`
-//! sets `KVSTORE_SECRET` or `KVSTORE_SECRET_FILE`: every connection of the job then opens
-//! with the shared-secret handshake, so no process outside the job can join it, push into it
-//! or stop it; [`job_secret`]), and every `--env KEY=VALUE`. The rest
+//! `--timeout`, `KVSTORE_SECRET_FILE` (a fresh random secret for the job, unless the
+//! launcher's environment or `--env` sets `KVSTORE_SECRET` or `KVSTORE_SECRET_FILE`:
+//! every connection of the job then opens with the shared-secret handshake, so no process
+//! without the file, another user's or another host's, can join the job, push into it or stop
+//! it; the file is `$TMPDIR/kvstore-launch-<pid>-<hex>/secret`, mode 0600 in a 0700 folder,
+//! removed when the launcher returns, and by the next launch when a signal killed the
+//! launcher; [`job_secret`]), and every `--env KEY=VALUE`. The rest
 //! of the launcher's environment is
 //! inherited (`PS_VERBOSE`, `MXNET_KVSTORE_BIGARRAY_BOUND`, `OMP_NUM_THREADS`, ...), except
 //! `PORT`, a node's fixed port, which processes sharing one host cannot share. Standard input
@@ -117,7 +120,7 @@ pub struct LaunchOptions {
     )]
     pub num_servers: u32,
 
-    /// The address of this machine that every process binds and advertises
+    /// The address of this machine that every process advertises and listens on
     /// (DMLC_PS_ROOT_URI, DMLC_NODE_HOST).
     #[arg(long, value_name = "HOST", default_value = DEFAULT_HOST)]
     pub host: String,
@@ -132,7 +135,7 @@ pub struct LaunchOptions {
 
     /// Seconds every wait may last (KVSTORE_TIMEOUT_SECS of every process), and how long the
     /// servers and the scheduler may run on once every worker has exited [default:
-    /// KVSTORE_TIMEOUT_SECS of this environment, else 60].
+    /// KVSTORE_TIMEOUT_SECS of this environment, else 600].
     #[arg(
         long,
         value_name = "SECS",
@@ -584,6 +587,7 @@ impl JobSecret {
     /// [`kvstore::Error::Io`] when the kernel gives no random bytes or the file cannot be
     /// made.
     pub fn create_in(parent: &Path) -> kvstore::Result<JobSecret> {
+        remove_abandoned_secrets(parent);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| kvstore::Error::Io { path, source }
@@ -632,6 +636,39 @@ impl Drop for JobSecret {
         let _ = std::fs::remove_file(&self.file);
         let _ = std::fs::remove_dir(&self.folder);
     }
+}
+
+/// Removes the secret folders under `parent` that launchers killed by a signal (Ctrl-C
+/// included) left behind: `kvstore-launch-<pid>-<hex>` folders of this user whose launcher's
+/// process is gone. Best effort: what cannot be removed stays.
+fn remove_abandoned_secrets(parent: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return;
+        };
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("kvstore-launch-"))
+            else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ours = entry.metadata().map(|m| Some(m.uid()) == me && m.is_dir());
+            if ours.unwrap_or(false) && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path().join("secret"));
+                let _ = std::fs::remove_dir(entry.path());
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = parent;
 }
 
 /// The shared secret the launcher makes for a job: none when the job already has one
@@ -1165,6 +1202,28 @@ mod tests {
         }
         o.env = vec![("KVSTORE_SECRET_FILE".into(), "/run/secrets/job".into())];
         assert!(job_secret(&o, |_| false).unwrap().is_none());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_new_secret_clears_the_folders_of_launchers_that_were_killed() {
+        let parent =
+            std::env::temp_dir().join(format!("kvstore-launch-test-{}", std::process::id()));
+        std::fs::create_dir_all(&parent).unwrap();
+        let dead = parent.join("kvstore-launch-999999999-0badc0de");
+        let alive = parent.join(format!("kvstore-launch-{}-0badc0de", std::process::id()));
+        for folder in [&dead, &alive] {
+            std::fs::create_dir_all(folder).unwrap();
+            std::fs::write(folder.join("secret"), "left behind").unwrap();
+        }
+        let secret = JobSecret::create_in(&parent).unwrap();
+        assert!(!dead.exists(), "a killed launcher's secret was left");
+        assert!(
+            alive.join("secret").exists(),
+            "a running launcher's secret was removed"
+        );
+        drop(secret);
+        std::fs::remove_dir_all(&parent).unwrap();
     }
 
     #[test]

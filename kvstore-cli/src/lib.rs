@@ -10,7 +10,9 @@
 //!   MXNet's / ps-lite's variables exactly as ps-lite's scheduler process is under MXNet's
 //!   launcher (`DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`, `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`,
 //!   `DMLC_NODE_HOST`, `PS_VERBOSE`, `PS_HEARTBEAT_INTERVAL`, `PS_HEARTBEAT_TIMEOUT`,
-//!   `KVSTORE_TIMEOUT_SECS`, `KVSTORE_MAX_MESSAGE_BYTES`; see `kvstore_dist::config`). It
+//!   `KVSTORE_TIMEOUT_SECS`, `KVSTORE_MAX_MESSAGE_BYTES`, and this project's own, such as
+//!   `KVSTORE_BIND_HOST`, `KVSTORE_SECRET_FILE`, `KVSTORE_STALL_WARNING_SECS`; see
+//!   `kvstore_dist::config`). It
 //!   waits for every server and worker to register (within `KVSTORE_TIMEOUT_SECS`), serves
 //!   barriers and heartbeats, and exits 0 once every node has said goodbye; otherwise it
 //!   exits non-zero with the error on standard error (a missing variable, the servers or
@@ -73,7 +75,9 @@ pub enum Command {
     /// Reads DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER and DMLC_NUM_WORKER
     /// (required), DMLC_NODE_HOST, PS_VERBOSE, PS_HEARTBEAT_INTERVAL, PS_HEARTBEAT_TIMEOUT,
     /// KVSTORE_TIMEOUT_SECS and KVSTORE_MAX_MESSAGE_BYTES, as ps-lite's scheduler does under
-    /// MXNet's launcher. Waits for every node to register, serves barriers and heartbeats, and
+    /// MXNet's launcher, and this project's KVSTORE_BIND_HOST, KVSTORE_SECRET_FILE (or
+    /// KVSTORE_SECRET), KVSTORE_STALL_WARNING_SECS and KVSTORE_LOG (every variable of
+    /// `kvstore_dist::config`). Waits for every node to register, serves barriers and heartbeats, and
     /// exits 0 once every node has said goodbye; exits non-zero with the error (naming the
     /// missing or lost nodes) otherwise. DMLC_ROLE may be unset or `scheduler`.
     Scheduler {
@@ -86,8 +90,11 @@ pub enum Command {
     ///
     /// Reads the scheduler's variables (DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER
     /// and DMLC_NUM_WORKER required; DMLC_NODE_HOST, PORT, PS_VERBOSE, PS_HEARTBEAT_*,
-    /// MXNET_KVSTORE_BIGARRAY_BOUND, KVSTORE_TIMEOUT_SECS, KVSTORE_MAX_MESSAGE_BYTES), as
-    /// MXNet's server process does under its launcher. Joins the cluster, serves its share of
+    /// MXNET_KVSTORE_BIGARRAY_BOUND, MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE,
+    /// KVSTORE_TIMEOUT_SECS, KVSTORE_MAX_MESSAGE_BYTES), as MXNet's server process does under
+    /// its launcher, and this project's KVSTORE_BIND_HOST, KVSTORE_SECRET_FILE (or
+    /// KVSTORE_SECRET), KVSTORE_STALL_WARNING_SECS, KVSTORE_SHM* and KVSTORE_LOG (every
+    /// variable of `kvstore_dist::config`). Joins the cluster, serves its share of
     /// the keys (merging pushes, running the optimizer the workers set), and exits 0 once
     /// every worker has said goodbye; exits non-zero with the error otherwise. DMLC_ROLE may be
     /// unset or `server`.
@@ -102,7 +109,9 @@ pub enum Command {
     ///
     /// Every process gets DMLC_ROLE, DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER,
     /// DMLC_NUM_WORKER, DMLC_NODE_HOST and DMLC_TASK_ID (a worker's index 0..WORKERS, a
-    /// server's WORKERS + index), KVSTORE_TIMEOUT_SECS with --timeout and every --env pair, over
+    /// server's WORKERS + index), KVSTORE_TIMEOUT_SECS with --timeout, KVSTORE_SECRET_FILE (a
+    /// fresh secret for the job, unless KVSTORE_SECRET or KVSTORE_SECRET_FILE is set) and every
+    /// --env pair, over
     /// the launcher's own environment (PORT excepted). Each line a process writes is
     /// forwarded with its name (`[scheduler] `, `[server 0] `, `[worker 1] `) to the same
     /// stream. Once every worker exited with status 0, the servers and the scheduler get the
@@ -255,6 +264,7 @@ where
 /// timeout (naming how many servers and workers are missing), or nodes were lost (naming
 /// them); as [`kvstore::Error::Backend`] of store `dist`.
 pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
+    logging::follow_config(config);
     let scheduler = Scheduler::start(config)?;
     if config.verbose > 0 {
         eprintln!(
@@ -279,6 +289,7 @@ pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
 /// not form within the timeout), the server cannot serve on its address, or workers vanished
 /// without a goodbye (naming them); as [`kvstore::Error::Backend`] of store `dist`.
 pub fn run_server(config: &DistConfig) -> kvstore::Result<()> {
+    logging::follow_config(config);
     if config.verbose > 0 {
         eprintln!(
             "kvstore server: joining the cluster of scheduler {} as one of {} server(s) for \

@@ -2,17 +2,18 @@
 //! connection, a lost worker, a sync round waiting on a worker, each row-sparse push under
 //! `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`) goes to standard error, one line per record.
 //!
-//! The level is, from the most to the least verbose of what applies:
-//! - `KVSTORE_LOG` (or, when it is unset, `RUST_LOG`): `off`, `error`, `warn`, `info`,
-//!   `debug` or `trace` (a value this does not understand, such as a per-module filter, leaves
-//!   the default and is said on standard error);
-//! - `PS_VERBOSE` 1: at least `info` (connections, barriers); 2: at least `debug` (every
-//!   message too), as ps-lite's verbosity;
-//! - `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` 1 or `true`: at least `info` (where those lines
-//!   are written, as MXNet's servers print them);
-//! - otherwise `warn`.
+//! The level:
+//! - `KVSTORE_LOG`, else `RUST_LOG`, when it names a level (`off`, `error`, `warn`, `info`,
+//!   `debug`, `trace`), decides alone; a value this does not understand (such as a per-module
+//!   filter) is said on standard error and ignored;
+//! - otherwise the most verbose of what applies: `PS_VERBOSE` 1, `info` (connections,
+//!   barriers), 2, `debug` (every message too), as ps-lite's verbosity;
+//!   `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` 1 or `true`, `info` (where those lines are
+//!   written, as MXNet's servers print them); else `warn`. The `[dist]` table's `verbose`
+//!   and `row_sparse_verbose` of a `--config` file count too ([`follow_config`]).
 //!
-//! Libraries never install a logger: a worker program chooses its own.
+//! Libraries never install a logger: a worker program chooses its own (with `env_logger`,
+//! `RUST_LOG=info` shows connections and barriers, `RUST_LOG=debug` every message).
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -87,10 +88,35 @@ impl Log for StderrLog {
 
 static LOGGER: StderrLog = StderrLog;
 
+/// Whether `KVSTORE_LOG`/`RUST_LOG` chose the level (which the configuration then leaves).
+static CHOSEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Raises the level to what a role's configuration asks (`verbose`, `row_sparse_verbose`,
+/// from the environment or a `kvstore.toml`), unless `KVSTORE_LOG`/`RUST_LOG` chose it.
+pub fn follow_config(config: &kvstore_dist::DistConfig) {
+    if CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let wanted = match config.verbose {
+        0 if config.row_sparse_verbose => LevelFilter::Info,
+        0 => LevelFilter::Warn,
+        1 => LevelFilter::Info,
+        _ => LevelFilter::Debug,
+    };
+    if wanted > log::max_level() {
+        log::set_max_level(wanted);
+    }
+}
+
 /// Installs the standard-error log at the level of this process's environment
 /// ([`level_from`]). Does nothing if a logger is already installed.
 pub fn install() {
     let (level, note) = level_from(|name| std::env::var(name).ok());
+    let chosen = ["KVSTORE_LOG", "RUST_LOG"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok())
+        .is_some_and(|value| value.trim().parse::<LevelFilter>().is_ok());
+    CHOSEN.store(chosen, std::sync::atomic::Ordering::Relaxed);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
         if let Some(note) = note {

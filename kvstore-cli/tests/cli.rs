@@ -92,8 +92,13 @@ impl RoleProcess {
     }
 
     fn spawn_role(role: &str, vars: &[(&str, String)]) -> RoleProcess {
+        RoleProcess::spawn_with_args(&[role], vars)
+    }
+
+    fn spawn_with_args(args: &[&str], vars: &[(&str, String)]) -> RoleProcess {
+        let role = args[0];
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
-        cmd.arg(role)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -186,10 +191,34 @@ fn ps_verbose_2_logs_every_message_and_1_connections_and_barriers() {
     assert!(has("INFO", "the barrier of the"), "{err}");
 }
 
+#[test]
+fn the_verbosity_of_a_config_file_raises_the_log_level_too() {
+    let dir = std::env::temp_dir().join(format!("kvstore-cli-verbose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kvstore.toml");
+    std::fs::write(&file, "[dist]\nverbose = 1\n").unwrap();
+    let err = serve_one_server_one_worker_with(
+        cluster_vars(free_port()),
+        &["scheduler", "--config", file.to_str().unwrap()],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("kvstore: INFO") && l.contains("the barrier of the")),
+        "{err}"
+    );
+    assert!(!err.contains("kvstore: DEBUG"), "{err}");
+}
+
 /// Runs `kvstore scheduler` with `vars` while a server and a worker join, meet in barriers
 /// and leave; returns its standard error once it exited 0.
 fn serve_one_server_one_worker(vars: Vec<(&'static str, String)>) -> String {
-    let scheduler = SchedulerProcess::spawn(&vars);
+    serve_one_server_one_worker_with(vars, &["scheduler"])
+}
+
+/// As [`serve_one_server_one_worker`], with the command line `args`.
+fn serve_one_server_one_worker_with(vars: Vec<(&'static str, String)>, args: &[&str]) -> String {
+    let scheduler = RoleProcess::spawn_with_args(args, &vars);
 
     // Both nodes join concurrently (registration completes only when both are in); a node
     // retries connecting until the timeout, so the scheduler may still be starting.

@@ -10,11 +10,11 @@
 //! | `DMLC_PS_ROOT_PORT` | `root_port` | required | the scheduler's port |
 //! | `DMLC_NUM_SERVER` | `num_server` | required | number of servers (≥ 1; a scheduler also takes 0, see [`DistConfig::scheduler_from_vars_and_file`]) |
 //! | `DMLC_NUM_WORKER` | `num_worker` | required | number of workers (≥ 1) |
-//! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises and binds |
+//! | `DMLC_NODE_HOST` | `node_host` | unset | address this node advertises, and listens on unless `KVSTORE_BIND_HOST` is set |
 //! | `KVSTORE_BIND_HOST` | `bind_host` | unset | address this node listens on when it differs from the one it advertises (e.g. `0.0.0.0` in a container whose advertised address, `DMLC_NODE_HOST`, is the host's, with `PORT` published); unset: the advertised one (the scheduler: `DMLC_NODE_HOST`, else every interface; nodes always reach the scheduler at `DMLC_PS_ROOT_URI`) |
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
 //! | `PORT` | `port` | unset (any free port) | fixed port for this node |
-//! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message) |
+//! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message): the level of what `kvstore scheduler`/`kvstore server` log (`info`, `debug`); the libraries log those records at those levels whatever it says, and a worker program's own logger decides what it shows |
 //! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0 (off) | seconds between heartbeats |
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
@@ -24,7 +24,7 @@
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
-//! | `KVSTORE_SECRET_FILE` | `secret_file` | unset | a file holding the job's shared secret (at least 16 bytes; a trailing line ending is ignored): every connection then opens with a handshake in which both ends prove they know it, and a node that cannot is refused ([`transport::auth`](crate::transport::auth)) |
+//! | `KVSTORE_SECRET_FILE` | `secret_file` | unset | a file holding the job's shared secret (at least 16 bytes, at most 64 KiB; trailing line endings, spaces and tabs are ignored, in `KVSTORE_SECRET` too; a relative path is taken from the working directory): every connection then opens with a handshake in which both ends prove they know it, and a node that cannot is refused ([`transport::auth`](crate::transport::auth)) |
 //! | `KVSTORE_SECRET` | | unset | the shared secret itself, for setups that inject secrets as variables (at most one of the two variables) |
 //! | `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` | `row_sparse_verbose` | 0 | 1 (or `true`): workers and servers log every row-sparse push and pull (key, rows) at `info` level, as MXNet's do |
 //!
@@ -263,7 +263,8 @@ pub struct DistConfig {
     pub num_servers: u32,
     /// Number of workers (`DMLC_NUM_WORKER`), at least 1.
     pub num_workers: u32,
-    /// The address this node advertises and binds (`DMLC_NODE_HOST`).
+    /// The address this node advertises, and listens on unless `bind_host` is set
+    /// (`DMLC_NODE_HOST`).
     pub node_host: Option<String>,
     /// The address this node listens on when it is not the one it advertises
     /// (`KVSTORE_BIND_HOST`, e.g. `0.0.0.0`); `None`: the advertised one.
@@ -272,7 +273,8 @@ pub struct DistConfig {
     pub interface: Option<String>,
     /// A fixed port for this node (`PORT`); `None`: any free port.
     pub port: Option<u16>,
-    /// Logging level of the transport (`PS_VERBOSE`): 0, 1 or 2.
+    /// ps-lite's verbosity (`PS_VERBOSE`): 0, 1 or 2; the level of the `kvstore` command's
+    /// log (the libraries log at `info` and `debug` whatever it says).
     pub verbose: u8,
     /// Interval between heartbeats (`PS_HEARTBEAT_INTERVAL`); zero: no heartbeats.
     pub heartbeat_interval: Duration,
