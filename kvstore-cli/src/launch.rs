@@ -572,41 +572,52 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
 const SECRET_VARS: [&str; 2] = ["KVSTORE_SECRET", "KVSTORE_SECRET_FILE"];
 
 /// The secret the launcher made for a job: a file only this user can read, in a folder of
-/// its own, removed (with the folder) when this is dropped, at the end of the job.
+/// its own, removed (with the folder) when this is dropped, at the end of the job. The
+/// folder also holds a `lock` file this launcher keeps locked while it runs, by which a later
+/// launch tells a folder left behind (its launcher killed by a signal) from a live one.
 #[derive(Debug)]
 pub struct JobSecret {
     folder: PathBuf,
     file: PathBuf,
+    /// Held locked for the launcher's life (released when the process ends, however).
+    lock: Option<std::fs::File>,
 }
 
 impl JobSecret {
     /// Makes a fresh random secret in a new folder under `parent`: the folder mode 0700, the
-    /// file `secret` mode 0600, holding 64 hex digits.
+    /// file `secret` mode 0600, holding 64 hex digits; then removes the folders under `parent`
+    /// that launchers of this user left behind ([`remove_abandoned_secrets`]).
     ///
     /// # Errors
     /// [`kvstore::Error::Io`] when the kernel gives no random bytes or the file cannot be
     /// made.
     pub fn create_in(parent: &Path) -> kvstore::Result<JobSecret> {
-        remove_abandoned_secrets(parent);
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| kvstore::Error::Io { path, source }
         };
         let text = kvstore_dist::transport::Secret::generate_text()
             .map_err(io(Path::new("/dev/urandom")))?;
+        let name = kvstore_dist::transport::Secret::generate_text()
+            .map_err(io(Path::new("/dev/urandom")))?;
         let folder = parent.join(format!(
-            "kvstore-launch-{}-{}",
+            "{SECRET_FOLDER_PREFIX}{}-{}",
             std::process::id(),
-            &text[..8]
+            &name[..12]
         ));
         let mut builder = std::fs::DirBuilder::new();
         #[cfg(unix)]
         std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
         builder.create(&folder).map_err(io(&folder))?;
-        let secret = JobSecret {
+        let mut secret = JobSecret {
             file: folder.join("secret"),
             folder,
+            lock: None,
         };
+        let lock_path = secret.folder.join("lock");
+        let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+        secret.lock = Some(lock);
         let mut open = std::fs::OpenOptions::new();
         open.write(true).create_new(true);
         #[cfg(unix)]
@@ -614,6 +625,7 @@ impl JobSecret {
         open.open(&secret.file)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .map_err(io(&secret.file))?;
+        remove_abandoned_secrets(parent, &secret.folder);
         Ok(secret)
     }
 
@@ -634,41 +646,59 @@ impl JobSecret {
 impl Drop for JobSecret {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(self.folder.join("lock"));
+        drop(self.lock.take());
         let _ = std::fs::remove_dir(&self.folder);
     }
 }
 
+/// How the folders of launchers' secrets begin.
+const SECRET_FOLDER_PREFIX: &str = "kvstore-launch-";
+
 /// Removes the secret folders under `parent` that launchers killed by a signal (Ctrl-C
-/// included) left behind: `kvstore-launch-<pid>-<hex>` folders of this user whose launcher's
-/// process is gone. Best effort: what cannot be removed stays.
-fn remove_abandoned_secrets(parent: &Path) {
-    #[cfg(target_os = "linux")]
-    {
+/// included) left behind: folders named like `ours`, owned by the same user, whose `lock`
+/// file no process holds (a launcher holds its own while it runs, on this host or any other
+/// sharing the folder, whatever its PID namespace). Best effort: what cannot be removed, or
+/// has no lock file, stays.
+fn remove_abandoned_secrets(parent: &Path, ours: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    #[cfg(unix)]
+    let me = {
         use std::os::unix::fs::MetadataExt;
-        let Ok(entries) = std::fs::read_dir(parent) else {
-            return;
+        std::fs::metadata(ours).map(|m| m.uid()).ok()
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let named = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(SECRET_FOLDER_PREFIX));
+        // `DirEntry::metadata` does not follow a symbolic link: a link is never a folder here.
+        let Ok(meta) = entry.metadata() else {
+            continue;
         };
-        let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(rest) = name
-                .to_str()
-                .and_then(|n| n.strip_prefix("kvstore-launch-"))
-            else {
-                continue;
-            };
-            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            let ours = entry.metadata().map(|m| Some(m.uid()) == me && m.is_dir());
-            if ours.unwrap_or(false) && !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = std::fs::remove_file(entry.path().join("secret"));
-                let _ = std::fs::remove_dir(entry.path());
-            }
+        #[cfg(unix)]
+        let same_user = {
+            use std::os::unix::fs::MetadataExt;
+            Some(meta.uid()) == me
+        };
+        #[cfg(not(unix))]
+        let same_user = true;
+        if !named || path == ours || !meta.is_dir() || !same_user {
+            continue;
+        }
+        let Ok(lock) = std::fs::File::open(path.join("lock")) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() {
+            let _ = std::fs::remove_file(path.join("secret"));
+            let _ = std::fs::remove_file(path.join("lock"));
+            drop(lock);
+            let _ = std::fs::remove_dir(&path);
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = parent;
 }
 
 /// The shared secret the launcher makes for a job: none when the job already has one
@@ -1204,25 +1234,47 @@ mod tests {
         assert!(job_secret(&o, |_| false).unwrap().is_none());
     }
 
-    #[cfg(target_os = "linux")]
     #[test]
     fn a_new_secret_clears_the_folders_of_launchers_that_were_killed() {
         let parent =
             std::env::temp_dir().join(format!("kvstore-launch-test-{}", std::process::id()));
         std::fs::create_dir_all(&parent).unwrap();
-        let dead = parent.join("kvstore-launch-999999999-0badc0de");
-        let alive = parent.join(format!("kvstore-launch-{}-0badc0de", std::process::id()));
-        for folder in [&dead, &alive] {
-            std::fs::create_dir_all(folder).unwrap();
-            std::fs::write(folder.join("secret"), "left behind").unwrap();
-        }
+        let folder = |name: &str| {
+            let f = parent.join(name);
+            std::fs::create_dir_all(&f).unwrap();
+            std::fs::write(f.join("secret"), "left behind").unwrap();
+            f
+        };
+        // A launcher that was killed: its lock file is there, nobody holds it.
+        let dead = folder("kvstore-launch-999999999-0badc0de0bad");
+        std::fs::write(dead.join("lock"), "").unwrap();
+        // A running launcher (here, this test holds its lock).
+        let alive = folder("kvstore-launch-1-0badc0de0bad");
+        let held = std::fs::File::create(alive.join("lock")).unwrap();
+        held.lock().unwrap();
+        // Something without a lock file is not ours to judge.
+        let foreign = folder("kvstore-launch-2-0badc0de0bad");
         let secret = JobSecret::create_in(&parent).unwrap();
         assert!(!dead.exists(), "a killed launcher's secret was left");
         assert!(
             alive.join("secret").exists(),
             "a running launcher's secret was removed"
         );
+        assert!(
+            foreign.join("secret").exists(),
+            "a folder without a lock was removed"
+        );
+        // This launch's own folder holds its lock while it lives.
+        let own = secret.file().parent().unwrap().to_path_buf();
+        let probe = std::fs::File::open(own.join("lock")).unwrap();
+        assert!(
+            probe.try_lock().is_err(),
+            "the launcher does not hold its lock"
+        );
+        drop(probe);
         drop(secret);
+        assert!(!own.exists());
+        drop(held);
         std::fs::remove_dir_all(&parent).unwrap();
     }
 

@@ -3,9 +3,9 @@
 //! `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE`) goes to standard error, one line per record.
 //!
 //! The level:
-//! - `KVSTORE_LOG`, else `RUST_LOG`, when it names a level (`off`, `error`, `warn`, `info`,
-//!   `debug`, `trace`), decides alone; a value this does not understand (such as a per-module
-//!   filter) is said on standard error and ignored;
+//! - `KVSTORE_LOG` (or, when it is unset, `RUST_LOG`), when it names a level (`off`,
+//!   `error`, `warn`, `info`, `debug`, `trace`), decides alone; a value this does not
+//!   understand (such as a per-module filter) is said on standard error and ignored;
 //! - otherwise the most verbose of what applies: `PS_VERBOSE` 1, `info` (connections,
 //!   barriers), 2, `debug` (every message too), as ps-lite's verbosity;
 //!   `MXNET_KVSTORE_DIST_ROW_SPARSE_VERBOSE` 1 or `true`, `info` (where those lines are
@@ -37,7 +37,7 @@ pub fn level_from(var: impl Fn(&str) -> Option<String>) -> (LevelFilter, Option<
             Err(_) => {
                 note = Some(format!(
                     "{name}={value:?} is not a level (off, error, warn, info, debug, trace): \
-                     logging at the default level"
+                     ignored"
                 ));
                 None
             }
@@ -88,14 +88,18 @@ impl Log for StderrLog {
 
 static LOGGER: StderrLog = StderrLog;
 
+/// Whether [`install`] installed this module's logger (else the level is not ours to raise).
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether `KVSTORE_LOG`/`RUST_LOG` chose the level (which the configuration then leaves).
 static CHOSEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Raises the level to what a role's configuration asks (`verbose`, `row_sparse_verbose`,
 /// from the environment or a `kvstore.toml`), unless `KVSTORE_LOG`/`RUST_LOG` chose it.
 pub fn follow_config(config: &kvstore_dist::DistConfig) {
-    if CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
-        return;
+    let ours = INSTALLED.load(std::sync::atomic::Ordering::Relaxed);
+    if !ours || CHOSEN.load(std::sync::atomic::Ordering::Relaxed) {
+        return; // another logger's level, or the one KVSTORE_LOG/RUST_LOG chose
     }
     let wanted = match config.verbose {
         0 if config.row_sparse_verbose => LevelFilter::Info,
@@ -118,6 +122,7 @@ pub fn install() {
         .is_some_and(|value| value.trim().parse::<LevelFilter>().is_ok());
     CHOSEN.store(chosen, std::sync::atomic::Ordering::Relaxed);
     if log::set_logger(&LOGGER).is_ok() {
+        INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
         log::set_max_level(level);
         if let Some(note) = note {
             eprintln!("kvstore: {note}");

@@ -47,7 +47,10 @@ fn port_above_the_ephemeral_range() -> u16 {
         .nth(1)
         .and_then(|t| t.parse().ok())
         .unwrap_or(60999);
-    (top.saturating_add(1)..=u16::MAX)
+    let first = top
+        .checked_add(1)
+        .unwrap_or_else(|| panic!("the ephemeral port range reaches {top}: no port above it"));
+    (first..=u16::MAX)
         .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .unwrap_or_else(|| panic!("no free port above the ephemeral range (its top: {top})"))
 }

@@ -86,7 +86,7 @@ impl Launched {
 }
 
 /// Removes from `cmd`'s environment every DMLC_*, PS_* and KVSTORE_* variable of the test
-/// run's, so that a process gets only the cluster variables a test gives it.
+/// run's, and RUST_LOG, so that a process gets only the cluster variables a test gives it.
 pub fn without_cluster_vars(cmd: &mut Command) {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy();
@@ -94,6 +94,8 @@ pub fn without_cluster_vars(cmd: &mut Command) {
             cmd.env_remove(k.as_ref());
         }
     }
+    // The processes' log level is the tests' to choose, not the environment's.
+    cmd.env_remove("RUST_LOG");
 }
 
 /// Runs `kvstore launch` with `args` (the marker added) and `env` on top of an environment

@@ -115,7 +115,8 @@ impl Batch {
         let range = st.ranges[i].clone();
         match outcome {
             Ok(data) if st.size_unknown[i] && !data.is_empty() => {
-                let msg = "the part got its value while the batch was under way: pull again";
+                let msg = "the part got its value while the batch was under way (a push of the \
+                           item, if any, was applied): pull it again";
                 st.error.get_or_insert(protocol::item_error(i, msg));
             }
             Ok(_) if range.is_empty() => {}

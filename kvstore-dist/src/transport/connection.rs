@@ -271,6 +271,7 @@ impl Connection {
             );
         }
         let header = out.header(MessageKind::Request, self.config.node_id, request_id);
+        super::trace("sending to", || self.shared.peer(), &header);
         let written = {
             let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
             write_frame(&mut *w, &header, out.payload)
@@ -279,7 +280,6 @@ impl Connection {
             self.sent
                 .fetch_add((HEADER_LEN + out.payload.len()) as u64, Ordering::Relaxed);
             self.requests.fetch_add(1, Ordering::Relaxed);
-            super::trace("sent to", || self.shared.peer(), &header);
         }
         if let Err(source) = written {
             self.shared.lock().pending.remove(&request_id);
@@ -382,8 +382,8 @@ impl Pending {
     fn log_stall(&mut self) {
         self.stall_logged = true;
         log::warn!(
-            "kvstore-dist: {} has waited {:?} for {} to answer (request {}); it fails once it \
-             has waited {:?} (KVSTORE_TIMEOUT_SECS)",
+            "kvstore-dist: {} has waited {:?} or more for {} to answer (request {}); it fails \
+             once it has waited {:?} (KVSTORE_TIMEOUT_SECS)",
             self.what,
             self.stall_warning,
             self.shared.peer(),
@@ -402,7 +402,8 @@ impl Pending {
     /// request is settled (answered, failed or timed out), `None` when it is still in flight,
     /// so that a caller waiting on several requests can look at the others meanwhile.
     pub fn poll(&mut self, slice: Duration) -> Option<Outcome> {
-        if self.until_stall_warning().is_some_and(|d| d.is_zero()) {
+        let due = self.until_stall_warning().is_some_and(|d| d.is_zero());
+        if due && Instant::now() < self.deadline {
             // An answer already here (a caller polling late) is no stall.
             match self.rx.try_recv() {
                 Ok(outcome) => return Some(outcome),
