@@ -586,7 +586,7 @@ pub struct JobSecret {
 impl JobSecret {
     /// Makes a fresh random secret in a new folder under `parent`: the folder mode 0700, the
     /// file `secret` mode 0600, holding 64 hex digits; then removes the folders under `parent`
-    /// that launchers of this user left behind ([`remove_abandoned_secrets`]).
+    /// that launchers of this user left behind: those whose `lock` file no process holds.
     ///
     /// # Errors
     /// [`kvstore::Error::Io`] when the kernel gives no random bytes or the file cannot be
