@@ -6,7 +6,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use kvstore_base::{Context, DType, Error, NDArray, Result};
@@ -399,6 +399,24 @@ pub(crate) fn launch_config(items: usize) -> LaunchConfig {
 /// A null device pointer, for the kernel arguments a launch does not use.
 pub(crate) const NULL: u64 = 0;
 
+/// Pushes the momentum-state argument of an sgd kernel (`mom`'s buffer, else a null pointer,
+/// which the kernels never touch without momentum) and returns the momentum to pass with it.
+pub(crate) fn push_momentum<'a>(
+    b: &mut LaunchArgs<'a>,
+    mom: Option<(&'a mut CudaSlice<f32>, f32)>,
+) -> f32 {
+    match mom {
+        Some((m, momentum)) => {
+            b.arg(m);
+            momentum
+        }
+        None => {
+            b.arg(&NULL);
+            0.0
+        }
+    }
+}
+
 impl Gpu {
     /// `out = ((srcs[0] + group) + group) + ...` (groups of four, [`sum_launches`]), every
     /// source on this GPU and as long as `out`; queued on this GPU's stream.
@@ -435,62 +453,49 @@ impl Gpu {
         Ok(())
     }
 
-    /// One SGD step on `w` with gradient `g` (`mom` is the momentum, when there is one).
-    #[allow(clippy::too_many_arguments)]
+    /// One SGD step on `w` with gradient `g`: with `mom` (the momentum state and its
+    /// `momentum`), or without momentum.
     pub(crate) fn sgd(
         &self,
         w: &mut CudaSlice<f32>,
         g: &CudaSlice<f32>,
-        mom: Option<&mut CudaSlice<f32>>,
-        momentum: f32,
-        lr: f32,
-        wd: f32,
-        rescale: f32,
-        clip: Option<f32>,
+        mom: Option<(&mut CudaSlice<f32>, f32)>,
+        p: StepParams,
     ) -> Result<()> {
         let n = w.len() as u64;
-        let (has_clip, clip) = (i32::from(clip.is_some()), clip.unwrap_or(0.0));
+        let (has_clip, clip) = p.clip_args();
         let has_mom = i32::from(mom.is_some());
         let mut b = self.stream.launch_builder(&self.sgd_update);
         b.arg(w).arg(g);
-        // Without momentum the kernel never touches `mom`: a null pointer.
-        match mom {
-            Some(m) => b.arg(m),
-            None => b.arg(&NULL),
-        };
-        b.arg(&has_mom).arg(&momentum).arg(&lr).arg(&wd);
-        b.arg(&rescale).arg(&has_clip).arg(&clip).arg(&n);
+        let momentum = push_momentum(&mut b, mom);
+        b.arg(&has_mom).arg(&momentum).arg(&p.lr).arg(&p.wd);
+        b.arg(&p.rescale).arg(&has_clip).arg(&clip).arg(&n);
         // SAFETY: the signature matches `sgd_update`; `w`, `g` (and `mom` when used) hold `n`
         // elements on this GPU.
         unsafe { b.launch(launch_config(n.div_ceil(4) as usize)) }.map_err(cuda("sgd_update"))?;
         Ok(())
     }
 
-    /// One Adam step (`lr` already bias-corrected, as the CPU optimizer computes it).
-    #[allow(clippy::too_many_arguments)]
+    /// One Adam step (`p.lr` already bias-corrected, as the CPU optimizer computes it) with
+    /// its `mean` and `var` states and `(beta1, beta2, epsilon)`.
     pub(crate) fn adam(
         &self,
         w: &mut CudaSlice<f32>,
         g: &CudaSlice<f32>,
-        mean: &mut CudaSlice<f32>,
-        var: &mut CudaSlice<f32>,
-        lr: f32,
-        wd: f32,
-        rescale: f32,
-        clip: Option<f32>,
-        betas: (f32, f32, f32),
+        (mean, var): (&mut CudaSlice<f32>, &mut CudaSlice<f32>),
+        p: StepParams,
+        (b1, b2, eps): (f32, f32, f32),
     ) -> Result<()> {
         let n = w.len() as u64;
-        let (has_clip, clip) = (i32::from(clip.is_some()), clip.unwrap_or(0.0));
-        let (b1, b2, eps) = betas;
+        let (has_clip, clip) = p.clip_args();
         let mut b = self.stream.launch_builder(&self.adam_update);
         b.arg(w)
             .arg(g)
             .arg(mean)
             .arg(var)
-            .arg(&lr)
-            .arg(&wd)
-            .arg(&rescale);
+            .arg(&p.lr)
+            .arg(&p.wd)
+            .arg(&p.rescale);
         b.arg(&has_clip)
             .arg(&clip)
             .arg(&b1)
@@ -501,6 +506,24 @@ impl Gpu {
         // this GPU.
         unsafe { b.launch(launch_config(n.div_ceil(4) as usize)) }.map_err(cuda("adam_update"))?;
         Ok(())
+    }
+}
+
+/// The hyper-parameters of one optimizer step, as float32 (kvstore-optimizer's `R::param`),
+/// for the dense kernels and the lazy row kernels alike.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepParams {
+    /// The learning rate (adam: already bias-corrected for the update's count).
+    pub(crate) lr: f32,
+    pub(crate) wd: f32,
+    pub(crate) rescale: f32,
+    pub(crate) clip: Option<f32>,
+}
+
+impl StepParams {
+    /// The clip as the kernels take it: a flag and the bound (0 without a clip).
+    pub(crate) fn clip_args(&self) -> (i32, f32) {
+        (i32::from(self.clip.is_some()), self.clip.unwrap_or(0.0))
     }
 }
 

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use kvstore_base::{Error, Key, OptimizerSpec, ParamValue, Result};
 
 use crate::gpu::Gpu;
-use crate::sparse::{DeviceRowSparse, StepParams};
+use crate::gpu::StepParams;
+use crate::sparse::DeviceRowSparse;
 use cudarc::driver::CudaSlice;
 
 /// A parsed GPU optimizer.
@@ -33,6 +34,19 @@ pub(crate) struct Common {
     clip: Option<f64>,
     /// `lazy_update`: a row-sparse gradient changes only its rows (the default, as MXNet).
     lazy: bool,
+}
+
+impl Common {
+    /// The step's hyper-parameters with learning rate `lr`, rounded to f32 as
+    /// kvstore-optimizer's `R::param` does.
+    fn params(&self, lr: f64) -> StepParams {
+        StepParams {
+            lr: lr as f32,
+            wd: self.wd as f32,
+            rescale: self.rescale as f32,
+            clip: self.clip.map(|c| c as f32),
+        }
+    }
 }
 
 const COMMON: &[&str] = &[
@@ -127,24 +141,14 @@ impl GpuOptimizer {
         grad: &CudaSlice<f32>,
         state: &mut [CudaSlice<f32>],
     ) -> Result<()> {
-        // As kvstore-optimizer's `R::param`: f64 hyper-parameters rounded to f32.
         let f = |x: f64| x as f32;
         match self {
             GpuOptimizer::Sgd {
                 common: c,
                 momentum,
             } => {
-                let mom = (*momentum > 0.0).then(|| &mut state[0]);
-                gpu.sgd(
-                    weight,
-                    grad,
-                    mom,
-                    f(*momentum),
-                    f(c.lr),
-                    f(c.wd),
-                    f(c.rescale),
-                    c.clip.map(f),
-                )
+                let mom = (*momentum > 0.0).then(|| (&mut state[0], f(*momentum)));
+                gpu.sgd(weight, grad, mom, c.params(c.lr))
             }
             GpuOptimizer::Adam {
                 common: c,
@@ -156,17 +160,8 @@ impl GpuOptimizer {
                 let [mean, var] = state else {
                     unreachable!("adam has two state buffers")
                 };
-                gpu.adam(
-                    weight,
-                    grad,
-                    mean,
-                    var,
-                    f(lr_t),
-                    f(c.wd),
-                    f(c.rescale),
-                    c.clip.map(f),
-                    (f(*beta1), f(*beta2), f(*epsilon)),
-                )
+                let betas = (f(*beta1), f(*beta2), f(*epsilon));
+                gpu.adam(weight, grad, (mean, var), c.params(lr_t), betas)
             }
         }
     }
@@ -193,12 +188,6 @@ impl GpuOptimizer {
         state: &mut [CudaSlice<f32>],
     ) -> Result<()> {
         let f = |x: f64| x as f32;
-        let params = |c: &Common, lr: f64| StepParams {
-            lr: f(lr),
-            wd: f(c.wd),
-            rescale: f(c.rescale),
-            clip: c.clip.map(f),
-        };
         match self {
             GpuOptimizer::Sgd {
                 common: c,
@@ -207,7 +196,7 @@ impl GpuOptimizer {
                 // As the CPU's lazy kernel: MXNet picks the momentum kernel by the state,
                 // whose momentum is 0 unless positive.
                 let mom = state.first_mut().map(|m| (m, f(momentum.max(0.0))));
-                gpu.sgd_rows(weight, grad, mom, params(c, c.lr))
+                gpu.sgd_rows(weight, grad, mom, c.params(c.lr))
             }
             GpuOptimizer::Adam {
                 common: c,
@@ -220,7 +209,7 @@ impl GpuOptimizer {
                 };
                 let lr_t = adam_rate(c.lr, *beta1, *beta2, t);
                 let betas = (f(*beta1), f(*beta2), f(*epsilon));
-                gpu.adam_rows(weight, grad, (mean, var), params(c, lr_t), betas)
+                gpu.adam_rows(weight, grad, (mean, var), c.params(lr_t), betas)
             }
         }
     }

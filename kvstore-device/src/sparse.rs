@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, HostArray, NDArray, Result, StorageType};
 
-use crate::gpu::{copy_on, cuda, download, Gpu, Runtime, NULL};
+use crate::gpu::{copy_on, cuda, download, push_momentum, Gpu, Runtime, StepParams};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
 /// [`kernel_source`](crate::gpu::kernel_source)). All are grid-stride loops over the
@@ -349,16 +349,6 @@ impl Gpu {
     }
 }
 
-/// The hyper-parameters of one lazy step, as float32 (kvstore-optimizer's `R::param`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct StepParams {
-    /// The learning rate (adam: already bias-corrected for the update's count).
-    pub(crate) lr: f32,
-    pub(crate) wd: f32,
-    pub(crate) rescale: f32,
-    pub(crate) clip: Option<f32>,
-}
-
 impl Gpu {
     /// Queues the lazy sgd step of the rows of `grad` (on this GPU) on `weight`: with
     /// `mom` (the momentum state, weight-sized) and its `momentum`, or without momentum.
@@ -374,20 +364,11 @@ impl Gpu {
             return Ok(());
         }
         let (n_arg, len_arg) = (nrows as u64, row_len as u64);
-        let (has_clip, clip) = (i32::from(p.clip.is_some()), p.clip.unwrap_or(0.0));
+        let (has_clip, clip) = p.clip_args();
         let has_mom = i32::from(mom.is_some());
         let mut b = self.stream.launch_builder(&self.row_kernels.sgd);
         b.arg(weight).arg(&grad.rows).arg(&grad.ids);
-        let momentum = match mom {
-            Some((m, momentum)) => {
-                b.arg(m);
-                momentum
-            }
-            None => {
-                b.arg(&NULL);
-                0.0
-            }
-        };
+        let momentum = push_momentum(&mut b, mom);
         b.arg(&has_mom).arg(&momentum).arg(&p.lr).arg(&p.wd);
         b.arg(&p.rescale)
             .arg(&has_clip)
@@ -418,7 +399,7 @@ impl Gpu {
             return Ok(());
         }
         let (n_arg, len_arg) = (nrows as u64, row_len as u64);
-        let (has_clip, clip) = (i32::from(p.clip.is_some()), p.clip.unwrap_or(0.0));
+        let (has_clip, clip) = p.clip_args();
         let mut b = self.stream.launch_builder(&self.row_kernels.adam);
         b.arg(weight)
             .arg(&grad.rows)

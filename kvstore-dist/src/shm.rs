@@ -137,15 +137,6 @@ pub(crate) struct Created {
     pub nonce: [u8; NONCE_LEN],
 }
 
-/// `n` random bytes from the kernel.
-#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
-fn random<const N: usize>() -> std::io::Result<[u8; N]> {
-    use std::io::Read;
-    let mut out = [0u8; N];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
-    Ok(out)
-}
-
 #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -192,7 +183,8 @@ mod sys {
         if len < 2 * HEADER_BYTES {
             return Err(format!("a region of {len} bytes is too small"));
         }
-        let name: [u8; 12] = random().map_err(|e| format!("no random bytes: {e}"))?;
+        let name: [u8; 12] =
+            crate::transport::auth::random().map_err(|e| format!("no random bytes: {e}"))?;
         let path = dir.join(format!(
             "{FILE_PREFIX}{}-{}",
             std::process::id(),
@@ -210,7 +202,8 @@ mod sys {
             file.set_len(len as u64)
                 .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
             let region = map(&file, len)?;
-            let nonce: [u8; NONCE_LEN] = random().map_err(|e| format!("no random bytes: {e}"))?;
+            let nonce: [u8; NONCE_LEN] =
+                crate::transport::auth::random().map_err(|e| format!("no random bytes: {e}"))?;
             // SAFETY: the mapping is at least `HEADER_BYTES` long (checked above).
             unsafe { std::ptr::copy_nonoverlapping(nonce.as_ptr(), region.ptr, NONCE_LEN) };
             Ok(Created {

@@ -165,24 +165,10 @@ fn push_out_of_memory(info: &GpuInfo, setting: &Setting) -> TestResult {
         let before = gpu_values(info, &gpu)?;
         let result =
             with_allocations_failing_after(allowed, || push_gpu_values(&gpu, &KEYS, &gpus))?;
-        let Err(e) = result else {
-            if allowed == 0 {
-                return Err(fail(
-                    "the push allocates nothing: the scenario tests nothing",
-                ));
-            }
+        let after = gpu_values(info, &gpu)?;
+        if attempt_succeeded("push", allowed, result, &before, &after)? {
             // Every allocation point was failed once: this push ran through.
             return Ok(());
-        };
-        if !e.to_string().contains("OUT_OF_MEMORY") {
-            return Err(fail(format!(
-                "allocation {allowed} failed with another error: {e}"
-            )));
-        }
-        if gpu_values(info, &gpu)? != before {
-            return Err(fail(format!(
-                "a push failing at allocation {allowed} changed the store ({e})"
-            )));
         }
         push_gpu_values(&gpu, &KEYS, &gpus)?;
         for (&(k, _), hs) in KEYS.iter().zip(&hosts) {
@@ -290,23 +276,9 @@ fn row_sparse_push_out_of_memory(info: &GpuInfo, optimizer: Option<&OptimizerSpe
         let before = all_rows(&store, 40)?;
         let result =
             with_allocations_failing_after(allowed, || store.push_gpu_row_sparse("e", &refs))?;
-        let Err(e) = result else {
-            if allowed == 0 {
-                return Err(fail(
-                    "the push allocates nothing: the scenario tests nothing",
-                ));
-            }
+        let after = all_rows(&store, 40)?;
+        if attempt_succeeded("row-sparse push", allowed, result, &before, &after)? {
             return Ok(());
-        };
-        if !e.to_string().contains("OUT_OF_MEMORY") {
-            return Err(fail(format!(
-                "allocation {allowed} failed with another error: {e}"
-            )));
-        }
-        if all_rows(&store, 40)? != before {
-            return Err(fail(format!(
-                "a row-sparse push failing at allocation {allowed} changed the key ({e})"
-            )));
         }
         for round in [0, 1] {
             let (hosts, gpus) = if round == 0 {
@@ -376,25 +348,39 @@ fn ndarray_row_sparse_pull_out_of_memory(kv: &dyn KVStoreBase, info: &GpuInfo) -
     unreachable!("the loop returns")
 }
 
-/// Whether a pull allowed `allowed` allocations succeeded; an error unless it did with some
-/// allocations, or failed out of memory leaving its outputs as they were (`before`).
-fn pull_succeeded<T: PartialEq>(
+/// Whether `what` (a push, a pull) allowed `allowed` allocations succeeded; an error unless
+/// it did with some allocations, or failed out of memory leaving what it writes as it was
+/// (`before`).
+fn attempt_succeeded<T: PartialEq>(
+    what: &str,
     allowed: i64,
     result: kvstore_base::Result<()>,
     before: &T,
     after: &T,
 ) -> Result<bool, Failed> {
     match result {
-        Ok(()) if allowed == 0 => Err(fail("the pull allocates nothing")),
+        Ok(()) if allowed == 0 => Err(fail(format!(
+            "the {what} allocates nothing: the scenario tests nothing"
+        ))),
         Ok(()) => Ok(true),
         Err(e) if !e.to_string().contains("OUT_OF_MEMORY") => Err(fail(format!(
             "allocation {allowed} failed with another error: {e}"
         ))),
         Err(e) if after != before => Err(fail(format!(
-            "a pull failing at allocation {allowed} changed its outputs ({e})"
+            "a {what} failing at allocation {allowed} changed what it writes ({e})"
         ))),
         Err(_) => Ok(false),
     }
+}
+
+/// As [`attempt_succeeded`], for a pull.
+fn pull_succeeded<T: PartialEq>(
+    allowed: i64,
+    result: kvstore_base::Result<()>,
+    before: &T,
+    after: &T,
+) -> Result<bool, Failed> {
+    attempt_succeeded("pull", allowed, result, before, after)
 }
 
 /// A pull into three GPU outputs and a host one through `kv` (a store that stages the GPU
