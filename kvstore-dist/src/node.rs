@@ -162,26 +162,7 @@ impl Node {
         let scheduler = config.scheduler_addr();
 
         // The address this node serves on.
-        let host = match &config.node_host {
-            Some(h) => h.clone(),
-            None => {
-                if let Some(iface) = &config.interface {
-                    interface_ip(iface).map_err(|e| {
-                        ClusterError::Local(format!(
-                            "DMLC_INTERFACE={iface}: {e}; set DMLC_NODE_HOST to choose the \
-                             address instead"
-                        ))
-                    })?
-                } else {
-                    route_ip(&scheduler).map_err(|e| {
-                        ClusterError::Local(format!(
-                            "cannot find this node's address towards the scheduler at \
-                             {scheduler}: {e}; set DMLC_NODE_HOST"
-                        ))
-                    })?
-                }
-            }
-        };
+        let host = advertised_host(config)?;
         // It listens on `KVSTORE_BIND_HOST` when set (say 0.0.0.0 in a container) and
         // advertises `host` with the port it got.
         let bind = join_host_port(
@@ -433,6 +414,36 @@ fn scheduler_error(scheduler: &str, what: &str, e: TransportError) -> ClusterErr
             what: what.to_string(),
             source: Box::new(source),
         },
+    }
+}
+
+/// The address a node advertises to the others: `DMLC_NODE_HOST`, else the address of
+/// `DMLC_INTERFACE`, else the address of the interface that routes to the scheduler.
+///
+/// # Errors
+/// [`ClusterError::Local`] when the interface has no address or no route to the scheduler
+/// exists (the message says to set `DMLC_NODE_HOST`).
+pub fn advertised_host(config: &DistConfig) -> Result<String, ClusterError> {
+    let scheduler = config.scheduler_addr();
+    match &config.node_host {
+        Some(h) => Ok(h.clone()),
+        None => {
+            if let Some(iface) = &config.interface {
+                interface_ip(iface).map_err(|e| {
+                    ClusterError::Local(format!(
+                        "DMLC_INTERFACE={iface}: {e}; set DMLC_NODE_HOST to choose the \
+                         address instead"
+                    ))
+                })
+            } else {
+                route_ip(&scheduler).map_err(|e| {
+                    ClusterError::Local(format!(
+                        "cannot find this node's address towards the scheduler at \
+                         {scheduler}: {e}; set DMLC_NODE_HOST"
+                    ))
+                })
+            }
+        }
     }
 }
 

@@ -1,0 +1,183 @@
+//! Where MXNet 1.9.1 puts a key on the servers, and the command word of its messages: the
+//! worker must reproduce both exactly for an MXNet server to read its requests.
+//!
+//! - **Key ranges.** ps-lite gives server `i` of `S` the keys
+//!   `[⌊(2^64 − 1) / S⌋ · i, ⌊(2^64 − 1) / S⌋ · (i + 1))`; a message's key is the start of its
+//!   server's range plus MXNet's int key ([`ps_key`]).
+//! - **Placement** (`EncodeDefaultKey`). An array of fewer than `MXNET_KVSTORE_BIGARRAY_BOUND`
+//!   elements (1,000,000 by default) lives whole on server `(key · 9973) mod S`, computed as
+//!   MXNet computes it, in 32-bit signed arithmetic; a bigger one is cut into one slice per
+//!   server ([`kvstore_dist::placement::place`], the same rounding). MXNet's product
+//!   overflows for keys above 215,329 and can then pick a negative server, which crashes its
+//!   worker: such a key is refused here with an error naming it ([`place`]).
+//! - **Command word** (`GetCommandType`): `((m + d)(m + d + 1)) / 2 + d` for request type `m`
+//!   (0 for a dense push or pull) and MXNet's dtype id `d` ([`command`]).
+
+use std::ops::Range;
+
+use kvstore_base::DType;
+
+/// One slice of a key's value: the server that holds it, its ps-lite key, and the elements of
+/// the flattened value it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// The server's rank.
+    pub server: usize,
+    /// The key of the slice's messages.
+    pub ps_key: u64,
+    /// The elements of the flattened value.
+    pub elements: Range<usize>,
+}
+
+/// The first key of server `server`'s range among `servers` (ps-lite's
+/// `GetServerKeyRanges`).
+pub fn range_begin(server: usize, servers: usize) -> u64 {
+    (u64::MAX / servers as u64) * server as u64
+}
+
+/// The ps-lite key of MXNet key `key` on `server`: its range's start plus the key, the key
+/// sign-extended as C++ converts an `int` to `uint64_t`.
+pub fn ps_key(key: i32, server: usize, servers: usize) -> u64 {
+    range_begin(server, servers).wrapping_add(i64::from(key) as u64)
+}
+
+/// The server MXNet 1.9.1 puts a small key on: `(key * 9973) % servers` in 32-bit signed
+/// arithmetic (the product wrapping as it does in MXNet's build); `None` where that is
+/// negative (MXNet's worker then indexes outside its server list).
+pub fn small_key_server(key: i32, servers: usize) -> Option<usize> {
+    let servers = i32::try_from(servers).ok()?;
+    let server = key.wrapping_mul(9973) % servers;
+    usize::try_from(server).ok()
+}
+
+/// The slices of MXNet key `key`, a value of `elements` elements, on `servers` servers.
+///
+/// ```
+/// use kvstore_pslite::encoding::place;
+/// // A small key: whole on server (3 * 9973) % 2 = 1.
+/// let small = place(3, 10, 2, 1_000_000).unwrap();
+/// assert_eq!((small[0].server, small[0].elements.clone()), (1, 0..10));
+/// // A big one: one slice per server.
+/// let big = place(3, 3_000_000, 2, 1_000_000).unwrap();
+/// assert_eq!(big.len(), 2);
+/// assert_eq!(big[1].ps_key, u64::MAX / 2 + 3);
+/// ```
+///
+/// # Errors
+/// A key whose MXNet placement is undefined (a small key whose hash overflows to a negative
+/// server), or no servers.
+pub fn place(
+    key: i32,
+    elements: usize,
+    servers: usize,
+    bigarray_bound: usize,
+) -> Result<Vec<Slice>, String> {
+    if servers == 0 {
+        return Err("the job has no servers".into());
+    }
+    if elements >= bigarray_bound {
+        let placement = kvstore_dist::placement::place(
+            i64::from(key),
+            elements,
+            servers,
+            bigarray_bound,
+        );
+        return Ok(placement
+            .parts
+            .into_iter()
+            .map(|(server, elements)| Slice {
+                server,
+                ps_key: ps_key(key, server, servers),
+                elements,
+            })
+            .collect());
+    }
+    let server = small_key_server(key, servers).ok_or_else(|| {
+        format!(
+            "MXNet 1.9.1 places key {key} on server ({key} * 9973) % {servers}, computed in \
+             32-bit arithmetic, which overflows to a negative server: an MXNet job cannot \
+             hold this key (use keys below 215,330, or arrays of at least \
+             MXNET_KVSTORE_BIGARRAY_BOUND elements)"
+        )
+    })?;
+    Ok(vec![Slice {
+        server,
+        ps_key: ps_key(key, server, servers),
+        elements: 0..elements,
+    }])
+}
+
+/// MXNet's dtype id (mshadow's type flag) of `dtype`.
+pub fn mxnet_dtype_id(dtype: DType) -> Option<u32> {
+    match dtype {
+        DType::F32 => Some(0),
+        DType::F64 => Some(1),
+        DType::F16 => Some(2),
+        DType::U8 => Some(3),
+        DType::I32 => Some(4),
+        DType::I64 => Some(6),
+        DType::BF16 => Some(12),
+        _ => None,
+    }
+}
+
+/// The request type of dense pushes and pulls (`RequestType::kDefaultPushPull`).
+pub const DEFAULT_PUSH_PULL: u32 = 0;
+
+/// MXNet's command word for request type `request_type` and dtype id `dtype_id`.
+///
+/// ```
+/// use kvstore_pslite::encoding::command;
+/// assert_eq!(command(0, 0), 0); // dense float32
+/// assert_eq!(command(0, 2), 5); // dense float16
+/// assert_eq!(command(2, 0), 3); // compressed float32
+/// ```
+pub fn command(request_type: u32, dtype_id: u32) -> i32 {
+    let sum = request_type + dtype_id;
+    ((sum * (sum + 1)) / 2 + dtype_id) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_keys_hash_as_mxnet_does() {
+        assert_eq!(small_key_server(0, 3), Some(0));
+        assert_eq!(small_key_server(1, 3), Some(9973 % 3));
+        assert_eq!(small_key_server(215_329, 7), Some(215_329 * 9973 % 7));
+        // 215,330 * 9973 overflows i32 to a negative product.
+        assert_eq!(small_key_server(215_330, 3), None);
+        assert_eq!(small_key_server(215_330, 2), Some(0));
+        assert_eq!(small_key_server(215_330, 1), Some(0));
+        let e = place(215_330, 4, 3, 1_000_000).unwrap_err();
+        assert!(e.contains("key 215330"), "{e}");
+    }
+
+    #[test]
+    fn key_ranges_are_ps_lites() {
+        assert_eq!(range_begin(0, 3), 0);
+        assert_eq!(range_begin(2, 3), (u64::MAX / 3) * 2);
+        assert_eq!(ps_key(5, 1, 2), u64::MAX / 2 + 5);
+        assert_eq!(ps_key(-1, 0, 1), u64::MAX);
+    }
+
+    #[test]
+    fn big_arrays_are_split_over_every_server() {
+        let slices = place(7, 10, 3, 8).unwrap();
+        let covered: Vec<_> = slices.iter().map(|s| s.elements.clone()).collect();
+        assert_eq!(covered, vec![0..3, 3..7, 7..10]);
+        assert!(slices.iter().enumerate().all(|(i, s)| s.server == i));
+        assert!(place(7, 10, 0, 8).is_err());
+    }
+
+    #[test]
+    fn command_words_are_mxnets() {
+        // dense: float32 0, float64 2, float16 5, uint8 9, int32 14, int64 27, bfloat16 90
+        let words: Vec<i32> = [0, 1, 2, 3, 4, 6, 12]
+            .into_iter()
+            .map(|d| command(DEFAULT_PUSH_PULL, d))
+            .collect();
+        assert_eq!(words, vec![0, 2, 5, 9, 14, 27, 90]);
+    }
+}

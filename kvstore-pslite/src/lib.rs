@@ -1,0 +1,105 @@
+//! # kvstore-pslite: a worker that joins an MXNet 1.9.1 job
+//!
+//! `pslite_dist_sync` is a worker store that speaks ps-lite's wire protocol as MXNet 1.9.1
+//! builds it (ZeroMQ's ZMTP 3 over TCP, a protobuf header per message), so that a Rust
+//! program can join a `dist_sync` job whose **scheduler and servers are MXNet's**, beside
+//! MXNet's own Python workers or alone. It is the way to move a job to Rust one worker at a
+//! time, or to feed an MXNet parameter server from Rust.
+//!
+//! ```no_run
+//! use kvstore_base::{create, DType, KVStoreExt, NDArray};
+//! use kvstore_pslite as _; // links the crate, whose registration provides the store
+//!
+//! // DMLC_ROLE=worker DMLC_PS_ROOT_URI=10.0.0.1 DMLC_PS_ROOT_PORT=9091
+//! // DMLC_NUM_SERVER=2 DMLC_NUM_WORKER=4, the scheduler and servers started by MXNet:
+//! // DMLC_ROLE=server python -c 'import mxnet'
+//! let kv = create("pslite_dist_sync")?; // blocks until every node has registered
+//! let mut weight = NDArray::zeros(&[1024, 1024], DType::F32);
+//! kv.init(3, &weight)?; // rank 0's value is kept, as in MXNet
+//! let grad = NDArray::ones(&[1024, 1024], DType::F32);
+//! kv.push(3, &grad)?; // returns once every worker pushed key 3 this round
+//! kv.pull(3, &mut weight)?; // the sum of the round's pushes (no optimizer on the servers)
+//! # Ok::<(), kvstore_base::Error>(())
+//! ```
+//!
+//! ## What it does as MXNet's worker does
+//!
+//! - **Joining** ([`van`]): registers with the scheduler (`ADD_NODE`), takes the id and rank
+//!   the scheduler assigns (not `DMLC_WORKER_ID`), links to the scheduler and every server,
+//!   and meets every node in the start-up barrier; rank 0 then puts the servers in sync mode
+//!   (`kSyncMode`), as `mx.kv.create('dist_sync')` does.
+//! - **Keys** ([`encoding`]): MXNet's int keys, placed as `EncodeDefaultKey` places them
+//!   (whole on server `(key · 9973) mod S` below `MXNET_KVSTORE_BIGARRAY_BOUND` elements, else
+//!   cut into one slice per server); string keys numbered 0, 1, 2, ... in the order of their
+//!   `init`, as MXNet's worker numbers them (so every worker must init them in the same
+//!   order, and one worker does not mix string and int keys).
+//! - **`init`**: rank 0 pushes the values (a server takes a key's first push as its value),
+//!   then the workers meet in a barrier. **`push`**: a worker's values of a key are summed
+//!   first (in MXNet's association order), then one request per slice; it returns when the
+//!   servers acknowledge, that is once every worker pushed the key this round.
+//!   **`pull`**: one request per slice, answered from the stored value. **`pushpull`**: one
+//!   `ZPushPull` per slice, answered with the round's result. **`broadcast`**: `init`, then
+//!   `pull`. **`barrier`**: the workers' barrier. Every dtype MXNet numbers (float32,
+//!   float64, float16, bfloat16, uint8, int32, int64), in the command word of each message.
+//! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
+//!   servers (`kStopServer`), and every node meets in the last barrier.
+//!
+//! ## Where it differs
+//!
+//! - **No server-side optimizer**: MXNet's servers take an optimizer only as a pickled Python
+//!   object (`kController`), run as code; this store does not make one, and `set_optimizer`
+//!   is [`Unsupported`](kvstore_base::Error::Unsupported). Without an optimizer an MXNet sync
+//!   server stores the sum of each round's pushes: run the optimizer on the workers (Gluon's
+//!   `update_on_kvstore=False`), or let a Python worker of the job call `set_optimizer`, which
+//!   then applies to this worker's pushes too.
+//! - Not offered: `dist_async` (MXNet's async servers need that optimizer), row-sparse keys,
+//!   gradient compression, optimizer states, recovery of a lost worker, heartbeats
+//!   (`PS_HEARTBEAT_INTERVAL` is off by default in MXNet too) and the resender (`PS_RESEND`).
+//! - Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (600 s by default) and ends in an error
+//!   naming the server, the scheduler or the barrier it waited for; a server whose connection
+//!   closes fails the requests waiting for it at once. MXNet's worker waits forever.
+//! - A key MXNet cannot place (a small key above 215,329, whose 32-bit hash overflows to a
+//!   negative server and crashes MXNet's worker), a key outside 32 bits, and a slice of more
+//!   than 2 GiB (ps-lite's lengths are 32-bit) are errors naming the key.
+//! - Frames larger than `KVSTORE_MAX_MESSAGE_BYTES` (4 GiB) are refused.
+//!
+//! The configuration is the dist stores' (`DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`,
+//! `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`, `DMLC_NODE_HOST`/`DMLC_INTERFACE`, `PORT`,
+//! `KVSTORE_BIND_HOST`, `MXNET_KVSTORE_BIGARRAY_BOUND`, `KVSTORE_TIMEOUT_SECS`,
+//! `KVSTORE_MAX_MESSAGE_BYTES`, `KVSTORE_CONFIG`), from the environment or the create options.
+//! `DMLC_NUM_WORKER` counts every worker of the job, MXNet's and this crate's.
+//!
+//! ## Modules
+//!
+//! - [`zmtp`]: ZMTP 3.1 (greeting, `READY`, frames), DEALER to ROUTER.
+//! - [`meta`]: ps-lite's protobuf header, encoded and decoded by hand.
+//! - [`van`]: the node: registration, links, barriers, requests and responses.
+//! - [`encoding`]: MXNet's key placement and command words.
+//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase`.
+#![deny(missing_docs)]
+
+pub mod encoding;
+pub mod meta;
+pub mod van;
+pub mod worker;
+pub mod zmtp;
+
+pub use worker::PsLiteStore;
+
+use kvstore_base::{Capability, CreateRequest, KVStoreBase};
+
+/// The name this crate registers.
+pub const NAME: &str = "pslite_dist_sync";
+
+/// The capabilities of the store.
+const CAPABILITIES: &[Capability] = &[Capability::InitPushPull, Capability::Distributed];
+
+fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
+    Ok(Box::new(PsLiteStore::from_request(request)?))
+}
+
+kvstore_base::register!(
+    "pslite_dist_sync",
+    create,
+    capabilities = [Capability::InitPushPull, Capability::Distributed]
+);

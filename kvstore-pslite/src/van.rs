@@ -1,0 +1,666 @@
+//! The [`Van`]: a worker node of a ps-lite job (registration with the scheduler, links to the
+//! servers, barriers, requests and their responses).
+//!
+//! As in ps-lite, the node listens on one ROUTER socket, on which every peer's messages arrive
+//! (each peer connects to it with a DEALER announcing `ps<id>`), and sends on one DEALER per
+//! peer. Joining: the node connects to the scheduler without an identity and sends `ADD_NODE`
+//! naming its role and address; once every node of the job has registered, the scheduler
+//! sends each the node table, where the node finds its id by its address; it then connects to
+//! the scheduler again and to every server, as `ps<id>`.
+//!
+//! Every wait here is bounded: registration, barriers and responses give up after the
+//! configured timeout with an error naming the nodes that did not answer, and a peer whose
+//! connection closes fails the waits that needed it at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::meta::{data_type, Command, Control, Meta, NodeRecord, Role, UNSET};
+use crate::zmtp::{self, Dealer};
+
+/// ps-lite's node id of the scheduler.
+pub const SCHEDULER_ID: i32 = 1;
+/// The barrier group of the servers.
+pub const SERVER_GROUP: i32 = 2;
+/// The barrier group of the workers.
+pub const WORKER_GROUP: i32 = 4;
+/// The barrier group of every node (scheduler, servers and workers).
+pub const EVERYONE: i32 = 7;
+
+/// Where and how a worker joins a ps-lite job.
+#[derive(Debug, Clone)]
+pub struct VanConfig {
+    /// The scheduler's address (`DMLC_PS_ROOT_URI:DMLC_PS_ROOT_PORT`).
+    pub scheduler: String,
+    /// The address this node advertises to the others (`DMLC_NODE_HOST`).
+    pub host: String,
+    /// The address it listens on (`KVSTORE_BIND_HOST`, else `host`).
+    pub bind: String,
+    /// The port it listens on (`PORT`; 0: any free port).
+    pub port: u16,
+    /// How long any wait may take (`KVSTORE_TIMEOUT_SECS`).
+    pub timeout: Duration,
+    /// The largest frame accepted from a peer (`KVSTORE_MAX_MESSAGE_BYTES`).
+    pub max_message_bytes: u64,
+}
+
+/// A failure of the van: always says what was waited for or what broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VanError(pub String);
+
+impl fmt::Display for VanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for VanError {}
+
+/// A message received: who sent it, its meta and its data frames.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The sender's node id ([`UNSET`] for a node without an id yet).
+    pub sender: i32,
+    /// The header.
+    pub meta: Meta,
+    /// The data frames (for key-value messages: keys, values, lengths).
+    pub data: Vec<Vec<u8>>,
+}
+
+/// What the receiving threads share with the callers.
+#[derive(Default)]
+struct State {
+    /// The scheduler's node table, once it arrived.
+    node_table: Option<Vec<NodeRecord>>,
+    /// How many barrier releases arrived.
+    barriers_released: u64,
+    /// Responses by the timestamp of their request; only awaited timestamps have an entry.
+    responses: HashMap<i32, Vec<Message>>,
+    /// Peers whose connection closed: id and what happened.
+    lost: Vec<(i32, String)>,
+    /// Incoming connections, shut down when the van closes.
+    streams: Vec<TcpStream>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stopping: AtomicBool,
+    max_message_bytes: u64,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until `done` holds, a peer in `needs` is lost, or `deadline`; the error of a lost
+    /// peer or of the deadline is built by `timed_out`.
+    fn wait_until<T>(
+        &self,
+        deadline: Instant,
+        needs: &[i32],
+        mut done: impl FnMut(&mut State) -> Option<T>,
+        timed_out: impl FnOnce(&State) -> VanError,
+    ) -> Result<T, VanError> {
+        let mut state = self.lock();
+        loop {
+            if let Some(value) = done(&mut state) {
+                return Ok(value);
+            }
+            if let Some((id, what)) = state.lost.iter().find(|(id, _)| needs.contains(id)) {
+                return Err(VanError(format!("{} {what}", node_name(*id))));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(timed_out(&state));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// How a node is named in messages: `scheduler`, `server 8`, `worker 9`.
+pub fn node_name(id: i32) -> String {
+    match id {
+        SCHEDULER_ID => "the scheduler".to_string(),
+        UNSET => "a node without an id".to_string(),
+        id if id >= 8 && id % 2 == 0 => format!("server {id} (rank {})", (id - 8) / 2),
+        id if id >= 8 => format!("worker {id} (rank {})", (id - 9) / 2),
+        id => format!("node {id}"),
+    }
+}
+
+/// A worker node of a ps-lite job.
+pub struct Van {
+    config: VanConfig,
+    me: NodeRecord,
+    nodes: Vec<NodeRecord>,
+    shared: Arc<Shared>,
+    senders: HashMap<i32, Mutex<Dealer>>,
+    listen_addr: SocketAddr,
+    accepting: Option<JoinHandle<()>>,
+    barrier: Mutex<()>,
+    next_van_timestamp: AtomicI32,
+    next_request: AtomicI32,
+}
+
+impl fmt::Debug for Van {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Van")
+            .field("me", &self.me)
+            .field("scheduler", &self.config.scheduler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Van {
+    /// Joins the job at `config.scheduler` as a worker: registers, waits for the node table
+    /// (the scheduler sends it once every node has registered) and connects to the scheduler
+    /// and every server.
+    ///
+    /// # Errors
+    /// The node cannot listen, the scheduler cannot be reached or sends no node table within
+    /// the timeout (the error says so), or a server cannot be reached.
+    pub fn join(config: VanConfig) -> Result<Van, VanError> {
+        let deadline = Instant::now() + config.timeout;
+        let bind = format!("{}:{}", bracketed(&config.bind), config.port);
+        let listener = TcpListener::bind(bind.as_str())
+            .map_err(|e| VanError(format!("cannot listen on {bind}: {e}")))?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(|e| VanError(format!("cannot listen on {bind}: {e}")))?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            max_message_bytes: config.max_message_bytes,
+            timeout: config.timeout,
+        });
+        let accepting = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("pslite-accept".into())
+                .spawn(move || accept_loop(listener, shared))
+                .map_err(|e| VanError(format!("cannot start the receiving thread: {e}")))?
+        };
+        let mut me = NodeRecord::new(Role::Worker, &config.host, listen_addr.port());
+        let mut van = Van {
+            config,
+            me: me.clone(),
+            nodes: Vec::new(),
+            shared,
+            senders: HashMap::new(),
+            listen_addr,
+            accepting: Some(accepting),
+            barrier: Mutex::new(()),
+            next_van_timestamp: AtomicI32::new(0),
+            next_request: AtomicI32::new(0),
+        };
+
+        // Register, without an identity yet.
+        let mut first = van.connect_retrying(&van.config.scheduler.clone(), b"", deadline)?;
+        let registration = Meta {
+            control: Some(Control::new(Command::AddNode).with_node(me.clone())),
+            timestamp: Some(van.van_timestamp()),
+            ..Meta::default()
+        };
+        first
+            .send(&registration.encode(), &[])
+            .map_err(|e| scheduler_error(&van.config, format!("registration failed: {e}")))?;
+        let table = van.shared.wait_until(
+            deadline,
+            &[],
+            |state| state.node_table.clone(),
+            |_| {
+                scheduler_error(
+                    &van.config,
+                    format!(
+                        "sent no node table within {:?}: not every node of the job registered \
+                         (DMLC_NUM_WORKER and DMLC_NUM_SERVER must count every node, Python \
+                         ones included)",
+                        van.config.timeout
+                    ),
+                )
+            },
+        )?;
+        let mine = table
+            .iter()
+            .find(|n| n.role == Role::Worker && n.hostname == me.hostname && n.port == me.port)
+            .ok_or_else(|| {
+                scheduler_error(
+                    &van.config,
+                    format!("sent a node table without this node ({me})"),
+                )
+            })?;
+        me.id = mine.id;
+        van.me = me;
+        van.nodes = table;
+
+        let identity = format!("ps{}", van.me.id).into_bytes();
+        let scheduler = van.config.scheduler.clone();
+        let link = van.connect_retrying(&scheduler, &identity, deadline)?;
+        van.senders.insert(SCHEDULER_ID, Mutex::new(link));
+        first.close();
+        let servers: Vec<NodeRecord> = van.servers().cloned().collect();
+        for server in servers {
+            let addr = format!("{}:{}", bracketed(&server.hostname), server.port);
+            let link = van.connect_retrying(&addr, &identity, deadline)?;
+            van.senders.insert(server.id, Mutex::new(link));
+        }
+        log::info!(
+            "pslite: joined the job at {} as {}",
+            van.config.scheduler,
+            van.me
+        );
+        Ok(van)
+    }
+
+    fn connect_retrying(
+        &self,
+        addr: &str,
+        identity: &[u8],
+        deadline: Instant,
+    ) -> Result<Dealer, VanError> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match Dealer::connect(addr, identity, left.clamp(Duration::from_millis(1), self.config.timeout)) {
+                Ok(dealer) => return Ok(dealer),
+                Err(e) if Instant::now() + Duration::from_millis(100) < deadline
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(VanError(format!(
+                        "cannot connect to {addr} (ps-lite, ZMTP): {e}"
+                    )))
+                }
+            }
+        }
+    }
+
+    fn van_timestamp(&self) -> i32 {
+        self.next_van_timestamp.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// This node (its id assigned).
+    pub fn me(&self) -> &NodeRecord {
+        &self.me
+    }
+
+    /// The address this node listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// The job's nodes, as the scheduler listed them.
+    pub fn nodes(&self) -> &[NodeRecord] {
+        &self.nodes
+    }
+
+    /// The servers, by rank.
+    pub fn servers(&self) -> impl Iterator<Item = &NodeRecord> {
+        let mut servers: Vec<&NodeRecord> =
+            self.nodes.iter().filter(|n| n.role == Role::Server).collect();
+        servers.sort_by_key(|n| n.id);
+        servers.into_iter()
+    }
+
+    /// This worker's rank (ps-lite's `(id - 9) / 2`).
+    pub fn rank(&self) -> usize {
+        ((self.me.id - 9) / 2).max(0) as usize
+    }
+
+    /// The id of the server of rank `rank`.
+    pub fn server_id(rank: usize) -> i32 {
+        8 + 2 * rank as i32
+    }
+
+    /// A new request timestamp (the customer's, shared by every request of this node).
+    pub fn new_timestamp(&self) -> i32 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Marks `timestamp` as awaited, before its requests are sent: responses to timestamps not
+    /// awaited are dropped (logged).
+    pub fn expect(&self, timestamp: i32) {
+        self.shared.lock().responses.insert(timestamp, Vec::new());
+    }
+
+    /// Forgets an awaited timestamp (a call that failed before waiting for it).
+    pub fn forget(&self, timestamp: i32) {
+        self.shared.lock().responses.remove(&timestamp);
+    }
+
+    /// Sends `meta` and `data` to node `to`.
+    ///
+    /// # Errors
+    /// No link to `to`, or a failed write.
+    pub fn send(&self, to: i32, meta: &Meta, data: &[&[u8]]) -> Result<(), VanError> {
+        let link = self
+            .senders
+            .get(&to)
+            .ok_or_else(|| VanError(format!("no link to {}", node_name(to))))?;
+        let mut link = link.lock().unwrap_or_else(|e| e.into_inner());
+        link.send(&meta.encode(), data)
+            .map_err(|e| VanError(format!("sending to {} failed: {e}", node_name(to))))
+    }
+
+    /// Waits for one response to `timestamp` from each of `from` (at most the timeout);
+    /// returns them in the order of `from`. `what` names the request in errors.
+    ///
+    /// # Errors
+    /// A node of `from` lost, or silent past the timeout (named).
+    pub fn wait(&self, timestamp: i32, from: &[i32], what: &str) -> Result<Vec<Message>, VanError> {
+        let deadline = Instant::now() + self.config.timeout;
+        let result = self.shared.wait_until(
+            deadline,
+            from,
+            |state| {
+                let got = state.responses.get(&timestamp)?;
+                if from.iter().all(|id| got.iter().any(|m| m.sender == *id)) {
+                    let mut got = state.responses.remove(&timestamp).unwrap_or_default();
+                    let ordered = from
+                        .iter()
+                        .map(|id| {
+                            let at = got.iter().position(|m| m.sender == *id).expect("present");
+                            got.swap_remove(at)
+                        })
+                        .collect();
+                    Some(ordered)
+                } else {
+                    None
+                }
+            },
+            |state| {
+                let got = state.responses.get(&timestamp);
+                let missing: Vec<String> = from
+                    .iter()
+                    .filter(|id| !got.is_some_and(|g| g.iter().any(|m| m.sender == **id)))
+                    .map(|id| node_name(*id))
+                    .collect();
+                VanError(format!(
+                    "no answer to {what} from {} within {:?} (KVSTORE_TIMEOUT_SECS)",
+                    missing.join(", "),
+                    self.config.timeout
+                ))
+            },
+        );
+        if result.is_err() {
+            self.forget(timestamp);
+        } else if let Some((id, what)) = self.lost_among(from) {
+            log::debug!("pslite: {} {what} after answering", node_name(id));
+        }
+        result
+    }
+
+    fn lost_among(&self, ids: &[i32]) -> Option<(i32, String)> {
+        let state = self.shared.lock();
+        state.lost.iter().find(|(id, _)| ids.contains(id)).cloned()
+    }
+
+    /// Waits until every node of `group` (a sum of [`SERVER_GROUP`], [`WORKER_GROUP`] and 1
+    /// for the scheduler) entered the barrier.
+    ///
+    /// # Errors
+    /// The scheduler lost, or no release within the timeout.
+    pub fn barrier(&self, group: i32) -> Result<(), VanError> {
+        let _one_at_a_time = self.barrier.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.shared.lock().barriers_released;
+        let mut control = Control::new(Command::Barrier);
+        control.barrier_group = Some(group);
+        let meta = Meta {
+            control: Some(control),
+            request: true,
+            app_id: Some(0),
+            customer_id: 0,
+            timestamp: Some(self.van_timestamp()),
+            ..Meta::default()
+        };
+        self.send(SCHEDULER_ID, &meta, &[])?;
+        let deadline = Instant::now() + self.config.timeout;
+        self.shared.wait_until(
+            deadline,
+            &[SCHEDULER_ID],
+            |state| (state.barriers_released > before).then_some(()),
+            |_| {
+                VanError(format!(
+                    "the barrier of group {group} ({}) was not released within {:?} \
+                     (KVSTORE_TIMEOUT_SECS): another node has not reached it",
+                    group_name(group),
+                    self.config.timeout
+                ))
+            },
+        )
+    }
+
+    /// Closes every link and stops the receiving threads.
+    pub fn close(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        for link in self.senders.values() {
+            link.lock().unwrap_or_else(|e| e.into_inner()).close();
+        }
+        for stream in self.shared.lock().streams.drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        // Wake the accepting thread.
+        let _ = TcpStream::connect_timeout(&wake_addr(self.listen_addr), Duration::from_secs(1));
+        if let Some(thread) = self.accepting.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Van {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The address to connect to in order to wake a listener bound to `addr` (an unspecified
+/// address is reached on loopback).
+fn wake_addr(addr: SocketAddr) -> SocketAddr {
+    let mut wake = addr;
+    if wake.ip().is_unspecified() {
+        wake.set_ip(match wake {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    wake
+}
+
+fn bracketed(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
+fn group_name(group: i32) -> String {
+    let mut names = Vec::new();
+    if group & 1 != 0 {
+        names.push("scheduler");
+    }
+    if group & SERVER_GROUP != 0 {
+        names.push("servers");
+    }
+    if group & WORKER_GROUP != 0 {
+        names.push("workers");
+    }
+    names.join(" + ")
+}
+
+fn scheduler_error(config: &VanConfig, what: String) -> VanError {
+    VanError(format!("the ps-lite scheduler at {} {what}", config.scheduler))
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        let shared = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("pslite-recv".into())
+            .spawn(move || receive(stream, shared));
+        if let Err(e) = spawned {
+            log::warn!("pslite: cannot start a receiving thread: {e}");
+        }
+    }
+}
+
+/// The node id a DEALER's identity names (`ps<id>`), [`UNSET`] for any other.
+fn identity_id(identity: &[u8]) -> i32 {
+    std::str::from_utf8(identity)
+        .ok()
+        .and_then(|s| s.strip_prefix("ps"))
+        .and_then(|id| id.parse().ok())
+        .unwrap_or(UNSET)
+}
+
+/// Reads one incoming connection's messages until it closes.
+fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let identity = match zmtp::accept_dealer(&mut stream, shared.timeout) {
+        Ok(identity) => identity,
+        Err(e) => {
+            if !shared.stopping.load(Ordering::SeqCst) {
+                log::warn!("pslite: refused a connection from {peer}: {e}");
+            }
+            return;
+        }
+    };
+    let sender = identity_id(&identity);
+    if let Ok(clone) = stream.try_clone() {
+        shared.lock().streams.push(clone);
+    }
+    log::debug!("pslite: {} connected from {peer}", node_name(sender));
+    let ended = loop {
+        match zmtp::read_message(&mut stream, shared.max_message_bytes) {
+            Ok(Some(mut frames)) => {
+                let meta = match Meta::decode(&frames[0]) {
+                    Ok(meta) => meta,
+                    Err(e) => break format!("sent a bad message ({e})"),
+                };
+                frames.remove(0);
+                deliver(
+                    &shared,
+                    Message {
+                        sender,
+                        meta,
+                        data: frames,
+                    },
+                );
+            }
+            Ok(None) => break "closed its connection".to_string(),
+            Err(e) => break format!("broke its connection ({e})"),
+        }
+    };
+    if !shared.stopping.load(Ordering::SeqCst) {
+        log::debug!("pslite: {} {ended}", node_name(sender));
+        let mut state = shared.lock();
+        state.lost.push((sender, ended));
+        shared.changed.notify_all();
+    }
+}
+
+/// Hands a received message to whoever waits for it.
+fn deliver(shared: &Shared, message: Message) {
+    let mut state = shared.lock();
+    match (&message.meta.control, message.meta.request) {
+        (Some(control), _) => match control.cmd {
+            Command::AddNode => state.node_table = Some(control.nodes.clone()),
+            Command::Barrier if !message.meta.request => state.barriers_released += 1,
+            other => log::debug!(
+                "pslite: ignored a {other:?} control message from {}",
+                node_name(message.sender)
+            ),
+        },
+        (None, false) => {
+            let timestamp = message.meta.timestamp.unwrap_or(UNSET);
+            match state.responses.get_mut(&timestamp) {
+                Some(got) => got.push(message),
+                None => log::warn!(
+                    "pslite: dropped a response from {} to request {timestamp}, which no call \
+                     awaits",
+                    node_name(message.sender)
+                ),
+            }
+        }
+        (None, true) => log::warn!(
+            "pslite: dropped a request from {} (a worker serves no requests)",
+            node_name(message.sender)
+        ),
+    }
+    shared.changed.notify_all();
+}
+
+/// The meta of a key-value request: `head` the command word, data frames keys, values and
+/// (for pushes) lengths.
+pub fn kv_request(head: i32, timestamp: i32, push: bool, pull: bool, priority: i32) -> Meta {
+    let mut data_types = vec![data_type::UINT64, data_type::OTHER];
+    if push {
+        data_types.push(data_type::INT32);
+    }
+    Meta {
+        head,
+        request: true,
+        push,
+        pull,
+        app_id: Some(0),
+        timestamp: Some(timestamp),
+        data_type: data_types,
+        customer_id: 0,
+        priority,
+        ..Meta::default()
+    }
+}
+
+/// The meta of a command to the servers (MXNet's `SimpleApp` requests).
+pub fn command_request(head: i32, body: &str, timestamp: i32) -> Meta {
+    Meta {
+        head,
+        body: body.as_bytes().to_vec(),
+        request: true,
+        simple_app: true,
+        app_id: Some(0),
+        timestamp: Some(timestamp),
+        customer_id: 0,
+        ..Meta::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identities_name_nodes() {
+        assert_eq!(identity_id(b"ps9"), 9);
+        assert_eq!(identity_id(b"ps1"), SCHEDULER_ID);
+        assert_eq!(identity_id(b""), UNSET);
+        assert_eq!(identity_id(b"\0\x12\x34"), UNSET);
+        assert_eq!(node_name(8), "server 8 (rank 0)");
+        assert_eq!(node_name(11), "worker 11 (rank 1)");
+        assert_eq!(group_name(EVERYONE), "scheduler + servers + workers");
+    }
+}

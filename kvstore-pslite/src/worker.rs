@@ -1,0 +1,682 @@
+//! [`PsLiteStore`]: a worker of an MXNet 1.9.1 `dist_sync` job.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use kvstore_base::{
+    Capability, CreateRequest, DType, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
+    Result, StorageType,
+};
+use kvstore_dist::{DistConfig, DistFile, Role};
+use kvstore_local::reduce::{self, ReduceConfig};
+
+use crate::encoding::{self, Slice, DEFAULT_PUSH_PULL};
+use crate::van::{self, Message, Van, VanConfig, VanError, EVERYONE, WORKER_GROUP};
+
+/// MXNet's server command that puts the servers in sync mode (`kSyncMode`), sent by rank 0
+/// when the store is created.
+pub const CMD_SYNC_MODE: i32 = 3;
+/// MXNet's server command that stops the servers (`kStopServer`), sent by rank 0 when the job
+/// ends.
+pub const CMD_STOP_SERVER: i32 = 2;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A key the workers initialised.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// MXNet's int key (string keys are numbered in the order of their `init`, as MXNet does).
+    id: i32,
+    shape: Vec<usize>,
+    dtype: DType,
+    slices: Vec<Slice>,
+}
+
+impl Entry {
+    fn bytes(&self, slice: &Slice) -> std::ops::Range<usize> {
+        let size = self.dtype.size_of();
+        slice.elements.start * size..slice.elements.end * size
+    }
+
+    fn command(&self) -> i32 {
+        encoding::command(
+            DEFAULT_PUSH_PULL,
+            encoding::mxnet_dtype_id(self.dtype).expect("checked at init"),
+        )
+    }
+
+    fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
+        self.check_shape(value, what)?;
+        if value.dtype() != self.dtype {
+            return Err(Error::DTypeMismatch {
+                what: what.to_string(),
+                expected: self.dtype,
+                found: value.dtype(),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_shape(&self, array: &NDArray, what: &str) -> Result<()> {
+        if array.shape() != self.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                what: what.to_string(),
+                expected: self.shape.clone(),
+                found: array.shape().to_vec(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The keys of the job, as this worker knows them.
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<Key, Entry>,
+    /// The int key the next string key gets.
+    next_str_key: i32,
+}
+
+/// A worker that joins a job whose scheduler and servers are MXNet 1.9.1's (and whose other
+/// workers may be MXNet's Python workers), speaking ps-lite's protocol. See the crate docs.
+pub struct PsLiteStore {
+    name: String,
+    van: Van,
+    num_workers: usize,
+    num_servers: usize,
+    bigarray_bound: usize,
+    table: Mutex<Table>,
+    reduce: ReduceConfig,
+}
+
+impl std::fmt::Debug for PsLiteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PsLiteStore")
+            .field("name", &self.name)
+            .field("rank", &self.van.rank())
+            .field("num_workers", &self.num_workers)
+            .field("num_servers", &self.num_servers)
+            .finish_non_exhaustive()
+    }
+}
+
+fn backend(store: &str, e: VanError) -> Error {
+    Error::Backend {
+        store: store.to_string(),
+        source: Box::new(e),
+    }
+}
+
+impl PsLiteStore {
+    /// Joins the job `dist` describes as a worker (see [`Van::join`]), meets every node in
+    /// the start-up barrier, and, as rank 0, puts the servers in sync mode, as an MXNet
+    /// worker does when it creates `dist_sync`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when `dist` is not a worker's configuration;
+    /// [`Error::Backend`] when joining fails or a wait times out (naming who is missing).
+    pub fn connect(name: &str, dist: &DistConfig) -> Result<PsLiteStore> {
+        if dist.role != Role::Worker {
+            return Err(Error::InvalidArgument(format!(
+                "{name}: DMLC_ROLE={}: this store runs workers only; start MXNet 1.9.1's \
+                 scheduler and servers (`DMLC_ROLE=server python -c 'import mxnet'`)",
+                dist.role
+            )));
+        }
+        let host = kvstore_dist::node::advertised_host(dist).map_err(|e| Error::Backend {
+            store: name.to_string(),
+            source: Box::new(e),
+        })?;
+        let config = VanConfig {
+            scheduler: dist.scheduler_addr(),
+            bind: dist.bind_host.clone().unwrap_or_else(|| host.clone()),
+            host,
+            port: dist.port.unwrap_or(0),
+            timeout: dist.timeout,
+            max_message_bytes: dist.max_message_bytes,
+        };
+        let van = Van::join(config).map_err(|e| backend(name, e))?;
+        let workers = van
+            .nodes()
+            .iter()
+            .filter(|n| n.role == crate::meta::Role::Worker)
+            .count();
+        let store = PsLiteStore {
+            name: name.to_string(),
+            num_workers: workers,
+            num_servers: van.servers().count(),
+            bigarray_bound: usize::try_from(dist.bigarray_bound).unwrap_or(usize::MAX),
+            van,
+            table: Mutex::new(Table::default()),
+            reduce: ReduceConfig::from_env(),
+        };
+        store
+            .van
+            .barrier(EVERYONE)
+            .map_err(|e| backend(name, e))?;
+        if store.van.rank() == 0 {
+            store.command_all(CMD_SYNC_MODE, "")?;
+        }
+        Ok(store)
+    }
+
+    /// The registry's factory: the `DMLC_*`/`KVSTORE_*` configuration from the environment
+    /// and the create options, as the dist stores read it.
+    ///
+    /// # Errors
+    /// As [`PsLiteStore::connect`], or a bad configuration.
+    pub fn from_request(request: &CreateRequest) -> Result<PsLiteStore> {
+        let mut vars: HashMap<String, String> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
+            .collect();
+        vars.extend(request.options.clone());
+        let invalid =
+            |e: kvstore_dist::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
+        let file = match vars.get(kvstore_dist::worker::CONFIG_VAR) {
+            Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
+            None => DistFile::default(),
+        };
+        let dist = DistConfig::from_vars_and_file(vars, &file).map_err(invalid)?;
+        PsLiteStore::connect(&request.name, &dist)
+    }
+
+    /// The node this worker is in the job (its ps-lite id and address).
+    pub fn node(&self) -> &crate::meta::NodeRecord {
+        self.van.me()
+    }
+
+    fn server_id(&self, slice: &Slice) -> i32 {
+        Van::server_id(slice.server)
+    }
+
+    /// Sends `head`/`body` to every server and waits for each to answer.
+    fn command_all(&self, head: i32, body: &str) -> Result<()> {
+        let ts = self.van.new_timestamp();
+        self.van.expect(ts);
+        let servers: Vec<i32> = self.van.servers().map(|s| s.id).collect();
+        let meta = van::command_request(head, body, ts);
+        for &id in &servers {
+            if let Err(e) = self.van.send(id, &meta, &[]) {
+                self.van.forget(ts);
+                return Err(backend(&self.name, e));
+            }
+        }
+        self.van
+            .wait(ts, &servers, &format!("server command {head}"))
+            .map(drop)
+            .map_err(|e| backend(&self.name, e))
+    }
+
+    /// The entries of `keys`, in order; a key not initialised is an error naming it.
+    fn entries(&self, operation: &'static str, keys: &[&Key]) -> Result<Vec<Entry>> {
+        let table = lock(&self.table);
+        keys.iter()
+            .map(|&k| {
+                table.entries.get(k).cloned().ok_or_else(|| {
+                    Error::KeyNotInitialized.at_key(&self.name, operation, k.clone())
+                })
+            })
+            .collect()
+    }
+
+    /// Each key's value to push: the caller's one value, or the sum of its values (one per
+    /// device) in MXNet's association order; every value checked against its entry first.
+    fn outbound<'a>(
+        &self,
+        operation: &'static str,
+        values: &'a KeyedValues<'_>,
+    ) -> Result<Vec<(Key, Entry, Outbound<'a>)>> {
+        let groups = values.groups();
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let entries = self.entries(operation, &keys)?;
+        for (g, e) in groups.iter().zip(&entries) {
+            for (i, &p) in g.positions.iter().enumerate() {
+                e.check_value(values.values()[p], &format!("pushed value {i}"))
+                    .map_err(|err| err.at_key(&self.name, operation, g.key.clone()))?;
+                if values.values()[p].storage_type() != StorageType::Dense {
+                    return Err(Error::InvalidArgument(
+                        "a row-sparse value: MXNet's dense requests carry dense values only"
+                            .into(),
+                    )
+                    .at_key(&self.name, operation, g.key.clone()));
+                }
+            }
+        }
+        Ok(groups
+            .into_iter()
+            .zip(entries)
+            .map(|(g, e)| {
+                let arrays: Vec<&'a NDArray> =
+                    g.positions.iter().map(|&p| values.values()[p]).collect();
+                let out = match arrays.as_slice() {
+                    [one] if one.as_bytes().is_some() => {
+                        Outbound::Borrowed(one.as_bytes().expect("checked"))
+                    }
+                    _ => Outbound::Owned(reduce::sum_values(&arrays, &self.reduce, true)),
+                };
+                (g.key, e, out)
+            })
+            .collect())
+    }
+
+    /// Sends one request per slice of every key (pushes carry `bytes`), then waits for every
+    /// answer; returns the answers per key and slice.
+    fn exchange(
+        &self,
+        operation: &'static str,
+        requests: &[(Key, Entry, Option<&[u8]>)],
+        pull: bool,
+        priority: i32,
+    ) -> Result<Vec<Vec<Message>>> {
+        let mut sent: Vec<Vec<(i32, i32)>> = Vec::with_capacity(requests.len());
+        let mut failure = None;
+        'send: for (key, entry, bytes) in requests {
+            let mut slices = Vec::with_capacity(entry.slices.len());
+            for slice in &entry.slices {
+                let ts = self.van.new_timestamp();
+                let push = bytes.is_some();
+                let meta = van::kv_request(entry.command(), ts, push, pull, priority);
+                let ps_key = slice.ps_key.to_le_bytes();
+                let vals = bytes.map_or(&[][..], |b| &b[entry.bytes(slice)]);
+                let len = i32::try_from(vals.len()).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "a slice of {} bytes: ps-lite's lengths are 32-bit (at most 2 GiB per \
+                         server and key; raise DMLC_NUM_SERVER)",
+                        vals.len()
+                    ))
+                    .at_key(&self.name, operation, key.clone())
+                });
+                let len = match len {
+                    Ok(len) => len.to_le_bytes(),
+                    Err(e) => {
+                        failure = Some(e);
+                        break 'send;
+                    }
+                };
+                let server = self.server_id(slice);
+                self.van.expect(ts);
+                let result = if push {
+                    self.van.send(server, &meta, &[&ps_key, vals, &len])
+                } else {
+                    self.van.send(server, &meta, &[&ps_key, &[]])
+                };
+                if let Err(e) = result {
+                    self.van.forget(ts);
+                    failure = Some(backend(&self.name, e).at_key(&self.name, operation, key.clone()));
+                    break 'send;
+                }
+                slices.push((ts, server));
+            }
+            sent.push(slices);
+        }
+        // Every request sent is waited for, so that no answer is left to a later call.
+        let mut answers = Vec::with_capacity(sent.len());
+        for ((key, _, _), slices) in requests.iter().zip(&sent) {
+            let mut got = Vec::with_capacity(slices.len());
+            for &(ts, server) in slices {
+                match self.van.wait(ts, &[server], &format!("{operation} of key {key}")) {
+                    Ok(mut m) => got.push(m.remove(0)),
+                    Err(e) => {
+                        if failure.is_none() {
+                            failure = Some(
+                                backend(&self.name, e).at_key(&self.name, operation, key.clone()),
+                            );
+                        }
+                    }
+                }
+            }
+            answers.push(got);
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(answers),
+        }
+    }
+
+    /// The value bytes of an answer to a pull of `slice`, checked.
+    fn pulled<'m>(&self, entry: &Entry, slice: &Slice, answer: &'m Message) -> Result<&'m [u8]> {
+        let expected = entry.bytes(slice).len();
+        let vals = answer.data.get(1).map_or(&[][..], |v| v.as_slice());
+        let key_ok = answer
+            .data
+            .first()
+            .is_some_and(|k| k.as_slice() == slice.ps_key.to_le_bytes());
+        if !key_ok || vals.len() != expected {
+            return Err(Error::Backend {
+                store: self.name.clone(),
+                source: format!(
+                    "{} answered {} bytes for ps-lite key {}, {expected} expected",
+                    van::node_name(answer.sender),
+                    vals.len(),
+                    slice.ps_key
+                )
+                .into(),
+            });
+        }
+        Ok(vals)
+    }
+
+    /// Writes each key's answers into its outputs (cast to the output's dtype).
+    fn write_outs(
+        &self,
+        operation: &'static str,
+        entries: &HashMap<Key, (Entry, Vec<Message>)>,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        // Every answer checked before any output is written.
+        for (key, (entry, answers)) in entries {
+            for (slice, answer) in entry.slices.iter().zip(answers) {
+                self.pulled(entry, slice, answer)
+                    .map_err(|e| e.at_key(&self.name, operation, key.clone()))?;
+            }
+        }
+        for (key, out) in outs.iter_mut() {
+            let (entry, answers) = &entries[key];
+            let at = |e: Error| e.at_key(&self.name, operation, key.clone());
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                continue;
+            }
+            if out.storage_type() == StorageType::Dense && out.dtype() == entry.dtype {
+                if let Some(dst) = out.as_bytes_mut() {
+                    for (slice, answer) in entry.slices.iter().zip(answers) {
+                        let src = self.pulled(entry, slice, answer).map_err(at)?;
+                        dst[entry.bytes(slice)].copy_from_slice(src);
+                    }
+                    continue;
+                }
+            }
+            let mut whole = Vec::with_capacity(entry.bytes(&entry.slices[0]).len());
+            for (slice, answer) in entry.slices.iter().zip(answers) {
+                whole.extend_from_slice(self.pulled(entry, slice, answer).map_err(at)?);
+            }
+            let value = NDArray::from_bytes(&entry.shape, entry.dtype, &whole).map_err(at)?;
+            if out.storage_type() == StorageType::RowSparse {
+                **out = value.to_row_sparse().map_err(at)?.astype(out.dtype());
+            } else {
+                out.assign(&value).map_err(at)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every output against its key's entry; returns the entries of the distinct keys.
+    fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<Vec<Entry>> {
+        let mut keys: Vec<&Key> = Vec::new();
+        for k in outs.keys() {
+            if !keys.contains(&k) {
+                keys.push(k);
+            }
+        }
+        let entries = self.entries(operation, &keys)?;
+        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            let at = keys.iter().position(|k| *k == key).expect("listed");
+            entries[at]
+                .check_shape(out, &format!("output {i}"))
+                .map_err(|e| e.at_key(&self.name, operation, key.clone()))?;
+        }
+        Ok(entries)
+    }
+
+    fn pull_keys(
+        &self,
+        operation: &'static str,
+        outs: &mut KeyedOuts<'_>,
+        ignore_sparse: bool,
+        priority: i32,
+    ) -> Result<()> {
+        let entries = self.check_outs(operation, outs)?;
+        let mut keys: Vec<Key> = Vec::new();
+        for k in outs.keys() {
+            if !keys.contains(k) {
+                keys.push(k.clone());
+            }
+        }
+        let requests: Vec<(Key, Entry, Option<&[u8]>)> = keys
+            .iter()
+            .zip(&entries)
+            .map(|(k, e)| (k.clone(), e.clone(), None))
+            .collect();
+        let answers = self.exchange(operation, &requests, true, priority)?;
+        let by_key: HashMap<Key, (Entry, Vec<Message>)> = keys
+            .into_iter()
+            .zip(entries.into_iter().zip(answers))
+            .collect();
+        self.write_outs(operation, &by_key, outs, ignore_sparse)
+    }
+
+    fn push_values(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        outs: Option<&mut KeyedOuts<'_>>,
+        priority: i32,
+    ) -> Result<()> {
+        if let Some(outs) = &outs {
+            outs.check_against(operation, values)?;
+            self.check_outs(operation, outs)?;
+        }
+        let outbound = self.outbound(operation, values)?;
+        let requests: Vec<(Key, Entry, Option<&[u8]>)> = outbound
+            .iter()
+            .map(|(k, e, o)| (k.clone(), e.clone(), Some(o.bytes())))
+            .collect();
+        let pull = outs.is_some();
+        let answers = self.exchange(operation, &requests, pull, priority)?;
+        if let Some(outs) = outs {
+            let by_key: HashMap<Key, (Entry, Vec<Message>)> = outbound
+                .into_iter()
+                .zip(answers)
+                .map(|((k, e, _), a)| (k, (e, a)))
+                .collect();
+            self.write_outs(operation, &by_key, outs, false)?;
+        }
+        Ok(())
+    }
+
+    /// `init`: checks every key, numbers string keys, rank 0 pushes the values (the servers
+    /// take a key's first push as its value), then every worker meets in a barrier.
+    fn init_keys(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        values.check_one_value_per_key(&self.name, operation)?;
+        let mut new: Vec<(Key, Entry)> = Vec::with_capacity(values.len());
+        {
+            let table = lock(&self.table);
+            let mut next_str_key = table.next_str_key;
+            for (key, value) in values.iter() {
+                let at = |e: Error| e.at_key(&self.name, operation, key.clone());
+                if table.entries.contains_key(key) || new.iter().any(|(k, _)| k == key) {
+                    return Err(at(Error::DuplicateInit));
+                }
+                if let Some(other) = table.entries.keys().next() {
+                    if !other.same_kind(key) {
+                        return Err(at(Error::InvalidArgument(format!(
+                            "this worker already holds {} keys: MXNet numbers string keys \
+                             0, 1, 2, ... in the order of their init, so they would share the \
+                             servers' int keys",
+                            other.kind()
+                        ))));
+                    }
+                }
+                if value.storage_type() != StorageType::Dense {
+                    return Err(at(Error::InvalidArgument(
+                        "a row-sparse value: this store offers MXNet's dense keys only".into(),
+                    )));
+                }
+                if encoding::mxnet_dtype_id(value.dtype()).is_none() {
+                    return Err(at(Error::InvalidArgument(format!(
+                        "{} has no MXNet dtype id",
+                        value.dtype()
+                    ))));
+                }
+                let id = match key {
+                    Key::Int(k) => i32::try_from(*k).map_err(|_| {
+                        at(Error::InvalidArgument(
+                            "MXNet's keys are 32-bit ints: this key is out of range".into(),
+                        ))
+                    })?,
+                    Key::Str(_) => {
+                        let id = next_str_key;
+                        next_str_key += 1;
+                        id
+                    }
+                };
+                let slices =
+                    encoding::place(id, value.size(), self.num_servers, self.bigarray_bound)
+                        .map_err(|e| at(Error::InvalidArgument(e)))?;
+                let entry = Entry {
+                    id,
+                    shape: value.shape().to_vec(),
+                    dtype: value.dtype(),
+                    slices,
+                };
+                log::debug!("{}: key {key} is MXNet key {}", self.name, entry.id);
+                new.push((key.clone(), entry));
+            }
+        }
+        if self.van.rank() == 0 {
+            let requests: Vec<(Key, Entry, Option<&[u8]>)> = new
+                .iter()
+                .zip(values.values())
+                .map(|((k, e), v)| {
+                    let bytes = v.as_bytes();
+                    (k.clone(), e.clone(), bytes)
+                })
+                .collect();
+            // Non-contiguous values (views) are copied first.
+            let copies: Vec<Option<NDArray>> = values
+                .values()
+                .iter()
+                .map(|v| v.as_bytes().is_none().then(|| v.astype(v.dtype())))
+                .collect();
+            let requests: Vec<(Key, Entry, Option<&[u8]>)> = requests
+                .into_iter()
+                .zip(&copies)
+                .map(|((k, e, b), c)| {
+                    let bytes = b.or_else(|| c.as_ref().and_then(|c| c.as_bytes()));
+                    (k, e, bytes)
+                })
+                .collect();
+            self.exchange(operation, &requests, false, 0)?;
+        }
+        {
+            let mut table = lock(&self.table);
+            for (key, entry) in new {
+                if matches!(key, Key::Str(_)) {
+                    table.next_str_key = table.next_str_key.max(entry.id + 1);
+                }
+                table.entries.insert(key, entry);
+            }
+        }
+        self.van
+            .barrier(WORKER_GROUP)
+            .map_err(|e| backend(&self.name, e))
+    }
+
+    /// The end of the job, as an MXNet worker ends it: the workers meet, rank 0 stops the
+    /// servers, and every node meets in the last barrier.
+    fn finish(&mut self) -> std::result::Result<(), VanError> {
+        self.van.barrier(WORKER_GROUP)?;
+        if self.van.rank() == 0 {
+            self.command_all(CMD_STOP_SERVER, "")
+                .map_err(|e| VanError(e.to_string()))?;
+        }
+        self.van.barrier(EVERYONE)
+    }
+}
+
+/// A key's bytes to push.
+enum Outbound<'a> {
+    Borrowed(&'a [u8]),
+    Owned(NDArray),
+}
+
+impl Outbound<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Outbound::Borrowed(b) => b,
+            Outbound::Owned(a) => a.as_bytes().expect("a fresh array is contiguous"),
+        }
+    }
+}
+
+impl KVStoreBase for PsLiteStore {
+    fn type_name(&self) -> &str {
+        &self.name
+    }
+
+    fn rank(&self) -> usize {
+        self.van.rank()
+    }
+
+    fn num_workers(&self) -> usize {
+        self.num_workers
+    }
+
+    fn is_capable(&self, capability: Capability) -> bool {
+        crate::CAPABILITIES.contains(&capability)
+    }
+
+    fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.init_keys("init", values)
+    }
+
+    fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        self.push_values("push", values, None, priority)
+    }
+
+    fn pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+        ignore_sparse: bool,
+    ) -> Result<()> {
+        self.pull_keys("pull", outs, ignore_sparse, priority)
+    }
+
+    /// One ps-lite `ZPushPull` per slice, as MXNet 1.9.1's `pushpull`: the server answers it
+    /// with the key's value once the round is complete.
+    fn pushpull_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        self.push_values("pushpull", values, Some(outs), priority)
+    }
+
+    /// MXNet's `broadcast`: `init` (rank 0's value), then `pull`.
+    fn broadcast_batch(
+        &self,
+        values: &KeyedValues<'_>,
+        outs: &mut KeyedOuts<'_>,
+        priority: i32,
+    ) -> Result<()> {
+        outs.check_against("broadcast", values)?;
+        outs.check_shapes_against(&self.name, "broadcast", values)?;
+        self.init_keys("broadcast", values)?;
+        self.pull_keys("broadcast", outs, true, priority)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.van
+            .barrier(WORKER_GROUP)
+            .map_err(|e| backend(&self.name, e))
+    }
+
+    /// Sent from this worker, as MXNet sends it (every worker that calls it sends it; MXNet's
+    /// servers run a `kController` body, a pickled Python optimizer, as Python code).
+    fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
+        self.command_all(head, body)
+    }
+}
+
+impl Drop for PsLiteStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            log::warn!("{}: ending the job failed: {e}", self.name);
+        }
+        self.van.close();
+    }
+}

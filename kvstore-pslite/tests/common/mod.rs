@@ -1,0 +1,167 @@
+//! MXNet 1.9.1 jobs for the interoperability tests: its scheduler and servers (and Python
+//! workers) as child processes of the test.
+//!
+//! The tests need a Python with `mxnet==1.9.1`: `KVSTORE_MXNET_PYTHON` names it (`.ci/run`
+//! installs one). Without it every test is reported ignored, with the reason.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The variable naming the Python interpreter that has MXNet 1.9.1.
+pub const PYTHON_VAR: &str = "KVSTORE_MXNET_PYTHON";
+
+/// The Python with MXNet 1.9.1, or why there is none.
+pub fn mxnet_python() -> Result<PathBuf, String> {
+    let python = std::env::var_os(PYTHON_VAR)
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("needs MXNet 1.9.1: set {PYTHON_VAR} to a python that has it"))?;
+    let out = Command::new(&python)
+        .args(["-c", "import mxnet; print(mxnet.__version__)"])
+        .env_remove("DMLC_ROLE")
+        .output()
+        .map_err(|e| format!("{PYTHON_VAR}={}: {e}", python.display()))?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if version != "1.9.1" {
+        return Err(format!(
+            "{PYTHON_VAR}={} has mxnet {version:?}, 1.9.1 is needed",
+            python.display()
+        ));
+    }
+    Ok(python)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An MXNet scheduler and servers, killed when dropped.
+pub struct MxnetJob {
+    python: PathBuf,
+    env: BTreeMap<String, String>,
+    children: Vec<(String, Child)>,
+    logs: PathBuf,
+}
+
+impl MxnetJob {
+    /// Starts MXNet's scheduler and `servers` servers for a job of `workers` workers;
+    /// `extra` adds variables (for every node, workers included).
+    pub fn start(servers: usize, workers: usize, extra: &[(&str, &str)]) -> Result<MxnetJob, String> {
+        let python = mxnet_python()?;
+        let logs = std::env::temp_dir().join(format!(
+            "kvstore-pslite-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let mut env: BTreeMap<String, String> = [
+            ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
+            ("DMLC_PS_ROOT_PORT", free_port().to_string()),
+            ("DMLC_NUM_SERVER", servers.to_string()),
+            ("DMLC_NUM_WORKER", workers.to_string()),
+            ("DMLC_NODE_HOST", "127.0.0.1".to_string()),
+            ("KVSTORE_TIMEOUT_SECS", "60".to_string()),
+            ("OMP_NUM_THREADS", "1".to_string()),
+            ("MXNET_CPU_WORKER_NTHREADS", "1".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let mut job = MxnetJob {
+            python,
+            env,
+            children: Vec::new(),
+            logs,
+        };
+        job.spawn("scheduler", "scheduler", "import mxnet")?;
+        for i in 0..servers {
+            job.spawn(&format!("server{i}"), "server", "import mxnet")?;
+        }
+        Ok(job)
+    }
+
+    fn spawn(&mut self, name: &str, role: &str, code: &str) -> Result<(), String> {
+        let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
+            .map_err(|e| e.to_string())?;
+        let child = Command::new(&self.python)
+            .args(["-c", code])
+            .env_clear()
+            .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME" || k == "TMPDIR"))
+            .envs(&self.env)
+            .env("DMLC_ROLE", role)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start MXNet's {name}: {e}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Starts a Python worker running `script` (with `mxnet as mx` and `numpy as np`
+    /// imported, and `OUT` the folder of this job's files).
+    pub fn python_worker(&mut self, name: &str, script: &str) -> Result<(), String> {
+        let code = format!(
+            "import mxnet as mx, numpy as np, os\nOUT = {:?}\n{script}",
+            self.logs.display().to_string()
+        );
+        self.spawn(name, "worker", &code)
+    }
+
+    /// The variables a worker of this job needs.
+    pub fn worker_options(&self) -> BTreeMap<String, String> {
+        let mut options = self.env.clone();
+        options.insert("DMLC_ROLE".into(), "worker".into());
+        options
+    }
+
+    /// The folder of this job's logs and files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.logs
+    }
+
+    /// Waits (at most `limit`) for every process to exit; an error names any that failed,
+    /// with its log.
+    pub fn wait(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + limit;
+        for (name, child) in &mut self.children {
+            loop {
+                match child.try_wait().map_err(|e| e.to_string())? {
+                    Some(status) if status.success() => break,
+                    Some(status) => {
+                        let log = std::fs::read_to_string(self.logs.join(format!("{name}.log")))
+                            .unwrap_or_default();
+                        return Err(format!("MXNet's {name} exited with {status}:\n{log}"));
+                    }
+                    None if std::time::Instant::now() > deadline => {
+                        let log = std::fs::read_to_string(self.logs.join(format!("{name}.log")))
+                            .unwrap_or_default();
+                        return Err(format!("MXNet's {name} is still running:\n{log}"));
+                    }
+                    None => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MxnetJob {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
