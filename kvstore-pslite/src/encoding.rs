@@ -8,8 +8,9 @@
 //!   elements (1,000,000 by default) lives whole on server `(key · 9973) mod S`, computed as
 //!   MXNet computes it, in 32-bit signed arithmetic; a bigger one is cut into one slice per
 //!   server ([`kvstore_dist::placement::place`], the same rounding). MXNet's product
-//!   overflows for keys above 215,329 and can then pick a negative server, which crashes its
-//!   worker: such a key is refused here with an error naming it ([`place`]).
+//!   overflows for keys above 215,329; where it wraps to a negative server, MXNet's worker
+//!   indexes outside its server list and crashes, so no MXNet worker can use such a key: this
+//!   worker then takes the non-negative remainder ([`small_key_server`]).
 //! - **Command word** (`GetCommandType`): `((m + d)(m + d + 1)) / 2 + d` for request type `m`
 //!   (0 for a dense push or pull) and MXNet's dtype id `d` ([`command`]).
 
@@ -42,12 +43,11 @@ pub fn ps_key(key: i32, server: usize, servers: usize) -> u64 {
 }
 
 /// The server MXNet 1.9.1 puts a small key on: `(key * 9973) % servers` in 32-bit signed
-/// arithmetic (the product wrapping as it does in MXNet's build); `None` where that is
-/// negative (MXNet's worker then indexes outside its server list).
-pub fn small_key_server(key: i32, servers: usize) -> Option<usize> {
-    let servers = i32::try_from(servers).ok()?;
-    let server = key.wrapping_mul(9973) % servers;
-    usize::try_from(server).ok()
+/// arithmetic (the product wrapping as it does in MXNet's build). Where that is negative (MXNet's
+/// worker crashes on such a key, so none uses it), the non-negative remainder.
+pub fn small_key_server(key: i32, servers: usize) -> usize {
+    let servers = i32::try_from(servers).unwrap_or(i32::MAX);
+    key.wrapping_mul(9973).rem_euclid(servers) as usize
 }
 
 /// The slices of MXNet key `key`, a value of `elements` elements, on `servers` servers.
@@ -64,8 +64,7 @@ pub fn small_key_server(key: i32, servers: usize) -> Option<usize> {
 /// ```
 ///
 /// # Errors
-/// A key whose MXNet placement is undefined (a small key whose hash overflows to a negative
-/// server), or no servers.
+/// No servers.
 pub fn place(
     key: i32,
     elements: usize,
@@ -76,12 +75,8 @@ pub fn place(
         return Err("the job has no servers".into());
     }
     if elements >= bigarray_bound {
-        let placement = kvstore_dist::placement::place(
-            i64::from(key),
-            elements,
-            servers,
-            bigarray_bound,
-        );
+        let placement =
+            kvstore_dist::placement::place(i64::from(key), elements, servers, bigarray_bound);
         return Ok(placement
             .parts
             .into_iter()
@@ -92,14 +87,7 @@ pub fn place(
             })
             .collect());
     }
-    let server = small_key_server(key, servers).ok_or_else(|| {
-        format!(
-            "MXNet 1.9.1 places key {key} on server ({key} * 9973) % {servers}, computed in \
-             32-bit arithmetic, which overflows to a negative server: an MXNet job cannot \
-             hold this key (use keys below 215,330, or arrays of at least \
-             MXNET_KVSTORE_BIGARRAY_BOUND elements)"
-        )
-    })?;
+    let server = small_key_server(key, servers);
     Ok(vec![Slice {
         server,
         ps_key: ps_key(key, server, servers),
@@ -143,15 +131,17 @@ mod tests {
 
     #[test]
     fn small_keys_hash_as_mxnet_does() {
-        assert_eq!(small_key_server(0, 3), Some(0));
-        assert_eq!(small_key_server(1, 3), Some(9973 % 3));
-        assert_eq!(small_key_server(215_329, 7), Some(215_329 * 9973 % 7));
-        // 215,330 * 9973 overflows i32 to a negative product.
-        assert_eq!(small_key_server(215_330, 3), None);
-        assert_eq!(small_key_server(215_330, 2), Some(0));
-        assert_eq!(small_key_server(215_330, 1), Some(0));
-        let e = place(215_330, 4, 3, 1_000_000).unwrap_err();
-        assert!(e.contains("key 215330"), "{e}");
+        assert_eq!(small_key_server(0, 3), 0);
+        assert_eq!(small_key_server(1, 3), 9973 % 3);
+        assert_eq!(small_key_server(215_329, 7), 215_329 * 9973 % 7);
+        // 430,000 * 9973 wraps to a positive product, used as MXNet uses it.
+        let wrapped = 430_000i32.wrapping_mul(9973);
+        assert!(wrapped > 0);
+        assert_eq!(small_key_server(430_000, 5), (wrapped % 5) as usize);
+        // 215,330 * 9973 wraps to a negative product: MXNet's worker would crash.
+        assert_eq!(215_330i32.wrapping_mul(9973) % 3, -2);
+        assert_eq!(small_key_server(215_330, 3), 1);
+        assert_eq!(place(215_330, 4, 3, 1_000_000).unwrap()[0].server, 1);
     }
 
     #[test]

@@ -39,8 +39,8 @@
 //!   servers acknowledge, that is once every worker pushed the key this round.
 //!   **`pull`**: one request per slice, answered from the stored value. **`pushpull`**: one
 //!   `ZPushPull` per slice, answered with the round's result. **`broadcast`**: `init`, then
-//!   `pull`. **`barrier`**: the workers' barrier. Every dtype MXNet numbers (float32,
-//!   float64, float16, bfloat16, uint8, int32, int64), in the command word of each message.
+//!   `pull`. **`barrier`**: the workers' barrier. Keys of float32 and float16 (whose dtype
+//!   goes in the command word of each message; the servers sum float16 in float32).
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
 //!   servers (`kStopServer`), and every node meets in the last barrier.
 //!
@@ -58,9 +58,18 @@
 //! - Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (600 s by default) and ends in an error
 //!   naming the server, the scheduler or the barrier it waited for; a server whose connection
 //!   closes fails the requests waiting for it at once. MXNet's worker waits forever.
-//! - A key MXNet cannot place (a small key above 215,329, whose 32-bit hash overflows to a
-//!   negative server and crashes MXNet's worker), a key outside 32 bits, and a slice of more
-//!   than 2 GiB (ps-lite's lengths are 32-bit) are errors naming the key.
+//! - **dtypes**: MXNet 1.9.1's server aborts (taking the job down) on a push of an integer
+//!   dtype ("This operation only support floating point types"), and holds a float64 key as
+//!   float32, so that its values silently lose precision: `init` of such a key is
+//!   [`Unsupported`](kvstore_base::Error::Unsupported), naming why.
+//! - A small key whose 32-bit hash wraps to a negative server (some keys above 215,329),
+//!   which crashes MXNet's worker, is placed on the non-negative remainder; a key outside 32
+//!   bits and a slice of more than 2 GiB (ps-lite's lengths are 32-bit) are errors naming the
+//!   key.
+//! - **Calls of one round**: an MXNet 1.9.1 server never acknowledges a plain `push` in a
+//!   round (of a key) where another worker used `pushpull`, so every worker must use the same
+//!   call for a key in a round (MXNet's own Python workers hang the same way; this one fails
+//!   after `KVSTORE_TIMEOUT_SECS`, naming the server).
 //! - Frames larger than `KVSTORE_MAX_MESSAGE_BYTES` (4 GiB) are refused.
 //!
 //! The configuration is the dist stores' (`DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`,

@@ -274,13 +274,19 @@ impl Van {
     ) -> Result<Dealer, VanError> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match Dealer::connect(addr, identity, left.clamp(Duration::from_millis(1), self.config.timeout)) {
+            match Dealer::connect(
+                addr,
+                identity,
+                left.clamp(Duration::from_millis(1), self.config.timeout),
+            ) {
                 Ok(dealer) => return Ok(dealer),
-                Err(e) if Instant::now() + Duration::from_millis(100) < deadline
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
-                    ) =>
+                Err(e)
+                    if Instant::now() + Duration::from_millis(100) < deadline
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::ConnectionRefused
+                                | std::io::ErrorKind::ConnectionReset
+                        ) =>
                 {
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -314,8 +320,11 @@ impl Van {
 
     /// The servers, by rank.
     pub fn servers(&self) -> impl Iterator<Item = &NodeRecord> {
-        let mut servers: Vec<&NodeRecord> =
-            self.nodes.iter().filter(|n| n.role == Role::Server).collect();
+        let mut servers: Vec<&NodeRecord> = self
+            .nodes
+            .iter()
+            .filter(|n| n.role == Role::Server)
+            .collect();
         servers.sort_by_key(|n| n.id);
         servers.into_iter()
     }
@@ -507,7 +516,10 @@ fn group_name(group: i32) -> String {
 }
 
 fn scheduler_error(config: &VanConfig, what: String) -> VanError {
-    VanError(format!("the ps-lite scheduler at {} {what}", config.scheduler))
+    VanError(format!(
+        "the ps-lite scheduler at {} {what}",
+        config.scheduler
+    ))
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {

@@ -152,10 +152,7 @@ impl PsLiteStore {
             table: Mutex::new(Table::default()),
             reduce: ReduceConfig::from_env(),
         };
-        store
-            .van
-            .barrier(EVERYONE)
-            .map_err(|e| backend(name, e))?;
+        store.van.barrier(EVERYONE).map_err(|e| backend(name, e))?;
         if store.van.rank() == 0 {
             store.command_all(CMD_SYNC_MODE, "")?;
         }
@@ -237,8 +234,7 @@ impl PsLiteStore {
                     .map_err(|err| err.at_key(&self.name, operation, g.key.clone()))?;
                 if values.values()[p].storage_type() != StorageType::Dense {
                     return Err(Error::InvalidArgument(
-                        "a row-sparse value: MXNet's dense requests carry dense values only"
-                            .into(),
+                        "a row-sparse value: MXNet's dense requests carry dense values only".into(),
                     )
                     .at_key(&self.name, operation, g.key.clone()));
                 }
@@ -304,7 +300,8 @@ impl PsLiteStore {
                 };
                 if let Err(e) = result {
                     self.van.forget(ts);
-                    failure = Some(backend(&self.name, e).at_key(&self.name, operation, key.clone()));
+                    failure =
+                        Some(backend(&self.name, e).at_key(&self.name, operation, key.clone()));
                     break 'send;
                 }
                 slices.push((ts, server));
@@ -316,13 +313,18 @@ impl PsLiteStore {
         for ((key, _, _), slices) in requests.iter().zip(&sent) {
             let mut got = Vec::with_capacity(slices.len());
             for &(ts, server) in slices {
-                match self.van.wait(ts, &[server], &format!("{operation} of key {key}")) {
+                match self
+                    .van
+                    .wait(ts, &[server], &format!("{operation} of key {key}"))
+                {
                     Ok(mut m) => got.push(m.remove(0)),
                     Err(e) => {
                         if failure.is_none() {
-                            failure = Some(
-                                backend(&self.name, e).at_key(&self.name, operation, key.clone()),
-                            );
+                            failure = Some(backend(&self.name, e).at_key(
+                                &self.name,
+                                operation,
+                                key.clone(),
+                            ));
                         }
                     }
                 }
@@ -504,11 +506,11 @@ impl PsLiteStore {
                         "a row-sparse value: this store offers MXNet's dense keys only".into(),
                     )));
                 }
-                if encoding::mxnet_dtype_id(value.dtype()).is_none() {
-                    return Err(at(Error::InvalidArgument(format!(
-                        "{} has no MXNet dtype id",
-                        value.dtype()
-                    ))));
+                if let Some(refused) = refused_dtype(value.dtype()) {
+                    return Err(at(Error::Unsupported {
+                        store: self.name.clone(),
+                        operation: refused,
+                    }));
                 }
                 let id = match key {
                     Key::Int(k) => i32::try_from(*k).map_err(|_| {
@@ -583,6 +585,22 @@ impl PsLiteStore {
                 .map_err(|e| VanError(e.to_string()))?;
         }
         self.van.barrier(EVERYONE)
+    }
+}
+
+/// Why a key of `dtype` is refused, if it is: MXNet 1.9.1's servers take floating-point
+/// values only and hold every key as float32.
+fn refused_dtype(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F32 | DType::F16 => None,
+        DType::F64 => Some(
+            "a float64 key (MXNet 1.9.1's servers hold every key as float32: its values would \
+             lose precision silently)",
+        ),
+        _ => Some(
+            "a key of an integer or bfloat16 dtype (MXNet 1.9.1's servers abort on one: they \
+             sum float32, float16 and float64 only)",
+        ),
     }
 }
 

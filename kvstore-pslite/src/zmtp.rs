@@ -146,7 +146,9 @@ fn ready_properties(body: &[u8]) -> io::Result<Vec<(String, Vec<u8>)>> {
     let mut properties = Vec::new();
     while !rest.is_empty() {
         let n = rest[0] as usize;
-        let name = rest.get(1..1 + n).ok_or_else(|| bad("a truncated property"))?;
+        let name = rest
+            .get(1..1 + n)
+            .ok_or_else(|| bad("a truncated property"))?;
         let len_at = 1 + n;
         let len = rest
             .get(len_at..len_at + 4)

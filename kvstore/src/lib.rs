@@ -13,6 +13,7 @@
 //! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
 //! | `byteps` | `kvstore-byteps` | `byteps`                                       | available    |
 //! | `horovod` | `kvstore-horovod` | `horovod`                                     | available    |
+//! | `pslite` | `kvstore-pslite` | `pslite_dist_sync` (a worker of an MXNet 1.9.1 job) | available |
 //!
 //! Defaults: `local` and `test`.
 //!
@@ -43,6 +44,8 @@ pub use kvstore_dist as dist;
 use kvstore_horovod as _;
 #[cfg(feature = "local")]
 use kvstore_local as _;
+#[cfg(feature = "pslite")]
+use kvstore_pslite as _;
 #[cfg(feature = "test")]
 use kvstore_test as _;
 
@@ -58,6 +61,8 @@ pub const LINKED_BACKENDS: &[&str] = &[
     "byteps",
     #[cfg(feature = "horovod")]
     "horovod",
+    #[cfg(feature = "pslite")]
+    "pslite",
     #[cfg(feature = "test")]
     "test",
 ];

@@ -33,6 +33,9 @@ pub fn mxnet_python() -> Result<PathBuf, String> {
     Ok(python)
 }
 
+/// How long an MXNet process of a test may live.
+const JOB_LIMIT_SECS: u64 = 300;
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -53,7 +56,11 @@ pub struct MxnetJob {
 impl MxnetJob {
     /// Starts MXNet's scheduler and `servers` servers for a job of `workers` workers;
     /// `extra` adds variables (for every node, workers included).
-    pub fn start(servers: usize, workers: usize, extra: &[(&str, &str)]) -> Result<MxnetJob, String> {
+    pub fn start(
+        servers: usize,
+        workers: usize,
+        extra: &[(&str, &str)],
+    ) -> Result<MxnetJob, String> {
         let python = mxnet_python()?;
         let logs = std::env::temp_dir().join(format!(
             "kvstore-pslite-test-{}-{}",
@@ -93,7 +100,10 @@ impl MxnetJob {
     fn spawn(&mut self, name: &str, role: &str, code: &str) -> Result<(), String> {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
             .map_err(|e| e.to_string())?;
-        let child = Command::new(&self.python)
+        // `timeout`: an MXNet node waits forever for a worker that never comes.
+        let child = Command::new("timeout")
+            .arg(JOB_LIMIT_SECS.to_string())
+            .arg(&self.python)
             .args(["-c", code])
             .env_clear()
             .envs(std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME" || k == "TMPDIR"))
@@ -116,6 +126,15 @@ impl MxnetJob {
             self.logs.display().to_string()
         );
         self.spawn(name, "worker", &code)
+    }
+
+    /// Kills the process `name` (`server0`, `scheduler`, ...).
+    pub fn kill(&mut self, name: &str) {
+        for (n, child) in &mut self.children {
+            if n == name {
+                stop(child);
+            }
+        }
     }
 
     /// The variables a worker of this job needs.
@@ -156,11 +175,56 @@ impl MxnetJob {
     }
 }
 
+impl MxnetJob {
+    /// Leaves the processes to end with the job (its workers' stores end it when dropped);
+    /// their logs are removed.
+    pub fn detach(mut self) {
+        let _ = std::fs::remove_dir_all(&self.logs);
+        self.children.clear();
+    }
+}
+
+/// Runs `trials` as a test binary, or, without MXNet 1.9.1, reports each of `names` ignored
+/// with the reason.
+pub fn run_or_ignore(
+    names: impl Iterator<Item = String>,
+    trials: impl FnOnce() -> Vec<libtest_mimic::Trial>,
+) -> std::process::ExitCode {
+    let args = libtest_mimic::Arguments::from_args();
+    let trials = match mxnet_python() {
+        Ok(_) => trials(),
+        Err(reason) => names
+            .map(|name| {
+                libtest_mimic::Trial::test(name, || Ok(()))
+                    .with_kind(reason.clone())
+                    .with_ignored_flag(true)
+            })
+            .collect(),
+    };
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// Ends a process started under `timeout`: SIGTERM, which `timeout` passes on to MXNet's
+/// process (SIGKILL would end `timeout` alone).
+fn stop(child: &mut Child) {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return;
+    }
+    let terminated = Command::new("kill")
+        .arg(child.id().to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !terminated {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
 impl Drop for MxnetJob {
     fn drop(&mut self) {
         for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(child);
         }
         let _ = std::fs::remove_dir_all(&self.logs);
     }

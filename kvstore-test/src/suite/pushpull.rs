@@ -5,7 +5,7 @@
 //! sum of a push when no updater is set).
 
 use half::{bf16, f16};
-use kvstore_base::{DType, Element, KVStoreExt, NDArray};
+use kvstore_base::{Capability, DType, Element, Error, KVStoreExt, NDArray};
 
 use super::util::{declare, expect_all, f32s, filled, store};
 use super::{ensure, Check, CheckResult, Failure, StoreFactory};
@@ -138,15 +138,32 @@ fn str_keys(factory: &StoreFactory) -> CheckResult {
     expect_all(&unicode, 4.0, "a unicode key")
 }
 
+/// Checks that `a + b` (two device values of one key) pull back as `expected`, exactly. A store
+/// may refuse a dtype other than float32 with [`Error::Unsupported`] when the key is
+/// initialised (one whose servers cannot hold it exactly); it must then refuse its pushes too,
+/// never sum them approximately.
 fn sum_of<T: Element>(factory: &StoreFactory, a: &[T], b: &[T], expected: &[T]) -> CheckResult {
     let kv = store(factory)?;
     let shape = [a.len()];
-    declare(&*kv, 1, &shape, T::DTYPE)?;
     let values = [
         NDArray::from_vec(&shape, a.to_vec())?,
         NDArray::from_vec(&shape, b.to_vec())?,
     ];
     let mut out = NDArray::zeros(&shape, T::DTYPE);
+    if kv.is_capable(Capability::InitPushPull) {
+        match kv.init(1, &NDArray::zeros(&shape, T::DTYPE)) {
+            Err(e) if T::DTYPE != DType::F32 && matches!(e.root(), Error::Unsupported { .. }) => {
+                let pushed = kv.pushpull(1, &values, &mut out);
+                ensure!(
+                    pushed.is_err(),
+                    "{} was refused at init ({e}) but a pushpull of it succeeded",
+                    T::DTYPE
+                );
+                return Ok(());
+            }
+            initialised => initialised?,
+        }
+    }
     kv.pushpull(1, &values, &mut out)?;
     let got = out.to_vec::<T>()?;
     if got != expected {

@@ -1,0 +1,252 @@
+//! `pslite_dist_sync` in jobs whose scheduler and servers are MXNet 1.9.1's: beside MXNet's own
+//! Python worker (bit-identical results), and the failures a job of MXNet's servers can have
+//! (each an error naming who is missing, never a hang). Without MXNet 1.9.1
+//! (`KVSTORE_MXNET_PYTHON`) every test is reported ignored, with the reason.
+use std::time::{Duration, Instant};
+
+use kvstore_base::{DType, KVStoreExt, NDArray};
+use kvstore_pslite::NAME;
+use libtest_mimic::{Failed, Trial};
+
+mod common;
+
+use common::MxnetJob;
+
+/// Worker `rank`'s value of `key` in `round`: multiples of 1/8 in [-1, 1), so that sums of
+/// two are exact in float16 too.
+fn value(key: i64, round: usize, rank: usize, i: usize) -> f32 {
+    ((i * 7 + round * 13 + rank * 5 + key as usize) % 17) as f32 / 8.0 - 1.0
+}
+
+const PYTHON_VALUE: &str = "
+def value(key, rnd, rank, n, dtype):
+    i = np.arange(n)
+    return mx.nd.array(((i * 7 + rnd * 13 + rank * 5 + key) % 17) / 8.0 - 1.0, dtype=dtype)
+";
+
+/// The keys of the mixed job: (key, shape, dtype); key 10 is above the job's
+/// `MXNET_KVSTORE_BIGARRAY_BOUND` of 1000 elements, so it is cut across both servers.
+const KEYS: &[(i64, &[usize], DType)] = &[
+    (3, &[4, 5], DType::F32),
+    (10, &[3000], DType::F32),
+    (12, &[7], DType::F16),
+];
+
+fn filled(key: i64, shape: &[usize], dtype: DType, round: usize, rank: usize) -> NDArray {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n).map(|i| value(key, round, rank, i)).collect();
+    NDArray::from_vec(shape, data).unwrap().astype(dtype)
+}
+
+/// A job of MXNet's scheduler, 2 servers, one MXNet Python worker and one of ours: both init,
+/// then push + pull for two rounds and pushpull for a third; every pull of ours equals the
+/// Python worker's, bit for bit, and the exact sum of both workers' values.
+fn beside_a_python_worker() -> Result<(), Failed> {
+    let mut job = MxnetJob::start(2, 2, &[("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")])?;
+    let mut script = String::from(PYTHON_VALUE);
+    script.push_str(
+        "
+kv = mx.kv.create('dist_sync')
+keys = [(3, (4, 5), 'float32'), (10, (3000,), 'float32'), (12, (7,), 'float16')]
+def save(tag, key, out):
+    open(os.path.join(OUT, 'py_%s_%d.bin' % (tag, key)), 'wb').write(out.asnumpy().tobytes())
+for key, shape, dtype in keys:
+    kv.init(key, value(key, 99, kv.rank, int(np.prod(shape)), dtype).reshape(shape))
+for key, shape, dtype in keys:
+    out = mx.nd.zeros(shape, dtype=dtype)
+    kv.pull(key, out=out)
+    save('init', key, out)
+for rnd in range(3):
+    for key, shape, dtype in keys:
+        v = value(key, rnd, kv.rank, int(np.prod(shape)), dtype).reshape(shape)
+        out = mx.nd.zeros(shape, dtype=dtype)
+        if rnd < 2:
+            kv.push(key, v)
+            kv.pull(key, out=out)
+        else:
+            kv.pushpull(key, v, out=out)
+        save(str(rnd), key, out)
+mx.nd.waitall()
+",
+    );
+    job.python_worker("python_worker", &script)?;
+    let kv = kvstore_base::create_with(NAME, job.worker_options())?;
+    let rank = kv.rank();
+    let other = 1 - rank;
+    let mut ours: Vec<(String, i64, NDArray)> = Vec::new();
+    for &(key, shape, dtype) in KEYS {
+        kv.init(key, &filled(key, shape, dtype, 99, rank))?;
+    }
+    for &(key, shape, dtype) in KEYS {
+        let mut out = NDArray::zeros(shape, dtype);
+        kv.pull(key, &mut out)?;
+        let rank_0s = filled(key, shape, dtype, 99, 0);
+        if out.as_bytes() != rank_0s.as_bytes() {
+            return Err(format!("key {key}: init kept {out:?}, not rank 0's value").into());
+        }
+        ours.push(("init".into(), key, out));
+    }
+    for round in 0..3 {
+        for &(key, shape, dtype) in KEYS {
+            let mine = filled(key, shape, dtype, round, rank);
+            let mut out = NDArray::zeros(shape, dtype);
+            if round < 2 {
+                if key == 3 {
+                    // Two device values, summed on this worker first.
+                    let half = NDArray::full(shape, 0.5, dtype);
+                    let rest = filled(key, shape, dtype, round, rank).to_f64_vec();
+                    let rest: Vec<f32> = rest.iter().map(|v| (v - 0.5) as f32).collect();
+                    let rest = NDArray::from_vec(shape, rest)?.astype(dtype);
+                    kv.push(key, &[half, rest][..])?;
+                } else {
+                    kv.push(key, &mine)?;
+                }
+                kv.pull(key, &mut out)?;
+            } else {
+                kv.pushpull(key, &mine, &mut out)?;
+            }
+            let theirs = filled(key, shape, dtype, round, other).to_f64_vec();
+            let expected: Vec<f64> = mine
+                .to_f64_vec()
+                .iter()
+                .zip(&theirs)
+                .map(|(a, b)| a + b)
+                .collect();
+            if out.to_f64_vec() != expected {
+                return Err(format!("key {key}, round {round}: pulled {out:?}").into());
+            }
+            ours.push((round.to_string(), key, out));
+        }
+    }
+    drop(kv);
+    job.wait(Duration::from_secs(60))?;
+    for (tag, key, out) in &ours {
+        let path = job.dir().join(format!("py_{tag}_{key}.bin"));
+        let theirs = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if out.as_bytes() != Some(&theirs[..]) {
+            return Err(format!("key {key} ({tag}): the Python worker pulled other bytes").into());
+        }
+    }
+    Ok(())
+}
+
+/// MXNet's servers never acknowledge a plain push in a round where another worker used
+/// pushpull: our push fails once `KVSTORE_TIMEOUT_SECS` passed, naming the server, and the
+/// pushpull succeeds.
+fn push_beside_a_pushpull_fails_naming_the_server() -> Result<(), Failed> {
+    let job = MxnetJob::start(1, 2, &[("KVSTORE_TIMEOUT_SECS", "10")])?;
+    let options = job.worker_options();
+    let workers =
+        kvstore_test::create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                s.spawn(move || {
+                    kv.init(1, &NDArray::zeros(&[2], DType::F32))
+                        .map_err(|e| e.to_string())?;
+                    let one = NDArray::ones(&[2], DType::F32);
+                    let mut out = NDArray::zeros(&[2], DType::F32);
+                    if kv.rank() == 0 {
+                        kv.pushpull(1, &one, &mut out).map_err(|e| e.to_string())
+                    } else {
+                        let started = Instant::now();
+                        let e = kv.push(1, &one).expect_err("MXNet does not acknowledge it");
+                        let e = e.to_string();
+                        let waited = started.elapsed();
+                        if !e.contains("no answer to push of key 1 from server 8 (rank 0)")
+                            || waited > Duration::from_secs(20)
+                        {
+                            return Err(format!("after {waited:?}: {e}"));
+                        }
+                        Ok(())
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    drop(workers);
+    job.detach();
+    for r in results {
+        r?;
+    }
+    Ok(())
+}
+
+/// A job that waits for a worker that never comes: creation fails after the timeout, saying
+/// that not every node registered.
+fn a_missing_worker_fails_the_registration() -> Result<(), Failed> {
+    let job = MxnetJob::start(1, 2, &[("KVSTORE_TIMEOUT_SECS", "2")])?;
+    let started = Instant::now();
+    let e = kvstore_base::create_with(NAME, job.worker_options())
+        .expect_err("the second worker never registers")
+        .to_string();
+    if !e.contains("sent no node table within 2s: not every node of the job registered")
+        || started.elapsed() > Duration::from_secs(8)
+    {
+        return Err(format!("after {:?}: {e}", started.elapsed()).into());
+    }
+    Ok(())
+}
+
+/// A server that dies while a push waits for the round: the push fails at once (well before
+/// the timeout), naming the server.
+fn a_lost_server_fails_the_waiting_push_at_once() -> Result<(), Failed> {
+    let mut job = MxnetJob::start(1, 2, &[("KVSTORE_TIMEOUT_SECS", "60")])?;
+    let options = job.worker_options();
+    let workers =
+        kvstore_test::create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    std::thread::scope(|s| {
+        for kv in &workers {
+            s.spawn(move || kv.init(1, &NDArray::zeros(&[2], DType::F32)).unwrap());
+        }
+    });
+    let started = Instant::now();
+    let waiting = std::thread::scope(|s| {
+        // Rank 0 pushes alone: the round waits for rank 1, which never pushes.
+        let push = s.spawn(|| workers[0].push(1, &NDArray::ones(&[2], DType::F32)));
+        std::thread::sleep(Duration::from_millis(500));
+        job.kill("server0");
+        push.join().unwrap()
+    });
+    let e = waiting.expect_err("the server is gone").to_string();
+    if !e.contains("server 8 (rank 0)") || started.elapsed() > Duration::from_secs(20) {
+        return Err(format!("after {:?}: {e}", started.elapsed()).into());
+    }
+    drop(job);
+    // Their goodbyes fail at once: the scheduler is gone too.
+    let started = Instant::now();
+    drop(workers);
+    if started.elapsed() > Duration::from_secs(20) {
+        return Err(format!("the workers took {:?} to end", started.elapsed()).into());
+    }
+    Ok(())
+}
+
+/// A test of this binary.
+type Test = fn() -> Result<(), Failed>;
+
+fn main() -> std::process::ExitCode {
+    let tests: &[(&str, Test)] = &[
+        ("beside_a_python_worker", beside_a_python_worker),
+        (
+            "push_beside_a_pushpull_fails_naming_the_server",
+            push_beside_a_pushpull_fails_naming_the_server,
+        ),
+        (
+            "a_missing_worker_fails_the_registration",
+            a_missing_worker_fails_the_registration,
+        ),
+        (
+            "a_lost_server_fails_the_waiting_push_at_once",
+            a_lost_server_fails_the_waiting_push_at_once,
+        ),
+    ];
+    common::run_or_ignore(tests.iter().map(|(name, _)| name.to_string()), || {
+        tests
+            .iter()
+            .map(|&(name, test)| Trial::test(name, test))
+            .collect()
+    })
+}
