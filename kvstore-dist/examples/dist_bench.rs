@@ -25,6 +25,9 @@
 //! - `--reps N`: timed rounds per workload (default 15);
 //! - `--warmup N`: untimed rounds first (default 3);
 //! - `--only TEXT`: run only the workloads whose name contains `TEXT` (repeatable);
+//! - `--store NAME`: the store to create (default `dist_sync`; `kvstore-pslite`'s
+//!   `pslite_bench` example runs this program as `pslite_dist_sync`, a worker of a job whose
+//!   scheduler and servers are MXNet's);
 //! - `--compression TYPE[:THRESHOLD]`: compress the pushes (`2bit`, `1bit`; MXNet's default
 //!   threshold 0.5); the pulled sums are then quantised and not checked for exactness.
 //!
@@ -77,6 +80,8 @@ struct Options {
     only: Vec<String>,
     /// `--compression TYPE[:THRESHOLD]`: gradient compression of the pushes.
     compression: Option<std::collections::BTreeMap<String, String>>,
+    /// `--store NAME`: the store to create.
+    store: String,
 }
 
 impl Options {
@@ -92,6 +97,7 @@ fn parse_options() -> Result<Options, String> {
         warmup: 3,
         only: Vec::new(),
         compression: None,
+        store: "dist_sync".to_string(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -105,6 +111,7 @@ fn parse_options() -> Result<Options, String> {
             "--reps" => options.reps = number(value("--reps")?, "--reps")?.max(1),
             "--warmup" => options.warmup = number(value("--warmup")?, "--warmup")?,
             "--only" => options.only.push(value("--only")?),
+            "--store" => options.store = value("--store")?,
             "--compression" => {
                 let text = value("--compression")?;
                 let (kind, threshold) = match text.split_once(':') {
@@ -120,7 +127,7 @@ fn parse_options() -> Result<Options, String> {
             "-h" | "--help" => {
                 println!(
                     "usage: dist_bench [--json] [--reps N] [--warmup N] [--only TEXT]... \
-                     [--compression TYPE[:THRESHOLD]]"
+                     [--store NAME] [--compression TYPE[:THRESHOLD]]"
                 );
                 std::process::exit(0);
             }
@@ -438,7 +445,8 @@ fn sum_over_workers(workers: usize) -> f32 {
 
 fn run(options: &Options) -> Result<(), String> {
     let started = Instant::now();
-    let kv = kvstore_base::create("dist_sync").map_err(|e| format!("create(dist_sync): {e}"))?;
+    let kv = kvstore_base::create(&options.store)
+        .map_err(|e| format!("create({}): {e}", options.store))?;
     let create_seconds = started.elapsed().as_secs_f64();
     let rank = kv.rank();
     if let Some(params) = &options.compression {
@@ -462,8 +470,9 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
         };
     }
     say!(
-        "dist_sync: {workers} worker(s), store created in {create_seconds:.3} s; \
+        "{}: {workers} worker(s), store created in {create_seconds:.3} s; \
          {} warm-up rounds, {} timed",
+        options.store,
         options.warmup,
         options.reps
     );
@@ -529,7 +538,8 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
     Ok(())
 }
 
-fn main() -> ExitCode {
+/// The program (`pub(crate)`: `kvstore-pslite`'s `pslite_bench` example runs it too).
+pub(crate) fn main() -> ExitCode {
     let options = match parse_options() {
         Ok(options) => options,
         Err(e) => {

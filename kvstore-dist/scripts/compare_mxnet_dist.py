@@ -35,6 +35,9 @@ Options:
                       every process of the cluster is killed and the run fails
     --verbose         PS_VERBOSE=1 for every process of both sides
     --json-out PATH   also write every figure as one JSON object to PATH
+    --pslite          also run a third side: MXNet's scheduler and server with the workers
+                      of kvstore-pslite (`pslite_dist_sync`, speaking ps-lite's protocol), that
+                      is our worker on MXNet's servers; the row-sparse workload does not apply
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -135,6 +138,7 @@ def parse_args():
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--pslite", action="store_true")
     p.add_argument("--mxnet-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.reps = max(args.reps, 1)
@@ -322,10 +326,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def build():
+def build(pslite):
     # `--bin kvstore` is needed: with only `--example`, cargo builds no binary of kvstore-cli.
     cmd = ["cargo", "build", "--release", "-p", "kvstore-cli", "-p", "kvstore-dist",
            "--bin", "kvstore", "--example", "dist_bench"]
+    if pslite:
+        cmd += ["-p", "kvstore-pslite", "--example", "pslite_bench"]
     print("running:", " ".join(cmd), file=sys.stderr, flush=True)
     if subprocess.run(cmd, cwd=repo_root()).returncode != 0:
         sys.exit("compare_mxnet_dist: the build failed")
@@ -440,6 +446,15 @@ def run_side(side, args):
                 raise ClusterFailed(f"{path} is missing; build it (drop --no-build)")
         roles = {"scheduler": [kvstore, "scheduler"], "server": [kvstore, "server"]}
         worker = [bench, "--json"] + sizes
+    elif side == "pslite":
+        bench = os.path.join(repo_root(), "target", "release", "examples", "pslite_bench")
+        if not os.access(bench, os.X_OK):
+            raise ClusterFailed(f"{bench} is missing; build it (drop --no-build)")
+        roles = {"scheduler": [sys.executable, "-c", "import mxnet"],
+                 "server": [sys.executable, "-c", "import mxnet"]}
+        dense = [] if args.only else [
+            "--only", "push_pull", "--only", "small_keys", "--only", "init"]
+        worker = [bench, "--json", "--store", "pslite_dist_sync"] + sizes + dense
     else:
         roles = {"scheduler": [sys.executable, "-c", "import mxnet"],
                  "server": [sys.executable, "-c", "import mxnet"]}
@@ -512,14 +527,16 @@ def main():
         sides = ["mxnet"]
     elif args.ours_only:
         sides = ["ours"]
-    if "mxnet" in sides:
+    if "mxnet" in sides or args.pslite:
         import importlib.util
         if importlib.util.find_spec("mxnet") is None:
             sys.exit(f"compare_mxnet_dist: {sys.executable} cannot import mxnet; run this script "
                      "with the Python of a virtual environment holding mxnet==1.9.1 "
                      "(see the usage above)")
+    if args.pslite and not args.ours_only:
+        sides.append("pslite")
     if "ours" in sides and not args.no_build:
-        build()
+        build("pslite" in sides)
     env = {k: os.environ[k] for k in REPORTED_VARS if k in os.environ}
     if args.verbose:
         env["PS_VERBOSE"] = "1"
@@ -540,6 +557,7 @@ def main():
         sys.exit(f"compare_mxnet_dist: {e}")
     ours = combine(rounds.get("ours", []))
     theirs = combine(rounds.get("mxnet", []))
+    pslite = combine(rounds.get("pslite", []))
 
     version = theirs.get("mxnet_version", "1.9.1")
     print(f"MXNet {version} dist_sync vs ours: 1 scheduler, 1 server, {NUM_WORKERS} workers on "
@@ -563,7 +581,19 @@ def main():
             verdict += " met" if ratio >= target else " MISSED"
         print(f"{name:<21} {fmt(our_s):>10} {fmt_rate(nbytes, our_s):>6} {fmt(mx_s):>10} "
               f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}  {verdict}")
-    for side, figures in (("ours", ours), ("MXNet", theirs)):
+    if pslite:
+        print(f"our worker on MXNet's scheduler and server (kvstore-pslite's pslite_dist_sync):")
+        print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
+              f"{'MXNet/ours':>10}")
+        for name, nbytes, _ in WORKLOADS:
+            mx_s, ps_s = theirs.get(name), pslite.get(name)
+            if not wanted(args, name) or ps_s is None:
+                continue
+            ratio = mx_s / ps_s if mx_s and ps_s else None
+            rows.setdefault(name, {})["pslite"] = ps_s
+            print(f"{name:<21} {fmt(ps_s):>10} {fmt_rate(nbytes, ps_s):>6} {fmt(mx_s):>10} "
+                  f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}")
+    for side, figures in (("ours", ours), ("MXNet", theirs), ("pslite", pslite)):
         if figures:
             print(f"{side}: store created {figures.get('create_seconds', 0):.3f} s after the "
                   f"worker started; whole cluster {figures['cluster_seconds']:.2f} s")
@@ -571,6 +601,7 @@ def main():
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"environment": env, "ours": ours or None, "mxnet": theirs or None,
+                       "pslite": pslite or None,
                        "rows": rows, "rounds": rounds}, f, indent=2)
 
 
