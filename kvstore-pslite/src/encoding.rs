@@ -134,10 +134,10 @@ mod tests {
         assert_eq!(small_key_server(0, 3), 0);
         assert_eq!(small_key_server(1, 3), 9973 % 3);
         assert_eq!(small_key_server(215_329, 7), 215_329 * 9973 % 7);
-        // 430,000 * 9973 wraps to a positive product, used as MXNet uses it.
-        let wrapped = 430_000i32.wrapping_mul(9973);
+        // 500,000 * 9973 wraps to a positive product, used as MXNet uses it.
+        let wrapped = 500_000i32.wrapping_mul(9973);
         assert!(wrapped > 0);
-        assert_eq!(small_key_server(430_000, 5), (wrapped % 5) as usize);
+        assert_eq!(small_key_server(500_000, 5), (wrapped % 5) as usize);
         // 215,330 * 9973 wraps to a negative product: MXNet's worker would crash.
         assert_eq!(215_330i32.wrapping_mul(9973) % 3, -2);
         assert_eq!(small_key_server(215_330, 3), 1);

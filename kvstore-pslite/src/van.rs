@@ -369,13 +369,24 @@ impl Van {
             .map_err(|e| VanError(format!("sending to {} failed: {e}", node_name(to))))
     }
 
-    /// Waits for one response to `timestamp` from each of `from` (at most the timeout);
-    /// returns them in the order of `from`. `what` names the request in errors.
+    /// The deadline of a wait starting now (`KVSTORE_TIMEOUT_SECS` from now): a call waiting
+    /// for several requests waits for all of them until one deadline.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.config.timeout
+    }
+
+    /// Waits until `deadline` (see [`Van::deadline`]) for one response to `timestamp` from each
+    /// of `from`; returns them in the order of `from`. `what` names the request in errors.
     ///
     /// # Errors
-    /// A node of `from` lost, or silent past the timeout (named).
-    pub fn wait(&self, timestamp: i32, from: &[i32], what: &str) -> Result<Vec<Message>, VanError> {
-        let deadline = Instant::now() + self.config.timeout;
+    /// A node of `from` lost, or silent past the deadline (named).
+    pub fn wait(
+        &self,
+        timestamp: i32,
+        from: &[i32],
+        what: &str,
+        deadline: Instant,
+    ) -> Result<Vec<Message>, VanError> {
         let result = self.shared.wait_until(
             deadline,
             from,

@@ -201,7 +201,12 @@ impl PsLiteStore {
             }
         }
         self.van
-            .wait(ts, &servers, &format!("server command {head}"))
+            .wait(
+                ts,
+                &servers,
+                &format!("server command {head}"),
+                self.van.deadline(),
+            )
             .map(drop)
             .map_err(|e| backend(&self.name, e))
     }
@@ -308,15 +313,19 @@ impl PsLiteStore {
             }
             sent.push(slices);
         }
-        // Every request sent is waited for, so that no answer is left to a later call.
+        // Every request sent is waited for, until one deadline, so that no answer is left to a
+        // later call.
+        let deadline = self.van.deadline();
         let mut answers = Vec::with_capacity(sent.len());
         for ((key, _, _), slices) in requests.iter().zip(&sent) {
             let mut got = Vec::with_capacity(slices.len());
             for &(ts, server) in slices {
-                match self
-                    .van
-                    .wait(ts, &[server], &format!("{operation} of key {key}"))
-                {
+                match self.van.wait(
+                    ts,
+                    &[server],
+                    &format!("{operation} of key {key}"),
+                    deadline,
+                ) {
                     Ok(mut m) => got.push(m.remove(0)),
                     Err(e) => {
                         if failure.is_none() {

@@ -170,6 +170,24 @@ fn handshake(
     socket_type: &str,
     identity: Option<&[u8]>,
 ) -> io::Result<Vec<(String, Vec<u8>)>> {
+    exchange_greetings(stream, socket_type, identity).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => bad(
+            "the peer closed the connection during the ZMTP handshake: is it a ps-lite (MXNet) \
+             node?",
+        ),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer did not complete the ZMTP handshake in time: is it a ps-lite (MXNet) node?",
+        ),
+        _ => e,
+    })
+}
+
+fn exchange_greetings(
+    stream: &mut TcpStream,
+    socket_type: &str,
+    identity: Option<&[u8]>,
+) -> io::Result<Vec<(String, Vec<u8>)>> {
     stream.write_all(&greeting())?;
     let mut peer = [0u8; 64];
     stream.read_exact(&mut peer)?;
