@@ -39,8 +39,8 @@
 //!   servers acknowledge, that is once every worker pushed the key this round.
 //!   **`pull`**: one request per slice, answered from the stored value. **`pushpull`**: one
 //!   `ZPushPull` per slice, answered with the round's result. **`broadcast`**: `init`, then
-//!   `pull`. **`barrier`**: the workers' barrier. Keys of float32 and float16 (whose dtype
-//!   goes in the command word of each message; the servers sum float16 in float32).
+//!   `pull`. **`barrier`**: the workers' barrier. Keys of float32 and float16 (the dtype goes
+//!   in the command word of each message).
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
 //!   servers (`kStopServer`), and every node meets in the last barrier.
 //!
@@ -70,7 +70,9 @@
 //!   round (of a key) where another worker used `pushpull`, so every worker must use the same
 //!   call for a key in a round (MXNet's own Python workers hang the same way; this one fails
 //!   after `KVSTORE_TIMEOUT_SECS`, naming the server).
-//! - Frames larger than `KVSTORE_MAX_MESSAGE_BYTES` (4 GiB) are refused.
+//! - Messages larger than `KVSTORE_MAX_MESSAGE_BYTES` (4 GiB) are refused, and a message's
+//!   memory grows with the bytes that arrive, not with the sizes its frames announce.
+//! - Negative int keys are refused (their ps-lite key would fall in another server's range).
 //!
 //! The configuration is the dist stores' (`DMLC_PS_ROOT_URI`, `DMLC_PS_ROOT_PORT`,
 //! `DMLC_NUM_SERVER`, `DMLC_NUM_WORKER`, `DMLC_NODE_HOST`/`DMLC_INTERFACE`, `PORT`,
@@ -99,6 +101,17 @@ use kvstore_base::{Capability, CreateRequest, KVStoreBase};
 
 /// The name this crate registers.
 pub const NAME: &str = "pslite_dist_sync";
+
+/// The dtypes whose keys the store refuses at `init`
+/// ([`Unsupported`](kvstore_base::Error::Unsupported)): MXNet 1.9.1's servers abort on integer
+/// dtypes (and bfloat16) and hold float64 as float32.
+pub const REFUSED_DTYPES: &[kvstore_base::DType] = &[
+    kvstore_base::DType::F64,
+    kvstore_base::DType::BF16,
+    kvstore_base::DType::I32,
+    kvstore_base::DType::I64,
+    kvstore_base::DType::U8,
+];
 
 /// The capabilities of the store.
 const CAPABILITIES: &[Capability] = &[Capability::InitPushPull, Capability::Distributed];

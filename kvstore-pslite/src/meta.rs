@@ -590,7 +590,10 @@ mod tests {
             "a control without its command"
         );
         assert!(Meta::decode(&[0x0b]).is_err(), "a group wire type");
-        assert!(Meta::decode(&[0x08; 11]).is_err(), "an overlong varint");
+        let mut overlong = vec![0x08];
+        overlong.extend_from_slice(&[0xFF; 10]);
+        overlong.push(0x01);
+        assert!(Meta::decode(&overlong).is_err(), "an overlong varint");
     }
 
     #[test]

@@ -81,8 +81,14 @@ struct State {
     barriers_released: u64,
     /// Responses by the timestamp of their request; only awaited timestamps have an entry.
     responses: HashMap<i32, Vec<Message>>,
-    /// Peers whose connection closed: id and what happened.
+    /// Peers with no connection left: id and what happened to the last one (ZeroMQ
+    /// reconnects a broken link, so a peer that connects again is no longer lost).
     lost: Vec<(i32, String)>,
+    /// Open incoming connections per peer.
+    live: HashMap<i32, usize>,
+    /// Set when a barrier timed out: its release may still come and would end the next one
+    /// early, so no barrier is entered again.
+    barrier_broken: Option<String>,
     /// Incoming connections, shut down when the van closes.
     streams: Vec<TcpStream>,
 }
@@ -440,7 +446,15 @@ impl Van {
     /// The scheduler lost, or no release within the timeout.
     pub fn barrier(&self, group: i32) -> Result<(), VanError> {
         let _one_at_a_time = self.barrier.lock().unwrap_or_else(|e| e.into_inner());
-        let before = self.shared.lock().barriers_released;
+        let before = {
+            let state = self.shared.lock();
+            if let Some(broken) = &state.barrier_broken {
+                return Err(VanError(format!(
+                    "no barrier can be entered after one failed ({broken})"
+                )));
+            }
+            state.barriers_released
+        };
         let mut control = Control::new(Command::Barrier);
         control.barrier_group = Some(group);
         let meta = Meta {
@@ -453,7 +467,7 @@ impl Van {
         };
         self.send(SCHEDULER_ID, &meta, &[])?;
         let deadline = Instant::now() + self.config.timeout;
-        self.shared.wait_until(
+        let released = self.shared.wait_until(
             deadline,
             &[SCHEDULER_ID],
             |state| (state.barriers_released > before).then_some(()),
@@ -465,7 +479,11 @@ impl Van {
                     self.config.timeout
                 ))
             },
-        )
+        );
+        if let Err(e) = &released {
+            self.shared.lock().barrier_broken = Some(e.0.clone());
+        }
+        released
     }
 
     /// Closes every link and stops the receiving threads.
@@ -538,7 +556,15 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                // Out of descriptors, say: do not spin.
+                log::debug!("pslite: accepting a connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
         let shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("pslite-recv".into())
@@ -573,8 +599,16 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     let sender = identity_id(&identity);
-    if let Ok(clone) = stream.try_clone() {
-        shared.lock().streams.push(clone);
+    {
+        let mut state = shared.lock();
+        if shared.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Ok(clone) = stream.try_clone() {
+            state.streams.push(clone);
+        }
+        *state.live.entry(sender).or_default() += 1;
+        state.lost.retain(|(id, _)| *id != sender);
     }
     log::debug!("pslite: {} connected from {peer}", node_name(sender));
     let ended = loop {
@@ -601,7 +635,11 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
     if !shared.stopping.load(Ordering::SeqCst) {
         log::debug!("pslite: {} {ended}", node_name(sender));
         let mut state = shared.lock();
-        state.lost.push((sender, ended));
+        let live = state.live.entry(sender).or_default();
+        *live = live.saturating_sub(1);
+        if *live == 0 {
+            state.lost.push((sender, ended));
+        }
         shared.changed.notify_all();
     }
 }

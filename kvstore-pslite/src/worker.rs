@@ -88,7 +88,13 @@ pub struct PsLiteStore {
     num_servers: usize,
     bigarray_bound: usize,
     table: Mutex<Table>,
+    /// Serialises `init` calls (collective calls; their keys get ids in call order).
+    init: Mutex<()>,
     reduce: ReduceConfig,
+    /// Whether the start-up finished: only then does dropping the store end the job (a store
+    /// that failed to start leaves without the exit barriers, which the others would take for
+    /// a call of theirs).
+    started: bool,
 }
 
 impl std::fmt::Debug for PsLiteStore {
@@ -143,19 +149,22 @@ impl PsLiteStore {
             .iter()
             .filter(|n| n.role == crate::meta::Role::Worker)
             .count();
-        let store = PsLiteStore {
+        let mut store = PsLiteStore {
             name: name.to_string(),
             num_workers: workers,
             num_servers: van.servers().count(),
             bigarray_bound: usize::try_from(dist.bigarray_bound).unwrap_or(usize::MAX),
             van,
             table: Mutex::new(Table::default()),
+            init: Mutex::new(()),
             reduce: ReduceConfig::from_env(),
+            started: false,
         };
         store.van.barrier(EVERYONE).map_err(|e| backend(name, e))?;
         if store.van.rank() == 0 {
             store.command_all(CMD_SYNC_MODE, "")?;
         }
+        store.started = true;
         Ok(store)
     }
 
@@ -281,21 +290,8 @@ impl PsLiteStore {
                 let meta = van::kv_request(entry.command(), ts, push, pull, priority);
                 let ps_key = slice.ps_key.to_le_bytes();
                 let vals = bytes.map_or(&[][..], |b| &b[entry.bytes(slice)]);
-                let len = i32::try_from(vals.len()).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "a slice of {} bytes: ps-lite's lengths are 32-bit (at most 2 GiB per \
-                         server and key; raise DMLC_NUM_SERVER)",
-                        vals.len()
-                    ))
-                    .at_key(&self.name, operation, key.clone())
-                });
-                let len = match len {
-                    Ok(len) => len.to_le_bytes(),
-                    Err(e) => {
-                        failure = Some(e);
-                        break 'send;
-                    }
-                };
+                // Slices of more than 2 GiB were refused at init.
+                let len = (vals.len() as i32).to_le_bytes();
                 let server = self.server_id(slice);
                 self.van.expect(ts);
                 let result = if push {
@@ -307,6 +303,8 @@ impl PsLiteStore {
                     self.van.forget(ts);
                     failure =
                         Some(backend(&self.name, e).at_key(&self.name, operation, key.clone()));
+                    // The slices of this key already sent are waited for too.
+                    sent.push(slices);
                     break 'send;
                 }
                 slices.push((ts, server));
@@ -491,6 +489,7 @@ impl PsLiteStore {
     /// take a key's first push as its value), then every worker meets in a barrier.
     fn init_keys(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
         values.check_one_value_per_key(&self.name, operation)?;
+        let _one_init_at_a_time = lock(&self.init);
         let mut new: Vec<(Key, Entry)> = Vec::with_capacity(values.len());
         {
             let table = lock(&self.table);
@@ -522,9 +521,11 @@ impl PsLiteStore {
                     }));
                 }
                 let id = match key {
-                    Key::Int(k) => i32::try_from(*k).map_err(|_| {
+                    Key::Int(k) => i32::try_from(*k).ok().filter(|k| *k >= 0).ok_or_else(|| {
                         at(Error::InvalidArgument(
-                            "MXNet's keys are 32-bit ints: this key is out of range".into(),
+                            "MXNet's dist keys are ints from 0 to 2^31 - 1 (a negative key \
+                                 would land in another server's key range)"
+                                .into(),
                         ))
                     })?,
                     Key::Str(_) => {
@@ -536,6 +537,14 @@ impl PsLiteStore {
                 let slices =
                     encoding::place(id, value.size(), self.num_servers, self.bigarray_bound)
                         .map_err(|e| at(Error::InvalidArgument(e)))?;
+                let largest = slices.iter().map(|s| s.elements.len()).max().unwrap_or(0);
+                if largest.saturating_mul(value.dtype().size_of()) > i32::MAX as usize {
+                    return Err(at(Error::InvalidArgument(format!(
+                        "a slice of {largest} elements of {}: ps-lite's lengths are 32-bit (at \
+                         most 2 GiB per server and key; add servers)",
+                        value.dtype()
+                    ))));
+                }
                 let entry = Entry {
                     id,
                     shape: value.shape().to_vec(),
@@ -571,44 +580,53 @@ impl PsLiteStore {
                 .collect();
             self.exchange(operation, &requests, false, 0)?;
         }
-        {
-            let mut table = lock(&self.table);
-            for (key, entry) in new {
-                if matches!(key, Key::Str(_)) {
-                    table.next_str_key = table.next_str_key.max(entry.id + 1);
-                }
-                table.entries.insert(key, entry);
-            }
-        }
+        // The keys are this worker's once every worker got past the init: a failed init
+        // leaves its keys out (an init cannot be retried in the same job, as in MXNet: rank 0's
+        // values may be on the servers already, and a second push of them would count as a
+        // round's push).
         self.van
             .barrier(WORKER_GROUP)
-            .map_err(|e| backend(&self.name, e))
+            .map_err(|e| backend(&self.name, e))?;
+        let mut table = lock(&self.table);
+        for (key, entry) in new {
+            if matches!(key, Key::Str(_)) {
+                table.next_str_key = table.next_str_key.max(entry.id + 1);
+            }
+            table.entries.insert(key, entry);
+        }
+        Ok(())
     }
 
     /// The end of the job, as an MXNet worker ends it: the workers meet, rank 0 stops the
     /// servers, and every node meets in the last barrier.
     fn finish(&mut self) -> std::result::Result<(), VanError> {
         self.van.barrier(WORKER_GROUP)?;
-        if self.van.rank() == 0 {
-            self.command_all(CMD_STOP_SERVER, "")
-                .map_err(|e| VanError(e.to_string()))?;
-        }
-        self.van.barrier(EVERYONE)
+        let stopped = match self.van.rank() {
+            0 => self
+                .command_all(CMD_STOP_SERVER, "")
+                .map_err(|e| VanError(e.to_string())),
+            _ => Ok(()),
+        };
+        // The last barrier even when the servers were not stopped: the scheduler waits for it.
+        let last = self.van.barrier(EVERYONE);
+        stopped.and(last)
     }
 }
 
 /// Why a key of `dtype` is refused, if it is: MXNet 1.9.1's servers take floating-point
 /// values only and hold every key as float32.
 fn refused_dtype(dtype: DType) -> Option<&'static str> {
+    if !crate::REFUSED_DTYPES.contains(&dtype) {
+        return None;
+    }
     match dtype {
-        DType::F32 | DType::F16 => None,
         DType::F64 => Some(
             "a float64 key (MXNet 1.9.1's servers hold every key as float32: its values would \
              lose precision silently)",
         ),
         _ => Some(
             "a key of an integer or bfloat16 dtype (MXNet 1.9.1's servers abort on one: they \
-             sum float32, float16 and float64 only)",
+             take floating-point values only)",
         ),
     }
 }
@@ -701,6 +719,9 @@ impl KVStoreBase for PsLiteStore {
 
 impl Drop for PsLiteStore {
     fn drop(&mut self) {
+        if !self.started {
+            return;
+        }
         if let Err(e) = self.finish() {
             log::warn!("{}: ending the job failed: {e}", self.name);
         }

@@ -111,12 +111,17 @@ fn read_frame(stream: &mut impl Read, limit: u64) -> io::Result<(u8, Vec<u8>)> {
     let (flags, len) = read_frame_header(stream)?;
     if len > limit {
         return Err(bad(format!(
-            "a frame of {len} bytes is larger than the {limit} bytes accepted \
+            "a frame of {len} bytes makes the message larger than the {limit} bytes accepted \
              (KVSTORE_MAX_MESSAGE_BYTES)"
         )));
     }
-    let mut bytes = vec![0u8; len as usize];
-    stream.read_exact(&mut bytes)?;
+    // Grown as the bytes arrive, not allocated from the header: a peer that announces a huge
+    // frame and sends nothing holds no memory.
+    let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
+    stream.take(len).read_to_end(&mut bytes)?;
+    if (bytes.len() as u64) < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok((flags, bytes))
 }
 
@@ -216,10 +221,22 @@ impl Dealer {
     /// The connection fails, the peer is not a ZMTP 3 ROUTER with the NULL mechanism, or the
     /// handshake takes longer than `timeout`.
     pub fn connect(addr: &str, identity: &[u8], timeout: Duration) -> io::Result<Dealer> {
-        let target = std::net::ToSocketAddrs::to_socket_addrs(addr)?
-            .next()
-            .ok_or_else(|| bad(format!("{addr} resolves to no address")))?;
-        let mut stream = TcpStream::connect_timeout(&target, timeout)?;
+        // IPv4 first, as ZeroMQ prefers: MXNet's nodes listen on IPv4 only.
+        let mut targets: Vec<std::net::SocketAddr> =
+            std::net::ToSocketAddrs::to_socket_addrs(addr)?.collect();
+        targets.sort_by_key(|a| a.is_ipv6());
+        let mut last = bad(format!("{addr} resolves to no address"));
+        let mut connected = None;
+        for target in targets {
+            match TcpStream::connect_timeout(&target, timeout) {
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut stream = connected.ok_or(last)?;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
@@ -309,15 +326,17 @@ pub fn accept_dealer(stream: &mut TcpStream, timeout: Duration) -> io::Result<Ve
         .unwrap_or_default())
 }
 
-/// Reads the next message (its frames, commands such as heartbeats skipped), each frame at
-/// most `limit` bytes; `None` when the peer closed the connection between messages.
+/// Reads the next message (its frames, commands such as heartbeats skipped), its frames
+/// together at most `limit` bytes; `None` when the peer closed the connection between
+/// messages.
 ///
 /// # Errors
-/// A connection that breaks inside a message, or a frame over `limit`.
+/// A connection that breaks inside a message, or a message over `limit`.
 pub fn read_message(stream: &mut impl Read, limit: u64) -> io::Result<Option<Vec<Vec<u8>>>> {
-    let mut frames = Vec::new();
+    let mut frames: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0u64;
     loop {
-        let (flags, bytes) = match read_frame(stream, limit) {
+        let (flags, bytes) = match read_frame(stream, limit - total) {
             Ok(frame) => frame,
             Err(e) if frames.is_empty() && e.kind() == io::ErrorKind::UnexpectedEof => {
                 return Ok(None)
@@ -327,6 +346,7 @@ pub fn read_message(stream: &mut impl Read, limit: u64) -> io::Result<Option<Vec
         if flags & FLAG_COMMAND != 0 {
             continue;
         }
+        total += bytes.len() as u64;
         frames.push(bytes);
         if flags & FLAG_MORE == 0 {
             return Ok(Some(frames));

@@ -30,9 +30,10 @@ fn jobs(
         let job = common::MxnetJob::start(servers, n, settings)
             .map_err(kvstore_base::Error::InvalidArgument)?;
         let options = job.worker_options();
-        let workers = create_workers(n, || kvstore_base::create_with(NAME, options.clone()));
+        let workers = create_workers(n, || kvstore_base::create_with(NAME, options.clone()))?;
+        // Only a job whose workers started ends by itself; a failed one is killed.
         job.detach();
-        workers
+        Ok(workers)
     })
 }
 
@@ -62,6 +63,9 @@ const NOT_WITH_MXNET_SERVERS: (&str, &str) = (
 );
 
 fn main() -> std::process::ExitCode {
+    // MXNet 1.9.1's servers abort on integer dtypes and hold float64 as float32: the store
+    // refuses those keys at init.
+    kvstore_test::allow_refused_dtypes(kvstore_pslite::REFUSED_DTYPES);
     let names = CONFIGURATIONS.iter().flat_map(|(label, _, _, counts)| {
         kvstore_test::MULTI_CHECKS.iter().flat_map(move |check| {
             counts

@@ -52,7 +52,10 @@ pub use suite::multi::{
     create_workers, multi_worker_trials, on_each_worker, run_multi_worker_conformance, run_trials,
     MultiCheck, MultiWorkerFactory, Semantics, MULTI_CHECKS,
 };
-pub use suite::{run_conformance, trials, Check, CheckResult, Failure, StoreFactory, CHECKS};
+pub use suite::{
+    allow_refused_dtypes, run_conformance, trials, Check, CheckResult, Failure, StoreFactory,
+    CHECKS,
+};
 pub use teststore::{TestStore, NAME};
 
 /// Expands to the `main` of a conformance test binary (`harness = false`) that runs every

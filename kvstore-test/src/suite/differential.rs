@@ -53,12 +53,19 @@ fn run_sequence(factory: &StoreFactory, keys: Vec<Key>, seed: u64) -> CheckResul
     let kv = store(factory)?;
     let oracle = TestStore;
     let mut rng = Rng(seed);
+    // Dtypes the store may refuse ([`allow_refused_dtypes`](crate::allow_refused_dtypes)) are
+    // left out.
+    let dtypes: Vec<DType> = DTYPES
+        .iter()
+        .copied()
+        .filter(|&d| !super::may_refuse(d))
+        .collect();
     let layout: Vec<(&[usize], DType)> = keys
         .iter()
         .map(|_| {
             (
                 SHAPES[rng.below(SHAPES.len())],
-                DTYPES[rng.below(DTYPES.len())],
+                dtypes[rng.below(dtypes.len())],
             )
         })
         .collect();

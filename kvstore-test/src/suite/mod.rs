@@ -89,6 +89,29 @@ pub const CHECKS: &[&[Check]] = &[
     differential::CHECKS,
 ];
 
+/// The dtypes the stores under test may refuse (see [`allow_refused_dtypes`]).
+static REFUSABLE_DTYPES: std::sync::OnceLock<&'static [kvstore_base::DType]> =
+    std::sync::OnceLock::new();
+
+/// Declares, for this test binary, dtypes its stores may refuse with
+/// [`Error::Unsupported`] when a key of them is initialised (say, a store whose servers cannot
+/// hold them exactly; float32 cannot be one); the dtype checks then skip those dtypes for a
+/// store that refuses them, and still require that its pushes of them fail; the differential
+/// check leaves them out. Without this call every dtype must work.
+/// Call it before the suite runs; a second call changes nothing.
+pub fn allow_refused_dtypes(dtypes: &'static [kvstore_base::DType]) {
+    let _ = REFUSABLE_DTYPES.set(dtypes);
+}
+
+/// Whether a store may refuse `dtype` ([`allow_refused_dtypes`]); never float32, which every
+/// store takes.
+pub(crate) fn may_refuse(dtype: kvstore_base::DType) -> bool {
+    dtype != kvstore_base::DType::F32
+        && REFUSABLE_DTYPES
+            .get()
+            .is_some_and(|dtypes| dtypes.contains(&dtype))
+}
+
 /// The checks as trials named `<label>::<check>`: a check needing a capability the store
 /// lacks, or every check when the store cannot exist on this machine (a [`Error::Device`]
 /// from the factory: no GPU, no driver), is marked ignored with the reason as its kind. Any

@@ -139,9 +139,9 @@ fn str_keys(factory: &StoreFactory) -> CheckResult {
 }
 
 /// Checks that `a + b` (two device values of one key) pull back as `expected`, exactly. A store
-/// may refuse a dtype other than float32 with [`Error::Unsupported`] when the key is
-/// initialised (one whose servers cannot hold it exactly); it must then refuse its pushes too,
-/// never sum them approximately.
+/// may refuse a dtype its test binary declared refusable
+/// ([`allow_refused_dtypes`](crate::allow_refused_dtypes)) with [`Error::Unsupported`] when the
+/// key is initialised; a pushpull of it must then fail too.
 fn sum_of<T: Element>(factory: &StoreFactory, a: &[T], b: &[T], expected: &[T]) -> CheckResult {
     let kv = store(factory)?;
     let shape = [a.len()];
@@ -152,7 +152,9 @@ fn sum_of<T: Element>(factory: &StoreFactory, a: &[T], b: &[T], expected: &[T]) 
     let mut out = NDArray::zeros(&shape, T::DTYPE);
     if kv.is_capable(Capability::InitPushPull) {
         match kv.init(1, &NDArray::zeros(&shape, T::DTYPE)) {
-            Err(e) if T::DTYPE != DType::F32 && matches!(e.root(), Error::Unsupported { .. }) => {
+            Err(e)
+                if super::may_refuse(T::DTYPE) && matches!(e.root(), Error::Unsupported { .. }) =>
+            {
                 let pushed = kv.pushpull(1, &values, &mut out);
                 ensure!(
                     pushed.is_err(),
