@@ -176,6 +176,54 @@ pub enum Error {
 }
 
 impl Error {
+    /// Checks that `array` has the shape a key was declared with; `what` names the array.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, Error, NDArray};
+    /// let pushed = NDArray::zeros(&[3, 2], DType::F32);
+    /// let e = Error::check_shape(&[2, 3], &pushed, "pushed value 0").unwrap_err();
+    /// assert_eq!(e.to_string(), "shape mismatch: pushed value 0 has shape [3, 2] but [2, 3] was expected");
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] naming both shapes.
+    pub fn check_shape(
+        expected: &[usize],
+        array: &crate::NDArray,
+        what: &str,
+    ) -> Result<(), Error> {
+        match array.shape() == expected {
+            true => Ok(()),
+            false => Err(Error::ShapeMismatch {
+                what: what.to_string(),
+                expected: expected.to_vec(),
+                found: array.shape().to_vec(),
+            }),
+        }
+    }
+
+    /// Checks that `array` has the shape and the dtype a key was declared with; `what` names
+    /// the array.
+    ///
+    /// # Errors
+    /// [`Error::ShapeMismatch`] or [`Error::DTypeMismatch`].
+    pub fn check_declared(
+        expected_shape: &[usize],
+        expected_dtype: crate::DType,
+        array: &crate::NDArray,
+        what: &str,
+    ) -> Result<(), Error> {
+        Error::check_shape(expected_shape, array, what)?;
+        match array.dtype() == expected_dtype {
+            true => Ok(()),
+            false => Err(Error::DTypeMismatch {
+                what: what.to_string(),
+                expected: expected_dtype,
+                found: array.dtype(),
+            }),
+        }
+    }
+
     /// Checks that a `row_sparse_pull` has one row-id array per output.
     ///
     /// # Errors

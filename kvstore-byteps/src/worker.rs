@@ -15,7 +15,7 @@ use kvstore_dist::cluster::Group;
 use kvstore_dist::protocol::{self, InitMeta, Mode};
 use kvstore_dist::shm::{Lease, Link};
 use kvstore_dist::transport::{Connection, Outgoing, Pending, Response, TransportError};
-use kvstore_dist::{DistConfig, DistFile, DistStore, Node, Role};
+use kvstore_dist::{DistConfig, DistStore, Node, Role};
 use kvstore_local::reduce::{self, ReduceConfig};
 
 use crate::partition::{self, Partition, DEFAULT_PARTITION_BYTES};
@@ -209,32 +209,11 @@ impl Tensor {
     }
 
     fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
-        if value.shape() != self.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: self.shape.clone(),
-                found: value.shape().to_vec(),
-            });
-        }
-        if value.dtype() != self.dtype {
-            return Err(Error::DTypeMismatch {
-                what: what.to_string(),
-                expected: self.dtype,
-                found: value.dtype(),
-            });
-        }
-        Ok(())
+        Error::check_declared(&self.shape, self.dtype, value, what)
     }
 
     fn check_out(&self, out: &NDArray, what: &str) -> Result<()> {
-        if out.shape() != self.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: self.shape.clone(),
-                found: out.shape().to_vec(),
-            });
-        }
-        Ok(())
+        Error::check_shape(&self.shape, out, what)
     }
 
     /// What every worker declares to the server of partition `i`: the user's key names a
@@ -468,17 +447,7 @@ impl BytePsStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad configuration, else as [`BytePsStore::connect`].
     pub fn from_request(request: &CreateRequest) -> Result<BytePsStore> {
-        let mut vars: HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
-            .collect();
-        vars.extend(request.options.clone());
-        let invalid =
-            |e: kvstore_dist::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
-        let file = match vars.get(kvstore_dist::worker::CONFIG_VAR) {
-            Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
-            None => DistFile::default(),
-        };
-        let dist = DistConfig::from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
+        let (dist, vars) = kvstore_dist::worker::request_config(request)?;
         let config = BytePsConfig::from_vars(&vars)?;
         if dist.role != Role::Worker {
             // Runs the server or scheduler role and exits the process.

@@ -762,6 +762,16 @@ impl DistConfig {
     }
 }
 
+/// A store's settings: the process environment with `options` (a create request's) over it.
+/// Values that are not UTF-8 are converted lossily.
+pub fn request_vars(
+    options: &std::collections::BTreeMap<String, String>,
+) -> HashMap<String, String> {
+    let mut vars = env_map();
+    vars.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
+    vars
+}
+
 /// The process environment as a map; values that are not UTF-8 are converted lossily (a
 /// mangled value of one of our variables then fails to parse, naming the variable).
 fn env_map() -> HashMap<String, String> {

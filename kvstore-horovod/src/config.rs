@@ -136,11 +136,7 @@ impl HorovodConfig {
     /// # Errors
     /// As [`HorovodConfig::from_vars`].
     pub fn from_request(request: &CreateRequest) -> Result<HorovodConfig> {
-        let mut vars: HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
-            .collect();
-        vars.extend(request.options.clone());
-        HorovodConfig::from_vars(vars)
+        HorovodConfig::from_vars(kvstore_dist::config::request_vars(&request.options))
     }
 }
 

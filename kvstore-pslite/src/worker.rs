@@ -7,7 +7,7 @@ use kvstore_base::{
     Capability, CreateRequest, DType, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray,
     Result, StorageType,
 };
-use kvstore_dist::{DistConfig, DistFile, Role};
+use kvstore_dist::{DistConfig, Role};
 use kvstore_local::reduce::{self, ReduceConfig};
 
 use crate::encoding::{self, Slice, DEFAULT_PUSH_PULL};
@@ -48,26 +48,11 @@ impl Entry {
     }
 
     fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
-        self.check_shape(value, what)?;
-        if value.dtype() != self.dtype {
-            return Err(Error::DTypeMismatch {
-                what: what.to_string(),
-                expected: self.dtype,
-                found: value.dtype(),
-            });
-        }
-        Ok(())
+        Error::check_declared(&self.shape, self.dtype, value, what)
     }
 
     fn check_shape(&self, array: &NDArray, what: &str) -> Result<()> {
-        if array.shape() != self.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: self.shape.clone(),
-                found: array.shape().to_vec(),
-            });
-        }
-        Ok(())
+        Error::check_shape(&self.shape, array, what)
     }
 }
 
@@ -174,17 +159,7 @@ impl PsLiteStore {
     /// # Errors
     /// As [`PsLiteStore::connect`], or a bad configuration.
     pub fn from_request(request: &CreateRequest) -> Result<PsLiteStore> {
-        let mut vars: HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
-            .collect();
-        vars.extend(request.options.clone());
-        let invalid =
-            |e: kvstore_dist::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
-        let file = match vars.get(kvstore_dist::worker::CONFIG_VAR) {
-            Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
-            None => DistFile::default(),
-        };
-        let dist = DistConfig::from_vars_and_file(vars, &file).map_err(invalid)?;
+        let (dist, _) = kvstore_dist::worker::request_config(request)?;
         PsLiteStore::connect(&request.name, &dist)
     }
 

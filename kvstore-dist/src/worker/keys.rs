@@ -124,33 +124,12 @@ impl KeyMeta {
 
     /// Checks a pushed value (shape and dtype) against the key.
     pub(crate) fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
-        if value.shape() != self.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: self.shape.clone(),
-                found: value.shape().to_vec(),
-            });
-        }
-        if value.dtype() != self.dtype {
-            return Err(Error::DTypeMismatch {
-                what: what.to_string(),
-                expected: self.dtype,
-                found: value.dtype(),
-            });
-        }
-        Ok(())
+        Error::check_declared(&self.shape, self.dtype, value, what)
     }
 
     /// Checks an output's shape against the key (pulls cast into the output's dtype).
     pub(crate) fn check_out(&self, out: &NDArray, what: &str) -> Result<()> {
-        if out.shape() != self.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                what: what.to_string(),
-                expected: self.shape.clone(),
-                found: out.shape().to_vec(),
-            });
-        }
-        Ok(())
+        Error::check_shape(&self.shape, out, what)
     }
 }
 

@@ -128,6 +128,26 @@ impl std::fmt::Debug for DistStore {
 /// store under the environment.
 pub const CONFIG_VAR: &str = "KVSTORE_CONFIG";
 
+/// The settings of a store created with `request`: the process environment with the create
+/// options over it ([`crate::config::request_vars`]), and the dist configuration they give
+/// over the `KVSTORE_CONFIG` file when one is named. Every store of a dist job
+/// (`dist_*`, `byteps`, `pslite_dist_sync`) reads its configuration so.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the store, for a bad variable or file.
+pub fn request_config(
+    request: &CreateRequest,
+) -> Result<(DistConfig, std::collections::HashMap<String, String>)> {
+    let vars = crate::config::request_vars(&request.options);
+    let invalid = |e: crate::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
+    let file = match vars.get(CONFIG_VAR) {
+        Some(path) => crate::DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
+        None => crate::DistFile::default(),
+    };
+    let config = DistConfig::from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
+    Ok((config, vars))
+}
+
 /// Extra time a worker waits beyond the timeout, so that a server's error (which names the
 /// workers a round waits for) arrives before the worker's own timeout.
 fn grace(timeout: Duration) -> Duration {
@@ -265,18 +285,7 @@ impl DistStore {
     /// # Errors
     /// [`Error::InvalidArgument`] for a bad configuration, else as [`DistStore::connect`].
     pub fn from_request(request: &CreateRequest, mode: Mode) -> Result<Box<dyn KVStoreBase>> {
-        let mut vars: std::collections::HashMap<String, String> = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
-            .collect();
-        vars.extend(request.options.clone());
-        let invalid =
-            |e: crate::ConfigError| Error::InvalidArgument(format!("{}: {e}", request.name));
-        let file = match vars.get(CONFIG_VAR) {
-            Some(path) => {
-                crate::DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?
-            }
-            None => crate::DistFile::default(),
-        };
+        let (config, vars) = request_config(request)?;
         if let Some(van) = vars
             .get("DMLC_PS_VAN_TYPE")
             .filter(|v| !matches!(v.trim(), "" | "zmq"))
@@ -290,7 +299,6 @@ impl DistStore {
                 request.name
             );
         }
-        let config = DistConfig::from_vars_and_file(vars, &file).map_err(invalid)?;
         match config.role {
             Role::Worker => Ok(Box::new(DistStore::connect(&request.name, mode, &config)?)),
             Role::Server => {
