@@ -16,7 +16,7 @@ use kvstore_dist::protocol::{self, InitMeta, Mode};
 use kvstore_dist::shm::{Lease, Link};
 use kvstore_dist::transport::{Connection, Outgoing, Pending, Response, TransportError};
 use kvstore_dist::{DistConfig, DistStore, Node, Role};
-use kvstore_local::reduce::{self, ReduceConfig};
+use kvstore_local::reduce::{outbound, Outbound, ReduceConfig};
 
 use crate::partition::{self, Partition, DEFAULT_PARTITION_BYTES};
 use crate::schedule::CreditScheduler;
@@ -254,32 +254,6 @@ impl Table {
             _ => Ok(()),
         }
     }
-}
-
-/// A value ready to push: the caller's bytes, or the sum of a key's per-device values.
-enum Outbound<'a> {
-    Borrowed(&'a [u8]),
-    Owned(NDArray),
-}
-
-impl Outbound<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Outbound::Borrowed(b) => b,
-            Outbound::Owned(a) => a.as_bytes().expect("a fresh array is contiguous"),
-        }
-    }
-}
-
-/// A key's bytes to send: the caller's own for one contiguous value, else the sum of its
-/// values (one per device) in MXNet's association order.
-fn outbound<'a>(values: &[&'a NDArray], config: &ReduceConfig) -> Outbound<'a> {
-    if let [single] = values {
-        if let Some(b) = single.as_bytes() {
-            return Outbound::Borrowed(b);
-        }
-    }
-    Outbound::Owned(reduce::sum_values(values, config, true))
 }
 
 /// Returns the receive buffers of a call's answers to their tensors (and frees the slots of

@@ -236,6 +236,40 @@ pub fn sum_into(dst: &mut NDArray, srcs: &[&NDArray], config: &ReduceConfig, str
     run!(F32 => f32, F64 => f64, F16 => half::f16, BF16 => half::bf16, I32 => i32, I64 => i64, U8 => u8);
 }
 
+/// A key's bytes to send over a network: the caller's own when it pushed one contiguous value,
+/// else the sum of its values (one per device) made by [`sum_values`].
+#[derive(Debug)]
+pub enum Outbound<'a> {
+    /// The caller's bytes.
+    Borrowed(&'a [u8]),
+    /// The sum, an array of its own.
+    Owned(NDArray),
+}
+
+impl Outbound<'_> {
+    /// The bytes to send.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Outbound::Borrowed(b) => b,
+            Outbound::Owned(a) => a.as_bytes().expect("a fresh array is contiguous"),
+        }
+    }
+}
+
+/// The bytes to send for a key's `values` (see [`Outbound`]).
+///
+/// # Panics
+/// As [`sum_values`], for several values of different shapes or dtypes (callers validate
+/// first).
+pub fn outbound<'a>(values: &[&'a NDArray], config: &ReduceConfig) -> Outbound<'a> {
+    if let [single] = values {
+        if let Some(b) = single.as_bytes() {
+            return Outbound::Borrowed(b);
+        }
+    }
+    Outbound::Owned(sum_values(values, config, true))
+}
+
 /// The sum of one key's values (one per device; row-sparse ones densified) in a new dense
 /// array, in MXNet's association order: what a worker of a distributed store sends for a key
 /// it was given several values of.

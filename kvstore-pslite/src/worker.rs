@@ -8,7 +8,7 @@ use kvstore_base::{
     Result, StorageType,
 };
 use kvstore_dist::{DistConfig, Role};
-use kvstore_local::reduce::{self, ReduceConfig};
+use kvstore_local::reduce::{self, Outbound, ReduceConfig};
 
 use crate::encoding::{self, Slice, DEFAULT_PUSH_PULL};
 use crate::van::{self, Message, Van, VanConfig, VanError, EVERYONE, WORKER_GROUP};
@@ -235,13 +235,7 @@ impl PsLiteStore {
             .map(|(g, e)| {
                 let arrays: Vec<&'a NDArray> =
                     g.positions.iter().map(|&p| values.values()[p]).collect();
-                let out = match arrays.as_slice() {
-                    [one] if one.as_bytes().is_some() => {
-                        Outbound::Borrowed(one.as_bytes().expect("checked"))
-                    }
-                    _ => Outbound::Owned(reduce::sum_values(&arrays, &self.reduce, true)),
-                };
-                (g.key, e, out)
+                (g.key, e, reduce::outbound(&arrays, &self.reduce))
             })
             .collect())
     }
@@ -603,21 +597,6 @@ fn refused_dtype(dtype: DType) -> Option<&'static str> {
             "a key of an integer or bfloat16 dtype (MXNet 1.9.1's servers abort on one: they \
              take floating-point values only)",
         ),
-    }
-}
-
-/// A key's bytes to push.
-enum Outbound<'a> {
-    Borrowed(&'a [u8]),
-    Owned(NDArray),
-}
-
-impl Outbound<'_> {
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Outbound::Borrowed(b) => b,
-            Outbound::Owned(a) => a.as_bytes().expect("a fresh array is contiguous"),
-        }
     }
 }
 
