@@ -1,10 +1,16 @@
-//! # kvstore-pslite: a worker that joins an MXNet 1.9.1 job
+//! # kvstore-pslite: MXNet 1.9.1's wire protocol, both ways
 //!
-//! `pslite_dist_sync` is a worker store that speaks ps-lite's wire protocol as MXNet 1.9.1
-//! builds it (ZeroMQ's ZMTP 3 over TCP, a protobuf header per message), so that a Rust
-//! program can join a `dist_sync` job whose **scheduler and servers are MXNet's**, beside
-//! MXNet's own Python workers or alone. It is the way to move a job to Rust one worker at a
-//! time, or to feed an MXNet parameter server from Rust.
+//! This crate speaks ps-lite's wire protocol as MXNet 1.9.1 builds it (ZeroMQ's ZMTP 3 over
+//! TCP, a protobuf header per message), in both directions:
+//!
+//! - `pslite_dist_sync`, a worker store, joins a `dist_sync` job whose **scheduler and servers
+//!   are MXNet's**, beside MXNet's own Python workers or alone: the way to move a job to Rust
+//!   one worker at a time, or to feed an MXNet parameter server from Rust.
+//! - [`scheduler`] and [`server`] are a ps-lite scheduler and a server without an updater in
+//!   Rust: **MXNet's own Python workers** (with `update_on_kvstore=False`, as Gluon's `Trainer`
+//!   runs when the optimizer is on the workers) and this crate's run on them. A process whose
+//!   `DMLC_ROLE` is `scheduler` or `server` that creates `pslite_dist_sync` runs that role and
+//!   exits ([`worker::run_role`]); [`LocalJob`] runs both on threads, for tests.
 //!
 //! ```no_run
 //! use kvstore_base::{create, DType, KVStoreExt, NDArray};
@@ -80,21 +86,39 @@
 //! `KVSTORE_MAX_MESSAGE_BYTES`, `KVSTORE_CONFIG`), from the environment or the create options.
 //! `DMLC_NUM_WORKER` counts every worker of the job, MXNet's and this crate's.
 //!
+//! ## The scheduler and the server
+//!
+//! As ps-lite's scheduler: ids in the order of registration, the node table to every node, a
+//! barrier released once every node of its group entered it; the job ends with every node's
+//! second barrier. As MXNet's `KVStoreDistServer` without an updater: a key's first push is its
+//! value, a sync round (after `kSyncMode`) sums one push per worker and answers them all
+//! (`pushpull`s with the sum), a pull is answered with the value at once. Unlike MXNet's:
+//! every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
+//! is acknowledged; a Python optimizer (`kController`) or gradient compression stops the server
+//! with an error naming it (never run, never silently ignored); registration and barriers give
+//! up after `KVSTORE_TIMEOUT_SECS`, naming who is missing. Not served: row-sparse and
+//! compressed requests, async mode with an updater.
+//!
 //! ## Modules
 //!
 //! - [`zmtp`]: ZMTP 3.1 (greeting, `READY`, frames), DEALER to ROUTER.
 //! - [`meta`]: ps-lite's protobuf header, encoded and decoded by hand.
 //! - [`van`]: the node: registration, links, barriers, requests and responses.
 //! - [`encoding`]: MXNet's key placement and command words.
-//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase`.
+//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase`, and [`worker::run_role`].
+//! - [`scheduler`], [`server`]: the scheduler and the server; [`local`]: [`LocalJob`].
 #![deny(missing_docs)]
 
 pub mod encoding;
+pub mod local;
 pub mod meta;
+pub mod scheduler;
+pub mod server;
 pub mod van;
 pub mod worker;
 pub mod zmtp;
 
+pub use local::LocalJob;
 pub use worker::PsLiteStore;
 
 use kvstore_base::{Capability, CreateRequest, KVStoreBase};

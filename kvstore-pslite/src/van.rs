@@ -12,7 +12,7 @@
 //! configured timeout with an error naming the nodes that did not answer, and a peer whose
 //! connection closes fails the waits that needed it at once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -89,6 +89,9 @@ struct State {
     /// Set when a barrier timed out: its release may still come and would end the next one
     /// early, so no barrier is entered again.
     barrier_broken: Option<String>,
+    /// Requests for a serving node (a server's key-value requests and commands, a
+    /// scheduler's registrations and barriers), in arrival order.
+    requests: VecDeque<Message>,
     /// Incoming connections, shut down when the van closes.
     streams: Vec<TcpStream>,
 }
@@ -99,6 +102,8 @@ struct Shared {
     stopping: AtomicBool,
     max_message_bytes: u64,
     timeout: Duration,
+    /// This node's role: what it does with the messages it receives.
+    role: Role,
 }
 
 impl Shared {
@@ -179,7 +184,11 @@ impl Van {
     /// The node cannot listen, the scheduler cannot be reached or sends no node table within
     /// the timeout (the error says so), or a server cannot be reached.
     pub fn join(config: VanConfig) -> Result<Van, VanError> {
-        let deadline = Instant::now() + config.timeout;
+        Van::join_as(config, Role::Worker)
+    }
+
+    /// Starts listening as a node of `role` (the scheduler's id is fixed: 1), without joining.
+    fn bind(config: VanConfig, role: Role) -> Result<Van, VanError> {
         let bind = format!("{}:{}", bracketed(&config.bind), config.port);
         let listener = TcpListener::bind(bind.as_str())
             .map_err(|e| VanError(format!("cannot listen on {bind}: {e}")))?;
@@ -192,6 +201,7 @@ impl Van {
             stopping: AtomicBool::new(false),
             max_message_bytes: config.max_message_bytes,
             timeout: config.timeout,
+            role,
         });
         let accepting = {
             let shared = Arc::clone(&shared);
@@ -200,10 +210,13 @@ impl Van {
                 .spawn(move || accept_loop(listener, shared))
                 .map_err(|e| VanError(format!("cannot start the receiving thread: {e}")))?
         };
-        let mut me = NodeRecord::new(Role::Worker, &config.host, listen_addr.port());
-        let mut van = Van {
+        let mut me = NodeRecord::new(role, &config.host, listen_addr.port());
+        if role == Role::Scheduler {
+            me.id = SCHEDULER_ID;
+        }
+        Ok(Van {
             config,
-            me: me.clone(),
+            me,
             nodes: Vec::new(),
             shared,
             senders: HashMap::new(),
@@ -212,7 +225,27 @@ impl Van {
             barrier: Mutex::new(()),
             next_van_timestamp: AtomicI32::new(0),
             next_request: AtomicI32::new(0),
-        };
+        })
+    }
+
+    /// Starts the scheduler's node: listens on `config.bind`:`config.port` (the job's
+    /// `DMLC_PS_ROOT_PORT`), as node 1, for [`crate::scheduler`].
+    ///
+    /// # Errors
+    /// The address cannot be listened on.
+    pub fn listen(config: VanConfig) -> Result<Van, VanError> {
+        Van::bind(config, Role::Scheduler)
+    }
+
+    /// [`Van::join`] as a node of `role` (a worker or a server): a server links to the
+    /// scheduler and every worker, and its requests are queued for [`Van::next_request`].
+    ///
+    /// # Errors
+    /// As [`Van::join`].
+    pub fn join_as(config: VanConfig, role: Role) -> Result<Van, VanError> {
+        let deadline = Instant::now() + config.timeout;
+        let mut van = Van::bind(config, role)?;
+        let mut me = van.me.clone();
 
         // Register, without an identity yet.
         let mut first = van.connect_retrying(&van.config.scheduler.clone(), b"", deadline)?;
@@ -242,7 +275,7 @@ impl Van {
         )?;
         let mine = table
             .iter()
-            .find(|n| n.role == Role::Worker && n.hostname == me.hostname && n.port == me.port)
+            .find(|n| n.role == role && n.hostname == me.hostname && n.port == me.port)
             .ok_or_else(|| {
                 scheduler_error(
                     &van.config,
@@ -258,11 +291,17 @@ impl Van {
         let link = van.connect_retrying(&scheduler, &identity, deadline)?;
         van.senders.insert(SCHEDULER_ID, Mutex::new(link));
         first.close();
-        let servers: Vec<NodeRecord> = van.servers().cloned().collect();
-        for server in servers {
-            let addr = format!("{}:{}", bracketed(&server.hostname), server.port);
+        // As ps-lite: links to every node but those of its own role.
+        let peers: Vec<NodeRecord> = van
+            .nodes
+            .iter()
+            .filter(|n| n.role != role && n.role != Role::Scheduler)
+            .cloned()
+            .collect();
+        for peer in peers {
+            let addr = format!("{}:{}", bracketed(&peer.hostname), peer.port);
             let link = van.connect_retrying(&addr, &identity, deadline)?;
-            van.senders.insert(server.id, Mutex::new(link));
+            van.senders.insert(peer.id, Mutex::new(link));
         }
         log::info!(
             "pslite: joined the job at {} as {}",
@@ -335,9 +374,43 @@ impl Van {
         servers.into_iter()
     }
 
-    /// This worker's rank (ps-lite's `(id - 9) / 2`).
+    /// This node's rank among its role (ps-lite's `(id - 8) / 2`, rounded down).
     pub fn rank(&self) -> usize {
-        ((self.me.id - 9) / 2).max(0) as usize
+        ((self.me.id - 8) / 2).max(0) as usize
+    }
+
+    /// Links this node to node `id` at `addr` (the scheduler links to every node once they
+    /// registered), announcing its own id.
+    ///
+    /// # Errors
+    /// `addr` cannot be reached before `deadline`.
+    pub fn connect_to(&mut self, id: i32, addr: &str, deadline: Instant) -> Result<(), VanError> {
+        let identity = format!("ps{}", self.me.id).into_bytes();
+        let link = self.connect_retrying(addr, &identity, deadline)?;
+        self.senders.insert(id, Mutex::new(link));
+        Ok(())
+    }
+
+    /// The next request for this serving node (see [`Van::join_as`], [`Van::listen`]), waiting
+    /// at most `wait`; `None` when none came.
+    ///
+    /// # Errors
+    /// None yet; reserved for a van that stopped.
+    pub fn next_request(&self, wait: Duration) -> Result<Option<Message>, VanError> {
+        let deadline = Instant::now() + wait;
+        let got = self.shared.wait_until(
+            deadline,
+            &[],
+            |state| state.requests.pop_front(),
+            |_| VanError(String::new()),
+        );
+        Ok(got.ok())
+    }
+
+    /// Whether every node of `ids` has lost its every connection to this one.
+    pub fn all_lost(&self, ids: &[i32]) -> bool {
+        let state = self.shared.lock();
+        ids.iter().all(|id| state.lost.iter().any(|(l, _)| l == id))
     }
 
     /// The id of the server of rank `rank`.
@@ -647,10 +720,16 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
 /// Hands a received message to whoever waits for it.
 fn deliver(shared: &Shared, message: Message) {
     let mut state = shared.lock();
+    let role = shared.role;
     match (&message.meta.control, message.meta.request) {
-        (Some(control), _) => match control.cmd {
+        (Some(control), request) => match control.cmd {
+            // A registration (to the scheduler), or the node table (from it).
+            Command::AddNode if role == Role::Scheduler => state.requests.push_back(message),
             Command::AddNode => state.node_table = Some(control.nodes.clone()),
-            Command::Barrier if !message.meta.request => state.barriers_released += 1,
+            Command::Barrier if request && role == Role::Scheduler => {
+                state.requests.push_back(message)
+            }
+            Command::Barrier if !request => state.barriers_released += 1,
             other => log::debug!(
                 "pslite: ignored a {other:?} control message from {}",
                 node_name(message.sender)
@@ -667,8 +746,9 @@ fn deliver(shared: &Shared, message: Message) {
                 ),
             }
         }
+        (None, true) if role == Role::Server => state.requests.push_back(message),
         (None, true) => log::warn!(
-            "pslite: dropped a request from {} (a worker serves no requests)",
+            "pslite: dropped a request from {} (a {role} serves no requests)",
             node_name(message.sender)
         ),
     }

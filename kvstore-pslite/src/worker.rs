@@ -111,24 +111,13 @@ impl PsLiteStore {
     pub fn connect(name: &str, dist: &DistConfig) -> Result<PsLiteStore> {
         if dist.role != Role::Worker {
             return Err(Error::InvalidArgument(format!(
-                "{name}: DMLC_ROLE={}: this store runs workers only; start MXNet 1.9.1's \
-                 scheduler and servers (`DMLC_ROLE=server python -c 'import mxnet'`)",
+                "{name}: DMLC_ROLE={}: a store is a worker; the scheduler and servers are \
+                 MXNet's (`DMLC_ROLE=server python -c 'import mxnet'`) or this crate's \
+                 (`run_role`)",
                 dist.role
             )));
         }
-        let host = kvstore_dist::node::advertised_host(dist).map_err(|e| Error::Backend {
-            store: name.to_string(),
-            source: Box::new(e),
-        })?;
-        let config = VanConfig {
-            scheduler: dist.scheduler_addr(),
-            bind: dist.bind_host.clone().unwrap_or_else(|| host.clone()),
-            host,
-            port: dist.port.unwrap_or(0),
-            timeout: dist.timeout,
-            max_message_bytes: dist.max_message_bytes,
-        };
-        let van = Van::join(config).map_err(|e| backend(name, e))?;
+        let van = Van::join(van_config(name, dist)?).map_err(|e| backend(name, e))?;
         let workers = van
             .nodes()
             .iter()
@@ -158,8 +147,22 @@ impl PsLiteStore {
     ///
     /// # Errors
     /// As [`PsLiteStore::connect`], or a bad configuration.
+    ///
+    /// A process whose `DMLC_ROLE` is `server` or `scheduler` runs that role (this crate's
+    /// [`crate::server`] or [`crate::scheduler`]) until the job ends and then **exits**, as the
+    /// dist stores do, so that one program can start every node of a job.
     pub fn from_request(request: &CreateRequest) -> Result<PsLiteStore> {
         let (dist, _) = kvstore_dist::worker::request_config(request)?;
+        if dist.role != Role::Worker {
+            let status = match run_role(&request.name, &dist) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("{e}");
+                    1
+                }
+            };
+            std::process::exit(status);
+        }
         PsLiteStore::connect(&request.name, &dist)
     }
 
@@ -579,6 +582,54 @@ impl PsLiteStore {
         // The last barrier even when the servers were not stopped: the scheduler waits for it.
         let last = self.van.barrier(EVERYONE);
         stopped.and(last)
+    }
+}
+
+/// The van settings of a node of the job `dist` describes.
+fn van_config(name: &str, dist: &DistConfig) -> Result<VanConfig> {
+    let host = kvstore_dist::node::advertised_host(dist).map_err(|e| Error::Backend {
+        store: name.to_string(),
+        source: Box::new(e),
+    })?;
+    Ok(VanConfig {
+        scheduler: dist.scheduler_addr(),
+        bind: dist.bind_host.clone().unwrap_or_else(|| host.clone()),
+        host,
+        port: dist.port.unwrap_or(0),
+        timeout: dist.timeout,
+        max_message_bytes: dist.max_message_bytes,
+    })
+}
+
+/// Runs this crate's ps-lite scheduler or server (by `dist.role`) until the job ends: MXNet
+/// 1.9.1's Python workers (and this crate's) can use them in place of MXNet's.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for a worker's configuration; [`Error::Backend`] when the role
+/// fails (naming why).
+pub fn run_role(name: &str, dist: &DistConfig) -> Result<()> {
+    let workers = dist.num_workers as usize;
+    match dist.role {
+        Role::Scheduler => {
+            let config = VanConfig {
+                scheduler: dist.scheduler_addr(),
+                host: dist.root_uri.clone(),
+                bind: dist
+                    .bind_host
+                    .clone()
+                    .unwrap_or_else(|| dist.root_uri.clone()),
+                port: dist.root_port,
+                timeout: dist.timeout,
+                max_message_bytes: dist.max_message_bytes,
+            };
+            crate::scheduler::run_scheduler(config, workers, dist.num_servers as usize)
+                .map_err(|e| backend(name, e))
+        }
+        Role::Server => crate::server::run_server(van_config(name, dist)?, workers)
+            .map_err(|e| backend(name, e)),
+        Role::Worker => Err(Error::InvalidArgument(format!(
+            "{name}: run_role runs the scheduler or a server; a worker creates the store"
+        ))),
     }
 }
 

@@ -130,6 +130,66 @@ mx.nd.waitall()
     Ok(())
 }
 
+/// The reverse direction: MXNet's own Python workers in a job of this crate's scheduler and
+/// server (on threads of the test), beside one of this crate's workers: init (rank 0's value),
+/// push + pull and pushpull rounds give every worker the exact sums, and the job ends as
+/// MXNet's does (the scheduler and the server finish without an error).
+fn python_workers_on_our_scheduler_and_server() -> Result<(), Failed> {
+    let local = kvstore_pslite::LocalJob::start(1, 3, Duration::from_secs(60))?;
+    let mut python = MxnetJob::workers_of(local.worker_options())?;
+    let mut script = String::from(PYTHON_VALUE);
+    script.push_str(
+        "
+kv = mx.kv.create('dist_sync')
+assert kv.num_workers == 3, kv.num_workers
+ranks = range(3)
+kv.init(3, value(3, 99, kv.rank, 20, 'float32').reshape((4, 5)))
+out = mx.nd.zeros((4, 5))
+kv.pull(3, out=out)
+assert (out.asnumpy() == value(3, 99, 0, 20, 'float32').reshape((4, 5)).asnumpy()).all(), out
+for rnd in range(3):
+    v = value(3, rnd, kv.rank, 20, 'float32').reshape((4, 5))
+    out = mx.nd.zeros((4, 5))
+    if rnd < 2:
+        kv.push(3, v)
+        kv.pull(3, out=out)
+    else:
+        kv.pushpull(3, v, out=out)
+    want = sum(value(3, rnd, r, 20, 'float32').asnumpy() for r in ranks).reshape((4, 5))
+    assert (out.asnumpy() == want).all(), (rnd, out, want)
+kv._barrier()
+mx.nd.waitall()
+",
+    );
+    python.python_worker("python_worker_a", &script)?;
+    python.python_worker("python_worker_b", &script)?;
+    let kv = kvstore_base::create_with(NAME, local.worker_options().clone())?;
+    let rank = kv.rank();
+    let shape: &[usize] = &[4, 5];
+    kv.init(3, &filled(3, shape, DType::F32, 99, rank))?;
+    for round in 0..3 {
+        let mine = filled(3, shape, DType::F32, round, rank);
+        let mut out = NDArray::zeros(shape, DType::F32);
+        if round < 2 {
+            kv.push(3, &mine)?;
+            kv.pull(3, &mut out)?;
+        } else {
+            kv.pushpull(3, &mine, &mut out)?;
+        }
+        let want: Vec<f64> = (0..20)
+            .map(|i| (0..3).map(|r| f64::from(value(3, round, r, i))).sum())
+            .collect();
+        if out.to_f64_vec() != want {
+            return Err(format!("round {round}: pulled {out:?}").into());
+        }
+    }
+    kv.barrier()?;
+    drop(kv);
+    python.wait(Duration::from_secs(60))?;
+    local.join()?;
+    Ok(())
+}
+
 /// MXNet's servers never acknowledge a plain push in a round where another worker used
 /// pushpull: our push fails once `KVSTORE_TIMEOUT_SECS` passed, naming the server, and the
 /// pushpull succeeds.
@@ -230,6 +290,10 @@ type Test = fn() -> Result<(), Failed>;
 fn main() -> std::process::ExitCode {
     let tests: &[(&str, Test)] = &[
         ("beside_a_python_worker", beside_a_python_worker),
+        (
+            "python_workers_on_our_scheduler_and_server",
+            python_workers_on_our_scheduler_and_server,
+        ),
         (
             "push_beside_a_pushpull_fails_naming_the_server",
             push_beside_a_pushpull_fails_naming_the_server,

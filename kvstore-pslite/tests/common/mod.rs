@@ -97,6 +97,27 @@ impl MxnetJob {
         Ok(job)
     }
 
+    /// Python workers only, for a job whose scheduler and servers run elsewhere (this crate's,
+    /// on threads of the test): `options` are the job's worker settings.
+    pub fn workers_of(options: &BTreeMap<String, String>) -> Result<MxnetJob, String> {
+        let python = mxnet_python()?;
+        let logs = std::env::temp_dir().join(format!(
+            "kvstore-pslite-test-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let mut env = options.clone();
+        env.insert("OMP_NUM_THREADS".into(), "1".into());
+        env.insert("MXNET_CPU_WORKER_NTHREADS".into(), "1".into());
+        Ok(MxnetJob {
+            python,
+            env,
+            children: Vec::new(),
+            logs,
+        })
+    }
+
     fn spawn(&mut self, name: &str, role: &str, code: &str) -> Result<(), String> {
         let log = std::fs::File::create(self.logs.join(format!("{name}.log")))
             .map_err(|e| e.to_string())?;

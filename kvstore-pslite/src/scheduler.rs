@@ -1,0 +1,221 @@
+//! A ps-lite scheduler: MXNet 1.9.1's, in Rust, so that a job of MXNet's own Python workers,
+//! this crate's workers and [`crate::server`]s can meet without MXNet's scheduler.
+//!
+//! As ps-lite's: it waits until every node (`DMLC_NUM_WORKER` workers and `DMLC_NUM_SERVER`
+//! servers) registered, gives the servers ids 8, 10, ... and the workers 9, 11, ... in the
+//! order they registered, sends every node the table, and releases each barrier once every
+//! node of its group entered it (the scheduler itself belongs to every group that includes it,
+//! and is counted as entered). The job ends with the second barrier of every node (the one of
+//! the start and the one of the end, as MXNet's nodes enter them).
+//!
+//! Every wait is bounded: registration and a barrier some node has entered fail after the
+//! timeout, naming the nodes missing; between barriers the scheduler waits as long as the job
+//! runs, and fails at once when every node's connection closed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::meta::{Command, Control, Meta, NodeRecord, Role};
+use crate::van::{node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP};
+
+/// The ids of the members of barrier `group` among `nodes` (the scheduler excluded).
+fn members(group: i32, nodes: &[NodeRecord]) -> Vec<i32> {
+    nodes
+        .iter()
+        .filter(|n| match n.role {
+            Role::Server => group & SERVER_GROUP != 0,
+            Role::Worker => group & WORKER_GROUP != 0,
+            Role::Scheduler => false,
+        })
+        .map(|n| n.id)
+        .collect()
+}
+
+/// Runs the scheduler of a job of `num_workers` workers and `num_servers` servers, listening
+/// on `config.bind`:`config.port`, until the job ends.
+///
+/// # Errors
+/// Not every node registered, a barrier not complete, within the timeout (naming who is
+/// missing), or every node gone before the end.
+pub fn run_scheduler(
+    config: VanConfig,
+    num_workers: usize,
+    num_servers: usize,
+) -> Result<(), VanError> {
+    let timeout = config.timeout;
+    let mut van = Van::listen(config)?;
+    let expected = num_workers + num_servers;
+    let deadline = Instant::now() + timeout;
+    let mut registered: Vec<NodeRecord> = Vec::new();
+    while registered.len() < expected {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(message) = van.next_request(left.max(Duration::from_millis(1)))? else {
+            if Instant::now() >= deadline {
+                return Err(VanError(format!(
+                    "only {} of the {expected} nodes ({num_workers} workers, {num_servers} \
+                     servers) registered within {timeout:?} (KVSTORE_TIMEOUT_SECS): {}",
+                    registered.len(),
+                    registered
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            continue;
+        };
+        match (&message.meta.control, message.meta.request) {
+            (Some(c), false) if c.cmd == Command::AddNode => {
+                let Some(node) = c.nodes.first() else {
+                    continue;
+                };
+                let room = match node.role {
+                    Role::Server => {
+                        registered.iter().filter(|n| n.role == Role::Server).count() < num_servers
+                    }
+                    Role::Worker => {
+                        registered.iter().filter(|n| n.role == Role::Worker).count() < num_workers
+                    }
+                    Role::Scheduler => false,
+                };
+                if !room {
+                    log::warn!("pslite scheduler: refused the registration of {node}: the job has no room for it");
+                    continue;
+                }
+                registered.push(node.clone());
+            }
+            _ => log::warn!(
+                "pslite scheduler: ignored a message from {} before the job started",
+                node_name(message.sender)
+            ),
+        }
+    }
+    // Ids in the order of registration.
+    let (mut next_server, mut next_worker) = (8, 9);
+    for node in &mut registered {
+        let id = match node.role {
+            Role::Server => &mut next_server,
+            _ => &mut next_worker,
+        };
+        node.id = *id;
+        *id += 2;
+    }
+    let me = van.me().clone();
+    let mut table = registered.clone();
+    table.push(me);
+    let mut announce = Control::new(Command::AddNode);
+    announce.nodes = table;
+    for node in &registered {
+        let addr = format!("{}:{}", node.hostname, node.port);
+        van.connect_to(node.id, &addr, deadline)?;
+        let meta = Meta {
+            control: Some(announce.clone()),
+            timestamp: Some(van.new_timestamp()),
+            ..Meta::default()
+        };
+        van.send(node.id, &meta, &[])?;
+    }
+    log::info!("pslite scheduler: {num_workers} workers and {num_servers} servers joined");
+
+    // Barriers: who entered each group's, and since when.
+    let mut entered: HashMap<i32, (Vec<i32>, Instant)> = HashMap::new();
+    let mut everyone_met = 0;
+    while everyone_met < 2 {
+        let oldest = entered.values().map(|(_, since)| *since).min();
+        let wait = match oldest {
+            Some(since) => (since + timeout).saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(1),
+        };
+        let message = van.next_request(wait.max(Duration::from_millis(1)))?;
+        let Some(message) = message else {
+            for (group, (ids, since)) in &entered {
+                if since.elapsed() >= timeout {
+                    let missing: Vec<String> = members(*group, &registered)
+                        .into_iter()
+                        .filter(|id| !ids.contains(id))
+                        .map(node_name)
+                        .collect();
+                    return Err(VanError(format!(
+                        "the barrier of group {group} waited {timeout:?} (KVSTORE_TIMEOUT_SECS) \
+                         for {}",
+                        missing.join(", ")
+                    )));
+                }
+            }
+            let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
+            if van.all_lost(&ids) {
+                return Err(VanError(
+                    "every node left before the job ended (the last barrier)".into(),
+                ));
+            }
+            continue;
+        };
+        let Some(control) = &message.meta.control else {
+            log::warn!(
+                "pslite scheduler: ignored a data message from {}",
+                node_name(message.sender)
+            );
+            continue;
+        };
+        if control.cmd != Command::Barrier || !message.meta.request {
+            continue;
+        }
+        let group = control.barrier_group.unwrap_or(0);
+        let group_members = members(group, &registered);
+        if !group_members.contains(&message.sender) {
+            log::warn!(
+                "pslite scheduler: {} entered the barrier of group {group}, which it is not in",
+                node_name(message.sender)
+            );
+            continue;
+        }
+        let (ids, _) = entered
+            .entry(group)
+            .or_insert_with(|| (Vec::new(), Instant::now()));
+        if !ids.contains(&message.sender) {
+            ids.push(message.sender);
+        }
+        if ids.len() < group_members.len() {
+            continue;
+        }
+        entered.remove(&group);
+        for id in group_members {
+            let mut release = Control::new(Command::Barrier);
+            release.barrier_group = Some(group);
+            let meta = Meta {
+                control: Some(release),
+                request: false,
+                app_id: message.meta.app_id,
+                customer_id: message.meta.customer_id,
+                timestamp: Some(van.new_timestamp()),
+                ..Meta::default()
+            };
+            van.send(id, &meta, &[])?;
+        }
+        if group == EVERYONE {
+            everyone_met += 1;
+        }
+    }
+    van.close();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn barrier_groups_name_their_members() {
+        let mut nodes = vec![
+            NodeRecord::new(Role::Server, "a", 1),
+            NodeRecord::new(Role::Worker, "b", 2),
+            NodeRecord::new(Role::Worker, "c", 3),
+        ];
+        for (node, id) in nodes.iter_mut().zip([8, 9, 11]) {
+            node.id = id;
+        }
+        assert_eq!(members(EVERYONE, &nodes), vec![8, 9, 11]);
+        assert_eq!(members(WORKER_GROUP, &nodes), vec![9, 11]);
+        assert_eq!(members(SERVER_GROUP + 1, &nodes), vec![8]);
+    }
+}
