@@ -35,9 +35,11 @@ Options:
                       every process of the cluster is killed and the run fails
     --verbose         PS_VERBOSE=1 for every process of both sides
     --json-out PATH   also write every figure as one JSON object to PATH
-    --pslite          also run a third side: MXNet's scheduler and server with the workers
+    --pslite          also run two more sides: MXNet's scheduler and server with the workers
                       of kvstore-pslite (`pslite_dist_sync`, speaking ps-lite's protocol), that
-                      is our worker on MXNet's servers; the row-sparse workload does not apply
+                      is our worker on MXNet's servers; and MXNet's Python workers on
+                      kvstore-pslite's scheduler and server. The row-sparse workload does not
+                      apply to either (it sets an optimizer on the servers)
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -446,6 +448,16 @@ def run_side(side, args):
                 raise ClusterFailed(f"{path} is missing; build it (drop --no-build)")
         roles = {"scheduler": [kvstore, "scheduler"], "server": [kvstore, "server"]}
         worker = [bench, "--json"] + sizes
+    elif side == "pslite-servers":
+        bench = os.path.join(repo_root(), "target", "release", "examples", "pslite_bench")
+        if not os.access(bench, os.X_OK):
+            raise ClusterFailed(f"{bench} is missing; build it (drop --no-build)")
+        # The store's factory runs the role of DMLC_ROLE (scheduler, server) and exits.
+        roles = {"scheduler": [bench, "--store", "pslite_dist_sync"],
+                 "server": [bench, "--store", "pslite_dist_sync"]}
+        dense = [] if args.only else [
+            "--only", "push_pull", "--only", "small_keys", "--only", "init"]
+        worker = [sys.executable, os.path.abspath(__file__), "--mxnet-worker"] + sizes + dense
     elif side == "pslite":
         bench = os.path.join(repo_root(), "target", "release", "examples", "pslite_bench")
         if not os.access(bench, os.X_OK):
@@ -534,7 +546,7 @@ def main():
                      "with the Python of a virtual environment holding mxnet==1.9.1 "
                      "(see the usage above)")
     if args.pslite and not args.ours_only:
-        sides.append("pslite")
+        sides += ["pslite", "pslite-servers"]
     if "ours" in sides and not args.no_build:
         build("pslite" in sides)
     env = {k: os.environ[k] for k in REPORTED_VARS if k in os.environ}
@@ -558,6 +570,7 @@ def main():
     ours = combine(rounds.get("ours", []))
     theirs = combine(rounds.get("mxnet", []))
     pslite = combine(rounds.get("pslite", []))
+    pslite_servers = combine(rounds.get("pslite-servers", []))
 
     version = theirs.get("mxnet_version", "1.9.1")
     print(f"MXNet {version} dist_sync vs ours: 1 scheduler, 1 server, {NUM_WORKERS} workers on "
@@ -593,7 +606,20 @@ def main():
             rows.setdefault(name, {})["pslite"] = ps_s
             print(f"{name:<21} {fmt(ps_s):>10} {fmt_rate(nbytes, ps_s):>6} {fmt(mx_s):>10} "
                   f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}")
-    for side, figures in (("ours", ours), ("MXNet", theirs), ("pslite", pslite)):
+    if pslite_servers:
+        print("MXNet's Python workers on kvstore-pslite's scheduler and server:")
+        print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
+              f"{'MXNet/ours':>10}")
+        for name, nbytes, _ in WORKLOADS:
+            mx_s, ps_s = theirs.get(name), pslite_servers.get(name)
+            if not wanted(args, name) or ps_s is None:
+                continue
+            ratio = mx_s / ps_s if mx_s and ps_s else None
+            rows.setdefault(name, {})["pslite_servers"] = ps_s
+            print(f"{name:<21} {fmt(ps_s):>10} {fmt_rate(nbytes, ps_s):>6} {fmt(mx_s):>10} "
+                  f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}")
+    for side, figures in (("ours", ours), ("MXNet", theirs), ("pslite", pslite),
+                          ("pslite-servers", pslite_servers)):
         if figures:
             print(f"{side}: store created {figures.get('create_seconds', 0):.3f} s after the "
                   f"worker started; whole cluster {figures['cluster_seconds']:.2f} s")
@@ -601,7 +627,7 @@ def main():
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"environment": env, "ours": ours or None, "mxnet": theirs or None,
-                       "pslite": pslite or None,
+                       "pslite": pslite or None, "pslite_servers": pslite_servers or None,
                        "rows": rows, "rounds": rounds}, f, indent=2)
 
 

@@ -35,9 +35,10 @@ pub const CMD_SET_GRADIENT_COMPRESSION: i32 = 4;
 struct Slot {
     dtype: DType,
     stored: NDArray,
-    /// The sum of this round's pushes so far, and the requests it holds.
-    merged: Option<NDArray>,
-    held: Vec<Message>,
+    /// The sum of the last round, reused as the next round's output.
+    spare: Option<NDArray>,
+    /// This round's pushes, and the requests that brought them.
+    held: Vec<(Message, NDArray)>,
 }
 
 /// The dtype of a command word of a dense request (`RequestType::kDefaultPushPull`).
@@ -54,10 +55,11 @@ fn dtype_of(head: i32) -> Result<DType, String> {
     ))
 }
 
-/// The answer to `request`, with `value` when it asked for the value.
-fn answer(request: &Message, value: Option<&NDArray>) -> (Meta, Vec<Vec<u8>>) {
+/// The meta of the answer to `request`; with `with_value`, its data frames follow (the key,
+/// the value, its length).
+fn answer(request: &Message, with_value: bool) -> Meta {
     let meta = &request.meta;
-    let mut reply = Meta {
+    Meta {
         head: meta.head,
         request: false,
         push: meta.push,
@@ -66,21 +68,24 @@ fn answer(request: &Message, value: Option<&NDArray>) -> (Meta, Vec<Vec<u8>>) {
         app_id: meta.app_id,
         timestamp: meta.timestamp,
         customer_id: meta.customer_id,
+        data_type: match with_value {
+            true => vec![data_type::UINT64, data_type::OTHER, data_type::INT32],
+            false => Vec::new(),
+        },
         ..Meta::default()
-    };
-    let mut data = Vec::new();
-    if let Some(value) = value.filter(|_| meta.pull) {
-        let bytes = value
-            .as_bytes()
-            .expect("stored values are contiguous")
-            .to_vec();
-        let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
-        data.push(request.data.first().cloned().unwrap_or_default());
-        data.push(bytes);
-        data.push(len.to_le_bytes().to_vec());
-        reply.data_type = vec![data_type::UINT64, data_type::OTHER, data_type::INT32];
     }
-    (reply, data)
+}
+
+/// Answers `request`, with `value` (written from its memory) when it asked for the value.
+fn reply(van: &Van, request: &Message, value: Option<&[u8]>) -> Result<(), VanError> {
+    match value.filter(|_| request.meta.pull) {
+        Some(bytes) => {
+            let key = request.data.first().map_or(&[][..], |k| k.as_slice());
+            let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX).to_le_bytes();
+            van.send(request.sender, &answer(request, true), &[key, bytes, &len])
+        }
+        None => van.send(request.sender, &answer(request, false), &[]),
+    }
 }
 
 /// The server's loop state.
@@ -93,12 +98,6 @@ struct Server {
 }
 
 impl Server {
-    fn reply(&self, request: &Message, value: Option<&NDArray>) -> Result<(), VanError> {
-        let (meta, data) = answer(request, value);
-        let frames: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
-        self.van.send(request.sender, &meta, &frames)
-    }
-
     /// A command to the servers; `Ok(true)` when it stops the server.
     fn command(&mut self, request: &Message) -> Result<bool, VanError> {
         let head = request.meta.head;
@@ -121,7 +120,7 @@ impl Server {
             }
             _ => log::info!("pslite server: command {head} acknowledged (nothing to do)"),
         }
-        self.reply(request, None)?;
+        reply(&self.van, request, None)?;
         Ok(head == CMD_STOP_SERVER)
     }
 
@@ -134,14 +133,20 @@ impl Server {
             .ok_or_else(|| bad("a request without its one key".into()))?;
         let ps_key = u64::from_le_bytes(key);
         let dtype = dtype_of(request.meta.head).map_err(bad)?;
+        let Server {
+            van,
+            slots,
+            num_workers,
+            sync,
+            reduce,
+        } = self;
         if !request.meta.push {
             // A key never pushed is answered with no value (MXNet's server aborts); the worker
             // then fails its pull, naming this server.
-            let value = self
-                .slots
+            let value = slots
                 .get(&ps_key)
-                .map_or_else(|| empty(dtype), |s| s.stored.clone());
-            return self.reply(&request, Some(&value));
+                .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
+            return reply(van, &request, Some(value));
         }
         let vals = request.data.get(1).map_or(&[][..], |v| v.as_slice());
         if !vals.len().is_multiple_of(dtype.size_of()) {
@@ -149,18 +154,19 @@ impl Server {
         }
         let pushed = NDArray::from_bytes(&[vals.len() / dtype.size_of()], dtype, vals)
             .map_err(|e| bad(e.to_string()))?;
-        let Some(slot) = self.slots.get_mut(&ps_key) else {
+        let Some(slot) = slots.get_mut(&ps_key) else {
             // The key's first push: its value.
-            self.slots.insert(
+            reply(van, &request, None)?;
+            slots.insert(
                 ps_key,
                 Slot {
                     dtype,
                     stored: pushed,
-                    merged: None,
+                    spare: None,
                     held: Vec::new(),
                 },
             );
-            return self.reply(&request, None);
+            return Ok(());
         };
         if slot.dtype != dtype || slot.stored.shape() != pushed.shape() {
             return Err(bad(format!(
@@ -170,31 +176,29 @@ impl Server {
                 slot.dtype
             )));
         }
-        if !self.sync {
+        if !*sync {
             slot.stored = pushed;
-            let stored = slot.stored.clone();
-            return self.reply(&request, Some(&stored));
+            return reply(van, &request, slot.stored.as_bytes());
         }
-        slot.merged = Some(match slot.merged.take() {
-            None => pushed,
-            Some(sum) => reduce::sum_values(&[&sum, &pushed], &self.reduce, false),
-        });
-        slot.held.push(request);
-        if slot.held.len() < self.num_workers {
+        slot.held.push((request, pushed));
+        if slot.held.len() < *num_workers {
             return Ok(());
         }
-        slot.stored = slot.merged.take().expect("merged above");
-        let held = std::mem::take(&mut slot.held);
-        let stored = slot.stored.clone();
-        for request in &held {
-            self.reply(request, Some(&stored))?;
+        // The round is complete: one pass sums every push into the spare buffer, which becomes
+        // the value.
+        let mut sum = slot
+            .spare
+            .take()
+            .unwrap_or_else(|| NDArray::zeros(slot.stored.shape(), dtype));
+        let pushes: Vec<&NDArray> = slot.held.iter().map(|(_, p)| p).collect();
+        reduce::sum_into(&mut sum, &pushes, reduce, false);
+        slot.spare = Some(std::mem::replace(&mut slot.stored, sum));
+        let value = slot.stored.as_bytes().expect("contiguous");
+        for (request, _) in slot.held.drain(..) {
+            reply(van, &request, Some(value))?;
         }
         Ok(())
     }
-}
-
-fn empty(dtype: DType) -> NDArray {
-    NDArray::zeros(&[0], dtype)
 }
 
 /// Runs a server of the job `config` names until rank 0 stops it (MXNet's `kStopServer`) and
@@ -246,11 +250,11 @@ mod tests {
     }
 
     #[test]
-    fn a_pull_is_answered_with_the_key_the_value_and_its_length() {
+    fn answers_echo_their_request() {
         let request = Message {
             sender: 9,
             meta: Meta {
-                head: 0,
+                head: 5,
                 request: true,
                 pull: true,
                 app_id: Some(0),
@@ -260,16 +264,13 @@ mod tests {
             },
             data: vec![42u64.to_le_bytes().to_vec(), Vec::new()],
         };
-        let value = NDArray::from_vec(&[2], vec![1.5f32, -2.0]).unwrap();
-        let (meta, data) = answer(&request, Some(&value));
-        assert!(!meta.request && meta.pull && meta.timestamp == Some(7));
-        assert_eq!(data[0], 42u64.to_le_bytes());
-        assert_eq!(data[1], value.as_bytes().unwrap());
-        assert_eq!(data[2], 8i32.to_le_bytes());
-        // A push is acknowledged without data.
-        let mut push = request.clone();
-        push.meta.pull = false;
-        push.meta.push = true;
-        assert!(answer(&push, Some(&value)).1.is_empty());
+        let meta = answer(&request, true);
+        assert!(!meta.request && meta.pull && !meta.push);
+        assert_eq!(
+            (meta.head, meta.timestamp, meta.app_id),
+            (5, Some(7), Some(0))
+        );
+        assert_eq!(meta.data_type.len(), 3);
+        assert!(answer(&request, false).data_type.is_empty());
     }
 }

@@ -21,6 +21,9 @@ const FLAG_MORE: u8 = 1;
 const FLAG_LONG: u8 = 2;
 const FLAG_COMMAND: u8 = 4;
 
+/// The most a frame's header alone makes this side reserve (256 MiB).
+const EAGER_FRAME_BYTES: u64 = 256 << 20;
+
 /// The greeting this side sends: signature, version 3.1, mechanism `NULL`, not as-server.
 fn greeting() -> [u8; 64] {
     let mut g = [0u8; 64];
@@ -115,9 +118,9 @@ fn read_frame(stream: &mut impl Read, limit: u64) -> io::Result<(u8, Vec<u8>)> {
              (KVSTORE_MAX_MESSAGE_BYTES)"
         )));
     }
-    // Grown as the bytes arrive, not allocated from the header: a peer that announces a huge
-    // frame and sends nothing holds no memory.
-    let mut bytes = Vec::with_capacity(len.min(1 << 20) as usize);
+    // At most EAGER_FRAME_BYTES reserved from the header alone; a bigger frame grows as its
+    // bytes arrive, so that a peer announcing a huge frame and sending nothing holds little.
+    let mut bytes = Vec::with_capacity(len.min(EAGER_FRAME_BYTES) as usize);
     stream.take(len).read_to_end(&mut bytes)?;
     if (bytes.len() as u64) < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
