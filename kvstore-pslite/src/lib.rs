@@ -95,8 +95,12 @@
 //! (`pushpull`s with the sum), a pull is answered with the value at once. Unlike MXNet's:
 //! every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
 //! is acknowledged; a Python optimizer (`kController`) or gradient compression stops the server
-//! with an error naming it (never run, never silently ignored); registration and barriers give
-//! up after `KVSTORE_TIMEOUT_SECS`, naming who is missing. Not served: row-sparse and
+//! with an error naming it (never run, never silently ignored; an MXNet Python worker that sent
+//! it then waits in ps-lite, as for any server that dies); registration and barriers give up
+//! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
+//! workers of the job are ignored; a sync round waiting for a worker that left ends the server
+//! with an error naming it. A worker's second push in a round counts as another worker's, as
+//! in MXNet. Not served: row-sparse and
 //! compressed requests, async mode with an updater.
 //!
 //! ## Modules

@@ -8,15 +8,18 @@
 //! and is counted as entered). The job ends with the second barrier of every node (the one of
 //! the start and the one of the end, as MXNet's nodes enter them).
 //!
-//! Every wait is bounded: registration and a barrier some node has entered fail after the
-//! timeout, naming the nodes missing; between barriers the scheduler waits as long as the job
-//! runs, and fails at once when every node's connection closed.
+//! Every wait is bounded: the registration fails after the timeout, naming the nodes that
+//! registered, and so does a barrier some node has entered (the start barrier counts as entered
+//! once the table is sent), naming the nodes missing; between barriers the scheduler waits as
+//! long as the job runs, and fails once every node's connection closed.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::meta::{Command, Control, Meta, NodeRecord, Role};
-use crate::van::{node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP};
+use crate::van::{
+    bracketed, node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP,
+};
 
 /// The ids of the members of barrier `group` among `nodes` (the scheduler excluded).
 fn members(group: i32, nodes: &[NodeRecord]) -> Vec<i32> {
@@ -49,7 +52,12 @@ pub fn run_scheduler(
     let mut registered: Vec<NodeRecord> = Vec::new();
     while registered.len() < expected {
         let left = deadline.saturating_duration_since(Instant::now());
-        let Some(message) = van.next_request(left.max(Duration::from_millis(1)))? else {
+        // The deadline is checked on every pass: a stream of messages does not extend it.
+        let message = match Instant::now() >= deadline {
+            true => None,
+            false => van.next_request(left.max(Duration::from_millis(1)))?,
+        };
+        let Some(message) = message else {
             if Instant::now() >= deadline {
                 return Err(VanError(format!(
                     "only {} of the {expected} nodes ({num_workers} workers, {num_servers} \
@@ -78,6 +86,13 @@ pub fn run_scheduler(
                     }
                     Role::Scheduler => false,
                 };
+                let again = registered.iter().any(|n| {
+                    n.role == node.role && n.hostname == node.hostname && n.port == node.port
+                });
+                if again {
+                    log::warn!("pslite scheduler: {node} registered twice; the second ignored");
+                    continue;
+                }
                 if !room {
                     log::warn!("pslite scheduler: refused the registration of {node}: the job has no room for it");
                     continue;
@@ -106,8 +121,8 @@ pub fn run_scheduler(
     let mut announce = Control::new(Command::AddNode);
     announce.nodes = table;
     for node in &registered {
-        let addr = format!("{}:{}", node.hostname, node.port);
-        van.connect_to(node.id, &addr, deadline)?;
+        let addr = format!("{}:{}", bracketed(&node.hostname), node.port);
+        van.connect_to(node.id, &addr, Instant::now() + timeout)?;
         let meta = Meta {
             control: Some(announce.clone()),
             timestamp: Some(van.new_timestamp()),
@@ -118,7 +133,10 @@ pub fn run_scheduler(
     log::info!("pslite scheduler: {num_workers} workers and {num_servers} servers joined");
 
     // Barriers: who entered each group's, and since when.
-    let mut entered: HashMap<i32, (Vec<i32>, Instant)> = HashMap::new();
+    // Every node enters the start barrier: it is timed from now, so that a node that never
+    // comes back as itself fails the job after the timeout.
+    let mut entered: HashMap<i32, (Vec<i32>, Instant)> =
+        HashMap::from([(EVERYONE, (Vec::new(), Instant::now()))]);
     let mut everyone_met = 0;
     while everyone_met < 2 {
         let oldest = entered.values().map(|(_, since)| *since).min();
@@ -126,7 +144,11 @@ pub fn run_scheduler(
             Some(since) => (since + timeout).saturating_duration_since(Instant::now()),
             None => Duration::from_secs(1),
         };
-        let message = van.next_request(wait.max(Duration::from_millis(1)))?;
+        // The deadline is checked on every pass: a stream of messages does not extend it.
+        let message = match oldest.is_some_and(|since| since.elapsed() >= timeout) {
+            true => None,
+            false => van.next_request(wait.max(Duration::from_millis(1)))?,
+        };
         let Some(message) = message else {
             for (group, (ids, since)) in &entered {
                 if since.elapsed() >= timeout {

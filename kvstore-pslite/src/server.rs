@@ -125,7 +125,8 @@ impl Server {
     }
 
     fn key_value(&mut self, request: Message) -> Result<(), VanError> {
-        let bad = |what: String| VanError(format!("{}: {what}", node_name(request.sender)));
+        let sender = request.sender;
+        let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
         let key: [u8; 8] = request
             .data
             .first()
@@ -141,8 +142,9 @@ impl Server {
             reduce,
         } = self;
         if !request.meta.push {
-            // A key never pushed is answered with no value (MXNet's server aborts); the worker
-            // then fails its pull, naming this server.
+            // A key never pushed is answered with no value (MXNet's server aborts): this
+            // crate's worker then fails its pull naming this server (an MXNet worker fails a
+            // check of ps-lite's).
             let value = slots
                 .get(&ps_key)
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
@@ -154,6 +156,9 @@ impl Server {
         }
         let pushed = NDArray::from_bytes(&[vals.len() / dtype.size_of()], dtype, vals)
             .map_err(|e| bad(e.to_string()))?;
+        // The copy is kept; the request keeps its key alone.
+        let mut request = request;
+        request.data.truncate(1);
         let Some(slot) = slots.get_mut(&ps_key) else {
             // The key's first push: its value.
             reply(van, &request, None)?;
@@ -216,9 +221,43 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         slots: HashMap::new(),
         reduce: ReduceConfig::from_env(),
     };
+    let workers: Vec<i32> = server
+        .van
+        .nodes()
+        .iter()
+        .filter(|n| n.role == Role::Worker)
+        .map(|n| n.id)
+        .collect();
     loop {
         let request = server.van.next_request(Duration::from_secs(1))?;
-        let Some(request) = request else { continue };
+        let Some(request) = request else {
+            // Idle as long as the job trains; over once no worker is left to stop it, or when
+            // a round waits for a worker that is gone.
+            if server.van.all_lost(&workers) {
+                return Err(VanError(
+                    "every worker left without stopping the server (kStopServer)".into(),
+                ));
+            }
+            let lost: Vec<String> = workers
+                .iter()
+                .filter(|&&id| server.van.all_lost(&[id]))
+                .map(|&id| node_name(id))
+                .collect();
+            if !lost.is_empty() && server.slots.values().any(|s| !s.held.is_empty()) {
+                return Err(VanError(format!(
+                    "a sync round waits for pushes of {}, which left the job",
+                    lost.join(", ")
+                )));
+            }
+            continue;
+        };
+        if !workers.contains(&request.sender) {
+            log::warn!(
+                "pslite server: ignored a request from {}, not a worker of the job",
+                node_name(request.sender)
+            );
+            continue;
+        }
         if request.meta.simple_app {
             if server.command(&request)? {
                 break;

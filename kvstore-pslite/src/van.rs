@@ -561,6 +561,9 @@ impl Van {
 
     /// Closes every link and stops the receiving threads.
     pub fn close(&mut self) {
+        let Some(thread) = self.accepting.take() else {
+            return;
+        };
         self.shared.stopping.store(true, Ordering::SeqCst);
         for link in self.senders.values() {
             link.lock().unwrap_or_else(|e| e.into_inner()).close();
@@ -568,9 +571,9 @@ impl Van {
         for stream in self.shared.lock().streams.drain(..) {
             let _ = stream.shutdown(Shutdown::Both);
         }
-        // Wake the accepting thread.
-        let _ = TcpStream::connect_timeout(&wake_addr(self.listen_addr), Duration::from_secs(1));
-        if let Some(thread) = self.accepting.take() {
+        // Wake the accepting thread; if that fails it is left to end with the process.
+        if TcpStream::connect_timeout(&wake_addr(self.listen_addr), Duration::from_secs(1)).is_ok()
+        {
             let _ = thread.join();
         }
     }
@@ -595,7 +598,7 @@ fn wake_addr(addr: SocketAddr) -> SocketAddr {
     wake
 }
 
-fn bracketed(host: &str) -> String {
+pub(crate) fn bracketed(host: &str) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]")
     } else {
