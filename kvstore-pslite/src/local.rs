@@ -3,7 +3,6 @@
 //! MXNet 1.9.1's own Python workers (given [`LocalJob::worker_options`] as their environment).
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,7 +23,6 @@ impl LocalJob {
     /// # Errors
     /// No free port, or a thread that cannot start.
     pub fn start(servers: usize, workers: usize, timeout: Duration) -> std::io::Result<LocalJob> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let config = |port: u16| VanConfig {
             scheduler: format!("127.0.0.1:{}", port),
             host: "127.0.0.1".into(),
@@ -34,12 +32,15 @@ impl LocalJob {
             max_message_bytes: 4 << 30,
         };
         let mut threads = Vec::new();
-        let scheduler = config(port);
+        // The scheduler listens before any thread starts: no other socket can take its port.
+        let scheduler =
+            crate::van::Van::listen(config(0)).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let port = scheduler.listen_addr().port();
         threads.push((
             "scheduler".to_string(),
             std::thread::Builder::new()
                 .name("pslite-scheduler".into())
-                .spawn(move || crate::scheduler::run_scheduler(scheduler, workers, servers))?,
+                .spawn(move || crate::scheduler::run_scheduler_on(scheduler, workers, servers))?,
         ));
         for i in 0..servers {
             let mut server = config(0);

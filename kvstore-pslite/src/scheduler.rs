@@ -45,8 +45,19 @@ pub fn run_scheduler(
     num_workers: usize,
     num_servers: usize,
 ) -> Result<(), VanError> {
-    let timeout = config.timeout;
-    let mut van = Van::listen(config)?;
+    run_scheduler_on(Van::listen(config)?, num_workers, num_servers)
+}
+
+/// [`run_scheduler`] on a scheduler's node already listening ([`Van::listen`]).
+///
+/// # Errors
+/// As [`run_scheduler`].
+pub fn run_scheduler_on(
+    mut van: Van,
+    num_workers: usize,
+    num_servers: usize,
+) -> Result<(), VanError> {
+    let timeout = van.timeout();
     let expected = num_workers + num_servers;
     let deadline = Instant::now() + timeout;
     let mut registered: Vec<NodeRecord> = Vec::new();

@@ -93,7 +93,9 @@ struct State {
     /// scheduler's registrations and barriers), in arrival order.
     requests: VecDeque<Message>,
     /// Incoming connections, shut down when the van closes.
-    streams: Vec<TcpStream>,
+    streams: HashMap<u64, TcpStream>,
+    /// The key of the next incoming connection in `streams`.
+    next_stream: u64,
 }
 
 struct Shared {
@@ -348,6 +350,11 @@ impl Van {
         self.next_van_timestamp.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// How long a wait may take (`KVSTORE_TIMEOUT_SECS`).
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// This node (its id assigned).
     pub fn me(&self) -> &NodeRecord {
         &self.me
@@ -568,7 +575,7 @@ impl Van {
         for link in self.senders.values() {
             link.lock().unwrap_or_else(|e| e.into_inner()).close();
         }
-        for stream in self.shared.lock().streams.drain(..) {
+        for (_, stream) in self.shared.lock().streams.drain() {
             let _ = stream.shutdown(Shutdown::Both);
         }
         // Wake the accepting thread; if that fails it is left to end with the process.
@@ -675,17 +682,20 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
         }
     };
     let sender = identity_id(&identity);
-    {
+    let key = {
         let mut state = shared.lock();
         if shared.stopping.load(Ordering::SeqCst) {
             return;
         }
+        let key = state.next_stream;
+        state.next_stream += 1;
         if let Ok(clone) = stream.try_clone() {
-            state.streams.push(clone);
+            state.streams.insert(key, clone);
         }
         *state.live.entry(sender).or_default() += 1;
         state.lost.retain(|(id, _)| *id != sender);
-    }
+        key
+    };
     log::debug!("pslite: {} connected from {peer}", node_name(sender));
     let ended = loop {
         match zmtp::read_message(&mut stream, shared.max_message_bytes) {
@@ -708,6 +718,9 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
             Err(e) => break format!("broke its connection ({e})"),
         }
     };
+    // Closed for good (a peer that sent a bad message is not read again), its descriptor freed.
+    let _ = stream.shutdown(Shutdown::Both);
+    shared.lock().streams.remove(&key);
     if !shared.stopping.load(Ordering::SeqCst) {
         log::debug!("pslite: {} {ended}", node_name(sender));
         let mut state = shared.lock();
@@ -728,11 +741,16 @@ fn deliver(shared: &Shared, message: Message) {
         (Some(control), request) => match control.cmd {
             // A registration (to the scheduler), or the node table (from it).
             Command::AddNode if role == Role::Scheduler => state.requests.push_back(message),
-            Command::AddNode => state.node_table = Some(control.nodes.clone()),
+            // The table and barrier releases count only from the scheduler.
+            Command::AddNode if message.sender == SCHEDULER_ID => {
+                state.node_table = Some(control.nodes.clone())
+            }
             Command::Barrier if request && role == Role::Scheduler => {
                 state.requests.push_back(message)
             }
-            Command::Barrier if !request => state.barriers_released += 1,
+            Command::Barrier if !request && message.sender == SCHEDULER_ID => {
+                state.barriers_released += 1
+            }
             other => log::debug!(
                 "pslite: ignored a {other:?} control message from {}",
                 node_name(message.sender)

@@ -171,6 +171,11 @@ impl PsLiteStore {
         self.van.me()
     }
 
+    /// The job's nodes, as the scheduler listed them (itself included).
+    pub fn job_nodes(&self) -> &[crate::meta::NodeRecord] {
+        self.van.nodes()
+    }
+
     fn server_id(&self, slice: &Slice) -> i32 {
         Van::server_id(slice.server)
     }

@@ -226,7 +226,12 @@ fn push_beside_a_pushpull_fails_naming_the_server() -> Result<(), Failed> {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    drop(workers);
+    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
     job.detach();
     for r in results {
         r?;

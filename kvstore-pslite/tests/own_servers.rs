@@ -64,6 +64,209 @@ fn a_missing_worker_fails_the_registration() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Messages from processes that are not nodes of the job (random and mutated metas and frames,
+/// under identities no node has) reach the scheduler before and while the job runs and the
+/// server while it runs: nothing panics, and the job forms, sums exactly and ends cleanly.
+fn hostile_messages_change_nothing() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
+    use kvstore_pslite::meta::{data_type, Command, Control, Meta, NodeRecord, Role};
+    use kvstore_pslite::zmtp::Dealer;
+    use kvstore_test::fuzz::{mutated, Rng};
+
+    let seed = std::env::var("KVSTORE_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_0F7E);
+    // A panic of a thread of the scheduler, the server or a receiving link fails the test.
+    let panics = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&panics);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current()
+            .name()
+            .is_some_and(|n| n.starts_with("pslite-"))
+        {
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        previous(info);
+    }));
+    let job = LocalJob::start(1, 2, Duration::from_secs(20))?;
+    let scheduler = format!("127.0.0.1:{}", job.worker_options()["DMLC_PS_ROOT_PORT"]);
+    let valid: Vec<Vec<u8>> = {
+        let mut barrier = Control::new(Command::Barrier);
+        barrier.barrier_group = Some(7);
+        let mut ack = Control::new(Command::Ack);
+        ack.msg_sig = Some(1);
+        vec![
+            Meta {
+                control: Some(barrier),
+                request: true,
+                ..Meta::default()
+            }
+            .encode(),
+            Meta {
+                control: Some(ack.with_node(NodeRecord::new(Role::Server, "10.0.0.1", 9))),
+                ..Meta::default()
+            }
+            .encode(),
+            Meta {
+                head: 0,
+                request: true,
+                push: true,
+                pull: true,
+                timestamp: Some(3),
+                data_type: vec![data_type::UINT64, data_type::OTHER, data_type::INT32],
+                ..Meta::default()
+            }
+            .encode(),
+            Meta {
+                head: 2,
+                simple_app: true,
+                request: true,
+                ..Meta::default()
+            }
+            .encode(),
+        ]
+    };
+    // A node closes a connection that sent a bad message: the attacker connects again, under
+    // another identity.
+    let attack = |addr: &str, seed: u64, count: usize| {
+        let mut rng = Rng::new(seed);
+        let mut link: Option<Dealer> = None;
+        for _ in 0..count {
+            if link.is_none() {
+                let identity =
+                    [b"".to_vec(), b"ps999".to_vec(), rng.bytes(5)][rng.below(3) as usize].clone();
+                link = Dealer::connect(addr, &identity, Duration::from_secs(5)).ok();
+            }
+            let Some(dealer) = link.as_mut() else { return };
+            // Mostly well-formed metas with random fields (each reaches the node's logic), some
+            // mutated bytes (a bad one ends the connection).
+            let meta = match rng.below(20) {
+                0 => mutated(&mut rng, &valid),
+                _ => {
+                    let body_len = rng.below(3) as usize;
+                    let mut control = Control::new(rng.pick(&[
+                        Command::Barrier,
+                        Command::Heartbeat,
+                        Command::Ack,
+                        Command::Terminate,
+                    ]));
+                    control.barrier_group = Some(rng.below(9) as i32);
+                    Meta {
+                        head: rng.pick(&[0, 2, 3, 5, 14, 90, -1, i32::MAX]),
+                        body: rng.bytes(body_len),
+                        control: (rng.below(3) == 0).then_some(control),
+                        request: rng.below(4) != 0,
+                        push: rng.below(2) == 0,
+                        pull: rng.below(2) == 0,
+                        simple_app: rng.below(4) == 0,
+                        app_id: Some(0),
+                        timestamp: Some(rng.below(50) as i32),
+                        customer_id: 0,
+                        ..Meta::default()
+                    }
+                    .encode()
+                }
+            };
+            // A registration would take a node's place: ps-lite has no authentication.
+            if Meta::decode(&meta).is_ok_and(|m| m.command() == Command::AddNode) {
+                continue;
+            }
+            let frames: Vec<Vec<u8>> = (0..rng.below(4))
+                .map(|_| {
+                    let n = rng.pick(&[0usize, 4, 8, 13, 16]);
+                    rng.bytes(n)
+                })
+                .collect();
+            let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_slice()).collect();
+            if dealer.send(&meta, &frames).is_err() {
+                link = None;
+            }
+        }
+        if let Some(dealer) = link {
+            dealer.close();
+        }
+    };
+    attack(&scheduler, seed, 1000);
+    let options = job.worker_options().clone();
+    let config = kvstore_dist::DistConfig::from_vars(options.clone()).map_err(|e| e.to_string())?;
+    let workers: Vec<kvstore_pslite::PsLiteStore> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| kvstore_pslite::PsLiteStore::connect(NAME, &config)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Result<_, _>>()
+    })?;
+    let server = workers[0]
+        .job_nodes()
+        .iter()
+        .find(|n| n.role == Role::Server)
+        .map(|n| format!("{}:{}", n.hostname, n.port))
+        .ok_or("no server in the node table")?;
+    std::thread::scope(|s| -> Result<(), Failed> {
+        s.spawn(|| attack(&scheduler, seed + 1, 1000));
+        s.spawn(|| attack(&server, seed + 2, 1000));
+        let sums: Vec<Result<Vec<f64>, kvstore_base::Error>> = std::thread::scope(|t| {
+            let handles: Vec<_> = workers
+                .iter()
+                .map(|kv| {
+                    t.spawn(move || {
+                        kv.init(3, &NDArray::zeros(&[4], DType::F32))?;
+                        let mut out = NDArray::zeros(&[4], DType::F32);
+                        for round in 0..20 {
+                            let v = NDArray::full(&[4], (kv.rank() + round) as f64, DType::F32);
+                            kv.pushpull(3, &v, &mut out)?;
+                        }
+                        Ok(out.to_f64_vec())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for sum in sums {
+            // Round 19: (0 + 19) + (1 + 19).
+            if sum? != vec![39.0; 4] {
+                return Err("a wrong sum".into());
+            }
+        }
+        Ok(())
+    })?;
+    // The nodes read what the attackers left in their sockets, then the job goes on.
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<kvstore_base::Result<Vec<f64>>> = std::thread::scope(|t| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                t.spawn(move || {
+                    let mut out = NDArray::zeros(&[4], DType::F32);
+                    kv.pushpull(3, &NDArray::full(&[4], 1.0, DType::F32), &mut out)?;
+                    Ok(out.to_f64_vec())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for sum in after {
+        if sum? != vec![2.0; 4] {
+            return Err("a wrong sum after the attacks".into());
+        }
+    }
+    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
+    job.join()?;
+    match panics.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => Ok(()),
+        n => Err(format!("{n} thread(s) of the job panicked").into()),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     // The worker refuses what MXNet's servers cannot hold, whichever server it talks to.
     kvstore_test::allow_refused_dtypes(kvstore_pslite::REFUSED_DTYPES);
@@ -92,6 +295,10 @@ fn main() -> std::process::ExitCode {
     trials.push(Trial::test(
         "own_servers::a_missing_worker_fails_the_registration",
         a_missing_worker_fails_the_registration,
+    ));
+    trials.push(Trial::test(
+        "own_servers::hostile_messages_change_nothing",
+        hostile_messages_change_nothing,
     ));
     libtest_mimic::run(&args, trials).exit_code()
 }
