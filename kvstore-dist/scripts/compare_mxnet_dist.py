@@ -594,28 +594,22 @@ def main():
             verdict += " met" if ratio >= target else " MISSED"
         print(f"{name:<21} {fmt(our_s):>10} {fmt_rate(nbytes, our_s):>6} {fmt(mx_s):>10} "
               f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}  {verdict}")
-    if pslite:
-        print(f"our worker on MXNet's scheduler and server (kvstore-pslite's pslite_dist_sync):")
+    for label, key, figures in (
+            ("our worker on MXNet's scheduler and server (kvstore-pslite's pslite_dist_sync)",
+             "pslite", pslite),
+            ("MXNet's Python workers on kvstore-pslite's scheduler and server",
+             "pslite_servers", pslite_servers)):
+        if not figures:
+            continue
+        print(f"{label}:")
         print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
               f"{'MXNet/ours':>10}")
         for name, nbytes, _ in WORKLOADS:
-            mx_s, ps_s = theirs.get(name), pslite.get(name)
+            mx_s, ps_s = theirs.get(name), figures.get(name)
             if not wanted(args, name) or ps_s is None:
                 continue
             ratio = mx_s / ps_s if mx_s and ps_s else None
-            rows.setdefault(name, {})["pslite"] = ps_s
-            print(f"{name:<21} {fmt(ps_s):>10} {fmt_rate(nbytes, ps_s):>6} {fmt(mx_s):>10} "
-                  f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}")
-    if pslite_servers:
-        print("MXNet's Python workers on kvstore-pslite's scheduler and server:")
-        print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
-              f"{'MXNet/ours':>10}")
-        for name, nbytes, _ in WORKLOADS:
-            mx_s, ps_s = theirs.get(name), pslite_servers.get(name)
-            if not wanted(args, name) or ps_s is None:
-                continue
-            ratio = mx_s / ps_s if mx_s and ps_s else None
-            rows.setdefault(name, {})["pslite_servers"] = ps_s
+            rows.setdefault(name, {})[key] = ps_s
             print(f"{name:<21} {fmt(ps_s):>10} {fmt_rate(nbytes, ps_s):>6} {fmt(mx_s):>10} "
                   f"{fmt_rate(nbytes, mx_s):>6} {('%.2fx' % ratio) if ratio else '-':>10}")
     for side, figures in (("ours", ours), ("MXNet", theirs), ("pslite", pslite),

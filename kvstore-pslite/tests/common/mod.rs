@@ -45,6 +45,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh folder for a job's logs and files.
+fn log_dir() -> Result<PathBuf, String> {
+    let logs = std::env::temp_dir().join(format!(
+        "kvstore-pslite-test-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+    Ok(logs)
+}
+
 /// An MXNet scheduler and servers, killed when dropped.
 pub struct MxnetJob {
     python: PathBuf,
@@ -62,12 +73,7 @@ impl MxnetJob {
         extra: &[(&str, &str)],
     ) -> Result<MxnetJob, String> {
         let python = mxnet_python()?;
-        let logs = std::env::temp_dir().join(format!(
-            "kvstore-pslite-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let logs = log_dir()?;
         let mut env: BTreeMap<String, String> = [
             ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
             ("DMLC_PS_ROOT_PORT", free_port().to_string()),
@@ -101,12 +107,7 @@ impl MxnetJob {
     /// on threads of the test): `options` are the job's worker settings.
     pub fn workers_of(options: &BTreeMap<String, String>) -> Result<MxnetJob, String> {
         let python = mxnet_python()?;
-        let logs = std::env::temp_dir().join(format!(
-            "kvstore-pslite-test-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
+        let logs = log_dir()?;
         let mut env = options.clone();
         env.insert("OMP_NUM_THREADS".into(), "1".into());
         env.insert("MXNET_CPU_WORKER_NTHREADS".into(), "1".into());
