@@ -36,7 +36,8 @@ fn grace(timeout: Duration) -> Duration {
     (timeout / 4).min(Duration::from_secs(2)) + Duration::from_millis(100)
 }
 
-fn join_host_port(host: &str, port: u16) -> String {
+/// `host:port`, an IPv6 host in brackets (`[::1]:9000`).
+pub fn join_host_port(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

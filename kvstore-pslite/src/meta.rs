@@ -128,6 +128,12 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// The address to reach it at, `host:port` (a port outside 16 bits, from a bad table, as 0,
+    /// which no connection reaches).
+    pub fn addr(&self) -> String {
+        kvstore_dist::node::join_host_port(&self.hostname, u16::try_from(self.port).unwrap_or(0))
+    }
+
     /// A node without an id yet, as a registration names it.
     pub fn new(role: Role, hostname: &str, port: u16) -> NodeRecord {
         NodeRecord {

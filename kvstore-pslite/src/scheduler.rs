@@ -17,9 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::meta::{Command, Control, Meta, NodeRecord, Role};
-use crate::van::{
-    bracketed, node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP,
-};
+use crate::van::{node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP};
 
 /// The ids of the members of barrier `group` among `nodes` (the scheduler excluded).
 fn members(group: i32, nodes: &[NodeRecord]) -> Vec<i32> {
@@ -66,7 +64,7 @@ pub fn run_scheduler_on(
         // The deadline is checked on every pass: a stream of messages does not extend it.
         let message = match Instant::now() >= deadline {
             true => None,
-            false => van.next_request(left.max(Duration::from_millis(1)))?,
+            false => van.next_request(left.max(Duration::from_millis(1))),
         };
         let Some(message) = message else {
             if Instant::now() >= deadline {
@@ -132,7 +130,7 @@ pub fn run_scheduler_on(
     let mut announce = Control::new(Command::AddNode);
     announce.nodes = table;
     for node in &registered {
-        let addr = format!("{}:{}", bracketed(&node.hostname), node.port);
+        let addr = node.addr();
         van.connect_to(node.id, &addr, Instant::now() + timeout)?;
         let meta = Meta {
             control: Some(announce.clone()),
@@ -158,7 +156,7 @@ pub fn run_scheduler_on(
         // The deadline is checked on every pass: a stream of messages does not extend it.
         let message = match oldest.is_some_and(|since| since.elapsed() >= timeout) {
             true => None,
-            false => van.next_request(wait.max(Duration::from_millis(1)))?,
+            false => van.next_request(wait.max(Duration::from_millis(1))),
         };
         let Some(message) = message else {
             for (group, (ids, since)) in &entered {

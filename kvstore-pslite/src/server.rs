@@ -229,7 +229,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         .map(|n| n.id)
         .collect();
     loop {
-        let request = server.van.next_request(Duration::from_secs(1))?;
+        let request = server.van.next_request(Duration::from_secs(1));
         let Some(request) = request else {
             // Idle as long as the job trains; over once no worker is left to stop it, or when
             // a round waits for a worker that is gone.
@@ -238,16 +238,18 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
                     "every worker left without stopping the server (kStopServer)".into(),
                 ));
             }
-            let lost: Vec<String> = workers
-                .iter()
-                .filter(|&&id| server.van.all_lost(&[id]))
-                .map(|&id| node_name(id))
-                .collect();
-            if !lost.is_empty() && server.slots.values().any(|s| !s.held.is_empty()) {
-                return Err(VanError(format!(
-                    "a sync round waits for pushes of {}, which left the job",
-                    lost.join(", ")
-                )));
+            if server.slots.values().any(|s| !s.held.is_empty()) {
+                let lost: Vec<String> = workers
+                    .iter()
+                    .filter(|&&id| server.van.all_lost(&[id]))
+                    .map(|&id| node_name(id))
+                    .collect();
+                if !lost.is_empty() {
+                    return Err(VanError(format!(
+                        "a sync round waits for pushes of {}, which left the job",
+                        lost.join(", ")
+                    )));
+                }
             }
             continue;
         };

@@ -20,6 +20,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvstore_dist::node::join_host_port;
+
 use crate::meta::{data_type, Command, Control, Meta, NodeRecord, Role, UNSET};
 use crate::zmtp::{self, Dealer};
 
@@ -154,7 +156,8 @@ pub fn node_name(id: i32) -> String {
     }
 }
 
-/// A worker node of a ps-lite job.
+/// A node of a ps-lite job: a worker or a server ([`Van::join_as`]), or the scheduler
+/// ([`Van::listen`]).
 pub struct Van {
     config: VanConfig,
     me: NodeRecord,
@@ -191,7 +194,7 @@ impl Van {
 
     /// Starts listening as a node of `role` (the scheduler's id is fixed: 1), without joining.
     fn bind(config: VanConfig, role: Role) -> Result<Van, VanError> {
-        let bind = format!("{}:{}", bracketed(&config.bind), config.port);
+        let bind = join_host_port(&config.bind, config.port);
         let listener = TcpListener::bind(bind.as_str())
             .map_err(|e| VanError(format!("cannot listen on {bind}: {e}")))?;
         let listen_addr = listener
@@ -288,10 +291,8 @@ impl Van {
         van.me = me;
         van.nodes = table;
 
-        let identity = format!("ps{}", van.me.id).into_bytes();
         let scheduler = van.config.scheduler.clone();
-        let link = van.connect_retrying(&scheduler, &identity, deadline)?;
-        van.senders.insert(SCHEDULER_ID, Mutex::new(link));
+        van.connect_to(SCHEDULER_ID, &scheduler, deadline)?;
         first.close();
         // As ps-lite: links to every node but those of its own role.
         let peers: Vec<NodeRecord> = van
@@ -301,9 +302,7 @@ impl Van {
             .cloned()
             .collect();
         for peer in peers {
-            let addr = format!("{}:{}", bracketed(&peer.hostname), peer.port);
-            let link = van.connect_retrying(&addr, &identity, deadline)?;
-            van.senders.insert(peer.id, Mutex::new(link));
+            van.connect_to(peer.id, &peer.addr(), deadline)?;
         }
         log::info!(
             "pslite: joined the job at {} as {}",
@@ -400,18 +399,24 @@ impl Van {
 
     /// The next request for this serving node (see [`Van::join_as`], [`Van::listen`]), waiting
     /// at most `wait`; `None` when none came.
-    ///
-    /// # Errors
-    /// None yet; reserved for a van that stopped.
-    pub fn next_request(&self, wait: Duration) -> Result<Option<Message>, VanError> {
+    pub fn next_request(&self, wait: Duration) -> Option<Message> {
         let deadline = Instant::now() + wait;
-        let got = self.shared.wait_until(
-            deadline,
-            &[],
-            |state| state.requests.pop_front(),
-            |_| VanError(String::new()),
-        );
-        Ok(got.ok())
+        let mut state = self.shared.lock();
+        loop {
+            if let Some(request) = state.requests.pop_front() {
+                return Some(request);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether every node of `ids` has lost its every connection to this one.
@@ -508,15 +513,8 @@ impl Van {
         );
         if result.is_err() {
             self.forget(timestamp);
-        } else if let Some((id, what)) = self.lost_among(from) {
-            log::debug!("pslite: {} {what} after answering", node_name(id));
         }
         result
-    }
-
-    fn lost_among(&self, ids: &[i32]) -> Option<(i32, String)> {
-        let state = self.shared.lock();
-        state.lost.iter().find(|(id, _)| ids.contains(id)).cloned()
     }
 
     /// Waits until every node of `group` (a sum of [`SERVER_GROUP`], [`WORKER_GROUP`] and 1
@@ -603,14 +601,6 @@ fn wake_addr(addr: SocketAddr) -> SocketAddr {
         });
     }
     wake
-}
-
-pub(crate) fn bracketed(host: &str) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
 }
 
 fn group_name(group: i32) -> String {

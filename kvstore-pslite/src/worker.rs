@@ -56,6 +56,13 @@ impl Entry {
     }
 }
 
+/// One key's requests of a call: a request per slice of `entry`, carrying `bytes` for a push.
+struct Request<'a> {
+    key: &'a Key,
+    entry: &'a Entry,
+    bytes: Option<&'a [u8]>,
+}
+
 /// The keys of the job, as this worker knows them.
 #[derive(Debug, Default)]
 struct Table {
@@ -176,10 +183,6 @@ impl PsLiteStore {
         self.van.nodes()
     }
 
-    fn server_id(&self, slice: &Slice) -> i32 {
-        Van::server_id(slice.server)
-    }
-
     /// Sends `head`/`body` to every server and waits for each to answer.
     fn command_all(&self, head: i32, body: &str) -> Result<()> {
         let ts = self.van.new_timestamp();
@@ -253,13 +256,13 @@ impl PsLiteStore {
     fn exchange(
         &self,
         operation: &'static str,
-        requests: &[(Key, Entry, Option<&[u8]>)],
+        requests: &[Request<'_>],
         pull: bool,
         priority: i32,
     ) -> Result<Vec<Vec<Message>>> {
         let mut sent: Vec<Vec<(i32, i32)>> = Vec::with_capacity(requests.len());
         let mut failure = None;
-        'send: for (key, entry, bytes) in requests {
+        'send: for &Request { key, entry, bytes } in requests {
             let mut slices = Vec::with_capacity(entry.slices.len());
             for slice in &entry.slices {
                 let ts = self.van.new_timestamp();
@@ -269,7 +272,7 @@ impl PsLiteStore {
                 let vals = bytes.map_or(&[][..], |b| &b[entry.bytes(slice)]);
                 // Slices of more than 2 GiB were refused at init.
                 let len = (vals.len() as i32).to_le_bytes();
-                let server = self.server_id(slice);
+                let server = Van::server_id(slice.server);
                 self.van.expect(ts);
                 let result = if push {
                     self.van.send(server, &meta, &[&ps_key, vals, &len])
@@ -292,7 +295,7 @@ impl PsLiteStore {
         // later call.
         let deadline = self.van.deadline();
         let mut answers = Vec::with_capacity(sent.len());
-        for ((key, _, _), slices) in requests.iter().zip(&sent) {
+        for (&Request { key, .. }, slices) in requests.iter().zip(&sent) {
             let mut got = Vec::with_capacity(slices.len());
             for &(ts, server) in slices {
                 match self.van.wait(
@@ -378,32 +381,31 @@ impl PsLiteStore {
             for (slice, answer) in entry.slices.iter().zip(answers) {
                 whole.extend_from_slice(self.pulled(entry, slice, answer).map_err(at)?);
             }
+            // Cast to the output's dtype; a row-sparse output keeps the non-zero rows.
             let value = NDArray::from_bytes(&entry.shape, entry.dtype, &whole).map_err(at)?;
-            if out.storage_type() == StorageType::RowSparse {
-                **out = value.to_row_sparse().map_err(at)?.astype(out.dtype());
-            } else {
-                out.assign(&value).map_err(at)?;
-            }
+            out.assign(&value).map_err(at)?;
         }
         Ok(())
     }
 
-    /// Checks every output against its key's entry; returns the entries of the distinct keys.
-    fn check_outs(&self, operation: &'static str, outs: &KeyedOuts<'_>) -> Result<Vec<Entry>> {
-        let mut keys: Vec<&Key> = Vec::new();
-        for k in outs.keys() {
-            if !keys.contains(&k) {
-                keys.push(k);
+    /// Checks every output against its key's entry; returns the distinct keys with their
+    /// entries.
+    fn check_outs(
+        &self,
+        operation: &'static str,
+        outs: &KeyedOuts<'_>,
+    ) -> Result<Vec<(Key, Entry)>> {
+        let groups = outs.groups();
+        let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
+        let entries = self.entries(operation, &keys)?;
+        for (group, entry) in groups.iter().zip(&entries) {
+            for &i in &group.positions {
+                entry
+                    .check_shape(outs.outs()[i], &format!("output {i}"))
+                    .map_err(|e| e.at_key(&self.name, operation, group.key.clone()))?;
             }
         }
-        let entries = self.entries(operation, &keys)?;
-        for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
-            let at = keys.iter().position(|k| *k == key).expect("listed");
-            entries[at]
-                .check_shape(out, &format!("output {i}"))
-                .map_err(|e| e.at_key(&self.name, operation, key.clone()))?;
-        }
-        Ok(entries)
+        Ok(groups.into_iter().map(|g| g.key).zip(entries).collect())
     }
 
     fn pull_keys(
@@ -413,22 +415,20 @@ impl PsLiteStore {
         ignore_sparse: bool,
         priority: i32,
     ) -> Result<()> {
-        let entries = self.check_outs(operation, outs)?;
-        let mut keys: Vec<Key> = Vec::new();
-        for k in outs.keys() {
-            if !keys.contains(k) {
-                keys.push(k.clone());
-            }
-        }
-        let requests: Vec<(Key, Entry, Option<&[u8]>)> = keys
+        let keyed = self.check_outs(operation, outs)?;
+        let requests: Vec<Request<'_>> = keyed
             .iter()
-            .zip(&entries)
-            .map(|(k, e)| (k.clone(), e.clone(), None))
+            .map(|(key, entry)| Request {
+                key,
+                entry,
+                bytes: None,
+            })
             .collect();
         let answers = self.exchange(operation, &requests, true, priority)?;
-        let by_key: HashMap<Key, (Entry, Vec<Message>)> = keys
+        let by_key: HashMap<Key, (Entry, Vec<Message>)> = keyed
             .into_iter()
-            .zip(entries.into_iter().zip(answers))
+            .zip(answers)
+            .map(|((key, entry), answers)| (key, (entry, answers)))
             .collect();
         self.write_outs(operation, &by_key, outs, ignore_sparse)
     }
@@ -445,9 +445,13 @@ impl PsLiteStore {
             self.check_outs(operation, outs)?;
         }
         let outbound = self.outbound(operation, values)?;
-        let requests: Vec<(Key, Entry, Option<&[u8]>)> = outbound
+        let requests: Vec<Request<'_>> = outbound
             .iter()
-            .map(|(k, e, o)| (k.clone(), e.clone(), Some(o.bytes())))
+            .map(|(key, entry, payload)| Request {
+                key,
+                entry,
+                bytes: Some(payload.bytes()),
+            })
             .collect();
         let pull = outs.is_some();
         let answers = self.exchange(operation, &requests, pull, priority)?;
@@ -473,7 +477,8 @@ impl PsLiteStore {
             let mut next_str_key = table.next_str_key;
             for (key, value) in values.iter() {
                 let at = |e: Error| e.at_key(&self.name, operation, key.clone());
-                if table.entries.contains_key(key) || new.iter().any(|(k, _)| k == key) {
+                // One value per key was checked above: a key repeats only across calls.
+                if table.entries.contains_key(key) {
                     return Err(at(Error::DuplicateInit));
                 }
                 if let Some(other) = table.entries.keys().next() {
@@ -533,26 +538,19 @@ impl PsLiteStore {
             }
         }
         if self.van.rank() == 0 {
-            let requests: Vec<(Key, Entry, Option<&[u8]>)> = new
-                .iter()
-                .zip(values.values())
-                .map(|((k, e), v)| {
-                    let bytes = v.as_bytes();
-                    (k.clone(), e.clone(), bytes)
-                })
-                .collect();
-            // Non-contiguous values (views) are copied first.
-            let copies: Vec<Option<NDArray>> = values
+            // The caller's bytes, or a copy of a value that is not contiguous (a view).
+            let payloads: Vec<Outbound<'_>> = values
                 .values()
                 .iter()
-                .map(|v| v.as_bytes().is_none().then(|| v.astype(v.dtype())))
+                .map(|&v| reduce::outbound(&[v], &self.reduce))
                 .collect();
-            let requests: Vec<(Key, Entry, Option<&[u8]>)> = requests
-                .into_iter()
-                .zip(&copies)
-                .map(|((k, e, b), c)| {
-                    let bytes = b.or_else(|| c.as_ref().and_then(|c| c.as_bytes()));
-                    (k, e, bytes)
+            let requests: Vec<Request<'_>> = new
+                .iter()
+                .zip(&payloads)
+                .map(|((key, entry), payload)| Request {
+                    key,
+                    entry,
+                    bytes: Some(payload.bytes()),
                 })
                 .collect();
             self.exchange(operation, &requests, false, 0)?;
