@@ -29,7 +29,9 @@
 //!   `pslite_bench` example runs this program as `pslite_dist_sync`, a worker of a job whose
 //!   scheduler and servers are MXNet's);
 //! - `--compression TYPE[:THRESHOLD]`: compress the pushes (`2bit`, `1bit`; MXNet's default
-//!   threshold 0.5); the pulled sums are then quantised and not checked for exactness.
+//!   threshold 0.5); the pulled sums are then what the codec sent: with 2-bit and a threshold
+//!   `t` of at most 1, `workers × t` (every value pushed is at least 1, so every worker sends
+//!   `+t` every round), checked; with 1-bit or a larger threshold, not checked.
 //!
 //! The workloads (all `f32`, arrays allocated and keys initialised before timing); a round is a
 //! push then a pull by every worker, so the server merges one push per worker and key:
@@ -215,7 +217,7 @@ fn push_pull(
 ) -> Result<Row, String> {
     let at = |e: kvstore_base::Error| format!("{name}: {e}");
     let rank = kv.rank();
-    let total = sum_over_workers(kv.num_workers());
+    let total = expected_pull(options, kv.num_workers(), 1.0);
     let mine = (rank + 1) as f32;
     kv.init(key, &f32_array(elems, 0.0)).map_err(at)?;
     let grad = f32_array(elems, f64::from(mine));
@@ -231,8 +233,7 @@ fn push_pull(
     check(&format!("{name}: the pushed array"), &grad, mine)?;
     zero(&mut out)?;
     kv.pull(key, &mut out).map_err(at)?;
-    // Compressed pushes arrive quantised: the sum is only exact without compression.
-    if options.compression.is_none() {
+    if let Some(total) = total {
         check(&format!("{name}: the pulled sum"), &out, total)?;
     }
     Ok(Row {
@@ -252,7 +253,7 @@ fn small_keys(
 ) -> Result<Row, String> {
     let at = |e: kvstore_base::Error| format!("{name}: {e}");
     let rank = kv.rank();
-    let total = sum_over_workers(kv.num_workers());
+    let workers = kv.num_workers();
     let keys: Vec<i32> = (100..100 + count).collect();
     let scale = |k: i32| (k % 7 + 1) as f32;
     let zeros: Vec<NDArray> = keys.iter().map(|_| f32_array(elems, 0.0)).collect();
@@ -281,13 +282,10 @@ fn small_keys(
         zero(out)?;
     }
     kv.pull(&keys, &mut outs).map_err(at)?;
-    let exact = options.compression.is_none();
-    for (&k, out) in keys.iter().zip(&outs).filter(|_| exact) {
-        check(
-            &format!("{name}: the pulled sum of key {k}"),
-            out,
-            scale(k) * total,
-        )?;
+    for (&k, out) in keys.iter().zip(&outs) {
+        if let Some(total) = expected_pull(options, workers, scale(k)) {
+            check(&format!("{name}: the pulled sum of key {k}"), out, total)?;
+        }
     }
     Ok(Row {
         name,
@@ -441,6 +439,21 @@ fn row_sparse(
 /// The sum of `r + 1` over the ranks `r` of `workers` workers.
 fn sum_over_workers(workers: usize) -> f32 {
     (workers * (workers + 1) / 2) as f32
+}
+
+/// What every pulled element must be once each worker `r` pushed `scale × (r + 1)` every round:
+/// the sum over the workers; with 2-bit compression of threshold `t <= 1`, `workers × t` (each
+/// value pushed is at least 1, so a worker's residual never falls below `t` and it sends `+t`
+/// every round); `None` (not checked) with 1-bit or a larger threshold.
+fn expected_pull(options: &Options, workers: usize, scale: f32) -> Option<f32> {
+    let Some(params) = &options.compression else {
+        return Some(scale * sum_over_workers(workers));
+    };
+    let threshold: f32 = params
+        .get("threshold")
+        .map_or(Some(0.5), |t| t.parse().ok())?;
+    let two_bit = params.get("type").map(String::as_str) == Some("2bit");
+    (two_bit && threshold > 0.0 && threshold <= 1.0).then_some(workers as f32 * threshold)
 }
 
 fn run(options: &Options) -> Result<(), String> {

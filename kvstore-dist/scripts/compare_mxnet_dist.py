@@ -40,6 +40,14 @@ Options:
                       is our worker on MXNet's servers; and MXNet's Python workers on
                       kvstore-pslite's scheduler and server. The row-sparse workload does not
                       apply to either (it sets an optimizer on the servers)
+    --compression 2bit[:THRESHOLD]
+                      every side's workers set MXNet 1.9.1's 2-bit gradient compression
+                      (threshold 0.5 by default) before their keys' init; pushes are then
+                      quantised (pulls stay uncompressed, as in MXNet). Without --only, the
+                      push_pull, small_keys and init workloads run (MXNet compresses dense
+                      pushes only). With a threshold of at most 1 every worker sends +threshold
+                      every round (each value it pushes is at least 1), so the pulled sums
+                      checked are workers x threshold
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -141,9 +149,18 @@ def parse_args():
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--json-out", default=None)
     p.add_argument("--pslite", action="store_true")
+    p.add_argument("--compression", default=None)
     p.add_argument("--mxnet-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.reps = max(args.reps, 1)
+    args.threshold = None
+    if args.compression is not None:
+        kind, _, threshold = args.compression.partition(":")
+        if kind != "2bit":
+            p.error(f"--compression {args.compression}: MXNet 1.9.1 has 2-bit compression only")
+        args.threshold = float(threshold) if threshold else 0.5
+        if not args.only:
+            args.only = ["push_pull", "small_keys", "init"]
     return args
 
 
@@ -170,6 +187,8 @@ def mxnet_worker(args):
             print("mxnet worker 0:", *what, file=sys.stderr, flush=True)
 
     log(f"dist_sync created in {create_seconds:.3f} s, {workers} workers")
+    if args.compression:
+        kv.set_gradient_compression({"type": "2bit", "threshold": args.threshold})
 
     def timed(step):
         for _ in range(args.warmup):
@@ -191,6 +210,12 @@ def mxnet_worker(args):
                      f"expected {expected} (the sum over {workers} workers)")
 
     total = workers * (workers + 1) / 2  # worker r pushes r + 1
+
+    def pulled(scale):
+        """What a pull holds after every worker r pushed scale * (r + 1) (see --compression)."""
+        if args.threshold is None:
+            return scale * total
+        return workers * args.threshold if args.threshold <= 1 else None
 
     for name, mib, key in (("push_pull_4MiB", 4, 3), ("push_pull_64MiB", 64, 5)):
         if not wanted(args, name):
@@ -214,7 +239,8 @@ def mxnet_worker(args):
         kv.push(key, grad)
         kv.pull(key, out=out)
         mx.nd.waitall()
-        check(name, out, total)
+        if pulled(1) is not None:
+            check(name, out, pulled(1))
         del grad, out
 
     name = "small_keys_1000x256"
@@ -239,7 +265,8 @@ def mxnet_worker(args):
         kv.pull(keys, out=outs)
         mx.nd.waitall()
         for k, o in zip(keys, outs):
-            check(f"{name} key {k}", o, (k % 7 + 1) * total)
+            if pulled(k % 7 + 1) is not None:
+                check(f"{name} key {k}", o, pulled(k % 7 + 1))
 
     name = "init_1000x256"
     if wanted(args, name):
@@ -439,6 +466,8 @@ def run_side(side, args):
     sizes = ["--reps", str(args.reps), "--warmup", str(args.warmup)]
     for o in args.only:
         sizes += ["--only", o]
+    if args.compression:
+        sizes += ["--compression", args.compression]
     if side == "ours":
         root = repo_root()
         kvstore = args.kvstore or os.path.join(root, "target", "release", "kvstore")
@@ -576,6 +605,7 @@ def main():
     print(f"MXNet {version} dist_sync vs ours: 1 scheduler, 1 server, {NUM_WORKERS} workers on "
           f"127.0.0.1 (rank 0's medians of {args.reps} rounds after {args.warmup} warm-up, "
           f"median of {max(args.rounds, 1)} round(s)"
+          + (f"; 2-bit compression, threshold {args.threshold:g}" if args.compression else "")
           + (f"; {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "") + ")")
     print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
           f"{'MXNet/ours':>10}  target")
@@ -620,7 +650,8 @@ def main():
 
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"environment": env, "ours": ours or None, "mxnet": theirs or None,
+            json.dump({"environment": env, "compression": args.compression,
+                       "ours": ours or None, "mxnet": theirs or None,
                        "pslite": pslite or None, "pslite_servers": pslite_servers or None,
                        "rows": rows, "rounds": rounds}, f, indent=2)
 

@@ -95,6 +95,101 @@ pub fn place(
     }])
 }
 
+/// One slice of a compressed push (`EncodeCompressedKey`): the slice of the value it stands for
+/// (the pull layout), the key that tells the server the slice's length in elements, and the
+/// 32-bit words of the packed value it carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedSlice {
+    /// The server, the ps-lite key and the elements of the value the slice covers (a pull
+    /// and `init` of the key use these slices).
+    pub slice: Slice,
+    /// The first key of the message: its server's range start plus the slice's length in
+    /// elements (MXNet sends it with an empty value).
+    pub size_key: u64,
+    /// The 32-bit words of the packed value the slice carries.
+    pub words: Range<usize>,
+}
+
+/// The slices of MXNet key `key`, a value of `elements` elements, when gradient compression
+/// packs `factor` elements per 32-bit word (16 for 2-bit), as MXNet 1.9.1's
+/// `EncodeCompressedKey` lays them out.
+///
+/// A small key lives whole on the server [`place`] gives it. A big one (at least
+/// `bigarray_bound` elements) is cut by **words**: server `i` but the last gets
+/// `round(w / S · (i + 1)) − round(w / S · i)` of the `w = ⌈elements / factor⌉` words and
+/// `factor` elements per word; the last server the rest. So a big key is split otherwise than
+/// without compression ([`place`]), and every worker and server must agree on which layout a
+/// key has from its `init` on.
+///
+/// ```
+/// use kvstore_pslite::encoding::place_compressed;
+/// // 3,000 elements on 2 servers, 16 per word: 188 words, 94 (1,504 elements) on server 0.
+/// let slices = place_compressed(10, 3000, 2, 1000, 16).unwrap();
+/// assert_eq!(slices[0].slice.elements, 0..1504);
+/// assert_eq!(slices[1].slice.elements, 1504..3000);
+/// assert_eq!((slices[0].words.clone(), slices[1].words.clone()), (0..94, 94..188));
+/// // The size key: the range start plus the slice's length.
+/// assert_eq!(slices[1].size_key, u64::MAX / 2 + 1496);
+/// ```
+///
+/// # Errors
+/// No servers, or a big key too small to give every server but the last its whole words
+/// (MXNet's worker would compute a negative last slice; raise `MXNET_KVSTORE_BIGARRAY_BOUND`).
+pub fn place_compressed(
+    key: i32,
+    elements: usize,
+    servers: usize,
+    bigarray_bound: usize,
+    factor: usize,
+) -> Result<Vec<PackedSlice>, String> {
+    let words = elements.div_ceil(factor);
+    if elements < bigarray_bound {
+        return Ok(place(key, elements, servers, bigarray_bound)?
+            .into_iter()
+            .map(|slice| PackedSlice {
+                size_key: range_begin(slice.server, servers).wrapping_add(elements as u64),
+                words: 0..words,
+                slice,
+            })
+            .collect());
+    }
+    if servers == 0 {
+        return Err("the job has no servers".into());
+    }
+    let share = |i: usize| (words as f64 / servers as f64 * i as f64).round() as usize;
+    let (mut word, mut element) = (0, 0);
+    let mut slices = Vec::with_capacity(servers);
+    for server in 0..servers {
+        let (part_words, part_elements) = if server + 1 == servers {
+            (words - word, elements.checked_sub(element))
+        } else {
+            let part = share(server + 1) - share(server);
+            (
+                part,
+                Some(part * factor).filter(|e| element + e <= elements),
+            )
+        };
+        let part_elements = part_elements.ok_or_else(|| {
+            format!(
+                "key {key}: {elements} elements cannot be split over {servers} servers in \
+                 whole words of {factor} (raise MXNET_KVSTORE_BIGARRAY_BOUND above {elements})"
+            )
+        })?;
+        slices.push(PackedSlice {
+            slice: Slice {
+                server,
+                ps_key: ps_key(key, server, servers),
+                elements: element..element + part_elements,
+            },
+            size_key: range_begin(server, servers).wrapping_add(part_elements as u64),
+            words: word..word + part_words,
+        });
+        word += part_words;
+        element += part_elements;
+    }
+    Ok(slices)
+}
+
 /// MXNet's dtype id (mshadow's type flag) of `dtype`.
 pub fn mxnet_dtype_id(dtype: DType) -> Option<u32> {
     match dtype {
@@ -111,6 +206,10 @@ pub fn mxnet_dtype_id(dtype: DType) -> Option<u32> {
 
 /// The request type of dense pushes and pulls (`RequestType::kDefaultPushPull`).
 pub const DEFAULT_PUSH_PULL: u32 = 0;
+
+/// The request type of compressed pushes and, once compression is on, of every pull
+/// (`RequestType::kCompressedPushPull`).
+pub const COMPRESSED_PUSH_PULL: u32 = 2;
 
 /// MXNet's command word for request type `request_type` and dtype id `dtype_id`.
 ///
@@ -159,6 +258,40 @@ mod tests {
         assert_eq!(covered, vec![0..3, 3..7, 7..10]);
         assert!(slices.iter().enumerate().all(|(i, s)| s.server == i));
         assert!(place(7, 10, 0, 8).is_err());
+    }
+
+    #[test]
+    fn compressed_layouts_are_mxnets() {
+        // A small key: one slice, the size key carrying its length, every word.
+        let small = place_compressed(3, 20, 2, 1000, 16).unwrap();
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].slice, place(3, 20, 2, 1000).unwrap()[0]);
+        assert_eq!(small[0].size_key, range_begin(1, 2) + 20);
+        assert_eq!(small[0].words, 0..2);
+        // MXNet's arithmetic on 3 servers: 1,000,001 elements are 62,501 words; servers 0 and 1
+        // get round(20833.67) = 20834 and round(41667.33) - 20834 = 20833 words.
+        let big = place_compressed(5, 1_000_001, 3, 1_000_000, 16).unwrap();
+        let words: Vec<_> = big.iter().map(|s| s.words.len()).collect();
+        let elements: Vec<_> = big.iter().map(|s| s.slice.elements.len()).collect();
+        assert_eq!(words, vec![20834, 20833, 20834]);
+        assert_eq!(elements, vec![333_344, 333_328, 333_329]);
+        assert_eq!(big[2].slice.elements.end, 1_000_001);
+        assert_eq!(big[2].words.end, 62_501);
+        for s in &big {
+            assert_eq!(s.slice.ps_key, ps_key(5, s.slice.server, 3));
+            let begin = range_begin(s.slice.server, 3);
+            assert_eq!(s.size_key - begin, s.slice.elements.len() as u64);
+            assert_eq!(s.words.len(), s.slice.elements.len().div_ceil(16));
+        }
+        // Split otherwise than without compression.
+        assert_ne!(
+            big.iter().map(|s| s.slice.clone()).collect::<Vec<_>>(),
+            place(5, 1_000_001, 3, 1_000_000).unwrap()
+        );
+        // Too few elements for whole words on every server but the last.
+        let e = place_compressed(5, 10, 2, 8, 16).unwrap_err();
+        assert!(e.contains("cannot be split over 2 servers"), "{e}");
+        assert!(place_compressed(5, 20, 0, 8, 16).is_err());
     }
 
     #[test]

@@ -47,6 +47,13 @@
 //!   `ZPushPull` per slice, answered with the round's result. **`broadcast`**: `init`, then
 //!   `pull`. **`barrier`**: the workers' barrier. Keys of float32 and float16 (the dtype goes
 //!   in the command word of each message).
+//! - **Gradient compression** (`set_gradient_compression`, MXNet 1.9.1's `2bit`): every
+//!   worker sets it before its keys' `init` (as Gluon's `Trainer` does; rank 0 sends the
+//!   servers `kSetGradientCompression`). Keys are then laid out as `EncodeCompressedKey` lays
+//!   them out (a big key cut in whole 32-bit words of 16 elements), a push is quantised against
+//!   the key's residual on this worker (error feedback; after summing the worker's values) and
+//!   travels as a compressed request, 16x smaller; the servers dequantise and sum. `init` and
+//!   pulls stay uncompressed, as in MXNet.
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
 //!   servers (`kStopServer`), and every node meets in the last barrier.
 //!
@@ -59,8 +66,13 @@
 //!   `update_on_kvstore=False`), or let a Python worker of the job call `set_optimizer`, which
 //!   then applies to this worker's pushes too.
 //! - Not offered: `dist_async` (MXNet's async servers need that optimizer), row-sparse keys,
-//!   gradient compression, optimizer states, recovery of a lost worker, heartbeats
-//!   (`PS_HEARTBEAT_INTERVAL` is off by default in MXNet too) and the resender (`PS_RESEND`).
+//!   optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
+//!   by default in MXNet too) and the resender (`PS_RESEND`).
+//! - **Compression, where MXNet fails**: MXNet's worker aborts on a compressed key that is not
+//!   float32 and on a `pushpull` with compression, and has no 1-bit codec: this store refuses
+//!   each with an error naming the key. Compression set after the `init` of a key cut across
+//!   the servers would cut its pushes otherwise than its stored value (MXNet's server then
+//!   aborts): refused, naming the key. Small keys lie alike either way and may come first.
 //! - Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (600 s by default) and ends in an error
 //!   naming the server, the scheduler or the barrier it waited for; a server whose connection
 //!   closes fails the requests waiting for it at once. MXNet's worker waits forever.
@@ -92,24 +104,25 @@
 //! barrier released once every node of its group entered it; the job ends with every node's
 //! second barrier. As MXNet's `KVStoreDistServer` without an updater: a key's first push is its
 //! value, a sync round (after `kSyncMode`) sums one push per worker and answers them all
-//! (`pushpull`s with the sum), a pull is answered with the value at once. Unlike MXNet's:
+//! (`pushpull`s with the sum), a pull is answered with the value at once; once a worker set
+//! 2-bit compression, compressed pushes are dequantised into the round's sum. Unlike MXNet's:
 //! every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
-//! is acknowledged; a Python optimizer (`kController`) or gradient compression stops the server
-//! with an error naming it (never run, never silently ignored; an MXNet Python worker that sent
-//! it then waits in ps-lite, as for any server that dies); registration and barriers give up
+//! is acknowledged; a Python optimizer (`kController`) stops the server with an error naming
+//! it (never run, never silently ignored; an MXNet Python worker that sent it then waits in
+//! ps-lite, as for any server that dies); registration and barriers give up
 //! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
 //! workers of the job are ignored; a sync round waiting for a worker that left ends the server
 //! with an error naming it. A worker's second push in a round counts as another worker's, as
-//! in MXNet. Not served: row-sparse and
-//! compressed requests, async mode with an updater.
+//! in MXNet. Not served: row-sparse requests, async mode with an updater.
 //!
 //! ## Modules
 //!
 //! - [`zmtp`]: ZMTP 3.1 (greeting, `READY`, frames), DEALER to ROUTER.
 //! - [`meta`]: ps-lite's protobuf header, encoded and decoded by hand.
 //! - [`van`]: the node: registration, links, barriers, requests and responses.
-//! - [`encoding`]: MXNet's key placement and command words.
-//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase`, and [`worker::run_role`].
+//! - [`encoding`]: MXNet's key placement (uncompressed and compressed) and command words.
+//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase` (its compressed pushes in a module of
+//!   their own), and [`worker::run_role`].
 //! - [`scheduler`], [`server`]: the scheduler and the server; [`local`]: [`LocalJob`].
 #![deny(missing_docs)]
 
@@ -142,7 +155,11 @@ pub const REFUSED_DTYPES: &[kvstore_base::DType] = &[
 ];
 
 /// The capabilities of the store.
-const CAPABILITIES: &[Capability] = &[Capability::InitPushPull, Capability::Distributed];
+const CAPABILITIES: &[Capability] = &[
+    Capability::InitPushPull,
+    Capability::Distributed,
+    Capability::GradientCompression,
+];
 
 fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
     Ok(Box::new(PsLiteStore::from_request(request)?))
@@ -151,5 +168,9 @@ fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>>
 kvstore_base::register!(
     "pslite_dist_sync",
     create,
-    capabilities = [Capability::InitPushPull, Capability::Distributed]
+    capabilities = [
+        Capability::InitPushPull,
+        Capability::Distributed,
+        Capability::GradientCompression
+    ]
 );

@@ -6,19 +6,25 @@
 //! mode (`kSyncMode`, which rank 0 sends when it creates `dist_sync`) a push is held until every
 //! worker pushed the key, the sum then replaces the value and every held request is answered,
 //! with the value when it asked for it (`pushpull`); a pull is answered at once with the value.
-//! Without sync mode a push replaces the value (MXNet's async server needs an updater). Unlike
-//! MXNet's, every dtype is summed exactly in its own type (MXNet's aborts on integer dtypes and
-//! holds float64 as float32), and a command it cannot honour (`kController`: a pickled Python
-//! optimizer; gradient compression) stops the server with an error rather than being run or
-//! ignored.
+//! Without sync mode a push replaces the value (MXNet's async server needs an updater).
+//!
+//! As MXNet's `DataHandleCompressed`, once a worker sent `kSetGradientCompression` (2-bit, as
+//! MXNet 1.9.1's text `"1,<threshold>"` says), a compressed push (the slice's length in its
+//! first key, the packed words with the second) is dequantised and summed into the round as an
+//! uncompressed push is, and a compressed pull is answered with the value.
+//!
+//! Unlike MXNet's, every dtype is summed exactly in its own type (MXNet's aborts on integer
+//! dtypes and holds float64 as float32), and a command it cannot honour (`kController`: a
+//! pickled Python optimizer) stops the server with an error rather than being run.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use kvstore_base::{DType, NDArray};
+use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::{self, ReduceConfig};
 
-use crate::encoding;
+use crate::encoding::{self, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL};
 use crate::meta::{data_type, Meta, Role};
 use crate::van::{node_name, Message, Van, VanConfig, VanError, EVERYONE};
 use crate::worker::{CMD_STOP_SERVER, CMD_SYNC_MODE};
@@ -38,21 +44,69 @@ struct Slot {
     /// The sum of the last round, reused as the next round's output.
     spare: Option<NDArray>,
     /// This round's pushes, and the requests that brought them.
-    held: Vec<(Message, NDArray)>,
+    held: Vec<(Message, Pushed)>,
 }
 
-/// The dtype of a command word of a dense request (`RequestType::kDefaultPushPull`).
-fn dtype_of(head: i32) -> Result<DType, String> {
-    for dtype in DType::ALL {
-        let id = encoding::mxnet_dtype_id(dtype).expect("every dtype has an MXNet id");
-        if encoding::command(encoding::DEFAULT_PUSH_PULL, id) == head {
-            return Ok(dtype);
+/// A push, as it arrived.
+#[derive(Debug)]
+enum Pushed {
+    /// An uncompressed value.
+    Dense(NDArray),
+    /// The packed words of `elements` elements, and the codec to dequantise them with.
+    Packed {
+        elements: usize,
+        bytes: Vec<u8>,
+        codec: Codec,
+    },
+}
+
+impl Pushed {
+    /// The number of elements it stands for.
+    fn len(&self) -> usize {
+        match self {
+            Pushed::Dense(value) => value.size(),
+            Pushed::Packed { elements, .. } => *elements,
+        }
+    }
+
+    /// The value it stands for.
+    fn into_value(self) -> Result<NDArray, String> {
+        match self {
+            Pushed::Dense(value) => Ok(value),
+            Pushed::Packed {
+                elements,
+                bytes,
+                codec,
+            } => {
+                let mut value = NDArray::zeros(&[elements], DType::F32);
+                codec
+                    .dequantize_array(&bytes, &mut value)
+                    .map_err(|e| e.to_string())?;
+                Ok(value)
+            }
+        }
+    }
+}
+
+/// The request type (uncompressed or compressed) and the dtype of a command word.
+fn request_of(head: i32) -> Result<(u32, DType), String> {
+    for request_type in [DEFAULT_PUSH_PULL, COMPRESSED_PUSH_PULL] {
+        for dtype in DType::ALL {
+            let id = encoding::mxnet_dtype_id(dtype).expect("every dtype has an MXNet id");
+            if encoding::command(request_type, id) == head {
+                return Ok((request_type, dtype));
+            }
         }
     }
     Err(format!(
-        "command word {head}: not a dense push or pull of a known dtype (row-sparse and \
-         compressed requests are not served)"
+        "command word {head}: not a dense or compressed push or pull of a known dtype \
+         (row-sparse requests are not served)"
     ))
+}
+
+/// A little-endian `u64` from 8 bytes.
+fn u64_at(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
 }
 
 /// The meta of the answer to `request`; with `with_value`, its data frames follow (the key,
@@ -95,6 +149,11 @@ struct Server {
     sync: bool,
     slots: HashMap<u64, Slot>,
     reduce: ReduceConfig,
+    /// The gradient compression a worker set (`kSetGradientCompression`).
+    codec: Option<Codec>,
+    /// The first key of this server's range (a compressed push's first key is this plus the
+    /// slice's length).
+    range_begin: u64,
 }
 
 impl Server {
@@ -105,17 +164,23 @@ impl Server {
             CMD_SYNC_MODE => self.sync = true,
             CMD_STOP_SERVER => {}
             CMD_SET_MULTI_PRECISION => {}
-            CMD_CONTROLLER | CMD_SET_GRADIENT_COMPRESSION => {
+            CMD_SET_GRADIENT_COMPRESSION => {
+                let body = String::from_utf8_lossy(&request.meta.body);
+                let spec = CompressionSpec::decode_params(&body).map_err(|e| {
+                    VanError(format!(
+                        "{} sent kSetGradientCompression: {e}",
+                        node_name(request.sender)
+                    ))
+                })?;
+                log::info!("pslite server: gradient compression {body:?}");
+                self.codec = Some(spec.codec());
+            }
+            CMD_CONTROLLER => {
                 return Err(VanError(format!(
-                    "{} sent command {head} ({}): this server runs no optimizer and no \
-                     compression; run the optimizer on the workers (Gluon: \
+                    "{} sent command {head} (kController, a pickled Python optimizer): this \
+                     server runs no optimizer; run the optimizer on the workers (Gluon: \
                      update_on_kvstore=False)",
                     node_name(request.sender),
-                    if head == CMD_CONTROLLER {
-                        "kController, a pickled Python optimizer"
-                    } else {
-                        "kSetGradientCompression"
-                    }
                 )))
             }
             _ => log::info!("pslite server: command {head} acknowledged (nothing to do)"),
@@ -124,22 +189,27 @@ impl Server {
         Ok(head == CMD_STOP_SERVER)
     }
 
-    fn key_value(&mut self, request: Message) -> Result<(), VanError> {
+    fn key_value(&mut self, mut request: Message) -> Result<(), VanError> {
         let sender = request.sender;
         let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
-        let key: [u8; 8] = request
-            .data
-            .first()
-            .and_then(|k| k.as_slice().try_into().ok())
-            .ok_or_else(|| bad("a request without its one key".into()))?;
-        let ps_key = u64::from_le_bytes(key);
-        let dtype = dtype_of(request.meta.head).map_err(bad)?;
+        let (request_type, dtype) = request_of(request.meta.head).map_err(bad)?;
+        let compressed_push = request_type == COMPRESSED_PUSH_PULL && request.meta.push;
+        // A compressed push carries two keys: the slice's length (plus the range start), then
+        // the slice's key; every other request its one key.
+        let keys = request.data.first().map_or(&[][..], |k| k.as_slice());
+        let (ps_key, size_key) = match (compressed_push, keys.len()) {
+            (false, 8) => (u64_at(keys), None),
+            (true, 16) => (u64_at(&keys[8..]), Some(u64_at(&keys[..8]))),
+            (_, n) => return Err(bad(format!("a request with {n} bytes of keys"))),
+        };
         let Server {
             van,
             slots,
             num_workers,
             sync,
             reduce,
+            codec,
+            range_begin,
         } = self;
         if !request.meta.push {
             // A key never pushed is answered with no value (MXNet's server aborts): this
@@ -150,15 +220,54 @@ impl Server {
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
             return reply(van, &request, Some(value));
         }
-        let vals = request.data.get(1).map_or(&[][..], |v| v.as_slice());
-        if !vals.len().is_multiple_of(dtype.size_of()) {
-            return Err(bad(format!("{} bytes of {dtype}", vals.len())));
-        }
-        let pushed = NDArray::from_bytes(&[vals.len() / dtype.size_of()], dtype, vals)
-            .map_err(|e| bad(e.to_string()))?;
-        // The copy is kept; the request keeps its key alone.
-        let mut request = request;
+        let vals = request
+            .data
+            .get_mut(1)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        // The request keeps its keys alone.
         request.data.truncate(1);
+        let pushed = match size_key {
+            None => {
+                if !vals.len().is_multiple_of(dtype.size_of()) {
+                    return Err(bad(format!("{} bytes of {dtype}", vals.len())));
+                }
+                let value = NDArray::from_bytes(&[vals.len() / dtype.size_of()], dtype, &vals)
+                    .map_err(|e| bad(e.to_string()))?;
+                Pushed::Dense(value)
+            }
+            Some(size_key) => {
+                let codec = codec.ok_or_else(|| {
+                    bad(
+                        "a compressed push before kSetGradientCompression (no codec to \
+                         dequantise it with)"
+                            .into(),
+                    )
+                })?;
+                if dtype != DType::F32 {
+                    return Err(bad(format!(
+                        "a compressed push of {dtype} (compression packs float32)"
+                    )));
+                }
+                // The length must account for the words exactly: the server allocates no
+                // more than the message's bytes stand for.
+                let elements = size_key.wrapping_sub(*range_begin);
+                let elements = usize::try_from(elements)
+                    .ok()
+                    .filter(|n| n.div_ceil(codec.factor()).checked_mul(4) == Some(vals.len()))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "a compressed push of {} bytes for {elements} elements",
+                            vals.len()
+                        ))
+                    })?;
+                Pushed::Packed {
+                    elements,
+                    bytes: vals,
+                    codec,
+                }
+            }
+        };
         let Some(slot) = slots.get_mut(&ps_key) else {
             // The key's first push: its value.
             reply(van, &request, None)?;
@@ -166,37 +275,58 @@ impl Server {
                 ps_key,
                 Slot {
                     dtype,
-                    stored: pushed,
+                    stored: pushed.into_value().map_err(bad)?,
                     spare: None,
                     held: Vec::new(),
                 },
             );
             return Ok(());
         };
-        if slot.dtype != dtype || slot.stored.shape() != pushed.shape() {
+        if slot.dtype != dtype || slot.stored.shape() != [pushed.len()] {
             return Err(bad(format!(
-                "a push of {:?} {dtype} to a key holding {:?} {}",
-                pushed.shape(),
+                "a push of [{}] {dtype} to a key holding {:?} {}",
+                pushed.len(),
                 slot.stored.shape(),
                 slot.dtype
             )));
         }
         if !*sync {
-            slot.stored = pushed;
+            slot.stored = pushed.into_value().map_err(bad)?;
             return reply(van, &request, slot.stored.as_bytes());
         }
         slot.held.push((request, pushed));
         if slot.held.len() < *num_workers {
             return Ok(());
         }
-        // The round is complete: one pass sums every push into the spare buffer, which becomes
-        // the value.
+        // The round is complete: one pass sums the uncompressed pushes into the spare buffer,
+        // the compressed ones are dequantised into it (the first one overwriting it when no
+        // push was uncompressed, as MXNet's server merges them), and it becomes the value.
         let mut sum = slot
             .spare
             .take()
             .unwrap_or_else(|| NDArray::zeros(slot.stored.shape(), dtype));
-        let pushes: Vec<&NDArray> = slot.held.iter().map(|(_, p)| p).collect();
-        reduce::sum_into(&mut sum, &pushes, reduce, false);
+        let dense: Vec<&NDArray> = slot
+            .held
+            .iter()
+            .filter_map(|(_, p)| match p {
+                Pushed::Dense(value) => Some(value),
+                Pushed::Packed { .. } => None,
+            })
+            .collect();
+        let mut written = !dense.is_empty();
+        if written {
+            reduce::sum_into(&mut sum, &dense, reduce, false);
+        }
+        for (_, pushed) in &slot.held {
+            if let Pushed::Packed { bytes, codec, .. } = pushed {
+                let done = match written {
+                    true => codec.dequantize_add_array(bytes, &mut sum),
+                    false => codec.dequantize_array(bytes, &mut sum),
+                };
+                done.map_err(|e| bad(e.to_string()))?;
+                written = true;
+            }
+        }
         slot.spare = Some(std::mem::replace(&mut slot.stored, sum));
         let value = slot.stored.as_bytes().expect("contiguous");
         for (request, _) in slot.held.drain(..) {
@@ -214,12 +344,15 @@ impl Server {
 pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError> {
     let van = Van::join_as(config, Role::Server)?;
     van.barrier(EVERYONE)?;
+    let range_begin = encoding::range_begin(van.rank(), van.servers().count());
     let mut server = Server {
         van,
         num_workers,
         sync: false,
         slots: HashMap::new(),
         reduce: ReduceConfig::from_env(),
+        codec: None,
+        range_begin,
     };
     let workers: Vec<i32> = server
         .van
@@ -278,16 +411,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn command_words_give_their_dtype() {
-        assert_eq!(dtype_of(0), Ok(DType::F32));
-        assert_eq!(dtype_of(5), Ok(DType::F16));
-        assert_eq!(dtype_of(2), Ok(DType::F64));
-        assert_eq!(dtype_of(90), Ok(DType::BF16));
+    fn command_words_give_their_request_and_dtype() {
+        assert_eq!(request_of(0), Ok((DEFAULT_PUSH_PULL, DType::F32)));
+        assert_eq!(request_of(5), Ok((DEFAULT_PUSH_PULL, DType::F16)));
+        assert_eq!(request_of(2), Ok((DEFAULT_PUSH_PULL, DType::F64)));
+        assert_eq!(request_of(90), Ok((DEFAULT_PUSH_PULL, DType::BF16)));
         // 3: a compressed float32 request; 1: a row-sparse one.
-        assert!(dtype_of(3)
+        assert_eq!(request_of(3), Ok((COMPRESSED_PUSH_PULL, DType::F32)));
+        assert!(request_of(1)
             .unwrap_err()
-            .contains("not a dense push or pull"));
-        assert!(dtype_of(1).is_err());
+            .contains("row-sparse requests are not served"));
     }
 
     #[test]

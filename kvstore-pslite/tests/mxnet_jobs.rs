@@ -10,6 +10,7 @@ use libtest_mimic::{Failed, Trial};
 
 mod common;
 
+use common::two_bit::{sent, PYTHON_SENT};
 use common::MxnetJob;
 
 /// Worker `rank`'s value of `key` in `round`: multiples of 1/8 in [-1, 1), so that sums of
@@ -289,6 +290,126 @@ fn a_lost_server_fails_the_waiting_push_at_once() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The keys of the compressed jobs: key 10 is cut across two servers (at 1,000 elements).
+const COMPRESSED_KEYS: &[(i64, usize)] = &[(3, 20), (10, 3000)];
+
+/// The compressed rounds of a Python worker: 2-bit compression set before `init`, then
+/// push + pull rounds; each pull is checked against the sum of what every worker sent
+/// (replayed with [`PYTHON_SENT`]) and saved.
+fn compressed_python_script(workers: usize, rounds: usize) -> String {
+    let mut script = format!("{PYTHON_VALUE}{PYTHON_SENT}");
+    script.push_str(&format!(
+        "
+kv = mx.kv.create('dist_sync')
+kv.set_gradient_compression({{'type': '2bit', 'threshold': 0.5}})
+keys = {keys:?}
+residuals = {{(r, key): np.zeros(n, dtype=np.float32) for r in range({workers}) for key, n in keys}}
+for key, n in keys:
+    kv.init(key, value(key, 99, kv.rank, n, 'float32'))
+for rnd in range({rounds}):
+    for key, n in keys:
+        kv.push(key, value(key, rnd, kv.rank, n, 'float32'))
+        out = mx.nd.zeros((n,))
+        kv.pull(key, out=out)
+        want = sum(sent(value(key, rnd, r, n, 'float32').asnumpy(), residuals[(r, key)], 0.5)
+                   for r in range({workers}))
+        assert (out.asnumpy() == want).all(), (key, rnd, out, want)
+        open(os.path.join(OUT, 'py_%d_%d.bin' % (rnd, key)), 'wb').write(out.asnumpy().tobytes())
+mx.nd.waitall()
+",
+        keys = COMPRESSED_KEYS,
+    ));
+    script
+}
+
+/// This crate's side of a compressed job: the same rounds as [`compressed_python_script`];
+/// returns every pull, checked against the sum of what every worker sent.
+fn compressed_rounds(
+    kv: &dyn kvstore_base::KVStoreBase,
+    workers: usize,
+    rounds: usize,
+) -> Result<Vec<(usize, i64, NDArray)>, Failed> {
+    let params = [("type", "2bit"), ("threshold", "0.5")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    kv.set_gradient_compression(&params)?;
+    let rank = kv.rank();
+    let vector = |key: i64, round: usize, rank: usize, n: usize| -> Vec<f32> {
+        (0..n).map(|i| value(key, round, rank, i)).collect()
+    };
+    for &(key, n) in COMPRESSED_KEYS {
+        kv.init(key, &NDArray::from_vec(&[n], vector(key, 99, rank, n))?)?;
+    }
+    let mut residuals = std::collections::BTreeMap::new();
+    let mut pulls = Vec::new();
+    for round in 0..rounds {
+        for &(key, n) in COMPRESSED_KEYS {
+            kv.push(key, &NDArray::from_vec(&[n], vector(key, round, rank, n))?)?;
+            let mut out = NDArray::zeros(&[n], DType::F32);
+            kv.pull(key, &mut out)?;
+            let mut want = vec![0.0f32; n];
+            for r in 0..workers {
+                let residual = residuals.entry((r, key)).or_insert_with(|| vec![0.0f32; n]);
+                for (w, v) in want
+                    .iter_mut()
+                    .zip(sent(&vector(key, round, r, n), residual, 0.5))
+                {
+                    *w += v;
+                }
+            }
+            let want: Vec<f64> = want.iter().map(|&v| f64::from(v)).collect();
+            if out.to_f64_vec() != want {
+                return Err(format!("key {key}, round {round}: pulled {out:?}").into());
+            }
+            pulls.push((round, key, out));
+        }
+    }
+    Ok(pulls)
+}
+
+/// 2-bit compression in a job of MXNet's scheduler and 2 servers, beside an MXNet Python
+/// worker: MXNet's servers take this worker's compressed pushes (a key whole on one server and
+/// one cut across both, in MXNet's compressed layout), and every pull equals the Python
+/// worker's, bit for bit, and the sum of what both workers sent.
+fn compressed_beside_a_python_worker() -> Result<(), Failed> {
+    let mut job = MxnetJob::start(2, 2, &[("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")])?;
+    job.python_worker("python_worker", &compressed_python_script(2, 3))?;
+    let kv = kvstore_base::create_with(NAME, job.worker_options())?;
+    let pulls = compressed_rounds(kv.as_ref(), 2, 3)?;
+    drop(kv);
+    job.wait(Duration::from_secs(60))?;
+    for (round, key, out) in &pulls {
+        let path = job.dir().join(format!("py_{round}_{key}.bin"));
+        let theirs = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if out.as_bytes() != Some(&theirs[..]) {
+            return Err(
+                format!("key {key} (round {round}): the Python worker pulled other bytes").into(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The reverse direction: two MXNet Python workers and one of ours, all with 2-bit
+/// compression, on this crate's scheduler and 2 servers: the servers dequantise MXNet's
+/// compressed pushes as MXNet's would, and every worker pulls the sum of what all sent.
+fn compressed_python_workers_on_our_servers() -> Result<(), Failed> {
+    let local = kvstore_pslite::LocalJob::start(2, 3, Duration::from_secs(60))?;
+    let mut options = local.worker_options().clone();
+    options.insert("MXNET_KVSTORE_BIGARRAY_BOUND".into(), "1000".into());
+    let mut python = MxnetJob::workers_of(&options)?;
+    let script = compressed_python_script(3, 3);
+    python.python_worker("python_worker_a", &script)?;
+    python.python_worker("python_worker_b", &script)?;
+    let kv = kvstore_base::create_with(NAME, options)?;
+    compressed_rounds(kv.as_ref(), 3, 3)?;
+    drop(kv);
+    python.wait(Duration::from_secs(60))?;
+    local.join()?;
+    Ok(())
+}
+
 /// A test of this binary.
 type Test = fn() -> Result<(), Failed>;
 
@@ -298,6 +419,14 @@ fn main() -> std::process::ExitCode {
         (
             "python_workers_on_our_scheduler_and_server",
             python_workers_on_our_scheduler_and_server,
+        ),
+        (
+            "compressed_beside_a_python_worker",
+            compressed_beside_a_python_worker,
+        ),
+        (
+            "compressed_python_workers_on_our_servers",
+            compressed_python_workers_on_our_servers,
         ),
         (
             "push_beside_a_pushpull_fails_naming_the_server",

@@ -5,6 +5,8 @@
 //! installs one). Without it every test is reported ignored, with the reason.
 #![allow(dead_code)]
 
+pub mod two_bit;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -10,8 +10,12 @@ use kvstore_base::{
 use kvstore_dist::{DistConfig, Role};
 use kvstore_local::reduce::{self, Outbound, ReduceConfig};
 
-use crate::encoding::{self, Slice, DEFAULT_PUSH_PULL};
+use crate::encoding::{self, PackedSlice, Slice, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL};
 use crate::van::{self, Message, Van, VanConfig, VanError, EVERYONE, WORKER_GROUP};
+
+mod compressed;
+
+use compressed::Packed;
 
 /// MXNet's server command that puts the servers in sync mode (`kSyncMode`), sent by rank 0
 /// when the store is created.
@@ -31,7 +35,10 @@ struct Entry {
     id: i32,
     shape: Vec<usize>,
     dtype: DType,
+    /// Where the value lives: the slices of a pull, of `init`, and of an uncompressed push.
     slices: Vec<Slice>,
+    /// Once gradient compression is on: the codec and the slices of a compressed push.
+    packed: Option<Packed>,
 }
 
 impl Entry {
@@ -40,11 +47,24 @@ impl Entry {
         slice.elements.start * size..slice.elements.end * size
     }
 
-    fn command(&self) -> i32 {
+    fn command(&self, request_type: u32) -> i32 {
         encoding::command(
-            DEFAULT_PUSH_PULL,
+            request_type,
             encoding::mxnet_dtype_id(self.dtype).expect("checked at init"),
         )
+    }
+
+    /// The command word of a pull: a compressed request once compression is on, as MXNet's.
+    fn pull_command(&self) -> i32 {
+        match self.packed {
+            Some(_) => self.command(COMPRESSED_PUSH_PULL),
+            None => self.command(DEFAULT_PUSH_PULL),
+        }
+    }
+
+    /// The number of elements of the value.
+    fn size(&self) -> usize {
+        self.shape.iter().product()
     }
 
     fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
@@ -56,11 +76,22 @@ impl Entry {
     }
 }
 
-/// One key's requests of a call: a request per slice of `entry`, carrying `bytes` for a push.
+/// What one key's requests carry.
+#[derive(Clone, Copy)]
+enum Payload<'a> {
+    /// Nothing: a pull.
+    Pull,
+    /// The value's bytes, cut along the entry's slices (`init`, an uncompressed push).
+    Dense(&'a [u8]),
+    /// The packed value, cut along these slices (a compressed push).
+    Packed(&'a [u8], &'a [PackedSlice]),
+}
+
+/// One key's requests of a call: a request per slice of `entry`.
 struct Request<'a> {
     key: &'a Key,
     entry: &'a Entry,
-    bytes: Option<&'a [u8]>,
+    payload: Payload<'a>,
 }
 
 /// The keys of the job, as this worker knows them.
@@ -69,6 +100,8 @@ struct Table {
     entries: HashMap<Key, Entry>,
     /// The int key the next string key gets.
     next_str_key: i32,
+    /// The gradient compression, once set.
+    codec: Option<kvstore_compression::Codec>,
 }
 
 /// A worker that joins a job whose scheduler and servers are MXNet 1.9.1's (and whose other
@@ -80,8 +113,11 @@ pub struct PsLiteStore {
     num_servers: usize,
     bigarray_bound: usize,
     table: Mutex<Table>,
-    /// Serialises `init` calls (collective calls; their keys get ids in call order).
+    /// Serialises `init` calls (collective calls; their keys get ids in call order) and
+    /// `set_gradient_compression`.
     init: Mutex<()>,
+    /// The compression residual of each MXNet key, on this worker (zero at first).
+    residuals: Mutex<HashMap<i32, Vec<f32>>>,
     reduce: ReduceConfig,
     /// Whether the start-up finished: only then does dropping the store end the job (a store
     /// that failed to start leaves without the exit barriers, which the others would take for
@@ -138,6 +174,7 @@ impl PsLiteStore {
             van,
             table: Mutex::new(Table::default()),
             init: Mutex::new(()),
+            residuals: Mutex::new(HashMap::new()),
             reduce: ReduceConfig::from_env(),
             started: false,
         };
@@ -218,13 +255,12 @@ impl PsLiteStore {
             .collect()
     }
 
-    /// Each key's value to push: the caller's one value, or the sum of its values (one per
-    /// device) in MXNet's association order; every value checked against its entry first.
-    fn outbound<'a>(
+    /// Each key's entry and values to push, every value checked against its entry.
+    fn pushed<'a>(
         &self,
         operation: &'static str,
         values: &'a KeyedValues<'_>,
-    ) -> Result<Vec<(Key, Entry, Outbound<'a>)>> {
+    ) -> Result<Vec<(Key, Entry, Vec<&'a NDArray>)>> {
         let groups = values.groups();
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let entries = self.entries(operation, &keys)?;
@@ -244,9 +280,8 @@ impl PsLiteStore {
             .into_iter()
             .zip(entries)
             .map(|(g, e)| {
-                let arrays: Vec<&'a NDArray> =
-                    g.positions.iter().map(|&p| values.values()[p]).collect();
-                (g.key, e, reduce::outbound(&arrays, &self.reduce))
+                let arrays = g.positions.iter().map(|&p| values.values()[p]).collect();
+                (g.key, e, arrays)
             })
             .collect())
     }
@@ -262,22 +297,45 @@ impl PsLiteStore {
     ) -> Result<Vec<Vec<Message>>> {
         let mut sent: Vec<Vec<(i32, i32)>> = Vec::with_capacity(requests.len());
         let mut failure = None;
-        'send: for &Request { key, entry, bytes } in requests {
+        'send: for &Request {
+            key,
+            entry,
+            payload,
+        } in requests
+        {
             let mut slices = Vec::with_capacity(entry.slices.len());
-            for slice in &entry.slices {
+            for (i, slice) in entry.slices.iter().enumerate() {
                 let ts = self.van.new_timestamp();
-                let push = bytes.is_some();
-                let meta = van::kv_request(entry.command(), ts, push, pull, priority);
-                let ps_key = slice.ps_key.to_le_bytes();
-                let vals = bytes.map_or(&[][..], |b| &b[entry.bytes(slice)]);
-                // Slices of more than 2 GiB were refused at init.
-                let len = (vals.len() as i32).to_le_bytes();
                 let server = Van::server_id(slice.server);
+                let ps_key = slice.ps_key.to_le_bytes();
                 self.van.expect(ts);
-                let result = if push {
-                    self.van.send(server, &meta, &[&ps_key, vals, &len])
-                } else {
-                    self.van.send(server, &meta, &[&ps_key, &[]])
+                // Slices of more than 2 GiB were refused at init.
+                let result = match payload {
+                    Payload::Pull => {
+                        let meta = van::kv_request(entry.pull_command(), ts, false, pull, priority);
+                        self.van.send(server, &meta, &[&ps_key, &[]])
+                    }
+                    Payload::Dense(bytes) => {
+                        let head = entry.command(DEFAULT_PUSH_PULL);
+                        let meta = van::kv_request(head, ts, true, pull, priority);
+                        let vals = &bytes[entry.bytes(slice)];
+                        let len = (vals.len() as i32).to_le_bytes();
+                        self.van.send(server, &meta, &[&ps_key, vals, &len])
+                    }
+                    Payload::Packed(bytes, packed) => {
+                        // MXNet's compressed request: the size key (with no value), then the
+                        // slice's key with its words.
+                        let head = entry.command(COMPRESSED_PUSH_PULL);
+                        let meta = van::kv_request(head, ts, true, pull, priority);
+                        let packed = &packed[i];
+                        let vals = &bytes[packed.words.start * 4..packed.words.end * 4];
+                        let mut keys = [0u8; 16];
+                        keys[..8].copy_from_slice(&packed.size_key.to_le_bytes());
+                        keys[8..].copy_from_slice(&ps_key);
+                        let mut lens = [0u8; 8];
+                        lens[4..].copy_from_slice(&(vals.len() as i32).to_le_bytes());
+                        self.van.send(server, &meta, &[&keys, vals, &lens])
+                    }
                 };
                 if let Err(e) = result {
                     self.van.forget(ts);
@@ -421,7 +479,7 @@ impl PsLiteStore {
             .map(|(key, entry)| Request {
                 key,
                 entry,
-                bytes: None,
+                payload: Payload::Pull,
             })
             .collect();
         let answers = self.exchange(operation, &requests, true, priority)?;
@@ -444,19 +502,55 @@ impl PsLiteStore {
             outs.check_against(operation, values)?;
             self.check_outs(operation, outs)?;
         }
-        let outbound = self.outbound(operation, values)?;
-        let requests: Vec<Request<'_>> = outbound
+        let pushed = self.pushed(operation, values)?;
+        if outs.is_some() {
+            if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.packed.is_some()) {
+                return Err(Error::Unsupported {
+                    store: self.name.clone(),
+                    operation: "pushpull with gradient compression (MXNet 1.9.1 compresses \
+                                pushes only, and its workers abort on a compressed pushpull: \
+                                push, then pull)",
+                }
+                .at_key(&self.name, operation, key.clone()));
+            }
+        }
+        // Each key's bytes: packed with its codec once compression is on, else the caller's
+        // value or the sum of its values (one per device) in MXNet's association order.
+        let mut dense: Vec<Option<Outbound<'_>>> = Vec::with_capacity(pushed.len());
+        let mut packed: Vec<Option<Vec<u8>>> = Vec::with_capacity(pushed.len());
+        for (key, entry, arrays) in &pushed {
+            match &entry.packed {
+                Some(layout) => {
+                    let bytes = self
+                        .quantize(entry, layout, arrays)
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone()))?;
+                    packed.push(Some(bytes));
+                    dense.push(None);
+                }
+                None => {
+                    dense.push(Some(reduce::outbound(arrays, &self.reduce)));
+                    packed.push(None);
+                }
+            }
+        }
+        let requests: Vec<Request<'_>> = pushed
             .iter()
-            .map(|(key, entry, payload)| Request {
+            .zip(dense.iter().zip(&packed))
+            .map(|((key, entry, _), bytes)| Request {
                 key,
                 entry,
-                bytes: Some(payload.bytes()),
+                payload: match (bytes, &entry.packed) {
+                    ((_, Some(bytes)), Some(layout)) => Payload::Packed(bytes, &layout.slices),
+                    ((Some(bytes), _), _) => Payload::Dense(bytes.bytes()),
+                    _ => unreachable!("every key has dense or packed bytes"),
+                },
             })
             .collect();
         let pull = outs.is_some();
         let answers = self.exchange(operation, &requests, pull, priority)?;
+        drop(requests);
         if let Some(outs) = outs {
-            let by_key: HashMap<Key, (Entry, Vec<Message>)> = outbound
+            let by_key: HashMap<Key, (Entry, Vec<Message>)> = pushed
                 .into_iter()
                 .zip(answers)
                 .map(|((k, e, _), a)| (k, (e, a)))
@@ -474,6 +568,7 @@ impl PsLiteStore {
         let mut new: Vec<(Key, Entry)> = Vec::with_capacity(values.len());
         {
             let table = lock(&self.table);
+            let codec = table.codec;
             let mut next_str_key = table.next_str_key;
             for (key, value) in values.iter() {
                 let at = |e: Error| e.at_key(&self.name, operation, key.clone());
@@ -516,9 +611,19 @@ impl PsLiteStore {
                         id
                     }
                 };
-                let slices =
-                    encoding::place(id, value.size(), self.num_servers, self.bigarray_bound)
-                        .map_err(|e| at(Error::InvalidArgument(e)))?;
+                let (slices, packed) = match codec {
+                    Some(codec) => {
+                        let packed = self
+                            .packed_layout(id, value.size(), value.dtype(), codec)
+                            .map_err(at)?;
+                        (packed.slices(), Some(packed))
+                    }
+                    None => (
+                        encoding::place(id, value.size(), self.num_servers, self.bigarray_bound)
+                            .map_err(|e| at(Error::InvalidArgument(e)))?,
+                        None,
+                    ),
+                };
                 let largest = slices.iter().map(|s| s.elements.len()).max().unwrap_or(0);
                 if largest.saturating_mul(value.dtype().size_of()) > i32::MAX as usize {
                     return Err(at(Error::InvalidArgument(format!(
@@ -532,6 +637,7 @@ impl PsLiteStore {
                     shape: value.shape().to_vec(),
                     dtype: value.dtype(),
                     slices,
+                    packed,
                 };
                 log::debug!("{}: key {key} is MXNet key {}", self.name, entry.id);
                 new.push((key.clone(), entry));
@@ -550,7 +656,7 @@ impl PsLiteStore {
                 .map(|((key, entry), payload)| Request {
                     key,
                     entry,
-                    bytes: Some(payload.bytes()),
+                    payload: Payload::Dense(payload.bytes()),
                 })
                 .collect();
             self.exchange(operation, &requests, false, 0)?;
@@ -722,6 +828,12 @@ impl KVStoreBase for PsLiteStore {
     /// servers run a `kController` body, a pickled Python optimizer, as Python code).
     fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
         self.command_all(head, body)
+    }
+
+    /// MXNet 1.9.1's 2-bit compression (see [`compressed`]): set it on every worker before the
+    /// keys' `init`, as MXNet's `Trainer` does; rank 0 tells the servers.
+    fn set_gradient_compression(&self, params: &kvstore_base::CompressionParams) -> Result<()> {
+        self.set_compression(params)
     }
 }
 
