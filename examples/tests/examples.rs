@@ -89,15 +89,30 @@ fn training_on_the_local_store_drives_the_loss_to_the_noise_floor() {
 /// worker's output. Bounded: workers still running after a minute are killed and the test
 /// fails.
 fn train_in_a_job(program: &str, args: &[&str], servers: u32, env: &[(&str, &str)]) -> Vec<String> {
-    let store = args[0];
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let cluster =
         kvstore::dist::LocalCluster::start(servers, 2, Duration::from_secs(30)).expect("a cluster");
+    let outputs = run_workers(program, args, cluster.worker_options(), env);
+    cluster.finish().expect("the cluster ends with its workers");
+    outputs
+}
+
+/// Runs `PROGRAM ARGS` as 2 workers with the job's `options` and `env` in their environment;
+/// returns each worker's output. Bounded: workers still running after a minute are killed and
+/// the test fails.
+fn run_workers(
+    program: &str,
+    args: &[&str],
+    options: &std::collections::BTreeMap<String, String>,
+    env: &[(&str, &str)],
+) -> Vec<String> {
+    let store = args[0];
+    use std::time::{Duration, Instant};
     let mut workers: Vec<_> = (0..2)
         .map(|_| {
             Command::new(program)
                 .args(args)
-                .envs(cluster.worker_options())
+                .envs(options)
                 .envs(env.iter().copied())
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -133,7 +148,6 @@ fn train_in_a_job(program: &str, args: &[&str], servers: u32, env: &[(&str, &str
             stdout
         })
         .collect();
-    cluster.finish().expect("the cluster ends with its workers");
     outputs
 }
 
@@ -151,6 +165,24 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
             );
         }
     }
+}
+
+#[test]
+fn training_runs_on_mxnets_protocol() {
+    // pslite_dist_sync workers on kvstore-pslite's scheduler and server (MXNet 1.9.1's
+    // protocol; its server runs no optimizer): SGD on the workers lands where `local` lands.
+    let job = kvstore::pslite::LocalJob::start(1, 2, std::time::Duration::from_secs(30))
+        .expect("a ps-lite job");
+    let program = env!("CARGO_BIN_EXE_train_linear");
+    let outputs = run_workers(program, &["pslite_dist_sync"], job.worker_options(), &[]);
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(
+            out.contains("trained: loss 41.6985 -> 0.0099"),
+            "pslite_dist_sync worker {i}:\n{out}"
+        );
+    }
+    job.join()
+        .expect("the scheduler and the server end with the job");
 }
 
 #[test]

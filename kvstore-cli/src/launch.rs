@@ -6,6 +6,8 @@
 //! - the **scheduler**: this program (`kvstore scheduler`);
 //! - `SERVERS` **servers**: this program (`kvstore server`); `-s 0` for a job without
 //!   parameter servers (the `horovod` store's workers only meet at the scheduler);
+//!   with `--pslite`, `kvstore pslite-scheduler` and `kvstore pslite-server` instead, which
+//!   speak MXNet 1.9.1's protocol (MXNet's Python workers use them; no secret, no restarts);
 //! - `WORKERS` **workers**: the user's command, as many times.
 //!
 //! Each process gets the variables MXNet's launcher exports ([`process_env`]): `DMLC_ROLE`,
@@ -151,6 +153,14 @@ pub struct LaunchOptions {
     #[arg(long = "restart-workers", value_name = "N", default_value_t = 0)]
     pub restart_workers: u32,
 
+    /// Start kvstore-pslite's scheduler and servers (`kvstore pslite-scheduler`,
+    /// `pslite-server`), which speak MXNet 1.9.1's own protocol: the workers may then be
+    /// MXNet's Python workers (`mx.kv.create('dist_sync')`, with `update_on_kvstore=False`)
+    /// and `pslite_dist_sync` workers. ps-lite has no handshake, so the job gets no secret;
+    /// its workers cannot be restarted (`--restart-workers` is refused).
+    #[arg(long)]
+    pub pslite: bool,
+
     /// A variable for every process (repeatable); MXNet's KEY:VALUE form is accepted too.
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env_pair)]
     pub env: Vec<(String, String)>,
@@ -180,6 +190,7 @@ impl LaunchOptions {
             port: None,
             timeout: None,
             restart_workers: 0,
+            pslite: false,
             env: Vec::new(),
             command: command.into_iter().map(Into::into).collect(),
         }
@@ -219,6 +230,16 @@ impl LaunchOptions {
         }
         for (key, _) in &self.env {
             check_env_key(key).map_err(kvstore::Error::InvalidArgument)?;
+        }
+        if self.pslite && self.num_servers == 0 {
+            return invalid("--pslite: a ps-lite job needs at least one server (-s 1)".into());
+        }
+        if self.pslite && self.restart_workers > 0 {
+            return invalid(
+                "--pslite with --restart-workers: a ps-lite job cannot take a worker back \
+                 (kvstore-pslite offers no recovery nodes)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -277,6 +298,16 @@ pub fn processes(options: &LaunchOptions) -> Vec<Process> {
         .chain((0..options.num_servers).map(Process::Server))
         .chain((0..options.num_workers).map(Process::Worker))
         .collect()
+}
+
+/// The `kvstore` subcommand that runs `process` (the scheduler or a server): `scheduler`,
+/// `server`, or with `--pslite` `pslite-scheduler`, `pslite-server`.
+pub fn role_command(options: &LaunchOptions, process: Process) -> &'static str {
+    match (options.pslite, process.role()) {
+        (false, role) => role.as_str(),
+        (true, Role::Scheduler) => "pslite-scheduler",
+        (true, _) => "pslite-server",
+    }
 }
 
 /// The variables `process` gets on top of the launcher's environment (see the
@@ -532,7 +563,11 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
             options.host, options.num_servers, options.num_workers, options.command
         );
     }
-    let secret = job_secret(options, |var| std::env::var_os(var).is_some())?;
+    // ps-lite's protocol has no handshake: a secret would protect nothing.
+    let secret = match options.pslite {
+        true => None,
+        false => job_secret(options, |var| std::env::var_os(var).is_some())?,
+    };
     let secret_env: Vec<(String, String)> = secret.iter().map(JobSecret::env).collect();
     let mut job = Job::new();
     for process in processes(options) {
@@ -546,7 +581,7 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
             ),
             _ => (
                 kvstore.as_os_str(),
-                vec![OsStr::new(process.role().as_str())],
+                vec![OsStr::new(role_command(options, process))],
             ),
         };
         let env = [process_env(options, process, port), secret_env.clone()].concat();

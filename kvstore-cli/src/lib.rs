@@ -56,8 +56,10 @@ use kvstore_dist::{DistConfig, Role, Scheduler};
     about = "Inspect the kvstore backends this build links and run the roles of the \
              distributed stores",
     after_help = "`scheduler` and `server` run one role of a dist job each, configured by \
-                  MXNet's DMLC_* variables (as under MXNet's tools/launch.py); `launch` runs a \
-                  whole job on this machine: a scheduler, the servers and the workers."
+                  MXNet's DMLC_* variables (as under MXNet's tools/launch.py); \
+                  `pslite-scheduler` and `pslite-server` the same roles speaking MXNet 1.9.1's \
+                  own protocol, for MXNet's Python workers; `launch` runs a whole job on this \
+                  machine: a scheduler, the servers and the workers."
 )]
 pub struct Cli {
     /// What to do.
@@ -119,6 +121,37 @@ pub enum Command {
     /// the job: the others are killed and `kvstore launch` exits with its status (128 + the
     /// signal's number for a signal).
     Launch(launch::LaunchOptions),
+    /// Run the scheduler of a job that speaks MXNet 1.9.1's own protocol (ps-lite's), so that
+    /// MXNet's Python workers (`mx.kv.create('dist_sync')`) and `pslite_dist_sync` workers
+    /// can use it in place of MXNet's.
+    ///
+    /// Reads DMLC_PS_ROOT_URI, DMLC_PS_ROOT_PORT, DMLC_NUM_SERVER and DMLC_NUM_WORKER
+    /// (required), KVSTORE_BIND_HOST, KVSTORE_TIMEOUT_SECS and KVSTORE_MAX_MESSAGE_BYTES. As
+    /// ps-lite's scheduler: ids in registration order, the node table, barriers; exits 0 once
+    /// every node met in the last barrier, non-zero with the error (naming who is missing)
+    /// after KVSTORE_TIMEOUT_SECS otherwise. ps-lite has no handshake: the job's network must
+    /// be trusted, as MXNet's. DMLC_ROLE may be unset or `scheduler`.
+    PsliteScheduler {
+        /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
+        /// unset (the environment wins).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Run one server of a job that speaks MXNet 1.9.1's own protocol (ps-lite's): MXNet's
+    /// `KVStoreDistServer` without an optimizer, for MXNet's Python workers with
+    /// `update_on_kvstore=False` and `pslite_dist_sync` workers.
+    ///
+    /// Reads the scheduler's variables, DMLC_NODE_HOST and PORT. Sums each sync round's
+    /// pushes exactly in their dtype (2-bit compressed pushes dequantised, as MXNet's server
+    /// does) and answers pulls; stops with an error naming a pickled Python optimizer
+    /// (`kController`) rather than running it. Exits 0 once rank 0 stopped it and every node
+    /// met in the last barrier. DMLC_ROLE may be unset or `server`.
+    PsliteServer {
+        /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
+        /// unset (the environment wins).
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
 }
 
 /// What a command that ran leaves `main` to do.
@@ -163,6 +196,20 @@ pub fn run(cli: &Cli) -> kvstore::Result<Outcome> {
         Command::Server { config } => {
             let file = read_dist_file(config.as_deref())?;
             run_server(&role_config(Role::Server, process_vars(), file.as_ref())?)?;
+            Ok(Outcome::Print(String::new()))
+        }
+        Command::PsliteScheduler { config } => {
+            let file = read_dist_file(config.as_deref())?;
+            let config = role_config(Role::Scheduler, process_vars(), file.as_ref())?;
+            logging::follow_config(&config);
+            kvstore_pslite::worker::run_role(kvstore_pslite::NAME, &config)?;
+            Ok(Outcome::Print(String::new()))
+        }
+        Command::PsliteServer { config } => {
+            let file = read_dist_file(config.as_deref())?;
+            let config = role_config(Role::Server, process_vars(), file.as_ref())?;
+            logging::follow_config(&config);
+            kvstore_pslite::worker::run_role(kvstore_pslite::NAME, &config)?;
             Ok(Outcome::Print(String::new()))
         }
         Command::Launch(options) => {

@@ -242,6 +242,24 @@ fn bad_arguments_are_refused_clearly() {
             &["-n", "1", "-s", "1", "--host", "192.0.2.1", "--", "true"][..],
             "cannot find a free port",
         ),
+        (
+            &["--pslite", "-n", "1", "-s", "0", "--", "true"][..],
+            "a ps-lite job needs at least one server",
+        ),
+        (
+            &[
+                "--pslite",
+                "--restart-workers",
+                "1",
+                "-n",
+                "1",
+                "-s",
+                "1",
+                "--",
+                "true",
+            ][..],
+            "a ps-lite job cannot take a worker back",
+        ),
     ] {
         let job = launch(args, &[]);
         assert!(!job.status.success(), "{args:?}: {}", job.report());

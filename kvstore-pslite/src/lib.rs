@@ -10,7 +10,9 @@
 //!   Rust: **MXNet's own Python workers** (with `update_on_kvstore=False`, as Gluon's `Trainer`
 //!   runs when the optimizer is on the workers) and this crate's run on them. A process whose
 //!   `DMLC_ROLE` is `scheduler` or `server` that creates `pslite_dist_sync` runs that role and
-//!   exits ([`worker::run_role`]); [`LocalJob`] runs both on threads, for tests.
+//!   exits ([`worker::run_role`]; the `kvstore` command's `pslite-scheduler` and
+//!   `pslite-server` run them, and `kvstore launch --pslite` starts a whole job on them);
+//!   [`LocalJob`] runs both on threads, for tests.
 //!
 //! ```no_run
 //! use kvstore_base::{create, DType, KVStoreExt, NDArray};

@@ -44,8 +44,10 @@ pub use kvstore_dist as dist;
 use kvstore_horovod as _;
 #[cfg(feature = "local")]
 use kvstore_local as _;
+/// MXNet 1.9.1's wire protocol: the `pslite_dist_sync` worker, the ps-lite scheduler and
+/// server, [`LocalJob`](pslite::LocalJob).
 #[cfg(feature = "pslite")]
-use kvstore_pslite as _;
+pub use kvstore_pslite as pslite;
 #[cfg(feature = "test")]
 use kvstore_test as _;
 
