@@ -830,7 +830,7 @@ impl KVStoreBase for PsLiteStore {
         self.command_all(head, body)
     }
 
-    /// MXNet 1.9.1's 2-bit compression (see [`compressed`]): set it on every worker before the
+    /// MXNet 1.9.1's 2-bit compression (see the crate docs): set it on every worker before the
     /// keys' `init`, as MXNet's `Trainer` does; rank 0 tells the servers.
     fn set_gradient_compression(&self, params: &kvstore_base::CompressionParams) -> Result<()> {
         self.set_compression(params)
