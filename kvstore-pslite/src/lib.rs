@@ -114,7 +114,9 @@
 //! ps-lite, as for any server that dies); registration and barriers give up
 //! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
 //! workers of the job are ignored; a sync round waiting for a worker that left ends the server
-//! with an error naming it. A worker's second push in a round counts as another worker's, as
+//! with an error naming it, and a barrier waiting for a node that left ends the scheduler so
+//! (the other nodes' waits then fail at once: MXNet's scheduler and servers wait forever). A
+//! worker's second push in a round counts as another worker's, as
 //! in MXNet. Not served: row-sparse requests, async mode with an updater.
 //!
 //! ## Modules

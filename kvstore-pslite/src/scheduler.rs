@@ -148,37 +148,38 @@ pub fn run_scheduler_on(
         HashMap::from([(EVERYONE, (Vec::new(), Instant::now()))]);
     let mut everyone_met = 0;
     while everyone_met < 2 {
-        let oldest = entered.values().map(|(_, since)| *since).min();
-        let wait = match oldest {
-            Some(since) => (since + timeout).saturating_duration_since(Instant::now()),
-            None => Duration::from_secs(1),
-        };
-        // The deadline is checked on every pass: a stream of messages does not extend it.
-        let message = match oldest.is_some_and(|since| since.elapsed() >= timeout) {
-            true => None,
-            false => van.next_request(wait.max(Duration::from_millis(1))),
-        };
-        let Some(message) = message else {
-            for (group, (ids, since)) in &entered {
-                if since.elapsed() >= timeout {
-                    let missing: Vec<String> = members(*group, &registered)
-                        .into_iter()
-                        .filter(|id| !ids.contains(id))
-                        .map(node_name)
-                        .collect();
-                    return Err(VanError(format!(
-                        "the barrier of group {group} waited {timeout:?} (KVSTORE_TIMEOUT_SECS) \
-                         for {}",
-                        missing.join(", ")
-                    )));
-                }
+        // Checked on every pass, so that a stream of messages delays neither: a barrier past
+        // the timeout, and a barrier missing a node that left the job (it can never enter).
+        for (group, (ids, since)) in &entered {
+            let missing: Vec<i32> = members(*group, &registered)
+                .into_iter()
+                .filter(|id| !ids.contains(id))
+                .collect();
+            let names = |ids: &[i32]| ids.iter().map(|&id| node_name(id)).collect::<Vec<_>>();
+            if since.elapsed() >= timeout {
+                return Err(VanError(format!(
+                    "the barrier of group {group} waited {timeout:?} (KVSTORE_TIMEOUT_SECS) for {}",
+                    names(&missing).join(", ")
+                )));
             }
-            let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
-            if van.all_lost(&ids) {
-                return Err(VanError(
-                    "every node left before the job ended (the last barrier)".into(),
-                ));
+            let lost: Vec<i32> = missing
+                .into_iter()
+                .filter(|&id| van.all_lost(&[id]))
+                .collect();
+            if !lost.is_empty() {
+                return Err(VanError(format!(
+                    "the barrier of group {group} waits for {}, which left the job",
+                    names(&lost).join(", ")
+                )));
             }
+        }
+        let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
+        if van.all_lost(&ids) {
+            return Err(VanError(
+                "every node left before the job ended (the last barrier)".into(),
+            ));
+        }
+        let Some(message) = van.next_request(Duration::from_secs(1)) else {
             continue;
         };
         let Some(control) = &message.meta.control else {

@@ -64,6 +64,61 @@ fn a_missing_worker_fails_the_registration() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Set for a child process of this binary: it joins the job its `DMLC_*` variables name as a
+/// worker, inits key 1 with the others, then exits without leaving the job (its connections
+/// close, as when a worker process dies).
+const DYING_WORKER: &str = "KVSTORE_PSLITE_DYING_WORKER";
+
+fn dying_worker() -> std::process::ExitCode {
+    use kvstore_base::{DType, KVStoreExt, NDArray};
+    let kv = kvstore_base::create(NAME).expect("joins the job");
+    kv.init(1, &NDArray::zeros(&[2], DType::F32))
+        .expect("inits with the others");
+    std::process::exit(0); // no goodbye: the store is never dropped
+}
+
+/// A worker process that dies mid-job: the sync round that waits for its push fails at once
+/// (the server stops, naming it, and the waiting push fails naming the server), and the next
+/// barrier fails at once too (the scheduler names it), each long before the timeout.
+fn a_worker_that_dies_fails_its_round_and_barrier_at_once() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray};
+    let job = LocalJob::start(1, 2, Duration::from_secs(60))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .env(DYING_WORKER, "1")
+        .envs(job.worker_options())
+        .spawn()?;
+    let kv = kvstore_base::create_with(NAME, job.worker_options().clone())?;
+    kv.init(1, &NDArray::zeros(&[2], DType::F32))?;
+    if !child.wait()?.success() {
+        return Err("the dying worker failed before its end".into());
+    }
+    let started = Instant::now();
+    let e = kv
+        .push(1, &NDArray::ones(&[2], DType::F32))
+        .expect_err("the round can never complete")
+        .to_string();
+    if !e.contains("server 8 (rank 0)") || started.elapsed() > Duration::from_secs(15) {
+        return Err(format!("after {:?}: {e}", started.elapsed()).into());
+    }
+    let e = kv
+        .barrier()
+        .expect_err("the barrier can never complete")
+        .to_string();
+    if !e.contains("scheduler") || started.elapsed() > Duration::from_secs(15) {
+        return Err(format!("after {:?}: {e}", started.elapsed()).into());
+    }
+    drop(kv);
+    let ended = job.join().expect_err("the job lost a worker");
+    let lost = [
+        "which left the job",
+        "a sync round waits for pushes of worker",
+    ];
+    if !lost.iter().all(|l| ended.contains(l)) || !ended.contains("the barrier of group 4") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 /// Messages from processes that are not nodes of the job (random and mutated metas and frames,
 /// under identities no node has) reach the scheduler before and while the job runs and the
 /// server while it runs: nothing panics, and the job forms, sums exactly and ends cleanly.
@@ -268,6 +323,9 @@ fn hostile_messages_change_nothing() -> Result<(), Failed> {
 }
 
 fn main() -> std::process::ExitCode {
+    if std::env::var_os(DYING_WORKER).is_some() {
+        return dying_worker();
+    }
     // The worker refuses what MXNet's servers cannot hold, whichever server it talks to.
     kvstore_test::allow_refused_dtypes(kvstore_pslite::REFUSED_DTYPES);
     let args = libtest_mimic::Arguments::from_args();
@@ -295,6 +353,10 @@ fn main() -> std::process::ExitCode {
     trials.push(Trial::test(
         "own_servers::a_missing_worker_fails_the_registration",
         a_missing_worker_fails_the_registration,
+    ));
+    trials.push(Trial::test(
+        "own_servers::a_worker_that_dies_fails_its_round_and_barrier_at_once",
+        a_worker_that_dies_fails_its_round_and_barrier_at_once,
     ));
     trials.push(Trial::test(
         "own_servers::hostile_messages_change_nothing",
