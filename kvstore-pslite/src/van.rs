@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -169,6 +169,7 @@ pub struct Van {
     barrier: Mutex<()>,
     next_van_timestamp: AtomicI32,
     next_request: AtomicI32,
+    bytes_sent: AtomicU64,
 }
 
 impl fmt::Debug for Van {
@@ -230,6 +231,7 @@ impl Van {
             barrier: Mutex::new(()),
             next_van_timestamp: AtomicI32::new(0),
             next_request: AtomicI32::new(0),
+            bytes_sent: AtomicU64::new(0),
         })
     }
 
@@ -456,8 +458,18 @@ impl Van {
             .get(&to)
             .ok_or_else(|| VanError(format!("no link to {}", node_name(to))))?;
         let mut link = link.lock().unwrap_or_else(|e| e.into_inner());
-        link.send(&meta.encode(), data)
-            .map_err(|e| VanError(format!("sending to {} failed: {e}", node_name(to))))
+        let meta = meta.encode();
+        link.send(&meta, data)
+            .map_err(|e| VanError(format!("sending to {} failed: {e}", node_name(to))))?;
+        let bytes = meta.len() + data.iter().map(|d| d.len()).sum::<usize>();
+        self.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The bytes of the messages this node sent so far: their headers and data frames
+    /// (ZMTP's few bytes of framing per frame left out).
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
     }
 
     /// The deadline of a wait starting now (`KVSTORE_TIMEOUT_SECS` from now): a call waiting

@@ -172,3 +172,34 @@ fn compression_is_refused_where_mxnet_would_fail() {
     }
     end(job, stores);
 }
+
+#[test]
+fn a_compressed_push_sends_a_sixteenth_of_the_bytes() {
+    let job = LocalJob::start(1, 1, TIMEOUT).unwrap();
+    let config = kvstore_dist::DistConfig::from_vars(job.worker_options().clone()).unwrap();
+    let kv = kvstore_pslite::PsLiteStore::connect(NAME, &config).unwrap();
+    let n = 1 << 20; // 4 MiB of float32
+    kv.init(1, &NDArray::zeros(&[n], DType::F32)).unwrap();
+    let grad = NDArray::full(&[n], 1.0, DType::F32);
+    let push = |kv: &kvstore_pslite::PsLiteStore| {
+        let before = kv.bytes_sent();
+        kv.push(1, &grad).unwrap();
+        kv.bytes_sent() - before
+    };
+    let plain = push(&kv);
+    // One server: the key lies alike either way, so compression may follow its init.
+    kv.set_gradient_compression(&two_bit("0.5")).unwrap();
+    let compressed = push(&kv);
+    let value = 4 * n as u64;
+    assert!(plain >= value && plain < value + 1024, "{plain} bytes");
+    assert!(
+        compressed >= value / 16 && compressed < value / 16 + 1024,
+        "{compressed} bytes"
+    );
+    println!(
+        "a push of {value} bytes: {plain} bytes sent plain, {compressed} with 2-bit ({:.1}x fewer)",
+        plain as f64 / compressed as f64
+    );
+    drop(kv);
+    job.join().unwrap();
+}

@@ -215,6 +215,12 @@ impl PsLiteStore {
         self.van.me()
     }
 
+    /// The bytes of the messages this worker sent so far (headers and data frames): a push of
+    /// `n` float32 elements costs about `4n` bytes, or `n / 4` with 2-bit compression.
+    pub fn bytes_sent(&self) -> u64 {
+        self.van.bytes_sent()
+    }
+
     /// The job's nodes, as the scheduler listed them (itself included).
     pub fn job_nodes(&self) -> &[crate::meta::NodeRecord] {
         self.van.nodes()
