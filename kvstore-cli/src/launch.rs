@@ -155,8 +155,8 @@ pub struct LaunchOptions {
 
     /// Start kvstore-pslite's scheduler and servers (`kvstore pslite-scheduler`,
     /// `pslite-server`), which speak MXNet 1.9.1's own protocol: the workers may then be
-    /// MXNet's Python workers (`mx.kv.create('dist_sync')`, with `update_on_kvstore=False`)
-    /// and `pslite_dist_sync` workers. ps-lite has no handshake, so the job gets no secret;
+    /// MXNet's Python workers (`mx.kv.create('dist_sync')`, unchanged) and `pslite_dist_sync`
+    /// workers. ps-lite has no handshake, so the job gets no secret;
     /// its workers cannot be restarted (`--restart-workers` is refused).
     #[arg(long)]
     pub pslite: bool,

@@ -138,13 +138,14 @@ pub enum Command {
         config: Option<PathBuf>,
     },
     /// Run one server of a job that speaks MXNet 1.9.1's own protocol (ps-lite's): MXNet's
-    /// `KVStoreDistServer` without an optimizer, for MXNet's Python workers with
-    /// `update_on_kvstore=False` and `pslite_dist_sync` workers.
+    /// `KVStoreDistServer`, for MXNet's Python workers and `pslite_dist_sync` workers.
     ///
     /// Reads the scheduler's variables, DMLC_NODE_HOST and PORT. Sums each sync round's
     /// pushes exactly in their dtype (2-bit compressed pushes dequantised, as MXNet's server
-    /// does) and answers pulls; stops with an error naming a pickled Python optimizer
-    /// (`kController`) rather than running it. Exits 0 once rank 0 stopped it and every node
+    /// does), steps the values with the optimizer a worker set (its pickle read as data and
+    /// MXNet's optimizer rebuilt by name; a pickle that calls anything stops the server with
+    /// an error naming it, never run) and answers pulls. Exits 0 once rank 0 stopped it and
+    /// every node
     /// met in the last barrier. DMLC_ROLE may be unset or `server`.
     PsliteServer {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves

@@ -80,7 +80,8 @@ fn rust_workers_run_to_the_end() -> Result<(), Failed> {
 }
 
 /// MXNet's own Python workers, as a user runs them: `kvstore launch --pslite -- python
-/// train.py`. Init (rank 0's value), push + pull and pushpull rounds give the exact sums.
+/// train.py`. Init (rank 0's value), push + pull and pushpull rounds give the exact sums, and
+/// an optimizer set on the servers steps the weight.
 fn mxnet_python_workers_run_to_the_end(python: String) -> Result<(), Failed> {
     let script = "
 import mxnet as mx
@@ -96,6 +97,13 @@ for rnd in range(3):
     assert (out.asnumpy() == n * (n + 1) / 2 + n * rnd).all(), (rnd, out)
 kv.pushpull(3, mx.nd.full((4, 5), 2 * rank), out=out)
 assert (out.asnumpy() == n * (n - 1)).all(), out
+# The optimizer on the servers (Gluon's default for a dist store): a step of sgd.
+kv.set_optimizer(mx.optimizer.SGD(learning_rate=0.5))
+kv.init(5, mx.nd.ones((3,)))
+kv.push(5, mx.nd.ones((3,)))
+w = mx.nd.zeros((3,))
+kv.pull(5, out=w)
+assert (w.asnumpy() == 1 - 0.5 * n).all(), w
 mx.nd.waitall()
 print('mxnet worker rank %d of %d: ok' % (rank, n))
 ";

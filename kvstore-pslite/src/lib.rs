@@ -6,9 +6,11 @@
 //! - `pslite_dist_sync`, a worker store, joins a `dist_sync` job whose **scheduler and servers
 //!   are MXNet's**, beside MXNet's own Python workers or alone: the way to move a job to Rust
 //!   one worker at a time, or to feed an MXNet parameter server from Rust.
-//! - [`scheduler`] and [`server`] are a ps-lite scheduler and a server without an updater in
-//!   Rust: **MXNet's own Python workers** (with `update_on_kvstore=False`, as Gluon's `Trainer`
-//!   runs when the optimizer is on the workers) and this crate's run on them. A process whose
+//! - [`scheduler`] and [`server`] are a ps-lite scheduler and server in Rust: **MXNet's own
+//!   Python workers**, unchanged, and this crate's run on them. The optimizer a Python worker
+//!   sets (`kv.set_optimizer`, a pickle) is read as data ([`pickle`]), never run, and rebuilt
+//!   by name from `kvstore-optimizer`: MXNet's `SGD` and `Adam` give the weights MXNet's own
+//!   servers give, bit for bit. A process whose
 //!   `DMLC_ROLE` is `scheduler` or `server` that creates `pslite_dist_sync` runs that role and
 //!   exits ([`worker::run_role`]; the `kvstore` command's `pslite-scheduler` and
 //!   `pslite-server` run them, and `kvstore launch --pslite` starts a whole job on them);
@@ -61,13 +63,14 @@
 //!
 //! ## Where it differs
 //!
-//! - **No server-side optimizer**: MXNet's servers take an optimizer only as a pickled Python
-//!   object (`kController`), run as code; this store does not make one, and `set_optimizer`
-//!   is [`Unsupported`](kvstore_base::Error::Unsupported). Without an optimizer an MXNet sync
-//!   server stores the sum of each round's pushes: run the optimizer on the workers (Gluon's
-//!   `update_on_kvstore=False`), or let a Python worker of the job call `set_optimizer`, which
-//!   then applies to this worker's pushes too.
-//! - Not offered: `dist_async` (MXNet's async servers need that optimizer), row-sparse keys,
+//! - **The worker sets no server-side optimizer**: MXNet's servers take an optimizer only as a
+//!   pickled Python object (`kController`), which this store does not write, and
+//!   `set_optimizer` is [`Unsupported`](kvstore_base::Error::Unsupported). Without an optimizer
+//!   a sync server stores the sum of each round's pushes: run the optimizer on the workers
+//!   (Gluon's `update_on_kvstore=False`), or let a Python worker of the job call
+//!   `set_optimizer`, which then applies to this worker's pushes too.
+//! - Not offered: `dist_async` for this worker (MXNet's async servers need that optimizer),
+//!   row-sparse keys,
 //!   optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
 //!   by default in MXNet too) and the resender (`PS_RESEND`).
 //! - **Compression, where MXNet fails**: MXNet's worker aborts on a compressed key that is not
@@ -104,20 +107,24 @@
 //!
 //! As ps-lite's scheduler: ids in the order of registration, the node table to every node, a
 //! barrier released once every node of its group entered it; the job ends with every node's
-//! second barrier. As MXNet's `KVStoreDistServer` without an updater: a key's first push is its
-//! value, a sync round (after `kSyncMode`) sums one push per worker and answers them all
-//! (`pushpull`s with the sum), a pull is answered with the value at once; once a worker set
-//! 2-bit compression, compressed pushes are dequantised into the round's sum. Unlike MXNet's:
-//! every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
-//! is acknowledged; a Python optimizer (`kController`) stops the server with an error naming
-//! it (never run, never silently ignored; an MXNet Python worker that sent it then waits in
-//! ps-lite, as for any server that dies); registration and barriers give up
+//! second barrier. As MXNet's `KVStoreDistServer`: a key's first push is its value, a sync
+//! round (after `kSyncMode`) sums one push per worker, applies the optimizer a worker set
+//! (`kController`) or else stores the sum, and answers them all (`pushpull`s with the value);
+//! async mode applies the optimizer to each push (or stores it); a pull is answered with the
+//! value at once; once a worker set 2-bit compression, compressed pushes are dequantised into
+//! the round's sum. Unlike MXNet's: the optimizer's pickle is read as data, and a pickle that
+//! calls anything but an object's reconstruction, or an object that is not one of MXNet's
+//! optimizers, stops the server with an error naming it (never run; an MXNet Python worker
+//! that sent it then waits in ps-lite, as for any server that dies); every dtype is summed
+//! exactly in its own type; a plain push in a round with a `pushpull` is acknowledged;
+//! registration and barriers give up
 //! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
 //! workers of the job are ignored; a sync round waiting for a worker that left ends the server
 //! with an error naming it, and a barrier waiting for a node that left ends the scheduler so
 //! (the other nodes' waits then fail at once: MXNet's scheduler and servers wait forever). A
 //! worker's second push in a round counts as another worker's, as
-//! in MXNet. Not served: row-sparse requests, async mode with an updater.
+//! in MXNet. Not served: row-sparse requests, optimizer states (`save_optimizer_states` of a
+//! Python worker), an optimizer that already made updates.
 //!
 //! ## Modules
 //!
@@ -133,6 +140,7 @@
 pub mod encoding;
 pub mod local;
 pub mod meta;
+pub mod pickle;
 pub mod scheduler;
 pub mod server;
 pub mod van;

@@ -1,12 +1,17 @@
-//! A ps-lite server: MXNet 1.9.1's `KVStoreDistServer` without an updater, in Rust, so that
-//! MXNet's own Python workers (with `update_on_kvstore=False`: Gluon's `Trainer` runs the
-//! optimizer on the workers) and this crate's workers can use it.
+//! A ps-lite server: MXNet 1.9.1's `KVStoreDistServer` in Rust, so that MXNet's own Python
+//! workers and this crate's workers can use it.
 //!
 //! As MXNet's `DataHandleDefault`: a key's first push is its value (rank 0's `init`); in sync
 //! mode (`kSyncMode`, which rank 0 sends when it creates `dist_sync`) a push is held until every
-//! worker pushed the key, the sum then replaces the value and every held request is answered,
-//! with the value when it asked for it (`pushpull`); a pull is answered at once with the value.
-//! Without sync mode a push replaces the value (MXNet's async server needs an updater).
+//! worker pushed the key, then the optimizer a worker set steps the value with the sum (the sum
+//! replaces the value when none was set) and every held request is answered, with the value
+//! when it asked for it (`pushpull`); a pull is answered at once with the value. Without sync
+//! mode each push steps the value (or replaces it).
+//!
+//! The optimizer comes as MXNet's pickled Python object (`kController`): it is read as data
+//! ([`crate::pickle`]) and rebuilt by name from `kvstore-optimizer`, keyed by MXNet's int key
+//! (each server keeps the states of its own slices), and replaces any optimizer before it, as
+//! in MXNet.
 //!
 //! As MXNet's `DataHandleCompressed`, once a worker sent `kSetGradientCompression` (2-bit, as
 //! MXNet 1.9.1's text `"1,<threshold>"` says), a compressed push (the slice's length in its
@@ -14,15 +19,17 @@
 //! uncompressed push is, and a compressed pull is answered with the value.
 //!
 //! Unlike MXNet's, every dtype is summed exactly in its own type (MXNet's aborts on integer
-//! dtypes and holds float64 as float32), and a command it cannot honour (`kController`: a
-//! pickled Python optimizer) stops the server with an error rather than being run.
+//! dtypes and holds float64 as float32), and a pickle it cannot read as one of MXNet's
+//! optimizers (one that calls anything) stops the server with an error rather than being
+//! run.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use kvstore_base::{DType, NDArray};
+use kvstore_base::{DType, Key, NDArray};
 use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::{self, ReduceConfig};
+use kvstore_optimizer::Updater;
 
 use crate::encoding::{self, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL};
 use crate::meta::{data_type, Meta, Role};
@@ -151,6 +158,9 @@ struct Server {
     reduce: ReduceConfig,
     /// The gradient compression a worker set (`kSetGradientCompression`).
     codec: Option<Codec>,
+    /// The optimizer a worker set (`kController`): applied to each round's sum (each push in
+    /// async mode), as MXNet's server applies its updater.
+    updater: Option<Updater>,
     /// The first key of this server's range (a compressed push's first key is this plus the
     /// slice's length).
     range_begin: u64,
@@ -176,12 +186,18 @@ impl Server {
                 self.codec = Some(spec.codec());
             }
             CMD_CONTROLLER => {
-                return Err(VanError(format!(
-                    "{} sent command {head} (kController, a pickled Python optimizer): this \
-                     server runs no optimizer; run the optimizer on the workers (Gluon: \
-                     update_on_kvstore=False)",
-                    node_name(request.sender),
-                )))
+                // The pickle is read as data, never run (see `pickle`); the optimizer is
+                // rebuilt by name, and replaces any before it, as MXNet's server does.
+                let refused = |why: String| {
+                    VanError(format!(
+                        "{} sent an optimizer (kController) this server does not run: {why}",
+                        node_name(request.sender)
+                    ))
+                };
+                let spec = crate::pickle::optimizer_spec(&request.meta.body).map_err(refused)?;
+                let updater = Updater::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
+                log::info!("pslite server: optimizer {} ({:?})", spec.name, spec.params);
+                self.updater = Some(updater);
             }
             _ => log::info!("pslite server: command {head} acknowledged (nothing to do)"),
         }
@@ -210,7 +226,18 @@ impl Server {
             reduce,
             codec,
             range_begin,
+            updater,
         } = self;
+        // The key the optimizer knows: MXNet's int key (the server's range start taken off).
+        let key = Key::Int(ps_key.wrapping_sub(*range_begin) as i64);
+        // Applies the optimizer to `weight`, when one was set (`Ok(false)` when none was).
+        let mut optimize = |grad: &NDArray, weight: &mut NDArray| match updater {
+            Some(updater) => updater
+                .update(&key, grad, weight)
+                .map(|()| true)
+                .map_err(|e| bad(format!("the optimizer's update of key {key}: {e}"))),
+            None => Ok(false),
+        };
         if !request.meta.push {
             // A key never pushed is answered with no value (MXNet's server aborts): this
             // crate's worker then fails its pull naming this server (an MXNet worker fails a
@@ -291,7 +318,10 @@ impl Server {
             )));
         }
         if !*sync {
-            slot.stored = pushed.into_value().map_err(bad)?;
+            let value = pushed.into_value().map_err(bad)?;
+            if !optimize(&value, &mut slot.stored)? {
+                slot.stored = value;
+            }
             return reply(van, &request, slot.stored.as_bytes());
         }
         slot.held.push((request, pushed));
@@ -327,7 +357,13 @@ impl Server {
                 written = true;
             }
         }
-        slot.spare = Some(std::mem::replace(&mut slot.stored, sum));
+        // The sum is the value, or the optimizer's gradient (the buffer is then kept for the
+        // next round).
+        if optimize(&sum, &mut slot.stored)? {
+            slot.spare = Some(sum);
+        } else {
+            slot.spare = Some(std::mem::replace(&mut slot.stored, sum));
+        }
         let value = slot.stored.as_bytes().expect("contiguous");
         for (request, _) in slot.held.drain(..) {
             reply(van, &request, Some(value))?;
@@ -353,6 +389,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         reduce: ReduceConfig::from_env(),
         codec: None,
         range_begin,
+        updater: None,
     };
     let workers: Vec<i32> = server
         .van

@@ -244,6 +244,7 @@ fn push_beside_a_pushpull_fails_naming_the_server() -> Result<(), Failed> {
 /// that not every node registered.
 fn a_missing_worker_fails_the_registration() -> Result<(), Failed> {
     let job = MxnetJob::start(1, 2, &[("KVSTORE_TIMEOUT_SECS", "2")])?;
+    job.wait_for_scheduler(Duration::from_secs(60))?;
     let started = Instant::now();
     let e = kvstore_base::create_with(NAME, job.worker_options())
         .expect_err("the second worker never registers")
@@ -410,6 +411,89 @@ fn compressed_python_workers_on_our_servers() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Two MXNet Python workers training with the optimizer on the servers (`kv.set_optimizer`,
+/// MXNet's default for dist jobs): `optimizer` (Python) is set, keys 3 and 10 (cut across both
+/// servers) are initialised, then 4 rounds of push + pull; every pulled weight is saved.
+fn optimizer_script(optimizer: &str) -> String {
+    format!(
+        "{PYTHON_VALUE}
+kv = mx.kv.create('dist_sync')
+kv.set_optimizer({optimizer})
+keys = [(3, 20), (10, 3000)]
+for key, n in keys:
+    kv.init(key, value(key, 99, 0, n, 'float32'))
+for rnd in range(4):
+    for key, n in keys:
+        kv.push(key, value(key, rnd, kv.rank, n, 'float32'))
+        out = mx.nd.zeros((n,))
+        kv.pull(key, out=out)
+        open(os.path.join(OUT, 'w_%d_%d_%d.bin' % (kv.rank, rnd, key)), 'wb').write(out.asnumpy().tobytes())
+mx.nd.waitall()
+"
+    )
+}
+
+/// The weights MXNet's Python workers pulled in [`optimizer_script`], by file name.
+fn pulled_weights(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Failed> {
+    let mut files = Vec::new();
+    for rank in 0..2 {
+        for round in 0..4 {
+            for key in [3, 10] {
+                let name = format!("w_{rank}_{round}_{key}.bin");
+                let bytes = std::fs::read(dir.join(&name)).map_err(|e| format!("{name}: {e}"))?;
+                files.push((name, bytes));
+            }
+        }
+    }
+    Ok(files)
+}
+
+/// MXNet's Python workers set an optimizer on the servers (a pickle): on this crate's servers,
+/// which read the pickle as data and rebuild the optimizer by name, the weights they pull are
+/// those MXNet's own servers give them, bit for bit, for sgd with momentum, weight decay,
+/// rescaled gradients and a factor schedule, and for adam.
+fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
+    let optimizers = [
+        "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01, rescale_grad=0.5, \
+         lr_scheduler=mx.lr_scheduler.FactorScheduler(step=2, factor=0.5))",
+        "mx.optimizer.Adam(learning_rate=0.01, wd=0.001, clip_gradient=0.75)",
+    ];
+    for optimizer in optimizers {
+        let script = optimizer_script(optimizer);
+        let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")];
+        let mut theirs = MxnetJob::start(2, 2, &bound)?;
+        theirs.python_worker("python_worker_a", &script)?;
+        theirs.python_worker("python_worker_b", &script)?;
+        theirs.wait(Duration::from_secs(60))?;
+        let local = kvstore_pslite::LocalJob::start(2, 2, Duration::from_secs(60))?;
+        let mut options = local.worker_options().clone();
+        options.insert(bound[0].0.into(), bound[0].1.into());
+        let mut ours = MxnetJob::workers_of(&options)?;
+        ours.python_worker("python_worker_a", &script)?;
+        ours.python_worker("python_worker_b", &script)?;
+        ours.wait(Duration::from_secs(60))?;
+        local.join()?;
+        let (expected, got) = (pulled_weights(theirs.dir())?, pulled_weights(ours.dir())?);
+        for ((name, want), (_, have)) in expected.iter().zip(&got) {
+            if want != have {
+                let floats = |b: &[u8]| -> Vec<f32> {
+                    b.chunks_exact(4)
+                        .take(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect()
+                };
+                return Err(format!(
+                    "{optimizer}: {name}: MXNet's servers gave {:?}..., ours {:?}...",
+                    floats(want),
+                    floats(have)
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A test of this binary.
 type Test = fn() -> Result<(), Failed>;
 
@@ -427,6 +511,10 @@ fn main() -> std::process::ExitCode {
         (
             "compressed_python_workers_on_our_servers",
             compressed_python_workers_on_our_servers,
+        ),
+        (
+            "python_optimizers_on_our_servers_match_mxnets",
+            python_optimizers_on_our_servers_match_mxnets,
         ),
         (
             "push_beside_a_pushpull_fails_naming_the_server",

@@ -831,7 +831,8 @@ impl KVStoreBase for PsLiteStore {
     }
 
     /// Sent from this worker, as MXNet sends it (every worker that calls it sends it; MXNet's
-    /// servers run a `kController` body, a pickled Python optimizer, as Python code).
+    /// servers unpickle a `kController` body, a pickled Python optimizer, running what it
+    /// names; this crate's servers read it as data).
     fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
         self.command_all(head, body)
     }

@@ -161,6 +161,25 @@ impl MxnetJob {
         }
     }
 
+    /// Waits (at most `limit`) until MXNet's scheduler accepts connections: its Python takes
+    /// seconds to start on a loaded machine, longer than a test's short timeout.
+    pub fn wait_for_scheduler(&self, limit: Duration) -> Result<(), String> {
+        let addr = format!(
+            "{}:{}",
+            self.env["DMLC_PS_ROOT_URI"], self.env["DMLC_PS_ROOT_PORT"]
+        );
+        let deadline = std::time::Instant::now() + limit;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "MXNet's scheduler did not listen on {addr} within {limit:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// The variables a worker of this job needs.
     pub fn worker_options(&self) -> BTreeMap<String, String> {
         let mut options = self.env.clone();

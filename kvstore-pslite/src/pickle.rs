@@ -1,0 +1,724 @@
+//! MXNet's optimizer on the wire, read without running it.
+//!
+//! MXNet 1.9.1's `kv.set_optimizer` sends the servers its Python optimizer as a pickle of
+//! protocol 0 (`kController`), which MXNet's server unpickles: any code a pickle names runs
+//! there. This module reads such a pickle as **data**: a small stack machine over protocol 0's
+//! opcodes that builds values and never imports or calls anything. The one call it knows is
+//! the one every pickled object makes, `copy_reg._reconstructor(cls, object, None)`, which it
+//! turns into "an object of class `cls`" whose attributes the `BUILD` that follows gives; a
+//! class is a pair of names, compared with a list ([`optimizer_spec`] accepts MXNet's
+//! optimizers and learning-rate schedulers). Any other call, opcode or class is an error
+//! naming it.
+//!
+//! [`optimizer_spec`] then turns the optimizer's attributes into an [`OptimizerSpec`] for
+//! `kvstore-optimizer`, which rebuilds the optimizer by name: the same arithmetic as MXNet's,
+//! chosen from a registry, with no code from the network.
+
+use std::collections::{BTreeMap, HashMap};
+
+use kvstore_base::{OptimizerSpec, ParamValue};
+
+/// The modules whose classes are MXNet 1.9.1's optimizers.
+const OPTIMIZER_MODULES: &[&str] = &[
+    "mxnet.optimizer.optimizer",
+    "mxnet.optimizer",
+    "mxnet.optimizer.contrib",
+];
+
+/// The module of MXNet's learning-rate schedulers.
+const SCHEDULER_MODULE: &str = "mxnet.lr_scheduler";
+
+/// How deep values may nest (MXNet's optimizers nest three levels).
+const MAX_DEPTH: usize = 32;
+
+/// How many values a pickle may unfold to (a value the memo shares counts each time it
+/// appears): MXNet's optimizers unfold to a few dozen, and a pickle that shares values to
+/// unfold to billions is refused.
+const MAX_VALUES: usize = 100_000;
+
+/// One value of the pickle, in the arena of [`Machine`].
+#[derive(Debug, Clone)]
+enum Node {
+    None,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    List(Vec<usize>),
+    Tuple(Vec<usize>),
+    Dict(Vec<(usize, usize)>),
+    /// A name the pickle refers to (`GLOBAL`): never imported.
+    Global(String, String),
+    /// An object of a class, with the attributes its `BUILD` gave (a dict), if any.
+    Object {
+        module: String,
+        class: String,
+        state: Option<usize>,
+    },
+}
+
+/// A value read from a pickle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// `None`.
+    None,
+    /// `True`, `False`.
+    Bool(bool),
+    /// An integer.
+    Int(i64),
+    /// A float.
+    Float(f64),
+    /// A string.
+    Str(String),
+    /// A list or a tuple.
+    List(Vec<Value>),
+    /// A dict, in the pickle's order.
+    Dict(Vec<(Value, Value)>),
+    /// An object of `module.class`, with its attributes.
+    Object {
+        /// The class's module.
+        module: String,
+        /// The class.
+        class: String,
+        /// Its attributes (name, value).
+        attributes: Vec<(String, Value)>,
+    },
+}
+
+/// The stack machine.
+#[derive(Default)]
+struct Machine {
+    arena: Vec<Node>,
+    stack: Vec<Option<usize>>, // `None` is a mark
+    memo: HashMap<u64, usize>,
+    /// Values unfolded by `resolve` so far.
+    unfolded: std::cell::Cell<usize>,
+}
+
+impl Machine {
+    fn push(&mut self, node: Node) {
+        self.arena.push(node);
+        self.stack.push(Some(self.arena.len() - 1));
+    }
+
+    fn pop(&mut self) -> Result<usize, String> {
+        match self.stack.pop() {
+            Some(Some(id)) => Ok(id),
+            Some(None) => Err("a mark where a value was expected".into()),
+            None => Err("the stack is empty".into()),
+        }
+    }
+
+    fn top(&self) -> Result<usize, String> {
+        match self.stack.last() {
+            Some(Some(id)) => Ok(*id),
+            _ => Err("no value on the stack".into()),
+        }
+    }
+
+    /// The values above the last mark, which is removed.
+    fn pop_mark(&mut self) -> Result<Vec<usize>, String> {
+        let mark = self
+            .stack
+            .iter()
+            .rposition(Option::is_none)
+            .ok_or("no mark on the stack")?;
+        let items = self.stack.split_off(mark + 1);
+        self.stack.pop();
+        Ok(items.into_iter().flatten().collect())
+    }
+
+    fn set_items(&mut self, dict: usize, items: &[usize]) -> Result<(), String> {
+        if !items.len().is_multiple_of(2) {
+            return Err("a dict item without its value".into());
+        }
+        let Node::Dict(entries) = &mut self.arena[dict] else {
+            return Err("items set on a value that is not a dict".into());
+        };
+        for pair in items.chunks(2) {
+            entries.push((pair[0], pair[1]));
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, list: usize, items: &[usize]) -> Result<(), String> {
+        let Node::List(values) = &mut self.arena[list] else {
+            return Err("items appended to a value that is not a list".into());
+        };
+        values.extend_from_slice(items);
+        Ok(())
+    }
+
+    /// `REDUCE`: only `copy_reg._reconstructor(cls, object, None)`, the call of a pickled
+    /// object; it makes an object of `cls` without running anything.
+    fn reduce(&mut self, callable: usize, args: usize) -> Result<Node, String> {
+        let name = match &self.arena[callable] {
+            Node::Global(module, name) => format!("{module}.{name}"),
+            _ => return Err("a call of a value that is not a name".into()),
+        };
+        if name != "copy_reg._reconstructor" && name != "copyreg._reconstructor" {
+            return Err(format!(
+                "it calls {name}: this reader runs nothing (it only makes objects)"
+            ));
+        }
+        let Node::Tuple(args) = &self.arena[args] else {
+            return Err("_reconstructor's arguments are not a tuple".into());
+        };
+        let [class, base, state] = args[..] else {
+            return Err("_reconstructor takes 3 arguments".into());
+        };
+        let base_ok = matches!(&self.arena[base], Node::Global(m, n)
+            if (m == "__builtin__" || m == "builtins") && n == "object");
+        if !base_ok || !matches!(self.arena[state], Node::None) {
+            return Err("an object built on another base than `object`".into());
+        }
+        match &self.arena[class] {
+            Node::Global(module, class) => Ok(Node::Object {
+                module: module.clone(),
+                class: class.clone(),
+                state: None,
+            }),
+            _ => Err("_reconstructor's class is not a name".into()),
+        }
+    }
+
+    fn resolve(&self, id: usize, depth: usize) -> Result<Value, String> {
+        if depth > MAX_DEPTH {
+            return Err(format!("values nested deeper than {MAX_DEPTH}"));
+        }
+        self.unfolded.set(self.unfolded.get() + 1);
+        if self.unfolded.get() > MAX_VALUES {
+            return Err(format!("more than {MAX_VALUES} values"));
+        }
+        let all = |ids: &[usize]| -> Result<Vec<Value>, String> {
+            ids.iter().map(|&i| self.resolve(i, depth + 1)).collect()
+        };
+        Ok(match &self.arena[id] {
+            Node::None => Value::None,
+            Node::Bool(b) => Value::Bool(*b),
+            Node::Int(i) => Value::Int(*i),
+            Node::Float(f) => Value::Float(*f),
+            Node::Str(s) => Value::Str(s.clone()),
+            Node::List(ids) | Node::Tuple(ids) => Value::List(all(ids)?),
+            Node::Dict(entries) => Value::Dict(
+                entries
+                    .iter()
+                    .map(|&(k, v)| Ok((self.resolve(k, depth + 1)?, self.resolve(v, depth + 1)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            Node::Global(module, name) => {
+                return Err(format!(
+                    "a bare name {module}.{name} where a value was expected"
+                ))
+            }
+            Node::Object {
+                module,
+                class,
+                state,
+            } => {
+                let attributes = match state {
+                    None => Vec::new(),
+                    Some(s) => match self.resolve(*s, depth + 1)? {
+                        Value::Dict(entries) => entries
+                            .into_iter()
+                            .map(|(k, v)| match k {
+                                Value::Str(name) => Ok((name, v)),
+                                other => Err(format!("an attribute named {other:?}")),
+                            })
+                            .collect::<Result<_, String>>()?,
+                        _ => return Err(format!("{module}.{class}'s state is not a dict")),
+                    },
+                };
+                Value::Object {
+                    module: module.clone(),
+                    class: class.clone(),
+                    attributes,
+                }
+            }
+        })
+    }
+}
+
+/// Reads a pickle of protocol 0 as data (see the [module docs](self)).
+///
+/// ```
+/// use kvstore_pslite::pickle::{read, Value};
+/// let v = read(b"(dp0\nVlr\np1\nF0.1\ns.").unwrap();
+/// assert_eq!(v, Value::Dict(vec![(Value::Str("lr".into()), Value::Float(0.1))]));
+/// // A pickle that would run a command is refused, and runs nothing.
+/// let e = read(b"cos\nsystem\n(S'touch /tmp/x'\ntR.").unwrap_err();
+/// assert!(e.contains("it calls os.system"));
+/// ```
+///
+/// # Errors
+/// An opcode other than protocol 0's (and `}`, `]`, `)`, `u`, `e`), a call other than an
+/// object's reconstruction, or a malformed pickle, each named.
+pub fn read(bytes: &[u8]) -> Result<Value, String> {
+    let mut m = Machine::default();
+    let mut at = 0;
+    let line = |at: &mut usize| -> Result<&str, String> {
+        let rest = &bytes[*at..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("a line without its end")?;
+        *at += end + 1;
+        std::str::from_utf8(&rest[..end]).map_err(|_| "a line that is not UTF-8".to_string())
+    };
+    loop {
+        let Some(&op) = bytes.get(at) else {
+            return Err("the pickle ends before its STOP".into());
+        };
+        at += 1;
+        let opcode_at = at - 1;
+        let step: Result<(), String> = (|| {
+            match op {
+                b'(' => m.stack.push(None),
+                b'.' => return Ok(()),
+                b'0' => drop(m.stack.pop().ok_or("POP of an empty stack")?),
+                b'1' => drop(m.pop_mark()?),
+                b'2' => {
+                    let top = m.top()?;
+                    m.stack.push(Some(top));
+                }
+                b'N' => m.push(Node::None),
+                b'I' => {
+                    let text = line(&mut at)?;
+                    m.push(match text {
+                        "00" => Node::Bool(false),
+                        "01" => Node::Bool(true),
+                        _ => Node::Int(text.parse().map_err(|_| format!("INT {text:?}"))?),
+                    });
+                }
+                b'L' => {
+                    let text = line(&mut at)?;
+                    let digits = text.strip_suffix('L').unwrap_or(text);
+                    m.push(Node::Int(
+                        digits.parse().map_err(|_| format!("LONG {text:?}"))?,
+                    ));
+                }
+                b'F' => {
+                    let text = line(&mut at)?;
+                    m.push(Node::Float(
+                        text.parse().map_err(|_| format!("FLOAT {text:?}"))?,
+                    ));
+                }
+                b'S' => {
+                    let text = line(&mut at)?;
+                    m.push(Node::Str(quoted(text)?));
+                }
+                b'V' => {
+                    let text = line(&mut at)?;
+                    m.push(Node::Str(raw_unicode(text)?));
+                }
+                b'c' => {
+                    let module = line(&mut at)?.to_string();
+                    let name = line(&mut at)?.to_string();
+                    m.push(Node::Global(module, name));
+                }
+                b'd' => {
+                    let items = m.pop_mark()?;
+                    m.push(Node::Dict(Vec::new()));
+                    let dict = m.top()?;
+                    m.set_items(dict, &items)?;
+                }
+                b'l' => {
+                    let items = m.pop_mark()?;
+                    m.push(Node::List(items));
+                }
+                b't' => {
+                    let items = m.pop_mark()?;
+                    m.push(Node::Tuple(items));
+                }
+                b'}' => m.push(Node::Dict(Vec::new())),
+                b']' => m.push(Node::List(Vec::new())),
+                b')' => m.push(Node::Tuple(Vec::new())),
+                b's' => {
+                    let value = m.pop()?;
+                    let key = m.pop()?;
+                    let dict = m.top()?;
+                    m.set_items(dict, &[key, value])?;
+                }
+                b'u' => {
+                    let items = m.pop_mark()?;
+                    let dict = m.top()?;
+                    m.set_items(dict, &items)?;
+                }
+                b'a' => {
+                    let value = m.pop()?;
+                    let list = m.top()?;
+                    m.append(list, &[value])?;
+                }
+                b'e' => {
+                    let items = m.pop_mark()?;
+                    let list = m.top()?;
+                    m.append(list, &items)?;
+                }
+                b'p' => {
+                    let text = line(&mut at)?;
+                    let index = text.parse().map_err(|_| format!("PUT {text:?}"))?;
+                    let top = m.top()?;
+                    m.memo.insert(index, top);
+                }
+                b'g' => {
+                    let text = line(&mut at)?;
+                    let index: u64 = text.parse().map_err(|_| format!("GET {text:?}"))?;
+                    let id = *m
+                        .memo
+                        .get(&index)
+                        .ok_or_else(|| format!("GET {index} of nothing"))?;
+                    m.stack.push(Some(id));
+                }
+                b'R' => {
+                    let args = m.pop()?;
+                    let callable = m.pop()?;
+                    let object = m.reduce(callable, args)?;
+                    m.push(object);
+                }
+                b'b' => {
+                    let state = m.pop()?;
+                    let object = m.top()?;
+                    let Node::Object { state: slot, .. } = &mut m.arena[object] else {
+                        return Err("BUILD of a value that is not an object".into());
+                    };
+                    if slot.replace(state).is_some() {
+                        return Err("an object built twice".into());
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "opcode {:?}: not one of protocol 0's this reader knows",
+                        other as char
+                    ))
+                }
+            }
+            Ok(())
+        })();
+        step.map_err(|e| format!("pickle byte {opcode_at}: {e}"))?;
+        if op == b'.' {
+            let top = m.pop()?;
+            return m.resolve(top, 0);
+        }
+    }
+}
+
+/// A Python 2 string literal of `STRING`: `'...'` or `"..."` with backslash escapes.
+fn quoted(text: &str) -> Result<String, String> {
+    let inner = text
+        .strip_prefix('\'')
+        .and_then(|t| t.strip_suffix('\''))
+        .or_else(|| text.strip_prefix('"').and_then(|t| t.strip_suffix('"')))
+        .ok_or_else(|| format!("STRING {text:?} is not quoted"))?;
+    unescape(inner, false)
+}
+
+/// `UNICODE`'s raw-unicode-escape text: `\uXXXX` and `\UXXXXXXXX` escapes, the rest as is.
+fn raw_unicode(text: &str) -> Result<String, String> {
+    unescape(text, true)
+}
+
+fn unescape(text: &str, raw: bool) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        let Some(next) = chars.next() else {
+            out.push('\\');
+            break;
+        };
+        let hex = |chars: &mut std::str::Chars<'_>, n: usize| -> Result<char, String> {
+            let digits: String = chars.by_ref().take(n).collect();
+            u32::from_str_radix(&digits, 16)
+                .ok()
+                .filter(|_| digits.len() == n)
+                .and_then(char::from_u32)
+                .ok_or_else(|| format!("a bad escape in {text:?}"))
+        };
+        match (next, raw) {
+            ('u', _) => out.push(hex(&mut chars, 4)?),
+            ('U', _) => out.push(hex(&mut chars, 8)?),
+            (other, true) => {
+                out.push('\\');
+                out.push(other);
+            }
+            ('x', false) => out.push(hex(&mut chars, 2)?),
+            ('n', false) => out.push('\n'),
+            ('t', false) => out.push('\t'),
+            ('r', false) => out.push('\r'),
+            ('\\' | '\'' | '"', false) => out.push(next),
+            (other, false) => return Err(format!("escape \\{other} in {text:?}")),
+        }
+    }
+    Ok(out)
+}
+
+/// The attributes of an MXNet optimizer that are its bookkeeping, not its settings.
+const BOOKKEEPING: &[&str] = &[
+    "aggregate_num",
+    "allow_np_array",
+    "sym_info",
+    "param_dict",
+    "_all_index_update_counts",
+];
+
+/// The [`OptimizerSpec`] of an MXNet 1.9.1 optimizer pickled by `kv.set_optimizer` (see the
+/// [module docs](self)): its class, lowercased, names it (`SGD` is `sgd`); its attributes
+/// are its hyper-parameters under the names `kvstore-optimizer` reads (`lr` is
+/// `learning_rate`, `idx2name` is `param_idx2name`), its learning-rate scheduler a map with
+/// its `type` and state; `None` attributes are left out.
+///
+/// # Errors
+/// The pickle cannot be read ([`read`]); it is not an object of one of MXNet's optimizer
+/// classes, or its scheduler not one of MXNet's; or the optimizer already made updates (its
+/// states are not in the pickle, so that it could not go on where it was).
+pub fn optimizer_spec(bytes: &[u8]) -> Result<OptimizerSpec, String> {
+    let Value::Object {
+        module,
+        class,
+        attributes,
+    } = read(bytes)?
+    else {
+        return Err("the pickle is not an object".into());
+    };
+    if !OPTIMIZER_MODULES.contains(&module.as_str()) {
+        return Err(format!("{module}.{class} is not one of MXNet's optimizers"));
+    }
+    let mut spec = OptimizerSpec::new(&class.to_lowercase());
+    let mut counts = (None, None);
+    for (name, value) in attributes {
+        if BOOKKEEPING.contains(&name.as_str()) || value == Value::None {
+            continue;
+        }
+        match name.as_str() {
+            "num_update" => counts.0 = Some(value),
+            "begin_num_update" => {
+                counts.1 = Some(value.clone());
+                spec.params.insert(name, param(&value)?);
+            }
+            "_index_update_count" => {
+                if value != Value::Dict(Vec::new()) {
+                    return Err(format!(
+                        "the {class} optimizer already made updates: its states are not sent \
+                         with it"
+                    ));
+                }
+            }
+            "lr" => drop(spec.params.insert("learning_rate".into(), param(&value)?)),
+            "idx2name" => drop(spec.params.insert("param_idx2name".into(), param(&value)?)),
+            "lr_scheduler" => drop(spec.params.insert(name, scheduler(value)?)),
+            _ => drop(spec.params.insert(name, param(&value)?)),
+        }
+    }
+    if counts.0 != counts.1 {
+        return Err(format!(
+            "the {class} optimizer already made updates (num_update {:?}): its states are not \
+             sent with it",
+            counts.0
+        ));
+    }
+    Ok(spec)
+}
+
+/// A plain value as a hyper-parameter; dict keys become text (`{0: 'w'}` is `{"0": "w"}`).
+fn param(value: &Value) -> Result<ParamValue, String> {
+    Ok(match value {
+        Value::Bool(b) => ParamValue::Bool(*b),
+        Value::Int(i) => ParamValue::Int(*i),
+        Value::Float(f) => ParamValue::Float(*f),
+        Value::Str(s) => ParamValue::Str(s.clone()),
+        Value::List(items) => ParamValue::List(items.iter().map(param).collect::<Result<_, _>>()?),
+        Value::Dict(entries) => ParamValue::Map(
+            entries
+                .iter()
+                .map(|(k, v)| {
+                    let key = match k {
+                        Value::Str(s) => s.clone(),
+                        Value::Int(i) => i.to_string(),
+                        other => return Err(format!("a map keyed by {other:?}")),
+                    };
+                    Ok((key, param(v)?))
+                })
+                .collect::<Result<_, String>>()?,
+        ),
+        Value::None => return Err("None".into()),
+        Value::Object { module, class, .. } => {
+            return Err(format!(
+                "an object of {module}.{class} as a hyper-parameter"
+            ))
+        }
+    })
+}
+
+/// An MXNet learning-rate scheduler as `kvstore-optimizer` describes one: its type, its
+/// settings as built, and its state (the current rate and counts).
+fn scheduler(value: Value) -> Result<ParamValue, String> {
+    let Value::Object {
+        module,
+        class,
+        attributes,
+    } = value
+    else {
+        return Err("lr_scheduler is not an object".into());
+    };
+    let kind = match (module.as_str(), class.as_str()) {
+        (SCHEDULER_MODULE, "FactorScheduler") => "factor",
+        (SCHEDULER_MODULE, "MultiFactorScheduler") => "multifactor",
+        (SCHEDULER_MODULE, "PolyScheduler") => "poly",
+        (SCHEDULER_MODULE, "CosineScheduler") => "cosine",
+        _ => return Err(format!("{module}.{class} is not one of MXNet's schedulers")),
+    };
+    let attributes: BTreeMap<String, Value> = attributes.into_iter().collect();
+    let mut map = BTreeMap::from([("type".to_string(), ParamValue::from(kind))]);
+    // MXNet's `base_lr` is the current rate; `warmup_final_lr` keeps the rate it was built
+    // with, which is what kvstore-optimizer's `base_lr` is.
+    let renamed: &[(&str, &str)] = &[
+        ("warmup_final_lr", "base_lr"),
+        ("base_lr", "state_base_lr"),
+        ("count", "state_count"),
+        ("cur_step_ind", "state_cur_step_ind"),
+        ("base_lr_orig", "state_base_lr_orig"),
+        ("power", "pwr"),
+    ];
+    // Derived from the others (`max_update - warmup_steps`).
+    let derived = ["max_steps"];
+    for (name, value) in &attributes {
+        if derived.contains(&name.as_str()) || *value == Value::None {
+            continue;
+        }
+        let to = renamed
+            .iter()
+            .find(|(from, _)| from == name)
+            .map_or(name.as_str(), |(_, to)| to);
+        map.insert(to.to_string(), param(value)?);
+    }
+    if let Some(final_lr) = attributes.get("warmup_final_lr") {
+        map.insert("state_warmup_final_lr".into(), param(final_lr)?);
+    }
+    Ok(ParamValue::Map(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `pickle.dumps(mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.001,
+    /// rescale_grad=0.5), 0)`, written by MXNet 1.9.1 (Python 3.11).
+    const SGD: &str = "ccopy_reg\n_reconstructor\np0\n(cmxnet.optimizer.optimizer\nSGD\np1\n\
+c__builtin__\nobject\np2\nNtp3\nRp4\n(dp5\nVrescale_grad\np6\nF0.5\nsVlr_scheduler\np7\nNsVlr\n\
+p8\nF0.1\nsVwd\np9\nF0.001\nsVlr_mult\np10\n(dp11\nsVwd_mult\np12\n(dp13\nsVbegin_num_update\n\
+p14\nI0\nsVnum_update\np15\nI0\nsV_all_index_update_counts\np16\n(dp17\nI0\n(dp18\nssV_index_up\
+date_count\np19\ng18\nsVclip_gradient\np20\nNsVmulti_precision\np21\nI00\nsVaggregate_num\np22\n\
+I4\nsVidx2name\np23\n(dp24\nsVsym_info\np25\n(tsVallow_np_array\np26\nI00\nsVmomentum\np27\n\
+F0.9\nsVlazy_update\np28\nI01\nsb.";
+
+    #[test]
+    fn mxnets_sgd_becomes_its_spec() {
+        let spec = optimizer_spec(SGD.as_bytes()).unwrap();
+        assert_eq!(spec.name, "sgd");
+        let f = |k: &str| spec.params[k].as_f64().unwrap();
+        assert_eq!(f("learning_rate"), 0.1);
+        assert_eq!(f("momentum"), 0.9);
+        assert_eq!(f("wd"), 0.001);
+        assert_eq!(f("rescale_grad"), 0.5);
+        assert_eq!(spec.params["multi_precision"], ParamValue::Bool(false));
+        assert_eq!(spec.params["lazy_update"], ParamValue::Bool(true));
+        assert_eq!(spec.params["lr_mult"], ParamValue::Map(BTreeMap::new()));
+        // Bookkeeping and None are left out; the spec builds MXNet's optimizer.
+        for gone in [
+            "aggregate_num",
+            "sym_info",
+            "clip_gradient",
+            "lr_scheduler",
+            "num_update",
+        ] {
+            assert!(!spec.params.contains_key(gone), "{gone}");
+        }
+        kvstore_optimizer::Updater::from_spec(&spec).unwrap();
+    }
+
+    #[test]
+    fn calls_other_than_an_objects_reconstruction_are_refused() {
+        for (pickle, needle) in [
+            (
+                &b"cos\nsystem\n(S'touch /tmp/x'\ntR."[..],
+                "it calls os.system",
+            ),
+            (
+                b"c__builtin__\neval\n(S'1'\ntR.",
+                "it calls __builtin__.eval",
+            ),
+            (b"dp0\n.", "no mark"),
+            (b"N", "ends before its STOP"),
+            (b"X\x00\x00\x00\x00.", "opcode 'X'"),
+        ] {
+            let e = read(pickle).map(drop).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+        // A reconstructed object of another class is read as data, but is no optimizer.
+        let e =
+            optimizer_spec(b"ccopy_reg\n_reconstructor\n(cos\nsystem\nc__builtin__\nobject\nNtR.")
+                .unwrap_err();
+        assert!(
+            e.contains("os.system is not one of MXNet's optimizers"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn shared_values_cannot_unfold_without_bound() {
+        // Each list holds the previous one twice: 2^25 values once unfolded.
+        let mut pickle = b"(lp0\nI1\na".to_vec();
+        for i in 1..=25 {
+            pickle.extend_from_slice(format!("(lp{i}\ng{}\nag{}\na", i - 1, i - 1).as_bytes());
+        }
+        pickle.push(b'.');
+        let e = read(&pickle).unwrap_err();
+        assert!(e.contains("more than 100000 values"), "{e}");
+        // A list that holds itself.
+        let e = read(b"(lp0\ng0\na.").unwrap_err();
+        assert!(e.contains("nested deeper"), "{e}");
+    }
+
+    #[test]
+    fn an_optimizer_that_made_updates_is_refused() {
+        let used = SGD.replace("num_update\np15\nI0", "num_update\np15\nI7");
+        let e = optimizer_spec(used.as_bytes()).unwrap_err();
+        assert!(e.contains("already made updates"), "{e}");
+    }
+
+    #[test]
+    fn strings_and_memo_are_read_as_python_writes_them() {
+        let v = read(b"(lp0\nS'a\\'b'\np1\naV\\u00e9\\u20ac\np2\nag1\na.").unwrap();
+        assert_eq!(
+            v,
+            Value::List(vec![
+                Value::Str("a'b".into()),
+                Value::Str("é€".into()),
+                Value::Str("a'b".into()),
+            ])
+        );
+        // A container filled after it was memoised is seen filled through the memo.
+        let v = read(b"(dp0\nVk\np1\n(lp2\nsg2\nI1\na0g0\n.").unwrap();
+        assert_eq!(
+            v,
+            Value::Dict(vec![(
+                Value::Str("k".into()),
+                Value::List(vec![Value::Int(1)])
+            )])
+        );
+    }
+
+    #[test]
+    fn mutated_pickles_never_panic() {
+        use kvstore_test::fuzz::{mutated, Rng};
+        let mut rng = Rng::new(0x9E1C_C1E5);
+        let valid = vec![SGD.as_bytes().to_vec()];
+        for _ in 0..20_000 {
+            let bytes = mutated(&mut rng, &valid);
+            let _ = optimizer_spec(&bytes);
+        }
+    }
+}
