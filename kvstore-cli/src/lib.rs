@@ -129,7 +129,7 @@ pub enum Command {
     /// (required), KVSTORE_BIND_HOST, KVSTORE_TIMEOUT_SECS and KVSTORE_MAX_MESSAGE_BYTES. As
     /// ps-lite's scheduler: ids in registration order, the node table, barriers; exits 0 once
     /// every node met in the last barrier, non-zero with the error (naming who is missing)
-    /// after KVSTORE_TIMEOUT_SECS otherwise. ps-lite has no handshake: the job's network must
+    /// after KVSTORE_TIMEOUT_SECS, or as soon as a barrier waits for a node that left. ps-lite has no handshake: the job's network must
     /// be trusted, as MXNet's. DMLC_ROLE may be unset or `scheduler`.
     PsliteScheduler {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
@@ -140,7 +140,8 @@ pub enum Command {
     /// Run one server of a job that speaks MXNet 1.9.1's own protocol (ps-lite's): MXNet's
     /// `KVStoreDistServer`, for MXNet's Python workers and `pslite_dist_sync` workers.
     ///
-    /// Reads the scheduler's variables, DMLC_NODE_HOST and PORT. Sums each sync round's
+    /// Reads the scheduler's variables, DMLC_NODE_HOST, PORT and KVSTORE_BIND_HOST. Sums each
+    /// sync round's
     /// pushes exactly in their dtype (2-bit compressed pushes dequantised, as MXNet's server
     /// does), steps the values with the optimizer a worker set (its pickle read as data and
     /// MXNet's optimizer rebuilt by name; a pickle that calls anything stops the server with
@@ -199,20 +200,8 @@ pub fn run(cli: &Cli) -> kvstore::Result<Outcome> {
             run_server(&role_config(Role::Server, process_vars(), file.as_ref())?)?;
             Ok(Outcome::Print(String::new()))
         }
-        Command::PsliteScheduler { config } => {
-            let file = read_dist_file(config.as_deref())?;
-            let config = role_config(Role::Scheduler, process_vars(), file.as_ref())?;
-            logging::follow_config(&config);
-            kvstore_pslite::worker::run_role(kvstore_pslite::NAME, &config)?;
-            Ok(Outcome::Print(String::new()))
-        }
-        Command::PsliteServer { config } => {
-            let file = read_dist_file(config.as_deref())?;
-            let config = role_config(Role::Server, process_vars(), file.as_ref())?;
-            logging::follow_config(&config);
-            kvstore_pslite::worker::run_role(kvstore_pslite::NAME, &config)?;
-            Ok(Outcome::Print(String::new()))
-        }
+        Command::PsliteScheduler { config } => run_pslite_role(Role::Scheduler, config),
+        Command::PsliteServer { config } => run_pslite_role(Role::Server, config),
         Command::Launch(options) => {
             let kvstore = std::env::current_exe().map_err(|source| kvstore::Error::Io {
                 path: PathBuf::from("kvstore"),
@@ -232,6 +221,16 @@ pub fn run(cli: &Cli) -> kvstore::Result<Outcome> {
             })
         }
     }
+}
+
+/// Runs kvstore-pslite's scheduler or server (`role`) until the job ends, configured by the
+/// environment over the optional `kvstore.toml`.
+fn run_pslite_role(role: Role, file: &Option<PathBuf>) -> kvstore::Result<Outcome> {
+    let file = read_dist_file(file.as_deref())?;
+    let config = role_config(role, process_vars(), file.as_ref())?;
+    logging::follow_config(&config);
+    kvstore_pslite::worker::run_role(kvstore_pslite::NAME, &config)?;
+    Ok(Outcome::Print(String::new()))
 }
 
 /// The process environment as pairs; values that are not UTF-8 are converted lossily (a

@@ -19,7 +19,7 @@ const WORKER: &str = "KVSTORE_PSLITE_JOB_WORKER";
 const PYTHON: &str = "KVSTORE_MXNET_PYTHON";
 
 /// A worker of the job: 2-bit compression, a small key and one cut across the servers, pushes
-/// of `rank + 1` (each sends `+0.5`, the threshold), then a plain `pushpull` of a third key.
+/// of `rank + 1` (each sends `+0.5`, the threshold).
 fn rust_worker() {
     assert!(
         std::env::var_os("KVSTORE_SECRET_FILE").is_none(),

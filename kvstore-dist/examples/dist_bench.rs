@@ -30,8 +30,8 @@
 //!   scheduler and servers are MXNet's);
 //! - `--compression TYPE[:THRESHOLD]`: compress the pushes (`2bit`, `1bit`; MXNet's default
 //!   threshold 0.5); the pulled sums are then what the codec sent: with 2-bit and a threshold
-//!   `t` of at most 1, `workers × t` (every value pushed is at least 1, so every worker sends
-//!   `+t` every round), checked; with 1-bit or a larger threshold, not checked.
+//!   `t` of at most 1 and a multiple of 1/64, `workers × t` (every value pushed is at least 1,
+//!   so every worker sends `+t` every round), checked; otherwise, and with 1-bit, not checked.
 //!
 //! The workloads (all `f32`, arrays allocated and keys initialised before timing); a round is a
 //! push then a pull by every worker, so the server merges one push per worker and key:
@@ -444,7 +444,8 @@ fn sum_over_workers(workers: usize) -> f32 {
 /// What every pulled element must be once each worker `r` pushed `scale × (r + 1)` every round:
 /// the sum over the workers; with 2-bit compression of threshold `t <= 1`, `workers × t` (each
 /// value pushed is at least 1, so a worker's residual never falls below `t` and it sends `+t`
-/// every round); `None` (not checked) with 1-bit or a larger threshold.
+/// every round), when `t` is a multiple of 1/64 (so that every server, which may read `t` to 6
+/// decimals, as MXNet's do, sums it exactly); `None` (not checked) otherwise, and with 1-bit.
 fn expected_pull(options: &Options, workers: usize, scale: f32) -> Option<f32> {
     let Some(params) = &options.compression else {
         return Some(scale * sum_over_workers(workers));
@@ -453,7 +454,8 @@ fn expected_pull(options: &Options, workers: usize, scale: f32) -> Option<f32> {
         .get("threshold")
         .map_or(Some(0.5), |t| t.parse().ok())?;
     let two_bit = params.get("type").map(String::as_str) == Some("2bit");
-    (two_bit && threshold > 0.0 && threshold <= 1.0).then_some(workers as f32 * threshold)
+    let exact = (threshold * 64.0).fract() == 0.0;
+    (two_bit && exact && threshold > 0.0 && threshold <= 1.0).then_some(workers as f32 * threshold)
 }
 
 fn run(options: &Options) -> Result<(), String> {

@@ -47,7 +47,7 @@ Options:
                       push_pull, small_keys and init workloads run (MXNet compresses dense
                       pushes only). With a threshold of at most 1 every worker sends +threshold
                       every round (each value it pushes is at least 1), so the pulled sums
-                      checked are workers x threshold
+                      checked are workers x threshold (when it is a multiple of 1/64)
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -215,7 +215,9 @@ def mxnet_worker(args):
         """What a pull holds after every worker r pushed scale * (r + 1) (see --compression)."""
         if args.threshold is None:
             return scale * total
-        return workers * args.threshold if args.threshold <= 1 else None
+        # Exact when the threshold is a multiple of 1/64 (every server reads it to 6 decimals).
+        exact = (args.threshold * 64).is_integer() and args.threshold <= 1
+        return workers * args.threshold if exact else None
 
     for name, mib, key in (("push_pull_4MiB", 4, 3), ("push_pull_64MiB", 64, 5)):
         if not wanted(args, name):

@@ -75,9 +75,10 @@
 //!   by default in MXNet too) and the resender (`PS_RESEND`).
 //! - **Compression, where MXNet fails**: MXNet's worker aborts on a compressed key that is not
 //!   float32 and on a `pushpull` with compression, and has no 1-bit codec: this store refuses
-//!   each with an error naming the key. Compression set after the `init` of a key cut across
-//!   the servers would cut its pushes otherwise than its stored value (MXNet's server then
-//!   aborts): refused, naming the key. Small keys lie alike either way and may come first.
+//!   each with an error naming the key. Compression set after an `init` is refused, naming the
+//!   key: only rank 0 tells the servers, so a worker could push compressed before they have
+//!   the codec, and a key cut across the servers would lie on them otherwise than compressed
+//!   pushes cut it (MXNet's servers abort on either).
 //! - Every wait is bounded by `KVSTORE_TIMEOUT_SECS` (600 s by default) and ends in an error
 //!   naming the server, the scheduler or the barrier it waited for; a server whose connection
 //!   closes fails the requests waiting for it at once. MXNet's worker waits forever.
@@ -121,7 +122,9 @@
 //! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
 //! workers of the job are ignored; a sync round waiting for a worker that left ends the server
 //! with an error naming it, and a barrier waiting for a node that left ends the scheduler so
-//! (the other nodes' waits then fail at once: MXNet's scheduler and servers wait forever). A
+//! (this crate's nodes then fail at once; MXNet's Python workers wait in ps-lite, as for any
+//! scheduler that dies, unless `kvstore launch` ends them; MXNet's scheduler and servers wait
+//! forever). A
 //! worker's second push in a round counts as another worker's, as
 //! in MXNet. Not served: row-sparse requests, optimizer states (`save_optimizer_states` of a
 //! Python worker), an optimizer that already made updates.

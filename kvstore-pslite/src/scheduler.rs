@@ -19,6 +19,10 @@ use std::time::{Duration, Instant};
 use crate::meta::{Command, Control, Meta, NodeRecord, Role};
 use crate::van::{node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP};
 
+/// How long a node a barrier waits for may have no connection before the barrier fails
+/// naming it (at most the timeout): a broken link may be connected again meanwhile.
+const LOST_GRACE: Duration = Duration::from_secs(2);
+
 /// The ids of the members of barrier `group` among `nodes` (the scheduler excluded).
 fn members(group: i32, nodes: &[NodeRecord]) -> Vec<i32> {
     nodes
@@ -147,6 +151,10 @@ pub fn run_scheduler_on(
     let mut entered: HashMap<i32, (Vec<i32>, Instant)> =
         HashMap::from([(EVERYONE, (Vec::new(), Instant::now()))]);
     let mut everyone_met = 0;
+    // Since when each node a barrier waits for has had no connection (a node whose link broke
+    // may connect again: it counts as gone once that lasted `LOST_GRACE`).
+    let mut lost_since: HashMap<i32, Instant> = HashMap::new();
+    let grace = LOST_GRACE.min(timeout);
     while everyone_met < 2 {
         // Checked on every pass, so that a stream of messages delays neither: a barrier past
         // the timeout, and a barrier missing a node that left the job (it can never enter).
@@ -162,10 +170,18 @@ pub fn run_scheduler_on(
                     names(&missing).join(", ")
                 )));
             }
-            let lost: Vec<i32> = missing
-                .into_iter()
-                .filter(|&id| van.all_lost(&[id]))
-                .collect();
+            let mut lost = Vec::new();
+            for id in missing {
+                match van.all_lost(&[id]) {
+                    true => {
+                        let since = lost_since.entry(id).or_insert_with(Instant::now);
+                        if since.elapsed() >= grace {
+                            lost.push(id);
+                        }
+                    }
+                    false => drop(lost_since.remove(&id)),
+                }
+            }
             if !lost.is_empty() {
                 return Err(VanError(format!(
                     "the barrier of group {group} waits for {}, which left the job",

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use kvstore_base::{DType, Key, NDArray};
-use kvstore_compression::{Codec, CompressionSpec};
+use kvstore_compression::{Codec, CompressionSpec, CompressionType};
 use kvstore_local::reduce::{self, ReduceConfig};
 use kvstore_optimizer::Updater;
 
@@ -176,12 +176,20 @@ impl Server {
             CMD_SET_MULTI_PRECISION => {}
             CMD_SET_GRADIENT_COMPRESSION => {
                 let body = String::from_utf8_lossy(&request.meta.body);
-                let spec = CompressionSpec::decode_params(&body).map_err(|e| {
+                let refused = |why: String| {
                     VanError(format!(
-                        "{} sent kSetGradientCompression: {e}",
+                        "{} sent kSetGradientCompression {body:?}: {why}",
                         node_name(request.sender)
                     ))
-                })?;
+                };
+                let spec =
+                    CompressionSpec::decode_params(&body).map_err(|e| refused(e.to_string()))?;
+                if spec.kind != CompressionType::TwoBit {
+                    return Err(refused(
+                        "MXNet 1.9.1 has 2-bit compression only (its servers abort on another)"
+                            .into(),
+                    ));
+                }
                 log::info!("pslite server: gradient compression {body:?}");
                 self.codec = Some(spec.codec());
             }
@@ -296,6 +304,13 @@ impl Server {
             }
         };
         let Some(slot) = slots.get_mut(&ps_key) else {
+            if let Pushed::Packed { elements, .. } = pushed {
+                // MXNet's workers and this crate's init every key uncompressed; a size key
+                // alone must not decide what the server allocates.
+                return Err(bad(format!(
+                    "a compressed push of {elements} elements to a key never initialised"
+                )));
+            }
             // The key's first push: its value.
             reply(van, &request, None)?;
             slots.insert(

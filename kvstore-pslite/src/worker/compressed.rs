@@ -3,7 +3,7 @@
 //! and sent as a compressed request in `EncodeCompressedKey`'s layout; the servers dequantise
 //! and sum. `init` and pulls stay uncompressed, in the same layout.
 
-use kvstore_base::{CompressionParams, DType, Error, Key, NDArray, Result};
+use kvstore_base::{CompressionParams, DType, Error, NDArray, Result};
 use kvstore_compression::{Codec, CompressionSpec, CompressionType};
 use kvstore_local::reduce;
 
@@ -51,12 +51,13 @@ impl PsLiteStore {
         Ok(Packed { codec, slices })
     }
 
-    /// `set_gradient_compression`: checks the parameters as MXNet does, lays out the keys
-    /// already initialised (which must lie on the servers as compressed pushes will cut them),
-    /// and, on rank 0, sends the servers `kSetGradientCompression` (MXNet's text,
-    /// `"1,<threshold>"`). As in MXNet, the other workers do not wait for it: set compression
-    /// on every worker before the keys' `init`, whose barrier orders it before any push. A
-    /// residual a key already has is kept, as MXNet keeps it.
+    /// `set_gradient_compression`: checks the parameters as MXNet does and, on rank 0, sends
+    /// the servers `kSetGradientCompression` (MXNet's text, `"1,<threshold>"`). As in MXNet,
+    /// the other workers do not wait for it, so it must come before the first `init` (as
+    /// Gluon's `Trainer` sets it), whose barrier orders rank 0's command before any push: once
+    /// a key is initialised it is refused, naming the key (a worker could otherwise push
+    /// compressed before the servers have the codec, and a big key would lie on them as an
+    /// uncompressed key is cut).
     pub(super) fn set_compression(&self, params: &CompressionParams) -> Result<()> {
         let spec = CompressionSpec::from_params(params)?;
         if spec.kind != CompressionType::TwoBit {
@@ -66,45 +67,25 @@ impl PsLiteStore {
                             only; its servers abort on a 1-bit push)",
             });
         }
-        let codec = spec.codec();
         let _no_init_meanwhile = lock(&self.init);
-        let layouts = {
-            let table = lock(&self.table);
-            let mut layouts: Vec<(Key, Packed)> = Vec::with_capacity(table.entries.len());
-            for (key, entry) in &table.entries {
-                let at = |e: Error| e.at_key(&self.name, "set_gradient_compression", key.clone());
-                let packed = self.packed_layout(entry.id, entry.size(), entry.dtype, codec);
-                let packed = packed.map_err(at)?;
-                if packed.slices() != entry.slices {
-                    return Err(at(Error::InvalidArgument(format!(
-                        "initialised before compression was set, its {} elements lie on the \
-                         {} servers as an uncompressed key is cut, and compressed pushes cut \
-                         it otherwise (MXNET_KVSTORE_BIGARRAY_BOUND {}): set compression \
-                         before init, as MXNet's Trainer does",
-                        entry.size(),
-                        self.num_servers,
-                        self.bigarray_bound
-                    ))));
-                }
-                layouts.push((key.clone(), packed));
-            }
-            layouts
-        };
+        if let Some(key) = lock(&self.table).entries.keys().next() {
+            return Err(Error::InvalidArgument(format!(
+                "set_gradient_compression after key {key} was initialised: set it on every \
+                 worker before the first init, as Gluon's Trainer does (only rank 0 tells the \
+                 servers, and init's barrier makes every worker wait for it)"
+            )));
+        }
         if self.van.rank() == 0 {
             self.command_all(CMD_SET_GRADIENT_COMPRESSION, &spec.encode_params())?;
         }
-        let mut table = lock(&self.table);
-        for (key, packed) in layouts {
-            if let Some(entry) = table.entries.get_mut(&key) {
-                entry.packed = Some(packed);
-            }
-        }
-        table.codec = Some(codec);
+        lock(&self.table).codec = Some(spec.codec());
         Ok(())
     }
 
     /// The packed bytes of a push of `arrays` (a worker's values of one key, summed first) to
-    /// `entry`: quantised against the key's residual, which keeps what was not sent.
+    /// `entry`: quantised against the key's residual, which keeps what was not sent. As in
+    /// MXNet, the residual gives up what is sent before the push goes out: a push that then
+    /// fails has lost it (the job has lost a server or timed out by then).
     pub(super) fn quantize(
         &self,
         entry: &Entry,

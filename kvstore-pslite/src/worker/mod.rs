@@ -62,11 +62,6 @@ impl Entry {
         }
     }
 
-    /// The number of elements of the value.
-    fn size(&self) -> usize {
-        self.shape.iter().product()
-    }
-
     fn check_value(&self, value: &NDArray, what: &str) -> Result<()> {
         Error::check_declared(&self.shape, self.dtype, value, what)
     }
@@ -85,6 +80,23 @@ enum Payload<'a> {
     Dense(&'a [u8]),
     /// The packed value, cut along these slices (a compressed push).
     Packed(&'a [u8], &'a [PackedSlice]),
+}
+
+/// A key's bytes to push.
+enum Outgoing<'a> {
+    /// The caller's value, or the sum of its values.
+    Dense(Outbound<'a>),
+    /// The packed value, and the slices that cut it.
+    Packed(Vec<u8>, &'a [PackedSlice]),
+}
+
+impl Outgoing<'_> {
+    fn payload(&self) -> Payload<'_> {
+        match self {
+            Outgoing::Dense(value) => Payload::Dense(value.bytes()),
+            Outgoing::Packed(bytes, slices) => Payload::Packed(bytes, slices),
+        }
+    }
 }
 
 /// One key's requests of a call: a request per slice of `entry`.
@@ -522,39 +534,29 @@ impl PsLiteStore {
         }
         // Each key's bytes: packed with its codec once compression is on, else the caller's
         // value or the sum of its values (one per device) in MXNet's association order.
-        let mut dense: Vec<Option<Outbound<'_>>> = Vec::with_capacity(pushed.len());
-        let mut packed: Vec<Option<Vec<u8>>> = Vec::with_capacity(pushed.len());
-        for (key, entry, arrays) in &pushed {
-            match &entry.packed {
-                Some(layout) => {
-                    let bytes = self
-                        .quantize(entry, layout, arrays)
-                        .map_err(|e| e.at_key(&self.name, operation, key.clone()))?;
-                    packed.push(Some(bytes));
-                    dense.push(None);
-                }
-                None => {
-                    dense.push(Some(reduce::outbound(arrays, &self.reduce)));
-                    packed.push(None);
-                }
-            }
-        }
+        let outgoing: Vec<Outgoing<'_>> = pushed
+            .iter()
+            .map(|(key, entry, arrays)| match &entry.packed {
+                Some(layout) => self
+                    .quantize(entry, layout, arrays)
+                    .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
+                    .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                None => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
+            })
+            .collect::<Result<_>>()?;
         let requests: Vec<Request<'_>> = pushed
             .iter()
-            .zip(dense.iter().zip(&packed))
-            .map(|((key, entry, _), bytes)| Request {
+            .zip(&outgoing)
+            .map(|((key, entry, _), outgoing)| Request {
                 key,
                 entry,
-                payload: match (bytes, &entry.packed) {
-                    ((_, Some(bytes)), Some(layout)) => Payload::Packed(bytes, &layout.slices),
-                    ((Some(bytes), _), _) => Payload::Dense(bytes.bytes()),
-                    _ => unreachable!("every key has dense or packed bytes"),
-                },
+                payload: outgoing.payload(),
             })
             .collect();
         let pull = outs.is_some();
         let answers = self.exchange(operation, &requests, pull, priority)?;
         drop(requests);
+        drop(outgoing);
         if let Some(outs) = outs {
             let by_key: HashMap<Key, (Entry, Vec<Message>)> = pushed
                 .into_iter()
@@ -724,6 +726,11 @@ fn van_config(name: &str, dist: &DistConfig) -> Result<VanConfig> {
 /// fails (naming why).
 pub fn run_role(name: &str, dist: &DistConfig) -> Result<()> {
     let workers = dist.num_workers as usize;
+    if dist.num_servers == 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{name}: DMLC_NUM_SERVER=0: a ps-lite job needs at least one server"
+        )));
+    }
     match dist.role {
         Role::Scheduler => {
             let config = VanConfig {
