@@ -414,18 +414,18 @@ fn compressed_python_workers_on_our_servers() -> Result<(), Failed> {
 /// Two MXNet Python workers training with the optimizer on the servers (`kv.set_optimizer`,
 /// MXNet's default for dist jobs): `optimizer` (Python) is set, keys 3 and 10 (cut across both
 /// servers) are initialised, then 4 rounds of push + pull; every pulled weight is saved.
-fn optimizer_script(optimizer: &str) -> String {
+fn optimizer_script(optimizer: &str, dtype: &str) -> String {
     format!(
         "{PYTHON_VALUE}
 kv = mx.kv.create('dist_sync')
 kv.set_optimizer({optimizer})
 keys = [(3, 20), (10, 3000)]
 for key, n in keys:
-    kv.init(key, value(key, 99, 0, n, 'float32'))
+    kv.init(key, value(key, 99, 0, n, '{dtype}'))
 for rnd in range(4):
     for key, n in keys:
-        kv.push(key, value(key, rnd, kv.rank, n, 'float32'))
-        out = mx.nd.zeros((n,))
+        kv.push(key, value(key, rnd, kv.rank, n, '{dtype}'))
+        out = mx.nd.zeros((n,), dtype='{dtype}')
         kv.pull(key, out=out)
         open(os.path.join(OUT, 'w_%d_%d_%d.bin' % (kv.rank, rnd, key)), 'wb').write(out.asnumpy().tobytes())
 mx.nd.waitall()
@@ -451,15 +451,21 @@ fn pulled_weights(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Faile
 /// MXNet's Python workers set an optimizer on the servers (a pickle): on this crate's servers,
 /// which read the pickle as data and rebuild the optimizer by name, the weights they pull are
 /// those MXNet's own servers give them, bit for bit, for sgd with momentum, weight decay,
-/// rescaled gradients and a factor schedule, and for adam.
+/// rescaled gradients and a factor schedule, for adam, and for sgd with momentum on float16
+/// weights with float32 master copies (`multi_precision`).
 fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
     let optimizers = [
         "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01, rescale_grad=0.5, \
          lr_scheduler=mx.lr_scheduler.FactorScheduler(step=2, factor=0.5))",
         "mx.optimizer.Adam(learning_rate=0.01, wd=0.001, clip_gradient=0.75)",
+        "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, multi_precision=True)",
     ];
     for optimizer in optimizers {
-        let script = optimizer_script(optimizer);
+        let dtype = match optimizer.contains("multi_precision") {
+            true => "float16",
+            false => "float32",
+        };
+        let script = optimizer_script(optimizer, dtype);
         let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")];
         let mut theirs = MxnetJob::start(2, 2, &bound)?;
         theirs.python_worker("python_worker_a", &script)?;
@@ -494,6 +500,32 @@ fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
     Ok(())
 }
 
+/// MXNet's `dist_async` Python workers on this crate's servers, with an optimizer on them: each
+/// push steps the weight as it arrives (sgd, learning rate 1: three pushes of ones by each of
+/// two workers take the weight from 0 to -6, whatever their order).
+fn python_async_workers_on_our_servers() -> Result<(), Failed> {
+    let local = kvstore_pslite::LocalJob::start(1, 2, Duration::from_secs(60))?;
+    let mut python = MxnetJob::workers_of(local.worker_options())?;
+    let script = "
+kv = mx.kv.create('dist_async')
+kv.set_optimizer(mx.optimizer.SGD(learning_rate=1.0))
+kv.init(3, mx.nd.zeros((4,)))
+for _ in range(3):
+    kv.push(3, mx.nd.ones((4,)))
+mx.nd.waitall()
+kv._barrier()
+out = mx.nd.zeros((4,))
+kv.pull(3, out=out)
+assert (out.asnumpy() == -6).all(), out
+mx.nd.waitall()
+";
+    python.python_worker("python_worker_a", script)?;
+    python.python_worker("python_worker_b", script)?;
+    python.wait(Duration::from_secs(60))?;
+    local.join()?;
+    Ok(())
+}
+
 /// A test of this binary.
 type Test = fn() -> Result<(), Failed>;
 
@@ -515,6 +547,10 @@ fn main() -> std::process::ExitCode {
         (
             "python_optimizers_on_our_servers_match_mxnets",
             python_optimizers_on_our_servers_match_mxnets,
+        ),
+        (
+            "python_async_workers_on_our_servers",
+            python_async_workers_on_our_servers,
         ),
         (
             "push_beside_a_pushpull_fails_naming_the_server",
