@@ -31,7 +31,10 @@
 //! - `--compression TYPE[:THRESHOLD]`: compress the pushes (`2bit`, `1bit`; MXNet's default
 //!   threshold 0.5); the pulled sums are then what the codec sent: with 2-bit and a threshold
 //!   `t` of at most 1 and a multiple of 1/64, `workers × t` (every value pushed is at least 1,
-//!   so every worker sends `+t` every round), checked; otherwise, and with 1-bit, not checked.
+//!   so every worker sends `+t` every round), checked; otherwise, and with 1-bit, not checked;
+//! - `--optimizer sgd[:LR]`: sgd on the servers (learning rate 0.25 by default), set before
+//!   any key; the rounds of `push_pull` and `small_keys` then step the weights, and their check
+//!   is one more step, which must take `LR × Σ gradients` off every element.
 //!
 //! The workloads (all `f32`, arrays allocated and keys initialised before timing); a round is a
 //! push then a pull by every worker, so the server merges one push per worker and key:
@@ -84,6 +87,8 @@ struct Options {
     compression: Option<std::collections::BTreeMap<String, String>>,
     /// `--store NAME`: the store to create.
     store: String,
+    /// `--optimizer sgd[:LR]`: sgd on the servers, with this learning rate.
+    sgd: Option<f32>,
 }
 
 impl Options {
@@ -100,6 +105,7 @@ fn parse_options() -> Result<Options, String> {
         only: Vec::new(),
         compression: None,
         store: "dist_sync".to_string(),
+        sgd: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -126,10 +132,21 @@ fn parse_options() -> Result<Options, String> {
                 }
                 options.compression = Some(params);
             }
+            "--optimizer" => {
+                let text = value("--optimizer")?;
+                let lr = match text.split_once(':') {
+                    None if text == "sgd" => 0.25,
+                    Some(("sgd", lr)) => lr
+                        .parse()
+                        .map_err(|_| format!("--optimizer {text}: a learning rate, not {lr:?}"))?,
+                    _ => return Err(format!("--optimizer {text}: sgd[:LR] is offered")),
+                };
+                options.sgd = Some(lr);
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: dist_bench [--json] [--reps N] [--warmup N] [--only TEXT]... \
-                     [--store NAME] [--compression TYPE[:THRESHOLD]]"
+                     [--store NAME] [--compression TYPE[:THRESHOLD]] [--optimizer sgd[:LR]]"
                 );
                 std::process::exit(0);
             }
@@ -231,6 +248,14 @@ fn push_pull(
     .map_err(|e| format!("{name}: {e}"))?;
 
     check(&format!("{name}: the pushed array"), &grad, mine)?;
+    if let Some(lr) = options.sgd {
+        check_sgd_step(kv, name, &[key], &[grad], &[1.0], lr)?;
+        return Ok(Row {
+            name,
+            times,
+            bytes: 2 * elems * F32,
+        });
+    }
     zero(&mut out)?;
     kv.pull(key, &mut out).map_err(at)?;
     if let Some(total) = total {
@@ -277,6 +302,15 @@ fn small_keys(
             g,
             scale(k) * (rank + 1) as f32,
         )?;
+    }
+    if let Some(lr) = options.sgd {
+        let scales: Vec<f32> = keys.iter().map(|&k| scale(k)).collect();
+        check_sgd_step(kv, name, &keys, &grads, &scales, lr)?;
+        return Ok(Row {
+            name,
+            times,
+            bytes: 2 * count as usize * elems * F32,
+        });
     }
     for out in &mut outs {
         zero(out)?;
@@ -436,6 +470,37 @@ fn row_sparse(
     })
 }
 
+/// With `--optimizer sgd:LR`, the check after a workload's rounds: every worker pulls the
+/// weights, meets the others, pushes its gradients (`scale × (r + 1)` for worker `r`) once more
+/// and pulls again; sgd must have taken `LR × scale × Σ(r + 1)` off every element, in `f32`.
+fn check_sgd_step(
+    kv: &dyn KVStoreBase,
+    name: &str,
+    keys: &[i32],
+    grads: &[NDArray],
+    scales: &[f32],
+    lr: f32,
+) -> Result<(), String> {
+    let at = |e: kvstore_base::Error| format!("{name}: {e}");
+    let zeros = || -> Vec<NDArray> { grads.iter().map(|g| f32_array(g.size(), 0.0)).collect() };
+    let mut before = zeros();
+    kv.pull(keys, &mut before).map_err(at)?;
+    kv.barrier().map_err(at)?;
+    kv.push(keys, grads).map_err(at)?;
+    let mut after = zeros();
+    kv.pull(keys, &mut after).map_err(at)?;
+    let step = lr * sum_over_workers(kv.num_workers());
+    for (((key, b), a), scale) in keys.iter().zip(&before).zip(&after).zip(scales) {
+        let w = b.as_slice::<f32>().ok_or("a dense f32 weight")?[0];
+        check(
+            &format!("{name}: key {key} after an sgd step from {w}"),
+            a,
+            w - step * scale,
+        )?;
+    }
+    Ok(())
+}
+
 /// The sum of `r + 1` over the ranks `r` of `workers` workers.
 fn sum_over_workers(workers: usize) -> f32 {
     (workers * (workers + 1) / 2) as f32
@@ -467,6 +532,11 @@ fn run(options: &Options) -> Result<(), String> {
     if let Some(params) = &options.compression {
         kv.set_gradient_compression(params)
             .map_err(|e| format!("set_gradient_compression: {e}"))?;
+    }
+    if let Some(lr) = options.sgd {
+        let sgd = OptimizerSpec::new("sgd").with("learning_rate", f64::from(lr));
+        kv.set_optimizer(&sgd)
+            .map_err(|e| format!("set_optimizer: {e}"))?;
     }
     measure(&*kv, options, create_seconds).map_err(|e| format!("worker rank {rank}: {e}"))
 }

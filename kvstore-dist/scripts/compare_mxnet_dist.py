@@ -48,6 +48,14 @@ Options:
                       pushes only). With a threshold of at most 1 every worker sends +threshold
                       every round (each value it pushes is at least 1), so the pulled sums
                       checked are workers x threshold (when it is a multiple of 1/64)
+    --optimizer sgd[:LR]
+                      every side's workers set sgd (learning rate 0.25 by default) on the
+                      servers before their keys' init (MXNet's Python workers as
+                      kv.set_optimizer does it: a pickle, which kvstore-pslite's server reads
+                      as data); the servers then step the weights every round. Without --only,
+                      the push_pull and small_keys workloads run. The side of our workers on
+                      MXNet's servers is skipped (they cannot send MXNet an optimizer). Checked
+                      by one more round: every weight must drop by LR x the gradients' sum
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -150,6 +158,7 @@ def parse_args():
     p.add_argument("--json-out", default=None)
     p.add_argument("--pslite", action="store_true")
     p.add_argument("--compression", default=None)
+    p.add_argument("--optimizer", default=None)
     p.add_argument("--mxnet-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.reps = max(args.reps, 1)
@@ -161,6 +170,14 @@ def parse_args():
         args.threshold = float(threshold) if threshold else 0.5
         if not args.only:
             args.only = ["push_pull", "small_keys", "init"]
+    args.lr = None
+    if args.optimizer is not None:
+        kind, _, lr = args.optimizer.partition(":")
+        if kind != "sgd" or args.compression:
+            p.error(f"--optimizer {args.optimizer}: sgd[:LR] is offered, without --compression")
+        args.lr = float(lr) if lr else 0.25
+        if not args.only:
+            args.only = ["push_pull", "small_keys"]
     return args
 
 
@@ -189,6 +206,8 @@ def mxnet_worker(args):
     log(f"dist_sync created in {create_seconds:.3f} s, {workers} workers")
     if args.compression:
         kv.set_gradient_compression({"type": "2bit", "threshold": args.threshold})
+    if args.lr is not None:
+        kv.set_optimizer(mx.optimizer.SGD(learning_rate=args.lr))
 
     def timed(step):
         for _ in range(args.warmup):
@@ -210,6 +229,25 @@ def mxnet_worker(args):
                      f"expected {expected} (the sum over {workers} workers)")
 
     total = workers * (workers + 1) / 2  # worker r pushes r + 1
+
+    def check_sgd_step(name, keys, grads, scales):
+        """With --optimizer: one more round must take lr x scale x total off every weight."""
+        import numpy as np
+        before = [mx.nd.zeros(g.shape, ctx=ctx) for g in grads]
+        kv.pull(keys, out=before)
+        mx.nd.waitall()
+        before = [b.asnumpy().copy() for b in before]
+        kv._barrier()
+        # MXNet's pull wrote the weights into the pushed arrays too (see the module docs).
+        for g, s in zip(grads, scales):
+            g[:] = s * (rank + 1)
+        kv.push(keys, grads)
+        after = [mx.nd.zeros(g.shape, ctx=ctx) for g in grads]
+        kv.pull(keys, out=after)
+        mx.nd.waitall()
+        for k, b, a, s in zip(keys, before, after, scales):
+            step = np.float32(args.lr) * np.float32(s * total)
+            check(f"{name} key {k} after an sgd step", a, (b - step).astype(np.float32))
 
     def pulled(scale):
         """What a pull holds after every worker r pushed scale * (r + 1) (see --compression)."""
@@ -237,6 +275,10 @@ def mxnet_worker(args):
         log(f"{name:<20} median {figures[name]:.6f} s (min {lo:.6f}, max {hi:.6f})")
         # The check round (see the module docs: MXNet's pull overwrote `grad`).
         grad[:] = rank + 1
+        if args.lr is not None:
+            check_sgd_step(name, [key], [grad], [1])
+            del grad, out
+            continue
         out[:] = 0
         kv.push(key, grad)
         kv.pull(key, out=out)
@@ -263,12 +305,15 @@ def mxnet_worker(args):
         for k, g, o in zip(keys, grads, outs):
             g[:] = (k % 7 + 1) * (rank + 1)
             o[:] = 0
-        kv.push(keys, grads)
-        kv.pull(keys, out=outs)
-        mx.nd.waitall()
-        for k, o in zip(keys, outs):
-            if pulled(k % 7 + 1) is not None:
-                check(f"{name} key {k}", o, pulled(k % 7 + 1))
+        if args.lr is not None:
+            check_sgd_step(name, keys, grads, [k % 7 + 1 for k in keys])
+        else:
+            kv.push(keys, grads)
+            kv.pull(keys, out=outs)
+            mx.nd.waitall()
+            for k, o in zip(keys, outs):
+                if pulled(k % 7 + 1) is not None:
+                    check(f"{name} key {k}", o, pulled(k % 7 + 1))
 
     name = "init_1000x256"
     if wanted(args, name):
@@ -470,6 +515,8 @@ def run_side(side, args):
         sizes += ["--only", o]
     if args.compression:
         sizes += ["--compression", args.compression]
+    if args.optimizer:
+        sizes += ["--optimizer", args.optimizer]
     if side == "ours":
         root = repo_root()
         kvstore = args.kvstore or os.path.join(root, "target", "release", "kvstore")
@@ -577,7 +624,8 @@ def main():
                      "with the Python of a virtual environment holding mxnet==1.9.1 "
                      "(see the usage above)")
     if args.pslite and not args.ours_only:
-        sides += ["pslite", "pslite-servers"]
+        # Our workers cannot send MXNet's servers an optimizer (MXNet takes a pickle).
+        sides += ["pslite-servers"] if args.optimizer else ["pslite", "pslite-servers"]
     if "ours" in sides and not args.no_build:
         build("pslite" in sides)
     env = {k: os.environ[k] for k in REPORTED_VARS if k in os.environ}
@@ -608,6 +656,7 @@ def main():
           f"127.0.0.1 (rank 0's medians of {args.reps} rounds after {args.warmup} warm-up, "
           f"median of {max(args.rounds, 1)} round(s)"
           + (f"; 2-bit compression, threshold {args.threshold:g}" if args.compression else "")
+          + (f"; sgd on the servers, learning rate {args.lr:g}" if args.lr is not None else "")
           + (f"; {' '.join(f'{k}={v}' for k, v in env.items())}" if env else "") + ")")
     print(f"{'workload':<21} {'ours (s)':>10} {'GB/s':>6} {'MXNet (s)':>10} {'GB/s':>6} "
           f"{'MXNet/ours':>10}  target")
