@@ -170,7 +170,8 @@ fn stores_without_an_optimizer_train_with_the_optimizer_on_the_workers() {
 #[test]
 fn training_runs_on_mxnets_protocol() {
     // pslite_dist_sync workers on kvstore-pslite's scheduler and server (MXNet 1.9.1's
-    // protocol; its server runs no optimizer): SGD on the workers lands where `local` lands.
+    // protocol; the optimizer goes to the server as MXNet's pickle): lands where `local`
+    // lands.
     let job = kvstore::pslite::LocalJob::start(1, 2, std::time::Duration::from_secs(30))
         .expect("a ps-lite job");
     let program = env!("CARGO_BIN_EXE_train_linear");

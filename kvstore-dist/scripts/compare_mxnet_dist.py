@@ -53,9 +53,9 @@ Options:
                       servers before their keys' init (MXNet's Python workers as
                       kv.set_optimizer does it: a pickle, which kvstore-pslite's server reads
                       as data); the servers then step the weights every round. Without --only,
-                      the push_pull and small_keys workloads run. The side of our workers on
-                      MXNet's servers is skipped (they cannot send MXNet an optimizer). Checked
-                      by one more round: every weight must drop by LR x the gradients' sum
+                      the push_pull and small_keys workloads run (our workers send MXNet's
+                      servers the optimizer as a pickle MXNet builds it from). Checked by one
+                      more round: every weight must drop by LR x the gradients' sum
     --mxnet-worker    (internal) run as one MXNet worker of a cluster this script started
 
 The workloads (all float32, arrays allocated before timing). A round is: every worker pushes,
@@ -624,8 +624,7 @@ def main():
                      "with the Python of a virtual environment holding mxnet==1.9.1 "
                      "(see the usage above)")
     if args.pslite and not args.ours_only:
-        # Our workers cannot send MXNet's servers an optimizer (MXNet takes a pickle).
-        sides += ["pslite-servers"] if args.optimizer else ["pslite", "pslite-servers"]
+        sides += ["pslite", "pslite-servers"]
     if "ours" in sides and not args.no_build:
         build("pslite" in sides)
     env = {k: os.environ[k] for k in REPORTED_VARS if k in os.environ}

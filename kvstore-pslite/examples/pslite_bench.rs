@@ -2,7 +2,8 @@
 //! that `--store pslite_dist_sync` times this crate's worker against MXNet 1.9.1's scheduler
 //! and servers. `kvstore-dist/scripts/compare_mxnet_dist.py --pslite` starts such a job beside
 //! the all-MXNet and all-Rust ones. The dense workloads apply (`--only push_pull --only
-//! small_keys --only init`): MXNet's servers take no optimizer from this worker.
+//! small_keys --only init`), and, with `--optimizer sgd`, sgd on MXNet's servers (sent as the
+//! pickle MXNet builds its optimizer from).
 #[path = "../../kvstore-dist/examples/dist_bench.rs"]
 mod dist_bench;
 

@@ -63,13 +63,14 @@
 //!
 //! ## Where it differs
 //!
-//! - **The worker sets no server-side optimizer**: MXNet's servers take an optimizer only as a
-//!   pickled Python object (`kController`), which this store does not write, and
-//!   `set_optimizer` is [`Unsupported`](kvstore_base::Error::Unsupported). Without an optimizer
-//!   a sync server stores the sum of each round's pushes: run the optimizer on the workers
-//!   (Gluon's `update_on_kvstore=False`), or let a Python worker of the job call
-//!   `set_optimizer`, which then applies to this worker's pushes too.
-//! - Not offered: `dist_async` for this worker (MXNet's async servers need that optimizer),
+//! - **`set_optimizer`** sends MXNet's servers a pickle they turn into MXNet's own optimizer:
+//!   `functools.partial(mxnet.optimizer.optimizer.SGD, learning_rate=..., ...)()` (data this
+//!   store writes from the spec, [`pickle::mxnet_optimizer_pickle`]; this crate's servers read
+//!   it back as the spec). Every worker that calls it sends it, as MXNet's do. Refused: what
+//!   MXNet's constructors do not take (`adamw`, which 1.9.1 lacks; `lr_mult`/`wd_mult`; a
+//!   scheduler's saved state). Without an optimizer a sync server stores the sum of each
+//!   round's pushes.
+//! - Not offered: `dist_async` for this worker (the store puts the servers in sync mode),
 //!   row-sparse keys,
 //!   optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
 //!   by default in MXNet too) and the resender (`PS_RESEND`).
@@ -174,6 +175,7 @@ const CAPABILITIES: &[Capability] = &[
     Capability::InitPushPull,
     Capability::Distributed,
     Capability::GradientCompression,
+    Capability::Optimizer,
 ];
 
 fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
@@ -186,6 +188,7 @@ kvstore_base::register!(
     capabilities = [
         Capability::InitPushPull,
         Capability::Distributed,
-        Capability::GradientCompression
+        Capability::GradientCompression,
+        Capability::Optimizer
     ]
 );

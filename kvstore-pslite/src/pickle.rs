@@ -13,6 +13,12 @@
 //! [`optimizer_spec`] then turns the optimizer's attributes into an [`OptimizerSpec`] for
 //! `kvstore-optimizer`, which rebuilds the optimizer by name: the same arithmetic as MXNet's,
 //! chosen from a registry, with no code from the network.
+//!
+//! The other way, [`mxnet_optimizer_pickle`] writes the pickle a worker of this crate sends:
+//! `functools.partial(mxnet.optimizer.optimizer.SGD, learning_rate=0.1, ...)()`, so that
+//! MXNet's server builds the optimizer with its own constructor. The reader takes that form
+//! too (a call of a `partial` of a class, with keyword arguments only), as the optimizer's
+//! name and hyper-parameters.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -55,6 +61,18 @@ enum Node {
         class: String,
         state: Option<usize>,
     },
+    /// `functools.partial(module.class)`, with the keyword arguments its `BUILD` gave.
+    Partial {
+        module: String,
+        class: String,
+        kwargs: Option<usize>,
+    },
+    /// A call of such a partial: `module.class(**kwargs)`, never made.
+    Call {
+        module: String,
+        class: String,
+        kwargs: Option<usize>,
+    },
 }
 
 /// A value read from a pickle.
@@ -82,6 +100,15 @@ pub enum Value {
         class: String,
         /// Its attributes (name, value).
         attributes: Vec<(String, Value)>,
+    },
+    /// A call `module.class(**kwargs)` (through `functools.partial`), read, never made.
+    Call {
+        /// The class's module.
+        module: String,
+        /// The class.
+        class: String,
+        /// The keyword arguments (name, value).
+        kwargs: Vec<(String, Value)>,
     },
 }
 
@@ -152,10 +179,38 @@ impl Machine {
     /// `REDUCE`: only `copy_reg._reconstructor(cls, object, None)`, the call of a pickled
     /// object; it makes an object of `cls` without running anything.
     fn reduce(&mut self, callable: usize, args: usize) -> Result<Node, String> {
+        let no_args = matches!(&self.arena[args], Node::Tuple(a) if a.is_empty());
         let name = match &self.arena[callable] {
             Node::Global(module, name) => format!("{module}.{name}"),
+            Node::Partial {
+                module,
+                class,
+                kwargs,
+            } if no_args => {
+                return Ok(Node::Call {
+                    module: module.clone(),
+                    class: class.clone(),
+                    kwargs: *kwargs,
+                })
+            }
             _ => return Err("a call of a value that is not a name".into()),
         };
+        if name == "functools.partial" {
+            let Node::Tuple(args) = &self.arena[args] else {
+                return Err("partial's arguments are not a tuple".into());
+            };
+            return match args[..] {
+                [class] => match &self.arena[class] {
+                    Node::Global(module, class) => Ok(Node::Partial {
+                        module: module.clone(),
+                        class: class.clone(),
+                        kwargs: None,
+                    }),
+                    _ => Err("a partial of a value that is not a name".into()),
+                },
+                _ => Err("a partial with positional arguments".into()),
+            };
+        }
         if name != "copy_reg._reconstructor" && name != "copyreg._reconstructor" {
             return Err(format!(
                 "it calls {name}: this reader runs nothing (it only makes objects)"
@@ -211,31 +266,54 @@ impl Machine {
                     "a bare name {module}.{name} where a value was expected"
                 ))
             }
+            Node::Partial { module, class, .. } => {
+                return Err(format!(
+                    "a partial of {module}.{class} that is never called"
+                ))
+            }
+            Node::Call {
+                module,
+                class,
+                kwargs,
+            } => Value::Call {
+                module: module.clone(),
+                class: class.clone(),
+                kwargs: self.named(*kwargs, depth, &format!("{module}.{class}'s arguments"))?,
+            },
             Node::Object {
                 module,
                 class,
                 state,
-            } => {
-                let attributes = match state {
-                    None => Vec::new(),
-                    Some(s) => match self.resolve(*s, depth + 1)? {
-                        Value::Dict(entries) => entries
-                            .into_iter()
-                            .map(|(k, v)| match k {
-                                Value::Str(name) => Ok((name, v)),
-                                other => Err(format!("an attribute named {other:?}")),
-                            })
-                            .collect::<Result<_, String>>()?,
-                        _ => return Err(format!("{module}.{class}'s state is not a dict")),
-                    },
-                };
-                Value::Object {
-                    module: module.clone(),
-                    class: class.clone(),
-                    attributes,
-                }
-            }
+            } => Value::Object {
+                module: module.clone(),
+                class: class.clone(),
+                attributes: self.named(*state, depth, &format!("{module}.{class}'s state"))?,
+            },
         })
+    }
+
+    /// A dict of named values (an object's attributes, a call's keyword arguments); none when
+    /// `dict` is `None`.
+    fn named(
+        &self,
+        dict: Option<usize>,
+        depth: usize,
+        what: &str,
+    ) -> Result<Vec<(String, Value)>, String> {
+        let Some(dict) = dict else {
+            return Ok(Vec::new());
+        };
+        match self.resolve(dict, depth + 1)? {
+            Value::None => Ok(Vec::new()),
+            Value::Dict(entries) => entries
+                .into_iter()
+                .map(|(k, v)| match k {
+                    Value::Str(name) => Ok((name, v)),
+                    other => Err(format!("{what}: a name {other:?}")),
+                })
+                .collect(),
+            _ => Err(format!("{what} is not a dict")),
+        }
     }
 }
 
@@ -378,7 +456,26 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                 b'b' => {
                     let state = m.pop()?;
                     let object = m.top()?;
-                    let Node::Object { state: slot, .. } = &mut m.arena[object] else {
+                    // A partial's state is (func, args, kwargs, dict): keyword arguments only.
+                    let state = match &m.arena[object] {
+                        Node::Partial { .. } => match &m.arena[state] {
+                            Node::Tuple(parts) if parts.len() == 4 => {
+                                let no_args =
+                                    matches!(&m.arena[parts[1]], Node::Tuple(a) if a.is_empty());
+                                let no_dict = matches!(m.arena[parts[3]], Node::None)
+                                    || matches!(&m.arena[parts[3]], Node::Dict(d) if d.is_empty());
+                                if !no_args || !no_dict {
+                                    return Err("a partial with positional arguments".into());
+                                }
+                                parts[2]
+                            }
+                            _ => return Err("a partial's state is not its 4 parts".into()),
+                        },
+                        _ => state,
+                    };
+                    let (Node::Object { state: slot, .. } | Node::Partial { kwargs: slot, .. }) =
+                        &mut m.arena[object]
+                    else {
                         return Err("BUILD of a value that is not an object".into());
                     };
                     if slot.replace(state).is_some() {
@@ -475,13 +572,18 @@ const BOOKKEEPING: &[&str] = &[
 /// classes, or its scheduler not one of MXNet's; or the optimizer already made updates (its
 /// states are not in the pickle, so that it could not go on where it was).
 pub fn optimizer_spec(bytes: &[u8]) -> Result<OptimizerSpec, String> {
-    let Value::Object {
-        module,
-        class,
-        attributes,
-    } = read(bytes)?
-    else {
-        return Err("the pickle is not an object".into());
+    let (module, class, attributes) = match read(bytes)? {
+        Value::Object {
+            module,
+            class,
+            attributes,
+        } => (module, class, attributes),
+        Value::Call {
+            module,
+            class,
+            kwargs,
+        } => return constructed_spec(&module, &class, kwargs),
+        _ => return Err("the pickle is not an object".into()),
     };
     if !OPTIMIZER_MODULES.contains(&module.as_str()) {
         return Err(format!("{module}.{class} is not one of MXNet's optimizers"));
@@ -522,6 +624,205 @@ pub fn optimizer_spec(bytes: &[u8]) -> Result<OptimizerSpec, String> {
     Ok(spec)
 }
 
+/// The spec of `module.class(**kwargs)`: the optimizer MXNet registers under that class, with
+/// the keyword arguments as its hyper-parameters (its scheduler a call of a scheduler class).
+fn constructed_spec(
+    module: &str,
+    class: &str,
+    kwargs: Vec<(String, Value)>,
+) -> Result<OptimizerSpec, String> {
+    let name = MXNET_OPTIMIZERS
+        .iter()
+        .find(|(_, m, c)| *m == module && *c == class)
+        .map(|(name, _, _)| *name)
+        .ok_or_else(|| format!("{module}.{class} is not one of MXNet's optimizers"))?;
+    let mut spec = OptimizerSpec::new(name);
+    for (key, value) in kwargs {
+        let value = match (key.as_str(), value) {
+            (_, Value::None) => continue,
+            (
+                "lr_scheduler",
+                Value::Call {
+                    module,
+                    class,
+                    kwargs,
+                },
+            ) => {
+                let kind = MXNET_SCHEDULERS
+                    .iter()
+                    .find(|(_, c)| module == SCHEDULER_MODULE && *c == class)
+                    .map(|(kind, _)| *kind)
+                    .ok_or_else(|| format!("{module}.{class} is not one of MXNet's schedulers"))?;
+                let mut map = BTreeMap::from([("type".to_string(), ParamValue::from(kind))]);
+                for (k, v) in kwargs.into_iter().filter(|(_, v)| *v != Value::None) {
+                    map.insert(k, param(&v)?);
+                }
+                ParamValue::Map(map)
+            }
+            (_, value) => param(&value).map_err(|e| format!("{key}: {e}"))?,
+        };
+        spec.params.insert(key, value);
+    }
+    Ok(spec)
+}
+
+/// MXNet 1.9.1's optimizer classes by the names it (and `kvstore-optimizer`) registers them
+/// under (`mx.optimizer.Optimizer.opt_registry`).
+const MXNET_OPTIMIZERS: &[(&str, &str, &str)] = &[
+    ("sgd", "mxnet.optimizer.optimizer", "SGD"),
+    ("signum", "mxnet.optimizer.optimizer", "Signum"),
+    ("ftml", "mxnet.optimizer.optimizer", "FTML"),
+    ("lars", "mxnet.optimizer.optimizer", "LARS"),
+    ("lamb", "mxnet.optimizer.optimizer", "LAMB"),
+    ("dcasgd", "mxnet.optimizer.optimizer", "DCASGD"),
+    ("nag", "mxnet.optimizer.optimizer", "NAG"),
+    ("ccsgd", "mxnet.optimizer.optimizer", "ccSGD"),
+    ("adam", "mxnet.optimizer.optimizer", "Adam"),
+    ("adagrad", "mxnet.optimizer.optimizer", "AdaGrad"),
+    ("rmsprop", "mxnet.optimizer.optimizer", "RMSProp"),
+    ("adadelta", "mxnet.optimizer.optimizer", "AdaDelta"),
+    ("ftrl", "mxnet.optimizer.optimizer", "Ftrl"),
+    ("adamax", "mxnet.optimizer.optimizer", "Adamax"),
+    ("nadam", "mxnet.optimizer.optimizer", "Nadam"),
+    ("test", "mxnet.optimizer.optimizer", "Test"),
+    ("groupadagrad", "mxnet.optimizer.contrib", "GroupAdaGrad"),
+];
+
+/// MXNet's learning-rate scheduler classes by `kvstore-optimizer`'s scheduler types.
+const MXNET_SCHEDULERS: &[(&str, &str)] = &[
+    ("factor", "FactorScheduler"),
+    ("multifactor", "MultiFactorScheduler"),
+    ("poly", "PolyScheduler"),
+    ("cosine", "CosineScheduler"),
+];
+
+/// The pickle (protocol 0) of `spec` that MXNet 1.9.1's server turns into its own optimizer:
+/// `functools.partial(<MXNet's class>, **hyper-parameters)()`, the scheduler likewise. What
+/// MXNet's constructors do not take is refused: an optimizer MXNet 1.9.1 does not have
+/// (`adamw`), per-parameter multipliers (`lr_mult`, `wd_mult`: MXNet sets them by method),
+/// a scheduler's saved state.
+///
+/// ```
+/// use kvstore_base::OptimizerSpec;
+/// use kvstore_pslite::pickle::{mxnet_optimizer_pickle, optimizer_spec};
+///
+/// let sgd = OptimizerSpec::new("sgd").with("learning_rate", 0.1).with("momentum", 0.9);
+/// let pickle = mxnet_optimizer_pickle(&sgd).unwrap();
+/// assert!(pickle.starts_with(b"cfunctools\npartial\n(cmxnet.optimizer.optimizer\nSGD\n"));
+/// // This crate's server reads it back as the same spec.
+/// assert_eq!(optimizer_spec(&pickle).unwrap(), sgd);
+/// ```
+///
+/// # Errors
+/// As said above, naming the optimizer or the hyper-parameter.
+pub fn mxnet_optimizer_pickle(spec: &OptimizerSpec) -> Result<Vec<u8>, String> {
+    let name = spec.name.to_lowercase();
+    let (_, module, class) = MXNET_OPTIMIZERS
+        .iter()
+        .find(|(n, _, _)| *n == name)
+        .ok_or_else(|| format!("optimizer {name:?}: MXNet 1.9.1 has no such optimizer"))?;
+    let mut kwargs: Vec<(String, Vec<u8>)> = Vec::new();
+    for (key, value) in &spec.params {
+        let bytes = match (key.as_str(), value) {
+            ("lr_mult" | "wd_mult", _) => {
+                return Err(format!(
+                    "{key}: MXNet's optimizers take per-parameter multipliers by method, not \
+                     from their constructor"
+                ))
+            }
+            ("lr_scheduler", ParamValue::Map(map)) => {
+                let kind = match map.get("type") {
+                    Some(ParamValue::Str(kind)) => kind.as_str(),
+                    _ => return Err("lr_scheduler: a map with a type".into()),
+                };
+                let (_, class) = MXNET_SCHEDULERS
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .ok_or_else(|| format!("lr_scheduler: MXNet has no {kind:?} scheduler"))?;
+                let mut args = Vec::new();
+                for (k, v) in map.iter().filter(|(k, _)| k.as_str() != "type") {
+                    if k.starts_with("state_") {
+                        return Err(format!(
+                            "lr_scheduler: {k}, a saved state, which MXNet's constructor does \
+                             not take"
+                        ));
+                    }
+                    args.push((k.clone(), pickled(v, false)));
+                }
+                call(SCHEDULER_MODULE, class, &args)
+            }
+            ("param_idx2name", value) => pickled(value, true),
+            (_, value) => pickled(value, false),
+        };
+        kwargs.push((key.clone(), bytes));
+    }
+    let mut out = call(module, class, &kwargs);
+    out.push(b'.');
+    Ok(out)
+}
+
+/// `functools.partial(module.class, **kwargs)()`, each argument already pickled.
+fn call(module: &str, class: &str, kwargs: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut out = format!("cfunctools\npartial\n(c{module}\n{class}\ntR(c{module}\n{class}\n(t(d")
+        .into_bytes();
+    for (key, value) in kwargs {
+        out.extend_from_slice(&text(key));
+        out.extend_from_slice(value);
+        out.push(b's');
+    }
+    // The partial's state (class, (), kwargs, None), then its call with no arguments.
+    out.extend_from_slice(b"Ntb(tR");
+    out
+}
+
+/// `value` in protocol 0; `int_keys`: map keys that are integers are written as integers
+/// (MXNet's `param_idx2name` maps indices to names).
+fn pickled(value: &ParamValue, int_keys: bool) -> Vec<u8> {
+    match value {
+        ParamValue::Bool(b) => format!("I0{}\n", u8::from(*b)).into_bytes(),
+        ParamValue::Int(i) => format!("I{i}\n").into_bytes(),
+        ParamValue::Float(f) => format!("F{f:?}\n").into_bytes(),
+        ParamValue::Str(s) => text(s),
+        ParamValue::List(items) => {
+            let mut out = b"(".to_vec();
+            for item in items {
+                out.extend_from_slice(&pickled(item, int_keys));
+            }
+            out.push(b'l');
+            out
+        }
+        ParamValue::Map(map) => {
+            let mut out = b"(d".to_vec();
+            for (k, v) in map {
+                match (int_keys, k.parse::<i64>()) {
+                    (true, Ok(i)) => out.extend_from_slice(format!("I{i}\n").as_bytes()),
+                    _ => out.extend_from_slice(&text(k)),
+                }
+                out.extend_from_slice(&pickled(v, int_keys));
+                out.push(b's');
+            }
+            out
+        }
+    }
+}
+
+/// A string as `UNICODE` (raw-unicode-escape: `\uXXXX` for a backslash, a line end and every
+/// character outside printable ASCII).
+fn text(s: &str) -> Vec<u8> {
+    let mut out = b"V".to_vec();
+    for c in s.chars() {
+        match c {
+            ' '..='~' if c != '\\' => out.push(c as u8),
+            c if (c as u32) <= 0xFFFF => {
+                out.extend_from_slice(format!("\\u{:04x}", c as u32).as_bytes())
+            }
+            c => out.extend_from_slice(format!("\\U{:08x}", c as u32).as_bytes()),
+        }
+    }
+    out.push(b'\n');
+    out
+}
+
 /// A plain value as a hyper-parameter; dict keys become text (`{0: 'w'}` is `{"0": "w"}`).
 fn param(value: &Value) -> Result<ParamValue, String> {
     Ok(match value {
@@ -544,7 +845,7 @@ fn param(value: &Value) -> Result<ParamValue, String> {
                 .collect::<Result<_, String>>()?,
         ),
         Value::None => return Err("None".into()),
-        Value::Object { module, class, .. } => {
+        Value::Object { module, class, .. } | Value::Call { module, class, .. } => {
             return Err(format!(
                 "an object of {module}.{class} as a hyper-parameter"
             ))
@@ -665,6 +966,59 @@ F0.9\nsVlazy_update\np28\nI01\nsb.";
             e.contains("os.system is not one of MXNet's optimizers"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn written_pickles_read_back_as_their_spec() {
+        let mut schedule = BTreeMap::new();
+        schedule.insert("type".to_string(), ParamValue::from("multifactor"));
+        schedule.insert(
+            "step".to_string(),
+            ParamValue::List(vec![ParamValue::Int(2), ParamValue::Int(5)]),
+        );
+        schedule.insert("factor".to_string(), ParamValue::Float(0.5));
+        let idx2name = BTreeMap::from([("0".to_string(), ParamValue::from("w\\é\n"))]);
+        let spec = OptimizerSpec::new("adam")
+            .with("learning_rate", 1e-3)
+            .with("epsilon", 1e-8)
+            .with("lazy_update", false)
+            .with("begin_num_update", 3i64)
+            .with("lr_scheduler", ParamValue::Map(schedule))
+            .with("param_idx2name", ParamValue::Map(idx2name));
+        let pickle = mxnet_optimizer_pickle(&spec).unwrap();
+        assert!(pickle.is_ascii());
+        assert_eq!(optimizer_spec(&pickle).unwrap(), spec);
+        kvstore_optimizer::Updater::from_spec(&spec).unwrap();
+        // What MXNet's constructors do not take.
+        for (bad, needle) in [
+            (
+                OptimizerSpec::new("adamw"),
+                "MXNet 1.9.1 has no such optimizer",
+            ),
+            (
+                OptimizerSpec::new("sgd").with("lr_mult", ParamValue::Map(BTreeMap::new())),
+                "by method",
+            ),
+        ] {
+            let e = mxnet_optimizer_pickle(&bad).unwrap_err();
+            assert!(e.contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn pythons_partial_pickle_reads_as_its_call() {
+        // `pickle.dumps(functools.partial(mx.optimizer.SGD, learning_rate=0.1), 0)` by Python
+        // 3.11, then called (`(tR`).
+        let pickle = b"cfunctools\npartial\np0\n(cmxnet.optimizer.optimizer\nSGD\np1\ntp2\n\
+Rp3\n(g1\n(t(dp4\nVlearning_rate\np5\nF0.1\nsNtp6\nb(tR.";
+        let spec = optimizer_spec(pickle).unwrap();
+        assert_eq!(spec, OptimizerSpec::new("sgd").with("learning_rate", 0.1));
+        // A partial with positional arguments, or never called, is refused.
+        let positional = b"cfunctools\npartial\n(cmxnet.optimizer.optimizer\nSGD\nI1\ntR.";
+        assert!(read(positional).unwrap_err().contains("positional"));
+        let uncalled = &pickle[..pickle.len() - 4];
+        let uncalled = [uncalled, b"."].concat();
+        assert!(read(&uncalled).unwrap_err().contains("never called"));
     }
 
     #[test]

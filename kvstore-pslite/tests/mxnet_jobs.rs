@@ -434,7 +434,7 @@ mx.nd.waitall()
 }
 
 /// The weights MXNet's Python workers pulled in [`optimizer_script`], by file name.
-fn pulled_weights(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Failed> {
+fn pulled_weights(dir: &std::path::Path) -> Result<Weights, Failed> {
     let mut files = Vec::new();
     for rank in 0..2 {
         for round in 0..4 {
@@ -445,32 +445,143 @@ fn pulled_weights(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Faile
             }
         }
     }
+    files.sort();
     Ok(files)
+}
+
+/// Pulled weights by the file names of [`optimizer_script`].
+type Weights = Vec<(String, Vec<u8>)>;
+
+/// This crate's workers, in place of the Python workers of [`optimizer_script`], setting the
+/// optimizer `spec` (which `set_optimizer` sends as the pickle MXNet builds its own optimizer
+/// from) in a job of `options`; returns what they pulled, by the script's file names.
+fn rust_optimizer_rounds(
+    options: &std::collections::BTreeMap<String, String>,
+    spec: &kvstore_base::OptimizerSpec,
+    dtype: DType,
+) -> Result<Vec<(String, Vec<u8>)>, Failed> {
+    let workers =
+        kvstore_test::create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let keys: [(i64, usize); 2] = [(3, 20), (10, 3000)];
+    let pulled: Vec<Result<Weights, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                s.spawn(move || -> Result<Weights, String> {
+                    let at = |e: kvstore_base::Error| e.to_string();
+                    kv.set_optimizer(spec).map_err(at)?;
+                    for (key, n) in keys {
+                        kv.init(key, &filled(key, &[n], dtype, 99, 0)).map_err(at)?;
+                    }
+                    let mut files = Vec::new();
+                    for round in 0..4 {
+                        for (key, n) in keys {
+                            let grad = filled(key, &[n], dtype, round, kv.rank());
+                            kv.push(key, &grad).map_err(at)?;
+                            let mut out = NDArray::zeros(&[n], dtype);
+                            kv.pull(key, &mut out).map_err(at)?;
+                            let name = format!("w_{}_{round}_{key}.bin", kv.rank());
+                            files.push((name, out.as_bytes().unwrap_or_default().to_vec()));
+                        }
+                    }
+                    Ok(files)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
+    let mut files = Vec::new();
+    for worker in pulled {
+        files.extend(worker?);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The first place where two sets of pulled weights differ, named.
+fn first_difference(
+    what: &str,
+    expected: &[(String, Vec<u8>)],
+    got: &[(String, Vec<u8>)],
+) -> Result<(), Failed> {
+    if expected.len() != got.len() {
+        return Err(format!("{what}: {} files, {} expected", got.len(), expected.len()).into());
+    }
+    for ((name, want), (other, have)) in expected.iter().zip(got) {
+        if name != other || want != have {
+            let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
+            return Err(format!(
+                "{what}: {name}: MXNet's run gave bytes {:?}..., this one {other} {:?}...",
+                head(want),
+                head(have)
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// MXNet's Python workers set an optimizer on the servers (a pickle): on this crate's servers,
 /// which read the pickle as data and rebuild the optimizer by name, the weights they pull are
-/// those MXNet's own servers give them, bit for bit, for sgd with momentum, weight decay,
-/// rescaled gradients and a factor schedule, for adam, and for sgd with momentum on float16
-/// weights with float32 master copies (`multi_precision`).
+/// those MXNet's own servers give them, bit for bit; and this crate's workers, setting the same
+/// optimizer on MXNet's servers (a pickle MXNet builds its optimizer from), pull the same
+/// weights too. For sgd with momentum, weight decay, rescaled gradients and a factor schedule,
+/// for adam, and for sgd with momentum on float16 weights with float32 master copies
+/// (`multi_precision`).
 fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
+    use kvstore_base::{OptimizerSpec, ParamValue};
+    let factor = ParamValue::Map(
+        [
+            ("type".to_string(), ParamValue::from("factor")),
+            ("step".to_string(), ParamValue::Int(2)),
+            ("factor".to_string(), ParamValue::Float(0.5)),
+        ]
+        .into_iter()
+        .collect(),
+    );
     let optimizers = [
-        "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01, rescale_grad=0.5, \
-         lr_scheduler=mx.lr_scheduler.FactorScheduler(step=2, factor=0.5))",
-        "mx.optimizer.Adam(learning_rate=0.01, wd=0.001, clip_gradient=0.75)",
-        "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, multi_precision=True)",
+        (
+            "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01, rescale_grad=0.5, \
+             lr_scheduler=mx.lr_scheduler.FactorScheduler(step=2, factor=0.5))",
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", 0.9)
+                .with("wd", 0.01)
+                .with("rescale_grad", 0.5)
+                .with("lr_scheduler", factor),
+            DType::F32,
+        ),
+        (
+            "mx.optimizer.Adam(learning_rate=0.01, wd=0.001, clip_gradient=0.75)",
+            OptimizerSpec::new("adam")
+                .with("learning_rate", 0.01)
+                .with("wd", 0.001)
+                .with("clip_gradient", 0.75),
+            DType::F32,
+        ),
+        (
+            "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, multi_precision=True)",
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", 0.9)
+                .with("multi_precision", true),
+            DType::F16,
+        ),
     ];
-    for optimizer in optimizers {
-        let dtype = match optimizer.contains("multi_precision") {
-            true => "float16",
-            false => "float32",
-        };
-        let script = optimizer_script(optimizer, dtype);
-        let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")];
+    let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")];
+    for (optimizer, spec, dtype) in optimizers {
+        let script = optimizer_script(optimizer, &dtype.to_string());
         let mut theirs = MxnetJob::start(2, 2, &bound)?;
         theirs.python_worker("python_worker_a", &script)?;
         theirs.python_worker("python_worker_b", &script)?;
         theirs.wait(Duration::from_secs(60))?;
+        let expected = pulled_weights(theirs.dir())?;
+
         let local = kvstore_pslite::LocalJob::start(2, 2, Duration::from_secs(60))?;
         let mut options = local.worker_options().clone();
         options.insert(bound[0].0.into(), bound[0].1.into());
@@ -479,23 +590,14 @@ fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
         ours.python_worker("python_worker_b", &script)?;
         ours.wait(Duration::from_secs(60))?;
         local.join()?;
-        let (expected, got) = (pulled_weights(theirs.dir())?, pulled_weights(ours.dir())?);
-        for ((name, want), (_, have)) in expected.iter().zip(&got) {
-            if want != have {
-                let floats = |b: &[u8]| -> Vec<f32> {
-                    b.chunks_exact(4)
-                        .take(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect()
-                };
-                return Err(format!(
-                    "{optimizer}: {name}: MXNet's servers gave {:?}..., ours {:?}...",
-                    floats(want),
-                    floats(have)
-                )
-                .into());
-            }
-        }
+        let what = format!("{optimizer}, MXNet's workers on our servers");
+        first_difference(&what, &expected, &pulled_weights(ours.dir())?)?;
+
+        let job = MxnetJob::start(2, 2, &bound)?;
+        let rust = rust_optimizer_rounds(&job.worker_options(), &spec, dtype)?;
+        job.detach();
+        let what = format!("{optimizer}, our workers on MXNet's servers");
+        first_difference(&what, &expected, &rust)?;
     }
     Ok(())
 }

@@ -844,6 +844,26 @@ impl KVStoreBase for PsLiteStore {
         self.command_all(head, body)
     }
 
+    /// MXNet's `kv.set_optimizer`: the optimizer goes to every server as the pickle MXNet's
+    /// servers turn into their own optimizer (`functools.partial(<MXNet's class>,
+    /// **hyper-parameters)()`, see [`crate::pickle::mxnet_optimizer_pickle`]); this crate's
+    /// servers read it as data. Every worker that calls it sends it, as MXNet's do (a server
+    /// installs it anew each time), so set it before the first push.
+    fn set_optimizer(&self, optimizer: &kvstore_base::OptimizerSpec) -> Result<()> {
+        // The spec's own checks first (an unknown name, a bad value), as every store makes.
+        kvstore_optimizer::Updater::from_spec(optimizer)?;
+        let refused =
+            |e: String| Error::InvalidArgument(format!("{}: set_optimizer: {e}", self.name));
+        let pickle = crate::pickle::mxnet_optimizer_pickle(optimizer).map_err(refused)?;
+        let body = String::from_utf8(pickle).map_err(|e| refused(e.to_string()))?;
+        self.command_all(crate::server::CMD_CONTROLLER, &body)?;
+        let multi_precision = optimizer.params.get("multi_precision");
+        if multi_precision == Some(&kvstore_base::ParamValue::Bool(true)) {
+            self.command_all(crate::server::CMD_SET_MULTI_PRECISION, "")?;
+        }
+        Ok(())
+    }
+
     /// MXNet 1.9.1's 2-bit compression (see the crate docs): set it on every worker before the
     /// keys' `init`, as MXNet's `Trainer` does; rank 0 tells the servers.
     fn set_gradient_compression(&self, params: &kvstore_base::CompressionParams) -> Result<()> {
