@@ -3,12 +3,15 @@
 //! MXNet 1.9.1's `kv.set_optimizer` sends the servers its Python optimizer as a pickle of
 //! protocol 0 (`kController`), which MXNet's server unpickles: any code a pickle names runs
 //! there. This module reads such a pickle as **data**: a small stack machine over protocol 0's
-//! opcodes that builds values and never imports or calls anything. The one call it knows is
-//! the one every pickled object makes, `copy_reg._reconstructor(cls, object, None)`, which it
-//! turns into "an object of class `cls`" whose attributes the `BUILD` that follows gives; a
-//! class is a pair of names, compared with a list ([`optimizer_spec`] accepts MXNet's
-//! optimizers and learning-rate schedulers). Any other call, opcode or class is an error
-//! naming it.
+//! opcodes that builds values and never imports or calls anything. It knows two forms of
+//! call, both kept as data: the one every pickled object makes,
+//! `copy_reg._reconstructor(cls, object, None)`, which it turns into "an object of class
+//! `cls`" whose attributes the `BUILD` that follows gives; and `functools.partial(cls)` given
+//! keyword arguments by its `BUILD` and then called with none, which it turns into "a call of
+//! `cls` with these keyword arguments". A class is a pair of names, compared with a list
+//! ([`optimizer_spec`] accepts MXNet's optimizers and learning-rate schedulers). Any other
+//! call, opcode or class is an error naming it, and so is a pickle that would unfold to more
+//! than 100,000 values or 16 MiB of text.
 //!
 //! [`optimizer_spec`] then turns the optimizer's attributes into an [`OptimizerSpec`] for
 //! `kvstore-optimizer`, which rebuilds the optimizer by name: the same arithmetic as MXNet's,
@@ -41,6 +44,16 @@ const MAX_DEPTH: usize = 32;
 /// appears): MXNet's optimizers unfold to a few dozen, and a pickle that shares values to
 /// unfold to billions is refused.
 const MAX_VALUES: usize = 100_000;
+
+/// How many bytes of text (strings, names) a pickle may unfold to, shared text counted each
+/// time it appears: MXNet's optimizers unfold to a few KiB.
+const MAX_TEXT_BYTES: usize = 16 << 20;
+
+/// The longest line an opcode may take (a string, a number, a name).
+const MAX_LINE: usize = 64 << 10;
+
+/// How many values a pickle may make (each opcode at most one).
+const MAX_NODES: usize = 1 << 20;
 
 /// One value of the pickle, in the arena of [`Machine`].
 #[derive(Debug, Clone)]
@@ -118,14 +131,18 @@ struct Machine {
     arena: Vec<Node>,
     stack: Vec<Option<usize>>, // `None` is a mark
     memo: HashMap<u64, usize>,
-    /// Values unfolded by `resolve` so far.
-    unfolded: std::cell::Cell<usize>,
+    /// Values unfolded by `resolve` so far, and the bytes of their text.
+    unfolded: std::cell::Cell<(usize, usize)>,
 }
 
 impl Machine {
-    fn push(&mut self, node: Node) {
+    fn push(&mut self, node: Node) -> Result<(), String> {
+        if self.arena.len() >= MAX_NODES {
+            return Err(format!("more than {MAX_NODES} values"));
+        }
         self.arena.push(node);
         self.stack.push(Some(self.arena.len() - 1));
+        Ok(())
     }
 
     fn pop(&mut self) -> Result<usize, String> {
@@ -241,9 +258,21 @@ impl Machine {
         if depth > MAX_DEPTH {
             return Err(format!("values nested deeper than {MAX_DEPTH}"));
         }
-        self.unfolded.set(self.unfolded.get() + 1);
-        if self.unfolded.get() > MAX_VALUES {
+        let text = match &self.arena[id] {
+            Node::Str(s) => s.len(),
+            Node::Object { module, class, .. }
+            | Node::Partial { module, class, .. }
+            | Node::Call { module, class, .. } => module.len() + class.len(),
+            _ => 0,
+        };
+        let (values, bytes) = self.unfolded.get();
+        let (values, bytes) = (values + 1, bytes + text);
+        self.unfolded.set((values, bytes));
+        if values > MAX_VALUES {
             return Err(format!("more than {MAX_VALUES} values"));
+        }
+        if bytes > MAX_TEXT_BYTES {
+            return Err(format!("more than {MAX_TEXT_BYTES} bytes of text"));
         }
         let all = |ids: &[usize]| -> Result<Vec<Value>, String> {
             ids.iter().map(|&i| self.resolve(i, depth + 1)).collect()
@@ -278,7 +307,7 @@ impl Machine {
             } => Value::Call {
                 module: module.clone(),
                 class: class.clone(),
-                kwargs: self.named(*kwargs, depth, &format!("{module}.{class}'s arguments"))?,
+                kwargs: self.named(*kwargs, depth, &|| format!("{module}.{class}'s arguments"))?,
             },
             Node::Object {
                 module,
@@ -287,32 +316,35 @@ impl Machine {
             } => Value::Object {
                 module: module.clone(),
                 class: class.clone(),
-                attributes: self.named(*state, depth, &format!("{module}.{class}'s state"))?,
+                attributes: self.named(*state, depth, &|| format!("{module}.{class}'s state"))?,
             },
         })
     }
 
-    /// A dict of named values (an object's attributes, a call's keyword arguments); none when
-    /// `dict` is `None`.
+    /// A dict of named values (an object's attributes, a call's keyword arguments), a name
+    /// given twice keeping its last value, as in Python; none when `dict` is `None`. `what`
+    /// names the dict in errors.
     fn named(
         &self,
         dict: Option<usize>,
         depth: usize,
-        what: &str,
+        what: &dyn Fn() -> String,
     ) -> Result<Vec<(String, Value)>, String> {
         let Some(dict) = dict else {
             return Ok(Vec::new());
         };
         match self.resolve(dict, depth + 1)? {
             Value::None => Ok(Vec::new()),
-            Value::Dict(entries) => entries
-                .into_iter()
-                .map(|(k, v)| match k {
-                    Value::Str(name) => Ok((name, v)),
-                    other => Err(format!("{what}: a name {other:?}")),
-                })
-                .collect(),
-            _ => Err(format!("{what} is not a dict")),
+            Value::Dict(entries) => last_wins(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| match k {
+                        Value::Str(name) => Ok((name, v)),
+                        other => Err(format!("{}: a name {other:?}", what())),
+                    })
+                    .collect::<Result<_, String>>()?,
+            ),
+            _ => Err(format!("{} is not a dict", what())),
         }
     }
 }
@@ -329,19 +361,24 @@ impl Machine {
 /// ```
 ///
 /// # Errors
-/// An opcode other than protocol 0's (and `}`, `]`, `)`, `u`, `e`), a call other than an
-/// object's reconstruction, or a malformed pickle, each named.
+/// An opcode other than protocol 0's (and `}`, `]`, `)`, `u`, `e`), a call other than the two
+/// forms of the module docs, a pickle past their limits, or a malformed pickle, each named.
 pub fn read(bytes: &[u8]) -> Result<Value, String> {
     let mut m = Machine::default();
     let mut at = 0;
-    let line = |at: &mut usize| -> Result<&str, String> {
+    let raw_line = |at: &mut usize| -> Result<&[u8], String> {
         let rest = &bytes[*at..];
         let end = rest
             .iter()
+            .take(MAX_LINE + 1)
             .position(|&b| b == b'\n')
-            .ok_or("a line without its end")?;
+            .ok_or(format!("a line without its end within {MAX_LINE} bytes"))?;
         *at += end + 1;
-        std::str::from_utf8(&rest[..end]).map_err(|_| "a line that is not UTF-8".to_string())
+        Ok(&rest[..end])
+    };
+    let line = |at: &mut usize| -> Result<&str, String> {
+        let text = raw_line(at)?;
+        std::str::from_utf8(text).map_err(|_| "a line that is not UTF-8".to_string())
     };
     loop {
         let Some(&op) = bytes.get(at) else {
@@ -359,58 +396,64 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                     let top = m.top()?;
                     m.stack.push(Some(top));
                 }
-                b'N' => m.push(Node::None),
+                b'N' => m.push(Node::None)?,
                 b'I' => {
                     let text = line(&mut at)?;
                     m.push(match text {
                         "00" => Node::Bool(false),
                         "01" => Node::Bool(true),
-                        _ => Node::Int(text.parse().map_err(|_| format!("INT {text:?}"))?),
-                    });
+                        _ => Node::Int(decimal(text).ok_or_else(|| format!("INT {text:?}"))?),
+                    })?;
                 }
                 b'L' => {
                     let text = line(&mut at)?;
                     let digits = text.strip_suffix('L').unwrap_or(text);
                     m.push(Node::Int(
-                        digits.parse().map_err(|_| format!("LONG {text:?}"))?,
-                    ));
+                        decimal(digits).ok_or_else(|| format!("LONG {text:?}"))?,
+                    ))?;
                 }
                 b'F' => {
                     let text = line(&mut at)?;
-                    m.push(Node::Float(
-                        text.parse().map_err(|_| format!("FLOAT {text:?}"))?,
-                    ));
+                    // Python refuses a finite number too large for a float (OverflowError).
+                    let value: f64 = text.parse().map_err(|_| format!("FLOAT {text:?}"))?;
+                    let literal = text.to_ascii_lowercase();
+                    if value.is_infinite() && !literal.contains("inf") {
+                        return Err(format!("FLOAT {text:?} overflows"));
+                    }
+                    m.push(Node::Float(value))?;
                 }
                 b'S' => {
                     let text = line(&mut at)?;
-                    m.push(Node::Str(quoted(text)?));
+                    m.push(Node::Str(quoted(text)?))?;
                 }
                 b'V' => {
-                    let text = line(&mut at)?;
-                    m.push(Node::Str(raw_unicode(text)?));
+                    // raw-unicode-escape: each byte is a character (Latin-1), as Python reads
+                    // it, then the escapes.
+                    let text: String = raw_line(&mut at)?.iter().map(|&b| char::from(b)).collect();
+                    m.push(Node::Str(raw_unicode(&text)?))?;
                 }
                 b'c' => {
                     let module = line(&mut at)?.to_string();
                     let name = line(&mut at)?.to_string();
-                    m.push(Node::Global(module, name));
+                    m.push(Node::Global(module, name))?;
                 }
                 b'd' => {
                     let items = m.pop_mark()?;
-                    m.push(Node::Dict(Vec::new()));
+                    m.push(Node::Dict(Vec::new()))?;
                     let dict = m.top()?;
                     m.set_items(dict, &items)?;
                 }
                 b'l' => {
                     let items = m.pop_mark()?;
-                    m.push(Node::List(items));
+                    m.push(Node::List(items))?;
                 }
                 b't' => {
                     let items = m.pop_mark()?;
-                    m.push(Node::Tuple(items));
+                    m.push(Node::Tuple(items))?;
                 }
-                b'}' => m.push(Node::Dict(Vec::new())),
-                b']' => m.push(Node::List(Vec::new())),
-                b')' => m.push(Node::Tuple(Vec::new())),
+                b'}' => m.push(Node::Dict(Vec::new()))?,
+                b']' => m.push(Node::List(Vec::new()))?,
+                b')' => m.push(Node::Tuple(Vec::new()))?,
                 b's' => {
                     let value = m.pop()?;
                     let key = m.pop()?;
@@ -451,7 +494,7 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                     let args = m.pop()?;
                     let callable = m.pop()?;
                     let object = m.reduce(callable, args)?;
-                    m.push(object);
+                    m.push(object)?;
                 }
                 b'b' => {
                     let state = m.pop()?;
@@ -460,6 +503,18 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                     let state = match &m.arena[object] {
                         Node::Partial { .. } => match &m.arena[state] {
                             Node::Tuple(parts) if parts.len() == 4 => {
+                                // Python's partial takes its function from this state too.
+                                let same = match (&m.arena[object], &m.arena[parts[0]]) {
+                                    (Node::Partial { module, class, .. }, Node::Global(m2, c2)) => {
+                                        module == m2 && class == c2
+                                    }
+                                    _ => false,
+                                };
+                                if !same {
+                                    return Err(
+                                        "a partial whose state names another function".into()
+                                    );
+                                }
                                 let no_args =
                                     matches!(&m.arena[parts[1]], Node::Tuple(a) if a.is_empty());
                                 let no_dict = matches!(m.arena[parts[3]], Node::None)
@@ -499,6 +554,28 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
     }
 }
 
+/// `entries` with each name once, at its first place, with its last value (a dict's meaning).
+fn last_wins(entries: Vec<(String, Value)>) -> Result<Vec<(String, Value)>, String> {
+    let mut out: Vec<(String, Value)> = Vec::with_capacity(entries.len());
+    for (name, value) in entries {
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => out.push((name, value)),
+        }
+    }
+    Ok(out)
+}
+
+/// A decimal integer as Python's unpickler reads one: digits with an optional `-`, no leading
+/// zero (C's `strtol` with base 0 would read `010` as octal), nothing else.
+fn decimal(text: &str) -> Option<i64> {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'));
+    canonical.then(|| text.parse().ok()).flatten()
+}
+
 /// A Python 2 string literal of `STRING`: `'...'` or `"..."` with backslash escapes.
 fn quoted(text: &str) -> Result<String, String> {
     let inner = text
@@ -528,9 +605,10 @@ fn unescape(text: &str, raw: bool) -> Result<String, String> {
         };
         let hex = |chars: &mut std::str::Chars<'_>, n: usize| -> Result<char, String> {
             let digits: String = chars.by_ref().take(n).collect();
+            let hex = digits.len() == n && digits.chars().all(|c| c.is_ascii_hexdigit());
             u32::from_str_radix(&digits, 16)
                 .ok()
-                .filter(|_| digits.len() == n)
+                .filter(|_| hex)
                 .and_then(char::from_u32)
                 .ok_or_else(|| format!("a bad escape in {text:?}"))
         };
@@ -609,6 +687,21 @@ pub fn optimizer_spec(bytes: &[u8]) -> Result<OptimizerSpec, String> {
                 }
             }
             "lr" => drop(spec.params.insert("learning_rate".into(), param(&value)?)),
+            // AdaGrad's and GroupAdaGrad's `eps`, kept under another name.
+            "float_stable_eps" => drop(spec.params.insert("eps".into(), param(&value)?)),
+            // Nadam's running product, DCASGD's previous weights and LARS's count of skipped
+            // steps: state, at its start value in an optimizer that made no update.
+            "m_schedule" | "weight_previous" | "skip" => {
+                let fresh = matches!(value, Value::Float(f) if f == 1.0)
+                    || value == Value::Dict(Vec::new())
+                    || value == Value::Int(0);
+                if !fresh {
+                    return Err(format!(
+                        "the {class} optimizer already made updates ({name}): its states are \
+                         not sent with it"
+                    ));
+                }
+            }
             "idx2name" => drop(spec.params.insert("param_idx2name".into(), param(&value)?)),
             "lr_scheduler" => drop(spec.params.insert(name, scheduler(value)?)),
             _ => drop(spec.params.insert(name, param(&value)?)),
@@ -688,6 +781,9 @@ const MXNET_OPTIMIZERS: &[(&str, &str, &str)] = &[
     ("groupadagrad", "mxnet.optimizer.contrib", "GroupAdaGrad"),
 ];
 
+/// The optimizers whose MXNet 1.9.1 constructor takes `lazy_update`.
+const TAKE_LAZY_UPDATE: &[&str] = &["sgd", "ccsgd", "adam", "lars"];
+
 /// MXNet's learning-rate scheduler classes by `kvstore-optimizer`'s scheduler types.
 const MXNET_SCHEDULERS: &[(&str, &str)] = &[
     ("factor", "FactorScheduler"),
@@ -723,6 +819,11 @@ pub fn mxnet_optimizer_pickle(spec: &OptimizerSpec) -> Result<Vec<u8>, String> {
         .ok_or_else(|| format!("optimizer {name:?}: MXNet 1.9.1 has no such optimizer"))?;
     let mut kwargs: Vec<(String, Vec<u8>)> = Vec::new();
     for (key, value) in &spec.params {
+        if key == "lazy_update" && !TAKE_LAZY_UPDATE.contains(&name.as_str()) {
+            // kvstore-optimizer takes it for every optimizer (it changes nothing without
+            // row-sparse gradients); MXNet's constructors other than these raise on it.
+            continue;
+        }
         let bytes = match (key.as_str(), value) {
             ("lr_mult" | "wd_mult", _) => {
                 return Err(format!(
@@ -795,7 +896,9 @@ fn pickled(value: &ParamValue, int_keys: bool) -> Vec<u8> {
             let mut out = b"(d".to_vec();
             for (k, v) in map {
                 match (int_keys, k.parse::<i64>()) {
-                    (true, Ok(i)) => out.extend_from_slice(format!("I{i}\n").as_bytes()),
+                    (true, Ok(i)) if i.to_string() == *k => {
+                        out.extend_from_slice(format!("I{i}\n").as_bytes())
+                    }
                     _ => out.extend_from_slice(&text(k)),
                 }
                 out.extend_from_slice(&pickled(v, int_keys));

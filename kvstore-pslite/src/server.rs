@@ -38,6 +38,9 @@ use crate::worker::{CMD_STOP_SERVER, CMD_SYNC_MODE};
 
 /// MXNet's command carrying a pickled Python optimizer (`kController`).
 pub const CMD_CONTROLLER: i32 = 0;
+/// The largest pickled optimizer the server reads.
+const MAX_OPTIMIZER_BYTES: usize = 16 << 20;
+
 /// MXNet's command turning on multi-precision updates (`kSetMultiPrecision`).
 pub const CMD_SET_MULTI_PRECISION: i32 = 1;
 /// MXNet's command setting gradient compression (`kSetGradientCompression`).
@@ -202,7 +205,15 @@ impl Server {
                         node_name(request.sender)
                     ))
                 };
-                let spec = crate::pickle::optimizer_spec(&request.meta.body).map_err(refused)?;
+                let body = &request.meta.body;
+                if body.len() > MAX_OPTIMIZER_BYTES {
+                    return Err(refused(format!(
+                        "{} bytes (MXNet's optimizers pickle to a few KiB; at most {} read)",
+                        body.len(),
+                        MAX_OPTIMIZER_BYTES
+                    )));
+                }
+                let spec = crate::pickle::optimizer_spec(body).map_err(refused)?;
                 let updater = Updater::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
                 log::info!("pslite server: optimizer {} ({:?})", spec.name, spec.params);
                 self.updater = Some(updater);
