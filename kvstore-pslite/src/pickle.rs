@@ -27,13 +27,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use kvstore_base::{OptimizerSpec, ParamValue};
 
-/// The modules whose classes are MXNet 1.9.1's optimizers.
-const OPTIMIZER_MODULES: &[&str] = &[
-    "mxnet.optimizer.optimizer",
-    "mxnet.optimizer",
-    "mxnet.optimizer.contrib",
-];
-
 /// The module of MXNet's learning-rate schedulers.
 const SCHEDULER_MODULE: &str = "mxnet.lr_scheduler";
 
@@ -193,8 +186,9 @@ impl Machine {
         Ok(())
     }
 
-    /// `REDUCE`: only `copy_reg._reconstructor(cls, object, None)`, the call of a pickled
-    /// object; it makes an object of `cls` without running anything.
+    /// `REDUCE`, of the two forms the module docs name: `copy_reg._reconstructor(cls, object,
+    /// None)` makes an object of `cls`, `functools.partial(cls)` a partial, and a call of that
+    /// partial with no arguments a call of `cls`; nothing is run.
     fn reduce(&mut self, callable: usize, args: usize) -> Result<Node, String> {
         let no_args = matches!(&self.arena[args], Node::Tuple(a) if a.is_empty());
         let name = match &self.arena[callable] {
@@ -335,7 +329,7 @@ impl Machine {
         };
         match self.resolve(dict, depth + 1)? {
             Value::None => Ok(Vec::new()),
-            Value::Dict(entries) => last_wins(
+            Value::Dict(entries) => Ok(last_wins(
                 entries
                     .into_iter()
                     .map(|(k, v)| match k {
@@ -343,7 +337,7 @@ impl Machine {
                         other => Err(format!("{}: a name {other:?}", what())),
                     })
                     .collect::<Result<_, String>>()?,
-            ),
+            )),
             _ => Err(format!("{} is not a dict", what())),
         }
     }
@@ -555,15 +549,19 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
 }
 
 /// `entries` with each name once, at its first place, with its last value (a dict's meaning).
-fn last_wins(entries: Vec<(String, Value)>) -> Result<Vec<(String, Value)>, String> {
+fn last_wins(entries: Vec<(String, Value)>) -> Vec<(String, Value)> {
     let mut out: Vec<(String, Value)> = Vec::with_capacity(entries.len());
+    let mut at: HashMap<String, usize> = HashMap::with_capacity(entries.len());
     for (name, value) in entries {
-        match out.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = value,
-            None => out.push((name, value)),
+        match at.get(&name) {
+            Some(&i) => out[i].1 = value,
+            None => {
+                at.insert(name.clone(), out.len());
+                out.push((name, value));
+            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// A decimal integer as Python's unpickler reads one: digits with an optional `-`, no leading
@@ -640,7 +638,8 @@ const BOOKKEEPING: &[&str] = &[
 ];
 
 /// The [`OptimizerSpec`] of an MXNet 1.9.1 optimizer pickled by `kv.set_optimizer` (see the
-/// [module docs](self)): its class, lowercased, names it (`SGD` is `sgd`); its attributes
+/// [module docs](self)): its class names it as MXNet registers it (`SGD` is `sgd`); its
+/// attributes
 /// are its hyper-parameters under the names `kvstore-optimizer` reads (`lr` is
 /// `learning_rate`, `idx2name` is `param_idx2name`), its learning-rate scheduler a map with
 /// its `type` and state; `None` attributes are left out.
@@ -663,10 +662,7 @@ pub fn optimizer_spec(bytes: &[u8]) -> Result<OptimizerSpec, String> {
         } => return constructed_spec(&module, &class, kwargs),
         _ => return Err("the pickle is not an object".into()),
     };
-    if !OPTIMIZER_MODULES.contains(&module.as_str()) {
-        return Err(format!("{module}.{class} is not one of MXNet's optimizers"));
-    }
-    let mut spec = OptimizerSpec::new(&class.to_lowercase());
+    let mut spec = OptimizerSpec::new(optimizer_name(&module, &class)?);
     let mut counts = (None, None);
     for (name, value) in attributes {
         if BOOKKEEPING.contains(&name.as_str()) || value == Value::None {
@@ -724,12 +720,7 @@ fn constructed_spec(
     class: &str,
     kwargs: Vec<(String, Value)>,
 ) -> Result<OptimizerSpec, String> {
-    let name = MXNET_OPTIMIZERS
-        .iter()
-        .find(|(_, m, c)| *m == module && *c == class)
-        .map(|(name, _, _)| *name)
-        .ok_or_else(|| format!("{module}.{class} is not one of MXNet's optimizers"))?;
-    let mut spec = OptimizerSpec::new(name);
+    let mut spec = OptimizerSpec::new(optimizer_name(module, class)?);
     for (key, value) in kwargs {
         let value = match (key.as_str(), value) {
             (_, Value::None) => continue,
@@ -741,11 +732,7 @@ fn constructed_spec(
                     kwargs,
                 },
             ) => {
-                let kind = MXNET_SCHEDULERS
-                    .iter()
-                    .find(|(_, c)| module == SCHEDULER_MODULE && *c == class)
-                    .map(|(kind, _)| *kind)
-                    .ok_or_else(|| format!("{module}.{class} is not one of MXNet's schedulers"))?;
+                let kind = scheduler_kind(&module, &class)?;
                 let mut map = BTreeMap::from([("type".to_string(), ParamValue::from(kind))]);
                 for (k, v) in kwargs.into_iter().filter(|(_, v)| *v != Value::None) {
                     map.insert(k, param(&v)?);
@@ -759,16 +746,37 @@ fn constructed_spec(
     Ok(spec)
 }
 
-/// MXNet 1.9.1's optimizer classes by the names it (and `kvstore-optimizer`) registers them
-/// under (`mx.optimizer.Optimizer.opt_registry`).
+/// The name MXNet registers the optimizer class `module.class` under.
+fn optimizer_name(module: &str, class: &str) -> Result<&'static str, String> {
+    MXNET_OPTIMIZERS
+        .iter()
+        .find(|(_, m, c)| *m == module && *c == class)
+        .map(|(name, _, _)| *name)
+        .ok_or_else(|| format!("{module}.{class} is not one of MXNet's optimizers"))
+}
+
+/// The `kvstore-optimizer` type of MXNet's scheduler class `module.class`.
+fn scheduler_kind(module: &str, class: &str) -> Result<&'static str, String> {
+    MXNET_SCHEDULERS
+        .iter()
+        .find(|(_, c)| module == SCHEDULER_MODULE && *c == class)
+        .map(|(kind, _)| *kind)
+        .ok_or_else(|| format!("{module}.{class} is not one of MXNet's schedulers"))
+}
+
+/// MXNet 1.9.1's optimizer classes by the names it registers them under
+/// (`mx.optimizer.Optimizer.opt_registry`; `kvstore-optimizer` has all but `lbsgd` and
+/// `sgld`).
 const MXNET_OPTIMIZERS: &[(&str, &str, &str)] = &[
     ("sgd", "mxnet.optimizer.optimizer", "SGD"),
     ("signum", "mxnet.optimizer.optimizer", "Signum"),
     ("ftml", "mxnet.optimizer.optimizer", "FTML"),
     ("lars", "mxnet.optimizer.optimizer", "LARS"),
+    ("lbsgd", "mxnet.optimizer.optimizer", "LBSGD"),
     ("lamb", "mxnet.optimizer.optimizer", "LAMB"),
     ("dcasgd", "mxnet.optimizer.optimizer", "DCASGD"),
     ("nag", "mxnet.optimizer.optimizer", "NAG"),
+    ("sgld", "mxnet.optimizer.optimizer", "SGLD"),
     ("ccsgd", "mxnet.optimizer.optimizer", "ccSGD"),
     ("adam", "mxnet.optimizer.optimizer", "Adam"),
     ("adagrad", "mxnet.optimizer.optimizer", "AdaGrad"),
@@ -967,13 +975,7 @@ fn scheduler(value: Value) -> Result<ParamValue, String> {
     else {
         return Err("lr_scheduler is not an object".into());
     };
-    let kind = match (module.as_str(), class.as_str()) {
-        (SCHEDULER_MODULE, "FactorScheduler") => "factor",
-        (SCHEDULER_MODULE, "MultiFactorScheduler") => "multifactor",
-        (SCHEDULER_MODULE, "PolyScheduler") => "poly",
-        (SCHEDULER_MODULE, "CosineScheduler") => "cosine",
-        _ => return Err(format!("{module}.{class} is not one of MXNet's schedulers")),
-    };
+    let kind = scheduler_kind(&module, &class)?;
     let attributes: BTreeMap<String, Value> = attributes.into_iter().collect();
     let mut map = BTreeMap::from([("type".to_string(), ParamValue::from(kind))]);
     // MXNet's `base_lr` is the current rate; `warmup_final_lr` keeps the rate it was built

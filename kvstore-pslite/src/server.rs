@@ -57,6 +57,41 @@ struct Slot {
     held: Vec<(Message, Pushed)>,
 }
 
+impl Slot {
+    /// The sum of a complete round's pushes, in the spare buffer: one pass sums the
+    /// uncompressed pushes, the compressed ones are dequantised into it (the first one
+    /// overwriting it when no push was uncompressed, as MXNet's server merges them).
+    fn round_sum(&mut self, reduce: &ReduceConfig) -> Result<NDArray, String> {
+        let mut sum = self
+            .spare
+            .take()
+            .unwrap_or_else(|| NDArray::zeros(self.stored.shape(), self.dtype));
+        let dense: Vec<&NDArray> = self
+            .held
+            .iter()
+            .filter_map(|(_, p)| match p {
+                Pushed::Dense(value) => Some(value),
+                Pushed::Packed { .. } => None,
+            })
+            .collect();
+        let mut written = !dense.is_empty();
+        if written {
+            reduce::sum_into(&mut sum, &dense, reduce, false);
+        }
+        for (_, pushed) in &self.held {
+            if let Pushed::Packed { bytes, codec, .. } = pushed {
+                let done = match written {
+                    true => codec.dequantize_add_array(bytes, &mut sum),
+                    false => codec.dequantize_array(bytes, &mut sum),
+                };
+                done.map_err(|e| e.to_string())?;
+                written = true;
+            }
+        }
+        Ok(sum)
+    }
+}
+
 /// A push, as it arrived.
 #[derive(Debug)]
 enum Pushed {
@@ -247,16 +282,6 @@ impl Server {
             range_begin,
             updater,
         } = self;
-        // The key the optimizer knows: MXNet's int key (the server's range start taken off).
-        let key = Key::Int(ps_key.wrapping_sub(*range_begin) as i64);
-        // Applies the optimizer to `weight`, when one was set (`Ok(false)` when none was).
-        let mut optimize = |grad: &NDArray, weight: &mut NDArray| match updater {
-            Some(updater) => updater
-                .update(&key, grad, weight)
-                .map(|()| true)
-                .map_err(|e| bad(format!("the optimizer's update of key {key}: {e}"))),
-            None => Ok(false),
-        };
         if !request.meta.push {
             // A key never pushed is answered with no value (MXNet's server aborts): this
             // crate's worker then fails its pull naming this server (an MXNet worker fails a
@@ -343,6 +368,16 @@ impl Server {
                 slot.dtype
             )));
         }
+        // The key the optimizer knows: MXNet's int key (the server's range start taken off).
+        let key = Key::Int(ps_key.wrapping_sub(*range_begin) as i64);
+        // Applies the optimizer to `weight`, when one was set (`Ok(false)` when none was).
+        let mut optimize = |grad: &NDArray, weight: &mut NDArray| match updater {
+            Some(updater) => updater
+                .update(&key, grad, weight)
+                .map(|()| true)
+                .map_err(|e| bad(format!("the optimizer's update of key {key}: {e}"))),
+            None => Ok(false),
+        };
         if !*sync {
             let value = pushed.into_value().map_err(bad)?;
             if !optimize(&value, &mut slot.stored)? {
@@ -354,35 +389,7 @@ impl Server {
         if slot.held.len() < *num_workers {
             return Ok(());
         }
-        // The round is complete: one pass sums the uncompressed pushes into the spare buffer,
-        // the compressed ones are dequantised into it (the first one overwriting it when no
-        // push was uncompressed, as MXNet's server merges them), and it becomes the value.
-        let mut sum = slot
-            .spare
-            .take()
-            .unwrap_or_else(|| NDArray::zeros(slot.stored.shape(), dtype));
-        let dense: Vec<&NDArray> = slot
-            .held
-            .iter()
-            .filter_map(|(_, p)| match p {
-                Pushed::Dense(value) => Some(value),
-                Pushed::Packed { .. } => None,
-            })
-            .collect();
-        let mut written = !dense.is_empty();
-        if written {
-            reduce::sum_into(&mut sum, &dense, reduce, false);
-        }
-        for (_, pushed) in &slot.held {
-            if let Pushed::Packed { bytes, codec, .. } = pushed {
-                let done = match written {
-                    true => codec.dequantize_add_array(bytes, &mut sum),
-                    false => codec.dequantize_array(bytes, &mut sum),
-                };
-                done.map_err(|e| bad(e.to_string()))?;
-                written = true;
-            }
-        }
+        let sum = slot.round_sum(reduce).map_err(bad)?;
         // The sum is the value, or the optimizer's gradient (the buffer is then kept for the
         // next round).
         if optimize(&sum, &mut slot.stored)? {

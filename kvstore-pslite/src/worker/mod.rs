@@ -533,30 +533,30 @@ impl PsLiteStore {
             }
         }
         // Each key's bytes: packed with its codec once compression is on, else the caller's
-        // value or the sum of its values (one per device) in MXNet's association order.
-        let outgoing: Vec<Outgoing<'_>> = pushed
-            .iter()
-            .map(|(key, entry, arrays)| match &entry.packed {
-                Some(layout) => self
-                    .quantize(entry, layout, arrays)
-                    .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
-                    .map_err(|e| e.at_key(&self.name, operation, key.clone())),
-                None => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
-            })
-            .collect::<Result<_>>()?;
-        let requests: Vec<Request<'_>> = pushed
-            .iter()
-            .zip(&outgoing)
-            .map(|((key, entry, _), outgoing)| Request {
-                key,
-                entry,
-                payload: outgoing.payload(),
-            })
-            .collect();
-        let pull = outs.is_some();
-        let answers = self.exchange(operation, &requests, pull, priority)?;
-        drop(requests);
-        drop(outgoing);
+        // value or the sum of its values (one per device) in MXNet's association order. They
+        // borrow `pushed`, which the answers then take over.
+        let answers = {
+            let outgoing: Vec<Outgoing<'_>> = pushed
+                .iter()
+                .map(|(key, entry, arrays)| match &entry.packed {
+                    Some(layout) => self
+                        .quantize(entry, layout, arrays)
+                        .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                    None => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
+                })
+                .collect::<Result<_>>()?;
+            let requests: Vec<Request<'_>> = pushed
+                .iter()
+                .zip(&outgoing)
+                .map(|((key, entry, _), outgoing)| Request {
+                    key,
+                    entry,
+                    payload: outgoing.payload(),
+                })
+                .collect();
+            self.exchange(operation, &requests, outs.is_some(), priority)?
+        };
         if let Some(outs) = outs {
             let by_key: HashMap<Key, (Entry, Vec<Message>)> = pushed
                 .into_iter()
