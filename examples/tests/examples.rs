@@ -187,6 +187,26 @@ fn training_runs_on_mxnets_protocol() {
 }
 
 #[test]
+fn async_training_runs_on_mxnets_protocol() {
+    // pslite_dist_async workers (MXNet's dist_async: each worker's push steps the weights as
+    // it arrives, so the path depends on timing): the loss still falls to near the noise
+    // floor.
+    let job = kvstore::pslite::LocalJob::start(1, 2, std::time::Duration::from_secs(30))
+        .expect("a ps-lite job");
+    let program = env!("CARGO_BIN_EXE_train_linear");
+    let outputs = run_workers(program, &["pslite_dist_async"], job.worker_options(), &[]);
+    for (i, out) in outputs.iter().enumerate() {
+        let (initial, trained) = losses(out);
+        assert!(
+            initial > 40.0 && trained < 0.05,
+            "pslite_dist_async worker {i}:\n{out}"
+        );
+    }
+    job.join()
+        .expect("the scheduler and the server end with the job");
+}
+
+#[test]
 fn key_scaling_times_every_store_and_checks_the_results() {
     // A tiny run (200 keys): the benchmark's calls succeed and give the right sums on every
     // store (it panics otherwise), and it prints one row per store.

@@ -6,6 +6,7 @@
 //! - `pslite_dist_sync`, a worker store, joins a `dist_sync` job whose **scheduler and servers
 //!   are MXNet's**, beside MXNet's own Python workers or alone: the way to move a job to Rust
 //!   one worker at a time, or to feed an MXNet parameter server from Rust.
+//!   `pslite_dist_async` joins a `dist_async` job so (see "Async" below).
 //! - [`scheduler`] and [`server`] are a ps-lite scheduler and server in Rust: **MXNet's own
 //!   Python workers**, unchanged, and this crate's run on them. The optimizer a Python worker
 //!   sets (`kv.set_optimizer`, a pickle) is read as data ([`pickle`]), never run, and rebuilt
@@ -61,6 +62,17 @@
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
 //!   servers (`kStopServer`), and every node meets in the last barrier.
 //!
+//! ## Async: `pslite_dist_async`
+//!
+//! As `mx.kv.create('dist_async')`: rank 0 does not put the servers in sync mode, so each
+//! push is applied on its own as it arrives, through the optimizer the workers set, and its
+//! acknowledgement comes once it is applied; a pull returns the value as the pushes that
+//! arrived before it left it. Everything else (keys, `init`, compression, the end) is the
+//! sync worker's. MXNet 1.9.1's servers abort on a push in async mode when no optimizer was
+//! set ("Updater needs to be set for async mode"), so this store refuses a push or `pushpull`
+//! before this worker has set one (`set_optimizer`, or a `kController` command), naming the
+//! key; every MXNet worker sets it so (Gluon's `Trainer` does).
+//!
 //! ## Where it differs
 //!
 //! - **`set_optimizer`** sends MXNet's servers a pickle they turn into MXNet's own optimizer:
@@ -70,9 +82,7 @@
 //!   MXNet's constructors do not take (`adamw`, which 1.9.1 lacks; `lr_mult`/`wd_mult`; a
 //!   scheduler's saved state). Without an optimizer a sync server stores the sum of each
 //!   round's pushes.
-//! - Not offered: `dist_async` for this worker (the store puts the servers in sync mode),
-//!   row-sparse keys,
-//!   optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
+//! - Not offered: row-sparse keys, optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
 //!   by default in MXNet too) and the resender (`PS_RESEND`).
 //! - **Compression, where MXNet fails**: MXNet's worker aborts on a compressed key that is not
 //!   float32 and on a `pushpull` with compression, and has no 1-bit codec: this store refuses
@@ -156,8 +166,11 @@ pub use worker::PsLiteStore;
 
 use kvstore_base::{Capability, CreateRequest, KVStoreBase};
 
-/// The name this crate registers.
+/// The sync worker's name (`dist_sync`'s semantics).
 pub const NAME: &str = "pslite_dist_sync";
+
+/// The async worker's name (`dist_async`'s semantics; see the crate docs).
+pub const ASYNC_NAME: &str = "pslite_dist_async";
 
 /// The dtypes whose keys the store refuses at `init`
 /// ([`Unsupported`](kvstore_base::Error::Unsupported)): MXNet 1.9.1's servers abort on integer
@@ -170,7 +183,8 @@ pub const REFUSED_DTYPES: &[kvstore_base::DType] = &[
     kvstore_base::DType::U8,
 ];
 
-/// The capabilities of the store.
+/// The capabilities of both stores (each registration lists them too, as the macro takes
+/// them).
 const CAPABILITIES: &[Capability] = &[
     Capability::InitPushPull,
     Capability::Distributed,
@@ -184,6 +198,17 @@ fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>>
 
 kvstore_base::register!(
     "pslite_dist_sync",
+    create,
+    capabilities = [
+        Capability::InitPushPull,
+        Capability::Distributed,
+        Capability::GradientCompression,
+        Capability::Optimizer
+    ]
+);
+
+kvstore_base::register!(
+    "pslite_dist_async",
     create,
     capabilities = [
         Capability::InitPushPull,

@@ -628,6 +628,62 @@ mx.nd.waitall()
     Ok(())
 }
 
+/// `pslite_dist_async` beside an MXNet `dist_async` Python worker, on MXNet's scheduler and 2
+/// servers (key 10 cut across both): our push before `set_optimizer` is refused, naming the
+/// key, and reaches no server; once both set SGD (lr 0.5), the Python worker pushes 2.0 three
+/// times and ours once, and each push is applied as it arrives: a sync server would hold the
+/// Python worker's second push forever, and the weights end at 10 - 0.5 · 2 · 4 = 6 on both.
+fn async_beside_a_python_worker() -> Result<(), Failed> {
+    let mut job = MxnetJob::start(2, 2, &[("MXNET_KVSTORE_BIGARRAY_BOUND", "1000")])?;
+    let script = "
+kv = mx.kv.create('dist_async')
+kv.set_optimizer(mx.optimizer.SGD(learning_rate=0.5))
+keys = [(3, (20,)), (10, (3000,))]
+for key, shape in keys:
+    kv.init(key, mx.nd.full(shape, 10.0))
+kv._barrier()
+for _ in range(3):
+    for key, shape in keys:
+        kv.push(key, mx.nd.full(shape, 2.0))
+mx.nd.waitall()
+kv._barrier()
+for key, shape in keys:
+    out = mx.nd.zeros(shape)
+    kv.pull(key, out=out)
+    assert (out.asnumpy() == 6.0).all(), (key, out)
+mx.nd.waitall()
+";
+    job.python_worker("python_worker", script)?;
+    let kv = kvstore_base::create_with(kvstore_pslite::ASYNC_NAME, job.worker_options())?;
+    let keys: [(i64, usize); 2] = [(3, 20), (10, 3000)];
+    for (key, len) in keys {
+        kv.init(key, &NDArray::full(&[len], 10.0, DType::F32))?;
+    }
+    let refused = kv
+        .push(3, &NDArray::full(&[20], 2.0, DType::F32))
+        .expect_err("a push before set_optimizer")
+        .to_string();
+    if !refused.contains("key 3") || !refused.contains("set_optimizer") {
+        return Err(format!("the refusal says: {refused}").into());
+    }
+    kv.set_optimizer(&kvstore_base::OptimizerSpec::new("sgd").with("learning_rate", 0.5))?;
+    kv.barrier()?;
+    for (key, len) in keys {
+        kv.push(key, &NDArray::full(&[len], 2.0, DType::F32))?;
+    }
+    kv.barrier()?;
+    for (key, len) in keys {
+        let mut out = NDArray::zeros(&[len], DType::F32);
+        kv.pull(key, &mut out)?;
+        if out.to_f64_vec() != vec![6.0; len] {
+            return Err(format!("key {key}: pulled {out:?}, 6 expected").into());
+        }
+    }
+    drop(kv);
+    job.wait(Duration::from_secs(60))?;
+    Ok(())
+}
+
 /// A test of this binary.
 type Test = fn() -> Result<(), Failed>;
 
@@ -654,6 +710,7 @@ fn main() -> std::process::ExitCode {
             "python_async_workers_on_our_servers",
             python_async_workers_on_our_servers,
         ),
+        ("async_beside_a_python_worker", async_beside_a_python_worker),
         (
             "push_beside_a_pushpull_fails_naming_the_server",
             push_beside_a_pushpull_fails_naming_the_server,

@@ -10,17 +10,20 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Failed, Trial};
 
-use kvstore_pslite::{LocalJob, NAME};
+use kvstore_pslite::{LocalJob, ASYNC_NAME, NAME};
 use kvstore_test::{create_workers, multi_worker_trials, MultiWorkerFactory, Semantics};
+
+mod common;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-fn workers(servers: usize) -> Arc<MultiWorkerFactory> {
+/// Jobs of `servers` servers whose workers are `name` stores.
+fn jobs(name: &'static str, servers: usize) -> Arc<MultiWorkerFactory> {
     Arc::new(move |n| {
         let job = LocalJob::start(servers, n, TIMEOUT)
             .map_err(|e| kvstore_base::Error::InvalidArgument(e.to_string()))?;
         let options = job.worker_options().clone();
-        let workers = create_workers(n, || kvstore_base::create_with(NAME, options.clone()))?;
+        let workers = create_workers(n, || kvstore_base::create_with(name, options.clone()))?;
         job.detach();
         Ok(workers)
     })
@@ -64,6 +67,86 @@ fn pickled_optimizers_are_read_never_run() -> Result<(), Failed> {
         return Err(format!("{} exists: the pickle ran", marker.display()).into());
     }
     Ok(())
+}
+
+/// `pslite_dist_async`: a push before the worker set an optimizer is refused, naming the key
+/// and changing nothing; once every worker set SGD, each push steps the weight as it arrives
+/// (the servers are in async mode: a worker's push is not held for the others'), and after a
+/// barrier every worker pulls the weight every push stepped.
+fn each_async_push_steps_the_weight_once_the_optimizer_is_set() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray, OptimizerSpec};
+    let job = LocalJob::start(1, 2, TIMEOUT)?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(2, || kvstore_base::create_with(ASYNC_NAME, options.clone()))?;
+    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                scope.spawn(move || -> Result<(), String> {
+                    let r = kv.rank();
+                    let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+                    kv.init(4, &NDArray::full(&[3], 10.0, DType::F32))
+                        .map_err(e)?;
+                    let refused = kv
+                        .push(4, &NDArray::ones(&[3], DType::F32))
+                        .expect_err("a push before set_optimizer is refused")
+                        .to_string();
+                    if !refused.contains("key 4") || !refused.contains("set_optimizer") {
+                        return Err(format!("rank {r}: the refusal says {refused}"));
+                    }
+                    kv.barrier().map_err(e)?;
+                    let mut out = NDArray::zeros(&[3], DType::F32);
+                    kv.pull(4, &mut out).map_err(e)?;
+                    if out.to_f64_vec() != vec![10.0; 3] {
+                        return Err(format!("rank {r}: the refused push changed key 4: {out:?}"));
+                    }
+                    kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+                        .map_err(e)?;
+                    kv.barrier().map_err(e)?;
+                    // Rank 0 pushes twice while rank 1 waits: each push is applied at once.
+                    if r == 0 {
+                        for step in 1..=2 {
+                            kv.push(4, &NDArray::full(&[3], 2.0, DType::F32))
+                                .map_err(e)?;
+                            kv.pull(4, &mut out).map_err(e)?;
+                            let expected = 10.0 - f64::from(step);
+                            if out.to_f64_vec() != vec![expected; 3] {
+                                return Err(format!(
+                                    "after rank 0's push {step} alone: {out:?}, {expected} \
+                                     expected"
+                                ));
+                            }
+                        }
+                    }
+                    kv.barrier().map_err(e)?;
+                    kv.push(4, &NDArray::full(&[3], 4.0 * (r + 1) as f64, DType::F32))
+                        .map_err(e)?;
+                    kv.barrier().map_err(e)?;
+                    kv.pull(4, &mut out).map_err(e)?;
+                    // 10 - 0.5 (2 + 2) - 0.5 (4 + 8).
+                    if out.to_f64_vec() != vec![2.0; 3] {
+                        return Err(format!("rank {r}: after every push: {out:?}, 2 expected"));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    if !failures.is_empty() {
+        return Err(failures.join("\n").into());
+    }
+    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
+    Ok(job.join()?)
 }
 
 /// A worker that never comes: the scheduler fails after the timeout naming the nodes that
@@ -350,22 +433,45 @@ fn main() -> std::process::ExitCode {
     // The worker refuses what MXNet's servers cannot hold, whichever server it talks to.
     kvstore_test::allow_refused_dtypes(kvstore_pslite::REFUSED_DTYPES);
     let args = libtest_mimic::Arguments::from_args();
-    let single = workers(1);
+    let single = jobs(NAME, 1);
     let mut trials = kvstore_test::trials(
         "own_servers",
         Arc::new(move || single(1).map(|mut w| w.remove(0))),
     );
+    let single_async = jobs(ASYNC_NAME, 1);
+    trials.extend(
+        kvstore_test::trials(
+            "own_servers_async",
+            Arc::new(move || single_async(1).map(|mut w| w.remove(0))),
+        )
+        .into_iter()
+        .map(common::unless_it_pushes_without_an_optimizer),
+    );
     trials.extend(multi_worker_trials(
         "own_servers",
-        workers(1),
+        jobs(NAME, 1),
         Semantics::Sync,
         &[2, 3],
     ));
     trials.extend(multi_worker_trials(
         "own_servers_2_servers",
-        workers(2),
+        jobs(NAME, 2),
         Semantics::Sync,
         &[2],
+    ));
+    trials.extend(
+        multi_worker_trials(
+            "own_servers_async",
+            jobs(ASYNC_NAME, 1),
+            Semantics::Async,
+            &[2, 3],
+        )
+        .into_iter()
+        .map(common::unless_it_pushes_without_an_optimizer),
+    );
+    trials.push(Trial::test(
+        "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
+        each_async_push_steps_the_weight_once_the_optimizer_is_set,
     ));
     trials.push(Trial::test(
         "own_servers::pickled_optimizers_are_read_never_run",

@@ -13,7 +13,7 @@
 //! | `dist`   | `kvstore-dist`   | `dist_sync`, `dist_async`, `dist_device_sync`  | available (as [`dist`]) |
 //! | `byteps` | `kvstore-byteps` | `byteps`                                       | available    |
 //! | `horovod` | `kvstore-horovod` | `horovod`                                     | available    |
-//! | `pslite` | `kvstore-pslite` | `pslite_dist_sync` (a worker of an MXNet 1.9.1 job) | available |
+//! | `pslite` | `kvstore-pslite` | `pslite_dist_sync`, `pslite_dist_async` (a worker of an MXNet 1.9.1 job) | available |
 //!
 //! Defaults: `local` and `test`.
 //!
@@ -44,8 +44,8 @@ pub use kvstore_dist as dist;
 use kvstore_horovod as _;
 #[cfg(feature = "local")]
 use kvstore_local as _;
-/// MXNet 1.9.1's wire protocol: the `pslite_dist_sync` worker, the ps-lite scheduler and
-/// server, [`LocalJob`](pslite::LocalJob).
+/// MXNet 1.9.1's wire protocol: the `pslite_dist_sync` and `pslite_dist_async` workers, the
+/// ps-lite scheduler and server, [`LocalJob`](pslite::LocalJob).
 #[cfg(feature = "pslite")]
 pub use kvstore_pslite as pslite;
 #[cfg(feature = "test")]

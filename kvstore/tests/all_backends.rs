@@ -10,10 +10,16 @@ use std::sync::Arc;
 
 /// Stores that only run against servers of another implementation, and why they are not run
 /// here.
-const EXTERNAL_SERVERS: &[(&str, &str)] = &[(
-    "pslite_dist_sync",
-    "joins MXNet 1.9.1's scheduler and servers: kvstore-pslite's tests run it with MXNet",
-)];
+const EXTERNAL_SERVERS: &[(&str, &str)] = &[
+    (
+        "pslite_dist_sync",
+        "joins MXNet 1.9.1's scheduler and servers: kvstore-pslite's tests run it with MXNet",
+    ),
+    (
+        "pslite_dist_async",
+        "joins MXNet 1.9.1's scheduler and servers: kvstore-pslite's tests run it with MXNet",
+    ),
+];
 
 fn main() -> std::process::ExitCode {
     let args = libtest_mimic::Arguments::from_args();

@@ -1,6 +1,7 @@
-//! [`PsLiteStore`]: a worker of an MXNet 1.9.1 `dist_sync` job.
+//! [`PsLiteStore`]: a worker of an MXNet 1.9.1 `dist_sync` or `dist_async` job.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use kvstore_base::{
@@ -116,10 +117,30 @@ struct Table {
     codec: Option<kvstore_compression::Codec>,
 }
 
+/// Whether a store named `name` is an async worker, by MXNet's rule: a type name that contains
+/// `_async` (`pslite_dist_async`); any other name is a sync worker, whose rank 0 puts the
+/// servers in sync mode.
+///
+/// ```
+/// use kvstore_pslite::worker::is_async;
+///
+/// assert!(is_async("pslite_dist_async"));
+/// assert!(!is_async("pslite_dist_sync"));
+/// ```
+pub fn is_async(name: &str) -> bool {
+    name.to_ascii_lowercase().contains("_async")
+}
+
 /// A worker that joins a job whose scheduler and servers are MXNet 1.9.1's (and whose other
 /// workers may be MXNet's Python workers), speaking ps-lite's protocol. See the crate docs.
 pub struct PsLiteStore {
     name: String,
+    /// `dist_async` ([`is_async`]): rank 0 leaves the servers in async mode, and a push needs
+    /// this worker to have set the optimizer first.
+    asynchronous: bool,
+    /// Whether this worker sent the servers an optimizer (`set_optimizer`, or a `kController`
+    /// command).
+    optimizer_sent: AtomicBool,
     van: Van,
     num_workers: usize,
     num_servers: usize,
@@ -157,8 +178,10 @@ fn backend(store: &str, e: VanError) -> Error {
 
 impl PsLiteStore {
     /// Joins the job `dist` describes as a worker (see [`Van::join`]), meets every node in
-    /// the start-up barrier, and, as rank 0, puts the servers in sync mode, as an MXNet
-    /// worker does when it creates `dist_sync`.
+    /// the start-up barrier, and, as rank 0 of a sync worker, puts the servers in sync mode,
+    /// as an MXNet worker does when it creates `dist_sync`. A `name` that contains `_async`
+    /// ([`is_async`]) makes an async worker, as `dist_async` does: the servers stay in async
+    /// mode, applying each push on its own.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when `dist` is not a worker's configuration;
@@ -180,6 +203,8 @@ impl PsLiteStore {
             .count();
         let mut store = PsLiteStore {
             name: name.to_string(),
+            asynchronous: is_async(name),
+            optimizer_sent: AtomicBool::new(false),
             num_workers: workers,
             num_servers: van.servers().count(),
             bigarray_bound: usize::try_from(dist.bigarray_bound).unwrap_or(usize::MAX),
@@ -191,7 +216,7 @@ impl PsLiteStore {
             started: false,
         };
         store.van.barrier(EVERYONE).map_err(|e| backend(name, e))?;
-        if store.van.rank() == 0 {
+        if store.van.rank() == 0 && !store.asynchronous {
             store.command_all(CMD_SYNC_MODE, "")?;
         }
         store.started = true;
@@ -521,6 +546,18 @@ impl PsLiteStore {
             self.check_outs(operation, outs)?;
         }
         let pushed = self.pushed(operation, values)?;
+        if self.asynchronous && !self.optimizer_sent.load(Ordering::Acquire) {
+            if let Some((key, _, _)) = pushed.first() {
+                return Err(Error::InvalidArgument(
+                    "this async worker has set no optimizer: in async mode MXNet 1.9.1's \
+                     servers apply each push through the optimizer, and abort without one \
+                     (\"Updater needs to be set for async mode\"); call set_optimizer first, \
+                     as every MXNet worker does"
+                        .into(),
+                )
+                .at_key(&self.name, operation, key.clone()));
+            }
+        }
         if outs.is_some() {
             if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.packed.is_some()) {
                 return Err(Error::Unsupported {
@@ -841,7 +878,11 @@ impl KVStoreBase for PsLiteStore {
     /// servers unpickle a `kController` body, a pickled Python optimizer, running what it
     /// names; this crate's servers read it as data).
     fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
-        self.command_all(head, body)
+        self.command_all(head, body)?;
+        if head == crate::server::CMD_CONTROLLER {
+            self.optimizer_sent.store(true, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// MXNet's `kv.set_optimizer`: the optimizer goes to every server as the pickle MXNet's
@@ -857,6 +898,7 @@ impl KVStoreBase for PsLiteStore {
         let pickle = crate::pickle::mxnet_optimizer_pickle(optimizer).map_err(refused)?;
         let body = String::from_utf8(pickle).map_err(|e| refused(e.to_string()))?;
         self.command_all(crate::server::CMD_CONTROLLER, &body)?;
+        self.optimizer_sent.store(true, Ordering::Release);
         let multi_precision = optimizer.params.get("multi_precision");
         if multi_precision == Some(&kvstore_base::ParamValue::Bool(true)) {
             self.command_all(crate::server::CMD_SET_MULTI_PRECISION, "")?;

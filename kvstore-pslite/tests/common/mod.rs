@@ -272,3 +272,42 @@ impl Drop for MxnetJob {
         let _ = std::fs::remove_dir_all(&self.logs);
     }
 }
+
+/// The suite's checks that push with no optimizer set: `pslite_dist_async` refuses such a push
+/// (MXNet 1.9.1's servers abort on one in async mode), so these checks cannot hold for it.
+const PUSHES_WITHOUT_AN_OPTIMIZER: &[&str] = &[
+    "pushpull_sums_device_values_into_every_out",
+    "pushpull_in_place_writes_the_sum_into_every_value",
+    "pushpull_single_value_reaches_the_out",
+    "pushpull_key_list_with_per_device_lists",
+    "pushpull_sums_every_dtype_exactly",
+    "pushpull_str_keys",
+    "pushpull_handles_any_shape",
+    "pushpull_leaves_its_inputs_untouched",
+    "pushpull_counts_a_repeated_array_each_time",
+    "keyvalue_push_then_pull_returns_the_sum",
+    "keyvalue_push_without_updater_replaces_the_value",
+    "differential_random_pushpulls_match_teststore",
+    "differential_random_pushpulls_with_str_keys_match_teststore",
+    "many_int_keys_in_one_call",
+    "many_str_keys_in_one_call",
+    "errors_at_one_worker_name_the_key_and_spare_the_others",
+    "async_push_replaces_the_value_without_an_optimizer",
+    "async_push_before_a_barrier_is_seen_by_every_worker_after",
+];
+
+/// `trial`, or, when it is one of the suite's checks that push with no optimizer set, the same
+/// name reported ignored with the reason (for `pslite_dist_async`).
+pub fn unless_it_pushes_without_an_optimizer(trial: libtest_mimic::Trial) -> libtest_mimic::Trial {
+    if trial
+        .name()
+        .split("::")
+        .any(|part| PUSHES_WITHOUT_AN_OPTIMIZER.contains(&part))
+    {
+        libtest_mimic::Trial::test(trial.name(), || Ok(()))
+            .with_kind("pushes with no optimizer set, which the async worker refuses")
+            .with_ignored_flag(true)
+    } else {
+        trial
+    }
+}
