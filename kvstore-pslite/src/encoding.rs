@@ -207,6 +207,9 @@ pub fn mxnet_dtype_id(dtype: DType) -> Option<u32> {
 /// The request type of dense pushes and pulls (`RequestType::kDefaultPushPull`).
 pub const DEFAULT_PUSH_PULL: u32 = 0;
 
+/// The request type of row-sparse pushes and pulls (`RequestType::kRowSparsePushPull`).
+pub const ROW_SPARSE_PUSH_PULL: u32 = 1;
+
 /// The request type of compressed pushes and, once compression is on, of every pull
 /// (`RequestType::kCompressedPushPull`).
 pub const COMPRESSED_PUSH_PULL: u32 = 2;

@@ -119,26 +119,38 @@
 //!
 //! As ps-lite's scheduler: ids in the order of registration, the node table to every node, a
 //! barrier released once every node of its group entered it; the job ends with every node's
-//! second barrier. As MXNet's `KVStoreDistServer`: a key's first push is its value, a sync
-//! round (after `kSyncMode`) sums one push per worker, applies the optimizer a worker set
-//! (`kController`) or else stores the sum, and answers them all (`pushpull`s with the value);
-//! async mode applies the optimizer to each push (or stores it); a pull is answered with the
-//! value at once; once a worker set 2-bit compression, compressed pushes are dequantised into
-//! the round's sum. Unlike MXNet's: the optimizer's pickle is read as data, and a pickle that
-//! calls anything but an object's reconstruction, or an object that is not one of MXNet's
-//! optimizers, stops the server with an error naming it (never run; an MXNet Python worker
-//! that sent it then waits in ps-lite, as for any server that dies); every dtype is summed
-//! exactly in its own type; a plain push in a round with a `pushpull` is acknowledged;
-//! registration and barriers give up
-//! after `KVSTORE_TIMEOUT_SECS`, naming who is missing; requests from nodes that are not
-//! workers of the job are ignored; a sync round waiting for a worker that left ends the server
-//! with an error naming it, and a barrier waiting for a node that left ends the scheduler so
-//! (this crate's nodes then fail at once; MXNet's Python workers wait in ps-lite, as for any
-//! scheduler that dies, unless `kvstore launch` ends them; MXNet's scheduler and servers wait
-//! forever). A
-//! worker's second push in a round counts as another worker's, as
-//! in MXNet. Not served: row-sparse requests, optimizer states (`save_optimizer_states` of a
-//! Python worker), an optimizer that already made updates.
+//! second barrier. As MXNet's `KVStoreDistServer`:
+//!
+//! - a key's first push is its value; a sync round (after `kSyncMode`) sums one push per
+//!   worker, applies the optimizer a worker set (`kController`) or else stores the sum, and
+//!   answers them all (`pushpull`s with the value); async mode applies the optimizer to each
+//!   push (or stores it); a pull is answered with the value at once; a worker's second push in
+//!   a round counts as another worker's, as in MXNet;
+//! - once a worker set 2-bit compression, compressed pushes are dequantised into the round's
+//!   sum;
+//! - row-sparse keys ([`server::rows`]): initialised with every row, then pushed and pulled by
+//!   rows (`row_sparse_pull`); the optimizer steps the value with the round's rows.
+//!
+//! Unlike MXNet's:
+//!
+//! - the optimizer's pickle is read as data, and a pickle that calls anything but an object's
+//!   reconstruction, or an object that is not one of MXNet's optimizers, stops the server with
+//!   an error naming it (never run; an MXNet Python worker that sent it then waits in ps-lite,
+//!   as for any server that dies);
+//! - every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
+//!   is acknowledged;
+//! - a row-sparse init that lacks rows is refused, naming them (MXNet's keeps them as the
+//!   first rows), and without an optimizer a round's rows replace the value, the other rows
+//!   becoming zeros (MXNet's reads its sparse sum as if it held every row);
+//! - registration and barriers give up after `KVSTORE_TIMEOUT_SECS`, naming who is missing;
+//!   requests from nodes that are not workers of the job are ignored; a sync round waiting for
+//!   a worker that left ends the server with an error naming it; a barrier waiting for a node
+//!   that left, or a server that left, ends the scheduler so (this crate's nodes then fail at
+//!   once; MXNet's Python workers wait in ps-lite, as for any scheduler that dies, unless
+//!   `kvstore launch` ends them; MXNet's scheduler and servers wait forever).
+//!
+//! Not served: optimizer states (`save_optimizer_states` of a Python worker), an optimizer
+//! that already made updates.
 //!
 //! ## Modules
 //!
@@ -148,7 +160,8 @@
 //! - [`encoding`]: MXNet's key placement (uncompressed and compressed) and command words.
 //! - [`worker`]: [`PsLiteStore`], the `KVStoreBase` (its compressed pushes in a module of
 //!   their own), and [`worker::run_role`].
-//! - [`scheduler`], [`server`]: the scheduler and the server; [`local`]: [`LocalJob`].
+//! - [`scheduler`], [`server`]: the scheduler and the server (its row-sparse requests in
+//!   [`server::rows`]); [`local`]: [`LocalJob`].
 #![deny(missing_docs)]
 
 pub mod encoding;

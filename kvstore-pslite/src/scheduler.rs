@@ -11,7 +11,8 @@
 //! Every wait is bounded: the registration fails after the timeout, naming the nodes that
 //! registered, and so does a barrier some node has entered (the start barrier counts as entered
 //! once the table is sent), naming the nodes missing; between barriers the scheduler waits as
-//! long as the job runs, and fails once every node's connection closed.
+//! long as the job runs, and fails once every node's connection closed, or once a server's
+//! connection stayed closed for 2 s (a server cannot rejoin; MXNet's scheduler waits forever).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -187,6 +188,23 @@ pub fn run_scheduler_on(
                     "the barrier of group {group} waits for {}, which left the job",
                     names(&lost).join(", ")
                 )));
+            }
+        }
+        // A server that left cannot come back (ps-lite has no recovery): its keys are gone and
+        // no request to it can be answered, so the job ends, naming it.
+        for server in registered.iter().filter(|n| n.role == Role::Server) {
+            match van.all_lost(&[server.id]) {
+                true => {
+                    let since = lost_since.entry(server.id).or_insert_with(Instant::now);
+                    if since.elapsed() >= grace {
+                        return Err(VanError(format!(
+                            "{} left the job before it ended: its keys are gone, and no \
+                             worker's request to it can be answered",
+                            node_name(server.id)
+                        )));
+                    }
+                }
+                false => drop(lost_since.remove(&server.id)),
             }
         }
         let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();

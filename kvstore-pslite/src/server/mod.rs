@@ -18,6 +18,10 @@
 //! first key, the packed words with the second) is dequantised and summed into the round as an
 //! uncompressed push is, and a compressed pull is answered with the value.
 //!
+//! As MXNet's `DataHandleRowSparse` ([`rows`]), a row-sparse key is initialised with every row
+//! and then pushed and pulled by rows; the optimizer sees the round's rows as a row-sparse
+//! gradient.
+//!
 //! Unlike MXNet's, every dtype is summed exactly in its own type (MXNet's aborts on integer
 //! dtypes and holds float64 as float32), and a pickle it cannot read as one of MXNet's
 //! optimizers (one that calls anything) stops the server with an error rather than being
@@ -31,10 +35,12 @@ use kvstore_compression::{Codec, CompressionSpec, CompressionType};
 use kvstore_local::reduce::{self, ReduceConfig};
 use kvstore_optimizer::Updater;
 
-use crate::encoding::{self, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL};
+use crate::encoding::{self, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL, ROW_SPARSE_PUSH_PULL};
 use crate::meta::{data_type, Meta, Role};
 use crate::van::{node_name, Message, Van, VanConfig, VanError, EVERYONE};
 use crate::worker::{CMD_STOP_SERVER, CMD_SYNC_MODE};
+
+pub mod rows;
 
 /// MXNet's command carrying a pickled Python optimizer (`kController`).
 pub const CMD_CONTROLLER: i32 = 0;
@@ -50,7 +56,10 @@ pub const CMD_SET_GRADIENT_COMPRESSION: i32 = 4;
 #[derive(Debug)]
 struct Slot {
     dtype: DType,
+    /// The value: 1-D for a dense key, `(rows, row_len)` for a row-sparse one.
     stored: NDArray,
+    /// A row-sparse key's row length (elements per row); `None` for a dense key.
+    row_len: Option<usize>,
     /// The sum of the last round, reused as the next round's output.
     spare: Option<NDArray>,
     /// This round's pushes, and the requests that brought them.
@@ -62,6 +71,9 @@ impl Slot {
     /// uncompressed pushes, the compressed ones are dequantised into it (the first one
     /// overwriting it when no push was uncompressed, as MXNet's server merges them).
     fn round_sum(&mut self, reduce: &ReduceConfig) -> Result<NDArray, String> {
+        if self.row_len.is_some() {
+            return rows::round_sum(self);
+        }
         let mut sum = self
             .spare
             .take()
@@ -71,7 +83,7 @@ impl Slot {
             .iter()
             .filter_map(|(_, p)| match p {
                 Pushed::Dense(value) => Some(value),
-                Pushed::Packed { .. } => None,
+                Pushed::Packed { .. } | Pushed::Rows(_) => None,
             })
             .collect();
         let mut written = !dense.is_empty();
@@ -103,13 +115,16 @@ enum Pushed {
         bytes: Vec<u8>,
         codec: Codec,
     },
+    /// Rows of a row-sparse key: a row-sparse array of the stored value's shape (no rows for
+    /// a push that carried none).
+    Rows(NDArray),
 }
 
 impl Pushed {
     /// The number of elements it stands for.
     fn len(&self) -> usize {
         match self {
-            Pushed::Dense(value) => value.size(),
+            Pushed::Dense(value) | Pushed::Rows(value) => value.size(),
             Pushed::Packed { elements, .. } => *elements,
         }
     }
@@ -117,7 +132,7 @@ impl Pushed {
     /// The value it stands for.
     fn into_value(self) -> Result<NDArray, String> {
         match self {
-            Pushed::Dense(value) => Ok(value),
+            Pushed::Dense(value) | Pushed::Rows(value) => Ok(value),
             Pushed::Packed {
                 elements,
                 bytes,
@@ -135,7 +150,11 @@ impl Pushed {
 
 /// The request type (uncompressed or compressed) and the dtype of a command word.
 fn request_of(head: i32) -> Result<(u32, DType), String> {
-    for request_type in [DEFAULT_PUSH_PULL, COMPRESSED_PUSH_PULL] {
+    for request_type in [
+        DEFAULT_PUSH_PULL,
+        ROW_SPARSE_PUSH_PULL,
+        COMPRESSED_PUSH_PULL,
+    ] {
         for dtype in DType::ALL {
             let id = encoding::mxnet_dtype_id(dtype).expect("every dtype has an MXNet id");
             if encoding::command(request_type, id) == head {
@@ -144,8 +163,8 @@ fn request_of(head: i32) -> Result<(u32, DType), String> {
         }
     }
     Err(format!(
-        "command word {head}: not a dense or compressed push or pull of a known dtype \
-         (row-sparse requests are not served)"
+        "command word {head}: not a dense, row-sparse or compressed push or pull of a known \
+         dtype"
     ))
 }
 
@@ -263,6 +282,9 @@ impl Server {
         let sender = request.sender;
         let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
         let (request_type, dtype) = request_of(request.meta.head).map_err(bad)?;
+        if request_type == ROW_SPARSE_PUSH_PULL {
+            return self.row_sparse(request, dtype);
+        }
         let compressed_push = request_type == COMPRESSED_PUSH_PULL && request.meta.push;
         // A compressed push carries two keys: the slice's length (plus the range start), then
         // the slice's key; every other request its one key.
@@ -272,24 +294,15 @@ impl Server {
             (true, 16) => (u64_at(&keys[8..]), Some(u64_at(&keys[..8]))),
             (_, n) => return Err(bad(format!("a request with {n} bytes of keys"))),
         };
-        let Server {
-            van,
-            slots,
-            num_workers,
-            sync,
-            reduce,
-            codec,
-            range_begin,
-            updater,
-        } = self;
         if !request.meta.push {
             // A key never pushed is answered with no value (MXNet's server aborts): this
             // crate's worker then fails its pull naming this server (an MXNet worker fails a
             // check of ps-lite's).
-            let value = slots
+            let value = self
+                .slots
                 .get(&ps_key)
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
-            return reply(van, &request, Some(value));
+            return reply(&self.van, &request, Some(value));
         }
         let vals = request
             .data
@@ -308,7 +321,7 @@ impl Server {
                 Pushed::Dense(value)
             }
             Some(size_key) => {
-                let codec = codec.ok_or_else(|| {
+                let codec = self.codec.ok_or_else(|| {
                     bad(
                         "a compressed push before kSetGradientCompression (no codec to \
                          dequantise it with)"
@@ -322,7 +335,7 @@ impl Server {
                 }
                 // The length must account for the words exactly: the server allocates no
                 // more than the message's bytes stand for.
-                let elements = size_key.wrapping_sub(*range_begin);
+                let elements = size_key.wrapping_sub(self.range_begin);
                 let elements = usize::try_from(elements)
                     .ok()
                     .filter(|n| n.div_ceil(codec.factor()).checked_mul(4) == Some(vals.len()))
@@ -339,7 +352,7 @@ impl Server {
                 }
             }
         };
-        let Some(slot) = slots.get_mut(&ps_key) else {
+        let Some(slot) = self.slots.get_mut(&ps_key) else {
             if let Pushed::Packed { elements, .. } = pushed {
                 // MXNet's workers and this crate's init every key uncompressed; a size key
                 // alone must not decide what the server allocates.
@@ -348,26 +361,52 @@ impl Server {
                 )));
             }
             // The key's first push: its value.
-            reply(van, &request, None)?;
-            slots.insert(
+            reply(&self.van, &request, None)?;
+            self.slots.insert(
                 ps_key,
                 Slot {
                     dtype,
                     stored: pushed.into_value().map_err(bad)?,
+                    row_len: None,
                     spare: None,
                     held: Vec::new(),
                 },
             );
             return Ok(());
         };
-        if slot.dtype != dtype || slot.stored.shape() != [pushed.len()] {
+        if slot.row_len.is_some() || slot.dtype != dtype || slot.stored.shape() != [pushed.len()] {
             return Err(bad(format!(
-                "a push of [{}] {dtype} to a key holding {:?} {}",
+                "a push of [{}] {dtype} to a key holding {:?} {}{}",
                 pushed.len(),
                 slot.stored.shape(),
-                slot.dtype
+                slot.dtype,
+                match slot.row_len {
+                    Some(_) => " by rows (row-sparse)",
+                    None => "",
+                }
             )));
         }
+        self.take_push(ps_key, request, pushed)
+    }
+
+    /// A push to the initialised key `ps_key`: in async mode applied at once (through the
+    /// optimizer, or replacing the value); in sync mode held until every worker pushed the key,
+    /// when the round's sum is applied so and every held request answered (with the value when
+    /// it asked for it).
+    fn take_push(&mut self, ps_key: u64, request: Message, pushed: Pushed) -> Result<(), VanError> {
+        let sender = request.sender;
+        let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
+        let Server {
+            van,
+            slots,
+            num_workers,
+            sync,
+            reduce,
+            range_begin,
+            updater,
+            ..
+        } = self;
+        let slot = slots.get_mut(&ps_key).expect("the caller found the key");
         // The key the optimizer knows: MXNet's int key (the server's range start taken off).
         let key = Key::Int(ps_key.wrapping_sub(*range_begin) as i64);
         // Applies the optimizer to `weight`, when one was set (`Ok(false)` when none was).
@@ -381,7 +420,11 @@ impl Server {
         if !*sync {
             let value = pushed.into_value().map_err(bad)?;
             if !optimize(&value, &mut slot.stored)? {
-                slot.stored = value;
+                match slot.row_len {
+                    // The pushed rows replace the value; the others become zeros.
+                    Some(_) => slot.stored.assign(&value).map_err(|e| bad(e.to_string()))?,
+                    None => slot.stored = value,
+                }
             }
             return reply(van, &request, slot.stored.as_bytes());
         }
@@ -390,12 +433,15 @@ impl Server {
             return Ok(());
         }
         let sum = slot.round_sum(reduce).map_err(bad)?;
-        // The sum is the value, or the optimizer's gradient (the buffer is then kept for the
-        // next round).
-        if optimize(&sum, &mut slot.stored)? {
-            slot.spare = Some(sum);
-        } else {
-            slot.spare = Some(std::mem::replace(&mut slot.stored, sum));
+        // The sum is the value, or the optimizer's gradient (a dense buffer is then kept for
+        // the next round).
+        let stepped = optimize(&sum, &mut slot.stored)?;
+        match (stepped, slot.row_len) {
+            (true, None) => slot.spare = Some(sum),
+            (true, Some(_)) => {}
+            (false, None) => slot.spare = Some(std::mem::replace(&mut slot.stored, sum)),
+            // The round's rows replace the value; the rows no one pushed become zeros.
+            (false, Some(_)) => slot.stored.assign(&sum).map_err(|e| bad(e.to_string()))?,
         }
         let value = slot.stored.as_bytes().expect("contiguous");
         for (request, _) in slot.held.drain(..) {
@@ -486,11 +532,11 @@ mod tests {
         assert_eq!(request_of(5), Ok((DEFAULT_PUSH_PULL, DType::F16)));
         assert_eq!(request_of(2), Ok((DEFAULT_PUSH_PULL, DType::F64)));
         assert_eq!(request_of(90), Ok((DEFAULT_PUSH_PULL, DType::BF16)));
-        // 3: a compressed float32 request; 1: a row-sparse one.
+        // 3: a compressed float32 request; 1, 8: row-sparse float32 and float16 ones.
         assert_eq!(request_of(3), Ok((COMPRESSED_PUSH_PULL, DType::F32)));
-        assert!(request_of(1)
-            .unwrap_err()
-            .contains("row-sparse requests are not served"));
+        assert_eq!(request_of(1), Ok((ROW_SPARSE_PUSH_PULL, DType::F32)));
+        assert_eq!(request_of(8), Ok((ROW_SPARSE_PUSH_PULL, DType::F16)));
+        assert!(request_of(-1).is_err());
     }
 
     #[test]
