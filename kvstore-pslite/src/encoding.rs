@@ -95,6 +95,55 @@ pub fn place(
     }])
 }
 
+/// The slices of row-sparse MXNet key `key`, `rows` rows of `row_len` elements, as MXNet
+/// 1.9.1's `EncodeRowSparseKey` lays them out: whole on the server [`place`] gives a small key
+/// (fewer than `bigarray_bound` elements), else cut by **rows** over every server, server `i`
+/// holding `round(r / S · (i + 1)) − round(r / S · i)` of the `r` rows. A slice's ps-lite key
+/// is the key's *master key* on its server; its elements are those of its rows.
+///
+/// ```
+/// use kvstore_pslite::encoding::place_rows;
+/// // 400 rows of 5 on 2 servers, above the bound: rows 0..200 and 200..400.
+/// let slices = place_rows(10, 400, 5, 2, 1000).unwrap();
+/// assert_eq!(slices[0].elements, 0..1000);
+/// assert_eq!(slices[1].elements, 1000..2000);
+/// // Below it: whole on server (10 * 9973) % 2 = 0.
+/// assert_eq!(place_rows(10, 6, 3, 2, 1000).unwrap()[0].elements, 0..18);
+/// ```
+///
+/// # Errors
+/// No servers.
+pub fn place_rows(
+    key: i32,
+    rows: usize,
+    row_len: usize,
+    servers: usize,
+    bigarray_bound: usize,
+) -> Result<Vec<Slice>, String> {
+    if servers == 0 {
+        return Err("the job has no servers".into());
+    }
+    let elements = rows.saturating_mul(row_len);
+    if elements < bigarray_bound {
+        return place(key, elements, servers, bigarray_bound);
+    }
+    let boundary =
+        |i: usize| ((rows as f64 / servers as f64 * i as f64).round() as usize).min(rows);
+    Ok((0..servers)
+        .map(|server| {
+            let end = match server + 1 == servers {
+                true => rows,
+                false => boundary(server + 1),
+            };
+            Slice {
+                server,
+                ps_key: ps_key(key, server, servers),
+                elements: boundary(server) * row_len..end * row_len,
+            }
+        })
+        .collect())
+}
+
 /// One slice of a compressed push (`EncodeCompressedKey`): the slice of the value it stands for
 /// (the pull layout), the key that tells the server the slice's length in elements, and the
 /// 32-bit words of the packed value it carries.

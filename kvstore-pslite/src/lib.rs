@@ -59,6 +59,14 @@
 //!   the key's residual on this worker (error feedback; after summing the worker's values) and
 //!   travels as a compressed request, 16x smaller; the servers dequantise and sum. `init` and
 //!   pulls stay uncompressed, as in MXNet.
+//! - **Row-sparse keys** (`worker::rows`): a key initialised with a row-sparse value is kept
+//!   by rows, laid out as `EncodeRowSparseKey` lays it out (a big key cut across the servers by
+//!   rows); `init` sends every row, a push sends the rows of the worker's summed values (every
+//!   server a message, with no rows when it holds none of them), `row_sparse_pull` asks each
+//!   server for its rows among the unique sorted ids, and `pull` for every row. A push needs
+//!   an optimizer set on this worker (MXNet's servers corrupt the value without one), and
+//!   compression, `pushpull` and rows pushed to a key initialised dense are refused, naming
+//!   the key. The rows pulled equal a Python worker's, bit for bit.
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
 //!   servers (`kStopServer`), and every node meets in the last barrier.
 //!
@@ -82,7 +90,7 @@
 //!   MXNet's constructors do not take (`adamw`, which 1.9.1 lacks; `lr_mult`/`wd_mult`; a
 //!   scheduler's saved state). Without an optimizer a sync server stores the sum of each
 //!   round's pushes.
-//! - Not offered: row-sparse keys, optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
+//! - Not offered: optimizer states, recovery of a lost worker, heartbeats (`PS_HEARTBEAT_INTERVAL` is off
 //!   by default in MXNet too) and the resender (`PS_RESEND`).
 //! - **Compression, where MXNet fails**: MXNet's worker aborts on a compressed key that is not
 //!   float32 and on a `pushpull` with compression, and has no 1-bit codec: this store refuses
@@ -158,8 +166,8 @@
 //! - [`meta`]: ps-lite's protobuf header, encoded and decoded by hand.
 //! - [`van`]: the node: registration, links, barriers, requests and responses.
 //! - [`encoding`]: MXNet's key placement (uncompressed and compressed) and command words.
-//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase` (its compressed pushes in a module of
-//!   their own), and [`worker::run_role`].
+//! - [`worker`]: [`PsLiteStore`], the `KVStoreBase` (its compressed pushes and its row-sparse
+//!   keys in modules of their own), and [`worker::run_role`].
 //! - [`scheduler`], [`server`]: the scheduler and the server (its row-sparse requests in
 //!   [`server::rows`]); [`local`]: [`LocalJob`].
 #![deny(missing_docs)]
@@ -203,6 +211,7 @@ const CAPABILITIES: &[Capability] = &[
     Capability::Distributed,
     Capability::GradientCompression,
     Capability::Optimizer,
+    Capability::RowSparse,
 ];
 
 fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>> {
@@ -216,7 +225,8 @@ kvstore_base::register!(
         Capability::InitPushPull,
         Capability::Distributed,
         Capability::GradientCompression,
-        Capability::Optimizer
+        Capability::Optimizer,
+        Capability::RowSparse
     ]
 );
 
@@ -227,6 +237,7 @@ kvstore_base::register!(
         Capability::InitPushPull,
         Capability::Distributed,
         Capability::GradientCompression,
-        Capability::Optimizer
+        Capability::Optimizer,
+        Capability::RowSparse
     ]
 );

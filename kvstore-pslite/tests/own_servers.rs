@@ -149,6 +149,73 @@ fn each_async_push_steps_the_weight_once_the_optimizer_is_set() -> Result<(), Fa
     Ok(job.join()?)
 }
 
+/// What MXNet's protocol cannot carry for row-sparse keys is refused, naming the key, and
+/// changes nothing: rows to a key initialised dense, a row-sparse key in a pushpull, a push of
+/// rows before an optimizer is set (MXNet's servers would corrupt the value), and a row-sparse
+/// key with compression. Then, with an optimizer, the rows pushed step and the others stay.
+fn row_sparse_refusals_name_the_key() -> Result<(), Failed> {
+    use kvstore_base::{CompressionParams, DType, KVStoreExt, NDArray, OptimizerSpec};
+    let expect = |e: kvstore_base::Result<()>, what: &str, words: &[&str]| -> Result<(), Failed> {
+        let e = match e {
+            Ok(()) => return Err(format!("{what} succeeded").into()),
+            Err(e) => e.to_string(),
+        };
+        match words.iter().all(|w| e.contains(w)) {
+            true => Ok(()),
+            false => Err(format!("{what}: {e}").into()),
+        }
+    };
+    let rows = |ids: Vec<i64>| {
+        let data = NDArray::ones(&[ids.len(), 2], DType::F32);
+        NDArray::row_sparse(&[4, 2], ids, &data)
+    };
+    let job = LocalJob::start(1, 1, TIMEOUT)?;
+    let kv = kvstore_base::create_with(NAME, job.worker_options().clone())?;
+    kv.init(1, &NDArray::zeros(&[4, 2], DType::F32))?;
+    kv.init(2, &rows(vec![0, 1, 2, 3])?)?;
+    expect(
+        kv.push(1, &rows(vec![1])?),
+        "rows to a dense key",
+        &["key 1", "initialised dense"],
+    )?;
+    expect(
+        kv.push(2, &rows(vec![1])?),
+        "rows before an optimizer",
+        &["key 2", "set_optimizer"],
+    )?;
+    let mut out = NDArray::zeros(&[4, 2], DType::F32);
+    expect(
+        kv.pushpull(2, &rows(vec![1])?, &mut out),
+        "a row-sparse pushpull",
+        &["key 2", "pushpull"],
+    )?;
+    kv.pull(2, &mut out)?;
+    if out.to_f64_vec() != vec![1.0; 8] {
+        return Err(format!("the refused calls changed key 2: {out:?}").into());
+    }
+    kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))?;
+    kv.push(2, &rows(vec![1, 3])?)?;
+    kv.pull(2, &mut out)?;
+    if out.to_f64_vec() != vec![1.0, 1.0, 0.5, 0.5, 1.0, 1.0, 0.5, 0.5] {
+        return Err(format!("after a step of rows 1 and 3: {out:?}").into());
+    }
+    drop(kv);
+    job.join()?;
+
+    let job = LocalJob::start(1, 1, TIMEOUT)?;
+    let kv = kvstore_base::create_with(NAME, job.worker_options().clone())?;
+    let params: CompressionParams = [("type".to_string(), "2bit".into())].into_iter().collect();
+    kv.set_gradient_compression(&params)?;
+    expect(
+        kv.init(3, &rows(vec![0, 1, 2, 3])?),
+        "a row-sparse key with compression",
+        &["key 3", "Gradient compression for row sparse"],
+    )?;
+    drop(kv);
+    job.join()?;
+    Ok(())
+}
+
 /// A worker that never comes: the scheduler fails after the timeout naming the nodes that
 /// registered, and the worker that came fails too.
 fn a_missing_worker_fails_the_registration() -> Result<(), Failed> {
@@ -434,10 +501,13 @@ fn main() -> std::process::ExitCode {
     kvstore_test::allow_refused_dtypes(kvstore_pslite::REFUSED_DTYPES);
     let args = libtest_mimic::Arguments::from_args();
     let single = jobs(NAME, 1);
-    let mut trials = kvstore_test::trials(
+    let mut trials: Vec<Trial> = kvstore_test::trials(
         "own_servers",
         Arc::new(move || single(1).map(|mut w| w.remove(0))),
-    );
+    )
+    .into_iter()
+    .map(common::unless_it_pushes_rows_to_a_dense_key)
+    .collect();
     let single_async = jobs(ASYNC_NAME, 1);
     trials.extend(
         kvstore_test::trials(
@@ -445,6 +515,7 @@ fn main() -> std::process::ExitCode {
             Arc::new(move || single_async(1).map(|mut w| w.remove(0))),
         )
         .into_iter()
+        .map(common::unless_it_pushes_rows_to_a_dense_key)
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     trials.extend(multi_worker_trials(
@@ -476,6 +547,10 @@ fn main() -> std::process::ExitCode {
     trials.push(Trial::test(
         "own_servers::pickled_optimizers_are_read_never_run",
         pickled_optimizers_are_read_never_run,
+    ));
+    trials.push(Trial::test(
+        "own_servers::row_sparse_refusals_name_the_key",
+        row_sparse_refusals_name_the_key,
     ));
     trials.push(Trial::test(
         "own_servers::a_missing_worker_fails_the_registration",

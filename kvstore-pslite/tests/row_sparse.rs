@@ -6,6 +6,7 @@
 //! reason.
 use std::time::Duration;
 
+use kvstore_base::{DType, KVStoreExt, NDArray, OptimizerSpec};
 use libtest_mimic::{Failed, Trial};
 
 mod common;
@@ -55,8 +56,11 @@ mx.nd.waitall()
     )
 }
 
+/// Pulled values by the file names of [`script`].
+type Files = Vec<(String, Vec<u8>)>;
+
 /// What the workers of [`script`] pulled, by file name.
-fn pulled(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Failed> {
+fn pulled(dir: &std::path::Path) -> Result<Files, Failed> {
     let mut files = Vec::new();
     for tag in ["w", "f"] {
         for rank in 0..2 {
@@ -75,7 +79,7 @@ fn pulled(dir: &std::path::Path) -> Result<Vec<(String, Vec<u8>)>, Failed> {
 
 /// [`script`] with two Python workers on MXNet's scheduler and 2 servers, or on this crate's
 /// (`ours`); returns what they pulled.
-fn run(optimizer: &str, ours: bool) -> Result<Vec<(String, Vec<u8>)>, Failed> {
+fn run(optimizer: &str, ours: bool) -> Result<Files, Failed> {
     let script = script(optimizer);
     if !ours {
         let mut job = MxnetJob::start(2, 2, &[BOUND])?;
@@ -95,27 +99,151 @@ fn run(optimizer: &str, ours: bool) -> Result<Vec<(String, Vec<u8>)>, Failed> {
     pulled(job.dir())
 }
 
+/// This crate's workers in place of [`script`]'s Python workers, in a job of `options`,
+/// setting `spec` (which reaches MXNet's servers as the pickle of MXNet's own optimizer);
+/// returns what they pulled, by the script's file names.
+fn rust_rounds(
+    options: &std::collections::BTreeMap<String, String>,
+    spec: &OptimizerSpec,
+) -> Result<Files, Failed> {
+    let workers = kvstore_test::create_workers(2, || {
+        kvstore_base::create_with(kvstore_pslite::NAME, options.clone())
+    })?;
+    let value = |key: usize, round: usize, rank: usize, rows: usize, cols: usize| {
+        let data: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7 + round * 13 + rank * 5 + key) % 17) as f32 / 8.0 - 1.0)
+            .collect();
+        NDArray::from_vec(&[rows, cols], data).expect("rows x cols")
+    };
+    let keys = [(3usize, 6usize, 3usize), (10, 400, 5)];
+    let results: Vec<Result<Files, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                scope.spawn(move || -> Result<Files, String> {
+                    let e = |e: kvstore_base::Error| e.to_string();
+                    let rank = kv.rank();
+                    let mut files = Vec::new();
+                    kv.set_optimizer(spec).map_err(e)?;
+                    for (key, rows, cols) in keys {
+                        let every: Vec<i64> = (0..rows as i64).collect();
+                        let init = value(key, 99, 0, rows, cols)
+                            .retain_rows(&every)
+                            .map_err(e)?;
+                        kv.init(key as i64, &init).map_err(e)?;
+                    }
+                    kv.barrier().map_err(e)?;
+                    for round in 0..3 {
+                        for (key, rows, cols) in keys {
+                            let pushed: Vec<i64> = (0..rows)
+                                .filter(|r| (r + round + rank) % 3 == 0 && r % 5 != 4)
+                                .map(|r| r as i64)
+                                .collect();
+                            let grad = value(key, round, rank, rows, cols)
+                                .retain_rows(&pushed)
+                                .map_err(e)?;
+                            kv.push(key as i64, &grad).map_err(e)?;
+                            let zeros = NDArray::zeros(&[0, cols], DType::F32);
+                            let empty =
+                                NDArray::row_sparse(&[rows, cols], vec![], &zeros).map_err(e)?;
+                            let mut out = empty.clone();
+                            let all = NDArray::from_vec(&[rows], (0..rows as i64).collect())
+                                .map_err(e)?;
+                            kv.row_sparse_pull(key as i64, &mut out, &all).map_err(e)?;
+                            let bytes = |a: &NDArray| a.to_dense().as_bytes().unwrap().to_vec();
+                            files.push((format!("w_{rank}_{round}_{key}.bin"), bytes(&out)));
+                            let some = vec![rows as i64 - 1, 2, 1, 2];
+                            let some = NDArray::from_vec(&[4], some).map_err(e)?;
+                            let mut few = empty;
+                            kv.row_sparse_pull(key as i64, &mut few, &some).map_err(e)?;
+                            files.push((format!("f_{rank}_{round}_{key}.bin"), bytes(&few)));
+                        }
+                    }
+                    Ok(files)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
+    let mut files = Vec::new();
+    for worker in results {
+        files.extend(worker?);
+    }
+    Ok(files)
+}
+
+/// The first file whose bytes differ between two runs, named.
+fn same(
+    what: &str,
+    theirs: &[(String, Vec<u8>)],
+    ours: &[(String, Vec<u8>)],
+) -> Result<(), Failed> {
+    let mut theirs = theirs.to_vec();
+    let mut ours = ours.to_vec();
+    theirs.sort();
+    ours.sort();
+    if theirs.len() != ours.len() {
+        return Err(format!("{what}: {} files, {} expected", ours.len(), theirs.len()).into());
+    }
+    for ((name, want), (other, have)) in theirs.iter().zip(&ours) {
+        if name != other || want != have {
+            let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
+            return Err(format!(
+                "{what}: {name}: MXNet's run gave {:?}..., this one {other} {:?}...",
+                head(want),
+                head(have)
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// With an optimizer on the servers (lazy sgd, sgd with momentum, adam), MXNet's Python
-/// workers pull from this crate's servers the rows MXNet's servers give them, bit for bit.
+/// workers pull from this crate's servers the rows MXNet's servers give them, bit for bit; and
+/// this crate's workers, in their place on MXNet's servers, pull the same rows too.
 fn optimizers_step_the_pushed_rows_as_mxnets_servers_do() -> Result<(), Failed> {
-    for optimizer in [
-        "mx.optimizer.SGD(learning_rate=0.5)",
-        "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01)",
-        "mx.optimizer.Adam(learning_rate=0.01)",
+    for (optimizer, spec) in [
+        (
+            "mx.optimizer.SGD(learning_rate=0.5)",
+            OptimizerSpec::new("sgd").with("learning_rate", 0.5),
+        ),
+        (
+            "mx.optimizer.SGD(learning_rate=0.1, momentum=0.9, wd=0.01)",
+            OptimizerSpec::new("sgd")
+                .with("learning_rate", 0.1)
+                .with("momentum", 0.9)
+                .with("wd", 0.01),
+        ),
+        (
+            "mx.optimizer.Adam(learning_rate=0.01)",
+            OptimizerSpec::new("adam").with("learning_rate", 0.01),
+        ),
     ] {
         let theirs = run(optimizer, false)?;
         let ours = run(optimizer, true)?;
-        for ((name, want), (_, have)) in theirs.iter().zip(&ours) {
-            if want != have {
-                let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
-                return Err(format!(
-                    "{optimizer}: {name}: MXNet's servers gave {:?}..., ours {:?}...",
-                    head(want),
-                    head(have)
-                )
-                .into());
-            }
-        }
+        same(
+            &format!("{optimizer}, MXNet's workers on our servers"),
+            &theirs,
+            &ours,
+        )?;
+        let job = MxnetJob::start(2, 2, &[BOUND])?;
+        let rust = rust_rounds(&job.worker_options(), &spec)?;
+        job.detach();
+        same(
+            &format!("{optimizer}, our workers on MXNet's servers"),
+            &theirs,
+            &rust,
+        )?;
     }
     Ok(())
 }

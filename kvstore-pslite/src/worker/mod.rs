@@ -11,12 +11,16 @@ use kvstore_base::{
 use kvstore_dist::{DistConfig, Role};
 use kvstore_local::reduce::{self, Outbound, ReduceConfig};
 
-use crate::encoding::{self, PackedSlice, Slice, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL};
+use crate::encoding::{
+    self, PackedSlice, Slice, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL, ROW_SPARSE_PUSH_PULL,
+};
 use crate::van::{self, Message, Van, VanConfig, VanError, EVERYONE, WORKER_GROUP};
 
 mod compressed;
+mod rows;
 
 use compressed::Packed;
+use rows::RowsMessage;
 
 /// MXNet's server command that puts the servers in sync mode (`kSyncMode`), sent by rank 0
 /// when the store is created.
@@ -40,6 +44,9 @@ struct Entry {
     slices: Vec<Slice>,
     /// Once gradient compression is on: the codec and the slices of a compressed push.
     packed: Option<Packed>,
+    /// A row-sparse key's row length (elements per row): its slices hold whole rows, and its
+    /// requests are MXNet's row-sparse ones (`rows`).
+    row_len: Option<usize>,
 }
 
 impl Entry {
@@ -81,6 +88,10 @@ enum Payload<'a> {
     Dense(&'a [u8]),
     /// The packed value, cut along these slices (a compressed push).
     Packed(&'a [u8], &'a [PackedSlice]),
+    /// A row-sparse push: a message per slice.
+    RowPush(&'a [RowsMessage]),
+    /// A pull of rows: a message per slice.
+    RowPull(&'a [RowsMessage]),
 }
 
 /// A key's bytes to push.
@@ -89,6 +100,8 @@ enum Outgoing<'a> {
     Dense(Outbound<'a>),
     /// The packed value, and the slices that cut it.
     Packed(Vec<u8>, &'a [PackedSlice]),
+    /// A row-sparse key's rows, a message per slice.
+    Rows(Vec<RowsMessage>),
 }
 
 impl Outgoing<'_> {
@@ -96,6 +109,7 @@ impl Outgoing<'_> {
         match self {
             Outgoing::Dense(value) => Payload::Dense(value.bytes()),
             Outgoing::Packed(bytes, slices) => Payload::Packed(bytes, slices),
+            Outgoing::Rows(messages) => Payload::RowPush(messages),
         }
     }
 }
@@ -311,9 +325,11 @@ impl PsLiteStore {
             for (i, &p) in g.positions.iter().enumerate() {
                 e.check_value(values.values()[p], &format!("pushed value {i}"))
                     .map_err(|err| err.at_key(&self.name, operation, g.key.clone()))?;
-                if values.values()[p].storage_type() != StorageType::Dense {
+                if values.values()[p].storage_type() != StorageType::Dense && e.row_len.is_none() {
                     return Err(Error::InvalidArgument(
-                        "a row-sparse value: MXNet's dense requests carry dense values only".into(),
+                        "a row-sparse value to a key initialised dense: MXNet's servers keep \
+                         a key dense or by rows from its init (init it with a row-sparse value)"
+                            .into(),
                     )
                     .at_key(&self.name, operation, g.key.clone()));
                 }
@@ -379,6 +395,17 @@ impl PsLiteStore {
                         lens[4..].copy_from_slice(&(vals.len() as i32).to_le_bytes());
                         self.van.send(server, &meta, &[&keys, vals, &lens])
                     }
+                    Payload::RowPush(messages) => {
+                        let head = entry.command(ROW_SPARSE_PUSH_PULL);
+                        let meta = van::kv_request(head, ts, true, pull, priority);
+                        let m = &messages[i];
+                        self.van.send(server, &meta, &[&m.keys, &m.vals, &m.lens])
+                    }
+                    Payload::RowPull(messages) => {
+                        let head = entry.command(ROW_SPARSE_PUSH_PULL);
+                        let meta = van::kv_request(head, ts, false, pull, priority);
+                        self.van.send(server, &meta, &[&messages[i].keys, &[]])
+                    }
                 };
                 if let Err(e) = result {
                     self.van.forget(ts);
@@ -429,10 +456,12 @@ impl PsLiteStore {
     fn pulled<'m>(&self, entry: &Entry, slice: &Slice, answer: &'m Message) -> Result<&'m [u8]> {
         let expected = entry.bytes(slice).len();
         let vals = answer.data.get(1).map_or(&[][..], |v| v.as_slice());
-        let key_ok = answer
-            .data
-            .first()
-            .is_some_and(|k| k.as_slice() == slice.ps_key.to_le_bytes());
+        // The answer echoes the request's keys: the slice's key (a row-sparse key's master key,
+        // then its rows' keys).
+        let key_ok = answer.data.first().is_some_and(|k| match entry.row_len {
+            None => k.as_slice() == slice.ps_key.to_le_bytes(),
+            Some(_) => k.starts_with(&slice.ps_key.to_le_bytes()),
+        });
         if !key_ok || vals.len() != expected {
             return Err(Error::Backend {
                 store: self.name.clone(),
@@ -517,12 +546,17 @@ impl PsLiteStore {
         priority: i32,
     ) -> Result<()> {
         let keyed = self.check_outs(operation, outs)?;
+        // A row-sparse key is pulled as every row of it.
+        let whole = rows::whole_pulls(keyed.iter().map(|(k, e)| (k, e)));
         let requests: Vec<Request<'_>> = keyed
             .iter()
             .map(|(key, entry)| Request {
                 key,
                 entry,
-                payload: Payload::Pull,
+                payload: match whole.get(key) {
+                    Some(messages) => Payload::RowPull(messages),
+                    None => Payload::Pull,
+                },
             })
             .collect();
         let answers = self.exchange(operation, &requests, true, priority)?;
@@ -558,6 +592,27 @@ impl PsLiteStore {
                 .at_key(&self.name, operation, key.clone()));
             }
         }
+        if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.row_len.is_some()) {
+            let refused = match outs.is_some() {
+                true => Some(
+                    "a row-sparse key in a pushpull (MXNet's workers push rows and pull them \
+                     apart: push, then row_sparse_pull)",
+                ),
+                false if !self.optimizer_sent.load(Ordering::Acquire) => Some(
+                    "a row-sparse push with no optimizer set on this worker (MXNet 1.9.1's \
+                     servers would replace the value by the pushed rows and read it as if it \
+                     held every row; call set_optimizer first)",
+                ),
+                false => None,
+            };
+            if let Some(why) = refused {
+                return Err(Error::InvalidArgument(why.into()).at_key(
+                    &self.name,
+                    operation,
+                    key.clone(),
+                ));
+            }
+        }
         if outs.is_some() {
             if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.packed.is_some()) {
                 return Err(Error::Unsupported {
@@ -576,6 +631,10 @@ impl PsLiteStore {
             let outgoing: Vec<Outgoing<'_>> = pushed
                 .iter()
                 .map(|(key, entry, arrays)| match &entry.packed {
+                    _ if entry.row_len.is_some() => entry
+                        .summed_rows(arrays)
+                        .map(|(ids, bytes)| Outgoing::Rows(entry.row_messages(&ids, Some(&bytes))))
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
                     Some(layout) => self
                         .quantize(entry, layout, arrays)
                         .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
@@ -631,9 +690,12 @@ impl PsLiteStore {
                         ))));
                     }
                 }
-                if value.storage_type() != StorageType::Dense {
+                let by_rows = value.storage_type() == StorageType::RowSparse;
+                if by_rows && codec.is_some() {
                     return Err(at(Error::InvalidArgument(
-                        "a row-sparse value: this store offers MXNet's dense keys only".into(),
+                        "a row-sparse key with gradient compression (MXNet: \"Gradient \
+                         compression for row sparse storage type is not supported\")"
+                            .into(),
                     )));
                 }
                 if let Some(refused) = refused_dtype(value.dtype()) {
@@ -656,7 +718,27 @@ impl PsLiteStore {
                         id
                     }
                 };
+                let row_len = by_rows.then(|| value.shape()[1..].iter().product::<usize>());
                 let (slices, packed) = match codec {
+                    _ if by_rows => {
+                        let rows = value.shape()[0];
+                        let slices = encoding::place_rows(
+                            id,
+                            rows,
+                            row_len.unwrap_or(0),
+                            self.num_servers,
+                            self.bigarray_bound,
+                        )
+                        .map_err(|e| at(Error::InvalidArgument(e)))?;
+                        if slices.iter().any(|s| s.elements.is_empty()) {
+                            return Err(at(Error::InvalidArgument(format!(
+                                "a row-sparse key of {rows} rows cut across {} servers leaves \
+                                 a server no row (MXNet's servers abort on an init of no rows)",
+                                self.num_servers
+                            ))));
+                        }
+                        (slices, None)
+                    }
                     Some(codec) => {
                         let packed = self
                             .packed_layout(id, value.size(), value.dtype(), codec)
@@ -683,17 +765,23 @@ impl PsLiteStore {
                     dtype: value.dtype(),
                     slices,
                     packed,
+                    row_len,
                 };
                 log::debug!("{}: key {key} is MXNet key {}", self.name, entry.id);
                 new.push((key.clone(), entry));
             }
         }
         if self.van.rank() == 0 {
-            // The caller's bytes, or a copy of a value that is not contiguous (a view).
-            let payloads: Vec<Outbound<'_>> = values
+            // The caller's bytes, or a copy of a value that is not contiguous (a view); every
+            // row of a row-sparse key.
+            let payloads: Vec<Outgoing<'_>> = values
                 .values()
                 .iter()
-                .map(|&v| reduce::outbound(&[v], &self.reduce))
+                .zip(&new)
+                .map(|(&v, (_, entry))| match entry.row_len {
+                    Some(_) => Outgoing::Rows(entry.init_rows(v)),
+                    None => Outgoing::Dense(reduce::outbound(&[v], &self.reduce)),
+                })
                 .collect();
             let requests: Vec<Request<'_>> = new
                 .iter()
@@ -701,7 +789,7 @@ impl PsLiteStore {
                 .map(|((key, entry), payload)| Request {
                     key,
                     entry,
-                    payload: Payload::Dense(payload.bytes()),
+                    payload: payload.payload(),
                 })
                 .collect();
             self.exchange(operation, &requests, false, 0)?;
@@ -866,6 +954,17 @@ impl KVStoreBase for PsLiteStore {
         outs.check_shapes_against(&self.name, "broadcast", values)?;
         self.init_keys("broadcast", values)?;
         self.pull_keys("broadcast", outs, true, priority)
+    }
+
+    /// MXNet's `row_sparse_pull` of a row-sparse key: the unique, sorted ids of each output's
+    /// row-id array, one request per server holding some of the key (see the crate docs).
+    fn row_sparse_pull_batch(
+        &self,
+        outs: &mut KeyedOuts<'_>,
+        row_ids: &[&NDArray],
+        priority: i32,
+    ) -> Result<()> {
+        self.pull_rows(outs, row_ids, priority)
     }
 
     fn barrier(&self) -> Result<()> {
