@@ -281,6 +281,28 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     }
 }
 
+#[test]
+fn sparse_training_runs_on_mxnets_protocol() {
+    // pslite_dist_sync workers on kvstore-pslite's scheduler and 2 servers (MXNet 1.9.1's
+    // protocol: the table's rows cut across both servers as EncodeRowSparseKey cuts them, the
+    // lazy sgd on the servers, rows pulled with row_sparse_pull): lands where local does.
+    let program = env!("CARGO_BIN_EXE_train_sparse");
+    let (_, on_local) = losses(&run(program));
+    let job = kvstore::pslite::LocalJob::start(2, 2, std::time::Duration::from_secs(30))
+        .expect("a ps-lite job");
+    let bound = [("MXNET_KVSTORE_BIGARRAY_BOUND", "10000")];
+    let outputs = run_workers(program, &["pslite_dist_sync"], job.worker_options(), &bound);
+    for (i, out) in outputs.iter().enumerate() {
+        let (_, trained) = losses(out);
+        assert!(
+            (trained - on_local).abs() < 1e-3,
+            "pslite_dist_sync worker {i}:\n{out}\nlocal: {on_local}"
+        );
+    }
+    job.join()
+        .expect("the scheduler and the servers end with the job");
+}
+
 /// The initial and the trained loss of a training run's final line.
 fn losses(out: &str) -> (f32, f32) {
     let figures: Vec<f32> = trained_line(out)

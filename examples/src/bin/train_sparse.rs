@@ -200,7 +200,8 @@ fn main() -> Result<()> {
         if !kv.is_capable(needed) {
             return Err(Error::InvalidArgument(format!(
                 "store {store} cannot run this example: it needs a store that runs the \
-                 optimizer and serves row_sparse_pull (local, device, dist_sync, dist_async)"
+                 optimizer and serves row_sparse_pull (local, device, dist_sync, dist_async, \
+                 pslite_dist_sync)"
             )));
         }
     }
