@@ -38,8 +38,9 @@ Options:
     --pslite          also run two more sides: MXNet's scheduler and server with the workers
                       of kvstore-pslite (`pslite_dist_sync`, speaking ps-lite's protocol), that
                       is our worker on MXNet's servers; and MXNet's Python workers on
-                      kvstore-pslite's scheduler and server. The row-sparse workload does not
-                      apply to either (it sets an optimizer on the servers)
+                      kvstore-pslite's scheduler and server. Of the row-sparse workloads, the
+                      one of a row-sparse table runs (MXNet's servers keep a key dense or by
+                      rows from its init, so no side pushes rows to a dense table there)
     --compression 2bit[:THRESHOLD]
                       every side's workers set MXNet 1.9.1's 2-bit gradient compression
                       (threshold 0.5 by default) before their keys' init; pushes are then
@@ -534,7 +535,8 @@ def run_side(side, args):
         roles = {"scheduler": [bench, "--store", "pslite_dist_sync"],
                  "server": [bench, "--store", "pslite_dist_sync"]}
         dense = [] if args.only else [
-            "--only", "push_pull", "--only", "small_keys", "--only", "init"]
+            "--only", "push_pull", "--only", "small_keys", "--only", "init",
+            "--only", "row_sparse"]
         worker = [sys.executable, os.path.abspath(__file__), "--mxnet-worker"] + sizes + dense
     elif side == "pslite":
         bench = os.path.join(repo_root(), "target", "release", "examples", "pslite_bench")
@@ -543,7 +545,8 @@ def run_side(side, args):
         roles = {"scheduler": [sys.executable, "-c", "import mxnet"],
                  "server": [sys.executable, "-c", "import mxnet"]}
         dense = [] if args.only else [
-            "--only", "push_pull", "--only", "small_keys", "--only", "init"]
+            "--only", "push_pull", "--only", "small_keys", "--only", "init",
+            "--only", "row_sparse"]
         worker = [bench, "--json", "--store", "pslite_dist_sync"] + sizes + dense
     else:
         roles = {"scheduler": [sys.executable, "-c", "import mxnet"],

@@ -280,6 +280,38 @@ pub fn command(request_type: u32, dtype_id: u32) -> i32 {
 mod tests {
     use super::*;
 
+    fn rows_of(slices: &[Slice], row_len: usize) -> Vec<(usize, Range<usize>)> {
+        slices
+            .iter()
+            .map(|s| {
+                let rows = s.elements.start / row_len..s.elements.end / row_len;
+                (s.server, rows)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_big_row_sparse_key_is_cut_by_rows_rounding_as_mxnet() {
+        // round(5 / 2) = 3 (half away from zero): rows 0-2, then 3-4.
+        assert_eq!(
+            rows_of(&place_rows(3, 5, 1, 2, 1).unwrap(), 1),
+            [(0, 0..3), (1, 3..5)]
+        );
+        // 7 rows on 3 servers: round(2.33) = 2, round(4.67) = 5.
+        assert_eq!(
+            rows_of(&place_rows(3, 7, 4, 3, 1).unwrap(), 4),
+            [(0, 0..2), (1, 2..5), (2, 5..7)]
+        );
+        // Each part under its server's master key.
+        let slices = place_rows(3, 7, 4, 3, 1).unwrap();
+        assert_eq!(slices[2].ps_key, ps_key(3, 2, 3));
+        // Fewer rows than servers: some part is empty (the worker refuses such a key).
+        assert!(place_rows(3, 1, 8, 2, 1)
+            .unwrap()
+            .iter()
+            .any(|s| s.elements.is_empty()));
+    }
+
     #[test]
     fn small_keys_hash_as_mxnet_does() {
         assert_eq!(small_key_server(0, 3), 0);

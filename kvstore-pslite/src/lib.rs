@@ -64,7 +64,8 @@
 //!   rows); `init` sends every row, a push sends the rows of the worker's summed values (every
 //!   server a message, with no rows when it holds none of them), `row_sparse_pull` asks each
 //!   server for its rows among the unique sorted ids, and `pull` for every row. A push needs
-//!   an optimizer set on this worker (MXNet's servers corrupt the value without one), and
+//!   an optimizer set on this worker (MXNet's servers corrupt the value without one; set it on
+//!   every worker, since a worker whose push is refused leaves the others' round waiting), and
 //!   compression, `pushpull` and rows pushed to a key initialised dense are refused, naming
 //!   the key. The rows pulled equal a Python worker's, bit for bit.
 //! - **The end**: dropping the store is MXNet's exit: the workers meet, rank 0 stops the
@@ -79,7 +80,9 @@
 //! sync worker's. MXNet 1.9.1's servers abort on a push in async mode when no optimizer was
 //! set ("Updater needs to be set for async mode"), so this store refuses a push or `pushpull`
 //! before this worker has set one (`set_optimizer`, or a `kController` command), naming the
-//! key; every MXNet worker sets it so (Gluon's `Trainer` does).
+//! key; every MXNet worker sets it so (Gluon's `Trainer` does). Set it on every worker, then
+//! meet in a barrier, before the first push: a later `set_optimizer` (of any worker) replaces
+//! the servers' optimizer and its state, as in MXNet.
 //!
 //! ## Where it differs
 //!
@@ -146,7 +149,8 @@
 //!   an error naming it (never run; an MXNet Python worker that sent it then waits in ps-lite,
 //!   as for any server that dies);
 //! - every dtype is summed exactly in its own type; a plain push in a round with a `pushpull`
-//!   is acknowledged;
+//!   is acknowledged; in async mode without an optimizer each push replaces the value (a push
+//!   of rows: the rows it lacks become zeros), where MXNet's server aborts;
 //! - a row-sparse init that lacks rows is refused, naming them (MXNet's keeps them as the
 //!   first rows), and without an optimizer a round's rows replace the value, the other rows
 //!   becoming zeros (MXNet's reads its sparse sum as if it held every row);

@@ -187,7 +187,7 @@ fn row_sparse_refusals_name_the_key() -> Result<(), Failed> {
     expect(
         kv.pushpull(2, &rows(vec![1])?, &mut out),
         "a row-sparse pushpull",
-        &["key 2", "pushpull"],
+        &["key 2", "push rows and pull them apart"],
     )?;
     kv.pull(2, &mut out)?;
     if out.to_f64_vec() != vec![1.0; 8] {
@@ -214,6 +214,72 @@ fn row_sparse_refusals_name_the_key() -> Result<(), Failed> {
     drop(kv);
     job.join()?;
     Ok(())
+}
+
+/// A row-sparse key cut across 2 servers by rows, unevenly (5 rows: 3 and 2, as MXNet's
+/// `EncodeRowSparseKey` rounds), 2 workers pushing rows on both sides of the cut: after one
+/// sgd step (learning rate 1, from 3) every row is where the summed rows put it, read with a
+/// dense pull and with a `row_sparse_pull` of rows from both servers, out of order.
+fn a_row_sparse_key_cut_across_servers_steps_each_row() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray, OptimizerSpec};
+    let job = LocalJob::start(2, 2, TIMEOUT)?;
+    let mut options = job.worker_options().clone();
+    options.insert("MXNET_KVSTORE_BIGARRAY_BOUND".into(), "8".into());
+    let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| {
+                scope.spawn(move || -> Result<(), String> {
+                    let r = kv.rank();
+                    let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+                    let every = [0, 1, 2, 3, 4];
+                    let table = NDArray::full(&[5, 2], 3.0, DType::F32);
+                    kv.init(6, &table.retain_rows(&every).map_err(e)?)
+                        .map_err(e)?;
+                    kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 1.0))
+                        .map_err(e)?;
+                    kv.barrier().map_err(e)?;
+                    // Rank 0: rows 1 and 3 of 1; rank 1: rows 2 and 4 of 2.
+                    let ids = [r as i64 + 1, r as i64 + 3];
+                    let grad = NDArray::full(&[5, 2], (r + 1) as f64, DType::F32);
+                    kv.push(6, &grad.retain_rows(&ids).map_err(e)?).map_err(e)?;
+                    kv.barrier().map_err(e)?;
+                    let mut dense = NDArray::zeros(&[5, 2], DType::F32);
+                    kv.pull(6, &mut dense).map_err(e)?;
+                    let expected = [3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0];
+                    if dense.to_f64_vec() != expected {
+                        return Err(format!("rank {r}: pulled {dense:?}"));
+                    }
+                    let empty = NDArray::zeros(&[0, 2], DType::F32);
+                    let mut some = NDArray::row_sparse(&[5, 2], vec![], &empty).map_err(e)?;
+                    let asked = NDArray::from_vec(&[3], vec![4i64, 0, 2]).map_err(e)?;
+                    kv.row_sparse_pull(6, &mut some, &asked).map_err(e)?;
+                    let indices = some.as_row_sparse().map(|s| s.indices().to_vec());
+                    // Rows 0, 2 and 4 held; the others read as zeros.
+                    let kept = [3.0, 3.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+                    if indices != Some(vec![0, 2, 4]) || some.to_f64_vec() != kept {
+                        return Err(format!("rank {r}: rows 4, 0, 2 pulled as {some:?}"));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    std::thread::scope(|s| {
+        for kv in workers {
+            s.spawn(move || drop(kv));
+        }
+    });
+    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
+    if !failures.is_empty() {
+        return Err(failures.join("\n").into());
+    }
+    Ok(job.join()?)
 }
 
 /// A worker that never comes: the scheduler fails after the timeout naming the nodes that
@@ -547,6 +613,10 @@ fn main() -> std::process::ExitCode {
     trials.push(Trial::test(
         "own_servers::pickled_optimizers_are_read_never_run",
         pickled_optimizers_are_read_never_run,
+    ));
+    trials.push(Trial::test(
+        "own_servers_2_servers::a_row_sparse_key_cut_across_servers_steps_each_row",
+        a_row_sparse_key_cut_across_servers_steps_each_row,
     ));
     trials.push(Trial::test(
         "own_servers::row_sparse_refusals_name_the_key",

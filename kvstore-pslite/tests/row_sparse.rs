@@ -306,7 +306,7 @@ mx.nd.waitall()
 ",
     )?;
     let ended = local.join().expect_err("the server refuses the init");
-    if !ended.contains("master key 7")
+    if !ended.contains("key 7 (ps-lite key 7)")
         || !ended.contains("[1, 3]")
         || !ended.contains("left the job before it ended")
     {

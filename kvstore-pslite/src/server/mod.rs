@@ -352,12 +352,13 @@ impl Server {
                 }
             }
         };
+        let key_name = self.describe_key(ps_key);
         let Some(slot) = self.slots.get_mut(&ps_key) else {
             if let Pushed::Packed { elements, .. } = pushed {
                 // MXNet's workers and this crate's init every key uncompressed; a size key
                 // alone must not decide what the server allocates.
                 return Err(bad(format!(
-                    "a compressed push of {elements} elements to a key never initialised"
+                    "a compressed push of {elements} elements to {key_name}, never initialised"
                 )));
             }
             // The key's first push: its value.
@@ -376,8 +377,9 @@ impl Server {
         };
         if slot.row_len.is_some() || slot.dtype != dtype || slot.stored.shape() != [pushed.len()] {
             return Err(bad(format!(
-                "a push of [{}] {dtype} to a key holding {:?} {}{}",
+                "a push of [{}] {dtype} to {}, which holds {:?} {}{}",
                 pushed.len(),
+                key_name,
                 slot.stored.shape(),
                 slot.dtype,
                 match slot.row_len {

@@ -18,6 +18,9 @@
 //!   its sparse sum as if it held every row, and answers later pulls with wrong rows).
 //! - A push of no rows counts as the worker's push of the round (sync mode), or is answered at
 //!   once (async mode).
+//! - A pull of rows it cannot serve (a key never initialised, a dense key, a row past the
+//!   key's) is answered with no rows, as a dense pull of a key never initialised is: the worker
+//!   then fails its pull, naming this server (MXNet's server aborts).
 
 use kvstore_base::{DType, NDArray};
 
@@ -81,20 +84,22 @@ impl Server {
         let keys = request.data.first().map_or(&[][..], |k| k.as_slice());
         let (master, ids) = row_ids(keys).map_err(bad)?;
         if !request.meta.push {
-            return self
-                .answer_rows(&request, master, &ids)
-                .map_err(|e| match e {
-                    Answer::Refused(why) => bad(why),
-                    Answer::Failed(e) => e,
-                });
+            return self.answer_rows(&request, master, &ids);
         }
         if request.meta.pull {
             return Err(bad(format!(
-                "a row-sparse pushpull of master key {master} (MXNet's workers push rows and \
-                 pull them apart)"
+                "a row-sparse pushpull of {} (MXNet's workers push rows and pull them apart)",
+                self.describe_key(master)
             )));
         }
         let lens = request.data.get(2).map_or(&[][..], |l| l.as_slice());
+        if !lens.len().is_multiple_of(4) {
+            return Err(bad(format!(
+                "a row-sparse push to {} with {} bytes of lengths",
+                self.describe_key(master),
+                lens.len()
+            )));
+        }
         let lens: Vec<i32> = lens
             .chunks_exact(4)
             .map(|l| i32::from_le_bytes(l.try_into().expect("4 bytes")))
@@ -119,8 +124,9 @@ impl Server {
             && row_bytes.checked_mul(ids.len()) == Some(vals.len());
         if !lens_ok {
             return Err(bad(format!(
-                "a row-sparse push to master key {master} of {} rows in {} bytes with lengths \
-                 {lens:?} (expected [0, then each row's bytes])",
+                "a row-sparse push to {} of {} rows in {} bytes with lengths {lens:?} \
+                 (expected [0, then each row's bytes])",
+                self.describe_key(master),
                 ids.len(),
                 vals.len()
             )));
@@ -130,9 +136,10 @@ impl Server {
             // The key's first push: every row, in order, is its value.
             if ids.is_empty() || ids.iter().enumerate().any(|(i, &id)| i != id) {
                 return Err(bad(format!(
-                    "the first push of row-sparse master key {master} carries rows {} of its \
-                     value: a row-sparse init must carry every row (0, 1, 2, ...; MXNet's \
-                     servers would keep a partial one as its first rows)",
+                    "the first push of row-sparse {} carries rows {} of its value: a \
+                     row-sparse init must carry every row (0, 1, 2, ...; MXNet's servers would \
+                     keep a partial one as its first rows)",
+                    self.describe_key(master),
                     describe(&ids)
                 )));
             }
@@ -157,9 +164,10 @@ impl Server {
             && ids.last().is_none_or(|&id| id < shape[0]);
         if !fits {
             return Err(bad(format!(
-                "a row-sparse push of rows {} of {row_len} {dtype} elements to master key \
-                 {master}, which holds {shape:?} {}{}",
+                "a row-sparse push of rows {} of {row_len} {dtype} elements to {}, which \
+                 holds {shape:?} {}{}",
                 describe(&ids),
+                self.describe_key(master),
                 slot.dtype,
                 match slot.row_len {
                     Some(_) => "",
@@ -180,55 +188,66 @@ impl Server {
     }
 
     /// Answers a pull of rows `ids` of `master`: the request's keys, the rows' elements, and
-    /// lengths `[0, row elements, ...]`. No rows asked: no elements, lengths all zero.
-    fn answer_rows(&self, request: &Message, master: u64, ids: &[usize]) -> Result<(), Answer> {
+    /// lengths `[0, row elements, ...]`. No rows asked, or rows this server cannot give: no
+    /// elements, lengths all zero.
+    fn answer_rows(&self, request: &Message, master: u64, ids: &[usize]) -> Result<(), VanError> {
         let keys = request.data.first().map_or(&[][..], |k| k.as_slice());
         let mut lens = vec![0u8; 4 * (ids.len() + 1)];
         let mut vals = Vec::new();
-        if !ids.is_empty() {
-            let slot = self.slots.get(&master).ok_or_else(|| {
-                Answer::Refused(format!(
-                    "a pull of rows of master key {master}, never initialised"
-                ))
-            })?;
-            let Some(row_len) = slot.row_len else {
-                return Err(Answer::Refused(format!(
-                    "a row-sparse pull of master key {master}, a dense key"
-                )));
-            };
-            let rows = slot.stored.shape()[0];
-            if let Some(&id) = ids.iter().find(|&&id| id >= rows) {
-                return Err(Answer::Refused(format!(
-                    "a pull of row {id} of master key {master}, which holds {rows} rows"
-                )));
-            }
-            let bytes = slot.stored.as_bytes().expect("contiguous");
-            let row_bytes = row_len * slot.dtype.size_of();
-            vals.reserve(ids.len() * row_bytes);
-            for &id in ids {
-                vals.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
-            }
-            let count = i32::try_from(row_len).unwrap_or(i32::MAX).to_le_bytes();
-            for len in lens.chunks_exact_mut(4).skip(1) {
-                len.copy_from_slice(&count);
+        match self.rows_of(master, ids) {
+            Err(why) => log::warn!(
+                "pslite server: {} asked for {why}: answered with no rows",
+                node_name(request.sender)
+            ),
+            Ok(None) => {}
+            Ok(Some((slot, row_len))) => {
+                let bytes = slot.stored.as_bytes().expect("contiguous");
+                let row_bytes = row_len * slot.dtype.size_of();
+                vals.reserve(ids.len() * row_bytes);
+                for &id in ids {
+                    vals.extend_from_slice(&bytes[id * row_bytes..(id + 1) * row_bytes]);
+                }
+                let count = i32::try_from(row_len).unwrap_or(i32::MAX).to_le_bytes();
+                for len in lens.chunks_exact_mut(4).skip(1) {
+                    len.copy_from_slice(&count);
+                }
             }
         }
-        self.van
-            .send(
-                request.sender,
-                &super::answer(request, true),
-                &[keys, &vals, &lens],
-            )
-            .map_err(Answer::Failed)
+        self.van.send(
+            request.sender,
+            &super::answer(request, true),
+            &[keys, &vals, &lens],
+        )
     }
-}
 
-/// Why a pull of rows was not answered.
-enum Answer {
-    /// The request cannot be served (named).
-    Refused(String),
-    /// Sending the answer failed.
-    Failed(VanError),
+    /// The key of `master` and its row length when it can give rows `ids` (`None` when none
+    /// are asked), or what it cannot give.
+    fn rows_of(&self, master: u64, ids: &[usize]) -> Result<Option<(&Slot, usize)>, String> {
+        let Some(&last) = ids.last() else {
+            return Ok(None);
+        };
+        let what = || self.describe_key(master);
+        let slot = self
+            .slots
+            .get(&master)
+            .ok_or_else(|| format!("rows of {}, never initialised", what()))?;
+        let row_len = slot
+            .row_len
+            .ok_or_else(|| format!("rows of {}, a dense key", what()))?;
+        let rows = slot.stored.shape()[0];
+        if last >= rows {
+            return Err(format!("row {last} of {}, which holds {rows} rows", what()));
+        }
+        Ok(Some((slot, row_len)))
+    }
+
+    /// `ps_key` as MXNet's key on this server, for messages: "key K (ps-lite key P)".
+    pub(super) fn describe_key(&self, ps_key: u64) -> String {
+        format!(
+            "key {} (ps-lite key {ps_key})",
+            ps_key.wrapping_sub(self.range_begin) as i64
+        )
+    }
 }
 
 /// Row ids for a message: the first few, and how many.

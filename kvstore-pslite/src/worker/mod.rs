@@ -457,10 +457,17 @@ impl PsLiteStore {
         let expected = entry.bytes(slice).len();
         let vals = answer.data.get(1).map_or(&[][..], |v| v.as_slice());
         // The answer echoes the request's keys: the slice's key (a row-sparse key's master key,
-        // then its rows' keys).
+        // then a key per row of the slice, every row being pulled).
         let key_ok = answer.data.first().is_some_and(|k| match entry.row_len {
             None => k.as_slice() == slice.ps_key.to_le_bytes(),
-            Some(_) => k.starts_with(&slice.ps_key.to_le_bytes()),
+            Some(row_len) => {
+                let rows = slice.elements.len() / row_len.max(1);
+                k.len() == 8 * (rows + 1)
+                    && k.chunks_exact(8).enumerate().all(|(j, key)| {
+                        let expected = slice.ps_key.wrapping_add(j.saturating_sub(1) as u64);
+                        key == expected.to_le_bytes()
+                    })
+            }
         });
         if !key_ok || vals.len() != expected {
             return Err(Error::Backend {
@@ -778,11 +785,14 @@ impl PsLiteStore {
                 .values()
                 .iter()
                 .zip(&new)
-                .map(|(&v, (_, entry))| match entry.row_len {
-                    Some(_) => Outgoing::Rows(entry.init_rows(v)),
-                    None => Outgoing::Dense(reduce::outbound(&[v], &self.reduce)),
+                .map(|(&v, (key, entry))| match entry.row_len {
+                    Some(_) => entry
+                        .init_rows(v)
+                        .map(Outgoing::Rows)
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                    None => Ok(Outgoing::Dense(reduce::outbound(&[v], &self.reduce))),
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let requests: Vec<Request<'_>> = new
                 .iter()
                 .zip(&payloads)

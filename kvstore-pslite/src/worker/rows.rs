@@ -86,10 +86,12 @@ impl Entry {
     }
 
     /// `init`'s messages: every row of `value` (zeros where a row-sparse value holds none).
-    pub(super) fn init_rows(&self, value: &NDArray) -> Vec<RowsMessage> {
-        let dense = value.to_dense();
-        let bytes = dense.as_bytes().expect("a dense array in standard layout");
-        self.row_messages(&self.every_row(), Some(bytes))
+    pub(super) fn init_rows(&self, value: &NDArray) -> Result<Vec<RowsMessage>> {
+        let dense = on_host(value)?.to_dense();
+        let bytes = dense
+            .as_bytes()
+            .expect("a dense host array in standard layout");
+        Ok(self.row_messages(&self.every_row(), Some(bytes)))
     }
 
     /// The sum of a worker's values of this row-sparse key, by rows (a dense value counts as
@@ -97,8 +99,9 @@ impl Entry {
     pub(super) fn summed_rows(&self, values: &[&NDArray]) -> Result<(Vec<i64>, Vec<u8>)> {
         let mut sum: Option<NDArray> = None;
         for value in values {
+            let value = on_host(value)?;
             let rows = match value.storage_type() {
-                StorageType::RowSparse => (*value).clone(),
+                StorageType::RowSparse => value,
                 _ => value.retain_rows(&self.every_row())?,
             };
             match &mut sum {
@@ -215,6 +218,14 @@ impl PsLiteStore {
     }
 }
 
+/// `value` in host memory (a copy of one in device memory).
+fn on_host(value: &NDArray) -> Result<NDArray> {
+    match value.in_device_memory() {
+        true => value.to_context(kvstore_base::Context::Cpu),
+        false => Ok(value.clone()),
+    }
+}
+
 /// The row-sparse keys of `entries`, by key, with the messages of a pull of every row.
 pub(super) fn whole_pulls<'a>(
     entries: impl Iterator<Item = (&'a Key, &'a Entry)>,
@@ -302,7 +313,7 @@ mod tests {
         let entry = split_entry();
         let value =
             NDArray::row_sparse(&[4, 2], vec![2], &NDArray::ones(&[1, 2], DType::F32)).unwrap();
-        let messages = entry.init_rows(&value);
+        let messages = entry.init_rows(&value).unwrap();
         assert_eq!(u64s(&messages[0].keys), [100, 100, 101]);
         assert_eq!(u64s(&messages[1].keys), [200, 200, 201]);
         assert_eq!(messages[0].vals, vec![0u8; 16]);
