@@ -222,26 +222,38 @@ fn create(request: &CreateRequest) -> kvstore_base::Result<Box<dyn KVStoreBase>>
     Ok(Box::new(PsLiteStore::from_request(request)?))
 }
 
-kvstore_base::register!(
-    "pslite_dist_sync",
-    create,
-    capabilities = [
-        Capability::InitPushPull,
-        Capability::Distributed,
-        Capability::GradientCompression,
-        Capability::Optimizer,
-        Capability::RowSparse
-    ]
-);
+/// Registers a worker store of this crate by name, with the capabilities [`CAPABILITIES`]
+/// lists (the registry's macro takes them written out).
+macro_rules! register_worker {
+    ($name:literal) => {
+        kvstore_base::register!(
+            $name,
+            create,
+            capabilities = [
+                Capability::InitPushPull,
+                Capability::Distributed,
+                Capability::GradientCompression,
+                Capability::Optimizer,
+                Capability::RowSparse
+            ]
+        );
+    };
+}
 
-kvstore_base::register!(
-    "pslite_dist_async",
-    create,
-    capabilities = [
-        Capability::InitPushPull,
-        Capability::Distributed,
-        Capability::GradientCompression,
-        Capability::Optimizer,
-        Capability::RowSparse
-    ]
-);
+register_worker!("pslite_dist_sync");
+register_worker!("pslite_dist_async");
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn both_stores_register_the_capabilities_they_report() {
+        let ours: Vec<_> = kvstore_base::registered()
+            .into_iter()
+            .filter(|info| [super::NAME, super::ASYNC_NAME].contains(&info.name.as_str()))
+            .collect();
+        assert_eq!(ours.len(), 2);
+        for info in ours {
+            assert_eq!(info.capabilities.as_deref(), Ok(super::CAPABILITIES));
+        }
+    }
+}

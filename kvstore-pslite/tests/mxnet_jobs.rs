@@ -503,29 +503,6 @@ fn rust_optimizer_rounds(
     Ok(files)
 }
 
-/// The first place where two sets of pulled weights differ, named.
-fn first_difference(
-    what: &str,
-    expected: &[(String, Vec<u8>)],
-    got: &[(String, Vec<u8>)],
-) -> Result<(), Failed> {
-    if expected.len() != got.len() {
-        return Err(format!("{what}: {} files, {} expected", got.len(), expected.len()).into());
-    }
-    for ((name, want), (other, have)) in expected.iter().zip(got) {
-        if name != other || want != have {
-            let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
-            return Err(format!(
-                "{what}: {name}: MXNet's run gave bytes {:?}..., this one {other} {:?}...",
-                head(want),
-                head(have)
-            )
-            .into());
-        }
-    }
-    Ok(())
-}
-
 /// MXNet's Python workers set an optimizer on the servers (a pickle): on this crate's servers,
 /// which read the pickle as data and rebuild the optimizer by name, the weights they pull are
 /// those MXNet's own servers give them, bit for bit; and this crate's workers, setting the same
@@ -591,13 +568,13 @@ fn python_optimizers_on_our_servers_match_mxnets() -> Result<(), Failed> {
         ours.wait(Duration::from_secs(60))?;
         local.join()?;
         let what = format!("{optimizer}, MXNet's workers on our servers");
-        first_difference(&what, &expected, &pulled_weights(ours.dir())?)?;
+        common::first_difference(&what, &expected, &pulled_weights(ours.dir())?)?;
 
         let job = MxnetJob::start(2, 2, &bound)?;
         let rust = rust_optimizer_rounds(&job.worker_options(), &spec, dtype)?;
         job.detach();
         let what = format!("{optimizer}, our workers on MXNet's servers");
-        first_difference(&what, &expected, &rust)?;
+        common::first_difference(&what, &expected, &rust)?;
     }
     Ok(())
 }

@@ -78,74 +78,53 @@ fn each_async_push_steps_the_weight_once_the_optimizer_is_set() -> Result<(), Fa
     let job = LocalJob::start(1, 2, TIMEOUT)?;
     let options = job.worker_options().clone();
     let workers = create_workers(2, || kvstore_base::create_with(ASYNC_NAME, options.clone()))?;
-    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|kv| {
-                scope.spawn(move || -> Result<(), String> {
-                    let r = kv.rank();
-                    let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
-                    kv.init(4, &NDArray::full(&[3], 10.0, DType::F32))
-                        .map_err(e)?;
-                    let refused = kv
-                        .push(4, &NDArray::ones(&[3], DType::F32))
-                        .expect_err("a push before set_optimizer is refused")
-                        .to_string();
-                    if !refused.contains("key 4") || !refused.contains("set_optimizer") {
-                        return Err(format!("rank {r}: the refusal says {refused}"));
-                    }
-                    kv.barrier().map_err(e)?;
-                    let mut out = NDArray::zeros(&[3], DType::F32);
-                    kv.pull(4, &mut out).map_err(e)?;
-                    if out.to_f64_vec() != vec![10.0; 3] {
-                        return Err(format!("rank {r}: the refused push changed key 4: {out:?}"));
-                    }
-                    kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
-                        .map_err(e)?;
-                    kv.barrier().map_err(e)?;
-                    // Rank 0 pushes twice while rank 1 waits: each push is applied at once.
-                    if r == 0 {
-                        for step in 1..=2 {
-                            kv.push(4, &NDArray::full(&[3], 2.0, DType::F32))
-                                .map_err(e)?;
-                            kv.pull(4, &mut out).map_err(e)?;
-                            let expected = 10.0 - f64::from(step);
-                            if out.to_f64_vec() != vec![expected; 3] {
-                                return Err(format!(
-                                    "after rank 0's push {step} alone: {out:?}, {expected} \
-                                     expected"
-                                ));
-                            }
-                        }
-                    }
-                    kv.barrier().map_err(e)?;
-                    kv.push(4, &NDArray::full(&[3], 4.0 * (r + 1) as f64, DType::F32))
-                        .map_err(e)?;
-                    kv.barrier().map_err(e)?;
-                    kv.pull(4, &mut out).map_err(e)?;
-                    // 10 - 0.5 (2 + 2) - 0.5 (4 + 8).
-                    if out.to_f64_vec() != vec![2.0; 3] {
-                        return Err(format!("rank {r}: after every push: {out:?}, 2 expected"));
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
-            .collect()
-    });
-    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if !failures.is_empty() {
-        return Err(failures.join("\n").into());
-    }
-    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
-    std::thread::scope(|s| {
-        for kv in workers {
-            s.spawn(move || drop(kv));
+    common::on_each_worker(workers, |kv| -> Result<(), String> {
+        let r = kv.rank();
+        let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+        kv.init(4, &NDArray::full(&[3], 10.0, DType::F32))
+            .map_err(e)?;
+        let refused = kv
+            .push(4, &NDArray::ones(&[3], DType::F32))
+            .expect_err("a push before set_optimizer is refused")
+            .to_string();
+        if !refused.contains("key 4") || !refused.contains("set_optimizer") {
+            return Err(format!("rank {r}: the refusal says {refused}"));
         }
-    });
+        kv.barrier().map_err(e)?;
+        let mut out = NDArray::zeros(&[3], DType::F32);
+        kv.pull(4, &mut out).map_err(e)?;
+        if out.to_f64_vec() != vec![10.0; 3] {
+            return Err(format!("rank {r}: the refused push changed key 4: {out:?}"));
+        }
+        kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+            .map_err(e)?;
+        kv.barrier().map_err(e)?;
+        // Rank 0 pushes twice while rank 1 waits: each push is applied at once.
+        if r == 0 {
+            for step in 1..=2 {
+                kv.push(4, &NDArray::full(&[3], 2.0, DType::F32))
+                    .map_err(e)?;
+                kv.pull(4, &mut out).map_err(e)?;
+                let expected = 10.0 - f64::from(step);
+                if out.to_f64_vec() != vec![expected; 3] {
+                    return Err(format!(
+                        "after rank 0's push {step} alone: {out:?}, {expected} \
+                             expected"
+                    ));
+                }
+            }
+        }
+        kv.barrier().map_err(e)?;
+        kv.push(4, &NDArray::full(&[3], 4.0 * (r + 1) as f64, DType::F32))
+            .map_err(e)?;
+        kv.barrier().map_err(e)?;
+        kv.pull(4, &mut out).map_err(e)?;
+        // 10 - 0.5 (2 + 2) - 0.5 (4 + 8).
+        if out.to_f64_vec() != vec![2.0; 3] {
+            return Err(format!("rank {r}: after every push: {out:?}, 2 expected"));
+        }
+        Ok(())
+    })?;
     Ok(job.join()?)
 }
 
@@ -226,59 +205,39 @@ fn a_row_sparse_key_cut_across_servers_steps_each_row() -> Result<(), Failed> {
     let mut options = job.worker_options().clone();
     options.insert("MXNET_KVSTORE_BIGARRAY_BOUND".into(), "8".into());
     let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
-    let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|kv| {
-                scope.spawn(move || -> Result<(), String> {
-                    let r = kv.rank();
-                    let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
-                    let every = [0, 1, 2, 3, 4];
-                    let table = NDArray::full(&[5, 2], 3.0, DType::F32);
-                    kv.init(6, &table.retain_rows(&every).map_err(e)?)
-                        .map_err(e)?;
-                    kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 1.0))
-                        .map_err(e)?;
-                    kv.barrier().map_err(e)?;
-                    // Rank 0: rows 1 and 3 of 1; rank 1: rows 2 and 4 of 2.
-                    let ids = [r as i64 + 1, r as i64 + 3];
-                    let grad = NDArray::full(&[5, 2], (r + 1) as f64, DType::F32);
-                    kv.push(6, &grad.retain_rows(&ids).map_err(e)?).map_err(e)?;
-                    kv.barrier().map_err(e)?;
-                    let mut dense = NDArray::zeros(&[5, 2], DType::F32);
-                    kv.pull(6, &mut dense).map_err(e)?;
-                    let expected = [3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0];
-                    if dense.to_f64_vec() != expected {
-                        return Err(format!("rank {r}: pulled {dense:?}"));
-                    }
-                    let empty = NDArray::zeros(&[0, 2], DType::F32);
-                    let mut some = NDArray::row_sparse(&[5, 2], vec![], &empty).map_err(e)?;
-                    let asked = NDArray::from_vec(&[3], vec![4i64, 0, 2]).map_err(e)?;
-                    kv.row_sparse_pull(6, &mut some, &asked).map_err(e)?;
-                    let indices = some.as_row_sparse().map(|s| s.indices().to_vec());
-                    // Rows 0, 2 and 4 held; the others read as zeros.
-                    let kept = [3.0, 3.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0];
-                    if indices != Some(vec![0, 2, 4]) || some.to_f64_vec() != kept {
-                        return Err(format!("rank {r}: rows 4, 0, 2 pulled as {some:?}"));
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
-            .collect()
-    });
-    std::thread::scope(|s| {
-        for kv in workers {
-            s.spawn(move || drop(kv));
+    common::on_each_worker(workers, |kv| -> Result<(), String> {
+        let r = kv.rank();
+        let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+        let every = [0, 1, 2, 3, 4];
+        let table = NDArray::full(&[5, 2], 3.0, DType::F32);
+        kv.init(6, &table.retain_rows(&every).map_err(e)?)
+            .map_err(e)?;
+        kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 1.0))
+            .map_err(e)?;
+        kv.barrier().map_err(e)?;
+        // Rank 0: rows 1 and 3 of 1; rank 1: rows 2 and 4 of 2.
+        let ids = [r as i64 + 1, r as i64 + 3];
+        let grad = NDArray::full(&[5, 2], (r + 1) as f64, DType::F32);
+        kv.push(6, &grad.retain_rows(&ids).map_err(e)?).map_err(e)?;
+        kv.barrier().map_err(e)?;
+        let mut dense = NDArray::zeros(&[5, 2], DType::F32);
+        kv.pull(6, &mut dense).map_err(e)?;
+        let expected = [3.0, 3.0, 2.0, 2.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0];
+        if dense.to_f64_vec() != expected {
+            return Err(format!("rank {r}: pulled {dense:?}"));
         }
-    });
-    let failures: Vec<String> = results.into_iter().filter_map(Result::err).collect();
-    if !failures.is_empty() {
-        return Err(failures.join("\n").into());
-    }
+        let empty = NDArray::zeros(&[0, 2], DType::F32);
+        let mut some = NDArray::row_sparse(&[5, 2], vec![], &empty).map_err(e)?;
+        let asked = NDArray::from_vec(&[3], vec![4i64, 0, 2]).map_err(e)?;
+        kv.row_sparse_pull(6, &mut some, &asked).map_err(e)?;
+        let indices = some.as_row_sparse().map(|s| s.indices().to_vec());
+        // Rows 0, 2 and 4 held; the others read as zeros.
+        let kept = [3.0, 3.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0];
+        if indices != Some(vec![0, 2, 4]) || some.to_f64_vec() != kept {
+            return Err(format!("rank {r}: rows 4, 0, 2 pulled as {some:?}"));
+        }
+        Ok(())
+    })?;
     Ok(job.join()?)
 }
 

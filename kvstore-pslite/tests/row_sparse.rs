@@ -116,96 +116,58 @@ fn rust_rounds(
         NDArray::from_vec(&[rows, cols], data).expect("rows x cols")
     };
     let keys = [(3usize, 6usize, 3usize), (10, 400, 5)];
-    let results: Vec<Result<Files, String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = workers
-            .iter()
-            .map(|kv| {
-                scope.spawn(move || -> Result<Files, String> {
-                    let e = |e: kvstore_base::Error| e.to_string();
-                    let rank = kv.rank();
-                    let mut files = Vec::new();
-                    kv.set_optimizer(spec).map_err(e)?;
-                    for (key, rows, cols) in keys {
-                        let every: Vec<i64> = (0..rows as i64).collect();
-                        let init = value(key, 99, 0, rows, cols)
-                            .retain_rows(&every)
-                            .map_err(e)?;
-                        kv.init(key as i64, &init).map_err(e)?;
-                    }
-                    kv.barrier().map_err(e)?;
-                    for round in 0..3 {
-                        for (key, rows, cols) in keys {
-                            let pushed: Vec<i64> = (0..rows)
-                                .filter(|r| (r + round + rank) % 3 == 0 && r % 5 != 4)
-                                .map(|r| r as i64)
-                                .collect();
-                            let grad = value(key, round, rank, rows, cols)
-                                .retain_rows(&pushed)
-                                .map_err(e)?;
-                            kv.push(key as i64, &grad).map_err(e)?;
-                            let zeros = NDArray::zeros(&[0, cols], DType::F32);
-                            let empty =
-                                NDArray::row_sparse(&[rows, cols], vec![], &zeros).map_err(e)?;
-                            let mut out = empty.clone();
-                            let all = NDArray::from_vec(&[rows], (0..rows as i64).collect())
-                                .map_err(e)?;
-                            kv.row_sparse_pull(key as i64, &mut out, &all).map_err(e)?;
-                            let bytes = |a: &NDArray| a.to_dense().as_bytes().unwrap().to_vec();
-                            files.push((format!("w_{rank}_{round}_{key}.bin"), bytes(&out)));
-                            let some = vec![rows as i64 - 1, 2, 1, 2];
-                            let some = NDArray::from_vec(&[4], some).map_err(e)?;
-                            let mut few = empty;
-                            kv.row_sparse_pull(key as i64, &mut few, &some).map_err(e)?;
-                            files.push((format!("f_{rank}_{round}_{key}.bin"), bytes(&few)));
-                        }
-                    }
-                    Ok(files)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
-            .collect()
-    });
-    // Each worker leaves on a thread of its own: leaving is a barrier of them all.
-    std::thread::scope(|s| {
-        for kv in workers {
-            s.spawn(move || drop(kv));
+    let pulled = common::on_each_worker(workers, |kv| -> Result<Files, String> {
+        let e = |e: kvstore_base::Error| e.to_string();
+        let rank = kv.rank();
+        let mut files = Vec::new();
+        kv.set_optimizer(spec).map_err(e)?;
+        for (key, rows, cols) in keys {
+            let every: Vec<i64> = (0..rows as i64).collect();
+            let init = value(key, 99, 0, rows, cols)
+                .retain_rows(&every)
+                .map_err(e)?;
+            kv.init(key as i64, &init).map_err(e)?;
         }
-    });
-    let mut files = Vec::new();
-    for worker in results {
-        files.extend(worker?);
-    }
-    Ok(files)
+        kv.barrier().map_err(e)?;
+        for round in 0..3 {
+            for (key, rows, cols) in keys {
+                let pushed: Vec<i64> = (0..rows)
+                    .filter(|r| (r + round + rank) % 3 == 0 && r % 5 != 4)
+                    .map(|r| r as i64)
+                    .collect();
+                let grad = value(key, round, rank, rows, cols)
+                    .retain_rows(&pushed)
+                    .map_err(e)?;
+                kv.push(key as i64, &grad).map_err(e)?;
+                let zeros = NDArray::zeros(&[0, cols], DType::F32);
+                let empty = NDArray::row_sparse(&[rows, cols], vec![], &zeros).map_err(e)?;
+                let mut out = empty.clone();
+                let all = NDArray::from_vec(&[rows], (0..rows as i64).collect()).map_err(e)?;
+                kv.row_sparse_pull(key as i64, &mut out, &all).map_err(e)?;
+                let bytes = |a: &NDArray| a.to_dense().as_bytes().unwrap().to_vec();
+                files.push((format!("w_{rank}_{round}_{key}.bin"), bytes(&out)));
+                let some = vec![rows as i64 - 1, 2, 1, 2];
+                let some = NDArray::from_vec(&[4], some).map_err(e)?;
+                let mut few = empty;
+                kv.row_sparse_pull(key as i64, &mut few, &some).map_err(e)?;
+                files.push((format!("f_{rank}_{round}_{key}.bin"), bytes(&few)));
+            }
+        }
+        Ok(files)
+    })?;
+    Ok(pulled.into_iter().flatten().collect())
 }
 
-/// The first file whose bytes differ between two runs, named.
+/// The first file whose bytes differ between two runs (in any order), named.
 fn same(
     what: &str,
     theirs: &[(String, Vec<u8>)],
     ours: &[(String, Vec<u8>)],
-) -> Result<(), Failed> {
-    let mut theirs = theirs.to_vec();
-    let mut ours = ours.to_vec();
+) -> Result<(), String> {
+    let (mut theirs, mut ours) = (theirs.to_vec(), ours.to_vec());
     theirs.sort();
     ours.sort();
-    if theirs.len() != ours.len() {
-        return Err(format!("{what}: {} files, {} expected", ours.len(), theirs.len()).into());
-    }
-    for ((name, want), (other, have)) in theirs.iter().zip(&ours) {
-        if name != other || want != have {
-            let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
-            return Err(format!(
-                "{what}: {name}: MXNet's run gave {:?}..., this one {other} {:?}...",
-                head(want),
-                head(have)
-            )
-            .into());
-        }
-    }
-    Ok(())
+    common::first_difference(what, &theirs, &ours)
 }
 
 /// With an optimizer on the servers (lazy sgd, sgd with momentum, adam), MXNet's Python

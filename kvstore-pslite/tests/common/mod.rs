@@ -332,3 +332,67 @@ pub fn unless_it_pushes_rows_to_a_dense_key(trial: libtest_mimic::Trial) -> libt
         "pushes rows to a dense key, which MXNet's servers cannot take",
     )
 }
+
+/// Runs `part` for each worker of a job, each on a thread of its own, then lets every worker
+/// leave, each on a thread of its own (leaving is a barrier of them all). Returns what each
+/// part returned, in the workers' order, or every failure, one a line.
+pub fn on_each_worker<T: Send>(
+    workers: Vec<Box<dyn kvstore_base::KVStoreBase>>,
+    part: impl Fn(&dyn kvstore_base::KVStoreBase) -> Result<T, String> + Sync,
+) -> Result<Vec<T>, String> {
+    let part = &part;
+    let results: Vec<Result<T, String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = workers
+            .iter()
+            .map(|kv| scope.spawn(move || part(kv.as_ref())))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    std::thread::scope(|scope| {
+        for kv in workers {
+            scope.spawn(move || drop(kv));
+        }
+    });
+    let mut done = Vec::with_capacity(results.len());
+    let mut failures = Vec::new();
+    for result in results {
+        match result {
+            Ok(value) => done.push(value),
+            Err(e) => failures.push(e),
+        }
+    }
+    match failures.is_empty() {
+        true => Ok(done),
+        false => Err(failures.join("\n")),
+    }
+}
+
+/// The first place where two sets of pulled values, by file name, differ: named, with the
+/// first bytes of each.
+pub fn first_difference(
+    what: &str,
+    expected: &[(String, Vec<u8>)],
+    got: &[(String, Vec<u8>)],
+) -> Result<(), String> {
+    if expected.len() != got.len() {
+        return Err(format!(
+            "{what}: {} files, {} expected",
+            got.len(),
+            expected.len()
+        ));
+    }
+    for ((name, want), (other, have)) in expected.iter().zip(got) {
+        if name != other || want != have {
+            let head = |b: &[u8]| b.iter().take(16).copied().collect::<Vec<u8>>();
+            return Err(format!(
+                "{what}: {name}: MXNet's run gave bytes {:?}..., this one {other} {:?}...",
+                head(want),
+                head(have)
+            ));
+        }
+    }
+    Ok(())
+}
