@@ -77,15 +77,7 @@ pub fn place(
     if elements >= bigarray_bound {
         let placement =
             kvstore_dist::placement::place(i64::from(key), elements, servers, bigarray_bound);
-        return Ok(placement
-            .parts
-            .into_iter()
-            .map(|(server, elements)| Slice {
-                server,
-                ps_key: ps_key(key, server, servers),
-                elements,
-            })
-            .collect());
+        return Ok(slices_of(key, placement, servers));
     }
     let server = small_key_server(key, servers);
     Ok(vec![Slice {
@@ -127,21 +119,26 @@ pub fn place_rows(
     if elements < bigarray_bound {
         return place(key, elements, servers, bigarray_bound);
     }
-    let boundary =
-        |i: usize| ((rows as f64 / servers as f64 * i as f64).round() as usize).min(rows);
-    Ok((0..servers)
-        .map(|server| {
-            let end = match server + 1 == servers {
-                true => rows,
-                false => boundary(server + 1),
-            };
-            Slice {
-                server,
-                ps_key: ps_key(key, server, servers),
-                elements: boundary(server) * row_len..end * row_len,
-            }
+    let placement =
+        kvstore_dist::placement::place_rows(i64::from(key), rows, row_len, servers, bigarray_bound);
+    Ok(slices_of(key, placement, servers))
+}
+
+/// The slices of a split key's parts (every server's, MXNet's key on each).
+fn slices_of(
+    key: i32,
+    placement: kvstore_dist::placement::Placement,
+    servers: usize,
+) -> Vec<Slice> {
+    placement
+        .parts
+        .into_iter()
+        .map(|(server, elements)| Slice {
+            server,
+            ps_key: ps_key(key, server, servers),
+            elements,
         })
-        .collect())
+        .collect()
 }
 
 /// One slice of a compressed push (`EncodeCompressedKey`): the slice of the value it stands for

@@ -156,6 +156,15 @@ pub fn run_scheduler_on(
     // may connect again: it counts as gone once that lasted `LOST_GRACE`).
     let mut lost_since: HashMap<i32, Instant> = HashMap::new();
     let grace = LOST_GRACE.min(timeout);
+    // Whether node `id` has had no connection for the grace (its loss timed from the first
+    // pass that saw it; a reconnection forgets it).
+    let mut gone = |id: i32| match van.all_lost(&[id]) {
+        true => lost_since.entry(id).or_insert_with(Instant::now).elapsed() >= grace,
+        false => {
+            lost_since.remove(&id);
+            false
+        }
+    };
     while everyone_met < 2 {
         // Checked on every pass, so that a stream of messages delays neither: a barrier past
         // the timeout, and a barrier missing a node that left the job (it can never enter).
@@ -171,18 +180,7 @@ pub fn run_scheduler_on(
                     names(&missing).join(", ")
                 )));
             }
-            let mut lost = Vec::new();
-            for id in missing {
-                match van.all_lost(&[id]) {
-                    true => {
-                        let since = lost_since.entry(id).or_insert_with(Instant::now);
-                        if since.elapsed() >= grace {
-                            lost.push(id);
-                        }
-                    }
-                    false => drop(lost_since.remove(&id)),
-                }
-            }
+            let lost: Vec<i32> = missing.into_iter().filter(|&id| gone(id)).collect();
             if !lost.is_empty() {
                 return Err(VanError(format!(
                     "the barrier of group {group} waits for {}, which left the job",
@@ -193,18 +191,12 @@ pub fn run_scheduler_on(
         // A server that left cannot come back (ps-lite has no recovery): its keys are gone and
         // no request to it can be answered, so the job ends, naming it.
         for server in registered.iter().filter(|n| n.role == Role::Server) {
-            match van.all_lost(&[server.id]) {
-                true => {
-                    let since = lost_since.entry(server.id).or_insert_with(Instant::now);
-                    if since.elapsed() >= grace {
-                        return Err(VanError(format!(
-                            "{} left the job before it ended: its keys are gone, and no \
-                             worker's request to it can be answered",
-                            node_name(server.id)
-                        )));
-                    }
-                }
-                false => drop(lost_since.remove(&server.id)),
+            if gone(server.id) {
+                return Err(VanError(format!(
+                    "{} left the job before it ended: its keys are gone, and no worker's request \
+                     to it can be answered",
+                    node_name(server.id)
+                )));
             }
         }
         let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();

@@ -148,11 +148,8 @@ fn on_the_servers_trains_as_on_mxnets(optimizer: &str) -> Result<(), Failed> {
     Ok(common::first_difference(&what, &expected, &ours)?)
 }
 
-/// A test of this binary.
-type Test = fn() -> Result<(), Failed>;
-
 fn main() -> std::process::ExitCode {
-    let tests: [(&str, Test); 4] = [
+    let tests: [(&str, common::Test); 4] = [
         ("sgd_on_the_servers_trains_as_on_mxnets", || {
             on_the_servers_trains_as_on_mxnets(
                 "'sgd', {'learning_rate': 0.1, 'momentum': 0.9, 'wd': 0.001}",

@@ -661,11 +661,8 @@ mx.nd.waitall()
     Ok(())
 }
 
-/// A test of this binary.
-type Test = fn() -> Result<(), Failed>;
-
 fn main() -> std::process::ExitCode {
-    let tests: &[(&str, Test)] = &[
+    let tests: &[(&str, common::Test)] = &[
         ("beside_a_python_worker", beside_a_python_worker),
         (
             "python_workers_on_our_scheduler_and_server",

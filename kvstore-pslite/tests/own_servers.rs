@@ -565,33 +565,37 @@ fn main() -> std::process::ExitCode {
         .into_iter()
         .map(common::unless_it_pushes_without_an_optimizer),
     );
-    trials.push(Trial::test(
-        "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
-        each_async_push_steps_the_weight_once_the_optimizer_is_set,
-    ));
-    trials.push(Trial::test(
-        "own_servers::pickled_optimizers_are_read_never_run",
-        pickled_optimizers_are_read_never_run,
-    ));
-    trials.push(Trial::test(
-        "own_servers_2_servers::a_row_sparse_key_cut_across_servers_steps_each_row",
-        a_row_sparse_key_cut_across_servers_steps_each_row,
-    ));
-    trials.push(Trial::test(
-        "own_servers::row_sparse_refusals_name_the_key",
-        row_sparse_refusals_name_the_key,
-    ));
-    trials.push(Trial::test(
-        "own_servers::a_missing_worker_fails_the_registration",
-        a_missing_worker_fails_the_registration,
-    ));
-    trials.push(Trial::test(
-        "own_servers::a_worker_that_dies_fails_its_round_and_barrier_at_once",
-        a_worker_that_dies_fails_its_round_and_barrier_at_once,
-    ));
-    trials.push(Trial::test(
-        "own_servers::hostile_messages_change_nothing",
-        hostile_messages_change_nothing,
-    ));
+    // The tests of this file's own, beside the suite's.
+    let own: [(&str, common::Test); 7] = [
+        (
+            "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
+            each_async_push_steps_the_weight_once_the_optimizer_is_set,
+        ),
+        (
+            "own_servers::pickled_optimizers_are_read_never_run",
+            pickled_optimizers_are_read_never_run,
+        ),
+        (
+            "own_servers_2_servers::a_row_sparse_key_cut_across_servers_steps_each_row",
+            a_row_sparse_key_cut_across_servers_steps_each_row,
+        ),
+        (
+            "own_servers::row_sparse_refusals_name_the_key",
+            row_sparse_refusals_name_the_key,
+        ),
+        (
+            "own_servers::a_missing_worker_fails_the_registration",
+            a_missing_worker_fails_the_registration,
+        ),
+        (
+            "own_servers::a_worker_that_dies_fails_its_round_and_barrier_at_once",
+            a_worker_that_dies_fails_its_round_and_barrier_at_once,
+        ),
+        (
+            "own_servers::hostile_messages_change_nothing",
+            hostile_messages_change_nothing,
+        ),
+    ];
+    trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -278,11 +278,8 @@ mx.nd.waitall()
     Ok(())
 }
 
-/// A test of this binary.
-type Test = fn() -> Result<(), Failed>;
-
 fn main() -> std::process::ExitCode {
-    let tests: [(&str, Test); 3] = [
+    let tests: [(&str, common::Test); 3] = [
         (
             "optimizers_step_the_pushed_rows_as_mxnets_servers_do",
             optimizers_step_the_pushed_rows_as_mxnets_servers_do,

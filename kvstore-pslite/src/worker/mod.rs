@@ -554,7 +554,7 @@ impl PsLiteStore {
     ) -> Result<()> {
         let keyed = self.check_outs(operation, outs)?;
         // A row-sparse key is pulled as every row of it.
-        let whole = rows::whole_pulls(keyed.iter().map(|(k, e)| (k, e)));
+        let whole = rows::whole_pulls(&keyed);
         let requests: Vec<Request<'_>> = keyed
             .iter()
             .map(|(key, entry)| Request {
@@ -587,49 +587,12 @@ impl PsLiteStore {
             self.check_outs(operation, outs)?;
         }
         let pushed = self.pushed(operation, values)?;
-        if self.asynchronous && !self.optimizer_sent.load(Ordering::Acquire) {
-            if let Some((key, _, _)) = pushed.first() {
-                return Err(Error::InvalidArgument(
-                    "this async worker has set no optimizer: in async mode MXNet 1.9.1's \
-                     servers apply each push through the optimizer, and abort without one \
-                     (\"Updater needs to be set for async mode\"); call set_optimizer first, \
-                     as every MXNet worker does"
-                        .into(),
-                )
-                .at_key(&self.name, operation, key.clone()));
-            }
-        }
-        if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.row_len.is_some()) {
-            let refused = match outs.is_some() {
-                true => Some(
-                    "a row-sparse key in a pushpull (MXNet's workers push rows and pull them \
-                     apart: push, then row_sparse_pull)",
-                ),
-                false if !self.optimizer_sent.load(Ordering::Acquire) => Some(
-                    "a row-sparse push with no optimizer set on this worker (MXNet 1.9.1's \
-                     servers would replace the value by the pushed rows and read it as if it \
-                     held every row; call set_optimizer first)",
-                ),
-                false => None,
-            };
-            if let Some(why) = refused {
-                return Err(Error::InvalidArgument(why.into()).at_key(
-                    &self.name,
-                    operation,
-                    key.clone(),
-                ));
-            }
-        }
-        if outs.is_some() {
-            if let Some((key, _, _)) = pushed.iter().find(|(_, e, _)| e.packed.is_some()) {
-                return Err(Error::Unsupported {
-                    store: self.name.clone(),
-                    operation: "pushpull with gradient compression (MXNet 1.9.1 compresses \
-                                pushes only, and its workers abort on a compressed pushpull: \
-                                push, then pull)",
-                }
-                .at_key(&self.name, operation, key.clone()));
-            }
+        let refused = pushed.iter().find_map(|(key, entry, _)| {
+            self.push_refusal(entry, outs.is_some())
+                .map(|e| e.at_key(&self.name, operation, key.clone()))
+        });
+        if let Some(e) = refused {
+            return Err(e);
         }
         // Each key's bytes: packed with its codec once compression is on, else the caller's
         // value or the sum of its values (one per device) in MXNet's association order. They
@@ -669,6 +632,36 @@ impl PsLiteStore {
             self.write_outs(operation, &by_key, outs, false)?;
         }
         Ok(())
+    }
+
+    /// Why MXNet's servers cannot take a push of `entry` now (a `pushpull` with `pushpull`), if
+    /// they cannot: an async worker with no optimizer set (MXNet's servers abort), a row-sparse
+    /// key in a pushpull or with no optimizer set (MXNet's servers corrupt the value), a
+    /// compressed pushpull (MXNet's workers abort).
+    fn push_refusal(&self, entry: &Entry, pushpull: bool) -> Option<Error> {
+        let optimizer_set = self.optimizer_sent.load(Ordering::Acquire);
+        let why = if self.asynchronous && !optimizer_set {
+            "this async worker has set no optimizer: in async mode MXNet 1.9.1's servers apply \
+             each push through the optimizer, and abort without one (\"Updater needs to be set \
+             for async mode\"); call set_optimizer first, as every MXNet worker does"
+        } else if entry.row_len.is_some() && pushpull {
+            "a row-sparse key in a pushpull (MXNet's workers push rows and pull them apart: \
+             push, then row_sparse_pull)"
+        } else if entry.row_len.is_some() && !optimizer_set {
+            "a row-sparse push with no optimizer set on this worker (MXNet 1.9.1's servers \
+             would replace the value by the pushed rows and read it as if it held every row; \
+             call set_optimizer first)"
+        } else if entry.packed.is_some() && pushpull {
+            return Some(Error::Unsupported {
+                store: self.name.clone(),
+                operation: "pushpull with gradient compression (MXNet 1.9.1 compresses pushes \
+                            only, and its workers abort on a compressed pushpull: push, then \
+                            pull)",
+            });
+        } else {
+            return None;
+        };
+        Some(Error::InvalidArgument(why.into()))
     }
 
     /// `init`: checks every key, numbers string keys, rank 0 pushes the values (the servers
@@ -727,25 +720,7 @@ impl PsLiteStore {
                 };
                 let row_len = by_rows.then(|| value.shape()[1..].iter().product::<usize>());
                 let (slices, packed) = match codec {
-                    _ if by_rows => {
-                        let rows = value.shape()[0];
-                        let slices = encoding::place_rows(
-                            id,
-                            rows,
-                            row_len.unwrap_or(0),
-                            self.num_servers,
-                            self.bigarray_bound,
-                        )
-                        .map_err(|e| at(Error::InvalidArgument(e)))?;
-                        if slices.iter().any(|s| s.elements.is_empty()) {
-                            return Err(at(Error::InvalidArgument(format!(
-                                "a row-sparse key of {rows} rows cut across {} servers leaves \
-                                 a server no row (MXNet's servers abort on an init of no rows)",
-                                self.num_servers
-                            ))));
-                        }
-                        (slices, None)
-                    }
+                    _ if by_rows => (self.row_layout(id, value.shape()).map_err(at)?, None),
                     Some(codec) => {
                         let packed = self
                             .packed_layout(id, value.size(), value.dtype(), codec)
@@ -1006,8 +981,7 @@ impl KVStoreBase for PsLiteStore {
             |e: String| Error::InvalidArgument(format!("{}: set_optimizer: {e}", self.name));
         let pickle = crate::pickle::mxnet_optimizer_pickle(optimizer).map_err(refused)?;
         let body = String::from_utf8(pickle).map_err(|e| refused(e.to_string()))?;
-        self.command_all(crate::server::CMD_CONTROLLER, &body)?;
-        self.optimizer_sent.store(true, Ordering::Release);
+        self.send_command_to_servers(crate::server::CMD_CONTROLLER, &body)?;
         let multi_precision = optimizer.params.get("multi_precision");
         if multi_precision == Some(&kvstore_base::ParamValue::Bool(true)) {
             self.command_all(crate::server::CMD_SET_MULTI_PRECISION, "")?;

@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use kvstore_base::{Error, Key, KeyedOuts, NDArray, Result, StorageType};
 
 use super::{Entry, Payload, PsLiteStore, Request};
+use crate::encoding::{self, Slice};
 use crate::van::Message;
 
 /// One server's row-sparse message for a key: its keys (the master key, then a key per row),
@@ -35,10 +36,9 @@ pub(super) struct RowsMessage {
 }
 
 impl Entry {
-    /// The rows of a row-sparse key's value, and the bytes of one row.
-    fn row_geometry(&self) -> (usize, usize) {
-        let row_len = self.row_len.expect("a row-sparse entry");
-        (self.shape[0], row_len * self.dtype.size_of())
+    /// The bytes of one row of a row-sparse key.
+    fn row_bytes(&self) -> usize {
+        self.row_len.expect("a row-sparse entry") * self.dtype.size_of()
     }
 
     /// Every row id of a row-sparse key.
@@ -49,7 +49,7 @@ impl Entry {
     /// The messages, one per slice, for rows `ids` (sorted, unique) of this row-sparse key; with
     /// `rows` (their bytes, in the order of `ids`), a push's.
     pub(super) fn row_messages(&self, ids: &[i64], rows: Option<&[u8]>) -> Vec<RowsMessage> {
-        let (_, row_bytes) = self.row_geometry();
+        let row_bytes = self.row_bytes();
         let row_len = self.row_len.expect("a row-sparse entry").max(1);
         let mut next = 0;
         self.slices
@@ -116,6 +116,23 @@ impl Entry {
 }
 
 impl PsLiteStore {
+    /// The slices of a row-sparse key of `shape` (`EncodeRowSparseKey`'s layout); refused when
+    /// a cut would leave a server no row (MXNet's servers abort on an init of no rows).
+    pub(super) fn row_layout(&self, id: i32, shape: &[usize]) -> Result<Vec<Slice>> {
+        let rows = shape[0];
+        let row_len = shape[1..].iter().product();
+        let slices = encoding::place_rows(id, rows, row_len, self.num_servers, self.bigarray_bound)
+            .map_err(Error::InvalidArgument)?;
+        if slices.iter().any(|s| s.elements.is_empty()) {
+            return Err(Error::InvalidArgument(format!(
+                "a row-sparse key of {rows} rows cut across {} servers leaves a server no row \
+                 (MXNet's servers abort on an init of no rows)",
+                self.num_servers
+            )));
+        }
+        Ok(slices)
+    }
+
     /// `row_sparse_pull`: for each output, the unique sorted ids of its row-id array, asked of
     /// every server holding some of the key (each server's message holds its own rows), and
     /// written into the output as a row-sparse array holding those rows.
@@ -170,10 +187,8 @@ impl PsLiteStore {
             let rows = self
                 .answered_rows(entry, &messages[i], answers)
                 .and_then(|bytes| {
-                    let (_, row_bytes) = entry.row_geometry();
                     let mut shape = entry.shape.clone();
                     shape[0] = ids.len();
-                    debug_assert_eq!(bytes.len(), ids.len() * row_bytes);
                     let rows = NDArray::from_bytes(&shape, entry.dtype, &bytes)?;
                     NDArray::row_sparse_from(&entry.shape, ids.clone(), rows)
                 })
@@ -195,7 +210,7 @@ impl PsLiteStore {
         messages: &[RowsMessage],
         answers: &[Message],
     ) -> Result<Vec<u8>> {
-        let (_, row_bytes) = entry.row_geometry();
+        let row_bytes = entry.row_bytes();
         let mut bytes = Vec::new();
         for (message, answer) in messages.iter().zip(answers) {
             let keys = answer.data.first().map_or(&[][..], |k| k.as_slice());
@@ -227,10 +242,9 @@ fn on_host(value: &NDArray) -> Result<NDArray> {
 }
 
 /// The row-sparse keys of `entries`, by key, with the messages of a pull of every row.
-pub(super) fn whole_pulls<'a>(
-    entries: impl Iterator<Item = (&'a Key, &'a Entry)>,
-) -> HashMap<Key, Vec<RowsMessage>> {
+pub(super) fn whole_pulls(entries: &[(Key, Entry)]) -> HashMap<Key, Vec<RowsMessage>> {
     entries
+        .iter()
         .filter(|(_, entry)| entry.row_len.is_some())
         .map(|(key, entry)| (key.clone(), entry.row_messages(&entry.every_row(), None)))
         .collect()

@@ -412,3 +412,6 @@ pub fn first_difference(
     }
     Ok(())
 }
+
+/// A test of a test binary with its own harness.
+pub type Test = fn() -> Result<(), libtest_mimic::Failed>;
