@@ -60,7 +60,6 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -429,14 +428,15 @@ pub fn job_timeout(
     }
 }
 
-/// A TCP port that is free on `host` at the time of the call (the operating system's pick).
+/// A TCP port that is free on `host` at the time of the call, for the scheduler to bind: taken
+/// below the system's ephemeral range ([`kvstore_dist::ports::spare_port`]), so that no other
+/// job's node can be given it before the scheduler binds it.
 ///
 /// # Errors
 /// [`kvstore::Error::InvalidArgument`] when nothing can listen on `host` (not an address of
 /// this machine), suggesting `--port`.
 pub fn free_port(host: &str) -> kvstore::Result<u16> {
-    let bound = TcpListener::bind((host, 0)).and_then(|l| l.local_addr());
-    bound.map(|addr| addr.port()).map_err(|e| {
+    kvstore_dist::ports::spare_port(host).map_err(|e| {
         kvstore::Error::InvalidArgument(format!(
             "cannot find a free port on --host {host}: {e} (is it an address of this machine? \
              --port sets the scheduler's port)"

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::net::TcpListener;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -61,10 +60,10 @@ fn an_unknown_subcommand_fails_without_panicking() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port free a moment ago on 127.0.0.1, below the ephemeral range (so that no socket bound to
+/// port 0 can be given it before the process meant for it binds it).
 fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    kvstore_dist::ports::spare_port("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 /// The `DMLC_*` variables of a 1-server, 1-worker cluster whose scheduler is 127.0.0.1:`port`.

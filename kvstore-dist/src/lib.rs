@@ -118,6 +118,7 @@ pub mod config;
 mod local_cluster;
 pub mod node;
 pub mod placement;
+pub mod ports;
 pub mod protocol;
 pub mod scheduler;
 pub mod server;

@@ -2,7 +2,7 @@
 //! sockets on 127.0.0.1: registration and ranks, barriers, lost nodes, registration timeouts,
 //! shutdown. Every wait is bounded by a timeout of at most a few seconds.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -54,10 +54,9 @@ fn join_all(sched: &Scheduler, servers: u32, workers: u32, timeout: Duration) ->
         .collect()
 }
 
-/// A port nothing listens on (when this returns).
+/// A port nothing listens on (when this returns), below the ephemeral range.
 fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    kvstore_dist::ports::spare_port("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 fn port_of(n: &NodeInfo) -> u16 {

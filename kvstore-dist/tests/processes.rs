@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -102,14 +101,11 @@ fn scenario_binary() -> &'static Path {
     })
 }
 
-/// A port nobody listens on, chosen by the kernel (`bind` to port 0: a random free port, never
-/// one that is bound meanwhile, so concurrent test processes do not collide), released for the
-/// child that will bind it a moment later.
+/// A port nobody listens on, released for the child that will bind it a moment later: taken
+/// below the ephemeral range, so that no socket bound to port 0 (another test's node) can be
+/// given it meanwhile.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
+    kvstore_dist::ports::spare_port("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 /// Output of a child, collected by a thread so that the pipe never fills.

@@ -8,7 +8,6 @@
 #![allow(dead_code)] // each test binary uses its own part
 
 use std::io::Read;
-use std::net::TcpListener;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
@@ -30,10 +29,10 @@ pub fn unique_mark() -> String {
     )
 }
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port free a moment ago on 127.0.0.1, below the ephemeral range (so that no socket bound to
+/// port 0 can be given it before the process meant for it binds it).
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
+    kvstore_dist::ports::spare_port("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 /// The ids of the processes whose environment holds `MARK=mark` (Linux; none elsewhere).

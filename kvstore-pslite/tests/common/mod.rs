@@ -38,29 +38,13 @@ pub fn mxnet_python() -> Result<PathBuf, String> {
 /// How long an MXNet process of a test may live.
 const JOB_LIMIT_SECS: u64 = 300;
 
-/// A free TCP port on 127.0.0.1, for a process that binds it later (MXNet's scheduler). It is
-/// taken between 20000 and 32000, below Linux's ephemeral range (32768 and up), where the
-/// ports of every socket bound to port 0 come from (this crate's nodes, MXNet's servers and
-/// workers, other tests' jobs): such a socket cannot take it in the meantime, which a port
-/// the system handed out could be (the job's workers then register with another process).
+/// A free TCP port on 127.0.0.1, for a process that binds it later (MXNet's scheduler), below
+/// the ephemeral range ([`kvstore_dist::ports::spare_port`]): no socket bound to port 0 (this
+/// crate's nodes, MXNet's servers and workers, other tests' jobs) can take it in the meantime,
+/// which a port the system handed out could be (the job's workers then register with another
+/// process).
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let seed = std::process::id().wrapping_mul(2_654_435_761) ^ nanos;
-    for _ in 0..1000 {
-        let n = seed.wrapping_add(NEXT.fetch_add(7919, Ordering::Relaxed));
-        let port = 20_000 + (n % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port on 127.0.0.1")
+    kvstore_dist::ports::spare_port("127.0.0.1").expect("a free port on 127.0.0.1")
 }
 
 /// A fresh folder for a job's logs and files.
