@@ -38,6 +38,9 @@
 //!
 //! The workloads (all `f32`, arrays allocated and keys initialised before timing); a round is a
 //! push then a pull by every worker, so the server merges one push per worker and key:
+//! - `push_pull_4B`: one int key of a single element, pushed, pulled into an output: the
+//!   latency of a sync round (both workers' pushes merged, then both pulls answered). It runs
+//!   [`TINY_ROUNDS_FACTOR`] times `--reps` rounds (and `--warmup`), its rounds being short;
 //! - `push_pull_4MiB`: one int key, a 4 MiB array (1,048,576 elements), pushed, pulled into an
 //!   output;
 //! - `push_pull_64MiB`: the same with a 64 MiB array;
@@ -77,6 +80,10 @@ const MIB: usize = 1 << 20;
 
 /// Bytes of one `f32`.
 const F32: usize = std::mem::size_of::<f32>();
+
+/// `push_pull_4B` runs this many times `--reps` (and `--warmup`) rounds: they take
+/// microseconds, and a median of more of them moves less between runs.
+const TINY_ROUNDS_FACTOR: usize = 20;
 
 struct Options {
     json: bool,
@@ -224,13 +231,14 @@ fn zero(array: &mut NDArray) -> Result<(), String> {
     Ok(())
 }
 
-/// One key of `elems` elements: push, then pull into an output.
+/// One key of `elems` elements: push, then pull into an output; `rounds_factor` times the
+/// rounds `options` asks for.
 fn push_pull(
     kv: &dyn KVStoreBase,
     options: &Options,
     name: &'static str,
-    key: i32,
-    elems: usize,
+    (key, elems): (i32, usize),
+    rounds_factor: usize,
 ) -> Result<Row, String> {
     let at = |e: kvstore_base::Error| format!("{name}: {e}");
     let rank = kv.rank();
@@ -241,7 +249,8 @@ fn push_pull(
     let mut out = f32_array(elems, 0.0);
     kv.barrier().map_err(at)?;
 
-    let times = time_rounds(options.warmup, options.reps, || {
+    let (warmup, reps) = (options.warmup, options.reps);
+    let times = time_rounds(warmup * rounds_factor, reps * rounds_factor, || {
         kv.push(key, &grad)?;
         kv.pull(key, &mut out)
     })
@@ -563,9 +572,13 @@ fn measure(kv: &dyn KVStoreBase, options: &Options, create_seconds: f64) -> Resu
     );
 
     let mut rows = Vec::new();
-    for (name, key, mib) in [("push_pull_4MiB", 3, 4), ("push_pull_64MiB", 5, 64)] {
+    for (name, key, elems, rounds_factor) in [
+        ("push_pull_4B", 7, 1, TINY_ROUNDS_FACTOR),
+        ("push_pull_4MiB", 3, 4 * MIB / F32, 1),
+        ("push_pull_64MiB", 5, 64 * MIB / F32, 1),
+    ] {
         if options.wanted(name) {
-            rows.push(push_pull(kv, options, name, key, mib * MIB / F32)?);
+            rows.push(push_pull(kv, options, name, (key, elems), rounds_factor)?);
         }
     }
     if options.wanted("small_keys_1000x256") {

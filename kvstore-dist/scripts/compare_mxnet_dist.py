@@ -64,6 +64,8 @@ then pulls, so the server merges two pushes per key per round; each worker times
 rounds, and rank 0's medians are reported. MXNet's engine is asynchronous, so its workers call
 `mx.nd.waitall()` at the end of every round, inside the timed region.
 
+    push_pull_4B         one int key of a single float: push, pull into an output (the latency
+                         of a sync round; 20 times --reps and --warmup rounds)
     push_pull_4MiB       one int key, a 4 MiB array (1,048,576 floats): push, pull into an output
     push_pull_64MiB      one int key, a 64 MiB array
     small_keys_1000x256  1000 int keys of 256 floats each, one list push and one list pull
@@ -120,8 +122,13 @@ MIB = 1 << 20
 F32 = 4
 NUM_WORKERS = 2
 
+# push_pull_4B's rounds take microseconds: it runs this many times --reps (and --warmup) rounds,
+# as dist_bench does.
+TINY_ROUNDS_FACTOR = 20
+
 WORKLOADS = [
     # name, bytes pushed + pulled per worker per round, target ratio MXNet / ours
+    ("push_pull_4B", 2 * F32, 2.0),
     ("push_pull_4MiB", 2 * 4 * MIB, 2.0),
     ("push_pull_64MiB", 2 * 64 * MIB, 2.0),
     ("small_keys_1000x256", 2 * 1000 * 256 * F32, 5.0),
@@ -210,12 +217,12 @@ def mxnet_worker(args):
     if args.lr is not None:
         kv.set_optimizer(mx.optimizer.SGD(learning_rate=args.lr))
 
-    def timed(step):
-        for _ in range(args.warmup):
+    def timed(step, rounds_factor=1):
+        for _ in range(args.warmup * rounds_factor):
             step()
             mx.nd.waitall()
         times = []
-        for _ in range(args.reps):
+        for _ in range(args.reps * rounds_factor):
             start = time.perf_counter()
             step()
             mx.nd.waitall()
@@ -258,10 +265,11 @@ def mxnet_worker(args):
         exact = (args.threshold * 64).is_integer() and args.threshold <= 1
         return workers * args.threshold if exact else None
 
-    for name, mib, key in (("push_pull_4MiB", 4, 3), ("push_pull_64MiB", 64, 5)):
+    for name, n, key, rounds_factor in (("push_pull_4B", 1, 7, TINY_ROUNDS_FACTOR),
+                                        ("push_pull_4MiB", 4 * MIB // F32, 3, 1),
+                                        ("push_pull_64MiB", 64 * MIB // F32, 5, 1)):
         if not wanted(args, name):
             continue
-        n = mib * MIB // F32
         kv.init(key, mx.nd.zeros((n,), ctx=ctx))
         grad = mx.nd.full((n,), rank + 1, ctx=ctx)
         out = mx.nd.zeros((n,), ctx=ctx)
@@ -272,7 +280,7 @@ def mxnet_worker(args):
             kv.push(key, grad)
             kv.pull(key, out=out)
 
-        figures[name], lo, hi = timed(step)
+        figures[name], lo, hi = timed(step, rounds_factor)
         log(f"{name:<20} median {figures[name]:.6f} s (min {lo:.6f}, max {hi:.6f})")
         # The check round (see the module docs: MXNet's pull overwrote `grad`).
         grad[:] = rank + 1
