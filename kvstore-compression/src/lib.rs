@@ -11,6 +11,8 @@
 //!   them into a merge buffer; `float16` through `float32` ([`Codec::quantize_f16`], ...) and
 //!   [`NDArray`](kvstore_base::NDArray) forms ([`Codec::quantize_array`], ...).
 //! - [`Residuals`]: per-(key, device) residual vectors for the stores that want them.
+//! - [`WireCast`]: Horovod's (and BytePS's) `Compression.fp16`, for the stores without
+//!   servers that dequantise: floating-point gradients cross the network as float16.
 //!
 //! ```
 //! use kvstore_base::CompressionParams;
@@ -66,10 +68,12 @@
 #![deny(missing_docs)]
 
 mod codec;
+mod fp16;
 mod kernels;
 mod residuals;
 mod spec;
 
 pub use codec::{simd_level, Codec};
+pub use fp16::WireCast;
 pub use residuals::Residuals;
 pub use spec::{CompressionSpec, CompressionType, TypeCodes, DEFAULT_THRESHOLD};

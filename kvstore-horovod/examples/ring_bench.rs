@@ -2,12 +2,14 @@
 //! of workers on threads of this process (TCP over loopback), and compares the bytes each
 //! worker sends per step with the ring's theory, 2 (n - 1) / n of the model.
 //!
-//! `cargo run --release -p kvstore-horovod --example ring_bench [workers] [steps]`
-//! (defaults: 2 workers, 10 steps). `HOROVOD_FUSION_THRESHOLD` in the environment applies.
+//! `cargo run --release -p kvstore-horovod --example ring_bench [workers] [steps] [fp16]`
+//! (defaults: 2 workers, 10 steps; `fp16`: Horovod's `Compression.fp16`, the tensors crossing
+//! as float16, and the theory counted in float16). `HOROVOD_FUSION_THRESHOLD` in the
+//! environment applies.
 
 use std::time::{Duration, Instant};
 
-use kvstore_base::{DType, KVStoreBase, KVStoreExt, NDArray};
+use kvstore_base::{CompressionParams, DType, KVStoreBase, KVStoreExt, NDArray};
 use kvstore_horovod::{HorovodConfig, HorovodStore, LocalJob};
 
 const TENSORS: usize = 25;
@@ -17,6 +19,11 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let workers: usize = args.next().map_or(2, |a| a.parse().expect("workers"));
     let steps: usize = args.next().map_or(10, |a| a.parse().expect("steps"));
+    let fp16 = match args.next().as_deref() {
+        None => false,
+        Some("fp16") => true,
+        Some(other) => panic!("the third argument is `fp16` or nothing, not {other:?}"),
+    };
     let job = LocalJob::start(workers as u32, Duration::from_secs(60)).expect("scheduler");
     let mut vars: Vec<(String, String)> = std::env::vars().collect();
     vars.extend(job.worker_options().clone());
@@ -28,6 +35,10 @@ fn main() {
                 let config = config.clone();
                 s.spawn(move || {
                     let kv = HorovodStore::connect("horovod", &config).expect("worker");
+                    if fp16 {
+                        let params = CompressionParams::from([("type".into(), "fp16".into())]);
+                        kv.set_gradient_compression(&params).expect("fp16");
+                    }
                     let keys: Vec<i32> = (0..TENSORS as i32).collect();
                     let grads: Vec<NDArray> = (0..TENSORS)
                         .map(|_| NDArray::full(&[ELEMENTS], kv.rank() as f64 + 1.0, DType::F32))
@@ -59,20 +70,22 @@ fn main() {
             .collect()
     });
     job.finish().expect("job");
-    let theory = 2.0 * (workers - 1) as f64 / workers as f64 * model_bytes;
+    let wire_bytes = if fp16 { model_bytes / 2.0 } else { model_bytes };
+    let theory = 2.0 * (workers - 1) as f64 / workers as f64 * wire_bytes;
     println!(
         "{workers} workers, {TENSORS} tensors x {} MB = {:.0} MB model, {steps} steps, fusion \
-         threshold {} bytes",
+         threshold {} bytes{}",
         ELEMENTS * 4 / 1_000_000,
         model_bytes / 1e6,
-        config.fusion_threshold
+        config.fusion_threshold,
+        if fp16 { ", fp16 compression" } else { "" }
     );
     for (rank, mut times, sent) in results {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         println!(
             "rank {rank}: median step {:.1} ms (min {:.1}), {:.0} MB/s of model; sent {} bytes \
-             per step = {:.4} x the ring's 2(n-1)/n of the model ({:.0} bytes)",
+             per step = {:.4} x the ring's 2(n-1)/n of the model on the wire ({:.0} bytes)",
             median * 1e3,
             times[0] * 1e3,
             model_bytes / median / 1e6,

@@ -27,11 +27,13 @@
 //! | `broadcast` | rank 0's value into every output, on every worker (`hvd.broadcast(root_rank=0)`) |
 //! | `barrier` | every worker (the scheduler's barrier) |
 //! | `rank`, `num_workers` | the worker's rank and the number of workers (`hvd.rank()`, `hvd.size()`) |
-//! | `init`, `push`, `pull`, `set_optimizer`, `set_updater`, optimizer states, gradient compression, row-sparse pull, commands to servers | [`Error::Unsupported`](kvstore_base::Error::Unsupported): the store keeps no values and runs no optimizer |
+//! | `set_gradient_compression` | Horovod's `Compression.fp16` (`{"type": "fp16"}`; `{"type": "none"}` turns it off): every later `pushpull` sends its `float32`, `float64` and `bfloat16` gradients through the ring as `float16`, summed in `float16` (each addition rounded, as Horovod's), and casts the result into the outputs' dtype; half the bytes of `float32` on the ring. Every worker must set the same (a key sent as `float16` by some workers only fails, naming its dtypes). MXNet's `2bit` and `1bit` are [`Error::Unsupported`](kvstore_base::Error::Unsupported) (their codes are summed by servers that dequantise); `broadcast` is never compressed |
+//! | `init`, `push`, `pull`, `set_optimizer`, `set_updater`, optimizer states, row-sparse pull, commands to servers | [`Error::Unsupported`](kvstore_base::Error::Unsupported): the store keeps no values and runs no optimizer |
 //!
-//! `is_capable` is true for [`Capability::Distributed`] only (MXNet's horovod store says false
-//! to everything, and its `set_optimizer` silently does nothing; here it is an error, so that a
-//! caller never believes an optimizer runs). Priorities are accepted and ignored.
+//! `is_capable` is true for [`Capability::Distributed`] only (`gradient_compression` stays
+//! false: it means MXNet's codecs). MXNet's horovod store says false to everything, and its
+//! `set_optimizer` silently does nothing; here it is an error, so that a caller never believes
+//! an optimizer runs. Priorities are accepted and ignored.
 //!
 //! ## How Horovod's features map
 //!
@@ -77,8 +79,10 @@
 //! ## Deviations from Horovod
 //!
 //! - No MPI, NCCL or Gloo: a TCP ring between the workers' advertised addresses, on CPU
-//!   memory. No hierarchical all-reduce, no response cache, no autotuning, no fp16
-//!   compression, no Adasum, allgather or alltoall.
+//!   memory. No hierarchical all-reduce, no response cache, no autotuning, no Adasum,
+//!   allgather or alltoall.
+//! - fp16 compression is a setting of the store (`set_gradient_compression`), where Horovod
+//!   takes it as an argument of its `DistributedTrainer`; the cast happens inside the store.
 //! - No background thread: the calling threads lead the cycles themselves, one at a time, so
 //!   an idle worker sends nothing. Instead of a message exchange every cycle, a worker with
 //!   tensors in flight keeps one submission held at rank 0, answered as soon as groups or

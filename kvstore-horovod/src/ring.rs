@@ -101,7 +101,7 @@ pub(crate) fn add_bytes(dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<(), 
     match dtype {
         DType::F32 => lanes!(f32, |a, b| a + b),
         DType::F64 => lanes!(f64, |a, b| a + b),
-        DType::F16 => lanes!(f16, |a, b| f16::from_f32(a.to_f32() + b.to_f32())),
+        DType::F16 => add_f16_bytes(dst, src),
         DType::BF16 => lanes!(bf16, |a, b| bf16::from_f32(a.to_f32() + b.to_f32())),
         DType::I32 => lanes!(i32, |a, b| a.wrapping_add(b)),
         DType::I64 => lanes!(i64, |a, b| a.wrapping_add(b)),
@@ -109,6 +109,34 @@ pub(crate) fn add_bytes(dtype: DType, dst: &mut [u8], src: &[u8]) -> Result<(), 
         other => return Err(format!("{other} cannot be summed by the horovod store")),
     }
     Ok(())
+}
+
+/// `dst += src` of `float16` elements (same length, even), each sum rounded through `f32` as
+/// alone, a block at a time so that the conversions use the CPU's instructions (F16C) where it
+/// has them: a ring under fp16 compression adds float16 chunks at every step.
+fn add_f16_bytes(dst: &mut [u8], src: &[u8]) {
+    use half::slice::HalfFloatSliceExt;
+    const BLOCK: usize = 64;
+    let mut halves = [f16::ZERO; BLOCK];
+    let (mut sums, mut addends) = ([0f32; BLOCK], [0f32; BLOCK]);
+    for (d, s) in dst.chunks_mut(2 * BLOCK).zip(src.chunks(2 * BLOCK)) {
+        let n = d.len() / 2;
+        let read = |bytes: &[u8], halves: &mut [f16; BLOCK], out: &mut [f32]| {
+            for (h, b) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+                *h = f16::from_ne_bytes([b[0], b[1]]);
+            }
+            halves[..n].convert_to_f32_slice(out);
+        };
+        read(d, &mut halves, &mut sums[..n]);
+        read(s, &mut halves, &mut addends[..n]);
+        for (x, y) in sums[..n].iter_mut().zip(&addends[..n]) {
+            *x += *y;
+        }
+        halves[..n].convert_from_f32_slice(&sums[..n]);
+        for (b, h) in d.chunks_exact_mut(2).zip(&halves[..n]) {
+            b.copy_from_slice(&h.to_ne_bytes());
+        }
+    }
 }
 
 /// The byte range of chunk `c` of a buffer of `elements` elements of `size` bytes in `n` chunks.
@@ -432,5 +460,28 @@ mod tests {
         add_bytes(DType::F16, &mut h, &f16::from_f32(0.5).to_ne_bytes()).unwrap();
         assert_eq!(f16::from_ne_bytes(h[..].try_into().unwrap()).to_f32(), 1.5);
         assert!(add_bytes(DType::I32, &mut [0u8; 4], &[0u8; 8]).is_err());
+    }
+
+    #[test]
+    fn float16_chunks_add_as_element_by_element_rounding() {
+        // 300 elements: whole blocks and a tail; ties, overflow, subnormals, NaN.
+        let a: Vec<f16> = (0..300)
+            .map(|i| f16::from_f32((i as f32 * 0.731).sin() * 40000.0))
+            .chain([f16::from_f32(2048.0), f16::MAX, f16::from_bits(1), f16::NAN])
+            .collect();
+        let b: Vec<f16> = (0..300)
+            .map(|i| f16::from_f32((i as f32 * 1.37).cos() * 30000.0))
+            .chain([f16::from_f32(1.0), f16::MAX, f16::from_bits(1), f16::ONE])
+            .collect();
+        let bytes = |v: &[f16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_ne_bytes()).collect() };
+        let mut sum = bytes(&a);
+        add_bytes(DType::F16, &mut sum, &bytes(&b)).unwrap();
+        let expected: Vec<f16> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f16::from_f32(x.to_f32() + y.to_f32()))
+            .collect();
+        let expected = bytes(&expected);
+        assert_eq!(sum, expected);
     }
 }

@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 
 use kvstore_base::{
     with_in_place_sums_on_host, with_outs_fanned_out, with_values_on_host,
-    with_values_summed_on_host, Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues,
-    NDArray, Result, StorageType,
+    with_values_summed_on_host, Capability, CompressionParams, Error, KVStoreBase, Key, KeyedOuts,
+    KeyedValues, NDArray, Result, StorageType,
 };
+use kvstore_compression::WireCast;
 use kvstore_dist::protocol::{Mode, CMD_BYE, CMD_HELLO};
 use kvstore_dist::transport::{
     Connection, Handler, Outgoing, Pending, Request, Responder, Response, Server, TransportError,
@@ -229,6 +230,9 @@ pub struct HorovodStore {
     node: Mutex<Option<Node>>,
     /// How a key's per-device values are summed before the all-reduce.
     reduce: ReduceConfig,
+    /// How floating-point gradients cross the ring (`set_gradient_compression`: Horovod's
+    /// `Compression.fp16`).
+    wire: Mutex<WireCast>,
 }
 
 impl std::fmt::Debug for HorovodStore {
@@ -337,6 +341,7 @@ impl HorovodStore {
             monitor,
             node: Mutex::new(Some(node)),
             reduce: ReduceConfig::from_env(),
+            wire: Mutex::new(WireCast::None),
         })
     }
 
@@ -743,9 +748,11 @@ impl HorovodStore {
     }
 
     /// The all-reduce of a checked pushpull on host arrays: each key's values summed (MXNet's
-    /// order), one tensor per key through the ring, the results into the outputs.
+    /// order), one tensor per key through the ring (as float16 under fp16 compression), the
+    /// results into the outputs (cast back to their dtype).
     fn allreduce(&self, values: &KeyedValues<'_>, outs: &mut KeyedOuts<'_>) -> Result<()> {
         let operation = "pushpull";
+        let wire = *lock(&self.wire);
         let mut groups = values.groups();
         groups.sort_by(|a, b| a.key.cmp(&b.key));
         let mut tensors = Vec::with_capacity(groups.len());
@@ -757,6 +764,7 @@ impl HorovodStore {
                     reduce::sum_values(&arrays, &self.reduce, false)
                 }
             };
+            let sum = wire.compress(sum);
             tensors.push(Local {
                 key: g.key.clone(),
                 request: TensorRequest {
@@ -915,6 +923,20 @@ impl KVStoreBase for HorovodStore {
         with_values_on_host(values, |values| {
             with_outs_fanned_out(operation, outs, |outs| self.broadcast_checked(values, outs))
         })
+    }
+
+    /// Horovod's `Compression.fp16` (`{"type": "fp16"}`; `{"type": "none"}` turns it off):
+    /// every later `pushpull` sends its floating-point gradients through the ring as float16,
+    /// summed in float16, and casts the result into the outputs' dtype. Every worker must set
+    /// the same: a key sent as float16 by some workers and not by others fails, naming its
+    /// dtypes. `broadcast` is never compressed.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for MXNet's `2bit` and `1bit`; [`Error::InvalidArgument`] for
+    /// anything else (see [`WireCast::from_params`]).
+    fn set_gradient_compression(&self, params: &CompressionParams) -> Result<()> {
+        *lock(&self.wire) = WireCast::from_params(&self.name, params)?;
+        Ok(())
     }
 
     fn barrier(&self) -> Result<()> {

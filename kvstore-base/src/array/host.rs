@@ -116,11 +116,20 @@ impl HostArray {
         if self.dtype() == dtype {
             return self.clone();
         }
+        if is_half_pair(dtype, self) {
+            let mut out = HostArray::full(self.shape(), 0.0, dtype);
+            if convert_half(&mut out, self) {
+                return out;
+            }
+        }
         with_host!(self, a => with_dtype!(dtype, T => T::wrap(a.mapv(|x| T::from_f64(x.to_f64())))))
     }
 
     /// Overwrites every element with the matching element of `src` (same shape), casting.
     pub(crate) fn assign_cast(&mut self, src: &HostArray) {
+        if convert_half(self, src) {
+            return;
+        }
         with_host!(self, dst => assign_typed(dst, src))
     }
 
@@ -132,6 +141,39 @@ impl HostArray {
     /// Whether every element is zero.
     pub(crate) fn row_is_zero(&self, row: usize) -> bool {
         with_host!(self, a => a.index_axis(ndarray::Axis(0), row).iter().all(|x| x.to_f64() == 0.0))
+    }
+}
+
+/// Whether converting `src` to `dtype` is between `float32` and `float16`.
+fn is_half_pair(dtype: DType, src: &HostArray) -> bool {
+    matches!(
+        (dtype, src),
+        (DType::F16, HostArray::F32(_)) | (DType::F32, HostArray::F16(_))
+    )
+}
+
+/// Converts `src` into `dst` (same shape) when one is `float32` and the other `float16` and
+/// both are contiguous, a block of elements at a time (the CPU's conversion instructions where
+/// it has them): the same values as converting each element, rounded to nearest, ties to
+/// even. Returns false, writing nothing, for any other pair or layout.
+fn convert_half(dst: &mut HostArray, src: &HostArray) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    match (dst, src) {
+        (HostArray::F16(d), HostArray::F32(s)) => match (d.as_slice_mut(), s.as_slice()) {
+            (Some(d), Some(s)) if d.len() == s.len() => {
+                d.convert_from_f32_slice(s);
+                true
+            }
+            _ => false,
+        },
+        (HostArray::F32(d), HostArray::F16(s)) => match (d.as_slice_mut(), s.as_slice()) {
+            (Some(d), Some(s)) if d.len() == s.len() => {
+                s.convert_to_f32_slice(d);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 

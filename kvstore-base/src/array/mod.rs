@@ -1191,6 +1191,67 @@ mod tests {
     }
 
     #[test]
+    fn float32_and_float16_convert_as_element_by_element_whatever_the_layout() {
+        // Ties, subnormals, overflow, signed zeros, infinities and NaN, and enough elements
+        // that the block conversion's tail is exercised too.
+        let mut values = vec![
+            2049.0f32,
+            2051.0,
+            1e-8,
+            6.0e-8,
+            -3.0e-5,
+            65519.0,
+            65520.0,
+            -1e6,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        values.extend((0..1000).map(|i| (i as f32 * 0.377).sin() * 1000.0));
+        let n = values.len();
+        let expected: Vec<f16> = values
+            .iter()
+            .map(|&x| f16::from_f64(f64::from(x)))
+            .collect();
+        let a = NDArray::from_vec(&[n], values.clone()).unwrap();
+        let bits = |v: Vec<f16>| v.iter().map(|x| x.to_bits()).collect::<Vec<u16>>();
+
+        let cast = a.astype(DType::F16).to_vec::<f16>().unwrap();
+        assert_eq!(bits(cast), bits(expected.clone()));
+        let mut assigned = NDArray::zeros(&[n], DType::F16);
+        assigned.assign(&a).unwrap();
+        assert_eq!(
+            bits(assigned.to_vec::<f16>().unwrap()),
+            bits(expected.clone())
+        );
+
+        let halves = NDArray::from_vec(&[n], expected.clone()).unwrap();
+        let back: Vec<u32> = halves
+            .astype(DType::F32)
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        let wanted: Vec<u32> = expected.iter().map(|x| x.to_f32().to_bits()).collect();
+        assert_eq!(back, wanted);
+
+        // A transposed (not contiguous) source takes the element-by-element path: same values.
+        let square = ndarray::Array::from_shape_vec((2, 3), values[..6].to_vec()).unwrap();
+        let t = NDArray::from_host(HostArray::F32(square.reversed_axes().into_dyn()));
+        assert!(t.as_bytes().is_none(), "not contiguous");
+        let mut out = NDArray::zeros(&[3, 2], DType::F16);
+        out.assign(&t).unwrap();
+        let want: Vec<f16> = [0, 3, 1, 4, 2, 5]
+            .iter()
+            .map(|&i| f16::from_f64(f64::from(values[i])))
+            .collect();
+        assert_eq!(bits(out.to_vec::<f16>().unwrap()), bits(want));
+    }
+
+    #[test]
     fn add_assign_rejects_mismatches_without_writing() {
         let mut a = NDArray::ones(&[2, 2], DType::F32);
         let b = NDArray::ones(&[2, 2], DType::F64);
