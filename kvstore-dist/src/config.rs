@@ -20,7 +20,7 @@
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
 //! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for, and a request unanswered that long by the node that sent it, naming the peer (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
-//! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer |
+//! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer (at least 1024); set it alike on every node: a node never sends a bigger one (the call is refused before anything of it is sent, naming the key, or the optimizer states), and batches of small keys are cut to fit |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |

@@ -249,6 +249,16 @@ impl Connection {
         what: &str,
         buf: Option<Vec<u8>>,
     ) -> Result<Pending, TransportError> {
+        if out.payload.len() as u64 > self.config.max_message_bytes {
+            // The peer would refuse it and close the connection: refused here instead, so
+            // that the error names the request and the connection stays usable.
+            return Err(TransportError::TooLarge {
+                peer: self.shared.peer(),
+                what: what.to_string(),
+                len: out.payload.len() as u64,
+                max: self.config.max_message_bytes,
+            });
+        }
         let request_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         {

@@ -72,6 +72,24 @@ pub enum TransportError {
         /// What was wrong.
         reason: String,
     },
+    /// A message this node was to send is over the largest message a node of the job accepts
+    /// ([`TransportConfig::max_message_bytes`](super::TransportConfig::max_message_bytes),
+    /// `KVSTORE_MAX_MESSAGE_BYTES`): it was not sent, and the connection stays usable.
+    #[error(
+        "{what} for {peer} would be a message of {len} bytes, over the largest message a node \
+         accepts, {max} bytes (KVSTORE_MAX_MESSAGE_BYTES): not sent; set KVSTORE_MAX_MESSAGE_BYTES \
+         higher on every node of the job"
+    )]
+    TooLarge {
+        /// The peer.
+        peer: String,
+        /// The caller's description of the message (e.g. `push of key 3`).
+        what: String,
+        /// The payload's length in bytes.
+        len: u64,
+        /// The configured maximum.
+        max: u64,
+    },
     /// The shared-secret handshake that opens a connection failed: the peer does not know the
     /// job's secret, has none, or broke off (see [`auth`](super::auth)).
     #[error("authentication with {peer} failed: {reason}")]

@@ -78,6 +78,8 @@ pub struct Responder {
     request_id: u64,
     peer: String,
     node_id: u32,
+    /// The largest payload a peer accepts (this server's own limit, the job's setting).
+    max_payload: u64,
     answered: bool,
 }
 
@@ -96,9 +98,24 @@ impl Responder {
         self.request_id
     }
 
-    /// Sends the response (zero-copy from `out.payload`).
+    /// Sends the response (zero-copy from `out.payload`). A payload over the largest message
+    /// a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`, which the client would refuse, closing the
+    /// connection) is not sent: the client gets an error saying so instead, and this returns
+    /// [`TransportError::TooLarge`].
     pub fn respond(mut self, out: Outgoing<'_>) -> Result<(), TransportError> {
         self.answered = true;
+        let len = out.payload.len() as u64;
+        if len > self.max_payload {
+            let too_large = TransportError::TooLarge {
+                peer: self.peer.clone(),
+                what: format!("the answer to request {}", self.request_id),
+                len,
+                max: self.max_payload,
+            };
+            let message = too_large.to_string();
+            self.send(MessageKind::Error, Outgoing::new(0, message.as_bytes()))?;
+            return Err(too_large);
+        }
         self.send(MessageKind::Response, out)
     }
 
@@ -407,6 +424,7 @@ fn serve_requests(
                         request_id: u64::from_le_bytes(id),
                         peer: peer_name(peer, *node),
                         node_id: config.node_id,
+                        max_payload: config.max_message_bytes,
                         answered: false,
                     };
                     let _ = responder.respond_error(&e.to_string());
@@ -438,6 +456,7 @@ fn serve_requests(
             request_id: header.request_id,
             peer: peer_name(peer, *node),
             node_id: config.node_id,
+            max_payload: config.max_message_bytes,
             answered: false,
         };
         if header.command == CMD_AUTH {

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvstore_base::{Error, NDArray, Result, StorageType};
+use kvstore_base::{Error, Key, NDArray, Result, StorageType};
 
 use super::keys::KeyMeta;
 use super::shm_link::Lease;
@@ -88,6 +88,48 @@ impl<'d> Parts<'_, 'd> {
                 data[i][part].len().max(if receive { value } else { 0 })
             }
             _ => value,
+        }
+    }
+}
+
+/// How parts are grouped into [`CMD_BATCH`](protocol::CMD_BATCH) messages: the protocol's
+/// sizes, made smaller when the largest message a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`,
+/// 1 KiB at the least) is, so that no batch (nor its answer) is ever over it.
+struct BatchLimits {
+    /// Parts bigger than this go alone.
+    item: usize,
+    /// A batch is closed once its parts' bytes reach this.
+    batch: usize,
+    /// A batch never grows past this many bytes of message (see [`BatchLimits::cost`]).
+    message: usize,
+}
+
+impl BatchLimits {
+    /// What an init's key description adds to an item at most, besides a string key's text
+    /// (its `InitMeta`: 25 bytes and the key as text, an integer's at most 20 digits).
+    const ITEM_EXTRA: usize = 64;
+
+    fn new(max_message_bytes: u64) -> BatchLimits {
+        let max = usize::try_from(max_message_bytes).unwrap_or(usize::MAX);
+        BatchLimits {
+            item: protocol::BATCH_ITEM_BYTES.min(max / 4),
+            batch: protocol::BATCH_BYTES.min(max / 2),
+            // The batch's own count (4 bytes) kept out.
+            message: max.saturating_sub(4),
+        }
+    }
+
+    /// The most one part of `size` bytes of `key` adds to a batch message: its bytes, its
+    /// table entry and an init's key description.
+    fn cost(size: usize, key: &Key) -> usize {
+        size + protocol::BATCH_ITEM_LEN + Self::ITEM_EXTRA + Self::key_text(key)
+    }
+
+    /// The bytes of a string key's text (an integer key's fit in [`Self::ITEM_EXTRA`]).
+    fn key_text(key: &Key) -> usize {
+        match key {
+            Key::Str(s) => s.len(),
+            Key::Int(_) => 0,
         }
     }
 }
@@ -205,19 +247,21 @@ impl DistStore {
             parts,
             extra_flags,
         };
+        self.check_message_sizes(&call)?;
+        let limits = BatchLimits::new(self.max_message_bytes);
         let mut sent: Vec<(Sent, Pending)> = Vec::new();
         // Calls go out on the wire in priority order; answers are awaited outside the gate.
         let pass = self.send_gate.enter(priority);
         for server in 0..self.servers.len() {
             let mut batch: Vec<(usize, usize)> = Vec::new();
-            let mut batch_bytes = 0;
+            let (mut batch_bytes, mut batch_message) = (0, 0);
             for (i, meta) in metas.iter().enumerate() {
                 for (part, p) in meta.parts.iter().enumerate() {
                     if p.server != server {
                         continue;
                     }
                     let size = parts.size(metas, i, part, receive);
-                    if size > protocol::BATCH_ITEM_BYTES {
+                    if size > limits.item {
                         let what = format!("{operation} of key {}", meta.key);
                         let payload = parts.bytes(metas, i, part);
                         let flags = parts.flags(i);
@@ -227,14 +271,19 @@ impl DistStore {
                         sent.push((Sent::One { meta: i, part, shm }, pending));
                         continue;
                     }
-                    batch.push((i, part));
-                    batch_bytes += size;
-                    if batch_bytes >= protocol::BATCH_BYTES
-                        || batch.len() >= protocol::BATCH_MAX_ITEMS
-                    {
+                    let cost = BatchLimits::cost(size, &meta.key);
+                    if !batch.is_empty() && batch_message + cost > limits.message {
                         let items = std::mem::take(&mut batch);
                         sent.push(self.send_batch(&call, server, items)?);
-                        batch_bytes = 0;
+                        (batch_bytes, batch_message) = (0, 0);
+                    }
+                    batch.push((i, part));
+                    batch_bytes += size;
+                    batch_message += cost;
+                    if batch_bytes >= limits.batch || batch.len() >= protocol::BATCH_MAX_ITEMS {
+                        let items = std::mem::take(&mut batch);
+                        sent.push(self.send_batch(&call, server, items)?);
+                        (batch_bytes, batch_message) = (0, 0);
                     }
                 }
             }
@@ -349,6 +398,37 @@ impl DistStore {
             return Err(e);
         }
         Ok(receive.then_some(answers))
+    }
+
+    /// Refuses the call, before it sends anything, when one of its parts would be a message
+    /// over the largest a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`), pushed or answered: the
+    /// server would refuse it and close the connection, and the parts sent before it would
+    /// leave the servers' round half-pushed. (Inits always travel over TCP, and a key's pushes
+    /// and pulls are no bigger than its init, so shared memory never needs to be counted.)
+    fn check_message_sizes(&self, call: &Call<'_, '_>) -> Result<()> {
+        let max = self.max_message_bytes;
+        let receive = answers_data(call.command);
+        for (i, meta) in call.metas.iter().enumerate() {
+            for (part, p) in meta.parts.iter().enumerate() {
+                let size = call.parts.size(call.metas, i, part, receive) as u64;
+                // An init's message also carries the key's description.
+                let extra = BatchLimits::ITEM_EXTRA + BatchLimits::key_text(&meta.key);
+                if size + extra as u64 <= max {
+                    continue;
+                }
+                return Err(self.at(call.operation, &meta.key)(Error::InvalidArgument(
+                    format!(
+                    "part {part} of the key (for server {}) would be a message of {size} bytes, \
+                     over the largest message a node accepts, {max} bytes \
+                     (KVSTORE_MAX_MESSAGE_BYTES): nothing of the call was sent; set \
+                     KVSTORE_MAX_MESSAGE_BYTES higher on every node of the job, or \
+                     MXNET_KVSTORE_BIGARRAY_BOUND lower to cut big keys across more servers",
+                    p.server
+                ),
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Sends one big part (of `meta`, with its key's `flags`) in a message of its own:

@@ -101,6 +101,9 @@ pub struct DistStore {
     loads: std::sync::atomic::AtomicU64,
     /// The job's timeout (`KVSTORE_TIMEOUT_SECS`), for waits outside the transport.
     timeout: Duration,
+    /// The largest message a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`): a call that would
+    /// send a bigger one over TCP is refused before it sends anything.
+    max_message_bytes: u64,
     /// This worker took the place of a lost worker (MXNet's `is_recovery`): its inits keep the
     /// servers' values, and its `set_optimizer` / `set_gradient_compression` keep the servers'
     /// settings without a barrier.
@@ -267,6 +270,7 @@ impl DistStore {
             device_comm: name.contains("device"),
             loads: std::sync::atomic::AtomicU64::new(0),
             timeout: config.timeout,
+            max_message_bytes: config.max_message_bytes,
             recovered,
             row_sparse_verbose: config.row_sparse_verbose,
         })

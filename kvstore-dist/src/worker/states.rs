@@ -13,7 +13,9 @@
 //! Loads are numbered alike on every worker: a worker never reads another load's outcome.
 //!
 //! Each server's file travels in one message (at most `KVSTORE_MAX_MESSAGE_BYTES`, 4 GiB by
-//! default).
+//! default): a server whose share is bigger answers a save with an error saying so, and a load
+//! with such a share is refused before any server is sent its part; the connections stay
+//! usable either way.
 
 use std::path::Path;
 
@@ -168,6 +170,19 @@ impl DistStore {
             source,
         })?;
         let files = sliced::split(&bytes, &self.layout(), self.servers.len())?;
+        // A share over the largest message would reach its server after the others loaded:
+        // refused before any is sent.
+        let max = self.max_message_bytes;
+        if let Some((server, file)) = files.iter().enumerate().find(|(_, f)| f.len() as u64 > max) {
+            return Err(Error::InvalidArgument(format!(
+                "{}: {operation}: server {server}'s share of the states would be a message of \
+                 {} bytes, over the largest message a node accepts, {max} bytes \
+                 (KVSTORE_MAX_MESSAGE_BYTES): nothing was loaded; set KVSTORE_MAX_MESSAGE_BYTES \
+                 higher on every node of the job",
+                self.name,
+                file.len()
+            )));
+        }
         let outcomes = self.to_each_server(protocol::CMD_LOAD_STATES, 0, |s| &files[s], operation);
         // Whether each server loaded: yes, no, or unknown (not awaited, or timed out: it may
         // still load).
