@@ -108,6 +108,8 @@ fn workers_that_disagree_fail_naming_the_key_and_the_dtypes() {
             .pushpull("w", &NDArray::ones(&[3], DType::F32), &mut out)
             .unwrap_err();
         assert_eq!(out.to_f64_vec(), vec![0.0; 3], "no output written");
+        // Nobody leaves before both have their answer.
+        kv.barrier().unwrap();
         chain(&e)
     });
     for e in errors {
