@@ -132,9 +132,28 @@ pub trait Element:
     fn add(self, other: Self) -> Self;
     /// Converts to `f64` (exact for every type but `i64` beyond 2^53).
     fn to_f64(self) -> f64;
-    /// Converts from `f64` with MXNet's cast semantics (round to nearest for floats,
-    /// truncation toward zero with saturation for integers).
+    /// Converts from `f64` with MXNet's cast semantics (round to nearest for floats, half
+    /// types through `f32` as mshadow's do; truncation toward zero with saturation for
+    /// integers).
     fn from_f64(value: f64) -> Self;
+    /// Whether this is an integer type.
+    const INTEGER: bool;
+    /// The value as `i64`: exact for the integer types (floats truncate toward zero).
+    fn to_i64(self) -> i64;
+    /// `value` narrowed as C's `static_cast` between integers does (MXNet's): the low bits
+    /// kept, so `300` becomes `44` as `uint8` (for floats: the nearest value).
+    fn from_i64_wrapping(value: i64) -> Self;
+    /// `value` converted to this type as MXNet's `astype` converts it: integer to integer
+    /// wrapping ([`from_i64_wrapping`](Element::from_i64_wrapping)), anything else through
+    /// `f64` ([`from_f64`](Element::from_f64)).
+    #[inline(always)]
+    fn cast_from<S: Element>(value: S) -> Self {
+        if Self::INTEGER && S::INTEGER {
+            Self::from_i64_wrapping(value.to_i64())
+        } else {
+            Self::from_f64(value.to_f64())
+        }
+    }
 }
 
 macro_rules! float_element {
@@ -152,6 +171,15 @@ macro_rules! float_element {
             }
             #[inline(always)]
             fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            const INTEGER: bool = false;
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+            #[inline(always)]
+            fn from_i64_wrapping(value: i64) -> Self {
                 value as $t
             }
         }
@@ -173,9 +201,22 @@ macro_rules! half_element {
             fn to_f64(self) -> f64 {
                 <$t>::to_f64(self)
             }
+            /// Through `f32`, as mshadow's half types convert a `double` (an `f64` between two
+            /// of this type's values may round twice, as in MXNet); an `f32` (every value of
+            /// the other types an array holds but `f64` and big integers) rounds once,
+            /// correctly, on every CPU.
             #[inline(always)]
             fn from_f64(value: f64) -> Self {
-                <$t>::from_f64(value)
+                <$t>::from_f32(value as f32)
+            }
+            const INTEGER: bool = false;
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                self.to_f32() as i64
+            }
+            #[inline(always)]
+            fn from_i64_wrapping(value: i64) -> Self {
+                <$t>::from_f32(value as f32)
             }
         }
     };
@@ -198,6 +239,15 @@ macro_rules! int_element {
             }
             #[inline(always)]
             fn from_f64(value: f64) -> Self {
+                value as $t
+            }
+            const INTEGER: bool = true;
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                self as i64
+            }
+            #[inline(always)]
+            fn from_i64_wrapping(value: i64) -> Self {
                 value as $t
             }
         }

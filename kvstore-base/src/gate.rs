@@ -17,6 +17,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
 
 /// A lock whose waiters enter in priority order.
 #[derive(Debug, Default)]
@@ -28,6 +29,8 @@ pub struct PriorityGate {
 #[derive(Debug, Default)]
 struct GateState {
     busy: bool,
+    /// The thread inside, while one is.
+    holder: Option<ThreadId>,
     next_ticket: u64,
     waiting: BinaryHeap<(i32, Reverse<u64>)>,
 }
@@ -49,6 +52,7 @@ impl PriorityGate {
         let mut state = self.lock();
         if !state.busy && state.waiting.is_empty() {
             state.busy = true;
+            state.holder = Some(std::thread::current().id());
             return GatePass { gate: self };
         }
         let ticket = (priority, Reverse(state.next_ticket));
@@ -62,10 +66,17 @@ impl PriorityGate {
         }
         state.waiting.pop();
         state.busy = true;
+        state.holder = Some(std::thread::current().id());
         GatePass { gate: self }
     }
 
-    /// Number of callers waiting to enter.
+    /// Whether the calling thread is inside: its [`enter`](PriorityGate::enter) would wait for
+    /// itself forever (a store called from a callback it runs while inside, such as its
+    /// updater).
+    pub fn held_by_current_thread(&self) -> bool {
+        self.lock().holder == Some(std::thread::current().id())
+    }
+
     /// Number of callers waiting to enter.
     pub fn waiting(&self) -> usize {
         self.lock().waiting.len()
@@ -74,7 +85,10 @@ impl PriorityGate {
 
 impl Drop for GatePass<'_> {
     fn drop(&mut self) {
-        self.gate.lock().busy = false;
+        let mut state = self.gate.lock();
+        state.busy = false;
+        state.holder = None;
+        drop(state);
         self.gate.turn.notify_all();
     }
 }
@@ -109,5 +123,19 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec![4, 1, 3, 0, 2]);
+    }
+
+    #[test]
+    fn the_thread_inside_is_known() {
+        let gate = Arc::new(PriorityGate::default());
+        assert!(!gate.held_by_current_thread());
+        let pass = gate.enter(0);
+        assert!(gate.held_by_current_thread());
+        let other = Arc::clone(&gate);
+        assert!(!std::thread::spawn(move || other.held_by_current_thread())
+            .join()
+            .unwrap());
+        drop(pass);
+        assert!(!gate.held_by_current_thread());
     }
 }

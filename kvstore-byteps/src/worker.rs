@@ -345,6 +345,13 @@ impl BytePsStore {
     /// # Errors
     /// [`Error::Backend`] when joining, connecting or saying hello fails or times out.
     pub fn connect(name: &str, dist: &DistConfig, config: BytePsConfig) -> Result<BytePsStore> {
+        let partition = u64::try_from(config.partition_bytes).unwrap_or(u64::MAX);
+        dist.require_max_message_bytes(
+            name,
+            (16 << 20).max(partition.saturating_add(4096)),
+            "a partition (BYTEPS_PARTITION_BYTES) travels in one message, and small ones in \
+             batches of 1 MiB",
+        )?;
         let mut dist = dist.clone();
         dist.role = Role::Worker;
         let node = Node::join(&dist).map_err(|e| backend(name, e))?;

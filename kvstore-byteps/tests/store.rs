@@ -343,3 +343,33 @@ fn a_refused_broadcast_declares_no_key() {
         );
     }
 }
+
+#[test]
+fn a_message_limit_below_a_partition_is_refused_before_joining() {
+    // No scheduler listens: the refusal comes first, at once.
+    let options = [
+        ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+        ("DMLC_PS_ROOT_PORT", "9"),
+        ("DMLC_NUM_SERVER", "1"),
+        ("DMLC_NUM_WORKER", "1"),
+        ("KVSTORE_MAX_MESSAGE_BYTES", "8388608"),
+        ("BYTEPS_PARTITION_BYTES", "33554432"),
+    ];
+    let started = std::time::Instant::now();
+    let e = kvstore_base::create_with(
+        "byteps",
+        options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("KVSTORE_MAX_MESSAGE_BYTES is 8388608 bytes")
+            && text.contains("33558528")
+            && text.contains("BYTEPS_PARTITION_BYTES"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

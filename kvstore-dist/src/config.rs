@@ -20,7 +20,7 @@
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
 //! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for, and a request unanswered that long by the node that sent it, naming the peer (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
-//! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer (at least 1024); set it alike on every node: a node never sends a bigger one (the call is refused before anything of it is sent, naming the key, or the optimizer states), and batches of small keys are cut to fit |
+//! | `KVSTORE_MAX_MESSAGE_BYTES` | `max_message_bytes` | 4 GiB | largest message accepted from a peer (at least 1024); set it alike on every node: a node never sends a bigger one (the call is refused before anything of it is sent, naming the key, or the optimizer states), and batches of small keys are cut to fit; `horovod` and `byteps` need at least 16 MiB (and `byteps` a partition plus 4 KiB), and refuse less before joining |
 //! | `KVSTORE_SHM` | `shm` | 1 | 1: a worker moves big parts through shared memory with the servers of its host; 0: TCP only |
 //! | `KVSTORE_SHM_BYTES` | `shm_bytes` | 256 MiB | size of the (sparse) region per worker-server connection, at least 1 MiB |
 //! | `KVSTORE_SHM_DIR` | `shm_dir` | `/dev/shm` | directory of the region files (unlinked once both ends mapped them) |
@@ -458,7 +458,7 @@ impl DistConfig {
     ///     ("DMLC_ROLE", "scheduler"),
     ///     ("DMLC_PS_ROOT_URI", "127.0.0.1"),
     ///     ("DMLC_PS_ROOT_PORT", "9091"),
-    ///     ("DMLC_NUM_SERVER", "0"),
+    ///     ("DMLC_NUM_SERVER", "1"),
     ///     ("DMLC_NUM_WORKER", "2"),
     /// ];
     /// let c = DistConfig::scheduler_from_vars_and_file(vars, &DistFile::default()).unwrap();
@@ -746,6 +746,43 @@ impl DistConfig {
         } else {
             format!("{}:{}", self.root_uri, self.root_port)
         }
+    }
+
+    /// Refuses a `KVSTORE_MAX_MESSAGE_BYTES` below `needed`, for a store (`store`) whose
+    /// messages cannot be cut to fit a smaller one (`why` says which), before it joins a job.
+    ///
+    /// # Errors
+    /// [`kvstore_base::Error::InvalidArgument`] naming the store, the setting, what it needs
+    /// and why.
+    ///
+    /// # Example
+    /// ```
+    /// let config = kvstore_dist::DistConfig::from_vars([
+    ///     ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+    ///     ("DMLC_PS_ROOT_PORT", "9091"),
+    ///     ("DMLC_NUM_SERVER", "1"),
+    ///     ("DMLC_NUM_WORKER", "2"),
+    ///     ("KVSTORE_MAX_MESSAGE_BYTES", "1048576"),
+    /// ])
+    /// .unwrap();
+    /// let e = config.require_max_message_bytes("horovod", 16 << 20, "its ring").unwrap_err();
+    /// assert!(e.to_string().contains("KVSTORE_MAX_MESSAGE_BYTES is 1048576 bytes"));
+    /// assert!(config.require_max_message_bytes("horovod", 1 << 20, "its ring").is_ok());
+    /// ```
+    pub fn require_max_message_bytes(
+        &self,
+        store: &str,
+        needed: u64,
+        why: &str,
+    ) -> kvstore_base::Result<()> {
+        if self.max_message_bytes >= needed {
+            return Ok(());
+        }
+        Err(kvstore_base::Error::InvalidArgument(format!(
+            "{store}: KVSTORE_MAX_MESSAGE_BYTES is {} bytes; this store needs at least {needed} \
+             ({why})",
+            self.max_message_bytes
+        )))
     }
 
     /// The transport settings this configuration implies (timeout, maximum message size,

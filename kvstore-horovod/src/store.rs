@@ -52,6 +52,9 @@ type Outcome = std::result::Result<Response, TransportError>;
 /// The capabilities of the store: it spans workers; it keeps no values and runs no optimizer.
 pub(crate) const CAPABILITIES: &[Capability] = &[Capability::Distributed];
 
+/// The smallest `KVSTORE_MAX_MESSAGE_BYTES` the store works with (16 MiB).
+pub(crate) const MIN_MESSAGE_BYTES: u64 = 16 << 20;
+
 /// The longest a leader waiting for rank 0's answer goes without looking at the queue.
 const WATCH: Duration = Duration::from_millis(5);
 
@@ -263,6 +266,12 @@ impl HorovodStore {
     /// # Errors
     /// [`Error::Backend`] when joining or connecting fails or times out.
     pub fn connect(name: &str, config: &HorovodConfig) -> Result<HorovodStore> {
+        config.dist.require_max_message_bytes(
+            name,
+            MIN_MESSAGE_BYTES,
+            "the ring moves pieces of 1 MiB, and rank 0's coordinator lists every tensor of a \
+             cycle in one message",
+        )?;
         let mut dist = config.dist.clone();
         dist.role = Role::Worker;
         let mut node = Node::join(&dist).map_err(|e| backend(name, e))?;

@@ -345,7 +345,14 @@ fn a_job_launched_with_a_server_leaves_it_idle_and_ends_cleanly() {
         for _ in 0..2 {
             let options = options.clone();
             s.spawn(move || {
-                let kv = kvstore_base::create_with("horovod", options).unwrap();
+                let kv = kvstore_base::create_with(
+                    "horovod",
+                    options
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
+                .unwrap();
                 let mut out = NDArray::zeros(&[2], DType::F32);
                 kv.pushpull(1, &NDArray::ones(&[2], DType::F32), &mut out)
                     .unwrap();
@@ -354,4 +361,30 @@ fn a_job_launched_with_a_server_leaves_it_idle_and_ends_cleanly() {
         }
     });
     cluster.finish().unwrap();
+}
+
+#[test]
+fn a_message_limit_below_what_the_ring_needs_is_refused_before_joining() {
+    // No scheduler listens: the refusal comes first, at once.
+    let options = [
+        ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+        ("DMLC_PS_ROOT_PORT", "9"),
+        ("DMLC_NUM_WORKER", "2"),
+        ("KVSTORE_MAX_MESSAGE_BYTES", "1048576"),
+    ];
+    let started = Instant::now();
+    let e = kvstore_base::create_with(
+        "horovod",
+        options
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("KVSTORE_MAX_MESSAGE_BYTES is 1048576 bytes") && text.contains("16777216"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
 }

@@ -162,7 +162,7 @@ impl LocalStore {
 
     /// The shape, dtype and storage type of the value of `key`, if the store holds it.
     pub fn value_info(&self, key: &Key) -> Option<(Vec<usize>, DType, StorageType)> {
-        let (_pass, state) = self.enter(0);
+        let (_pass, state) = self.enter_waiting(0);
         state.entries.get(key).map(|e| {
             (
                 e.value.shape().to_vec(),
@@ -182,7 +182,7 @@ impl LocalStore {
     /// # Errors
     /// The updater's error.
     pub fn run_updater(&self, key: &Key, grad: &NDArray, weight: &mut NDArray) -> Result<bool> {
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter(0)?;
         match &mut state.updater {
             Some(updater) => updater.apply(key, grad, weight).map(|()| true),
             None => Ok(false),
@@ -196,7 +196,7 @@ impl LocalStore {
         &self,
         f: impl FnOnce(Option<&mut kvstore_optimizer::Updater>) -> R,
     ) -> R {
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter_waiting(0);
         match &mut state.updater {
             Some(UpdaterSlot::Optimizer(u)) => f(Some(u)),
             _ => f(None),
@@ -204,7 +204,25 @@ impl LocalStore {
     }
 
     /// Enters the store: callers queue at the gate by priority, then take the state.
-    fn enter(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the calling thread is already inside: an updater (run
+    /// while its push holds the store) that calls the store would otherwise wait for itself
+    /// forever.
+    fn enter(&self, priority: i32) -> Result<(GatePass<'_>, MutexGuard<'_, State>)> {
+        if self.gate.held_by_current_thread() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: the store was called from inside its own call (an updater calling the \
+                 store that runs it): an updater must not call its store",
+                self.name
+            )));
+        }
+        Ok(self.enter_waiting(priority))
+    }
+
+    /// [`enter`](LocalStore::enter) without the re-entry check, for the helpers that answer
+    /// no `Result` (another store's own calls, never an updater's).
+    fn enter_waiting(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
         let pass = self.gate.enter(priority);
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         (pass, state)
@@ -287,6 +305,19 @@ impl LocalStore {
                     .check_like(values.values()[p], &format!("pushed value {i}"))
                     .map_err(self.at(operation, key))?;
             }
+            // Every key the optimizer would refuse is refused before any key is updated. The
+            // sum of a key's values has their shape and dtype, and is dense unless all are
+            // row-sparse.
+            if let Some(UpdaterSlot::Optimizer(updater)) = &state.updater {
+                let grads = positions.iter().map(|&p| values.values()[p]);
+                let grad = grads
+                    .clone()
+                    .find(|g| g.storage_type() == StorageType::Dense)
+                    .unwrap_or(values.values()[positions[0]]);
+                updater
+                    .validate(key, grad, &entry.value)
+                    .map_err(self.at(operation, key))?;
+            }
         }
         Ok(groups)
     }
@@ -322,8 +353,16 @@ impl LocalStore {
                         single
                     } else if all_dense {
                         // A row-sparse sum left by an earlier push cannot hold a dense one.
+                        // (A custom updater may have replaced the value by one of another shape
+                        // or dtype: the buffer follows.)
                         let merge = match &mut entry.merge {
-                            Some(m) if m.storage_type() == StorageType::Dense => m,
+                            Some(m)
+                                if m.storage_type() == StorageType::Dense
+                                    && m.shape() == entry.value.shape()
+                                    && m.dtype() == entry.value.dtype() =>
+                            {
+                                m
+                            }
                             slot => slot.insert(entry.value.clone()),
                         };
                         sum_into(merge, &arrays, &self.config, false);
@@ -332,9 +371,19 @@ impl LocalStore {
                         entry.merge = Some(sparse_sum(&arrays)?);
                         entry.merge.as_ref().expect("just set")
                     };
+                    let before = (entry.value.dtype(), entry.value.shape().to_vec());
                     updater
                         .apply(key, merged, &mut entry.value)
                         .map_err(self.at("push", key))?;
+                    let after = (entry.value.dtype(), entry.value.shape());
+                    if (after.0, after.1) != (before.0, before.1.as_slice()) {
+                        return Err(self.at("push", key)(Error::InvalidArgument(format!(
+                            "the updater replaced the stored {} value of shape {:?} by a {} one \
+                             of shape {:?} (kept): an updater must update the value in place, \
+                             keeping its shape and dtype",
+                            before.0, before.1, after.0, after.1
+                        ))));
+                    }
                 }
             }
         }
@@ -429,7 +478,7 @@ impl KVStoreBase for LocalStore {
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
         values.check_on_host(self.type_name(), "init")?;
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter(0)?;
         self.check_init(&state, "init", values)?;
         self.do_init(&mut state, values);
         Ok(())
@@ -437,7 +486,7 @@ impl KVStoreBase for LocalStore {
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
         values.check_on_host(self.type_name(), "push")?;
-        let (_pass, mut state) = self.enter(priority);
+        let (_pass, mut state) = self.enter(priority)?;
         let groups = self.check_push(&state, "push", values)?;
         self.do_push(&mut state, values, &groups)
     }
@@ -449,7 +498,7 @@ impl KVStoreBase for LocalStore {
         ignore_sparse: bool,
     ) -> Result<()> {
         outs.check_on_host(self.type_name(), "pull")?;
-        let (_pass, mut state) = self.enter(priority);
+        let (_pass, mut state) = self.enter(priority)?;
         self.check_pull(&state, "pull", outs)?;
         self.do_pull(&mut state, outs, ignore_sparse)
     }
@@ -463,7 +512,7 @@ impl KVStoreBase for LocalStore {
         values.check_on_host(self.type_name(), "pushpull")?;
         outs.check_on_host(self.type_name(), "pushpull")?;
         outs.check_against("pushpull", values)?;
-        let (_pass, mut state) = self.enter(priority);
+        let (_pass, mut state) = self.enter(priority)?;
         let groups = self.check_push(&state, "pushpull", values)?;
         self.check_pull(&state, "pushpull", outs)?;
         self.do_push(&mut state, values, &groups)?;
@@ -472,7 +521,7 @@ impl KVStoreBase for LocalStore {
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
         values.check_on_host(self.type_name(), "pushpull")?;
-        let (_pass, mut state) = self.enter(priority);
+        let (_pass, mut state) = self.enter(priority)?;
         let inputs = KeyedValues::new(
             "pushpull",
             values.keys().to_vec(),
@@ -493,7 +542,7 @@ impl KVStoreBase for LocalStore {
         values.check_on_host(self.type_name(), "broadcast")?;
         outs.check_on_host(self.type_name(), "broadcast")?;
         outs.check_against("broadcast", values)?;
-        let (_pass, mut state) = self.enter(priority);
+        let (_pass, mut state) = self.enter(priority)?;
         self.check_init(&state, "broadcast", values)?;
         outs.check_shapes_against(self.type_name(), "broadcast", values)?;
         self.do_init(&mut state, values);
@@ -508,7 +557,7 @@ impl KVStoreBase for LocalStore {
     ) -> Result<()> {
         outs.check_on_host(self.type_name(), "row_sparse_pull")?;
         Error::check_row_id_count(outs.len(), row_ids.len())?;
-        let (_pass, state) = self.enter(priority);
+        let (_pass, state) = self.enter(priority)?;
         let mut results = Vec::with_capacity(outs.len());
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
             let at = self.at("row_sparse_pull", key);
@@ -540,19 +589,19 @@ impl KVStoreBase for LocalStore {
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         let updater = kvstore_optimizer::Updater::from_spec(optimizer)?;
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter(0)?;
         state.updater = Some(UpdaterSlot::Optimizer(Box::new(updater)));
         Ok(())
     }
 
     fn set_updater(&self, updater: Updater) -> Result<()> {
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter(0)?;
         state.updater = Some(UpdaterSlot::Custom(updater));
         Ok(())
     }
 
     fn save_optimizer_states(&self, path: &Path, dump_optimizer: bool) -> Result<()> {
-        let (_pass, state) = self.enter(0);
+        let (_pass, state) = self.enter(0)?;
         let bytes = match &state.updater {
             Some(UpdaterSlot::Optimizer(u)) => u.save_states(dump_optimizer)?,
             _ => return Err(no_optimizer(&self.name, "save_optimizer_states")),
@@ -568,7 +617,7 @@ impl KVStoreBase for LocalStore {
             path: path.to_path_buf(),
             source,
         })?;
-        let (_pass, mut state) = self.enter(0);
+        let (_pass, mut state) = self.enter(0)?;
         match &mut state.updater {
             Some(UpdaterSlot::Optimizer(u)) => u.load_states(&bytes),
             _ => Err(no_optimizer(&self.name, "load_optimizer_states")),

@@ -136,6 +136,69 @@ fn an_updater_error_is_returned_and_the_value_is_unchanged() {
 }
 
 #[test]
+fn a_key_the_optimizer_refuses_fails_the_call_before_any_key_is_updated() {
+    let kv = kv();
+    kv.set_optimizer(&kvstore_base::OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+        .unwrap();
+    // Key 1 (first in MXNet's order) is a float32 weight; key 2 an int32 one, which no
+    // optimizer updates.
+    kv.init(&[1, 2], &[full(&[2], 1.0), NDArray::ones(&[2], DType::I32)])
+        .unwrap();
+    let grads = [full(&[2], 1.0), NDArray::ones(&[2], DType::I32)];
+    let err = kv.push(&[1, 2], &grads).unwrap_err();
+    assert_eq!(err.key(), Some(&Key::from(2)), "{err}");
+    let mut outs = [full(&[2], 0.0), NDArray::zeros(&[2], DType::I32)];
+    kv.pull(&[1, 2], &mut outs).unwrap();
+    assert_eq!(values(&outs[0]), vec![1.0, 1.0], "key 1 was not stepped");
+    // The update count of key 1 did not move either: its first step is the one now.
+    kv.push(1, &full(&[2], 1.0)).unwrap();
+    kv.pull(1, &mut outs[0]).unwrap();
+    assert_eq!(values(&outs[0]), vec![0.5, 0.5]);
+}
+
+#[test]
+fn an_updater_calling_its_own_store_gets_an_error_not_a_hang() {
+    let kv: Arc<dyn KVStoreBase> = Arc::from(kv());
+    kv.init(1, &full(&[2], 1.0)).unwrap();
+    let store = Arc::downgrade(&kv);
+    kv.set_updater_fn(move |key, grad, stored| {
+        let mut peek = full(&[2], 0.0);
+        let store = store.upgrade().expect("the store is alive during its push");
+        store.pull(key.clone(), &mut peek)?;
+        stored.add_assign(grad)
+    })
+    .unwrap();
+    let err = kv.push(1, &full(&[2], 1.0)).unwrap_err();
+    assert!(err.to_string().contains("must not call its store"), "{err}");
+    let mut out = full(&[2], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![1.0, 1.0]);
+}
+
+#[test]
+fn an_updater_that_replaces_the_value_by_another_shape_is_an_error_not_a_panic() {
+    let kv = kv();
+    kv.init(1, &full(&[2], 1.0)).unwrap();
+    kv.set_updater_fn(|_, _, stored| {
+        *stored = full(&[3], 7.0);
+        Ok(())
+    })
+    .unwrap();
+    // Two values of the key: summed in a merge buffer of the stored value's shape.
+    let err = kv.push(1, &[full(&[2], 1.0), full(&[2], 1.0)]).unwrap_err();
+    assert!(
+        err.to_string().contains("shape [2]") && err.to_string().contains("[3]"),
+        "{err}"
+    );
+    // The store holds what the updater left, and pushes of that shape work (the merge buffer
+    // follows the new shape).
+    kv.push(1, &[full(&[3], 1.0), full(&[3], 1.0)]).unwrap();
+    let mut out = full(&[3], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![7.0; 3]);
+}
+
+#[test]
 fn the_store_never_aliases_the_callers_arrays() {
     let kv = kv();
     let mut g = full(&[2], 1.0);

@@ -328,6 +328,32 @@ impl Updater {
         self.states.get(key).and_then(|s| s.master.as_ref())
     }
 
+    /// Runs every check [`update`](Updater::update) runs before it writes, and writes nothing:
+    /// a store updating several keys in one call validates them all first, so that a call
+    /// refused for one key leaves every key (weights, states, update counts) unchanged.
+    ///
+    /// # Errors
+    /// The error [`update`](Updater::update) would return for these arrays (see there), but
+    /// for a failing device.
+    pub fn validate(&self, key: &Key, grad: &NDArray, weight: &NDArray) -> Result<()> {
+        self.check(key, grad, weight).map_err(|e| at(key, e))?;
+        let mp = self.keeps_master_copy(weight.dtype());
+        match self.states.get(key) {
+            Some(s) => self.check_state(s, weight, mp).map_err(|e| at(key, e))?,
+            None => {
+                for i in 0..self.optimizer.state_len() {
+                    self.optimizer
+                        .state_shape(i, weight.shape())
+                        .map_err(|e| at(key, e))?;
+                }
+            }
+        }
+        if grad.as_row_sparse().is_some() {
+            self.optimizer.row_sparse(key, mp).map_err(|e| at(key, e))?;
+        }
+        Ok(())
+    }
+
     fn check(&self, key: &Key, grad: &NDArray, weight: &NDArray) -> Result<()> {
         if let Some(array) = [weight, grad].into_iter().find(|a| a.in_device_memory()) {
             return Err(Error::InvalidArgument(format!(
@@ -335,7 +361,8 @@ impl Updater {
                 array.context()
             )));
         }
-        if weight.dense().is_none() {
+        // A row-sparse weight storing every row is updated as the dense array its rows form.
+        if weight.dense().is_none() && !weight.stores_every_row() {
             return Err(Error::InvalidArgument(format!(
                 "a row-sparse weight is updated only when it stores every row, as MXNet's \
                  optimizers require; this one stores {} of its {} rows (init it with every row, \

@@ -122,7 +122,7 @@ impl HostArray {
                 return out;
             }
         }
-        with_host!(self, a => with_dtype!(dtype, T => T::wrap(a.mapv(|x| T::from_f64(x.to_f64())))))
+        with_host!(self, a => with_dtype!(dtype, T => T::wrap(a.mapv(T::cast_from))))
     }
 
     /// Overwrites every element with the matching element of `src` (same shape), casting.
@@ -215,7 +215,7 @@ fn assign_typed<T: Element>(dst: &mut ArrayD<T>, src: &HostArray) {
     match T::host(src) {
         Some(same) => dst.assign(same),
         None => {
-            with_host!(src, s => Zip::from(dst).and(s).for_each(|d, &x| *d = T::from_f64(x.to_f64())))
+            with_host!(src, s => Zip::from(dst).and(s).for_each(|d, &x| *d = T::cast_from(x)))
         }
     }
 }

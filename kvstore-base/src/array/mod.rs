@@ -1252,6 +1252,36 @@ mod tests {
     }
 
     #[test]
+    fn casts_give_what_mxnet_1_9_1_gives() {
+        // Figures from MXNet 1.9.1's `astype`: float32 to float16 rounds once (the 2^-23
+        // decides: up); float64 to float16 goes through float32 (2^-40 is lost there, and the
+        // tie then goes to even: down); integers narrow as C's static_cast, keeping low bits.
+        let f32_up = NDArray::from_vec(&[1], vec![1.0f32 + 2f32.powi(-11) + 2f32.powi(-23)])
+            .unwrap()
+            .astype(DType::F16);
+        assert_eq!(f32_up.to_vec::<f16>().unwrap()[0].to_bits(), 15361);
+        let f64_twice = NDArray::from_vec(&[1], vec![1.0f64 + 2f64.powi(-11) + 2f64.powi(-40)])
+            .unwrap()
+            .astype(DType::F16);
+        assert_eq!(f64_twice.to_vec::<f16>().unwrap()[0].to_bits(), 15360);
+        let bytes = NDArray::from_vec(&[2], vec![-1i32, 300]).unwrap();
+        assert_eq!(
+            bytes.astype(DType::U8).to_vec::<u8>().unwrap(),
+            vec![255, 44]
+        );
+        let mut narrowed = NDArray::zeros(&[1], DType::I32);
+        narrowed
+            .assign(&NDArray::from_vec(&[1], vec![(1i64 << 32) + 5]).unwrap())
+            .unwrap();
+        assert_eq!(narrowed.to_vec::<i32>().unwrap(), vec![5]);
+        // Integers beyond 2^53 stay exact between the integer types.
+        let big = NDArray::from_vec(&[1], vec![(1i64 << 60) + 1]).unwrap();
+        let mut copy = NDArray::zeros(&[1], DType::I64);
+        copy.assign(&big.astype(DType::I32)).unwrap();
+        assert_eq!(copy.to_vec::<i64>().unwrap(), vec![1]);
+    }
+
+    #[test]
     fn add_assign_rejects_mismatches_without_writing() {
         let mut a = NDArray::ones(&[2, 2], DType::F32);
         let b = NDArray::ones(&[2, 2], DType::F64);
