@@ -156,14 +156,16 @@ pub trait Element:
     }
 }
 
-macro_rules! float_element {
-    ($t:ty, $dtype:expr) => {
+/// The element types Rust has as primitives (`as` converts them, C's way): floats add as
+/// floats, integers wrapping.
+macro_rules! primitive_element {
+    ($t:ty, $dtype:expr, zero: $zero:expr, integer: $integer:expr, add: $add:expr) => {
         impl Element for $t {
             const DTYPE: DType = $dtype;
-            const ZERO: Self = 0.0;
+            const ZERO: Self = $zero;
             #[inline(always)]
             fn add(self, other: Self) -> Self {
-                self + other
+                $add(self, other)
             }
             #[inline(always)]
             fn to_f64(self) -> f64 {
@@ -173,7 +175,7 @@ macro_rules! float_element {
             fn from_f64(value: f64) -> Self {
                 value as $t
             }
-            const INTEGER: bool = false;
+            const INTEGER: bool = $integer;
             #[inline(always)]
             fn to_i64(self) -> i64 {
                 self as i64
@@ -185,8 +187,11 @@ macro_rules! float_element {
         }
     };
 }
-float_element!(f32, DType::F32);
-float_element!(f64, DType::F64);
+primitive_element!(f32, DType::F32, zero: 0.0, integer: false, add: |a: f32, b: f32| a + b);
+primitive_element!(f64, DType::F64, zero: 0.0, integer: false, add: |a: f64, b: f64| a + b);
+primitive_element!(i32, DType::I32, zero: 0, integer: true, add: i32::wrapping_add);
+primitive_element!(i64, DType::I64, zero: 0, integer: true, add: i64::wrapping_add);
+primitive_element!(u8, DType::U8, zero: 0, integer: true, add: u8::wrapping_add);
 
 macro_rules! half_element {
     ($t:ty, $dtype:expr) => {
@@ -223,39 +228,6 @@ macro_rules! half_element {
 }
 half_element!(f16, DType::F16);
 half_element!(bf16, DType::BF16);
-
-macro_rules! int_element {
-    ($t:ty, $dtype:expr) => {
-        impl Element for $t {
-            const DTYPE: DType = $dtype;
-            const ZERO: Self = 0;
-            #[inline(always)]
-            fn add(self, other: Self) -> Self {
-                self.wrapping_add(other)
-            }
-            #[inline(always)]
-            fn to_f64(self) -> f64 {
-                self as f64
-            }
-            #[inline(always)]
-            fn from_f64(value: f64) -> Self {
-                value as $t
-            }
-            const INTEGER: bool = true;
-            #[inline(always)]
-            fn to_i64(self) -> i64 {
-                self as i64
-            }
-            #[inline(always)]
-            fn from_i64_wrapping(value: i64) -> Self {
-                value as $t
-            }
-        }
-    };
-}
-int_element!(i32, DType::I32);
-int_element!(i64, DType::I64);
-int_element!(u8, DType::U8);
 
 #[cfg(test)]
 mod tests {

@@ -458,7 +458,7 @@ impl DistConfig {
     ///     ("DMLC_ROLE", "scheduler"),
     ///     ("DMLC_PS_ROOT_URI", "127.0.0.1"),
     ///     ("DMLC_PS_ROOT_PORT", "9091"),
-    ///     ("DMLC_NUM_SERVER", "1"),
+    ///     ("DMLC_NUM_SERVER", "0"),
     ///     ("DMLC_NUM_WORKER", "2"),
     /// ];
     /// let c = DistConfig::scheduler_from_vars_and_file(vars, &DistFile::default()).unwrap();
