@@ -7,30 +7,27 @@
 //! the sum computed in float16 (each addition rounded to float16). It has no residual and no
 //! parameter. The stores without servers that sum (`horovod`) take it through
 //! `set_gradient_compression({"type": "fp16"})`; `{"type": "none"}` turns it off.
-//!
-//! ```
-//! use kvstore_base::{CompressionParams, DType, NDArray};
-//! use kvstore_compression::WireCast;
-//!
-//! let params = CompressionParams::from([("type".to_string(), "fp16".to_string())]);
-//! let cast = WireCast::from_params("horovod", &params).unwrap();
-//! assert_eq!(cast, WireCast::Fp16);
-//!
-//! let grad = NDArray::full(&[3], 1.0 / 3.0, DType::F32);
-//! let on_the_wire = cast.compress(grad);
-//! assert_eq!(on_the_wire.dtype(), DType::F16);
-//! assert_eq!(cast.wire_dtype(DType::I32), DType::I32); // integers cross unchanged
-//!
-//! // The result is written into an output of the gradient's dtype, which casts it back.
-//! let mut out = NDArray::zeros(&[3], DType::F32);
-//! out.assign(&on_the_wire).unwrap();
-//! assert_eq!(out.to_vec::<f32>().unwrap(), vec![0.333_251_95; 3]); // float16's 1/3
-//! ```
 
 use kvstore_base::{CompressionParams, DType, Error, NDArray, Result};
 
 /// How a store's gradients cross the network: as they are, or floating-point ones as float16
-/// (see the [module docs](self)).
+/// (Horovod's and BytePS's `Compression.fp16`: half the bytes of float32, summed in float16,
+/// cast back into each output's dtype; no residual, no parameter).
+///
+/// ```
+/// use kvstore_base::{CompressionParams, DType, NDArray};
+/// use kvstore_compression::WireCast;
+///
+/// let params = CompressionParams::from([("type".to_string(), "fp16".to_string())]);
+/// let cast = WireCast::from_params("horovod", &params).unwrap();
+/// let on_the_wire = cast.compress(NDArray::full(&[3], 1.0 / 3.0, DType::F32));
+/// assert_eq!(on_the_wire.dtype(), DType::F16);
+///
+/// // The result is written into an output of the gradient's dtype, which casts it back.
+/// let mut out = NDArray::zeros(&[3], DType::F32);
+/// out.assign(&on_the_wire).unwrap();
+/// assert_eq!(out.to_vec::<f32>().unwrap(), vec![0.333_251_95; 3]); // float16's 1/3
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WireCast {
     /// Every gradient crosses in its own dtype.
