@@ -81,6 +81,9 @@ impl std::fmt::Debug for State {
 
 struct Entry {
     value: NDArray,
+    /// The key's place in MXNet's processing order: an int key's value; for a string key, the
+    /// int MXNet gives it at its first init (0, 1, 2, ... in init order).
+    order: i64,
     /// Where pushed values are summed before an updater sees them; allocated at the first push.
     merge: Option<NDArray>,
 }
@@ -277,11 +280,16 @@ impl LocalStore {
             if state.key_kind.is_none() {
                 state.key_kind = Some(key.clone());
             }
+            let order = match key {
+                Key::Int(k) => *k,
+                Key::Str(_) => state.entries.len() as i64,
+            };
             state.entries.insert(
                 key.clone(),
                 Entry {
                     value: value.clone(),
                     merge: None,
+                    order,
                 },
             );
         }
@@ -294,9 +302,10 @@ impl LocalStore {
         operation: &'static str,
         values: &KeyedValues<'_>,
     ) -> Result<Vec<KeyGroup>> {
-        // MXNet processes the keys of a call in ascending order.
+        // MXNet processes the keys of a call in ascending order of its int keys, a string key
+        // standing for the int it got at its first init: string keys go in init order.
         let mut groups = values.groups();
-        groups.sort_by(|a, b| a.key.cmp(&b.key));
+        groups.sort_by_key(|g| state.entries.get(&g.key).map_or(i64::MIN, |e| e.order));
         for KeyGroup { key, positions } in &groups {
             let entry = state.entry(self, operation, key)?;
             for (i, &p) in positions.iter().enumerate() {

@@ -120,6 +120,29 @@ fn updater_runs_once_per_key_in_ascending_order_with_the_sum() {
 }
 
 #[test]
+fn string_keys_reach_the_updater_in_init_order_as_mxnets_ints_for_them() {
+    // MXNet gives a string key the next int at its first init and processes a call's keys in
+    // ascending int order: init order, not alphabetical.
+    let kv = kv();
+    kv.init(&["zeta", "alpha"], &[full(&[1], 0.0), full(&[1], 0.0)])
+        .unwrap();
+    kv.init("mid", &full(&[1], 0.0)).unwrap();
+    let calls: Arc<Mutex<Vec<Key>>> = Arc::default();
+    let seen = Arc::clone(&calls);
+    kv.set_updater_fn(move |key, grad, stored| {
+        seen.lock().unwrap().push(key.clone());
+        stored.add_assign(grad)
+    })
+    .unwrap();
+    let grads = [full(&[1], 1.0), full(&[1], 2.0), full(&[1], 3.0)];
+    kv.push(&["alpha", "mid", "zeta"], &grads).unwrap();
+    assert_eq!(
+        *calls.lock().unwrap(),
+        vec![Key::from("zeta"), Key::from("alpha"), Key::from("mid")]
+    );
+}
+
+#[test]
 fn an_updater_error_is_returned_and_the_value_is_unchanged() {
     let kv = kv();
     kv.init("w", &full(&[2], 1.0)).unwrap();
