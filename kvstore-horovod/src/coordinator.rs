@@ -51,6 +51,10 @@ struct RankState {
 
 struct State {
     tensors: HashMap<String, Tensor>,
+    /// Tensors failed by a mismatch before every rank had submitted them: the message, and
+    /// the ranks still to submit, whose next submission of the name fails at once with it
+    /// (instead of starting a record no other rank completes, which would stall).
+    mismatched: HashMap<String, (String, Vec<bool>)>,
     ranks: Vec<RankState>,
     next_seq: u64,
     next_order: u64,
@@ -83,6 +87,7 @@ impl Coordinator {
             stall,
             state: Mutex::new(State {
                 tensors: HashMap::new(),
+                mismatched: HashMap::new(),
                 ranks: (0..size).map(|_| RankState::default()).collect(),
                 next_seq: 0,
                 next_order: 0,
@@ -173,6 +178,16 @@ impl Coordinator {
     /// tensor on every rank that submitted it.
     fn record(&self, st: &mut State, r: usize, request: TensorRequest) {
         let name = request.name.clone();
+        if let Some((message, owed)) = st.mismatched.get_mut(&name) {
+            if std::mem::take(&mut owed[r]) {
+                let message = message.clone();
+                if owed.iter().all(|o| !o) {
+                    st.mismatched.remove(&name);
+                }
+                st.ranks[r].failures.push(Failure { name, message });
+                return;
+            }
+        }
         let order = st.next_order;
         st.next_order += 1;
         let tensor = st.tensors.entry(name.clone()).or_insert_with(|| Tensor {
@@ -217,8 +232,13 @@ impl Coordinator {
                 known.shape,
             );
             st.tensors.remove(&name);
+            let mut owed = vec![true; self.size];
             for rank in others.into_iter().chain([r]) {
+                owed[rank] = false;
                 self.fail(st, rank, &name, message.clone());
+            }
+            if owed.iter().any(|&o| o) {
+                st.mismatched.insert(name, (message, owed));
             }
             return;
         }

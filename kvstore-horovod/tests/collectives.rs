@@ -388,3 +388,33 @@ fn a_message_limit_below_what_the_ring_needs_is_refused_before_joining() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_rank_submitting_after_a_mismatch_failed_the_tensor_fails_at_once_too() {
+    // Ranks 0 and 1 disagree on key 5's shape; rank 2 comes later. Its submission fails at
+    // once with the same message, not after the stall time (60 s here).
+    let texts = job(3, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "60")], |r, kv| {
+        let shape = if r == 1 { 3 } else { 2 };
+        if r == 2 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let started = Instant::now();
+        let mut out = NDArray::zeros(&[shape], DType::F32);
+        let e = kv
+            .pushpull(5, &NDArray::ones(&[shape], DType::F32), &mut out)
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "rank {r} waited"
+        );
+        // The key works again afterwards, on every rank.
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        kv.pushpull(5, &NDArray::ones(&[2], DType::F32), &mut out)
+            .unwrap();
+        assert_eq!(out.to_f64_vec(), vec![3.0, 3.0]);
+        chain(&e)
+    });
+    for (r, text) in texts.iter().enumerate() {
+        assert!(text.contains("mismatched shapes"), "rank {r}: {text}");
+    }
+}
