@@ -23,7 +23,7 @@
 //! A broadcast goes down the chain `0 → 1 → … → n - 1` in pieces, each rank forwarding a
 //! piece as soon as it has it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,26 +39,46 @@ pub const PIECE_BYTES: usize = 1 << 20;
 /// Chunks received from the previous rank, by (group sequence number, message id).
 #[derive(Default)]
 pub(crate) struct Mailbox {
-    slots: Mutex<HashMap<(u64, u64), Payload>>,
+    slots: Mutex<Slots>,
     arrived: Condvar,
 }
 
+#[derive(Default)]
+struct Slots {
+    chunks: HashMap<(u64, u64), Payload>,
+    /// Groups this rank gave up on (or never ran): chunks still arriving for them are
+    /// dropped, not kept forever.
+    dead: HashSet<u64>,
+}
+
 impl Mailbox {
-    fn lock(&self) -> MutexGuard<'_, HashMap<(u64, u64), Payload>> {
+    fn lock(&self) -> MutexGuard<'_, Slots> {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Files a received chunk.
+    /// Files a received chunk (dropped when its group is one this rank gave up on).
     pub(crate) fn put(&self, seq: u64, id: u64, payload: Payload) {
-        self.lock().insert((seq, id), payload);
+        let mut slots = self.lock();
+        if slots.dead.contains(&seq) {
+            return;
+        }
+        slots.chunks.insert((seq, id), payload);
+        drop(slots);
         self.arrived.notify_all();
+    }
+
+    /// Gives up on group `seq`: drops what arrived of it and whatever arrives later.
+    pub(crate) fn forget(&self, seq: u64) {
+        let mut slots = self.lock();
+        slots.chunks.retain(|(s, _), _| *s != seq);
+        slots.dead.insert(seq);
     }
 
     /// Waits for chunk `(seq, id)` until `deadline`.
     fn take(&self, seq: u64, id: u64, deadline: Instant) -> Option<Payload> {
         let mut slots = self.lock();
         loop {
-            if let Some(p) = slots.remove(&(seq, id)) {
+            if let Some(p) = slots.chunks.remove(&(seq, id)) {
                 return Some(p);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -70,11 +90,6 @@ impl Mailbox {
                 Err(e) => e.into_inner().0,
             };
         }
-    }
-
-    /// Drops whatever is left of group `seq` (after a failure).
-    fn forget(&self, seq: u64) {
-        self.lock().retain(|(s, _), _| *s != seq);
     }
 }
 
@@ -460,6 +475,24 @@ mod tests {
         add_bytes(DType::F16, &mut h, &f16::from_f32(0.5).to_ne_bytes()).unwrap();
         assert_eq!(f16::from_ne_bytes(h[..].try_into().unwrap()).to_f32(), 1.5);
         assert!(add_bytes(DType::I32, &mut [0u8; 4], &[0u8; 8]).is_err());
+    }
+
+    #[test]
+    fn chunks_of_a_group_given_up_on_are_dropped_even_when_they_come_later() {
+        let mailbox = Mailbox::default();
+        let soon = || Instant::now() + std::time::Duration::from_millis(20);
+        mailbox.put(1, 0, Payload::from(vec![1u8]));
+        mailbox.put(2, 0, Payload::from(vec![2u8]));
+        mailbox.forget(1);
+        mailbox.put(1, 1, Payload::from(vec![3u8]));
+        assert!(mailbox.take(1, 0, soon()).is_none());
+        assert!(mailbox.take(1, 1, soon()).is_none());
+        assert_eq!(
+            mailbox.lock().chunks.len(),
+            1,
+            "only group 2's chunk is kept"
+        );
+        assert_eq!(&mailbox.take(2, 0, soon()).unwrap()[..], &[2u8]);
     }
 
     #[test]

@@ -652,6 +652,8 @@ impl HorovodStore {
                 some_names(missing.into_iter())
             );
             log::warn!("kvstore-horovod: rank {}: {message}", self.rank);
+            // What the previous rank sends of it is dropped as it comes.
+            links.mailbox.forget(group.seq);
             Err(message)
         };
         let mut st = self.state();

@@ -52,6 +52,14 @@ impl Payload {
     }
 }
 
+impl From<Vec<u8>> for Payload {
+    /// A payload of exactly these bytes (belonging to no pool).
+    fn from(bytes: Vec<u8>) -> Payload {
+        let len = bytes.len();
+        Payload::with_buffer(bytes, len)
+    }
+}
+
 impl Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
