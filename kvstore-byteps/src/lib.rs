@@ -32,12 +32,12 @@
 //!
 //! | BytePS | here |
 //! |---|---|
-//! | `byteps_declare_tensor`, declaration order | `init` (or a first `broadcast`) declares a key; the `d`th declared tensor's partition `i` has the key `(d << 16) + i` (so every worker must declare the same keys in the same order) |
+//! | `byteps_declare_tensor`, declaration order | `init` (or a first `broadcast`) declares a key; the `d`th declared tensor's partition `i` has the key `(d << 16) + i` (so every worker must declare the same keys in the same order: from one thread, or in an order the threads agree on; two threads declaring at once take numbers one after the other) |
 //! | `BYTEPS_PARTITION_BYTES` (default 4,096,000) | the same variable or create option; rounded down to whole elements ([`partition`]) |
 //! | `BYTEPS_KEY_HASH_FN=djb2` | partition key `k` lives on server `djb2(decimal string of k) mod S` ([`partition::server_of`]) |
 //! | `BYTEPS_SCHEDULING_CREDIT` (default 0: off) | the same; else at most `credit × partition bytes` of pushes unacknowledged, higher `priority` first, then lower partition key ([`schedule`]) |
 //! | `push_pull(tensor, priority, is_average=False)` | `pushpull` (and `push`, `pull`): the sum over workers, not the average; a worker's per-device values are summed on the worker first |
-//! | `broadcast_parameters(root_rank=0)` | `broadcast`: declares new keys, then a push-pull where every rank but 0 pushes zeros |
+//! | `broadcast_parameters(root_rank=0)` | `broadcast`: declares new keys, then a push-pull where every rank but 0 pushes zeros; with `BYTEPS_ENABLE_ASYNC=1` (servers that add every push) it declares the keys and pulls rank 0's value, and refuses a key already declared (no push could replace its value), naming it |
 //! | `BYTEPS_ENABLE_ASYNC=1` | the servers add each push into the stored value at once (workers push weight deltas and pull weights), see below |
 //! | `BYTEPS_ENABLE_IPC` (shared memory with co-located servers) | on by default: the dist stores' `KVSTORE_SHM` (0: TCP only), `KVSTORE_SHM_BYTES`, `KVSTORE_SHM_DIR`, see below |
 //! | server: `COPY_FIRST`, `SUM_RECV`, `ALL_RECV`, push acks at once | the dist server's sync rounds: the first push of a round is copied, the others added, pushes acknowledged once merged, pulls answered when the round is complete |

@@ -317,6 +317,10 @@ pub struct BytePsStore {
     /// The shared-memory region lent to each server, where one is (same host, `KVSTORE_SHM`).
     shm: Vec<Option<Arc<Link>>>,
     table: Mutex<Table>,
+    /// Held by a call that declares keys, from its check of the table to its record there:
+    /// declarations are numbered in order (the partitions' wire keys), and two threads
+    /// declaring at once would otherwise take the same numbers.
+    declaring: Mutex<()>,
     /// `Some` when `BYTEPS_SCHEDULING_CREDIT` is not 0.
     scheduler: Option<CreditScheduler>,
     /// How a key's per-device values are summed before a push.
@@ -409,6 +413,7 @@ impl BytePsStore {
             servers,
             shm,
             table: Mutex::new(Table::default()),
+            declaring: Mutex::new(()),
             scheduler,
             reduce: ReduceConfig::from_env(),
         };
@@ -1053,7 +1058,10 @@ impl KVStoreBase for BytePsStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        with_values_on_host(values, |values| self.declare("init", values).map(drop))
+        with_values_on_host(values, |values| {
+            let _declaring = lock(&self.declaring);
+            self.declare("init", values).map(drop)
+        })
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
@@ -1142,6 +1150,7 @@ impl KVStoreBase for BytePsStore {
         // Every output checked: arrays in device memory are staged before any key is declared.
         with_values_on_host(values, |values| {
             with_outs_fanned_out("broadcast", outs, |outs| {
+                let declaring = lock(&self.declaring);
                 let new: Vec<(Key, &NDArray)> = {
                     let table = lock(&self.table);
                     values
@@ -1150,9 +1159,34 @@ impl KVStoreBase for BytePsStore {
                         .map(|(k, v)| (k.clone(), v))
                         .collect()
                 };
+                let declared = |table: &Table| {
+                    values
+                        .keys()
+                        .iter()
+                        .find(|k| table.tensors.contains_key(*k))
+                        .cloned()
+                };
+                if let Some(key) = declared(&lock(&self.table)).filter(|_| self.config.asynchronous)
+                {
+                    // The async servers add every push: rank 0's value could not replace the
+                    // stored one. (A key declared here holds it already: pulled below.)
+                    return Err(Error::InvalidArgument(
+                        "broadcast of a key already declared, with BYTEPS_ENABLE_ASYNC: the \
+                         servers add every push, so rank 0's value cannot replace the stored \
+                         one; broadcast a key before its first push"
+                            .into(),
+                    )
+                    .at_key(&self.name, "broadcast", key));
+                }
                 if !new.is_empty() {
                     let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = new.into_iter().unzip();
                     self.declare("broadcast", &KeyedValues::new("broadcast", keys, arrays)?)?;
+                }
+                drop(declaring);
+                if self.config.asynchronous {
+                    // Declared just now with rank 0's value, which every worker's init waited
+                    // for: a pull reads it (a push would be added to it).
+                    return self.pull_keys("broadcast", outs, false);
                 }
                 self.push_pull("broadcast", values, Some(outs), priority, true)
             })

@@ -373,3 +373,54 @@ fn a_message_limit_below_a_partition_is_refused_before_joining() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_pushpull_behind_the_workers_own_push_answers_the_round_that_holds_it() {
+    // Rank 0 pushes, then push-pulls before rank 1 has pushed: its second push waits at the
+    // servers for the next round, and so must its pull (before: answered with the first
+    // round's sum, 3).
+    let outs = run(1, 2, &[], |kv| {
+        let shape = [1000];
+        kv.init(4, &NDArray::zeros(&shape, DType::F32)).unwrap();
+        let r = kv.rank() as f64;
+        if r == 1.0 {
+            thread::sleep(Duration::from_millis(300));
+        }
+        kv.push(4, &NDArray::full(&shape, r + 1.0, DType::F32))
+            .unwrap();
+        let mut out = NDArray::zeros(&shape, DType::F32);
+        kv.pushpull(
+            4,
+            &NDArray::full(&shape, 10.0 * (r + 1.0), DType::F32),
+            &mut out,
+        )
+        .unwrap();
+        f32s(&out)
+    });
+    for (r, out) in outs.iter().enumerate() {
+        assert!(out.iter().all(|&x| x == 30.0), "rank {r}: {:?}", &out[..4]);
+    }
+}
+
+#[test]
+fn an_async_broadcast_gives_rank_0s_value_and_refuses_a_key_already_declared() {
+    let outs = run(1, 2, &[("BYTEPS_ENABLE_ASYNC", "1")], |kv| {
+        let r = kv.rank() as f64;
+        let mut out = NDArray::zeros(&[300], DType::F32);
+        kv.broadcast(6, &NDArray::full(&[300], 5.0 + r, DType::F32), &mut out)
+            .unwrap();
+        let again = kv
+            .broadcast(6, &NDArray::full(&[300], 1.0, DType::F32), &mut out)
+            .unwrap_err()
+            .to_string();
+        kv.barrier().unwrap();
+        (f32s(&out), again)
+    });
+    for (r, (out, again)) in outs.iter().enumerate() {
+        assert!(out.iter().all(|&x| x == 5.0), "rank {r}: {:?}", &out[..4]);
+        assert!(
+            again.contains("key 6") && again.contains("BYTEPS_ENABLE_ASYNC"),
+            "{again}"
+        );
+    }
+}

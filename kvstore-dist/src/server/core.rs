@@ -48,6 +48,9 @@ struct Queued {
     rank: u32,
     payload: OwnedPush,
     waiter: Waiter,
+    /// Pulls of the same worker that came after this push: answered after its round, not
+    /// with the round in progress (which does not hold it).
+    pulls: Vec<Waiter>,
 }
 
 /// An init of a rank other than 0, waiting for rank 0's.
@@ -666,6 +669,7 @@ impl Core {
                         rank,
                         payload: pushed.to_owned(),
                         waiter,
+                        pulls: Vec::new(),
                     });
                     return;
                 }
@@ -678,6 +682,15 @@ impl Core {
                             e.queued.push_back(q);
                         } else {
                             self.merge_sync(&mut e, q.payload.as_pushed(), q.waiter, &what);
+                            // Its worker's later pulls: after this round, or now if the push
+                            // completed it (or failed).
+                            for pull in q.pulls {
+                                if e.round_started.is_some() && e.pushed[pull.rank as usize] {
+                                    e.waiters.push(pull);
+                                } else if let Some(v) = &e.value {
+                                    pull.wants.answer(pull.answer, v);
+                                }
+                            }
                         }
                     }
                 }
@@ -962,20 +975,30 @@ impl Core {
             return;
         };
         let mut e = lock(&entry);
-        if let Some(rank) = rank {
-            if let Some(why) = e.failed[rank as usize].take() {
-                answer.fail(&why);
-                return;
-            }
-            if e.round_started.is_some() && e.pushed[rank as usize] {
-                e.waiters.push(Waiter {
+        let (answer, wants) = match rank {
+            None => (answer, wants),
+            Some(rank) => {
+                if let Some(why) = e.failed[rank as usize].take() {
+                    answer.fail(&why);
+                    return;
+                }
+                let waiter = Waiter {
                     rank,
                     answer,
                     wants,
-                });
-                return;
+                };
+                // Behind a push of this worker queued for a later round: after that round.
+                if let Some(q) = e.queued.iter_mut().rev().find(|q| q.rank == rank) {
+                    q.pulls.push(waiter);
+                    return;
+                }
+                if e.round_started.is_some() && e.pushed[rank as usize] {
+                    e.waiters.push(waiter);
+                    return;
+                }
+                (waiter.answer, waiter.wants)
             }
-        }
+        };
         match &e.value {
             Some(v) => wants.answer(answer, v),
             None => answer.fail(&format!(
@@ -1212,6 +1235,9 @@ fn fail_round(e: &mut Entry, msg: &str) {
     fail_waiters(e, waiters, msg);
     for q in e.queued.drain(..) {
         q.waiter.answer.fail(msg);
+        for pull in q.pulls {
+            pull.answer.fail(msg);
+        }
     }
     e.pushed.iter_mut().for_each(|p| *p = false);
     e.round_started = None;
