@@ -961,20 +961,24 @@ impl BytePsStore {
             .enumerate()
             .map(|(i, t)| (&t.key, i))
             .collect();
-        for (key, out) in outs.iter_mut() {
-            let i = *index.get(key).expect("checked");
-            let t = &tensors[i];
-            let at = |e: Error| e.at_key(&self.name, operation, key.clone());
-            for (part, bytes) in answers[i].iter().enumerate() {
+        // Every answer's length first: no output is written when one is wrong.
+        for (t, answer) in tensors.iter().zip(answers) {
+            for (part, bytes) in answer.iter().enumerate() {
                 if bytes.len() != t.byte_range(part).len() {
-                    return Err(at(Error::InvalidArgument(format!(
+                    return Err(Error::InvalidArgument(format!(
                         "server rank {} answered {} bytes for partition {part}, {} expected",
                         t.parts[part].server,
                         bytes.len(),
                         t.byte_range(part).len()
-                    ))));
+                    ))
+                    .at_key(&self.name, operation, t.key.clone()));
                 }
             }
+        }
+        for (key, out) in outs.iter_mut() {
+            let i = *index.get(key).expect("checked");
+            let t = &tensors[i];
+            let at = |e: Error| e.at_key(&self.name, operation, key.clone());
             if out.storage_type() == StorageType::Dense && out.dtype() == t.dtype {
                 if let Some(dst) = out.as_bytes_mut() {
                     for (part, bytes) in answers[i].iter().enumerate() {
