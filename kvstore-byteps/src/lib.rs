@@ -60,13 +60,14 @@
 //! call of a thousand small tensors costs a few messages, not two thousand
 //! ([`BytePsStore::requests_sent`]; `init` batches its declarations the same way); with a
 //! credit, a partition's push goes out when the [`schedule::CreditScheduler`] grants it and
-//! its grant is released when the server acknowledges the push (an acknowledgement never
-//! waits for other workers, so credits cannot deadlock across workers); small partitions
+//! its grant is released when the server acknowledges the push (an acknowledgement waits for
+//! other workers only when the server holds the push, below); small partitions
 //! granted at once (in priority order, within the credit) are batched the same way, each
 //! batch's grants released when it is acknowledged (when every push in it is: a push the
 //! server holds because the same worker's previous push of that partition is still in an
-//! unfinished round holds its whole batch's grants). Answers are written
-//! into the outputs, cast to their dtype.
+//! unfinished round holds its whole batch's grants, and a worker that pushes a key again before
+//! the others pushed it once can then wait for them, until the timeout if they in turn wait
+//! for its credit). Answers are written into the outputs, cast to their dtype.
 //!
 //! ## Shared memory with the servers of the host
 //!
