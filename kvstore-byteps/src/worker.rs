@@ -1163,24 +1163,23 @@ impl KVStoreBase for BytePsStore {
                         .map(|(k, v)| (k.clone(), v))
                         .collect()
                 };
-                let declared = |table: &Table| {
-                    values
+                // With async servers, which add every push, rank 0's value cannot replace a
+                // stored one. (A key declared here holds it already: pulled below.)
+                if self.config.asynchronous && new.len() < values.len() {
+                    let table = lock(&self.table);
+                    let stored = values
                         .keys()
                         .iter()
-                        .find(|k| table.tensors.contains_key(*k))
-                        .cloned()
-                };
-                if let Some(key) = declared(&lock(&self.table)).filter(|_| self.config.asynchronous)
-                {
-                    // The async servers add every push: rank 0's value could not replace the
-                    // stored one. (A key declared here holds it already: pulled below.)
-                    return Err(Error::InvalidArgument(
-                        "broadcast of a key already declared, with BYTEPS_ENABLE_ASYNC: the \
-                         servers add every push, so rank 0's value cannot replace the stored \
-                         one; broadcast a key before its first push"
-                            .into(),
-                    )
-                    .at_key(&self.name, "broadcast", key));
+                        .find(|k| table.tensors.contains_key(*k));
+                    if let Some(key) = stored {
+                        return Err(Error::InvalidArgument(
+                            "broadcast of a key already declared, with BYTEPS_ENABLE_ASYNC: the \
+                             servers add every push, so rank 0's value cannot replace the stored \
+                             one; broadcast a key before its first push"
+                                .into(),
+                        )
+                        .at_key(&self.name, "broadcast", key.clone()));
+                    }
                 }
                 if !new.is_empty() {
                     let (keys, arrays): (Vec<Key>, Vec<&NDArray>) = new.into_iter().unzip();

@@ -101,9 +101,25 @@ impl UpdaterSlot {
         }
     }
 
+    /// Runs the updater. A custom one that replaced the stored value by one of another shape
+    /// or dtype is an error (the pushed sum has the value's shape and dtype, checked before).
     fn apply(&mut self, key: &Key, merged: &NDArray, stored: &mut NDArray) -> Result<()> {
         match self {
-            UpdaterSlot::Custom(f) => f(key, merged, stored),
+            UpdaterSlot::Custom(f) => {
+                let dtype = stored.dtype();
+                f(key, merged, stored)?;
+                if stored.dtype() == dtype && stored.shape() == merged.shape() {
+                    return Ok(());
+                }
+                Err(Error::InvalidArgument(format!(
+                    "the updater replaced the stored {dtype} value of shape {:?} by a {} one of \
+                     shape {:?} (kept): an updater must update the value in place, keeping its \
+                     shape and dtype",
+                    merged.shape(),
+                    stored.dtype(),
+                    stored.shape()
+                )))
+            }
             UpdaterSlot::Optimizer(u) => u.update(key, merged, stored),
         }
     }
@@ -318,9 +334,9 @@ impl LocalStore {
             // sum of a key's values has their shape and dtype, and is dense unless all are
             // row-sparse.
             if let Some(UpdaterSlot::Optimizer(updater)) = &state.updater {
-                let grads = positions.iter().map(|&p| values.values()[p]);
-                let grad = grads
-                    .clone()
+                let grad = positions
+                    .iter()
+                    .map(|&p| values.values()[p])
                     .find(|g| g.storage_type() == StorageType::Dense)
                     .unwrap_or(values.values()[positions[0]]);
                 updater
@@ -380,19 +396,9 @@ impl LocalStore {
                         entry.merge = Some(sparse_sum(&arrays)?);
                         entry.merge.as_ref().expect("just set")
                     };
-                    let before = (entry.value.dtype(), entry.value.shape().to_vec());
                     updater
                         .apply(key, merged, &mut entry.value)
                         .map_err(self.at("push", key))?;
-                    let after = (entry.value.dtype(), entry.value.shape());
-                    if (after.0, after.1) != (before.0, before.1.as_slice()) {
-                        return Err(self.at("push", key)(Error::InvalidArgument(format!(
-                            "the updater replaced the stored {} value of shape {:?} by a {} one \
-                             of shape {:?} (kept): an updater must update the value in place, \
-                             keeping its shape and dtype",
-                            before.0, before.1, after.0, after.1
-                        ))));
-                    }
                 }
             }
         }

@@ -116,7 +116,7 @@ impl HostArray {
         if self.dtype() == dtype {
             return self.clone();
         }
-        if is_half_pair(dtype, self) {
+        if is_half_pair(dtype, self) && host_bytes(self).is_some() {
             let mut out = HostArray::full(self.shape(), 0.0, dtype);
             if convert_half(&mut out, self) {
                 return out;

@@ -685,11 +685,7 @@ impl Core {
                             // Its worker's later pulls: after this round, or now if the push
                             // completed it (or failed).
                             for pull in q.pulls {
-                                if e.round_started.is_some() && e.pushed[pull.rank as usize] {
-                                    e.waiters.push(pull);
-                                } else if let Some(v) = &e.value {
-                                    pull.wants.answer(pull.answer, v);
-                                }
+                                self.pull_after_round(&mut e, part, pull);
                             }
                         }
                     }
@@ -975,30 +971,36 @@ impl Core {
             return;
         };
         let mut e = lock(&entry);
-        let (answer, wants) = match rank {
-            None => (answer, wants),
-            Some(rank) => {
-                if let Some(why) = e.failed[rank as usize].take() {
-                    answer.fail(&why);
-                    return;
-                }
-                let waiter = Waiter {
-                    rank,
-                    answer,
-                    wants,
-                };
-                // Behind a push of this worker queued for a later round: after that round.
-                if let Some(q) = e.queued.iter_mut().rev().find(|q| q.rank == rank) {
-                    q.pulls.push(waiter);
-                    return;
-                }
-                if e.round_started.is_some() && e.pushed[rank as usize] {
-                    e.waiters.push(waiter);
-                    return;
-                }
-                (waiter.answer, waiter.wants)
-            }
+        let Some(rank) = rank else {
+            return self.answer_pull(&e, part, answer, wants);
         };
+        if let Some(why) = e.failed[rank as usize].take() {
+            return answer.fail(&why);
+        }
+        let waiter = Waiter {
+            rank,
+            answer,
+            wants,
+        };
+        // Behind a push of this worker queued for a later round: after that round.
+        match e.queued.iter_mut().rev().find(|q| q.rank == rank) {
+            Some(q) => q.pulls.push(waiter),
+            None => self.pull_after_round(&mut e, part, waiter),
+        }
+    }
+
+    /// Answers the pull of `waiter` once the round in progress completes when its worker
+    /// pushed in it, else now.
+    fn pull_after_round(&self, e: &mut Entry, part: u64, waiter: Waiter) {
+        if e.round_started.is_some() && e.pushed[waiter.rank as usize] {
+            e.waiters.push(waiter);
+        } else {
+            self.answer_pull(e, part, waiter.answer, waiter.wants);
+        }
+    }
+
+    /// Answers a pull of part `part` of `e` with its value now.
+    fn answer_pull(&self, e: &Entry, part: u64, answer: Answer, wants: Wants) {
         match &e.value {
             Some(v) => wants.answer(answer, v),
             None => answer.fail(&format!(

@@ -400,17 +400,20 @@ impl DistStore {
         Ok(receive.then_some(answers))
     }
 
-    /// Refuses the call, before it sends anything, when one of its parts would be a message
-    /// over the largest a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`), pushed or answered: the
-    /// server would refuse it and close the connection, and the parts sent before it would
-    /// leave the servers' round half-pushed. (Inits always travel over TCP, and a key's pushes
-    /// and pulls are no bigger than its init, so shared memory never needs to be counted.)
+    /// Refuses an init, before it sends anything, when one of its parts would be a message
+    /// over the largest a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`): the server would refuse
+    /// it and close the connection, and the parts sent before it would be declared. Only
+    /// inits are checked: they always travel over TCP, and a key's pushes and pulls are no
+    /// bigger than its init (shared memory never needs counting, and the calls that move
+    /// data carry no extra pass over their parts).
     fn check_message_sizes(&self, call: &Call<'_, '_>) -> Result<()> {
+        if call.command != protocol::CMD_INIT {
+            return Ok(());
+        }
         let max = self.max_message_bytes;
-        let receive = answers_data(call.command);
         for (i, meta) in call.metas.iter().enumerate() {
             for (part, p) in meta.parts.iter().enumerate() {
-                let size = call.parts.size(call.metas, i, part, receive) as u64;
+                let size = call.parts.size(call.metas, i, part, false) as u64;
                 // An init's message also carries the key's description.
                 let extra = BatchLimits::ITEM_EXTRA + BatchLimits::key_text(&meta.key);
                 if size + extra as u64 <= max {

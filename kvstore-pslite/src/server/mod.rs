@@ -169,6 +169,18 @@ fn request_of(head: i32) -> Result<(u32, DType), String> {
 }
 
 /// A little-endian `u64` from 8 bytes.
+/// The values frame of a push, taken out of `request`, which keeps its keys alone (what its
+/// answer echoes).
+fn take_values(request: &mut Message) -> Vec<u8> {
+    let vals = request
+        .data
+        .get_mut(1)
+        .map(std::mem::take)
+        .unwrap_or_default();
+    request.data.truncate(1);
+    vals
+}
+
 fn u64_at(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(bytes.try_into().expect("8 bytes"))
 }
@@ -304,13 +316,7 @@ impl Server {
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
             return reply(&self.van, &request, Some(value));
         }
-        let vals = request
-            .data
-            .get_mut(1)
-            .map(std::mem::take)
-            .unwrap_or_default();
-        // The request keeps its keys alone.
-        request.data.truncate(1);
+        let vals = take_values(&mut request);
         let pushed = match size_key {
             None => {
                 if !vals.len().is_multiple_of(dtype.size_of()) {

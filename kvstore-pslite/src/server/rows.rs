@@ -24,7 +24,7 @@
 
 use kvstore_base::{DType, NDArray};
 
-use super::{node_name, reply, Message, Pushed, Server, Slot, VanError};
+use super::{node_name, reply, take_values, Message, Pushed, Server, Slot, VanError};
 
 /// The master key and the row ids of a row-sparse request's keys, checked: the ids strictly
 /// increasing, as MXNet's workers send them.
@@ -104,12 +104,7 @@ impl Server {
             .chunks_exact(4)
             .map(|l| i32::from_le_bytes(l.try_into().expect("4 bytes")))
             .collect();
-        let vals = request
-            .data
-            .get_mut(1)
-            .map(std::mem::take)
-            .unwrap_or_default();
-        request.data.truncate(1);
+        let vals = take_values(&mut request);
         let row_bytes = match lens.get(1) {
             Some(&len) => usize::try_from(len).unwrap_or(0),
             None => 0,
