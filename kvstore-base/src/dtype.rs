@@ -253,4 +253,23 @@ mod tests {
         let b = f16::from_f32(0.0004);
         assert_eq!(Element::add(a, b), f16::from_f32(1.0004));
     }
+
+    /// bfloat16 rounds to nearest even, unbiased; mshadow's `bf16_t` keeps the top half of the
+    /// float32 (rounds toward zero), which would give 1.0 here.
+    #[test]
+    fn bfloat16_addition_rounds_to_nearest_not_toward_zero() {
+        let one = bf16::from_f32(1.0);
+        // 1 + 3·2⁻⁹ lies between 1 and 1 + 2⁻⁷ (bfloat16's step at 1), nearer the latter.
+        let small = bf16::from_f32(3.0 / 512.0);
+        assert_eq!(Element::add(one, small).to_f32(), 1.0 + 1.0 / 128.0);
+        // A tie (1 + 2⁻⁸) goes to the even neighbour, 1.
+        let half_step = bf16::from_f32(1.0 / 256.0);
+        assert_eq!(Element::add(one, half_step).to_f32(), 1.0);
+        // Negative values round the same way, away from zero when nearer.
+        assert_eq!(Element::add(-one, -small).to_f32(), -(1.0 + 1.0 / 128.0));
+        assert_eq!(
+            <bf16 as Element>::from_f64(1.0 + 3.0 / 512.0).to_f32(),
+            1.0 + 1.0 / 128.0
+        );
+    }
 }

@@ -60,6 +60,19 @@ impl Drop for Grant<'_> {
     }
 }
 
+/// Why a call's task got no grant: the time waited, the task, and what held the credit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoCredit {
+    /// How long the task waited.
+    pub waited: Duration,
+    /// The task's index in the call that queued it.
+    pub tag: usize,
+    /// Bytes granted (to this call or others) and not yet released when the wait ended.
+    pub in_flight: usize,
+    /// Tasks of every call still waiting then, this one included.
+    pub waiting: usize,
+}
+
 /// The tasks of one call, waiting in the scheduler; those not granted yet leave the queue when
 /// it is dropped (a call that fails half-way does not block the others).
 #[derive(Debug)]
@@ -146,8 +159,9 @@ impl<'a> Queued<'a> {
     /// queue and fits in the credit; `None` once every task has been granted.
     ///
     /// # Errors
-    /// The time waited, when `timeout` passes first.
-    pub fn next_grant(&mut self, timeout: Duration) -> Result<Option<Grant<'a>>, Duration> {
+    /// [`NoCredit`] (the task, what held the credit) when `timeout` passes first; the task
+    /// leaves the queue.
+    pub fn next_grant(&mut self, timeout: Duration) -> Result<Option<Grant<'a>>, NoCredit> {
         let Some(ticket) = self.tickets.next() else {
             return Ok(None);
         };
@@ -161,7 +175,12 @@ impl<'a> Queued<'a> {
             let now = Instant::now();
             if now >= deadline {
                 st.waiting.remove(&ticket);
-                return Err(timeout);
+                return Err(NoCredit {
+                    waited: timeout,
+                    tag: ticket.tag,
+                    in_flight: st.in_flight,
+                    waiting: st.waiting.len() + 1,
+                });
             }
             st = s
                 .changed
@@ -307,6 +326,27 @@ mod tests {
             .collect();
         assert_eq!(log[0], (i32::MAX, 0));
         assert_eq!(log[1..], expected[..]);
+    }
+
+    #[test]
+    fn a_task_without_credit_in_time_says_which_and_what_held_the_credit() {
+        let s = CreditScheduler::new(10);
+        let mut hold = s.enqueue(0, &[(1, 8)]);
+        let held = hold.next_grant(T).unwrap().unwrap();
+        let mut q = s.enqueue(0, &[(2, 4), (3, 4)]);
+        let e = q.next_grant(Duration::from_millis(20)).unwrap_err();
+        assert_eq!(
+            e,
+            NoCredit {
+                waited: Duration::from_millis(20),
+                tag: 0,
+                in_flight: 8,
+                waiting: 2,
+            }
+        );
+        assert_eq!(s.waiting(), 1, "the task that gave up left the queue");
+        drop((held, q));
+        assert_eq!(s.waiting(), 0);
     }
 
     #[test]

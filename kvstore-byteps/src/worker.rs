@@ -864,13 +864,7 @@ impl BytePsStore {
                 let grant = match queue.next_grant(self.timeout) {
                     Ok(Some(g)) => g,
                     Ok(None) => break Ok(()),
-                    Err(waited) => {
-                        break Err(Error::Backend {
-                            store: self.name.clone(),
-                            source: format!("{operation}: no scheduling credit within {waited:?}")
-                                .into(),
-                        })
-                    }
+                    Err(e) => break Err(self.no_credit(operation, tensors, tasks, e)),
                 };
                 // Small partitions granted at once (in priority order, within the credit)
                 // travel together, up to a batch's worth; a big one granted on the way goes too.
@@ -911,6 +905,40 @@ impl BytePsStore {
                 .expect("the acknowledgement thread does not panic");
             sent.map(|()| (acks, pulled))
         })
+    }
+
+    /// The error of a partition that got no scheduling credit in time, naming it and what held
+    /// the credit.
+    fn no_credit(
+        &self,
+        operation: &'static str,
+        tensors: &[Arc<Tensor>],
+        tasks: &[Task],
+        e: crate::schedule::NoCredit,
+    ) -> Error {
+        let task = tasks[e.tag];
+        let key = tensors[task.tensor].key.clone();
+        let mut message = format!(
+            "partition {} got no scheduling credit within {:?}: {} bytes of earlier pushes \
+             were not acknowledged by their servers ({} partitions waiting, {} bytes of credit)",
+            task.part,
+            e.waited,
+            e.in_flight,
+            e.waiting,
+            self.scheduler.as_ref().map_or(0, CreditScheduler::credit),
+        );
+        if !self.config.asynchronous {
+            message.push_str(
+                "; a sync server acknowledges a worker's second push of a partition only once \
+                 every worker pushed it once, so workers that push a key twice, in different \
+                 orders, wait on each other",
+            );
+        }
+        Error::Backend {
+            store: self.name.clone(),
+            source: message.into(),
+        }
+        .at_key(&self.name, operation, key)
     }
 
     /// Checks every value of `values` against its declared tensor (shape, dtype).

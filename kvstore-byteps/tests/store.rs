@@ -287,6 +287,48 @@ fn higher_priority_calls_go_first_under_the_credit() {
 }
 
 #[test]
+fn a_push_that_gets_no_credit_in_time_fails_naming_its_key_and_what_held_the_credit() {
+    let out = run(
+        1,
+        1,
+        &[
+            ("BYTEPS_PARTITION_BYTES", "64"),
+            ("BYTEPS_SCHEDULING_CREDIT", "1"),
+            ("KVSTORE_TIMEOUT_SECS", "0.3"),
+        ],
+        |kv| {
+            let s = kv.scheduler().expect("credit is set");
+            kv.init("w", &NDArray::zeros(&[32], DType::F32)).unwrap();
+            let mut hold = s.enqueue(i32::MAX, &[(u64::MAX, 64)]);
+            let held = hold.next_grant(TIMEOUT).unwrap().unwrap();
+            let refused = kv
+                .push("w", &NDArray::full(&[32], 1.0, DType::F32))
+                .unwrap_err()
+                .to_string();
+            drop(held);
+            // The credit is free again: the next push goes through.
+            kv.push("w", &NDArray::full(&[32], 2.0, DType::F32))
+                .unwrap();
+            let mut w = NDArray::zeros(&[32], DType::F32);
+            kv.pull("w", &mut w).unwrap();
+            (refused, f32s(&w), s.waiting())
+        },
+    );
+    let (refused, w, waiting) = &out[0];
+    for needle in [
+        "key \"w\"",
+        "partition 0 got no scheduling credit",
+        "64 bytes of earlier pushes",
+        "64 bytes of credit",
+        "push a key twice",
+    ] {
+        assert!(refused.contains(needle), "{needle:?} not in {refused}");
+    }
+    assert_eq!(w, &vec![2.0; 32]);
+    assert_eq!(*waiting, 0);
+}
+
+#[test]
 fn no_optimizer_and_bad_settings_are_refused() {
     let out = run(1, 1, &[], |kv| {
         assert!(!kv.is_capable(Capability::Optimizer));
