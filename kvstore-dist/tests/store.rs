@@ -902,3 +902,56 @@ fn with_multi_precision_the_servers_sum_half_pushes_in_float32() {
         assert_eq!(rows, vec![0.0, 0.0, -800.0, -800.0, 0.0, 0.0]);
     }
 }
+
+#[test]
+fn rank_0_may_retry_an_init_a_server_already_took_but_not_change_it() {
+    use common::{remote_message, Manual};
+    use kvstore_dist::protocol::{self, InitMeta};
+    use kvstore_dist::transport::Outgoing;
+
+    let cluster = LocalCluster::start(1, 1, TIMEOUT).unwrap();
+    let w = Manual::join(&cluster);
+    let f32_flag = protocol::dtype_flag(DType::F32);
+    let meta = |elements: u64| InitMeta {
+        dtype: DType::F32,
+        elements,
+        row_len: 0,
+        row_sparse: false,
+        key: 9.into(),
+    };
+    let send = |command: u32, payload: &[u8]| {
+        w.conn.request(
+            Outgoing::new(command, payload).key(9).flags(f32_flag),
+            "a hand-made request",
+        )
+    };
+    let init = |meta: InitMeta, values: &[f32]| {
+        let mut payload = meta.encode();
+        payload.extend(values.iter().flat_map(|v| v.to_ne_bytes()));
+        send(protocol::CMD_INIT, &payload)
+    };
+    init(meta(3), &[1.0, 2.0, 3.0]).unwrap();
+    // The same init again, as after a failure on another server: taken, nothing changes.
+    init(meta(3), &[1.0, 2.0, 3.0]).unwrap();
+    let other_values = remote_message(init(meta(3), &[1.0, 2.0, 4.0]));
+    assert!(
+        other_values.contains("already initialised"),
+        "{other_values}"
+    );
+    let other_shape = remote_message(init(meta(2), &[1.0, 2.0]));
+    assert!(other_shape.contains("already initialised"), "{other_shape}");
+    let pulled = send(protocol::CMD_PULL, &[]).unwrap();
+    assert_eq!(
+        &pulled.payload[..],
+        [1.0f32, 2.0, 3.0].map(f32::to_ne_bytes).concat()
+    );
+    // A push (the one worker's round) replaces the value: the first init no longer matches.
+    let pushed: Vec<u8> = [5.0f32, 5.0, 5.0].map(f32::to_ne_bytes).concat();
+    send(protocol::CMD_PUSH, &pushed).unwrap();
+    let changed = remote_message(init(meta(3), &[1.0, 2.0, 3.0]));
+    assert!(changed.contains("since changed"), "{changed}");
+    let pulled = send(protocol::CMD_PULL, &[]).unwrap();
+    assert_eq!(&pulled.payload[..], pushed);
+    w.leave();
+    cluster.finish().unwrap();
+}

@@ -403,9 +403,15 @@ impl Core {
             });
             return Ok(());
         }
-        if e.value.is_some() {
+        if let Some(value) = &e.value {
+            // Rank 0 retrying an init that failed on another part (a lost link, a full
+            // server): this part took it, and holds it still.
+            if meta == e.meta && value.as_bytes() == Some(data) {
+                return Ok(());
+            }
             return Err(format!(
-                "{} was already initialised on server {}",
+                "{} was already initialised on server {} (with other values, or since changed \
+                 by pushes)",
                 self.describe(&meta.key, part),
                 self.rank
             ));
