@@ -60,8 +60,15 @@ static int32_t fail(KvError *err, int32_t code, uint32_t key_source, size_t key_
             size_t len = n < 0 ? 0 : (size_t)n;
             if (len >= err->message_cap) {
                 len = err->message_cap - 1;
-                /* Do not cut a UTF-8 sequence in half. */
-                while (len > 0 && (err->message[len] & 0xC0) == 0x80) len--;
+                /* Do not cut a UTF-8 sequence in half: find the start of the last one kept and
+                 * drop it if it needs more bytes than are left. */
+                size_t start = len;
+                while (start > 0 && (err->message[start - 1] & 0xC0) == 0x80) start--;
+                if (start > 0) {
+                    unsigned char lead = err->message[start - 1];
+                    size_t need = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 1;
+                    if (start - 1 + need > len) len = start - 1;
+                }
                 err->message[len] = 0;
             }
             err->message_len = len;
@@ -228,9 +235,24 @@ static void add_into(uint32_t dtype, uint8_t *dst, const uint8_t *src, size_t n)
 
 /* ---- tensors and keys ------------------------------------------------------------------ */
 
+/* The number of elements of a tensor that passed check_tensor (so it cannot overflow). */
 static size_t elements(const KvTensor *t) {
     size_t n = 1;
     for (uint32_t d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+    return n;
+}
+
+/* The tensor's size in bytes from its shape and dtype; 0 when that overflows size_t (a shape
+ * no memory holds), with *overflow set. Dimensions are known not to be negative. */
+static size_t shape_bytes(const KvTensor *t, int *overflow) {
+    size_t n = dtype_size(t->dtype);
+    *overflow = 0;
+    for (uint32_t d = 0; d < t->ndim; d++) {
+        if ((uint64_t)t->shape[d] > SIZE_MAX) { *overflow = 1; return 0; }
+        size_t dim = (size_t)t->shape[d];
+        if (dim != 0 && n > SIZE_MAX / dim) { *overflow = 1; return 0; }
+        n *= dim;
+    }
     return n;
 }
 
@@ -253,7 +275,12 @@ static int32_t check_tensor(const KvTensor *t, const char *what, size_t i, KvErr
         if (t->shape[d] < 0)
             return fail(err, KV_ERR_INVALID_ARGUMENT, KV_ERROR_KEY_NONE, 0,
                         "%s %zu has a negative dimension", what, i);
-    if (elements(t) * dtype_size(t->dtype) != t->byte_len)
+    int overflow;
+    size_t bytes = shape_bytes(t, &overflow);
+    if (overflow)
+        return fail(err, KV_ERR_INVALID_ARGUMENT, KV_ERROR_KEY_NONE, 0,
+                    "%s %zu: its shape holds more bytes than memory can", what, i);
+    if (bytes != t->byte_len)
         return fail(err, KV_ERR_INVALID_ARGUMENT, KV_ERROR_KEY_NONE, 0,
                     "%s %zu: byte_len %zu does not match its shape and dtype", what, i, t->byte_len);
     return KV_OK;
@@ -300,44 +327,71 @@ static int32_t no_memory(KvError *err) {
     return fail(err, KV_ERR_BACKEND, KV_ERROR_KEY_NONE, 0, "out of memory");
 }
 
-/* Stores (or replaces) the pending values; takes ownership of their data. */
+/* Stores (or replaces) the pending values; takes ownership of their data. Everything it
+ * needs is allocated before the store changes: out of memory, it leaves the store as it was. */
 static int32_t commit(Store *s, Pending *p, size_t n, KvError *err) {
+    size_t slots = n ? n : 1, added = 0;
+    int64_t **shapes = calloc(slots, sizeof *shapes);
+    uint8_t **names = calloc(slots, sizeof *names);
+    int ok = shapes && names;
+    for (size_t i = 0; ok && i < n; i++) {
+        if (!p[i].key) continue;
+        shapes[i] = malloc(sizeof(int64_t) * (p[i].ndim ? p[i].ndim : 1));
+        ok = shapes[i] != NULL;
+        if (ok && !find(s, p[i].key)) {
+            added++;
+            if (p[i].key->kind == KV_KEY_STR) {
+                names[i] = malloc(p[i].key->str_len ? p[i].key->str_len : 1);
+                ok = names[i] != NULL;
+            }
+        }
+    }
+    if (ok && s->len + added > s->cap) {
+        size_t cap = s->cap ? s->cap : 8;
+        while (cap < s->len + added) cap *= 2;
+        Entry *grown = realloc(s->entries, cap * sizeof(Entry));
+        ok = grown != NULL;
+        if (ok) {
+            s->entries = grown;
+            s->cap = cap;
+        }
+    }
+    if (!ok) {
+        for (size_t i = 0; i < n; i++) {
+            if (shapes) free(shapes[i]);
+            if (names) free(names[i]);
+        }
+        free(shapes);
+        free(names);
+        return no_memory(err);
+    }
     for (size_t i = 0; i < n; i++) {
         if (!p[i].key) continue;
         Entry *e = find(s, p[i].key);
-        int64_t *shape = malloc(sizeof(int64_t) * (p[i].ndim ? p[i].ndim : 1));
-        if (!shape) return no_memory(err);
-        memcpy(shape, p[i].shape, sizeof(int64_t) * p[i].ndim);
+        memcpy(shapes[i], p[i].shape, sizeof(int64_t) * p[i].ndim);
         if (!e) {
-            if (s->len == s->cap) {
-                size_t cap = s->cap ? 2 * s->cap : 8;
-                Entry *grown = realloc(s->entries, cap * sizeof(Entry));
-                if (!grown) { free(shape); return no_memory(err); }
-                s->entries = grown;
-                s->cap = cap;
-            }
-            e = &s->entries[s->len];
+            e = &s->entries[s->len++];
             memset(e, 0, sizeof *e);
             e->kind = p[i].key->kind;
             e->int_key = p[i].key->int_key;
             if (e->kind == KV_KEY_STR) {
-                e->str = malloc(p[i].key->str_len ? p[i].key->str_len : 1);
-                if (!e->str) { free(shape); return no_memory(err); }
+                e->str = names[i];
                 if (p[i].key->str_len) memcpy(e->str, p[i].key->str_ptr, p[i].key->str_len);
                 e->str_len = p[i].key->str_len;
             }
-            s->len++;
         } else {
             free(e->shape);
             free(e->data);
         }
         e->dtype = p[i].dtype;
         e->ndim = p[i].ndim;
-        e->shape = shape;
+        e->shape = shapes[i];
         e->data = p[i].data;
         e->byte_len = p[i].byte_len;
         p[i].data = NULL;
     }
+    free(shapes);
+    free(names);
     return KV_OK;
 }
 

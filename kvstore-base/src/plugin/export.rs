@@ -103,17 +103,43 @@ unsafe fn guard(
     out_keys: &[Key],
     body: impl FnOnce() -> Result<()>,
 ) -> i32 {
-    let error = match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => return KV_OK,
-        Ok(Err(e)) => e,
-        Err(payload) => Error::Panic {
+    // The store's error is formatted and dropped in here too: its `Display` or `Drop` may
+    // panic as well, and nothing may unwind into the host.
+    let reported = catch_unwind(AssertUnwindSafe(|| {
+        let error = match catch_unwind(AssertUnwindSafe(body)) {
+            Ok(Ok(())) => return KV_OK,
+            Ok(Err(e)) => e,
+            Err(payload) => {
+                let message = panic_message(&*payload);
+                discard_payload(payload);
+                Error::Panic {
+                    store: String::new(),
+                    operation,
+                    message,
+                }
+            }
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { write_error(err, &error, value_keys, out_keys) }
+    }));
+    reported.unwrap_or_else(|payload| {
+        discard_payload(payload);
+        let error = Error::Panic {
             store: String::new(),
             operation,
-            message: panic_message(&*payload),
-        },
-    };
-    // SAFETY: forwarded from the caller.
-    unsafe { write_error(err, &error, value_keys, out_keys) }
+            message: "the store's error panicked while it was being reported".into(),
+        };
+        // SAFETY: forwarded from the caller.
+        unsafe { write_error(err, &error, &[], &[]) }
+    })
+}
+
+/// Drops a panic payload without letting a panic of its `Drop` unwind (such a payload's own
+/// payload is leaked).
+fn discard_payload(payload: Box<dyn std::any::Any + Send>) {
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(again);
+    }
 }
 
 /// Copies `text` into the record's message buffer, truncated at a character boundary and
@@ -390,7 +416,9 @@ pub unsafe extern "C" fn shim_destroy(store: KvStoreHandle) {
     // SAFETY: the caller hands back a handle made by `Box::into_raw` in `create_store`.
     let boxed = unsafe { Box::from_raw(store.cast::<Box<dyn KVStoreBase>>()) };
     // A panicking Drop must not unwind into the caller; the store is gone either way.
-    let _ = catch_unwind(AssertUnwindSafe(move || drop(boxed)));
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
+        discard_payload(payload);
+    }
 }
 
 /// `type_name`: copies the type name into `buf` (truncated, nul-terminated), returns its length.
@@ -400,8 +428,10 @@ pub unsafe extern "C" fn shim_destroy(store: KvStoreHandle) {
 pub unsafe extern "C" fn shim_type_name(store: KvStoreHandle, buf: *mut u8, cap: usize) -> usize {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    let name = catch_unwind(AssertUnwindSafe(|| kv.type_name().to_string()))
-        .unwrap_or_else(|_| "panicked-type-name".to_string());
+    let name = catch_unwind(AssertUnwindSafe(|| kv.type_name().to_string())).unwrap_or_else(|p| {
+        discard_payload(p);
+        "panicked-type-name".to_string()
+    });
     if cap > 0 && !buf.is_null() {
         let mut record = KvError::with_buffer(&mut []);
         record.message = buf;
@@ -418,7 +448,10 @@ pub unsafe extern "C" fn shim_type_name(store: KvStoreHandle, buf: *mut u8, cap:
 pub unsafe extern "C" fn shim_rank(store: KvStoreHandle) -> u64 {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    catch_unwind(AssertUnwindSafe(|| kv.rank() as u64)).unwrap_or(0)
+    catch_unwind(AssertUnwindSafe(|| kv.rank() as u64)).unwrap_or_else(|p| {
+        discard_payload(p);
+        0
+    })
 }
 
 /// `num_workers` (1 if the store panics).
@@ -428,7 +461,10 @@ pub unsafe extern "C" fn shim_rank(store: KvStoreHandle) -> u64 {
 pub unsafe extern "C" fn shim_num_workers(store: KvStoreHandle) -> u64 {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    catch_unwind(AssertUnwindSafe(|| kv.num_workers() as u64)).unwrap_or(1)
+    catch_unwind(AssertUnwindSafe(|| kv.num_workers() as u64)).unwrap_or_else(|p| {
+        discard_payload(p);
+        1
+    })
 }
 
 /// `is_capable` (0 for an unknown capability index or a panic).
@@ -444,7 +480,10 @@ pub unsafe extern "C" fn shim_is_capable(store: KvStoreHandle, capability: u32) 
     else {
         return 0;
     };
-    catch_unwind(AssertUnwindSafe(|| i32::from(kv.is_capable(cap)))).unwrap_or(0)
+    catch_unwind(AssertUnwindSafe(|| i32::from(kv.is_capable(cap)))).unwrap_or_else(|p| {
+        discard_payload(p);
+        0
+    })
 }
 
 /// `init`.
@@ -1077,6 +1116,53 @@ macro_rules! export_plugin {
 mod tests {
     use super::*;
     use crate::DType;
+    use std::fmt;
+
+    /// An error whose text cannot be made.
+    #[derive(Debug)]
+    struct PanickingDisplay;
+
+    impl fmt::Display for PanickingDisplay {
+        fn fmt(&self, _: &mut fmt::Formatter<'_>) -> fmt::Result {
+            panic!("Display panicked")
+        }
+    }
+
+    impl std::error::Error for PanickingDisplay {}
+
+    /// A panic payload whose drop panics.
+    struct PanickingDrop;
+
+    impl Drop for PanickingDrop {
+        fn drop(&mut self) {
+            panic!("Drop panicked")
+        }
+    }
+
+    /// Runs `body` through `guard`; its status and message.
+    fn guarded(body: impl FnOnce() -> Result<()>) -> (i32, String) {
+        let mut buffer = [0u8; 256];
+        let mut record = KvError::with_buffer(&mut buffer);
+        // SAFETY: the record and its buffer live on this frame.
+        let code = unsafe { guard(&mut record, "push", &[], &[], body) };
+        let message = String::from_utf8_lossy(&buffer[..record.message_len]).into_owned();
+        (code, message)
+    }
+
+    #[test]
+    fn a_panic_while_reporting_an_error_becomes_a_panic_status() {
+        let (code, message) = guarded(|| {
+            Err(Error::Backend {
+                store: "s".into(),
+                source: Box::new(PanickingDisplay),
+            })
+        });
+        assert_eq!(code, KV_ERR_PANIC);
+        assert!(message.contains("while it was being reported"), "{message}");
+        let (code, message) = guarded(|| std::panic::panic_any(PanickingDrop));
+        assert_eq!(code, KV_ERR_PANIC);
+        assert!(message.contains("non-string payload"), "{message}");
+    }
 
     /// Pulls fill every output with 7, and turn the last one into another shape.
     #[derive(Debug)]

@@ -280,6 +280,7 @@ impl PluginApi {
                 &mut record,
             )
         };
+        reclaim_message(&mut record, &mut buffer);
         if handle.is_null() {
             let code = if record.code == KV_OK {
                 KV_ERR_BACKEND
@@ -408,14 +409,22 @@ fn io_error(path: std::path::PathBuf, text: &str, record: &KvError) -> Error {
     Error::Io { path, source }
 }
 
-/// The message a failed call wrote into the host's buffer.
+/// Points `record`'s message back at the host's `buffer` once a call returned: the plugin may
+/// have overwritten the pointer (a wrapper copying an inner store's record over the one it was
+/// given), and only the host's own buffer is ever read.
+fn reclaim_message(record: &mut KvError, buffer: &mut [u8]) {
+    record.message = buffer.as_mut_ptr();
+    record.message_cap = buffer.len();
+}
+
+/// The message a failed call wrote into the host's buffer (see [`reclaim_message`]).
 fn record_message(record: &KvError) -> String {
     let len = record.message_len.min(MESSAGE_CAP.saturating_sub(1));
     if record.message.is_null() {
         return String::new();
     }
-    // SAFETY: the message points into the host's buffer of MESSAGE_CAP bytes, of which the
-    // plugin wrote `message_len` (at most MESSAGE_CAP - 1).
+    // SAFETY: the message points into the host's buffer of MESSAGE_CAP bytes (put back by
+    // `reclaim_message` after the call), of which at most MESSAGE_CAP - 1 are read.
     let bytes = unsafe { std::slice::from_raw_parts(record.message, len) };
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -725,6 +734,7 @@ impl PluginStore {
         let mut buffer = [0u8; MESSAGE_CAP];
         let mut record = KvError::with_buffer(&mut buffer);
         let code = call(self.handle, &mut record);
+        reclaim_message(&mut record, &mut buffer);
         if code != KV_OK {
             return Err(on_error(code, &record));
         }
@@ -920,7 +930,7 @@ impl KVStoreBase for PluginStore {
         let skip: Vec<bool> = outs
             .outs()
             .iter()
-            .map(|o| ignore_sparse && o.dense().is_none())
+            .map(|o| ignore_sparse && o.storage_type() == StorageType::RowSparse)
             .collect();
         let keys = outs.keys().to_vec();
         let m = marshal_outs(&keys, outs.outs_mut(), &skip)?;
@@ -1242,6 +1252,79 @@ mod tests {
         };
         let store = api.create(&request).unwrap();
         assert!(store.type_name().len() <= MAX_TYPE_NAME);
+    }
+
+    /// A broken plugin: fails, pointing the error record's message at its own memory.
+    unsafe extern "C" fn repointing_create(
+        _: *const u8,
+        _: usize,
+        _: *const KvOption,
+        _: usize,
+        err: *mut KvError,
+    ) -> KvStoreHandle {
+        static ELSEWHERE: &[u8] = b"read from the plugin's memory";
+        // SAFETY: the host passes a live record.
+        let err = unsafe { &mut *err };
+        err.code = KV_ERR_BACKEND;
+        err.message = ELSEWHERE.as_ptr().cast_mut();
+        err.message_len = ELSEWHERE.len();
+        std::ptr::null_mut()
+    }
+
+    #[test]
+    fn an_error_message_is_read_from_the_hosts_buffer_only() {
+        let exported = ExportedPlugin::new("named", None, repointing_create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let descriptor = unsafe { *exported.descriptor() };
+        // SAFETY: as above; the create function breaks the ABI only in the way tested.
+        let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        let e = api.create(&request()).unwrap_err().to_string();
+        assert!(!e.contains("plugin's memory"), "{e}");
+    }
+
+    /// GPU memory as far as the host can tell (never read: GPU arrays cannot cross the ABI).
+    #[derive(Debug)]
+    struct OnGpu(Vec<usize>);
+
+    impl crate::DeviceMemory for OnGpu {
+        fn context(&self) -> crate::Context {
+            crate::Context::Gpu(0)
+        }
+        fn dtype(&self) -> DType {
+            DType::F32
+        }
+        fn shape(&self) -> &[usize] {
+            &self.0
+        }
+        fn to_host(&self) -> Result<crate::HostArray> {
+            unreachable!("a plugin call never reads GPU memory")
+        }
+        fn write_from_host(&mut self, _: &crate::HostArray) -> Result<()> {
+            unreachable!("a plugin call never writes GPU memory")
+        }
+        fn try_clone(&self) -> Result<Box<dyn crate::DeviceMemory>> {
+            Ok(Box::new(OnGpu(self.0.clone())))
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+        fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+            self
+        }
+    }
+
+    #[test]
+    fn a_pull_ignoring_sparse_outputs_still_refuses_gpu_outputs() {
+        let exported = ExportedPlugin::new("named", None, create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let descriptor = unsafe { *exported.descriptor() };
+        // SAFETY: as above.
+        let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        let store = api.create(&request()).unwrap();
+        let mut out = NDArray::from_device(Box::new(OnGpu(vec![2])));
+        let mut outs = KeyedOuts::new("pull", vec![Key::from(3)], vec![&mut out]).unwrap();
+        let e = store.pull_batch(&mut outs, 0, true).unwrap_err();
+        assert!(matches!(e.root(), Error::InvalidArgument(_)), "{e}");
     }
 
     fn request() -> CreateRequest {
