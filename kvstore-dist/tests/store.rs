@@ -955,3 +955,28 @@ fn rank_0_may_retry_an_init_a_server_already_took_but_not_change_it() {
     w.leave();
     cluster.finish().unwrap();
 }
+
+#[test]
+fn threads_initialising_string_keys_at_once_each_get_their_own() {
+    let out = run("dist_sync", 1, 1, |_, kv| {
+        let start = std::sync::Barrier::new(8);
+        thread::scope(|s| {
+            for t in 0..8 {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    kv.init(format!("w{t}"), &NDArray::full(&[4], t as f64, DType::F32))
+                        .unwrap();
+                });
+            }
+        });
+        (0..8)
+            .map(|t| {
+                let mut w = NDArray::zeros(&[4], DType::F32);
+                kv.pull(format!("w{t}"), &mut w).unwrap();
+                f32s(&w)[0]
+            })
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(out[0], (0..8).map(|t| t as f32).collect::<Vec<_>>());
+}

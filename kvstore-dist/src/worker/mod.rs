@@ -87,6 +87,9 @@ pub struct DistStore {
     /// The shared-memory region lent to each server, where one is (same host, `KVSTORE_SHM`).
     shm: Vec<Option<Arc<Link>>>,
     keys: Mutex<KeyTable>,
+    /// Held by an init from its key checks until its keys are recorded: string keys take their
+    /// wire ids in init order, and two threads' inits must not take the same one.
+    initialising: Mutex<()>,
     /// The gradient-compression codec, once set.
     codec: Mutex<Option<Codec>>,
     /// Quantisation residuals by key wire id (whole keys; parts index into them).
@@ -259,6 +262,7 @@ impl DistStore {
             servers,
             shm,
             keys: Mutex::new(KeyTable::default()),
+            initialising: Mutex::new(()),
             codec: Mutex::new(None),
             residuals: Mutex::new(HashMap::new()),
             send_gate: PriorityGate::default(),
@@ -372,6 +376,7 @@ impl DistStore {
 
     /// Declares (and on rank 0 sets) the keys of `values`.
     fn init_keys(&self, operation: &'static str, values: &KeyedValues<'_>) -> Result<()> {
+        let _initialising = lock(&self.initialising);
         let groups = values.groups();
         let metas: Vec<Arc<KeyMeta>> = {
             let table = lock(&self.keys);
