@@ -980,3 +980,64 @@ fn threads_initialising_string_keys_at_once_each_get_their_own() {
     });
     assert_eq!(out[0], (0..8).map(|t| t as f32).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_push_under_an_optimizer_is_refused_whole_before_any_key_is_stepped() {
+    let out = run("dist_sync", 2, 1, |_, kv| {
+        kv.init_batch(
+            &kvstore_base::KeyedValues::new(
+                "init",
+                vec![Key::from(0), Key::from(1), Key::from(2)],
+                vec![
+                    &NDArray::full(&[8], 1.0, DType::F32),
+                    &NDArray::full(&[4], 5.0, DType::I32),
+                    &NDArray::full(&[4, 2], 1.0, DType::F32),
+                ],
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        kv.set_optimizer(
+            &OptimizerSpec::new("adagrad")
+                .with("learning_rate", 0.1)
+                .with("wd", 0.01),
+        )
+        .unwrap();
+        let grad = NDArray::full(&[8], 1.0, DType::F32);
+        let int_grad = NDArray::full(&[4], 1.0, DType::I32);
+        let integer = kv
+            .push_batch(
+                &kvstore_base::KeyedValues::new(
+                    "push",
+                    vec![Key::from(0), Key::from(1)],
+                    vec![&grad, &int_grad],
+                )
+                .unwrap(),
+                0,
+            )
+            .unwrap_err();
+        // Rows with weight decay: adagrad's sparse update refuses them.
+        let rows = NDArray::row_sparse(&[4, 2], vec![1], &NDArray::full(&[1, 2], 1.0, DType::F32))
+            .unwrap();
+        let sparse = kv
+            .push_batch(
+                &kvstore_base::KeyedValues::new(
+                    "push",
+                    vec![Key::from(0), Key::from(2)],
+                    vec![&grad, &rows],
+                )
+                .unwrap(),
+                0,
+            )
+            .unwrap_err();
+        let mut w = NDArray::zeros(&[8], DType::F32);
+        kv.pull(0, &mut w).unwrap();
+        (integer, sparse, f32s(&w))
+    });
+    let (integer, sparse, w) = &out[0];
+    assert_eq!(integer.key(), Some(&Key::from(1)), "{integer}");
+    assert!(integer.to_string().contains("dtype int32"), "{integer}");
+    assert_eq!(sparse.key(), Some(&Key::from(2)), "{sparse}");
+    assert!(sparse.to_string().contains("weight decay"), "{sparse}");
+    assert_eq!(w, &vec![1.0; 8], "key 0 was never stepped");
+}

@@ -101,4 +101,4 @@ pub use optimizer::{Buffers, Optimizer, RowSparse, Slices, StateInit};
 pub use real::{BHalf, Half};
 pub use registry::{create, optimizer_names, OptimizerEntry, OPTIMIZERS};
 pub use schedule::{LrScheduler, WarmupMode};
-pub use updater::Updater;
+pub use updater::{check_weight_dtype, Updater};

@@ -69,6 +69,27 @@ fn at(key: &Key, e: Error) -> Error {
     e.at_key("updater", "update", key.clone())
 }
 
+/// Refuses a weight dtype no optimizer updates (the integers).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming the dtype.
+///
+/// # Example
+/// ```
+/// use kvstore_base::DType;
+/// assert!(kvstore_optimizer::check_weight_dtype(DType::BF16).is_ok());
+/// assert!(kvstore_optimizer::check_weight_dtype(DType::U8).is_err());
+/// ```
+pub fn check_weight_dtype(dtype: DType) -> Result<()> {
+    if dtype.is_float() {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "the weight has dtype {dtype}; optimizers update float32, float64, float16 and \
+         bfloat16 weights only"
+    )))
+}
+
 fn compute_dtype(weight: DType, multi_precision: bool) -> DType {
     match weight {
         DType::F16 | DType::BF16 if multi_precision => DType::F32,
@@ -382,20 +403,45 @@ impl Updater {
                 found: grad.shape().to_vec(),
             });
         }
-        if !weight.dtype().is_float() {
-            return Err(Error::InvalidArgument(format!(
-                "the weight has dtype {}; optimizers update float32, float64, float16 and bfloat16 weights only",
-                weight.dtype()
-            )));
-        }
-        let float32_for_master =
-            grad.dtype() == DType::F32 && self.keeps_master_copy(weight.dtype());
-        if grad.dtype() != weight.dtype() && !float32_for_master {
+        self.check_dtypes(key, weight.dtype(), grad.dtype())
+    }
+
+    fn check_dtypes(&self, key: &Key, weight: DType, grad: DType) -> Result<()> {
+        check_weight_dtype(weight)?;
+        let float32_for_master = grad == DType::F32 && self.keeps_master_copy(weight);
+        if grad != weight && !float32_for_master {
             return Err(Error::DTypeMismatch {
                 what: format!("the gradient of key {key}"),
-                expected: weight.dtype(),
-                found: grad.dtype(),
+                expected: weight,
+                found: grad,
             });
+        }
+        Ok(())
+    }
+
+    /// Checks what can be known of a push to `key` without its stored weight: that this
+    /// optimizer updates a weight of `weight` dtype with a gradient of `grad` dtype, given as
+    /// rows when `rows`. A store whose weights live elsewhere (on servers) refuses a push this
+    /// refuses before sending any key of it, so that no key of the call is stepped.
+    ///
+    /// # Errors
+    /// As [`validate`](Self::validate) for these facts (not naming the key: the caller does).
+    ///
+    /// # Example
+    /// ```
+    /// use kvstore_base::{DType, Key, OptimizerSpec};
+    /// use kvstore_optimizer::Updater;
+    ///
+    /// let updater = Updater::from_spec(&OptimizerSpec::new("sgd")).unwrap();
+    /// let key = Key::from(0);
+    /// assert!(updater.check_declared(&key, DType::F32, DType::F32, false).is_ok());
+    /// assert!(updater.check_declared(&key, DType::I32, DType::I32, false).is_err());
+    /// ```
+    pub fn check_declared(&self, key: &Key, weight: DType, grad: DType, rows: bool) -> Result<()> {
+        self.check_dtypes(key, weight, grad)?;
+        if rows {
+            self.optimizer
+                .row_sparse(key, self.keeps_master_copy(weight))?;
         }
         Ok(())
     }

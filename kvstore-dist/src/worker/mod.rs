@@ -98,6 +98,10 @@ pub struct DistStore {
     send_gate: PriorityGate,
     /// Set once an optimizer runs on the servers.
     optimizer: AtomicBool,
+    /// The optimizer this worker set, to refuse a push it would refuse before any key of the
+    /// call is sent; `None` before `set_optimizer` and after a load of states (a state file
+    /// may replace the servers' optimizer): then only what every optimizer refuses is checked.
+    updater: Mutex<Option<kvstore_optimizer::Updater>>,
     /// How a key's per-device values are summed before a push.
     reduce: ReduceConfig,
     /// `load_optimizer_states` calls so far (numbered alike on every worker).
@@ -264,6 +268,7 @@ impl DistStore {
             keys: Mutex::new(KeyTable::default()),
             initialising: Mutex::new(()),
             codec: Mutex::new(None),
+            updater: Mutex::new(None),
             residuals: Mutex::new(HashMap::new()),
             send_gate: PriorityGate::default(),
             optimizer: AtomicBool::new(false),
@@ -423,6 +428,41 @@ impl DistStore {
         Ok(())
     }
 
+    /// After a load of states, which may have replaced the servers' optimizer: pushes are
+    /// checked only for what every optimizer refuses.
+    fn forget_updater(&self) {
+        *lock(&self.updater) = None;
+    }
+
+    /// With an optimizer on the servers, refuses a push any of whose keys it would refuse
+    /// (an integer weight; rows it cannot take), naming the key, before anything is sent: the
+    /// servers update each key on its own, and the call's other keys would be stepped.
+    fn check_under_optimizer(
+        &self,
+        operation: &'static str,
+        values: &KeyedValues<'_>,
+        groups: &[KeyGroup],
+        metas: &[Arc<KeyMeta>],
+    ) -> Result<()> {
+        if !self.optimizer.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let updater = lock(&self.updater);
+        for (g, meta) in groups.iter().zip(metas) {
+            let rows = g
+                .positions
+                .iter()
+                .all(|&p| values.values()[p].storage_type() == StorageType::RowSparse);
+            match updater.as_ref() {
+                // A pushed value's dtype is the key's (checked before).
+                Some(u) => u.check_declared(&g.key, meta.dtype, meta.dtype, rows),
+                None => kvstore_optimizer::check_weight_dtype(meta.dtype),
+            }
+            .map_err(self.at(operation, &g.key))?;
+        }
+        Ok(())
+    }
+
     /// Sends the pushes of `values` (summed per key), pipelined, and waits for them; with
     /// `outs`, the answers carry the round's result and are written there.
     fn push_keys(
@@ -441,6 +481,7 @@ impl DistStore {
         if let Some(outs) = outs.as_deref() {
             self.check_outs(operation, outs)?;
         }
+        self.check_under_optimizer(operation, values, &groups, &metas)?;
         let codec = *lock(&self.codec);
         if codec.is_some() {
             for (KeyGroup { key, positions }, meta) in groups.iter().zip(&metas) {
@@ -893,12 +934,13 @@ impl KVStoreBase for DistStore {
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
         // Every worker checks the spec, so that a bad one fails everywhere alike.
-        kvstore_optimizer::Updater::from_spec(optimizer)?;
+        let updater = kvstore_optimizer::Updater::from_spec(optimizer)?;
         let json = serde_json::to_vec(optimizer).map_err(|e| {
             Error::InvalidArgument(format!("the optimizer spec cannot be encoded: {e}"))
         })?;
         if self.recovered {
             self.keep_servers_optimizer(&json, "set_optimizer")?;
+            *lock(&self.updater) = Some(updater);
             self.optimizer.store(true, Ordering::Relaxed);
             return Ok(());
         }
@@ -910,6 +952,7 @@ impl KVStoreBase for DistStore {
         // No push may reach a server before its optimizer: every worker waits for rank 0.
         let met = self.worker_barrier();
         sent.and(met)?;
+        *lock(&self.updater) = Some(updater);
         self.optimizer.store(true, Ordering::Relaxed);
         Ok(())
     }

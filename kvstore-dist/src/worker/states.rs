@@ -97,6 +97,7 @@ impl DistStore {
         if self.rank != 0 {
             // Once every worker met, rank 0 has recorded that call n started.
             self.worker_barrier()?;
+            self.forget_updater();
             return self.wait_for_rank_0s_load(number);
         }
         let record = |aux: u64, payload: &[u8]| {
@@ -120,6 +121,7 @@ impl DistStore {
             outcome.extend_from_slice(e.to_string().as_bytes());
         }
         let recorded = record(1, &outcome);
+        self.forget_updater();
         loaded.and(recorded)
     }
 
