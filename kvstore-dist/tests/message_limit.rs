@@ -132,6 +132,41 @@ fn a_call_with_a_part_over_the_limit_sends_nothing_and_names_the_key() {
 }
 
 #[test]
+fn a_push_of_rows_over_the_limit_sends_nothing_and_names_the_key() {
+    // Key 2 is server 0's and key 3 server 1's. Key 3 fits at its init (LIMIT / 2 bytes), but
+    // every row pushed carries its 8-byte id: its 1-element rows make 3 times the bytes.
+    job_of(2, "0", |kv| {
+        let rows = LIMIT / 8;
+        kv.init(
+            &[2, 3],
+            &[
+                NDArray::ones(&[8], DType::F32),
+                NDArray::ones(&[rows, 1], DType::F32),
+            ],
+        )
+        .unwrap();
+        let ids: Vec<i64> = (0..rows as i64).collect();
+        let every_row =
+            NDArray::row_sparse(&[rows, 1], ids, &NDArray::ones(&[rows, 1], DType::F32)).unwrap();
+        let before = kv.requests_sent();
+        let err = kv
+            .push(&[2, 3], &[NDArray::ones(&[8], DType::F32), every_row])
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("key 3") && text.contains("fewer rows"),
+            "{text}"
+        );
+        assert_eq!(kv.requests_sent(), before, "nothing of the call was sent");
+        // Key 2 was not pushed: its round is still open for this (only) worker's push.
+        let mut out = NDArray::zeros(&[8], DType::F32);
+        kv.pushpull(2, &NDArray::full(&[8], 5.0, DType::F32), &mut out)
+            .unwrap();
+        assert_eq!(out.to_f64_vec(), vec![5.0; 8]);
+    });
+}
+
+#[test]
 fn many_small_keys_travel_in_batches_that_fit_under_the_limit() {
     job("0", |kv| {
         // 300 keys of 1 KiB: 300 KiB in one call, batched by at most 64 KiB.

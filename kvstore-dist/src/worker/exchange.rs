@@ -400,34 +400,48 @@ impl DistStore {
         Ok(receive.then_some(answers))
     }
 
-    /// Refuses an init, before it sends anything, when one of its parts would be a message
-    /// over the largest a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`): the server would refuse
-    /// it and close the connection, and the parts sent before it would be declared. Only
-    /// inits are checked: they always travel over TCP, and a key's pushes and pulls are no
-    /// bigger than its init (shared memory never needs counting, and the calls that move
-    /// data carry no extra pass over their parts).
+    /// Refuses a call, before it sends anything, when one of its parts would be a message over
+    /// the largest a node accepts (`KVSTORE_MAX_MESSAGE_BYTES`): the transport refuses to send
+    /// it, and the parts sent before it would be declared or pushed, a sync round counting a
+    /// retry's as the next. Inits and pushes of rows are checked: an init is a key's biggest
+    /// dense message, and its pushes and pulls are no bigger, but rows carry their 8-byte ids
+    /// besides (a 1-d float32 key pushed whole is three times its init). The calls that move
+    /// dense data take no extra pass over their parts.
     fn check_message_sizes(&self, call: &Call<'_, '_>) -> Result<()> {
-        if call.command != protocol::CMD_INIT {
+        let init = call.command == protocol::CMD_INIT;
+        let rows = |i: usize| call.parts.flags(i) & protocol::FLAG_ROW_SPARSE != 0;
+        if !init && !(0..call.metas.len()).any(rows) {
             return Ok(());
         }
         let max = self.max_message_bytes;
         for (i, meta) in call.metas.iter().enumerate() {
+            if !init && !rows(i) {
+                continue;
+            }
             for (part, p) in meta.parts.iter().enumerate() {
                 let size = call.parts.size(call.metas, i, part, false) as u64;
                 // An init's message also carries the key's description.
-                let extra = BatchLimits::ITEM_EXTRA + BatchLimits::key_text(&meta.key);
+                let extra = match init {
+                    true => BatchLimits::ITEM_EXTRA + BatchLimits::key_text(&meta.key),
+                    false => 0,
+                };
                 if size + extra as u64 <= max {
                     continue;
                 }
+                let advice = match init {
+                    true => {
+                        "MXNET_KVSTORE_BIGARRAY_BOUND lower to cut big keys across more servers"
+                    }
+                    false => "push fewer rows per call (each row carries an 8-byte id)",
+                };
                 return Err(self.at(call.operation, &meta.key)(Error::InvalidArgument(
                     format!(
-                    "part {part} of the key (for server {}) would be a message of {size} bytes, \
-                     over the largest message a node accepts, {max} bytes \
-                     (KVSTORE_MAX_MESSAGE_BYTES): nothing of the call was sent; set \
-                     KVSTORE_MAX_MESSAGE_BYTES higher on every node of the job, or \
-                     MXNET_KVSTORE_BIGARRAY_BOUND lower to cut big keys across more servers",
-                    p.server
-                ),
+                        "part {part} of the key (for server {}) would be a message of {size} \
+                         bytes, over the largest message a node accepts, {max} bytes \
+                         (KVSTORE_MAX_MESSAGE_BYTES): nothing of the call was sent; set \
+                         KVSTORE_MAX_MESSAGE_BYTES higher on every node of the job, or {advice}",
+                        p.server
+                    ),
                 )));
             }
         }
