@@ -437,22 +437,20 @@ impl DistStore {
     /// With an optimizer on the servers, refuses a push any of whose keys it would refuse
     /// (an integer weight; rows it cannot take), naming the key, before anything is sent: the
     /// servers update each key on its own, and the call's other keys would be stepped.
+    /// `pushes_rows`: whether a key's push travels as rows (else dense).
     fn check_under_optimizer(
         &self,
         operation: &'static str,
-        values: &KeyedValues<'_>,
         groups: &[KeyGroup],
         metas: &[Arc<KeyMeta>],
+        pushes_rows: impl Fn(&KeyGroup, &KeyMeta) -> bool,
     ) -> Result<()> {
         if !self.optimizer.load(Ordering::Relaxed) {
             return Ok(());
         }
         let updater = lock(&self.updater);
         for (g, meta) in groups.iter().zip(metas) {
-            let rows = g
-                .positions
-                .iter()
-                .all(|&p| values.values()[p].storage_type() == StorageType::RowSparse);
+            let rows = pushes_rows(g, meta);
             match updater.as_ref() {
                 // A pushed value's dtype is the key's (checked before).
                 Some(u) => u.check_declared(&g.key, meta.dtype, meta.dtype, rows),
@@ -481,7 +479,6 @@ impl DistStore {
         if let Some(outs) = outs.as_deref() {
             self.check_outs(operation, outs)?;
         }
-        self.check_under_optimizer(operation, values, &groups, &metas)?;
         let codec = *lock(&self.codec);
         if codec.is_some() {
             for (KeyGroup { key, positions }, meta) in groups.iter().zip(&metas) {
@@ -498,6 +495,7 @@ impl DistStore {
                     .iter()
                     .all(|&p| values.values()[p].storage_type() == StorageType::RowSparse)
         };
+        self.check_under_optimizer(operation, &groups, &metas, pushes_rows)?;
         let payloads: Vec<Payload<'_>> = groups
             .iter()
             .zip(&metas)
