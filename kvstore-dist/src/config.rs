@@ -15,8 +15,8 @@
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
 //! | `PORT` | `port` | unset (any free port) | fixed port for this node |
 //! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message): the level of what `kvstore scheduler`/`kvstore server` log (`info`, `debug`); the libraries log those records at those levels whatever it says, and a worker program's own logger decides what it shows |
-//! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0 (off) | seconds between heartbeats |
-//! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0 | seconds of silence before a node is dead |
+//! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0: a tenth of `KVSTORE_TIMEOUT_SECS`, within 0.1–5 s | whole seconds between a node's heartbeats (at most a year) |
+//! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0: three intervals | whole seconds of silence before the scheduler takes a node for lost (at least the interval, at most a year); each node announces its own at registration, and the scheduler waits the longer of the node's and its own |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |
 //! | `KVSTORE_STALL_WARNING_SECS` | `stall_warning_secs` | 60 | a sync round, an init, a barrier or the registration that has waited this long is logged as a warning (level `warn`) by the server or the scheduler, naming the nodes it waits for, and a request unanswered that long by the node that sent it, naming the peer (once per wait; it still fails only at `KVSTORE_TIMEOUT_SECS`); 0: never |
@@ -276,9 +276,10 @@ pub struct DistConfig {
     /// ps-lite's verbosity (`PS_VERBOSE`): 0, 1 or 2; the level of the `kvstore` command's
     /// log (the libraries log at `info` and `debug` whatever it says).
     pub verbose: u8,
-    /// Interval between heartbeats (`PS_HEARTBEAT_INTERVAL`); zero: no heartbeats.
+    /// Interval between heartbeats (`PS_HEARTBEAT_INTERVAL`); zero: derived from the timeout
+    /// (see [`heartbeat_settings`](crate::cluster::heartbeat_settings)).
     pub heartbeat_interval: Duration,
-    /// Silence after which a node is dead (`PS_HEARTBEAT_TIMEOUT`); zero: never.
+    /// Silence after which a node is lost (`PS_HEARTBEAT_TIMEOUT`); zero: three intervals.
     pub heartbeat_timeout: Duration,
     /// Element count from which an array is split over all servers
     /// (`MXNET_KVSTORE_BIGARRAY_BOUND`).
@@ -396,6 +397,28 @@ fn parse_num<T: std::str::FromStr>(
         .map_err(|_| invalid(var, value, expected))
 }
 
+/// The scheduler's host from `raw` (of `var`): a host name or an IP address, an IPv6 one
+/// bare or in brackets, without a port or a scheme (`host:9091` is a common slip, which would
+/// otherwise be tried as an IPv6 address until the timeout).
+fn scheduler_host(var: &str, raw: &str) -> Result<String, ConfigError> {
+    let host = raw.trim();
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let ipv6 = bare.parse::<std::net::Ipv6Addr>().is_ok();
+    let expected = "a host name or IP address, without a port (the port is DMLC_PS_ROOT_PORT)";
+    if host.is_empty()
+        || host.contains(char::is_whitespace)
+        || host.contains('/')
+        || (host.contains(':') && !ipv6)
+        || (bare.len() != host.len() && !ipv6)
+    {
+        return Err(invalid(var, raw, expected));
+    }
+    Ok(host.to_string())
+}
+
 fn file_var(key: &str) -> String {
     format!("kvstore.toml [dist].{key}")
 }
@@ -498,19 +521,9 @@ impl DistConfig {
         };
 
         let root_uri = match src.get("DMLC_PS_ROOT_URI") {
-            Some(v) if v.trim().is_empty() => {
-                return Err(invalid("DMLC_PS_ROOT_URI", v, "a host name or IP address"))
-            }
-            Some(v) => v.trim().to_string(),
+            Some(v) => scheduler_host("DMLC_PS_ROOT_URI", v)?,
             None => match &file.root_uri {
-                Some(v) if v.trim().is_empty() => {
-                    return Err(invalid(
-                        &file_var("root_uri"),
-                        v,
-                        "a host name or IP address",
-                    ))
-                }
-                Some(v) => v.trim().to_string(),
+                Some(v) => scheduler_host(&file_var("root_uri"), v)?,
                 None => {
                     return Err(ConfigError::Missing {
                         var: "DMLC_PS_ROOT_URI",
@@ -610,14 +623,47 @@ impl DistConfig {
             return Err(invalid(&vname, &vraw, verbose_expected));
         }
 
-        let secs = |var: &str, from_file: Option<u64>| -> Result<Duration, ConfigError> {
-            Ok(Duration::from_secs(match src.get(var) {
-                Some(v) => parse_num::<u64>(var, v, "a whole number of seconds (0 = off)")?,
-                None => from_file.unwrap_or(0),
-            }))
+        const YEAR: u64 = 365 * 24 * 3600;
+        let heartbeat_expected =
+            "a whole number of seconds, at most one year (0: derived from KVSTORE_TIMEOUT_SECS)";
+        let secs = |var: &str, key: &str, from_file: Option<u64>| {
+            let (n, name, raw) = match src.get(var) {
+                Some(v) => (
+                    parse_num::<u64>(var, v, heartbeat_expected)?,
+                    var.to_string(),
+                    v.to_string(),
+                ),
+                None => {
+                    let n = from_file.unwrap_or(0);
+                    (n, file_var(key), n.to_string())
+                }
+            };
+            if n > YEAR {
+                return Err(invalid(&name, &raw, heartbeat_expected));
+            }
+            Ok((Duration::from_secs(n), name, raw))
         };
-        let heartbeat_interval = secs("PS_HEARTBEAT_INTERVAL", file.heartbeat_interval)?;
-        let heartbeat_timeout = secs("PS_HEARTBEAT_TIMEOUT", file.heartbeat_timeout)?;
+        let (heartbeat_interval, _, _) = secs(
+            "PS_HEARTBEAT_INTERVAL",
+            "heartbeat_interval",
+            file.heartbeat_interval,
+        )?;
+        let (heartbeat_timeout, timeout_name, timeout_raw) = secs(
+            "PS_HEARTBEAT_TIMEOUT",
+            "heartbeat_timeout",
+            file.heartbeat_timeout,
+        )?;
+        if !heartbeat_timeout.is_zero() && heartbeat_timeout < heartbeat_interval {
+            return Err(invalid(
+                &timeout_name,
+                &timeout_raw,
+                &format!(
+                    "at least PS_HEARTBEAT_INTERVAL ({} s): a node is lost after this long \
+                     without a heartbeat",
+                    heartbeat_interval.as_secs()
+                ),
+            ));
+        }
 
         // A whole number from the variable, else the file's key, else the default; below `min`
         // it is an error naming where it came from.

@@ -193,7 +193,9 @@ impl Node {
                 // so that the scheduler's refusal (saying why) arrives first.
                 Outgoing::new(CMD_REGISTER, payload.as_bytes())
                     // At least 1: 0 would mean "no timeout of its own".
-                    .aux(aux_millis(deadline.saturating_duration_since(Instant::now())).max(1)),
+                    .aux(aux_millis(deadline.saturating_duration_since(Instant::now())).max(1))
+                    // How long this node may be silent, by its own heartbeat settings.
+                    .key(aux_millis(heartbeat_settings(config).1)),
                 &what,
             )
             .and_then(|p| p.wait_timeout(left))

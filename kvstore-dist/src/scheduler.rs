@@ -55,6 +55,8 @@ struct Registration {
     addr: String,
     peer: ConnectionId,
     responder: Responder,
+    /// How long the node may be silent before it is lost (see [`Scheduler::quiet_limit`]).
+    quiet_limit: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +71,8 @@ struct Member {
     peer: ConnectionId,
     last_seen: Instant,
     status: Status,
+    /// How long it may be silent before it is lost (see [`Scheduler::quiet_limit`]).
+    quiet_limit: Duration,
 }
 
 struct Barrier {
@@ -284,6 +288,7 @@ impl Shared {
                     addr,
                     peer: request.connection,
                     responder,
+                    quiet_limit: self.quiet_limit(request.header.key),
                 };
                 if can_recover {
                     let theirs = request.header.aux;
@@ -337,8 +342,11 @@ impl Shared {
                     addr,
                     peer: request.connection,
                     responder,
+                    quiet_limit: self.quiet_limit(request.header.key),
                 });
-                if st.registrations.len() as u32 == self.num_servers + self.num_workers {
+                if st.registrations.len() as u64
+                    == u64::from(self.num_servers) + u64::from(self.num_workers)
+                {
                     self.assign(st, replies);
                 }
             }
@@ -368,6 +376,7 @@ impl Shared {
                 peer: r.peer,
                 last_seen: now,
                 status: Status::Alive,
+                quiet_limit: r.quiet_limit,
             });
         }
         let encoded = self.table(&members);
@@ -430,7 +439,8 @@ impl Shared {
             replies.push(refused(registration, why));
         } else {
             // As long as a loss can go unnoticed, and no longer than the node itself waits.
-            let wait = node_timeout.map_or(self.recovery_wait(), |t| t.min(self.recovery_wait()));
+            let longest = self.recovery_wait(st);
+            let wait = node_timeout.map_or(longest, |t| t.min(longest));
             st.recovering.push(Recovering {
                 deadline: Instant::now() + wait,
                 wait,
@@ -441,9 +451,26 @@ impl Shared {
     }
 
     /// How long a late worker waits for a lost worker's place: as long as a loss can go
-    /// unnoticed (the heartbeat timeout, and a tick), at most the timeout.
-    fn recovery_wait(&self) -> Duration {
-        (self.heartbeat_timeout + Duration::from_millis(100)).min(self.timeout)
+    /// unnoticed (the longest a worker may be silent, and a tick), at most the timeout.
+    fn recovery_wait(&self, st: &State) -> Duration {
+        let longest = st
+            .members
+            .iter()
+            .flatten()
+            .filter(|m| m.info.role == Role::Worker)
+            .map(|m| m.quiet_limit)
+            .fold(self.heartbeat_timeout, Duration::max);
+        longest
+            .saturating_add(Duration::from_millis(100))
+            .min(self.timeout)
+    }
+
+    /// How long a node may be silent before it is lost: this scheduler's heartbeat timeout,
+    /// or the one the node announced at its registration (`announced_ms`, its own settings:
+    /// a node with a longer heartbeat interval than the scheduler's settings imply is not
+    /// taken for lost between two of its heartbeats), whichever is longer.
+    fn quiet_limit(&self, announced_ms: u64) -> Duration {
+        Duration::from_millis(announced_ms).max(self.heartbeat_timeout)
     }
 
     /// `the cluster of 1 server and 2 workers is already complete`.
@@ -476,6 +503,7 @@ impl Shared {
             );
             m.info.addr = r.addr;
             m.peer = r.peer;
+            m.quiet_limit = r.quiet_limit;
             m.last_seen = Instant::now();
             m.status = Status::Alive;
             let id = m.info.id;
@@ -784,19 +812,18 @@ impl Shared {
             }
             return;
         }
-        let silent: Vec<(usize, Duration)> = st
+        let silent: Vec<(usize, Duration, Duration)> = st
             .members
             .iter()
             .flatten()
             .enumerate()
             .filter(|(_, m)| m.status == Status::Alive)
-            .map(|(i, m)| (i, now.duration_since(m.last_seen)))
-            .filter(|(_, d)| *d > self.heartbeat_timeout)
+            .map(|(i, m)| (i, now.duration_since(m.last_seen), m.quiet_limit))
+            .filter(|(_, d, limit)| d > limit)
             .collect();
-        for (i, quiet) in silent {
+        for (i, quiet, limit) in silent {
             let why = format!(
-                "no heartbeat for {quiet:.1?} (heartbeat timeout {:?}, PS_HEARTBEAT_TIMEOUT)",
-                self.heartbeat_timeout
+                "no heartbeat for {quiet:.1?} (heartbeat timeout {limit:?}, PS_HEARTBEAT_TIMEOUT)"
             );
             self.mark_lost(st, i, why, replies);
         }

@@ -332,7 +332,10 @@ fn a_worker_that_stops_heartbeating_fails_the_others_barrier_naming_it() {
         .map(|(i, role)| {
             let mut c = config(role, port, 1, 3, timeout);
             if i == 3 {
+                // It announces the scheduler's 0.5 s of silence but heartbeats far later, as a
+                // frozen process.
                 c.heartbeat_interval = Duration::from_secs(60);
+                c.heartbeat_timeout = Duration::from_millis(500);
             }
             thread::spawn(move || Node::join(&c))
         })
@@ -354,6 +357,38 @@ fn a_worker_that_stops_heartbeating_fails_the_others_barrier_naming_it() {
     drop(silent);
     let err = sched.join().unwrap_err();
     assert!(err.to_string().contains("no heartbeat"), "{err}");
+}
+
+#[test]
+fn a_node_heartbeating_slower_than_the_scheduler_expects_is_not_lost() {
+    let timeout = Duration::from_secs(5);
+    // The scheduler alone would take 0.3 s of silence for a loss; the worker heartbeats every
+    // second, and says so at registration (3 s of silence before it is lost).
+    let sched = scheduler(1, 1, timeout, Duration::from_millis(300));
+    let port = sched.local_addr().port();
+    let handles: Vec<_> = [Role::Server, Role::Worker]
+        .into_iter()
+        .map(|role| {
+            let mut c = config(role, port, 1, 1, timeout);
+            if role == Role::Worker {
+                c.heartbeat_interval = Duration::from_secs(1);
+                c.heartbeat_timeout = Duration::from_secs(3);
+            }
+            thread::spawn(move || Node::join(&c))
+        })
+        .collect();
+    let nodes: Vec<Node> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    for r in barrier_all(&nodes, Group::All) {
+        r.unwrap();
+    }
+    for n in nodes {
+        n.leave().unwrap();
+    }
+    sched.join().unwrap();
 }
 
 #[test]

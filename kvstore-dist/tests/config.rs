@@ -107,6 +107,34 @@ fn missing_required_variables_are_named_as_ps_lite_does() {
 }
 
 #[test]
+fn scheduler_hosts_may_be_ipv6_bare_or_bracketed() {
+    for (raw, addr) in [
+        ("::1", "[::1]:9091"),
+        ("[::1]", "[::1]:9091"),
+        (" sched-0.example ", "sched-0.example:9091"),
+    ] {
+        let c = DistConfig::from_vars(with(&[("DMLC_PS_ROOT_URI", raw)])).unwrap();
+        assert_eq!(c.scheduler_addr(), addr);
+    }
+}
+
+#[test]
+fn a_heartbeat_timeout_shorter_than_the_interval_is_refused() {
+    let msg = err(with(&[
+        ("PS_HEARTBEAT_INTERVAL", "10"),
+        ("PS_HEARTBEAT_TIMEOUT", "5"),
+    ]));
+    assert!(
+        msg.starts_with("PS_HEARTBEAT_TIMEOUT=\"5\" is invalid"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("at least PS_HEARTBEAT_INTERVAL (10 s)"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn bad_values_name_the_variable_and_the_value() {
     let cases = [
         ("DMLC_ROLE", "master", "one of worker, server, scheduler"),
@@ -114,6 +142,10 @@ fn bad_values_name_the_variable_and_the_value() {
         ("DMLC_PS_ROOT_PORT", "0", "port number"),
         ("DMLC_PS_ROOT_PORT", "70000", "port number"),
         ("DMLC_PS_ROOT_URI", " ", "host name"),
+        ("DMLC_PS_ROOT_URI", "sched:9091", "without a port"),
+        ("DMLC_PS_ROOT_URI", "tcp://sched", "without a port"),
+        ("DMLC_PS_ROOT_URI", "[sched]", "without a port"),
+        ("PS_HEARTBEAT_INTERVAL", "99999999999", "at most one year"),
         ("DMLC_NUM_SERVER", "0", "at least 1"),
         ("DMLC_NUM_WORKER", "-2", "at least 1"),
         ("PORT", "x", "port number"),
