@@ -365,6 +365,14 @@ pub fn check_env_key(key: &str) -> Result<(), String> {
             "--env {key:?}: the key must be a variable name (letters, digits and _)"
         ));
     }
+    if key == "KVSTORE_SECRET" {
+        return Err(
+            "--env KVSTORE_SECRET: the secret would be on the launcher's command line, which \
+             every user of the machine can read (ps); export KVSTORE_SECRET, or point \
+             KVSTORE_SECRET_FILE at a file only you can read"
+                .to_string(),
+        );
+    }
     if LAUNCHER_VARS.contains(&key) {
         let instead = match key {
             "DMLC_PS_ROOT_URI" | "DMLC_NODE_HOST" => "use --host",

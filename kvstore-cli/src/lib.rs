@@ -84,7 +84,8 @@ pub enum Command {
     /// missing or lost nodes) otherwise. DMLC_ROLE may be unset or `scheduler`.
     Scheduler {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
-        /// unset (the environment wins).
+        /// unset (the environment wins); by default the file KVSTORE_CONFIG names, as for a
+        /// worker.
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
@@ -102,7 +103,8 @@ pub enum Command {
     /// unset or `server`.
     Server {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
-        /// unset (the environment wins).
+        /// unset (the environment wins); by default the file KVSTORE_CONFIG names, as for a
+        /// worker.
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
@@ -133,7 +135,8 @@ pub enum Command {
     /// be trusted, as MXNet's. DMLC_ROLE may be unset or `scheduler`.
     PsliteScheduler {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
-        /// unset (the environment wins).
+        /// unset (the environment wins); by default the file KVSTORE_CONFIG names, as for a
+        /// worker.
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
@@ -150,7 +153,8 @@ pub enum Command {
     /// met in the last barrier. DMLC_ROLE may be unset or `server`.
     PsliteServer {
         /// A `kvstore.toml` whose `[dist]` table supplies settings the environment leaves
-        /// unset (the environment wins).
+        /// unset (the environment wins); by default the file KVSTORE_CONFIG names, as for a
+        /// worker.
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
     },
@@ -241,9 +245,13 @@ fn process_vars() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The `[dist]` table of the `kvstore.toml` given with `--config`, if any.
+/// The `[dist]` table of the `kvstore.toml` given with `--config`, else of the one
+/// `KVSTORE_CONFIG` names (as a worker reads it), if any.
 fn read_dist_file(path: Option<&Path>) -> kvstore::Result<Option<DistFile>> {
-    path.map(DistFile::from_path)
+    let from_env = std::env::var_os(kvstore_dist::worker::CONFIG_VAR).map(PathBuf::from);
+    path.map(Path::to_path_buf)
+        .or(from_env)
+        .map(|p| DistFile::from_path(&p))
         .transpose()
         .map_err(kvstore::Error::from)
 }

@@ -209,6 +209,23 @@ fn the_verbosity_of_a_config_file_raises_the_log_level_too() {
     assert!(!err.contains("kvstore: DEBUG"), "{err}");
 }
 
+#[test]
+fn the_scheduler_reads_the_file_kvstore_config_names_as_workers_do() {
+    let dir = std::env::temp_dir().join(format!("kvstore-cli-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kvstore.toml");
+    std::fs::write(&file, "[dist]\nverbose = 1\n").unwrap();
+    let mut vars = cluster_vars(free_port());
+    vars.push(("KVSTORE_CONFIG", file.to_str().unwrap().to_string()));
+    let err = serve_one_server_one_worker_with(vars, &["scheduler"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("kvstore: INFO") && l.contains("the barrier of the")),
+        "{err}"
+    );
+}
+
 /// Runs `kvstore scheduler` with `vars` while a server and a worker join, meet in barriers
 /// and leave; returns its standard error once it exited 0.
 fn serve_one_server_one_worker(vars: Vec<(&'static str, String)>) -> String {

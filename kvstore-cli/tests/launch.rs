@@ -239,6 +239,19 @@ fn bad_arguments_are_refused_clearly() {
             "use -s/--num-servers",
         ),
         (
+            &[
+                "-n",
+                "1",
+                "-s",
+                "1",
+                "--env",
+                "KVSTORE_SECRET=0123456789abcdef",
+                "--",
+                "true",
+            ][..],
+            "export KVSTORE_SECRET",
+        ),
+        (
             &["-n", "1", "-s", "1", "--host", "192.0.2.1", "--", "true"][..],
             "cannot find a free port",
         ),

@@ -851,6 +851,14 @@ pub fn request_vars(
     options: &std::collections::BTreeMap<String, String>,
 ) -> HashMap<String, String> {
     let mut vars = env_map();
+    // The secret is one setting given two ways: an option giving it either way replaces the
+    // environment's (else both would be set, an error).
+    const SECRET_VARS: [&str; 2] = ["KVSTORE_SECRET", "KVSTORE_SECRET_FILE"];
+    if SECRET_VARS.iter().any(|v| options.contains_key(*v)) {
+        for v in SECRET_VARS {
+            vars.remove(v);
+        }
+    }
     vars.extend(options.iter().map(|(k, v)| (k.clone(), v.clone())));
     vars
 }

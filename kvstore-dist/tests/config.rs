@@ -344,3 +344,21 @@ fn the_bind_host_is_read_from_the_variable_or_the_file() {
     let c = DistConfig::from_vars_and_file(with(&[]), &file).unwrap();
     assert_eq!(c.bind_host.as_deref(), Some("::"));
 }
+
+#[test]
+fn a_secret_given_as_a_create_option_replaces_the_environments_either_way() {
+    // The only test of this binary that touches the process environment.
+    std::env::set_var("KVSTORE_SECRET_FILE", "/nonexistent/job.secret");
+    let options: std::collections::BTreeMap<String, String> = [(
+        "KVSTORE_SECRET".to_string(),
+        "0123456789abcdef0123".to_string(),
+    )]
+    .into();
+    let vars = kvstore_dist::config::request_vars(&options);
+    std::env::remove_var("KVSTORE_SECRET_FILE");
+    assert_eq!(vars.get("KVSTORE_SECRET_FILE"), None);
+    assert_eq!(
+        vars.get("KVSTORE_SECRET").map(String::as_str),
+        Some("0123456789abcdef0123")
+    );
+}

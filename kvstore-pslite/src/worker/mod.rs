@@ -836,6 +836,13 @@ fn van_config(name: &str, dist: &DistConfig) -> Result<VanConfig> {
 /// fails (naming why).
 pub fn run_role(name: &str, dist: &DistConfig) -> Result<()> {
     let workers = dist.num_workers as usize;
+    if dist.secret.is_some() {
+        log::warn!(
+            "{name}: KVSTORE_SECRET_FILE / KVSTORE_SECRET is set, but ps-lite's protocol has no \
+             handshake: this {} lets in any process that reaches its port",
+            dist.role
+        );
+    }
     if dist.num_servers == 0 {
         return Err(Error::InvalidArgument(format!(
             "{name}: DMLC_NUM_SERVER=0: a ps-lite job needs at least one server"
