@@ -55,7 +55,10 @@
 //! The workers run as long as they like; every other wait of the launcher is bounded. Killing
 //! is `SIGKILL` of the process started (a worker's own children, if it starts any and does not
 //! `exec`, are not reached). On Ctrl-C the terminal sends `SIGINT` to the launcher's process
-//! group, which every process of the job belongs to, so the whole job stops.
+//! group, which every process of the job belongs to, so the whole job stops; a `SIGINT`,
+//! `SIGTERM` or `SIGHUP` sent to the launcher alone makes it kill the job and exit with 128 +
+//! the signal's number, and on Linux a launcher killed outright takes the job with it (see
+//! [`stop_signals`](crate::stop_signals)).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -577,6 +580,10 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
         false => job_secret(options, |var| std::env::var_os(var).is_some())?,
     };
     let secret_env: Vec<(String, String)> = secret.iter().map(JobSecret::env).collect();
+    // From here on a stopping signal ends the job, its processes killed (not orphaned).
+    let _catching = crate::stop_signals::catch().map_err(|e| {
+        kvstore::Error::InvalidArgument(format!("kvstore launch: cannot catch signals: {e}"))
+    })?;
     let mut job = Job::new();
     for process in processes(options) {
         let (program, args): (&OsStr, Vec<&OsStr>) = match process {
@@ -839,14 +846,16 @@ impl Job {
         args: &[&OsStr],
         env: &[(String, String)],
     ) -> io::Result<()> {
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        command
             .args(args)
             .env_remove("PORT")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
+            .stderr(Stdio::piped());
+        crate::stop_signals::die_with_launcher(&mut command);
+        let mut child = command.spawn()?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         self.running.push(Running {
@@ -894,6 +903,17 @@ impl Job {
     fn supervise(&mut self, timeout: Duration, mut restarts: Restarts<'_>) -> JobEnd {
         let mut workers_done: Option<Instant> = None;
         loop {
+            if let Some(signal) = crate::stop_signals::caught() {
+                let killed = self.kill_running();
+                let mut message = format!("the launcher got {}", crate::stop_signals::name(signal));
+                if !killed.is_empty() {
+                    message += &format!("; killed {}", and_list(&killed));
+                }
+                return JobEnd::Failed(Failure {
+                    message,
+                    code: u8::try_from(128 + signal).unwrap_or(u8::MAX),
+                });
+            }
             if let Some((failed, exited)) = self.reap() {
                 let gone = self.ended_services();
                 let failed = match exited {

@@ -40,6 +40,7 @@
 
 pub mod launch;
 pub mod logging;
+pub mod stop_signals;
 
 use std::path::{Path, PathBuf};
 

@@ -541,3 +541,84 @@ fn a_worker_that_keeps_failing_ends_the_job_once_its_restarts_are_spent() {
     );
     assert!(job.elapsed < Duration::from_secs(15), "{}", job.report());
 }
+
+/// Starts `kvstore launch` of one server and one worker that says `ready` then sleeps; returns
+/// the launcher, its marker and its standard error's reader once the worker is ready.
+#[cfg(target_os = "linux")]
+fn a_sleeping_job() -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let mark = common::unique_mark();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+    cmd.args(["launch", "--env"])
+        .arg(format!("{}={mark}", common::MARK))
+        .args([
+            "-n",
+            "1",
+            "-s",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    common::without_cluster_vars(&mut cmd);
+    let mut launcher = cmd.spawn().expect("cannot run kvstore launch");
+    let mut stderr = launcher.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut lines = BufReader::new(launcher.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("the worker writes a line").unwrap();
+    assert_eq!(first, "[worker 0] ready");
+    // Keep draining the output, so that no process blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (launcher, mark, errors)
+}
+
+/// Waits up to 10 s for the processes marked `mark` to be gone; those left (killed then).
+#[cfg(target_os = "linux")]
+fn left_after_a_while(mark: &str) -> Vec<u32> {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = common::marked_processes(mark);
+        if left.is_empty() || std::time::Instant::now() > until {
+            common::kill(&left);
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_launcher_told_to_stop_kills_its_job_and_exits_128_plus_the_signal() {
+    let (mut launcher, mark, errors) = a_sleeping_job();
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &launcher.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = launcher.wait().unwrap();
+    let errors = errors.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{errors}");
+    assert!(
+        errors.contains("the launcher got SIGTERM; killed"),
+        "{errors}"
+    );
+    assert_eq!(left_after_a_while(&mark), Vec::<u32>::new(), "{errors}");
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_launcher_killed_outright_takes_its_job_with_it() {
+    let (mut launcher, mark, _errors) = a_sleeping_job();
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    assert_eq!(left_after_a_while(&mark), Vec::<u32>::new());
+}
