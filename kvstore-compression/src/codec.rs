@@ -58,11 +58,21 @@ use crate::CompressionType;
 /// vectorised, branch-free code (AVX-512 or AVX2 when the CPU has them), and allocate nothing.
 /// Large arrays can be split across threads at multiples of [`factor()`](Codec::factor)
 /// elements (and the matching `4`-byte words of the packed form).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Codec {
     kind: CompressionType,
     threshold: f32,
 }
+
+/// Codecs are equal when they quantise alike: the same kind and the same threshold bits (so a
+/// NaN threshold, which 1-bit accepts, equals itself).
+impl PartialEq for Codec {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.threshold.to_bits() == other.threshold.to_bits()
+    }
+}
+
+impl Eq for Codec {}
 
 /// Elements converted per step by the `f16` helpers (a multiple of 16 and 32).
 const F16_CHUNK: usize = 1024;
@@ -312,4 +322,27 @@ fn unsupported_dtype(dtype: DType) -> Error {
     Error::InvalidArgument(format!(
         "gradient compression supports float32 (and float16 through float32) arrays, got {dtype}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codecs_are_equal_when_they_quantise_alike() {
+        let nan = Codec::new(CompressionType::OneBit, f32::NAN);
+        assert_eq!(nan, nan);
+        assert_eq!(
+            Codec::new(CompressionType::TwoBit, 0.5),
+            Codec::new(CompressionType::TwoBit, 0.5)
+        );
+        assert_ne!(
+            Codec::new(CompressionType::TwoBit, 0.5),
+            Codec::new(CompressionType::OneBit, 0.5)
+        );
+        assert_ne!(
+            Codec::new(CompressionType::OneBit, 0.0),
+            Codec::new(CompressionType::OneBit, -0.0)
+        );
+    }
 }

@@ -71,7 +71,10 @@
 //! costs 16x (2-bit) or 32x (1-bit) fewer bytes on the wire ([`DistStore::bytes_sent`]).
 //! Unlike MXNet, compression may be set after `init` (parts are quantised one by one) and
 //! `pushpull` works with it; float16 values go through float32; row-sparse values and other
-//! dtypes are refused.
+//! dtypes are refused. A new setting keeps the residuals, as MXNet does. A push that fails
+//! (a lost server or worker, a timeout) leaves its keys' residuals as if it was delivered: the
+//! worker cannot tell whether the servers applied it (a push is acknowledged once merged, and
+//! a round may fail or complete after that), as in MXNet.
 //!
 //! ## Recovery nodes
 //!

@@ -68,6 +68,26 @@ fn two_bit_pushes_carry_the_residual_across_rounds() {
 }
 
 #[test]
+fn a_new_setting_keeps_the_residuals() {
+    // One worker, t = 0.5: 0.3 is kept back; after a new setting (t = 0.4) the next 0.3
+    // makes 0.6 and sends 0.4, as MXNet's kept residual does (from zero: nothing sent).
+    let out = run(1, 1, |kv| {
+        kv.set_gradient_compression(&params("2bit", 0.5)).unwrap();
+        kv.init(3, &NDArray::zeros(&[1], DType::F32)).unwrap();
+        let g = NDArray::full(&[1], 0.3, DType::F32);
+        let mut w = NDArray::zeros(&[1], DType::F32);
+        kv.push(3, &g).unwrap();
+        kv.pull(3, &mut w).unwrap();
+        let first = f32s(&w);
+        kv.set_gradient_compression(&params("2bit", 0.4)).unwrap();
+        kv.push(3, &g).unwrap();
+        kv.pull(3, &mut w).unwrap();
+        (first, f32s(&w))
+    });
+    assert_eq!(out[0], (vec![0.0], vec![0.4]));
+}
+
+#[test]
 fn the_bytes_of_a_push_shrink_16_and_32_times() {
     let n = 1 << 20; // 4 MiB of float32, below the big-array bound: one message
                      // Over TCP only: a plain push through shared memory costs the wire almost nothing.

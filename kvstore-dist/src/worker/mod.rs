@@ -976,8 +976,8 @@ impl KVStoreBase for DistStore {
             Error::InvalidArgument(format!("the compression parameters cannot be encoded: {e}"))
         })?;
         // A worker taking a lost worker's place keeps the servers' codec (sets it where none
-        // is, refuses a different one) and starts quantising with residuals from zero,
-        // without meeting the others.
+        // is, refuses a different one) and starts quantising with residuals from zero (a new
+        // process), without meeting the others.
         let sent = if self.recovered || self.rank == 0 {
             self.to_all_servers(
                 protocol::CMD_SET_COMPRESSION,
@@ -994,12 +994,8 @@ impl KVStoreBase for DistStore {
             self.worker_barrier()
         };
         sent.and(met)?;
-        let codec = spec.codec();
-        let mut current = lock(&self.codec);
-        if *current != Some(codec) {
-            lock(&self.residuals).clear();
-        }
-        *current = Some(codec);
+        // A new setting keeps the residuals, as MXNet's and the device store's do.
+        *lock(&self.codec) = Some(spec.codec());
         Ok(())
     }
 
