@@ -268,6 +268,11 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     // The table stored dense (Gluon's `Embedding(sparse_grad=True)`): the row-sparse
     // gradients are applied lazily all the same, on `local` exactly as to the row-sparse
     // table, and on `dist_sync`, whose servers keep the dense table by rows, where local's do.
+    // The device store keeps host arrays in its embedded local store: the same bits.
+    let device = run_with_args(program, &["device"]);
+    assert!(device.starts_with("store: device, a row-sparse table"), "{device}");
+    assert_eq!(trained_line(&device), trained_line(&out), "{device}\n{out}");
+
     let dense = run_with_args(program, &["local", "--dense-table"]);
     assert!(dense.starts_with("store: local, a dense table"), "{dense}");
     assert_eq!(trained_line(&dense), trained_line(&out), "{dense}\n{out}");
