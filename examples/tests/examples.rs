@@ -270,7 +270,10 @@ fn sparse_training_reads_a_few_rows_per_step_and_learns() {
     // table, and on `dist_sync`, whose servers keep the dense table by rows, where local's do.
     // The device store keeps host arrays in its embedded local store: the same bits.
     let device = run_with_args(program, &["device"]);
-    assert!(device.starts_with("store: device, a row-sparse table"), "{device}");
+    assert!(
+        device.starts_with("store: device, a row-sparse table"),
+        "{device}"
+    );
     assert_eq!(trained_line(&device), trained_line(&out), "{device}\n{out}");
 
     let dense = run_with_args(program, &["local", "--dense-table"]);

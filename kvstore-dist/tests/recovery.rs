@@ -373,6 +373,64 @@ fn a_worker_the_scheduler_lost_is_lost_on_the_servers_though_its_connection_stay
         refused.contains("declared lost by the scheduler"),
         "{refused}"
     );
+    // And its pulls: the value it would read lacks its own acknowledged push.
+    let mut out = NDArray::zeros(&[4], DType::F32);
+    let refused = frozen.pull(3, &mut out).unwrap_err().to_string();
+    assert!(
+        refused.contains("declared lost by the scheduler"),
+        "{refused}"
+    );
     drop((frozen, survivor, recovered));
+    cluster.finish().unwrap();
+}
+
+#[test]
+fn a_step_retried_after_a_loss_is_not_failed_by_the_lost_round() {
+    let cluster = LocalCluster::start(1, 2, TIMEOUT).unwrap();
+    let (config, mut stores) = workers(&cluster, 2);
+    let refs: Vec<&DistStore> = stores.iter().collect();
+    on_all(&refs, |kv| {
+        kv.init(3, &NDArray::zeros(&[4], DType::F32)).unwrap();
+        kv.init(4, &NDArray::zeros(&[4], DType::F32)).unwrap();
+    });
+    let ones = NDArray::ones(&[4], DType::F32);
+    // Rank 0 pushes key 3 (acknowledged: the round waits for rank 1), then rank 1 is lost:
+    // key 3's round fails, and rank 0 hears of it through its push of key 4.
+    stores[0].push(3, &ones).unwrap();
+    let lost = stores.pop().unwrap();
+    lost.abandon();
+    let survivor = stores.pop().unwrap();
+    let by = Instant::now() + TIMEOUT;
+    let failed = loop {
+        match survivor.push(4, &ones) {
+            Err(e) => break e.to_string(),
+            // Merged before the server noticed: that round fails with the loss too.
+            Ok(()) if Instant::now() < by => thread::sleep(Duration::from_millis(10)),
+            Ok(()) => panic!("the loss was never noticed"),
+        }
+    };
+    assert!(failed.contains("is gone"), "{failed}");
+    // A restarted worker takes rank 1; both run the step again: rank 0's pulls read the new
+    // round, not the failure of the one it abandoned.
+    let recovered = connect(&config).unwrap();
+    for key in [3, 4] {
+        recovered
+            .init(key, &NDArray::zeros(&[4], DType::F32))
+            .unwrap();
+    }
+    let pulled = on_all(&[&survivor, &recovered], |kv| {
+        kv.push(3, &ones)?;
+        kv.push(4, &ones)?;
+        let mut out = NDArray::zeros(&[4], DType::F32);
+        kv.pull(3, &mut out)?;
+        let three = out.to_vec::<f32>().unwrap();
+        kv.pull(4, &mut out)?;
+        Ok::<_, kvstore_base::Error>((three, out.to_vec::<f32>().unwrap()))
+    });
+    for p in pulled {
+        let (three, four) = p.unwrap();
+        assert_eq!((three, four), (vec![2.0; 4], vec![2.0; 4]));
+    }
+    drop((survivor, recovered));
     cluster.finish().unwrap();
 }

@@ -103,6 +103,10 @@ pub(crate) struct Core {
     /// Per rank, how many times a recovering worker took it over: a push that found its
     /// sender's rank before a takeover is refused if it reaches its entry after it.
     generations: Vec<std::sync::atomic::AtomicU64>,
+    /// Losses of workers whose rounds were failed (counted before any entry is visited): a
+    /// sync push that read this before its entry's lock, and finds it changed there, may have
+    /// missed its round's failure, and is refused rather than start a round no one can join.
+    losses: std::sync::atomic::AtomicU64,
     workers: Mutex<Workers>,
     finished: Condvar,
     entries: Mutex<HashMap<PartId, SharedEntry>>,
@@ -170,6 +174,7 @@ impl Core {
             generations: (0..n)
                 .map(|_| std::sync::atomic::AtomicU64::new(0))
                 .collect(),
+            losses: std::sync::atomic::AtomicU64::new(0),
             workers: Mutex::new(Workers {
                 hello: vec![false; n],
                 bye: vec![false; n],
@@ -617,19 +622,27 @@ impl Core {
         };
         let mode = self.mode();
         // A worker that is gone can never complete a sync round again.
-        let gone = if mode == Mode::Sync {
+        let (gone, losses) = if mode == Mode::Sync {
             let w = lock(&self.workers);
-            (0..self.num_workers).find_map(|r| w.gone(r as usize).map(|why| (r, why)))
+            let gone = (0..self.num_workers).find_map(|r| w.gone(r as usize).map(|why| (r, why)));
+            (gone, self.losses.load(SeqCst))
         } else {
-            None
+            (None, 0)
         };
         let mut e = lock(&entry);
         let what = self.describe(&e.key, part);
+        if mode == Mode::Sync && gone.is_none() && self.losses.load(SeqCst) != losses {
+            waiter.answer.fail(&format!(
+                "push of {what}: a worker was lost while this push was on its way, and the \
+                 round it would start could not complete; retry the step once the job is whole"
+            ));
+            return;
+        }
         if self.generations[rank as usize].load(SeqCst) != generation {
             // Its connection was evicted by a recovering worker after this push was read.
             waiter.answer.fail(&format!(
-                "push of {what}: worker rank {rank}'s place was taken by a recovering worker \
-                 while this push was on its way"
+                "push of {what}: worker rank {rank} was lost, or its place taken by a \
+                 recovering worker, while this push was on its way"
             ));
             return;
         }
@@ -771,9 +784,10 @@ impl Core {
                 }
             }
             let sender = self.sender(&request);
-            Ok((items, data, sender, pushes, inits))
+            let puller = self.puller(&request);
+            Ok((items, data, sender, puller, pushes, inits))
         });
-        let (items, data, sender, pushes, inits) = match parsed {
+        let (items, data, sender, puller, pushes, inits) = match parsed {
             Ok(p) => p,
             Err(e) => {
                 let _ = responder.respond_error(&e);
@@ -817,8 +831,10 @@ impl Core {
             let answer = Answer::Item(Arc::clone(&batch), i);
             let id = (it.wire, u64::from(it.part));
             if !pushes {
-                let rank = sender.as_ref().ok().map(|&(rank, _)| rank);
-                self.pull_part(rank, id, answer, Wants::Value);
+                match &puller {
+                    Ok(rank) => self.pull_part(*rank, id, answer, Wants::Value),
+                    Err(e) => answer.fail(&format!("pull of {}: {e}", self.describe_id(id))),
+                }
                 continue;
             }
             match &sender {
@@ -860,6 +876,9 @@ impl Core {
             e.stall_logged = false;
         }
         e.pushed[waiter.rank as usize] = true;
+        // A worker pushing into a new round has moved on from a failed one (a retry): that
+        // failure is no longer its next pull's.
+        e.failed[waiter.rank as usize] = None;
         // A push returns once merged, as MXNet's does not block its caller; the worker's next
         // pull of the key waits for the round instead (see `pull_part`). The round's last push
         // returns once the round is complete (updated): what a worker reads from the server
@@ -964,7 +983,10 @@ impl Core {
                 return;
             }
         };
-        self.pull_part(self.sender_rank(request).ok(), id, answer, Wants::Value);
+        match self.puller(request) {
+            Ok(rank) => self.pull_part(rank, id, answer, Wants::Value),
+            Err(e) => answer.fail(&format!("pull of {}: {e}", self.describe_id(id))),
+        }
     }
 
     /// Answers with the value of a part (or the rows `wants` names). A pull from a worker
@@ -1031,12 +1053,12 @@ impl Core {
                         rows.rows
                     );
                 }
-                self.pull_part(
-                    self.sender_rank(request).ok(),
-                    id,
-                    answer,
-                    Wants::Rows(rows),
-                )
+                match self.puller(request) {
+                    Ok(rank) => self.pull_part(rank, id, answer, Wants::Rows(rows)),
+                    Err(e) => {
+                        answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id)))
+                    }
+                }
             }
             Err(e) => answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id))),
         }
@@ -1241,7 +1263,9 @@ impl Core {
 fn fail_round(e: &mut Entry, msg: &str) {
     let waiters = std::mem::take(&mut e.waiters);
     fail_waiters(e, waiters, msg);
-    for q in e.queued.drain(..) {
+    for q in std::mem::take(&mut e.queued) {
+        // Its worker is told, by its queued push's answer.
+        e.failed[q.rank as usize] = None;
         q.waiter.answer.fail(msg);
         for pull in q.pulls {
             pull.answer.fail(msg);

@@ -99,7 +99,11 @@ impl Pushed<'_> {
             return dst.add_assign(&pushed).map_err(|e| e.to_string());
         }
         if dst.storage_type() == StorageType::RowSparse {
+            // Checked (made an array) before the round's rows become dense: a push that fails
+            // leaves the sum as it was.
+            let pushed = self.to_array(like)?;
             *dst = dst.to_dense();
+            return dst.add_assign(&pushed).map_err(|e| e.to_string());
         }
         match self {
             Pushed::Raw(bytes) => add_from_bytes(dst, bytes),

@@ -157,6 +157,9 @@ impl Core {
     /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
     /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
     fn fail_rounds_of(&self, rank: u32, why: &str) {
+        // Before any entry is visited: a push that checked for gone workers before this loss
+        // sees the count changed at its entry (see `losses`).
+        self.losses.fetch_add(1, SeqCst);
         for ((_, part), entry) in self.entry_list() {
             let mut e = lock(&entry);
             let what = self.describe(&e.key, part);
@@ -182,6 +185,23 @@ impl Core {
                     w.answer.fail(&msg);
                 }
             }
+        }
+    }
+
+    /// The rank a pull's connection holds: `None` for a connection that never said hello (the
+    /// value is answered as it is); an error for one evicted (a recovering worker took its
+    /// place, or the scheduler declared it lost), whose requests are refused from then on.
+    pub(super) fn puller(&self, request: &Request) -> Result<Option<u32>, String> {
+        match self.sender(request) {
+            Ok((rank, _)) => Ok(Some(rank)),
+            Err(why)
+                if lock(&self.workers)
+                    .evicted
+                    .contains_key(&request.connection) =>
+            {
+                Err(why)
+            }
+            Err(_) => Ok(None),
         }
     }
 
@@ -399,6 +419,8 @@ impl Core {
             );
             let why = format!("the scheduler declared it lost: {description}");
             w.mark_lost(rank, &why);
+            // Its pushes already read are refused at their entry.
+            self.generations[rank as usize].fetch_add(1, SeqCst);
             self.finished.notify_all();
             (peer, why)
         };
@@ -433,6 +455,8 @@ impl Core {
             }
             let why = format!("its connection from {peer} closed without a goodbye");
             w.mark_lost(rank, &why);
+            // Its pushes already read are refused at their entry.
+            self.generations[rank as usize].fetch_add(1, SeqCst);
             self.finished.notify_all();
             (rank, why)
         };
