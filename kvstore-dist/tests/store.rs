@@ -1041,3 +1041,82 @@ fn a_push_under_an_optimizer_is_refused_whole_before_any_key_is_stepped() {
     assert!(sparse.to_string().contains("weight decay"), "{sparse}");
     assert_eq!(w, &vec![1.0; 8], "key 0 was never stepped");
 }
+
+#[test]
+fn a_worker_may_queue_only_so_many_pushes_of_a_part_for_later_rounds() {
+    use common::{remote_message, Manual};
+    use kvstore_dist::protocol::{self, InitMeta};
+    use kvstore_dist::transport::Outgoing;
+
+    // Two hand-spoken workers; only one of them pushes, so its pushes after the first wait
+    // for rounds the other never completes.
+    let cluster = LocalCluster::start(1, 2, TIMEOUT).unwrap();
+    let join = || {
+        let config = kvstore_dist::DistConfig::from_vars(cluster.worker_options().clone()).unwrap();
+        let node = kvstore_dist::Node::join(&config).unwrap();
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        let server = node.servers().next().unwrap().addr.clone();
+        let conn =
+            kvstore_dist::transport::Connection::connect(server.as_str(), transport).unwrap();
+        conn.request(
+            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+                .key(node.rank() as u64)
+                .aux(protocol::Mode::Sync.code()),
+            "hello",
+        )
+        .unwrap();
+        Manual { node, conn }
+    };
+    let (a, b) = thread::scope(|s| {
+        let a = s.spawn(join);
+        let b = s.spawn(join);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (first, second) = if a.node.rank() == 0 { (a, b) } else { (b, a) };
+    let f32_flag = protocol::dtype_flag(DType::F32);
+    let mut init = InitMeta {
+        dtype: DType::F32,
+        elements: 2,
+        row_len: 0,
+        row_sparse: false,
+        key: 9.into(),
+    }
+    .encode();
+    init.extend([1.0f32, 2.0].iter().flat_map(|v| v.to_ne_bytes()));
+    first
+        .conn
+        .request(
+            Outgoing::new(protocol::CMD_INIT, &init)
+                .key(9)
+                .flags(f32_flag),
+            "init",
+        )
+        .unwrap();
+    let push: Vec<u8> = [1.0f32, 1.0].iter().flat_map(|v| v.to_ne_bytes()).collect();
+    let send = || {
+        first
+            .conn
+            .send(
+                Outgoing::new(protocol::CMD_PUSH, &push)
+                    .key(9)
+                    .flags(f32_flag),
+                "push",
+            )
+            .unwrap()
+    };
+    // The first push is merged and answered; 64 more wait for later rounds.
+    send().wait().unwrap();
+    let queued: Vec<_> = (0..64).map(|_| send()).collect();
+    let refused = remote_message(send().wait());
+    assert!(
+        refused.contains("64 pushes of it queued for later rounds"),
+        "{refused}"
+    );
+    drop(queued);
+    for m in [first, second] {
+        drop(m.conn);
+        m.node.leave().unwrap();
+    }
+    drop(cluster);
+}

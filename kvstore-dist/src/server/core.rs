@@ -43,6 +43,11 @@ struct Waiter {
     wants: Wants,
 }
 
+/// The most pushes of one part a worker may have queued for later sync rounds (each a copy
+/// of its data): beyond that a push is refused, so that a worker pushing a key in a loop, or
+/// many threads of one, cannot fill the server's memory while the others fall behind.
+const MAX_QUEUED_PUSHES: usize = 64;
+
 /// A push that arrived while its worker already had one in the current round.
 struct Queued {
     rank: u32,
@@ -683,6 +688,16 @@ impl Core {
             Mode::Async => self.apply_async(&mut e, pushed, waiter, &what),
             Mode::Sync => {
                 if e.pushed[rank as usize] {
+                    let queued = e.queued.iter().filter(|q| q.rank == rank).count();
+                    if queued >= MAX_QUEUED_PUSHES {
+                        waiter.answer.fail(&format!(
+                            "push of {what}: worker rank {rank} has {queued} pushes of it \
+                             queued for later rounds already (each waits for every worker's \
+                             push of the round before): push a key again once the others \
+                             pushed it"
+                        ));
+                        return;
+                    }
                     // Its next round: replayed once this one completes.
                     e.queued.push_back(Queued {
                         rank,
