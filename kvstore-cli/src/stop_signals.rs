@@ -32,7 +32,9 @@ pub struct Catching {
     previous: Vec<(libc::c_int, libc::sigaction)>,
 }
 
-/// Catches SIGINT, SIGTERM and SIGHUP until the returned guard is dropped (see [`caught`]).
+/// Catches SIGINT, SIGTERM and SIGHUP until the returned guard is dropped (see [`caught`]);
+/// a signal the launcher was started ignoring (`nohup`, a background job of a script) stays
+/// ignored, by it and by the processes it starts.
 ///
 /// # Errors
 /// The operating system refused to install a handler.
@@ -45,6 +47,12 @@ pub fn catch() -> io::Result<Catching> {
             // SAFETY: `sigaction` structs are plain data, valid zeroed; the handler only
             // stores to an atomic; the old action is written into a local.
             unsafe {
+                let mut current: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+                    && current.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
                 let mut action: libc::sigaction = std::mem::zeroed();
                 action.sa_sigaction = record as extern "C" fn(libc::c_int) as libc::sighandler_t;
                 libc::sigemptyset(&mut action.sa_mask);

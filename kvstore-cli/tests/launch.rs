@@ -542,26 +542,29 @@ fn a_worker_that_keeps_failing_ends_the_job_once_its_restarts_are_spent() {
     assert!(job.elapsed < Duration::from_secs(15), "{}", job.report());
 }
 
-/// Starts `kvstore launch` of one server and one worker that says `ready` then sleeps; returns
-/// the launcher, its marker and its standard error's reader once the worker is ready.
+/// Starts `kvstore launch` (under `nohup` when `nohup`) of one server and one worker that says
+/// `ready` then sleeps `seconds` (its job never ends by itself: the worker never joins); returns the launcher, its marker and its standard error's
+/// reader once the worker is ready.
 #[cfg(target_os = "linux")]
-fn a_sleeping_job() -> (std::process::Child, String, std::thread::JoinHandle<String>) {
+fn a_sleeping_job(
+    seconds: u32,
+    nohup: bool,
+) -> (std::process::Child, String, std::thread::JoinHandle<String>) {
     use std::io::{BufRead, BufReader, Read};
     use std::process::{Command, Stdio};
     let mark = common::unique_mark();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+    let mut cmd = match nohup {
+        true => {
+            let mut cmd = Command::new("nohup");
+            cmd.arg(env!("CARGO_BIN_EXE_kvstore"));
+            cmd
+        }
+        false => Command::new(env!("CARGO_BIN_EXE_kvstore")),
+    };
+    let worker = format!("echo ready; exec sleep {seconds}");
     cmd.args(["launch", "--env"])
         .arg(format!("{}={mark}", common::MARK))
-        .args([
-            "-n",
-            "1",
-            "-s",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "echo ready; exec sleep 60",
-        ])
+        .args(["-n", "1", "-s", "1", "--", "sh", "-c", &worker])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -598,7 +601,7 @@ fn left_after_a_while(mark: &str) -> Vec<u32> {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_launcher_told_to_stop_kills_its_job_and_exits_128_plus_the_signal() {
-    let (mut launcher, mark, errors) = a_sleeping_job();
+    let (mut launcher, mark, errors) = a_sleeping_job(60, false);
     let sent = std::process::Command::new("kill")
         .args(["-TERM", &launcher.id().to_string()])
         .status()
@@ -617,8 +620,32 @@ fn a_launcher_told_to_stop_kills_its_job_and_exits_128_plus_the_signal() {
 #[cfg(target_os = "linux")]
 #[test]
 fn a_launcher_killed_outright_takes_its_job_with_it() {
-    let (mut launcher, mark, _errors) = a_sleeping_job();
+    let (mut launcher, mark, _errors) = a_sleeping_job(60, false);
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     assert_eq!(left_after_a_while(&mark), Vec::<u32>::new());
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_launcher_started_under_nohup_keeps_ignoring_sighup() {
+    let (mut launcher, mark, errors) = a_sleeping_job(60, true);
+    let pid = launcher.id().to_string();
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("-HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    // Still running, its job too (the scheduler, the server and the worker).
+    assert!(launcher.try_wait().unwrap().is_none());
+    assert!(common::marked_processes(&mark).len() >= 3);
+    signal("-TERM");
+    let status = launcher.wait().unwrap();
+    let errors = errors.join().unwrap();
+    assert_eq!(status.code(), Some(143), "{errors}");
+    assert_eq!(left_after_a_while(&mark), Vec::<u32>::new(), "{errors}");
 }

@@ -205,10 +205,18 @@ pub(crate) fn list(items: &[String]) -> String {
 
 /// The heartbeat interval and timeout a configuration implies: `PS_HEARTBEAT_INTERVAL` and
 /// `PS_HEARTBEAT_TIMEOUT` when set (non-zero); otherwise an interval of a tenth of
-/// `KVSTORE_TIMEOUT_SECS` clamped to 100 ms..=5 s, and a timeout of three intervals.
+/// `KVSTORE_TIMEOUT_SECS` clamped to 100 ms..=5 s (at most a third of `PS_HEARTBEAT_TIMEOUT`
+/// when only that is set), and a timeout of three intervals.
 pub fn heartbeat_settings(config: &crate::config::DistConfig) -> (Duration, Duration) {
     let interval = if config.heartbeat_interval.is_zero() {
-        (config.timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        let derived =
+            (config.timeout / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        match config.heartbeat_timeout.is_zero() {
+            true => derived,
+            false => derived
+                .min(config.heartbeat_timeout / 3)
+                .max(Duration::from_millis(100)),
+        }
     } else {
         config.heartbeat_interval
     };

@@ -15,7 +15,7 @@
 //! | `DMLC_INTERFACE` | `interface` | unset | network interface to take the address from |
 //! | `PORT` | `port` | unset (any free port) | fixed port for this node |
 //! | `PS_VERBOSE` | `verbose` | 0 | 0, 1 (connections, barriers) or 2 (every message): the level of what `kvstore scheduler`/`kvstore server` log (`info`, `debug`); the libraries log those records at those levels whatever it says, and a worker program's own logger decides what it shows |
-//! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0: a tenth of `KVSTORE_TIMEOUT_SECS`, within 0.1–5 s | whole seconds between a node's heartbeats (at most a year) |
+//! | `PS_HEARTBEAT_INTERVAL` | `heartbeat_interval` | 0: a tenth of `KVSTORE_TIMEOUT_SECS`, within 0.1–5 s (and at most a third of `PS_HEARTBEAT_TIMEOUT` when that is set) | whole seconds between a node's heartbeats (at most a year) |
 //! | `PS_HEARTBEAT_TIMEOUT` | `heartbeat_timeout` | 0: three intervals | whole seconds of silence before the scheduler takes a node for lost (at least the interval, at most a year); each node announces its own at registration, and the scheduler waits the longer of the node's and its own |
 //! | `MXNET_KVSTORE_BIGARRAY_BOUND` | `bigarray_bound` | 1000000 | element count from which an array is split over all servers |
 //! | `KVSTORE_TIMEOUT_SECS` | `timeout_secs` | 600 | bound on every wait (connect, reply, barrier; ten times it for rank 0's `load_optimizer_states`); fractions allowed |

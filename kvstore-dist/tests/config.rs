@@ -119,6 +119,20 @@ fn scheduler_hosts_may_be_ipv6_bare_or_bracketed() {
 }
 
 #[test]
+fn a_heartbeat_timeout_set_alone_gets_an_interval_that_fits_in_it() {
+    let c = DistConfig::from_vars(with(&[("PS_HEARTBEAT_TIMEOUT", "2")])).unwrap();
+    let (interval, timeout) = kvstore_dist::cluster::heartbeat_settings(&c);
+    assert_eq!(timeout, Duration::from_secs(2));
+    assert!(interval <= timeout / 3, "{interval:?}");
+    // Unset, both follow KVSTORE_TIMEOUT_SECS (600 s: every 5 s, lost after 15 s).
+    let c = DistConfig::from_vars(with(&[])).unwrap();
+    assert_eq!(
+        kvstore_dist::cluster::heartbeat_settings(&c),
+        (Duration::from_secs(5), Duration::from_secs(15))
+    );
+}
+
+#[test]
 fn a_heartbeat_timeout_shorter_than_the_interval_is_refused() {
     let msg = err(with(&[
         ("PS_HEARTBEAT_INTERVAL", "10"),

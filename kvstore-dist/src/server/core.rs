@@ -638,8 +638,9 @@ impl Core {
         let what = self.describe(&e.key, part);
         if mode == Mode::Sync && gone.is_none() && self.losses.load(SeqCst) != losses {
             waiter.answer.fail(&format!(
-                "push of {what}: a worker was lost while this push was on its way, and the \
-                 round it would start could not complete; retry the step once the job is whole"
+                "push of {what}: a worker is gone (left, lost or replaced) since this push was \
+                 read, and the round it would start could not complete; retry the step once \
+                 the job is whole"
             ));
             return;
         }
@@ -707,6 +708,11 @@ impl Core {
                     });
                     return;
                 }
+                // A worker pushing into a new round, with no push of its own held, has moved
+                // on from a failed round it pushed in (a retry of the step): that failure is
+                // no longer its next pull's. (A queued push replayed later does not: its
+                // worker was not told yet.)
+                e.failed[rank as usize] = None;
                 self.merge_sync(&mut e, pushed, waiter, &what);
                 while !e.pushed.iter().any(|&p| p) && !e.queued.is_empty() {
                     // The round just completed: replay what was queued for the next one.
@@ -891,9 +897,6 @@ impl Core {
             e.stall_logged = false;
         }
         e.pushed[waiter.rank as usize] = true;
-        // A worker pushing into a new round has moved on from a failed one (a retry): that
-        // failure is no longer its next pull's.
-        e.failed[waiter.rank as usize] = None;
         // A push returns once merged, as MXNet's does not block its caller; the worker's next
         // pull of the key waits for the round instead (see `pull_part`). The round's last push
         // returns once the round is complete (updated): what a worker reads from the server

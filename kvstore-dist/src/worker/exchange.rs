@@ -406,7 +406,9 @@ impl DistStore {
     /// retry's as the next. Inits and pushes of rows are checked: an init is a key's biggest
     /// dense message, and its pushes and pulls are no bigger, but rows carry their 8-byte ids
     /// besides (a 1-d float32 key pushed whole is three times its init). The calls that move
-    /// dense data take no extra pass over their parts.
+    /// dense data take no extra pass over their parts. Parts are measured as TCP messages even
+    /// where a server shares memory with this worker: its region may have no room when the
+    /// part is sent, and a job behaves alike on one host and across hosts.
     fn check_message_sizes(&self, call: &Call<'_, '_>) -> Result<()> {
         let init = call.command == protocol::CMD_INIT;
         let rows = |i: usize| call.parts.flags(i) & protocol::FLAG_ROW_SPARSE != 0;
