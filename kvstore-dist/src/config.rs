@@ -321,17 +321,7 @@ fn seconds(
     } else {
         "a positive number of seconds (fractions allowed), at most one year"
     };
-    let (secs, name, raw) = match src.get(var) {
-        Some(v) => (
-            parse_num::<f64>(var, v, expected)?,
-            var.to_string(),
-            v.to_string(),
-        ),
-        None => {
-            let t = in_file.unwrap_or(default);
-            (t, file_var(key), t.to_string())
-        }
-    };
+    let (secs, name, raw) = setting(src, var, (key, in_file), default, expected)?;
     let positive = secs > 0.0 || (zero_allowed && secs == 0.0);
     if !(secs.is_finite() && positive && secs <= 365.0 * 86400.0) {
         return Err(invalid(&name, &raw, expected));
@@ -384,6 +374,28 @@ fn invalid(var: &str, value: &str, expected: &str) -> ConfigError {
         value: value.to_string(),
         expected: expected.to_string(),
     }
+}
+
+/// A setting from the variable `var`, else the file's `key`, else `default`: its value, the
+/// name it came by (the variable, or the file's key) and its text, for an error about it.
+fn setting<T: std::str::FromStr + ToString + Copy>(
+    src: &Source<'_>,
+    var: &str,
+    (key, in_file): (&str, Option<T>),
+    default: T,
+    expected: &str,
+) -> Result<(T, String, String), ConfigError> {
+    Ok(match src.get(var) {
+        Some(v) => (
+            parse_num::<T>(var, v, expected)?,
+            var.to_string(),
+            v.to_string(),
+        ),
+        None => {
+            let n = in_file.unwrap_or(default);
+            (n, file_var(key), n.to_string())
+        }
+    })
 }
 
 fn parse_num<T: std::str::FromStr>(
@@ -608,17 +620,13 @@ impl DistConfig {
         };
 
         let verbose_expected = "0, 1 or 2";
-        let (verbose, vname, vraw) = match src.get("PS_VERBOSE") {
-            Some(v) => (
-                parse_num::<u8>("PS_VERBOSE", v, verbose_expected)?,
-                "PS_VERBOSE".to_string(),
-                v.to_string(),
-            ),
-            None => {
-                let n = file.verbose.unwrap_or(0);
-                (n, file_var("verbose"), n.to_string())
-            }
-        };
+        let (verbose, vname, vraw) = setting(
+            &src,
+            "PS_VERBOSE",
+            ("verbose", file.verbose),
+            0u8,
+            verbose_expected,
+        )?;
         if verbose > 2 {
             return Err(invalid(&vname, &vraw, verbose_expected));
         }
@@ -627,17 +635,7 @@ impl DistConfig {
         let heartbeat_expected =
             "a whole number of seconds, at most one year (0: derived from KVSTORE_TIMEOUT_SECS)";
         let secs = |var: &str, key: &str, from_file: Option<u64>| {
-            let (n, name, raw) = match src.get(var) {
-                Some(v) => (
-                    parse_num::<u64>(var, v, heartbeat_expected)?,
-                    var.to_string(),
-                    v.to_string(),
-                ),
-                None => {
-                    let n = from_file.unwrap_or(0);
-                    (n, file_var(key), n.to_string())
-                }
-            };
+            let (n, name, raw) = setting(&src, var, (key, from_file), 0, heartbeat_expected)?;
             if n > YEAR {
                 return Err(invalid(&name, &raw, heartbeat_expected));
             }
@@ -674,17 +672,7 @@ impl DistConfig {
                         min: u64,
                         expected: &str|
          -> Result<u64, ConfigError> {
-            let (n, name, raw) = match src.get(var) {
-                Some(v) => (
-                    parse_num::<u64>(var, v, expected)?,
-                    var.to_string(),
-                    v.to_string(),
-                ),
-                None => {
-                    let n = from_file.unwrap_or(default);
-                    (n, file_var(key), n.to_string())
-                }
-            };
+            let (n, name, raw) = setting(&src, var, (key, from_file), default, expected)?;
             if n < min {
                 return Err(invalid(&name, &raw, expected));
             }
