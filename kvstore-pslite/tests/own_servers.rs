@@ -315,62 +315,6 @@ fn a_worker_that_dies_fails_its_round_and_barrier_at_once() -> Result<(), Failed
     Ok(())
 }
 
-/// A worker's malformed key-value requests (values of a length no dtype divides, a
-/// compressed push before compression was set, rows with broken lengths) are refused, left
-/// unanswered, and the server goes on serving the job.
-fn a_workers_malformed_requests_are_refused_and_the_job_goes_on() -> Result<(), Failed> {
-    use kvstore_base::{DType, KVStoreExt, NDArray};
-    use kvstore_pslite::meta::{Meta, Role};
-    use kvstore_pslite::zmtp::Dealer;
-
-    let job = LocalJob::start(1, 1, TIMEOUT)?;
-    let options = job.worker_options().clone();
-    let config = kvstore_dist::DistConfig::from_vars(options).map_err(|e| e.to_string())?;
-    let kv = kvstore_pslite::PsLiteStore::connect(NAME, &config)?;
-    kv.init(3, &NDArray::zeros(&[4], DType::F32))?;
-    let node = |role: Role| {
-        kv.job_nodes()
-            .iter()
-            .find(|n| n.role == role)
-            .cloned()
-            .ok_or(format!("no {role:?} in the node table"))
-    };
-    let (server, worker) = (node(Role::Server)?, node(Role::Worker)?);
-    // Speaks as the worker (ps-lite's identities are its only credentials).
-    let mut dealer = Dealer::connect(
-        &format!("{}:{}", server.hostname, server.port),
-        format!("ps{}", worker.id).as_bytes(),
-        Duration::from_secs(5),
-    )?;
-    let key = 3u64.to_le_bytes();
-    let push = |head: i32, timestamp: i32| {
-        Meta {
-            head,
-            request: true,
-            push: true,
-            app_id: Some(0),
-            timestamp: Some(timestamp),
-            ..Meta::default()
-        }
-        .encode()
-    };
-    // float32 values of 3 bytes; a compressed push (head 3: 2-bit) with no codec set; a
-    // row-sparse push (head 1) whose lengths frame is 3 bytes.
-    dealer.send(&push(0, 901), &[&key, &[1, 2, 3]])?;
-    dealer.send(&push(3, 902), &[&[key, key].concat(), &[0; 4]])?;
-    dealer.send(&push(1, 903), &[&key, &[0; 8], &[0; 3]])?;
-    std::thread::sleep(Duration::from_millis(300));
-    let mut out = NDArray::zeros(&[4], DType::F32);
-    kv.pushpull(3, &NDArray::full(&[4], 2.0, DType::F32), &mut out)?;
-    if out.to_f64_vec() != vec![2.0; 4] {
-        return Err(format!("a wrong sum after the refused requests: {out:?}").into());
-    }
-    dealer.close();
-    drop(kv);
-    job.join()?;
-    Ok(())
-}
-
 /// Messages from processes that are not nodes of the job (random and mutated metas and frames,
 /// under identities no node has) reach the scheduler before and while the job runs and the
 /// server while it runs: nothing panics, and the job forms, sums exactly and ends cleanly.
@@ -622,11 +566,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 8] = [
-        (
-            "own_servers::a_workers_malformed_requests_are_refused_and_the_job_goes_on",
-            a_workers_malformed_requests_are_refused_and_the_job_goes_on,
-        ),
+    let own: [(&str, common::Test); 7] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,

@@ -218,24 +218,6 @@ fn reply(van: &Van, request: &Message, value: Option<&[u8]>) -> Result<(), VanEr
     }
 }
 
-/// Why a key-value request was not served.
-#[derive(Debug)]
-enum Unserved {
-    /// The request is malformed or does not fit its key (the text names the worker and the
-    /// key): nothing of it is kept, it is left unanswered (ps-lite's protocol has no error
-    /// answer: a worker of this crate fails it on its timeout), and the server goes on
-    /// serving the others.
-    Refused(String),
-    /// The server cannot go on (its links, or a round it took in cannot be completed).
-    Fatal(VanError),
-}
-
-impl From<VanError> for Unserved {
-    fn from(e: VanError) -> Self {
-        Unserved::Fatal(e)
-    }
-}
-
 /// The server's loop state.
 struct Server {
     van: Van,
@@ -308,9 +290,9 @@ impl Server {
         Ok(head == CMD_STOP_SERVER)
     }
 
-    fn key_value(&mut self, mut request: Message) -> Result<(), Unserved> {
+    fn key_value(&mut self, mut request: Message) -> Result<(), VanError> {
         let sender = request.sender;
-        let bad = |what: String| Unserved::Refused(format!("{}: {what}", node_name(sender)));
+        let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
         let (request_type, dtype) = request_of(request.meta.head).map_err(bad)?;
         if request_type == ROW_SPARSE_PUSH_PULL {
             return self.row_sparse(request, dtype);
@@ -332,7 +314,7 @@ impl Server {
                 .slots
                 .get(&ps_key)
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
-            return Ok(reply(&self.van, &request, Some(value))?);
+            return reply(&self.van, &request, Some(value));
         }
         let vals = take_values(&mut request);
         let pushed = match size_key {
@@ -412,7 +394,7 @@ impl Server {
                 }
             )));
         }
-        Ok(self.take_push(ps_key, request, pushed)?)
+        self.take_push(ps_key, request, pushed)
     }
 
     /// A push to the initialised key `ps_key`: in async mode applied at once (through the
@@ -480,12 +462,8 @@ impl Server {
 /// Runs a server of the job `config` names until rank 0 stops it (MXNet's `kStopServer`) and
 /// every node met in the last barrier.
 ///
-/// A worker's malformed key-value request (named in a warning) is refused, left unanswered,
-/// and the server goes on.
-///
 /// # Errors
-/// Joining fails, a command it cannot carry out (an optimizer or compression it does not
-/// run), a round it cannot complete (the optimizer refusing its sum), or every worker lost.
+/// Joining fails, a request it cannot serve (named), or every worker lost.
 pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError> {
     let van = Van::join_as(config, Role::Server)?;
     van.barrier(EVERYONE)?;
@@ -544,13 +522,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
                 break;
             }
         } else {
-            match server.key_value(request) {
-                Ok(()) => {}
-                Err(Unserved::Refused(why)) => {
-                    log::warn!("pslite server: refused a request, left unanswered: {why}")
-                }
-                Err(Unserved::Fatal(e)) => return Err(e),
-            }
+            server.key_value(request)?;
         }
     }
     server.van.barrier(EVERYONE)?;

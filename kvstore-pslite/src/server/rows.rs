@@ -24,7 +24,7 @@
 
 use kvstore_base::{DType, NDArray};
 
-use super::{node_name, reply, take_values, Message, Pushed, Server, Slot, Unserved, VanError};
+use super::{node_name, reply, take_values, Message, Pushed, Server, Slot, VanError};
 
 /// The master key and the row ids of a row-sparse request's keys, checked: the ids strictly
 /// increasing, as MXNet's workers send them.
@@ -78,13 +78,13 @@ impl Server {
         &mut self,
         mut request: Message,
         dtype: DType,
-    ) -> Result<(), Unserved> {
+    ) -> Result<(), VanError> {
         let sender = request.sender;
-        let bad = |what: String| Unserved::Refused(format!("{}: {what}", node_name(sender)));
+        let bad = |what: String| VanError(format!("{}: {what}", node_name(sender)));
         let keys = request.data.first().map_or(&[][..], |k| k.as_slice());
         let (master, ids) = row_ids(keys).map_err(bad)?;
         if !request.meta.push {
-            return Ok(self.answer_rows(&request, master, &ids)?);
+            return self.answer_rows(&request, master, &ids);
         }
         if request.meta.pull {
             return Err(bad(format!(
@@ -177,9 +177,9 @@ impl Server {
             .map_err(|e| bad(e.to_string()))?;
         if ids.is_empty() && !self.sync {
             // Nothing to apply.
-            return Ok(reply(&self.van, &request, None)?);
+            return reply(&self.van, &request, None);
         }
-        Ok(self.take_push(master, request, Pushed::Rows(rows))?)
+        self.take_push(master, request, Pushed::Rows(rows))
     }
 
     /// Answers a pull of rows `ids` of `master`: the request's keys, the rows' elements, and
