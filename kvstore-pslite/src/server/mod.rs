@@ -462,6 +462,11 @@ impl Server {
 /// Runs a server of the job `config` names until rank 0 stops it (MXNet's `kStopServer`) and
 /// every node met in the last barrier.
 ///
+/// A worker's request it cannot serve (malformed, or not fitting its key) stops it with an
+/// error naming the worker and the key: ps-lite has no error answer, an MXNet worker left
+/// unanswered would wait forever, and a stopped server ends the job at once (its scheduler
+/// sees it go).
+///
 /// # Errors
 /// Joining fails, a request it cannot serve (named), or every worker lost.
 pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError> {
