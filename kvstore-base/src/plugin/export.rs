@@ -134,6 +134,15 @@ unsafe fn guard(
     })
 }
 
+/// `f()`, or `fallback` when it panics (its payload discarded): for the shims whose C
+/// signature has no room for an error.
+fn or_on_panic<T>(f: impl FnOnce() -> T, fallback: T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        discard_payload(payload);
+        fallback
+    })
+}
+
 /// Drops a panic payload without letting a panic of its `Drop` unwind (such a payload's own
 /// payload is leaked).
 fn discard_payload(payload: Box<dyn std::any::Any + Send>) {
@@ -416,9 +425,7 @@ pub unsafe extern "C" fn shim_destroy(store: KvStoreHandle) {
     // SAFETY: the caller hands back a handle made by `Box::into_raw` in `create_store`.
     let boxed = unsafe { Box::from_raw(store.cast::<Box<dyn KVStoreBase>>()) };
     // A panicking Drop must not unwind into the caller; the store is gone either way.
-    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(boxed))) {
-        discard_payload(payload);
-    }
+    or_on_panic(move || drop(boxed), ());
 }
 
 /// `type_name`: copies the type name into `buf` (truncated, nul-terminated), returns its length.
@@ -428,10 +435,10 @@ pub unsafe extern "C" fn shim_destroy(store: KvStoreHandle) {
 pub unsafe extern "C" fn shim_type_name(store: KvStoreHandle, buf: *mut u8, cap: usize) -> usize {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    let name = catch_unwind(AssertUnwindSafe(|| kv.type_name().to_string())).unwrap_or_else(|p| {
-        discard_payload(p);
-        "panicked-type-name".to_string()
-    });
+    let name = or_on_panic(
+        || kv.type_name().to_string(),
+        "panicked-type-name".to_string(),
+    );
     if cap > 0 && !buf.is_null() {
         let mut record = KvError::with_buffer(&mut []);
         record.message = buf;
@@ -448,10 +455,7 @@ pub unsafe extern "C" fn shim_type_name(store: KvStoreHandle, buf: *mut u8, cap:
 pub unsafe extern "C" fn shim_rank(store: KvStoreHandle) -> u64 {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    catch_unwind(AssertUnwindSafe(|| kv.rank() as u64)).unwrap_or_else(|p| {
-        discard_payload(p);
-        0
-    })
+    or_on_panic(|| kv.rank() as u64, 0)
 }
 
 /// `num_workers` (1 if the store panics).
@@ -461,10 +465,7 @@ pub unsafe extern "C" fn shim_rank(store: KvStoreHandle) -> u64 {
 pub unsafe extern "C" fn shim_num_workers(store: KvStoreHandle) -> u64 {
     // SAFETY: the caller guarantees a live handle.
     let kv = unsafe { store_ref(store) };
-    catch_unwind(AssertUnwindSafe(|| kv.num_workers() as u64)).unwrap_or_else(|p| {
-        discard_payload(p);
-        1
-    })
+    or_on_panic(|| kv.num_workers() as u64, 1)
 }
 
 /// `is_capable` (0 for an unknown capability index or a panic).
@@ -480,10 +481,7 @@ pub unsafe extern "C" fn shim_is_capable(store: KvStoreHandle, capability: u32) 
     else {
         return 0;
     };
-    catch_unwind(AssertUnwindSafe(|| i32::from(kv.is_capable(cap)))).unwrap_or_else(|p| {
-        discard_payload(p);
-        0
-    })
+    or_on_panic(|| i32::from(kv.is_capable(cap)), 0)
 }
 
 /// `init`.

@@ -647,8 +647,8 @@ impl Core {
         if self.generations[rank as usize].load(SeqCst) != generation {
             // Its connection was evicted by a recovering worker after this push was read.
             waiter.answer.fail(&format!(
-                "push of {what}: worker rank {rank} was lost, or its place taken by a \
-                 recovering worker, while this push was on its way"
+                "push of {what}: worker rank {rank}'s place was taken by a recovering worker \
+                 while this push was on its way"
             ));
             return;
         }
@@ -852,10 +852,7 @@ impl Core {
             let answer = Answer::Item(Arc::clone(&batch), i);
             let id = (it.wire, u64::from(it.part));
             if !pushes {
-                match &puller {
-                    Ok(rank) => self.pull_part(*rank, id, answer, Wants::Value),
-                    Err(e) => answer.fail(&format!("pull of {}: {e}", self.describe_id(id))),
-                }
+                self.pull_part(&puller, id, answer, Wants::Value);
                 continue;
             }
             match &sender {
@@ -1001,17 +998,32 @@ impl Core {
                 return;
             }
         };
-        match self.puller(request) {
-            Ok(rank) => self.pull_part(rank, id, answer, Wants::Value),
-            Err(e) => answer.fail(&format!("pull of {}: {e}", self.describe_id(id))),
-        }
+        self.pull_part(&self.puller(request), id, answer, Wants::Value);
     }
 
-    /// Answers with the value of a part (or the rows `wants` names). A pull from a worker
+    /// Answers with the value of a part (or the rows `wants` names) to a pull from `puller`
+    /// (see [`puller`](Self::puller): an evicted connection's is refused). A pull from a worker
     /// that pushed in the part's current sync round waits for the round (its push has been
     /// acknowledged already, and a pull after a push returns that round's result); any other
     /// pull is answered at once.
-    fn pull_part(&self, rank: Option<u32>, (wire_key, part): PartId, answer: Answer, wants: Wants) {
+    fn pull_part(
+        &self,
+        puller: &Result<Option<u32>, String>,
+        (wire_key, part): PartId,
+        answer: Answer,
+        wants: Wants,
+    ) {
+        let rank = match puller {
+            Ok(rank) => *rank,
+            Err(why) => {
+                let operation = match wants {
+                    Wants::Rows(_) => "row_sparse_pull",
+                    _ => "pull",
+                };
+                let id = self.describe_id((wire_key, part));
+                return answer.fail(&format!("{operation} of {id}: {why}"));
+            }
+        };
         let Some(entry) = self.entry(wire_key, part) else {
             answer.fail(&self.uninitialised(wire_key, part));
             return;
@@ -1071,12 +1083,7 @@ impl Core {
                         rows.rows
                     );
                 }
-                match self.puller(request) {
-                    Ok(rank) => self.pull_part(rank, id, answer, Wants::Rows(rows)),
-                    Err(e) => {
-                        answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id)))
-                    }
-                }
+                self.pull_part(&self.puller(request), id, answer, Wants::Rows(rows))
             }
             Err(e) => answer.fail(&format!("row_sparse_pull of {}: {e}", self.describe_id(id))),
         }

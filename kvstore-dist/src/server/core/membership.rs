@@ -419,8 +419,6 @@ impl Core {
             );
             let why = format!("the scheduler declared it lost: {description}");
             w.mark_lost(rank, &why);
-            // Its pushes already read are refused at their entry.
-            self.generations[rank as usize].fetch_add(1, SeqCst);
             self.finished.notify_all();
             (peer, why)
         };
@@ -455,8 +453,6 @@ impl Core {
             }
             let why = format!("its connection from {peer} closed without a goodbye");
             w.mark_lost(rank, &why);
-            // Its pushes already read are refused at their entry.
-            self.generations[rank as usize].fetch_add(1, SeqCst);
             self.finished.notify_all();
             (rank, why)
         };
