@@ -13,9 +13,10 @@ use crate::{DType, Key};
 pub enum Error {
     /// `create` was given a name nothing is registered under.
     #[error(
-        "unknown kvstore type {name:?}; registered: {}{}",
+        "unknown kvstore type {name:?}; registered: {}{}{}",
         registered.join(", "),
-        suggestion.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default()
+        suggestion.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default(),
+        provided_by.as_ref().map(|p| format!("; {name:?} is a store of {p}, which this program does not link")).unwrap_or_default()
     )]
     UnknownStore {
         /// The requested name, lower-cased.
@@ -24,6 +25,9 @@ pub enum Error {
         registered: Vec<String>,
         /// The registered name closest to the requested one, if any is close.
         suggestion: Option<String>,
+        /// For a name of this project's stores whose crate is not linked: that crate and the
+        /// `kvstore` facade's feature that links it.
+        provided_by: Option<String>,
     },
 
     /// Two crates registered the same name statically; neither wins silently.

@@ -377,9 +377,23 @@ pub trait KVStoreExt: KVStoreBase {
         keys: impl Into<Keys>,
         values: impl Into<Outs<'a>>,
     ) -> Result<()> {
+        self.pushpull_in_place_with_priority(keys, values, 0)
+    }
+
+    /// `pushpull_in_place` with a priority (Gluon's `Trainer` passes `priority=-i` for the
+    /// `i`-th parameter, so the first layers' gradients go first).
+    ///
+    /// # Errors
+    /// As [`KVStoreBase::pushpull_in_place_batch`], plus malformed argument lists.
+    fn pushpull_in_place_with_priority<'a>(
+        &self,
+        keys: impl Into<Keys>,
+        values: impl Into<Outs<'a>>,
+        priority: i32,
+    ) -> Result<()> {
         let mut values = self::outs("pushpull", keys.into(), values.into())?;
         with_host_outs(self, &mut values, true, |v| {
-            self.pushpull_in_place_batch(v, 0)
+            self.pushpull_in_place_batch(v, priority)
         })
     }
 
@@ -393,11 +407,27 @@ pub trait KVStoreExt: KVStoreBase {
         values: impl Into<Values<'a>>,
         outs: impl Into<Outs<'b>>,
     ) -> Result<()> {
+        self.broadcast_with_priority(keys, values, outs, 0)
+    }
+
+    /// `broadcast` with a priority.
+    ///
+    /// # Errors
+    /// As [`KVStoreBase::broadcast_batch`], plus malformed argument lists.
+    fn broadcast_with_priority<'a, 'b>(
+        &self,
+        keys: impl Into<Keys>,
+        values: impl Into<Values<'a>>,
+        outs: impl Into<Outs<'b>>,
+        priority: i32,
+    ) -> Result<()> {
         let keys = keys.into();
         let values = self::values("broadcast", keys.clone(), values.into())?;
         let mut outs = self::outs("broadcast", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_outs(self, &mut outs, false, |o| self.broadcast_batch(v, o, 0))
+            with_host_outs(self, &mut outs, false, |o| {
+                self.broadcast_batch(v, o, priority)
+            })
         })
     }
 
@@ -413,6 +443,20 @@ pub trait KVStoreExt: KVStoreBase {
         keys: impl Into<Keys>,
         outs: impl Into<Outs<'a>>,
         row_ids: impl Into<Values<'b>>,
+    ) -> Result<()> {
+        self.row_sparse_pull_with_priority(keys, outs, row_ids, 0)
+    }
+
+    /// `row_sparse_pull` with a priority.
+    ///
+    /// # Errors
+    /// As [`row_sparse_pull`](KVStoreExt::row_sparse_pull).
+    fn row_sparse_pull_with_priority<'a, 'b>(
+        &self,
+        keys: impl Into<Keys>,
+        outs: impl Into<Outs<'a>>,
+        row_ids: impl Into<Values<'b>>,
+        priority: i32,
     ) -> Result<()> {
         let keys = keys.into();
         let mut outs = self::outs("row_sparse_pull", keys.clone(), outs.into())?;
@@ -436,10 +480,10 @@ pub trait KVStoreExt: KVStoreBase {
         };
         // Row ids in device memory are read on the host, unless the store takes them.
         if self.handles_device_arrays() {
-            return self.row_sparse_pull_batch(&mut outs, &row_ids, 0);
+            return self.row_sparse_pull_batch(&mut outs, &row_ids, priority);
         }
         with_arrays_on_host(&row_ids, |ids| {
-            with_outs_on_host(&mut outs, |o| self.row_sparse_pull_batch(o, ids, 0))
+            with_outs_on_host(&mut outs, |o| self.row_sparse_pull_batch(o, ids, priority))
         })
     }
 

@@ -197,8 +197,13 @@ pub fn create_with(name: &str, options: BTreeMap<String, String>) -> Result<Box<
         [one] => (one.factory)(&request),
         [] => {
             let registered = registered_names();
+            let provided_by = provider_of(&lower);
             Err(Error::UnknownStore {
-                suggestion: nearest(&lower, &registered),
+                suggestion: provided_by
+                    .is_none()
+                    .then(|| nearest(&lower, &registered))
+                    .flatten(),
+                provided_by,
                 name: lower,
                 registered,
             })
@@ -292,6 +297,54 @@ fn probe(
         .copied()
         .filter(|&c| store.is_capable(c))
         .collect())
+}
+
+/// The names (and aliases) this project's backend crates register, with their crate and the
+/// `kvstore` facade's feature that links it: MXNet's names a program may ask for without
+/// linking the backend.
+const PROVIDERS: &[(&[&str], &str, &str)] = &[
+    (
+        &["local", "local_update_cpu", "local_allreduce_cpu"],
+        "kvstore-local",
+        "local",
+    ),
+    (
+        &["device", "local_allreduce_device", "nccl"],
+        "kvstore-device",
+        "device",
+    ),
+    (
+        &[
+            "dist_sync",
+            "dist",
+            "dist_device_sync",
+            "dist_sync_device",
+            "dist_async",
+            "dist_async_device",
+            "dist_device_async",
+        ],
+        "kvstore-dist",
+        "dist",
+    ),
+    (&["byteps"], "kvstore-byteps", "byteps"),
+    (&["horovod"], "kvstore-horovod", "horovod"),
+    (
+        &["pslite_dist_sync", "pslite_dist_async"],
+        "kvstore-pslite",
+        "pslite",
+    ),
+    (&["teststore"], "kvstore-test", "test"),
+];
+
+/// Which of this project's crates registers `name` (lower-cased), as the text of
+/// [`Error::UnknownStore`]'s `provided_by`.
+fn provider_of(name: &str) -> Option<String> {
+    PROVIDERS
+        .iter()
+        .find(|(names, _, _)| names.contains(&name))
+        .map(|(_, krate, feature)| {
+            format!("the crate {krate} (the `kvstore` crate's feature {feature:?})")
+        })
 }
 
 /// The candidate closest to `name` by edit distance, if it is close enough to be a likely typo
@@ -404,6 +457,22 @@ mod tests {
         assert_eq!(edit_distance("local", "locl"), 1);
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("dist_sync", "dist_async"), 1);
+    }
+
+    #[test]
+    fn an_unlinked_backends_name_says_which_crate_provides_it() {
+        let e = create("nccl").unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "; \"nccl\" is a store of the crate kvstore-device (the `kvstore` crate's \
+                 feature \"device\"), which this program does not link"
+            ),
+            "{e}"
+        );
+        let e = create("Dist_Async_Device").unwrap_err();
+        assert!(e.to_string().contains("kvstore-dist"), "{e}");
+        let e = create("no_such_store").unwrap_err();
+        assert!(!e.to_string().contains("does not link"), "{e}");
     }
 
     #[test]

@@ -165,3 +165,81 @@ fn boxed_stores_take_the_same_forms() {
         Err(Error::UnknownCapability(_))
     ));
 }
+
+/// Records the priority each batch call receives, by operation.
+#[derive(Debug, Default)]
+struct PriorityRecorder(Mutex<Vec<(&'static str, i32)>>);
+
+impl PriorityRecorder {
+    fn record(&self, operation: &'static str, priority: i32) -> Result<()> {
+        self.0.lock().unwrap().push((operation, priority));
+        Ok(())
+    }
+}
+
+impl KVStoreBase for PriorityRecorder {
+    fn type_name(&self) -> &str {
+        "priority recorder"
+    }
+    fn rank(&self) -> usize {
+        0
+    }
+    fn num_workers(&self) -> usize {
+        1
+    }
+    fn is_capable(&self, _: Capability) -> bool {
+        true
+    }
+    fn broadcast_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, p: i32) -> Result<()> {
+        self.record("broadcast", p)
+    }
+    fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, p: i32) -> Result<()> {
+        self.record("pushpull", p)
+    }
+    fn pushpull_in_place_batch(&self, _: &mut KeyedOuts<'_>, p: i32) -> Result<()> {
+        self.record("pushpull_in_place", p)
+    }
+    fn push_batch(&self, _: &KeyedValues<'_>, p: i32) -> Result<()> {
+        self.record("push", p)
+    }
+    fn pull_batch(&self, _: &mut KeyedOuts<'_>, p: i32, _: bool) -> Result<()> {
+        self.record("pull", p)
+    }
+    fn row_sparse_pull_batch(&self, _: &mut KeyedOuts<'_>, _: &[&NDArray], p: i32) -> Result<()> {
+        self.record("row_sparse_pull", p)
+    }
+}
+
+#[test]
+fn every_calling_form_with_a_priority_passes_it_to_the_store() {
+    let kv = PriorityRecorder::default();
+    let mut out = a();
+    let ids = NDArray::from_vec(&[1], vec![0i64]).unwrap();
+    kv.push_with_priority(1, &a(), -1).unwrap();
+    kv.pull_with_priority(1, &mut out, -2).unwrap();
+    kv.pull_with_options(1, &mut out, -3, false).unwrap();
+    kv.pushpull_with_priority(1, &a(), &mut out, -4).unwrap();
+    kv.pushpull_in_place_with_priority(1, &mut out, -5).unwrap();
+    kv.broadcast_with_priority(1, &a(), &mut out, -6).unwrap();
+    kv.row_sparse_pull_with_priority(1, &mut out, &ids, -7)
+        .unwrap();
+    // The plain forms pass MXNet's default, 0.
+    kv.pushpull_in_place(1, &mut out).unwrap();
+    kv.broadcast(1, &a(), &mut out).unwrap();
+    kv.row_sparse_pull(1, &mut out, &ids).unwrap();
+    assert_eq!(
+        *kv.0.lock().unwrap(),
+        [
+            ("push", -1),
+            ("pull", -2),
+            ("pull", -3),
+            ("pushpull", -4),
+            ("pushpull_in_place", -5),
+            ("broadcast", -6),
+            ("row_sparse_pull", -7),
+            ("pushpull_in_place", 0),
+            ("broadcast", 0),
+            ("row_sparse_pull", 0),
+        ]
+    );
+}

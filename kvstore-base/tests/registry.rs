@@ -165,6 +165,7 @@ fn unknown_name_lists_registered_stores_and_suggests_the_nearest() {
         name,
         registered,
         suggestion,
+        provided_by,
     } = &err
     else {
         panic!("expected UnknownStore, got {err:?}");
@@ -173,6 +174,7 @@ fn unknown_name_lists_registered_stores_and_suggests_the_nearest() {
     assert!(registered.contains(&"casestore".to_string()));
     assert!(registered.contains(&"explicit_alias".to_string()));
     assert_eq!(suggestion.as_deref(), Some("casestore"));
+    assert_eq!(provided_by, &None);
     let text = err.to_string();
     assert!(
         text.starts_with("unknown kvstore type \"casestor\"; registered: "),

@@ -216,7 +216,9 @@ impl NDArray {
     /// # Errors
     /// [`Error::InvalidArgument`] when `bytes.len()` is not the byte size of `shape` in `dtype`.
     pub fn from_bytes(shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<NDArray> {
-        let expected = element_count(shape).and_then(|n| n.checked_mul(dtype.size_of()));
+        let expected = element_count(shape)
+            .and_then(|n| n.checked_mul(dtype.size_of()))
+            .filter(|_| addressable(shape, dtype));
         if expected != Some(bytes.len()) {
             return Err(Error::InvalidArgument(format!(
                 "{} bytes cannot fill shape {shape:?} of {dtype} ({})",
@@ -1147,6 +1149,17 @@ fn check_row_sparse_parts(shape: &[usize], indices: &[i64], rows: &NDArray) -> R
     Ok(())
 }
 
+/// Whether an array of `shape` and `dtype` can be allocated: the byte size of its non-zero
+/// dimensions fits in `isize` (a shape with a zero dimension holds no element, but its other
+/// dimensions must still be addressable).
+pub(crate) fn addressable(shape: &[usize], dtype: DType) -> bool {
+    shape
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(dtype.size_of(), |n, &d| n.checked_mul(d))
+        .is_some_and(|n| n <= isize::MAX as usize)
+}
+
 /// The number of elements of `shape`, `None` when it overflows `usize`.
 fn element_count(shape: &[usize]) -> Option<usize> {
     shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
@@ -1162,6 +1175,21 @@ impl<T: Element, D: ndarray::Dimension> From<ndarray::Array<T, D>> for NDArray {
 mod tests {
     use super::*;
     use half::f16;
+
+    #[test]
+    fn from_bytes_refuses_a_shape_too_large_to_allocate_even_when_empty() {
+        // Zero elements, so zero bytes is the right length, but `[0, usize::MAX]` cannot be
+        // allocated: an error, not a panic (shapes arrive from the network).
+        for shape in [vec![0, usize::MAX], vec![usize::MAX / 2, 0, 3]] {
+            let e = NDArray::from_bytes(&shape, DType::F32, &[]).unwrap_err();
+            assert!(
+                e.to_string().contains("too many elements"),
+                "{shape:?}: {e}"
+            );
+        }
+        let empty = NDArray::from_bytes(&[0, 1 << 20], DType::F64, &[]).unwrap();
+        assert_eq!(empty.shape(), &[0, 1 << 20]);
+    }
 
     #[test]
     fn a_sum_of_row_sparse_arrays_keeps_every_row_either_holds() {

@@ -212,7 +212,10 @@ impl PluginApi {
     /// Rust closure).
     pub fn forwards(&self, capability: Capability) -> bool {
         match capability {
-            Capability::InitPushPull | Capability::Distributed => true,
+            Capability::InitPushPull => {
+                self.init.is_some() && self.push.is_some() && self.pull.is_some()
+            }
+            Capability::Distributed => true,
             Capability::Optimizer => self.set_optimizer.is_some(),
             Capability::GradientCompression => self.set_gradient_compression.is_some(),
             Capability::OptimizerStates => {
@@ -1403,6 +1406,45 @@ mod tests {
                 "{operation}: {result:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_plugin_without_init_push_and_pull_does_not_keep_values() {
+        let exported = ExportedPlugin::new("named", Some(&[Capability::InitPushPull]), create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        // SAFETY: as above.
+        let full = unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap();
+        assert_eq!(full.capabilities(), Some(&[Capability::InitPushPull][..]));
+        descriptor.push = None;
+        // SAFETY: as above; a missing optional function is allowed.
+        let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        assert!(!api.forwards(Capability::InitPushPull));
+        assert_eq!(api.capabilities(), Some(&[][..]));
+        let store = api.create(&request()).unwrap();
+        assert!(!store.is_capable(Capability::InitPushPull));
+    }
+
+    #[test]
+    fn capability_codes_are_the_abis_constants() {
+        let codes: Vec<u32> = Capability::ALL
+            .iter()
+            .map(|&c| capability_code(c))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                KV_CAP_OPTIMIZER,
+                KV_CAP_INIT_PUSH_PULL,
+                KV_CAP_UPDATER,
+                KV_CAP_GRADIENT_COMPRESSION,
+                KV_CAP_ROW_SPARSE,
+                KV_CAP_OPTIMIZER_STATES,
+                KV_CAP_DISTRIBUTED,
+            ]
+        );
+        let mask = super::super::capability_mask(Capability::ALL);
+        assert_eq!(capabilities_from_mask(mask), Capability::ALL);
     }
 
     #[test]

@@ -85,12 +85,18 @@ pub fn dtype_from_code(code: u32) -> Option<DType> {
     DType::ALL.into_iter().find(|&d| dtype_code(d) == code)
 }
 
-/// The ABI index of a capability (`KV_CAP_*`, the order of [`Capability::ALL`]).
+/// The ABI index of a capability (its `KV_CAP_*` constant: fixed by the ABI, whatever order
+/// [`Capability::ALL`] lists them in).
 pub fn capability_code(capability: Capability) -> u32 {
-    Capability::ALL
-        .iter()
-        .position(|&c| c == capability)
-        .expect("every capability is in Capability::ALL") as u32
+    match capability {
+        Capability::Optimizer => abi::KV_CAP_OPTIMIZER,
+        Capability::InitPushPull => abi::KV_CAP_INIT_PUSH_PULL,
+        Capability::Updater => abi::KV_CAP_UPDATER,
+        Capability::GradientCompression => abi::KV_CAP_GRADIENT_COMPRESSION,
+        Capability::RowSparse => abi::KV_CAP_ROW_SPARSE,
+        Capability::OptimizerStates => abi::KV_CAP_OPTIMIZER_STATES,
+        Capability::Distributed => abi::KV_CAP_DISTRIBUTED,
+    }
 }
 
 /// The capabilities whose bits are set in `mask`.
@@ -352,12 +358,7 @@ unsafe fn tensor_layout(tensor: &KvTensor) -> Result<(DType, Vec<usize>)> {
     // Within what an array (and a slice) can address: the product of the non-zero
     // dimensions and the byte length both fit in `isize`.
     let too_large = || Error::InvalidArgument(format!("shape {shape:?} is too large"));
-    let addressable = shape
-        .iter()
-        .filter(|&&d| d != 0)
-        .try_fold(dtype.size_of(), |n, &d| n.checked_mul(d))
-        .is_some_and(|n| n <= isize::MAX as usize);
-    if !addressable {
+    if !crate::array::addressable(&shape, dtype) {
         return Err(too_large());
     }
     let bytes = shape
