@@ -73,7 +73,8 @@ fn runtime() -> &'static RwLock<BTreeMap<String, RuntimeEntry>> {
     RUNTIME.get_or_init(Default::default)
 }
 
-/// Loads the plugins of `KVSTORE_PLUGIN_PATH` the first time the registry is consulted.
+/// Loads the plugins of `KVSTORE_PLUGIN_PATH` the first time the registry is consulted or
+/// changed.
 fn discover_plugins() {
     #[cfg(feature = "dynamic-plugins")]
     crate::plugin::discover_once();
@@ -89,6 +90,8 @@ fn statics() -> impl Iterator<Item = &'static Registration> {
 /// it offers, or `None` to find out by building one. If the name is already taken (at run
 /// time or statically) the new store wins and a warning is logged, MXNet's
 /// `New kvstore ... is overriding existing kvstore ...`; the overridden origin is returned.
+/// The plugins of `KVSTORE_PLUGIN_PATH` are loaded first, if they were not yet: they never
+/// override a store registered here.
 ///
 /// ```
 /// use kvstore_base::{register_runtime, create, KVStoreBase};
@@ -113,6 +116,8 @@ pub fn register_runtime<F>(
 where
     F: Fn(&CreateRequest) -> Result<Box<dyn KVStoreBase>> + Send + Sync + 'static,
 {
+    // The environment's plugins first, so that they cannot override this one later.
+    discover_plugins();
     let lower = normalise(name);
     let entry = RuntimeEntry {
         factory: Arc::new(factory),
@@ -139,14 +144,15 @@ where
 /// Removes a runtime registration; static registrations of the name become visible again.
 /// Returns whether there was one.
 pub fn unregister_runtime(name: &str) -> bool {
+    discover_plugins();
     let mut table = runtime().write().unwrap_or_else(PoisonError::into_inner);
     table.remove(&normalise(name)).is_some()
 }
 
 /// Creates the store registered as `name` (case-insensitive, as MXNet's `create`).
 ///
-/// The first call (of `create`, [`create_with`], [`registered`] or [`registered_names`]) also
-/// loads the plugins listed in `KVSTORE_PLUGIN_PATH` (with the `dynamic-plugins` feature; see
+/// The registry's first use (`create`, [`create_with`], [`registered`], [`registered_names`],
+/// [`register_runtime`], `load_plugin`) also loads the plugins listed in `KVSTORE_PLUGIN_PATH` (with the `dynamic-plugins` feature; see
 /// [`plugin`](crate::plugin)); a plugin that fails to load is logged and skipped.
 ///
 /// Unlike MXNet, an unknown name is an error (MXNet silently falls back to a local store):

@@ -128,16 +128,28 @@ pub fn discover(paths: &std::ffi::OsStr) -> Vec<Result<LoadedPlugin>> {
     results
 }
 
-/// Loads the plugins of `KVSTORE_PLUGIN_PATH` once per process, at the first registry lookup.
-/// A library that fails to load is logged as a warning and skipped: a broken plugin must not
-/// make every other store unavailable.
+/// Loads the plugins of `KVSTORE_PLUGIN_PATH` once per process, before the registry is first
+/// read or changed (so that a store registered or loaded explicitly is never overridden later
+/// by one of the environment's). A library that fails to load is logged as a warning and
+/// skipped: a broken plugin must not make every other store unavailable.
 pub(crate) fn discover_once() {
     static DISCOVERY: Once = Once::new();
+    thread_local! {
+        /// Set on the thread running the discovery: its own registrations must not wait
+        /// for it.
+        static DISCOVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if DISCOVERING.get() {
+        return;
+    }
     DISCOVERY.call_once(|| {
         let Some(paths) = std::env::var_os(PLUGIN_PATH_VAR) else {
             return;
         };
-        for result in discover(&paths) {
+        DISCOVERING.set(true);
+        let results = discover(&paths);
+        DISCOVERING.set(false);
+        for result in results {
             if let Err(e) = result {
                 log::warn!("{PLUGIN_PATH_VAR}: {e}");
             }
