@@ -118,6 +118,15 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let runtime = kvstore_device::gpu::Runtime::get()?;
+    println!(
+        "kernels loaded as {} (NVRTC {})",
+        runtime.gpu(0)?.kernels_loaded_as(),
+        kvstore_device::gpu::nvrtc_version()
+            .map_or("version unknown".into(), |(major, minor)| format!(
+                "{major}.{minor}"
+            ))
+    );
 
     // The ceiling: a 256 MiB copy on gpu(0) (read + write = 512 MiB moved).
     let n_copy = 256 * mib / 4;

@@ -28,13 +28,27 @@ step_secs="${KVSTORE_GPU_STEP_SECS:-90}"
 total_secs="${KVSTORE_GPU_TOTAL_SECS:-480}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
 
-# Folders that may hold the CUDA libraries: the toolkit, the system, the Python packages.
-candidates=("${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu)
+# Folders that may hold the CUDA libraries: the Python packages (system, user, the `nvidia`
+# namespace package wherever it is), then the toolkit and the system. The kernels are loaded
+# as machine code for the GPU, which a driver takes from a newer NVRTC too; PTX, the fallback,
+# needs an NVRTC no newer than the driver (machine.txt records both versions).
+candidates=()
 if command -v python3 >/dev/null 2>&1; then
   while IFS= read -r dir; do
-    [ -n "$dir" ] && candidates+=("$dir/nvidia")
-  done < <(python3 -c 'import site; print("\n".join(site.getsitepackages()))' 2>/dev/null)
+    [ -n "$dir" ] && candidates+=("$dir")
+  done < <(python3 - 2>/dev/null <<'PY'
+import site
+for d in site.getsitepackages() + [site.getusersitepackages()]:
+    print(d + "/nvidia")
+try:
+    import nvidia
+    print("\n".join(nvidia.__path__))
+except Exception:
+    pass
+PY
+)
 fi
+candidates+=("${CUDA_HOME:-/usr/local/cuda}/lib64" /usr/local/cuda/lib64 /usr/lib/x86_64-linux-gnu)
 
 # The first file named like $1 (a glob) under the candidate folders.
 find_lib() {
@@ -65,21 +79,26 @@ done > "$out/machine.txt"
 export LD_LIBRARY_PATH="$paths${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 {
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+  ls "$(dirname "$(readlink -f "$links/libnvrtc.so" 2>/dev/null || echo /none)")" 2>/dev/null \
+    | grep -E '^libnvrtc-builtins\.so\.[0-9.]+$' | sed 's/^/NVRTC version (builtins): /'
+  ldd --version 2>&1 | head -n 1 | sed 's/^/C library: /'
+  nvidia-smi 2>&1 | grep -oE 'CUDA Version: [0-9.]+' | sed 's/^/driver supports /'
   nvidia-smi -L 2>&1 || echo "nvidia-smi: not available"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
     --format=csv 2>&1 || true
 } >> "$out/machine.txt"
 
-# Runs one binary under the time limit, its output appended to $2.
+# Runs one binary under the time limit ($step_secs, or $3 when given), its output appended
+# to $2.
 run() {
-  local name="$1" log="$2"
-  shift 2
-  echo "===== $name $*" >> "$log"
+  local name="$1" log="$2" limit="${3:-$step_secs}"
+  shift "$(($# < 3 ? $# : 3))"
+  echo "===== $name" >> "$log"
   if [ ! -x "$bin/$name" ]; then
     echo "missing: $bin/$name" >> "$log"
     return
   fi
-  local left=$((total_secs - SECONDS)) limit="$step_secs"
+  local left=$((total_secs - SECONDS))
   if [ "$left" -lt 5 ]; then
     echo "===== $name: skipped, the run's $total_secs s are spent" >> "$log"
     return
@@ -93,15 +112,32 @@ run() {
 
 tests="$out/tests.log"
 : > "$tests"
-# Cheapest and most telling first: the kernels compile, then the GPU results, then the rest.
-for name in test-kernel_source test-gpu test-conformance_gpu_arrays test-conformance_nccl \
-            test-compression test-golden test-conformance test-cpu test-kvstore_device; do
+: > "$out/bandwidth.log"
+# Most telling first: the kernels compile, the GPU results, the figures (with more time: they
+# include two dist jobs), the GPU conformance suites; then the checks CI also runs.
+run test-kernel_source "$tests"
+run test-gpu "$tests"
+run gpu_bandwidth "$out/bandwidth.log" "${KVSTORE_GPU_BENCH_SECS:-150}"
+for name in test-conformance_gpu_arrays test-conformance_nccl test-compression test-golden \
+            test-conformance test-cpu test-kvstore_device; do
   run "$name" "$tests"
 done
-run gpu_bandwidth "$out/bandwidth.log"
 
+# The `test result` line of binary $1 in the tests' log.
+result_of() {
+  awk -v header="===== $1" 'index($0, header) == 1 { inside = 1; next }
+    /^===== / { inside = 0 } inside && /^test result/ { print; exit }' "$tests"
+}
 {
   grep -E '^===== .*(exit status|skipped)|^test result|FAILED|panicked' "$tests" "$out/bandwidth.log"
+  # With a GPU, its checks must have run: all of them ignored means the driver, NVRTC or the
+  # binaries' libraries were not found.
+  if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    gpu_result="$(result_of test-gpu)"
+    case "$gpu_result" in
+      *" 0 passed"*|"") echo "FAILED: a GPU is present but test-gpu ran no check: ${gpu_result:-no result}" ;;
+    esac
+  fi
 } > "$out/summary.txt" 2>&1
 cat "$out/summary.txt"
 # Fails when a check failed.

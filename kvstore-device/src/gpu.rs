@@ -6,12 +6,16 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use kvstore_base::{Context, DType, Error, NDArray, Result};
 use kvstore_compression::CompressionType;
 
+use crate::kernel_image::KernelImages;
+pub use crate::kernel_image::{
+    compile_kernels, compile_kernels_for, driver_cuda_version, nvrtc_version, ComputeCapability,
+};
 use crate::probe::{panic_text, probe};
 use crate::sparse::RowKernels;
 
@@ -247,49 +251,19 @@ pub fn kernel_source() -> String {
     )
 }
 
-/// The NVRTC options of every kernel: no fused multiply-add, IEEE division and square root,
-/// denormals kept, so that each operation rounds as the CPU code's does.
-fn compile_options() -> CompileOptions {
-    CompileOptions {
-        fmad: Some(false),
-        prec_div: Some(true),
-        prec_sqrt: Some(true),
-        ftz: Some(false),
-        ..Default::default()
-    }
-}
-
-/// Compiles [`kernel_source`] with NVRTC (as the [`Runtime`] does at its start) and returns
-/// the PTX text. Needs `libnvrtc` only, no driver or GPU.
-///
-/// # Errors
-/// [`Error::Device`] when `libnvrtc` cannot be loaded or the compilation fails (with NVRTC's
-/// log).
-pub fn compile_kernels() -> Result<String> {
-    compile().map(|ptx| ptx.to_src())
-}
-
-fn compile() -> Result<cudarc::nvrtc::Ptx> {
-    // SAFETY: only tries `dlopen` on the candidate names, as the probe does.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(Error::Device(
-            "no NVRTC: libnvrtc not found (the GPU kernels are compiled at run time; \
-             install the CUDA toolkit's NVRTC or set LD_LIBRARY_PATH)"
-                .into(),
-        ));
-    }
-    match catch_unwind(|| compile_ptx_with_opts(kernel_source(), compile_options())) {
-        Ok(ptx) => ptx.map_err(cuda("NVRTC compile")),
-        Err(p) => Err(Error::Device(format!("NVRTC failed: {}", panic_text(&*p)))),
-    }
-}
-
 /// One GPU: its context, the stream every operation of this crate on it uses (so work on
 /// one GPU is ordered), and the loaded kernels.
 #[derive(Debug)]
 pub struct Gpu {
     /// The stream of this GPU.
     pub stream: Arc<CudaStream>,
+    pub(crate) kernels: Kernels,
+    loaded_as: String,
+}
+
+/// The kernels of one GPU, looked up in the module loaded into its context.
+#[derive(Debug)]
+pub(crate) struct Kernels {
     sum_sources: CudaFunction,
     sgd_update: CudaFunction,
     adam_update: CudaFunction,
@@ -297,7 +271,33 @@ pub struct Gpu {
     quantize_1bit: CudaFunction,
     dequantize_2bit: CudaFunction,
     dequantize_1bit: CudaFunction,
-    pub(crate) row_kernels: RowKernels,
+    pub(crate) rows: RowKernels,
+}
+
+impl Kernels {
+    /// Looks every kernel up in `module`.
+    fn of(module: &Arc<CudaModule>) -> Result<Kernels> {
+        let f = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(cuda("cuModuleGetFunction"))
+        };
+        Ok(Kernels {
+            sum_sources: f("sum_sources")?,
+            sgd_update: f("sgd_update")?,
+            adam_update: f("adam_update")?,
+            quantize_2bit: f("quantize_2bit")?,
+            quantize_1bit: f("quantize_1bit")?,
+            dequantize_2bit: f("dequantize_2bit")?,
+            dequantize_1bit: f("dequantize_1bit")?,
+            rows: RowKernels {
+                gather: f("gather_rows")?,
+                scatter: f("scatter_rows")?,
+                sgd: f("sgd_rows_update")?,
+                adam: f("adam_rows_update")?,
+            },
+        })
+    }
 }
 
 /// Every visible GPU, opened once per process.
@@ -329,32 +329,17 @@ impl Runtime {
 
     fn open() -> Result<Runtime> {
         let info = probe()?;
-        let ptx = compile()?;
+        let mut images = KernelImages::default();
         let mut gpus = Vec::new();
         for dev in &info.devices {
             let ctx = CudaContext::new(dev.ordinal).map_err(cuda("cuCtx"))?;
             let stream = ctx.new_stream().map_err(cuda("cuStreamCreate"))?;
-            let module = ctx.load_module(ptx.clone()).map_err(cuda("cuModuleLoad"))?;
-            let f = |name: &str| {
-                module
-                    .load_function(name)
-                    .map_err(cuda("cuModuleGetFunction"))
-            };
+            let (kernels, loaded_as) =
+                images.load(&ctx, dev.ordinal, dev.compute_capability, Kernels::of)?;
             gpus.push(Gpu {
-                sum_sources: f("sum_sources")?,
-                sgd_update: f("sgd_update")?,
-                adam_update: f("adam_update")?,
-                quantize_2bit: f("quantize_2bit")?,
-                quantize_1bit: f("quantize_1bit")?,
-                dequantize_2bit: f("dequantize_2bit")?,
-                dequantize_1bit: f("dequantize_1bit")?,
-                row_kernels: RowKernels {
-                    gather: f("gather_rows")?,
-                    scatter: f("scatter_rows")?,
-                    sgd: f("sgd_rows_update")?,
-                    adam: f("adam_rows_update")?,
-                },
                 stream,
+                kernels,
+                loaded_as,
             });
         }
         Ok(Runtime { gpus })
@@ -418,6 +403,13 @@ pub(crate) fn push_momentum<'a>(
 }
 
 impl Gpu {
+    /// How this GPU's kernels were loaded: `"sm_90 machine code"` (compiled by NVRTC for its
+    /// architecture) or `"PTX"` (compiled by the driver; see
+    /// [`compile_kernels_for`]).
+    pub fn kernels_loaded_as(&self) -> &str {
+        &self.loaded_as
+    }
+
     /// `out = ((srcs[0] + group) + group) + ...` (groups of four, [`sum_launches`]), every
     /// source on this GPU and as long as `out`; queued on this GPU's stream.
     pub(crate) fn sum_sources(
@@ -430,7 +422,7 @@ impl Gpu {
             let group = &srcs[launch.group.clone()];
             let terms = group.len() as i32;
             let head_is_out = i32::from(launch.head.is_none());
-            let mut b = self.stream.launch_builder(&self.sum_sources);
+            let mut b = self.stream.launch_builder(&self.kernels.sum_sources);
             b.arg(&mut *out);
             match launch.head {
                 Some(h) => b.arg(srcs[h]),
@@ -465,7 +457,7 @@ impl Gpu {
         let n = w.len() as u64;
         let (has_clip, clip) = p.clip_args();
         let has_mom = i32::from(mom.is_some());
-        let mut b = self.stream.launch_builder(&self.sgd_update);
+        let mut b = self.stream.launch_builder(&self.kernels.sgd_update);
         b.arg(w).arg(g);
         let momentum = push_momentum(&mut b, mom);
         b.arg(&has_mom).arg(&momentum).arg(&p.lr).arg(&p.wd);
@@ -488,7 +480,7 @@ impl Gpu {
     ) -> Result<()> {
         let n = w.len() as u64;
         let (has_clip, clip) = p.clip_args();
-        let mut b = self.stream.launch_builder(&self.adam_update);
+        let mut b = self.stream.launch_builder(&self.kernels.adam_update);
         b.arg(w)
             .arg(g)
             .arg(mean)
@@ -541,8 +533,8 @@ impl Gpu {
         let n = grad.len() as u64;
         let words = (grad.len()).div_ceil(kind.factor());
         let function = match kind {
-            CompressionType::TwoBit => &self.quantize_2bit,
-            CompressionType::OneBit => &self.quantize_1bit,
+            CompressionType::TwoBit => &self.kernels.quantize_2bit,
+            CompressionType::OneBit => &self.kernels.quantize_1bit,
         };
         let mut b = self.stream.launch_builder(function);
         b.arg(grad).arg(residual).arg(out).arg(&threshold).arg(&n);
@@ -566,12 +558,12 @@ impl Gpu {
         let add = i32::from(add);
         let mut b = match kind {
             CompressionType::TwoBit => {
-                let mut b = self.stream.launch_builder(&self.dequantize_2bit);
+                let mut b = self.stream.launch_builder(&self.kernels.dequantize_2bit);
                 b.arg(packed).arg(out).arg(&threshold);
                 b
             }
             CompressionType::OneBit => {
-                let mut b = self.stream.launch_builder(&self.dequantize_1bit);
+                let mut b = self.stream.launch_builder(&self.kernels.dequantize_1bit);
                 b.arg(packed).arg(out);
                 b
             }

@@ -162,6 +162,11 @@
 //! - cudarc features: `driver`, `nvrtc`, `nccl`, `cuda-12080` bindings, `dynamic-loading`.
 //!   Bindings of CUDA 12.8 work with any newer driver; NVRTC must be a 12.x `libnvrtc.so.12`
 //!   (or `libnvrtc.so`) on the loader path.
+//! - The kernels are loaded as machine code NVRTC builds for each GPU's architecture
+//!   (`sm_90` on an H100/H200), which a driver older than the NVRTC still loads; PTX, which
+//!   the driver compiles itself and refuses from a newer NVRTC, is the fallback, and an error
+//!   loading both names the two failures, the NVRTC version and the driver's CUDA version
+//!   ([`gpu::compile_kernels_for`], [`gpu::Gpu::kernels_loaded_as`]).
 //!
 //! ```
 //! use kvstore_base::{create, DType, KVStoreExt, NDArray};
@@ -223,6 +228,7 @@ mod compressed;
 pub mod device_memory;
 pub mod gpu;
 pub mod gpu_codec;
+mod kernel_image;
 mod optim;
 pub mod peer;
 pub mod placement;

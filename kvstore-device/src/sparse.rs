@@ -311,7 +311,7 @@ impl Gpu {
         row_len: usize,
     ) -> Result<()> {
         let (rows_arg, len_arg) = (rows as u64, row_len as u64);
-        let mut b = self.stream.launch_builder(&self.row_kernels.gather);
+        let mut b = self.stream.launch_builder(&self.kernels.rows.gather);
         b.arg(out).arg(src).arg(ids).arg(&rows_arg).arg(&len_arg);
         // SAFETY: the signature matches `gather_rows` in `ROW_KERNELS`; `out` holds
         // `rows * row_len` elements, `ids` `rows` distinct row numbers of `src` (checked by
@@ -333,7 +333,7 @@ impl Gpu {
     ) -> Result<()> {
         let (rows_arg, len_arg) = (nrows as u64, row_len as u64);
         let accumulate = i32::from(accumulate);
-        let mut b = self.stream.launch_builder(&self.row_kernels.scatter);
+        let mut b = self.stream.launch_builder(&self.kernels.rows.scatter);
         b.arg(dst)
             .arg(rows)
             .arg(ids)
@@ -366,7 +366,7 @@ impl Gpu {
         let (n_arg, len_arg) = (nrows as u64, row_len as u64);
         let (has_clip, clip) = p.clip_args();
         let has_mom = i32::from(mom.is_some());
-        let mut b = self.stream.launch_builder(&self.row_kernels.sgd);
+        let mut b = self.stream.launch_builder(&self.kernels.rows.sgd);
         b.arg(weight).arg(&grad.rows).arg(&grad.ids);
         let momentum = push_momentum(&mut b, mom);
         b.arg(&has_mom).arg(&momentum).arg(&p.lr).arg(&p.wd);
@@ -400,7 +400,7 @@ impl Gpu {
         }
         let (n_arg, len_arg) = (nrows as u64, row_len as u64);
         let (has_clip, clip) = p.clip_args();
-        let mut b = self.stream.launch_builder(&self.row_kernels.adam);
+        let mut b = self.stream.launch_builder(&self.kernels.rows.adam);
         b.arg(weight)
             .arg(&grad.rows)
             .arg(&grad.ids)

@@ -15,7 +15,8 @@
 //! with the reason) and runs itself twice with the driver first on `LD_LIBRARY_PATH`: with one
 //! emulated GPU (several buffers on it stand in for several devices) and with three (peer
 //! copies, NCCL across GPUs, peer access; every grid's threads run last to first, so a kernel
-//! whose threads depend on each other's order shows; the last GPU has no peer access). Check
+//! whose threads depend on each other's order shows; the last GPU has no peer access; the
+//! driver refuses machine code, so the kernels are loaded as PTX). Check
 //! names start with `emulated_1gpu::` or `emulated_3gpu::`. Checks a GPU cannot run are in
 //! `faults::` (`tests/emulated_driver/faults.rs`): the GPU out of memory at each allocation
 //! of a push or a row-sparse pull in turn, which must change nothing.
@@ -95,7 +96,31 @@ fn trials(gpus: usize) -> Vec<Trial> {
     ));
     trials.extend(faults::trials(&prefix));
     trials.extend(copies::trials(&prefix));
+    trials.push(Trial::test(
+        format!("{prefix}::kernels_load_as_machine_code_else_as_ptx"),
+        kernels_load_as_machine_code_else_as_ptx,
+    ));
     trials
+}
+
+/// Every GPU's kernels are its architecture's machine code, or PTX where the driver refuses
+/// machine code (the run with several GPUs sets `KVSTORE_EMULATED_REJECT_CUBIN`, so every
+/// other check of that run goes through the PTX fallback).
+fn kernels_load_as_machine_code_else_as_ptx() -> Result<(), libtest_mimic::Failed> {
+    let runtime = kvstore_device::gpu::Runtime::get()?;
+    let expected = match std::env::var("KVSTORE_EMULATED_REJECT_CUBIN").as_deref() {
+        Ok("1") => "PTX",
+        _ => "sm_90 machine code",
+    };
+    for ordinal in 0..runtime.len() {
+        let loaded_as = runtime.gpu(ordinal)?.kernels_loaded_as();
+        if loaded_as != expected {
+            return Err(
+                format!("gpu({ordinal}): kernels loaded as {loaded_as}, not {expected}").into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The checks, all ignored with `reason` (or all failing with it when `fail` is set), for a
@@ -148,6 +173,11 @@ fn main() -> ExitCode {
             .env("KVSTORE_EMULATED_REVERSE", if gpus > 1 { "1" } else { "0" })
             // ... and its last GPU has no peer access (a GPU across a slow link).
             .env("KVSTORE_EMULATED_NO_PEER_ACCESS", (gpus - 1).to_string())
+            // ... and its driver refuses machine code: the kernels are loaded as PTX.
+            .env(
+                "KVSTORE_EMULATED_REJECT_CUBIN",
+                if gpus > 1 { "1" } else { "0" },
+            )
             .env("LD_LIBRARY_PATH", &library_path)
             .env_remove("KVSTORE_DEVICE_DISABLE")
             .status();

@@ -2,7 +2,8 @@
 //!
 //! - `nvrtc::*`: every kernel ([`kvstore_device::gpu::kernel_source`]) compiles with NVRTC,
 //!   with the options the runtime uses, and the PTX has every entry point, no fused
-//!   multiply-add and no local memory (no spills, no arrays on the stack). Needs `libnvrtc`
+//!   multiply-add and no local memory (no spills, no arrays on the stack); the machine code
+//!   for sm_90 and sm_80 names every entry point. Needs `libnvrtc`
 //!   on the loader path (it is ignored, with the reason, otherwise); no driver, no GPU.
 //! - `emulated::*`: the kernels compiled as C++ by the host's compiler (`$CXX`, else `c++`;
 //!   ignored with the reason when there is none), with definitions of CUDA's thread indices
@@ -39,7 +40,7 @@ mod rows;
 
 use std::path::{Path, PathBuf};
 
-use kvstore_device::gpu::{compile_kernels, kernel_source};
+use kvstore_device::gpu::{compile_kernels, compile_kernels_for, kernel_source};
 use kvstore_device::gpu_codec::COMPRESSION_KERNELS;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -69,19 +70,7 @@ fn emulated_trial(
 /// NVRTC compiles every kernel, and the PTX has every entry point and no fused multiply-add.
 fn nvrtc_compiles() -> Result<(), Failed> {
     let ptx = compile_kernels()?;
-    for entry in [
-        "sum_sources",
-        "gather_rows",
-        "scatter_rows",
-        "sgd_rows_update",
-        "adam_rows_update",
-        "sgd_update",
-        "adam_update",
-        "quantize_2bit",
-        "quantize_1bit",
-        "dequantize_2bit",
-        "dequantize_1bit",
-    ] {
+    for entry in ENTRIES {
         if !ptx.contains(&format!(".entry {entry}(")) {
             return Err(format!("the PTX has no entry {entry}").into());
         }
@@ -97,6 +86,47 @@ fn nvrtc_compiles() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The kernel entry points.
+const ENTRIES: [&str; 11] = [
+    "sum_sources",
+    "gather_rows",
+    "scatter_rows",
+    "sgd_rows_update",
+    "adam_rows_update",
+    "sgd_update",
+    "adam_update",
+    "quantize_2bit",
+    "quantize_1bit",
+    "dequantize_2bit",
+    "dequantize_1bit",
+];
+
+/// NVRTC compiles every kernel to machine code for an H100/H200 (sm_90) and an A100 (sm_80),
+/// as the runtime loads them: an ELF whose string table names every entry point.
+fn nvrtc_compiles_machine_code() -> Result<(), Failed> {
+    for capability in [(9, 0), (8, 0)] {
+        let cubin = compile_kernels_for(capability)?;
+        if !cubin.starts_with(b"\x7fELF") {
+            return Err(format!(
+                "the sm_{}{} image is not an ELF",
+                capability.0, capability.1
+            )
+            .into());
+        }
+        for entry in ENTRIES {
+            let name = format!("\0{entry}\0");
+            if !cubin.windows(name.len()).any(|w| w == name.as_bytes()) {
+                return Err(format!(
+                    "the sm_{}{} cubin has no {entry}",
+                    capability.0, capability.1
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let args = Arguments::from_args();
     let mut trials = Vec::new();
@@ -104,11 +134,18 @@ fn main() -> std::process::ExitCode {
     assert!(kernel_source().contains(COMPRESSION_KERNELS));
     let nvrtc = compile_kernels().err().map(|e| e.to_string());
     let nvrtc_missing = nvrtc.as_deref().filter(|e| e.contains("no NVRTC"));
-    let trial = Trial::test("nvrtc::every_kernel_compiles_without_fma", nvrtc_compiles);
-    trials.push(match nvrtc_missing {
-        Some(reason) => trial.with_kind(reason.to_string()).with_ignored_flag(true),
-        None => trial,
-    });
+    for trial in [
+        Trial::test("nvrtc::every_kernel_compiles_without_fma", nvrtc_compiles),
+        Trial::test(
+            "nvrtc::every_kernel_compiles_to_machine_code",
+            nvrtc_compiles_machine_code,
+        ),
+    ] {
+        trials.push(match nvrtc_missing {
+            Some(reason) => trial.with_kind(reason.to_string()).with_ignored_flag(true),
+            None => trial,
+        });
+    }
 
     trials.extend(codec::trials());
     trials.extend(math::trials());

@@ -745,11 +745,37 @@ API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
 
 /* ---- modules and kernels ------------------------------------------------------------------- */
 
+/* Whether an image is machine code (an ELF cubin) rather than PTX text. */
+static bool is_cubin(const std::string& image) { return image.compare(0, 4, "\x7f" "ELF") == 0; }
+
+/* The bytes of a module image: PTX up to its NUL, a cubin (ELF64) up to the end of its section
+   or program header table, whichever is last. */
+static std::string image_bytes(const void* image) {
+    const char* p = static_cast<const char*>(image);
+    if (memcmp(p, "\x7f" "ELF", 4) != 0) return std::string(p);
+    unsigned long long phoff = 0, shoff = 0;
+    unsigned short phentsize = 0, phnum = 0, shentsize = 0, shnum = 0;
+    memcpy(&phoff, p + 0x20, 8);
+    memcpy(&shoff, p + 0x28, 8);
+    memcpy(&phentsize, p + 0x36, 2);
+    memcpy(&phnum, p + 0x38, 2);
+    memcpy(&shentsize, p + 0x3A, 2);
+    memcpy(&shnum, p + 0x3C, 2);
+    size_t size = std::max<size_t>(64, std::max(phoff + size_t(phentsize) * phnum,
+                                                shoff + size_t(shentsize) * shnum));
+    return std::string(p, size);
+}
+
+/* Machine code is refused with KVSTORE_EMULATED_REJECT_CUBIN=1, as a driver that does not know
+   the cubin's architecture or ELF version refuses it: the runtime must fall back to PTX. */
 API CUresult cuModuleLoadData(void** module, const void* image) {
     LOCK;
     if (!module || !image) return CUDA_ERROR_INVALID_VALUE;
     if (!t_current) return CUDA_ERROR_INVALID_CONTEXT;
-    *module = new Module{t_current, std::string(static_cast<const char*>(image))};
+    std::string bytes = image_bytes(image);
+    const char* reject = getenv("KVSTORE_EMULATED_REJECT_CUBIN");
+    if (is_cubin(bytes) && reject && strcmp(reject, "1") == 0) return CUDA_ERROR_INVALID_IMAGE;
+    *module = new Module{t_current, bytes};
     return CUDA_SUCCESS;
 }
 
@@ -763,8 +789,10 @@ API CUresult cuModuleGetFunction(void** function, void* module, const char* name
     Module* m = static_cast<Module*>(module);
     if (!function || !m || !name) return CUDA_ERROR_INVALID_VALUE;
     const KvKernel* k = find_kernel(name);
-    /* The PTX must declare the entry (NVRTC's output does; a stale image would not). */
-    std::string entry = std::string(".entry ") + name + "(";
+    /* The PTX must declare the entry, a cubin's string table must name it (NVRTC's output
+       does; a stale image would not). */
+    std::string entry = is_cubin(m->image) ? std::string(1, '\0') + name + '\0'
+                                           : std::string(".entry ") + name + "(";
     if (!k || m->image.find(entry) == std::string::npos) return CUDA_ERROR_NOT_FOUND;
     *function = new Function{m->ctx, k};
     return CUDA_SUCCESS;
@@ -1124,6 +1152,7 @@ namespace {
 struct Program {
     std::string source;
     std::string ptx;
+    std::string cubin;
     std::string log;
 };
 }  // namespace
@@ -1140,9 +1169,11 @@ API int nvrtcCreateProgram(void** prog, const char* src, const char*, int, const
 API int nvrtcCompileProgram(void* prog, int count, const char* const* options) {
     Program* p = static_cast<Program*>(prog);
     if (!p) return 5; /* NVRTC_ERROR_INVALID_PROGRAM */
-    bool no_fma = false;
-    for (int i = 0; i < count; ++i)
+    bool no_fma = false, machine_code = false;
+    for (int i = 0; i < count; ++i) {
         if (strcmp(options[i], "--fmad=false") == 0) no_fma = true;
+        if (strncmp(options[i], "--gpu-architecture=sm_", 22) == 0) machine_code = true;
+    }
     if (p->source != KV_SOURCE) {
         p->log = "emulated NVRTC: only the kernel source it was built with can be compiled";
         return 6; /* NVRTC_ERROR_COMPILATION */
@@ -1154,6 +1185,30 @@ API int nvrtcCompileProgram(void* prog, int count, const char* const* options) {
     p->ptx = "// emulated PTX\n";
     for (size_t i = 0; i < KV_KERNEL_COUNT; ++i)
         p->ptx += std::string(".visible .entry ") + KV_KERNELS[i].name + "(\n)\n";
+    if (machine_code) {
+        /* An ELF64 header (no sections), then the kernels' names as a string table. */
+        std::string names(1, '\0');
+        for (size_t i = 0; i < KV_KERNEL_COUNT; ++i) names += std::string(KV_KERNELS[i].name) + '\0';
+        p->cubin.assign(64, '\0');
+        memcpy(&p->cubin[0], "\x7f" "ELF\x02\x01\x01", 7);
+        unsigned long long end = 64 + names.size();
+        memcpy(&p->cubin[0x28], &end, 8); /* e_shoff: where the (empty) section table starts */
+        p->cubin += names;
+    }
+    return 0;
+}
+
+API int nvrtcGetCUBINSize(void* prog, size_t* size) {
+    Program* p = static_cast<Program*>(prog);
+    if (!p || !size) return 3;
+    *size = p->cubin.size();
+    return 0;
+}
+
+API int nvrtcGetCUBIN(void* prog, char* out) {
+    Program* p = static_cast<Program*>(prog);
+    if (!p || !out) return 3;
+    memcpy(out, p->cubin.data(), p->cubin.size());
     return 0;
 }
 
