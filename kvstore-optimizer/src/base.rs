@@ -174,7 +174,7 @@ impl Base {
             .counts
             .entry(key.clone())
             .or_insert(self.begin_num_update);
-        *c += 1;
+        *c = c.saturating_add(1);
         let c = *c;
         self.num_update = self.num_update.max(c);
         c

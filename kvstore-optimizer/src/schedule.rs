@@ -216,6 +216,15 @@ impl LrScheduler {
                 if max_update < 1 {
                     return Err(p.bad("max_update", "must be strictly positive"));
                 }
+                // The decay spans `max_update - warmup_steps` updates: none would divide by
+                // zero at update `max_update` (MXNet's ZeroDivisionError there), a NaN rate
+                // for every later update here.
+                if max_update == warmup_steps {
+                    return Err(p.bad(
+                        "max_update",
+                        "must differ from warmup_steps (the decay would span no update)",
+                    ));
+                }
                 let final_lr = p.f64_or("final_lr", 0.0)?;
                 let base_lr_orig = p.opt_f64("state_base_lr_orig")?.unwrap_or(base_lr);
                 if ty == "poly" {
@@ -462,6 +471,31 @@ mod tests {
         assert_eq!(flat.rate(u64::MAX), 1.0);
         // A negative saved position is refused rather than looped over.
         assert!(factor(&[("state_count", (-5i64).into())]).is_err());
+    }
+
+    #[test]
+    fn a_decay_spanning_no_update_is_refused() {
+        for ty in ["poly", "cosine"] {
+            let e = sched(&[
+                ("type", ty.into()),
+                ("max_update", 4.into()),
+                ("warmup_steps", 4.into()),
+            ])
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("must differ from warmup_steps"),
+                "{e}"
+            );
+            // A warmup longer than the decay never reaches it: MXNet takes it, so do we.
+            let mut s = sched(&[
+                ("type", ty.into()),
+                ("max_update", 4.into()),
+                ("warmup_steps", 6.into()),
+                ("base_lr", 1.0.into()),
+            ])
+            .unwrap();
+            assert!((1..=10).all(|n| s.rate(n).is_finite()));
+        }
     }
 
     #[test]

@@ -404,7 +404,15 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Saved> {
             other => return Err(corrupt(format!("unknown key tag {other}"))),
         };
         let count = if r.flag("an update count")? {
-            Some(r.u64("an update count")?)
+            // Counts are written from `i64`s; a larger one is damage, and would overflow
+            // the next update's count.
+            let count = r.u64("an update count")?;
+            if count > i64::MAX as u64 {
+                return Err(corrupt(format!(
+                    "update count {count} of key {key} is out of range"
+                )));
+            }
+            Some(count)
         } else {
             None
         };
@@ -479,6 +487,23 @@ mod tests {
         };
         let bytes = encode(&saved).unwrap();
         assert_eq!(decode(&bytes).unwrap(), saved);
+    }
+
+    #[test]
+    fn an_update_count_beyond_i64_is_refused() {
+        let saved = |count| Saved {
+            optimizer: None,
+            keys: vec![SavedKey {
+                key: Key::from(1),
+                count: Some(count),
+                master: None,
+                arrays: vec![],
+            }],
+        };
+        let largest = encode(&saved(i64::MAX as u64)).unwrap();
+        assert_eq!(decode(&largest).unwrap(), saved(i64::MAX as u64));
+        let e = decode(&encode(&saved(u64::MAX)).unwrap()).unwrap_err();
+        assert!(e.to_string().contains("update count"), "{e}");
     }
 
     /// A file whose content was cut, extended or changed, with its checksum made right again

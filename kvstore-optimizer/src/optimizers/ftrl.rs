@@ -40,13 +40,13 @@ impl Ftrl {
         let (weight, grad, [z, n]) = b.split();
         map3(weight, grad, z, n, |w, g, z, n| {
             let g = (rescale * g).clip_by(clip);
-            let z = z + g - ((n + g * g).sqrt() - n.sqrt()) * w / lr;
+            // MXNet's `FtrlUpdateKernel`: `z += g - ...` (the difference first), and the
+            // weight multiplied by `|z| > l1` (so a weight below the threshold is a zero of
+            // the expression's sign).
+            let z = z + (g - ((n + g * g).sqrt() - n.sqrt()) * w / lr);
             let n = n + g * g;
-            let w = if z.abs() > l1 {
-                (z.sign() * l1 - z) / ((beta + n.sqrt()) / lr + wd)
-            } else {
-                R::zero()
-            };
+            let above = if z.abs() > l1 { R::of(1.0) } else { R::zero() };
+            let w = (z.sign() * l1 - z) / ((beta + n.sqrt()) / lr + wd) * above;
             (w, z, n)
         });
     }

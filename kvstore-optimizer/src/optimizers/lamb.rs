@@ -57,7 +57,9 @@ register!(LAMB, "lamb", "LAMB (layer-wise adaptive moments)", build);
 
 impl Lamb {
     fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
-        let t = self.base.bump(key) as i32;
+        // Past `i32::MAX` updates (a `begin_num_update` or a state file may start there) the
+        // powers are 0 at any precision: saturate rather than wrap to a negative exponent.
+        let t = i32::try_from(self.base.bump(key)).unwrap_or(i32::MAX);
         let lr = f64::from(self.base.lr_for(key) as f32);
         let wide = R::DTYPE == kvstore_base::DType::F64;
         let wd = R::param(self.base.wd_for(key));

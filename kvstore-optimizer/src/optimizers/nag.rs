@@ -50,8 +50,10 @@ impl Nag {
             ..
         } = b;
         match state.first_mut() {
-            Some(mom) if self.momentum > 0.0 => {
-                let mu = R::param(self.momentum);
+            // MXNet's Python keeps a momentum state whenever `momentum != 0`, but passes
+            // `momentum` to `nag_mom_update` only when positive (the kernel's default is 0).
+            Some(mom) => {
+                let mu = R::param(self.momentum.max(0.0));
                 let mu1 = mu + R::of(1.0);
                 map2(weight, grad, mom, |w, g, mom| {
                     let g = match clip {

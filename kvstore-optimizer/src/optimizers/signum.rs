@@ -1,7 +1,9 @@
 //! `signum`: SignSGD / Signum (MXNet's `signsgd_update` / `signum_update`).
 //!
 //! With momentum: `mom = momentum·mom − (1 − momentum)·(wd·w + clip(rescale_grad·g))`,
-//! `w = (1 − lr·wd_lh)·w + lr·sign(mom)`. Without: `w = (1 − lr·wd)·w − lr·sign(clip(rescale_grad·g))`.
+//! `w = (1 − lr·wd_lh)·w + lr·sign(mom)` (a negative momentum keeps the state and steps with
+//! momentum 0, as MXNet). Without: `w = (1 − lr·wd)·w − lr·sign(g)`: MXNet's `signsgd_update`
+//! ignores `rescale_grad` and `clip_gradient`.
 
 use kvstore_base::{Key, OptimizerSpec, Result};
 
@@ -40,10 +42,6 @@ impl Signum {
         let clip = self.base.kernel_clip().map(R::param);
         let wd_lh = R::param(self.wd_lh);
         let one = R::of(1.0);
-        let grad = |g: R| match clip {
-            Some(c) => (rescale * g).clip(c),
-            None => rescale * g,
-        };
         let Buffers {
             weight,
             grad: grads,
@@ -51,16 +49,24 @@ impl Signum {
             ..
         } = b;
         match state.first_mut() {
-            Some(mom) if self.momentum > 0.0 => {
-                let mu = R::param(self.momentum);
+            // MXNet's Python keeps a momentum state whenever `momentum != 0`, but passes
+            // `momentum` to `signum_update` only when positive (the kernel's default is 0).
+            Some(mom) => {
+                let mu = R::param(self.momentum.max(0.0));
+                // `signum_update`: `(1 - mu) * clip(rescale * g)`, or, unclipped,
+                // `(1 - mu) * rescale * g` (left to right).
+                let decayed = |g: R| match clip {
+                    Some(c) => (one - mu) * (rescale * g).clip(c),
+                    None => (one - mu) * rescale * g,
+                };
                 map2(weight, grads, mom, |w, g, mom| {
-                    let mom = mu * mom - (one - mu) * wd * w - (one - mu) * grad(g);
+                    let mom = mu * mom - (one - mu) * wd * w - decayed(g);
                     ((one - lr * wd_lh) * w + lr * mom.sign(), mom)
                 });
             }
-            _ => map1(weight, grads, |w, g| {
-                (one - lr * wd) * w - lr * grad(g).sign()
-            }),
+            // `signsgd_update`: the sign of the raw gradient (rescaling and clipping cannot
+            // change it, MXNet's kernel ignores them).
+            None => map1(weight, grads, |w, g| (one - lr * wd) * w - lr * g.sign()),
         }
     }
 }

@@ -194,6 +194,16 @@ CASES += [
     ("dcasgd", {"learning_rate": 0.1, "wd": 0.1}, ["float32"], SPARSE),
     ("adadelta", {"wd": 0.1}, ["float32"], SPARSE),
     ("test", {"rescale_grad": 0.5}, ["float32"], SPARSE),
+    # SignSGD takes the sign of the raw gradient: rescaling (even negative) and clipping
+    # change nothing.
+    ("signum", {"learning_rate": 0.05, "momentum": 0.0, "wd": 0.1, "rescale_grad": -0.5,
+                "clip_gradient": 0.01}, DTYPES),
+    # A negative momentum keeps the state and steps with momentum 0 (Signum, not SignSGD).
+    ("signum", {"learning_rate": 0.05, "momentum": -0.5, "wd": 0.1, "rescale_grad": 0.3}, DTYPES),
+    # NAG with a negative momentum: the momentum kernel with momentum 0, not plain sgd.
+    ("nag", {"learning_rate": 0.1, "momentum": -0.5, "wd": 0.1}, DTYPES),
+    # Unclipped Signum: (1 - momentum) * rescale_grad * g, left to right.
+    ("signum", {"learning_rate": 0.05, "momentum": 0.7, "wd": 0.2, "rescale_grad": 0.3}, DTYPES),
 ]
 
 
