@@ -48,6 +48,10 @@ const MAX_LINE: usize = 64 << 10;
 /// How many values a pickle may make (each opcode at most one).
 const MAX_NODES: usize = 1 << 20;
 
+/// How many references a pickle may hold at once, on the stack, in lists and dicts and in the
+/// memo together (each costs memory but no value: a mark, a duplicate, an item appended).
+const MAX_REFERENCES: usize = 4 << 20;
+
 /// One value of the pickle, in the arena of [`Machine`].
 #[derive(Debug, Clone)]
 enum Node {
@@ -124,18 +128,37 @@ struct Machine {
     arena: Vec<Node>,
     stack: Vec<Option<usize>>, // `None` is a mark
     memo: HashMap<u64, usize>,
+    /// References made so far (stack entries, container items, memo entries).
+    references: usize,
     /// Values unfolded by `resolve` so far, and the bytes of their text.
     unfolded: std::cell::Cell<(usize, usize)>,
 }
 
 impl Machine {
+    /// Counts `n` more references, refused past [`MAX_REFERENCES`].
+    fn reference(&mut self, n: usize) -> Result<(), String> {
+        self.references += n;
+        if self.references > MAX_REFERENCES {
+            return Err(format!(
+                "more than {MAX_REFERENCES} references (stack entries, items, memo entries)"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pushes a mark (`None`) or a value's reference.
+    fn push_ref(&mut self, id: Option<usize>) -> Result<(), String> {
+        self.reference(1)?;
+        self.stack.push(id);
+        Ok(())
+    }
+
     fn push(&mut self, node: Node) -> Result<(), String> {
         if self.arena.len() >= MAX_NODES {
             return Err(format!("more than {MAX_NODES} values"));
         }
         self.arena.push(node);
-        self.stack.push(Some(self.arena.len() - 1));
-        Ok(())
+        self.push_ref(Some(self.arena.len() - 1))
     }
 
     fn pop(&mut self) -> Result<usize, String> {
@@ -175,7 +198,7 @@ impl Machine {
         for pair in items.chunks(2) {
             entries.push((pair[0], pair[1]));
         }
-        Ok(())
+        self.reference(items.len())
     }
 
     fn append(&mut self, list: usize, items: &[usize]) -> Result<(), String> {
@@ -183,7 +206,7 @@ impl Machine {
             return Err("items appended to a value that is not a list".into());
         };
         values.extend_from_slice(items);
-        Ok(())
+        self.reference(items.len())
     }
 
     /// `REDUCE`, of the two forms the module docs name: `copy_reg._reconstructor(cls, object,
@@ -382,13 +405,13 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
         let opcode_at = at - 1;
         let step: Result<(), String> = (|| {
             match op {
-                b'(' => m.stack.push(None),
+                b'(' => m.push_ref(None)?,
                 b'.' => return Ok(()),
                 b'0' => drop(m.stack.pop().ok_or("POP of an empty stack")?),
                 b'1' => drop(m.pop_mark()?),
                 b'2' => {
                     let top = m.top()?;
-                    m.stack.push(Some(top));
+                    m.push_ref(Some(top))?;
                 }
                 b'N' => m.push(Node::None)?,
                 b'I' => {
@@ -473,6 +496,7 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                     let text = line(&mut at)?;
                     let index = text.parse().map_err(|_| format!("PUT {text:?}"))?;
                     let top = m.top()?;
+                    m.reference(1)?;
                     m.memo.insert(index, top);
                 }
                 b'g' => {
@@ -482,7 +506,7 @@ pub fn read(bytes: &[u8]) -> Result<Value, String> {
                         .memo
                         .get(&index)
                         .ok_or_else(|| format!("GET {index} of nothing"))?;
-                    m.stack.push(Some(id));
+                    m.push_ref(Some(id))?;
                 }
                 b'R' => {
                     let args = m.pop()?;
@@ -1139,6 +1163,23 @@ Rp3\n(g1\n(t(dp4\nVlearning_rate\np5\nF0.1\nsNtp6\nb(tR.";
         // A list that holds itself.
         let e = read(b"(lp0\ng0\na.").unwrap_err();
         assert!(e.contains("nested deeper"), "{e}");
+    }
+
+    #[test]
+    fn references_without_values_are_bounded() {
+        // Marks, duplicates and appends make references, not values: each is counted.
+        let marks = [b"(".repeat(MAX_REFERENCES + 1), b".".to_vec()].concat();
+        let dups = [b"N".to_vec(), b"2".repeat(MAX_REFERENCES), b".".to_vec()].concat();
+        let appends = [
+            b"(lNp1\n0".to_vec(),
+            b"g1\na".repeat(MAX_REFERENCES),
+            b".".to_vec(),
+        ]
+        .concat();
+        for pickle in [marks, dups, appends] {
+            let e = read(&pickle).unwrap_err();
+            assert!(e.contains("references"), "{e}");
+        }
     }
 
     #[test]

@@ -325,7 +325,8 @@ impl Van {
             match Dealer::connect(
                 addr,
                 identity,
-                left.clamp(Duration::from_millis(1), self.config.timeout),
+                // At least 1 ms (a timeout under 1 ms is allowed), at most the timeout.
+                left.min(self.config.timeout).max(Duration::from_millis(1)),
             ) {
                 Ok(dealer) => return Ok(dealer),
                 Err(e)
@@ -816,6 +817,23 @@ pub fn command_request(head: i32, body: &str, timestamp: i32) -> Meta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_under_a_millisecond_ends_in_an_error() {
+        // Nobody listens on the scheduler's port: the join gives up once the deadline passed.
+        let unused = TcpListener::bind("127.0.0.1:0").unwrap();
+        let scheduler = unused.local_addr().unwrap().to_string();
+        drop(unused);
+        let config = VanConfig {
+            scheduler,
+            host: "127.0.0.1".into(),
+            bind: "127.0.0.1".into(),
+            port: 0,
+            timeout: Duration::from_micros(500),
+            max_message_bytes: 1 << 20,
+        };
+        assert!(Van::join(config).is_err());
+    }
 
     #[test]
     fn identities_name_nodes() {

@@ -329,16 +329,26 @@ pub fn accept_dealer(stream: &mut TcpStream, timeout: Duration) -> io::Result<Ve
         .unwrap_or_default())
 }
 
+/// The most frames a message may have: ps-lite sends a meta frame and at most three data
+/// frames (keys, values, lengths).
+pub const MAX_FRAMES: usize = 16;
+
 /// Reads the next message (its frames, commands such as heartbeats skipped), its frames
-/// together at most `limit` bytes; `None` when the peer closed the connection between
-/// messages.
+/// together at most `limit` bytes and at most [`MAX_FRAMES`] of them; `None` when the peer
+/// closed the connection between messages.
 ///
 /// # Errors
-/// A connection that breaks inside a message, or a message over `limit`.
+/// A connection that breaks inside a message, or a message over `limit` or with too many
+/// frames.
 pub fn read_message(stream: &mut impl Read, limit: u64) -> io::Result<Option<Vec<Vec<u8>>>> {
     let mut frames: Vec<Vec<u8>> = Vec::new();
     let mut total = 0u64;
     loop {
+        if frames.len() == MAX_FRAMES {
+            return Err(bad(format!(
+                "a message of more than {MAX_FRAMES} frames (ps-lite sends at most 4)"
+            )));
+        }
         let (flags, bytes) = match read_frame(stream, limit - total) {
             Ok(frame) => frame,
             Err(e) if frames.is_empty() && e.kind() == io::ErrorKind::UnexpectedEof => {
@@ -411,6 +421,24 @@ mod tests {
         bytes.extend_from_slice(&(1u64 << 40).to_be_bytes());
         let e = read_message(&mut bytes.as_slice(), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("KVSTORE_MAX_MESSAGE_BYTES"), "{e}");
+    }
+
+    #[test]
+    fn messages_of_too_many_frames_are_refused() {
+        // Empty frames with MORE cost two bytes each on the wire but a `Vec` each here.
+        let mut bytes = [FLAG_MORE, 0].repeat(MAX_FRAMES);
+        bytes.extend_from_slice(&[0, 0]);
+        let e = read_message(&mut bytes.as_slice(), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("frames"), "{e}");
+        let mut four = [FLAG_MORE, 0].repeat(3);
+        four.extend_from_slice(&[0, 0]);
+        assert_eq!(
+            read_message(&mut four.as_slice(), 1 << 20)
+                .unwrap()
+                .unwrap()
+                .len(),
+            4
+        );
     }
 
     #[test]

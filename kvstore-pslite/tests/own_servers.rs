@@ -518,6 +518,42 @@ fn hostile_messages_change_nothing() -> Result<(), Failed> {
     }
 }
 
+/// A push whose lengths frame disagrees with its values (MXNet's server checks it, as ours
+/// does) stops the server, which names the key and the lengths; a well-formed one before it
+/// is taken.
+fn a_push_with_wrong_lengths_stops_the_server_naming_them() -> Result<(), Failed> {
+    use kvstore_pslite::van::{kv_request, Van, VanConfig};
+    let job = LocalJob::start(1, 1, Duration::from_secs(10))?;
+    let worker = Van::join(VanConfig {
+        scheduler: format!("127.0.0.1:{}", job.worker_options()["DMLC_PS_ROOT_PORT"]),
+        host: "127.0.0.1".into(),
+        bind: "127.0.0.1".into(),
+        port: 0,
+        timeout: Duration::from_secs(10),
+        max_message_bytes: 1 << 20,
+    })?;
+    // ps-lite's start: every node enters the barrier of everyone.
+    worker.barrier(7)?;
+    let server = worker.servers().next().ok_or("no server")?.id;
+    let key = 3u64.to_le_bytes();
+    let vals = [0u8; 12]; // three float32
+    let push = |ts: i32, lens: i32| {
+        // Command word 0: a dense float32 push.
+        worker.send(
+            server,
+            &kv_request(0, ts, true, false, 0),
+            &[&key, &vals, &lens.to_le_bytes()],
+        )
+    };
+    push(1, 12)?;
+    push(2, 5)?;
+    let ended = job.join().expect_err("the server stopped with an error");
+    if !ended.contains("a push of 12 bytes") || !ended.contains("with lengths [5]") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     if std::env::var_os(DYING_WORKER).is_some() {
         return dying_worker();
@@ -566,7 +602,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 7] = [
+    let own: [(&str, common::Test); 8] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -594,6 +630,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::hostile_messages_change_nothing",
             hostile_messages_change_nothing,
+        ),
+        (
+            "own_servers::a_push_with_wrong_lengths_stops_the_server_naming_them",
+            a_push_with_wrong_lengths_stops_the_server_naming_them,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));

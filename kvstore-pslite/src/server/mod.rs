@@ -316,7 +316,27 @@ impl Server {
                 .map_or(&[][..], |s| s.stored.as_bytes().expect("contiguous"));
             return reply(&self.van, &request, Some(value));
         }
+        // MXNet's server checks the lengths: one, the values' bytes, for a push; two, 0 (the
+        // size key's) then the values' bytes, for a compressed push.
+        let lens: Vec<i32> = request.data.get(2).map_or(Vec::new(), |l| {
+            l.chunks(4)
+                .map(|c| c.try_into().map_or(-1, i32::from_le_bytes))
+                .collect()
+        });
         let vals = take_values(&mut request);
+        let expected_lens: &[i32] = match (size_key, i32::try_from(vals.len())) {
+            (None, Ok(n)) => &[n][..],
+            (Some(_), Ok(n)) => &[0, n][..],
+            (_, Err(_)) => &[][..],
+        };
+        if lens != expected_lens || expected_lens.is_empty() {
+            return Err(bad(format!(
+                "a push of {} bytes to {} with lengths {lens:?} (MXNet's worker sends \
+                 {expected_lens:?})",
+                vals.len(),
+                self.describe_key(ps_key)
+            )));
+        }
         let pushed = match size_key {
             None => {
                 if !vals.len().is_multiple_of(dtype.size_of()) {
