@@ -156,7 +156,11 @@
 //!   becoming zeros (MXNet's reads its sparse sum as if it held every row);
 //! - registration and barriers give up after `KVSTORE_TIMEOUT_SECS`, naming who is missing;
 //!   requests from nodes that are not workers of the job are ignored; a sync round waiting for
-//!   a worker that left ends the server with an error naming it; a barrier waiting for a node
+//!   a worker that left ends the server with an error naming it, as does one that waited
+//!   `KVSTORE_TIMEOUT_SECS` for a live worker's push (naming the key and the worker; a
+//!   warning is logged after a tenth of that, at most 60 s); a message over 16 frames, a push
+//!   whose lengths frame disagrees with its values (as MXNet's server checks) and a pickle of
+//!   more than 4 Mi references are refused; a barrier waiting for a node
 //!   that left, or a server that left, ends the scheduler so (this crate's nodes then fail at
 //!   once; MXNet's Python workers wait in ps-lite, as for any scheduler that dies, unless
 //!   `kvstore launch` ends them; MXNet's scheduler and servers wait forever).

@@ -554,6 +554,40 @@ fn a_push_with_wrong_lengths_stops_the_server_naming_them() -> Result<(), Failed
     Ok(())
 }
 
+/// A sync round that a live worker never joins fails on the server once it waited
+/// `KVSTORE_TIMEOUT_SECS`, naming the key and the worker it waits for (MXNet's server, and its
+/// workers with it, would wait forever); the worker that pushed fails within its own timeout.
+fn a_round_a_live_worker_never_joins_fails_naming_it() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray};
+    let job = LocalJob::start(1, 2, Duration::from_secs(2))?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    std::thread::scope(|s| {
+        for kv in &workers {
+            s.spawn(move || kv.init(4, &NDArray::zeros(&[2], DType::F32)));
+        }
+    });
+    let e = workers[0]
+        .push(4, &NDArray::ones(&[2], DType::F32))
+        .expect_err("worker 1 never pushes")
+        .to_string();
+    if !e.contains("server 8 (rank 0)") {
+        return Err(e.into());
+    }
+    // Both workers stay connected while the server gives up.
+    let ended = job.join().expect_err("the round never completes");
+    drop(workers);
+    let expected = [
+        "the sync round of key 4",
+        "for pushes of worker 11 (rank 1) (pushed by worker 9 (rank 0))",
+        "(KVSTORE_TIMEOUT_SECS)",
+    ];
+    if !expected.iter().all(|x| ended.contains(x)) {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     if std::env::var_os(DYING_WORKER).is_some() {
         return dying_worker();
@@ -602,7 +636,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 8] = [
+    let own: [(&str, common::Test); 9] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -634,6 +668,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::a_push_with_wrong_lengths_stops_the_server_naming_them",
             a_push_with_wrong_lengths_stops_the_server_naming_them,
+        ),
+        (
+            "own_servers::a_round_a_live_worker_never_joins_fails_naming_it",
+            a_round_a_live_worker_never_joins_fails_naming_it,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));

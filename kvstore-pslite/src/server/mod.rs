@@ -28,7 +28,7 @@
 //! run.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvstore_base::{DType, Key, NDArray};
 use kvstore_compression::{Codec, CompressionSpec, CompressionType};
@@ -64,9 +64,23 @@ struct Slot {
     spare: Option<NDArray>,
     /// This round's pushes, and the requests that brought them.
     held: Vec<(Message, Pushed)>,
+    /// When this round's first push arrived, and whether its wait was logged already.
+    round_started: Option<(Instant, bool)>,
 }
 
 impl Slot {
+    /// A key's slot, holding `stored` and no round.
+    fn new(dtype: DType, stored: NDArray, row_len: Option<usize>) -> Slot {
+        Slot {
+            dtype,
+            stored,
+            row_len,
+            spare: None,
+            held: Vec::new(),
+            round_started: None,
+        }
+    }
+
     /// The sum of a complete round's pushes, in the spare buffer: one pass sums the
     /// uncompressed pushes, the compressed ones are dequantised into it (the first one
     /// overwriting it when no push was uncompressed, as MXNet's server merges them).
@@ -389,16 +403,8 @@ impl Server {
             }
             // The key's first push: its value.
             reply(&self.van, &request, None)?;
-            self.slots.insert(
-                ps_key,
-                Slot {
-                    dtype,
-                    stored: pushed.into_value().map_err(bad)?,
-                    row_len: None,
-                    spare: None,
-                    held: Vec::new(),
-                },
-            );
+            let stored = pushed.into_value().map_err(bad)?;
+            self.slots.insert(ps_key, Slot::new(dtype, stored, None));
             return Ok(());
         };
         if slot.row_len.is_some() || slot.dtype != dtype || slot.stored.shape() != [pushed.len()] {
@@ -415,6 +421,45 @@ impl Server {
             )));
         }
         self.take_push(ps_key, request, pushed)
+    }
+
+    /// Fails once a sync round waited [`Van::timeout`] for pushes, naming the key, the
+    /// workers that pushed it and those that did not (MXNet's server waits forever, and its
+    /// workers with it); logs a warning once a round waited a tenth of that (at most 60 s).
+    fn check_waiting_rounds(&mut self, workers: &[i32]) -> Result<(), VanError> {
+        let timeout = self.van.timeout();
+        let warn_after = (timeout / 10).min(Duration::from_secs(60));
+        let range_begin = self.range_begin;
+        for (&ps_key, slot) in &mut self.slots {
+            let Some((started, warned)) = &mut slot.round_started else {
+                continue;
+            };
+            let waited = started.elapsed();
+            if waited < warn_after {
+                continue;
+            }
+            let pushed: Vec<i32> = slot.held.iter().map(|(r, _)| r.sender).collect();
+            let names = |ids: &mut dyn Iterator<Item = i32>| {
+                ids.map(node_name).collect::<Vec<_>>().join(", ")
+            };
+            let missing = names(&mut workers.iter().copied().filter(|id| !pushed.contains(id)));
+            let what = format!(
+                "the sync round of {} has waited {waited:.1?} for pushes of {missing} \
+                 (pushed by {})",
+                rows::key_name(ps_key, range_begin),
+                names(&mut pushed.iter().copied()),
+            );
+            if waited >= timeout {
+                return Err(VanError(format!(
+                    "{what}: given up after {timeout:?} (KVSTORE_TIMEOUT_SECS)"
+                )));
+            }
+            if !*warned {
+                *warned = true;
+                log::warn!("pslite server: {what}");
+            }
+        }
+        Ok(())
     }
 
     /// A push to the initialised key `ps_key`: in async mode applied at once (through the
@@ -456,10 +501,12 @@ impl Server {
             }
             return reply(van, &request, slot.stored.as_bytes());
         }
+        slot.round_started.get_or_insert((Instant::now(), false));
         slot.held.push((request, pushed));
         if slot.held.len() < *num_workers {
             return Ok(());
         }
+        slot.round_started = None;
         let sum = slot.round_sum(reduce).map_err(bad)?;
         // The sum is the value, or the optimizer's gradient (a dense buffer is then kept for
         // the next round).
@@ -510,8 +557,13 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         .filter(|n| n.role == Role::Worker)
         .map(|n| n.id)
         .collect();
+    let mut checked = Instant::now();
     loop {
         let request = server.van.next_request(Duration::from_secs(1));
+        if checked.elapsed() >= Duration::from_secs(1) {
+            checked = Instant::now();
+            server.check_waiting_rounds(&workers)?;
+        }
         let Some(request) = request else {
             // Idle as long as the job trains; over once no worker is left to stop it, or when
             // a round waits for a worker that is gone.

@@ -141,16 +141,8 @@ impl Server {
             let stored = NDArray::from_bytes(&[ids.len(), row_len], dtype, &vals)
                 .map_err(|e| bad(e.to_string()))?;
             reply(&self.van, &request, None)?;
-            self.slots.insert(
-                master,
-                Slot {
-                    dtype,
-                    stored,
-                    row_len: Some(row_len),
-                    spare: None,
-                    held: Vec::new(),
-                },
-            );
+            self.slots
+                .insert(master, Slot::new(dtype, stored, Some(row_len)));
             return Ok(());
         };
         let shape = slot.stored.shape().to_vec();
@@ -238,11 +230,17 @@ impl Server {
 
     /// `ps_key` as MXNet's key on this server, for messages: "key K (ps-lite key P)".
     pub(super) fn describe_key(&self, ps_key: u64) -> String {
-        format!(
-            "key {} (ps-lite key {ps_key})",
-            ps_key.wrapping_sub(self.range_begin) as i64
-        )
+        key_name(ps_key, self.range_begin)
     }
+}
+
+/// `ps_key` as MXNet's key on a server whose range starts at `range_begin`, for messages:
+/// "key K (ps-lite key P)".
+pub(super) fn key_name(ps_key: u64, range_begin: u64) -> String {
+    format!(
+        "key {} (ps-lite key {ps_key})",
+        ps_key.wrapping_sub(range_begin) as i64
+    )
 }
 
 /// Row ids for a message: the first few, and how many.
