@@ -349,6 +349,17 @@ pub const MULTI_CHECKS: &[MultiCheck] = &[
         run: optimizer_adds_the_rescaled_sum_of_every_push,
     },
     MultiCheck {
+        name: "compressed_pushes_quantise_with_a_residual_and_init_and_pull_are_exact",
+        requires: &[
+            Capability::Distributed,
+            Capability::InitPushPull,
+            Capability::Optimizer,
+            Capability::GradientCompression,
+        ],
+        applies_to: SYNC,
+        run: compressed_pushes_quantise_with_a_residual,
+    },
+    MultiCheck {
         name: "barrier_holds_every_worker_until_all_entered",
         requires: &[Capability::Distributed],
         applies_to: ANY,
@@ -925,6 +936,74 @@ fn optimizer_adds_the_rescaled_sum_of_every_push(job: &Job<'_>) -> CheckResult {
                 expected,
                 &format!("key {k} after every push: 1 + 0.5 x the sum of every push"),
             )?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// MXNet's nightly `dist_sync_kvstore.py --type=compressed_cpu` (`check_compr_residual`):
+/// with 2-bit compression (threshold 0.5) each worker's push is quantised to -0.5, 0 or 0.5
+/// and what quantising took off is kept for its next push; init and pulls are not
+/// compressed. Every worker pushes the same values, through the `test` optimizer
+/// (`w += 0.5 g`), so a round adds `0.5 n q` for the quantised value `q`.
+fn compressed_pushes_quantise_with_a_residual(job: &Job<'_>) -> CheckResult {
+    let n = job.workers() as f64;
+    on_each_worker(job.create()?, move |kv| {
+        let params = [("type", "2bit"), ("threshold", "0.5")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        kv.set_gradient_compression(&params)
+            .during("set_gradient_compression(2bit, threshold 0.5)")?;
+        // Key 5 is big enough to be split across the servers under a small big-array bound.
+        let shapes = [vec![2, 2], vec![96]];
+        let keys = [4, 5];
+        // 0.75 is not a quantised value: an init that went through the codec would show.
+        let inits: Vec<NDArray> = shapes.iter().map(|s| filled(s, 0.75)).collect();
+        kv.init(&keys, &inits).during("init of keys [4, 5]")?;
+        kv.set_optimizer(&OptimizerSpec::new("test").with("rescale_grad", 0.5))
+            .during("set_optimizer(test, rescale_grad 0.5)")?;
+        let mut outs: Vec<NDArray> = shapes
+            .iter()
+            .map(|s| NDArray::zeros(s, DType::F32))
+            .collect();
+        kv.pull(&keys, &mut outs)
+            .during("the pull before any push")?;
+        for (k, out) in keys.iter().zip(&outs) {
+            expect_all(
+                out,
+                0.75,
+                &format!("key {k} pulled after init (not compressed)"),
+            )?;
+        }
+        // (pushed value, the residual after it, the quantised value it sent)
+        let rounds = [
+            (0.25, 0.25, 0.0),
+            (0.25, 0.0, 0.5),
+            (0.375, 0.375, 0.0),
+            (0.125, 0.0, 0.5),
+            (-0.75, -0.25, -0.5),
+            (-0.25, 0.0, -0.5),
+            (0.0, 0.0, 0.0),
+        ];
+        let mut expected = 0.75;
+        for (round, &(pushed, residual, sent)) in rounds.iter().enumerate() {
+            let grads: Vec<NDArray> = shapes.iter().map(|s| filled(s, pushed)).collect();
+            kv.push(&keys, &grads)
+                .during(format_args!("push of {pushed} (round {round})"))?;
+            kv.pull(&keys, &mut outs)
+                .during(format_args!("pull after round {round}"))?;
+            expected += 0.5 * n * sent;
+            for (k, out) in keys.iter().zip(&outs) {
+                expect_all(
+                    out,
+                    expected,
+                    &format!(
+                        "key {k} after a push of {pushed} (round {round}: each worker sends                          {sent}, keeping {residual})"
+                    ),
+                )?;
+            }
         }
         Ok(())
     })?;
