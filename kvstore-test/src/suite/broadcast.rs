@@ -1,9 +1,9 @@
 //! `broadcast`: rank 0's value reaches every output.
 
-use kvstore_base::{DType, Error, KVStoreExt, NDArray};
+use kvstore_base::{Capability, DType, Error, KVStoreExt, NDArray};
 
 use super::util::{expect_all, expect_error, f32s, filled, store};
-use super::{ensure, Check, CheckResult, StoreFactory};
+use super::{ensure, Check, CheckResult, Failure, StoreFactory};
 
 pub(super) const CHECKS: &[Check] = &[
     Check {
@@ -92,5 +92,14 @@ fn out_shape_mismatch_writes_nothing(factory: &StoreFactory) -> CheckResult {
         &["21", "[4]", "[2, 2]"],
     )?;
     expect_all(&outs[0], 0.0, "the out of the well-formed key 20")?;
-    expect_all(&outs[1], 0.0, "the mismatched out")
+    expect_all(&outs[1], 0.0, "the mismatched out")?;
+    // Nor did it initialise the well-formed key in a store that keeps values.
+    if kv.is_capable(Capability::InitPushPull) {
+        kv.init(20, &filled(&[2, 3], 3.0)).map_err(|e| {
+            Failure(format!(
+                "init of key 20 after the failed broadcast: {e} (the failed call stored it)"
+            ))
+        })?;
+    }
+    Ok(())
 }

@@ -1,6 +1,8 @@
 //! Bad input: every case is an error that names the key and the shapes, and nothing is written.
 
-use kvstore_base::{DType, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts, KeyedValues, NDArray};
+use kvstore_base::{
+    Capability, DType, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts, KeyedValues, NDArray,
+};
 
 use super::util::{declare, expect_all, expect_error, filled, store};
 use super::{Check, CheckResult, StoreFactory};
@@ -159,7 +161,14 @@ fn out_shape_mismatch_writes_no_out(factory: &StoreFactory) -> CheckResult {
         &["6", "[3]", "[4]"],
     )?;
     expect_all(&outs[0], 0.0, "the out of key 5, which had no error")?;
-    expect_all(&outs[1], 0.0, "the mismatched out")
+    expect_all(&outs[1], 0.0, "the mismatched out")?;
+    // Nor did it push key 5 in a store that keeps values.
+    if kv.is_capable(Capability::InitPushPull) {
+        let mut stored = NDArray::ones(&[2], DType::F32);
+        kv.pull(5, &mut stored)?;
+        expect_all(&stored, 0.0, "key 5 after the failed pushpull")?;
+    }
+    Ok(())
 }
 
 fn out_key_without_value(factory: &StoreFactory) -> CheckResult {

@@ -176,11 +176,12 @@ fn states_round_trip_through_a_file(factory: &StoreFactory) -> CheckResult {
         std::thread::current().id()
     ));
 
-    // An uninterrupted run of 4 steps.
+    // An uninterrupted run of 4 steps, then 2 more.
     let straight = store(factory)?;
     straight.init(1, &filled(&[4], 1.0))?;
     straight.set_optimizer(&adam)?;
     let expected = run_steps(&*straight, 0..4)?;
+    let expected_after_6 = run_steps(&*straight, 4..6)?;
 
     // 2 steps, save, then a fresh store loads the states and runs the last 2.
     let first = store(factory)?;
@@ -205,7 +206,8 @@ fn states_round_trip_through_a_file(factory: &StoreFactory) -> CheckResult {
         expected.to_f64_vec()
     );
 
-    // A file that is not a state file is an error that changes nothing.
+    // A file that is not a state file is an error that changes nothing: neither the value
+    // nor the optimizer's states (the next steps go on as without the failed load).
     std::fs::write(&path, b"certainly not optimizer states").map_err(|e| Failure(e.to_string()))?;
     let garbage = second.load_optimizer_states(&path);
     let _ = std::fs::remove_file(&path);
@@ -213,6 +215,13 @@ fn states_round_trip_through_a_file(factory: &StoreFactory) -> CheckResult {
     ensure!(
         run_steps(&*second, 4..4)? == resumed,
         "a failed load changed the value"
+    );
+    let after_6 = run_steps(&*second, 4..6)?;
+    ensure!(
+        after_6 == expected_after_6,
+        "after a failed load, 2 more steps gave {:?}, without it {:?}",
+        after_6.to_f64_vec(),
+        expected_after_6.to_f64_vec()
     );
     Ok(())
 }

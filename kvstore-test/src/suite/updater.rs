@@ -28,7 +28,64 @@ pub(super) const CHECKS: &[Check] = &[
         requires: &[Capability::RowSparse, Capability::InitPushPull],
         run: row_sparse_pull_returns_the_requested_rows,
     },
+    Check {
+        name: "row_sparse_push_of_several_values_sums_their_rows",
+        requires: &[Capability::RowSparse, Capability::InitPushPull],
+        run: row_sparse_push_sums_the_rows_of_its_values,
+    },
+    Check {
+        name: "keyvalue_push_of_rows_to_a_dense_key_replaces_its_value",
+        requires: &[Capability::RowSparse, Capability::InitPushPull],
+        run: push_of_rows_to_a_dense_key,
+    },
 ];
+
+/// A row-sparse array of shape `[4, 2]` whose rows `ids` all hold `value`.
+fn rows_of(ids: &[i64], value: f32) -> std::result::Result<NDArray, Failure> {
+    let data = NDArray::from_vec(&[ids.len(), 2], vec![value; 2 * ids.len()])?;
+    Ok(NDArray::row_sparse(&[4, 2], ids.to_vec(), &data)?)
+}
+
+/// MXNet's `test_sparse_aggregator`: a push of several row-sparse values of one key sums them
+/// over the union of their rows (without an updater the sum is the value).
+fn row_sparse_push_sums_the_rows_of_its_values(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    kv.init("embedding", &rows_of(&[0, 1, 2, 3], 0.0)?)?;
+    // Their rows cover every row: {0}, {2}, {0, 3}, {1}.
+    let values = [
+        rows_of(&[0], 1.0)?,
+        rows_of(&[2], 2.0)?,
+        rows_of(&[0, 3], 3.0)?,
+        rows_of(&[1], 4.0)?,
+    ];
+    kv.push("embedding", &values)?;
+    let mut out = rows_of(&[], 0.0)?;
+    let every_row = NDArray::from_vec(&[4], vec![0i64, 1, 2, 3])?;
+    kv.row_sparse_pull("embedding", &mut out, &every_row)?;
+    ensure!(
+        out.to_f64_vec() == vec![4.0, 4.0, 4.0, 4.0, 2.0, 2.0, 3.0, 3.0],
+        "the rows pulled after the push: {:?}, expected rows 4, 4, 2, 3",
+        out.to_f64_vec()
+    );
+    Ok(())
+}
+
+/// MXNet's `test_single_kv_pair` and `test_list_kv_pair` with `row_sparse` values: a push of
+/// row-sparse values to dense keys, pulled dense.
+fn push_of_rows_to_a_dense_key(factory: &StoreFactory) -> CheckResult {
+    let kv = store(factory)?;
+    kv.init(&[3, 5], &[filled(&[4, 2], 0.0), filled(&[4, 2], 0.0)])?;
+    kv.push(3, &rows_of(&[0, 1, 2, 3], 1.0)?)?;
+    // Two values of key 5: their sum, 4.
+    kv.push(
+        &[5, 5],
+        &[rows_of(&[0, 1, 2, 3], 1.0)?, rows_of(&[0, 1, 2, 3], 3.0)?],
+    )?;
+    let mut outs = [filled(&[4, 2], -1.0), filled(&[4, 2], -1.0)];
+    kv.pull(&[3, 5], &mut outs)?;
+    expect_all(&outs[0], 1.0, "key 3 after a push of rows of ones")?;
+    expect_all(&outs[1], 4.0, "key 5 after a push of rows of 1 and of 3")
+}
 
 fn updater_runs_once_per_key_with_the_sum(factory: &StoreFactory) -> CheckResult {
     let kv = store(factory)?;
