@@ -119,10 +119,14 @@ fn pushpull_sums_left_to_right_from_zero_like_python_sum() {
         .unwrap();
     assert_eq!(out.to_vec::<f16>().unwrap(), vec![f16::from_f32(2048.0)]);
 
-    // sum() starts from 0, so a lone -0.0 comes back as +0.0.
+    // sum() starts from 0: -0.0 + -0.0 comes back as +0.0.
     let mut out = f32s(&[1.0]);
-    kv.pushpull(1, &f32s(&[-0.0]), &mut out).unwrap();
+    kv.pushpull(1, &[f32s(&[-0.0]), f32s(&[-0.0])], &mut out)
+        .unwrap();
     assert!(out.to_vec::<f32>().unwrap()[0].is_sign_positive());
+    // One value is copied (`o[:] = value`), so a lone -0.0 stays -0.0.
+    kv.pushpull(1, &f32s(&[-0.0]), &mut out).unwrap();
+    assert!(out.to_vec::<f32>().unwrap()[0].is_sign_negative());
 
     // uint8 wraps, as MXNet's elementwise addition does.
     let u = |x: u8| NDArray::from_vec(&[1], vec![x]).unwrap();
