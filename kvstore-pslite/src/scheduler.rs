@@ -188,6 +188,30 @@ pub fn run_scheduler_on(
                 )));
             }
         }
+        // Every worker gone: no one is left to end the job (MXNet's servers would wait
+        // forever; this crate's stop once their workers are gone, so a server gone too is
+        // named after them).
+        let workers: Vec<i32> = registered
+            .iter()
+            .filter(|n| n.role == Role::Worker)
+            .map(|n| n.id)
+            .collect();
+        if !workers.is_empty() && workers.iter().all(|&id| gone(id)) {
+            let names: Vec<String> = workers.iter().map(|&id| node_name(id)).collect();
+            let servers_gone: Vec<String> = registered
+                .iter()
+                .filter(|n| n.role == Role::Server && gone(n.id))
+                .map(|n| node_name(n.id))
+                .collect();
+            return Err(VanError(format!(
+                "every worker ({}) left the job before it ended (the last barrier){}",
+                names.join(", "),
+                match servers_gone.is_empty() {
+                    true => String::new(),
+                    false => format!("; {} left too", servers_gone.join(", ")),
+                }
+            )));
+        }
         // A server that left cannot come back (ps-lite has no recovery): its keys are gone and
         // no request to it can be answered, so the job ends, naming it.
         for server in registered.iter().filter(|n| n.role == Role::Server) {
@@ -201,9 +225,20 @@ pub fn run_scheduler_on(
         }
         let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
         if van.all_lost(&ids) {
-            return Err(VanError(
-                "every node left before the job ended (the last barrier)".into(),
-            ));
+            let names = |role: Role| {
+                registered
+                    .iter()
+                    .filter(|n| n.role == role)
+                    .map(|n| node_name(n.id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(VanError(format!(
+                "every worker ({}) left the job before it ended (the last barrier), and every \
+                 server ({})",
+                names(Role::Worker),
+                names(Role::Server)
+            )));
         }
         let Some(message) = van.next_request(Duration::from_secs(1)) else {
             continue;

@@ -588,6 +588,38 @@ fn a_round_a_live_worker_never_joins_fails_naming_it() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Every worker gone between the start and the end of the job: the scheduler ends, naming
+/// them (not only the servers, which stop for want of workers).
+fn every_worker_gone_ends_the_job_naming_them() -> Result<(), Failed> {
+    use kvstore_pslite::van::{Van, VanConfig};
+    let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
+    let scheduler = format!("127.0.0.1:{}", job.worker_options()["DMLC_PS_ROOT_PORT"]);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let scheduler = scheduler.clone();
+            s.spawn(move || -> Result<(), String> {
+                let mut worker = Van::join(VanConfig {
+                    scheduler,
+                    host: "127.0.0.1".into(),
+                    bind: "127.0.0.1".into(),
+                    port: 0,
+                    timeout: Duration::from_secs(10),
+                    max_message_bytes: 1 << 20,
+                })
+                .map_err(|e| e.to_string())?;
+                worker.barrier(7).map_err(|e| e.to_string())?;
+                worker.close();
+                Ok(())
+            });
+        }
+    });
+    let ended = job.join().expect_err("the workers left before the end");
+    if !ended.contains("every worker (worker 9 (rank 0), worker 11 (rank 1)) left the job") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     if std::env::var_os(DYING_WORKER).is_some() {
         return dying_worker();
@@ -636,7 +668,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 9] = [
+    let own: [(&str, common::Test); 10] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -672,6 +704,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::a_round_a_live_worker_never_joins_fails_naming_it",
             a_round_a_live_worker_never_joins_fails_naming_it,
+        ),
+        (
+            "own_servers::every_worker_gone_ends_the_job_naming_them",
+            every_worker_gone_ends_the_job_naming_them,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));
