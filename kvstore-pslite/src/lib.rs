@@ -160,7 +160,10 @@
 //!   `KVSTORE_TIMEOUT_SECS` for a live worker's push (naming the key and the worker; a
 //!   warning is logged after a tenth of that, at most 60 s); a message over 16 frames, a push
 //!   whose lengths frame disagrees with its values (as MXNet's server checks) and a pickle of
-//!   more than 4 Mi references are refused; a barrier waiting for a node
+//!   more than 4 Mi references are refused, as is a sync round's push seen twice (ps-lite's
+//!   `PS_RESEND`, which needs ACKs this crate does not send); a node table that does not
+//!   number the nodes as ps-lite does is refused; every worker gone ends the scheduler,
+//!   naming them; a late `ADD_NODE` is logged and ignored; a barrier waiting for a node
 //!   that left, or a server that left, ends the scheduler so (this crate's nodes then fail at
 //!   once; MXNet's Python workers wait in ps-lite, as for any scheduler that dies, unless
 //!   `kvstore launch` ends them; MXNet's scheduler and servers wait forever).

@@ -250,6 +250,18 @@ pub fn run_scheduler_on(
             );
             continue;
         };
+        if control.cmd == Command::AddNode {
+            let who = control
+                .nodes
+                .first()
+                .map_or_else(|| "a node".to_string(), |n| format!("{n}"));
+            log::warn!(
+                "pslite scheduler: {who} asked to join after the job formed; ignored (the job \
+                 has its {num_workers} workers and {num_servers} servers, and ps-lite's nodes \
+                 cannot rejoin: check DMLC_NUM_WORKER and DMLC_NUM_SERVER)"
+            );
+            continue;
+        }
         if control.cmd != Command::Barrier || !message.meta.request {
             continue;
         }

@@ -280,6 +280,8 @@ impl Van {
                 )
             },
         )?;
+        check_node_table(&table)
+            .map_err(|why| scheduler_error(&van.config, format!("sent a node table that {why}")))?;
         let mine = table
             .iter()
             .find(|n| n.role == role && n.hostname == me.hostname && n.port == me.port)
@@ -383,9 +385,10 @@ impl Van {
         servers.into_iter()
     }
 
-    /// This node's rank among its role (ps-lite's `(id - 8) / 2`, rounded down).
+    /// This node's rank among its role (ps-lite's `(id - 8) / 2`, rounded down; the node table
+    /// was checked to number the nodes so).
     pub fn rank(&self) -> usize {
-        ((self.me.id - 8) / 2).max(0) as usize
+        (self.me.id.saturating_sub(8) / 2).max(0) as usize
     }
 
     /// Links this node to node `id` at `addr` (the scheduler links to every node once they
@@ -814,9 +817,94 @@ pub fn command_request(head: i32, body: &str, timestamp: i32) -> Meta {
     }
 }
 
+/// Checks a node table as ps-lite assigns ids: the servers are 8, 10, 12, ..., the workers 9,
+/// 11, 13, ... (`rank * 2 + 8` and `rank * 2 + 9`), the scheduler, when listed, 1; every id
+/// once. The ranks of every node and the key ranges of the servers follow from the ids.
+fn check_node_table(table: &[NodeRecord]) -> Result<(), String> {
+    let mut ids: Vec<i32> = table.iter().map(|n| n.id).collect();
+    ids.sort_unstable();
+    if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("gives id {} to two nodes", w[0]));
+    }
+    for (role, first) in [(Role::Server, 8), (Role::Worker, 9)] {
+        let mut of_role: Vec<i32> = table
+            .iter()
+            .filter(|n| n.role == role)
+            .map(|n| n.id)
+            .collect();
+        of_role.sort_unstable();
+        for (rank, &id) in of_role.iter().enumerate() {
+            if i64::from(id) != first + 2 * rank as i64 {
+                return Err(format!(
+                    "gives {} of rank {rank} id {id}, not {} (ps-lite's rank * 2 + {first})",
+                    match role {
+                        Role::Server => "the server",
+                        _ => "the worker",
+                    },
+                    first + 2 * rank as i64
+                ));
+            }
+        }
+    }
+    if let Some(n) = table
+        .iter()
+        .find(|n| n.role == Role::Scheduler && n.id != SCHEDULER_ID)
+    {
+        return Err(format!(
+            "gives the scheduler id {}, not {SCHEDULER_ID}",
+            n.id
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_tables_must_number_nodes_as_ps_lite_does() {
+        let table = |nodes: &[(Role, i32)]| -> Vec<NodeRecord> {
+            nodes
+                .iter()
+                .map(|&(role, id)| {
+                    let mut n = NodeRecord::new(role, "h", 1);
+                    n.id = id;
+                    n
+                })
+                .collect()
+        };
+        let good = table(&[
+            (Role::Scheduler, 1),
+            (Role::Server, 8),
+            (Role::Worker, 9),
+            (Role::Server, 10),
+            (Role::Worker, 11),
+        ]);
+        assert_eq!(check_node_table(&good), Ok(()));
+        for (bad, why) in [
+            (
+                table(&[(Role::Server, 8), (Role::Worker, 8)]),
+                "id 8 to two nodes",
+            ),
+            (
+                table(&[(Role::Server, 8), (Role::Server, 12)]),
+                "rank 1 id 12, not 10",
+            ),
+            (
+                table(&[(Role::Worker, i32::MIN)]),
+                "rank 0 id -2147483648, not 9",
+            ),
+            (table(&[(Role::Worker, -1)]), "not 9"),
+            (
+                table(&[(Role::Scheduler, 3), (Role::Server, 8)]),
+                "scheduler id 3",
+            ),
+        ] {
+            let e = check_node_table(&bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
 
     #[test]
     fn a_timeout_under_a_millisecond_ends_in_an_error() {

@@ -518,12 +518,10 @@ fn hostile_messages_change_nothing() -> Result<(), Failed> {
     }
 }
 
-/// A push whose lengths frame disagrees with its values (MXNet's server checks it, as ours
-/// does) stops the server, which names the key and the lengths; a well-formed one before it
-/// is taken.
-fn a_push_with_wrong_lengths_stops_the_server_naming_them() -> Result<(), Failed> {
-    use kvstore_pslite::van::{kv_request, Van, VanConfig};
-    let job = LocalJob::start(1, 1, Duration::from_secs(10))?;
+/// A bare ps-lite worker of `job` (this crate's van, no store), joined and past the start
+/// barrier, to send the servers hand-made requests.
+fn bare_worker(job: &LocalJob) -> Result<kvstore_pslite::van::Van, String> {
+    use kvstore_pslite::van::{Van, VanConfig};
     let worker = Van::join(VanConfig {
         scheduler: format!("127.0.0.1:{}", job.worker_options()["DMLC_PS_ROOT_PORT"]),
         host: "127.0.0.1".into(),
@@ -531,9 +529,20 @@ fn a_push_with_wrong_lengths_stops_the_server_naming_them() -> Result<(), Failed
         port: 0,
         timeout: Duration::from_secs(10),
         max_message_bytes: 1 << 20,
-    })?;
+    })
+    .map_err(|e| e.to_string())?;
     // ps-lite's start: every node enters the barrier of everyone.
-    worker.barrier(7)?;
+    worker.barrier(7).map_err(|e| e.to_string())?;
+    Ok(worker)
+}
+
+/// A push whose lengths frame disagrees with its values (MXNet's server checks it, as ours
+/// does) stops the server, which names the key and the lengths; a well-formed one before it
+/// is taken.
+fn a_push_with_wrong_lengths_stops_the_server_naming_them() -> Result<(), Failed> {
+    use kvstore_pslite::van::kv_request;
+    let job = LocalJob::start(1, 1, Duration::from_secs(10))?;
+    let worker = bare_worker(&job)?;
     let server = worker.servers().next().ok_or("no server")?.id;
     let key = 3u64.to_le_bytes();
     let vals = [0u8; 12]; // three float32
@@ -591,30 +600,53 @@ fn a_round_a_live_worker_never_joins_fails_naming_it() -> Result<(), Failed> {
 /// Every worker gone between the start and the end of the job: the scheduler ends, naming
 /// them (not only the servers, which stop for want of workers).
 fn every_worker_gone_ends_the_job_naming_them() -> Result<(), Failed> {
-    use kvstore_pslite::van::{Van, VanConfig};
     let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
-    let scheduler = format!("127.0.0.1:{}", job.worker_options()["DMLC_PS_ROOT_PORT"]);
     std::thread::scope(|s| {
         for _ in 0..2 {
-            let scheduler = scheduler.clone();
-            s.spawn(move || -> Result<(), String> {
-                let mut worker = Van::join(VanConfig {
-                    scheduler,
-                    host: "127.0.0.1".into(),
-                    bind: "127.0.0.1".into(),
-                    port: 0,
-                    timeout: Duration::from_secs(10),
-                    max_message_bytes: 1 << 20,
-                })
-                .map_err(|e| e.to_string())?;
-                worker.barrier(7).map_err(|e| e.to_string())?;
-                worker.close();
-                Ok(())
-            });
+            s.spawn(|| bare_worker(&job).map(|mut worker| worker.close()));
         }
     });
     let ended = job.join().expect_err("the workers left before the end");
     if !ended.contains("every worker (worker 9 (rank 0), worker 11 (rank 1)) left the job") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
+/// A sync round given the same push twice (same sender, same timestamp: ps-lite's PS_RESEND
+/// resending what was not acknowledged) stops the server naming PS_RESEND, rather than
+/// completing the round with the push counted twice.
+fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
+    use kvstore_pslite::van::{command_request, kv_request};
+    use kvstore_pslite::worker::CMD_SYNC_MODE;
+    let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| bare_worker(&job));
+        let b = s.spawn(|| bare_worker(&job));
+        (a.join().expect("joins"), b.join().expect("joins"))
+    });
+    let (a, _b) = (a?, b?);
+    let server = a.servers().next().ok_or("no server")?.id;
+    a.send(server, &command_request(CMD_SYNC_MODE, "", 1), &[])?;
+    let key = 3u64.to_le_bytes();
+    let vals = [0u8; 8];
+    let lens = 8i32.to_le_bytes();
+    let push = |ts: i32| {
+        a.send(
+            server,
+            &kv_request(0, ts, true, false, 0),
+            &[&key, &vals, &lens],
+        )
+    };
+    push(2)?; // the key's init
+    push(3)?; // held: worker b has not pushed
+    push(3)?; // the same request again
+    let ended = job
+        .join()
+        .expect_err("the server refuses the repeated push");
+    if !ended.contains("the same push to key 3 (ps-lite key 3) twice")
+        || !ended.contains("PS_RESEND")
+    {
         return Err(ended.into());
     }
     Ok(())
@@ -668,7 +700,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 10] = [
+    let own: [(&str, common::Test); 11] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -708,6 +740,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::every_worker_gone_ends_the_job_naming_them",
             every_worker_gone_ends_the_job_naming_them,
+        ),
+        (
+            "own_servers::a_resent_push_stops_the_server_naming_ps_resend",
+            a_resent_push_stops_the_server_naming_ps_resend,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));

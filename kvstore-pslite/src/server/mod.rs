@@ -501,6 +501,19 @@ impl Server {
             }
             return reply(van, &request, slot.stored.as_bytes());
         }
+        // The same request twice (sender and timestamp): ps-lite's PS_RESEND resends what was
+        // not acknowledged, and this server sends no ACKs; counted as another worker's push it
+        // would complete the round with a wrong sum.
+        if slot.held.iter().any(|(held, _)| {
+            held.sender == request.sender && held.meta.timestamp == request.meta.timestamp
+        }) {
+            return Err(bad(format!(
+                "the same push to {} twice (timestamp {:?}): PS_RESEND must be unset, this \
+                 server acknowledges no message",
+                rows::key_name(ps_key, *range_begin),
+                request.meta.timestamp
+            )));
+        }
         slot.round_started.get_or_insert((Instant::now(), false));
         slot.held.push((request, pushed));
         if slot.held.len() < *num_workers {
