@@ -242,6 +242,16 @@ pub trait Optimizer: Send + fmt::Debug {
         let _ = (key, multi_precision);
         Ok(RowSparse::Dense)
     }
+    /// Refuses an update of `key` this optimizer cannot make whatever the arrays (MXNet's
+    /// GroupAdaGrad and a key with weight decay); checked before anything changes. By default
+    /// every key is fine.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`](kvstore_base::Error::InvalidArgument) saying why.
+    fn check_key(&self, key: &Key) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
     /// Updates one key in place: bumps its count, computes its rates and runs the kernel.
     ///
     /// The gradient is dense unless [`Optimizer::row_sparse`] asked for the rows of a

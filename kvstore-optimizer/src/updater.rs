@@ -376,6 +376,7 @@ impl Updater {
     }
 
     fn check(&self, key: &Key, grad: &NDArray, weight: &NDArray) -> Result<()> {
+        self.optimizer.check_key(key)?;
         if let Some(array) = [weight, grad].into_iter().find(|a| a.in_device_memory()) {
             return Err(Error::InvalidArgument(format!(
                 "the updater works on host arrays, this one is on {}: copy it with to_context",
@@ -438,6 +439,7 @@ impl Updater {
     /// assert!(updater.check_declared(&key, DType::I32, DType::I32, false).is_err());
     /// ```
     pub fn check_declared(&self, key: &Key, weight: DType, grad: DType, rows: bool) -> Result<()> {
+        self.optimizer.check_key(key)?;
         self.check_dtypes(key, weight, grad)?;
         if rows {
             self.optimizer

@@ -521,11 +521,26 @@ fn groupadagrad_keeps_one_history_value_per_row_of_2d_weights() {
     let err = up.update(&Key::from(0), &g, &mut w3).unwrap_err();
     assert!(matches!(err.root(), Error::ShapeMismatch { .. }), "{err}");
 
-    // Weight decay is not supported.
-    let e = create(&OptimizerSpec::new("groupadagrad").with("wd", 0.1))
+    // Weight decay is not supported: a key that has some is refused at its update, changing
+    // nothing; one whose wd_mult is 0 is updated (MXNet asserts per key).
+    let spec = OptimizerSpec::new("groupadagrad").with("wd", 0.1).with(
+        "wd_mult",
+        ParamValue::Map([("b".to_string(), ParamValue::Float(0.0))].into()),
+    );
+    let mut decayed = Updater::from_spec(&spec).unwrap();
+    let mut w = NDArray::ones(&[2, 2], DType::F64);
+    let e = decayed
+        .update(&Key::from("w"), &g, &mut w)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("groupadagrad") && e.contains("\"wd\""), "{e}");
+    assert!(
+        e.contains("groupadagrad") && e.contains("weight decay"),
+        "{e}"
+    );
+    assert_eq!(w, NDArray::ones(&[2, 2], DType::F64));
+    assert!(decayed.state_arrays(&Key::from("w")).is_none());
+    decayed.update(&Key::from("b"), &g, &mut w).unwrap();
+    assert_ne!(w, NDArray::ones(&[2, 2], DType::F64));
 }
 
 #[test]

@@ -33,12 +33,6 @@ struct GroupAdaGrad {
 
 fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
     let (mut p, base) = begin(spec, LrDefault::PassThrough, WEIGHT_OR_GAMMA)?;
-    if base.wd != 0.0 {
-        return Err(p.bad(
-            "wd",
-            format!("must be 0: weight decay is not supported (got {})", base.wd),
-        ));
-    }
     let eps = p.f64_or("eps", 1e-5)?;
     end(p, &["eps"])?;
     Ok(Box::new(GroupAdaGrad { base, eps }))
@@ -135,6 +129,18 @@ impl Optimizer for GroupAdaGrad {
     }
     fn row_sparse(&self, _key: &Key, _multi_precision: bool) -> Result<RowSparse> {
         Ok(RowSparse::Lazy)
+    }
+    /// MXNet asserts, at each update, that the key's weight decay is 0: a global `wd` is
+    /// fine for keys whose `wd_mult` (or name, through `param_idx2name`) makes it 0.
+    fn check_key(&self, key: &Key) -> Result<()> {
+        let wd = self.base.wd_for(key);
+        if wd != 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "optimizer \"groupadagrad\" does not support weight decay: key {key} has {wd} \
+                 (set wd to 0, or its wd_mult to 0)"
+            )));
+        }
+        Ok(())
     }
     fn update(&mut self, key: &Key, slices: Slices<'_>) {
         dispatch!(self.kernel(key, slices))

@@ -200,6 +200,9 @@ CASES += [
                 "clip_gradient": 0.01}, DTYPES),
     # A negative momentum keeps the state and steps with momentum 0 (Signum, not SignSGD).
     ("signum", {"learning_rate": 0.05, "momentum": -0.5, "wd": 0.1, "rescale_grad": 0.3}, DTYPES),
+    # GroupAdaGrad refuses weight decay per key: a bias (wd_mult 0 by its name) takes a global wd.
+    ("groupadagrad", {"learning_rate": 0.1, "wd": 0.1, "param_idx2name": {"0": "fc_bias"}},
+     ["float32"]),
     # NAG with a negative momentum: the momentum kernel with momentum 0, not plain sgd.
     ("nag", {"learning_rate": 0.1, "momentum": -0.5, "wd": 0.1}, DTYPES),
     # Unclipped Signum: (1 - momentum) * rescale_grad * g, left to right.
