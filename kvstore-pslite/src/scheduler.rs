@@ -18,7 +18,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::meta::{Command, Control, Meta, NodeRecord, Role};
-use crate::van::{node_name, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP};
+use crate::van::{
+    node_name, node_names, Van, VanConfig, VanError, EVERYONE, SERVER_GROUP, WORKER_GROUP,
+};
 
 /// How long a node a barrier waits for may have no connection before the barrier fails
 /// naming it (at most the timeout): a broken link may be connected again meanwhile.
@@ -165,6 +167,15 @@ pub fn run_scheduler_on(
             false
         }
     };
+    let of_role = |role: Role| -> Vec<i32> {
+        registered
+            .iter()
+            .filter(|n| n.role == role)
+            .map(|n| n.id)
+            .collect()
+    };
+    let (workers, servers) = (of_role(Role::Worker), of_role(Role::Server));
+    let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
     while everyone_met < 2 {
         // Checked on every pass, so that a stream of messages delays neither: a barrier past
         // the timeout, and a barrier missing a node that left the job (it can never enter).
@@ -173,71 +184,51 @@ pub fn run_scheduler_on(
                 .into_iter()
                 .filter(|id| !ids.contains(id))
                 .collect();
-            let names = |ids: &[i32]| ids.iter().map(|&id| node_name(id)).collect::<Vec<_>>();
             if since.elapsed() >= timeout {
                 return Err(VanError(format!(
                     "the barrier of group {group} waited {timeout:?} (KVSTORE_TIMEOUT_SECS) for {}",
-                    names(&missing).join(", ")
+                    node_names(missing)
                 )));
             }
             let lost: Vec<i32> = missing.into_iter().filter(|&id| gone(id)).collect();
             if !lost.is_empty() {
                 return Err(VanError(format!(
                     "the barrier of group {group} waits for {}, which left the job",
-                    names(&lost).join(", ")
+                    node_names(lost)
                 )));
             }
         }
         // Every worker gone: no one is left to end the job (MXNet's servers would wait
         // forever; this crate's stop once their workers are gone, so a server gone too is
         // named after them).
-        let workers: Vec<i32> = registered
-            .iter()
-            .filter(|n| n.role == Role::Worker)
-            .map(|n| n.id)
-            .collect();
         if !workers.is_empty() && workers.iter().all(|&id| gone(id)) {
-            let names: Vec<String> = workers.iter().map(|&id| node_name(id)).collect();
-            let servers_gone: Vec<String> = registered
-                .iter()
-                .filter(|n| n.role == Role::Server && gone(n.id))
-                .map(|n| node_name(n.id))
-                .collect();
+            let servers_gone: Vec<i32> = servers.iter().copied().filter(|&id| gone(id)).collect();
             return Err(VanError(format!(
                 "every worker ({}) left the job before it ended (the last barrier){}",
-                names.join(", "),
+                node_names(workers.iter().copied()),
                 match servers_gone.is_empty() {
                     true => String::new(),
-                    false => format!("; {} left too", servers_gone.join(", ")),
+                    false => format!("; {} left too", node_names(servers_gone)),
                 }
             )));
         }
         // A server that left cannot come back (ps-lite has no recovery): its keys are gone and
         // no request to it can be answered, so the job ends, naming it.
-        for server in registered.iter().filter(|n| n.role == Role::Server) {
-            if gone(server.id) {
+        for &server in &servers {
+            if gone(server) {
                 return Err(VanError(format!(
                     "{} left the job before it ended: its keys are gone, and no worker's request \
                      to it can be answered",
-                    node_name(server.id)
+                    node_name(server)
                 )));
             }
         }
-        let ids: Vec<i32> = registered.iter().map(|n| n.id).collect();
         if van.all_lost(&ids) {
-            let names = |role: Role| {
-                registered
-                    .iter()
-                    .filter(|n| n.role == role)
-                    .map(|n| node_name(n.id))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
             return Err(VanError(format!(
                 "every worker ({}) left the job before it ended (the last barrier), and every \
                  server ({})",
-                names(Role::Worker),
-                names(Role::Server)
+                node_names(workers.iter().copied()),
+                node_names(servers.iter().copied())
             )));
         }
         let Some(message) = van.next_request(Duration::from_secs(1)) else {

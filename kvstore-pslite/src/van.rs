@@ -156,6 +156,14 @@ pub fn node_name(id: i32) -> String {
     }
 }
 
+/// The names of nodes `ids` ([`node_name`]), comma-separated, for messages.
+pub fn node_names(ids: impl IntoIterator<Item = i32>) -> String {
+    ids.into_iter()
+        .map(node_name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A node of a ps-lite job: a worker or a server ([`Van::join_as`]), or the scheduler
 /// ([`Van::listen`]).
 pub struct Van {

@@ -37,7 +37,7 @@ use kvstore_optimizer::Updater;
 
 use crate::encoding::{self, COMPRESSED_PUSH_PULL, DEFAULT_PUSH_PULL, ROW_SPARSE_PUSH_PULL};
 use crate::meta::{data_type, Meta, Role};
-use crate::van::{node_name, Message, Van, VanConfig, VanError, EVERYONE};
+use crate::van::{node_name, node_names, Message, Van, VanConfig, VanError, EVERYONE};
 use crate::worker::{CMD_STOP_SERVER, CMD_SYNC_MODE};
 
 pub mod rows;
@@ -439,15 +439,12 @@ impl Server {
                 continue;
             }
             let pushed: Vec<i32> = slot.held.iter().map(|(r, _)| r.sender).collect();
-            let names = |ids: &mut dyn Iterator<Item = i32>| {
-                ids.map(node_name).collect::<Vec<_>>().join(", ")
-            };
-            let missing = names(&mut workers.iter().copied().filter(|id| !pushed.contains(id)));
+            let missing = workers.iter().copied().filter(|id| !pushed.contains(id));
             let what = format!(
-                "the sync round of {} has waited {waited:.1?} for pushes of {missing} \
-                 (pushed by {})",
+                "the sync round of {} has waited {waited:.1?} for pushes of {} (pushed by {})",
                 rows::key_name(ps_key, range_begin),
-                names(&mut pushed.iter().copied()),
+                node_names(missing),
+                node_names(pushed.iter().copied()),
             );
             if waited >= timeout {
                 return Err(VanError(format!(
