@@ -1,7 +1,9 @@
 //! Keys: MXNet accepts int and str keys, but never both in one call.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use crate::Error;
 
 /// A key of the store: an integer or a string, as in MXNet.
 ///
@@ -140,5 +142,57 @@ impl<K: Into<Key>> From<Vec<K>> for Keys {
 impl<K: Into<Key> + Clone> From<&Vec<K>> for Keys {
     fn from(ks: &Vec<K>) -> Keys {
         Keys::from(&ks[..])
+    }
+}
+
+/// Holds a store to one type of key, as MXNet holds each of its stores: the first key any
+/// call names fixes the type (int or string) for good, even if that call then fails, and a
+/// key of the other type is an [`Error::MixedKeyTypes`] naming both keys. Safe to share
+/// between threads.
+///
+/// ```
+/// use kvstore_base::{Error, Key, KeyTypeGuard};
+///
+/// let guard = KeyTypeGuard::new();
+/// guard.check("init", &[Key::from("w"), Key::from("b")])?;
+/// let err = guard.check("push", &[Key::from(3)]).unwrap_err();
+/// assert!(matches!(err, Error::MixedKeyTypes { .. }));
+/// assert!(err.to_string().contains("\"w\"") && err.to_string().contains('3'));
+/// # Ok::<(), Error>(())
+/// ```
+#[derive(Debug, Default)]
+pub struct KeyTypeGuard {
+    first: OnceLock<Key>,
+}
+
+impl KeyTypeGuard {
+    /// A guard that has seen no key yet.
+    pub fn new() -> KeyTypeGuard {
+        KeyTypeGuard::default()
+    }
+
+    /// Checks that every key of a call has the store's type of key, fixing it to the type of
+    /// the call's first key if no call named a key before.
+    ///
+    /// # Errors
+    /// [`Error::MixedKeyTypes`] for the first key of the other type.
+    pub fn check<'a>(
+        &self,
+        operation: &'static str,
+        keys: impl IntoIterator<Item = &'a Key>,
+    ) -> Result<(), Error> {
+        let mut keys = keys.into_iter().peekable();
+        let Some(&key) = keys.peek() else {
+            return Ok(());
+        };
+        let first = self.first.get_or_init(|| key.clone());
+        match keys.find(|k| !first.same_kind(k)) {
+            Some(other) => Err(Error::MixedKeyTypes {
+                operation,
+                first: first.clone(),
+                other: other.clone(),
+            }),
+            None => Ok(()),
+        }
     }
 }

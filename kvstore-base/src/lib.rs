@@ -75,7 +75,7 @@ pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use ext::{Arrays, KVStoreExt, Outs, Values};
 pub use gate::{GatePass, PriorityGate};
-pub use key::{Key, Keys};
+pub use key::{Key, KeyTypeGuard, Keys};
 pub use optimizer_spec::{OptimizerSpec, ParamValue};
 pub use registry::{
     create, create_default, create_with, register_runtime, registered, registered_names,

@@ -6,8 +6,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use cudarc::driver::CudaSlice;
 use kvstore_base::{
-    Capability, CompressionParams, CreateRequest, Error, KVStoreBase, KVStoreExt, Key, KeyedOuts,
-    KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result, StorageType, Updater,
+    Capability, CompressionParams, CreateRequest, Error, KVStoreBase, KVStoreExt, Key,
+    KeyTypeGuard, KeyedOuts, KeyedValues, NDArray, OptimizerSpec, PriorityGate, Result,
+    StorageType, Updater,
 };
 use kvstore_compression::{Codec, CompressionSpec};
 use kvstore_local::reduce::ReduceConfig;
@@ -83,6 +84,8 @@ pub struct DeviceStore {
     compression: Mutex<Compression>,
     /// Compressed calls on CPU values enter by priority (then the local store's own gate).
     gate: PriorityGate,
+    /// The store's type of key (int or string), for CPU and GPU keys alike.
+    key_type: KeyTypeGuard,
 }
 
 #[derive(Debug, Default)]
@@ -225,6 +228,7 @@ impl DeviceStore {
             gpu: Mutex::new(GpuState::default()),
             compression: Mutex::new(Compression::default()),
             gate: PriorityGate::default(),
+            key_type: KeyTypeGuard::new(),
         }
     }
 
@@ -339,6 +343,8 @@ impl DeviceStore {
     /// [`init_gpu`](DeviceStore::init_gpu) of several keys at once: every key and value
     /// checked, then all inserted under one lock (none when one is refused).
     pub(crate) fn init_gpu_keys(&self, pairs: &[(Key, &NDArray)]) -> Result<()> {
+        self.key_type
+            .check("init", pairs.iter().map(|(key, _)| key))?;
         let mut hosts = Vec::with_capacity(pairs.len());
         for (key, value) in pairs {
             let at = || self.at("init", key);
@@ -403,6 +409,8 @@ impl DeviceStore {
         operation: &'static str,
         batch: &[(Key, &[&DeviceArray])],
     ) -> Result<()> {
+        self.key_type
+            .check(operation, batch.iter().map(|(key, _)| key))?;
         let mut state = self.state();
         // Keys in ascending order, the values of a key listed twice together.
         let mut groups: Vec<(&Key, Vec<&DeviceArray>)> = Vec::new();
@@ -768,6 +776,7 @@ impl DeviceStore {
         values: &[&DeviceRowSparse],
     ) -> Result<()> {
         let key = key.into();
+        self.key_type.check("push", [&key])?;
         let at = self.at("push", &key);
         let mut state = self.state();
         self.push_row_sparse_locked(&mut state, &key, values)
@@ -976,6 +985,7 @@ impl DeviceStore {
         row_ids: &[&NDArray],
     ) -> Result<()> {
         let key = key.into();
+        self.key_type.check("row_sparse_pull", [&key])?;
         let at = self.at("row_sparse_pull", &key);
         let state = self.state();
         let result = (|| {
@@ -1129,6 +1139,8 @@ impl DeviceStore {
     /// # Errors
     /// As [`pull_gpu`](DeviceStore::pull_gpu), naming the key.
     pub fn pull_gpu_batch(&self, batch: &mut [(Key, &mut [&mut DeviceArray])]) -> Result<()> {
+        self.key_type
+            .check("pull", batch.iter().map(|(key, _)| key))?;
         let state = self.state();
         for (key, outs) in batch.iter() {
             self.check_pull(&state, key, outs)
@@ -1216,6 +1228,7 @@ impl DeviceStore {
         outs: &mut [&mut DeviceArray],
     ) -> Result<()> {
         let key = key.into();
+        self.key_type.check("pushpull", [&key])?;
         if self.engine == Engine::Nccl {
             let mut state = self.state();
             if all_reduce_applies(&state, values, outs) {
@@ -1859,6 +1872,7 @@ impl KVStoreBase for DeviceStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        self.key_type.check("broadcast", values.keys())?;
         if any_on_device(values.values().iter().copied()) {
             // Every check first: the outputs' keys, shapes and memory, then the new keys.
             outs.check_against("broadcast", values)?;
@@ -1880,6 +1894,7 @@ impl KVStoreBase for DeviceStore {
         outs: &mut KeyedOuts<'_>,
         priority: i32,
     ) -> Result<()> {
+        self.key_type.check("pushpull", values.keys())?;
         if any_on_device(values.values().iter().copied()) || self.any_gpu_key(values.keys()) {
             return self.pushpull_routed(values, outs, priority);
         }
@@ -1898,6 +1913,7 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn pushpull_in_place_batch(&self, values: &mut KeyedOuts<'_>, priority: i32) -> Result<()> {
+        self.key_type.check("pushpull", values.keys())?;
         if any_on_device(values.outs().iter().map(|v| &**v)) || self.any_gpu_key(values.keys()) {
             // The arrays are pushed, then written by the pull (the same arrays, so the pull's
             // checks hold once the push's did).
@@ -1922,6 +1938,7 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.key_type.check("init", values.keys())?;
         if any_on_device(values.values().iter().copied()) {
             return self.init_gpu_values(values);
         }
@@ -1931,6 +1948,7 @@ impl KVStoreBase for DeviceStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        self.key_type.check("push", values.keys())?;
         if any_on_device(values.values().iter().copied()) || self.any_gpu_key(values.keys()) {
             return self.push_routed("push", values, priority);
         }
@@ -1947,6 +1965,7 @@ impl KVStoreBase for DeviceStore {
         priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
+        self.key_type.check("pull", outs.keys())?;
         if self.engine == Engine::Nccl && !ignore_sparse {
             return Err(Error::InvalidArgument(
                 "nccl kvstore pull doesn't support ignore_sparse=False".into(),
@@ -1967,6 +1986,7 @@ impl KVStoreBase for DeviceStore {
         if self.engine == Engine::Nccl {
             return Err(self.unsupported("row_sparse_pull"));
         }
+        self.key_type.check("row_sparse_pull", outs.keys())?;
         if self.any_gpu_key(outs.keys()) {
             return self.row_sparse_pull_routed(outs, row_ids, priority);
         }

@@ -34,7 +34,8 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kvstore_base::{
-    Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, NDArray, Result, StorageType,
+    Capability, Error, KVStoreBase, Key, KeyTypeGuard, KeyedOuts, KeyedValues, NDArray, Result,
+    StorageType,
 };
 
 /// The name [`MyKVStore`] is registered under (its type name, lower-cased).
@@ -52,7 +53,8 @@ pub const NAME: &str = "mykvstore";
 /// - `pushpull` is a push followed by a pull, under one lock.
 ///
 /// Values of one key must agree in shape and dtype with each other and with the stored
-/// value, and outputs must have the stored value's shape. Every operation checks all of its
+/// value, and outputs must have the stored value's shape. As in MXNet, the store takes int
+/// keys or string keys, whichever a call named first ([`KeyTypeGuard`]). Every operation checks all of its
 /// input before it changes anything: a call that fails leaves the store and every output as
 /// they were. Errors about a key are wrapped with [`Error::at_key`], so they name the store,
 /// the operation and the key.
@@ -65,6 +67,7 @@ pub const NAME: &str = "mykvstore";
 pub struct MyKVStore {
     name: &'static str,
     values: Mutex<HashMap<Key, NDArray>>,
+    key_type: KeyTypeGuard,
 }
 
 impl Default for MyKVStore {
@@ -84,6 +87,7 @@ impl MyKVStore {
         MyKVStore {
             name,
             values: Mutex::default(),
+            key_type: KeyTypeGuard::new(),
         }
     }
 
@@ -225,6 +229,7 @@ impl KVStoreBase for MyKVStore {
         _priority: i32,
     ) -> Result<()> {
         outs.check_against("broadcast", values)?;
+        self.key_type.check("broadcast", values.keys())?;
         values.check_one_value_per_key(self.name, "broadcast")?;
         let mut table = self.lock();
         let fresh = fresh_values(self.name, &table, "broadcast", values)?;
@@ -240,6 +245,7 @@ impl KVStoreBase for MyKVStore {
         _priority: i32,
     ) -> Result<()> {
         outs.check_against("pushpull", values)?;
+        self.key_type.check("pushpull", values.keys())?;
         let mut table = self.lock();
         let sums = sums(self.name, &table, "pushpull", values)?;
         // A push keeps every key's shape, so the outputs can be checked against the store now.
@@ -249,6 +255,7 @@ impl KVStoreBase for MyKVStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.key_type.check("init", values.keys())?;
         let mut table = self.lock();
         let fresh = fresh_values(self.name, &table, "init", values)?;
         table.extend(fresh);
@@ -256,6 +263,7 @@ impl KVStoreBase for MyKVStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, _priority: i32) -> Result<()> {
+        self.key_type.check("push", values.keys())?;
         let mut table = self.lock();
         let sums = sums(self.name, &table, "push", values)?;
         table.extend(sums);
@@ -268,6 +276,7 @@ impl KVStoreBase for MyKVStore {
         _priority: i32,
         ignore_sparse: bool,
     ) -> Result<()> {
+        self.key_type.check("pull", outs.keys())?;
         let table = self.lock();
         check_pull(self.name, &table, &[], "pull", outs, ignore_sparse)?;
         write_pull(self.name, &table, "pull", outs, ignore_sparse)

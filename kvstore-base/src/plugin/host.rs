@@ -12,8 +12,8 @@ use super::{
     standardised,
 };
 use crate::{
-    Capability, CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyedOuts,
-    KeyedValues, NDArray, OptimizerSpec, Result, StorageType,
+    Capability, CompressionParams, CreateRequest, DType, Error, KVStoreBase, Key, KeyTypeGuard,
+    KeyedOuts, KeyedValues, NDArray, OptimizerSpec, Result, StorageType,
 };
 
 /// Bytes of the message buffer the host passes with every call.
@@ -308,6 +308,7 @@ impl PluginApi {
             api: Arc::clone(self),
             handle,
             type_name,
+            key_type: KeyTypeGuard::new(),
         })
     }
 
@@ -439,12 +440,17 @@ fn record_message(record: &KvError) -> String {
 /// arrays. GPU arrays cannot cross the ABI and are an [`Error::InvalidArgument`], as are
 /// row-sparse arrays except in `init` and `push` (through the plugin's `init_row_sparse` and
 /// `push_row_sparse`) and as `row_sparse_pull` outputs; a `pull` with `ignore_sparse` skips
-/// row-sparse outputs, as in MXNet. Operations the plugin does not provide (left null, or
-/// beyond its descriptor's `struct_size`) and custom updaters are [`Error::Unsupported`].
+/// row-sparse outputs, as in MXNet, and without it fills them with every row of the value.
+/// The host holds every plugin store to one type of key, as MXNet does: the first key named
+/// fixes it, and a key of the other type is an [`Error::MixedKeyTypes`] that never reaches
+/// the plugin. Operations the plugin does not provide (left null, or beyond its descriptor's
+/// `struct_size`) and custom updaters are [`Error::Unsupported`].
 pub struct PluginStore {
     api: Arc<PluginApi>,
     handle: KvStoreHandle,
     type_name: String,
+    /// The store's type of key (int or string), fixed by the first key any call named.
+    key_type: KeyTypeGuard,
 }
 
 // SAFETY: the ABI requires plugin stores to be usable from any thread, concurrently; the
@@ -783,6 +789,7 @@ impl PluginStore {
         priority: i32,
     ) -> Result<()> {
         outs.check_against(operation, values)?;
+        self.key_type.check(operation, values.keys())?;
         let inputs = marshal_values(values.keys(), values.values())?;
         let out_keys = outs.keys().to_vec();
         let skip = vec![false; outs.len()];
@@ -882,6 +889,7 @@ impl KVStoreBase for PluginStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
+        self.key_type.check("init", values.keys())?;
         if let (Some(init), true) = (self.api.init_row_sparse, any_row_sparse(values)) {
             // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
             // record.
@@ -901,6 +909,7 @@ impl KVStoreBase for PluginStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
+        self.key_type.check("push", values.keys())?;
         if let (Some(push), true) = (self.api.push_row_sparse, any_row_sparse(values)) {
             // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
             // record.
@@ -930,13 +939,32 @@ impl KVStoreBase for PluginStore {
         let Some(pull) = self.api.pull else {
             return Err(self.unsupported("pull"));
         };
-        let skip: Vec<bool> = outs
-            .outs()
-            .iter()
-            .map(|o| ignore_sparse && o.storage_type() == StorageType::RowSparse)
-            .collect();
+        self.key_type.check("pull", outs.keys())?;
+        // A row-sparse output is skipped with `ignore_sparse`; without it, it receives the
+        // whole value, pulled into a dense stand-in and then kept as rows (plugins pull dense).
+        let mut skip = Vec::with_capacity(outs.len());
+        let mut stand_ins: Vec<Option<NDArray>> = Vec::with_capacity(outs.len());
+        for (i, out) in outs.outs().iter().enumerate() {
+            let row_sparse = out.storage_type() == StorageType::RowSparse;
+            skip.push(ignore_sparse && row_sparse);
+            stand_ins.push(if row_sparse && !ignore_sparse {
+                check_on_host(out, &format!("output {i}"))?;
+                Some(NDArray::zeros(out.shape(), out.dtype()))
+            } else {
+                None
+            });
+        }
         let keys = outs.keys().to_vec();
-        let m = marshal_outs(&keys, outs.outs_mut(), &skip)?;
+        let mut targets: Vec<&mut NDArray> = outs
+            .outs_mut()
+            .iter_mut()
+            .zip(stand_ins.iter_mut())
+            .map(|(out, stand_in)| match stand_in {
+                Some(dense) => dense,
+                None => &mut **out,
+            })
+            .collect();
+        let m = marshal_outs(&keys, &mut targets, &skip)?;
         if m.tensors.is_empty() {
             return Ok(());
         }
@@ -961,7 +989,17 @@ impl KVStoreBase for PluginStore {
             },
             |code, record| self.fail("pull", code, record, &pulled, &[]),
         )?;
-        Self::finish_outs(outs, m.staged)
+        for (i, copy) in m.staged {
+            targets[i].assign(&copy)?;
+        }
+        drop(targets);
+        for (out, stand_in) in outs.outs_mut().iter_mut().zip(stand_ins) {
+            if let Some(dense) = stand_in {
+                let every_row = (0..dense.shape().first().copied().unwrap_or(0) as i64).collect();
+                **out = NDArray::row_sparse_from(out.shape(), every_row, dense)?;
+            }
+        }
+        Ok(())
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {
@@ -990,6 +1028,7 @@ impl KVStoreBase for PluginStore {
             return Err(self.unsupported(OPERATION));
         };
         Error::check_row_id_count(outs.len(), row_ids.len())?;
+        self.key_type.check(OPERATION, outs.keys())?;
         let keys = outs.keys().to_vec();
         // Per output: the sorted, unique ids (checked against the output's rows), the buffer
         // receiving those rows, and the shapes the tensors point to.

@@ -300,14 +300,21 @@ impl PsLiteStore {
             .map_err(|e| backend(&self.name, e))
     }
 
-    /// The entries of `keys`, in order; a key not initialised is an error naming it.
+    /// The entries of `keys`, in order; a key of the other type than the store's, or a key
+    /// not initialised, is an error naming it.
     fn entries(&self, operation: &'static str, keys: &[&Key]) -> Result<Vec<Entry>> {
         let table = lock(&self.table);
         keys.iter()
-            .map(|&k| {
-                table.entries.get(k).cloned().ok_or_else(|| {
-                    Error::KeyNotInitialized.at_key(&self.name, operation, k.clone())
-                })
+            .map(|&k| match table.entries.get(k) {
+                Some(entry) => Ok(entry.clone()),
+                None => match table.entries.keys().next() {
+                    Some(first) if !first.same_kind(k) => Err(Error::MixedKeyTypes {
+                        operation,
+                        first: first.clone(),
+                        other: k.clone(),
+                    }),
+                    _ => Err(Error::KeyNotInitialized.at_key(&self.name, operation, k.clone())),
+                },
             })
             .collect()
     }
@@ -680,14 +687,15 @@ impl PsLiteStore {
                 if table.entries.contains_key(key) {
                     return Err(at(Error::DuplicateInit));
                 }
-                if let Some(other) = table.entries.keys().next() {
-                    if !other.same_kind(key) {
-                        return Err(at(Error::InvalidArgument(format!(
-                            "this worker already holds {} keys: MXNet numbers string keys \
-                             0, 1, 2, ... in the order of their init, so they would share the \
-                             servers' int keys",
-                            other.kind()
-                        ))));
+                // One type of key per store, as in MXNet, whose workers number string keys
+                // 0, 1, 2, ... in the order of their init: they would share the int keys.
+                if let Some(first) = table.entries.keys().next() {
+                    if !first.same_kind(key) {
+                        return Err(Error::MixedKeyTypes {
+                            operation,
+                            first: first.clone(),
+                            other: key.clone(),
+                        });
                     }
                 }
                 let by_rows = value.storage_type() == StorageType::RowSparse;

@@ -14,6 +14,11 @@ pub(super) const CHECKS: &[Check] = &[
         run: mixed_key_types_in_one_call,
     },
     Check {
+        name: "errors_int_keys_on_a_string_keyed_store_and_string_keys_on_an_int_keyed_store",
+        requires: &[Capability::InitPushPull],
+        run: keys_of_the_other_type,
+    },
+    Check {
         name: "errors_empty_key_list",
         requires: &[],
         run: empty_key_list,
@@ -67,6 +72,79 @@ fn mixed_key_types_in_one_call(factory: &StoreFactory) -> CheckResult {
         &["inconsistent types of keys"],
     )?;
     expect_all(&outs[0], 0.0, "out 0")
+}
+
+/// MXNet's `test_invalid_pull` (3): a store takes int keys or string keys, whichever came
+/// first, never both; every operation with a key of the other type is an error naming that
+/// key and both types, and changes nothing.
+fn keys_of_the_other_type(factory: &StoreFactory) -> CheckResult {
+    let int_keys = [Key::from(3), Key::from(5)];
+    let str_keys = [Key::from("a"), Key::from("b")];
+    for (own, other) in [(&int_keys, &str_keys), (&str_keys, &int_keys)] {
+        let kv = store(factory)?;
+        let row_sparse = kv.is_capable(Capability::RowSparse);
+        kv.init(own.to_vec(), &[filled(&[2], 1.0), filled(&[2], 1.0)])?;
+        let is_mixed = |e: &Error| matches!(e, Error::MixedKeyTypes { .. });
+        let other_name = other[0].to_string();
+        let mentions = [other_name.as_str(), "int", "str"];
+        let what = |op: &str| format!("{op} of key {} on a store of key {}", other[0], own[0]);
+        let value = filled(&[2], 2.0);
+        expect_error(
+            kv.init(other[0].clone(), &value),
+            &what("init"),
+            is_mixed,
+            &mentions,
+        )?;
+        expect_error(
+            kv.init(other.to_vec(), &[value.clone(), value.clone()]),
+            &what("list init"),
+            is_mixed,
+            &mentions,
+        )?;
+        expect_error(
+            kv.push(other[0].clone(), &value),
+            &what("push"),
+            is_mixed,
+            &mentions,
+        )?;
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        expect_error(
+            kv.pull(other[0].clone(), &mut out),
+            &what("pull"),
+            is_mixed,
+            &mentions,
+        )?;
+        let mut outs = [
+            NDArray::zeros(&[2], DType::F32),
+            NDArray::zeros(&[2], DType::F32),
+        ];
+        expect_error(
+            kv.pull(other.to_vec(), &mut outs),
+            &what("list pull"),
+            is_mixed,
+            &mentions,
+        )?;
+        expect_all(&out, 0.0, "the out of the failed pull")?;
+        if row_sparse {
+            let ids = NDArray::from_vec(&[1], vec![1i64])?;
+            let rows = NDArray::zeros(&[0, 2], DType::F32);
+            let mut out = NDArray::row_sparse(&[2, 2], vec![], &rows)?;
+            expect_error(
+                kv.row_sparse_pull(other[0].clone(), &mut out, &ids),
+                &what("row_sparse_pull"),
+                is_mixed,
+                &mentions,
+            )?;
+        }
+        // The store's own keys still work and hold their value.
+        kv.pull(own[0].clone(), &mut out)?;
+        expect_all(
+            &out,
+            1.0,
+            &format!("key {} after the refused calls", own[0]),
+        )?;
+    }
+    Ok(())
 }
 
 fn empty_key_list(factory: &StoreFactory) -> CheckResult {

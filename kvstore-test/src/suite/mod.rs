@@ -16,6 +16,7 @@ mod keyvalue;
 pub mod multi;
 mod optimizer;
 mod pushpull;
+mod sparse;
 mod updater;
 
 use std::fmt;
@@ -86,6 +87,7 @@ pub const CHECKS: &[&[Check]] = &[
     keyvalue::CHECKS,
     optimizer::CHECKS,
     updater::CHECKS,
+    sparse::CHECKS,
     differential::CHECKS,
 ];
 
