@@ -162,6 +162,58 @@ impl Codec {
         Ok(())
     }
 
+    /// Takes back a [`quantize`](Codec::quantize) of `grad` whose `packed` codes were never
+    /// delivered: `residual[i] += value[i] - grad[i]` (the dequantised code added back, the
+    /// gradient taken out), so that the residual is what it was before, up to rounding (one
+    /// unit in the last place of the larger of the gradient and the residual, per element).
+    /// A sender whose push failed calls it before the push is retried, which then counts the
+    /// gradient once. It needs nothing kept from the quantisation but its codes, and undoes it
+    /// even after later quantisations of the same residual (every step is an addition).
+    ///
+    /// ```
+    /// use kvstore_compression::Codec;
+    ///
+    /// let codec = Codec::two_bit(0.5);
+    /// let grad = [0.75f32; 16];
+    /// let mut residual = vec![0.25f32; 16];
+    /// let mut codes = vec![0u8; codec.compressed_len(16)];
+    /// codec.quantize(&grad, &mut residual, &mut codes)?; // 1.0 sent as 0.5, 0.5 left
+    /// assert_eq!(residual, vec![0.5; 16]);
+    /// codec.unquantize(&codes, &grad, &mut residual)?;
+    /// assert_eq!(residual, vec![0.25; 16]);
+    /// # Ok::<(), kvstore_base::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`quantize`](Codec::quantize); nothing is written then.
+    pub fn unquantize(&self, packed: &[u8], grad: &[f32], residual: &mut [f32]) -> Result<()> {
+        self.check_quantize(grad.len(), residual.len(), packed.len())?;
+        self.dequantize_add(packed, residual)?;
+        for (r, g) in residual.iter_mut().zip(grad) {
+            *r -= g;
+        }
+        Ok(())
+    }
+
+    /// [`unquantize`](Codec::unquantize) for a `float16` gradient (as
+    /// [`quantize_f16`](Codec::quantize_f16) quantised it, through `f32`).
+    ///
+    /// # Errors
+    /// As [`unquantize`](Codec::unquantize).
+    pub fn unquantize_f16(&self, packed: &[u8], grad: &[f16], residual: &mut [f32]) -> Result<()> {
+        self.check_quantize(grad.len(), residual.len(), packed.len())?;
+        self.dequantize_add(packed, residual)?;
+        let mut scratch = [0.0f32; F16_CHUNK];
+        for (g, r) in grad.chunks(F16_CHUNK).zip(residual.chunks_mut(F16_CHUNK)) {
+            let s = &mut scratch[..g.len()];
+            convert_to_f32(g, s);
+            for (r, g) in r.iter_mut().zip(s.iter()) {
+                *r -= g;
+            }
+        }
+        Ok(())
+    }
+
     /// [`quantize`](Codec::quantize) for a `float16` gradient. MXNet compresses `float32`
     /// only (a `float16` push fails inside its kernel); here the gradient is converted to
     /// `f32` a chunk at a time through a scratch buffer on the stack (no allocation), and the

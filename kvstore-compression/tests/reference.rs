@@ -206,6 +206,109 @@ fn quantize_matches_the_scalar_kernels() {
     }
 }
 
+/// `unquantize` takes a quantisation back to within rounding: of one push, and of an earlier
+/// push after a later one quantised on top of it (every step is an addition). Finite values
+/// only (`inf - inf` has no way back).
+#[test]
+fn unquantize_restores_the_residual_to_within_rounding() {
+    let mut rng = Rng(0xFEED_5EED);
+    for codec in [
+        Codec::two_bit(0.5),
+        Codec::two_bit(0.01),
+        Codec::one_bit(0.0),
+    ] {
+        let t = codec.threshold().max(1.0);
+        for n in lengths() {
+            let finite = |rng: &mut Rng| -> Vec<f32> {
+                (0..n).map(|_| (rng.unit() * 2.0 - 1.0) * 2.0 * t).collect()
+            };
+            let r0 = finite(&mut rng);
+            let (g1, g2) = (finite(&mut rng), finite(&mut rng));
+            let bytes = codec.compressed_len(n);
+            let (mut p1, mut p2) = (vec![0u8; bytes], vec![0u8; bytes]);
+            // Without the failed push: the residual after g2 alone.
+            let mut expected = r0.clone();
+            codec.quantize(&g2, &mut expected, &mut p2).unwrap();
+            let mut r = r0.clone();
+            codec.quantize(&g1, &mut r, &mut p1).unwrap();
+            let mut once = r.clone();
+            codec.unquantize(&p1, &g1, &mut once).unwrap();
+            // With g1 failed after g2 went out: g2's codes may differ; compare the sums.
+            let mut both = r.clone();
+            codec.quantize(&g2, &mut both, &mut p2).unwrap();
+            codec.unquantize(&p1, &g1, &mut both).unwrap();
+            let mut sent2 = vec![0.0f32; n];
+            codec.dequantize(&p2, &mut sent2).unwrap();
+            for i in 0..n {
+                let bound =
+                    4.0 * f32::EPSILON * (r0[i].abs() + g1[i].abs() + g2[i].abs() + 2.0 * t);
+                let label = format!("{codec:?} n={n} element {i}");
+                assert!(
+                    (once[i] - r0[i]).abs() <= bound,
+                    "{label}: {} vs {}",
+                    once[i],
+                    r0[i]
+                );
+                // What g2 leaves: r0 + g2 - sent2.
+                let want = r0[i] + g2[i] - sent2[i];
+                assert!(
+                    (both[i] - want).abs() <= bound,
+                    "{label}: {} vs {want}",
+                    both[i]
+                );
+            }
+            let g16: Vec<f16> = g1.iter().map(|&x| f16::from_f32(x)).collect();
+            let mut r16 = r0.clone();
+            codec.quantize_f16(&g16, &mut r16, &mut p1).unwrap();
+            codec.unquantize_f16(&p1, &g16, &mut r16).unwrap();
+            for i in 0..n {
+                let bound = 4.0 * f32::EPSILON * (r0[i].abs() + g1[i].abs() + 2.0 * t);
+                assert!(
+                    (r16[i] - r0[i]).abs() <= bound,
+                    "{codec:?} f16 n={n} element {i}"
+                );
+            }
+        }
+    }
+    let codec = Codec::two_bit(0.5);
+    let e = codec
+        .unquantize(&[0u8; 4], &[1.0; 16], &mut [0.0; 15])
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+}
+
+/// The checks above, in a process of their own for each kernel version this CPU has below its
+/// best (the version is picked once per process).
+#[test]
+fn every_kernel_version_matches_the_scalar_kernels() {
+    if std::env::var_os("KVSTORE_COMPRESSION_SIMD").is_some() {
+        return; // a run of one version already
+    }
+    for level in ["baseline", "avx2"] {
+        if level == "avx2" && kvstore_compression::simd_level() == "baseline" {
+            continue;
+        }
+        for test in [
+            "quantize_matches_the_scalar_kernels",
+            "dequantize_matches_the_scalar_kernels_on_any_bytes",
+            "f16_goes_through_f32",
+            "unquantize_restores_the_residual_to_within_rounding",
+        ] {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", test, "--test-threads", "1"])
+                .env("KVSTORE_COMPRESSION_SIMD", level)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{test} on the {level} kernels: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
 /// Any packed bytes, including the `01` code MXNet never writes (it dequantises to 0) and
 /// non-zero padding (ignored).
 #[test]

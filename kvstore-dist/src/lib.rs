@@ -72,9 +72,12 @@
 //! Unlike MXNet, compression may be set after `init` (parts are quantised one by one) and
 //! `pushpull` works with it; float16 values go through float32; row-sparse values and other
 //! dtypes are refused. A new setting keeps the residuals, as MXNet does. A push that fails
-//! (a lost server or worker, a timeout) leaves its keys' residuals as if it was delivered: the
-//! worker cannot tell whether the servers applied it (a push is acknowledged once merged, and
-//! a round may fail or complete after that), as in MXNet.
+//! (a server refused it because a worker is gone, a lost server, a timeout) is taken back out
+//! of its keys' residuals (`Codec::unquantize`: the codes added back, the gradient taken out,
+//! exact to within rounding), so the step retried (as after a worker was replaced) counts its
+//! gradient once; MXNet updates the residual before the push goes out, and a retried push
+//! would count the failed attempt's remainder as well. (A push is acknowledged once merged;
+//! should its round then fail, the next pull reports it and the residual stays updated.)
 //!
 //! ## Recovery nodes
 //!

@@ -282,7 +282,7 @@ fn a_job_whose_only_worker_was_lost_goes_on_with_its_replacement() {
 }
 
 #[test]
-fn a_restarted_worker_keeps_the_servers_compression() {
+fn a_restarted_worker_keeps_the_servers_compression_and_a_failed_push_keeps_the_residual() {
     let cluster = LocalCluster::start(1, 2, TIMEOUT).unwrap();
     let (config, mut stores) = workers(&cluster, 2);
     let params = |threshold: &str| {
@@ -298,6 +298,15 @@ fn a_restarted_worker_keeps_the_servers_compression() {
     });
     stores.pop().unwrap().abandon();
     let survivor = stores.pop().unwrap();
+    // A compressed push that fails (its partner is gone) leaves the residual as it was:
+    // quantising 0.6 would have left 0.1 in it.
+    let grad = NDArray::full(&[4], 0.6, DType::F32);
+    let mut out = NDArray::zeros(&[4], DType::F32);
+    let err = survivor
+        .pushpull(3, &grad, &mut out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is gone"), "{err}");
     let recovered = connect(&config).unwrap();
     let other = recovered
         .set_gradient_compression(&params("0.25"))
@@ -326,6 +335,18 @@ fn a_restarted_worker_keeps_the_servers_compression() {
     });
     for sum in sums {
         assert_eq!(sum, vec![1.0; 4]);
+    }
+    // Each worker's residual is now 0.1, whatever attempts failed before: 0.3 more is 0.4,
+    // under the threshold, and nothing is sent (a residual counting a failed attempt's 0.1
+    // as well would reach 0.5 and send it).
+    let sums = on_all(&[&survivor, &recovered], |kv| {
+        let mut out = NDArray::full(&[4], 9.0, DType::F32);
+        kv.pushpull(3, &NDArray::full(&[4], 0.3, DType::F32), &mut out)
+            .unwrap();
+        out.to_vec::<f32>().unwrap()
+    });
+    for sum in sums {
+        assert_eq!(sum, vec![0.0; 4]);
     }
     drop((survivor, recovered));
     cluster.finish().unwrap();

@@ -1,5 +1,6 @@
 //! Gradient compression on the worker: each part of a push quantised against the key's
-//! residual, kept on this worker (see the [crate docs](crate#gradient-compression)).
+//! residual, kept on this worker (see the [crate docs](crate#gradient-compression)); a push
+//! that failed is taken back out of the residuals.
 
 use std::sync::Arc;
 
@@ -53,6 +54,44 @@ impl DistStore {
                     .collect()
             })
             .collect()
+    }
+
+    /// Takes back the quantisation of a push that failed (`packed` as [`quantize`] made it):
+    /// each key's residual becomes what it was before, to within rounding, so that the push
+    /// retried counts its gradient once.
+    ///
+    /// [`quantize`]: DistStore::quantize
+    pub(super) fn unquantize(
+        &self,
+        codec: Codec,
+        metas: &[Arc<KeyMeta>],
+        payloads: &[Payload<'_>],
+        packed: &[Vec<Vec<u8>>],
+    ) {
+        let mut residuals = lock(&self.residuals);
+        for ((meta, payload), parts) in metas.iter().zip(payloads).zip(packed) {
+            let (Some(residual), Payload::Dense(value)) = (residuals.get_mut(&meta.wire), payload)
+            else {
+                continue;
+            };
+            let value = value.array();
+            for (p, codes) in meta.parts.iter().zip(parts) {
+                let r = &mut residual[p.start..p.end];
+                let done = match value.dtype() {
+                    DType::F16 => codec.unquantize_f16(
+                        codes,
+                        &value.as_slice::<half::f16>().expect("contiguous")[p.start..p.end],
+                        r,
+                    ),
+                    _ => codec.unquantize(
+                        codes,
+                        &value.as_slice::<f32>().expect("checked: float32")[p.start..p.end],
+                        r,
+                    ),
+                };
+                done.expect("lengths computed from the same part");
+            }
+        }
     }
 }
 

@@ -519,10 +519,13 @@ impl DistStore {
         } else {
             protocol::CMD_PUSH
         };
-        let packed;
+        // The codes of each key's parts, when compressed.
+        let packed = match codec {
+            Some(codec) => self.quantize(codec, &metas, &payloads),
+            None => Vec::new(),
+        };
         let (data, flags): (Vec<Vec<&[u8]>>, Vec<u16>) = match codec {
-            Some(codec) => {
-                packed = self.quantize(codec, &metas, &payloads);
+            Some(_) => {
                 let data = packed
                     .iter()
                     .map(|parts| parts.iter().map(Vec::as_slice).collect())
@@ -550,7 +553,16 @@ impl DistStore {
             data: &data,
             flags: &flags,
         };
-        let answers = self.exchange(operation, command, &metas, parts, 0, priority)?;
+        let answers = match self.exchange(operation, command, &metas, parts, 0, priority) {
+            Ok(answers) => answers,
+            Err(e) => {
+                // Not delivered (or not known to be): the residuals give the codes back.
+                if let Some(codec) = codec {
+                    self.unquantize(codec, &metas, &payloads, &packed);
+                }
+                return Err(e);
+            }
+        };
         if let (Some(outs), Some(answers)) = (outs, answers) {
             let written = self.write_outs(operation, &metas, &answers, outs, true);
             answers.recycle(&metas);
