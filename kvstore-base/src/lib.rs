@@ -66,8 +66,8 @@ mod staging;
 mod store;
 
 pub use array::{
-    device_backend, Context, DeviceBackend, DeviceBackendRegistration, DeviceMemory,
-    DeviceRowSparseMemory, HostArray, HostElement, NDArray, RowSparse, StorageType,
+    device_backend, device_backends, Context, DeviceBackend, DeviceBackendRegistration,
+    DeviceMemory, DeviceRowSparseMemory, HostArray, HostElement, NDArray, RowSparse, StorageType,
 };
 pub use batch::{KeyGroup, KeyedOuts, KeyedValues};
 pub use capability::Capability;

@@ -179,12 +179,22 @@ pub struct DeviceBackendRegistration {
 
 inventory::collect!(DeviceBackendRegistration);
 
-/// The linked device backend, if any (the first registered).
+/// The linked device backend: `None` when no crate registers one, or when several do (which
+/// one would serve GPU memory would depend on the link order; [`device_backends`] lists them,
+/// and placing an array on a GPU then says which are linked).
 pub fn device_backend() -> Option<&'static dyn DeviceBackend> {
+    match device_backends().as_slice() {
+        [one] => Some(*one),
+        _ => None,
+    }
+}
+
+/// Every linked device backend, in registration order (normally none or one).
+pub fn device_backends() -> Vec<&'static dyn DeviceBackend> {
     inventory::iter::<DeviceBackendRegistration>
         .into_iter()
-        .next()
         .map(|r| r.backend)
+        .collect()
 }
 
 /// Registers a device backend (a `static` implementing [`DeviceBackend`]): linking the crate

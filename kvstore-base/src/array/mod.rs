@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 pub use context::{Context, StorageType};
 pub use device::{
-    device_backend, DeviceBackend, DeviceBackendRegistration, DeviceMemory, DeviceRowSparseMemory,
+    device_backend, device_backends, DeviceBackend, DeviceBackendRegistration, DeviceMemory,
+    DeviceRowSparseMemory,
 };
 use host::add_from_bytes;
 use host::{gather_rows, scatter_rows, with_host};
@@ -91,12 +92,22 @@ fn host_copy_failed(e: &Error) -> ! {
 
 /// The linked device backend, for placing an array in `context` (a GPU).
 fn gpu_backend(context: Context) -> Result<&'static dyn DeviceBackend> {
-    device_backend().ok_or_else(|| {
-        Error::Device(format!(
+    match crate::device_backends().as_slice() {
+        [one] => Ok(*one),
+        [] => Err(Error::Device(format!(
             "cannot place an array on {context}: no device backend provides GPU memory in this \
              build"
-        ))
-    })
+        ))),
+        several => Err(Error::Device(format!(
+            "cannot place an array on {context}: {} device backends are linked ({}); link one",
+            several.len(),
+            several
+                .iter()
+                .map(|b| b.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 /// The error of an operation that needs host data, on an array in device memory.
