@@ -652,6 +652,84 @@ fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A worker's second push of a key before every worker pushed it belongs to the next sync
+/// round (MXNet's server would count it as another worker's and complete the round with one
+/// worker's gradient twice and none of the other's).
+fn a_workers_second_push_of_a_key_waits_for_the_next_round() -> Result<(), Failed> {
+    use kvstore_pslite::van::{command_request, kv_request, Van};
+    use kvstore_pslite::worker::CMD_SYNC_MODE;
+    let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| bare_worker(&job));
+        let b = s.spawn(|| bare_worker(&job));
+        (a.join().expect("joins"), b.join().expect("joins"))
+    });
+    let (a, b) = (a?, b?);
+    let server = a.servers().next().ok_or("no server")?.id;
+    a.send(server, &command_request(CMD_SYNC_MODE, "", 1), &[])?;
+    let key = 3u64.to_le_bytes();
+    let lens = 8i32.to_le_bytes();
+    // A pushpull of [x, x] to key 3 with timestamp `ts`, its answer awaited.
+    let pushpull = |van: &Van, ts: i32, x: f32| {
+        let vals: Vec<u8> = [x, x].iter().flat_map(|v| v.to_le_bytes()).collect();
+        van.expect(ts);
+        van.send(
+            server,
+            &kv_request(0, ts, true, true, 0),
+            &[&key, &vals, &lens],
+        )
+    };
+    let value = |van: &Van, ts: i32, wait: Duration| -> Result<Vec<f32>, String> {
+        let answers = van
+            .wait(
+                ts,
+                &[server],
+                "a pushpull",
+                std::time::Instant::now() + wait,
+            )
+            .map_err(|e| e.to_string())?;
+        let bytes = answers[0].data.get(1).ok_or("no values in the answer")?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect())
+    };
+    pushpull(&a, 2, 0.0)?; // the key's init, answered at once
+    a.wait(
+        2,
+        &[server],
+        "the init",
+        std::time::Instant::now() + Duration::from_secs(5),
+    )?;
+    pushpull(&a, 3, 1.0)?;
+    pushpull(&a, 4, 10.0)?; // worker a again: for the next round
+    if let Ok(v) = value(&a, 3, Duration::from_millis(300)) {
+        return Err(format!("the round completed without worker b: {v:?}").into());
+    }
+    a.expect(3);
+    pushpull(&b, 2, 2.0)?;
+    let first = [
+        value(&a, 3, Duration::from_secs(5))?,
+        value(&b, 2, Duration::from_secs(5))?,
+    ];
+    pushpull(&b, 3, 20.0)?;
+    let second = [
+        value(&a, 4, Duration::from_secs(5))?,
+        value(&b, 3, Duration::from_secs(5))?,
+    ];
+    if first != [vec![3.0; 2], vec![3.0; 2]] || second != [vec![30.0; 2], vec![30.0; 2]] {
+        return Err(format!("rounds summed {first:?} then {second:?}").into());
+    }
+    // The workers leave without MXNet's end: the job ends for want of them, and for no other
+    // reason.
+    drop((a, b));
+    let ended = job.join().expect_err("the workers left before the end");
+    if !ended.contains("left the job") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     if std::env::var_os(DYING_WORKER).is_some() {
         return dying_worker();
@@ -700,7 +778,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 11] = [
+    let own: [(&str, common::Test); 12] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -744,6 +822,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::a_resent_push_stops_the_server_naming_ps_resend",
             a_resent_push_stops_the_server_naming_ps_resend,
+        ),
+        (
+            "own_servers::a_workers_second_push_of_a_key_waits_for_the_next_round",
+            a_workers_second_push_of_a_key_waits_for_the_next_round,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));

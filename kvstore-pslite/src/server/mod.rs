@@ -23,11 +23,13 @@
 //! gradient.
 //!
 //! Unlike MXNet's, every dtype is summed exactly in its own type (MXNet's aborts on integer
-//! dtypes and holds float64 as float32), and a pickle it cannot read as one of MXNet's
+//! dtypes and holds float64 as float32), a pickle it cannot read as one of MXNet's
 //! optimizers (one that calls anything) stops the server with an error rather than being
-//! run.
+//! run, and a sync round takes one push per worker: a worker's second push of a key waits for
+//! the next round (MXNet's counts pushes, so a worker pushing twice completes a round that
+//! lacks another worker's gradient).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use kvstore_base::{DType, Key, NDArray};
@@ -47,6 +49,9 @@ pub const CMD_CONTROLLER: i32 = 0;
 /// The largest pickled optimizer the server reads.
 const MAX_OPTIMIZER_BYTES: usize = 16 << 20;
 
+/// Most pushes of one key a worker may have waiting for later sync rounds.
+const MAX_QUEUED_PUSHES: usize = 64;
+
 /// MXNet's command turning on multi-precision updates (`kSetMultiPrecision`).
 pub const CMD_SET_MULTI_PRECISION: i32 = 1;
 /// MXNet's command setting gradient compression (`kSetGradientCompression`).
@@ -62,8 +67,11 @@ struct Slot {
     row_len: Option<usize>,
     /// The sum of the last round, reused as the next round's output.
     spare: Option<NDArray>,
-    /// This round's pushes, and the requests that brought them.
+    /// This round's pushes, and the requests that brought them: one per worker.
     held: Vec<(Message, Pushed)>,
+    /// Pushes of workers that pushed in this round already, for the rounds after it, in
+    /// arrival order.
+    queued: VecDeque<(Message, Pushed)>,
     /// When this round's first push arrived, and whether its wait was logged already.
     round_started: Option<(Instant, bool)>,
 }
@@ -77,6 +85,7 @@ impl Slot {
             row_len,
             spare: None,
             held: Vec::new(),
+            queued: VecDeque::new(),
             round_started: None,
         }
     }
@@ -501,7 +510,7 @@ impl Server {
         // The same request twice (sender and timestamp): ps-lite's PS_RESEND resends what was
         // not acknowledged, and this server sends no ACKs; counted as another worker's push it
         // would complete the round with a wrong sum.
-        if slot.held.iter().any(|(held, _)| {
+        if slot.held.iter().chain(&slot.queued).any(|(held, _)| {
             held.sender == request.sender && held.meta.timestamp == request.meta.timestamp
         }) {
             return Err(bad(format!(
@@ -511,26 +520,59 @@ impl Server {
                 request.meta.timestamp
             )));
         }
-        slot.round_started.get_or_insert((Instant::now(), false));
-        slot.held.push((request, pushed));
-        if slot.held.len() < *num_workers {
+        // A worker's second push of the key before the round completed belongs to the next
+        // round: MXNet's server counts it as another worker's, completing the round without
+        // one worker's gradient (and that worker's push then starts the next round).
+        if slot.held.iter().any(|(held, _)| held.sender == sender) {
+            let queued = slot
+                .queued
+                .iter()
+                .filter(|(q, _)| q.sender == sender)
+                .count();
+            if queued >= MAX_QUEUED_PUSHES {
+                return Err(bad(format!(
+                    "{MAX_QUEUED_PUSHES} pushes of {} are queued for later sync rounds \
+                     already, each waiting for every worker's push of the round before",
+                    rows::key_name(ps_key, *range_begin)
+                )));
+            }
+            slot.queued.push_back((request, pushed));
             return Ok(());
         }
-        slot.round_started = None;
-        let sum = slot.round_sum(reduce).map_err(bad)?;
-        // The sum is the value, or the optimizer's gradient (a dense buffer is then kept for
-        // the next round).
-        let stepped = optimize(&sum, &mut slot.stored)?;
-        match (stepped, slot.row_len) {
-            (true, None) => slot.spare = Some(sum),
-            (true, Some(_)) => {}
-            (false, None) => slot.spare = Some(std::mem::replace(&mut slot.stored, sum)),
-            // The round's rows replace the value; the rows no one pushed become zeros.
-            (false, Some(_)) => slot.stored.assign(&sum).map_err(|e| bad(e.to_string()))?,
-        }
-        let value = slot.stored.as_bytes().expect("contiguous");
-        for (request, _) in slot.held.drain(..) {
-            reply(van, &request, Some(value))?;
+        slot.round_started.get_or_insert((Instant::now(), false));
+        slot.held.push((request, pushed));
+        while slot.held.len() >= *num_workers {
+            slot.round_started = None;
+            let sum = slot.round_sum(reduce).map_err(bad)?;
+            // The sum is the value, or the optimizer's gradient (a dense buffer is then kept
+            // for the next round).
+            let stepped = optimize(&sum, &mut slot.stored)?;
+            match (stepped, slot.row_len) {
+                (true, None) => slot.spare = Some(sum),
+                (true, Some(_)) => {}
+                (false, None) => slot.spare = Some(std::mem::replace(&mut slot.stored, sum)),
+                // The round's rows replace the value; the rows no one pushed become zeros.
+                (false, Some(_)) => slot.stored.assign(&sum).map_err(|e| bad(e.to_string()))?,
+            }
+            let value = slot.stored.as_bytes().expect("contiguous");
+            for (request, _) in slot.held.drain(..) {
+                reply(van, &request, Some(value))?;
+            }
+            // The next round starts with the queued pushes: each worker's first.
+            for (request, pushed) in std::mem::take(&mut slot.queued) {
+                if slot
+                    .held
+                    .iter()
+                    .any(|(held, _)| held.sender == request.sender)
+                {
+                    slot.queued.push_back((request, pushed));
+                } else {
+                    slot.held.push((request, pushed));
+                }
+            }
+            if !slot.held.is_empty() {
+                slot.round_started = Some((Instant::now(), false));
+            }
         }
         Ok(())
     }
