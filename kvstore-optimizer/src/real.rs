@@ -224,63 +224,51 @@ sixteen!(
     "`bfloat16` arithmetic that rounds every result to 16 bits."
 );
 
-/// A running sum of squares, accumulated in `f64` for `float64` arrays and in `f32` otherwise
-/// (as MXNet's `multi_sum_sq` / `norm` accumulate), in the order the values are added.
-pub(crate) struct SumSq {
-    wide: bool,
-    s64: f64,
-    s32: f32,
+/// MXNet's `multi_sum_sq` (the norms of `multi_lamb_update` and `multi_lars`) of an array of
+/// `dtype`: the squares of its values added into a `float` accumulator in index order, a
+/// `double` value squared in `double`. A half-precision value is squared in `float`: MXNet
+/// squares it in its own type, where a value of 256 or more squares to infinity and the
+/// optimizer step that follows turns the weights into NaN.
+pub(crate) struct MultiSumSq {
+    dtype: DType,
+    sum: f32,
 }
 
-impl SumSq {
-    /// An empty sum for values of arithmetic `R`.
-    pub(crate) fn new<R: Real>() -> SumSq {
-        // `Iterator::sum`'s starting value, so results match a `.sum()` to the last bit.
-        SumSq {
-            wide: R::DTYPE == DType::F64,
-            s64: -0.0,
-            s32: -0.0,
-        }
+impl MultiSumSq {
+    /// An empty sum of squares of `dtype` values.
+    pub(crate) fn new(dtype: DType) -> MultiSumSq {
+        MultiSumSq { dtype, sum: 0.0 }
     }
 
-    /// Adds `x²`.
+    /// Adds `x²`, `x` being a value of the array (or, for a half-precision array kept as an
+    /// `f32` master copy, the master value: the array holds it rounded).
     #[inline]
-    pub(crate) fn add<R: Real>(&mut self, x: R) {
-        if self.wide {
-            self.s64 += x.to_f64() * x.to_f64();
-        } else {
-            let v = x.to_f64() as f32;
-            self.s32 += v * v;
-        }
+    pub(crate) fn add(&mut self, x: f64) {
+        let v = match self.dtype {
+            DType::F64 => {
+                self.sum = (f64::from(self.sum) + x * x) as f32;
+                return;
+            }
+            DType::F16 => f16::from_f64(x).to_f32(),
+            DType::BF16 => bf16::from_f64(x).to_f32(),
+            _ => x as f32,
+        };
+        self.sum += v * v;
     }
 
     /// The sum.
-    pub(crate) fn get(&self) -> f64 {
-        if self.wide {
-            self.s64
-        } else {
-            f64::from(self.s32)
+    pub(crate) fn get(&self) -> f32 {
+        self.sum
+    }
+
+    /// The sum of squares of `xs`, an array of `dtype`.
+    pub(crate) fn of<R: Real>(xs: &[R], dtype: DType) -> f32 {
+        let mut s = MultiSumSq::new(dtype);
+        for x in xs {
+            s.add(x.to_f64());
         }
+        s.get()
     }
-}
-
-/// Sum of squares, accumulated as [`SumSq`] does.
-pub(crate) fn sum_sq<R: Real>(xs: &[R]) -> f64 {
-    let mut s = SumSq::new::<R>();
-    for &x in xs {
-        s.add(x);
-    }
-    s.get()
-}
-
-/// Sum of squares of the values cast to `f32`, accumulated in `f32`.
-pub(crate) fn sum_sq_f32<R: Real>(xs: &[R]) -> f32 {
-    xs.iter()
-        .map(|x| {
-            let v = x.to_f64() as f32;
-            v * v
-        })
-        .sum()
 }
 
 /// MXNet's `norm` (L2, over every element) of values in `f32`: its stable `nrm2` reduction,

@@ -864,3 +864,41 @@ fn a_lazy_update_on_a_master_copy_writes_back_only_the_gradients_rows() {
         "rows 1 and 2 updated: {after:?}"
     );
 }
+
+/// MXNet 1.9.1 squares float16 weights in float16 for the LAMB and LARS norms: a weight of 256
+/// or more squares to infinity, and one multi-precision step turns every weight into -inf
+/// (LAMB) or NaN (LARS). Here the norms square the float16 values in float32.
+#[test]
+fn lamb_and_lars_norms_of_big_float16_weights_stay_finite() {
+    use half::f16;
+    let values = [300.0f32, 1.0, 2.0, 3.0];
+    let halves = |v: &[f32]| {
+        NDArray::from_vec(&[2, 2], v.iter().map(|&x| f16::from_f32(x)).collect()).unwrap()
+    };
+    for (name, extra) in [("lamb", None), ("lars", Some(("eta", 0.5)))] {
+        let mut spec = OptimizerSpec::new(name)
+            .with("learning_rate", 0.01)
+            .with("multi_precision", true);
+        if let Some((k, v)) = extra {
+            spec = spec.with(k, v);
+        }
+        let grad = [0.1, 0.2, 0.3, 0.4];
+        let mut up = Updater::from_spec(&spec).unwrap();
+        let mut w = halves(&values);
+        up.update(&Key::from(0), &halves(&grad), &mut w).unwrap();
+        let got = w.to_f64_vec();
+        // The same step on float32 weights (of the float16 gradient's values), rounded.
+        let mut up = Updater::from_spec(&spec).unwrap();
+        let mut w32 = NDArray::from_vec(&[2, 2], values.to_vec()).unwrap();
+        let g32: Vec<f32> = grad.iter().map(|&g| f16::from_f32(g).to_f32()).collect();
+        let g32 = NDArray::from_vec(&[2, 2], g32).unwrap();
+        up.update(&Key::from(0), &g32, &mut w32).unwrap();
+        for (g, e) in got.iter().zip(w32.to_f64_vec()) {
+            let e = f64::from(f16::from_f64(e));
+            assert!(
+                g.is_finite() && (g - e).abs() <= 1e-3 * e.abs().max(1.0),
+                "{name}: {got:?}"
+            );
+        }
+    }
+}

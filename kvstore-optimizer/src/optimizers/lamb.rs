@@ -5,12 +5,12 @@
 //! `r1 = ‖w‖` (raised to `lower_bound`, lowered to `upper_bound` when given), `r2 = ‖u‖`,
 //! `w −= lr·(r1/r2)·u` (`lr·u` when either norm is 0). Norms are over the whole array.
 
-use kvstore_base::{Key, OptimizerSpec, Result};
+use kvstore_base::{DType, Key, OptimizerSpec, Result};
 
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
-use crate::real::{sum_sq, Real, SumSq};
+use crate::real::{MultiSumSq, Real};
 
 #[derive(Debug)]
 struct Lamb {
@@ -56,12 +56,19 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
 register!(LAMB, "lamb", "LAMB (layer-wise adaptive moments)", build);
 
 impl Lamb {
+    /// MXNet's `multi_lamb_update` (`multi_mp_lamb_update` on a master copy), operation for
+    /// operation: the moments in the weight's arithmetic; the direction `u` in `double` and
+    /// rounded to `float` (the kernel keeps it in a `float` buffer, even for a `float64`
+    /// weight); the norms by `multi_sum_sq` (`r1` of the weight as stored, so of the
+    /// half-precision weight in multi-precision mode, `r2` of the `float` direction); the
+    /// trust ratio in `float`.
     fn kernel<R: Real>(&mut self, key: &Key, b: Buffers<'_, R>) {
         // Past `i32::MAX` updates (a `begin_num_update` or a state file may start there) the
         // powers are 0 at any precision: saturate rather than wrap to a negative exponent.
         let t = i32::try_from(self.base.bump(key)).unwrap_or(i32::MAX);
         let lr = f64::from(self.base.lr_for(key) as f32);
-        let wide = R::DTYPE == kvstore_base::DType::F64;
+        let wide = R::DTYPE == DType::F64;
+        let stored = b.master_of.unwrap_or(R::DTYPE);
         let wd = R::param(self.base.wd_for(key));
         let rescale = R::param(self.base.rescale_grad);
         let clip = self.base.kernel_clip().map(R::param);
@@ -70,50 +77,62 @@ impl Lamb {
             R::param(self.beta2),
             R::param(self.epsilon),
         );
-        let one = R::of(1.0);
+        let one = R::one();
+        // `1 - beta^t`, mshadow's `power` (`pow`, `powf`) of the `float` beta and the step
+        // count: in `double` for a `float64` weight, in `float` otherwise (half-precision
+        // weights too: MXNet 1.9.1's results match only so).
         let corr = |beta: f64| {
+            let beta = beta as f32;
             if wide {
-                1.0 - f64::from(beta as f32).powi(t)
+                R::of(1.0 - f64::from(beta).powf(f64::from(t)))
             } else {
-                f64::from(1.0 - (beta as f32).powi(t))
+                R::of(f64::from(1.0 - beta.powf(t as f32)))
             }
         };
         let (c1, c2) = if self.bias_correction {
-            (R::of(corr(self.beta1)), R::of(corr(self.beta2)))
+            (corr(self.beta1), corr(self.beta2))
         } else {
             (one, one)
         };
         let (weight, grad, [m, v]) = b.split();
-        // The update direction `u`, from the new moments and the old weight.
-        let direction = |w: R, m: R, v: R| {
+        // The update direction `u` (from the new moments and the old weight), as the `float`
+        // it is kept in: `sqrt` is C's `double` one, so the quotient and the sum are `double`.
+        let half = matches!(R::DTYPE, DType::F16 | DType::BF16);
+        let direction = |w: R, m: R, v: R| -> R {
             let (mh, vh) = (m / c1, v / c2);
-            mh / (vh.sqrt() + eps) + wd * w
+            if half {
+                return mh / (vh.sqrt() + eps) + wd * w;
+            }
+            let u = mh.to_f64() / (vh.to_f64().sqrt() + eps.to_f64()) + (wd * w).to_f64();
+            R::of(f64::from(u as f32))
         };
-        // Pass 1: the moments, and ‖u‖ without storing `u`; pass 2 recomputes `u` (same
+        // Pass 1: the moments, and ‖u‖² without storing `u`; pass 2 recomputes `u` (same
         // inputs, same bits) to move the weight, once both norms are known.
-        let mut u_sq = SumSq::new::<R>();
+        let mut u_sq = MultiSumSq::new(DType::F32);
         for (((&w, &g), m), v) in weight.iter().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
             let g = (g * rescale).clip_by(clip);
             *m = b1 * *m + (one - b1) * g;
             *v = b2 * *v + (one - b2) * g * g;
-            u_sq.add(direction(w, *m, *v));
+            u_sq.add(direction(w, *m, *v).to_f64());
         }
-        let mut r1 = sum_sq(weight).sqrt();
+        let mut r1 = MultiSumSq::of(weight, stored).sqrt();
         let r2 = u_sq.get().sqrt();
+        // `std::max` / `std::min`: a NaN norm stays NaN.
         if let Some(lb) = self.lower_bound.filter(|x| *x > 0.0) {
-            r1 = r1.max(f64::from(lb as f32));
+            let lb = lb as f32;
+            r1 = if r1 < lb { lb } else { r1 };
         }
         if let Some(ub) = self.upper_bound.filter(|x| *x > 0.0) {
-            r1 = r1.min(f64::from(ub as f32));
+            let ub = ub as f32;
+            r1 = if ub < r1 { ub } else { r1 };
         }
-        let lr_adj = if r1 == 0.0 || r2 == 0.0 {
-            lr
-        } else if wide {
-            lr * (r1 / r2)
+        let ratio = if r1 == 0.0 || r2 == 0.0 { 1.0 } else { r1 / r2 };
+        // The learning rate (a `float`) times the ratio, in the weight's arithmetic.
+        let lr_adj = if wide {
+            R::of(lr * f64::from(ratio))
         } else {
-            f64::from(lr as f32 * (r1 as f32 / r2 as f32))
+            R::of(f64::from(lr as f32 * ratio))
         };
-        let lr_adj = R::of(lr_adj);
         for ((w, &m), &v) in weight.iter_mut().zip(&*m).zip(&*v) {
             *w = *w - lr_adj * direction(*w, m, v);
         }
