@@ -161,7 +161,12 @@
 //!   warning is logged after a tenth of that, at most 60 s); a message over 16 frames, a push
 //!   whose lengths frame disagrees with its values (as MXNet's server checks) and a pickle of
 //!   more than 4 Mi references are refused, as is a sync round's push seen twice (ps-lite's
-//!   `PS_RESEND`, which needs ACKs this crate does not send); a node table that does not
+//!   `PS_RESEND`, which needs ACKs this crate does not send); a worker's second push of a key
+//!   in one sync round waits for the next round (MXNet's server counts it as another
+//!   worker's); a node keeps at most 4096 incoming connections
+//!   ([`van::MAX_CONNECTIONS`]), gives each 10 s for its handshake, refuses headers over
+//!   16 MiB + 64 KiB, and holds at most 1 GiB of requests unserved, past which the connections
+//!   bringing more wait (ZeroMQ's high-water mark does that for MXNet); a node table that does not
 //!   number the nodes as ps-lite does is refused; every worker gone ends the scheduler,
 //!   naming them; a late `ADD_NODE` is logged and ignored; a barrier waiting for a node
 //!   that left, or a server that left, ends the scheduler so (this crate's nodes then fail at

@@ -15,7 +15,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,23 @@ pub const SERVER_GROUP: i32 = 2;
 pub const WORKER_GROUP: i32 = 4;
 /// The barrier group of every node (scheduler, servers and workers).
 pub const EVERYONE: i32 = 7;
+
+/// Most incoming connections a node keeps open at once (each has a receiving thread); more
+/// are closed as they come. A job's nodes open one each to a node they talk to.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Longest a connection may take to say its ZMTP greeting and identity (at most the job's
+/// timeout): a silent connection holds a receiving thread until then.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most bytes of requests a serving node holds unserved: past them, the connections that
+/// bring more wait (TCP then slows their senders down) until the node caught up. A request
+/// arriving at an empty queue is taken whatever its size.
+pub const MAX_QUEUED_REQUEST_BYTES: u64 = 1 << 30;
+
+/// Largest header (`Meta`) frame a message may have: MXNet's biggest, a `kController`
+/// carrying a pickled optimizer, stays under 16 MiB (which a server refuses beyond).
+pub const MAX_META_BYTES: usize = (16 << 20) + (64 << 10);
 
 /// Where and how a worker joins a ps-lite job.
 #[derive(Debug, Clone)]
@@ -94,16 +111,39 @@ struct State {
     /// Requests for a serving node (a server's key-value requests and commands, a
     /// scheduler's registrations and barriers), in arrival order.
     requests: VecDeque<Message>,
+    /// The bytes of `requests`.
+    queued_bytes: u64,
     /// Incoming connections, shut down when the van closes.
     streams: HashMap<u64, TcpStream>,
     /// The key of the next incoming connection in `streams`.
     next_stream: u64,
 }
 
+/// What a node holds for its peers at most.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    /// [`MAX_CONNECTIONS`].
+    connections: usize,
+    /// [`MAX_QUEUED_REQUEST_BYTES`].
+    queued_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            queued_bytes: MAX_QUEUED_REQUEST_BYTES,
+        }
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
     stopping: AtomicBool,
+    /// Receiving threads running (open incoming connections).
+    connections: AtomicUsize,
+    limits: Limits,
     max_message_bytes: u64,
     timeout: Duration,
     /// This node's role: what it does with the messages it receives.
@@ -203,6 +243,10 @@ impl Van {
 
     /// Starts listening as a node of `role` (the scheduler's id is fixed: 1), without joining.
     fn bind(config: VanConfig, role: Role) -> Result<Van, VanError> {
+        Van::bind_with(config, role, Limits::default())
+    }
+
+    fn bind_with(config: VanConfig, role: Role, limits: Limits) -> Result<Van, VanError> {
         let bind = join_host_port(&config.bind, config.port);
         let listener = TcpListener::bind(bind.as_str())
             .map_err(|e| VanError(format!("cannot listen on {bind}: {e}")))?;
@@ -213,6 +257,8 @@ impl Van {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             stopping: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            limits,
             max_message_bytes: config.max_message_bytes,
             timeout: config.timeout,
             role,
@@ -418,6 +464,9 @@ impl Van {
         let mut state = self.shared.lock();
         loop {
             if let Some(request) = state.requests.pop_front() {
+                state.queued_bytes = state.queued_bytes.saturating_sub(message_bytes(&request));
+                // A receiving thread may wait for room.
+                self.shared.changed.notify_all();
                 return Some(request);
             }
             let now = Instant::now();
@@ -662,11 +711,27 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        let cap = shared.limits.connections;
+        if shared.connections.fetch_add(1, Ordering::SeqCst) >= cap {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
+            log::warn!("pslite: refused a connection from {peer}: {cap} are open already");
+            continue;
+        }
         let shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("pslite-recv".into())
-            .spawn(move || receive(stream, shared));
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || {
+                    receive(stream, &shared);
+                    shared.connections.fetch_sub(1, Ordering::SeqCst);
+                }
+            });
         if let Err(e) = spawned {
+            shared.connections.fetch_sub(1, Ordering::SeqCst);
             log::warn!("pslite: cannot start a receiving thread: {e}");
         }
     }
@@ -682,11 +747,12 @@ fn identity_id(identity: &[u8]) -> i32 {
 }
 
 /// Reads one incoming connection's messages until it closes.
-fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
+fn receive(mut stream: TcpStream, shared: &Shared) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
-    let identity = match zmtp::accept_dealer(&mut stream, shared.timeout) {
+    let handshake = shared.timeout.min(HANDSHAKE_TIMEOUT);
+    let identity = match zmtp::accept_dealer(&mut stream, handshake) {
         Ok(identity) => identity,
         Err(e) => {
             if !shared.stopping.load(Ordering::SeqCst) {
@@ -714,13 +780,19 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
     let ended = loop {
         match zmtp::read_message(&mut stream, shared.max_message_bytes) {
             Ok(Some(mut frames)) => {
+                if frames[0].len() > MAX_META_BYTES {
+                    break format!(
+                        "sent a bad message (a header of {} bytes, over {MAX_META_BYTES})",
+                        frames[0].len()
+                    );
+                }
                 let meta = match Meta::decode(&frames[0]) {
                     Ok(meta) => meta,
                     Err(e) => break format!("sent a bad message ({e})"),
                 };
                 frames.remove(0);
                 deliver(
-                    &shared,
+                    shared,
                     Message {
                         sender,
                         meta,
@@ -747,6 +819,35 @@ fn receive(mut stream: TcpStream, shared: Arc<Shared>) {
     }
 }
 
+/// The bytes a queued request holds.
+fn message_bytes(message: &Message) -> u64 {
+    let data: usize = message.data.iter().map(Vec::len).sum();
+    (data + message.meta.body.len()) as u64
+}
+
+/// Queues a request for the serving loop, once the queue has room for it (a request to an
+/// empty queue always has; the van stopping ends the wait).
+fn queue_request<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    message: Message,
+) -> MutexGuard<'a, State> {
+    let bytes = message_bytes(&message);
+    while !state.requests.is_empty()
+        && state.queued_bytes.saturating_add(bytes) > shared.limits.queued_bytes
+        && !shared.stopping.load(Ordering::SeqCst)
+    {
+        state = shared
+            .changed
+            .wait_timeout(state, Duration::from_millis(100))
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    state.queued_bytes = state.queued_bytes.saturating_add(bytes);
+    state.requests.push_back(message);
+    state
+}
+
 /// Hands a received message to whoever waits for it.
 fn deliver(shared: &Shared, message: Message) {
     let mut state = shared.lock();
@@ -754,13 +855,15 @@ fn deliver(shared: &Shared, message: Message) {
     match (&message.meta.control, message.meta.request) {
         (Some(control), request) => match control.cmd {
             // A registration (to the scheduler), or the node table (from it).
-            Command::AddNode if role == Role::Scheduler => state.requests.push_back(message),
+            Command::AddNode if role == Role::Scheduler => {
+                drop(queue_request(shared, state, message))
+            }
             // The table and barrier releases count only from the scheduler.
             Command::AddNode if message.sender == SCHEDULER_ID => {
                 state.node_table = Some(control.nodes.clone())
             }
             Command::Barrier if request && role == Role::Scheduler => {
-                state.requests.push_back(message)
+                drop(queue_request(shared, state, message))
             }
             Command::Barrier if !request && message.sender == SCHEDULER_ID => {
                 state.barriers_released += 1
@@ -781,7 +884,7 @@ fn deliver(shared: &Shared, message: Message) {
                 ),
             }
         }
-        (None, true) if role == Role::Server => state.requests.push_back(message),
+        (None, true) if role == Role::Server => drop(queue_request(shared, state, message)),
         (None, true) => log::warn!(
             "pslite: dropped a request from {} (a {role} serves no requests)",
             node_name(message.sender)
@@ -869,6 +972,95 @@ fn check_node_table(table: &[NodeRecord]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A server's van listening on a free port of 127.0.0.1 (not part of a job), with `limits`.
+    fn serving(limits: Limits) -> Van {
+        let config = VanConfig {
+            scheduler: "127.0.0.1:1".into(),
+            host: "127.0.0.1".into(),
+            bind: "127.0.0.1".into(),
+            port: 0,
+            timeout: Duration::from_secs(5),
+            max_message_bytes: 64 << 20,
+        };
+        Van::bind_with(config, Role::Server, limits).unwrap()
+    }
+
+    fn dealer(van: &Van, identity: &[u8]) -> std::io::Result<Dealer> {
+        Dealer::connect(
+            &van.listen_addr().to_string(),
+            identity,
+            Duration::from_secs(5),
+        )
+    }
+
+    /// Polls `done` for up to 5 s.
+    fn eventually(mut done: impl FnMut() -> bool) -> bool {
+        let by = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < by {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn requests_past_the_queue_budget_wait_until_the_node_catches_up() {
+        let van = serving(Limits {
+            queued_bytes: 1000,
+            ..Limits::default()
+        });
+        let mut peer = dealer(&van, b"ps9").unwrap();
+        for ts in 1..=3 {
+            let meta = kv_request(0, ts, true, false, 0).encode();
+            peer.send(&meta, &[&[0u8; 8], &[0u8; 600], &[0u8; 4]])
+                .unwrap();
+        }
+        // The first is queued (the queue was empty), the second waits for room.
+        assert!(eventually(|| van.shared.lock().requests.len() == 1));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(van.shared.lock().requests.len(), 1);
+        for ts in 1..=3 {
+            let request = van.next_request(Duration::from_secs(5)).expect("a request");
+            assert_eq!(request.meta.timestamp, Some(ts));
+            assert!(van.shared.lock().queued_bytes <= 1000);
+        }
+    }
+
+    #[test]
+    fn a_header_over_the_cap_ends_the_connection() {
+        let van = serving(Limits::default());
+        let mut peer = dealer(&van, b"ps9").unwrap();
+        let _ = peer.send(&vec![0u8; MAX_META_BYTES + 1], &[]);
+        assert!(eventually(|| van
+            .shared
+            .lock()
+            .lost
+            .iter()
+            .any(|(id, why)| *id == 9 && why.contains("a header of"))));
+        assert!(van.shared.lock().requests.is_empty());
+    }
+
+    #[test]
+    fn connections_past_the_cap_are_closed_until_one_ends() {
+        let van = serving(Limits {
+            connections: 2,
+            ..Limits::default()
+        });
+        let first = dealer(&van, b"ps9").unwrap();
+        let _second = dealer(&van, b"ps11").unwrap();
+        assert!(eventually(
+            || van.shared.connections.load(Ordering::SeqCst) == 2
+        ));
+        assert!(dealer(&van, b"ps13").is_err(), "a third connection");
+        drop(first);
+        assert!(eventually(
+            || van.shared.connections.load(Ordering::SeqCst) == 1
+        ));
+        dealer(&van, b"ps13").expect("room again");
+    }
 
     #[test]
     fn node_tables_must_number_nodes_as_ps_lite_does() {
