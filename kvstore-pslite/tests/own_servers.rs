@@ -613,21 +613,31 @@ fn every_worker_gone_ends_the_job_naming_them() -> Result<(), Failed> {
     Ok(())
 }
 
+/// The two bare workers of a job of 2 workers and 1 server, the first having put the server in
+/// sync mode (as MXNet's rank 0 does), and the server's id.
+fn two_bare_workers_in_sync_mode(
+    job: &LocalJob,
+) -> Result<(kvstore_pslite::van::Van, kvstore_pslite::van::Van, i32), Failed> {
+    use kvstore_pslite::van::command_request;
+    use kvstore_pslite::worker::CMD_SYNC_MODE;
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| bare_worker(job));
+        let b = s.spawn(|| bare_worker(job));
+        (a.join().expect("joins"), b.join().expect("joins"))
+    });
+    let (a, b) = (a?, b?);
+    let server = a.servers().next().ok_or("no server")?.id;
+    a.send(server, &command_request(CMD_SYNC_MODE, "", 1), &[])?;
+    Ok((a, b, server))
+}
+
 /// A sync round given the same push twice (same sender, same timestamp: ps-lite's PS_RESEND
 /// resending what was not acknowledged) stops the server naming PS_RESEND, rather than
 /// completing the round with the push counted twice.
 fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
-    use kvstore_pslite::van::{command_request, kv_request};
-    use kvstore_pslite::worker::CMD_SYNC_MODE;
+    use kvstore_pslite::van::kv_request;
     let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| bare_worker(&job));
-        let b = s.spawn(|| bare_worker(&job));
-        (a.join().expect("joins"), b.join().expect("joins"))
-    });
-    let (a, _b) = (a?, b?);
-    let server = a.servers().next().ok_or("no server")?.id;
-    a.send(server, &command_request(CMD_SYNC_MODE, "", 1), &[])?;
+    let (a, _b, server) = two_bare_workers_in_sync_mode(&job)?;
     let key = 3u64.to_le_bytes();
     let vals = [0u8; 8];
     let lens = 8i32.to_le_bytes();
@@ -656,17 +666,9 @@ fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
 /// round (MXNet's server would count it as another worker's and complete the round with one
 /// worker's gradient twice and none of the other's).
 fn a_workers_second_push_of_a_key_waits_for_the_next_round() -> Result<(), Failed> {
-    use kvstore_pslite::van::{command_request, kv_request, Van};
-    use kvstore_pslite::worker::CMD_SYNC_MODE;
+    use kvstore_pslite::van::{kv_request, Van};
     let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| bare_worker(&job));
-        let b = s.spawn(|| bare_worker(&job));
-        (a.join().expect("joins"), b.join().expect("joins"))
-    });
-    let (a, b) = (a?, b?);
-    let server = a.servers().next().ok_or("no server")?.id;
-    a.send(server, &command_request(CMD_SYNC_MODE, "", 1), &[])?;
+    let (a, b, server) = two_bare_workers_in_sync_mode(&job)?;
     let key = 3u64.to_le_bytes();
     let lens = 8i32.to_le_bytes();
     // A pushpull of [x, x] to key 3 with timestamp `ts`, its answer awaited.
