@@ -128,6 +128,53 @@ fn each_async_push_steps_the_weight_once_the_optimizer_is_set() -> Result<(), Fa
     Ok(job.join()?)
 }
 
+/// Every MXNet worker sends the optimizer (`kController`), perhaps after others pushed: the
+/// same optimizer again keeps the server's states (MXNet's server starts them afresh); another
+/// one replaces it.
+fn the_same_optimizer_sent_again_keeps_its_states() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray, OptimizerSpec};
+    let job = LocalJob::start(1, 2, TIMEOUT)?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let momentum = OptimizerSpec::new("sgd")
+        .with("learning_rate", 1.0)
+        .with("momentum", 0.5);
+    common::on_each_worker(workers, |kv| -> Result<(), String> {
+        let r = kv.rank();
+        let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+        kv.init(4, &NDArray::zeros(&[2], DType::F32)).map_err(e)?;
+        if r == 0 {
+            kv.set_optimizer(&momentum).map_err(e)?;
+        }
+        kv.barrier().map_err(e)?;
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        // Steps of the gradient 2 (a push of ones from each worker).
+        let mut step = |kv: &dyn kvstore_base::KVStoreBase, expected: f64, what: &str| {
+            kv.pushpull(4, &NDArray::ones(&[2], DType::F32), &mut out)
+                .map_err(e)?;
+            match out.to_f64_vec() == vec![expected; 2] {
+                true => Ok(()),
+                false => Err(format!("rank {r}: {what}: {out:?}, {expected} expected")),
+            }
+        };
+        step(kv, -2.0, "the first step")?;
+        // Rank 1 sends the same optimizer late: the momentum (-2) is kept.
+        if r == 1 {
+            kv.set_optimizer(&momentum).map_err(e)?;
+        }
+        kv.barrier().map_err(e)?;
+        step(kv, -5.0, "a step after the same optimizer came again")?;
+        // Another optimizer replaces it, with fresh states: plain sgd steps by 0.5 * 2.
+        if r == 0 {
+            kv.set_optimizer(&OptimizerSpec::new("sgd").with("learning_rate", 0.5))
+                .map_err(e)?;
+        }
+        kv.barrier().map_err(e)?;
+        step(kv, -6.0, "a step after another optimizer")
+    })?;
+    Ok(job.join()?)
+}
+
 /// What MXNet's protocol cannot carry for row-sparse keys is refused, naming the key, and
 /// changes nothing: rows to a key initialised dense, a row-sparse key in a pushpull, a push of
 /// rows before an optimizer is set (MXNet's servers would corrupt the value), and a row-sparse
@@ -780,7 +827,7 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 12] = [
+    let own: [(&str, common::Test); 13] = [
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,
@@ -828,6 +875,10 @@ fn main() -> std::process::ExitCode {
         (
             "own_servers::a_workers_second_push_of_a_key_waits_for_the_next_round",
             a_workers_second_push_of_a_key_waits_for_the_next_round,
+        ),
+        (
+            "own_servers::the_same_optimizer_sent_again_keeps_its_states",
+            the_same_optimizer_sent_again_keeps_its_states,
         ),
     ];
     trials.extend(own.into_iter().map(|(name, test)| Trial::test(name, test)));

@@ -10,8 +10,9 @@
 //!
 //! The optimizer comes as MXNet's pickled Python object (`kController`): it is read as data
 //! ([`crate::pickle`]) and rebuilt by name from `kvstore-optimizer`, keyed by MXNet's int key
-//! (each server keeps the states of its own slices), and replaces any optimizer before it, as
-//! in MXNet.
+//! (each server keeps the states of its own slices), and replaces any other optimizer before
+//! it, as in MXNet; the same optimizer sent again (each MXNet worker sends it) keeps its
+//! states, which MXNet's server starts afresh.
 //!
 //! As MXNet's `DataHandleCompressed`, once a worker sent `kSetGradientCompression` (2-bit, as
 //! MXNet 1.9.1's text `"1,<threshold>"` says), a compressed push (the slice's length in its
@@ -253,6 +254,8 @@ struct Server {
     /// The optimizer a worker set (`kController`): applied to each round's sum (each push in
     /// async mode), as MXNet's server applies its updater.
     updater: Option<Updater>,
+    /// What `updater` was built from.
+    optimizer: Option<kvstore_base::OptimizerSpec>,
     /// The first key of this server's range (a compressed push's first key is this plus the
     /// slice's length).
     range_begin: u64,
@@ -287,7 +290,10 @@ impl Server {
             }
             CMD_CONTROLLER => {
                 // The pickle is read as data, never run (see `pickle`); the optimizer is
-                // rebuilt by name, and replaces any before it, as MXNet's server does.
+                // rebuilt by name, and replaces any other before it, as MXNet's server does.
+                // The same optimizer again (every MXNet worker sends it, rank 0 perhaps after
+                // the first rounds) keeps the one running and its states, which MXNet's server
+                // starts afresh.
                 let refused = |why: String| {
                     VanError(format!(
                         "{} sent an optimizer (kController) this server does not run: {why}",
@@ -303,9 +309,14 @@ impl Server {
                     )));
                 }
                 let spec = crate::pickle::optimizer_spec(body).map_err(refused)?;
-                let updater = Updater::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
-                log::info!("pslite server: optimizer {} ({:?})", spec.name, spec.params);
-                self.updater = Some(updater);
+                if self.optimizer.as_ref() == Some(&spec) {
+                    log::debug!("pslite server: the optimizer running, sent again: kept");
+                } else {
+                    let updater = Updater::from_spec(&spec).map_err(|e| refused(e.to_string()))?;
+                    log::info!("pslite server: optimizer {} ({:?})", spec.name, spec.params);
+                    self.updater = Some(updater);
+                    self.optimizer = Some(spec);
+                }
             }
             _ => log::info!("pslite server: command {head} acknowledged (nothing to do)"),
         }
@@ -601,6 +612,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         codec: None,
         range_begin,
         updater: None,
+        optimizer: None,
     };
     let workers: Vec<i32> = server
         .van

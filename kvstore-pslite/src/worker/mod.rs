@@ -987,8 +987,9 @@ impl KVStoreBase for PsLiteStore {
     /// MXNet's `kv.set_optimizer`: the optimizer goes to every server as the pickle MXNet's
     /// servers turn into their own optimizer (`functools.partial(<MXNet's class>,
     /// **hyper-parameters)()`, see [`crate::pickle::mxnet_optimizer_pickle`]); this crate's
-    /// servers read it as data. Every worker that calls it sends it, as MXNet's do (a server
-    /// installs it anew each time), so set it before the first push.
+    /// servers read it as data. Every worker that calls it sends it, as MXNet's do (MXNet's
+    /// servers install it anew each time, with fresh states; this crate's keep an identical
+    /// one running), so set it before the first push.
     fn set_optimizer(&self, optimizer: &kvstore_base::OptimizerSpec) -> Result<()> {
         // The spec's own checks first (an unknown name, a bad value), as every store makes.
         kvstore_optimizer::Updater::from_spec(optimizer)?;
