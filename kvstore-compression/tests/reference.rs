@@ -277,6 +277,17 @@ fn unquantize_restores_the_residual_to_within_rounding() {
     assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
 }
 
+/// `KVSTORE_COMPRESSION_SIMD` caps the kernel version (so the runs below test what they say).
+#[test]
+fn the_kernel_version_asked_for_runs() {
+    let level = kvstore_compression::simd_level();
+    match std::env::var("KVSTORE_COMPRESSION_SIMD").as_deref() {
+        Ok("baseline") => assert_eq!(level, "baseline"),
+        Ok("avx2") => assert!(matches!(level, "avx2" | "baseline"), "{level}"),
+        _ => {}
+    }
+}
+
 /// The checks above, in a process of their own for each kernel version this CPU has below its
 /// best (the version is picked once per process).
 #[test]
@@ -289,6 +300,7 @@ fn every_kernel_version_matches_the_scalar_kernels() {
             continue;
         }
         for test in [
+            "the_kernel_version_asked_for_runs",
             "quantize_matches_the_scalar_kernels",
             "dequantize_matches_the_scalar_kernels_on_any_bytes",
             "f16_goes_through_f32",

@@ -76,8 +76,11 @@
 //! of its keys' residuals (`Codec::unquantize`: the codes added back, the gradient taken out,
 //! exact to within rounding), so the step retried (as after a worker was replaced) counts its
 //! gradient once; MXNet updates the residual before the push goes out, and a retried push
-//! would count the failed attempt's remainder as well. (A push is acknowledged once merged;
-//! should its round then fail, the next pull reports it and the residual stays updated.)
+//! would count the failed attempt's remainder as well. The whole call is taken back, every
+//! part of every key, even a part one server acknowledged before another failed (its round
+//! may complete; a retry then sends that part's gradient again whatever the residual). A push
+//! acknowledged in full counts as delivered: should its round fail later, the next pull
+//! reports it and the residual stays updated.
 //!
 //! ## Recovery nodes
 //!

@@ -165,7 +165,7 @@
 //!   in one sync round waits for the next round (MXNet's server counts it as another
 //!   worker's); a node keeps at most 4096 incoming connections
 //!   ([`van::MAX_CONNECTIONS`]), gives each 10 s for its handshake, refuses headers over
-//!   16 MiB + 64 KiB, and holds at most 1 GiB of requests unserved, past which the connections
+//!   16 MiB + 64 KiB, and holds at most 1 GiB of requests unread, past which the connections
 //!   bringing more wait (ZeroMQ's high-water mark does that for MXNet); a node table that does not
 //!   number the nodes as ps-lite does is refused; every worker gone ends the scheduler,
 //!   naming them; a late `ADD_NODE` is logged and ignored; a barrier waiting for a node

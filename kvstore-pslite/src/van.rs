@@ -42,9 +42,11 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// timeout): a silent connection holds a receiving thread until then.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most bytes of requests a serving node holds unserved: past them, the connections that
-/// bring more wait (TCP then slows their senders down) until the node caught up. A request
-/// arriving at an empty queue is taken whatever its size.
+/// Most bytes of requests a serving node holds unread by its serving loop: past them, the
+/// connections that bring more wait (TCP then slows their senders down) until the loop caught
+/// up. A request arriving at an empty queue is taken whatever its size. (What the loop keeps
+/// once it read a request, a sync round's pushes, is bounded by the server: one round per key
+/// and at most 64 queued pushes per worker and key.)
 pub const MAX_QUEUED_REQUEST_BYTES: u64 = 1 << 30;
 
 /// Largest header (`Meta`) frame a message may have: MXNet's biggest, a `kController`

@@ -440,7 +440,7 @@ fn record_message(record: &KvError) -> String {
 /// arrays. GPU arrays cannot cross the ABI and are an [`Error::InvalidArgument`], as are
 /// row-sparse arrays except in `init` and `push` (through the plugin's `init_row_sparse` and
 /// `push_row_sparse`) and as `row_sparse_pull` outputs; a `pull` with `ignore_sparse` skips
-/// row-sparse outputs, as in MXNet, and without it fills them with every row of the value.
+/// row-sparse outputs, as in MXNet, and without it fills them with the value's non-zero rows.
 /// The host holds every plugin store to one type of key, as MXNet does: the first key named
 /// fixes it, and a key of the other type is an [`Error::MixedKeyTypes`] that never reaches
 /// the plugin. Operations the plugin does not provide (left null, or beyond its descriptor's
@@ -889,8 +889,8 @@ impl KVStoreBase for PluginStore {
     }
 
     fn init_batch(&self, values: &KeyedValues<'_>) -> Result<()> {
-        self.key_type.check("init", values.keys())?;
         if let (Some(init), true) = (self.api.init_row_sparse, any_row_sparse(values)) {
+            self.key_type.check("init", values.keys())?;
             // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
             // record.
             return self.with_sparse_values(
@@ -902,6 +902,7 @@ impl KVStoreBase for PluginStore {
         let Some(init) = self.api.init else {
             return Err(self.unsupported("init"));
         };
+        self.key_type.check("init", values.keys())?;
         // SAFETY: `with_values` passes arrays of `n` marshalled entries and a live record.
         self.with_values("init", values, |handle, keys, tensors, n, record| unsafe {
             init(handle, keys, tensors, n, record)
@@ -909,8 +910,8 @@ impl KVStoreBase for PluginStore {
     }
 
     fn push_batch(&self, values: &KeyedValues<'_>, priority: i32) -> Result<()> {
-        self.key_type.check("push", values.keys())?;
         if let (Some(push), true) = (self.api.push_row_sparse, any_row_sparse(values)) {
+            self.key_type.check("push", values.keys())?;
             // SAFETY: `with_sparse_values` passes arrays of `n` marshalled entries and a live
             // record.
             return self.with_sparse_values(
@@ -924,6 +925,7 @@ impl KVStoreBase for PluginStore {
         let Some(push) = self.api.push else {
             return Err(self.unsupported("push"));
         };
+        self.key_type.check("push", values.keys())?;
         // SAFETY: `with_values` passes arrays of `n` marshalled entries and a live record.
         self.with_values("push", values, |handle, keys, tensors, n, record| unsafe {
             push(handle, keys, tensors, n, priority, record)
@@ -941,7 +943,8 @@ impl KVStoreBase for PluginStore {
         };
         self.key_type.check("pull", outs.keys())?;
         // A row-sparse output is skipped with `ignore_sparse`; without it, it receives the
-        // whole value, pulled into a dense stand-in and then kept as rows (plugins pull dense).
+        // whole value, pulled into a dense stand-in (plugins pull dense), then its non-zero
+        // rows.
         let mut skip = Vec::with_capacity(outs.len());
         let mut stand_ins: Vec<Option<NDArray>> = Vec::with_capacity(outs.len());
         for (i, out) in outs.outs().iter().enumerate() {
@@ -995,8 +998,8 @@ impl KVStoreBase for PluginStore {
         drop(targets);
         for (out, stand_in) in outs.outs_mut().iter_mut().zip(stand_ins) {
             if let Some(dense) = stand_in {
-                let every_row = (0..dense.shape().first().copied().unwrap_or(0) as i64).collect();
-                **out = NDArray::row_sparse_from(out.shape(), every_row, dense)?;
+                // Its non-zero rows, as MXNet casts a dense array to row-sparse.
+                out.assign(&dense)?;
             }
         }
         Ok(())
