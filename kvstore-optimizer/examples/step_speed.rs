@@ -120,6 +120,9 @@ fn main() {
         "updater sgd-momentum bf16",
         updater_step(steps, &sgd, DType::BF16),
     );
+    let lamb = OptimizerSpec::new("lamb").with("learning_rate", 1e-3);
+    report("updater lamb f32", updater_step(steps, &lamb, DType::F32));
+    report("updater lamb f64", updater_step(steps, &lamb, DType::F64));
     let mp = |s: &OptimizerSpec| s.clone().with("multi_precision", true);
     report(
         "updater sgd-momentum f16 multi_precision",

@@ -228,46 +228,25 @@ sixteen!(
 /// `dtype`: the squares of its values added into a `float` accumulator in index order, a
 /// `double` value squared in `double`. A half-precision value is squared in `float`: MXNet
 /// squares it in its own type, where a value of 256 or more squares to infinity and the
-/// optimizer step that follows turns the weights into NaN.
-pub(crate) struct MultiSumSq {
-    dtype: DType,
-    sum: f32,
-}
-
-impl MultiSumSq {
-    /// An empty sum of squares of `dtype` values.
-    pub(crate) fn new(dtype: DType) -> MultiSumSq {
-        MultiSumSq { dtype, sum: 0.0 }
-    }
-
-    /// Adds `x²`, `x` being a value of the array (or, for a half-precision array kept as an
-    /// `f32` master copy, the master value: the array holds it rounded).
-    #[inline]
-    pub(crate) fn add(&mut self, x: f64) {
-        let v = match self.dtype {
-            DType::F64 => {
-                self.sum = (f64::from(self.sum) + x * x) as f32;
-                return;
-            }
-            DType::F16 => f16::from_f64(x).to_f32(),
-            DType::BF16 => bf16::from_f64(x).to_f32(),
-            _ => x as f32,
-        };
-        self.sum += v * v;
-    }
-
-    /// The sum.
-    pub(crate) fn get(&self) -> f32 {
-        self.sum
-    }
-
-    /// The sum of squares of `xs`, an array of `dtype`.
-    pub(crate) fn of<R: Real>(xs: &[R], dtype: DType) -> f32 {
-        let mut s = MultiSumSq::new(dtype);
-        for x in xs {
-            s.add(x.to_f64());
-        }
-        s.get()
+/// optimizer step that follows turns the weights into infinities or NaN.
+pub(crate) fn multi_sum_sq<R: Real>(xs: &[R], dtype: DType) -> f32 {
+    let sum = |square: fn(f64) -> f32| xs.iter().fold(0.0f32, |s, x| s + square(x.to_f64()));
+    match dtype {
+        DType::F64 => xs.iter().fold(0.0f32, |s, x| {
+            (f64::from(s) + x.to_f64() * x.to_f64()) as f32
+        }),
+        DType::F16 => sum(|x| {
+            let h = f16::from_f64(x).to_f32();
+            h * h
+        }),
+        DType::BF16 => sum(|x| {
+            let h = bf16::from_f64(x).to_f32();
+            h * h
+        }),
+        _ => sum(|x| {
+            let v = x as f32;
+            v * v
+        }),
     }
 }
 

@@ -10,7 +10,7 @@ use kvstore_base::{DType, Key, OptimizerSpec, Result};
 use super::{begin, common, end, register, WEIGHT_OR_GAMMA};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, Buffers, Optimizer, Slices};
-use crate::real::{MultiSumSq, Real};
+use crate::real::{multi_sum_sq, Real};
 
 #[derive(Debug)]
 struct Lamb {
@@ -21,6 +21,9 @@ struct Lamb {
     lower_bound: Option<f64>,
     upper_bound: Option<f64>,
     bias_correction: bool,
+    /// The update direction of the key being updated, as the `float`s MXNet keeps it in
+    /// (`temp_g`); reused from key to key.
+    direction: Vec<f32>,
 }
 
 fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
@@ -50,6 +53,7 @@ fn build(spec: &OptimizerSpec) -> Result<Box<dyn Optimizer>> {
         lower_bound,
         upper_bound,
         bias_correction,
+        direction: Vec::new(),
     }))
 }
 
@@ -106,17 +110,24 @@ impl Lamb {
             let u = mh.to_f64() / (vh.to_f64().sqrt() + eps.to_f64()) + (wd * w).to_f64();
             R::of(f64::from(u as f32))
         };
-        // Pass 1: the moments, and ‖u‖² without storing `u`; pass 2 recomputes `u` (same
-        // inputs, same bits) to move the weight, once both norms are known.
-        let mut u_sq = MultiSumSq::new(DType::F32);
-        for (((&w, &g), m), v) in weight.iter().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-            let g = (g * rescale).clip_by(clip);
-            *m = b1 * *m + (one - b1) * g;
-            *v = b2 * *v + (one - b2) * g * g;
-            u_sq.add(direction(w, *m, *v).to_f64());
-        }
-        let mut r1 = MultiSumSq::of(weight, stored).sqrt();
-        let r2 = u_sq.get().sqrt();
+        // Pass 1: the moments and `u` (exact in `f32` for every arithmetic); then the norms.
+        let us = &mut self.direction;
+        us.clear();
+        us.extend(
+            weight
+                .iter()
+                .zip(grad)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+                .map(|(((&w, &g), m), v)| {
+                    let g = (g * rescale).clip_by(clip);
+                    *m = b1 * *m + (one - b1) * g;
+                    *v = b2 * *v + (one - b2) * g * g;
+                    direction(w, *m, *v).to_f64() as f32
+                }),
+        );
+        let mut r1 = multi_sum_sq(weight, stored).sqrt();
+        let r2 = multi_sum_sq(us, DType::F32).sqrt();
         // `std::max` / `std::min`: a NaN norm stays NaN.
         if let Some(lb) = self.lower_bound.filter(|x| *x > 0.0) {
             let lb = lb as f32;
@@ -133,8 +144,8 @@ impl Lamb {
         } else {
             R::of(f64::from(lr as f32 * ratio))
         };
-        for ((w, &m), &v) in weight.iter_mut().zip(&*m).zip(&*v) {
-            *w = *w - lr_adj * direction(*w, m, v);
+        for (w, &u) in weight.iter_mut().zip(us.iter()) {
+            *w = *w - lr_adj * R::of(f64::from(u));
         }
     }
 }

@@ -24,7 +24,7 @@ use super::{begin, common, end, register};
 use crate::base::{Base, LrDefault};
 use crate::optimizer::{dispatch, Buffers, Optimizer, RowSparse, Slices};
 use crate::params::Params;
-use crate::real::{nrm2_f32, sparse_norm_f32, MultiSumSq, Real};
+use crate::real::{multi_sum_sq, nrm2_f32, sparse_norm_f32, Real};
 
 /// The value of the `dtype` weight whose `f32` master copy holds `x` (its cast).
 fn stored(dtype: DType, x: f32) -> f32 {
@@ -132,8 +132,8 @@ impl Lars {
             // `multi_sum_sq` of the weight and the gradient as stored (half precision in
             // multi-precision mode).
             let stored = b.master_of.unwrap_or(R::DTYPE);
-            let w_norm = MultiSumSq::of(b.weight, stored).sqrt();
-            let g_sq = MultiSumSq::of(b.grad, stored);
+            let w_norm = multi_sum_sq(b.weight, stored).sqrt();
+            let g_sq = multi_sum_sq(b.grad, stored);
             if w_norm > 0.0 && g_sq > 0.0 {
                 let rescale = self.base.rescale_grad as f32;
                 (lr as f32) * (self.eta as f32) * w_norm
