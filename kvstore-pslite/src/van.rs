@@ -722,7 +722,6 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             log::warn!("pslite: refused a connection from {peer}: {cap} are open already");
             continue;
         }
-        let shared = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name("pslite-recv".into())
             .spawn({
@@ -829,11 +828,7 @@ fn message_bytes(message: &Message) -> u64 {
 
 /// Queues a request for the serving loop, once the queue has room for it (a request to an
 /// empty queue always has; the van stopping ends the wait).
-fn queue_request<'a>(
-    shared: &'a Shared,
-    mut state: MutexGuard<'a, State>,
-    message: Message,
-) -> MutexGuard<'a, State> {
+fn queue_request(shared: &Shared, mut state: MutexGuard<'_, State>, message: Message) {
     let bytes = message_bytes(&message);
     while !state.requests.is_empty()
         && state.queued_bytes.saturating_add(bytes) > shared.limits.queued_bytes
@@ -847,7 +842,6 @@ fn queue_request<'a>(
     }
     state.queued_bytes = state.queued_bytes.saturating_add(bytes);
     state.requests.push_back(message);
-    state
 }
 
 /// Hands a received message to whoever waits for it.
@@ -857,15 +851,13 @@ fn deliver(shared: &Shared, message: Message) {
     match (&message.meta.control, message.meta.request) {
         (Some(control), request) => match control.cmd {
             // A registration (to the scheduler), or the node table (from it).
-            Command::AddNode if role == Role::Scheduler => {
-                drop(queue_request(shared, state, message))
-            }
+            Command::AddNode if role == Role::Scheduler => queue_request(shared, state, message),
             // The table and barrier releases count only from the scheduler.
             Command::AddNode if message.sender == SCHEDULER_ID => {
                 state.node_table = Some(control.nodes.clone())
             }
             Command::Barrier if request && role == Role::Scheduler => {
-                drop(queue_request(shared, state, message))
+                queue_request(shared, state, message)
             }
             Command::Barrier if !request && message.sender == SCHEDULER_ID => {
                 state.barriers_released += 1
@@ -886,7 +878,7 @@ fn deliver(shared: &Shared, message: Message) {
                 ),
             }
         }
-        (None, true) if role == Role::Server => drop(queue_request(shared, state, message)),
+        (None, true) if role == Role::Server => queue_request(shared, state, message),
         (None, true) => log::warn!(
             "pslite: dropped a request from {} (a {role} serves no requests)",
             node_name(message.sender)

@@ -773,9 +773,10 @@ impl PluginStore {
         )
     }
 
-    fn finish_outs(outs: &mut KeyedOuts<'_>, staged: Vec<(usize, NDArray)>) -> Result<()> {
+    /// Copies the standard-layout copies a call wrote back into the outputs they stand for.
+    fn finish_outs(outs: &mut [&mut NDArray], staged: Vec<(usize, NDArray)>) -> Result<()> {
         for (i, copy) in staged {
-            outs.outs_mut()[i].assign(&copy)?;
+            outs[i].assign(&copy)?;
         }
         Ok(())
     }
@@ -813,7 +814,7 @@ impl PluginStore {
             },
             |code, record| self.fail(operation, code, record, values.keys(), &out_keys),
         )?;
-        Self::finish_outs(outs, outputs.staged)
+        Self::finish_outs(outs.outs_mut(), outputs.staged)
     }
 
     /// Calls an inputs-only plugin function (`init`, `push`) with `values` marshalled, and turns
@@ -992,9 +993,7 @@ impl KVStoreBase for PluginStore {
             },
             |code, record| self.fail("pull", code, record, &pulled, &[]),
         )?;
-        for (i, copy) in m.staged {
-            targets[i].assign(&copy)?;
-        }
+        Self::finish_outs(&mut targets, m.staged)?;
         drop(targets);
         for (out, stand_in) in outs.outs_mut().iter_mut().zip(stand_ins) {
             if let Some(dense) = stand_in {

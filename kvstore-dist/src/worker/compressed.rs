@@ -10,6 +10,25 @@ use kvstore_compression::Codec;
 use super::keys::KeyMeta;
 use super::{lock, DistStore, Payload};
 
+/// The part `range` of a key's pushed (dense, float32 or float16) value, as the codec takes it.
+enum PartGrad<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> PartGrad<'a> {
+    fn of(payload: &'a Payload<'_>, range: std::ops::Range<usize>) -> PartGrad<'a> {
+        let Payload::Dense(value) = payload else {
+            unreachable!("compression refuses row-sparse values, which alone push rows")
+        };
+        let value = value.array();
+        match value.dtype() {
+            DType::F16 => PartGrad::F16(&value.as_slice().expect("contiguous")[range]),
+            _ => PartGrad::F32(&value.as_slice().expect("checked: float32")[range]),
+        }
+    }
+}
+
 impl DistStore {
     /// Quantises every part of every key against the key's residual (kept per key on this
     /// worker, zero at first).
@@ -27,26 +46,14 @@ impl DistStore {
                 let residual = residuals
                     .entry(meta.wire)
                     .or_insert_with(|| vec![0.0; meta.shape.iter().product()]);
-                let Payload::Dense(value) = payload else {
-                    unreachable!("compression refuses row-sparse values, which alone push rows")
-                };
-                let value = value.array();
                 meta.parts
                     .iter()
                     .map(|p| {
                         let mut out = vec![0u8; codec.compressed_len(p.end - p.start)];
                         let r = &mut residual[p.start..p.end];
-                        let done = match value.dtype() {
-                            DType::F16 => codec.quantize_f16(
-                                &value.as_slice::<half::f16>().expect("contiguous")[p.start..p.end],
-                                r,
-                                &mut out,
-                            ),
-                            _ => codec.quantize(
-                                &value.as_slice::<f32>().expect("checked: float32")[p.start..p.end],
-                                r,
-                                &mut out,
-                            ),
+                        let done = match PartGrad::of(payload, p.start..p.end) {
+                            PartGrad::F16(g) => codec.quantize_f16(g, r, &mut out),
+                            PartGrad::F32(g) => codec.quantize(g, r, &mut out),
                         };
                         done.expect("lengths computed from the same part");
                         out
@@ -70,24 +77,14 @@ impl DistStore {
     ) {
         let mut residuals = lock(&self.residuals);
         for ((meta, payload), parts) in metas.iter().zip(payloads).zip(packed) {
-            let (Some(residual), Payload::Dense(value)) = (residuals.get_mut(&meta.wire), payload)
-            else {
+            let Some(residual) = residuals.get_mut(&meta.wire) else {
                 continue;
             };
-            let value = value.array();
             for (p, codes) in meta.parts.iter().zip(parts) {
                 let r = &mut residual[p.start..p.end];
-                let done = match value.dtype() {
-                    DType::F16 => codec.unquantize_f16(
-                        codes,
-                        &value.as_slice::<half::f16>().expect("contiguous")[p.start..p.end],
-                        r,
-                    ),
-                    _ => codec.unquantize(
-                        codes,
-                        &value.as_slice::<f32>().expect("checked: float32")[p.start..p.end],
-                        r,
-                    ),
+                let done = match PartGrad::of(payload, p.start..p.end) {
+                    PartGrad::F16(g) => codec.unquantize_f16(codes, g, r),
+                    PartGrad::F32(g) => codec.unquantize(codes, g, r),
                 };
                 done.expect("lengths computed from the same part");
             }

@@ -78,6 +78,11 @@ struct Slot {
 }
 
 impl Slot {
+    /// Whether worker `sender` pushed in this round already.
+    fn holds_push_of(&self, sender: i32) -> bool {
+        self.held.iter().any(|(held, _)| held.sender == sender)
+    }
+
     /// A key's slot, holding `stored` and no round.
     fn new(dtype: DType, stored: NDArray, row_len: Option<usize>) -> Slot {
         Slot {
@@ -534,7 +539,7 @@ impl Server {
         // A worker's second push of the key before the round completed belongs to the next
         // round: MXNet's server counts it as another worker's, completing the round without
         // one worker's gradient (and that worker's push then starts the next round).
-        if slot.held.iter().any(|(held, _)| held.sender == sender) {
+        if slot.holds_push_of(sender) {
             let queued = slot
                 .queued
                 .iter()
@@ -571,11 +576,7 @@ impl Server {
             }
             // The next round starts with the queued pushes: each worker's first.
             for (request, pushed) in std::mem::take(&mut slot.queued) {
-                if slot
-                    .held
-                    .iter()
-                    .any(|(held, _)| held.sender == request.sender)
-                {
+                if slot.holds_push_of(request.sender) {
                     slot.queued.push_back((request, pushed));
                 } else {
                     slot.held.push((request, pushed));
