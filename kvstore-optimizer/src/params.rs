@@ -104,8 +104,13 @@ impl<'a> Params<'a> {
             Some(ParamValue::Map(m)) => {
                 for (k, v) in m {
                     match v.as_f64() {
-                        Some(x) => {
+                        Some(x) if x.is_finite() => {
                             out.insert(k.clone(), x);
+                        }
+                        Some(x) => {
+                            return Err(
+                                self.bad(name, format!("entry {k:?} must be finite, got {x}"))
+                            )
                         }
                         None => {
                             return Err(self.bad(

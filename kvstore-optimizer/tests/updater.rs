@@ -88,6 +88,21 @@ fn bad_hyper_parameters_are_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("param_idx2name") && e.contains("dict"), "{e}");
+    let e = create(&OptimizerSpec::new("sgd").with("learning_rate", f64::INFINITY))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("learning_rate") && e.contains("finite"), "{e}");
+    for (name, bad) in [("lr_mult", f64::INFINITY), ("wd_mult", f64::NAN)] {
+        let mut mults = BTreeMap::new();
+        mults.insert("w".to_string(), ParamValue::Float(bad));
+        let e = create(&OptimizerSpec::new("sgd").with(name, ParamValue::Map(mults)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(name) && e.contains("\"w\"") && e.contains("finite"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
