@@ -52,12 +52,13 @@
 //!   `KVSTORE_TIMEOUT_SECS` of the launcher's environment, else 600 s: the processes' own
 //!   bound on every wait.
 //!
-//! The workers run as long as they like; every other wait of the launcher is bounded. Killing
-//! is `SIGKILL` of the process started (a worker's own children, if it starts any and does not
-//! `exec`, are not reached). On Ctrl-C the terminal sends `SIGINT` to the launcher's process
-//! group, which every process of the job belongs to, so the whole job stops; a `SIGINT`,
-//! `SIGTERM` or `SIGHUP` sent to the launcher alone makes it kill the job and exit with 128 +
-//! the signal's number, and on Linux a launcher killed outright takes the job with it (see
+//! The workers run as long as they like; every other wait of the launcher is bounded. Each
+//! process runs in a process group of its own, and killing one is `SIGKILL` of its group (what
+//! it started and did not `exec` too, unless that left the group); a process that fails takes
+//! its group with it too (on Linux). A `SIGINT`
+//! (Ctrl-C), `SIGTERM` or `SIGHUP` makes the launcher kill the job and exit with 128 + the
+//! signal's number, even when it arrives as the job is ending; on Linux a launcher killed
+//! outright takes the processes it started with it (see
 //! [`stop_signals`](crate::stop_signals)).
 
 use std::ffi::{OsStr, OsString};
@@ -69,6 +70,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use kvstore_dist::config::DistFile;
 use kvstore_dist::Role;
 
 /// The scheduler's host when `--host` is not given.
@@ -88,11 +90,20 @@ pub const LAUNCHER_VARS: &[&str] = &[
     "PORT",
 ];
 
+/// The most processes a launched job may have besides its scheduler (`-n` plus `-s`): every
+/// one runs on this host and connects to the scheduler, whose ps-lite van takes at most 4096
+/// connections (`kvstore_pslite::van`).
+pub const MAX_PROCESSES: u32 = 4096;
+
 /// How often the launcher looks for processes that exited.
 const POLL: Duration = Duration::from_millis(10);
 
 /// How long a killed process may take to be gone before the launcher stops waiting for it.
 const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the servers and the scheduler may outlive the last worker beyond the timeout: time
+/// for them to fail by their own timeout, naming what they wait for, before they are killed.
+const SERVICE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long the launcher waits, once every process is gone, for the last of their output
 /// (a process's own children may hold its pipes open).
@@ -200,7 +211,8 @@ impl LaunchOptions {
 
     /// Checks what the command line parser checks too, for options built in code: at least
     /// one worker, a command, a host, a non-zero port, a timeout in range,
-    /// `--env` keys that are names the launcher does not set itself.
+    /// `--env` keys that are names the launcher does not set itself; and at most
+    /// [`MAX_PROCESSES`] workers and servers.
     ///
     /// # Errors
     /// [`kvstore::Error::InvalidArgument`] naming the option.
@@ -208,6 +220,13 @@ impl LaunchOptions {
         let invalid = |m: String| Err(kvstore::Error::InvalidArgument(m));
         if self.num_workers == 0 {
             return invalid("-n/--num-workers must be at least 1 (got 0)".into());
+        }
+        if u64::from(self.num_workers) + u64::from(self.num_servers) > u64::from(MAX_PROCESSES) {
+            return invalid(format!(
+                "-n/--num-workers {} and -s/--num-servers {}: a launched job runs at most \
+                 {MAX_PROCESSES} workers and servers in all, on this host",
+                self.num_workers, self.num_servers
+            ));
         }
         if self.command.first().is_none_or(|c| c.is_empty()) {
             return invalid(
@@ -279,7 +298,7 @@ impl Process {
         match self {
             Process::Scheduler => None,
             Process::Worker(i) => Some(i),
-            Process::Server(i) => Some(workers + i),
+            Process::Server(i) => Some(workers.saturating_add(i)),
         }
     }
 }
@@ -415,28 +434,91 @@ fn check_timeout(secs: f64) -> Result<(), String> {
     }
 }
 
-/// The launcher's bound on the servers and the scheduler once every worker has exited:
-/// `--timeout`, else `kvstore_timeout_secs` (the launcher's `KVSTORE_TIMEOUT_SECS`, which every
-/// process inherits), else 600 s.
+/// The launcher's bound on the servers and the scheduler once every worker has exited, the
+/// processes' own bound on every wait: `--timeout`, else `kvstore_timeout_secs` (the
+/// launcher's `KVSTORE_TIMEOUT_SECS`, which every process inherits), else `file`'s
+/// `timeout_secs` (the `kvstore.toml` that `KVSTORE_CONFIG` names, which the processes read
+/// too: [`config_file`]), else 600 s.
 ///
 /// # Errors
-/// [`kvstore::Error::InvalidArgument`] naming `KVSTORE_TIMEOUT_SECS` when its value is not a
-/// valid timeout.
+/// [`kvstore::Error::InvalidArgument`] naming `KVSTORE_TIMEOUT_SECS` or the file when its
+/// value is not a valid timeout.
 pub fn job_timeout(
     options: &LaunchOptions,
     kvstore_timeout_secs: Option<&str>,
+    file: Option<&ConfigFile>,
 ) -> kvstore::Result<Duration> {
     if let Some(timeout) = options.timeout {
         return Ok(timeout);
     }
-    match kvstore_timeout_secs {
-        Some(text) => parse_timeout(text).map_err(|e| {
+    if let Some(text) = kvstore_timeout_secs {
+        return parse_timeout(text).map_err(|e| {
             kvstore::Error::InvalidArgument(format!("KVSTORE_TIMEOUT_SECS={text:?}: {e}"))
-        }),
+        });
+    }
+    match file.and_then(|f| f.dist.timeout_secs.map(|secs| (f, secs))) {
+        Some((f, secs)) => check_timeout(secs)
+            .map(|()| Duration::from_secs_f64(secs))
+            .map_err(|e| {
+                kvstore::Error::InvalidArgument(format!(
+                    "{}: [dist] timeout_secs = {secs}: {e}",
+                    f.path.display()
+                ))
+            }),
         None => Ok(Duration::from_secs_f64(
             kvstore_dist::config::DEFAULT_TIMEOUT_SECS,
         )),
     }
+}
+
+/// A `kvstore.toml` the launched processes read: the path `KVSTORE_CONFIG` names for them and
+/// its `[dist]` table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigFile {
+    /// The path, as `KVSTORE_CONFIG` gives it.
+    pub path: PathBuf,
+    /// Its `[dist]` table.
+    pub dist: DistFile,
+}
+
+/// The `kvstore.toml` the job's processes will read: the one `--env KVSTORE_CONFIG=...`
+/// names, else the one the launcher's own `KVSTORE_CONFIG` names (`inherited`), if any.
+///
+/// # Errors
+/// [`kvstore::Error::InvalidArgument`] naming the file when it cannot be read or parsed (every
+/// process would fail on it), or when it sets `port`: the processes of a launched job share
+/// one host, so a fixed port would be bound by the first of them only (each finds a free
+/// port of its own without it).
+pub fn config_file(
+    options: &LaunchOptions,
+    inherited: Option<OsString>,
+) -> kvstore::Result<Option<ConfigFile>> {
+    let given = options
+        .env
+        .iter()
+        .rev()
+        .find(|(k, _)| k == kvstore_dist::worker::CONFIG_VAR)
+        .map(|(_, v)| OsString::from(v));
+    let Some(path) = given.or(inherited).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    let dist = DistFile::from_path(&path).map_err(|e| {
+        kvstore::Error::InvalidArgument(format!(
+            "{}={}, which every process of the job reads: {e}",
+            kvstore_dist::worker::CONFIG_VAR,
+            path.display()
+        ))
+    })?;
+    if let Some(port) = dist.port {
+        return Err(kvstore::Error::InvalidArgument(format!(
+            "{}={} sets [dist] port = {port}: the processes of a launched job share this host \
+             and cannot all listen on one port; remove it (each process then listens on a free \
+             port; --port sets the scheduler's)",
+            kvstore_dist::worker::CONFIG_VAR,
+            path.display()
+        )));
+    }
+    Ok(Some(ConfigFile { path, dist }))
 }
 
 /// A TCP port that is free on `host` at the time of the call, for the scheduler to bind: taken
@@ -562,17 +644,18 @@ pub enum JobEnd {
 /// error: it is [`JobEnd::Failed`].
 pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd> {
     options.validate()?;
+    let file = config_file(options, std::env::var_os(kvstore_dist::worker::CONFIG_VAR))?;
     let inherited_timeout = std::env::var("KVSTORE_TIMEOUT_SECS").ok();
-    let timeout = job_timeout(options, inherited_timeout.as_deref())?;
+    let timeout = job_timeout(options, inherited_timeout.as_deref(), file.as_ref())?;
     let port = match options.port {
         Some(port) => port,
         None => free_port(&options.host)?,
     };
     if verbose(options) {
-        eprintln!(
+        crate::logging::to_stderr(format_args!(
             "kvstore launch: scheduler on {}:{port}, {} server(s), {} worker(s) running {:?}",
             options.host, options.num_servers, options.num_workers, options.command
-        );
+        ));
     }
     // ps-lite's protocol has no handshake: a secret would protect nothing.
     let secret = match options.pslite {
@@ -612,9 +695,19 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
         env: &|process| [process_env(options, process, port), secret_env.clone()].concat(),
         command: &options.command,
     };
-    let end = job.supervise(timeout, restarts);
+    let mut end = job.supervise(timeout, restarts);
     job.finish();
     drop(secret); // every process has ended: the secret's file goes
+                  // A stopping signal that came as the job ended still gives its status.
+    if let (JobEnd::Succeeded, Some(signal)) = (&end, crate::stop_signals::caught()) {
+        end = JobEnd::Failed(Failure {
+            message: format!(
+                "the launcher got {} as the job ended (every process had exited with status 0)",
+                crate::stop_signals::name(signal)
+            ),
+            code: u8::try_from(128 + signal).unwrap_or(u8::MAX),
+        });
+    }
     Ok(end)
 }
 
@@ -855,6 +948,7 @@ impl Job {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         crate::stop_signals::die_with_launcher(&mut command);
+        crate::stop_signals::own_process_group(&mut command);
         let mut child = command.spawn()?;
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -926,6 +1020,13 @@ impl Job {
                         ),
                         code: failed.code,
                     },
+                    // A stopping signal that came meanwhile ends the job (at the loop's top)
+                    // rather than restart a worker it may have killed (Ctrl-C).
+                    Some(Process::Worker(_))
+                        if restarts.left > 0 && crate::stop_signals::caught().is_some() =>
+                    {
+                        continue
+                    }
                     Some(process @ Process::Worker(_)) if restarts.left > 0 => {
                         match self.restart(process, &failed, &mut restarts) {
                             Ok(()) => continue,
@@ -962,16 +1063,20 @@ impl Job {
             }
             if !left.iter().any(|p| matches!(p, Process::Worker(_))) {
                 let since = *workers_done.get_or_insert_with(Instant::now);
-                if since.elapsed() >= timeout {
+                // The processes' own timeout, and time for them to fail by it, naming what
+                // they waited for, before the launcher kills them.
+                if since.elapsed() >= timeout + SERVICE_GRACE {
                     let killed = self.kill_running();
                     let names = and_list(&killed);
                     return JobEnd::Failed(Failure {
                         message: format!(
                             "every worker exited with status 0, but {names} {} still running \
-                             {} s later (--timeout, else KVSTORE_TIMEOUT_SECS, else 600 s); \
-                             killed {}",
+                             {} s later (the timeout: --timeout, else KVSTORE_TIMEOUT_SECS, \
+                             else the timeout_secs of KVSTORE_CONFIG's file, else 600 s; plus \
+                             {} s); killed {}",
                             if killed.len() == 1 { "was" } else { "were" },
-                            timeout.as_secs_f64(),
+                            (timeout + SERVICE_GRACE).as_secs_f64(),
+                            SERVICE_GRACE.as_secs(),
                             if killed.len() == 1 { "it" } else { "them" },
                         ),
                         code: 1,
@@ -1028,6 +1133,9 @@ impl Job {
     /// be waited for).
     fn reap(&mut self) -> Option<(Failure, Option<Process>)> {
         for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
+            // What a failed process started goes with it (its group, killed while the id
+            // still names it).
+            crate::stop_signals::kill_group_if_failed(&r.child);
             match r.child.try_wait() {
                 Ok(None) => {}
                 Ok(Some(status)) => {
@@ -1052,7 +1160,10 @@ impl Job {
     fn kill_running(&mut self) -> Vec<Process> {
         let mut killed = Vec::new();
         for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
-            // An error means it has exited already; it is reaped below either way.
+            // Its process group first: what it started and did not `exec` (its id is still
+            // the group's, not reaped yet). An error means it has exited already; it is
+            // reaped below either way.
+            crate::stop_signals::kill_group(&r.child);
             let _ = r.child.kill();
             killed.push(r.process);
         }
@@ -1242,8 +1353,16 @@ mod tests {
         let ok = LaunchOptions::new(1, 1, ["true"]);
         ok.validate().unwrap();
         LaunchOptions::new(1, 0, ["true"]).validate().unwrap();
-        let cases: [(LaunchOptions, &str); 5] = [
+        LaunchOptions::new(MAX_PROCESSES - 2, 2, ["true"])
+            .validate()
+            .unwrap();
+        let cases: [(LaunchOptions, &str); 7] = [
             (LaunchOptions::new(0, 1, ["true"]), "--num-workers"),
+            (LaunchOptions::new(u32::MAX, 2, ["true"]), "at most 4096"),
+            (
+                LaunchOptions::new(MAX_PROCESSES, 1, ["true"]),
+                "--num-servers 1",
+            ),
             (LaunchOptions::new(1, 1, Vec::<OsString>::new()), "command"),
             (LaunchOptions::new(1, 1, [""]), "command"),
             (
@@ -1413,20 +1532,73 @@ mod tests {
     }
 
     #[test]
-    fn the_timeout_is_the_option_else_the_environment_else_60_s() {
+    fn the_timeout_is_the_option_else_the_environment_else_the_file_else_600_s() {
         let mut o = LaunchOptions::new(1, 1, ["true"]);
-        assert_eq!(job_timeout(&o, None).unwrap(), Duration::from_secs(600));
         assert_eq!(
-            job_timeout(&o, Some("0.5")).unwrap(),
+            job_timeout(&o, None, None).unwrap(),
+            Duration::from_secs(600)
+        );
+        let file = |secs: f64| ConfigFile {
+            path: "k.toml".into(),
+            dist: DistFile {
+                timeout_secs: Some(secs),
+                ..DistFile::default()
+            },
+        };
+        assert_eq!(
+            job_timeout(&o, None, Some(&file(3.0))).unwrap(),
+            Duration::from_secs(3)
+        );
+        let e = job_timeout(&o, None, Some(&file(-3.0))).unwrap_err();
+        assert!(
+            e.to_string().contains("k.toml: [dist] timeout_secs = -3"),
+            "{e}"
+        );
+        assert_eq!(
+            job_timeout(&o, Some("0.5"), Some(&file(3.0))).unwrap(),
             Duration::from_millis(500)
         );
-        let e = job_timeout(&o, Some("-1")).unwrap_err();
+        let e = job_timeout(&o, Some("-1"), None).unwrap_err();
         assert!(e.to_string().contains("KVSTORE_TIMEOUT_SECS"), "{e}");
         o.timeout = Some(Duration::from_secs(7));
         assert_eq!(
-            job_timeout(&o, Some("0.5")).unwrap(),
+            job_timeout(&o, Some("0.5"), Some(&file(3.0))).unwrap(),
             Duration::from_secs(7)
         );
+    }
+
+    #[test]
+    fn a_config_file_with_a_port_is_refused_and_env_names_the_file_first() {
+        let dir =
+            std::env::temp_dir().join(format!("kvstore-launch-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let with_port = dir.join("port.toml");
+        std::fs::write(&with_port, "[dist]\nport = 9100\n").unwrap();
+        let plain = dir.join("plain.toml");
+        std::fs::write(&plain, "[dist]\ntimeout_secs = 5\n").unwrap();
+        let mut o = LaunchOptions::new(1, 2, ["true"]);
+        assert_eq!(config_file(&o, None).unwrap(), None);
+        let e = config_file(&o, Some(with_port.clone().into())).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("port.toml") && e.contains("port = 9100"), "{e}");
+        // `--env KVSTORE_CONFIG=...` is what the processes see: it wins over the launcher's.
+        o.env
+            .push(("KVSTORE_CONFIG".into(), plain.display().to_string()));
+        let got = config_file(&o, Some(with_port.into())).unwrap().unwrap();
+        assert_eq!(got.dist.timeout_secs, Some(5.0));
+        let e = config_file(&o, None).map(|_| ()).and_then(|()| {
+            config_file(
+                &LaunchOptions::new(1, 1, ["true"]),
+                Some(dir.join("none.toml").into()),
+            )
+            .map(|_| ())
+        });
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("none.toml") && e.contains("KVSTORE_CONFIG"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -1535,7 +1707,7 @@ mod tests {
         assert!(
             failure.message.starts_with(
                 "every worker exited with status 0, but the scheduler and server 0 were still \
-                 running 0.3 s later"
+                 running 5.3 s later"
             ) && failure.message.ends_with("killed them"),
             "{failure}"
         );

@@ -323,14 +323,14 @@ pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
     logging::follow_config(config);
     let scheduler = Scheduler::start(config)?;
     if config.verbose > 0 {
-        eprintln!(
+        logging::to_stderr(format_args!(
             "kvstore scheduler: listening on {} (advertised as {}), waiting for {} server(s) \
              and {} worker(s)",
             scheduler.local_addr(),
             scheduler.addr(),
             config.num_servers,
             config.num_workers
-        );
+        ));
     }
     scheduler.join()?;
     Ok(())
@@ -347,13 +347,13 @@ pub fn run_scheduler(config: &DistConfig) -> kvstore::Result<()> {
 pub fn run_server(config: &DistConfig) -> kvstore::Result<()> {
     logging::follow_config(config);
     if config.verbose > 0 {
-        eprintln!(
+        logging::to_stderr(format_args!(
             "kvstore server: joining the cluster of scheduler {} as one of {} server(s) for \
              {} worker(s)",
             config.scheduler_addr(),
             config.num_servers,
             config.num_workers
-        );
+        ));
     }
     kvstore_dist::run_server(config)?;
     Ok(())

@@ -78,8 +78,8 @@ impl Log for StderrLog {
                 Level::Debug => "DEBUG",
                 Level::Trace => "TRACE",
             };
-            // One `eprintln!` per record: lines of several threads never interleave.
-            eprintln!("kvstore: {level} {}", record.args());
+            // One write per record: lines of several threads never interleave.
+            to_stderr(format_args!("kvstore: {level} {}", record.args()));
         }
     }
 
@@ -87,6 +87,15 @@ impl Log for StderrLog {
 }
 
 static LOGGER: StderrLog = StderrLog;
+
+/// Writes `line` and a newline to standard error in one write, ignoring failures: a closed
+/// or broken standard error (the reader of a pipe gone, an ssh session ended) must not stop
+/// a launcher or a server, where `eprintln!` would panic.
+pub fn to_stderr(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let text = format!("{line}\n");
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
 
 /// Whether [`install`] installed this module's logger (else the level is not ours to raise).
 static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -125,7 +134,7 @@ pub fn install() {
         INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
         log::set_max_level(level);
         if let Some(note) = note {
-            eprintln!("kvstore: {note}");
+            to_stderr(format_args!("kvstore: {note}"));
         }
     }
 }

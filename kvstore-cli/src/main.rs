@@ -14,11 +14,11 @@ fn main() -> ExitCode {
     let output = match run(&cli) {
         Ok(Outcome::Print(output)) => output,
         Ok(Outcome::Exit { code, message }) => {
-            eprintln!("kvstore: {message}");
+            kvstore_cli::logging::to_stderr(format_args!("kvstore: {message}"));
             return ExitCode::from(code);
         }
         Err(e) => {
-            eprintln!("kvstore: {e}");
+            kvstore_cli::logging::to_stderr(format_args!("kvstore: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         // `kvstore list | head -1`: the reader is gone, which is not an error of ours.
         Err(e) if e.kind() == ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("kvstore: cannot write the output: {e}");
+            kvstore_cli::logging::to_stderr(format_args!("kvstore: cannot write the output: {e}"));
             ExitCode::FAILURE
         }
     }

@@ -4,6 +4,9 @@
 //!   supervision loop sees them ([`caught`]): it kills the job's processes and exits with
 //!   128 + the signal's number, as a process killed by it would. (Ctrl-C reaches the whole
 //!   process group; `kill <launcher>` or a supervisor's SIGTERM reaches the launcher alone.)
+//! - Each process starts in a process group of its own ([`own_process_group`]), which the
+//!   launcher kills whole ([`kill_group`]): a worker's own children go with it. Ctrl-C
+//!   therefore reaches the launcher alone, which stops the job.
 //! - A launcher that dies without that chance (SIGKILL, a crash) takes its processes with it
 //!   on Linux: each is started with SIGKILL as its parent-death signal ([`die_with_launcher`]).
 
@@ -129,4 +132,57 @@ pub fn die_with_launcher(command: &mut Command) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = command;
+}
+
+/// Starts the process `command` starts in a new process group, led by it (on Unix; nothing
+/// elsewhere), so that [`kill_group`] reaches what it starts too.
+pub fn own_process_group(command: &mut Command) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
+    }
+    #[cfg(not(unix))]
+    let _ = command;
+}
+
+/// Sends SIGKILL to the process group `child` leads ([`own_process_group`]); call it only
+/// while `child` is not reaped, so that its id still names its group. Best effort: a group
+/// already gone is not an error.
+pub fn kill_group(child: &std::process::Child) {
+    #[cfg(unix)]
+    if let Ok(leader) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: `kill` takes plain integers; a negative id names a process group.
+        unsafe {
+            libc::kill(-leader, libc::SIGKILL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = child;
+}
+
+/// When `child` has exited with a status other than 0 or was killed, and is not reaped yet,
+/// sends SIGKILL to its process group ([`own_process_group`]): what it started and left
+/// running goes with it (on Linux; nothing elsewhere). The exit is only looked at, not reaped.
+pub fn kill_group_if_failed(child: &std::process::Child) {
+    #[cfg(target_os = "linux")]
+    if let Ok(leader) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: `waitid` writes into the zeroed `siginfo_t` given; WNOWAIT leaves the child
+        // to be reaped by `Child::try_wait`, so its id still names its group for `kill`.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let peeked = libc::waitid(
+                libc::P_PID,
+                leader as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            let exited = peeked == 0 && info.si_pid() == leader;
+            if exited && (info.si_code != libc::CLD_EXITED || info.si_status() != 0) {
+                libc::kill(-leader, libc::SIGKILL);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = child;
 }

@@ -218,6 +218,10 @@ fn bad_arguments_are_refused_clearly() {
         (&["-n", "1", "-s", "1"][..], "<COMMAND>"),
         (&["-n", "1", "--", "true"][..], "--num-servers"),
         (
+            &["-n", "4294967295", "-s", "2", "--", "true"][..],
+            "at most 4096 workers and servers",
+        ),
+        (
             &["-n", "1", "-s", "1", "--timeout", "-2", "--", "true"][..],
             "--timeout",
         ),
@@ -283,6 +287,79 @@ fn bad_arguments_are_refused_clearly() {
         );
         assert!(job.stdout.is_empty(), "{args:?}: {}", job.report());
     }
+}
+
+/// What a worker script starts without `exec` goes with it: the job's processes are killed
+/// by process group, those of a worker that fails too. (`launch` fails on any process left.)
+#[cfg(target_os = "linux")]
+#[test]
+fn a_worker_scripts_own_children_do_not_outlive_the_job() {
+    let job = launch(
+        &[
+            "-n",
+            "2",
+            "-s",
+            "1",
+            "--",
+            "sh",
+            "-c",
+            "sleep 300 & if [ \"$DMLC_TASK_ID\" = 1 ]; then sleep 0.5; exit 3; fi; sleep 301; true",
+        ],
+        &[],
+    );
+    assert_eq!(job.status.code(), Some(3), "{}", job.report());
+    assert!(job.elapsed < Duration::from_secs(10), "{}", job.report());
+}
+
+/// A `kvstore.toml` that every process reads (`KVSTORE_CONFIG`) may not fix a port, which
+/// the processes of one host cannot share: refused before anything starts.
+#[test]
+fn a_config_file_fixing_a_port_is_refused_before_anything_starts() {
+    let dir = std::env::temp_dir().join(format!("kvstore-launch-port-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kvstore.toml");
+    std::fs::write(&file, "[dist]\nport = 9100\n").unwrap();
+    let path = file.display().to_string();
+    let job = launch(
+        &["-n", "1", "-s", "2", "--", "sh", "-c", "echo started"],
+        &[("KVSTORE_CONFIG", &path)],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(job.status.code(), Some(1), "{}", job.report());
+    assert!(
+        job.stderr.contains("port = 9100") && job.stderr.contains(&path),
+        "{}",
+        job.report()
+    );
+    assert!(job.stdout.is_empty(), "{}", job.report());
+}
+
+/// A launcher whose standard error is gone (the reader of its pipe exited) still ends the
+/// job and exits with the failing worker's status (`eprintln!` would panic: status 101).
+#[cfg(unix)]
+#[test]
+fn a_launcher_without_a_standard_error_still_exits_with_the_jobs_status() {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvstore"));
+    cmd.args([
+        "launch",
+        "-n",
+        "1",
+        "-s",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "sleep 0.3; exit 3",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    common::without_cluster_vars(&mut cmd);
+    let mut launcher = cmd.spawn().unwrap();
+    drop(launcher.stderr.take()); // the reading end closed at once
+    let status = launcher.wait().unwrap();
+    assert_eq!(status.code(), Some(3));
 }
 
 #[test]
