@@ -136,6 +136,10 @@ pub const BATCH_ITEM_BYTES: usize = 64 << 10;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most items in one batch.
 pub const BATCH_MAX_ITEMS: usize = 4096;
+/// Most bytes a batch's answer may carry: a batch closes once its parts reach
+/// [`BATCH_BYTES`], and each part is at most [`BATCH_ITEM_BYTES`]. A server refuses a batch
+/// pull that asks more (big parts travel alone), rather than build an answer of any size.
+pub const BATCH_MAX_ANSWER_BYTES: usize = BATCH_BYTES + BATCH_ITEM_BYTES;
 
 /// MXNet's server command heads (`_get_kvstore_server_command_type`).
 pub mod head {
@@ -362,6 +366,11 @@ impl BatchItem {
             .get(..4)
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
             .ok_or("a batch message without its item count")?;
+        if count > BATCH_MAX_ITEMS {
+            return Err(format!(
+                "a batch of {count} items (at most {BATCH_MAX_ITEMS})"
+            ));
+        }
         let table = count
             .checked_mul(BATCH_ITEM_LEN)
             .and_then(|n| bytes.get(4..4 + n))

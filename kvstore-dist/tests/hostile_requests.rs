@@ -249,6 +249,7 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
         "hello",
     )
     .unwrap();
+    batches_asking_too_much_are_refused(kv.as_ref(), &conn);
 
     let mut rng = Rng::new(1);
     // Wire ids of the real keys and others; as `CMD_COMMAND` heads, MXNet's kController (0),
@@ -365,6 +366,35 @@ fn hostile_worker_beside(store: &'static str, mode: Mode) {
     drop(kv);
     drop(node);
     assert_nothing_panicked(cluster.finish(), &seed);
+}
+
+/// A batch pull naming a big part many times (a small message asking for an answer of any
+/// size, which the server would allocate), or more items than a batch has, is refused, and
+/// the server goes on: its answer stays within what a batch may carry.
+fn batches_asking_too_much_are_refused(kv: &dyn kvstore_base::KVStoreBase, conn: &Connection) {
+    // 1.2 MiB in one part (under the bound): pulled alone by real workers.
+    let big = NDArray::zeros(&[300_000], DType::F32);
+    kv.init(7, &big).unwrap();
+    let item = |wire: u64| BatchItem {
+        wire,
+        part: 0,
+        flags: 0,
+        len: 0,
+    };
+    let batch_pull = |items: Vec<BatchItem>| {
+        let body = BatchItem::encode(&items, &[] as &[&[u8]]);
+        conn.request(
+            Outgoing::new(CMD_BATCH, &body).aux(u64::from(CMD_PULL)),
+            "batch pull",
+        )
+    };
+    let e = batch_pull(vec![item(7); 3]).expect_err("3 x 1.2 MiB in one batch");
+    assert!(e.to_string().contains("a batch answers at most"), "{e}");
+    let e = batch_pull(vec![item(3); protocol::BATCH_MAX_ITEMS + 1]).expect_err("too many");
+    assert!(e.to_string().contains("at most 4096"), "{e}");
+    // A batch within the bounds is answered.
+    let answer = batch_pull(vec![item(3); 2]).unwrap();
+    assert_eq!(answer.payload.len(), 2 * 8 * 4);
 }
 
 #[test]

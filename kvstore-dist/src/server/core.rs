@@ -846,6 +846,17 @@ impl Core {
                 None => None,
             })
             .collect();
+        let answered = lens.iter().flatten().sum::<usize>();
+        if answered > protocol::BATCH_MAX_ANSWER_BYTES {
+            let _ = responder.respond_error(&format!(
+                "a batch of {} items would answer {answered} bytes: a batch answers at most {} \
+                 (parts over {} bytes are pulled alone)",
+                items.len(),
+                protocol::BATCH_MAX_ANSWER_BYTES,
+                protocol::BATCH_ITEM_BYTES
+            ));
+            return;
+        }
         let batch = Batch::new(responder, &lens);
         let mut at = 0usize;
         for (i, it) in items.iter().enumerate() {
