@@ -495,3 +495,68 @@ fn random_frames_at_the_scheduler_never_stop_a_job_from_forming_or_running() {
     assert_nothing_panicked(Ok(()), "scheduler frames");
     ended.unwrap();
 }
+
+/// Rank 0's init that the server cannot take (its data is not the size it declares) fails
+/// the other ranks' inits of that part at once, naming why, rather than leave them waiting
+/// for a value until the timeout.
+#[test]
+fn a_rank_0_init_the_server_refuses_fails_the_ranks_waiting_for_it() {
+    let cluster = LocalCluster::start(1, 2, Duration::from_secs(20)).unwrap();
+    let options = cluster.worker_options().clone();
+    let mut vars = options.clone();
+    vars.insert("DMLC_ROLE".into(), "worker".into());
+    // A port below the kernel's ephemeral range (where the real worker's falls) makes the
+    // raw node rank 0.
+    let port = kvstore_dist::ports::spare_port("127.0.0.1").unwrap();
+    vars.insert("PORT".into(), port.to_string());
+    let config = DistConfig::from_vars(vars).unwrap();
+    let real = thread::spawn(move || kvstore_base::create_with("dist_sync", options).unwrap());
+    let node = Node::join(&config).unwrap();
+    let kv = real.join().unwrap();
+    assert_eq!((node.rank(), kv.rank()), (0, 1));
+    let server = node.servers().next().unwrap().addr.clone();
+    let transport = kvstore_dist::transport::TransportConfig {
+        node_id: node.id(),
+        timeout: Duration::from_secs(20),
+        ..config.transport()
+    };
+    let conn = Connection::connect(server.as_str(), transport).unwrap();
+    conn.request(
+        Outgoing::new(CMD_HELLO, b"dist_sync").aux(Mode::Sync.code()),
+        "hello",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    thread::scope(|s| {
+        let waiting = s.spawn(|| kv.init(9, &NDArray::zeros(&[8], DType::F32)));
+        // Rank 1's declaration reaches the server first, then rank 0's short value.
+        thread::sleep(Duration::from_millis(300));
+        let mut body = InitMeta {
+            dtype: DType::F32,
+            elements: 8,
+            row_len: 0,
+            row_sparse: false,
+            key: kvstore_base::Key::Int(9),
+        }
+        .encode();
+        body.extend_from_slice(&[0u8; 4]);
+        let e = conn
+            .request(Outgoing::new(CMD_INIT, &body).key(9), "init")
+            .expect_err("4 bytes for 8 float32");
+        assert!(e.to_string().contains("carries 4 bytes"), "{e}");
+        let e = waiting
+            .join()
+            .unwrap()
+            .expect_err("rank 0's value never came");
+        let e = e.to_string();
+        assert!(
+            e.contains("rank 0's init failed") && e.contains("carries 4 bytes"),
+            "{e}"
+        );
+    });
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(conn);
+    drop(kv);
+    drop(node);
+    cluster.detach();
+}

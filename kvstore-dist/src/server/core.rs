@@ -426,26 +426,17 @@ impl Core {
                 self.rank
             ));
         }
-        // Rank 0 declares the part; the others' declarations must match its.
-        let elements = usize::try_from(meta.elements).map_err(|_| "too many elements")?;
-        // A part of whole rows is kept as rows, so that the optimizer can update some of them.
-        let shape = match usize::try_from(meta.row_len) {
-            Ok(0) => vec![elements],
-            Ok(len) => vec![elements / len, len],
-            Err(_) => return Err("too many elements per row".into()),
+        // Rank 0 declares the part; the others' declarations must match its. The ranks waiting
+        // for it learn at once when its value cannot be taken.
+        let value = match self.rank0_value(&meta, part, data) {
+            Ok(value) => value,
+            Err(msg) => {
+                for w in std::mem::take(&mut e.init_waiters) {
+                    w.answer.fail(&format!("rank 0's init failed: {msg}"));
+                }
+                return Err(msg);
+            }
         };
-        // Checked before allocating: a declaration's size is only as good as its data.
-        if data.len() as u64 != meta.elements * meta.dtype.size_of() as u64 {
-            return Err(format!(
-                "{}: rank 0's init declares {} elements of {} but carries {} bytes",
-                self.describe(&meta.key, part),
-                meta.elements,
-                meta.dtype,
-                data.len()
-            ));
-        }
-        let mut value = NDArray::zeros(&shape, meta.dtype);
-        copy_from_bytes(&mut value, data)?;
         e.value = Some(value);
         e.key = meta.key.clone();
         e.meta = meta;
@@ -456,6 +447,30 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// The value rank 0's init of part `part` declares (`meta`) and carries (`data`).
+    fn rank0_value(&self, meta: &InitMeta, part: u64, data: &[u8]) -> Result<NDArray, String> {
+        let elements = usize::try_from(meta.elements).map_err(|_| "too many elements")?;
+        // A part of whole rows is kept as rows, so that the optimizer can update some of them.
+        let shape = match usize::try_from(meta.row_len) {
+            Ok(0) => vec![elements],
+            Ok(len) => vec![elements / len, len],
+            Err(_) => return Err("too many elements per row".into()),
+        };
+        // Checked before allocating: a declaration's size is only as good as its data.
+        if data.len() as u64 != meta.elements.saturating_mul(meta.dtype.size_of() as u64) {
+            return Err(format!(
+                "{}: rank 0's init declares {} elements of {} but carries {} bytes",
+                self.describe(&meta.key, part),
+                meta.elements,
+                meta.dtype,
+                data.len()
+            ));
+        }
+        let mut value = NDArray::zeros(&shape, meta.dtype);
+        copy_from_bytes(&mut value, data)?;
+        Ok(value)
     }
 
     /// The error for a worker whose declaration of a part differs from rank 0's.
