@@ -455,3 +455,39 @@ fn a_step_retried_after_a_loss_is_not_failed_by_the_lost_round() {
     drop((survivor, recovered));
     cluster.finish().unwrap();
 }
+
+/// A sync round that failed (timed out waiting for a late worker) after a worker's push was
+/// acknowledged is reported to that worker by its next call on the key, a push too: pushing
+/// again without pulling is refused, naming the failed round, rather than merged beside the
+/// late worker's push of the step before. Told once, the key works again.
+#[test]
+fn a_failed_round_is_reported_to_a_worker_that_pushes_again_without_pulling() {
+    let cluster = LocalCluster::start(1, 2, Duration::from_secs(1)).unwrap();
+    let (_, stores) = workers(&cluster, 2);
+    let (a, b) = (&stores[0], &stores[1]);
+    let ones = NDArray::ones(&[2], DType::F32);
+    on_all(&[a, b], |kv| {
+        kv.init(3, &NDArray::zeros(&[2], DType::F32)).unwrap()
+    });
+    a.push(3, &ones).unwrap();
+    // b is late: the server gives the round up after its timeout.
+    thread::sleep(Duration::from_millis(2500));
+    let e = a
+        .push(3, &ones)
+        .expect_err("its last round failed")
+        .to_string();
+    assert!(
+        e.contains("previous push of it failed") && e.contains("timed out"),
+        "{e}"
+    );
+    // Both push and pull once more: one round, the sum of this step only.
+    let pulled = on_all(&[a, b], |kv| {
+        kv.push(3, &ones).unwrap();
+        let mut out = NDArray::zeros(&[2], DType::F32);
+        kv.pull(3, &mut out).unwrap();
+        out.to_vec::<f32>().unwrap()
+    });
+    assert_eq!(pulled, vec![vec![2.0; 2]; 2]);
+    drop(stores);
+    cluster.detach();
+}

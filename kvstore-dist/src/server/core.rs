@@ -87,8 +87,19 @@ struct Entry {
     stall_logged: bool,
     queued: VecDeque<Queued>,
     /// Why the last round failed, for each worker whose acknowledged push it lost and that has
-    /// not been told yet: its next pull of the part fails with it.
-    failed: Vec<Option<String>>,
+    /// not been told yet: its next pull of the part fails with it, and so does its next push
+    /// unless a lost worker failed the round (see [`RoundFailure`]).
+    failed: Vec<Option<RoundFailure>>,
+}
+
+/// Why a sync round failed, kept for a worker that pushed in it and was not told yet.
+#[derive(Clone)]
+struct RoundFailure {
+    why: String,
+    /// A worker was lost (or left): the worker hears of it from any call until the job is
+    /// whole again, so its next push of the part (a retry of the step) clears this. Other
+    /// failures (a timeout, a failed update) are its next push's too.
+    by_loss: bool,
 }
 
 /// The server's state, shared by every connection's thread.
@@ -238,7 +249,7 @@ impl Core {
                      for a push from {}",
                     self.rank, self.timeout, missing
                 );
-                fail_round(&mut e, &msg);
+                fail_round(&mut e, &msg, false);
             }
             let mut init_stalled = false;
             for w in e.init_waiters.iter_mut() {
@@ -723,11 +734,22 @@ impl Core {
                     });
                     return;
                 }
-                // A worker pushing into a new round, with no push of its own held, has moved
-                // on from a failed round it pushed in (a retry of the step): that failure is
-                // no longer its next pull's. (A queued push replayed later does not: its
-                // worker was not told yet.)
-                e.failed[rank as usize] = None;
+                // A round this worker pushed in failed after its push was acknowledged, and
+                // no pull told it yet (it pushes again without pulling): this push is refused
+                // with that failure, rather than merged beside pushes of another step (a late
+                // worker's). Told now, its next push starts a round. A round a lost worker
+                // failed was told by the loss (this push retries the step).
+                match e.failed[rank as usize].take() {
+                    Some(f) if !f.by_loss => {
+                        waiter.answer.fail(&format!(
+                            "push of {what}: the round of this worker's previous push of it \
+                             failed ({}); this push was not merged: retry the step",
+                            f.why
+                        ));
+                        return;
+                    }
+                    _ => {}
+                }
                 self.merge_sync(&mut e, pushed, waiter, &what);
                 while !e.pushed.iter().any(|&p| p) && !e.queued.is_empty() {
                     // The round just completed: replay what was queued for the next one.
@@ -919,6 +941,7 @@ impl Core {
             e.round_started = Some(Instant::now());
             e.stall_logged = false;
         }
+        let waiter_rank = waiter.rank;
         e.pushed[waiter.rank as usize] = true;
         // A push returns once merged, as MXNet's does not block its caller; the worker's next
         // pull of the key waits for the round instead (see `pull_part`). The round's last push
@@ -931,11 +954,19 @@ impl Core {
                 None
             }
         };
-        if e.pushed.iter().all(|&p| p) {
-            self.complete_round(e, what);
-        }
+        let completed = match e.pushed.iter().all(|&p| p) {
+            true => self.complete_round(e, what),
+            false => Ok(()),
+        };
         if let Some(answer) = ack {
-            answer.ok(&[]);
+            match completed {
+                Ok(()) => answer.ok(&[]),
+                // The round's last push: told at once that the update failed.
+                Err(msg) => {
+                    e.failed[waiter_rank as usize] = None;
+                    answer.fail(&msg);
+                }
+            }
         }
     }
 
@@ -949,8 +980,10 @@ impl Core {
         }
     }
 
-    /// Every worker pushed: update (or store the sum), then answer every push of the round.
-    fn complete_round(&self, e: &mut Entry, what: &str) {
+    /// Every worker pushed: update (or store the sum), then answer every push of the round;
+    /// the update's error, if it failed (the round's pushes are failed with it, and the
+    /// ranks not waiting are marked so that their next pull or push reports it).
+    fn complete_round(&self, e: &mut Entry, what: &str) -> Result<(), String> {
         let outcome = {
             let mut updater = lock(&self.updater);
             let Entry {
@@ -977,19 +1010,16 @@ impl Core {
         };
         let waiters = std::mem::take(&mut e.waiters);
         e.round_started = None;
-        let answered = match outcome {
-            Ok(()) => Some(waiters),
-            Err(msg) => {
-                // Marks the ranks that pushed: their next pulls fail with it.
-                fail_waiters(e, waiters, &msg);
-                None
-            }
-        };
+        if let Err(msg) = &outcome {
+            // Marks the ranks that pushed: their next pulls fail with it.
+            fail_waiters(e, waiters, msg, false);
+            e.pushed.iter_mut().for_each(|p| *p = false);
+            return outcome;
+        }
         // The round is over before any answer goes out.
         e.pushed.iter_mut().for_each(|p| *p = false);
-        if let Some(waiters) = answered {
-            reply_all(waiters, e.value.as_ref().expect("set"));
-        }
+        reply_all(waiters, e.value.as_ref().expect("set"));
+        outcome
     }
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the
@@ -1058,8 +1088,8 @@ impl Core {
         let Some(rank) = rank else {
             return self.answer_pull(&e, part, answer, wants);
         };
-        if let Some(why) = e.failed[rank as usize].take() {
-            return answer.fail(&why);
+        if let Some(failure) = e.failed[rank as usize].take() {
+            return answer.fail(&failure.why);
         }
         let waiter = Waiter {
             rank,
@@ -1310,10 +1340,11 @@ impl Core {
     }
 }
 
-/// Fails every push of the current round with `msg` and starts afresh.
-fn fail_round(e: &mut Entry, msg: &str) {
+/// Fails every push of the current round with `msg` (`by_loss`: a worker was lost) and starts
+/// afresh.
+fn fail_round(e: &mut Entry, msg: &str, by_loss: bool) {
     let waiters = std::mem::take(&mut e.waiters);
-    fail_waiters(e, waiters, msg);
+    fail_waiters(e, waiters, msg, by_loss);
     for q in std::mem::take(&mut e.queued) {
         // Its worker is told, by its queued push's answer.
         e.failed[q.rank as usize] = None;
@@ -1328,10 +1359,13 @@ fn fail_round(e: &mut Entry, msg: &str) {
 
 /// Fails the waiters of a round that pushed in it, and remembers the failure for the workers
 /// whose push was acknowledged but that are not waiting now (their next pull reports it).
-fn fail_waiters(e: &mut Entry, waiters: Vec<Waiter>, msg: &str) {
+fn fail_waiters(e: &mut Entry, waiters: Vec<Waiter>, msg: &str, by_loss: bool) {
     for (rank, pushed) in e.pushed.iter().enumerate() {
         if *pushed {
-            e.failed[rank] = Some(msg.to_string());
+            e.failed[rank] = Some(RoundFailure {
+                why: msg.to_string(),
+                by_loss,
+            });
         }
     }
     for w in waiters {

@@ -172,7 +172,7 @@ impl Core {
                     self.rank,
                     self.worker_name(rank)
                 );
-                fail_round(&mut e, &msg);
+                fail_round(&mut e, &msg, true);
             }
             if rank == 0 && !e.init_waiters.is_empty() {
                 let msg = format!(
