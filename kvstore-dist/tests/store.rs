@@ -216,6 +216,38 @@ fn a_worker_that_leaves_fails_the_rounds_waiting_for_it_at_once() {
     assert!(started.elapsed() < TIMEOUT, "took {:?}", started.elapsed());
 }
 
+/// A worker whose last call pushes a key and that then leaves (says goodbye) has done its step:
+/// the round it pushed in completes with the others' pushes, as MXNet's does (its workers meet
+/// in a barrier before leaving), where one it did not push in fails at once.
+#[test]
+fn a_worker_that_pushed_then_left_completes_its_round() {
+    let out = run("dist_sync", 2, 2, |rank, kv| {
+        // Key 5 is split across both servers.
+        let zeros = NDArray::zeros(&[1_500_000], DType::F32);
+        kv.init(5, &zeros).unwrap();
+        kv.init(6, &NDArray::zeros(&[2], DType::F32)).unwrap();
+        kv.barrier().unwrap();
+        let ones = NDArray::ones(&[1_500_000], DType::F32);
+        if rank == 1 {
+            kv.push(5, &ones).unwrap();
+            return None; // drops the store: goodbye
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        kv.push(5, &ones).unwrap();
+        let mut w = zeros.clone();
+        kv.pull(5, &mut w).unwrap();
+        let summed = w.to_vec::<f32>().unwrap().iter().all(|&x| x == 2.0);
+        // Key 6: rank 1 never pushed it.
+        let missing = kv
+            .push(6, &NDArray::ones(&[2], DType::F32))
+            .and_then(|()| kv.pull(6, &mut NDArray::zeros(&[2], DType::F32)));
+        Some((summed, missing.unwrap_err().to_string()))
+    });
+    let (summed, missing) = out[0].as_ref().unwrap();
+    assert!(summed, "rank 1's push of key 5 was lost");
+    assert!(missing.contains("has left the job"), "{missing}");
+}
+
 /// The requests `kv` sends to its servers while `call` runs.
 fn requests_of(kv: &DistStore, call: impl FnOnce()) -> u64 {
     let before = kv.requests_sent();

@@ -652,15 +652,22 @@ impl Core {
             wants: if wants_data { Wants::Value } else { Wants::Ack },
         };
         let mode = self.mode();
-        // A worker that is gone can never complete a sync round again.
+        // A worker that is gone can never complete a sync round again, but one that said
+        // goodbye completes those it pushed in.
         let (gone, losses) = if mode == Mode::Sync {
             let w = lock(&self.workers);
-            let gone = (0..self.num_workers).find_map(|r| w.gone(r as usize).map(|why| (r, why)));
+            let gone: Vec<(u32, String, bool)> = (0..self.num_workers)
+                .filter_map(|r| w.gone(r as usize).map(|why| (r, why, w.left(r as usize))))
+                .collect();
             (gone, self.losses.load(SeqCst))
         } else {
-            (None, 0)
+            (Vec::new(), 0)
         };
         let mut e = lock(&entry);
+        let gone = gone
+            .into_iter()
+            .find(|(r, _, left)| !(*left && e.pushed[*r as usize]))
+            .map(|(r, why, _)| (r, why));
         let what = self.describe(&e.key, part);
         if mode == Mode::Sync && gone.is_none() && self.losses.load(SeqCst) != losses {
             waiter.answer.fail(&format!(

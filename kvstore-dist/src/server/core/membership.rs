@@ -43,6 +43,11 @@ pub(super) struct Workers {
 
 impl Workers {
     /// Why worker `rank` can take no part in a round any more, if it cannot.
+    /// Whether worker `rank` said goodbye (and was not lost before).
+    pub(super) fn left(&self, rank: usize) -> bool {
+        self.dead[rank].is_none() && self.bye[rank]
+    }
+
     pub(super) fn gone(&self, rank: usize) -> Option<String> {
         match &self.dead[rank] {
             Some(why) => Some(format!("is gone ({why})")),
@@ -130,7 +135,7 @@ impl Core {
                         }
                     }
                     for (r, why) in marked {
-                        self.fail_rounds_of(r, &format!("is gone ({why})"));
+                        self.fail_rounds_of(r, &format!("is gone ({why})"), false);
                     }
                     drop(membership);
                     w = lock(&self.workers);
@@ -155,8 +160,9 @@ impl Core {
     }
 
     /// Fails every round in progress, and rank 0's pending inits, because worker `rank` is
-    /// gone (`why`: `is gone (...)`, `has left the job ...`). Called holding `membership`.
-    fn fail_rounds_of(&self, rank: u32, why: &str) {
+    /// gone (`why`: `is gone (...)`, `has left the job ...`); with `left`, a worker that said
+    /// goodbye, the rounds it pushed in are kept. Called holding `membership`.
+    fn fail_rounds_of(&self, rank: u32, why: &str, left: bool) {
         // Before any entry is visited: a push that checked for gone workers before this loss
         // sees the count changed at its entry (see `losses`).
         self.losses.fetch_add(1, SeqCst);
@@ -166,7 +172,7 @@ impl Core {
             // A round the lost worker pushed in fails too: its push belongs to a step it never
             // finished, and must not be summed with a step that a worker taking its place
             // (a recovery node) or a retrying worker makes.
-            if e.round_started.is_some() {
+            if e.round_started.is_some() && !(left && e.pushed[rank as usize]) {
                 let msg = format!(
                     "the sync round of {what} on server {} cannot complete: {} {why}",
                     self.rank,
@@ -317,7 +323,7 @@ impl Core {
         }
         if let Some(why) = &lost {
             if open.is_some() {
-                self.fail_rounds_of(rank, why);
+                self.fail_rounds_of(rank, why, false);
             }
             log::warn!(
                 "kvstore-dist: server {}: a recovering worker at {} takes the place of {}, which {why}",
@@ -357,8 +363,10 @@ impl Core {
                 w.bye[rank as usize] = true;
                 w.answering_byes += 1;
             }
-            // Rounds in progress can never complete: fail them now, naming it.
-            self.fail_rounds_of(rank, "has left the job (said goodbye)");
+            // Rounds in progress that it did not push in can never complete: fail them now,
+            // naming it. Those it pushed in complete with the others' pushes: its step was
+            // done (MXNet's workers meet in a barrier before leaving, to the same end).
+            self.fail_rounds_of(rank, "has left the job (said goodbye)", true);
         }
         let _ = responder.respond(Outgoing::new(0, &[]));
         let mut w = lock(&self.workers);
@@ -434,7 +442,7 @@ impl Core {
             self.rank,
             self.worker_name(rank)
         );
-        self.fail_rounds_of(rank, &format!("is gone ({why})"));
+        self.fail_rounds_of(rank, &format!("is gone ({why})"), false);
     }
 
     /// A worker connection closed: without a goodbye, its worker is lost (its rounds fail,
