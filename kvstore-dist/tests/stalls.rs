@@ -161,3 +161,94 @@ fn a_registration_still_missing_nodes_is_logged_naming_them() {
         ours[0]
     );
 }
+
+/// A peer that pulls a big value and reads the answer a little at a time (each write of the
+/// server making some progress) holds the server's answer for at most the timeout: its
+/// connection is then closed, and a worker's pull of the same part, and the expiry of other
+/// rounds, go on. Before, the answer was written for as long as the peer took, the part's
+/// lock held all the while.
+#[test]
+fn a_peer_reading_an_answer_slowly_holds_the_server_for_the_timeout_at_most() {
+    use kvstore_dist::protocol::CMD_PULL;
+    use kvstore_dist::transport::{FrameHeader, MessageKind};
+    use kvstore_dist::Node;
+    use std::io::{Read, Write};
+    let server_timeout = Duration::from_secs(2);
+    let cluster = LocalCluster::start(1, 2, server_timeout).unwrap();
+    let mut options = cluster.worker_options().clone();
+    // The worker waits longer than the server holds a slow answer.
+    options.insert("KVSTORE_TIMEOUT_SECS".into(), "20".into());
+    let mut vars = cluster.worker_options().clone();
+    vars.insert("DMLC_ROLE".into(), "worker".into());
+    // Ranks follow the nodes' addresses: a port above the kernel's ephemeral range (where the
+    // real worker's falls) makes the raw node rank 1.
+    let top: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(60999);
+    let port = (top + 1..=u16::MAX)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port above the ephemeral range");
+    vars.insert("PORT".into(), port.to_string());
+    let config = DistConfig::from_vars(vars).unwrap();
+    let real = std::thread::spawn(move || kvstore_base::create_with("dist_sync", options).unwrap());
+    let node = Node::join(&config).unwrap();
+    let kv = real.join().unwrap();
+    let big = NDArray::full(&[4 << 20], 1.0, DType::F32); // 16 MiB, one part
+    assert_eq!((kv.rank(), node.rank()), (0, 1));
+    // Rank 0's init needs no other rank's declaration.
+    kv.init(7, &big).unwrap();
+    let server = node.servers().next().unwrap().addr.clone();
+    let stream = std::net::TcpStream::connect(server.as_str()).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_recv_buffer_size(16 << 10)
+        .unwrap();
+    let header = FrameHeader {
+        kind: MessageKind::Request,
+        flags: 0,
+        command: CMD_PULL,
+        sender: 0,
+        request_id: 1,
+        key: 7,
+        aux: 0,
+        payload_len: 0,
+    };
+    (&stream).write_all(&header.encode()).unwrap();
+    // Reads 64 KiB every 200 ms (16 MiB would take 50 s), until told to hurry.
+    let hurry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let slow = std::thread::spawn({
+        let hurry = std::sync::Arc::clone(&hurry);
+        move || {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut got = 0usize;
+            loop {
+                match (&stream).read(&mut buf) {
+                    Ok(0) | Err(_) => return got,
+                    Ok(n) => got += n,
+                }
+                if !hurry.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let mut out = NDArray::zeros(&[4 << 20], DType::F32);
+    kv.pull(7, &mut out).unwrap();
+    assert_eq!(out, big);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    hurry.store(true, std::sync::atomic::Ordering::Relaxed);
+    let got = slow.join().unwrap();
+    assert!(
+        got < 16 << 20,
+        "the slow peer got the whole answer ({got} bytes)"
+    );
+    drop(kv);
+    drop(node);
+    cluster.detach();
+}

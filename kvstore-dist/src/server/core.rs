@@ -231,7 +231,13 @@ impl Core {
         self.expire_load_waiters();
         let mut stalls = Stalls::default();
         for ((_, part), entry) in self.entry_list() {
-            let mut e = lock(&entry);
+            // A part busy now (answering a peer slow to read, for at most the timeout) is
+            // looked at next time: the others' rounds expire meanwhile.
+            let mut e = match entry.try_lock() {
+                Ok(e) => e,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => continue,
+            };
             if e.round_started.is_none() && e.init_waiters.is_empty() {
                 continue; // nothing waits on this part
             }

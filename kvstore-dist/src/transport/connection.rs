@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use super::buffer::Payload;
 use super::error::TransportError;
-use super::frame::{write_frame, FrameHeader, MessageKind, Outgoing, HEADER_LEN};
+use super::frame::{write_frame_within, FrameHeader, MessageKind, Outgoing, HEADER_LEN};
 use super::{configure_stream, TransportConfig};
 
 /// A successful response: its header and payload.
@@ -283,8 +283,8 @@ impl Connection {
         let header = out.header(MessageKind::Request, self.config.node_id, request_id);
         super::trace("sending to", || self.shared.peer(), &header);
         let written = {
-            let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            write_frame(&mut *w, &header, out.payload)
+            let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_frame_within(&w, &header, out.payload, self.config.timeout)
         };
         if written.is_ok() {
             self.sent

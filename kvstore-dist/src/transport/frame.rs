@@ -14,6 +14,8 @@
 //! | 40 | 8 | payload length in bytes (u64: no 2 GiB or 4 GiB limit) |
 
 use std::io::{self, IoSlice, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
 /// `KVSD` in the first four bytes of every frame.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVSD");
@@ -228,6 +230,76 @@ pub fn write_frame<W: Write>(w: &mut W, header: &FrameHeader, payload: &[u8]) ->
         }
     }
     Ok(())
+}
+
+/// [`write_frame`] to `stream`, whose write timeout is `limit` (as the transport configures
+/// every stream), within `limit` in all: a peer that reads a big frame a little at a time,
+/// each write making some progress, fails the write with [`io::ErrorKind::TimedOut`] once
+/// `limit` has passed since the first byte, rather than hold the writer (and what its caller
+/// holds) for as long as it likes. A frame written in one call costs nothing more.
+pub fn write_frame_within(
+    stream: &TcpStream,
+    header: &FrameHeader,
+    payload: &[u8],
+    limit: Duration,
+) -> io::Result<()> {
+    let mut w = DeadlineWriter {
+        stream,
+        deadline: Instant::now() + limit,
+        limit,
+        calls: 0,
+    };
+    let written = write_frame(&mut w, header, payload);
+    if w.calls > 1 {
+        // Later writes shortened the timeout: back to the stream's own.
+        stream.set_write_timeout(Some(limit))?;
+    }
+    written
+}
+
+/// A stream's writes bounded by one deadline (see [`write_frame_within`]).
+struct DeadlineWriter<'a> {
+    stream: &'a TcpStream,
+    deadline: Instant,
+    limit: Duration,
+    /// Writes so far: the first runs under the stream's own timeout, `limit`.
+    calls: u32,
+}
+
+impl DeadlineWriter<'_> {
+    fn before_write(&mut self) -> io::Result<()> {
+        self.calls += 1;
+        if self.calls == 1 {
+            return Ok(());
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the peer did not read the whole message within {:?} (KVSTORE_TIMEOUT_SECS)",
+                    self.limit
+                ),
+            ));
+        }
+        self.stream.set_write_timeout(Some(left))
+    }
+}
+
+impl Write for DeadlineWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.before_write()?;
+        (&mut &*self.stream).write(buf)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.before_write()?;
+        (&mut &*self.stream).write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

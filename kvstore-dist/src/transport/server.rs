@@ -12,7 +12,9 @@ use super::auth::{CMD_AUTH, NO_SECRET_HERE};
 use super::buffer::{Payload, Pool};
 use super::connection::{payload_len, peer_name, read_header};
 use super::error::TransportError;
-use super::frame::{write_frame, FrameHeader, HeaderError, MessageKind, Outgoing, HEADER_LEN};
+use super::frame::{
+    write_frame_within, FrameHeader, HeaderError, MessageKind, Outgoing, HEADER_LEN,
+};
 use super::{configure_stream, TransportConfig};
 
 /// A request received by a [`Server`].
@@ -80,6 +82,9 @@ pub struct Responder {
     node_id: u32,
     /// The largest payload a peer accepts (this server's own limit, the job's setting).
     max_payload: u64,
+    /// The longest an answer may take to write (the job's timeout): a peer slower to read it
+    /// loses its connection.
+    write_limit: Duration,
     answered: bool,
 }
 
@@ -128,8 +133,8 @@ impl Responder {
     fn send(&self, kind: MessageKind, out: Outgoing<'_>) -> Result<(), TransportError> {
         let header = out.header(kind, self.node_id, self.request_id);
         super::trace("sending to", || self.peer.clone(), &header);
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        write_frame(&mut *w, &header, out.payload).map_err(|source| {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        write_frame_within(&w, &header, out.payload, self.write_limit).map_err(|source| {
             // A partly written frame leaves the stream unusable.
             let _ = w.shutdown(Shutdown::Both);
             TransportError::Io {
@@ -425,6 +430,7 @@ fn serve_requests(
                         peer: peer_name(peer, *node),
                         node_id: config.node_id,
                         max_payload: config.max_message_bytes,
+                        write_limit: config.timeout,
                         answered: false,
                     };
                     let _ = responder.respond_error(&e.to_string());
@@ -457,6 +463,7 @@ fn serve_requests(
             peer: peer_name(peer, *node),
             node_id: config.node_id,
             max_payload: config.max_message_bytes,
+            write_limit: config.timeout,
             answered: false,
         };
         if header.command == CMD_AUTH {
