@@ -25,7 +25,8 @@ pub struct LoadedPlugin {
 }
 
 /// Loads the plugin library at `path` and registers its store in the runtime registry, so
-/// that [`create`](crate::create) finds it by name.
+/// that [`create`](crate::create) finds it by name. A relative `path` (a bare file name too)
+/// is taken from the working directory, never searched for as the dynamic linker would.
 ///
 /// The library stays loaded for the rest of the program (stores and their functions may be
 /// in use anywhere). A name that is already registered is overridden, with MXNet's warning
@@ -50,11 +51,14 @@ pub fn load_plugin(path: impl AsRef<Path>) -> Result<LoadedPlugin> {
     if !path.is_file() {
         return Err(fail("not a file".into()));
     }
+    // The dynamic linker searches its own folders for a name without a `/`: the file checked
+    // above is the one loaded only through its full path.
+    let resolved = std::fs::canonicalize(path).map_err(|e| fail(format!("cannot resolve: {e}")))?;
     // Loading a library runs its initialisers: that is what loading a plugin means, and the
     // reason only trusted paths belong in KVSTORE_PLUGIN_PATH.
     // SAFETY: see above; the library is never unloaded (it is leaked below), so nothing it
     // hands out can dangle.
-    let library = unsafe { libloading::Library::new(path) }
+    let library = unsafe { libloading::Library::new(&resolved) }
         .map_err(|e| fail(format!("not a loadable shared library: {e}")))?;
     // SAFETY: the symbol is declared by the ABI with exactly this type.
     let entry: KvPluginEntry =
