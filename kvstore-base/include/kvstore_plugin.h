@@ -19,7 +19,9 @@
  *   followed by a nul (message_len = bytes written). A failed call leaves the store and every
  *   output unchanged.
  * - Tensors are dense, row-major, in host memory (KV_DEVICE_CPU). Inputs are read-only;
- *   outputs keep their dtype (values are cast into them) and must receive data of their shape.
+ *   outputs keep their dtype (values are cast into them) and must receive data of their shape:
+ *   every element is written, and what an output holds on entry means nothing (the host passes
+ *   fresh buffers, copied into the caller's arrays only after KV_OK).
  *   A row-sparse array crosses as a KvValue: its sorted row ids and its stored rows.
  * - The host may call a store from several threads at once: stores must be thread-safe.
  * - Later versions only append function pointers: struct_size tells the host how many the

@@ -157,7 +157,8 @@ pub struct KvKey {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct KvTensor {
-    /// The elements; read-only for inputs, written by a successful call for outputs.
+    /// The elements; read-only for inputs; for outputs, every element is written by a
+    /// successful call, and what they hold on entry means nothing (never read).
     pub data: *mut u8,
     /// `product(shape) * size of the dtype`.
     pub byte_len: usize,

@@ -335,6 +335,22 @@ unsafe fn copy_tensors(tensors: &[KvTensor]) -> Result<Vec<NDArray>> {
         .collect()
 }
 
+/// Fresh arrays of the layouts of the caller's output tensors, for a store to write into: the
+/// outputs' own memory is never read (a caller may pass it uninitialised).
+///
+/// # Safety
+/// Each tensor's `shape` must hold `ndim` dimensions.
+unsafe fn output_arrays(tensors: &[KvTensor]) -> Result<Vec<NDArray>> {
+    tensors
+        .iter()
+        .map(|t| {
+            // SAFETY: forwarded from the caller.
+            let (dtype, shape) = unsafe { tensor_layout(t) }?;
+            Ok(NDArray::zeros(&shape, dtype))
+        })
+        .collect()
+}
+
 /// Copies results into the caller's output tensors: all of them, or (when a store changed
 /// an output's dtype or size) none.
 ///
@@ -771,7 +787,7 @@ pub unsafe extern "C" fn shim_pull(
         guard(err, "pull", &key_list, &[], || {
             let kv = store_ref(store);
             let tensors = read_tensors(outs, n)?;
-            let mut arrays = copy_tensors(tensors)?;
+            let mut arrays = output_arrays(tensors)?;
             let mut batch = KeyedOuts::new("pull", key_list.clone(), arrays.iter_mut().collect())?;
             kv.pull_batch(&mut batch, priority, false)?;
             drop(batch);
@@ -807,7 +823,7 @@ unsafe fn values_into_outs(
             let kv = store_ref(store);
             let inputs = copy_tensors(read_tensors(values, n)?)?;
             let out_tensors = read_tensors(outs, n_outs)?;
-            let mut results = copy_tensors(out_tensors)?;
+            let mut results = output_arrays(out_tensors)?;
             let batch = KeyedValues::new(operation, value_keys.clone(), inputs.iter().collect())?;
             let mut out_batch = KeyedOuts::new(
                 operation,
@@ -1241,6 +1257,87 @@ mod tests {
             data, [[0.0; 2]; 2],
             "an output was written by a failed pull"
         );
+        // SAFETY: the handle is live and released once.
+        unsafe { shim_destroy(store) };
+    }
+
+    /// Pulls fail unless every output arrives holding zeros: what a store finds in an output
+    /// must never be the caller's memory.
+    #[derive(Debug)]
+    struct ChecksItsOutputs;
+
+    impl KVStoreBase for ChecksItsOutputs {
+        fn type_name(&self) -> &str {
+            "checks"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn num_workers(&self) -> usize {
+            1
+        }
+        fn is_capable(&self, _: Capability) -> bool {
+            false
+        }
+        fn broadcast_batch(
+            &self,
+            _: &KeyedValues<'_>,
+            _: &mut KeyedOuts<'_>,
+            _: i32,
+        ) -> Result<()> {
+            Ok(())
+        }
+        fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
+            Ok(())
+        }
+        fn pull_batch(&self, outs: &mut KeyedOuts<'_>, _: i32, _: bool) -> Result<()> {
+            for out in outs.outs_mut().iter_mut() {
+                if out.to_f64_vec().iter().any(|&x| x != 0.0) {
+                    return Err(Error::InvalidArgument("an output arrived with data".into()));
+                }
+                **out = NDArray::full(out.shape(), 7.0, out.dtype());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_pull_never_reads_the_callers_outputs() {
+        let mut err_buffer = [0u8; 256];
+        let mut record = KvError::with_buffer(&mut err_buffer);
+        // SAFETY: no name, no options, a valid record.
+        let store = unsafe {
+            create_store(
+                |_| Ok(Box::new(ChecksItsOutputs) as Box<dyn KVStoreBase>),
+                std::ptr::null(),
+                0,
+                std::ptr::null(),
+                0,
+                &mut record,
+            )
+        };
+        let key = KvKey {
+            kind: KV_KEY_INT,
+            int_key: 1,
+            str_ptr: std::ptr::null(),
+            str_len: 0,
+        };
+        let shape = [2i64];
+        // Garbage, as a caller's fresh buffer may hold.
+        let mut data = [f32::NAN; 2];
+        let tensor = KvTensor {
+            data: data.as_mut_ptr().cast(),
+            byte_len: 8,
+            dtype: KV_DTYPE_F32,
+            ndim: 1,
+            shape: shape.as_ptr(),
+            device_type: KV_DEVICE_CPU,
+            device_id: 0,
+        };
+        // SAFETY: a live handle, one key and one writable [2] float32 output, a valid record.
+        let code = unsafe { shim_pull(store, &key, &tensor, 1, 0, &mut record) };
+        assert_eq!(code, KV_OK);
+        assert_eq!(data, [7.0; 2]);
         // SAFETY: the handle is live and released once.
         unsafe { shim_destroy(store) };
     }

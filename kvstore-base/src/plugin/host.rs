@@ -394,6 +394,26 @@ impl PluginApi {
         };
         match key {
             Some(key) => cause.at_key(store, operation, key.clone()),
+            // An error about a key that names none of the call's keys: said so, with the
+            // plugin's own words (the bare error would name neither the store nor the key).
+            None if matches!(cause, Error::KeyNotInitialized | Error::DuplicateInit) => {
+                let keys = match record.key_source {
+                    KV_ERROR_KEY_OF_OUTS => out_keys.len(),
+                    _ => value_keys.len(),
+                };
+                Error::Backend {
+                    store: store.to_string(),
+                    source: format!(
+                        "plugin {} reported \"{cause}\" in {operation} without naming one of the \
+                         call's {keys} keys (key_source {}, key_index {}): {}",
+                        self.origin,
+                        record.key_source,
+                        record.key_index,
+                        record_message(record)
+                    )
+                    .into(),
+                }
+            }
             None => cause,
         }
     }
@@ -475,13 +495,13 @@ impl Drop for PluginStore {
     }
 }
 
-/// Arrays laid out for a call: keys, shapes and tensors pointing into the arrays (or into
-/// standard-layout copies kept here).
+/// Arrays laid out for a call: keys, shapes and tensors pointing into the input arrays (or
+/// into standard-layout copies kept here), and into buffers kept here for the outputs.
 struct Marshalled {
     keys: Vec<KvKey>,
     tensors: Vec<KvTensor>,
     _shapes: Vec<Vec<i64>>,
-    /// Standard-layout copies of outputs that were not contiguous, by position; copied back
+    /// Fresh buffers the plugin writes the outputs into, by position; copied into the outputs
     /// after a successful call.
     staged: Vec<(usize, NDArray)>,
     _input_copies: Vec<NDArray>,
@@ -553,36 +573,22 @@ fn marshal_outs(keys: &[Key], outs: &mut [&mut NDArray], skip: &[bool]) -> Resul
         staged: Vec::new(),
         _input_copies: Vec::new(),
     };
-    for (i, out) in outs.iter_mut().enumerate() {
-        if skip[i] {
-            continue;
-        }
-        if out.dense().and_then(host_bytes).is_none() {
-            m.staged.push((i, standardised(out)));
+    // The plugin writes into buffers of the host's, copied into the outputs only once the call
+    // succeeded: a plugin that fails halfway (or breaks the rule that a failed call leaves
+    // every output unchanged) cannot leave them half-written.
+    for (i, out) in outs.iter().enumerate() {
+        if !skip[i] {
+            m.staged.push((i, NDArray::zeros(out.shape(), out.dtype())));
         }
     }
-    let mut staged = m.staged.iter_mut();
-    for (i, out) in outs.iter_mut().enumerate() {
-        if skip[i] {
-            continue;
-        }
-        let shape = shape_of(out);
-        let dtype = out.dtype();
-        let target: &mut NDArray = if out.dense().and_then(host_bytes).is_some() {
-            out
-        } else {
-            &mut staged
-                .next()
-                .expect("one staged copy per non-contiguous output")
-                .1
-        };
+    for (i, target) in m.staged.iter_mut() {
+        let shape = shape_of(target);
         let bytes = target
             .dense_mut()
             .and_then(host_bytes_mut)
-            .expect("contiguous or staged");
-        let mut tensor = tensor_for(bytes.as_mut_ptr(), bytes.len(), target, &shape);
-        tensor.dtype = dtype_code(dtype);
-        m.keys.push(key_to_abi(&keys[i]));
+            .expect("a fresh dense array is contiguous");
+        let tensor = tensor_for(bytes.as_mut_ptr(), bytes.len(), target, &shape);
+        m.keys.push(key_to_abi(&keys[*i]));
         m.tensors.push(tensor);
         m._shapes.push(shape);
     }
@@ -773,7 +779,7 @@ impl PluginStore {
         )
     }
 
-    /// Copies the standard-layout copies a call wrote back into the outputs they stand for.
+    /// Copies the buffers a successful call wrote into the outputs they stand for.
     fn finish_outs(outs: &mut [&mut NDArray], staged: Vec<(usize, NDArray)>) -> Result<()> {
         for (i, copy) in staged {
             outs[i].assign(&copy)?;
@@ -1324,6 +1330,103 @@ mod tests {
         let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
         let e = api.create(&request()).unwrap_err().to_string();
         assert!(!e.contains("plugin's memory"), "{e}");
+    }
+
+    /// A broken plugin's pull: writes 0xFF over every output, then fails naming no key
+    /// (`KV_ERROR_KEY_NONE`) though its code is about a key.
+    unsafe extern "C" fn scribbling_pull(
+        _: KvStoreHandle,
+        _: *const KvKey,
+        outs: *const KvTensor,
+        n: usize,
+        _: i32,
+        err: *mut KvError,
+    ) -> i32 {
+        // SAFETY: the host passes `n` outputs of writable memory and a live record.
+        unsafe {
+            for t in std::slice::from_raw_parts(outs, n) {
+                std::ptr::write_bytes(t.data, 0xFF, t.byte_len);
+            }
+            (*err).code = KV_ERR_KEY_NOT_INITIALIZED;
+            (*err).key_source = KV_ERROR_KEY_NONE;
+            (*err).key_index = usize::MAX;
+        }
+        KV_ERR_KEY_NOT_INITIALIZED
+    }
+
+    /// The same for `pushpull` and `broadcast`: the outputs scribbled over, then a failure
+    /// naming output 1.
+    unsafe extern "C" fn scribbling_pushpull(
+        _: KvStoreHandle,
+        _: *const KvKey,
+        _: *const KvTensor,
+        _: usize,
+        _: *const KvKey,
+        outs: *const KvTensor,
+        n_outs: usize,
+        _: i32,
+        err: *mut KvError,
+    ) -> i32 {
+        // SAFETY: as `scribbling_pull`.
+        unsafe {
+            for t in std::slice::from_raw_parts(outs, n_outs) {
+                std::ptr::write_bytes(t.data, 0xFF, t.byte_len);
+            }
+            (*err).code = KV_ERR_KEY_NOT_INITIALIZED;
+            (*err).key_source = KV_ERROR_KEY_OF_OUTS;
+            (*err).key_index = 1;
+        }
+        KV_ERR_KEY_NOT_INITIALIZED
+    }
+
+    #[test]
+    fn a_plugin_failing_after_writing_outputs_leaves_them_unchanged() {
+        let exported = ExportedPlugin::new("named", None, create);
+        // SAFETY: `descriptor()` points to a live, complete descriptor.
+        let mut descriptor = unsafe { *exported.descriptor() };
+        descriptor.pull = Some(scribbling_pull);
+        descriptor.pushpull = Some(scribbling_pushpull);
+        descriptor.broadcast = Some(scribbling_pushpull);
+        // SAFETY: the copy's name and functions live as long as `exported`; the swapped
+        // functions break the ABI only in what is tested.
+        let api = Arc::new(unsafe { PluginApi::from_descriptor(&descriptor, "test") }.unwrap());
+        let store = api.create(&request()).unwrap();
+        let keys = [Key::from(3), Key::from(4)];
+        let values = [
+            NDArray::ones(&[2], DType::F32),
+            NDArray::ones(&[2], DType::F32),
+        ];
+        let before = [
+            NDArray::full(&[2], 7.0, DType::F32),
+            NDArray::full(&[2], 8.0, DType::F32),
+        ];
+        for operation in ["pull", "pushpull", "broadcast"] {
+            let mut outs = before.clone();
+            let e = {
+                let mut batch =
+                    KeyedOuts::new(operation, keys.to_vec(), outs.iter_mut().collect()).unwrap();
+                let inputs =
+                    KeyedValues::new(operation, keys.to_vec(), values.iter().collect()).unwrap();
+                match operation {
+                    "pull" => store.pull_batch(&mut batch, 0, true),
+                    "pushpull" => store.pushpull_batch(&inputs, &mut batch, 0),
+                    _ => store.broadcast_batch(&inputs, &mut batch, 0),
+                }
+                .unwrap_err()
+            };
+            assert_eq!(outs, before, "{operation}: {e}");
+            let e = e.to_string();
+            match operation {
+                // No key named: the store, the operation and the plugin's report are.
+                "pull" => assert!(
+                    e.contains("named")
+                        && e.contains("reported")
+                        && e.contains("in pull without naming one of the call's 2 keys"),
+                    "{e}"
+                ),
+                _ => assert!(e.contains("key 4"), "{operation}: {e}"),
+            }
+        }
     }
 
     /// GPU memory as far as the host can tell (never read: GPU arrays cannot cross the ABI).
