@@ -254,7 +254,7 @@ fn horovod_stall_names_the_missing_rank_and_the_tensor() {
         3,
         1,
         "horovod:stall",
-        &["HOROVOD_STALL_CHECK_TIME_SECONDS=2"],
+        &["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=2"],
     );
     assert!(
         lines.contains(&"horovod worker rank 2 of 3: skipped late".to_string()),

@@ -6,7 +6,9 @@
 //! | `DMLC_NUM_SERVER` | 0 | servers take no part; `0` (or unset) is accepted here, unlike the dist stores |
 //! | `HOROVOD_FUSION_THRESHOLD` | 64 MiB | largest fused buffer in bytes; `0` turns fusion off |
 //! | `HOROVOD_CYCLE_TIME` | 1 ms | milliseconds (fractions allowed) between the starts of two cycles: the tensors that the worker's threads submit within one cycle are sent to the coordinator together, and so can be fused; `0`: no waiting; at most one hour, and shorter than the stall time |
-//! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (600 s) | how long a tensor submitted by some ranks waits for the others before the ranks that submitted it get an error naming the missing ranks |
+//! | `HOROVOD_STALL_CHECK_TIME_SECONDS` | 60 s | how long a tensor submitted by some ranks waits for the others before a warning (level `warn`) names the missing ranks, as Horovod's stall check |
+//! | `HOROVOD_STALL_CHECK_DISABLE` | unset | `1` (or `true`): no stall warnings |
+//! | `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` | `KVSTORE_TIMEOUT_SECS` (600 s) | how long such a tensor waits before the ranks that submitted it get an error naming the missing ranks; `0` (Horovod's "never") is the timeout too: nothing waits forever |
 //!
 //! Horovod's variables are read from the environment (or the create options) only; the
 //! `[dist]` table of `kvstore.toml` holds the rendezvous settings.
@@ -38,8 +40,36 @@ pub struct HorovodConfig {
     pub fusion_threshold: u64,
     /// `HOROVOD_CYCLE_TIME`: the least time between the starts of two cycles (zero: none).
     pub cycle_time: Duration,
-    /// `HOROVOD_STALL_CHECK_TIME_SECONDS`, else the store's timeout.
-    pub stall_check: Duration,
+    /// `HOROVOD_STALL_CHECK_TIME_SECONDS` (60 s by default): when a tensor some ranks wait
+    /// with is logged as stalled; `None` with `HOROVOD_STALL_CHECK_DISABLE`.
+    pub stall_warning: Option<Duration>,
+    /// `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`, else the store's timeout: when such a tensor
+    /// fails on the ranks that submitted it.
+    pub stall_shutdown: Duration,
+}
+
+/// Horovod's default `HOROVOD_STALL_CHECK_TIME_SECONDS`.
+pub const DEFAULT_STALL_WARNING: Duration = Duration::from_secs(60);
+
+/// A number of seconds from `vars[name]`: `None` when unset; `Some(None)` for `0` when
+/// `zero_allowed`.
+fn seconds(
+    vars: &HashMap<String, String>,
+    name: &str,
+    zero_allowed: bool,
+) -> Result<Option<Option<Duration>>> {
+    let Some(v) = vars.get(name) else {
+        return Ok(None);
+    };
+    match v.trim().parse::<f64>() {
+        Ok(s) if s == 0.0 && zero_allowed => Ok(Some(None)),
+        Ok(s) if s.is_finite() && s > 0.0 && s <= 365.0 * 86400.0 => {
+            Ok(Some(Some(Duration::from_secs_f64(s))))
+        }
+        _ => Err(Error::InvalidArgument(format!(
+            "horovod: {name}={v:?} is not a positive number of seconds (at most a year)"
+        ))),
+    }
 }
 
 impl HorovodConfig {
@@ -101,25 +131,22 @@ impl HorovodConfig {
             },
             None => DEFAULT_CYCLE_TIME,
         };
-        let stall_check = match vars.get("HOROVOD_STALL_CHECK_TIME_SECONDS") {
-            Some(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s.is_finite() && s > 0.0 && s <= 365.0 * 86400.0 => {
-                    Duration::from_secs_f64(s)
-                }
-                _ => {
-                    return Err(Error::InvalidArgument(format!(
-                        "horovod: HOROVOD_STALL_CHECK_TIME_SECONDS={v:?} is not a positive \
-                         number of seconds"
-                    )))
-                }
-            },
-            None => dist.timeout,
+        let disabled = vars
+            .get("HOROVOD_STALL_CHECK_DISABLE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true"));
+        let stall_warning = match seconds(&vars, "HOROVOD_STALL_CHECK_TIME_SECONDS", false)? {
+            _ if disabled => None,
+            Some(warning) => warning,
+            None => Some(DEFAULT_STALL_WARNING),
         };
-        if !cycle_time.is_zero() && cycle_time >= stall_check {
+        let stall_shutdown = seconds(&vars, "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", true)?
+            .flatten()
+            .unwrap_or(dist.timeout);
+        if !cycle_time.is_zero() && cycle_time >= stall_shutdown {
             return Err(Error::InvalidArgument(format!(
-                "horovod: HOROVOD_CYCLE_TIME={:?} must be shorter than the stall time \
-                 ({stall_check:?}, HOROVOD_STALL_CHECK_TIME_SECONDS or KVSTORE_TIMEOUT_SECS): \
-                 a tensor waiting for a cycle would be reported as stalled",
+                "horovod: HOROVOD_CYCLE_TIME={:?} must be shorter than the stall shutdown time \
+                 ({stall_shutdown:?}, HOROVOD_STALL_SHUTDOWN_TIME_SECONDS or \
+                 KVSTORE_TIMEOUT_SECS): a tensor waiting for a cycle would fail as stalled",
                 vars.get("HOROVOD_CYCLE_TIME").map_or("", String::as_str)
             )));
         }
@@ -127,7 +154,8 @@ impl HorovodConfig {
             dist,
             fusion_threshold,
             cycle_time,
-            stall_check,
+            stall_warning,
+            stall_shutdown,
         })
     }
 
@@ -157,18 +185,30 @@ mod tests {
         let c = HorovodConfig::from_vars(base()).unwrap();
         assert_eq!(c.dist.num_servers, 0);
         assert_eq!(c.fusion_threshold, DEFAULT_FUSION_THRESHOLD);
-        assert_eq!(c.stall_check, c.dist.timeout);
+        assert_eq!(c.stall_shutdown, c.dist.timeout);
+        assert_eq!(c.stall_warning, Some(DEFAULT_STALL_WARNING));
         assert_eq!(c.cycle_time, DEFAULT_CYCLE_TIME);
         let mut v = base();
         v.push(("DMLC_NUM_SERVER", "0"));
         v.push(("HOROVOD_FUSION_THRESHOLD", "0"));
         v.push(("HOROVOD_STALL_CHECK_TIME_SECONDS", "1.5"));
+        v.push(("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "7"));
         v.push(("HOROVOD_CYCLE_TIME", "2.5"));
         let c = HorovodConfig::from_vars(v).unwrap();
         assert_eq!(c.cycle_time, Duration::from_micros(2500));
         assert_eq!(c.dist.num_servers, 0);
         assert_eq!(c.fusion_threshold, 0);
-        assert_eq!(c.stall_check, Duration::from_millis(1500));
+        assert_eq!(c.stall_warning, Some(Duration::from_millis(1500)));
+        assert_eq!(c.stall_shutdown, Duration::from_secs(7));
+        let mut v = base();
+        v.push(("HOROVOD_STALL_CHECK_DISABLE", "1"));
+        v.push(("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "0"));
+        let c = HorovodConfig::from_vars(v).unwrap();
+        assert_eq!((c.stall_warning, c.stall_shutdown), (None, c.dist.timeout));
+        let mut v = base();
+        v.push(("HOROVOD_STALL_CHECK_TIME_SECONDS", "0"));
+        let e = HorovodConfig::from_vars(v).unwrap_err().to_string();
+        assert!(e.contains("HOROVOD_STALL_CHECK_TIME_SECONDS"), "{e}");
         let mut v = base();
         v.push(("DMLC_NUM_SERVER", "1"));
         assert_eq!(HorovodConfig::from_vars(v).unwrap().dist.num_servers, 1);

@@ -16,9 +16,13 @@
 //! once with whatever is there, so that a rank waiting for one tensor can still submit others.
 //!
 //! The **stall inspector**: a tensor submitted by some ranks but not all for longer than the
-//! stall time fails on the ranks that submitted it, with an error naming the tensor and, for
-//! each missing rank, the stalled tensors it did not submit (Horovod only warns, by default; a
-//! synchronous call cannot wait forever).
+//! stall check time (`HOROVOD_STALL_CHECK_TIME_SECONDS`) is logged as a warning naming the
+//! missing ranks, as Horovod's is; after the stall shutdown time
+//! (`HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`, else the timeout: a synchronous call cannot wait
+//! forever) it fails on the ranks that submitted it, with an error naming the tensor and, for
+//! each missing rank, the stalled tensors it did not submit. A missing rank that submits it
+//! later fails at once with the same error, rather than start a record the others (moved on to
+//! the tensor's next round) would complete with data of another step.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
@@ -35,6 +39,8 @@ struct Tensor {
     submitted: Vec<bool>,
     first: Instant,
     order: u64,
+    /// Whether the stall warning was logged.
+    warned: bool,
 }
 
 #[derive(Default)]
@@ -66,7 +72,10 @@ type Reply = (Responder, Result<Vec<u8>, String>);
 pub(crate) struct Coordinator {
     size: usize,
     fusion_threshold: u64,
-    stall: Duration,
+    /// When a tensor some ranks wait with is logged (`None`: never).
+    stall_warning: Option<Duration>,
+    /// When it fails on the ranks that submitted it.
+    stall_shutdown: Duration,
     state: Mutex<State>,
 }
 
@@ -79,12 +88,14 @@ impl Coordinator {
     pub(crate) fn start(
         size: usize,
         fusion_threshold: u64,
-        stall: Duration,
+        stall_warning: Option<Duration>,
+        stall_shutdown: Duration,
     ) -> std::io::Result<(Arc<Coordinator>, Monitor)> {
         let coordinator = Arc::new(Coordinator {
             size,
             fusion_threshold,
-            stall,
+            stall_warning,
+            stall_shutdown,
             state: Mutex::new(State {
                 tensors: HashMap::new(),
                 mismatched: HashMap::new(),
@@ -94,7 +105,8 @@ impl Coordinator {
             }),
         });
         let (stop, stopped) = mpsc::channel::<()>();
-        let tick = (stall / 20).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let first = stall_warning.map_or(stall_shutdown, |w| w.min(stall_shutdown));
+        let tick = (first / 20).clamp(Duration::from_millis(5), Duration::from_millis(250));
         let c = Arc::clone(&coordinator);
         let thread = std::thread::Builder::new()
             .name("kvstore-horovod stall inspector".into())
@@ -195,11 +207,13 @@ impl Coordinator {
             submitted: vec![false; self.size],
             first: Instant::now(),
             order,
+            warned: false,
         });
         if tensor.submitted.iter().all(|s| !s) {
             tensor.request = request.clone();
             tensor.first = Instant::now();
             tensor.order = order;
+            tensor.warned = false;
         }
         if tensor.submitted[r] {
             // Workers never do this; refuse the second copy only.
@@ -325,59 +339,104 @@ impl Coordinator {
         }
     }
 
-    /// The stall inspector: fails the tensors that some ranks submitted longer than the stall
-    /// time ago and others have not, on the ranks that submitted them.
+    /// The stall inspector: logs the tensors that some ranks submitted longer than the stall
+    /// check time ago and others have not, and fails those older than the shutdown time on the
+    /// ranks that submitted them (the missing ranks' later submissions of them too).
     fn inspect(&self) {
         let mut replies = Vec::new();
         {
             let mut st = self.lock();
-            let mut stalled: Vec<(u64, String, Vec<usize>, Vec<usize>)> = st
+            let due = |t: &Tensor, after: Duration| t.first.elapsed() >= after;
+            let mut stalled: Vec<Stalled> = st
                 .tensors
                 .values()
-                .filter(|t| t.first.elapsed() >= self.stall)
+                .filter(|t| {
+                    due(t, self.stall_shutdown)
+                        || self.stall_warning.is_some_and(|w| !t.warned && due(t, w))
+                })
                 .map(|t| {
                     let (have, missing): (Vec<usize>, Vec<usize>) =
                         (0..self.size).partition(|&i| t.submitted[i]);
-                    (t.order, t.request.name.clone(), have, missing)
+                    Stalled {
+                        order: t.order,
+                        name: t.request.name.clone(),
+                        have,
+                        missing,
+                        fail: due(t, self.stall_shutdown),
+                    }
                 })
                 .collect();
             if stalled.is_empty() {
                 return;
             }
-            stalled.sort();
+            stalled.sort_by_key(|s| s.order);
             // For each missing rank, the stalled tensors it did not submit (Horovod's list).
             let mut missed: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
-            for (_, name, _, missing) in &stalled {
+            for Stalled { name, missing, .. } in &stalled {
                 for &m in missing {
                     missed.entry(m).or_default().push(name);
                 }
             }
+            let missing_list = |missing: &[usize]| {
+                missing
+                    .iter()
+                    .map(|m| format!("{m}: [{}]", missed[m].join(", ")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let mut failures = Vec::new();
-            for (_, name, have, missing) in &stalled {
-                let message = format!(
-                    "stall inspector: tensor {name} was submitted by rank{} {} but rank{} {} \
-                     did not submit it within {:?} (HOROVOD_STALL_CHECK_TIME_SECONDS); ranks \
-                     that submit different tensors, or only some ranks submitting, would \
-                     deadlock. Missing ranks: {}",
-                    if have.len() == 1 { "" } else { "s" },
-                    list(have),
-                    if missing.len() == 1 { "" } else { "s" },
-                    list(missing),
-                    self.stall,
-                    missing
-                        .iter()
-                        .map(|m| format!("{m}: [{}]", missed[m].join(", ")))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+            for Stalled {
+                name,
+                have,
+                missing,
+                fail,
+                ..
+            } in &stalled
+            {
+                let waited = |what: &str, after: Duration, var: &str| {
+                    format!(
+                        "stall inspector: tensor {name} was submitted by rank{} {} but rank{} \
+                         {} did not submit it within {after:?} ({var}){what}. Missing ranks: {}",
+                        if have.len() == 1 { "" } else { "s" },
+                        list(have),
+                        if missing.len() == 1 { "" } else { "s" },
+                        list(missing),
+                        missing_list(missing)
+                    )
+                };
+                if !fail {
+                    let warning = waited(
+                        "; ranks that submit different tensors, or only some ranks \
+                         submitting, would deadlock",
+                        self.stall_warning.unwrap_or_default(),
+                        "HOROVOD_STALL_CHECK_TIME_SECONDS",
+                    );
+                    log::warn!("kvstore-horovod: {warning}");
+                    if let Some(t) = st.tensors.get_mut(name) {
+                        t.warned = true;
+                    }
+                    continue;
+                }
+                let message = waited(
+                    "; the ranks that submitted it give up (ranks that submit different \
+                     tensors, or only some ranks submitting, would deadlock)",
+                    self.stall_shutdown,
+                    "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, else KVSTORE_TIMEOUT_SECS",
                 );
                 log::warn!("kvstore-horovod: ranks {}: {message}", list(have));
-                failures.push((name.clone(), have.clone(), message));
+                failures.push((name.clone(), have.clone(), missing.clone(), message));
             }
-            for (name, have, message) in failures {
+            for (name, have, missing, message) in failures {
                 st.tensors.remove(&name);
                 for r in have {
                     self.fail(&mut st, r, &name, message.clone());
                 }
+                // A missing rank's later submission of it belongs to the round given up on.
+                let mut owed = vec![false; self.size];
+                for m in missing {
+                    owed[m] = true;
+                }
+                st.mismatched.insert(name, (message, owed));
             }
             for rank in 0..self.size {
                 deliver(&mut st, rank, &mut replies);
@@ -385,6 +444,18 @@ impl Coordinator {
         }
         send(replies);
     }
+}
+
+/// A tensor the stall inspector reports.
+struct Stalled {
+    /// When it was first submitted, in submission order.
+    order: u64,
+    name: String,
+    /// The ranks that submitted it, and those that did not.
+    have: Vec<usize>,
+    missing: Vec<usize>,
+    /// Whether it waited past the shutdown time (else only the warning's).
+    fail: bool,
 }
 
 /// Answers rank `r`'s held submission if there is something to say (groups, failures), or

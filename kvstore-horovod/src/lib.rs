@@ -70,11 +70,13 @@
 //!   holds it, with an error naming its key, and no other call; a failed ring operation fails
 //!   the calls whose tensors were in it. A call returns once every tensor of it is done or
 //!   failed, and writes its outputs only when all are done.
-//! - **Stall inspector**: a tensor submitted by some ranks and not by the others for
-//!   `HOROVOD_STALL_CHECK_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`, 600 s;
-//!   Horovod only warns after its 60 s) fails on the ranks that submitted it, with an error naming the tensor (the
-//!   key) and, for each missing rank, the stalled tensors it did not submit, instead of
-//!   hanging.
+//! - **Stall inspector**: a tensor submitted by some ranks and not by the others is logged
+//!   as a warning after `HOROVOD_STALL_CHECK_TIME_SECONDS` (60 s; `HOROVOD_STALL_CHECK_DISABLE`
+//!   turns it off), as Horovod's is, and fails on the ranks that submitted it after
+//!   `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` (default: the store's `KVSTORE_TIMEOUT_SECS`,
+//!   600 s), with an error naming the tensor (the key) and, for each missing rank, the stalled
+//!   tensors it did not submit, instead of hanging. A missing rank that submits it later
+//!   fails at once with the same error.
 //!
 //! ## Deviations from Horovod
 //!
@@ -89,9 +91,9 @@
 //!   failures are there for it (or at once when its next cycle supersedes it).
 //! - A worker does not refuse a tensor whose name is already in flight (Horovod raises an
 //!   error): it is queued until the first one is done.
-//! - The stall inspector ends the stalled call with an error where Horovod only warns (unless
-//!   `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` is set). The cycle time must therefore be shorter
-//!   than the stall time.
+//! - The stall inspector ends the stalled call with an error after the timeout where Horovod,
+//!   unless `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS` is set, waits forever (its `0`, "never", is
+//!   the timeout here). The cycle time must therefore be shorter than that.
 //!
 //! ## Running a job
 //!

@@ -32,8 +32,8 @@ pub struct LocalJob {
 
 impl LocalJob {
     /// Starts the scheduler; every wait of the job is bounded by `timeout`
-    /// (`KVSTORE_TIMEOUT_SECS`, and the stall time unless the options set
-    /// `HOROVOD_STALL_CHECK_TIME_SECONDS`).
+    /// (`KVSTORE_TIMEOUT_SECS`, and the stall shutdown time unless the options set
+    /// `HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`).
     ///
     /// # Errors
     /// [`Error::Backend`] when the scheduler cannot start.

@@ -18,7 +18,7 @@
 //! tensor waiting for other ranks never holds up the tensors queued after it. A call returns
 //! once each of its tensors is done or failed; a failed tensor fails its own call, naming its
 //! key, and no other call (a failed group fails the calls whose tensors were in it). Every
-//! wait is bounded: by the stall inspector (`HOROVOD_STALL_CHECK_TIME_SECONDS`) for the
+//! wait is bounded: by the stall inspector (`HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`) for the
 //! coordinator's answers, by `KVSTORE_TIMEOUT_SECS` for the ring.
 
 use std::collections::{HashMap, VecDeque};
@@ -281,8 +281,13 @@ impl HorovodStore {
         let mut transport = dist.transport();
         transport.node_id = node.id();
         let (coordinator, monitor) = if rank == 0 && size > 1 {
-            let (c, m) = Coordinator::start(size, config.fusion_threshold, config.stall_check)
-                .map_err(|e| backend(name, e))?;
+            let (c, m) = Coordinator::start(
+                size,
+                config.fusion_threshold,
+                config.stall_warning,
+                config.stall_shutdown,
+            )
+            .map_err(|e| backend(name, e))?;
             (Some(c), Some(m))
         } else {
             (None, None)
@@ -306,7 +311,7 @@ impl HorovodStore {
                 .map_err(|e| backend(name, e))?;
             let mut long = transport.clone();
             // A held submission is answered within the stall time (and the inspector's tick).
-            long.timeout = dist.timeout.max(config.stall_check)
+            long.timeout = dist.timeout.max(config.stall_shutdown)
                 + grace(dist.timeout)
                 + Duration::from_millis(300);
             let coordinator =

@@ -215,20 +215,24 @@ fn ranks_may_list_and_split_keys_differently() {
 
 #[test]
 fn mismatched_shapes_fail_on_every_rank_naming_the_key() {
-    job(2, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "5")], |r, kv| {
-        let mut out = NDArray::zeros(&[2 + r], DType::F32);
-        let e = kv
-            .pushpull(5, &NDArray::ones(&[2 + r], DType::F32), &mut out)
-            .unwrap_err();
-        assert_eq!(e.key(), Some(&Key::from(5)), "{e}");
-        let text = format!("{e}: {:?}", std::error::Error::source(&e));
-        assert!(text.contains("mismatched shapes"), "{text}");
-        // The store goes on.
-        let mut out = NDArray::zeros(&[1], DType::F32);
-        kv.pushpull(6, &NDArray::ones(&[1], DType::F32), &mut out)
-            .unwrap();
-        assert_eq!(out.to_f64_vec(), vec![2.0]);
-    });
+    job(
+        2,
+        &[("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "5")],
+        |r, kv| {
+            let mut out = NDArray::zeros(&[2 + r], DType::F32);
+            let e = kv
+                .pushpull(5, &NDArray::ones(&[2 + r], DType::F32), &mut out)
+                .unwrap_err();
+            assert_eq!(e.key(), Some(&Key::from(5)), "{e}");
+            let text = format!("{e}: {:?}", std::error::Error::source(&e));
+            assert!(text.contains("mismatched shapes"), "{text}");
+            // The store goes on.
+            let mut out = NDArray::zeros(&[1], DType::F32);
+            kv.pushpull(6, &NDArray::ones(&[1], DType::F32), &mut out)
+                .unwrap();
+            assert_eq!(out.to_f64_vec(), vec![2.0]);
+        },
+    );
 }
 
 #[test]
@@ -236,40 +240,102 @@ fn a_tensor_submitted_by_only_some_ranks_fails_naming_the_missing_ranks() {
     for stalled in [0usize, 1] {
         let (tx, rx) = mpsc::channel::<()>();
         let rx = std::sync::Mutex::new(rx);
-        job(2, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "1")], |r, kv| {
-            if r == stalled {
-                let start = Instant::now();
-                let mut out = NDArray::zeros(&[3], DType::F32);
-                let e = kv
-                    .pushpull(7, &NDArray::ones(&[3], DType::F32), &mut out)
-                    .unwrap_err();
-                let took = start.elapsed();
-                let text = chain(&e);
-                let other = 1 - stalled;
-                assert_eq!(e.key(), Some(&Key::from(7)), "{text}");
-                assert!(
-                    text.contains(&format!("rank {other} did not submit it"))
-                        && text.contains("tensor 7")
-                        && text.contains(&format!("Missing ranks: {other}: [7]")),
-                    "{text}"
-                );
-                assert!(
-                    took >= Duration::from_millis(900) && took < Duration::from_secs(4),
-                    "{took:?}"
-                );
-                assert_eq!(out.to_f64_vec(), vec![0.0; 3], "the out is untouched");
-                tx.send(()).unwrap();
-            } else {
-                // The other rank never submits key 7; it waits until the error came.
-                rx.lock().unwrap().recv().unwrap();
-            }
-            // Both go on.
-            let mut out = NDArray::zeros(&[1], DType::F32);
-            kv.pushpull(8, &NDArray::ones(&[1], DType::F32), &mut out)
-                .unwrap();
-            assert_eq!(out.to_f64_vec(), vec![2.0]);
-        });
+        job(
+            2,
+            &[("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "1")],
+            |r, kv| {
+                if r == stalled {
+                    let start = Instant::now();
+                    let mut out = NDArray::zeros(&[3], DType::F32);
+                    let e = kv
+                        .pushpull(7, &NDArray::ones(&[3], DType::F32), &mut out)
+                        .unwrap_err();
+                    let took = start.elapsed();
+                    let text = chain(&e);
+                    let other = 1 - stalled;
+                    assert_eq!(e.key(), Some(&Key::from(7)), "{text}");
+                    assert!(
+                        text.contains(&format!("rank {other} did not submit it"))
+                            && text.contains("tensor 7")
+                            && text.contains(&format!("Missing ranks: {other}: [7]")),
+                        "{text}"
+                    );
+                    assert!(
+                        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+                        "{took:?}"
+                    );
+                    assert_eq!(out.to_f64_vec(), vec![0.0; 3], "the out is untouched");
+                    tx.send(()).unwrap();
+                } else {
+                    // The other rank never submits key 7; it waits until the error came.
+                    rx.lock().unwrap().recv().unwrap();
+                }
+                // Both go on.
+                let mut out = NDArray::zeros(&[1], DType::F32);
+                kv.pushpull(8, &NDArray::ones(&[1], DType::F32), &mut out)
+                    .unwrap();
+                assert_eq!(out.to_f64_vec(), vec![2.0]);
+            },
+        );
     }
+}
+
+/// A rank that submits a tensor after the others gave up on it (stall shutdown) fails at once
+/// with their error, rather than join the record of their next round (which would sum its
+/// late value with their next step's, every call succeeding); the next round is exact.
+#[test]
+fn a_late_rank_fails_at_once_and_the_next_round_sums_one_step() {
+    let late = job(
+        2,
+        &[("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "1")],
+        |r, kv| {
+            let mut out = NDArray::zeros(&[2], DType::F32);
+            let value = |v: f32| NDArray::full(&[2], f64::from(v), DType::F32);
+            if r == 0 {
+                let e = kv.pushpull(7, &value(1.0), &mut out).unwrap_err();
+                assert!(chain(&e).contains("stall inspector"), "{}", chain(&e));
+                // The retry of the step, while rank 1 is still away.
+                kv.pushpull(7, &value(2.0), &mut out).unwrap();
+                assert_eq!(out.to_f64_vec(), vec![22.0; 2]);
+                None
+            } else {
+                std::thread::sleep(Duration::from_millis(1500));
+                let started = Instant::now();
+                let e = kv.pushpull(7, &value(10.0), &mut out).unwrap_err();
+                let took = started.elapsed();
+                // Its own next step meets rank 0's retry.
+                kv.pushpull(7, &value(20.0), &mut out).unwrap();
+                assert_eq!(out.to_f64_vec(), vec![22.0; 2]);
+                Some((chain(&e), took))
+            }
+        },
+    );
+    let (text, took) = late[1].clone().unwrap();
+    assert!(
+        text.contains("stall inspector") && text.contains("tensor 7"),
+        "{text}"
+    );
+    assert!(took < Duration::from_millis(900), "{took:?}");
+}
+
+/// Past the stall check time a stalled tensor is only logged, as Horovod's stall check does:
+/// the late rank's call and its peers' succeed.
+#[test]
+fn the_stall_check_time_only_warns() {
+    let sums = job(
+        2,
+        &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "0.3")],
+        |r, kv| {
+            if r == 1 {
+                std::thread::sleep(Duration::from_millis(800));
+            }
+            let mut out = NDArray::zeros(&[1], DType::F32);
+            kv.pushpull(3, &NDArray::ones(&[1], DType::F32), &mut out)
+                .unwrap();
+            out.to_f64_vec()
+        },
+    );
+    assert_eq!(sums, vec![vec![2.0], vec![2.0]]);
 }
 
 #[test]
@@ -393,27 +459,31 @@ fn a_message_limit_below_what_the_ring_needs_is_refused_before_joining() {
 fn a_rank_submitting_after_a_mismatch_failed_the_tensor_fails_at_once_too() {
     // Ranks 0 and 1 disagree on key 5's shape; rank 2 comes later. Its submission fails at
     // once with the same message, not after the stall time (60 s here).
-    let texts = job(3, &[("HOROVOD_STALL_CHECK_TIME_SECONDS", "60")], |r, kv| {
-        let shape = if r == 1 { 3 } else { 2 };
-        if r == 2 {
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        let started = Instant::now();
-        let mut out = NDArray::zeros(&[shape], DType::F32);
-        let e = kv
-            .pushpull(5, &NDArray::ones(&[shape], DType::F32), &mut out)
-            .unwrap_err();
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "rank {r} waited"
-        );
-        // The key works again afterwards, on every rank.
-        let mut out = NDArray::zeros(&[2], DType::F32);
-        kv.pushpull(5, &NDArray::ones(&[2], DType::F32), &mut out)
-            .unwrap();
-        assert_eq!(out.to_f64_vec(), vec![3.0, 3.0]);
-        chain(&e)
-    });
+    let texts = job(
+        3,
+        &[("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "60")],
+        |r, kv| {
+            let shape = if r == 1 { 3 } else { 2 };
+            if r == 2 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let started = Instant::now();
+            let mut out = NDArray::zeros(&[shape], DType::F32);
+            let e = kv
+                .pushpull(5, &NDArray::ones(&[shape], DType::F32), &mut out)
+                .unwrap_err();
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "rank {r} waited"
+            );
+            // The key works again afterwards, on every rank.
+            let mut out = NDArray::zeros(&[2], DType::F32);
+            kv.pushpull(5, &NDArray::ones(&[2], DType::F32), &mut out)
+                .unwrap();
+            assert_eq!(out.to_f64_vec(), vec![3.0, 3.0]);
+            chain(&e)
+        },
+    );
     for (r, text) in texts.iter().enumerate() {
         assert!(text.contains("mismatched shapes"), "rank {r}: {text}");
     }

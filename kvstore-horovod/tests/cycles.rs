@@ -193,7 +193,7 @@ fn a_tensor_waiting_for_other_ranks_does_not_hold_up_later_calls() {
         2,
         &[
             ("HOROVOD_CYCLE_TIME", "1"),
-            ("HOROVOD_STALL_CHECK_TIME_SECONDS", "5"),
+            ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "5"),
         ],
         |r, kv| {
             let (first, second) = if r == 0 { (1, 2) } else { (2, 1) };
@@ -232,7 +232,7 @@ fn a_mismatched_tensor_fails_only_the_call_of_its_thread() {
         n,
         &[
             ("HOROVOD_CYCLE_TIME", "50"),
-            ("HOROVOD_STALL_CHECK_TIME_SECONDS", "5"),
+            ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "5"),
         ],
         |r, kv| {
             threads(3, |t| {
@@ -267,7 +267,7 @@ fn a_stalled_tensor_fails_alone_while_the_other_threads_go_on() {
         n,
         &[
             ("HOROVOD_CYCLE_TIME", "1"),
-            ("HOROVOD_STALL_CHECK_TIME_SECONDS", "5"),
+            ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "5"),
         ],
         |r, kv| {
             let stalled_done = AtomicBool::new(false);
