@@ -94,21 +94,12 @@ impl HorovodConfig {
             Some(path) => DistFile::from_path(std::path::Path::new(path)).map_err(invalid)?,
             None => DistFile::default(),
         };
-        // Servers take no part: the dist parser wants at least one, so give it one when the
-        // job says 0 or nothing, and record 0.
-        let servers = vars.get("DMLC_NUM_SERVER").map(|s| s.trim().to_string());
-        let no_servers = match servers.as_deref() {
-            Some("0") => true,
-            None => file.num_server.is_none(),
-            Some(_) => false,
-        };
-        if no_servers {
-            vars.insert("DMLC_NUM_SERVER".into(), "1".into());
+        // Servers take no part: 0 (or nothing) is accepted, as by the scheduler of such a job.
+        if !vars.contains_key("DMLC_NUM_SERVER") && file.num_server.is_none() {
+            vars.insert("DMLC_NUM_SERVER".into(), "0".into());
         }
-        let mut dist = DistConfig::from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
-        if no_servers {
-            dist.num_servers = 0;
-        }
+        let dist =
+            DistConfig::scheduler_from_vars_and_file(vars.clone(), &file).map_err(invalid)?;
         let fusion_threshold = match vars.get("HOROVOD_FUSION_THRESHOLD") {
             Some(v) => v.trim().parse::<u64>().map_err(|_| {
                 Error::InvalidArgument(format!(
@@ -212,6 +203,19 @@ mod tests {
         let mut v = base();
         v.push(("DMLC_NUM_SERVER", "1"));
         assert_eq!(HorovodConfig::from_vars(v).unwrap().dist.num_servers, 1);
+        let mut v = base();
+        v.push(("DMLC_NUM_SERVER", "00"));
+        assert_eq!(HorovodConfig::from_vars(v).unwrap().dist.num_servers, 0);
+        // A kvstore.toml saying 0 servers.
+        let file =
+            std::env::temp_dir().join(format!("kvstore-horovod-{}.toml", std::process::id()));
+        std::fs::write(&file, "[dist]\nnum_server = 0\n").unwrap();
+        let path = file.display().to_string();
+        let mut v = base();
+        v.push(("KVSTORE_CONFIG", path.as_str()));
+        let c = HorovodConfig::from_vars(v);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(c.unwrap().dist.num_servers, 0);
         let mut v = base();
         v.push(("HOROVOD_CYCLE_TIME", " 0 "));
         assert_eq!(
