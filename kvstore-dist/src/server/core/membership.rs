@@ -264,15 +264,13 @@ impl Core {
         let recovering = request.header.flags & protocol::FLAG_RECOVERING != 0;
         let _membership = lock(&self.membership);
         let mut w = lock(&self.workers);
-        match w.mode {
-            Some(m) if m != mode => {
-                return Err(format!(
-                    "worker rank {rank} runs {mode} mode but server {} already serves {m} mode \
-                     (every worker must create the same dist store type)",
-                    self.rank
-                ))
-            }
-            _ => w.mode = Some(mode),
+        // The mode is the first accepted hello's: a refused one fixes nothing.
+        if let Some(m) = w.mode.filter(|&m| m != mode) {
+            return Err(format!(
+                "worker rank {rank} runs {mode} mode but server {} already serves {m} mode \
+                 (every worker must create the same dist store type)",
+                self.rank
+            ));
         }
         if w.bye[r] {
             return Err(format!(
@@ -295,6 +293,7 @@ impl Core {
             }
             w.by_peer.insert(request.connection, rank);
             w.hello[r] = true;
+            w.mode = Some(mode);
             return Ok(());
         }
         let lost = match open {
@@ -315,6 +314,7 @@ impl Core {
         };
         w.by_peer.insert(request.connection, rank);
         w.hello[r] = true;
+        w.mode = Some(mode);
         // Pushes of the evicted connection already read are refused at their entry.
         self.generations[r].fetch_add(1, SeqCst);
         drop(w);
