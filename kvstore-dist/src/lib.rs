@@ -77,10 +77,23 @@
 //! exact to within rounding), so the step retried (as after a worker was replaced) counts its
 //! gradient once; MXNet updates the residual before the push goes out, and a retried push
 //! would count the failed attempt's remainder as well. The whole call is taken back, every
-//! part of every key, even a part one server acknowledged before another failed (its round
-//! may complete; a retry then sends that part's gradient again whatever the residual). A push
+//! part of every key, even a part one server acknowledged before another failed: the retry
+//! quantises the same gradient against the same residual, so it sends that part the same
+//! codes, which the server does not merge twice (see "Retried pushes" below). A push
 //! acknowledged in full counts as delivered: should its round fail later, the next pull
 //! reports it and the residual stays updated.
+//!
+//! ## Retried pushes
+//!
+//! Each push carries the worker's step number of the key. A push call that fails may have
+//! been merged by some servers and refused by others (a worker taking a lost one's place had
+//! not said its hello to all of them yet, a timeout on one server): the next push of the key
+//! is taken as the retry of that step and carries its number, and a server that merged that
+//! number already acknowledges it (a pushpull gets that round's result) without merging it
+//! again. The parts of a key so stay in the same step on every server. A round that failed
+//! forgets the numbers merged in it, so that their retries merge anew. Retry a failed push
+//! with the same gradient, as training loops do: a different value would be taken for the
+//! parts that were not merged only.
 //!
 //! ## Recovery nodes
 //!
@@ -99,7 +112,7 @@
 //! heartbeats: a frozen process, a machine cut off) is lost on the servers too, though its
 //! connections stay open: they ask the scheduler a few times per timeout. Every round a lost
 //! worker was part of fails at once,
-//! naming it; the survivors retry their step. A lost server is not replaced (its values are
+//! naming it; the survivors retry their step (see "Retried pushes"). A lost server is not replaced (its values are
 //! lost with it): restart the job from an optimizer-state file.
 //! [`DistStore::dead_nodes`] names the nodes the scheduler counts as dead (MXNet's
 //! `get_num_dead_node` is their count).

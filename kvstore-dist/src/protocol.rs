@@ -2,7 +2,8 @@
 //!
 //! Every message is one frame: the `command` says what it is, `key` is the key's wire id (an
 //! int key's bits, or the id a string key got at its first `init`), `aux` is the part index
-//! (a value at or above the big-array bound is split into one part per server) and `flags`
+//! (a value at or above the big-array bound is split into one part per server; a push's `aux`
+//! also carries its step number, see "Retried pushes") and `flags`
 //! carries the element type ([`dtype_flag`]). Payloads are the raw elements of the part in
 //! native byte order, so a push or a pull moves its bytes without any encoding step.
 //!
@@ -54,6 +55,16 @@
 //!
 //! A failed request is answered with the transport's error frame: a UTF-8 message that the
 //! worker wraps with the key and the operation.
+//!
+//! # Retried pushes
+//!
+//! A push (or pushpull) carries its worker's step number of the key ([`PushSeq`], 1 to 65535,
+//! wrapping; 0: none): in the top 16 bits of `aux` ([`push_aux`]), or in a [`BatchItem`]'s
+//! `seq`. A push that fails on one part of a key may have been merged on another server; the
+//! worker retries the step with the same number, and a server that merged this worker's push
+//! of that number already (in the round in progress, or the last one completed) acknowledges
+//! the retry without merging it again, answering a pushpull with that round's result. A round
+//! that fails forgets the numbers merged in it: their retries merge anew.
 
 use kvstore_base::plugin::{dtype_code, dtype_from_code};
 use kvstore_base::{DType, Key};
@@ -323,7 +334,24 @@ impl InitMeta {
     }
 }
 
-/// One part in a [`CMD_BATCH`] message: 24 bytes, `wire u64, part u32, flags u16, 0 u16,
+/// A worker's step number of a key, carried by its pushes (see the module docs, "Retried
+/// pushes"): 1 to 65535, wrapping past 0; 0 for a push that is never a retry.
+pub type PushSeq = u16;
+
+/// The bits of a push's `aux` below its [`PushSeq`]: the part index.
+const PART_BITS: u32 = 48;
+
+/// The `aux` of a push of part `part` with step number `seq`.
+pub fn push_aux(part: u64, seq: PushSeq) -> u64 {
+    part | (u64::from(seq) << PART_BITS)
+}
+
+/// The part index and the step number of a push's `aux`.
+pub fn split_push_aux(aux: u64) -> (u64, PushSeq) {
+    (aux & ((1 << PART_BITS) - 1), (aux >> PART_BITS) as PushSeq)
+}
+
+/// One part in a [`CMD_BATCH`] message: 24 bytes, `wire u64, part u32, flags u16, seq u16,
 /// len u64` (little-endian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchItem {
@@ -333,6 +361,8 @@ pub struct BatchItem {
     pub part: u32,
     /// The element type ([`dtype_flag`]).
     pub flags: u16,
+    /// A push's step number ([`PushSeq`]; 0 otherwise).
+    pub seq: PushSeq,
     /// Bytes of the part: pushed with the item, or expected back for a pull.
     pub len: u64,
 }
@@ -351,7 +381,7 @@ impl BatchItem {
             out.extend_from_slice(&it.wire.to_le_bytes());
             out.extend_from_slice(&it.part.to_le_bytes());
             out.extend_from_slice(&it.flags.to_le_bytes());
-            out.extend_from_slice(&0u16.to_le_bytes());
+            out.extend_from_slice(&it.seq.to_le_bytes());
             out.extend_from_slice(&it.len.to_le_bytes());
         }
         for d in data {
@@ -381,6 +411,7 @@ impl BatchItem {
                 wire: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
                 part: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
                 flags: u16::from_le_bytes(c[12..14].try_into().expect("2 bytes")),
+                seq: u16::from_le_bytes(c[14..16].try_into().expect("2 bytes")),
                 len: u64::from_le_bytes(c[16..24].try_into().expect("8 bytes")),
             })
             .collect();
@@ -665,18 +696,29 @@ mod tests {
     }
 
     #[test]
+    fn a_push_aux_carries_the_part_and_the_step() {
+        for (part, seq) in [(0u64, 0u16), (3, 1), ((1 << 48) - 1, u16::MAX)] {
+            assert_eq!(split_push_aux(push_aux(part, seq)), (part, seq));
+        }
+        // A plain part index reads as a push of no step.
+        assert_eq!(split_push_aux(5), (5, 0));
+    }
+
+    #[test]
     fn batches_round_trip() {
         let items = [
             BatchItem {
                 wire: 7,
                 part: 1,
                 flags: 2,
+                seq: 9,
                 len: 3,
             },
             BatchItem {
                 wire: u64::MAX,
                 part: 0,
                 flags: 0,
+                seq: 0,
                 len: 1,
             },
         ];
@@ -782,6 +824,7 @@ mod tests {
                     wire: 3,
                     part: 0,
                     flags: dtype_flag(DType::F32),
+                    seq: 1,
                     len: 8,
                 }],
                 &[&[0; 8]],

@@ -136,6 +136,7 @@ fn payload(rng: &mut Rng, command: u32, keys: &[u64]) -> Vec<u8> {
                             protocol::dtype_flag(DType::F32) | protocol::FLAG_ROW_SPARSE,
                             0xFFFF,
                         ]),
+                        seq: rng.pick(&[0u16, 1, 2, u16::MAX]),
                         len: rng.pick(&[0u64, 32, 160, 4, u64::MAX]),
                     })
                     .collect();
@@ -379,6 +380,7 @@ fn batches_asking_too_much_are_refused(kv: &dyn kvstore_base::KVStoreBase, conn:
         wire,
         part: 0,
         flags: 0,
+        seq: 0,
         len: 0,
     };
     let batch_pull = |items: Vec<BatchItem>| {

@@ -491,3 +491,81 @@ fn a_failed_round_is_reported_to_a_worker_that_pushes_again_without_pulling() {
     drop(stores);
     cluster.detach();
 }
+
+/// A push that one server merged and another refused (a worker taking a lost one's place had
+/// said its hello to the first only) is retried whole: the server that merged it acknowledges
+/// the retry without merging it again, so that both parts of the key stay in the same step.
+/// Before, the retry was queued there as the worker's next push, and the key's parts drifted a
+/// step apart for the rest of the job.
+#[test]
+fn a_push_retried_after_failing_on_one_server_is_merged_once_on_each() {
+    use kvstore_dist::protocol::{dtype_flag, push_aux, CMD_BYE, CMD_PUSH};
+    let cluster =
+        LocalCluster::start_with(2, 2, TIMEOUT, [("MXNET_KVSTORE_BIGARRAY_BOUND", "4")]).unwrap();
+    let (config, mut stores) = workers(&cluster, 2);
+    let refs: Vec<&DistStore> = stores.iter().collect();
+    // Key 3: 8 elements, one part of 4 on each server.
+    on_all(&refs, |kv| {
+        kv.init(3, &NDArray::zeros(&[8], DType::F32)).unwrap()
+    });
+    stores.pop().unwrap().abandon();
+    let a = stores.pop().unwrap();
+    let by = Instant::now() + TIMEOUT;
+    while a.dead_nodes(4, Duration::from_secs(60)).unwrap().is_empty() {
+        assert!(Instant::now() < by, "the loss was never noticed");
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Rank 1's replacement, by hand: its hello to server 0 only, for now.
+    let node = kvstore_dist::Node::join_recovering(&config).unwrap();
+    assert_eq!(node.rank(), 1);
+    let server = |rank: u32| {
+        let info = node.servers().find(|s| s.rank == rank).unwrap();
+        let mut transport = config.transport();
+        transport.node_id = node.id();
+        let conn = Connection::connect(info.addr.as_str(), transport).unwrap();
+        conn.request(
+            Outgoing::new(protocol::CMD_HELLO, b"dist_sync")
+                .key(1)
+                .aux(Mode::Sync.code())
+                .flags(protocol::FLAG_RECOVERING),
+            "hello",
+        )
+        .unwrap();
+        conn
+    };
+    let first = server(0);
+    let value = |v: f32| NDArray::full(&[8], f64::from(v), DType::F32);
+    let e = a
+        .push(3, &value(1.0))
+        .expect_err("server 1 still misses rank 1");
+    assert!(e.to_string().contains("is gone"), "{e}");
+    let second = server(1);
+    // The step again: merged on server 1, acknowledged as merged already on server 0.
+    a.push(3, &value(1.0)).unwrap();
+    let replacement_pushes = |v: f32, seq: u16| {
+        let bytes: Vec<u8> = [v; 4].iter().flat_map(|x| x.to_ne_bytes()).collect();
+        for (part, conn) in [&first, &second].into_iter().enumerate() {
+            conn.request(
+                Outgoing::new(CMD_PUSH, &bytes)
+                    .key(3)
+                    .aux(push_aux(part as u64, seq))
+                    .flags(dtype_flag(DType::F32)),
+                "push",
+            )
+            .unwrap();
+        }
+    };
+    replacement_pushes(1.0, 1);
+    // The next step: 10 from each, on both parts.
+    a.push(3, &value(10.0)).unwrap();
+    replacement_pushes(10.0, 2);
+    let mut out = value(0.0);
+    a.pull(3, &mut out).unwrap();
+    assert_eq!(out, value(20.0));
+    for conn in [first, second] {
+        conn.request(Outgoing::new(CMD_BYE, &[]), "bye").unwrap();
+    }
+    drop(a);
+    node.leave().unwrap();
+    cluster.finish().unwrap();
+}

@@ -856,6 +856,7 @@ fn a_batch_whose_lengths_overflow_is_refused_and_the_server_keeps_serving() {
         wire: 7,
         part: 0,
         flags: 0,
+        seq: 0,
         len,
     };
     let mut payload = BatchItem::encode::<&[u8]>(&[item(u64::MAX), item(2)], &[]);

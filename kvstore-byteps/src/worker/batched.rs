@@ -285,6 +285,8 @@ impl BytePsStore {
                     wire: t.parts[task.part].key,
                     part: task.part as u32,
                     flags: protocol::dtype_flag(t.dtype),
+                    // BytePS pushes are never retried by step.
+                    seq: 0,
                     // Sent bytes, else the bytes expected back.
                     len: chunks
                         .get(n)

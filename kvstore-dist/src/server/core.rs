@@ -17,7 +17,7 @@ use kvstore_optimizer::Updater;
 use super::merge::{copy_from_bytes, OwnedPush, Pushed};
 use super::reply::{Answer, Batch, Wants};
 use crate::config::DistConfig;
-use crate::protocol::{self, head, InitMeta, Mode, RowRequest, ShmAttach, ShmSlot};
+use crate::protocol::{self, head, InitMeta, Mode, PushSeq, RowRequest, ShmAttach, ShmSlot};
 use crate::shm::{self, Region};
 use crate::transport::{ConnectionId, Handler, Outgoing, Request, Responder};
 use kvstore_compression::{Codec, CompressionSpec};
@@ -51,6 +51,8 @@ const MAX_QUEUED_PUSHES: usize = 64;
 /// A push that arrived while its worker already had one in the current round.
 struct Queued {
     rank: u32,
+    /// Its step number ([`PushSeq`]).
+    seq: PushSeq,
     payload: OwnedPush,
     waiter: Waiter,
     /// Pulls of the same worker that came after this push: answered after its round, not
@@ -90,6 +92,10 @@ struct Entry {
     /// not been told yet: its next pull of the part fails with it, and so does its next push
     /// unless a lost worker failed the round (see [`RoundFailure`]).
     failed: Vec<Option<RoundFailure>>,
+    /// The step number of each worker's push merged in the current round, or applied or
+    /// merged in a completed one (0: none): a push of the same number is a retry, not merged
+    /// again (see `protocol`, "Retried pushes"). A failed round forgets those it held.
+    merged_seq: Vec<PushSeq>,
 }
 
 /// Why a sync round failed, kept for a worker that pushed in it and was not told yet.
@@ -408,6 +414,7 @@ impl Core {
                     round_started: None,
                     queued: VecDeque::new(),
                     failed: vec![None; self.num_workers as usize],
+                    merged_seq: vec![0; self.num_workers as usize],
                 }))
             }))
         };
@@ -604,7 +611,8 @@ impl Core {
     /// A push (or pushpull when `wants_data`) in a message of its own; its data and its answer
     /// may be in the worker's shared-memory region.
     fn push(&self, request: Request, responder: Responder, wants_data: bool) {
-        let id = (request.header.key, request.header.aux);
+        let (part, seq) = protocol::split_push_aux(request.header.aux);
+        let id = (request.header.key, part);
         let (data_slot, reply_slot, inline) = match self.shm_slots(&request) {
             Ok(slots) => slots,
             Err(e) => {
@@ -621,7 +629,7 @@ impl Core {
             Ok(sender) => sender,
             Err(e) => return answer.fail(&e),
         };
-        let flags = request.header.flags;
+        let flags = (request.header.flags, seq);
         match data_slot {
             Some((region, slot)) => {
                 let mut answer = Some(answer);
@@ -638,12 +646,13 @@ impl Core {
     }
 
     /// Merges (sync) or applies (async) one pushed part from worker `rank` (of its rank's
-    /// `generation` when the request was read).
+    /// `generation` when the request was read), its flags and step number `seq`: a retry of
+    /// the push merged last (the same number) is answered without merging it again.
     fn push_part(
         &self,
         (rank, generation): (u32, u64),
         (wire_key, part): PartId,
-        flags: u16,
+        (flags, seq): (u16, PushSeq),
         data: &[u8],
         answer: Answer,
         wants_data: bool,
@@ -691,6 +700,16 @@ impl Core {
             ));
             return;
         }
+        if seq != 0 && e.merged_seq[rank as usize] == seq {
+            // A retry of a step whose push of this part was merged (its call failed on another
+            // part): answered as that push is, merged once.
+            match (&waiter.wants, mode) {
+                (Wants::Ack, _) => waiter.answer.ok(&[]),
+                (_, Mode::Sync) => self.pull_after_round(&mut e, part, waiter),
+                (_, Mode::Async) => self.answer_pull(&e, part, waiter.answer, waiter.wants),
+            }
+            return;
+        }
         if let Some((r, why)) = gone {
             let msg = format!(
                 "the sync round of {what} on server {} cannot complete: {} {why}",
@@ -725,7 +744,7 @@ impl Core {
             Pushed::Raw(data)
         };
         match mode {
-            Mode::Async => self.apply_async(&mut e, pushed, waiter, &what),
+            Mode::Async => self.apply_async(&mut e, pushed, (waiter, seq), &what),
             Mode::Sync => {
                 if e.pushed[rank as usize] {
                     let queued = e.queued.iter().filter(|q| q.rank == rank).count();
@@ -741,6 +760,7 @@ impl Core {
                     // Its next round: replayed once this one completes.
                     e.queued.push_back(Queued {
                         rank,
+                        seq,
                         payload: pushed.to_owned(),
                         waiter,
                         pulls: Vec::new(),
@@ -763,7 +783,7 @@ impl Core {
                     }
                     _ => {}
                 }
-                self.merge_sync(&mut e, pushed, waiter, &what);
+                self.merge_sync(&mut e, pushed, (waiter, seq), &what);
                 while !e.pushed.iter().any(|&p| p) && !e.queued.is_empty() {
                     // The round just completed: replay what was queued for the next one.
                     let mut replay = std::mem::take(&mut e.queued);
@@ -771,7 +791,12 @@ impl Core {
                         if e.pushed[q.rank as usize] {
                             e.queued.push_back(q);
                         } else {
-                            self.merge_sync(&mut e, q.payload.as_pushed(), q.waiter, &what);
+                            self.merge_sync(
+                                &mut e,
+                                q.payload.as_pushed(),
+                                (q.waiter, q.seq),
+                                &what,
+                            );
                             // Its worker's later pulls: after this round, or now if the push
                             // completed it (or failed).
                             for pull in q.pulls {
@@ -922,7 +947,7 @@ impl Core {
                     self.push_part(
                         *sender,
                         id,
-                        it.flags,
+                        (it.flags, it.seq),
                         &data[at..at + len],
                         answer,
                         wants_data,
@@ -934,7 +959,13 @@ impl Core {
         }
     }
 
-    fn merge_sync(&self, e: &mut Entry, pushed: Pushed<'_>, waiter: Waiter, what: &str) {
+    fn merge_sync(
+        &self,
+        e: &mut Entry,
+        pushed: Pushed<'_>,
+        (waiter, seq): (Waiter, PushSeq),
+        what: &str,
+    ) {
         let first = e.round_started.is_none();
         let Entry { value, merge, .. } = &mut *e;
         let value = value.as_ref().expect("checked by check_push");
@@ -956,6 +987,7 @@ impl Core {
         }
         let waiter_rank = waiter.rank;
         e.pushed[waiter.rank as usize] = true;
+        e.merged_seq[waiter.rank as usize] = seq;
         // A push returns once merged, as MXNet's does not block its caller; the worker's next
         // pull of the key waits for the round instead (see `pull_part`). The round's last push
         // returns once the round is complete (updated): what a worker reads from the server
@@ -1037,7 +1069,13 @@ impl Core {
 
     /// Applies one push at once: through the optimizer, or, with none, the push replaces the
     /// value (a round of one push; MXNet's server aborts instead).
-    fn apply_async(&self, e: &mut Entry, pushed: Pushed<'_>, waiter: Waiter, what: &str) {
+    fn apply_async(
+        &self,
+        e: &mut Entry,
+        pushed: Pushed<'_>,
+        (waiter, seq): (Waiter, PushSeq),
+        what: &str,
+    ) {
         let result = (|| {
             let mut updater = lock(&self.updater);
             let Entry { key, value, .. } = &mut *e;
@@ -1052,7 +1090,10 @@ impl Core {
             }
         })();
         match result {
-            Ok(()) => reply_all(vec![waiter], e.value.as_ref().expect("set")),
+            Ok(()) => {
+                e.merged_seq[waiter.rank as usize] = seq;
+                reply_all(vec![waiter], e.value.as_ref().expect("set"))
+            }
             Err(msg) => waiter.answer.fail(&msg),
         }
     }
@@ -1379,6 +1420,8 @@ fn fail_waiters(e: &mut Entry, waiters: Vec<Waiter>, msg: &str, by_loss: bool) {
                 why: msg.to_string(),
                 by_loss,
             });
+            // Its push is discarded with the round: a retry merges anew.
+            e.merged_seq[rank] = 0;
         }
     }
     for w in waiters {

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 pub const MAGIC: u32 = u32::from_le_bytes(*b"KVSD");
 /// The frame format version this crate writes and accepts. It names the protocol spoken in the
 /// frames too (2: init declarations carry a row length, pushes may carry rows; 3: they carry
-/// the key's storage type), so that a process of another build is refused at its first frame
-/// instead of misread.
-pub const VERSION: u8 = 3;
+/// the key's storage type; 4: pushes carry a step number), so that a process of another build
+/// is refused at its first frame instead of misread.
+pub const VERSION: u8 = 4;
 /// Size of the header in bytes.
 pub const HEADER_LEN: usize = 48;
 

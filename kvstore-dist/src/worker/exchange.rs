@@ -37,6 +37,8 @@ pub(crate) enum Parts<'a, 'd> {
         data: &'a [Vec<&'d [u8]>],
         /// Each key's flags ([`protocol::FLAG_COMPRESSED`], [`protocol::FLAG_ROW_SPARSE`]).
         flags: &'a [u16],
+        /// Each key's push step number ([`KeyMeta::push_seq`]).
+        seqs: &'a [protocol::PushSeq],
     },
     /// An init: each part's declaration ([`KeyMeta::init_meta`]), then, from rank 0, the
     /// part's bytes of `values[i]`; built as each message goes, so that an init never holds a
@@ -78,13 +80,21 @@ impl<'d> Parts<'_, 'd> {
         }
     }
 
+    /// The push step number of key `i` (0 for what is not a push).
+    fn seq(&self, i: usize) -> protocol::PushSeq {
+        match *self {
+            Parts::Pushed { seqs, .. } => seqs[i],
+            Parts::None | Parts::Init { .. } => 0,
+        }
+    }
+
     /// The bytes by which part `part` of key `i` is sent alone or batched: those of its value,
     /// or, for rows, those pushed and those answered (`receive`: the part's value), so that a
     /// few rows of a big key travel in a batch, and a big answer alone.
     fn size(&self, metas: &[Arc<KeyMeta>], i: usize, part: usize, receive: bool) -> usize {
         let value = metas[i].byte_range(part).len();
         match *self {
-            Parts::Pushed { data, flags } if flags[i] & protocol::FLAG_ROW_SPARSE != 0 => {
+            Parts::Pushed { data, flags, .. } if flags[i] & protocol::FLAG_ROW_SPARSE != 0 => {
                 data[i][part].len().max(if receive { value } else { 0 })
             }
             _ => value,
@@ -264,7 +274,7 @@ impl DistStore {
                     if size > limits.item {
                         let what = format!("{operation} of key {}", meta.key);
                         let payload = parts.bytes(metas, i, part);
-                        let flags = parts.flags(i);
+                        let flags = (parts.flags(i), parts.seq(i));
                         let (pending, shm) = self
                             .send_one(&call, (meta, part, flags), &payload, &what)
                             .map_err(self.transport_at(operation, &meta.key))?;
@@ -456,7 +466,7 @@ impl DistStore {
     fn send_one(
         &self,
         call: &Call<'_, '_>,
-        (meta, part, flags): (&KeyMeta, usize, u16),
+        (meta, part, (flags, seq)): (&KeyMeta, usize, (u16, protocol::PushSeq)),
         payload: &[u8],
         what: &str,
     ) -> std::result::Result<(Pending, Option<Lease>), TransportError> {
@@ -475,14 +485,14 @@ impl DistStore {
         let lease = link.and_then(|link| link.lease(data, reply, what));
         let Some(mut lease) = lease else {
             let out = Outgoing::new(command, payload).flags(extra_flags);
-            return Ok((self.send(meta, part, out, what, receive)?, None));
+            return Ok((self.send(meta, (part, seq), out, what, receive)?, None));
         };
         let (shm_flags, slots) = lease.slots();
         lease.sending();
         let out = Outgoing::new(command, &slots).flags(shm_flags | extra_flags);
         // The answer is expected in the reply slot (an empty message): no receive buffer. One
         // that comes over TCP after all (a server may answer so) is read as usual.
-        let pending = self.send(meta, part, out, what, false)?;
+        let pending = self.send(meta, (part, seq), out, what, false)?;
         Ok((pending, Some(lease)))
     }
 
@@ -514,6 +524,7 @@ impl DistStore {
                 wire: metas[i].wire,
                 part: part as u32,
                 flags: protocol::dtype_flag(metas[i].dtype) | extra_flags | parts.flags(i),
+                seq: parts.seq(i),
                 // Pushed bytes (maybe compressed), else the bytes expected back.
                 len: chunks
                     .get(n)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use kvstore_base::{DType, Error, Key, NDArray, Result, StorageType};
 
 use crate::placement::{place, place_dense, place_rows};
-use crate::protocol::InitMeta;
+use crate::protocol::{InitMeta, PushSeq};
 
 /// One slice of a key's value on one server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +37,16 @@ pub(crate) struct KeyMeta {
     pub parts: Vec<Part>,
     /// Buffers that pulled parts are received into, reused from call to call.
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// The key's push step numbers (see [`KeyMeta::push_seq`]).
+    steps: Mutex<Steps>,
+}
+
+/// A key's push step numbers: the last one given, and the one of a failed push that the next
+/// push retries.
+#[derive(Debug, Default)]
+struct Steps {
+    last: PushSeq,
+    failed: Option<PushSeq>,
 }
 
 impl KeyMeta {
@@ -85,7 +95,25 @@ impl KeyMeta {
                 })
                 .collect(),
             buffers: Mutex::new(Vec::new()),
+            steps: Mutex::new(Steps::default()),
         }
+    }
+
+    /// The step number of a push of the key: the failed push's when the last one failed
+    /// ([`KeyMeta::push_failed`]: this push retries it, and the servers that merged it then
+    /// do not merge it again), else the next one (1 to 65535, wrapping past 0).
+    pub(crate) fn push_seq(&self) -> PushSeq {
+        let mut steps = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(seq) = steps.failed.take() {
+            return seq;
+        }
+        steps.last = steps.last.checked_add(1).unwrap_or(1);
+        steps.last
+    }
+
+    /// Records that the push of step `seq` failed: the next push of the key retries it.
+    pub(crate) fn push_failed(&self, seq: PushSeq) {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(seq);
     }
 
     /// What every worker tells the server about part `i`.

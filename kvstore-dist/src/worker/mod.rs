@@ -360,17 +360,21 @@ impl DistStore {
     }
 
     /// Sends `out` (command, payload, extra flags) about part `part` of `meta` to its server,
-    /// the answer read into a reused buffer when `receive`.
+    /// with a push's step number `seq` (0 otherwise), the answer read into a reused buffer
+    /// when `receive`.
     fn send(
         &self,
         meta: &KeyMeta,
-        part: usize,
+        (part, seq): (usize, protocol::PushSeq),
         out: Outgoing<'_>,
         what: &str,
         receive: bool,
     ) -> std::result::Result<Pending, TransportError> {
         let flags = out.flags | protocol::dtype_flag(meta.dtype);
-        let out = out.key(meta.wire).aux(part as u64).flags(flags);
+        let out = out
+            .key(meta.wire)
+            .aux(protocol::push_aux(part as u64, seq))
+            .flags(flags);
         let conn = &self.servers[meta.parts[part].server];
         if receive {
             conn.send_into(out, what, meta.take_buffer())
@@ -549,13 +553,20 @@ impl DistStore {
                 })
                 .unzip(),
         };
+        // Each key's step number: a retry of a failed push takes that push's.
+        let seqs: Vec<protocol::PushSeq> = metas.iter().map(|m| m.push_seq()).collect();
         let parts = exchange::Parts::Pushed {
             data: &data,
             flags: &flags,
+            seqs: &seqs,
         };
         let answers = match self.exchange(operation, command, &metas, parts, 0, priority) {
             Ok(answers) => answers,
             Err(e) => {
+                // Some parts may be merged: the next push of each key retries this step.
+                for (meta, &seq) in metas.iter().zip(&seqs) {
+                    meta.push_failed(seq);
+                }
                 // Not delivered (or not known to be): the residuals give the codes back.
                 if let Some(codec) = codec {
                     self.unquantize(codec, &metas, &payloads, &packed);

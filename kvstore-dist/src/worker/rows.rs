@@ -121,7 +121,7 @@ impl DistStore {
                 let sent = self
                     .send(
                         meta,
-                        part,
+                        (part, 0),
                         Outgoing::new(protocol::CMD_ROW_SPARSE_PULL, &request.encode()),
                         &what,
                         true,

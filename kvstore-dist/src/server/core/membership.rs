@@ -339,7 +339,9 @@ impl Core {
         );
         // The failures remembered for the lost worker are not the newcomer's.
         for (_, entry) in self.entry_list() {
-            lock(&entry).failed[r] = None;
+            let mut e = lock(&entry);
+            e.failed[r] = None;
+            e.merged_seq[r] = 0;
         }
         Ok(())
     }
