@@ -143,12 +143,13 @@ pub trait Element:
     /// `value` narrowed as C's `static_cast` between integers does (MXNet's): the low bits
     /// kept, so `300` becomes `44` as `uint8` (for floats: the nearest value).
     fn from_i64_wrapping(value: i64) -> Self;
-    /// `value` converted to this type as MXNet's `astype` converts it: integer to integer
-    /// wrapping ([`from_i64_wrapping`](Element::from_i64_wrapping)), anything else through
-    /// `f64` ([`from_f64`](Element::from_f64)).
+    /// `value` converted to this type as MXNet's `astype` converts it: from an integer as C's
+    /// `static_cast` does ([`from_i64_wrapping`](Element::from_i64_wrapping): wrapping into
+    /// an integer, rounded once into a float), from a float through `f64`
+    /// ([`from_f64`](Element::from_f64)).
     #[inline(always)]
     fn cast_from<S: Element>(value: S) -> Self {
-        if Self::INTEGER && S::INTEGER {
+        if S::INTEGER {
             Self::from_i64_wrapping(value.to_i64())
         } else {
             Self::from_f64(value.to_f64())
@@ -232,6 +233,18 @@ half_element!(bf16, DType::BF16);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_int64_is_rounded_once_into_a_float() {
+        // Through f64 it rounds twice: to 2^54 + 2^30, a tie that f32 rounds down to 2^54;
+        // once, it rounds up to 2^54 + 2^31.
+        let x = (1i64 << 54) + (1 << 30) + 1;
+        assert_eq!(f32::cast_from(x), x as f32);
+        assert_eq!(f64::cast_from(x), x as f64);
+        assert_eq!(f16::cast_from(70_000i64), f16::INFINITY);
+        assert_eq!(i32::cast_from(1i64 << 32 | 5), 5);
+        assert_eq!(u8::cast_from(-1.5f32), 0);
+    }
 
     #[test]
     fn names_round_trip() {

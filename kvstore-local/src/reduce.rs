@@ -17,11 +17,16 @@ const BLOCK: usize = 4096;
 /// How reductions are parallelised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReduceConfig {
-    /// Threads for big arrays (`MXNET_KVSTORE_REDUCTION_NTHREADS`, default 4).
+    /// Threads for big arrays (`MXNET_KVSTORE_REDUCTION_NTHREADS`, default 4; at most
+    /// [`MAX_THREADS`] run).
     pub threads: usize,
     /// Element count from which an array is big (`MXNET_KVSTORE_BIGARRAY_BOUND`, default 1,000,000).
     pub bigarray_bound: usize,
 }
+
+/// The most threads one sum or copy runs on, whatever [`ReduceConfig::threads`] asks: more
+/// than any machine has cores, few enough that starting them cannot fail.
+pub const MAX_THREADS: usize = 256;
 
 impl Default for ReduceConfig {
     fn default() -> Self {
@@ -47,7 +52,10 @@ impl ReduceConfig {
 
     fn threads_for(&self, len: usize) -> usize {
         if len >= self.bigarray_bound && self.threads > 1 {
-            self.threads.min(len.div_ceil(BLOCK)).max(1)
+            self.threads
+                .min(MAX_THREADS)
+                .min(len.div_ceil(BLOCK))
+                .max(1)
         } else {
             1
         }
@@ -501,6 +509,16 @@ mod tests {
             }
         }
         acc
+    }
+
+    #[test]
+    fn an_absurd_thread_count_runs_at_most_max_threads() {
+        let config = ReduceConfig {
+            threads: usize::MAX,
+            bigarray_bound: 1,
+        };
+        assert_eq!(config.threads_for(usize::MAX / 2), MAX_THREADS);
+        assert_eq!(config.threads_for(BLOCK), 1);
     }
 
     #[test]

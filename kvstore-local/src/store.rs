@@ -179,8 +179,13 @@ impl LocalStore {
         self.config
     }
 
-    /// The shape, dtype and storage type of the value of `key`, if the store holds it.
+    /// The shape, dtype and storage type of the value of `key`, if the store holds it; `None`
+    /// too when called from inside the store's own call (an updater), which it would
+    /// otherwise wait for forever.
     pub fn value_info(&self, key: &Key) -> Option<(Vec<usize>, DType, StorageType)> {
+        if self.reentered("value_info") {
+            return None;
+        }
         let (_pass, state) = self.enter_waiting(0);
         state.entries.get(key).map(|e| {
             (
@@ -208,13 +213,17 @@ impl LocalStore {
         }
     }
 
-    /// Runs `f` on the updater of the installed optimizer (`None` without one, or with a
-    /// custom updater): for a store sharing this updater that keeps optimizer states of its
+    /// Runs `f` on the updater of the installed optimizer (`None` without one, with a custom
+    /// updater, or when called from inside the store's own call, which it would otherwise
+    /// wait for forever): for a store sharing this updater that keeps optimizer states of its
     /// own (the `device` store's GPU kernels), to hand them over around state files.
     pub fn with_optimizer_updater<R>(
         &self,
         f: impl FnOnce(Option<&mut kvstore_optimizer::Updater>) -> R,
     ) -> R {
+        if self.reentered("with_optimizer_updater") {
+            return f(None);
+        }
         let (_pass, mut state) = self.enter_waiting(0);
         match &mut state.updater {
             Some(UpdaterSlot::Optimizer(u)) => f(Some(u)),
@@ -239,8 +248,22 @@ impl LocalStore {
         Ok(self.enter_waiting(priority))
     }
 
+    /// Whether the calling thread is inside the store already (an updater calling it), which
+    /// is logged, naming `operation`.
+    fn reentered(&self, operation: &str) -> bool {
+        let inside = self.gate.held_by_current_thread();
+        if inside {
+            log::warn!(
+                "{}: {operation} was called from inside the store's own call (an updater \
+                 calling its store): it answers nothing",
+                self.name
+            );
+        }
+        inside
+    }
+
     /// [`enter`](LocalStore::enter) without the re-entry check, for the helpers that answer
-    /// no `Result` (another store's own calls, never an updater's).
+    /// no `Result` (their callers check [`reentered`](LocalStore::reentered) first).
     fn enter_waiting(&self, priority: i32) -> (GatePass<'_>, MutexGuard<'_, State>) {
         let pass = self.gate.enter(priority);
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
@@ -331,14 +354,10 @@ impl LocalStore {
                     .map_err(self.at(operation, key))?;
             }
             // Every key the optimizer would refuse is refused before any key is updated. The
-            // sum of a key's values has their shape and dtype, and is dense unless all are
-            // row-sparse.
+            // sum of a key's values has their shape and dtype, and the first one's storage
+            // type (see `in_first_storage`).
             if let Some(UpdaterSlot::Optimizer(updater)) = &state.updater {
-                let grad = positions
-                    .iter()
-                    .map(|&p| values.values()[p])
-                    .find(|g| g.storage_type() == StorageType::Dense)
-                    .unwrap_or(values.values()[positions[0]]);
+                let grad = values.values()[positions[0]];
                 updater
                     .validate(key, grad, &entry.value)
                     .map_err(self.at(operation, key))?;
@@ -358,11 +377,11 @@ impl LocalStore {
         } = state;
         for KeyGroup { key, positions } in groups {
             let entry = entries.get_mut(key).expect("checked by check_push");
-            let arrays: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
-            let all_dense = arrays
-                .iter()
-                .all(|a| a.storage_type() == StorageType::Dense)
-                && entry.value.storage_type() == StorageType::Dense;
+            let pushed: Vec<&NDArray> = positions.iter().map(|&p| values.values()[p]).collect();
+            let converted = in_first_storage(&pushed)?;
+            let arrays: Vec<&NDArray> = converted.iter().map(AsRef::as_ref).collect();
+            let dense_sum = arrays[0].storage_type() == StorageType::Dense;
+            let all_dense = dense_sum && entry.value.storage_type() == StorageType::Dense;
             match updater {
                 None if all_dense
                     && arrays.len() == 1
@@ -371,12 +390,19 @@ impl LocalStore {
                     copy_dense(&mut entry.value, arrays[0])?
                 }
                 None if all_dense => sum_into(&mut entry.value, &arrays, &self.config, true),
+                // The value becomes the sum, in the sum's storage type (MXNet's `local =
+                // merged`).
+                None if dense_sum => {
+                    let mut sum = NDArray::zeros(entry.value.shape(), entry.value.dtype());
+                    sum_into(&mut sum, &arrays, &self.config, true);
+                    entry.value = sum;
+                }
                 None => entry.value = sparse_sum(&arrays)?,
                 Some(updater) => {
                     let merged = if let [single] = arrays[..] {
                         // One value needs no sum: the updater reads it where it is.
                         single
-                    } else if all_dense {
+                    } else if dense_sum {
                         // A row-sparse sum left by an earlier push cannot hold a dense one.
                         // (A custom updater may have replaced the value by one of another shape
                         // or dtype: the buffer follows.)
@@ -388,7 +414,8 @@ impl LocalStore {
                             {
                                 m
                             }
-                            slot => slot.insert(entry.value.clone()),
+                            slot => slot
+                                .insert(NDArray::zeros(entry.value.shape(), entry.value.dtype())),
                         };
                         sum_into(merge, &arrays, &self.config, false);
                         &*merge
@@ -405,14 +432,19 @@ impl LocalStore {
         Ok(())
     }
 
-    /// Validates a pull: keys initialised, outputs of the stored shape.
+    /// Validates a pull: keys initialised, outputs of the stored shape (row-sparse outputs
+    /// that `ignore_sparse` skips are not looked at, as MXNet drops them first).
     fn check_pull(
         &self,
         state: &State,
         operation: &'static str,
         outs: &KeyedOuts<'_>,
+        ignore_sparse: bool,
     ) -> Result<()> {
         for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+            if ignore_sparse && out.storage_type() == StorageType::RowSparse {
+                continue;
+            }
             let entry = state.entry(self, operation, key)?;
             entry
                 .value
@@ -457,7 +489,23 @@ impl LocalStore {
     }
 }
 
-/// The sum of arrays of which some are row-sparse: row-sparse when all are.
+/// A key's pushed values in the storage type of the first, as MXNet's `CommCPU::Reduce` sums
+/// them: after a dense first value the others are made dense (and summed in the grouped order
+/// of dense sums), after a row-sparse one row-sparse (added in order, the sum row-sparse).
+fn in_first_storage<'a>(arrays: &[&'a NDArray]) -> Result<Vec<std::borrow::Cow<'a, NDArray>>> {
+    use std::borrow::Cow;
+    let dense = arrays[0].storage_type() == StorageType::Dense;
+    arrays
+        .iter()
+        .map(|&a| match (dense, a.storage_type()) {
+            (true, StorageType::RowSparse) => Ok(Cow::Owned(a.to_dense())),
+            (false, StorageType::Dense) => a.to_row_sparse().map(Cow::Owned),
+            _ => Ok(Cow::Borrowed(a)),
+        })
+        .collect()
+}
+
+/// The sum of row-sparse arrays, added in order: row-sparse, the union of their rows.
 fn sparse_sum(arrays: &[&NDArray]) -> Result<NDArray> {
     let mut sum = arrays[0].clone();
     for a in &arrays[1..] {
@@ -514,7 +562,7 @@ impl KVStoreBase for LocalStore {
     ) -> Result<()> {
         outs.check_on_host(self.type_name(), "pull")?;
         let (_pass, mut state) = self.enter(priority)?;
-        self.check_pull(&state, "pull", outs)?;
+        self.check_pull(&state, "pull", outs, ignore_sparse)?;
         self.do_pull(&mut state, outs, ignore_sparse)
     }
 
@@ -529,7 +577,7 @@ impl KVStoreBase for LocalStore {
         outs.check_against("pushpull", values)?;
         let (_pass, mut state) = self.enter(priority)?;
         let groups = self.check_push(&state, "pushpull", values)?;
-        self.check_pull(&state, "pushpull", outs)?;
+        self.check_pull(&state, "pushpull", outs, true)?;
         self.do_push(&mut state, values, &groups)?;
         self.do_pull(&mut state, outs, true)
     }

@@ -676,3 +676,85 @@ fn a_row_sparse_weight_storing_every_row_is_updated_lazily_and_stays_row_sparse(
     partial.row_sparse_pull(3, &mut out, &all_rows).unwrap();
     assert_eq!(values(&out), vec![1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
 }
+
+/// The values of a key's push are summed in the first one's storage type, as MXNet's
+/// `CommCPU::Reduce` sums them: a dense first value makes the others dense (the grouped order
+/// of dense sums), a row-sparse first value makes them row-sparse (the key stays row-sparse).
+#[test]
+fn a_push_mixing_dense_and_row_sparse_values_sums_in_the_first_ones_storage() {
+    let kv = LocalStore::new();
+    let every_row = |shape: &[usize]| full(shape, 1.0).to_row_sparse().unwrap();
+    // Dense first: 1 + (1e8 + -1e8) = 1, where left to right gives (1 + 1e8) - 1e8 = 0.
+    kv.init(0, &every_row(&[1, 1])).unwrap();
+    let pushed = [
+        full(&[1, 1], 1.0),
+        full(&[1, 1], 1e8).to_row_sparse().unwrap(),
+        full(&[1, 1], -1e8),
+    ];
+    kv.push(0, &pushed[..]).unwrap();
+    let mut out = full(&[1, 1], 0.0);
+    kv.pull(0, &mut out).unwrap();
+    assert_eq!(values(&out), vec![1.0]);
+    // Row-sparse first: the sum, and so the key, stays row-sparse.
+    kv.init(1, &every_row(&[4, 2])).unwrap();
+    let rows = NDArray::row_sparse(&[4, 2], vec![1], &full(&[1, 2], 1.0)).unwrap();
+    kv.push(1, &[rows, full(&[4, 2], 0.0)][..]).unwrap();
+    let (_, _, storage) = kv.value_info(&Key::from(1)).unwrap();
+    assert_eq!(storage, kvstore_base::StorageType::RowSparse);
+    let mut picked = full(&[4, 2], 0.0).to_row_sparse().unwrap();
+    kv.row_sparse_pull(
+        1,
+        &mut picked,
+        &NDArray::from_vec(&[1], vec![1i64]).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        values(&picked.to_dense()),
+        vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    );
+}
+
+/// A pull skips the row-sparse outputs it ignores before looking at them, as MXNet drops them
+/// first: one of another shape does not fail the pull of the others.
+#[test]
+fn a_pull_ignores_the_row_sparse_outputs_it_skips() {
+    let kv = kv();
+    kv.init(1, &full(&[4, 2], 1.0)).unwrap();
+    let mut dense = full(&[4, 2], 0.0);
+    let mut skipped = full(&[5, 2], 0.0).to_row_sparse().unwrap();
+    kv.pull(&[1, 1][..], vec![&mut dense, &mut skipped])
+        .unwrap();
+    assert_eq!(values(&dense), vec![1.0; 8]);
+}
+
+/// An updater that asks its store about a key (from inside the push that runs it) gets no
+/// answer rather than waiting for itself forever.
+#[test]
+fn an_updater_asking_its_store_for_a_value_gets_none_instead_of_a_hang() {
+    let kv = Arc::new(LocalStore::new());
+    kv.init(1, &full(&[2], 0.0)).unwrap();
+    let weak = Arc::downgrade(&kv);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&seen);
+    kv.set_updater(Box::new(
+        move |key: &Key, grad: &NDArray, weight: &mut NDArray| {
+            let store = weak.upgrade().expect("the store lives");
+            log.lock().unwrap().push(store.value_info(key).is_some());
+            log.lock()
+                .unwrap()
+                .push(store.with_optimizer_updater(|u| u.is_some()));
+            weight.add_assign(grad)
+        },
+    ))
+    .unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let pusher = Arc::clone(&kv);
+    std::thread::spawn(move || {
+        let _ = done.send(pusher.push(1, &full(&[2], 1.0)));
+    });
+    let pushed = finished
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the push never returned");
+    pushed.unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![false, false]);
+}
