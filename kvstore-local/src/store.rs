@@ -36,7 +36,8 @@ pub const ALIASES: &[&str] = &["local_update_cpu", "local_allreduce_cpu"];
 ///   int or str keys.
 /// - Every call checks all of its input (keys, counts, shapes, dtypes) before changing
 ///   anything: an error leaves the store and every output as they were. An error returned by
-///   an updater stops the call at that key and is returned (keys before it keep their update).
+///   a custom updater stops the call at that key and is returned, the values of the keys it
+///   ran on put back as they were (a copy of them is kept during a call for that).
 /// - `rank` 0, one worker, `barrier` and `send_command_to_servers` do nothing,
 ///   `set_gradient_compression` is unsupported (as MXNet's local store).
 ///
@@ -113,7 +114,7 @@ impl UpdaterSlot {
                 }
                 Err(Error::InvalidArgument(format!(
                     "the updater replaced the stored {dtype} value of shape {:?} by a {} one of \
-                     shape {:?} (kept): an updater must update the value in place, keeping its \
+                     shape {:?} (put back): an updater must update the value in place, keeping its \
                      shape and dtype",
                     merged.shape(),
                     stored.dtype(),
@@ -366,7 +367,37 @@ impl LocalStore {
         Ok(groups)
     }
 
+    /// Pushes the checked `groups`. A custom updater may fail at any key (or replace a value
+    /// by one of another shape): the values it ran on are then put back as they were before
+    /// the call, so that a failed call changes none of the store's values (what the updater
+    /// keeps of its own is its own). Optimizers are validated before anything changes.
     fn do_push(
+        &self,
+        state: &mut State,
+        values: &KeyedValues<'_>,
+        groups: &[KeyGroup],
+    ) -> Result<()> {
+        let before: Option<Vec<NDArray>> = match &state.updater {
+            Some(UpdaterSlot::Custom(_)) => Some(
+                groups
+                    .iter()
+                    .map(|g| state.entries[&g.key].value.clone())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let pushed = self.push_groups(state, values, groups);
+        if let (Err(_), Some(before)) = (&pushed, before) {
+            for (g, value) in groups.iter().zip(before) {
+                if let Some(entry) = state.entries.get_mut(&g.key) {
+                    entry.value = value;
+                }
+            }
+        }
+        pushed
+    }
+
+    fn push_groups(
         &self,
         state: &mut State,
         values: &KeyedValues<'_>,

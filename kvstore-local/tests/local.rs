@@ -213,12 +213,33 @@ fn an_updater_that_replaces_the_value_by_another_shape_is_an_error_not_a_panic()
         err.to_string().contains("shape [2]") && err.to_string().contains("[3]"),
         "{err}"
     );
-    // The store holds what the updater left, and pushes of that shape work (the merge buffer
-    // follows the new shape).
-    kv.push(1, &[full(&[3], 1.0), full(&[3], 1.0)]).unwrap();
-    let mut out = full(&[3], 0.0);
+    // The value is put back as it was.
+    let mut out = full(&[2], 0.0);
     kv.pull(1, &mut out).unwrap();
-    assert_eq!(values(&out), vec![7.0; 3]);
+    assert_eq!(values(&out), vec![1.0; 2]);
+}
+
+/// A custom updater that fails at the second key of a call: the first key's update is put
+/// back, so that the failed call changes no value.
+#[test]
+fn an_updater_failing_at_one_key_leaves_every_key_of_the_call_as_it_was() {
+    let kv = kv();
+    kv.init(&[1, 2][..], &[full(&[2], 1.0), full(&[2], 1.0)][..])
+        .unwrap();
+    kv.set_updater_fn(|key, grad, stored| {
+        if *key == Key::from(2) {
+            return Err(Error::InvalidArgument("no update for key 2".into()));
+        }
+        stored.add_assign(grad)
+    })
+    .unwrap();
+    let err = kv
+        .push(&[1, 2][..], &[full(&[2], 1.0), full(&[2], 1.0)][..])
+        .unwrap_err();
+    assert!(err.to_string().contains("no update for key 2"), "{err}");
+    let mut out = full(&[2], 0.0);
+    kv.pull(1, &mut out).unwrap();
+    assert_eq!(values(&out), vec![1.0; 2]);
 }
 
 #[test]
