@@ -133,10 +133,12 @@
 //! second barrier. As MXNet's `KVStoreDistServer`:
 //!
 //! - a key's first push is its value; a sync round (after `kSyncMode`) sums one push per
-//!   worker, applies the optimizer a worker set (`kController`) or else stores the sum, and
-//!   answers them all (`pushpull`s with the value); async mode applies the optimizer to each
-//!   push (or stores it); a pull is answered with the value at once; a worker's second push in
-//!   a round counts as another worker's, as in MXNet;
+//!   worker, in arrival order as MXNet's server does (in float32 for float16 keys once a
+//!   worker sent `kSetMultiPrecision`), applies the optimizer a worker set (`kController`) or
+//!   else stores the sum, and answers them all (`pushpull`s with the value); async mode applies
+//!   the optimizer to each push (or stores it); a pull is answered with the value at once; a
+//!   worker's second push in a round waits for the next round (MXNet's counts it as another
+//!   worker's);
 //! - once a worker set 2-bit compression, compressed pushes are dequantised into the round's
 //!   sum;
 //! - row-sparse keys ([`server::rows`]): initialised with every row, then pushed and pulled by

@@ -275,6 +275,8 @@ pub fn run_scheduler_on(
             continue;
         }
         entered.remove(&group);
+        // Every member is released, even past one whose link broke (each failure named).
+        let mut unreleased = Vec::new();
         for id in group_members {
             let mut release = Control::new(Command::Barrier);
             release.barrier_group = Some(group);
@@ -286,7 +288,15 @@ pub fn run_scheduler_on(
                 timestamp: Some(van.new_timestamp()),
                 ..Meta::default()
             };
-            van.send(id, &meta, &[])?;
+            if let Err(e) = van.send(id, &meta, &[]) {
+                unreleased.push(format!("{}: {e}", node_name(id)));
+            }
+        }
+        if !unreleased.is_empty() {
+            return Err(VanError(format!(
+                "the barrier of group {group} could not be released to {}",
+                unreleased.join("; ")
+            )));
         }
         if group == EVERYONE {
             everyone_met += 1;

@@ -175,6 +175,79 @@ fn the_same_optimizer_sent_again_keeps_its_states() -> Result<(), Failed> {
     Ok(job.join()?)
 }
 
+/// Under `multi_precision` (MXNet's workers then send `kSetMultiPrecision`) a round of
+/// float16 pushes is summed in float32, as MXNet's server sums it: two pushes of 40000 would
+/// be infinite in float16; in float32 the master copy takes 0 - 0.01 * 80000 = -800. Key 3 is
+/// dense, key 4 row-sparse (row 1 pushed).
+fn with_multi_precision_half_pushes_are_summed_in_float32() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray, OptimizerSpec};
+    let job = LocalJob::start(1, 2, TIMEOUT)?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let sgd = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.01)
+        .with("multi_precision", true);
+    common::on_each_worker(workers, |kv| -> Result<(), String> {
+        let r = kv.rank();
+        let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+        let table = NDArray::zeros(&[3, 2], DType::F16)
+            .retain_rows(&[0, 1, 2])
+            .map_err(e)?;
+        kv.init(&[3, 4][..], &[NDArray::zeros(&[2], DType::F16), table][..])
+            .map_err(e)?;
+        // Every worker sets it, as MXNet's do (a row-sparse push needs it).
+        kv.set_optimizer(&sgd).map_err(e)?;
+        kv.barrier().map_err(e)?;
+        let row = NDArray::full(&[1, 2], 40000.0, DType::F16);
+        let rows = NDArray::row_sparse(&[3, 2], vec![1], &row).map_err(e)?;
+        kv.push(
+            &[3, 4][..],
+            &[NDArray::full(&[2], 40000.0, DType::F16), rows][..],
+        )
+        .map_err(e)?;
+        let mut dense = NDArray::zeros(&[2], DType::F16);
+        kv.pull(3, &mut dense).map_err(e)?;
+        let ids = NDArray::from_vec(&[3], vec![0i64, 1, 2]).map_err(e)?;
+        let mut pulled = NDArray::row_sparse(&[3, 2], vec![], &NDArray::zeros(&[0, 2], DType::F16))
+            .map_err(e)?;
+        kv.row_sparse_pull(4, &mut pulled, &ids).map_err(e)?;
+        let got = (dense.to_f64_vec(), pulled.to_dense().to_f64_vec());
+        let want = (vec![-800.0; 2], vec![0.0, 0.0, -800.0, -800.0, 0.0, 0.0]);
+        match got == want {
+            true => Ok(()),
+            false => Err(format!("rank {r}: {got:?}, {want:?} expected")),
+        }
+    })?;
+    Ok(job.join()?)
+}
+
+/// A round's pushes are added in the order they came, as MXNet's server merges them
+/// (`merged += pushed`): 1, then 1e8, then -1e8 give (1 + 1e8) - 1e8 = 0 in float32 (another
+/// association, 1 + (1e8 - 1e8), gives 1).
+fn a_rounds_pushes_are_added_in_arrival_order() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray};
+    let job = LocalJob::start(1, 3, TIMEOUT)?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(3, || kvstore_base::create_with(NAME, options.clone()))?;
+    common::on_each_worker(workers, |kv| -> Result<(), String> {
+        let r = kv.rank();
+        let e = |e: kvstore_base::Error| format!("rank {r}: {e}");
+        kv.init(5, &NDArray::zeros(&[1], DType::F32)).map_err(e)?;
+        // Rank r pushes r * 300 ms after the others' barrier: in rank order.
+        std::thread::sleep(Duration::from_millis(300 * r as u64));
+        let value = [1.0, 1e8, -1e8][r];
+        kv.push(5, &NDArray::full(&[1], value, DType::F32))
+            .map_err(e)?;
+        let mut out = NDArray::zeros(&[1], DType::F32);
+        kv.pull(5, &mut out).map_err(e)?;
+        match out.to_f64_vec() == vec![0.0] {
+            true => Ok(()),
+            false => Err(format!("rank {r}: {out:?}, 0 expected")),
+        }
+    })?;
+    Ok(job.join()?)
+}
+
 /// What MXNet's protocol cannot carry for row-sparse keys is refused, naming the key, and
 /// changes nothing: rows to a key initialised dense, a row-sparse key in a pushpull, a push of
 /// rows before an optimizer is set (MXNet's servers would corrupt the value), and a row-sparse
@@ -828,7 +901,15 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 13] = [
+    let own: [(&str, common::Test); 15] = [
+        (
+            "own_servers::with_multi_precision_half_pushes_are_summed_in_float32",
+            with_multi_precision_half_pushes_are_summed_in_float32,
+        ),
+        (
+            "own_servers::a_rounds_pushes_are_added_in_arrival_order",
+            a_rounds_pushes_are_added_in_arrival_order,
+        ),
         (
             "own_servers_async::each_push_steps_the_weight_once_the_optimizer_is_set",
             each_async_push_steps_the_weight_once_the_optimizer_is_set,

@@ -96,18 +96,20 @@ impl Slot {
         }
     }
 
-    /// The sum of a complete round's pushes, in the spare buffer: one pass sums the
-    /// uncompressed pushes, the compressed ones are dequantised into it (the first one
-    /// overwriting it when no push was uncompressed, as MXNet's server merges them).
-    fn round_sum(&mut self, reduce: &ReduceConfig) -> Result<NDArray, String> {
+    /// The sum of a complete round's pushes in `dtype` (the key's, or float32 for a half
+    /// type under multi-precision), in the spare buffer: the uncompressed pushes added in
+    /// arrival order, as MXNet's server merges them (`merged += pushed`), then the compressed
+    /// ones dequantised into it (the first one overwriting it when no push was uncompressed).
+    fn round_sum(&mut self, reduce: &ReduceConfig, dtype: DType) -> Result<NDArray, String> {
         if self.row_len.is_some() {
-            return rows::round_sum(self);
+            return rows::round_sum(self, dtype);
         }
-        let mut sum = self
-            .spare
-            .take()
-            .unwrap_or_else(|| NDArray::zeros(self.stored.shape(), self.dtype));
-        let dense: Vec<&NDArray> = self
+        let mut sum = match self.spare.take() {
+            Some(spare) if spare.dtype() == dtype => spare,
+            _ => NDArray::zeros(self.stored.shape(), dtype),
+        };
+        let cast: Vec<NDArray>;
+        let mut dense: Vec<&NDArray> = self
             .held
             .iter()
             .filter_map(|(_, p)| match p {
@@ -115,9 +117,18 @@ impl Slot {
                 Pushed::Packed { .. } | Pushed::Rows(_) => None,
             })
             .collect();
+        if dense.first().is_some_and(|d| d.dtype() != dtype) {
+            cast = dense.iter().map(|d| d.astype(dtype)).collect();
+            dense = cast.iter().collect();
+        }
         let mut written = !dense.is_empty();
         if written {
-            reduce::sum_into(&mut sum, &dense, reduce, false);
+            // The first two in one pass (a + b either way), the others added one by one.
+            let (first, rest) = dense.split_at(dense.len().min(2));
+            reduce::sum_into(&mut sum, first, reduce, false);
+            for d in rest {
+                sum.add_assign(d).map_err(|e| e.to_string())?;
+            }
         }
         for (_, pushed) in &self.held {
             if let Pushed::Packed { bytes, codec, .. } = pushed {
@@ -252,6 +263,9 @@ struct Server {
     van: Van,
     num_workers: usize,
     sync: bool,
+    /// `kSetMultiPrecision` came: a sync round's float16/bfloat16 pushes are summed in float32,
+    /// as MXNet's server sums them into its float32 buffer.
+    multi_precision: bool,
     slots: HashMap<u64, Slot>,
     reduce: ReduceConfig,
     /// The gradient compression a worker set (`kSetGradientCompression`).
@@ -273,7 +287,7 @@ impl Server {
         match head {
             CMD_SYNC_MODE => self.sync = true,
             CMD_STOP_SERVER => {}
-            CMD_SET_MULTI_PRECISION => {}
+            CMD_SET_MULTI_PRECISION => self.multi_precision = true,
             CMD_SET_GRADIENT_COMPRESSION => {
                 let body = String::from_utf8_lossy(&request.meta.body);
                 let refused = |why: String| {
@@ -496,6 +510,7 @@ impl Server {
             slots,
             num_workers,
             sync,
+            multi_precision,
             reduce,
             range_begin,
             updater,
@@ -559,13 +574,21 @@ impl Server {
         slot.held.push((request, pushed));
         while slot.held.len() >= *num_workers {
             slot.round_started = None;
-            let sum = slot.round_sum(reduce).map_err(bad)?;
+            let sum_dtype = match slot.dtype {
+                DType::F16 | DType::BF16 if *multi_precision => DType::F32,
+                dtype => dtype,
+            };
+            let sum = slot.round_sum(reduce, sum_dtype).map_err(bad)?;
             // The sum is the value, or the optimizer's gradient (a dense buffer is then kept
             // for the next round).
             let stepped = optimize(&sum, &mut slot.stored)?;
             match (stepped, slot.row_len) {
                 (true, None) => slot.spare = Some(sum),
                 (true, Some(_)) => {}
+                (false, None) if sum.dtype() != slot.dtype => {
+                    slot.stored.assign(&sum).map_err(|e| bad(e.to_string()))?;
+                    slot.spare = Some(sum);
+                }
                 (false, None) => slot.spare = Some(std::mem::replace(&mut slot.stored, sum)),
                 // The round's rows replace the value; the rows no one pushed become zeros.
                 (false, Some(_)) => slot.stored.assign(&sum).map_err(|e| bad(e.to_string()))?,
@@ -608,6 +631,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         van,
         num_workers,
         sync: false,
+        multi_precision: false,
         slots: HashMap::new(),
         reduce: ReduceConfig::from_env(),
         codec: None,
@@ -622,6 +646,17 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
         .filter(|n| n.role == Role::Worker)
         .map(|n| n.id)
         .collect();
+    if workers.len() != server.num_workers {
+        // A round completes with `num_workers` pushes: a count not the job's would complete
+        // rounds early (a partial sum) or never.
+        return Err(VanError(format!(
+            "this server was told the job has {} workers (DMLC_NUM_WORKER), but the \
+             scheduler's node table lists {}: every node of a job needs the same \
+             DMLC_NUM_WORKER",
+            server.num_workers,
+            workers.len()
+        )));
+    }
     let mut checked = Instant::now();
     loop {
         let request = server.van.next_request(Duration::from_secs(1));

@@ -56,12 +56,21 @@ fn row_ids(keys: &[u8]) -> Result<(u64, Vec<usize>), String> {
     Ok((master, ids))
 }
 
-/// The sum of a complete round's rows, as a row-sparse array of the value's shape.
-pub(super) fn round_sum(slot: &Slot) -> Result<NDArray, String> {
+/// The sum of a complete round's rows in `dtype` (the key's, or float32 for a half type under
+/// multi-precision), added in arrival order, as a row-sparse array of the value's shape.
+pub(super) fn round_sum(slot: &Slot, dtype: DType) -> Result<NDArray, String> {
     let mut sum: Option<NDArray> = None;
     for (_, pushed) in &slot.held {
         let Pushed::Rows(rows) = pushed else {
             return Err("a dense push in a round of a row-sparse key".into());
+        };
+        let cast;
+        let rows = match rows.dtype() == dtype {
+            true => rows,
+            false => {
+                cast = rows.astype(dtype);
+                &cast
+            }
         };
         match &mut sum {
             None => sum = Some(rows.clone()),
