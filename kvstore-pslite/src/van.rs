@@ -862,6 +862,9 @@ fn deliver(shared: &Shared, message: Message) {
             Command::Barrier if !request && message.sender == SCHEDULER_ID => {
                 state.barriers_released += 1
             }
+            // ps-lite's resender (PS_RESEND) acknowledges every message: the serving loop
+            // refuses it (see `refuse_resender`).
+            Command::Ack if role != Role::Worker => queue_request(shared, state, message),
             other => log::debug!(
                 "pslite: ignored a {other:?} control message from {}",
                 node_name(message.sender)
@@ -885,6 +888,25 @@ fn deliver(shared: &Shared, message: Message) {
         ),
     }
     shared.changed.notify_all();
+}
+
+/// Refuses a node that runs ps-lite's resender (`PS_RESEND=1`), which acknowledges every
+/// message (`ACK`) and sends again what is not acknowledged in time: a resent push would be
+/// merged twice, and this van acknowledges nothing (so everything would be resent). Its first
+/// `ACK` fails the serving node at once, naming it, rather than a wrong sum later.
+///
+/// # Errors
+/// When `message` is an `ACK`.
+pub fn refuse_resender(message: &Message) -> Result<(), VanError> {
+    match &message.meta.control {
+        Some(control) if control.cmd == Command::Ack => Err(VanError(format!(
+            "{} acknowledges messages: it runs ps-lite's resender (PS_RESEND=1), which this \
+             job's nodes do not serve (a resent push would be merged twice); unset PS_RESEND \
+             on every node",
+            node_name(message.sender)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// The meta of a key-value request: `head` the command word, data frames keys, values and

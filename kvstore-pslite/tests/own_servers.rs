@@ -782,6 +782,26 @@ fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
     Ok(())
 }
 
+/// A node running ps-lite's resender (`PS_RESEND=1`) acknowledges what it receives: its first
+/// ACK stops the server, naming it and PS_RESEND, before any resent push could be merged twice.
+fn an_ack_from_a_resending_node_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
+    use kvstore_pslite::meta::{Command, Control, Meta};
+    let job = LocalJob::start(1, 2, Duration::from_secs(10))?;
+    let (a, _b, server) = two_bare_workers_in_sync_mode(&job)?;
+    let mut ack = Control::new(Command::Ack);
+    ack.msg_sig = Some(42);
+    let meta = Meta {
+        control: Some(ack),
+        ..Meta::default()
+    };
+    a.send(server, &meta, &[])?;
+    let ended = job.join().expect_err("the server refuses the resender");
+    if !ended.contains("acknowledges messages") || !ended.contains("PS_RESEND") {
+        return Err(ended.into());
+    }
+    Ok(())
+}
+
 /// A worker's second push of a key before every worker pushed it belongs to the next sync
 /// round (MXNet's server would count it as another worker's and complete the round with one
 /// worker's gradient twice and none of the other's).
@@ -901,7 +921,11 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 15] = [
+    let own: [(&str, common::Test); 16] = [
+        (
+            "own_servers::an_ack_from_a_resending_node_stops_the_server_naming_ps_resend",
+            an_ack_from_a_resending_node_stops_the_server_naming_ps_resend,
+        ),
         (
             "own_servers::with_multi_precision_half_pushes_are_summed_in_float32",
             with_multi_precision_half_pushes_are_summed_in_float32,

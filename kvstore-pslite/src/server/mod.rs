@@ -687,6 +687,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
             }
             continue;
         };
+        crate::van::refuse_resender(&request)?;
         if !workers.contains(&request.sender) {
             log::warn!(
                 "pslite server: ignored a request from {}, not a worker of the job",
