@@ -234,7 +234,10 @@ pub fn run_scheduler_on(
         let Some(message) = van.next_request(Duration::from_secs(1)) else {
             continue;
         };
-        crate::van::refuse_resender(&message)?;
+        // A member of the job running the resender (anyone else's ACK is nobody's business).
+        if ids.contains(&message.sender) {
+            crate::van::refuse_resender(&message)?;
+        }
         let Some(control) = &message.meta.control else {
             log::warn!(
                 "pslite scheduler: ignored a data message from {}",

@@ -782,6 +782,34 @@ fn a_resent_push_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
     Ok(())
 }
 
+/// An init that failed once rank 0's values were sent (here: rank 1 never came to the init's
+/// barrier) is not tried again: the servers may hold the value, and a second push of it would
+/// count as a round's push. The retry is refused, naming the key and the first failure.
+fn a_failed_init_is_not_retried() -> Result<(), Failed> {
+    use kvstore_base::{DType, KVStoreExt, NDArray};
+    let job = LocalJob::start(1, 2, Duration::from_secs(2))?;
+    let options = job.worker_options().clone();
+    let workers = create_workers(2, || kvstore_base::create_with(NAME, options.clone()))?;
+    let rank0 = workers
+        .iter()
+        .find(|kv| kv.rank() == 0)
+        .ok_or("no rank 0")?;
+    let value = NDArray::ones(&[2], DType::F32);
+    let first = rank0
+        .init(5, &value)
+        .expect_err("rank 1 never meets the barrier");
+    let again = rank0
+        .init(5, &value)
+        .expect_err("an init is not retried")
+        .to_string();
+    if !again.contains("key 5") || !again.contains("its init failed") {
+        return Err(format!("{again} (first: {first})").into());
+    }
+    drop(workers);
+    let _ = job.join();
+    Ok(())
+}
+
 /// A node running ps-lite's resender (`PS_RESEND=1`) acknowledges what it receives: its first
 /// ACK stops the server, naming it and PS_RESEND, before any resent push could be merged twice.
 fn an_ack_from_a_resending_node_stops_the_server_naming_ps_resend() -> Result<(), Failed> {
@@ -921,7 +949,11 @@ fn main() -> std::process::ExitCode {
         .map(common::unless_it_pushes_without_an_optimizer),
     );
     // The tests of this file's own, beside the suite's.
-    let own: [(&str, common::Test); 16] = [
+    let own: [(&str, common::Test); 17] = [
+        (
+            "own_servers::a_failed_init_is_not_retried",
+            a_failed_init_is_not_retried,
+        ),
         (
             "own_servers::an_ack_from_a_resending_node_stops_the_server_naming_ps_resend",
             an_ack_from_a_resending_node_stops_the_server_naming_ps_resend,

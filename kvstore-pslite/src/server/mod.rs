@@ -687,7 +687,6 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
             }
             continue;
         };
-        crate::van::refuse_resender(&request)?;
         if !workers.contains(&request.sender) {
             log::warn!(
                 "pslite server: ignored a request from {}, not a worker of the job",
@@ -695,6 +694,7 @@ pub fn run_server(config: VanConfig, num_workers: usize) -> Result<(), VanError>
             );
             continue;
         }
+        crate::van::refuse_resender(&request)?;
         if request.meta.simple_app {
             if server.command(&request)? {
                 break;

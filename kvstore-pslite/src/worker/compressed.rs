@@ -68,7 +68,12 @@ impl PsLiteStore {
             });
         }
         let _no_init_meanwhile = lock(&self.init);
-        if let Some(key) = lock(&self.table).entries.keys().next() {
+        let first = {
+            let table = lock(&self.table);
+            let failed = table.failed_inits.keys();
+            table.entries.keys().chain(failed).next().cloned()
+        };
+        if let Some(key) = first {
             return Err(Error::InvalidArgument(format!(
                 "set_gradient_compression after key {key} was initialised: set it on every \
                  worker before the first init, as Gluon's Trainer does (only rank 0 tells the \

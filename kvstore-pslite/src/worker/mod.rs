@@ -129,6 +129,10 @@ struct Table {
     next_str_key: i32,
     /// The gradient compression, once set.
     codec: Option<kvstore_compression::Codec>,
+    /// Keys whose init failed once rank 0's values may have reached the servers: never
+    /// initialised again in this job (a second push of the values would count as a round's
+    /// push), with why.
+    failed_inits: HashMap<Key, String>,
 }
 
 /// Whether a store named `name` is an async worker, by MXNet's rule: a type name that contains
@@ -605,19 +609,33 @@ impl PsLiteStore {
         // value or the sum of its values (one per device) in MXNet's association order. They
         // borrow `pushed`, which the answers then take over.
         let answers = {
+            // Rows first, which may fail: a call that fails before sending anything spends
+            // no key's residual (quantising gives up what is sent).
+            let mut rows: Vec<Option<Outgoing<'_>>> = pushed
+                .iter()
+                .map(|(key, entry, arrays)| match entry.row_len {
+                    Some(_) => entry
+                        .summed_rows(arrays)
+                        .map(|(ids, bytes)| {
+                            Some(Outgoing::Rows(entry.row_messages(&ids, Some(&bytes))))
+                        })
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                    None => Ok(None),
+                })
+                .collect::<Result<_>>()?;
             let outgoing: Vec<Outgoing<'_>> = pushed
                 .iter()
-                .map(|(key, entry, arrays)| match &entry.packed {
-                    _ if entry.row_len.is_some() => entry
-                        .summed_rows(arrays)
-                        .map(|(ids, bytes)| Outgoing::Rows(entry.row_messages(&ids, Some(&bytes))))
-                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
-                    Some(layout) => self
-                        .quantize(entry, layout, arrays)
-                        .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
-                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
-                    None => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
-                })
+                .zip(rows.iter_mut())
+                .map(
+                    |((key, entry, arrays), rows)| match (rows.take(), &entry.packed) {
+                        (Some(rows), _) => Ok(rows),
+                        (None, Some(layout)) => self
+                            .quantize(entry, layout, arrays)
+                            .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
+                            .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                        (None, None) => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
+                    },
+                )
                 .collect::<Result<_>>()?;
             let requests: Vec<Request<'_>> = pushed
                 .iter()
@@ -686,6 +704,13 @@ impl PsLiteStore {
                 // One value per key was checked above: a key repeats only across calls.
                 if table.entries.contains_key(key) {
                     return Err(at(Error::DuplicateInit));
+                }
+                if let Some(why) = table.failed_inits.get(key) {
+                    return Err(at(Error::InvalidArgument(format!(
+                        "its init failed ({why}) once its value may have reached the servers: \
+                         MXNet's protocol cannot init a key twice (the second value would count \
+                         as a push); restart the job"
+                    ))));
                 }
                 // One type of key per store, as in MXNet, whose workers number string keys
                 // 0, 1, 2, ... in the order of their init: they would share the int keys.
@@ -785,15 +810,20 @@ impl PsLiteStore {
                     payload: payload.payload(),
                 })
                 .collect();
-            self.exchange(operation, &requests, false, 0)?;
+            if let Err(e) = self.exchange(operation, &requests, false, 0) {
+                self.init_failed(&new, &e);
+                return Err(e);
+            }
         }
         // The keys are this worker's once every worker got past the init: a failed init
-        // leaves its keys out (an init cannot be retried in the same job, as in MXNet: rank 0's
-        // values may be on the servers already, and a second push of them would count as a
-        // round's push).
-        self.van
-            .barrier(WORKER_GROUP)
-            .map_err(|e| backend(&self.name, e))?;
+        // leaves them out, refused from then on (an init cannot be retried in the same job, as
+        // in MXNet: rank 0's values may be on the servers already, and a second push of them
+        // would count as a round's push).
+        if let Err(e) = self.van.barrier(WORKER_GROUP) {
+            let e = backend(&self.name, e);
+            self.init_failed(&new, &e);
+            return Err(e);
+        }
         let mut table = lock(&self.table);
         for (key, entry) in new {
             if matches!(key, Key::Str(_)) {
@@ -802,6 +832,19 @@ impl PsLiteStore {
             table.entries.insert(key, entry);
         }
         Ok(())
+    }
+
+    /// Records that the init of `new` failed with `e` once rank 0's values may have been sent:
+    /// those keys are refused from then on, and string keys keep the ids they took (MXNet's
+    /// workers number them at `init`, whatever follows).
+    fn init_failed(&self, new: &[(Key, Entry)], e: &Error) {
+        let mut table = lock(&self.table);
+        for (key, entry) in new {
+            if matches!(key, Key::Str(_)) {
+                table.next_str_key = table.next_str_key.max(entry.id + 1);
+            }
+            table.failed_inits.insert(key.clone(), e.to_string());
+        }
     }
 
     /// The end of the job, as an MXNet worker ends it: the workers meet, rank 0 stops the
