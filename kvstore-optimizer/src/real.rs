@@ -187,8 +187,9 @@ macro_rules! sixteen {
                 // SAFETY: as in `slice`; the exclusive borrow moves to the result.
                 unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr().cast::<Self>(), s.len()) }
             }
+            /// Through `f32`, as mshadow's `half_t(double)` converts (two roundings).
             fn of(x: f64) -> Self {
-                $name(<$t>::from_f64(x))
+                $name(<$t>::from_f32(x as f32))
             }
             fn to_f64(self) -> f64 {
                 self.0.to_f64()
@@ -298,4 +299,18 @@ pub(crate) fn sparse_norm_f32<T: Copy>(xs: &[T], value: impl Fn(T) -> f32) -> f3
         total += f64::from(x * x);
     }
     (total as f32).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_half_scalar_rounds_through_float_as_mshadow_does() {
+        // 1 + 2^-11 + 2^-40 rounds to the tie 1 + 2^-11 in float, which float16 rounds to
+        // even (1); rounded once it would be 1 + 2^-10.
+        let x = 1.0 + 2f64.powi(-11) + 2f64.powi(-40);
+        assert_eq!(Half::of(x).to_f64(), 1.0);
+        assert_eq!(Half::of(0.5).to_f64(), 0.5);
+    }
 }

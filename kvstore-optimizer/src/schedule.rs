@@ -304,18 +304,18 @@ impl LrScheduler {
                 count,
             } => {
                 while n > count.saturating_add(*step) {
-                    if self.base_lr == *stop_factor_lr || *factor == 1.0 {
-                        // The rate can no longer change: jump to where the loop would end
-                        // (the last multiple of `step` past `count` below `n`), instead of
-                        // stepping there one `step` at a time.
+                    // MXNet's step: the rate times the factor, floored at `stop_factor_lr`.
+                    let next = (self.base_lr * *factor).max(*stop_factor_lr);
+                    if next == self.base_lr {
+                        // The rate can no longer change (floored, a factor of 1, or a rate
+                        // shrunk to zero): jump to where the loop would end (the last multiple
+                        // of `step` past `count` below `n`), instead of stepping there one
+                        // `step` at a time.
                         *count += (n - *count - 1) / *step * *step;
                         break;
                     }
                     *count += *step;
-                    self.base_lr *= *factor;
-                    if self.base_lr < *stop_factor_lr {
-                        self.base_lr = *stop_factor_lr;
-                    }
+                    self.base_lr = next;
                 }
             }
             Kind::MultiFactor {
@@ -471,6 +471,13 @@ mod tests {
         assert_eq!(flat.rate(u64::MAX), 1.0);
         // A negative saved position is refused rather than looped over.
         assert!(factor(&[("state_count", (-5i64).into())]).is_err());
+        // A floor below zero: the rate shrinks to zero, then stays (returns at once).
+        let mut to_zero = factor(&[("stop_factor_lr", (-1.0).into())]).unwrap();
+        assert_eq!(to_zero.rate(1 << 50), 0.0);
+        // A factor of 1 below the floor: MXNet's first step raises the rate to the floor.
+        let mut raised = factor(&[("factor", 1.0.into()), ("base_lr", 1e-9.into())]).unwrap();
+        assert_eq!(raised.rate(1), 1e-9);
+        assert_eq!(raised.rate(2), 1e-8);
     }
 
     #[test]

@@ -151,6 +151,9 @@ pub fn join(files: &[Vec<u8>], layout: &[KeySlices], with_optimizer: bool) -> Re
 /// not the saved optimizer's number of arrays (or, without a saved optimizer, not the same
 /// number as the other keys'). Nothing is cut then.
 pub fn split(bytes: &[u8], layout: &[KeySlices], files: usize) -> Result<Vec<Vec<u8>>> {
+    for entry in layout {
+        check_layout(entry)?;
+    }
     let saved = state_file::decode(bytes)?;
     let state_len = match &saved.optimizer {
         Some(o) => Some(
@@ -281,6 +284,38 @@ fn concat(entry: &KeySlices, slices: &[&NDArray]) -> Result<NDArray> {
         Some((_, width)) => NDArray::from_bytes(&[entry.shape[0], width], dtype, &bytes),
         None => NDArray::from_bytes(&entry.shape, dtype, &bytes),
     }
+}
+
+/// Checks that a key's slices cover its elements once, in order, and (kept by rows) in whole
+/// rows: what [`split`] cuts states by.
+fn check_layout(entry: &KeySlices) -> Result<()> {
+    let size: usize = entry.shape.iter().product();
+    let bad = |what: String| {
+        Err(Error::InvalidArgument(format!(
+            "key {}: the layout of its slices {what} (slices {:?}, {size} elements)",
+            entry.key, entry.slices
+        )))
+    };
+    let mut next = 0;
+    for (_, range) in &entry.slices {
+        if range.start != next || range.end < range.start {
+            return bad(format!(
+                "does not cover its elements in order (a slice starts at {} where {next} was \
+                 expected, or ends before it starts)",
+                range.start
+            ));
+        }
+        if let Some(len) = kept_by_rows(entry) {
+            if range.start % len != 0 || range.end % len != 0 {
+                return bad(format!("cuts a row of {len} elements"));
+            }
+        }
+        next = range.end;
+    }
+    if next != size {
+        return bad(format!("covers {next} elements"));
+    }
+    Ok(())
 }
 
 /// The row length of a key whose slices are kept as rows (a 0-d key has no rows, whatever
@@ -498,6 +533,20 @@ mod tests {
             err.contains("key 1") && err.contains("some of its servers"),
             "{err}"
         );
+        // Layouts that do not cut the key into its elements once, in order, are refused
+        // before anything is cut (they panicked or cut wrongly).
+        for (slices, row_len, what) in [
+            (vec![(0, 0..10)], None, "covers 10"),
+            (vec![(0, 0..4), (1, 3..6)], None, "in order"),
+            (vec![(0, 0..4)], None, "covers 4"),
+            (vec![(0, 0..4), (1, 4..6)], Some(3), "cuts a row"),
+        ] {
+            let mut bad = layout();
+            bad[0].slices = slices;
+            bad[0].row_len = row_len;
+            let err = split(&file, &bad, 2).unwrap_err().to_string();
+            assert!(err.contains("key 1") && err.contains(what), "{err}");
+        }
         // A state of another dtype than the key's.
         let mut wide = layout();
         wide[1].dtype = DType::F64;

@@ -70,14 +70,16 @@ impl RmsProp {
                 let g = grad(w, g);
                 let n = (one - g1) * g * g + g1 * n;
                 let m = (one - g1) * g + g1 * m;
-                let d = g2 * d - lr * (g / (n - m * m + eps).sqrt());
+                // MXNet's RMSPropAlexUpdateKernel: (lr * g) / sqrt(...).
+                let d = g2 * d - lr * g / (n - m * m + eps).sqrt();
                 (clip_w(w + d), n, m, d)
             });
         } else {
             let (weight, grads, [n]) = b.split();
             map2(weight, grads, n, |w, g, n| {
                 let g = grad(w, g);
-                let n = (one - g1) * g * g + g1 * n;
+                // MXNet's RMSPropUpdateKernel squares first (its centered kernel does not).
+                let n = (one - g1) * (g * g) + g1 * n;
                 (clip_w(w - lr * (g / (n + eps).sqrt())), n)
             });
         }
