@@ -56,9 +56,13 @@ pub fn host(shape: &[usize], v: Vec<f32>) -> NDArray {
     NDArray::from_vec(shape, v).expect("shape matches")
 }
 
+/// Whether every element of `gpu` is within `rel` of `cpu` (relative, absolute below 1); a NaN
+/// matches only a NaN, and an infinity only itself (an emulated GPU fills fresh memory with
+/// NaN, so that a read of memory never written shows here).
 pub fn close(gpu: &[f32], cpu: &[f32], rel: f32, what: &str) -> TestResult {
     for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
-        if (g - c).abs() > rel * c.abs().max(1.0) {
+        let near = g == c || (g - c).abs() <= rel * c.abs().max(1.0) || g.is_nan() && c.is_nan();
+        if !near {
             return Err(fail(format!("{what}: element {i}: gpu {g} vs cpu {c}")));
         }
     }
@@ -445,6 +449,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         "ndarray::nccl_store_reduces_gpu_arrays_through_nccl",
         true,
         |i| device_store_takes_gpu_ndarrays(i, Engine::Nccl),
+    ),
+    (
+        "ndarray::a_host_key_moved_to_a_gpu_keeps_its_optimizer_state",
+        false,
+        a_host_key_moved_to_a_gpu_keeps_its_optimizer_state,
     ),
     (
         "ndarray::refused_calls_on_gpu_arrays_change_nothing",
@@ -2008,6 +2017,46 @@ fn gpu_ndarrays_through_stores(info: &GpuInfo) -> TestResult {
 /// `local` with host arrays: a key initialised on the host moves to the GPUs at its first
 /// push of GPU arrays (placed: it has a merge GPU), pushes and pulls of several keys, sgd with
 /// momentum; then host pulls copy from the GPU and host pushes are copied to it.
+/// A key pushed host values under an optimizer, then GPU values (which make it a GPU key),
+/// keeps its optimizer state and update count: the GPU kernels continue the host updater's
+/// steps (adam's bias correction at t = 3, the momentum carried), as `local` does with three
+/// host pushes.
+fn a_host_key_moved_to_a_gpu_keeps_its_optimizer_state(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    let n = 16;
+    let momentum = OptimizerSpec::new("sgd")
+        .with("learning_rate", 0.1)
+        .with("momentum", 0.9);
+    let adam = OptimizerSpec::new("adam").with("learning_rate", 0.1);
+    for spec in [momentum, adam] {
+        let store = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+        let local = create("local")?;
+        store.init(0i64, &host(&[n], fdata(n, 60)))?;
+        local.init(0i64, &host(&[n], fdata(n, 60)))?;
+        store.set_optimizer(&spec)?;
+        local.set_optimizer(&spec)?;
+        for round in 0..3 {
+            let grad = host(&[n], fdata(n, 70 + round));
+            match round {
+                2 => store.push(0i64, &grad.to_context(Context::Gpu(dev(info, 0)))?)?,
+                _ => store.push(0i64, &grad)?,
+            }
+            local.push(0i64, &grad)?;
+        }
+        let mut got = NDArray::zeros(&[n], DType::F32);
+        store.pull(0i64, &mut got)?;
+        let mut want = NDArray::zeros(&[n], DType::F32);
+        local.pull(0i64, &mut want)?;
+        close(
+            &got.to_vec::<f32>()?,
+            &want.to_vec::<f32>()?,
+            1e-6,
+            &format!("{} after two host pushes and a GPU one", spec.name),
+        )?;
+    }
+    Ok(())
+}
+
 fn device_store_takes_gpu_ndarrays(info: &GpuInfo, engine: Engine) -> TestResult {
     use kvstore_base::Context;
     let name = if engine == Engine::Nccl {
