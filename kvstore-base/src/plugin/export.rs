@@ -1178,13 +1178,18 @@ mod tests {
         assert!(message.contains("non-string payload"), "{message}");
     }
 
-    /// Pulls fill every output with 7, and turn the last one into another shape.
+    /// A store whose pulls fill every output with 7: with `reshapes`, the last one is then
+    /// replaced by an array of another shape; with `checks`, a pull fails unless every output
+    /// arrives holding zeros (what a store finds in an output must never be the caller's).
     #[derive(Debug)]
-    struct Reshaping;
+    struct Pulls {
+        reshapes: bool,
+        checks: bool,
+    }
 
-    impl KVStoreBase for Reshaping {
+    impl KVStoreBase for Pulls {
         fn type_name(&self) -> &str {
-            "reshaping"
+            "pulls"
         }
         fn rank(&self) -> usize {
             0
@@ -1208,23 +1213,27 @@ mod tests {
         }
         fn pull_batch(&self, outs: &mut KeyedOuts<'_>, _: i32, _: bool) -> Result<()> {
             for out in outs.outs_mut().iter_mut() {
+                if self.checks && out.to_f64_vec().iter().any(|&x| x != 0.0) {
+                    return Err(Error::InvalidArgument("an output arrived with data".into()));
+                }
                 **out = NDArray::full(out.shape(), 7.0, out.dtype());
             }
-            if let Some(last) = outs.outs_mut().last_mut() {
+            if let (true, Some(last)) = (self.reshapes, outs.outs_mut().last_mut()) {
                 **last = NDArray::zeros(&[3], DType::F32);
             }
             Ok(())
         }
     }
 
-    #[test]
-    fn a_store_that_reshapes_an_output_writes_none_of_them() {
+    /// Calls `shim_pull` on a fresh store of `factory` with int keys `1..=n` and `[2]` float32
+    /// outputs over `data`: the status, and the error message.
+    fn pull_through_the_shim(factory: StoreFactory, data: &mut [[f32; 2]]) -> (i32, String) {
         let mut err_buffer = [0u8; 256];
         let mut record = KvError::with_buffer(&mut err_buffer);
         // SAFETY: no name, no options, a valid record.
         let store = unsafe {
             create_store(
-                |_| Ok(Box::new(Reshaping) as Box<dyn KVStoreBase>),
+                factory,
                 std::ptr::null(),
                 0,
                 std::ptr::null(),
@@ -1233,113 +1242,75 @@ mod tests {
             )
         };
         assert!(!store.is_null());
-        let keys = [1i64, 2].map(|k| KvKey {
-            kind: KV_KEY_INT,
-            int_key: k,
-            str_ptr: std::ptr::null(),
-            str_len: 0,
-        });
+        let keys: Vec<KvKey> = (1..=data.len() as i64)
+            .map(|k| KvKey {
+                kind: KV_KEY_INT,
+                int_key: k,
+                str_ptr: std::ptr::null(),
+                str_len: 0,
+            })
+            .collect();
         let shape = [2i64];
-        let mut data = [[0f32; 2]; 2];
-        let tensors = data.each_mut().map(|d| KvTensor {
-            data: d.as_mut_ptr().cast(),
-            byte_len: 8,
-            dtype: KV_DTYPE_F32,
-            ndim: 1,
-            shape: shape.as_ptr(),
-            device_type: KV_DEVICE_CPU,
-            device_id: 0,
-        });
-        // SAFETY: a live handle, two keys and two writable [2] float32 outputs, a valid record.
-        let code = unsafe { shim_pull(store, keys.as_ptr(), tensors.as_ptr(), 2, 0, &mut record) };
-        assert_eq!(code, KV_ERR_INVALID_ARGUMENT);
-        assert_eq!(
-            data, [[0.0; 2]; 2],
-            "an output was written by a failed pull"
-        );
-        // SAFETY: the handle is live and released once.
-        unsafe { shim_destroy(store) };
-    }
-
-    /// Pulls fail unless every output arrives holding zeros: what a store finds in an output
-    /// must never be the caller's memory.
-    #[derive(Debug)]
-    struct ChecksItsOutputs;
-
-    impl KVStoreBase for ChecksItsOutputs {
-        fn type_name(&self) -> &str {
-            "checks"
-        }
-        fn rank(&self) -> usize {
-            0
-        }
-        fn num_workers(&self) -> usize {
-            1
-        }
-        fn is_capable(&self, _: Capability) -> bool {
-            false
-        }
-        fn broadcast_batch(
-            &self,
-            _: &KeyedValues<'_>,
-            _: &mut KeyedOuts<'_>,
-            _: i32,
-        ) -> Result<()> {
-            Ok(())
-        }
-        fn pushpull_batch(&self, _: &KeyedValues<'_>, _: &mut KeyedOuts<'_>, _: i32) -> Result<()> {
-            Ok(())
-        }
-        fn pull_batch(&self, outs: &mut KeyedOuts<'_>, _: i32, _: bool) -> Result<()> {
-            for out in outs.outs_mut().iter_mut() {
-                if out.to_f64_vec().iter().any(|&x| x != 0.0) {
-                    return Err(Error::InvalidArgument("an output arrived with data".into()));
-                }
-                **out = NDArray::full(out.shape(), 7.0, out.dtype());
-            }
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn a_pull_never_reads_the_callers_outputs() {
-        let mut err_buffer = [0u8; 256];
-        let mut record = KvError::with_buffer(&mut err_buffer);
-        // SAFETY: no name, no options, a valid record.
-        let store = unsafe {
-            create_store(
-                |_| Ok(Box::new(ChecksItsOutputs) as Box<dyn KVStoreBase>),
-                std::ptr::null(),
-                0,
-                std::ptr::null(),
+        let tensors: Vec<KvTensor> = data
+            .iter_mut()
+            .map(|d| KvTensor {
+                data: d.as_mut_ptr().cast(),
+                byte_len: 8,
+                dtype: KV_DTYPE_F32,
+                ndim: 1,
+                shape: shape.as_ptr(),
+                device_type: KV_DEVICE_CPU,
+                device_id: 0,
+            })
+            .collect();
+        // SAFETY: a live handle, a key and a writable [2] float32 output per element of
+        // `data`, a valid record.
+        let code = unsafe {
+            shim_pull(
+                store,
+                keys.as_ptr(),
+                tensors.as_ptr(),
+                tensors.len(),
                 0,
                 &mut record,
             )
         };
-        let key = KvKey {
-            kind: KV_KEY_INT,
-            int_key: 1,
-            str_ptr: std::ptr::null(),
-            str_len: 0,
-        };
-        let shape = [2i64];
-        // Garbage, as a caller's fresh buffer may hold.
-        let mut data = [f32::NAN; 2];
-        let tensor = KvTensor {
-            data: data.as_mut_ptr().cast(),
-            byte_len: 8,
-            dtype: KV_DTYPE_F32,
-            ndim: 1,
-            shape: shape.as_ptr(),
-            device_type: KV_DEVICE_CPU,
-            device_id: 0,
-        };
-        // SAFETY: a live handle, one key and one writable [2] float32 output, a valid record.
-        let code = unsafe { shim_pull(store, &key, &tensor, 1, 0, &mut record) };
-        assert_eq!(code, KV_OK);
-        assert_eq!(data, [7.0; 2]);
+        let message = String::from_utf8_lossy(&err_buffer[..record.message_len]).into_owned();
         // SAFETY: the handle is live and released once.
         unsafe { shim_destroy(store) };
+        (code, message)
+    }
+
+    #[test]
+    fn a_store_that_reshapes_an_output_writes_none_of_them() {
+        let mut data = [[0f32; 2]; 2];
+        let reshaping: StoreFactory = |_| {
+            Ok(Box::new(Pulls {
+                reshapes: true,
+                checks: false,
+            }))
+        };
+        let (code, message) = pull_through_the_shim(reshaping, &mut data);
+        assert_eq!(code, KV_ERR_INVALID_ARGUMENT, "{message}");
+        assert_eq!(
+            data, [[0.0; 2]; 2],
+            "an output was written by a failed pull"
+        );
+    }
+
+    #[test]
+    fn a_pull_never_reads_the_callers_outputs() {
+        // Garbage, as a caller's fresh buffer may hold.
+        let mut data = [[f32::NAN; 2]];
+        let checking: StoreFactory = |_| {
+            Ok(Box::new(Pulls {
+                reshapes: false,
+                checks: true,
+            }))
+        };
+        let (code, message) = pull_through_the_shim(checking, &mut data);
+        assert_eq!(code, KV_OK, "{message}");
+        assert_eq!(data, [[7.0; 2]]);
     }
 
     #[test]

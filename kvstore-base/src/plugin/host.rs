@@ -1332,7 +1332,30 @@ mod tests {
         assert!(!e.contains("plugin's memory"), "{e}");
     }
 
-    /// A broken plugin's pull: writes 0xFF over every output, then fails naming no key
+    /// What the broken plugins below do: write 0xFF over the `n` outputs, then fail with a
+    /// key-bearing code naming `(key_source, key_index)`.
+    ///
+    /// # Safety
+    /// `outs` must hold `n` tensors of writable memory, `err` be a live record.
+    unsafe fn scribble(
+        outs: *const KvTensor,
+        n: usize,
+        err: *mut KvError,
+        (key_source, key_index): (u32, usize),
+    ) -> i32 {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            for t in std::slice::from_raw_parts(outs, n) {
+                std::ptr::write_bytes(t.data, 0xFF, t.byte_len);
+            }
+            (*err).code = KV_ERR_KEY_NOT_INITIALIZED;
+            (*err).key_source = key_source;
+            (*err).key_index = key_index;
+        }
+        KV_ERR_KEY_NOT_INITIALIZED
+    }
+
+    /// A broken plugin's pull: the outputs scribbled over, then a failure naming no key
     /// (`KV_ERROR_KEY_NONE`) though its code is about a key.
     unsafe extern "C" fn scribbling_pull(
         _: KvStoreHandle,
@@ -1343,15 +1366,7 @@ mod tests {
         err: *mut KvError,
     ) -> i32 {
         // SAFETY: the host passes `n` outputs of writable memory and a live record.
-        unsafe {
-            for t in std::slice::from_raw_parts(outs, n) {
-                std::ptr::write_bytes(t.data, 0xFF, t.byte_len);
-            }
-            (*err).code = KV_ERR_KEY_NOT_INITIALIZED;
-            (*err).key_source = KV_ERROR_KEY_NONE;
-            (*err).key_index = usize::MAX;
-        }
-        KV_ERR_KEY_NOT_INITIALIZED
+        unsafe { scribble(outs, n, err, (KV_ERROR_KEY_NONE, usize::MAX)) }
     }
 
     /// The same for `pushpull` and `broadcast`: the outputs scribbled over, then a failure
@@ -1368,15 +1383,7 @@ mod tests {
         err: *mut KvError,
     ) -> i32 {
         // SAFETY: as `scribbling_pull`.
-        unsafe {
-            for t in std::slice::from_raw_parts(outs, n_outs) {
-                std::ptr::write_bytes(t.data, 0xFF, t.byte_len);
-            }
-            (*err).code = KV_ERR_KEY_NOT_INITIALIZED;
-            (*err).key_source = KV_ERROR_KEY_OF_OUTS;
-            (*err).key_index = 1;
-        }
-        KV_ERR_KEY_NOT_INITIALIZED
+        unsafe { scribble(outs, n_outs, err, (KV_ERROR_KEY_OF_OUTS, 1)) }
     }
 
     #[test]
