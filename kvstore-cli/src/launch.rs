@@ -56,8 +56,9 @@
 //! process runs in a process group of its own, and killing one is `SIGKILL` of its group (what
 //! it started and did not `exec` too, unless that left the group); a process that fails takes
 //! its group with it too (on Linux). A `SIGINT`
-//! (Ctrl-C), `SIGTERM` or `SIGHUP` makes the launcher kill the job and exit with 128 + the
-//! signal's number, even when it arrives as the job is ending; on Linux a launcher killed
+//! (Ctrl-C), `SIGTERM` or `SIGHUP` is passed on to every process, which may end as they
+//! would on a terminal's Ctrl-C; the launcher kills what still runs a few seconds later and
+//! exits with 128 + the signal's number, even when it arrives as the job is ending; on Linux a launcher killed
 //! outright takes the processes it started with it (see
 //! [`stop_signals`](crate::stop_signals)).
 
@@ -998,8 +999,15 @@ impl Job {
         let mut workers_done: Option<Instant> = None;
         loop {
             if let Some(signal) = crate::stop_signals::caught() {
+                // Passed on first, so that the processes can end as they would on a terminal's
+                // Ctrl-C; what still runs after a grace period is killed.
+                let name = crate::stop_signals::name(signal);
+                let signalled = self.pass_on(signal);
                 let killed = self.kill_running();
-                let mut message = format!("the launcher got {}", crate::stop_signals::name(signal));
+                let mut message = format!("the launcher got {name}");
+                if !signalled.is_empty() {
+                    message += &format!("; passed it on to {}", and_list(&signalled));
+                }
                 if !killed.is_empty() {
                     message += &format!("; killed {}", and_list(&killed));
                 }
@@ -1153,6 +1161,40 @@ impl Job {
             }
         }
         None
+    }
+
+    /// Sends `signal` to the process groups of the processes still running and waits, at
+    /// most [`KILL_GRACE`], for them to exit (recording their statuses); returns those it
+    /// signalled, in start order.
+    fn pass_on(&mut self, signal: i32) -> Vec<Process> {
+        let signalled: Vec<Process> = self
+            .running
+            .iter()
+            .filter(|r| r.status.is_none())
+            .map(|r| r.process)
+            .collect();
+        #[cfg(unix)]
+        for r in self.running.iter().filter(|r| r.status.is_none()) {
+            crate::stop_signals::signal_group(&r.child, signal);
+        }
+        #[cfg(not(unix))]
+        let _ = signal;
+        let deadline = Instant::now() + KILL_GRACE;
+        while Instant::now() < deadline {
+            let mut left = false;
+            for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
+                match r.child.try_wait() {
+                    Ok(Some(status)) => r.status = Some(status),
+                    Ok(None) => left = true,
+                    Err(_) => {}
+                }
+            }
+            if !left {
+                break;
+            }
+            thread::sleep(POLL);
+        }
+        signalled
     }
 
     /// Kills every process still running and waits (a bounded time) for each to be gone;

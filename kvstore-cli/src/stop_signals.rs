@@ -1,9 +1,9 @@
 //! How a launched job ends with its launcher.
 //!
 //! - While a job runs, SIGINT, SIGTERM and SIGHUP are caught ([`catch`]) and the launcher's
-//!   supervision loop sees them ([`caught`]): it kills the job's processes and exits with
-//!   128 + the signal's number, as a process killed by it would. (Ctrl-C reaches the whole
-//!   process group; `kill <launcher>` or a supervisor's SIGTERM reaches the launcher alone.)
+//!   supervision loop sees them ([`caught`]): it passes the signal on to the job's processes
+//!   (their groups, [`signal_group`]), kills what is left a few seconds later, and exits with
+//!   128 + the signal's number, as a process killed by it would.
 //! - Each process starts in a process group of its own ([`own_process_group`]), which the
 //!   launcher kills whole ([`kill_group`]): a worker's own children go with it. Ctrl-C
 //!   therefore reaches the launcher alone, which stops the job.
@@ -151,14 +151,22 @@ pub fn own_process_group(command: &mut Command) {
 /// already gone is not an error.
 pub fn kill_group(child: &std::process::Child) {
     #[cfg(unix)]
+    signal_group(child, libc::SIGKILL);
+    #[cfg(not(unix))]
+    let _ = child;
+}
+
+/// Sends `signal` to the process group `child` leads (a stopping signal the launcher got,
+/// passed on: a Python worker's `KeyboardInterrupt` handlers run, as under a terminal's
+/// Ctrl-C). As [`kill_group`], only while `child` is not reaped.
+#[cfg(unix)]
+pub fn signal_group(child: &std::process::Child, signal: i32) {
     if let Ok(leader) = libc::pid_t::try_from(child.id()) {
         // SAFETY: `kill` takes plain integers; a negative id names a process group.
         unsafe {
-            libc::kill(-leader, libc::SIGKILL);
+            libc::kill(-leader, signal);
         }
     }
-    #[cfg(not(unix))]
-    let _ = child;
 }
 
 /// When `child` has exited with a status other than 0 or was killed, and is not reaped yet,

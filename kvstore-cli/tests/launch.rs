@@ -688,7 +688,9 @@ fn a_launcher_told_to_stop_kills_its_job_and_exits_128_plus_the_signal() {
     let errors = errors.join().unwrap();
     assert_eq!(status.code(), Some(143), "{errors}");
     assert!(
-        errors.contains("the launcher got SIGTERM; killed"),
+        errors.contains(
+            "the launcher got SIGTERM; passed it on to the scheduler, server 0 and worker 0"
+        ),
         "{errors}"
     );
     assert_eq!(left_after_a_while(&mark), Vec::<u32>::new(), "{errors}");

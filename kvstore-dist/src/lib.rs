@@ -88,12 +88,13 @@
 //! Each push carries the worker's step number of the key. A push call that fails may have
 //! been merged by some servers and refused by others (a worker taking a lost one's place had
 //! not said its hello to all of them yet, a timeout on one server): the next push of the key
-//! is taken as the retry of that step and carries its number, and a server that merged that
-//! number already acknowledges it (a pushpull gets that round's result) without merging it
-//! again. The parts of a key so stay in the same step on every server. A round that failed
-//! forgets the numbers merged in it, so that their retries merge anew. Retry a failed push
-//! with the same gradient, as training loops do: a different value would be taken for the
-//! parts that were not merged only.
+//! is taken as the retry of that step and carries its number, unless the key was pulled in
+//! between (a loop that gives the step up pulls the weights for its next one), and a server
+//! that merged that number already acknowledges it (a pushpull gets that round's result)
+//! without merging it again. The parts of a key so stay in the same step on every server. A
+//! round that failed forgets the numbers merged in it, so that their retries merge anew. Retry
+//! a failed push whole, with the same gradients, as training loops do: a different value
+//! would be taken for the parts that were not merged only.
 //!
 //! ## Recovery nodes
 //!

@@ -147,10 +147,11 @@ pub const BATCH_ITEM_BYTES: usize = 64 << 10;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most items in one batch.
 pub const BATCH_MAX_ITEMS: usize = 4096;
-/// Most bytes a batch's answer may carry: a batch closes once its parts reach
-/// [`BATCH_BYTES`], and each part is at most [`BATCH_ITEM_BYTES`]. A server refuses a batch
-/// pull that asks more (big parts travel alone), rather than build an answer of any size.
-pub const BATCH_MAX_ANSWER_BYTES: usize = BATCH_BYTES + BATCH_ITEM_BYTES;
+/// Most bytes a batch's answer may carry: twice [`BATCH_BYTES`] (a batch closes once its parts
+/// reach it, and each part is at most [`BATCH_ITEM_BYTES`]; `byteps` may add a part or two on
+/// top). A server refuses a batch pull that asks more (big parts travel alone), rather than
+/// build an answer of any size.
+pub const BATCH_MAX_ANSWER_BYTES: usize = 2 * BATCH_BYTES;
 
 /// MXNet's server command heads (`_get_kvstore_server_command_type`).
 pub mod head {

@@ -569,3 +569,39 @@ fn a_push_retried_after_failing_on_one_server_is_merged_once_on_each() {
     node.leave().unwrap();
     cluster.finish().unwrap();
 }
+
+/// A push call that failed on one key (its last round failed) and was merged on another is
+/// given up by a loop that pulls and moves on: the pull tells the worker that the next push
+/// is a new step, merged as such (not acknowledged as a retry of the failed one, which left
+/// the key's round waiting for this worker).
+#[test]
+fn a_pull_after_a_failed_push_makes_the_next_push_a_new_step() {
+    let cluster = LocalCluster::start(1, 2, Duration::from_secs(1)).unwrap();
+    let (_, stores) = workers(&cluster, 2);
+    let (a, b) = (&stores[0], &stores[1]);
+    let value = |v: f32| NDArray::full(&[2], f64::from(v), DType::F32);
+    on_all(&[a, b], |kv| {
+        kv.init(&[3, 4][..], &[value(0.0), value(0.0)][..]).unwrap();
+    });
+    // Key 3's round times out (b is late): a's next push of key 3 is refused.
+    a.push(3, &value(1.0)).unwrap();
+    thread::sleep(Duration::from_millis(2500));
+    // The call fails on key 3; key 4 is merged (its round waits for b).
+    a.push(&[3, 4][..], &[value(1.0), value(1.0)][..])
+        .expect_err("key 3's last round failed");
+    // The loop gives the step up: b's push of key 4 completes its round, a pulls.
+    b.push(4, &value(2.0)).unwrap();
+    let mut out = value(0.0);
+    a.pull(4, &mut out).unwrap();
+    assert_eq!(out, value(3.0));
+    // The next step: a new round of key 4, on both workers.
+    let pulled = on_all(&[a, b], |kv| {
+        kv.push(4, &value(10.0)).unwrap();
+        let mut out = value(0.0);
+        kv.pull(4, &mut out).unwrap();
+        out
+    });
+    assert_eq!(pulled, vec![value(20.0); 2]);
+    drop(stores);
+    cluster.detach();
+}

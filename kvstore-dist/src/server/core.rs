@@ -700,15 +700,25 @@ impl Core {
             ));
             return;
         }
-        if seq != 0 && e.merged_seq[rank as usize] == seq {
+        if seq != 0 {
             // A retry of a step whose push of this part was merged (its call failed on another
-            // part): answered as that push is, merged once.
-            match (&waiter.wants, mode) {
-                (Wants::Ack, _) => waiter.answer.ok(&[]),
-                (_, Mode::Sync) => self.pull_after_round(&mut e, part, waiter),
-                (_, Mode::Async) => self.answer_pull(&e, part, waiter.answer, waiter.wants),
+            // part), or is queued for the next round: answered as that push is, merged once.
+            if e.merged_seq[rank as usize] == seq {
+                match (&waiter.wants, mode) {
+                    (Wants::Ack, _) => waiter.answer.ok(&[]),
+                    (_, Mode::Sync) => self.pull_after_round(&mut e, part, waiter),
+                    (_, Mode::Async) => self.answer_pull(&e, part, waiter.answer, waiter.wants),
+                }
+                return;
             }
-            return;
+            if let Some(q) = e.queued.iter_mut().find(|q| q.rank == rank && q.seq == seq) {
+                match waiter.wants {
+                    Wants::Ack => waiter.answer.ok(&[]),
+                    // With that push's round.
+                    _ => q.pulls.push(waiter),
+                }
+                return;
+            }
         }
         if let Some((r, why)) = gone {
             let msg = format!(
@@ -925,7 +935,7 @@ impl Core {
         if answered > protocol::BATCH_MAX_ANSWER_BYTES {
             let _ = responder.respond_error(&format!(
                 "a batch of {} items would answer {answered} bytes: a batch answers at most {} \
-                 (parts over {} bytes are pulled alone)",
+                 (parts over {} bytes are pulled alone, a batch holds about 1 MiB)",
                 items.len(),
                 protocol::BATCH_MAX_ANSWER_BYTES,
                 protocol::BATCH_ITEM_BYTES

@@ -116,6 +116,12 @@ impl KeyMeta {
         self.steps.lock().unwrap_or_else(|e| e.into_inner()).failed = Some(seq);
     }
 
+    /// The key was pulled: a failed push before it was given up (a training loop that moves
+    /// on pulls the weights for its next step), and the next push is a new step.
+    pub(crate) fn pulled(&self) {
+        self.steps.lock().unwrap_or_else(|e| e.into_inner()).failed = None;
+    }
+
     /// What every worker tells the server about part `i`.
     pub(crate) fn init_meta(&self, i: usize) -> InitMeta {
         InitMeta {

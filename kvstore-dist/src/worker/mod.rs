@@ -731,6 +731,9 @@ impl DistStore {
         let keys: Vec<&Key> = groups.iter().map(|g| &g.key).collect();
         let metas = self.metas(operation, &keys)?;
         self.check_outs(operation, outs)?;
+        for meta in &metas {
+            meta.pulled();
+        }
         let answers = self
             .exchange(
                 operation,

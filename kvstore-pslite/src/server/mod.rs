@@ -519,6 +519,11 @@ impl Server {
         let slot = slots.get_mut(&ps_key).expect("the caller found the key");
         // The key the optimizer knows: MXNet's int key (the server's range start taken off).
         let key = Key::Int(ps_key.wrapping_sub(*range_begin) as i64);
+        // A half-precision round is summed in float32 under multi-precision, unless the optimizer
+        // set since keeps no float32 copy to take such a gradient.
+        let master = updater
+            .as_ref()
+            .is_none_or(|u| u.keeps_master_copy(slot.dtype));
         // Applies the optimizer to `weight`, when one was set (`Ok(false)` when none was).
         let mut optimize = |grad: &NDArray, weight: &mut NDArray| match updater {
             Some(updater) => updater
@@ -575,7 +580,7 @@ impl Server {
         while slot.held.len() >= *num_workers {
             slot.round_started = None;
             let sum_dtype = match slot.dtype {
-                DType::F16 | DType::BF16 if *multi_precision => DType::F32,
+                DType::F16 | DType::BF16 if *multi_precision && master => DType::F32,
                 dtype => dtype,
             };
             let sum = slot.round_sum(reduce, sum_dtype).map_err(bad)?;

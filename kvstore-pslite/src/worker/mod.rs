@@ -821,7 +821,10 @@ impl PsLiteStore {
         // would count as a round's push).
         if let Err(e) = self.van.barrier(WORKER_GROUP) {
             let e = backend(&self.name, e);
-            self.init_failed(&new, &e);
+            // Only rank 0 sent values: another rank may init again.
+            if self.van.rank() == 0 {
+                self.init_failed(&new, &e);
+            }
             return Err(e);
         }
         let mut table = lock(&self.table);

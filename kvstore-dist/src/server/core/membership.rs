@@ -42,12 +42,12 @@ pub(super) struct Workers {
 }
 
 impl Workers {
-    /// Why worker `rank` can take no part in a round any more, if it cannot.
     /// Whether worker `rank` said goodbye (and was not lost before).
     pub(super) fn left(&self, rank: usize) -> bool {
         self.dead[rank].is_none() && self.bye[rank]
     }
 
+    /// Why worker `rank` can take no part in a round any more, if it cannot.
     pub(super) fn gone(&self, rank: usize) -> Option<String> {
         match &self.dead[rank] {
             Some(why) => Some(format!("is gone ({why})")),
