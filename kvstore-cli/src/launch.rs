@@ -1164,21 +1164,36 @@ impl Job {
     }
 
     /// Sends `signal` to the process groups of the processes still running and waits, at
-    /// most [`KILL_GRACE`], for them to exit (recording their statuses); returns those it
-    /// signalled, in start order.
+    /// most [`KILL_GRACE`], for them to exit; returns those it signalled, in start order.
     fn pass_on(&mut self, signal: i32) -> Vec<Process> {
-        let signalled: Vec<Process> = self
-            .running
-            .iter()
-            .filter(|r| r.status.is_none())
-            .map(|r| r.process)
-            .collect();
-        #[cfg(unix)]
-        for r in self.running.iter().filter(|r| r.status.is_none()) {
-            crate::stop_signals::signal_group(&r.child, signal);
+        self.stop_running(|child| {
+            #[cfg(unix)]
+            crate::stop_signals::signal_group(child, signal);
+            #[cfg(not(unix))]
+            let _ = (child, signal);
+        })
+    }
+
+    /// Kills every process still running and waits (a bounded time) for each to be gone;
+    /// returns those it killed, in start order.
+    fn kill_running(&mut self) -> Vec<Process> {
+        self.stop_running(|child| {
+            // Its process group first: what it started and did not `exec` (its id is still
+            // the group's, not reaped yet). An error means it has exited already; it is
+            // reaped below either way.
+            crate::stop_signals::kill_group(child);
+            let _ = child.kill();
+        })
+    }
+
+    /// Applies `stop` to every process still running, then waits, at most [`KILL_GRACE`],
+    /// for them to exit (recording their statuses); returns those it stopped, in start order.
+    fn stop_running(&mut self, stop: impl Fn(&mut Child)) -> Vec<Process> {
+        let mut stopped = Vec::new();
+        for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
+            stop(&mut r.child);
+            stopped.push(r.process);
         }
-        #[cfg(not(unix))]
-        let _ = signal;
         let deadline = Instant::now() + KILL_GRACE;
         while Instant::now() < deadline {
             let mut left = false;
@@ -1186,6 +1201,7 @@ impl Job {
                 match r.child.try_wait() {
                     Ok(Some(status)) => r.status = Some(status),
                     Ok(None) => left = true,
+                    // Cannot be waited for: nothing to wait for.
                     Err(_) => {}
                 }
             }
@@ -1194,35 +1210,7 @@ impl Job {
             }
             thread::sleep(POLL);
         }
-        signalled
-    }
-
-    /// Kills every process still running and waits (a bounded time) for each to be gone;
-    /// returns those it killed, in start order.
-    fn kill_running(&mut self) -> Vec<Process> {
-        let mut killed = Vec::new();
-        for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
-            // Its process group first: what it started and did not `exec` (its id is still
-            // the group's, not reaped yet). An error means it has exited already; it is
-            // reaped below either way.
-            crate::stop_signals::kill_group(&r.child);
-            let _ = r.child.kill();
-            killed.push(r.process);
-        }
-        let deadline = Instant::now() + KILL_GRACE;
-        for r in self.running.iter_mut().filter(|r| r.status.is_none()) {
-            while Instant::now() < deadline {
-                match r.child.try_wait() {
-                    Ok(Some(status)) => {
-                        r.status = Some(status);
-                        break;
-                    }
-                    Ok(None) => thread::sleep(POLL),
-                    Err(_) => break,
-                }
-            }
-        }
-        killed
+        stopped
     }
 
     /// Waits (a bounded time) for the output threads to forward what is left.

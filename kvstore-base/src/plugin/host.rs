@@ -560,10 +560,22 @@ fn marshal_values(keys: &[Key], values: &[&NDArray]) -> Result<Marshalled> {
     })
 }
 
-fn marshal_outs(keys: &[Key], outs: &mut [&mut NDArray], skip: &[bool]) -> Result<Marshalled> {
+/// Outputs laid out for a call, each in a fresh dense buffer the plugin writes (copied into the
+/// output by [`PluginStore::finish_outs`] once the call succeeded); those `skip` names are
+/// left out. With `rows`, a row-sparse output takes its buffer's non-zero rows (a pull's, as
+/// MXNet casts a dense value to row-sparse); else it is refused.
+fn marshal_outs(
+    keys: &[Key],
+    outs: &mut [&mut NDArray],
+    skip: &[bool],
+    rows: bool,
+) -> Result<Marshalled> {
     for (i, o) in outs.iter().enumerate() {
-        if !skip[i] {
-            check_transferable(o, &format!("output {i}"))?;
+        let what = format!("output {i}");
+        match (skip[i], rows && o.storage_type() == StorageType::RowSparse) {
+            (true, _) => {}
+            (false, true) => check_on_host(o, &what)?,
+            (false, false) => check_transferable(o, &what)?,
         }
     }
     let mut m = Marshalled {
@@ -800,7 +812,7 @@ impl PluginStore {
         let inputs = marshal_values(values.keys(), values.values())?;
         let out_keys = outs.keys().to_vec();
         let skip = vec![false; outs.len()];
-        let outputs = marshal_outs(&out_keys, outs.outs_mut(), &skip)?;
+        let outputs = marshal_outs(&out_keys, outs.outs_mut(), &skip, false)?;
         self.status(
             // SAFETY: the handle is live; keys and tensors point into arrays borrowed for the
             // call (inputs read-only, outputs exclusively borrowed through `outs`); the record
@@ -950,31 +962,14 @@ impl KVStoreBase for PluginStore {
         };
         self.key_type.check("pull", outs.keys())?;
         // A row-sparse output is skipped with `ignore_sparse`; without it, it receives the
-        // whole value, pulled into a dense stand-in (plugins pull dense), then its non-zero
-        // rows.
-        let mut skip = Vec::with_capacity(outs.len());
-        let mut stand_ins: Vec<Option<NDArray>> = Vec::with_capacity(outs.len());
-        for (i, out) in outs.outs().iter().enumerate() {
-            let row_sparse = out.storage_type() == StorageType::RowSparse;
-            skip.push(ignore_sparse && row_sparse);
-            stand_ins.push(if row_sparse && !ignore_sparse {
-                check_on_host(out, &format!("output {i}"))?;
-                Some(NDArray::zeros(out.shape(), out.dtype()))
-            } else {
-                None
-            });
-        }
-        let keys = outs.keys().to_vec();
-        let mut targets: Vec<&mut NDArray> = outs
-            .outs_mut()
-            .iter_mut()
-            .zip(stand_ins.iter_mut())
-            .map(|(out, stand_in)| match stand_in {
-                Some(dense) => dense,
-                None => &mut **out,
-            })
+        // non-zero rows of the whole value (plugins pull dense).
+        let skip: Vec<bool> = outs
+            .outs()
+            .iter()
+            .map(|o| ignore_sparse && o.storage_type() == StorageType::RowSparse)
             .collect();
-        let m = marshal_outs(&keys, &mut targets, &skip)?;
+        let keys = outs.keys().to_vec();
+        let m = marshal_outs(&keys, outs.outs_mut(), &skip, true)?;
         if m.tensors.is_empty() {
             return Ok(());
         }
@@ -999,15 +994,7 @@ impl KVStoreBase for PluginStore {
             },
             |code, record| self.fail("pull", code, record, &pulled, &[]),
         )?;
-        Self::finish_outs(&mut targets, m.staged)?;
-        drop(targets);
-        for (out, stand_in) in outs.outs_mut().iter_mut().zip(stand_ins) {
-            if let Some(dense) = stand_in {
-                // Its non-zero rows, as MXNet casts a dense array to row-sparse.
-                out.assign(&dense)?;
-            }
-        }
-        Ok(())
+        Self::finish_outs(outs.outs_mut(), m.staged)
     }
 
     fn set_optimizer(&self, optimizer: &OptimizerSpec) -> Result<()> {

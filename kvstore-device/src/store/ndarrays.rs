@@ -210,20 +210,9 @@ impl DeviceStore {
         // Its optimizer state and update count go with it: the GPU kernels continue what the
         // host updater did (fresh states would restart adam's bias correction, and lose
         // momentum).
-        let host_state: Option<(Vec<Vec<f32>>, u64)> = self.local.with_optimizer_updater(|u| {
-            let u = u?;
-            let arrays = u
-                .state_arrays(key)?
-                .iter()
-                .map(|a| {
-                    a.try_astype(kvstore_base::DType::F32)
-                        .ok()?
-                        .to_vec::<f32>()
-                        .ok()
-                })
-                .collect::<Option<Vec<_>>>()?;
-            Some((arrays, u.update_count(key).unwrap_or(0)))
-        });
+        let host_state = self
+            .local
+            .with_optimizer_updater(|u| super::states::host_state(u.as_deref(), key))?;
         let mut state = self.state();
         if state.keys.contains_key(key) {
             return Ok(());
@@ -234,11 +223,7 @@ impl DeviceStore {
             .as_ref()
             .and_then(|s| GpuOptimizer::parse(s).ok());
         if let (Some(opt), Some((arrays, count))) = (opt, host_state) {
-            let on_gpu = !entry.row_sparse || opt.updates_rows_lazily();
-            if on_gpu
-                && arrays.len() == opt.state_len()
-                && arrays.iter().all(|a| a.len() == entry.initial.size())
-            {
+            if entry.takes_state(&opt, &arrays) {
                 entry.loaded_state = Some(arrays);
                 state.counts.insert(key.clone(), count);
             }

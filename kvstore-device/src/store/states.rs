@@ -9,7 +9,33 @@
 use super::*;
 
 /// A key's optimizer state on the host: its arrays, and its update count.
-type HostState = (Vec<Vec<f32>>, u64);
+pub(super) type HostState = (Vec<Vec<f32>>, u64);
+
+/// The optimizer state and update count the host updater `updater` holds for `key`, if any.
+pub(super) fn host_state(
+    updater: Option<&kvstore_optimizer::Updater>,
+    key: &Key,
+) -> Result<Option<HostState>> {
+    let Some((u, arrays)) = updater.and_then(|u| Some((u, u.state_arrays(key)?))) else {
+        return Ok(None);
+    };
+    let host = arrays
+        .iter()
+        .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some((host, u.update_count(key).unwrap_or(0))))
+}
+
+impl GpuEntry {
+    /// Whether the GPU kernels of `opt` keep this key's state, and `arrays` (from the host
+    /// updater or a file) are that state: as many as `opt` keeps, each of the key's size. A
+    /// row-sparse key updated by the host updater (`lazy_update` false) keeps its state there.
+    pub(super) fn takes_state(&self, opt: &GpuOptimizer, arrays: &[Vec<f32>]) -> bool {
+        (!self.row_sparse || opt.updates_rows_lazily())
+            && arrays.len() == opt.state_len()
+            && arrays.iter().all(|a| a.len() == self.initial.size())
+    }
+}
 
 impl DeviceStore {
     /// Copies the GPU optimizer states and update counts into the host store's updater.
@@ -78,32 +104,14 @@ impl DeviceStore {
             self.local.with_optimizer_updater(|updater| {
                 let updater = updater.as_deref();
                 keys.iter()
-                    .map(|key| {
-                        let Some((u, arrays)) =
-                            updater.and_then(|u| Some((u, u.state_arrays(key)?)))
-                        else {
-                            return Ok((key.clone(), None));
-                        };
-                        let host = arrays
-                            .iter()
-                            .map(|a| a.try_astype(kvstore_base::DType::F32)?.to_vec::<f32>())
-                            .collect::<Result<Vec<_>>>()?;
-                        Ok((key.clone(), Some((host, u.update_count(key).unwrap_or(0)))))
-                    })
+                    .map(|key| Ok((key.clone(), host_state(updater, key)?)))
                     .collect::<Result<Vec<_>>>()
             })?;
         let GpuState { keys, counts, .. } = &mut *state;
         for (key, found) in loaded {
             let entry = keys.get_mut(&key).expect("listed above");
-            // A row-sparse key updated by the host updater (`lazy_update` false) keeps its
-            // state there.
-            let on_gpu = !entry.row_sparse || opt.updates_rows_lazily();
             match found {
-                Some((arrays, count))
-                    if on_gpu
-                        && arrays.len() == opt.state_len()
-                        && arrays.iter().all(|a| a.len() == entry.initial.size()) =>
-                {
+                Some((arrays, count)) if entry.takes_state(&opt, &arrays) => {
                     match entry.merge_dev {
                         // Placed: onto its merge GPU now.
                         Some(dev) => {

@@ -1065,15 +1065,19 @@ impl Core {
         };
         let waiters = std::mem::take(&mut e.waiters);
         e.round_started = None;
-        if let Err(msg) = &outcome {
-            // Marks the ranks that pushed: their next pulls fail with it.
-            fail_waiters(e, waiters, msg, false);
-            e.pushed.iter_mut().for_each(|p| *p = false);
-            return outcome;
-        }
+        let answered = match &outcome {
+            Ok(()) => Some(waiters),
+            Err(msg) => {
+                // Marks the ranks that pushed: their next pulls (and pushes) fail with it.
+                fail_waiters(e, waiters, msg, false);
+                None
+            }
+        };
         // The round is over before any answer goes out.
         e.pushed.iter_mut().for_each(|p| *p = false);
-        reply_all(waiters, e.value.as_ref().expect("set"));
+        if let Some(waiters) = answered {
+            reply_all(waiters, e.value.as_ref().expect("set"));
+        }
         outcome
     }
 

@@ -609,33 +609,19 @@ impl PsLiteStore {
         // value or the sum of its values (one per device) in MXNet's association order. They
         // borrow `pushed`, which the answers then take over.
         let answers = {
-            // Rows first, which may fail: a call that fails before sending anything spends
-            // no key's residual (quantising gives up what is sent).
-            let mut rows: Vec<Option<Outgoing<'_>>> = pushed
-                .iter()
-                .map(|(key, entry, arrays)| match entry.row_len {
-                    Some(_) => entry
-                        .summed_rows(arrays)
-                        .map(|(ids, bytes)| {
-                            Some(Outgoing::Rows(entry.row_messages(&ids, Some(&bytes))))
-                        })
-                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
-                    None => Ok(None),
-                })
-                .collect::<Result<_>>()?;
             let outgoing: Vec<Outgoing<'_>> = pushed
                 .iter()
-                .zip(rows.iter_mut())
-                .map(
-                    |((key, entry, arrays), rows)| match (rows.take(), &entry.packed) {
-                        (Some(rows), _) => Ok(rows),
-                        (None, Some(layout)) => self
-                            .quantize(entry, layout, arrays)
-                            .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
-                            .map_err(|e| e.at_key(&self.name, operation, key.clone())),
-                        (None, None) => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
-                    },
-                )
+                .map(|(key, entry, arrays)| match &entry.packed {
+                    _ if entry.row_len.is_some() => entry
+                        .summed_rows(arrays)
+                        .map(|(ids, bytes)| Outgoing::Rows(entry.row_messages(&ids, Some(&bytes))))
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                    Some(layout) => self
+                        .quantize(entry, layout, arrays)
+                        .map(|bytes| Outgoing::Packed(bytes, &layout.slices))
+                        .map_err(|e| e.at_key(&self.name, operation, key.clone())),
+                    None => Ok(Outgoing::Dense(reduce::outbound(arrays, &self.reduce))),
+                })
                 .collect::<Result<_>>()?;
             let requests: Vec<Request<'_>> = pushed
                 .iter()
