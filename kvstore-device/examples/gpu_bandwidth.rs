@@ -18,9 +18,13 @@
 //!   1-bit quantisation and dequantisation, as GB/s of float32 input (256 MiB / time);
 //! - a push of 8 x 64 MiB with 2-bit compression (each value quantised on its GPU, the codes
 //!   copied to the merge GPU, dequantised and summed there), as GB/s of float32 input;
-//! - a pushpull of 4 x 64 MiB in GPU memory on `dist_sync` (each value and output staged
-//!   through the host) and on `dist_device_sync` (summed on a GPU, one array per key each
-//!   way), one worker and one server in this process.
+//! - 64 MiB copied from a GPU to the host and back through `NDArray::to_context` (staged
+//!   through the GPU's page-locked buffer), beside one copy into page-locked memory (the
+//!   bound);
+//! - a pushpull of 4 x 64 MiB on `dist_sync` (each value and output staged through the host)
+//!   and on `dist_device_sync` (summed on a GPU, one array per key each way), one worker and
+//!   one server in this process: with values and outputs in host memory (the network's
+//!   part), then in GPU memory.
 //!
 //! Prints `no GPU: <reason>` and exits 0 without a GPU. `KVSTORE_GPU_BANDWIDTH_UNIT=<bytes>`
 //! (default 1048576) replaces the MiB of every size above, for a quick run on a small GPU or
@@ -299,6 +303,54 @@ fn main() -> Result<()> {
                 .to_context(kvstore_base::Context::Gpu(info.devices[i % ngpu].ordinal))
         })
         .collect::<Result<Vec<_>>>()?;
+    // What staging through the host costs: 64 MiB each way through `NDArray::to_context`
+    // (pageable host memory, as the dist stores stage GPU values), beside raw copies into
+    // page-locked host memory (the bound), and the same pushpull with host values.
+    let t_down = wall_time(5, || {
+        values[0].to_context(kvstore_base::Context::Cpu).map(drop)
+    })?;
+    let on_host = values[0].to_context(kvstore_base::Context::Cpu)?;
+    let t_up = wall_time(5, || {
+        on_host.to_context(kvstore_base::Context::Gpu(0)).map(drop)
+    })?;
+    let cuda = |e: cudarc::driver::DriverError| Error::Device(format!("pinned copy: {e}"));
+    let stream = &runtime.gpu(0)?.stream;
+    let device_buffer = stream.alloc_zeros::<f32>(n).map_err(cuda)?;
+    // SAFETY: page-locked memory for plain float32 copies; no flags (read by the CPU).
+    let mut pinned =
+        unsafe { stream.context().alloc_pinned_with_flags::<f32>(n, 0) }.map_err(cuda)?;
+    let t_pinned = wall_time(5, || {
+        stream
+            .memcpy_dtoh(&device_buffer, &mut pinned)
+            .map_err(cuda)?;
+        stream.synchronize().map_err(cuda)
+    })?;
+    println!(
+        "64 MiB GPU -> host: to_context {:.3} ms ({:.1} GB/s), into page-locked memory {:.3} ms \
+         ({:.1} GB/s); host -> GPU: to_context {:.3} ms ({:.1} GB/s)",
+        t_down * 1e3,
+        gbs(64 * mib, t_down),
+        t_pinned * 1e3,
+        gbs(64 * mib, t_pinned),
+        t_up * 1e3,
+        gbs(64 * mib, t_up)
+    );
+    let host_values: Vec<NDArray> = (0..4)
+        .map(|_| NDArray::full(&[n], 1.0, DType::F32))
+        .collect();
+    for name in ["dist_sync", "dist_device_sync"] {
+        let cluster = kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
+        let kv = cluster.create_worker(name)?;
+        kv.init(0, &NDArray::zeros(&[n], DType::F32))?;
+        let mut outs = host_values.clone();
+        let t = wall_time(5, || kv.pushpull(0, &host_values[..], &mut outs[..]))?;
+        println!(
+            "{name}: pushpull of 4 x 64 MiB in host memory into 4 host outputs: {:.3} ms",
+            t * 1e3
+        );
+        drop(kv);
+        cluster.finish()?;
+    }
     for name in ["dist_sync", "dist_device_sync"] {
         let cluster = kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
         let kv = cluster.create_worker(name)?;

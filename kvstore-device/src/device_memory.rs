@@ -44,12 +44,13 @@ impl DeviceMemory for DeviceArray {
     }
 
     fn to_host(&self) -> Result<HostArray> {
-        let host = DeviceArray::to_host(self)?;
-        Ok(host.dense().expect("to_host answers a dense array").clone())
+        DeviceArray::to_host(self)?
+            .into_dense()
+            .ok_or_else(|| Error::Device("a GPU array's host copy is not dense".into()))
     }
 
     fn write_from_host(&mut self, host: &HostArray) -> Result<()> {
-        self.copy_from_host(&NDArray::from_host(host.clone()))
+        self.copy_from_host_array(host)
     }
 
     fn try_clone(&self) -> Result<Box<dyn DeviceMemory>> {
@@ -113,9 +114,8 @@ impl DeviceBackend for CudaBackend {
     }
 
     fn upload(&self, host: &HostArray, context: Context) -> Result<Box<dyn DeviceMemory>> {
-        let array = NDArray::from_host(host.clone());
-        Ok(Box::new(DeviceArray::from_host(
-            &array,
+        Ok(Box::new(DeviceArray::from_host_array(
+            host,
             gpu_ordinal(context)?,
         )?))
     }

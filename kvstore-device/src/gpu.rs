@@ -2,6 +2,7 @@
 //! [`DeviceArray`], a dense float32 array in one GPU's memory, and the NVRTC compilation of
 //! every kernel ([`kernel_source`], [`compile_kernels`]).
 
+use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};
 
@@ -9,9 +10,10 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig,
     PushKernelArg,
 };
-use kvstore_base::{Context, DType, Error, NDArray, Result};
+use kvstore_base::{Context, DType, Error, HostArray, NDArray, Result};
 use kvstore_compression::CompressionType;
 
+use crate::host_copies::Staging;
 use crate::kernel_image::KernelImages;
 pub use crate::kernel_image::{
     compile_kernels, compile_kernels_for, driver_cuda_version, nvrtc_version, ComputeCapability,
@@ -252,13 +254,15 @@ pub fn kernel_source() -> String {
 }
 
 /// One GPU: its context, the stream every operation of this crate on it uses (so work on
-/// one GPU is ordered), and the loaded kernels.
+/// one GPU is ordered), the loaded kernels, and the page-locked buffer its copies to and from
+/// host memory go through.
 #[derive(Debug)]
 pub struct Gpu {
     /// The stream of this GPU.
     pub stream: Arc<CudaStream>,
     pub(crate) kernels: Kernels,
     loaded_as: String,
+    staging: Staging,
 }
 
 /// The kernels of one GPU, looked up in the module loaded into its context.
@@ -340,6 +344,7 @@ impl Runtime {
                 stream,
                 kernels,
                 loaded_as,
+                staging: Staging::default(),
             });
         }
         Ok(Runtime { gpus })
@@ -403,6 +408,23 @@ pub(crate) fn push_momentum<'a>(
 }
 
 impl Gpu {
+    /// Copies `src` into `dst` (at least as long) on this GPU's stream, after what is queued
+    /// there (large copies staged through its page-locked buffer); `src` may change as soon
+    /// as this returns.
+    pub(crate) fn upload(&self, src: &[f32], dst: &mut CudaSlice<f32>) -> Result<()> {
+        self.staging.upload(&self.stream, src, dst)
+    }
+
+    /// `src` copied into a new allocation on this GPU ([`upload`](Gpu::upload)).
+    pub(crate) fn upload_new(&self, src: &[f32]) -> Result<CudaSlice<f32>> {
+        let mut data = self
+            .stream
+            .alloc_zeros::<f32>(src.len())
+            .map_err(cuda("alloc"))?;
+        self.upload(src, &mut data)?;
+        Ok(data)
+    }
+
     /// How this GPU's kernels were loaded: `"sm_90 machine code"` (compiled by NVRTC for its
     /// architecture) or `"PTX"` (compiled by the driver; see
     /// [`compile_kernels_for`]).
@@ -612,15 +634,22 @@ impl DeviceArray {
     /// [`Error::InvalidArgument`] for another dtype, a row-sparse array or no element;
     /// [`Error::Device`] as [`zeros`](DeviceArray::zeros).
     pub fn from_host(array: &NDArray, ordinal: usize) -> Result<DeviceArray> {
-        non_empty(array.shape())?;
-        let host = host_f32(array)?;
-        let gpu = Runtime::get()?.gpu(ordinal)?;
-        let data = gpu
-            .stream
-            .clone_htod(&host[..])
-            .map_err(cuda("copy to GPU"))?;
+        match array.dense() {
+            Some(host) => DeviceArray::from_host_array(host, ordinal),
+            None => Err(not_float32(array)),
+        }
+    }
+
+    /// Copies a float32 [`HostArray`] to `gpu(ordinal)`.
+    ///
+    /// # Errors
+    /// As [`from_host`](DeviceArray::from_host).
+    pub fn from_host_array(host: &HostArray, ordinal: usize) -> Result<DeviceArray> {
+        non_empty(host.shape())?;
+        let elements = dense_f32(host)?;
+        let data = Runtime::get()?.gpu(ordinal)?.upload_new(&elements)?;
         Ok(DeviceArray {
-            shape: array.shape().to_vec(),
+            shape: host.shape().to_vec(),
             ordinal,
             data,
         })
@@ -631,7 +660,7 @@ impl DeviceArray {
     /// # Errors
     /// [`Error::Device`] when a CUDA call fails.
     pub fn to_host(&self) -> Result<NDArray> {
-        NDArray::from_vec(&self.shape, download(&self.data)?)
+        NDArray::from_vec(&self.shape, download_f32(&self.data)?)
     }
 
     /// Copies a dense float32 host array of this array's shape into it (queued on its GPU's
@@ -641,18 +670,28 @@ impl DeviceArray {
     /// [`Error::ShapeMismatch`] when the shapes differ; [`Error::InvalidArgument`] for another
     /// dtype or a row-sparse array; [`Error::Device`] when the copy fails.
     pub fn copy_from_host(&mut self, array: &NDArray) -> Result<()> {
-        if array.shape() != self.shape.as_slice() {
+        match array.dense() {
+            Some(host) => self.copy_from_host_array(host),
+            None => Err(not_float32(array)),
+        }
+    }
+
+    /// Copies a float32 [`HostArray`] of this array's shape into it.
+    ///
+    /// # Errors
+    /// As [`copy_from_host`](DeviceArray::copy_from_host).
+    pub fn copy_from_host_array(&mut self, host: &HostArray) -> Result<()> {
+        if host.shape() != self.shape.as_slice() {
             return Err(Error::ShapeMismatch {
                 what: "a host-to-GPU copy".into(),
                 expected: self.shape.clone(),
-                found: array.shape().to_vec(),
+                found: host.shape().to_vec(),
             });
         }
-        let host = host_f32(array)?;
-        let gpu = Runtime::get()?.gpu(self.ordinal)?;
-        gpu.stream
-            .memcpy_htod(&host[..], &mut self.data)
-            .map_err(cuda("copy to GPU"))
+        let elements = dense_f32(host)?;
+        Runtime::get()?
+            .gpu(self.ordinal)?
+            .upload(&elements, &mut self.data)
     }
 
     /// Copies `src` (on any GPU) into this array.
@@ -753,6 +792,14 @@ pub(crate) fn download<T: cudarc::driver::DeviceRepr>(slice: &CudaSlice<T>) -> R
     Ok(data)
 }
 
+/// The contents of float32 `slice`, copied to host memory once every operation queued on its
+/// stream is done (large copies staged through its GPU's page-locked buffer).
+pub(crate) fn download_f32(slice: &CudaSlice<f32>) -> Result<Vec<f32>> {
+    let stream = slice.stream();
+    let gpu = Runtime::get()?.gpu(stream.context().ordinal())?;
+    gpu.staging.download(stream, slice)
+}
+
 /// The element count of `shape`, refusing none: CUDA allocations are never empty.
 pub(crate) fn non_empty(shape: &[usize]) -> Result<usize> {
     match shape.iter().product::<usize>() {
@@ -781,13 +828,26 @@ pub(crate) fn copy_on<T: cudarc::driver::DeviceRepr>(
     Ok(())
 }
 
-fn host_f32(array: &NDArray) -> Result<Vec<f32>> {
-    if array.dtype() != DType::F32 || array.dense().is_none() {
-        return Err(Error::InvalidArgument(format!(
-            "GPU values are dense float32 for now, got a {} {} array",
-            array.storage_type(),
-            array.dtype()
-        )));
+/// The elements of a float32 host array, borrowed when they lie in order in memory.
+fn dense_f32(host: &HostArray) -> Result<Cow<'_, [f32]>> {
+    match host {
+        HostArray::F32(a) => Ok(match a.as_slice() {
+            Some(elements) => Cow::Borrowed(elements),
+            None => Cow::Owned(a.iter().copied().collect()),
+        }),
+        other => Err(Error::InvalidArgument(format!(
+            "GPU values are dense float32 for now, got a dense {} array",
+            other.dtype()
+        ))),
     }
-    array.to_vec::<f32>()
+}
+
+/// The error for an array GPU memory cannot take (row-sparse, in device memory already, or
+/// not float32).
+fn not_float32(array: &NDArray) -> Error {
+    Error::InvalidArgument(format!(
+        "GPU values are dense float32 for now, got a {} {} array",
+        array.storage_type(),
+        array.dtype()
+    ))
 }

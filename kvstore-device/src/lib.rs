@@ -228,6 +228,7 @@ mod compressed;
 pub mod device_memory;
 pub mod gpu;
 pub mod gpu_codec;
+mod host_copies;
 mod kernel_image;
 mod optim;
 pub mod peer;

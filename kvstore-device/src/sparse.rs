@@ -6,7 +6,7 @@
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, PushKernelArg, ValidAsZeroBits};
 use kvstore_base::{DType, Error, HostArray, NDArray, Result, StorageType};
 
-use crate::gpu::{copy_on, cuda, download, push_momentum, Gpu, Runtime, StepParams};
+use crate::gpu::{copy_on, cuda, download_f32, push_momentum, Gpu, Runtime, StepParams};
 
 /// The CUDA C source of the row kernels (compiled with the other kernels, see
 /// [`kernel_source`](crate::gpu::kernel_source)). All are grid-stride loops over the
@@ -255,7 +255,7 @@ impl DeviceRowSparse {
 
     /// The stored rows copied to host memory: a dense array of shape `[nnz, shape[1], ...]`.
     pub(crate) fn rows_on_host(&self) -> Result<NDArray> {
-        let mut rows = download(&self.rows)?;
+        let mut rows = download_f32(&self.rows)?;
         rows.truncate(self.nnz() * row_len(&self.shape));
         let mut row_shape = self.shape.clone();
         row_shape[0] = self.nnz();

@@ -1391,7 +1391,7 @@ impl DeviceStore {
     /// updater) on a GPU key: the sum and the weight copied to the host, the new weight copied
     /// back (the stored value is unchanged when the updater fails).
     fn host_update(&self, key: &Key, stored: &mut DeviceArray, sum: &CudaSlice<f32>) -> Result<()> {
-        let grad = NDArray::from_vec(stored.shape(), crate::gpu::download(sum)?)?;
+        let grad = NDArray::from_vec(stored.shape(), crate::gpu::download_f32(sum)?)?;
         self.update_dense_on_host(key, &grad, stored)
     }
 
@@ -1444,7 +1444,7 @@ impl DeviceStore {
         let shape = stored.shape().to_vec();
         let arrays = states
             .iter()
-            .map(|s| NDArray::from_vec(&shape, crate::gpu::download(s)?))
+            .map(|s| NDArray::from_vec(&shape, crate::gpu::download_f32(s)?))
             .collect::<Result<Vec<_>>>()?;
         let count = counts.get(key).copied().unwrap_or(0);
         self.local.with_optimizer_updater(|updater| {
@@ -1467,9 +1467,7 @@ impl DeviceStore {
         // the weight and the count as they were.
         let gpu = Runtime::get()?.gpu(stored.ordinal())?;
         for (state, host) in states.iter_mut().zip(&arrays) {
-            gpu.stream
-                .memcpy_htod(&host[..], state)
-                .map_err(cuda("copy to GPU"))?;
+            gpu.upload(host, state)?;
         }
         stored.copy_from_host(&weight)?;
         counts.insert(key.clone(), count);
@@ -1552,11 +1550,7 @@ fn reserve_states(
             // states to the next push.
             let uploaded = loaded
                 .iter()
-                .map(|host| {
-                    gpu.stream
-                        .clone_htod(&host[..])
-                        .map_err(cuda("copy to GPU"))
-                })
+                .map(|host| gpu.upload_new(host))
                 .collect::<Result<Vec<_>>>()?;
             *states = uploaded;
             *loaded_state = None;

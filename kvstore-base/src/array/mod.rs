@@ -553,6 +553,22 @@ impl NDArray {
         }
     }
 
+    /// The host array of a dense host array, taken out of it without a copy; `None` for a
+    /// row-sparse one or one in device memory.
+    ///
+    /// ```
+    /// use kvstore_base::{DType, NDArray};
+    ///
+    /// let host = NDArray::full(&[2, 3], 1.0, DType::F32).into_dense().unwrap();
+    /// assert_eq!(host.shape(), &[2, 3]);
+    /// ```
+    pub fn into_dense(self) -> Option<HostArray> {
+        match self.data {
+            Data::Dense(h) => Some(h),
+            _ => None,
+        }
+    }
+
     /// The host array of a dense host array, mutably.
     pub fn dense_mut(&mut self) -> Option<&mut HostArray> {
         match &mut self.data {

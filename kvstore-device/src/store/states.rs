@@ -59,7 +59,7 @@ impl DeviceStore {
                 _ => entry
                     .state
                     .iter()
-                    .map(|s| NDArray::from_vec(&entry.shape, crate::gpu::download(s)?))
+                    .map(|s| NDArray::from_vec(&entry.shape, crate::gpu::download_f32(s)?))
                     .collect::<Result<Vec<_>>>()?,
             };
             let count = state.counts.get(key).copied().unwrap_or(0);
@@ -118,7 +118,7 @@ impl DeviceStore {
                             let gpu = Runtime::get()?.gpu(dev)?;
                             entry.state = arrays
                                 .iter()
-                                .map(|a| gpu.stream.clone_htod(&a[..]).map_err(cuda("copy to GPU")))
+                                .map(|a| gpu.upload_new(a))
                                 .collect::<Result<Vec<_>>>()?;
                             entry.loaded_state = None;
                         }

@@ -23,6 +23,7 @@
  */
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdarg>
 #include <deque>
 #include <functional>
@@ -613,6 +614,36 @@ API CUresult cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data) {
 
 /* ---- memory -------------------------------------------------------------------------------- */
 
+/* Page-locked host memory: host memory whose copies to a device read it when they run, not
+   when they are queued (as a DMA engine does), so a buffer rewritten before its copy was
+   waited for shows. Start -> size. */
+std::map<uintptr_t, size_t> g_page_locked;
+
+bool is_page_locked(const void* p, size_t n) {
+    auto start = reinterpret_cast<uintptr_t>(p);
+    auto it = g_page_locked.upper_bound(start);
+    if (it == g_page_locked.begin()) return false;
+    --it;
+    return start + n <= it->first + it->second;
+}
+
+API CUresult cuMemHostAlloc(void** out, size_t size, unsigned int) {
+    LOCK;
+    if (!out || size == 0) return CUDA_ERROR_INVALID_VALUE;
+    *out = std::malloc(size);
+    if (!*out) return CUDA_ERROR_OUT_OF_MEMORY;
+    g_page_locked[reinterpret_cast<uintptr_t>(*out)] = size;
+    return CUDA_SUCCESS;
+}
+
+API CUresult cuMemFreeHost(void* p) {
+    LOCK;
+    if (!g_page_locked.erase(reinterpret_cast<uintptr_t>(p))) return CUDA_ERROR_INVALID_VALUE;
+    drain_all(); /* as cuMemFreeHost: queued copies that name it are done first */
+    std::free(p);
+    return CUDA_SUCCESS;
+}
+
 API CUresult cuMemAlloc_v2(CUdeviceptr* out, size_t size) {
     LOCK;
     return allocate(out, size, t_current);
@@ -667,6 +698,13 @@ API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, vo
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
     if (n && !src) return CUDA_ERROR_INVALID_VALUE;
     t_bytes_to_device += n;
+    if (is_page_locked(src, n)) {
+        enqueue(s, [dst, src, n] {
+            check_range(dst, n, "cuMemcpyHtoDAsync (destination)");
+            memcpy(reinterpret_cast<void*>(dst), src, n);
+        });
+        return CUDA_SUCCESS;
+    }
     /* Pageable host memory is staged when the call is made, as CUDA does. */
     auto staged = std::make_shared<std::string>(static_cast<const char*>(src), n);
     enqueue(s, [dst, staged] {

@@ -431,6 +431,11 @@ pub const TESTS: &[(&str, bool, GpuTest)] = &[
         gpu_ndarrays_round_trip,
     ),
     (
+        "ndarray::large_gpu_arrays_round_trip_through_the_staging_buffer",
+        false,
+        large_gpu_ndarrays_round_trip,
+    ),
+    (
         "ndarray::gpu_arrays_through_create_match_host_arrays",
         false,
         gpu_ndarrays_through_stores,
@@ -1909,6 +1914,48 @@ fn gpu_ndarrays_round_trip(info: &GpuInfo) -> TestResult {
         return Err(fail(format!(
             "a float64 GPU array must be refused, got {refused:?}"
         )));
+    }
+    Ok(())
+}
+
+/// Arrays large enough to be copied through a GPU's page-locked staging buffer, in chunks
+/// (two and a half of them here, so the last is partial), arrive whole and in order both
+/// ways, also from two threads copying through the same buffer at once, and into an array
+/// already on the GPU (`assign`).
+fn large_gpu_ndarrays_round_trip(info: &GpuInfo) -> TestResult {
+    use kvstore_base::Context;
+    const CHUNK: usize = 2 << 20; // the staging buffer's elements (src/host_copies.rs)
+    let n = 2 * CHUNK + CHUNK / 2 + 7;
+    let pattern = |seed: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 31 + seed) % 1_000_003) as f32)
+            .collect()
+    };
+    let round_trip = |ordinal: usize, seed: usize| -> TestResult {
+        let host = host(&[n], pattern(seed));
+        let mut gpu = host.to_context(Context::Gpu(ordinal))?;
+        if gpu.to_vec::<f32>()? != pattern(seed) {
+            return Err(fail(format!(
+                "a round trip of {n} elements through gpu({ordinal}) changed them"
+            )));
+        }
+        gpu.assign(&NDArray::from_vec(&[n], pattern(seed + 1))?)?;
+        if gpu.to_context(Context::Cpu)?.to_vec::<f32>()? != pattern(seed + 1) {
+            return Err(fail(format!(
+                "{n} elements written into an array on gpu({ordinal}) came back changed"
+            )));
+        }
+        Ok(())
+    };
+    for d in &info.devices {
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| round_trip(d.ordinal, 5));
+            let mine = round_trip(d.ordinal, 9);
+            other
+                .join()
+                .unwrap_or_else(|_| Err(fail("a copying thread panicked")))
+                .and(mine)
+        })?;
     }
     Ok(())
 }
