@@ -9,7 +9,11 @@ updates of one key on a (3, 4) weight, with inputs from numpy.random.RandomState
 Gradients are handed over as fresh copies (AdaDelta rescales its gradient in place).
 A case with the option {"keys": K} (stored as "keys") updates keys 0..K-1 in turn at each
 step, each from the same initial weight with the same gradient; its steps hold the K
-weights one after the other (Nadam's momentum schedule is shared by all keys).
+weights one after the other (Nadam's momentum schedule is shared by all keys). With
+{"updates": [[keys of step 1], [keys of step 2], ...]} (stored as "updates", one step per
+list) only those keys are updated at each step, in that order, so that keys reach different
+update counts: the learning-rate schedulers follow the largest count (MXNet's num_update),
+bias corrections each key's own. {"steps": N} replaces the number of steps (5).
 
 MXNet 1.9.1 has no `adamw` optimizer class; the `adamw` cases drive the 1.9.1 operator
 mx.nd.contrib.adamw_update (mp_adamw_update with multi_precision) with eta = the learning
@@ -210,6 +214,38 @@ CASES += [
 ]
 
 
+# Keys updated unevenly: key 0 at most steps, key 1 twice, key 2 three times (not at the first
+# step), so that the largest count (the scheduler's) runs ahead of most keys' own.
+UNEVEN = {"keys": 3, "updates": [[0, 1], [0], [0, 2], [2, 1, 0], [0], [2], [0, 2]]}
+CASES += [
+    ("sgd", {"momentum": 0.9, "lr_scheduler": SCHED}, ["float32"], UNEVEN),
+    ("adam", {"learning_rate": 0.01, "lr_scheduler": SCHED}, ["float32", "float64"], UNEVEN),
+    ("adam", {"learning_rate": 0.01, "lr_scheduler": SCHED, "multi_precision": True}, ["float16"],
+     UNEVEN),
+    ("nadam", {"learning_rate": 0.01}, ["float32"], UNEVEN),
+    ("ftml", {"learning_rate": 0.05, "lr_scheduler": SCHED}, ["float32"], UNEVEN),
+    ("lamb", {"learning_rate": 0.01, "lr_scheduler": SCHED}, ["float32"], UNEVEN),
+    ("adamax", {"learning_rate": 0.01, "lr_scheduler": SCHED}, ["float32"], UNEVEN),
+    ("sgd", {"learning_rate": 0.1, "lr_scheduler": WARM}, ["float32"], UNEVEN),
+    # begin_num_update: every key's count starts there (bias corrections and schedulers).
+    ("adam", {"learning_rate": 0.01, "begin_num_update": 3}, ["float32"]),
+    ("adam", {"learning_rate": 0.01, "begin_num_update": 2, "lr_scheduler": SCHED}, ["float32"],
+     UNEVEN),
+    ("nadam", {"learning_rate": 0.01, "begin_num_update": 4}, ["float32"]),
+    ("ftml", {"learning_rate": 0.05, "begin_num_update": 2}, ["float32"]),
+    ("lamb", {"learning_rate": 0.01, "begin_num_update": 3}, ["float32"]),
+    ("adamax", {"learning_rate": 0.01, "begin_num_update": 5}, ["float32"]),
+    ("sgd", {"momentum": 0.9, "begin_num_update": 3, "lr_scheduler": SCHED}, ["float32"]),
+    # Longer float16 runs: rounding carried in the states over 40 steps.
+    ("sgd", {"learning_rate": 0.1, "momentum": 0.9, "wd": 0.01}, ["float16"], {"steps": 40}),
+    ("adam", {"learning_rate": 0.01}, ["float16"], {"steps": 40}),
+    ("adam", {"learning_rate": 0.01, "multi_precision": True}, ["float16"], {"steps": 40}),
+    ("nag", {"learning_rate": 0.1, "momentum": 0.9}, ["float16"], {"steps": 40}),
+    ("rmsprop", {"learning_rate": 0.01, "centered": True, "multi_precision": True}, ["float16"],
+     {"steps": 40}),
+]
+
+
 def make_scheduler(spec):
     spec = dict(spec)
     kind = spec.pop("type")
@@ -246,7 +282,7 @@ def gradient(g, dtype, rows):
     return mx.nd.sparse.row_sparse_array((g[idx], idx), shape=g.shape, dtype=dtype)
 
 
-def run_updater(name, params, w0, grads, dtype, keys=1, grad_rows=None):
+def run_updater(name, params, w0, grads, dtype, keys=1, grad_rows=None, updates=None):
     opt = mx.optimizer.create(name, **to_mx_params(params))
     opt.set_lr_mult(mults(params, "lr_mult"))
     opt.set_wd_mult(mults(params, "wd_mult"))
@@ -255,8 +291,8 @@ def run_updater(name, params, w0, grads, dtype, keys=1, grad_rows=None):
     out = []
     for step, g in enumerate(grads):
         rows = None if grad_rows is None else grad_rows[step]
-        for k, w in enumerate(ws):
-            updater(k, gradient(g, dtype, rows), w)
+        for k in (range(keys) if updates is None else updates[step]):
+            updater(k, gradient(g, dtype, rows), ws[k])
         out.append([x for w in ws for x in w.asnumpy().astype(np.float64).ravel().tolist()])
     return out
 
@@ -295,8 +331,13 @@ def main():
         option = options[0] if options else {}
         keys = option.get("keys", 1)
         grad_rows = option.get("grad_rows")
+        updates = option.get("updates")
         shape = tuple(option.get("shape", SHAPE))
-        steps = STEPS if grad_rows is None else len(grad_rows)
+        steps = option.get("steps", STEPS)
+        if grad_rows is not None:
+            steps = len(grad_rows)
+        if updates is not None:
+            steps = len(updates)
         for dtype in dtypes:
             rs = np.random.RandomState(1000 + i)
             w0 = rs.uniform(-1.0, 1.0, shape).astype(dtype)
@@ -316,11 +357,14 @@ def main():
                 case["keys"] = keys
             if grad_rows is not None:
                 case["grad_rows"] = grad_rows
+            if updates is not None:
+                case["updates"] = updates
             try:
                 if name == "adamw":
                     case["steps"] = run_adamw(params, w0, grads, dtype)
                 else:
-                    case["steps"] = run_updater(name, params, w0, grads, dtype, keys, grad_rows)
+                    case["steps"] = run_updater(name, params, w0, grads, dtype, keys, grad_rows,
+                                                updates)
             except Exception as e:  # pylint: disable=broad-except
                 lines = [l.strip() for l in str(e).splitlines() if "Check failed" in l]
                 case["mxnet_error"] = (lines or [type(e).__name__])[0][:200]
