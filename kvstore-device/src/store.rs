@@ -522,18 +522,19 @@ impl DeviceStore {
         Ok(devs)
     }
 
-    /// Places the keys (at the first push of an unplaced one) and opens NCCL (at the first
-    /// push of the `nccl` store) for a push on `devs`; adds them to `touched`.
+    /// Places the keys (at the first push of an unplaced one, [`place_for_push`]) and opens
+    /// NCCL (at the first push of the `nccl` store) for a push of `count` values on `devs`;
+    /// adds them to `touched`.
+    ///
+    /// [`place_for_push`]: DeviceStore::place_for_push
     fn prepare_push(
         &self,
         state: &mut GpuState,
         key: &Key,
-        devs: &[usize],
+        (devs, count): (&[usize], usize),
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        if state.keys[key].merge_dev.is_none() {
-            self.place_keys(state, devs)?;
-        }
+        self.place_for_push(state, key, devs, count)?;
         if self.engine == Engine::Nccl && state.nccl.is_none() {
             state.nccl = Some(open_nccl(Runtime::get()?, devs)?);
         }
@@ -557,7 +558,7 @@ impl DeviceStore {
         codec: Option<Codec>,
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        self.prepare_push(state, key, devs, touched)?;
+        self.prepare_push(state, key, (devs, values.len()), touched)?;
         let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         touched.push(dev);
@@ -804,9 +805,7 @@ impl DeviceStore {
     ) -> Result<PreparedRows> {
         let update = self.check_row_sparse_push(state, key, values)?;
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
-        if state.keys[key].merge_dev.is_none() {
-            self.place_keys(state, &devs)?;
-        }
+        self.place_for_push(state, key, &devs, values.len())?;
         let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = Runtime::get()?.gpu(dev)?;
@@ -1071,13 +1070,34 @@ impl DeviceStore {
         result.map_err(at)
     }
 
-    /// Places every GPU key that has no merge GPU yet (MXNet places all known keys at the
-    /// first multi-device reduce), and uploads their values.
-    fn place_keys(&self, state: &mut GpuState, devs: &[usize]) -> Result<()> {
+    /// Places `key` for a push of `count` values on `devs` when it has no merge GPU yet. As
+    /// MXNet's `CommDevice`, which takes a single value as its own sum and places every known
+    /// key at the first reduce of several values, a single value places its key alone, on
+    /// the value's GPU (where MXNet's stored copy moves at its first update), and leaves the
+    /// other keys to the first push of several values, which places every unplaced key across
+    /// its GPUs: a first push from one GPU no longer puts every key on that GPU. The `nccl`
+    /// store places every key at its first push (MXNet's `KVStoreNCCL` fixes its GPUs there).
+    fn place_for_push(
+        &self,
+        state: &mut GpuState,
+        key: &Key,
+        devs: &[usize],
+        count: usize,
+    ) -> Result<()> {
+        if state.keys[key].merge_dev.is_some() {
+            return Ok(());
+        }
+        let only = (self.engine == Engine::Device && count == 1).then_some(key);
+        self.place_keys(state, devs, only)
+    }
+
+    /// Places `only` that key, or else every GPU key that has no merge GPU yet (MXNet places
+    /// all known keys at the first multi-device reduce), and uploads their values.
+    fn place_keys(&self, state: &mut GpuState, devs: &[usize], only: Option<&Key>) -> Result<()> {
         let unplaced: Vec<Key> = state
             .keys
             .iter()
-            .filter(|(_, e)| e.merge_dev.is_none())
+            .filter(|(k, e)| e.merge_dev.is_none() && only.is_none_or(|only| only == *k))
             .map(|(k, _)| k.clone())
             .collect();
         let sizes: Vec<usize> = unplaced
@@ -1268,7 +1288,7 @@ impl DeviceStore {
         outs: &mut [&mut DeviceArray],
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        self.prepare_push(state, key, devs, touched)?;
+        self.prepare_push(state, key, (devs, values.len()), touched)?;
         let GpuState { keys, nccl, .. } = state;
         let comms = nccl
             .as_ref()

@@ -673,6 +673,16 @@ fn placement(info: &GpuInfo) -> TestResult {
         store.init_gpu(k as i64, &host(&[n], vec![1.0; n]))?;
     }
     let ngpu = info.devices.len();
+    // A single value first (MXNet takes it as its own sum): its key alone is placed, on the
+    // value's GPU, the last one.
+    let last = dev(info, ngpu - 1);
+    store.push_gpu(3i64, &[&DeviceArray::zeros(&[1000], last)?])?;
+    let placed = store.merge_devices();
+    if placed.len() != 1 || placed.get(&Key::from(3i64)) != Some(&last) {
+        return Err(fail(format!(
+            "a push of one value places its key alone on its GPU ({last}): {placed:?}"
+        )));
+    }
     let values: Vec<DeviceArray> = (0..ngpu.max(2))
         .map(|i| DeviceArray::zeros(&[4000], dev(info, i)))
         .collect::<Result<_, _>>()?;
@@ -680,12 +690,15 @@ fn placement(info: &GpuInfo) -> TestResult {
     let placed = store.merge_devices();
     if placed.len() != sizes.len() {
         return Err(fail(format!(
-            "every known key is placed at the first push: {placed:?}"
+            "every known key is placed at the first push of several values: {placed:?}"
         )));
     }
+    // The others across the GPUs, the last one holding key 3 already.
     let mut totals = vec![0usize; ngpu];
+    totals[ngpu - 1] = sizes[3];
     let devs: Vec<usize> = info.devices.iter().map(|d| d.ordinal).collect();
-    let expected = kvstore_device::placement::place(&sizes, &devs, &mut totals);
+    let mut expected = kvstore_device::placement::place(&sizes[..3], &devs, &mut totals);
+    expected.push(last);
     for (k, want) in expected.iter().enumerate() {
         if placed[&(k as i64).into()] != *want {
             return Err(fail(format!(
