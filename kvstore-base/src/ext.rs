@@ -1,6 +1,8 @@
 //! [`KVStoreExt`]: MXNet's calling forms (single key, key list, per-device lists) over any store.
 
-use crate::staging::{stage_outs, with_arrays_on_host, with_outs_on_host, with_values_on_host};
+use crate::staging::{
+    with_arrays_on_host, with_outs_on_host, with_values_on_host, with_written_outs_fanned_out,
+};
 use crate::{Capability, Error, KVStoreBase, Key, KeyedOuts, KeyedValues, Keys, NDArray, Result};
 
 /// The arrays of a call, shaped like its keys: one array, a list, or a list of lists.
@@ -201,17 +203,21 @@ fn with_host_values<S: KVStoreBase + ?Sized, R>(
 }
 
 /// Outputs in device memory staged through the host unless `store` handles device arrays:
-/// copies of them when the call reads them (`read`, [`with_outs_on_host`]), else zeros
-/// ([`with_written_outs_on_host`](crate::with_written_outs_on_host)).
+/// copies of them when the call reads them ([`with_outs_on_host`]: an in-place pushpull);
+/// else, since such a call writes each key's result into every output of the key, one host
+/// stand-in per key, copied into its first device output and from there to the others, device
+/// to device (MXNet's CPU stores copy their result from the host into each output).
 fn with_host_outs<S: KVStoreBase + ?Sized, R>(
     store: &S,
+    operation: &'static str,
     outs: &mut KeyedOuts<'_>,
     read: bool,
     call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
 ) -> Result<R> {
-    match store.handles_device_arrays() {
-        true => call(outs),
-        false => stage_outs(outs, read, call),
+    match (store.handles_device_arrays(), read) {
+        (true, _) => call(outs),
+        (false, true) => with_outs_on_host(outs, call),
+        (false, false) => with_written_outs_fanned_out(store.type_name(), operation, outs, call),
     }
 }
 
@@ -311,7 +317,7 @@ pub trait KVStoreExt: KVStoreBase {
         priority: i32,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_outs(self, &mut outs, false, |o| {
+        with_host_outs(self, "pull", &mut outs, false, |o| {
             self.pull_batch(o, priority, true)
         })
     }
@@ -329,7 +335,7 @@ pub trait KVStoreExt: KVStoreBase {
         ignore_sparse: bool,
     ) -> Result<()> {
         let mut outs = self::outs("pull", keys.into(), outs.into())?;
-        with_host_outs(self, &mut outs, false, |o| {
+        with_host_outs(self, "pull", &mut outs, false, |o| {
             self.pull_batch(o, priority, ignore_sparse)
         })
     }
@@ -362,7 +368,7 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("pushpull", keys.clone(), values.into())?;
         let mut outs = self::outs("pushpull", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_outs(self, &mut outs, false, |o| {
+            with_host_outs(self, "pushpull", &mut outs, false, |o| {
                 self.pushpull_batch(v, o, priority)
             })
         })
@@ -392,7 +398,7 @@ pub trait KVStoreExt: KVStoreBase {
         priority: i32,
     ) -> Result<()> {
         let mut values = self::outs("pushpull", keys.into(), values.into())?;
-        with_host_outs(self, &mut values, true, |v| {
+        with_host_outs(self, "pushpull", &mut values, true, |v| {
             self.pushpull_in_place_batch(v, priority)
         })
     }
@@ -425,7 +431,7 @@ pub trait KVStoreExt: KVStoreBase {
         let values = self::values("broadcast", keys.clone(), values.into())?;
         let mut outs = self::outs("broadcast", keys, outs.into())?;
         with_host_values(self, &values, |v| {
-            with_host_outs(self, &mut outs, false, |o| {
+            with_host_outs(self, "broadcast", &mut outs, false, |o| {
                 self.broadcast_batch(v, o, priority)
             })
         })

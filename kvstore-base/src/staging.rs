@@ -412,6 +412,40 @@ pub fn with_outs_fanned_out<R>(
     Ok(result)
 }
 
+/// [`with_outs_fanned_out`] for a store that works on host memory and is given every output
+/// of a call that writes each key's result into all of its outputs (a pull, a pushpull, a
+/// broadcast): one host stand-in per key for its dense device outputs (uploaded once, then
+/// copied device to device) instead of one each. The store sees only the first of those
+/// outputs, so the others are checked here first to have its shape (errors naming `store`,
+/// the operation, the key and the output).
+///
+/// # Errors
+/// [`Error::ShapeMismatch`] (at the key) for a device output of another shape than its key's
+/// first one of its dtype; else as [`with_outs_fanned_out`].
+pub(crate) fn with_written_outs_fanned_out<R>(
+    store: &str,
+    operation: &'static str,
+    outs: &mut KeyedOuts<'_>,
+    call: impl FnOnce(&mut KeyedOuts<'_>) -> Result<R>,
+) -> Result<R> {
+    let mut firsts: HashMap<(&Key, DType), &NDArray> = HashMap::new();
+    for (i, (key, out)) in outs.keys().iter().zip(outs.outs()).enumerate() {
+        if !out.in_device_memory() || out.storage_type() != StorageType::Dense {
+            continue;
+        }
+        match firsts.entry((key, out.dtype())) {
+            Entry::Occupied(first) => first
+                .get()
+                .check_shape_of(out, &format!("output {i}"))
+                .map_err(|e| e.at_key(store, operation, key.clone()))?,
+            Entry::Vacant(slot) => {
+                slot.insert(out);
+            }
+        }
+    }
+    with_outs_fanned_out(operation, outs, call)
+}
+
 /// The error of an output shared with clones that could not get memory of its own (before
 /// the call: nothing was done).
 fn unshare_failed(e: Error) -> Error {

@@ -76,9 +76,10 @@ fn dist_device_sync_copies_one_array_per_key(info: &GpuInfo) -> TestResult {
             )));
         }
     }
-    // `dist_sync` stages through the host: every value, and every output (written, not read,
-    // by a pull, which stages them as zeros; read and written in place).
-    let want_host = [(3 * BYTES, 0), (0, 3 * BYTES), (3 * BYTES, 3 * BYTES)];
+    // `dist_sync` stages through the host: every value; a pull writes its key's result into
+    // one host stand-in, copied to the first GPU output and from there to the others, GPU to
+    // GPU; an in-place pushpull reads and writes every value.
+    let want_host = [(3 * BYTES, 0), (0, BYTES), (3 * BYTES, 3 * BYTES)];
     if host != want_host {
         return Err(fail(format!(
             "dist_sync copied {host:?}, {want_host:?} expected"

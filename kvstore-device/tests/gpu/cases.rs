@@ -2338,6 +2338,47 @@ fn refused_gpu_ndarray_calls_change_nothing(info: &GpuInfo) -> TestResult {
     if h.to_vec::<f32>()? != vec![1.0] {
         return Err(fail("a refused pushpull pushed its host key"));
     }
+    // A host store given GPU outputs of one key (it sees the first, the others copy it): one
+    // of another shape is refused before the call, naming it, and nothing is written or
+    // pushed.
+    let local = create("local")?;
+    local.init(4, &NDArray::full(&[2], 4.0, DType::F32))?;
+    let mut outs = [g(0.0, 2, 0)?, g(0.0, 2, 1)?, g(0.0, 3, 2)?];
+    let bad = local.pushpull(4, &[g(1.0, 2, 0)?], &mut outs[..]);
+    let named = bad
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    if !matches!(
+        bad.as_ref().map_err(|e| e.root()),
+        Err(Error::ShapeMismatch { .. })
+    ) || !named.contains("output 2")
+        || !named.contains("local")
+    {
+        return Err(fail(format!(
+            "local: a pushpull into GPU outputs of two shapes: {bad:?}"
+        )));
+    }
+    let mut value = NDArray::zeros(&[2], DType::F32);
+    local.pull(4, &mut value)?;
+    let written: Vec<Vec<f32>> = outs
+        .iter()
+        .map(|o| o.to_vec::<f32>())
+        .collect::<Result<_, _>>()?;
+    if value.to_vec::<f32>()? != vec![4.0; 2] || written.iter().flatten().any(|&x| x != 0.0) {
+        return Err(fail(format!(
+            "local: a refused pushpull changed the key or wrote an output: {written:?}"
+        )));
+    }
+    // Accepted: every GPU output gets the key's value.
+    let mut outs = [g(0.0, 2, 0)?, g(0.0, 2, 1)?, g(0.0, 2, 2)?];
+    local.pull(4, &mut outs[..])?;
+    for (i, out) in outs.iter().enumerate() {
+        if out.to_vec::<f32>()? != vec![4.0; 2] || out.context() != Context::Gpu(dev(info, i)) {
+            return Err(fail(format!("local: GPU output {i} of a pull: {out:?}")));
+        }
+    }
     Ok(())
 }
 
