@@ -10,7 +10,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchArgs, LaunchConfig,
     PushKernelArg,
 };
-use kvstore_base::{Context, DType, Error, HostArray, NDArray, Result};
+use kvstore_base::{Context, DType, Error, HostArray, NDArray, Result, StorageType};
 use kvstore_compression::CompressionType;
 
 use crate::host_copies::Staging;
@@ -836,7 +836,8 @@ fn dense_f32(host: &HostArray) -> Result<Cow<'_, [f32]>> {
             None => Cow::Owned(a.iter().copied().collect()),
         }),
         other => Err(Error::InvalidArgument(format!(
-            "GPU values are dense float32 for now, got a dense {} array",
+            "GPU values are dense float32 for now, got a {} {} array",
+            StorageType::Dense,
             other.dtype()
         ))),
     }

@@ -187,7 +187,11 @@ impl DeviceRowSparse {
         debug_assert_eq!(rows.len(), indices.len() * row_len(shape));
         let gpu = Runtime::get()?.gpu(ordinal)?;
         let ids = upload_or_one(gpu, &indices)?;
-        let rows = upload_or_one(gpu, rows)?;
+        let rows = match rows.is_empty() {
+            true => upload_or_one(gpu, rows)?,
+            // Staged through the GPU's page-locked buffer when large.
+            false => gpu.upload_new(rows)?,
+        };
         Ok(DeviceRowSparse {
             shape: shape.to_vec(),
             indices,

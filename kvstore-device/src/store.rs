@@ -523,18 +523,18 @@ impl DeviceStore {
     }
 
     /// Places the keys (at the first push of an unplaced one, [`place_for_push`]) and opens
-    /// NCCL (at the first push of the `nccl` store) for a push of `count` values on `devs`;
-    /// adds them to `touched`.
+    /// NCCL (at the first push of the `nccl` store) for a push on `devs` (`reduces`: one that
+    /// MXNet reduces, see [`place_for_push`]); adds them to `touched`.
     ///
     /// [`place_for_push`]: DeviceStore::place_for_push
     fn prepare_push(
         &self,
         state: &mut GpuState,
         key: &Key,
-        (devs, count): (&[usize], usize),
+        (devs, reduces): (&[usize], bool),
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        self.place_for_push(state, key, devs, count)?;
+        self.place_for_push(state, key, devs, reduces)?;
         if self.engine == Engine::Nccl && state.nccl.is_none() {
             state.nccl = Some(open_nccl(Runtime::get()?, devs)?);
         }
@@ -558,7 +558,9 @@ impl DeviceStore {
         codec: Option<Codec>,
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        self.prepare_push(state, key, (devs, values.len()), touched)?;
+        // MXNet's compressed reduce places the keys even for a single value.
+        let reduces = values.len() > 1 || codec.is_some();
+        self.prepare_push(state, key, (devs, reduces), touched)?;
         let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         touched.push(dev);
@@ -805,7 +807,7 @@ impl DeviceStore {
     ) -> Result<PreparedRows> {
         let update = self.check_row_sparse_push(state, key, values)?;
         let devs = distinct_gpus(values.iter().map(|v| v.ordinal()))?;
-        self.place_for_push(state, key, &devs, values.len())?;
+        self.place_for_push(state, key, &devs, values.len() > 1)?;
         let entry = state.keys.get_mut(key).expect("checked above");
         let dev = entry.merge_dev.expect("placed above");
         let gpu = Runtime::get()?.gpu(dev)?;
@@ -1070,24 +1072,27 @@ impl DeviceStore {
         result.map_err(at)
     }
 
-    /// Places `key` for a push of `count` values on `devs` when it has no merge GPU yet. As
-    /// MXNet's `CommDevice`, which takes a single value as its own sum and places every known
-    /// key at the first reduce of several values, a single value places its key alone, on
-    /// the value's GPU (where MXNet's stored copy moves at its first update), and leaves the
-    /// other keys to the first push of several values, which places every unplaced key across
-    /// its GPUs: a first push from one GPU no longer puts every key on that GPU. The `nccl`
-    /// store places every key at its first push (MXNet's `KVStoreNCCL` fixes its GPUs there).
+    /// Places `key` for a push on `devs` when it has no merge GPU yet. MXNet's `CommDevice`
+    /// takes a single uncompressed value as its own sum and places every known key at the
+    /// first reduce (`reduces`: several values, or compression); so here a single value
+    /// places its key alone, on the value's GPU (where MXNet's stored copy moves at its first
+    /// update), and the first reduce places every unplaced key across its GPUs: a first push
+    /// from one GPU does not put every key on that GPU. One difference: MXNet later balances
+    /// the merge buffers of all keys, that one's too, while its stored copy stays where the
+    /// single value moved it; here a key's value lives on its merge GPU, so that key stays on
+    /// its GPU, its size counted there when the others are balanced. The `nccl` store places
+    /// every key at its first push (MXNet's `KVStoreNCCL` fixes its GPUs there).
     fn place_for_push(
         &self,
         state: &mut GpuState,
         key: &Key,
         devs: &[usize],
-        count: usize,
+        reduces: bool,
     ) -> Result<()> {
         if state.keys[key].merge_dev.is_some() {
             return Ok(());
         }
-        let only = (self.engine == Engine::Device && count == 1).then_some(key);
+        let only = (self.engine == Engine::Device && !reduces).then_some(key);
         self.place_keys(state, devs, only)
     }
 
@@ -1288,7 +1293,7 @@ impl DeviceStore {
         outs: &mut [&mut DeviceArray],
         touched: &mut Vec<usize>,
     ) -> Result<()> {
-        self.prepare_push(state, key, (devs, values.len()), touched)?;
+        self.prepare_push(state, key, (devs, true), touched)?;
         let GpuState { keys, nccl, .. } = state;
         let comms = nccl
             .as_ref()

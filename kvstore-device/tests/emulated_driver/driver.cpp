@@ -617,9 +617,9 @@ API CUresult cuLaunchHostFunc(void* stream, void (*fn)(void*), void* data) {
 /* Page-locked host memory: host memory whose copies to a device read it when they run, not
    when they are queued (as a DMA engine does), so a buffer rewritten before its copy was
    waited for shows. Start -> size. */
-std::map<uintptr_t, size_t> g_page_locked;
+static std::map<uintptr_t, size_t> g_page_locked;
 
-bool is_page_locked(const void* p, size_t n) {
+static bool is_page_locked(const void* p, size_t n) {
     auto start = reinterpret_cast<uintptr_t>(p);
     auto it = g_page_locked.upper_bound(start);
     if (it == g_page_locked.begin()) return false;

@@ -693,6 +693,23 @@ fn placement(info: &GpuInfo) -> TestResult {
             "every known key is placed at the first push of several values: {placed:?}"
         )));
     }
+    // A compressed push reduces even a single value (MXNet's `ReduceCompressed`): every key
+    // is placed, on the one GPU of that push.
+    let compressed = DeviceStore::new("device", Engine::Device, ReduceConfig::default());
+    for (k, &n) in sizes.iter().enumerate() {
+        compressed.init_gpu(k as i64, &host(&[n], vec![1.0; n]))?;
+    }
+    compressed.set_gradient_compression(&kvstore_base::CompressionParams::from([(
+        "type".to_string(),
+        "2bit".to_string(),
+    )]))?;
+    compressed.push_gpu(3i64, &[&DeviceArray::zeros(&[1000], last)?])?;
+    let on_last = compressed.merge_devices();
+    if on_last.len() != sizes.len() || on_last.values().any(|&d| d != last) {
+        return Err(fail(format!(
+            "a compressed push of one value places every key on its GPU ({last}): {on_last:?}"
+        )));
+    }
     // The others across the GPUs, the last one holding key 3 already.
     let mut totals = vec![0usize; ngpu];
     totals[ngpu - 1] = sizes[3];
