@@ -66,8 +66,9 @@ mod staging;
 mod store;
 
 pub use array::{
-    device_backend, device_backends, Context, DeviceBackend, DeviceBackendRegistration,
-    DeviceMemory, DeviceRowSparseMemory, HostArray, HostElement, NDArray, RowSparse, StorageType,
+    advise_huge_pages, device_backend, device_backends, Context, DeviceBackend,
+    DeviceBackendRegistration, DeviceMemory, DeviceRowSparseMemory, HostArray, HostElement,
+    NDArray, RowSparse, StorageType, ADVISED_FROM,
 };
 pub use batch::{KeyGroup, KeyedOuts, KeyedValues};
 pub use capability::Capability;

@@ -58,6 +58,8 @@ impl Staging {
         };
         let staged = pinned_slice(pinned)?;
         let mut out = Vec::with_capacity(n);
+        // Untouched yet: huge pages make its first writes cheaper.
+        kvstore_base::advise_huge_pages(&mut out);
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
             let chunk = &mut staged[..end - start];

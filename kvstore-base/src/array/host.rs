@@ -82,9 +82,17 @@ macro_rules! with_dtype {
 }
 
 impl HostArray {
-    /// An array of `shape` with every element equal to `value` cast to `dtype`.
+    /// An array of `shape` with every element equal to `value` cast to `dtype`. Large arrays
+    /// of zeros, which the allocator hands over untouched, are advised huge pages
+    /// ([`advise_huge_pages`](crate::advise_huge_pages)).
     pub fn full(shape: &[usize], value: f64, dtype: DType) -> HostArray {
-        with_dtype!(dtype, T => T::wrap(ArrayD::from_elem(IxDyn(shape), T::from_f64(value))))
+        with_dtype!(dtype, T => {
+            let mut data = vec![T::from_f64(value); shape.iter().product()];
+            if value == 0.0 {
+                crate::advise_huge_pages(&mut data);
+            }
+            T::wrap(ArrayD::from_shape_vec(IxDyn(shape), data).expect("one element per index"))
+        })
     }
 
     /// The element type.

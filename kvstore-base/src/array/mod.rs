@@ -3,6 +3,7 @@
 mod context;
 mod device;
 mod host;
+mod huge_pages;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use host::add_from_bytes;
 use host::{gather_rows, scatter_rows, with_host};
 pub(crate) use host::{host_bytes, host_bytes_mut};
 pub use host::{HostArray, HostElement};
+pub use huge_pages::{advise_huge_pages, ADVISED_FROM};
 
 use ndarray::{ArrayD, IxDyn};
 
