@@ -338,31 +338,22 @@ fn main() -> Result<()> {
     let host_values: Vec<NDArray> = (0..4)
         .map(|_| NDArray::full(&[n], 1.0, DType::F32))
         .collect();
-    for name in ["dist_sync", "dist_device_sync"] {
-        let cluster = kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
-        let kv = cluster.create_worker(name)?;
-        kv.init(0, &NDArray::zeros(&[n], DType::F32))?;
-        let mut outs = host_values.clone();
-        let t = wall_time(5, || kv.pushpull(0, &host_values[..], &mut outs[..]))?;
-        println!(
-            "{name}: pushpull of 4 x 64 MiB in host memory into 4 host outputs: {:.3} ms",
-            t * 1e3
-        );
-        drop(kv);
-        cluster.finish()?;
-    }
-    for name in ["dist_sync", "dist_device_sync"] {
-        let cluster = kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
-        let kv = cluster.create_worker(name)?;
-        kv.init(0, &NDArray::zeros(&[n], DType::F32))?;
-        let mut outs = values.clone();
-        let t = wall_time(5, || kv.pushpull(0, &values[..], &mut outs[..]))?;
-        println!(
-            "{name}: pushpull of 4 x 64 MiB in GPU memory into 4 GPU outputs: {:.3} ms",
-            t * 1e3
-        );
-        drop(kv);
-        cluster.finish()?;
+    for (memory, arrays) in [("host", &host_values), ("GPU", &values)] {
+        for name in ["dist_sync", "dist_device_sync"] {
+            let cluster =
+                kvstore_dist::LocalCluster::start(1, 1, std::time::Duration::from_secs(60))?;
+            let kv = cluster.create_worker(name)?;
+            kv.init(0, &NDArray::zeros(&[n], DType::F32))?;
+            let mut outs = arrays.clone();
+            let t = wall_time(5, || kv.pushpull(0, &arrays[..], &mut outs[..]))?;
+            println!(
+                "{name}: pushpull of 4 x 64 MiB in {memory} memory into 4 {memory} outputs: \
+                 {:.3} ms",
+                t * 1e3
+            );
+            drop(kv);
+            cluster.finish()?;
+        }
     }
     Ok(())
 }
