@@ -1616,9 +1616,12 @@ fn optimizer_step(
     if states.len() < opt.state_len() {
         return Err(unreserved());
     }
-    let t = counts.entry(key.clone()).or_insert(0);
-    *t += 1;
-    opt.step(gpu, *t, &mut stored.data, sum, states)
+    // The count moves on once the step is launched: a refused launch leaves it (and the
+    // weight) as they were.
+    let t = counts.get(key).copied().unwrap_or(0) + 1;
+    opt.step(gpu, t, &mut stored.data, sum, states)?;
+    counts.insert(key.clone(), t);
+    Ok(())
 }
 
 /// Waits for the streams of the GPUs `ordinals` (each once).

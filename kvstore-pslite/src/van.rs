@@ -814,6 +814,9 @@ fn receive(mut stream: TcpStream, shared: &Shared) {
         let live = state.live.entry(sender).or_default();
         *live = live.saturating_sub(1);
         if *live == 0 {
+            // Gone from `live` (the entry would stay for every identity that ever connected);
+            // one `lost` entry per peer (a connection removes it).
+            state.live.remove(&sender);
             state.lost.push((sender, ended));
         }
         shared.changed.notify_all();
