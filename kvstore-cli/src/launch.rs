@@ -55,12 +55,11 @@
 //! The workers run as long as they like; every other wait of the launcher is bounded. Each
 //! process runs in a process group of its own, and killing one is `SIGKILL` of its group (what
 //! it started and did not `exec` too, unless that left the group); a process that fails takes
-//! its group with it too (on Linux). A `SIGINT`
-//! (Ctrl-C), `SIGTERM` or `SIGHUP` is passed on to every process, which may end as they
-//! would on a terminal's Ctrl-C; the launcher kills what still runs a few seconds later and
-//! exits with 128 + the signal's number, even when it arrives as the job is ending; on Linux a launcher killed
-//! outright takes the processes it started with it (see
-//! [`stop_signals`](crate::stop_signals)).
+//! its group with it too (on Linux). A `SIGINT` (Ctrl-C), `SIGTERM` or `SIGHUP` is passed on
+//! to every process, which may end as they would on a terminal's Ctrl-C; the launcher kills
+//! what still runs a few seconds later and exits with 128 + the signal's number, even when it
+//! arrives as the job is ending; on Linux a launcher killed outright takes the processes it
+//! started with it (see [`stop_signals`](crate::stop_signals)).
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
@@ -698,8 +697,9 @@ pub fn launch(options: &LaunchOptions, kvstore: &Path) -> kvstore::Result<JobEnd
     };
     let mut end = job.supervise(timeout, restarts);
     job.finish();
-    drop(secret); // every process has ended: the secret's file goes
-                  // A stopping signal that came as the job ended still gives its status.
+    // Every process has ended: the secret's file goes.
+    drop(secret);
+    // A stopping signal that came as the job ended still gives its status.
     if let (JobEnd::Succeeded, Some(signal)) = (&end, crate::stop_signals::caught()) {
         end = JobEnd::Failed(Failure {
             message: format!(
@@ -1616,14 +1616,13 @@ mod tests {
             .push(("KVSTORE_CONFIG".into(), plain.display().to_string()));
         let got = config_file(&o, Some(with_port.into())).unwrap().unwrap();
         assert_eq!(got.dist.timeout_secs, Some(5.0));
-        let e = config_file(&o, None).map(|_| ()).and_then(|()| {
-            config_file(
-                &LaunchOptions::new(1, 1, ["true"]),
-                Some(dir.join("none.toml").into()),
-            )
-            .map(|_| ())
-        });
-        let e = e.unwrap_err().to_string();
+        config_file(&o, None).unwrap();
+        let e = config_file(
+            &LaunchOptions::new(1, 1, ["true"]),
+            Some(dir.join("none.toml").into()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             e.contains("none.toml") && e.contains("KVSTORE_CONFIG"),
             "{e}"

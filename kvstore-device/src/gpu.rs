@@ -835,20 +835,19 @@ fn dense_f32(host: &HostArray) -> Result<Cow<'_, [f32]>> {
             Some(elements) => Cow::Borrowed(elements),
             None => Cow::Owned(a.iter().copied().collect()),
         }),
-        other => Err(Error::InvalidArgument(format!(
-            "GPU values are dense float32 for now, got a {} {} array",
-            StorageType::Dense,
-            other.dtype()
-        ))),
+        other => Err(refused(StorageType::Dense, other.dtype())),
     }
 }
 
 /// The error for an array GPU memory cannot take (row-sparse, in device memory already, or
 /// not float32).
 fn not_float32(array: &NDArray) -> Error {
+    refused(array.storage_type(), array.dtype())
+}
+
+/// The error for an array of `storage` and `dtype` that GPU memory cannot take.
+fn refused(storage: StorageType, dtype: DType) -> Error {
     Error::InvalidArgument(format!(
-        "GPU values are dense float32 for now, got a {} {} array",
-        array.storage_type(),
-        array.dtype()
+        "GPU values are dense float32 for now, got a {storage} {dtype} array"
     ))
 }

@@ -112,9 +112,9 @@
 //! a job whose every worker was lost can go on. A worker the scheduler lost (missed
 //! heartbeats: a frozen process, a machine cut off) is lost on the servers too, though its
 //! connections stay open: they ask the scheduler a few times per timeout. Every round a lost
-//! worker was part of fails at once,
-//! naming it; the survivors retry their step (see "Retried pushes"). A lost server is not replaced (its values are
-//! lost with it): restart the job from an optimizer-state file.
+//! worker was part of fails at once, naming it; the survivors retry their step (see "Retried
+//! pushes"). A lost server is not replaced (its values are lost with it): restart the job
+//! from an optimizer-state file.
 //! [`DistStore::dead_nodes`] names the nodes the scheduler counts as dead (MXNet's
 //! `get_num_dead_node` is their count).
 //!

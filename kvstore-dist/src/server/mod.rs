@@ -24,10 +24,10 @@
 //! the timeout fails every request waiting on it with an error naming the workers that did not
 //! push; a worker whose connection closes fails at once every round in progress (those it
 //! pushed in too: its push belongs to a step it never finished), naming it, and one that
-//! leaves (goodbye) those it did not push in (its step was done); so does a worker the
-//! scheduler lost (missed heartbeats) while its connection here stays
-//! open, which the server learns by asking the scheduler a few times per timeout. A worker the scheduler placed in a lost worker's stead takes the rank over with its
-//! hello (see [`protocol::FLAG_RECOVERING`](crate::protocol::FLAG_RECOVERING)). The server
+//! leaves (goodbye) those it did not push in (its step was done). A worker the scheduler lost
+//! (missed heartbeats) while its connection here stays open counts as closed, which the
+//! server learns by asking the scheduler a few times per timeout. A worker the scheduler
+//! placed in a lost worker's stead takes the rank over with its hello (see [`protocol::FLAG_RECOVERING`](crate::protocol::FLAG_RECOVERING)). The server
 //! stops when every worker has said goodbye or is gone (or on `kStopServer`), and then leaves
 //! the cluster; when a worker was lost, it first waits the timeout from that loss for a worker
 //! taking its place (so that even a job whose every worker was lost can go on).
